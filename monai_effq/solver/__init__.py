@@ -1,0 +1,28 @@
+"""The layer solver: normal equations, rounding methods and EfficientQ's ADMM. Knows nothing of MONAI."""
+
+from monai_effq.solver.admm import AdmmLayerSolver, AdmmSettings, AdmmTrace
+from monai_effq.solver.api import METHODS, LayerSolution, paper_problem_scale, solve_layer, solve_statistics
+from monai_effq.solver.gram import GramAccumulator, LayerStatistics
+from monai_effq.solver.layers import SUPPORTED_LAYERS, LayerView, PatchChunk, layer_view
+from monai_effq.solver.rounding import GridFit, fit_grid, gptq_round, round_to_nearest
+
+__all__ = [
+    "AdmmLayerSolver",
+    "AdmmSettings",
+    "AdmmTrace",
+    "METHODS",
+    "LayerSolution",
+    "paper_problem_scale",
+    "solve_layer",
+    "solve_statistics",
+    "GramAccumulator",
+    "LayerStatistics",
+    "SUPPORTED_LAYERS",
+    "LayerView",
+    "PatchChunk",
+    "layer_view",
+    "GridFit",
+    "fit_grid",
+    "gptq_round",
+    "round_to_nearest",
+]

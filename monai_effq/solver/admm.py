@@ -1,0 +1,279 @@
+"""EfficientQ's ADMM: low-bit weights that reproduce a layer's full-precision outputs.
+
+Solves, per layer (Zhang & Chung 2024),
+
+    min_W  ½ tr(W A Wᵀ) - tr(W Bᵀ) + η/2 ||W - W0||²   s.t. W on the grid,
+
+(the h-weighted output error with the bias eliminated, see :mod:`monai_effq.solver.gram`) in the
+scaled ADMM form: a closed-form W-step ``W (A + (ρ+η) I) = B + η W0 + ρ (G - U)``, a projection of
+``W + U`` on the grid with the scale refitted by alternating least squares, and the dual update
+``U += W - G``.
+
+What makes it fast: ``A + (ρ+η) I`` changes only when ρ does, so it is inverted once per ρ phase
+(or, when the layer saw fewer voxels than weights per row, applied in the Woodbury form through the
+im2col factor); a phase ends early once the grid assignment has stopped changing. The iterate with
+the lowest weighted output error is kept, codes and scale from the same iterate.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from monai_effq.quant.grid import fit_scale_als
+from monai_effq.solver.gram import LayerStatistics
+from monai_effq.solver.rounding import GridFit
+
+__all__ = ["AdmmSettings", "AdmmLayerSolver", "AdmmTrace"]
+
+
+@dataclass
+class AdmmSettings:
+    """Hyperparameters of the ADMM solve (defaults: the paper's).
+
+    Attributes:
+        iterations: iteration budget (the paper: 200).
+        rho_start: first penalty, in units of the layer's scale ``s`` (the paper: 10).
+        rho_end: last penalty, in units of ``s`` (the paper: 1000), reached in the final phase.
+        rho_every: iterations per ρ phase (the paper: 50); ρ grows geometrically between phases.
+        eta: weight of ``||W - W0||²`` in units of ``s`` (the paper: 1).
+        patience: a phase ends once the codes have not changed for this many iterations
+            (``0`` runs every iteration).
+        stall_patience: a phase also ends once its best on-grid error has not improved for this
+            many iterations (the low-ρ phase can cycle without converging).
+        lowrank: ``"auto"`` uses the Woodbury form when fewer than half as many voxels as columns
+            were seen; ``True``/``False`` force it.
+    """
+
+    iterations: int = 200
+    rho_start: float = 10.0
+    rho_end: float = 1000.0
+    rho_every: int = 50
+    eta: float = 1.0
+    patience: int = 8
+    stall_patience: int = 20
+    lowrank: bool | str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1 or self.rho_every < 1:
+            raise ValueError("ADMM iterations and rho_every must be at least 1.")
+        if not 0 < self.rho_start <= self.rho_end:
+            raise ValueError(f"need 0 < rho_start <= rho_end, got {self.rho_start} and {self.rho_end}.")
+        if self.eta < 0 or self.patience < 0:
+            raise ValueError("ADMM eta and patience must be non-negative.")
+
+    def rho_schedule(self) -> list[float]:
+        """The ρ of each phase, in units of ``s``: geometric from ``rho_start`` to ``rho_end``."""
+        phases = max(1, math.ceil(self.iterations / self.rho_every))
+        if phases == 1:
+            return [self.rho_start]
+        ratio = (self.rho_end / self.rho_start) ** (1.0 / (phases - 1))
+        return [self.rho_start * ratio**k for k in range(phases)]
+
+
+@dataclass
+class AdmmTrace:
+    """What the solve did, for reports and benchmarks.
+
+    Attributes:
+        iterations: iterations run.
+        phases: ρ phases entered.
+        best_iteration: iteration of the kept iterate (0 is the initial assignment).
+        objective: weighted output error (sum) after each iteration.
+        seconds: time spent per part (``factorise``, ``w_step``, ``project``, ``evaluate``).
+    """
+
+    iterations: int = 0
+    phases: int = 0
+    best_iteration: int = 0
+    objective: list[float] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class _ShiftedSystem:
+    """Applies ``(A + c I)⁻¹`` for a changing shift ``c`` (dense inverse or Woodbury form)."""
+
+    def __init__(self, stats: LayerStatistics, lowrank: bool) -> None:
+        self.A = stats.A
+        self.factor = stats.factor if lowrank else None
+        self._apply: torch.Tensor | None = None
+        self.c = 0.0
+
+    def set_shift(self, c: float) -> None:
+        self.c = c
+        if self.factor is None:
+            eye = torch.eye(self.A.shape[-1], dtype=self.A.dtype)
+            chol = torch.linalg.cholesky(self.A + c * eye)
+            self._apply = torch.cholesky_inverse(chol)
+        else:
+            # (c I + 2 F Fᵀ)⁻¹ = (I - 2 F (c I + 2 FᵀF)⁻¹ Fᵀ) / c
+            f = self.factor
+            k = 2.0 * torch.bmm(f.transpose(1, 2), f)
+            k.diagonal(dim1=1, dim2=2).add_(c)
+            self._apply = torch.cholesky_inverse(torch.linalg.cholesky(k))
+
+    def solve_rows(self, rhs: torch.Tensor) -> torch.Tensor:
+        """``rhs (A + cI)⁻¹`` for ``(G, m, n)`` right-hand sides."""
+        if self.factor is None:
+            return torch.bmm(rhs, self._apply)
+        f = self.factor
+        t = torch.bmm(torch.bmm(rhs, f), self._apply)
+        return (rhs - 2.0 * torch.bmm(t, f.transpose(1, 2))) / self.c
+
+    def quadratic(self, d: torch.Tensor) -> torch.Tensor:
+        """``½ Σ D ∘ (D A)`` per group-summed, i.e. ``½ tr(D A Dᵀ)``."""
+        if self.factor is None:
+            return 0.5 * (d * torch.bmm(d, self.A)).sum()
+        return torch.bmm(d, self.factor).pow(2).sum()
+
+
+class _OnGridObjective:
+    """Weighted output error of on-grid weights ``G = s (Q - z)``, tracked incrementally.
+
+    ``E(G) - E(W0) = Σ D∘R + ½ Σ D∘(D A)`` with ``D = G - W0`` and ``R = W0 A - B``. The product
+    ``(Q - z) A`` is kept up to date: a scale change costs nothing and a few changed codes cost a
+    few rows of ``A``, instead of a full ``m × n × n`` product per iteration.
+    """
+
+    def __init__(self, stats: LayerStatistics, w0: torch.Tensor, fit: GridFit, codes: torch.Tensor) -> None:
+        self.A = stats.A
+        self.w0 = w0
+        self.w0a = torch.bmm(w0, stats.A)
+        self.residual = self.w0a - stats.B
+        self.fit = fit
+        self.zero = fit._rows(fit.zero_point, codes.shape)
+        self.reset(codes)
+
+    def reset(self, codes: torch.Tensor) -> None:
+        """Recompute ``(Q - z) A`` from scratch."""
+        self.codes = codes.clone()
+        self.qa = torch.bmm(codes - self.zero, self.A)
+
+    def update(self, codes: torch.Tensor) -> None:
+        """Move to new codes, updating ``(Q - z) A`` row by row when few codes changed."""
+        delta = codes - self.codes
+        idx = delta.nonzero()
+        if idx.shape[0] * 32 > delta.numel():
+            self.reset(codes)
+            return
+        g, m, n = delta.shape
+        flat = self.qa.view(g * m, n)
+        for start in range(0, idx.shape[0], 4096):
+            part = idx[start : start + 4096]
+            rows = delta[part[:, 0], part[:, 1], part[:, 2]][:, None] * self.A[part[:, 0], part[:, 2]]
+            flat.index_add_(0, part[:, 0] * m + part[:, 1], rows)
+        self.codes = codes.clone()
+
+    def error(self, scale: torch.Tensor) -> float:
+        """Error of ``scale * (codes - z)`` relative to W0's (the codes last given)."""
+        s = self.fit._rows(scale, self.codes.shape)
+        d = s * (self.codes - self.zero) - self.w0
+        da = s * self.qa - self.w0a
+        return float((d * self.residual).sum() + 0.5 * (d * da).sum())
+
+
+class AdmmLayerSolver:
+    """EfficientQ ADMM on one layer's statistics.
+
+    Args:
+        stats: the layer's :class:`LayerStatistics`.
+        w0: ``(G, m, n)`` full-precision weights (the regularisation anchor).
+        settings: ADMM hyperparameters.
+        scale: the paper's problem scale ``s`` (multiplies ρ and η).
+    """
+
+    def __init__(self, stats: LayerStatistics, w0: torch.Tensor, settings: AdmmSettings, scale: float) -> None:
+        self.stats = stats
+        self.w0 = w0.float()
+        self.settings = settings
+        self.scale = scale
+        lowrank = settings.lowrank
+        if lowrank == "auto":
+            lowrank = stats.factor is not None and 2 * stats.factor.shape[-1] < stats.A.shape[-1]
+        if lowrank and stats.factor is None:
+            raise ValueError("the low-rank ADMM form needs fewer voxels than weights per output row.")
+        self.system = _ShiftedSystem(stats, bool(lowrank))
+        self.lowrank = bool(lowrank)
+
+    def solve(self, init_codes: torch.Tensor, fit: GridFit) -> tuple[torch.Tensor, GridFit, AdmmTrace]:
+        """Run ADMM from an initial grid assignment.
+
+        A ρ phase ends once the codes have not changed for ``patience`` iterations; the solve ends
+        when a phase starts and its first ``patience`` iterations leave the codes as they were
+        (a larger ρ only holds the assignment tighter).
+
+        Args:
+            init_codes: ``(G, m, n)`` starting codes (e.g. GPTQ's or round-to-nearest).
+            fit: the grid and the scale of ``init_codes``.
+
+        Returns:
+            ``(codes, fit, trace)`` of the best iterate found (possibly the initial one).
+        """
+        st = self.settings
+        trace = AdmmTrace(seconds={"factorise": 0.0, "w_step": 0.0, "project": 0.0, "evaluate": 0.0})
+        g, m, n = self.w0.shape
+        eta = st.eta * self.scale
+        anchor = self.stats.B + eta * self.w0
+        codes = init_codes.clone()
+        scale, zero = fit.scale.clone(), fit.zero_point.clone()
+        objective = _OnGridObjective(self.stats, self.w0, fit, codes)
+        best = (objective.error(scale), codes.clone(), scale.clone())
+        trace.objective.append(best[0])
+        gq = fit.values(codes)
+        dual = torch.zeros_like(self.w0)
+        it = 0
+        prev_rho = None
+        for rho_units in st.rho_schedule():
+            if it >= st.iterations:
+                break
+            rho = rho_units * self.scale
+            if prev_rho is not None:
+                dual *= prev_rho / rho  # the scaled dual is U = Λ/ρ
+            prev_rho = rho
+            t0 = time.perf_counter()
+            self.system.set_shift(rho + eta)
+            trace.seconds["factorise"] += time.perf_counter() - t0
+            trace.phases += 1
+            stable, stalled, moved, phase_best = 0, 0, False, float("inf")
+            for _ in range(st.rho_every):
+                if it >= st.iterations:
+                    break
+                it += 1
+                t0 = time.perf_counter()
+                w = self.system.solve_rows(anchor + rho * (gq - dual))
+                t1 = time.perf_counter()
+                v = w + dual
+                scale, _ = fit_scale_als(v.reshape(g * m, n), fit.grid, per_channel=fit.per_channel, max_iter=4, init=scale)
+                step = GridFit(fit.grid, scale, zero)
+                new_codes = step.codes(v)
+                changed = not torch.equal(new_codes, codes)
+                codes = new_codes
+                gq = step.values(codes)
+                dual += w - gq
+                t2 = time.perf_counter()
+                if changed:
+                    objective.update(codes)
+                    stable, moved = 0, True
+                else:
+                    stable += 1
+                err = objective.error(scale)
+                if err < phase_best:
+                    phase_best, stalled = err, 0
+                else:
+                    stalled += 1
+                if err < best[0]:
+                    best = (err, codes.clone(), scale.clone())
+                    trace.best_iteration = it
+                trace.objective.append(err)
+                trace.seconds["w_step"] += t1 - t0
+                trace.seconds["project"] += t2 - t1
+                trace.seconds["evaluate"] += time.perf_counter() - t2
+                if st.patience and (stable >= st.patience or stalled >= st.stall_patience):
+                    break
+            if st.patience and not moved and trace.phases > 1:
+                break
+        trace.iterations = it
+        return best[1], GridFit(fit.grid, best[2], zero), trace

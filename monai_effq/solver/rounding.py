@@ -1,0 +1,124 @@
+"""Rounding a weight matrix onto a grid: round to nearest and GPTQ's error-feedback rounding.
+
+Both work on ``(G, m, n)`` weight matrices (``G`` groups of ``m`` output rows) and return integer
+codes together with the scale and zero point they were rounded with.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from monai_effq.quant.grid import UniformGrid, fit_scale
+
+__all__ = ["GridFit", "fit_grid", "round_to_nearest", "gptq_round"]
+
+
+class GridFit:
+    """Scale and zero point of a weight matrix's grid, flattened over channels.
+
+    Args:
+        grid: the grid.
+        scale: 0-d (per tensor) or ``(G * m,)`` (per output channel).
+        zero_point: same shape as ``scale``.
+    """
+
+    def __init__(self, grid: UniformGrid, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        self.grid = grid
+        self.scale = scale
+        self.zero_point = zero_point
+
+    @property
+    def per_channel(self) -> bool:
+        """Whether there is one scale per output channel."""
+        return self.scale.dim() > 0 and self.scale.numel() > 1
+
+    def _rows(self, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        # Broadcast a per-row parameter against a (G, m, cols) block.
+        if t.dim() == 0:
+            return t
+        return t.reshape(shape[0], shape[1], 1)
+
+    def codes(self, w: torch.Tensor) -> torch.Tensor:
+        """Nearest codes of ``w`` (``(G, m, k)`` columns of the weight matrix)."""
+        s, z = self._rows(self.scale, w.shape), self._rows(self.zero_point, w.shape)
+        return torch.round(w / s + z).clamp_(self.grid.qmin, self.grid.qmax)
+
+    def values(self, codes: torch.Tensor) -> torch.Tensor:
+        """Real values of ``(G, m, k)`` codes."""
+        s, z = self._rows(self.scale, codes.shape), self._rows(self.zero_point, codes.shape)
+        return s * (codes - z)
+
+
+def fit_grid(weight: torch.Tensor, grid: UniformGrid, per_channel: bool, method: str = "als") -> GridFit:
+    """Fit a grid's scale to a ``(G, m, n)`` weight matrix.
+
+    Args:
+        weight: the weights.
+        grid: the grid.
+        per_channel: one scale per output row.
+        method: scale fitting method (see :func:`monai_effq.quant.fit_scale`).
+
+    Returns:
+        the :class:`GridFit`.
+    """
+    g, m, n = weight.shape
+    scale, zero = fit_scale(weight.reshape(g * m, n), grid, per_channel=per_channel, method=method)
+    return GridFit(grid, scale, zero)
+
+
+def round_to_nearest(weight: torch.Tensor, fit: GridFit) -> torch.Tensor:
+    """Codes of the nearest grid points.
+
+    Args:
+        weight: ``(G, m, n)`` weights.
+        fit: the grid and its scale.
+
+    Returns:
+        float tensor of integer codes, shaped like ``weight``.
+    """
+    return fit.codes(weight)
+
+
+def gptq_round(
+    weight: torch.Tensor, hessian: torch.Tensor, fit: GridFit, damp: float = 0.01, block: int = 128
+) -> torch.Tensor:
+    """GPTQ/OBQ rounding: columns in order, each one's error fed back through ``H⁻¹``.
+
+    Minimises ``tr((W - Q) H (W - Q)ᵀ)`` greedily over columns (Frantar et al. 2022).
+
+    Args:
+        weight: ``(G, m, n)`` weights to round.
+        hessian: ``(G, n, n)`` positive semi-definite ``H`` (the layer's Gram matrix).
+        fit: the grid and its scale.
+        damp: ridge added to ``H`` as a fraction of its mean diagonal.
+        block: columns updated together before the lazy batch update.
+
+    Returns:
+        float tensor of integer codes, shaped like ``weight``.
+    """
+    w = weight.clone().float()
+    h = hessian.clone().float()
+    g, m, n = w.shape
+    diag = torch.diagonal(h, dim1=1, dim2=2)
+    dead = diag <= 0
+    diag[dead] = 1.0
+    w.masked_fill_(dead[:, None, :], 0.0)
+    ridge = damp * diag.mean(dim=1).clamp_min(1e-12)
+    diag += ridge[:, None]
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.zeros_like(w)
+    for i1 in range(0, n, block):
+        i2 = min(i1 + block, n)
+        w1 = w[:, :, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[:, i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, :, i : i + 1]
+            q = fit.codes(col)
+            codes[:, :, i1 + i : i1 + i + 1] = q
+            err = (col - fit.values(q)) / hinv1[:, i, i].reshape(g, 1, 1)
+            w1[:, :, i:] -= err * hinv1[:, i : i + 1, i:]
+            err1[:, :, i : i + 1] = err
+        w[:, :, i2:] -= torch.bmm(err1, hinv[:, i1:i2, i2:])
+    return codes
+

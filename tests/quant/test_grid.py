@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from monai_effq.quant import GRID_KINDS, UniformGrid, dequantize, fake_quantize, fit_scale, quantize_codes
+
+
+@pytest.mark.parametrize("kind", GRID_KINDS)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_codes_stay_in_range_and_dequantize_onto_the_grid(kind, bits):
+    grid = UniformGrid(bits, kind)
+    x = torch.randn(8, 50) * 3
+    scale, zero = fit_scale(x, grid, per_channel=True)
+    codes = quantize_codes(x, scale, zero, grid)
+    assert codes.min() >= grid.qmin and codes.max() <= grid.qmax
+    values = dequantize(codes, scale, zero)
+    assert torch.allclose(fake_quantize(values, scale, zero, grid), values, atol=1e-6)
+
+
+def test_midrise_grid_is_the_papers_symmetric_grid_without_zero():
+    grid = UniformGrid(2, "midrise")
+    values = dequantize(torch.arange(4), torch.tensor(1.0), grid.fixed_zero_point)
+    assert values.tolist() == [-1.5, -0.5, 0.5, 1.5]  # alpha * {-1, -1/3, 1/3, 1} with alpha = 1.5
+
+
+def test_signed_and_symmetric_grids_represent_zero_exactly():
+    for kind in ("signed", "symmetric", "unsigned", "asymmetric"):
+        grid = UniformGrid(3, kind)
+        x = torch.tensor([0.0, 0.7, -0.3, 1.2]) if kind != "unsigned" else torch.tensor([0.0, 0.7, 1.2])
+        scale, zero = fit_scale(x, grid)
+        assert fake_quantize(torch.zeros(1), scale, zero, grid).item() == 0.0
+
+
+def test_unsigned_grid_never_goes_below_zero():
+    grid = UniformGrid(4, "unsigned")
+    x = torch.rand(1000)
+    scale, zero = fit_scale(x, grid)
+    assert fake_quantize(x - 0.5, scale, zero, grid).min() == 0.0
+
+
+@pytest.mark.parametrize("kind", ["signed", "midrise", "asymmetric"])
+def test_fitted_scale_beats_min_max_scale(kind):
+    grid = UniformGrid(3, kind)
+    x = torch.randn(4096)
+    s_mm, z_mm = fit_scale(x, grid, method="minmax")
+    s_fit, z_fit = fit_scale(x, grid, method="als")
+    err = lambda s, z: (fake_quantize(x, s, z, grid) - x).pow(2).sum()
+    assert err(s_fit, z_fit) < err(s_mm, z_mm)
+
+
+def test_per_channel_scales_follow_each_channels_range():
+    grid = UniformGrid(4, "signed")
+    x = torch.randn(3, 100) * torch.tensor([[0.1], [1.0], [10.0]])
+    scale, _ = fit_scale(x, grid, per_channel=True)
+    assert scale.shape == (3,)
+    assert scale[0] < scale[1] < scale[2]
+
+
+@pytest.mark.parametrize("bits", [1, 9, 2.5, True])
+def test_bits_outside_2_to_8_are_rejected(bits):
+    with pytest.raises(ValueError, match="bits"):
+        UniformGrid(bits)
+
+
+def test_unknown_grid_kind_is_rejected():
+    with pytest.raises(ValueError, match="grid kind"):
+        UniformGrid(4, "logarithmic")
+
+
+def test_fitting_a_scale_to_nan_values_is_rejected():
+    with pytest.raises(ValueError, match="NaN"):
+        fit_scale(torch.tensor([1.0, float("nan")]), UniformGrid(4))

@@ -1,0 +1,162 @@
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from monai_effq import AdmmSettings, solve_layer
+from monai_effq.quant import dequantize
+
+
+def _weighted_mse(layer, sol, x, y, h=None):
+    with torch.no_grad():
+        probe = type(layer).__new__(type(layer))
+        probe.__dict__ = dict(layer.__dict__)
+        probe._parameters = {"weight": nn.Parameter(sol.weight), "bias": nn.Parameter(sol.bias)}
+        err = (probe(x) - y).pow(2)
+    if h is None:
+        return err.mean().item()
+    h = h.unsqueeze(1)
+    return ((err * h).sum() / (h.sum() * y.shape[1])).item()
+
+
+def test_eight_bit_weights_reproduce_the_full_precision_output(make_layer):
+    layer, x, y = make_layer(8, 8, 8, seed=0, noise=0.0)
+    sol = solve_layer(layer, x, y, 8)
+    assert sol.mse < 1e-3 * y.pow(2).mean().item()  # 30 dB signal-to-error at least
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_efficientq_beats_round_to_nearest_and_is_no_worse_than_gptq(make_layer, bits, seed):
+    layer, x, y = make_layer(16, 16, 8, seed=seed)
+    effq = solve_layer(layer, x, y, bits)
+    gptq = solve_layer(layer, x, y, bits, method="gptq")
+    rtn = solve_layer(layer, x, y, bits, method="rtn")
+    assert effq.mse < rtn.mse == pytest.approx(effq.mse_rtn)
+    assert effq.mse <= gptq.mse * (1 + 1e-6)
+
+
+def test_paper_admm_from_round_to_nearest_beats_round_to_nearest(make_layer):
+    layer, x, y = make_layer(32, 32, 6, seed=3)  # fewer voxels than weights per row: the low-rank form
+    sol = solve_layer(layer, x, y, 2, init="rtn", refit_bias=False)
+    assert sol.info["lowrank"]
+    assert sol.trace.best_iteration > 0
+    assert sol.mse < 0.8 * sol.mse_rtn
+
+
+def test_reported_mse_equals_the_error_of_the_returned_weights(make_layer):
+    layer, x, y = make_layer(8, 12, 6, seed=4)
+    h = torch.rand(1, 6, 6, 6)
+    for method in ("efficientq", "gptq", "rtn"):
+        sol = solve_layer(layer, x, y, 3, method=method, voxel_weights=h)
+        assert sol.mse == pytest.approx(_weighted_mse(layer, sol, x, y, h), rel=1e-4)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_weights_are_the_codes_times_the_scale(make_layer, per_channel):
+    layer, x, y = make_layer(8, 8, 6, seed=5)
+    sol = solve_layer(layer, x, y, 3, per_channel=per_channel)
+    assert sol.codes.dtype == torch.uint8 and int(sol.codes.max()) < 8
+    assert sol.scale.numel() == (8 if per_channel else 1)
+    assert torch.allclose(dequantize(sol.codes.long(), sol.scale, sol.zero_point), sol.weight, atol=1e-6)
+    assert torch.unique(sol.weight).numel() <= (8 * 8 if per_channel else 8)
+
+
+def test_voxel_weights_pull_the_solution_toward_the_weighted_voxels(make_layer):
+    layer, x, y = make_layer(8, 8, 8, seed=6)
+    h = torch.ones(1, 8, 8, 8)
+    h[:, :, :, :3] = 50.0  # a small, important "tumour" region
+    mask = torch.zeros(1, 8, 8, 8)
+    mask[:, :, :, :3] = 1.0
+    plain = solve_layer(layer, x, y, 2)
+    weighted = solve_layer(layer, x, y, 2, voxel_weights=h)
+    assert not torch.equal(plain.codes, weighted.codes)
+    assert _weighted_mse(layer, weighted, x, y, mask) < _weighted_mse(layer, plain, x, y, mask)
+
+
+def test_low_rank_and_dense_solves_agree(make_layer):
+    layer, x, y = make_layer(16, 8, 4, seed=7)
+    dense = solve_layer(layer, x, y, 2, admm=AdmmSettings(lowrank=False))
+    low = solve_layer(layer, x, y, 2, admm=AdmmSettings(lowrank=True))
+    assert low.mse == pytest.approx(dense.mse, rel=1e-3)
+
+
+def test_several_calibration_samples_are_one_problem(make_layer):
+    layer, x, y = make_layer(8, 8, 6, seed=8)
+    x2 = torch.cat([x, x.flip(-1)])
+    with torch.no_grad():
+        y2 = layer(x2)
+    sol = solve_layer(layer, x2, y2, 4)
+    assert sol.mse == pytest.approx(_weighted_mse(layer, sol, x2, y2), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "layer,x",
+    [
+        (nn.Linear(12, 6), torch.randn(40, 12)),
+        (nn.ConvTranspose3d(6, 4, 2, stride=2), torch.relu(torch.randn(1, 6, 4, 4, 4))),
+        (nn.Conv2d(6, 6, 3, padding=1, groups=3), torch.relu(torch.randn(2, 6, 8, 8))),
+    ],
+)
+def test_every_supported_layer_kind_is_solved(layer, x):
+    with torch.no_grad():
+        y = layer(x)
+    sol = solve_layer(layer, x, y, 4)
+    assert sol.weight.shape == layer.weight.shape
+    assert sol.mse < sol.mse_rtn
+    assert sol.mse == pytest.approx(_weighted_mse(layer, sol, x, y), rel=1e-3)
+
+
+def test_rho_schedule_runs_from_rho_start_to_rho_end():
+    rhos = AdmmSettings().rho_schedule()
+    assert len(rhos) == 4
+    assert rhos[0] == pytest.approx(10.0) and rhos[-1] == pytest.approx(1000.0)
+    assert all(b > a for a, b in zip(rhos, rhos[1:]))
+
+
+class TestBadInput:
+    def setup_method(self):
+        self.layer = nn.Conv3d(4, 4, 3, padding=1)
+        self.x = torch.rand(1, 4, 5, 5, 5)
+        with torch.no_grad():
+            self.y = self.layer(self.x)
+
+    def test_targets_that_do_not_match_the_layer(self):
+        with pytest.raises(ValueError, match="targets have shape"):
+            solve_layer(self.layer, self.x, self.y[:, :, :4], 4)
+
+    def test_inputs_that_do_not_match_the_layer(self):
+        with pytest.raises(ValueError, match="expects inputs"):
+            solve_layer(self.layer, torch.rand(1, 3, 5, 5, 5), self.y, 4)
+
+    @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+    def test_non_finite_calibration_data(self, bad):
+        x = self.x.clone()
+        x[0, 0, 0, 0, 0] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            solve_layer(self.layer, x, self.y, 4)
+
+    @pytest.mark.parametrize("bits", [1, 9, 0])
+    def test_bits_outside_two_to_eight(self, bits):
+        with pytest.raises(ValueError, match="weight_bits"):
+            solve_layer(self.layer, self.x, self.y, bits)
+
+    def test_unsupported_layer_type(self):
+        with pytest.raises(TypeError, match="BatchNorm"):
+            solve_layer(nn.BatchNorm3d(4), self.x, self.x, 4)
+
+    def test_empty_calibration(self):
+        with pytest.raises(ValueError, match="empty calibration"):
+            solve_layer(self.layer, self.x[:0], self.y[:0], 4)
+
+    def test_unknown_method(self):
+        with pytest.raises(ValueError, match="method"):
+            solve_layer(self.layer, self.x, self.y, 4, method="adaround")
+
+    def test_negative_voxel_weights(self):
+        with pytest.raises(ValueError, match="non-negative"):
+            solve_layer(self.layer, self.x, self.y, 4, voxel_weights=-torch.ones(1, 5, 5, 5))
+
+    def test_voxel_weights_of_the_wrong_shape(self):
+        with pytest.raises(ValueError, match="one weight per output"):
+            solve_layer(self.layer, self.x, self.y, 4, voxel_weights=torch.ones(1, 4, 4, 4))
