@@ -1,7 +1,28 @@
 """monai-effq: EfficientQ post-training quantization for MONAI segmentation networks."""
 
-from monai_effq.solver import AdmmSettings, LayerSolution, solve_layer
-
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "AdmmSettings", "LayerSolution", "solve_layer"]
+from monai_effq.ptq import (  # noqa: E402 - the version is read by checkpoint provenance
+    EfficientQConfig,
+    QuantizationReport,
+    QuantizationResult,
+    load_quantized,
+    load_quantized_result,
+    quantize,
+    save_quantized,
+)
+from monai_effq.solver import AdmmSettings, LayerSolution, solve_layer  # noqa: E402
+
+__all__ = [
+    "__version__",
+    "AdmmSettings",
+    "EfficientQConfig",
+    "LayerSolution",
+    "QuantizationReport",
+    "QuantizationResult",
+    "load_quantized",
+    "load_quantized_result",
+    "quantize",
+    "save_quantized",
+    "solve_layer",
+]

@@ -1,0 +1,168 @@
+"""Layer solver benchmark: time, peak memory and output error of EfficientQ, GPTQ and RTN.
+
+Each configuration runs in its own subprocess so that its peak resident memory is its own.
+Figures are printed as ratios against round-to-nearest measured in the same run.
+
+Usage::
+
+    python benchmarks/layer_solver.py                 # the three standard layers, 2 and 4 bits
+    python benchmarks/layer_solver.py --quick         # smaller layers, for a smoke run
+    python benchmarks/layer_solver.py --memory        # also the 32ch @ 128^3 streaming-memory check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+
+LAYERS = {"32ch@64^3": (32, 64), "128ch@16^3": (128, 16), "256ch@8^3": (256, 8)}
+QUICK_LAYERS = {"16ch@16^3": (16, 16), "64ch@8^3": (64, 8)}
+VARIANTS = {
+    "rtn": {"method": "rtn"},
+    "gptq": {"method": "gptq"},
+    "efficientq": {"method": "efficientq"},
+    "effq paper init (rtn)": {"method": "efficientq", "init": "rtn"},
+    "effq no bias refit": {"method": "efficientq", "refit_bias": False},
+    "effq all 200 iters": {"method": "efficientq", "admm": {"patience": 0}},
+}
+
+
+def _rss_peak_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def run_one(channels: int, size: int, bits: int, variant: dict, seed: int = 0) -> dict:
+    """Solve one layer in this process and return its figures."""
+    import time
+
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from monai_effq import AdmmSettings, solve_layer
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    layer = nn.Conv3d(channels, channels, 3, padding=1)
+    w = torch.randn(channels, channels, 3, 3, 3, generator=g) / (channels * 27) ** 0.5
+    w = w * (torch.rand(channels, 1, 1, 1, 1, generator=g) + 0.5) * (1 + 2 * (torch.rand(w.shape, generator=g) < 0.05))
+    layer.weight.data = w
+    with torch.no_grad():
+        mix = torch.randn(channels, channels, 3, 3, 3, generator=g) / (channels * 27) ** 0.5
+        x = F.relu(F.conv3d(torch.randn(1, channels, size, size, size, generator=g), mix, padding=1) + 0.1)
+        y = layer(x)
+        x = x + 0.02 * x.std() * torch.randn(x.shape, generator=g)
+    kwargs = dict(variant)
+    if "admm" in kwargs:
+        kwargs["admm"] = AdmmSettings(**kwargs["admm"])
+    base = _rss_peak_mib()
+    _reset_peak()
+    t0 = time.perf_counter()
+    sol = solve_layer(layer, x, y, bits, **kwargs)
+    seconds = time.perf_counter() - t0
+    out = {
+        "seconds": seconds,
+        "peak_extra_mib": max(_rss_peak_mib() - base, 0.0),
+        "mse": sol.mse,
+        "mse_rtn": sol.mse_rtn,
+        "iterations": sol.trace.iterations if sol.trace else 0,
+        "parts": dict(sol.trace.seconds) if sol.trace else {},
+        "lowrank": sol.info.get("lowrank", False),
+    }
+    out["parts"]["statistics+rounding"] = seconds - sum(out["parts"].values())
+    return out
+
+
+def run_memory_check(channels: int = 32, size: int = 128) -> dict:
+    """Peak extra memory of accumulating a layer's Gram matrices on a large input."""
+    import time
+
+    import torch
+    import torch.nn as nn
+
+    from monai_effq.solver import GramAccumulator, layer_view
+
+    layer = nn.Conv3d(channels, channels, 3, padding=1)
+    x = torch.rand(1, channels, size, size, size)
+    with torch.no_grad():
+        y = layer(x)
+    im2col_mib = x.numel() * 27 * 4 / 2**20
+    base = _rss_peak_mib()
+    _reset_peak()
+    t0 = time.perf_counter()
+    acc = GramAccumulator(layer_view(layer))
+    acc.add_batch(x, y)
+    acc.statistics()
+    return {
+        "seconds": time.perf_counter() - t0,
+        "peak_extra_mib": max(_rss_peak_mib() - base, 0.0),
+        "im2col_mib": im2col_mib,
+    }
+
+
+def _subprocess(args: list[str]) -> dict:
+    res = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr[-2000:])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller layers")
+    parser.add_argument("--memory", action="store_true", help="also the 32ch@128^3 streaming check")
+    parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        spec = json.loads(args.worker)
+        if spec.get("memory"):
+            print(json.dumps(run_memory_check()))
+        else:
+            print(json.dumps(run_one(spec["channels"], spec["size"], spec["bits"], spec["variant"])))
+        return
+
+    import torch
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    layers = QUICK_LAYERS if args.quick else LAYERS
+    for name, (channels, size) in layers.items():
+        for bits in args.bits:
+            print(f"\n== {name} 3x3x3, ReLU input, 1 sample, W{bits} (per-tensor, midrise grid)")
+            print(f"{'variant':24s} {'time s':>8s} {'x rtn':>7s} {'peak MiB':>9s} {'out MSE':>11s} {'MSE/rtn':>8s} {'iters':>6s}  where the time goes")
+            rows = {}
+            for vname, variant in VARIANTS.items():
+                spec = {"channels": channels, "size": size, "bits": bits, "variant": variant}
+                rows[vname] = _subprocess(["--worker", json.dumps(spec)])
+            base = rows["rtn"]
+            for vname, r in rows.items():
+                parts = ", ".join(f"{k} {v:.2f}" for k, v in r["parts"].items()) if r["parts"] else ""
+                print(
+                    f"{vname:24s} {r['seconds']:8.2f} {r['seconds'] / base['seconds']:7.1f} {r['peak_extra_mib']:9.0f} "
+                    f"{r['mse']:11.4e} {r['mse'] / base['mse']:8.3f} {r['iterations']:6d}  {parts}"
+                )
+    if args.memory:
+        r = _subprocess(["--worker", json.dumps({"memory": True})])
+        print(
+            f"\n== Gram streaming, 32ch 3x3x3 on 1x32x128^3: {r['seconds']:.1f} s, peak extra memory "
+            f"{r['peak_extra_mib']:.0f} MiB (the full im2col matrix would be {r['im2col_mib']:.0f} MiB; "
+            f"ratio {r['peak_extra_mib'] / r['im2col_mib']:.3f})"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Network PTQ: configs, fake-quant modules, the layer-by-layer pipeline and checkpoints.
+
+Knows PyTorch modules, not MONAI engines or bundles.
+"""
+
+from monai_effq.ptq.attention import ClassAttention
+from monai_effq.ptq.checkpoint import load_quantized, load_quantized_result, save_quantized
+from monai_effq.ptq.config import EfficientQConfig, LayerPlan, match_pattern
+from monai_effq.ptq.graph import execution_order, fold_batchnorm
+from monai_effq.ptq.modules import (
+    ActivationQuantizer,
+    QuantizedConv,
+    QuantizedConvTranspose,
+    QuantizedLayer,
+    QuantizedLinear,
+)
+from monai_effq.ptq.pipeline import QuantizationResult, quantize, quantized_size_bytes, state_bytes
+from monai_effq.ptq.report import LayerReport, QuantizationReport
+
+__all__ = [
+    "ClassAttention",
+    "load_quantized",
+    "load_quantized_result",
+    "save_quantized",
+    "EfficientQConfig",
+    "LayerPlan",
+    "match_pattern",
+    "execution_order",
+    "fold_batchnorm",
+    "ActivationQuantizer",
+    "QuantizedConv",
+    "QuantizedConvTranspose",
+    "QuantizedLayer",
+    "QuantizedLinear",
+    "QuantizationResult",
+    "quantize",
+    "quantized_size_bytes",
+    "state_bytes",
+    "LayerReport",
+    "QuantizationReport",
+]

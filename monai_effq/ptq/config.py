@@ -1,0 +1,187 @@
+"""The one configuration of a network quantization run, as plain data that round-trips through JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from monai_effq.quant.grid import GRID_KINDS, check_bits
+from monai_effq.solver.admm import AdmmSettings
+from monai_effq.solver.api import METHODS
+
+__all__ = ["EfficientQConfig", "LayerPlan", "match_pattern"]
+
+
+def match_pattern(pattern: str, name: str) -> bool:
+    """Whether a module name matches a pattern.
+
+    A pattern starting with ``re:`` is a regular expression (``re.fullmatch``); anything else is a
+    shell-style glob (``fnmatch``), so ``"model.0.*"`` or ``"*.conv"`` work, as does an exact name.
+
+    Args:
+        pattern: the pattern.
+        name: a dotted module name.
+
+    Returns:
+        ``True`` on a match.
+    """
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return fnmatch.fnmatchcase(name, pattern)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one layer is quantized.
+
+    Attributes:
+        name: the module's dotted name.
+        weight_bits: weight bits.
+        act_bits: input activation bits, or ``None`` to keep the input in floating point.
+    """
+
+    name: str
+    weight_bits: int
+    act_bits: int | None
+
+
+@dataclass
+class EfficientQConfig:
+    """Settings of :func:`monai_effq.quantize`.
+
+    Attributes:
+        weight_bits: weight bits of every quantized layer (2 to 8).
+        act_bits: bits of every quantized layer's input (4 to 8); ``None`` keeps activations in FP.
+        first_layer_bits: weight and activation bits of the first layer in execution order (the
+            paper keeps it at 8); ``None`` uses ``weight_bits``/``act_bits``.
+        last_layer_bits: the same for the last layer.
+        overrides: module-name pattern → ``{"weight_bits": .., "act_bits": ..}`` (later patterns win).
+        skip: module-name patterns of layers kept in full precision.
+        per_channel: one weight scale per output channel.
+        method: ``"efficientq"``, ``"gptq"`` or ``"rtn"``.
+        weight_grid: weight grid kind (``"midrise"`` is the paper's; ``"signed"`` has an exact zero).
+        init: EfficientQ's starting assignment, ``"gptq"`` or ``"rtn"``.
+        admm: ADMM settings (a dict in JSON).
+        attention: weight each output voxel by the self-adaptive class attention.
+        attention_power: the power ``p`` of the class weights ``(max n / n_c)^p``.
+        fold_batchnorm: fold BatchNorm that directly follows a convolution into it first.
+        device: where the solve runs (``"cpu"``, ``"cuda"``, ...).
+        max_chunk_elements: memory cap on one unfolded im2col chunk.
+        target_memory_mib: memory for the FP targets captured in one pass (layers are solved in
+            windows that fit it; larger windows mean fewer forward passes).
+    """
+
+    weight_bits: int = 4
+    act_bits: int | None = 8
+    first_layer_bits: int | None = 8
+    last_layer_bits: int | None = 8
+    overrides: dict[str, dict[str, int | None]] = field(default_factory=dict)
+    skip: list[str] = field(default_factory=list)
+    per_channel: bool = False
+    method: str = "efficientq"
+    weight_grid: str = "midrise"
+    init: str = "gptq"
+    admm: AdmmSettings = field(default_factory=AdmmSettings)
+    attention: bool = True
+    attention_power: float = 0.5
+    fold_batchnorm: bool = True
+    device: str = "cpu"
+    max_chunk_elements: int = 1 << 24
+    target_memory_mib: int = 2048
+
+    def __post_init__(self) -> None:
+        if isinstance(self.admm, dict):
+            self.admm = AdmmSettings(**self.admm)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field.
+
+        Raises:
+            ValueError: naming the first bad field and what it accepts.
+        """
+        check_bits(self.weight_bits, "weight_bits")
+        if self.act_bits is not None:
+            check_bits(self.act_bits, "act_bits", 2, 8)
+        for name in ("first_layer_bits", "last_layer_bits"):
+            if getattr(self, name) is not None:
+                check_bits(getattr(self, name), name)
+        for pattern, spec in self.overrides.items():
+            if not isinstance(spec, dict) or not set(spec) <= {"weight_bits", "act_bits"}:
+                raise ValueError(
+                    f"override {pattern!r} must be a dict with keys 'weight_bits' and/or 'act_bits', got {spec!r}."
+                )
+            if "weight_bits" in spec:
+                check_bits(spec["weight_bits"], f"overrides[{pattern!r}].weight_bits")
+            if spec.get("act_bits") is not None:
+                check_bits(spec["act_bits"], f"overrides[{pattern!r}].act_bits")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}.")
+        if self.weight_grid not in GRID_KINDS:
+            raise ValueError(f"weight_grid must be one of {GRID_KINDS}, got {self.weight_grid!r}.")
+        if self.init not in ("gptq", "rtn"):
+            raise ValueError(f"init must be 'gptq' or 'rtn', got {self.init!r}.")
+        if self.attention_power < 0:
+            raise ValueError(f"attention_power must be non-negative, got {self.attention_power}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (JSON-serialisable)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EfficientQConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error.
+
+        Args:
+            data: the plain-data form.
+
+        Returns:
+            the config.
+
+        Raises:
+            ValueError: for an unknown key.
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown EfficientQConfig keys {sorted(unknown)}; known keys are {sorted(known)}.")
+        return cls(**data)
+
+    def plan(self, ordered_names: list[str]) -> list[LayerPlan]:
+        """Bits of each layer, given the quantizable layers in execution order.
+
+        Args:
+            ordered_names: names of the quantizable layers, in the order the network runs them.
+
+        Returns:
+            the plan of every layer not skipped, in the same order.
+
+        Raises:
+            ValueError: when a skip or override pattern matches no layer (a typo would otherwise
+                silently quantize what the user meant to protect).
+        """
+        for pattern in [*self.skip, *self.overrides]:
+            if not any(match_pattern(pattern, n) for n in ordered_names):
+                shown = ", ".join(ordered_names[:12]) + (" ..." if len(ordered_names) > 12 else "")
+                raise ValueError(
+                    f"config names layer pattern {pattern!r}, which matches no quantizable layer; "
+                    f"the quantizable layers are: {shown}."
+                )
+        plans = []
+        for i, name in enumerate(ordered_names):
+            if any(match_pattern(p, name) for p in self.skip):
+                continue
+            wbits, abits = self.weight_bits, self.act_bits
+            edge = self.first_layer_bits if i == 0 else self.last_layer_bits if i == len(ordered_names) - 1 else None
+            if edge is not None:
+                wbits = edge
+                abits = None if abits is None else edge
+            for pattern, spec in self.overrides.items():
+                if match_pattern(pattern, name):
+                    wbits = spec.get("weight_bits", wbits)
+                    abits = spec.get("act_bits", abits)
+            plans.append(LayerPlan(name, wbits, abits))
+        return plans

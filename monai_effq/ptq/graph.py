@@ -1,0 +1,160 @@
+"""What a network runs, in which order: found with forward hooks, not from registration order.
+
+Also BatchNorm folding (a BatchNorm whose input is exactly a convolution's output, run right after
+it, is merged into that convolution) and module swapping by dotted name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn as nn
+
+from monai_effq.solver.layers import SUPPORTED_LAYERS
+
+__all__ = [
+    "StopForward",
+    "execution_order",
+    "find_foldable_batchnorms",
+    "fold_batchnorm",
+    "set_submodule",
+    "hooks",
+]
+
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once the wanted activation has been seen."""
+
+
+@contextlib.contextmanager
+def hooks(handles: list) -> Iterator[None]:
+    """Remove every hook handle in ``handles`` when the block ends, whatever happens."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        handles.clear()
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at a dotted name.
+
+    Args:
+        root: the network.
+        name: dotted name of the module to replace.
+        module: the replacement.
+    """
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def _run(network: nn.Module, batch: torch.Tensor | tuple) -> None:
+    with torch.no_grad():
+        try:
+            network(*batch) if isinstance(batch, tuple) else network(batch)
+        except StopForward:
+            pass
+
+
+def execution_order(
+    network: nn.Module, batch: torch.Tensor, predicate: Callable[[nn.Module], bool] | None = None
+) -> list[str]:
+    """Names of the modules ``predicate`` selects, in the order one forward pass runs them.
+
+    Args:
+        network: the network.
+        batch: an input it accepts.
+        predicate: which modules to record (default: the supported weight layers).
+
+    Returns:
+        dotted names, each once, in first-call order (modules never called are left out).
+    """
+    predicate = predicate or (lambda m: isinstance(m, SUPPORTED_LAYERS))
+    order: list[str] = []
+    handles: list = []
+    with hooks(handles):
+        for name, module in network.named_modules():
+            if name and predicate(module):
+                handles.append(module.register_forward_pre_hook(lambda m, a, n=name: order.append(n)))
+        _run(network, batch)
+    seen: set[str] = set()
+    return [n for n in order if not (n in seen or seen.add(n))]
+
+
+def find_foldable_batchnorms(network: nn.Module, batch: torch.Tensor) -> list[tuple[str, str]]:
+    """``(conv, batchnorm)`` name pairs where the BatchNorm runs right after the conv on its output.
+
+    Args:
+        network: the network (in eval mode).
+        batch: an input it accepts.
+
+    Returns:
+        the pairs that can be folded.
+    """
+    events: list[tuple[str, str, int]] = []  # (name, "in"/"out", id of the tensor)
+    handles: list = []
+    with hooks(handles):
+        for name, module in network.named_modules():
+            if isinstance(module, nn.modules.conv._ConvNd):
+                handles.append(module.register_forward_hook(lambda m, a, o, n=name: events.append((n, "out", id(o)))))
+            elif isinstance(module, _BATCHNORMS):
+                handles.append(
+                    module.register_forward_pre_hook(lambda m, a, n=name: events.append((n, "in", id(a[0]))))
+                )
+        _run(network, batch)
+    pairs = []
+    for prev, cur in zip(events, events[1:]):
+        if prev[1] == "out" and cur[1] == "in" and prev[2] == cur[2]:
+            pairs.append((prev[0], cur[0]))
+    return pairs
+
+
+@torch.no_grad()
+def fold_batchnorm(network: nn.Module, batch: torch.Tensor, rtol: float = 1e-4) -> list[str]:
+    """Fold every BatchNorm that directly follows a convolution into it (in place).
+
+    Each folded BatchNorm becomes ``nn.Identity``. The output on ``batch`` is checked to be
+    unchanged; if it is not, every fold is undone.
+
+    Args:
+        network: the network, in eval mode.
+        batch: a calibration input.
+        rtol: tolerance of the output check, relative to the output's largest magnitude.
+
+    Returns:
+        names of the folded BatchNorm modules.
+    """
+    reference = network(batch)
+    undo = []
+    for conv_name, bn_name in find_foldable_batchnorms(network, batch):
+        conv, bn = network.get_submodule(conv_name), network.get_submodule(bn_name)
+        if bn.running_var is None:
+            continue  # batch statistics at inference time: nothing fixed to fold
+        undo.append((conv_name, bn_name, conv.weight.detach().clone(), conv.bias, bn))
+        gain = bn.running_var.add(bn.eps).rsqrt()
+        if bn.affine:
+            gain = gain * bn.weight
+        shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
+        if isinstance(conv, nn.modules.conv._ConvTransposeNd):  # output channels on axis 1, per group
+            w = conv.weight.reshape(conv.groups, -1, *conv.weight.shape[1:])
+            w = w * gain.reshape(conv.groups, 1, -1, *([1] * (conv.weight.dim() - 2)))
+            conv.weight.copy_(w.reshape(conv.weight.shape))
+        else:
+            conv.weight.mul_(gain.reshape(-1, *([1] * (conv.weight.dim() - 1))))
+        bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        conv.bias = nn.Parameter((bias - bn.running_mean) * gain + shift)
+        set_submodule(network, bn_name, nn.Identity())
+    if undo and not torch.allclose(network(batch), reference, atol=rtol * float(reference.abs().max().clamp_min(1e-12))):
+        for conv_name, bn_name, weight, bias, bn in reversed(undo):
+            conv = network.get_submodule(conv_name)
+            conv.weight.copy_(weight)
+            conv.bias = bias
+            set_submodule(network, bn_name, bn)
+        return []
+    return [u[1] for u in undo]

@@ -1,0 +1,212 @@
+"""Fake-quant modules: what a quantized layer is once the solver has chosen its codes.
+
+One module serves every rank and kind: :class:`QuantizedLayer` keeps the original layer and runs
+its own forward with weights rebuilt from the integer codes, so Conv1d/2d/3d, their transposed
+forms and Linear share one implementation. :class:`QuantizedConv`, :class:`QuantizedConvTranspose`
+and :class:`QuantizedLinear` only name the kind.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from monai_effq.quant.grid import UniformGrid, dequantize, fit_scale
+from monai_effq.solver.layers import layer_view
+
+__all__ = [
+    "ActivationQuantizer",
+    "QuantizedLayer",
+    "QuantizedConv",
+    "QuantizedConvTranspose",
+    "QuantizedLinear",
+    "functional_forward",
+    "quantized_layer_class",
+]
+
+
+class ActivationQuantizer(nn.Module):
+    """Per-tensor fake quantization of a layer's input.
+
+    The grid is unsigned when calibration saw only non-negative values (after ReLU) and asymmetric
+    otherwise (PReLU, norms, the raw image). In training the rounding passes gradients straight
+    through inside the clipping range.
+
+    Args:
+        bits: bit width.
+        kind: ``"unsigned"``, ``"asymmetric"`` or ``"signed"``.
+        scale: grid step.
+        zero_point: code of the value 0.
+    """
+
+    def __init__(self, bits: int, kind: str, scale: float = 1.0, zero_point: float = 0.0) -> None:
+        super().__init__()
+        self.grid = UniformGrid(bits, kind)
+        self.register_buffer("scale", torch.tensor(float(scale)))
+        self.register_buffer("zero_point", torch.tensor(float(zero_point)))
+
+    @classmethod
+    def calibrate(cls, x: torch.Tensor, bits: int, max_samples: int = 1 << 18) -> ActivationQuantizer:
+        """Fit a quantizer to calibration activations.
+
+        Args:
+            x: activations (any shape).
+            bits: bit width.
+            max_samples: values used for the fit (a fixed-stride subsample of larger tensors).
+
+        Returns:
+            the calibrated quantizer.
+
+        Raises:
+            ValueError: for non-finite activations.
+        """
+        flat = x.detach().reshape(-1).float()
+        if not torch.isfinite(flat).all():
+            raise ValueError("activations contain NaN or Inf: check the calibration data and the network.")
+        if flat.numel() > max_samples:
+            flat = flat[:: flat.numel() // max_samples + 1]
+        kind = "unsigned" if float(flat.min()) >= 0 else "asymmetric"
+        scale, zero = fit_scale(flat, UniformGrid(bits, kind), method="als")  # ALS as the paper; MSE sweep if asymmetric
+        return cls(bits, kind, float(scale), float(zero))
+
+    @property
+    def qmin(self) -> int:
+        """Smallest code."""
+        return self.grid.qmin
+
+    @property
+    def qmax(self) -> int:
+        """Largest code."""
+        return self.grid.qmax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = torch.clamp(torch.round(x / self.scale + self.zero_point), self.qmin, self.qmax)
+        xq = (q - self.zero_point) * self.scale
+        if self.training and x.requires_grad:
+            lo = (self.qmin - self.zero_point) * self.scale
+            hi = (self.qmax - self.zero_point) * self.scale
+            inside = (x >= lo) & (x <= hi)
+            return torch.where(inside, x + (xq - x).detach(), xq.detach())
+        return xq
+
+    def extra_repr(self) -> str:
+        return f"bits={self.grid.bits}, kind={self.grid.kind}, scale={float(self.scale):.4g}, zero_point={float(self.zero_point):g}"
+
+
+class QuantizedLayer(nn.Module):
+    """A weight layer whose weights are integer codes on a uniform grid, with a quantized input.
+
+    Args:
+        layer: the original ``Conv*``/``ConvTranspose*``/``Linear`` module (copied; not modified).
+        codes: integer codes shaped like the layer's weight.
+        scale: grid step, 0-d or one per output channel.
+        zero_point: same shape as ``scale``.
+        grid: the weight grid.
+        bias: the bias to use (``None`` keeps none).
+        input_quantizer: the activation quantizer on the layer's input, or ``None``.
+    """
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        codes: torch.Tensor,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor,
+        grid: UniformGrid,
+        bias: torch.Tensor | None,
+        input_quantizer: ActivationQuantizer | None = None,
+    ) -> None:
+        super().__init__()
+        inner = copy.deepcopy(layer)
+        del inner.weight
+        if inner.bias is not None:
+            del inner.bias
+            inner.bias = None
+        self.layer = inner
+        self.grid = grid
+        self.register_buffer("codes", codes.detach().to(torch.uint8).clone())
+        self.register_buffer("scale", scale.detach().float().clone())
+        self.register_buffer("zero_point", zero_point.detach().float().clone())
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self.input_quantizer = input_quantizer
+        self.register_buffer("_weight", torch.empty(0), persistent=False)
+        self.refresh_weight()
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module signature
+        super()._apply(fn, recurse)
+        self.refresh_weight()  # the cache follows .to()/.cuda() with the codes
+        return self
+
+    def refresh_weight(self) -> None:
+        """Rebuild the cached dequantized weight from the codes, scale and zero point."""
+        view = layer_view(self.layer)
+        g, m, n = view.groups, view.out_per_group, view.in_per_group
+        rows = view.weight_matrix(self.codes.long()).reshape(g * m, n)
+        w = dequantize(rows, self.scale, self.zero_point).reshape(g, m, n)
+        self._weight = view.native_weight(w).contiguous()
+
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, ``scale * (codes - zero_point)`` per output channel."""
+        return self._weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
+        return functional_forward(self.layer, x, self.weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        per = "per-channel" if self.scale.numel() > 1 else "per-tensor"
+        return f"weight_bits={self.grid.bits}, grid={self.grid.kind}, {per}"
+
+
+class QuantizedConv(QuantizedLayer):
+    """A quantized ``Conv1d``/``Conv2d``/``Conv3d``."""
+
+
+class QuantizedConvTranspose(QuantizedLayer):
+    """A quantized ``ConvTranspose1d``/``2d``/``3d``."""
+
+
+class QuantizedLinear(QuantizedLayer):
+    """A quantized ``Linear``."""
+
+
+def functional_forward(
+    layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """Run ``layer``'s own operation with the given weight and bias.
+
+    Args:
+        layer: a supported layer (its hyperparameters are used, not its parameters).
+        x: the input.
+        weight: the weight to use.
+        bias: the bias to use, or ``None``.
+
+    Returns:
+        the layer's output.
+    """
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, weight, bias)
+    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[len(layer.kernel_size) - 1]
+        return fn(x, weight, bias, layer.stride, layer.padding, layer.output_padding, layer.groups, layer.dilation)
+    return layer._conv_forward(x, weight, bias)
+
+
+def quantized_layer_class(layer: nn.Module) -> type[QuantizedLayer]:
+    """The fake-quant class for a layer.
+
+    Args:
+        layer: a supported layer.
+
+    Returns:
+        :class:`QuantizedConv`, :class:`QuantizedConvTranspose` or :class:`QuantizedLinear`.
+    """
+    if isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        return QuantizedConvTranspose
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        return QuantizedConv
+    return QuantizedLinear

@@ -1,0 +1,385 @@
+"""Network PTQ: quantize every weight layer of a network, in forward order, as the paper does.
+
+Phases, each a call: prepare (copy, fold BatchNorm, find the layers in execution order, plan
+their bits, compute the attention), then for each layer capture (its input in the partly
+quantized network and its output in the FP network, through hooks that stop the forward pass
+once they have what they need), accumulate (the layer's normal equations), solve and swap in
+the fake-quant module. Only the current layer's activations are ever held.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from monai.utils import optional_import
+
+from monai_effq.ptq.attention import ClassAttention
+from monai_effq.ptq.config import EfficientQConfig, LayerPlan
+from monai_effq.ptq.graph import StopForward, execution_order, fold_batchnorm, hooks, set_submodule
+from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, quantized_layer_class
+from monai_effq.ptq.report import LayerReport, QuantizationReport, peak_memory_mib, reset_peak_memory
+from monai_effq.quant.packing import packed_nbytes
+from monai_effq.solver.api import solve_statistics
+from monai_effq.solver.gram import GramAccumulator
+from monai_effq.solver.layers import layer_view
+
+tqdm, _has_tqdm = optional_import("tqdm", name="tqdm")
+
+__all__ = ["QuantizationResult", "quantize", "quantized_size_bytes", "state_bytes"]
+
+logger = logging.getLogger("monai_effq")
+
+
+@dataclass
+class QuantizationResult:
+    """A quantized network and what was done to it.
+
+    Attributes:
+        network: the quantized network (fake-quant modules, eval mode).
+        report: the :class:`QuantizationReport`.
+        config: the config used.
+        folded: names of the BatchNorms folded (replaced by ``nn.Identity``) before quantization.
+    """
+
+    network: nn.Module
+    report: QuantizationReport
+    config: EfficientQConfig
+    folded: list[str]
+
+
+def _as_batches(calibration: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    if isinstance(calibration, torch.Tensor):
+        batches = [calibration]
+    else:
+        try:
+            batches = list(calibration)
+        except TypeError:
+            raise TypeError(
+                f"calibration must be a tensor batch or an iterable of tensor batches, got {type(calibration).__name__}."
+            ) from None
+    if not batches:
+        raise ValueError("calibration is empty: pass at least one batch (one volume is enough).")
+    out = []
+    for i, b in enumerate(batches):
+        if isinstance(b, dict) and "image" in b:
+            b = b["image"]
+        if not isinstance(b, torch.Tensor):
+            raise TypeError(f"calibration batch {i} is a {type(b).__name__}, expected a tensor (N, C, *spatial).")
+        if b.numel() == 0:
+            raise ValueError(f"calibration batch {i} is empty (shape {tuple(b.shape)}).")
+        if not torch.isfinite(b).all():
+            raise ValueError(f"calibration batch {i} contains NaN or Inf values: clean or re-normalise the input.")
+        out.append(b.detach().float())
+    return out
+
+
+def state_bytes(network: nn.Module) -> int:
+    """Bytes of a network's parameters and persistent buffers as stored."""
+    return sum(t.numel() * t.element_size() for t in network.state_dict().values())
+
+
+def quantized_size_bytes(network: nn.Module) -> int:
+    """Bytes of a quantized network once its codes are packed (everything else as stored).
+
+    Args:
+        network: a network with :class:`QuantizedLayer` modules.
+
+    Returns:
+        packed codes plus scales, zero points, biases and every other parameter and buffer.
+    """
+    total = 0
+    for key, t in network.state_dict().items():
+        module_name, _, attr = key.rpartition(".")
+        module = network.get_submodule(module_name) if module_name else network
+        if isinstance(module, QuantizedLayer) and attr == "codes":
+            total += packed_nbytes(t.numel(), module.grid.bits)
+        else:
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _capture(network: nn.Module, module: nn.Module, batch: torch.Tensor, want: str) -> torch.Tensor:
+    """The input (``want="input"``) or output of ``module`` on ``batch``, stopping the pass there."""
+    box: list[torch.Tensor] = []
+
+    def grab(_m, args, out=None):
+        box.append((args[0] if want == "input" else out).detach().clone())
+        raise StopForward
+
+    handles = [
+        module.register_forward_pre_hook(grab) if want == "input" else module.register_forward_hook(grab)
+    ]
+    with hooks(handles), torch.no_grad():
+        try:
+            network(batch)
+        except StopForward:
+            pass
+    if not box:
+        raise RuntimeError("the layer was not reached by the forward pass.")
+    return box[0]
+
+
+def _check_runs(network: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    try:
+        with torch.no_grad():
+            out = network(batch)
+    except Exception as e:  # the network's own message says which layer refused the shape
+        raise ValueError(
+            f"calibration batch of shape {tuple(batch.shape)} does not fit the network "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass batches shaped (N, C, *spatial) "
+            "as the network expects."
+        ) from e
+    if not isinstance(out, torch.Tensor):
+        raise TypeError("the network must return one tensor of logits to be quantized.")
+    return out
+
+
+def _output_numels(network: nn.Module, batch: torch.Tensor, names: list[str]) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+
+    def record(name: str, out: torch.Tensor) -> None:
+        sizes.setdefault(name, out.numel())
+
+    handles = [network.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: record(n, o)) for n in names]
+    with hooks(handles), torch.no_grad():
+        network(batch)
+    return sizes
+
+
+class _Run:
+    """One quantization run: the prepared copies, the plan, and the per-layer solve.
+
+    With a single calibration batch (batches of one shape are concatenated), layers are solved in
+    windows: one FP pass captures the targets of every layer of the window (as many as fit the
+    memory budget), then one pass of the partly quantized network solves each layer when the pass
+    reaches it and continues with the quantized layer's output. Otherwise each layer gets its own
+    FP and quantized passes, batch by batch.
+    """
+
+    def __init__(self, network: nn.Module, batches: list[torch.Tensor], config: EfficientQConfig) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        if len(batches) > 1 and len({tuple(b.shape[1:]) for b in batches}) == 1:
+            batches = [torch.cat(batches)]
+        self.batches = batches
+        self.fp = copy.deepcopy(network).eval().to(self.device)
+        for p in self.fp.parameters():
+            p.requires_grad_(False)
+        first = batches[0].to(self.device)
+        _check_runs(self.fp, first)
+        self.folded = fold_batchnorm(self.fp, first[:1]) if config.fold_batchnorm else []
+        self.order = execution_order(self.fp, first)
+        if not self.order:
+            raise ValueError(
+                "the network has no quantizable layers (Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear) "
+                "that run in its forward pass."
+            )
+        self.plans = config.plan(self.order)
+        self.qnet = copy.deepcopy(self.fp)
+
+    def logits(self) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([self.fp(b.to(self.device)).cpu() for b in self.batches])
+
+    def run(self, attention: ClassAttention | None, progress: bool) -> list[LayerReport]:
+        bar = tqdm(total=len(self.plans), desc="quantizing", unit="layer", disable=not progress) if _has_tqdm else None
+        reports: list[LayerReport] = []
+
+        def done(report: LayerReport) -> None:
+            reports.append(report)
+            if bar is not None:
+                bar.update(1)
+            logger.info(
+                "%s W%d A%s: mse %.3e (rtn %.3e) in %.2f s",
+                report.name, report.weight_bits, report.act_bits, report.mse, report.mse_rtn, report.seconds,
+            )
+
+        if len(self.batches) == 1:
+            self._run_windows(attention, done)
+        else:
+            for plan in self.plans:
+                done(self._run_layer(plan, attention))
+        if bar is not None:
+            bar.close()
+        return reports
+
+    def _run_windows(self, attention: ClassAttention | None, done) -> None:
+        batch = self.batches[0].to(self.device)
+        names = [p.name for p in self.plans]
+        numels = _output_numels(self.fp, batch, names)
+        budget = self.config.target_memory_mib * 2**20 // 4
+        pending = list(self.plans)
+        while pending:
+            window, used = [], 0
+            for plan in pending:
+                if window and used + numels[plan.name] > budget:
+                    break
+                window.append(plan)
+                used += numels[plan.name]
+            targets = self._capture_outputs([p.name for p in window], batch)
+            self._solve_in_one_pass(window, targets, batch, attention, done)
+            pending = pending[len(window) :]
+
+    def _capture_outputs(self, names: list[str], batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        last = names[-1]
+
+        def grab(_m, _a, o, n):
+            if n not in out:  # a copy: later in-place ops (ReLU(inplace=True), +=) would change it
+                out[n] = o.detach().to("cpu", copy=True)
+            if n == last:
+                raise StopForward
+
+        handles = [self.fp.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: grab(m, a, o, n)) for n in names]
+        with hooks(handles), torch.no_grad():
+            try:
+                self.fp(batch)
+            except StopForward:
+                pass
+        return out
+
+    def _solve_in_one_pass(self, window, targets, batch, attention, done) -> None:
+        solved: dict[str, nn.Module] = {}
+        last = window[-1].name
+
+        def on_layer(plan: LayerPlan, args: tuple) -> torch.Tensor:
+            if plan.name not in solved:
+                module, report = self._solve(plan, [(args[0], targets.pop(plan.name))], attention)
+                solved[plan.name] = module
+                done(report)
+            out = solved[plan.name](args[0])
+            if plan.name == last:
+                raise StopForward
+            return out
+
+        handles = [
+            self.qnet.get_submodule(p.name).register_forward_hook(lambda m, a, o, p=p: on_layer(p, a)) for p in window
+        ]
+        with hooks(handles), torch.no_grad():
+            try:
+                self.qnet(batch)
+            except StopForward:
+                pass
+        for name, module in solved.items():
+            set_submodule(self.qnet, name, module)
+
+    def _run_layer(self, plan: LayerPlan, attention: ClassAttention | None) -> LayerReport:
+        pairs = []
+        for batch in self.batches:
+            batch = batch.to(self.device)
+            y = _capture(self.fp, self.fp.get_submodule(plan.name), batch, "output").cpu()
+            x = _capture(self.qnet, self.qnet.get_submodule(plan.name), batch, "input")
+            pairs.append((x, y))
+        module, report = self._solve(plan, pairs, attention)
+        set_submodule(self.qnet, plan.name, module)
+        return report
+
+    def _solve(
+        self, plan: LayerPlan, pairs: list[tuple[torch.Tensor, torch.Tensor]], attention: ClassAttention | None
+    ) -> tuple[QuantizedLayer, LayerReport]:
+        """Accumulate one layer's statistics from (quantized input, FP output) pairs and solve it."""
+        t0 = time.perf_counter()
+        fp_layer = self.fp.get_submodule(plan.name)
+        view = layer_view(fp_layer)
+        acc = GramAccumulator(view, max_chunk_elements=self.config.max_chunk_elements)
+        act_q: ActivationQuantizer | None = None
+        offset = 0
+        for x, y in pairs:
+            if plan.act_bits is not None:
+                if act_q is None:  # ranges from the first batch, used for all
+                    act_q = ActivationQuantizer.calibrate(x, plan.act_bits).to(x.device)
+                x = act_q(x)
+            h = None
+            if attention is not None and view.kind != "linear":
+                h = attention(tuple(y.shape[2:]))[offset : offset + y.shape[0]]
+            acc.add_batch(x.cpu(), y.cpu(), h)
+            offset += y.shape[0]
+        stats = acc.statistics()
+        del acc, pairs
+        sol = solve_statistics(
+            view,
+            stats,
+            fp_layer.weight.detach().cpu(),
+            None if fp_layer.bias is None else fp_layer.bias.detach().cpu(),
+            plan.weight_bits,
+            method=self.config.method,
+            per_channel=self.config.per_channel,
+            grid=self.config.weight_grid,
+            admm=self.config.admm,
+            init=self.config.init,
+        )
+        cls = quantized_layer_class(fp_layer)
+        q_layer = self.qnet.get_submodule(plan.name)
+        module = cls(q_layer, sol.codes, sol.scale, sol.zero_point, sol.grid, sol.bias, act_q).to(self.device)
+        report = LayerReport(
+            name=plan.name,
+            kind=cls.__name__,
+            weight_bits=plan.weight_bits,
+            act_bits=plan.act_bits,
+            act_grid=None if act_q is None else act_q.grid.kind,
+            params=fp_layer.weight.numel(),
+            mse_fp=sol.mse_fp,
+            mse_rtn=sol.mse_rtn,
+            mse=sol.mse,
+            seconds=time.perf_counter() - t0,
+            solve_seconds=sol.seconds,
+            iterations=sol.trace.iterations if sol.trace is not None else 0,
+        )
+        return module, report
+
+
+def quantize(
+    network: nn.Module,
+    calibration: torch.Tensor | Iterable[torch.Tensor],
+    config: EfficientQConfig | None = None,
+    *,
+    task: str = "multiclass",
+    body_mask: torch.Tensor | None = None,
+    progress: bool = True,
+) -> QuantizationResult:
+    """Quantize a trained network after training, layer by layer.
+
+    Args:
+        network: the FP network (not modified).
+        calibration: a tensor batch ``(N, C, *spatial)`` or an iterable of batches (dicts with an
+            ``"image"`` key are accepted); one volume is enough.
+        config: the settings; :class:`EfficientQConfig` defaults (W4A8, first/last layer 8 bits).
+        task: ``"multiclass"`` (softmax) or ``"multilabel"`` (sigmoid channels), for the attention.
+        body_mask: ``(N, *spatial)`` mask of the body over all calibration volumes, for the
+            attention (voxels outside get weight 1); everything when ``None``.
+        progress: show a progress bar over layers.
+
+    Returns:
+        a :class:`QuantizationResult` whose ``.network`` is in eval mode.
+
+    Raises:
+        ValueError: for bad calibration data, a bad config, a network with nothing to quantize.
+        TypeError: for calibration that is not tensors.
+    """
+    config = config or EfficientQConfig()
+    config.validate()
+    t0 = time.perf_counter()
+    reset_peak_memory()
+    batches = _as_batches(calibration)
+    run = _Run(network, batches, config)
+    attention = None
+    if config.attention:
+        attention = ClassAttention(run.logits(), task=task, power=config.attention_power, body_mask=body_mask)
+        logger.info("class attention weights %s (voxel counts %s)", attention.class_weights.tolist(), attention.class_counts.tolist())
+    report = QuantizationReport(method=config.method, folded_batchnorms=run.folded)
+    planned = {p.name for p in run.plans}
+    report.skipped = [n for n in run.order if n not in planned]
+    report.layers = run.run(attention, progress)
+    qnet = run.qnet.eval()
+    report.fp_bytes = state_bytes(network)
+    report.quantized_bytes = quantized_size_bytes(qnet)
+    report.wall_seconds = time.perf_counter() - t0
+    report.peak_memory_mib = peak_memory_mib()
+    logger.info(report.summary())
+    return QuantizationResult(network=qnet, report=report, config=config, folded=run.folded)

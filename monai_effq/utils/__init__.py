@@ -1,0 +1,5 @@
+"""Small helpers shared by every layer of monai-effq."""
+
+from monai_effq.utils.io import atomic_write, atomic_write_text
+
+__all__ = ["atomic_write", "atomic_write_text"]

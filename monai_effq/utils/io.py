@@ -1,0 +1,55 @@
+"""Atomic file output: a run that is interrupted never leaves a half-written file that looks whole."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_write", "atomic_write_text"]
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it onto ``path`` only if the block succeeds.
+
+    The temporary file lives in the same folder (so the final ``os.replace`` is atomic on POSIX)
+    and is flushed to disk before the move; on any exception it is removed and ``path`` is left
+    as it was.
+
+    Args:
+        path: the destination file.
+
+    Yields:
+        the temporary path to write to.
+    """
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically.
+
+    Args:
+        path: the destination file.
+        text: the content (UTF-8).
+
+    Returns:
+        the destination path.
+    """
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
