@@ -21,47 +21,61 @@ class ClassAttention:
     """Voxel weights for every output size, from the full-precision logits.
 
     Args:
-        logits: ``(N, C, *spatial)`` FP network output on the calibration data.
+        logits: ``(N, C, *spatial)`` FP network output on the calibration data (a list: one per batch).
         task: ``"multiclass"`` (softmax/arg-max, e.g. LiTS) or ``"multilabel"`` (sigmoid
             channels, e.g. BraTS WT/TC/ET).
         power: the exponent ``p`` (the paper: 0.5).
-        body_mask: ``(N, *spatial)`` or ``(N, 1, *spatial)`` boolean mask; everything when ``None``.
+        body_mask: ``(N, *spatial)`` or ``(N, 1, *spatial)`` boolean mask (a list: one per batch);
+            everything when ``None``.
 
     Raises:
         ValueError: for an unknown task or a mask of the wrong shape.
     """
 
     def __init__(
-        self, logits: torch.Tensor, task: str = "multiclass", power: float = 0.5, body_mask: torch.Tensor | None = None
+        self,
+        logits: torch.Tensor | list[torch.Tensor],
+        task: str = "multiclass",
+        power: float = 0.5,
+        body_mask: torch.Tensor | list[torch.Tensor] | None = None,
     ) -> None:
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}.")
-        self.logits = logits.detach().float()
         self.task = task
-        spatial = tuple(self.logits.shape[2:])
-        if body_mask is not None:
-            mask = body_mask.detach()
-            if mask.dim() == self.logits.dim():
-                mask = mask[:, 0]
-            if tuple(mask.shape) != (self.logits.shape[0], *spatial):
-                raise ValueError(
-                    f"body_mask must have shape {(self.logits.shape[0], *spatial)} to match the network output, "
-                    f"got {tuple(body_mask.shape)}."
-                )
-            self.mask = mask.bool()
+        self.logits = [t.detach().float() for t in (logits if isinstance(logits, (list, tuple)) else [logits])]
+        if body_mask is None:
+            masks: list[torch.Tensor | None] = [None] * len(self.logits)
+        elif isinstance(body_mask, (list, tuple)):
+            masks = list(body_mask)
         else:
-            self.mask = torch.ones((self.logits.shape[0], *spatial), dtype=torch.bool)
-        labels = self._labels(self.logits)
-        counts = torch.bincount(labels[self.mask].reshape(-1), minlength=self._n_labels()).double()
+            masks = list(torch.split(body_mask, [t.shape[0] for t in self.logits])) if len(self.logits) > 1 else [body_mask]
+        self.masks = [self._check_mask(m, t) for m, t in zip(masks, self.logits)]
+        counts = torch.zeros(self._n_labels(), dtype=torch.float64)
+        for t, m in zip(self.logits, self.masks):
+            counts += torch.bincount(self._labels(t)[m].reshape(-1), minlength=self._n_labels()).double()
         present = counts > 0
         weights = torch.ones_like(counts)
         weights[present] = (counts[present].max() / counts[present]).pow(power)
         self.class_weights = weights.float()
         self.class_counts = counts.long()
-        self._cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._cache: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
+
+    @staticmethod
+    def _check_mask(mask: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+        expected = (logits.shape[0], *logits.shape[2:])
+        if mask is None:
+            return torch.ones(expected, dtype=torch.bool)
+        m = mask.detach()
+        if m.dim() == logits.dim():
+            m = m[:, 0]
+        if tuple(m.shape) != expected:
+            raise ValueError(
+                f"body_mask must have shape {expected} to match the network output, got {tuple(mask.shape)}."
+            )
+        return m.bool()
 
     def _n_labels(self) -> int:
-        c = self.logits.shape[1]
+        c = self.logits[0].shape[1]
         return (1 << c) if self.task == "multilabel" else max(c, 2)
 
     def _labels(self, logits: torch.Tensor) -> torch.Tensor:
@@ -74,28 +88,28 @@ class ClassAttention:
         powers = (2 ** torch.arange(logits.shape[1])).reshape(1, -1, *([1] * (logits.dim() - 2)))
         return (bits * powers).sum(dim=1)
 
-    def __call__(self, spatial_size: tuple[int, ...]) -> torch.Tensor:
+    def __call__(self, spatial_size: tuple[int, ...], batch: int = 0) -> torch.Tensor:
         """Voxel weights ``(N, *spatial_size)`` for a layer whose output has that size.
 
         Args:
             spatial_size: the layer output's spatial size.
+            batch: which calibration batch.
 
         Returns:
             non-negative weights, 1 outside the body.
         """
-        key = tuple(int(s) for s in spatial_size)
+        key = (batch, tuple(int(s) for s in spatial_size))
         if key not in self._cache:
-            full = tuple(self.logits.shape[2:])
-            if key == full:
-                logits, mask = self.logits, self.mask
-            else:
-                pool = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[len(key) - 1]
-                shrink = all(k <= f for k, f in zip(key, full))
-                if shrink:
-                    logits = pool(self.logits, key)
+            size = key[1]
+            logits, mask = self.logits[batch], self.masks[batch]
+            full = tuple(logits.shape[2:])
+            if size != full:
+                if all(k <= f for k, f in zip(size, full)):
+                    pool = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[len(size) - 1]
+                    logits = pool(logits, size)
                 else:
-                    logits = F.interpolate(self.logits, size=key, mode="nearest")
-                mask = F.interpolate(self.mask[:, None].float(), size=key, mode="nearest")[:, 0] > 0.5
+                    logits = F.interpolate(logits, size=size, mode="nearest")
+                mask = F.interpolate(mask[:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
             painted = self.class_weights[self._labels(logits)]
             self._cache[key] = torch.where(mask, painted, torch.ones_like(painted))
         return self._cache[key]

@@ -183,9 +183,9 @@ class _Run:
         self.plans = config.plan(self.order)
         self.qnet = copy.deepcopy(self.fp)
 
-    def logits(self) -> torch.Tensor:
+    def logits(self) -> list[torch.Tensor]:
         with torch.no_grad():
-            return torch.cat([self.fp(b.to(self.device)).cpu() for b in self.batches])
+            return [self.fp(b.to(self.device)).cpu() for b in self.batches]
 
     def run(self, attention: ClassAttention | None, progress: bool) -> list[LayerReport]:
         bar = tqdm(total=len(self.plans), desc="quantizing", unit="layer", disable=not progress) if _has_tqdm else None
@@ -289,17 +289,15 @@ class _Run:
         view = layer_view(fp_layer)
         acc = GramAccumulator(view, max_chunk_elements=self.config.max_chunk_elements)
         act_q: ActivationQuantizer | None = None
-        offset = 0
-        for x, y in pairs:
+        for index, (x, y) in enumerate(pairs):
             if plan.act_bits is not None:
                 if act_q is None:  # ranges from the first batch, used for all
                     act_q = ActivationQuantizer.calibrate(x, plan.act_bits).to(x.device)
                 x = act_q(x)
             h = None
             if attention is not None and view.kind != "linear":
-                h = attention(tuple(y.shape[2:]))[offset : offset + y.shape[0]]
+                h = attention(tuple(y.shape[2:]), index)
             acc.add_batch(x.cpu(), y.cpu(), h)
-            offset += y.shape[0]
         stats = acc.statistics()
         del acc, pairs
         sol = solve_statistics(

@@ -1,0 +1,124 @@
+"""Dataset lists, preprocessing and synthetic demo data for BraTS and LiTS in their native and Decathlon layouts.
+
+The transforms and the demo generator are imported on first use: importing MONAI takes seconds that
+the dataset lists do not need, and ``python -m monai_effq.data.demo`` must not find its own module
+already imported by this package (runpy warns about that).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from monai_effq.data.layouts import (
+    BRATS_MODALITIES,
+    LAYOUTS,
+    NIFTI_SUFFIXES,
+    DatasetError,
+    brats_datalist,
+    check_nifti,
+    detect_layout,
+    lits_datalist,
+    load_datalist,
+    msd_datalist,
+    split_datalist,
+    validate_datalist,
+)
+
+if TYPE_CHECKING:
+    from monai_effq.data.demo import (
+        MSD_TASKS,
+        make_brats_demo,
+        make_lits_demo,
+        make_msd_demo,
+        synth_brats_case,
+        synth_lits_case,
+    )
+    from monai_effq.data.transforms import (
+        BRATS_CHANNELS,
+        BRATS_MSD_LABELS,
+        BRATS_NATIVE_LABELS,
+        LITS_CLASSES,
+        LITS_LABELS,
+        CheckLabelRange,
+        CheckLabelRanged,
+        ConvertMsdBratsLabels,
+        ConvertMsdBratsLabelsd,
+        brats_transforms,
+        lits_transforms,
+    )
+
+# public names served by __getattr__ below, and the module each comes from
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "MSD_TASKS",
+            "make_brats_demo",
+            "make_lits_demo",
+            "make_msd_demo",
+            "synth_brats_case",
+            "synth_lits_case",
+        ),
+        "monai_effq.data.demo",
+    ),
+    **dict.fromkeys(
+        (
+            "BRATS_CHANNELS",
+            "BRATS_MSD_LABELS",
+            "BRATS_NATIVE_LABELS",
+            "LITS_CLASSES",
+            "LITS_LABELS",
+            "CheckLabelRange",
+            "CheckLabelRanged",
+            "ConvertMsdBratsLabels",
+            "ConvertMsdBratsLabelsd",
+            "brats_transforms",
+            "lits_transforms",
+        ),
+        "monai_effq.data.transforms",
+    ),
+}
+
+__all__ = [
+    "DatasetError",
+    "LAYOUTS",
+    "BRATS_MODALITIES",
+    "NIFTI_SUFFIXES",
+    "detect_layout",
+    "msd_datalist",
+    "brats_datalist",
+    "lits_datalist",
+    "load_datalist",
+    "split_datalist",
+    "check_nifti",
+    "validate_datalist",
+    "BRATS_NATIVE_LABELS",
+    "BRATS_MSD_LABELS",
+    "LITS_LABELS",
+    "BRATS_CHANNELS",
+    "LITS_CLASSES",
+    "ConvertMsdBratsLabels",
+    "ConvertMsdBratsLabelsd",
+    "CheckLabelRange",
+    "CheckLabelRanged",
+    "brats_transforms",
+    "lits_transforms",
+    "MSD_TASKS",
+    "make_brats_demo",
+    "make_lits_demo",
+    "make_msd_demo",
+    "synth_brats_case",
+    "synth_lits_case",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later look-ups skip this hook
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

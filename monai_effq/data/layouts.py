@@ -1,0 +1,416 @@
+"""Dataset lists for the on-disk layouts of the public 3D segmentation datasets.
+
+Each function returns a list of dicts ready for a MONAI ``Dataset`` (``{"image": ..., "label": ...}``
+with absolute paths as strings). Three layouts are understood:
+
+- ``"msd"``: a Medical Segmentation Decathlon task folder, ``<dataset_dir>/dataset.json`` whose
+  ``"training"`` entries name ``./imagesTr/x.nii.gz`` and ``./labelsTr/x.nii.gz``
+  (e.g. ``Task01_BrainTumour``, ``Task03_Liver``).
+- ``"brats"``: the BraTS 2020 release, one folder per case,
+  ``BraTS20_Training_XXX/BraTS20_Training_XXX_{flair,t1,t1ce,t2,seg}.nii.gz``; the image entry is the
+  list of the four contrasts in the Decathlon channel order (FLAIR, T1, T1gd, T2).
+- ``"lits"``: the LiTS release, ``volume-N.nii`` and ``segmentation-N.nii`` paired by ``N``, in one
+  folder or spread over sub-folders (``Training Batch 1/``, ``Training Batch 2/``).
+
+Anything missing or malformed raises :class:`DatasetError` with a one-line message that names the
+file and says what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+__all__ = [
+    "DatasetError",
+    "LAYOUTS",
+    "BRATS_MODALITIES",
+    "NIFTI_SUFFIXES",
+    "detect_layout",
+    "msd_datalist",
+    "brats_datalist",
+    "lits_datalist",
+    "load_datalist",
+    "split_datalist",
+    "check_nifti",
+    "validate_datalist",
+]
+
+LAYOUTS = ("msd", "brats", "lits")
+"""Layout names accepted by :func:`load_datalist` (besides ``"auto"`` and ``"native"``)."""
+
+BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
+"""BraTS file suffixes in channel order; the same order as Decathlon Task01 (FLAIR, T1w, T1gd, T2w)."""
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+_DATASETS = ("brats", "lits")
+_LITS_VOLUME = re.compile(r"^volume-(\d+)\.nii(\.gz)?$")
+_LITS_SEGMENTATION = re.compile(r"^segmentation-(\d+)\.nii(\.gz)?$")
+
+_MSD_EXPECTED = "a Decathlon folder: dataset.json beside imagesTr/ and labelsTr/"
+_BRATS_EXPECTED = (
+    "BraTS folders BraTS20_Training_XXX/ holding BraTS20_Training_XXX_{flair,t1,t1ce,t2,seg}.nii.gz (or .nii)"
+)
+_LITS_EXPECTED = "LiTS files volume-N.nii and segmentation-N.nii (or .nii.gz), in the folder or its sub-folders"
+
+
+class DatasetError(ValueError):
+    """A dataset folder, list or file is missing, malformed or unreadable.
+
+    The message is one line: it names the offending file or folder and says what was expected.
+    """
+
+
+def _as_dir(dataset_dir: str | os.PathLike) -> Path:
+    path = Path(dataset_dir).expanduser().resolve()
+    if not path.is_dir():
+        raise DatasetError(f"dataset folder {path} does not exist or is not a folder.")
+    return path
+
+
+def _find_nifti(folder: Path, stem: str) -> Path | None:
+    """Return ``folder/stem.nii.gz`` or ``folder/stem.nii``, whichever exists (``.nii.gz`` first)."""
+    for suffix in NIFTI_SUFFIXES:
+        candidate = folder / f"{stem}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _brats_case_dirs(root: Path) -> list[Path]:
+    """Case folders (``BraTS*`` holding NIfTI files) directly in ``root`` or one level below it.
+
+    The official archives unpack into ``MICCAI_BraTS2020_TrainingData/``, so users often point at the
+    parent folder: looking one level down saves them a confusing "no cases" error.
+    """
+
+    def cases_in(folder: Path) -> list[Path]:
+        return sorted(
+            d
+            for d in folder.iterdir()
+            if d.is_dir() and d.name.lower().startswith("brats") and any(d.glob(f"{d.name}_*.nii*"))
+        )
+
+    found = cases_in(root)
+    if not found:
+        for sub in sorted(d for d in root.iterdir() if d.is_dir()):
+            found.extend(cases_in(sub))
+    return found
+
+
+def _lits_files(root: Path) -> tuple[dict[int, Path], dict[int, Path]]:
+    volumes: dict[int, Path] = {}
+    segmentations: dict[int, Path] = {}
+    for path in sorted(root.rglob("*.nii*")):
+        for pattern, found in ((_LITS_VOLUME, volumes), (_LITS_SEGMENTATION, segmentations)):
+            match = pattern.match(path.name)
+            if match is None:
+                continue
+            index = int(match.group(1))
+            if index in found:
+                raise DatasetError(
+                    f"LiTS case {index} appears twice, as {found[index]} and {path}; keep one of them."
+                )
+            found[index] = path
+    return volumes, segmentations
+
+
+def detect_layout(dataset_dir: str | os.PathLike) -> str:
+    """Guess the layout of a dataset folder.
+
+    ``dataset.json`` means a Decathlon task, ``BraTS*`` case folders mean the BraTS release, and
+    ``volume-N.nii`` files (anywhere below) mean the LiTS release, checked in that order.
+
+    Args:
+        dataset_dir: the dataset folder.
+
+    Returns:
+        one of ``"msd"``, ``"brats"``, ``"lits"``.
+
+    Raises:
+        DatasetError: when the folder does not exist or matches none of the layouts.
+    """
+    root = _as_dir(dataset_dir)
+    if (root / "dataset.json").is_file():
+        return "msd"
+    if _brats_case_dirs(root):
+        return "brats"
+    if any(_LITS_VOLUME.match(p.name) for p in root.rglob("volume-*.nii*")):
+        return "lits"
+    raise DatasetError(
+        f"could not recognise the dataset layout of {root}: expected dataset.json (Decathlon), "
+        f"{_BRATS_EXPECTED}, or {_LITS_EXPECTED}."
+    )
+
+
+def _msd_path(root: Path, json_path: Path, value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise DatasetError(f"{json_path}: {where} must be a relative file path string, got {value!r}.")
+    path = (root / value).resolve()
+    if not path.is_file():
+        raise DatasetError(f"missing file {path} listed in {json_path} ({where}); expected {_MSD_EXPECTED}.")
+    return str(path)
+
+
+def msd_datalist(dataset_dir: str | os.PathLike, section: str = "training") -> list[dict[str, Any]]:
+    """Read a Decathlon ``dataset.json`` section.
+
+    Args:
+        dataset_dir: the task folder holding ``dataset.json``.
+        section: ``"training"`` (image and label per case) or ``"test"`` (image only; the Decathlon
+            lists test images as bare paths).
+
+    Returns:
+        ``[{"image": abs path, "label": abs path}, ...]`` (no ``"label"`` for ``"test"``).
+
+    Raises:
+        DatasetError: when ``dataset.json`` is missing, not JSON, lacks the section, the section is
+            empty, or an entry names a file that does not exist.
+    """
+    root = _as_dir(dataset_dir)
+    json_path = root / "dataset.json"
+    if not json_path.is_file():
+        raise DatasetError(f"missing {json_path}; expected {_MSD_EXPECTED}.")
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"cannot parse {json_path}: {e}; expected a Decathlon dataset.json.") from e
+    if not isinstance(meta, Mapping) or section not in meta:
+        raise DatasetError(f"{json_path} has no {section!r} section; expected a Decathlon dataset.json.")
+    entries = meta[section]
+    if not isinstance(entries, list) or not entries:
+        raise DatasetError(
+            f"{json_path} lists no cases under {section!r}; expected entries like "
+            '{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}.'
+        )
+    datalist: list[dict[str, Any]] = []
+    for i, entry in enumerate(entries):
+        where = f"{section}[{i}]"
+        if isinstance(entry, str):  # the Decathlon's "test" section lists bare image paths
+            datalist.append({"image": _msd_path(root, json_path, entry, where)})
+            continue
+        if not isinstance(entry, Mapping) or "image" not in entry:
+            raise DatasetError(f"{json_path}: {where} must be a dict with an 'image' key, got {entry!r}.")
+        item = {"image": _msd_path(root, json_path, entry["image"], f"{where}.image")}
+        if "label" in entry:
+            item["label"] = _msd_path(root, json_path, entry["label"], f"{where}.label")
+        elif section == "training":
+            raise DatasetError(f"{json_path}: {where} has no 'label'; training entries need one.")
+        datalist.append(item)
+    return datalist
+
+
+def brats_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """List a BraTS 2020 release folder (one sub-folder per case).
+
+    Args:
+        dataset_dir: the folder holding the ``BraTS20_Training_XXX`` case folders (or the folder
+            just above it).
+
+    Returns:
+        ``[{"image": [flair, t1, t1ce, t2], "label": seg}, ...]`` with absolute paths, sorted by case.
+
+    Raises:
+        DatasetError: when no case folder is found, or a case lacks a contrast or its segmentation.
+    """
+    root = _as_dir(dataset_dir)
+    cases = _brats_case_dirs(root)
+    if not cases:
+        raise DatasetError(f"no BraTS cases found in {root}; looked for {_BRATS_EXPECTED}.")
+    datalist: list[dict[str, Any]] = []
+    for case in cases:
+        paths: dict[str, str] = {}
+        for part in (*BRATS_MODALITIES, "seg"):
+            found = _find_nifti(case, f"{case.name}_{part}")
+            if found is None:
+                raise DatasetError(
+                    f"BraTS case {case.name} has no {part!r} file: expected {case / f'{case.name}_{part}.nii.gz'} "
+                    "(or .nii)."
+                )
+            paths[part] = str(found)
+        datalist.append({"image": [paths[m] for m in BRATS_MODALITIES], "label": paths["seg"]})
+    return datalist
+
+
+def lits_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """List a LiTS release folder, pairing ``volume-N`` with ``segmentation-N`` wherever they sit below it.
+
+    Args:
+        dataset_dir: the folder holding (possibly in sub-folders) the LiTS files.
+
+    Returns:
+        ``[{"image": volume, "label": segmentation}, ...]`` with absolute paths, sorted by ``N``.
+
+    Raises:
+        DatasetError: when no volume is found, a volume has no segmentation (or the reverse), or a
+            case number appears twice.
+    """
+    root = _as_dir(dataset_dir)
+    volumes, segmentations = _lits_files(root)
+    if not volumes and not segmentations:
+        raise DatasetError(f"no LiTS cases found in {root}; looked for {_LITS_EXPECTED}.")
+    for index, volume in volumes.items():
+        if index not in segmentations:
+            raise DatasetError(
+                f"LiTS volume {volume} has no segmentation: expected segmentation-{index}.nii (or .nii.gz) "
+                f"under {root}."
+            )
+    for index, segmentation in segmentations.items():
+        if index not in volumes:
+            raise DatasetError(
+                f"LiTS segmentation {segmentation} has no volume: expected volume-{index}.nii (or .nii.gz) "
+                f"under {root}."
+            )
+    return [{"image": str(volumes[i]), "label": str(segmentations[i])} for i in sorted(volumes)]
+
+
+def load_datalist(
+    dataset_dir: str | os.PathLike,
+    layout: str = "auto",
+    dataset: str | None = None,
+    section: str = "training",
+    check_headers: bool = False,
+) -> list[dict[str, Any]]:
+    """List the cases of a dataset folder in any supported layout.
+
+    Args:
+        dataset_dir: the dataset folder.
+        layout: ``"auto"`` (detect), ``"msd"``, ``"brats"``, ``"lits"``, or ``"native"`` (the
+            dataset's own release layout, which needs ``dataset``).
+        dataset: ``"brats"`` or ``"lits"``, or None. With ``"native"`` it picks the layout; with a
+            detected native layout it must agree with what was found.
+        section: the ``dataset.json`` section for the Decathlon layout; the native releases only
+            have ``"training"``.
+        check_headers: also open every file's NIfTI header (see :func:`validate_datalist`).
+
+    Returns:
+        a list of ``{"image": ..., "label": ...}`` dicts with absolute paths.
+
+    Raises:
+        ValueError: when ``layout`` or ``dataset`` is not a known name.
+        DatasetError: when the folder does not match the layout, is empty, or names missing or
+            unreadable files.
+    """
+    if dataset is not None and dataset not in _DATASETS:
+        raise ValueError(f"dataset must be one of {_DATASETS} or None, got {dataset!r}.")
+    if layout == "native":
+        if dataset is None:
+            raise ValueError("layout='native' needs dataset='brats' or dataset='lits'.")
+        layout = dataset
+    elif layout == "auto":
+        layout = detect_layout(dataset_dir)
+        if dataset is not None and layout != "msd" and layout != dataset:
+            raise DatasetError(
+                f"{Path(dataset_dir).resolve()} looks like the {layout!r} layout, "
+                f"but dataset={dataset!r} was asked for."
+            )
+    elif layout not in LAYOUTS:
+        raise ValueError(f"layout must be 'auto', 'native' or one of {LAYOUTS}, got {layout!r}.")
+
+    if layout == "msd":
+        datalist = msd_datalist(dataset_dir, section=section)
+    else:
+        if section != "training":
+            raise ValueError(f"the {layout!r} layout only has a 'training' section, got section={section!r}.")
+        datalist = brats_datalist(dataset_dir) if layout == "brats" else lits_datalist(dataset_dir)
+    if check_headers:
+        validate_datalist(datalist, read_data=False)
+    return datalist
+
+
+def split_datalist(
+    datalist: Sequence[dict[str, Any]], val_fraction: float = 0.2, seed: int = 0
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split cases into training and validation sets, deterministically for a given seed.
+
+    Args:
+        datalist: the cases.
+        val_fraction: the share of cases for validation, in ``(0, 1)``; rounded, then clamped so that
+            both sets keep at least one case.
+        seed: seed of the shuffle; the same seed and list give the same split.
+
+    Returns:
+        ``(train, val)``, each in the order of ``datalist``.
+
+    Raises:
+        ValueError: when ``val_fraction`` is not in ``(0, 1)``.
+        DatasetError: when ``datalist`` has fewer than two cases.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}.")
+    n = len(datalist)
+    if n < 2:
+        raise DatasetError(f"cannot split {n} case(s) into training and validation; need at least 2.")
+    n_val = min(max(int(round(n * val_fraction)), 1), n - 1)
+    val_idx = set(np.random.default_rng(seed).permutation(n)[:n_val].tolist())
+    train = [datalist[i] for i in range(n) if i not in val_idx]
+    val = [datalist[i] for i in range(n) if i in val_idx]
+    return train, val
+
+
+def check_nifti(path: str | os.PathLike, read_data: bool = True) -> tuple[int, ...]:
+    """Check that a NIfTI file opens, and optionally that its whole data block decodes.
+
+    Reading the data is what catches a truncated ``.nii.gz`` (the header alone still parses).
+
+    Args:
+        path: the NIfTI file.
+        read_data: decode the voxel data as well as the header.
+
+    Returns:
+        the shape from the header.
+
+    Raises:
+        DatasetError: when the file is missing, is not NIfTI, or is truncated or corrupt.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"missing NIfTI file {path}; expected a .nii or .nii.gz file there.")
+    try:
+        img = nib.load(str(path))
+        shape = tuple(int(s) for s in img.shape)
+        if read_data:
+            # a truncated gzip stream or a short .nii (memory-mapped: size checked) only fails here
+            np.asanyarray(img.dataobj)
+    except Exception as e:  # nibabel, gzip, zlib and numpy raise many unrelated types here
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DatasetError(f"corrupt or unreadable NIfTI file {path}: {reason}; re-export or remove it.") from e
+    return shape
+
+
+def validate_datalist(datalist: Sequence[Mapping[str, Any]], read_data: bool = False) -> None:
+    """Check every file of a dataset list, and that images and labels share a spatial shape.
+
+    Args:
+        datalist: cases as returned by :func:`load_datalist`; ``"image"`` may be one path or a list.
+        read_data: decode every file's voxel data (slow on a full dataset, but finds truncated files).
+
+    Raises:
+        DatasetError: naming the first missing, unreadable or mismatched file.
+    """
+    if not datalist:
+        raise DatasetError("the dataset list is empty; nothing to validate.")
+    for i, item in enumerate(datalist):
+        if "image" not in item:
+            raise DatasetError(f"dataset entry {i} has no 'image' key: {dict(item)!r}.")
+        images = item["image"] if isinstance(item["image"], (list, tuple)) else [item["image"]]
+        shapes = {str(p): check_nifti(p, read_data=read_data) for p in images}
+        reference_path, reference = next(iter(shapes.items()))
+        if "label" in item:
+            shapes[str(item["label"])] = check_nifti(item["label"], read_data=read_data)
+        for p, shape in shapes.items():
+            # a Decathlon image is 4D (x, y, z, contrast); only the spatial part must agree
+            if shape[:3] != reference[:3]:
+                raise DatasetError(
+                    f"spatial shape {shape[:3]} of {p} differs from {reference[:3]} of {reference_path}; "
+                    "image and label must be on the same grid."
+                )

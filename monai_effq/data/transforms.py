@@ -1,0 +1,365 @@
+"""Standard MONAI preprocessing for the BraTS and LiTS datasets in either of their layouts.
+
+:func:`brats_transforms` turns a case into a 4-channel MRI image (FLAIR, T1, T1gd, T2) and a
+3-channel float label (TC, WT, ET; multi-label, for sigmoid outputs). :func:`lits_transforms` turns
+a case into a 1-channel windowed CT image and a 1-channel integer label (0 background, 1 liver,
+2 tumour; multi-class, for softmax outputs).
+
+The label conventions differ between releases (``docs/monai-notes.md``): native BraTS uses
+1 necrotic core, 2 oedema, 4 enhancing, the Decathlon uses 1 oedema, 2 non-enhancing, 3 enhancing.
+MONAI's ``ConvertToMultiChannelBasedOnBratsClassesd(et_label=3)`` counts Decathlon oedema as core,
+hence :class:`ConvertMsdBratsLabelsd`. :class:`CheckLabelRanged` stops a case with the wrong
+convention (or a corrupt label) before it silently trains or calibrates on nonsense.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection, NdarrayOrTensor
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    ConvertToMultiChannelBasedOnBratsClassesd,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    NormalizeIntensityd,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandSpatialCropd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+    Transform,
+)
+from monai.utils import TransformBackends
+
+from monai_effq.data.layouts import DatasetError
+
+__all__ = [
+    "BRATS_NATIVE_LABELS",
+    "BRATS_MSD_LABELS",
+    "LITS_LABELS",
+    "BRATS_CHANNELS",
+    "LITS_CLASSES",
+    "ConvertMsdBratsLabels",
+    "ConvertMsdBratsLabelsd",
+    "CheckLabelRange",
+    "CheckLabelRanged",
+    "brats_transforms",
+    "lits_transforms",
+]
+
+BRATS_NATIVE_LABELS = (0, 1, 2, 4)
+"""Native BraTS 2018-2021: background, necrotic/non-enhancing core, oedema, enhancing tumour."""
+BRATS_MSD_LABELS = (0, 1, 2, 3)
+"""Decathlon Task01: background, oedema, non-enhancing tumour, enhancing tumour."""
+LITS_LABELS = (0, 1, 2)
+"""LiTS and Decathlon Task03: background, liver, tumour."""
+BRATS_CHANNELS = ("TC", "WT", "ET")
+"""Channels of the label produced by :func:`brats_transforms`."""
+LITS_CLASSES = ("background", "liver", "tumour")
+"""Classes of the label produced by :func:`lits_transforms`."""
+
+_KEYS = ("image", "label")
+_BRATS_LAYOUTS = {"native": "native", "brats": "native", "msd": "msd"}
+
+
+def _source_name(data: Mapping[Hashable, Any], key: Hashable, value: Any) -> str:
+    """The file a value was loaded from, for error messages (MetaTensor meta or a ``*_meta_dict``)."""
+    meta = value.meta if isinstance(value, MetaTensor) else data.get(f"{key}_meta_dict", {})
+    name = meta.get("filename_or_obj") if isinstance(meta, Mapping) else None
+    if isinstance(name, (list, tuple)):
+        name = ", ".join(str(n) for n in name)
+    return str(name) if name else f"<{key} in memory>"
+
+
+class ConvertMsdBratsLabels(Transform):
+    """Convert a Decathlon Task01 label map to 3 channels TC, WT, ET.
+
+    Decathlon labels are 1 oedema, 2 non-enhancing tumour, 3 enhancing tumour, so
+    TC = 2 | 3, WT = 1 | 2 | 3, ET = 3. A leading channel of size 1 is dropped first.
+    """
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
+        """Split a label map into the three nested tumour regions.
+
+        Args:
+            img: label map, ``(H, W, D)`` or ``(1, H, W, D)``.
+
+        Returns:
+            boolean ``(3, H, W, D)`` array or tensor, of the input's kind.
+        """
+        if img.ndim == 4 and img.shape[0] == 1:
+            img = img[0]
+        result = [(img == 2) | (img == 3), (img == 1) | (img == 2) | (img == 3), img == 3]
+        return torch.stack(result, dim=0) if isinstance(img, torch.Tensor) else np.stack(result, axis=0)
+
+
+class ConvertMsdBratsLabelsd(MapTransform):
+    """Dictionary version of :class:`ConvertMsdBratsLabels`.
+
+    Args:
+        keys: keys of the label maps to convert.
+        allow_missing_keys: do not raise when a key is absent.
+    """
+
+    backend = ConvertMsdBratsLabels.backend
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.converter = ConvertMsdBratsLabels()
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.converter(d[key])
+        return d
+
+
+@dataclass(frozen=True)
+class CheckLabelRange(Transform):
+    """Raise :class:`DatasetError` when a label map holds values outside an allowed set.
+
+    Args:
+        allowed: the label values that may occur.
+        source: the file name to report (the dictionary version fills it in per case).
+    """
+
+    allowed: tuple[int, ...]
+    source: str = "<label in memory>"
+
+    def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
+        """Check the values of a label map.
+
+        Args:
+            img: label map.
+
+        Returns:
+            ``img`` unchanged.
+
+        Raises:
+            DatasetError: naming ``source``, the unexpected values and the allowed set.
+        """
+        values = torch.unique(img).tolist() if isinstance(img, torch.Tensor) else np.unique(img).tolist()
+        bad = [v for v in values if v not in self.allowed]  # 0.5 is "not in" (0, 1): non-integers fail too
+        if bad:
+            shown = ", ".join(f"{v:g}" for v in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+            raise DatasetError(
+                f"label file {self.source} has values {{{shown}}} outside the allowed set "
+                f"{{{', '.join(str(a) for a in self.allowed)}}}; check the dataset and layout (label convention)."
+            )
+        return img
+
+
+class CheckLabelRanged(MapTransform):
+    """Dictionary version of :class:`CheckLabelRange`; names the file from the loaded metadata.
+
+    Args:
+        keys: keys of the label maps to check.
+        allowed: the label values that may occur, e.g. ``(0, 1, 2, 4)`` for native BraTS,
+            ``(0, 1, 2, 3)`` for Decathlon BraTS, ``(0, 1, 2)`` for LiTS.
+        allow_missing_keys: do not raise when a key is absent.
+    """
+
+    def __init__(self, keys: KeysCollection, allowed: Iterable[int], allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.allowed = tuple(sorted(int(a) for a in allowed))
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        """Check each label of a case.
+
+        Args:
+            data: the case dict.
+
+        Returns:
+            a shallow copy of ``data``, values unchanged.
+
+        Raises:
+            DatasetError: when a label holds a value outside ``allowed``, naming its file.
+        """
+        d = dict(data)
+        for key in self.key_iterator(d):
+            CheckLabelRange(self.allowed, _source_name(d, key, d[key]))(d[key])
+        return d
+
+
+class _Pipeline(Compose):
+    """A Compose that lets :class:`DatasetError` through unwrapped.
+
+    MONAI re-raises every error inside a Compose as ``RuntimeError("applying transform ...")``;
+    a bad dataset should surface as the DatasetError that names the file, from ``pipeline(case)``
+    and from ``Dataset(...)[i]`` or ``CacheDataset(...)`` alike (they call the Compose itself).
+    """
+
+    def __call__(
+        self, input_: Any, start: int = 0, end: int | None = None, threading: bool = False, lazy: bool | None = None
+    ) -> Any:
+        try:
+            return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
+        except RuntimeError as e:
+            cause: BaseException | None = e
+            while cause is not None and not isinstance(cause, DatasetError):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            raise cause from None
+
+
+@dataclass(frozen=True)
+class _Above:
+    """``x > threshold``; a picklable ``select_fn`` (lambdas break multi-process data loading)."""
+
+    threshold: float
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x > self.threshold
+
+
+def _roi(roi_size: Sequence[int] | None, train: bool) -> tuple[int, int, int] | None:
+    if not train:
+        return None
+    if roi_size is None or len(roi_size) != 3 or any(int(r) < 1 for r in roi_size):
+        raise ValueError(f"train=True needs roi_size as three positive integers, got {roi_size!r}.")
+    return tuple(int(r) for r in roi_size)  # type: ignore[return-value]
+
+
+def _loading(check: Transform | None) -> list[Transform]:
+    # Nibabel explicitly: with ITK also installed, MONAI's reader choice would depend on registration
+    # order, and ITK treats the Decathlon's 4D image differently.
+    steps: list[Transform] = [
+        LoadImaged(keys=_KEYS, reader="NibabelReader", image_only=True),
+        EnsureChannelFirstd(keys=_KEYS),
+    ]
+    if check is not None:
+        steps.append(check)
+    # labels=None: axis names from the MetaTensor's space (RAS for nibabel); also silences a MONAI 1.5+ warning
+    steps.append(Orientationd(keys=_KEYS, axcodes="RAS", labels=None))
+    return steps
+
+
+def brats_transforms(
+    layout: str,
+    train: bool,
+    roi_size: Sequence[int] | None = (96, 96, 96),
+    pixdim: Sequence[float] | None = None,
+    check_labels: bool = True,
+) -> Compose:
+    """Preprocessing for BraTS cases from :func:`monai_effq.data.load_datalist`.
+
+    Loads the four contrasts as channels (the native layout's four files, or the Decathlon's 4D
+    image, both in the order FLAIR, T1, T1gd, T2), converts the label to TC/WT/ET with the right
+    convention for the layout, reorients to RAS, optionally resamples, and z-scores each contrast
+    over the brain (non-zero voxels). Training adds a random ``roi_size`` crop and flips.
+
+    Args:
+        layout: ``"native"`` (or ``"brats"``) for the BraTS release, ``"msd"`` for Decathlon Task01.
+        train: add the random crop and flips.
+        roi_size: crop size for training (padded first if the volume is smaller); unused when
+            ``train`` is False, where whole volumes suit sliding-window inference.
+        pixdim: voxel size in mm to resample to, or None to keep the files' spacing.
+        check_labels: raise :class:`DatasetError` on label values outside the layout's convention.
+
+    Returns:
+        a Compose mapping a case dict to ``{"image": (4, H, W, D) float32, "label": (3, H, W, D)
+        float32}`` MetaTensors; applying it raises :class:`DatasetError` on an out-of-range label.
+
+    Raises:
+        ValueError: on an unknown ``layout``, or ``train=True`` without a valid ``roi_size``.
+    """
+    if layout not in _BRATS_LAYOUTS:
+        raise ValueError(f"layout must be 'native' or 'msd' for BraTS, got {layout!r}.")
+    native = _BRATS_LAYOUTS[layout] == "native"
+    roi = _roi(roi_size, train)
+    check = CheckLabelRanged("label", BRATS_NATIVE_LABELS if native else BRATS_MSD_LABELS) if check_labels else None
+    steps = _loading(check)
+    steps += [
+        ConvertToMultiChannelBasedOnBratsClassesd(keys="label") if native else ConvertMsdBratsLabelsd(keys="label"),
+        EnsureTyped(keys="label", dtype=torch.float32),  # the converters give booleans
+    ]
+    if pixdim is not None:
+        steps.append(Spacingd(keys=_KEYS, pixdim=tuple(pixdim), mode=("bilinear", "nearest")))
+    steps.append(NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True))
+    if roi is not None:
+        steps += [
+            SpatialPadd(keys=_KEYS, spatial_size=roi),  # so that every crop, hence every batch, is roi-sized
+            RandSpatialCropd(keys=_KEYS, roi_size=roi, random_size=False),
+            *(RandFlipd(keys=_KEYS, prob=0.5, spatial_axis=axis) for axis in range(3)),
+        ]
+    steps.append(EnsureTyped(keys=_KEYS, dtype=torch.float32))
+    return _Pipeline(steps)
+
+
+def lits_transforms(
+    train: bool,
+    roi_size: Sequence[int] | None = None,
+    pixdim: Sequence[float] | None = None,
+    a_min: float = -21.0,
+    a_max: float = 189.0,
+    num_samples: int = 1,
+    label_dtype: torch.dtype = torch.int64,
+    check_labels: bool = True,
+) -> Compose:
+    """Preprocessing for LiTS / Decathlon Task03 cases (both layouts hold the same kind of files).
+
+    Reorients to RAS, crops to the body (HU above -500, so air at about -1000 HU goes; done on the
+    raw HU, before windowing, which would map air and fat alike to 0), optionally resamples, and
+    windows ``[a_min, a_max]`` HU to ``[0, 1]``. Training adds a crop centred on foreground or
+    background with equal odds, and flips.
+
+    Args:
+        train: add the random crops and flips.
+        roi_size: crop size for training; required when ``train`` is True.
+        pixdim: voxel size in mm to resample to, or None to keep the files' spacing.
+        a_min: lower bound of the HU window.
+        a_max: upper bound of the HU window.
+        num_samples: crops per case in training.
+        label_dtype: dtype of the output label.
+        check_labels: raise :class:`DatasetError` on label values other than 0, 1, 2.
+
+    Returns:
+        a Compose mapping a case dict to ``{"image": (1, H, W, D) float32 in [0, 1], "label":
+        (1, H, W, D) label_dtype}``; with ``train`` it returns a list of ``num_samples`` such dicts
+        (MONAI's convention for multi-sample crops; ``monai.data.DataLoader`` flattens it).
+        Applying it raises :class:`DatasetError` on an out-of-range label.
+
+    Raises:
+        ValueError: when ``train=True`` without a valid ``roi_size``, or ``a_min >= a_max``.
+    """
+    if not a_min < a_max:
+        raise ValueError(f"a_min must be below a_max, got a_min={a_min}, a_max={a_max}.")
+    roi = _roi(roi_size, train)
+    steps = _loading(CheckLabelRanged("label", LITS_LABELS) if check_labels else None)
+    steps.append(
+        CropForegroundd(
+            keys=_KEYS,
+            source_key="image",
+            select_fn=_Above(-500.0),
+            allow_smaller=True,
+            start_coord_key=None,
+            end_coord_key=None,
+        )
+    )
+    if pixdim is not None:
+        steps.append(Spacingd(keys=_KEYS, pixdim=tuple(pixdim), mode=("bilinear", "nearest")))
+    steps.append(ScaleIntensityRanged(keys="image", a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True))
+    if roi is not None:
+        steps += [
+            SpatialPadd(keys=_KEYS, spatial_size=roi),
+            RandCropByPosNegLabeld(
+                keys=_KEYS, label_key="label", spatial_size=roi, pos=1.0, neg=1.0, num_samples=num_samples
+            ),
+            *(RandFlipd(keys=_KEYS, prob=0.5, spatial_axis=axis) for axis in range(3)),
+        ]
+    steps += [EnsureTyped(keys="image", dtype=torch.float32), EnsureTyped(keys="label", dtype=label_dtype)]
+    return _Pipeline(steps)

@@ -1,0 +1,219 @@
+"""Dataset lists for the Decathlon, BraTS and LiTS layouts, and the errors a broken dataset gives."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from monai_effq.data import (
+    DatasetError,
+    brats_datalist,
+    check_nifti,
+    detect_layout,
+    lits_datalist,
+    load_datalist,
+    make_brats_demo,
+    make_lits_demo,
+    make_msd_demo,
+    msd_datalist,
+    split_datalist,
+    validate_datalist,
+)
+
+SHAPE = (32, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """Two-case demo datasets in every layout, shared read-only by the tests of this module."""
+    root = tmp_path_factory.mktemp("layouts")
+    return {
+        "brats": make_brats_demo(root / "brats", n_cases=2, shape=SHAPE),
+        "lits": make_lits_demo(root / "lits", n_cases=2, shape=SHAPE),
+        "msd_brats": make_msd_demo(root / "Task01_BrainTumour", "Task01_BrainTumour", n_cases=2, shape=SHAPE),
+        "msd_lits": make_msd_demo(root / "Task03_Liver", "Task03_Liver", n_cases=2, shape=SHAPE),
+    }
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_brats_native_lists_four_contrasts_in_decathlon_order_and_the_segmentation(data):
+    datalist = load_datalist(data["brats"], layout="native", dataset="brats")
+    assert len(datalist) == 2
+    first = datalist[0]
+    assert [Path(p).name for p in first["image"]] == [
+        f"BraTS20_Training_001_{m}.nii.gz" for m in ("flair", "t1", "t1ce", "t2")
+    ]
+    assert Path(first["label"]).name == "BraTS20_Training_001_seg.nii.gz"
+    assert all(Path(p).is_absolute() and Path(p).is_file() for p in [*first["image"], first["label"]])
+    assert Path(datalist[1]["label"]).parent.name == "BraTS20_Training_002"
+
+
+def test_msd_lists_absolute_image_and_label_paths(data):
+    for key, prefix in (("msd_brats", "BRATS_"), ("msd_lits", "liver_")):
+        datalist = load_datalist(data[key], layout="msd")
+        assert len(datalist) == 2
+        for item in datalist:
+            assert set(item) == {"image", "label"}
+            assert Path(item["image"]).is_absolute() and Path(item["image"]).parent.name == "imagesTr"
+            assert Path(item["label"]).parent.name == "labelsTr" and Path(item["label"]).name.startswith(prefix)
+
+
+def test_lits_native_pairs_volume_and_segmentation_by_number(data):
+    datalist = load_datalist(data["lits"], layout="lits")
+    assert [(Path(d["image"]).name, Path(d["label"]).name) for d in datalist] == [
+        ("volume-0.nii", "segmentation-0.nii"),
+        ("volume-1.nii", "segmentation-1.nii"),
+    ]
+
+
+def test_lits_pairs_across_sub_folders_and_sorts_numerically(tmp_path, data):
+    batch1, batch2 = tmp_path / "Training Batch 1", tmp_path / "Training Batch 2"
+    batch1.mkdir()
+    batch2.mkdir()
+    shutil.copy(data["lits"] / "volume-0.nii", batch1 / "volume-10.nii")
+    shutil.copy(data["lits"] / "segmentation-0.nii", batch2 / "segmentation-10.nii")
+    with open(data["lits"] / "volume-1.nii", "rb") as f, gzip.open(batch2 / "volume-2.nii.gz", "wb") as g:
+        g.write(f.read())
+    shutil.copy(data["lits"] / "segmentation-1.nii", batch2 / "segmentation-2.nii")
+    datalist = load_datalist(tmp_path)
+    assert [Path(d["image"]).name for d in datalist] == ["volume-2.nii.gz", "volume-10.nii"]
+    assert [Path(d["label"]).name for d in datalist] == ["segmentation-2.nii", "segmentation-10.nii"]
+    validate_datalist(datalist, read_data=True)
+
+
+@pytest.mark.parametrize(
+    "key, layout", [("brats", "brats"), ("lits", "lits"), ("msd_brats", "msd"), ("msd_lits", "msd")]
+)
+def test_auto_detects_each_layout_and_lists_the_same_cases(data, key, layout):
+    assert detect_layout(data[key]) == layout
+    assert load_datalist(data[key]) == load_datalist(data[key], layout=layout)
+
+
+def test_auto_finds_brats_cases_one_folder_down_as_the_official_archive_unpacks(tmp_path, data):
+    _copy(data["brats"], tmp_path / "MICCAI_BraTS2020_TrainingData")
+    assert detect_layout(tmp_path) == "brats"
+    assert len(load_datalist(tmp_path)) == 2
+
+
+def test_brats_accepts_uncompressed_nifti(tmp_path, data):
+    root = _copy(data["brats"], tmp_path / "brats")
+    gz = root / "BraTS20_Training_001" / "BraTS20_Training_001_t2.nii.gz"
+    with gzip.open(gz, "rb") as f:
+        (gz.parent / "BraTS20_Training_001_t2.nii").write_bytes(f.read())
+    gz.unlink()
+    assert load_datalist(root)[0]["image"][3].endswith("BraTS20_Training_001_t2.nii")
+
+
+def test_a_dataset_hint_that_contradicts_the_folder_is_an_error(data):
+    with pytest.raises(DatasetError, match="looks like the 'lits' layout"):
+        load_datalist(data["lits"], dataset="brats")
+    with pytest.raises(ValueError, match="native"):
+        load_datalist(data["lits"], layout="native")
+
+
+def test_a_missing_modality_names_the_case_and_the_file_expected(tmp_path, data):
+    root = _copy(data["brats"], tmp_path / "brats")
+    (root / "BraTS20_Training_002" / "BraTS20_Training_002_t1ce.nii.gz").unlink()
+    expected = r"BraTS20_Training_002 has no 't1ce' file.*BraTS20_Training_002_t1ce\.nii\.gz"
+    with pytest.raises(DatasetError, match=expected):
+        brats_datalist(root)
+
+
+def test_a_file_listed_in_dataset_json_but_absent_is_named(tmp_path, data):
+    root = _copy(data["msd_lits"], tmp_path / "Task03_Liver")
+    (root / "labelsTr" / "liver_1.nii.gz").unlink()
+    with pytest.raises(DatasetError, match=r"missing file .*labelsTr/liver_1\.nii\.gz listed in .*dataset\.json"):
+        load_datalist(root)
+
+
+def test_a_malformed_or_empty_dataset_json_is_reported(tmp_path, data):
+    root = _copy(data["msd_lits"], tmp_path / "Task03_Liver")
+    (root / "dataset.json").write_text("{not json")
+    with pytest.raises(DatasetError, match=r"cannot parse .*dataset\.json"):
+        msd_datalist(root)
+    (root / "dataset.json").write_text(json.dumps({"training": []}))
+    with pytest.raises(DatasetError, match="lists no cases under 'training'"):
+        msd_datalist(root)
+
+
+def test_a_lits_volume_without_segmentation_names_the_file_expected(tmp_path, data):
+    root = _copy(data["lits"], tmp_path / "lits")
+    (root / "segmentation-1.nii").unlink()
+    with pytest.raises(DatasetError, match=r"volume-1\.nii has no segmentation: expected segmentation-1\.nii"):
+        lits_datalist(root)
+
+
+def test_an_empty_folder_says_which_files_were_looked_for(tmp_path):
+    with pytest.raises(DatasetError, match=r"dataset\.json.*BraTS20_Training_XXX.*volume-N\.nii"):
+        load_datalist(tmp_path)
+    with pytest.raises(DatasetError, match=r"no BraTS cases found .*BraTS20_Training_XXX_\{flair,t1,t1ce,t2,seg\}"):
+        brats_datalist(tmp_path)
+    with pytest.raises(DatasetError, match=r"no LiTS cases found .*volume-N\.nii and segmentation-N\.nii"):
+        lits_datalist(tmp_path)
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_datalist(tmp_path / "nowhere")
+
+
+def test_a_truncated_nifti_gz_is_reported_as_corrupt_by_name(tmp_path, data):
+    root = _copy(data["msd_brats"], tmp_path / "Task01_BrainTumour")
+    image = root / "imagesTr" / "BRATS_002.nii.gz"
+    image.write_bytes(image.read_bytes()[: image.stat().st_size // 2])
+    datalist = load_datalist(root, check_headers=True)  # the header still parses: only the data is cut
+    expected = r"corrupt or unreadable NIfTI file .*BRATS_002\.nii\.gz: .*re-export or remove it"
+    with pytest.raises(DatasetError, match=expected):
+        validate_datalist(datalist, read_data=True)
+
+
+def test_a_truncated_or_foreign_file_is_reported_as_corrupt(tmp_path, data):
+    short = tmp_path / "volume-0.nii"
+    short.write_bytes((data["lits"] / "volume-0.nii").read_bytes()[:5000])
+    with pytest.raises(DatasetError, match=r"corrupt or unreadable NIfTI file .*volume-0\.nii"):
+        check_nifti(short)
+    text = tmp_path / "notes.nii.gz"
+    text.write_text("not an image")
+    with pytest.raises(DatasetError, match=r"notes\.nii\.gz"):
+        check_nifti(text, read_data=False)
+    with pytest.raises(DatasetError, match=r"missing NIfTI file .*absent\.nii"):
+        check_nifti(tmp_path / "absent.nii")
+
+
+def test_check_nifti_returns_the_shape_of_a_good_file(data):
+    assert check_nifti(data["msd_brats"] / "imagesTr" / "BRATS_001.nii.gz") == (*SHAPE, 4)
+
+
+def test_validation_catches_an_image_and_label_on_different_grids(tmp_path, data):
+    brats_seg = data["brats"] / "BraTS20_Training_001" / "BraTS20_Training_001_seg.nii.gz"
+    mixed = [{"image": str(data["lits"] / "volume-0.nii"), "label": str(brats_seg)}]
+    validate_datalist(mixed)  # same shape: fine
+    mixed[0]["label"] = str(data["msd_brats"] / "imagesTr" / "BRATS_001.nii.gz")
+    validate_datalist(mixed)  # a 4D file on the same spatial grid: fine
+    other = make_lits_demo(tmp_path, n_cases=1, shape=(40, 32, 32))
+    mixed[0]["label"] = str(other / "segmentation-0.nii")
+    with pytest.raises(DatasetError, match=r"spatial shape \(40, 32, 32\) of .*segmentation-0\.nii differs"):
+        validate_datalist(mixed)
+
+
+def test_split_is_deterministic_disjoint_and_keeps_both_sides_non_empty():
+    cases = [{"image": f"case{i}"} for i in range(10)]
+    train, val = split_datalist(cases, val_fraction=0.2, seed=0)
+    assert (train, val) == split_datalist(cases, val_fraction=0.2, seed=0)
+    assert len(val) == 2 and len(train) == 8
+    assert sorted(c["image"] for c in train + val) == sorted(c["image"] for c in cases)
+    assert any(split_datalist(cases, 0.2, seed=s)[1] != val for s in range(1, 5))
+    assert [len(part) for part in split_datalist(cases[:2], val_fraction=0.01)] == [1, 1]
+    assert [len(part) for part in split_datalist(cases[:2], val_fraction=0.99)] == [1, 1]
+
+
+def test_split_refuses_what_cannot_be_split():
+    with pytest.raises(DatasetError, match="need at least 2"):
+        split_datalist([{"image": "a"}])
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_datalist([{"image": "a"}, {"image": "b"}], val_fraction=1.0)

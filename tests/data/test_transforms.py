@@ -1,0 +1,188 @@
+"""BraTS and LiTS preprocessing: channels, label conventions, cropping, and label-range checks."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import DataLoader, Dataset
+from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
+
+from monai_effq.data import (
+    CheckLabelRange,
+    CheckLabelRanged,
+    ConvertMsdBratsLabels,
+    ConvertMsdBratsLabelsd,
+    DatasetError,
+    brats_transforms,
+    load_datalist,
+    lits_transforms,
+    make_brats_demo,
+    make_lits_demo,
+    make_msd_demo,
+    synth_brats_case,
+    synth_lits_case,
+)
+
+SHAPE = (40, 36, 32)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    """One synthetic case per dataset, written in both layouts from the same seed."""
+    root = tmp_path_factory.mktemp("transforms")
+    return {
+        "brats": make_brats_demo(root / "brats", n_cases=1, shape=SHAPE),
+        "msd_brats": make_msd_demo(root / "Task01", "Task01_BrainTumour", n_cases=1, shape=SHAPE),
+        "lits": make_lits_demo(root / "lits", n_cases=1, shape=SHAPE),
+        "msd_lits": make_msd_demo(root / "Task03", "Task03_Liver", n_cases=1, shape=SHAPE),
+    }
+
+
+@pytest.fixture(scope="module")
+def brats_native(data) -> dict:
+    return brats_transforms("native", train=False)(load_datalist(data["brats"])[0])
+
+
+@pytest.fixture(scope="module")
+def lits_eval(data) -> dict:
+    return lits_transforms(train=False)(load_datalist(data["lits"])[0])
+
+
+def test_brats_gives_four_image_channels_and_three_float_label_channels(brats_native):
+    image, label = brats_native["image"], brats_native["label"]
+    assert image.shape == (4, *SHAPE) and image.dtype == torch.float32
+    assert label.shape == (3, *SHAPE) and label.dtype == torch.float32
+    assert set(torch.unique(label).tolist()) == {0.0, 1.0}
+
+
+def test_brats_label_channels_are_nested_whole_tumour_over_core_over_enhancing(brats_native):
+    tc, wt, et = (brats_native["label"][i].bool() for i in range(3))
+    assert bool(et.any()) and bool((tc & ~et).any()) and bool((wt & ~tc).any())
+    assert not bool((et & ~tc).any()) and not bool((tc & ~wt).any())
+
+
+def test_brats_channel_sizes_match_the_native_labels(brats_native):
+    seg = synth_brats_case(0, 0, SHAPE)["seg"]
+    counts = brats_native["label"].sum(dim=(1, 2, 3)).tolist()
+    assert counts == [np.isin(seg, (1, 4)).sum(), np.isin(seg, (1, 2, 4)).sum(), (seg == 4).sum()]
+
+
+def test_decathlon_and_native_layouts_of_the_same_case_give_the_same_tensors(data, brats_native):
+    msd = brats_transforms("msd", train=False)(load_datalist(data["msd_brats"])[0])
+    assert torch.equal(msd["label"].as_tensor(), brats_native["label"].as_tensor())
+    assert torch.allclose(msd["image"].as_tensor(), brats_native["image"].as_tensor())
+
+
+def test_brats_is_reoriented_to_ras_and_z_scored_inside_the_brain(brats_native):
+    affine = brats_native["image"].affine
+    assert bool((torch.diagonal(affine)[:3] > 0).all())  # the files are stored LPS-like
+    image = brats_native["image"]
+    brain = image[0] != 0
+    for channel in image:
+        inside = channel[brain]
+        assert abs(float(inside.mean())) < 1e-3 and abs(float(inside.std()) - 1.0) < 1e-2
+    assert float(image[:, ~brain].abs().max()) == 0.0
+
+
+def test_brats_training_crops_and_pads_to_the_roi(data):
+    item = load_datalist(data["brats"])[0]
+    out = brats_transforms("native", train=True, roi_size=(32, 32, 24))(item)
+    assert out["image"].shape == (4, 32, 32, 24) and out["label"].shape == (3, 32, 32, 24)
+    out = brats_transforms("native", train=True, roi_size=(48, 48, 48))(item)
+    assert out["image"].shape == (4, 48, 48, 48) and out["label"].shape == (3, 48, 48, 48)
+    with pytest.raises(ValueError, match="roi_size"):
+        brats_transforms("native", train=True, roi_size=None)
+    with pytest.raises(ValueError, match="layout"):
+        brats_transforms("decathlon", train=False)
+
+
+def test_brats_resamples_to_the_requested_spacing(data):
+    out = brats_transforms("msd", train=False, pixdim=(2.0, 2.0, 2.0))(load_datalist(data["msd_brats"])[0])
+    assert out["image"].shape == (4, 20, 18, 16) and out["label"].shape == (3, 20, 18, 16)
+    assert set(torch.unique(out["label"]).tolist()) == {0.0, 1.0}
+
+
+def test_decathlon_labels_map_oedema_to_whole_tumour_only_unlike_monais_et3_transform():
+    msd = np.array([0, 1, 2, 3]).reshape(1, 4, 1, 1)
+    ours = ConvertMsdBratsLabels()(msd)
+    assert ours.shape == (3, 4, 1, 1)
+    assert ours[:, :, 0, 0].astype(int).tolist() == [[0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 0, 1]]
+    builtin = ConvertToMultiChannelBasedOnBratsClasses(et_label=3)(msd)
+    assert builtin[0, 1, 0, 0] and not ours[0, 1, 0, 0]  # the built-in counts oedema as tumour core
+    as_tensor = ConvertMsdBratsLabelsd(keys="label")({"label": torch.as_tensor(msd)})["label"]
+    assert isinstance(as_tensor, torch.Tensor) and as_tensor.int().tolist() == ours.astype(int).tolist()
+
+
+def test_a_native_brats_label_read_as_decathlon_is_refused_naming_the_file(data):
+    wrong = {"image": load_datalist(data["brats"])[0]["image"], "label": load_datalist(data["brats"])[0]["label"]}
+    expected = r"label file .*BraTS20_Training_001_seg\.nii\.gz has values \{4\} outside .*\{0, 1, 2, 3\}"
+    with pytest.raises(DatasetError, match=expected):
+        brats_transforms("msd", train=False)(wrong)
+    # and with the check off, the mislabelled case goes through (the caller asked for it)
+    assert brats_transforms("msd", train=False, check_labels=False)(wrong)["label"].shape == (3, *SHAPE)
+
+
+def test_a_lits_label_out_of_range_is_refused_naming_the_file_and_values(tmp_path, data):
+    seg = synth_lits_case(0, 0, SHAPE)["seg"]
+    seg[0, 0, 0], seg[0, 0, 1] = 3, 7
+    bad = tmp_path / "segmentation-0.nii"
+    nib.save(nib.Nifti1Image(seg, np.eye(4)), bad)
+    item = {"image": str(data["lits"] / "volume-0.nii"), "label": str(bad)}
+    expected = r"segmentation-0\.nii has values \{3, 7\} outside the allowed set \{0, 1, 2\}"
+    with pytest.raises(DatasetError, match=expected):
+        lits_transforms(train=False)(item)
+    with pytest.raises(DatasetError, match="outside the allowed set"):  # also through a MONAI Dataset
+        Dataset([item], lits_transforms(train=False))[0]
+
+
+def test_label_check_works_on_plain_arrays_and_rejects_fractions():
+    label = np.zeros((1, 4, 4, 4), dtype=np.float32)
+    assert CheckLabelRanged("label", (0, 1, 2))({"label": label})["label"] is label
+    label[0, 0, 0, 0] = 0.5
+    with pytest.raises(DatasetError, match=r"case\.nii has values \{0\.5\}"):
+        CheckLabelRanged("label", (0, 1, 2))({"label": label, "label_meta_dict": {"filename_or_obj": "case.nii"}})
+    with pytest.raises(DatasetError, match=r"<label in memory> has values \{9\}"):
+        CheckLabelRange((0, 1))(torch.tensor([0, 1, 9]))
+
+
+def test_lits_gives_a_windowed_image_and_an_integer_multiclass_label(lits_eval):
+    image, label = lits_eval["image"], lits_eval["label"]
+    assert image.shape[0] == 1 and label.shape == image.shape
+    assert image.dtype == torch.float32 and float(image.min()) == 0.0 and float(image.max()) == 1.0
+    assert label.dtype == torch.int64 and set(torch.unique(label).tolist()) == {0, 1, 2}
+
+
+def test_lits_crops_away_the_air_but_keeps_the_whole_body_and_liver(lits_eval):
+    case = synth_lits_case(0, 0, SHAPE)
+    body = np.argwhere(case["ct"] > -500)
+    assert tuple(lits_eval["image"].shape[1:]) == tuple(body.max(0) - body.min(0) + 1)
+    assert lits_eval["image"].shape[2] < SHAPE[1]  # the body is narrower than the field of view front to back
+    assert [int((lits_eval["label"] == k).sum()) for k in (1, 2)] == [int((case["seg"] == k).sum()) for k in (1, 2)]
+
+
+def test_lits_decathlon_and_native_layouts_agree(data, lits_eval):
+    msd = lits_transforms(train=False)(load_datalist(data["msd_lits"])[0])
+    assert torch.equal(msd["label"].as_tensor(), lits_eval["label"].as_tensor())
+    assert torch.allclose(msd["image"].as_tensor(), lits_eval["image"].as_tensor())
+
+
+def test_lits_training_returns_roi_sized_samples_that_batch(data):
+    transform = lits_transforms(train=True, roi_size=(24, 24, 24), pixdim=(1.5, 1.5, 1.5), num_samples=2)
+    transform = pickle.loads(pickle.dumps(transform))  # multi-process loaders pickle the pipeline
+    samples = transform(load_datalist(data["lits"])[0])
+    assert len(samples) == 2
+    for sample in samples:
+        assert sample["image"].shape == (1, 24, 24, 24) and sample["label"].dtype == torch.int64
+    loader = DataLoader(Dataset(load_datalist(data["lits"]) * 2, transform), batch_size=2, num_workers=0)
+    batch = next(iter(loader))
+    assert batch["image"].shape == (4, 1, 24, 24, 24) and batch["label"].shape == (4, 1, 24, 24, 24)
+
+
+def test_lits_refuses_an_empty_window():
+    with pytest.raises(ValueError, match="a_min"):
+        lits_transforms(train=False, a_min=100.0, a_max=100.0)

@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from monai_effq.ptq import ClassAttention
+
+
+def _logits_for(labels: torch.Tensor, classes: int) -> torch.Tensor:
+    return torch.nn.functional.one_hot(labels, classes).movedim(-1, 1).float() * 4 - 2
+
+
+def test_rare_classes_get_inverse_frequency_weights():
+    labels = torch.zeros(1, 10, 10, 10, dtype=torch.long)
+    labels[0, :4] = 1  # 400 liver voxels
+    labels[0, 0, 0, :4] = 2  # 4 tumour voxels (overwriting liver)
+    att = ClassAttention(_logits_for(labels, 3), "multiclass", power=0.5)
+    n = torch.tensor([600.0, 396.0, 4.0])
+    assert torch.allclose(att.class_weights, (n.max() / n).sqrt())
+    h = att((10, 10, 10))
+    assert h[0, 0, 0, 0] == pytest.approx(float((600 / 4) ** 0.5))
+    assert h[0, 9, 9, 9] == pytest.approx(1.0)
+
+
+def test_weights_are_real_valued_not_truncated():
+    labels = torch.zeros(1, 4, 4, 4, dtype=torch.long)
+    labels[0, :3] = 1  # 48 vs 16: weight sqrt(3) for the background
+    att = ClassAttention(_logits_for(labels, 2), power=0.5)
+    assert att.class_weights[0] == pytest.approx(3**0.5)
+
+
+def test_voxels_outside_the_body_weigh_one():
+    labels = torch.zeros(1, 4, 4, 4, dtype=torch.long)
+    labels[0, 0, 0, 0] = 1
+    mask = torch.zeros(1, 4, 4, 4, dtype=torch.bool)
+    mask[0, :2] = True
+    h = ClassAttention(_logits_for(labels, 2), body_mask=mask)((4, 4, 4))
+    assert (h[0, 2:] == 1).all() and h[0, 0, 0, 0] > 1
+
+
+def test_multilabel_channels_make_overlapping_classes():
+    logits = -torch.ones(1, 3, 8, 8, 8)
+    logits[0, 1, :4] = 1  # WT
+    logits[0, 0, :1] = 1  # TC inside WT: 64 voxels, WT only: 192, neither: 256
+    att = ClassAttention(logits, "multilabel")
+    h = att((8, 8, 8))
+    assert h[0, 0, 0, 0] > h[0, 3, 0, 0] > h[0, 7, 0, 0]
+
+
+def test_pyramid_levels_match_any_layer_size():
+    labels = torch.zeros(1, 12, 12, 12, dtype=torch.long)
+    labels[0, :6, :6, :6] = 1
+    att = ClassAttention(_logits_for(labels, 2))
+    for size in [(6, 6, 6), (3, 3, 3), (5, 7, 12), (24, 24, 24)]:
+        h = att(size)
+        assert h.shape == (1, *size)
+        assert h.max() > 1 and h.min() == pytest.approx(1.0)
+
+
+def test_a_mask_of_the_wrong_shape_is_rejected():
+    with pytest.raises(ValueError, match="body_mask"):
+        ClassAttention(torch.zeros(1, 2, 4, 4, 4), body_mask=torch.ones(1, 5, 5, 5))
+
+
+def test_an_unknown_task_is_rejected():
+    with pytest.raises(ValueError, match="task"):
+        ClassAttention(torch.zeros(1, 2, 4, 4, 4), task="regression")

@@ -1,0 +1,52 @@
+import json
+
+import pytest
+
+from monai_effq import AdmmSettings, EfficientQConfig
+
+
+def test_config_round_trips_through_json():
+    cfg = EfficientQConfig(
+        weight_bits=3, act_bits=6, overrides={"model.1.*": {"weight_bits": 8}}, skip=["re:.*final.*"],
+        admm=AdmmSettings(iterations=50), per_channel=True,
+    )
+    again = EfficientQConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+    assert isinstance(again.admm, AdmmSettings) and again.admm.iterations == 50
+
+
+def test_unknown_config_keys_are_named():
+    with pytest.raises(ValueError, match="wieght_bits"):
+        EfficientQConfig.from_dict({"wieght_bits": 4})
+
+
+def test_first_and_last_layers_keep_eight_bits_and_overrides_win():
+    cfg = EfficientQConfig(weight_bits=2, act_bits=6, overrides={"b": {"weight_bits": 5, "act_bits": None}}, skip=["c"])
+    plans = {p.name: p for p in cfg.plan(["a", "b", "c", "d", "e"])}
+    assert set(plans) == {"a", "b", "d", "e"}
+    assert (plans["a"].weight_bits, plans["a"].act_bits) == (8, 8)
+    assert (plans["b"].weight_bits, plans["b"].act_bits) == (5, None)
+    assert (plans["d"].weight_bits, plans["d"].act_bits) == (2, 6)
+    assert plans["e"].weight_bits == 8
+
+
+def test_glob_and_regex_patterns_select_layers():
+    cfg = EfficientQConfig(skip=["model.0.*", "re:.*\\.conv$"], first_layer_bits=None, last_layer_bits=None)
+    names = ["model.0.a", "model.1.conv", "model.1.adn", "model.2"]
+    assert [p.name for p in cfg.plan(names)] == ["model.1.adn", "model.2"]
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"method": "adaround"}, "method"),
+        ({"weight_grid": "log"}, "weight_grid"),
+        ({"overrides": {"x": {"bits": 4}}}, "override"),
+        ({"overrides": {"x": {"weight_bits": 1}}}, "weight_bits"),
+        ({"act_bits": 1}, "act_bits"),
+        ({"attention_power": -1.0}, "attention_power"),
+    ],
+)
+def test_bad_settings_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EfficientQConfig(**kwargs)

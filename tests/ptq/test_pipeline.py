@@ -1,0 +1,161 @@
+import pytest
+import torch
+import torch.nn as nn
+from monai.networks.nets import BasicUNet, DynUNet, SegResNet, UNet, UNETR
+
+from monai_effq import EfficientQConfig, quantize
+from monai_effq.ptq import QuantizedConv, QuantizedConvTranspose, QuantizedLayer, QuantizedLinear
+
+from .conftest import dice, sphere_volumes
+
+
+def _rel_err(net, qnet, x):
+    with torch.no_grad():
+        y, yq = net(x), qnet(x)
+    return ((yq - y).norm() / y.norm()).item()
+
+
+def test_w8a8_keeps_dice_within_a_hundredth_of_full_precision(trained_unet, validation_spheres):
+    calib, _ = sphere_volumes(1, seed=5)
+    x, y = validation_spheres
+    fp_dice = dice(trained_unet, x, y)
+    assert fp_dice > 0.7  # the network learned the task, so a loss would show
+    q = quantize(trained_unet, calib, EfficientQConfig(weight_bits=8, act_bits=8), progress=False)
+    assert abs(dice(q.network, x, y) - fp_dice) <= 0.01
+
+
+def test_w4a8_efficientq_output_error_is_below_round_to_nearest(trained_unet, validation_spheres):
+    calib, _ = sphere_volumes(1, seed=5)
+    x, _ = validation_spheres
+    effq = quantize(trained_unet, calib, EfficientQConfig(weight_bits=4), progress=False)
+    rtn = quantize(trained_unet, calib, EfficientQConfig(weight_bits=4, method="rtn"), progress=False)
+    assert _rel_err(trained_unet, effq.network, x) < _rel_err(trained_unet, rtn.network, x)
+    assert all(r.mse <= r.mse_rtn * (1 + 1e-6) for r in effq.report.layers)
+
+
+def test_attention_changes_the_solution_on_an_imbalanced_sample(trained_unet):
+    calib, _ = sphere_volumes(1, seed=7, radius=(3, 4))  # a small foreground: strongly imbalanced
+    cfg = dict(weight_bits=2, act_bits=8)
+    on = quantize(trained_unet, calib, EfficientQConfig(**cfg, attention=True), progress=False)
+    off = quantize(trained_unet, calib, EfficientQConfig(**cfg, attention=False), progress=False)
+    codes_on = [m.codes for m in on.network.modules() if isinstance(m, QuantizedLayer)]
+    codes_off = [m.codes for m in off.network.modules() if isinstance(m, QuantizedLayer)]
+    assert any(not torch.equal(a, b) for a, b in zip(codes_on, codes_off))
+
+
+def test_quantized_network_is_in_eval_mode_with_fake_quant_modules_and_activation_quantizers(trained_unet):
+    calib, _ = sphere_volumes(1, seed=5)
+    q = quantize(trained_unet, calib, EfficientQConfig(weight_bits=4, method="rtn"), progress=False)
+    assert not q.network.training
+    kinds = {type(m) for m in q.network.modules() if isinstance(m, QuantizedLayer)}
+    assert kinds == {QuantizedConv, QuantizedConvTranspose}
+    layers = [m for m in q.network.modules() if isinstance(m, QuantizedLayer)]
+    # The raw image is signed (asymmetric grid); inputs after PReLU/InstanceNorm are signed too.
+    assert layers[0].input_quantizer.grid.kind == "asymmetric"
+    assert q.report.layers[0].weight_bits == 8 and q.report.layers[-1].weight_bits == 8
+    assert {r.weight_bits for r in q.report.layers[1:-1]} == {4}
+    assert not any(p.requires_grad for p in q.network.parameters())
+
+
+def test_unsigned_activation_grid_after_relu():
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 3, padding=1))
+    q = quantize(net, torch.randn(1, 1, 8, 8, 8), EfficientQConfig(method="rtn"), progress=False, task="multiclass")
+    assert [r.act_grid for r in q.report.layers] == ["asymmetric", "unsigned"]
+
+
+@pytest.mark.parametrize(
+    "make,shape,task",
+    [
+        (lambda: SegResNet(spatial_dims=3, init_filters=8, in_channels=4, out_channels=3), (1, 4, 16, 16, 16), "multilabel"),
+        (lambda: BasicUNet(3, 1, 2, features=(4, 4, 8, 8, 16, 4)), (1, 1, 32, 32, 32), "multiclass"),
+        (
+            lambda: DynUNet(3, 1, 3, kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2], filters=[8, 16, 32], norm_name="batch"),
+            (1, 1, 16, 16, 16),
+            "multiclass",
+        ),
+        (lambda: UNet(2, 1, 2, channels=(4, 8), strides=(2,)), (2, 1, 16, 16), "multiclass"),
+    ],
+)
+def test_monai_networks_are_quantized_close_to_full_precision_at_w8a8(make, shape, task):
+    torch.manual_seed(0)
+    net = make().eval()
+    x = torch.randn(shape)
+    q = quantize(net, x, EfficientQConfig(weight_bits=8, act_bits=8), task=task, progress=False)
+    assert _rel_err(net, q.network, x) < 0.05
+    n_layers = sum(isinstance(m, (nn.Conv3d, nn.Conv2d, nn.ConvTranspose3d, nn.ConvTranspose2d)) for m in net.modules())
+    assert len(q.report.layers) == n_layers
+
+
+def test_batchnorm_after_a_convolution_is_folded_first():
+    net = DynUNet(
+        3, 1, 2, kernel_size=[3, 3, 3], strides=[1, 2, 2], upsample_kernel_size=[2, 2], filters=[4, 8, 8], norm_name="batch"
+    )
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    net.eval()
+    q = quantize(net, torch.randn(1, 1, 16, 16, 16), EfficientQConfig(weight_bits=8, method="rtn"), progress=False)
+    assert q.folded and all(isinstance(q.network.get_submodule(n), nn.Identity) for n in q.folded)
+    assert not any(isinstance(m, nn.BatchNorm3d) for m in q.network.modules())
+
+
+def test_linear_layers_of_a_transformer_are_quantized():
+    torch.manual_seed(0)
+    net = UNETR(1, 2, img_size=(16, 16, 16), feature_size=4, hidden_size=32, mlp_dim=64, num_heads=2, spatial_dims=3).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    q = quantize(net, x, EfficientQConfig(weight_bits=8, act_bits=8), progress=False)
+    assert any(isinstance(m, QuantizedLinear) for m in q.network.modules())
+    assert _rel_err(net, q.network, x) < 0.1
+
+
+def test_calibration_may_be_several_batches_of_different_sizes(trained_unet):
+    a, _ = sphere_volumes(1, size=24, seed=3)
+    b, _ = sphere_volumes(1, size=16, seed=4)
+    q = quantize(trained_unet, [a, b], EfficientQConfig(weight_bits=4), progress=False)
+    assert all(r.mse <= r.mse_rtn * (1 + 1e-6) for r in q.report.layers)
+    assert _rel_err(trained_unet, q.network, a) < 0.2
+
+
+def test_report_totals(trained_unet):
+    calib, _ = sphere_volumes(1, seed=5)
+    q = quantize(trained_unet, calib, EfficientQConfig(weight_bits=2), progress=False)
+    r = q.report
+    assert r.fp_bytes > 10 * r.quantized_bytes > 0
+    assert r.compression == pytest.approx(r.fp_bytes / r.quantized_bytes)
+    assert r.wall_seconds > 0 and r.peak_memory_mib > 0
+    assert "layers quantized" in r.summary()
+    assert r.to_csv().count("\n") == len(r.layers) + 1
+
+
+class TestBadInput:
+    def test_calibration_shape_that_does_not_fit_the_network(self, trained_unet):
+        with pytest.raises(ValueError, match=r"does not fit the network"):
+            quantize(trained_unet, torch.randn(1, 3, 24, 24, 24), progress=False)
+
+    def test_nan_in_calibration(self, trained_unet):
+        x = torch.randn(1, 1, 24, 24, 24)
+        x[0, 0, 3, 3, 3] = float("nan")
+        with pytest.raises(ValueError, match="NaN"):
+            quantize(trained_unet, x, progress=False)
+
+    def test_config_that_names_a_layer_that_does_not_exist(self, trained_unet):
+        with pytest.raises(ValueError, match="model.99.conv"):
+            quantize(trained_unet, torch.randn(1, 1, 24, 24, 24), EfficientQConfig(skip=["model.99.conv"]), progress=False)
+
+    @pytest.mark.parametrize("field", ["weight_bits", "act_bits", "first_layer_bits"])
+    def test_bits_outside_two_to_eight(self, field):
+        with pytest.raises(ValueError, match=field):
+            EfficientQConfig(**{field: 9})
+
+    def test_network_without_quantizable_layers(self):
+        with pytest.raises(ValueError, match="no quantizable layers"):
+            quantize(nn.Sequential(nn.ReLU(), nn.InstanceNorm3d(1)), torch.randn(1, 1, 8, 8, 8), progress=False)
+
+    def test_empty_calibration(self, trained_unet):
+        with pytest.raises(ValueError, match="calibration is empty"):
+            quantize(trained_unet, [], progress=False)
+
+    def test_calibration_that_is_not_tensors(self, trained_unet):
+        with pytest.raises(TypeError, match="expected a tensor"):
+            quantize(trained_unet, [[1, 2, 3]], progress=False)
