@@ -152,11 +152,19 @@ class _OnGridObjective:
         self.codes = codes.clone()
         self.qa = torch.bmm(codes - self.zero, self.A)
 
+    @property
+    def fresh(self) -> bool:
+        """Whether ``(Q - z) A`` is up to date (an error costs no matrix product)."""
+        return self.qa is not None
+
     def update(self, codes: torch.Tensor) -> None:
-        """Move to new codes, updating ``(Q - z) A`` row by row when few codes changed."""
+        """Move to new codes: a few changed codes update ``(Q - z) A`` row by row; many mark it stale."""
         delta = codes - self.codes
         idx = delta.nonzero()
         if idx.shape[0] * 32 > delta.numel():
+            self.codes, self.qa = codes.clone(), None
+            return
+        if self.qa is None:
             self.reset(codes)
             return
         g, m, n = delta.shape
@@ -169,6 +177,8 @@ class _OnGridObjective:
 
     def error(self, scale: torch.Tensor) -> float:
         """Error of ``scale * (codes - z)`` relative to W0's (the codes last given)."""
+        if self.qa is None:
+            self.reset(self.codes)
         s = self.fit._rows(scale, self.codes.shape)
         d = s * (self.codes - self.zero) - self.w0
         da = s * self.qa - self.w0a
@@ -238,7 +248,7 @@ class AdmmLayerSolver:
             trace.seconds["factorise"] += time.perf_counter() - t0
             trace.phases += 1
             stable, stalled, moved, phase_best = 0, 0, False, float("inf")
-            for _ in range(st.rho_every):
+            for step_in_phase in range(st.rho_every):
                 if it >= st.iterations:
                     break
                 it += 1
@@ -259,7 +269,10 @@ class AdmmLayerSolver:
                     stable, moved = 0, True
                 else:
                     stable += 1
-                err = objective.error(scale)
+                # An iterate is scored when few codes moved (then scoring costs no matrix product) or
+                # when the phase ends: while a quarter of the codes flip every step, ADMM is exploring.
+                last = it == st.iterations or step_in_phase == st.rho_every - 1
+                err = objective.error(scale) if objective.fresh or last else float("nan")
                 if err < phase_best:
                     phase_best, stalled = err, 0
                 else:

@@ -72,7 +72,7 @@ class LayerStatistics:
             the weighted mean squared error.
         """
         w = weight.to(torch.float64)
-        quad = 0.5 * torch.einsum("gmn,gnk,gmk->", w, self.A64, w) - torch.einsum("gmn,gmn->", w, self.B64)
+        quad = (w * (0.5 * torch.bmm(w, self.A64) - self.B64)).sum()
         err = quad + self.y_energy.sum()
         if bias is not None:
             # With a bias other than the least-squares one, add Σh |b - b*|² per channel.
