@@ -238,13 +238,13 @@ def _loading(check: Transform | None) -> list[Transform]:
     # Nibabel explicitly: with ITK also installed, MONAI's reader choice would depend on registration
     # order, and ITK treats the Decathlon's 4D image differently.
     steps: list[Transform] = [
-        LoadImaged(keys=_KEYS, reader="NibabelReader", image_only=True),
-        EnsureChannelFirstd(keys=_KEYS),
+        LoadImaged(keys=_KEYS, allow_missing_keys=True, reader="NibabelReader", image_only=True),
+        EnsureChannelFirstd(keys=_KEYS, allow_missing_keys=True),
     ]
     if check is not None:
         steps.append(check)
     # labels=None: axis names from the MetaTensor's space (RAS for nibabel); also silences a MONAI 1.5+ warning
-    steps.append(Orientationd(keys=_KEYS, axcodes="RAS", labels=None))
+    steps.append(Orientationd(keys=_KEYS, allow_missing_keys=True, axcodes="RAS", labels=None))
     return steps
 
 
@@ -281,22 +281,22 @@ def brats_transforms(
         raise ValueError(f"layout must be 'native' or 'msd' for BraTS, got {layout!r}.")
     native = _BRATS_LAYOUTS[layout] == "native"
     roi = _roi(roi_size, train)
-    check = CheckLabelRanged("label", BRATS_NATIVE_LABELS if native else BRATS_MSD_LABELS) if check_labels else None
+    check = CheckLabelRanged("label", BRATS_NATIVE_LABELS if native else BRATS_MSD_LABELS, allow_missing_keys=True) if check_labels else None
     steps = _loading(check)
     steps += [
-        ConvertToMultiChannelBasedOnBratsClassesd(keys="label") if native else ConvertMsdBratsLabelsd(keys="label"),
-        EnsureTyped(keys="label", dtype=torch.float32),  # the converters give booleans
+        ConvertToMultiChannelBasedOnBratsClassesd(keys="label", allow_missing_keys=True) if native else ConvertMsdBratsLabelsd(keys="label", allow_missing_keys=True),
+        EnsureTyped(keys="label", allow_missing_keys=True, dtype=torch.float32),  # the converters give booleans
     ]
     if pixdim is not None:
-        steps.append(Spacingd(keys=_KEYS, pixdim=tuple(pixdim), mode=("bilinear", "nearest")))
+        steps.append(Spacingd(keys=_KEYS, allow_missing_keys=True, pixdim=tuple(pixdim), mode=("bilinear", "nearest")))
     steps.append(NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True))
     if roi is not None:
         steps += [
-            SpatialPadd(keys=_KEYS, spatial_size=roi),  # so that every crop, hence every batch, is roi-sized
-            RandSpatialCropd(keys=_KEYS, roi_size=roi, random_size=False),
-            *(RandFlipd(keys=_KEYS, prob=0.5, spatial_axis=axis) for axis in range(3)),
+            SpatialPadd(keys=_KEYS, allow_missing_keys=True, spatial_size=roi),  # so that every crop, hence every batch, is roi-sized
+            RandSpatialCropd(keys=_KEYS, allow_missing_keys=True, roi_size=roi, random_size=False),
+            *(RandFlipd(keys=_KEYS, allow_missing_keys=True, prob=0.5, spatial_axis=axis) for axis in range(3)),
         ]
-    steps.append(EnsureTyped(keys=_KEYS, dtype=torch.float32))
+    steps.append(EnsureTyped(keys=_KEYS, allow_missing_keys=True, dtype=torch.float32))
     return _Pipeline(steps)
 
 
@@ -339,10 +339,10 @@ def lits_transforms(
     if not a_min < a_max:
         raise ValueError(f"a_min must be below a_max, got a_min={a_min}, a_max={a_max}.")
     roi = _roi(roi_size, train)
-    steps = _loading(CheckLabelRanged("label", LITS_LABELS) if check_labels else None)
+    steps = _loading(CheckLabelRanged("label", LITS_LABELS, allow_missing_keys=True) if check_labels else None)
     steps.append(
         CropForegroundd(
-            keys=_KEYS,
+            keys=_KEYS, allow_missing_keys=True,
             source_key="image",
             select_fn=_Above(-500.0),
             allow_smaller=True,
@@ -351,15 +351,15 @@ def lits_transforms(
         )
     )
     if pixdim is not None:
-        steps.append(Spacingd(keys=_KEYS, pixdim=tuple(pixdim), mode=("bilinear", "nearest")))
+        steps.append(Spacingd(keys=_KEYS, allow_missing_keys=True, pixdim=tuple(pixdim), mode=("bilinear", "nearest")))
     steps.append(ScaleIntensityRanged(keys="image", a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True))
     if roi is not None:
         steps += [
-            SpatialPadd(keys=_KEYS, spatial_size=roi),
+            SpatialPadd(keys=_KEYS, allow_missing_keys=True, spatial_size=roi),
             RandCropByPosNegLabeld(
-                keys=_KEYS, label_key="label", spatial_size=roi, pos=1.0, neg=1.0, num_samples=num_samples
+                keys=_KEYS, allow_missing_keys=True, label_key="label", spatial_size=roi, pos=1.0, neg=1.0, num_samples=num_samples
             ),
-            *(RandFlipd(keys=_KEYS, prob=0.5, spatial_axis=axis) for axis in range(3)),
+            *(RandFlipd(keys=_KEYS, allow_missing_keys=True, prob=0.5, spatial_axis=axis) for axis in range(3)),
         ]
-    steps += [EnsureTyped(keys="image", dtype=torch.float32), EnsureTyped(keys="label", dtype=label_dtype)]
+    steps += [EnsureTyped(keys="image", dtype=torch.float32), EnsureTyped(keys="label", allow_missing_keys=True, dtype=label_dtype)]
     return _Pipeline(steps)

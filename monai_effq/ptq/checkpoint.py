@@ -54,7 +54,7 @@ class _FlatStore:
         self.sizes: dict[str, int] = {}
 
     def add(self, t: torch.Tensor) -> dict[str, Any]:
-        t = t.detach().cpu().contiguous()
+        t = t.detach().as_subclass(torch.Tensor).cpu().contiguous()
         key = str(t.dtype).replace("torch.", "")
         offset = self.sizes.get(key, 0)
         self.parts.setdefault(key, []).append(t.reshape(-1))

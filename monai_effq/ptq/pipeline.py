@@ -75,7 +75,7 @@ def _as_batches(calibration: torch.Tensor | Iterable[torch.Tensor]) -> list[torc
             raise ValueError(f"calibration batch {i} is empty (shape {tuple(b.shape)}).")
         if not torch.isfinite(b).all():
             raise ValueError(f"calibration batch {i} contains NaN or Inf values: clean or re-normalise the input.")
-        out.append(b.detach().float())
+        out.append(b.detach().as_subclass(torch.Tensor).float())  # MONAI's MetaTensor would leak into buffers
     return out
 
 

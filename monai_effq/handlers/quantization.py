@@ -1,0 +1,154 @@
+"""Ignite handlers that run EfficientQ inside MONAI engines (shaped like MONAI's ``TrtHandler``).
+
+The handlers hand off to library calls (:func:`monai_effq.quantize`, :func:`monai_effq.save_quantized`,
+:func:`monai_effq.load_quantized`) and know nothing of the solver's internals.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from monai.utils import IgniteInfo, min_version, optional_import
+
+from monai_effq.ptq.checkpoint import load_quantized, save_quantized
+from monai_effq.ptq.config import EfficientQConfig
+from monai_effq.ptq.pipeline import quantize
+
+Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+else:
+    Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
+
+__all__ = ["QuantizationHandler", "QuantizedCheckpointLoader", "batch_images"]
+
+
+def batch_images(batch: Any, key: str = "image") -> torch.Tensor:
+    """The image tensor of an engine batch, collated (``dict``) or decollated (``list`` of dicts).
+
+    Args:
+        batch: ``engine.state.batch``.
+        key: the image key.
+
+    Returns:
+        a plain ``(N, C, *spatial)`` tensor.
+
+    Raises:
+        KeyError: when the batch has no ``key``.
+    """
+    if isinstance(batch, (list, tuple)):
+        if not batch:
+            raise KeyError(f"empty batch: no {key!r} to collect.")
+        items = [b[key] for b in batch]
+        images = torch.stack([torch.as_tensor(i).as_subclass(torch.Tensor) for i in items])
+    else:
+        images = batch[key]
+    return torch.as_tensor(images).detach().as_subclass(torch.Tensor).float().cpu()
+
+
+class QuantizationHandler:
+    """Collects calibration batches while an evaluator runs, then quantizes its network.
+
+    Attach it to an evaluator that iterates over the calibration loader (whose transforms do the
+    cropping). When the run completes the handler calls :func:`monai_effq.quantize`, puts the
+    quantized network into ``engine.network``, keeps the result in ``engine.state.quantization``
+    and, if ``save_path`` is set, writes the quantized checkpoint.
+
+    Args:
+        config: an :class:`EfficientQConfig` or its dict form; defaults when ``None``.
+        task: ``"multiclass"`` or ``"multilabel"`` (for the class attention).
+        save_path: where to write the quantized checkpoint, or ``None``.
+        max_batches: calibration batches to collect (the paper: one volume).
+        image_key: the image key of the batches.
+        body_mask: ``"nonzero"`` (voxels where any channel is non-zero: brain MRI) or ``None``
+            (everything: CT).
+        progress: show the per-layer progress bar.
+
+    Example::
+
+        QuantizationHandler({"weight_bits": 4}, task="multilabel", save_path="models/model_w4a8.pt").attach(evaluator)
+        evaluator.run()
+    """
+
+    def __init__(
+        self,
+        config: EfficientQConfig | dict | None = None,
+        task: str = "multiclass",
+        save_path: str | Path | None = None,
+        max_batches: int = 1,
+        image_key: str = "image",
+        body_mask: str | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.config = EfficientQConfig.from_dict(config) if isinstance(config, dict) else config or EfficientQConfig()
+        if body_mask not in (None, "nonzero"):
+            raise ValueError(f"body_mask must be 'nonzero' or None, got {body_mask!r}.")
+        if max_batches < 1:
+            raise ValueError(f"max_batches must be at least 1, got {max_batches}.")
+        self.task = task
+        self.save_path = save_path
+        self.max_batches = max_batches
+        self.image_key = image_key
+        self.body_mask = body_mask
+        self.progress = progress
+        self.batches: list[torch.Tensor] = []
+
+    def attach(self, engine: Engine) -> None:
+        """Register on ``engine`` (attaching twice is harmless).
+
+        Args:
+            engine: an ignite engine with a ``network`` attribute (a MONAI evaluator).
+        """
+        self.logger = engine.logger
+        if not engine.has_event_handler(self.collect, Events.ITERATION_COMPLETED):
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        if not engine.has_event_handler(self, Events.COMPLETED):
+            engine.add_event_handler(Events.COMPLETED, self)
+
+    def collect(self, engine: Engine) -> None:
+        """Keep this iteration's images until ``max_batches`` are held."""
+        if len(self.batches) < self.max_batches:
+            self.batches.append(batch_images(engine.state.batch, self.image_key))
+
+    def __call__(self, engine: Engine) -> None:
+        """Quantize ``engine.network`` on the collected batches and swap the result in."""
+        if not self.batches:
+            raise ValueError("no calibration batch was collected: the calibration data loader is empty.")
+        mask = [(b != 0).any(dim=1) for b in self.batches] if self.body_mask == "nonzero" else None
+        result = quantize(engine.network, self.batches, self.config, task=self.task, body_mask=mask, progress=self.progress)
+        engine.network = result.network
+        engine.state.quantization = result
+        if self.save_path is not None:
+            path = save_quantized(result, self.save_path)
+            self.logger.info(f"quantized checkpoint written to {path}")
+        self.logger.info(result.report.summary())
+        self.batches = []
+
+
+class QuantizedCheckpointLoader:
+    """Replaces an engine's FP network by the quantized one stored in a checkpoint, when it starts.
+
+    Args:
+        load_path: a file written by :func:`monai_effq.save_quantized`.
+        map_location: device for the quantized network, e.g. ``"cpu"``.
+    """
+
+    def __init__(self, load_path: str | Path, map_location: str | torch.device | None = None) -> None:
+        self.load_path = load_path
+        self.map_location = map_location
+
+    def attach(self, engine: Engine) -> None:
+        """Register on ``engine`` (attaching twice is harmless)."""
+        self.logger = engine.logger
+        if not engine.has_event_handler(self, Events.STARTED):
+            engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        """Swap the network in."""
+        net = load_quantized(self.load_path, engine.network)
+        if self.map_location is not None:
+            net = net.to(self.map_location)
+        engine.network = net
+        self.logger.info(f"quantized network loaded from {self.load_path}")

@@ -1,0 +1,194 @@
+"""Reports of a quantization run and of an FP-vs-quantized evaluation: JSON, CSV and PNG plots."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from monai.utils import IgniteInfo, min_version, optional_import
+
+from monai_effq.ptq.report import QuantizationReport
+from monai_effq.utils.io import atomic_write, atomic_write_text
+
+Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+plt, _has_plt = optional_import("matplotlib.pyplot")
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+else:
+    Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
+
+__all__ = ["QuantizationReportHandler", "plot_layer_errors", "plot_dice", "write_comparison", "format_table"]
+
+
+def _save_figure(fig: Any, path: Path) -> Path:
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_layer_errors(report: QuantizationReport, path: str | Path) -> Path | None:
+    """Bar plot of each layer's output error: round-to-nearest vs the solution (log scale).
+
+    Args:
+        report: the quantization report.
+        path: the PNG to write.
+
+    Returns:
+        the path, or ``None`` when matplotlib is not installed.
+    """
+    if not _has_plt:
+        return None
+    plt.switch_backend("Agg")
+    names = [r.name for r in report.layers]
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(names)), 4))
+    xs = range(len(names))
+    finite = [v for r in report.layers for v in (r.mse, r.mse_rtn) if math.isfinite(v) and v > 0]
+    floor = min(finite) / 10 if finite else 1e-12
+    # A layer that 8 bits reproduces exactly has error 0, which a log axis cannot show: floor it.
+    shown = lambda v: v if math.isfinite(v) and v > floor else floor  # noqa: E731
+    ax.bar([x - 0.2 for x in xs], [shown(r.mse_rtn) for r in report.layers], width=0.4, label="round to nearest")
+    ax.bar([x + 0.2 for x in xs], [shown(r.mse) for r in report.layers], width=0.4, label=report.method)
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=floor)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(names, rotation=90, fontsize=6)
+    ax.set_ylabel("weighted output MSE of the layer")
+    ax.set_title(f"Per-layer error before/after ({report.compression:.1f}x smaller)")
+    ax.legend()
+    return _save_figure(fig, Path(path))
+
+
+def plot_dice(table: dict[str, dict[str, float]], path: str | Path) -> Path | None:
+    """Grouped bars of Dice per class for each model (FP, quantized, ...).
+
+    Args:
+        table: model name → class name → Dice.
+        path: the PNG to write.
+
+    Returns:
+        the path, or ``None`` when matplotlib is not installed.
+    """
+    if not _has_plt:
+        return None
+    plt.switch_backend("Agg")
+    models = list(table)
+    classes = list(next(iter(table.values())))
+    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(classes) * len(models) / 2, 3.5))
+    width = 0.8 / len(models)
+    for i, model in enumerate(models):
+        ax.bar([c + i * width for c in range(len(classes))], [table[model][k] for k in classes], width=width, label=model)
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(classes))])
+    ax.set_xticklabels(classes)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("Dice")
+    ax.legend(fontsize=8)
+    return _save_figure(fig, Path(path))
+
+
+class QuantizationReportHandler:
+    """Writes the quantization report (JSON, CSV) and the per-layer error plot when a run completes.
+
+    Reads ``engine.state.quantization`` (set by :class:`QuantizationHandler`, attach that first).
+
+    Args:
+        output_dir: the bundle's output folder.
+        stem: file name stem of the report files.
+    """
+
+    def __init__(self, output_dir: str | Path, stem: str = "quantization_report") -> None:
+        self.output_dir = Path(output_dir)
+        self.stem = stem
+
+    def attach(self, engine: Engine) -> None:
+        """Register on ``engine`` (attaching twice is harmless)."""
+        self.logger = engine.logger
+        if not engine.has_event_handler(self, Events.COMPLETED):
+            engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        """Write the files."""
+        result = getattr(engine.state, "quantization", None)
+        if result is None:
+            raise RuntimeError("no quantization result on the engine: attach QuantizationHandler before this handler.")
+        paths = list(result.report.save(self.output_dir, self.stem))
+        png = plot_layer_errors(result.report, self.output_dir / f"{self.stem}_layers.png")
+        if png is not None:
+            paths.append(png)
+        self.logger.info(f"quantization report written: {', '.join(str(p) for p in paths)}")
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A fixed-width text table of a list of flat dicts (same keys)."""
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    cells = [[k for k in keys]] + [[f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(keys))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def _metric_per_class(value: Any, classes: list[str]) -> list[float]:
+    import torch
+
+    t = torch.as_tensor(value, dtype=torch.float64).reshape(-1)
+    if t.numel() == 1 and len(classes) > 1:
+        return [float(t)] * len(classes)
+    return [float(v) for v in t]
+
+
+def write_comparison(
+    evaluators: dict[str, Engine],
+    class_names: list[str],
+    output_dir: str | Path,
+    stem: str = "evaluation",
+    extra: dict[str, dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Collect Dice and HD95 per class from evaluators that ran, write CSV/JSON/PNG, print a table.
+
+    Each evaluator must have ``"dice"`` and (optionally) ``"hd95"`` in ``engine.state.metrics``
+    (MONAI ``MeanDice``/``HausdorffDistance`` with ``reduction="mean_batch"``).
+
+    Args:
+        evaluators: model name (e.g. ``"FP"``, ``"W4A8"``) → evaluator that has run.
+        class_names: the output channels' names (e.g. TC, WT, ET).
+        output_dir: folder for ``<stem>.csv``, ``<stem>.json`` and ``<stem>_dice.png``.
+        stem: file name stem.
+        extra: model name → further columns (e.g. size in MiB, seconds).
+
+    Returns:
+        one row per model.
+    """
+    rows = []
+    dice_table: dict[str, dict[str, float]] = {}
+    for model, engine in evaluators.items():
+        metrics = engine.state.metrics
+        dice = _metric_per_class(metrics["dice"], class_names)
+        row: dict[str, Any] = {"model": model}
+        for name, d in zip(class_names, dice):
+            row[f"dice_{name}"] = d
+        row["dice_mean"] = sum(dice) / len(dice)
+        if "hd95" in metrics:
+            for name, h in zip(class_names, _metric_per_class(metrics["hd95"], class_names)):
+                row[f"hd95_{name}"] = h
+        row.update((extra or {}).get(model, {}))
+        rows.append(row)
+        dice_table[model] = dict(zip(class_names, dice))
+    out = Path(output_dir)
+    buf = io.StringIO()
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / f"{stem}.csv", buf.getvalue())
+    atomic_write_text(out / f"{stem}.json", json.dumps(rows, indent=2))
+    plot_dice(dice_table, out / f"{stem}_dice.png")
+    print(format_table(rows), flush=True)
+    return rows

@@ -1,0 +1,101 @@
+"""The bundle commands end to end, through ``python -m monai.bundle``, on tiny synthetic NIfTI data."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from monai_effq.data import make_brats_demo, make_lits_demo, make_msd_demo
+
+ROOT = Path(__file__).resolve().parents[2]
+BUNDLES = {"brats_effq": ("brats", ["TC", "WT", "ET"]), "lits_effq": ("lits", ["liver", "tumour"])}
+ROI = "[32,32,32]"
+
+
+def bundle(name: str, workflow: str, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    config = ROOT / "bundles" / name / "configs" / f"{workflow}.json"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", workflow, "--config_file", str(config), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res
+
+
+@pytest.fixture(scope="module", params=list(BUNDLES))
+def trained(request, tmp_path_factory):
+    """A bundle trained for one epoch on three tiny demo cases, in a scratch folder."""
+    name = request.param
+    dataset, classes = BUNDLES[name]
+    work = tmp_path_factory.mktemp(name)
+    make = make_brats_demo if dataset == "brats" else make_lits_demo
+    data = make(work / "data", n_cases=3, shape=(32, 32, 32), seed=3)
+    common = ["--dataset_dir", str(data), "--ckpt_dir", str(work / "models"), "--output_dir", str(work / "eval")]
+    bundle(name, "train", *common, "--max_epochs", "1", "--roi_size", ROI)
+    assert (work / "models" / "model.pt").is_file()
+    return name, work, common, classes
+
+
+@pytest.mark.slow
+def test_quantize_evaluate_and_inference_run_from_the_bundle_configs(trained):
+    name, work, common, classes = trained
+    bundle(name, "quantize", *common, "--weight_bits", "3", "--calibration_crop", ROI)
+    assert (work / "models" / "model_w3a8.pt").is_file()
+    report = json.loads((work / "eval" / "quantization_report_w3a8.json").read_text())
+    assert {layer["weight_bits"] for layer in report["layers"][1:-1]} == {3}
+    assert (work / "eval" / "quantization_report_w3a8_layers.png").stat().st_size > 1000
+
+    res = bundle(name, "evaluate", *common, "--weight_bits", "3", "--roi_size", ROI)
+    rows = json.loads((work / "eval" / "evaluation_w3a8.json").read_text())
+    assert [r["model"] for r in rows] == ["FP32", "W3A8"]
+    assert all(0.0 <= r[f"dice_{c}"] <= 1.0 for r in rows for c in classes)
+    assert "dice_mean" in res.stdout and (work / "eval" / "evaluation_w3a8.csv").is_file()
+
+    bundle(name, "inference", *common, "--weight_bits", "3", "--roi_size", ROI, "--output_dir", str(work / "seg"))
+    masks = list((work / "seg").glob("*_seg.nii.gz"))
+    assert masks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BUNDLES))
+def test_bundle_metadata_and_network_shapes_verify(name):
+    meta = ROOT / "bundles" / name / "configs" / "metadata.json"
+    schema = ROOT / "bundles" / "schema" / "meta_schema.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for args in (
+        ["verify_metadata", "--meta_file", str(meta), "--filepath", str(schema)],
+        ["verify_net_in_out", "network_def", "--meta_file", str(meta), "--config_file", str(meta.parent / "inference.json")],
+    ):
+        res = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=ROOT, capture_output=True, text=True, env=env)
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert "verified with no error" in res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_a_decathlon_dataset_can_be_passed_on_the_command_line(tmp_path):
+    task = make_msd_demo(tmp_path / "Task01_BrainTumour", task="Task01_BrainTumour", n_cases=3, shape=(32, 32, 32), seed=4)
+    common = ["--dataset_dir", str(task), "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval")]
+    bundle("brats_effq", "train", *common, "--max_epochs", "1", "--roi_size", ROI)
+    bundle("brats_effq", "quantize", *common, "--weight_bits", "2", "--method", "rtn", "--calibration_crop", ROI)
+    assert (tmp_path / "models" / "model_w2a8.pt").is_file()
+
+
+@pytest.mark.slow
+def test_a_wrong_dataset_path_is_a_one_line_error_naming_it(tmp_path):
+    res = bundle("lits_effq", "quantize", "--dataset_dir", str(tmp_path / "no_such_data"), check=False)
+    assert res.returncode != 0
+    assert "no_such_data" in res.stderr.splitlines()[-1] or "no_such_data" in res.stderr
+
+
+@pytest.mark.slow
+def test_a_corrupt_nifti_is_an_error_naming_the_file(tmp_path):
+    data = make_lits_demo(tmp_path / "data", n_cases=3, shape=(32, 32, 32), seed=5)
+    victim = sorted(data.rglob("volume-*.nii*"))[0]
+    victim.write_bytes(victim.read_bytes()[:200])
+    res = bundle("lits_effq", "quantize", "--dataset_dir", str(data), "--ckpt_dir", str(tmp_path / "m"), check=False)
+    assert res.returncode != 0
+    assert victim.name in res.stderr
+    assert not (tmp_path / "m").exists() or not list((tmp_path / "m").glob("model_*.pt"))
