@@ -1,0 +1,93 @@
+import json
+
+import pytest
+import torch
+from ignite.engine import Engine
+from monai.engines import SupervisedEvaluator
+from monai.networks.nets import UNet
+
+from monai_effq.handlers import (
+    QuantizationHandler,
+    QuantizationReportHandler,
+    QuantizedCheckpointLoader,
+    batch_images,
+    write_comparison,
+)
+from monai_effq.ptq import QuantizedLayer
+
+
+def _evaluator(net, batches):
+    return SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=batches, network=net)
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return UNet(3, 1, 2, channels=(4, 8), strides=(2,), num_res_units=0).eval()
+
+
+def test_calibration_handler_swaps_the_quantized_network_into_the_engine(net, tmp_path):
+    batches = [{"image": torch.randn(1, 1, 16, 16, 16), "label": torch.zeros(1, 1, 16, 16, 16)} for _ in range(3)]
+    evaluator = _evaluator(net, batches)
+    handler = QuantizationHandler({"weight_bits": 4, "method": "rtn"}, save_path=tmp_path / "q.pt", max_batches=2, progress=False)
+    handler.attach(evaluator)
+    handler.attach(evaluator)  # attaching twice is harmless
+    QuantizationReportHandler(tmp_path / "eval").attach(evaluator)
+    evaluator.run()
+    assert any(isinstance(m, QuantizedLayer) for m in evaluator.network.modules())
+    assert evaluator.state.quantization.report.layers
+    assert (tmp_path / "q.pt").is_file()
+    report = json.loads((tmp_path / "eval" / "quantization_report.json").read_text())
+    assert report["method"] == "rtn" and len(report["layers"]) == len(evaluator.state.quantization.report.layers)
+    assert (tmp_path / "eval" / "quantization_report.csv").is_file()
+    assert (tmp_path / "eval" / "quantization_report_layers.png").stat().st_size > 1000
+
+
+def test_checkpoint_loader_replaces_the_fp_network_when_the_engine_starts(net, tmp_path):
+    batches = [{"image": torch.randn(1, 1, 16, 16, 16), "label": torch.zeros(1, 1, 16, 16, 16)}]
+    calibrator = _evaluator(net, batches)
+    QuantizationHandler({"weight_bits": 4}, save_path=tmp_path / "q.pt", progress=False).attach(calibrator)
+    calibrator.run()
+    evaluator = _evaluator(UNet(3, 1, 2, channels=(4, 8), strides=(2,), num_res_units=0), batches)
+    QuantizedCheckpointLoader(tmp_path / "q.pt").attach(evaluator)
+    evaluator.run()
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(evaluator.network(x), calibrator.network(x))
+
+
+def test_batch_images_reads_collated_and_decollated_batches():
+    collated = {"image": torch.ones(2, 1, 4, 4, 4)}
+    decollated = [{"image": torch.ones(1, 4, 4, 4)}, {"image": torch.zeros(1, 4, 4, 4)}]
+    assert batch_images(collated).shape == (2, 1, 4, 4, 4)
+    assert batch_images(decollated).shape == (2, 1, 4, 4, 4)
+
+
+def test_an_empty_calibration_loader_is_a_clear_error(net):
+    evaluator = _evaluator(net, [])
+    handler = QuantizationHandler(progress=False)
+    handler.attach(evaluator)
+    with pytest.raises(ValueError, match="no calibration batch"):
+        handler(evaluator)
+
+
+def test_report_handler_needs_a_quantization_result(tmp_path):
+    engine = Engine(lambda e, b: None)
+    handler = QuantizationReportHandler(tmp_path)
+    handler.attach(engine)
+    with pytest.raises(RuntimeError, match="attach QuantizationHandler"):
+        handler(engine)
+
+
+def test_comparison_writes_per_class_dice_for_each_model(tmp_path, capsys):
+    engines = {}
+    for name, dice in (("FP32", [0.9, 0.8]), ("W4A8", [0.89, 0.78])):
+        e = Engine(lambda e, b: None)
+        e.state.metrics = {"dice": torch.tensor(dice), "hd95": torch.tensor([3.0, 4.0])}
+        engines[name] = e
+    rows = write_comparison(engines, ["liver", "tumour"], tmp_path, "cmp")
+    assert rows[1]["dice_tumour"] == pytest.approx(0.78)
+    assert rows[0]["dice_mean"] == pytest.approx(0.85)
+    assert (tmp_path / "cmp.csv").read_text().splitlines()[0].startswith("model,dice_liver,dice_tumour")
+    assert (tmp_path / "cmp_dice.png").is_file()
+    assert "W4A8" in capsys.readouterr().out
