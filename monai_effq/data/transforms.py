@@ -315,10 +315,10 @@ def lits_transforms(
     Reorients to RAS, crops to the body (HU above -500, so air at about -1000 HU goes; done on the
     raw HU, before windowing, which would map air and fat alike to 0), optionally resamples, and
     windows ``[a_min, a_max]`` HU to ``[0, 1]``. Training adds a crop centred on foreground or
-    background with equal odds, and flips.
+    background with equal odds; no flips, since the liver's side is anatomy the network should use.
 
     Args:
-        train: add the random crops and flips.
+        train: add the random crops.
         roi_size: crop size for training; required when ``train`` is True.
         pixdim: voxel size in mm to resample to, or None to keep the files' spacing.
         a_min: lower bound of the HU window.
@@ -359,7 +359,6 @@ def lits_transforms(
             RandCropByPosNegLabeld(
                 keys=_KEYS, allow_missing_keys=True, label_key="label", spatial_size=roi, pos=1.0, neg=1.0, num_samples=num_samples
             ),
-            *(RandFlipd(keys=_KEYS, allow_missing_keys=True, prob=0.5, spatial_axis=axis) for axis in range(3)),
         ]
     steps += [EnsureTyped(keys="image", dtype=torch.float32), EnsureTyped(keys="label", allow_missing_keys=True, dtype=label_dtype)]
     return _Pipeline(steps)
