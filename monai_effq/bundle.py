@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from monai.transforms import CenterSpatialCropd, Compose, SpatialPadd
 
 from monai_effq.data import (
@@ -120,4 +119,3 @@ def set_determinism(seed: int = 0) -> None:
     from monai.utils import set_determinism as _set
 
     _set(seed=seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))

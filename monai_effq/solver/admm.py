@@ -123,12 +123,6 @@ class _ShiftedSystem:
         t = torch.bmm(torch.bmm(rhs, f), self._apply)
         return (rhs - 2.0 * torch.bmm(t, f.transpose(1, 2))) / self.c
 
-    def quadratic(self, d: torch.Tensor) -> torch.Tensor:
-        """``½ Σ D ∘ (D A)`` per group-summed, i.e. ``½ tr(D A Dᵀ)``."""
-        if self.factor is None:
-            return 0.5 * (d * torch.bmm(d, self.A)).sum()
-        return torch.bmm(d, self.factor).pow(2).sum()
-
 
 class _OnGridObjective:
     """Weighted output error of on-grid weights ``G = s (Q - z)``, tracked incrementally.
