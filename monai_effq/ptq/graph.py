@@ -62,8 +62,15 @@ def _run(network: nn.Module, batch: torch.Tensor | tuple) -> None:
             pass
 
 
+def _record(sizes: dict[str, int], name: str, out: torch.Tensor) -> None:
+    sizes.setdefault(name, out.numel())  # returns None: a forward hook must not replace the output
+
+
 def execution_order(
-    network: nn.Module, batch: torch.Tensor, predicate: Callable[[nn.Module], bool] | None = None
+    network: nn.Module,
+    batch: torch.Tensor,
+    predicate: Callable[[nn.Module], bool] | None = None,
+    output_numels: dict[str, int] | None = None,
 ) -> list[str]:
     """Names of the modules ``predicate`` selects, in the order one forward pass runs them.
 
@@ -71,6 +78,7 @@ def execution_order(
         network: the network.
         batch: an input it accepts.
         predicate: which modules to record (default: the supported weight layers).
+        output_numels: if given, filled with each recorded module's output size (same pass).
 
     Returns:
         dotted names, each once, in first-call order (modules never called are left out).
@@ -82,6 +90,8 @@ def execution_order(
         for name, module in network.named_modules():
             if name and predicate(module):
                 handles.append(module.register_forward_pre_hook(lambda m, a, n=name: order.append(n)))
+                if output_numels is not None:
+                    handles.append(module.register_forward_hook(lambda m, a, o, n=name: _record(output_numels, n, o)))
         _run(network, batch)
     seen: set[str] = set()
     return [n for n in order if not (n in seen or seen.add(n))]

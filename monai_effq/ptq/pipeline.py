@@ -140,18 +140,6 @@ def _check_runs(network: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _output_numels(network: nn.Module, batch: torch.Tensor, names: list[str]) -> dict[str, int]:
-    sizes: dict[str, int] = {}
-
-    def record(name: str, out: torch.Tensor) -> None:
-        sizes.setdefault(name, out.numel())
-
-    handles = [network.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: record(n, o)) for n in names]
-    with hooks(handles), torch.no_grad():
-        network(batch)
-    return sizes
-
-
 class _Run:
     """One quantization run: the prepared copies, the plan, and the per-layer solve.
 
@@ -174,7 +162,8 @@ class _Run:
         first = batches[0].to(self.device)
         _check_runs(self.fp, first)
         self.folded = fold_batchnorm(self.fp, first[:1]) if config.fold_batchnorm else []
-        self.order = execution_order(self.fp, first)
+        self.numels: dict[str, int] = {}
+        self.order = execution_order(self.fp, first, output_numels=self.numels)
         if not self.order:
             raise ValueError(
                 "the network has no quantizable layers (Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear) "
@@ -211,8 +200,7 @@ class _Run:
 
     def _run_windows(self, attention: ClassAttention | None, done) -> None:
         batch = self.batches[0].to(self.device)
-        names = [p.name for p in self.plans]
-        numels = _output_numels(self.fp, batch, names)
+        numels = self.numels
         budget = self.config.target_memory_mib * 2**20 // 4
         pending = list(self.plans)
         while pending:

@@ -138,7 +138,7 @@ class _OnGridObjective:
         self.w0a = torch.bmm(w0, stats.A)
         self.residual = self.w0a - stats.B
         self.fit = fit
-        self.zero = fit._rows(fit.zero_point, codes.shape)
+        self.zero = fit.per_row(fit.zero_point, codes.shape)
         self.reset(codes)
 
     def reset(self, codes: torch.Tensor) -> None:
@@ -173,7 +173,7 @@ class _OnGridObjective:
         """Error of ``scale * (codes - z)`` relative to W0's (the codes last given)."""
         if self.qa is None:
             self.reset(self.codes)
-        s = self.fit._rows(scale, self.codes.shape)
+        s = self.fit.per_row(scale, self.codes.shape)
         d = s * (self.codes - self.zero) - self.w0
         da = s * self.qa - self.w0a
         return float((d * self.residual).sum() + 0.5 * (d * da).sum())

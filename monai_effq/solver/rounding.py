@@ -32,20 +32,20 @@ class GridFit:
         """Whether there is one scale per output channel."""
         return self.scale.dim() > 0 and self.scale.numel() > 1
 
-    def _rows(self, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-        # Broadcast a per-row parameter against a (G, m, cols) block.
+    def per_row(self, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """Broadcast a per-row parameter (``scale``/``zero_point``) against a ``(G, m, cols)`` block."""
         if t.dim() == 0:
             return t
         return t.reshape(shape[0], shape[1], 1)
 
     def codes(self, w: torch.Tensor) -> torch.Tensor:
         """Nearest codes of ``w`` (``(G, m, k)`` columns of the weight matrix)."""
-        s, z = self._rows(self.scale, w.shape), self._rows(self.zero_point, w.shape)
+        s, z = self.per_row(self.scale, w.shape), self.per_row(self.zero_point, w.shape)
         return torch.round(w / s + z).clamp_(self.grid.qmin, self.grid.qmax)
 
     def values(self, codes: torch.Tensor) -> torch.Tensor:
         """Real values of ``(G, m, k)`` codes."""
-        s, z = self._rows(self.scale, codes.shape), self._rows(self.zero_point, codes.shape)
+        s, z = self.per_row(self.scale, codes.shape), self.per_row(self.zero_point, codes.shape)
         return s * (codes - z)
 
 
