@@ -112,8 +112,8 @@ def solve_statistics(
         grid: weight grid kind (see :data:`monai_effq.quant.GRID_KINDS`).
         scale_method: how the scale is fitted (``"als"``, ``"mse"``, ``"minmax"``).
         admm: ADMM settings for ``"efficientq"``.
-        init: EfficientQ's starting assignment: ``"gptq"`` (the GPTQ baseline's rounding) or
-            ``"rtn"`` (the paper: round-to-nearest of W0).
+        init: EfficientQ's starting assignment: ``"gptq"`` (the better of the GPTQ and RTN
+            baselines' roundings) or ``"rtn"`` (the paper: round-to-nearest of W0).
         refit_bias: refit the bias by least squares for the final weights (default: yes, except
             for ``"rtn"``, which is the plain baseline).
         gptq_damp: GPTQ's ridge, as a fraction of the Gram matrix's mean diagonal.
@@ -151,8 +151,13 @@ def solve_statistics(
         solver = AdmmLayerSolver(stats, w0, settings, s)
         t_init = time.perf_counter()
         fit = rtn_fit
-        # Starting from the GPTQ baseline's own assignment makes EfficientQ no worse than GPTQ.
-        codes = gptq_round(w0, stats.A, fit, damp=gptq_damp) if init == "gptq" else rtn_codes
+        codes = rtn_codes
+        if init == "gptq":
+            # Start from the better of the two baselines' assignments (GPTQ's greedy rounding can lose
+            # to RTN on tiny layers); with the best iterate kept, EfficientQ is no worse than either.
+            gptq_codes = gptq_round(w0, stats.A, fit, damp=gptq_damp)
+            if stats.weighted_mse(fit.values(gptq_codes)) <= stats.weighted_mse(fit.values(rtn_codes)):
+                codes = gptq_codes
         info["init_seconds"] = time.perf_counter() - t_init
         info["init_mse"] = stats.weighted_mse(fit.values(codes))
         info["problem_scale"] = s
