@@ -63,6 +63,8 @@ class EfficientQConfig:
         per_channel: one weight scale per output channel.
         method: ``"efficientq"``, ``"gptq"`` or ``"rtn"``.
         weight_grid: weight grid kind (``"midrise"`` is the paper's; ``"signed"`` has an exact zero).
+            8-bit layers on the midrise grid use ``"symmetric"`` instead: the midrise half-integer
+            zero point needs 9-bit integers at 8 bits, which int8 runtimes cannot hold.
         init: EfficientQ's starting assignment, ``"gptq"`` or ``"rtn"``.
         admm: ADMM settings (a dict in JSON).
         attention: weight each output voxel by the self-adaptive class attention.
@@ -126,6 +128,17 @@ class EfficientQConfig:
             raise ValueError(f"init must be 'gptq' or 'rtn', got {self.init!r}.")
         if self.attention_power < 0:
             raise ValueError(f"attention_power must be non-negative, got {self.attention_power}.")
+
+    def weight_grid_for(self, bits: int) -> str:
+        """The weight grid kind of a layer with ``bits``-bit weights (see ``weight_grid``).
+
+        Args:
+            bits: the layer's weight bits.
+
+        Returns:
+            a grid kind.
+        """
+        return "symmetric" if self.weight_grid == "midrise" and bits == 8 else self.weight_grid
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (JSON-serialisable)."""

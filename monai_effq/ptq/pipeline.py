@@ -296,7 +296,7 @@ class _Run:
             plan.weight_bits,
             method=self.config.method,
             per_channel=self.config.per_channel,
-            grid=self.config.weight_grid,
+            grid=self.config.weight_grid_for(plan.weight_bits),
             admm=self.config.admm,
             init=self.config.init,
         )
