@@ -83,14 +83,11 @@ class ActivationQuantizer(nn.Module):
         return self.grid.qmax
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = torch.clamp(torch.round(x / self.scale + self.zero_point), self.qmin, self.qmax)
-        xq = (q - self.zero_point) * self.scale
-        if self.training and x.requires_grad:
-            lo = (self.qmin - self.zero_point) * self.scale
-            hi = (self.qmax - self.zero_point) * self.scale
-            inside = (x >= lo) & (x <= hi)
-            return torch.where(inside, x + (xq - x).detach(), xq.detach())
-        return xq
+        # PyTorch's own operator rounds exactly as ONNX QuantizeLinear does (x * (1/scale)), so the
+        # exported graph reproduces this module bit for bit; its backward is the clipped STE.
+        return torch.fake_quantize_per_tensor_affine(
+            x, self.scale.float(), self.zero_point.round().to(torch.int32), self.qmin, self.qmax
+        )
 
     def extra_repr(self) -> str:
         return f"bits={self.grid.bits}, kind={self.grid.kind}, scale={float(self.scale):.4g}, zero_point={float(self.zero_point):g}"

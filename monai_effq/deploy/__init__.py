@@ -1,0 +1,18 @@
+"""Integer deployment: ONNX QDQ export of a quantized network and the runtimes that run it from MONAI.
+
+Needs the ``deploy`` extra (``pip install 'monai-effq[deploy]'``: onnx, onnxruntime, openvino).
+"""
+
+from monai_effq.deploy.export import QdqLayer, export_form, export_onnx, fold_weight_quantization
+from monai_effq.deploy.runtime import OnnxRuntimeNetwork, OpenVINONetwork, cpu_has_vnni, widest_int8_weight
+
+__all__ = [
+    "QdqLayer",
+    "export_form",
+    "export_onnx",
+    "fold_weight_quantization",
+    "OnnxRuntimeNetwork",
+    "OpenVINONetwork",
+    "cpu_has_vnni",
+    "widest_int8_weight",
+]

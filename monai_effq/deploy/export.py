@@ -1,0 +1,352 @@
+"""Export a quantized network as an ONNX QDQ graph whose weights are the solver's integer codes.
+
+Each :class:`~monai_effq.ptq.modules.QuantizedLayer` becomes ``DequantizeLinear(int8 codes)`` feeding
+the layer's own operator, with ``QuantizeLinear``/``DequantizeLinear`` on its input carrying the
+calibrated activation range; everything else (norms, activations, resampling, layers kept in FP)
+is exported as PyTorch exports it. OpenVINO and ONNX Runtime fuse these patterns into integer
+kernels, and with graph optimisations off the graph computes exactly what the fake-quant network
+computes.
+
+Phases: :func:`export_form` (a plain copy of the network whose quantized layers are written with
+PyTorch's fake-quantize operators, which the ONNX exporter turns into Q/DQ pairs), the export
+itself, then :func:`fold_weight_quantization` (the weights' ``QuantizeLinear`` nodes are applied
+once, offline, so the file stores integers, not floats).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from monai.utils import optional_import
+
+from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, functional_forward
+from monai_effq.ptq.pipeline import QuantizationResult
+from monai_effq.solver.layers import layer_view
+from monai_effq.utils.io import atomic_write
+
+onnx, _has_onnx = optional_import("onnx")
+numpy_helper, _ = optional_import("onnx", name="numpy_helper")
+
+__all__ = ["DEPLOY_EXTRA", "QdqLayer", "export_form", "export_onnx", "fold_weight_quantization", "require"]
+
+logger = logging.getLogger("monai_effq")
+
+DEPLOY_EXTRA = "pip install 'monai-effq[deploy]'"
+
+# ONNX Runtime's u8s8 kernels on CPUs without VNNI add pairs of products in 16 bits: 255*63*2 fits.
+REDUCED_WEIGHT_RANGE = (-64, 63)
+
+
+def require(available: bool, package: str, what: str) -> None:
+    """Raise a one-line error naming the extra to install when an optional package is missing.
+
+    Args:
+        available: whether the package imported.
+        package: its import name.
+        what: what needs it.
+
+    Raises:
+        ImportError: when ``available`` is false.
+    """
+    if not available:
+        raise ImportError(f"{what} needs the '{package}' package, which is not installed: {DEPLOY_EXTRA}")
+
+
+def _integer_weights(module: QuantizedLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer weights (native layout), scales and zero points of one layer in an 8-bit container.
+
+    ``scale * (codes - zero_point)`` is rewritten as ``scale' * (v - z')`` with integer ``v`` in int8
+    (``z' = 0``) or, for asymmetric grids whose offsets do not fit, uint8 with an integer ``z'``.
+    The midrise grid's half-integer zero point is absorbed by doubling the codes and halving the
+    scale, which is exact in floating point.
+    """
+    view = layer_view(module.layer)
+    g, m, n = view.groups, view.out_per_group, view.in_per_group
+    rows = view.weight_matrix(module.codes.long()).reshape(g * m, n)
+    scale = module.scale.detach().float().clone()
+    zero = module.zero_point.detach().float().clone()
+    half = bool(torch.any(zero != torch.round(zero)))
+    if half:
+        rows, zero, scale = 2 * rows, 2 * zero, scale / 2
+    zero = torch.round(zero).long()
+    offsets = rows - (zero.reshape(-1, 1) if zero.dim() else zero)
+
+    def native(r: torch.Tensor) -> torch.Tensor:
+        return view.native_weight(r.reshape(g, m, n))
+
+    if offsets.min() >= -128 and offsets.max() <= 127:
+        return native(offsets).to(torch.int8), scale, torch.zeros_like(zero)
+    if not half and rows.min() >= 0 and rows.max() <= 255:
+        return native(rows).to(torch.uint8), scale, zero
+    raise ValueError(
+        f"the {module.grid.bits}-bit {module.grid.kind} weights of {type(module.layer).__name__} do not fit an "
+        "8-bit container; quantize 8-bit layers on the 'signed' or 'symmetric' grid."
+    )
+
+
+def _output_axis(module: QuantizedLayer) -> int:
+    """The weight axis of the output channels (1 for transposed convolutions)."""
+    return 1 if isinstance(module.layer, nn.modules.conv._ConvTransposeNd) else 0
+
+
+class QdqLayer(nn.Module):
+    """The export form of a :class:`~monai_effq.ptq.modules.QuantizedLayer`.
+
+    Its forward uses ``torch.fake_quantize_per_*_affine`` on an integer-valued weight and on the
+    input, which the ONNX exporter writes as ``QuantizeLinear``/``DequantizeLinear`` pairs.
+
+    Args:
+        module: the quantized layer.
+        reduce_range: re-round weights that exceed 7 bits into ``[-64, 63]`` (for ONNX Runtime on
+            CPUs without VNNI; this changes the layer's output, so it is warned about).
+    """
+
+    def __init__(self, module: QuantizedLayer, reduce_range: bool = False) -> None:
+        super().__init__()
+        self.layer = copy.deepcopy(module.layer)
+        values, scale, zero = _integer_weights(module)
+        self.axis = _output_axis(module)
+        self.reduced = False
+        if reduce_range and values.dtype == torch.int8:
+            lo, hi = REDUCED_WEIGHT_RANGE
+            if values.min() < lo or values.max() > hi:
+                factor = float(max(-values.min().item() / -lo, values.max().item() / hi))
+                factor = float(np.ceil(factor))
+                values = torch.clamp(torch.round(values.float() / factor), lo, hi).to(torch.int8)
+                scale = scale * factor
+                self.reduced = True
+        self.signed = values.dtype == torch.int8
+        self.per_channel = scale.numel() > 1
+        if self.per_channel and self.axis == 1 and getattr(self.layer, "groups", 1) > 1:
+            raise ValueError("a grouped transposed convolution with per-channel scales cannot be exported as QDQ.")
+        self.register_buffer("weight", self._dequantized(values, scale, zero))
+        self.register_buffer("weight_scale", scale.reshape(-1) if self.per_channel else scale.reshape(()))
+        self.register_buffer("weight_zero_point", zero.reshape(-1).to(torch.int32) if self.per_channel else zero.reshape(()).to(torch.int32))
+        self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone(), requires_grad=False)
+        self.act = _ActivationSpec.from_quantizer(module.input_quantizer)
+
+    def _dequantized(self, values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        v = values.float()
+        if scale.numel() > 1:
+            s = scale.reshape(-1, *([1] * (v.dim() - 1))) if self.axis == 0 else scale.reshape(1, -1, *([1] * (v.dim() - 2)))
+            z = zero.reshape(s.shape).float()
+            return (v - z) * s
+        return (v - zero.float()) * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act is not None:
+            x = self.act(x)
+        qmin, qmax = (-128, 127) if self.signed else (0, 255)
+        if self.per_channel:
+            w = torch.fake_quantize_per_channel_affine(
+                self.weight, self.weight_scale, self.weight_zero_point, self.axis, qmin, qmax
+            )
+        else:
+            w = torch.fake_quantize_per_tensor_affine(
+                self.weight, float(self.weight_scale), int(self.weight_zero_point), qmin, qmax
+            )
+        return functional_forward(self.layer, x, w, self.bias)
+
+
+class _ActivationSpec(nn.Module):
+    """An activation quantizer as an 8-bit Q/DQ pair, clipped first when it has fewer than 8 bits."""
+
+    def __init__(self, scale: float, zero_point: int, clip: tuple[float, float] | None) -> None:
+        super().__init__()
+        self.scale, self.zero_point, self.clip = scale, zero_point, clip
+
+    @classmethod
+    def from_quantizer(cls, quantizer: ActivationQuantizer | None) -> _ActivationSpec | None:
+        if quantizer is None:
+            return None
+        zero = float(quantizer.zero_point)
+        if zero != round(zero) or quantizer.qmin < 0 or quantizer.qmax > 255:
+            raise ValueError(f"activation grid {quantizer.grid.kind} has no uint8 form (zero point {zero}).")
+        scale = float(quantizer.scale)
+        clip = None
+        if quantizer.qmin > 0 or quantizer.qmax < 255:
+            clip = ((quantizer.qmin - zero) * scale, (quantizer.qmax - zero) * scale)
+        return cls(scale, int(zero), clip)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.clip is not None:
+            x = torch.clamp(x, *self.clip)
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, 255)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.4g}, zero_point={self.zero_point}, clip={self.clip}"
+
+
+def export_form(network: nn.Module, reduce_range: bool = False) -> tuple[nn.Module, list[str]]:
+    """A copy of ``network`` with every quantized layer replaced by its :class:`QdqLayer`.
+
+    Args:
+        network: a network holding :class:`~monai_effq.ptq.modules.QuantizedLayer` modules.
+        reduce_range: see :class:`QdqLayer`.
+
+    Returns:
+        the copy (eval mode) and the names of the layers whose weights were re-rounded to 7 bits.
+    """
+    form = copy.deepcopy(network).eval()
+    reduced = []
+    for name, module in list(form.named_modules()):
+        if isinstance(module, QuantizedLayer):
+            qdq = QdqLayer(module, reduce_range)
+            parent, _, child = name.rpartition(".")
+            setattr(form.get_submodule(parent) if parent else form, child, qdq)
+            if qdq.reduced:
+                reduced.append(name)
+    return form, reduced
+
+
+def _constant_values(graph) -> dict[str, np.ndarray]:  # noqa: ANN001 - onnx.GraphProto
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    values[node.output[0]] = numpy_helper.to_array(attr.t)
+    return values
+
+
+def fold_weight_quantization(model) -> int:  # noqa: ANN001 - onnx.ModelProto
+    """Apply every ``QuantizeLinear`` whose input is a stored float tensor, storing its integers.
+
+    Args:
+        model: an ONNX model, changed in place.
+
+    Returns:
+        the number of weights folded.
+    """
+    graph = model.graph
+    consts = _constant_values(graph)
+    initializers = {i.name: i for i in graph.initializer}
+    folded, drop = 0, []
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] not in initializers:
+            continue
+        x = consts[node.input[0]].astype(np.float32)
+        scale = consts[node.input[1]].astype(np.float32)
+        zero = consts[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros((), np.uint8)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if scale.ndim == 1 and scale.size > 1:
+            shape = [1] * x.ndim
+            shape[axis] = -1
+            scale, zero_b = scale.reshape(shape), zero.reshape(shape)
+        else:
+            zero_b = zero
+        info = np.iinfo(zero.dtype)
+        q = np.clip(np.rint(x / scale) + zero_b.astype(np.int32), info.min, info.max).astype(zero.dtype)
+        name = node.input[0] + "_quantized"
+        graph.initializer.append(numpy_helper.from_array(q, name))
+        for consumer in graph.node:
+            for i, inp in enumerate(consumer.input):
+                if inp == node.output[0]:
+                    consumer.input[i] = name
+        drop.append(node)
+        folded += 1
+    for node in drop:
+        graph.node.remove(node)
+    used = {i for n in graph.node for i in n.input}
+    for init in list(graph.initializer):
+        if init.name not in used and init.name in initializers:
+            graph.initializer.remove(init)
+    return folded
+
+
+def _network_of(model: QuantizationResult | nn.Module) -> nn.Module:
+    if isinstance(model, QuantizationResult):
+        return model.network
+    if isinstance(model, nn.Module):
+        return model
+    raise TypeError(f"expected a QuantizationResult or an nn.Module, got {type(model).__name__}.")
+
+
+def export_onnx(
+    model: QuantizationResult | nn.Module,
+    path: str | os.PathLike,
+    example_input: torch.Tensor | Sequence[int],
+    *,
+    opset: int = 17,
+    reduce_range: bool = False,
+    dynamic_spatial: bool = True,
+    require_quantized: bool = True,
+) -> Path:
+    """Write a quantized network as an ONNX QDQ graph with integer weights, atomically.
+
+    Args:
+        model: a :class:`~monai_effq.QuantizationResult` or a network holding quantized layers
+            (e.g. from :func:`~monai_effq.load_quantized`).
+        path: the ``.onnx`` file to write.
+        example_input: an input tensor ``(N, C, *spatial)`` or its shape; batch and spatial axes are
+            exported as dynamic, so sliding windows of any size run.
+        opset: ONNX opset (13 or later: per-channel Q/DQ).
+        reduce_range: re-round 8-bit weights into 7 bits for ONNX Runtime on CPUs without VNNI
+            (changes those layers' outputs; warned about per layer).
+        dynamic_spatial: export batch and spatial axes as dynamic.
+        require_quantized: refuse a network without quantized layers (set ``False`` to export an
+            FP baseline through the same path).
+
+    Returns:
+        the written path.
+
+    Raises:
+        ValueError: for a network without quantized layers, a bad example input or an opset below 13.
+        ImportError: when the ``onnx`` package (the ``deploy`` extra) is missing.
+    """
+    require(_has_onnx, "onnx", "export_onnx")
+    network = _network_of(model)
+    if opset < 13:
+        raise ValueError(f"opset must be 13 or later (per-channel QuantizeLinear), got {opset}.")
+    if not isinstance(example_input, torch.Tensor):
+        example_input = torch.zeros(tuple(int(s) for s in example_input))
+    example_input = example_input.detach().as_subclass(torch.Tensor).float()
+    if example_input.dim() < 3:
+        raise ValueError(f"example_input must be (N, C, *spatial), got shape {tuple(example_input.shape)}.")
+    n_quantized = sum(isinstance(m, QuantizedLayer) for m in network.modules())
+    if require_quantized and n_quantized == 0:
+        raise ValueError(
+            "the network has no quantized layers: quantize it first (monai_effq.quantize) or load a quantized "
+            "checkpoint (monai_effq.load_quantized); pass require_quantized=False to export it in FP."
+        )
+    form, reduced = export_form(network, reduce_range)
+    if reduced:
+        warnings.warn(
+            f"reduce_range re-rounded the 8-bit weights of {len(reduced)} layers to 7 bits ({', '.join(reduced[:5])}"
+            f"{' ...' if len(reduced) > 5 else ''}): their outputs now differ from the fake-quant network.",
+            stacklevel=2,
+        )
+    form = form.to(example_input.device)
+    axes = {0: "batch", **{d: f"spatial{d - 2}" for d in range(2, example_input.dim())}} if dynamic_spatial else {}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        torch.onnx.export(
+            form,
+            (example_input,),
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=["image"],
+            output_names=["pred"],
+            dynamic_axes={"image": axes, "pred": axes} if axes else None,
+        )
+    proto = onnx.load_from_string(buffer.getvalue())
+    folded = fold_weight_quantization(proto)
+    if folded != n_quantized:
+        raise RuntimeError(f"expected {n_quantized} integer weight tensors in the exported graph, found {folded}.")
+    onnx.checker.check_model(proto)
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(proto.SerializeToString())
+    logger.info("exported %d quantized layers to %s (%.2f MiB)", folded, path, path.stat().st_size / 2**20)
+    return path

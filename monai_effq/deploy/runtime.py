@@ -1,0 +1,204 @@
+"""ONNX files run by OpenVINO or ONNX Runtime, as torch modules that MONAI's inferers and engines accept.
+
+A runtime network takes a torch tensor ``(N, C, *spatial)`` and returns a torch tensor on the same
+device, so it is the ``network`` of ``SlidingWindowInferer``, ``SupervisedEvaluator`` and the bundles'
+workflows unchanged. It has no parameters; ``.eval()``/``.to()`` are harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from monai.utils import optional_import
+
+from monai_effq.deploy.export import REDUCED_WEIGHT_RANGE, require
+
+ort, _has_ort = optional_import("onnxruntime")
+ov, _has_ov = optional_import("openvino")
+onnx, _has_onnx = optional_import("onnx")
+numpy_helper, _ = optional_import("onnx", name="numpy_helper")
+
+__all__ = ["OnnxRuntimeNetwork", "OpenVINONetwork", "cpu_has_vnni", "widest_int8_weight"]
+
+logger = logging.getLogger("monai_effq")
+
+
+def cpu_has_vnni() -> bool | None:
+    """Whether this CPU has the VNNI dot-product instructions (``None`` when it cannot be told).
+
+    Returns:
+        ``True``/``False`` from ``/proc/cpuinfo`` on Linux, ``None`` elsewhere.
+    """
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.split(":", 1)[1].split())
+            break
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def widest_int8_weight(path: str | os.PathLike) -> int:
+    """Largest magnitude stored in the int8 weight tensors of an ONNX file (0 when there are none).
+
+    Args:
+        path: the ONNX file.
+
+    Returns:
+        the largest ``|v|`` over int8 initializers.
+    """
+    require(_has_onnx, "onnx", "widest_int8_weight")
+    model = onnx.load(str(path), load_external_data=False)
+    widest = 0
+    for init in model.graph.initializer:
+        if init.data_type == onnx.TensorProto.INT8 and len(init.dims) > 1:
+            widest = max(widest, int(np.abs(numpy_helper.to_array(init).astype(np.int32)).max()))
+    return widest
+
+
+class _RuntimeNetwork(nn.Module):
+    """What both runtimes share: the file check, the input check and tensor conversion."""
+
+    runtime = ""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__()
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(
+                f"ONNX model {self.path} does not exist: write it with monai_effq.export_onnx (or the bundle's export run)."
+            )
+        self.in_channels: int | None = None
+
+    def _load_error(self, err: Exception) -> ValueError:
+        return ValueError(
+            f"{self.runtime} cannot read {self.path} ({type(err).__name__}: {str(err).strip().splitlines()[0][:200]}); "
+            "the file is corrupt or not ONNX: export it again with monai_effq.export_onnx."
+        )
+
+    def _check(self, x: torch.Tensor) -> np.ndarray:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{type(self).__name__} expects a torch tensor, got {type(x).__name__}.")
+        if self.in_channels is not None and (x.dim() < 2 or x.shape[1] != self.in_channels):
+            raise ValueError(
+                f"{self.path.name} expects {self.in_channels} input channels (N, {self.in_channels}, *spatial), "
+                f"got shape {tuple(x.shape)}: check the transforms that build the image."
+            )
+        return np.ascontiguousarray(x.detach().as_subclass(torch.Tensor).float().cpu().numpy())
+
+    def _run(self, array: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._run(self._check(x))
+        return torch.from_numpy(out).to(x.device)
+
+    def extra_repr(self) -> str:
+        return f"path={str(self.path)!r}"
+
+
+class OnnxRuntimeNetwork(_RuntimeNetwork):
+    """An ONNX file run by ONNX Runtime.
+
+    Args:
+        path: the ONNX file.
+        providers: execution providers (CPU by default).
+        optimize: use ONNX Runtime's graph optimisations (which fuse Q/DQ into integer kernels);
+            ``False`` runs the graph node by node, reproducing the fake-quant network exactly.
+        threads: intra-op threads (``None``: ONNX Runtime's default).
+
+    Raises:
+        FileNotFoundError: when the file is missing.
+        ValueError: when it cannot be read.
+        ImportError: when onnxruntime is not installed.
+    """
+
+    runtime = "ONNX Runtime"
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        providers: list[str] | None = None,
+        optimize: bool = True,
+        threads: int | None = None,
+    ) -> None:
+        require(_has_ort, "onnxruntime", "OnnxRuntimeNetwork")
+        super().__init__(path)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if not optimize:
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers or ["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own exception types
+            raise self._load_error(err) from err
+        shape = self.session.get_inputs()[0].shape
+        self.in_channels = shape[1] if len(shape) > 1 and isinstance(shape[1], int) else None
+        self.input_name = self.session.get_inputs()[0].name
+        if optimize and cpu_has_vnni() is False and _has_onnx and widest_int8_weight(self.path) > REDUCED_WEIGHT_RANGE[1] + 1:
+            warnings.warn(
+                f"{self.path.name} has int8 weights beyond 7 bits and this CPU has no VNNI: ONNX Runtime's integer "
+                "kernels may saturate and lose accuracy; export with reduce_range=True or run it with OpenVINO.",
+                stacklevel=2,
+            )
+
+    def _run(self, array: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: array})[0]
+
+
+class OpenVINONetwork(_RuntimeNetwork):
+    """An ONNX file compiled and run by OpenVINO.
+
+    Args:
+        path: the ONNX file.
+        device: OpenVINO device (``"CPU"``, ``"GPU"``, ...).
+        threads: inference threads (``None``: OpenVINO's default).
+        hint: OpenVINO performance hint (``"LATENCY"`` suits one volume at a time).
+        precision: precision of the layers left in floating point. ``"f32"`` by default: on CPUs
+            with bf16 support OpenVINO would otherwise run them in bfloat16, which changes Dice.
+
+    Raises:
+        FileNotFoundError: when the file is missing.
+        ValueError: when it cannot be read.
+        ImportError: when openvino is not installed.
+    """
+
+    runtime = "OpenVINO"
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        device: str = "CPU",
+        threads: int | None = None,
+        hint: str = "LATENCY",
+        precision: str = "f32",
+    ) -> None:
+        require(_has_ov, "openvino", "OpenVINONetwork")
+        super().__init__(path)
+        core = ov.Core()
+        config = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": precision}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            model = core.read_model(str(self.path))
+            self.compiled = core.compile_model(model, device, config)
+        except Exception as err:  # openvino raises RuntimeError subclasses of its own
+            raise self._load_error(err) from err
+        channels = model.inputs[0].get_partial_shape()[1]
+        self.in_channels = channels.get_length() if channels.is_static else None
+        self.request = self.compiled.create_infer_request()
+
+    def _run(self, array: np.ndarray) -> np.ndarray:
+        self.request.infer({0: array})
+        return self.request.get_output_tensor(0).data.copy()
