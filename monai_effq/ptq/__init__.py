@@ -6,6 +6,7 @@ Knows PyTorch modules, not MONAI engines or bundles.
 from monai_effq.ptq.attention import ClassAttention
 from monai_effq.ptq.checkpoint import load_quantized, load_quantized_result, save_quantized
 from monai_effq.ptq.config import EfficientQConfig, LayerPlan, match_pattern
+from monai_effq.ptq.footprint import ActivationFootprint, WeightFootprint, activation_footprint, weight_footprint
 from monai_effq.ptq.graph import execution_order, fold_batchnorm
 from monai_effq.ptq.modules import (
     ActivationQuantizer,
@@ -25,6 +26,10 @@ __all__ = [
     "EfficientQConfig",
     "LayerPlan",
     "match_pattern",
+    "ActivationFootprint",
+    "WeightFootprint",
+    "activation_footprint",
+    "weight_footprint",
     "execution_order",
     "fold_batchnorm",
     "ActivationQuantizer",

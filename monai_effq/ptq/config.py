@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from monai_effq.quant.fixed_point import FixedPointFormat
 from monai_effq.quant.grid import GRID_KINDS, check_bits
 from monai_effq.solver.admm import AdmmSettings
 from monai_effq.solver.api import METHODS
@@ -33,6 +34,19 @@ def match_pattern(pattern: str, name: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
+def _check_format(role: str, text: str | None, bits: int | None, signed: bool) -> None:
+    """A ``<role>_format`` must parse and match ``<role>_bits`` (which it sets, unless changed later)."""
+    if text is None:
+        return
+    fmt = FixedPointFormat.parse(text, signed=signed)
+    if fmt.bits != bits:
+        sign = "sign + " if signed else ""
+        raise ValueError(
+            f"{role}_format {fmt} is a {fmt.bits}-bit word ({sign}{fmt.int_bits} + {fmt.frac_bits} bits) "
+            f"but {role}_bits is {bits}: drop {role}_bits or set it to {fmt.bits}."
+        )
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     """How one layer is quantized.
@@ -41,11 +55,15 @@ class LayerPlan:
         name: the module's dotted name.
         weight_bits: weight bits.
         act_bits: input activation bits, or ``None`` to keep the input in floating point.
+        weight_format: explicit fixed-point format of the weights (``"Q0.4"``), or ``None``.
+        act_format: explicit fixed-point format of the input (``"Q6.0"``), or ``None``.
     """
 
     name: str
     weight_bits: int
     act_bits: int | None
+    weight_format: str | None = None
+    act_format: str | None = None
 
 
 @dataclass
@@ -74,6 +92,15 @@ class EfficientQConfig:
         max_chunk_elements: memory cap on one unfolded im2col chunk.
         target_memory_mib: memory for the FP targets captured in one pass (layers are solved in
             windows that fit it; larger windows mean fewer forward passes).
+        power_of_two: every weight and activation scale is a power of two (fixed point ``Qi.f``
+            with ``f`` chosen per tensor, or per channel, from the calibrated range), so the network
+            is shift-only on integer hardware. Every solver method honours it.
+        weight_format: an explicit fixed-point format for the weights of the body layers (those
+            at ``weight_bits``; not the first/last layer or overrides), e.g. ``"Q0.4"``: the step
+            is ``2^-f`` and never fitted, the word is sign + ``i`` + ``f`` bits. When given it sets
+            ``weight_bits`` to that word size.
+        act_format: the same for the body layers' inputs, e.g. ``"Q6.0"`` (unsigned, ``i + f``
+            bits, after ReLU; a signed input adds a sign bit). When given it sets ``act_bits``.
     """
 
     weight_bits: int = 4
@@ -93,10 +120,17 @@ class EfficientQConfig:
     device: str = "cpu"
     max_chunk_elements: int = 1 << 24
     target_memory_mib: int = 2048
+    power_of_two: bool = False
+    weight_format: str | None = None
+    act_format: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.admm, dict):
             self.admm = AdmmSettings(**self.admm)
+        if self.weight_format is not None:
+            self.weight_bits = FixedPointFormat.parse(self.weight_format, signed=True).bits
+        if self.act_format is not None:
+            self.act_bits = FixedPointFormat.parse(self.act_format, signed=False).bits
         self.validate()
 
     def validate(self) -> None:
@@ -128,6 +162,10 @@ class EfficientQConfig:
             raise ValueError(f"init must be 'gptq' or 'rtn', got {self.init!r}.")
         if self.attention_power < 0:
             raise ValueError(f"attention_power must be non-negative, got {self.attention_power}.")
+        if not isinstance(self.power_of_two, bool):
+            raise ValueError(f"power_of_two must be True or False, got {self.power_of_two!r}.")
+        _check_format("weight", self.weight_format, self.weight_bits, signed=True)
+        _check_format("act", self.act_format, self.act_bits, signed=False)
 
     def weight_grid_for(self, bits: int) -> str:
         """The weight grid kind of a layer with ``bits``-bit weights (see ``weight_grid``).
@@ -188,13 +226,16 @@ class EfficientQConfig:
             if any(match_pattern(p, name) for p in self.skip):
                 continue
             wbits, abits = self.weight_bits, self.act_bits
+            wfmt, afmt = self.weight_format, self.act_format
             edge = self.first_layer_bits if i == 0 else self.last_layer_bits if i == len(ordered_names) - 1 else None
             if edge is not None:
-                wbits = edge
-                abits = None if abits is None else edge
+                wbits, wfmt = edge, None
+                abits, afmt = (None if abits is None else edge), None
             for pattern, spec in self.overrides.items():
                 if match_pattern(pattern, name):
-                    wbits = spec.get("weight_bits", wbits)
-                    abits = spec.get("act_bits", abits)
-            plans.append(LayerPlan(name, wbits, abits))
+                    if "weight_bits" in spec:
+                        wbits, wfmt = spec["weight_bits"], None
+                    if "act_bits" in spec:
+                        abits, afmt = spec["act_bits"], None
+            plans.append(LayerPlan(name, wbits, abits, wfmt, afmt))
         return plans

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from monai_effq.quant.fixed_point import FixedPointFormat, snap_to_power_of_two
 from monai_effq.quant.grid import UniformGrid, dequantize, fit_scale
 from monai_effq.solver.layers import layer_view
 
@@ -49,27 +50,45 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.tensor(float(zero_point)))
 
     @classmethod
-    def calibrate(cls, x: torch.Tensor, bits: int, max_samples: int = 1 << 18) -> ActivationQuantizer:
+    def calibrate(
+        cls,
+        x: torch.Tensor,
+        bits: int,
+        max_samples: int = 1 << 18,
+        power_of_two: bool = False,
+        fixed_point: str | None = None,
+    ) -> ActivationQuantizer:
         """Fit a quantizer to calibration activations.
 
         Args:
             x: activations (any shape).
             bits: bit width.
             max_samples: values used for the fit (a fixed-stride subsample of larger tensors).
+            power_of_two: snap the fitted scale to a power of two (fixed point, ``f`` from the range).
+            fixed_point: an explicit format such as ``"Q6.0"`` (step ``2^-f``, not fitted; ``bits``
+                is then ignored): unsigned when calibration saw no negative value, otherwise
+                sign-magnitude with one more bit.
 
         Returns:
             the calibrated quantizer.
 
         Raises:
-            ValueError: for non-finite activations.
+            ValueError: for non-finite activations, or a signed explicit format that overflows 8 bits.
         """
         flat = x.detach().reshape(-1).float()
         if not torch.isfinite(flat).all():
             raise ValueError("activations contain NaN or Inf: check the calibration data and the network.")
         if flat.numel() > max_samples:
             flat = flat[:: flat.numel() // max_samples + 1]
-        kind = "unsigned" if float(flat.min()) >= 0 else "asymmetric"
-        scale, zero = fit_scale(flat, UniformGrid(bits, kind), method="als")  # ALS as the paper; MSE sweep if asymmetric
+        non_negative = float(flat.min()) >= 0
+        if fixed_point is not None:
+            fmt = FixedPointFormat.parse(fixed_point, signed=not non_negative)
+            return cls(fmt.bits, fmt.grid.kind, fmt.step, fmt.zero_point)
+        kind = "unsigned" if non_negative else "asymmetric"
+        grid = UniformGrid(bits, kind)
+        scale, zero = fit_scale(flat, grid, method="als")  # ALS as the paper; MSE sweep if asymmetric
+        if power_of_two:
+            scale, zero = snap_to_power_of_two(flat, scale, zero, grid)
         return cls(bits, kind, float(scale), float(zero))
 
     @property

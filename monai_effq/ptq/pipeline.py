@@ -21,9 +21,11 @@ from monai.utils import optional_import
 
 from monai_effq.ptq.attention import ClassAttention
 from monai_effq.ptq.config import EfficientQConfig, LayerPlan
+from monai_effq.ptq.footprint import weight_footprint
 from monai_effq.ptq.graph import StopForward, execution_order, fold_batchnorm, hooks, set_submodule
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, quantized_layer_class
 from monai_effq.ptq.report import LayerReport, QuantizationReport, peak_memory_mib, reset_peak_memory
+from monai_effq.quant.fixed_point import FixedPointFormat
 from monai_effq.quant.packing import packed_nbytes
 from monai_effq.solver.api import solve_statistics
 from monai_effq.solver.gram import GramAccumulator
@@ -280,7 +282,9 @@ class _Run:
         for index, (x, y) in enumerate(pairs):
             if plan.act_bits is not None:
                 if act_q is None:  # ranges from the first batch, used for all
-                    act_q = ActivationQuantizer.calibrate(x, plan.act_bits).to(x.device)
+                    act_q = ActivationQuantizer.calibrate(
+                        x, plan.act_bits, power_of_two=self.config.power_of_two, fixed_point=plan.act_format
+                    ).to(x.device)
                 x = act_q(x)
             h = None
             if attention is not None and view.kind != "linear":
@@ -299,6 +303,8 @@ class _Run:
             grid=self.config.weight_grid_for(plan.weight_bits),
             admm=self.config.admm,
             init=self.config.init,
+            power_of_two=self.config.power_of_two,
+            weight_format=None if plan.weight_format is None else FixedPointFormat.parse(plan.weight_format),
         )
         cls = quantized_layer_class(fp_layer)
         q_layer = self.qnet.get_submodule(plan.name)
@@ -306,8 +312,8 @@ class _Run:
         report = LayerReport(
             name=plan.name,
             kind=cls.__name__,
-            weight_bits=plan.weight_bits,
-            act_bits=plan.act_bits,
+            weight_bits=sol.grid.bits,
+            act_bits=None if act_q is None else act_q.grid.bits,
             act_grid=None if act_q is None else act_q.grid.kind,
             params=fp_layer.weight.numel(),
             mse_fp=sol.mse_fp,
@@ -365,6 +371,8 @@ def quantize(
     qnet = run.qnet.eval()
     report.fp_bytes = state_bytes(network)
     report.quantized_bytes = quantized_size_bytes(qnet)
+    weights = weight_footprint(qnet)
+    report.weight_fp_bytes, report.weight_packed_bytes = weights.fp32_bytes, weights.packed_bytes
     report.wall_seconds = time.perf_counter() - t0
     report.peak_memory_mib = peak_memory_mib()
     logger.info(report.summary())

@@ -1,5 +1,13 @@
-"""Quantization grids and code packing: stateless functions that know nothing of networks."""
+"""Quantization grids (uniform and fixed-point) and code packing: stateless functions that know nothing of networks."""
 
+from monai_effq.quant.fixed_point import (
+    MAX_WORD_BITS,
+    FixedPointFormat,
+    fixed_point_scale,
+    fractional_bits,
+    is_power_of_two,
+    snap_to_power_of_two,
+)
 from monai_effq.quant.grid import (
     GRID_KINDS,
     UniformGrid,
@@ -15,6 +23,12 @@ from monai_effq.quant.grid import (
 from monai_effq.quant.packing import pack_codes, packed_nbytes, unpack_codes
 
 __all__ = [
+    "MAX_WORD_BITS",
+    "FixedPointFormat",
+    "fixed_point_scale",
+    "fractional_bits",
+    "is_power_of_two",
+    "snap_to_power_of_two",
     "GRID_KINDS",
     "UniformGrid",
     "check_bits",

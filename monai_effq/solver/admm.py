@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from monai_effq.quant.grid import fit_scale_als
 from monai_effq.solver.gram import LayerStatistics
 from monai_effq.solver.rounding import GridFit
 
@@ -250,8 +249,8 @@ class AdmmLayerSolver:
                 w = self.system.solve_rows(anchor + rho * (gq - dual))
                 t1 = time.perf_counter()
                 v = w + dual
-                scale, _ = fit_scale_als(v.reshape(g * m, n), fit.grid, per_channel=fit.per_channel, max_iter=4, init=scale)
-                step = GridFit(fit.grid, scale, zero)
+                step = GridFit(fit.grid, scale, zero, fit.scale_rule).refit(v, max_iter=4)
+                scale = step.scale
                 new_codes = step.codes(v)
                 changed = not torch.equal(new_codes, codes)
                 codes = new_codes
@@ -283,4 +282,4 @@ class AdmmLayerSolver:
             if st.patience and not moved and trace.phases > 1:
                 break
         trace.iterations = it
-        return best[1], GridFit(fit.grid, best[2], zero), trace
+        return best[1], GridFit(fit.grid, best[2], zero, fit.scale_rule), trace

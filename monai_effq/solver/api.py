@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from monai_effq.quant.fixed_point import FixedPointFormat
 from monai_effq.quant.grid import UniformGrid, check_bits
 from monai_effq.solver.admm import AdmmLayerSolver, AdmmSettings, AdmmTrace
 from monai_effq.solver.gram import GramAccumulator, LayerStatistics
@@ -98,6 +99,8 @@ def solve_statistics(
     init: str = "gptq",
     refit_bias: bool | None = None,
     gptq_damp: float = 0.01,
+    power_of_two: bool = False,
+    weight_format: FixedPointFormat | None = None,
 ) -> LayerSolution:
     """Quantize a layer's weights from accumulated statistics.
 
@@ -117,11 +120,17 @@ def solve_statistics(
         refit_bias: refit the bias by least squares for the final weights (default: yes, except
             for ``"rtn"``, which is the plain baseline).
         gptq_damp: GPTQ's ridge, as a fraction of the Gram matrix's mean diagonal.
+        power_of_two: restrict the scale to powers of two (fixed point with ``f`` fitted per
+            tensor or channel), in the initial fit and in every refit of the solver.
+        weight_format: an explicit fixed-point format ``Qi.f``: its grid and step replace
+            ``grid``/``weight_bits`` and the scale is never refitted.
 
     Returns:
         the :class:`LayerSolution`.
     """
     _check_method(method)
+    if weight_format is not None:
+        weight_bits, grid = weight_format.bits, weight_format.grid.kind
     check_bits(weight_bits, "weight_bits")
     if init not in ("gptq", "rtn"):
         raise ValueError(f"init must be 'gptq' or 'rtn', got {init!r}.")
@@ -134,7 +143,10 @@ def solve_statistics(
     qgrid = UniformGrid(weight_bits, grid)
     refit = method != "rtn" if refit_bias is None else refit_bias
 
-    rtn_fit = fit_grid(w0, qgrid, per_channel, scale_method)
+    if weight_format is not None:
+        rtn_fit = fit_grid(w0, qgrid, per_channel, scale_rule="fixed", fixed_scale=weight_format.step)
+    else:
+        rtn_fit = fit_grid(w0, qgrid, per_channel, scale_method, scale_rule="power_of_two" if power_of_two else "free")
     rtn_codes = round_to_nearest(w0, rtn_fit)
     mse_rtn = stats.weighted_mse(rtn_fit.values(rtn_codes), b0)
     mse_fp = stats.weighted_mse(w0, b0)
@@ -199,6 +211,8 @@ def solve_layer(
     init: str = "gptq",
     refit_bias: bool | None = None,
     max_chunk_elements: int = 1 << 24,
+    power_of_two: bool = False,
+    weight_format: FixedPointFormat | None = None,
 ) -> LayerSolution:
     """Find low-bit weights with which ``layer`` maps ``inputs`` close to ``targets``.
 
@@ -216,6 +230,8 @@ def solve_layer(
         init: EfficientQ's starting assignment (``"gptq"`` or ``"rtn"``).
         refit_bias: refit the bias for the final weights.
         max_chunk_elements: memory cap on one unfolded chunk (elements).
+        power_of_two: power-of-two (fixed-point) scales only.
+        weight_format: an explicit fixed-point format (replaces ``weight_bits`` and ``grid``).
 
     Returns:
         the :class:`LayerSolution`.
@@ -227,7 +243,7 @@ def solve_layer(
     """
     view = layer_view(layer)
     _check_method(method)
-    check_bits(weight_bits, "weight_bits")
+    check_bits(weight_format.bits if weight_format is not None else weight_bits, "weight_bits")
     if inputs.numel() == 0 or targets.numel() == 0:
         raise ValueError(f"empty calibration data for {view.name}: inputs and targets need at least one sample.")
     acc = GramAccumulator(view, max_chunk_elements=max_chunk_elements)
@@ -245,4 +261,6 @@ def solve_layer(
         admm=admm,
         init=init,
         refit_bias=refit_bias,
+        power_of_two=power_of_two,
+        weight_format=weight_format,
     )

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from monai_effq.quant.grid import UniformGrid, fit_scale
+from monai_effq.quant.fixed_point import snap_to_power_of_two
+from monai_effq.quant.grid import UniformGrid, fit_scale, fit_scale_als
 
-__all__ = ["GridFit", "fit_grid", "round_to_nearest", "gptq_round"]
+__all__ = ["SCALE_RULES", "GridFit", "fit_grid", "round_to_nearest", "gptq_round"]
+
+SCALE_RULES = ("free", "power_of_two", "fixed")
 
 
 class GridFit:
@@ -20,12 +23,41 @@ class GridFit:
         grid: the grid.
         scale: 0-d (per tensor) or ``(G * m,)`` (per output channel).
         zero_point: same shape as ``scale``.
+        scale_rule: what a solver may do to the scale when it refits it: ``"free"`` (any value),
+            ``"power_of_two"`` (fixed point with ``f`` chosen per tensor/channel) or ``"fixed"``
+            (an explicit fixed-point format: never changed).
     """
 
-    def __init__(self, grid: UniformGrid, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+    def __init__(
+        self, grid: UniformGrid, scale: torch.Tensor, zero_point: torch.Tensor, scale_rule: str = "free"
+    ) -> None:
+        if scale_rule not in SCALE_RULES:
+            raise ValueError(f"scale_rule must be one of {SCALE_RULES}, got {scale_rule!r}.")
         self.grid = grid
         self.scale = scale
         self.zero_point = zero_point
+        self.scale_rule = scale_rule
+
+    def refit(self, w: torch.Tensor, max_iter: int = 4) -> GridFit:
+        """The fit of new ``(G, m, n)`` values under the same rule, zero point kept.
+
+        Alternating least squares from the current scale (the EfficientQ projection), then snapped
+        to a power of two when the rule asks; a fixed scale is returned unchanged.
+
+        Args:
+            w: the values to fit.
+            max_iter: ALS alternations.
+
+        Returns:
+            the new :class:`GridFit`.
+        """
+        if self.scale_rule == "fixed":
+            return self
+        flat = w.reshape(-1, w.shape[-1])
+        scale, _ = fit_scale_als(flat, self.grid, per_channel=self.per_channel, max_iter=max_iter, init=self.scale)
+        if self.scale_rule == "power_of_two":
+            scale, _ = snap_to_power_of_two(flat, scale, self.zero_point, self.grid, self.per_channel, keep_zero_point=True)
+        return GridFit(self.grid, scale, self.zero_point, self.scale_rule)
 
     @property
     def per_channel(self) -> bool:
@@ -49,7 +81,14 @@ class GridFit:
         return s * (codes - z)
 
 
-def fit_grid(weight: torch.Tensor, grid: UniformGrid, per_channel: bool, method: str = "als") -> GridFit:
+def fit_grid(
+    weight: torch.Tensor,
+    grid: UniformGrid,
+    per_channel: bool,
+    method: str = "als",
+    scale_rule: str = "free",
+    fixed_scale: float | None = None,
+) -> GridFit:
     """Fit a grid's scale to a ``(G, m, n)`` weight matrix.
 
     Args:
@@ -57,13 +96,28 @@ def fit_grid(weight: torch.Tensor, grid: UniformGrid, per_channel: bool, method:
         grid: the grid.
         per_channel: one scale per output row.
         method: scale fitting method (see :func:`monai_effq.quant.fit_scale`).
+        scale_rule: ``"free"``, ``"power_of_two"`` (the fitted scale snapped to the better
+            neighbouring power of two) or ``"fixed"`` (``fixed_scale``, e.g. an explicit ``Qi.f``).
+        fixed_scale: the step of a ``"fixed"`` rule.
 
     Returns:
         the :class:`GridFit`.
+
+    Raises:
+        ValueError: for a ``"fixed"`` rule without a positive ``fixed_scale``.
     """
     g, m, n = weight.shape
-    scale, zero = fit_scale(weight.reshape(g * m, n), grid, per_channel=per_channel, method=method)
-    return GridFit(grid, scale, zero)
+    flat = weight.reshape(g * m, n)
+    if scale_rule == "fixed":
+        if fixed_scale is None or not fixed_scale > 0:
+            raise ValueError(f"a fixed scale rule needs a positive fixed_scale, got {fixed_scale!r}.")
+        scale = torch.full((g * m,), float(fixed_scale)) if per_channel else torch.tensor(float(fixed_scale))
+        zero = torch.full_like(scale, float(grid.fixed_zero_point or 0.0))
+        return GridFit(grid, scale, zero, scale_rule)
+    scale, zero = fit_scale(flat, grid, per_channel=per_channel, method=method)
+    if scale_rule == "power_of_two":
+        scale, zero = snap_to_power_of_two(flat, scale, zero, grid, per_channel)
+    return GridFit(grid, scale, zero, scale_rule)
 
 
 def round_to_nearest(weight: torch.Tensor, fit: GridFit) -> torch.Tensor:

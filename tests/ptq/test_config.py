@@ -50,3 +50,38 @@ def test_glob_and_regex_patterns_select_layers():
 def test_bad_settings_are_named(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EfficientQConfig(**kwargs)
+
+
+def test_fixed_point_settings_round_trip_and_formats_set_the_word_size():
+    cfg = EfficientQConfig(weight_format="Q0.4", act_format="Q6.0", power_of_two=True)
+    assert (cfg.weight_bits, cfg.act_bits) == (5, 6)
+    again = EfficientQConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+
+
+def test_explicit_formats_apply_to_the_body_layers_only():
+    cfg = EfficientQConfig(weight_format="Q0.4", act_format="Q6.0", overrides={"c": {"weight_bits": 8}})
+    plans = {p.name: p for p in cfg.plan(["a", "b", "c", "d"])}
+    assert (plans["b"].weight_format, plans["b"].act_format) == ("Q0.4", "Q6.0")
+    assert plans["a"].weight_format is None and plans["d"].act_format is None  # first/last keep 8 bits
+    assert (plans["c"].weight_format, plans["c"].act_format) == (None, "Q6.0")
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"weight_format": "Q0.8"}, "9-bit word"),
+        ({"act_format": "Q9.0"}, "9-bit word"),
+        ({"weight_format": "Q0.4", "power_of_two": "yes"}, "power_of_two"),
+    ],
+)
+def test_bad_fixed_point_settings_are_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EfficientQConfig(**kwargs)
+
+
+def test_a_format_that_contradicts_later_bits_is_named():
+    cfg = EfficientQConfig(weight_format="Q0.4")
+    cfg.weight_bits = 4
+    with pytest.raises(ValueError, match="weight_format Q0.4 is a 5-bit word"):
+        cfg.validate()

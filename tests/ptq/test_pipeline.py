@@ -159,3 +159,15 @@ class TestBadInput:
     def test_calibration_that_is_not_tensors(self, trained_unet):
         with pytest.raises(TypeError, match="expected a tensor"):
             quantize(trained_unet, [[1, 2, 3]], progress=False)
+
+
+def test_power_of_two_network_is_shift_only_in_weights_and_activations(trained_unet):
+    from monai_effq.quant import is_power_of_two
+
+    calib, _ = sphere_volumes(1, seed=5)
+    res = quantize(trained_unet, calib, EfficientQConfig(weight_bits=4, power_of_two=True), progress=False)
+    layers = [m for m in res.network.modules() if isinstance(m, QuantizedLayer)]
+    assert layers and all(is_power_of_two(m.scale) for m in layers)
+    assert all(is_power_of_two(m.input_quantizer.scale) for m in layers if m.input_quantizer is not None)
+    assert 7.5 <= res.report.weight_compression <= 8.0
+    assert res.report.to_dict()["weight_compression"] == res.report.weight_compression
