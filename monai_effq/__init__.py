@@ -11,15 +11,19 @@ from monai_effq.ptq import (  # noqa: E402 - the version is read by checkpoint p
     quantize,
     save_quantized,
 )
+from monai_effq.qat import finetune  # noqa: E402
+from monai_effq.quant import FixedPointFormat  # noqa: E402
 from monai_effq.solver import AdmmSettings, LayerSolution, solve_layer  # noqa: E402
 
 __all__ = [
     "__version__",
     "AdmmSettings",
     "EfficientQConfig",
+    "FixedPointFormat",
     "LayerSolution",
     "QuantizationReport",
     "QuantizationResult",
+    "finetune",
     "load_quantized",
     "load_quantized_result",
     "quantize",

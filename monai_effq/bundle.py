@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from monai.transforms import CenterSpatialCropd, Compose, SpatialPadd
 
 from monai_effq.data import (
@@ -24,7 +25,7 @@ from monai_effq.data import (
     validate_datalist,
 )
 
-__all__ = ["DEMO", "demo_dataset", "datalist", "preprocessing", "set_determinism"]
+__all__ = ["DEMO", "FINETUNE_STARTS", "demo_dataset", "datalist", "finetune_start", "load_fp_weights", "preprocessing", "set_determinism"]
 
 # The embedded demo: enough cases to train a small CPU network to a meaningful Dice in minutes.
 DEMO = {"n_cases": 10, "shape": (64, 64, 48), "seed": 0}
@@ -119,3 +120,67 @@ def set_determinism(seed: int = 0) -> None:
     from monai.utils import set_determinism as _set
 
     _set(seed=seed)
+
+
+FINETUNE_STARTS = ("efficientq", "fp", "scratch")
+
+
+def load_fp_weights(network: torch.nn.Module, path: str | os.PathLike, device: str = "cpu") -> torch.nn.Module:
+    """Load a bundle's FP checkpoint (a state dict, or ``{"model": state_dict}``) into ``network``.
+
+    Args:
+        network: the network (modified in place).
+        path: the checkpoint written by the ``train`` workflow.
+        device: map location.
+
+    Returns:
+        ``network``, in eval mode.
+
+    Raises:
+        FileNotFoundError: when the checkpoint is missing.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"FP checkpoint {p} does not exist: run the train workflow first or set --fp_checkpoint.")
+    state = torch.load(p, map_location=device, weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    network.load_state_dict(state)
+    return network.eval()
+
+
+def finetune_start(
+    init: str,
+    network: torch.nn.Module,
+    fp_checkpoint: str | os.PathLike,
+    calibrator: Any,
+    config: dict[str, Any],
+    sample: Any,
+) -> Any:
+    """The :class:`~monai_effq.qat.TrainableNetwork` a bundle's ``finetune`` workflow trains.
+
+    Args:
+        init: ``"efficientq"`` (run the PTQ calibrator, then fine-tune its result), ``"fp"`` (fine-tune
+            from the FP checkpoint: the method's retrain mode) or ``"scratch"`` (the paper's setting).
+        network: the bundle's freshly built network.
+        fp_checkpoint: the FP checkpoint (for ``"fp"``; the calibrator loads it for ``"efficientq"``).
+        calibrator: the evaluator with the quantization handlers (run only for ``"efficientq"``).
+        config: the quantization config dict (bits, grids, fixed-point settings).
+        sample: the calibration loader (one batch folds BatchNorm and calibrates activations).
+
+    Returns:
+        the trainable network.
+
+    Raises:
+        ValueError: for an unknown ``init``.
+    """
+    from monai_effq.qat import prepare_finetune
+
+    if init not in FINETUNE_STARTS:
+        raise ValueError(f"init must be one of {FINETUNE_STARTS}, got {init!r}.")
+    if init == "efficientq":
+        calibrator.run()
+        return prepare_finetune(calibrator.state.quantization)
+    if init == "fp":
+        load_fp_weights(network, fp_checkpoint, str(next(network.parameters()).device))
+    return prepare_finetune(network, sample, config, from_scratch=init == "scratch")

@@ -80,16 +80,31 @@ def results_markdown(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def _replace_between_markers(path: Path, markdown: str) -> bool:
+    """Rewrite the text between the results markers of ``path``; ``False`` when it has none."""
+    if not path.is_file():
+        return False
+    text = path.read_text()
+    if MARK_START not in text or MARK_END not in text:
+        return False
+    head, rest = text.split(MARK_START, 1)
+    _, tail = rest.split(MARK_END, 1)
+    atomic_write_text(path, f"{head}{MARK_START}\n{markdown}\n{MARK_END}{tail}")
+    return True
+
+
 def publish(markdown: str) -> None:
-    """Write ``docs/results.md`` and the README's results section (both atomically)."""
-    atomic_write_text(ROOT / "docs" / "results.md", "# Demo results\n\nWritten by `python -m monai_effq.demo`.\n\n" + markdown)
-    readme = ROOT / "README.md"
-    if readme.is_file():
-        text = readme.read_text()
-        if MARK_START in text and MARK_END in text:
-            head, rest = text.split(MARK_START, 1)
-            _, tail = rest.split(MARK_END, 1)
-            atomic_write_text(readme, f"{head}{MARK_START}\n{markdown}\n{MARK_END}{tail}")
+    """Write the demo table into ``docs/results.md`` and the README, between their results markers.
+
+    Other sections of ``docs/results.md`` (e.g. the QAT benchmark) are kept; a file without the
+    markers is written afresh.
+    """
+    results = ROOT / "docs" / "results.md"
+    if not _replace_between_markers(results, markdown):
+        atomic_write_text(
+            results, f"# Demo results\n\nWritten by `python -m monai_effq.demo`.\n\n{MARK_START}\n{markdown}\n{MARK_END}\n"
+        )
+    _replace_between_markers(ROOT / "README.md", markdown)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,20 +1,25 @@
 """MONAI/ignite glue: handlers that run quantization, load quantized checkpoints and write reports."""
 
+from monai_effq.handlers.finetune import FinetuneHandler, engine_loss
 from monai_effq.handlers.quantization import QuantizationHandler, QuantizedCheckpointLoader, batch_images
 from monai_effq.handlers.report import (
     QuantizationReportHandler,
     format_table,
+    plot_finetune_loss,
     plot_dice,
     plot_layer_errors,
     write_comparison,
 )
 
 __all__ = [
+    "FinetuneHandler",
+    "engine_loss",
     "QuantizationHandler",
     "QuantizedCheckpointLoader",
     "batch_images",
     "QuantizationReportHandler",
     "format_table",
+    "plot_finetune_loss",
     "plot_dice",
     "plot_layer_errors",
     "write_comparison",

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["QuantizationReportHandler", "plot_layer_errors", "plot_dice", "write_comparison", "format_table"]
+__all__ = ["QuantizationReportHandler", "plot_finetune_loss", "plot_layer_errors", "plot_dice", "write_comparison", "format_table"]
 
 
 def _save_figure(fig: Any, path: Path) -> Path:
@@ -60,6 +60,28 @@ def plot_layer_errors(report: QuantizationReport, path: str | Path) -> Path | No
     ax.set_ylabel("weighted output MSE of the layer")
     ax.set_title(f"Per-layer error before/after ({report.compression:.1f}x smaller)")
     ax.legend()
+    return _save_figure(fig, Path(path))
+
+
+def plot_finetune_loss(report: QuantizationReport, path: str | Path) -> Path | None:
+    """Line plot of the training loss of a quantization-aware fine-tune (``report.extra["finetune"]``).
+
+    Args:
+        report: the report of a fine-tuned result.
+        path: the PNG to write.
+
+    Returns:
+        the path, or ``None`` when matplotlib is missing or the report has no losses.
+    """
+    losses = report.extra.get("finetune", {}).get("losses")
+    if not _has_plt or not losses:
+        return None
+    plt.switch_backend("Agg")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(losses) + 1), losses, lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"Quantization-aware fine-tuning ({report.method}, {report.weight_compression:.1f}x smaller weights)")
     return _save_figure(fig, Path(path))
 
 
@@ -119,6 +141,9 @@ class QuantizationReportHandler:
         png = plot_layer_errors(result.report, self.output_dir / f"{self.stem}_layers.png")
         if png is not None:
             paths.append(png)
+        curve = plot_finetune_loss(result.report, self.output_dir / f"{self.stem}_finetune_loss.png")
+        if curve is not None:
+            paths.append(curve)
         self.logger.info(f"quantization report written: {', '.join(str(p) for p in paths)}")
 
 

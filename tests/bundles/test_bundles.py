@@ -60,6 +60,40 @@ def test_quantize_evaluate_and_inference_run_from_the_bundle_configs(trained):
 
 
 @pytest.mark.slow
+def test_finetune_from_efficientq_writes_what_quantize_writes_and_evaluate_reads_it(trained):
+    name, work, common, classes = trained
+    bundle(name, "finetune", *common, "--steps", "3", "--weight_bits", "4", "--act_bits", "6", "--roi_size", ROI, "--calibration_crop", ROI)
+    report = json.loads((work / "eval" / "quantization_report_w4a6.json").read_text())
+    assert report["method"] == "efficientq+qat"
+    assert report["extra"]["finetune"]["steps"] == 3 and report["extra"]["finetune"]["init"] == "efficientq"
+    assert {layer["act_bits"] for layer in report["layers"][1:-1]} == {6}
+    assert (work / "eval" / "quantization_report_w4a6_finetune_loss.png").is_file()
+    bundle(name, "evaluate", *common, "--weight_bits", "4", "--act_bits", "6", "--roi_size", ROI)
+    rows = json.loads((work / "eval" / "evaluation_w4a6.json").read_text())
+    assert [r["model"] for r in rows] == ["FP32", "W4A6"]
+
+
+@pytest.mark.slow
+def test_finetune_from_fp_with_power_of_two_scales(trained):
+    name, work, common, _ = trained
+    if name != "lits_effq":
+        pytest.skip("one bundle is enough for the FP start")
+    bundle(name, "finetune", *common, "--steps", "2", "--init", "fp", "--power_of_two", "True", "--weight_bits", "3", "--roi_size", ROI, "--calibration_crop", ROI)
+    report = json.loads((work / "eval" / "quantization_report_w3a6.json").read_text())
+    assert report["method"] == "fp+qat" and report["folded_batchnorms"]
+
+
+@pytest.mark.slow
+def test_finetune_configs_train_with_the_bundles_own_loss_and_network():
+    for name in BUNDLES:
+        configs = ROOT / "bundles" / name / "configs"
+        train = json.loads((configs / "train.json").read_text())
+        finetune = json.loads((configs / "finetune.json").read_text())
+        for key in ("network_def", "loss", "train_preprocessing", "train_loader", "roi_size", "batch_size"):
+            assert finetune[key] == train[key], (name, key)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(BUNDLES))
 def test_bundle_metadata_and_network_shapes_verify(name):
     meta = ROOT / "bundles" / name / "configs" / "metadata.json"

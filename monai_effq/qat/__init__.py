@@ -1,0 +1,30 @@
+"""Quantization-aware fine-tuning (the U-Net fixed-point method's training) on top of the PTQ modules.
+
+Knows PyTorch modules and the PTQ result; MONAI engines use it through :mod:`monai_effq.handlers`.
+"""
+
+from monai_effq.qat.finetune import (
+    DEFAULT_LR,
+    DEFAULT_STEPS,
+    TrainableNetwork,
+    default_loss,
+    finetune,
+    prepare_finetune,
+    split_batch,
+    train_steps,
+)
+from monai_effq.qat.modules import FrozenBatchNorm, TrainableQuantizedLayer, straight_through
+
+__all__ = [
+    "DEFAULT_LR",
+    "DEFAULT_STEPS",
+    "TrainableNetwork",
+    "default_loss",
+    "finetune",
+    "prepare_finetune",
+    "split_batch",
+    "train_steps",
+    "FrozenBatchNorm",
+    "TrainableQuantizedLayer",
+    "straight_through",
+]

@@ -1,0 +1,50 @@
+import json
+
+import pytest
+import torch
+from monai.engines import SupervisedTrainer
+from monai.networks.nets import UNet
+
+from monai_effq import EfficientQConfig, load_quantized
+from monai_effq.handlers import FinetuneHandler, QuantizationReportHandler
+from monai_effq.ptq import QuantizedLayer
+from monai_effq.qat import prepare_finetune
+
+
+def _net():
+    torch.manual_seed(0)
+    return UNet(3, 1, 2, channels=(4, 8), strides=(2,), num_res_units=0)
+
+
+def test_a_supervised_trainer_fine_tunes_and_the_handler_freezes_and_reports(tmp_path):
+    batches = [{"image": torch.randn(2, 1, 16, 16, 16), "label": (torch.rand(2, 1, 16, 16, 16) > 0.7).long()} for _ in range(2)]
+    trainable = prepare_finetune(_net(), batches, EfficientQConfig(weight_bits=4, act_bits=6, power_of_two=True))
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        epoch_length=5,  # more steps than batches: the loader is cycled
+        train_data_loader=batches,
+        network=trainable.network,
+        optimizer=torch.optim.Adam(trainable.parameters(), lr=1e-3),
+        loss_function=lambda logits, label: torch.nn.functional.cross_entropy(logits, label[:, 0]),
+        decollate=False,
+    )
+    handler = FinetuneHandler(trainable, save_path=tmp_path / "qat.pt", settings={"lr": 1e-3})
+    handler.attach(trainer)
+    handler.attach(trainer)  # attaching twice is harmless
+    QuantizationReportHandler(tmp_path / "eval").attach(trainer)
+    trainer.run()
+    result = trainer.state.quantization
+    assert any(isinstance(m, QuantizedLayer) for m in result.network.modules())
+    report = json.loads((tmp_path / "eval" / "quantization_report.json").read_text())
+    assert report["method"] == "fp+qat" and report["extra"]["finetune"]["steps"] == 5
+    assert report["extra"]["finetune"]["lr"] == 1e-3
+    assert (tmp_path / "eval" / "quantization_report_finetune_loss.png").stat().st_size > 1000
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path / "qat.pt", _net())(x), result.network(x))
+
+
+def test_the_handler_needs_a_trainable_network():
+    with pytest.raises(TypeError, match="prepare_finetune"):
+        FinetuneHandler(_net())

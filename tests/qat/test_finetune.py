@@ -1,0 +1,142 @@
+"""Quantization-aware fine-tuning: STE gradients, exact freezing, bit-exact checkpoints, bad input."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.nets import UNet
+
+from monai_effq import EfficientQConfig, finetune, load_quantized, quantize, save_quantized
+from monai_effq.ptq import QuantizedLayer
+from monai_effq.qat import FrozenBatchNorm, TrainableQuantizedLayer, prepare_finetune
+from monai_effq.quant import UniformGrid, fractional_bits
+
+from ..ptq.conftest import sphere_volumes, trained_unet  # noqa: F401 - the fixture is shared with the PTQ tests
+
+FIXED = EfficientQConfig(weight_bits=4, act_bits=6, power_of_two=True, weight_grid="symmetric")
+
+
+def _unet(seed=0):
+    torch.manual_seed(seed)
+    return UNet(3, 1, 2, channels=(8, 16, 32), strides=(2, 2), num_res_units=1)
+
+
+@pytest.fixture(scope="module")
+def spheres():
+    x, y = sphere_volumes(8, seed=0)
+    return [(x[i : i + 4], y[i : i + 4]) for i in (0, 4)]
+
+
+def test_ste_hands_the_rounded_weights_gradient_to_the_shadow_weights():
+    conv = nn.ConvTranspose3d(4, 6, 2, stride=2)
+    layer = TrainableQuantizedLayer(conv, conv.weight, conv.bias, UniformGrid(4, "symmetric"), torch.full((6,), 0.05), torch.full((6,), 8.0))
+    x = torch.randn(2, 4, 5, 5, 5)
+    layer(x).square().sum().backward()
+    reference = layer.quantized_weight().detach().requires_grad_()
+    F.conv_transpose3d(x, reference, layer.bias.detach(), stride=2).square().sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    assert torch.allclose(layer.weight.grad, reference.grad)
+
+
+def test_the_loss_falls_over_a_short_fine_tune(spheres):
+    res = finetune(_unet(), spheres, FIXED, steps=25, lr=1e-2)
+    info = res.report.extra["finetune"]
+    assert info["steps"] == 25 and info["start"] == "fp"
+    assert info["loss_last"] < 0.7 * info["loss_first"]
+
+
+def test_fixed_point_codes_times_two_to_the_minus_f_are_the_fake_quant_weights(spheres):
+    res = finetune(_unet(), spheres, FIXED, steps=2, lr=1e-3)
+    layers = [m for m in res.network.modules() if isinstance(m, QuantizedLayer)]
+    assert len(layers) == 10
+    for m in layers:
+        f = int(fractional_bits(m.scale))
+        ints = m.codes.long() - int(m.zero_point)
+        assert torch.equal(ints.double() * 2.0**-f, m.weight().double())
+        if m.input_quantizer is not None:
+            assert float(m.input_quantizer.scale) == 2.0 ** -int(fractional_bits(m.input_quantizer.scale))
+
+
+def test_freezing_keeps_the_trained_outputs_exactly(spheres):
+    trainable = prepare_finetune(_unet(), spheres[0][0], FIXED)
+    with torch.no_grad():
+        for p in trainable.parameters():
+            p.add_(1e-3 * torch.randn_like(p))
+    x = spheres[1][0][:2]
+    trainable.network.eval()
+    with torch.no_grad():
+        expected = trainable.network(x)
+        assert torch.equal(trainable.freeze().network(x), expected)
+
+
+def test_a_ptq_result_restarts_exactly_where_it_was(trained_unet):
+    calib, _ = sphere_volumes(1, seed=5)
+    ptq = quantize(trained_unet, calib, EfficientQConfig(weight_bits=3, per_channel=True, method="rtn"), progress=False)
+    trainable = prepare_finetune(ptq)
+    assert trainable.start == "ptq" and trainable.layers()
+    x = calib.repeat(2, 1, 1, 1, 1)
+    trainable.network.eval()
+    with torch.no_grad():
+        assert torch.equal(trainable.network(x), ptq.network(x))
+        assert torch.equal(trainable.freeze().network(x), ptq.network(x))
+
+
+def test_a_qat_checkpoint_round_trips_bit_exact(spheres, trained_unet, tmp_path):
+    calib, _ = sphere_volumes(1, seed=5)
+    ptq = quantize(trained_unet, calib, EfficientQConfig(weight_bits=4, act_bits=6, method="rtn"), progress=False)
+    res = finetune(ptq, spheres, steps=3, lr=1e-3)
+    assert res.report.method == "rtn+qat"
+    path = save_quantized(res, tmp_path / "qat.pt")
+    loaded = load_quantized(path, UNet(3, 1, 2, channels=(8, 16, 32), strides=(2, 2), num_res_units=1))
+    x = spheres[1][0]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), res.network(x))
+
+
+def test_batchnorm_is_folded_from_fp_and_frozen_where_it_cannot_be():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(), nn.BatchNorm3d(4), nn.Conv3d(4, 2, 1))
+    x = torch.randn(4, 1, 8, 8, 8)
+    trainable = prepare_finetune(net.eval(), x, EfficientQConfig(first_layer_bits=None, last_layer_bits=None))
+    assert trainable.folded == ["1"]
+    frozen = trainable.network[3]
+    assert isinstance(frozen, FrozenBatchNorm)
+    before = frozen.norm.running_mean.clone()
+    trainable.network.train()
+    trainable.network(x).sum().backward()
+    assert not frozen.norm.training and torch.equal(frozen.norm.running_mean, before)
+    assert isinstance(trainable.freeze().network[3], nn.BatchNorm3d)
+
+
+def test_the_methods_own_formats_train_from_scratch(spheres):
+    cfg = EfficientQConfig(weight_format="Q0.4", act_format="Q6.0", first_layer_bits=None, last_layer_bits=None)
+    res = finetune(_unet(), spheres, cfg, steps=2, from_scratch=True)
+    layers = [m for m in res.network.modules() if isinstance(m, QuantizedLayer)]
+    assert {m.grid.bits for m in layers} == {5} and {float(m.scale) for m in layers} == {1 / 16}
+    assert res.report.extra["finetune"]["start"] == "scratch"
+
+
+@pytest.mark.parametrize("steps", [0, -3, 2.5, True])
+def test_steps_must_be_a_positive_integer(spheres, steps):
+    with pytest.raises(ValueError, match="steps must be a positive integer"):
+        finetune(_unet(), spheres, FIXED, steps=steps)
+
+
+def test_a_loader_without_labels_is_a_clear_error():
+    data = [{"image": torch.randn(2, 1, 24, 24, 24)}]
+    with pytest.raises(ValueError, match="has no 'label'"):
+        finetune(_unet(), data, FIXED, steps=1)
+
+
+def test_an_empty_loader_and_a_bad_start_are_clear_errors(spheres):
+    with pytest.raises(ValueError, match="yielded no batch"):
+        finetune(_unet(), [], FIXED, steps=1)
+    with pytest.raises(TypeError, match="QuantizationResult or an FP nn.Module"):
+        finetune("model.pt", spheres, steps=1)
+    with pytest.raises(ValueError, match="lr must be a positive"):
+        finetune(_unet(), spheres, FIXED, steps=1, lr=0.0)
+
+
+def test_fractional_bits_that_overflow_the_word_are_a_clear_error(spheres):
+    with pytest.raises(ValueError, match="needs a 9-bit word"):
+        finetune(_unet(), spheres, {"weight_format": "Q0.8"}, steps=1)
