@@ -4,15 +4,24 @@ Needs the ``deploy`` extra (``pip install 'monai-effq[deploy]'``: onnx, onnxrunt
 """
 
 from monai_effq.deploy.export import QdqLayer, export_form, export_onnx, fold_weight_quantization
-from monai_effq.deploy.runtime import OnnxRuntimeNetwork, OpenVINONetwork, cpu_has_vnni, widest_int8_weight
+from monai_effq.deploy.runtime import (
+    RUNTIMES,
+    OnnxRuntimeNetwork,
+    OpenVINONetwork,
+    cpu_has_vnni,
+    runtime_network,
+    widest_int8_weight,
+)
 
 __all__ = [
     "QdqLayer",
     "export_form",
     "export_onnx",
     "fold_weight_quantization",
+    "RUNTIMES",
     "OnnxRuntimeNetwork",
     "OpenVINONetwork",
     "cpu_has_vnni",
+    "runtime_network",
     "widest_int8_weight",
 ]

@@ -36,7 +36,15 @@ from monai_effq.utils.io import atomic_write
 onnx, _has_onnx = optional_import("onnx")
 numpy_helper, _ = optional_import("onnx", name="numpy_helper")
 
-__all__ = ["DEPLOY_EXTRA", "QdqLayer", "export_form", "export_onnx", "fold_weight_quantization", "require"]
+__all__ = [
+    "DEPLOY_EXTRA",
+    "QdqLayer",
+    "compact_names",
+    "export_form",
+    "export_onnx",
+    "fold_weight_quantization",
+    "require",
+]
 
 logger = logging.getLogger("monai_effq")
 
@@ -89,7 +97,8 @@ def _integer_weights(module: QuantizedLayer) -> tuple[torch.Tensor, torch.Tensor
         return native(rows).to(torch.uint8), scale, zero
     raise ValueError(
         f"the {module.grid.bits}-bit {module.grid.kind} weights of {type(module.layer).__name__} do not fit an "
-        "8-bit container; quantize 8-bit layers on the 'signed' or 'symmetric' grid."
+        "8-bit container: quantize again (EfficientQConfig puts 8-bit layers on the 'symmetric' grid; "
+        "an explicit 8-bit 'midrise' override needs 9-bit integers)."
     )
 
 
@@ -209,13 +218,40 @@ def export_form(network: nn.Module, reduce_range: bool = False) -> tuple[nn.Modu
 
 
 def _constant_values(graph) -> dict[str, np.ndarray]:  # noqa: ANN001 - onnx.GraphProto
+    """Values known without running the graph: initializers, ``Constant`` outputs and their casts."""
     values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    for node in graph.node:
+    for node in graph.node:  # nodes are in topological order
         if node.op_type == "Constant":
             for attr in node.attribute:
                 if attr.name == "value":
                     values[node.output[0]] = numpy_helper.to_array(attr.t)
+        elif node.op_type == "Identity" and node.input[0] in values:
+            values[node.output[0]] = values[node.input[0]]
+        elif node.op_type == "Cast" and node.input[0] in values:
+            to = next(a.i for a in node.attribute if a.name == "to")
+            values[node.output[0]] = values[node.input[0]].astype(onnx.helper.tensor_dtype_to_np_dtype(to))
     return values
+
+
+def compact_names(model) -> None:  # noqa: ANN001 - onnx.ModelProto
+    """Give intermediate tensors and nodes short names (the exporter's scoped names can take a
+    tenth of a small int8 model's file); graph inputs, outputs and initializers keep theirs."""
+    graph = model.graph
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output} | {i.name for i in graph.initializer}
+    rename: dict[str, str] = {}
+    for k, node in enumerate(graph.node):
+        node.name = f"n{k}"
+        for i, name in enumerate(node.output):
+            if name and name not in keep:
+                rename.setdefault(name, f"t{len(rename)}")
+                node.output[i] = rename[name]
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    for info in list(graph.value_info):
+        if info.name in rename:
+            info.name = rename[info.name]
 
 
 def fold_weight_quantization(model) -> int:  # noqa: ANN001 - onnx.ModelProto
@@ -342,6 +378,7 @@ def export_onnx(
         )
     proto = onnx.load_from_string(buffer.getvalue())
     folded = fold_weight_quantization(proto)
+    compact_names(proto)
     if folded != n_quantized:
         raise RuntimeError(f"expected {n_quantized} integer weight tensors in the exported graph, found {folded}.")
     onnx.checker.check_model(proto)

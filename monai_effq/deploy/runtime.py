@@ -10,21 +10,24 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 from monai.utils import optional_import
 
-from monai_effq.deploy.export import REDUCED_WEIGHT_RANGE, require
+from monai_effq.deploy.export import REDUCED_WEIGHT_RANGE, export_onnx, require
+from monai_effq.ptq.checkpoint import load_quantized
 
 ort, _has_ort = optional_import("onnxruntime")
 ov, _has_ov = optional_import("openvino")
 onnx, _has_onnx = optional_import("onnx")
 numpy_helper, _ = optional_import("onnx", name="numpy_helper")
 
-__all__ = ["OnnxRuntimeNetwork", "OpenVINONetwork", "cpu_has_vnni", "widest_int8_weight"]
+__all__ = ["RUNTIMES", "OnnxRuntimeNetwork", "OpenVINONetwork", "cpu_has_vnni", "runtime_network", "widest_int8_weight"]
 
 logger = logging.getLogger("monai_effq")
 
@@ -202,3 +205,47 @@ class OpenVINONetwork(_RuntimeNetwork):
     def _run(self, array: np.ndarray) -> np.ndarray:
         self.request.infer({0: array})
         return self.request.get_output_tensor(0).data.copy()
+
+
+RUNTIMES = {"openvino": OpenVINONetwork, "onnxruntime": OnnxRuntimeNetwork}
+
+
+def runtime_network(
+    runtime: str,
+    onnx_path: str | os.PathLike,
+    quantized_path: str | os.PathLike | None = None,
+    network: nn.Module | None = None,
+    example_shape: Sequence[int] | None = None,
+    **options: Any,
+) -> nn.Module:
+    """The runtime network of a quantized checkpoint, exporting its ONNX first when missing or older.
+
+    Bundles call this so that one command goes from ``model_w4a8.pt`` to an OpenVINO network; the
+    ONNX file is written beside the checkpoint and re-exported whenever the checkpoint is newer.
+
+    Args:
+        runtime: ``"openvino"`` or ``"onnxruntime"``.
+        onnx_path: the ONNX file to run (and to write).
+        quantized_path: the quantized checkpoint it is exported from (``None``: run ``onnx_path`` as is).
+        network: a fresh FP network of the checkpoint's architecture (needed with ``quantized_path``).
+        example_shape: an input shape ``(N, C, *spatial)`` for the export (spatial axes stay dynamic).
+        options: passed to the runtime network.
+
+    Returns:
+        an :class:`OpenVINONetwork` or :class:`OnnxRuntimeNetwork`.
+
+    Raises:
+        ValueError: for an unknown runtime or a missing argument.
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime must be one of {sorted(RUNTIMES)}, got {runtime!r}.")
+    onnx_path = Path(onnx_path)
+    if quantized_path is not None:
+        source = Path(quantized_path)
+        if not source.is_file():
+            raise FileNotFoundError(f"quantized checkpoint {source} does not exist: run the bundle's quantize workflow first.")
+        if not onnx_path.is_file() or onnx_path.stat().st_mtime < source.stat().st_mtime:
+            if network is None or example_shape is None:
+                raise ValueError("exporting a quantized checkpoint needs the FP `network` and an `example_shape`.")
+            export_onnx(load_quantized(source, network), onnx_path, list(example_shape))
+    return RUNTIMES[runtime](onnx_path, **options)

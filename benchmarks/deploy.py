@@ -1,0 +1,192 @@
+"""Deployment benchmark: the quantized bundles' networks run by torch, ONNX Runtime and OpenVINO.
+
+Part 1, latency: for the BraTS bundle's SegResNet on a 1x4x128^3 volume and the LiTS bundle's UNet
+on a 1x1x96^3 volume, at W8A8 and W4A8 (EfficientQ, quantized by each bundle's own ``quantize``
+workflow from its trained checkpoint on the embedded demo data): torch fp32 eager, torch fake-quant,
+ONNX Runtime fp32/int8 and OpenVINO fp32/int8. Every runner is timed once per round, rounds
+interleaved, and the median is reported with its speed ratio against torch fp32 measured in the same
+run; also the ONNX file sizes and each output's relative L2 error against fp32 and against the
+fake-quant network.
+
+Part 2, Dice: each bundle's ``evaluate`` workflow with the ``evaluate_openvino.json`` overlay (the
+sliding-window evaluation on the demo validation cases) for the fake-quant network, OpenVINO and ONNX
+Runtime: Dice per class and wall time.
+
+Usage::
+
+    python benchmarks/deploy.py                 # the issue's sizes, 5 rounds
+    python benchmarks/deploy.py --quick         # 64^3 volumes, 2 rounds, W4A8 only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from monai.bundle import ConfigParser
+from monai.transforms import ResizeWithPadOrCrop
+
+import monai_effq
+from monai_effq.deploy import OnnxRuntimeNetwork, OpenVINONetwork, export_onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLES = {"segresnet": ("brats_effq", 128), "unet": ("lits_effq", 96)}
+
+
+def parser_for(bundle: str, configs: list[str], **overrides) -> ConfigParser:
+    """A bundle's config (configs merged in order) with overrides, as ``python -m monai.bundle`` reads it."""
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "bundles" / bundle / "configs" / f"{c}.json") for c in configs])
+    parser["bundle_root"] = str(ROOT / "bundles" / bundle)
+    for key, value in overrides.items():
+        parser[key] = value
+    return parser
+
+
+def quantize_bundle(bundle: str, weight_bits: int, work: Path) -> Path:
+    """Run the bundle's quantize workflow into ``work``; return the checkpoint path."""
+    path = work / f"{bundle}_w{weight_bits}a8.pt"
+    parser = parser_for(
+        bundle,
+        ["quantize"],
+        weight_bits=weight_bits,
+        quantized_path=str(path),
+        output_dir=str(work / "eval"),
+        fp_checkpoint=str(ROOT / "bundles" / bundle / "models" / "model.pt"),
+    )
+    parser.get_parsed_content("quantize")
+    return path
+
+
+def volume(bundle: str, size: int) -> torch.Tensor:
+    """The first demo validation case, preprocessed by the bundle and padded/cropped to ``size``^3."""
+    parser = parser_for(bundle, ["evaluate"])
+    case = parser.get_parsed_content("val_dataset")[0]
+    image = ResizeWithPadOrCrop((size,) * 3)(case["image"])
+    return image.as_tensor()[None].float()
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def latency(args: argparse.Namespace, work: Path) -> list[dict]:
+    rows = []
+    for name, (bundle, size) in BUNDLES.items():
+        size = 64 if args.quick else size
+        x = volume(bundle, size)
+        fp = parser_for(bundle, ["evaluate"]).get_parsed_content("network_def")
+        fp.load_state_dict(torch.load(ROOT / "bundles" / bundle / "models" / "model.pt", map_location="cpu"))
+        fp.eval()
+        fp_onnx = export_onnx(fp, work / f"{name}_fp32.onnx", x, require_quantized=False)
+        runners = {"torch fp32": fp, "ORT fp32": OnnxRuntimeNetwork(fp_onnx), "OpenVINO fp32": OpenVINONetwork(fp_onnx)}
+        files = {"fp32": fp_onnx.stat().st_size}
+        for bits in args.bits:
+            ckpt = quantize_bundle(bundle, bits, work)
+            net = monai_effq.load_quantized(ckpt, parser_for(bundle, ["evaluate"]).get_parsed_content("network_def"))
+            path = export_onnx(net, work / f"{name}_w{bits}a8.onnx", x)
+            files[f"W{bits}A8"] = path.stat().st_size
+            runners[f"torch fake-quant W{bits}A8"] = net.eval()
+            runners[f"ORT int8 W{bits}A8"] = OnnxRuntimeNetwork(path)
+            runners[f"OpenVINO int8 W{bits}A8"] = OpenVINONetwork(path)
+        times: dict[str, list[float]] = {k: [] for k in runners}
+        outputs = {}
+        with torch.no_grad():
+            for key, run in runners.items():  # warm-up, and the outputs compared below
+                outputs[key] = run(x)
+            for _ in range(args.rounds):
+                for key, run in runners.items():
+                    t0 = time.perf_counter()
+                    run(x)
+                    times[key].append(time.perf_counter() - t0)
+        base = statistics.median(times["torch fp32"])
+        ov_fp = statistics.median(times["OpenVINO fp32"])
+        print(f"\n{name} ({bundle}), input {tuple(x.shape)}, median of {args.rounds} interleaved rounds")
+        print(f"{'runner':28s} {'seconds':>8s} {'x torch fp32':>12s} {'x OV fp32':>9s} {'relL2 vs fp32':>13s} {'vs fake-quant':>13s}")
+        for key in runners:
+            med = statistics.median(times[key])
+            tag = key.split()[-1]
+            fq = outputs.get(f"torch fake-quant {tag}")
+            row = {
+                "network": name,
+                "runner": key,
+                "seconds": med,
+                "speedup_vs_torch_fp32": base / med,
+                "speedup_vs_openvino_fp32": ov_fp / med,
+                "rel_l2_vs_fp32": rel_l2(outputs[key], outputs["torch fp32"]),
+                "rel_l2_vs_fake_quant": rel_l2(outputs[key], fq) if fq is not None else None,
+            }
+            rows.append(row)
+            vs_fq = "" if fq is None else f"{row['rel_l2_vs_fake_quant']:13.2e}"
+            print(
+                f"{key:28s} {med:8.3f} {row['speedup_vs_torch_fp32']:12.2f} {row['speedup_vs_openvino_fp32']:9.2f} "
+                f"{row['rel_l2_vs_fp32']:13.2e} {vs_fq}"
+            )
+        for tag, size_bytes in files.items():
+            print(f"ONNX {tag}: {size_bytes / 2**20:.2f} MiB ({size_bytes / files['fp32']:.3f} of fp32)")
+            rows.append({"network": name, "file": tag, "bytes": size_bytes, "ratio_vs_fp32": size_bytes / files["fp32"]})
+    return rows
+
+
+def dice(args: argparse.Namespace, work: Path) -> list[dict]:
+    rows = []
+    print("\nSliding-window evaluation on the demo validation cases (the bundles' evaluate workflow), W4A8")
+    for bundle, _ in BUNDLES.values():
+        ckpt = work / f"{bundle}_w4a8.pt"
+        if not ckpt.is_file():
+            quantize_bundle(bundle, 4, work)
+        fp_ckpt = str(ROOT / "bundles" / bundle / "models" / "model.pt")
+        for runtime in ("torch", "openvino", "onnxruntime"):
+            configs = ["evaluate"] if runtime == "torch" else ["evaluate", "evaluate_openvino"]
+            overrides = {"quantized_path": str(ckpt), "fp_checkpoint": fp_ckpt, "output_dir": str(work / "eval")}
+            if runtime != "torch":
+                overrides["runtime"] = runtime
+            parser = parser_for(bundle, configs, **overrides)
+            runs = {"torch fp32": "fp_evaluator"} if runtime == "torch" else {}
+            runs[f"{runtime} W4A8" if runtime != "torch" else "torch fake-quant W4A8"] = (
+                "quantized_evaluator" if runtime == "torch" else "deployed_evaluator"
+            )
+            for label, key in runs.items():
+                evaluator = parser.get_parsed_content(key)
+                t0 = time.perf_counter()
+                evaluator.run()
+                seconds = time.perf_counter() - t0
+                details = (evaluator.state.metric_details or {}).get("dice")
+                per_class = [] if details is None else torch.as_tensor(details).float().nanmean(0).tolist()
+                mean = float(evaluator.state.metrics["dice"])
+                rows.append({"bundle": bundle, "runner": label, "dice_mean": mean, "dice_per_class": per_class, "seconds": seconds})
+                print(f"{bundle:11s} {label:24s} Dice {mean:.4f}  {' '.join(f'{d:.4f}' for d in per_class)}  {seconds:6.1f} s")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="64^3 volumes, 2 rounds, W4A8 only")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--bits", type=int, nargs="+", default=[8, 4])
+    parser.add_argument("--skip-dice", action="store_true")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.bits = 2, [4]
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        rows = latency(args, work)
+        if not args.skip_dice:
+            rows += dice(args, work)
+    if args.json:
+        from monai_effq.utils.io import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(rows, indent=2))
+    print("\nratios are against torch fp32 eager (and OpenVINO fp32) measured in the same run", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The ONNX QDQ export: integer weights, calibrated activation ranges, the same function as fake-quant."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from monai.networks.nets import UNet
+from onnx import numpy_helper
+
+import monai_effq
+from monai_effq.deploy import OnnxRuntimeNetwork, export_onnx, widest_int8_weight
+from monai_effq.ptq import QuantizedLayer
+
+from .conftest import bn_unet
+
+
+def test_the_exported_graph_run_unoptimised_reproduces_the_fake_quant_network(exported):
+    result, path = exported
+    x = torch.rand(2, 2, 20, 28, 12, generator=torch.Generator().manual_seed(5))  # not the export shape
+    with torch.no_grad():
+        expected = result.network(x)
+    got = OnnxRuntimeNetwork(path, optimize=False)(x)
+    assert got.shape == expected.shape
+    # Same codes, same ranges: outputs agree to float tolerance except where a conv's different
+    # summation order moves an activation across a rounding boundary (a one-step flip downstream).
+    exact = torch.isclose(got, expected, atol=1e-5, rtol=1e-5).float().mean()
+    assert exact > 0.98, float(exact)
+    assert float((got - expected).norm() / expected.norm()) < 2e-3
+
+
+def test_weights_are_stored_as_int8_codes_with_one_tensor_per_quantized_layer(exported):
+    result, path = exported
+    model = onnx.load(str(path))
+    int8 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) > 1]
+    layers = [m for m in result.network.modules() if isinstance(m, QuantizedLayer)]
+    assert len(int8) == len(layers)
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in {i.name for i in model.graph.initializer} for n in model.graph.node)
+    # a W2 layer holds 4 distinct values on the midrise grid (odd integers after doubling)
+    bits = sorted(m.grid.bits for m in layers)
+    values = [np.unique(numpy_helper.to_array(i)) for i in int8]
+    assert min(len(v) for v in values) <= 2 ** bits[0]
+
+
+def test_the_int8_file_is_at_most_027_of_the_fp32_file(tmp_path):
+    torch.manual_seed(0)
+    net = UNet(3, 1, 3, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2, norm="batch").eval()
+    x = torch.rand(1, 1, 16, 16, 16)
+    result = monai_effq.quantize(net, x, monai_effq.EfficientQConfig(method="rtn", attention=False), progress=False)
+    fp = export_onnx(net, tmp_path / "fp.onnx", x, require_quantized=False)
+    q = export_onnx(result, tmp_path / "q.onnx", x)
+    assert q.stat().st_size <= 0.27 * fp.stat().st_size
+
+
+def test_activation_ranges_below_8_bits_are_clipped_to_the_calibrated_grid(exported):
+    result, path = exported
+    model = onnx.load(str(path))
+    act_bits = {m.input_quantizer.grid.bits for m in result.network.modules() if isinstance(m, QuantizedLayer) and m.input_quantizer}
+    clips = sum(n.op_type == "Clip" for n in model.graph.node)
+    assert (clips > 0) == (min(act_bits) < 8)
+
+
+def test_eight_bit_layers_use_the_symmetric_grid_and_fit_int8(exported):
+    result, _ = exported
+    edge = [m for m in result.network.modules() if isinstance(m, QuantizedLayer) and m.grid.bits == 8]
+    assert edge and all(m.grid.kind == "symmetric" for m in edge)
+
+
+def test_reduce_range_keeps_weights_in_seven_bits_and_warns(quantized, tmp_path):
+    with pytest.warns(UserWarning, match="7 bits"):
+        path = export_onnx(quantized, tmp_path / "r.onnx", (1, 2, 16, 16, 16), reduce_range=True)
+    assert widest_int8_weight(path) <= 64
+    x = torch.rand(1, 2, 16, 16, 16)
+    with torch.no_grad():
+        ref = quantized.network(x)
+    out = OnnxRuntimeNetwork(path, optimize=False)(x)
+    assert float((out - ref).norm() / ref.norm()) < 0.05  # only the 8-bit edge layers were re-rounded
+
+
+def test_exporting_a_network_that_was_never_quantized_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="no quantized layers"):
+        export_onnx(bn_unet(), tmp_path / "x.onnx", (1, 2, 16, 16, 16))
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_a_bad_example_input_or_opset_is_an_error(quantized, tmp_path):
+    with pytest.raises(ValueError, match="example_input"):
+        export_onnx(quantized, tmp_path / "x.onnx", (16, 16))
+    with pytest.raises(ValueError, match="opset"):
+        export_onnx(quantized, tmp_path / "x.onnx", (1, 2, 16, 16, 16), opset=11)
+    with pytest.raises(TypeError, match="QuantizationResult"):
+        export_onnx("model.pt", tmp_path / "x.onnx", (1, 2, 16, 16, 16))
+
+
+def test_a_linear_head_exports_with_integer_weights(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 5)).eval()
+    x = torch.rand(4, 3, 8, 8)
+    result = monai_effq.quantize(net, x, monai_effq.EfficientQConfig(method="rtn", attention=False), progress=False)
+    path = export_onnx(result, tmp_path / "lin.onnx", x, dynamic_spatial=False)
+    with torch.no_grad():
+        expected = result.network(x)
+    assert torch.allclose(OnnxRuntimeNetwork(path, optimize=False)(x), expected, atol=1e-4, rtol=1e-4)
