@@ -11,6 +11,7 @@ from monai_effq.ptq import (  # noqa: E402 - the version is read by checkpoint p
     quantize,
     save_quantized,
 )
+from monai_effq.deploy.export import export_onnx  # noqa: E402
 from monai_effq.qat import finetune  # noqa: E402
 from monai_effq.quant import FixedPointFormat  # noqa: E402
 from monai_effq.solver import AdmmSettings, LayerSolution, solve_layer  # noqa: E402
@@ -21,6 +22,7 @@ __all__ = [
     "EfficientQConfig",
     "FixedPointFormat",
     "LayerSolution",
+    "export_onnx",
     "QuantizationReport",
     "QuantizationResult",
     "finetune",
