@@ -15,10 +15,15 @@ BUNDLES = {"brats_effq": ("brats", ["TC", "WT", "ET"]), "lits_effq": ("lits", ["
 ROI = "[32,32,32]"
 
 
-def bundle(name: str, workflow: str, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    config = ROOT / "bundles" / name / "configs" / f"{workflow}.json"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", workflow, "--config_file", str(config), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def bundle(
+    name: str, workflow: str, *overrides: str, check: bool = True, overlay: str | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    configs = ROOT / "bundles" / name / "configs"
+    config = str(configs / f"{workflow}.json")
+    if overlay is not None:  # model-zoo style: --config_file "['configs/evaluate.json','configs/evaluate_openvino.json']"
+        config = str([config, str(configs / f"{overlay}.json")])
+    cmd = [sys.executable, "-m", "monai.bundle", "run", workflow, "--config_file", config, *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
@@ -133,3 +138,42 @@ def test_a_corrupt_nifti_is_an_error_naming_the_file(tmp_path):
     assert res.returncode != 0
     assert victim.name in res.stderr
     assert not (tmp_path / "m").exists() or not list((tmp_path / "m").glob("model_*.pt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BUNDLES))
+def test_the_openvino_evaluate_overlay_matches_the_fake_quant_dice_on_the_demo_data(name, tmp_path):
+    pytest.importorskip("openvino")
+    args = [
+        "--fp_checkpoint", str(ROOT / "bundles" / name / "models" / "model.pt"),
+        "--quantized_path", str(tmp_path / "model_w4a8.pt"),
+        "--output_dir", str(tmp_path / "eval"),
+    ]  # fmt: skip
+    bundle(name, "quantize", *args, "--method", "rtn")
+    bundle(name, "evaluate", *args, overlay="evaluate_openvino")
+    rows = json.loads((tmp_path / "eval" / "evaluation_w4a8_openvino.json").read_text())
+    assert [r["model"] for r in rows] == ["FP32", "W4A8", "W4A8 OpenVINO"]
+    assert abs(rows[2]["dice_mean"] - rows[1]["dice_mean"]) <= 0.002, rows
+    assert rows[2]["dice_mean"] > 0.5  # the demo networks are trained: a broken export would not get here
+    assert (tmp_path / "model_w4a8.onnx").is_file()
+
+
+@pytest.mark.slow
+def test_the_inference_overlay_writes_masks_with_onnx_runtime_and_names_the_extra_when_missing(trained, tmp_path):
+    pytest.importorskip("onnxruntime")
+    name, work, common, _ = trained
+    bundle(name, "quantize", *common, "--weight_bits", "4", "--method", "rtn", "--calibration_crop", ROI)
+    seg = tmp_path / "seg"
+    bundle(name, "inference", *common, "--roi_size", ROI, "--runtime", "onnxruntime", "--output_dir", str(seg), overlay="inference_openvino")
+    assert list(seg.glob("*_seg.nii.gz"))
+    assert (work / "models" / "model_w4a8.onnx").is_file()
+
+    hidden = tmp_path / "hide"
+    (hidden / "openvino").mkdir(parents=True)
+    (hidden / "openvino" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    res = bundle(
+        name, "inference", *common, "--roi_size", ROI, "--output_dir", str(seg),
+        overlay="inference_openvino", env={"PYTHONPATH": str(hidden)}, check=False,
+    )  # fmt: skip
+    assert res.returncode != 0
+    assert "pip install 'monai-effq[deploy]'" in res.stderr
