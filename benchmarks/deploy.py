@@ -1,9 +1,12 @@
 """Deployment benchmark: the quantized bundles' networks run by torch, ONNX Runtime and OpenVINO.
 
-Part 1, latency: for the BraTS bundle's SegResNet on a 1x4x128^3 volume and the LiTS bundle's UNet
-on a 1x1x96^3 volume, at W8A8 and W4A8 (EfficientQ, quantized by each bundle's own ``quantize``
-workflow from its trained checkpoint on the embedded demo data): torch fp32 eager, torch fake-quant,
-ONNX Runtime fp32/int8 and OpenVINO fp32/int8. Every runner is timed once per round, rounds
+Part 1, latency: for MONAI's SegResNet with ``init_filters=16`` (the issue's network; a seeded
+initialisation) and the BraTS bundle's trained SegResNet (``init_filters=8``), both on a 1x4x128^3
+demo volume, and the LiTS bundle's trained UNet on a 1x1x96^3 volume, at W8A8 and W4A8 (EfficientQ,
+quantized by the bundle's own ``quantize`` workflow on its demo calibration case): torch fp32 eager
+(also with denormals flushed, as OpenVINO does), torch fake-quant,
+ONNX Runtime fp32/int8 and OpenVINO fp32/int8 (int8 also with the float parts in bfloat16, OpenVINO's
+default on CPUs that have it; fp32 always in f32). Every runner is timed once per round, rounds
 interleaved, and the median is reported with its speed ratio against torch fp32 measured in the same
 run; also the ONNX file sizes and each output's relative L2 error against fp32 and against the
 fake-quant network.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -37,6 +41,12 @@ from monai_effq.deploy import OnnxRuntimeNetwork, OpenVINONetwork, export_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = {"segresnet": ("brats_effq", 128), "unet": ("lits_effq", 96)}
+# name: (bundle whose workflows run it, volume size, network_def overrides; None = the bundle's trained network)
+NETWORKS = {
+    "SegResNet init_filters=16 (untrained)": ("brats_effq", 128, {"init_filters": 16, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]}),
+    "SegResNet init_filters=8 (brats_effq, trained)": ("brats_effq", 128, None),
+    "UNet (lits_effq, trained)": ("lits_effq", 96, None),
+}
 
 
 def parser_for(bundle: str, configs: list[str], **overrides) -> ConfigParser:
@@ -49,17 +59,40 @@ def parser_for(bundle: str, configs: list[str], **overrides) -> ConfigParser:
     return parser
 
 
-def quantize_bundle(bundle: str, weight_bits: int, work: Path) -> Path:
-    """Run the bundle's quantize workflow into ``work``; return the checkpoint path."""
-    path = work / f"{bundle}_w{weight_bits}a8.pt"
+def network_def(bundle: str, overrides: dict | None) -> ConfigParser:
+    parser = parser_for(bundle, ["evaluate"])
+    for key, value in (overrides or {}).items():
+        parser[f"network_def#{key}"] = value
+    return parser
+
+
+def fp_network(bundle: str, overrides: dict | None, work: Path) -> tuple[torch.nn.Module, Path]:
+    """The FP network and its checkpoint: the bundle's trained one, or a seeded initialisation."""
+    net = network_def(bundle, overrides).get_parsed_content("network_def")
+    if overrides is None:
+        ckpt = ROOT / "bundles" / bundle / "models" / "model.pt"
+        net.load_state_dict(torch.load(ckpt, map_location="cpu"))
+    else:
+        torch.manual_seed(0)
+        net = network_def(bundle, overrides).get_parsed_content("network_def")
+        ckpt = work / f"{bundle}_untrained.pt"
+        torch.save(net.state_dict(), ckpt)
+    return net.eval(), ckpt
+
+
+def quantize_bundle(bundle: str, weight_bits: int, work: Path, overrides: dict | None = None, fp_ckpt: Path | None = None) -> Path:
+    """Run the bundle's quantize workflow (EfficientQ, demo calibration case) into ``work``."""
+    path = work / f"{bundle}_{'custom' if overrides else 'bundle'}_w{weight_bits}a8.pt"
     parser = parser_for(
         bundle,
         ["quantize"],
         weight_bits=weight_bits,
         quantized_path=str(path),
         output_dir=str(work / "eval"),
-        fp_checkpoint=str(ROOT / "bundles" / bundle / "models" / "model.pt"),
+        fp_checkpoint=str(fp_ckpt or ROOT / "bundles" / bundle / "models" / "model.pt"),
     )
+    for key, value in (overrides or {}).items():
+        parser[f"network_def#{key}"] = value
     parser.get_parsed_content("quantize")
     return path
 
@@ -72,29 +105,50 @@ def volume(bundle: str, size: int) -> torch.Tensor:
     return image.as_tensor()[None].float()
 
 
+class _FlushDenormals(torch.nn.Module):
+    """Runs a network with denormals flushed to zero (as OpenVINO does), to show torch's best case."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch.set_flush_denormal(True)
+        try:
+            return self.net(x)
+        finally:
+            torch.set_flush_denormal(False)
+
+
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
 def latency(args: argparse.Namespace, work: Path) -> list[dict]:
     rows = []
-    for name, (bundle, size) in BUNDLES.items():
+    for index, (name, (bundle, size, overrides)) in enumerate(NETWORKS.items()):
         size = 64 if args.quick else size
         x = volume(bundle, size)
-        fp = parser_for(bundle, ["evaluate"]).get_parsed_content("network_def")
-        fp.load_state_dict(torch.load(ROOT / "bundles" / bundle / "models" / "model.pt", map_location="cpu"))
-        fp.eval()
-        fp_onnx = export_onnx(fp, work / f"{name}_fp32.onnx", x, require_quantized=False)
-        runners = {"torch fp32": fp, "ORT fp32": OnnxRuntimeNetwork(fp_onnx), "OpenVINO fp32": OpenVINONetwork(fp_onnx)}
+        fp, fp_ckpt = fp_network(bundle, overrides, work)
+        fp_onnx = export_onnx(fp, work / f"net{index}_fp32.onnx", x, require_quantized=False)
+        runners = {
+            "torch fp32": fp,
+            "torch fp32 FTZ": _FlushDenormals(fp),
+            "ORT fp32": OnnxRuntimeNetwork(fp_onnx),
+            "OpenVINO fp32": OpenVINONetwork(fp_onnx),
+        }
         files = {"fp32": fp_onnx.stat().st_size}
         for bits in args.bits:
-            ckpt = quantize_bundle(bundle, bits, work)
-            net = monai_effq.load_quantized(ckpt, parser_for(bundle, ["evaluate"]).get_parsed_content("network_def"))
-            path = export_onnx(net, work / f"{name}_w{bits}a8.onnx", x)
+            ckpt = quantize_bundle(bundle, bits, work, overrides, fp_ckpt)
+            net = monai_effq.load_quantized(ckpt, network_def(bundle, overrides).get_parsed_content("network_def"))
+            path = export_onnx(net, work / f"net{index}_w{bits}a8.onnx", x)
             files[f"W{bits}A8"] = path.stat().st_size
             runners[f"torch fake-quant W{bits}A8"] = net.eval()
             runners[f"ORT int8 W{bits}A8"] = OnnxRuntimeNetwork(path)
             runners[f"OpenVINO int8 W{bits}A8"] = OpenVINONetwork(path)
+            # the layers left in floating point (norms, activations) in bfloat16: OpenVINO's own
+            # default on CPUs that have it
+            runners[f"OpenVINO int8+bf16 W{bits}A8"] = OpenVINONetwork(path, precision="bf16")
         times: dict[str, list[float]] = {k: [] for k in runners}
         outputs = {}
         with torch.no_grad():
@@ -107,12 +161,12 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
                     times[key].append(time.perf_counter() - t0)
         base = statistics.median(times["torch fp32"])
         ov_fp = statistics.median(times["OpenVINO fp32"])
-        print(f"\n{name} ({bundle}), input {tuple(x.shape)}, median of {args.rounds} interleaved rounds")
-        print(f"{'runner':28s} {'seconds':>8s} {'x torch fp32':>12s} {'x OV fp32':>9s} {'relL2 vs fp32':>13s} {'vs fake-quant':>13s}")
+        print(f"\n{name}, input {tuple(x.shape)}, median of {args.rounds} interleaved rounds")
+        print(f"{'runner':30s} {'seconds':>8s} {'x torch fp32':>12s} {'x OV fp32':>9s} {'relL2 vs fp32':>13s} {'vs fake-quant':>13s}")
         for key in runners:
             med = statistics.median(times[key])
             tag = key.split()[-1]
-            fq = outputs.get(f"torch fake-quant {tag}")
+            fq = outputs.get(f"torch fake-quant {tag}") if tag != "FTZ" else None
             row = {
                 "network": name,
                 "runner": key,
@@ -125,7 +179,7 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
             rows.append(row)
             vs_fq = "" if fq is None else f"{row['rel_l2_vs_fake_quant']:13.2e}"
             print(
-                f"{key:28s} {med:8.3f} {row['speedup_vs_torch_fp32']:12.2f} {row['speedup_vs_openvino_fp32']:9.2f} "
+                f"{key:30s} {med:8.3f} {row['speedup_vs_torch_fp32']:12.2f} {row['speedup_vs_openvino_fp32']:9.2f} "
                 f"{row['rel_l2_vs_fp32']:13.2e} {vs_fq}"
             )
         for tag, size_bytes in files.items():
@@ -138,7 +192,7 @@ def dice(args: argparse.Namespace, work: Path) -> list[dict]:
     rows = []
     print("\nSliding-window evaluation on the demo validation cases (the bundles' evaluate workflow), W4A8")
     for bundle, _ in BUNDLES.values():
-        ckpt = work / f"{bundle}_w4a8.pt"
+        ckpt = work / f"{bundle}_bundle_w4a8.pt"
         if not ckpt.is_file():
             quantize_bundle(bundle, 4, work)
         fp_ckpt = str(ROOT / "bundles" / bundle / "models" / "model.pt")
@@ -157,15 +211,15 @@ def dice(args: argparse.Namespace, work: Path) -> list[dict]:
                 t0 = time.perf_counter()
                 evaluator.run()
                 seconds = time.perf_counter() - t0
-                details = (evaluator.state.metric_details or {}).get("dice")
-                per_class = [] if details is None else torch.as_tensor(details).float().nanmean(0).tolist()
-                mean = float(evaluator.state.metrics["dice"])
+                per_class = torch.as_tensor(evaluator.state.metrics["dice"]).float().reshape(-1).tolist()
+                mean = sum(per_class) / len(per_class)
                 rows.append({"bundle": bundle, "runner": label, "dice_mean": mean, "dice_per_class": per_class, "seconds": seconds})
                 print(f"{bundle:11s} {label:24s} Dice {mean:.4f}  {' '.join(f'{d:.4f}' for d in per_class)}  {seconds:6.1f} s")
     return rows
 
 
 def main() -> None:
+    os.environ.setdefault("TQDM_DISABLE", "1")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="64^3 volumes, 2 rounds, W4A8 only")
     parser.add_argument("--rounds", type=int, default=5)
