@@ -151,21 +151,18 @@ class _OnGridObjective:
         return self.qa is not None
 
     def update(self, codes: torch.Tensor) -> None:
-        """Move to new codes: a few changed codes update ``(Q - z) A`` row by row; many mark it stale."""
+        """Move to new codes: a few changed codes update ``(Q - z) A`` by a sparse product; many mark it stale."""
         delta = codes - self.codes
-        idx = delta.nonzero()
-        if idx.shape[0] * 32 > delta.numel():
+        changed = int(delta.count_nonzero())
+        if changed * 32 > delta.numel():
             self.codes, self.qa = codes.clone(), None
             return
         if self.qa is None:
             self.reset(codes)
             return
-        g, m, n = delta.shape
-        flat = self.qa.view(g * m, n)
-        for start in range(0, idx.shape[0], 4096):
-            part = idx[start : start + 4096]
-            rows = delta[part[:, 0], part[:, 1], part[:, 2]][:, None] * self.A[part[:, 0], part[:, 2]]
-            flat.index_add_(0, part[:, 0] * m + part[:, 1], rows)
+        if changed:  # a sparse-dense product reads only the changed codes' rows of A
+            for k in range(delta.shape[0]):
+                self.qa[k] += torch.sparse.mm(delta[k].to_sparse(), self.A[k])
         self.codes = codes.clone()
 
     def error(self, scale: torch.Tensor) -> float:

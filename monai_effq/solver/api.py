@@ -164,14 +164,16 @@ def solve_statistics(
         t_init = time.perf_counter()
         fit = rtn_fit
         codes = rtn_codes
+        init_mse = stats.weighted_mse(fit.values(rtn_codes))
         if init == "gptq":
             # Start from the better of the two baselines' assignments (GPTQ's greedy rounding can lose
             # to RTN on tiny layers); with the best iterate kept, EfficientQ is no worse than either.
             gptq_codes = gptq_round(w0, stats.A, fit, damp=gptq_damp)
-            if stats.weighted_mse(fit.values(gptq_codes)) <= stats.weighted_mse(fit.values(rtn_codes)):
-                codes = gptq_codes
+            gptq_mse = stats.weighted_mse(fit.values(gptq_codes))
+            if gptq_mse <= init_mse:
+                codes, init_mse = gptq_codes, gptq_mse
         info["init_seconds"] = time.perf_counter() - t_init
-        info["init_mse"] = stats.weighted_mse(fit.values(codes))
+        info["init_mse"] = init_mse
         info["problem_scale"] = s
         info["lowrank"] = solver.lowrank
         codes, fit, trace = solver.solve(codes, fit)
