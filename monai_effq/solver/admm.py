@@ -9,7 +9,7 @@ scaled ADMM form: a closed-form W-step ``W (A + (ρ+η) I) = B + η W0 + ρ (G -
 ``W + U`` on the grid with the scale refitted by alternating least squares, and the dual update
 ``U += W - G``.
 
-What makes it fast: ``A + (ρ+η) I`` changes only when ρ does, so it is inverted once per ρ phase
+What makes it fast: ``A + (ρ+η) I`` changes only when ρ does, so it is factorised once per ρ phase
 (or, when the layer saw fewer voxels than weights per row, applied in the Woodbury form through the
 im2col factor); a phase ends early once the grid assignment has stopped changing. The iterate with
 the lowest weighted output error is kept, codes and scale from the same iterate.
@@ -93,20 +93,23 @@ class AdmmTrace:
 
 
 class _ShiftedSystem:
-    """Applies ``(A + c I)⁻¹`` for a changing shift ``c`` (dense inverse or Woodbury form)."""
+    """Applies ``(A + c I)⁻¹`` for a changing shift ``c`` (Cholesky factor or Woodbury form)."""
 
     def __init__(self, stats: LayerStatistics, lowrank: bool) -> None:
         self.A = stats.A
         self.factor = stats.factor if lowrank else None
         self._apply: torch.Tensor | None = None
+        self._apply_t: torch.Tensor | None = None
         self.c = 0.0
 
     def set_shift(self, c: float) -> None:
         self.c = c
         if self.factor is None:
+            # Only the Cholesky factor: two triangular solves per W-step cost about what one product
+            # with an explicit inverse does, and forming that inverse would cost twice the factorisation.
             eye = torch.eye(self.A.shape[-1], dtype=self.A.dtype)
-            chol = torch.linalg.cholesky(self.A + c * eye)
-            self._apply = torch.cholesky_inverse(chol)
+            self._apply = torch.linalg.cholesky(self.A + c * eye)
+            self._apply_t = self._apply.transpose(1, 2).contiguous()
         else:
             # (c I + 2 F Fᵀ)⁻¹ = (I - 2 F (c I + 2 FᵀF)⁻¹ Fᵀ) / c
             f = self.factor
@@ -116,8 +119,9 @@ class _ShiftedSystem:
 
     def solve_rows(self, rhs: torch.Tensor) -> torch.Tensor:
         """``rhs (A + cI)⁻¹`` for ``(G, m, n)`` right-hand sides."""
-        if self.factor is None:
-            return torch.bmm(rhs, self._apply)
+        if self.factor is None:  # rhs L⁻ᵀ L⁻¹ with A + cI = L Lᵀ
+            y = torch.linalg.solve_triangular(self._apply_t, rhs, upper=True, left=False)
+            return torch.linalg.solve_triangular(self._apply, y, upper=False, left=False)
         f = self.factor
         t = torch.bmm(torch.bmm(rhs, f), self._apply)
         return (rhs - 2.0 * torch.bmm(t, f.transpose(1, 2))) / self.c

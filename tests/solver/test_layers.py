@@ -128,3 +128,16 @@ def test_targets_of_the_wrong_shape_are_rejected_with_both_shapes():
 def test_inputs_with_the_wrong_channel_count_are_rejected():
     with pytest.raises(ValueError, match="expects inputs"):
         layer_view(nn.Conv2d(2, 3, 3)).check_shapes(torch.zeros(1, 5, 8, 8), torch.zeros(1, 3, 6, 6))
+
+
+@pytest.mark.parametrize("n, block", [(7, 3), (512, 512), (1100, 512), (1025, 256)])
+def test_the_blocked_symmetric_gram_equals_the_full_product(n, block):
+    from monai_effq.solver.gram import symmetric_gram
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(2, 300, n, generator=g)
+    xh = x * torch.rand(2, 300, 1, generator=g)
+    full = torch.bmm(xh.transpose(1, 2), x)
+    got = symmetric_gram(xh, x, block=block)
+    assert torch.allclose(got, full, rtol=1e-4, atol=1e-3)
+    assert torch.allclose(got, got.transpose(1, 2), rtol=1e-5, atol=1e-4)
