@@ -40,7 +40,7 @@ import monai_effq
 from monai_effq.deploy import OnnxRuntimeNetwork, OpenVINONetwork, export_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
-BUNDLES = {"segresnet": ("brats_effq", 128), "unet": ("lits_effq", 96)}
+BUNDLES = ("brats_effq", "lits_effq")
 # name: (bundle whose workflows run it, volume size, network_def overrides; None = the bundle's trained network)
 NETWORKS = {
     "SegResNet init_filters=16 (untrained)": ("brats_effq", 128, {"init_filters": 16, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]}),
@@ -191,7 +191,7 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
 def dice(args: argparse.Namespace, work: Path) -> list[dict]:
     rows = []
     print("\nSliding-window evaluation on the demo validation cases (the bundles' evaluate workflow), W4A8")
-    for bundle, _ in BUNDLES.values():
+    for bundle in BUNDLES:
         ckpt = work / f"{bundle}_bundle_w4a8.pt"
         if not ckpt.is_file():
             quantize_bundle(bundle, 4, work)

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from monai.utils import optional_import
 
+from monai_effq.ptq.graph import set_submodule
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, functional_forward
 from monai_effq.ptq.pipeline import QuantizationResult
 from monai_effq.solver.layers import layer_view
@@ -128,8 +129,7 @@ class QdqLayer(nn.Module):
         if reduce_range and values.dtype == torch.int8:
             lo, hi = REDUCED_WEIGHT_RANGE
             if values.min() < lo or values.max() > hi:
-                factor = float(max(-values.min().item() / -lo, values.max().item() / hi))
-                factor = float(np.ceil(factor))
+                factor = float(np.ceil(max(values.min().item() / lo, values.max().item() / hi)))
                 values = torch.clamp(torch.round(values.float() / factor), lo, hi).to(torch.int8)
                 scale = scale * factor
                 self.reduced = True
@@ -210,8 +210,7 @@ def export_form(network: nn.Module, reduce_range: bool = False) -> tuple[nn.Modu
     for name, module in list(form.named_modules()):
         if isinstance(module, QuantizedLayer):
             qdq = QdqLayer(module, reduce_range)
-            parent, _, child = name.rpartition(".")
-            setattr(form.get_submodule(parent) if parent else form, child, qdq)
+            set_submodule(form, name, qdq)
             if qdq.reduced:
                 reduced.append(name)
     return form, reduced
