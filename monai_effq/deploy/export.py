@@ -10,7 +10,8 @@ computes.
 Phases: :func:`export_form` (a plain copy of the network whose quantized layers are written with
 PyTorch's fake-quantize operators, which the ONNX exporter turns into Q/DQ pairs), the export
 itself, then :func:`fold_weight_quantization` (the weights' ``QuantizeLinear`` nodes are applied
-once, offline, so the file stores integers, not floats).
+once, offline, so the file stores integers, not floats), :func:`drop_initializer_identities` and
+:func:`compact_names`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ import torch
 import torch.nn as nn
 from monai.utils import optional_import
 
+from monai_effq.deploy.containers import INT4_MIN_OPSET, WEIGHT_CONTAINERS, pack_4bit_weights
+from monai_effq.deploy.norms import GROUP_NORM_FORMS, channel_stats_norms
 from monai_effq.ptq.graph import set_submodule
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, functional_forward
 from monai_effq.ptq.pipeline import QuantizationResult
@@ -36,11 +39,14 @@ from monai_effq.utils.io import atomic_write
 
 onnx, _has_onnx = optional_import("onnx")
 numpy_helper, _ = optional_import("onnx", name="numpy_helper")
+version_converter, _ = optional_import("onnx.version_converter")
 
 __all__ = [
     "DEPLOY_EXTRA",
+    "EXPORT_OPTIONS_KEY",
     "QdqLayer",
     "compact_names",
+    "drop_initializer_identities",
     "export_form",
     "export_onnx",
     "fold_weight_quantization",
@@ -50,6 +56,12 @@ __all__ = [
 logger = logging.getLogger("monai_effq")
 
 DEPLOY_EXTRA = "pip install 'monai-effq[deploy]'"
+
+# the newest opset PyTorch's TorchScript exporter writes; later ones go through onnx.version_converter
+TORCHSCRIPT_MAX_OPSET = 20
+
+# metadata_props key recording the options a file was exported with, so a stale form is re-exported
+EXPORT_OPTIONS_KEY = "monai_effq.export_options"
 
 # ONNX Runtime's u8s8 kernels on CPUs without VNNI add pairs of products in 16 bits: 255*63*2 fits.
 REDUCED_WEIGHT_RANGE = (-64, 63)
@@ -195,12 +207,14 @@ class _ActivationSpec(nn.Module):
         return f"scale={self.scale:.4g}, zero_point={self.zero_point}, clip={self.clip}"
 
 
-def export_form(network: nn.Module, reduce_range: bool = False) -> tuple[nn.Module, list[str]]:
+def export_form(network: nn.Module, reduce_range: bool = False, group_norm: str = "onnx") -> tuple[nn.Module, list[str]]:
     """A copy of ``network`` with every quantized layer replaced by its :class:`QdqLayer`.
 
     Args:
         network: a network holding :class:`~monai_effq.ptq.modules.QuantizedLayer` modules.
         reduce_range: see :class:`QdqLayer`.
+        group_norm: ``"onnx"`` keeps group/instance norms as PyTorch exports them;
+            ``"channel_stats"`` writes them as :class:`~monai_effq.deploy.norms.ChannelStatsGroupNorm`.
 
     Returns:
         the copy (eval mode) and the names of the layers whose weights were re-rounded to 7 bits.
@@ -213,6 +227,8 @@ def export_form(network: nn.Module, reduce_range: bool = False) -> tuple[nn.Modu
             set_submodule(form, name, qdq)
             if qdq.reduced:
                 reduced.append(name)
+    if group_norm == "channel_stats":
+        channel_stats_norms(form)
     return form, reduced
 
 
@@ -230,6 +246,37 @@ def _constant_values(graph) -> dict[str, np.ndarray]:  # noqa: ANN001 - onnx.Gra
             to = next(a.i for a in node.attribute if a.name == "to")
             values[node.output[0]] = values[node.input[0]].astype(onnx.helper.tensor_dtype_to_np_dtype(to))
     return values
+
+
+def drop_initializer_identities(model) -> int:  # noqa: ANN001 - onnx.ModelProto
+    """Point the consumers of ``Identity(initializer)`` nodes at the initializer itself.
+
+    The exporter writes such nodes where several buffers hold equal values (it stores one copy);
+    ONNX Runtime's graph optimiser can drop them and leave their consumers dangling.
+
+    Args:
+        model: an ONNX model, changed in place.
+
+    Returns:
+        the number of nodes removed.
+    """
+    graph = model.graph
+    initializers = {i.name for i in graph.initializer}
+    outputs = {v.name for v in graph.output}
+    alias = {
+        n.output[0]: n.input[0]
+        for n in graph.node
+        if n.op_type == "Identity" and n.input[0] in initializers and n.output[0] not in outputs
+    }
+    if not alias:
+        return 0
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    for node in [n for n in graph.node if n.op_type == "Identity" and n.output[0] in alias]:
+        graph.node.remove(node)
+    return len(alias)
 
 
 def compact_names(model) -> None:  # noqa: ANN001 - onnx.ModelProto
@@ -311,10 +358,12 @@ def export_onnx(
     path: str | os.PathLike,
     example_input: torch.Tensor | Sequence[int],
     *,
-    opset: int = 17,
+    opset: int | None = None,
     reduce_range: bool = False,
     dynamic_spatial: bool = True,
     require_quantized: bool = True,
+    group_norm: str = "onnx",
+    weight_container: str = "int8",
 ) -> Path:
     """Write a quantized network as an ONNX QDQ graph with integer weights, atomically.
 
@@ -324,24 +373,46 @@ def export_onnx(
         path: the ``.onnx`` file to write.
         example_input: an input tensor ``(N, C, *spatial)`` or its shape; batch and spatial axes are
             exported as dynamic, so sliding windows of any size run.
-        opset: ONNX opset (13 or later: per-channel Q/DQ).
+        opset: ONNX opset (13 or later: per-channel Q/DQ; 21 or later for 4-bit containers). ``None``:
+            17, or 21 with ``weight_container="int4"``. PyTorch's exporter writes up to 20; later
+            opsets are reached with ONNX's version converter.
         reduce_range: re-round 8-bit weights into 7 bits for ONNX Runtime on CPUs without VNNI
             (changes those layers' outputs; warned about per layer).
         dynamic_spatial: export batch and spatial axes as dynamic.
         require_quantized: refuse a network without quantized layers (set ``False`` to export an
             FP baseline through the same path).
+        group_norm: how group and instance norms are written. ``"onnx"`` (PyTorch's
+            ``Reshape → InstanceNormalization`` form) runs correctly everywhere. ``"channel_stats"``
+            (:mod:`monai_effq.deploy.norms`) lets OpenVINO keep its channel-blocked int8 layout
+            (SegResNet at 128³: about 1.4x faster); compile it with static input shapes, as
+            :class:`~monai_effq.deploy.OpenVINONetwork` does: OpenVINO 2026.4's CPU plugin
+            computes it wrongly when a quantized convolution without bias feeds it and the
+            input shape is dynamic. ONNX Runtime runs both forms equally.
+        weight_container: ``"int8"`` stores every quantized weight in int8/uint8; ``"int4"`` stores
+            those whose integers fit in 4 bits as ``INT4``/``UINT4`` (opset 21,
+            :mod:`monai_effq.deploy.containers`: 2- and 3-bit layers, 4-bit layers off the midrise
+            grid) and the rest in int8. Runtimes widen them to int8 when they compile.
 
     Returns:
         the written path.
 
     Raises:
-        ValueError: for a network without quantized layers, a bad example input or an opset below 13.
+        ValueError: for a network without quantized layers, a bad example input, an opset below 13
+            (21 for 4-bit containers), or an unknown ``group_norm`` or ``weight_container``.
         ImportError: when the ``onnx`` package (the ``deploy`` extra) is missing.
     """
     require(_has_onnx, "onnx", "export_onnx")
     network = _network_of(model)
+    if weight_container not in WEIGHT_CONTAINERS:
+        raise ValueError(f"weight_container must be one of {WEIGHT_CONTAINERS}, got {weight_container!r}.")
+    if opset is None:
+        opset = INT4_MIN_OPSET if weight_container == "int4" else 17
     if opset < 13:
         raise ValueError(f"opset must be 13 or later (per-channel QuantizeLinear), got {opset}.")
+    if weight_container == "int4" and opset < INT4_MIN_OPSET:
+        raise ValueError(f"weight_container='int4' needs opset {INT4_MIN_OPSET} or later, got {opset}.")
+    if group_norm not in GROUP_NORM_FORMS:
+        raise ValueError(f"group_norm must be one of {GROUP_NORM_FORMS}, got {group_norm!r}.")
     if not isinstance(example_input, torch.Tensor):
         example_input = torch.zeros(tuple(int(s) for s in example_input))
     example_input = example_input.detach().as_subclass(torch.Tensor).float()
@@ -353,7 +424,7 @@ def export_onnx(
             "the network has no quantized layers: quantize it first (monai_effq.quantize) or load a quantized "
             "checkpoint (monai_effq.load_quantized); pass require_quantized=False to export it in FP."
         )
-    form, reduced = export_form(network, reduce_range)
+    form, reduced = export_form(network, reduce_range, group_norm)
     if reduced:
         warnings.warn(
             f"reduce_range re-rounded the 8-bit weights of {len(reduced)} layers to 7 bits ({', '.join(reduced[:5])}"
@@ -370,14 +441,24 @@ def export_onnx(
             (example_input,),
             buffer,
             dynamo=False,
-            opset_version=opset,
+            opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
             input_names=["image"],
             output_names=["pred"],
             dynamic_axes={"image": axes, "pred": axes} if axes else None,
         )
     proto = onnx.load_from_string(buffer.getvalue())
     folded = fold_weight_quantization(proto)
+    drop_initializer_identities(proto)
+    if opset > TORCHSCRIPT_MAX_OPSET:
+        proto = version_converter.convert_version(proto, opset)
+    if weight_container == "int4":
+        packed, kept = pack_4bit_weights(proto)
+        logger.info("4-bit containers for %d weights; %d stay int8 (%s)", len(packed), len(kept), ", ".join(kept[:5]))
     compact_names(proto)
+    onnx.helper.set_model_props(
+        proto,
+        {EXPORT_OPTIONS_KEY: f"group_norm={group_norm};reduce_range={reduce_range};weight_container={weight_container}"},
+    )
     if folded != n_quantized:
         raise RuntimeError(f"expected {n_quantized} integer weight tensors in the exported graph, found {folded}.")
     onnx.checker.check_model(proto)

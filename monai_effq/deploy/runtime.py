@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import torch
 import torch.nn as nn
 from monai.utils import optional_import
 
-from monai_effq.deploy.export import REDUCED_WEIGHT_RANGE, export_onnx, require
+from monai_effq.deploy.export import EXPORT_OPTIONS_KEY, REDUCED_WEIGHT_RANGE, export_onnx, require
 from monai_effq.ptq.checkpoint import load_quantized
 
 ort, _has_ort = optional_import("onnxruntime")
@@ -27,7 +28,16 @@ ov, _has_ov = optional_import("openvino")
 onnx, _has_onnx = optional_import("onnx")
 numpy_helper, _ = optional_import("onnx", name="numpy_helper")
 
-__all__ = ["RUNTIMES", "OnnxRuntimeNetwork", "OpenVINONetwork", "cpu_has_vnni", "runtime_network", "widest_int8_weight"]
+__all__ = [
+    "RUNTIMES",
+    "RUNTIME_GROUP_NORM",
+    "OnnxRuntimeNetwork",
+    "OpenVINONetwork",
+    "cpu_has_vnni",
+    "export_options",
+    "runtime_network",
+    "widest_int8_weight",
+]
 
 logger = logging.getLogger("monai_effq")
 
@@ -161,7 +171,12 @@ class OnnxRuntimeNetwork(_RuntimeNetwork):
 
 
 class OpenVINONetwork(_RuntimeNetwork):
-    """An ONNX file compiled and run by OpenVINO.
+    """An ONNX file compiled and run by OpenVINO, for each input shape it is given.
+
+    OpenVINO compiles a model for static shapes faster than for dynamic ones, and its CPU plugin
+    (2026.4) computes some valid graphs wrongly with dynamic shapes (see ``group_norm`` in
+    :func:`~monai_effq.export_onnx`), so the file is compiled once per input shape and the last
+    ``max_shapes`` compilations are kept; a sliding-window inferer needs one or two.
 
     Args:
         path: the ONNX file.
@@ -171,10 +186,11 @@ class OpenVINONetwork(_RuntimeNetwork):
         precision: precision of the layers left in floating point. ``"f32"`` by default, so results
             do not depend on the CPU; ``"bf16"`` is OpenVINO's own default on CPUs that have it
             (faster on larger networks; outputs move by about 1% rel-L2).
+        max_shapes: how many compiled input shapes to keep.
 
     Raises:
         FileNotFoundError: when the file is missing.
-        ValueError: when it cannot be read.
+        ValueError: when it cannot be read, or (at the first call with a shape) compiled.
         ImportError: when openvino is not installed.
     """
 
@@ -187,28 +203,77 @@ class OpenVINONetwork(_RuntimeNetwork):
         threads: int | None = None,
         hint: str = "LATENCY",
         precision: str = "f32",
+        max_shapes: int = 4,
     ) -> None:
         require(_has_ov, "openvino", "OpenVINONetwork")
         super().__init__(path)
-        core = ov.Core()
-        config = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": precision}
+        self.core = ov.Core()
+        self.device = device
+        self.config: dict[str, Any] = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": precision}
         if threads:
-            config["INFERENCE_NUM_THREADS"] = int(threads)
+            self.config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.max_shapes = max(1, int(max_shapes))
         try:
-            model = core.read_model(str(self.path))
-            self.compiled = core.compile_model(model, device, config)
+            self.model = self.core.read_model(str(self.path))
         except Exception as err:  # openvino raises RuntimeError subclasses of its own
             raise self._load_error(err) from err
-        channels = model.inputs[0].get_partial_shape()[1]
+        channels = self.model.inputs[0].get_partial_shape()[1]
         self.in_channels = channels.get_length() if channels.is_static else None
-        self.request = self.compiled.create_infer_request()
+        self._requests: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+
+    def request_for(self, shape: tuple[int, ...]) -> Any:
+        """The infer request of the model compiled for ``shape`` (compiled on first use).
+
+        Args:
+            shape: the input shape.
+
+        Returns:
+            an OpenVINO ``InferRequest``.
+        """
+        if shape in self._requests:
+            self._requests.move_to_end(shape)
+            return self._requests[shape]
+        model = self.model.clone()
+        try:
+            model.reshape({0: list(shape)})
+            compiled = self.core.compile_model(model, self.device, self.config)
+        except Exception as err:  # openvino raises RuntimeError subclasses of its own
+            raise ValueError(
+                f"OpenVINO cannot compile {self.path.name} for input shape {shape} on {self.device} with {self.config} "
+                f"({type(err).__name__}: {str(err).strip().splitlines()[0][:200]}): check the device and options."
+            ) from err
+        self._requests[shape] = compiled.create_infer_request()
+        while len(self._requests) > self.max_shapes:
+            self._requests.popitem(last=False)
+        return self._requests[shape]
 
     def _run(self, array: np.ndarray) -> np.ndarray:
-        self.request.infer({0: array})
-        return self.request.get_output_tensor(0).data.copy()
+        request = self.request_for(tuple(array.shape))
+        request.infer({0: array})
+        return request.get_output_tensor(0).data.copy()
 
 
 RUNTIMES = {"openvino": OpenVINONetwork, "onnxruntime": OnnxRuntimeNetwork}
+
+# the group-norm export form each runtime runs best (see monai_effq.export_onnx)
+RUNTIME_GROUP_NORM = {"openvino": "channel_stats", "onnxruntime": "onnx"}
+
+
+def export_options(path: str | os.PathLike) -> str | None:
+    """The export options recorded in an ONNX file by :func:`~monai_effq.export_onnx` (``None`` if none).
+
+    Args:
+        path: the ONNX file.
+
+    Returns:
+        e.g. ``"group_norm=onnx;reduce_range=False;weight_container=int8"``.
+    """
+    require(_has_onnx, "onnx", "export_options")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # a corrupt file has no options; the runtime reports it when reading it
+        return None
+    return next((p.value for p in model.metadata_props if p.key == EXPORT_OPTIONS_KEY), None)
 
 
 def runtime_network(
@@ -219,10 +284,11 @@ def runtime_network(
     example_shape: Sequence[int] | None = None,
     **options: Any,
 ) -> nn.Module:
-    """The runtime network of a quantized checkpoint, exporting its ONNX first when missing or older.
+    """The runtime network of a quantized checkpoint, exporting its ONNX first when missing or stale.
 
     Bundles call this so that one command goes from ``model_w4a8.pt`` to an OpenVINO network; the
-    ONNX file is written beside the checkpoint and re-exported whenever the checkpoint is newer.
+    ONNX file is written beside the checkpoint and re-exported whenever the checkpoint is newer or
+    the file was exported in another form than the runtime's (:data:`RUNTIME_GROUP_NORM`).
 
     Args:
         runtime: ``"openvino"`` or ``"onnxruntime"``.
@@ -245,8 +311,11 @@ def runtime_network(
         source = Path(quantized_path)
         if not source.is_file():
             raise FileNotFoundError(f"quantized checkpoint {source} does not exist: run the bundle's quantize workflow first.")
-        if not onnx_path.is_file() or onnx_path.stat().st_mtime < source.stat().st_mtime:
+        group_norm = RUNTIME_GROUP_NORM[runtime]
+        wanted = f"group_norm={group_norm};reduce_range=False;weight_container=int8"
+        stale = not onnx_path.is_file() or onnx_path.stat().st_mtime < source.stat().st_mtime
+        if stale or export_options(onnx_path) != wanted:
             if network is None or example_shape is None:
                 raise ValueError("exporting a quantized checkpoint needs the FP `network` and an `example_shape`.")
-            export_onnx(load_quantized(source, network), onnx_path, list(example_shape))
+            export_onnx(load_quantized(source, network), onnx_path, list(example_shape), group_norm=group_norm)
     return RUNTIMES[runtime](onnx_path, **options)

@@ -1,0 +1,89 @@
+"""Weight containers of an exported ONNX graph: int8 by default, 4-bit where the integers fit.
+
+ONNX opset 21 lets ``DequantizeLinear`` read ``INT4``/``UINT4`` tensors (two values per byte). A
+layer's integer weights go into a 4-bit container when every value fits it exactly: 2- and 3-bit
+layers on any grid, and 4-bit layers on the ``signed``, ``unsigned`` and ``asymmetric`` grids. The
+default 4-bit ``midrise`` grid is stored at doubled codes (odd integers in ``[-15, 15]``, see
+:func:`monai_effq.deploy.export._integer_weights`), which need five bits, so those layers stay int8.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from monai.utils import optional_import
+
+onnx, _has_onnx = optional_import("onnx")
+numpy_helper, _ = optional_import("onnx", name="numpy_helper")
+ml_dtypes, _ = optional_import("ml_dtypes")  # onnx's own dependency: numpy's 4-bit types
+
+__all__ = ["INT4_MIN_OPSET", "WEIGHT_CONTAINERS", "pack_4bit_weights"]
+
+WEIGHT_CONTAINERS = ("int8", "int4")
+INT4_MIN_OPSET = 21
+
+_RANGES = {"int8": (-8, 7), "uint8": (0, 15)}
+
+
+def _constant(graph, name: str):  # noqa: ANN001, ANN202 - onnx.GraphProto / TensorProto
+    """The tensor behind ``name``: an initializer or a ``Constant`` node's value (``None`` if neither)."""
+    for init in graph.initializer:
+        if init.name == name:
+            return init
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            return next((a.t for a in node.attribute if a.name == "value"), None)
+    return None
+
+
+def pack_4bit_weights(model) -> tuple[list[str], list[str]]:  # noqa: ANN001 - onnx.ModelProto
+    """Store in ``INT4``/``UINT4`` every integer weight of a ``DequantizeLinear`` whose values fit 4 bits.
+
+    Args:
+        model: an ONNX model at opset 21 or later whose weights are stored as int8/uint8 initializers
+            (:func:`~monai_effq.deploy.export.fold_weight_quantization`); changed in place.
+
+    Returns:
+        the names of the weights now stored in 4 bits, and of those that stay 8-bit.
+
+    Raises:
+        ValueError: when the model's opset is below 21.
+    """
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < INT4_MIN_OPSET:
+        raise ValueError(f"4-bit weight containers need ONNX opset {INT4_MIN_OPSET} or later, the model has {opset}.")
+    graph = model.graph
+    initializers = {i.name: i for i in graph.initializer}
+    packed, kept = [], []
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in initializers:
+            continue
+        weight = initializers[node.input[0]]
+        if len(weight.dims) < 2 or weight.data_type not in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
+            continue
+        values = numpy_helper.to_array(weight).astype(np.int32)
+        zero_tensor = _constant(graph, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        zero = numpy_helper.to_array(zero_tensor).astype(np.int32) if zero_tensor is not None else np.zeros((), np.int32)
+        kind = "int8" if weight.data_type == onnx.TensorProto.INT8 else "uint8"
+        lo, hi = _RANGES[kind]
+        if values.min() < lo or values.max() > hi or zero.min() < lo or zero.max() > hi:
+            kept.append(weight.name)
+            continue
+        dtype = ml_dtypes.int4 if kind == "int8" else ml_dtypes.uint4
+        name4 = weight.name.removesuffix("_quantized") + "_4bit"
+        zero_name = name4 + "_zero_point"
+        # from_array packs two values per byte into raw_data, so the file holds half the bytes
+        graph.initializer.append(numpy_helper.from_array(values.astype(dtype), name4))
+        graph.initializer.append(numpy_helper.from_array(zero.astype(dtype), zero_name))
+        node.input[0] = name4
+        if len(node.input) > 2:
+            node.input[2] = zero_name
+        else:
+            node.input.append(zero_name)
+        packed.append(weight.name)
+    used = {i for n in graph.node for i in n.input}
+    for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
+        graph.node.remove(node)
+    for init in list(graph.initializer):
+        if init.name not in used:
+            graph.initializer.remove(init)
+    return packed, kept

@@ -1,0 +1,111 @@
+"""Export forms of group and instance normalization that keep a runtime's channel-blocked layout.
+
+PyTorch exports ``GroupNorm`` as ``Reshape(N, G, -1) → InstanceNormalization → Reshape → Mul → Add``.
+The reshape ties the tensor to the planar ``NCDHW`` layout, so OpenVINO reorders every normalised
+activation out of, and back into, the channel-blocked layout its int8 convolutions use; on
+SegResNet at 128³ those reorders cost about as much as all the int8 convolutions together.
+
+:class:`ChannelStatsGroupNorm` computes the same function from per-channel statistics instead:
+two spatial reductions give each channel's mean and variance, the group statistics follow on the
+tiny ``(N, C)`` tensors (law of total variance over the group's channels, which have equal counts),
+and the full tensor is touched once more by a per-channel ``x * a + b``. Every full-size operation
+is elementwise or a spatial reduction, which runtimes run in any layout. The result equals
+``GroupNorm`` up to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from monai_effq.ptq.graph import set_submodule
+
+__all__ = ["GROUP_NORM_FORMS", "ChannelStatsGroupNorm", "channel_stats_norms"]
+
+# "onnx": as PyTorch exports it; "channel_stats": ChannelStatsGroupNorm.
+GROUP_NORM_FORMS = ("onnx", "channel_stats")
+
+_INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+class ChannelStatsGroupNorm(nn.Module):
+    """Group normalization written with per-channel spatial statistics (same function as ``GroupNorm``).
+
+    Args:
+        num_groups: number of groups (``num_channels`` for instance normalization).
+        num_channels: number of channels.
+        eps: added to the variance.
+        weight: per-channel scale, or ``None``.
+        bias: per-channel shift, or ``None``.
+    """
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float,
+        weight: torch.Tensor | None = None,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if num_channels % num_groups:
+            raise ValueError(f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups}).")
+        self.num_groups, self.num_channels, self.eps = num_groups, num_channels, float(eps)
+        per_group = (num_groups, num_channels // num_groups)
+        gamma = torch.ones(per_group) if weight is None else weight.detach().reshape(per_group).clone()
+        beta = torch.zeros(per_group) if bias is None else bias.detach().reshape(per_group).clone()
+        self.register_buffer("gamma", gamma)
+        self.register_buffer("beta", beta)
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> ChannelStatsGroupNorm | None:
+        """The channel-statistics form of a ``GroupNorm`` or ``InstanceNorm`` (``None`` when it has none).
+
+        An instance norm that normalises with running statistics in eval mode is a per-channel
+        affine map, not a group normalization, and is left alone.
+        """
+        if isinstance(module, nn.GroupNorm):
+            return cls(module.num_groups, module.num_channels, module.eps, module.weight, module.bias)
+        if isinstance(module, _INSTANCE_NORMS) and not module.track_running_stats:
+            weight = module.weight if module.affine else None
+            bias = module.bias if module.affine else None
+            return cls(module.num_features, module.num_features, module.eps, weight, bias)
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 3 or x.shape[1] != self.num_channels:
+            raise ValueError(f"expected (N, {self.num_channels}, *spatial), got shape {tuple(x.shape)}.")
+        groups, per_group = self.gamma.shape
+        spatial = tuple(range(2, x.dim()))
+        channel_mean = x.mean(dim=spatial, keepdim=True)
+        centred = x - channel_mean
+        channel_var = (centred * centred).mean(dim=spatial)
+        channel_mean = channel_mean.reshape(-1, groups, per_group)
+        channel_var = channel_var.reshape(-1, groups, per_group)
+        mean = channel_mean.mean(-1, keepdim=True)
+        var = (channel_var + (channel_mean - mean) ** 2).mean(-1, keepdim=True)
+        scale = torch.rsqrt(var + self.eps) * self.gamma
+        shift = self.beta - mean * scale
+        shape = (-1, self.num_channels) + (1,) * len(spatial)
+        return x * scale.reshape(shape) + shift.reshape(shape)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}"
+
+
+def channel_stats_norms(network: nn.Module) -> list[str]:
+    """Replace, in place, every group and instance norm of ``network`` by its :class:`ChannelStatsGroupNorm`.
+
+    Args:
+        network: the network (an export copy; it is changed).
+
+    Returns:
+        the names of the replaced modules.
+    """
+    replaced = []
+    for name, module in list(network.named_modules()):
+        form = ChannelStatsGroupNorm.from_module(module)
+        if form is not None and name:
+            set_submodule(network, name, form)
+            replaced.append(name)
+    return replaced

@@ -1,0 +1,76 @@
+"""4-bit weight containers (ONNX opset 21): smaller files that compute exactly what the int8 files compute."""
+
+import onnx
+import pytest
+import torch
+
+import monai_effq
+from monai_effq.deploy import OnnxRuntimeNetwork, OpenVINONetwork, export_onnx
+from monai_effq.deploy.containers import pack_4bit_weights
+
+from .conftest import bn_unet
+
+FOUR_BIT = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+
+
+def integer_weights(path) -> list[onnx.TensorProto]:
+    """The integer weights: the initializers that DequantizeLinear reads."""
+    graph = onnx.load(str(path)).graph
+    dequantized = {n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    return [i for i in graph.initializer if i.name in dequantized and len(i.dims) > 1]
+
+
+def weight_types(path) -> list[int]:
+    return [i.data_type for i in integer_weights(path)]
+
+
+def weight_bytes(path) -> int:
+    return sum(i.ByteSize() for i in integer_weights(path))
+
+
+def quantized_unet(calibration, weight_bits: int, grid: str = "midrise", per_channel: bool = True):
+    config = monai_effq.EfficientQConfig(
+        weight_bits=weight_bits,
+        act_bits=8,
+        first_layer_bits=None,
+        last_layer_bits=None,
+        weight_grid=grid,
+        per_channel=per_channel,
+        method="rtn",
+        attention=False,
+    )
+    return monai_effq.quantize(bn_unet(), calibration, config, progress=False)
+
+
+@pytest.mark.parametrize("weight_bits, grid", [(2, "midrise"), (3, "midrise"), (4, "signed")])
+def test_weights_that_fit_four_bits_are_stored_in_four_bits_and_compute_the_same(calibration, tmp_path, weight_bits, grid):
+    result = quantized_unet(calibration, weight_bits, grid)
+    int8 = export_onnx(result, tmp_path / "int8.onnx", (1, 2, 16, 16, 16))
+    int4 = export_onnx(result, tmp_path / "int4.onnx", (1, 2, 16, 16, 16), weight_container="int4")
+    assert onnx.load(str(int4)).opset_import[0].version == 21
+    assert all(t in FOUR_BIT for t in weight_types(int4))
+    assert weight_bytes(int4) < 0.6 * weight_bytes(int8)  # half the bytes, plus each tensor's name
+    x = torch.rand(1, 2, 20, 16, 12, generator=torch.Generator().manual_seed(6))
+    expected = OnnxRuntimeNetwork(int8, optimize=False)(x)
+    torch.testing.assert_close(OnnxRuntimeNetwork(int4, optimize=False)(x), expected, atol=0, rtol=0)
+    torch.testing.assert_close(OnnxRuntimeNetwork(int4)(x), OnnxRuntimeNetwork(int8)(x), atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        fake_quant = result.network(x)
+    assert float((OpenVINONetwork(int4)(x) - fake_quant).norm() / fake_quant.norm()) < 2e-3
+
+
+def test_four_bit_midrise_weights_need_five_bits_and_stay_int8(calibration, tmp_path):
+    result = quantized_unet(calibration, 4, "midrise")
+    path = export_onnx(result, tmp_path / "int4.onnx", (1, 2, 16, 16, 16), weight_container="int4")
+    assert weight_types(path) and all(t == onnx.TensorProto.INT8 for t in weight_types(path))
+
+
+def test_four_bit_containers_need_opset_21(calibration, tmp_path):
+    result = quantized_unet(calibration, 2)
+    with pytest.raises(ValueError, match="needs opset 21"):
+        export_onnx(result, tmp_path / "x.onnx", (1, 2, 16, 16, 16), weight_container="int4", opset=17)
+    with pytest.raises(ValueError, match="weight_container must be one of"):
+        export_onnx(result, tmp_path / "x.onnx", (1, 2, 16, 16, 16), weight_container="int2")
+    model = onnx.load(str(export_onnx(result, tmp_path / "int8.onnx", (1, 2, 16, 16, 16))))
+    with pytest.raises(ValueError, match="opset 21 or later"):
+        pack_4bit_weights(model)

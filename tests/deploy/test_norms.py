@@ -1,0 +1,118 @@
+"""Group and instance norms exported from per-channel statistics: the same function, run by every runtime."""
+
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+from monai.networks.nets import SegResNet
+
+import monai_effq
+from monai_effq.deploy import (
+    ChannelStatsGroupNorm,
+    OnnxRuntimeNetwork,
+    OpenVINONetwork,
+    export_onnx,
+    export_options,
+    runtime_network,
+)
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [
+        nn.GroupNorm(4, 16),
+        nn.GroupNorm(8, 16),
+        nn.GroupNorm(1, 16),
+        nn.InstanceNorm3d(16, affine=True),
+        nn.InstanceNorm3d(16),
+    ],
+    ids=["4-groups", "2-channel-groups", "layer-norm", "affine-instance", "instance"],
+)
+def test_channel_statistics_compute_the_same_normalization(norm):
+    torch.manual_seed(0)
+    for p in norm.parameters():
+        nn.init.normal_(p)
+    # a large per-channel offset: the variance must not come from E[x^2] - E[x]^2
+    x = torch.randn(2, 16, 9, 7, 5) * 3 + torch.linspace(-200, 200, 16).reshape(1, 16, 1, 1, 1)
+    form = ChannelStatsGroupNorm.from_module(norm)
+    torch.testing.assert_close(form(x), norm(x), atol=2e-4, rtol=1e-4)
+
+
+def test_an_instance_norm_with_running_statistics_is_left_as_it_is():
+    assert ChannelStatsGroupNorm.from_module(nn.InstanceNorm3d(8, track_running_stats=True)) is None
+    assert ChannelStatsGroupNorm.from_module(nn.BatchNorm3d(8)) is None
+
+
+def test_a_wrong_channel_count_is_an_error_naming_the_expected_shape():
+    with pytest.raises(ValueError, match=r"\(N, 16, \*spatial\)"):
+        ChannelStatsGroupNorm(4, 16, 1e-5)(torch.rand(1, 8, 4, 4, 4))
+
+
+@pytest.fixture(scope="module")
+def segresnet_w4a8():
+    """A small quantized SegResNet: GroupNorm after bias-free int8 convolutions, residual adds.
+
+    OpenVINO 2026.4 compiled for dynamic shapes gets this network wrong (rel-L2 0.4 in the ONNX
+    form of its group norms, 0.99 in the channel-statistics form); compiled per shape it is right.
+    """
+    torch.manual_seed(0)
+    net = SegResNet(3, init_filters=8, in_channels=2, out_channels=3, blocks_down=(1, 2), blocks_up=(1,)).eval()
+    calibration = torch.rand(1, 2, 24, 24, 24, generator=torch.Generator().manual_seed(1))
+    config = monai_effq.EfficientQConfig(weight_bits=4, act_bits=8, per_channel=True, method="rtn", attention=False)
+    return monai_effq.quantize(net, calibration, config, progress=False)
+
+
+def test_a_channel_stats_export_reproduces_the_fake_quant_network_in_both_runtimes(segresnet_w4a8, tmp_path):
+    path = export_onnx(segresnet_w4a8, tmp_path / "segresnet.onnx", (1, 2, 16, 16, 16), group_norm="channel_stats")
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "InstanceNormalization" not in ops and "ReduceMean" in ops
+    assert export_options(path) == "group_norm=channel_stats;reduce_range=False;weight_container=int8"
+    x = torch.rand(1, 2, 20, 24, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = segresnet_w4a8.network(x)
+    assert rel_l2(OnnxRuntimeNetwork(path, optimize=False)(x), expected) < 5e-3
+    assert rel_l2(OnnxRuntimeNetwork(path)(x), expected) < 5e-3
+    # an untrained network: one-step rounding flips grow through the residual path to about 1e-2
+    assert rel_l2(OpenVINONetwork(path)(x), expected) < 3e-2
+
+
+@pytest.mark.parametrize("group_norm", ["onnx", "channel_stats"])
+def test_openvino_is_right_on_group_norm_networks_in_both_forms(segresnet_w4a8, tmp_path, group_norm):
+    path = export_onnx(segresnet_w4a8, tmp_path / "segresnet.onnx", (1, 2, 16, 16, 16), group_norm=group_norm)
+    x = torch.rand(2, 2, 16, 20, 24, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = segresnet_w4a8.network(x)
+    assert rel_l2(OpenVINONetwork(path)(x), expected) < 3e-2
+
+
+def test_openvino_compiles_once_per_input_shape_and_keeps_the_latest(segresnet_w4a8, tmp_path):
+    path = export_onnx(segresnet_w4a8, tmp_path / "segresnet.onnx", (1, 2, 16, 16, 16), group_norm="channel_stats")
+    net = OpenVINONetwork(path, max_shapes=2)
+    first = net.request_for((1, 2, 16, 16, 16))
+    assert net.request_for((1, 2, 16, 16, 16)) is first
+    for size in (8, 24):
+        assert net(torch.rand(1, 2, size, size, size)).shape == (1, 3, size, size, size)
+    assert list(net._requests) == [(1, 2, 8, 8, 8), (1, 2, 24, 24, 24)]
+
+
+def test_an_unknown_group_norm_form_is_an_error(segresnet_w4a8, tmp_path):
+    with pytest.raises(ValueError, match="group_norm must be one of"):
+        export_onnx(segresnet_w4a8, tmp_path / "x.onnx", (1, 2, 16, 16, 16), group_norm="fused")
+
+
+def test_runtime_network_re_exports_a_file_written_in_another_runtimes_form(segresnet_w4a8, tmp_path):
+    checkpoint = tmp_path / "model_w4a8.pt"
+    monai_effq.save_quantized(segresnet_w4a8, checkpoint)
+    onnx_path = tmp_path / "model_w4a8.onnx"
+
+    def fresh():
+        return SegResNet(3, init_filters=8, in_channels=2, out_channels=3, blocks_down=(1, 2), blocks_up=(1,))
+
+    runtime_network("onnxruntime", onnx_path, checkpoint, fresh(), (1, 2, 16, 16, 16))
+    assert export_options(onnx_path) == "group_norm=onnx;reduce_range=False;weight_container=int8"
+    runtime_network("openvino", onnx_path, checkpoint, fresh(), (1, 2, 16, 16, 16))
+    assert export_options(onnx_path) == "group_norm=channel_stats;reduce_range=False;weight_container=int8"
