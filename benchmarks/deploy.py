@@ -6,7 +6,8 @@ demo volume, and the LiTS bundle's trained UNet on a 1x1x96^3 volume, at W8A8 an
 quantized by the bundle's own ``quantize`` workflow on its demo calibration case): torch fp32 eager
 (also with denormals flushed, as OpenVINO does), torch fake-quant,
 ONNX Runtime fp32/int8 and OpenVINO fp32/int8 (int8 also with the float parts in bfloat16, OpenVINO's
-default on CPUs that have it; fp32 always in f32). Every runner is timed once per round, rounds
+default on CPUs that have it, and with PyTorch's own group-norm export instead of the channel-statistics
+form OpenVINO runs by default; fp32 always in f32). Every runner is timed once per round, rounds
 interleaved, and the median is reported with its speed ratio against torch fp32 measured in the same
 run; also the ONNX file sizes and each output's relative L2 error against fp32 and against the
 fake-quant network.
@@ -37,10 +38,11 @@ from monai.bundle import ConfigParser
 from monai.transforms import ResizeWithPadOrCrop
 
 import monai_effq
-from monai_effq.deploy import OnnxRuntimeNetwork, OpenVINONetwork, export_onnx
+from monai_effq.deploy import RUNTIME_GROUP_NORM, OnnxRuntimeNetwork, OpenVINONetwork, export_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ("brats_effq", "lits_effq")
+OV_NORMS = RUNTIME_GROUP_NORM["openvino"]
 # name: (bundle whose workflows run it, volume size, network_def overrides; None = the bundle's trained network)
 NETWORKS = {
     "SegResNet init_filters=16 (untrained)": ("brats_effq", 128, {"init_filters": 16, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]}),
@@ -131,24 +133,29 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
         x = volume(bundle, size)
         fp, fp_ckpt = fp_network(bundle, overrides, work)
         fp_onnx = export_onnx(fp, work / f"net{index}_fp32.onnx", x, require_quantized=False)
+        # each runtime runs the group-norm form it runs best (RUNTIME_GROUP_NORM), fp32 and int8 alike
+        fp_onnx_ov = export_onnx(fp, work / f"net{index}_fp32_ov.onnx", x, require_quantized=False, group_norm=OV_NORMS)
         runners = {
             "torch fp32": fp,
             "torch fp32 FTZ": _FlushDenormals(fp),
             "ORT fp32": OnnxRuntimeNetwork(fp_onnx),
-            "OpenVINO fp32": OpenVINONetwork(fp_onnx),
+            "OpenVINO fp32": OpenVINONetwork(fp_onnx_ov),
         }
         files = {"fp32": fp_onnx.stat().st_size}
         for bits in args.bits:
             ckpt = quantize_bundle(bundle, bits, work, overrides, fp_ckpt)
             net = monai_effq.load_quantized(ckpt, network_def(bundle, overrides).get_parsed_content("network_def"))
             path = export_onnx(net, work / f"net{index}_w{bits}a8.onnx", x)
+            path_ov = export_onnx(net, work / f"net{index}_w{bits}a8_ov.onnx", x, group_norm=OV_NORMS)
             files[f"W{bits}A8"] = path.stat().st_size
             runners[f"torch fake-quant W{bits}A8"] = net.eval()
             runners[f"ORT int8 W{bits}A8"] = OnnxRuntimeNetwork(path)
-            runners[f"OpenVINO int8 W{bits}A8"] = OpenVINONetwork(path)
+            runners[f"OpenVINO int8 W{bits}A8"] = OpenVINONetwork(path_ov)
+            # the same network with PyTorch's own group-norm export, to show what the form is worth
+            runners[f"OV int8 onnx-norms W{bits}A8"] = OpenVINONetwork(path)
             # the layers left in floating point (norms, activations) in bfloat16: OpenVINO's own
             # default on CPUs that have it
-            runners[f"OpenVINO int8+bf16 W{bits}A8"] = OpenVINONetwork(path, precision="bf16")
+            runners[f"OpenVINO int8+bf16 W{bits}A8"] = OpenVINONetwork(path_ov, precision="bf16")
         times: dict[str, list[float]] = {k: [] for k in runners}
         outputs = {}
         with torch.no_grad():
@@ -159,6 +166,9 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
                     t0 = time.perf_counter()
                     run(x)
                     times[key].append(time.perf_counter() - t0)
+                    # ONNX Runtime's worker threads spin on after a run; on 2 cores that slowed the
+                    # next runner by up to 50%, so every runner starts on an idle machine
+                    time.sleep(args.pause)
         base = statistics.median(times["torch fp32"])
         ov_fp = statistics.median(times["OpenVINO fp32"])
         print(f"\n{name}, input {tuple(x.shape)}, median of {args.rounds} interleaved rounds")
@@ -223,6 +233,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="64^3 volumes, 2 rounds, W4A8 only")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--pause", type=float, default=0.5, help="idle seconds after each timed run")
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4])
     parser.add_argument("--skip-dice", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the figures here")
