@@ -6,8 +6,8 @@ demo volume, and the LiTS bundle's trained UNet on a 1x1x96^3 volume, at W8A8 an
 quantized by the bundle's own ``quantize`` workflow on its demo calibration case): torch fp32 eager
 (also with denormals flushed, as OpenVINO does), torch fake-quant,
 ONNX Runtime fp32/int8 and OpenVINO fp32/int8 (int8 also with the float parts in bfloat16, OpenVINO's
-default on CPUs that have it, and with PyTorch's own group-norm export instead of the channel-statistics
-form OpenVINO runs by default; fp32 always in f32). Every runner is timed once per round, rounds
+default on CPUs that have it, and with the other group-norm export form than the one
+``group_norm_form_for`` picks for OpenVINO; fp32 always in f32). Every runner is timed once per round, rounds
 interleaved, and the median is reported with its speed ratio against torch fp32 measured in the same
 run; also the ONNX file sizes and each output's relative L2 error against fp32 and against the
 fake-quant network.
@@ -38,11 +38,11 @@ from monai.bundle import ConfigParser
 from monai.transforms import ResizeWithPadOrCrop
 
 import monai_effq
-from monai_effq.deploy import RUNTIME_GROUP_NORM, OnnxRuntimeNetwork, OpenVINONetwork, export_onnx
+from monai_effq.deploy import OnnxRuntimeNetwork, OpenVINONetwork, export_onnx, group_norm_form_for
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ("brats_effq", "lits_effq")
-OV_NORMS = RUNTIME_GROUP_NORM["openvino"]
+OTHER_FORM = {"onnx": "channel_stats", "channel_stats": "onnx"}
 # name: (bundle whose workflows run it, volume size, network_def overrides; None = the bundle's trained network)
 NETWORKS = {
     "SegResNet init_filters=16 (untrained)": ("brats_effq", 128, {"init_filters": 16, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]}),
@@ -133,8 +133,9 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
         x = volume(bundle, size)
         fp, fp_ckpt = fp_network(bundle, overrides, work)
         fp_onnx = export_onnx(fp, work / f"net{index}_fp32.onnx", x, require_quantized=False)
-        # each runtime runs the group-norm form it runs best (RUNTIME_GROUP_NORM), fp32 and int8 alike
-        fp_onnx_ov = export_onnx(fp, work / f"net{index}_fp32_ov.onnx", x, require_quantized=False, group_norm=OV_NORMS)
+        # OpenVINO runs the group-norm form group_norm_form_for picks, fp32 and int8 alike
+        ov_norms = group_norm_form_for("openvino", fp)
+        fp_onnx_ov = export_onnx(fp, work / f"net{index}_fp32_ov.onnx", x, require_quantized=False, group_norm=ov_norms)
         runners = {
             "torch fp32": fp,
             "torch fp32 FTZ": _FlushDenormals(fp),
@@ -146,13 +147,14 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
             ckpt = quantize_bundle(bundle, bits, work, overrides, fp_ckpt)
             net = monai_effq.load_quantized(ckpt, network_def(bundle, overrides).get_parsed_content("network_def"))
             path = export_onnx(net, work / f"net{index}_w{bits}a8.onnx", x)
-            path_ov = export_onnx(net, work / f"net{index}_w{bits}a8_ov.onnx", x, group_norm=OV_NORMS)
+            path_ov = export_onnx(net, work / f"net{index}_w{bits}a8_ov.onnx", x, group_norm=ov_norms)
+            path_other = export_onnx(net, work / f"net{index}_w{bits}a8_other.onnx", x, group_norm=OTHER_FORM[ov_norms])
             files[f"W{bits}A8"] = path.stat().st_size
             runners[f"torch fake-quant W{bits}A8"] = net.eval()
             runners[f"ORT int8 W{bits}A8"] = OnnxRuntimeNetwork(path)
             runners[f"OpenVINO int8 W{bits}A8"] = OpenVINONetwork(path_ov)
-            # the same network with PyTorch's own group-norm export, to show what the form is worth
-            runners[f"OV int8 onnx-norms W{bits}A8"] = OpenVINONetwork(path)
+            # the same network with the other group-norm form, to show what the choice is worth
+            runners[f"OV int8 {OTHER_FORM[ov_norms]} W{bits}A8"] = OpenVINONetwork(path_other)
             # the layers left in floating point (norms, activations) in bfloat16: OpenVINO's own
             # default on CPUs that have it
             runners[f"OpenVINO int8+bf16 W{bits}A8"] = OpenVINONetwork(path_ov, precision="bf16")

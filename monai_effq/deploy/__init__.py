@@ -4,9 +4,8 @@ Needs the ``deploy`` extra (``pip install 'monai-effq[deploy]'``: onnx, onnxrunt
 """
 
 from monai_effq.deploy.export import QdqLayer, export_form, export_onnx, fold_weight_quantization
-from monai_effq.deploy.norms import ChannelStatsGroupNorm
+from monai_effq.deploy.norms import ChannelStatsGroupNorm, group_norm_form_for
 from monai_effq.deploy.runtime import (
-    RUNTIME_GROUP_NORM,
     RUNTIMES,
     OnnxRuntimeNetwork,
     OpenVINONetwork,
@@ -23,11 +22,11 @@ __all__ = [
     "export_onnx",
     "fold_weight_quantization",
     "RUNTIMES",
-    "RUNTIME_GROUP_NORM",
     "OnnxRuntimeNetwork",
     "OpenVINONetwork",
     "cpu_has_vnni",
     "export_options",
+    "group_norm_form_for",
     "runtime_network",
     "widest_int8_weight",
 ]

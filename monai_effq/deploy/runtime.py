@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from monai.utils import optional_import
 
+from monai_effq.deploy.norms import group_norm_form_for
 from monai_effq.deploy.export import EXPORT_OPTIONS_KEY, REDUCED_WEIGHT_RANGE, export_onnx, require
 from monai_effq.ptq.checkpoint import load_quantized
 
@@ -30,7 +31,6 @@ numpy_helper, _ = optional_import("onnx", name="numpy_helper")
 
 __all__ = [
     "RUNTIMES",
-    "RUNTIME_GROUP_NORM",
     "OnnxRuntimeNetwork",
     "OpenVINONetwork",
     "cpu_has_vnni",
@@ -255,10 +255,6 @@ class OpenVINONetwork(_RuntimeNetwork):
 
 RUNTIMES = {"openvino": OpenVINONetwork, "onnxruntime": OnnxRuntimeNetwork}
 
-# the group-norm export form each runtime runs best (see monai_effq.export_onnx)
-RUNTIME_GROUP_NORM = {"openvino": "channel_stats", "onnxruntime": "onnx"}
-
-
 def export_options(path: str | os.PathLike) -> str | None:
     """The export options recorded in an ONNX file by :func:`~monai_effq.export_onnx` (``None`` if none).
 
@@ -288,7 +284,8 @@ def runtime_network(
 
     Bundles call this so that one command goes from ``model_w4a8.pt`` to an OpenVINO network; the
     ONNX file is written beside the checkpoint and re-exported whenever the checkpoint is newer or
-    the file was exported in another form than the runtime's (:data:`RUNTIME_GROUP_NORM`).
+    the file was exported in another group-norm form than the one the runtime runs fastest
+    (:func:`~monai_effq.deploy.norms.group_norm_form_for`).
 
     Args:
         runtime: ``"openvino"`` or ``"onnxruntime"``.
@@ -311,10 +308,10 @@ def runtime_network(
         source = Path(quantized_path)
         if not source.is_file():
             raise FileNotFoundError(f"quantized checkpoint {source} does not exist: run the bundle's quantize workflow first.")
-        group_norm = RUNTIME_GROUP_NORM[runtime]
+        group_norm = group_norm_form_for(runtime, network) if network is not None else None
         wanted = f"group_norm={group_norm};reduce_range=False;weight_container=int8"
         stale = not onnx_path.is_file() or onnx_path.stat().st_mtime < source.stat().st_mtime
-        if stale or export_options(onnx_path) != wanted:
+        if stale or (group_norm is not None and export_options(onnx_path) != wanted):
             if network is None or example_shape is None:
                 raise ValueError("exporting a quantized checkpoint needs the FP `network` and an `example_shape`.")
             export_onnx(load_quantized(source, network), onnx_path, list(example_shape), group_norm=group_norm)

@@ -13,6 +13,7 @@ from monai_effq.deploy import (
     OpenVINONetwork,
     export_onnx,
     export_options,
+    group_norm_form_for,
     runtime_network,
 )
 
@@ -104,13 +105,24 @@ def test_an_unknown_group_norm_form_is_an_error(segresnet_w4a8, tmp_path):
         export_onnx(segresnet_w4a8, tmp_path / "x.onnx", (1, 2, 16, 16, 16), group_norm="fused")
 
 
-def test_runtime_network_re_exports_a_file_written_in_another_runtimes_form(segresnet_w4a8, tmp_path):
-    checkpoint = tmp_path / "model_w4a8.pt"
-    monai_effq.save_quantized(segresnet_w4a8, checkpoint)
-    onnx_path = tmp_path / "model_w4a8.onnx"
+def test_openvino_gets_the_channel_stats_form_where_every_norm_fills_whole_channel_blocks():
+    def segresnet(init_filters):
+        return SegResNet(3, init_filters=init_filters, in_channels=2, out_channels=3, blocks_down=(1, 2), blocks_up=(1,))
 
+    assert group_norm_form_for("openvino", segresnet(16)) == "channel_stats"
+    assert group_norm_form_for("openvino", segresnet(8)) == "onnx"
+    assert group_norm_form_for("onnxruntime", segresnet(16)) == "onnx"
+    assert group_norm_form_for("openvino", nn.Conv3d(16, 16, 3)) == "onnx"
+
+
+def test_runtime_network_re_exports_a_file_written_in_another_runtimes_form(tmp_path):
     def fresh():
-        return SegResNet(3, init_filters=8, in_channels=2, out_channels=3, blocks_down=(1, 2), blocks_up=(1,))
+        return SegResNet(3, init_filters=16, in_channels=2, out_channels=3, blocks_down=(1,), blocks_up=()).eval()
+
+    config = monai_effq.EfficientQConfig(weight_bits=4, act_bits=8, method="rtn", attention=False)
+    result = monai_effq.quantize(fresh(), torch.rand(1, 2, 16, 16, 16), config, progress=False)
+    checkpoint = monai_effq.save_quantized(result, tmp_path / "model_w4a8.pt")
+    onnx_path = tmp_path / "model_w4a8.onnx"
 
     runtime_network("onnxruntime", onnx_path, checkpoint, fresh(), (1, 2, 16, 16, 16))
     assert export_options(onnx_path) == "group_norm=onnx;reduce_range=False;weight_container=int8"

@@ -83,3 +83,10 @@ def test_runtime_network_exports_a_checkpoint_once_and_again_when_it_changes(qua
     assert onnx_path.stat().st_mtime_ns != first
     with pytest.raises(ValueError, match="runtime must be one of"):
         runtime_network("tensorrt", onnx_path)
+
+
+def test_openvino_options_it_cannot_compile_with_are_an_error_naming_them(exported):
+    _, path = exported
+    net = OpenVINONetwork(path, precision="f7")
+    with pytest.raises(ValueError, match=r"cannot compile model\.onnx for input shape \(1, 2, 8, 8, 8\).*f7"):
+        net(torch.rand(1, 2, 8, 8, 8))
