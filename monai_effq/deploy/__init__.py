@@ -1,6 +1,7 @@
 """Integer deployment: ONNX QDQ export of a quantized network and the runtimes that run it from MONAI.
 
-Needs the ``deploy`` extra (``pip install 'monai-effq[deploy]'``: onnx, onnxruntime, openvino).
+Needs the ``deploy`` extra (``pip install 'monai-effq[deploy]'``: onnx, onnxruntime, openvino);
+TensorRT (:mod:`monai_effq.deploy.tensorrt`) needs a CUDA GPU with tensorrt and polygraphy.
 """
 
 from monai_effq.deploy.export import QdqLayer, export_form, export_onnx, fold_weight_quantization
@@ -14,6 +15,7 @@ from monai_effq.deploy.runtime import (
     runtime_network,
     widest_int8_weight,
 )
+from monai_effq.deploy.tensorrt import TensorRTNetwork, tensorrt_network, tensorrt_violations
 
 __all__ = [
     "ChannelStatsGroupNorm",
@@ -29,4 +31,7 @@ __all__ = [
     "group_norm_form_for",
     "runtime_network",
     "widest_int8_weight",
+    "TensorRTNetwork",
+    "tensorrt_network",
+    "tensorrt_violations",
 ]

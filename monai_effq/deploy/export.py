@@ -179,32 +179,43 @@ class QdqLayer(nn.Module):
 
 
 class _ActivationSpec(nn.Module):
-    """An activation quantizer as an 8-bit Q/DQ pair, clipped first when it has fewer than 8 bits."""
+    """An activation quantizer as an 8-bit Q/DQ pair, clipped first when it uses part of the container.
 
-    def __init__(self, scale: float, zero_point: int, clip: tuple[float, float] | None) -> None:
+    Unsigned and asymmetric grids become uint8 with their zero point; signed and symmetric grids
+    become int8 with zero point 0 (the form TensorRT requires).
+    """
+
+    def __init__(self, scale: float, zero_point: int, clip: tuple[float, float] | None, signed: bool = False) -> None:
         super().__init__()
-        self.scale, self.zero_point, self.clip = scale, zero_point, clip
+        self.scale, self.zero_point, self.clip, self.signed = scale, zero_point, clip, signed
 
     @classmethod
     def from_quantizer(cls, quantizer: ActivationQuantizer | None) -> _ActivationSpec | None:
         if quantizer is None:
             return None
         zero = float(quantizer.zero_point)
-        if zero != round(zero) or quantizer.qmin < 0 or quantizer.qmax > 255:
-            raise ValueError(f"activation grid {quantizer.grid.kind} has no uint8 form (zero point {zero}).")
+        if zero != round(zero):
+            raise ValueError(f"activation grid {quantizer.grid.kind} has no 8-bit form (zero point {zero}).")
+        signed = quantizer.grid.is_signed
+        lo, hi = (quantizer.qmin - zero, quantizer.qmax - zero) if signed else (quantizer.qmin, quantizer.qmax)
+        container = (-128, 127) if signed else (0, 255)
+        if lo < container[0] or hi > container[1]:
+            raise ValueError(f"activation grid {quantizer.grid.kind} does not fit an 8-bit container ({lo}..{hi}).")
         scale = float(quantizer.scale)
+        zero_point = 0 if signed else int(zero)
         clip = None
-        if quantizer.qmin > 0 or quantizer.qmax < 255:
-            clip = ((quantizer.qmin - zero) * scale, (quantizer.qmax - zero) * scale)
-        return cls(scale, int(zero), clip)
+        if (lo, hi) != container:
+            clip = ((lo - zero_point) * scale, (hi - zero_point) * scale)
+        return cls(scale, zero_point, clip, signed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.clip is not None:
             x = torch.clamp(x, *self.clip)
-        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, 0, 255)
+        qmin, qmax = (-128, 127) if self.signed else (0, 255)
+        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, qmin, qmax)
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale:.4g}, zero_point={self.zero_point}, clip={self.clip}"
+        return f"scale={self.scale:.4g}, zero_point={self.zero_point}, clip={self.clip}, signed={self.signed}"
 
 
 def export_form(network: nn.Module, reduce_range: bool = False, group_norm: str = "onnx") -> tuple[nn.Module, list[str]]:

@@ -21,6 +21,7 @@ import torch.nn as nn
 from monai.utils import optional_import
 
 from monai_effq.deploy.norms import group_norm_form_for
+from monai_effq.deploy.tensorrt import tensorrt_network
 from monai_effq.deploy.export import EXPORT_OPTIONS_KEY, REDUCED_WEIGHT_RANGE, export_onnx, require
 from monai_effq.ptq.checkpoint import load_quantized
 
@@ -30,6 +31,7 @@ onnx, _has_onnx = optional_import("onnx")
 numpy_helper, _ = optional_import("onnx", name="numpy_helper")
 
 __all__ = [
+    "BUILT_RUNTIMES",
     "RUNTIMES",
     "OnnxRuntimeNetwork",
     "OpenVINONetwork",
@@ -254,6 +256,8 @@ class OpenVINONetwork(_RuntimeNetwork):
 
 
 RUNTIMES = {"openvino": OpenVINONetwork, "onnxruntime": OnnxRuntimeNetwork}
+# runtimes that build from the quantized checkpoint through MONAI's trt_compile, not from the ONNX file
+BUILT_RUNTIMES = ("tensorrt",)
 
 def export_options(path: str | os.PathLike) -> str | None:
     """The export options recorded in an ONNX file by :func:`~monai_effq.export_onnx` (``None`` if none).
@@ -287,8 +291,12 @@ def runtime_network(
     the file was exported in another group-norm form than the one the runtime runs fastest
     (:func:`~monai_effq.deploy.norms.group_norm_form_for`).
 
+    ``"tensorrt"`` builds the checkpoint into a TensorRT engine instead
+    (:func:`~monai_effq.deploy.tensorrt.tensorrt_network`, cached as ``onnx_path`` with the suffix
+    ``.plan``; needs a CUDA GPU and a checkpoint quantized with ``act_grid="symmetric"``).
+
     Args:
-        runtime: ``"openvino"`` or ``"onnxruntime"``.
+        runtime: ``"openvino"``, ``"onnxruntime"`` or ``"tensorrt"``.
         onnx_path: the ONNX file to run (and to write).
         quantized_path: the quantized checkpoint it is exported from (``None``: run ``onnx_path`` as is).
         network: a fresh FP network of the checkpoint's architecture (needed with ``quantized_path``).
@@ -296,14 +304,19 @@ def runtime_network(
         options: passed to the runtime network.
 
     Returns:
-        an :class:`OpenVINONetwork` or :class:`OnnxRuntimeNetwork`.
+        an :class:`OpenVINONetwork`, :class:`OnnxRuntimeNetwork` or
+        :class:`~monai_effq.deploy.tensorrt.TensorRTNetwork`.
 
     Raises:
         ValueError: for an unknown runtime or a missing argument.
     """
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {sorted(RUNTIMES)}, got {runtime!r}.")
+    if runtime not in RUNTIMES and runtime not in BUILT_RUNTIMES:
+        raise ValueError(f"runtime must be one of {sorted(RUNTIMES) + list(BUILT_RUNTIMES)}, got {runtime!r}.")
     onnx_path = Path(onnx_path)
+    if runtime == "tensorrt":
+        if quantized_path is None or network is None:
+            raise ValueError("runtime 'tensorrt' builds from the quantized checkpoint: pass quantized_path and network.")
+        return tensorrt_network(load_quantized(quantized_path, network), onnx_path.with_suffix(""), **options)
     if quantized_path is not None:
         source = Path(quantized_path)
         if not source.is_file():

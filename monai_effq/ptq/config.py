@@ -47,6 +47,10 @@ def _check_format(role: str, text: str | None, bits: int | None, signed: bool) -
         )
 
 
+# activation grid choices: "auto" (unsigned or asymmetric, from calibration) or "symmetric"
+ACT_GRIDS = ("auto", "symmetric")
+
+
 @dataclass(frozen=True)
 class LayerPlan:
     """How one layer is quantized.
@@ -101,6 +105,10 @@ class EfficientQConfig:
             ``weight_bits`` to that word size.
         act_format: the same for the body layers' inputs, e.g. ``"Q6.0"`` (unsigned, ``i + f``
             bits, after ReLU; a signed input adds a sign bit). When given it sets ``act_bits``.
+        act_grid: ``"auto"`` puts each input on the unsigned grid when calibration saw no negative
+            value and on the asymmetric grid otherwise (every level used); ``"symmetric"`` puts
+            every input on the symmetric signed grid with zero point 0, which TensorRT's int8
+            requires (:mod:`monai_effq.deploy.tensorrt`): one bit less for inputs after a ReLU.
     """
 
     weight_bits: int = 4
@@ -123,6 +131,7 @@ class EfficientQConfig:
     power_of_two: bool = False
     weight_format: str | None = None
     act_format: str | None = None
+    act_grid: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.admm, dict):
@@ -166,6 +175,15 @@ class EfficientQConfig:
             raise ValueError(f"power_of_two must be True or False, got {self.power_of_two!r}.")
         _check_format("weight", self.weight_format, self.weight_bits, signed=True)
         _check_format("act", self.act_format, self.act_bits, signed=False)
+        if self.act_grid not in ACT_GRIDS:
+            raise ValueError(f"act_grid must be one of {ACT_GRIDS}, got {self.act_grid!r}.")
+        if self.act_grid == "symmetric" and self.act_format is not None:
+            raise ValueError("act_format sets its own grid: use it or act_grid='symmetric', not both.")
+
+    @property
+    def act_kind(self) -> str | None:
+        """The activation grid kind every layer's input calibrates on (``None``: chosen per input)."""
+        return None if self.act_grid == "auto" else self.act_grid
 
     def weight_grid_for(self, bits: int) -> str:
         """The weight grid kind of a layer with ``bits``-bit weights (see ``weight_grid``).

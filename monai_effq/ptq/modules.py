@@ -57,6 +57,7 @@ class ActivationQuantizer(nn.Module):
         max_samples: int = 1 << 18,
         power_of_two: bool = False,
         fixed_point: str | None = None,
+        kind: str | None = None,
     ) -> ActivationQuantizer:
         """Fit a quantizer to calibration activations.
 
@@ -68,6 +69,8 @@ class ActivationQuantizer(nn.Module):
             fixed_point: an explicit format such as ``"Q6.0"`` (step ``2^-f``, not fitted; ``bits``
                 is then ignored): unsigned when calibration saw no negative value, otherwise
                 sign-magnitude with one more bit.
+            kind: the grid kind (e.g. ``"symmetric"``); ``None`` chooses unsigned when
+                calibration saw no negative value and asymmetric otherwise.
 
         Returns:
             the calibrated quantizer.
@@ -84,7 +87,8 @@ class ActivationQuantizer(nn.Module):
         if fixed_point is not None:
             fmt = FixedPointFormat.parse(fixed_point, signed=not non_negative)
             return cls(fmt.bits, fmt.grid.kind, fmt.step, fmt.zero_point)
-        kind = "unsigned" if non_negative else "asymmetric"
+        if kind is None:
+            kind = "unsigned" if non_negative else "asymmetric"
         grid = UniformGrid(bits, kind)
         scale, zero = fit_scale(flat, grid, method="als")  # ALS as the paper; MSE sweep if asymmetric
         if power_of_two:

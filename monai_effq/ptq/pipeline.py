@@ -283,7 +283,11 @@ class _Run:
             if plan.act_bits is not None:
                 if act_q is None:  # ranges from the first batch, used for all
                     act_q = ActivationQuantizer.calibrate(
-                        x, plan.act_bits, power_of_two=self.config.power_of_two, fixed_point=plan.act_format
+                        x,
+                        plan.act_bits,
+                        power_of_two=self.config.power_of_two,
+                        fixed_point=plan.act_format,
+                        kind=self.config.act_kind,
                     ).to(x.device)
                 x = act_q(x)
             h = None

@@ -280,7 +280,7 @@ def _from_network(network: nn.Module, sample: torch.Tensor, config: EfficientQCo
     def calibrate(plan: LayerPlan, x: torch.Tensor) -> None:
         if plan.act_bits is not None and plan.name not in quantizers:
             quantizers[plan.name] = ActivationQuantizer.calibrate(
-                x, plan.act_bits, power_of_two=config.power_of_two, fixed_point=plan.act_format
+                x, plan.act_bits, power_of_two=config.power_of_two, fixed_point=plan.act_format, kind=config.act_kind
             )
 
     handles = [

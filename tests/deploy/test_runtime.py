@@ -82,7 +82,7 @@ def test_runtime_network_exports_a_checkpoint_once_and_again_when_it_changes(qua
     runtime_network("onnxruntime", onnx_path, ckpt, bn_unet(), (1, 2, 16, 16, 16))
     assert onnx_path.stat().st_mtime_ns != first
     with pytest.raises(ValueError, match="runtime must be one of"):
-        runtime_network("tensorrt", onnx_path)
+        runtime_network("tflite", onnx_path)
 
 
 def test_openvino_options_it_cannot_compile_with_are_an_error_naming_them(exported):

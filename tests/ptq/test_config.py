@@ -45,6 +45,8 @@ def test_glob_and_regex_patterns_select_layers():
         ({"overrides": {"x": {"weight_bits": 1}}}, "weight_bits"),
         ({"act_bits": 1}, "act_bits"),
         ({"attention_power": -1.0}, "attention_power"),
+        ({"act_grid": "signed"}, "act_grid"),
+        ({"act_grid": "symmetric", "act_format": "Q6.0"}, "act_format"),
     ],
 )
 def test_bad_settings_are_named(kwargs, message):

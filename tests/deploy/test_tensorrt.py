@@ -1,0 +1,88 @@
+"""TensorRT through MONAI's trt_compile: symmetric int8 graphs, clear refusals, and the engine where a GPU exists."""
+
+import importlib.util
+
+import onnx
+import pytest
+import torch
+from monai.networks.utils import convert_to_onnx
+
+import monai_effq
+from monai_effq.deploy import export_form, export_onnx, runtime_network, tensorrt_network, tensorrt_violations
+
+from .conftest import bn_unet
+
+HAS_TENSORRT = torch.cuda.is_available() and all(importlib.util.find_spec(m) for m in ("tensorrt", "polygraphy"))
+
+
+def quantized(calibration, act_grid: str):
+    config = monai_effq.EfficientQConfig(weight_bits=4, act_bits=8, act_grid=act_grid, method="rtn", attention=False)
+    return monai_effq.quantize(bn_unet(), calibration, config, progress=False)
+
+
+@pytest.fixture(scope="module")
+def symmetric(calibration):
+    return quantized(calibration, "symmetric")
+
+
+def test_symmetric_activations_calibrate_to_zero_point_zero_and_export_as_int8(symmetric, tmp_path):
+    quantizers = [m.input_quantizer for m in symmetric.network.modules() if getattr(m, "input_quantizer", None)]
+    assert quantizers and all(q.grid.kind == "symmetric" for q in quantizers)
+    path = export_onnx(symmetric, tmp_path / "sym.onnx", (1, 2, 16, 16, 16))
+    assert tensorrt_violations(path) == []
+
+
+def test_the_default_calibration_is_named_as_what_tensorrt_cannot_build(calibration, tmp_path):
+    path = export_onnx(quantized(calibration, "auto"), tmp_path / "auto.onnx", (1, 2, 16, 16, 16))
+    problems = tensorrt_violations(path)
+    assert problems and all("UINT8" in p or "zero point" in p for p in problems)
+
+
+def test_the_onnx_monai_trt_compile_builds_from_is_tensorrt_legal(symmetric, tmp_path):
+    # trt_compile exports the module it is given with MONAI's convert_to_onnx; this is that file
+    form, _ = export_form(symmetric.network)
+    x = torch.rand(1, 2, 16, 16, 16)
+    convert_to_onnx(form, (x,), filename=str(tmp_path / "trt.onnx"), input_names=["x"], output_names=["y"], dynamo=False)
+    model = onnx.load(str(tmp_path / "trt.onnx"))
+    assert any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    assert tensorrt_violations(model) == []
+
+
+def test_a_network_with_unsigned_activations_is_refused_naming_the_setting(calibration, tmp_path):
+    with pytest.raises(ValueError, match="act_grid='symmetric'"):
+        tensorrt_network(quantized(calibration, "auto"), tmp_path / "engine")
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="checks the refusal on machines without TensorRT")
+def test_without_cuda_or_tensorrt_the_error_says_what_is_missing(symmetric, tmp_path):
+    with pytest.raises(RuntimeError, match="CUDA GPU and the tensorrt and polygraphy packages"):
+        tensorrt_network(symmetric, tmp_path / "engine")
+
+
+@pytest.mark.skipif(not HAS_TENSORRT, reason="needs a CUDA GPU with tensorrt and polygraphy")
+def test_the_tensorrt_engine_matches_the_fake_quant_network(symmetric, tmp_path):
+    net = tensorrt_network(symmetric, tmp_path / "engine", precision="fp32")
+    x = torch.rand(1, 2, 16, 16, 16)
+    with torch.no_grad():
+        expected = symmetric.network(x)
+    got = net(x)
+    assert got.device == x.device and got.shape == expected.shape
+    assert float((got - expected).norm() / expected.norm()) < 2e-2
+    assert (tmp_path / "engine.plan").is_file()
+
+
+def test_symmetric_activation_quantizers_survive_a_checkpoint(symmetric, tmp_path):
+    path = monai_effq.save_quantized(symmetric, tmp_path / "sym.pt")
+    loaded = monai_effq.load_quantized(path, bn_unet())
+    x = torch.rand(1, 2, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), symmetric.network(x), atol=0, rtol=0)
+    kinds = {m.input_quantizer.grid.kind for m in loaded.modules() if getattr(m, "input_quantizer", None)}
+    assert kinds == {"symmetric"}
+
+
+@pytest.mark.skipif(HAS_TENSORRT, reason="checks the refusal on machines without TensorRT")
+def test_the_bundles_runtime_switch_reaches_tensorrt_and_says_what_is_missing(symmetric, tmp_path):
+    checkpoint = monai_effq.save_quantized(symmetric, tmp_path / "model_w4a8.pt")
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        runtime_network("tensorrt", tmp_path / "model_w4a8.onnx", checkpoint, bn_unet(), (1, 2, 16, 16, 16))
