@@ -1,9 +1,10 @@
 """Weight containers of an exported ONNX graph: int8 by default, 4-bit where the integers fit.
 
 ONNX opset 21 lets ``DequantizeLinear`` read ``INT4``/``UINT4`` tensors (two values per byte). A
-layer's integer weights go into a 4-bit container when every value fits it exactly: 2- and 3-bit
-layers on any grid, and 4-bit layers on the ``signed``, ``unsigned`` and ``asymmetric`` grids. The
-default 4-bit ``midrise`` grid is stored at doubled codes (odd integers in ``[-15, 15]``, see
+layer's integer weights go into a 4-bit container when they fit it exactly: 2- and 3-bit layers on
+any grid, and 4-bit layers on the ``signed`` grid (INT4), or on the ``unsigned`` and ``asymmetric``
+grids (UINT4 with a zero point per channel, or per tensor). The default 4-bit ``midrise`` grid is
+stored at doubled codes (odd integers in ``[-15, 15]``, see
 :func:`monai_effq.deploy.export._integer_weights`), which need five bits, so those layers stay int8.
 """
 
@@ -21,7 +22,6 @@ __all__ = ["INT4_MIN_OPSET", "WEIGHT_CONTAINERS", "pack_4bit_weights"]
 WEIGHT_CONTAINERS = ("int8", "int4")
 INT4_MIN_OPSET = 21
 
-_RANGES = {"int8": (-8, 7), "uint8": (0, 15)}
 
 
 def _constant(graph, name: str):  # noqa: ANN001, ANN202 - onnx.GraphProto / TensorProto
@@ -33,6 +33,31 @@ def _constant(graph, name: str):  # noqa: ANN001, ANN202 - onnx.GraphProto / Ten
         if node.op_type == "Constant" and node.output[0] == name:
             return next((a.t for a in node.attribute if a.name == "value"), None)
     return None
+
+
+def _four_bit_form(node, values: np.ndarray, zero: np.ndarray, signed: bool):  # noqa: ANN001, ANN202
+    """``(values, zero point, dtype)`` of a weight in a 4-bit container, or ``None`` when it needs more.
+
+    ``scale * (v - z)`` is kept exactly: int8 offsets in ``[-8, 7]`` go to INT4 as they are; others
+    whose range per channel (or per tensor) spans at most 16 levels go to UINT4 as ``v - m`` with
+    zero point ``z - m``, ``m`` the smallest value (unsigned and asymmetric 4-bit grids).
+    """
+    if signed and zero.min() >= -8 and zero.max() <= 7 and values.min() >= -8 and values.max() <= 7:
+        return values, zero, ml_dtypes.int4
+    if zero.ndim == 1 and zero.size > 1:  # per channel, along the node's axis
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % values.ndim
+        others = tuple(d for d in range(values.ndim) if d != axis)
+        low = np.minimum(values.min(axis=others), zero)
+        shape = [1] * values.ndim
+        shape[axis] = -1
+        shifted, low_b = values - low.reshape(shape), low
+    else:
+        low_b = min(int(values.min()), int(zero.min()))
+        shifted = values - low_b
+    new_zero = zero - low_b
+    if shifted.max() > 15 or new_zero.max() > 15:
+        return None
+    return shifted, new_zero.astype(np.int32), ml_dtypes.uint4
 
 
 def pack_4bit_weights(model) -> tuple[list[str], list[str]]:  # noqa: ANN001 - onnx.ModelProto
@@ -63,12 +88,11 @@ def pack_4bit_weights(model) -> tuple[list[str], list[str]]:  # noqa: ANN001 - o
         values = numpy_helper.to_array(weight).astype(np.int32)
         zero_tensor = _constant(graph, node.input[2]) if len(node.input) > 2 and node.input[2] else None
         zero = numpy_helper.to_array(zero_tensor).astype(np.int32) if zero_tensor is not None else np.zeros((), np.int32)
-        kind = "int8" if weight.data_type == onnx.TensorProto.INT8 else "uint8"
-        lo, hi = _RANGES[kind]
-        if values.min() < lo or values.max() > hi or zero.min() < lo or zero.max() > hi:
+        packed_values = _four_bit_form(node, values, zero, weight.data_type == onnx.TensorProto.INT8)
+        if packed_values is None:
             kept.append(weight.name)
             continue
-        dtype = ml_dtypes.int4 if kind == "int8" else ml_dtypes.uint4
+        values, zero, dtype = packed_values
         name4 = weight.name.removesuffix("_quantized") + "_4bit"
         zero_name = name4 + "_zero_point"
         # from_array packs two values per byte into raw_data, so the file holds half the bytes

@@ -242,7 +242,8 @@ class OpenVINONetwork(_RuntimeNetwork):
         except Exception as err:  # openvino raises RuntimeError subclasses of its own
             raise ValueError(
                 f"OpenVINO cannot compile {self.path.name} for input shape {shape} on {self.device} with {self.config} "
-                f"({type(err).__name__}: {str(err).strip().splitlines()[0][:200]}): check the device and options."
+                f"({type(err).__name__}: {str(err).strip().splitlines()[0][:200]}): check the device and options, "
+                f"and that the file accepts this shape (its input is {self.model.inputs[0].get_partial_shape()})."
             ) from err
         self._requests[shape] = compiled.create_infer_request()
         while len(self._requests) > self.max_shapes:
@@ -276,6 +277,11 @@ def export_options(path: str | os.PathLike) -> str | None:
     return next((p.value for p in model.metadata_props if p.key == EXPORT_OPTIONS_KEY), None)
 
 
+def _parse_options(text: str | None) -> dict[str, str]:
+    """``"a=1;b=2"`` as a dict (empty for ``None``)."""
+    return dict(item.split("=", 1) for item in (text or "").split(";") if "=" in item)
+
+
 def runtime_network(
     runtime: str,
     onnx_path: str | os.PathLike,
@@ -287,9 +293,10 @@ def runtime_network(
     """The runtime network of a quantized checkpoint, exporting its ONNX first when missing or stale.
 
     Bundles call this so that one command goes from ``model_w4a8.pt`` to an OpenVINO network; the
-    ONNX file is written beside the checkpoint and re-exported whenever the checkpoint is newer or
-    the file was exported in another group-norm form than the one the runtime runs fastest
-    (:func:`~monai_effq.deploy.norms.group_norm_form_for`).
+    ONNX file is written beside the checkpoint and re-exported whenever the checkpoint is newer or,
+    for OpenVINO, the file records another group-norm form than the one OpenVINO runs fastest for
+    this network (:func:`~monai_effq.deploy.norms.group_norm_form_for`). ONNX Runtime runs any form,
+    and other export options (``reduce_range``, ``weight_container``) are left as exported.
 
     ``"tensorrt"`` builds the checkpoint into a TensorRT engine instead
     (:func:`~monai_effq.deploy.tensorrt.tensorrt_network`, cached as ``onnx_path`` with the suffix
@@ -316,16 +323,22 @@ def runtime_network(
     if runtime == "tensorrt":
         if quantized_path is None or network is None:
             raise ValueError("runtime 'tensorrt' builds from the quantized checkpoint: pass quantized_path and network.")
-        return tensorrt_network(load_quantized(quantized_path, network), onnx_path.with_suffix(""), **options)
+        source = Path(quantized_path)
+        if not source.is_file():
+            raise FileNotFoundError(f"quantized checkpoint {source} does not exist: run the bundle's quantize workflow first.")
+        # the checkpoint's time rebuilds a cached engine once the checkpoint changes
+        options.setdefault("timestamp", int(source.stat().st_mtime))
+        return tensorrt_network(load_quantized(source, network), onnx_path.with_suffix(""), **options)
     if quantized_path is not None:
         source = Path(quantized_path)
         if not source.is_file():
             raise FileNotFoundError(f"quantized checkpoint {source} does not exist: run the bundle's quantize workflow first.")
-        group_norm = group_norm_form_for(runtime, network) if network is not None else None
-        wanted = f"group_norm={group_norm};reduce_range=False;weight_container=int8"
         stale = not onnx_path.is_file() or onnx_path.stat().st_mtime < source.stat().st_mtime
-        if stale or (group_norm is not None and export_options(onnx_path) != wanted):
+        # only OpenVINO's speed depends on the group-norm form; other options a user exported with stay
+        group_norm = group_norm_form_for(runtime, network) if runtime == "openvino" and network is not None else None
+        recorded = _parse_options(export_options(onnx_path)) if onnx_path.is_file() else {}
+        if stale or (group_norm is not None and recorded.get("group_norm", group_norm) != group_norm):
             if network is None or example_shape is None:
                 raise ValueError("exporting a quantized checkpoint needs the FP `network` and an `example_shape`.")
-            export_onnx(load_quantized(source, network), onnx_path, list(example_shape), group_norm=group_norm)
+            export_onnx(load_quantized(source, network), onnx_path, list(example_shape), group_norm=group_norm or "onnx")
     return RUNTIMES[runtime](onnx_path, **options)

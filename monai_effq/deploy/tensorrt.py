@@ -54,18 +54,29 @@ def tensorrt_violations(model: Any) -> list[str]:
     values = {i.name: i for i in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant":
-            values[node.output[0]] = next(a.t for a in node.attribute if a.name == "value")
+            tensor = next((a.t for a in node.attribute if a.name == "value"), None)
+            if tensor is not None:
+                values[node.output[0]] = tensor
     problems = []
     for node in graph.node:
         if node.op_type not in _QDQ:
             continue
-        integer = node.input[0] if node.op_type == "DequantizeLinear" else None
-        zero = values.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        tensor = zero if zero is not None else values.get(integer or "")
-        if tensor is not None and tensor.data_type != onnx.TensorProto.INT8:
+        if len(node.input) < 3 or not node.input[2]:
+            if node.op_type == "QuantizeLinear":
+                problems.append(f"{node.op_type} {node.name}: no zero point, so UINT8 (TensorRT quantizes to INT8 only)")
+                continue
+            if values.get(node.input[0]) is None:
+                continue  # dequantizes a computed tensor: the QuantizeLinear that made it is checked
+            tensor = values[node.input[0]]  # a DequantizeLinear of a stored tensor has that tensor's type
+        else:
+            tensor = values.get(node.input[2])
+            if tensor is None:
+                problems.append(f"{node.op_type} {node.name}: a computed zero point (TensorRT needs a constant 0)")
+                continue
+        if tensor.data_type != onnx.TensorProto.INT8:
             kind = onnx.TensorProto.DataType.Name(tensor.data_type)
             problems.append(f"{node.op_type} {node.name}: {kind} (TensorRT quantizes to INT8 only)")
-        elif zero is not None and numpy_helper.to_array(zero).any():
+        elif len(node.input) > 2 and node.input[2] and numpy_helper.to_array(tensor).any():
             problems.append(f"{node.op_type} {node.name}: non-zero zero point (TensorRT's int8 is symmetric)")
     return problems
 
@@ -76,10 +87,13 @@ def _layer_violations(network: nn.Module) -> list[str]:
     names = {}
     for name, module in form.named_modules():
         if isinstance(module, QdqLayer):
+            why = []
             if not module.signed or bool(module.weight_zero_point.any()):
-                names[name] = "weights on an asymmetric uint8 grid"
-            elif module.act is not None and not module.act.signed:
-                names[name] = "input on an unsigned/asymmetric grid"
+                why.append("weights on an asymmetric uint8 grid")
+            if module.act is not None and not module.act.signed:
+                why.append("input on an unsigned/asymmetric grid")
+            if why:
+                names[name] = " and ".join(why)
     return [f"{name}: {why}" for name, why in names.items()]
 
 
@@ -119,7 +133,10 @@ def tensorrt_network(
         base_path: where ``trt_compile`` caches the engine (``<base_path>.plan``); its folder must exist.
         precision: TensorRT precision of the layers left in floating point (``"fp16"``, ``"fp32"``,
             ``"tf32"``, ``"bf16"``); the Q/DQ layers run in int8 whatever it is.
-        trt_args: more arguments of MONAI's ``TrtCompiler`` (``dynamic_batchsize``, ``build_args``, ...).
+        trt_args: more arguments of MONAI's ``TrtCompiler``. The engine has static shapes by
+            default, built for the first input: a ``SlidingWindowInferer`` with ``sw_batch_size``
+            above 1 needs ``dynamic_batchsize=[1, sw_batch_size, sw_batch_size]`` (its last batch
+            can be smaller); ``timestamp`` rebuilds a cached engine older than it.
 
     Returns:
         the engine as a :class:`TensorRTNetwork`.
@@ -149,5 +166,6 @@ def tensorrt_network(
         )
     Path(base_path).parent.mkdir(parents=True, exist_ok=True)
     form, _ = export_form(network)
-    args = {"method": "onnx", "precision": precision, "export_args": {"dynamo": False}, **trt_args}
+    export_args = {"dynamo": False, **trt_args.pop("export_args", {})}  # the TorchScript exporter writes Q/DQ
+    args = {"method": "onnx", "precision": precision, **trt_args, "export_args": export_args}
     return TensorRTNetwork(trt_compile(form.cuda().eval(), str(base_path), args=args))

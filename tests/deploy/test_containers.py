@@ -42,9 +42,22 @@ def quantized_unet(calibration, weight_bits: int, grid: str = "midrise", per_cha
     return monai_effq.quantize(bn_unet(), calibration, config, progress=False)
 
 
-@pytest.mark.parametrize("weight_bits, grid", [(2, "midrise"), (3, "midrise"), (4, "signed")])
-def test_weights_that_fit_four_bits_are_stored_in_four_bits_and_compute_the_same(calibration, tmp_path, weight_bits, grid):
-    result = quantized_unet(calibration, weight_bits, grid)
+@pytest.mark.parametrize(
+    "weight_bits, grid, per_channel",
+    [
+        (2, "midrise", True),
+        (3, "midrise", True),
+        (4, "signed", True),
+        (4, "signed", False),
+        (4, "asymmetric", True),
+        (4, "asymmetric", False),
+        (4, "unsigned", True),
+    ],
+)
+def test_weights_that_fit_four_bits_are_stored_in_four_bits_and_compute_the_same(
+    calibration, tmp_path, weight_bits, grid, per_channel
+):
+    result = quantized_unet(calibration, weight_bits, grid, per_channel)
     int8 = export_onnx(result, tmp_path / "int8.onnx", (1, 2, 16, 16, 16))
     int4 = export_onnx(result, tmp_path / "int4.onnx", (1, 2, 16, 16, 16), weight_container="int4")
     assert onnx.load(str(int4)).opset_import[0].version == 21

@@ -86,3 +86,17 @@ def test_the_bundles_runtime_switch_reaches_tensorrt_and_says_what_is_missing(sy
     checkpoint = monai_effq.save_quantized(symmetric, tmp_path / "model_w4a8.pt")
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         runtime_network("tensorrt", tmp_path / "model_w4a8.onnx", checkpoint, bn_unet(), (1, 2, 16, 16, 16))
+
+
+def test_a_quantize_node_without_zero_point_is_named_as_uint8():
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("QuantizeLinear", ["x", "s"], ["q"], name="q0")
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("q", TensorProto.UINT8, [1])],
+        [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1])],
+    )
+    assert tensorrt_violations(helper.make_model(graph)) == ["QuantizeLinear q0: no zero point, so UINT8 (TensorRT quantizes to INT8 only)"]
