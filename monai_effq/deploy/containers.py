@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 from monai.utils import optional_import
 
+from monai_effq.deploy.onnx_graph import constant_values
+
 onnx, _has_onnx = optional_import("onnx")
 numpy_helper, _ = optional_import("onnx", name="numpy_helper")
 ml_dtypes, _ = optional_import("ml_dtypes")  # onnx's own dependency: numpy's 4-bit types
@@ -21,18 +23,6 @@ __all__ = ["INT4_MIN_OPSET", "WEIGHT_CONTAINERS", "pack_4bit_weights"]
 
 WEIGHT_CONTAINERS = ("int8", "int4")
 INT4_MIN_OPSET = 21
-
-
-
-def _constant(graph, name: str):  # noqa: ANN001, ANN202 - onnx.GraphProto / TensorProto
-    """The tensor behind ``name``: an initializer or a ``Constant`` node's value (``None`` if neither)."""
-    for init in graph.initializer:
-        if init.name == name:
-            return init
-    for node in graph.node:
-        if node.op_type == "Constant" and node.output[0] == name:
-            return next((a.t for a in node.attribute if a.name == "value"), None)
-    return None
 
 
 def _four_bit_form(node, values: np.ndarray, zero: np.ndarray, signed: bool):  # noqa: ANN001, ANN202
@@ -78,6 +68,7 @@ def pack_4bit_weights(model) -> tuple[list[str], list[str]]:  # noqa: ANN001 - o
         raise ValueError(f"4-bit weight containers need ONNX opset {INT4_MIN_OPSET} or later, the model has {opset}.")
     graph = model.graph
     initializers = {i.name: i for i in graph.initializer}
+    consts = constant_values(graph)
     packed, kept = [], []
     for node in graph.node:
         if node.op_type != "DequantizeLinear" or node.input[0] not in initializers:
@@ -86,8 +77,8 @@ def pack_4bit_weights(model) -> tuple[list[str], list[str]]:  # noqa: ANN001 - o
         if len(weight.dims) < 2 or weight.data_type not in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
             continue
         values = numpy_helper.to_array(weight).astype(np.int32)
-        zero_tensor = _constant(graph, node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        zero = numpy_helper.to_array(zero_tensor).astype(np.int32) if zero_tensor is not None else np.zeros((), np.int32)
+        has_zero = len(node.input) > 2 and bool(node.input[2])
+        zero = consts[node.input[2]].astype(np.int32) if has_zero else np.zeros((), np.int32)
         packed_values = _four_bit_form(node, values, zero, weight.data_type == onnx.TensorProto.INT8)
         if packed_values is None:
             kept.append(weight.name)

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 from monai.utils import optional_import
 
+from monai_effq.deploy.onnx_graph import constant_values
 from monai_effq.deploy.containers import INT4_MIN_OPSET, WEIGHT_CONTAINERS, pack_4bit_weights
 from monai_effq.deploy.norms import GROUP_NORM_FORMS, channel_stats_norms
 from monai_effq.ptq.graph import set_submodule
@@ -243,22 +244,6 @@ def export_form(network: nn.Module, reduce_range: bool = False, group_norm: str 
     return form, reduced
 
 
-def _constant_values(graph) -> dict[str, np.ndarray]:  # noqa: ANN001 - onnx.GraphProto
-    """Values known without running the graph: initializers, ``Constant`` outputs and their casts."""
-    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-    for node in graph.node:  # nodes are in topological order
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    values[node.output[0]] = numpy_helper.to_array(attr.t)
-        elif node.op_type == "Identity" and node.input[0] in values:
-            values[node.output[0]] = values[node.input[0]]
-        elif node.op_type == "Cast" and node.input[0] in values:
-            to = next(a.i for a in node.attribute if a.name == "to")
-            values[node.output[0]] = values[node.input[0]].astype(onnx.helper.tensor_dtype_to_np_dtype(to))
-    return values
-
-
 def drop_initializer_identities(model) -> int:  # noqa: ANN001 - onnx.ModelProto
     """Point the consumers of ``Identity(initializer)`` nodes at the initializer itself.
 
@@ -321,7 +306,7 @@ def fold_weight_quantization(model) -> int:  # noqa: ANN001 - onnx.ModelProto
         the number of weights folded.
     """
     graph = model.graph
-    consts = _constant_values(graph)
+    consts = constant_values(graph)
     initializers = {i.name: i for i in graph.initializer}
     folded, drop = 0, []
     for node in graph.node:

@@ -320,19 +320,16 @@ def runtime_network(
     if runtime not in RUNTIMES and runtime not in BUILT_RUNTIMES:
         raise ValueError(f"runtime must be one of {sorted(RUNTIMES) + list(BUILT_RUNTIMES)}, got {runtime!r}.")
     onnx_path = Path(onnx_path)
+    source = None if quantized_path is None else Path(quantized_path)
+    if source is not None and not source.is_file():
+        raise FileNotFoundError(f"quantized checkpoint {source} does not exist: run the bundle's quantize workflow first.")
     if runtime == "tensorrt":
-        if quantized_path is None or network is None:
+        if source is None or network is None:
             raise ValueError("runtime 'tensorrt' builds from the quantized checkpoint: pass quantized_path and network.")
-        source = Path(quantized_path)
-        if not source.is_file():
-            raise FileNotFoundError(f"quantized checkpoint {source} does not exist: run the bundle's quantize workflow first.")
         # the checkpoint's time rebuilds a cached engine once the checkpoint changes
         options.setdefault("timestamp", int(source.stat().st_mtime))
         return tensorrt_network(load_quantized(source, network), onnx_path.with_suffix(""), **options)
-    if quantized_path is not None:
-        source = Path(quantized_path)
-        if not source.is_file():
-            raise FileNotFoundError(f"quantized checkpoint {source} does not exist: run the bundle's quantize workflow first.")
+    if source is not None:
         stale = not onnx_path.is_file() or onnx_path.stat().st_mtime < source.stat().st_mtime
         # only OpenVINO's speed depends on the group-norm form; other options a user exported with stay
         group_norm = group_norm_form_for(runtime, network) if runtime == "openvino" and network is not None else None

@@ -20,16 +20,17 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 from monai.utils import optional_import
 
 from monai_effq.deploy.export import QdqLayer, _network_of, export_form
+from monai_effq.deploy.onnx_graph import constant_values
 from monai_effq.ptq.modules import QuantizedLayer
 from monai_effq.ptq.pipeline import QuantizationResult
 
 onnx, _has_onnx = optional_import("onnx")
-numpy_helper, _ = optional_import("onnx", name="numpy_helper")
 trt_compile, _has_trt_compile = optional_import("monai.networks", name="trt_compile")
 _, _has_tensorrt = optional_import("tensorrt")
 _, _has_polygraphy = optional_import("polygraphy")
@@ -50,40 +51,33 @@ def tensorrt_violations(model: Any) -> list[str]:
     """
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model))
-    graph = model.graph
-    values = {i.name: i for i in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            tensor = next((a.t for a in node.attribute if a.name == "value"), None)
-            if tensor is not None:
-                values[node.output[0]] = tensor
+    values = constant_values(model.graph)
     problems = []
-    for node in graph.node:
+    for node in model.graph.node:
         if node.op_type not in _QDQ:
             continue
         if len(node.input) < 3 or not node.input[2]:
             if node.op_type == "QuantizeLinear":
                 problems.append(f"{node.op_type} {node.name}: no zero point, so UINT8 (TensorRT quantizes to INT8 only)")
                 continue
-            if values.get(node.input[0]) is None:
+            if node.input[0] not in values:
                 continue  # dequantizes a computed tensor: the QuantizeLinear that made it is checked
-            tensor = values[node.input[0]]  # a DequantizeLinear of a stored tensor has that tensor's type
+            integer = values[node.input[0]]  # a DequantizeLinear of a stored tensor has that tensor's type
+        elif node.input[2] not in values:
+            problems.append(f"{node.op_type} {node.name}: a computed zero point (TensorRT needs a constant 0)")
+            continue
         else:
-            tensor = values.get(node.input[2])
-            if tensor is None:
-                problems.append(f"{node.op_type} {node.name}: a computed zero point (TensorRT needs a constant 0)")
-                continue
-        if tensor.data_type != onnx.TensorProto.INT8:
-            kind = onnx.TensorProto.DataType.Name(tensor.data_type)
+            integer = values[node.input[2]]
+        if integer.dtype != np.int8:
+            kind = onnx.TensorProto.DataType.Name(onnx.helper.np_dtype_to_tensor_dtype(integer.dtype))
             problems.append(f"{node.op_type} {node.name}: {kind} (TensorRT quantizes to INT8 only)")
-        elif len(node.input) > 2 and node.input[2] and numpy_helper.to_array(tensor).any():
+        elif len(node.input) > 2 and node.input[2] and integer.any():
             problems.append(f"{node.op_type} {node.name}: non-zero zero point (TensorRT's int8 is symmetric)")
     return problems
 
 
-def _layer_violations(network: nn.Module) -> list[str]:
-    """The quantized layers whose weights or input quantizer have no symmetric int8 form."""
-    form, _ = export_form(network)
+def _layer_violations(form: nn.Module) -> list[str]:
+    """The layers of an export form whose weights or input quantizer have no symmetric int8 form."""
     names = {}
     for name, module in form.named_modules():
         if isinstance(module, QdqLayer):
@@ -149,7 +143,8 @@ def tensorrt_network(
     network = _network_of(model)
     if not any(isinstance(m, QuantizedLayer) for m in network.modules()):
         raise ValueError("the network has no quantized layers: quantize it first (monai_effq.quantize).")
-    problems = _layer_violations(network)
+    form, _ = export_form(network)
+    problems = _layer_violations(form)
     if problems:
         raise ValueError(
             f"TensorRT's int8 is symmetric, and {len(problems)} layers are not ({'; '.join(problems[:4])}"
@@ -165,7 +160,6 @@ def tensorrt_network(
             f"({'missing: ' + ', '.join(missing) if missing else 'no CUDA device'}); on CPU use OpenVINONetwork."
         )
     Path(base_path).parent.mkdir(parents=True, exist_ok=True)
-    form, _ = export_form(network)
     export_args = {"dynamo": False, **trt_args.pop("export_args", {})}  # the TorchScript exporter writes Q/DQ
     args = {"method": "onnx", "precision": precision, **trt_args, "export_args": export_args}
     return TensorRTNetwork(trt_compile(form.cuda().eval(), str(base_path), args=args))
