@@ -26,6 +26,7 @@ from monai_effq.data.layouts import (
 )
 
 if TYPE_CHECKING:
+    from monai_effq.data.calibration import calibration_windows
     from monai_effq.data.demo import (
         MSD_TASKS,
         make_brats_demo,
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
 
 # public names served by __getattr__ below, and the module each comes from
 _LAZY: dict[str, str] = {
+    "calibration_windows": "monai_effq.data.calibration",
     **dict.fromkeys(
         (
             "MSD_TASKS",
@@ -109,6 +111,7 @@ __all__ = [
     "make_msd_demo",
     "synth_brats_case",
     "synth_lits_case",
+    "calibration_windows",
 ]
 
 

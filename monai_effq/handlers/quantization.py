@@ -6,12 +6,14 @@ The handlers hand off to library calls (:func:`monai_effq.quantize`, :func:`mona
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from monai_effq.data.calibration import calibration_windows
 from monai_effq.ptq.checkpoint import load_quantized, save_quantized
 from monai_effq.ptq.config import EfficientQConfig
 from monai_effq.ptq.pipeline import quantize
@@ -62,6 +64,9 @@ class QuantizationHandler:
         save_path: where to write the quantized checkpoint, or ``None``.
         max_batches: calibration batches to collect (the paper: one volume).
         image_key: the image key of the batches.
+        roi_size: cut each collected volume into the windows a sliding-window inferer of this ROI
+            visits (:func:`monai_effq.data.calibration_windows`), so whole volumes calibrate at
+            bounded memory; ``None`` keeps the batches as they are (crops).
         body_mask: ``"nonzero"`` (voxels where any channel is non-zero: brain MRI) or ``None``
             (everything: CT).
         progress: show the per-layer progress bar.
@@ -81,6 +86,7 @@ class QuantizationHandler:
         image_key: str = "image",
         body_mask: str | None = None,
         progress: bool = True,
+        roi_size: Sequence[int] | None = None,
     ) -> None:
         self.config = EfficientQConfig.from_dict(config) if isinstance(config, dict) else config or EfficientQConfig()
         if body_mask not in (None, "nonzero"):
@@ -93,6 +99,7 @@ class QuantizationHandler:
         self.image_key = image_key
         self.body_mask = body_mask
         self.progress = progress
+        self.roi_size = None if roi_size is None else tuple(int(r) for r in roi_size)
         self.batches: list[torch.Tensor] = []
 
     def attach(self, engine: Engine) -> None:
@@ -108,9 +115,10 @@ class QuantizationHandler:
             engine.add_event_handler(Events.COMPLETED, self)
 
     def collect(self, engine: Engine) -> None:
-        """Keep this iteration's images until ``max_batches`` are held."""
+        """Keep this iteration's images (as windows with ``roi_size``) until ``max_batches`` are held."""
         if len(self.batches) < self.max_batches:
-            self.batches.append(batch_images(engine.state.batch, self.image_key))
+            images = batch_images(engine.state.batch, self.image_key)
+            self.batches.append(images if self.roi_size is None else calibration_windows(images, self.roi_size))
 
     def __call__(self, engine: Engine) -> None:
         """Quantize ``engine.network`` on the collected batches and swap the result in."""

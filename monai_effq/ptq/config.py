@@ -109,6 +109,10 @@ class EfficientQConfig:
             value and on the asymmetric grid otherwise (every level used); ``"symmetric"`` puts
             every input on the symmetric signed grid with zero point 0, which TensorRT's int8
             requires (:mod:`monai_effq.deploy.tensorrt`): one bit less for inputs after a ReLU.
+        validation_fraction: share of each layer's calibration voxels held out (whole windows when
+            there are enough, else slabs) to choose its regularisation by held-out output error
+            (:mod:`monai_effq.solver.validation`); round-to-nearest is always a candidate. ``0``
+            turns it off (one solve per layer, as the paper).
     """
 
     weight_bits: int = 4
@@ -132,6 +136,7 @@ class EfficientQConfig:
     weight_format: str | None = None
     act_format: str | None = None
     act_grid: str = "auto"
+    validation_fraction: float = 0.25
 
     def __post_init__(self) -> None:
         if isinstance(self.admm, dict):
@@ -177,6 +182,10 @@ class EfficientQConfig:
         _check_format("act", self.act_format, self.act_bits, signed=False)
         if self.act_grid not in ACT_GRIDS:
             raise ValueError(f"act_grid must be one of {ACT_GRIDS}, got {self.act_grid!r}.")
+        if not 0.0 <= self.validation_fraction <= 0.5:
+            raise ValueError(
+                f"validation_fraction must be in [0, 0.5] (0 turns held-out validation off), got {self.validation_fraction}."
+            )
         if self.act_grid == "symmetric" and self.act_format is not None:
             raise ValueError("act_format sets its own grid: use it or act_grid='symmetric', not both.")
 

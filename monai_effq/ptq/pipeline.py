@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -29,11 +29,12 @@ from monai_effq.quant.fixed_point import FixedPointFormat
 from monai_effq.quant.packing import packed_nbytes
 from monai_effq.solver.api import solve_statistics
 from monai_effq.solver.gram import GramAccumulator
-from monai_effq.solver.layers import layer_view
+from monai_effq.solver.layers import LayerView, layer_view
+from monai_effq.solver.validation import solve_validated
 
 tqdm, _has_tqdm = optional_import("tqdm", name="tqdm")
 
-__all__ = ["QuantizationResult", "quantize", "quantized_size_bytes", "state_bytes"]
+__all__ = ["QuantizationResult", "holdout_mask", "quantize", "quantized_size_bytes", "state_bytes"]
 
 logger = logging.getLogger("monai_effq")
 
@@ -142,6 +143,41 @@ def _check_runs(network: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def holdout_mask(shape: tuple[int, ...], fraction: float) -> torch.Tensor:
+    """Which output voxels of a layer are held out for validation.
+
+    Whole samples are held out when the batch has enough of them (every ``k``-th window, ``k =
+    round(1/fraction)``: windows from across the volume); otherwise slabs across the longest
+    spatial axis (every ``k``-th of at least ``2k`` slabs), and single voxels where even that axis
+    is too short. Neighbouring voxels see overlapping inputs, so slabs, not scattered voxels, give an
+    honest held-out error.
+
+    Args:
+        shape: ``(N, *spatial)`` of the layer's output voxels (``(N, ...)`` for ``Linear``).
+        fraction: share of voxels held out, in ``(0, 0.5]``.
+
+    Returns:
+        a boolean mask of ``shape``.
+    """
+    k = max(2, round(1.0 / fraction))
+    mask = torch.zeros(shape, dtype=torch.bool)
+    if shape[0] >= k:
+        mask[k - 1 :: k] = True
+        return mask
+    spatial = shape[1:]
+    if spatial and max(spatial) >= 2 * k:
+        axis = 1 + max(range(len(spatial)), key=lambda i: spatial[i])
+        length = shape[axis]
+        block = max(1, length // (4 * k))
+        held = (torch.arange(length) // block) % k == k - 1
+        view = [1] * len(shape)
+        view[axis] = length
+        return mask | held.reshape(view)
+    flat = mask.reshape(-1)
+    flat[k - 1 :: k] = True
+    return flat.reshape(shape)
+
+
 class _Run:
     """One quantization run: the prepared copies, the plan, and the per-layer solve.
 
@@ -149,23 +185,34 @@ class _Run:
     windows: one FP pass captures the targets of every layer of the window (as many as fit the
     memory budget), then one pass of the partly quantized network solves each layer when the pass
     reaches it and continues with the quantized layer's output. Otherwise each layer gets its own
-    FP and quantized passes, batch by batch.
+    FP and quantized passes, batch by batch, and only one batch's activations are held at a time.
+    A single batch whose largest layer output would exceed ``target_memory_mib`` (the windows of
+    whole volumes) is cut into interleaved chunks that fit it, so every chunk samples the whole
+    volume (the first one also sets the activation ranges).
     """
 
     def __init__(self, network: nn.Module, batches: list[torch.Tensor], config: EfficientQConfig) -> None:
         self.config = config
         self.device = torch.device(config.device)
-        if len(batches) > 1 and len({tuple(b.shape[1:]) for b in batches}) == 1:
+        self.concatenated = len(batches) > 1 and len({tuple(b.shape[1:]) for b in batches}) == 1
+        if self.concatenated:
             batches = [torch.cat(batches)]
-        self.batches = batches
         self.fp = copy.deepcopy(network).eval().to(self.device)
         for p in self.fp.parameters():
             p.requires_grad_(False)
-        first = batches[0].to(self.device)
+        first = batches[0][:1].to(self.device)
         _check_runs(self.fp, first)
-        self.folded = fold_batchnorm(self.fp, first[:1]) if config.fold_batchnorm else []
-        self.numels: dict[str, int] = {}
-        self.order = execution_order(self.fp, first, output_numels=self.numels)
+        self.folded = fold_batchnorm(self.fp, first) if config.fold_batchnorm else []
+        per_sample: dict[str, int] = {}
+        self.order = execution_order(self.fp, first, output_numels=per_sample)
+        self.chunks = 1
+        if len(batches) == 1 and per_sample:
+            cap = max(1, config.target_memory_mib * 2**20 // 4 // max(per_sample.values()))
+            self.chunks = -(-batches[0].shape[0] // cap)
+        if self.chunks > 1:
+            batches = [batches[0][c :: self.chunks] for c in range(self.chunks)]
+        self.batches = batches
+        self.numels = {k: v * batches[0].shape[0] for k, v in per_sample.items()}
         if not self.order:
             raise ValueError(
                 "the network has no quantizable layers (Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear) "
@@ -173,6 +220,18 @@ class _Run:
             )
         self.plans = config.plan(self.order)
         self.qnet = copy.deepcopy(self.fp)
+
+    def masks(self, body_mask: torch.Tensor | list[torch.Tensor] | None) -> torch.Tensor | list[torch.Tensor] | None:
+        """The body mask arranged like the batches this run iterates over."""
+        if body_mask is None:
+            return None
+        if isinstance(body_mask, (list, tuple)):
+            if not self.concatenated:
+                return list(body_mask)
+            body_mask = torch.cat([torch.as_tensor(m) for m in body_mask])
+        if self.chunks > 1:
+            return [body_mask[c :: self.chunks] for c in range(self.chunks)]
+        return body_mask
 
     def logits(self) -> list[torch.Tensor]:
         with torch.no_grad():
@@ -260,18 +319,19 @@ class _Run:
             set_submodule(self.qnet, name, module)
 
     def _run_layer(self, plan: LayerPlan, attention: ClassAttention | None) -> LayerReport:
-        pairs = []
-        for batch in self.batches:
-            batch = batch.to(self.device)
-            y = _capture(self.fp, self.fp.get_submodule(plan.name), batch, "output").cpu()
-            x = _capture(self.qnet, self.qnet.get_submodule(plan.name), batch, "input")
-            pairs.append((x, y))
-        module, report = self._solve(plan, pairs, attention)
+        def pairs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for batch in self.batches:  # one batch's activations at a time: memory stays bounded
+                batch = batch.to(self.device)
+                y = _capture(self.fp, self.fp.get_submodule(plan.name), batch, "output").cpu()
+                x = _capture(self.qnet, self.qnet.get_submodule(plan.name), batch, "input")
+                yield x, y
+
+        module, report = self._solve(plan, pairs(), attention)
         set_submodule(self.qnet, plan.name, module)
         return report
 
     def _solve(
-        self, plan: LayerPlan, pairs: list[tuple[torch.Tensor, torch.Tensor]], attention: ClassAttention | None
+        self, plan: LayerPlan, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], attention: ClassAttention | None
     ) -> tuple[QuantizedLayer, LayerReport]:
         """Accumulate one layer's statistics from (quantized input, FP output) pairs and solve it."""
         t0 = time.perf_counter()
@@ -293,15 +353,15 @@ class _Run:
             h = None
             if attention is not None and view.kind != "linear":
                 h = attention(tuple(y.shape[2:]), index)
-            acc.add_batch(x.cpu(), y.cpu(), h)
+            held = None
+            if self.config.validation_fraction > 0:
+                held = holdout_mask(_voxel_shape(view, y), self.config.validation_fraction)
+            acc.add_batch(x.cpu(), y.cpu(), h, held)
         stats = acc.statistics()
-        del acc, pairs
-        sol = solve_statistics(
-            view,
-            stats,
-            fp_layer.weight.detach().cpu(),
-            None if fp_layer.bias is None else fp_layer.bias.detach().cpu(),
-            plan.weight_bits,
+        solve_args = dict(
+            weight=fp_layer.weight.detach().cpu(),
+            bias=None if fp_layer.bias is None else fp_layer.bias.detach().cpu(),
+            weight_bits=plan.weight_bits,
             method=self.config.method,
             per_channel=self.config.per_channel,
             grid=self.config.weight_grid_for(plan.weight_bits),
@@ -310,6 +370,11 @@ class _Run:
             power_of_two=self.config.power_of_two,
             weight_format=None if plan.weight_format is None else FixedPointFormat.parse(plan.weight_format),
         )
+        if acc.has_holdout and self.config.method != "rtn":
+            sol = solve_validated(view, acc.statistics("fit"), acc.statistics("holdout"), stats, **solve_args)
+        else:
+            sol = solve_statistics(view, stats, **solve_args)
+        del acc
         cls = quantized_layer_class(fp_layer)
         q_layer = self.qnet.get_submodule(plan.name)
         module = cls(q_layer, sol.codes, sol.scale, sol.zero_point, sol.grid, sol.bias, act_q).to(self.device)
@@ -326,8 +391,19 @@ class _Run:
             seconds=time.perf_counter() - t0,
             solve_seconds=sol.seconds,
             iterations=sol.trace.iterations if sol.trace is not None else 0,
+            voxels=stats.voxels,
+            effective_voxels=stats.effective_voxels,
+            unknowns=view.in_per_group,
+            mse_holdout=sol.info.get("holdout_mse"),
+            mse_holdout_rtn=sol.info.get("holdout_mse_rtn"),
+            choice=sol.info.get("choice", sol.method),
         )
         return module, report
+
+
+def _voxel_shape(view: LayerView, targets: torch.Tensor) -> tuple[int, ...]:
+    """The shape of a layer's output voxels: ``(N, *spatial)``, or the leading axes for ``Linear``."""
+    return tuple(targets.shape[:-1]) if view.kind == "linear" else (targets.shape[0], *targets.shape[2:])
 
 
 def quantize(
@@ -366,7 +442,7 @@ def quantize(
     run = _Run(network, batches, config)
     attention = None
     if config.attention:
-        attention = ClassAttention(run.logits(), task=task, power=config.attention_power, body_mask=body_mask)
+        attention = ClassAttention(run.logits(), task=task, power=config.attention_power, body_mask=run.masks(body_mask))
         logger.info("class attention weights %s (voxel counts %s)", attention.class_weights.tolist(), attention.class_counts.tolist())
     report = QuantizationReport(method=config.method, folded_batchnorms=run.folded)
     planned = {p.name for p in run.plans}
@@ -380,4 +456,7 @@ def quantize(
     report.wall_seconds = time.perf_counter() - t0
     report.peak_memory_mib = peak_memory_mib()
     logger.info(report.summary())
+    warning = report.underdetermined_warning()
+    if warning:
+        logger.warning(warning)
     return QuantizationResult(network=qnet, report=report, config=config, folded=run.folded)

@@ -53,6 +53,13 @@ class LayerReport:
         seconds: wall time of this layer (capture, statistics and solve).
         solve_seconds: time of the solve alone.
         iterations: ADMM iterations run (0 for other methods).
+        voxels: calibration output voxels the layer saw (its equations per output channel).
+        effective_voxels: ``(Σ h)² / Σ h²`` of the attention weights: equally weighted voxels
+            worth as much data.
+        unknowns: weights per output channel (``c_in / groups · prod(kernel)``).
+        mse_holdout: held-out output error of the chosen setting (``None`` without validation).
+        mse_holdout_rtn: round-to-nearest's held-out output error.
+        choice: the solver setting used (``"efficientq eta=1"``, ``"rtn"``, ...).
     """
 
     name: str
@@ -67,6 +74,17 @@ class LayerReport:
     seconds: float
     solve_seconds: float
     iterations: int = 0
+    voxels: int = 0
+    effective_voxels: float = 0.0
+    unknowns: int = 0
+    mse_holdout: float | None = None
+    mse_holdout_rtn: float | None = None
+    choice: str = ""
+
+    @property
+    def underdetermined(self) -> bool:
+        """Fewer (effective) calibration voxels than unknowns per output channel."""
+        return 0 < self.unknowns and self.effective_voxels < self.unknowns
 
 
 @dataclass
@@ -148,11 +166,31 @@ class QuantizationReport:
         c = atomic_write_text(folder / f"{stem}.csv", self.to_csv())
         return j, c
 
+    @property
+    def underdetermined(self) -> list[str]:
+        """Names of the layers whose calibration data had fewer voxels than unknowns per output channel."""
+        return [r.name for r in self.layers if r.underdetermined]
+
+    def underdetermined_warning(self) -> str | None:
+        """A message naming the underdetermined layers and what to do, or ``None`` when there are none."""
+        layers = [r for r in self.layers if r.underdetermined]
+        if not layers:
+            return None
+        shown = ", ".join(f"{r.name} ({r.effective_voxels:.0f} voxels for {r.unknowns} unknowns)" for r in layers[:6])
+        more = f" and {len(layers) - 6} more" if len(layers) > 6 else ""
+        return (
+            f"{len(layers)} of {len(self.layers)} layers saw fewer calibration voxels than they have weights per "
+            f"output channel: {shown}{more}. Their layer-wise fit can learn the calibration sample instead of "
+            "the layer (held-out validation falls back to stronger regularisation or round-to-nearest there). "
+            "Calibrate on whole volumes (monai_effq.data.calibration_windows, the bundles' --calibration_cases N) "
+            "or more or larger crops."
+        )
+
     def summary(self) -> str:
         """A few lines for logs and the console."""
         n = len(self.layers)
         ratios = [r.mse / r.mse_rtn for r in self.layers if r.mse_rtn > 0]  # NaN (no solve) fails the test
-        mean_ratio = f"{sum(ratios) / max(n, 1):.3f}" if ratios else "n/a"
+        mean_ratio = f"{sum(ratios) / len(ratios):.3f}" if ratios else "n/a"
         return (
             f"{self.method}: {n} layers quantized in {self.wall_seconds:.1f} s, peak memory "
             f"{self.peak_memory_mib:.0f} MiB; size {self.fp_bytes / 2**20:.2f} MiB -> "

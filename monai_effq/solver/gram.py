@@ -32,6 +32,8 @@ class LayerStatistics:
         factor: ``(G, n, V)`` with ``A = 2 F Fᵀ`` when fewer voxels than columns were seen, else ``None``.
         A64: centred ``A`` in float64, for exact error figures.
         B64: centred ``B`` in float64.
+        effective_voxels: ``(Σ h)² / Σ h²``, the number of equally weighted voxels worth as much
+            data as the weighted ones (equals ``voxels`` without attention).
     """
 
     A: torch.Tensor
@@ -44,6 +46,7 @@ class LayerStatistics:
     factor: torch.Tensor | None
     A64: torch.Tensor
     B64: torch.Tensor
+    effective_voxels: float = 0.0
 
     @property
     def out_channels(self) -> int:
@@ -107,8 +110,48 @@ def symmetric_gram(xh: torch.Tensor, x: torch.Tensor, block: int = 512) -> torch
     return out
 
 
+@dataclass
+class _Sums:
+    """Running float64 sums of one set of voxels."""
+
+    xx: torch.Tensor
+    yx: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+    yy: torch.Tensor
+    h: float = 0.0
+    h2: float = 0.0
+    voxels: int = 0
+
+    @classmethod
+    def zeros(cls, g: int, n: int, m: int) -> _Sums:
+        f64 = torch.float64
+        return cls(torch.zeros(g, n, n, dtype=f64), torch.zeros(g, m, n, dtype=f64), torch.zeros(g, n, dtype=f64),
+                   torch.zeros(g, m, dtype=f64), torch.zeros(g, m, dtype=f64))
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor) -> None:
+        xh = x * h[None, :, None]
+        yh = y * h[None, :, None]
+        self.xx += symmetric_gram(xh, x).double()
+        self.yx += torch.bmm(yh.transpose(1, 2), x).double()
+        self.x += xh.sum(1).double()
+        self.y += yh.sum(1).double()
+        self.yy += (yh * y).sum(1).double()
+        self.h += float(h.double().sum())
+        self.h2 += float(h.double().pow(2).sum())
+        self.voxels += h.numel()
+
+    def minus(self, other: _Sums) -> _Sums:
+        return _Sums(self.xx - other.xx, self.yx - other.yx, self.x - other.x, self.y - other.y,
+                     self.yy - other.yy, self.h - other.h, self.h2 - other.h2, self.voxels - other.voxels)
+
+
 class GramAccumulator:
     """Accumulates a layer's normal equations over calibration batches.
+
+    Voxels marked as held out (``add_batch(..., holdout=mask)``) are summed apart as well, so the
+    statistics of the fit part, of the held-out part and of everything are all available
+    (:meth:`statistics`): a solution fitted on one part is scored on the other at no extra pass.
 
     Args:
         view: the layer's :class:`LayerView`.
@@ -126,25 +169,30 @@ class GramAccumulator:
     def __init__(self, view: LayerView, max_chunk_elements: int = 1 << 24, keep_factor: bool = True) -> None:
         self.view = view
         self.max_chunk_elements = max_chunk_elements
-        g, n, m = view.groups, view.in_per_group, view.out_per_group
-        self._xx = torch.zeros(g, n, n, dtype=torch.float64)
-        self._yx = torch.zeros(g, m, n, dtype=torch.float64)
-        self._x = torch.zeros(g, n, dtype=torch.float64)
-        self._y = torch.zeros(g, m, dtype=torch.float64)
-        self._yy = torch.zeros(g, m, dtype=torch.float64)
-        self._h = 0.0
-        self._voxels = 0
+        self._dims = (view.groups, view.in_per_group, view.out_per_group)
+        self._all = _Sums.zeros(*self._dims)
+        self._held: _Sums | None = None
         self._columns: list[torch.Tensor] | None = [] if keep_factor else None
         self._sqrt_h: list[torch.Tensor] = []
+        self._sqrt_h_fit: list[torch.Tensor] = []
 
     @property
     def voxels(self) -> int:
         """Output voxels accumulated so far."""
-        return self._voxels
+        return self._all.voxels
+
+    @property
+    def has_holdout(self) -> bool:
+        """Whether any voxel with positive weight was held out."""
+        return self._held is not None and self._held.h > 0 and self._all.h - self._held.h > 0
 
     @torch.no_grad()
     def add_batch(
-        self, inputs: torch.Tensor, targets: torch.Tensor, voxel_weights: torch.Tensor | None = None
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        voxel_weights: torch.Tensor | None = None,
+        holdout: torch.Tensor | None = None,
     ) -> None:
         """Add a batch of the layer's inputs, target outputs and voxel weights.
 
@@ -153,6 +201,8 @@ class GramAccumulator:
             targets: the full-precision network's output of this layer.
             voxel_weights: non-negative importance per output voxel, ``(N, *spatial)`` or
                 ``(N, 1, *spatial)`` for convolutions, the leading shape for ``Linear``.
+            holdout: boolean mask of the output voxels held out for validation, shaped like
+                ``voxel_weights``; ``None`` holds out nothing.
 
         Raises:
             ValueError: on shape mismatches, non-finite values or negative weights.
@@ -162,29 +212,35 @@ class GramAccumulator:
             if not torch.isfinite(t).all():
                 raise ValueError(f"calibration {name} of {self.view.name} contain NaN or Inf values.")
         if voxel_weights is not None:
-            voxel_weights = self._check_weights(voxel_weights, targets)
+            voxel_weights = self._check_weights(voxel_weights, targets, "voxel_weights")
+        if holdout is not None:
+            held = self._check_weights(holdout, targets, "holdout") > 0
+            h = torch.ones(held.shape) if voxel_weights is None else voxel_weights
+            voxel_weights = torch.stack([h, h * held], dim=-1)
+            if self._held is None:
+                self._held = _Sums.zeros(*self._dims)
         inputs = inputs.detach().float()
         targets = targets.detach().float()
         for chunk in self.view.iter_chunks(inputs, targets, voxel_weights, self.max_chunk_elements):
             x, y, h = chunk.inputs, chunk.targets, chunk.weights
-            xh = x * h[None, :, None]
-            yh = y * h[None, :, None]
-            self._xx += symmetric_gram(xh, x).double()
-            self._yx += torch.bmm(yh.transpose(1, 2), x).double()
-            self._x += xh.sum(1).double()
-            self._y += yh.sum(1).double()
-            self._yy += (yh * y).sum(1).double()
-            self._h += float(h.double().sum())
-            self._voxels += h.numel()
+            h_fit = h
+            if h.dim() == 2:
+                h, h_held = h[:, 0], h[:, 1]
+                h_fit = h - h_held
+                rows = torch.nonzero(h_held > 0).squeeze(1)
+                if rows.numel():
+                    self._held.add(x[:, rows], y[:, rows], h_held[rows])
+            self._all.add(x, y, h)
             if self._columns is not None:
-                if self._voxels <= self.view.in_per_group:
+                if self._all.voxels <= self.view.in_per_group:
                     self._columns.append(x.clone())
                     self._sqrt_h.append(h.clamp_min(0).sqrt())
+                    self._sqrt_h_fit.append(h_fit.clamp_min(0).sqrt())
                 else:
                     self._columns = None
-                    self._sqrt_h = []
+                    self._sqrt_h, self._sqrt_h_fit = [], []
 
-    def _check_weights(self, w: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _check_weights(self, w: torch.Tensor, targets: torch.Tensor, what: str) -> torch.Tensor:
         if self.view.kind == "linear":
             expected = tuple(targets.shape[:-1])
         else:
@@ -193,37 +249,53 @@ class GramAccumulator:
                 w = w[:, 0]
         if tuple(w.shape) != expected:
             raise ValueError(
-                f"voxel_weights for {self.view.name} must have shape {expected} (one weight per output "
+                f"{what} for {self.view.name} must have shape {expected} (one weight per output "
                 f"voxel), got {tuple(w.shape)}."
             )
+        w = w.detach().float()
         if not torch.isfinite(w).all() or (w < 0).any():
-            raise ValueError(f"voxel_weights for {self.view.name} must be finite and non-negative.")
-        return w.detach().float()
+            raise ValueError(f"{what} for {self.view.name} must be finite and non-negative.")
+        return w
 
-    def statistics(self) -> LayerStatistics:
-        """Centred normal equations of everything added so far.
+    def statistics(self, part: str = "all") -> LayerStatistics:
+        """Centred normal equations of the voxels added so far.
+
+        Args:
+            part: ``"all"`` (every voxel), ``"fit"`` (those not held out) or ``"holdout"``.
 
         Returns:
-            the layer's :class:`LayerStatistics`.
+            the layer's :class:`LayerStatistics` over that part.
 
         Raises:
-            ValueError: when nothing (or only zero-weight voxels) was added.
+            ValueError: when that part is empty (or has only zero-weight voxels), or for an unknown part.
         """
-        if self._voxels == 0 or self._h <= 0:
+        if part not in ("all", "fit", "holdout"):
+            raise ValueError(f"part must be 'all', 'fit' or 'holdout', got {part!r}.")
+        if part == "all":
+            sums, sqrt_h = self._all, self._sqrt_h
+        elif self._held is None:
+            if part == "holdout":
+                raise ValueError(f"no voxel of {self.view.name} was held out: pass holdout= to add_batch.")
+            sums, sqrt_h = self._all, self._sqrt_h
+        elif part == "fit":
+            sums, sqrt_h = self._all.minus(self._held), self._sqrt_h_fit
+        else:
+            sums, sqrt_h = self._held, []
+        if sums.voxels == 0 or sums.h <= 0:
             raise ValueError(
-                f"no calibration data reached {self.view.name}: pass at least one non-empty batch "
-                "with positive voxel weights."
+                f"no calibration data reached {self.view.name} ({part} part): pass at least one non-empty "
+                "batch with positive voxel weights."
             )
-        hs = self._h
-        x_mean = self._x / hs
-        y_mean = self._y / hs
-        a64 = 2.0 * (self._xx - hs * x_mean[:, :, None] * x_mean[:, None, :])
-        b64 = 2.0 * (self._yx - hs * y_mean[:, :, None] * x_mean[:, None, :])
-        y_energy = self._yy - hs * y_mean.pow(2)
+        hs = sums.h
+        x_mean = sums.x / hs
+        y_mean = sums.y / hs
+        a64 = 2.0 * (sums.xx - hs * x_mean[:, :, None] * x_mean[:, None, :])
+        b64 = 2.0 * (sums.yx - hs * y_mean[:, :, None] * x_mean[:, None, :])
+        y_energy = sums.yy - hs * y_mean.pow(2)
         factor = None
-        if self._columns:
+        if self._columns and sqrt_h:
             cols = torch.cat(self._columns, dim=1)  # (G, V, n)
-            s = torch.cat(self._sqrt_h)  # (V,)
+            s = torch.cat(sqrt_h)  # (V,)
             xs = cols * s[None, :, None]
             # Centre in the h-metric: F = X̃ (I - s sᵀ/sᵀs), so that 2 F Fᵀ equals the centred A.
             proj = torch.einsum("gvn,v->gn", xs, s) / s.pow(2).sum().clamp_min(1e-30)
@@ -235,8 +307,9 @@ class GramAccumulator:
             y_mean=y_mean.float(),
             y_energy=y_energy,
             weight_sum=hs,
-            voxels=self._voxels,
+            voxels=sums.voxels,
             factor=factor,
             A64=a64,
             B64=b64,
+            effective_voxels=hs * hs / sums.h2 if sums.h2 > 0 else 0.0,
         )

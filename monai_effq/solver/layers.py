@@ -42,7 +42,7 @@ class PatchChunk:
     Attributes:
         inputs: ``(groups, voxels, in_per_group)`` unfolded inputs.
         targets: ``(groups, voxels, out_per_group)`` target outputs.
-        weights: ``(voxels,)`` importance of each output voxel.
+        weights: ``(voxels,)`` importance of each output voxel, or ``(voxels, K)`` for ``K`` weightings.
     """
 
     inputs: torch.Tensor
@@ -225,6 +225,7 @@ class LayerView:
             targets: the layer's target outputs.
             voxel_weights: importance per output voxel, shaped like the targets without the
                 channel axis (``(N, *spatial)``, a singleton channel axis is accepted); 1 if ``None``.
+                A trailing axis (``(N, *spatial, K)``) carries ``K`` weightings of the same voxels.
             max_elements: cap on the elements of one unfolded chunk (memory per chunk).
 
         Yields:
@@ -234,11 +235,11 @@ class LayerView:
         if self.kind == "linear":
             x2 = inputs.reshape(-1, self.in_channels)
             y2 = targets.reshape(-1, self.out_channels)
-            h2 = None if voxel_weights is None else voxel_weights.reshape(-1)
+            h2 = None if voxel_weights is None else voxel_weights.reshape(x2.shape[0], -1)
             rows = max(1, max_elements // max(n, 1))
             for start in range(0, x2.shape[0], rows):
                 x = x2[start : start + rows]
-                h = torch.ones(x.shape[0], dtype=x.dtype) if h2 is None else h2[start : start + rows].to(x.dtype)
+                h = torch.ones(x.shape[0], dtype=x.dtype) if h2 is None else _weight_columns(h2[start : start + rows], x.dtype)
                 yield PatchChunk(x.reshape(-1, 1, n).transpose(0, 1), y2[start : start + rows].reshape(-1, 1, m).transpose(0, 1), h)
             return
         out_spatial = targets.shape[2:]
@@ -248,7 +249,7 @@ class LayerView:
         for b in range(inputs.shape[0]):
             xp = self._prepare_input(inputs[b : b + 1])
             yb = targets[b]
-            hb = None if voxel_weights is None else voxel_weights[b].reshape(out_spatial)
+            hb = None if voxel_weights is None else voxel_weights[b].reshape(*out_spatial, -1)
             for start in range(0, out_spatial[0], rows):
                 stop = min(start + rows, out_spatial[0])
                 lo = start * s[0]
@@ -265,8 +266,13 @@ class LayerView:
                 if hb is None:
                     h = torch.ones(cols.shape[1], dtype=cols.dtype, device=cols.device)
                 else:
-                    h = hb[start:stop].reshape(-1).to(cols.dtype)
+                    h = _weight_columns(hb[start:stop].reshape(-1, hb.shape[-1]), cols.dtype)
                 yield PatchChunk(cols, ys, h)
+
+
+def _weight_columns(h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(V, K)`` weights as ``(V,)`` when there is one weighting."""
+    return (h[:, 0] if h.shape[1] == 1 else h).to(dtype)
 
 
 def _conv_padding(layer: nn.Module, nd: int) -> tuple[tuple[int, int], ...]:

@@ -1,0 +1,383 @@
+"""Real-data accuracy benchmark: held-out Dice of EfficientQ, GPTQ and RTN against FP and peer PTQ tools.
+
+Data: the MNI ICBM152 2009 symmetric T1 template with its grey- and white-matter probability maps,
+real 3D MRI that ``nilearn`` ships inside its wheel (no download at run time: ``pip install
+nilearn``, part of the ``[bench]`` extra). The files are read with MONAI's ``LoadImaged`` and
+resampled to 2 mm (``Spacingd``); the label of a voxel is the arg-max of (1 - GM - WM, GM, WM), so the
+task is three-class tissue segmentation (background+CSF / grey matter / white matter).
+
+Split: the volume is cut into four slabs across the anterior-posterior axis. A MONAI ``UNet``
+(channels 16..128) is trained on the first and third and every figure is measured on the second
+and fourth, which neither training nor calibration ever sees (held-out anatomy; alternating slabs
+keep both parts' mix of cortex, white matter and cerebellum alike), with MONAI's ``SlidingWindowInferer`` and
+``DiceMetric`` (grey and white matter, background excluded). The trained weights are cached in
+``--cache`` (``benchmarks/.cache`` by default) so reruns skip training.
+
+Calibration, both from the training half:
+- ``crop``: one small 8x64x64-voxel crop, the regime of a bundle's ``calibration_crop``;
+- ``volume``: the whole training part, as every sliding window of its two slabs
+  (:func:`monai_effq.data.calibration_windows`).
+
+Peers at W8A8 (optional; skipped with a note when the package is missing): NNCF's post-training
+quantization of the torch network and ONNX Runtime's static QDQ quantization of its ONNX export,
+both calibrated on the same windows.
+
+Each configuration runs in this process one after the other; the table is printed and, with
+``--write``, written between markers into ``docs/results.md`` (atomically). Every figure comes
+from this run: Dice per class, the drop against FP, quantize time and peak resident memory (of the
+process so far, so it only grows).
+
+Usage::
+
+    python benchmarks/accuracy.py --write                   # the full table
+    python benchmarks/accuracy.py --settings W2A8 W4A4 --calibration crop --methods efficientq rtn
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W3A8": (3, 8), "W2A8": (2, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
+METHODS = ("efficientq", "gptq", "rtn")
+CALIBRATIONS = ("crop", "volume")
+CROP = (64, 8, 64)  # 8 voxels across the anterior-posterior axis, as the issue's 8x64x64 crop
+ROI = (48, 48, 48)
+SPACING = (2.0, 2.0, 2.0)
+MARK_BEGIN = "<!-- accuracy-benchmark:begin -->"
+MARK_END = "<!-- accuracy-benchmark:end -->"
+TEMPLATE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
+
+
+def cpu_summary() -> str:
+    """The CPU model and the vector flags that decide kernel choice."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    shown = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8") if f in flags]
+    return f"{model}, {os.cpu_count()} cores, flags: {' '.join(shown) or 'none of avx2/avx512/amx'}"
+
+
+def template_files() -> dict[str, Path]:
+    """Paths of the T1, GM and WM files inside the installed nilearn package (not imported)."""
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or spec.origin is None:
+        raise SystemExit("benchmarks/accuracy.py needs nilearn's packaged MNI template: pip install -e '.[bench]'.")
+    folder = Path(spec.origin).parent / "datasets" / "data"
+    files = {k: folder / TEMPLATE.format(k) for k in ("t1", "gm", "wm")}
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise SystemExit(f"nilearn is installed but lacks {missing}: reinstall it (pip install --force-reinstall nilearn).")
+    return files
+
+
+def load_volume() -> tuple[torch.Tensor, torch.Tensor]:
+    """The preprocessed ``(1, X, Y, Z)`` image and ``(1, X, Y, Z)`` integer label at 2 mm."""
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, NormalizeIntensityd, Orientationd, Spacingd
+
+    files = template_files()
+    keys = ["t1", "gm", "wm"]
+    load = Compose(
+        [
+            LoadImaged(keys, image_only=True),
+            EnsureChannelFirstd(keys),
+            Orientationd(keys, axcodes="RAS"),
+            Spacingd(keys, pixdim=SPACING, mode="bilinear"),
+            NormalizeIntensityd("t1", nonzero=True),
+        ]
+    )
+    d = load({k: str(files[k]) for k in keys})
+    gm, wm = d["gm"].as_tensor() / 255.0, d["wm"].as_tensor() / 255.0
+    label = torch.cat([(1 - gm - wm).clamp_min(0), gm, wm]).argmax(0, keepdim=True)
+    return d["t1"].as_tensor().float(), label
+
+
+def split(image: torch.Tensor, label: torch.Tensor) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Slabs 1 and 3 of four across the anterior-posterior axis (axis 2 of ``(1, X, Y, Z)``) for training
+    and calibration, slabs 2 and 4 held out."""
+    edges = [round(image.shape[2] * q / 4) for q in range(5)]
+    slabs = [(image[:, :, a:b], label[:, :, a:b]) for a, b in zip(edges, edges[1:])]
+    return {"train": slabs[0::2], "test": slabs[1::2]}
+
+
+def build_network() -> torch.nn.Module:
+    """The benchmark's MONAI UNet (channels 16..128, one residual unit per level)."""
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1)
+
+
+def train(slabs: list[tuple[torch.Tensor, torch.Tensor]], steps: int, seed: int = 0) -> torch.nn.Module:
+    """Train the UNet on random ROI crops (with flips and intensity jitter) of the training slabs."""
+    from monai.losses import DiceCELoss
+    from monai.transforms import Compose, RandFlipd, RandScaleIntensityd, RandShiftIntensityd, RandSpatialCropSamplesd, SpatialPadd
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    net = build_network()
+    sample = Compose(
+        [
+            SpatialPadd(["image", "label"], ROI),
+            RandSpatialCropSamplesd(["image", "label"], ROI, num_samples=2, random_size=False),
+            RandFlipd(["image", "label"], prob=0.5, spatial_axis=0),
+            RandScaleIntensityd("image", factors=0.1, prob=0.5),
+            RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+        ]
+    )
+    sample.set_random_state(seed)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    opt = torch.optim.Adam(net.parameters(), 2e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    net.train()
+    t0 = time.perf_counter()
+    for step in range(steps):
+        image, label = slabs[step % len(slabs)]
+        crops = sample({"image": image, "label": label})
+        x = torch.stack([torch.as_tensor(c["image"]) for c in crops]).float()
+        y = torch.stack([torch.as_tensor(c["label"]) for c in crops])
+        opt.zero_grad()
+        loss = loss_fn(net(x), y)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"  train step {step + 1}/{steps}: loss {float(loss):.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return net.eval()
+
+
+def trained_network(data: dict, cache: Path, steps: int) -> torch.nn.Module:
+    """The trained UNet, from the cache when it holds weights for the same number of steps."""
+    from monai_effq.utils.io import atomic_write
+
+    path = cache / f"unet_mni_slabs_{steps}steps.pt"
+    net = build_network()
+    if path.is_file():
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        print(f"trained weights from {path}")
+        return net.eval()
+    print(f"training the UNet for {steps} steps (cached in {path})")
+    net = train(data["train"], steps=steps)
+    cache.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
+        torch.save(net.state_dict(), tmp)
+    return net
+
+
+def dice(network: torch.nn.Module, slabs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+    """Sliding-window Dice of grey and white matter over the slabs (each inferred on its own)."""
+    from monai.inferers import SlidingWindowInferer
+    from monai.metrics import DiceMetric
+    from monai.networks.utils import one_hot
+
+    inferer = SlidingWindowInferer(ROI, sw_batch_size=4, overlap=0.25, mode="gaussian")
+    preds, labels = [], []
+    with torch.no_grad():
+        for image, label in slabs:
+            preds.append(inferer(image[None], network).argmax(1, keepdim=True))
+            labels.append(label[None])
+    pred, label = torch.cat(preds, dim=3), torch.cat(labels, dim=3)
+    scores = DiceMetric(include_background=False)(one_hot(pred, 3), one_hot(label, 3))
+    return [float(v) for v in scores[0]]
+
+
+def calibration_data(data: dict, kind: str) -> torch.Tensor:
+    """``(N, 1, *ROI)`` windows of the training slabs, or one ``(1, 1, *CROP)`` centre crop of the first."""
+    from monai_effq.data import calibration_windows
+
+    if kind == "volume":
+        return calibration_windows([image for image, _ in data["train"]], ROI)
+    image = data["train"][0][0]
+    starts = [(s - c) // 2 for s, c in zip(image.shape[1:], CROP)]
+    sl = tuple(slice(a, a + c) for a, c in zip(starts, CROP))
+    return image[(slice(None), *sl)][None].contiguous()
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_ptq(net, calib, method: str, bits: tuple[int, int]):
+    """Quantize with monai-effq; returns the quantized network and the seconds it took."""
+    from monai_effq import EfficientQConfig, quantize
+
+    config = EfficientQConfig(weight_bits=bits[0], act_bits=bits[1], method=method)
+    t0 = time.perf_counter()
+    result = quantize(net, calib, config, task="multiclass", body_mask=(calib != 0).any(1), progress=False)
+    return result.network, time.perf_counter() - t0, result.report
+
+
+def run_nncf(net, calib):
+    """NNCF post-training quantization (W8A8) of the torch network; ``None`` when NNCF is missing."""
+    if importlib.util.find_spec("nncf") is None:
+        return None
+    import copy
+
+    import nncf
+
+    t0 = time.perf_counter()
+    dataset = nncf.Dataset([calib[i : i + 1] for i in range(calib.shape[0])])
+    qnet = nncf.quantize(copy.deepcopy(net), dataset, subset_size=calib.shape[0])
+    return qnet.eval(), time.perf_counter() - t0
+
+
+def run_onnxruntime(net, calib, folder: Path):
+    """ONNX Runtime static QDQ quantization (W8A8) of the network's ONNX export; ``None`` when missing."""
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+        return None
+    from monai.networks.utils import convert_to_onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    from monai_effq.deploy import OnnxRuntimeNetwork
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([{"input": calib[i : i + 1].numpy()} for i in range(calib.shape[0])])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    t0 = time.perf_counter()
+    fp_path, q_path = folder / "fp.onnx", folder / "ort_static_w8a8.onnx"
+    convert_to_onnx(
+        net, [calib[:1]], input_names=["input"], output_names=["output"], file_full_path=str(fp_path),
+        dynamic_axes={"input": {0: "n", 2: "x", 3: "y", 4: "z"}, "output": {0: "n", 2: "x", 3: "y", 4: "z"}},
+        opset_version=17, use_trace=True,
+    )
+    quantize_static(
+        str(fp_path), str(q_path), Reader(), quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=False,
+    )
+    return OnnxRuntimeNetwork(q_path), time.perf_counter() - t0
+
+
+def row(label: str, calib: str, scores: list[float], fp_mean: float, seconds: float | None) -> dict:
+    """One table row."""
+    mean = float(np.mean(scores))
+    return {
+        "config": label, "calibration": calib, "gm": scores[0], "wm": scores[1], "mean": mean,
+        "drop": fp_mean - mean, "seconds": seconds, "peak_mib": peak_rss_mib(),
+    }
+
+
+def table(rows: list[dict], header: str) -> str:
+    """The Markdown table of the rows."""
+    lines = [
+        header, "",
+        "| configuration | calibration | GM Dice | WM Dice | mean | drop vs FP | quantize s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        secs = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
+        lines.append(
+            f"| {r['config']} | {r['calibration']} | {r['gm']:.4f} | {r['wm']:.4f} | {r['mean']:.4f} | "
+            f"{r['drop']:+.4f} | {secs} | {r['peak_mib']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[dict], fp_mean: float) -> list[str]:
+    """The issue's bars, checked on the rows of this run."""
+    out = []
+    by = {(r["config"], r["calibration"]): r["mean"] for r in rows}
+    for setting in SETTINGS:
+        for calib in CALIBRATIONS:
+            keys = {m: (f"{m} {setting}", calib) for m in METHODS}
+            if not all(k in by for k in keys.values()):
+                continue
+            e, best_peer = by[keys["efficientq"]], max(by[keys["gptq"]], by[keys["rtn"]])
+            bar = min(best_peer, fp_mean) - 0.005
+            out.append(f"{setting} {calib}: efficientq {e:.4f} vs max(RTN, GPTQ) {best_peer:.4f}: {'met' if e >= bar else 'NOT met'}")
+    for setting, limit in (("W4A8", 0.005), ("W2A8", 0.03)):
+        k = (f"efficientq {setting}", "volume")
+        if k in by:
+            ok = fp_mean - by[k] <= limit
+            out.append(f"{setting} volume within {limit} of FP: drop {fp_mean - by[k]:.4f}: {'met' if ok else 'NOT met'}")
+    return out
+
+
+def write_results(text: str, path: Path) -> None:
+    """Replace the benchmark's section of ``docs/results.md`` (appended the first time), atomically."""
+    from monai_effq.utils.io import atomic_write_text
+
+    old = path.read_text() if path.is_file() else ""
+    block = f"{MARK_BEGIN}\n{text}\n{MARK_END}"
+    if MARK_BEGIN in old and MARK_END in old:
+        new = old[: old.index(MARK_BEGIN)] + block + old[old.index(MARK_END) + len(MARK_END) :]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    atomic_write_text(path, new)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--calibration", nargs="+", default=list(CALIBRATIONS), choices=list(CALIBRATIONS))
+    parser.add_argument("--no-peers", action="store_true", help="skip NNCF and ONNX Runtime")
+    parser.add_argument("--train-steps", type=int, default=1200)
+    parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache")
+    parser.add_argument("--write", action="store_true", help="write the table into docs/results.md")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+
+    print(f"CPU: {cpu_summary()}; torch {torch.__version__} fp32, {torch.get_num_threads()} threads")
+    image, label = load_volume()
+    data = split(image, label)
+    print(f"volume {tuple(image.shape[1:])} at {SPACING} mm; slabs of {[tuple(i.shape[1:]) for i, _ in data['train'] + data['test']]}")
+    net = trained_network(data, args.cache, args.train_steps)
+    test = data["test"]
+    print(f"FP Dice on the training slabs {dice(net, data['train'])}")
+    fp = dice(net, test)
+    fp_mean = float(np.mean(fp))
+    rows = [row("FP", "-", fp, fp_mean, None)]
+    print(f"FP held-out Dice GM {fp[0]:.4f} WM {fp[1]:.4f}", flush=True)
+    for calib_kind in args.calibration:
+        calib = calibration_data(data, calib_kind)
+        print(f"calibration {calib_kind}: {tuple(calib.shape)}", flush=True)
+        for setting in args.settings:
+            for method in args.methods:
+                qnet, secs, _ = run_ptq(net, calib, method, SETTINGS[setting])
+                rows.append(row(f"{method} {setting}", calib_kind, dice(qnet, test), fp_mean, secs))
+                r = rows[-1]
+                print(f"  {r['config']:<16} {calib_kind:<6} mean {r['mean']:.4f} (drop {r['drop']:+.4f}) in {secs:.1f} s", flush=True)
+        if not args.no_peers:
+            for name, fn in (("NNCF W8A8", lambda: run_nncf(net, calib)), ("ORT static W8A8", lambda: run_onnxruntime(net, calib, args.cache))):
+                out = fn()
+                if out is None:
+                    print(f"  {name}: skipped (package missing: pip install -e '.[bench]')")
+                    continue
+                rows.append(row(name, calib_kind, dice(out[0], test), fp_mean, out[1]))
+                print(f"  {name:<16} {calib_kind:<6} mean {rows[-1]['mean']:.4f} in {out[1]:.1f} s", flush=True)
+    header = (
+        "### Real-data accuracy (`python benchmarks/accuracy.py --write`)\n\n"
+        f"MNI ICBM152 2009 T1 with GM/WM maps (nilearn's packaged files), 2 mm, UNet 16..128 trained "
+        f"{args.train_steps} steps on anterior-posterior slabs 1 and 3 of 4; held-out Dice on slabs 2 and 4. "
+        f"Crop = one {'x'.join(map(str, CROP))} crop; volume = every {'x'.join(map(str, ROI))} window of the "
+        f"training slabs. CPU: {cpu_summary()}; torch {torch.__version__} fp32."
+    )
+    text = table(rows, header) + "\n\nBars (from this run):\n" + "\n".join(f"- {v}" for v in verdicts(rows, fp_mean))
+    print("\n" + text)
+    if args.write:
+        write_results(text, ROOT / "docs" / "results.md")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

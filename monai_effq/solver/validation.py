@@ -1,0 +1,126 @@
+"""Per-layer choice of the solver's regularisation by held-out output error.
+
+A layer's weights are fitted to a few hundred calibration voxels when the calibration sample is
+small, against thousands of unknowns per output channel: the layer-wise least-squares fit then
+learns the sample, not the layer. Every candidate (the method's default, stronger pulls toward the
+FP weights, stronger GPTQ damping, and round-to-nearest itself) is fitted on the fit voxels and
+scored on the held-out voxels by the exact output error their statistics give; the winner's
+settings are refitted on all voxels. Round-to-nearest with the FP bias is always a candidate, so
+the chosen setting is never worse than it on the held-out voxels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from monai_effq.solver.admm import AdmmSettings
+from monai_effq.solver.api import LayerSolution, solve_statistics
+from monai_effq.solver.gram import LayerStatistics
+from monai_effq.solver.layers import LayerView
+
+__all__ = ["Candidate", "candidates_for", "solve_validated", "ETA_CHOICES", "GPTQ_DAMP_CHOICES"]
+
+# η in units of the paper's scale s: 1 is the paper's; larger values keep W near W0 where data is scarce
+ETA_CHOICES = (1.0, 30.0)
+# GPTQ's ridge as a fraction of the mean Gram diagonal: 0.01 is GPTQ's default
+GPTQ_DAMP_CHOICES = (0.01, 1.0)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One solver setting tried on the fit voxels.
+
+    Attributes:
+        name: a short label for reports (``"efficientq eta=30"``).
+        method: the solver method.
+        options: keyword arguments of :func:`~monai_effq.solver.api.solve_statistics` for it.
+    """
+
+    name: str
+    method: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def candidates_for(method: str, admm: AdmmSettings | None = None, gptq_damp: float = 0.01) -> list[Candidate]:
+    """The settings tried for ``method``, its default first (which wins ties).
+
+    Args:
+        method: ``"efficientq"``, ``"gptq"`` or ``"rtn"``.
+        admm: the configured ADMM settings (their ``eta`` is the default candidate's).
+        gptq_damp: the configured GPTQ damping.
+
+    Returns:
+        the candidates; ``"rtn"`` has only itself.
+    """
+    rtn = Candidate("rtn", "rtn")
+    if method == "rtn":
+        return [rtn]
+    gptq = [Candidate(f"gptq damp={d:g}", "gptq", {"gptq_damp": d}) for d in dict.fromkeys((gptq_damp, *GPTQ_DAMP_CHOICES))]
+    out: list[Candidate] = []
+    if method == "efficientq":
+        base = admm or AdmmSettings()
+        for eta in dict.fromkeys((base.eta, *ETA_CHOICES)):
+            settings = dataclasses.replace(base, eta=eta)
+            out.append(Candidate(f"efficientq eta={eta:g}", "efficientq", {"admm": settings, "gptq_damp": gptq_damp}))
+    out += gptq
+    out += [Candidate("rtn+bias", "rtn", {"refit_bias": True}), rtn]
+    return out
+
+
+def _holdout_error(view: LayerView, sol: LayerSolution, held: LayerStatistics) -> float:
+    g, m = view.groups, view.out_per_group
+    return held.weighted_mse(view.weight_matrix(sol.weight).float(), sol.bias.float().reshape(g, m))
+
+
+def solve_validated(
+    view: LayerView,
+    fit: LayerStatistics,
+    holdout: LayerStatistics,
+    full: LayerStatistics,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    weight_bits: int,
+    *,
+    method: str = "efficientq",
+    admm: AdmmSettings | None = None,
+    gptq_damp: float = 0.01,
+    **options: Any,
+) -> LayerSolution:
+    """Choose the layer's solver setting by held-out error, then solve on all voxels with it.
+
+    Args:
+        view: the layer's :class:`LayerView`.
+        fit: statistics of the fit voxels.
+        holdout: statistics of the held-out voxels.
+        full: statistics of every voxel (the final solve's).
+        weight: the layer's native FP weight.
+        bias: the layer's FP bias or ``None``.
+        weight_bits: 2 to 8.
+        method: the configured method (its default setting comes first among the candidates).
+        admm: the configured ADMM settings.
+        gptq_damp: the configured GPTQ damping.
+        options: the remaining :func:`~monai_effq.solver.api.solve_statistics` arguments (grid,
+            granularity, scale rule, fixed-point format, init).
+
+    Returns:
+        the final :class:`LayerSolution`; its ``info["validation"]`` holds every candidate's held-out
+        error, ``info["choice"]`` the winner, ``info["holdout_mse"]`` and ``info["holdout_mse_rtn"]``
+        the winner's and round-to-nearest's held-out errors.
+    """
+    errors: dict[str, float] = {}
+    best: Candidate | None = None
+    for cand in candidates_for(method, admm, gptq_damp):
+        sol = solve_statistics(view, fit, weight, bias, weight_bits, method=cand.method, **{**options, **cand.options})
+        errors[cand.name] = _holdout_error(view, sol, holdout)
+        if best is None or errors[cand.name] < errors[best.name]:
+            best = cand
+    assert best is not None  # candidates_for never returns an empty list
+    final = solve_statistics(view, full, weight, bias, weight_bits, method=best.method, **{**options, **best.options})
+    final.info.update(
+        validation=errors, choice=best.name, holdout_mse=errors[best.name], holdout_mse_rtn=errors["rtn"]
+    )
+    return final

@@ -1,0 +1,110 @@
+"""Calibration that generalises: held-out validation, underdetermined-layer warnings, whole volumes."""
+
+import logging
+
+import pytest
+import torch
+
+from monai_effq import EfficientQConfig, quantize
+from monai_effq.data import calibration_windows
+from monai_effq.ptq import pipeline
+from monai_effq.ptq.pipeline import holdout_mask
+
+from .conftest import sphere_volumes
+
+
+def _output_error(net, qnet, x) -> float:
+    with torch.no_grad():
+        y, yq = net(x), qnet(x)
+    return float((yq - y).pow(2).mean())
+
+
+def test_with_whole_volumes_efficientq_is_no_worse_than_round_to_nearest_on_held_out_volumes(trained_unet, validation_spheres):
+    calib, _ = sphere_volumes(4, seed=5)
+    held_out, _ = validation_spheres
+    cfg = dict(weight_bits=2, act_bits=8)
+    windows = calibration_windows(calib, (24, 24, 24))
+    effq = quantize(trained_unet, windows, EfficientQConfig(**cfg), progress=False)
+    rtn = quantize(trained_unet, windows, EfficientQConfig(**cfg, method="rtn"), progress=False)
+    assert _output_error(trained_unet, effq.network, held_out) <= _output_error(trained_unet, rtn.network, held_out)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap (issue 13): validation inside one tiny crop cannot see the shift to other anatomy; "
+    "the layer-wise held-out choice beats RTN inside the crop but not on other volumes",
+)
+def test_with_a_tiny_crop_efficientq_is_no_worse_than_round_to_nearest_on_held_out_volumes(trained_unet, validation_spheres):
+    calib, _ = sphere_volumes(1, seed=5)
+    tiny = calib[:, :, 8:16, 4:20, 4:20]  # 8x16x16 voxels: the deep layers see a handful of voxels
+    held_out, _ = validation_spheres
+    cfg = dict(weight_bits=2, act_bits=8)
+    effq = quantize(trained_unet, tiny, EfficientQConfig(**cfg), progress=False)
+    rtn = quantize(trained_unet, tiny, EfficientQConfig(**cfg, method="rtn"), progress=False)
+    assert _output_error(trained_unet, effq.network, held_out) <= _output_error(trained_unet, rtn.network, held_out)
+    for layer in effq.report.layers:
+        assert layer.mse_holdout is not None and layer.mse_holdout <= layer.mse_holdout_rtn
+        assert layer.choice
+
+
+def test_the_underdetermined_warning_names_layers_on_a_tiny_crop_and_stays_quiet_on_whole_volumes(trained_unet, caplog):
+    calib, _ = sphere_volumes(4, seed=5)
+    cfg = EfficientQConfig(weight_bits=4, method="gptq")
+    with caplog.at_level(logging.WARNING, logger="monai_effq"):
+        tiny = quantize(trained_unet, calib[:1, :, :8, :8, :8], cfg, progress=False)
+    assert tiny.report.underdetermined
+    assert any("fewer calibration voxels" in r.message and tiny.report.underdetermined[0] in r.message for r in caplog.records)
+    assert "whole volumes" in tiny.report.underdetermined_warning()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="monai_effq"):
+        whole = quantize(trained_unet, calibration_windows(calib, (24, 24, 24)), cfg, progress=False)
+    assert whole.report.underdetermined == []
+    assert not any("fewer calibration voxels" in r.message for r in caplog.records)
+    for layer in whole.report.layers:
+        assert layer.voxels >= layer.effective_voxels > 0 and layer.unknowns > 0
+
+
+def test_whole_volume_calibration_streams_its_windows_within_the_target_memory(trained_unet, monkeypatch):
+    calib, _ = sphere_volumes(16, seed=5)
+    windows = calibration_windows(calib, (24, 24, 24))
+    captured: list[int] = []
+    real_capture = pipeline._capture
+
+    def spy(network, module, batch, want):
+        out = real_capture(network, module, batch, want)
+        if want == "output":  # the FP targets, which the budget bounds
+            captured.append(out.numel() * 4)
+        return out
+
+    monkeypatch.setattr(pipeline, "_capture", spy)
+    budget_mib = 1  # the largest layer output of 16 windows is about 1.7 MiB: two chunks of 8 fit
+    result = quantize(trained_unet, windows, EfficientQConfig(weight_bits=4, method="gptq", target_memory_mib=budget_mib), progress=False)
+    assert captured, "a whole-volume run larger than the budget streams layer by layer"
+    assert max(captured) <= budget_mib * 2**20
+    assert all(layer.voxels >= 16 * 3**3 for layer in result.report.layers)  # every window reached every layer
+
+
+def test_chunked_and_single_pass_calibration_see_the_same_voxels(trained_unet):
+    calib, _ = sphere_volumes(4, seed=5)
+    cfg = dict(weight_bits=4, method="rtn")
+    one = quantize(trained_unet, calib, EfficientQConfig(**cfg), progress=False)
+    chunked = quantize(trained_unet, calib, EfficientQConfig(**cfg, target_memory_mib=1), progress=False)
+    assert [r.voxels for r in one.report.layers] == [r.voxels for r in chunked.report.layers]
+
+
+def test_holdout_masks_hold_out_whole_windows_when_there_are_enough_else_slabs():
+    windows = holdout_mask((8, 4, 4, 4), 0.25)
+    assert windows[3].all() and windows[7].all() and not windows[:3].any()
+    slabs = holdout_mask((1, 16, 4, 4), 0.25)
+    assert 0.2 <= slabs.float().mean() <= 0.3
+    assert (slabs.any(dim=(2, 3)) == slabs.all(dim=(2, 3))).all()  # whole slabs across the longest axis
+    tiny = holdout_mask((1, 2, 2, 1), 0.25)
+    assert tiny.any() and not tiny.all()
+
+
+def test_validation_fraction_zero_gives_the_plain_solve(trained_unet):
+    calib, _ = sphere_volumes(1, seed=5)
+    result = quantize(trained_unet, calib, EfficientQConfig(weight_bits=4, validation_fraction=0.0), progress=False)
+    assert all(r.mse_holdout is None and r.choice == "efficientq" for r in result.report.layers)
+    with pytest.raises(ValueError, match="validation_fraction"):
+        EfficientQConfig(validation_fraction=0.9)

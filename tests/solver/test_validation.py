@@ -1,0 +1,102 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from monai_effq.solver.admm import AdmmSettings
+from monai_effq.solver.api import solve_statistics
+from monai_effq.solver.gram import GramAccumulator
+from monai_effq.solver.layers import layer_view
+from monai_effq.solver.validation import candidates_for, solve_validated
+
+
+def _layer_and_data(voxels_side: int, seed: int = 0):
+    torch.manual_seed(seed)
+    conv = nn.Conv3d(8, 8, 3, padding=1)
+    x = torch.randn(1, 8, voxels_side, voxels_side, voxels_side)
+    with torch.no_grad():
+        y = conv(x) + 0.1 * torch.randn(1, 8, voxels_side, voxels_side, voxels_side)
+    return conv, x, y
+
+
+def _slab_mask(shape, every=4):
+    mask = torch.zeros(shape, dtype=torch.bool)
+    mask[:, every - 1 :: every] = True
+    return mask
+
+
+def test_fit_and_holdout_errors_add_up_to_the_error_on_all_voxels():
+    conv, x, y = _layer_and_data(8)
+    view = layer_view(conv)
+    acc = GramAccumulator(view)
+    h = torch.rand(1, 8, 8, 8)
+    acc.add_batch(x, y, h, _slab_mask((1, 8, 8, 8)))
+    full, fit, held = acc.statistics(), acc.statistics("fit"), acc.statistics("holdout")
+    w = view.weight_matrix(conv.weight.detach()) + 0.01
+    b = conv.bias.detach().reshape(1, -1)
+    total = full.weighted_mse(w, b) * full.weight_sum
+    parts = fit.weighted_mse(w, b) * fit.weight_sum + held.weighted_mse(w, b) * held.weight_sum
+    assert total == pytest.approx(parts, rel=1e-6)
+    assert fit.voxels + held.voxels == full.voxels == 512
+
+
+def test_holdout_statistics_equal_those_of_the_held_out_voxels_alone():
+    conv, x, y = _layer_and_data(8)
+    view = layer_view(conv)
+    mask = _slab_mask((1, 8, 8, 8))
+    split, alone = GramAccumulator(view), GramAccumulator(view)
+    split.add_batch(x, y, None, mask)
+    alone.add_batch(x, y, mask.float())
+    # float32 chunk products summed in another order: equal to float32 precision
+    torch.testing.assert_close(split.statistics("holdout").A64, alone.statistics().A64, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(split.statistics("holdout").B64, alone.statistics().B64, rtol=1e-4, atol=1e-3)
+
+
+def test_without_a_holdout_the_statistics_are_unchanged_and_the_holdout_part_is_refused():
+    conv, x, y = _layer_and_data(6)
+    view = layer_view(conv)
+    plain, split = GramAccumulator(view), GramAccumulator(view)
+    plain.add_batch(x, y)
+    split.add_batch(x, y, None, _slab_mask((1, 6, 6, 6)))
+    torch.testing.assert_close(plain.statistics().A64, split.statistics().A64)
+    assert not plain.has_holdout and split.has_holdout
+    with pytest.raises(ValueError, match="held out"):
+        plain.statistics("holdout")
+
+
+def test_effective_voxels_count_equal_weights_fully_and_skewed_weights_less():
+    conv, x, y = _layer_and_data(6)
+    view = layer_view(conv)
+    flat, skewed = GramAccumulator(view), GramAccumulator(view)
+    flat.add_batch(x, y)
+    h = torch.ones(1, 6, 6, 6)
+    h[:, :3] = 100.0
+    skewed.add_batch(x, y, h)
+    assert flat.statistics().effective_voxels == pytest.approx(216)
+    assert skewed.statistics().effective_voxels < 216 * 0.6
+
+
+def test_candidates_put_the_configured_setting_first_and_always_include_round_to_nearest():
+    names = [c.name for c in candidates_for("efficientq", AdmmSettings(eta=2.0), gptq_damp=0.05)]
+    assert names[0] == "efficientq eta=2"
+    assert "rtn" in names and "gptq damp=0.05" in names
+    assert [c.name for c in candidates_for("gptq")][0] == "gptq damp=0.01"
+    assert [c.name for c in candidates_for("rtn")] == ["rtn"]
+
+
+@pytest.mark.parametrize("method", ["efficientq", "gptq"])
+def test_on_an_underdetermined_layer_the_chosen_setting_is_no_worse_than_round_to_nearest_held_out(method):
+    # 4x4x4 = 64 output voxels for 8*27 = 216 unknowns per output channel: the plain fit overfits.
+    conv, x, y = _layer_and_data(4, seed=3)
+    view = layer_view(conv)
+    acc = GramAccumulator(view)
+    acc.add_batch(x, y, None, _slab_mask((1, 4, 4, 4), every=2))
+    fit, held, full = acc.statistics("fit"), acc.statistics("holdout"), acc.statistics()
+    sol = solve_validated(view, fit, held, full, conv.weight, conv.bias, 2, method=method)
+    assert sol.info["holdout_mse"] <= sol.info["holdout_mse_rtn"]
+    assert sol.info["choice"] in sol.info["validation"]
+    assert sol.info["holdout_mse"] == min(sol.info["validation"].values())
+    # the plain (unvalidated) fit on the fit voxels is what validation guards against
+    plain = solve_statistics(view, fit, conv.weight, conv.bias, 2, method=method)
+    g, m = view.groups, view.out_per_group
+    plain_held = held.weighted_mse(view.weight_matrix(plain.weight).float(), plain.bias.reshape(g, m))
+    assert sol.info["holdout_mse"] <= plain_held
