@@ -109,10 +109,11 @@ class EfficientQConfig:
             value and on the asymmetric grid otherwise (every level used); ``"symmetric"`` puts
             every input on the symmetric signed grid with zero point 0, which TensorRT's int8
             requires (:mod:`monai_effq.deploy.tensorrt`): one bit less for inputs after a ReLU.
-        validation_fraction: share of each layer's calibration voxels held out (whole windows when
-            there are enough, else slabs) to choose its regularisation by held-out output error
-            (:mod:`monai_effq.solver.validation`); round-to-nearest is always a candidate. ``0``
-            turns it off (one solve per layer, as the paper).
+        validation_fraction: share of the calibration windows held out (every ``1/fraction``-th
+            window, when there are that many) to choose each layer's regularisation by held-out
+            output error (:mod:`monai_effq.solver.validation`); round-to-nearest is always a
+            candidate, and layers with fewer calibration voxels than unknowns per output channel
+            keep round-to-nearest. ``0`` turns both off (one solve per layer, as the paper).
     """
 
     weight_bits: int = 4

@@ -143,39 +143,26 @@ def _check_runs(network: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def holdout_mask(shape: tuple[int, ...], fraction: float) -> torch.Tensor:
-    """Which output voxels of a layer are held out for validation.
+def holdout_mask(shape: tuple[int, ...], fraction: float) -> torch.Tensor | None:
+    """Which output voxels of a layer are held out for validation: every ``k``-th whole window.
 
-    Whole samples are held out when the batch has enough of them (every ``k``-th window, ``k =
-    round(1/fraction)``: windows from across the volume); otherwise slabs across the longest
-    spatial axis (every ``k``-th of at least ``2k`` slabs), and single voxels where even that axis
-    is too short. Neighbouring voxels see overlapping inputs, so slabs, not scattered voxels, give an
-    honest held-out error.
+    Only whole windows are held out (``k = round(1/fraction)``; windows from across the volume):
+    voxels held out from within one window share their inputs with their fit neighbours and make
+    an over-fitted setting look good.
 
     Args:
         shape: ``(N, *spatial)`` of the layer's output voxels (``(N, ...)`` for ``Linear``).
-        fraction: share of voxels held out, in ``(0, 0.5]``.
+        fraction: share of windows held out, in ``(0, 0.5]``.
 
     Returns:
-        a boolean mask of ``shape``.
+        a boolean mask of ``shape``, or ``None`` when there are fewer than ``k`` windows.
     """
     k = max(2, round(1.0 / fraction))
+    if shape[0] < k:
+        return None
     mask = torch.zeros(shape, dtype=torch.bool)
-    if shape[0] >= k:
-        mask[k - 1 :: k] = True
-        return mask
-    spatial = shape[1:]
-    if spatial and max(spatial) >= 2 * k:
-        axis = 1 + max(range(len(spatial)), key=lambda i: spatial[i])
-        length = shape[axis]
-        block = max(1, length // (4 * k))
-        held = (torch.arange(length) // block) % k == k - 1
-        view = [1] * len(shape)
-        view[axis] = length
-        return mask | held.reshape(view)
-    flat = mask.reshape(-1)
-    flat[k - 1 :: k] = True
-    return flat.reshape(shape)
+    mask[k - 1 :: k] = True
+    return mask
 
 
 class _Run:
@@ -370,8 +357,9 @@ class _Run:
             power_of_two=self.config.power_of_two,
             weight_format=None if plan.weight_format is None else FixedPointFormat.parse(plan.weight_format),
         )
-        if acc.has_holdout and self.config.method != "rtn":
-            sol = solve_validated(view, acc.statistics("fit"), acc.statistics("holdout"), stats, **solve_args)
+        if self.config.validation_fraction > 0 and self.config.method != "rtn":
+            parts = {"fit": acc.statistics("fit"), "holdout": acc.statistics("holdout")} if acc.has_holdout else {}
+            sol = solve_validated(view, stats, **parts, **solve_args)
         else:
             sol = solve_statistics(view, stats, **solve_args)
         del acc

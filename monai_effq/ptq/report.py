@@ -180,8 +180,8 @@ class QuantizationReport:
         more = f" and {len(layers) - 6} more" if len(layers) > 6 else ""
         return (
             f"{len(layers)} of {len(self.layers)} layers saw fewer calibration voxels than they have weights per "
-            f"output channel: {shown}{more}. Their layer-wise fit can learn the calibration sample instead of "
-            "the layer (held-out validation falls back to stronger regularisation or round-to-nearest there). "
+            f"output channel: {shown}{more}. A layer-wise fit there learns the calibration sample instead of "
+            "the layer, so with held-out validation on (the default) they keep round-to-nearest weights. "
             "Calibrate on whole volumes (monai_effq.data.calibration_windows, the bundles' --calibration_cases N) "
             "or more or larger crops."
         )

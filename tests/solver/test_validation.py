@@ -83,15 +83,40 @@ def test_candidates_put_the_configured_setting_first_and_always_include_round_to
     assert [c.name for c in candidates_for("rtn")] == ["rtn"]
 
 
-@pytest.mark.parametrize("method", ["efficientq", "gptq"])
-def test_on_an_underdetermined_layer_the_chosen_setting_is_no_worse_than_round_to_nearest_held_out(method):
-    # 4x4x4 = 64 output voxels for 8*27 = 216 unknowns per output channel: the plain fit overfits.
+def test_an_underdetermined_layer_keeps_round_to_nearest():
+    # 4x4x4 = 64 output voxels for 8*27 = 216 unknowns per output channel: the data cannot pin the weights.
     conv, x, y = _layer_and_data(4, seed=3)
     view = layer_view(conv)
     acc = GramAccumulator(view)
     acc.add_batch(x, y, None, _slab_mask((1, 4, 4, 4), every=2))
+    sol = solve_validated(
+        view, acc.statistics(), conv.weight, conv.bias, 2, fit=acc.statistics("fit"), holdout=acc.statistics("holdout")
+    )
+    rtn = solve_statistics(view, acc.statistics(), conv.weight, conv.bias, 2, method="rtn")
+    assert sol.info["choice"] == "rtn (underdetermined)"
+    assert torch.equal(sol.codes, rtn.codes) and torch.equal(sol.bias, rtn.bias)
+
+
+def test_without_a_holdout_the_configured_setting_is_solved_on_all_voxels():
+    conv, x, y = _layer_and_data(8, seed=3)
+    view = layer_view(conv)
+    acc = GramAccumulator(view)
+    acc.add_batch(x, y)
+    sol = solve_validated(view, acc.statistics(), conv.weight, conv.bias, 2, method="gptq")
+    plain = solve_statistics(view, acc.statistics(), conv.weight, conv.bias, 2, method="gptq")
+    assert sol.info["choice"] == "gptq damp=0.01" and "validation" not in sol.info
+    assert torch.equal(sol.codes, plain.codes)
+
+
+@pytest.mark.parametrize("method", ["efficientq", "gptq"])
+def test_on_a_scarcely_determined_layer_the_chosen_setting_is_no_worse_than_round_to_nearest_held_out(method):
+    # 8x8x8 = 512 output voxels for 216 unknowns per output channel, with noisy targets.
+    conv, x, y = _layer_and_data(8, seed=3)
+    view = layer_view(conv)
+    acc = GramAccumulator(view)
+    acc.add_batch(x, y, None, _slab_mask((1, 8, 8, 8)))
     fit, held, full = acc.statistics("fit"), acc.statistics("holdout"), acc.statistics()
-    sol = solve_validated(view, fit, held, full, conv.weight, conv.bias, 2, method=method)
+    sol = solve_validated(view, full, conv.weight, conv.bias, 2, fit=fit, holdout=held, method=method)
     assert sol.info["holdout_mse"] <= sol.info["holdout_mse_rtn"]
     assert sol.info["choice"] in sol.info["validation"]
     assert sol.info["holdout_mse"] == min(sol.info["validation"].values())
