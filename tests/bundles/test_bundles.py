@@ -45,6 +45,18 @@ def trained(request, tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_quantize_calibrates_on_every_window_of_whole_volumes_by_default(trained):
+    name, work, common, _ = trained
+    bundle(name, "quantize", *common, "--weight_bits", "4", "--calibration_cases", "2", "--calibration_roi", "[16,16,16]")
+    report = json.loads((work / "eval" / "quantization_report_w4a8.json").read_text())
+    first = report["layers"][0]
+    # two whole 32^3 cases in 16^3 windows: every voxel of both reached the first layer (stride 1 or 2)
+    assert first["voxels"] in (2 * 32**3, 2 * 16**3)
+    assert any(layer["mse_holdout"] is not None for layer in report["layers"])  # every 4th window held out
+    assert all(layer["mse_holdout"] <= layer["mse_holdout_rtn"] for layer in report["layers"] if layer["mse_holdout"] is not None)
+
+
+@pytest.mark.slow
 def test_quantize_evaluate_and_inference_run_from_the_bundle_configs(trained):
     name, work, common, classes = trained
     bundle(name, "quantize", *common, "--weight_bits", "3", "--calibration_crop", ROI)
