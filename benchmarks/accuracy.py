@@ -250,7 +250,6 @@ def run_onnxruntime(net, calib, folder: Path):
     """ONNX Runtime static QDQ quantization (W8A8) of the network's ONNX export; ``None`` when missing."""
     if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
         return None
-    from monai.networks.utils import convert_to_onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     from monai_effq.deploy import OnnxRuntimeNetwork
@@ -264,10 +263,10 @@ def run_onnxruntime(net, calib, folder: Path):
 
     t0 = time.perf_counter()
     fp_path, q_path = folder / "fp.onnx", folder / "ort_static_w8a8.onnx"
-    convert_to_onnx(
-        net, [calib[:1]], input_names=["input"], output_names=["output"], file_full_path=str(fp_path),
-        dynamic_axes={"input": {0: "n", 2: "x", 3: "y", 4: "z"}, "output": {0: "n", 2: "x", 3: "y", 4: "z"}},
-        opset_version=17, use_trace=True,
+    axes = {0: "n", 2: "x", 3: "y", 4: "z"}
+    torch.onnx.export(
+        net, (calib[:1],), str(fp_path), input_names=["input"], output_names=["output"],
+        dynamic_axes={"input": axes, "output": axes}, opset_version=17, dynamo=False,
     )
     quantize_static(
         str(fp_path), str(q_path), Reader(), quant_format=QuantFormat.QDQ,
