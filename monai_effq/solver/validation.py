@@ -130,8 +130,6 @@ def solve_validated(
     errors: dict[str, float] = {}
     best = candidates[0]
     if fit is not None and holdout is not None:
-        if "rtn" not in {c.name for c in candidates}:
-            candidates.append(Candidate("rtn", "rtn"))
         for cand in candidates:
             sol = solve_statistics(view, fit, weight, bias, weight_bits, method=cand.method, **{**options, **cand.options})
             errors[cand.name] = _holdout_error(view, sol, holdout)
