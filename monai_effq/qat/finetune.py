@@ -50,7 +50,6 @@ DEFAULT_STEPS = 300
 DEFAULT_LR = 1e-4
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-STARTS = ("ptq", "fp", "scratch")
 
 
 def split_batch(batch: Any, index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
