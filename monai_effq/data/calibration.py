@@ -13,7 +13,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from monai.data.utils import dense_patch_slices, get_valid_patch_size
-from monai.inferers.utils import _get_scan_interval
 
 __all__ = ["calibration_windows"]
 
@@ -61,6 +60,8 @@ def calibration_windows(
             vol = F.pad(vol, [v for p in reversed(pad) for v in (0, p)])
         size = tuple(vol.shape[1:])
         window = get_valid_patch_size(size, roi)
-        for sl in dense_patch_slices(size, window, _get_scan_interval(size, window, len(roi), (overlap,) * len(roi))):
+        # the step SlidingWindowInferer takes: a whole window where it spans the axis, else roi * (1 - overlap)
+        interval = [w if w == n else max(int(w * (1 - overlap)), 1) for n, w in zip(size, window)]
+        for sl in dense_patch_slices(size, window, interval):
             windows.append(vol[(slice(None), *sl)])
     return torch.stack(windows).contiguous()
