@@ -6,7 +6,11 @@ that it can be overridden on the command line.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,7 @@ import torch
 from monai.transforms import CenterSpatialCropd, Compose, SpatialPadd
 
 from monai_effq.data import (
+    DatasetError,
     brats_transforms,
     detect_layout,
     load_datalist,
@@ -25,7 +30,22 @@ from monai_effq.data import (
     validate_datalist,
 )
 
-__all__ = ["DEMO", "FINETUNE_STARTS", "demo_dataset", "datalist", "finetune_start", "load_fp_weights", "preprocessing", "set_determinism"]
+__all__ = [
+    "DEMO",
+    "FINETUNE_STARTS",
+    "demo_dataset",
+    "datalist",
+    "export_monailabel_bundle",
+    "finetune_start",
+    "image_preprocessing",
+    "images",
+    "load_fp_weights",
+    "log_written",
+    "preprocessing",
+    "set_determinism",
+]
+
+logger = logging.getLogger(__name__)
 
 # The embedded demo: enough cases to train a small CPU network to a meaningful Dice in minutes.
 DEMO = {"n_cases": 10, "shape": (64, 64, 48), "seed": 0}
@@ -97,22 +117,178 @@ def preprocessing(
         train: training augmentation (random ``roi_size`` crops and flips).
         roi_size: training crop size.
         crop: centre crop (padded first where smaller), e.g. the calibration crop.
-        with_label: crop the label too (``False`` for inference on new images; the loading steps
-            skip a missing label by themselves).
+        with_label: ``False`` for inference on new images: :func:`image_preprocessing`, which
+            needs no dataset folder.
 
     Returns:
         the transform.
     """
-    if layout == "auto":
-        layout = detect_layout(dataset_dir)
-    if dataset == "brats":
-        steps = brats_transforms("msd" if layout == "msd" else "native", train=train, roi_size=roi_size)
+    if not with_label:
+        steps = image_preprocessing(dataset)
     else:
-        steps = lits_transforms(train=train, roi_size=roi_size)
+        if layout == "auto":
+            layout = detect_layout(dataset_dir)
+        if dataset == "brats":
+            steps = brats_transforms("msd" if layout == "msd" else "native", train=train, roi_size=roi_size)
+        else:
+            steps = lits_transforms(train=train, roi_size=roi_size)
     if crop is not None:
         keys = ["image", "label"] if with_label else ["image"]
         steps = Compose([steps, SpatialPadd(keys, list(crop)), CenterSpatialCropd(keys, list(crop))])
     return steps
+
+
+def image_preprocessing(dataset: str) -> Compose:
+    """The inference preprocessing of a bundle: the dataset's standard steps, for the image alone.
+
+    MONAI Label replaces each ``LoadImaged`` of a bundle's ``preprocessing`` with its own loader,
+    which loads every key it names: no step here names a label.
+
+    Args:
+        dataset: ``"brats"`` or ``"lits"``.
+
+    Returns:
+        a flat Compose from ``{"image": path}`` (BraTS: the 4D Decathlon file or the four contrast
+        files, FLAIR, T1, T1gd, T2) to ``{"image": (C, H, W, D) float32}``, invertible by ``Invertd``.
+
+    Raises:
+        ValueError: for an unknown ``dataset``.
+    """
+    if dataset == "brats":
+        return brats_transforms("native", train=False, with_label=False)
+    if dataset == "lits":
+        return lits_transforms(train=False, with_label=False)
+    raise ValueError(f"dataset must be 'brats' or 'lits', got {dataset!r}.")
+
+
+def images(
+    dataset_dir: str | os.PathLike, dataset: str, part: str = "val", layout: str = "auto", val_fraction: float = 0.2
+) -> list[dict[str, Any]]:
+    """The images of one part of a dataset, for inference; never generates the demo data.
+
+    Args:
+        dataset_dir, dataset, part, layout, val_fraction: as for :func:`datalist` (the same split).
+
+    Returns:
+        ``[{"image": path or paths}, ...]``.
+
+    Raises:
+        DatasetError: when ``dataset_dir`` is missing (naming how to get data) or malformed.
+    """
+    if not Path(dataset_dir).is_dir():
+        raise DatasetError(
+            f"dataset folder {Path(dataset_dir).resolve()} does not exist: inference reads images, it never "
+            "generates the demo data. Pass --dataset_dir (a Decathlon, BraTS or LiTS folder) or --datalist "
+            "\"[{'image': '/path/to/image.nii.gz'}]\", or run the bundle's train or quantize workflow once to "
+            "generate the demo."
+        )
+    return [{"image": case["image"]} for case in datalist(dataset_dir, dataset, part, layout, val_fraction)]
+
+
+def log_written(*paths: str | os.PathLike | None) -> list[Path]:
+    """Log each file or folder a workflow wrote, with its size (the last step of a bundle workflow).
+
+    Args:
+        paths: the outputs; a folder is listed with the files inside it; None is skipped.
+
+    Returns:
+        the outputs that exist.
+    """
+    found = []
+    for path in (Path(p) for p in paths if p is not None):
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            logger.info(f"wrote {path}/ ({len(files)} files, {sum(p.stat().st_size for p in files) / 2**20:.2f} MiB)")
+        elif path.is_file():
+            logger.info(f"wrote {path} ({path.stat().st_size / 2**20:.2f} MiB)")
+        else:
+            logger.warning(f"expected output {path} is missing")
+            continue
+        found.append(path)
+    return found
+
+
+# What a served bundle needs beside its inference config and model (model-zoo layout).
+_SERVED_FILES = ("configs/metadata.json", "configs/logging.conf", "docs/README.md", "LICENSE", "docs/data_license.txt")
+# Inference-config keys that only serve to build the network from the packed checkpoint.
+_PACKED_KEYS = ("weight_bits", "act_bits", "model_tag", "quantized_path")
+
+
+def export_monailabel_bundle(
+    quantized_path: str | os.PathLike,
+    network_def: torch.nn.Module,
+    bundle_root: str | os.PathLike,
+    export_dir: str | os.PathLike,
+    input_shape: Sequence[int],
+    tag: str,
+) -> Path | None:
+    """Write a bundle that serves the quantized network from ``models/model.ts``, e.g. to MONAI Label.
+
+    MONAI Label's bundle loader builds ``network_def`` and loads ``models/model.pt`` into it when that
+    file exists, and otherwise runs ``models/model.ts`` as it is; it never reads a config's
+    ``network``. A fake-quant network has no plain ``network_def``, so the exported bundle holds the
+    TorchScript trace of it (checked equal to it) and no ``model.pt``. Its ``configs/inference.json`` is
+    the source bundle's, with ``network`` loading the trace; metadata, logging config, docs and licences
+    are copied. The folder is built beside the destination and moved into place whole.
+
+    Args:
+        quantized_path: the packed checkpoint the quantize workflow wrote.
+        network_def: the bundle's (FP) network, which the checkpoint is loaded into.
+        bundle_root: the source bundle folder.
+        export_dir: the destination folder of the exported bundle (replaced if it exists), or None
+            to export nothing.
+        input_shape: the window the network sees, ``(1, in_channels, *roi_size)``.
+        tag: the quantization setting, e.g. ``"W4A8"``, written into the metadata.
+
+    Returns:
+        ``export_dir``, or None when it is None.
+    """
+    if export_dir is None:
+        return None
+    from monai_effq.deploy.torchscript import export_torchscript
+    from monai_effq.ptq.checkpoint import load_quantized
+
+    source, dest = Path(bundle_root), Path(export_dir)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        network = load_quantized(quantized_path, network_def.to("cpu"))
+        export_torchscript(network, staging / "models" / "model.ts", input_shape)
+        config = json.loads((source / "configs" / "inference.json").read_text())
+        for key in _PACKED_KEYS:
+            config.pop(key, None)
+        config["network"] = "$torch.jit.load(@bundle_root + '/models/model.ts', map_location=torch.device(@device))"
+        (staging / "configs").mkdir(parents=True, exist_ok=True)
+        (staging / "configs" / "inference.json").write_text(json.dumps(config, indent=4) + "\n")
+        for name in _SERVED_FILES:
+            if (source / name).is_file():
+                (staging / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source / name, staging / name)
+        meta_path = staging / "configs" / "metadata.json"
+        meta = json.loads(meta_path.read_text())
+        meta["name"] = f"{meta.get('name', source.resolve().name)} ({tag})"
+        meta["description"] = (
+            f"{meta.get('description', '')} This copy serves the {tag} network: models/model.ts is the TorchScript "
+            "trace of the fake-quant network, checked equal to it when exported."
+        ).strip()
+        meta_path.write_text(json.dumps(meta, indent=4) + "\n")
+        staging.chmod(0o777 & ~_umask())
+        old = dest.with_name(f".{dest.name}.old")
+        if dest.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            dest.rename(old)
+        staging.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dest
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def set_determinism(seed: int = 0) -> None:

@@ -2,8 +2,8 @@
 
 Runs the bundles' own ``quantize`` and ``evaluate`` workflows (``monai.bundle.run``, the same code
 as ``python -m monai.bundle run ...``) for each bit width, then prints Dice per class, model size
-and quantization time, and writes the table to ``docs/results.md`` and into the README between its
-results markers.
+and quantization time, writes the table to ``docs/results.md`` and into the README between its
+results markers, and records the mean Dice in each bundle's metadata (``eval_metrics``).
 
 Usage::
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from monai_effq.utils.io import atomic_write_text
 
-__all__ = ["run_demo", "main"]
+__all__ = ["run_demo", "record_eval_metrics", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 MARK_START, MARK_END = "<!-- results:start -->", "<!-- results:end -->"
@@ -29,8 +29,10 @@ MARK_START, MARK_END = "<!-- results:start -->", "<!-- results:end -->"
 def _run(bundle: str, workflow: str, **overrides) -> float:
     from monai.bundle import run
 
+    configs = ROOT / "bundles" / bundle / "configs"
     t0 = time.perf_counter()
-    run(workflow, config_file=str(ROOT / "bundles" / bundle / "configs" / f"{workflow}.json"), **overrides)
+    # model-zoo layout: each workflow overlays the bundle's train.json
+    run(workflow, config_file=[str(configs / "train.json"), str(configs / f"{workflow}.json")], **overrides)
     return time.perf_counter() - t0
 
 
@@ -107,6 +109,20 @@ def publish(markdown: str) -> None:
     _replace_between_markers(ROOT / "README.md", markdown)
 
 
+def record_eval_metrics(rows: list[dict]) -> None:
+    """Write each bundle's measured mean Dice into its ``configs/metadata.json`` ``eval_metrics``.
+
+    Args:
+        rows: :func:`run_demo`'s rows; keys become ``mean_dice_<model>`` (e.g. ``mean_dice_w4a8``).
+    """
+    for bundle in dict.fromkeys(r["bundle"] for r in rows):
+        path = ROOT / "bundles" / bundle / "configs" / "metadata.json"
+        meta = json.loads(path.read_text())
+        metrics = {f"mean_dice_{r['model'].lower()}": round(float(r["dice_mean"]), 4) for r in rows if r["bundle"] == bundle}
+        meta["eval_metrics"] = {**meta.get("eval_metrics", {}), **metrics}
+        atomic_write_text(path, json.dumps(meta, indent=4) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"total wall time {time.perf_counter() - t0:.0f} s")
     if not args.no_publish:
         publish(markdown)
+        record_eval_metrics(rows)
 
 
 if __name__ == "__main__":

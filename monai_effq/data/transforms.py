@@ -226,25 +226,35 @@ class _Above:
         return x > self.threshold
 
 
-def _roi(roi_size: Sequence[int] | None, train: bool) -> tuple[int, int, int] | None:
+def _roi(roi_size: Sequence[int] | None, train: bool, with_label: bool = True) -> tuple[int, int, int] | None:
     if not train:
         return None
+    if not with_label:
+        raise ValueError("train=True crops around the label: it needs with_label=True.")
     if roi_size is None or len(roi_size) != 3 or any(int(r) < 1 for r in roi_size):
         raise ValueError(f"train=True needs roi_size as three positive integers, got {roi_size!r}.")
     return tuple(int(r) for r in roi_size)  # type: ignore[return-value]
 
 
-def _loading(check: Transform | None) -> list[Transform]:
+def _keys(with_label: bool) -> dict[str, Any]:
+    """The ``keys``/``allow_missing_keys`` arguments of every step that handles image and label.
+
+    Without the label every step names ``"image"`` alone: MONAI Label swaps each ``LoadImaged`` of a
+    bundle's inference preprocessing for its own loader, which loads every key it names whether the
+    case has it or not (``allow_missing_keys`` is ignored there).
+    """
+    return {"keys": _KEYS, "allow_missing_keys": True} if with_label else {"keys": ("image",)}
+
+
+def _loading(check: Transform | None, with_label: bool) -> list[Transform]:
+    both = _keys(with_label)
     # Nibabel explicitly: with ITK also installed, MONAI's reader choice would depend on registration
     # order, and ITK treats the Decathlon's 4D image differently.
-    steps: list[Transform] = [
-        LoadImaged(keys=_KEYS, allow_missing_keys=True, reader="NibabelReader", image_only=True),
-        EnsureChannelFirstd(keys=_KEYS, allow_missing_keys=True),
-    ]
-    if check is not None:
+    steps: list[Transform] = [LoadImaged(**both, reader="NibabelReader", image_only=True), EnsureChannelFirstd(**both)]
+    if check is not None and with_label:
         steps.append(check)
     # labels=None: axis names from the MetaTensor's space (RAS for nibabel); also silences a MONAI 1.5+ warning
-    steps.append(Orientationd(keys=_KEYS, allow_missing_keys=True, axcodes="RAS", labels=None))
+    steps.append(Orientationd(**both, axcodes="RAS", labels=None))
     return steps
 
 
@@ -254,6 +264,7 @@ def brats_transforms(
     roi_size: Sequence[int] | None = (96, 96, 96),
     pixdim: Sequence[float] | None = None,
     check_labels: bool = True,
+    with_label: bool = True,
 ) -> Compose:
     """Preprocessing for BraTS cases from :func:`monai_effq.data.load_datalist`.
 
@@ -269,6 +280,8 @@ def brats_transforms(
             ``train`` is False, where whole volumes suit sliding-window inference.
         pixdim: voxel size in mm to resample to, or None to keep the files' spacing.
         check_labels: raise :class:`DatasetError` on label values outside the layout's convention.
+        with_label: ``False`` for inference: every step handles ``"image"`` alone (MONAI Label loads
+            every key that ``LoadImaged`` names).
 
     Returns:
         a Compose mapping a case dict to ``{"image": (4, H, W, D) float32, "label": (3, H, W, D)
@@ -280,23 +293,25 @@ def brats_transforms(
     if layout not in _BRATS_LAYOUTS:
         raise ValueError(f"layout must be 'native' or 'msd' for BraTS, got {layout!r}.")
     native = _BRATS_LAYOUTS[layout] == "native"
-    roi = _roi(roi_size, train)
+    roi = _roi(roi_size, train, with_label)
     check = CheckLabelRanged("label", BRATS_NATIVE_LABELS if native else BRATS_MSD_LABELS, allow_missing_keys=True) if check_labels else None
-    steps = _loading(check)
-    steps += [
-        ConvertToMultiChannelBasedOnBratsClassesd(keys="label", allow_missing_keys=True) if native else ConvertMsdBratsLabelsd(keys="label", allow_missing_keys=True),
-        EnsureTyped(keys="label", allow_missing_keys=True, dtype=torch.float32),  # the converters give booleans
-    ]
+    both = _keys(with_label)
+    steps = _loading(check, with_label)
+    if with_label:
+        steps += [
+            ConvertToMultiChannelBasedOnBratsClassesd(keys="label", allow_missing_keys=True) if native else ConvertMsdBratsLabelsd(keys="label", allow_missing_keys=True),
+            EnsureTyped(keys="label", allow_missing_keys=True, dtype=torch.float32),  # the converters give booleans
+        ]
     if pixdim is not None:
-        steps.append(Spacingd(keys=_KEYS, allow_missing_keys=True, pixdim=tuple(pixdim), mode=("bilinear", "nearest")))
+        steps.append(Spacingd(**both, pixdim=tuple(pixdim), mode=("bilinear", "nearest")[: len(both["keys"])]))
     steps.append(NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True))
     if roi is not None:
         steps += [
-            SpatialPadd(keys=_KEYS, allow_missing_keys=True, spatial_size=roi),  # so that every crop, hence every batch, is roi-sized
-            RandSpatialCropd(keys=_KEYS, allow_missing_keys=True, roi_size=roi, random_size=False),
-            *(RandFlipd(keys=_KEYS, allow_missing_keys=True, prob=0.5, spatial_axis=axis) for axis in range(3)),
+            SpatialPadd(**both, spatial_size=roi),  # so that every crop, hence every batch, is roi-sized
+            RandSpatialCropd(**both, roi_size=roi, random_size=False),
+            *(RandFlipd(**both, prob=0.5, spatial_axis=axis) for axis in range(3)),
         ]
-    steps.append(EnsureTyped(keys=_KEYS, allow_missing_keys=True, dtype=torch.float32))
+    steps.append(EnsureTyped(**both, dtype=torch.float32))
     return _Pipeline(steps)
 
 
@@ -309,6 +324,7 @@ def lits_transforms(
     num_samples: int = 1,
     label_dtype: torch.dtype = torch.int64,
     check_labels: bool = True,
+    with_label: bool = True,
 ) -> Compose:
     """Preprocessing for LiTS / Decathlon Task03 cases (both layouts hold the same kind of files).
 
@@ -326,6 +342,8 @@ def lits_transforms(
         num_samples: crops per case in training.
         label_dtype: dtype of the output label.
         check_labels: raise :class:`DatasetError` on label values other than 0, 1, 2.
+        with_label: ``False`` for inference: every step handles ``"image"`` alone (MONAI Label loads
+            every key that ``LoadImaged`` names).
 
     Returns:
         a Compose mapping a case dict to ``{"image": (1, H, W, D) float32 in [0, 1], "label":
@@ -338,11 +356,12 @@ def lits_transforms(
     """
     if not a_min < a_max:
         raise ValueError(f"a_min must be below a_max, got a_min={a_min}, a_max={a_max}.")
-    roi = _roi(roi_size, train)
-    steps = _loading(CheckLabelRanged("label", LITS_LABELS, allow_missing_keys=True) if check_labels else None)
+    roi = _roi(roi_size, train, with_label)
+    both = _keys(with_label)
+    steps = _loading(CheckLabelRanged("label", LITS_LABELS, allow_missing_keys=True) if check_labels else None, with_label)
     steps.append(
         CropForegroundd(
-            keys=_KEYS, allow_missing_keys=True,
+            **both,
             source_key="image",
             select_fn=_Above(-500.0),
             allow_smaller=True,
@@ -351,14 +370,14 @@ def lits_transforms(
         )
     )
     if pixdim is not None:
-        steps.append(Spacingd(keys=_KEYS, allow_missing_keys=True, pixdim=tuple(pixdim), mode=("bilinear", "nearest")))
+        steps.append(Spacingd(**both, pixdim=tuple(pixdim), mode=("bilinear", "nearest")[: len(both["keys"])]))
     steps.append(ScaleIntensityRanged(keys="image", a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True))
     if roi is not None:
         steps += [
-            SpatialPadd(keys=_KEYS, allow_missing_keys=True, spatial_size=roi),
-            RandCropByPosNegLabeld(
-                keys=_KEYS, allow_missing_keys=True, label_key="label", spatial_size=roi, pos=1.0, neg=1.0, num_samples=num_samples
-            ),
+            SpatialPadd(**both, spatial_size=roi),
+            RandCropByPosNegLabeld(**both, label_key="label", spatial_size=roi, pos=1.0, neg=1.0, num_samples=num_samples),
         ]
-    steps += [EnsureTyped(keys="image", dtype=torch.float32), EnsureTyped(keys="label", allow_missing_keys=True, dtype=label_dtype)]
+    steps.append(EnsureTyped(keys="image", dtype=torch.float32))
+    if with_label:
+        steps.append(EnsureTyped(keys="label", allow_missing_keys=True, dtype=label_dtype))
     return _Pipeline(steps)

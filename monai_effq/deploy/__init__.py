@@ -1,6 +1,7 @@
-"""Integer deployment: ONNX QDQ export of a quantized network and the runtimes that run it from MONAI.
+"""Deployment: ONNX QDQ export and the runtimes that run it from MONAI; TorchScript export for servers.
 
-Needs the ``deploy`` extra (``pip install 'monai-effq[deploy]'``: onnx, onnxruntime, openvino);
+ONNX and its runtimes need the ``deploy`` extra (``pip install 'monai-effq[deploy]'``: onnx, onnxruntime,
+openvino); TorchScript needs torch alone;
 TensorRT (:mod:`monai_effq.deploy.tensorrt`) needs a CUDA GPU with tensorrt and polygraphy.
 """
 
@@ -15,6 +16,7 @@ from monai_effq.deploy.runtime import (
     runtime_network,
     widest_int8_weight,
 )
+from monai_effq.deploy.torchscript import export_torchscript
 from monai_effq.deploy.tensorrt import TensorRTNetwork, tensorrt_network, tensorrt_violations
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     "QdqLayer",
     "export_form",
     "export_onnx",
+    "export_torchscript",
     "fold_weight_quantization",
     "RUNTIMES",
     "OnnxRuntimeNetwork",

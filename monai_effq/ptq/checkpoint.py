@@ -1,10 +1,15 @@
 """Quantized checkpoints: one file with packed integer codes, rebuilt on a fresh FP architecture.
 
-The file is a ``torch.save`` archive of four entries: ``format``, ``meta`` (a JSON string: the
+The file is a ``torch.save`` archive of five entries: ``format``, ``meta`` (a JSON string: the
 config, the report, provenance, and a table of layers and tensors with their offsets), ``codes``
-(every layer's packed codes, end to end, in one ``uint8`` tensor) and ``data`` (every other tensor,
-flattened into one tensor per dtype). Few, large tensors keep the archive's per-entry overhead
-negligible, so the file is as small as the packed codes promise.
+(every layer's packed codes, end to end, in one ``uint8`` tensor), ``data`` (every other tensor,
+flattened into one tensor per dtype) and ``model``, a string saying how to load the file. Few, large
+tensors keep the archive's per-entry overhead negligible, so the file is as small as the packed codes
+promise.
+
+``model`` is where MONAI's ``CheckpointLoader`` and MONAI Label look for a state dict; a string there
+makes ``load_state_dict`` raise, where a missing entry would let ``strict=False`` load nothing and
+leave a network with random weights, silently.
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ from monai_effq.utils.io import atomic_write
 __all__ = ["save_quantized", "load_quantized", "load_quantized_result", "FORMAT"]
 
 FORMAT = "monai-effq-quantized/1"
+NOT_A_STATE_DICT = (
+    "monai-effq packed checkpoint, not a state dict: load it with monai_effq.load_quantized(path, network_def); "
+    "to serve it without monai-effq, use the TorchScript bundle the quantize workflow exports (models/model.ts)"
+)
 
 
 def _provenance() -> dict[str, str]:
@@ -132,6 +141,7 @@ def save_quantized(result: QuantizationResult, path: str | os.PathLike) -> Path:
         "provenance": _provenance(),
     }
     payload = {
+        "model": NOT_A_STATE_DICT,
         "format": FORMAT,
         "meta": json.dumps(meta, default=float),
         "codes": torch.cat(codes_parts) if codes_parts else torch.zeros(0, dtype=torch.uint8),

@@ -2,10 +2,13 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 from monai_effq.data import make_brats_demo, make_lits_demo, make_msd_demo
@@ -13,18 +16,39 @@ from monai_effq.data import make_brats_demo, make_lits_demo, make_msd_demo
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLES = {"brats_effq": ("brats", ["TC", "WT", "ET"]), "lits_effq": ("lits", ["liver", "tumour"])}
 ROI = "[32,32,32]"
+# Each workflow's config files, model-zoo style: train.json is the base the others overlay.
+WORKFLOWS = {
+    "train": ["train"],
+    "quantize": ["train", "quantize"],
+    "evaluate": ["train", "evaluate"],
+    "finetune": ["train", "quantize", "finetune"],
+    "inference": ["inference"],
+}
+
+
+def config_files(name: str, workflow: str, overlay: str | None = None, root: Path | None = None) -> list[str]:
+    configs = (root or ROOT / "bundles" / name) / "configs"
+    return [str(configs / f"{part}.json") for part in WORKFLOWS[workflow] + ([overlay] if overlay else [])]
 
 
 def bundle(
-    name: str, workflow: str, *overrides: str, check: bool = True, overlay: str | None = None, env: dict | None = None
+    name: str,
+    workflow: str,
+    *overrides: str,
+    check: bool = True,
+    overlay: str | None = None,
+    env: dict | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess:
-    configs = ROOT / "bundles" / name / "configs"
-    config = str(configs / f"{workflow}.json")
-    if overlay is not None:  # model-zoo style: --config_file "['configs/evaluate.json','configs/evaluate_openvino.json']"
-        config = str([config, str(configs / f"{overlay}.json")])
-    cmd = [sys.executable, "-m", "monai.bundle", "run", workflow, "--config_file", config, *overrides]
+    """``python -m monai.bundle run`` of one workflow, from the repository root unless ``cwd`` is a bundle folder."""
+    if cwd is None:
+        config = str(config_files(name, workflow, overlay))
+        overrides = ("--bundle_root", str(ROOT / "bundles" / name), *overrides)
+    else:
+        config = str([f"configs/{part}.json" for part in WORKFLOWS[workflow] + ([overlay] if overlay else [])])
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    res = subprocess.run(cmd, cwd=cwd or ROOT, capture_output=True, text=True, env=env, timeout=600)
     if check and res.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return res
@@ -38,7 +62,10 @@ def trained(request, tmp_path_factory):
     work = tmp_path_factory.mktemp(name)
     make = make_brats_demo if dataset == "brats" else make_lits_demo
     data = make(work / "data", n_cases=3, shape=(32, 32, 32), seed=3)
-    common = ["--dataset_dir", str(data), "--ckpt_dir", str(work / "models"), "--output_dir", str(work / "eval")]
+    common = [
+        "--dataset_dir", str(data), "--ckpt_dir", str(work / "models"), "--output_dir", str(work / "eval"),
+        "--export_dir", "None",  # the export has tests of its own
+    ]  # fmt: skip
     bundle(name, "train", *common, "--max_epochs", "1", "--roi_size", ROI)
     assert (work / "models" / "model.pt").is_file()
     return name, work, common, classes
@@ -65,13 +92,13 @@ def test_quantize_evaluate_and_inference_run_from_the_bundle_configs(trained):
     assert {layer["weight_bits"] for layer in report["layers"][1:-1]} == {3}
     assert (work / "eval" / "quantization_report_w3a8_layers.png").stat().st_size > 1000
 
-    res = bundle(name, "evaluate", *common, "--weight_bits", "3", "--roi_size", ROI)
+    res = bundle(name, "evaluate", *common, "--weight_bits", "3", "--sw_roi_size", ROI)
     rows = json.loads((work / "eval" / "evaluation_w3a8.json").read_text())
     assert [r["model"] for r in rows] == ["FP32", "W3A8"]
     assert all(0.0 <= r[f"dice_{c}"] <= 1.0 for r in rows for c in classes)
     assert "dice_mean" in res.stdout and (work / "eval" / "evaluation_w3a8.csv").is_file()
 
-    bundle(name, "inference", *common, "--weight_bits", "3", "--roi_size", ROI, "--output_dir", str(work / "seg"))
+    bundle(name, "inference", *common, "--weight_bits", "3", "--sw_roi_size", ROI, "--output_dir", str(work / "seg"))
     masks = list((work / "seg").glob("*_seg.nii.gz"))
     assert masks
 
@@ -85,7 +112,7 @@ def test_finetune_from_efficientq_writes_what_quantize_writes_and_evaluate_reads
     assert report["extra"]["finetune"]["steps"] == 3 and report["extra"]["finetune"]["init"] == "efficientq"
     assert {layer["act_bits"] for layer in report["layers"][1:-1]} == {6}
     assert (work / "eval" / "quantization_report_w4a6_finetune_loss.png").is_file()
-    bundle(name, "evaluate", *common, "--weight_bits", "4", "--act_bits", "6", "--roi_size", ROI)
+    bundle(name, "evaluate", *common, "--weight_bits", "4", "--act_bits", "6", "--sw_roi_size", ROI)
     rows = json.loads((work / "eval" / "evaluation_w4a6.json").read_text())
     assert [r["model"] for r in rows] == ["FP32", "W4A6"]
 
@@ -98,16 +125,6 @@ def test_finetune_from_fp_with_power_of_two_scales(trained):
     bundle(name, "finetune", *common, "--steps", "2", "--init", "fp", "--power_of_two", "True", "--weight_bits", "3", "--roi_size", ROI, "--calibration_crop", ROI)
     report = json.loads((work / "eval" / "quantization_report_w3a6.json").read_text())
     assert report["method"] == "fp+qat" and report["folded_batchnorms"]
-
-
-@pytest.mark.slow
-def test_finetune_configs_train_with_the_bundles_own_loss_and_network():
-    for name in BUNDLES:
-        configs = ROOT / "bundles" / name / "configs"
-        train = json.loads((configs / "train.json").read_text())
-        finetune = json.loads((configs / "finetune.json").read_text())
-        for key in ("network_def", "loss", "train_preprocessing", "train_loader", "roi_size", "batch_size"):
-            assert finetune[key] == train[key], (name, key)
 
 
 @pytest.mark.slow
@@ -128,7 +145,7 @@ def test_bundle_metadata_and_network_shapes_verify(name):
 @pytest.mark.slow
 def test_a_decathlon_dataset_can_be_passed_on_the_command_line(tmp_path):
     task = make_msd_demo(tmp_path / "Task01_BrainTumour", task="Task01_BrainTumour", n_cases=3, shape=(32, 32, 32), seed=4)
-    common = ["--dataset_dir", str(task), "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval")]
+    common = ["--dataset_dir", str(task), "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"), "--export_dir", "None"]
     bundle("brats_effq", "train", *common, "--max_epochs", "1", "--roi_size", ROI)
     bundle("brats_effq", "quantize", *common, "--weight_bits", "2", "--method", "rtn", "--calibration_crop", ROI)
     assert (tmp_path / "models" / "model_w2a8.pt").is_file()
@@ -160,6 +177,7 @@ def test_the_openvino_evaluate_overlay_matches_the_fake_quant_dice_on_the_demo_d
         "--fp_checkpoint", str(ROOT / "bundles" / name / "models" / "model.pt"),
         "--quantized_path", str(tmp_path / "model_w4a8.pt"),
         "--output_dir", str(tmp_path / "eval"),
+        "--export_dir", "None",
     ]  # fmt: skip
     bundle(name, "quantize", *args, "--method", "rtn")
     bundle(name, "evaluate", *args, overlay="evaluate_openvino")
@@ -176,7 +194,7 @@ def test_the_inference_overlay_writes_masks_with_onnx_runtime_and_names_the_extr
     name, work, common, _ = trained
     bundle(name, "quantize", *common, "--weight_bits", "4", "--method", "rtn", "--calibration_crop", ROI)
     seg = tmp_path / "seg"
-    bundle(name, "inference", *common, "--roi_size", ROI, "--runtime", "onnxruntime", "--output_dir", str(seg), overlay="inference_openvino")
+    bundle(name, "inference", *common, "--sw_roi_size", ROI, "--runtime", "onnxruntime", "--output_dir", str(seg), overlay="inference_openvino")
     assert list(seg.glob("*_seg.nii.gz"))
     assert (work / "models" / "model_w4a8.onnx").is_file()
 
@@ -184,8 +202,65 @@ def test_the_inference_overlay_writes_masks_with_onnx_runtime_and_names_the_extr
     (hidden / "openvino").mkdir(parents=True)
     (hidden / "openvino" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
     res = bundle(
-        name, "inference", *common, "--roi_size", ROI, "--output_dir", str(seg),
+        name, "inference", *common, "--sw_roi_size", ROI, "--output_dir", str(seg),
         overlay="inference_openvino", env={"PYTHONPATH": str(hidden)}, check=False,
     )  # fmt: skip
     assert res.returncode != 0
     assert "pip install 'monai-effq[deploy]'" in res.stderr
+
+
+@pytest.mark.slow
+def test_every_workflow_of_both_bundles_has_the_model_zoo_properties(trained):
+    from monai.bundle import ConfigWorkflow
+
+    name, work, common, _ = trained
+    overrides = dict(zip((k.lstrip("-") for k in common[::2]), common[1::2]))
+    for workflow in WORKFLOWS:
+        kind = "infer" if workflow == "inference" else "train"
+        flow = ConfigWorkflow(
+            config_file=config_files(name, workflow), workflow_type=kind, logging_file=False,
+            bundle_root=str(ROOT / "bundles" / name), **overrides, steps=1,
+        )  # fmt: skip
+        flow.initialize()
+        assert flow.check_properties() == [], (name, workflow)
+        assert "run" in flow.parser, (name, workflow)
+
+
+def copy_bundle(name: str, dest: Path) -> Path:
+    """The bundle as a user gets it (configs, FP weights, docs, licence), in a folder outside the repository."""
+    src = ROOT / "bundles" / name
+    for part in ("configs", "docs"):
+        shutil.copytree(src / part, dest / part)
+    (dest / "models").mkdir()
+    shutil.copy(src / "models" / "model.pt", dest / "models" / "model.pt")
+    shutil.copy(src / "LICENSE", dest / "LICENSE")
+    return dest
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BUNDLES))
+def test_a_copy_of_the_bundle_quantizes_and_infers_from_inside_its_folder_with_default_settings(name, tmp_path):
+    copy = copy_bundle(name, tmp_path / name)
+    bundle(name, "quantize", "--method", "rtn", cwd=copy)
+    assert (copy / "models" / "model_w4a8.pt").is_file()
+    res = bundle(name, "inference", cwd=copy)  # exactly: python -m monai.bundle run --config_file configs/inference.json
+    masks = sorted((copy / "eval" / "seg").glob("*_seg.nii.gz"))
+    assert masks
+    assert "wrote" in res.stdout and "INFO" in res.stdout  # logging.conf applies: the workflow says what it wrote
+
+    # the exported bundle serves the same masks from its TorchScript file alone
+    served = copy / "export" / f"{name}_w4a8"
+    assert not (served / "models" / "model.pt").exists()
+    bundle(name, "inference", "--dataset_dir", str(copy / "data" / "demo"), "--output_dir", str(tmp_path / "ts"), cwd=served)
+    for mask in masks:
+        ours, traced = (nib.load(str(p)).get_fdata() for p in (mask, tmp_path / "ts" / mask.name))
+        assert np.array_equal(ours, traced), mask.name
+
+
+@pytest.mark.slow
+def test_inference_never_generates_the_demo_data_and_says_how_to_get_images(tmp_path):
+    copy = copy_bundle("lits_effq", tmp_path / "lits_effq")
+    res = bundle("lits_effq", "inference", cwd=copy, check=False)
+    assert res.returncode != 0
+    assert "never generates the demo data" in res.stderr and "--dataset_dir" in res.stderr
+    assert not (copy / "data").exists()

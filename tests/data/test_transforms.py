@@ -186,3 +186,25 @@ def test_lits_training_returns_roi_sized_samples_that_batch(data):
 def test_lits_refuses_an_empty_window():
     with pytest.raises(ValueError, match="a_min"):
         lits_transforms(train=False, a_min=100.0, a_max=100.0)
+
+
+@pytest.mark.parametrize("dataset", ["lits", "brats"])
+def test_inference_preprocessing_names_only_the_image_and_gives_the_evaluation_image(data, dataset):
+    from monai.transforms import LoadImaged
+
+    from monai_effq.bundle import image_preprocessing
+
+    transform = image_preprocessing(dataset)
+    # MONAI Label swaps each top-level LoadImaged for a loader that loads every key it names
+    assert isinstance(transform.transforms[0], LoadImaged)
+    assert all(tuple(t.keys) == ("image",) for t in transform.transforms if hasattr(t, "keys"))
+    case = load_datalist(data[dataset])[0]
+    full = (lits_transforms(train=False) if dataset == "lits" else brats_transforms("native", train=False))(case)
+    image = transform({"image": case["image"]})
+    assert set(image) == {"image"}
+    assert torch.equal(image["image"].as_tensor(), full["image"].as_tensor())
+
+
+def test_training_without_the_label_is_refused():
+    with pytest.raises(ValueError, match="with_label"):
+        lits_transforms(train=True, roi_size=(8, 8, 8), with_label=False)

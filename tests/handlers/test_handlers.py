@@ -91,3 +91,21 @@ def test_comparison_writes_per_class_dice_for_each_model(tmp_path, capsys):
     assert (tmp_path / "cmp.csv").read_text().splitlines()[0].startswith("model,dice_liver,dice_tumour")
     assert (tmp_path / "cmp_dice.png").is_file()
     assert "W4A8" in capsys.readouterr().out
+
+
+def test_the_dice_plot_axis_spans_the_values_so_small_differences_show():
+    from monai_effq.handlers.report import dice_axis_limits
+
+    bottom, top = dice_axis_limits([0.988, 0.981, 0.915])
+    assert 0.8 < bottom < 0.915 and 0.988 < top <= 1.05
+    assert dice_axis_limits([0.2, 0.9])[0] == 0.0  # a wide spread keeps the axis from 0
+    low, high = dice_axis_limits([0.95, 0.95])
+    assert low < 0.95 < high  # equal values still get a visible range
+
+
+def test_the_comparison_logs_the_files_it_wrote(tmp_path, caplog):
+    e = Engine(lambda e, b: None)
+    e.state.metrics = {"dice": torch.tensor([0.9, 0.8])}
+    with caplog.at_level("INFO", logger="monai_effq.handlers.report"):
+        write_comparison({"FP32": e}, ["liver", "tumour"], tmp_path, "cmp")
+    assert str(tmp_path / "cmp.csv") in caplog.text

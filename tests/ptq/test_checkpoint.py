@@ -91,3 +91,17 @@ def test_saving_something_else_writes_nothing(tmp_path):
     with pytest.raises(TypeError, match="monai_effq.quantize"):
         save_quantized(_fresh_unet(), tmp_path / "q.pt")
     assert not (tmp_path / "q.pt").exists()
+
+
+def test_a_packed_checkpoint_loaded_as_a_state_dict_by_name_fails_loudly(w2_result, tmp_path):
+    from ignite.engine import Engine
+    from monai.handlers import CheckpointLoader
+
+    path = save_quantized(w2_result, tmp_path / "q.pt")
+    payload = torch.load(path, weights_only=True)
+    # MONAI Label and MONAI's CheckpointLoader take the "model" entry with strict=False: it must not load nothing quietly
+    with pytest.raises((TypeError, AttributeError)):
+        _fresh_unet().load_state_dict(payload.get("model", payload), strict=False)
+    with pytest.raises((TypeError, AttributeError)):
+        CheckpointLoader(load_path=str(path), load_dict={"model": _fresh_unet()}, strict=False)(Engine(lambda engine, batch: None))
+    assert "monai_effq.load_quantized" in payload["model"]

@@ -1,0 +1,65 @@
+"""TorchScript export of a quantized network, for servers that load ``models/model.ts`` as it is.
+
+MONAI Label's bundle loader, Triton and MONAI Deploy run a TorchScript file without the Python code
+that built the network, which is what a fake-quant network needs: its layers are monai-effq modules.
+``torch.jit.trace`` records the network's operations on one example window; the export then checks
+that the traced module, saved and loaded back, gives the network's own output on fresh inputs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from monai_effq.utils.io import atomic_write
+
+__all__ = ["export_torchscript"]
+
+
+def export_torchscript(
+    network: nn.Module, path: str | os.PathLike, input_shape: Sequence[int], atol: float = 1e-5, seed: int = 0
+) -> Path:
+    """Trace ``network`` on an ``input_shape`` window and save it where ``torch.jit.load`` finds it.
+
+    Args:
+        network: the network to export (e.g. :func:`monai_effq.load_quantized`'s fake-quant network);
+            put into eval mode.
+        path: the ``.ts`` file to write (atomically).
+        input_shape: the window the network will see, ``(batch, channels, *spatial)``: a sliding-window
+            inferer's ``roi_size`` with the network's input channels.
+        atol: largest absolute difference allowed between the network and the saved file's outputs.
+        seed: seed of the random example and check inputs.
+
+    Returns:
+        the path written.
+
+    Raises:
+        ValueError: when ``input_shape`` is not a batch, channel and 2 or 3 spatial sizes.
+        RuntimeError: when the saved module's output differs from the network's by more than ``atol``
+            (the file is not written).
+    """
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) not in (4, 5) or any(s < 1 for s in shape):
+        raise ValueError(f"input_shape must be (batch, channels, *spatial) with 2 or 3 positive spatial sizes, got {input_shape!r}.")
+    network = network.eval()
+    device = next(iter(network.parameters()), torch.empty(0)).device
+    generator = torch.Generator().manual_seed(seed)
+    example, *checks = (torch.rand(shape, generator=generator).to(device) for _ in range(3))
+    with torch.no_grad():
+        traced = torch.jit.trace(network, example, check_trace=False)
+        with atomic_write(path) as tmp:
+            torch.jit.save(traced, str(tmp))
+            loaded = torch.jit.load(str(tmp), map_location=device)
+            for x in checks:
+                diff = (loaded(x) - network(x)).abs().max().item()
+                if not diff <= atol:
+                    raise RuntimeError(
+                        f"the TorchScript trace of {type(network).__name__} differs from the network by {diff:.3g} "
+                        f"(> {atol:g}) on a {list(shape)} input, so {path} was not written: the network's forward "
+                        "depends on its input's values through Python code that tracing cannot record."
+                    )
+    return Path(path)

@@ -1,0 +1,117 @@
+"""MONAI Label serves a quantized bundle: ``monailabel start_server`` on 127.0.0.1, ``POST /infer`` over HTTP.
+
+MONAI Label needs packages that clash with this project's pins (numpy<2, pydicom<3, a torchvision
+built for its torch), so it lives in a venv of its own: ``scripts/setup_monailabel.sh`` makes
+``.venv-monailabel`` and ``.ci/run`` runs it; ``MONAILABEL_PYTHON`` may name another interpreter.
+The test is skipped when neither exists.
+"""
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from .test_bundles import ROOT, bundle, copy_bundle
+
+PYTHON = Path(os.environ.get("MONAILABEL_PYTHON", ROOT / ".venv-monailabel" / "bin" / "python"))
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not PYTHON.is_file(), reason="no MONAI Label venv: bash scripts/setup_monailabel.sh makes one"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(url: str, server: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"monailabel exited with {server.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(1)
+    raise AssertionError(f"monailabel did not answer {url} in {timeout} s:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A copy of lits_effq, quantized and run through its inference workflow, and MONAI Label serving its export."""
+    work = tmp_path_factory.mktemp("monailabel")
+    copy = copy_bundle("lits_effq", work / "lits_effq")
+    bundle("lits_effq", "quantize", "--method", "rtn", cwd=copy)
+    bundle("lits_effq", "inference", cwd=copy)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BUNDLE_DOWNLOAD_SRC": "github"}
+    apps = work / "apps"
+    subprocess.run([str(PYTHON), "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle", "--output", str(apps)],
+                   check=True, capture_output=True, env=env, timeout=120)  # fmt: skip
+    app = apps / "monaibundle"
+    shutil.copytree(copy / "export" / "lits_effq_w4a8", app / "model" / "lits_effq_w4a8")
+    studies = work / "studies"
+    studies.mkdir()
+    images = sorted((copy / "eval" / "seg").glob("*_seg.nii.gz"))
+    for mask in images:
+        name = mask.name.replace("_seg.nii.gz", "")
+        source = next((copy / "data" / "demo").glob(f"{name}.nii*"))
+        shutil.copy(source, studies / source.name)
+
+    port = _free_port()
+    log = work / "server.log"
+    cmd = [
+        str(PYTHON), "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
+        "--conf", "models", "lits_effq_w4a8", "--conf", "sam2", "false", "--conf", "skip_trainers", "true",
+        "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    with open(log, "w") as out:
+        server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work)
+    try:
+        _wait_for(f"http://127.0.0.1:{port}/info/", server, log)
+        yield f"http://127.0.0.1:{port}", copy, images
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def test_monailabel_serves_the_quantized_network_with_the_masks_of_the_bundle_inference_workflow(served, tmp_path):
+    url, copy, masks = served
+    assert masks
+    for mask in masks:
+        image_id = mask.name.replace("_seg.nii.gz", "")
+        request = urllib.request.Request(f"{url}/infer/lits_effq_w4a8?image={image_id}&output=image", method="POST")
+        with urllib.request.urlopen(request, timeout=300) as response:
+            assert response.status == 200
+            result = tmp_path / f"{image_id}_served.nii"
+            result.write_bytes(response.read())
+        served_mask = np.asarray(nib.load(str(result)).dataobj)
+        bundle_mask = np.asarray(nib.load(str(mask)).dataobj)
+        assert served_mask.shape == bundle_mask.shape
+        assert np.array_equal(served_mask, bundle_mask), f"{image_id}: {(served_mask != bundle_mask).sum()} voxels differ"
+        assert set(np.unique(served_mask)) <= {0, 1, 2} and (served_mask > 0).any()
+
+
+def test_monailabel_lists_the_quantized_model_with_the_bundle_labels(served):
+    import json
+
+    url, _, _ = served
+    with urllib.request.urlopen(f"{url}/info/", timeout=30) as response:
+        info = json.loads(response.read())
+    model = info["models"]["lits_effq_w4a8"]
+    assert model["labels"] == {"liver": 1, "tumor": 2}
+    assert "W4A8" in model["description"]

@@ -1,0 +1,36 @@
+import pytest
+import torch
+
+from monai_effq.deploy import export_torchscript
+
+
+def test_the_saved_trace_gives_the_quantized_networks_outputs(quantized, tmp_path):
+    path = export_torchscript(quantized.network, tmp_path / "model.ts", (1, 2, 24, 24, 24))
+    served = torch.jit.load(str(path))
+    x = torch.rand(1, 2, 24, 24, 24, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.allclose(served(x), quantized.network(x), atol=1e-5)
+
+
+class _CountsCalls(torch.nn.Module):
+    """A forward that depends on Python state, which a trace freezes at its first call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 1, 1)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.conv(x) * self.calls
+
+
+def test_a_trace_that_differs_from_the_network_is_refused_and_nothing_is_written(tmp_path):
+    with pytest.raises(RuntimeError, match="differs from the network"):
+        export_torchscript(_CountsCalls(), tmp_path / "model.ts", (1, 1, 8, 8, 8))
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_input_shape_without_batch_and_channels_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="input_shape"):
+        export_torchscript(_CountsCalls(), tmp_path / "model.ts", (8, 8, 8))
