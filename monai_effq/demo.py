@@ -20,7 +20,7 @@ from pathlib import Path
 
 from monai_effq.utils.io import atomic_write_text
 
-__all__ = ["run_demo", "record_eval_metrics", "main"]
+__all__ = ["run_demo", "publish", "publish_per_bundle", "record_eval_metrics", "main"]
 
 ROOT = Path(__file__).resolve().parents[1]
 MARK_START, MARK_END = "<!-- results:start -->", "<!-- results:end -->"
@@ -109,6 +109,12 @@ def publish(markdown: str) -> None:
     _replace_between_markers(ROOT / "README.md", markdown)
 
 
+def publish_per_bundle(rows: list[dict]) -> None:
+    """Write each bundle's own table into its ``docs/README.md`` (the model-zoo Performance section)."""
+    for bundle in dict.fromkeys(r["bundle"] for r in rows):
+        _replace_between_markers(ROOT / "bundles" / bundle / "docs" / "README.md", results_markdown([r for r in rows if r["bundle"] == bundle]))
+
+
 def record_eval_metrics(rows: list[dict]) -> None:
     """Write each bundle's measured mean Dice into its ``configs/metadata.json`` ``eval_metrics``.
 
@@ -138,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"total wall time {time.perf_counter() - t0:.0f} s")
     if not args.no_publish:
         publish(markdown)
+        publish_per_bundle(rows)
         record_eval_metrics(rows)
 
 

@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from .test_bundles import ROOT, bundle, copy_bundle
+from .conftest import ROOT
 
 PYTHON = Path(os.environ.get("MONAILABEL_PYTHON", ROOT / ".venv-monailabel" / "bin" / "python"))
 pytestmark = [
@@ -48,12 +48,10 @@ def _wait_for(url: str, server: subprocess.Popen, log: Path, timeout: float = 30
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A copy of lits_effq, quantized and run through its inference workflow, and MONAI Label serving its export."""
+def served(tmp_path_factory, quantized_copy):
+    """MONAI Label serving the export of a quantized copy of lits_effq, whose inference workflow already ran."""
     work = tmp_path_factory.mktemp("monailabel")
-    copy = copy_bundle("lits_effq", work / "lits_effq")
-    bundle("lits_effq", "quantize", "--method", "rtn", cwd=copy)
-    bundle("lits_effq", "inference", cwd=copy)
+    copy, images, _ = quantized_copy("lits_effq")
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "BUNDLE_DOWNLOAD_SRC": "github"}
     apps = work / "apps"
@@ -63,7 +61,6 @@ def served(tmp_path_factory):
     shutil.copytree(copy / "export" / "lits_effq_w4a8", app / "model" / "lits_effq_w4a8")
     studies = work / "studies"
     studies.mkdir()
-    images = sorted((copy / "eval" / "seg").glob("*_seg.nii.gz"))
     for mask in images:
         name = mask.name.replace("_seg.nii.gz", "")
         source = next((copy / "data" / "demo").glob(f"{name}.nii*"))

@@ -1,0 +1,109 @@
+"""Helpers and shared fixtures of the bundle tests: run ``python -m monai.bundle`` as a user would."""
+
+import ast
+import contextlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BUNDLES = {"brats_effq": ("brats", ["TC", "WT", "ET"]), "lits_effq": ("lits", ["liver", "tumour"])}
+ROI = "[32,32,32]"
+# Each workflow's config files, model-zoo style: train.json is the base the others overlay.
+WORKFLOWS = {
+    "train": ["train"],
+    "quantize": ["train", "quantize"],
+    "evaluate": ["train", "evaluate"],
+    "finetune": ["train", "quantize", "finetune"],
+    "inference": ["inference"],
+}
+
+
+def config_files(name: str, workflow: str, overlay: str | None = None, root: Path | None = None) -> list[str]:
+    configs = (root or ROOT / "bundles" / name) / "configs"
+    return [str(configs / f"{part}.json") for part in WORKFLOWS[workflow] + ([overlay] if overlay else [])]
+
+
+def _value(text: str):
+    """A command-line value as ``fire`` reads it: a Python literal where it parses, else the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def bundle(
+    name: str,
+    workflow: str,
+    *overrides: str,
+    check: bool = True,
+    overlay: str | None = None,
+    env: dict | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess:
+    """Run one workflow of a bundle, from the repository root unless ``cwd`` is a bundle folder.
+
+    Tests of what a user sees (an error, a folder of their own, their environment) run the real
+    command, ``python -m monai.bundle run``, in a subprocess. The others call ``monai.bundle.run``,
+    the function behind that command, in this process with the same overrides: each subprocess
+    pays about 5 s of imports, which would be most of the bundle tests' time.
+    """
+    if cwd is None:
+        files = config_files(name, workflow, overlay)
+        overrides = ("--bundle_root", str(ROOT / "bundles" / name), *overrides)
+    else:
+        files = [f"configs/{part}.json" for part in WORKFLOWS[workflow] + ([overlay] if overlay else [])]
+    if check and env is None and cwd is None:
+        return _run_here(files, overrides)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(files), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    res = subprocess.run(cmd, cwd=cwd or ROOT, capture_output=True, text=True, env=env, timeout=600)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res
+
+
+def _run_here(files: list[str], overrides: tuple[str, ...]) -> subprocess.CompletedProcess:
+    from monai.bundle import run
+
+    settings = {key.lstrip("-"): _value(value) for key, value in zip(overrides[::2], overrides[1::2])}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run(config_file=files, logging_file=str(Path(files[0]).parent / "logging.conf"), **settings)
+    return subprocess.CompletedProcess(["monai.bundle.run", *files, *overrides], 0, out.getvalue(), "")
+
+
+def copy_bundle(name: str, dest: Path) -> Path:
+    """The bundle as a user gets it (configs, FP weights, docs, licence), in a folder outside the repository."""
+    src = ROOT / "bundles" / name
+    for part in ("configs", "docs"):
+        shutil.copytree(src / part, dest / part)
+    (dest / "models").mkdir()
+    shutil.copy(src / "models" / "model.pt", dest / "models" / "model.pt")
+    shutil.copy(src / "LICENSE", dest / "LICENSE")
+    return dest
+
+
+
+@pytest.fixture(scope="session")
+def quantized_copy(tmp_path_factory):
+    """``get(name)``: a copy of the bundle outside the repository, quantized (RTN, defaults) and run through
+    ``configs/inference.json`` from inside its folder; returns the folder, the masks and the inference log."""
+    done = {}
+
+    def get(name: str) -> tuple[Path, list[Path], str]:
+        if name not in done:
+            copy = copy_bundle(name, tmp_path_factory.mktemp("copy") / name)
+            bundle(name, "quantize", "--method", "rtn", cwd=copy)
+            res = bundle(name, "inference", cwd=copy)
+            done[name] = (copy, sorted((copy / "eval" / "seg").glob("*_seg.nii.gz")), res.stdout + res.stderr)
+        return done[name]
+
+    return get
