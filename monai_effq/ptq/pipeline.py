@@ -232,7 +232,7 @@ class _Run:
             reports.append(report)
             if bar is not None:
                 bar.update(1)
-            logger.info(
+            logger.debug(
                 "%s W%d A%s: mse %.3e (rtn %.3e) in %.2f s",
                 report.name, report.weight_bits, report.act_bits, report.mse, report.mse_rtn, report.seconds,
             )
