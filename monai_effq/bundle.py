@@ -70,6 +70,16 @@ def demo_dataset(path: str | os.PathLike, dataset: str) -> str:
     return str(folder)
 
 
+def _demo_if_asked(dataset_dir: str | os.PathLike, dataset: str, demo_dir: str | os.PathLike | None) -> None:
+    """Generate the demo when ``dataset_dir`` is the bundle's demo folder (only where data is read).
+
+    A workflow whose data a caller supplies (MONAI Label training sets ``train#dataset#data``) then
+    never writes the demo into the bundle folder.
+    """
+    if demo_dir is not None and Path(dataset_dir).resolve() == Path(demo_dir).resolve():
+        demo_dataset(demo_dir, dataset)
+
+
 def datalist(
     dataset_dir: str | os.PathLike,
     dataset: str,
@@ -77,6 +87,7 @@ def datalist(
     layout: str = "auto",
     val_fraction: float = 0.2,
     limit: int | None = None,
+    demo_dir: str | os.PathLike | None = None,
 ) -> list[dict[str, Any]]:
     """One part of a dataset's deterministic train/validation split, with every file checked.
 
@@ -87,10 +98,13 @@ def datalist(
         layout: ``"auto"``, ``"msd"``, ``"brats"``, ``"lits"`` or ``"native"``.
         val_fraction: fraction of cases held out for validation.
         limit: keep at most this many cases.
+        demo_dir: the bundle's demo folder: when ``dataset_dir`` is this folder, the demo is generated
+            there on first use (any other missing folder is an error).
 
     Returns:
         the list of case dicts.
     """
+    _demo_if_asked(dataset_dir, dataset, demo_dir)
     cases = load_datalist(dataset_dir, layout=layout, dataset=dataset)
     validate_datalist(cases)
     if part != "all":
@@ -107,6 +121,7 @@ def preprocessing(
     roi_size: Sequence[int] | None = None,
     crop: Sequence[int] | None = None,
     with_label: bool = True,
+    demo_dir: str | os.PathLike | None = None,
 ) -> Compose:
     """The dataset's standard MONAI preprocessing, optionally followed by a centre crop.
 
@@ -119,6 +134,8 @@ def preprocessing(
         crop: centre crop (padded first where smaller), e.g. the calibration crop.
         with_label: ``False`` for inference on new images: :func:`image_preprocessing`, which
             needs no dataset folder.
+        demo_dir: as for :func:`datalist`; only BraTS with ``layout="auto"`` reads the folder (for the
+            label convention), so LiTS preprocessing never generates the demo.
 
     Returns:
         the transform.
@@ -126,7 +143,8 @@ def preprocessing(
     if not with_label:
         steps = image_preprocessing(dataset)
     else:
-        if layout == "auto":
+        if dataset == "brats" and layout == "auto":
+            _demo_if_asked(dataset_dir, dataset, demo_dir)
             layout = detect_layout(dataset_dir)
         if dataset == "brats":
             steps = brats_transforms("msd" if layout == "msd" else "native", train=train, roi_size=roi_size)

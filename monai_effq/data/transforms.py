@@ -248,8 +248,9 @@ def _keys(with_label: bool) -> dict[str, Any]:
 
 def _loading(check: Transform | None, with_label: bool) -> list[Transform]:
     both = _keys(with_label)
-    # Nibabel explicitly: with ITK also installed, MONAI's reader choice would depend on registration
-    # order, and ITK treats the Decathlon's 4D image differently.
+    # Nibabel explicitly for NIfTI: with ITK also installed, MONAI's reader choice would depend on
+    # registration order, and ITK treats the Decathlon's 4D image differently. Other formats (NRRD,
+    # MetaImage from 3D Slicer or MONAI Label clients) fall through to MONAI's ITKReader.
     steps: list[Transform] = [LoadImaged(**both, reader="NibabelReader", image_only=True), EnsureChannelFirstd(**both)]
     if check is not None and with_label:
         steps.append(check)

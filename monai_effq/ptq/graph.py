@@ -15,6 +15,7 @@ import torch.nn as nn
 from monai_effq.solver.layers import SUPPORTED_LAYERS
 
 __all__ = [
+    "BATCHNORMS",
     "StopForward",
     "execution_order",
     "find_foldable_batchnorms",
@@ -23,7 +24,8 @@ __all__ = [
     "hooks",
 ]
 
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+"""The normalisations that fold into the convolution before them (PTQ) or freeze (QAT)."""
 
 
 class StopForward(Exception):
@@ -113,7 +115,7 @@ def find_foldable_batchnorms(network: nn.Module, batch: torch.Tensor) -> list[tu
         for name, module in network.named_modules():
             if isinstance(module, nn.modules.conv._ConvNd):
                 handles.append(module.register_forward_hook(lambda m, a, o, n=name: events.append((n, "out", id(o)))))
-            elif isinstance(module, _BATCHNORMS):
+            elif isinstance(module, BATCHNORMS):
                 handles.append(
                     module.register_forward_pre_hook(lambda m, a, n=name: events.append((n, "in", id(a[0]))))
                 )

@@ -29,7 +29,7 @@ from monai.utils import optional_import
 
 from monai_effq.ptq.config import EfficientQConfig, LayerPlan
 from monai_effq.ptq.footprint import weight_footprint
-from monai_effq.ptq.graph import execution_order, fold_batchnorm, hooks, set_submodule
+from monai_effq.ptq.graph import BATCHNORMS, execution_order, fold_batchnorm, hooks, set_submodule
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer
 from monai_effq.ptq.pipeline import QuantizationResult, quantized_size_bytes, state_bytes
 from monai_effq.ptq.report import LayerReport, QuantizationReport, peak_memory_mib
@@ -48,8 +48,6 @@ logger = logging.getLogger("monai_effq")
 # Tuned on the demo BraTS bundle (benchmarks/qat.py): EfficientQ -> QAT at W4A6 within 5 minutes on 2 cores.
 DEFAULT_STEPS = 300
 DEFAULT_LR = 1e-4
-
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def split_batch(batch: Any, index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,7 +232,7 @@ def _first_image(sample: Any) -> torch.Tensor:
 
 def _freeze_batchnorms(network: nn.Module) -> None:
     for name, module in list(network.named_modules()):
-        if isinstance(module, _BATCHNORMS) and module.track_running_stats:
+        if isinstance(module, BATCHNORMS) and module.track_running_stats:
             set_submodule(network, name, FrozenBatchNorm(module))
 
 

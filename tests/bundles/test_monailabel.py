@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, copy_bundle
 
 PYTHON = Path(os.environ.get("MONAILABEL_PYTHON", ROOT / ".venv-monailabel" / "bin" / "python"))
 pytestmark = [
@@ -49,7 +49,8 @@ def _wait_for(url: str, server: subprocess.Popen, log: Path, timeout: float = 30
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, quantized_copy):
-    """MONAI Label serving the export of a quantized copy of lits_effq, whose inference workflow already ran."""
+    """MONAI Label serving the export of a quantized copy of lits_effq (whose inference workflow already ran)
+    and the FP bundle, which it can also train."""
     work = tmp_path_factory.mktemp("monailabel")
     copy, images, _ = quantized_copy("lits_effq")
 
@@ -59,25 +60,28 @@ def served(tmp_path_factory, quantized_copy):
                    check=True, capture_output=True, env=env, timeout=120)  # fmt: skip
     app = apps / "monaibundle"
     shutil.copytree(copy / "export" / "lits_effq_w4a8", app / "model" / "lits_effq_w4a8")
+    copy_bundle("lits_effq", app / "model" / "lits_effq")  # the FP bundle, for MONAI Label training
     studies = work / "studies"
-    studies.mkdir()
-    for mask in images:
+    (studies / "labels" / "final").mkdir(parents=True)
+    for mask in images:  # the cases the inference workflow segmented, with their labels for training
         name = mask.name.replace("_seg.nii.gz", "")
         source = next((copy / "data" / "demo").glob(f"{name}.nii*"))
         shutil.copy(source, studies / source.name)
+        label = next((copy / "data" / "demo").glob(f"{name.replace('volume', 'segmentation')}.nii*"))
+        shutil.copy(label, studies / "labels" / "final" / source.name)
 
     port = _free_port()
     log = work / "server.log"
     cmd = [
         str(PYTHON), "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
-        "--conf", "models", "lits_effq_w4a8", "--conf", "sam2", "false", "--conf", "skip_trainers", "true",
+        "--conf", "models", "lits_effq_w4a8,lits_effq", "--conf", "sam2", "false",
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     with open(log, "w") as out:
         server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work)
     try:
         _wait_for(f"http://127.0.0.1:{port}/info/", server, log)
-        yield f"http://127.0.0.1:{port}", copy, images
+        yield f"http://127.0.0.1:{port}", copy, images, app
     finally:
         server.terminate()
         try:
@@ -87,7 +91,7 @@ def served(tmp_path_factory, quantized_copy):
 
 
 def test_monailabel_serves_the_quantized_network_with_the_masks_of_the_bundle_inference_workflow(served, tmp_path):
-    url, copy, masks = served
+    url, copy, masks, _ = served
     assert masks
     for mask in masks:
         image_id = mask.name.replace("_seg.nii.gz", "")
@@ -106,9 +110,27 @@ def test_monailabel_serves_the_quantized_network_with_the_masks_of_the_bundle_in
 def test_monailabel_lists_the_quantized_model_with_the_bundle_labels(served):
     import json
 
-    url, _, _ = served
+    url, _, _, _ = served
     with urllib.request.urlopen(f"{url}/info/", timeout=30) as response:
         info = json.loads(response.read())
     model = info["models"]["lits_effq_w4a8"]
     assert model["labels"] == {"liver": 1, "tumor": 2}
     assert "W4A8" in model["description"]
+
+
+def test_monailabel_trains_the_fp_bundle_with_its_train_config_and_writes_no_demo_data(served):
+    import hashlib
+    import json
+
+    url, _, _, app = served
+    bundle_dir = app / "model" / "lits_effq"
+    before = hashlib.md5((bundle_dir / "models" / "model.pt").read_bytes()).hexdigest()
+    body = json.dumps({"max_epochs": 1, "device": "cpu", "val_split": 0.0, "pretrained": True}).encode()
+    request = urllib.request.Request(
+        f"{url}/train/lits_effq?run_sync=true", data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=600) as response:
+        assert response.status == 200
+    # train.json's CheckpointSaver wrote the trained weights where MONAI Label's infer task reads them
+    assert hashlib.md5((bundle_dir / "models" / "model.pt").read_bytes()).hexdigest() != before
+    assert not (bundle_dir / "data").exists()  # MONAI Label gave the data: the demo was never generated

@@ -208,3 +208,16 @@ def test_inference_preprocessing_names_only_the_image_and_gives_the_evaluation_i
 def test_training_without_the_label_is_refused():
     with pytest.raises(ValueError, match="with_label"):
         lits_transforms(train=True, roi_size=(8, 8, 8), with_label=False)
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_inference_reads_nrrd_and_metaimage_through_itk_as_it_reads_the_nifti(data, tmp_path, suffix):
+    itk = pytest.importorskip("itk")
+    from monai_effq.bundle import image_preprocessing
+
+    case = load_datalist(data["lits"])[0]
+    itk.imwrite(itk.imread(case["image"]), str(tmp_path / f"ct{suffix}"))  # what 3D Slicer / MONAI Label clients send
+    transform = image_preprocessing("lits")
+    nifti, other = (transform({"image": path})["image"] for path in (case["image"], str(tmp_path / f"ct{suffix}")))
+    assert other.shape == nifti.shape
+    assert torch.allclose(other.as_tensor(), nifti.as_tensor(), atol=1e-5)
