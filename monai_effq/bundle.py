@@ -207,13 +207,13 @@ def log_written(*paths: str | os.PathLike | None) -> list[Path]:
     """Log each file or folder a workflow wrote, with its size (the last step of a bundle workflow).
 
     Args:
-        paths: the outputs; a folder is listed with the files inside it; None is skipped.
+        paths: the outputs; a folder is listed with the files inside it; None or "" is skipped.
 
     Returns:
         the outputs that exist.
     """
     found = []
-    for path in (Path(p) for p in paths if p is not None):
+    for path in (Path(p) for p in paths if p):
         if path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file())
             logger.info(f"wrote {path}/ ({len(files)} files, {sum(p.stat().st_size for p in files) / 2**20:.2f} MiB)")
@@ -253,15 +253,16 @@ def export_monailabel_bundle(
         quantized_path: the packed checkpoint the quantize workflow wrote.
         network_def: the bundle's (FP) network, which the checkpoint is loaded into.
         bundle_root: the source bundle folder.
-        export_dir: the destination folder of the exported bundle (replaced if it exists), or None
+        export_dir: the destination folder of the exported bundle (replaced if it exists), or an
+            empty string (``--export_dir ""``; MONAI's command line drops a ``None`` override) or None
             to export nothing.
         input_shape: the window the network sees, ``(1, in_channels, *roi_size)``.
         tag: the quantization setting, e.g. ``"W4A8"``, written into the metadata.
 
     Returns:
-        ``export_dir``, or None when it is None.
+        ``export_dir``, or None when nothing was exported.
     """
-    if export_dir is None:
+    if not export_dir:
         return None
     from monai_effq.deploy.torchscript import export_torchscript
     from monai_effq.ptq.checkpoint import load_quantized

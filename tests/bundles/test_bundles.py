@@ -23,7 +23,7 @@ def trained(request, tmp_path_factory):
     data = make(work / "data", n_cases=3, shape=(32, 32, 32), seed=3)
     common = [
         "--dataset_dir", str(data), "--ckpt_dir", str(work / "models"), "--output_dir", str(work / "eval"),
-        "--export_dir", "None",  # the export has tests of its own
+        "--export_dir", "",  # the export has tests of its own
     ]  # fmt: skip
     bundle(name, "train", *common, "--max_epochs", "1", "--roi_size", ROI)
     assert (work / "models" / "model.pt").is_file()
@@ -47,6 +47,7 @@ def test_quantize_and_evaluate_run_from_the_bundle_configs(trained):
     name, work, common, classes = trained
     bundle(name, "quantize", *common, "--weight_bits", "3", "--calibration_crop", ROI)
     assert (work / "models" / "model_w3a8.pt").is_file()
+    assert not (ROOT / "bundles" / name / "export" / f"{name}_w3a8").exists()  # --export_dir "" exports nothing
     report = json.loads((work / "eval" / "quantization_report_w3a8.json").read_text())
     assert {layer["weight_bits"] for layer in report["layers"][1:-1]} == {3}
     assert (work / "eval" / "quantization_report_w3a8_layers.png").stat().st_size > 1000
@@ -101,7 +102,7 @@ def test_bundle_metadata_and_network_shapes_verify(name):
 @pytest.mark.slow
 def test_a_decathlon_dataset_can_be_passed_on_the_command_line(tmp_path):
     task = make_msd_demo(tmp_path / "Task01_BrainTumour", task="Task01_BrainTumour", n_cases=3, shape=(32, 32, 32), seed=4)
-    common = ["--dataset_dir", str(task), "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"), "--export_dir", "None"]
+    common = ["--dataset_dir", str(task), "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"), "--export_dir", ""]
     bundle("brats_effq", "train", *common, "--max_epochs", "1", "--roi_size", ROI)
     bundle("brats_effq", "quantize", *common, "--weight_bits", "2", "--method", "rtn", "--calibration_crop", ROI)
     assert (tmp_path / "models" / "model_w2a8.pt").is_file()
@@ -133,7 +134,7 @@ def test_the_openvino_evaluate_overlay_matches_the_fake_quant_dice_on_the_demo_d
         "--fp_checkpoint", str(ROOT / "bundles" / name / "models" / "model.pt"),
         "--quantized_path", str(tmp_path / "model_w4a8.pt"),
         "--output_dir", str(tmp_path / "eval"),
-        "--export_dir", "None",
+        "--export_dir", "",
     ]  # fmt: skip
     bundle(name, "quantize", *args, "--method", "rtn")
     bundle(name, "evaluate", *args, overlay="evaluate_openvino")
