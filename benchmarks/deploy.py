@@ -52,9 +52,9 @@ NETWORKS = {
 
 
 def parser_for(bundle: str, configs: list[str], **overrides) -> ConfigParser:
-    """A bundle's config (configs merged in order) with overrides, as ``python -m monai.bundle`` reads it."""
+    """A bundle's config (train.json, then the overlays in order) with overrides, as ``python -m monai.bundle`` reads it."""
     parser = ConfigParser()
-    parser.read_config([str(ROOT / "bundles" / bundle / "configs" / f"{c}.json") for c in configs])
+    parser.read_config([str(ROOT / "bundles" / bundle / "configs" / f"{c}.json") for c in ["train", *configs]])
     parser["bundle_root"] = str(ROOT / "bundles" / bundle)
     for key, value in overrides.items():
         parser[key] = value
@@ -90,19 +90,20 @@ def quantize_bundle(bundle: str, weight_bits: int, work: Path, overrides: dict |
         ["quantize"],
         weight_bits=weight_bits,
         quantized_path=str(path),
+        export_dir="",
         output_dir=str(work / "eval"),
         fp_checkpoint=str(fp_ckpt or ROOT / "bundles" / bundle / "models" / "model.pt"),
     )
     for key, value in (overrides or {}).items():
         parser[f"network_def#{key}"] = value
-    parser.get_parsed_content("quantize")
+    parser.get_parsed_content("calibrate#calibrator").run()
     return path
 
 
 def volume(bundle: str, size: int) -> torch.Tensor:
     """The first demo validation case, preprocessed by the bundle and padded/cropped to ``size``^3."""
     parser = parser_for(bundle, ["evaluate"])
-    case = parser.get_parsed_content("val_dataset")[0]
+    case = parser.get_parsed_content("validate#dataset")[0]
     image = ResizeWithPadOrCrop((size,) * 3)(case["image"])
     return image.as_tensor()[None].float()
 
@@ -214,9 +215,9 @@ def dice(args: argparse.Namespace, work: Path) -> list[dict]:
             if runtime != "torch":
                 overrides["runtime"] = runtime
             parser = parser_for(bundle, configs, **overrides)
-            runs = {"torch fp32": "fp_evaluator"} if runtime == "torch" else {}
+            runs = {"torch fp32": "validate#evaluator"} if runtime == "torch" else {}
             runs[f"{runtime} W4A8" if runtime != "torch" else "torch fake-quant W4A8"] = (
-                "quantized_evaluator" if runtime == "torch" else "deployed_evaluator"
+                "quantized#evaluator" if runtime == "torch" else "deployed#evaluator"
             )
             for label, key in runs.items():
                 evaluator = parser.get_parsed_content(key)

@@ -29,6 +29,7 @@ from monai_effq.data import (
     split_datalist,
     validate_datalist,
 )
+from monai_effq.utils.io import current_umask
 
 __all__ = [
     "DEMO",
@@ -226,8 +227,8 @@ def log_written(*paths: str | os.PathLike | None) -> list[Path]:
     return found
 
 
-# What a served bundle needs beside its inference config and model (model-zoo layout).
-_SERVED_FILES = ("configs/metadata.json", "configs/logging.conf", "docs/README.md", "LICENSE", "docs/data_license.txt")
+# What a served bundle needs beside its inference config, model and README (model-zoo layout).
+_SERVED_FILES = ("configs/metadata.json", "configs/logging.conf", "LICENSE", "docs/data_license.txt")
 # Inference-config keys that only serve to build the network from the packed checkpoint.
 _PACKED_KEYS = ("weight_bits", "act_bits", "model_tag", "quantized_path")
 
@@ -277,6 +278,7 @@ def export_monailabel_bundle(
         for key in _PACKED_KEYS:
             config.pop(key, None)
         config["network"] = "$torch.jit.load(@bundle_root + '/models/model.ts', map_location=torch.device(@device))"
+        config["sw_roi_size"] = list(input_shape[2:])  # the window the trace was checked on
         (staging / "configs").mkdir(parents=True, exist_ok=True)
         (staging / "configs" / "inference.json").write_text(json.dumps(config, indent=4) + "\n")
         for name in _SERVED_FILES:
@@ -291,7 +293,9 @@ def export_monailabel_bundle(
             "trace of the fake-quant network, checked equal to it when exported."
         ).strip()
         meta_path.write_text(json.dumps(meta, indent=4) + "\n")
-        staging.chmod(0o777 & ~_umask())
+        (staging / "docs").mkdir(exist_ok=True)
+        (staging / "docs" / "README.md").write_text(_served_readme(meta["name"], source.resolve().name, tag))
+        staging.chmod(0o777 & ~current_umask())
         old = dest.with_name(f".{dest.name}.old")
         if dest.exists():
             shutil.rmtree(old, ignore_errors=True)
@@ -304,14 +308,29 @@ def export_monailabel_bundle(
     return dest
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _served_readme(name: str, source: str, tag: str) -> str:
+    return f"""# {name}
+
+The {tag} network of the `{source}` bundle, exported by its quantize workflow (monai-effq): `models/model.ts`
+is the TorchScript trace of the fake-quant network, checked equal to it on the `sw_roi_size` window of
+`configs/inference.json`. There is no `models/model.pt`, so MONAI Label runs the trace as it is; the
+config's preprocessing needs `monai-effq` installed.
+
+```bash
+python -m monai.bundle run --config_file configs/inference.json --datalist "[{{'image': '/path/to/image.nii.gz'}}]"
+```
+
+To serve it with MONAI Label, copy this folder into a `monaibundle` app's `model/` folder and start the
+server with `--conf models <this folder's name>`. Not for clinical use. Licence: `LICENSE`; data: `docs/data_license.txt`.
+"""
 
 
 def set_determinism(seed: int = 0) -> None:
-    """Seed MONAI, torch and numpy (bundles call this first)."""
+    """Seed MONAI, torch and numpy (bundles call this first).
+
+    Args:
+        seed: the seed.
+    """
     from monai.utils import set_determinism as _set
 
     _set(seed=seed)

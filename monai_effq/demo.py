@@ -110,7 +110,11 @@ def publish(markdown: str) -> None:
 
 
 def publish_per_bundle(rows: list[dict]) -> None:
-    """Write each bundle's own table into its ``docs/README.md`` (the model-zoo Performance section)."""
+    """Write each bundle's own table into its ``docs/README.md`` (the model-zoo Performance section).
+
+    Args:
+        rows: :func:`run_demo`'s rows.
+    """
     for bundle in dict.fromkeys(r["bundle"] for r in rows):
         _replace_between_markers(ROOT / "bundles" / bundle / "docs" / "README.md", results_markdown([r for r in rows if r["bundle"] == bundle]))
 

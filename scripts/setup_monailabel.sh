@@ -3,7 +3,7 @@
 #
 # MONAI Label imports torchvision, and only a torchvision built for the same torch imports, so this
 # venv takes torch 2.14.1 + torchvision 0.29.1 together; its DICOM stack needs pydicom<3 and its
-# pinned dependencies need numpy<2 and ml_dtypes<0.6 (see docs/monailabel.md).
+# pinned dependencies need numpy<2 and ml_dtypes<0.6 (README.md, section MONAI Label).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=.venv-monailabel

@@ -8,15 +8,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh "test,deploy"
-if [ "${MONAI_EFFQ_SKIP_MONAILABEL:-0}" = "1" ] || [ "$#" -gt 0 ]; then
-  exec .venv/bin/python -m pytest -q tests "$@"
+if [ "$#" -gt 0 ]; then
+  exec .venv/bin/python -m pytest -q "$@"
+fi
+if [ "${MONAI_EFFQ_SKIP_MONAILABEL:-0}" = "1" ]; then
+  exec .venv/bin/python -m pytest -q tests
 fi
 bash scripts/setup_monailabel.sh > .venv-monailabel.log 2>&1 &
 monailabel_setup=$!
+# a failing suite must not leave the set-up running behind it
+trap 'kill "$monailabel_setup" 2>/dev/null || true' EXIT
 .venv/bin/python -m pytest -q tests --ignore=tests/bundles/test_monailabel.py
 if ! wait "$monailabel_setup"; then
   tail -n 40 .venv-monailabel.log
   echo "scripts/setup_monailabel.sh failed (log above, full log in .venv-monailabel.log)" >&2
   exit 1
 fi
+trap - EXIT
 .venv/bin/python -m pytest -q tests/bundles/test_monailabel.py

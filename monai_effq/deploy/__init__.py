@@ -16,8 +16,8 @@ from monai_effq.deploy.runtime import (
     runtime_network,
     widest_int8_weight,
 )
-from monai_effq.deploy.torchscript import export_torchscript
 from monai_effq.deploy.tensorrt import TensorRTNetwork, tensorrt_network, tensorrt_violations
+from monai_effq.deploy.torchscript import export_torchscript
 
 __all__ = [
     "ChannelStatsGroupNorm",

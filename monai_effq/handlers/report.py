@@ -134,7 +134,8 @@ def dice_axis_limits(values: list[float]) -> tuple[float, float]:
         values: the Dice values to show.
 
     Returns:
-        ``(bottom, top)``, with the smallest value at least a fifth of the range above the bottom.
+        ``(bottom, top)``: bottom 1.5 spans below the smallest value (at least 0.01) but not below 0,
+        top one span above the largest but not above 1.05.
     """
     finite = [v for v in values if math.isfinite(v)] or [0.0, 1.0]
     low, high = min(finite), max(finite)

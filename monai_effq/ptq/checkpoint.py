@@ -8,8 +8,9 @@ tensors keep the archive's per-entry overhead negligible, so the file is as smal
 promise.
 
 ``model`` is where MONAI's ``CheckpointLoader`` and MONAI Label look for a state dict; a string there
-makes ``load_state_dict`` raise, where a missing entry would let ``strict=False`` load nothing and
-leave a network with random weights, silently.
+makes ``load_state_dict`` raise (torch's "Expected state_dict to be dict-like"; the string itself says
+how to load the file to whoever opens it), where a missing entry would let ``strict=False`` load
+nothing and leave a network with random weights, silently.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from monai_effq.quant.grid import UniformGrid
 from monai_effq.quant.packing import pack_codes, unpack_codes
 from monai_effq.utils.io import atomic_write
 
-__all__ = ["save_quantized", "load_quantized", "load_quantized_result", "FORMAT"]
+__all__ = ["save_quantized", "load_quantized", "load_quantized_result", "FORMAT", "NOT_A_STATE_DICT"]
 
 FORMAT = "monai-effq-quantized/1"
 NOT_A_STATE_DICT = (

@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_text"]
+__all__ = ["atomic_write", "atomic_write_text", "current_umask"]
 
 
 @contextlib.contextmanager
@@ -35,9 +35,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         # mkstemp creates 0600; the finished file gets the mode an ordinary open() would give it
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, dest)
     finally:
         if tmp.exists():
@@ -57,3 +55,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_write(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def current_umask() -> int:
+    """The process's file-creation mask (read by setting it and putting it back).
+
+    Returns:
+        the umask, e.g. ``0o022``.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

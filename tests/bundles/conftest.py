@@ -91,7 +91,6 @@ def copy_bundle(name: str, dest: Path) -> Path:
     return dest
 
 
-
 @pytest.fixture(scope="session")
 def quantized_copy(tmp_path_factory):
     """``get(name)``: a copy of the bundle outside the repository, quantized (RTN, defaults) and run through

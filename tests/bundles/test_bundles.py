@@ -13,6 +13,7 @@ from monai_effq.data import make_brats_demo, make_lits_demo, make_msd_demo
 
 from .conftest import BUNDLES, ROI, ROOT, WORKFLOWS, bundle, config_files, copy_bundle
 
+
 @pytest.fixture(scope="module", params=list(BUNDLES))
 def trained(request, tmp_path_factory):
     """A bundle trained for one epoch on three tiny demo cases, in a scratch folder."""
@@ -57,7 +58,6 @@ def test_quantize_and_evaluate_run_from_the_bundle_configs(trained):
     assert [r["model"] for r in rows] == ["FP32", "W3A8"]
     assert all(0.0 <= r[f"dice_{c}"] <= 1.0 for r in rows for c in classes)
     assert "dice_mean" in res.stdout and (work / "eval" / "evaluation_w3a8.csv").is_file()
-
 
 
 @pytest.mark.slow
