@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from monai_effq.data import (
     split_datalist,
     validate_datalist,
 )
-from monai_effq.utils.io import current_umask
+from monai_effq.utils.io import atomic_directory
 
 __all__ = [
     "DEMO",
@@ -248,7 +247,8 @@ def export_monailabel_bundle(
     ``network``. A fake-quant network has no plain ``network_def``, so the exported bundle holds the
     TorchScript trace of it (checked equal to it) and no ``model.pt``. Its ``configs/inference.json`` is
     the source bundle's, with ``network`` loading the trace; metadata, logging config, docs and licences
-    are copied. The folder is built beside the destination and moved into place whole.
+    are copied. The folder is built beside the destination and moved into place whole
+    (:func:`~monai_effq.utils.io.atomic_directory`).
 
     Args:
         quantized_path: the packed checkpoint the quantize workflow wrote.
@@ -268,10 +268,8 @@ def export_monailabel_bundle(
     from monai_effq.deploy.torchscript import export_torchscript
     from monai_effq.ptq.checkpoint import load_quantized
 
-    source, dest = Path(bundle_root), Path(export_dir)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    source = Path(bundle_root)
+    with atomic_directory(export_dir) as staging:
         network = load_quantized(quantized_path, network_def.to("cpu"))
         export_torchscript(network, staging / "models" / "model.ts", input_shape)
         config = json.loads((source / "configs" / "inference.json").read_text())
@@ -295,17 +293,7 @@ def export_monailabel_bundle(
         meta_path.write_text(json.dumps(meta, indent=4) + "\n")
         (staging / "docs").mkdir(exist_ok=True)
         (staging / "docs" / "README.md").write_text(_served_readme(meta["name"], source.resolve().name, tag))
-        staging.chmod(0o777 & ~current_umask())
-        old = dest.with_name(f".{dest.name}.old")
-        if dest.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            dest.rename(old)
-        staging.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return dest
+    return Path(export_dir)
 
 
 def _served_readme(name: str, source: str, tag: str) -> str:

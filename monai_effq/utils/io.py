@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write", "atomic_write_text", "current_umask"]
+__all__ = ["atomic_directory", "atomic_write", "atomic_write_text", "current_umask"]
 
 
 @contextlib.contextmanager
@@ -40,6 +41,36 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty folder beside ``path``; put it in place of ``path`` only if the block succeeds.
+
+    The folder gets the mode an ordinary ``mkdir`` would give it. An existing ``path`` is moved aside
+    first and removed after the swap, so a reader sees the old folder or the new one, never a mix;
+    on any exception the new folder is removed and ``path`` is left as it was.
+
+    Args:
+        path: the destination folder.
+
+    Yields:
+        the folder to fill.
+    """
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    try:
+        yield staging
+        staging.chmod(0o777 & ~current_umask())
+        old = dest.with_name(f".{dest.name}.old")
+        if dest.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            dest.rename(old)
+        staging.rename(dest)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

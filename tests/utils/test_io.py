@@ -22,3 +22,20 @@ def test_an_interrupted_write_leaves_the_old_file_and_no_partial_one(tmp_path):
             raise RuntimeError("interrupted")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_an_interrupted_directory_write_leaves_the_old_folder_whole_and_no_partial_one(tmp_path):
+    from monai_effq.utils.io import atomic_directory
+
+    dest = tmp_path / "bundle"
+    with atomic_directory(dest) as staging:
+        (staging / "model.ts").write_text("first")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(dest) as staging:
+            (staging / "model.ts").write_text("half")
+            raise RuntimeError("interrupted")
+    assert (dest / "model.ts").read_text() == "first"
+    with atomic_directory(dest) as staging:
+        (staging / "model.ts").write_text("second")
+    assert (dest / "model.ts").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
