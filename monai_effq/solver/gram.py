@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from monai_effq.solver.layers import LayerView
+from monai_effq.solver.shifted_sums import shifted_sums, supports_shifted_sums
 
 __all__ = ["GramAccumulator", "LayerStatistics", "symmetric_gram"]
 
@@ -141,6 +142,18 @@ class _Sums:
         self.h2 += float(h.double().pow(2).sum())
         self.voxels += h.numel()
 
+    def add_unweighted(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        xx, yx, x, y, yy = shifted_sums(inputs, targets)
+        voxels = targets.numel() // targets.shape[1]
+        self.xx += xx
+        self.yx += yx
+        self.x += x
+        self.y += y
+        self.yy += yy
+        self.h += float(voxels)
+        self.h2 += float(voxels)
+        self.voxels += voxels
+
     def minus(self, other: _Sums) -> _Sums:
         return _Sums(self.xx - other.xx, self.yx - other.yx, self.x - other.x, self.y - other.y,
                      self.yy - other.yy, self.h - other.h, self.h2 - other.h2, self.voxels - other.voxels)
@@ -221,6 +234,14 @@ class GramAccumulator:
                 self._held = _Sums.zeros(*self._dims)
         inputs = inputs.detach().float()
         targets = targets.detach().float()
+        if voxel_weights is None and holdout is None and supports_shifted_sums(self.view):
+            # Shifted products are 6x fewer multiply-adds than im2col, but keep no columns for the
+            # low-rank form, which needs them while fewer voxels than columns have been seen.
+            voxels = targets.numel() // targets.shape[1]
+            if self._columns is None or self._all.voxels + voxels > self.view.in_per_group:
+                self._columns, self._sqrt_h, self._sqrt_h_fit = None, [], []
+                self._all.add_unweighted(inputs, targets)
+                return
         for chunk in self.view.iter_chunks(inputs, targets, voxel_weights, self.max_chunk_elements):
             x, y, h = chunk.inputs, chunk.targets, chunk.weights
             h_fit = h

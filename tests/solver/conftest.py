@@ -15,6 +15,7 @@ def trained_looking_layer(c_in: int, c_out: int, size: int, seed: int, noise: fl
     w = w * (torch.rand(c_out, 1, 1, 1, 1, generator=g) + 0.5)
     w = w * (1 + 2 * (torch.rand(w.shape, generator=g) < 0.05))
     layer.weight.data = w
+    layer.bias.data = 0.1 * torch.randn(c_out, generator=g)  # not from the global generator: tests run in any order
     mix = torch.randn(c_in, c_in, 3, 3, 3, generator=g) / (c_in * 27) ** 0.5
     x = F.relu(F.conv3d(torch.randn(1, c_in, size, size, size, generator=g), mix, padding=1) + 0.1)
     with torch.no_grad():

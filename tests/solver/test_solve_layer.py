@@ -5,6 +5,8 @@ import torch.nn.functional as F
 
 from monai_effq import AdmmSettings, solve_layer
 from monai_effq.quant import dequantize
+from monai_effq.solver import GramAccumulator, layer_view
+from monai_effq.solver.admm import _ShiftedSystem
 
 
 def _weighted_mse(layer, sol, x, y, h=None):
@@ -74,11 +76,27 @@ def test_voxel_weights_pull_the_solution_toward_the_weighted_voxels(make_layer):
     assert _weighted_mse(layer, weighted, x, y, mask) < _weighted_mse(layer, plain, x, y, mask)
 
 
-def test_low_rank_and_dense_solves_agree(make_layer):
+def test_low_rank_and_dense_w_steps_agree(make_layer):
     layer, x, y = make_layer(16, 8, 4, seed=7)
-    dense = solve_layer(layer, x, y, 2, admm=AdmmSettings(lowrank=False))
+    acc = GramAccumulator(layer_view(layer))
+    acc.add_batch(x, y)
+    stats = acc.statistics()
+    rhs = torch.randn(stats.B.shape, generator=torch.Generator().manual_seed(0))
+    n = stats.A.shape[-1]
+    mean_diag = float(stats.A.diagonal(dim1=1, dim2=2).mean())
+    for shift in (0.01 * mean_diag, mean_diag):  # ADMM's shifts (ρ + η)s lie in this range
+        exact = torch.linalg.solve(stats.A64 + shift * torch.eye(n, dtype=torch.float64), rhs.double().mT).mT
+        for lowrank in (False, True):
+            system = _ShiftedSystem(stats, lowrank=lowrank)
+            system.set_shift(shift)
+            err = (system.solve_rows(rhs).double() - exact).abs().max() / exact.abs().max()
+            assert err < 1e-3, (lowrank, shift, float(err))
+
+
+def test_the_low_rank_solve_beats_round_to_nearest(make_layer):
+    layer, x, y = make_layer(16, 8, 4, seed=7)
     low = solve_layer(layer, x, y, 2, admm=AdmmSettings(lowrank=True))
-    assert low.mse == pytest.approx(dense.mse, rel=1e-3)
+    assert low.info["lowrank"] and low.mse < low.mse_rtn
 
 
 def test_several_calibration_samples_are_one_problem(make_layer):

@@ -1,0 +1,80 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from monai_effq.solver import GramAccumulator, layer_view
+from monai_effq.solver.gram import _Sums
+from monai_effq.solver.shifted_sums import shifted_sums, supports_shifted_sums
+
+
+def _im2col_sums(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> _Sums:
+    view = layer_view(layer)
+    sums = _Sums.zeros(view.groups, view.in_per_group, view.out_per_group)
+    for chunk in view.iter_chunks(x, y):
+        sums.add(chunk.inputs, chunk.targets, chunk.weights)
+    return sums
+
+
+CASES = {
+    "conv3d": (nn.Conv3d(4, 5, 3, padding=1), (2, 4, 5, 6, 7)),
+    "conv3d with single-voxel axes": (nn.Conv3d(2, 3, 3, padding=1), (1, 2, 1, 4, 1)),
+    "conv2d": (nn.Conv2d(3, 4, 3, padding=1), (1, 3, 6, 5)),
+    "conv1d": (nn.Conv1d(2, 3, 3, padding=1), (3, 2, 9)),
+    "stride-1 transposed conv3d": (nn.ConvTranspose3d(3, 4, 3, padding=1), (1, 3, 4, 5, 3)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_shifted_sums_equal_the_im2col_sums(name):
+    layer, shape = CASES[name]
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        y = layer(x)
+    assert supports_shifted_sums(layer_view(layer))
+    ref = _im2col_sums(layer, x, y)
+    for got, want in zip(shifted_sums(x, y), (ref.xx, ref.yx, ref.x, ref.y, ref.yy)):
+        assert got.dtype == torch.float64 and got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.Conv3d(2, 3, 3, padding=1, stride=2),
+        nn.Conv3d(2, 3, 3, padding=2, dilation=2),
+        nn.Conv3d(2, 4, 3, padding=1, groups=2),
+        nn.Conv3d(2, 3, 3, padding=0),
+        nn.Conv3d(2, 3, 3, padding=1, padding_mode="replicate"),
+        nn.Conv3d(2, 3, 1),
+        nn.Conv3d(2, 3, (3, 3, 1), padding=(1, 1, 0)),
+        nn.ConvTranspose3d(2, 3, 2, stride=2),
+        nn.Linear(4, 3),
+    ],
+)
+def test_other_layers_keep_the_im2col_path(layer):
+    assert not supports_shifted_sums(layer_view(layer))
+
+
+def test_the_accumulator_statistics_do_not_depend_on_the_path(make_layer):
+    layer, x, y = make_layer(3, 4, 6, seed=1)
+    fast = GramAccumulator(layer_view(layer), keep_factor=False)
+    fast.add_batch(x, y)
+    fast.add_batch(x.flip(2), y.flip(2))
+    slow = GramAccumulator(layer_view(layer), keep_factor=False)
+    slow.add_batch(x, y, voxel_weights=torch.ones(y.shape[0], *y.shape[2:]))
+    slow.add_batch(x.flip(2), y.flip(2), voxel_weights=torch.ones(y.shape[0], *y.shape[2:]))
+    a, b = fast.statistics(), slow.statistics()
+    assert a.voxels == b.voxels == 2 * 6**3
+    torch.testing.assert_close(a.A64, b.A64, rtol=1e-6, atol=1e-6 * float(b.A64.abs().max()))
+    torch.testing.assert_close(a.B64, b.B64, rtol=1e-6, atol=1e-6 * float(b.B64.abs().max()))
+    torch.testing.assert_close(a.y_energy, b.y_energy, rtol=1e-6, atol=1e-9)
+
+
+def test_the_low_rank_factor_is_kept_while_fewer_voxels_than_columns_were_seen(make_layer):
+    layer, x, y = make_layer(8, 4, 4, seed=2)  # 64 voxels < 216 columns
+    acc = GramAccumulator(layer_view(layer))
+    acc.add_batch(x, y)
+    assert acc.statistics().factor is not None
+    acc.add_batch(torch.cat([x] * 4), torch.cat([y] * 4))  # 320 voxels: the factor is dropped
+    assert acc.statistics().factor is None
