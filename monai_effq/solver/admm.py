@@ -179,6 +179,60 @@ class _OnGridObjective:
         return float((d * self.residual).sum() + 0.5 * (d * da).sum())
 
 
+@dataclass
+class _Iterate:
+    """ADMM's variables between steps: the grid assignment ``G = s (Q - z)`` and the scaled dual ``U``."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    values: torch.Tensor
+    dual: torch.Tensor
+
+
+class _Monitor:
+    """Scores the iterates, keeps the best one and decides when a phase and the solve end.
+
+    An iterate is scored when few codes moved (scoring then costs no matrix product) or when the
+    phase ends: while a quarter of the codes flip every step, ADMM is exploring.
+    """
+
+    def __init__(self, objective: _OnGridObjective, settings: AdmmSettings, trace: AdmmTrace, it: _Iterate) -> None:
+        self.objective = objective
+        self.settings = settings
+        self.trace = trace
+        self.best = (objective.error(it.scale), it.codes.clone(), it.scale.clone())
+        trace.objective.append(self.best[0])
+        self.iteration = 0
+
+    def start_phase(self) -> None:
+        self.stable, self.stalled, self.moved, self.phase_best = 0, 0, False, float("inf")
+        self.trace.phases += 1
+
+    def observe(self, it: _Iterate, changed: bool, last: bool) -> bool:
+        """Record one iterate; ``True`` when its phase should end."""
+        self.iteration += 1
+        if changed:
+            self.objective.update(it.codes)
+            self.stable, self.moved = 0, True
+        else:
+            self.stable += 1
+        err = self.objective.error(it.scale) if self.objective.fresh or last else float("nan")
+        if err < self.phase_best:
+            self.phase_best, self.stalled = err, 0
+        else:
+            self.stalled += 1
+        if err < self.best[0]:
+            self.best = (err, it.codes.clone(), it.scale.clone())
+            self.trace.best_iteration = self.iteration
+        self.trace.objective.append(err)
+        st = self.settings
+        return bool(st.patience) and (self.stable >= st.patience or self.stalled >= st.stall_patience)
+
+    def converged(self) -> bool:
+        """Whether the phase just ended left the codes as they were (a larger ρ only holds them tighter)."""
+        return bool(self.settings.patience) and not self.moved and self.trace.phases > 1
+
+
 class AdmmLayerSolver:
     """EfficientQ ADMM on one layer's statistics.
 
@@ -202,6 +256,33 @@ class AdmmLayerSolver:
         self.system = _ShiftedSystem(stats, bool(lowrank))
         self.lowrank = bool(lowrank)
 
+    def step(self, it: _Iterate, anchor: torch.Tensor, rho: float, fit: GridFit, seconds: dict[str, float]) -> bool:
+        """One ADMM iteration: W-step, projection onto the grid (scale refitted), dual update.
+
+        Args:
+            it: the iterate, updated in place.
+            anchor: ``B + η W0``, the W-step's fixed part.
+            rho: the penalty.
+            fit: the grid, zero point and scale rule.
+            seconds: time spent per part, added to.
+
+        Returns:
+            whether the codes changed.
+        """
+        t0 = time.perf_counter()
+        w = self.system.solve_rows(anchor + rho * (it.values - it.dual))
+        t1 = time.perf_counter()
+        v = w + it.dual
+        projection = GridFit(fit.grid, it.scale, fit.zero_point, fit.scale_rule).refit(v, max_iter=4)
+        codes = projection.codes(v)
+        changed = not torch.equal(codes, it.codes)
+        it.codes, it.scale = codes, projection.scale
+        it.values = projection.values(codes)
+        it.dual += w - it.values
+        seconds["w_step"] += t1 - t0
+        seconds["project"] += time.perf_counter() - t1
+        return changed
+
     def solve(self, init_codes: torch.Tensor, fit: GridFit) -> tuple[torch.Tensor, GridFit, AdmmTrace]:
         """Run ADMM from an initial grid assignment.
 
@@ -218,69 +299,34 @@ class AdmmLayerSolver:
         """
         st = self.settings
         trace = AdmmTrace(seconds={"factorise": 0.0, "w_step": 0.0, "project": 0.0, "evaluate": 0.0})
-        g, m, n = self.w0.shape
         eta = st.eta * self.scale
         anchor = self.stats.B + eta * self.w0
-        codes = init_codes.clone()
-        scale, zero = fit.scale.clone(), fit.zero_point.clone()
-        objective = _OnGridObjective(self.stats, self.w0, fit, codes)
-        best = (objective.error(scale), codes.clone(), scale.clone())
-        trace.objective.append(best[0])
-        gq = fit.values(codes)
-        dual = torch.zeros_like(self.w0)
-        it = 0
+        it = _Iterate(init_codes.clone(), fit.scale.clone(), fit.values(init_codes), torch.zeros_like(self.w0))
+        monitor = _Monitor(_OnGridObjective(self.stats, self.w0, fit, it.codes), st, trace, it)
         prev_rho = None
         for rho_units in st.rho_schedule():
-            if it >= st.iterations:
+            if monitor.iteration >= st.iterations:
                 break
             rho = rho_units * self.scale
             if prev_rho is not None:
-                dual *= prev_rho / rho  # the scaled dual is U = Λ/ρ
+                it.dual *= prev_rho / rho  # the scaled dual is U = Λ/ρ
             prev_rho = rho
             t0 = time.perf_counter()
             self.system.set_shift(rho + eta)
             trace.seconds["factorise"] += time.perf_counter() - t0
-            trace.phases += 1
-            stable, stalled, moved, phase_best = 0, 0, False, float("inf")
+            monitor.start_phase()
             for step_in_phase in range(st.rho_every):
-                if it >= st.iterations:
+                if monitor.iteration >= st.iterations:
                     break
-                it += 1
+                changed = self.step(it, anchor, rho, fit, trace.seconds)
                 t0 = time.perf_counter()
-                w = self.system.solve_rows(anchor + rho * (gq - dual))
-                t1 = time.perf_counter()
-                v = w + dual
-                step = GridFit(fit.grid, scale, zero, fit.scale_rule).refit(v, max_iter=4)
-                scale = step.scale
-                new_codes = step.codes(v)
-                changed = not torch.equal(new_codes, codes)
-                codes = new_codes
-                gq = step.values(codes)
-                dual += w - gq
-                t2 = time.perf_counter()
-                if changed:
-                    objective.update(codes)
-                    stable, moved = 0, True
-                else:
-                    stable += 1
-                # An iterate is scored when few codes moved (then scoring costs no matrix product) or
-                # when the phase ends: while a quarter of the codes flip every step, ADMM is exploring.
-                last = it == st.iterations or step_in_phase == st.rho_every - 1
-                err = objective.error(scale) if objective.fresh or last else float("nan")
-                if err < phase_best:
-                    phase_best, stalled = err, 0
-                else:
-                    stalled += 1
-                if err < best[0]:
-                    best = (err, codes.clone(), scale.clone())
-                    trace.best_iteration = it
-                trace.objective.append(err)
-                trace.seconds["w_step"] += t1 - t0
-                trace.seconds["project"] += t2 - t1
-                trace.seconds["evaluate"] += time.perf_counter() - t2
-                if st.patience and (stable >= st.patience or stalled >= st.stall_patience):
+                last = monitor.iteration + 1 == st.iterations or step_in_phase == st.rho_every - 1
+                phase_over = monitor.observe(it, changed, last)
+                trace.seconds["evaluate"] += time.perf_counter() - t0
+                if phase_over:
                     break
-            if st.patience and not moved and trace.phases > 1:
+            if monitor.converged():
                 break
-        trace.iterations = it
-        return best[1], GridFit(fit.grid, best[2], zero, fit.scale_rule), trace
+        trace.iterations = monitor.iteration
+        _, codes, scale = monitor.best
+        return codes, GridFit(fit.grid, scale, fit.zero_point, fit.scale_rule), trace
