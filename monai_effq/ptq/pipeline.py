@@ -268,7 +268,7 @@ class _Run:
 
         def grab(_m, _a, o, n):
             if n not in out:  # a copy: later in-place ops (ReLU(inplace=True), +=) would change it
-                out[n] = o.detach().to("cpu", copy=True)
+                out[n] = o.detach().clone()
             if n == last:
                 raise StopForward
 
@@ -309,7 +309,7 @@ class _Run:
         def pairs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             for batch in self.batches:  # one batch's activations at a time: memory stays bounded
                 batch = batch.to(self.device)
-                y = _capture(self.fp, self.fp.get_submodule(plan.name), batch, "output").cpu()
+                y = _capture(self.fp, self.fp.get_submodule(plan.name), batch, "output")
                 x = _capture(self.qnet, self.qnet.get_submodule(plan.name), batch, "input")
                 yield x, y
 
@@ -343,11 +343,11 @@ class _Run:
             held = None
             if self.config.validation_fraction > 0:
                 held = holdout_mask(_voxel_shape(view, y), self.config.validation_fraction)
-            acc.add_batch(x.cpu(), y.cpu(), h, held)
+            acc.add_batch(x, y, h, held)  # the statistics and the solve stay on the run's device
         stats = acc.statistics()
         solve_args = dict(
-            weight=fp_layer.weight.detach().cpu(),
-            bias=None if fp_layer.bias is None else fp_layer.bias.detach().cpu(),
+            weight=fp_layer.weight.detach(),
+            bias=None if fp_layer.bias is None else fp_layer.bias.detach(),
             weight_bits=plan.weight_bits,
             method=self.config.method,
             per_channel=self.config.per_channel,

@@ -200,11 +200,11 @@ def snap_to_power_of_two(
         err = err.sum(dim=dims) if dims else err
         err = err.reshape(cand.shape)
         if best_err is None:
-            best_err, best_scale, best_zero = err, cand, torch.as_tensor(zero).float().reshape(cand.shape).clone()
+            best_err, best_scale, best_zero = err, cand, torch.as_tensor(zero, device=cand.device).float().reshape(cand.shape).clone()
             continue
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, cand, best_scale)
-        best_zero = torch.where(better, torch.as_tensor(zero).float().reshape(cand.shape), best_zero)
+        best_zero = torch.where(better, torch.as_tensor(zero, device=cand.device).float().reshape(cand.shape), best_zero)
     return best_scale, best_zero
 

@@ -143,7 +143,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
     Returns:
         float tensor shaped like ``codes``.
     """
-    scale = torch.as_tensor(scale)
+    scale = torch.as_tensor(scale, device=codes.device)
     dtype = scale.dtype if scale.is_floating_point() else torch.float32
     s = _channel_view(scale.to(dtype=dtype, device=codes.device), codes)
     z = _channel_view(torch.as_tensor(zero_point, dtype=dtype, device=codes.device), codes)
@@ -274,7 +274,7 @@ def fit_scale_mse(
     xf = x.detach().float()
     best_err = None
     best_scale, best_zero = base_scale, base_zero
-    for r in torch.linspace(1.0, min_ratio, ratios).tolist():
+    for r in torch.linspace(1.0, min_ratio, ratios, device="cpu").tolist():  # Python floats
         scale = base_scale * r
         if grid.kind == "asymmetric":
             lo = -base_zero * base_scale * r

@@ -107,8 +107,9 @@ class _ShiftedSystem:
         if self.factor is None:
             # Only the Cholesky factor: two triangular solves per W-step cost about what one product
             # with an explicit inverse does, and forming that inverse would cost twice the factorisation.
-            eye = torch.eye(self.A.shape[-1], dtype=self.A.dtype)
-            self._apply = torch.linalg.cholesky(self.A + c * eye)
+            shifted = self.A.clone()
+            shifted.diagonal(dim1=1, dim2=2).add_(c)
+            self._apply = torch.linalg.cholesky(shifted)
             self._apply_t = self._apply.transpose(1, 2).contiguous()
         else:
             # (c I + 2 F Fᵀ)⁻¹ = (I - 2 F (c I + 2 FᵀF)⁻¹ Fᵀ) / c

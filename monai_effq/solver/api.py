@@ -13,7 +13,7 @@ from monai_effq.quant.grid import UniformGrid, check_bits
 from monai_effq.solver.admm import AdmmLayerSolver, AdmmSettings, AdmmTrace
 from monai_effq.solver.gram import GramAccumulator, LayerStatistics
 from monai_effq.solver.layers import LayerView, layer_view
-from monai_effq.solver.rounding import GridFit, fit_grid, gptq_round, round_to_nearest
+from monai_effq.solver.rounding import fit_grid, gptq_round, round_to_nearest
 
 __all__ = ["LayerSolution", "METHODS", "solve_layer", "solve_statistics", "paper_problem_scale"]
 
@@ -139,7 +139,7 @@ def solve_statistics(
     t0 = time.perf_counter()
     g, m = view.groups, view.out_per_group
     w0 = view.weight_matrix(weight).float()
-    b0 = torch.zeros(g, m) if bias is None else bias.detach().float().reshape(g, m)
+    b0 = torch.zeros(g, m, device=weight.device) if bias is None else bias.detach().float().reshape(g, m)
     qgrid = UniformGrid(weight_bits, grid)
     refit = method != "rtn" if refit_bias is None else refit_bias
 

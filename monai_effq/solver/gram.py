@@ -125,10 +125,11 @@ class _Sums:
     voxels: int = 0
 
     @classmethod
-    def zeros(cls, g: int, n: int, m: int) -> _Sums:
-        f64 = torch.float64
-        return cls(torch.zeros(g, n, n, dtype=f64), torch.zeros(g, m, n, dtype=f64), torch.zeros(g, n, dtype=f64),
-                   torch.zeros(g, m, dtype=f64), torch.zeros(g, m, dtype=f64))
+    def zeros(cls, g: int, n: int, m: int, device: torch.device | str = "cpu") -> _Sums:
+        def z(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=torch.float64, device=device)
+
+        return cls(z(g, n, n), z(g, m, n), z(g, n), z(g, m), z(g, m))
 
     def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor) -> None:
         xh = x * h[None, :, None]
@@ -183,7 +184,7 @@ class GramAccumulator:
         self.view = view
         self.max_chunk_elements = max_chunk_elements
         self._dims = (view.groups, view.in_per_group, view.out_per_group)
-        self._all = _Sums.zeros(*self._dims)
+        self._all: _Sums | None = None  # made on the first batch's device
         self._held: _Sums | None = None
         self._columns: list[torch.Tensor] | None = [] if keep_factor else None
         self._sqrt_h: list[torch.Tensor] = []
@@ -192,12 +193,12 @@ class GramAccumulator:
     @property
     def voxels(self) -> int:
         """Output voxels accumulated so far."""
-        return self._all.voxels
+        return 0 if self._all is None else self._all.voxels
 
     @property
     def has_holdout(self) -> bool:
         """Whether any voxel with positive weight was held out."""
-        return self._held is not None and self._held.h > 0 and self._all.h - self._held.h > 0
+        return self._all is not None and self._held is not None and self._held.h > 0 and self._all.h - self._held.h > 0
 
     @torch.no_grad()
     def add_batch(
@@ -217,10 +218,17 @@ class GramAccumulator:
             holdout: boolean mask of the output voxels held out for validation, shaped like
                 ``voxel_weights``; ``None`` holds out nothing.
 
+        The statistics stay on the device of the first batch (the solve then runs there); later
+        batches are moved to it.
+
         Raises:
             ValueError: on shape mismatches, non-finite values or negative weights.
         """
         self.view.check_shapes(inputs, targets)
+        if self._all is None:
+            self._all = _Sums.zeros(*self._dims, device=inputs.device)
+        device = self._all.xx.device
+        inputs, targets = inputs.to(device), targets.to(device)
         for name, t in (("inputs", inputs), ("targets", targets)):
             if not torch.isfinite(t).all():
                 raise ValueError(f"calibration {name} of {self.view.name} contain NaN or Inf values.")
@@ -228,10 +236,10 @@ class GramAccumulator:
             voxel_weights = self._check_weights(voxel_weights, targets, "voxel_weights")
         if holdout is not None:
             held = self._check_weights(holdout, targets, "holdout") > 0
-            h = torch.ones(held.shape) if voxel_weights is None else voxel_weights
+            h = torch.ones(held.shape, device=held.device) if voxel_weights is None else voxel_weights
             voxel_weights = torch.stack([h, h * held], dim=-1)
             if self._held is None:
-                self._held = _Sums.zeros(*self._dims)
+                self._held = _Sums.zeros(*self._dims, device=device)
         inputs = inputs.detach().float()
         targets = targets.detach().float()
         if voxel_weights is None and holdout is None and supports_shifted_sums(self.view):
@@ -273,7 +281,7 @@ class GramAccumulator:
                 f"{what} for {self.view.name} must have shape {expected} (one weight per output "
                 f"voxel), got {tuple(w.shape)}."
             )
-        w = w.detach().float()
+        w = w.detach().to(targets.device, torch.float32)
         if not torch.isfinite(w).all() or (w < 0).any():
             raise ValueError(f"{what} for {self.view.name} must be finite and non-negative.")
         return w
@@ -292,6 +300,8 @@ class GramAccumulator:
         """
         if part not in ("all", "fit", "holdout"):
             raise ValueError(f"part must be 'all', 'fit' or 'holdout', got {part!r}.")
+        if self._all is None:
+            raise ValueError(f"no calibration data reached {self.view.name}: pass at least one non-empty batch.")
         if part == "all":
             sums, sqrt_h = self._all, self._sqrt_h
         elif self._held is None:

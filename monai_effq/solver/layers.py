@@ -239,7 +239,7 @@ class LayerView:
             rows = max(1, max_elements // max(n, 1))
             for start in range(0, x2.shape[0], rows):
                 x = x2[start : start + rows]
-                h = torch.ones(x.shape[0], dtype=x.dtype) if h2 is None else _weight_columns(h2[start : start + rows], x.dtype)
+                h = torch.ones(x.shape[0], dtype=x.dtype, device=x.device) if h2 is None else _weight_columns(h2[start : start + rows], x.dtype)
                 yield PatchChunk(x.reshape(-1, 1, n).transpose(0, 1), y2[start : start + rows].reshape(-1, 1, m).transpose(0, 1), h)
             return
         out_spatial = targets.shape[2:]

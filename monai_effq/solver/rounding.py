@@ -111,7 +111,8 @@ def fit_grid(
     if scale_rule == "fixed":
         if fixed_scale is None or not fixed_scale > 0:
             raise ValueError(f"a fixed scale rule needs a positive fixed_scale, got {fixed_scale!r}.")
-        scale = torch.full((g * m,), float(fixed_scale)) if per_channel else torch.tensor(float(fixed_scale))
+        dev = weight.device
+        scale = torch.full((g * m,), float(fixed_scale), device=dev) if per_channel else torch.tensor(float(fixed_scale), device=dev)
         zero = torch.full_like(scale, float(grid.fixed_zero_point or 0.0))
         return GridFit(grid, scale, zero, scale_rule)
     scale, zero = fit_scale(flat, grid, per_channel=per_channel, method=method)
@@ -175,4 +176,5 @@ def gptq_round(
             err1[:, :, i : i + 1] = err
         w[:, :, i2:] -= torch.bmm(err1, hinv[:, i1:i2, i2:])
     return codes
+
 

@@ -17,7 +17,10 @@ uses it when no voxel weights or held-out voxels are given.
 
 from __future__ import annotations
 
+import functools
 import itertools
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -60,52 +63,30 @@ def _flat_strides(size: tuple[int, ...]) -> list[int]:
     return strides[::-1]
 
 
-class _Volume:
-    """One sample, zero-padded by the margin, with the sums over planes of it cached."""
+def _rows_index(spatial: tuple[int, ...], fixed: dict[int, int], shift: tuple[int, ...]) -> tuple[tuple, int, int]:
+    """Where the rows of :func:`_rows` lie: an index fixing the axes in ``fixed`` and a flat range.
 
-    def __init__(self, x: torch.Tensor) -> None:
-        self.spatial = tuple(x.shape[1:])
-        self.padded = F.pad(x, [_MARGIN] * (2 * len(self.spatial)))
-        self._cache: dict[tuple, torch.Tensor] = {}
+    The free axes are flattened over the padded extent and cut to the span between the first and
+    the last interior voxel; a shift of at most the margin on each free axis then stays inside the
+    padded array, so it is a plain offset into the flat rows (a view, no copy).
+    """
+    index: list[slice | int] = [slice(None)]
+    for i in range(len(spatial)):
+        index.append(fixed[i] + shift[i] + _MARGIN if i in fixed else slice(None))
+    free = [i for i in range(len(spatial)) if i not in fixed]
+    if not free:
+        return tuple(index), 0, 1
+    strides = _flat_strides(tuple(spatial[i] + 2 * _MARGIN for i in free))
+    first = sum(_MARGIN * s for s in strides)
+    last = sum((spatial[i] + _MARGIN - 1) * s for i, s in zip(free, strides))
+    offset = sum(shift[i] * s for i, s in zip(free, strides))
+    return tuple(index), first + offset, last + offset + 1
 
-    def rows(self, fixed: dict[int, int], shift: tuple[int, ...], src: torch.Tensor | None = None) -> torch.Tensor:
-        """``(channels, L)`` rows of the voxels with ``u_i = fixed[i]``, shifted by ``shift``, flattened.
 
-        The free axes are flattened over the padded extent and cut to the span between the first and
-        the last interior voxel; a shift of at most the margin on each free axis then stays inside
-        the padded array, so it is a plain offset into the flat rows (a view, no copy).
-        """
-        t = self.padded if src is None else src
-        free = [i for i in range(len(self.spatial)) if i not in fixed]
-        index: list[slice | int] = [slice(None)]
-        for i in range(len(self.spatial)):
-            index.append(fixed[i] + shift[i] + _MARGIN if i in fixed else slice(None))
-        sub = t[tuple(index)].reshape(t.shape[0], -1)
-        if not free:
-            return sub
-        sizes = [self.spatial[i] + 2 * _MARGIN for i in free]
-        strides = _flat_strides(tuple(sizes))
-        first = sum(_MARGIN * s for s in strides)
-        last = sum((self.spatial[i] + _MARGIN - 1) * s for i, s in zip(free, strides))
-        offset = sum(shift[i] * s for i, s in zip(free, strides))
-        return sub[:, first + offset : last + offset + 1]
-
-    def region_product(self, shift: tuple[int, ...], fixed: tuple[tuple[int, int], ...]) -> torch.Tensor:
-        """``Σ x[u] x[u + shift]ᵀ`` over the voxels with ``u_i = c`` for each ``(i, c)`` in ``fixed``."""
-        key = (shift, fixed)
-        if key not in self._cache:
-            where = dict(fixed)
-            base = self.rows(where, (0,) * len(self.spatial))
-            other = self.rows(where, shift)
-            self._cache[key] = (base @ other.T).double()
-        return self._cache[key]
-
-    def region_sum(self, fixed: tuple[tuple[int, int], ...]) -> torch.Tensor:
-        """``Σ x[u]`` over the voxels with ``u_i = c`` for each ``(i, c)`` in ``fixed``."""
-        key = ("sum", fixed)
-        if key not in self._cache:
-            self._cache[key] = self.rows(dict(fixed), (0,) * len(self.spatial)).double().sum(1)
-        return self._cache[key]
+def _rows(padded: torch.Tensor, where: tuple[tuple, int, int]) -> torch.Tensor:
+    """``(channels, L)`` rows of a padded sample at a place given by :func:`_rows_index`."""
+    index, lo, hi = where
+    return padded[index].reshape(padded.shape[0], -1)[:, lo:hi]
 
 
 def _excluded_planes(tap: tuple[int, ...], spatial: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -113,10 +94,69 @@ def _excluded_planes(tap: tuple[int, ...], spatial: tuple[int, ...]) -> list[tup
     return [(i, spatial[i] - 1 if k == 0 else 0) for i, k in enumerate(tap) if k != 1]
 
 
-def _inclusion_exclusion(planes: list[tuple[int, int]]):
+def _inclusion_exclusion(planes: list[tuple[int, int]]) -> Iterator[tuple[float, tuple[tuple[int, int], ...]]]:
     for r in range(len(planes) + 1):
         for subset in itertools.combinations(planes, r):
             yield (-1.0) ** r, tuple(subset)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Which region products a volume size needs, and how they add up to the Gram blocks.
+
+    Attributes:
+        products: per region product, the places of its two row sets (:func:`_rows_index`).
+        assembly: sparse ``(pairs, products)`` matrix of the signs with which region products add
+            up to the upper Gram blocks (pairs in ``triu_indices`` order).
+        sums: per region sum of the input, its place.
+        tap, summand, sum_sign: ``x_sum[tap[i]] += sum_sign[i] * sums[summand[i]]``.
+        taps: the kernel taps, row-major.
+    """
+
+    products: tuple
+    assembly: torch.Tensor
+    sums: tuple
+    tap: torch.Tensor
+    summand: torch.Tensor
+    sum_sign: torch.Tensor
+    taps: tuple
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(spatial: tuple[int, ...]) -> _Plan:
+    nd = len(spatial)
+    taps = tuple(itertools.product(range(3), repeat=nd))
+    zero = (0,) * nd
+    products: dict[tuple, int] = {}
+    pair, product, sign = [], [], []
+    sums: dict[tuple, int] = {}
+    tap, summand, sum_sign = [], [], []
+    rows, cols = torch.triu_indices(len(taps), len(taps)).tolist()
+    for p, (a, b) in enumerate(zip(rows, cols)):
+        shift = tuple(q - r for r, q in zip(taps[a], taps[b]))
+        for sgn, subset in _inclusion_exclusion(_excluded_planes(taps[a], spatial)):
+            pair.append(p)
+            product.append(products.setdefault((shift, subset), len(products)))
+            sign.append(sgn)
+    for a, ka in enumerate(taps):
+        for sgn, subset in _inclusion_exclusion(_excluded_planes(ka, spatial)):
+            tap.append(a)
+            summand.append(sums.setdefault(subset, len(sums)))
+            sum_sign.append(sgn)
+    places = tuple(
+        (_rows_index(spatial, dict(fixed), zero), _rows_index(spatial, dict(fixed), shift)) for shift, fixed in products
+    )
+    # Made on the CPU whatever the default device (the plan is cached); moved where the data is.
+    cpu, f64 = torch.device("cpu"), torch.float64
+    return _Plan(
+        places,
+        torch.sparse_coo_tensor(
+            [pair, product], sign, (len(rows), len(products)), dtype=f64, device=cpu, check_invariants=True
+        ).coalesce(),
+        tuple(_rows_index(spatial, dict(fixed), zero) for fixed in sums),
+        torch.tensor(tap, device=cpu), torch.tensor(summand, device=cpu), torch.tensor(sum_sign, dtype=f64, device=cpu),
+        taps,
+    )
 
 
 @torch.no_grad()
@@ -140,30 +180,33 @@ def shifted_sums(
     m = targets.shape[1]
     spatial = tuple(inputs.shape[2:])
     nd = len(spatial)
-    taps = list(itertools.product(range(3), repeat=nd))
-    kk = len(taps)
-    blocks = torch.zeros(kk, kk, c, c, dtype=torch.float64, device=inputs.device)
-    yx = torch.zeros(m, c, kk, dtype=torch.float64, device=inputs.device)
-    xs = torch.zeros(c, kk, dtype=torch.float64, device=inputs.device)
+    plan = _plan(spatial)
+    kk = len(plan.taps)
+    dev, f64 = inputs.device, torch.float64
+    # Each sample's sums are float32 products, as im2col's chunks are; they add up in float64.
+    upper = torch.zeros(kk * (kk + 1) // 2, c, c, dtype=f64, device=dev)
+    yx = torch.zeros(m, c, kk, dtype=f64, device=dev)
+    xs = torch.zeros(c, kk, dtype=f64, device=dev)
+    pad = [_MARGIN] * (2 * nd)
+    whole = _rows_index(spatial, {}, (0,) * nd)
+    assembly = plan.assembly.to(device=dev, dtype=torch.float32)
     for b in range(n_batch):
-        vol = _Volume(inputs[b].float())
-        for a, ka in enumerate(taps):
-            planes = _excluded_planes(ka, spatial)
-            for sign, subset in _inclusion_exclusion(planes):
-                xs[:, a] += sign * vol.region_sum(subset)
-            for bi in range(a, kk):
-                shift = tuple(q - p for p, q in zip(ka, taps[bi]))
-                for sign, subset in _inclusion_exclusion(planes):
-                    blocks[a, bi] += sign * vol.region_product(shift, subset)
+        x = F.pad(inputs[b].float(), pad)
+        products = torch.stack([_rows(x, one) @ _rows(x, other).T for one, other in plan.products])
+        upper += torch.sparse.mm(assembly, products.reshape(len(products), -1)).reshape(upper.shape)
+        region_sums = torch.stack([_rows(x, place).sum(1) for place in plan.sums]).to(f64)
+        xs.index_add_(1, plan.tap.to(dev), (region_sums[plan.summand.to(dev)] * plan.sum_sign.to(dev)[:, None]).T)
         # Σ_v y[v] x[v + k - 1]ᵀ: the target padded like the input, so a tap is a flat offset.
-        rows_y = vol.rows({}, (0,) * nd, src=F.pad(targets[b].float(), [_MARGIN] * (2 * nd)))
-        for a, ka in enumerate(taps):
-            yx[:, :, a] += (rows_y @ vol.rows({}, tuple(k - 1 for k in ka)).T).double()
-    upper = torch.triu_indices(kk, kk, offset=1)
-    blocks[upper[1], upper[0]] = blocks[upper[0], upper[1]].transpose(1, 2)
+        rows_y = _rows(F.pad(targets[b].float(), pad), whole)
+        for a, ka in enumerate(plan.taps):
+            yx[:, :, a] += rows_y @ _rows(x, _rows_index(spatial, {}, tuple(k - 1 for k in ka))).T
+    rows, cols = torch.triu_indices(kk, kk, device=dev)
     n = c * kk
-    xx = blocks.permute(2, 0, 3, 1).reshape(n, n)
+    xx = torch.empty(c, kk, c, kk, dtype=f64, device=dev)
+    xx.permute(1, 3, 0, 2)[rows, cols] = upper
+    xx.permute(1, 3, 0, 2)[cols, rows] = upper.transpose(1, 2)
+    xx = xx.reshape(n, n)
     t = targets.float()
-    y_sum = t.sum(dim=(0, *range(2, 2 + nd))).double()
-    yy = t.pow(2).sum(dim=(0, *range(2, 2 + nd))).double()
+    y_sum = t.sum(dim=(0, *range(2, 2 + nd))).to(f64)
+    yy = t.pow(2).sum(dim=(0, *range(2, 2 + nd))).to(f64)
     return xx[None], yx.reshape(1, m, n), xs.reshape(1, n), y_sum[None], yy[None]

@@ -1,7 +1,6 @@
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from monai_effq import AdmmSettings, solve_layer
 from monai_effq.quant import dequantize
