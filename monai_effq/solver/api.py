@@ -148,8 +148,9 @@ def solve_statistics(
     else:
         rtn_fit = fit_grid(w0, qgrid, per_channel, scale_method, scale_rule="power_of_two" if power_of_two else "free")
     rtn_codes = round_to_nearest(w0, rtn_fit)
-    mse_rtn = stats.weighted_mse(rtn_fit.values(rtn_codes), b0)
-    mse_fp = stats.weighted_mse(w0, b0)
+    error = stats.error_near(w0)
+    mse_rtn = error(rtn_fit.values(rtn_codes), b0)
+    mse_fp = error(w0, b0)
     trace = None
     info: dict = {}
     if method == "rtn":
@@ -164,12 +165,12 @@ def solve_statistics(
         t_init = time.perf_counter()
         fit = rtn_fit
         codes = rtn_codes
-        init_mse = stats.weighted_mse(fit.values(rtn_codes))
+        init_mse = error(fit.values(rtn_codes))
         if init == "gptq":
             # Start from the better of the two baselines' assignments (GPTQ's greedy rounding can lose
             # to RTN on tiny layers); with the best iterate kept, EfficientQ is no worse than either.
             gptq_codes = gptq_round(w0, stats.A, fit, damp=gptq_damp)
-            gptq_mse = stats.weighted_mse(fit.values(gptq_codes))
+            gptq_mse = error(fit.values(gptq_codes))
             if gptq_mse <= init_mse:
                 codes, init_mse = gptq_codes, gptq_mse
         info["init_seconds"] = time.perf_counter() - t_init
@@ -179,7 +180,7 @@ def solve_statistics(
         codes, fit, trace = solver.solve(codes, fit)
     wq = fit.values(codes)
     bq = stats.bias_for(wq) if refit else b0
-    mse = stats.weighted_mse(wq, bq)
+    mse = error(wq, bq)
     native_codes = view.native_weight(codes).to(torch.uint8)
     return LayerSolution(
         weight=view.native_weight(wq).to(weight.dtype),

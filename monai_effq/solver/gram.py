@@ -15,7 +15,7 @@ import torch
 from monai_effq.solver.layers import LayerView
 from monai_effq.solver.shifted_sums import shifted_sums, supports_shifted_sums
 
-__all__ = ["GramAccumulator", "LayerStatistics", "symmetric_gram"]
+__all__ = ["GramAccumulator", "LayerStatistics", "NearbyError", "symmetric_gram"]
 
 
 @dataclass
@@ -83,6 +83,48 @@ class LayerStatistics:
             diff = bias.to(torch.float64) - self.bias_for(weight).to(torch.float64)
             err = err + self.weight_sum * diff.pow(2).sum()
         return max(float(err), 0.0) / (self.weight_sum * self.out_channels)
+
+    def error_near(self, anchor: torch.Tensor) -> NearbyError:
+        """A cheaper :meth:`weighted_mse` for weights close to ``anchor`` (e.g. quantizations of it).
+
+        Args:
+            anchor: ``(G, m, n)`` weights (the full-precision ones).
+
+        Returns:
+            the :class:`NearbyError`.
+        """
+        return NearbyError(self, anchor)
+
+
+class NearbyError:
+    """:meth:`LayerStatistics.weighted_mse` of many weight matrices ``W = W0 + D`` near one anchor.
+
+    The quadratic is expanded about ``W0``: ``q(W) = q(W0) + Σ D∘(W0 A - B) + ½ Σ D∘(D A)``. The
+    anchor's terms are float64 and paid once; each ``W`` then costs one float32 product ``D A``,
+    precise because ``D`` is small (a float64 product costs three times as much).
+
+    Args:
+        stats: the layer's statistics.
+        anchor: ``(G, m, n)`` the anchor ``W0``.
+    """
+
+    def __init__(self, stats: LayerStatistics, anchor: torch.Tensor) -> None:
+        self.stats = stats
+        self.anchor = anchor.to(torch.float64)
+        w0a = torch.bmm(self.anchor, stats.A64)
+        self.residual = w0a - stats.B64
+        self.quad = float((self.anchor * (0.5 * w0a - stats.B64)).sum())
+
+    def __call__(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> float:
+        """Weighted output MSE of ``weight`` (and ``bias``; the least-squares bias when ``None``)."""
+        st = self.stats
+        d = weight.to(torch.float64) - self.anchor
+        da = torch.bmm(d.float(), st.A).double()
+        err = self.quad + float((d * (self.residual + 0.5 * da)).sum()) + float(st.y_energy.sum())
+        if bias is not None:
+            diff = bias.to(torch.float64) - st.bias_for(weight).to(torch.float64)
+            err = err + st.weight_sum * float(diff.pow(2).sum())
+        return max(err, 0.0) / (st.weight_sum * st.out_channels)
 
 
 def symmetric_gram(xh: torch.Tensor, x: torch.Tensor, block: int = 512) -> torch.Tensor:

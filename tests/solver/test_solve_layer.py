@@ -124,11 +124,25 @@ def test_every_supported_layer_kind_is_solved(layer, x):
     assert sol.mse == pytest.approx(_weighted_mse(layer, sol, x, y), rel=1e-3)
 
 
-def test_rho_schedule_runs_from_rho_start_to_rho_end():
-    rhos = AdmmSettings().rho_schedule()
-    assert len(rhos) == 4
-    assert rhos[0] == pytest.approx(10.0) and rhos[-1] == pytest.approx(1000.0)
+@pytest.mark.parametrize("settings,phases,first,last", [(AdmmSettings(), 3, 20.0, 80.0), (AdmmSettings.paper(), 4, 10.0, 1000.0)])
+def test_rho_schedule_runs_from_rho_start_to_rho_end(settings, phases, first, last):
+    rhos = settings.rho_schedule()
+    assert len(rhos) == phases
+    assert rhos[0] == pytest.approx(first) and rhos[-1] == pytest.approx(last)
     assert all(b > a for a, b in zip(rhos, rhos[1:]))
+
+
+def test_the_final_refinement_lowers_the_error_of_admms_iterate(make_layer):
+    layer, x, y = make_layer(16, 16, 8, seed=11)
+    plain = solve_layer(layer, x, y, 2, admm=AdmmSettings(refine_sweeps=0))
+    refined = solve_layer(layer, x, y, 2)
+    assert plain.trace.refined == 0 and refined.trace.refined > 0
+    assert refined.mse < plain.mse
+
+
+def test_negative_refine_sweeps_are_refused():
+    with pytest.raises(ValueError, match="refine_sweeps"):
+        AdmmSettings(refine_sweeps=-1)
 
 
 class TestBadInput:

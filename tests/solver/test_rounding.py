@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from monai_effq.quant import UniformGrid
+from monai_effq.solver import GramAccumulator, layer_view
+from monai_effq.solver.rounding import fit_grid, gptq_round, refine_codes, round_to_nearest
+
+
+@pytest.fixture
+def problem(make_layer):
+    layer, x, y = make_layer(8, 6, 6, seed=3)
+    view = layer_view(layer)
+    acc = GramAccumulator(view)
+    acc.add_batch(x, y)
+    return view.weight_matrix(layer.weight).float(), acc.statistics()
+
+
+def _objective(codes, fit, stats):
+    w = fit.values(codes).double()
+    return float((w * (0.5 * torch.bmm(w, stats.A64) - stats.B64)).sum())
+
+
+@pytest.mark.parametrize("bits,per_channel", [(2, False), (3, True), (4, False)])
+def test_refinement_never_raises_the_objective_and_keeps_codes_on_the_grid(problem, bits, per_channel):
+    w0, stats = problem
+    fit = fit_grid(w0, UniformGrid(bits, "midrise"), per_channel)
+    start = round_to_nearest(w0, fit)
+    refined, changed = refine_codes(start, fit, stats.A, stats.B, sweeps=3)
+    assert changed > 0
+    assert _objective(refined, fit, stats) < _objective(start, fit, stats)
+    assert torch.equal(refined, refined.round())
+    assert refined.min() >= fit.grid.qmin and refined.max() <= fit.grid.qmax
+
+
+def test_refinement_improves_even_gptqs_rounding(problem):
+    w0, stats = problem
+    fit = fit_grid(w0, UniformGrid(2, "midrise"), False)
+    gptq = gptq_round(w0, stats.A, fit)
+    refined, _ = refine_codes(gptq, fit, stats.A, stats.B)
+    assert _objective(refined, fit, stats) < _objective(gptq, fit, stats)
+
+
+def test_refinement_stops_at_a_coordinate_wise_minimum(problem):
+    w0, stats = problem
+    fit = fit_grid(w0, UniformGrid(2, "midrise"), False)
+    once, _ = refine_codes(round_to_nearest(w0, fit), fit, stats.A, stats.B, sweeps=50)
+    again, changed = refine_codes(once, fit, stats.A, stats.B, sweeps=1)
+    assert changed == 0 and torch.equal(again, once)
+
+
+def test_the_nearby_error_equals_the_float64_error(problem):
+    w0, stats = problem
+    error = stats.error_near(w0)
+    fit = fit_grid(w0, UniformGrid(2, "midrise"), False)
+    bias = torch.randn(stats.y_mean.shape, generator=torch.Generator().manual_seed(1))
+    for w in (w0, fit.values(round_to_nearest(w0, fit)), 1.1 * w0):
+        for b in (None, bias):
+            assert error(w, b) == pytest.approx(stats.weighted_mse(w, b), rel=1e-6, abs=1e-12)
