@@ -34,6 +34,7 @@ from monai_effq.deploy.containers import INT4_MIN_OPSET, WEIGHT_CONTAINERS, pack
 from monai_effq.deploy.norms import GROUP_NORM_FORMS, channel_stats_norms
 from monai_effq.ptq.graph import set_submodule
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, functional_forward
+from monai_effq.quant.grid import dequantize
 from monai_effq.ptq.pipeline import QuantizationResult
 from monai_effq.solver.layers import layer_view
 from monai_effq.utils.io import atomic_write
@@ -116,11 +117,6 @@ def _integer_weights(module: QuantizedLayer) -> tuple[torch.Tensor, torch.Tensor
     )
 
 
-def _output_axis(module: QuantizedLayer) -> int:
-    """The weight axis of the output channels (1 for transposed convolutions)."""
-    return 1 if isinstance(module.layer, nn.modules.conv._ConvTransposeNd) else 0
-
-
 class QdqLayer(nn.Module):
     """The export form of a :class:`~monai_effq.ptq.modules.QuantizedLayer`.
 
@@ -137,7 +133,7 @@ class QdqLayer(nn.Module):
         super().__init__()
         self.layer = copy.deepcopy(module.layer)
         values, scale, zero = _integer_weights(module)
-        self.axis = _output_axis(module)
+        self.axis = layer_view(module.layer).output_axis
         self.reduced = False
         if reduce_range and values.dtype == torch.int8:
             lo, hi = REDUCED_WEIGHT_RANGE
@@ -150,19 +146,12 @@ class QdqLayer(nn.Module):
         self.per_channel = scale.numel() > 1
         if self.per_channel and self.axis == 1 and getattr(self.layer, "groups", 1) > 1:
             raise ValueError("a grouped transposed convolution with per-channel scales cannot be exported as QDQ.")
-        self.register_buffer("weight", self._dequantized(values, scale, zero))
+        self.register_buffer("weight", dequantize(values, scale, zero.float(), axis=self.axis))
         self.register_buffer("weight_scale", scale.reshape(-1) if self.per_channel else scale.reshape(()))
         self.register_buffer("weight_zero_point", zero.reshape(-1).to(torch.int32) if self.per_channel else zero.reshape(()).to(torch.int32))
         self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone(), requires_grad=False)
         self.act = _ActivationSpec.from_quantizer(module.input_quantizer)
 
-    def _dequantized(self, values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        v = values.float()
-        if scale.numel() > 1:
-            s = scale.reshape(-1, *([1] * (v.dim() - 1))) if self.axis == 0 else scale.reshape(1, -1, *([1] * (v.dim() - 2)))
-            z = zero.reshape(s.shape).float()
-            return (v - z) * s
-        return (v - zero.float()) * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is not None:

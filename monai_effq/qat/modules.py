@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, functional_forward, quantized_layer_class
-from monai_effq.quant.grid import UniformGrid
+from monai_effq.quant.grid import UniformGrid, dequantize, grid_codes, quantize_codes
 from monai_effq.solver.layers import layer_view
 
 __all__ = ["TrainableQuantizedLayer", "FrozenBatchNorm", "straight_through"]
@@ -97,14 +97,12 @@ class TrainableQuantizedLayer(nn.Module):
 
     def codes(self) -> torch.Tensor:
         """Integer codes of the current shadow weight (``torch.int64``, native weight shape)."""
-        w = self.weight.detach()
-        return torch.round(w / self._scale_map + self._zero_map).clamp_(self.grid.qmin, self.grid.qmax).long()
+        return quantize_codes(self.weight.detach(), self._scale_map, self._zero_map, self.grid)
 
     def quantized_weight(self) -> torch.Tensor:
         """The shadow weight on the grid, with the straight-through gradient."""
-        codes = torch.round(self.weight / self._scale_map + self._zero_map).clamp(self.grid.qmin, self.grid.qmax)
-        projected = self._scale_map * (codes - self._zero_map)
-        return straight_through(self.weight, projected)
+        codes = grid_codes(self.weight.detach(), self._scale_map, self._zero_map, self.grid)
+        return straight_through(self.weight, dequantize(codes, self._scale_map, self._zero_map))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:

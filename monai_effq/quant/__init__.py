@@ -18,6 +18,7 @@ from monai_effq.quant.grid import (
     fit_scale,
     fit_scale_als,
     fit_scale_mse,
+    grid_codes,
     quantize_codes,
 )
 from monai_effq.quant.packing import pack_codes, packed_nbytes, unpack_codes
@@ -38,6 +39,7 @@ __all__ = [
     "fit_scale",
     "fit_scale_als",
     "fit_scale_mse",
+    "grid_codes",
     "quantize_codes",
     "pack_codes",
     "packed_nbytes",

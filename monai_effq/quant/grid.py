@@ -25,6 +25,7 @@ __all__ = [
     "GRID_KINDS",
     "UniformGrid",
     "check_bits",
+    "grid_codes",
     "quantize_codes",
     "dequantize",
     "fake_quantize",
@@ -106,65 +107,101 @@ class UniformGrid:
         return self.kind in ("signed", "symmetric", "midrise")
 
 
-def _channel_view(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Broadcast a per-tensor (0-d) or per-channel (axis 0) parameter against ``like``."""
+def _channel_view(t: torch.Tensor, like: torch.Tensor, axis: int = 0) -> torch.Tensor:
+    """Broadcast a quantization parameter against ``like``.
+
+    A 0-d (or one-element) parameter is per tensor; a parameter with as many axes as ``like`` is
+    already laid out (e.g. ``(G, m, 1)`` rows or a map shaped like the weight); a 1-d one holds one
+    value per slice of ``axis``.
+    """
     if t.dim() == 0 or t.numel() == 1:
         return t.reshape(())
-    return t.reshape(-1, *([1] * (like.dim() - 1)))
+    if t.dim() == like.dim():
+        return t
+    shape = [1] * like.dim()
+    shape[axis] = -1
+    return t.reshape(shape)
+
+
+def grid_codes(
+    x: torch.Tensor, scale: torch.Tensor | float, zero_point: torch.Tensor | float, grid: UniformGrid, axis: int = 0
+) -> torch.Tensor:
+    """Nearest grid codes of ``x``, as integer values in ``x``'s float dtype: the one rounding.
+
+    Fake quantization, the solvers, the trainable layers and the export all round through here.
+
+    Args:
+        x: values.
+        scale: step between levels: 0-d, one per slice of ``axis``, or laid out like ``x``.
+        zero_point: code of the real value 0 (may be a half-integer for the midrise grid), shaped
+            like ``scale``.
+        grid: the grid.
+        axis: the channel axis of a 1-d ``scale``/``zero_point`` (1 for a transposed convolution's
+            native weight).
+
+    Returns:
+        float codes in ``[grid.qmin, grid.qmax]``, shaped like ``x``.
+    """
+    s = _channel_view(torch.as_tensor(scale, dtype=x.dtype, device=x.device), x, axis)
+    z = _channel_view(torch.as_tensor(zero_point, dtype=x.dtype, device=x.device), x, axis)
+    return torch.round(x / s + z).clamp_(grid.qmin, grid.qmax)
 
 
 def quantize_codes(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float, grid: UniformGrid
+    x: torch.Tensor, scale: torch.Tensor | float, zero_point: torch.Tensor | float, grid: UniformGrid, axis: int = 0
 ) -> torch.Tensor:
     """Round ``x`` to the nearest grid code.
 
     Args:
-        x: values; axis 0 is the channel axis when ``scale`` is per channel.
-        scale: step between levels, 0-d or one per channel.
+        x: values.
+        scale: step between levels, 0-d, one per slice of ``axis`` or laid out like ``x``.
         zero_point: code of the real value 0 (may be a half-integer for the midrise grid).
         grid: the grid.
+        axis: the channel axis of a 1-d ``scale``/``zero_point``.
 
     Returns:
         integer codes (``torch.int64``) in ``[grid.qmin, grid.qmax]``, shaped like ``x``.
     """
-    s = _channel_view(torch.as_tensor(scale, dtype=x.dtype, device=x.device), x)
-    z = _channel_view(torch.as_tensor(zero_point, dtype=x.dtype, device=x.device), x)
-    return torch.round(x / s + z).clamp_(grid.qmin, grid.qmax).long()
+    return grid_codes(x, scale, zero_point, grid, axis).long()
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float) -> torch.Tensor:
-    """Real values ``scale * (codes - zero_point)`` of integer codes.
+def dequantize(
+    codes: torch.Tensor, scale: torch.Tensor | float, zero_point: torch.Tensor | float, axis: int = 0
+) -> torch.Tensor:
+    """Real values ``scale * (codes - zero_point)`` of integer codes: the one dequantization.
 
     Args:
-        codes: integer codes.
-        scale: 0-d or per-channel (axis 0) step.
-        zero_point: 0-d or per-channel zero point.
+        codes: integer codes (any dtype).
+        scale: 0-d, one per slice of ``axis``, or laid out like ``codes``.
+        zero_point: shaped like ``scale``.
+        axis: the channel axis of a 1-d ``scale``/``zero_point``.
 
     Returns:
-        float tensor shaped like ``codes``.
+        float tensor shaped like ``codes`` (``scale``'s dtype when it is floating point, else float32).
     """
     scale = torch.as_tensor(scale, device=codes.device)
     dtype = scale.dtype if scale.is_floating_point() else torch.float32
-    s = _channel_view(scale.to(dtype=dtype, device=codes.device), codes)
-    z = _channel_view(torch.as_tensor(zero_point, dtype=dtype, device=codes.device), codes)
+    s = _channel_view(scale.to(dtype=dtype, device=codes.device), codes, axis)
+    z = _channel_view(torch.as_tensor(zero_point, dtype=dtype, device=codes.device), codes, axis)
     return s * (codes.to(dtype) - z)
 
 
 def fake_quantize(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float, grid: UniformGrid
+    x: torch.Tensor, scale: torch.Tensor | float, zero_point: torch.Tensor | float, grid: UniformGrid, axis: int = 0
 ) -> torch.Tensor:
     """Project ``x`` on the grid (quantize then dequantize).
 
     Args:
         x: values.
-        scale: 0-d or per-channel step.
-        zero_point: 0-d or per-channel zero point.
+        scale: 0-d, per-channel (along ``axis``) or laid-out step.
+        zero_point: shaped like ``scale``.
         grid: the grid.
+        axis: the channel axis of a 1-d ``scale``/``zero_point``.
 
     Returns:
         the nearest grid values, shaped like ``x``.
     """
-    return dequantize(quantize_codes(x, scale, zero_point, grid), scale, zero_point).to(x.dtype)
+    return dequantize(grid_codes(x, scale, zero_point, grid, axis), scale, zero_point, axis).to(x.dtype)
 
 
 def _reduce_dims(x: torch.Tensor, per_channel: bool) -> tuple[int, ...]:

@@ -87,6 +87,15 @@ class LayerView:
     name: str
 
     @property
+    def output_axis(self) -> int:
+        """The axis of the native weight that holds the output channels (1 for a transposed conv).
+
+        A grouped transposed convolution spreads its output channels over axes 0 and 1; per-channel
+        parameters of such a layer go through :meth:`weight_matrix` rows instead.
+        """
+        return 1 if self.kind == "conv_transpose" else 0
+
+    @property
     def in_per_group(self) -> int:
         """Length of one unfolded input column (``c_in / groups * prod(kernel)``)."""
         return self.in_channels // self.groups * math.prod(self.kernel_size)

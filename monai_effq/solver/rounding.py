@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from monai_effq.quant.fixed_point import snap_to_power_of_two
-from monai_effq.quant.grid import UniformGrid, fit_scale, fit_scale_als
+from monai_effq.quant.grid import UniformGrid, dequantize, fit_scale, fit_scale_als, grid_codes
 
 __all__ = ["SCALE_RULES", "GridFit", "fit_grid", "round_to_nearest", "gptq_round", "refine_codes"]
 
@@ -73,13 +73,11 @@ class GridFit:
 
     def codes(self, w: torch.Tensor) -> torch.Tensor:
         """Nearest codes of ``w`` (``(G, m, k)`` columns of the weight matrix)."""
-        s, z = self.per_row(self.scale, w.shape), self.per_row(self.zero_point, w.shape)
-        return torch.round(w / s + z).clamp_(self.grid.qmin, self.grid.qmax)
+        return grid_codes(w, self.per_row(self.scale, w.shape), self.per_row(self.zero_point, w.shape), self.grid)
 
     def values(self, codes: torch.Tensor) -> torch.Tensor:
         """Real values of ``(G, m, k)`` codes."""
-        s, z = self.per_row(self.scale, codes.shape), self.per_row(self.zero_point, codes.shape)
-        return s * (codes - z)
+        return dequantize(codes, self.per_row(self.scale, codes.shape), self.per_row(self.zero_point, codes.shape))
 
 
 def fit_grid(

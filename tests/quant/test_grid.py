@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from monai_effq.quant import GRID_KINDS, UniformGrid, dequantize, fake_quantize, fit_scale, quantize_codes
+from monai_effq.quant import GRID_KINDS, UniformGrid, dequantize, fake_quantize, fit_scale, grid_codes, quantize_codes
 
 
 @pytest.mark.parametrize("kind", GRID_KINDS)
@@ -69,3 +69,18 @@ def test_unknown_grid_kind_is_rejected():
 def test_fitting_a_scale_to_nan_values_is_rejected():
     with pytest.raises(ValueError, match="NaN"):
         fit_scale(torch.tensor([1.0, float("nan")]), UniformGrid(4))
+
+
+def test_one_rounding_serves_any_channel_axis_and_laid_out_scales():
+    grid = UniformGrid(3, "midrise")
+    w = torch.randn(4, 5, 3, 3)  # a transposed conv's native weight: output channels on axis 1
+    scale = torch.rand(5) + 0.1
+    zero = torch.full((5,), 3.5)
+    along_axis_1 = grid_codes(w, scale, zero, grid, axis=1)
+    moved = grid_codes(w.transpose(0, 1), scale, zero, grid, axis=0).transpose(0, 1)
+    laid_out = grid_codes(w, scale.reshape(1, 5, 1, 1).expand_as(w), zero.reshape(1, 5, 1, 1).expand_as(w), grid)
+    assert torch.equal(along_axis_1, moved) and torch.equal(along_axis_1, laid_out)
+    assert torch.equal(quantize_codes(w, scale, zero, grid, axis=1), along_axis_1.long())
+    values = dequantize(along_axis_1, scale, zero, axis=1)
+    assert torch.equal(values, scale.reshape(1, 5, 1, 1) * (along_axis_1 - zero.reshape(1, 5, 1, 1)))
+    assert torch.equal(fake_quantize(w, scale, zero, grid, axis=1), values)
