@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import platform
 import resource
 import sys
 import time
@@ -46,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from machine import cpu_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W3A8": (3, 8), "W2A8": (2, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
@@ -68,22 +68,6 @@ SPACING = (2.0, 2.0, 2.0)
 MARK_BEGIN = "<!-- accuracy-benchmark:begin -->"
 MARK_END = "<!-- accuracy-benchmark:end -->"
 TEMPLATE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
-
-
-def cpu_summary() -> str:
-    """The CPU model and the vector flags that decide kernel choice."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    shown = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8") if f in flags]
-    return f"{model}, {os.cpu_count()} cores, flags: {' '.join(shown) or 'none of avx2/avx512/amx'}"
 
 
 def template_files() -> dict[str, Path]:

@@ -3,22 +3,37 @@
 Each configuration runs in its own subprocess so that its peak resident memory is its own.
 Figures are printed as ratios against round-to-nearest measured in the same run.
 
+With ``--authors DIR`` (a checkout of github.com/rongzhao-zhang/EfficientQ, never part of this
+repository) it instead compares our EfficientQ with the authors' ``EfficientQConv.ptq`` on the same
+layers, in one process per layer, ours first and theirs second: wall time, speed ratio, and the
+output MSE ``mean((conv(x, W_q) + b_q - y)^2)`` of both solutions computed the same way. No attention
+map (the authors' default when none is given), per-tensor weights, weights only (their ``q_act`` off).
+
 Usage::
 
     python benchmarks/layer_solver.py                 # the three standard layers, 2 and 4 bits
     python benchmarks/layer_solver.py --quick         # smaller layers, for a smoke run
     python benchmarks/layer_solver.py --memory        # also the 32ch @ 128^3 streaming-memory check
+    python benchmarks/layer_solver.py --authors ~/src/EfficientQ --repeat 3   # ours against theirs
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import statistics
 import subprocess
 import sys
 
+from machine import cpu_summary
+
 LAYERS = {"32ch@64^3": (32, 64), "128ch@16^3": (128, 16), "256ch@8^3": (256, 8)}
 QUICK_LAYERS = {"16ch@16^3": (16, 16), "64ch@8^3": (64, 8)}
+# the layers of the comparison with the authors' solver: (channels, size, weight bits)
+AUTHOR_LAYERS = {"32->32@32^3 W2": (32, 32, 2), "64->64@24^3 W2": (64, 24, 2), "128->128@16^3 W2": (128, 16, 2), "32->32@32^3 W4": (32, 32, 4)}
+SPEED_BAR, MSE_BAR = 20.0, 1.0
 VARIANTS = {
     "rtn": {"method": "rtn"},
     "gptq": {"method": "gptq"},
@@ -45,15 +60,12 @@ def _reset_peak() -> None:
         pass
 
 
-def run_one(channels: int, size: int, bits: int, variant: dict, seed: int = 0) -> dict:
-    """Solve one layer in this process and return its figures."""
-    import time
-
+def make_layer(channels: int, size: int, seed: int = 0):
+    """A trained-looking 3x3x3 convolution, its input (as quantized layers before it would perturb
+    it) and its FP output: heavy-tailed, channel-scaled weights fed ReLU features."""
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
-
-    from monai_effq import AdmmSettings, solve_layer
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -66,6 +78,16 @@ def run_one(channels: int, size: int, bits: int, variant: dict, seed: int = 0) -
         x = F.relu(F.conv3d(torch.randn(1, channels, size, size, size, generator=g), mix, padding=1) + 0.1)
         y = layer(x)
         x = x + 0.02 * x.std() * torch.randn(x.shape, generator=g)
+    return layer, x, y
+
+
+def run_one(channels: int, size: int, bits: int, variant: dict, seed: int = 0) -> dict:
+    """Solve one layer in this process and return its figures."""
+    import time
+
+    from monai_effq import AdmmSettings, solve_layer
+
+    layer, x, y = make_layer(channels, size, seed)
     kwargs = dict(variant)
     if "admm" in kwargs:
         kwargs["admm"] = AdmmSettings(**kwargs["admm"])
@@ -114,6 +136,66 @@ def run_memory_check(channels: int = 32, size: int = 128) -> dict:
     }
 
 
+def run_versus_authors(authors: str, channels: int, size: int, bits: int, repeat: int) -> dict:
+    """Ours and the authors' EfficientQ on the same layer in this process; median times of ``repeat`` runs."""
+    import time
+
+    import torch
+    import torch.nn.functional as F
+
+    from monai_effq import solve_layer
+
+    sys.path.insert(0, f"{authors}/src")
+    from models import EfficientQConv  # the authors' module, from their checkout
+
+    layer, x, y = make_layer(channels, size)
+    solve_layer(layer, x[:, :, :4, :4, :4], y[:, :, :4, :4, :4], bits)  # first-call costs (thread pool, kernels)
+
+    def output_mse(weight: torch.Tensor, bias: torch.Tensor) -> float:
+        with torch.no_grad():
+            return F.mse_loss(F.conv3d(x, weight, bias, padding=1), y).item()
+
+    ours, theirs = [], []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        sol = solve_layer(layer, x, y, bits)
+        ours.append(time.perf_counter() - t0)
+        ref = EfficientQConv(channels, channels, 3, padding=1, qlvl=2**bits, q_act=False)
+        ref.weight.data = layer.weight.data.clone()
+        ref.bias.data = layer.bias.data.clone()
+        ref.output_fp, ref.name, ref.layer_loss = y, "layer", []
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            ref.ptq(x)
+        theirs.append(time.perf_counter() - t0)
+    return {
+        "ours_s": statistics.median(ours),
+        "theirs_s": statistics.median(theirs),
+        "ours_mse": output_mse(sol.weight, sol.bias),
+        "theirs_mse": output_mse(ref.weight.data, ref.bias.data),
+        "iterations": sol.trace.iterations,
+        "parts": dict(sol.trace.seconds),
+    }
+
+
+def versus_authors(authors: str, repeat: int) -> None:
+    """Print ours against the authors' solver on :data:`AUTHOR_LAYERS`."""
+    print(
+        f"\n== EfficientQ: ours against the authors' EfficientQConv ({authors}), median of {repeat}, output MSE on the "
+        f"calibration sample\n{'layer':18s} {'ours s':>7s} {'theirs s':>9s} {'speed':>7s} {'ours MSE':>10s} "
+        f"{'theirs MSE':>10s} {'MSE ratio':>9s}  bars (>= {SPEED_BAR:.0f}x, MSE ratio <= {MSE_BAR:.1f})"
+    )
+    for name, (channels, size, bits) in AUTHOR_LAYERS.items():
+        spec = {"authors": authors, "channels": channels, "size": size, "bits": bits, "repeat": repeat}
+        r = _subprocess(["--worker", json.dumps(spec)])
+        speed, ratio = r["theirs_s"] / r["ours_s"], r["ours_mse"] / r["theirs_mse"]
+        verdict = "met" if speed >= SPEED_BAR and ratio <= MSE_BAR else "missed"
+        print(
+            f"{name:18s} {r['ours_s']:7.2f} {r['theirs_s']:9.2f} {speed:6.1f}x {r['ours_mse']:10.4e} "
+            f"{r['theirs_mse']:10.4e} {ratio:9.3f}  {verdict}"
+        )
+
+
 def _subprocess(args: list[str]) -> dict:
     res = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, check=False)
     if res.returncode != 0:
@@ -126,11 +208,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller layers")
     parser.add_argument("--memory", action="store_true", help="also the 32ch@128^3 streaming check")
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--authors", help="a checkout of the authors' EfficientQ: compare against their solver")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per layer against the authors (median)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         spec = json.loads(args.worker)
-        if spec.get("memory"):
+        if "authors" in spec:
+            print(json.dumps(run_versus_authors(spec["authors"], spec["channels"], spec["size"], spec["bits"], spec["repeat"])))
+        elif spec.get("memory"):
             print(json.dumps(run_memory_check()))
         else:
             print(json.dumps(run_one(spec["channels"], spec["size"], spec["bits"], spec["variant"])))
@@ -138,7 +224,10 @@ def main() -> None:
 
     import torch
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"CPU: {cpu_summary()}; torch {torch.__version__} fp32, {torch.get_num_threads()} threads")
+    if args.authors:
+        versus_authors(args.authors, args.repeat)
+        return
     layers = QUICK_LAYERS if args.quick else LAYERS
     for name, (channels, size) in layers.items():
         for bits in args.bits:

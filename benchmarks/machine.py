@@ -1,0 +1,24 @@
+"""What the benchmarks print beside their figures: the CPU and the vector flags that decide kernel choice."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+__all__ = ["cpu_summary"]
+
+
+def cpu_summary() -> str:
+    """The CPU model, its core count and the vector flags that decide kernel choice."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    shown = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8") if f in flags]
+    return f"{model}, {os.cpu_count()} cores, flags: {' '.join(shown) or 'none of avx2/avx512/amx'}"
