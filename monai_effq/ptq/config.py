@@ -10,10 +10,11 @@ from typing import Any
 
 from monai_effq.quant.fixed_point import FixedPointFormat
 from monai_effq.quant.grid import GRID_KINDS, check_bits
+from monai_effq.quant.spec import ActivationSpec, WeightSpec
 from monai_effq.solver.admm import AdmmSettings
 from monai_effq.solver.api import METHODS
 
-__all__ = ["EfficientQConfig", "LayerPlan", "match_pattern"]
+__all__ = ["EfficientQConfig", "LayerPlan", "OVERRIDE_KEYS", "match_pattern"]
 
 
 def match_pattern(pattern: str, name: str) -> bool:
@@ -51,28 +52,51 @@ def _check_format(role: str, text: str | None, bits: int | None, signed: bool) -
 ACT_GRIDS = ("auto", "symmetric")
 
 
+# the per-layer settings an override may set
+OVERRIDE_KEYS = ("weight_bits", "act_bits", "weight_format", "act_format", "per_channel", "weight_grid", "power_of_two", "method")
+
+
 @dataclass(frozen=True)
 class LayerPlan:
-    """How one layer is quantized.
+    """How one layer is quantized, decided once by :meth:`EfficientQConfig.plan`.
 
     Attributes:
         name: the module's dotted name.
-        weight_bits: weight bits.
-        act_bits: input activation bits, or ``None`` to keep the input in floating point.
-        weight_format: explicit fixed-point format of the weights (``"Q0.4"``), or ``None``.
-        act_format: explicit fixed-point format of the input (``"Q6.0"``), or ``None``.
+        weight: the weight spec (grid, granularity, scale rule).
+        act: the input's spec, or ``None`` to keep the input in floating point.
+        method: the solver method.
     """
 
     name: str
-    weight_bits: int
-    act_bits: int | None
-    weight_format: str | None = None
-    act_format: str | None = None
+    weight: WeightSpec
+    act: ActivationSpec | None
+    method: str = "efficientq"
+
+    @property
+    def weight_bits(self) -> int:
+        """Weight bits."""
+        return self.weight.bits
+
+    @property
+    def act_bits(self) -> int | None:
+        """Input bits, or ``None``."""
+        return None if self.act is None else self.act.bits
+
+    @property
+    def weight_format(self) -> str | None:
+        """The weights' explicit fixed-point format, or ``None``."""
+        return self.weight.format
+
+    @property
+    def act_format(self) -> str | None:
+        """The input's explicit fixed-point format, or ``None``."""
+        return None if self.act is None else self.act.format
 
 
-@dataclass
+@dataclass(frozen=True)
 class EfficientQConfig:
-    """Settings of :func:`monai_effq.quantize`.
+    """Settings of :func:`monai_effq.quantize`, checked once when made and fixed from then on
+    (``dataclasses.replace`` makes a changed copy, checked again).
 
     Attributes:
         weight_bits: weight bits of every quantized layer (2 to 8).
@@ -80,7 +104,9 @@ class EfficientQConfig:
         first_layer_bits: weight and activation bits of the first layer in execution order (the
             paper keeps it at 8); ``None`` uses ``weight_bits``/``act_bits``.
         last_layer_bits: the same for the last layer.
-        overrides: module-name pattern → ``{"weight_bits": .., "act_bits": ..}`` (later patterns win).
+        overrides: module-name pattern → per-layer settings (later patterns win): any of
+            ``weight_bits``, ``act_bits``, ``weight_format``, ``act_format``, ``per_channel``,
+            ``weight_grid``, ``power_of_two`` and ``method``.
         skip: module-name patterns of layers kept in full precision.
         per_channel: one weight scale per output channel.
         method: ``"efficientq"``, ``"gptq"`` or ``"rtn"``.
@@ -141,15 +167,15 @@ class EfficientQConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.admm, dict):
-            self.admm = AdmmSettings(**self.admm)
+            object.__setattr__(self, "admm", AdmmSettings(**self.admm))
         if self.weight_format is not None:
-            self.weight_bits = FixedPointFormat.parse(self.weight_format, signed=True).bits
+            object.__setattr__(self, "weight_bits", FixedPointFormat.parse(self.weight_format, signed=True).bits)
         if self.act_format is not None:
-            self.act_bits = FixedPointFormat.parse(self.act_format, signed=False).bits
-        self.validate()
+            object.__setattr__(self, "act_bits", FixedPointFormat.parse(self.act_format, signed=False).bits)
+        self._validate()
 
-    def validate(self) -> None:
-        """Check every field.
+    def _validate(self) -> None:
+        """Check every field (once: the config is frozen).
 
         Raises:
             ValueError: naming the first bad field and what it accepts.
@@ -161,24 +187,37 @@ class EfficientQConfig:
             if getattr(self, name) is not None:
                 check_bits(getattr(self, name), name)
         for pattern, spec in self.overrides.items():
-            if not isinstance(spec, dict) or not set(spec) <= {"weight_bits", "act_bits"}:
+            if not isinstance(spec, dict) or not set(spec) <= set(OVERRIDE_KEYS):
                 raise ValueError(
-                    f"override {pattern!r} must be a dict with keys 'weight_bits' and/or 'act_bits', got {spec!r}."
+                    f"override {pattern!r} must be a dict with keys among {OVERRIDE_KEYS}, got {spec!r}."
                 )
+            where = f"overrides[{pattern!r}]"
             if "weight_bits" in spec:
-                check_bits(spec["weight_bits"], f"overrides[{pattern!r}].weight_bits")
+                check_bits(spec["weight_bits"], f"{where}.weight_bits")
             if spec.get("act_bits") is not None:
-                check_bits(spec["act_bits"], f"overrides[{pattern!r}].act_bits")
+                check_bits(spec["act_bits"], f"{where}.act_bits")
+            if spec.get("weight_format") is not None:
+                FixedPointFormat.parse(spec["weight_format"], signed=True)
+            if spec.get("act_format") is not None:
+                FixedPointFormat.parse(spec["act_format"], signed=False)
+            for flag in ("per_channel", "power_of_two"):
+                if flag in spec and not isinstance(spec[flag], bool):
+                    raise ValueError(f"{where}.{flag} must be True or False, got {spec[flag]!r}.")
+            if "weight_grid" in spec and spec["weight_grid"] not in GRID_KINDS:
+                raise ValueError(f"{where}.weight_grid must be one of {GRID_KINDS}, got {spec['weight_grid']!r}.")
+            if "method" in spec and spec["method"] not in METHODS:
+                raise ValueError(f"{where}.method must be one of {tuple(METHODS)}, got {spec['method']!r}.")
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}.")
+            raise ValueError(f"method must be one of {tuple(METHODS)}, got {self.method!r}.")
         if self.weight_grid not in GRID_KINDS:
             raise ValueError(f"weight_grid must be one of {GRID_KINDS}, got {self.weight_grid!r}.")
         if self.init not in ("gptq", "rtn"):
             raise ValueError(f"init must be 'gptq' or 'rtn', got {self.init!r}.")
         if self.attention_power < 0:
             raise ValueError(f"attention_power must be non-negative, got {self.attention_power}.")
-        if not isinstance(self.power_of_two, bool):
-            raise ValueError(f"power_of_two must be True or False, got {self.power_of_two!r}.")
+        for flag in ("power_of_two", "per_channel", "attention", "fold_batchnorm"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}.")
         _check_format("weight", self.weight_format, self.weight_bits, signed=True)
         _check_format("act", self.act_format, self.act_bits, signed=False)
         if self.act_grid not in ACT_GRIDS:
@@ -230,7 +269,11 @@ class EfficientQConfig:
         return cls(**data)
 
     def plan(self, ordered_names: list[str]) -> list[LayerPlan]:
-        """Bits of each layer, given the quantizable layers in execution order.
+        """What each layer gets, given the quantizable layers in execution order.
+
+        The body layers get the config's settings; the first and last layers their own bits (and
+        no explicit format); overrides then set any per-layer setting (:data:`OVERRIDE_KEYS`; bits
+        drop the format they replace, a format sets its bits).
 
         Args:
             ordered_names: names of the quantizable layers, in the order the network runs them.
@@ -253,17 +296,34 @@ class EfficientQConfig:
         for i, name in enumerate(ordered_names):
             if any(match_pattern(p, name) for p in self.skip):
                 continue
-            wbits, abits = self.weight_bits, self.act_bits
-            wfmt, afmt = self.weight_format, self.act_format
+            layer = {
+                "weight_bits": self.weight_bits, "act_bits": self.act_bits, "weight_format": self.weight_format,
+                "act_format": self.act_format, "per_channel": self.per_channel, "weight_grid": None,
+                "power_of_two": self.power_of_two, "method": self.method,
+            }
             edge = self.first_layer_bits if i == 0 else self.last_layer_bits if i == len(ordered_names) - 1 else None
             if edge is not None:
-                wbits, wfmt = edge, None
-                abits, afmt = (None if abits is None else edge), None
+                layer.update(weight_bits=edge, weight_format=None, act_format=None)
+                layer["act_bits"] = None if self.act_bits is None else edge
             for pattern, spec in self.overrides.items():
                 if match_pattern(pattern, name):
-                    if "weight_bits" in spec:
-                        wbits, wfmt = spec["weight_bits"], None
-                    if "act_bits" in spec:
-                        abits, afmt = spec["act_bits"], None
-            plans.append(LayerPlan(name, wbits, abits, wfmt, afmt))
+                    if "weight_bits" in spec and "weight_format" not in spec:
+                        layer["weight_format"] = None
+                    if "act_bits" in spec and "act_format" not in spec:
+                        layer["act_format"] = None
+                    layer.update(spec)
+            plans.append(self._layer_plan(name, layer))
         return plans
+
+    def _layer_plan(self, name: str, layer: dict[str, Any]) -> LayerPlan:
+        grid = layer["weight_grid"] or self.weight_grid_for(layer["weight_bits"])
+        weight = WeightSpec.of(
+            layer["weight_bits"], grid, layer["per_channel"], layer["power_of_two"], layer["weight_format"]
+        )
+        act = None
+        if layer["act_bits"] is not None or layer["act_format"] is not None:
+            act_bits = layer["act_bits"]
+            if layer["act_format"] is not None:
+                act_bits = FixedPointFormat.parse(layer["act_format"], signed=False).bits
+            act = ActivationSpec(act_bits, self.act_kind, layer["power_of_two"], layer["act_format"])
+        return LayerPlan(name, weight, act, layer["method"])

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from monai_effq.quant.fixed_point import FixedPointFormat, snap_to_power_of_two
 from monai_effq.quant.grid import UniformGrid, dequantize, fit_scale
+from monai_effq.quant.spec import ActivationSpec
 from monai_effq.solver.layers import layer_view
 
 __all__ = [
@@ -48,6 +49,19 @@ class ActivationQuantizer(nn.Module):
         self.grid = UniformGrid(bits, kind)
         self.register_buffer("scale", torch.tensor(float(scale)))
         self.register_buffer("zero_point", torch.tensor(float(zero_point)))
+
+    @classmethod
+    def from_spec(cls, x: torch.Tensor, spec: ActivationSpec) -> ActivationQuantizer:
+        """Calibrate the quantizer a layer's :class:`~monai_effq.quant.spec.ActivationSpec` asks for.
+
+        Args:
+            x: calibration activations.
+            spec: bits, grid kind, power-of-two and explicit format of the input.
+
+        Returns:
+            the calibrated quantizer.
+        """
+        return cls.calibrate(x, spec.bits, power_of_two=spec.power_of_two, fixed_point=spec.format, kind=spec.kind)
 
     @classmethod
     def calibrate(

@@ -25,7 +25,6 @@ from monai_effq.ptq.footprint import weight_footprint
 from monai_effq.ptq.graph import StopForward, execution_order, fold_batchnorm, hooks, set_submodule
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, quantized_layer_class
 from monai_effq.ptq.report import LayerReport, QuantizationReport, peak_memory_mib, reset_peak_memory
-from monai_effq.quant.fixed_point import FixedPointFormat
 from monai_effq.quant.packing import packed_nbytes
 from monai_effq.solver.api import solve_statistics
 from monai_effq.solver.gram import GramAccumulator
@@ -327,15 +326,9 @@ class _Run:
         acc = GramAccumulator(view, max_chunk_elements=self.config.max_chunk_elements)
         act_q: ActivationQuantizer | None = None
         for index, (x, y) in enumerate(pairs):
-            if plan.act_bits is not None:
+            if plan.act is not None:
                 if act_q is None:  # ranges from the first batch, used for all
-                    act_q = ActivationQuantizer.calibrate(
-                        x,
-                        plan.act_bits,
-                        power_of_two=self.config.power_of_two,
-                        fixed_point=plan.act_format,
-                        kind=self.config.act_kind,
-                    ).to(x.device)
+                    act_q = ActivationQuantizer.from_spec(x, plan.act).to(x.device)
                 x = act_q(x)
             h = None
             if attention is not None and view.kind != "linear":
@@ -348,16 +341,12 @@ class _Run:
         solve_args = dict(
             weight=fp_layer.weight.detach(),
             bias=None if fp_layer.bias is None else fp_layer.bias.detach(),
-            weight_bits=plan.weight_bits,
-            method=self.config.method,
-            per_channel=self.config.per_channel,
-            grid=self.config.weight_grid_for(plan.weight_bits),
+            spec=plan.weight,
+            method=plan.method,
             admm=self.config.admm,
             init=self.config.init,
-            power_of_two=self.config.power_of_two,
-            weight_format=None if plan.weight_format is None else FixedPointFormat.parse(plan.weight_format),
         )
-        if self.config.validation_fraction > 0 and self.config.method != "rtn":
+        if self.config.validation_fraction > 0 and plan.method != "rtn":
             parts = {"fit": acc.statistics("fit"), "holdout": acc.statistics("holdout")} if acc.has_holdout else {}
             sol = solve_validated(view, stats, **parts, **solve_args)
         else:
@@ -423,7 +412,6 @@ def quantize(
         TypeError: for calibration that is not tensors.
     """
     config = config or EfficientQConfig()
-    config.validate()
     t0 = time.perf_counter()
     reset_peak_memory()
     batches = _as_batches(calibration)

@@ -34,8 +34,6 @@ from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer
 from monai_effq.ptq.pipeline import QuantizationResult, quantized_size_bytes, state_bytes
 from monai_effq.ptq.report import LayerReport, QuantizationReport, peak_memory_mib
 from monai_effq.qat.modules import FrozenBatchNorm, TrainableQuantizedLayer
-from monai_effq.quant.fixed_point import FixedPointFormat
-from monai_effq.quant.grid import UniformGrid
 from monai_effq.solver.layers import layer_view
 from monai_effq.solver.rounding import fit_grid
 
@@ -248,17 +246,6 @@ def _from_result(result: QuantizationResult) -> TrainableNetwork:
     return TrainableNetwork(net, result.config, "ptq", result.report, list(result.folded), result.report.fp_bytes, order)
 
 
-def _weight_fit(layer: nn.Module, plan: LayerPlan, config: EfficientQConfig):
-    view = layer_view(layer)
-    w = view.weight_matrix(layer.weight).float()
-    if plan.weight_format is not None:
-        fmt = FixedPointFormat.parse(plan.weight_format)
-        return fit_grid(w, fmt.grid, config.per_channel, scale_rule="fixed", fixed_scale=fmt.step)
-    grid = UniformGrid(plan.weight_bits, config.weight_grid_for(plan.weight_bits))
-    rule = "power_of_two" if config.power_of_two else "free"
-    return fit_grid(w, grid, config.per_channel, "als", scale_rule=rule)
-
-
 def _from_network(network: nn.Module, sample: torch.Tensor, config: EfficientQConfig, from_scratch: bool) -> TrainableNetwork:
     fp_bytes = state_bytes(network)
     net = copy.deepcopy(network).eval()
@@ -275,10 +262,8 @@ def _from_network(network: nn.Module, sample: torch.Tensor, config: EfficientQCo
     quantizers: dict[str, ActivationQuantizer] = {}
 
     def calibrate(plan: LayerPlan, x: torch.Tensor) -> None:
-        if plan.act_bits is not None and plan.name not in quantizers:
-            quantizers[plan.name] = ActivationQuantizer.calibrate(
-                x, plan.act_bits, power_of_two=config.power_of_two, fixed_point=plan.act_format, kind=config.act_kind
-            )
+        if plan.act is not None and plan.name not in quantizers:
+            quantizers[plan.name] = ActivationQuantizer.from_spec(x, plan.act)
 
     handles = [
         net.get_submodule(p.name).register_forward_pre_hook(lambda m, a, p=p: calibrate(p, a[0])) for p in plans
@@ -287,7 +272,7 @@ def _from_network(network: nn.Module, sample: torch.Tensor, config: EfficientQCo
         net(sample)
     for plan in plans:
         layer = net.get_submodule(plan.name)
-        fit = _weight_fit(layer, plan, config)
+        fit = fit_grid(layer_view(layer).weight_matrix(layer.weight).float(), plan.weight)
         module = TrainableQuantizedLayer(
             layer, layer.weight, layer.bias, fit.grid, fit.scale, fit.zero_point, quantizers.get(plan.name)
         )
@@ -341,7 +326,6 @@ def prepare_finetune(
             f"finetune starts from a QuantizationResult or an FP nn.Module, got {type(source).__name__}."
         )
     config = config or EfficientQConfig()
-    config.validate()
     return _from_network(source, _first_image(sample), config, from_scratch)
 
 

@@ -22,6 +22,7 @@ from monai_effq.quant.grid import (
     quantize_codes,
 )
 from monai_effq.quant.packing import pack_codes, packed_nbytes, unpack_codes
+from monai_effq.quant.spec import SCALE_RULES, ActivationSpec, WeightSpec
 
 __all__ = [
     "MAX_WORD_BITS",
@@ -44,4 +45,7 @@ __all__ = [
     "pack_codes",
     "packed_nbytes",
     "unpack_codes",
+    "SCALE_RULES",
+    "ActivationSpec",
+    "WeightSpec",
 ]

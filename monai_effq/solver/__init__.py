@@ -4,6 +4,7 @@ from monai_effq.solver.admm import AdmmLayerSolver, AdmmSettings, AdmmTrace
 from monai_effq.solver.api import METHODS, LayerSolution, paper_problem_scale, solve_layer, solve_statistics
 from monai_effq.solver.gram import GramAccumulator, LayerStatistics
 from monai_effq.solver.layers import SUPPORTED_LAYERS, LayerView, PatchChunk, layer_view
+from monai_effq.solver.methods import LayerProblem, MethodResult, register_method
 from monai_effq.solver.rounding import GridFit, fit_grid, gptq_round, round_to_nearest
 
 __all__ = [
@@ -11,6 +12,9 @@ __all__ = [
     "AdmmSettings",
     "AdmmTrace",
     "METHODS",
+    "LayerProblem",
+    "MethodResult",
+    "register_method",
     "LayerSolution",
     "paper_problem_scale",
     "solve_layer",

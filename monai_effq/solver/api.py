@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 from monai_effq.quant.fixed_point import FixedPointFormat
 from monai_effq.quant.grid import UniformGrid, check_bits
-from monai_effq.solver.admm import AdmmLayerSolver, AdmmSettings, AdmmTrace
+from monai_effq.quant.spec import WeightSpec
+from monai_effq.solver.admm import AdmmSettings, AdmmTrace
 from monai_effq.solver.gram import GramAccumulator, LayerStatistics
 from monai_effq.solver.layers import LayerView, layer_view
-from monai_effq.solver.rounding import fit_grid, gptq_round, round_to_nearest
+from monai_effq.solver.methods import METHODS, LayerProblem, get_method
+from monai_effq.solver.methods.efficientq import paper_problem_scale
+from monai_effq.solver.rounding import fit_grid, round_to_nearest
 
 __all__ = ["LayerSolution", "METHODS", "solve_layer", "solve_statistics", "paper_problem_scale"]
 
-METHODS = ("efficientq", "gptq", "rtn")
 DEFAULT_WEIGHT_GRID = "midrise"
 
 
@@ -56,32 +59,10 @@ class LayerSolution:
     info: dict = field(default_factory=dict)
 
 
-def paper_problem_scale(stats: LayerStatistics, w0: torch.Tensor) -> float:
-    """The EfficientQ paper's scale ``s`` of ρ and η.
-
-    ``s = max(numel(Y) std(Y) / (numel(W) std(W)), 1) · mean(h)``, with Y's moments h-weighted.
-
-    Args:
-        stats: the layer's statistics.
-        w0: ``(G, m, n)`` full-precision weights.
-
-    Returns:
-        the scale.
-    """
-    c_out = stats.out_channels
-    y_mean = stats.y_mean.double().reshape(-1)
-    var = (stats.y_energy.sum() + stats.weight_sum * (y_mean - y_mean.mean()).pow(2).sum()) / (
-        stats.weight_sum * c_out
-    )
-    y_std = float(var.clamp_min(0).sqrt())
-    w_std = float(w0.std()) if w0.numel() > 1 else 1.0
-    ratio = (stats.voxels * c_out * y_std) / max(w0.numel() * w_std, 1e-30)
-    return max(ratio, 1.0) * stats.weight_sum / stats.voxels
-
-
-def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}.")
+def _weight_spec(spec: WeightSpec | int) -> WeightSpec:
+    if isinstance(spec, WeightSpec):
+        return spec
+    return WeightSpec.of(check_bits(spec, "weight_bits"), DEFAULT_WEIGHT_GRID)
 
 
 def solve_statistics(
@@ -89,18 +70,13 @@ def solve_statistics(
     stats: LayerStatistics,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    weight_bits: int,
+    spec: WeightSpec | int,
     *,
     method: str = "efficientq",
-    per_channel: bool = False,
-    grid: str = DEFAULT_WEIGHT_GRID,
-    scale_method: str = "als",
     admm: AdmmSettings | None = None,
     init: str = "gptq",
     refit_bias: bool | None = None,
     gptq_damp: float = 0.01,
-    power_of_two: bool = False,
-    weight_format: FixedPointFormat | None = None,
 ) -> LayerSolution:
     """Quantize a layer's weights from accumulated statistics.
 
@@ -109,29 +85,21 @@ def solve_statistics(
         stats: its statistics (from :class:`GramAccumulator`).
         weight: the layer's native FP weight.
         bias: the layer's FP bias or ``None``.
-        weight_bits: 2 to 8.
-        method: ``"efficientq"``, ``"gptq"`` or ``"rtn"``.
-        per_channel: one scale per output channel.
-        grid: weight grid kind (see :data:`monai_effq.quant.GRID_KINDS`).
-        scale_method: how the scale is fitted (``"als"``, ``"mse"``, ``"minmax"``).
+        spec: the layer's :class:`~monai_effq.quant.spec.WeightSpec` (grid, granularity, scale
+            rule), or just its bits (per-tensor, midrise grid, free scale).
+        method: a registered method (:data:`METHODS`: ``"efficientq"``, ``"gptq"``, ``"rtn"``).
         admm: ADMM settings for ``"efficientq"``.
         init: EfficientQ's starting assignment: ``"gptq"`` (the better of the GPTQ and RTN
             baselines' roundings) or ``"rtn"`` (the paper: round-to-nearest of W0).
-        refit_bias: refit the bias by least squares for the final weights (default: yes, except
-            for ``"rtn"``, which is the plain baseline).
+        refit_bias: refit the bias by least squares for the final weights (default: the method's
+            choice; round-to-nearest, the plain baseline, keeps the FP bias).
         gptq_damp: GPTQ's ridge, as a fraction of the Gram matrix's mean diagonal.
-        power_of_two: restrict the scale to powers of two (fixed point with ``f`` fitted per
-            tensor or channel), in the initial fit and in every refit of the solver.
-        weight_format: an explicit fixed-point format ``Qi.f``: its grid and step replace
-            ``grid``/``weight_bits`` and the scale is never refitted.
 
     Returns:
         the :class:`LayerSolution`.
     """
-    _check_method(method)
-    if weight_format is not None:
-        weight_bits, grid = weight_format.bits, weight_format.grid.kind
-    check_bits(weight_bits, "weight_bits")
+    solver = get_method(method)
+    spec = _weight_spec(spec)
     if init not in ("gptq", "rtn"):
         raise ValueError(f"init must be 'gptq' or 'rtn', got {init!r}.")
     if not torch.isfinite(weight).all():
@@ -140,62 +108,30 @@ def solve_statistics(
     g, m = view.groups, view.out_per_group
     w0 = view.weight_matrix(weight).float()
     b0 = torch.zeros(g, m, device=weight.device) if bias is None else bias.detach().float().reshape(g, m)
-    qgrid = UniformGrid(weight_bits, grid)
-    refit = method != "rtn" if refit_bias is None else refit_bias
-
-    if weight_format is not None:
-        rtn_fit = fit_grid(w0, qgrid, per_channel, scale_rule="fixed", fixed_scale=weight_format.step)
-    else:
-        rtn_fit = fit_grid(w0, qgrid, per_channel, scale_method, scale_rule="power_of_two" if power_of_two else "free")
+    rtn_fit = fit_grid(w0, spec)
     rtn_codes = round_to_nearest(w0, rtn_fit)
     error = stats.error_near(w0)
     mse_rtn = error(rtn_fit.values(rtn_codes), b0)
     mse_fp = error(w0, b0)
-    trace = None
-    info: dict = {}
-    if method == "rtn":
-        codes, fit = rtn_codes, rtn_fit
-    elif method == "gptq":
-        fit = rtn_fit
-        codes = gptq_round(w0, stats.A, fit, damp=gptq_damp)
-    else:
-        settings = admm or AdmmSettings()
-        s = paper_problem_scale(stats, w0)
-        solver = AdmmLayerSolver(stats, w0, settings, s)
-        t_init = time.perf_counter()
-        fit = rtn_fit
-        codes = rtn_codes
-        init_mse = error(fit.values(rtn_codes))
-        if init == "gptq":
-            # Start from the better of the two baselines' assignments (GPTQ's greedy rounding can lose
-            # to RTN on tiny layers); with the best iterate kept, EfficientQ is no worse than either.
-            gptq_codes = gptq_round(w0, stats.A, fit, damp=gptq_damp)
-            gptq_mse = error(fit.values(gptq_codes))
-            if gptq_mse <= init_mse:
-                codes, init_mse = gptq_codes, gptq_mse
-        info["init_seconds"] = time.perf_counter() - t_init
-        info["init_mse"] = init_mse
-        info["problem_scale"] = s
-        info["lowrank"] = solver.lowrank
-        codes, fit, trace = solver.solve(codes, fit)
-    wq = fit.values(codes)
-    bq = stats.bias_for(wq) if refit else b0
+    problem = LayerProblem(view, stats, w0, rtn_fit, rtn_codes, error, admm or AdmmSettings(), init, gptq_damp)
+    result = solver.solve(problem)
+    wq = result.fit.values(result.codes)
+    bq = stats.bias_for(wq) if (solver.refits_bias if refit_bias is None else refit_bias) else b0
     mse = error(wq, bq)
-    native_codes = view.native_weight(codes).to(torch.uint8)
     return LayerSolution(
         weight=view.native_weight(wq).to(weight.dtype),
         bias=bq.reshape(-1).to(weight.dtype),
-        codes=native_codes,
-        scale=fit.scale.clone(),
-        zero_point=fit.zero_point.clone(),
-        grid=qgrid,
+        codes=view.native_weight(result.codes).to(torch.uint8),
+        scale=result.fit.scale.clone(),
+        zero_point=result.fit.zero_point.clone(),
+        grid=spec.grid,
         method=method,
         mse_rtn=mse_rtn,
         mse=mse,
         mse_fp=mse_fp,
         seconds=time.perf_counter() - t0,
-        trace=trace,
-        info=info,
+        trace=result.trace,
+        info=result.info,
     )
 
 
@@ -203,19 +139,16 @@ def solve_layer(
     layer: nn.Module,
     inputs: torch.Tensor,
     targets: torch.Tensor,
-    weight_bits: int,
+    weight_bits: int | WeightSpec,
     *,
-    method: str = "efficientq",
     voxel_weights: torch.Tensor | None = None,
+    max_chunk_elements: int = 1 << 24,
     per_channel: bool = False,
     grid: str = DEFAULT_WEIGHT_GRID,
     scale_method: str = "als",
-    admm: AdmmSettings | None = None,
-    init: str = "gptq",
-    refit_bias: bool | None = None,
-    max_chunk_elements: int = 1 << 24,
     power_of_two: bool = False,
-    weight_format: FixedPointFormat | None = None,
+    weight_format: FixedPointFormat | str | None = None,
+    **options: Any,
 ) -> LayerSolution:
     """Find low-bit weights with which ``layer`` maps ``inputs`` close to ``targets``.
 
@@ -223,18 +156,17 @@ def solve_layer(
         layer: a ``Conv1d/2d/3d``, ``ConvTranspose1d/2d/3d`` or ``Linear`` module (not modified).
         inputs: the layer's input batch as the quantized network computes it.
         targets: the layer's output in the full-precision network on the same data.
-        weight_bits: 2 to 8.
-        method: ``"efficientq"`` (ADMM), ``"gptq"`` or ``"rtn"``.
+        weight_bits: 2 to 8, or a whole :class:`~monai_effq.quant.spec.WeightSpec` (then the
+            grid, granularity and scale arguments below are not used).
         voxel_weights: non-negative importance per output voxel (the attention map).
+        max_chunk_elements: memory cap on one unfolded chunk (elements).
         per_channel: one scale per output channel.
         grid: weight grid kind.
         scale_method: scale fitting method.
-        admm: ADMM settings.
-        init: EfficientQ's starting assignment (``"gptq"`` or ``"rtn"``).
-        refit_bias: refit the bias for the final weights.
-        max_chunk_elements: memory cap on one unfolded chunk (elements).
         power_of_two: power-of-two (fixed-point) scales only.
         weight_format: an explicit fixed-point format (replaces ``weight_bits`` and ``grid``).
+        options: the solver's settings, as :func:`solve_statistics` takes them (``method``,
+            ``admm``, ``init``, ``refit_bias``, ``gptq_damp``).
 
     Returns:
         the :class:`LayerSolution`.
@@ -245,25 +177,13 @@ def solve_layer(
             empty calibration data.
     """
     view = layer_view(layer)
-    _check_method(method)
-    check_bits(weight_format.bits if weight_format is not None else weight_bits, "weight_bits")
+    get_method(options.get("method", "efficientq"))
+    if isinstance(weight_bits, WeightSpec):
+        spec = weight_bits
+    else:
+        spec = WeightSpec.of(weight_bits, grid, per_channel, power_of_two, weight_format, scale_method)
     if inputs.numel() == 0 or targets.numel() == 0:
         raise ValueError(f"empty calibration data for {view.name}: inputs and targets need at least one sample.")
     acc = GramAccumulator(view, max_chunk_elements=max_chunk_elements)
     acc.add_batch(inputs, targets, voxel_weights)
-    return solve_statistics(
-        view,
-        acc.statistics(),
-        layer.weight,
-        layer.bias,
-        weight_bits,
-        method=method,
-        per_channel=per_channel,
-        grid=grid,
-        scale_method=scale_method,
-        admm=admm,
-        init=init,
-        refit_bias=refit_bias,
-        power_of_two=power_of_two,
-        weight_format=weight_format,
-    )
+    return solve_statistics(view, acc.statistics(), layer.weight, layer.bias, spec, **options)

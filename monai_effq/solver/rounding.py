@@ -1,7 +1,7 @@
 """Rounding a weight matrix onto a grid: round to nearest, GPTQ's error-feedback rounding and a
 coordinate-descent refinement of any rounding.
 
-Both work on ``(G, m, n)`` weight matrices (``G`` groups of ``m`` output rows) and return integer
+They work on ``(G, m, n)`` weight matrices (``G`` groups of ``m`` output rows) and return integer
 codes together with the scale and zero point they were rounded with.
 """
 
@@ -11,10 +11,9 @@ import torch
 
 from monai_effq.quant.fixed_point import snap_to_power_of_two
 from monai_effq.quant.grid import UniformGrid, dequantize, fit_scale, fit_scale_als, grid_codes
+from monai_effq.quant.spec import SCALE_RULES, WeightSpec
 
 __all__ = ["SCALE_RULES", "GridFit", "fit_grid", "round_to_nearest", "gptq_round", "refine_codes"]
-
-SCALE_RULES = ("free", "power_of_two", "fixed")
 
 
 class GridFit:
@@ -80,44 +79,29 @@ class GridFit:
         return dequantize(codes, self.per_row(self.scale, codes.shape), self.per_row(self.zero_point, codes.shape))
 
 
-def fit_grid(
-    weight: torch.Tensor,
-    grid: UniformGrid,
-    per_channel: bool,
-    method: str = "als",
-    scale_rule: str = "free",
-    fixed_scale: float | None = None,
-) -> GridFit:
-    """Fit a grid's scale to a ``(G, m, n)`` weight matrix.
+def fit_grid(weight: torch.Tensor, spec: WeightSpec) -> GridFit:
+    """Fit a spec's scale to a ``(G, m, n)`` weight matrix.
 
     Args:
         weight: the weights.
-        grid: the grid.
-        per_channel: one scale per output row.
-        method: scale fitting method (see :func:`monai_effq.quant.fit_scale`).
-        scale_rule: ``"free"``, ``"power_of_two"`` (the fitted scale snapped to the better
-            neighbouring power of two) or ``"fixed"`` (``fixed_scale``, e.g. an explicit ``Qi.f``).
-        fixed_scale: the step of a ``"fixed"`` rule.
+        spec: the layer's :class:`~monai_effq.quant.spec.WeightSpec` (grid, granularity, scale rule).
 
     Returns:
-        the :class:`GridFit`.
-
-    Raises:
-        ValueError: for a ``"fixed"`` rule without a positive ``fixed_scale``.
+        the :class:`GridFit`: the fitted scale (snapped to the better neighbouring power of two
+        under that rule) or the spec's fixed step.
     """
     g, m, n = weight.shape
     flat = weight.reshape(g * m, n)
-    if scale_rule == "fixed":
-        if fixed_scale is None or not fixed_scale > 0:
-            raise ValueError(f"a fixed scale rule needs a positive fixed_scale, got {fixed_scale!r}.")
+    grid = spec.grid
+    if spec.scale_rule == "fixed":
         dev = weight.device
-        scale = torch.full((g * m,), float(fixed_scale), device=dev) if per_channel else torch.tensor(float(fixed_scale), device=dev)
+        scale = torch.full((g * m,), float(spec.step), device=dev) if spec.per_channel else torch.tensor(float(spec.step), device=dev)
         zero = torch.full_like(scale, float(grid.fixed_zero_point or 0.0))
-        return GridFit(grid, scale, zero, scale_rule)
-    scale, zero = fit_scale(flat, grid, per_channel=per_channel, method=method)
-    if scale_rule == "power_of_two":
-        scale, zero = snap_to_power_of_two(flat, scale, zero, grid, per_channel)
-    return GridFit(grid, scale, zero, scale_rule)
+        return GridFit(grid, scale, zero, spec.scale_rule)
+    scale, zero = fit_scale(flat, grid, per_channel=spec.per_channel, method=spec.scale_method)
+    if spec.scale_rule == "power_of_two":
+        scale, zero = snap_to_power_of_two(flat, scale, zero, grid, spec.per_channel)
+    return GridFit(grid, scale, zero, spec.scale_rule)
 
 
 def round_to_nearest(weight: torch.Tensor, fit: GridFit) -> torch.Tensor:

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from monai_effq.quant.spec import WeightSpec
 from monai_effq.solver.admm import AdmmSettings
 from monai_effq.solver.api import LayerSolution, solve_statistics
 from monai_effq.solver.gram import LayerStatistics
@@ -91,7 +92,7 @@ def solve_validated(
     full: LayerStatistics,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    weight_bits: int,
+    spec: WeightSpec | int,
     *,
     fit: LayerStatistics | None = None,
     holdout: LayerStatistics | None = None,
@@ -107,15 +108,14 @@ def solve_validated(
         full: statistics of every voxel (the final solve's).
         weight: the layer's native FP weight.
         bias: the layer's FP bias or ``None``.
-        weight_bits: 2 to 8.
+        spec: the layer's :class:`~monai_effq.quant.spec.WeightSpec` (or its bits).
         fit: statistics of the fit voxels; with ``holdout``, every candidate is scored, otherwise the
             configured setting is used.
         holdout: statistics of the held-out voxels.
         method: the configured method (its default setting comes first among the candidates).
         admm: the configured ADMM settings.
         gptq_damp: the configured GPTQ damping.
-        options: the remaining :func:`~monai_effq.solver.api.solve_statistics` arguments (grid,
-            granularity, scale rule, fixed-point format, init).
+        options: the remaining :func:`~monai_effq.solver.api.solve_statistics` arguments (``init``).
 
     Returns:
         the final :class:`LayerSolution` (round-to-nearest when ``full`` has fewer effective voxels than
@@ -131,11 +131,11 @@ def solve_validated(
     best = candidates[0]
     if fit is not None and holdout is not None:
         for cand in candidates:
-            sol = solve_statistics(view, fit, weight, bias, weight_bits, method=cand.method, **{**options, **cand.options})
+            sol = solve_statistics(view, fit, weight, bias, spec, method=cand.method, **{**options, **cand.options})
             errors[cand.name] = _holdout_error(view, sol, holdout)
             if errors[cand.name] < errors[best.name]:
                 best = cand
-    final = solve_statistics(view, full, weight, bias, weight_bits, method=best.method, **{**options, **best.options})
+    final = solve_statistics(view, full, weight, bias, spec, method=best.method, **{**options, **best.options})
     final.info["choice"] = f"{best.name} (underdetermined)" if underdetermined else best.name
     if errors:
         final.info.update(validation=errors, holdout_mse=errors[best.name], holdout_mse_rtn=errors["rtn"])

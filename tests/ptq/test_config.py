@@ -1,8 +1,10 @@
+import dataclasses
 import json
 
 import pytest
 
 from monai_effq import AdmmSettings, EfficientQConfig
+from monai_effq.quant import ActivationSpec, WeightSpec
 
 
 def test_config_round_trips_through_json():
@@ -82,8 +84,47 @@ def test_bad_fixed_point_settings_are_named(kwargs, message):
         EfficientQConfig(**kwargs)
 
 
-def test_a_format_that_contradicts_later_bits_is_named():
+def test_a_config_is_checked_once_and_cannot_change_afterwards():
     cfg = EfficientQConfig(weight_format="Q0.4")
-    cfg.weight_bits = 4
-    with pytest.raises(ValueError, match="weight_format Q0.4 is a 5-bit word"):
-        cfg.validate()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.weight_bits = 4
+    with pytest.raises(ValueError, match="act_bits"):
+        dataclasses.replace(cfg, act_bits=9)  # a changed copy is checked again
+
+
+def test_overrides_set_any_per_layer_setting_and_the_plan_holds_whole_specs():
+    cfg = EfficientQConfig(
+        weight_bits=4, act_bits=8, first_layer_bits=None, last_layer_bits=None,
+        overrides={
+            "b": {"per_channel": True, "method": "gptq", "weight_grid": "signed"},
+            "c": {"weight_format": "Q0.3", "power_of_two": True},
+            "d": {"act_format": "Q4.0"},
+        },
+    )
+    plans = {p.name: p for p in cfg.plan(["a", "b", "c", "d"])}
+    assert plans["a"].weight == WeightSpec.of(4, "midrise") and plans["a"].method == "efficientq"
+    assert plans["a"].act == ActivationSpec(8)
+    assert (plans["b"].weight.per_channel, plans["b"].weight.grid.kind, plans["b"].method) == (True, "signed", "gptq")
+    assert (plans["c"].weight.scale_rule, plans["c"].weight.step, plans["c"].weight_bits) == ("fixed", 0.125, 4)
+    assert plans["c"].act.power_of_two and not plans["a"].act.power_of_two
+    assert (plans["d"].act_bits, plans["d"].act_format) == (4, "Q4.0")
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ({"per_channel": "false"}, "per_channel must be True or False"),
+        ({"method": "adaround"}, "method"),
+        ({"weight_grid": "log"}, "weight_grid"),
+        ({"weight_format": "Q0.9"}, "word"),
+    ],
+)
+def test_bad_override_values_are_named(override, message):
+    with pytest.raises(ValueError, match=message):
+        EfficientQConfig(overrides={"x": override})
+
+
+@pytest.mark.parametrize("flag", ["per_channel", "attention", "fold_batchnorm"])
+def test_booleans_must_be_booleans(flag):
+    with pytest.raises(ValueError, match=f"{flag} must be True or False"):
+        EfficientQConfig(**{flag: "false"})

@@ -47,7 +47,7 @@ def test_validated_and_unweighted_solves_make_no_tensor_on_the_default_device(ma
         held = torch.zeros(ys.shape[0], *ys.shape[2:], dtype=torch.bool, device="cpu")
         held[3] = True
         acc.add_batch(xs, ys, holdout=held)
-        view, args = layer_view(layer), dict(weight=layer.weight, bias=layer.bias, weight_bits=3)
+        view, args = layer_view(layer), dict(weight=layer.weight, bias=layer.bias, spec=3)
         plain = GramAccumulator(view)
         plain.add_batch(xs, ys)  # the shifted-product path
         return (

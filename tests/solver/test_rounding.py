@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from monai_effq.quant import UniformGrid
+from monai_effq.quant import WeightSpec
 from monai_effq.solver import GramAccumulator, layer_view
 from monai_effq.solver.rounding import fit_grid, gptq_round, refine_codes, round_to_nearest
 
@@ -23,7 +23,7 @@ def _objective(codes, fit, stats):
 @pytest.mark.parametrize("bits,per_channel", [(2, False), (3, True), (4, False)])
 def test_refinement_never_raises_the_objective_and_keeps_codes_on_the_grid(problem, bits, per_channel):
     w0, stats = problem
-    fit = fit_grid(w0, UniformGrid(bits, "midrise"), per_channel)
+    fit = fit_grid(w0, WeightSpec.of(bits, "midrise", per_channel))
     start = round_to_nearest(w0, fit)
     refined, changed = refine_codes(start, fit, stats.A, stats.B, sweeps=3)
     assert changed > 0
@@ -34,7 +34,7 @@ def test_refinement_never_raises_the_objective_and_keeps_codes_on_the_grid(probl
 
 def test_refinement_improves_even_gptqs_rounding(problem):
     w0, stats = problem
-    fit = fit_grid(w0, UniformGrid(2, "midrise"), False)
+    fit = fit_grid(w0, WeightSpec.of(2))
     gptq = gptq_round(w0, stats.A, fit)
     refined, _ = refine_codes(gptq, fit, stats.A, stats.B)
     assert _objective(refined, fit, stats) < _objective(gptq, fit, stats)
@@ -42,7 +42,7 @@ def test_refinement_improves_even_gptqs_rounding(problem):
 
 def test_refinement_stops_at_a_coordinate_wise_minimum(problem):
     w0, stats = problem
-    fit = fit_grid(w0, UniformGrid(2, "midrise"), False)
+    fit = fit_grid(w0, WeightSpec.of(2))
     once, _ = refine_codes(round_to_nearest(w0, fit), fit, stats.A, stats.B, sweeps=50)
     again, changed = refine_codes(once, fit, stats.A, stats.B, sweeps=1)
     assert changed == 0 and torch.equal(again, once)
@@ -51,7 +51,7 @@ def test_refinement_stops_at_a_coordinate_wise_minimum(problem):
 def test_the_nearby_error_equals_the_float64_error(problem):
     w0, stats = problem
     error = stats.error_near(w0)
-    fit = fit_grid(w0, UniformGrid(2, "midrise"), False)
+    fit = fit_grid(w0, WeightSpec.of(2))
     bias = torch.randn(stats.y_mean.shape, generator=torch.Generator().manual_seed(1))
     for w in (w0, fit.values(round_to_nearest(w0, fit)), 1.1 * w0):
         for b in (None, bias):

@@ -191,3 +191,23 @@ class TestBadInput:
     def test_voxel_weights_of_the_wrong_shape(self):
         with pytest.raises(ValueError, match="one weight per output"):
             solve_layer(self.layer, self.x, self.y, 4, voxel_weights=torch.ones(1, 4, 4, 4))
+
+
+def test_a_method_registered_in_one_module_is_solved_and_configured_by_name(make_layer):
+    from monai_effq import EfficientQConfig
+    from monai_effq.solver import METHODS, MethodResult, register_method
+
+    @register_method("lowest-code", refits_bias=False)
+    def lowest(problem):
+        return MethodResult(torch.full_like(problem.rtn_codes, problem.fit.grid.qmin), problem.fit)
+
+    try:
+        layer, x, y = make_layer(4, 4, 5, seed=12)
+        sol = solve_layer(layer, x, y, 3, method="lowest-code")
+        assert sol.method == "lowest-code" and int(sol.codes.max()) == sol.grid.qmin
+        assert torch.equal(sol.bias, layer.bias.detach())  # it asked for the FP bias
+        assert EfficientQConfig(method="lowest-code", overrides={"x": {"method": "lowest-code"}}).method == "lowest-code"
+    finally:
+        del METHODS["lowest-code"]
+    with pytest.raises(ValueError, match="lowest-code"):
+        solve_layer(layer, x, y, 3, method="lowest-code")
