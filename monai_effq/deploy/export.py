@@ -35,7 +35,7 @@ from monai_effq.deploy.norms import GROUP_NORM_FORMS, channel_stats_norms
 from monai_effq.ptq.graph import set_submodule
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, functional_forward
 from monai_effq.quant.grid import dequantize
-from monai_effq.ptq.pipeline import QuantizationResult
+from monai_effq.ptq.result import QuantizationResult
 from monai_effq.solver.layers import layer_view
 from monai_effq.utils.io import atomic_write
 

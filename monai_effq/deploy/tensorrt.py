@@ -28,7 +28,7 @@ from monai.utils import optional_import
 from monai_effq.deploy.export import QdqLayer, _network_of, export_form
 from monai_effq.deploy.onnx_graph import constant_values
 from monai_effq.ptq.modules import QuantizedLayer
-from monai_effq.ptq.pipeline import QuantizationResult
+from monai_effq.ptq.result import QuantizationResult
 
 onnx, _has_onnx = optional_import("onnx")
 trt_compile, _has_trt_compile = optional_import("monai.networks", name="trt_compile")

@@ -15,7 +15,8 @@ from monai_effq.ptq.modules import (
     QuantizedLayer,
     QuantizedLinear,
 )
-from monai_effq.ptq.pipeline import QuantizationResult, quantize, quantized_size_bytes, state_bytes
+from monai_effq.ptq.pipeline import quantize
+from monai_effq.ptq.result import QuantizationResult, quantized_size_bytes, state_bytes
 from monai_effq.ptq.report import LayerReport, QuantizationReport
 
 __all__ = [

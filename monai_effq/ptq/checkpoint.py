@@ -28,7 +28,7 @@ import torch.nn as nn
 from monai_effq.ptq.config import EfficientQConfig
 from monai_effq.ptq.graph import set_submodule
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, quantized_layer_class
-from monai_effq.ptq.pipeline import QuantizationResult
+from monai_effq.ptq.result import QuantizationResult
 from monai_effq.ptq.report import QuantizationReport
 from monai_effq.quant.grid import UniformGrid
 from monai_effq.quant.packing import pack_codes, unpack_codes

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -16,10 +17,12 @@ from monai_effq.solver.layers import SUPPORTED_LAYERS
 
 __all__ = [
     "BATCHNORMS",
+    "NetworkProbe",
     "StopForward",
     "execution_order",
     "find_foldable_batchnorms",
     "fold_batchnorm",
+    "probe_network",
     "set_submodule",
     "hooks",
 ]
@@ -99,6 +102,74 @@ def execution_order(
     return [n for n in order if not (n in seen or seen.add(n))]
 
 
+@dataclass
+class NetworkProbe:
+    """What one forward pass shows about a network.
+
+    Attributes:
+        output: its output on the probe batch.
+        order: the supported weight layers' dotted names, in first-call order.
+        output_numels: each of those layers' output size on the probe batch.
+        foldable: ``(conv, batchnorm)`` name pairs where the BatchNorm runs right after the conv on
+            its output.
+    """
+
+    output: torch.Tensor
+    order: list[str]
+    output_numels: dict[str, int]
+    foldable: list[tuple[str, str]]
+
+
+def probe_network(network: nn.Module, batch: torch.Tensor) -> NetworkProbe:
+    """Run ``network`` once with hooks that record what preparing it for quantization needs.
+
+    One pass instead of one each for checking that it runs, finding the execution order and the
+    output sizes, and finding the BatchNorms to fold.
+
+    Args:
+        network: the network (in eval mode).
+        batch: an input it accepts.
+
+    Returns:
+        the :class:`NetworkProbe`.
+
+    Raises:
+        ValueError: when the batch does not fit the network (its own message says why).
+        TypeError: when the network does not return one tensor.
+    """
+    order: list[str] = []
+    numels: dict[str, int] = {}
+    events: list[tuple[str, str, int]] = []  # (name, "in"/"out", id of the tensor)
+    handles: list = []
+    with hooks(handles):
+        for name, module in network.named_modules():
+            if name and isinstance(module, SUPPORTED_LAYERS):
+                handles.append(module.register_forward_pre_hook(lambda m, a, n=name: order.append(n)))
+                handles.append(module.register_forward_hook(lambda m, a, o, n=name: _record(numels, n, o)))
+            if isinstance(module, nn.modules.conv._ConvNd):
+                handles.append(module.register_forward_hook(lambda m, a, o, n=name: events.append((n, "out", id(o)))))
+            elif isinstance(module, BATCHNORMS):
+                handles.append(module.register_forward_pre_hook(lambda m, a, n=name: events.append((n, "in", id(a[0])))))
+        try:
+            with torch.no_grad():
+                output = network(batch)
+        except Exception as e:  # the network's own message says which layer refused the shape
+            raise ValueError(
+                f"calibration batch of shape {tuple(batch.shape)} does not fit the network "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass batches shaped (N, C, *spatial) "
+                "as the network expects."
+            ) from e
+    if not isinstance(output, torch.Tensor):
+        raise TypeError("the network must return one tensor of logits to be quantized.")
+    seen: set[str] = set()
+    unique = [n for n in order if not (n in seen or seen.add(n))]
+    return NetworkProbe(output, unique, numels, _adjacent_pairs(events))
+
+
+def _adjacent_pairs(events: list[tuple[str, str, int]]) -> list[tuple[str, str]]:
+    return [(p[0], c[0]) for p, c in zip(events, events[1:]) if p[1] == "out" and c[1] == "in" and p[2] == c[2]]
+
+
 def find_foldable_batchnorms(network: nn.Module, batch: torch.Tensor) -> list[tuple[str, str]]:
     """``(conv, batchnorm)`` name pairs where the BatchNorm runs right after the conv on its output.
 
@@ -109,7 +180,7 @@ def find_foldable_batchnorms(network: nn.Module, batch: torch.Tensor) -> list[tu
     Returns:
         the pairs that can be folded.
     """
-    events: list[tuple[str, str, int]] = []  # (name, "in"/"out", id of the tensor)
+    events: list[tuple[str, str, int]] = []
     handles: list = []
     with hooks(handles):
         for name, module in network.named_modules():
@@ -120,15 +191,13 @@ def find_foldable_batchnorms(network: nn.Module, batch: torch.Tensor) -> list[tu
                     module.register_forward_pre_hook(lambda m, a, n=name: events.append((n, "in", id(a[0]))))
                 )
         _run(network, batch)
-    pairs = []
-    for prev, cur in zip(events, events[1:]):
-        if prev[1] == "out" and cur[1] == "in" and prev[2] == cur[2]:
-            pairs.append((prev[0], cur[0]))
-    return pairs
+    return _adjacent_pairs(events)
 
 
 @torch.no_grad()
-def fold_batchnorm(network: nn.Module, batch: torch.Tensor, rtol: float = 1e-4) -> list[str]:
+def fold_batchnorm(
+    network: nn.Module, batch: torch.Tensor, rtol: float = 1e-4, probe: NetworkProbe | None = None
+) -> list[str]:
     """Fold every BatchNorm that directly follows a convolution into it (in place).
 
     Each folded BatchNorm becomes ``nn.Identity``. The output on ``batch`` is checked to be
@@ -138,13 +207,18 @@ def fold_batchnorm(network: nn.Module, batch: torch.Tensor, rtol: float = 1e-4) 
         network: the network, in eval mode.
         batch: a calibration input.
         rtol: tolerance of the output check, relative to the output's largest magnitude.
+        probe: a :func:`probe_network` of ``network`` on ``batch`` (its output and pairs), to save
+            the two passes that would find them again.
 
     Returns:
         names of the folded BatchNorm modules.
     """
-    reference = network(batch)
+    if probe is None:
+        reference, pairs = network(batch), find_foldable_batchnorms(network, batch)
+    else:
+        reference, pairs = probe.output, probe.foldable
     undo = []
-    for conv_name, bn_name in find_foldable_batchnorms(network, batch):
+    for conv_name, bn_name in pairs:
         conv, bn = network.get_submodule(conv_name), network.get_submodule(bn_name)
         if bn.running_var is None:
             continue  # batch statistics at inference time: nothing fixed to fold

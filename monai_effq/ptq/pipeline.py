@@ -1,7 +1,8 @@
 """Network PTQ: quantize every weight layer of a network, in forward order, as the paper does.
 
-Phases, each a call: prepare (copy, fold BatchNorm, find the layers in execution order, plan
-their bits, compute the attention), then for each layer capture (its input in the partly
+Phases, each a call: prepare (:func:`~monai_effq.ptq.prepare.prepare_network`, shared with QAT: copy, one probe
+pass, fold BatchNorm, plan
+the layers; then the attention), then for each layer capture (its input in the partly
 quantized network and its output in the FP network, through hooks that stop the forward pass
 once they have what they need), accumulate (the layer's normal equations), solve and swap in
 the fake-quant module. Only the current layer's activations are ever held.
@@ -13,7 +14,6 @@ import copy
 import logging
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -22,10 +22,11 @@ from monai.utils import optional_import
 from monai_effq.ptq.attention import ClassAttention
 from monai_effq.ptq.config import EfficientQConfig, LayerPlan
 from monai_effq.ptq.footprint import weight_footprint
-from monai_effq.ptq.graph import StopForward, execution_order, fold_batchnorm, hooks, set_submodule
+from monai_effq.ptq.graph import StopForward, hooks, set_submodule
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, quantized_layer_class
+from monai_effq.ptq.prepare import prepare_network
 from monai_effq.ptq.report import LayerReport, QuantizationReport, peak_memory_mib, reset_peak_memory
-from monai_effq.quant.packing import packed_nbytes
+from monai_effq.ptq.result import QuantizationResult, quantized_size_bytes, state_bytes
 from monai_effq.solver.api import solve_statistics
 from monai_effq.solver.gram import GramAccumulator
 from monai_effq.solver.layers import LayerView, layer_view
@@ -33,26 +34,9 @@ from monai_effq.solver.validation import solve_validated
 
 tqdm, _has_tqdm = optional_import("tqdm", name="tqdm")
 
-__all__ = ["QuantizationResult", "holdout_mask", "quantize", "quantized_size_bytes", "state_bytes"]
+__all__ = ["holdout_mask", "quantize"]
 
 logger = logging.getLogger("monai_effq")
-
-
-@dataclass
-class QuantizationResult:
-    """A quantized network and what was done to it.
-
-    Attributes:
-        network: the quantized network (fake-quant modules, eval mode).
-        report: the :class:`QuantizationReport`.
-        config: the config used.
-        folded: names of the BatchNorms folded (replaced by ``nn.Identity``) before quantization.
-    """
-
-    network: nn.Module
-    report: QuantizationReport
-    config: EfficientQConfig
-    folded: list[str]
 
 
 def _as_batches(calibration: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -81,31 +65,6 @@ def _as_batches(calibration: torch.Tensor | Iterable[torch.Tensor]) -> list[torc
     return out
 
 
-def state_bytes(network: nn.Module) -> int:
-    """Bytes of a network's parameters and persistent buffers as stored."""
-    return sum(t.numel() * t.element_size() for t in network.state_dict().values())
-
-
-def quantized_size_bytes(network: nn.Module) -> int:
-    """Bytes of a quantized network once its codes are packed (everything else as stored).
-
-    Args:
-        network: a network with :class:`QuantizedLayer` modules.
-
-    Returns:
-        packed codes plus scales, zero points, biases and every other parameter and buffer.
-    """
-    total = 0
-    for key, t in network.state_dict().items():
-        module_name, _, attr = key.rpartition(".")
-        module = network.get_submodule(module_name) if module_name else network
-        if isinstance(module, QuantizedLayer) and attr == "codes":
-            total += packed_nbytes(t.numel(), module.grid.bits)
-        else:
-            total += t.numel() * t.element_size()
-    return total
-
-
 def _capture(network: nn.Module, module: nn.Module, batch: torch.Tensor, want: str) -> torch.Tensor:
     """The input (``want="input"``) or output of ``module`` on ``batch``, stopping the pass there."""
     box: list[torch.Tensor] = []
@@ -125,21 +84,6 @@ def _capture(network: nn.Module, module: nn.Module, batch: torch.Tensor, want: s
     if not box:
         raise RuntimeError("the layer was not reached by the forward pass.")
     return box[0]
-
-
-def _check_runs(network: nn.Module, batch: torch.Tensor) -> torch.Tensor:
-    try:
-        with torch.no_grad():
-            out = network(batch)
-    except Exception as e:  # the network's own message says which layer refused the shape
-        raise ValueError(
-            f"calibration batch of shape {tuple(batch.shape)} does not fit the network "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass batches shaped (N, C, *spatial) "
-            "as the network expects."
-        ) from e
-    if not isinstance(out, torch.Tensor):
-        raise TypeError("the network must return one tensor of logits to be quantized.")
-    return out
 
 
 def holdout_mask(shape: tuple[int, ...], fraction: float) -> torch.Tensor | None:
@@ -183,14 +127,11 @@ class _Run:
         self.concatenated = len(batches) > 1 and len({tuple(b.shape[1:]) for b in batches}) == 1
         if self.concatenated:
             batches = [torch.cat(batches)]
-        self.fp = copy.deepcopy(network).eval().to(self.device)
+        prepared = prepare_network(network, batches[0], config, device=self.device)
+        self.fp, self.folded, self.order, self.plans = prepared.network, prepared.folded, prepared.order, prepared.plans
         for p in self.fp.parameters():
             p.requires_grad_(False)
-        first = batches[0][:1].to(self.device)
-        _check_runs(self.fp, first)
-        self.folded = fold_batchnorm(self.fp, first) if config.fold_batchnorm else []
-        per_sample: dict[str, int] = {}
-        self.order = execution_order(self.fp, first, output_numels=per_sample)
+        per_sample = prepared.output_numels
         self.chunks = 1
         if len(batches) == 1 and per_sample:
             cap = max(1, config.target_memory_mib * 2**20 // 4 // max(per_sample.values()))
@@ -199,12 +140,6 @@ class _Run:
             batches = [batches[0][c :: self.chunks] for c in range(self.chunks)]
         self.batches = batches
         self.numels = {k: v * batches[0].shape[0] for k, v in per_sample.items()}
-        if not self.order:
-            raise ValueError(
-                "the network has no quantizable layers (Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear) "
-                "that run in its forward pass."
-            )
-        self.plans = config.plan(self.order)
         self.qnet = copy.deepcopy(self.fp)
 
     def masks(self, body_mask: torch.Tensor | list[torch.Tensor] | None) -> torch.Tensor | list[torch.Tensor] | None:

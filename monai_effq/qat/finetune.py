@@ -29,9 +29,10 @@ from monai.utils import optional_import
 
 from monai_effq.ptq.config import EfficientQConfig, LayerPlan
 from monai_effq.ptq.footprint import weight_footprint
-from monai_effq.ptq.graph import BATCHNORMS, execution_order, fold_batchnorm, hooks, set_submodule
+from monai_effq.ptq.graph import BATCHNORMS, hooks, set_submodule
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer
-from monai_effq.ptq.pipeline import QuantizationResult, quantized_size_bytes, state_bytes
+from monai_effq.ptq.prepare import prepare_network
+from monai_effq.ptq.result import QuantizationResult, quantized_size_bytes, state_bytes
 from monai_effq.ptq.report import LayerReport, QuantizationReport, peak_memory_mib
 from monai_effq.qat.modules import FrozenBatchNorm, TrainableQuantizedLayer
 from monai_effq.solver.layers import layer_view
@@ -248,17 +249,10 @@ def _from_result(result: QuantizationResult) -> TrainableNetwork:
 
 def _from_network(network: nn.Module, sample: torch.Tensor, config: EfficientQConfig, from_scratch: bool) -> TrainableNetwork:
     fp_bytes = state_bytes(network)
-    net = copy.deepcopy(network).eval()
-    if from_scratch:
-        for module in net.modules():
-            if module is not net and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
     # From scratch the BatchNorms have nothing to fold yet: they keep training as BatchNorms.
-    folded = fold_batchnorm(net, sample[:1]) if config.fold_batchnorm and not from_scratch else []
-    order = execution_order(net, sample)
-    if not order:
-        raise ValueError("the network has no quantizable layers (Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear) in its forward pass.")
-    plans = config.plan(order)
+    device = next((p.device for p in network.parameters()), torch.device("cpu"))
+    prepared = prepare_network(network, sample, config, device=device, from_scratch=from_scratch)
+    net, folded, plans = prepared.network, prepared.folded, prepared.plans
     quantizers: dict[str, ActivationQuantizer] = {}
 
     def calibrate(plan: LayerPlan, x: torch.Tensor) -> None:

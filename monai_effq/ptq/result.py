@@ -1,0 +1,59 @@
+"""What a quantization run hands on: the quantized network with its report and config, and byte counts.
+
+PTQ produces it; QAT, the checkpoints and the exporters read it, without importing the pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from monai_effq.ptq.config import EfficientQConfig
+from monai_effq.ptq.modules import QuantizedLayer
+from monai_effq.ptq.report import QuantizationReport
+from monai_effq.quant.packing import packed_nbytes
+
+__all__ = ["QuantizationResult", "quantized_size_bytes", "state_bytes"]
+
+
+@dataclass
+class QuantizationResult:
+    """A quantized network and what was done to it.
+
+    Attributes:
+        network: the quantized network (fake-quant modules, eval mode).
+        report: the :class:`QuantizationReport`.
+        config: the config used.
+        folded: names of the BatchNorms folded (replaced by ``nn.Identity``) before quantization.
+    """
+
+    network: nn.Module
+    report: QuantizationReport
+    config: EfficientQConfig
+    folded: list[str]
+
+
+def state_bytes(network: nn.Module) -> int:
+    """Bytes of a network's parameters and persistent buffers as stored."""
+    return sum(t.numel() * t.element_size() for t in network.state_dict().values())
+
+
+def quantized_size_bytes(network: nn.Module) -> int:
+    """Bytes of a quantized network once its codes are packed (everything else as stored).
+
+    Args:
+        network: a network with :class:`QuantizedLayer` modules.
+
+    Returns:
+        packed codes plus scales, zero points, biases and every other parameter and buffer.
+    """
+    total = 0
+    for key, t in network.state_dict().items():
+        module_name, _, attr = key.rpartition(".")
+        module = network.get_submodule(module_name) if module_name else network
+        if isinstance(module, QuantizedLayer) and attr == "codes":
+            total += packed_nbytes(t.numel(), module.grid.bits)
+        else:
+            total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,65 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from monai_effq import EfficientQConfig
+from monai_effq.ptq.graph import execution_order, find_foldable_batchnorms, probe_network
+from monai_effq.ptq.prepare import prepare_network
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(),
+        nn.Conv3d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 1),
+    )
+    bn = net[1]
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def _count_passes(net: nn.Module) -> list[int]:
+    calls = [0]
+    net.register_forward_pre_hook(lambda m, a: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_one_probe_pass_finds_what_three_passes_found():
+    net, x = _net(), torch.randn(1, 1, 6, 6, 6)
+    numels: dict[str, int] = {}
+    order = execution_order(net, x, output_numels=numels)
+    probe = probe_network(net, x)
+    assert probe.order == order == ["0", "3", "5"]
+    assert probe.output_numels == numels
+    assert probe.foldable == find_foldable_batchnorms(net, x) == [("0", "1")]
+    torch.testing.assert_close(probe.output, net(x))
+
+
+def test_preparing_runs_the_network_twice_with_a_fold_and_once_without():
+    net, x = _net(), torch.randn(2, 1, 6, 6, 6)
+    results = []
+    for fold in (True, False):
+        prepared = prepare_network(net, x, EfficientQConfig(fold_batchnorm=fold))
+        results.append(prepared)
+    folded, plain = results
+    assert folded.folded == ["1"] and isinstance(folded.network[1], nn.Identity)
+    assert plain.folded == [] and isinstance(plain.network[1], nn.BatchNorm3d)
+    assert isinstance(net[1], nn.BatchNorm3d)  # the user's network is not modified
+    assert [p.name for p in folded.plans] == folded.order == ["0", "3", "5"]
+    counted = _net()
+    calls = _count_passes(counted)
+    prepare_network(counted, x, EfficientQConfig())  # the copy keeps the counting hook
+    assert calls[0] == 2  # the probe and the check of the fold
+
+
+def test_a_network_that_refuses_the_sample_is_named_with_its_shape():
+    with pytest.raises(ValueError, match=r"shape \(1, 3, 6, 6, 6\) does not fit"):
+        prepare_network(_net(), torch.randn(1, 3, 6, 6, 6), EfficientQConfig())
+
+
+def test_a_qat_start_from_scratch_folds_nothing_and_reinitialises():
+    net, x = _net(), torch.randn(1, 1, 6, 6, 6)
+    prepared = prepare_network(net, x, EfficientQConfig(), from_scratch=True)
+    assert prepared.folded == [] and isinstance(prepared.network[1], nn.BatchNorm3d)
+    assert not torch.equal(prepared.network[0].weight, net[0].weight)
