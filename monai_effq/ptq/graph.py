@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from monai_effq.solver.layers import SUPPORTED_LAYERS
 
@@ -223,18 +224,19 @@ def fold_batchnorm(
         if bn.running_var is None:
             continue  # batch statistics at inference time: nothing fixed to fold
         undo.append((conv_name, bn_name, conv.weight.detach().clone(), conv.bias, bn))
-        gain = bn.running_var.add(bn.eps).rsqrt()
-        if bn.affine:
-            gain = gain * bn.weight
-        shift = bn.bias if bn.affine else torch.zeros_like(bn.running_mean)
-        if isinstance(conv, nn.modules.conv._ConvTransposeNd):  # output channels on axis 1, per group
-            w = conv.weight.reshape(conv.groups, -1, *conv.weight.shape[1:])
-            w = w * gain.reshape(conv.groups, 1, -1, *([1] * (conv.weight.dim() - 2)))
-            conv.weight.copy_(w.reshape(conv.weight.shape))
-        else:
-            conv.weight.mul_(gain.reshape(-1, *([1] * (conv.weight.dim() - 1))))
-        bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        conv.bias = nn.Parameter((bias - bn.running_mean) * gain + shift)
+        transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
+        weight = conv.weight
+        if transposed:  # (c_in, c_out/g, *k) as (c_in/g, c_out, *k): torch's fusion scales axis 1
+            g = conv.groups
+            weight = weight.reshape(g, -1, *weight.shape[1:]).transpose(0, 1).reshape(weight.shape[0] // g, -1, *weight.shape[2:])
+        fused_w, fused_b = fuse_conv_bn_weights(
+            weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+            bn.weight if bn.affine else None, bn.bias if bn.affine else None, transpose=transposed,
+        )
+        if transposed:
+            fused_w = fused_w.reshape(-1, conv.groups, *conv.weight.shape[1:]).transpose(0, 1).reshape(conv.weight.shape)
+        conv.weight.copy_(fused_w)
+        conv.bias = nn.Parameter(fused_b.detach())
         set_submodule(network, bn_name, nn.Identity())
     if undo and not torch.allclose(network(batch), reference, atol=rtol * float(reference.abs().max().clamp_min(1e-12))):
         for conv_name, bn_name, weight, bias, bn in reversed(undo):

@@ -1,9 +1,8 @@
 """Network PTQ: quantize every weight layer of a network, in forward order, as the paper does.
 
-Phases, each a call: prepare (:func:`~monai_effq.ptq.prepare.prepare_network`, shared with QAT: copy, one probe
-pass, fold BatchNorm, plan
-the layers; then the attention), then for each layer capture (its input in the partly
-quantized network and its output in the FP network, through hooks that stop the forward pass
+Phases, each a call: prepare (:func:`~monai_effq.ptq.prepare.prepare_network`, shared with
+QAT: copy, one probe pass, fold BatchNorm, plan the layers; then the attention), then for each
+layer capture (its input in the partly quantized network and its output in the FP network, through hooks that stop the forward pass
 once they have what they need), accumulate (the layer's normal equations), solve and swap in
 the fake-quant module. Only the current layer's activations are ever held.
 """
