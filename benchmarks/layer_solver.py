@@ -40,7 +40,7 @@ VARIANTS = {
     "efficientq": {"method": "efficientq"},
     "effq paper init (rtn)": {"method": "efficientq", "init": "rtn"},
     "effq no bias refit": {"method": "efficientq", "refit_bias": False},
-    "effq all 200 iters": {"method": "efficientq", "admm": {"patience": 0}},
+    "effq 200 iters": {"method": "efficientq", "admm": {"iterations": 200, "patience": 0}},
 }
 
 

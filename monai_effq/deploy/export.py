@@ -34,8 +34,8 @@ from monai_effq.deploy.containers import INT4_MIN_OPSET, WEIGHT_CONTAINERS, pack
 from monai_effq.deploy.norms import GROUP_NORM_FORMS, channel_stats_norms
 from monai_effq.ptq.graph import set_submodule
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, functional_forward
-from monai_effq.quant.grid import dequantize
 from monai_effq.ptq.result import QuantizationResult
+from monai_effq.quant.grid import dequantize
 from monai_effq.solver.layers import layer_view
 from monai_effq.utils.io import atomic_write
 
@@ -151,7 +151,6 @@ class QdqLayer(nn.Module):
         self.register_buffer("weight_zero_point", zero.reshape(-1).to(torch.int32) if self.per_channel else zero.reshape(()).to(torch.int32))
         self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone(), requires_grad=False)
         self.act = _ActivationSpec.from_quantizer(module.input_quantizer)
-
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is not None:

@@ -52,6 +52,8 @@ def _check_format(role: str, text: str | None, bits: int | None, signed: bool) -
 ACT_GRIDS = ("auto", "symmetric")
 
 
+_REGISTER_HINT = " (a method of your own: import the module that registers it first)"
+
 # the per-layer settings an override may set
 OVERRIDE_KEYS = ("weight_bits", "act_bits", "weight_format", "act_format", "per_channel", "weight_grid", "power_of_two", "method")
 
@@ -109,7 +111,8 @@ class EfficientQConfig:
             ``weight_grid``, ``power_of_two`` and ``method``.
         skip: module-name patterns of layers kept in full precision.
         per_channel: one weight scale per output channel.
-        method: ``"efficientq"``, ``"gptq"`` or ``"rtn"``.
+        method: a registered solver method (``"efficientq"``, ``"gptq"``, ``"rtn"`` or one
+            registered with :func:`monai_effq.solver.register_method`).
         weight_grid: weight grid kind (``"midrise"`` is the paper's; ``"signed"`` has an exact zero).
             8-bit layers on the midrise grid use ``"symmetric"`` instead: the midrise half-integer
             zero point needs 9-bit integers at 8 bits, which int8 runtimes cannot hold.
@@ -146,7 +149,7 @@ class EfficientQConfig:
     act_bits: int | None = 8
     first_layer_bits: int | None = 8
     last_layer_bits: int | None = 8
-    overrides: dict[str, dict[str, int | None]] = field(default_factory=dict)
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     skip: list[str] = field(default_factory=list)
     per_channel: bool = False
     method: str = "efficientq"
@@ -206,9 +209,11 @@ class EfficientQConfig:
             if "weight_grid" in spec and spec["weight_grid"] not in GRID_KINDS:
                 raise ValueError(f"{where}.weight_grid must be one of {GRID_KINDS}, got {spec['weight_grid']!r}.")
             if "method" in spec and spec["method"] not in METHODS:
-                raise ValueError(f"{where}.method must be one of {tuple(METHODS)}, got {spec['method']!r}.")
+                raise ValueError(f"{where}.method must be one of {tuple(METHODS)}, got {spec['method']!r}{_REGISTER_HINT}.")
+            if self.act_grid == "symmetric" and spec.get("act_format") is not None:
+                raise ValueError(f"{where}.act_format sets its own grid: use it or act_grid='symmetric', not both.")
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {tuple(METHODS)}, got {self.method!r}.")
+            raise ValueError(f"method must be one of {tuple(METHODS)}, got {self.method!r}{_REGISTER_HINT}.")
         if self.weight_grid not in GRID_KINDS:
             raise ValueError(f"weight_grid must be one of {GRID_KINDS}, got {self.weight_grid!r}.")
         if self.init not in ("gptq", "rtn"):

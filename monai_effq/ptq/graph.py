@@ -181,18 +181,7 @@ def find_foldable_batchnorms(network: nn.Module, batch: torch.Tensor) -> list[tu
     Returns:
         the pairs that can be folded.
     """
-    events: list[tuple[str, str, int]] = []
-    handles: list = []
-    with hooks(handles):
-        for name, module in network.named_modules():
-            if isinstance(module, nn.modules.conv._ConvNd):
-                handles.append(module.register_forward_hook(lambda m, a, o, n=name: events.append((n, "out", id(o)))))
-            elif isinstance(module, BATCHNORMS):
-                handles.append(
-                    module.register_forward_pre_hook(lambda m, a, n=name: events.append((n, "in", id(a[0]))))
-                )
-        _run(network, batch)
-    return _adjacent_pairs(events)
+    return probe_network(network, batch).foldable
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from monai_effq.quant.fixed_point import FixedPointFormat
-from monai_effq.quant.grid import UniformGrid, check_bits
+from monai_effq.quant.grid import UniformGrid
 from monai_effq.quant.spec import WeightSpec
 from monai_effq.solver.admm import AdmmSettings, AdmmTrace
 from monai_effq.solver.gram import GramAccumulator, LayerStatistics
@@ -59,10 +59,11 @@ class LayerSolution:
     info: dict = field(default_factory=dict)
 
 
+SOLVER_OPTIONS = ("method", "admm", "init", "refit_bias", "gptq_damp")
+
+
 def _weight_spec(spec: WeightSpec | int) -> WeightSpec:
-    if isinstance(spec, WeightSpec):
-        return spec
-    return WeightSpec.of(check_bits(spec, "weight_bits"), DEFAULT_WEIGHT_GRID)
+    return spec if isinstance(spec, WeightSpec) else WeightSpec.of(spec, DEFAULT_WEIGHT_GRID)
 
 
 def solve_statistics(
@@ -177,6 +178,9 @@ def solve_layer(
             empty calibration data.
     """
     view = layer_view(layer)
+    unknown = set(options) - set(SOLVER_OPTIONS)
+    if unknown:  # before the statistics, which can take minutes
+        raise TypeError(f"solve_layer got unknown options {sorted(unknown)}; the solver's are {SOLVER_OPTIONS}.")
     get_method(options.get("method", "efficientq"))
     if isinstance(weight_bits, WeightSpec):
         spec = weight_bits

@@ -91,13 +91,13 @@ def fit_grid(weight: torch.Tensor, spec: WeightSpec) -> GridFit:
         under that rule) or the spec's fixed step.
     """
     g, m, n = weight.shape
-    flat = weight.reshape(g * m, n)
     grid = spec.grid
     if spec.scale_rule == "fixed":
         dev = weight.device
         scale = torch.full((g * m,), float(spec.step), device=dev) if spec.per_channel else torch.tensor(float(spec.step), device=dev)
         zero = torch.full_like(scale, float(grid.fixed_zero_point or 0.0))
         return GridFit(grid, scale, zero, spec.scale_rule)
+    flat = weight.reshape(g * m, n)
     scale, zero = fit_scale(flat, grid, per_channel=spec.per_channel, method=spec.scale_method)
     if spec.scale_rule == "power_of_two":
         scale, zero = snap_to_power_of_two(flat, scale, zero, grid, spec.per_channel)
@@ -161,7 +161,6 @@ def gptq_round(
     return codes
 
 
-
 def refine_codes(
     codes: torch.Tensor, fit: GridFit, hessian: torch.Tensor, target: torch.Tensor, sweeps: int = 2, block: int = 64
 ) -> tuple[torch.Tensor, int]:
@@ -176,8 +175,8 @@ def refine_codes(
     Args:
         codes: ``(G, m, n)`` float integer codes to start from.
         fit: the grid and its scale (kept).
-        hessian: ``(G, n, n)`` ``H`` (the layer's centred Gram matrix ``A``).
-        target: ``(G, m, n)`` ``T`` (the layer's centred ``B``).
+        hessian: ``(G, n, n)`` ``H``: the layer's centred Gram matrix ``A`` (ADMM passes ``A + ηI``).
+        target: ``(G, m, n)`` ``T``: the layer's centred ``B`` (ADMM passes ``B + η W0``).
         sweeps: passes over all columns.
         block: columns whose gradient is updated exactly before the lazy product.
 

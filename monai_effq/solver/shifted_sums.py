@@ -131,7 +131,7 @@ def _plan(spatial: tuple[int, ...]) -> _Plan:
     pair, product, sign = [], [], []
     sums: dict[tuple, int] = {}
     tap, summand, sum_sign = [], [], []
-    rows, cols = torch.triu_indices(len(taps), len(taps)).tolist()
+    rows, cols = torch.triu_indices(len(taps), len(taps), device="cpu").tolist()
     for p, (a, b) in enumerate(zip(rows, cols)):
         shift = tuple(q - r for r, q in zip(taps[a], taps[b]))
         for sgn, subset in _inclusion_exclusion(_excluded_planes(taps[a], spatial)):

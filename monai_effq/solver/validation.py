@@ -60,7 +60,8 @@ def candidates_for(method: str, admm: AdmmSettings | None = None, gptq_damp: flo
     """The settings tried for ``method``, its default first (which wins ties).
 
     Args:
-        method: ``"efficientq"``, ``"gptq"`` or ``"rtn"``.
+        method: a registered method; one other than the built-in three competes as itself with
+            round-to-nearest.
         admm: the configured ADMM settings (their ``eta`` is the default candidate's).
         gptq_damp: the configured GPTQ damping.
 
@@ -72,6 +73,8 @@ def candidates_for(method: str, admm: AdmmSettings | None = None, gptq_damp: flo
         return [rtn]
     gptq = [Candidate(f"gptq damp={d:g}", "gptq", {"gptq_damp": d}) for d in dict.fromkeys((gptq_damp, *GPTQ_DAMP_CHOICES))]
     out: list[Candidate] = []
+    if method not in ("efficientq", "gptq"):
+        return [Candidate(method, method), Candidate("rtn+bias", "rtn", {"refit_bias": True}), rtn]
     if method == "efficientq":
         base = admm or AdmmSettings()
         for eta in dict.fromkeys((base.eta, *ETA_CHOICES)):

@@ -124,6 +124,16 @@ def test_bad_override_values_are_named(override, message):
         EfficientQConfig(overrides={"x": override})
 
 
+def test_an_override_format_cannot_contradict_the_symmetric_activation_grid():
+    with pytest.raises(ValueError, match="act_format sets its own grid"):
+        EfficientQConfig(act_grid="symmetric", overrides={"x": {"act_format": "Q4.0"}})
+
+
+def test_an_unregistered_method_says_how_to_register_it():
+    with pytest.raises(ValueError, match="import the module that registers it"):
+        EfficientQConfig(method="mine")
+
+
 @pytest.mark.parametrize("flag", ["per_channel", "attention", "fold_batchnorm"])
 def test_booleans_must_be_booleans(flag):
     with pytest.raises(ValueError, match=f"{flag} must be True or False"):

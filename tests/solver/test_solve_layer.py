@@ -207,7 +207,16 @@ def test_a_method_registered_in_one_module_is_solved_and_configured_by_name(make
         assert sol.method == "lowest-code" and int(sol.codes.max()) == sol.grid.qmin
         assert torch.equal(sol.bias, layer.bias.detach())  # it asked for the FP bias
         assert EfficientQConfig(method="lowest-code", overrides={"x": {"method": "lowest-code"}}).method == "lowest-code"
+        from monai_effq.solver.validation import candidates_for
+
+        assert candidates_for("lowest-code")[0].method == "lowest-code"  # the pipeline's validated solve tries it first
     finally:
         del METHODS["lowest-code"]
     with pytest.raises(ValueError, match="lowest-code"):
         solve_layer(layer, x, y, 3, method="lowest-code")
+
+
+def test_a_misspelt_solver_option_fails_before_the_statistics(make_layer):
+    layer, x, y = make_layer(4, 4, 4, seed=13)
+    with pytest.raises(TypeError, match="unknown options \\['admm_settings'\\]"):
+        solve_layer(layer, x[:, :, :0], y[:, :, :0], 2, admm_settings=AdmmSettings())
