@@ -197,16 +197,14 @@ def fold_batchnorm(
         network: the network, in eval mode.
         batch: a calibration input.
         rtol: tolerance of the output check, relative to the output's largest magnitude.
-        probe: a :func:`probe_network` of ``network`` on ``batch`` (its output and pairs), to save
-            the two passes that would find them again.
+        probe: a :func:`probe_network` of ``network`` on ``batch`` (its output and pairs); one is
+            run when ``None``.
 
     Returns:
         names of the folded BatchNorm modules.
     """
-    if probe is None:
-        reference, pairs = network(batch), find_foldable_batchnorms(network, batch)
-    else:
-        reference, pairs = probe.output, probe.foldable
+    probe = probe or probe_network(network, batch)
+    reference, pairs = probe.output, probe.foldable
     undo = []
     for conv_name, bn_name in pairs:
         conv, bn = network.get_submodule(conv_name), network.get_submodule(bn_name)

@@ -22,6 +22,7 @@ from monai_effq.solver.rounding import fit_grid, round_to_nearest
 __all__ = ["LayerSolution", "METHODS", "solve_layer", "solve_statistics", "paper_problem_scale"]
 
 DEFAULT_WEIGHT_GRID = "midrise"
+DEFAULT_METHOD = "efficientq"
 
 
 @dataclass
@@ -73,7 +74,7 @@ def solve_statistics(
     bias: torch.Tensor | None,
     spec: WeightSpec | int,
     *,
-    method: str = "efficientq",
+    method: str = DEFAULT_METHOD,
     admm: AdmmSettings | None = None,
     init: str = "gptq",
     refit_bias: bool | None = None,
@@ -181,7 +182,7 @@ def solve_layer(
     unknown = set(options) - set(SOLVER_OPTIONS)
     if unknown:  # before the statistics, which can take minutes
         raise TypeError(f"solve_layer got unknown options {sorted(unknown)}; the solver's are {SOLVER_OPTIONS}.")
-    get_method(options.get("method", "efficientq"))
+    get_method(options.get("method", DEFAULT_METHOD))
     if isinstance(weight_bits, WeightSpec):
         spec = weight_bits
     else:
