@@ -4,17 +4,20 @@ Part 1, latency: for MONAI's SegResNet with ``init_filters=16`` (the issue's net
 initialisation) and the BraTS bundle's trained SegResNet (``init_filters=8``), both on a 1x4x128^3
 demo volume, and the LiTS bundle's trained UNet on a 1x1x96^3 volume, at W8A8 and W4A8 (EfficientQ,
 quantized by the bundle's own ``quantize`` workflow on its demo calibration case): torch fp32 eager
-(also with denormals flushed, as OpenVINO does), torch fake-quant,
-ONNX Runtime fp32/int8 and OpenVINO fp32/int8 (int8 also with the float parts in bfloat16, OpenVINO's
-default on CPUs that have it, and with the other group-norm export form than the one
-``group_norm_form_for`` picks for OpenVINO; fp32 always in f32). Every runner is timed once per round, rounds
-interleaved, and the median is reported with its speed ratio against torch fp32 measured in the same
-run; also the ONNX file sizes and each output's relative L2 error against fp32 and against the
-fake-quant network.
+(also with denormals flushed, as OpenVINO does), torch fake-quant, ONNX Runtime fp32/int8, OpenVINO
+running the FP model and our int8 model, each with ``OpenVINONetwork``'s default precision for the
+layers left in floating point (bf16 where the CPU computes it natively, as OpenVINO's own default)
+and with f32, our int8 with the other group-norm export form than the one ``group_norm_form_for``
+picks, and NNCF's int8 of the same FP model (``nncf.quantize`` with its defaults on the bundle's
+calibration case; ``--skip-nncf`` leaves it out). Every runner is timed once per round, rounds
+interleaved, and the median is reported with its speed ratio against torch fp32 and against OpenVINO
+running the FP model with its defaults, both measured in the same run; also the ONNX file sizes and
+each output's relative L2 error against fp32 and against the fake-quant network. The CPU's flags and
+each OpenVINO runner's chosen float precision are printed beside the figures.
 
 Part 2, Dice: each bundle's ``evaluate`` workflow with the ``evaluate_openvino.json`` overlay (the
 sliding-window evaluation on the demo validation cases) for the fake-quant network, OpenVINO and ONNX
-Runtime: Dice per class and wall time.
+Runtime, and NNCF's int8 of the bundle's FP network in OpenVINO: Dice per class and wall time.
 
 Usage::
 
@@ -39,6 +42,9 @@ from monai.transforms import ResizeWithPadOrCrop
 
 import monai_effq
 from monai_effq.deploy import OnnxRuntimeNetwork, OpenVINONetwork, export_onnx, group_norm_form_for
+from monai_effq.deploy.runtime import float_precision_for
+
+from machine import cpu_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ("brats_effq", "lits_effq")
@@ -127,6 +133,24 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def nncf_int8(fp_onnx: Path, calibration: torch.Tensor, path: Path) -> Path:
+    """NNCF's int8 of an FP ONNX file (its defaults, one calibration volume), saved as OpenVINO IR."""
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(str(fp_onnx))
+    quantized = nncf.quantize(model, nncf.Dataset([calibration.numpy()]), subset_size=1)
+    ov.save_model(quantized, str(path))
+    return path
+
+
+def calibration_volume(bundle: str, size: int) -> torch.Tensor:
+    """The bundle's calibration case (the one its ``quantize`` workflow uses), padded/cropped to ``size``^3."""
+    parser = parser_for(bundle, ["quantize"])
+    case = parser.get_parsed_content("calibrate#dataset")[0]
+    return ResizeWithPadOrCrop((size,) * 3)(case["image"]).as_tensor()[None].float()
+
+
 def latency(args: argparse.Namespace, work: Path) -> list[dict]:
     rows = []
     for index, (name, (bundle, size, overrides)) in enumerate(NETWORKS.items()):
@@ -137,12 +161,19 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
         # OpenVINO runs the group-norm form group_norm_form_for picks, fp32 and int8 alike
         ov_norms = group_norm_form_for("openvino", fp)
         fp_onnx_ov = export_onnx(fp, work / f"net{index}_fp32_ov.onnx", x, require_quantized=False, group_norm=ov_norms)
+        # "default": OpenVINONetwork's default precision for the float parts (float_precision_for:
+        # bf16 where the CPU computes it natively), which is OpenVINO's own default on CPUs
         runners = {
             "torch fp32": fp,
             "torch fp32 FTZ": _FlushDenormals(fp),
             "ORT fp32": OnnxRuntimeNetwork(fp_onnx),
-            "OpenVINO fp32": OpenVINONetwork(fp_onnx_ov),
+            "OV FP default": OpenVINONetwork(fp_onnx_ov),
+            "OV FP f32": OpenVINONetwork(fp_onnx_ov, precision="f32"),
         }
+        if not args.skip_nncf:
+            nncf_ir = nncf_int8(fp_onnx_ov, calibration_volume(bundle, size), work / f"net{index}_nncf.xml")
+            runners["NNCF int8 default W8A8"] = OpenVINONetwork(nncf_ir)
+            runners["NNCF int8 f32 W8A8"] = OpenVINONetwork(nncf_ir, precision="f32")
         files = {"fp32": fp_onnx.stat().st_size}
         for bits in args.bits:
             ckpt = quantize_bundle(bundle, bits, work, overrides, fp_ckpt)
@@ -153,12 +184,10 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
             files[f"W{bits}A8"] = path.stat().st_size
             runners[f"torch fake-quant W{bits}A8"] = net.eval()
             runners[f"ORT int8 W{bits}A8"] = OnnxRuntimeNetwork(path)
-            runners[f"OpenVINO int8 W{bits}A8"] = OpenVINONetwork(path_ov)
+            runners[f"OV int8 default W{bits}A8"] = OpenVINONetwork(path_ov)
+            runners[f"OV int8 f32 W{bits}A8"] = OpenVINONetwork(path_ov, precision="f32")
             # the same network with the other group-norm form, to show what the choice is worth
             runners[f"OV int8 {OTHER_FORM[ov_norms]} W{bits}A8"] = OpenVINONetwork(path_other)
-            # the layers left in floating point (norms, activations) in bfloat16: OpenVINO's own
-            # default on CPUs that have it
-            runners[f"OpenVINO int8+bf16 W{bits}A8"] = OpenVINONetwork(path_ov, precision="bf16")
         times: dict[str, list[float]] = {k: [] for k in runners}
         outputs = {}
         with torch.no_grad():
@@ -173,32 +202,45 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
                     # next runner by up to 50%, so every runner starts on an idle machine
                     time.sleep(args.pause)
         base = statistics.median(times["torch fp32"])
-        ov_fp = statistics.median(times["OpenVINO fp32"])
+        ov_fp = statistics.median(times["OV FP default"])
         print(f"\n{name}, input {tuple(x.shape)}, median of {args.rounds} interleaved rounds")
-        print(f"{'runner':30s} {'seconds':>8s} {'x torch fp32':>12s} {'x OV fp32':>9s} {'relL2 vs fp32':>13s} {'vs fake-quant':>13s}")
-        for key in runners:
+        print(f"{'runner':30s} {'float':>5s} {'seconds':>8s} {'x torch fp32':>12s} {'x OV FP def':>11s} {'relL2 vs fp32':>13s} {'vs fake-quant':>13s}")
+        for key, run in runners.items():
             med = statistics.median(times[key])
             tag = key.split()[-1]
             fq = outputs.get(f"torch fake-quant {tag}") if tag != "FTZ" else None
             row = {
                 "network": name,
                 "runner": key,
+                "float_precision": getattr(run, "chosen_precision", None),
                 "seconds": med,
                 "speedup_vs_torch_fp32": base / med,
-                "speedup_vs_openvino_fp32": ov_fp / med,
+                "speedup_vs_openvino_fp_default": ov_fp / med,
                 "rel_l2_vs_fp32": rel_l2(outputs[key], outputs["torch fp32"]),
                 "rel_l2_vs_fake_quant": rel_l2(outputs[key], fq) if fq is not None else None,
             }
             rows.append(row)
             vs_fq = "" if fq is None else f"{row['rel_l2_vs_fake_quant']:13.2e}"
             print(
-                f"{key:30s} {med:8.3f} {row['speedup_vs_torch_fp32']:12.2f} {row['speedup_vs_openvino_fp32']:9.2f} "
-                f"{row['rel_l2_vs_fp32']:13.2e} {vs_fq}"
+                f"{key:30s} {row['float_precision'] or '':>5s} {med:8.3f} {row['speedup_vs_torch_fp32']:12.2f} "
+                f"{row['speedup_vs_openvino_fp_default']:11.2f} {row['rel_l2_vs_fp32']:13.2e} {vs_fq}"
             )
         for tag, size_bytes in files.items():
             print(f"ONNX {tag}: {size_bytes / 2**20:.2f} MiB ({size_bytes / files['fp32']:.3f} of fp32)")
             rows.append({"network": name, "file": tag, "bytes": size_bytes, "ratio_vs_fp32": size_bytes / files["fp32"]})
     return rows
+
+
+def nncf_model(bundle: str, work: Path) -> Path:
+    """NNCF's int8 of the bundle's trained FP network, calibrated on the bundle's calibration case."""
+    path = work / f"{bundle}_nncf.xml"
+    if not path.is_file():
+        fp, _ = fp_network(bundle, None, work)
+        parser = parser_for(bundle, ["quantize"])
+        image = parser.get_parsed_content("calibrate#dataset")[0]["image"].as_tensor()[None].float()
+        onnx_path = export_onnx(fp, work / f"{bundle}_fp32_ov.onnx", image, require_quantized=False, group_norm=group_norm_form_for("openvino", fp))
+        nncf_int8(onnx_path, image, path)
+    return path
 
 
 def dice(args: argparse.Namespace, work: Path) -> list[dict]:
@@ -219,7 +261,12 @@ def dice(args: argparse.Namespace, work: Path) -> list[dict]:
             runs[f"{runtime} W4A8" if runtime != "torch" else "torch fake-quant W4A8"] = (
                 "quantized#evaluator" if runtime == "torch" else "deployed#evaluator"
             )
+            if runtime == "openvino" and not args.skip_nncf:
+                runs["NNCF int8 W8A8 (OpenVINO)"] = "nncf"
             for label, key in runs.items():
+                if key == "nncf":  # the deployed evaluator with NNCF's int8 of the FP network in its place
+                    parser["deployed_network"] = f"$monai_effq.deploy.OpenVINONetwork({str(nncf_model(bundle, work))!r})"
+                    key = "deployed#evaluator"
                 evaluator = parser.get_parsed_content(key)
                 t0 = time.perf_counter()
                 evaluator.run()
@@ -239,11 +286,17 @@ def main() -> None:
     parser.add_argument("--pause", type=float, default=0.5, help="idle seconds after each timed run")
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4])
     parser.add_argument("--skip-dice", action="store_true")
+    parser.add_argument("--skip-nncf", action="store_true", help="leave out NNCF's int8 (the [bench] extra)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.bits = 2, [4]
     torch.set_num_threads(min(torch.get_num_threads(), 2))
+    print(f"CPU: {cpu_summary()}; torch {torch.__version__}")
+    if not args.skip_nncf:
+        import openvino as ov
+
+        print(f"OpenVINO {ov.__version__}: float parts by default in {float_precision_for(ov.Core())} on this CPU")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         rows = latency(args, work)
@@ -253,7 +306,7 @@ def main() -> None:
         from monai_effq.utils.io import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(rows, indent=2))
-    print("\nratios are against torch fp32 eager (and OpenVINO fp32) measured in the same run", file=sys.stderr)
+    print("\nratios are against torch fp32 eager and OpenVINO running the FP model with its defaults, measured in the same run", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ __all__ = [
     "OnnxRuntimeNetwork",
     "OpenVINONetwork",
     "cpu_has_vnni",
+    "float_precision_for",
     "export_options",
     "runtime_network",
     "widest_int8_weight",
@@ -60,6 +61,27 @@ def cpu_has_vnni() -> bool | None:
             flags.update(line.split(":", 1)[1].split())
             break
     return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def float_precision_for(core: Any, device: str = "CPU") -> str | None:
+    """The precision OpenVINO should run the layers left in floating point in, on ``device``.
+
+    bfloat16 where the CPU computes it natively (OpenVINO's capability query reports ``BF16``:
+    AVX-512 BF16 or AMX), which is about 1.3x faster for the int8 networks here and moves outputs
+    by about 1% rel-L2; f32 on other CPUs, where bf16 would be emulated. Other devices keep
+    OpenVINO's own default (``None``).
+
+    Args:
+        core: an ``openvino.Core``.
+        device: the OpenVINO device name.
+
+    Returns:
+        ``"bf16"``, ``"f32"`` or ``None``.
+    """
+    if device.split(".")[0].upper() != "CPU":
+        return None
+    capabilities = core.get_property(device, "OPTIMIZATION_CAPABILITIES")
+    return "bf16" if "BF16" in capabilities else "f32"
 
 
 def widest_int8_weight(path: str | os.PathLike) -> int:
@@ -185,9 +207,10 @@ class OpenVINONetwork(_RuntimeNetwork):
         device: OpenVINO device (``"CPU"``, ``"GPU"``, ...).
         threads: inference threads (``None``: OpenVINO's default).
         hint: OpenVINO performance hint (``"LATENCY"`` suits one volume at a time).
-        precision: precision of the layers left in floating point. ``"f32"`` by default, so results
-            do not depend on the CPU; ``"bf16"`` is OpenVINO's own default on CPUs that have it
-            (faster on larger networks; outputs move by about 1% rel-L2).
+        precision: precision of the layers left in floating point. ``"auto"`` (the default) asks
+            :func:`float_precision_for`: bf16 on CPUs that compute it natively, f32 on others, so
+            results are reproducible per CPU kind; ``"f32"`` gives the same results on every CPU.
+            The precision a compiled shape really runs in is :attr:`chosen_precision`.
         max_shapes: how many compiled input shapes to keep.
 
     Raises:
@@ -204,14 +227,19 @@ class OpenVINONetwork(_RuntimeNetwork):
         device: str = "CPU",
         threads: int | None = None,
         hint: str = "LATENCY",
-        precision: str = "f32",
+        precision: str = "auto",
         max_shapes: int = 4,
     ) -> None:
         require(_has_ov, "openvino", "OpenVINONetwork")
         super().__init__(path)
         self.core = ov.Core()
         self.device = device
-        self.config: dict[str, Any] = {"PERFORMANCE_HINT": hint, "INFERENCE_PRECISION_HINT": precision}
+        self.config: dict[str, Any] = {"PERFORMANCE_HINT": hint}
+        if precision == "auto":
+            precision = float_precision_for(self.core, device)
+        if precision is not None:
+            self.config["INFERENCE_PRECISION_HINT"] = precision
+        self.chosen_precision: str | None = None
         if threads:
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
         self.max_shapes = max(1, int(max_shapes))
@@ -245,6 +273,10 @@ class OpenVINONetwork(_RuntimeNetwork):
                 f"({type(err).__name__}: {str(err).strip().splitlines()[0][:200]}): check the device and options, "
                 f"and that the file accepts this shape (its input is {self.model.inputs[0].get_partial_shape()})."
             ) from err
+        chosen = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        if chosen != self.chosen_precision:
+            logger.info("OpenVINO runs the float parts of %s in %s on %s", self.path.name, chosen, self.device)
+            self.chosen_precision = chosen
         self._requests[shape] = compiled.create_infer_request()
         while len(self._requests) > self.max_shapes:
             self._requests.popitem(last=False)

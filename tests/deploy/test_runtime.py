@@ -1,5 +1,7 @@
 """OpenVINO and ONNX Runtime networks: torch in, torch out, inside MONAI's inferers, with clear errors."""
 
+import functools
+import logging
 import os
 import time
 
@@ -10,6 +12,7 @@ from monai.inferers import SlidingWindowInferer
 import monai_effq
 import monai_effq.deploy.runtime as runtime
 from monai_effq.deploy import OnnxRuntimeNetwork, OpenVINONetwork, runtime_network
+from monai_effq.deploy.runtime import float_precision_for
 
 from .conftest import bn_unet
 
@@ -18,7 +21,11 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("cls", [OpenVINONetwork, OnnxRuntimeNetwork])
+# f32 float parts where outputs are compared tightly: bf16 (the default on CPUs that have it) moves them ~1%
+F32_OPENVINO = functools.partial(OpenVINONetwork, precision="f32")
+
+
+@pytest.mark.parametrize("cls", [F32_OPENVINO, OnnxRuntimeNetwork], ids=["openvino", "onnxruntime"])
 def test_runtime_networks_run_in_a_sliding_window_inferer_on_an_odd_sized_volume(exported, cls):
     result, path = exported
     volume = torch.rand(1, 2, 23, 29, 19, generator=torch.Generator().manual_seed(2))
@@ -35,7 +42,40 @@ def test_openvino_matches_the_fake_quant_network_closely(exported):
     x = torch.rand(1, 2, 16, 16, 16)
     with torch.no_grad():
         expected = result.network(x)
-    assert rel_l2(OpenVINONetwork(path)(x), expected) < 2e-3
+    assert rel_l2(OpenVINONetwork(path, precision="f32")(x), expected) < 2e-3
+
+
+class _Capabilities:
+    """An ``openvino.Core`` stand-in that reports a chosen CPU capability list."""
+
+    def __init__(self, capabilities: list[str]) -> None:
+        self.capabilities = capabilities
+
+    def get_property(self, device: str, key: str) -> list[str]:
+        assert key == "OPTIMIZATION_CAPABILITIES"
+        return self.capabilities
+
+
+def test_float_parts_run_in_bf16_only_on_cpus_that_compute_it_natively():
+    assert float_precision_for(_Capabilities(["FP32", "BF16", "INT8"])) == "bf16"
+    assert float_precision_for(_Capabilities(["WINOGRAD", "FP32", "INT8", "BIN"])) == "f32"
+    assert float_precision_for(_Capabilities(["FP16"]), "GPU.0") is None
+
+
+@pytest.mark.parametrize("capabilities, expected", [(["FP32", "INT8"], "f32"), (None, None)])
+def test_openvino_network_follows_the_cpu_and_says_what_it_chose(exported, monkeypatch, caplog, capabilities, expected):
+    _, path = exported
+    if capabilities is not None:
+        monkeypatch.setattr(runtime, "float_precision_for", lambda core, device: float_precision_for(_Capabilities(capabilities)))
+    else:  # this machine's own answer
+        import openvino
+
+        expected = float_precision_for(openvino.Core())
+    net = OpenVINONetwork(path)
+    with caplog.at_level(logging.INFO, logger="monai_effq"):
+        net(torch.rand(1, 2, 8, 8, 8))
+    assert net.chosen_precision == expected
+    assert f"in {expected} on CPU" in caplog.text
 
 
 def test_runtime_output_follows_the_input_device_and_type(exported):
