@@ -347,7 +347,7 @@ def export_onnx(
     dynamic_spatial: bool = True,
     require_quantized: bool = True,
     group_norm: str = "onnx",
-    weight_container: str = "int8",
+    weight_container: str = "auto",
 ) -> Path:
     """Write a quantized network as an ONNX QDQ graph with integer weights, atomically.
 
@@ -358,7 +358,7 @@ def export_onnx(
         example_input: an input tensor ``(N, C, *spatial)`` or its shape; batch and spatial axes are
             exported as dynamic, so sliding windows of any size run.
         opset: ONNX opset (13 or later: per-channel Q/DQ; 21 or later for 4-bit containers). ``None``:
-            17, or 21 with ``weight_container="int4"``. PyTorch's exporter writes up to 20; later
+            21 when 4-bit containers are used, else 17. PyTorch's exporter writes up to 20; later
             opsets are reached with ONNX's version converter.
         reduce_range: re-round 8-bit weights into 7 bits for ONNX Runtime on CPUs without VNNI
             (changes those layers' outputs; warned about per layer).
@@ -378,7 +378,9 @@ def export_onnx(
         weight_container: ``"int8"`` stores every quantized weight in int8/uint8; ``"int4"`` stores
             those whose integers fit in 4 bits as ``INT4``/``UINT4`` (opset 21,
             :mod:`monai_effq.deploy.containers`: 2- and 3-bit layers, 4-bit layers off the midrise
-            grid) and the rest in int8. Runtimes widen them to int8 when they compile.
+            grid) and the rest in int8. Runtimes widen them to int8 when they compile. ``"auto"``
+            (the default): ``"int4"`` when a layer has 4-bit or narrower weights and ``opset``
+            allows it, else ``"int8"``; the file records the container used.
 
     Returns:
         the written path.
@@ -390,8 +392,11 @@ def export_onnx(
     """
     require(_has_onnx, "onnx", "export_onnx")
     network = _network_of(model)
-    if weight_container not in WEIGHT_CONTAINERS:
-        raise ValueError(f"weight_container must be one of {WEIGHT_CONTAINERS}, got {weight_container!r}.")
+    if weight_container not in ("auto", *WEIGHT_CONTAINERS):
+        raise ValueError(f"weight_container must be one of {('auto', *WEIGHT_CONTAINERS)}, got {weight_container!r}.")
+    if weight_container == "auto":
+        narrow = any(isinstance(m, QuantizedLayer) and m.grid.bits <= 4 for m in network.modules())
+        weight_container = "int4" if narrow and (opset is None or opset >= INT4_MIN_OPSET) else "int8"
     if opset is None:
         opset = INT4_MIN_OPSET if weight_container == "int4" else 17
     if opset < 13:

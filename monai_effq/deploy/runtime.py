@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 from monai.utils import optional_import
 
+from monai_effq.deploy.containers import widen_4bit_weights
 from monai_effq.deploy.norms import group_norm_form_for
 from monai_effq.deploy.tensorrt import tensorrt_network
 from monai_effq.deploy.export import EXPORT_OPTIONS_KEY, REDUCED_WEIGHT_RANGE, export_onnx, require
@@ -244,12 +245,24 @@ class OpenVINONetwork(_RuntimeNetwork):
             self.config["INFERENCE_NUM_THREADS"] = int(threads)
         self.max_shapes = max(1, int(max_shapes))
         try:
-            self.model = self.core.read_model(str(self.path))
+            self.model = self.core.read_model(self._model_source())
         except Exception as err:  # openvino raises RuntimeError subclasses of its own
             raise self._load_error(err) from err
         channels = self.model.inputs[0].get_partial_shape()[1]
         self.in_channels = channels.get_length() if channels.is_static else None
         self._requests: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+
+    def _model_source(self) -> str | bytes:
+        """The file's path, or its bytes with 4-bit weights widened to int8 (OpenVINO's int8 kernels)."""
+        if self.path.suffix != ".onnx" or not _has_onnx:
+            return str(self.path)
+        try:
+            model = onnx.load(str(self.path))
+        except Exception:  # a corrupt file: OpenVINO reads the path and says what is wrong with it
+            return str(self.path)
+        if not widen_4bit_weights(model):
+            return str(self.path)
+        return model.SerializeToString()
 
     def request_for(self, shape: tuple[int, ...]) -> Any:
         """The infer request of the model compiled for ``shape`` (compiled on first use).

@@ -3,10 +3,12 @@
 import onnx
 import pytest
 import torch
+from monai.networks.nets import UNet
 
 import monai_effq
 from monai_effq.deploy import OnnxRuntimeNetwork, OpenVINONetwork, export_onnx
 from monai_effq.deploy.containers import pack_4bit_weights
+from monai_effq.deploy.runtime import export_options
 
 from .conftest import bn_unet
 
@@ -58,7 +60,7 @@ def test_weights_that_fit_four_bits_are_stored_in_four_bits_and_compute_the_same
     calibration, tmp_path, weight_bits, grid, per_channel
 ):
     result = quantized_unet(calibration, weight_bits, grid, per_channel)
-    int8 = export_onnx(result, tmp_path / "int8.onnx", (1, 2, 16, 16, 16))
+    int8 = export_onnx(result, tmp_path / "int8.onnx", (1, 2, 16, 16, 16), weight_container="int8")
     int4 = export_onnx(result, tmp_path / "int4.onnx", (1, 2, 16, 16, 16), weight_container="int4")
     assert onnx.load(str(int4)).opset_import[0].version == 21
     assert all(t in FOUR_BIT for t in weight_types(int4))
@@ -84,6 +86,42 @@ def test_four_bit_containers_need_opset_21(calibration, tmp_path):
         export_onnx(result, tmp_path / "x.onnx", (1, 2, 16, 16, 16), weight_container="int4", opset=17)
     with pytest.raises(ValueError, match="weight_container must be one of"):
         export_onnx(result, tmp_path / "x.onnx", (1, 2, 16, 16, 16), weight_container="int2")
-    model = onnx.load(str(export_onnx(result, tmp_path / "int8.onnx", (1, 2, 16, 16, 16))))
+    model = onnx.load(str(export_onnx(result, tmp_path / "int8.onnx", (1, 2, 16, 16, 16), weight_container="int8")))
     with pytest.raises(ValueError, match="opset 21 or later"):
         pack_4bit_weights(model)
+
+
+def test_default_w4a8_files_are_at_most_six_tenths_of_w8a8_files(tmp_path):
+    torch.manual_seed(0)
+    # the lits_effq bundle's UNet: on a network this size the weights, not the graph, fill the file
+    net = UNet(3, 1, 3, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=2, norm="batch").eval()
+    calibration = torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    files = {}
+    for bits in (8, 4):  # the default config: first and last layer at 8 bits, the 4-bit grid that fits int4
+        config = monai_effq.EfficientQConfig(weight_bits=bits, method="rtn", attention=False)
+        result = monai_effq.quantize(net, calibration, config, progress=False)
+        files[bits] = export_onnx(result, tmp_path / f"w{bits}a8.onnx", calibration)
+    assert export_options(files[4]).endswith("weight_container=int4")
+    assert export_options(files[8]).endswith("weight_container=int8")
+    assert files[4].stat().st_size <= 0.6 * files[8].stat().st_size
+
+
+def conv_precisions(net: OpenVINONetwork, shape: tuple[int, ...]) -> list[str]:
+    """The precision each convolution of ``net`` compiled for ``shape`` really runs in."""
+    runtime_model = net.request_for(shape).get_compiled_model().get_runtime_model()
+    infos = [op.get_rt_info() for op in runtime_model.get_ordered_ops()]
+    return [i["runtimePrecision"].astype(str) for i in infos if i["layerType"].astype(str) == "Convolution"]
+
+
+def test_openvino_runs_four_bit_files_with_int8_kernels(calibration, tmp_path):
+    result = quantized_unet(calibration, 2, "midrise", True)
+    int8 = export_onnx(result, tmp_path / "int8.onnx", (1, 2, 16, 16, 16), weight_container="int8")
+    int4 = export_onnx(result, tmp_path / "int4.onnx", (1, 2, 16, 16, 16), weight_container="int4")
+    shape = (1, 2, 16, 16, 16)
+    net = OpenVINONetwork(int4, precision="f32")
+    # OpenVINO compiles 4-bit weights as float convolutions with weight decompression; widened to
+    # 8 bits they take the integer kernels
+    precisions = conv_precisions(net, shape)
+    assert precisions and all(p in ("u8", "i8") for p in precisions), precisions
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(net(x), OpenVINONetwork(int8, precision="f32")(x), atol=1e-5, rtol=1e-4)

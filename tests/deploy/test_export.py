@@ -28,10 +28,12 @@ def test_the_exported_graph_run_unoptimised_reproduces_the_fake_quant_network(ex
     assert float((got - expected).norm() / expected.norm()) < 2e-3
 
 
-def test_weights_are_stored_as_int8_codes_with_one_tensor_per_quantized_layer(exported):
+def test_weights_are_stored_as_integer_codes_with_one_tensor_per_quantized_layer(exported):
     result, path = exported
     model = onnx.load(str(path))
-    int8 = [i for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) > 1]
+    # 2-bit layers go to 4-bit containers by default (tests/deploy/test_containers.py)
+    integer = (onnx.TensorProto.INT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+    int8 = [i for i in model.graph.initializer if i.data_type in integer and len(i.dims) > 1]
     layers = [m for m in result.network.modules() if isinstance(m, QuantizedLayer)]
     assert len(int8) == len(layers)
     assert not any(n.op_type == "QuantizeLinear" and n.input[0] in {i.name for i in model.graph.initializer} for n in model.graph.node)

@@ -75,7 +75,7 @@ def test_a_channel_stats_export_reproduces_the_fake_quant_network_in_both_runtim
     path = export_onnx(segresnet_w4a8, tmp_path / "segresnet.onnx", (1, 2, 16, 16, 16), group_norm="channel_stats")
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert "InstanceNormalization" not in ops and "ReduceMean" in ops
-    assert export_options(path) == "group_norm=channel_stats;reduce_range=False;weight_container=int8"
+    assert export_options(path) == "group_norm=channel_stats;reduce_range=False;weight_container=int4"
     x = torch.rand(1, 2, 20, 24, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = segresnet_w4a8.network(x)
@@ -129,9 +129,9 @@ def test_runtime_network_re_exports_a_file_written_in_another_runtimes_form(tmp_
     onnx_path = tmp_path / "model_w4a8.onnx"
 
     runtime_network("onnxruntime", onnx_path, checkpoint, fresh(), (1, 2, 16, 16, 16))
-    assert export_options(onnx_path) == "group_norm=onnx;reduce_range=False;weight_container=int8"
+    assert export_options(onnx_path) == "group_norm=onnx;reduce_range=False;weight_container=int4"
     runtime_network("openvino", onnx_path, checkpoint, fresh(), (1, 2, 16, 16, 16))
-    assert export_options(onnx_path) == "group_norm=channel_stats;reduce_range=False;weight_container=int8"
+    assert export_options(onnx_path) == "group_norm=channel_stats;reduce_range=False;weight_container=int4"
     written = onnx_path.stat().st_mtime_ns
     # OpenVINO again, and ONNX Runtime (which runs either form), use the file as it is
     runtime_network("openvino", onnx_path, checkpoint, fresh(), (1, 2, 16, 16, 16))

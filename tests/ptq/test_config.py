@@ -92,6 +92,21 @@ def test_a_config_is_checked_once_and_cannot_change_afterwards():
         dataclasses.replace(cfg, act_bits=9)  # a changed copy is checked again
 
 
+@pytest.mark.parametrize(
+    "weight_grid, expected",
+    [
+        ("auto", {2: "midrise", 3: "midrise", 4: "signed", 6: "midrise", 8: "symmetric"}),
+        ("midrise", {2: "midrise", 4: "midrise", 8: "symmetric"}),
+        ("signed", {2: "signed", 4: "signed", 8: "signed"}),
+    ],
+)
+def test_the_default_grid_is_the_papers_wherever_its_integers_fit_the_deployed_container(weight_grid, expected):
+    cfg = EfficientQConfig(weight_grid=weight_grid)
+    assert {bits: cfg.weight_grid_for(bits) for bits in expected} == expected
+    # a layer's own override is taken as written, "auto" included
+    assert cfg.weight_grid_for(8, "midrise") == "midrise" and cfg.weight_grid_for(4, "auto") == "signed"
+
+
 def test_overrides_set_any_per_layer_setting_and_the_plan_holds_whole_specs():
     cfg = EfficientQConfig(
         weight_bits=4, act_bits=8, first_layer_bits=None, last_layer_bits=None,
@@ -102,7 +117,7 @@ def test_overrides_set_any_per_layer_setting_and_the_plan_holds_whole_specs():
         },
     )
     plans = {p.name: p for p in cfg.plan(["a", "b", "c", "d"])}
-    assert plans["a"].weight == WeightSpec.of(4, "midrise") and plans["a"].method == "efficientq"
+    assert plans["a"].weight == WeightSpec.of(4, "signed") and plans["a"].method == "efficientq"
     assert plans["a"].act == ActivationSpec(8)
     assert (plans["b"].weight.per_channel, plans["b"].weight.grid.kind, plans["b"].method) == (True, "signed", "gptq")
     assert (plans["c"].weight.scale_rule, plans["c"].weight.step, plans["c"].weight_bits) == ("fixed", 0.125, 4)
