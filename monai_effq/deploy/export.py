@@ -32,6 +32,7 @@ from monai.utils import optional_import
 from monai_effq.deploy.onnx_graph import constant_values
 from monai_effq.deploy.containers import INT4_MIN_OPSET, WEIGHT_CONTAINERS, pack_4bit_weights
 from monai_effq.deploy.norms import GROUP_NORM_FORMS, channel_stats_norms
+from monai_effq.ptq.checkpoint import result_fingerprint
 from monai_effq.ptq.graph import set_submodule
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, functional_forward
 from monai_effq.ptq.result import QuantizationResult
@@ -47,6 +48,7 @@ __all__ = [
     "DEPLOY_EXTRA",
     "EXPORT_OPTIONS_KEY",
     "QdqLayer",
+    "SOURCE_FINGERPRINT_KEY",
     "compact_names",
     "drop_initializer_identities",
     "export_form",
@@ -64,6 +66,9 @@ TORCHSCRIPT_MAX_OPSET = 20
 
 # metadata_props key recording the options a file was exported with, so a stale form is re-exported
 EXPORT_OPTIONS_KEY = "monai_effq.export_options"
+# metadata_props key recording the fingerprint of the quantized checkpoint a file was exported from,
+# so a file exported from another checkpoint is re-exported whatever the files' modification times
+SOURCE_FINGERPRINT_KEY = "monai_effq.checkpoint_fingerprint"
 
 # ONNX Runtime's u8s8 kernels on CPUs without VNNI add pairs of products in 16 bits: 255*63*2 fits.
 REDUCED_WEIGHT_RANGE = (-64, 63)
@@ -348,6 +353,7 @@ def export_onnx(
     require_quantized: bool = True,
     group_norm: str = "onnx",
     weight_container: str = "auto",
+    source_fingerprint: str | None = None,
 ) -> Path:
     """Write a quantized network as an ONNX QDQ graph with integer weights, atomically.
 
@@ -381,6 +387,11 @@ def export_onnx(
             grid) and the rest in int8. Runtimes widen them to int8 when they compile. ``"auto"``
             (the default): ``"int4"`` when a layer has 4-bit or narrower weights and ``opset``
             allows it, else ``"int8"``; the file records the container used.
+        source_fingerprint: the fingerprint of the quantized checkpoint the network was loaded from
+            (:func:`~monai_effq.ptq.checkpoint.checkpoint_fingerprint`), recorded in the file's metadata
+            under :data:`SOURCE_FINGERPRINT_KEY` so that :func:`~monai_effq.deploy.runtime_network`
+            can tell whether the file is stale. ``None``: the fingerprint of ``model`` when it is a
+            :class:`~monai_effq.QuantizationResult`, else nothing is recorded.
 
     Returns:
         the written path.
@@ -447,10 +458,12 @@ def export_onnx(
         packed, kept = pack_4bit_weights(proto)
         logger.info("4-bit containers for %d weights; %d stay int8 (%s)", len(packed), len(kept), ", ".join(kept[:5]))
     compact_names(proto)
-    onnx.helper.set_model_props(
-        proto,
-        {EXPORT_OPTIONS_KEY: f"group_norm={group_norm};reduce_range={reduce_range};weight_container={weight_container}"},
-    )
+    if source_fingerprint is None and isinstance(model, QuantizationResult):
+        source_fingerprint = result_fingerprint(model)
+    props = {EXPORT_OPTIONS_KEY: f"group_norm={group_norm};reduce_range={reduce_range};weight_container={weight_container}"}
+    if source_fingerprint is not None:
+        props[SOURCE_FINGERPRINT_KEY] = source_fingerprint
+    onnx.helper.set_model_props(proto, props)
     if folded != n_quantized:
         raise RuntimeError(f"expected {n_quantized} integer weight tensors in the exported graph, found {folded}.")
     onnx.checker.check_model(proto)

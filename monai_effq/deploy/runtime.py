@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -23,8 +24,15 @@ from monai.utils import optional_import
 from monai_effq.deploy.containers import widen_4bit_weights
 from monai_effq.deploy.norms import group_norm_form_for
 from monai_effq.deploy.tensorrt import tensorrt_network
-from monai_effq.deploy.export import EXPORT_OPTIONS_KEY, REDUCED_WEIGHT_RANGE, export_onnx, require
-from monai_effq.ptq.checkpoint import load_quantized
+from monai_effq.deploy.export import (
+    EXPORT_OPTIONS_KEY,
+    REDUCED_WEIGHT_RANGE,
+    SOURCE_FINGERPRINT_KEY,
+    export_onnx,
+    require,
+)
+from monai_effq.ptq.checkpoint import checkpoint_fingerprint, load_quantized
+from monai_effq.utils.fingerprint import DIGEST_CHARS
 
 ort, _has_ort = optional_import("onnxruntime")
 ov, _has_ov = optional_import("openvino")
@@ -39,6 +47,7 @@ __all__ = [
     "cpu_has_vnni",
     "float_precision_for",
     "export_options",
+    "exported_from",
     "runtime_network",
     "widest_int8_weight",
 ]
@@ -305,6 +314,18 @@ RUNTIMES = {"openvino": OpenVINONetwork, "onnxruntime": OnnxRuntimeNetwork}
 # runtimes that build from the quantized checkpoint through MONAI's trt_compile, not from the ONNX file
 BUILT_RUNTIMES = ("tensorrt",)
 
+def _metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata_props of an ONNX file (empty when it is missing or unreadable)."""
+    require(_has_onnx, "onnx", "reading ONNX metadata")
+    if not Path(path).is_file():
+        return {}
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # a corrupt file has no metadata; the runtime reports it when reading it
+        return {}
+    return {p.key: p.value for p in model.metadata_props}
+
+
 def export_options(path: str | os.PathLike) -> str | None:
     """The export options recorded in an ONNX file by :func:`~monai_effq.export_onnx` (``None`` if none).
 
@@ -314,17 +335,40 @@ def export_options(path: str | os.PathLike) -> str | None:
     Returns:
         e.g. ``"group_norm=onnx;reduce_range=False;weight_container=int8"``.
     """
-    require(_has_onnx, "onnx", "export_options")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # a corrupt file has no options; the runtime reports it when reading it
-        return None
-    return next((p.value for p in model.metadata_props if p.key == EXPORT_OPTIONS_KEY), None)
+    return _metadata(path).get(EXPORT_OPTIONS_KEY)
+
+
+def exported_from(path: str | os.PathLike) -> str | None:
+    """The fingerprint of the quantized checkpoint an ONNX file was exported from (``None`` if not recorded).
+
+    Args:
+        path: the ONNX file.
+
+    Returns:
+        what :func:`~monai_effq.ptq.checkpoint.checkpoint_fingerprint` gave for that checkpoint.
+    """
+    return _metadata(path).get(SOURCE_FINGERPRINT_KEY)
 
 
 def _parse_options(text: str | None) -> dict[str, str]:
     """``"a=1;b=2"`` as a dict (empty for ``None``)."""
     return dict(item.split("=", 1) for item in (text or "").split(";") if "=" in item)
+
+
+def _engine_base(onnx_path: Path, fingerprint: str) -> Path:
+    """The base path of the TensorRT engine of a checkpoint: named after its fingerprint, beside ``onnx_path``.
+
+    MONAI's ``trt_compile`` rebuilds a cached engine only when a ``timestamp`` is newer than the
+    engine file, so a copied-in checkpoint with an older time would keep an old engine; an engine named
+    after the checkpoint's content is found exactly when it was built from it. Engines of other
+    checkpoints (and an unnamed one from before) are removed.
+    """
+    base = onnx_path.with_name(f"{onnx_path.stem}.{fingerprint}")
+    cached = re.compile(rf"{re.escape(onnx_path.stem)}(\.[0-9a-f]{{{DIGEST_CHARS}}})?\.plan")
+    for plan in onnx_path.parent.glob(f"{onnx_path.stem}*.plan"):
+        if cached.fullmatch(plan.name) and plan.name != f"{base.name}.plan":
+            plan.unlink(missing_ok=True)
+    return base
 
 
 def runtime_network(
@@ -338,14 +382,17 @@ def runtime_network(
     """The runtime network of a quantized checkpoint, exporting its ONNX first when missing or stale.
 
     Bundles call this so that one command goes from ``model_w4a8.pt`` to an OpenVINO network; the
-    ONNX file is written beside the checkpoint and re-exported whenever the checkpoint is newer or,
-    for OpenVINO, the file records another group-norm form than the one OpenVINO runs fastest for
+    ONNX file is written beside the checkpoint and re-exported whenever it was exported from another
+    checkpoint than this one (compared by the fingerprint of the checkpoint's content, which the export
+    records: a checkpoint copied in with an older modification time is still told apart) or, for
+    OpenVINO, the file records another group-norm form than the one OpenVINO runs fastest for
     this network (:func:`~monai_effq.deploy.norms.group_norm_form_for`). ONNX Runtime runs any form,
     and other export options (``reduce_range``, ``weight_container``) are left as exported.
 
     ``"tensorrt"`` builds the checkpoint into a TensorRT engine instead
-    (:func:`~monai_effq.deploy.tensorrt.tensorrt_network`, cached as ``onnx_path`` with the suffix
-    ``.plan``; needs a CUDA GPU and a checkpoint quantized with ``act_grid="symmetric"``).
+    (:func:`~monai_effq.deploy.tensorrt.tensorrt_network`, cached beside ``onnx_path`` as
+    ``<stem>.<checkpoint fingerprint>.plan``; needs a CUDA GPU and a checkpoint quantized with
+    ``act_grid="symmetric"``).
 
     Args:
         runtime: ``"openvino"``, ``"onnxruntime"`` or ``"tensorrt"``.
@@ -360,7 +407,8 @@ def runtime_network(
         :class:`~monai_effq.deploy.tensorrt.TensorRTNetwork`.
 
     Raises:
-        ValueError: for an unknown runtime or a missing argument.
+        ValueError: for an unknown runtime, a missing argument or a damaged checkpoint.
+        FileNotFoundError: when the checkpoint is missing.
     """
     if runtime not in RUNTIMES and runtime not in BUILT_RUNTIMES:
         raise ValueError(f"runtime must be one of {sorted(RUNTIMES) + list(BUILT_RUNTIMES)}, got {runtime!r}.")
@@ -368,19 +416,25 @@ def runtime_network(
     source = None if quantized_path is None else Path(quantized_path)
     if source is not None and not source.is_file():
         raise FileNotFoundError(f"quantized checkpoint {source} does not exist: run the bundle's quantize workflow first.")
+    fingerprint = None if source is None else checkpoint_fingerprint(source)
     if runtime == "tensorrt":
         if source is None or network is None:
             raise ValueError("runtime 'tensorrt' builds from the quantized checkpoint: pass quantized_path and network.")
-        # the checkpoint's time rebuilds a cached engine once the checkpoint changes
-        options.setdefault("timestamp", int(source.stat().st_mtime))
-        return tensorrt_network(load_quantized(source, network), onnx_path.with_suffix(""), **options)
+        return tensorrt_network(load_quantized(source, network), _engine_base(onnx_path, fingerprint), **options)
     if source is not None:
-        stale = not onnx_path.is_file() or onnx_path.stat().st_mtime < source.stat().st_mtime
+        metadata = _metadata(onnx_path)
+        stale = metadata.get(SOURCE_FINGERPRINT_KEY) != fingerprint
         # only OpenVINO's speed depends on the group-norm form; other options a user exported with stay
         group_norm = group_norm_form_for(runtime, network) if runtime == "openvino" and network is not None else None
-        recorded = _parse_options(export_options(onnx_path)) if onnx_path.is_file() else {}
+        recorded = _parse_options(metadata.get(EXPORT_OPTIONS_KEY))
         if stale or (group_norm is not None and recorded.get("group_norm", group_norm) != group_norm):
             if network is None or example_shape is None:
                 raise ValueError("exporting a quantized checkpoint needs the FP `network` and an `example_shape`.")
-            export_onnx(load_quantized(source, network), onnx_path, list(example_shape), group_norm=group_norm or "onnx")
+            export_onnx(
+                load_quantized(source, network),
+                onnx_path,
+                list(example_shape),
+                group_norm=group_norm or "onnx",
+                source_fingerprint=fingerprint,
+            )
     return RUNTIMES[runtime](onnx_path, **options)

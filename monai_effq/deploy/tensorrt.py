@@ -130,7 +130,9 @@ def tensorrt_network(
         trt_args: more arguments of MONAI's ``TrtCompiler``. The engine has static shapes by
             default, built for the first input: a ``SlidingWindowInferer`` with ``sw_batch_size``
             above 1 needs ``dynamic_batchsize=[1, sw_batch_size, sw_batch_size]`` (its last batch
-            can be smaller); ``timestamp`` rebuilds a cached engine older than it.
+            can be smaller); ``timestamp`` rebuilds a cached engine whose file is older than it
+            (a modification time: :func:`~monai_effq.deploy.runtime_network` names the engine after
+            its checkpoint's fingerprint instead, which a copied-in checkpoint cannot fool).
 
     Returns:
         the engine as a :class:`TensorRTNetwork`.

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from monai_effq.ptq.checkpoint import report_provenance
 from monai_effq.ptq.report import QuantizationReport
 from monai_effq.utils.io import atomic_write, atomic_write_text
 
@@ -148,6 +149,10 @@ def dice_axis_limits(values: list[float]) -> tuple[float, float]:
 class QuantizationReportHandler:
     """Writes the quantization report (JSON, CSV) and the per-layer error plot when a run completes.
 
+    The JSON holds the run's times and memory, which checkpoints leave out, and under ``"provenance"``
+    the fingerprint of the checkpoint of this result (:func:`monai_effq.ptq.checkpoint.verify_checkpoint`
+    compares them), the library versions and the date.
+
     Reads ``engine.state.quantization`` (set by :class:`QuantizationHandler`, attach that first).
 
     Args:
@@ -170,7 +175,8 @@ class QuantizationReportHandler:
         result = getattr(engine.state, "quantization", None)
         if result is None:
             raise RuntimeError("no quantization result on the engine: attach QuantizationHandler before this handler.")
-        paths = list(result.report.save(self.output_dir, self.stem))
+        # the checkpoint's fingerprint lets evaluation tell this report from one an unfinished run left
+        paths = list(result.report.save(self.output_dir, self.stem, provenance=report_provenance(result)))
         png = plot_layer_errors(result.report, self.output_dir / f"{self.stem}_layers.png")
         if png is not None:
             paths.append(png)

@@ -1,11 +1,19 @@
 """Quantized checkpoints: one file with packed integer codes, rebuilt on a fresh FP architecture.
 
-The file is a ``torch.save`` archive of five entries: ``format``, ``meta`` (a JSON string: the
-config, the report, provenance, and a table of layers and tensors with their offsets), ``codes``
-(every layer's packed codes, end to end, in one ``uint8`` tensor), ``data`` (every other tensor,
-flattened into one tensor per dtype) and ``model``, a string saying how to load the file. Few, large
-tensors keep the archive's per-entry overhead negligible, so the file is as small as the packed codes
-promise.
+The file is a ``torch.save`` archive of six entries: ``format``, ``meta`` (a JSON string: the
+config, the report with the fingerprints of the FP weights, config and calibration data it was made
+from, the library versions, and a table of layers and tensors with their offsets), ``codes`` (every
+layer's packed codes, end to end, in one ``uint8`` tensor), ``data`` (every other tensor, flattened
+into one tensor per dtype), ``checksum`` (the fingerprint of ``meta``, ``codes`` and ``data``) and
+``model``, a string saying how to load the file. Few, large tensors keep the archive's per-entry
+overhead negligible, so the file is as small as the packed codes promise.
+
+The checksum is the checkpoint's identity: loading verifies it (torch reads a flipped byte in a
+tensor without complaint), deployment records it in the files it exports and compares it to decide
+whether they are stale (:func:`checkpoint_fingerprint`), and report files record it
+(:func:`result_fingerprint`), so a report or an export left by an older run is told apart from the
+checkpoint beside it. The meta holds no times or dates, so quantizing the same inputs twice writes
+the same bytes.
 
 ``model`` is where MONAI's ``CheckpointLoader`` and MONAI Label look for a state dict; a string there
 makes ``load_state_dict`` raise (torch's "Expected state_dict to be dict-like"; the string itself says
@@ -20,7 +28,7 @@ import datetime
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -32,9 +40,21 @@ from monai_effq.ptq.result import QuantizationResult
 from monai_effq.ptq.report import QuantizationReport
 from monai_effq.quant.grid import UniformGrid
 from monai_effq.quant.packing import pack_codes, unpack_codes
+from monai_effq.utils.fingerprint import fingerprint_state, fingerprint_tensors
 from monai_effq.utils.io import atomic_write
 
-__all__ = ["save_quantized", "load_quantized", "load_quantized_result", "FORMAT", "NOT_A_STATE_DICT"]
+__all__ = [
+    "FORMAT",
+    "NOT_A_STATE_DICT",
+    "checkpoint_fingerprint",
+    "load_quantized",
+    "load_quantized_result",
+    "report_provenance",
+    "result_fingerprint",
+    "save_quantized",
+    "verify_checkpoint",
+    "versions",
+]
 
 FORMAT = "monai-effq-quantized/1"
 NOT_A_STATE_DICT = (
@@ -43,17 +63,17 @@ NOT_A_STATE_DICT = (
 )
 
 
-def _provenance() -> dict[str, str]:
+def versions() -> dict[str, str]:
+    """The versions of monai-effq, MONAI and torch, as checkpoints and reports record them.
+
+    Returns:
+        ``{"monai_effq": ..., "monai": ..., "torch": ...}``.
+    """
     import monai
 
     import monai_effq
 
-    return {
-        "monai_effq": monai_effq.__version__,
-        "monai": monai.__version__,
-        "torch": torch.__version__,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+    return {"monai_effq": monai_effq.__version__, "monai": monai.__version__, "torch": torch.__version__}
 
 
 class _FlatStore:
@@ -83,19 +103,8 @@ def _take(data: dict[str, torch.Tensor], entry: dict[str, Any]) -> torch.Tensor:
     return flat[entry["offset"] : entry["offset"] + n].reshape(entry["shape"]).clone()
 
 
-def save_quantized(result: QuantizationResult, path: str | os.PathLike) -> Path:
-    """Write a quantized network to one file, atomically.
-
-    Args:
-        result: what :func:`monai_effq.quantize` returned.
-        path: destination file (its folder is created).
-
-    Returns:
-        the path written.
-
-    Raises:
-        TypeError: when ``result`` is not a :class:`QuantizationResult`.
-    """
+def _payload(result: QuantizationResult) -> dict[str, Any]:
+    """The archive's entries, all but the checksum."""
     if not isinstance(result, QuantizationResult):
         raise TypeError(f"save_quantized expects the result of monai_effq.quantize, got {type(result).__name__}.")
     net = result.network
@@ -135,25 +144,75 @@ def save_quantized(result: QuantizationResult, path: str | os.PathLike) -> Path:
             rest[key] = store.add(t)
     meta = {
         "config": result.config.to_dict(),
-        "report": result.report.to_dict(),
+        # times and memory differ from run to run: they stay in the report files, out of the checkpoint
+        "report": result.report.to_dict(measurements=False),
         "folded": list(result.folded),
         "layers": layers,
         "state": rest,
-        "provenance": _provenance(),
+        "provenance": versions(),
     }
-    payload = {
+    return {
         "model": NOT_A_STATE_DICT,
         "format": FORMAT,
         "meta": json.dumps(meta, default=float),
         "codes": torch.cat(codes_parts) if codes_parts else torch.zeros(0, dtype=torch.uint8),
         "data": store.tensors(),
     }
-    with atomic_write(path) as tmp:
-        torch.save(payload, tmp)
+
+
+def _checksum(meta: str, codes: torch.Tensor, data: dict[str, torch.Tensor]) -> str:
+    """The fingerprint of an archive's content: its meta text and every tensor."""
+    text = torch.frombuffer(bytearray(meta.encode()), dtype=torch.uint8) if meta else torch.zeros(0, dtype=torch.uint8)
+    return fingerprint_tensors({"meta": text, "codes": codes, **{f"data.{k}": v for k, v in sorted(data.items())}})
+
+
+def result_fingerprint(result: QuantizationResult) -> str:
+    """The fingerprint :func:`save_quantized` records for ``result`` (its checkpoint's :func:`checkpoint_fingerprint`).
+
+    Args:
+        result: what :func:`monai_effq.quantize` returned.
+
+    Returns:
+        a hex string (:mod:`monai_effq.utils.fingerprint`).
+
+    Raises:
+        TypeError: when ``result`` is not a :class:`QuantizationResult`.
+    """
+    payload = _payload(result)
+    return _checksum(payload["meta"], payload["codes"], payload["data"])
+
+
+def save_quantized(result: QuantizationResult, path: str | os.PathLike) -> Path:
+    """Write a quantized network to one file, atomically, with the checksum that loading verifies.
+
+    The same result gives the same bytes: the meta holds no times, and the archive is written through
+    a file object, so its inner folder is always ``archive`` and not the temporary file's random name.
+
+    Args:
+        result: what :func:`monai_effq.quantize` returned.
+        path: destination file (its folder is created).
+
+    Returns:
+        the path written.
+
+    Raises:
+        TypeError: when ``result`` is not a :class:`QuantizationResult`.
+    """
+    payload = _payload(result)
+    payload["checksum"] = _checksum(payload["meta"], payload["codes"], payload["data"])
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
     return Path(path)
 
 
-def _read(path: str | os.PathLike) -> tuple[dict[str, Any], torch.Tensor, dict[str, torch.Tensor]]:
+class _Archive(NamedTuple):
+    meta: dict[str, Any]
+    codes: torch.Tensor
+    data: dict[str, torch.Tensor]
+    fingerprint: str
+
+
+def _read(path: str | os.PathLike) -> _Archive:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"quantized checkpoint {p} does not exist: run the quantize step first or fix the path.")
@@ -168,7 +227,30 @@ def _read(path: str | os.PathLike) -> tuple[dict[str, Any], torch.Tensor, dict[s
             f"{p} is not a monai-effq quantized checkpoint (expected format {FORMAT!r}); "
             "an FP state_dict is loaded with CheckpointLoader instead."
         )
-    return json.loads(payload["meta"]), payload["codes"], payload["data"]
+    fingerprint = _checksum(payload["meta"], payload["codes"], payload["data"])
+    # files written before checksums were recorded have none to compare
+    if payload.get("checksum", fingerprint) != fingerprint:
+        raise ValueError(
+            f"quantized checkpoint {p} is damaged: its content does not match the checksum recorded when it was "
+            "written (a changed byte on disk or in a copy); re-run the quantize step."
+        )
+    return _Archive(json.loads(payload["meta"]), payload["codes"], payload["data"], fingerprint)
+
+
+def checkpoint_fingerprint(path: str | os.PathLike) -> str:
+    """The fingerprint of a quantized checkpoint's content, verified against the checksum it records.
+
+    Args:
+        path: a file written by :func:`save_quantized`.
+
+    Returns:
+        a hex string, equal to :func:`result_fingerprint` of the result that was saved.
+
+    Raises:
+        FileNotFoundError: when the file is missing.
+        ValueError: when it is damaged or not a quantized checkpoint.
+    """
+    return _read(path).fingerprint
 
 
 def load_quantized_result(path: str | os.PathLike, network: nn.Module) -> QuantizationResult:
@@ -183,9 +265,9 @@ def load_quantized_result(path: str | os.PathLike, network: nn.Module) -> Quanti
 
     Raises:
         FileNotFoundError: when the file is missing.
-        ValueError: when it is corrupt or does not match ``network``.
+        ValueError: when it is corrupt, damaged (its checksum does not match) or does not match ``network``.
     """
-    meta, codes, data = _read(path)
+    meta, codes, data, _ = _read(path)
     net = copy.deepcopy(network).eval()
     try:
         for bn_name in meta["folded"]:
@@ -251,3 +333,70 @@ def load_quantized(path: str | os.PathLike, network: nn.Module) -> nn.Module:
         the quantized network, in eval mode; its outputs equal the saved network's bit for bit.
     """
     return load_quantized_result(path, network).network
+
+
+def report_provenance(result: QuantizationResult) -> dict[str, str]:
+    """What a report file records of where it comes from: its checkpoint's fingerprint, versions and date.
+
+    Args:
+        result: the result the report describes.
+
+    Returns:
+        ``{"checkpoint": ..., "monai_effq": ..., "monai": ..., "torch": ..., "created": ...}``, for
+        :meth:`QuantizationReport.save`'s ``provenance``; :func:`verify_checkpoint` reads it back.
+    """
+    return {
+        "checkpoint": result_fingerprint(result),
+        **versions(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def verify_checkpoint(
+    path: str | os.PathLike,
+    *,
+    fp_network: nn.Module | None = None,
+    report: str | os.PathLike | None = None,
+) -> str:
+    """Check that a quantized checkpoint is whole and belongs with the FP weights and report beside it.
+
+    A quantize run killed before it wrote its checkpoint, or after the checkpoint but before its
+    report, leaves files of two runs side by side; an evaluation of them would credit one run with
+    the other's results. Evaluation and deployment call this first.
+
+    Args:
+        path: a file written by :func:`save_quantized`.
+        fp_network: the FP network holding the weights the checkpoint should have been quantized from
+            (e.g. once the FP checkpoint is loaded into it); ``None``: not checked.
+        report: the report JSON written with the checkpoint (``QuantizationReportHandler``);
+            ``None``: not checked.
+
+    Returns:
+        the checkpoint's fingerprint (:func:`checkpoint_fingerprint`).
+
+    Raises:
+        FileNotFoundError: when the checkpoint or the report is missing.
+        ValueError: when the checkpoint is damaged, was made from other FP weights, or the report
+            describes another checkpoint.
+    """
+    archive = _read(path)
+    if fp_network is not None:
+        made_from = archive.meta["report"].get("sources", {}).get("fp_weights")
+        current = fingerprint_state(fp_network)
+        if made_from != current:
+            raise ValueError(
+                f"quantized checkpoint {path} was made from other FP weights (fingerprint {made_from}) than the "
+                f"network's ({current}): re-run the quantize step with the current FP checkpoint."
+            )
+    if report is not None:
+        report_path = Path(report)
+        if not report_path.is_file():
+            raise FileNotFoundError(f"quantization report {report_path} does not exist: re-run the quantize step.")
+        described = json.loads(report_path.read_text()).get("provenance", {}).get("checkpoint")
+        if described != archive.fingerprint:
+            raise ValueError(
+                f"quantization report {report_path} describes another checkpoint (fingerprint {described}) than "
+                f"{path} ({archive.fingerprint}): they come from different quantize runs, one of which did not "
+                "finish; re-run the quantize step."
+            )
+    return archive.fingerprint

@@ -24,7 +24,7 @@ from monai_effq.ptq.footprint import weight_footprint
 from monai_effq.ptq.graph import StopForward, hooks, set_submodule
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, quantized_layer_class
 from monai_effq.ptq.prepare import prepare_network
-from monai_effq.ptq.report import LayerReport, QuantizationReport, peak_memory_mib, reset_peak_memory
+from monai_effq.ptq.report import LayerReport, QuantizationReport, peak_memory_mib, reset_peak_memory, source_fingerprints
 from monai_effq.ptq.result import QuantizationResult, quantized_size_bytes, state_bytes
 from monai_effq.solver.api import solve_statistics
 from monai_effq.solver.gram import GramAccumulator
@@ -354,7 +354,8 @@ def quantize(
     if config.attention:
         attention = ClassAttention(run.logits(), task=task, power=config.attention_power, body_mask=run.masks(body_mask))
         logger.info("class attention weights %s (voxel counts %s)", attention.class_weights.tolist(), attention.class_counts.tolist())
-    report = QuantizationReport(method=config.method, folded_batchnorms=run.folded)
+    sources = source_fingerprints(network, config.to_dict(), batches)
+    report = QuantizationReport(method=config.method, folded_batchnorms=run.folded, sources=sources)
     planned = {p.name for p in run.plans}
     report.skipped = [n for n in run.order if n not in planned]
     report.layers = run.run(attention, progress)

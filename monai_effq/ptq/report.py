@@ -1,4 +1,9 @@
-"""The quantization report: per layer bits, errors and time; in total sizes, time and memory."""
+"""The quantization report: per layer bits, errors and time; in total sizes, time, memory and sources.
+
+Times and memory are measurements of one run, so they go to the report files a run writes and not
+into checkpoints (:meth:`QuantizationReport.to_dict` with ``measurements=False``), whose bytes then
+depend only on what was computed; a report read back from a checkpoint has ``nan`` there.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,31 @@ import csv
 import dataclasses
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
+import torch
+import torch.nn as nn
+
+from monai_effq.utils.fingerprint import fingerprint_json, fingerprint_state, fingerprint_tensors
 from monai_effq.utils.io import atomic_write_text
 
-__all__ = ["LayerReport", "QuantizationReport", "peak_memory_mib", "reset_peak_memory"]
+__all__ = [
+    "LAYER_MEASUREMENTS",
+    "LayerReport",
+    "QuantizationReport",
+    "RUN_MEASUREMENTS",
+    "peak_memory_mib",
+    "reset_peak_memory",
+    "source_fingerprints",
+]
+
+# fields that measure a run (time, memory) rather than describe its result
+LAYER_MEASUREMENTS = ("seconds", "solve_seconds")
+RUN_MEASUREMENTS = ("wall_seconds", "peak_memory_mib")
 
 
 def reset_peak_memory() -> None:
@@ -36,6 +59,24 @@ def peak_memory_mib() -> float:
     return float("nan")
 
 
+def source_fingerprints(network: nn.Module, config: dict[str, Any], calibration: Sequence[torch.Tensor]) -> dict[str, str]:
+    """Fingerprints of a quantization run's inputs, for :attr:`QuantizationReport.sources`.
+
+    Args:
+        network: the FP network as given (before BatchNorms are folded).
+        config: the config's ``to_dict()``.
+        calibration: the calibration batches, in order.
+
+    Returns:
+        ``{"fp_weights": ..., "config": ..., "calibration": ...}`` (:mod:`monai_effq.utils.fingerprint`).
+    """
+    return {
+        "fp_weights": fingerprint_state(network),
+        "config": fingerprint_json(config),
+        "calibration": fingerprint_tensors(calibration),
+    }
+
+
 @dataclass
 class LayerReport:
     """One quantized layer.
@@ -50,8 +91,8 @@ class LayerReport:
         mse_fp: weighted output MSE of the FP weights on the quantized inputs.
         mse_rtn: the same with round-to-nearest weights.
         mse: the same with the solution.
-        seconds: wall time of this layer (capture, statistics and solve).
-        solve_seconds: time of the solve alone.
+        seconds: wall time of this layer (capture, statistics and solve); ``nan`` when not recorded.
+        solve_seconds: time of the solve alone; ``nan`` when not recorded.
         iterations: ADMM iterations run (0 for other methods).
         voxels: calibration output voxels the layer saw (its equations per output channel).
         effective_voxels: ``(Σ h)² / Σ h²`` of the attention weights: equally weighted voxels
@@ -71,8 +112,8 @@ class LayerReport:
     mse_fp: float
     mse_rtn: float
     mse: float
-    seconds: float
-    solve_seconds: float
+    seconds: float = math.nan
+    solve_seconds: float = math.nan
     iterations: int = 0
     voxels: int = 0
     effective_voxels: float = 0.0
@@ -98,10 +139,12 @@ class QuantizationReport:
         quantized_bytes: bytes once quantized (packed codes, scales, FP remainder).
         weight_fp_bytes: bytes of every weight layer's weights at 32 bits.
         weight_packed_bytes: the same weights as stored: codes packed at their bits.
-        wall_seconds: total wall time.
-        peak_memory_mib: peak resident memory of the run.
+        wall_seconds: total wall time (``nan`` when not recorded).
+        peak_memory_mib: peak resident memory of the run (``nan`` when not recorded).
         folded_batchnorms: BatchNorms folded into their convolutions.
         skipped: quantizable layers kept in floating point.
+        sources: fingerprints of what the run was given (:func:`source_fingerprints`: ``fp_weights``,
+            ``config``, ``calibration``), so a checkpoint can be checked against its inputs.
         extra: anything a caller adds (e.g. Dice).
     """
 
@@ -111,10 +154,11 @@ class QuantizationReport:
     quantized_bytes: int = 0
     weight_fp_bytes: int = 0
     weight_packed_bytes: int = 0
-    wall_seconds: float = 0.0
-    peak_memory_mib: float = float("nan")
+    wall_seconds: float = math.nan
+    peak_memory_mib: float = math.nan
     folded_batchnorms: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    sources: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -127,17 +171,32 @@ class QuantizationReport:
         """fp32 weight bytes over packed weight bytes (the weights alone, no biases or norms)."""
         return self.weight_fp_bytes / max(self.weight_packed_bytes, 1)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-data form, with the compression ratios."""
+    def to_dict(self, measurements: bool = True) -> dict[str, Any]:
+        """Plain-data form, with the compression ratios.
+
+        Args:
+            measurements: keep the times and memory (:data:`RUN_MEASUREMENTS`, :data:`LAYER_MEASUREMENTS`);
+                ``False`` leaves what two runs on the same inputs agree on.
+
+        Returns:
+            a dict that :meth:`from_dict` reads back.
+        """
         d = dataclasses.asdict(self)
         d["compression"] = self.compression
         d["weight_compression"] = self.weight_compression
+        if not measurements:
+            for key in RUN_MEASUREMENTS:
+                del d[key]
+            for layer in d["layers"]:
+                for key in LAYER_MEASUREMENTS:
+                    del layer[key]
         return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantizationReport:
-        """Inverse of :meth:`to_dict`."""
-        data = {k: v for k, v in data.items() if k not in ("compression", "weight_compression")}
+        """Inverse of :meth:`to_dict` (measurements left out read as ``nan``; other keys of a report file are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k in names}
         data["layers"] = [LayerReport(**r) for r in data.get("layers", [])]
         return cls(**data)
 
@@ -151,18 +210,25 @@ class QuantizationReport:
             writer.writerow(dataclasses.asdict(r))
         return buf.getvalue()
 
-    def save(self, folder: str | Path, stem: str = "quantization_report") -> tuple[Path, Path]:
+    def save(
+        self, folder: str | Path, stem: str = "quantization_report", provenance: dict[str, Any] | None = None
+    ) -> tuple[Path, Path]:
         """Write ``<stem>.json`` and ``<stem>.csv`` atomically.
 
         Args:
             folder: destination folder (created if missing).
             stem: file name without extension.
+            provenance: written under ``"provenance"`` in the JSON (e.g. the fingerprint of the checkpoint
+                the report describes, and when it was written).
 
         Returns:
             the two paths.
         """
         folder = Path(folder)
-        j = atomic_write_text(folder / f"{stem}.json", json.dumps(self.to_dict(), indent=2, default=float))
+        data = self.to_dict()
+        if provenance is not None:
+            data["provenance"] = provenance
+        j = atomic_write_text(folder / f"{stem}.json", json.dumps(data, indent=2, default=float))
         c = atomic_write_text(folder / f"{stem}.csv", self.to_csv())
         return j, c
 
@@ -191,9 +257,11 @@ class QuantizationReport:
         n = len(self.layers)
         ratios = [r.mse / r.mse_rtn for r in self.layers if r.mse_rtn > 0]  # NaN (no solve) fails the test
         mean_ratio = f"{sum(ratios) / len(ratios):.3f}" if ratios else "n/a"
+        # a report read back from a checkpoint has no measurements
+        seconds = f" in {self.wall_seconds:.1f} s" if math.isfinite(self.wall_seconds) else ""
+        memory = f", peak memory {self.peak_memory_mib:.0f} MiB" if math.isfinite(self.peak_memory_mib) else ""
         return (
-            f"{self.method}: {n} layers quantized in {self.wall_seconds:.1f} s, peak memory "
-            f"{self.peak_memory_mib:.0f} MiB; size {self.fp_bytes / 2**20:.2f} MiB -> "
+            f"{self.method}: {n} layers quantized{seconds}{memory}; size {self.fp_bytes / 2**20:.2f} MiB -> "
             f"{self.quantized_bytes / 2**20:.3f} MiB ({self.compression:.1f}x; weights {self.weight_compression:.2f}x); "
             f"mean layer error vs RTN {mean_ratio}"
         )

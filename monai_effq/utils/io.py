@@ -1,15 +1,105 @@
-"""Atomic file output: a run that is interrupted never leaves a half-written file that looks whole."""
+"""Atomic file output: a run that is interrupted never leaves a half-written file that looks whole.
+
+Each output is written to a temporary file (or folder) beside it, named
+``.<name>.<host>.<pid>.<random>.partial``, and moved into place when complete. A process killed
+mid-write (``kill -9``, a power cut) cannot remove its temporary, so every write first removes those
+of writers that are gone from the folder it writes to: those of dead processes on this host, and
+those of other hosts (a shared network folder) or of unknown owners once they are older than
+:data:`STALE_AFTER_SECONDS`. A live writer's temporary is never touched, so concurrent runs writing
+to one folder do not disturb each other.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_directory", "atomic_write", "atomic_write_text", "current_umask"]
+__all__ = [
+    "STALE_AFTER_SECONDS",
+    "atomic_directory",
+    "atomic_write",
+    "atomic_write_text",
+    "current_umask",
+    "remove_stale_temporaries",
+]
+
+# a temporary whose owner this host cannot check is left alone for a day: no write takes that long
+STALE_AFTER_SECONDS = 24 * 3600
+_SUFFIX = ".partial"
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.(?P<token>[A-Za-z0-9_]+)\.partial$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
+def _temporary_prefix(dest: Path) -> str:
+    return f".{dest.name}.{_host()}.{os.getpid()}."
+
+
+def _process_is_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name != "posix":  # os.kill(pid, 0) would end the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, owned by another user
+        return True
+    return True
+
+
+def _is_stale(entry: Path, now: float) -> bool:
+    match = _TEMPORARY.match(entry.name)
+    if match is not None and match["host"] == _host():
+        return not _process_is_alive(int(match["pid"]))
+    try:
+        return now - entry.lstat().st_mtime > STALE_AFTER_SECONDS
+    except FileNotFoundError:  # its writer finished (or another sweep removed it) meanwhile
+        return False
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries that interrupted atomic writes left in ``folder``.
+
+    A temporary (``.<name>.<host>.<pid>.<random>.partial``, file or folder) is removed when its
+    writer is a dead process on this host; one from another host, or without a writer in its name
+    (written by older versions), when it is older than :data:`STALE_AFTER_SECONDS`.
+
+    Args:
+        folder: the folder to clean (a missing folder has nothing to clean).
+
+    Returns:
+        the paths removed.
+    """
+    folder = Path(folder)
+    try:
+        entries = [e for e in folder.iterdir() if e.name.startswith(".") and e.name.endswith(_SUFFIX)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    now = time.time()
+    removed = []
+    for entry in entries:
+        if not _is_stale(entry, now):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except FileNotFoundError:  # a concurrent run removed it first
+            continue
+        removed.append(entry)
+    return removed
 
 
 @contextlib.contextmanager
@@ -18,7 +108,8 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
 
     The temporary file lives in the same folder (so the final ``os.replace`` is atomic on POSIX)
     and is flushed to disk before the move; on any exception it is removed and ``path`` is left
-    as it was.
+    as it was. Temporaries that killed writers left in the folder are removed first
+    (:func:`remove_stale_temporaries`).
 
     Args:
         path: the destination file.
@@ -28,7 +119,8 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent)
+    remove_stale_temporaries(dest.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(dest), suffix=_SUFFIX, dir=dest.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -49,7 +141,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 
     The folder gets the mode an ordinary ``mkdir`` would give it. An existing ``path`` is moved aside
     first and removed after the swap, so a reader sees the old folder or the new one, never a mix;
-    on any exception the new folder is removed and ``path`` is left as it was.
+    on any exception the new folder is removed and ``path`` is left as it was. Temporaries that
+    killed writers left beside it are removed first (:func:`remove_stale_temporaries`).
 
     Args:
         path: the destination folder.
@@ -59,7 +152,8 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+    remove_stale_temporaries(dest.parent)
+    staging = Path(tempfile.mkdtemp(prefix=_temporary_prefix(dest), suffix=_SUFFIX, dir=dest.parent))
     try:
         yield staging
         staging.chmod(0o777 & ~current_umask())

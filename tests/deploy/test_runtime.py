@@ -109,20 +109,66 @@ def test_a_missing_runtime_names_the_extra_to_install(exported, monkeypatch, fla
         cls(path)
 
 
-def test_runtime_network_exports_a_checkpoint_once_and_again_when_it_changes(quantized, tmp_path):
-    ckpt = monai_effq.save_quantized(quantized, tmp_path / "model_w4a8.pt")
+def _rtn(weight_bits: int):
+    config = monai_effq.EfficientQConfig(weight_bits=weight_bits, method="rtn", attention=False)
+    return monai_effq.quantize(bn_unet(), torch.rand(1, 2, 16, 16, 16, generator=torch.Generator().manual_seed(3)), config, progress=False)
+
+
+def test_runtime_network_re_exports_by_checkpoint_content_not_modification_time(tmp_path):
+    from monai_effq.deploy.runtime import exported_from
+    from monai_effq.ptq.checkpoint import checkpoint_fingerprint
+
+    ckpt = monai_effq.save_quantized(_rtn(4), tmp_path / "model_w4a8.pt")
     onnx_path = tmp_path / "model_w4a8.onnx"
     net = runtime_network("onnxruntime", onnx_path, ckpt, bn_unet(), (1, 2, 16, 16, 16))
-    assert onnx_path.is_file() and isinstance(net, OnnxRuntimeNetwork)
+    assert isinstance(net, OnnxRuntimeNetwork) and exported_from(onnx_path) == checkpoint_fingerprint(ckpt)
     first = onnx_path.stat().st_mtime_ns
+    later = time.time() + 5
+    os.utime(ckpt, (later, later))  # touched, same content: the export stands
     runtime_network("onnxruntime", onnx_path, ckpt, bn_unet(), (1, 2, 16, 16, 16))
     assert onnx_path.stat().st_mtime_ns == first
-    later = time.time() + 5
-    os.utime(ckpt, (later, later))
+    # another checkpoint brought in with an older time (cp -p, rsync, a restore from backup)
+    monai_effq.save_quantized(_rtn(3), ckpt)
+    earlier = onnx_path.stat().st_mtime - 3600
+    os.utime(ckpt, (earlier, earlier))
     runtime_network("onnxruntime", onnx_path, ckpt, bn_unet(), (1, 2, 16, 16, 16))
+    assert exported_from(onnx_path) == checkpoint_fingerprint(ckpt)
     assert onnx_path.stat().st_mtime_ns != first
     with pytest.raises(ValueError, match="runtime must be one of"):
         runtime_network("tflite", onnx_path)
+
+
+def test_an_export_of_a_result_records_the_fingerprint_of_its_checkpoint(exported, tmp_path):
+    from monai_effq.deploy.runtime import exported_from
+    from monai_effq.ptq.checkpoint import checkpoint_fingerprint
+
+    result, path = exported
+    assert exported_from(path) == checkpoint_fingerprint(monai_effq.save_quantized(result, tmp_path / "q.pt"))
+
+
+def test_tensorrt_engines_are_named_after_the_checkpoint_and_those_of_others_removed(tmp_path):
+    from monai_effq.ptq.checkpoint import checkpoint_fingerprint
+
+    ckpt = monai_effq.save_quantized(_rtn(4), tmp_path / "model_w4a8.pt")
+    current = tmp_path / f"model_w4a8.{checkpoint_fingerprint(ckpt)}.plan"
+    kept = [current, tmp_path / "model_w4a8_fp16.plan"]
+    removed = [tmp_path / "model_w4a8.plan", tmp_path / "model_w4a8.0123456789abcdef.plan"]
+    for plan in kept + removed:
+        plan.write_bytes(b"engine")
+    # the asymmetric activations (or a machine without TensorRT) stop the build after the cache is sorted
+    with pytest.raises((ValueError, RuntimeError)):
+        runtime_network("tensorrt", tmp_path / "model_w4a8.onnx", ckpt, bn_unet(), (1, 2, 16, 16, 16))
+    assert sorted(tmp_path.glob("*.plan")) == sorted(kept)
+
+
+def test_a_damaged_checkpoint_is_refused_before_anything_is_exported(tmp_path):
+    ckpt = monai_effq.save_quantized(_rtn(4), tmp_path / "model_w4a8.pt")
+    payload = torch.load(ckpt, weights_only=True)
+    payload["codes"][0] ^= 1
+    torch.save(payload, ckpt)
+    with pytest.raises(ValueError, match="model_w4a8.pt is damaged"):
+        runtime_network("onnxruntime", tmp_path / "model_w4a8.onnx", ckpt, bn_unet(), (1, 2, 16, 16, 16))
+    assert not (tmp_path / "model_w4a8.onnx").exists()
 
 
 def test_openvino_options_it_cannot_compile_with_are_an_error_naming_them(exported):

@@ -43,6 +43,21 @@ def test_calibration_handler_swaps_the_quantized_network_into_the_engine(net, tm
     assert (tmp_path / "eval" / "quantization_report_layers.png").stat().st_size > 1000
 
 
+def test_the_report_file_names_its_checkpoint_and_keeps_the_times_the_checkpoint_leaves_out(net, tmp_path):
+    from monai_effq.ptq.checkpoint import verify_checkpoint
+
+    batches = [{"image": torch.randn(1, 1, 16, 16, 16), "label": torch.zeros(1, 1, 16, 16, 16)}]
+    evaluator = _evaluator(net, batches)
+    QuantizationHandler({"weight_bits": 4, "method": "rtn"}, save_path=tmp_path / "q.pt", progress=False).attach(evaluator)
+    QuantizationReportHandler(tmp_path / "eval").attach(evaluator)
+    evaluator.run()
+    report_path = tmp_path / "eval" / "quantization_report.json"
+    fingerprint = verify_checkpoint(tmp_path / "q.pt", fp_network=net, report=report_path)
+    report = json.loads(report_path.read_text())
+    assert report["provenance"]["checkpoint"] == fingerprint and report["provenance"]["created"]
+    assert report["wall_seconds"] > 0 and all(r["seconds"] > 0 for r in report["layers"])
+
+
 def test_checkpoint_loader_replaces_the_fp_network_when_the_engine_starts(net, tmp_path):
     batches = [{"image": torch.randn(1, 1, 16, 16, 16), "label": torch.zeros(1, 1, 16, 16, 16)}]
     calibrator = _evaluator(net, batches)

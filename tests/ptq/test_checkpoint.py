@@ -1,4 +1,5 @@
 import json
+import math
 import os
 
 import pytest
@@ -38,6 +39,96 @@ def test_load_restores_config_report_and_provenance(w2_result, tmp_path):
     meta = json.loads(torch.load(path, weights_only=True)["meta"])
     assert meta["provenance"]["monai_effq"] == monai_effq.__version__
     assert meta["provenance"]["torch"] == torch.__version__
+
+
+def test_the_checkpoint_records_fingerprints_of_the_fp_weights_config_and_calibration(trained_unet, w2_result, tmp_path):
+    from monai_effq.utils.fingerprint import fingerprint_json, fingerprint_state, fingerprint_tensors
+
+    calib, _ = sphere_volumes(1, seed=5)
+    expected = {
+        "fp_weights": fingerprint_state(trained_unet),
+        "config": fingerprint_json(w2_result.config.to_dict()),
+        "calibration": fingerprint_tensors([calib]),
+    }
+    assert w2_result.report.sources == expected
+    path = save_quantized(w2_result, tmp_path / "q.pt")
+    assert load_quantized_result(path, _fresh_unet()).report.sources == expected
+
+
+def test_quantizing_twice_writes_byte_identical_checkpoints_that_load_bit_for_bit(trained_unet, w2_result, tmp_path):
+    calib, _ = sphere_volumes(1, seed=5)
+    again = quantize(trained_unet, calib, w2_result.config, progress=False)
+    assert again.report.wall_seconds != w2_result.report.wall_seconds  # the runs' times differ ...
+    first = save_quantized(w2_result, tmp_path / "first" / "q.pt")
+    second = save_quantized(again, tmp_path / "second" / "q.pt")
+    assert first.read_bytes() == second.read_bytes()  # ... their checkpoints do not
+    x = torch.randn(1, 1, 24, 24, 24)
+    with torch.no_grad():
+        assert torch.equal(load_quantized(second, _fresh_unet())(x), w2_result.network(x))
+
+
+def test_a_report_loaded_from_a_checkpoint_has_no_times_and_still_summarises(w2_result, tmp_path):
+    path = save_quantized(w2_result, tmp_path / "q.pt")
+    report = load_quantized_result(path, _fresh_unet()).report
+    assert math.isnan(report.wall_seconds) and math.isnan(report.peak_memory_mib)
+    assert all(math.isnan(r.seconds) and math.isnan(r.solve_seconds) for r in report.layers)
+    assert " s," not in report.summary() and "layers quantized; size" in report.summary()
+    assert report.compression == w2_result.report.compression
+
+
+def test_a_flipped_byte_in_a_tensor_is_one_error_naming_the_file_and_the_fix(w2_result, tmp_path):
+    path = save_quantized(w2_result, tmp_path / "q.pt")
+    codes = torch.load(path, weights_only=True)["codes"]
+    data = bytearray(path.read_bytes())
+    data[_tensor_offset(path, "codes") + codes.numel() // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+    flipped = torch.load(path, weights_only=True)["codes"]  # torch reads the changed byte without complaint
+    assert int((flipped != codes).sum()) == 1
+    with pytest.raises(ValueError, match=r"q\.pt is damaged.*re-run the quantize step"):
+        load_quantized(path, _fresh_unet())
+
+
+def _tensor_offset(path, entry: str) -> int:
+    """Where the bytes of a payload entry's tensor start in the file (the zip stores them uncompressed)."""
+    import zipfile
+
+    payload = torch.load(path, weights_only=True)
+    with zipfile.ZipFile(path) as archive:
+        storages = [i for i in archive.infolist() if "/data/" in i.filename and not i.filename.endswith("serialization_id")]
+        sizes = {i.filename: i.file_size for i in storages}
+        target = payload[entry].numel() * payload[entry].element_size()
+        info = next(i for i in storages if sizes[i.filename] == target)
+        with open(path, "rb") as f:
+            f.seek(info.header_offset + 26)
+            name_len, extra_len = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        return info.header_offset + 30 + name_len + extra_len
+
+
+def test_the_fingerprint_of_a_checkpoint_is_its_results_and_survives_a_reload(w2_result, tmp_path):
+    from monai_effq.ptq.checkpoint import checkpoint_fingerprint, result_fingerprint
+
+    path = save_quantized(w2_result, tmp_path / "q.pt")
+    assert checkpoint_fingerprint(path) == result_fingerprint(w2_result)
+    reloaded = load_quantized_result(path, _fresh_unet())
+    assert result_fingerprint(reloaded) == result_fingerprint(w2_result)
+    other = EfficientQConfig(weight_bits=3, first_layer_bits=None, last_layer_bits=None, method="rtn")
+    calib, _ = sphere_volumes(1, seed=5)
+    assert result_fingerprint(quantize(_fresh_unet(), calib, other, progress=False)) != checkpoint_fingerprint(path)
+
+
+def test_verify_checkpoint_tells_a_report_or_fp_weights_of_another_run(trained_unet, w2_result, tmp_path):
+    from monai_effq.ptq.checkpoint import checkpoint_fingerprint, report_provenance, verify_checkpoint
+
+    path = save_quantized(w2_result, tmp_path / "q.pt")
+    w2_result.report.save(tmp_path, "report", provenance=report_provenance(w2_result))
+    assert verify_checkpoint(path, fp_network=trained_unet, report=tmp_path / "report.json") == checkpoint_fingerprint(path)
+    with pytest.raises(ValueError, match="made from other FP weights.*re-run the quantize step"):
+        verify_checkpoint(path, fp_network=_fresh_unet())
+    # a later run killed after writing its checkpoint leaves the earlier run's report beside it
+    calib, _ = sphere_volumes(1, seed=6)
+    save_quantized(quantize(trained_unet, calib, w2_result.config, progress=False), path)
+    with pytest.raises(ValueError, match=r"report\.json describes another checkpoint.*re-run the quantize step"):
+        verify_checkpoint(path, report=tmp_path / "report.json")
 
 
 def test_two_bit_file_is_at_most_a_twelfth_of_the_fp_state_dict(tmp_path):

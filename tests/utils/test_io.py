@@ -39,3 +39,80 @@ def test_an_interrupted_directory_write_leaves_the_old_folder_whole_and_no_parti
         (staging / "model.ts").write_text("second")
     assert (dest / "model.ts").read_text() == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+_WRITER = """
+import sys, time
+from monai_effq.utils.io import atomic_write
+with atomic_write(sys.argv[1]) as tmp:
+    tmp.write_bytes(b"half a checkpoint")
+    print(tmp, flush=True)
+    time.sleep(120)
+"""
+
+
+def _start_writer(path):
+    """A process stopped in the middle of an atomic write of ``path``; returns it and its temporary."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    return proc, Path(proc.stdout.readline().strip())
+
+
+def test_a_write_killed_mid_way_leaves_no_temporary_after_the_next_write(tmp_path):
+    import signal
+
+    path = atomic_write_text(tmp_path / "model.pt", "old")
+    writer, tmp = _start_writer(path)
+    assert tmp.is_file() and tmp.parent == tmp_path
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert tmp.is_file()  # what kill -9 leaves behind
+    atomic_write_text(tmp_path / "report.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "report.json"]
+    assert path.read_text() == "old"
+
+
+def test_a_concurrent_writers_temporary_survives_another_write_to_the_folder(tmp_path):
+    writer, tmp = _start_writer(tmp_path / "model.pt")
+    try:
+        atomic_write_text(tmp_path / "model.pt", "the other run's")
+        assert tmp.read_bytes() == b"half a checkpoint"
+    finally:
+        writer.kill()
+        writer.wait()
+
+
+def test_a_temporary_of_another_host_or_owner_is_removed_only_once_a_day_old(tmp_path):
+    import time
+
+    from monai_effq.utils.io import STALE_AFTER_SECONDS, remove_stale_temporaries
+
+    other_host = tmp_path / ".model.pt.otherhost.4242.abcd1234.partial"
+    old_format = tmp_path / ".model.pt.k2j4h5l6.partial"
+    recent = tmp_path / ".report.json.otherhost.4243.efgh5678.partial"
+    for p in (other_host, old_format, recent):
+        p.write_text("half")
+    day_ago = time.time() - STALE_AFTER_SECONDS - 60
+    for p in (other_host, old_format):
+        os.utime(p, (day_ago, day_ago))
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted([other_host, old_format])
+    assert [p.name for p in tmp_path.iterdir()] == [recent.name]
+
+
+def test_a_staging_folder_of_a_dead_process_is_removed_by_the_next_directory_write(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from monai_effq.utils.io import atomic_directory
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname())
+    staging = tmp_path / f".bundle.{host}.{int(dead.stdout)}.x1y2z3w4.partial"
+    (staging / "models").mkdir(parents=True)
+    with atomic_directory(tmp_path / "bundle") as fresh:
+        (fresh / "model.ts").write_text("whole")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
