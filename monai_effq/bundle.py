@@ -6,9 +6,11 @@ that it can be overridden on the command line.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +30,7 @@ from monai_effq.data import (
     split_datalist,
     validate_datalist,
 )
-from monai_effq.utils.io import atomic_directory
+from monai_effq.utils.io import atomic_directory, current_umask
 
 __all__ = [
     "DEMO",
@@ -41,8 +43,13 @@ __all__ = [
     "images",
     "load_fp_weights",
     "log_written",
+    "model_tag",
     "preprocessing",
+    "refuse_to_overwrite",
+    "refuse_to_replace_shipped",
     "set_determinism",
+    "shipped_files",
+    "with_umask",
 ]
 
 logger = logging.getLogger(__name__)
@@ -226,10 +233,121 @@ def log_written(*paths: str | os.PathLike | None) -> list[Path]:
     return found
 
 
+def model_tag(
+    made_by: str,
+    weight_bits: int | None,
+    act_bits: int | None,
+    weight_format: str | None = None,
+    act_format: str | None = None,
+) -> str:
+    """The name a quantized model's outputs carry: what made it, then its weights' and activations' bits or formats.
+
+    Checkpoint, report, evaluation, masks and export of one model share it, so runs that differ in
+    method, bits, format or fine-tuning start write different files.
+
+    Args:
+        made_by: the solver method (``"efficientq"``, ``"gptq"``, ``"rtn"``) or, for a fine-tuned
+            network, ``"finetuned_<start>"`` (``finetuned_efficientq``, ``finetuned_fp``, ...).
+        weight_bits: the body layers' weight bits (ignored when ``weight_format`` is given).
+        act_bits: the body layers' activation bits, ``None`` for activations kept in floating point.
+        weight_format: a fixed-point weight format such as ``"Q0.4"`` (a 5-bit word): named as such.
+        act_format: a fixed-point activation format such as ``"Q6.0"``.
+
+    Returns:
+        e.g. ``"efficientq_w4a8"``, ``"gptq_w2a8"``, ``"finetuned_fp_q0.4aq6.0"``, ``"rtn_w4afp"``.
+    """
+    weights = weight_format.lower() if weight_format else f"w{weight_bits}"
+    acts = "afp" if act_bits is None and not act_format else f"a{(act_format or act_bits)}".lower()
+    return f"{made_by}_{weights}{acts}"
+
+
+def refuse_to_overwrite(overwrite: bool, *paths: str | os.PathLike | None) -> None:
+    """Stop a workflow before it runs when an output it would write is there from an earlier run.
+
+    A bundle workflow calls this first, so nothing is computed, and nothing replaced, unless the
+    user asks for it with ``--overwrite True``.
+
+    Args:
+        overwrite: replace earlier outputs.
+        paths: the workflow's outputs (files, or folders that count when they hold anything); None or
+            "" is skipped.
+
+    Raises:
+        FileExistsError: naming the first output that exists.
+    """
+    if overwrite:
+        return
+    for path in (Path(p) for p in paths if p):
+        if path.is_file() or (path.is_dir() and any(path.iterdir())):
+            raise FileExistsError(
+                f"{path} exists from an earlier run: pass --overwrite True to replace it, or write elsewhere "
+                "(other settings, --ckpt_dir, --output_dir)."
+            )
+
+
+def shipped_files(bundle_root: str | os.PathLike) -> dict[Path, str]:
+    """The files a bundle ships, with their MD5, as its ``large_files.yml`` lists them (model-zoo convention).
+
+    Args:
+        bundle_root: the bundle folder.
+
+    Returns:
+        ``{resolved path: md5}``; empty when the folder has no ``large_files.yml`` (e.g. a copy made
+        for MONAI Label, whose weights are its own to retrain).
+    """
+    listing = Path(bundle_root) / "large_files.yml"
+    if not listing.is_file():
+        return {}
+    entries = re.findall(r'path: "([^"]+)"\s+hash_val: "([0-9a-f]+)"\s+hash_type: "md5"', listing.read_text())
+    return {(Path(bundle_root) / path).resolve(): md5 for path, md5 in entries}
+
+
+def refuse_to_replace_shipped(overwrite: bool, path: str | os.PathLike, bundle_root: str | os.PathLike) -> None:
+    """Stop training before it starts when it would replace the checkpoint the bundle ships.
+
+    The shipped ``models/model.pt`` is what the demo, the README's figures and ``quantize`` start from;
+    a checkpoint this workflow trained earlier (its MD5 differs from ``large_files.yml``) may be
+    replaced, as MONAI Label does when it retrains a bundle.
+
+    Args:
+        overwrite: replace it anyway.
+        path: the checkpoint training will write.
+        bundle_root: the bundle folder (its ``large_files.yml`` names the shipped files).
+
+    Raises:
+        FileExistsError: when ``path`` is a shipped file, unchanged.
+    """
+    target = Path(path)
+    md5 = shipped_files(bundle_root).get(target.resolve())
+    if overwrite or md5 is None or not target.is_file():
+        return
+    if hashlib.md5(target.read_bytes()).hexdigest() == md5:
+        raise FileExistsError(
+            f"{target} is the checkpoint this bundle ships (large_files.yml) and training would replace it: "
+            "pass --ckpt_dir <folder> to train into another folder (quantize then reads <folder>/model.pt with "
+            "the same --ckpt_dir), or --overwrite True to replace it."
+        )
+
+
+def with_umask(*paths: str | os.PathLike) -> list[Path]:
+    """Give files written by code that ignores the umask (ignite's checkpoint saver) the mode ``open()`` would.
+
+    Args:
+        paths: the files; missing ones are skipped.
+
+    Returns:
+        the files that exist.
+    """
+    found = [Path(p) for p in paths if Path(p).is_file()]
+    for path in found:
+        path.chmod(0o666 & ~current_umask())
+    return found
+
+
 # What a served bundle needs beside its inference config, model and README (model-zoo layout).
 _SERVED_FILES = ("configs/metadata.json", "configs/logging.conf", "LICENSE", "docs/data_license.txt")
-# Inference-config keys that only serve to build the network from the packed checkpoint.
-_PACKED_KEYS = ("weight_bits", "act_bits", "model_tag", "quantized_path")
+# Inference-config keys that only serve to find the packed checkpoint and build the network from it.
+_PACKED_KEYS = ("weight_bits", "act_bits", "method", "weight_format", "act_format", "model_tag", "quantized_path")
 
 
 def export_monailabel_bundle(
@@ -258,7 +376,7 @@ def export_monailabel_bundle(
             empty string (``--export_dir ""``; MONAI's command line drops a ``None`` override) or None
             to export nothing.
         input_shape: the window the network sees, ``(1, in_channels, *roi_size)``.
-        tag: the quantization setting, e.g. ``"W4A8"``, written into the metadata.
+        tag: the model's :func:`model_tag`, e.g. ``"efficientq_w4a8"``, written into the metadata.
 
     Returns:
         ``export_dir``, or None when nothing was exported.
@@ -277,6 +395,7 @@ def export_monailabel_bundle(
             config.pop(key, None)
         config["network"] = "$torch.jit.load(@bundle_root + '/models/model.ts', map_location=torch.device(@device))"
         config["sw_roi_size"] = list(input_shape[2:])  # the window the trace was checked on
+        config["output_dir"] = "$@bundle_root + '/eval/seg'"  # the served bundle holds one model
         (staging / "configs").mkdir(parents=True, exist_ok=True)
         (staging / "configs" / "inference.json").write_text(json.dumps(config, indent=4) + "\n")
         for name in _SERVED_FILES:

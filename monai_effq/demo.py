@@ -1,14 +1,19 @@
 """The main job on the embedded demo: quantize each bundle's network, evaluate FP vs quantized, print a table.
 
 Runs the bundles' own ``quantize`` and ``evaluate`` workflows (``monai.bundle.run``, the same code
-as ``python -m monai.bundle run ...``) for each bit width, then prints Dice per class, model size
-and quantization time, writes the table to ``docs/results.md`` and into the README between its
-results markers, and records the mean Dice in each bundle's metadata (``eval_metrics``).
+as ``python -m monai.bundle run ...``) on each bundle's shipped FP checkpoint for each bit width,
+prints Dice per class, model size and quantization time, and writes the table and the rows to an
+output folder (``outputs/demo/results.md`` and ``results.json``; the checkpoints, reports and
+evaluations under ``outputs/demo/<bundle>/``). A run replaces what an earlier demo run wrote there,
+and nothing else: the bundles' folders (except their generated demo data), the README and
+``docs/results.md`` stay as they are. ``--publish`` (for maintainers) also writes the table into the
+README, ``docs/results.md`` and each bundle's ``docs/README.md`` and the mean Dice into each
+bundle's ``configs/metadata.json``.
 
 Usage::
 
-    python -m monai_effq.demo                      # both bundles, W4A8 and W2A8
-    python -m monai_effq.demo --bundles lits_effq --weight-bits 4
+    python -m monai_effq.demo                      # both bundles, efficientq W4A8 and W2A8
+    python -m monai_effq.demo --bundles lits_effq --weight-bits 4 --output-dir /tmp/demo
 """
 
 from __future__ import annotations
@@ -18,11 +23,22 @@ import json
 import time
 from pathlib import Path
 
+from monai_effq.bundle import model_tag
 from monai_effq.utils.io import atomic_write_text
 
-__all__ = ["run_demo", "publish", "publish_per_bundle", "record_eval_metrics", "main"]
+__all__ = [
+    "DEFAULT_OUTPUT_DIR",
+    "main",
+    "publish",
+    "publish_per_bundle",
+    "record_eval_metrics",
+    "results_markdown",
+    "run_demo",
+    "write_results",
+]
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT_DIR = ROOT / "outputs" / "demo"
 MARK_START, MARK_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
@@ -36,28 +52,43 @@ def _run(bundle: str, workflow: str, **overrides) -> float:
     return time.perf_counter() - t0
 
 
-def run_demo(bundles: list[str], weight_bits: list[int], act_bits: int = 8) -> list[dict]:
-    """Quantize and evaluate each bundle at each bit width; return one row per bundle and model.
+def run_demo(
+    bundles: list[str], weight_bits: list[int], act_bits: int = 8, output_dir: str | Path = DEFAULT_OUTPUT_DIR, method: str = "efficientq"
+) -> list[dict]:
+    """Quantize and evaluate each bundle's shipped network at each bit width; return one row per bundle and model.
 
     Args:
         bundles: bundle folder names under ``bundles/``.
         weight_bits: weight bit widths to quantize to.
         act_bits: activation bits.
+        output_dir: where the checkpoints, reports and evaluations go (``<output_dir>/<bundle>/``);
+            what an earlier demo run wrote there is replaced.
+        method: the solver method.
 
     Returns:
-        rows with the bundle, model, Dice per class, mean Dice, size and quantization time.
+        rows with the bundle, model (``"FP32"`` or the model tag, e.g. ``"efficientq_w4a8"``), Dice per
+        class, mean Dice, size and quantization time.
     """
     rows = []
     for bundle in bundles:
         root = ROOT / "bundles" / bundle
-        overrides = {"bundle_root": str(root)}
+        out = Path(output_dir) / bundle
+        overrides = {
+            "bundle_root": str(root),  # the demo data are generated (once) in the bundle's data/demo
+            "fp_checkpoint": str(root / "models" / "model.pt"),  # the shipped checkpoint, never one trained since
+            "ckpt_dir": str(out / "models"),
+            "output_dir": str(out / "eval"),
+            "export_dir": "",
+            "overwrite": True,
+            "method": method,
+        }
         fp_row = None
         for bits in weight_bits:
-            tag = f"w{bits}a{act_bits}"
+            tag = model_tag(method, bits, act_bits)
             q_seconds = _run(bundle, "quantize", weight_bits=bits, act_bits=act_bits, **overrides)
             _run(bundle, "evaluate", weight_bits=bits, act_bits=act_bits, **overrides)
-            evaluation = json.loads((root / "eval" / f"evaluation_{tag}.json").read_text())
-            report = json.loads((root / "eval" / f"quantization_report_{tag}.json").read_text())
+            evaluation = json.loads((out / "eval" / f"evaluation_{tag}.json").read_text())
+            report = json.loads((out / "eval" / f"quantization_report_{tag}.json").read_text())
             fp, q = evaluation
             if fp_row is None:
                 fp_row = {"bundle": bundle, **fp, "size_MiB": report["fp_bytes"] / 2**20, "quantize_s": 0.0}
@@ -80,6 +111,22 @@ def results_markdown(rows: list[dict]) -> str:
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
+
+
+def write_results(rows: list[dict], output_dir: str | Path) -> tuple[Path, Path]:
+    """Write the demo's table (``results.md``) and rows (``results.json``) into ``output_dir``, atomically.
+
+    Args:
+        rows: :func:`run_demo`'s rows.
+        output_dir: the demo's output folder.
+
+    Returns:
+        the two files.
+    """
+    folder = Path(output_dir)
+    markdown = atomic_write_text(folder / "results.md", f"# Demo results\n\nWritten by `python -m monai_effq.demo`.\n\n{results_markdown(rows)}")
+    table = atomic_write_text(folder / "results.json", json.dumps(rows, indent=2) + "\n")
+    return markdown, table
 
 
 def _replace_between_markers(path: Path, markdown: str) -> bool:
@@ -120,36 +167,43 @@ def publish_per_bundle(rows: list[dict]) -> None:
 
 
 def record_eval_metrics(rows: list[dict]) -> None:
-    """Write each bundle's measured mean Dice into its ``configs/metadata.json`` ``eval_metrics``.
+    """Make each bundle's ``configs/metadata.json`` ``eval_metrics`` the demo's measured mean Dice.
+
+    Metrics of models the demo did not run are dropped, so none is left from an older naming or run.
 
     Args:
-        rows: :func:`run_demo`'s rows; keys become ``mean_dice_<model>`` (e.g. ``mean_dice_w4a8``).
+        rows: :func:`run_demo`'s rows; keys become ``mean_dice_<model>`` (e.g. ``mean_dice_efficientq_w4a8``).
     """
     for bundle in dict.fromkeys(r["bundle"] for r in rows):
         path = ROOT / "bundles" / bundle / "configs" / "metadata.json"
         meta = json.loads(path.read_text())
-        metrics = {f"mean_dice_{r['model'].lower()}": round(float(r["dice_mean"]), 4) for r in rows if r["bundle"] == bundle}
-        meta["eval_metrics"] = {**meta.get("eval_metrics", {}), **metrics}
+        meta["eval_metrics"] = {f"mean_dice_{r['model'].lower()}": round(float(r["dice_mean"]), 4) for r in rows if r["bundle"] == bundle}
         atomic_write_text(path, json.dumps(meta, indent=4) + "\n")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point."""
+def main(argv: list[str] | None = None) -> list[dict]:
+    """Command-line entry point; returns :func:`run_demo`'s rows."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundles", nargs="+", default=["brats_effq", "lits_effq"])
     parser.add_argument("--weight-bits", nargs="+", type=int, default=[4, 2])
     parser.add_argument("--act-bits", type=int, default=8)
-    parser.add_argument("--no-publish", action="store_true", help="do not rewrite docs/results.md and the README table")
+    parser.add_argument("--method", default="efficientq")
+    parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR, help="where the table and the models go (default: outputs/demo)")
+    parser.add_argument(
+        "--publish", action="store_true", help="also rewrite the README's and docs/results.md's table, the bundle docs and metadata (maintainers)"
+    )
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    rows = run_demo(args.bundles, args.weight_bits, args.act_bits)
+    rows = run_demo(args.bundles, args.weight_bits, args.act_bits, args.output_dir, args.method)
     markdown = results_markdown(rows)
+    written = write_results(rows, args.output_dir)
     print("\n" + markdown)
-    print(f"total wall time {time.perf_counter() - t0:.0f} s")
-    if not args.no_publish:
+    print(f"table written to {written[0]}; total wall time {time.perf_counter() - t0:.0f} s")
+    if args.publish:
         publish(markdown)
         publish_per_bundle(rows)
         record_eval_metrics(rows)
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's main command: set up, then quantize both demo bundles (W4A8, W2A8) and print
-# FP vs quantized Dice per class, model size and time.
+# FP vs quantized Dice per class, model size and time; the table goes to outputs/demo/results.md (the
+# README and docs are rewritten only by `python -m monai_effq.demo --publish`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh "${MONAI_EFFQ_EXTRAS:-plots}"

@@ -93,16 +93,17 @@ def copy_bundle(name: str, dest: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def quantized_copy(tmp_path_factory):
-    """``get(name)``: a copy of the bundle outside the repository, quantized (RTN, defaults) and run through
-    ``configs/inference.json`` from inside its folder; returns the folder, the masks and the inference log."""
+    """``get(name)``: a copy of the bundle outside the repository, quantized (RTN, otherwise defaults) and run
+    through ``configs/inference.json`` from inside its folder; returns the folder, the masks and the inference log.
+    The model's outputs are named ``rtn_w4a8`` (export: ``export/<name>_rtn_w4a8``)."""
     done = {}
 
     def get(name: str) -> tuple[Path, list[Path], str]:
         if name not in done:
             copy = copy_bundle(name, tmp_path_factory.mktemp("copy") / name)
             bundle(name, "quantize", "--method", "rtn", cwd=copy)
-            res = bundle(name, "inference", cwd=copy)
-            done[name] = (copy, sorted((copy / "eval" / "seg").glob("*_seg.nii.gz")), res.stdout + res.stderr)
+            res = bundle(name, "inference", "--method", "rtn", cwd=copy)
+            done[name] = (copy, sorted((copy / "eval" / "seg").rglob("*_seg.nii.gz")), res.stdout + res.stderr)
         return done[name]
 
     return get

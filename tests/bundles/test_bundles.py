@@ -35,7 +35,7 @@ def trained(request, tmp_path_factory):
 def test_quantize_calibrates_on_every_window_of_whole_volumes_by_default(trained):
     name, work, common, _ = trained
     bundle(name, "quantize", *common, "--weight_bits", "4", "--calibration_cases", "2", "--calibration_roi", "[16,16,16]")
-    report = json.loads((work / "eval" / "quantization_report_w4a8.json").read_text())
+    report = json.loads((work / "eval" / "quantization_report_efficientq_w4a8.json").read_text())
     first = report["layers"][0]
     # two whole 32^3 cases in 16^3 windows: every voxel of both reached the first layer (stride 1 or 2)
     assert first["voxels"] in (2 * 32**3, 2 * 16**3)
@@ -47,31 +47,33 @@ def test_quantize_calibrates_on_every_window_of_whole_volumes_by_default(trained
 def test_quantize_and_evaluate_run_from_the_bundle_configs(trained):
     name, work, common, classes = trained
     bundle(name, "quantize", *common, "--weight_bits", "3", "--calibration_crop", ROI)
-    assert (work / "models" / "model_w3a8.pt").is_file()
-    assert not (ROOT / "bundles" / name / "export" / f"{name}_w3a8").exists()  # --export_dir "" exports nothing
-    report = json.loads((work / "eval" / "quantization_report_w3a8.json").read_text())
+    assert (work / "models" / "model_efficientq_w3a8.pt").is_file()
+    assert not (ROOT / "bundles" / name / "export" / f"{name}_efficientq_w3a8").exists()  # --export_dir "" exports nothing
+    report = json.loads((work / "eval" / "quantization_report_efficientq_w3a8.json").read_text())
     assert {layer["weight_bits"] for layer in report["layers"][1:-1]} == {3}
-    assert (work / "eval" / "quantization_report_w3a8_layers.png").stat().st_size > 1000
+    assert (work / "eval" / "quantization_report_efficientq_w3a8_layers.png").stat().st_size > 1000
 
     res = bundle(name, "evaluate", *common, "--weight_bits", "3", "--sw_roi_size", ROI)
-    rows = json.loads((work / "eval" / "evaluation_w3a8.json").read_text())
-    assert [r["model"] for r in rows] == ["FP32", "W3A8"]
+    rows = json.loads((work / "eval" / "evaluation_efficientq_w3a8.json").read_text())
+    assert [r["model"] for r in rows] == ["FP32", "efficientq_w3a8"]
     assert all(0.0 <= r[f"dice_{c}"] <= 1.0 for r in rows for c in classes)
-    assert "dice_mean" in res.stdout and (work / "eval" / "evaluation_w3a8.csv").is_file()
+    assert "dice_mean" in res.stdout and (work / "eval" / "evaluation_efficientq_w3a8.csv").is_file()
 
 
 @pytest.mark.slow
-def test_finetune_from_efficientq_writes_what_quantize_writes_and_evaluate_reads_it(trained):
+def test_finetune_from_efficientq_writes_its_own_checkpoint_and_evaluate_reads_it_by_its_tag(trained):
     name, work, common, classes = trained
     bundle(name, "finetune", *common, "--steps", "3", "--weight_bits", "4", "--act_bits", "6", "--roi_size", ROI, "--calibration_crop", ROI)
-    report = json.loads((work / "eval" / "quantization_report_w4a6.json").read_text())
+    assert (work / "models" / "model_finetuned_efficientq_w4a6.pt").is_file()
+    assert not (work / "models" / "model_efficientq_w4a6.pt").exists()  # the PTQ start is not a checkpoint of the run
+    report = json.loads((work / "eval" / "quantization_report_finetuned_efficientq_w4a6.json").read_text())
     assert report["method"] == "efficientq+qat"
     assert report["extra"]["finetune"]["steps"] == 3 and report["extra"]["finetune"]["init"] == "efficientq"
     assert {layer["act_bits"] for layer in report["layers"][1:-1]} == {6}
-    assert (work / "eval" / "quantization_report_w4a6_finetune_loss.png").is_file()
-    bundle(name, "evaluate", *common, "--weight_bits", "4", "--act_bits", "6", "--sw_roi_size", ROI)
-    rows = json.loads((work / "eval" / "evaluation_w4a6.json").read_text())
-    assert [r["model"] for r in rows] == ["FP32", "W4A6"]
+    assert (work / "eval" / "quantization_report_finetuned_efficientq_w4a6_finetune_loss.png").is_file()
+    bundle(name, "evaluate", *common, "--model_tag", "finetuned_efficientq_w4a6", "--sw_roi_size", ROI)
+    rows = json.loads((work / "eval" / "evaluation_finetuned_efficientq_w4a6.json").read_text())
+    assert [r["model"] for r in rows] == ["FP32", "finetuned_efficientq_w4a6"]
 
 
 @pytest.mark.slow
@@ -80,7 +82,7 @@ def test_finetune_from_fp_with_power_of_two_scales(trained):
     if name != "lits_effq":
         pytest.skip("one bundle is enough for the FP start")
     bundle(name, "finetune", *common, "--steps", "2", "--init", "fp", "--power_of_two", "True", "--weight_bits", "3", "--roi_size", ROI, "--calibration_crop", ROI)
-    report = json.loads((work / "eval" / "quantization_report_w3a6.json").read_text())
+    report = json.loads((work / "eval" / "quantization_report_finetuned_fp_w3a6.json").read_text())
     assert report["method"] == "fp+qat" and report["folded_batchnorms"]
 
 
@@ -105,7 +107,7 @@ def test_a_decathlon_dataset_can_be_passed_on_the_command_line(tmp_path):
     common = ["--dataset_dir", str(task), "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"), "--export_dir", ""]
     bundle("brats_effq", "train", *common, "--max_epochs", "1", "--roi_size", ROI)
     bundle("brats_effq", "quantize", *common, "--weight_bits", "2", "--method", "rtn", "--calibration_crop", ROI)
-    assert (tmp_path / "models" / "model_w2a8.pt").is_file()
+    assert (tmp_path / "models" / "model_rtn_w2a8.pt").is_file()
 
 
 @pytest.mark.slow
@@ -132,17 +134,18 @@ def test_the_openvino_evaluate_overlay_matches_the_fake_quant_dice_on_the_demo_d
     pytest.importorskip("openvino")
     args = [
         "--fp_checkpoint", str(ROOT / "bundles" / name / "models" / "model.pt"),
-        "--quantized_path", str(tmp_path / "model_w4a8.pt"),
+        "--ckpt_dir", str(tmp_path),
         "--output_dir", str(tmp_path / "eval"),
         "--export_dir", "",
+        "--method", "rtn",
     ]  # fmt: skip
-    bundle(name, "quantize", *args, "--method", "rtn")
+    bundle(name, "quantize", *args)
     bundle(name, "evaluate", *args, overlay="evaluate_openvino")
-    rows = json.loads((tmp_path / "eval" / "evaluation_w4a8_openvino.json").read_text())
-    assert [r["model"] for r in rows] == ["FP32", "W4A8", "W4A8 OpenVINO"]
+    rows = json.loads((tmp_path / "eval" / "evaluation_rtn_w4a8_openvino.json").read_text())
+    assert [r["model"] for r in rows] == ["FP32", "rtn_w4a8", "rtn_w4a8 OpenVINO"]
     assert abs(rows[2]["dice_mean"] - rows[1]["dice_mean"]) <= 0.002, rows
     assert rows[2]["dice_mean"] > 0.5  # the demo networks are trained: a broken export would not get here
-    assert (tmp_path / "model_w4a8.onnx").is_file()
+    assert (tmp_path / "model_rtn_w4a8.onnx").is_file()
 
 
 @pytest.mark.slow
@@ -153,15 +156,15 @@ def test_the_inference_overlay_writes_masks_with_onnx_runtime_and_names_the_extr
         pytest.skip("one bundle is enough: the OpenVINO evaluate test exports both")
     bundle(name, "quantize", *common, "--weight_bits", "4", "--method", "rtn", "--calibration_crop", ROI)
     seg = tmp_path / "seg"
-    bundle(name, "inference", *common, "--sw_roi_size", ROI, "--runtime", "onnxruntime", "--output_dir", str(seg), overlay="inference_openvino")
+    bundle(name, "inference", *common, "--method", "rtn", "--sw_roi_size", ROI, "--runtime", "onnxruntime", "--output_dir", str(seg), overlay="inference_openvino")
     assert list(seg.glob("*_seg.nii.gz"))
-    assert (work / "models" / "model_w4a8.onnx").is_file()
+    assert (work / "models" / "model_rtn_w4a8.onnx").is_file()
 
     hidden = tmp_path / "hide"
     (hidden / "openvino").mkdir(parents=True)
     (hidden / "openvino" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
     res = bundle(
-        name, "inference", *common, "--sw_roi_size", ROI, "--output_dir", str(seg),
+        name, "inference", *common, "--method", "rtn", "--sw_roi_size", ROI, "--output_dir", str(tmp_path / "seg_openvino"),
         overlay="inference_openvino", env={"PYTHONPATH": str(hidden)}, check=False,
     )  # fmt: skip
     assert res.returncode != 0
@@ -189,12 +192,13 @@ def test_every_workflow_of_both_bundles_has_the_model_zoo_properties(trained):
 @pytest.mark.parametrize("name", list(BUNDLES))
 def test_a_copy_of_the_bundle_quantizes_and_infers_from_inside_its_folder_with_default_settings(name, quantized_copy, tmp_path):
     copy, masks, log = quantized_copy(name)  # quantize, then exactly: python -m monai.bundle run --config_file configs/inference.json
-    assert (copy / "models" / "model_w4a8.pt").is_file()
+    assert (copy / "models" / "model_rtn_w4a8.pt").is_file()
+    assert all(mask.parent == copy / "eval" / "seg" / "rtn_w4a8" for mask in masks)  # a folder per model
     assert masks
     assert "wrote" in log and "INFO" in log  # logging.conf applies: the workflow says what it wrote
 
     # the exported bundle serves the same masks from its TorchScript file alone
-    served = copy / "export" / f"{name}_w4a8"
+    served = copy / "export" / f"{name}_rtn_w4a8"
     assert not (served / "models" / "model.pt").exists()
     bundle(name, "inference", "--dataset_dir", str(copy / "data" / "demo"), "--output_dir", str(tmp_path / "ts"), cwd=served)
     for mask in masks:
@@ -227,3 +231,118 @@ def test_the_bundle_folder_has_the_model_zoo_files_and_its_weights_match_large_f
     readme = (root / "docs" / "README.md").read_text()
     for section in ("# Model Overview", "## Data", "## Input", "## Output", "## Performance", "## MONAI Bundle Commands", "# References", "# License"):
         assert f"\n{section}\n" in f"\n{readme}", section
+
+
+def test_output_names_say_what_made_the_model():
+    from monai_effq.bundle import model_tag
+
+    assert model_tag("efficientq", 4, 8) == "efficientq_w4a8"
+    assert model_tag("gptq", 4, 8) != model_tag("efficientq", 4, 8)
+    # a signed Q0.4 word has 5 bits: named by its format, not as 4- or 5-bit weights
+    assert model_tag("finetuned_fp", 5, 6, "Q0.4", "Q6.0") == "finetuned_fp_q0.4aq6.0"
+    assert model_tag("finetuned_efficientq", 4, 6) != model_tag("efficientq", 4, 6)
+    assert model_tag("rtn", 4, None) == "rtn_w4afp"
+
+
+def test_an_existing_output_stops_a_run_unless_overwrite_is_asked(tmp_path):
+    from monai_effq.bundle import refuse_to_overwrite
+
+    (tmp_path / "model.pt").write_bytes(b"earlier")
+    (tmp_path / "seg").mkdir()
+    refuse_to_overwrite(False, tmp_path / "new.pt", tmp_path / "seg", None, "")  # missing files and empty folders are free
+    (tmp_path / "seg" / "case_seg.nii.gz").write_bytes(b"mask")
+    for taken in ("model.pt", "seg"):
+        with pytest.raises(FileExistsError, match=rf"{taken} exists from an earlier run: pass --overwrite True"):
+            refuse_to_overwrite(False, tmp_path / taken)
+    refuse_to_overwrite(True, tmp_path / "model.pt", tmp_path / "seg")
+
+
+def test_only_the_shipped_unchanged_checkpoint_is_protected_from_training(tmp_path):
+    import hashlib
+
+    from monai_effq.bundle import refuse_to_replace_shipped, shipped_files
+
+    (tmp_path / "models").mkdir()
+    ckpt = tmp_path / "models" / "model.pt"
+    ckpt.write_bytes(b"shipped weights")
+    refuse_to_replace_shipped(False, ckpt, tmp_path)  # no large_files.yml: a copy whose weights are its own (MONAI Label)
+    md5 = hashlib.md5(b"shipped weights").hexdigest()
+    (tmp_path / "large_files.yml").write_text(f'large_files:\n  - path: "models/model.pt"\n    hash_val: "{md5}"\n    hash_type: "md5"\n')
+    assert shipped_files(tmp_path) == {ckpt.resolve(): md5}
+    with pytest.raises(FileExistsError, match="is the checkpoint this bundle ships"):
+        refuse_to_replace_shipped(False, ckpt, tmp_path)
+    refuse_to_replace_shipped(True, ckpt, tmp_path)
+    refuse_to_replace_shipped(False, tmp_path / "models" / "other.pt", tmp_path)
+    ckpt.write_bytes(b"weights trained since")  # no longer the shipped file: retraining replaces it
+    refuse_to_replace_shipped(False, ckpt, tmp_path)
+
+
+@pytest.mark.slow
+def test_runs_that_differ_in_method_format_or_start_write_different_files_and_a_rerun_refuses_to_replace_them(trained):
+    name, work, common, _ = trained
+    if name != "lits_effq":
+        pytest.skip("one bundle is enough: the names come from the same configs")
+    fast = [*common, "--calibration_crop", ROI, "--weight_bits", "2"]
+    bundle(name, "quantize", *fast, "--method", "rtn")
+    bundle(name, "quantize", *fast, "--method", "gptq")
+    bundle(name, "finetune", *common, "--init", "fp", "--weight_format", "Q0.4", "--act_format", "Q6.0", "--steps", "1", "--roi_size", ROI, "--calibration_crop", ROI)
+    models = {p.name for p in (work / "models").glob("model_*.pt")}
+    assert {"model_rtn_w2a8.pt", "model_gptq_w2a8.pt", "model_finetuned_fp_q0.4aq6.0.pt"} <= models
+    report = json.loads((work / "eval" / "quantization_report_finetuned_fp_q0.4aq6.0.json").read_text())
+    assert {layer["weight_bits"] for layer in report["layers"][1:-1]} == {5}  # Q0.4 is a 5-bit word
+
+    checkpoint = work / "models" / "model_rtn_w2a8.pt"
+    before = checkpoint.read_bytes()
+    with pytest.raises(Exception) as stopped:  # MONAI wraps what a config expression raises
+        bundle(name, "quantize", *fast, "--method", "rtn", "--per_channel", "True")
+    assert "model_rtn_w2a8.pt exists from an earlier run" in str(_cause(stopped.value, FileExistsError))
+    assert checkpoint.read_bytes() == before
+    bundle(name, "quantize", *fast, "--method", "rtn", "--per_channel", "True", "--overwrite", "True")
+    assert checkpoint.read_bytes() != before
+    bundle(name, "evaluate", *common, "--method", "rtn", "--weight_bits", "2", "--sw_roi_size", ROI)
+    with pytest.raises(Exception) as stopped:
+        bundle(name, "evaluate", *common, "--method", "rtn", "--weight_bits", "2", "--sw_roi_size", ROI)
+    assert "evaluation_rtn_w2a8.json exists" in str(_cause(stopped.value, FileExistsError))
+
+
+def _cause(error: BaseException, kind: type) -> BaseException | None:
+    """The first exception of type ``kind`` in ``error``'s chain (what the user reads in the traceback)."""
+    while error is not None and not isinstance(error, kind):
+        error = error.__cause__ or error.__context__
+    return error
+
+
+@pytest.mark.slow
+def test_training_refuses_to_replace_the_shipped_checkpoint(tmp_path):
+    import hashlib
+    import shutil
+
+    copy = copy_bundle("lits_effq", tmp_path / "lits_effq")
+    shutil.copy(ROOT / "bundles" / "lits_effq" / "large_files.yml", copy / "large_files.yml")
+    shipped = hashlib.md5((copy / "models" / "model.pt").read_bytes()).hexdigest()
+    res = bundle("lits_effq", "train", "--max_epochs", "1", cwd=copy, check=False)
+    assert res.returncode != 0
+    assert "is the checkpoint this bundle ships" in res.stderr and "--ckpt_dir" in res.stderr
+    assert hashlib.md5((copy / "models" / "model.pt").read_bytes()).hexdigest() == shipped
+    assert not (copy / "data").exists()  # stopped before anything ran
+
+
+@pytest.mark.slow
+def test_every_workflow_output_gets_the_mode_the_umask_gives(tmp_path):
+    data = make_lits_demo(tmp_path / "data", n_cases=3, shape=(32, 32, 32), seed=6)
+    out = tmp_path / "out"
+    common = ["--dataset_dir", str(data), "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "eval"), "--method", "rtn"]
+    old = os.umask(0o027)
+    try:
+        bundle("lits_effq", "train", *common, "--max_epochs", "1", "--roi_size", ROI)
+        bundle("lits_effq", "quantize", *common, "--calibration_crop", ROI, "--export_dir", str(out / "export"))
+        bundle("lits_effq", "evaluate", *common, "--sw_roi_size", ROI)
+        bundle("lits_effq", "inference", *common, "--sw_roi_size", ROI, "--output_dir", str(out / "seg"))
+    finally:
+        os.umask(old)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    kinds = {p.suffix for p in files}
+    assert {".pt", ".json", ".csv", ".png", ".ts", ".gz"} <= kinds, kinds
+    assert {p.relative_to(out).as_posix(): oct(p.stat().st_mode & 0o777) for p in files if p.stat().st_mode & 0o777 != 0o640} == {}
+    folders = [p for p in out.rglob("*") if p.is_dir()]
+    assert {p.relative_to(out).as_posix(): oct(p.stat().st_mode & 0o777) for p in folders if p.stat().st_mode & 0o777 != 0o750} == {}

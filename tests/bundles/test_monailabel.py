@@ -21,6 +21,8 @@ import pytest
 
 from .conftest import ROOT, copy_bundle
 
+# the export of the quantized copy (conftest.quantized_copy: RTN, 4-bit weights, 8-bit activations)
+SERVED = "lits_effq_rtn_w4a8"
 PYTHON = Path(os.environ.get("MONAILABEL_PYTHON", ROOT / ".venv-monailabel" / "bin" / "python"))
 pytestmark = [
     pytest.mark.slow,
@@ -59,7 +61,7 @@ def served(tmp_path_factory, quantized_copy):
     subprocess.run([str(PYTHON), "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle", "--output", str(apps)],
                    check=True, capture_output=True, env=env, timeout=120)  # fmt: skip
     app = apps / "monaibundle"
-    shutil.copytree(copy / "export" / "lits_effq_w4a8", app / "model" / "lits_effq_w4a8")
+    shutil.copytree(copy / "export" / SERVED, app / "model" / SERVED)
     copy_bundle("lits_effq", app / "model" / "lits_effq")  # the FP bundle, for MONAI Label training
     studies = work / "studies"
     (studies / "labels" / "final").mkdir(parents=True)
@@ -74,7 +76,7 @@ def served(tmp_path_factory, quantized_copy):
     log = work / "server.log"
     cmd = [
         str(PYTHON), "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
-        "--conf", "models", "lits_effq_w4a8,lits_effq", "--conf", "sam2", "false",
+        "--conf", "models", f"{SERVED},lits_effq", "--conf", "sam2", "false",
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     with open(log, "w") as out:
@@ -95,7 +97,7 @@ def test_monailabel_serves_the_quantized_network_with_the_masks_of_the_bundle_in
     assert masks
     for mask in masks:
         image_id = mask.name.replace("_seg.nii.gz", "")
-        request = urllib.request.Request(f"{url}/infer/lits_effq_w4a8?image={image_id}&output=image", method="POST")
+        request = urllib.request.Request(f"{url}/infer/{SERVED}?image={image_id}&output=image", method="POST")
         with urllib.request.urlopen(request, timeout=300) as response:
             assert response.status == 200
             result = tmp_path / f"{image_id}_served.nii"
@@ -113,9 +115,9 @@ def test_monailabel_lists_the_quantized_model_with_the_bundle_labels(served):
     url, _, _, _ = served
     with urllib.request.urlopen(f"{url}/info/", timeout=30) as response:
         info = json.loads(response.read())
-    model = info["models"]["lits_effq_w4a8"]
+    model = info["models"][SERVED]
     assert model["labels"] == {"liver": 1, "tumor": 2}
-    assert "W4A8" in model["description"]
+    assert "rtn_w4a8" in model["description"]
 
 
 def test_monailabel_trains_the_fp_bundle_with_its_train_config_and_writes_no_demo_data(served):
