@@ -6,10 +6,12 @@ from monai_effq.ptq import (  # noqa: E402 - the version is read by checkpoint p
     EfficientQConfig,
     QuantizationReport,
     QuantizationResult,
+    checkpoint_fingerprint,
     load_quantized,
     load_quantized_result,
     quantize,
     save_quantized,
+    verify_checkpoint,
 )
 from monai_effq.deploy.export import export_onnx  # noqa: E402
 from monai_effq.qat import finetune  # noqa: E402
@@ -25,10 +27,12 @@ __all__ = [
     "export_onnx",
     "QuantizationReport",
     "QuantizationResult",
+    "checkpoint_fingerprint",
     "finetune",
     "load_quantized",
     "load_quantized_result",
     "quantize",
     "save_quantized",
     "solve_layer",
+    "verify_checkpoint",
 ]

@@ -30,11 +30,13 @@ from monai_effq.data import (
     split_datalist,
     validate_datalist,
 )
+from monai_effq.ptq.checkpoint import verify_checkpoint
 from monai_effq.utils.io import atomic_directory, current_umask
 
 __all__ = [
     "DEMO",
     "FINETUNE_STARTS",
+    "check_quantized",
     "demo_dataset",
     "datalist",
     "export_monailabel_bundle",
@@ -283,6 +285,28 @@ def refuse_to_overwrite(overwrite: bool, *paths: str | os.PathLike | None) -> No
                 f"{path} exists from an earlier run: pass --overwrite True to replace it, or write elsewhere "
                 "(other settings, --ckpt_dir, --output_dir)."
             )
+
+
+def check_quantized(
+    quantized_path: str | os.PathLike, fp_network: torch.nn.Module, report_path: str | os.PathLike | None = None
+) -> str:
+    """Stop an evaluation whose quantized checkpoint does not belong with the FP weights or its report.
+
+    The evaluate workflows call this once the FP checkpoint is loaded into ``fp_network``: a
+    checkpoint quantized from other FP weights, a damaged one, or one beside the report of another
+    quantize run (a run killed between the two writes) would otherwise be evaluated as if it were
+    the current one. The report is checked when it is there (an evaluation may run elsewhere).
+
+    Args:
+        quantized_path: the quantized checkpoint.
+        fp_network: the network holding the FP weights.
+        report_path: the quantize run's report JSON.
+
+    Returns:
+        the checkpoint's fingerprint.
+    """
+    report = report_path if report_path and Path(report_path).is_file() else None
+    return verify_checkpoint(quantized_path, fp_network=fp_network, report=report)
 
 
 def shipped_files(bundle_root: str | os.PathLike) -> dict[Path, str]:

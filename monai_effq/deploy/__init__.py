@@ -13,6 +13,8 @@ from monai_effq.deploy.runtime import (
     OpenVINONetwork,
     cpu_has_vnni,
     export_options,
+    exported_from,
+    float_precision_for,
     runtime_network,
     widest_int8_weight,
 )
@@ -31,6 +33,8 @@ __all__ = [
     "OpenVINONetwork",
     "cpu_has_vnni",
     "export_options",
+    "exported_from",
+    "float_precision_for",
     "group_norm_form_for",
     "runtime_network",
     "widest_int8_weight",

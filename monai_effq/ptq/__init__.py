@@ -4,7 +4,14 @@ Knows PyTorch modules, not MONAI engines or bundles.
 """
 
 from monai_effq.ptq.attention import ClassAttention
-from monai_effq.ptq.checkpoint import load_quantized, load_quantized_result, save_quantized
+from monai_effq.ptq.checkpoint import (
+    checkpoint_fingerprint,
+    load_quantized,
+    load_quantized_result,
+    result_fingerprint,
+    save_quantized,
+    verify_checkpoint,
+)
 from monai_effq.ptq.config import EfficientQConfig, LayerPlan, match_pattern
 from monai_effq.ptq.footprint import ActivationFootprint, WeightFootprint, activation_footprint, weight_footprint
 from monai_effq.ptq.graph import execution_order, fold_batchnorm
@@ -21,9 +28,12 @@ from monai_effq.ptq.report import LayerReport, QuantizationReport
 
 __all__ = [
     "ClassAttention",
+    "checkpoint_fingerprint",
     "load_quantized",
     "load_quantized_result",
+    "result_fingerprint",
     "save_quantized",
+    "verify_checkpoint",
     "EfficientQConfig",
     "LayerPlan",
     "match_pattern",

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -56,6 +57,7 @@ __all__ = [
     "versions",
 ]
 
+logger = logging.getLogger("monai_effq")
 FORMAT = "monai-effq-quantized/1"
 NOT_A_STATE_DICT = (
     "monai-effq packed checkpoint, not a state dict: load it with monai_effq.load_quantized(path, network_def); "
@@ -383,7 +385,9 @@ def verify_checkpoint(
     if fp_network is not None:
         made_from = archive.meta["report"].get("sources", {}).get("fp_weights")
         current = fingerprint_state(fp_network)
-        if made_from != current:
+        if made_from is None:  # written before checkpoints recorded their sources, or by fine-tuning
+            logger.warning("quantized checkpoint %s does not record the FP weights it was made from: not checked", path)
+        elif made_from != current:
             raise ValueError(
                 f"quantized checkpoint {path} was made from other FP weights (fingerprint {made_from}) than the "
                 f"network's ({current}): re-run the quantize step with the current FP checkpoint."
