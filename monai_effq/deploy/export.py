@@ -8,10 +8,14 @@ kernels, and with graph optimisations off the graph computes exactly what the fa
 computes.
 
 Phases: :func:`export_form` (a plain copy of the network whose quantized layers are written with
-PyTorch's fake-quantize operators, which the ONNX exporter turns into Q/DQ pairs), the export
-itself, then :func:`fold_weight_quantization` (the weights' ``QuantizeLinear`` nodes are applied
-once, offline, so the file stores integers, not floats), :func:`drop_initializer_identities` and
-:func:`compact_names`.
+quantize/dequantize operators), the export itself, then :func:`compact_names`. The export goes
+through torch's current exporter (``torch.onnx.export(..., dynamo=True)``, ``torch.export`` and
+onnxscript): the form dequantizes integer weight buffers with the ``quantized_decomposed``
+operators, so the graph stores the integers as they are. The TorchScript exporter (deprecated since
+torch 2.9) remains where a measured reason does: opsets below 18, which the new exporter does not
+write, and TensorRT's build (:mod:`monai_effq.deploy.tensorrt`, MONAI's ``trt_compile`` exports with
+it); there the form uses PyTorch's fake-quantize operators and :func:`fold_weight_quantization`
+applies the weights' ``QuantizeLinear`` nodes offline, followed by :func:`drop_initializer_identities`.
 """
 
 from __future__ import annotations
@@ -40,16 +44,24 @@ from monai_effq.quant.grid import dequantize
 from monai_effq.solver.layers import layer_view
 from monai_effq.utils.io import atomic_write
 
+# registers torch.ops.quantized_decomposed, the Q/DQ operators torch.export and its ONNX exporter know
+optional_import("torch.ao.quantization.fx._decomposed")
+_DECOMPOSED = torch.ops.quantized_decomposed
+
 onnx, _has_onnx = optional_import("onnx")
 numpy_helper, _ = optional_import("onnx", name="numpy_helper")
 version_converter, _ = optional_import("onnx.version_converter")
+_, _has_onnxscript = optional_import("onnxscript")  # torch's current ONNX exporter translates with it
 
 __all__ = [
     "DEPLOY_EXTRA",
+    "DYNAMO_MIN_OPSET",
+    "EXPORTERS",
     "EXPORT_OPTIONS_KEY",
     "QdqLayer",
     "SOURCE_FINGERPRINT_KEY",
     "compact_names",
+    "count_integer_weights",
     "drop_initializer_identities",
     "export_form",
     "export_onnx",
@@ -63,6 +75,10 @@ DEPLOY_EXTRA = "pip install 'monai-effq[deploy]'"
 
 # the newest opset PyTorch's TorchScript exporter writes; later ones go through onnx.version_converter
 TORCHSCRIPT_MAX_OPSET = 20
+# the oldest opset torch's current (torch.export) exporter writes
+DYNAMO_MIN_OPSET = 18
+# "dynamo": torch.onnx.export(..., dynamo=True); "torchscript": the legacy exporter
+EXPORTERS = ("dynamo", "torchscript")
 
 # metadata_props key recording the options a file was exported with, so a stale form is re-exported
 EXPORT_OPTIONS_KEY = "monai_effq.export_options"
@@ -125,17 +141,25 @@ def _integer_weights(module: QuantizedLayer) -> tuple[torch.Tensor, torch.Tensor
 class QdqLayer(nn.Module):
     """The export form of a :class:`~monai_effq.ptq.modules.QuantizedLayer`.
 
-    Its forward uses ``torch.fake_quantize_per_*_affine`` on an integer-valued weight and on the
-    input, which the ONNX exporter writes as ``QuantizeLinear``/``DequantizeLinear`` pairs.
+    For torch's current exporter (``exporter="dynamo"``) it holds the integer weights as an int8 or
+    uint8 buffer and dequantizes them with ``quantized_decomposed.dequantize_per_*``, which the
+    exporter writes as ``DequantizeLinear`` of that integer initializer. For the TorchScript exporter
+    it holds the integer-valued float weights and applies ``torch.fake_quantize_per_*_affine``,
+    which that exporter writes as ``QuantizeLinear``/``DequantizeLinear`` pairs (folded afterwards,
+    :func:`fold_weight_quantization`). Both compute the same function.
 
     Args:
         module: the quantized layer.
         reduce_range: re-round weights that exceed 7 bits into ``[-64, 63]`` (for ONNX Runtime on
             CPUs without VNNI; this changes the layer's output, so it is warned about).
+        exporter: ``"dynamo"`` or ``"torchscript"``, the exporter the form is written for.
     """
 
-    def __init__(self, module: QuantizedLayer, reduce_range: bool = False) -> None:
+    def __init__(self, module: QuantizedLayer, reduce_range: bool = False, exporter: str = "dynamo") -> None:
         super().__init__()
+        if exporter not in EXPORTERS:
+            raise ValueError(f"exporter must be one of {EXPORTERS}, got {exporter!r}.")
+        self.exporter = exporter
         self.layer = copy.deepcopy(module.layer)
         values, scale, zero = _integer_weights(module)
         self.axis = layer_view(module.layer).output_axis
@@ -151,24 +175,36 @@ class QdqLayer(nn.Module):
         self.per_channel = scale.numel() > 1
         if self.per_channel and self.axis == 1 and getattr(self.layer, "groups", 1) > 1:
             raise ValueError("a grouped transposed convolution with per-channel scales cannot be exported as QDQ.")
-        self.register_buffer("weight", dequantize(values, scale, zero.float(), axis=self.axis))
-        self.register_buffer("weight_scale", scale.reshape(-1) if self.per_channel else scale.reshape(()))
-        self.register_buffer("weight_zero_point", zero.reshape(-1).to(torch.int32) if self.per_channel else zero.reshape(()).to(torch.int32))
+        if exporter == "dynamo":
+            self.register_buffer("weight_codes", values)
+        else:
+            self.register_buffer("weight", dequantize(values, scale, zero.float(), axis=self.axis))
+        if self.per_channel:
+            self.register_buffer("weight_scale", scale.reshape(-1).float())
+            self.register_buffer("weight_zero_point", zero.reshape(-1).to(torch.int64 if exporter == "dynamo" else torch.int32))
+        else:  # plain numbers: torch.export cannot read a tensor's value into an operator's argument
+            self.weight_scale, self.weight_zero_point = float(scale), int(zero)
         self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().clone(), requires_grad=False)
-        self.act = _ActivationSpec.from_quantizer(module.input_quantizer)
+        self.act = _ActivationSpec.from_quantizer(module.input_quantizer, exporter)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act is not None:
             x = self.act(x)
         qmin, qmax = (-128, 127) if self.signed else (0, 255)
-        if self.per_channel:
+        if self.exporter == "dynamo":
+            dtype = torch.int8 if self.signed else torch.uint8
+            if self.per_channel:
+                w = _DECOMPOSED.dequantize_per_channel(
+                    self.weight_codes, self.weight_scale, self.weight_zero_point, self.axis, qmin, qmax, dtype
+                )
+            else:
+                w = _DECOMPOSED.dequantize_per_tensor(self.weight_codes, self.weight_scale, self.weight_zero_point, qmin, qmax, dtype)
+        elif self.per_channel:
             w = torch.fake_quantize_per_channel_affine(
                 self.weight, self.weight_scale, self.weight_zero_point, self.axis, qmin, qmax
             )
         else:
-            w = torch.fake_quantize_per_tensor_affine(
-                self.weight, float(self.weight_scale), int(self.weight_zero_point), qmin, qmax
-            )
+            w = torch.fake_quantize_per_tensor_affine(self.weight, self.weight_scale, self.weight_zero_point, qmin, qmax)
         return functional_forward(self.layer, x, w, self.bias)
 
 
@@ -179,12 +215,14 @@ class _ActivationSpec(nn.Module):
     become int8 with zero point 0 (the form TensorRT requires).
     """
 
-    def __init__(self, scale: float, zero_point: int, clip: tuple[float, float] | None, signed: bool = False) -> None:
+    def __init__(
+        self, scale: float, zero_point: int, clip: tuple[float, float] | None, signed: bool = False, exporter: str = "dynamo"
+    ) -> None:
         super().__init__()
-        self.scale, self.zero_point, self.clip, self.signed = scale, zero_point, clip, signed
+        self.scale, self.zero_point, self.clip, self.signed, self.exporter = scale, zero_point, clip, signed, exporter
 
     @classmethod
-    def from_quantizer(cls, quantizer: ActivationQuantizer | None) -> _ActivationSpec | None:
+    def from_quantizer(cls, quantizer: ActivationQuantizer | None, exporter: str = "dynamo") -> _ActivationSpec | None:
         if quantizer is None:
             return None
         zero = float(quantizer.zero_point)
@@ -200,19 +238,25 @@ class _ActivationSpec(nn.Module):
         clip = None
         if (lo, hi) != container:
             clip = ((lo - zero_point) * scale, (hi - zero_point) * scale)
-        return cls(scale, zero_point, clip, signed)
+        return cls(scale, zero_point, clip, signed, exporter)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.clip is not None:
             x = torch.clamp(x, *self.clip)
         qmin, qmax = (-128, 127) if self.signed else (0, 255)
+        if self.exporter == "dynamo":
+            dtype = torch.int8 if self.signed else torch.uint8
+            q = _DECOMPOSED.quantize_per_tensor(x, self.scale, self.zero_point, qmin, qmax, dtype)
+            return _DECOMPOSED.dequantize_per_tensor(q, self.scale, self.zero_point, qmin, qmax, dtype)
         return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, qmin, qmax)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:.4g}, zero_point={self.zero_point}, clip={self.clip}, signed={self.signed}"
 
 
-def export_form(network: nn.Module, reduce_range: bool = False, group_norm: str = "onnx") -> tuple[nn.Module, list[str]]:
+def export_form(
+    network: nn.Module, reduce_range: bool = False, group_norm: str = "onnx", exporter: str = "dynamo"
+) -> tuple[nn.Module, list[str]]:
     """A copy of ``network`` with every quantized layer replaced by its :class:`QdqLayer`.
 
     Args:
@@ -220,6 +264,7 @@ def export_form(network: nn.Module, reduce_range: bool = False, group_norm: str 
         reduce_range: see :class:`QdqLayer`.
         group_norm: ``"onnx"`` keeps group/instance norms as PyTorch exports them;
             ``"channel_stats"`` writes them as :class:`~monai_effq.deploy.norms.ChannelStatsGroupNorm`.
+        exporter: the exporter the form is for (see :class:`QdqLayer`).
 
     Returns:
         the copy (eval mode) and the names of the layers whose weights were re-rounded to 7 bits.
@@ -228,7 +273,7 @@ def export_form(network: nn.Module, reduce_range: bool = False, group_norm: str 
     reduced = []
     for name, module in list(form.named_modules()):
         if isinstance(module, QuantizedLayer):
-            qdq = QdqLayer(module, reduce_range)
+            qdq = QdqLayer(module, reduce_range, exporter)
             set_submodule(form, name, qdq)
             if qdq.reduced:
                 reduced.append(name)
@@ -334,6 +379,78 @@ def fold_weight_quantization(model) -> int:  # noqa: ANN001 - onnx.ModelProto
     return folded
 
 
+def count_integer_weights(model) -> int:  # noqa: ANN001 - onnx.ModelProto
+    """The number of integer weight tensors (int8/uint8 initializers of two or more axes) dequantized in a graph.
+
+    Args:
+        model: an ONNX model.
+
+    Returns:
+        how many ``DequantizeLinear`` nodes read such an initializer.
+    """
+    integer = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
+    weights = {i.name for i in model.graph.initializer if i.data_type in integer and len(i.dims) > 1}
+    return sum(n.op_type == "DequantizeLinear" and n.input[0] in weights for n in model.graph.node)
+
+
+def _axes_names(rank: int) -> dict[int, str]:
+    """The names of the dynamic axes of an ``(N, C, *spatial)`` input: batch and spatial axes."""
+    return {0: "batch", **{d: f"spatial{d - 2}" for d in range(2, rank)}}
+
+
+def _export_with_torch_export(form: nn.Module, x: torch.Tensor, opset: int, dynamic: bool):  # noqa: ANN202
+    """The export form through ``torch.onnx.export(..., dynamo=True)``, as a ``ModelProto``."""
+    axes = _axes_names(x.dim()) if dynamic else {}
+    dims = {d: torch.export.Dim.DYNAMIC for d in axes}
+    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # notes about torchvision operators a segmentation network never uses
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                form,
+                (x,),
+                dynamo=True,
+                opset_version=opset,
+                input_names=["image"],
+                output_names=["pred"],
+                dynamic_shapes=(dims,) if dims else None,
+                verbose=False,
+            )
+    finally:
+        quiet.setLevel(level)
+    proto = program.model_proto
+    # the exporter annotates every node with its Python stack and module path (a fifth of the file)
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    del proto.graph.value_info[:]
+    for value in (*proto.graph.input, *proto.graph.output):
+        for axis, name in axes.items():
+            value.type.tensor_type.shape.dim[axis].dim_param = name
+    return proto
+
+
+def _export_with_torchscript(form: nn.Module, x: torch.Tensor, opset: int, dynamic: bool):  # noqa: ANN202
+    """The export form through the TorchScript exporter, as a ``ModelProto`` (at most opset 20)."""
+    axes = _axes_names(x.dim()) if dynamic else {}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        torch.onnx.export(
+            form,
+            (x,),
+            buffer,
+            dynamo=False,
+            opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
+            input_names=["image"],
+            output_names=["pred"],
+            dynamic_axes={"image": axes, "pred": axes} if axes else None,
+        )
+    return onnx.load_from_string(buffer.getvalue())
+
+
 def _network_of(model: QuantizationResult | nn.Module) -> nn.Module:
     if isinstance(model, QuantizationResult):
         return model.network
@@ -363,9 +480,9 @@ def export_onnx(
         path: the ``.onnx`` file to write.
         example_input: an input tensor ``(N, C, *spatial)`` or its shape; batch and spatial axes are
             exported as dynamic, so sliding windows of any size run.
-        opset: ONNX opset (13 or later: per-channel Q/DQ; 21 or later for 4-bit containers). ``None``:
-            21 when 4-bit containers are used, else 17. PyTorch's exporter writes up to 20; later
-            opsets are reached with ONNX's version converter.
+        opset: ONNX opset (13 or later: per-channel Q/DQ; 21 or later for 4-bit containers; ``None``:
+            21). Opsets from 18 are written by torch's current exporter (``dynamo=True``); 13 to 17
+            by the TorchScript exporter, which torch has deprecated.
         reduce_range: re-round 8-bit weights into 7 bits for ONNX Runtime on CPUs without VNNI
             (changes those layers' outputs; warned about per layer).
         dynamic_spatial: export batch and spatial axes as dynamic.
@@ -403,13 +520,15 @@ def export_onnx(
     """
     require(_has_onnx, "onnx", "export_onnx")
     network = _network_of(model)
+    if opset is None or opset >= DYNAMO_MIN_OPSET:
+        require(_has_onnxscript, "onnxscript", "export_onnx (torch's ONNX exporter)")
     if weight_container not in ("auto", *WEIGHT_CONTAINERS):
         raise ValueError(f"weight_container must be one of {('auto', *WEIGHT_CONTAINERS)}, got {weight_container!r}.")
     if weight_container == "auto":
         narrow = any(isinstance(m, QuantizedLayer) and m.grid.bits <= 4 for m in network.modules())
         weight_container = "int4" if narrow and (opset is None or opset >= INT4_MIN_OPSET) else "int8"
     if opset is None:
-        opset = INT4_MIN_OPSET if weight_container == "int4" else 17
+        opset = INT4_MIN_OPSET
     if opset < 13:
         raise ValueError(f"opset must be 13 or later (per-channel QuantizeLinear), got {opset}.")
     if weight_container == "int4" and opset < INT4_MIN_OPSET:
@@ -427,7 +546,9 @@ def export_onnx(
             "the network has no quantized layers: quantize it first (monai_effq.quantize) or load a quantized "
             "checkpoint (monai_effq.load_quantized); pass require_quantized=False to export it in FP."
         )
-    form, reduced = export_form(network, reduce_range, group_norm)
+    # torch's current exporter writes opset 18 and later; older opsets take the TorchScript exporter
+    exporter = "dynamo" if opset >= DYNAMO_MIN_OPSET else "torchscript"
+    form, reduced = export_form(network, reduce_range, group_norm, exporter)
     if reduced:
         warnings.warn(
             f"reduce_range re-rounded the 8-bit weights of {len(reduced)} layers to 7 bits ({', '.join(reduced[:5])}"
@@ -435,25 +556,15 @@ def export_onnx(
             stacklevel=2,
         )
     form = form.to(example_input.device)
-    axes = {0: "batch", **{d: f"spatial{d - 2}" for d in range(2, example_input.dim())}} if dynamic_spatial else {}
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
-        torch.onnx.export(
-            form,
-            (example_input,),
-            buffer,
-            dynamo=False,
-            opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
-            input_names=["image"],
-            output_names=["pred"],
-            dynamic_axes={"image": axes, "pred": axes} if axes else None,
-        )
-    proto = onnx.load_from_string(buffer.getvalue())
-    folded = fold_weight_quantization(proto)
-    drop_initializer_identities(proto)
-    if opset > TORCHSCRIPT_MAX_OPSET:
-        proto = version_converter.convert_version(proto, opset)
+    if exporter == "dynamo":
+        proto = _export_with_torch_export(form, example_input, opset, dynamic_spatial)
+        folded = count_integer_weights(proto)
+    else:
+        proto = _export_with_torchscript(form, example_input, opset, dynamic_spatial)
+        folded = fold_weight_quantization(proto)
+        drop_initializer_identities(proto)
+        if opset > TORCHSCRIPT_MAX_OPSET:
+            proto = version_converter.convert_version(proto, opset)
     if weight_container == "int4":
         packed, kept = pack_4bit_weights(proto)
         logger.info("4-bit containers for %d weights; %d stay int8 (%s)", len(packed), len(kept), ", ".join(kept[:5]))

@@ -82,7 +82,7 @@ def _layer_violations(form: nn.Module) -> list[str]:
     for name, module in form.named_modules():
         if isinstance(module, QdqLayer):
             why = []
-            if not module.signed or bool(module.weight_zero_point.any()):
+            if not module.signed or bool(torch.as_tensor(module.weight_zero_point).ne(0).any()):
                 why.append("weights on an asymmetric uint8 grid")
             if module.act is not None and not module.act.signed:
                 why.append("input on an unsigned/asymmetric grid")
@@ -145,7 +145,7 @@ def tensorrt_network(
     network = _network_of(model)
     if not any(isinstance(m, QuantizedLayer) for m in network.modules()):
         raise ValueError("the network has no quantized layers: quantize it first (monai_effq.quantize).")
-    form, _ = export_form(network)
+    form, _ = export_form(network, exporter="torchscript")  # trt_compile exports with the TorchScript exporter
     problems = _layer_violations(form)
     if problems:
         raise ValueError(

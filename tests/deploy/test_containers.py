@@ -86,7 +86,7 @@ def test_four_bit_containers_need_opset_21(calibration, tmp_path):
         export_onnx(result, tmp_path / "x.onnx", (1, 2, 16, 16, 16), weight_container="int4", opset=17)
     with pytest.raises(ValueError, match="weight_container must be one of"):
         export_onnx(result, tmp_path / "x.onnx", (1, 2, 16, 16, 16), weight_container="int2")
-    model = onnx.load(str(export_onnx(result, tmp_path / "int8.onnx", (1, 2, 16, 16, 16), weight_container="int8")))
+    model = onnx.load(str(export_onnx(result, tmp_path / "int8.onnx", (1, 2, 16, 16, 16), weight_container="int8", opset=17)))
     with pytest.raises(ValueError, match="opset 21 or later"):
         pack_4bit_weights(model)
 

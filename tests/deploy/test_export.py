@@ -102,3 +102,20 @@ def test_a_linear_head_exports_with_integer_weights(tmp_path):
     with torch.no_grad():
         expected = result.network(x)
     assert torch.allclose(OnnxRuntimeNetwork(path, optimize=False)(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_torchs_current_exporter_writes_the_graph_the_torchscript_exporter_wrote(quantized, tmp_path):
+    current = export_onnx(quantized, tmp_path / "dynamo.onnx", (1, 2, 16, 16, 16), weight_container="int8")
+    legacy = export_onnx(quantized, tmp_path / "torchscript.onnx", (1, 2, 16, 16, 16), weight_container="int8", opset=17)
+    assert onnx.load(str(current)).opset_import[0].version == 21 and onnx.load(str(legacy)).opset_import[0].version == 17
+
+    def integer_weights(path):
+        graph = onnx.load(str(path)).graph
+        read = {n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+        return sorted((numpy_helper.to_array(i).tobytes() for i in graph.initializer if i.name in read and len(i.dims) > 1))
+
+    assert integer_weights(current) == integer_weights(legacy)  # the same integers, stored as they are
+    x = torch.rand(1, 2, 20, 16, 12, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(
+        OnnxRuntimeNetwork(current, optimize=False)(x), OnnxRuntimeNetwork(legacy, optimize=False)(x), atol=1e-6, rtol=1e-5
+    )

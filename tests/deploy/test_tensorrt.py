@@ -41,7 +41,7 @@ def test_the_default_calibration_is_named_as_what_tensorrt_cannot_build(calibrat
 
 def test_the_onnx_monai_trt_compile_builds_from_is_tensorrt_legal(symmetric, tmp_path):
     # trt_compile exports the module it is given with MONAI's convert_to_onnx; this is that file
-    form, _ = export_form(symmetric.network)
+    form, _ = export_form(symmetric.network, exporter="torchscript")  # what trt_compile exports
     x = torch.rand(1, 2, 16, 16, 16)
     convert_to_onnx(form, (x,), filename=str(tmp_path / "trt.onnx"), input_names=["x"], output_names=["y"], dynamo=False)
     model = onnx.load(str(tmp_path / "trt.onnx"))
