@@ -16,6 +16,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from monai_effq.data.calibration import calibration_windows
 from monai_effq.ptq.checkpoint import load_quantized, save_quantized
 from monai_effq.ptq.config import EfficientQConfig
+from monai_effq.ptq.graph import probe_network
 from monai_effq.ptq.pipeline import quantize
 from monai_effq.ptq.prepare import available_device
 from monai_effq.utils.errors import MissingInputError, UserInputError, check_integer, check_spread
@@ -147,16 +148,35 @@ class QuantizationHandler:
                 "the calibration data loader is empty, so nothing would be quantized: check the calibration "
                 "cases (--calibration_case, --calibration_cases) and the dataset folder."
             )
+        if not engine.has_event_handler(self.check, Events.GET_BATCH_COMPLETED):
+            engine.add_event_handler(Events.GET_BATCH_COMPLETED, self.check)
         if not engine.has_event_handler(self.collect, Events.ITERATION_COMPLETED):
             engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
         if not engine.has_event_handler(self, Events.COMPLETED):
             engine.add_event_handler(Events.COMPLETED, self)
 
+    def check(self, engine: Engine) -> None:
+        """Before the evaluator runs the network on a calibration batch: refuse a NaN or constant volume
+        and, on the first batch, a window the network cannot run (e.g. smaller than its downsampling)."""
+        if len(self.batches) >= self.max_batches:
+            return
+        images = batch_images(engine.state.batch, self.image_key)
+        check_calibration_volume(images, _source_name(engine.state.batch, self.image_key, len(self.batches)))
+        if not self.batches:
+            window = images[:1] if self.roi_size is None else calibration_windows(images[:1], self.roi_size)[:1]
+            network = engine.network
+            device = next(iter(network.parameters()), torch.empty(0)).device
+            training = network.training
+            network.eval()  # a pass in training mode would move BatchNorm statistics
+            try:
+                probe_network(network, window.to(device))  # names the shape the network refuses
+            finally:
+                network.train(training)
+
     def collect(self, engine: Engine) -> None:
         """Keep this iteration's images (as windows with ``roi_size``) until ``max_batches`` are held."""
         if len(self.batches) < self.max_batches:
             images = batch_images(engine.state.batch, self.image_key)
-            check_calibration_volume(images, _source_name(engine.state.batch, self.image_key, len(self.batches)))
             self.batches.append(images if self.roi_size is None else calibration_windows(images, self.roi_size))
 
     def __call__(self, engine: Engine) -> None:
