@@ -207,8 +207,7 @@ def _check_crop(crop: Any) -> list[int]:
     """A crop size must be one positive whole number per axis (MONAI reads 0 or -1 as "keep the whole axis")."""
     if isinstance(crop, (str, bytes)) or not isinstance(crop, Sequence) or not crop:
         raise UserInputError(f"calibration_crop must be a list of positive sizes such as [96,96,96], got {crop!r}.")
-    sizes = [check_integer(c, "each calibration_crop size", low=1) for c in crop]
-    return sizes
+    return [check_integer(c, "each calibration_crop size", low=1) for c in crop]
 
 
 def image_preprocessing(dataset: str) -> Compose:
