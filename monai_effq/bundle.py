@@ -31,14 +31,17 @@ from monai_effq.data import (
     validate_datalist,
 )
 from monai_effq.ptq.checkpoint import verify_checkpoint
+from monai_effq.utils.errors import MissingInputError, UserInputError, check_integer, install_bundle_error_hook
 from monai_effq.utils.io import atomic_directory, current_umask
 
 __all__ = [
     "DEMO",
     "FINETUNE_STARTS",
+    "calibration_datalist",
     "check_quantized",
     "demo_dataset",
     "datalist",
+    "existing_checkpoint",
     "export_monailabel_bundle",
     "finetune_start",
     "image_preprocessing",
@@ -55,6 +58,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# Every bundle config imports this module: from here on, a user-input error ends the
+# ``python -m monai.bundle`` command with one line instead of MONAI's wrapped traceback.
+install_bundle_error_hook()
 
 # The embedded demo: enough cases to train a small CPU network to a meaningful Dice in minutes.
 DEMO = {"n_cases": 10, "shape": (64, 64, 48), "seed": 0}
@@ -122,6 +129,45 @@ def datalist(
     return cases[:limit] if limit else cases
 
 
+def calibration_datalist(
+    dataset_dir: str | os.PathLike,
+    dataset: str,
+    case: int = 0,
+    cases: int = 1,
+    layout: str = "auto",
+    val_fraction: float = 0.2,
+    demo_dir: str | os.PathLike | None = None,
+) -> list[dict[str, Any]]:
+    """The calibration cases of the quantize workflow: ``cases`` training cases from number ``case`` on.
+
+    Every file of the chosen cases is decoded here (a truncated ``.nii.gz`` only fails when its data
+    is read), so bad data stops the workflow before the network is loaded.
+
+    Args:
+        dataset_dir, dataset, layout, val_fraction, demo_dir: as for :func:`datalist`.
+        case: the first training case (``--calibration_case``).
+        cases: how many (``--calibration_cases``).
+
+    Returns:
+        the case dicts (never empty).
+
+    Raises:
+        UserInputError: for a case number past the end of the training split or a count below 1.
+        DatasetError: for a missing, unreadable or truncated file.
+    """
+    case = check_integer(case, "calibration_case", low=0)
+    cases = check_integer(cases, "calibration_cases", low=1)
+    train = datalist(dataset_dir, dataset, "train", layout, val_fraction, demo_dir=demo_dir)
+    if case >= len(train):
+        raise UserInputError(
+            f"calibration_case {case} is past the end of the {len(train)} training cases of {Path(dataset_dir).resolve()}: "
+            f"choose --calibration_case from 0 to {len(train) - 1}."
+        )
+    chosen = train[case : case + cases]
+    validate_datalist(chosen, read_data=True)
+    return chosen
+
+
 def preprocessing(
     dataset: str,
     dataset_dir: str | os.PathLike,
@@ -160,9 +206,17 @@ def preprocessing(
         else:
             steps = lits_transforms(train=train, roi_size=roi_size)
     if crop is not None:
+        crop = _check_crop(crop)
         keys = ["image", "label"] if with_label else ["image"]
         steps = Compose([steps, SpatialPadd(keys, list(crop)), CenterSpatialCropd(keys, list(crop))])
     return steps
+
+
+def _check_crop(crop: Any) -> list[int]:
+    """A crop size must be one positive whole number per axis (MONAI reads 0 or -1 as "keep the whole axis")."""
+    if isinstance(crop, (str, bytes)) or not isinstance(crop, Sequence) or not crop:
+        raise UserInputError(f"calibration_crop must be a list of positive sizes such as [96,96,96], got {crop!r}.")
+    return [check_integer(c, "each calibration_crop size", low=1) for c in crop]
 
 
 def image_preprocessing(dataset: str) -> Compose:
@@ -470,6 +524,25 @@ def set_determinism(seed: int = 0) -> None:
 FINETUNE_STARTS = ("efficientq", "fp", "scratch")
 
 
+def existing_checkpoint(path: str | os.PathLike) -> str:
+    """The FP checkpoint's path, checked to exist before a workflow loads data or builds engines.
+
+    Args:
+        path: ``fp_checkpoint``.
+
+    Returns:
+        ``path`` as a string (for MONAI's ``CheckpointLoader``).
+
+    Raises:
+        MissingInputError: when there is no file there.
+    """
+    if not Path(path).is_file():
+        raise MissingInputError(
+            f"FP checkpoint {Path(path).resolve()} does not exist: run the train workflow first or set --fp_checkpoint."
+        )
+    return str(path)
+
+
 def load_fp_weights(network: torch.nn.Module, path: str | os.PathLike, device: str = "cpu") -> torch.nn.Module:
     """Load a bundle's FP checkpoint (a state dict, or ``{"model": state_dict}``) into ``network``.
 
@@ -482,11 +555,9 @@ def load_fp_weights(network: torch.nn.Module, path: str | os.PathLike, device: s
         ``network``, in eval mode.
 
     Raises:
-        FileNotFoundError: when the checkpoint is missing.
+        MissingInputError: when the checkpoint is missing.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"FP checkpoint {p} does not exist: run the train workflow first or set --fp_checkpoint.")
+    p = Path(existing_checkpoint(path))
     state = torch.load(p, map_location=device, weights_only=True)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]

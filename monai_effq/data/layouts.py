@@ -28,6 +28,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from monai_effq.utils.errors import UserInputError
+
 __all__ = [
     "DatasetError",
     "LAYOUTS",
@@ -62,7 +64,7 @@ _BRATS_EXPECTED = (
 _LITS_EXPECTED = "LiTS files volume-N.nii and segmentation-N.nii (or .nii.gz), in the folder or its sub-folders"
 
 
-class DatasetError(ValueError):
+class DatasetError(UserInputError):
     """A dataset folder, list or file is missing, malformed or unreadable.
 
     The message is one line: it names the offending file or folder and says what was expected.

@@ -14,6 +14,7 @@ convention (or a corrupt label) before it silently trains or calibrates on nonse
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +43,7 @@ from monai.transforms import (
 )
 from monai.utils import TransformBackends
 
-from monai_effq.data.layouts import DatasetError
+from monai_effq.data.layouts import NIFTI_SUFFIXES, DatasetError, check_nifti
 
 __all__ = [
     "BRATS_NATIVE_LABELS",
@@ -56,6 +57,8 @@ __all__ = [
     "CheckLabelRanged",
     "brats_transforms",
     "lits_transforms",
+    "CheckFinited",
+    "LoadImageFilesd",
 ]
 
 BRATS_NATIVE_LABELS = (0, 1, 2, 4)
@@ -194,6 +197,28 @@ class CheckLabelRanged(MapTransform):
         return d
 
 
+class CheckFinited(MapTransform):
+    """Refuse images that hold NaN or Inf voxels, naming the file (no network or runtime flags them).
+
+    Args:
+        keys: keys of the images to check.
+        allow_missing_keys: do not raise when a key is absent.
+    """
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
+        """A shallow copy of the case dict, after checking its images (:class:`DatasetError` names a bad file)."""
+        d = dict(data)
+        for key in self.key_iterator(d):
+            values = torch.as_tensor(d[key])
+            bad = int((~torch.isfinite(values)).sum()) if values.is_floating_point() else 0
+            if bad:
+                raise DatasetError(
+                    f"image {_source_name(d, key, d[key])} holds {bad} NaN or Inf voxel(s): fix or re-export the file, "
+                    "or leave the case out."
+                )
+        return d
+
+
 class _Pipeline(Compose):
     """A Compose that lets :class:`DatasetError` through unwrapped.
 
@@ -246,12 +271,39 @@ def _keys(with_label: bool) -> dict[str, Any]:
     return {"keys": _KEYS, "allow_missing_keys": True} if with_label else {"keys": ("image",)}
 
 
+class LoadImageFilesd(LoadImaged):
+    """MONAI's ``LoadImaged`` that names the file it cannot read.
+
+    A truncated ``.nii.gz`` passes a header check and fails only when its data is decoded, deep in a
+    transform wrapper; this raises :class:`DatasetError` naming the file instead (the wrapper keeps
+    it as the cause).
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
+        try:
+            return super().__call__(data, reader)
+        except Exception as e:  # the readers raise many unrelated types
+            paths = []
+            for key in self.key_iterator(dict(data)):
+                value = data[key]
+                paths.extend(value if isinstance(value, (list, tuple)) else [value])
+            for path in paths:
+                if isinstance(path, (str, os.PathLike)) and str(path).endswith(NIFTI_SUFFIXES):
+                    check_nifti(path, read_data=True)  # raises naming the file when it is the bad one
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DatasetError(f"cannot read image file(s) {[str(p) for p in paths]}: {reason}; re-export or remove them.") from e
+
+
 def _loading(check: Transform | None, with_label: bool) -> list[Transform]:
     both = _keys(with_label)
     # Nibabel explicitly for NIfTI: with ITK also installed, MONAI's reader choice would depend on
     # registration order, and ITK treats the Decathlon's 4D image differently. Other formats (NRRD,
     # MetaImage from 3D Slicer or MONAI Label clients) fall through to MONAI's ITKReader.
-    steps: list[Transform] = [LoadImaged(**both, reader="NibabelReader", image_only=True), EnsureChannelFirstd(**both)]
+    steps: list[Transform] = [
+        LoadImageFilesd(**both, reader="NibabelReader", image_only=True),
+        EnsureChannelFirstd(**both),
+        CheckFinited(keys=("image",)),
+    ]
     if check is not None and with_label:
         steps.append(check)
     # labels=None: axis names from the MetaTensor's space (RAS for nibabel); also silences a MONAI 1.5+ warning

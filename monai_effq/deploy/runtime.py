@@ -33,6 +33,7 @@ from monai_effq.deploy.export import (
 )
 from monai_effq.ptq.checkpoint import checkpoint_fingerprint, load_quantized
 from monai_effq.utils.fingerprint import DIGEST_CHARS
+from monai_effq.utils.errors import UserInputError
 
 ort, _has_ort = optional_import("onnxruntime")
 ov, _has_ov = optional_import("openvino")
@@ -139,6 +140,13 @@ class _RuntimeNetwork(nn.Module):
             raise ValueError(
                 f"{self.path.name} expects {self.in_channels} input channels (N, {self.in_channels}, *spatial), "
                 f"got shape {tuple(x.shape)}: check the transforms that build the image."
+            )
+        bad = int((~torch.isfinite(x.detach())).sum()) if x.is_floating_point() else 0
+        if bad:
+            # both runtimes turn NaN into finite output without a word: the result would look like a segmentation
+            raise UserInputError(
+                f"the input to {self.path.name} holds {bad} NaN or Inf voxel(s): fix the image file or its "
+                "preprocessing (e.g. a division by a zero intensity range) before inference."
             )
         return np.ascontiguousarray(x.detach().as_subclass(torch.Tensor).float().cpu().numpy())
 

@@ -16,7 +16,10 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from monai_effq.data.calibration import calibration_windows
 from monai_effq.ptq.checkpoint import load_quantized, save_quantized
 from monai_effq.ptq.config import EfficientQConfig
+from monai_effq.ptq.graph import probe_network
 from monai_effq.ptq.pipeline import quantize
+from monai_effq.ptq.prepare import available_device
+from monai_effq.utils.errors import MissingInputError, UserInputError, check_integer, check_spread
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -24,7 +27,7 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["QuantizationHandler", "QuantizedCheckpointLoader", "batch_images"]
+__all__ = ["QuantizationHandler", "QuantizedCheckpointLoader", "batch_images", "check_calibration_volume"]
 
 
 def batch_images(batch: Any, key: str = "image") -> torch.Tensor:
@@ -48,6 +51,34 @@ def batch_images(batch: Any, key: str = "image") -> torch.Tensor:
     else:
         images = batch[key]
     return torch.as_tensor(images).detach().as_subclass(torch.Tensor).float().cpu()
+
+
+def _source_name(batch: Any, key: str, index: int) -> str:
+    """The file a batch's image came from (MONAI's ``filename_or_obj`` metadata), else its number."""
+    item = batch[0] if isinstance(batch, (list, tuple)) and batch else batch
+    image = item.get(key) if isinstance(item, dict) else None
+    source = getattr(image, "meta", {}).get("filename_or_obj") if image is not None else None
+    if isinstance(source, (list, tuple)):
+        source = source[0] if source else None
+    return f"calibration volume {source}" if source else f"calibration volume {index}"
+
+
+def check_calibration_volume(images: torch.Tensor, name: str) -> None:
+    """A calibration volume must be finite and not constant (else the quantized network is useless or NaN).
+
+    Args:
+        images: the preprocessed ``(N, C, *spatial)`` batch.
+        name: what to call it in the message (its file).
+
+    Raises:
+        UserInputError: naming the volume and what is wrong with it.
+    """
+    check_spread(
+        images,
+        f"{name} (after preprocessing)",
+        "fix or replace the file, or choose another case with --calibration_case",
+        "an empty or blank image calibrates nothing; check the file, or choose another case with --calibration_case",
+    )
 
 
 class QuantizationHandler:
@@ -89,17 +120,18 @@ class QuantizationHandler:
         roi_size: Sequence[int] | None = None,
     ) -> None:
         self.config = EfficientQConfig.from_dict(config) if isinstance(config, dict) else config or EfficientQConfig()
+        available_device(self.config.device)  # before the evaluator loads any data
         if body_mask not in (None, "nonzero"):
-            raise ValueError(f"body_mask must be 'nonzero' or None, got {body_mask!r}.")
-        if max_batches < 1:
-            raise ValueError(f"max_batches must be at least 1, got {max_batches}.")
+            raise UserInputError(f"body_mask must be 'nonzero' or None, got {body_mask!r}.")
         self.task = task
         self.save_path = save_path
-        self.max_batches = max_batches
+        self.max_batches = check_integer(max_batches, "max_batches (calibration_cases)", low=1)
         self.image_key = image_key
         self.body_mask = body_mask
         self.progress = progress
-        self.roi_size = None if roi_size is None else tuple(int(r) for r in roi_size)
+        if roi_size is not None and (isinstance(roi_size, str) or not isinstance(roi_size, Sequence)):
+            raise UserInputError(f"roi_size must be a list of positive window sizes such as [96,96,96], got {roi_size!r}.")
+        self.roi_size = None if roi_size is None else tuple(check_integer(r, "each roi_size", low=1) for r in roi_size)
         self.batches: list[torch.Tensor] = []
 
     def attach(self, engine: Engine) -> None:
@@ -109,10 +141,37 @@ class QuantizationHandler:
             engine: an ignite engine with a ``network`` attribute (a MONAI evaluator).
         """
         self.logger = engine.logger
+        loader = getattr(engine, "data_loader", None)
+        if loader is not None and hasattr(loader, "__len__") and len(loader) == 0:
+            # MONAI's evaluator skips an empty loader with a log line: nothing would be quantized
+            raise UserInputError(
+                "the calibration data loader is empty, so nothing would be quantized: check the calibration "
+                "cases (--calibration_case, --calibration_cases) and the dataset folder."
+            )
+        if not engine.has_event_handler(self.check, Events.GET_BATCH_COMPLETED):
+            engine.add_event_handler(Events.GET_BATCH_COMPLETED, self.check)
         if not engine.has_event_handler(self.collect, Events.ITERATION_COMPLETED):
             engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
         if not engine.has_event_handler(self, Events.COMPLETED):
             engine.add_event_handler(Events.COMPLETED, self)
+
+    def check(self, engine: Engine) -> None:
+        """Before the evaluator runs the network on a calibration batch: refuse a NaN or constant volume
+        and, on the first batch, a window the network cannot run (e.g. smaller than its downsampling)."""
+        if len(self.batches) >= self.max_batches:
+            return
+        images = batch_images(engine.state.batch, self.image_key)
+        check_calibration_volume(images, _source_name(engine.state.batch, self.image_key, len(self.batches)))
+        if not self.batches:
+            window = images[:1] if self.roi_size is None else calibration_windows(images[:1], self.roi_size)[:1]
+            network = engine.network
+            device = next(iter(network.parameters()), torch.empty(0)).device
+            training = network.training
+            network.eval()  # a pass in training mode would move BatchNorm statistics
+            try:
+                probe_network(network, window.to(device))  # names the shape the network refuses
+            finally:
+                network.train(training)
 
     def collect(self, engine: Engine) -> None:
         """Keep this iteration's images (as windows with ``roi_size``) until ``max_batches`` are held."""
@@ -123,7 +182,7 @@ class QuantizationHandler:
     def __call__(self, engine: Engine) -> None:
         """Quantize ``engine.network`` on the collected batches and swap the result in."""
         if not self.batches:
-            raise ValueError("no calibration batch was collected: the calibration data loader is empty.")
+            raise UserInputError("no calibration batch was collected: the calibration data loader is empty.")
         mask = [(b != 0).any(dim=1) for b in self.batches] if self.body_mask == "nonzero" else None
         result = quantize(engine.network, self.batches, self.config, task=self.task, body_mask=mask, progress=self.progress)
         engine.network = result.network
@@ -144,6 +203,11 @@ class QuantizedCheckpointLoader:
     """
 
     def __init__(self, load_path: str | Path, map_location: str | torch.device | None = None) -> None:
+        if not Path(load_path).is_file():  # checked when the workflow is built, not when it runs
+            raise MissingInputError(
+                f"quantized checkpoint {Path(load_path).resolve()} does not exist: run the quantize workflow first "
+                "(with the same --weight_bits and --act_bits) or set --quantized_path."
+            )
         self.load_path = load_path
         self.map_location = map_location
 

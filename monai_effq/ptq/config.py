@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import numbers
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from monai_effq.quant.fixed_point import FixedPointFormat
-from monai_effq.quant.grid import GRID_KINDS, check_bits
+from monai_effq.quant.grid import GRID_KINDS
 from monai_effq.quant.spec import ActivationSpec, WeightSpec
 from monai_effq.solver.admm import AdmmSettings
 from monai_effq.solver.api import METHODS
+from monai_effq.utils.errors import UserInputError, check_flag, check_integer
 
 __all__ = ["EfficientQConfig", "LayerPlan", "OVERRIDE_KEYS", "match_pattern"]
 
@@ -35,14 +40,52 @@ def match_pattern(pattern: str, name: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
+def _parse_format(text: Any, name: str, signed: bool) -> FixedPointFormat:
+    """A fixed-point format setting, parsed; a malformed one is the user's error, named."""
+    if not isinstance(text, str):
+        raise UserInputError(f"{name} must be a fixed-point format such as 'Q0.4', got {text!r}.")
+    try:
+        return FixedPointFormat.parse(text, signed=signed)
+    except ValueError as e:
+        raise UserInputError(f"{name}: {e}") from None
+
+
+def _check_number(value: Any, name: str, low: float, high: float | None = None) -> float:
+    """A real-valued setting (not a bool) within ``[low, high]``."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not ok or not low <= float(value) <= (float("inf") if high is None else high):
+        wanted = f"a number from {low} to {high}" if high is not None else f"a number of at least {low}"
+        raise UserInputError(f"{name} must be {wanted}, got {value!r}.")
+    return float(value)
+
+
+def _check_patterns(value: Any) -> list[str]:
+    """``skip`` is a list of layer-name patterns; a bare string would be read letter by letter."""
+    if isinstance(value, str):
+        raise UserInputError(f"skip must be a list of layer-name patterns, got the string {value!r}: write [{value!r}].")
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) for p in value):
+        raise UserInputError(f"skip must be a list of layer-name patterns (strings), got {value!r}.")
+    return list(value)
+
+
+def _check_device(value: Any) -> str:
+    """A device name torch understands (whether it exists here is checked when a run starts)."""
+    if isinstance(value, torch.device):
+        return str(value)
+    try:
+        return str(torch.device(value))
+    except (RuntimeError, TypeError, ValueError):
+        raise UserInputError(f"device must be a torch device name such as 'cpu', 'cuda' or 'cuda:0', got {value!r}.") from None
+
+
 def _check_format(role: str, text: str | None, bits: int | None, signed: bool) -> None:
     """A ``<role>_format`` must parse and match ``<role>_bits`` (which it sets, unless changed later)."""
     if text is None:
         return
-    fmt = FixedPointFormat.parse(text, signed=signed)
+    fmt = _parse_format(text, f"{role}_format", signed=signed)
     if fmt.bits != bits:
         sign = "sign + " if signed else ""
-        raise ValueError(
+        raise UserInputError(
             f"{role}_format {fmt} is a {fmt.bits}-bit word ({sign}{fmt.int_bits} + {fmt.frac_bits} bits) "
             f"but {role}_bits is {bits}: drop {role}_bits or set it to {fmt.bits}."
         )
@@ -176,70 +219,95 @@ class EfficientQConfig:
     validation_fraction: float = 0.25
 
     def __post_init__(self) -> None:
-        if isinstance(self.admm, dict):
-            object.__setattr__(self, "admm", AdmmSettings(**self.admm))
-        if self.weight_format is not None:
-            object.__setattr__(self, "weight_bits", FixedPointFormat.parse(self.weight_format, signed=True).bits)
-        if self.act_format is not None:
-            object.__setattr__(self, "act_bits", FixedPointFormat.parse(self.act_format, signed=False).bits)
+        self._normalise()
         self._validate()
 
-    def _validate(self) -> None:
-        """Check every field (once: the config is frozen).
+    def _set(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+
+    def _normalise(self) -> None:
+        """Check every field's type and store it in its plain form (numpy integers become ``int``).
 
         Raises:
-            ValueError: naming the first bad field and what it accepts.
+            UserInputError: naming the first field of the wrong type and what it accepts.
         """
-        check_bits(self.weight_bits, "weight_bits")
-        if self.act_bits is not None:
-            check_bits(self.act_bits, "act_bits", 2, 8)
-        for name in ("first_layer_bits", "last_layer_bits"):
+        if isinstance(self.admm, Mapping):
+            try:
+                self._set("admm", AdmmSettings(**self.admm))
+            except (TypeError, ValueError) as e:
+                raise UserInputError(f"admm: {e}") from None
+        elif not isinstance(self.admm, AdmmSettings):
+            raise UserInputError(f"admm must be AdmmSettings or a dict of its fields, got {self.admm!r}.")
+        for name in ("weight_format", "act_format"):
             if getattr(self, name) is not None:
-                check_bits(getattr(self, name), name)
+                fmt = _parse_format(getattr(self, name), name, signed=name == "weight_format")
+                self._set(name.replace("format", "bits"), fmt.bits)
+        self._set("weight_bits", check_integer(self.weight_bits, "weight_bits", 2, 8))
+        for name in ("act_bits", "first_layer_bits", "last_layer_bits"):
+            if getattr(self, name) is not None:
+                self._set(name, check_integer(getattr(self, name), name, 2, 8))
+        for name in ("per_channel", "attention", "fold_batchnorm", "power_of_two"):
+            self._set(name, check_flag(getattr(self, name), name))
+        if not isinstance(self.overrides, Mapping):
+            raise UserInputError(f"overrides must be a dict from layer-name pattern to settings, got {self.overrides!r}.")
+        self._set("overrides", {p: self._normalised_override(p, spec) for p, spec in self.overrides.items()})
+        self._set("skip", _check_patterns(self.skip))
+        self._set("attention_power", _check_number(self.attention_power, "attention_power", 0.0))
+        self._set("validation_fraction", _check_number(self.validation_fraction, "validation_fraction", 0.0, 0.5))
+        self._set("max_chunk_elements", check_integer(self.max_chunk_elements, "max_chunk_elements", low=1))
+        self._set("target_memory_mib", check_integer(self.target_memory_mib, "target_memory_mib", low=1))
+        self._set("device", _check_device(self.device))
+        for name in ("method", "weight_grid", "init", "act_grid"):
+            if not isinstance(getattr(self, name), str):
+                raise UserInputError(f"{name} must be a name (text), got {getattr(self, name)!r}.")
+
+    def _normalised_override(self, pattern: Any, spec: Any) -> dict[str, Any]:
+        """One override, its keys, types and formats checked, numpy integers made ``int``."""
+        if not isinstance(pattern, str) or not isinstance(spec, Mapping) or not set(spec) <= set(OVERRIDE_KEYS):
+            raise UserInputError(
+                f"override {pattern!r} must map a layer-name pattern to a dict with keys among {OVERRIDE_KEYS}, got {spec!r}."
+            )
+        where = f"overrides[{pattern!r}]"
+        spec = dict(spec)
+        for name in ("weight_bits", "act_bits"):
+            if spec.get(name) is not None or (name == "weight_bits" and name in spec):
+                spec[name] = check_integer(spec[name], f"{where}.{name}", 2, 8)
+        for name in ("weight_format", "act_format"):
+            if spec.get(name) is not None:
+                _parse_format(spec[name], f"{where}.{name}", signed=name == "weight_format")
+        for flag in ("per_channel", "power_of_two"):
+            if flag in spec:
+                spec[flag] = check_flag(spec[flag], f"{where}.{flag}")
+        return spec
+
+    def _validate(self) -> None:
+        """Check every field's value (once: the config is frozen).
+
+        Raises:
+            UserInputError: naming the first bad field and what it accepts.
+        """
         for pattern, spec in self.overrides.items():
-            if not isinstance(spec, dict) or not set(spec) <= set(OVERRIDE_KEYS):
-                raise ValueError(
-                    f"override {pattern!r} must be a dict with keys among {OVERRIDE_KEYS}, got {spec!r}."
-                )
             where = f"overrides[{pattern!r}]"
-            if "weight_bits" in spec:
-                check_bits(spec["weight_bits"], f"{where}.weight_bits")
-            if spec.get("act_bits") is not None:
-                check_bits(spec["act_bits"], f"{where}.act_bits")
-            if spec.get("weight_format") is not None:
-                FixedPointFormat.parse(spec["weight_format"], signed=True)
-            if spec.get("act_format") is not None:
-                FixedPointFormat.parse(spec["act_format"], signed=False)
-            for flag in ("per_channel", "power_of_two"):
-                if flag in spec and not isinstance(spec[flag], bool):
-                    raise ValueError(f"{where}.{flag} must be True or False, got {spec[flag]!r}.")
             if "weight_grid" in spec and spec["weight_grid"] not in WEIGHT_GRIDS:
-                raise ValueError(f"{where}.weight_grid must be one of {WEIGHT_GRIDS}, got {spec['weight_grid']!r}.")
+                raise UserInputError(f"{where}.weight_grid must be one of {WEIGHT_GRIDS}, got {spec['weight_grid']!r}.")
             if "method" in spec and spec["method"] not in METHODS:
-                raise ValueError(f"{where}.method must be one of {tuple(METHODS)}, got {spec['method']!r}{_REGISTER_HINT}.")
+                raise UserInputError(
+                    f"{where}.method must be one of {tuple(METHODS)}, got {spec['method']!r}{_REGISTER_HINT}."
+                )
             if self.act_grid == "symmetric" and spec.get("act_format") is not None:
-                raise ValueError(f"{where}.act_format sets its own grid: use it or act_grid='symmetric', not both.")
+                raise UserInputError(f"{where}.act_format sets its own grid: use it or act_grid='symmetric', not both.")
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {tuple(METHODS)}, got {self.method!r}{_REGISTER_HINT}.")
+            raise UserInputError(f"method must be one of {tuple(METHODS)}, got {self.method!r}{_REGISTER_HINT}.")
         if self.weight_grid not in WEIGHT_GRIDS:
-            raise ValueError(f"weight_grid must be one of {WEIGHT_GRIDS}, got {self.weight_grid!r}.")
+            raise UserInputError(f"weight_grid must be one of {WEIGHT_GRIDS}, got {self.weight_grid!r}.")
         if self.init not in ("gptq", "rtn"):
-            raise ValueError(f"init must be 'gptq' or 'rtn', got {self.init!r}.")
-        if self.attention_power < 0:
-            raise ValueError(f"attention_power must be non-negative, got {self.attention_power}.")
-        for flag in ("power_of_two", "per_channel", "attention", "fold_batchnorm"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}.")
+            raise UserInputError(f"init must be 'gptq' or 'rtn', got {self.init!r}.")
         _check_format("weight", self.weight_format, self.weight_bits, signed=True)
         _check_format("act", self.act_format, self.act_bits, signed=False)
         if self.act_grid not in ACT_GRIDS:
-            raise ValueError(f"act_grid must be one of {ACT_GRIDS}, got {self.act_grid!r}.")
-        if not 0.0 <= self.validation_fraction <= 0.5:
-            raise ValueError(
-                f"validation_fraction must be in [0, 0.5] (0 turns held-out validation off), got {self.validation_fraction}."
-            )
+            raise UserInputError(f"act_grid must be one of {ACT_GRIDS}, got {self.act_grid!r}.")
         if self.act_grid == "symmetric" and self.act_format is not None:
-            raise ValueError("act_format sets its own grid: use it or act_grid='symmetric', not both.")
+            raise UserInputError("act_format sets its own grid: use it or act_grid='symmetric', not both.")
 
     @property
     def act_kind(self) -> str | None:
@@ -281,12 +349,14 @@ class EfficientQConfig:
             the config.
 
         Raises:
-            ValueError: for an unknown key.
+            UserInputError: for an unknown key or a bad value.
         """
+        if not isinstance(data, Mapping):
+            raise UserInputError(f"an EfficientQConfig is read from a dict of its fields, got {data!r}.")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown EfficientQConfig keys {sorted(unknown)}; known keys are {sorted(known)}.")
+            raise UserInputError(f"unknown EfficientQConfig keys {sorted(unknown)}; known keys are {sorted(known)}.")
         return cls(**data)
 
     def plan(self, ordered_names: list[str]) -> list[LayerPlan]:
@@ -303,13 +373,13 @@ class EfficientQConfig:
             the plan of every layer not skipped, in the same order.
 
         Raises:
-            ValueError: when a skip or override pattern matches no layer (a typo would otherwise
+            UserInputError: when a skip or override pattern matches no layer (a typo would otherwise
                 silently quantize what the user meant to protect).
         """
         for pattern in [*self.skip, *self.overrides]:
             if not any(match_pattern(pattern, n) for n in ordered_names):
                 shown = ", ".join(ordered_names[:12]) + (" ..." if len(ordered_names) > 12 else "")
-                raise ValueError(
+                raise UserInputError(
                     f"config names layer pattern {pattern!r}, which matches no quantizable layer; "
                     f"the quantizable layers are: {shown}."
                 )

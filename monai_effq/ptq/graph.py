@@ -15,6 +15,7 @@ import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from monai_effq.solver.layers import SUPPORTED_LAYERS
+from monai_effq.utils.errors import UserInputError
 
 __all__ = [
     "BATCHNORMS",
@@ -135,7 +136,7 @@ def probe_network(network: nn.Module, batch: torch.Tensor) -> NetworkProbe:
         the :class:`NetworkProbe`.
 
     Raises:
-        ValueError: when the batch does not fit the network (its own message says why).
+        UserInputError: when the batch does not fit the network (its own message says why).
         TypeError: when the network does not return one tensor.
     """
     order: list[str] = []
@@ -155,10 +156,10 @@ def probe_network(network: nn.Module, batch: torch.Tensor) -> NetworkProbe:
             with torch.no_grad():
                 output = network(batch)
         except Exception as e:  # the network's own message says which layer refused the shape
-            raise ValueError(
+            raise UserInputError(
                 f"calibration batch of shape {tuple(batch.shape)} does not fit the network "
                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass batches shaped (N, C, *spatial) "
-                "as the network expects."
+                "as the network expects, with spatial sizes that are multiples of its downsampling factor."
             ) from e
     if not isinstance(output, torch.Tensor):
         raise TypeError("the network must return one tensor of logits to be quantized.")

@@ -18,6 +18,7 @@ from monai_effq.quant.fixed_point import FixedPointFormat, snap_to_power_of_two
 from monai_effq.quant.grid import UniformGrid, dequantize, fit_scale
 from monai_effq.quant.spec import ActivationSpec
 from monai_effq.solver.layers import layer_view
+from monai_effq.utils.errors import check_spread
 
 __all__ = [
     "ActivationQuantizer",
@@ -51,17 +52,23 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.tensor(float(zero_point)))
 
     @classmethod
-    def from_spec(cls, x: torch.Tensor, spec: ActivationSpec) -> ActivationQuantizer:
+    def from_spec(cls, x: torch.Tensor, spec: ActivationSpec, name: str = "") -> ActivationQuantizer:
         """Calibrate the quantizer a layer's :class:`~monai_effq.quant.spec.ActivationSpec` asks for.
 
         Args:
             x: calibration activations.
             spec: bits, grid kind, power-of-two and explicit format of the input.
+            name: the layer whose input this is (named in errors).
 
         Returns:
             the calibrated quantizer.
+
+        Raises:
+            UserInputError: for non-finite activations or activations without range.
         """
-        return cls.calibrate(x, spec.bits, power_of_two=spec.power_of_two, fixed_point=spec.format, kind=spec.kind)
+        return cls.calibrate(
+            x, spec.bits, power_of_two=spec.power_of_two, fixed_point=spec.format, kind=spec.kind, name=name
+        )
 
     @classmethod
     def calibrate(
@@ -72,6 +79,7 @@ class ActivationQuantizer(nn.Module):
         power_of_two: bool = False,
         fixed_point: str | None = None,
         kind: str | None = None,
+        name: str = "",
     ) -> ActivationQuantizer:
         """Fit a quantizer to calibration activations.
 
@@ -85,16 +93,23 @@ class ActivationQuantizer(nn.Module):
                 sign-magnitude with one more bit.
             kind: the grid kind (e.g. ``"symmetric"``); ``None`` chooses unsigned when
                 calibration saw no negative value and asymmetric otherwise.
+            name: the layer whose input this is (named in errors).
 
         Returns:
             the calibrated quantizer.
 
         Raises:
-            ValueError: for non-finite activations, or a signed explicit format that overflows 8 bits.
+            UserInputError: for non-finite activations, or activations that all hold one value (no
+                range to fit a grid to: a constant calibration volume or a dead layer).
+            ValueError: for a signed explicit format that overflows 8 bits.
         """
         flat = x.detach().reshape(-1).float()
-        if not torch.isfinite(flat).all():
-            raise ValueError("activations contain NaN or Inf: check the calibration data and the network.")
+        check_spread(
+            flat,
+            f"the calibration input of layer {name}" if name else "a calibration input",
+            "the layers before it overflow; check the network's weights and that the volume is normalised as in training",
+            "calibrate on a volume with content (not a constant or empty one), or keep the layer in full precision with skip",
+        )
         if flat.numel() > max_samples:
             flat = flat[:: flat.numel() // max_samples + 1]
         non_negative = float(flat.min()) >= 0

@@ -262,7 +262,7 @@ class _Run:
         for index, (x, y) in enumerate(pairs):
             if plan.act is not None:
                 if act_q is None:  # ranges from the first batch, used for all
-                    act_q = ActivationQuantizer.from_spec(x, plan.act).to(x.device)
+                    act_q = ActivationQuantizer.from_spec(x, plan.act, plan.name).to(x.device)
                 x = act_q(x)
             h = None
             if attention is not None and view.kind != "linear":

@@ -10,8 +10,64 @@ import torch.nn as nn
 
 from monai_effq.ptq.config import EfficientQConfig, LayerPlan
 from monai_effq.ptq.graph import fold_batchnorm, probe_network
+from monai_effq.utils.errors import UserInputError
 
-__all__ = ["PreparedNetwork", "prepare_network"]
+__all__ = ["PreparedNetwork", "available_device", "check_finite_state", "prepare_network"]
+
+
+def available_device(device: torch.device | str) -> torch.device:
+    """The device a run asks for, checked to exist on this machine before any work starts.
+
+    Args:
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` ...
+
+    Returns:
+        the torch device.
+
+    Raises:
+        UserInputError: when this machine has no such device.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserInputError(f"device {str(device)!r} was asked for but this machine has no CUDA GPU: set device to 'cpu'.")
+        if device.index is not None and device.index >= count:
+            raise UserInputError(
+                f"device {str(device)!r} was asked for but this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}: "
+                "set device to one of them."
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserInputError("device 'mps' was asked for but this machine has no Apple GPU: set device to 'cpu'.")
+    return device
+
+
+def check_finite_state(network: nn.Module) -> None:
+    """Every weight and buffer of a network is finite, and every norm's running variance non-negative.
+
+    A NaN weight would otherwise surface at the end of a run as NaN activations, blamed on the
+    calibration data; a NaN running variance as a raw torch error inside BatchNorm folding.
+
+    Args:
+        network: the network to check.
+
+    Raises:
+        UserInputError: naming the first bad tensor and what to do.
+    """
+    tensors = [*network.named_parameters(), *network.named_buffers()]
+    for name, tensor in tensors:
+        if not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise UserInputError(
+                f"{name} holds {bad} NaN or Inf value(s) of {tensor.numel()}: the checkpoint is corrupt or its "
+                "training diverged; load a good checkpoint (or retrain) before quantizing."
+            )
+        if name.endswith("running_var") and bool((tensor < 0).any()):
+            raise UserInputError(
+                f"{name} holds negative variances: the checkpoint is corrupt; load a good checkpoint before quantizing."
+            )
 
 
 @dataclass
@@ -56,10 +112,14 @@ def prepare_network(
         the :class:`PreparedNetwork`.
 
     Raises:
-        ValueError: when the sample does not fit the network or it has no quantizable layer that runs.
+        UserInputError: when the device does not exist here, a weight or norm statistic is not
+            finite, the sample does not fit the network or gives a non-finite output, or it has no
+            quantizable layer that runs.
         TypeError: when the network does not return one tensor.
     """
-    device = torch.device(config.device if device is None else device)
+    device = available_device(config.device if device is None else device)
+    if not from_scratch:  # a start from scratch re-initialises every parameter
+        check_finite_state(network)
     net = copy.deepcopy(network).eval().to(device)
     if from_scratch:
         for module in net.modules():
@@ -67,9 +127,14 @@ def prepare_network(
                 module.reset_parameters()
     first = sample[:1].to(device)
     probe = probe_network(net, first)
+    if not bool(torch.isfinite(probe.output).all()):
+        raise UserInputError(
+            f"the network's output on the calibration sample of shape {tuple(first.shape)} holds NaN or Inf: its weights "
+            "overflow on this input; check that the volume is normalised as in training and that the checkpoint is the trained one."
+        )
     folded = fold_batchnorm(net, first, probe=probe) if config.fold_batchnorm and not from_scratch else []
     if not probe.order:
-        raise ValueError(
+        raise UserInputError(
             "the network has no quantizable layers (Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear) that run in its forward pass."
         )
     return PreparedNetwork(net, folded, probe.order, config.plan(probe.order), probe.output_numels)

@@ -221,3 +221,24 @@ def test_inference_reads_nrrd_and_metaimage_through_itk_as_it_reads_the_nifti(da
     nifti, other = (transform({"image": path})["image"] for path in (case["image"], str(tmp_path / f"ct{suffix}")))
     assert other.shape == nifti.shape
     assert torch.allclose(other.as_tensor(), nifti.as_tensor(), atol=1e-5)
+
+
+def test_a_truncated_image_is_refused_by_the_loader_naming_the_file(tmp_path, data):
+    case = load_datalist(data["lits"])[0]
+    bad = tmp_path / "volume-0.nii"
+    bad.write_bytes(Path(case["image"]).read_bytes()[:-4096])  # the header still parses
+    item = {"image": str(bad), "label": case["label"]}
+    with pytest.raises(DatasetError, match=r"corrupt or unreadable NIfTI file .*volume-0\.nii"):
+        lits_transforms(train=False)(item)
+    with pytest.raises(DatasetError, match=r"corrupt or unreadable NIfTI file .*volume-0\.nii"):
+        Dataset([item], lits_transforms(train=False))[0]
+
+
+def test_an_image_with_nan_voxels_is_refused_naming_the_file(tmp_path, data):
+    case = load_datalist(data["lits"])[0]
+    image = np.asarray(nib.load(case["image"]).dataobj, dtype=np.float32)
+    image[5, 5, 5] = np.nan
+    bad = tmp_path / "volume-0.nii"
+    nib.save(nib.Nifti1Image(image, np.eye(4)), bad)
+    with pytest.raises(DatasetError, match=r"image .*volume-0\.nii holds 1 NaN or Inf voxel"):
+        lits_transforms(train=False)({"image": str(bad), "label": case["label"]})

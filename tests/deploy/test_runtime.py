@@ -176,3 +176,12 @@ def test_openvino_options_it_cannot_compile_with_are_an_error_naming_them(export
     net = OpenVINONetwork(path, precision="f7")
     with pytest.raises(ValueError, match=r"cannot compile model\.onnx for input shape \(1, 2, 8, 8, 8\).*f7"):
         net(torch.rand(1, 2, 8, 8, 8))
+
+
+@pytest.mark.parametrize("cls", [OpenVINONetwork, OnnxRuntimeNetwork])
+def test_nan_input_is_refused_instead_of_turned_into_finite_output(exported, cls):
+    _, path = exported
+    x = torch.rand(1, 2, 16, 16, 16)
+    x[0, 1, 4, 5, 6] = float("nan")
+    with pytest.raises(ValueError, match=r"the input to model\.onnx holds 1 NaN or Inf voxel"):
+        cls(path)(x)

@@ -14,6 +14,7 @@ from monai_effq.handlers import (
     write_comparison,
 )
 from monai_effq.ptq import QuantizedLayer
+from monai_effq.utils.errors import UserInputError
 
 
 def _evaluator(net, batches):
@@ -78,11 +79,13 @@ def test_batch_images_reads_collated_and_decollated_batches():
     assert batch_images(decollated).shape == (2, 1, 4, 4, 4)
 
 
-def test_an_empty_calibration_loader_is_a_clear_error(net):
+def test_an_empty_calibration_loader_is_refused_when_the_handler_is_attached(net):
+    # MONAI's evaluator skips an empty loader and reports success: the handler must refuse it first
     evaluator = _evaluator(net, [])
     handler = QuantizationHandler(progress=False)
-    handler.attach(evaluator)
-    with pytest.raises(ValueError, match="no calibration batch"):
+    with pytest.raises(UserInputError, match="calibration data loader is empty"):
+        handler.attach(evaluator)
+    with pytest.raises(UserInputError, match="no calibration batch"):
         handler(evaluator)
 
 

@@ -1,10 +1,12 @@
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 
 from monai_effq import AdmmSettings, EfficientQConfig
 from monai_effq.quant import ActivationSpec, WeightSpec
+from monai_effq.utils.errors import UserInputError
 
 
 def test_config_round_trips_through_json():
@@ -153,3 +155,32 @@ def test_an_unregistered_method_says_how_to_register_it():
 def test_booleans_must_be_booleans(flag):
     with pytest.raises(ValueError, match=f"{flag} must be True or False"):
         EfficientQConfig(**{flag: "false"})
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"weight_bits": 4.0}, r"weight_bits must be an integer from 2 to 8, got 4\.0"),
+        ({"weight_bits": "four"}, "a word on the command line arrives as text"),
+        ({"attention": "no"}, "attention must be True or False"),
+        ({"skip": "model.0.conv"}, r"skip must be a list .* write \['model\.0\.conv'\]"),
+        ({"target_memory_mib": 0}, "target_memory_mib must be an integer of at least 1, got 0"),
+        ({"max_chunk_elements": -1}, "max_chunk_elements must be an integer of at least 1, got -1"),
+        ({"device": "gpu7"}, "device must be a torch device name"),
+        ({"overrides": {"x": {"per_channel": "false"}}}, r"overrides\['x'\]\.per_channel must be True or False"),
+        ({"admm": {"iters": 3}}, "admm:"),
+    ],
+)
+def test_settings_of_the_wrong_type_are_user_errors_that_name_them(kwargs, message):
+    with pytest.raises(UserInputError, match=message):
+        EfficientQConfig(**kwargs)
+
+
+def test_numpy_integers_and_booleans_are_accepted_and_stored_as_python_values():
+    config = EfficientQConfig(
+        weight_bits=np.int64(4), act_bits=np.int32(8), per_channel=np.bool_(True),
+        overrides={"x": {"weight_bits": np.int8(3)}}, target_memory_mib=np.int64(64),
+    )
+    assert type(config.weight_bits) is int and type(config.act_bits) is int and config.per_channel is True
+    assert type(config.overrides["x"]["weight_bits"]) is int and type(config.target_memory_mib) is int
+    assert EfficientQConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config

@@ -2,9 +2,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from monai_effq import EfficientQConfig
+from monai_effq import EfficientQConfig, quantize
 from monai_effq.ptq.graph import execution_order, find_foldable_batchnorms, probe_network
 from monai_effq.ptq.prepare import prepare_network
+from monai_effq.utils.errors import UserInputError
 
 
 def _net() -> nn.Sequential:
@@ -63,3 +64,17 @@ def test_a_qat_start_from_scratch_folds_nothing_and_reinitialises():
     prepared = prepare_network(net, x, EfficientQConfig(), from_scratch=True)
     assert prepared.folded == [] and isinstance(prepared.network[1], nn.BatchNorm3d)
     assert not torch.equal(prepared.network[0].weight, net[0].weight)
+
+
+def test_a_nan_running_variance_is_named_before_any_pass_runs():
+    net = _net()
+    net[1].running_var[2] = float("nan")
+    calls = _count_passes(net)
+    with pytest.raises(UserInputError, match=r"^1\.running_var holds 1 NaN or Inf value\(s\) of 4"):
+        prepare_network(net, torch.randn(1, 1, 6, 6, 6), EfficientQConfig())
+    assert calls == [0]
+
+
+def test_a_constant_calibration_volume_is_named_at_the_first_layer_not_reported_as_success():
+    with pytest.raises(UserInputError, match=r"calibration input of layer 0 is one value \(0\) everywhere"):
+        quantize(_net(), torch.zeros(1, 1, 6, 6, 6), EfficientQConfig(attention=False), progress=False)

@@ -1,0 +1,183 @@
+"""Errors a person can act on: one exception class for bad input, and the bundle command's one-line report.
+
+:class:`UserInputError` marks an error in what a user gave (a file, a folder, a setting, a
+calibration volume, a checkpoint) as opposed to a bug. It subclasses ``ValueError`` (and
+:class:`MissingInputError` also ``FileNotFoundError``), so code that catches those keeps working.
+Its message is one sentence that names the thing and says what to do.
+
+``python -m monai.bundle run`` wraps every error of a config expression in MONAI's own
+``RuntimeError: Failed to evaluate ConfigExpression``, so the last line of its traceback names an
+expression, not the problem. :func:`install_bundle_error_hook` (called by :mod:`monai_effq.bundle`,
+which every bundle config imports) replaces that for user-input errors: the process prints
+``error: <message>`` to stderr and exits with status 1. Every other exception keeps its traceback,
+and ``MONAI_EFFQ_DEBUG=1`` keeps it for user-input errors too.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+import sys
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DEBUG_ENV",
+    "MissingInputError",
+    "UserInputError",
+    "check_flag",
+    "check_integer",
+    "check_spread",
+    "find_user_error",
+    "install_bundle_error_hook",
+]
+
+DEBUG_ENV = "MONAI_EFFQ_DEBUG"
+"""Environment variable: set to ``1`` to see the full traceback of a user-input error."""
+
+
+class UserInputError(ValueError):
+    """Something a user gave is missing, malformed or unusable (not a bug in monai-effq).
+
+    The message is one sentence naming the offending file, setting, layer or volume and the fix.
+    """
+
+
+class MissingInputError(UserInputError, FileNotFoundError):
+    """A file or folder a user named does not exist."""
+
+
+def check_integer(value: Any, name: str, low: int | None = None, high: int | None = None) -> int:
+    """A setting that must be a whole number: Python and numpy integers pass, ``bool``, ``float`` and text do not.
+
+    Args:
+        value: the setting.
+        name: what it is called (in the message).
+        low: smallest allowed value, or ``None``.
+        high: largest allowed value, or ``None``.
+
+    Returns:
+        ``value`` as a Python ``int``.
+
+    Raises:
+        UserInputError: naming the setting, the range and the value given.
+    """
+    if low is not None and high is not None:
+        wanted = f"an integer from {low} to {high}"
+    elif low is not None:
+        wanted = f"an integer of at least {low}"
+    else:
+        wanted = "an integer"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        hint = " (a word on the command line arrives as text: write a number)" if isinstance(value, str) else ""
+        raise UserInputError(f"{name} must be {wanted}, got {value!r}{hint}.")
+    value = int(value)
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise UserInputError(f"{name} must be {wanted}, got {value}.")
+    return value
+
+
+def check_flag(value: Any, name: str) -> bool:
+    """A setting that must be ``True`` or ``False`` (numpy booleans pass; ``"false"``, 0 and 1 do not).
+
+    Args:
+        value: the setting.
+        name: what it is called (in the message).
+
+    Returns:
+        ``value`` as a Python ``bool``.
+
+    Raises:
+        UserInputError: for anything else, saying how to write a boolean on the bundle command line.
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise UserInputError(
+        f"{name} must be True or False, got {value!r} (on the bundle command line write --{name.split('.')[-1]} "
+        "False, capitalised: 'false' arrives as text)."
+    )
+
+
+def check_spread(values: torch.Tensor, what: str, fix_nonfinite: str, fix_constant: str) -> None:
+    """Values to calibrate on must be finite and not all equal (else the grid fitted to them is NaN or empty).
+
+    Args:
+        values: a calibration volume or a layer's calibration input.
+        what: what to call them in the message (``"calibration volume case_0.nii"``).
+        fix_nonfinite: what to do about NaN or Inf.
+        fix_constant: what to do about a constant.
+
+    Raises:
+        UserInputError: naming ``what`` and the fix.
+    """
+    values = values.detach()
+    bad = int((~torch.isfinite(values)).sum())
+    if bad:
+        raise UserInputError(f"{what} holds {bad} NaN or Inf value(s): {fix_nonfinite}.")
+    low, high = torch.aminmax(values.reshape(-1))
+    if bool(low == high):
+        raise UserInputError(
+            f"{what} is one value ({float(low):g}) everywhere, so there is no range to calibrate on: {fix_constant}."
+        )
+
+
+def find_user_error(error: BaseException | None) -> UserInputError | None:
+    """The first :class:`UserInputError` in an exception's chain (``__cause__``, then ``__context__``).
+
+    Args:
+        error: the exception raised.
+
+    Returns:
+        the user-input error, or ``None`` when the chain holds none.
+    """
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserInputError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _bundle_excepthook(
+    previous, exc_type: type[BaseException], error: BaseException, traceback: TracebackType | None  # noqa: ANN001
+) -> None:
+    found = find_user_error(error)
+    if found is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        previous(exc_type, error, traceback)
+        return
+    sys.stderr.write(f"error: {found} (set {DEBUG_ENV}=1 for the traceback)\n")
+    sys.stderr.flush()
+
+
+def install_bundle_error_hook(force: bool = False) -> bool:
+    """Report user-input errors of the ``python -m monai.bundle`` command as one line.
+
+    Only that command's process is changed (``__main__`` is ``monai.bundle.__main__``), so a
+    program or notebook that imports :mod:`monai_effq` keeps Python's normal behaviour. Installing
+    twice is harmless. Python exits with status 1 after an uncaught exception whatever the hook
+    prints.
+
+    Args:
+        force: install in any process (for tests).
+
+    Returns:
+        whether the hook is installed.
+    """
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if not force and getattr(spec, "name", None) != "monai.bundle.__main__":
+        return False
+    if getattr(sys.excepthook, "_monai_effq", False):
+        return True
+    previous = sys.excepthook
+
+    def hook(exc_type: type[BaseException], error: BaseException, traceback: TracebackType | None) -> None:
+        _bundle_excepthook(previous, exc_type, error, traceback)
+
+    hook._monai_effq = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+    return True

@@ -1,0 +1,171 @@
+"""docs/troubleshooting.md cannot drift: every message it lists is raised by a trigger here, and every trigger is listed.
+
+Each trigger is the smallest thing a user could do that earns the message, run in this process;
+the bundle command's one-line report of the same errors is tested in tests/bundles/test_errors.py.
+"""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from monai_effq import EfficientQConfig, quantize
+from monai_effq.bundle import calibration_datalist, existing_checkpoint, images, preprocessing
+from monai_effq.data import detect_layout, make_lits_demo, validate_datalist
+from monai_effq.handlers.quantization import QuantizedCheckpointLoader, check_calibration_volume
+from monai_effq.ptq.modules import ActivationQuantizer
+from monai_effq.ptq.prepare import available_device, prepare_network
+from monai_effq.utils.errors import UserInputError
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md"
+
+
+def documented() -> dict[str, re.Pattern]:
+    """Heading template → a pattern for the message (``<...>`` stands for any text)."""
+    found = {}
+    for template in re.findall(r"^### `(.+)`$", DOC.read_text(), flags=re.MULTILINE):
+        parts = re.split(r"<[^<>]+>", template)
+        found[template] = re.compile(".+?".join(re.escape(p) for p in parts))
+    return found
+
+
+@pytest.fixture(scope="module")
+def lits(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("lits")
+    make_lits_demo(folder, n_cases=3, shape=(32, 32, 32), seed=0)
+    return folder
+
+
+def _net(norm: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(), nn.Conv3d(4, 2, 1)]
+    return nn.Sequential(*(layers if norm else [m for m in layers if not isinstance(m, nn.BatchNorm3d)])).eval()
+
+
+def _unet() -> nn.Module:
+    from monai.networks.nets import UNet
+
+    return UNet(3, 1, 2, channels=(4, 8, 16, 32), strides=(2, 2, 2), num_res_units=0).eval()
+
+
+def _nan_weight(tmp_path, lits):
+    net = _net()
+    with torch.no_grad():
+        net[0].weight[0, 0, 0, 0, 0] = float("nan")
+    prepare_network(net, torch.rand(1, 1, 8, 8, 8), EfficientQConfig())
+
+
+def _negative_variance(tmp_path, lits):
+    net = _net(norm=True)
+    net[1].running_var[0] = -1.0
+    prepare_network(net, torch.rand(1, 1, 8, 8, 8), EfficientQConfig())
+
+
+def _overflowing_layer(tmp_path, lits):
+    net = _net()
+    with torch.no_grad():
+        net[0].weight.fill_(3e38)
+    quantize(net, torch.rand(1, 1, 8, 8, 8) + 1, EfficientQConfig(method="rtn", attention=False), progress=False)
+
+
+def _truncated_nifti(tmp_path, lits):
+    cases = calibration_datalist(lits, "lits")
+    broken = tmp_path / "volume-9.nii"
+    broken.write_bytes(Path(cases[0]["image"]).read_bytes()[:1000])
+    validate_datalist([{"image": str(broken)}], read_data=True)
+
+
+def _nan_image(tmp_path, lits):
+    import nibabel as nib
+
+    path = tmp_path / "volume-0.nii.gz"
+    data = np.ones((16, 16, 16), np.float32)
+    data[3, 3, 3] = np.nan
+    nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
+    preprocessing("lits", lits, with_label=False)({"image": str(path)})
+
+
+def _nan_onnx_input(tmp_path, lits):
+    pytest.importorskip("onnxruntime")
+    from monai_effq.deploy.runtime import OnnxRuntimeNetwork
+    from monai_effq.deploy.export import export_onnx
+
+    result = quantize(_net(), torch.rand(1, 1, 8, 8, 8), EfficientQConfig(method="rtn", attention=False), progress=False)
+    network = OnnxRuntimeNetwork(export_onnx(result, tmp_path / "model.onnx", (1, 1, 8, 8, 8)))
+    x = torch.rand(1, 1, 8, 8, 8)
+    x[0, 0, 1, 2, 3] = float("nan")
+    network(x)
+
+
+def _no_cuda(tmp_path, lits):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    available_device("cuda:7")
+
+
+TRIGGERS = {
+    "dataset folder <folder> does not exist or is not a folder.": lambda t, d: calibration_datalist(t / "absent", "lits"),
+    "dataset folder <folder> does not exist: inference reads images, it never generates the demo data.": (
+        lambda t, d: images(t / "absent", "lits")
+    ),
+    "could not recognise the dataset layout of <folder>": lambda t, d: detect_layout(t),
+    "corrupt or unreadable NIfTI file <file>: <reason>; re-export or remove it.": _truncated_nifti,
+    "image <file> holds <n> NaN or Inf voxel(s)": _nan_image,
+    "calibration_case <n> is past the end of the <count> training cases of <folder>": (
+        lambda t, d: calibration_datalist(d, "lits", case=99)
+    ),
+    "each calibration_crop size must be an integer of at least 1, got <value>.": (
+        lambda t, d: preprocessing("lits", d, crop=[-1, -1, -1])
+    ),
+    "calibration batch of shape <shape> does not fit the network": (
+        lambda t, d: prepare_network(_unet(), torch.rand(1, 1, 12, 12, 12), EfficientQConfig())
+    ),
+    "FP checkpoint <file> does not exist: run the train workflow first or set --fp_checkpoint.": (
+        lambda t, d: existing_checkpoint(t / "model.pt")
+    ),
+    "quantized checkpoint <file> does not exist: run the quantize workflow first": (
+        lambda t, d: QuantizedCheckpointLoader(t / "model_w4a8.pt")
+    ),
+    "the calibration data loader is empty, so nothing would be quantized": None,  # tests/handlers/test_handlers.py
+    "weight_bits must be an integer from 2 to 8, got <value>": lambda t, d: EfficientQConfig(weight_bits=4.0),
+    "per_channel must be True or False, got <value>": lambda t, d: EfficientQConfig(per_channel="false"),
+    "skip must be a list of layer-name patterns, got the string <pattern>": lambda t, d: EfficientQConfig(skip="model.0.conv"),
+    "target_memory_mib must be an integer of at least 1, got <value>.": lambda t, d: EfficientQConfig(target_memory_mib=0),
+    "device <device> was asked for but this machine has no CUDA GPU: set device to 'cpu'.": _no_cuda,
+    "config names layer pattern <pattern>, which matches no quantizable layer": (
+        lambda t, d: EfficientQConfig(skip=["model.9.*"]).plan(["model.0.conv", "model.1.conv"])
+    ),
+    "unknown EfficientQConfig keys <keys>": lambda t, d: EfficientQConfig.from_dict({"weight_bit": 4}),
+    "<tensor> holds <n> NaN or Inf value(s) of <m>: the checkpoint is corrupt or its training diverged": _nan_weight,
+    "<tensor> holds negative variances": _negative_variance,
+    "calibration volume <file> (after preprocessing) holds <n> NaN or Inf value(s)": (
+        lambda t, d: check_calibration_volume(torch.tensor([[1.0, float("nan")]]), "calibration volume case-0.nii")
+    ),
+    "calibration volume <file> (after preprocessing) is one value (<v>) everywhere": (
+        lambda t, d: check_calibration_volume(torch.zeros(1, 1, 8, 8, 8), "calibration volume case-0.nii")
+    ),
+    "the calibration input of layer <layer> is one value (<v>) everywhere": (
+        lambda t, d: quantize(_net(), torch.zeros(1, 1, 8, 8, 8), EfficientQConfig(attention=False), progress=False)
+    ),
+    "the network's output on the calibration sample of shape <shape> holds NaN or Inf": _overflowing_layer,
+    "the calibration input of layer <layer> holds <n> NaN or Inf value(s)": (
+        lambda t, d: ActivationQuantizer.calibrate(torch.tensor([1.0, float("inf")]), 8, name="model.3.conv")
+    ),
+    "the input to <model.onnx> holds <n> NaN or Inf voxel(s)": _nan_onnx_input,
+}
+
+
+def test_every_documented_message_has_a_trigger_and_every_trigger_is_documented():
+    assert set(documented()) == set(TRIGGERS)
+
+
+@pytest.mark.parametrize("template", [t for t, trigger in TRIGGERS.items() if trigger is not None])
+def test_each_documented_message_is_what_its_trigger_raises(template, tmp_path, lits):
+    with pytest.raises(UserInputError) as info:
+        TRIGGERS[template](tmp_path, lits)
+    message = str(info.value)
+    assert documented()[template].search(message), f"{message!r} does not match the documented {template!r}"
+    assert "\n" not in message, "a message is one line"

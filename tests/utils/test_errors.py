@@ -1,0 +1,66 @@
+import sys
+
+import pytest
+
+from monai_effq.utils.errors import (
+    DEBUG_ENV,
+    MissingInputError,
+    UserInputError,
+    find_user_error,
+    install_bundle_error_hook,
+)
+
+
+def _wrapped(error: BaseException) -> RuntimeError:
+    """An error as MONAI's config evaluation re-raises it."""
+    try:
+        try:
+            raise error
+        except BaseException as e:
+            raise RuntimeError("Failed to evaluate ConfigExpression: $monai_effq.bundle.datalist(...)") from e
+    except RuntimeError as outer:
+        return outer
+
+
+def test_user_errors_stay_value_and_file_errors_for_existing_callers():
+    assert issubclass(UserInputError, ValueError)
+    assert issubclass(MissingInputError, FileNotFoundError) and issubclass(MissingInputError, UserInputError)
+
+
+def test_the_user_error_is_found_under_monai_s_wrapper():
+    inner = UserInputError("weight_bits must be an integer from 2 to 8, got 9.")
+    assert find_user_error(_wrapped(inner)) is inner
+    assert find_user_error(_wrapped(KeyError("x"))) is None
+
+
+def test_the_hook_is_not_installed_in_a_process_that_merely_imports_the_package(monkeypatch):
+    monkeypatch.setattr(sys, "excepthook", sys.__excepthook__)
+    assert install_bundle_error_hook() is False
+    assert sys.excepthook is sys.__excepthook__
+
+
+@pytest.fixture
+def hook(monkeypatch):
+    seen = []
+    monkeypatch.setattr(sys, "excepthook", lambda *args: seen.append(args[1]))
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    assert install_bundle_error_hook(force=True) and install_bundle_error_hook(force=True)
+    return seen
+
+
+def test_the_hook_prints_one_line_for_a_user_error_and_passes_anything_else_on(hook, capsys):
+    error = _wrapped(UserInputError("dataset folder /x does not exist or is not a folder."))
+    sys.excepthook(type(error), error, error.__traceback__)
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: dataset folder /x does not exist or is not a folder. (set {DEBUG_ENV}=1 for the traceback)"
+    ]
+    bug = _wrapped(KeyError("x"))
+    sys.excepthook(type(bug), bug, bug.__traceback__)
+    assert hook == [bug] and capsys.readouterr().err == ""
+
+
+def test_the_debug_variable_keeps_the_full_traceback(hook, monkeypatch, capsys):
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    error = _wrapped(UserInputError("weight_bits must be an integer from 2 to 8, got 9."))
+    sys.excepthook(type(error), error, error.__traceback__)
+    assert hook == [error] and capsys.readouterr().err == ""
