@@ -354,7 +354,8 @@ def quantize(
     if config.attention:
         attention = ClassAttention(run.logits(), task=task, power=config.attention_power, body_mask=run.masks(body_mask))
         logger.info("class attention weights %s (voxel counts %s)", attention.class_weights.tolist(), attention.class_counts.tolist())
-    report = QuantizationReport(method=config.method, folded_batchnorms=run.folded)
+    # The task travels with the result (and its checkpoint), so a fine-tune need not be told it again.
+    report = QuantizationReport(method=config.method, folded_batchnorms=run.folded, extra={"task": task})
     planned = {p.name for p in run.plans}
     report.skipped = [n for n in run.order if n not in planned]
     report.layers = run.run(attention, progress)

@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pytest
 import torch
@@ -48,3 +49,38 @@ def test_a_supervised_trainer_fine_tunes_and_the_handler_freezes_and_reports(tmp
 def test_the_handler_needs_a_trainable_network():
     with pytest.raises(TypeError, match="prepare_finetune"):
         FinetuneHandler(_net())
+
+
+def test_the_handler_keeps_the_start_when_training_made_it_worse(tmp_path, caplog):
+    torch.manual_seed(1)
+    x = torch.randn(4, 1, 16, 16, 16)
+    label = (x > 0.5).long()  # a task the FP network learns in a few steps
+    net = _net()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(30):
+        loss = torch.nn.functional.cross_entropy(net(x), label[:, 0])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    batches = [{"image": x[i : i + 2], "label": label[i : i + 2]} for i in (0, 2)]
+    trainable = prepare_finetune(net.eval(), batches, EfficientQConfig(weight_bits=4, act_bits=8))
+    start = trainable.freeze().network
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        epoch_length=4,
+        train_data_loader=batches,
+        network=trainable.network,
+        optimizer=torch.optim.SGD(trainable.parameters(), lr=50.0),  # absurd: every step wrecks the weights
+        loss_function=lambda logits, y: torch.nn.functional.cross_entropy(logits, y[:, 0]),
+        decollate=False,
+    )
+    FinetuneHandler(trainable, save_path=tmp_path / "qat.pt", validation_data=batches).attach(trainer)
+    with caplog.at_level(logging.WARNING, logger="monai_effq"):
+        trainer.run()
+    check = trainer.state.quantization.report.extra["finetune"]["check"]
+    assert check["kept"] == "start" and check["end"]["mean_dice"] < check["start"]["mean_dice"]
+    assert len(trainable.learning_rates) == 4 and "learning rate: 50" in " ".join(check["causes"])
+    assert any("made the network worse" in r.getMessage() for r in caplog.records)
+    with torch.no_grad():
+        assert torch.equal(trainer.state.quantization.network(x), start(x))
