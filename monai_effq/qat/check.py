@@ -424,6 +424,14 @@ class FinetuneCheck:
                 + ": choose formats that fit these layers (power_of_two=True picks f per tensor from its range) "
                 "or give the fine-tune enough steps to rebuild them"
             )
+            config = self.trainable.config
+            formats = config.weight_format is not None or any("weight_format" in o for o in config.overrides.values())
+            if formats and self.trainable.folded:
+                causes.append(
+                    f"BatchNorm folding: {len(self.trainable.folded)} BatchNorms were folded into weights with a fixed "
+                    "format, which scales each filter by gamma/sigma off the format's step; fold_batchnorm=False keeps "
+                    "them beside the fixed-point weights"
+                )
         if not causes:
             causes.append("none found: try more held-out windows, another learning rate or more steps")
         return causes
