@@ -188,3 +188,14 @@ def test_a_multilabel_ptq_result_fine_tunes_without_repeating_its_task(trained_u
 def test_check_batches_must_be_a_non_negative_integer(spheres):
     with pytest.raises(ValueError, match="check_batches must be a non-negative integer"):
         finetune(_unet(), spheres, FIXED, steps=1, check_batches=-1)
+
+
+def test_every_layer_that_reads_the_image_keeps_the_first_layer_bits_under_explicit_formats(spheres):
+    # A residual unit's first convolution reads the image as its shortcut (run first) does: on the
+    # body's Q6.0 inputs (step 1) the image in [0, 1] would be rounded to two levels.
+    cfg = EfficientQConfig(weight_format="Q0.4", act_format="Q6.0")
+    layers = prepare_finetune(_unet(), spheres[0][0], cfg).layers()
+    for name in ("model.0.residual", "model.0.conv.unit0.conv"):
+        assert layers[name].grid.bits == 8 and layers[name].input_quantizer.grid.bits == 8
+    body = layers["model.1.submodule.0.conv.unit0.conv"]
+    assert body.grid.bits == 5 and float(body.scale) == 1 / 16
