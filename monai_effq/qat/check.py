@@ -216,7 +216,9 @@ def _device(network: nn.Module) -> torch.device:
     return next((p.device for p in network.parameters()), torch.device("cpu"))
 
 
-def format_losses(trainable: TrainableNetwork, windows: list[tuple[torch.Tensor, torch.Tensor]]) -> list[str]:
+def format_losses(
+    trainable: TrainableNetwork, windows: list[tuple[torch.Tensor, torch.Tensor]], inferer: Inferer | None = None
+) -> list[str]:
     """What the quantizers take from the network: layers whose weights or inputs their grid loses.
 
     A layer is named when the error of its weights (or of its inputs, on the windows) on their grid,
@@ -227,6 +229,7 @@ def format_losses(trainable: TrainableNetwork, windows: list[tuple[torch.Tensor,
     Args:
         trainable: the network in its training form.
         windows: images to run (the labels are not used).
+        inferer: ``inferer(image, network)``, or ``None`` for the plain forward pass.
 
     Returns:
         one sentence per finding, the largest rounding errors first, empty when the grids fit.
@@ -248,7 +251,8 @@ def format_losses(trainable: TrainableNetwork, windows: list[tuple[torch.Tensor,
     try:
         with torch.no_grad():
             for x, _ in windows:
-                trainable.network(x.to(device))
+                x = x.to(device)
+                inferer(x, trainable.network) if inferer is not None else trainable.network(x)
     finally:
         for h in handles:
             h.remove()
@@ -324,7 +328,7 @@ class FinetuneCheck:
         self.start_score = self._score(self.trainable.network)
         if self.reference is not None:
             self.reference_score = self._score(self.reference)
-        self.findings = format_losses(self.trainable, self.windows)
+        self.findings = format_losses(self.trainable, self.windows, self.inferer)
         reference = "" if self.reference_score is None else f" (reference {self.reference_score})"
         logger.info("fine-tune starts at held-out %s on %d windows%s", self.start_score, len(self.windows), reference)
         return self.start_score
@@ -397,11 +401,11 @@ class FinetuneCheck:
         if learning_rates and max(learning_rates) > step:
             causes.append(
                 f"learning rate: {max(learning_rates):.3g} is larger than the median weight step {step:.3g}, so one "
-                "Adam step can move a weight across several grid levels: lower it"
+                "Adam step (about the learning rate per weight) can move a weight across several grid levels: lower it"
             )
         if learning_rates and reach < step / 2:
             causes.append(
-                f"steps: in {steps} steps (learning rates summing to {reach:.3g}) Adam moves a weight by at most "
+                f"steps: in {steps} steps (learning rates summing to {reach:.3g}) Adam moves a weight by about "
                 f"{reach:.3g}, less than half the median weight step {step:.3g}, so few codes can change: more "
                 "steps or a higher learning rate"
             )

@@ -84,3 +84,26 @@ def test_the_handler_keeps_the_start_when_training_made_it_worse(tmp_path, caplo
     assert any("made the network worse" in r.getMessage() for r in caplog.records)
     with torch.no_grad():
         assert torch.equal(trainer.state.quantization.network(x), start(x))
+
+
+def test_the_handler_scores_whole_held_out_volumes_through_an_inferer():
+    from monai.inferers import SlidingWindowInferer
+
+    batches = [{"image": torch.randn(2, 1, 16, 16, 16), "label": (torch.rand(2, 1, 16, 16, 16) > 0.7).long()}]
+    volume = {"image": torch.randn(1, 1, 21, 21, 21), "label": (torch.rand(1, 1, 21, 21, 21) > 0.7).long()}  # odd: no plain pass
+    trainable = prepare_finetune(_net(), batches, EfficientQConfig(weight_bits=4, act_bits=6))
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        epoch_length=2,
+        train_data_loader=batches,
+        network=trainable.network,
+        optimizer=torch.optim.Adam(trainable.parameters(), lr=1e-3),
+        loss_function=lambda logits, label: torch.nn.functional.cross_entropy(logits, label[:, 0]),
+        decollate=False,
+    )
+    inferer = SlidingWindowInferer(roi_size=(16, 16, 16), sw_batch_size=1)
+    FinetuneHandler(trainable, validation_data=[volume], inferer=inferer).attach(trainer)
+    trainer.run()
+    check = trainer.state.quantization.report.extra["finetune"]["check"]
+    assert check["windows"] == 1 and check["kept"] in ("start", "end") and len(check["start"]["dice"]) == 1
