@@ -17,19 +17,23 @@ def _net():
     return UNet(3, 1, 2, channels=(4, 8), strides=(2,), num_res_units=0)
 
 
-def test_a_supervised_trainer_fine_tunes_and_the_handler_freezes_and_reports(tmp_path):
-    batches = [{"image": torch.randn(2, 1, 16, 16, 16), "label": (torch.rand(2, 1, 16, 16, 16) > 0.7).long()} for _ in range(2)]
-    trainable = prepare_finetune(_net(), batches, EfficientQConfig(weight_bits=4, act_bits=6, power_of_two=True))
-    trainer = SupervisedTrainer(
+def _trainer(trainable, batches, steps, optimizer=None):
+    return SupervisedTrainer(
         device=torch.device("cpu"),
         max_epochs=1,
-        epoch_length=5,  # more steps than batches: the loader is cycled
+        epoch_length=steps,
         train_data_loader=batches,
         network=trainable.network,
-        optimizer=torch.optim.Adam(trainable.parameters(), lr=1e-3),
+        optimizer=optimizer or torch.optim.Adam(trainable.parameters(), lr=1e-3),
         loss_function=lambda logits, label: torch.nn.functional.cross_entropy(logits, label[:, 0]),
         decollate=False,
     )
+
+
+def test_a_supervised_trainer_fine_tunes_and_the_handler_freezes_and_reports(tmp_path):
+    batches = [{"image": torch.randn(2, 1, 16, 16, 16), "label": (torch.rand(2, 1, 16, 16, 16) > 0.7).long()} for _ in range(2)]
+    trainable = prepare_finetune(_net(), batches, EfficientQConfig(weight_bits=4, act_bits=6, power_of_two=True))
+    trainer = _trainer(trainable, batches, 5)  # more steps than batches: the loader is cycled
     handler = FinetuneHandler(trainable, save_path=tmp_path / "qat.pt", settings={"lr": 1e-3})
     handler.attach(trainer)
     handler.attach(trainer)  # attaching twice is harmless
@@ -65,16 +69,7 @@ def test_the_handler_keeps_the_start_when_training_made_it_worse(tmp_path, caplo
     batches = [{"image": x[i : i + 2], "label": label[i : i + 2]} for i in (0, 2)]
     trainable = prepare_finetune(net.eval(), batches, EfficientQConfig(weight_bits=4, act_bits=8))
     start = trainable.freeze().network
-    trainer = SupervisedTrainer(
-        device=torch.device("cpu"),
-        max_epochs=1,
-        epoch_length=4,
-        train_data_loader=batches,
-        network=trainable.network,
-        optimizer=torch.optim.SGD(trainable.parameters(), lr=50.0),  # absurd: every step wrecks the weights
-        loss_function=lambda logits, y: torch.nn.functional.cross_entropy(logits, y[:, 0]),
-        decollate=False,
-    )
+    trainer = _trainer(trainable, batches, 4, torch.optim.SGD(trainable.parameters(), lr=50.0))  # absurd: wrecks the weights
     FinetuneHandler(trainable, save_path=tmp_path / "qat.pt", validation_data=batches).attach(trainer)
     with caplog.at_level(logging.WARNING, logger="monai_effq"):
         trainer.run()
@@ -92,16 +87,7 @@ def test_the_handler_scores_whole_held_out_volumes_through_an_inferer():
     batches = [{"image": torch.randn(2, 1, 16, 16, 16), "label": (torch.rand(2, 1, 16, 16, 16) > 0.7).long()}]
     volume = {"image": torch.randn(1, 1, 21, 21, 21), "label": (torch.rand(1, 1, 21, 21, 21) > 0.7).long()}  # odd: no plain pass
     trainable = prepare_finetune(_net(), batches, EfficientQConfig(weight_bits=4, act_bits=6))
-    trainer = SupervisedTrainer(
-        device=torch.device("cpu"),
-        max_epochs=1,
-        epoch_length=2,
-        train_data_loader=batches,
-        network=trainable.network,
-        optimizer=torch.optim.Adam(trainable.parameters(), lr=1e-3),
-        loss_function=lambda logits, label: torch.nn.functional.cross_entropy(logits, label[:, 0]),
-        decollate=False,
-    )
+    trainer = _trainer(trainable, batches, 2)
     inferer = SlidingWindowInferer(roi_size=(16, 16, 16), sw_batch_size=1)
     FinetuneHandler(trainable, validation_data=[volume], inferer=inferer).attach(trainer)
     trainer.run()
