@@ -129,7 +129,7 @@ def run(settings: list[str], steps: int, lr: float, batch_size: int, with_format
         fixed = EfficientQConfig(weight_bits=wbits, act_bits=abits, power_of_two=True, weight_grid="symmetric")
         torch.manual_seed(0)
         t0 = time.perf_counter()
-        qat_fp = finetune(copy.deepcopy(fp), pieces["train_loader"], fixed, steps=steps, lr=lr, loss_function=pieces["loss"])
+        qat_fp = finetune(copy.deepcopy(fp), pieces["train_loader"], fixed, steps=steps, lr=lr, loss_function=pieces["loss"], task="multilabel")
         rows.append(measure(f"fixed-point QAT from FP {setting}", qat_fp.network, pieces, time.perf_counter() - t0, _losses(qat_fp)))
         torch.manual_seed(0)
         t0 = time.perf_counter()
@@ -142,7 +142,7 @@ def run(settings: list[str], steps: int, lr: float, batch_size: int, with_format
         cfg = EfficientQConfig(weight_format="Q0.4", act_format="Q6.0", power_of_two=True, weight_grid="symmetric")
         torch.manual_seed(0)
         t0 = time.perf_counter()
-        res = finetune(copy.deepcopy(fp), pieces["train_loader"], cfg, steps=steps, lr=lr, loss_function=pieces["loss"])
+        res = finetune(copy.deepcopy(fp), pieces["train_loader"], cfg, steps=steps, lr=lr, loss_function=pieces["loss"], task="multilabel")
         tables["Q0.4/Q6.0"] = [dict(fp_row), measure("QAT from FP, W Q0.4 / A Q6.0", res.network, pieces, time.perf_counter() - t0, _losses(res))]
     if with_power_of_two:
         rows = [dict(fp_row)]
@@ -156,7 +156,8 @@ def run(settings: list[str], steps: int, lr: float, batch_size: int, with_format
 
 def _losses(result) -> dict:
     info = result.report.extra["finetune"]
-    return {"loss_first": info["loss_first"], "loss_last": info["loss_last"], "steps": info["steps"]}
+    # "kept": "start" when the held-out check found the trained end worse and returned the start
+    return {"loss_first": info["loss_first"], "loss_last": info["loss_last"], "steps": info["steps"], "kept": info["check"]["kept"]}
 
 
 def markdown(tables: dict[str, list[dict]]) -> str:

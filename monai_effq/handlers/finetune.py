@@ -1,21 +1,26 @@
-"""Ignite glue for quantization-aware fine-tuning: a MONAI ``SupervisedTrainer`` trains, this freezes.
+"""Ignite glue for quantization-aware fine-tuning: a MONAI ``SupervisedTrainer`` trains, this checks and freezes.
 
 The trainer trains :attr:`monai_effq.qat.TrainableNetwork.network` with the bundle's own loss and
-training transforms; :class:`FinetuneHandler` records the loss of every iteration and, when the
-run completes, freezes the network back to codes (:meth:`~monai_effq.qat.TrainableNetwork.freeze`),
-puts the :class:`~monai_effq.ptq.QuantizationResult` in ``engine.state.quantization`` (where
-:class:`~monai_effq.handlers.QuantizationReportHandler` finds it) and writes the checkpoint.
+training transforms; :class:`FinetuneHandler` scores the start on held-out windows when the run
+starts (:class:`~monai_effq.qat.FinetuneCheck`), records the loss and learning rate of every
+iteration and, when the run completes, scores the end, keeps the better of the two (warning with
+the cause candidates when training made the network worse), freezes the network back to codes
+(:meth:`~monai_effq.qat.TrainableNetwork.freeze`), puts the :class:`~monai_effq.ptq.QuantizationResult`
+in ``engine.state.quantization`` (where :class:`~monai_effq.handlers.QuantizationReportHandler`
+finds it) and writes the checkpoint.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_effq.ptq.checkpoint import save_quantized
-from monai_effq.qat.finetune import TrainableNetwork
+from monai_effq.qat.check import DEFAULT_CHECK_BATCHES, FinetuneCheck, Inferer, check_batch_count, draw_windows
+from monai_effq.qat.finetune import TrainableNetwork, resolve_task
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -44,13 +49,27 @@ def engine_loss(output: Any) -> float:
 
 
 class FinetuneHandler:
-    """Freezes a :class:`TrainableNetwork` into a quantized result when the trainer completes.
+    """Checks a :class:`TrainableNetwork` on held-out windows and freezes it when the trainer completes.
+
+    The start is scored when the run starts and the end when it completes, with the trainer's loss
+    function; the better is frozen (a worse end is dropped with a warning naming the cause
+    candidates; an FP start is also compared with its FP network). The figures are in the report
+    under ``extra["finetune"]["check"]``.
 
     Args:
         trainable: what :func:`monai_effq.qat.prepare_finetune` returned (the trainer's network
             must be ``trainable.network``).
         save_path: where to write the quantized checkpoint, or ``None``.
         settings: fine-tuning settings to keep in the report (e.g. ``{"lr": 1e-4}``).
+        validation_data: held-out labelled batches (e.g. the bundle's validation loader); ``None``
+            draws the first ``check_batches`` batches of the trainer's data loader once, before
+            training (crops a random-crop loader draws afresh).
+        check_batches: batches of the held-out data to score; ``0`` turns the check off.
+        task: ``"multiclass"`` or ``"multilabel"``, for the held-out Dice; ``None`` takes the PTQ
+            start's own task (``"multiclass"`` when the start is an FP network). A task that
+            contradicts the PTQ start's is an error.
+        inferer: ``inferer(image, network)`` for held-out data larger than the network's window
+            (e.g. a ``SlidingWindowInferer``); the plain forward pass when ``None``.
 
     Example::
 
@@ -60,14 +79,29 @@ class FinetuneHandler:
         trainer.run()
     """
 
-    def __init__(self, trainable: TrainableNetwork, save_path: str | Path | None = None, settings: dict | None = None) -> None:
+    def __init__(
+        self,
+        trainable: TrainableNetwork,
+        save_path: str | Path | None = None,
+        settings: dict | None = None,
+        validation_data: Iterable[Any] | None = None,
+        check_batches: int = DEFAULT_CHECK_BATCHES,
+        task: str | None = None,
+        inferer: Inferer | None = None,
+    ) -> None:
         if not isinstance(trainable, TrainableNetwork):
             raise TypeError(
                 f"FinetuneHandler needs the TrainableNetwork from monai_effq.qat.prepare_finetune, got {type(trainable).__name__}."
             )
+        check_batch_count(check_batches)
+        trainable.task = resolve_task(trainable.task, task)
         self.trainable = trainable
         self.save_path = save_path
         self.settings = dict(settings or {})
+        self.validation_data = validation_data
+        self.check_batches = check_batches
+        self.inferer = inferer
+        self.check: FinetuneCheck | None = None
 
     def attach(self, engine: Engine) -> None:
         """Register on ``engine`` (attaching twice is harmless).
@@ -76,20 +110,45 @@ class FinetuneHandler:
             engine: a MONAI trainer whose network is ``trainable.network``.
         """
         self.logger = engine.logger
-        if not engine.has_event_handler(self.record, Events.ITERATION_COMPLETED):
-            engine.add_event_handler(Events.ITERATION_COMPLETED, self.record)
-        if not engine.has_event_handler(self, Events.COMPLETED):
-            engine.add_event_handler(Events.COMPLETED, self)
+        for event, handler in (
+            (Events.STARTED, self.start),
+            (Events.ITERATION_STARTED, self.record_learning_rate),
+            (Events.ITERATION_COMPLETED, self.record),
+            (Events.COMPLETED, self),
+        ):
+            if not engine.has_event_handler(handler, event):
+                engine.add_event_handler(event, handler)
+
+    def start(self, engine: Engine) -> None:
+        """Score the start on the held-out windows (drawn from the trainer's loader unless given)."""
+        if engine.network is not self.trainable.network:
+            raise RuntimeError("the trainer's network is not the TrainableNetwork's: pass trainable.network to the trainer.")
+        if not self.check_batches or self.check is not None:
+            return
+        data = engine.data_loader if self.validation_data is None else self.validation_data
+        windows = draw_windows(data, self.check_batches)
+        self.check = FinetuneCheck(
+            self.trainable, windows, engine.loss_function, self.trainable.task, self.inferer, self.trainable.reference
+        )
+        self.check.start()
+
+    def record_learning_rate(self, engine: Engine) -> None:
+        """Keep the learning rate this iteration trains with (the held-out check's step analysis)."""
+        self.trainable.learning_rates.append(float(engine.optimizer.param_groups[0]["lr"]))
 
     def record(self, engine: Engine) -> None:
         """Keep this iteration's loss for the report."""
         self.trainable.losses.append(engine_loss(engine.state.output))
 
     def __call__(self, engine: Engine) -> None:
-        """Freeze, hand the result to the engine and write the checkpoint."""
+        """Keep the better of start and end, freeze, hand the result to the engine and write the checkpoint."""
         if engine.network is not self.trainable.network:
             raise RuntimeError("the trainer's network is not the TrainableNetwork's: pass trainable.network to the trainer.")
-        result = self.trainable.freeze(self.settings)
+        settings = dict(self.settings)
+        if self.check is not None:
+            settings["check"] = self.check.finish(self.trainable.learning_rates, self.trainable.losses)
+            self.check = None
+        result = self.trainable.freeze(settings)
         engine.state.quantization = result
         if self.save_path is not None:
             path = save_quantized(result, self.save_path)

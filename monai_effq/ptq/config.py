@@ -148,8 +148,9 @@ class EfficientQConfig:
     Attributes:
         weight_bits: weight bits of every quantized layer (2 to 8).
         act_bits: bits of every quantized layer's input (4 to 8); ``None`` keeps activations in FP.
-        first_layer_bits: weight and activation bits of the first layer in execution order (the
-            paper keeps it at 8); ``None`` uses ``weight_bits``/``act_bits``.
+        first_layer_bits: weight and activation bits of the first layer in execution order and of
+            every other layer that reads the network input (the paper keeps it at 8); ``None``
+            uses ``weight_bits``/``act_bits``.
         last_layer_bits: the same for the last layer.
         overrides: module-name pattern → per-layer settings (later patterns win): any of
             ``weight_bits``, ``act_bits``, ``weight_format``, ``act_format``, ``per_channel``,
@@ -359,15 +360,19 @@ class EfficientQConfig:
             raise UserInputError(f"unknown EfficientQConfig keys {sorted(unknown)}; known keys are {sorted(known)}.")
         return cls(**data)
 
-    def plan(self, ordered_names: list[str]) -> list[LayerPlan]:
+    def plan(self, ordered_names: list[str], input_layers: list[str] | tuple[str, ...] = ()) -> list[LayerPlan]:
         """What each layer gets, given the quantizable layers in execution order.
 
-        The body layers get the config's settings; the first and last layers their own bits (and
-        no explicit format); overrides then set any per-layer setting (:data:`OVERRIDE_KEYS`; bits
-        drop the format they replace, a format sets its bits).
+        The body layers get the config's settings; the first layer (and every other that reads the
+        network input) and the last layer their own bits (and no explicit format); overrides then
+        set any per-layer setting (:data:`OVERRIDE_KEYS`; bits drop the format they replace, a
+        format sets its bits).
 
         Args:
             ordered_names: names of the quantizable layers, in the order the network runs them.
+            input_layers: the layers that read the network input (a residual unit's first
+                convolution reads the image as its shortcut does: a body format such as ``Q6.0``
+                would round the image to a few levels).
 
         Returns:
             the plan of every layer not skipped, in the same order.
@@ -392,7 +397,8 @@ class EfficientQConfig:
                 "act_format": self.act_format, "per_channel": self.per_channel, "weight_grid": None,
                 "power_of_two": self.power_of_two, "method": self.method,
             }
-            edge = self.first_layer_bits if i == 0 else self.last_layer_bits if i == len(ordered_names) - 1 else None
+            first = i == 0 or name in input_layers
+            edge = self.first_layer_bits if first else self.last_layer_bits if i == len(ordered_names) - 1 else None
             if edge is not None:
                 layer.update(weight_bits=edge, weight_format=None, act_format=None)
                 layer["act_bits"] = None if self.act_bits is None else edge

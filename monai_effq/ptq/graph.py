@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -114,12 +114,15 @@ class NetworkProbe:
         output_numels: each of those layers' output size on the probe batch.
         foldable: ``(conv, batchnorm)`` name pairs where the BatchNorm runs right after the conv on
             its output.
+        input_layers: the supported weight layers that read the network's input tensor itself (a
+            residual unit's first convolution and its shortcut both do), in first-call order.
     """
 
     output: torch.Tensor
     order: list[str]
     output_numels: dict[str, int]
     foldable: list[tuple[str, str]]
+    input_layers: list[str] = field(default_factory=list)
 
 
 def probe_network(network: nn.Module, batch: torch.Tensor) -> NetworkProbe:
@@ -142,12 +145,14 @@ def probe_network(network: nn.Module, batch: torch.Tensor) -> NetworkProbe:
     order: list[str] = []
     numels: dict[str, int] = {}
     events: list[tuple[str, str, int]] = []  # (name, "in"/"out", id of the tensor)
+    reads_input: set[str] = set()
     handles: list = []
     with hooks(handles):
         for name, module in network.named_modules():
             if name and isinstance(module, SUPPORTED_LAYERS):
                 handles.append(module.register_forward_pre_hook(lambda m, a, n=name: order.append(n)))
                 handles.append(module.register_forward_hook(lambda m, a, o, n=name: _record(numels, n, o)))
+                handles.append(module.register_forward_pre_hook(lambda m, a, n=name: _reads(reads_input, n, a, batch)))
             if isinstance(module, nn.modules.conv._ConvNd):
                 handles.append(module.register_forward_hook(lambda m, a, o, n=name: events.append((n, "out", id(o)))))
             elif isinstance(module, BATCHNORMS):
@@ -165,7 +170,12 @@ def probe_network(network: nn.Module, batch: torch.Tensor) -> NetworkProbe:
         raise TypeError("the network must return one tensor of logits to be quantized.")
     seen: set[str] = set()
     unique = [n for n in order if not (n in seen or seen.add(n))]
-    return NetworkProbe(output, unique, numels, _adjacent_pairs(events))
+    return NetworkProbe(output, unique, numels, _adjacent_pairs(events), [n for n in unique if n in reads_input])
+
+
+def _reads(names: set[str], name: str, args: tuple, batch: torch.Tensor) -> None:
+    if args and args[0] is batch:  # returns None: a pre-hook must not replace the input
+        names.add(name)
 
 
 def _adjacent_pairs(events: list[tuple[str, str, int]]) -> list[tuple[str, str]]:

@@ -355,7 +355,8 @@ def quantize(
         attention = ClassAttention(run.logits(), task=task, power=config.attention_power, body_mask=run.masks(body_mask))
         logger.info("class attention weights %s (voxel counts %s)", attention.class_weights.tolist(), attention.class_counts.tolist())
     sources = source_fingerprints(network, config.to_dict(), batches)
-    report = QuantizationReport(method=config.method, folded_batchnorms=run.folded, sources=sources)
+    # The task travels with the result (and its checkpoint), so a fine-tune need not be told it again.
+    report = QuantizationReport(method=config.method, folded_batchnorms=run.folded, sources=sources, extra={"task": task})
     planned = {p.name for p in run.plans}
     report.skipped = [n for n in run.order if n not in planned]
     report.layers = run.run(attention, progress)

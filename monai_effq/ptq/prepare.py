@@ -137,4 +137,4 @@ def prepare_network(
         raise UserInputError(
             "the network has no quantizable layers (Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear) that run in its forward pass."
         )
-    return PreparedNetwork(net, folded, probe.order, config.plan(probe.order), probe.output_numels)
+    return PreparedNetwork(net, folded, probe.order, config.plan(probe.order, probe.input_layers), probe.output_numels)

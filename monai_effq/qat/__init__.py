@@ -3,6 +3,7 @@
 Knows PyTorch modules and the PTQ result; MONAI engines use it through :mod:`monai_effq.handlers`.
 """
 
+from monai_effq.qat.check import DEFAULT_CHECK_BATCHES, FinetuneCheck, HeldOutScore, end_is_better, score_windows
 from monai_effq.qat.finetune import (
     DEFAULT_LR,
     DEFAULT_STEPS,
@@ -10,12 +11,19 @@ from monai_effq.qat.finetune import (
     default_loss,
     finetune,
     prepare_finetune,
+    resolve_task,
     split_batch,
     train_steps,
 )
 from monai_effq.qat.modules import FrozenBatchNorm, TrainableQuantizedLayer, straight_through
 
 __all__ = [
+    "DEFAULT_CHECK_BATCHES",
+    "FinetuneCheck",
+    "HeldOutScore",
+    "end_is_better",
+    "score_windows",
+    "resolve_task",
     "DEFAULT_LR",
     "DEFAULT_STEPS",
     "TrainableNetwork",

@@ -7,7 +7,10 @@ Phases, each a call:
    method's ``retrain`` mode: BatchNorm folded, weight scales fitted, activation ranges calibrated
    on one batch) or from scratch (the paper's setting: parameters re-initialised, BatchNorm kept).
 2. Training, either :func:`train_steps` (a plain loop) or a MONAI ``SupervisedTrainer`` on
-   ``TrainableNetwork.network`` (the bundles' ``finetune`` workflow).
+   ``TrainableNetwork.network`` (the bundles' ``finetune`` workflow), between the two halves of the
+   held-out check (:class:`~monai_effq.qat.check.FinetuneCheck`): the start and the end are scored
+   on held-out windows and the better is kept, with a warning that names the cause candidates
+   when training made the network worse.
 3. :meth:`TrainableNetwork.freeze` rounds the shadow weights to codes and returns an ordinary
    :class:`~monai_effq.ptq.QuantizationResult`, so checkpoints, reports and evaluation work unchanged.
 
@@ -34,13 +37,24 @@ from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer
 from monai_effq.ptq.prepare import prepare_network
 from monai_effq.ptq.result import QuantizationResult, quantized_size_bytes, state_bytes
 from monai_effq.ptq.report import LayerReport, QuantizationReport, peak_memory_mib
+from monai_effq.qat.check import DEFAULT_CHECK_BATCHES, FinetuneCheck, check_batch_count, draw_windows
 from monai_effq.qat.modules import FrozenBatchNorm, TrainableQuantizedLayer
 from monai_effq.solver.layers import layer_view
 from monai_effq.solver.rounding import fit_grid
 
 tqdm, _has_tqdm = optional_import("tqdm", name="tqdm")
 
-__all__ = ["DEFAULT_STEPS", "DEFAULT_LR", "TrainableNetwork", "prepare_finetune", "train_steps", "finetune", "default_loss", "split_batch"]
+__all__ = [
+    "DEFAULT_STEPS",
+    "DEFAULT_LR",
+    "TrainableNetwork",
+    "prepare_finetune",
+    "train_steps",
+    "finetune",
+    "default_loss",
+    "resolve_task",
+    "split_batch",
+]
 
 logger = logging.getLogger("monai_effq")
 
@@ -116,6 +130,9 @@ class TrainableNetwork:
         folded: BatchNorms folded before training.
         fp_bytes: bytes of the FP network's parameters and buffers.
         order: the quantized layers' names in execution order (the report's order).
+        task: the task a PTQ start was quantized for, or ``None`` when unknown.
+        reference: the FP network of an FP start (not modified; the held-out check compares with
+            it), or ``None``.
     """
 
     def __init__(
@@ -127,6 +144,8 @@ class TrainableNetwork:
         folded: list[str],
         fp_bytes: int,
         order: list[str],
+        task: str | None = None,
+        reference: nn.Module | None = None,
     ) -> None:
         self.network = network
         self.order = list(order)
@@ -135,7 +154,10 @@ class TrainableNetwork:
         self.base_report = base_report
         self.folded = folded
         self.fp_bytes = fp_bytes
+        self.task = task
+        self.reference = reference
         self.losses: list[float] = []
+        self.learning_rates: list[float] = []
         self.created = time.perf_counter()
 
     def layers(self) -> dict[str, TrainableQuantizedLayer]:
@@ -208,6 +230,8 @@ class TrainableNetwork:
             folded_batchnorms=list(self.folded),
             skipped=list(base.skipped) if base is not None else [],
             extra={**(base.extra if base is not None else {}), "finetune": info},
+            # the FP weights, config and calibration the PTQ start was made from (what training adds is in extra)
+            sources=dict(base.sources) if base is not None else {},
         )
         return QuantizationResult(network=net, report=report, config=self.config, folded=list(self.folded))
 
@@ -244,7 +268,8 @@ def _from_result(result: QuantizationResult) -> TrainableNetwork:
         p.requires_grad_(True)
     _freeze_batchnorms(net)
     order = [r.name for r in result.report.layers]
-    return TrainableNetwork(net, result.config, "ptq", result.report, list(result.folded), result.report.fp_bytes, order)
+    task = result.report.extra.get("task")
+    return TrainableNetwork(net, result.config, "ptq", result.report, list(result.folded), result.report.fp_bytes, order, task)
 
 
 def _from_network(network: nn.Module, sample: torch.Tensor, config: EfficientQConfig, from_scratch: bool) -> TrainableNetwork:
@@ -276,7 +301,8 @@ def _from_network(network: nn.Module, sample: torch.Tensor, config: EfficientQCo
     if not from_scratch:
         _freeze_batchnorms(net)
     start = "scratch" if from_scratch else "fp"
-    return TrainableNetwork(net, config, start, None, folded, fp_bytes, [p.name for p in plans])
+    reference = None if from_scratch else network
+    return TrainableNetwork(net, config, start, None, folded, fp_bytes, [p.name for p in plans], reference=reference)
 
 
 def prepare_finetune(
@@ -370,6 +396,7 @@ def train_steps(
             raise ValueError(f"the fine-tuning loss is {value} at step {step}: lower the learning rate.")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        trainable.learning_rates.append(float(optimizer.param_groups[0]["lr"]))
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
@@ -395,6 +422,33 @@ def _cycle(data: Iterable[Any]):
             raise ValueError("the training data yielded no batch: pass a non-empty training loader.")
 
 
+def resolve_task(known: str | None, task: str | None) -> str:
+    """The task of a fine-tune: the start's own (a PTQ result's), else the one given, else ``"multiclass"``.
+
+    Args:
+        known: the task the start was quantized for (``TrainableNetwork.task``), or ``None``.
+        task: the task the caller gave, or ``None``.
+
+    Returns:
+        ``"multiclass"`` or ``"multilabel"``.
+
+    Raises:
+        ValueError: for an unknown task, or one that contradicts the start's (its class attention
+            was computed for its own task, and the other task's loss would train its outputs for
+            another activation).
+    """
+    if task is None:
+        return known or "multiclass"
+    if task not in ("multiclass", "multilabel"):
+        raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}.")
+    if known is not None and task != known:
+        raise ValueError(
+            f"the PTQ result was quantized for task {known!r}, not {task!r}: drop task= (the fine-tune takes the "
+            f"result's task) or quantize again with task={task!r}."
+        )
+    return task
+
+
 def finetune(
     source: QuantizationResult | nn.Module,
     train_data: Iterable[Any],
@@ -403,14 +457,22 @@ def finetune(
     steps: int = DEFAULT_STEPS,
     lr: float = DEFAULT_LR,
     loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    task: str = "multiclass",
+    task: str | None = None,
     from_scratch: bool = False,
     weight_decay: float = 0.0,
     cosine: bool = True,
+    validation_data: Iterable[Any] | None = None,
+    check_batches: int = DEFAULT_CHECK_BATCHES,
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> QuantizationResult:
     """Quantization-aware fine-tuning with straight-through gradients, to an ordinary quantized result.
+
+    Never silently worse: the start and the end are scored on held-out windows (mean loss and Dice,
+    :mod:`monai_effq.qat.check`); when the end is worse the start is returned, with a warning that
+    names the cause candidates (learning rate, steps, format, the training loss's course). An FP
+    start is also compared with the FP network, with a warning when the result ends more than 0.02
+    Dice below it. The figures are in ``report.extra["finetune"]["check"]``.
 
     Args:
         source: a PTQ :class:`QuantizationResult` (EfficientQ/GPTQ/RTN initialisation) or an FP
@@ -420,35 +482,55 @@ def finetune(
         config: bits, grids and fixed-point settings for an FP start (``None`` with a PTQ result).
         steps: optimizer steps (batches), cycling over ``train_data``.
         lr: Adam's learning rate.
-        loss_function: ``loss(logits, label)``; MONAI's ``DiceCELoss`` for ``task`` when ``None``.
-        task: ``"multiclass"`` or ``"multilabel"``, for the default loss.
+        loss_function: ``loss(logits, label)``; MONAI's ``DiceCELoss`` for the task when ``None``.
+        task: ``"multiclass"`` or ``"multilabel"``, for the default loss and the held-out Dice;
+            ``None`` takes a PTQ result's own task (``"multiclass"`` for an FP start). A task that
+            contradicts the PTQ result's is an error.
         from_scratch: re-initialise the FP network first (the paper's setting; needs many steps).
         weight_decay: Adam's weight decay.
         cosine: anneal the learning rate to zero over ``steps`` (as the paper).
+        validation_data: held-out labelled batches the network takes whole (e.g. crops of
+            validation cases); ``None`` draws the first ``check_batches`` batches of
+            ``train_data`` once, before training (windows a random-crop loader draws afresh; with
+            a fixed list of batches they are training batches).
+        check_batches: batches of ``validation_data`` (or of ``train_data``) the check scores;
+            ``0`` turns the check off.
         device: where training runs.
         progress: show a progress bar.
 
     Returns:
         a :class:`QuantizationResult`: ``save_quantized``, ``load_quantized``, the report and
-        evaluation work as for PTQ; ``report.extra["finetune"]`` holds the settings and losses.
+        evaluation work as for PTQ; ``report.extra["finetune"]`` holds the settings, losses and
+        the held-out check (``kept`` is ``"end"`` or ``"start"``).
 
     Raises:
-        ValueError: for ``steps <= 0``, ``lr <= 0``, empty or unlabelled training data.
+        ValueError: for ``steps <= 0``, ``lr <= 0``, a negative ``check_batches``, empty or
+            unlabelled data, or a task that contradicts the PTQ result's.
         TypeError: for a ``source`` that is neither a result nor a network.
     """
     _check_steps(steps)
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}.")
+    check_batch_count(check_batches)
     sample = None
     if not isinstance(source, QuantizationResult):
         sample = split_batch(next(_cycle(train_data)), 0)[0]
     trainable = prepare_finetune(source, sample, config, from_scratch=from_scratch)
+    task = trainable.task = resolve_task(trainable.task, task)
     trainable.network.to(device)
     loss_function = loss_function or default_loss(task)
+    check = None
+    if check_batches:
+        windows = draw_windows(train_data if validation_data is None else validation_data, check_batches)
+        check = FinetuneCheck(trainable, windows, loss_function, task, reference=trainable.reference)
+        check.start()
     optimizer = torch.optim.Adam(trainable.parameters(), lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps) if cosine else None
     t0 = time.perf_counter()
     train_steps(trainable, train_data, loss_function, optimizer, steps, scheduler, device, progress)
     seconds = time.perf_counter() - t0
     logger.info("fine-tuned %d steps in %.1f s (loss %.4f -> %.4f)", steps, seconds, trainable.losses[0], trainable.losses[-1])
-    return trainable.freeze({"lr": lr, "weight_decay": weight_decay, "cosine": cosine, "train_seconds": seconds})
+    settings = {"lr": lr, "weight_decay": weight_decay, "cosine": cosine, "task": task, "train_seconds": seconds}
+    if check is not None:
+        settings["check"] = check.finish(trainable.learning_rates, trainable.losses)
+    return trainable.freeze(settings)

@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pytest
 import torch
@@ -16,19 +17,23 @@ def _net():
     return UNet(3, 1, 2, channels=(4, 8), strides=(2,), num_res_units=0)
 
 
-def test_a_supervised_trainer_fine_tunes_and_the_handler_freezes_and_reports(tmp_path):
-    batches = [{"image": torch.randn(2, 1, 16, 16, 16), "label": (torch.rand(2, 1, 16, 16, 16) > 0.7).long()} for _ in range(2)]
-    trainable = prepare_finetune(_net(), batches, EfficientQConfig(weight_bits=4, act_bits=6, power_of_two=True))
-    trainer = SupervisedTrainer(
+def _trainer(trainable, batches, steps, optimizer=None):
+    return SupervisedTrainer(
         device=torch.device("cpu"),
         max_epochs=1,
-        epoch_length=5,  # more steps than batches: the loader is cycled
+        epoch_length=steps,
         train_data_loader=batches,
         network=trainable.network,
-        optimizer=torch.optim.Adam(trainable.parameters(), lr=1e-3),
+        optimizer=optimizer or torch.optim.Adam(trainable.parameters(), lr=1e-3),
         loss_function=lambda logits, label: torch.nn.functional.cross_entropy(logits, label[:, 0]),
         decollate=False,
     )
+
+
+def test_a_supervised_trainer_fine_tunes_and_the_handler_freezes_and_reports(tmp_path):
+    batches = [{"image": torch.randn(2, 1, 16, 16, 16), "label": (torch.rand(2, 1, 16, 16, 16) > 0.7).long()} for _ in range(2)]
+    trainable = prepare_finetune(_net(), batches, EfficientQConfig(weight_bits=4, act_bits=6, power_of_two=True))
+    trainer = _trainer(trainable, batches, 5)  # more steps than batches: the loader is cycled
     handler = FinetuneHandler(trainable, save_path=tmp_path / "qat.pt", settings={"lr": 1e-3})
     handler.attach(trainer)
     handler.attach(trainer)  # attaching twice is harmless
@@ -48,3 +53,43 @@ def test_a_supervised_trainer_fine_tunes_and_the_handler_freezes_and_reports(tmp
 def test_the_handler_needs_a_trainable_network():
     with pytest.raises(TypeError, match="prepare_finetune"):
         FinetuneHandler(_net())
+
+
+def test_the_handler_keeps_the_start_when_training_made_it_worse(tmp_path, caplog):
+    torch.manual_seed(1)
+    x = torch.randn(4, 1, 16, 16, 16)
+    label = (x > 0.5).long()  # a task the FP network learns in a few steps
+    net = _net()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(30):
+        loss = torch.nn.functional.cross_entropy(net(x), label[:, 0])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    batches = [{"image": x[i : i + 2], "label": label[i : i + 2]} for i in (0, 2)]
+    trainable = prepare_finetune(net.eval(), batches, EfficientQConfig(weight_bits=4, act_bits=8))
+    start = trainable.freeze().network
+    trainer = _trainer(trainable, batches, 4, torch.optim.SGD(trainable.parameters(), lr=50.0))  # absurd: wrecks the weights
+    FinetuneHandler(trainable, save_path=tmp_path / "qat.pt", validation_data=batches).attach(trainer)
+    with caplog.at_level(logging.WARNING, logger="monai_effq"):
+        trainer.run()
+    check = trainer.state.quantization.report.extra["finetune"]["check"]
+    assert check["kept"] == "start" and check["end"]["mean_dice"] < check["start"]["mean_dice"]
+    assert len(trainable.learning_rates) == 4 and "learning rate: 50" in " ".join(check["causes"])
+    assert any("made the network worse" in r.getMessage() for r in caplog.records)
+    with torch.no_grad():
+        assert torch.equal(trainer.state.quantization.network(x), start(x))
+
+
+def test_the_handler_scores_whole_held_out_volumes_through_an_inferer():
+    from monai.inferers import SlidingWindowInferer
+
+    batches = [{"image": torch.randn(2, 1, 16, 16, 16), "label": (torch.rand(2, 1, 16, 16, 16) > 0.7).long()}]
+    volume = {"image": torch.randn(1, 1, 21, 21, 21), "label": (torch.rand(1, 1, 21, 21, 21) > 0.7).long()}  # odd: no plain pass
+    trainable = prepare_finetune(_net(), batches, EfficientQConfig(weight_bits=4, act_bits=6))
+    trainer = _trainer(trainable, batches, 2)
+    inferer = SlidingWindowInferer(roi_size=(16, 16, 16), sw_batch_size=1)
+    FinetuneHandler(trainable, validation_data=[volume], inferer=inferer).attach(trainer)
+    trainer.run()
+    check = trainer.state.quantization.report.extra["finetune"]["check"]
+    assert check["windows"] == 1 and check["kept"] in ("start", "end") and len(check["start"]["dice"]) == 1

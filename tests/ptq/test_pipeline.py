@@ -52,8 +52,9 @@ def test_quantized_network_is_in_eval_mode_with_fake_quant_modules_and_activatio
     layers = [m for m in q.network.modules() if isinstance(m, QuantizedLayer)]
     # The raw image is signed (asymmetric grid); inputs after PReLU/InstanceNorm are signed too.
     assert layers[0].input_quantizer.grid.kind == "asymmetric"
-    assert q.report.layers[0].weight_bits == 8 and q.report.layers[-1].weight_bits == 8
-    assert {r.weight_bits for r in q.report.layers[1:-1]} == {4}
+    # The first residual unit's shortcut and first convolution both read the image: both are first layers.
+    assert [r.weight_bits for r in q.report.layers[:2]] == [8, 8] and q.report.layers[-1].weight_bits == 8
+    assert {r.weight_bits for r in q.report.layers[2:-1]} == {4}
     assert not any(p.requires_grad for p in q.network.parameters())
 
 

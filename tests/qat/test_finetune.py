@@ -1,17 +1,20 @@
 """Quantization-aware fine-tuning: STE gradients, exact freezing, bit-exact checkpoints, bad input."""
 
+import logging
+import math
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.nets import UNet
 
-from monai_effq import EfficientQConfig, finetune, load_quantized, quantize, save_quantized
+from monai_effq import EfficientQConfig, finetune, load_quantized, load_quantized_result, quantize, save_quantized
 from monai_effq.ptq import QuantizedLayer
 from monai_effq.qat import FrozenBatchNorm, TrainableQuantizedLayer, prepare_finetune
 from monai_effq.quant import UniformGrid, fractional_bits
 
-from ..ptq.conftest import sphere_volumes, trained_unet  # noqa: F401 - the fixture is shared with the PTQ tests
+from ..ptq.conftest import dice, sphere_volumes, trained_unet, validation_spheres  # noqa: F401 - the fixtures are shared with the PTQ tests
 
 FIXED = EfficientQConfig(weight_bits=4, act_bits=6, power_of_two=True, weight_grid="symmetric")
 
@@ -140,3 +143,59 @@ def test_an_empty_loader_and_a_bad_start_are_clear_errors(spheres):
 def test_fractional_bits_that_overflow_the_word_are_a_clear_error(spheres):
     with pytest.raises(ValueError, match="needs a 9-bit word"):
         finetune(_unet(), spheres, {"weight_format": "Q0.8"}, steps=1)
+
+
+@pytest.fixture(scope="module")
+def rtn_result(trained_unet):
+    calib, _ = sphere_volumes(1, seed=5)
+    return quantize(trained_unet, calib, EfficientQConfig(weight_bits=4, act_bits=8, method="rtn"), progress=False)
+
+
+def test_a_fine_tune_made_worse_returns_its_start_and_warns(rtn_result, spheres, validation_spheres, caplog):
+    held_out = [validation_spheres]
+    with caplog.at_level(logging.WARNING, logger="monai_effq"):
+        res = finetune(rtn_result, spheres, steps=4, lr=5.0, cosine=False, validation_data=held_out)
+    check = res.report.extra["finetune"]["check"]
+    assert check["kept"] == "start" and check["end"]["mean_dice"] < check["start"]["mean_dice"]
+    x = validation_spheres[0]
+    with torch.no_grad():
+        assert torch.equal(res.network(x), rtn_result.network(x))
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "made the network worse" in warning and "learning rate: 5 is larger than the median weight step" in warning
+
+
+def test_a_fine_tune_that_improves_keeps_its_end(spheres, validation_spheres):
+    res = finetune(_unet(), spheres, FIXED, steps=25, lr=1e-2, validation_data=[validation_spheres])
+    check = res.report.extra["finetune"]["check"]
+    assert check["kept"] == "end" and check["end"]["mean_dice"] > check["start"]["mean_dice"]
+    assert check["reference"] is not None  # an FP start is compared with its FP network
+    assert math.isclose(dice(res.network, *validation_spheres), check["end"]["mean_dice"], rel_tol=1e-6)
+
+
+def test_a_multilabel_ptq_result_fine_tunes_without_repeating_its_task(trained_unet, spheres, tmp_path):
+    calib, _ = sphere_volumes(1, seed=5)
+    ptq = quantize(trained_unet, calib, EfficientQConfig(weight_bits=4, method="rtn"), task="multilabel", progress=False)
+    channels = [(x, torch.cat([y, 1 - y], 1)) for x, y in spheres]  # sigmoid channels: the loss needs two label channels
+    res = finetune(ptq, channels, steps=2, lr=1e-4)
+    assert res.report.extra["finetune"]["task"] == "multilabel"
+    path = save_quantized(res, tmp_path / "multilabel.pt")
+    reloaded = load_quantized_result(path, UNet(3, 1, 2, channels=(8, 16, 32), strides=(2, 2), num_res_units=1))
+    assert finetune(reloaded, channels, steps=1, check_batches=0).report.extra["finetune"]["task"] == "multilabel"
+    with pytest.raises(ValueError, match="quantized for task 'multilabel', not 'multiclass'"):
+        finetune(ptq, spheres, steps=1, task="multiclass")
+
+
+def test_check_batches_must_be_a_non_negative_integer(spheres):
+    with pytest.raises(ValueError, match="check_batches must be a non-negative integer"):
+        finetune(_unet(), spheres, FIXED, steps=1, check_batches=-1)
+
+
+def test_every_layer_that_reads_the_image_keeps_the_first_layer_bits_under_explicit_formats(spheres):
+    # A residual unit's first convolution reads the image as its shortcut (run first) does: on the
+    # body's Q6.0 inputs (step 1) the image in [0, 1] would be rounded to two levels.
+    cfg = EfficientQConfig(weight_format="Q0.4", act_format="Q6.0")
+    layers = prepare_finetune(_unet(), spheres[0][0], cfg).layers()
+    for name in ("model.0.residual", "model.0.conv.unit0.conv"):
+        assert layers[name].grid.bits == 8 and layers[name].input_quantizer.grid.bits == 8
+    body = layers["model.1.submodule.0.conv.unit0.conv"]
+    assert body.grid.bits == 5 and float(body.scale) == 1 / 16

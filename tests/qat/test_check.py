@@ -1,0 +1,45 @@
+"""The held-out check's score and decision: Dice against a brute-force count, the start/end rule."""
+
+import math
+
+import torch
+import torch.nn as nn
+
+from monai_effq.qat import HeldOutScore, end_is_better, score_windows
+
+
+def _zero_loss(logits, label):
+    return logits.sum() * 0.0
+
+
+def test_multiclass_dice_sums_every_window_and_skips_a_class_no_label_holds():
+    g = torch.Generator().manual_seed(0)
+    windows = []
+    for _ in range(3):
+        logits = torch.randn(2, 3, 6, 6, 6, generator=g)
+        label = torch.randint(0, 2, (2, 1, 6, 6, 6), generator=g)  # class 2 never appears
+        windows.append((logits, label))
+    score = score_windows(nn.Identity(), windows, _zero_loss, "multiclass")
+    pred = torch.cat([w[0] for w in windows]).argmax(1)
+    true = torch.cat([w[1] for w in windows])[:, 0]
+    inter = ((pred == 1) & (true == 1)).sum().item()
+    expected = 2 * inter / ((pred == 1).sum().item() + (true == 1).sum().item())
+    assert math.isclose(score.dice[0], expected, rel_tol=1e-9)
+    assert math.isnan(score.dice[1]) and math.isclose(score.mean_dice, expected, rel_tol=1e-9)
+
+
+def test_multilabel_dice_counts_a_channel_where_its_logit_is_positive():
+    logits = torch.tensor([[[[[2.0, -1.0, 3.0, -2.0]]], [[[1.0, 1.0, -1.0, -1.0]]]]])  # (1, 2, 1, 1, 4)
+    label = torch.tensor([[[[[1, 1, 1, 0]]], [[[0, 0, 0, 1]]]]])
+    score = score_windows(nn.Identity(), [(logits, label)], _zero_loss, "multilabel")
+    assert score.dice == (2 * 2 / (2 + 3), 0.0)
+
+
+def test_the_end_is_kept_on_a_higher_dice_and_on_an_equal_dice_with_a_lower_loss():
+    start = HeldOutScore(loss=0.5, dice=(0.8, 0.4))
+    assert end_is_better(start, HeldOutScore(loss=0.9, dice=(0.8, 0.5)))
+    assert not end_is_better(start, HeldOutScore(loss=0.1, dice=(0.8, 0.3)))
+    assert end_is_better(start, HeldOutScore(loss=0.4, dice=(0.8, 0.4)))
+    assert not end_is_better(start, HeldOutScore(loss=0.6, dice=(0.8, 0.4)))
+    nothing = HeldOutScore(loss=0.5, dice=(float("nan"),))
+    assert not end_is_better(nothing, HeldOutScore(loss=0.7, dice=(float("nan"),)))
