@@ -25,14 +25,16 @@ Command line::
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from monai_effq.utils.io import atomic_write, atomic_write_text
 
 __all__ = [
     "MSD_TASKS",
@@ -310,36 +312,21 @@ def synth_lits_case(seed: int, index: int, shape: Sequence[int] = (64, 64, 48)) 
 
 
 def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    """Write a NIfTI file atomically: to a hidden temporary name in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else ".nii"  # nibabel picks gzip by suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".partial{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        img = nib.Nifti1Image(array, affine)
-        img.header.set_data_dtype(array.dtype)
-        img.header.set_xyzt_units("mm", "sec")
-        img.set_qform(affine, code=1)
-        img.set_sform(affine, code=1)
-        nib.save(img, tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes the file private; data files are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a NIfTI file atomically (gzipped for ``.nii.gz``, with no time stamp, so reruns give equal bytes)."""
+    img = nib.Nifti1Image(array, affine)
+    img.header.set_data_dtype(array.dtype)
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    data = img.to_bytes()
+    if path.name.endswith(".gz"):
+        data = gzip.compress(data, mtime=0)
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _save_json(obj: dict, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=4)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(obj, indent=4) + "\n")
 
 
 def make_brats_demo(
