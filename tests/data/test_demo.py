@@ -145,11 +145,13 @@ def test_an_interrupted_write_leaves_no_file_under_the_real_name(tmp_path, monke
     make_lits_demo(tmp_path, n_cases=1, shape=SHAPE, seed=0)
     before = _files(tmp_path)
 
-    def save_half_then_die(img, filename):
-        Path(filename).write_bytes(b"\x00" * 100)
+    write_bytes = Path.write_bytes
+
+    def write_half_then_die(path, data):
+        write_bytes(path, data[: len(data) // 2])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(demo.nib, "save", save_half_then_die)
+    monkeypatch.setattr(Path, "write_bytes", write_half_then_die)
     with pytest.raises(KeyboardInterrupt):
         make_lits_demo(tmp_path, n_cases=2, shape=SHAPE, seed=1)
     assert _files(tmp_path) == before  # old complete files untouched, no partial files left
