@@ -113,8 +113,11 @@ def small_run():
     return net, calibration
 
 
-def test_journaled_layers_are_restored_not_solved(small_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("per_layer", [False, True], ids=["windows", "per_layer"])
+def test_journaled_layers_are_restored_not_solved(small_run, tmp_path, monkeypatch, per_layer):
     net, calibration = small_run
+    if per_layer:  # batches of two shapes: each layer gets its own passes over both
+        calibration = [calibration, calibration[..., :8]]
     config = EfficientQConfig(weight_bits=4)
     first = quantize(net, calibration, config, progress=False, journal=tmp_path / "j")
     from monai_effq.ptq import pipeline
@@ -126,7 +129,8 @@ def test_journaled_layers_are_restored_not_solved(small_run, tmp_path, monkeypat
     again = quantize(net, calibration, config, progress=False, journal=tmp_path / "j")
     assert all(torch.equal(a, b) for a, b in zip(_codes(first), _codes(again)))
     with torch.no_grad():
-        assert torch.equal(first.network(calibration), again.network(calibration))
+        x = calibration[0] if per_layer else calibration
+        assert torch.equal(first.network(x), again.network(x))
     assert [r.mse for r in again.report.layers] == [r.mse for r in first.report.layers]
 
 
