@@ -17,6 +17,7 @@ from monai_effq.data.calibration import calibration_windows
 from monai_effq.ptq.checkpoint import load_quantized, save_quantized
 from monai_effq.ptq.config import EfficientQConfig
 from monai_effq.ptq.graph import probe_network
+from monai_effq.ptq.journal import remove_journal
 from monai_effq.ptq.pipeline import quantize
 from monai_effq.ptq.prepare import available_device
 from monai_effq.utils.errors import MissingInputError, UserInputError, check_integer, check_spread
@@ -87,7 +88,9 @@ class QuantizationHandler:
     Attach it to an evaluator that iterates over the calibration loader (whose transforms do the
     cropping). When the run completes the handler calls :func:`monai_effq.quantize`, puts the
     quantized network into ``engine.network``, keeps the result in ``engine.state.quantization``
-    and, if ``save_path`` is set, writes the quantized checkpoint.
+    and, if ``save_path`` is set, writes the quantized checkpoint. With ``save_path``, finished layers
+    are journaled in ``<save_path>.journal/`` until the checkpoint is written, so the same command
+    rerun after a kill continues after the last finished layer.
 
     Args:
         config: an :class:`EfficientQConfig` or its dict form; defaults when ``None``.
@@ -184,11 +187,15 @@ class QuantizationHandler:
         if not self.batches:
             raise UserInputError("no calibration batch was collected: the calibration data loader is empty.")
         mask = [(b != 0).any(dim=1) for b in self.batches] if self.body_mask == "nonzero" else None
-        result = quantize(engine.network, self.batches, self.config, task=self.task, body_mask=mask, progress=self.progress)
+        journal = None if self.save_path is None else f"{self.save_path}.journal"
+        result = quantize(
+            engine.network, self.batches, self.config, task=self.task, body_mask=mask, progress=self.progress, journal=journal
+        )
         engine.network = result.network
         engine.state.quantization = result
         if self.save_path is not None:
             path = save_quantized(result, self.save_path)
+            remove_journal(journal)
             self.logger.info(f"quantized checkpoint written to {path}")
         self.logger.info(result.report.summary())
         self.batches = []

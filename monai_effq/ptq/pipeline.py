@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,7 @@ from monai_effq.ptq.attention import ClassAttention
 from monai_effq.ptq.config import EfficientQConfig, LayerPlan
 from monai_effq.ptq.footprint import weight_footprint
 from monai_effq.ptq.graph import StopForward, hooks, set_submodule
+from monai_effq.ptq.journal import QuantizationJournal
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, quantized_layer_class
 from monai_effq.ptq.prepare import prepare_network
 from monai_effq.ptq.report import LayerReport, QuantizationReport, peak_memory_mib, reset_peak_memory, source_fingerprints
@@ -30,6 +32,7 @@ from monai_effq.solver.api import solve_statistics
 from monai_effq.solver.gram import GramAccumulator
 from monai_effq.solver.layers import LayerView, layer_view
 from monai_effq.solver.validation import solve_validated
+from monai_effq.utils.fingerprint import fingerprint_json, fingerprint_state, fingerprint_tensors
 
 tqdm, _has_tqdm = optional_import("tqdm", name="tqdm")
 
@@ -118,10 +121,21 @@ class _Run:
     A single batch whose largest layer output would exceed ``target_memory_mib`` (the windows of
     whole volumes) is cut into interleaved chunks that fit it, so every chunk samples the whole
     volume (the first one also sets the activation ranges).
+
+    With a journal, layers it holds are rebuilt from it instead of solved, in the same windows and
+    passes, so the layers after them see the inputs an uninterrupted run gives them; a window whose
+    layers are all journaled needs no pass at all.
     """
 
-    def __init__(self, network: nn.Module, batches: list[torch.Tensor], config: EfficientQConfig) -> None:
+    def __init__(
+        self,
+        network: nn.Module,
+        batches: list[torch.Tensor],
+        config: EfficientQConfig,
+        journal: QuantizationJournal | None = None,
+    ) -> None:
         self.config = config
+        self.journal = journal
         self.device = torch.device(config.device)
         self.concatenated = len(batches) > 1 and len({tuple(b.shape[1:]) for b in batches}) == 1
         if self.concatenated:
@@ -191,9 +205,15 @@ class _Run:
                     break
                 window.append(plan)
                 used += numels[plan.name]
+            pending = pending[len(window) :]
+            restored = [self._restore(plan) for plan in window]
+            if all(r is not None for r in restored):
+                for plan, (module, report) in zip(window, restored):
+                    set_submodule(self.qnet, plan.name, module)
+                    done(report)
+                continue
             targets = self._capture_outputs([p.name for p in window], batch)
             self._solve_in_one_pass(window, targets, batch, attention, done)
-            pending = pending[len(window) :]
 
     def _capture_outputs(self, names: list[str], batch: torch.Tensor) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -219,7 +239,8 @@ class _Run:
 
         def on_layer(plan: LayerPlan, args: tuple) -> torch.Tensor:
             if plan.name not in solved:
-                module, report = self._solve(plan, [(args[0], targets.pop(plan.name))], attention)
+                pair = (args[0], targets.pop(plan.name))
+                module, report = self._layer(plan, lambda: [pair], attention)
                 solved[plan.name] = module
                 done(report)
             out = solved[plan.name](args[0])
@@ -246,9 +267,33 @@ class _Run:
                 x = _capture(self.qnet, self.qnet.get_submodule(plan.name), batch, "input")
                 yield x, y
 
-        module, report = self._solve(plan, pairs(), attention)
+        module, report = self._layer(plan, pairs, attention)
         set_submodule(self.qnet, plan.name, module)
         return report
+
+    def _restore(self, plan: LayerPlan) -> tuple[QuantizedLayer, LayerReport] | None:
+        """The layer as the journal holds it, or ``None`` when it has to be solved."""
+        entry = None if self.journal is None else self.journal.load(plan.name)
+        if entry is None:
+            return None
+        fp_layer = self.fp.get_submodule(plan.name)
+        module = entry.build(self.qnet.get_submodule(plan.name), quantized_layer_class(fp_layer))
+        return module.to(self.device), entry.report
+
+    def _layer(
+        self,
+        plan: LayerPlan,
+        pairs: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+        attention: ClassAttention | None,
+    ) -> tuple[QuantizedLayer, LayerReport]:
+        """The layer restored from the journal, or solved from ``pairs()`` and journaled."""
+        restored = self._restore(plan)
+        if restored is not None:
+            return restored
+        module, report = self._solve(plan, pairs(), attention)
+        if self.journal is not None:
+            self.journal.record(plan.name, module, report)
+        return module, report
 
     def _solve(
         self, plan: LayerPlan, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], attention: ClassAttention | None
@@ -323,8 +368,9 @@ def quantize(
     config: EfficientQConfig | None = None,
     *,
     task: str = "multiclass",
-    body_mask: torch.Tensor | None = None,
+    body_mask: torch.Tensor | list[torch.Tensor] | None = None,
     progress: bool = True,
+    journal: str | os.PathLike | None = None,
 ) -> QuantizationResult:
     """Quantize a trained network after training, layer by layer.
 
@@ -337,6 +383,12 @@ def quantize(
         body_mask: ``(N, *spatial)`` mask of the body over all calibration volumes, for the
             attention (voxels outside get weight 1); everything when ``None``.
         progress: show a progress bar over layers.
+        journal: a folder where each finished layer is kept (:class:`QuantizationJournal`): rerun
+            after a kill, the same call continues after the last finished layer and returns what an
+            uninterrupted run returns; a journal of another config, FP network, calibration data or
+            task is discarded (with a warning naming what changed). The caller removes it
+            (:func:`~monai_effq.ptq.journal.remove_journal`) once the result is saved. ``None``
+            keeps no journal.
 
     Returns:
         a :class:`QuantizationResult` whose ``.network`` is in eval mode.
@@ -349,7 +401,16 @@ def quantize(
     t0 = time.perf_counter()
     reset_peak_memory()
     batches = _as_batches(calibration)
-    run = _Run(network, batches, config)
+    if journal is not None:
+        masks = [] if body_mask is None else [torch.as_tensor(m) for m in (body_mask if isinstance(body_mask, (list, tuple)) else [body_mask])]
+        fingerprints = {
+            "config": fingerprint_json(config.to_dict()),
+            "fp_weights": fingerprint_state(network),
+            "calibration": fingerprint_tensors(batches + masks),
+            "task": task,
+        }
+        journal = QuantizationJournal(journal, fingerprints)
+    run = _Run(network, batches, config, journal)
     attention = None
     if config.attention:
         attention = ClassAttention(run.logits(), task=task, power=config.attention_power, body_mask=run.masks(body_mask))

@@ -197,7 +197,7 @@ def snap_to_power_of_two(
         else:
             zero = zero_point
         err = (fake_quantize(xf, cand, zero, grid) - xf).pow(2)
-        err = err.sum(dim=dims) if dims else err
+        err = err.sum(dim=dims, dtype=torch.float64) if dims else err  # float64: the same sum on any thread count
         err = err.reshape(cand.shape)
         if best_err is None:
             best_err, best_scale, best_zero = err, cand, torch.as_tensor(zero, device=cand.device).float().reshape(cand.shape).clone()

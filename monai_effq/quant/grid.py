@@ -279,10 +279,12 @@ def fit_scale_als(
             break
         codes = new_codes
         q = codes.float() - z
-        num = (q * xf).sum(dim=dims) if dims else q * xf
-        den = (q * q).sum(dim=dims) if dims else q * q
+        # float64 sums: a float32 sum over many values depends on how the threads split it (issue 18)
+        num = (q * xf).sum(dim=dims, dtype=torch.float64) if dims else q * xf
+        den = (q * q).sum(dim=dims, dtype=torch.float64) if dims else q * q
         # A channel whose codes are all at the zero point keeps its scale (the solution is 0 anyway).
-        scale = torch.where(den > 0, num / den.clamp_min(1e-30), _keep(scale, per_channel).reshape(num.shape))
+        ratio = (num / den.clamp_min(1e-30)).float()
+        scale = torch.where(den > 0, ratio, _keep(scale, per_channel).reshape(num.shape))
         scale = _keep(scale.clamp_min(1e-12), per_channel)
     return scale, zero
 
@@ -319,7 +321,7 @@ def fit_scale_mse(
         else:
             zero = base_zero
         err = (fake_quantize(xf, scale, zero, grid) - xf).pow(2)
-        err = err.sum(dim=dims) if dims else err
+        err = err.sum(dim=dims, dtype=torch.float64) if dims else err  # float64: the same sum on any thread count
         if best_err is None:
             best_err, best_scale, best_zero = err, scale.clone(), zero.clone()
             continue

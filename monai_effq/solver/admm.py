@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from monai_effq.solver.gram import LayerStatistics
+from monai_effq.solver.linalg import cholesky, cholesky_solve_rows, spd_inverse
 from monai_effq.solver.rounding import GridFit, refine_codes
 
 __all__ = ["AdmmSettings", "AdmmLayerSolver", "AdmmTrace"]
@@ -116,7 +117,6 @@ class _ShiftedSystem:
         self.A = stats.A
         self.factor = stats.factor if lowrank else None
         self._apply: torch.Tensor | None = None
-        self._apply_t: torch.Tensor | None = None
         self.c = 0.0
 
     def set_shift(self, c: float) -> None:
@@ -126,20 +126,18 @@ class _ShiftedSystem:
             # with an explicit inverse does, and forming that inverse would cost twice the factorisation.
             shifted = self.A.clone()
             shifted.diagonal(dim1=1, dim2=2).add_(c)
-            self._apply = torch.linalg.cholesky(shifted)
-            self._apply_t = self._apply.transpose(1, 2).contiguous()
+            self._apply = cholesky(shifted)
         else:
             # (c I + 2 F Fᵀ)⁻¹ = (I - 2 F (c I + 2 FᵀF)⁻¹ Fᵀ) / c
             f = self.factor
             k = 2.0 * torch.bmm(f.transpose(1, 2), f)
             k.diagonal(dim1=1, dim2=2).add_(c)
-            self._apply = torch.cholesky_inverse(torch.linalg.cholesky(k))
+            self._apply = spd_inverse(k)
 
     def solve_rows(self, rhs: torch.Tensor) -> torch.Tensor:
         """``rhs (A + cI)⁻¹`` for ``(G, m, n)`` right-hand sides."""
-        if self.factor is None:  # rhs L⁻ᵀ L⁻¹ with A + cI = L Lᵀ
-            y = torch.linalg.solve_triangular(self._apply_t, rhs, upper=True, left=False)
-            return torch.linalg.solve_triangular(self._apply, y, upper=False, left=False)
+        if self.factor is None:
+            return cholesky_solve_rows(self._apply, rhs)
         f = self.factor
         t = torch.bmm(torch.bmm(rhs, f), self._apply)
         return (rhs - 2.0 * torch.bmm(t, f.transpose(1, 2))) / self.c

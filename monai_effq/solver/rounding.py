@@ -12,6 +12,7 @@ import torch
 from monai_effq.quant.fixed_point import snap_to_power_of_two
 from monai_effq.quant.grid import UniformGrid, dequantize, fit_scale, fit_scale_als, grid_codes
 from monai_effq.quant.spec import SCALE_RULES, WeightSpec
+from monai_effq.solver.linalg import cholesky, spd_inverse
 
 __all__ = ["SCALE_RULES", "GridFit", "fit_grid", "round_to_nearest", "gptq_round", "refine_codes"]
 
@@ -143,7 +144,7 @@ def gptq_round(
     w.masked_fill_(dead[:, None, :], 0.0)
     ridge = damp * diag.mean(dim=1).clamp_min(1e-12)
     diag += ridge[:, None]
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    hinv = cholesky(spd_inverse(h), upper=True).float()
     codes = torch.zeros_like(w)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)

@@ -84,3 +84,17 @@ def test_one_rounding_serves_any_channel_axis_and_laid_out_scales():
     values = dequantize(along_axis_1, scale, zero, axis=1)
     assert torch.equal(values, scale.reshape(1, 5, 1, 1) * (along_axis_1 - zero.reshape(1, 5, 1, 1)))
     assert torch.equal(fake_quantize(w, scale, zero, grid, axis=1), values)
+
+
+def test_activation_scale_is_the_same_on_one_and_two_threads():
+    # ReLU outputs of one calibration window: float32 sums of this many values differed by thread count
+    x = torch.relu(3 * torch.randn(1 << 18, generator=torch.Generator().manual_seed(1)) + 0.5)
+    fits = []
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            fits.append(fit_scale(x, UniformGrid(8, "unsigned")))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(fits[0][0], fits[1][0]) and torch.equal(fits[0][1], fits[1][1])

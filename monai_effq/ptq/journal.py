@@ -1,0 +1,167 @@
+"""A quantization's journal: every finished layer kept on disk, so a killed run resumes where it stopped.
+
+The journal is a folder beside the run's output (``<checkpoint>.journal/``) holding a manifest with the
+fingerprints of what decides the result (the config, the FP weights, the calibration data and the
+task) and one file per finished layer with what the layer became: codes, scale, zero point, bias, the
+input's activation range and the layer's report. Each file is written atomically, so a run killed at
+any moment leaves only whole layers. A run that finds a journal of the same fingerprints takes its
+layers instead of solving them; a journal of other fingerprints is discarded with a warning that names
+what changed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer
+from monai_effq.ptq.report import LayerReport
+from monai_effq.quant.grid import UniformGrid
+from monai_effq.utils.io import atomic_write, atomic_write_text
+
+__all__ = ["JOURNAL_FORMAT", "JournalEntry", "QuantizationJournal", "remove_journal"]
+
+logger = logging.getLogger("monai_effq")
+
+JOURNAL_FORMAT = "monai-effq-journal/1"
+_MANIFEST = "manifest.json"
+# what each fingerprint is called when it changes, for the log line
+_WHAT = {"format": "journal format", "config": "config", "fp_weights": "FP weights", "calibration": "calibration data", "task": "task"}
+
+
+@dataclasses.dataclass
+class JournalEntry:
+    """One finished layer as journaled: what its :class:`QuantizedLayer` is made of, and its report.
+
+    Attributes:
+        codes: ``uint8`` codes shaped like the layer's weight.
+        scale: the weight grid's step.
+        zero_point: its zero point.
+        grid: the weight grid.
+        bias: the layer's bias, or ``None``.
+        act: the input quantizer, or ``None``.
+        report: the layer's :class:`LayerReport` from the run that solved it.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    grid: UniformGrid
+    bias: torch.Tensor | None
+    act: ActivationQuantizer | None
+    report: LayerReport
+
+    def build(self, layer: torch.nn.Module, cls: type[QuantizedLayer]) -> QuantizedLayer:
+        """The quantized module this entry describes, on ``layer`` (the original layer, not modified)."""
+        return cls(layer, self.codes, self.scale, self.zero_point, self.grid, self.bias, self.act)
+
+
+class QuantizationJournal:
+    """The journal folder of one quantization run.
+
+    Args:
+        path: the folder (created if missing).
+        fingerprints: what decides the result, by name (``config``, ``fp_weights``, ``calibration``,
+            ``task``); a journal whose manifest differs is discarded.
+
+    Example::
+
+        journal = QuantizationJournal("model_w4a8.pt.journal", {"config": ..., "fp_weights": ...})
+        entry = journal.load("encoder.conv")  # None until that layer has finished once
+    """
+
+    def __init__(self, path: str | os.PathLike, fingerprints: dict[str, str]) -> None:
+        self.path = Path(path)
+        self.fingerprints = {"format": JOURNAL_FORMAT, **fingerprints}
+        self._start()
+
+    def _start(self) -> None:
+        manifest = self.path / _MANIFEST
+        if manifest.is_file():
+            try:
+                found = json.loads(manifest.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                found = {}
+            changed = [_WHAT.get(k, k) for k in self.fingerprints if found.get(k) != self.fingerprints[k]]
+            if not changed:
+                if self.finished:
+                    logger.info("resuming from journal %s: %d layers already finished", self.path, len(self.finished))
+                return
+            logger.warning("journal %s is from another run (%s changed): starting afresh", self.path, ", ".join(changed))
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(manifest, json.dumps(self.fingerprints, indent=1, sort_keys=True))
+
+    def _file(self, name: str) -> Path:
+        return self.path / f"{name}.pt"
+
+    @property
+    def finished(self) -> list[str]:
+        """Names of the journaled layers."""
+        return sorted(p.name[: -len(".pt")] for p in self.path.glob("*.pt"))
+
+    def record(self, name: str, module: QuantizedLayer, report: LayerReport) -> None:
+        """Journal a finished layer (atomically: a kill leaves it whole or absent).
+
+        Args:
+            name: the layer's dotted name.
+            module: the quantized module it became.
+            report: its report.
+        """
+        aq = module.input_quantizer
+        payload: dict[str, Any] = {
+            "codes": module.codes.cpu(),
+            "scale": module.scale.cpu(),
+            "zero_point": module.zero_point.cpu(),
+            "bits": module.grid.bits,
+            "grid": module.grid.kind,
+            "bias": None if module.bias is None else module.bias.detach().cpu(),
+            "act": None if aq is None else {"bits": aq.grid.bits, "kind": aq.grid.kind, "scale": aq.scale.cpu(), "zero_point": aq.zero_point.cpu()},
+            "report": json.dumps(dataclasses.asdict(report)),
+        }
+        with atomic_write(self._file(name)) as tmp:
+            torch.save(payload, tmp)
+
+    def load(self, name: str) -> JournalEntry | None:
+        """The journaled layer ``name``, or ``None`` when it has not finished (or its file is unreadable).
+
+        Args:
+            name: the layer's dotted name.
+        """
+        path = self._file(name)
+        if not path.is_file():
+            return None
+        try:
+            p = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a damaged file only costs this layer's solve
+            logger.warning("journal entry %s is unreadable (%s): solving the layer again", path, type(e).__name__)
+            return None
+        act = p["act"]
+        act_q = None
+        if act is not None:
+            act_q = ActivationQuantizer(act["bits"], act["kind"], float(act["scale"]), float(act["zero_point"]))
+        return JournalEntry(
+            codes=p["codes"],
+            scale=p["scale"],
+            zero_point=p["zero_point"],
+            grid=UniformGrid(p["bits"], p["grid"]),
+            bias=p["bias"],
+            act=act_q,
+            report=LayerReport(**json.loads(p["report"])),
+        )
+
+
+def remove_journal(path: str | os.PathLike) -> None:
+    """Delete a journal folder once its run's output is safely written (nothing happens if it is absent).
+
+    Args:
+        path: the journal folder.
+    """
+    shutil.rmtree(path, ignore_errors=True)

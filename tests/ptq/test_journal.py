@@ -1,0 +1,169 @@
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from monai.networks.nets import UNet
+
+from monai_effq import EfficientQConfig, quantize
+from monai_effq.ptq import QuantizedLayer
+
+from .conftest import sphere_volumes
+
+ROOT = Path(__file__).resolve().parents[2]
+# seconds, meta fields that differ between two runs of the same quantization
+TIMING_FIELDS = {"seconds", "solve_seconds", "wall_seconds", "peak_memory_mib", "created"}
+
+# One quantization with a journal, slowed after each finished layer when asked (so a test can kill it
+# between layers); the network and calibration volume are the same in every process.
+CHILD = textwrap.dedent(
+    """
+    import logging, sys, time
+    import torch
+    from monai.networks.nets import UNet
+    from monai_effq import EfficientQConfig, quantize, save_quantized
+
+    save_path, journal, pause = sys.argv[1], sys.argv[2], float(sys.argv[3])
+
+    class Pause(logging.Handler):
+        def emit(self, record):
+            time.sleep(pause)
+
+    logging.basicConfig(level=logging.INFO)
+    if pause:
+        log = logging.getLogger("monai_effq")
+        log.setLevel(logging.DEBUG)
+        log.addHandler(Pause(logging.DEBUG))
+    torch.manual_seed(0)
+    net = UNet(3, 1, 2, channels=(8, 16, 32), strides=(2, 2), num_res_units=1).eval()
+    calibration = torch.randn(1, 1, 24, 24, 24, generator=torch.Generator().manual_seed(1))
+    result = quantize(net, calibration, EfficientQConfig(weight_bits=4), progress=False, journal=journal)
+    save_quantized(result, save_path)
+    """
+)
+
+
+def _child(tmp_path: Path, save: str, journal: str, pause: float = 0.0) -> subprocess.Popen:
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / save), str(tmp_path / journal), str(pause)], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
+def _without_timing(value):
+    if isinstance(value, dict):
+        return {k: _without_timing(v) for k, v in value.items() if k not in TIMING_FIELDS}
+    if isinstance(value, list):
+        return [_without_timing(v) for v in value]
+    return value
+
+
+def same_checkpoint(a: Path, b: Path) -> bool:
+    """Whether two checkpoints hold the same tensors and meta, timings aside."""
+    # Once checkpoints carry no timings: return a.read_bytes() == b.read_bytes()
+    import json
+
+    pa, pb = (torch.load(p, map_location="cpu", weights_only=True) for p in (a, b))
+    if set(pa) != set(pb) or not torch.equal(pa["codes"], pb["codes"]) or set(pa["data"]) != set(pb["data"]):
+        return False
+    if not all(torch.equal(pa["data"][k], pb["data"][k]) for k in pa["data"]):
+        return False
+    return _without_timing(json.loads(pa["meta"])) == _without_timing(json.loads(pb["meta"]))
+
+
+def test_killed_run_rerun_gives_the_checkpoint_of_an_uninterrupted_run(tmp_path):
+    journal = tmp_path / "resumed.pt.journal"
+    killed = _child(tmp_path, "resumed.pt", journal.name, pause=1.0)
+    deadline = time.monotonic() + 120
+    while not list(journal.glob("*.pt")):
+        assert killed.poll() is None, killed.stderr.read().decode()
+        assert time.monotonic() < deadline, "no layer was journaled within two minutes"
+        time.sleep(0.05)
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    finished = len(list(journal.glob("*.pt")))
+    assert not (tmp_path / "resumed.pt").exists() and 1 <= finished < 10  # killed mid-run, between layers
+    logs = []
+    for run in (_child(tmp_path, "resumed.pt", journal.name), _child(tmp_path, "whole.pt", "whole.pt.journal")):
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err.decode()
+        logs.append(err.decode())
+    assert f"{finished} layers already finished" in logs[0] and "already finished" not in logs[1]
+    assert same_checkpoint(tmp_path / "resumed.pt", tmp_path / "whole.pt")
+
+
+def _codes(result) -> list[torch.Tensor]:
+    return [m.codes for m in result.network.modules() if isinstance(m, QuantizedLayer)]
+
+
+@pytest.fixture
+def small_run():
+    torch.manual_seed(0)
+    net = UNet(3, 1, 2, channels=(4, 8), strides=(2,), num_res_units=0).eval()
+    calibration, _ = sphere_volumes(1, size=16, seed=2)
+    return net, calibration
+
+
+@pytest.mark.parametrize("per_layer", [False, True], ids=["windows", "per_layer"])
+def test_journaled_layers_are_restored_not_solved(small_run, tmp_path, monkeypatch, per_layer):
+    net, calibration = small_run
+    if per_layer:  # batches of two shapes: each layer gets its own passes over both
+        calibration = [calibration, calibration[..., :8]]
+    config = EfficientQConfig(weight_bits=4)
+    first = quantize(net, calibration, config, progress=False, journal=tmp_path / "j")
+    from monai_effq.ptq import pipeline
+
+    def no_solve(*_args, **_kwargs):
+        raise AssertionError("a journaled layer was solved again")
+
+    monkeypatch.setattr(pipeline._Run, "_solve", no_solve)
+    again = quantize(net, calibration, config, progress=False, journal=tmp_path / "j")
+    assert all(torch.equal(a, b) for a, b in zip(_codes(first), _codes(again)))
+    with torch.no_grad():
+        x = calibration[0] if per_layer else calibration
+        assert torch.equal(first.network(x), again.network(x))
+    assert [r.mse for r in again.report.layers] == [r.mse for r in first.report.layers]
+
+
+@pytest.mark.parametrize(
+    "change, what",
+    [
+        ({"config": EfficientQConfig(weight_bits=3)}, "config"),
+        ({"calibration": 1}, "calibration data"),
+        ({"weights": 1}, "FP weights"),
+    ],
+)
+def test_changed_input_starts_afresh_saying_what_changed(small_run, tmp_path, caplog, change, what):
+    net, calibration = small_run
+    quantize(net, calibration, EfficientQConfig(weight_bits=4), progress=False, journal=tmp_path / "j")
+    config = change.get("config", EfficientQConfig(weight_bits=4))
+    if "calibration" in change:
+        calibration = calibration.flip(-1)
+    if "weights" in change:
+        with torch.no_grad():
+            next(net.parameters()).mul_(1.01)
+    with caplog.at_level(logging.INFO, logger="monai_effq"):
+        resumed = quantize(net, calibration, config, progress=False, journal=tmp_path / "j")
+    assert any(f"({what} changed)" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    fresh = quantize(net, calibration, config, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(_codes(resumed), _codes(fresh)))
+
+
+def test_unreadable_entry_is_solved_again(small_run, tmp_path):
+    net, calibration = small_run
+    config = EfficientQConfig(weight_bits=4)
+    first = quantize(net, calibration, config, progress=False, journal=tmp_path / "j")
+    entry = sorted((tmp_path / "j").glob("*.pt"))[0]
+    entry.write_bytes(b"half a file")
+    again = quantize(net, calibration, config, progress=False, journal=tmp_path / "j")
+    assert all(torch.equal(a, b) for a, b in zip(_codes(first), _codes(again)))
+    assert torch.load(entry, weights_only=True)["codes"].dtype == torch.uint8  # journaled afresh

@@ -1,0 +1,45 @@
+import contextlib
+
+import torch
+
+from monai_effq.solver.linalg import cholesky, cholesky_solve_rows, spd_inverse
+
+
+@contextlib.contextmanager
+def threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _gram(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.relu(torch.randn(1, 4 * n, n, generator=g))
+    return 2 * torch.bmm(x.transpose(1, 2), x) + torch.eye(n)
+
+
+def _on_threads(fn, *args) -> list[torch.Tensor]:
+    out = []
+    for n in (1, 2):
+        with threads(n):
+            out.append(fn(*args))
+    return out
+
+
+def test_factorisations_are_the_same_on_one_and_two_threads():
+    a = _gram(432, seed=0)  # the size at which MKL's float32 Cholesky was seen to depend on threads
+    rhs = torch.randn(1, 16, 432, generator=torch.Generator().manual_seed(1))
+    for fn, args in ((lambda m: cholesky(m).float(), (a,)), (spd_inverse, (a,)), (cholesky_solve_rows, (cholesky(a), rhs))):
+        one, two = _on_threads(fn, *args)
+        assert one.dtype == torch.float32 and torch.equal(one, two)
+
+
+def test_solve_rows_inverts_the_factorised_matrix():
+    a = _gram(40, seed=2)
+    rhs = torch.randn(1, 3, 40, generator=torch.Generator().manual_seed(3))
+    x = cholesky_solve_rows(cholesky(a), rhs)
+    torch.testing.assert_close(torch.bmm(x, a), rhs, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.bmm(spd_inverse(a), a), torch.eye(40)[None], rtol=1e-4, atol=1e-4)
