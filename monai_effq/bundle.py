@@ -347,9 +347,10 @@ def check_quantized(
     """Stop an evaluation whose quantized checkpoint does not belong with the FP weights or its report.
 
     The evaluate workflows call this once the FP checkpoint is loaded into ``fp_network``: a
-    checkpoint quantized from other FP weights, a damaged one, or one beside the report of another
-    quantize run (a run killed between the two writes) would otherwise be evaluated as if it were
-    the current one. The report is checked when it is there (an evaluation may run elsewhere).
+    checkpoint quantized from other FP weights, a damaged one, one beside the report of another
+    quantize run (a run killed between the two writes), or the previous run's checkpoint while a
+    killed run's resume journal waits beside it would otherwise be evaluated as if it were the
+    current one. The report is checked when it is there (an evaluation may run elsewhere).
 
     Args:
         quantized_path: the quantized checkpoint.
@@ -358,7 +359,16 @@ def check_quantized(
 
     Returns:
         the checkpoint's fingerprint.
+
+    Raises:
+        UserInputError: when a resume journal of an unfinished quantize run lies beside the checkpoint.
     """
+    journal = Path(f"{quantized_path}.journal")
+    if journal.exists():
+        raise UserInputError(
+            f"the quantize run that writes {quantized_path} did not finish (its journal {journal} is there): rerun the "
+            "same quantize command to resume it (or delete the journal), then evaluate."
+        )
     report = report_path if report_path and Path(report_path).is_file() else None
     return verify_checkpoint(quantized_path, fp_network=fp_network, report=report)
 

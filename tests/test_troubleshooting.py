@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from monai_effq import EfficientQConfig, quantize
-from monai_effq.bundle import calibration_datalist, existing_checkpoint, images, preprocessing
+from monai_effq.bundle import calibration_datalist, check_quantized, existing_checkpoint, images, preprocessing
 from monai_effq.data import detect_layout, make_lits_demo, validate_datalist
 from monai_effq.handlers.quantization import QuantizedCheckpointLoader, check_calibration_volume
 from monai_effq.ptq.modules import ActivationQuantizer
@@ -106,6 +106,11 @@ def _no_cuda(tmp_path, lits):
     available_device("cuda:7")
 
 
+def _unfinished_run(tmp_path, _):
+    (tmp_path / "model_efficientq_w4a8.pt.journal").mkdir()
+    check_quantized(tmp_path / "model_efficientq_w4a8.pt", _net())
+
+
 TRIGGERS = {
     "dataset folder <folder> does not exist or is not a folder.": lambda t, d: calibration_datalist(t / "absent", "lits"),
     "dataset folder <folder> does not exist: inference reads images, it never generates the demo data.": (
@@ -154,6 +159,7 @@ TRIGGERS = {
     "the calibration input of layer <layer> holds <n> NaN or Inf value(s)": (
         lambda t, d: ActivationQuantizer.calibrate(torch.tensor([1.0, float("inf")]), 8, name="model.3.conv")
     ),
+    "the quantize run that writes <file> did not finish (its journal <journal> is there)": _unfinished_run,
     "the input to <model.onnx> holds <n> NaN or Inf voxel(s)": _nan_onnx_input,
 }
 
