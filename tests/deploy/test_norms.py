@@ -11,6 +11,7 @@ from monai_effq.deploy import (
     ChannelStatsGroupNorm,
     OnnxRuntimeNetwork,
     OpenVINONetwork,
+    export_form,
     export_onnx,
     export_options,
     group_norm_form_for,
@@ -79,9 +80,13 @@ def test_a_channel_stats_export_reproduces_the_fake_quant_network_in_both_runtim
     x = torch.rand(1, 2, 20, 24, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = segresnet_w4a8.network(x)
-    assert rel_l2(OnnxRuntimeNetwork(path, optimize=False)(x), expected) < 5e-3
-    assert rel_l2(OnnxRuntimeNetwork(path)(x), expected) < 5e-3
-    # an untrained network: one-step rounding flips grow through the residual path to about 1e-2
+    form, _ = export_form(segresnet_w4a8.network, group_norm="channel_stats")
+    with torch.no_grad():  # the written form computes the fake-quant function itself, in torch
+        assert rel_l2(form(x), expected) < 1e-6
+    # an untrained network: where a runtime's convolution sums in another order, one-step rounding flips
+    # of the activations grow through the residual path to about 1e-2 (the same for both exporters)
+    assert rel_l2(OnnxRuntimeNetwork(path, optimize=False)(x), expected) < 2e-2
+    assert rel_l2(OnnxRuntimeNetwork(path)(x), expected) < 2e-2
     assert rel_l2(OpenVINONetwork(path, precision="f32")(x), expected) < 3e-2
 
 
