@@ -89,3 +89,13 @@ def test_debug_switch_keeps_the_traceback(dataset, tmp_path):
     )
     assert res.returncode != 0
     assert "Traceback" in res.stderr and "UserInputError: weight_bits must be an integer" in res.stderr
+
+
+def test_inference_on_a_gpu_this_machine_lacks_ends_with_one_line_and_writes_nothing(dataset, tmp_path):
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    res = bundle(
+        "lits_effq", "inference", "--dataset_dir", str(dataset), "--output_dir", str(tmp_path / "out"),
+        "--device", "cuda:7", check=False,
+    )  # fmt: skip
+    _assert_one_line(res, tmp_path, "device 'cuda:7' was asked for but this machine has")
