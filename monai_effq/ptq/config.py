@@ -190,7 +190,8 @@ class EfficientQConfig:
             every input on the symmetric signed grid with zero point 0, which TensorRT's int8
             requires (:mod:`monai_effq.deploy.tensorrt`): one bit less for inputs after a ReLU.
         validation_fraction: share of the calibration windows held out (every ``1/fraction``-th
-            window, when there are that many) to choose each layer's regularisation by held-out
+            window when there are that many, else that share of every window as one slab along its
+            longest axis) to choose each layer's regularisation by held-out
             output error (:mod:`monai_effq.solver.validation`); round-to-nearest is always a
             candidate, and layers with fewer calibration voxels than unknowns per output channel
             keep round-to-nearest. ``0`` turns both off (one solve per layer, as the paper).

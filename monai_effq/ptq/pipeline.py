@@ -89,24 +89,35 @@ def _capture(network: nn.Module, module: nn.Module, batch: torch.Tensor, want: s
 
 
 def holdout_mask(shape: tuple[int, ...], fraction: float) -> torch.Tensor | None:
-    """Which output voxels of a layer are held out for validation: every ``k``-th whole window.
+    """Which output voxels of a layer are held out for validation.
 
-    Only whole windows are held out (``k = round(1/fraction)``; windows from across the volume):
-    voxels held out from within one window share their inputs with their fit neighbours and make
-    an over-fitted setting look good.
+    With at least ``k = round(1/fraction)`` windows, every ``k``-th whole window (windows from
+    across the volume). With fewer, the last ``1/k`` of every window along its longest spatial
+    axis, as one slab: only the slab's face shares inputs with the fit voxels. Scattered voxels
+    from within a window would share their inputs with fit neighbours and make an over-fitted
+    setting look good; one window with nothing held out would let it through unchecked.
 
     Args:
         shape: ``(N, *spatial)`` of the layer's output voxels (``(N, ...)`` for ``Linear``).
-        fraction: share of windows held out, in ``(0, 0.5]``.
+        fraction: share of windows (or of each window's slab axis) held out, in ``(0, 0.5]``.
 
     Returns:
-        a boolean mask of ``shape``, or ``None`` when there are fewer than ``k`` windows.
+        a boolean mask of ``shape``, or ``None`` when there are fewer than ``k`` windows and no
+        spatial axis of at least ``k`` voxels.
     """
     k = max(2, round(1.0 / fraction))
-    if shape[0] < k:
-        return None
     mask = torch.zeros(shape, dtype=torch.bool)
-    mask[k - 1 :: k] = True
+    if shape[0] >= k:
+        mask[k - 1 :: k] = True
+        return mask
+    spatial = shape[1:]
+    if not spatial or max(spatial) < k:
+        return None
+    axis = 1 + max(range(len(spatial)), key=lambda a: (spatial[a], -a))  # the longest, the first of equals
+    size = shape[axis]
+    index = [slice(None)] * len(shape)
+    index[axis] = slice(size - max(1, size // k), size)
+    mask[tuple(index)] = True
     return mask
 
 

@@ -35,9 +35,9 @@ def test_with_whole_volumes_efficientq_is_no_worse_than_round_to_nearest_on_held
 @pytest.mark.xfail(
     strict=True,
     reason=(
-        "known regression: since both layers that read the image keep first_layer_bits, EfficientQ on one tiny "
-        "crop has a held-out error of 0.102 against RTN's 0.069 (mean of four crops 0.084 vs 0.068); one window "
-        "leaves no voxels to hold out, so nothing catches the overfit. Fix: hold out along a spatial axis."
+        "known gap: with one window a slab of it is now held out (held-out error 0.102 -> 0.084), but on this "
+        "8x16x16 crop EfficientQ stays behind RTN's 0.069: the last ConvTranspose fits the crop better than RTN "
+        "on the held-out slab (0.087 vs 0.285) yet RTN there is better on other volumes (0.069 vs 0.084)."
     ),
 )
 def test_with_a_tiny_crop_efficientq_is_no_worse_than_round_to_nearest_on_held_out_volumes(trained_unet, validation_spheres):
@@ -48,9 +48,10 @@ def test_with_a_tiny_crop_efficientq_is_no_worse_than_round_to_nearest_on_held_o
     effq = quantize(trained_unet, tiny, EfficientQConfig(**cfg), progress=False)
     rtn = quantize(trained_unet, tiny, EfficientQConfig(**cfg, method="rtn"), progress=False)
     assert _output_error(trained_unet, effq.network, held_out) <= _output_error(trained_unet, rtn.network, held_out)
-    for layer in effq.report.layers:  # one window: no held-out search, underdetermined layers stay at RTN
-        assert layer.mse_holdout is None
+    for layer in effq.report.layers:  # one window: a slab of it is held out; underdetermined layers stay at RTN
         assert (layer.choice == "rtn (underdetermined)") == layer.underdetermined
+        if not layer.underdetermined:
+            assert layer.mse_holdout is not None and layer.mse_holdout <= layer.mse_holdout_rtn
 
 
 def test_the_underdetermined_warning_names_layers_on_a_tiny_crop_and_stays_quiet_on_whole_volumes(trained_unet, caplog):
@@ -98,10 +99,13 @@ def test_chunked_and_single_pass_calibration_see_the_same_voxels(trained_unet):
     assert [r.voxels for r in one.report.layers] == [r.voxels for r in chunked.report.layers]
 
 
-def test_holdout_masks_hold_out_whole_windows_and_nothing_from_a_single_crop():
+def test_holdout_masks_hold_out_whole_windows_or_a_slab_of_each_window_when_there_are_few():
     windows = holdout_mask((8, 4, 4, 4), 0.25)
     assert windows[3].all() and windows[7].all() and not windows[:3].any()
-    assert holdout_mask((3, 16, 16, 16), 0.25) is None
+    slab = holdout_mask((3, 8, 16, 12), 0.25)  # too few windows: the last quarter along the longest axis
+    assert slab[:, :, 12:, :].all() and not slab[:, :, :12, :].any()
+    assert holdout_mask((1, 3, 2, 2), 0.25) is None  # no axis long enough to split
+    assert holdout_mask((1,), 0.25) is None  # one Linear sample
     assert holdout_mask((2, 16), 0.5)[1].all()
 
 
