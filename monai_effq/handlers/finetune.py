@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["FinetuneHandler", "engine_loss", "trained_module"]
+__all__ = ["FinetuneHandler", "engine_loss"]
 
 
 def engine_loss(output: Any) -> float:
@@ -55,7 +55,7 @@ def engine_loss(output: Any) -> float:
     return float(loss.detach()) if hasattr(loss, "detach") else float(loss)
 
 
-def trained_module(network: torch.nn.Module) -> torch.nn.Module:
+def _trained_module(network: torch.nn.Module) -> torch.nn.Module:
     """The network a trainer trains: the module inside a ``DistributedDataParallel``, else ``network``.
 
     Args:
@@ -159,7 +159,7 @@ class FinetuneHandler:
         self.check.start()
 
     def _check_network(self, engine: Engine) -> None:
-        if trained_module(engine.network) is not self.trainable.network:
+        if _trained_module(engine.network) is not self.trainable.network:
             raise RuntimeError(
                 "the trainer's network is not the TrainableNetwork's: pass trainable.network (or a DistributedDataParallel "
                 "around it) to the trainer."
