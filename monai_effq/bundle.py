@@ -50,6 +50,7 @@ __all__ = [
     "log_written",
     "model_tag",
     "preprocessing",
+    "rank_cases",
     "refuse_to_overwrite",
     "refuse_to_replace_shipped",
     "set_determinism",
@@ -127,6 +128,48 @@ def datalist(
         train, val = split_datalist(cases, val_fraction=val_fraction, seed=0)
         cases = {"train": train, "val": val}[part]
     return cases[:limit] if limit else cases
+
+
+def rank_cases(cases: Sequence[dict[str, Any]], rank: int, world_size: int, what: str = "validation cases") -> list[dict[str, Any]]:
+    """This rank's share of ``cases`` when ``torchrun`` runs a workflow on ``world_size`` processes.
+
+    Each rank takes one contiguous block (sizes differ by at most one; nothing is padded or repeated),
+    so MONAI's metrics, which gather every rank's per-case values in rank order, see the cases in the
+    order one process sees them and reduce them to the same figures, bit for bit. The share is logged
+    by name, so the logs say which rank evaluated which case.
+
+    Args:
+        cases: the whole list (e.g. the validation split), the same on every rank.
+        rank: this process's rank (``torch.distributed.get_rank()``).
+        world_size: the number of processes (``torch.distributed.get_world_size()``).
+        what: what the cases are, for the log and the error.
+
+    Returns:
+        the cases of this rank, in their original order.
+
+    Raises:
+        UserInputError: when there are fewer cases than ranks (a rank without cases would wait forever
+            for the others' metrics).
+    """
+    if len(cases) < world_size:
+        raise UserInputError(
+            f"{len(cases)} {what} cannot be shared by {world_size} processes: start torchrun with "
+            f"--nproc_per_node (times --nnodes) of at most {len(cases)}."
+        )
+    start, stop = rank * len(cases) // world_size, (rank + 1) * len(cases) // world_size
+    share = list(cases[start:stop])
+    logger.info(
+        f"rank {rank} of {world_size} takes {what} {start}-{stop - 1} of {len(cases)}: "
+        + ", ".join(_case_name(case) for case in share)
+    )
+    return share
+
+
+def _case_name(case: dict[str, Any]) -> str:
+    """A case's name for the logs: the file name of its (first) image."""
+    image = case.get("image")
+    first = image[0] if isinstance(image, (list, tuple)) and image else image
+    return Path(str(first)).name
 
 
 def calibration_datalist(
@@ -266,15 +309,24 @@ def images(
     return [{"image": case["image"]} for case in datalist(dataset_dir, dataset, part, layout, val_fraction)]
 
 
+def _is_other_rank() -> bool:
+    """Whether this process is a rank other than 0 of a ``torchrun`` process group (rank 0 writes the outputs)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0
+
+
 def log_written(*paths: str | os.PathLike | None) -> list[Path]:
     """Log each file or folder a workflow wrote, with its size (the last step of a bundle workflow).
+
+    Under ``torchrun`` only rank 0, which writes the outputs, lists them.
 
     Args:
         paths: the outputs; a folder is listed with the files inside it; None or "" is skipped.
 
     Returns:
-        the outputs that exist.
+        the outputs that exist (empty on ranks other than 0).
     """
+    if _is_other_rank():
+        return []
     found = []
     for path in (Path(p) for p in paths if p):
         if path.is_dir():
@@ -467,9 +519,10 @@ def export_monailabel_bundle(
         tag: the model's :func:`model_tag`, e.g. ``"efficientq_w4a8"``, written into the metadata.
 
     Returns:
-        ``export_dir``, or None when nothing was exported.
+        ``export_dir``, or None when nothing was exported (also on ranks other than 0 under
+        ``torchrun``: rank 0 exports).
     """
-    if not export_dir:
+    if not export_dir or _is_other_rank():
         return None
     from monai_effq.deploy.torchscript import export_torchscript
     from monai_effq.ptq.checkpoint import load_quantized

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from monai_effq import EfficientQConfig, quantize
-from monai_effq.bundle import calibration_datalist, check_quantized, existing_checkpoint, images, preprocessing
+from monai_effq.bundle import calibration_datalist, check_quantized, existing_checkpoint, images, preprocessing, rank_cases
 from monai_effq.data import detect_layout, make_lits_demo, validate_datalist
 from monai_effq.handlers.quantization import QuantizedCheckpointLoader, check_calibration_volume
 from monai_effq.ptq.modules import ActivationQuantizer
@@ -160,6 +160,7 @@ TRIGGERS = {
         lambda t, d: ActivationQuantizer.calibrate(torch.tensor([1.0, float("inf")]), 8, name="model.3.conv")
     ),
     "the quantize run that writes <file> did not finish (its journal <journal> is there)": _unfinished_run,
+    "<n> validation cases cannot be shared by <m> processes": lambda t, d: rank_cases([{"image": "a.nii.gz"}], 0, 2),
     "the input to <model.onnx> holds <n> NaN or Inf voxel(s)": _nan_onnx_input,
 }
 

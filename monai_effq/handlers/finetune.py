@@ -8,6 +8,11 @@ the cause candidates when training made the network worse), freezes the network 
 (:meth:`~monai_effq.qat.TrainableNetwork.freeze`), puts the :class:`~monai_effq.ptq.QuantizationResult`
 in ``engine.state.quantization`` (where :class:`~monai_effq.handlers.QuantizationReportHandler`
 finds it) and writes the checkpoint.
+
+Under ``torchrun`` the trainer's network is a ``DistributedDataParallel`` around
+``TrainableNetwork.network``: the handler then scores the held-out check on every rank's windows
+together (one decision on every rank), records the loss averaged over the ranks, and only rank 0
+writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+import torch.distributed as dist
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_effq.ptq.checkpoint import save_quantized
@@ -48,6 +55,25 @@ def engine_loss(output: Any) -> float:
     return float(loss.detach()) if hasattr(loss, "detach") else float(loss)
 
 
+def _trained_module(network: torch.nn.Module) -> torch.nn.Module:
+    """The network a trainer trains: the module inside a ``DistributedDataParallel``, else ``network``.
+
+    Args:
+        network: the trainer's network.
+
+    Returns:
+        the module whose parameters train.
+    """
+    return network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
+
+
+def _ranks(engine: Engine) -> tuple[int, int]:
+    """``(rank, world size)`` of a trainer whose network is a ``DistributedDataParallel``, else ``(0, 1)``."""
+    if isinstance(engine.network, torch.nn.parallel.DistributedDataParallel):
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class FinetuneHandler:
     """Checks a :class:`TrainableNetwork` on held-out windows and freezes it when the trainer completes.
 
@@ -58,8 +84,8 @@ class FinetuneHandler:
 
     Args:
         trainable: what :func:`monai_effq.qat.prepare_finetune` returned (the trainer's network
-            must be ``trainable.network``).
-        save_path: where to write the quantized checkpoint, or ``None``.
+            must be ``trainable.network``, or a ``DistributedDataParallel`` around it).
+        save_path: where to write the quantized checkpoint, or ``None`` (across ranks rank 0 writes it).
         settings: fine-tuning settings to keep in the report (e.g. ``{"lr": 1e-4}``).
         validation_data: held-out labelled batches (e.g. the bundle's validation loader); ``None``
             draws the first ``check_batches`` batches of the trainer's data loader once, before
@@ -121,36 +147,51 @@ class FinetuneHandler:
 
     def start(self, engine: Engine) -> None:
         """Score the start on the held-out windows (drawn from the trainer's loader unless given)."""
-        if engine.network is not self.trainable.network:
-            raise RuntimeError("the trainer's network is not the TrainableNetwork's: pass trainable.network to the trainer.")
+        self._check_network(engine)
         if not self.check_batches or self.check is not None:
             return
         data = engine.data_loader if self.validation_data is None else self.validation_data
         windows = draw_windows(data, self.check_batches)
+        across_ranks = _ranks(engine)[1] > 1
         self.check = FinetuneCheck(
-            self.trainable, windows, engine.loss_function, self.trainable.task, self.inferer, self.trainable.reference
+            self.trainable, windows, engine.loss_function, self.trainable.task, self.inferer, self.trainable.reference, across_ranks
         )
         self.check.start()
+
+    def _check_network(self, engine: Engine) -> None:
+        if _trained_module(engine.network) is not self.trainable.network:
+            raise RuntimeError(
+                "the trainer's network is not the TrainableNetwork's: pass trainable.network (or a DistributedDataParallel "
+                "around it) to the trainer."
+            )
 
     def record_learning_rate(self, engine: Engine) -> None:
         """Keep the learning rate this iteration trains with (the held-out check's step analysis)."""
         self.trainable.learning_rates.append(float(engine.optimizer.param_groups[0]["lr"]))
 
     def record(self, engine: Engine) -> None:
-        """Keep this iteration's loss for the report."""
-        self.trainable.losses.append(engine_loss(engine.state.output))
+        """Keep this iteration's loss for the report (across ranks: the mean of the ranks' losses)."""
+        loss = engine_loss(engine.state.output)
+        world = _ranks(engine)[1]
+        if world > 1:
+            total = torch.tensor([loss], dtype=torch.float64, device=next(self.trainable.network.parameters()).device)
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+            loss = float(total) / world
+        self.trainable.losses.append(loss)
 
     def __call__(self, engine: Engine) -> None:
         """Keep the better of start and end, freeze, hand the result to the engine and write the checkpoint."""
-        if engine.network is not self.trainable.network:
-            raise RuntimeError("the trainer's network is not the TrainableNetwork's: pass trainable.network to the trainer.")
+        self._check_network(engine)
         settings = dict(self.settings)
         if self.check is not None:
             settings["check"] = self.check.finish(self.trainable.learning_rates, self.trainable.losses)
             self.check = None
         result = self.trainable.freeze(settings)
         engine.state.quantization = result
-        if self.save_path is not None:
+        rank, world = _ranks(engine)
+        if self.save_path is not None and rank == 0:
             path = save_quantized(result, self.save_path)
-            self.logger.info(f"fine-tuned quantized checkpoint written to {path}")
+            self.logger.info(f"fine-tuned quantized checkpoint written to {path}" + (f" by rank 0 of {world}" if world > 1 else ""))
+        elif self.save_path is not None:
+            self.logger.info(f"rank {rank} of {world} finished the fine-tune; rank 0 writes {self.save_path}")
         self.logger.info(result.report.summary())

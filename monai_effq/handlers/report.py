@@ -206,6 +206,13 @@ def _metric_per_class(value: Any, classes: list[str]) -> list[float]:
     return [float(v) for v in t]
 
 
+def _rank() -> int:
+    """This process's rank under ``torchrun``, 0 without a process group."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def write_comparison(
     evaluators: dict[str, Engine],
     class_names: list[str],
@@ -217,6 +224,9 @@ def write_comparison(
 
     Each evaluator must have ``"dice"`` and (optionally) ``"hd95"`` in ``engine.state.metrics``
     (MONAI ``MeanDice``/``HausdorffDistance`` with ``reduction="mean_batch"``).
+
+    Under ``torchrun`` every rank calls this with the same figures (MONAI's metrics gather every
+    rank's cases before they reduce them); only rank 0 writes and prints.
 
     Args:
         evaluators: model name (e.g. ``"FP"``, ``"W4A8"``) → evaluator that has run.
@@ -243,6 +253,8 @@ def write_comparison(
         row.update((extra or {}).get(model, {}))
         rows.append(row)
         dice_table[model] = dict(zip(class_names, dice))
+    if _rank() != 0:
+        return rows
     out = Path(output_dir)
     buf = io.StringIO()
     keys: list[str] = []

@@ -71,10 +71,12 @@ class HeldOutScore:
         loss: the mean loss over the windows.
         dice: Dice per foreground class, from intersections and sizes summed over every window;
             ``nan`` for a class that no window's label holds.
+        windows: how many windows were scored (over every rank when scored across ranks).
     """
 
     loss: float
     dice: tuple[float, ...]
+    windows: int = 0
 
     @property
     def mean_dice(self) -> float:
@@ -172,6 +174,7 @@ def score_windows(
     loss_function: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     task: str,
     inferer: Inferer | None = None,
+    across_ranks: bool = False,
 ) -> HeldOutScore:
     """Score ``network`` (in eval mode, without gradients, on its own device) on the windows.
 
@@ -183,6 +186,9 @@ def score_windows(
             (a channel is foreground where its logit is positive).
         inferer: ``inferer(image, network)`` (e.g. a MONAI ``SlidingWindowInferer`` for whole
             volumes); the plain forward pass when ``None``.
+        across_ranks: score the windows of every rank of the ``torch.distributed`` process group
+            together (every rank must call this): the losses and the Dice counts are summed over the
+            ranks, so every rank gets the same score, that of all their windows.
 
     Returns:
         the :class:`HeldOutScore`.
@@ -208,8 +214,25 @@ def score_windows(
             sizes = sizes + (pred.sum(dims) + true.sum(dims)).double()
             truth = truth + true.sum(dims).double()
     network.train(was_training)
+    loss_sum, count = sum(losses), len(losses)
+    if across_ranks:
+        loss_sum, count, inter, sizes, truth = _sum_over_ranks(loss_sum, count, inter, sizes, truth, device)
     dice = torch.where(truth > 0, 2 * inter / torch.as_tensor(sizes).clamp_min(1), torch.nan)
-    return HeldOutScore(loss=sum(losses) / len(losses), dice=tuple(float(d) for d in dice))
+    return HeldOutScore(loss=loss_sum / count, dice=tuple(float(d) for d in dice), windows=count)
+
+
+def _sum_over_ranks(
+    loss_sum: float, count: int, inter: torch.Tensor, sizes: torch.Tensor, truth: torch.Tensor, device: torch.device
+) -> tuple[float, int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The held-out sums of every rank, with one float64 all-reduce (on ``device``: NCCL reduces CUDA tensors)."""
+    import torch.distributed as dist
+
+    classes = inter.numel()
+    flat = torch.cat([torch.tensor([loss_sum, count], dtype=torch.float64), inter.cpu(), sizes.cpu(), truth.cpu()]).to(device)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat = flat.cpu()
+    parts = flat[2:].split(classes)
+    return float(flat[0]), int(flat[1]), parts[0], parts[1], parts[2]
 
 
 def _device(network: nn.Module) -> torch.device:
@@ -293,6 +316,10 @@ class FinetuneCheck:
         task: ``"multiclass"`` or ``"multilabel"``, for the Dice.
         inferer: ``inferer(image, network)``, or ``None`` for the plain forward pass.
         reference: a network to compare the kept one with (the FP network of an FP start), or ``None``.
+        across_ranks: the fine-tune runs on every rank of a ``torch.distributed`` process group (a
+            ``DistributedDataParallel`` trainer), each with windows of its own: start and end are
+            scored on all ranks' windows together (:func:`score_windows`), so every rank takes the
+            same decision and keeps the same network. The layer findings are this rank's windows'.
     """
 
     def __init__(
@@ -303,8 +330,10 @@ class FinetuneCheck:
         task: str,
         inferer: Inferer | None = None,
         reference: nn.Module | None = None,
+        across_ranks: bool = False,
     ) -> None:
         self.trainable = trainable
+        self.across_ranks = across_ranks
         self.windows = windows
         self.loss_function = loss_function
         self.task = task
@@ -316,7 +345,7 @@ class FinetuneCheck:
         self._start_state: dict[str, torch.Tensor] | None = None
 
     def _score(self, network: nn.Module) -> HeldOutScore:
-        return score_windows(network, self.windows, self.loss_function, self.task, self.inferer)
+        return score_windows(network, self.windows, self.loss_function, self.task, self.inferer, self.across_ranks)
 
     def start(self) -> HeldOutScore:
         """Score the start, keep its state and diagnose its quantizers (call before training).
@@ -330,7 +359,7 @@ class FinetuneCheck:
             self.reference_score = self._score(self.reference)
         self.findings = format_losses(self.trainable, self.windows, self.inferer)
         reference = "" if self.reference_score is None else f" (reference {self.reference_score})"
-        logger.info("fine-tune starts at held-out %s on %d windows%s", self.start_score, len(self.windows), reference)
+        logger.info("fine-tune starts at held-out %s on %d windows%s", self.start_score, self.start_score.windows, reference)
         return self.start_score
 
     def finish(self, learning_rates: list[float], losses: list[float]) -> dict[str, Any]:
@@ -360,7 +389,7 @@ class FinetuneCheck:
             logger.warning(
                 "the fine-tune made the network worse on the %d held-out windows (start %s, end %s): the start is "
                 "kept. Cause candidates: %s",
-                len(self.windows), self.start_score, end, "; ".join(causes),
+                end.windows, self.start_score, end, "; ".join(causes),
             )
         elif self.reference_score is not None and kept.mean_dice < self.reference_score.mean_dice - REFERENCE_TOLERANCE:
             logger.warning(
@@ -372,7 +401,7 @@ class FinetuneCheck:
             logger.info("fine-tune ends at held-out %s (start %s): the end is kept", end, self.start_score)
         self._start_state = None
         return {
-            "windows": len(self.windows),
+            "windows": end.windows,
             "start": self.start_score.as_dict(),
             "end": end.as_dict(),
             "reference": None if self.reference_score is None else self.reference_score.as_dict(),
