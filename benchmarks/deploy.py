@@ -88,9 +88,18 @@ def fp_network(bundle: str, overrides: dict | None, work: Path) -> tuple[torch.n
     return net.eval(), ckpt
 
 
-def quantize_bundle(bundle: str, weight_bits: int, work: Path, overrides: dict | None = None, fp_ckpt: Path | None = None) -> Path:
-    """Run the bundle's quantize workflow (EfficientQ, demo calibration case) into ``work``."""
-    path = work / f"{bundle}_{'custom' if overrides else 'bundle'}_w{weight_bits}a8.pt"
+def quantize_bundle(
+    bundle: str,
+    weight_bits: int,
+    work: Path,
+    overrides: dict | None = None,
+    fp_ckpt: Path | None = None,
+    norm_inputs: bool = False,
+) -> Path:
+    """Run the bundle's quantize workflow (EfficientQ, demo calibration case) into ``work``
+    (``norm_inputs``: with ``quantize_norm_inputs`` on)."""
+    tag = "_norm_inputs" if norm_inputs else ""
+    path = work / f"{bundle}_{'custom' if overrides else 'bundle'}_w{weight_bits}a8{tag}.pt"
     parser = parser_for(
         bundle,
         ["quantize"],
@@ -102,6 +111,8 @@ def quantize_bundle(bundle: str, weight_bits: int, work: Path, overrides: dict |
     )
     for key, value in (overrides or {}).items():
         parser[f"network_def#{key}"] = value
+    if norm_inputs:
+        parser["efficientq#quantize_norm_inputs"] = True
     parser.get_parsed_content("calibrate#calibrator").run()
     return path
 
@@ -154,6 +165,8 @@ def calibration_volume(bundle: str, size: int) -> torch.Tensor:
 def latency(args: argparse.Namespace, work: Path) -> list[dict]:
     rows = []
     for index, (name, (bundle, size, overrides)) in enumerate(NETWORKS.items()):
+        if args.only and args.only not in name:
+            continue
         size = 64 if args.quick else size
         x = volume(bundle, size)
         fp, fp_ckpt = fp_network(bundle, overrides, work)
@@ -188,6 +201,12 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
             runners[f"OV int8 f32 W{bits}A8"] = OpenVINONetwork(path_ov, precision="f32")
             # the same network with the other group-norm form, to show what the choice is worth
             runners[f"OV int8 {OTHER_FORM[ov_norms]} W{bits}A8"] = OpenVINONetwork(path_other)
+            if args.norm_inputs:  # the same quantize run with the norms' inputs rounded to 8 bits as well
+                ckpt_n = quantize_bundle(bundle, bits, work, overrides, fp_ckpt, norm_inputs=True)
+                net_n = monai_effq.load_quantized(ckpt_n, network_def(bundle, overrides).get_parsed_content("network_def"))
+                path_n = export_onnx(net_n, work / f"net{index}_w{bits}a8_norm_inputs_ov.onnx", x, group_norm=ov_norms)
+                runners[f"torch fake-quant W{bits}A8+N"] = net_n.eval()
+                runners[f"OV int8 default W{bits}A8+N"] = OpenVINONetwork(path_n)
         times: dict[str, list[float]] = {k: [] for k in runners}
         outputs = {}
         with torch.no_grad():
@@ -288,6 +307,8 @@ def main() -> None:
     parser.add_argument("--skip-dice", action="store_true")
     parser.add_argument("--skip-nncf", action="store_true", help="leave out NNCF's int8 (the [bench] extra)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--norm-inputs", action="store_true", help="also quantize with quantize_norm_inputs and run that in OpenVINO")
+    parser.add_argument("--only", default="", help="run only the networks whose name contains this text")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.bits = 2, [4]
