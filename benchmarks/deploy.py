@@ -9,10 +9,12 @@ running the FP model and our int8 model, each with ``OpenVINONetwork``'s default
 layers left in floating point (bf16 where the CPU computes it natively, as OpenVINO's own default)
 and with f32, our int8 with the other group-norm export form than the one ``group_norm_form_for``
 picks, and NNCF's int8 of the same FP model (``nncf.quantize`` with its defaults on the bundle's
-calibration case; ``--skip-nncf`` leaves it out). Every runner is timed once per round, rounds
+calibration case; ``--skip-nncf`` leaves it out), and with ``--norm-inputs`` our int8 quantized with
+``quantize_norm_inputs`` as well (``+N``). Every runner is timed once per round, rounds
 interleaved, and the median is reported with its speed ratio against torch fp32 and against OpenVINO
 running the FP model with its defaults, both measured in the same run; also the ONNX file sizes and
-each output's relative L2 error against fp32 and against the fake-quant network. The CPU's flags and
+each output's relative L2 error and label agreement (sigmoid channels or argmax, as the bundle's task)
+against fp32 and against the fake-quant network. The CPU's flags and
 each OpenVINO runner's chosen float precision are printed beside the figures.
 
 Part 2, Dice: each bundle's ``evaluate`` workflow with the ``evaluate_openvino.json`` overlay (the
@@ -144,6 +146,13 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def label_agreement(a: torch.Tensor, b: torch.Tensor, task: str) -> float:
+    """The share of voxels whose labels agree: every sigmoid channel's (``"multilabel"``) or the argmax (``"multiclass"``)."""
+    if task == "multilabel":
+        return float(((a > 0) == (b > 0)).float().mean())
+    return float((a.argmax(1) == b.argmax(1)).float().mean())
+
+
 def nncf_int8(fp_onnx: Path, calibration: torch.Tensor, path: Path) -> Path:
     """NNCF's int8 of an FP ONNX file (its defaults, one calibration volume), saved as OpenVINO IR."""
     import nncf
@@ -223,11 +232,16 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
         base = statistics.median(times["torch fp32"])
         ov_fp = statistics.median(times["OV FP default"])
         print(f"\n{name}, input {tuple(x.shape)}, median of {args.rounds} interleaved rounds")
-        print(f"{'runner':30s} {'float':>5s} {'seconds':>8s} {'x torch fp32':>12s} {'x OV FP def':>11s} {'relL2 vs fp32':>13s} {'vs fake-quant':>13s}")
+        task = parser_for(bundle, ["quantize"])["task"]
+        print(
+            f"{'runner':30s} {'float':>5s} {'seconds':>8s} {'x torch fp32':>12s} {'x OV FP def':>11s} {'relL2 vs fp32':>13s} "
+            f"{'vs fake-quant':>13s} {'labels=fp32':>11s} {'=fake-quant':>11s}"
+        )
         for key, run in runners.items():
             med = statistics.median(times[key])
             tag = key.split()[-1]
-            fq = outputs.get(f"torch fake-quant {tag}") if tag != "FTZ" else None
+            # our fake-quant network is the reference of our own deployments only, not of NNCF's
+            fq = outputs.get(f"torch fake-quant {tag}") if tag != "FTZ" and not key.startswith("NNCF") else None
             row = {
                 "network": name,
                 "runner": key,
@@ -237,12 +251,16 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
                 "speedup_vs_openvino_fp_default": ov_fp / med,
                 "rel_l2_vs_fp32": rel_l2(outputs[key], outputs["torch fp32"]),
                 "rel_l2_vs_fake_quant": rel_l2(outputs[key], fq) if fq is not None else None,
+                "labels_equal_fp32": label_agreement(outputs[key], outputs["torch fp32"], task),
+                "labels_equal_fake_quant": label_agreement(outputs[key], fq, task) if fq is not None else None,
             }
             rows.append(row)
-            vs_fq = "" if fq is None else f"{row['rel_l2_vs_fake_quant']:13.2e}"
+            labels_fq = "" if fq is None else f"{row['labels_equal_fake_quant']:11.4f}"
             print(
                 f"{key:30s} {row['float_precision'] or '':>5s} {med:8.3f} {row['speedup_vs_torch_fp32']:12.2f} "
-                f"{row['speedup_vs_openvino_fp_default']:11.2f} {row['rel_l2_vs_fp32']:13.2e} {vs_fq}"
+                f"{row['speedup_vs_openvino_fp_default']:11.2f} {row['rel_l2_vs_fp32']:13.2e} "
+                f"{'' if fq is None else format(row['rel_l2_vs_fake_quant'], '13.2e'):>13s} "
+                f"{row['labels_equal_fp32']:11.4f} {labels_fq}"
             )
         for tag, size_bytes in files.items():
             print(f"ONNX {tag}: {size_bytes / 2**20:.2f} MiB ({size_bytes / files['fp32']:.3f} of fp32)")
@@ -264,20 +282,21 @@ def nncf_model(bundle: str, work: Path) -> Path:
 
 def dice(args: argparse.Namespace, work: Path) -> list[dict]:
     rows = []
-    print("\nSliding-window evaluation on the demo validation cases (the bundles' evaluate workflow), W4A8")
+    bits = args.dice_bits
+    print(f"\nSliding-window evaluation on the demo validation cases (the bundles' evaluate workflow), W{bits}A8")
     for bundle in BUNDLES:
-        ckpt = work / f"{bundle}_bundle_w4a8.pt"
+        ckpt = work / f"{bundle}_bundle_w{bits}a8.pt"
         if not ckpt.is_file():
-            quantize_bundle(bundle, 4, work)
+            quantize_bundle(bundle, bits, work)
         fp_ckpt = str(ROOT / "bundles" / bundle / "models" / "model.pt")
         for runtime in ("torch", "openvino", "onnxruntime"):
             configs = ["evaluate"] if runtime == "torch" else ["evaluate", "evaluate_openvino"]
-            overrides = {"quantized_path": str(ckpt), "fp_checkpoint": fp_ckpt, "output_dir": str(work / "eval")}
+            overrides = {"quantized_path": str(ckpt), "fp_checkpoint": fp_ckpt, "output_dir": str(work / "eval"), "weight_bits": bits}
             if runtime != "torch":
                 overrides["runtime"] = runtime
             parser = parser_for(bundle, configs, **overrides)
             runs = {"torch fp32": "validate#evaluator"} if runtime == "torch" else {}
-            runs[f"{runtime} W4A8" if runtime != "torch" else "torch fake-quant W4A8"] = (
+            runs[f"{runtime} W{bits}A8" if runtime != "torch" else f"torch fake-quant W{bits}A8"] = (
                 "quantized#evaluator" if runtime == "torch" else "deployed#evaluator"
             )
             if runtime == "openvino" and not args.skip_nncf:
@@ -305,6 +324,8 @@ def main() -> None:
     parser.add_argument("--pause", type=float, default=0.5, help="idle seconds after each timed run")
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4])
     parser.add_argument("--skip-dice", action="store_true")
+    parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--dice-bits", type=int, default=4, help="weight bits of our network in the Dice part")
     parser.add_argument("--skip-nncf", action="store_true", help="leave out NNCF's int8 (the [bench] extra)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--norm-inputs", action="store_true", help="also quantize with quantize_norm_inputs and run that in OpenVINO")
@@ -320,7 +341,7 @@ def main() -> None:
         print(f"OpenVINO {ov.__version__}: float parts by default in {float_precision_for(ov.Core())} on this CPU")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        rows = latency(args, work)
+        rows = [] if args.skip_latency else latency(args, work)
         if not args.skip_dice:
             rows += dice(args, work)
     if args.json:
