@@ -229,9 +229,9 @@ class QuantizedLinear(QuantizedLayer):
 class QuantizedNorm(nn.Module):
     """A group or instance norm whose input is fake-quantized.
 
-    The norm's input is a convolution's output or a residual sum; rounding it to 8 bits lets an
-    int8 runtime write it in 8 bits and compute the norm's statistics and affine map from them
-    (OpenVINO fuses the quantize step into the producing convolution), as NNCF's int8 graphs do.
+    The norm's input is a convolution's output or a residual sum; rounded to 8 bits, an int8
+    runtime can read it in 8 bits, and OpenVINO writes it so from a convolution whose output only
+    the norm reads (NNCF's int8 graphs round these tensors too).
 
     Args:
         norm: the ``GroupNorm`` or ``InstanceNorm*`` module (kept as it is).
