@@ -9,10 +9,12 @@ running the FP model and our int8 model, each with ``OpenVINONetwork``'s default
 layers left in floating point (bf16 where the CPU computes it natively, as OpenVINO's own default)
 and with f32, our int8 with the other group-norm export form than the one ``group_norm_form_for``
 picks, and NNCF's int8 of the same FP model (``nncf.quantize`` with its defaults on the bundle's
-calibration case; ``--skip-nncf`` leaves it out). Every runner is timed once per round, rounds
+calibration case; ``--skip-nncf`` leaves it out), and with ``--norm-inputs`` our int8 quantized with
+``quantize_norm_inputs`` as well (``+N``). Every runner is timed once per round, rounds
 interleaved, and the median is reported with its speed ratio against torch fp32 and against OpenVINO
 running the FP model with its defaults, both measured in the same run; also the ONNX file sizes and
-each output's relative L2 error against fp32 and against the fake-quant network. The CPU's flags and
+each output's relative L2 error and label agreement (sigmoid channels or argmax, as the bundle's task)
+against fp32 and against the fake-quant network. The CPU's flags and
 each OpenVINO runner's chosen float precision are printed beside the figures.
 
 Part 2, Dice: each bundle's ``evaluate`` workflow with the ``evaluate_openvino.json`` overlay (the
@@ -88,9 +90,18 @@ def fp_network(bundle: str, overrides: dict | None, work: Path) -> tuple[torch.n
     return net.eval(), ckpt
 
 
-def quantize_bundle(bundle: str, weight_bits: int, work: Path, overrides: dict | None = None, fp_ckpt: Path | None = None) -> Path:
-    """Run the bundle's quantize workflow (EfficientQ, demo calibration case) into ``work``."""
-    path = work / f"{bundle}_{'custom' if overrides else 'bundle'}_w{weight_bits}a8.pt"
+def quantize_bundle(
+    bundle: str,
+    weight_bits: int,
+    work: Path,
+    overrides: dict | None = None,
+    fp_ckpt: Path | None = None,
+    norm_inputs: bool = False,
+) -> Path:
+    """Run the bundle's quantize workflow (EfficientQ, demo calibration case) into ``work``
+    (``norm_inputs``: with ``quantize_norm_inputs`` on)."""
+    tag = "_norm_inputs" if norm_inputs else ""
+    path = work / f"{bundle}_{'custom' if overrides else 'bundle'}_w{weight_bits}a8{tag}.pt"
     parser = parser_for(
         bundle,
         ["quantize"],
@@ -102,6 +113,8 @@ def quantize_bundle(bundle: str, weight_bits: int, work: Path, overrides: dict |
     )
     for key, value in (overrides or {}).items():
         parser[f"network_def#{key}"] = value
+    if norm_inputs:
+        parser["efficientq#quantize_norm_inputs"] = True
     parser.get_parsed_content("calibrate#calibrator").run()
     return path
 
@@ -133,6 +146,13 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
+def label_agreement(a: torch.Tensor, b: torch.Tensor, task: str) -> float:
+    """The share of voxels whose labels agree: every sigmoid channel's (``"multilabel"``) or the argmax (``"multiclass"``)."""
+    if task == "multilabel":
+        return float(((a > 0) == (b > 0)).float().mean())
+    return float((a.argmax(1) == b.argmax(1)).float().mean())
+
+
 def nncf_int8(fp_onnx: Path, calibration: torch.Tensor, path: Path) -> Path:
     """NNCF's int8 of an FP ONNX file (its defaults, one calibration volume), saved as OpenVINO IR."""
     import nncf
@@ -154,6 +174,8 @@ def calibration_volume(bundle: str, size: int) -> torch.Tensor:
 def latency(args: argparse.Namespace, work: Path) -> list[dict]:
     rows = []
     for index, (name, (bundle, size, overrides)) in enumerate(NETWORKS.items()):
+        if args.only and args.only not in name:
+            continue
         size = 64 if args.quick else size
         x = volume(bundle, size)
         fp, fp_ckpt = fp_network(bundle, overrides, work)
@@ -188,6 +210,12 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
             runners[f"OV int8 f32 W{bits}A8"] = OpenVINONetwork(path_ov, precision="f32")
             # the same network with the other group-norm form, to show what the choice is worth
             runners[f"OV int8 {OTHER_FORM[ov_norms]} W{bits}A8"] = OpenVINONetwork(path_other)
+            if args.norm_inputs:  # the same quantize run with the norms' inputs rounded to 8 bits as well
+                ckpt_n = quantize_bundle(bundle, bits, work, overrides, fp_ckpt, norm_inputs=True)
+                net_n = monai_effq.load_quantized(ckpt_n, network_def(bundle, overrides).get_parsed_content("network_def"))
+                path_n = export_onnx(net_n, work / f"net{index}_w{bits}a8_norm_inputs_ov.onnx", x, group_norm=ov_norms)
+                runners[f"torch fake-quant W{bits}A8+N"] = net_n.eval()
+                runners[f"OV int8 default W{bits}A8+N"] = OpenVINONetwork(path_n)
         times: dict[str, list[float]] = {k: [] for k in runners}
         outputs = {}
         with torch.no_grad():
@@ -204,11 +232,16 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
         base = statistics.median(times["torch fp32"])
         ov_fp = statistics.median(times["OV FP default"])
         print(f"\n{name}, input {tuple(x.shape)}, median of {args.rounds} interleaved rounds")
-        print(f"{'runner':30s} {'float':>5s} {'seconds':>8s} {'x torch fp32':>12s} {'x OV FP def':>11s} {'relL2 vs fp32':>13s} {'vs fake-quant':>13s}")
+        task = parser_for(bundle, ["quantize"])["task"]
+        print(
+            f"{'runner':30s} {'float':>5s} {'seconds':>8s} {'x torch fp32':>12s} {'x OV FP def':>11s} {'relL2 vs fp32':>13s} "
+            f"{'vs fake-quant':>13s} {'labels=fp32':>11s} {'=fake-quant':>11s}"
+        )
         for key, run in runners.items():
             med = statistics.median(times[key])
             tag = key.split()[-1]
-            fq = outputs.get(f"torch fake-quant {tag}") if tag != "FTZ" else None
+            # our fake-quant network is the reference of our own deployments only, not of NNCF's
+            fq = outputs.get(f"torch fake-quant {tag}") if tag != "FTZ" and not key.startswith("NNCF") else None
             row = {
                 "network": name,
                 "runner": key,
@@ -218,12 +251,16 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
                 "speedup_vs_openvino_fp_default": ov_fp / med,
                 "rel_l2_vs_fp32": rel_l2(outputs[key], outputs["torch fp32"]),
                 "rel_l2_vs_fake_quant": rel_l2(outputs[key], fq) if fq is not None else None,
+                "labels_equal_fp32": label_agreement(outputs[key], outputs["torch fp32"], task),
+                "labels_equal_fake_quant": label_agreement(outputs[key], fq, task) if fq is not None else None,
             }
             rows.append(row)
-            vs_fq = "" if fq is None else f"{row['rel_l2_vs_fake_quant']:13.2e}"
+            labels_fq = "" if fq is None else f"{row['labels_equal_fake_quant']:11.4f}"
             print(
                 f"{key:30s} {row['float_precision'] or '':>5s} {med:8.3f} {row['speedup_vs_torch_fp32']:12.2f} "
-                f"{row['speedup_vs_openvino_fp_default']:11.2f} {row['rel_l2_vs_fp32']:13.2e} {vs_fq}"
+                f"{row['speedup_vs_openvino_fp_default']:11.2f} {row['rel_l2_vs_fp32']:13.2e} "
+                f"{'' if fq is None else format(row['rel_l2_vs_fake_quant'], '13.2e'):>13s} "
+                f"{row['labels_equal_fp32']:11.4f} {labels_fq}"
             )
         for tag, size_bytes in files.items():
             print(f"ONNX {tag}: {size_bytes / 2**20:.2f} MiB ({size_bytes / files['fp32']:.3f} of fp32)")
@@ -245,20 +282,21 @@ def nncf_model(bundle: str, work: Path) -> Path:
 
 def dice(args: argparse.Namespace, work: Path) -> list[dict]:
     rows = []
-    print("\nSliding-window evaluation on the demo validation cases (the bundles' evaluate workflow), W4A8")
+    bits = args.dice_bits
+    print(f"\nSliding-window evaluation on the demo validation cases (the bundles' evaluate workflow), W{bits}A8")
     for bundle in BUNDLES:
-        ckpt = work / f"{bundle}_bundle_w4a8.pt"
+        ckpt = work / f"{bundle}_bundle_w{bits}a8.pt"
         if not ckpt.is_file():
-            quantize_bundle(bundle, 4, work)
+            quantize_bundle(bundle, bits, work)
         fp_ckpt = str(ROOT / "bundles" / bundle / "models" / "model.pt")
         for runtime in ("torch", "openvino", "onnxruntime"):
             configs = ["evaluate"] if runtime == "torch" else ["evaluate", "evaluate_openvino"]
-            overrides = {"quantized_path": str(ckpt), "fp_checkpoint": fp_ckpt, "output_dir": str(work / "eval")}
+            overrides = {"quantized_path": str(ckpt), "fp_checkpoint": fp_ckpt, "output_dir": str(work / "eval"), "weight_bits": bits}
             if runtime != "torch":
                 overrides["runtime"] = runtime
             parser = parser_for(bundle, configs, **overrides)
             runs = {"torch fp32": "validate#evaluator"} if runtime == "torch" else {}
-            runs[f"{runtime} W4A8" if runtime != "torch" else "torch fake-quant W4A8"] = (
+            runs[f"{runtime} W{bits}A8" if runtime != "torch" else f"torch fake-quant W{bits}A8"] = (
                 "quantized#evaluator" if runtime == "torch" else "deployed#evaluator"
             )
             if runtime == "openvino" and not args.skip_nncf:
@@ -286,8 +324,12 @@ def main() -> None:
     parser.add_argument("--pause", type=float, default=0.5, help="idle seconds after each timed run")
     parser.add_argument("--bits", type=int, nargs="+", default=[8, 4])
     parser.add_argument("--skip-dice", action="store_true")
+    parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--dice-bits", type=int, default=4, help="weight bits of our network in the Dice part")
     parser.add_argument("--skip-nncf", action="store_true", help="leave out NNCF's int8 (the [bench] extra)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--norm-inputs", action="store_true", help="also quantize with quantize_norm_inputs and run that in OpenVINO")
+    parser.add_argument("--only", default="", help="run only the networks whose name contains this text")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.bits = 2, [4]
@@ -299,7 +341,7 @@ def main() -> None:
         print(f"OpenVINO {ov.__version__}: float parts by default in {float_precision_for(ov.Core())} on this CPU")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        rows = latency(args, work)
+        rows = [] if args.skip_latency else latency(args, work)
         if not args.skip_dice:
             rows += dice(args, work)
     if args.json:

@@ -38,7 +38,7 @@ from monai_effq.deploy.containers import INT4_MIN_OPSET, WEIGHT_CONTAINERS, pack
 from monai_effq.deploy.norms import GROUP_NORM_FORMS, channel_stats_norms
 from monai_effq.ptq.checkpoint import result_fingerprint
 from monai_effq.ptq.graph import set_submodule
-from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, functional_forward
+from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, QuantizedNorm, functional_forward
 from monai_effq.ptq.result import QuantizationResult
 from monai_effq.quant.grid import dequantize
 from monai_effq.solver.layers import layer_view
@@ -59,6 +59,7 @@ __all__ = [
     "EXPORTERS",
     "EXPORT_OPTIONS_KEY",
     "QdqLayer",
+    "QdqNorm",
     "SOURCE_FINGERPRINT_KEY",
     "compact_names",
     "count_integer_weights",
@@ -254,10 +255,28 @@ class _ActivationSpec(nn.Module):
         return f"scale={self.scale:.4g}, zero_point={self.zero_point}, clip={self.clip}, signed={self.signed}"
 
 
+class QdqNorm(nn.Module):
+    """The export form of a :class:`~monai_effq.ptq.modules.QuantizedNorm`: a Q/DQ pair, then the norm.
+
+    Args:
+        module: the norm with a quantized input.
+        exporter: the exporter the form is for (see :class:`QdqLayer`).
+    """
+
+    def __init__(self, module: QuantizedNorm, exporter: str = "dynamo") -> None:
+        super().__init__()
+        self.act = _ActivationSpec.from_quantizer(module.input_quantizer, exporter)
+        self.norm = copy.deepcopy(module.norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.act(x))
+
+
 def export_form(
     network: nn.Module, reduce_range: bool = False, group_norm: str = "onnx", exporter: str = "dynamo"
 ) -> tuple[nn.Module, list[str]]:
-    """A copy of ``network`` with every quantized layer replaced by its :class:`QdqLayer`.
+    """A copy of ``network`` with every quantized layer replaced by its :class:`QdqLayer`
+    and every norm with a quantized input by its :class:`QdqNorm`.
 
     Args:
         network: a network holding :class:`~monai_effq.ptq.modules.QuantizedLayer` modules.
@@ -277,6 +296,8 @@ def export_form(
             set_submodule(form, name, qdq)
             if qdq.reduced:
                 reduced.append(name)
+        elif isinstance(module, QuantizedNorm):
+            set_submodule(form, name, QdqNorm(module, exporter))
     if group_norm == "channel_stats":
         channel_stats_norms(form)
     return form, reduced

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 from monai.utils import optional_import
 
-from monai_effq.deploy.export import QdqLayer, _network_of, export_form
+from monai_effq.deploy.export import QdqLayer, QdqNorm, _network_of, export_form
 from monai_effq.deploy.onnx_graph import constant_values
 from monai_effq.ptq.modules import QuantizedLayer
 from monai_effq.ptq.result import QuantizationResult
@@ -77,7 +77,7 @@ def tensorrt_violations(model: Any) -> list[str]:
 
 
 def _layer_violations(form: nn.Module) -> list[str]:
-    """The layers of an export form whose weights or input quantizer have no symmetric int8 form."""
+    """The layers and norms of an export form whose weights or input quantizer have no symmetric int8 form."""
     names = {}
     for name, module in form.named_modules():
         if isinstance(module, QdqLayer):
@@ -88,6 +88,8 @@ def _layer_violations(form: nn.Module) -> list[str]:
                 why.append("input on an unsigned/asymmetric grid")
             if why:
                 names[name] = " and ".join(why)
+        elif isinstance(module, QdqNorm) and not module.act.signed:
+            names[name] = "norm input on an unsigned/asymmetric grid"
     return [f"{name}: {why}" for name, why in names.items()]
 
 

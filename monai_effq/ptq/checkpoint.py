@@ -2,11 +2,12 @@
 
 The file is a ``torch.save`` archive of six entries: ``format``, ``meta`` (a JSON string: the
 config, the report with the fingerprints of the FP weights, config and calibration data it was made
-from, the library versions, and a table of layers and tensors with their offsets), ``codes`` (every
-layer's packed codes, end to end, in one ``uint8`` tensor), ``data`` (every other tensor, flattened
-into one tensor per dtype), ``checksum`` (the fingerprint of ``meta``, ``codes`` and ``data``) and
-``model``, a string saying how to load the file. Few, large tensors keep the archive's per-entry
-overhead negligible, so the file is as small as the packed codes promise.
+from, the library versions, and tables of the layers, of the quantized norm inputs and of the
+tensors with their offsets), ``codes`` (every layer's packed codes, end to end, in one ``uint8``
+tensor), ``data`` (every other tensor, flattened into one tensor per dtype), ``checksum`` (the
+fingerprint of ``meta``, ``codes`` and ``data``) and ``model``, a string saying how to load the
+file. Few, large tensors keep the archive's per-entry overhead negligible, so the file is as small
+as the packed codes promise.
 
 The checksum is the checkpoint's identity: loading verifies it (torch reads a flipped byte in a
 tensor without complaint), deployment records it in the files it exports and compares it to decide
@@ -36,7 +37,7 @@ import torch.nn as nn
 
 from monai_effq.ptq.config import EfficientQConfig
 from monai_effq.ptq.graph import set_submodule
-from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, quantized_layer_class
+from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, QuantizedNorm, quantized_layer_class
 from monai_effq.ptq.result import QuantizationResult
 from monai_effq.ptq.report import QuantizationReport
 from monai_effq.quant.grid import UniformGrid
@@ -47,6 +48,7 @@ from monai_effq.utils.io import atomic_write
 __all__ = [
     "FORMAT",
     "NOT_A_STATE_DICT",
+    "READABLE_FORMATS",
     "checkpoint_fingerprint",
     "load_quantized",
     "load_quantized_result",
@@ -58,7 +60,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("monai_effq")
-FORMAT = "monai-effq-quantized/1"
+# version 2 added the quantized norm inputs (meta "norm_inputs"); version 1 files load as having none
+FORMAT = "monai-effq-quantized/2"
+READABLE_FORMATS = ("monai-effq-quantized/1", FORMAT)
 NOT_A_STATE_DICT = (
     "monai-effq packed checkpoint, not a state dict: load it with monai_effq.load_quantized(path, network_def); "
     "to serve it without monai-effq, use the TorchScript bundle the quantize workflow exports (models/model.ts)"
@@ -105,6 +109,20 @@ def _take(data: dict[str, torch.Tensor], entry: dict[str, Any]) -> torch.Tensor:
     return flat[entry["offset"] : entry["offset"] + n].reshape(entry["shape"]).clone()
 
 
+def _activation_entry(quantizer: ActivationQuantizer, store: _FlatStore) -> dict[str, Any]:
+    return {
+        "bits": quantizer.grid.bits,
+        "kind": quantizer.grid.kind,
+        "scale": store.add(quantizer.scale),
+        "zero_point": store.add(quantizer.zero_point),
+    }
+
+
+def _activation_quantizer(entry: dict[str, Any], data: dict[str, torch.Tensor]) -> ActivationQuantizer:
+    scale, zero = float(_take(data, entry["scale"])), float(_take(data, entry["zero_point"]))
+    return ActivationQuantizer(entry["bits"], entry["kind"], scale, zero)
+
+
 def _payload(result: QuantizationResult) -> dict[str, Any]:
     """The archive's entries, all but the checksum."""
     if not isinstance(result, QuantizationResult):
@@ -133,13 +151,16 @@ def _payload(result: QuantizationResult) -> dict[str, Any]:
                 "scale": store.add(module.scale),
                 "zero_point": store.add(module.zero_point),
                 "bias": None if module.bias is None else store.add(module.bias),
-                "act": None
-                if aq is None
-                else {"bits": aq.grid.bits, "kind": aq.grid.kind, "scale": store.add(aq.scale), "zero_point": store.add(aq.zero_point)},
+                "act": None if aq is None else _activation_entry(aq, store),
             }
         )
         codes_offset += packed.numel()
         quantized_prefixes.append(name + ".")
+    norm_inputs = []
+    for name, module in net.named_modules():
+        if isinstance(module, QuantizedNorm):
+            norm_inputs.append({"name": name, **_activation_entry(module.input_quantizer, store)})
+            quantized_prefixes.append(name + ".input_quantizer.")
     rest = {}
     for key, t in net.state_dict().items():
         if not any(key.startswith(p) for p in quantized_prefixes):
@@ -150,6 +171,7 @@ def _payload(result: QuantizationResult) -> dict[str, Any]:
         "report": result.report.to_dict(measurements=False),
         "folded": list(result.folded),
         "layers": layers,
+        "norm_inputs": norm_inputs,
         "state": rest,
         "provenance": versions(),
     }
@@ -224,7 +246,13 @@ def _read(path: str | os.PathLike) -> _Archive:
         raise ValueError(
             f"corrupt or unreadable quantized checkpoint {p} ({type(e).__name__}); re-run the quantize step."
         ) from e
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS:
+        found = payload.get("format") if isinstance(payload, dict) else None
+        if isinstance(found, str) and found.startswith("monai-effq-quantized/"):
+            raise ValueError(
+                f"{p} is a monai-effq quantized checkpoint of format {found!r}, newer than this version reads "
+                f"({', '.join(READABLE_FORMATS)}): upgrade monai-effq or re-run the quantize step."
+            )
         raise ValueError(
             f"{p} is not a monai-effq quantized checkpoint (expected format {FORMAT!r}); "
             "an FP state_dict is loaded with CheckpointLoader instead."
@@ -283,10 +311,7 @@ def load_quantized_result(path: str | os.PathLike, network: nn.Module) -> Quanti
                     f"layer {entry['name']} has weight shape {tuple(layer.weight.shape)} but the checkpoint "
                     f"holds {tuple(entry['shape'])}"
                 )
-            act = entry["act"]
-            act_q = None
-            if act is not None:
-                act_q = ActivationQuantizer(act["bits"], act["kind"], float(_take(data, act["scale"])), float(_take(data, act["zero_point"])))
+            act_q = None if entry["act"] is None else _activation_quantizer(entry["act"], data)
             cls = quantized_layer_class(layer)
             module = cls(
                 layer,
@@ -298,6 +323,9 @@ def load_quantized_result(path: str | os.PathLike, network: nn.Module) -> Quanti
                 act_q,
             )
             set_submodule(net, entry["name"], module)
+        for entry in meta.get("norm_inputs", []):  # version 1 files have none
+            norm = net.get_submodule(entry["name"])
+            set_submodule(net, entry["name"], QuantizedNorm(norm, _activation_quantizer(entry, data)))
         state = {k: _take(data, v) for k, v in meta["state"].items()}
         for key in state:
             module_name, _, attr = key.rpartition(".")
@@ -305,7 +333,9 @@ def load_quantized_result(path: str | os.PathLike, network: nn.Module) -> Quanti
             if attr == "bias" and getattr(owner, "bias", 0) is None:  # a folded BatchNorm gave it a bias
                 owner.bias = nn.Parameter(torch.zeros_like(state[key]), requires_grad=False)
         missing, unexpected = net.load_state_dict(state, strict=False)
-        quantized = tuple(e["name"] + "." for e in meta["layers"])
+        quantized = tuple(e["name"] + "." for e in meta["layers"]) + tuple(
+            e["name"] + ".input_quantizer." for e in meta.get("norm_inputs", [])
+        )
         missing = [k for k in missing if not k.startswith(quantized)]
         if missing or unexpected:
             raise ValueError(f"missing entries {missing[:5]}, unexpected entries {unexpected[:5]}")
@@ -319,7 +349,8 @@ def load_quantized_result(path: str | os.PathLike, network: nn.Module) -> Quanti
     return QuantizationResult(
         network=net.eval(),
         report=QuantizationReport.from_dict(meta["report"]),
-        config=EfficientQConfig.from_dict(meta["config"]),
+        # fields newer than the file take the value that matches what the file holds
+        config=EfficientQConfig.from_dict({"quantize_norm_inputs": bool(meta.get("norm_inputs")), **meta["config"]}),
         folded=list(meta["folded"]),
     )
 

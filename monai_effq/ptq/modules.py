@@ -3,7 +3,8 @@
 One module serves every rank and kind: :class:`QuantizedLayer` keeps the original layer and runs
 its own forward with weights rebuilt from the integer codes, so Conv1d/2d/3d, their transposed
 forms and Linear share one implementation. :class:`QuantizedConv`, :class:`QuantizedConvTranspose`
-and :class:`QuantizedLinear` only name the kind.
+and :class:`QuantizedLinear` only name the kind. :class:`QuantizedNorm` is a group or instance norm
+whose input is rounded to the activation grid, so a runtime reads it in 8 bits.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ __all__ = [
     "QuantizedConv",
     "QuantizedConvTranspose",
     "QuantizedLinear",
+    "QuantizedNorm",
     "functional_forward",
+    "is_group_norm",
     "quantized_layer_class",
 ]
 
@@ -221,6 +224,45 @@ class QuantizedConvTranspose(QuantizedLayer):
 
 class QuantizedLinear(QuantizedLayer):
     """A quantized ``Linear``."""
+
+
+class QuantizedNorm(nn.Module):
+    """A group or instance norm whose input is fake-quantized.
+
+    The norm's input is a convolution's output or a residual sum; rounded to 8 bits, an int8
+    runtime can read it in 8 bits, and OpenVINO writes it so from a convolution whose output only
+    the norm reads (NNCF's int8 graphs round these tensors too).
+
+    Args:
+        norm: the ``GroupNorm`` or ``InstanceNorm*`` module (kept as it is).
+        input_quantizer: the quantizer of its input.
+    """
+
+    def __init__(self, norm: nn.Module, input_quantizer: ActivationQuantizer) -> None:
+        super().__init__()
+        self.norm = norm
+        self.input_quantizer = input_quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.input_quantizer(x))
+
+
+_INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+
+
+def is_group_norm(module: nn.Module) -> bool:
+    """Whether a module normalises with statistics of its input: a ``GroupNorm``, or an
+    ``InstanceNorm*`` without running statistics (one with them is a per-channel affine map in eval).
+
+    Args:
+        module: any module.
+
+    Returns:
+        ``True`` for such a norm.
+    """
+    if isinstance(module, nn.GroupNorm):
+        return True
+    return isinstance(module, _INSTANCE_NORMS) and not module.track_running_stats
 
 
 def functional_forward(

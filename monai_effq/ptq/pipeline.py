@@ -25,6 +25,7 @@ from monai_effq.ptq.footprint import weight_footprint
 from monai_effq.ptq.graph import StopForward, hooks, set_submodule
 from monai_effq.ptq.journal import QuantizationJournal
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, quantized_layer_class
+from monai_effq.ptq.norm_inputs import quantize_norm_inputs
 from monai_effq.ptq.prepare import prepare_network
 from monai_effq.ptq.report import LayerReport, QuantizationReport, peak_memory_mib, reset_peak_memory, source_fingerprints
 from monai_effq.ptq.result import QuantizationResult, quantized_size_bytes, state_bytes
@@ -165,6 +166,8 @@ class _Run:
         self.batches = batches
         self.numels = {k: v * batches[0].shape[0] for k, v in per_sample.items()}
         self.qnet = copy.deepcopy(self.fp)
+        if config.norm_input_spec is not None:  # first, so every layer is solved from the inputs it will get
+            quantize_norm_inputs(self.qnet, self.batches[0].to(self.device), config.norm_input_spec)
 
     def masks(self, body_mask: torch.Tensor | list[torch.Tensor] | None) -> torch.Tensor | list[torch.Tensor] | None:
         """The body mask arranged like the batches this run iterates over."""

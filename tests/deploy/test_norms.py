@@ -142,3 +142,41 @@ def test_runtime_network_re_exports_a_file_written_in_another_runtimes_form(tmp_
     runtime_network("openvino", onnx_path, checkpoint, fresh(), (1, 2, 16, 16, 16))
     runtime_network("onnxruntime", onnx_path, checkpoint, fresh(), (1, 2, 16, 16, 16))
     assert onnx_path.stat().st_mtime_ns == written
+
+
+@pytest.fixture(scope="module")
+def segresnet_norm_inputs():
+    """The small SegResNet quantized with its norms' inputs rounded to 8 bits as well."""
+    torch.manual_seed(0)
+    net = SegResNet(3, init_filters=8, in_channels=2, out_channels=3, blocks_down=(1, 2), blocks_up=(1,)).eval()
+    calibration = torch.rand(1, 2, 24, 24, 24, generator=torch.Generator().manual_seed(1))
+    config = monai_effq.EfficientQConfig(
+        weight_bits=4, act_bits=8, per_channel=True, method="rtn", attention=False, quantize_norm_inputs=True
+    )
+    return monai_effq.quantize(net, calibration, config, progress=False)
+
+
+@pytest.mark.parametrize("group_norm", ["onnx", "channel_stats"])
+def test_quantized_norm_inputs_export_as_a_qdq_pair_that_reproduces_the_fake_quant_network(
+    segresnet_norm_inputs, tmp_path, group_norm
+):
+    from monai_effq.ptq.modules import QuantizedNorm
+
+    network = segresnet_norm_inputs.network
+    path = export_onnx(segresnet_norm_inputs, tmp_path / "segresnet.onnx", (1, 2, 16, 16, 16), group_norm=group_norm)
+    graph = onnx.load(str(path)).graph
+    n_layers = sum(isinstance(m, monai_effq.ptq.modules.QuantizedLayer) for m in network.modules())
+    n_norms = sum(isinstance(m, QuantizedNorm) for m in network.modules())
+    assert n_norms > 0
+    # one activation QuantizeLinear per layer input and per norm input
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) == n_layers + n_norms
+    x = torch.rand(1, 2, 20, 24, 16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = network(x)
+        form, _ = export_form(network, group_norm=group_norm)
+        assert rel_l2(form(x), expected) < 1e-6
+    # each rounding point can flip one step where a runtime sums in another order: more points, more flips
+    for runtime in (OnnxRuntimeNetwork(path, optimize=False), OpenVINONetwork(path, precision="f32")):
+        out = runtime(x)
+        assert rel_l2(out, expected) < 5e-2
+        assert (out.argmax(1) == expected.argmax(1)).float().mean() >= 0.97  # untrained: near-tied logits

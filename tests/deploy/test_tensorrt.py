@@ -101,3 +101,21 @@ def test_a_quantize_node_without_zero_point_is_named_as_uint8():
         [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1])],
     )
     assert tensorrt_violations(helper.make_model(graph)) == ["QuantizeLinear q0: no zero point, so UINT8 (TensorRT quantizes to INT8 only)"]
+
+
+def test_a_norm_input_on_an_asymmetric_grid_is_refused_naming_the_norm(tmp_path):
+    from monai.networks.nets import SegResNet
+
+    from monai_effq.ptq.modules import ActivationQuantizer, QuantizedNorm
+
+    torch.manual_seed(0)
+    net = SegResNet(3, init_filters=8, in_channels=1, out_channels=2, blocks_down=(1, 1), blocks_up=(1,)).eval()
+    calibration = torch.rand(1, 1, 16, 16, 16)
+    # the layers' inputs symmetric and the norms' inputs asymmetric: only the norms are named
+    config = monai_effq.EfficientQConfig(weight_bits=4, act_grid="symmetric", method="rtn", attention=False, quantize_norm_inputs=True)
+    result = monai_effq.quantize(net, calibration, config, progress=False)
+    for module in result.network.modules():
+        if isinstance(module, QuantizedNorm):
+            module.input_quantizer = ActivationQuantizer.calibrate(calibration, 8, kind="asymmetric")
+    with pytest.raises(ValueError, match="norm input on an unsigned/asymmetric grid"):
+        tensorrt_network(result, tmp_path / "engine")

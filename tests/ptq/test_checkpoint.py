@@ -196,3 +196,66 @@ def test_a_packed_checkpoint_loaded_as_a_state_dict_by_name_fails_loudly(w2_resu
     with pytest.raises((TypeError, AttributeError)):
         CheckpointLoader(load_path=str(path), load_dict={"model": _fresh_unet()}, strict=False)(Engine(lambda engine, batch: None))
     assert "monai_effq.load_quantized" in payload["model"]
+
+
+@pytest.fixture(scope="module")
+def segresnet_norm_inputs():
+    """A small SegResNet quantized with its group norms' inputs rounded too."""
+    from monai.networks.nets import SegResNet
+
+    torch.manual_seed(0)
+    net = SegResNet(3, init_filters=8, in_channels=1, out_channels=2, blocks_down=(1, 1), blocks_up=(1,)).eval()
+    calib = torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(2))
+    cfg = EfficientQConfig(weight_bits=4, method="rtn", attention=False, quantize_norm_inputs=True)
+    return net, quantize(net, calib, cfg, progress=False)
+
+
+def test_quantized_norm_inputs_survive_a_save_and_load_bit_for_bit(segresnet_norm_inputs, tmp_path):
+    from monai_effq.ptq.modules import QuantizedNorm
+
+    fp, result = segresnet_norm_inputs
+    loaded = load_quantized_result(save_quantized(result, tmp_path / "q.pt"), fp)
+    saved_norms = {n: m.input_quantizer for n, m in result.network.named_modules() if isinstance(m, QuantizedNorm)}
+    loaded_norms = {n: m.input_quantizer for n, m in loaded.network.named_modules() if isinstance(m, QuantizedNorm)}
+    assert saved_norms and saved_norms.keys() == loaded_norms.keys()
+    for name, q in saved_norms.items():
+        assert (loaded_norms[name].grid, float(loaded_norms[name].scale)) == (q.grid, float(q.scale))
+    assert loaded.config.quantize_norm_inputs
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded.network(x), result.network(x))
+
+
+def _rewrite(path, edit_meta, format_name):
+    """Rewrite a checkpoint's meta and format, with a checksum that matches the new meta."""
+    from monai_effq.ptq.checkpoint import _checksum
+
+    payload = torch.load(path, weights_only=True)
+    meta = json.loads(payload["meta"])
+    edit_meta(meta)
+    payload["meta"] = json.dumps(meta)
+    payload["format"] = format_name
+    payload["checksum"] = _checksum(payload["meta"], payload["codes"], payload["data"])
+    torch.save(payload, path)
+
+
+def test_a_version_1_checkpoint_without_norm_inputs_still_loads(w2_result, tmp_path):
+    path = save_quantized(w2_result, tmp_path / "q.pt")
+
+    def as_version_1(meta):  # what monai-effq wrote before norm inputs existed
+        del meta["norm_inputs"]
+        del meta["config"]["quantize_norm_inputs"]
+
+    _rewrite(path, as_version_1, "monai-effq-quantized/1")
+    loaded = load_quantized_result(path, _fresh_unet())
+    assert loaded.config.quantize_norm_inputs is False
+    x = torch.randn(1, 1, 24, 24, 24)
+    with torch.no_grad():
+        assert torch.equal(loaded.network(x), w2_result.network(x))
+
+
+def test_a_checkpoint_of_a_newer_format_asks_for_an_upgrade(w2_result, tmp_path):
+    path = save_quantized(w2_result, tmp_path / "q.pt")
+    _rewrite(path, lambda meta: None, "monai-effq-quantized/99")
+    with pytest.raises(ValueError, match="newer than this version reads.*upgrade monai-effq"):
+        load_quantized(path, _fresh_unet())

@@ -1,0 +1,58 @@
+"""The norm-input quantization point: which norms get it, what it computes, and what the config allows."""
+
+import pytest
+import torch
+import torch.nn as nn
+from monai.networks.nets import SegResNet
+
+from monai_effq import EfficientQConfig, quantize
+from monai_effq.ptq.modules import ActivationQuantizer, QuantizedNorm
+from monai_effq.ptq.norm_inputs import quantize_norm_inputs
+from monai_effq.quant.spec import ActivationSpec
+from monai_effq.utils.errors import UserInputError
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(2, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.tracked = nn.InstanceNorm3d(8, track_running_stats=True)
+        self.unused = nn.GroupNorm(1, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tracked(self.norm(self.conv(x)))
+
+
+def test_every_group_norm_the_forward_reaches_reads_its_input_on_the_calibrated_grid():
+    torch.manual_seed(0)
+    net = _Block().eval()
+    x = torch.randn(1, 2, 8, 8, 8)
+    with torch.no_grad():
+        norm_input = net.conv(x)
+    assert quantize_norm_inputs(net, x, ActivationSpec(8)) == ["norm"]
+    assert isinstance(net.norm, QuantizedNorm)
+    # running statistics make a per-channel affine map, and a norm never run has no range to calibrate
+    assert isinstance(net.tracked, nn.InstanceNorm3d) and isinstance(net.unused, nn.GroupNorm)
+    expected = ActivationQuantizer.calibrate(norm_input, 8)
+    assert float(net.norm.input_quantizer.scale) == float(expected.scale)
+    with torch.no_grad():
+        torch.testing.assert_close(net.norm(norm_input), net.norm.norm(expected(norm_input)), rtol=0, atol=0)
+
+
+def test_quantize_puts_every_segresnet_norm_input_on_the_activation_grid():
+    torch.manual_seed(0)
+    net = SegResNet(3, init_filters=8, in_channels=1, out_channels=2, blocks_down=(1, 1), blocks_up=(1,)).eval()
+    calib = torch.rand(1, 1, 16, 16, 16)
+    cfg = EfficientQConfig(weight_bits=4, act_bits=6, method="rtn", attention=False, quantize_norm_inputs=True)
+    quantized = quantize(net, calib, cfg, progress=False).network
+    norms = [m for m in quantized.modules() if isinstance(m, QuantizedNorm)]
+    assert len(norms) == sum(isinstance(m, nn.GroupNorm) for m in net.modules())
+    assert {m.input_quantizer.grid.bits for m in norms} == {6}
+    off = quantize(net, calib, EfficientQConfig(weight_bits=4, method="rtn", attention=False), progress=False).network
+    assert not any(isinstance(m, QuantizedNorm) for m in off.modules())
+
+
+def test_quantizing_norm_inputs_without_activation_bits_is_an_error_saying_what_to_set():
+    with pytest.raises(UserInputError, match="set act_bits or turn it off"):
+        EfficientQConfig(act_bits=None, quantize_norm_inputs=True)
