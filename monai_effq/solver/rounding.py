@@ -12,7 +12,7 @@ import torch
 from monai_effq.quant.fixed_point import snap_to_power_of_two
 from monai_effq.quant.grid import UniformGrid, dequantize, fit_scale, fit_scale_als, grid_codes
 from monai_effq.quant.spec import SCALE_RULES, WeightSpec
-from monai_effq.solver.linalg import cholesky, spd_inverse
+from monai_effq.solver.linalg import cholesky
 
 __all__ = ["SCALE_RULES", "GridFit", "fit_grid", "round_to_nearest", "gptq_round", "refine_codes"]
 
@@ -121,9 +121,13 @@ def round_to_nearest(weight: torch.Tensor, fit: GridFit) -> torch.Tensor:
 def gptq_round(
     weight: torch.Tensor, hessian: torch.Tensor, fit: GridFit, damp: float = 0.01, block: int = 128
 ) -> torch.Tensor:
-    """GPTQ/OBQ rounding: columns in order, each one's error fed back through ``H⁻¹``.
+    """GPTQ/OBQ rounding: columns in order, each one's error fed back to the columns after it.
 
-    Minimises ``tr((W - Q) H (W - Q)ᵀ)`` greedily over columns (Frantar et al. 2022).
+    Minimises ``tr((W - Q) H (W - Q)ᵀ)`` greedily over columns (Frantar et al. 2022). GPTQ feeds
+    back through the upper Cholesky factor ``U`` of ``H⁻¹``; with ``H = V Vᵀ`` (``V = U⁻¹``, upper)
+    the same rounding reads ``q_j = round(w_j + Σ_{i<j} (w_i - q_i) V_ij / V_jj)`` (as Babai's
+    nearest plane), so one Cholesky factorisation of the reversed ``H`` replaces the inverse and the
+    second factorisation: a third of the float64 work.
 
     Args:
         weight: ``(G, m, n)`` weights to round.
@@ -135,30 +139,32 @@ def gptq_round(
     Returns:
         float tensor of integer codes, shaped like ``weight``.
     """
-    w = weight.clone().float()
+    w0 = weight.clone().float()
     h = hessian.clone().float()
-    g, m, n = w.shape
+    g, m, n = w0.shape
     diag = torch.diagonal(h, dim1=1, dim2=2)
     dead = diag <= 0
     diag[dead] = 1.0
-    w.masked_fill_(dead[:, None, :], 0.0)
+    w0.masked_fill_(dead[:, None, :], 0.0)
     ridge = damp * diag.mean(dim=1).clamp_min(1e-12)
     diag += ridge[:, None]
-    hinv = cholesky(spd_inverse(h), upper=True).float()
-    codes = torch.zeros_like(w)
+    # H = V Vᵀ with V upper: the lower factor of the reversed H, reversed.
+    v = cholesky(h.flip(-1, -2)).flip(-1, -2)
+    feedback = (v / torch.diagonal(v, dim1=1, dim2=2)[:, None, :]).float()  # V_ij / V_jj
+    w = w0.clone()  # w_j plus the feedback of the columns before it, brought up to date lazily
+    codes = torch.zeros_like(w0)
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
-        w1 = w[:, :, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[:, i1:i2, i1:i2]
+        w1 = w[:, :, i1:i2]
+        err1 = torch.empty_like(w1)
+        fb1 = feedback[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = w1[:, :, i : i + 1]
-            q = fit.codes(col)
+            q = fit.codes(w1[:, :, i : i + 1])
             codes[:, :, i1 + i : i1 + i + 1] = q
-            err = (col - fit.values(q)) / hinv1[:, i, i].reshape(g, 1, 1)
-            w1[:, :, i:] -= err * hinv1[:, i : i + 1, i:]
+            err = w0[:, :, i1 + i : i1 + i + 1] - fit.values(q)
+            w1[:, :, i + 1 :] += err * fb1[:, i : i + 1, i + 1 :]
             err1[:, :, i : i + 1] = err
-        w[:, :, i2:] -= torch.bmm(err1, hinv[:, i1:i2, i2:])
+        w[:, :, i2:] += torch.bmm(err1, feedback[:, i1:i2, i2:])
     return codes
 
 

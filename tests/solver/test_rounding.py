@@ -56,3 +56,27 @@ def test_the_nearby_error_equals_the_float64_error(problem):
     for w in (w0, fit.values(round_to_nearest(w0, fit)), 1.1 * w0):
         for b in (None, bias):
             assert error(w, b) == pytest.approx(stats.weighted_mse(w, b), rel=1e-6, abs=1e-12)
+
+
+def _textbook_gptq(w0, hessian, fit, damp=0.01):
+    """GPTQ as Frantar et al. write it: error feedback through the upper Cholesky factor of H⁻¹, in float64."""
+    h = hessian[0].double().clone()
+    h.diagonal().add_(damp * h.diagonal().mean())
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    w, codes = w0.double().clone(), torch.zeros_like(w0)
+    for j in range(w.shape[-1]):
+        q = fit.codes(w[:, :, j : j + 1].float())
+        codes[:, :, j : j + 1] = q
+        err = (w[:, :, j] - fit.values(q)[:, :, 0].double()) / u[j, j]
+        w[:, :, j:] -= err[:, :, None] * u[j, j:]
+    return codes
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_gptq_rounds_as_the_textbook_error_feedback_does(problem, bits):
+    w0, stats = problem
+    fit = fit_grid(w0, WeightSpec.of(bits))
+    codes = gptq_round(w0, stats.A, fit, block=32)  # several blocks: the lazy updates are exercised
+    want = _textbook_gptq(w0, stats.A, fit)
+    assert torch.equal(codes, want)
+    assert not torch.equal(codes, round_to_nearest(w0, fit))
