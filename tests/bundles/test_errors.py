@@ -1,9 +1,12 @@
 """What a user sees when a bundle workflow gets bad input: one line on stderr, no traceback, nothing written.
 
 Each case runs the real command, ``python -m monai.bundle run``, in a subprocess (about 5 s of
-imports each), on a small LiTS-layout dataset of this test's own.
+imports each), on a small LiTS-layout dataset of this test's own; the commands run together, in
+the :func:`runs` fixture, and each test reads its result.
 """
 
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -66,36 +69,57 @@ CASES = {
 }
 
 
+def _quantize(folder: Path, root: Path, *overrides: str) -> tuple[str, ...]:
+    return ("lits_effq", "quantize", "--dataset_dir", str(folder), *_outputs(root), *overrides)
+
+
+@pytest.fixture(scope="module")
+def runs(dataset, truncated, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Every command of this module, four at a time: ``{name: (result, its scratch folder)}``.
+
+    Each is a fresh process whose ~5 s of imports use one core, so running them together keeps both
+    cores of a small machine busy (about half the module's time on two cores).
+    """
+    commands: dict[str, tuple[Path, tuple[str, ...], dict[str, str]]] = {}
+    for case, (overrides, _) in CASES.items():
+        if case == "a GPU this machine lacks" and torch.cuda.device_count() > 7:
+            continue
+        root = tmp_path_factory.mktemp("case")
+        folder = root / "absent" if case == "missing dataset folder" else dataset
+        commands[case] = (root, _quantize(folder, root, *overrides), {})
+    root = tmp_path_factory.mktemp("truncated")
+    commands["truncated"] = (root, _quantize(truncated[0], root), {})
+    root = tmp_path_factory.mktemp("debug")
+    commands["debug"] = (root, _quantize(dataset, root, "--weight_bits", "9"), {DEBUG_ENV: "1"})
+    if torch.cuda.device_count() <= 7:
+        root = tmp_path_factory.mktemp("inference")
+        args = ("lits_effq", "inference", "--dataset_dir", str(dataset), "--output_dir", str(root / "out"), "--device", "cuda:7")
+        commands["inference on a GPU this machine lacks"] = (root, args, {})
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        started = {name: pool.submit(bundle, *args, check=False, env=env) for name, (_, args, env) in commands.items()}
+    return {name: (started[name].result(), commands[name][0]) for name in commands}
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_quantize_input_ends_with_one_line_and_writes_nothing(case, dataset, tmp_path):
-    overrides, message = CASES[case]
-    if case == "a GPU this machine lacks" and torch.cuda.device_count() > 7:
+def test_bad_quantize_input_ends_with_one_line_and_writes_nothing(case, runs):
+    if case not in runs:
         pytest.skip("this machine has a cuda:7")
-    folder = tmp_path / "absent" if case == "missing dataset folder" else dataset
-    res = bundle("lits_effq", "quantize", "--dataset_dir", str(folder), *_outputs(tmp_path), *overrides, check=False)
-    _assert_one_line(res, tmp_path, message)
+    _, message = CASES[case]
+    _assert_one_line(*runs[case], message)
 
 
-def test_truncated_calibration_image_is_named_before_the_network_runs(truncated, tmp_path):
-    folder, image = truncated
-    res = bundle("lits_effq", "quantize", "--dataset_dir", str(folder), *_outputs(tmp_path), check=False)
-    _assert_one_line(res, tmp_path, f"corrupt or unreadable NIfTI file {image}")
+def test_truncated_calibration_image_is_named_before_the_network_runs(truncated, runs):
+    _, image = truncated
+    _assert_one_line(*runs["truncated"], f"corrupt or unreadable NIfTI file {image}")
 
 
-def test_debug_switch_keeps_the_traceback(dataset, tmp_path):
-    res = bundle(
-        "lits_effq", "quantize", "--dataset_dir", str(dataset), *_outputs(tmp_path), "--weight_bits", "9",
-        check=False, env={DEBUG_ENV: "1"},
-    )
+def test_debug_switch_keeps_the_traceback(runs):
+    res, _ = runs["debug"]
     assert res.returncode != 0
     assert "Traceback" in res.stderr and "UserInputError: weight_bits must be an integer" in res.stderr
 
 
-def test_inference_on_a_gpu_this_machine_lacks_ends_with_one_line_and_writes_nothing(dataset, tmp_path):
-    if torch.cuda.device_count() > 7:
+def test_inference_on_a_gpu_this_machine_lacks_ends_with_one_line_and_writes_nothing(runs):
+    if "inference on a GPU this machine lacks" not in runs:
         pytest.skip("this machine has a cuda:7")
-    res = bundle(
-        "lits_effq", "inference", "--dataset_dir", str(dataset), "--output_dir", str(tmp_path / "out"),
-        "--device", "cuda:7", check=False,
-    )  # fmt: skip
-    _assert_one_line(res, tmp_path, "device 'cuda:7' was asked for but this machine has")
+    _assert_one_line(*runs["inference on a GPU this machine lacks"], "device 'cuda:7' was asked for but this machine has")
