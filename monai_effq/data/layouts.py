@@ -27,6 +27,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from monai.data import load_decathlon_datalist
 
 from monai_effq.utils.errors import UserInputError
 
@@ -153,17 +154,16 @@ def detect_layout(dataset_dir: str | os.PathLike) -> str:
     )
 
 
-def _msd_path(root: Path, json_path: Path, value: Any, where: str) -> str:
+def _msd_file(json_path: Path, value: Any, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise DatasetError(f"{json_path}: {where} must be a relative file path string, got {value!r}.")
-    path = (root / value).resolve()
-    if not path.is_file():
-        raise DatasetError(f"missing file {path} listed in {json_path} ({where}); expected {_MSD_EXPECTED}.")
-    return str(path)
+    if not Path(value).is_file():
+        raise DatasetError(f"missing file {value} listed in {json_path} ({where}); expected {_MSD_EXPECTED}.")
+    return value
 
 
 def msd_datalist(dataset_dir: str | os.PathLike, section: str = "training") -> list[dict[str, Any]]:
-    """Read a Decathlon ``dataset.json`` section.
+    """Read a Decathlon ``dataset.json`` section with MONAI's ``load_decathlon_datalist``, checking what it lists.
 
     Args:
         dataset_dir: the task folder holding ``dataset.json``.
@@ -175,39 +175,34 @@ def msd_datalist(dataset_dir: str | os.PathLike, section: str = "training") -> l
 
     Raises:
         DatasetError: when ``dataset.json`` is missing, not JSON, lacks the section, the section is
-            empty, or an entry names a file that does not exist.
+            empty or not a list of cases, or an entry names a file that does not exist.
     """
     root = _as_dir(dataset_dir)
     json_path = root / "dataset.json"
     if not json_path.is_file():
         raise DatasetError(f"missing {json_path}; expected {_MSD_EXPECTED}.")
+    entry_form = '{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}'
     try:
-        with open(json_path, encoding="utf-8") as f:
-            meta = json.load(f)
+        datalist = load_decathlon_datalist(json_path, is_segmentation=True, data_list_key=section, base_dir=root)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DatasetError(f"cannot parse {json_path}: {e}; expected a Decathlon dataset.json.") from e
-    if not isinstance(meta, Mapping) or section not in meta:
-        raise DatasetError(f"{json_path} has no {section!r} section; expected a Decathlon dataset.json.")
-    entries = meta[section]
-    if not isinstance(entries, list) or not entries:
-        raise DatasetError(
-            f"{json_path} lists no cases under {section!r}; expected entries like "
-            '{"image": "./imagesTr/x.nii.gz", "label": "./labelsTr/x.nii.gz"}.'
-        )
-    datalist: list[dict[str, Any]] = []
-    for i, entry in enumerate(entries):
+    except ValueError as e:  # MONAI's "Data list <section> not specified"
+        raise DatasetError(f"{json_path} has no {section!r} section; expected a Decathlon dataset.json.") from e
+    except IndexError:  # MONAI reads an empty "test" list's first entry
+        datalist = []
+    except TypeError as e:  # not a JSON object, or a section that is not a list of dicts
+        raise DatasetError(f"{json_path}: {section!r} must list entries like {entry_form} ({str(e).rstrip('.')}).") from e
+    if not datalist:
+        raise DatasetError(f"{json_path} lists no cases under {section!r}; expected entries like {entry_form}.")
+    for i, item in enumerate(datalist):
         where = f"{section}[{i}]"
-        if isinstance(entry, str):  # the Decathlon's "test" section lists bare image paths
-            datalist.append({"image": _msd_path(root, json_path, entry, where)})
-            continue
-        if not isinstance(entry, Mapping) or "image" not in entry:
-            raise DatasetError(f"{json_path}: {where} must be a dict with an 'image' key, got {entry!r}.")
-        item = {"image": _msd_path(root, json_path, entry["image"], f"{where}.image")}
-        if "label" in entry:
-            item["label"] = _msd_path(root, json_path, entry["label"], f"{where}.label")
+        if "image" not in item:
+            raise DatasetError(f"{json_path}: {where} must be a dict with an 'image' key, got {item!r}.")
+        _msd_file(json_path, item["image"], f"{where}.image")
+        if "label" in item:
+            _msd_file(json_path, item["label"], f"{where}.label")
         elif section == "training":
             raise DatasetError(f"{json_path}: {where} has no 'label'; training entries need one.")
-        datalist.append(item)
     return datalist
 
 

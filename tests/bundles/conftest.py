@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -91,19 +92,37 @@ def copy_bundle(name: str, dest: Path) -> Path:
     return dest
 
 
+class QuantizedCopies:
+    """Called with a bundle's name: a copy of the bundle outside the repository, quantized (RTN, otherwise
+    defaults) and run through ``configs/inference.json`` from inside its folder; returns the folder, the masks
+    and the inference log. The model's outputs are named ``rtn_w4a8`` (export: ``export/<name>_rtn_w4a8``).
+
+    ``prepare(*names)`` makes several at once: each is two fresh processes whose imports and
+    single-threaded runs use one core, so two copies made together take little more than one.
+    """
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self.tmp_path_factory = tmp_path_factory
+        self.done: dict[str, tuple[Path, list[Path], str]] = {}
+
+    def _make(self, name: str, copy: Path) -> tuple[Path, list[Path], str]:
+        bundle(name, "quantize", "--method", "rtn", cwd=copy)
+        res = bundle(name, "inference", "--method", "rtn", cwd=copy)
+        return copy, sorted((copy / "eval" / "seg").rglob("*_seg.nii.gz")), res.stdout + res.stderr
+
+    def prepare(self, *names: str) -> None:
+        missing = [name for name in names if name not in self.done]
+        copies = {name: copy_bundle(name, self.tmp_path_factory.mktemp("copy") / name) for name in missing}
+        with ThreadPoolExecutor(max_workers=max(len(missing), 1)) as pool:
+            made = {name: pool.submit(self._make, name, copy) for name, copy in copies.items()}
+        self.done.update({name: future.result() for name, future in made.items()})
+
+    def __call__(self, name: str) -> tuple[Path, list[Path], str]:
+        self.prepare(name)
+        return self.done[name]
+
+
 @pytest.fixture(scope="session")
-def quantized_copy(tmp_path_factory):
-    """``get(name)``: a copy of the bundle outside the repository, quantized (RTN, otherwise defaults) and run
-    through ``configs/inference.json`` from inside its folder; returns the folder, the masks and the inference log.
-    The model's outputs are named ``rtn_w4a8`` (export: ``export/<name>_rtn_w4a8``)."""
-    done = {}
-
-    def get(name: str) -> tuple[Path, list[Path], str]:
-        if name not in done:
-            copy = copy_bundle(name, tmp_path_factory.mktemp("copy") / name)
-            bundle(name, "quantize", "--method", "rtn", cwd=copy)
-            res = bundle(name, "inference", "--method", "rtn", cwd=copy)
-            done[name] = (copy, sorted((copy / "eval" / "seg").rglob("*_seg.nii.gz")), res.stdout + res.stderr)
-        return done[name]
-
-    return get
+def quantized_copy(tmp_path_factory) -> QuantizedCopies:
+    """The session's :class:`QuantizedCopies`."""
+    return QuantizedCopies(tmp_path_factory)

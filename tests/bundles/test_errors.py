@@ -1,9 +1,14 @@
 """What a user sees when a bundle workflow gets bad input: one line on stderr, no traceback, nothing written.
 
 Each case runs the real command, ``python -m monai.bundle run``, in a subprocess (about 5 s of
-imports each), on a small LiTS-layout dataset of this test's own.
+imports each), on a small LiTS-layout dataset of this test's own or from inside a copy of the
+bundle; the commands run together, in the :func:`runs` fixture, and each test reads its result.
 """
 
+import hashlib
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -13,7 +18,7 @@ from monai_effq.bundle import datalist
 from monai_effq.data import make_lits_demo
 from monai_effq.utils.errors import DEBUG_ENV
 
-from .conftest import bundle
+from .conftest import ROOT, bundle, copy_bundle
 
 
 @pytest.fixture(scope="module")
@@ -66,36 +71,82 @@ CASES = {
 }
 
 
+def _quantize(folder: Path, root: Path, *overrides: str) -> tuple[str, ...]:
+    return ("lits_effq", "quantize", "--dataset_dir", str(folder), *_outputs(root), *overrides)
+
+
+@pytest.fixture(scope="module")
+def runs(dataset, truncated, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Every command of this module, four at a time: ``{name: (result, its scratch folder)}``.
+
+    Each is a fresh process whose ~5 s of imports use one core, so running them together keeps both
+    cores of a small machine busy (about half the module's time on two cores).
+    """
+    # name: (scratch folder, bundle and workflow and overrides, environment, folder it runs in)
+    commands: dict[str, tuple[Path, tuple[str, ...], dict[str, str], Path | None]] = {}
+    for case, (overrides, _) in CASES.items():
+        if case == "a GPU this machine lacks" and torch.cuda.device_count() > 7:
+            continue
+        root = tmp_path_factory.mktemp("case")
+        folder = root / "absent" if case == "missing dataset folder" else dataset
+        commands[case] = (root, _quantize(folder, root, *overrides), {}, None)
+    root = tmp_path_factory.mktemp("truncated")
+    commands["truncated"] = (root, _quantize(truncated[0], root), {}, None)
+    root = tmp_path_factory.mktemp("debug")
+    commands["debug"] = (root, _quantize(dataset, root, "--weight_bits", "9"), {DEBUG_ENV: "1"}, None)
+    if torch.cuda.device_count() <= 7:
+        root = tmp_path_factory.mktemp("inference")
+        args = ("lits_effq", "inference", "--dataset_dir", str(dataset), "--output_dir", str(root / "out"), "--device", "cuda:7")
+        commands["inference on a GPU this machine lacks"] = (root, args, {}, None)
+    # from inside copies of the bundle, with its defaults: no images given; the shipped weights in place
+    copy = copy_bundle("lits_effq", tmp_path_factory.mktemp("no_images") / "lits_effq")
+    commands["inference without images"] = (copy, ("lits_effq", "inference"), {}, copy)
+    copy = copy_bundle("lits_effq", tmp_path_factory.mktemp("shipped") / "lits_effq")
+    shutil.copy(ROOT / "bundles" / "lits_effq" / "large_files.yml", copy / "large_files.yml")
+    commands["training over the shipped weights"] = (copy, ("lits_effq", "train", "--max_epochs", "1"), {}, copy)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        started = {
+            name: pool.submit(bundle, *args, check=False, env=env, cwd=cwd) for name, (_, args, env, cwd) in commands.items()
+        }
+    return {name: (started[name].result(), commands[name][0]) for name in commands}
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_quantize_input_ends_with_one_line_and_writes_nothing(case, dataset, tmp_path):
-    overrides, message = CASES[case]
-    if case == "a GPU this machine lacks" and torch.cuda.device_count() > 7:
+def test_bad_quantize_input_ends_with_one_line_and_writes_nothing(case, runs):
+    if case not in runs:
         pytest.skip("this machine has a cuda:7")
-    folder = tmp_path / "absent" if case == "missing dataset folder" else dataset
-    res = bundle("lits_effq", "quantize", "--dataset_dir", str(folder), *_outputs(tmp_path), *overrides, check=False)
-    _assert_one_line(res, tmp_path, message)
+    _, message = CASES[case]
+    _assert_one_line(*runs[case], message)
 
 
-def test_truncated_calibration_image_is_named_before_the_network_runs(truncated, tmp_path):
-    folder, image = truncated
-    res = bundle("lits_effq", "quantize", "--dataset_dir", str(folder), *_outputs(tmp_path), check=False)
-    _assert_one_line(res, tmp_path, f"corrupt or unreadable NIfTI file {image}")
+def test_truncated_calibration_image_is_named_before_the_network_runs(truncated, runs):
+    _, image = truncated
+    _assert_one_line(*runs["truncated"], f"corrupt or unreadable NIfTI file {image}")
 
 
-def test_debug_switch_keeps_the_traceback(dataset, tmp_path):
-    res = bundle(
-        "lits_effq", "quantize", "--dataset_dir", str(dataset), *_outputs(tmp_path), "--weight_bits", "9",
-        check=False, env={DEBUG_ENV: "1"},
-    )
+def test_debug_switch_keeps_the_traceback(runs):
+    res, _ = runs["debug"]
     assert res.returncode != 0
     assert "Traceback" in res.stderr and "UserInputError: weight_bits must be an integer" in res.stderr
 
 
-def test_inference_on_a_gpu_this_machine_lacks_ends_with_one_line_and_writes_nothing(dataset, tmp_path):
-    if torch.cuda.device_count() > 7:
+def test_inference_on_a_gpu_this_machine_lacks_ends_with_one_line_and_writes_nothing(runs):
+    if "inference on a GPU this machine lacks" not in runs:
         pytest.skip("this machine has a cuda:7")
-    res = bundle(
-        "lits_effq", "inference", "--dataset_dir", str(dataset), "--output_dir", str(tmp_path / "out"),
-        "--device", "cuda:7", check=False,
-    )  # fmt: skip
-    _assert_one_line(res, tmp_path, "device 'cuda:7' was asked for but this machine has")
+    _assert_one_line(*runs["inference on a GPU this machine lacks"], "device 'cuda:7' was asked for but this machine has")
+
+
+def test_inference_never_generates_the_demo_data_and_says_how_to_get_images(runs):
+    res, copy = runs["inference without images"]
+    assert res.returncode != 0
+    assert "never generates the demo data" in res.stderr and "--dataset_dir" in res.stderr
+    assert not (copy / "data").exists()
+
+
+def test_training_refuses_to_replace_the_shipped_checkpoint(runs):
+    res, copy = runs["training over the shipped weights"]
+    assert res.returncode != 0
+    assert "is the checkpoint this bundle ships" in res.stderr and "--ckpt_dir" in res.stderr
+    shipped = ROOT / "bundles" / "lits_effq" / "models" / "model.pt"  # what copy_bundle copied
+    assert hashlib.md5((copy / "models" / "model.pt").read_bytes()).hexdigest() == hashlib.md5(shipped.read_bytes()).hexdigest()
+    assert not (copy / "data").exists()  # stopped before anything ran

@@ -144,6 +144,36 @@ def test_a_malformed_or_empty_dataset_json_is_reported(tmp_path, data):
         msd_datalist(root)
 
 
+def test_the_decathlon_test_section_lists_bare_image_paths_as_image_entries(tmp_path, data):
+    root = _copy(data["msd_lits"], tmp_path / "Task03_Liver")
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["test"] = [entry["image"] for entry in meta["training"]]
+    (root / "dataset.json").write_text(json.dumps(meta))
+    test = msd_datalist(root, section="test")
+    assert [set(item) for item in test] == [{"image"}, {"image"}]
+    assert [item["image"] for item in test] == [item["image"] for item in msd_datalist(root)]
+    meta["test"] = []
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match="lists no cases under 'test'"):
+        msd_datalist(root, section="test")
+
+
+def test_dataset_json_entries_that_are_not_cases_are_refused_naming_the_section(tmp_path, data):
+    root = _copy(data["msd_lits"], tmp_path / "Task03_Liver")
+    (root / "dataset.json").write_text(json.dumps({"training": ["./imagesTr/liver_0.nii.gz"]}))
+    with pytest.raises(DatasetError, match=r"dataset\.json: 'training' must list entries like \{\"image\""):
+        msd_datalist(root)
+    (root / "dataset.json").write_text(json.dumps({"training": [{"label": "./labelsTr/liver_0.nii.gz"}]}))
+    with pytest.raises(DatasetError, match=r"training\[0\] must be a dict with an 'image' key"):
+        msd_datalist(root)
+    (root / "dataset.json").write_text(json.dumps({"training": [{"image": "./imagesTr/liver_0.nii.gz"}]}))
+    with pytest.raises(DatasetError, match=r"training\[0\] has no 'label'"):
+        msd_datalist(root)
+    (root / "dataset.json").write_text(json.dumps({"validation": []}))
+    with pytest.raises(DatasetError, match="has no 'training' section"):
+        msd_datalist(root)
+
+
 def test_a_lits_volume_without_segmentation_names_the_file_expected(tmp_path, data):
     root = _copy(data["lits"], tmp_path / "lits")
     (root / "segmentation-1.nii").unlink()

@@ -64,21 +64,26 @@ def same_checkpoint(a: Path, b: Path) -> bool:
 
 def test_killed_run_rerun_gives_the_checkpoint_of_an_uninterrupted_run(tmp_path):
     journal = tmp_path / "resumed.pt.journal"
-    killed = _child(tmp_path, "resumed.pt", journal.name, pause=1.0)
-    deadline = time.monotonic() + 120
-    while not list(journal.glob("*.pt")):
-        assert killed.poll() is None, killed.stderr.read().decode()
-        assert time.monotonic() < deadline, "no layer was journaled within two minutes"
-        time.sleep(0.05)
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait()
-    finished = len(list(journal.glob("*.pt")))
-    assert not (tmp_path / "resumed.pt").exists() and 1 <= finished < 10  # killed mid-run, between layers
-    logs = []
-    for run in (_child(tmp_path, "resumed.pt", journal.name), _child(tmp_path, "whole.pt", "whole.pt.journal")):
-        _, err = run.communicate(timeout=300)
-        assert run.returncode == 0, err.decode()
-        logs.append(err.decode())
+    # the uninterrupted run needs nothing from the others: it runs while the killed one pauses
+    whole = _child(tmp_path, "whole.pt", "whole.pt.journal")
+    try:
+        killed = _child(tmp_path, "resumed.pt", journal.name, pause=1.0)
+        deadline = time.monotonic() + 120
+        while not list(journal.glob("*.pt")):
+            assert killed.poll() is None, killed.stderr.read().decode()
+            assert time.monotonic() < deadline, "no layer was journaled within two minutes"
+            time.sleep(0.05)
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.wait()
+        finished = len(list(journal.glob("*.pt")))
+        assert not (tmp_path / "resumed.pt").exists() and 1 <= finished < 10  # killed mid-run, between layers
+        logs = []
+        for run in (_child(tmp_path, "resumed.pt", journal.name), whole):
+            _, err = run.communicate(timeout=300)
+            assert run.returncode == 0, err.decode()
+            logs.append(err.decode())
+    finally:
+        whole.kill()  # no-op once it has finished
     assert f"{finished} layers already finished" in logs[0] and "already finished" not in logs[1]
     assert same_checkpoint(tmp_path / "resumed.pt", tmp_path / "whole.pt")
 

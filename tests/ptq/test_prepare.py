@@ -78,3 +78,33 @@ def test_a_nan_running_variance_is_named_before_any_pass_runs():
 def test_a_constant_calibration_volume_is_named_at_the_first_layer_not_reported_as_success():
     with pytest.raises(UserInputError, match=r"calibration input of layer 0 is one value \(0\) everywhere"):
         quantize(_net(), torch.zeros(1, 1, 6, 6, 6), EfficientQConfig(attention=False), progress=False)
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        lambda: nn.Conv3d(4, 6, 3, padding=1, groups=2),
+        lambda: nn.ConvTranspose3d(4, 6, 2, stride=2, groups=2),
+        lambda: nn.ConvTranspose3d(4, 6, 2, stride=2, bias=False),
+    ],
+    ids=["grouped conv", "grouped transposed conv", "transposed conv without bias"],
+)
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+def test_batchnorm_folds_into_grouped_and_transposed_convolutions_leaving_the_output_unchanged(conv, affine):
+    import copy
+
+    from monai_effq.ptq.graph import fold_batchnorm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(conv(), nn.BatchNorm3d(6, affine=affine)).eval()
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].running_var.uniform_(0.5, 2.0)
+        if affine:
+            net[1].weight.uniform_(0.5, 2.0)
+            net[1].bias.uniform_(-0.5, 0.5)
+    reference, x = copy.deepcopy(net), torch.randn(2, 4, 6, 6, 6)
+    # a wrong fold would be undone by fold_batchnorm's own output check and fold nothing
+    assert fold_batchnorm(net, x) == ["1"] and isinstance(net[1], nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), reference(x), atol=1e-5, rtol=1e-5)

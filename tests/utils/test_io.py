@@ -41,10 +41,14 @@ def test_an_interrupted_directory_write_leaves_the_old_folder_whole_and_no_parti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
 
 
+# The writer loads monai_effq/utils/io.py (standard library only) by its path: importing it as
+# monai_effq.utils.io would first import the whole package, torch and MONAI (about 4 s a process).
 _WRITER = """
-import sys, time
-from monai_effq.utils.io import atomic_write
-with atomic_write(sys.argv[1]) as tmp:
+import importlib.util, sys, time
+spec = importlib.util.spec_from_file_location("monai_effq_io", sys.argv[2])
+io = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(io)
+with io.atomic_write(sys.argv[1]) as tmp:
     tmp.write_bytes(b"half a checkpoint")
     print(tmp, flush=True)
     time.sleep(120)
@@ -57,7 +61,9 @@ def _start_writer(path):
     import sys
     from pathlib import Path
 
-    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    from monai_effq.utils import io
+
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), io.__file__], stdout=subprocess.PIPE, text=True)
     return proc, Path(proc.stdout.readline().strip())
 
 
