@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.data import partition_dataset
 from monai.transforms import CenterSpatialCropd, Compose, SpatialPadd
 
 from monai_effq.data import (
@@ -31,6 +32,7 @@ from monai_effq.data import (
     validate_datalist,
 )
 from monai_effq.ptq.checkpoint import verify_checkpoint
+from monai_effq.utils.distributed import get_rank, get_world_size
 from monai_effq.utils.errors import MissingInputError, UserInputError, check_integer, install_bundle_error_hook
 from monai_effq.utils.io import atomic_directory, current_umask
 
@@ -38,6 +40,7 @@ __all__ = [
     "DEMO",
     "FINETUNE_STARTS",
     "calibration_datalist",
+    "calibration_share",
     "check_quantized",
     "demo_dataset",
     "datalist",
@@ -209,6 +212,32 @@ def calibration_datalist(
     chosen = train[case : case + cases]
     validate_datalist(chosen, read_data=True)
     return chosen
+
+
+def calibration_share(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """This rank's calibration cases: consecutive shares in rank order (all of them in one process).
+
+    ``monai.data.partition_dataset`` by equal ratios keeps the cases in order, so the ranks'
+    windows in rank order are the windows one process calibrates on, and the result equals its.
+
+    Args:
+        cases: the case dicts of :func:`calibration_datalist`.
+
+    Returns:
+        the cases of this rank.
+
+    Raises:
+        UserInputError: when there are fewer cases than ranks (a rank would calibrate on nothing).
+    """
+    world = get_world_size()
+    if world == 1:
+        return cases
+    if len(cases) < world:
+        raise UserInputError(
+            f"{len(cases)} calibration case(s) cannot be shared by {world} ranks: pass --calibration_cases {world} "
+            f"or more, or start fewer ranks (--nproc_per_node)."
+        )
+    return partition_dataset(cases, ratios=[1] * world, shuffle=False)[get_rank()]
 
 
 def preprocessing(

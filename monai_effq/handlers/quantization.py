@@ -20,6 +20,7 @@ from monai_effq.ptq.graph import probe_network
 from monai_effq.ptq.journal import remove_journal
 from monai_effq.ptq.pipeline import quantize
 from monai_effq.ptq.prepare import available_device
+from monai_effq.utils.distributed import get_rank, get_world_size, is_rank_zero
 from monai_effq.utils.errors import MissingInputError, UserInputError, check_integer, check_spread
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -91,6 +92,10 @@ class QuantizationHandler:
     and, if ``save_path`` is set, writes the quantized checkpoint. With ``save_path``, finished layers
     are journaled in ``<save_path>.journal/`` until the checkpoint is written, so the same command
     rerun after a kill continues after the last finished layer.
+
+    Under ``torchrun`` (``torch.distributed`` initialised) each rank's evaluator iterates over its own
+    share of the calibration cases; every rank quantizes (the statistics are summed across ranks)
+    and gets the same network, and only rank 0 writes the checkpoint. No journal is kept then.
 
     Args:
         config: an :class:`EfficientQConfig` or its dict form; defaults when ``None``.
@@ -181,19 +186,24 @@ class QuantizationHandler:
         if len(self.batches) < self.max_batches:
             images = batch_images(engine.state.batch, self.image_key)
             self.batches.append(images if self.roi_size is None else calibration_windows(images, self.roi_size))
+            if get_world_size() > 1:
+                self.logger.info(
+                    f"rank {get_rank()}: {_source_name(engine.state.batch, self.image_key, len(self.batches) - 1)}, "
+                    f"{self.batches[-1].shape[0]} window(s)"
+                )
 
     def __call__(self, engine: Engine) -> None:
         """Quantize ``engine.network`` on the collected batches and swap the result in."""
         if not self.batches:
             raise UserInputError("no calibration batch was collected: the calibration data loader is empty.")
         mask = [(b != 0).any(dim=1) for b in self.batches] if self.body_mask == "nonzero" else None
-        journal = None if self.save_path is None else f"{self.save_path}.journal"
+        journal = None if self.save_path is None or get_world_size() > 1 else f"{self.save_path}.journal"
         result = quantize(
             engine.network, self.batches, self.config, task=self.task, body_mask=mask, progress=self.progress, journal=journal
         )
         engine.network = result.network
         engine.state.quantization = result
-        if self.save_path is not None:
+        if self.save_path is not None and is_rank_zero():
             path = save_quantized(result, self.save_path)
             remove_journal(journal)
             self.logger.info(f"quantized checkpoint written to {path}")

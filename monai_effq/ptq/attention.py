@@ -9,6 +9,8 @@ any size, so sizes that do not divide evenly still get their own level).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -27,6 +29,9 @@ class ClassAttention:
         power: the exponent ``p`` (the paper: 0.5).
         body_mask: ``(N, *spatial)`` or ``(N, 1, *spatial)`` boolean mask (a list: one per batch);
             everything when ``None``.
+        reduce_counts: sums the float64 class counts in place with those of the rest of the
+            calibration data held elsewhere (e.g. ``[counts]`` all-reduced over ranks), so the
+            class weights are those of all of it; ``None`` when ``logits`` are all of it.
 
     Raises:
         ValueError: for an unknown task or a mask of the wrong shape.
@@ -38,6 +43,7 @@ class ClassAttention:
         task: str = "multiclass",
         power: float = 0.5,
         body_mask: torch.Tensor | list[torch.Tensor] | None = None,
+        reduce_counts: Callable[[list[torch.Tensor]], object] | None = None,
     ) -> None:
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}.")
@@ -53,6 +59,8 @@ class ClassAttention:
         counts = torch.zeros(self._n_labels(), dtype=torch.float64)
         for t, m in zip(self.logits, self.masks):
             counts += torch.bincount(self._labels(t)[m].reshape(-1), minlength=self._n_labels()).double()
+        if reduce_counts is not None:
+            reduce_counts([counts])  # whole numbers far below 2^53: the float64 sum is exact in any order
         present = counts > 0
         weights = torch.ones_like(counts)
         weights[present] = (counts[present].max() / counts[present]).pow(power)

@@ -10,6 +10,7 @@ the fake-quant module. Only the current layer's activations are ever held.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 import time
@@ -33,6 +34,7 @@ from monai_effq.solver.api import solve_statistics
 from monai_effq.solver.gram import GramAccumulator
 from monai_effq.solver.layers import LayerView, layer_view
 from monai_effq.solver.validation import solve_validated
+from monai_effq.utils.distributed import all_gather_objects, all_gather_rows, all_reduce_sum, get_rank, get_world_size
 from monai_effq.utils.fingerprint import fingerprint_json, fingerprint_state, fingerprint_tensors
 
 tqdm, _has_tqdm = optional_import("tqdm", name="tqdm")
@@ -40,6 +42,9 @@ tqdm, _has_tqdm = optional_import("tqdm", name="tqdm")
 __all__ = ["holdout_mask", "quantize"]
 
 logger = logging.getLogger("monai_effq")
+
+# ActivationQuantizer.calibrate fits on a fixed-stride subsample of at most this many values.
+_ACT_SAMPLES: int = inspect.signature(ActivationQuantizer.calibrate).parameters["max_samples"].default
 
 
 def _as_batches(calibration: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -157,14 +162,43 @@ class _Run:
         for p in self.fp.parameters():
             p.requires_grad_(False)
         per_sample = prepared.output_numels
+        self.rank, self.world = get_rank(), get_world_size()
+        # With ranks, one batch per rank is its share of the windows, in rank order: windows are
+        # numbered, chunked and held out by their place among all ranks' windows, as one process
+        # holding them all would.
+        shares = all_gather_objects((len(batches), batches[0].shape[0]))
+        if any(n_batches > 1 for n_batches, _ in shares) and self.world > 1:
+            raise ValueError(
+                "a rank holds calibration batches of different shapes: across ranks each rank's windows must have one "
+                "shape (crop or window the volumes, e.g. QuantizationHandler(roi_size=...))."
+            )
+        self.shares = [int(n) for _, n in shares]
+        offset = sum(self.shares[: self.rank])
+        total = sum(self.shares)
         self.chunks = 1
         if len(batches) == 1 and per_sample:
             cap = max(1, config.target_memory_mib * 2**20 // 4 // max(per_sample.values()))
-            self.chunks = -(-batches[0].shape[0] // cap)
-        if self.chunks > 1:
-            batches = [batches[0][c :: self.chunks] for c in range(self.chunks)]
+            self.chunks = -(-total // cap)
+        # (where in its global batch each local window sits, that batch's size over all ranks)
+        self.places: list[tuple[torch.Tensor, int]] = [(torch.arange(b.shape[0]), b.shape[0]) for b in batches]
+        self.first_chunk = [True] + [False] * (len(batches) - 1)
+        if len(batches) == 1:
+            index = torch.arange(offset, offset + batches[0].shape[0])
+            kept, places, first = [], [], []
+            for c in range(self.chunks):
+                local = (index % self.chunks == c).nonzero().squeeze(1)
+                if local.numel():
+                    kept.append(batches[0][local] if self.chunks > 1 else batches[0])
+                    places.append((index[local] // self.chunks, len(range(c, total, self.chunks))))
+                    first.append(c == 0)
+            batches, self.places, self.first_chunk = kept, places, first
         self.batches = batches
-        self.numels = {k: v * batches[0].shape[0] for k, v in per_sample.items()}
+        self.numels = {k: v * max(b.shape[0] for b in batches) for k, v in per_sample.items()}
+        if self.world > 1:
+            logger.info(
+                "rank %d of %d: calibration windows %d to %d of %d (%d chunk(s) here)",
+                self.rank, self.world, offset, offset + self.shares[self.rank] - 1, total, len(batches),
+            )
         self.qnet = copy.deepcopy(self.fp)
         if config.norm_input_spec is not None:  # first, so every layer is solved from the inputs it will get
             quantize_norm_inputs(self.qnet, self.batches[0].to(self.device), config.norm_input_spec)
@@ -178,7 +212,11 @@ class _Run:
                 return list(body_mask)
             body_mask = torch.cat([torch.as_tensor(m) for m in body_mask])
         if self.chunks > 1:
-            return [body_mask[c :: self.chunks] for c in range(self.chunks)]
+            body_mask = torch.as_tensor(body_mask)
+            offset = sum(self.shares[: self.rank])
+            index = torch.arange(offset, offset + body_mask.shape[0])
+            chunks = [(index % self.chunks == c).nonzero().squeeze(1) for c in range(self.chunks)]
+            return [body_mask[local] for local in chunks if local.numel()]
         return body_mask
 
     def logits(self) -> list[torch.Tensor]:
@@ -273,6 +311,27 @@ class _Run:
         for name, module in solved.items():
             set_submodule(self.qnet, name, module)
 
+    def _fit_activation(self, x: torch.Tensor, plan: LayerPlan, index: int) -> ActivationQuantizer:
+        """The input quantizer of a layer, fitted to its inputs on the first chunk of windows.
+
+        One process fits to ``x``; ranks fit to the values one process would subsample from the
+        first chunk (every ``stride``-th value of its windows in order), gathered from the ranks
+        holding them, so every rank fits the same quantizer from the same values.
+        """
+        if self.world == 1:
+            return ActivationQuantizer.from_spec(x, plan.act, plan.name).to(x.device)
+        place, size = self.places[index]
+        per_window = x[0].numel()
+        total = size * per_window
+        stride = total // _ACT_SAMPLES + 1 if total > _ACT_SAMPLES else 1
+        local = x.new_zeros(0)
+        if self.first_chunk[index]:
+            start = int(place[0]) * per_window  # the windows of a chunk are consecutive places
+            local = x.detach().reshape(-1).float()[(-start) % stride :: stride]
+        values, received = all_gather_rows(local)
+        logger.debug("%s activation range: gathered %d values (%d bytes)", plan.name, values.numel(), received)
+        return ActivationQuantizer.from_spec(values, plan.act, plan.name).to(x.device)
+
     def _run_layer(self, plan: LayerPlan, attention: ClassAttention | None) -> LayerReport:
         def pairs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             for batch in self.batches:  # one batch's activations at a time: memory stays bounded
@@ -316,20 +375,26 @@ class _Run:
         t0 = time.perf_counter()
         fp_layer = self.fp.get_submodule(plan.name)
         view = layer_view(fp_layer)
-        acc = GramAccumulator(view, max_chunk_elements=self.config.max_chunk_elements)
+        # Sums over ranks are reduced once, after the last batch; a low-rank factor would need the columns.
+        acc = GramAccumulator(view, max_chunk_elements=self.config.max_chunk_elements, keep_factor=self.world == 1)
         act_q: ActivationQuantizer | None = None
         for index, (x, y) in enumerate(pairs):
             if plan.act is not None:
                 if act_q is None:  # ranges from the first batch, used for all
-                    act_q = ActivationQuantizer.from_spec(x, plan.act, plan.name).to(x.device)
+                    act_q = self._fit_activation(x, plan, index)
                 x = act_q(x)
             h = None
             if attention is not None and view.kind != "linear":
                 h = attention(tuple(y.shape[2:]), index)
             held = None
             if self.config.validation_fraction > 0:
-                held = holdout_mask(_voxel_shape(view, y), self.config.validation_fraction)
+                place, size = self.places[index]
+                held = holdout_mask((size, *_voxel_shape(view, y)[1:]), self.config.validation_fraction)
+                held = None if held is None else held[place]
             acc.add_batch(x, y, h, held)  # the statistics and the solve stay on the run's device
+        if self.world > 1:
+            sent = acc.reduce(all_reduce_sum)
+            logger.info("%s all-reduce: %d bytes (statistics %d bytes)", plan.name, sent, acc.statistics_bytes())
         stats = acc.statistics()
         solve_args = dict(
             weight=fp_layer.weight.detach(),
@@ -376,6 +441,13 @@ def _voxel_shape(view: LayerView, targets: torch.Tensor) -> tuple[int, ...]:
     return tuple(targets.shape[:-1]) if view.kind == "linear" else (targets.shape[0], *targets.shape[2:])
 
 
+def _calibration_fingerprint(batches: list[torch.Tensor]) -> str:
+    """The fingerprint of every rank's calibration windows, one by one in rank order: the same
+    however the windows are batched or shared among ranks."""
+    windows = [fingerprint_tensors([w]) for b in batches for w in b]
+    return fingerprint_json([w for share in all_gather_objects(windows) for w in share])
+
+
 def quantize(
     network: nn.Module,
     calibration: torch.Tensor | Iterable[torch.Tensor],
@@ -387,6 +459,13 @@ def quantize(
     journal: str | os.PathLike | None = None,
 ) -> QuantizationResult:
     """Quantize a trained network after training, layer by layer.
+
+    When ``torch.distributed`` is initialised (``torchrun``), each rank passes its own share of the
+    calibration windows (rank 0 the first ones); every rank calls ``quantize`` and gets the same
+    result as one process given all the windows in rank order. Per layer, one all-reduce sums the
+    statistics (no activation crosses ranks); a layer with a quantized input first gathers the
+    subsample of first-chunk inputs its range is fitted to; the class-attention counts are summed
+    once. Nothing is written here: the caller saves on rank 0 only.
 
     Args:
         network: the FP network (not modified).
@@ -412,6 +491,11 @@ def quantize(
         TypeError: for calibration that is not tensors.
     """
     config = config or EfficientQConfig()
+    if journal is not None and get_world_size() > 1:
+        raise ValueError(
+            "journal= keeps one process's layers and cannot be shared by ranks: pass journal=None when "
+            "torch.distributed is initialised (rerun the whole quantization after a kill)."
+        )
     t0 = time.perf_counter()
     reset_peak_memory()
     batches = _as_batches(calibration)
@@ -427,14 +511,18 @@ def quantize(
     run = _Run(network, batches, config, journal)
     attention = None
     if config.attention:
-        attention = ClassAttention(run.logits(), task=task, power=config.attention_power, body_mask=run.masks(body_mask))
+        attention = ClassAttention(
+            run.logits(), task=task, power=config.attention_power, body_mask=run.masks(body_mask),
+            reduce_counts=all_reduce_sum if run.world > 1 else None,
+        )
         logger.info("class attention weights %s (voxel counts %s)", attention.class_weights.tolist(), attention.class_counts.tolist())
     sources = source_fingerprints(network, config.to_dict(), batches)
+    sources["calibration"] = _calibration_fingerprint(batches)
     # The task travels with the result (and its checkpoint), so a fine-tune need not be told it again.
     report = QuantizationReport(method=config.method, folded_batchnorms=run.folded, sources=sources, extra={"task": task})
     planned = {p.name for p in run.plans}
     report.skipped = [n for n in run.order if n not in planned]
-    report.layers = run.run(attention, progress)
+    report.layers = run.run(attention, progress and run.rank == 0)
     qnet = run.qnet.eval()
     report.fp_bytes = state_bytes(network)
     report.quantized_bytes = quantized_size_bytes(qnet)

@@ -8,6 +8,7 @@ matrices ``A_c`` and ``B_c``; the weighted output error of any weight matrix ``W
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -310,6 +311,44 @@ class GramAccumulator:
                 else:
                     self._columns = None
                     self._sqrt_h, self._sqrt_h_fit = [], []
+
+    def statistics_bytes(self) -> int:
+        """Bytes of the running sums (and their counts) that :meth:`reduce` hands over."""
+        parts = [s for s in (self._all, self._held) if s is not None]
+        return sum(sum(t.numel() for t in (s.xx, s.yx, s.x, s.y, s.yy)) * 8 + 3 * 8 for s in parts)
+
+    def reduce(self, reduce_sum: Callable[[list[torch.Tensor]], int]) -> int:
+        """Combine the sums with those of other accumulators of the same layer (other ranks' data).
+
+        ``reduce_sum`` gets every float64 sum and count as one list, in a fixed order, and must
+        replace each tensor in place by its sum over the accumulators (e.g. one all-reduce); the
+        statistics are then those of all their voxels together. The low-rank factor cannot be
+        combined, so an accumulator that is reduced should be made with ``keep_factor=False``.
+
+        Args:
+            reduce_sum: sums a list of float64 tensors in place; returns the bytes it communicated.
+
+        Returns:
+            what ``reduce_sum`` returned.
+
+        Raises:
+            ValueError: when no batch was added, or the accumulator keeps its low-rank factor.
+        """
+        if self._all is None:
+            raise ValueError(f"no calibration data reached {self.view.name}: add at least one batch before reducing.")
+        if self._columns is not None:
+            raise ValueError(f"the accumulator of {self.view.name} keeps its low-rank factor, which cannot be reduced: make it with keep_factor=False.")
+        tensors = [self._all.xx, self._all.yx, self._all.x, self._all.y, self._all.yy]
+        held = self._held
+        counts = torch.tensor([self._all.h, self._all.h2, float(self._all.voxels)], dtype=torch.float64, device=self._all.xx.device)
+        if held is not None:
+            tensors += [held.xx, held.yx, held.x, held.y, held.yy]
+            counts = torch.cat([counts, torch.tensor([held.h, held.h2, float(held.voxels)], dtype=torch.float64, device=counts.device)])
+        sent = reduce_sum(tensors + [counts])
+        self._all.h, self._all.h2, self._all.voxels = float(counts[0]), float(counts[1]), int(counts[2])
+        if held is not None:
+            held.h, held.h2, held.voxels = float(counts[3]), float(counts[4]), int(counts[5])
+        return sent
 
     def _check_weights(self, w: torch.Tensor, targets: torch.Tensor, what: str) -> torch.Tensor:
         if self.view.kind == "linear":

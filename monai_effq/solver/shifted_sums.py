@@ -206,7 +206,10 @@ def shifted_sums(
     xx.permute(1, 3, 0, 2)[rows, cols] = upper
     xx.permute(1, 3, 0, 2)[cols, rows] = upper.transpose(1, 2)
     xx = xx.reshape(n, n)
+    # One float32 sum per sample, added in float64 like the products: the same sums however the
+    # samples are batched (or spread over ranks).
     t = targets.float()
-    y_sum = t.sum(dim=(0, *range(2, 2 + nd))).to(f64)
-    yy = t.pow(2).sum(dim=(0, *range(2, 2 + nd))).to(f64)
+    per_sample = tuple(range(1, 1 + nd))
+    y_sum = torch.stack([t[b].sum(dim=per_sample) for b in range(n_batch)]).to(f64).sum(0)
+    yy = torch.stack([t[b].pow(2).sum(dim=per_sample) for b in range(n_batch)]).to(f64).sum(0)
     return xx[None], yx.reshape(1, m, n), xs.reshape(1, n), y_sum[None], yy[None]

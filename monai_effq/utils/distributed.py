@@ -1,0 +1,134 @@
+"""The few ``torch.distributed`` calls a run spread over ranks needs (``torchrun`` starts the ranks).
+
+Everything here works without an initialised process group: one process is rank 0 of a world of
+one, its reductions return their input and communicate nothing. The solver and the grids never
+import this module; the PTQ pipeline reduces their statistics through it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "all_gather_objects",
+    "all_gather_rows",
+    "all_reduce_sum",
+    "default_backend",
+    "get_rank",
+    "get_world_size",
+    "is_distributed",
+    "is_rank_zero",
+    "rank_device",
+]
+
+
+def is_distributed() -> bool:
+    """Whether a ``torch.distributed`` process group is initialised with more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    """The number of ranks (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is the one that writes files (rank 0, or the only process)."""
+    return get_rank() == 0
+
+
+def default_backend() -> str:
+    """``"nccl"`` where CUDA GPUs are visible, ``"gloo"`` (CPU) otherwise."""
+    return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+
+
+def rank_device() -> str:
+    """The device of this rank: ``cuda:<LOCAL_RANK>`` on a GPU machine (``torchrun`` sets it), else ``cpu``."""
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def _collective_device() -> torch.device:
+    # NCCL reduces CUDA tensors only; gloo reduces CPU tensors.
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(tensors: list[torch.Tensor]) -> int:
+    """Sum ``tensors`` over all ranks in place, with one all-reduce of one flat buffer.
+
+    Args:
+        tensors: tensors of one dtype, shaped alike on every rank, in the same order.
+
+    Returns:
+        the bytes of the buffer reduced (0 without a process group: nothing is communicated).
+
+    Raises:
+        ValueError: when the tensors are of more than one dtype.
+    """
+    if not is_distributed() or not tensors:
+        return 0
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) != 1:
+        raise ValueError(f"all_reduce_sum reduces tensors of one dtype in one buffer, got {sorted(map(str, dtypes))}.")
+    device = _collective_device()
+    flat = torch.cat([t.reshape(-1).to(device) for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].reshape(t.shape))
+        offset += t.numel()
+    return flat.numel() * flat.element_size()
+
+
+def all_gather_rows(rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's ``rows`` (of any length along axis 0), concatenated in rank order.
+
+    Args:
+        rows: ``(n_r, *shape)`` with the same trailing shape and dtype on every rank; ``n_r`` may differ
+            (and be 0).
+
+    Returns:
+        ``(all rows, bytes this rank received)``; without a process group ``(rows, 0)``.
+    """
+    if not is_distributed():
+        return rows, 0
+    device = _collective_device()
+    world = get_world_size()
+    count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    sizes = [int(c) for c in counts]
+    longest = max(sizes)
+    padded = torch.zeros((longest, *rows.shape[1:]), dtype=rows.dtype, device=device)
+    padded[: rows.shape[0]] = rows.to(device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    gathered = torch.cat([p[:n] for p, n in zip(parts, sizes)]).to(rows.device)
+    return gathered, padded.numel() * padded.element_size() * (world - 1)
+
+
+def all_gather_objects(obj: object) -> list[object]:
+    """Every rank's picklable ``obj``, in rank order (``[obj]`` without a process group).
+
+    Args:
+        obj: a small picklable value (a fingerprint, a count).
+
+    Returns:
+        the list of the ranks' values.
+    """
+    if not is_distributed():
+        return [obj]
+    out: list[object] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
