@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from monai_effq.solver.gram import LayerStatistics
-from monai_effq.solver.linalg import CholeskyRows, spd_inverse
+from monai_effq.solver.linalg import cholesky, cholesky_solve_rows, spd_inverse
 from monai_effq.solver.rounding import GridFit, refine_codes
 
 __all__ = ["AdmmSettings", "AdmmLayerSolver", "AdmmTrace"]
@@ -116,17 +116,17 @@ class _ShiftedSystem:
     def __init__(self, stats: LayerStatistics, lowrank: bool) -> None:
         self.A = stats.A
         self.factor = stats.factor if lowrank else None
-        self._apply: CholeskyRows | torch.Tensor | None = None
+        self._apply: torch.Tensor | None = None
         self.c = 0.0
 
     def set_shift(self, c: float) -> None:
         self.c = c
         if self.factor is None:
-            # Only the Cholesky factor: two blocked triangular solves per W-step cost what one product
+            # Only the Cholesky factor: two triangular solves per W-step cost about what one product
             # with an explicit inverse does, and forming that inverse would cost twice the factorisation.
             shifted = self.A.clone()
             shifted.diagonal(dim1=1, dim2=2).add_(c)
-            self._apply = CholeskyRows(shifted)
+            self._apply = cholesky(shifted)
         else:
             # (c I + 2 F Fᵀ)⁻¹ = (I - 2 F (c I + 2 FᵀF)⁻¹ Fᵀ) / c
             f = self.factor
@@ -137,7 +137,7 @@ class _ShiftedSystem:
     def solve_rows(self, rhs: torch.Tensor) -> torch.Tensor:
         """``rhs (A + cI)⁻¹`` for ``(G, m, n)`` right-hand sides."""
         if self.factor is None:
-            return self._apply.solve_rows(rhs)
+            return cholesky_solve_rows(self._apply, rhs)
         f = self.factor
         t = torch.bmm(torch.bmm(rhs, f), self._apply)
         return (rhs - 2.0 * torch.bmm(t, f.transpose(1, 2))) / self.c
