@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.data import partition_dataset
 from monai.transforms import CenterSpatialCropd, Compose, SpatialPadd
 
 from monai_effq.data import (
@@ -32,7 +31,7 @@ from monai_effq.data import (
     validate_datalist,
 )
 from monai_effq.ptq.checkpoint import verify_checkpoint
-from monai_effq.utils.distributed import get_rank, get_world_size
+from monai_effq.utils.distributed import get_rank, get_world_size, is_rank_zero
 from monai_effq.utils.errors import MissingInputError, UserInputError, check_integer, install_bundle_error_hook
 from monai_effq.utils.io import atomic_directory, current_umask
 
@@ -217,8 +216,8 @@ def calibration_datalist(
 def calibration_share(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """This rank's calibration cases: consecutive shares in rank order (all of them in one process).
 
-    ``monai.data.partition_dataset`` by equal ratios keeps the cases in order, so the ranks'
-    windows in rank order are the windows one process calibrates on, and the result equals its.
+    The shares are :func:`rank_cases`' contiguous blocks, so the ranks' windows in rank order are the
+    windows one process calibrates on.
 
     Args:
         cases: the case dicts of :func:`calibration_datalist`.
@@ -237,7 +236,7 @@ def calibration_share(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
             f"{len(cases)} calibration case(s) cannot be shared by {world} ranks: pass --calibration_cases {world} "
             f"or more, or start fewer ranks (--nproc_per_node)."
         )
-    return partition_dataset(cases, ratios=[1] * world, shuffle=False)[get_rank()]
+    return rank_cases(cases, get_rank(), world, "calibration cases")
 
 
 def preprocessing(
@@ -338,11 +337,6 @@ def images(
     return [{"image": case["image"]} for case in datalist(dataset_dir, dataset, part, layout, val_fraction)]
 
 
-def _is_other_rank() -> bool:
-    """Whether this process is a rank other than 0 of a ``torchrun`` process group (rank 0 writes the outputs)."""
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() > 0
-
-
 def log_written(*paths: str | os.PathLike | None) -> list[Path]:
     """Log each file or folder a workflow wrote, with its size (the last step of a bundle workflow).
 
@@ -354,7 +348,7 @@ def log_written(*paths: str | os.PathLike | None) -> list[Path]:
     Returns:
         the outputs that exist (empty on ranks other than 0).
     """
-    if _is_other_rank():
+    if not is_rank_zero():
         return []
     found = []
     for path in (Path(p) for p in paths if p):
@@ -551,7 +545,7 @@ def export_monailabel_bundle(
         ``export_dir``, or None when nothing was exported (also on ranks other than 0 under
         ``torchrun``: rank 0 exports).
     """
-    if not export_dir or _is_other_rank():
+    if not export_dir or not is_rank_zero():
         return None
     from monai_effq.deploy.torchscript import export_torchscript
     from monai_effq.ptq.checkpoint import load_quantized

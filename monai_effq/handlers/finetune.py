@@ -28,6 +28,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from monai_effq.ptq.checkpoint import save_quantized
 from monai_effq.qat.check import DEFAULT_CHECK_BATCHES, FinetuneCheck, Inferer, check_batch_count, draw_windows
 from monai_effq.qat.finetune import TrainableNetwork, resolve_task
+from monai_effq.utils.distributed import get_rank, get_world_size
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -70,7 +71,7 @@ def _trained_module(network: torch.nn.Module) -> torch.nn.Module:
 def _ranks(engine: Engine) -> tuple[int, int]:
     """``(rank, world size)`` of a trainer whose network is a ``DistributedDataParallel``, else ``(0, 1)``."""
     if isinstance(engine.network, torch.nn.parallel.DistributedDataParallel):
-        return dist.get_rank(), dist.get_world_size()
+        return get_rank(), get_world_size()
     return 0, 1
 
 

@@ -14,6 +14,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_effq.ptq.checkpoint import report_provenance
 from monai_effq.ptq.report import QuantizationReport
+from monai_effq.utils.distributed import is_rank_zero
 from monai_effq.utils.io import atomic_write, atomic_write_text
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -206,13 +207,6 @@ def _metric_per_class(value: Any, classes: list[str]) -> list[float]:
     return [float(v) for v in t]
 
 
-def _rank() -> int:
-    """This process's rank under ``torchrun``, 0 without a process group."""
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def write_comparison(
     evaluators: dict[str, Engine],
     class_names: list[str],
@@ -253,7 +247,7 @@ def write_comparison(
         row.update((extra or {}).get(model, {}))
         rows.append(row)
         dice_table[model] = dict(zip(class_names, dice))
-    if _rank() != 0:
+    if not is_rank_zero():
         return rows
     out = Path(output_dir)
     buf = io.StringIO()

@@ -105,7 +105,7 @@ def test_finetune_on_two_ranks_trains_with_one_held_out_decision_and_saves_once(
     work = demo_copy
     logs = torchrun(
         work, "finetune", "multi_gpu_finetune",
-        "--method", "rtn", "--steps", "2", "--roi_size", "[32,32,32]", "--calibration_crop", "[32,32,32]",
+        "--method", "rtn", "--calibration_cases", "2", "--steps", "2", "--roi_size", "[32,32,32]", "--calibration_crop", "[32,32,32]",
         "--ckpt_dir", str(tmp_path / "models"), "--fp_checkpoint", str(work / "models" / "model.pt"),
         "--output_dir", str(tmp_path / "eval"), "--export_dir", str(tmp_path / "export"),
     )  # fmt: skip
