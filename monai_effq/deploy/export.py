@@ -38,7 +38,14 @@ from monai_effq.deploy.containers import INT4_MIN_OPSET, WEIGHT_CONTAINERS, pack
 from monai_effq.deploy.norms import GROUP_NORM_FORMS, channel_stats_norms
 from monai_effq.ptq.checkpoint import result_fingerprint
 from monai_effq.ptq.graph import set_submodule
-from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, QuantizedNorm, functional_forward
+from monai_effq.ptq.modules import (
+    SHARED_INPUT_QUANTIZER,
+    ActivationQuantizer,
+    QuantizedLayer,
+    QuantizedNorm,
+    functional_forward,
+    shared_input_quantizer,
+)
 from monai_effq.ptq.result import QuantizationResult
 from monai_effq.quant.grid import dequantize
 from monai_effq.solver.layers import layer_view
@@ -275,8 +282,9 @@ class QdqNorm(nn.Module):
 def export_form(
     network: nn.Module, reduce_range: bool = False, group_norm: str = "onnx", exporter: str = "dynamo"
 ) -> tuple[nn.Module, list[str]]:
-    """A copy of ``network`` with every quantized layer replaced by its :class:`QdqLayer`
-    and every norm with a quantized input by its :class:`QdqNorm`.
+    """A copy of ``network`` with every quantized layer replaced by its :class:`QdqLayer`,
+    every norm with a quantized input by its :class:`QdqNorm` and every block's shared input
+    quantizer (:func:`~monai_effq.ptq.modules.quantize_shared_input`) by its Q/DQ pair.
 
     Args:
         network: a network holding :class:`~monai_effq.ptq.modules.QuantizedLayer` modules.
@@ -298,6 +306,9 @@ def export_form(
                 reduced.append(name)
         elif isinstance(module, QuantizedNorm):
             set_submodule(form, name, QdqNorm(module, exporter))
+        shared = shared_input_quantizer(module)
+        if shared is not None:  # the block's pre-hook calls whatever the child now is
+            module.add_module(SHARED_INPUT_QUANTIZER, _ActivationSpec.from_quantizer(shared, exporter))
     if group_norm == "channel_stats":
         channel_stats_norms(form)
     return form, reduced

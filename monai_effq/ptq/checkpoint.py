@@ -37,7 +37,15 @@ import torch.nn as nn
 
 from monai_effq.ptq.config import EfficientQConfig
 from monai_effq.ptq.graph import set_submodule
-from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, QuantizedNorm, quantized_layer_class
+from monai_effq.ptq.modules import (
+    SHARED_INPUT_QUANTIZER,
+    ActivationQuantizer,
+    QuantizedLayer,
+    QuantizedNorm,
+    quantize_shared_input,
+    quantized_layer_class,
+    shared_input_quantizer,
+)
 from monai_effq.ptq.result import QuantizationResult
 from monai_effq.ptq.report import QuantizationReport
 from monai_effq.quant.grid import UniformGrid
@@ -161,6 +169,9 @@ def _payload(result: QuantizationResult) -> dict[str, Any]:
         if isinstance(module, QuantizedNorm):
             norm_inputs.append({"name": name, **_activation_entry(module.input_quantizer, store)})
             quantized_prefixes.append(name + ".input_quantizer.")
+        elif shared_input_quantizer(module) is not None:  # a block whose norm and skip path share the rounding
+            norm_inputs.append({"name": name, "shared": True, **_activation_entry(shared_input_quantizer(module), store)})
+            quantized_prefixes.append(f"{name}.{SHARED_INPUT_QUANTIZER}.")
     rest = {}
     for key, t in net.state_dict().items():
         if not any(key.startswith(p) for p in quantized_prefixes):
@@ -324,8 +335,11 @@ def load_quantized_result(path: str | os.PathLike, network: nn.Module) -> Quanti
             )
             set_submodule(net, entry["name"], module)
         for entry in meta.get("norm_inputs", []):  # version 1 files have none
-            norm = net.get_submodule(entry["name"])
-            set_submodule(net, entry["name"], QuantizedNorm(norm, _activation_quantizer(entry, data)))
+            module = net.get_submodule(entry["name"])
+            if entry.get("shared"):
+                quantize_shared_input(module, _activation_quantizer(entry, data))
+            else:
+                set_submodule(net, entry["name"], QuantizedNorm(module, _activation_quantizer(entry, data)))
         state = {k: _take(data, v) for k, v in meta["state"].items()}
         for key in state:
             module_name, _, attr = key.rpartition(".")
@@ -334,7 +348,7 @@ def load_quantized_result(path: str | os.PathLike, network: nn.Module) -> Quanti
                 owner.bias = nn.Parameter(torch.zeros_like(state[key]), requires_grad=False)
         missing, unexpected = net.load_state_dict(state, strict=False)
         quantized = tuple(e["name"] + "." for e in meta["layers"]) + tuple(
-            e["name"] + ".input_quantizer." for e in meta.get("norm_inputs", [])
+            f"{e['name']}.{SHARED_INPUT_QUANTIZER if e.get('shared') else 'input_quantizer'}." for e in meta.get("norm_inputs", [])
         )
         missing = [k for k in missing if not k.startswith(quantized)]
         if missing or unexpected:

@@ -4,7 +4,9 @@ One module serves every rank and kind: :class:`QuantizedLayer` keeps the origina
 its own forward with weights rebuilt from the integer codes, so Conv1d/2d/3d, their transposed
 forms and Linear share one implementation. :class:`QuantizedConv`, :class:`QuantizedConvTranspose`
 and :class:`QuantizedLinear` only name the kind. :class:`QuantizedNorm` is a group or instance norm
-whose input is rounded to the activation grid, so a runtime reads it in 8 bits.
+whose input is rounded to the activation grid, so a runtime reads it in 8 bits;
+:func:`quantize_shared_input` rounds the input of a whole block instead, so that the block's norm
+and its skip connection read one rounded tensor.
 """
 
 from __future__ import annotations
@@ -28,10 +30,16 @@ __all__ = [
     "QuantizedConvTranspose",
     "QuantizedLinear",
     "QuantizedNorm",
+    "SHARED_INPUT_QUANTIZER",
     "functional_forward",
     "is_group_norm",
+    "quantize_shared_input",
     "quantized_layer_class",
+    "shared_input_quantizer",
 ]
+
+# the child that holds a block's shared input quantizer (see quantize_shared_input)
+SHARED_INPUT_QUANTIZER = "shared_input_quantizer"
 
 
 class ActivationQuantizer(nn.Module):
@@ -245,6 +253,47 @@ class QuantizedNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.input_quantizer(x))
+
+
+def _round_shared_input(module: nn.Module, args: tuple) -> tuple:
+    return (getattr(module, SHARED_INPUT_QUANTIZER)(args[0]), *args[1:])
+
+
+def quantize_shared_input(module: nn.Module, quantizer: nn.Module) -> None:
+    """Round the first input of ``module`` before its forward runs, in place.
+
+    A residual block's input feeds its first norm and its skip connection; rounding it once, at the
+    block's input, gives both the same 8-bit tensor, which an int8 runtime reads in 8 bits on both
+    paths (NNCF's int8 graphs put one quantizer there as well). The quantizer becomes the child
+    :data:`SHARED_INPUT_QUANTIZER`, applied by a forward pre-hook, as ``torch.ao.quantization``
+    attaches its observers; the block's own children keep their names.
+
+    Args:
+        module: the block (changed).
+        quantizer: an :class:`ActivationQuantizer`, or its export form.
+
+    Raises:
+        ValueError: when the block's input is already rounded, or the block is an ``nn.Sequential``
+            (which would run the quantizer child as its last step).
+    """
+    if isinstance(module, nn.Sequential):
+        raise ValueError("a Sequential runs every child in turn: round the input of its first child instead.")
+    if shared_input_quantizer(module) is not None:
+        raise ValueError(f"the input of {type(module).__name__} is already quantized: attach one quantizer per block.")
+    module.add_module(SHARED_INPUT_QUANTIZER, quantizer)
+    module.register_forward_pre_hook(_round_shared_input)
+
+
+def shared_input_quantizer(module: nn.Module) -> nn.Module | None:
+    """The quantizer :func:`quantize_shared_input` attached to ``module``, or ``None``.
+
+    Args:
+        module: any module.
+
+    Returns:
+        the quantizer, or ``None`` when the module's input is not rounded.
+    """
+    return module._modules.get(SHARED_INPUT_QUANTIZER)
 
 
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)

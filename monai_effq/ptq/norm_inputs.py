@@ -2,51 +2,95 @@
 
 A convolution's input is quantized by its :class:`~monai_effq.ptq.modules.QuantizedLayer`; the
 tensors a network normalises (convolution outputs, residual sums) stay in floating point unless
-this point is on. With it, every group/instance norm becomes a
-:class:`~monai_effq.ptq.modules.QuantizedNorm` whose input quantizer is calibrated, like the
-layers', on the first calibration batch.
+this point is on. With it, every group/instance norm reads its input on an 8-bit grid calibrated,
+like the layers', on the first calibration batch. A norm that reads its block's own input (a
+residual block's first norm, whose input also feeds the skip connection) has the rounding put at
+the block's input (:func:`~monai_effq.ptq.modules.quantize_shared_input`), on the signed grid:
+both paths then read one int8 tensor, which OpenVINO keeps in int8 (a rounding that only the norm
+reads stays a separate floating-point step there). Every other norm becomes a
+:class:`~monai_effq.ptq.modules.QuantizedNorm`.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn as nn
 
 from monai_effq.ptq.graph import hooks, set_submodule
-from monai_effq.ptq.modules import ActivationQuantizer, QuantizedNorm, is_group_norm
+from monai_effq.ptq.modules import ActivationQuantizer, QuantizedNorm, is_group_norm, quantize_shared_input
 from monai_effq.quant.spec import ActivationSpec
 
-__all__ = ["quantize_norm_inputs"]
+__all__ = ["SHARED_INPUT_GRID", "quantize_norm_inputs"]
+
+# the grid of a block input that a norm and a skip connection share, unless the spec names one:
+# zero-centred residual sums fit it, an int8 runtime adds such tensors without zero points, and all
+# 256 levels make a plain int8 Q/DQ pair (the "symmetric" grid's unused level would need a clip)
+SHARED_INPUT_GRID = "signed"
 
 
 def quantize_norm_inputs(network: nn.Module, batch: torch.Tensor, spec: ActivationSpec) -> list[str]:
-    """Replace, in place, every group/instance norm of ``network`` by a :class:`QuantizedNorm`.
+    """Round, in place, the input of every group/instance norm of ``network``.
 
     Each quantizer is calibrated on the input its norm sees in one pass of ``network`` over
-    ``batch`` (a norm the pass does not reach is left alone).
+    ``batch`` (a norm the pass does not reach is left alone). A norm whose parent module (other
+    than an ``nn.Sequential``) passes it the parent's own input gets the rounding at the parent's
+    input, so every consumer of that tensor inside the parent reads the rounded one; the others
+    become :class:`QuantizedNorm`.
 
     Args:
         network: the network (changed).
         batch: a calibration batch on the network's device.
-        spec: the grid of every norm input (bits, kind, power of two; an explicit format is used as given).
+        spec: the grid of every norm input (bits, kind, power of two; an explicit format is used as
+            given). Shared block inputs take :data:`SHARED_INPUT_GRID` when ``spec.kind`` is ``None``.
 
     Returns:
-        the names of the norms now quantized, in execution order.
+        the names of the modules whose input is now rounded (norms and blocks), in execution order.
 
     Raises:
         UserInputError: for a norm input that is not finite or holds one value only.
     """
-    norms = [(name, m) for name, m in network.named_modules() if name and is_group_norm(m)]
-    quantizers: dict[str, ActivationQuantizer] = {}
+    norms = {name: m for name, m in network.named_modules() if name and is_group_norm(m)}
+    # a Sequential passes its input to its first child only (nothing shares it), and would run an
+    # added quantizer child as its last step
+    parents = {
+        parent
+        for parent in (name.rpartition(".")[0] for name in norms)
+        if parent and not isinstance(network.get_submodule(parent), nn.Sequential)
+    }
+    running: dict[str, torch.Tensor] = {}  # the input of each parent whose forward is under way
+    points: dict[str, ActivationQuantizer] = {}  # rounding point (norm or parent) -> its quantizer
+    covered: set[str] = set()  # norms whose input a parent's rounding already covers
+
+    def enter(name: str, x: torch.Tensor) -> None:
+        running.setdefault(name, x)
+
+    def leave(name: str) -> None:
+        running.pop(name, None)
 
     def calibrate(name: str, x: torch.Tensor) -> None:
-        if name not in quantizers:  # a norm run twice keeps the range of its first input
-            quantizers[name] = ActivationQuantizer.from_spec(x, spec, f"{name} (norm input)").to(x.device)
+        if name in covered or name in points:  # a norm run twice keeps the range of its first input
+            return
+        parent = name.rpartition(".")[0]
+        if parent in parents and running.get(parent) is x:
+            covered.add(name)
+            if parent not in points:
+                shared = dataclasses.replace(spec, kind=spec.kind or SHARED_INPUT_GRID)
+                points[parent] = ActivationQuantizer.from_spec(x, shared, f"{parent} (block input)").to(x.device)
+        else:
+            points[name] = ActivationQuantizer.from_spec(x, spec, f"{name} (norm input)").to(x.device)
 
-    handles = [m.register_forward_pre_hook(lambda _m, args, n=name: calibrate(n, args[0])) for name, m in norms]
+    handles = [m.register_forward_pre_hook(lambda _m, args, n=name: calibrate(n, args[0])) for name, m in norms.items()]
+    for name in parents:
+        module = network.get_submodule(name)
+        handles.append(module.register_forward_pre_hook(lambda _m, args, n=name: enter(n, args[0])))
+        handles.append(module.register_forward_hook(lambda _m, _a, _o, n=name: leave(n)))
     with hooks(handles), torch.no_grad():
         network(batch)
-    for name, module in norms:
-        if name in quantizers:
-            set_submodule(network, name, QuantizedNorm(module, quantizers[name]))
-    return list(quantizers)
+    for name, quantizer in points.items():
+        if name in norms:
+            set_submodule(network, name, QuantizedNorm(norms[name], quantizer))
+        else:
+            quantize_shared_input(network.get_submodule(name), quantizer)
+    return list(points)

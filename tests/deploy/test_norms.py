@@ -4,6 +4,7 @@ import onnx
 import pytest
 import torch
 import torch.nn as nn
+from monai.networks.blocks.segresnet_block import ResBlock
 from monai.networks.nets import SegResNet
 
 import monai_effq
@@ -160,16 +161,17 @@ def segresnet_norm_inputs():
 def test_quantized_norm_inputs_export_as_a_qdq_pair_that_reproduces_the_fake_quant_network(
     segresnet_norm_inputs, tmp_path, group_norm
 ):
-    from monai_effq.ptq.modules import QuantizedNorm
+    from monai_effq.ptq.modules import QuantizedNorm, shared_input_quantizer
 
     network = segresnet_norm_inputs.network
     path = export_onnx(segresnet_norm_inputs, tmp_path / "segresnet.onnx", (1, 2, 16, 16, 16), group_norm=group_norm)
     graph = onnx.load(str(path)).graph
     n_layers = sum(isinstance(m, monai_effq.ptq.modules.QuantizedLayer) for m in network.modules())
     n_norms = sum(isinstance(m, QuantizedNorm) for m in network.modules())
-    assert n_norms > 0
-    # one activation QuantizeLinear per layer input and per norm input
-    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) == n_layers + n_norms
+    n_blocks = sum(shared_input_quantizer(m) is not None for m in network.modules())
+    assert n_norms > 0 and n_blocks > 0
+    # one activation QuantizeLinear per layer input, per norm input and per shared block input
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) == n_layers + n_norms + n_blocks
     x = torch.rand(1, 2, 20, 24, 16, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         expected = network(x)
@@ -180,3 +182,22 @@ def test_quantized_norm_inputs_export_as_a_qdq_pair_that_reproduces_the_fake_qua
         out = runtime(x)
         assert rel_l2(out, expected) < 5e-2
         assert (out.argmax(1) == expected.argmax(1)).float().mean() >= 0.97  # untrained: near-tied logits
+
+
+def test_a_residual_blocks_shared_input_is_one_qdq_pair_read_by_its_norm_and_its_skip_add(segresnet_norm_inputs, tmp_path):
+    from monai_effq.ptq.modules import shared_input_quantizer
+
+    path = export_onnx(segresnet_norm_inputs, tmp_path / "segresnet.onnx", (1, 2, 16, 16, 16))
+    graph = onnx.load(str(path)).graph
+    readers: dict[str, set[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.op_type)
+    dequantized = [n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] not in {
+        i.name for i in graph.initializer
+    }]
+    shared = [t for t in dequantized if {"Add", "GroupNormalization"} <= readers.get(t, set())]
+    blocks = [m for m in segresnet_norm_inputs.network.modules() if isinstance(m, ResBlock)]
+    assert blocks and all(shared_input_quantizer(m) is not None for m in blocks)
+    # in every residual block the skip add reads the dequantized int8 tensor its first norm reads
+    assert len(shared) == len(blocks)

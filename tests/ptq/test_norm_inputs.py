@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 from monai.networks.nets import SegResNet
 
-from monai_effq import EfficientQConfig, quantize
-from monai_effq.ptq.modules import ActivationQuantizer, QuantizedNorm
+from monai_effq import EfficientQConfig, load_quantized, quantize, save_quantized
+from monai_effq.ptq.modules import ActivationQuantizer, QuantizedNorm, shared_input_quantizer
 from monai_effq.ptq.norm_inputs import quantize_norm_inputs
 from monai_effq.quant.spec import ActivationSpec
 from monai_effq.utils.errors import UserInputError
@@ -47,8 +47,11 @@ def test_quantize_puts_every_segresnet_norm_input_on_the_activation_grid():
     cfg = EfficientQConfig(weight_bits=4, act_bits=6, method="rtn", attention=False, quantize_norm_inputs=True)
     quantized = quantize(net, calib, cfg, progress=False).network
     norms = [m for m in quantized.modules() if isinstance(m, QuantizedNorm)]
-    assert len(norms) == sum(isinstance(m, nn.GroupNorm) for m in net.modules())
-    assert {m.input_quantizer.grid.bits for m in norms} == {6}
+    blocks = [m for m in quantized.modules() if shared_input_quantizer(m) is not None]
+    # a residual block's first norm is covered by the rounding of the block's input
+    covered = sum(isinstance(m, nn.GroupNorm) for b in blocks for m in b.children())
+    assert len(norms) + covered == sum(isinstance(m, nn.GroupNorm) for m in net.modules())
+    assert {m.input_quantizer.grid.bits for m in norms} | {shared_input_quantizer(b).grid.bits for b in blocks} == {6}
     off = quantize(net, calib, EfficientQConfig(weight_bits=4, method="rtn", attention=False), progress=False).network
     assert not any(isinstance(m, QuantizedNorm) for m in off.modules())
 
@@ -56,3 +59,44 @@ def test_quantize_puts_every_segresnet_norm_input_on_the_activation_grid():
 def test_quantizing_norm_inputs_without_activation_bits_is_an_error_saying_what_to_set():
     with pytest.raises(UserInputError, match="set act_bits or turn it off"):
         EfficientQConfig(act_bits=None, quantize_norm_inputs=True)
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(2, 4)
+        self.conv = nn.Conv3d(4, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.relu(self.norm(x))) + x
+
+
+def test_a_residual_blocks_norm_and_skip_path_read_one_input_rounded_on_the_signed_grid():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), _Residual()).eval()
+    x = torch.randn(1, 2, 8, 8, 8)
+    with torch.no_grad():
+        block_input = net[0](x)
+    assert quantize_norm_inputs(net, x, ActivationSpec(8)) == ["1"]
+    quantizer = shared_input_quantizer(net[1])
+    assert quantizer.grid.kind == "signed" and isinstance(net[1].norm, nn.GroupNorm)
+    assert float(quantizer.scale) == float(ActivationQuantizer.calibrate(block_input, 8, kind="signed").scale)
+    rounded = quantizer(block_input)
+    assert not torch.equal(rounded, block_input)
+    with torch.no_grad():  # the skip path adds the rounded input, not the float one
+        expected = net[1].conv(torch.relu(net[1].norm(rounded))) + rounded
+        torch.testing.assert_close(net(x), expected, rtol=0, atol=0)
+
+
+def test_a_checkpoint_with_shared_block_inputs_loads_the_same_network(tmp_path):
+    torch.manual_seed(0)
+    net = SegResNet(3, init_filters=8, in_channels=1, out_channels=2, blocks_down=(1, 1), blocks_up=(1,)).eval()
+    calib = torch.rand(1, 1, 16, 16, 16)
+    cfg = EfficientQConfig(weight_bits=4, act_bits=8, method="rtn", attention=False, quantize_norm_inputs=True)
+    result = quantize(net, calib, cfg, progress=False)
+    save_quantized(result, tmp_path / "q.pt")
+    loaded = load_quantized(tmp_path / "q.pt", net)
+    names = [n for n, m in loaded.named_modules() if shared_input_quantizer(m) is not None]
+    assert names == [n for n, m in result.network.named_modules() if shared_input_quantizer(m) is not None] != []
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(calib), result.network(calib), rtol=0, atol=0)
