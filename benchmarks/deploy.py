@@ -284,22 +284,26 @@ def dice(args: argparse.Namespace, work: Path) -> list[dict]:
     rows = []
     bits = args.dice_bits
     print(f"\nSliding-window evaluation on the demo validation cases (the bundles' evaluate workflow), W{bits}A8")
-    for bundle in BUNDLES:
-        ckpt = work / f"{bundle}_bundle_w{bits}a8.pt"
+    # with --norm-inputs, also the network quantized with quantize_norm_inputs ("+N"), in torch and OpenVINO
+    variants = [("", False, ("torch", "openvino", "onnxruntime"))]
+    if args.norm_inputs:
+        variants.append(("+N", True, ("torch", "openvino")))
+    for bundle, (tag, norm_inputs, runtimes) in ((b, v) for b in BUNDLES for v in variants):
+        ckpt = work / f"{bundle}_bundle_w{bits}a8{'_norm_inputs' if norm_inputs else ''}.pt"
         if not ckpt.is_file():
-            quantize_bundle(bundle, bits, work)
+            quantize_bundle(bundle, bits, work, norm_inputs=norm_inputs)
         fp_ckpt = str(ROOT / "bundles" / bundle / "models" / "model.pt")
-        for runtime in ("torch", "openvino", "onnxruntime"):
+        for runtime in runtimes:
             configs = ["evaluate"] if runtime == "torch" else ["evaluate", "evaluate_openvino"]
             overrides = {"quantized_path": str(ckpt), "fp_checkpoint": fp_ckpt, "output_dir": str(work / "eval"), "weight_bits": bits}
             if runtime != "torch":
                 overrides["runtime"] = runtime
             parser = parser_for(bundle, configs, **overrides)
-            runs = {"torch fp32": "validate#evaluator"} if runtime == "torch" else {}
-            runs[f"{runtime} W{bits}A8" if runtime != "torch" else f"torch fake-quant W{bits}A8"] = (
+            runs = {"torch fp32": "validate#evaluator"} if runtime == "torch" and not tag else {}
+            runs[f"{runtime} W{bits}A8{tag}" if runtime != "torch" else f"torch fake-quant W{bits}A8{tag}"] = (
                 "quantized#evaluator" if runtime == "torch" else "deployed#evaluator"
             )
-            if runtime == "openvino" and not args.skip_nncf:
+            if runtime == "openvino" and not args.skip_nncf and not tag:
                 runs["NNCF int8 W8A8 (OpenVINO)"] = "nncf"
             for label, key in runs.items():
                 if key == "nncf":  # the deployed evaluator with NNCF's int8 of the FP network in its place
@@ -328,7 +332,9 @@ def main() -> None:
     parser.add_argument("--dice-bits", type=int, default=4, help="weight bits of our network in the Dice part")
     parser.add_argument("--skip-nncf", action="store_true", help="leave out NNCF's int8 (the [bench] extra)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument("--norm-inputs", action="store_true", help="also quantize with quantize_norm_inputs and run that in OpenVINO")
+    parser.add_argument(
+        "--norm-inputs", action="store_true", help="also quantize with quantize_norm_inputs and run that in OpenVINO (latency and Dice)"
+    )
     parser.add_argument("--only", default="", help="run only the networks whose name contains this text")
     args = parser.parse_args()
     if args.quick:
