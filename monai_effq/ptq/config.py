@@ -198,11 +198,11 @@ class EfficientQConfig:
         quantize_norm_inputs: also round the input of every group/instance norm to ``act_bits``
             (:mod:`monai_effq.ptq.norm_inputs`; calibrated on the FP network's first calibration
             batch, on the ``act_grid`` grid, with ``power_of_two``), where NNCF's int8 graphs round
-            them too. Needs ``act_bits``. Off by default: on the untrained SegResNet (init 16,
-            1x4x128³, OpenVINO 2026.4, this project's 2-core AVX-512 CPU) it was no faster (0.307 s
-            against 0.299 s without it), because OpenVINO fuses the rounding into a convolution only
-            where the norm is the tensor's sole reader, and a residual block's first norm shares its
-            input with the skip path; the BraTS demo's W4A8 Dice was 0.9869 against 0.9875.
+            them too; a residual block's first norm has it at the block's input, so the skip path
+            reads the same int8 tensor. Needs ``act_bits``. Off by default: on the untrained
+            SegResNet (init 16, 1x4x128³, OpenVINO 2026.4 in bf16, this project's 2-core AVX-512
+            CPU) it ran level with NNCF's int8 and with our graph without it (0.320 s, NNCF 0.319 s,
+            without it 0.322 s, one interleaved run), so it buys no speed for an extra rounding point.
     """
 
     weight_bits: int = 4
