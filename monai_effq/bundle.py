@@ -138,7 +138,9 @@ def rank_cases(cases: Sequence[dict[str, Any]], rank: int, world_size: int, what
     Each rank takes one contiguous block (sizes differ by at most one; nothing is padded or repeated),
     so MONAI's metrics, which gather every rank's per-case values in rank order, see the cases in the
     order one process sees them and reduce them to the same figures, bit for bit. The share is logged
-    by name, so the logs say which rank evaluated which case.
+    by name, so the logs say which rank evaluated which case. Not MONAI's ``partition_dataset``: by
+    ``num_partitions`` it deals the cases out in turn (rank 0 gets cases 0, 3, 6 of 7 on 3 ranks),
+    and by equal ``ratios`` it can drop cases (39 cases on 38 ranks leave one out).
 
     Args:
         cases: the whole list (e.g. the validation split), the same on every rank.

@@ -4,5 +4,6 @@
 # README and docs are rewritten only by `python -m monai_effq.demo --publish`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh "${MONAI_EFFQ_EXTRAS:-plots}"
+# the package alone (matplotlib, for the plots, is a core dependency); MONAI_EFFQ_EXTRAS adds extras
+bash scripts/setup.sh "${MONAI_EFFQ_EXTRAS-}"
 .venv/bin/python -m monai_effq.demo "$@"

@@ -348,6 +348,8 @@ def split_datalist(
     if n < 2:
         raise DatasetError(f"cannot split {n} case(s) into training and validation; need at least 2.")
     n_val = min(max(int(round(n * val_fraction)), 1), n - 1)
+    # Not MONAI's partition_dataset(ratios=..., shuffle=True): its shuffle draws other validation
+    # cases for the same seed, so every bundle's published split (and its demo checkpoints) would change.
     val_idx = set(np.random.default_rng(seed).permutation(n)[:n_val].tolist())
     train = [datalist[i] for i in range(n) if i not in val_idx]
     val = [datalist[i] for i in range(n) if i in val_idx]

@@ -59,6 +59,13 @@ logger = logging.getLogger("monai_effq")
 def cpu_has_vnni() -> bool | None:
     """Whether this CPU has the VNNI dot-product instructions (``None`` when it cannot be told).
 
+    Read from ``/proc/cpuinfo`` because no runtime says it: OpenVINO's CPU plugin appends ``INT8`` to
+    ``OPTIMIZATION_CAPABILITIES`` on every CPU and ``WINOGRAD`` on every AVX-512 one (2026.4 reports
+    ``BF16, WINOGRAD, FP32, INT8, BIN, EXPORT_IMPORT`` on this project's VNNI CPU; an AVX-512 CPU
+    without VNNI gets the same list but ``BF16``), torch's ``get_cpu_capability()`` says ``AVX512``
+    or ``AVX2`` only, and ONNX Runtime, whose int8 kernels this answer is for (``reduce_range``),
+    lists its CPU device without instruction sets.
+
     Returns:
         ``True``/``False`` from ``/proc/cpuinfo`` on Linux, ``None`` elsewhere.
     """

@@ -14,7 +14,7 @@ import torch
 
 from monai_effq.quant.fixed_point import FixedPointFormat
 from monai_effq.quant.grid import GRID_KINDS
-from monai_effq.quant.spec import ActivationSpec, WeightSpec
+from monai_effq.quant.spec import SCALE_METHODS, ActivationSpec, WeightSpec
 from monai_effq.solver.admm import AdmmSettings
 from monai_effq.solver.api import METHODS
 from monai_effq.utils.errors import UserInputError, check_flag, check_integer
@@ -78,11 +78,11 @@ def _check_device(value: Any) -> str:
         raise UserInputError(f"device must be a torch device name such as 'cpu', 'cuda' or 'cuda:0', got {value!r}.") from None
 
 
-def _check_format(role: str, text: str | None, bits: int | None, signed: bool) -> None:
-    """A ``<role>_format`` must parse and match ``<role>_bits`` (which it sets, unless changed later)."""
-    if text is None:
+def _check_format(role: str, fmt: FixedPointFormat | None, bits: int | None) -> None:
+    """A ``<role>_format`` must match ``<role>_bits`` (which it sets, unless changed later)."""
+    if fmt is None:
         return
-    fmt = _parse_format(text, f"{role}_format", signed=signed)
+    signed = fmt.signed
     if fmt.bits != bits:
         sign = "sign + " if signed else ""
         raise UserInputError(
@@ -99,8 +99,11 @@ WEIGHT_GRIDS = ("auto", *GRID_KINDS)
 
 _REGISTER_HINT = " (a method of your own: import the module that registers it first)"
 
-# the per-layer settings an override may set
-OVERRIDE_KEYS = ("weight_bits", "act_bits", "weight_format", "act_format", "per_channel", "weight_grid", "power_of_two", "method")
+# the per-layer settings an override may set: every field of a layer's specs and its method
+OVERRIDE_KEYS = (
+    "weight_bits", "act_bits", "weight_format", "act_format", "per_channel", "weight_grid", "power_of_two",
+    "scale_method", "act_grid", "method",
+)
 
 
 @dataclass(frozen=True)
@@ -136,8 +139,8 @@ class LayerPlan:
 
     @property
     def act_format(self) -> str | None:
-        """The input's explicit fixed-point format, or ``None``."""
-        return None if self.act is None else self.act.format
+        """The input's explicit fixed-point format (its text), or ``None``."""
+        return None if self.act is None or self.act.format is None else str(self.act.format)
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,8 @@ class EfficientQConfig:
         last_layer_bits: the same for the last layer.
         overrides: module-name pattern → per-layer settings (later patterns win): any of
             ``weight_bits``, ``act_bits``, ``weight_format``, ``act_format``, ``per_channel``,
-            ``weight_grid``, ``power_of_two`` and ``method``.
+            ``weight_grid``, ``power_of_two``, ``scale_method`` (the first fit of the layer's weight
+            scale: ``"als"``, the default, ``"mse"`` or ``"minmax"``), ``act_grid`` and ``method``.
         skip: module-name patterns of layers kept in full precision.
         per_channel: one weight scale per output channel.
         method: a registered solver method (``"efficientq"``, ``"gptq"``, ``"rtn"`` or one
@@ -236,6 +240,16 @@ class EfficientQConfig:
     def _set(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
 
+    def _parse(self, text: Any, name: str, signed: bool) -> FixedPointFormat:
+        """Parse a format setting and keep it for :meth:`_format` (the config's one parse of that text)."""
+        fmt = _parse_format(text, name, signed)
+        self._formats[(text, signed)] = fmt
+        return fmt
+
+    def _format(self, text: str | None, signed: bool) -> FixedPointFormat | None:
+        """The parsed form of a format text that :meth:`_normalise` read (``None`` for ``None``)."""
+        return None if text is None else self._formats[(text, signed)]
+
     def _normalise(self) -> None:
         """Check every field's type and store it in its plain form (numpy integers become ``int``).
 
@@ -249,9 +263,11 @@ class EfficientQConfig:
                 raise UserInputError(f"admm: {e}") from None
         elif not isinstance(self.admm, AdmmSettings):
             raise UserInputError(f"admm must be AdmmSettings or a dict of its fields, got {self.admm!r}.")
+        # every format text is parsed here, once; the checks and the plan read the parsed formats
+        self._set("_formats", {})
         for name in ("weight_format", "act_format"):
             if getattr(self, name) is not None:
-                fmt = _parse_format(getattr(self, name), name, signed=name == "weight_format")
+                fmt = self._parse(getattr(self, name), name, signed=name == "weight_format")
                 self._set(name.replace("format", "bits"), fmt.bits)
         self._set("weight_bits", check_integer(self.weight_bits, "weight_bits", 2, 8))
         for name in ("act_bits", "first_layer_bits", "last_layer_bits"):
@@ -285,7 +301,7 @@ class EfficientQConfig:
                 spec[name] = check_integer(spec[name], f"{where}.{name}", 2, 8)
         for name in ("weight_format", "act_format"):
             if spec.get(name) is not None:
-                _parse_format(spec[name], f"{where}.{name}", signed=name == "weight_format")
+                self._parse(spec[name], f"{where}.{name}", signed=name == "weight_format")
         for flag in ("per_channel", "power_of_two"):
             if flag in spec:
                 spec[flag] = check_flag(spec[flag], f"{where}.{flag}")
@@ -301,11 +317,15 @@ class EfficientQConfig:
             where = f"overrides[{pattern!r}]"
             if "weight_grid" in spec and spec["weight_grid"] not in WEIGHT_GRIDS:
                 raise UserInputError(f"{where}.weight_grid must be one of {WEIGHT_GRIDS}, got {spec['weight_grid']!r}.")
+            if "scale_method" in spec and spec["scale_method"] not in SCALE_METHODS:
+                raise UserInputError(f"{where}.scale_method must be one of {SCALE_METHODS}, got {spec['scale_method']!r}.")
+            if "act_grid" in spec and spec["act_grid"] not in ACT_GRIDS:
+                raise UserInputError(f"{where}.act_grid must be one of {ACT_GRIDS}, got {spec['act_grid']!r}.")
             if "method" in spec and spec["method"] not in METHODS:
                 raise UserInputError(
                     f"{where}.method must be one of {tuple(METHODS)}, got {spec['method']!r}{_REGISTER_HINT}."
                 )
-            if self.act_grid == "symmetric" and spec.get("act_format") is not None:
+            if spec.get("act_grid", self.act_grid) == "symmetric" and spec.get("act_format") is not None:
                 raise UserInputError(f"{where}.act_format sets its own grid: use it or act_grid='symmetric', not both.")
         if self.method not in METHODS:
             raise UserInputError(f"method must be one of {tuple(METHODS)}, got {self.method!r}{_REGISTER_HINT}.")
@@ -313,8 +333,8 @@ class EfficientQConfig:
             raise UserInputError(f"weight_grid must be one of {WEIGHT_GRIDS}, got {self.weight_grid!r}.")
         if self.init not in ("gptq", "rtn"):
             raise UserInputError(f"init must be 'gptq' or 'rtn', got {self.init!r}.")
-        _check_format("weight", self.weight_format, self.weight_bits, signed=True)
-        _check_format("act", self.act_format, self.act_bits, signed=False)
+        _check_format("weight", self._format(self.weight_format, signed=True), self.weight_bits)
+        _check_format("act", self._format(self.act_format, signed=False), self.act_bits)
         if self.act_grid not in ACT_GRIDS:
             raise UserInputError(f"act_grid must be one of {ACT_GRIDS}, got {self.act_grid!r}.")
         if self.act_grid == "symmetric" and self.act_format is not None:
@@ -414,7 +434,7 @@ class EfficientQConfig:
             layer = {
                 "weight_bits": self.weight_bits, "act_bits": self.act_bits, "weight_format": self.weight_format,
                 "act_format": self.act_format, "per_channel": self.per_channel, "weight_grid": None,
-                "power_of_two": self.power_of_two, "method": self.method,
+                "power_of_two": self.power_of_two, "scale_method": "als", "act_grid": self.act_grid, "method": self.method,
             }
             first = i == 0 or name in input_layers
             edge = self.first_layer_bits if first else self.last_layer_bits if i == len(ordered_names) - 1 else None
@@ -434,12 +454,15 @@ class EfficientQConfig:
     def _layer_plan(self, name: str, layer: dict[str, Any]) -> LayerPlan:
         grid = self.weight_grid_for(layer["weight_bits"], layer["weight_grid"])
         weight = WeightSpec.of(
-            layer["weight_bits"], grid, layer["per_channel"], layer["power_of_two"], layer["weight_format"]
+            layer["weight_bits"], grid, layer["per_channel"], layer["power_of_two"],
+            self._format(layer["weight_format"], signed=True), layer["scale_method"],
         )
         act = None
-        if layer["act_bits"] is not None or layer["act_format"] is not None:
-            act_bits = layer["act_bits"]
-            if layer["act_format"] is not None:
-                act_bits = FixedPointFormat.parse(layer["act_format"], signed=False).bits
-            act = ActivationSpec(act_bits, self.act_kind, layer["power_of_two"], layer["act_format"])
+        act_format = self._format(layer["act_format"], signed=False)
+        if act_format is not None and layer["act_grid"] == "symmetric":
+            raise UserInputError(f"layer {name} gets act_format {act_format}, which sets its own grid, and act_grid='symmetric': use one.")
+        if layer["act_bits"] is not None or act_format is not None:
+            act_bits = layer["act_bits"] if act_format is None else act_format.bits
+            kind = None if layer["act_grid"] == "auto" else layer["act_grid"]
+            act = ActivationSpec(act_bits, kind, layer["power_of_two"], act_format)
         return LayerPlan(name, weight, act, layer["method"])

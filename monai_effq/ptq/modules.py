@@ -12,6 +12,7 @@ and its skip connection read one rounded tensor.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 import torch.nn as nn
@@ -88,7 +89,7 @@ class ActivationQuantizer(nn.Module):
         bits: int,
         max_samples: int = 1 << 18,
         power_of_two: bool = False,
-        fixed_point: str | None = None,
+        fixed_point: str | FixedPointFormat | None = None,
         kind: str | None = None,
         name: str = "",
     ) -> ActivationQuantizer:
@@ -99,9 +100,9 @@ class ActivationQuantizer(nn.Module):
             bits: bit width.
             max_samples: values used for the fit (a fixed-stride subsample of larger tensors).
             power_of_two: snap the fitted scale to a power of two (fixed point, ``f`` from the range).
-            fixed_point: an explicit format such as ``"Q6.0"`` (step ``2^-f``, not fitted; ``bits``
-                is then ignored): unsigned when calibration saw no negative value, otherwise
-                sign-magnitude with one more bit.
+            fixed_point: an explicit format such as ``"Q6.0"`` (text or parsed; step ``2^-f``, not
+                fitted; ``bits`` is then ignored): unsigned when calibration saw no negative value,
+                otherwise sign-magnitude with one more bit.
             kind: the grid kind (e.g. ``"symmetric"``); ``None`` chooses unsigned when
                 calibration saw no negative value and asymmetric otherwise.
             name: the layer whose input this is (named in errors).
@@ -125,7 +126,10 @@ class ActivationQuantizer(nn.Module):
             flat = flat[:: flat.numel() // max_samples + 1]
         non_negative = float(flat.min()) >= 0
         if fixed_point is not None:
-            fmt = FixedPointFormat.parse(fixed_point, signed=not non_negative)
+            if isinstance(fixed_point, FixedPointFormat):
+                fmt = dataclasses.replace(fixed_point, signed=not non_negative)
+            else:
+                fmt = FixedPointFormat.parse(fixed_point, signed=not non_negative)
             return cls(fmt.bits, fmt.grid.kind, fmt.step, fmt.zero_point)
         if kind is None:
             kind = "unsigned" if non_negative else "asymmetric"

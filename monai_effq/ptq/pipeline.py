@@ -22,14 +22,13 @@ from monai.utils import optional_import
 
 from monai_effq.ptq.attention import ClassAttention
 from monai_effq.ptq.config import EfficientQConfig, LayerPlan
-from monai_effq.ptq.footprint import weight_footprint
 from monai_effq.ptq.graph import StopForward, hooks, set_submodule
 from monai_effq.ptq.journal import QuantizationJournal
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, quantized_layer_class
 from monai_effq.ptq.norm_inputs import quantize_norm_inputs
 from monai_effq.ptq.prepare import prepare_network
-from monai_effq.ptq.report import LayerReport, QuantizationReport, peak_memory_mib, reset_peak_memory, source_fingerprints
-from monai_effq.ptq.result import QuantizationResult, quantized_size_bytes, state_bytes
+from monai_effq.ptq.report import LayerReport, QuantizationReport, reset_peak_memory, source_fingerprints
+from monai_effq.ptq.result import QuantizationResult, finish_report, state_bytes
 from monai_effq.solver.api import solve_statistics
 from monai_effq.solver.gram import GramAccumulator
 from monai_effq.solver.layers import LayerView, layer_view
@@ -524,12 +523,7 @@ def quantize(
     report.skipped = [n for n in run.order if n not in planned]
     report.layers = run.run(attention, progress and run.rank == 0)
     qnet = run.qnet.eval()
-    report.fp_bytes = state_bytes(network)
-    report.quantized_bytes = quantized_size_bytes(qnet)
-    weights = weight_footprint(qnet)
-    report.weight_fp_bytes, report.weight_packed_bytes = weights.fp32_bytes, weights.packed_bytes
-    report.wall_seconds = time.perf_counter() - t0
-    report.peak_memory_mib = peak_memory_mib()
+    finish_report(report, qnet, state_bytes(network), time.perf_counter() - t0)
     logger.info(report.summary())
     warning = report.underdetermined_warning()
     if warning:

@@ -1,6 +1,7 @@
 """What a quantization run hands on: the quantized network with its report and config, and byte counts.
 
 PTQ produces it; QAT, the checkpoints and the exporters read it, without importing the pipeline.
+Both PTQ and QAT end their report with :func:`finish_report`.
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from monai_effq.ptq.config import EfficientQConfig
+from monai_effq.ptq.footprint import weight_footprint
 from monai_effq.ptq.modules import QuantizedLayer
-from monai_effq.ptq.report import QuantizationReport
+from monai_effq.ptq.report import QuantizationReport, peak_memory_mib
 from monai_effq.quant.packing import packed_nbytes
 
-__all__ = ["QuantizationResult", "quantized_size_bytes", "state_bytes"]
+__all__ = ["QuantizationResult", "finish_report", "quantized_size_bytes", "state_bytes"]
 
 
 @dataclass
@@ -57,3 +59,25 @@ def quantized_size_bytes(network: nn.Module) -> int:
         else:
             total += t.numel() * t.element_size()
     return total
+
+
+def finish_report(report: QuantizationReport, network: nn.Module, fp_bytes: int, wall_seconds: float) -> QuantizationReport:
+    """Fill in a run's sizes, time and peak memory: the last step of a PTQ and of a QAT report alike.
+
+    Args:
+        report: the report, its layers already listed (changed in place).
+        network: the quantized network.
+        fp_bytes: bytes of the FP network it was made from (:func:`state_bytes`).
+        wall_seconds: the run's wall time.
+
+    Returns:
+        ``report``, with ``fp_bytes``, ``quantized_bytes``, ``weight_fp_bytes``,
+        ``weight_packed_bytes``, ``wall_seconds`` and ``peak_memory_mib`` set.
+    """
+    weights = weight_footprint(network)
+    report.fp_bytes = fp_bytes
+    report.quantized_bytes = quantized_size_bytes(network)
+    report.weight_fp_bytes, report.weight_packed_bytes = weights.fp32_bytes, weights.packed_bytes
+    report.wall_seconds = wall_seconds
+    report.peak_memory_mib = peak_memory_mib()
+    return report

@@ -31,12 +31,11 @@ import torch.nn as nn
 from monai.utils import optional_import
 
 from monai_effq.ptq.config import EfficientQConfig, LayerPlan
-from monai_effq.ptq.footprint import weight_footprint
 from monai_effq.ptq.graph import BATCHNORMS, hooks, set_submodule
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer
 from monai_effq.ptq.prepare import prepare_network
-from monai_effq.ptq.result import QuantizationResult, quantized_size_bytes, state_bytes
-from monai_effq.ptq.report import LayerReport, QuantizationReport, peak_memory_mib
+from monai_effq.ptq.result import QuantizationResult, finish_report, state_bytes
+from monai_effq.ptq.report import LayerReport, QuantizationReport
 from monai_effq.qat.check import DEFAULT_CHECK_BATCHES, FinetuneCheck, check_batch_count, draw_windows
 from monai_effq.qat.modules import FrozenBatchNorm, TrainableQuantizedLayer
 from monai_effq.solver.layers import layer_view
@@ -210,7 +209,6 @@ class TrainableNetwork:
                     iterations=ptq.iterations if ptq else 0,
                 )
             )
-        weights = weight_footprint(net)
         method = f"{base.method if base is not None else self.start}+qat"
         info = {"start": self.start, "steps": len(self.losses), **(extra or {})}
         if self.losses:
@@ -221,18 +219,14 @@ class TrainableNetwork:
         report = QuantizationReport(
             layers=layers,
             method=method,
-            fp_bytes=self.fp_bytes,
-            quantized_bytes=quantized_size_bytes(net),
-            weight_fp_bytes=weights.fp32_bytes,
-            weight_packed_bytes=weights.packed_bytes,
-            wall_seconds=(base.wall_seconds if base is not None else 0.0) + time.perf_counter() - self.created,
-            peak_memory_mib=peak_memory_mib(),
             folded_batchnorms=list(self.folded),
             skipped=list(base.skipped) if base is not None else [],
             extra={**(base.extra if base is not None else {}), "finetune": info},
             # the FP weights, config and calibration the PTQ start was made from (what training adds is in extra)
             sources=dict(base.sources) if base is not None else {},
         )
+        wall = (base.wall_seconds if base is not None else 0.0) + time.perf_counter() - self.created
+        finish_report(report, net, self.fp_bytes, wall)
         return QuantizationResult(network=net, report=report, config=self.config, folded=list(self.folded))
 
 

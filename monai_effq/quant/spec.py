@@ -3,7 +3,7 @@
 :class:`WeightSpec` is the weight grid, its granularity and how its scale may be chosen;
 :class:`ActivationSpec` is the input's bit width, grid and fixed-point choice. A network config's
 plan (:meth:`monai_effq.EfficientQConfig.plan`) makes one of each per layer, with format strings
-parsed there, and nothing downstream decides them again.
+parsed there once, and nothing downstream decides or parses them again.
 """
 
 from __future__ import annotations
@@ -103,10 +103,12 @@ class ActivationSpec:
         kind: the grid kind; ``None`` lets calibration choose (unsigned when it saw no negative
             value, asymmetric otherwise).
         power_of_two: snap the calibrated scale to a power of two.
-        format: an explicit fixed-point format such as ``"Q6.0"`` (step ``2^-f``, not calibrated).
+        format: an explicit fixed-point format such as ``Q6.0``, parsed (unsigned; step ``2^-f``, not
+            calibrated; an input calibration finds negative takes the signed format of the same
+            ``i`` and ``f``).
     """
 
     bits: int
     kind: str | None = None
     power_of_two: bool = False
-    format: str | None = None
+    format: FixedPointFormat | None = None

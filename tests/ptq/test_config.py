@@ -3,9 +3,11 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from monai_effq import AdmmSettings, EfficientQConfig
-from monai_effq.quant import ActivationSpec, WeightSpec
+from monai_effq.ptq.modules import ActivationQuantizer
+from monai_effq.quant import ActivationSpec, FixedPointFormat, WeightSpec
 from monai_effq.utils.errors import UserInputError
 
 
@@ -134,6 +136,8 @@ def test_overrides_set_any_per_layer_setting_and_the_plan_holds_whole_specs():
         ({"method": "adaround"}, "method"),
         ({"weight_grid": "log"}, "weight_grid"),
         ({"weight_format": "Q0.9"}, "word"),
+        ({"scale_method": "l1"}, r"overrides\['x'\]\.scale_method must be one of"),
+        ({"act_grid": "signed"}, r"overrides\['x'\]\.act_grid must be one of"),
     ],
 )
 def test_bad_override_values_are_named(override, message):
@@ -144,6 +148,42 @@ def test_bad_override_values_are_named(override, message):
 def test_an_override_format_cannot_contradict_the_symmetric_activation_grid():
     with pytest.raises(ValueError, match="act_format sets its own grid"):
         EfficientQConfig(act_grid="symmetric", overrides={"x": {"act_format": "Q4.0"}})
+    with pytest.raises(UserInputError, match="layer b gets act_format Q6.0, .* and act_grid='symmetric'"):
+        EfficientQConfig(act_format="Q6.0", overrides={"b": {"act_grid": "symmetric"}}).plan(["a", "b", "c"])
+    # a layer that sets its own grid back to "auto" may take its own format under a symmetric config
+    plans = EfficientQConfig(act_grid="symmetric", overrides={"b": {"act_grid": "auto", "act_format": "Q4.0"}}).plan(["a", "b", "c"])
+    assert (plans[1].act.kind, plans[1].act_format) == (None, "Q4.0")
+
+
+def test_overrides_set_the_scale_fit_and_the_activation_grid_of_one_layer():
+    cfg = EfficientQConfig(
+        first_layer_bits=None, last_layer_bits=None,
+        overrides={"b": {"scale_method": "mse", "act_grid": "symmetric"}, "c": {"act_grid": "auto"}},
+    )
+    plans = {p.name: p for p in cfg.plan(["a", "b", "c"])}
+    assert (plans["a"].weight.scale_method, plans["a"].act.kind) == ("als", None)
+    assert (plans["b"].weight.scale_method, plans["b"].act.kind) == ("mse", "symmetric")
+    assert plans["c"].act.kind is None
+    everywhere = EfficientQConfig(act_grid="symmetric", overrides={"c": {"act_grid": "auto"}}).plan(["a", "b", "c"])
+    assert [p.act.kind for p in everywhere] == ["symmetric", "symmetric", None]
+
+
+def test_each_format_text_is_parsed_once_when_the_config_is_made_and_never_downstream(monkeypatch):
+    parsed = []
+    parse = FixedPointFormat.parse.__func__
+    monkeypatch.setattr(FixedPointFormat, "parse", classmethod(lambda cls, text, signed=True: parsed.append(text) or parse(cls, text, signed)))
+    cfg = EfficientQConfig(
+        weight_format="Q0.4", act_format="Q6.0", first_layer_bits=None, last_layer_bits=None,
+        overrides={"c": {"weight_format": "Q0.3"}},
+    )
+    assert sorted(parsed) == ["Q0.3", "Q0.4", "Q6.0"]
+    plans = {p.name: p for p in cfg.plan(["a", "b", "c"])}
+    after_relu = ActivationQuantizer.from_spec(torch.rand(64), plans["b"].act)
+    signed = ActivationQuantizer.from_spec(torch.rand(64) - 0.5, plans["b"].act)
+    assert sorted(parsed) == ["Q0.3", "Q0.4", "Q6.0"]  # the plan and the quantizers read parsed formats
+    assert (plans["b"].weight.step, plans["c"].weight.step, plans["b"].act.format) == (2**-4, 2**-3, FixedPointFormat(6, 0, signed=False))
+    # an input calibration finds negative takes the signed format of the same integer and fractional bits
+    assert (after_relu.grid.bits, after_relu.grid.kind, signed.grid.bits, signed.grid.kind) == (6, "unsigned", 7, "symmetric")
 
 
 def test_an_unregistered_method_says_how_to_register_it():

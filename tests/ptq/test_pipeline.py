@@ -5,6 +5,7 @@ from monai.networks.nets import BasicUNet, DynUNet, SegResNet, UNet, UNETR
 
 from monai_effq import EfficientQConfig, quantize
 from monai_effq.ptq import QuantizedConv, QuantizedConvTranspose, QuantizedLayer, QuantizedLinear
+from monai_effq.quant import UniformGrid, fit_minmax
 
 from .conftest import dice, sphere_volumes
 
@@ -62,6 +63,19 @@ def test_unsigned_activation_grid_after_relu():
     net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 3, padding=1))
     q = quantize(net, torch.randn(1, 1, 8, 8, 8), EfficientQConfig(method="rtn"), progress=False, task="multiclass")
     assert [r.act_grid for r in q.report.layers] == ["asymmetric", "unsigned"]
+
+
+def test_an_override_sets_one_layers_weight_scale_fit_and_input_grid():
+    torch.manual_seed(0)
+    net = nn.Sequential(*[m for c in (1, 4, 4) for m in (nn.Conv3d(c, 4, 3, padding=1), nn.ReLU())][:-1]).eval()
+    overrides = {"2": {"scale_method": "minmax", "act_grid": "symmetric"}}
+    cfg = EfficientQConfig(method="rtn", first_layer_bits=None, last_layer_bits=None, overrides=overrides)
+    q = quantize(net, torch.randn(1, 1, 8, 8, 8), cfg, progress=False)
+    assert [r.act_grid for r in q.report.layers] == ["asymmetric", "symmetric", "unsigned"]
+    grid = UniformGrid(4, "signed")
+    minmax = [fit_minmax(net[i].weight.detach(), grid)[0] for i in (2, 4)]
+    assert torch.equal(q.network[2].scale, minmax[0])  # the override's first fit, kept by round-to-nearest
+    assert not torch.equal(q.network[4].scale, minmax[1])  # the default's ALS fit
 
 
 @pytest.mark.parametrize(
