@@ -208,8 +208,11 @@ class _Run:
         """Batch ``index`` as the networks get it; captures keep its first ``len(self.batches[index])`` windows.
 
         A window a rank holds alone out of a chunk of several goes with a copy of itself: PyTorch's CPU
-        convolution computes a batch of one on another path, about 1e-6 apart from the same window in a
-        batch, which is how one process convolves it (batches of two or more agree with each other).
+        (oneDNN) convolution computes a batch of one on another path, about 1e-6 apart from the same
+        window in a batch, which is how one process convolves it. This does not make the forward pass
+        independent of the batch size in general: oneDNN also changes some layers' rounding between
+        larger batches (the BraTS SegResNet's final 1x1 convolution differs by 2e-6 between 8 and 16
+        windows of 32^3), which only a pass per window or ``torch.backends.mkldnn`` off would remove.
         """
         batch = self.batches[index].to(self.device)
         place, size = self.places[index]
