@@ -239,10 +239,13 @@ class _Sums:
         self.voxels += voxels
 
     def _fixed(self, name: str, part: torch.Tensor) -> torch.Tensor:
-        # A power of two scales exactly; rounding each part once is the only error.
-        ints = torch.round(part.double() * 2.0 ** self.exponents[name])
-        self.magnitude[name] = self.magnitude.get(name, 0.0) + (float(ints.abs().max()) if ints.numel() else 0.0)
-        if not self.magnitude[name] < _LIMIT:
+        # A power of two scales exactly; rounding each part once is the only error. In place: the
+        # parts are fresh float64 tensors, and the Gram parts are large.
+        ints = part.double().mul_(2.0 ** self.exponents[name]).round_()
+        if ints.numel():
+            low, high = torch.aminmax(ints)
+            self.magnitude[name] = self.magnitude.get(name, 0.0) + max(-float(low), float(high))
+        if not self.magnitude.get(name, 0.0) < _LIMIT:
             raise OverflowError(
                 f"the exact sum {name!r} outgrew its int64 grid: the layer's data exceed the SumBounds "
                 f"given to GramAccumulator by more than 2**{SumBounds.HEADROOM}; pass bounds from all of the data."
