@@ -197,6 +197,7 @@ class SumBounds:
 
 _FIELDS = ("xx", "yx", "x", "y", "yy")
 _LIMIT = 2.0**62  # an int64 sum of parts whose magnitudes add up to less than this cannot overflow
+_EXACT = 2.0**53  # float64 adds integers exactly while their magnitudes add up to less than this
 
 
 @dataclass
@@ -214,6 +215,10 @@ class _Sums:
     exponents: dict[str, int] | None = None
     # the sum of every part's largest |integer| per sum: a bound on |any running integer sum|
     magnitude: dict[str, float] = field(default_factory=dict)
+    # integer-valued float64 sums not yet moved into the int64 ones (and their magnitudes), which
+    # spares most parts the conversion to int64
+    pending: dict[str, torch.Tensor] = field(default_factory=dict)
+    pending_magnitude: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def zeros(cls, g: int, n: int, m: int, device: torch.device | str = "cpu", exponents: dict[str, int] | None = None) -> _Sums:
@@ -233,24 +238,41 @@ class _Sums:
             self.h2 += h2
         else:
             for name, part in parts.items():
-                getattr(self, name).add_(self._fixed(name, part))
-            self.h += int(self._fixed("h", torch.tensor(h, dtype=torch.float64)))
-            self.h2 += int(self._fixed("h2", torch.tensor(h2, dtype=torch.float64)))
+                ints, size = self._fixed(name, part)
+                if self.pending_magnitude.get(name, 0.0) + size >= _EXACT:
+                    self.settle()
+                if name in self.pending:
+                    self.pending[name].add_(ints)
+                else:
+                    self.pending[name] = ints
+                self.pending_magnitude[name] = self.pending_magnitude.get(name, 0.0) + size
+            self.h += int(self._fixed("h", torch.tensor(h, dtype=torch.float64))[0])
+            self.h2 += int(self._fixed("h2", torch.tensor(h2, dtype=torch.float64))[0])
         self.voxels += voxels
 
-    def _fixed(self, name: str, part: torch.Tensor) -> torch.Tensor:
+    def settle(self) -> _Sums:
+        """Move the pending float64 integers into the int64 sums (before they are read or reduced)."""
+        for name, ints in self.pending.items():
+            getattr(self, name).add_(ints.to(torch.int64))
+        self.pending, self.pending_magnitude = {}, {}
+        return self
+
+    def _fixed(self, name: str, part: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``part`` on the grid of sum ``name``, as integer-valued float64, and its largest ``|value|``."""
         # A power of two scales exactly; rounding each part once is the only error. In place: the
         # parts are fresh float64 tensors, and the Gram parts are large.
         ints = part.double().mul_(2.0 ** self.exponents[name]).round_()
+        size = 0.0
         if ints.numel():
             low, high = torch.aminmax(ints)
-            self.magnitude[name] = self.magnitude.get(name, 0.0) + max(-float(low), float(high))
-        if not self.magnitude.get(name, 0.0) < _LIMIT:
+            size = max(-float(low), float(high))
+        self.magnitude[name] = self.magnitude.get(name, 0.0) + size
+        if not self.magnitude[name] < _LIMIT:
             raise OverflowError(
                 f"the exact sum {name!r} outgrew its int64 grid: the layer's data exceed the SumBounds "
                 f"given to GramAccumulator by more than 2**{SumBounds.HEADROOM}; pass bounds from all of the data."
             )
-        return ints.to(torch.int64)
+        return ints, size
 
     def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor) -> None:
         xh = x * h[None, :, None]
@@ -269,6 +291,7 @@ class _Sums:
         self._put(dict(zip(_FIELDS, shifted_sums(inputs, targets))), float(voxels), float(voxels), voxels)
 
     def minus(self, other: _Sums) -> _Sums:
+        self.settle(), other.settle()
         return _Sums(self.xx - other.xx, self.yx - other.yx, self.x - other.x, self.y - other.y,
                      self.yy - other.yy, self.h - other.h, self.h2 - other.h2, self.voxels - other.voxels,
                      self.exponents)
@@ -277,6 +300,7 @@ class _Sums:
         """These sums as float64 values (the integers off their grids)."""
         if self.exponents is None:
             return self
+        self.settle()
         e = self.exponents
         scaled = [getattr(self, name).double() * 2.0 ** -e[name] for name in _FIELDS]
         return _Sums(*scaled, self.h * 2.0 ** -e["h"], self.h2 * 2.0 ** -e["h2"], self.voxels)
@@ -433,7 +457,7 @@ class GramAccumulator:
             raise ValueError(f"no calibration data reached {self.view.name}: add at least one batch before reducing.")
         if self._columns is not None:
             raise ValueError(f"the accumulator of {self.view.name} keeps its low-rank factor, which cannot be reduced: make it with keep_factor=False.")
-        parts = [self._all] if self._held is None else [self._all, self._held]
+        parts = [s.settle() for s in (self._all, self._held) if s is not None]
         tensors = [getattr(p, name) for p in parts for name in _FIELDS]
         dtype = self._all.xx.dtype
         counts = torch.tensor([[p.h, p.h2, p.voxels] for p in parts], dtype=dtype, device=self._all.xx.device)

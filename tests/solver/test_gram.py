@@ -22,8 +22,9 @@ def _data(layer: nn.Module, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch
     return x, y, h, held
 
 
-def _bounds(x: torch.Tensor, y: torch.Tensor, h: torch.Tensor) -> SumBounds:
-    return SumBounds(voxels=h.numel(), weight=float(h.max()), inputs=float(x.abs().max()), targets=float(y.abs().max()))
+def _bounds(x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, under: float = 1.0) -> SumBounds:
+    """Bounds of the data, or ``under`` times them (data above their bounds fill more of the int64 grid)."""
+    return SumBounds(voxels=h.numel(), weight=float(h.max()), inputs=under * float(x.abs().max()), targets=under * float(y.abs().max()))
 
 
 def _accumulate(layer, x, y, h, held, cuts, bounds) -> GramAccumulator:
@@ -48,13 +49,15 @@ LAYERS = {
 }
 
 
+# 1/64: data 64 times their bounds (their squares 4096), past 2**53 on the grid: the float64 sums move into int64 midway
+@pytest.mark.parametrize("under", [1.0, 1 / 64])
 @pytest.mark.parametrize("name", list(LAYERS))
-def test_exact_sums_are_the_same_in_any_batches_or_reduced_shares(name):
+def test_exact_sums_are_the_same_in_any_batches_or_reduced_shares(name, under):
     make, shape = LAYERS[name]
     torch.manual_seed(0)
     layer = make()
     x, y, h, held = _data(layer, shape)
-    bounds = _bounds(x, y, h)
+    bounds = _bounds(x, y, h, under)
     whole = _figures(_accumulate(layer, x, y, h, held, [], bounds))
     for cuts in ([1], [2, 3], [1, 2, 3, 4, 5]):
         assert all(torch.equal(a, b) for a, b in zip(_figures(_accumulate(layer, x, y, h, held, cuts, bounds)), whole))
