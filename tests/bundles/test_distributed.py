@@ -128,8 +128,9 @@ def test_finetune_on_two_ranks_trains_with_one_held_out_decision_and_saves_once(
     strict=True,
     reason="PyTorch's oneDNN CPU convolution rounds some layers differently for 8 windows than for 16 (the final 1x1 "
     "convolution, 2e-6), so a rank's half batch diverges from one process's whole batch from the decoder on; "
-    "the sums themselves are exact (tests/ptq/test_distributed.py). Needs a forward pass that does not depend on "
-    "the batch size.",
+    "the sums themselves are exact (tests/ptq/test_distributed.py). With oneDNN off in both processes "
+    "(torch.backends.mkldnn.set_flags(False)) the files were byte-identical. Needs a forward pass that does not "
+    "depend on the batch size.",
 )
 def test_quantization_shared_by_two_ranks_writes_the_checkpoint_of_one_process(demo_copy, tmp_path):
     work = demo_copy
