@@ -30,7 +30,7 @@ from monai_effq.ptq.prepare import prepare_network
 from monai_effq.ptq.report import LayerReport, QuantizationReport, reset_peak_memory, source_fingerprints
 from monai_effq.ptq.result import QuantizationResult, finish_report, state_bytes
 from monai_effq.solver.api import solve_statistics
-from monai_effq.solver.gram import GramAccumulator
+from monai_effq.solver.gram import GramAccumulator, SumBounds
 from monai_effq.solver.layers import LayerView, layer_view
 from monai_effq.solver.validation import solve_validated
 from monai_effq.utils.distributed import all_gather_objects, all_gather_rows, all_reduce_sum, get_rank, get_world_size
@@ -198,9 +198,24 @@ class _Run:
                 "rank %d of %d: calibration windows %d to %d of %d (%d chunk(s) here)",
                 self.rank, self.world, offset, offset + self.shares[self.rank] - 1, total, len(batches),
             )
+        self.bounds: dict[str, tuple[int, float, float]] = {}  # per layer: voxels, max |input|, max |target| (scan)
         self.qnet = copy.deepcopy(self.fp)
         if config.norm_input_spec is not None:  # first, so every layer is solved from the inputs it will get
             quantize_norm_inputs(self.qnet, self.batches[0].to(self.device), config.norm_input_spec)
+
+    def network_batch(self, index: int) -> torch.Tensor:
+        """Batch ``index`` as the networks get it; captures keep its first ``len(self.batches[index])`` windows.
+
+        A window a rank holds alone out of a chunk of several goes with a copy of itself: PyTorch's CPU
+        (oneDNN) convolution computes a batch of one on another path, about 1e-6 apart from the same
+        window in a batch, which is how one process convolves it. This does not make the forward pass
+        independent of the batch size in general: oneDNN also changes some layers' rounding between
+        larger batches (the BraTS SegResNet's final 1x1 convolution differs by 2e-6 between 8 and 16
+        windows of 32^3), which only a pass per window or ``torch.backends.mkldnn`` off would remove.
+        """
+        batch = self.batches[index].to(self.device)
+        place, size = self.places[index]
+        return torch.cat([batch, batch]) if len(place) == 1 < size else batch
 
     def masks(self, body_mask: torch.Tensor | list[torch.Tensor] | None) -> torch.Tensor | list[torch.Tensor] | None:
         """The body mask arranged like the batches this run iterates over."""
@@ -218,9 +233,36 @@ class _Run:
             return [body_mask[local] for local in chunks if local.numel()]
         return body_mask
 
-    def logits(self) -> list[torch.Tensor]:
-        with torch.no_grad():
-            return [self.fp(b.to(self.device)).cpu() for b in self.batches]
+    def scan(self) -> list[torch.Tensor]:
+        """One pass of the FP network over the windows: its logits, and the bounds of every planned
+        layer's data over all ranks' windows, which set the grids of the layers' exact sums.
+
+        The bounds are maxima and totals, the same however the windows are shared among ranks, so
+        one process and any number of ranks round the same window contributions to the same grids.
+        """
+        seen: dict[str, list[float]] = {p.name: [0, 0.0, 0.0] for p in self.plans}  # voxels, max |x|, max |y|
+        windows = 0
+
+        def record(name: str, args: tuple, out: torch.Tensor) -> None:
+            voxels = _voxel_shape(layer_view(self.fp.get_submodule(name)), out[:windows])
+            seen[name][0] += int(torch.Size(voxels).numel())
+            seen[name][1] = max(seen[name][1], float(args[0].detach().abs().max()))
+            seen[name][2] = max(seen[name][2], float(out.detach().abs().max()))
+
+        handles = [
+            self.fp.get_submodule(p.name).register_forward_hook(lambda m, a, o, n=p.name: record(n, a, o)) for p in self.plans
+        ]
+        logits = []
+        with hooks(handles), torch.no_grad():
+            for index, batch in enumerate(self.batches):
+                windows = batch.shape[0]
+                logits.append(self.fp(self.network_batch(index))[:windows].cpu())
+        shares = all_gather_objects(seen)
+        self.bounds = {
+            name: (sum(int(s[name][0]) for s in shares), max(s[name][1] for s in shares), max(s[name][2] for s in shares))
+            for name in seen
+        }
+        return logits
 
     def run(self, attention: ClassAttention | None, progress: bool) -> list[LayerReport]:
         bar = tqdm(total=len(self.plans), desc="quantizing", unit="layer", disable=not progress) if _has_tqdm else None
@@ -245,7 +287,8 @@ class _Run:
         return reports
 
     def _run_windows(self, attention: ClassAttention | None, done) -> None:
-        batch = self.batches[0].to(self.device)
+        batch = self.network_batch(0)
+        windows = self.batches[0].shape[0]
         numels = self.numels
         budget = self.config.target_memory_mib * 2**20 // 4
         pending = list(self.plans)
@@ -263,16 +306,16 @@ class _Run:
                     set_submodule(self.qnet, plan.name, module)
                     done(report)
                 continue
-            targets = self._capture_outputs([p.name for p in window], batch)
-            self._solve_in_one_pass(window, targets, batch, attention, done)
+            targets = self._capture_outputs([p.name for p in window], batch, windows)
+            self._solve_in_one_pass(window, targets, batch, windows, attention, done)
 
-    def _capture_outputs(self, names: list[str], batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _capture_outputs(self, names: list[str], batch: torch.Tensor, windows: int) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         last = names[-1]
 
         def grab(_m, _a, o, n):
             if n not in out:  # a copy: later in-place ops (ReLU(inplace=True), +=) would change it
-                out[n] = o.detach().clone()
+                out[n] = o[:windows].detach().clone()
             if n == last:
                 raise StopForward
 
@@ -284,13 +327,13 @@ class _Run:
                 pass
         return out
 
-    def _solve_in_one_pass(self, window, targets, batch, attention, done) -> None:
+    def _solve_in_one_pass(self, window, targets, batch, windows, attention, done) -> None:
         solved: dict[str, nn.Module] = {}
         last = window[-1].name
 
         def on_layer(plan: LayerPlan, args: tuple) -> torch.Tensor:
             if plan.name not in solved:
-                pair = (args[0], targets.pop(plan.name))
+                pair = (args[0][:windows], targets.pop(plan.name))
                 module, report = self._layer(plan, lambda: [pair], attention)
                 solved[plan.name] = module
                 done(report)
@@ -333,10 +376,10 @@ class _Run:
 
     def _run_layer(self, plan: LayerPlan, attention: ClassAttention | None) -> LayerReport:
         def pairs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            for batch in self.batches:  # one batch's activations at a time: memory stays bounded
-                batch = batch.to(self.device)
-                y = _capture(self.fp, self.fp.get_submodule(plan.name), batch, "output")
-                x = _capture(self.qnet, self.qnet.get_submodule(plan.name), batch, "input")
+            for index, real in enumerate(self.batches):  # one batch's activations at a time: memory stays bounded
+                batch, windows = self.network_batch(index), real.shape[0]
+                y = _capture(self.fp, self.fp.get_submodule(plan.name), batch, "output")[:windows]
+                x = _capture(self.qnet, self.qnet.get_submodule(plan.name), batch, "input")[:windows]
                 yield x, y
 
         module, report = self._layer(plan, pairs, attention)
@@ -374,8 +417,14 @@ class _Run:
         t0 = time.perf_counter()
         fp_layer = self.fp.get_submodule(plan.name)
         view = layer_view(fp_layer)
+        voxels, inputs, targets = self.bounds[plan.name]
+        weight = 1.0 if attention is None else max(1.0, float(attention.class_weights.max()))
+        bounds = SumBounds(voxels=voxels, weight=weight, inputs=inputs, targets=targets)
         # Sums over ranks are reduced once, after the last batch; a low-rank factor would need the columns.
-        acc = GramAccumulator(view, max_chunk_elements=self.config.max_chunk_elements, keep_factor=self.world == 1)
+        # The sums are exact, so one process and any number of ranks hold the same statistics.
+        acc = GramAccumulator(
+            view, max_chunk_elements=self.config.max_chunk_elements, keep_factor=self.world == 1, bounds=bounds
+        )
         act_q: ActivationQuantizer | None = None
         for index, (x, y) in enumerate(pairs):
             if plan.act is not None:
@@ -508,13 +557,15 @@ def quantize(
         }
         journal = QuantizationJournal(journal, fingerprints)
     run = _Run(network, batches, config, journal)
+    logits = run.scan()
     attention = None
     if config.attention:
         attention = ClassAttention(
-            run.logits(), task=task, power=config.attention_power, body_mask=run.masks(body_mask),
+            logits, task=task, power=config.attention_power, body_mask=run.masks(body_mask),
             reduce_counts=all_reduce_sum if run.world > 1 else None,
         )
         logger.info("class attention weights %s (voxel counts %s)", attention.class_weights.tolist(), attention.class_counts.tolist())
+    del logits
     sources = source_fingerprints(network, config.to_dict(), batches)
     sources["calibration"] = _calibration_fingerprint(batches)
     # The task travels with the result (and its checkpoint), so a fine-tune need not be told it again.

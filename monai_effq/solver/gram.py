@@ -8,15 +8,16 @@ matrices ``A_c`` and ``B_c``; the weighted output error of any weight matrix ``W
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from monai_effq.solver.layers import LayerView
 from monai_effq.solver.shifted_sums import shifted_sums, supports_shifted_sums
 
-__all__ = ["GramAccumulator", "LayerStatistics", "NearbyError", "symmetric_gram"]
+__all__ = ["GramAccumulator", "LayerStatistics", "NearbyError", "SumBounds", "symmetric_gram"]
 
 
 @dataclass
@@ -154,53 +155,155 @@ def symmetric_gram(xh: torch.Tensor, x: torch.Tensor, block: int = 512) -> torch
     return out
 
 
+@dataclass(frozen=True)
+class SumBounds:
+    """Upper bounds of a layer's calibration data that every process agrees on, for exact sums.
+
+    Given them, :class:`GramAccumulator` rounds each window's contribution to a fixed-point grid
+    (a power of two per sum, set by these bounds) and adds the integers in int64: integer addition
+    is exact, so the sums do not depend on how windows are grouped into batches, chunks or ranks.
+
+    Attributes:
+        voxels: output voxels of the layer over all calibration windows.
+        weight: the largest voxel weight (1 without weights).
+        inputs: the largest ``|input|`` of the layer.
+        targets: the largest ``|target|`` of the layer.
+    """
+
+    voxels: int
+    weight: float
+    inputs: float
+    targets: float
+
+    # Bits above the bounds' grid kept free: sums up to 2**HEADROOM times the bound still fit in
+    # int64, e.g. inputs 64x larger than ``inputs`` (the quantized network's inputs are close to,
+    # not equal to, the full-precision ones the bounds come from).
+    HEADROOM = 12
+
+    def exponents(self) -> dict[str, int]:
+        """Per sum, the ``k`` of its grid ``2**-k``: the bound scaled by ``2**k`` is below ``2**(62 - HEADROOM)``."""
+        v, h, x, y = float(self.voxels), float(self.weight), float(self.inputs), float(self.targets)
+        bounds = {
+            "xx": v * h * x * x, "yx": v * h * y * x, "x": v * h * x, "y": v * h * y, "yy": v * h * y * y,
+            "h": v * h, "h2": v * h * h,
+        }  # fmt: skip
+
+        def exponent(bound: float) -> int:
+            top = math.frexp(bound)[1] if bound > 0 and math.isfinite(bound) else 0  # bound < 2**top
+            return max(-900, min(900, 62 - self.HEADROOM - top))
+
+        return {name: exponent(bound) for name, bound in bounds.items()}
+
+
+_FIELDS = ("xx", "yx", "x", "y", "yy")
+_LIMIT = 2.0**62  # an int64 sum of parts whose magnitudes add up to less than this cannot overflow
+_EXACT = 2.0**53  # float64 adds integers exactly while their magnitudes add up to less than this
+
+
 @dataclass
 class _Sums:
-    """Running float64 sums of one set of voxels."""
+    """Running sums of one set of voxels: float64, or int64 on the fixed-point grids of ``exponents``."""
 
     xx: torch.Tensor
     yx: torch.Tensor
     x: torch.Tensor
     y: torch.Tensor
     yy: torch.Tensor
-    h: float = 0.0
-    h2: float = 0.0
+    h: float | int = 0
+    h2: float | int = 0
     voxels: int = 0
+    exponents: dict[str, int] | None = None
+    # the sum of every part's largest |integer| per sum: a bound on |any running integer sum|
+    magnitude: dict[str, float] = field(default_factory=dict)
+    # integer-valued float64 sums not yet moved into the int64 ones (and their magnitudes), which
+    # spares most parts the conversion to int64
+    pending: dict[str, torch.Tensor] = field(default_factory=dict)
+    pending_magnitude: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def zeros(cls, g: int, n: int, m: int, device: torch.device | str = "cpu") -> _Sums:
-        def z(*shape: int) -> torch.Tensor:
-            return torch.zeros(*shape, dtype=torch.float64, device=device)
+    def zeros(cls, g: int, n: int, m: int, device: torch.device | str = "cpu", exponents: dict[str, int] | None = None) -> _Sums:
+        dtype = torch.float64 if exponents is None else torch.int64
 
-        return cls(z(g, n, n), z(g, m, n), z(g, n), z(g, m), z(g, m))
+        def z(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        return cls(z(g, n, n), z(g, m, n), z(g, n), z(g, m), z(g, m), exponents=exponents)
+
+    def _put(self, parts: dict[str, torch.Tensor], h: float, h2: float, voxels: int) -> None:
+        """Add float64 parts (and the weight sums), exactly on the grids when there are grids."""
+        if self.exponents is None:
+            for name, part in parts.items():
+                getattr(self, name).add_(part)
+            self.h += h
+            self.h2 += h2
+        else:
+            for name, part in parts.items():
+                ints, size = self._fixed(name, part)
+                if self.pending_magnitude.get(name, 0.0) + size >= _EXACT:
+                    self.settle()
+                if name in self.pending:
+                    self.pending[name].add_(ints)
+                else:
+                    self.pending[name] = ints
+                self.pending_magnitude[name] = self.pending_magnitude.get(name, 0.0) + size
+            self.h += int(self._fixed("h", torch.tensor(h, dtype=torch.float64))[0])
+            self.h2 += int(self._fixed("h2", torch.tensor(h2, dtype=torch.float64))[0])
+        self.voxels += voxels
+
+    def settle(self) -> _Sums:
+        """Move the pending float64 integers into the int64 sums (before they are read or reduced)."""
+        for name, ints in self.pending.items():
+            getattr(self, name).add_(ints.to(torch.int64))
+        self.pending, self.pending_magnitude = {}, {}
+        return self
+
+    def _fixed(self, name: str, part: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """``part`` on the grid of sum ``name``, as integer-valued float64, and its largest ``|value|``."""
+        # A power of two scales exactly; rounding each part once is the only error. In place: the
+        # parts are fresh float64 tensors, and the Gram parts are large.
+        ints = part.double().mul_(2.0 ** self.exponents[name]).round_()
+        size = 0.0
+        if ints.numel():
+            low, high = torch.aminmax(ints)
+            size = max(-float(low), float(high))
+        self.magnitude[name] = self.magnitude.get(name, 0.0) + size
+        if not self.magnitude[name] < _LIMIT:
+            raise OverflowError(
+                f"the exact sum {name!r} outgrew its int64 grid: the layer's data exceed the SumBounds "
+                f"given to GramAccumulator by more than 2**{SumBounds.HEADROOM}; pass bounds from all of the data."
+            )
+        return ints, size
 
     def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor) -> None:
         xh = x * h[None, :, None]
         yh = y * h[None, :, None]
-        self.xx += symmetric_gram(xh, x).double()
-        self.yx += torch.bmm(yh.transpose(1, 2), x).double()
-        self.x += xh.sum(1).double()
-        self.y += yh.sum(1).double()
-        self.yy += (yh * y).sum(1).double()
-        self.h += float(h.double().sum())
-        self.h2 += float(h.double().pow(2).sum())
-        self.voxels += h.numel()
+        parts = {
+            "xx": symmetric_gram(xh, x).double(),
+            "yx": torch.bmm(yh.transpose(1, 2), x).double(),
+            "x": xh.sum(1).double(),
+            "y": yh.sum(1).double(),
+            "yy": (yh * y).sum(1).double(),
+        }
+        self._put(parts, float(h.double().sum()), float(h.double().pow(2).sum()), h.numel())
 
     def add_unweighted(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        xx, yx, x, y, yy = shifted_sums(inputs, targets)
         voxels = targets.numel() // targets.shape[1]
-        self.xx += xx
-        self.yx += yx
-        self.x += x
-        self.y += y
-        self.yy += yy
-        self.h += float(voxels)
-        self.h2 += float(voxels)
-        self.voxels += voxels
+        self._put(dict(zip(_FIELDS, shifted_sums(inputs, targets))), float(voxels), float(voxels), voxels)
 
     def minus(self, other: _Sums) -> _Sums:
+        self.settle(), other.settle()
         return _Sums(self.xx - other.xx, self.yx - other.yx, self.x - other.x, self.y - other.y,
-                     self.yy - other.yy, self.h - other.h, self.h2 - other.h2, self.voxels - other.voxels)
+                     self.yy - other.yy, self.h - other.h, self.h2 - other.h2, self.voxels - other.voxels,
+                     self.exponents)
+
+    def in_float64(self) -> _Sums:
+        """These sums as float64 values (the integers off their grids)."""
+        if self.exponents is None:
+            return self
+        self.settle()
+        e = self.exponents
+        scaled = [getattr(self, name).double() * 2.0 ** -e[name] for name in _FIELDS]
+        return _Sums(*scaled, self.h * 2.0 ** -e["h"], self.h2 * 2.0 ** -e["h2"], self.voxels)
 
 
 class GramAccumulator:
@@ -215,6 +318,10 @@ class GramAccumulator:
         max_chunk_elements: cap on the elements of one unfolded chunk.
         keep_factor: keep the weighted im2col columns (for the low-rank solve) while fewer
             voxels than ``in_per_group`` have been seen.
+        bounds: bounds of all the calibration data (:class:`SumBounds`); given, the sums are exact
+            (fixed point, int64), so any grouping of the same windows into batches, or into
+            accumulators later :meth:`reduce`-d together, gives bit-identical statistics. ``None``
+            adds float64 sums in the order the batches come.
 
     Example::
 
@@ -223,8 +330,11 @@ class GramAccumulator:
         stats = acc.statistics()
     """
 
-    def __init__(self, view: LayerView, max_chunk_elements: int = 1 << 24, keep_factor: bool = True) -> None:
+    def __init__(
+        self, view: LayerView, max_chunk_elements: int = 1 << 24, keep_factor: bool = True, bounds: SumBounds | None = None
+    ) -> None:
         self.view = view
+        self._exponents = None if bounds is None else bounds.exponents()
         self.max_chunk_elements = max_chunk_elements
         self._dims = (view.groups, view.in_per_group, view.out_per_group)
         self._all: _Sums | None = None  # made on the first batch's device
@@ -269,7 +379,7 @@ class GramAccumulator:
         """
         self.view.check_shapes(inputs, targets)
         if self._all is None:
-            self._all = _Sums.zeros(*self._dims, device=inputs.device)
+            self._all = _Sums.zeros(*self._dims, device=inputs.device, exponents=self._exponents)
         device = self._all.xx.device
         inputs, targets = inputs.to(device), targets.to(device)
         for name, t in (("inputs", inputs), ("targets", targets)):
@@ -282,7 +392,7 @@ class GramAccumulator:
             h = torch.ones(held.shape, device=held.device) if voxel_weights is None else voxel_weights
             voxel_weights = torch.stack([h, h * held], dim=-1)
             if self._held is None:
-                self._held = _Sums.zeros(*self._dims, device=device)
+                self._held = _Sums.zeros(*self._dims, device=device, exponents=self._exponents)
         inputs = inputs.detach().float()
         targets = targets.detach().float()
         if voxel_weights is None and holdout is None and supports_shifted_sums(self.view):
@@ -291,9 +401,10 @@ class GramAccumulator:
             voxels = targets.numel() // targets.shape[1]
             if self._columns is None or self._all.voxels + voxels > self.view.in_per_group:
                 self._columns, self._sqrt_h, self._sqrt_h_fit = None, [], []
-                self._all.add_unweighted(inputs, targets)
+                for window in self._windows(inputs, targets):
+                    self._all.add_unweighted(*window)
                 return
-        for chunk in self.view.iter_chunks(inputs, targets, voxel_weights, self.max_chunk_elements):
+        for chunk in (c for w in self._windows(inputs, targets, voxel_weights) for c in self.view.iter_chunks(*w, self.max_chunk_elements)):
             x, y, h = chunk.inputs, chunk.targets, chunk.weights
             h_fit = h
             if h.dim() == 2:
@@ -312,6 +423,13 @@ class GramAccumulator:
                     self._columns = None
                     self._sqrt_h, self._sqrt_h_fit = [], []
 
+    def _windows(self, *tensors: torch.Tensor | None) -> list[tuple[torch.Tensor | None, ...]]:
+        """The batch as it is summed: whole, or window by window for exact sums, so that each part
+        added is the same whichever windows share its batch."""
+        if self._exponents is None:
+            return [tensors]
+        return [tuple(None if t is None else t[b : b + 1] for t in tensors) for b in range(tensors[0].shape[0])]
+
     def statistics_bytes(self) -> int:
         """Bytes of the running sums (and their counts) that :meth:`reduce` hands over."""
         parts = [s for s in (self._all, self._held) if s is not None]
@@ -320,13 +438,14 @@ class GramAccumulator:
     def reduce(self, reduce_sum: Callable[[list[torch.Tensor]], int]) -> int:
         """Combine the sums with those of other accumulators of the same layer (other ranks' data).
 
-        ``reduce_sum`` gets every float64 sum and count as one list, in a fixed order, and must
-        replace each tensor in place by its sum over the accumulators (e.g. one all-reduce); the
-        statistics are then those of all their voxels together. The low-rank factor cannot be
-        combined, so an accumulator that is reduced should be made with ``keep_factor=False``.
+        ``reduce_sum`` gets every sum and count as one list of one dtype (float64, or int64 for
+        exact sums), in a fixed order, and must replace each tensor in place by its sum over the
+        accumulators (e.g. one all-reduce); the statistics are then those of all their voxels
+        together. Exact sums reduced this way equal those of one accumulator given every batch. The
+        low-rank factor cannot be combined, so an accumulator that is reduced should be made with ``keep_factor=False``.
 
         Args:
-            reduce_sum: sums a list of float64 tensors in place; returns the bytes it communicated.
+            reduce_sum: sums a list of tensors in place; returns the bytes it communicated.
 
         Returns:
             what ``reduce_sum`` returned.
@@ -338,16 +457,14 @@ class GramAccumulator:
             raise ValueError(f"no calibration data reached {self.view.name}: add at least one batch before reducing.")
         if self._columns is not None:
             raise ValueError(f"the accumulator of {self.view.name} keeps its low-rank factor, which cannot be reduced: make it with keep_factor=False.")
-        tensors = [self._all.xx, self._all.yx, self._all.x, self._all.y, self._all.yy]
-        held = self._held
-        counts = torch.tensor([self._all.h, self._all.h2, float(self._all.voxels)], dtype=torch.float64, device=self._all.xx.device)
-        if held is not None:
-            tensors += [held.xx, held.yx, held.x, held.y, held.yy]
-            counts = torch.cat([counts, torch.tensor([held.h, held.h2, float(held.voxels)], dtype=torch.float64, device=counts.device)])
+        parts = [s.settle() for s in (self._all, self._held) if s is not None]
+        tensors = [getattr(p, name) for p in parts for name in _FIELDS]
+        dtype = self._all.xx.dtype
+        counts = torch.tensor([[p.h, p.h2, p.voxels] for p in parts], dtype=dtype, device=self._all.xx.device)
         sent = reduce_sum(tensors + [counts])
-        self._all.h, self._all.h2, self._all.voxels = float(counts[0]), float(counts[1]), int(counts[2])
-        if held is not None:
-            held.h, held.h2, held.voxels = float(counts[3]), float(counts[4]), int(counts[5])
+        number = float if dtype == torch.float64 else int
+        for p, (h, h2, voxels) in zip(parts, counts.tolist()):
+            p.h, p.h2, p.voxels = number(h), number(h2), int(voxels)
         return sent
 
     def _check_weights(self, w: torch.Tensor, targets: torch.Tensor, what: str) -> torch.Tensor:
@@ -393,6 +510,7 @@ class GramAccumulator:
             sums, sqrt_h = self._all.minus(self._held), self._sqrt_h_fit
         else:
             sums, sqrt_h = self._held, []
+        sums = sums.in_float64()
         if sums.voxels == 0 or sums.h <= 0:
             raise ValueError(
                 f"no calibration data reached {self.view.name} ({part} part): pass at least one non-empty "

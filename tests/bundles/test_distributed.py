@@ -1,4 +1,4 @@
-"""The bundles' ``torchrun`` overlays: evaluation and fine-tuning shared by 2 gloo processes on CPU.
+"""The bundles' ``torchrun`` overlays: quantization, evaluation and fine-tuning shared by 2 gloo processes on CPU.
 
 Each test launches ``torchrun --standalone --nproc_per_node=2 -m monai.bundle run ...`` as a user
 would, on the demo data, and reads what each rank logged (``--tee 3`` prefixes every line with its
@@ -121,3 +121,39 @@ def test_finetune_on_two_ranks_trains_with_one_held_out_decision_and_saves_once(
     decisions = {rank: re.findall(r"fine-tune (?:starts|ends) at held-out .*|made the network worse.*", text) for rank, text in logs.items()}
     assert decisions[0] and decisions[0] == decisions[1]  # the same scores and the same choice on both ranks
     shutil.rmtree(tmp_path / "export")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="PyTorch's oneDNN CPU convolution rounds some layers differently for 8 windows than for 16 (the final 1x1 "
+    "convolution, 2e-6), so a rank's half batch diverges from one process's whole batch from the decoder on; "
+    "the sums themselves are exact (tests/ptq/test_distributed.py). With oneDNN off in both processes "
+    "(torch.backends.mkldnn.set_flags(False)) the files were byte-identical. Needs a forward pass that does not "
+    "depend on the batch size.",
+)
+def test_quantization_shared_by_two_ranks_writes_the_checkpoint_of_one_process(demo_copy, tmp_path):
+    work = demo_copy
+    # EfficientQ on 2 cases cut into windows: each rank holds one case's windows
+    settings = [
+        "--calibration_cases", "2", "--calibration_crop", "[48,48,48]", "--sw_roi_size", "[32,32,32]", "--export_dir", "",
+        "--dataset_dir", str(work / "data" / "demo"), "--fp_checkpoint", str(work / "models" / "model.pt"),
+    ]  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun worker (OMP_NUM_THREADS=1): MONAI's float32 preprocessing depends on it
+    try:
+        bundle(NAME, "quantize", *settings, "--ckpt_dir", str(one), "--output_dir", str(tmp_path / "eval_one"))
+    finally:
+        torch.set_num_threads(threads)
+    logs = torchrun(work, "quantize", "multi_gpu_quantize", *settings, "--ckpt_dir", str(two), "--output_dir", str(tmp_path / "eval_two"))
+
+    (written,) = one.iterdir()
+    assert sorted(p.name for p in two.iterdir()) == [written.name]  # rank 0 alone wrote
+    report = json.loads((tmp_path / "eval_two" / f"quantization_report_{written.stem[len('model_'):]}.json").read_text())
+    assert report["method"] == "efficientq"
+    shares = {rank: re.findall(rf"rank {rank} of {RANKS}: calibration windows (\d+) to (\d+) of (\d+)", text) for rank, text in logs.items()}
+    (first, last, total), (second, end, total_too) = shares[0][0], shares[1][0]
+    assert (int(first), int(last) + 1, int(end) + 1) == (0, int(second), int(total)) and total == total_too  # each its own case's windows
+    assert all("all-reduce:" in text for text in logs.values())
+    assert (two / written.name).read_bytes() == written.read_bytes()  # codes, scales, biases, report: bit for bit
