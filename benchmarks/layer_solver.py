@@ -20,6 +20,7 @@ Usage::
     python benchmarks/layer_solver.py --quick         # smaller layers, for a smoke run
     python benchmarks/layer_solver.py --memory        # also the 32ch @ 128^3 streaming-memory check
     python benchmarks/layer_solver.py --authors ~/src/EfficientQ --repeat 3   # ours against theirs
+    python benchmarks/layer_solver.py --authors ~/src/EfficientQ --only "64->64@24^3 W2"   # one of those layers
 """
 
 from __future__ import annotations
@@ -189,14 +190,16 @@ def run_versus_authors(authors: str, channels: int, size: int, bits: int, repeat
     }
 
 
-def versus_authors(authors: str, repeat: int) -> None:
-    """Print ours against the authors' solver on :data:`AUTHOR_LAYERS`."""
+def versus_authors(authors: str, repeat: int, only: list[str] | None = None) -> None:
+    """Print ours against the authors' solver on :data:`AUTHOR_LAYERS` (those named in ``only``, if given)."""
     print(
         f"\n== EfficientQ: ours against the authors' EfficientQConv ({authors}), median of {repeat}, output MSE on the "
         f"calibration sample\n{'layer':18s} {'ours s':>7s} {'theirs s':>9s} {'speed':>7s} {'ours MSE':>10s} "
         f"{'theirs MSE':>10s} {'MSE ratio':>9s}  bars (>= {SPEED_BAR:.0f}x, MSE ratio <= {MSE_BAR:.1f})"
     )
     for name, (channels, size, bits) in AUTHOR_LAYERS.items():
+        if only and name not in only:
+            continue
         spec = {"authors": authors, "channels": channels, "size": size, "bits": bits, "repeat": repeat}
         r = _subprocess(["--worker", json.dumps(spec)])
         speed, ratio = r["theirs_s"] / r["ours_s"], r["ours_mse"] / r["theirs_mse"]
@@ -221,6 +224,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--authors", help="a checkout of the authors' EfficientQ: compare against their solver")
     parser.add_argument("--repeat", type=int, default=1, help="runs per layer against the authors (median)")
+    parser.add_argument("--only", nargs="+", choices=list(AUTHOR_LAYERS), help="with --authors: just these layers")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -237,7 +241,7 @@ def main() -> None:
 
     print(f"CPU: {cpu_summary()}; torch {torch.__version__} fp32, {torch.get_num_threads()} threads")
     if args.authors:
-        versus_authors(args.authors, args.repeat)
+        versus_authors(args.authors, args.repeat, args.only)
         return
     layers = QUICK_LAYERS if args.quick else LAYERS
     for name, (channels, size) in layers.items():

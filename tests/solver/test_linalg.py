@@ -37,6 +37,15 @@ def test_factorisations_are_the_same_on_one_and_two_threads():
         assert one.dtype == torch.float32 and torch.equal(one, two)
 
 
+def test_the_inverse_is_the_same_on_one_and_two_threads_where_lapacks_is_not():
+    a = _gram(1296, seed=1)  # 48 channels x 27 taps: LAPACK's float64 inverse of this, rounded, differs
+    one, two = _on_threads(spd_inverse, a)
+    assert torch.equal(one, two)
+    with threads(2):
+        spd_inverse(a)
+        assert torch.get_num_threads() == 2  # restored after its one-thread section
+
+
 def test_solve_rows_inverts_the_factorised_matrix():
     a = _gram(40, seed=2)
     rhs = torch.randn(1, 3, 40, generator=torch.Generator().manual_seed(3))
