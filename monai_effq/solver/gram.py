@@ -219,6 +219,8 @@ class _Sums:
     # spares most parts the conversion to int64
     pending: dict[str, torch.Tensor] = field(default_factory=dict)
     pending_magnitude: dict[str, float] = field(default_factory=dict)
+    # set once a sum outgrew its grid and moved to a coarser one (see _coarsen)
+    coarsened: bool = False
 
     @classmethod
     def zeros(cls, g: int, n: int, m: int, device: torch.device | str = "cpu", exponents: dict[str, int] | None = None) -> _Sums:
@@ -261,18 +263,39 @@ class _Sums:
         """``part`` on the grid of sum ``name``, as integer-valued float64, and its largest ``|value|``."""
         # A power of two scales exactly; rounding each part once is the only error. In place: the
         # parts are fresh float64 tensors, and the Gram parts are large.
-        ints = part.double().mul_(2.0 ** self.exponents[name]).round_()
+        part = part.double()
+        ints, size = self._on_grid(name, part.clone())
+        total = self.magnitude.get(name, 0.0) + size
+        if not total < _LIMIT:
+            # The data outgrew the bounds by more than 2**HEADROOM (a quantized network far from its
+            # full-precision one): a coarser grid keeps the run going, at the price of exactness
+            # across groupings, which reduce() refuses.
+            self._coarsen(name, math.frexp(total / (_LIMIT / 4))[1])
+            ints, size = self._on_grid(name, part)
+        self.magnitude[name] = self.magnitude.get(name, 0.0) + size
+        return ints, size
+
+    def _on_grid(self, name: str, part: torch.Tensor) -> tuple[torch.Tensor, float]:
+        ints = part.mul_(2.0 ** self.exponents[name]).round_()
         size = 0.0
         if ints.numel():
             low, high = torch.aminmax(ints)
             size = max(-float(low), float(high))
-        self.magnitude[name] = self.magnitude.get(name, 0.0) + size
-        if not self.magnitude[name] < _LIMIT:
-            raise OverflowError(
-                f"the exact sum {name!r} outgrew its int64 grid: the layer's data exceed the SumBounds "
-                f"given to GramAccumulator by more than 2**{SumBounds.HEADROOM}; pass bounds from all of the data."
-            )
         return ints, size
+
+    def _coarsen(self, name: str, bits: int) -> None:
+        """Move sum ``name`` to a grid ``2**bits`` times coarser, rounding its integers once more."""
+        if bits <= 0:
+            return
+        self.settle()
+        self.exponents = {**self.exponents, name: self.exponents[name] - bits}  # the dict may be shared
+        half = 1 << (bits - 1)
+        if name in ("h", "h2"):
+            setattr(self, name, (getattr(self, name) + half) >> bits)
+        else:
+            getattr(self, name).add_(half).bitwise_right_shift_(bits)  # round half up; |sum| < 2**62
+        self.magnitude[name] = self.magnitude.get(name, 0.0) / 2.0**bits + 1.0
+        self.coarsened = True
 
     def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor) -> None:
         xh = x * h[None, :, None]
@@ -292,9 +315,13 @@ class _Sums:
 
     def minus(self, other: _Sums) -> _Sums:
         self.settle(), other.settle()
+        if self.exponents is not None:
+            for name, e in self.exponents.items():
+                self._coarsen(name, e - other.exponents[name])
+                other._coarsen(name, other.exponents[name] - e)
         return _Sums(self.xx - other.xx, self.yx - other.yx, self.x - other.x, self.y - other.y,
                      self.yy - other.yy, self.h - other.h, self.h2 - other.h2, self.voxels - other.voxels,
-                     self.exponents)
+                     self.exponents, coarsened=self.coarsened or other.coarsened)
 
     def in_float64(self) -> _Sums:
         """These sums as float64 values (the integers off their grids)."""
@@ -458,6 +485,14 @@ class GramAccumulator:
         if self._columns is not None:
             raise ValueError(f"the accumulator of {self.view.name} keeps its low-rank factor, which cannot be reduced: make it with keep_factor=False.")
         parts = [s.settle() for s in (self._all, self._held) if s is not None]
+        if any(p.coarsened for p in parts):
+            # raised on the rank whose data outgrew the grid; torchrun then stops the other ranks
+            raise ValueError(
+                f"the inputs of {self.view.name} exceeded the full-precision bounds by more than "
+                f"2**{SumBounds.HEADROOM}, so its sums moved to a coarser grid that other ranks do not "
+                "share: quantize this configuration in one process, or check why the quantized network "
+                "drifts this far from the full-precision one (e.g. an unsigned weight grid)."
+            )
         tensors = [getattr(p, name) for p in parts for name in _FIELDS]
         dtype = self._all.xx.dtype
         counts = torch.tensor([[p.h, p.h2, p.voxels] for p in parts], dtype=dtype, device=self._all.xx.device)

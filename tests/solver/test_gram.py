@@ -75,9 +75,15 @@ def test_exact_sums_are_the_same_in_any_batches_or_reduced_shares(name, under):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * float(b.abs().max()))
 
 
-def test_exact_sums_refuse_data_far_beyond_their_bounds():
+def test_data_far_beyond_their_bounds_move_to_a_coarser_grid_that_ranks_refuse_to_combine():
     layer = nn.Conv3d(2, 2, 3, padding=1)
     x, y, h, held = _data(layer, (2, 4, 4, 4))
     small = SumBounds(voxels=h.numel(), weight=1.0, inputs=1e-6, targets=1e-6)
-    with pytest.raises(OverflowError, match="outgrew its int64 grid"):
-        _accumulate(layer, x, y, h, held, [], small)
+    beyond = _accumulate(layer, x, y, h, held, [1], small)  # the bounds are 1e6x too small: no int64 grid holds them
+    # the statistics still agree with float64 sums to float32 precision
+    floating = _figures(_accumulate(layer, x, y, h, held, [1], None))
+    for a, b in zip(_figures(beyond), floating):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
+    # but the coarser grid is this accumulator's own, so combining it with another rank's is refused
+    with pytest.raises(ValueError, match="exceeded the full-precision bounds.*one process"):
+        beyond.reduce(lambda tensors: 0)
