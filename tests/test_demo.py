@@ -72,6 +72,7 @@ def _bundle_outputs() -> set[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.threads(2)  # the README's figures: 2 threads
 def test_the_readme_table_is_what_a_fresh_demo_run_measures_and_the_run_writes_only_its_output_folder(tmp_path):
     published, outputs = _published_files(), _bundle_outputs()
     rows = demo.main(["--output-dir", str(tmp_path / "demo")])

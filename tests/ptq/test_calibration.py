@@ -40,6 +40,7 @@ def test_with_whole_volumes_efficientq_is_no_worse_than_round_to_nearest_on_held
         "on the held-out slab (0.087 vs 0.285) yet RTN there is better on other volumes (0.069 vs 0.084)."
     ),
 )
+@pytest.mark.threads(2)  # the figures of the xfail reason; on one thread EfficientQ happens to edge ahead
 def test_with_a_tiny_crop_efficientq_is_no_worse_than_round_to_nearest_on_held_out_volumes(trained_unet, validation_spheres):
     calib, _ = sphere_volumes(1, seed=5)
     tiny = calib[:, :, 8:16, 4:20, 4:20]  # 8x16x16 voxels: the deep layers see a handful of voxels
