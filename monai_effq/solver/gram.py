@@ -263,20 +263,21 @@ class _Sums:
         """``part`` on the grid of sum ``name``, as integer-valued float64, and its largest ``|value|``."""
         # A power of two scales exactly; rounding each part once is the only error. In place: the
         # parts are fresh float64 tensors, and the Gram parts are large.
-        part = part.double()
-        ints, size = self._on_grid(name, part.clone())
+        ints, size = self._scaled(part.double(), self.exponents[name])
         total = self.magnitude.get(name, 0.0) + size
         if not total < _LIMIT:
             # The data outgrew the bounds by more than 2**HEADROOM (a quantized network far from its
             # full-precision one): a coarser grid keeps the run going, at the price of exactness
             # across groupings, which reduce() refuses.
-            self._coarsen(name, math.frexp(total / (_LIMIT / 4))[1])
-            ints, size = self._on_grid(name, part)
+            bits = math.frexp(total / (_LIMIT / 4))[1]
+            self._coarsen(name, bits)
+            ints, size = self._scaled(ints, -bits)
         self.magnitude[name] = self.magnitude.get(name, 0.0) + size
         return ints, size
 
-    def _on_grid(self, name: str, part: torch.Tensor) -> tuple[torch.Tensor, float]:
-        ints = part.mul_(2.0 ** self.exponents[name]).round_()
+    @staticmethod
+    def _scaled(part: torch.Tensor, exponent: int) -> tuple[torch.Tensor, float]:
+        ints = part.mul_(2.0**exponent).round_()
         size = 0.0
         if ints.numel():
             low, high = torch.aminmax(ints)
