@@ -11,6 +11,8 @@ import os
 import pytest
 import torch
 
+from .threads import torch_threads
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
@@ -24,9 +26,5 @@ def _threads_of_the_marker(request: pytest.FixtureRequest):
     if marker is None:
         yield
         return
-    before = torch.get_num_threads()
-    torch.set_num_threads(marker.args[0])
-    try:
+    with torch_threads(marker.args[0]):
         yield
-    finally:
-        torch.set_num_threads(before)

@@ -2,6 +2,8 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 
+from ..threads import torch_threads
+
 
 def sphere_volumes(n: int, size: int = 24, seed: int = 0, radius=(3, 7)):
     """Noisy volumes with one bright sphere each and the sphere's mask as label (a tiny imbalanced task)."""
@@ -25,17 +27,13 @@ def trained_unet():
     x, y = sphere_volumes(16, seed=0)
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     weight = torch.tensor([1.0, 5.0])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)  # the network the tests' figures were measured on, also on a 1-thread xdist worker
-    try:
+    with torch_threads(2):  # the network the tests' figures were measured on, also on a 1-thread xdist worker
         for step in range(60):
             i = torch.randint(0, 16, (4,))
             loss = torch.nn.functional.cross_entropy(net(x[i]), y[i, 0], weight=weight)
             opt.zero_grad()
             loss.backward()
             opt.step()
-    finally:
-        torch.set_num_threads(threads)
     return net.eval()
 
 

@@ -7,6 +7,7 @@ from monai_effq import EfficientQConfig, quantize
 from monai_effq.ptq import QuantizedConv, QuantizedConvTranspose, QuantizedLayer, QuantizedLinear
 from monai_effq.quant import UniformGrid, fit_minmax
 
+from ..threads import torch_threads
 from .conftest import dice, sphere_volumes
 
 
@@ -194,12 +195,9 @@ def test_codes_are_the_same_on_one_and_two_threads():
     torch.manual_seed(0)
     net = SegResNet(spatial_dims=3, init_filters=16, in_channels=2, out_channels=3, blocks_down=(1, 1), blocks_up=(1,)).eval()
     x = torch.randn(1, 2, 32, 32, 32, generator=torch.Generator().manual_seed(3))
-    codes, before = [], torch.get_num_threads()
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
+    codes = []
+    for n in (1, 2):
+        with torch_threads(n):
             q = quantize(net, x, EfficientQConfig(weight_bits=4), progress=False)
-            codes.append([m.codes for m in q.network.modules() if isinstance(m, QuantizedLayer)])
-    finally:
-        torch.set_num_threads(before)
+        codes.append([m.codes for m in q.network.modules() if isinstance(m, QuantizedLayer)])
     assert len(codes[0]) > 5 and all(torch.equal(a, b) for a, b in zip(*codes))
