@@ -1,18 +1,8 @@
-import contextlib
-
 import torch
 
 from monai_effq.solver.linalg import cholesky, cholesky_solve_rows, spd_inverse
 
-
-@contextlib.contextmanager
-def threads(n: int):
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+from ..threads import torch_threads
 
 
 def _gram(n: int, seed: int) -> torch.Tensor:
@@ -24,7 +14,7 @@ def _gram(n: int, seed: int) -> torch.Tensor:
 def _on_threads(fn, *args) -> list[torch.Tensor]:
     out = []
     for n in (1, 2):
-        with threads(n):
+        with torch_threads(n):
             out.append(fn(*args))
     return out
 
@@ -41,7 +31,7 @@ def test_the_inverse_is_the_same_on_one_and_two_threads_where_lapacks_is_not():
     a = _gram(1296, seed=1)  # 48 channels x 27 taps: LAPACK's float64 inverse of this, rounded, differs
     one, two = _on_threads(spd_inverse, a)
     assert torch.equal(one, two)
-    with threads(2):
+    with torch_threads(2):
         spd_inverse(a)
         assert torch.get_num_threads() == 2  # restored after its one-thread section
 
