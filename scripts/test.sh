@@ -5,7 +5,8 @@
 # set-up is mostly unpacking wheels, so it runs while the main suite does; its HTTP round-trip test
 # runs last. MONAI_EFFQ_SKIP_MONAILABEL=1, or any pytest arguments (a subset of the suite), leave
 # it out. The suite runs on one pytest-xdist worker per core, a test file per worker at a time
-# (its module fixtures, such as bundle copies, are built once).
+# (its module fixtures, such as bundle copies, are built once), the files with the most slow tests
+# first (tests/conftest.py orders them) so that both workers finish together.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh "test,deploy"
@@ -13,13 +14,13 @@ if [ "$#" -gt 0 ]; then
   exec .venv/bin/python -m pytest -q "$@"
 fi
 if [ "${MONAI_EFFQ_SKIP_MONAILABEL:-0}" = "1" ]; then
-  exec .venv/bin/python -m pytest -q -n auto --dist loadfile tests
+  exec .venv/bin/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder tests
 fi
 bash scripts/setup_monailabel.sh > .venv-monailabel.log 2>&1 &
 monailabel_setup=$!
 # a failing suite must not leave the set-up running behind it
 trap 'kill "$monailabel_setup" 2>/dev/null || true' EXIT
-.venv/bin/python -m pytest -q -n auto --dist loadfile tests --ignore=tests/bundles/test_monailabel.py
+.venv/bin/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder tests --ignore=tests/bundles/test_monailabel.py
 if ! wait "$monailabel_setup"; then
   tail -n 40 .venv-monailabel.log
   echo "scripts/setup_monailabel.sh failed (log above, full log in .venv-monailabel.log)" >&2

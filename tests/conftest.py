@@ -7,6 +7,8 @@ would gain nothing from the second core. Tests that compare thread counts set th
 """
 
 import os
+from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,3 +30,20 @@ def _threads_of_the_marker(request: pytest.FixtureRequest):
         return
     with torch_threads(marker.args[0]):
         yield
+
+
+@pytest.hookimpl(trylast=True)  # after pytest has ordered the tests by their fixtures
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """On an xdist worker, order the files by how many slow tests they hold, most first.
+
+    ``scripts/test.sh`` hands out whole files (``--dist loadfile``) in this order
+    (``--no-loadscope-reorder``): the long files start first and the short ones fill the gaps, so
+    both workers finish together instead of one running a long file alone at the end.
+    """
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    files: dict[Path, list[pytest.Item]] = defaultdict(list)
+    for item in items:
+        files[item.path].append(item)
+    slow = {path: sum(test.get_closest_marker("slow") is not None for test in tests) for path, tests in files.items()}
+    items[:] = [item for path in sorted(files, key=lambda path: -slow[path]) for item in files[path]]
