@@ -1,14 +1,16 @@
-"""The bundle commands end to end, through ``python -m monai.bundle``, on tiny synthetic NIfTI data."""
+"""The bundle commands end to end, through ``python -m monai.bundle``, on tiny synthetic NIfTI data.
+
+The copies of the shipped bundles are tested in test_copies.py, a user's own set-ups (a Decathlon
+folder, a umask) in test_user_setups.py: files of their own, so that pytest-xdist can run them
+beside this one.
+"""
 
 import json
 import logging
-import os
 
-import nibabel as nib
-import numpy as np
 import pytest
 
-from monai_effq.data import make_brats_demo, make_lits_demo, make_msd_demo
+from monai_effq.data import make_brats_demo, make_lits_demo
 
 from .conftest import BUNDLES, ROI, ROOT, WORKFLOWS, bundle, config_files
 
@@ -121,41 +123,11 @@ def test_bundle_metadata_and_network_shapes_verify(name):
 
 
 @pytest.mark.slow
-def test_a_decathlon_dataset_can_be_passed_on_the_command_line(tmp_path):
-    task = make_msd_demo(tmp_path / "Task01_BrainTumour", task="Task01_BrainTumour", n_cases=3, shape=(32, 32, 32), seed=4)
-    common = ["--dataset_dir", str(task), "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"), "--export_dir", ""]
-    bundle("brats_effq", "train", *common, "--max_epochs", "1", "--roi_size", ROI)
-    bundle("brats_effq", "quantize", *common, "--weight_bits", "2", "--method", "rtn", "--calibration_crop", ROI)
-    assert (tmp_path / "models" / "model_rtn_w2a8.pt").is_file()
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(BUNDLES))
-def test_the_openvino_evaluate_overlay_matches_the_fake_quant_dice_on_the_demo_data(name, tmp_path):
-    pytest.importorskip("openvino")
-    args = [
-        "--fp_checkpoint", str(ROOT / "bundles" / name / "models" / "model.pt"),
-        "--ckpt_dir", str(tmp_path),
-        "--output_dir", str(tmp_path / "eval"),
-        "--export_dir", "",
-        "--method", "rtn",
-    ]  # fmt: skip
-    bundle(name, "quantize", *args)
-    bundle(name, "evaluate", *args, overlay="evaluate_openvino")
-    rows = json.loads((tmp_path / "eval" / "evaluation_rtn_w4a8_openvino.json").read_text())
-    assert [r["model"] for r in rows] == ["FP32", "rtn_w4a8", "rtn_w4a8 OpenVINO"]
-    assert abs(rows[2]["dice_mean"] - rows[1]["dice_mean"]) <= 0.002, rows
-    assert rows[2]["dice_mean"] > 0.5  # the demo networks are trained: a broken export would not get here
-    assert (tmp_path / "model_rtn_w4a8.onnx").is_file()
-
-
-@pytest.mark.slow
-def test_the_inference_overlay_writes_masks_with_onnx_runtime_and_names_the_extra_when_missing(trained, tmp_path):
+def test_the_inference_overlay_writes_masks_with_onnx_runtime_and_names_the_extra_when_missing(rtn_w4a8, tmp_path):
     pytest.importorskip("onnxruntime")
-    name, work, common, _ = trained
+    name, work, common, _ = rtn_w4a8
     if name != "lits_effq":
         pytest.skip("one bundle is enough: the OpenVINO evaluate test exports both")
-    bundle(name, "quantize", *common, "--weight_bits", "4", "--method", "rtn", "--calibration_crop", ROI)
     seg = tmp_path / "seg"
     bundle(name, "inference", *common, "--method", "rtn", "--sw_roi_size", ROI, "--runtime", "onnxruntime", "--output_dir", str(seg), overlay="inference_openvino")
     assert list(seg.glob("*_seg.nii.gz"))
@@ -187,25 +159,6 @@ def test_every_workflow_of_both_bundles_has_the_model_zoo_properties(rtn_w4a8):
         flow.initialize()
         assert flow.check_properties() == [], (name, workflow)
         assert "run" in flow.parser, (name, workflow)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(BUNDLES))
-def test_a_copy_of_the_bundle_quantizes_and_infers_from_inside_its_folder_with_default_settings(name, quantized_copy, tmp_path):
-    quantized_copy.prepare(*BUNDLES)  # both bundles' copies at once, for the two cases of this test
-    copy, masks, log = quantized_copy(name)  # quantize, then exactly: python -m monai.bundle run --config_file configs/inference.json
-    assert (copy / "models" / "model_rtn_w4a8.pt").is_file()
-    assert all(mask.parent == copy / "eval" / "seg" / "rtn_w4a8" for mask in masks)  # a folder per model
-    assert masks
-    assert "wrote" in log and "INFO" in log  # logging.conf applies: the workflow says what it wrote
-
-    # the exported bundle serves the same masks from its TorchScript file alone
-    served = copy / "export" / f"{name}_rtn_w4a8"
-    assert not (served / "models" / "model.pt").exists()
-    bundle(name, "inference", "--dataset_dir", str(copy / "data" / "demo"), "--output_dir", str(tmp_path / "ts"), cwd=served)
-    for mask in masks:
-        ours, traced = (nib.load(str(p)).get_fdata() for p in (mask, tmp_path / "ts" / mask.name))
-        assert np.array_equal(ours, traced), mask.name
 
 
 @pytest.mark.parametrize("name", list(BUNDLES))
@@ -304,24 +257,3 @@ def _cause(error: BaseException, kind: type) -> BaseException | None:
     while error is not None and not isinstance(error, kind):
         error = error.__cause__ or error.__context__
     return error
-
-
-@pytest.mark.slow
-def test_every_workflow_output_gets_the_mode_the_umask_gives(tmp_path):
-    data = make_lits_demo(tmp_path / "data", n_cases=3, shape=(32, 32, 32), seed=6)
-    out = tmp_path / "out"
-    common = ["--dataset_dir", str(data), "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "eval"), "--method", "rtn"]
-    old = os.umask(0o027)
-    try:
-        bundle("lits_effq", "train", *common, "--max_epochs", "1", "--roi_size", ROI)
-        bundle("lits_effq", "quantize", *common, "--calibration_crop", ROI, "--export_dir", str(out / "export"))
-        bundle("lits_effq", "evaluate", *common, "--sw_roi_size", ROI)
-        bundle("lits_effq", "inference", *common, "--sw_roi_size", ROI, "--output_dir", str(out / "seg"))
-    finally:
-        os.umask(old)
-    files = [p for p in out.rglob("*") if p.is_file()]
-    kinds = {p.suffix for p in files}
-    assert {".pt", ".json", ".csv", ".png", ".ts", ".gz"} <= kinds, kinds
-    assert {p.relative_to(out).as_posix(): oct(p.stat().st_mode & 0o777) for p in files if p.stat().st_mode & 0o777 != 0o640} == {}
-    folders = [p for p in out.rglob("*") if p.is_dir()]
-    assert {p.relative_to(out).as_posix(): oct(p.stat().st_mode & 0o777) for p in folders if p.stat().st_mode & 0o777 != 0o750} == {}

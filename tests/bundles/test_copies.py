@@ -1,0 +1,45 @@
+"""A copy of each bundle as a user gets it (shipped weights, demo data), quantized once per session (``quantized_copy``)
+and read by each test: served from inside its folder, from its TorchScript export, and through OpenVINO."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from .conftest import BUNDLES, bundle
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BUNDLES))
+def test_a_copy_of_the_bundle_quantizes_and_infers_from_inside_its_folder_with_default_settings(name, quantized_copy, tmp_path):
+    quantized_copy.prepare(*BUNDLES)  # both bundles' copies at once, for the two cases of this test
+    copy, masks, log = quantized_copy(name)  # quantize, then exactly: python -m monai.bundle run --config_file configs/inference.json
+    assert (copy / "models" / "model_rtn_w4a8.pt").is_file()
+    assert all(mask.parent == copy / "eval" / "seg" / "rtn_w4a8" for mask in masks)  # a folder per model
+    assert masks
+    assert "wrote" in log and "INFO" in log  # logging.conf applies: the workflow says what it wrote
+
+    # the exported bundle serves the same masks from its TorchScript file alone
+    served = copy / "export" / f"{name}_rtn_w4a8"
+    assert not (served / "models" / "model.pt").exists()
+    bundle(name, "inference", "--dataset_dir", str(copy / "data" / "demo"), "--output_dir", str(tmp_path / "ts"), cwd=served)
+    for mask in masks:
+        ours, traced = (nib.load(str(p)).get_fdata() for p in (mask, tmp_path / "ts" / mask.name))
+        assert np.array_equal(ours, traced), mask.name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BUNDLES))
+def test_the_openvino_evaluate_overlay_matches_the_fake_quant_dice_on_the_demo_data(name, quantized_copy, tmp_path):
+    pytest.importorskip("openvino")
+    quantized_copy.prepare(*BUNDLES)  # as the copy test: both at once
+    copy, _, _ = quantized_copy(name)  # the shipped weights and their RTN W4A8 checkpoint, quantized on the demo data
+    models = copy / "models"
+    args = ["--ckpt_dir", str(models), "--dataset_dir", str(copy / "data" / "demo"), "--output_dir", str(tmp_path / "eval"), "--method", "rtn"]
+    bundle(name, "evaluate", *args, overlay="evaluate_openvino")
+    rows = json.loads((tmp_path / "eval" / "evaluation_rtn_w4a8_openvino.json").read_text())
+    assert [r["model"] for r in rows] == ["FP32", "rtn_w4a8", "rtn_w4a8 OpenVINO"]
+    assert abs(rows[2]["dice_mean"] - rows[1]["dice_mean"]) <= 0.002, rows
+    assert rows[2]["dice_mean"] > 0.5  # the demo networks are trained: a broken export would not get here
+    assert (models / "model_rtn_w4a8.onnx").is_file()

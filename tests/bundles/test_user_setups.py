@@ -1,0 +1,39 @@
+"""The bundle workflows with a user's own set-up: a Decathlon dataset folder, a restrictive umask."""
+
+import os
+
+import pytest
+
+from monai_effq.data import make_lits_demo, make_msd_demo
+
+from .conftest import ROI, bundle
+
+
+@pytest.mark.slow
+def test_a_decathlon_dataset_can_be_passed_on_the_command_line(tmp_path):
+    task = make_msd_demo(tmp_path / "Task01_BrainTumour", task="Task01_BrainTumour", n_cases=3, shape=(32, 32, 32), seed=4)
+    common = ["--dataset_dir", str(task), "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"), "--export_dir", ""]
+    bundle("brats_effq", "train", *common, "--max_epochs", "1", "--roi_size", ROI)
+    bundle("brats_effq", "quantize", *common, "--weight_bits", "2", "--method", "rtn", "--calibration_crop", ROI)
+    assert (tmp_path / "models" / "model_rtn_w2a8.pt").is_file()
+
+
+@pytest.mark.slow
+def test_every_workflow_output_gets_the_mode_the_umask_gives(tmp_path):
+    data = make_lits_demo(tmp_path / "data", n_cases=3, shape=(32, 32, 32), seed=6)
+    out = tmp_path / "out"
+    common = ["--dataset_dir", str(data), "--ckpt_dir", str(out / "models"), "--output_dir", str(out / "eval"), "--method", "rtn"]
+    old = os.umask(0o027)
+    try:
+        bundle("lits_effq", "train", *common, "--max_epochs", "1", "--roi_size", ROI)
+        bundle("lits_effq", "quantize", *common, "--calibration_crop", ROI, "--export_dir", str(out / "export"))
+        bundle("lits_effq", "evaluate", *common, "--sw_roi_size", ROI)
+        bundle("lits_effq", "inference", *common, "--sw_roi_size", ROI, "--output_dir", str(out / "seg"))
+    finally:
+        os.umask(old)
+    files = [p for p in out.rglob("*") if p.is_file()]
+    kinds = {p.suffix for p in files}
+    assert {".pt", ".json", ".csv", ".png", ".ts", ".gz"} <= kinds, kinds
+    assert {p.relative_to(out).as_posix(): oct(p.stat().st_mode & 0o777) for p in files if p.stat().st_mode & 0o777 != 0o640} == {}
+    folders = [p for p in out.rglob("*") if p.is_dir()]
+    assert {p.relative_to(out).as_posix(): oct(p.stat().st_mode & 0o777) for p in folders if p.stat().st_mode & 0o777 != 0o750} == {}
