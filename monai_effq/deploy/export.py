@@ -47,8 +47,7 @@ from monai_effq.ptq.modules import (
     shared_input_quantizer,
 )
 from monai_effq.ptq.result import QuantizationResult
-from monai_effq.quant.grid import dequantize
-from monai_effq.solver.layers import layer_view
+from monai_effq.quant.grid import channel_view, dequantize
 from monai_effq.utils.io import atomic_write
 
 # registers torch.ops.quantized_decomposed, the Q/DQ operators torch.export and its ONNX exporter know
@@ -121,24 +120,18 @@ def _integer_weights(module: QuantizedLayer) -> tuple[torch.Tensor, torch.Tensor
     The midrise grid's half-integer zero point is absorbed by doubling the codes and halving the
     scale, which is exact in floating point.
     """
-    view = layer_view(module.layer)
-    g, m, n = view.groups, view.out_per_group, view.in_per_group
-    rows = view.weight_matrix(module.codes.long()).reshape(g * m, n)
+    codes = module.codes.long()
     scale = module.scale.detach().float().clone()
     zero = module.zero_point.detach().float().clone()
     half = bool(torch.any(zero != torch.round(zero)))
     if half:
-        rows, zero, scale = 2 * rows, 2 * zero, scale / 2
+        codes, zero, scale = 2 * codes, 2 * zero, scale / 2
     zero = torch.round(zero).long()
-    offsets = rows - (zero.reshape(-1, 1) if zero.dim() else zero)
-
-    def native(r: torch.Tensor) -> torch.Tensor:
-        return view.native_weight(r.reshape(g, m, n))
-
+    offsets = codes - channel_view(zero, codes, module.channel_axis, module.groups)
     if offsets.min() >= -128 and offsets.max() <= 127:
-        return native(offsets).to(torch.int8), scale, torch.zeros_like(zero)
-    if not half and rows.min() >= 0 and rows.max() <= 255:
-        return native(rows).to(torch.uint8), scale, zero
+        return offsets.to(torch.int8), scale, torch.zeros_like(zero)
+    if not half and codes.min() >= 0 and codes.max() <= 255:
+        return codes.to(torch.uint8), scale, zero
     raise ValueError(
         f"the {module.grid.bits}-bit {module.grid.kind} weights of {type(module.layer).__name__} do not fit an "
         "8-bit container: quantize again (EfficientQConfig puts 8-bit layers on the 'symmetric' grid; "
@@ -170,7 +163,7 @@ class QdqLayer(nn.Module):
         self.exporter = exporter
         self.layer = copy.deepcopy(module.layer)
         values, scale, zero = _integer_weights(module)
-        self.axis = layer_view(module.layer).output_axis
+        self.axis = module.channel_axis
         self.reduced = False
         if reduce_range and values.dtype == torch.int8:
             lo, hi = REDUCED_WEIGHT_RANGE
@@ -181,7 +174,7 @@ class QdqLayer(nn.Module):
                 self.reduced = True
         self.signed = values.dtype == torch.int8
         self.per_channel = scale.numel() > 1
-        if self.per_channel and self.axis == 1 and getattr(self.layer, "groups", 1) > 1:
+        if self.per_channel and self.axis != 0 and module.groups > 1:
             raise ValueError("a grouped transposed convolution with per-channel scales cannot be exported as QDQ.")
         if exporter == "dynamo":
             self.register_buffer("weight_codes", values)
