@@ -47,7 +47,7 @@ from monai_effq.ptq.modules import (
     shared_input_quantizer,
 )
 from monai_effq.ptq.result import QuantizationResult
-from monai_effq.quant.grid import channel_view, dequantize
+from monai_effq.quant.grid import UniformGrid, channel_view, dequantize, grid_codes
 from monai_effq.utils.io import atomic_write
 
 # registers torch.ops.quantized_decomposed, the Q/DQ operators torch.export and its ONNX exporter know
@@ -93,8 +93,13 @@ EXPORT_OPTIONS_KEY = "monai_effq.export_options"
 # so a file exported from another checkpoint is re-exported whatever the files' modification times
 SOURCE_FINGERPRINT_KEY = "monai_effq.checkpoint_fingerprint"
 
-# ONNX Runtime's u8s8 kernels on CPUs without VNNI add pairs of products in 16 bits: 255*63*2 fits.
-REDUCED_WEIGHT_RANGE = (-64, 63)
+# ONNX Runtime's u8s8 kernels on CPUs without VNNI add pairs of products in 16 bits: 255*63*2 fits,
+# so reduce_range re-rounds wider int8 weights onto the 7-bit signed grid, -64..63.
+REDUCED_WEIGHT_GRID = UniformGrid(7, "signed")
+REDUCED_WEIGHT_RANGE = (
+    REDUCED_WEIGHT_GRID.qmin - int(REDUCED_WEIGHT_GRID.fixed_zero_point),
+    REDUCED_WEIGHT_GRID.qmax - int(REDUCED_WEIGHT_GRID.fixed_zero_point),
+)
 
 
 def require(available: bool, package: str, what: str) -> None:
@@ -139,6 +144,12 @@ def _integer_weights(module: QuantizedLayer) -> tuple[torch.Tensor, torch.Tensor
     )
 
 
+def _reduced_weights(values: torch.Tensor, factor: float) -> torch.Tensor:
+    """int8 weights ``values`` rounded to the nearest multiples of ``factor``, as ``REDUCED_WEIGHT_GRID`` integers."""
+    zero = REDUCED_WEIGHT_GRID.fixed_zero_point
+    return (grid_codes(values.float(), factor, zero, REDUCED_WEIGHT_GRID) - zero).to(torch.int8)
+
+
 class QdqLayer(nn.Module):
     """The export form of a :class:`~monai_effq.ptq.modules.QuantizedLayer`.
 
@@ -169,7 +180,7 @@ class QdqLayer(nn.Module):
             lo, hi = REDUCED_WEIGHT_RANGE
             if values.min() < lo or values.max() > hi:
                 factor = float(np.ceil(max(values.min().item() / lo, values.max().item() / hi)))
-                values = torch.clamp(torch.round(values.float() / factor), lo, hi).to(torch.int8)
+                values = _reduced_weights(values, factor)
                 scale = scale * factor
                 self.reduced = True
         self.signed = values.dtype == torch.int8

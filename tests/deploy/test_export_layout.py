@@ -1,12 +1,13 @@
-"""A transposed convolution's per-channel scales run along its weight's axis 1 in every module form."""
+"""A transposed convolution's per-channel scales run along its weight's axis 1 in every module form,
+and reduce_range re-rounds weights with the grid's rounding."""
 
 import pytest
 import torch
 import torch.nn as nn
 
 from monai_effq import EfficientQConfig, quantize
-from monai_effq.deploy.export import QdqLayer
-from monai_effq.ptq import QuantizedConvTranspose, QuantizedLayer
+from monai_effq.deploy.export import REDUCED_WEIGHT_RANGE, QdqLayer
+from monai_effq.ptq import QuantizedConvTranspose, QuantizedLayer, QuantizedLinear
 from monai_effq.qat import TrainableQuantizedLayer, prepare_finetune
 from monai_effq.quant import UniformGrid
 
@@ -73,3 +74,16 @@ def test_quantize_and_finetune_build_transposed_layers_with_the_plans_channel_ax
         assert {name: m.channel_axis for name, m in layers.items()} == {"0": 0, "2": 1, "3": 0}
     assert torch.equal(ptq.network.get_submodule("2").weight(), _reference_weight(ptq.network.get_submodule("2")))
 
+
+@pytest.mark.parametrize("top, factor", [(254, 2), (255, 3)], ids=["ties", "thirds"])
+def test_reduce_range_rounds_wide_int8_weights_half_to_even_onto_seven_bits(top, factor):
+    linear = nn.Linear(top + 1, 1)
+    codes = torch.arange(top + 1).reshape(1, -1)  # every int8 offset from -128 to top - 128
+    module = QuantizedLinear(linear, codes, torch.tensor(0.01), torch.tensor(128.0), UniformGrid(8, "signed"), linear.bias)
+    qdq = QdqLayer(module, reduce_range=True)
+    lo, hi = REDUCED_WEIGHT_RANGE
+    # Python's round() rounds halves to even, as torch.round does
+    expected = [min(max(round((c - 128) / factor), lo), hi) for c in range(top + 1)]
+    assert qdq.reduced and qdq.weight_codes.dtype == torch.int8
+    assert qdq.weight_codes.reshape(-1).tolist() == expected
+    assert qdq.weight_scale == pytest.approx(0.01 * factor, rel=1e-6)
