@@ -40,6 +40,9 @@ __all__ = [
 
 GRID_KINDS = ("signed", "symmetric", "midrise", "unsigned", "asymmetric")
 
+# a scale or zero point: a number, or a tensor (0-d, one value per channel, or laid out like the values)
+GridParameter = torch.Tensor | float
+
 
 def check_bits(bits: int, name: str = "bits", low: int = 2, high: int = 8) -> int:
     """Validate a bit width.
@@ -142,12 +145,7 @@ def channel_view(t: torch.Tensor, like: torch.Tensor, axis: int = 0, groups: int
 
 
 def grid_codes(
-    x: torch.Tensor,
-    scale: torch.Tensor | float,
-    zero_point: torch.Tensor | float,
-    grid: UniformGrid,
-    axis: int = 0,
-    groups: int = 1,
+    x: torch.Tensor, scale: GridParameter, zero_point: GridParameter, grid: UniformGrid, axis: int = 0, groups: int = 1
 ) -> torch.Tensor:
     """Nearest grid codes of ``x``, as integer values in ``x``'s float dtype: the one rounding.
 
@@ -173,12 +171,7 @@ def grid_codes(
 
 
 def quantize_codes(
-    x: torch.Tensor,
-    scale: torch.Tensor | float,
-    zero_point: torch.Tensor | float,
-    grid: UniformGrid,
-    axis: int = 0,
-    groups: int = 1,
+    x: torch.Tensor, scale: GridParameter, zero_point: GridParameter, grid: UniformGrid, axis: int = 0, groups: int = 1
 ) -> torch.Tensor:
     """Round ``x`` to the nearest grid code.
 
@@ -197,11 +190,7 @@ def quantize_codes(
 
 
 def dequantize(
-    codes: torch.Tensor,
-    scale: torch.Tensor | float,
-    zero_point: torch.Tensor | float,
-    axis: int = 0,
-    groups: int = 1,
+    codes: torch.Tensor, scale: GridParameter, zero_point: GridParameter, axis: int = 0, groups: int = 1
 ) -> torch.Tensor:
     """Real values ``scale * (codes - zero_point)`` of integer codes: the one dequantization.
 
@@ -223,12 +212,7 @@ def dequantize(
 
 
 def fake_quantize(
-    x: torch.Tensor,
-    scale: torch.Tensor | float,
-    zero_point: torch.Tensor | float,
-    grid: UniformGrid,
-    axis: int = 0,
-    groups: int = 1,
+    x: torch.Tensor, scale: GridParameter, zero_point: GridParameter, grid: UniformGrid, axis: int = 0, groups: int = 1
 ) -> torch.Tensor:
     """Project ``x`` on the grid (quantize then dequantize).
 
