@@ -47,8 +47,7 @@ from monai_effq.ptq.modules import (
     shared_input_quantizer,
 )
 from monai_effq.ptq.result import QuantizationResult
-from monai_effq.quant.grid import dequantize
-from monai_effq.solver.layers import layer_view
+from monai_effq.quant.grid import UniformGrid, channel_view, dequantize, grid_codes
 from monai_effq.utils.io import atomic_write
 
 # registers torch.ops.quantized_decomposed, the Q/DQ operators torch.export and its ONNX exporter know
@@ -94,8 +93,13 @@ EXPORT_OPTIONS_KEY = "monai_effq.export_options"
 # so a file exported from another checkpoint is re-exported whatever the files' modification times
 SOURCE_FINGERPRINT_KEY = "monai_effq.checkpoint_fingerprint"
 
-# ONNX Runtime's u8s8 kernels on CPUs without VNNI add pairs of products in 16 bits: 255*63*2 fits.
-REDUCED_WEIGHT_RANGE = (-64, 63)
+# ONNX Runtime's u8s8 kernels on CPUs without VNNI add pairs of products in 16 bits: 255*63*2 fits,
+# so reduce_range re-rounds wider int8 weights onto the 7-bit signed grid, -64..63.
+REDUCED_WEIGHT_GRID = UniformGrid(7, "signed")
+REDUCED_WEIGHT_RANGE = (
+    REDUCED_WEIGHT_GRID.qmin - int(REDUCED_WEIGHT_GRID.fixed_zero_point),
+    REDUCED_WEIGHT_GRID.qmax - int(REDUCED_WEIGHT_GRID.fixed_zero_point),
+)
 
 
 def require(available: bool, package: str, what: str) -> None:
@@ -121,29 +125,29 @@ def _integer_weights(module: QuantizedLayer) -> tuple[torch.Tensor, torch.Tensor
     The midrise grid's half-integer zero point is absorbed by doubling the codes and halving the
     scale, which is exact in floating point.
     """
-    view = layer_view(module.layer)
-    g, m, n = view.groups, view.out_per_group, view.in_per_group
-    rows = view.weight_matrix(module.codes.long()).reshape(g * m, n)
+    codes = module.codes.long()
     scale = module.scale.detach().float().clone()
     zero = module.zero_point.detach().float().clone()
     half = bool(torch.any(zero != torch.round(zero)))
     if half:
-        rows, zero, scale = 2 * rows, 2 * zero, scale / 2
+        codes, zero, scale = 2 * codes, 2 * zero, scale / 2
     zero = torch.round(zero).long()
-    offsets = rows - (zero.reshape(-1, 1) if zero.dim() else zero)
-
-    def native(r: torch.Tensor) -> torch.Tensor:
-        return view.native_weight(r.reshape(g, m, n))
-
+    offsets = codes - channel_view(zero, codes, module.channel_axis, module.groups)
     if offsets.min() >= -128 and offsets.max() <= 127:
-        return native(offsets).to(torch.int8), scale, torch.zeros_like(zero)
-    if not half and rows.min() >= 0 and rows.max() <= 255:
-        return native(rows).to(torch.uint8), scale, zero
+        return offsets.to(torch.int8), scale, torch.zeros_like(zero)
+    if not half and codes.min() >= 0 and codes.max() <= 255:
+        return codes.to(torch.uint8), scale, zero
     raise ValueError(
         f"the {module.grid.bits}-bit {module.grid.kind} weights of {type(module.layer).__name__} do not fit an "
         "8-bit container: quantize again (EfficientQConfig puts 8-bit layers on the 'symmetric' grid; "
         "an explicit 8-bit 'midrise' override needs 9-bit integers)."
     )
+
+
+def _reduced_weights(values: torch.Tensor, factor: float) -> torch.Tensor:
+    """int8 weights ``values`` rounded to the nearest multiples of ``factor``, as ``REDUCED_WEIGHT_GRID`` integers."""
+    zero = REDUCED_WEIGHT_GRID.fixed_zero_point
+    return (grid_codes(values.float(), factor, zero, REDUCED_WEIGHT_GRID) - zero).to(torch.int8)
 
 
 class QdqLayer(nn.Module):
@@ -170,18 +174,18 @@ class QdqLayer(nn.Module):
         self.exporter = exporter
         self.layer = copy.deepcopy(module.layer)
         values, scale, zero = _integer_weights(module)
-        self.axis = layer_view(module.layer).output_axis
+        self.axis = module.channel_axis
         self.reduced = False
         if reduce_range and values.dtype == torch.int8:
             lo, hi = REDUCED_WEIGHT_RANGE
             if values.min() < lo or values.max() > hi:
                 factor = float(np.ceil(max(values.min().item() / lo, values.max().item() / hi)))
-                values = torch.clamp(torch.round(values.float() / factor), lo, hi).to(torch.int8)
+                values = _reduced_weights(values, factor)
                 scale = scale * factor
                 self.reduced = True
         self.signed = values.dtype == torch.int8
         self.per_channel = scale.numel() > 1
-        if self.per_channel and self.axis == 1 and getattr(self.layer, "groups", 1) > 1:
+        if self.per_channel and self.axis != 0 and module.groups > 1:
             raise ValueError("a grouped transposed convolution with per-channel scales cannot be exported as QDQ.")
         if exporter == "dynamo":
             self.register_buffer("weight_codes", values)

@@ -399,7 +399,12 @@ class EfficientQConfig:
             raise UserInputError(f"unknown EfficientQConfig keys {sorted(unknown)}; known keys are {sorted(known)}.")
         return cls(**data)
 
-    def plan(self, ordered_names: list[str], input_layers: list[str] | tuple[str, ...] = ()) -> list[LayerPlan]:
+    def plan(
+        self,
+        ordered_names: list[str],
+        input_layers: list[str] | tuple[str, ...] = (),
+        channel_axes: Mapping[str, int] | None = None,
+    ) -> list[LayerPlan]:
         """What each layer gets, given the quantizable layers in execution order.
 
         The body layers get the config's settings; the first layer (and every other that reads the
@@ -412,6 +417,9 @@ class EfficientQConfig:
             input_layers: the layers that read the network input (a residual unit's first
                 convolution reads the image as its shortcut does: a body format such as ``Q6.0``
                 would round the image to a few levels).
+            channel_axes: the axis of each layer's native weight that holds its output channels
+                (:attr:`~monai_effq.solver.layers.LayerView.output_axis`: 1 for a transposed
+                convolution); a layer not named has them on axis 0. Per-channel specs carry it.
 
         Returns:
             the plan of every layer not skipped, in the same order.
@@ -448,14 +456,14 @@ class EfficientQConfig:
                     if "act_bits" in spec and "act_format" not in spec:
                         layer["act_format"] = None
                     layer.update(spec)
-            plans.append(self._layer_plan(name, layer))
+            plans.append(self._layer_plan(name, layer, (channel_axes or {}).get(name, 0)))
         return plans
 
-    def _layer_plan(self, name: str, layer: dict[str, Any]) -> LayerPlan:
+    def _layer_plan(self, name: str, layer: dict[str, Any], channel_axis: int) -> LayerPlan:
         grid = self.weight_grid_for(layer["weight_bits"], layer["weight_grid"])
         weight = WeightSpec.of(
             layer["weight_bits"], grid, layer["per_channel"], layer["power_of_two"],
-            self._format(layer["weight_format"], signed=True), layer["scale_method"],
+            self._format(layer["weight_format"], signed=True), layer["scale_method"], channel_axis,
         )
         act = None
         act_format = self._format(layer["act_format"], signed=False)

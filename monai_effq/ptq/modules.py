@@ -171,6 +171,10 @@ class QuantizedLayer(nn.Module):
         grid: the weight grid.
         bias: the bias to use (``None`` keeps none).
         input_quantizer: the activation quantizer on the layer's input, or ``None``.
+        channel_axis: the axis of the codes that holds the output channels of a per-channel scale
+            (the plan's :attr:`~monai_effq.quant.spec.WeightSpec.channel_axis`); ``None`` takes the
+            layer's own (:attr:`~monai_effq.solver.layers.LayerView.output_axis`), as a checkpoint
+            or journal rebuilds it.
     """
 
     def __init__(
@@ -182,6 +186,7 @@ class QuantizedLayer(nn.Module):
         grid: UniformGrid,
         bias: torch.Tensor | None,
         input_quantizer: ActivationQuantizer | None = None,
+        channel_axis: int | None = None,
     ) -> None:
         super().__init__()
         inner = copy.deepcopy(layer)
@@ -191,6 +196,9 @@ class QuantizedLayer(nn.Module):
             inner.bias = None
         self.layer = inner
         self.grid = grid
+        view = layer_view(inner)
+        self.channel_axis = view.output_axis if channel_axis is None else channel_axis
+        self.groups = view.groups
         self.register_buffer("codes", codes.detach().to(torch.uint8).clone())
         self.register_buffer("scale", scale.detach().float().clone())
         self.register_buffer("zero_point", zero_point.detach().float().clone())
@@ -206,11 +214,7 @@ class QuantizedLayer(nn.Module):
 
     def refresh_weight(self) -> None:
         """Rebuild the cached dequantized weight from the codes, scale and zero point."""
-        view = layer_view(self.layer)
-        g, m, n = view.groups, view.out_per_group, view.in_per_group
-        rows = view.weight_matrix(self.codes.long()).reshape(g * m, n)
-        w = dequantize(rows, self.scale, self.zero_point).reshape(g, m, n)
-        self._weight = view.native_weight(w).contiguous()
+        self._weight = dequantize(self.codes, self.scale, self.zero_point, self.channel_axis, self.groups)
 
     def weight(self) -> torch.Tensor:
         """The dequantized weight, ``scale * (codes - zero_point)`` per output channel."""

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from monai_effq.ptq.config import EfficientQConfig, LayerPlan
 from monai_effq.ptq.graph import fold_batchnorm, probe_network
+from monai_effq.solver.layers import layer_view
 from monai_effq.utils.errors import UserInputError
 
 __all__ = ["PreparedNetwork", "available_device", "check_finite_state", "prepare_network"]
@@ -137,4 +138,6 @@ def prepare_network(
         raise UserInputError(
             "the network has no quantizable layers (Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear) that run in its forward pass."
         )
-    return PreparedNetwork(net, folded, probe.order, config.plan(probe.order, probe.input_layers), probe.output_numels)
+    axes = {name: layer_view(net.get_submodule(name)).output_axis for name in probe.order}
+    plans = config.plan(probe.order, probe.input_layers, axes)
+    return PreparedNetwork(net, folded, probe.order, plans, probe.output_numels)

@@ -264,7 +264,7 @@ def format_losses(
         w = layer.weight.detach()
         q = layer.quantized_weight().detach()
         grid = f"{layer.grid.kind} {layer.grid.bits}-bit weights, step {float(layer.scale.float().median()):.3g}, largest |w| {float(w.abs().max()):.3g}"
-        clip = float(((w - q).abs() > layer._scale_map / 2 * (1 + 1e-6)).float().mean())
+        clip = float(((w - q).abs() > layer.weight_step() / 2 * (1 + 1e-6)).float().mean())
         found.extend(_finding(name, "weights", float((q - w).norm() / w.norm().clamp_min(1e-30)), clip, grid))
         if layer.input_quantizer is not None:
             handles.append(layer.register_forward_pre_hook(lambda m, a, n=name: _count_input(m.input_quantizer, a[0], inputs.setdefault(n, [0.0] * 4))))

@@ -287,7 +287,8 @@ def _from_network(network: nn.Module, sample: torch.Tensor, config: EfficientQCo
         layer = net.get_submodule(plan.name)
         fit = fit_grid(layer_view(layer).weight_matrix(layer.weight).float(), plan.weight)
         module = TrainableQuantizedLayer(
-            layer, layer.weight, layer.bias, fit.grid, fit.scale, fit.zero_point, quantizers.get(plan.name)
+            layer, layer.weight, layer.bias, fit.grid, fit.scale, fit.zero_point, quantizers.get(plan.name),
+            channel_axis=plan.weight.channel_axis,
         )
         set_submodule(net, plan.name, module)
     for p in net.parameters():

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, functional_forward, quantized_layer_class
-from monai_effq.quant.grid import UniformGrid, dequantize, grid_codes, quantize_codes
+from monai_effq.quant.grid import UniformGrid, channel_view, dequantize, grid_codes, quantize_codes
 from monai_effq.solver.layers import layer_view
 
 __all__ = ["TrainableQuantizedLayer", "FrozenBatchNorm", "straight_through"]
@@ -36,11 +36,13 @@ class TrainableQuantizedLayer(nn.Module):
         weight: the float (shadow) weight to start from, shaped like the layer's weight.
         bias: the float bias, or ``None``.
         grid: the weight grid.
-        scale: grid step, 0-d or one per output channel (in ``layer_view`` row order).
+        scale: grid step, 0-d or one per output channel.
         zero_point: same shape as ``scale``.
         input_quantizer: the input's activation quantizer, or ``None``.
         quantized_class: the :class:`QuantizedLayer` subclass the layer freezes to (default: the
             one that names the layer's kind).
+        channel_axis: the weight's axis of the output channels of a per-channel scale (the plan's
+            :attr:`~monai_effq.quant.spec.WeightSpec.channel_axis`); ``None`` takes the layer's own.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class TrainableQuantizedLayer(nn.Module):
         zero_point: torch.Tensor,
         input_quantizer: ActivationQuantizer | None = None,
         quantized_class: type[QuantizedLayer] | None = None,
+        channel_axis: int | None = None,
     ) -> None:
         super().__init__()
         self.quantized_class = quantized_class or quantized_layer_class(layer)
@@ -68,17 +71,10 @@ class TrainableQuantizedLayer(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone())
         self.register_buffer("scale", scale.detach().float().clone())
         self.register_buffer("zero_point", zero_point.detach().float().clone())
-        # Scale and zero point laid out like the native weight, so rounding is elementwise whatever
-        # the layer kind (a transposed conv keeps its output channels on axis 1).
-        self.register_buffer("_scale_map", self._native_map(self.scale), persistent=False)
-        self.register_buffer("_zero_map", self._native_map(self.zero_point), persistent=False)
+        view = layer_view(inner)
+        self.channel_axis = view.output_axis if channel_axis is None else channel_axis
+        self.groups = view.groups
         self.input_quantizer = input_quantizer
-
-    def _native_map(self, per_row: torch.Tensor) -> torch.Tensor:
-        view = layer_view(self.layer)
-        g, m, n = view.groups, view.out_per_group, view.in_per_group
-        rows = per_row.reshape(-1, 1).expand(g * m, n) if per_row.numel() > 1 else per_row.reshape(1, 1).expand(g * m, n)
-        return view.native_weight(rows.reshape(g, m, n)).contiguous()
 
     @classmethod
     def from_quantized(cls, module: QuantizedLayer) -> TrainableQuantizedLayer:
@@ -92,17 +88,23 @@ class TrainableQuantizedLayer(nn.Module):
         """
         aq = None if module.input_quantizer is None else copy.deepcopy(module.input_quantizer)
         return cls(
-            module.layer, module.weight(), module.bias, module.grid, module.scale, module.zero_point, aq, type(module)
+            module.layer, module.weight(), module.bias, module.grid, module.scale, module.zero_point, aq, type(module),
+            module.channel_axis,
         )
+
+    def weight_step(self) -> torch.Tensor:
+        """The grid step of each weight, broadcastable against the weight."""
+        return channel_view(self.scale, self.weight, self.channel_axis, self.groups)
 
     def codes(self) -> torch.Tensor:
         """Integer codes of the current shadow weight (``torch.int64``, native weight shape)."""
-        return quantize_codes(self.weight.detach(), self._scale_map, self._zero_map, self.grid)
+        return quantize_codes(self.weight.detach(), self.scale, self.zero_point, self.grid, self.channel_axis, self.groups)
 
     def quantized_weight(self) -> torch.Tensor:
         """The shadow weight on the grid, with the straight-through gradient."""
-        codes = grid_codes(self.weight.detach(), self._scale_map, self._zero_map, self.grid)
-        return straight_through(self.weight, dequantize(codes, self._scale_map, self._zero_map))
+        axis, groups = self.channel_axis, self.groups
+        codes = grid_codes(self.weight.detach(), self.scale, self.zero_point, self.grid, axis, groups)
+        return straight_through(self.weight, dequantize(codes, self.scale, self.zero_point, axis, groups))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quantizer is not None:
@@ -119,7 +121,8 @@ class TrainableQuantizedLayer(nn.Module):
         host.weight = nn.Parameter(self.weight.detach().clone(), requires_grad=False)
         aq = None if self.input_quantizer is None else copy.deepcopy(self.input_quantizer).eval()
         bias = None if self.bias is None else self.bias.detach()
-        module = self.quantized_class(host, self.codes().to(torch.uint8), self.scale, self.zero_point, self.grid, bias, aq)
+        codes = self.codes().to(torch.uint8)
+        module = self.quantized_class(host, codes, self.scale, self.zero_point, self.grid, bias, aq, self.channel_axis)
         return module.to(self.weight.device).eval()
 
     def extra_repr(self) -> str:

@@ -11,6 +11,7 @@ from monai_effq.quant.fixed_point import (
 from monai_effq.quant.grid import (
     GRID_KINDS,
     UniformGrid,
+    channel_view,
     check_bits,
     dequantize,
     fake_quantize,
@@ -33,6 +34,7 @@ __all__ = [
     "snap_to_power_of_two",
     "GRID_KINDS",
     "UniformGrid",
+    "channel_view",
     "check_bits",
     "dequantize",
     "fake_quantize",

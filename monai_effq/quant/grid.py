@@ -12,7 +12,9 @@ is a choice of ``qmin``, ``qmax`` and ``zero_point``:
 - ``"asymmetric"``: ``0 .. 2^b-1`` with a fitted integer zero point per tensor or channel.
 
 Scales are fitted per tensor or per output channel (axis 0), by alternating least squares (the
-paper's projection) or by a search over clipping ratios minimising the squared error.
+paper's projection) or by a search over clipping ratios minimising the squared error. Rounding
+(:func:`grid_codes`) and dequantization (:func:`dequantize`) read a per-channel scale along any axis
+(:func:`channel_view`), so a weight is rounded in its native layout whichever axis holds its channels.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 __all__ = [
     "GRID_KINDS",
     "UniformGrid",
+    "channel_view",
     "check_bits",
     "grid_codes",
     "quantize_codes",
@@ -36,6 +39,9 @@ __all__ = [
 ]
 
 GRID_KINDS = ("signed", "symmetric", "midrise", "unsigned", "asymmetric")
+
+# a scale or zero point: a number, or a tensor (0-d, one value per channel, or laid out like the values)
+GridParameter = torch.Tensor | float
 
 
 def check_bits(bits: int, name: str = "bits", low: int = 2, high: int = 8) -> int:
@@ -107,12 +113,24 @@ class UniformGrid:
         return self.kind in ("signed", "symmetric", "midrise")
 
 
-def _channel_view(t: torch.Tensor, like: torch.Tensor, axis: int = 0) -> torch.Tensor:
-    """Broadcast a quantization parameter against ``like``.
+def channel_view(t: torch.Tensor, like: torch.Tensor, axis: int = 0, groups: int = 1) -> torch.Tensor:
+    """Lay a quantization parameter out to broadcast against ``like``.
 
     A 0-d (or one-element) parameter is per tensor; a parameter with as many axes as ``like`` is
-    already laid out (e.g. ``(G, m, 1)`` rows or a map shaped like the weight); a 1-d one holds one
-    value per slice of ``axis``.
+    already laid out (e.g. ``(G, m, 1)`` rows); a 1-d one holds one value per channel along ``axis``.
+    With ``groups > 1`` and ``axis > 0``, ``like``'s axis 0 is ``groups`` blocks and channel
+    ``b * like.shape[axis] + i`` sits at position ``i`` of ``axis`` within block ``b`` (the layout of a
+    grouped transposed convolution's weight, ``(c_in, c_out / groups, *kernel)``).
+
+    Args:
+        t: the parameter (scale or zero point).
+        like: the tensor it applies to.
+        axis: the channel axis of a 1-d ``t``.
+        groups: blocks of axis 0 that the channels along ``axis > 0`` are spread over.
+
+    Returns:
+        ``t``, reshaped (and repeated over each block of axis 0 for ``groups > 1``) to broadcast
+        against ``like``.
     """
     if t.dim() == 0 or t.numel() == 1:
         return t.reshape(())
@@ -120,11 +138,14 @@ def _channel_view(t: torch.Tensor, like: torch.Tensor, axis: int = 0) -> torch.T
         return t
     shape = [1] * like.dim()
     shape[axis] = -1
-    return t.reshape(shape)
+    if groups == 1 or axis == 0:
+        return t.reshape(shape)
+    shape[0] = groups
+    return t.reshape(shape).repeat_interleave(like.shape[0] // groups, dim=0)
 
 
 def grid_codes(
-    x: torch.Tensor, scale: torch.Tensor | float, zero_point: torch.Tensor | float, grid: UniformGrid, axis: int = 0
+    x: torch.Tensor, scale: GridParameter, zero_point: GridParameter, grid: UniformGrid, axis: int = 0, groups: int = 1
 ) -> torch.Tensor:
     """Nearest grid codes of ``x``, as integer values in ``x``'s float dtype: the one rounding.
 
@@ -132,62 +153,66 @@ def grid_codes(
 
     Args:
         x: values.
-        scale: step between levels: 0-d, one per slice of ``axis``, or laid out like ``x``.
+        scale: step between levels: 0-d, one per channel along ``axis``, or laid out like ``x``.
         zero_point: code of the real value 0 (may be a half-integer for the midrise grid), shaped
             like ``scale``.
         grid: the grid.
         axis: the channel axis of a 1-d ``scale``/``zero_point`` (1 for a transposed convolution's
             native weight).
+        groups: blocks of axis 0 that the channels along ``axis > 0`` are spread over (see
+            :func:`channel_view`).
 
     Returns:
         float codes in ``[grid.qmin, grid.qmax]``, shaped like ``x``.
     """
-    s = _channel_view(torch.as_tensor(scale, dtype=x.dtype, device=x.device), x, axis)
-    z = _channel_view(torch.as_tensor(zero_point, dtype=x.dtype, device=x.device), x, axis)
+    s = channel_view(torch.as_tensor(scale, dtype=x.dtype, device=x.device), x, axis, groups)
+    z = channel_view(torch.as_tensor(zero_point, dtype=x.dtype, device=x.device), x, axis, groups)
     return torch.round(x / s + z).clamp_(grid.qmin, grid.qmax)
 
 
 def quantize_codes(
-    x: torch.Tensor, scale: torch.Tensor | float, zero_point: torch.Tensor | float, grid: UniformGrid, axis: int = 0
+    x: torch.Tensor, scale: GridParameter, zero_point: GridParameter, grid: UniformGrid, axis: int = 0, groups: int = 1
 ) -> torch.Tensor:
     """Round ``x`` to the nearest grid code.
 
     Args:
         x: values.
-        scale: step between levels, 0-d, one per slice of ``axis`` or laid out like ``x``.
+        scale: step between levels, 0-d, one per channel along ``axis`` or laid out like ``x``.
         zero_point: code of the real value 0 (may be a half-integer for the midrise grid).
         grid: the grid.
         axis: the channel axis of a 1-d ``scale``/``zero_point``.
+        groups: see :func:`channel_view`.
 
     Returns:
         integer codes (``torch.int64``) in ``[grid.qmin, grid.qmax]``, shaped like ``x``.
     """
-    return grid_codes(x, scale, zero_point, grid, axis).long()
+    return grid_codes(x, scale, zero_point, grid, axis, groups).long()
 
 
 def dequantize(
-    codes: torch.Tensor, scale: torch.Tensor | float, zero_point: torch.Tensor | float, axis: int = 0
+    codes: torch.Tensor, scale: GridParameter, zero_point: GridParameter, axis: int = 0, groups: int = 1
 ) -> torch.Tensor:
     """Real values ``scale * (codes - zero_point)`` of integer codes: the one dequantization.
 
     Args:
         codes: integer codes (any dtype).
-        scale: 0-d, one per slice of ``axis``, or laid out like ``codes``.
+        scale: 0-d, one per channel along ``axis``, or laid out like ``codes``.
         zero_point: shaped like ``scale``.
         axis: the channel axis of a 1-d ``scale``/``zero_point``.
+        groups: see :func:`channel_view`.
 
     Returns:
         float tensor shaped like ``codes`` (``scale``'s dtype when it is floating point, else float32).
     """
     scale = torch.as_tensor(scale, device=codes.device)
     dtype = scale.dtype if scale.is_floating_point() else torch.float32
-    s = _channel_view(scale.to(dtype=dtype, device=codes.device), codes, axis)
-    z = _channel_view(torch.as_tensor(zero_point, dtype=dtype, device=codes.device), codes, axis)
+    s = channel_view(scale.to(dtype=dtype, device=codes.device), codes, axis, groups)
+    z = channel_view(torch.as_tensor(zero_point, dtype=dtype, device=codes.device), codes, axis, groups)
     return s * (codes.to(dtype) - z)
 
 
 def fake_quantize(
-    x: torch.Tensor, scale: torch.Tensor | float, zero_point: torch.Tensor | float, grid: UniformGrid, axis: int = 0
+    x: torch.Tensor, scale: GridParameter, zero_point: GridParameter, grid: UniformGrid, axis: int = 0, groups: int = 1
 ) -> torch.Tensor:
     """Project ``x`` on the grid (quantize then dequantize).
 
@@ -197,11 +222,13 @@ def fake_quantize(
         zero_point: shaped like ``scale``.
         grid: the grid.
         axis: the channel axis of a 1-d ``scale``/``zero_point``.
+        groups: see :func:`channel_view`.
 
     Returns:
         the nearest grid values, shaped like ``x``.
     """
-    return dequantize(grid_codes(x, scale, zero_point, grid, axis), scale, zero_point, axis).to(x.dtype)
+    codes = grid_codes(x, scale, zero_point, grid, axis, groups)
+    return dequantize(codes, scale, zero_point, axis, groups).to(x.dtype)
 
 
 def _reduce_dims(x: torch.Tensor, per_channel: bool) -> tuple[int, ...]:
@@ -271,7 +298,7 @@ def fit_scale_als(
         scale = init.detach().float().reshape(scale.shape).clamp_min(1e-12)
     dims = _reduce_dims(x, per_channel)
     xf = x.detach().float()
-    z = _channel_view(zero, xf)
+    z = channel_view(zero, xf)
     codes = None
     for _ in range(max_iter):
         new_codes = quantize_codes(xf, scale, zero, grid)

@@ -25,8 +25,11 @@ class WeightSpec:
 
     Attributes:
         grid: the weight grid (bits and kind).
-        per_channel: one scale per output channel (the weight matrix's rows; the native weight's
-            axis 0, or axis 1 for a transposed convolution), else one per tensor.
+        channel_axis: the axis of the layer's native weight that holds its output channels when
+            there is one scale per output channel (0, or 1 for a transposed convolution, whose
+            weight is ``(c_in, c_out / groups, *kernel)``); ``None`` for one scale per tensor. The
+            plan resolves it from the layer (:attr:`~monai_effq.solver.layers.LayerView.output_axis`);
+            the fake-quant, trainable and export modules round along it.
         scale_rule: what a fit or a solver may do with the scale: ``"free"`` (any value),
             ``"power_of_two"`` (fixed point with ``f`` chosen per tensor/channel) or ``"fixed"``
             (an explicit ``Qi.f`` format: the step is :attr:`step` and never refitted).
@@ -36,11 +39,12 @@ class WeightSpec:
         format: the explicit format's text (``"Q0.4"``) of a ``"fixed"`` rule, for reports.
 
     Raises:
-        ValueError: for an unknown rule or method, or a step that does not match the rule.
+        ValueError: for an unknown rule or method, a step that does not match the rule, or a
+            negative channel axis.
     """
 
     grid: UniformGrid
-    per_channel: bool = False
+    channel_axis: int | None = None
     scale_rule: str = "free"
     step: float | None = None
     scale_method: str = "als"
@@ -55,6 +59,9 @@ class WeightSpec:
             raise ValueError(f"a step is given exactly for the 'fixed' scale rule, got {self.scale_rule!r} with step {self.step!r}.")
         if self.step is not None and not self.step > 0:
             raise ValueError(f"a fixed step must be positive, got {self.step!r}.")
+        axis = self.channel_axis
+        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int) or axis < 0):
+            raise ValueError(f"channel_axis must be None (per tensor) or a weight axis (0, 1, ...), got {self.channel_axis!r}.")
 
     @classmethod
     def of(
@@ -65,6 +72,7 @@ class WeightSpec:
         power_of_two: bool = False,
         format: str | FixedPointFormat | None = None,
         scale_method: str = "als",
+        channel_axis: int = 0,
     ) -> WeightSpec:
         """The spec of the usual settings.
 
@@ -76,22 +84,30 @@ class WeightSpec:
             format: an explicit fixed-point format (text such as ``"Q0.4"``, signed): its grid and
                 step replace ``bits``/``grid``, and the scale is never fitted.
             scale_method: the first fit of a free or power-of-two scale.
+            channel_axis: the native weight's axis of the output channels, when ``per_channel``
+                (1 for a transposed convolution).
 
         Returns:
             the spec.
         """
+        axis = channel_axis if per_channel else None
         if format is not None:
             fmt = format if isinstance(format, FixedPointFormat) else FixedPointFormat.parse(format, signed=True)
-            return cls(fmt.grid, per_channel, "fixed", fmt.step, scale_method, str(fmt))
+            return cls(fmt.grid, axis, "fixed", fmt.step, scale_method, str(fmt))
         check_bits(bits, "weight_bits")
         if grid not in GRID_KINDS:
             raise ValueError(f"weight grid must be one of {GRID_KINDS}, got {grid!r}.")
-        return cls(UniformGrid(bits, grid), per_channel, "power_of_two" if power_of_two else "free", None, scale_method)
+        return cls(UniformGrid(bits, grid), axis, "power_of_two" if power_of_two else "free", None, scale_method)
 
     @property
     def bits(self) -> int:
         """Bits of a weight code."""
         return self.grid.bits
+
+    @property
+    def per_channel(self) -> bool:
+        """Whether there is one scale per output channel (along :attr:`channel_axis`)."""
+        return self.channel_axis is not None
 
 
 @dataclass(frozen=True)

@@ -153,16 +153,15 @@ def gptq_round(
     feedback = (v / torch.diagonal(v, dim1=1, dim2=2)[:, None, :]).float()  # V_ij / V_jj
     w = w0.clone()  # w_j plus the feedback of the columns before it, brought up to date lazily
     codes = torch.zeros_like(w0)
-    # fit.codes and fit.values, written out: the per-column calls' own overhead was most of the loop
+    # scale and zero point laid out once: fit.codes' and fit.values' own per-column overhead was most of the loop
     s, z = (fit.per_row(t.to(w0), w0.shape) for t in (fit.scale, fit.zero_point))
-    qmin, qmax = fit.grid.qmin, fit.grid.qmax
     for i1 in range(0, n, block):
         i2 = min(i1 + block, n)
         w1 = w[:, :, i1:i2]
         err1 = torch.empty_like(w1)
         fb1 = feedback[:, i1:i2, i1:i2]
         for i in range(i2 - i1):
-            q = torch.round(w1[:, :, i : i + 1] / s + z).clamp_(qmin, qmax)
+            q = grid_codes(w1[:, :, i : i + 1], s, z, fit.grid)
             codes[:, :, i1 + i : i1 + i + 1] = q
             err = torch.sub(w0[:, :, i1 + i : i1 + i + 1], s * (q - z), out=err1[:, :, i : i + 1])
             w1[:, :, i + 1 :] += err * fb1[:, i : i + 1, i + 1 :]

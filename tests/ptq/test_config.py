@@ -224,3 +224,11 @@ def test_numpy_integers_and_booleans_are_accepted_and_stored_as_python_values():
     assert type(config.weight_bits) is int and type(config.act_bits) is int and config.per_channel is True
     assert type(config.overrides["x"]["weight_bits"]) is int and type(config.target_memory_mib) is int
     assert EfficientQConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_the_plan_gives_each_per_channel_layer_the_channel_axis_of_its_weight():
+    config = EfficientQConfig(per_channel=True, overrides={"head": {"per_channel": False}})
+    plans = {p.name: p.weight for p in config.plan(["stem", "up", "head"], channel_axes={"up": 1, "head": 1})}
+    assert [plans[n].channel_axis for n in ("stem", "up", "head")] == [0, 1, None]
+    per_tensor = EfficientQConfig().plan(["stem", "up"], channel_axes={"up": 1})
+    assert [p.weight.channel_axis for p in per_tensor] == [None, None]

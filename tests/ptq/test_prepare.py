@@ -108,3 +108,10 @@ def test_batchnorm_folds_into_grouped_and_transposed_convolutions_leaving_the_ou
     assert fold_batchnorm(net, x) == ["1"] and isinstance(net[1], nn.Identity)
     with torch.no_grad():
         torch.testing.assert_close(net(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
+def test_the_plan_reads_a_transposed_convolutions_output_channels_on_axis_1():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.ConvTranspose3d(4, 4, 2, stride=2), nn.Conv3d(4, 2, 1))
+    prepared = prepare_network(net.eval(), torch.randn(1, 1, 4, 4, 4), EfficientQConfig(per_channel=True))
+    assert [(p.name, p.weight.channel_axis) for p in prepared.plans] == [("0", 0), ("2", 1), ("3", 0)]

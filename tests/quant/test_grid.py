@@ -1,7 +1,16 @@
 import pytest
 import torch
 
-from monai_effq.quant import GRID_KINDS, UniformGrid, dequantize, fake_quantize, fit_scale, grid_codes, quantize_codes
+from monai_effq.quant import (
+    GRID_KINDS,
+    UniformGrid,
+    channel_view,
+    dequantize,
+    fake_quantize,
+    fit_scale,
+    grid_codes,
+    quantize_codes,
+)
 
 
 @pytest.mark.parametrize("kind", GRID_KINDS)
@@ -98,3 +107,21 @@ def test_activation_scale_is_the_same_on_one_and_two_threads():
     finally:
         torch.set_num_threads(before)
     assert torch.equal(fits[0][0], fits[1][0]) and torch.equal(fits[0][1], fits[1][1])
+
+
+def test_per_channel_rounding_along_axis_1_is_rounding_the_moved_axis_along_axis_0():
+    grid = UniformGrid(3, "midrise")
+    x = torch.randn(4, 6, 3, generator=torch.Generator().manual_seed(0))
+    scale, zero = torch.linspace(0.1, 0.6, 6), torch.full((6,), grid.fixed_zero_point)
+    moved = x.transpose(0, 1)
+    codes = grid_codes(x, scale, zero, grid, axis=1)
+    assert torch.equal(codes, grid_codes(moved, scale, zero, grid).transpose(0, 1))
+    assert torch.equal(dequantize(codes, scale, zero, axis=1), dequantize(codes.transpose(0, 1), scale, zero).transpose(0, 1))
+
+
+def test_channel_view_puts_each_grouped_transposed_channel_where_the_layer_reads_it():
+    # a ConvTranspose with 2 groups of 3 inputs and 2 outputs: weight (6, 2, k), channel = group * 2 + column
+    weight = torch.zeros(6, 2, 5)
+    view = channel_view(torch.arange(4.0), weight, axis=1, groups=2).expand_as(weight)
+    expected = torch.tensor([[(i // 3) * 2 + j for j in range(2)] for i in range(6)], dtype=torch.float32)
+    assert torch.equal(view, expected[:, :, None].expand_as(weight))
