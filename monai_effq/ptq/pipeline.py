@@ -132,9 +132,10 @@ class _Run:
 
     With a single calibration batch (batches of one shape are concatenated), layers are solved in
     windows: one FP pass captures the targets of every layer of the window (as many as fit the
-    memory budget), then one pass of the partly quantized network solves each layer when the pass
-    reaches it and continues with the quantized layer's output. Otherwise each layer gets its own
-    FP and quantized passes, batch by batch, and only one batch's activations are held at a time.
+    memory budget; for the first window, the scan's pass), then one pass of the partly quantized
+    network solves each layer when the pass reaches it and continues with the quantized layer's
+    output. Otherwise each layer gets its own FP and quantized passes, batch by batch, and only one
+    batch's activations are held at a time.
     A single batch whose largest layer output would exceed ``target_memory_mib`` (the windows of
     whole volumes) is cut into interleaved chunks that fit it, so every chunk samples the whole
     volume (the first one also sets the activation ranges).
@@ -203,6 +204,7 @@ class _Run:
                 self.rank, self.world, offset, offset + self.shares[self.rank] - 1, total, len(batches),
             )
         self.bounds: dict[str, tuple[int, float, float]] = {}  # per layer: voxels, max |input|, max |target| (scan)
+        self.scanned_targets: dict[str, torch.Tensor] = {}  # the first window's FP outputs, kept by the scan
         self.qnet = copy.deepcopy(self.fp)
         if config.norm_input_spec is not None:  # first, so every layer is solved from the inputs it will get
             with WindowByWindow():
@@ -230,14 +232,20 @@ class _Run:
 
         The bounds are maxima and totals, the same however the windows are shared among ranks, so
         one process and any number of ranks round the same window contributions to the same grids.
+
+        With one batch, the pass also keeps the FP outputs of the first window of layers
+        (:meth:`_run_windows` would otherwise run an FP pass of its own for them before the first solve).
         """
         seen: dict[str, list[float]] = {p.name: [0, 0.0, 0.0] for p in self.plans}  # voxels, max |x|, max |y|
+        keep = {p.name for p in self._layer_windows()[0]} if len(self.batches) == 1 else set()
 
         def record(name: str, args: tuple, out: torch.Tensor) -> None:
             voxels = _voxel_shape(layer_view(self.fp.get_submodule(name)), out)
             seen[name][0] += int(torch.Size(voxels).numel())
             seen[name][1] = max(seen[name][1], float(args[0].detach().abs().max()))
             seen[name][2] = max(seen[name][2], float(out.detach().abs().max()))
+            if name in keep and name not in self.scanned_targets:  # a copy, as _capture_outputs takes it
+                self.scanned_targets[name] = out.detach().clone()
 
         handles = [
             self.fp.get_submodule(p.name).register_forward_hook(lambda m, a, o, n=p.name: record(n, a, o)) for p in self.plans
@@ -275,26 +283,32 @@ class _Run:
             bar.close()
         return reports
 
+    def _layer_windows(self) -> list[list[LayerPlan]]:
+        """The planned layers in consecutive windows whose FP outputs on the largest batch fit
+        ``target_memory_mib`` together (a layer too large for it alone gets a window of its own)."""
+        budget = self.config.target_memory_mib * 2**20 // 4
+        windows: list[list[LayerPlan]] = []
+        used = 0
+        for plan in self.plans:
+            if windows and used + self.numels[plan.name] <= budget:
+                windows[-1].append(plan)
+                used += self.numels[plan.name]
+            else:
+                windows.append([plan])
+                used = self.numels[plan.name]
+        return windows
+
     def _run_windows(self, attention: ClassAttention | None, done) -> None:
         batch = self.batches[0].to(self.device)
-        numels = self.numels
-        budget = self.config.target_memory_mib * 2**20 // 4
-        pending = list(self.plans)
-        while pending:
-            window, used = [], 0
-            for plan in pending:
-                if window and used + numels[plan.name] > budget:
-                    break
-                window.append(plan)
-                used += numels[plan.name]
-            pending = pending[len(window) :]
+        for index, window in enumerate(self._layer_windows()):
+            scanned, self.scanned_targets = self.scanned_targets, {}
             restored = [self._restore(plan) for plan in window]
             if all(r is not None for r in restored):
                 for plan, (module, report) in zip(window, restored):
                     set_submodule(self.qnet, plan.name, module)
                     done(report)
                 continue
-            targets = self._capture_outputs([p.name for p in window], batch)
+            targets = scanned if index == 0 and scanned else self._capture_outputs([p.name for p in window], batch)
             self._solve_in_one_pass(window, targets, batch, attention, done)
 
     def _capture_outputs(self, names: list[str], batch: torch.Tensor) -> dict[str, torch.Tensor]:
