@@ -17,6 +17,9 @@ supported networks already compute each window apart from the others.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -65,6 +68,16 @@ class WindowByWindow(TorchFunctionMode):
         with torch.no_grad(), WindowByWindow():
             logits = network(windows)
     """
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the mode for a block run from inside a pass (a layer's solve in a forward hook): every
+        torch call under the mode goes through Python, which a solver's many small operations would pay."""
+        self.__exit__(None, None, None)
+        try:
+            yield
+        finally:
+            self.__enter__()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 - TorchFunctionMode signature
         kwargs = kwargs or {}

@@ -336,7 +336,8 @@ class _Run:
         def on_layer(plan: LayerPlan, args: tuple) -> torch.Tensor:
             if plan.name not in solved:
                 pair = (args[0], targets.pop(plan.name))
-                module, report = self._layer(plan, lambda: [pair], attention)
+                with invariant.paused():
+                    module, report = self._layer(plan, lambda: [pair], attention)
                 solved[plan.name] = module
                 done(report)
             out = solved[plan.name](args[0])
@@ -347,7 +348,8 @@ class _Run:
         handles = [
             self.qnet.get_submodule(p.name).register_forward_hook(lambda m, a, o, p=p: on_layer(p, a)) for p in window
         ]
-        with hooks(handles), torch.no_grad(), WindowByWindow():
+        invariant = WindowByWindow()
+        with hooks(handles), torch.no_grad(), invariant:
             try:
                 self.qnet(batch)
             except StopForward:

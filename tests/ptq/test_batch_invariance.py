@@ -78,3 +78,15 @@ def test_unbatched_and_non_float32_inputs_keep_their_shape_and_type():
         out = conv(x)
     assert out.shape == (4, 5, 5, 5) and out.dtype == torch.float64
     assert torch.allclose(out, conv(x.unsqueeze(0)).squeeze(0).detach())
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch's CPU kernel choice differs only with oneDNN")
+def test_paused_runs_plain_pytorch_inside_the_block_and_the_mode_again_after_it(one_thread):
+    net, x = _segresnet(), _windows()[:1]
+    plain, invariant = _forward(net, x, window_by_window=False), _forward(net, x)
+    assert not torch.equal(plain, invariant)  # a lone window: PyTorch's native kernel against oneDNN
+    with torch.no_grad(), WindowByWindow() as mode:
+        with mode.paused():
+            inside = net(x)
+        after = net(x)
+    assert torch.equal(inside, plain) and torch.equal(after, invariant)
