@@ -21,6 +21,7 @@ import torch.nn as nn
 from monai.utils import optional_import
 
 from monai_effq.ptq.attention import ClassAttention
+from monai_effq.ptq.batch_invariance import WindowByWindow
 from monai_effq.ptq.config import EfficientQConfig, LayerPlan
 from monai_effq.ptq.graph import StopForward, hooks, set_submodule
 from monai_effq.ptq.journal import QuantizationJournal
@@ -83,7 +84,7 @@ def _capture(network: nn.Module, module: nn.Module, batch: torch.Tensor, want: s
     handles = [
         module.register_forward_pre_hook(grab) if want == "input" else module.register_forward_hook(grab)
     ]
-    with hooks(handles), torch.no_grad():
+    with hooks(handles), torch.no_grad(), WindowByWindow():
         try:
             network(batch)
         except StopForward:
@@ -131,12 +132,16 @@ class _Run:
 
     With a single calibration batch (batches of one shape are concatenated), layers are solved in
     windows: one FP pass captures the targets of every layer of the window (as many as fit the
-    memory budget), then one pass of the partly quantized network solves each layer when the pass
-    reaches it and continues with the quantized layer's output. Otherwise each layer gets its own
-    FP and quantized passes, batch by batch, and only one batch's activations are held at a time.
+    memory budget; for the first window, the scan's pass), then one pass of the partly quantized
+    network solves each layer when the pass reaches it and continues with the quantized layer's
+    output. Otherwise each layer gets its own FP and quantized passes, batch by batch, and only one
+    batch's activations are held at a time.
     A single batch whose largest layer output would exceed ``target_memory_mib`` (the windows of
     whole volumes) is cut into interleaved chunks that fit it, so every chunk samples the whole
     volume (the first one also sets the activation ranges).
+
+    Every pass over calibration windows runs under :class:`WindowByWindow`: each window's
+    activations are the same bits whichever windows share its batch, chunk or rank.
 
     With a journal, layers it holds are rebuilt from it instead of solved, in the same windows and
     passes, so the layers after them see the inputs an uninterrupted run gives them; a window whose
@@ -199,23 +204,11 @@ class _Run:
                 self.rank, self.world, offset, offset + self.shares[self.rank] - 1, total, len(batches),
             )
         self.bounds: dict[str, tuple[int, float, float]] = {}  # per layer: voxels, max |input|, max |target| (scan)
+        self.scanned_targets: dict[str, torch.Tensor] = {}  # the first window's FP outputs, kept by the scan
         self.qnet = copy.deepcopy(self.fp)
         if config.norm_input_spec is not None:  # first, so every layer is solved from the inputs it will get
-            quantize_norm_inputs(self.qnet, self.batches[0].to(self.device), config.norm_input_spec)
-
-    def network_batch(self, index: int) -> torch.Tensor:
-        """Batch ``index`` as the networks get it; captures keep its first ``len(self.batches[index])`` windows.
-
-        A window a rank holds alone out of a chunk of several goes with a copy of itself: PyTorch's CPU
-        (oneDNN) convolution computes a batch of one on another path, about 1e-6 apart from the same
-        window in a batch, which is how one process convolves it. This does not make the forward pass
-        independent of the batch size in general: oneDNN also changes some layers' rounding between
-        larger batches (the BraTS SegResNet's final 1x1 convolution differs by 2e-6 between 8 and 16
-        windows of 32^3), which only a pass per window or ``torch.backends.mkldnn`` off would remove.
-        """
-        batch = self.batches[index].to(self.device)
-        place, size = self.places[index]
-        return torch.cat([batch, batch]) if len(place) == 1 < size else batch
+            with WindowByWindow():
+                quantize_norm_inputs(self.qnet, self.batches[0].to(self.device), config.norm_input_spec)
 
     def masks(self, body_mask: torch.Tensor | list[torch.Tensor] | None) -> torch.Tensor | list[torch.Tensor] | None:
         """The body mask arranged like the batches this run iterates over."""
@@ -239,24 +232,28 @@ class _Run:
 
         The bounds are maxima and totals, the same however the windows are shared among ranks, so
         one process and any number of ranks round the same window contributions to the same grids.
+
+        With one batch, the pass also keeps the FP outputs of the first window of layers
+        (:meth:`_run_windows` would otherwise run an FP pass of its own for them before the first solve).
         """
         seen: dict[str, list[float]] = {p.name: [0, 0.0, 0.0] for p in self.plans}  # voxels, max |x|, max |y|
-        windows = 0
+        keep = {p.name for p in self._layer_windows()[0]} if len(self.batches) == 1 else set()
 
         def record(name: str, args: tuple, out: torch.Tensor) -> None:
-            voxels = _voxel_shape(layer_view(self.fp.get_submodule(name)), out[:windows])
+            voxels = _voxel_shape(layer_view(self.fp.get_submodule(name)), out)
             seen[name][0] += int(torch.Size(voxels).numel())
             seen[name][1] = max(seen[name][1], float(args[0].detach().abs().max()))
             seen[name][2] = max(seen[name][2], float(out.detach().abs().max()))
+            if name in keep and name not in self.scanned_targets:  # a copy, as _capture_outputs takes it
+                self.scanned_targets[name] = out.detach().clone()
 
         handles = [
             self.fp.get_submodule(p.name).register_forward_hook(lambda m, a, o, n=p.name: record(n, a, o)) for p in self.plans
         ]
         logits = []
-        with hooks(handles), torch.no_grad():
-            for index, batch in enumerate(self.batches):
-                windows = batch.shape[0]
-                logits.append(self.fp(self.network_batch(index))[:windows].cpu())
+        with hooks(handles), torch.no_grad(), WindowByWindow():
+            for batch in self.batches:
+                logits.append(self.fp(batch.to(self.device)).cpu())
         shares = all_gather_objects(seen)
         self.bounds = {
             name: (sum(int(s[name][0]) for s in shares), max(s[name][1] for s in shares), max(s[name][2] for s in shares))
@@ -286,55 +283,61 @@ class _Run:
             bar.close()
         return reports
 
-    def _run_windows(self, attention: ClassAttention | None, done) -> None:
-        batch = self.network_batch(0)
-        windows = self.batches[0].shape[0]
-        numels = self.numels
+    def _layer_windows(self) -> list[list[LayerPlan]]:
+        """The planned layers in consecutive windows whose FP outputs on the largest batch fit
+        ``target_memory_mib`` together (a layer too large for it alone gets a window of its own)."""
         budget = self.config.target_memory_mib * 2**20 // 4
-        pending = list(self.plans)
-        while pending:
-            window, used = [], 0
-            for plan in pending:
-                if window and used + numels[plan.name] > budget:
-                    break
-                window.append(plan)
-                used += numels[plan.name]
-            pending = pending[len(window) :]
+        windows: list[list[LayerPlan]] = []
+        used = 0
+        for plan in self.plans:
+            if windows and used + self.numels[plan.name] <= budget:
+                windows[-1].append(plan)
+                used += self.numels[plan.name]
+            else:
+                windows.append([plan])
+                used = self.numels[plan.name]
+        return windows
+
+    def _run_windows(self, attention: ClassAttention | None, done) -> None:
+        batch = self.batches[0].to(self.device)
+        for index, window in enumerate(self._layer_windows()):
+            scanned, self.scanned_targets = self.scanned_targets, {}
             restored = [self._restore(plan) for plan in window]
             if all(r is not None for r in restored):
                 for plan, (module, report) in zip(window, restored):
                     set_submodule(self.qnet, plan.name, module)
                     done(report)
                 continue
-            targets = self._capture_outputs([p.name for p in window], batch, windows)
-            self._solve_in_one_pass(window, targets, batch, windows, attention, done)
+            targets = scanned if index == 0 and scanned else self._capture_outputs([p.name for p in window], batch)
+            self._solve_in_one_pass(window, targets, batch, attention, done)
 
-    def _capture_outputs(self, names: list[str], batch: torch.Tensor, windows: int) -> dict[str, torch.Tensor]:
+    def _capture_outputs(self, names: list[str], batch: torch.Tensor) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         last = names[-1]
 
         def grab(_m, _a, o, n):
             if n not in out:  # a copy: later in-place ops (ReLU(inplace=True), +=) would change it
-                out[n] = o[:windows].detach().clone()
+                out[n] = o.detach().clone()
             if n == last:
                 raise StopForward
 
         handles = [self.fp.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: grab(m, a, o, n)) for n in names]
-        with hooks(handles), torch.no_grad():
+        with hooks(handles), torch.no_grad(), WindowByWindow():
             try:
                 self.fp(batch)
             except StopForward:
                 pass
         return out
 
-    def _solve_in_one_pass(self, window, targets, batch, windows, attention, done) -> None:
+    def _solve_in_one_pass(self, window, targets, batch, attention, done) -> None:
         solved: dict[str, nn.Module] = {}
         last = window[-1].name
 
         def on_layer(plan: LayerPlan, args: tuple) -> torch.Tensor:
             if plan.name not in solved:
-                pair = (args[0][:windows], targets.pop(plan.name))
-                module, report = self._layer(plan, lambda: [pair], attention)
+                pair = (args[0], targets.pop(plan.name))
+                with invariant.paused():
+                    module, report = self._layer(plan, lambda: [pair], attention)
                 solved[plan.name] = module
                 done(report)
             out = solved[plan.name](args[0])
@@ -345,7 +348,8 @@ class _Run:
         handles = [
             self.qnet.get_submodule(p.name).register_forward_hook(lambda m, a, o, p=p: on_layer(p, a)) for p in window
         ]
-        with hooks(handles), torch.no_grad():
+        invariant = WindowByWindow()
+        with hooks(handles), torch.no_grad(), invariant:
             try:
                 self.qnet(batch)
             except StopForward:
@@ -376,10 +380,10 @@ class _Run:
 
     def _run_layer(self, plan: LayerPlan, attention: ClassAttention | None) -> LayerReport:
         def pairs() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-            for index, real in enumerate(self.batches):  # one batch's activations at a time: memory stays bounded
-                batch, windows = self.network_batch(index), real.shape[0]
-                y = _capture(self.fp, self.fp.get_submodule(plan.name), batch, "output")[:windows]
-                x = _capture(self.qnet, self.qnet.get_submodule(plan.name), batch, "input")[:windows]
+            for batch in self.batches:  # one batch's activations at a time: memory stays bounded
+                batch = batch.to(self.device)
+                y = _capture(self.fp, self.fp.get_submodule(plan.name), batch, "output")
+                x = _capture(self.qnet, self.qnet.get_submodule(plan.name), batch, "input")
                 yield x, y
 
         module, report = self._layer(plan, pairs, attention)

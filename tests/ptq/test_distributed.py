@@ -92,8 +92,8 @@ def _run_ranks(tmp_path, config: EfficientQConfig, windows: tuple[int, int], wor
 # (windows, their size, config): all windows in one pass; or windows of 20^3 whose largest layer output
 # (64000 values) lets 1 MiB of targets hold 4 windows, so they go in 2 interleaved chunks: 8 windows
 # give each rank two windows of each chunk; 6 windows leave each rank one chunk with a lone window
-# (rank 0 holds 0-2: chunk 0 is {0, 2}, chunk 1 is {1}), which PyTorch's CPU convolution would compute
-# about 1e-6 apart from the batch of three that one process convolves.
+# (rank 0 holds 0-2: chunk 0 is {0, 2}, chunk 1 is {1}), which a batched CPU convolution would round
+# about 1e-6 apart from the batch of three that one process convolves (ptq.batch_invariance).
 CASES = {
     "one_pass": ((4, 24), {}),
     "chunked": ((8, 20), {"target_memory_mib": 1}),

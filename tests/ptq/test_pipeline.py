@@ -201,3 +201,13 @@ def test_codes_are_the_same_on_one_and_two_threads():
             q = quantize(net, x, EfficientQConfig(weight_bits=4), progress=False)
         codes.append([m.codes for m in q.network.modules() if isinstance(m, QuantizedLayer)])
     assert len(codes[0]) > 5 and all(torch.equal(a, b) for a, b in zip(*codes))
+
+
+def test_a_network_whose_layers_fit_one_window_runs_one_full_precision_pass_after_the_probe():
+    torch.manual_seed(0)
+    net = SegResNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=2, blocks_down=(1, 1), blocks_up=(1,)).eval()
+    passes = []
+    net.register_forward_pre_hook(lambda module, args: passes.append(args[0].shape[0]))  # the working copies keep it
+    quantize(net, torch.randn(3, 1, 8, 8, 8), EfficientQConfig(weight_bits=4, method="rtn"), progress=False)
+    # the probe (one window), the FP scan that also keeps every layer's target, the quantized pass
+    assert passes == [1, 3, 3]
