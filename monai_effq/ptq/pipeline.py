@@ -10,6 +10,7 @@ the fake-quant module. Only the current layer's activations are ever held.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import logging
 import os
@@ -30,9 +31,11 @@ from monai_effq.ptq.norm_inputs import quantize_norm_inputs
 from monai_effq.ptq.prepare import prepare_network
 from monai_effq.ptq.report import LayerReport, QuantizationReport, reset_peak_memory, source_fingerprints
 from monai_effq.ptq.result import QuantizationResult, finish_report, state_bytes
-from monai_effq.solver.api import solve_statistics
+from monai_effq.solver.api import LayerSolution, solve_statistics, solve_weights
 from monai_effq.solver.gram import GramAccumulator, SumBounds
 from monai_effq.solver.layers import LayerView, layer_view
+from monai_effq.solver.methods import get_method
+from monai_effq.solver.output_error import OutputError
 from monai_effq.solver.validation import solve_validated
 from monai_effq.utils.distributed import all_gather_objects, all_gather_rows, all_reduce_sum, get_rank, get_world_size
 from monai_effq.utils.fingerprint import fingerprint_json, fingerprint_state, fingerprint_tensors
@@ -186,16 +189,20 @@ class _Run:
         # (where in its global batch each local window sits, that batch's size over all ranks)
         self.places: list[tuple[torch.Tensor, int]] = [(torch.arange(b.shape[0]), b.shape[0]) for b in batches]
         self.first_chunk = [True] + [False] * (len(batches) - 1)
+        # each batch's windows numbered among all windows of all ranks, as one process numbers them
+        ends = torch.tensor([b.shape[0] for b in batches]).cumsum(0).tolist()
+        self.window_numbers = [torch.arange(end - b.shape[0], end) for b, end in zip(batches, ends)]
         if len(batches) == 1:
             index = torch.arange(offset, offset + batches[0].shape[0])
-            kept, places, first = [], [], []
+            kept, places, first, numbers = [], [], [], []
             for c in range(self.chunks):
                 local = (index % self.chunks == c).nonzero().squeeze(1)
                 if local.numel():
                     kept.append(batches[0][local] if self.chunks > 1 else batches[0])
                     places.append((index[local] // self.chunks, len(range(c, total, self.chunks))))
+                    numbers.append(index[local])
                     first.append(c == 0)
-            batches, self.places, self.first_chunk = kept, places, first
+            batches, self.places, self.first_chunk, self.window_numbers = kept, places, first, numbers
         self.batches = batches
         self.numels = {k: v * max(b.shape[0] for b in batches) for k, v in per_sample.items()}
         if self.world > 1:
@@ -417,18 +424,28 @@ class _Run:
     def _solve(
         self, plan: LayerPlan, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], attention: ClassAttention | None
     ) -> tuple[QuantizedLayer, LayerReport]:
-        """Accumulate one layer's statistics from (quantized input, FP output) pairs and solve it."""
+        """Accumulate one layer's statistics from (quantized input, FP output) pairs and solve it.
+
+        A method whose codes do not depend on the data (round to nearest) is solved first, and
+        only its error figures are measured on the pairs, by running the layer
+        (:class:`~monai_effq.solver.output_error.OutputError`), instead of summing statistics.
+        """
         t0 = time.perf_counter()
         fp_layer = self.fp.get_submodule(plan.name)
         view = layer_view(fp_layer)
-        voxels, inputs, targets = self.bounds[plan.name]
-        weight = 1.0 if attention is None else max(1.0, float(attention.class_weights.max()))
-        bounds = SumBounds(voxels=voxels, weight=weight, inputs=inputs, targets=targets)
-        # Sums over ranks are reduced once, after the last batch; a low-rank factor would need the columns.
-        # The sums are exact, so one process and any number of ranks hold the same statistics.
-        acc = GramAccumulator(
-            view, max_chunk_elements=self.config.max_chunk_elements, keep_factor=self.world == 1, bounds=bounds
-        )
+        weight, bias = fp_layer.weight.detach(), None if fp_layer.bias is None else fp_layer.bias.detach()
+        if get_method(plan.method).needs_statistics:
+            voxels, inputs, targets = self.bounds[plan.name]
+            largest = 1.0 if attention is None else max(1.0, float(attention.class_weights.max()))
+            bounds = SumBounds(voxels=voxels, weight=largest, inputs=inputs, targets=targets)
+            # Sums over ranks are reduced once, after the last batch; a low-rank factor would need the columns.
+            # The sums are exact, so one process and any number of ranks hold the same statistics.
+            acc: GramAccumulator | OutputError = GramAccumulator(
+                view, max_chunk_elements=self.config.max_chunk_elements, keep_factor=self.world == 1, bounds=bounds
+            )
+        else:
+            sol = solve_weights(view, weight, bias, plan.weight, method=plan.method)
+            acc = OutputError(fp_layer, {"fp": (weight, bias), "quantized": (sol.weight, sol.bias)})
         act_q: ActivationQuantizer | None = None
         for index, (x, y) in enumerate(pairs):
             if plan.act is not None:
@@ -438,29 +455,25 @@ class _Run:
             h = None
             if attention is not None and view.kind != "linear":
                 h = attention(tuple(y.shape[2:]), index)
+            if isinstance(acc, OutputError):
+                acc.add_batch(x, y, h, self.window_numbers[index])
+                continue
             held = None
             if self.config.validation_fraction > 0:
                 place, size = self.places[index]
                 held = holdout_mask((size, *_voxel_shape(view, y)[1:]), self.config.validation_fraction)
                 held = None if held is None else held[place]
             acc.add_batch(x, y, h, held)  # the statistics and the solve stay on the run's device
-        if self.world > 1:
-            sent = acc.reduce(all_reduce_sum)
-            logger.info("%s all-reduce: %d bytes (statistics %d bytes)", plan.name, sent, acc.statistics_bytes())
-        stats = acc.statistics()
-        solve_args = dict(
-            weight=fp_layer.weight.detach(),
-            bias=None if fp_layer.bias is None else fp_layer.bias.detach(),
-            spec=plan.weight,
-            method=plan.method,
-            admm=self.config.admm,
-            init=self.config.init,
-        )
-        if self.config.validation_fraction > 0 and plan.method != "rtn":
-            parts = {"fit": acc.statistics("fit"), "holdout": acc.statistics("holdout")} if acc.has_holdout else {}
-            sol = solve_validated(view, stats, **parts, **solve_args)
+        if isinstance(acc, OutputError):
+            acc.gather(all_gather_objects)
+            mse = acc.mse("quantized")
+            # round to nearest is the one method without statistics: its solution is the RTN one
+            sol = dataclasses.replace(
+                sol, mse=mse, mse_fp=acc.mse("fp"), mse_rtn=mse if plan.method == "rtn" else float("nan")
+            )
+            voxels, effective_voxels = acc.voxels, acc.effective_voxels
         else:
-            sol = solve_statistics(view, stats, **solve_args)
+            sol, voxels, effective_voxels = self._solve_statistics(plan, view, acc, weight, bias)
         del acc
         cls = quantized_layer_class(fp_layer)
         q_layer = self.qnet.get_submodule(plan.name)
@@ -478,14 +491,32 @@ class _Run:
             seconds=time.perf_counter() - t0,
             solve_seconds=sol.seconds,
             iterations=sol.trace.iterations if sol.trace is not None else 0,
-            voxels=stats.voxels,
-            effective_voxels=stats.effective_voxels,
+            voxels=voxels,
+            effective_voxels=effective_voxels,
             unknowns=view.in_per_group,
             mse_holdout=sol.info.get("holdout_mse"),
             mse_holdout_rtn=sol.info.get("holdout_mse_rtn"),
             choice=sol.info.get("choice", sol.method),
         )
         return module, report
+
+    def _solve_statistics(
+        self, plan: LayerPlan, view: LayerView, acc: GramAccumulator, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[LayerSolution, int, float]:
+        """The layer's solution from its summed statistics (reduced over ranks), its voxels and effective voxels."""
+        if self.world > 1:
+            sent = acc.reduce(all_reduce_sum)
+            logger.info("%s all-reduce: %d bytes (statistics %d bytes)", plan.name, sent, acc.statistics_bytes())
+        stats = acc.statistics()
+        solve_args = dict(
+            weight=weight, bias=bias, spec=plan.weight, method=plan.method, admm=self.config.admm, init=self.config.init
+        )
+        if self.config.validation_fraction > 0:
+            parts = {"fit": acc.statistics("fit"), "holdout": acc.statistics("holdout")} if acc.has_holdout else {}
+            sol = solve_validated(view, stats, **parts, **solve_args)
+        else:
+            sol = solve_statistics(view, stats, **solve_args)
+        return sol, stats.voxels, stats.effective_voxels
 
 
 def _voxel_shape(view: LayerView, targets: torch.Tensor) -> tuple[int, ...]:

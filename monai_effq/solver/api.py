@@ -15,11 +15,11 @@ from monai_effq.quant.spec import WeightSpec
 from monai_effq.solver.admm import AdmmSettings, AdmmTrace
 from monai_effq.solver.gram import GramAccumulator, LayerStatistics
 from monai_effq.solver.layers import LayerView, layer_view
-from monai_effq.solver.methods import METHODS, LayerProblem, get_method
+from monai_effq.solver.methods import METHODS, LayerProblem, MethodResult, get_method
 from monai_effq.solver.methods.efficientq import paper_problem_scale
 from monai_effq.solver.rounding import fit_grid, round_to_nearest
 
-__all__ = ["LayerSolution", "METHODS", "solve_layer", "solve_statistics", "paper_problem_scale"]
+__all__ = ["LayerSolution", "METHODS", "solve_layer", "solve_statistics", "solve_weights", "paper_problem_scale"]
 
 DEFAULT_WEIGHT_GRID = "midrise"
 DEFAULT_METHOD = "efficientq"
@@ -119,22 +119,79 @@ def solve_statistics(
     result = solver.solve(problem)
     wq = result.fit.values(result.codes)
     bq = stats.bias_for(wq) if (solver.refits_bias if refit_bias is None else refit_bias) else b0
-    mse = error(wq, bq)
+    return _solution(view, weight, spec, method, result, bq, (mse_rtn, error(wq, bq), mse_fp), t0)
+
+
+def _solution(
+    view: LayerView,
+    weight: torch.Tensor,
+    spec: WeightSpec,
+    method: str,
+    result: MethodResult,
+    bias: torch.Tensor,
+    errors: tuple[float, float, float],
+    t0: float,
+) -> LayerSolution:
+    """The :class:`LayerSolution` of a method's result: weights in the layer's layout, ``errors`` as
+    (RTN, solution, FP) MSE, ``t0`` the solve's start."""
     return LayerSolution(
-        weight=view.native_weight(wq).to(weight.dtype),
-        bias=bq.reshape(-1).to(weight.dtype),
+        weight=view.native_weight(result.fit.values(result.codes)).to(weight.dtype),
+        bias=bias.reshape(-1).to(weight.dtype),
         codes=view.native_weight(result.codes).to(torch.uint8),
         scale=result.fit.scale.clone(),
         zero_point=result.fit.zero_point.clone(),
         grid=spec.grid,
         method=method,
-        mse_rtn=mse_rtn,
-        mse=mse,
-        mse_fp=mse_fp,
+        mse_rtn=errors[0],
+        mse=errors[1],
+        mse_fp=errors[2],
         seconds=time.perf_counter() - t0,
         trace=result.trace,
         info=result.info,
     )
+
+
+def solve_weights(
+    view: LayerView,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    spec: WeightSpec | int,
+    *,
+    method: str = "rtn",
+) -> LayerSolution:
+    """Quantize a layer with a method whose codes do not depend on the calibration data.
+
+    Such a method (registered with ``needs_statistics=False``: round to nearest) needs no
+    statistics; the error figures of the solution are left ``nan`` for the caller to measure on
+    the layer's data (:class:`~monai_effq.solver.output_error.OutputError`) and fill in.
+
+    Args:
+        view: the layer's :class:`LayerView`.
+        weight: the layer's native FP weight.
+        bias: the layer's FP bias or ``None``.
+        spec: the layer's :class:`~monai_effq.quant.spec.WeightSpec`, or just its bits.
+        method: a registered method that needs no statistics.
+
+    Returns:
+        the :class:`LayerSolution`, with the FP bias and ``nan`` error figures.
+
+    Raises:
+        ValueError: for a method that needs statistics, or non-finite weights.
+    """
+    solver = get_method(method)
+    if solver.needs_statistics:
+        raise ValueError(f"method {method!r} fits its codes to the calibration data: solve it with solve_statistics.")
+    spec = _weight_spec(spec)
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"the {view.name} weights contain NaN or Inf values.")
+    t0 = time.perf_counter()
+    w0 = view.weight_matrix(weight).float()
+    fit = fit_grid(w0, spec)
+    codes = round_to_nearest(w0, fit)
+    result = solver.solve(LayerProblem(view, None, w0, fit, codes, None, AdmmSettings()))
+    b0 = torch.zeros(view.out_channels, device=weight.device) if bias is None else bias.detach().float()
+    nan = float("nan")
+    return _solution(view, weight, spec, method, result, b0, (nan, nan, nan), t0)
 
 
 def solve_layer(

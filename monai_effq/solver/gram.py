@@ -414,9 +414,9 @@ class GramAccumulator:
             if not torch.isfinite(t).all():
                 raise ValueError(f"calibration {name} of {self.view.name} contain NaN or Inf values.")
         if voxel_weights is not None:
-            voxel_weights = self._check_weights(voxel_weights, targets, "voxel_weights")
+            voxel_weights = self.view.check_voxel_weights(voxel_weights, targets, "voxel_weights")
         if holdout is not None:
-            held = self._check_weights(holdout, targets, "holdout") > 0
+            held = self.view.check_voxel_weights(holdout, targets, "holdout") > 0
             h = torch.ones(held.shape, device=held.device) if voxel_weights is None else voxel_weights
             voxel_weights = torch.stack([h, h * held], dim=-1)
             if self._held is None:
@@ -502,23 +502,6 @@ class GramAccumulator:
         for p, (h, h2, voxels) in zip(parts, counts.tolist()):
             p.h, p.h2, p.voxels = number(h), number(h2), int(voxels)
         return sent
-
-    def _check_weights(self, w: torch.Tensor, targets: torch.Tensor, what: str) -> torch.Tensor:
-        if self.view.kind == "linear":
-            expected = tuple(targets.shape[:-1])
-        else:
-            expected = (targets.shape[0], *targets.shape[2:])
-            if w.dim() == targets.dim() and w.shape[1] == 1:
-                w = w[:, 0]
-        if tuple(w.shape) != expected:
-            raise ValueError(
-                f"{what} for {self.view.name} must have shape {expected} (one weight per output "
-                f"voxel), got {tuple(w.shape)}."
-            )
-        w = w.detach().to(targets.device, torch.float32)
-        if not torch.isfinite(w).all() or (w < 0).any():
-            raise ValueError(f"{what} for {self.view.name} must be finite and non-negative.")
-        return w
 
     def statistics(self, part: str = "all") -> LayerStatistics:
         """Centred normal equations of the voxels added so far.

@@ -199,6 +199,37 @@ class LayerView:
                 f"{tuple(expected)}, but the targets have shape {tuple(targets.shape)}."
             )
 
+    def check_voxel_weights(self, weights: torch.Tensor, targets: torch.Tensor, what: str = "voxel_weights") -> torch.Tensor:
+        """One non-negative weight per output voxel of ``targets``, as float32 on their device.
+
+        Args:
+            weights: ``(N, *spatial)`` or ``(N, 1, *spatial)`` for convolutions, the leading shape
+                of ``targets`` for ``Linear``.
+            targets: the layer's output batch.
+            what: the argument's name, for errors.
+
+        Returns:
+            the weights shaped ``(N, *spatial)`` (the leading shape for ``Linear``).
+
+        Raises:
+            ValueError: naming the expected shape, or non-finite or negative weights.
+        """
+        if self.kind == "linear":
+            expected = tuple(targets.shape[:-1])
+        else:
+            expected = (targets.shape[0], *targets.shape[2:])
+            if weights.dim() == targets.dim() and weights.shape[1] == 1:
+                weights = weights[:, 0]
+        if tuple(weights.shape) != expected:
+            raise ValueError(
+                f"{what} for {self.name} must have shape {expected} (one weight per output "
+                f"voxel), got {tuple(weights.shape)}."
+            )
+        weights = weights.detach().to(targets.device, torch.float32)
+        if not torch.isfinite(weights).all() or (weights < 0).any():
+            raise ValueError(f"{what} for {self.name} must be finite and non-negative.")
+        return weights
+
     # -- patches -----------------------------------------------------------------------------
     def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         if any(s > 1 for s in self.up_stride):

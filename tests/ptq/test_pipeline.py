@@ -35,6 +35,19 @@ def test_w4a8_efficientq_output_error_is_below_round_to_nearest(trained_unet, va
     assert all(r.mse <= r.mse_rtn * (1 + 1e-6) for r in effq.report.layers)
 
 
+def test_round_to_nearest_reports_the_output_errors_the_layer_statistics_give(trained_unet):
+    calib, _ = sphere_volumes(1, seed=5)
+    effq = quantize(trained_unet, calib, EfficientQConfig(weight_bits=4), progress=False)
+    rtn = quantize(trained_unet, calib, EfficientQConfig(weight_bits=4, method="rtn"), progress=False)
+    # the first layer reads the image in both runs: RTN's measured figures equal EfficientQ's summed
+    # ones to the summed ones' precision (an error of small differences of large float32 sums)
+    first_effq, first_rtn = effq.report.layers[0], rtn.report.layers[0]
+    assert first_rtn.mse == pytest.approx(first_effq.mse_rtn, rel=1e-2)
+    assert first_rtn.mse_fp == pytest.approx(first_effq.mse_fp, rel=1e-2)
+    assert (first_rtn.voxels, first_rtn.effective_voxels) == pytest.approx((first_effq.voxels, first_effq.effective_voxels))
+    assert all(r.mse == r.mse_rtn and r.mse > r.mse_fp >= 0 for r in rtn.report.layers)
+
+
 def test_attention_changes_the_solution_on_an_imbalanced_sample(trained_unet):
     calib, _ = sphere_volumes(1, seed=7, radius=(3, 4))  # a small foreground: strongly imbalanced
     cfg = dict(weight_bits=2, act_bits=8)

@@ -28,22 +28,23 @@ class LayerProblem:
 
     Attributes:
         view: the layer's :class:`LayerView`.
-        stats: its statistics.
+        stats: its statistics (``None`` for a method registered with ``needs_statistics=False``).
         w0: ``(G, m, n)`` full-precision weights (float32).
         fit: the spec's fit of ``w0`` (round-to-nearest's grid and scale).
         rtn_codes: round-to-nearest codes of ``w0`` on ``fit``.
-        error: the weighted output MSE of weights near ``w0`` (least-squares bias when none is given).
+        error: the weighted output MSE of weights near ``w0`` (least-squares bias when none is
+            given); ``None`` with ``stats``.
         admm: ADMM settings.
         init: EfficientQ's starting assignment (``"gptq"`` or ``"rtn"``).
         gptq_damp: GPTQ's ridge as a fraction of the Gram matrix's mean diagonal.
     """
 
     view: LayerView
-    stats: LayerStatistics
+    stats: LayerStatistics | None
     w0: torch.Tensor
     fit: GridFit
     rtn_codes: torch.Tensor
-    error: NearbyError
+    error: NearbyError | None
     admm: AdmmSettings
     init: str = "gptq"
     gptq_damp: float = 0.01
@@ -75,29 +76,34 @@ class SolverMethod:
         solve: the function.
         refits_bias: whether its bias is refitted by least squares by default (round-to-nearest,
             the plain baseline, keeps the FP bias).
+        needs_statistics: whether its codes depend on the calibration data; a method whose codes
+            do not is solved without the layer's statistics and its error is measured by running
+            the layer (:class:`~monai_effq.solver.output_error.OutputError`).
     """
 
     name: str
     solve: Callable[[LayerProblem], MethodResult]
     refits_bias: bool = True
+    needs_statistics: bool = True
 
 
 METHODS: dict[str, SolverMethod] = {}
 
 
-def register_method(name: str, refits_bias: bool = True) -> Callable:
+def register_method(name: str, refits_bias: bool = True, needs_statistics: bool = True) -> Callable:
     """Register a method under ``name`` (a decorator).
 
     Args:
         name: the name configs use.
         refits_bias: see :class:`SolverMethod`.
+        needs_statistics: see :class:`SolverMethod`.
 
     Returns:
         the decorator, which returns the function unchanged.
     """
 
     def register(fn: Callable[[LayerProblem], MethodResult]) -> Callable[[LayerProblem], MethodResult]:
-        METHODS[name] = SolverMethod(name, fn, refits_bias)
+        METHODS[name] = SolverMethod(name, fn, refits_bias, needs_statistics)
         return fn
 
     return register

@@ -7,7 +7,7 @@ from monai_effq.solver.methods import LayerProblem, MethodResult, register_metho
 __all__ = ["solve_rtn"]
 
 
-@register_method("rtn", refits_bias=False)
+@register_method("rtn", refits_bias=False, needs_statistics=False)
 def solve_rtn(problem: LayerProblem) -> MethodResult:
     """The nearest grid point of every FP weight."""
     return MethodResult(problem.rtn_codes, problem.fit)
