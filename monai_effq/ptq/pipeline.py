@@ -477,7 +477,9 @@ class _Run:
         del acc
         cls = quantized_layer_class(fp_layer)
         q_layer = self.qnet.get_submodule(plan.name)
-        module = cls(q_layer, sol.codes, sol.scale, sol.zero_point, sol.grid, sol.bias, act_q).to(self.device)
+        module = cls(
+            q_layer, sol.codes, sol.scale, sol.zero_point, sol.grid, sol.bias, act_q, plan.weight.channel_axis
+        ).to(self.device)
         report = LayerReport(
             name=plan.name,
             kind=cls.__name__,
