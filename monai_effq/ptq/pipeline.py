@@ -38,6 +38,7 @@ from monai_effq.solver.methods import get_method
 from monai_effq.solver.output_error import OutputError
 from monai_effq.solver.validation import solve_validated
 from monai_effq.utils.distributed import all_gather_objects, all_gather_rows, all_reduce_sum, get_rank, get_world_size
+from monai_effq.utils.errors import UserInputError
 from monai_effq.utils.fingerprint import fingerprint_json, fingerprint_state, fingerprint_tensors
 
 tqdm, _has_tqdm = optional_import("tqdm", name="tqdm")
@@ -170,6 +171,11 @@ class _Run:
             p.requires_grad_(False)
         per_sample = prepared.output_numels
         self.rank, self.world = get_rank(), get_world_size()
+        if config.norm_input_spec is not None and self.world > 1:
+            # each rank would fit the norm-input ranges on its own windows, and the ranks would differ
+            raise UserInputError(
+                "quantize_norm_inputs is not supported across ranks yet: quantize in one process, or turn it off."
+            )
         # With ranks, one batch per rank is its share of the windows, in rank order: windows are
         # numbered, chunked and held out by their place among all ranks' windows, as one process
         # holding them all would.

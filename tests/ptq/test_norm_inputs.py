@@ -100,3 +100,13 @@ def test_a_checkpoint_with_shared_block_inputs_loads_the_same_network(tmp_path):
     assert names == [n for n, m in result.network.named_modules() if shared_input_quantizer(m) is not None] != []
     with torch.no_grad():
         torch.testing.assert_close(loaded(calib), result.network(calib), rtol=0, atol=0)
+
+
+def test_norm_input_rounding_across_ranks_is_refused_before_any_pass(monkeypatch):
+    import monai_effq.ptq.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "get_world_size", lambda: 2)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.GroupNorm(2, 4), torch.nn.Conv3d(4, 2, 1))
+    config = EfficientQConfig(method="rtn", quantize_norm_inputs=True)
+    with pytest.raises(UserInputError, match="quantize_norm_inputs is not supported across ranks"):
+        quantize(net, torch.randn(1, 1, 8, 8, 8), config, progress=False)
