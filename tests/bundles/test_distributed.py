@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from monai_effq.bundle import demo_dataset, rank_cases
 from monai_effq.utils.errors import UserInputError
 
+from ..threads import torch_threads
 from .conftest import WORKFLOWS, bundle, copy_bundle
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
@@ -76,12 +76,8 @@ def test_rank_cases_gives_each_case_to_exactly_one_rank_in_contiguous_blocks():
 @pytest.mark.slow
 def test_evaluation_shared_by_two_ranks_gives_the_dice_of_one_process(demo_copy):
     work = demo_copy
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each torchrun worker (OMP_NUM_THREADS=1)
-    try:
+    with torch_threads(1):  # as each torchrun worker (OMP_NUM_THREADS=1)
         bundle(NAME, "evaluate", "--method", "rtn", *_in(work, "eval_one"))
-    finally:
-        torch.set_num_threads(threads)
     logs = torchrun(work, "evaluate", "multi_gpu_evaluate", "--method", "rtn", *_in(work, "eval_two"))
 
     one = json.loads((work / "eval_one" / "evaluation_rtn_w4a8.json").read_text())
@@ -132,14 +128,10 @@ def test_quantization_shared_by_two_ranks_writes_the_checkpoint_of_one_process(d
         "--dataset_dir", str(work / "data" / "demo"), "--fp_checkpoint", str(work / "models" / "model.pt"),
     ]  # fmt: skip
     one, two = tmp_path / "one", tmp_path / "two"
-    threads = torch.get_num_threads()
     # as each torchrun worker (OMP_NUM_THREADS=1): on 2 threads one process wrote another checkpoint, although the
     # calibration passes give the same bits on 1 and 2 threads (tests/ptq/test_batch_invariance.py)
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         bundle(NAME, "quantize", *settings, "--ckpt_dir", str(one), "--output_dir", str(tmp_path / "eval_one"))
-    finally:
-        torch.set_num_threads(threads)
     logs = torchrun(work, "quantize", "multi_gpu_quantize", *settings, "--ckpt_dir", str(two), "--output_dir", str(tmp_path / "eval_two"))
 
     (written,) = one.iterdir()

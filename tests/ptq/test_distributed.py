@@ -15,6 +15,8 @@ from monai_effq import EfficientQConfig, quantize
 from monai_effq.ptq import QuantizedLayer
 from monai_effq.utils import distributed
 
+from ..threads import torch_threads
+
 TIMEOUT_S = 120
 
 
@@ -105,12 +107,8 @@ CASES = {
 def one_and_two(request, tmp_path_factory):
     windows, changes = CASES[request.param]
     config = _config(**changes)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each rank: the float32 products of the reported errors depend on it
-    try:
+    with torch_threads(1):  # as each rank: the float32 products of the reported errors depend on it
         single = quantize(_network(), _windows(*windows), config, progress=False)
-    finally:
-        torch.set_num_threads(threads)
     ranks = _run_ranks(tmp_path_factory.mktemp("ranks"), config, windows)
     return single, ranks, request.param
 
