@@ -410,9 +410,7 @@ class GramAccumulator:
             self._all = _Sums.zeros(*self._dims, device=inputs.device, exponents=self._exponents)
         device = self._all.xx.device
         inputs, targets = inputs.to(device), targets.to(device)
-        for name, t in (("inputs", inputs), ("targets", targets)):
-            if not torch.isfinite(t).all():
-                raise ValueError(f"calibration {name} of {self.view.name} contain NaN or Inf values.")
+        self.view.check_finite(inputs, targets)
         if voxel_weights is not None:
             voxel_weights = self.view.check_voxel_weights(voxel_weights, targets, "voxel_weights")
         if holdout is not None:

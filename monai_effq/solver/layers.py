@@ -199,6 +199,20 @@ class LayerView:
                 f"{tuple(expected)}, but the targets have shape {tuple(targets.shape)}."
             )
 
+    def check_finite(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        """Raise a clear error when calibration ``inputs`` or ``targets`` hold NaN or Inf values.
+
+        Args:
+            inputs: the layer's input batch.
+            targets: the layer's target output batch.
+
+        Raises:
+            ValueError: naming the tensor that is not finite.
+        """
+        for what, t in (("inputs", inputs), ("targets", targets)):
+            if not torch.isfinite(t).all():
+                raise ValueError(f"calibration {what} of {self.name} contain NaN or Inf values.")
+
     def check_voxel_weights(self, weights: torch.Tensor, targets: torch.Tensor, what: str = "voxel_weights") -> torch.Tensor:
         """One non-negative weight per output voxel of ``targets``, as float32 on their device.
 

@@ -66,9 +66,7 @@ class OutputError:
             ValueError: on shape mismatches, non-finite values, negative weights or a window added twice.
         """
         self.view.check_shapes(inputs, targets)
-        for what, t in (("inputs", inputs), ("targets", targets)):
-            if not torch.isfinite(t).all():
-                raise ValueError(f"calibration {what} of {self.view.name} contain NaN or Inf values.")
+        self.view.check_finite(inputs, targets)
         n = inputs.shape[0]
         if windows is None:
             start = max(self._windows, default=-1) + 1

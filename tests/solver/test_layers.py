@@ -130,6 +130,16 @@ def test_inputs_with_the_wrong_channel_count_are_rejected():
         layer_view(nn.Conv2d(2, 3, 3)).check_shapes(torch.zeros(1, 5, 8, 8), torch.zeros(1, 3, 6, 6))
 
 
+def test_non_finite_calibration_data_is_refused_naming_inputs_or_targets():
+    view = layer_view(nn.Conv2d(2, 3, 3))
+    x, y = torch.zeros(1, 2, 8, 8), torch.zeros(1, 3, 6, 6)
+    view.check_finite(x, y)
+    with pytest.raises(ValueError, match="calibration inputs of Conv2d contain NaN or Inf"):
+        view.check_finite(x.clone().fill_(float("nan")), y)
+    with pytest.raises(ValueError, match="calibration targets of Conv2d contain NaN or Inf"):
+        view.check_finite(x, y.clone().fill_(float("inf")))
+
+
 @pytest.mark.parametrize("n, block", [(7, 3), (512, 512), (1100, 512), (1025, 256)])
 def test_the_blocked_symmetric_gram_equals_the_full_product(n, block):
     from monai_effq.solver.gram import symmetric_gram
