@@ -44,6 +44,7 @@ class OutputError:
             self._layers.append(module.float())
         # window number -> (voxels, Σ h, Σ h², one Σ h ||e||² per candidate)
         self._windows: dict[int, tuple[int, float, float, list[float]]] = {}
+        self._sums: tuple[int, float, float, list[float]] | None = None  # the windows' totals, once read
 
     def add_batch(
         self,
@@ -76,6 +77,7 @@ class OutputError:
             raise ValueError(f"{self.view.name}: {len(numbers)} window numbers for a batch of {n} windows.")
         h = None if voxel_weights is None else self.view.check_voxel_weights(voxel_weights, targets)
         layers = self._layers[0].weight.device
+        self._sums = None
         for b, number in enumerate(numbers):
             if number in self._windows:
                 raise ValueError(f"{self.view.name}: calibration window {number} was added twice.")
@@ -101,8 +103,15 @@ class OutputError:
         for share in all_gather(self._windows):
             merged.update(share)
         self._windows = merged
+        self._sums = None
 
     def _totals(self) -> tuple[int, float, float, list[float]]:
+        """The windows' sums added in window order, computed on the first read after a change."""
+        if self._sums is None:
+            self._sums = self._add_windows()
+        return self._sums
+
+    def _add_windows(self) -> tuple[int, float, float, list[float]]:
         voxels, h_sum, h2_sum = 0, 0.0, 0.0
         errors = [0.0] * len(self.names)
         for number in sorted(self._windows):

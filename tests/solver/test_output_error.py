@@ -58,6 +58,22 @@ def test_figures_are_the_same_bits_however_windows_are_batched_or_gathered():
     assert parts[0].mse("fp") == whole.mse("fp") and parts[0].effective_voxels == whole.effective_voxels
 
 
+def test_figures_read_between_batches_and_before_a_gather_follow_the_windows_added_later():
+    layer, x, y, h = _problem("conv")
+    candidates = {"fp": (layer.weight, layer.bias)}
+    whole = OutputError(layer, candidates)
+    whole.add_batch(x, y, h)
+    meter, other = OutputError(layer, candidates), OutputError(layer, candidates)
+    meter.add_batch(x[:1], y[:1], h[:1], windows=[0])
+    first = (meter.mse("fp"), meter.voxels, meter.effective_voxels)
+    meter.add_batch(x[1:2], y[1:2], h[1:2], windows=[1])
+    assert meter.voxels == 2 * first[1] and meter.mse("fp") != first[0]
+    other.add_batch(x[2:], y[2:], h[2:], windows=[2])
+    shares = [meter._windows, other._windows]
+    meter.gather(lambda obj: shares)
+    assert (meter.mse("fp"), meter.voxels, meter.effective_voxels) == (whole.mse("fp"), whole.voxels, whole.effective_voxels)
+
+
 def test_bad_input_is_refused_by_name():
     layer, x, y, h = _problem("conv")
     meter = OutputError(layer, {"fp": (layer.weight, layer.bias)})
