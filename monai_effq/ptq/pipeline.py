@@ -433,8 +433,8 @@ class _Run:
         """Accumulate one layer's statistics from (quantized input, FP output) pairs and solve it.
 
         A method whose codes do not depend on the data (round to nearest) is solved first, and
-        only its error figures are measured on the pairs, by running the layer
-        (:class:`~monai_effq.solver.output_error.OutputError`), instead of summing statistics.
+        only its error figures, and round to nearest's, are measured on the pairs, by running the
+        layer (:class:`~monai_effq.solver.output_error.OutputError`), instead of summing statistics.
         """
         t0 = time.perf_counter()
         fp_layer = self.fp.get_submodule(plan.name)
@@ -450,8 +450,12 @@ class _Run:
                 view, max_chunk_elements=self.config.max_chunk_elements, keep_factor=self.world == 1, bounds=bounds
             )
         else:
-            sol = solve_weights(view, weight, bias, plan.weight, method=plan.method)
-            acc = OutputError(fp_layer, {"fp": (weight, bias), "quantized": (sol.weight, sol.bias)})
+            rtn = solve_weights(view, weight, bias, plan.weight, method="rtn")
+            sol = rtn if plan.method == "rtn" else solve_weights(view, weight, bias, plan.weight, method=plan.method)
+            # weights equal to round to nearest's are run once, for both figures
+            acc = OutputError(
+                fp_layer, {"fp": (weight, bias), "quantized": (sol.weight, sol.bias), "rtn": (rtn.weight, rtn.bias)}
+            )
         act_q: ActivationQuantizer | None = None
         for index, (x, y) in enumerate(pairs):
             if plan.act is not None:
@@ -472,11 +476,7 @@ class _Run:
             acc.add_batch(x, y, h, held)  # the statistics and the solve stay on the run's device
         if isinstance(acc, OutputError):
             acc.gather(all_gather_objects)
-            mse = acc.mse("quantized")
-            # round to nearest is the one method without statistics: its solution is the RTN one
-            sol = dataclasses.replace(
-                sol, mse=mse, mse_fp=acc.mse("fp"), mse_rtn=mse if plan.method == "rtn" else float("nan")
-            )
+            sol = dataclasses.replace(sol, mse=acc.mse("quantized"), mse_fp=acc.mse("fp"), mse_rtn=acc.mse("rtn"))
             voxels, effective_voxels = acc.voxels, acc.effective_voxels
         else:
             sol, voxels, effective_voxels = self._solve_statistics(plan, view, acc, weight, bias)

@@ -2,9 +2,9 @@
 
 :class:`~monai_effq.solver.gram.GramAccumulator` gives the error of any weights, at ``O(n²)`` per
 output voxel for ``n`` inputs per output. A method whose weights do not depend on the data (round
-to nearest) needs the error of two weight sets only, its own and the full-precision one, which the
-layer itself computes at ``O(n·m)`` per voxel: on the demo bundles' 3x3x3 convolutions about ``n/m``,
-27 times, less work.
+to nearest) needs the error of a few weight sets only, its own, round to nearest's (the same for it)
+and the full-precision one, which the layer itself computes at ``O(n·m)`` per voxel: on the demo
+bundles' 3x3x3 convolutions about ``n/m``, 27 times, less work.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ class OutputError:
     that order, after :meth:`gather` has collected every rank's: the figures are the same bits
     however the windows were batched, chunked or shared among ranks.
 
+    Candidates with the same weight and bias are run once and share the figure, so a caller can
+    name every figure it reports (the solution's, round to nearest's) without an extra pass where
+    two are one.
+
     Args:
         layer: the layer (a ``Conv*``, ``ConvTranspose*`` or ``Linear`` module; not modified).
         candidates: per name, a native weight and a bias (``None``: none) to measure.
@@ -37,12 +41,18 @@ class OutputError:
         self.view = layer_view(layer)
         self.names = list(candidates)
         self._layers: list[nn.Module] = []
-        for weight, bias in candidates.values():
-            module = copy.deepcopy(layer)
-            module.weight = nn.Parameter(weight.detach().float().clone(), requires_grad=False)
-            module.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
-            self._layers.append(module.float())
-        # window number -> (voxels, Σ h, Σ h², one Σ h ||e||² per candidate)
+        self._layer_of: dict[str, int] = {}  # candidate name -> its layer among the distinct ones
+        for name, (weight, bias) in candidates.items():
+            weight = weight.detach().float()
+            bias = None if bias is None else bias.detach().float()
+            same = [i for i, m in enumerate(self._layers) if _holds(m, weight, bias)]
+            if not same:
+                module = copy.deepcopy(layer)
+                module.weight = nn.Parameter(weight.clone(), requires_grad=False)
+                module.bias = None if bias is None else nn.Parameter(bias.clone(), requires_grad=False)
+                self._layers.append(module.float())
+            self._layer_of[name] = same[0] if same else len(self._layers) - 1
+        # window number -> (voxels, Σ h, Σ h², one Σ h ||e||² per distinct candidate)
         self._windows: dict[int, tuple[int, float, float, list[float]]] = {}
         self._sums: tuple[int, float, float, list[float]] | None = None  # the windows' totals, once read
 
@@ -113,7 +123,7 @@ class OutputError:
 
     def _add_windows(self) -> tuple[int, float, float, list[float]]:
         voxels, h_sum, h2_sum = 0, 0.0, 0.0
-        errors = [0.0] * len(self.names)
+        errors = [0.0] * len(self._layers)
         for number in sorted(self._windows):
             v, hs, h2, errs = self._windows[number]
             voxels, h_sum, h2_sum = voxels + v, h_sum + hs, h2_sum + h2
@@ -140,4 +150,11 @@ class OutputError:
         _, h_sum, _, errors = self._totals()
         if h_sum <= 0:
             raise ValueError(f"no calibration window with weight was added for {self.view.name}.")
-        return errors[self.names.index(name)] / (h_sum * self.view.out_channels)
+        return errors[self._layer_of[name]] / (h_sum * self.view.out_channels)
+
+
+def _holds(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether ``module`` has this weight and bias, bit for bit."""
+    if (module.bias is None) != (bias is None) or module.weight.device != weight.device:
+        return False
+    return torch.equal(module.weight, weight) and (bias is None or torch.equal(module.bias, bias))

@@ -48,6 +48,24 @@ def test_round_to_nearest_reports_the_output_errors_the_layer_statistics_give(tr
     assert all(r.mse == r.mse_rtn and r.mse >= 0 and r.mse_fp >= 0 for r in rtn.report.layers)
 
 
+def test_a_method_without_statistics_other_than_round_to_nearest_reports_round_to_nearests_error(trained_unet):
+    from monai_effq.solver import METHODS, MethodResult, register_method
+
+    @register_method("lowest-code", refits_bias=False, needs_statistics=False)
+    def lowest(problem):
+        return MethodResult(torch.full_like(problem.rtn_codes, problem.fit.grid.qmin), problem.fit)
+
+    calib, _ = sphere_volumes(1, seed=5)
+    try:
+        lowest_run = quantize(trained_unet, calib, EfficientQConfig(weight_bits=4, method="lowest-code"), progress=False)
+    finally:
+        del METHODS["lowest-code"]
+    rtn = quantize(trained_unet, calib, EfficientQConfig(weight_bits=4, method="rtn"), progress=False)
+    # the first layer reads the image in both runs: round to nearest's figure is the same bits
+    assert lowest_run.report.layers[0].mse_rtn == rtn.report.layers[0].mse
+    assert all(r.mse > r.mse_rtn >= 0 for r in lowest_run.report.layers)
+
+
 def test_attention_changes_the_solution_on_an_imbalanced_sample(trained_unet):
     calib, _ = sphere_volumes(1, seed=7, radius=(3, 4))  # a small foreground: strongly imbalanced
     cfg = dict(weight_bits=2, act_bits=8)

@@ -74,6 +74,20 @@ def test_figures_read_between_batches_and_before_a_gather_follow_the_windows_add
     assert (meter.mse("fp"), meter.voxels, meter.effective_voxels) == (whole.mse("fp"), whole.voxels, whole.effective_voxels)
 
 
+def test_candidates_with_the_same_weights_are_run_once_and_share_their_figure():
+    layer, x, y, h = _problem("conv")
+    sol = solve_weights(layer_view(layer), layer.weight, layer.bias, 3)
+    runs = []
+    layer.register_forward_hook(lambda module, args, out: runs.append(module.weight))  # the measured copies keep it
+    meter = OutputError(layer, {"fp": (layer.weight, layer.bias), "quantized": (sol.weight, sol.bias), "rtn": (sol.weight.clone(), sol.bias)})
+    meter.add_batch(x, y, h, windows=[0, 1, 2])
+    assert len(runs) == 2 * 3  # fp and the one rounding, per window
+    assert meter.mse("rtn") == meter.mse("quantized") != meter.mse("fp")
+    shifted = OutputError(layer, {"quantized": (sol.weight, sol.bias), "rtn": (sol.weight, sol.bias + 1)})
+    shifted.add_batch(x, y, h)
+    assert shifted.mse("rtn") > shifted.mse("quantized") == meter.mse("quantized")
+
+
 def test_bad_input_is_refused_by_name():
     layer, x, y, h = _problem("conv")
     meter = OutputError(layer, {"fp": (layer.weight, layer.bias)})
