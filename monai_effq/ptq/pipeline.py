@@ -136,10 +136,10 @@ class _Run:
 
     With a single calibration batch (batches of one shape are concatenated), layers are solved in
     windows: one FP pass captures the targets of every layer of the window (as many as fit the
-    memory budget; for the first window, the scan's pass), then one pass of the partly quantized
-    network solves each layer when the pass reaches it and continues with the quantized layer's
-    output. Otherwise each layer gets its own FP and quantized passes, batch by batch, and only one
-    batch's activations are held at a time.
+    memory budget; for the first window, the scan's pass where there is one), then one pass of the
+    partly quantized network solves each layer when the pass reaches it and continues with the
+    quantized layer's output. Otherwise each layer gets its own FP and quantized passes, batch by
+    batch, and only one batch's activations are held at a time.
     A single batch whose largest layer output would exceed ``target_memory_mib`` (the windows of
     whole volumes) is cut into interleaved chunks that fit it, so every chunk samples the whole
     volume (the first one also sets the activation ranges).
@@ -217,6 +217,8 @@ class _Run:
                 self.rank, self.world, offset, offset + self.shares[self.rank] - 1, total, len(batches),
             )
         self.bounds: dict[str, tuple[int, float, float]] = {}  # per layer: voxels, max |input|, max |target| (scan)
+        # the layers solved from summed statistics, which need the scan's bounds
+        self.summed = {p.name for p in self.plans if get_method(p.method).needs_statistics}
         self.scanned_targets: dict[str, torch.Tensor] = {}  # the first window's FP outputs, kept by the scan
         self.qnet = copy.deepcopy(self.fp)
         if config.norm_input_spec is not None:  # first, so every layer is solved from the inputs it will get
@@ -245,18 +247,20 @@ class _Run:
 
         The bounds are maxima and totals, the same however the windows are shared among ranks, so
         one process and any number of ranks round the same window contributions to the same grids.
+        Layers solved without statistics (round to nearest) have none.
 
         With one batch, the pass also keeps the FP outputs of the first window of layers
         (:meth:`_run_windows` would otherwise run an FP pass of its own for them before the first solve).
         """
-        seen: dict[str, list[float]] = {p.name: [0, 0.0, 0.0] for p in self.plans}  # voxels, max |x|, max |y|
+        seen: dict[str, list[float]] = {p.name: [0, 0.0, 0.0] for p in self.plans if p.name in self.summed}  # voxels, max |x|, max |y|
         keep = {p.name for p in self._layer_windows()[0]} if len(self.batches) == 1 else set()
 
         def record(name: str, args: tuple, out: torch.Tensor) -> None:
-            voxels = _voxel_shape(layer_view(self.fp.get_submodule(name)), out)
-            seen[name][0] += int(torch.Size(voxels).numel())
-            seen[name][1] = max(seen[name][1], float(args[0].detach().abs().max()))
-            seen[name][2] = max(seen[name][2], float(out.detach().abs().max()))
+            if name in seen:
+                voxels = _voxel_shape(layer_view(self.fp.get_submodule(name)), out)
+                seen[name][0] += int(torch.Size(voxels).numel())
+                seen[name][1] = max(seen[name][1], float(args[0].detach().abs().max()))
+                seen[name][2] = max(seen[name][2], float(out.detach().abs().max()))
             if name in keep and name not in self.scanned_targets:  # a copy, as _capture_outputs takes it
                 self.scanned_targets[name] = out.detach().clone()
 
@@ -600,7 +604,9 @@ def quantize(
         }
         journal = QuantizationJournal(journal, fingerprints)
     run = _Run(network, batches, config, journal)
-    logits = run.scan()
+    # the scan's logits set the attention and its bounds the exact sums: a run with neither skips it
+    # (the first window's targets it would keep are then captured before the first solve)
+    logits = run.scan() if config.attention or run.summed else None
     attention = None
     if config.attention:
         attention = ClassAttention(

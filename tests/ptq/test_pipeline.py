@@ -242,3 +242,40 @@ def test_a_network_whose_layers_fit_one_window_runs_one_full_precision_pass_afte
     quantize(net, torch.randn(3, 1, 8, 8, 8), EfficientQConfig(weight_bits=4, method="rtn"), progress=False)
     # the probe (one window), the FP scan that also keeps every layer's target, the quantized pass
     assert passes == [1, 3, 3]
+
+
+def test_an_all_round_to_nearest_run_without_attention_makes_no_full_precision_scan_and_the_same_layers():
+    torch.manual_seed(0)
+    net = SegResNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=2, blocks_down=(1, 1), blocks_up=(1,)).eval()
+    x = torch.randn(3, 1, 8, 8, 8)
+    whole = []
+    net.register_forward_hook(lambda module, args, out: whole.append(args[0].shape[0]))  # passes that reach the logits
+    rtn = quantize(net, x, EfficientQConfig(weight_bits=4, method="rtn", attention=False), progress=False)
+    assert whole == [1]  # the probe only: no scan (the first window's targets come from a pass stopped at its last layer)
+    # the last layer solved from statistics needs the scan's bounds: the layers before it are the all-RTN run's
+    last = rtn.report.layers[-1].name
+    cfg = EfficientQConfig(weight_bits=4, method="rtn", attention=False, overrides={last: {"method": "efficientq"}})
+    mixed = quantize(net, x, cfg, progress=False)
+    assert whole == [1, 1, 3]
+    figures = [[(r.name, r.mse, r.mse_fp, r.mse_rtn) for r in q.report.layers[:-1]] for q in (rtn, mixed)]
+    assert figures[0] == figures[1]
+    codes = [[m.codes for m in q.network.modules() if isinstance(m, QuantizedLayer)][:-1] for q in (rtn, mixed)]
+    assert all(torch.equal(a, b) for a, b in zip(*codes))
+    whole.clear()
+    quantize(net, x, EfficientQConfig(weight_bits=4, method="rtn"), progress=False)
+    assert whole == [1, 3]  # the attention's logits come from the scan
+
+
+def test_the_scan_bounds_only_the_data_of_layers_solved_from_statistics():
+    from monai_effq.ptq.pipeline import _Run
+
+    torch.manual_seed(0)
+    net = SegResNet(spatial_dims=3, init_filters=8, in_channels=1, out_channels=2, blocks_down=(1, 1), blocks_up=(1,)).eval()
+    x = torch.randn(3, 1, 8, 8, 8)
+    run = _Run(net, [x], EfficientQConfig(weight_bits=4, method="rtn"))
+    run.scan()
+    assert run.bounds == {}
+    last = run.plans[-1].name
+    run = _Run(net, [x], EfficientQConfig(weight_bits=4, method="rtn", overrides={last: {"method": "gptq"}}))
+    run.scan()
+    assert list(run.bounds) == [last] and run.bounds[last][0] == 3 * 8 * 8 * 8
