@@ -2,7 +2,8 @@
 # The README's test command: set up, then run the whole suite.
 #
 # MONAI Label gets a venv of its own (scripts/setup_monailabel.sh; its pins clash with ours). That
-# set-up is mostly unpacking wheels, so it runs while the main suite does; its HTTP round-trip test
+# set-up is mostly unpacking wheels, so it runs beside the main suite at the lowest CPU priority
+# (it takes the cores the suite leaves idle instead of slowing it down); its HTTP round-trip test
 # runs last. MONAI_EFFQ_SKIP_MONAILABEL=1, or any pytest arguments (a subset of the suite), leave
 # it out. The suite runs on one pytest-xdist worker per core, a test file per worker at a time
 # (its module fixtures, such as bundle copies, are built once), the files with the most slow tests
@@ -16,7 +17,7 @@ fi
 if [ "${MONAI_EFFQ_SKIP_MONAILABEL:-0}" = "1" ]; then
   exec .venv/bin/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder tests
 fi
-bash scripts/setup_monailabel.sh > .venv-monailabel.log 2>&1 &
+nice -n 19 bash scripts/setup_monailabel.sh > .venv-monailabel.log 2>&1 &
 monailabel_setup=$!
 # a failing suite must not leave the set-up running behind it
 trap 'kill "$monailabel_setup" 2>/dev/null || true' EXIT
