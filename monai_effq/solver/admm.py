@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from monai_effq.solver.gram import LayerStatistics
-from monai_effq.solver.linalg import cholesky, cholesky_solve_rows, spd_inverse
+from monai_effq.solver.linalg import RowSolver, spd_inverse
 from monai_effq.solver.rounding import GridFit, refine_codes
 
 __all__ = ["AdmmSettings", "AdmmLayerSolver", "AdmmTrace"]
@@ -116,17 +116,17 @@ class _ShiftedSystem:
     def __init__(self, stats: LayerStatistics, lowrank: bool) -> None:
         self.A = stats.A
         self.factor = stats.factor if lowrank else None
-        self._apply: torch.Tensor | None = None
+        self._apply: RowSolver | torch.Tensor | None = None
         self.c = 0.0
 
     def set_shift(self, c: float) -> None:
         self.c = c
         if self.factor is None:
-            # Only the Cholesky factor: two triangular solves per W-step cost about what one product
-            # with an explicit inverse does, and forming that inverse would cost twice the factorisation.
+            # Only a Cholesky factor: forming the inverse would cost twice the factorisation, and
+            # the block substitution runs at the speed of a product with it.
             shifted = self.A.clone()
             shifted.diagonal(dim1=1, dim2=2).add_(c)
-            self._apply = cholesky(shifted)
+            self._apply = RowSolver(shifted)
         else:
             # (c I + 2 F Fᵀ)⁻¹ = (I - 2 F (c I + 2 FᵀF)⁻¹ Fᵀ) / c
             f = self.factor
@@ -137,7 +137,7 @@ class _ShiftedSystem:
     def solve_rows(self, rhs: torch.Tensor) -> torch.Tensor:
         """``rhs (A + cI)⁻¹`` for ``(G, m, n)`` right-hand sides."""
         if self.factor is None:
-            return cholesky_solve_rows(self._apply, rhs)
+            return self._apply.solve_rows(rhs)
         f = self.factor
         t = torch.bmm(torch.bmm(rhs, f), self._apply)
         return (rhs - 2.0 * torch.bmm(t, f.transpose(1, 2))) / self.c

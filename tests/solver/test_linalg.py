@@ -1,6 +1,6 @@
 import torch
 
-from monai_effq.solver.linalg import cholesky, cholesky_solve_rows, spd_inverse
+from monai_effq.solver.linalg import RowSolver, cholesky, spd_inverse
 
 from ..threads import torch_threads
 
@@ -22,7 +22,8 @@ def _on_threads(fn, *args) -> list[torch.Tensor]:
 def test_factorisations_are_the_same_on_one_and_two_threads():
     a = _gram(432, seed=0)  # the size at which MKL's float32 Cholesky was seen to depend on threads
     rhs = torch.randn(1, 16, 432, generator=torch.Generator().manual_seed(1))
-    for fn, args in ((lambda m: cholesky(m).float(), (a,)), (spd_inverse, (a,)), (cholesky_solve_rows, (cholesky(a), rhs))):
+    solve = lambda m, r: RowSolver(m, block=64).solve_rows(r)  # noqa: E731 (7 blocks, the last one short)
+    for fn, args in ((lambda m: cholesky(m).float(), (a,)), (spd_inverse, (a,)), (solve, (a, rhs))):
         one, two = _on_threads(fn, *args)
         assert one.dtype == torch.float32 and torch.equal(one, two)
 
@@ -36,9 +37,18 @@ def test_the_inverse_is_the_same_on_one_and_two_threads_where_lapacks_is_not():
         assert torch.get_num_threads() == 2  # restored after its one-thread section
 
 
-def test_solve_rows_inverts_the_factorised_matrix():
+def test_the_row_solver_is_the_same_on_one_and_two_threads():
+    a = _gram(864, seed=4)  # 32 channels x 27 taps: LAPACK's float64 factor of this differs in its last bits
+    rhs = torch.randn(1, 32, 864, generator=torch.Generator().manual_seed(5))
+    one, two = _on_threads(lambda: RowSolver(a).solve_rows(rhs))
+    assert torch.equal(one, two)
+
+
+def test_row_solver_inverts_the_matrix():
     a = _gram(40, seed=2)
     rhs = torch.randn(1, 3, 40, generator=torch.Generator().manual_seed(3))
-    x = cholesky_solve_rows(cholesky(a), rhs)
-    torch.testing.assert_close(torch.bmm(x, a), rhs, rtol=1e-4, atol=1e-4)
+    exact = torch.linalg.solve(a.double(), rhs.double().mT).mT
+    for block in (8, 13, 64):  # many blocks, a short last block, one block
+        x = RowSolver(a, block=block).solve_rows(rhs)
+        torch.testing.assert_close(x.double(), exact, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.bmm(spd_inverse(a), a), torch.eye(40)[None], rtol=1e-4, atol=1e-4)
