@@ -202,10 +202,12 @@ def shifted_sums(
             yx[:, :, a] += rows_y @ _rows(x, _rows_index(spatial, {}, tuple(k - 1 for k in ka))).T
     rows, cols = torch.triu_indices(kk, kk, device=dev)
     n = c * kk
-    xx = torch.empty(c, kk, c, kk, dtype=f64, device=dev)
-    xx.permute(1, 3, 0, 2)[rows, cols] = upper
-    xx.permute(1, 3, 0, 2)[cols, rows] = upper.transpose(1, 2)
-    xx = xx.reshape(n, n)
+    # Blocks laid out tap by tap, where each is one contiguous copy, then one permuted copy into
+    # the column order: a scatter straight into that order took 5x as long at n = 3456.
+    blocks = torch.empty(kk, kk, c, c, dtype=f64, device=dev)
+    blocks[rows, cols] = upper
+    blocks[cols, rows] = upper.transpose(1, 2)
+    xx = blocks.permute(2, 0, 3, 1).reshape(n, n)
     # One float32 sum per sample, added in float64 like the products: the same sums however the
     # samples are batched (or spread over ranks).
     t = targets.float()
