@@ -171,7 +171,9 @@ class EfficientQConfig:
             ``"symmetric"``. An explicit ``"midrise"`` keeps the paper's grid at 4 bits too (8-bit
             layers still use ``"symmetric"``: 9-bit integers fit no int8 runtime); ``"signed"``
             has an exact zero everywhere.
-        init: EfficientQ's starting assignment, ``"gptq"`` or ``"rtn"``.
+        init: EfficientQ's starting assignment: ``"rtn"`` (the paper's, the default) or ``"gptq"``
+            (the better of GPTQ's and RTN's codes; on the real-data benchmark no better on whole
+            volumes and a quarter slower, see docs/design.md).
         admm: ADMM settings (a dict in JSON).
         attention: weight each output voxel by the self-adaptive class attention.
         attention_power: the power ``p`` of the class weights ``(max n / n_c)^p``.
@@ -218,7 +220,7 @@ class EfficientQConfig:
     per_channel: bool = False
     method: str = "efficientq"
     weight_grid: str = "auto"
-    init: str = "gptq"
+    init: str = "rtn"
     admm: AdmmSettings = field(default_factory=AdmmSettings)
     attention: bool = True
     attention_power: float = 0.5

@@ -76,7 +76,7 @@ def solve_statistics(
     *,
     method: str = DEFAULT_METHOD,
     admm: AdmmSettings | None = None,
-    init: str = "gptq",
+    init: str = "rtn",
     refit_bias: bool | None = None,
     gptq_damp: float = 0.01,
 ) -> LayerSolution:
@@ -91,8 +91,8 @@ def solve_statistics(
             rule), or just its bits (per-tensor, midrise grid, free scale).
         method: a registered method (:data:`METHODS`: ``"efficientq"``, ``"gptq"``, ``"rtn"``).
         admm: ADMM settings for ``"efficientq"``.
-        init: EfficientQ's starting assignment: ``"gptq"`` (the better of the GPTQ and RTN
-            baselines' roundings) or ``"rtn"`` (the paper: round-to-nearest of W0).
+        init: EfficientQ's starting assignment: ``"rtn"`` (the paper: round-to-nearest of W0)
+            or ``"gptq"`` (the better of the GPTQ and RTN baselines' roundings).
         refit_bias: refit the bias by least squares for the final weights (default: the method's
             choice; round-to-nearest, the plain baseline, keeps the FP bias).
         gptq_damp: GPTQ's ridge, as a fraction of the Gram matrix's mean diagonal.

@@ -35,7 +35,7 @@ class LayerProblem:
         error: the weighted output MSE of weights near ``w0`` (least-squares bias when none is
             given); ``None`` with ``stats``.
         admm: ADMM settings.
-        init: EfficientQ's starting assignment (``"gptq"`` or ``"rtn"``).
+        init: EfficientQ's starting assignment (``"rtn"`` or ``"gptq"``).
         gptq_damp: GPTQ's ridge as a fraction of the Gram matrix's mean diagonal.
     """
 
@@ -46,7 +46,7 @@ class LayerProblem:
     rtn_codes: torch.Tensor
     error: NearbyError | None
     admm: AdmmSettings
-    init: str = "gptq"
+    init: str = "rtn"
     gptq_damp: float = 0.01
 
 

@@ -41,10 +41,10 @@ def paper_problem_scale(stats: LayerStatistics, w0: torch.Tensor) -> float:
 def solve_efficientq(problem: LayerProblem) -> MethodResult:
     """ADMM from round-to-nearest's codes or, with ``init="gptq"``, the better of them and GPTQ's.
 
-    Starting from the better baseline and keeping the best iterate, ADMM is no worse than either
-    on the layer's output error (GPTQ's greedy rounding can lose to RTN on tiny layers); the final
-    refinement then lowers the η-regularised objective, which at a large η can give up some
-    calibration fit for closeness to the FP weights.
+    Keeping the best iterate, ADMM is no worse than its start on the layer's output error (from
+    the better baseline, no worse than either: GPTQ's greedy rounding can lose to RTN on tiny
+    layers); the final refinement then lowers the η-regularised objective, which at a large η can
+    give up some calibration fit for closeness to the FP weights.
     """
     stats, w0, fit = problem.stats, problem.w0, problem.fit
     s = paper_problem_scale(stats, w0)
