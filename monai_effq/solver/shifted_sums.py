@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -83,10 +84,19 @@ def _rows_index(spatial: tuple[int, ...], fixed: dict[int, int], shift: tuple[in
     return tuple(index), first + offset, last + offset + 1
 
 
-def _rows(padded: torch.Tensor, where: tuple[tuple, int, int]) -> torch.Tensor:
-    """``(channels, L)`` rows of a padded sample at a place given by :func:`_rows_index`."""
+def _rows(padded: torch.Tensor, where: tuple[tuple, int, int], planes: dict | None = None) -> torch.Tensor:
+    """``(channels, L)`` rows of a padded sample at a place given by :func:`_rows_index`.
+
+    ``planes``, when given, keeps the flattened plane (or line) of each index for the next place on
+    it: a plane across an inner axis is a copy, and a few dozen planes serve hundreds of products.
+    """
     index, lo, hi = where
-    return padded[index].reshape(padded.shape[0], -1)[:, lo:hi]
+    if planes is None:
+        return padded[index].reshape(padded.shape[0], -1)[:, lo:hi]
+    key = tuple(i if isinstance(i, int) else None for i in index)
+    if key not in planes:
+        planes[key] = padded[index].reshape(padded.shape[0], -1)
+    return planes[key][:, lo:hi]
 
 
 def _excluded_planes(tap: tuple[int, ...], spatial: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -105,7 +115,13 @@ class _Plan:
     """Which region products a volume size needs, and how they add up to the Gram blocks.
 
     Attributes:
-        products: per region product, the places of its two row sets (:func:`_rows_index`).
+        products: how many region products there are.
+        direct: the products over the whole volume and over planes, each as its slot among the
+            products and the places of its two row sets (:func:`_rows_index`).
+        gathered: the products over lines and corners (hundreds, a few dozen rows each), grouped by
+            their first row set: per group its place, the slots of its products, and
+            ``(products, rows)`` flat indices into the padded sample of each product's second row
+            set, so that a group is one matrix product.
         assembly: sparse ``(pairs, products)`` matrix of the signs with which region products add
             up to the upper Gram blocks (pairs in ``triu_indices`` order).
         sums: per region sum of the input, its place.
@@ -113,7 +129,9 @@ class _Plan:
         taps: the kernel taps, row-major.
     """
 
-    products: tuple
+    products: int
+    direct: tuple
+    gathered: tuple
     assembly: torch.Tensor
     sums: tuple
     tap: torch.Tensor
@@ -143,13 +161,24 @@ def _plan(spatial: tuple[int, ...]) -> _Plan:
             tap.append(a)
             summand.append(sums.setdefault(subset, len(sums)))
             sum_sign.append(sgn)
-    places = tuple(
-        (_rows_index(spatial, dict(fixed), zero), _rows_index(spatial, dict(fixed), shift)) for shift, fixed in products
-    )
     # Made on the CPU whatever the default device (the plan is cached); moved where the data is.
     cpu, f64 = torch.device("cpu"), torch.float64
+    padded = tuple(s + 2 * _MARGIN for s in spatial)
+    ids = torch.arange(math.prod(padded), device=cpu).reshape(1, *padded)  # flat positions, read like the data
+    direct, groups = [], {}
+    for slot, (shift, fixed) in enumerate(products):
+        one, other = _rows_index(spatial, dict(fixed), zero), _rows_index(spatial, dict(fixed), shift)
+        if len(fixed) < 2:
+            direct.append((slot, one, other))
+        else:
+            _, slots, index = groups.setdefault(fixed, (one, [], []))
+            slots.append(slot)
+            index.append(_rows(ids, other)[0])
+    gathered = tuple((one, torch.tensor(slots, device=cpu), torch.stack(index)) for one, slots, index in groups.values())
     return _Plan(
-        places,
+        len(products),
+        tuple(direct),
+        gathered,
         torch.sparse_coo_tensor(
             [pair, product], sign, (len(rows), len(products)), dtype=f64, device=cpu, check_invariants=True
         ).coalesce(),
@@ -192,7 +221,15 @@ def shifted_sums(
     assembly = plan.assembly.to(device=dev, dtype=torch.float32)
     for b in range(n_batch):
         x = F.pad(inputs[b].float(), pad)
-        products = torch.stack([_rows(x, one) @ _rows(x, other).T for one, other in plan.products])
+        products = torch.empty(plan.products, c, c, device=dev)
+        planes: dict = {}
+        for slot, one, other in plan.direct:
+            torch.mm(_rows(x, one, planes), _rows(x, other, planes).T, out=products[slot])
+        flat = x.reshape(c, -1)
+        for one, slots, index in plan.gathered:
+            k = index.shape[0]
+            others = flat[:, index.to(dev)].reshape(c * k, -1)  # (c, k, rows) as (c * k, rows)
+            products[slots.to(dev)] = (_rows(x, one, planes) @ others.T).reshape(c, c, k).permute(2, 0, 1)
         upper += torch.sparse.mm(assembly, products.reshape(len(products), -1)).reshape(upper.shape)
         region_sums = torch.stack([_rows(x, place).sum(1) for place in plan.sums]).to(f64)
         xs.index_add_(1, plan.tap.to(dev), (region_sums[plan.summand.to(dev)] * plan.sum_sign.to(dev)[:, None]).T)
