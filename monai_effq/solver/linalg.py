@@ -5,9 +5,11 @@ one matrix factorised with 1 and with 2 threads gives results that differ in the
 and GPTQ then round some weights the other way (issue 18: on the BraTS demo, 1 vs 2 threads changed
 up to a quarter of some layers' codes). These helpers compute in float64 and round back: the
 differences between thread counts stay far below float32's resolution (the explicit inverse, whose
-float64 result still differed once rounded, runs on one thread). :class:`RowSolver` goes further:
-its results are bit-identical on any thread count, because its only multi-threaded kernels are
-matrix products, which MKL splits by output block and never along a sum.
+float64 result still differed once rounded, runs on one thread). :class:`RowSolver` goes further,
+in float32: its only multi-threaded kernels are matrix products whose row counts are multiples of
+16. MKL splits such products by output block, never along a sum, so they give the same bits on 1
+and 2 threads; products with 5 to 11 rows did not (seen with 9 right-hand sides at ``n = 432`` and
+with a last block of 7 columns at ``n = 1285``), hence the padding.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["RowSolver", "cholesky", "spd_inverse"]
+
+_ALIGN = 16  # rows and columns are padded to a multiple of this (see the module docstring)
 
 
 def cholesky(matrix: torch.Tensor, upper: bool = False) -> torch.Tensor:
@@ -40,19 +45,34 @@ class RowSolver:
     ``M = L Lᵀ`` is factorised left-looking by blocks of columns: each block column is one matrix
     product with the columns before it, its diagonal block is factorised (and its triangle
     inverted) on one thread, so the whole factor is the same on 1 and 2 threads, where LAPACK's
-    differs in the last bits. A solve is then block substitution, two products per block: at
-    ``n = 3456`` with 128 rows it takes 22 ms where two float64 triangular solves took 78 ms.
-    Both run in float32: the solution's relative error is near 2e-5 at ``n = 3456`` (3e-7 with a
-    float64 factor, which took twice as long), and moved no comparison layer's output error in
-    ``benchmarks/layer_solver.py`` by more than 0.03%.
+    differs in the last bits. A solve is then block substitution, two products per block (with a
+    float64 factor, 22 ms at ``n = 3456`` with 128 rows where two float64 triangular solves took
+    78 ms). Both run in float32: the solution's relative error is near 2e-5 at ``n = 3456`` (3e-7
+    with a float64 factor, which took twice as long), and moved no comparison layer's output error
+    in ``benchmarks/layer_solver.py`` by more than 0.03%. ``M`` is padded with an identity block
+    and the right-hand sides with zero rows and columns to multiples of 16, which leaves the
+    solution as it is and keeps every product thread-invariant.
 
     Args:
         matrix: ``(G, n, n)`` symmetric positive definite matrices.
+        block: columns per block (a multiple of 16).
+
+    Attributes:
+        lower: the padded ``(G, n', n')`` float32 factor ``L``.
+        diagonal_inverses: per block, the inverse of ``L``'s diagonal block.
         block: columns per block.
+        size: ``n``, the unpadded size.
     """
 
     def __init__(self, matrix: torch.Tensor, block: int = 256) -> None:
+        if block % _ALIGN:
+            raise ValueError(f"RowSolver's block must be a multiple of {_ALIGN}, got {block}.")
         a = matrix.float()
+        self.size = a.shape[-1]
+        pad = -self.size % _ALIGN
+        if pad:
+            a = F.pad(a, (0, pad, 0, pad))
+            a[:, self.size :, self.size :] = torch.eye(pad, dtype=a.dtype, device=a.device)
         g, n, _ = a.shape
         lower = torch.zeros_like(a)
         self.block = block
@@ -73,7 +93,21 @@ class RowSolver:
         self.lower = lower
 
     def solve_rows(self, rhs: torch.Tensor) -> torch.Tensor:
-        """``rhs M⁻¹`` for ``(G, m, n)`` float32 right-hand sides: ``X Lᵀ = rhs``, then ``Y L = X``."""
+        """``rhs M⁻¹`` for ``(G, m, n)`` right-hand sides: ``X Lᵀ = rhs``, then ``Y L = X``.
+
+        Args:
+            rhs: the right-hand sides (computed in float32).
+
+        Returns:
+            the ``(G, m, n)`` solutions, in ``rhs``'s dtype.
+        """
+        m, n = rhs.shape[1], self.lower.shape[-1]
+        padded = F.pad(rhs.float(), (0, n - self.size, 0, -m % _ALIGN))
+        y = self._solve_padded(padded)
+        return y[:, :m, : self.size].to(rhs.dtype)
+
+    def _solve_padded(self, rhs: torch.Tensor) -> torch.Tensor:
+        """The block substitution on right-hand sides already padded to ``lower``'s size."""
         lower, n = self.lower, self.lower.shape[-1]
         starts = range(0, n, self.block)
         x = torch.empty_like(rhs)

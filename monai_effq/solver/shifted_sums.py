@@ -221,7 +221,7 @@ def shifted_sums(
     assembly = plan.assembly.to(device=dev, dtype=torch.float32)
     for b in range(n_batch):
         x = F.pad(inputs[b].float(), pad)
-        products = torch.empty(plan.products, c, c, device=dev)
+        products = torch.empty(plan.products, c, c, dtype=x.dtype, device=dev)
         planes: dict = {}
         for slot, one, other in plan.direct:
             torch.mm(_rows(x, one, planes), _rows(x, other, planes).T, out=products[slot])
@@ -229,7 +229,8 @@ def shifted_sums(
         for one, slots, index in plan.gathered:
             k = index.shape[0]
             others = flat[:, index.to(dev)].reshape(c * k, -1)  # (c, k, rows) as (c * k, rows)
-            products[slots.to(dev)] = (_rows(x, one, planes) @ others.T).reshape(c, c, k).permute(2, 0, 1)
+            # the wide operand first: with it second, 5 to 11 channels gave other bits on 1 and 2 threads
+            products[slots.to(dev)] = (others @ _rows(x, one, planes).T).reshape(c, k, c).permute(1, 2, 0)
         upper += torch.sparse.mm(assembly, products.reshape(len(products), -1)).reshape(upper.shape)
         region_sums = torch.stack([_rows(x, place).sum(1) for place in plan.sums]).to(f64)
         xs.index_add_(1, plan.tap.to(dev), (region_sums[plan.summand.to(dev)] * plan.sum_sign.to(dev)[:, None]).T)

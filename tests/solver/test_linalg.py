@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from monai_effq.solver.linalg import RowSolver, cholesky, spd_inverse
@@ -48,7 +49,26 @@ def test_row_solver_inverts_the_matrix():
     a = _gram(40, seed=2)
     rhs = torch.randn(1, 3, 40, generator=torch.Generator().manual_seed(3))
     exact = torch.linalg.solve(a.double(), rhs.double().mT).mT
-    for block in (8, 13, 64):  # many blocks, a short last block, one block
+    for block in (16, 32, 64):  # 40 padded to 48: three blocks, a short last block, one block
         x = RowSolver(a, block=block).solve_rows(rhs)
         torch.testing.assert_close(x.double(), exact, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(torch.bmm(spd_inverse(a), a), torch.eye(40)[None], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n, rows", [(432, 9), (216, 10), (1285, 7)])
+def test_the_row_solver_is_the_same_on_one_and_two_threads_for_row_counts_and_sizes_off_sixteen(n, rows):
+    # unpadded, MKL's products with 9, 10 or 7 rows (the right-hand sides, or the last block of
+    # the factor at n = 1285) gave other bits on 1 and 2 threads
+    a = _gram(n, seed=6)
+    rhs = torch.randn(1, rows, n, generator=torch.Generator().manual_seed(7))
+    one, two = _on_threads(lambda: RowSolver(a).solve_rows(rhs))
+    assert torch.equal(one, two) and one.shape == rhs.shape
+    exact = torch.linalg.solve(a.double(), rhs.double().mT).mT
+    torch.testing.assert_close(one.double(), exact, rtol=1e-4, atol=1e-4)
+
+
+def test_the_row_solver_returns_the_dtype_it_is_given_and_refuses_unaligned_blocks():
+    a = _gram(20, seed=8)
+    assert RowSolver(a).solve_rows(torch.ones(1, 2, 20, dtype=torch.float64)).dtype == torch.float64
+    with pytest.raises(ValueError, match="multiple of 16"):
+        RowSolver(a, block=13)

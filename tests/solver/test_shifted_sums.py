@@ -6,6 +6,8 @@ from monai_effq.solver import GramAccumulator, layer_view
 from monai_effq.solver.gram import _Sums
 from monai_effq.solver.shifted_sums import shifted_sums, supports_shifted_sums
 
+from ..threads import torch_threads
+
 
 def _im2col_sums(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> _Sums:
     view = layer_view(layer)
@@ -78,3 +80,25 @@ def test_the_low_rank_factor_is_kept_while_fewer_voxels_than_columns_were_seen(m
     assert acc.statistics().factor is not None
     acc.add_batch(torch.cat([x] * 4), torch.cat([y] * 4))  # 320 voxels: the factor is dropped
     assert acc.statistics().factor is None
+
+
+@pytest.mark.parametrize("channels, spatial", [(6, (12, 12, 12)), (9, (10, 14, 12))])
+def test_the_sums_are_the_same_on_one_and_two_threads_for_channel_counts_off_sixteen(channels, spatial):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(1, channels, *spatial, generator=g), torch.randn(1, 4, *spatial, generator=g)
+    runs = []
+    for threads in (1, 2):
+        with torch_threads(threads):
+            runs.append(shifted_sums(x, y))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_the_sums_follow_a_float64_default_dtype():
+    x, y = torch.rand(1, 2, 4, 5, 3), torch.rand(1, 3, 4, 5, 3)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        xx = shifted_sums(x, y)[0]
+    finally:
+        torch.set_default_dtype(before)
+    assert xx.dtype == torch.float64 and xx.shape == (1, 2 * 27, 2 * 27)
