@@ -50,9 +50,11 @@ from machine import cpu_summary
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W3A8": (3, 8), "W2A8": (2, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
 # label -> EfficientQConfig settings. The baselines are the plain algorithms a user gets elsewhere
-# (no held-out validation); "gptq+val" is GPTQ with this project's per-layer validation.
+# (no held-out validation); "gptq+val" is GPTQ with this project's per-layer validation;
+# "efficientq gptq-start" starts ADMM from the better of GPTQ's and RTN's codes instead of RTN's.
 METHODS = {
     "efficientq": {"method": "efficientq"},
+    "efficientq gptq-start": {"method": "efficientq", "init": "gptq"},
     "gptq": {"method": "gptq", "validation_fraction": 0.0},
     "rtn": {"method": "rtn"},
     "gptq+val": {"method": "gptq"},

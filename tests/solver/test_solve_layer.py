@@ -28,13 +28,16 @@ def test_eight_bit_weights_reproduce_the_full_precision_output(make_layer):
 
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_efficientq_beats_round_to_nearest_and_is_no_worse_than_gptq(make_layer, bits, seed):
+def test_efficientq_beats_round_to_nearest_and_from_gptqs_start_is_no_worse_than_gptq(make_layer, bits, seed):
     layer, x, y = make_layer(16, 16, 8, seed=seed)
     effq = solve_layer(layer, x, y, bits)
+    from_gptq = solve_layer(layer, x, y, bits, init="gptq")
     gptq = solve_layer(layer, x, y, bits, method="gptq")
     rtn = solve_layer(layer, x, y, bits, method="rtn")
     assert effq.mse < rtn.mse == pytest.approx(effq.mse_rtn)
-    assert effq.mse <= gptq.mse * (1 + 1e-6)
+    assert from_gptq.mse <= gptq.mse * (1 + 1e-6) and from_gptq.info["init_mse"] <= gptq.mse * (1 + 1e-6)
+    assert from_gptq.info["init_mse"] <= effq.info["init_mse"]  # the better baseline, no worse than RTN's codes
+    assert effq.info["init_mse"] == solve_layer(layer, x, y, bits, init="rtn").info["init_mse"]  # the default start
 
 
 def test_paper_admm_from_round_to_nearest_beats_round_to_nearest(make_layer):

@@ -1,4 +1,4 @@
-"""EfficientQ: ADMM against the layer's full-precision outputs, from the better baseline rounding."""
+"""EfficientQ: ADMM against the layer's full-precision outputs, from round-to-nearest's codes (or the better baseline's)."""
 
 from __future__ import annotations
 
