@@ -83,7 +83,13 @@ class RowSolver:
             if j0:
                 column = column - torch.bmm(lower[:, j0:, :j0], lower[:, j0:j1, :j0].transpose(1, 2))
             with _one_thread(a.device):
-                diag = torch.linalg.cholesky(column[:, : j1 - j0])
+                diag, info = torch.linalg.cholesky_ex(column[:, : j1 - j0])
+                if bool((info > 0).any()):
+                    raise ValueError(
+                        f"the {self.size}x{self.size} system of the ADMM W-step is not positive definite in "
+                        "float32 (its columns are nearly dependent): raise AdmmSettings.rho_start or eta, or "
+                        "quantize this layer with method='gptq'."
+                    )
                 identity = torch.eye(j1 - j0, dtype=a.dtype, device=a.device).expand_as(diag)
                 inverse = torch.linalg.solve_triangular(diag, identity, upper=False)
             lower[:, j0:j1, j0:j1] = diag

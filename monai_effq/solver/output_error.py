@@ -144,9 +144,17 @@ class OutputError:
     def mse(self, name: str) -> float:
         """The h-weighted output MSE of the candidate ``name``.
 
+        Args:
+            name: one of the candidates' names.
+
+        Returns:
+            the candidate's weighted MSE.
+
         Raises:
-            ValueError: when no window with weight was added.
+            ValueError: for a name that is not a candidate, or when no window with weight was added.
         """
+        if name not in self._layer_of:
+            raise ValueError(f"{name!r} is not a candidate of {self.view.name}; pass one of {sorted(self._layer_of)}.")
         _, h_sum, _, errors = self._totals()
         if h_sum <= 0:
             raise ValueError(f"no calibration window with weight was added for {self.view.name}.")

@@ -84,7 +84,9 @@ def _rows_index(spatial: tuple[int, ...], fixed: dict[int, int], shift: tuple[in
     return tuple(index), first + offset, last + offset + 1
 
 
-def _rows(padded: torch.Tensor, where: tuple[tuple, int, int], planes: dict | None = None) -> torch.Tensor:
+def _rows(
+    padded: torch.Tensor, where: tuple[tuple, int, int], planes: dict[tuple, torch.Tensor] | None = None
+) -> torch.Tensor:
     """``(channels, L)`` rows of a padded sample at a place given by :func:`_rows_index`.
 
     ``planes``, when given, keeps the flattened plane (or line) of each index for the next place on
@@ -219,18 +221,19 @@ def shifted_sums(
     pad = [_MARGIN] * (2 * nd)
     whole = _rows_index(spatial, {}, (0,) * nd)
     assembly = plan.assembly.to(device=dev, dtype=torch.float32)
+    gathered = [(one, slots.to(dev), index.to(dev)) for one, slots, index in plan.gathered]
     for b in range(n_batch):
         x = F.pad(inputs[b].float(), pad)
         products = torch.empty(plan.products, c, c, dtype=x.dtype, device=dev)
-        planes: dict = {}
+        planes: dict[tuple, torch.Tensor] = {}
         for slot, one, other in plan.direct:
             torch.mm(_rows(x, one, planes), _rows(x, other, planes).T, out=products[slot])
         flat = x.reshape(c, -1)
-        for one, slots, index in plan.gathered:
+        for one, slots, index in gathered:
             k = index.shape[0]
-            others = flat[:, index.to(dev)].reshape(c * k, -1)  # (c, k, rows) as (c * k, rows)
+            others = flat[:, index].reshape(c * k, -1)  # (c, k, rows) as (c * k, rows)
             # the wide operand first: with it second, 5 to 11 channels gave other bits on 1 and 2 threads
-            products[slots.to(dev)] = (others @ _rows(x, one, planes).T).reshape(c, k, c).permute(1, 2, 0)
+            products[slots] = (others @ _rows(x, one, planes).T).reshape(c, k, c).permute(1, 2, 0)
         upper += torch.sparse.mm(assembly, products.reshape(len(products), -1)).reshape(upper.shape)
         region_sums = torch.stack([_rows(x, place).sum(1) for place in plan.sums]).to(f64)
         xs.index_add_(1, plan.tap.to(dev), (region_sums[plan.summand.to(dev)] * plan.sum_sign.to(dev)[:, None]).T)

@@ -72,3 +72,9 @@ def test_the_row_solver_returns_the_dtype_it_is_given_and_refuses_unaligned_bloc
     assert RowSolver(a).solve_rows(torch.ones(1, 2, 20, dtype=torch.float64)).dtype == torch.float64
     with pytest.raises(ValueError, match="multiple of 16"):
         RowSolver(a, block=13)
+
+
+def test_a_matrix_that_is_not_positive_definite_is_refused_with_what_to_do():
+    a = -torch.eye(20)[None]
+    with pytest.raises(ValueError, match="not positive definite.*rho_start"):
+        RowSolver(a)

@@ -98,5 +98,7 @@ def test_bad_input_is_refused_by_name():
     meter.add_batch(x, y, windows=[0, 1, 2])
     with pytest.raises(ValueError, match="window 1 was added twice"):
         meter.add_batch(x[:1], y[:1], windows=[1])
+    with pytest.raises(ValueError, match=r"'rtn' is not a candidate of .*pass one of \['fp'\]"):
+        meter.mse("rtn")
     with pytest.raises(ValueError, match="fits its codes to the calibration data"):
         solve_weights(layer_view(layer), layer.weight, layer.bias, 3, method="efficientq")
