@@ -116,7 +116,8 @@ class _ShiftedSystem:
     def __init__(self, stats: LayerStatistics, lowrank: bool) -> None:
         self.A = stats.A
         self.factor = stats.factor if lowrank else None
-        self._apply: RowSolver | torch.Tensor | None = None
+        self._solver: RowSolver | None = None  # the factorised shifted A
+        self._inverse: torch.Tensor | None = None  # (c I + 2 FᵀF)⁻¹ of the Woodbury form
         self.c = 0.0
 
     def set_shift(self, c: float) -> None:
@@ -126,20 +127,20 @@ class _ShiftedSystem:
             # the block substitution runs at the speed of a product with it.
             shifted = self.A.clone()
             shifted.diagonal(dim1=1, dim2=2).add_(c)
-            self._apply = RowSolver(shifted)
+            self._solver = RowSolver(shifted)
         else:
             # (c I + 2 F Fᵀ)⁻¹ = (I - 2 F (c I + 2 FᵀF)⁻¹ Fᵀ) / c
             f = self.factor
             k = 2.0 * torch.bmm(f.transpose(1, 2), f)
             k.diagonal(dim1=1, dim2=2).add_(c)
-            self._apply = spd_inverse(k)
+            self._inverse = spd_inverse(k)
 
     def solve_rows(self, rhs: torch.Tensor) -> torch.Tensor:
         """``rhs (A + cI)⁻¹`` for ``(G, m, n)`` right-hand sides."""
-        if self.factor is None:
-            return self._apply.solve_rows(rhs)
+        if self._solver is not None:
+            return self._solver.solve_rows(rhs)
         f = self.factor
-        t = torch.bmm(torch.bmm(rhs, f), self._apply)
+        t = torch.bmm(torch.bmm(rhs, f), self._inverse)
         return (rhs - 2.0 * torch.bmm(t, f.transpose(1, 2))) / self.c
 
 
