@@ -439,12 +439,19 @@ class _Run:
         A method whose codes do not depend on the data (round to nearest) is solved first, and
         only its error figures, and round to nearest's, are measured on the pairs, by running the
         layer (:class:`~monai_effq.solver.output_error.OutputError`), instead of summing statistics.
+        So is a layer that validation would keep at round to nearest outright because the windows
+        give it fewer voxels than unknowns per output channel (:func:`~monai_effq.solver.validation.solve_validated`):
+        the scan has counted its voxels, and its ``n × n`` sums (the largest of the network, 0.2 GB at
+        ``n = 5184``) would decide nothing.
         """
         t0 = time.perf_counter()
         fp_layer = self.fp.get_submodule(plan.name)
         view = layer_view(fp_layer)
         weight, bias = fp_layer.weight.detach(), None if fp_layer.bias is None else fp_layer.bias.detach()
-        if get_method(plan.method).needs_statistics:
+        summed = get_method(plan.method).needs_statistics
+        # fewer voxels than unknowns means fewer effective voxels too: (Σ h)² / Σ h² <= voxels
+        underdetermined = summed and self.config.validation_fraction > 0 and self.bounds[plan.name][0] < view.in_per_group
+        if summed and not underdetermined:
             voxels, inputs, targets = self.bounds[plan.name]
             largest = 1.0 if attention is None else max(1.0, float(attention.class_weights.max()))
             bounds = SumBounds(voxels=voxels, weight=largest, inputs=inputs, targets=targets)
@@ -455,7 +462,10 @@ class _Run:
             )
         else:
             rtn = solve_weights(view, weight, bias, plan.weight, method="rtn")
-            sol = rtn if plan.method == "rtn" else solve_weights(view, weight, bias, plan.weight, method=plan.method)
+            data_free = plan.method == "rtn" or underdetermined
+            sol = rtn if data_free else solve_weights(view, weight, bias, plan.weight, method=plan.method)
+            if underdetermined:
+                sol.info["choice"] = "rtn (underdetermined)"
             # weights equal to round to nearest's are run once, for both figures
             acc = OutputError(
                 fp_layer, {"fp": (weight, bias), "quantized": (sol.weight, sol.bias), "rtn": (rtn.weight, rtn.bias)}

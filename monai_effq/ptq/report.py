@@ -98,7 +98,8 @@ class LayerReport:
         effective_voxels: ``(Σ h)² / Σ h²`` of the attention weights: equally weighted voxels
             worth as much data.
         unknowns: weights per output channel (``c_in / groups · prod(kernel)``).
-        mse_holdout: held-out output error of the chosen setting (``None`` without validation).
+        mse_holdout: held-out output error of the chosen setting (``None`` without validation, or for a
+            layer kept at round to nearest outright for want of voxels, whose statistics are not summed).
         mse_holdout_rtn: round-to-nearest's held-out output error.
         choice: the solver setting used (``"efficientq eta=1"``, ``"rtn"``, ...).
     """

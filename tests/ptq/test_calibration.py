@@ -107,3 +107,19 @@ def test_validation_fraction_zero_gives_the_plain_solve(trained_unet):
     assert all(r.mse_holdout is None and r.choice == "efficientq" for r in result.report.layers)
     with pytest.raises(ValueError, match="validation_fraction"):
         EfficientQConfig(validation_fraction=0.9)
+
+
+def test_a_layer_with_fewer_voxels_than_unknowns_keeps_round_to_nearest_without_summing_its_statistics(trained_unet, monkeypatch):
+    summed = []
+    accumulator = pipeline.GramAccumulator
+    monkeypatch.setattr(pipeline, "GramAccumulator", lambda view, **kw: summed.append(view) or accumulator(view, **kw))
+    calib, _ = sphere_volumes(1, seed=5)
+    tiny = calib[:, :, 8:16, 4:20, 4:20]
+    effq = quantize(trained_unet, tiny, EfficientQConfig(weight_bits=2, act_bits=8), progress=False)
+    rtn = quantize(trained_unet, tiny, EfficientQConfig(weight_bits=2, act_bits=8, method="rtn"), progress=False)
+    short = [r for r in effq.report.layers if r.voxels < r.unknowns]
+    assert short and len(summed) == len(effq.report.layers) - len(short)  # only the other layers summed
+    for layer in short:
+        assert layer.choice == "rtn (underdetermined)" and layer.underdetermined and layer.mse == layer.mse_rtn
+        mine, theirs = effq.network.get_submodule(layer.name), rtn.network.get_submodule(layer.name)
+        assert torch.equal(mine.codes, theirs.codes) and torch.equal(mine.scale, theirs.scale)
