@@ -17,9 +17,9 @@ from monai_effq.solver.gram import GramAccumulator, LayerStatistics
 from monai_effq.solver.layers import LayerView, layer_view
 from monai_effq.solver.methods import METHODS, LayerProblem, MethodResult, get_method
 from monai_effq.solver.methods.efficientq import paper_problem_scale
-from monai_effq.solver.rounding import fit_grid, round_to_nearest
+from monai_effq.solver.rounding import GridFit, fit_grid, round_to_nearest
 
-__all__ = ["LayerSolution", "METHODS", "solve_layer", "solve_statistics", "solve_weights", "paper_problem_scale"]
+__all__ = ["LayerSolution", "METHODS", "as_weight_spec", "solve_layer", "solve_statistics", "solve_weights", "paper_problem_scale"]
 
 DEFAULT_WEIGHT_GRID = "midrise"
 DEFAULT_METHOD = "efficientq"
@@ -63,7 +63,15 @@ class LayerSolution:
 SOLVER_OPTIONS = ("method", "admm", "init", "refit_bias", "gptq_damp")
 
 
-def _weight_spec(spec: WeightSpec | int) -> WeightSpec:
+def as_weight_spec(spec: WeightSpec | int) -> WeightSpec:
+    """A layer's :class:`~monai_effq.quant.spec.WeightSpec`, or the default one of its bits.
+
+    Args:
+        spec: a spec, or just the bits (per-tensor, the default grid, free scale).
+
+    Returns:
+        the spec.
+    """
     return spec if isinstance(spec, WeightSpec) else WeightSpec.of(spec, DEFAULT_WEIGHT_GRID)
 
 
@@ -79,6 +87,7 @@ def solve_statistics(
     init: str = "rtn",
     refit_bias: bool | None = None,
     gptq_damp: float = 0.01,
+    rtn_fit: GridFit | None = None,
 ) -> LayerSolution:
     """Quantize a layer's weights from accumulated statistics.
 
@@ -96,12 +105,14 @@ def solve_statistics(
         refit_bias: refit the bias by least squares for the final weights (default: the method's
             choice; round-to-nearest, the plain baseline, keeps the FP bias).
         gptq_damp: GPTQ's ridge, as a fraction of the Gram matrix's mean diagonal.
+        rtn_fit: ``fit_grid`` of ``weight``'s matrix under ``spec``, where the caller already has it
+            (:func:`~monai_effq.solver.validation.solve_validated` fits it once for all its candidates).
 
     Returns:
         the :class:`LayerSolution`.
     """
     solver = get_method(method)
-    spec = _weight_spec(spec)
+    spec = as_weight_spec(spec)
     if init not in ("gptq", "rtn"):
         raise ValueError(f"init must be 'gptq' or 'rtn', got {init!r}.")
     if not torch.isfinite(weight).all():
@@ -110,7 +121,7 @@ def solve_statistics(
     g, m = view.groups, view.out_per_group
     w0 = view.weight_matrix(weight).float()
     b0 = torch.zeros(g, m, device=weight.device) if bias is None else bias.detach().float().reshape(g, m)
-    rtn_fit = fit_grid(w0, spec)
+    rtn_fit = fit_grid(w0, spec) if rtn_fit is None else rtn_fit
     rtn_codes = round_to_nearest(w0, rtn_fit)
     error = stats.error_near(w0)
     mse_rtn = error(rtn_fit.values(rtn_codes), b0)
@@ -181,7 +192,7 @@ def solve_weights(
     solver = get_method(method)
     if solver.needs_statistics:
         raise ValueError(f"method {method!r} fits its codes to the calibration data: solve it with solve_statistics.")
-    spec = _weight_spec(spec)
+    spec = as_weight_spec(spec)
     if not torch.isfinite(weight).all():
         raise ValueError(f"the {view.name} weights contain NaN or Inf values.")
     t0 = time.perf_counter()

@@ -29,9 +29,10 @@ import torch
 
 from monai_effq.quant.spec import WeightSpec
 from monai_effq.solver.admm import AdmmSettings
-from monai_effq.solver.api import LayerSolution, solve_statistics
+from monai_effq.solver.api import LayerSolution, as_weight_spec, solve_statistics
 from monai_effq.solver.gram import LayerStatistics
 from monai_effq.solver.layers import LayerView
+from monai_effq.solver.rounding import fit_grid
 
 __all__ = ["Candidate", "candidates_for", "solve_validated", "ETA_CHOICES", "GPTQ_DAMP_CHOICES"]
 
@@ -132,6 +133,9 @@ def solve_validated(
         candidates = [c for c in candidates if c.name == "rtn"]
     errors: dict[str, float] = {}
     best = candidates[0]
+    # every candidate starts from the same grid fit of the FP weights: fitted once
+    spec = as_weight_spec(spec)
+    options = {**options, "rtn_fit": fit_grid(view.weight_matrix(weight).float(), spec)}
     if fit is not None and holdout is not None:
         for cand in candidates:
             sol = solve_statistics(view, fit, weight, bias, spec, method=cand.method, **{**options, **cand.options})

@@ -3,9 +3,10 @@ import torch
 import torch.nn as nn
 
 from monai_effq.solver.admm import AdmmSettings
-from monai_effq.solver.api import solve_statistics
+from monai_effq.solver.api import as_weight_spec, solve_statistics
 from monai_effq.solver.gram import GramAccumulator
 from monai_effq.solver.layers import layer_view
+from monai_effq.solver.rounding import fit_grid
 from monai_effq.solver.validation import candidates_for, solve_validated
 
 
@@ -125,3 +126,20 @@ def test_on_a_scarcely_determined_layer_the_chosen_setting_is_no_worse_than_roun
     g, m = view.groups, view.out_per_group
     plain_held = held.weighted_mse(view.weight_matrix(plain.weight).float(), plain.bias.reshape(g, m))
     assert sol.info["holdout_mse"] <= plain_held
+
+
+def test_a_grid_fit_handed_in_gives_the_solution_the_solver_fits_itself():
+    torch.manual_seed(0)
+    layer = torch.nn.Conv3d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 6, 6, 6)
+    y = layer(x).detach()
+    view = layer_view(layer)
+    acc = GramAccumulator(view)
+    acc.add_batch(x, y)
+    stats = acc.statistics()
+    spec = as_weight_spec(3)
+    fitted = fit_grid(view.weight_matrix(layer.weight).float(), spec)
+    for method in ("efficientq", "gptq", "rtn"):
+        own = solve_statistics(view, stats, layer.weight, layer.bias, spec, method=method)
+        given = solve_statistics(view, stats, layer.weight, layer.bias, spec, method=method, rtn_fit=fitted)
+        assert torch.equal(own.codes, given.codes) and torch.equal(own.scale, given.scale) and own.mse == given.mse
