@@ -4,6 +4,10 @@ Every solver method works from these sums. The bias is eliminated in closed form
 weights the least-squares bias is ``b = ȳ - W x̄`` with h-weighted means), which leaves the centred
 matrices ``A_c`` and ``B_c``; the weighted output error of any weight matrix ``W`` is then
 ``tr(W A_c Wᵀ)/2 - tr(W B_cᵀ) + const``, a function of the sums alone.
+
+The weighted sums come from im2col columns; for a strided transposed convolution only the columns
+of the taps that read real input samples (:meth:`~monai_effq.solver.layers.LayerView.iter_parity_chunks`),
+whose products are added into those taps' rows and columns of the sums (:class:`_ScatteredParts`).
 """
 
 from __future__ import annotations
@@ -155,6 +159,55 @@ def symmetric_gram(xh: torch.Tensor, x: torch.Tensor, block: int = 512) -> torch
     return out
 
 
+def _weighted_parts(x: torch.Tensor, y: torch.Tensor, h: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The float64 sums ``Σ h x xᵀ``, ``Σ h y xᵀ``, ``Σ h x``, ``Σ h y`` and ``Σ h y²`` of ``(G, V, ·)`` columns."""
+    xh = x * h[None, :, None]
+    yh = y * h[None, :, None]
+    return {
+        "xx": symmetric_gram(xh, x).double(),
+        "yx": torch.bmm(yh.transpose(1, 2), x).double(),
+        "x": xh.sum(1).double(),
+        "y": yh.sum(1).double(),
+        "yy": (yh * y).sum(1).double(),
+    }
+
+
+class _ScatteredParts:
+    """The float64 parts of one window's sums from chunks that hold a subset of the columns each.
+
+    A chunk's products land in the rows and columns of its subset; the other entries of its voxels'
+    outer products are zero, so nothing else is added. Parts of several chunks are gathered here
+    and put into :class:`_Sums` once per window, as the dense path puts each chunk's.
+
+    Args:
+        g: groups.
+        n: columns per group.
+        m: outputs per group.
+        device: device of the parts.
+    """
+
+    def __init__(self, g: int, n: int, m: int, device: torch.device | str) -> None:
+        def z(*shape: int) -> torch.Tensor:
+            return torch.zeros(*shape, dtype=torch.float64, device=device)
+
+        self.parts = {"xx": z(g, n, n), "yx": z(g, m, n), "x": z(g, n), "y": z(g, m), "yy": z(g, m)}
+        self.h, self.h2, self.voxels = 0.0, 0.0, 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, columns: torch.Tensor) -> None:
+        """Add ``(G, V, len(columns))`` columns (the layer's ``columns``, distinct), targets and weights."""
+        part = _weighted_parts(x, y, h)
+        p = self.parts
+        # the indices are distinct, so an indexed add is a plain scatter
+        p["xx"][:, columns[:, None], columns[None, :]] += part["xx"]
+        p["yx"][:, :, columns] += part["yx"]
+        p["x"][:, columns] += part["x"]
+        for name in ("y", "yy"):
+            p[name] += part[name]
+        self.h += float(h.double().sum())
+        self.h2 += float(h.double().pow(2).sum())
+        self.voxels += h.numel()
+
+
 @dataclass(frozen=True)
 class SumBounds:
     """Upper bounds of a layer's calibration data that every process agrees on, for exact sums.
@@ -299,16 +352,11 @@ class _Sums:
         self.coarsened = True
 
     def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor) -> None:
-        xh = x * h[None, :, None]
-        yh = y * h[None, :, None]
-        parts = {
-            "xx": symmetric_gram(xh, x).double(),
-            "yx": torch.bmm(yh.transpose(1, 2), x).double(),
-            "x": xh.sum(1).double(),
-            "y": yh.sum(1).double(),
-            "yy": (yh * y).sum(1).double(),
-        }
-        self._put(parts, float(h.double().sum()), float(h.double().pow(2).sum()), h.numel())
+        self._put(_weighted_parts(x, y, h), float(h.double().sum()), float(h.double().pow(2).sum()), h.numel())
+
+    def add_scattered(self, parts: _ScatteredParts) -> None:
+        if parts.voxels:
+            self._put(parts.parts, parts.h, parts.h2, parts.voxels)
 
     def add_unweighted(self, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         voxels = targets.numel() // targets.shape[1]
@@ -430,6 +478,15 @@ class GramAccumulator:
                 for window in self._windows(inputs, targets):
                     self._all.add_unweighted(*window)
                 return
+        if self.view.splits_by_parity:
+            # Parity classes skip the inserted zeros (47x fewer multiply-adds for a 3D U-Net's
+            # up-sampling) but keep no dense columns for the low-rank form, like shifted sums.
+            voxels = targets.numel() // targets.shape[1]
+            if self._columns is None or self._all.voxels + voxels > self.view.in_per_group:
+                self._columns, self._sqrt_h, self._sqrt_h_fit = None, [], []
+                for window in self._windows(inputs, targets, voxel_weights):
+                    self._add_by_parity(*window)
+                return
         for chunk in (c for w in self._windows(inputs, targets, voxel_weights) for c in self.view.iter_chunks(*w, self.max_chunk_elements)):
             x, y, h = chunk.inputs, chunk.targets, chunk.weights
             h_fit = h
@@ -448,6 +505,23 @@ class GramAccumulator:
                 else:
                     self._columns = None
                     self._sqrt_h, self._sqrt_h_fit = [], []
+
+    def _add_by_parity(self, inputs: torch.Tensor, targets: torch.Tensor, voxel_weights: torch.Tensor | None) -> None:
+        """Add one window (or batch, for float64 sums) through :meth:`LayerView.iter_parity_chunks`."""
+        device = self._all.xx.device
+        whole = _ScatteredParts(*self._dims, device)
+        held = None if self._held is None else _ScatteredParts(*self._dims, device)
+        for chunk in self.view.iter_parity_chunks(inputs, targets, voxel_weights, self.max_chunk_elements):
+            x, y, h = chunk.inputs, chunk.targets, chunk.weights
+            if h.dim() == 2:
+                h, h_held = h[:, 0], h[:, 1]
+                rows = torch.nonzero(h_held > 0).squeeze(1)
+                if rows.numel():
+                    held.add(x[:, rows], y[:, rows], h_held[rows], chunk.columns)
+            whole.add(x, y, h, chunk.columns)
+        self._all.add_scattered(whole)
+        if held is not None:
+            self._held.add_scattered(held)
 
     def _windows(self, *tensors: torch.Tensor | None) -> list[tuple[torch.Tensor | None, ...]]:
         """The batch as it is summed: whole, or window by window for exact sums, so that each part
