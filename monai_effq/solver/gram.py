@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from monai_effq.solver.layers import LayerView
+from monai_effq.solver.layers import LayerView, PatchChunk
 from monai_effq.solver.shifted_sums import shifted_sums, supports_shifted_sums
 
 __all__ = ["GramAccumulator", "LayerStatistics", "NearbyError", "SumBounds", "symmetric_gram"]
@@ -382,6 +382,26 @@ class _Sums:
         return _Sums(*scaled, self.h * 2.0 ** -e["h"], self.h2 * 2.0 ** -e["h2"], self.voxels)
 
 
+def _fit_weights(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's voxel weights and those of its fitted part: ``(V,)`` weights, or ``(V, 2)`` of
+    which the second column is the held-out part."""
+    if weights.dim() == 1:
+        return weights, weights
+    return weights[:, 0], weights[:, 0] - weights[:, 1]
+
+
+def _add_chunk(chunk: PatchChunk, whole: _Sums | _ScatteredParts, held: _Sums | _ScatteredParts | None) -> None:
+    """Add a chunk's voxels to ``whole``, and those with a held-out weight (its second weight column) to ``held``."""
+    x, y, h = chunk.inputs, chunk.targets, chunk.weights
+    columns = () if chunk.columns is None else (chunk.columns,)
+    if h.dim() == 2:
+        h, h_held = h[:, 0], h[:, 1]
+        rows = torch.nonzero(h_held > 0).squeeze(1)
+        if rows.numel():
+            held.add(x[:, rows], y[:, rows], h_held[rows], *columns)
+    whole.add(x, y, h, *columns)
+
+
 class GramAccumulator:
     """Accumulates a layer's normal equations over calibration batches.
 
@@ -478,33 +498,33 @@ class GramAccumulator:
                 for window in self._windows(inputs, targets):
                     self._all.add_unweighted(*window)
                 return
+        chunks = (c for w in self._windows(inputs, targets, voxel_weights) for c in self.view.iter_chunks(*w, self.max_chunk_elements))
         if self.view.splits_by_parity:
             # Parity classes skip the inserted zeros (47x fewer multiply-adds for a 3D U-Net's
-            # up-sampling) but keep no dense columns for the low-rank form, like shifted sums.
+            # up-sampling); the dense columns are only unfolded for the low-rank form, while it lasts.
             voxels = targets.numel() // targets.shape[1]
-            if self._columns is None or self._all.voxels + voxels > self.view.in_per_group:
+            if self._columns is not None and self._all.voxels + voxels <= self.view.in_per_group:
+                for chunk in chunks:
+                    self._keep_columns(chunk.inputs, *_fit_weights(chunk.weights))
+            else:
                 self._columns, self._sqrt_h, self._sqrt_h_fit = None, [], []
-                for window in self._windows(inputs, targets, voxel_weights):
-                    self._add_by_parity(*window)
-                return
-        for chunk in (c for w in self._windows(inputs, targets, voxel_weights) for c in self.view.iter_chunks(*w, self.max_chunk_elements)):
-            x, y, h = chunk.inputs, chunk.targets, chunk.weights
-            h_fit = h
-            if h.dim() == 2:
-                h, h_held = h[:, 0], h[:, 1]
-                h_fit = h - h_held
-                rows = torch.nonzero(h_held > 0).squeeze(1)
-                if rows.numel():
-                    self._held.add(x[:, rows], y[:, rows], h_held[rows])
-            self._all.add(x, y, h)
+            for window in self._windows(inputs, targets, voxel_weights):
+                self._add_by_parity(*window)
+            return
+        for chunk in chunks:
+            _add_chunk(chunk, self._all, self._held)
             if self._columns is not None:
                 if self._all.voxels <= self.view.in_per_group:
-                    self._columns.append(x.clone())
-                    self._sqrt_h.append(h.clamp_min(0).sqrt())
-                    self._sqrt_h_fit.append(h_fit.clamp_min(0).sqrt())
+                    self._keep_columns(chunk.inputs, *_fit_weights(chunk.weights))
                 else:
                     self._columns = None
                     self._sqrt_h, self._sqrt_h_fit = [], []
+
+    def _keep_columns(self, x: torch.Tensor, h: torch.Tensor, h_fit: torch.Tensor) -> None:
+        """Keep a chunk's dense columns and the square roots of its weights for the low-rank factor."""
+        self._columns.append(x.clone())
+        self._sqrt_h.append(h.clamp_min(0).sqrt())
+        self._sqrt_h_fit.append(h_fit.clamp_min(0).sqrt())
 
     def _add_by_parity(self, inputs: torch.Tensor, targets: torch.Tensor, voxel_weights: torch.Tensor | None) -> None:
         """Add one window (or batch, for float64 sums) through :meth:`LayerView.iter_parity_chunks`."""
@@ -512,13 +532,7 @@ class GramAccumulator:
         whole = _ScatteredParts(*self._dims, device)
         held = None if self._held is None else _ScatteredParts(*self._dims, device)
         for chunk in self.view.iter_parity_chunks(inputs, targets, voxel_weights, self.max_chunk_elements):
-            x, y, h = chunk.inputs, chunk.targets, chunk.weights
-            if h.dim() == 2:
-                h, h_held = h[:, 0], h[:, 1]
-                rows = torch.nonzero(h_held > 0).squeeze(1)
-                if rows.numel():
-                    held.add(x[:, rows], y[:, rows], h_held[rows], chunk.columns)
-            whole.add(x, y, h, chunk.columns)
+            _add_chunk(chunk, whole, held)
         self._all.add_scattered(whole)
         if held is not None:
             self._held.add_scattered(held)

@@ -135,13 +135,20 @@ def _statistics(acc: GramAccumulator, part: str) -> list:
     return [st.A64, st.B64, st.x_mean, st.y_mean, st.y_energy, torch.tensor([st.weight_sum, st.effective_voxels, st.voxels])]
 
 
-def test_transposed_conv_keeps_its_low_rank_factor_while_fewer_voxels_than_columns_were_seen():
+def test_transposed_conv_keeps_the_dense_low_rank_factor_while_fewer_voxels_than_columns_were_seen(monkeypatch):
     layer = nn.ConvTranspose3d(4, 3, 3, stride=2, padding=1, output_padding=1)  # 108 columns
     x, y, h, held = _data(layer, (4, 2, 2, 2))  # 64 voxels per window
-    acc = GramAccumulator(layer_view(layer))
-    acc.add_batch(x[:1], y[:1], h[:1], held[:1])
-    factor = acc.statistics().factor
-    assert factor is not None
-    torch.testing.assert_close(2 * factor @ factor.transpose(1, 2), acc.statistics().A, rtol=1e-4, atol=1e-4)
-    acc.add_batch(x[1:], y[1:], h[1:], held[1:])  # past the columns: summed by parity class, no factor
+
+    def first_window_statistics():
+        acc = GramAccumulator(layer_view(layer))
+        acc.add_batch(x[:1], y[:1], h[:1], held[:1])
+        return acc, acc.statistics("fit")
+
+    acc, by_parity = first_window_statistics()
+    monkeypatch.setattr(LayerView, "splits_by_parity", property(lambda view: False))
+    _, dense = first_window_statistics()
+    assert by_parity.factor is not None and torch.equal(by_parity.factor, dense.factor)
+    torch.testing.assert_close(by_parity.A64, dense.A64, rtol=1e-5, atol=1e-5 * float(dense.A64.abs().max()))
+    torch.testing.assert_close(2 * by_parity.factor @ by_parity.factor.transpose(1, 2), by_parity.A, rtol=1e-4, atol=1e-4)
+    acc.add_batch(x[1:], y[1:], h[1:], held[1:])  # past the columns: the factor is dropped
     assert acc.statistics().factor is None
