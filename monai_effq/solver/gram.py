@@ -5,9 +5,10 @@ weights the least-squares bias is ``b = ȳ - W x̄`` with h-weighted means), whi
 matrices ``A_c`` and ``B_c``; the weighted output error of any weight matrix ``W`` is then
 ``tr(W A_c Wᵀ)/2 - tr(W B_cᵀ) + const``, a function of the sums alone.
 
-The weighted sums come from im2col columns; for a strided transposed convolution only the columns
-of the taps that read real input samples (:meth:`~monai_effq.solver.layers.LayerView.iter_parity_chunks`),
-whose products are added into those taps' rows and columns of the sums (:class:`_ScatteredParts`).
+The weighted sums are products of im2col columns. Those of a strided transposed convolution are
+mostly the zeros its stride inserts, so its output voxels are taken by parity class
+(:meth:`~monai_effq.solver.layers.LayerView.iter_parity_chunks`), whose columns hold only the taps
+that read input samples, and their products go into those taps' rows and columns of the sums.
 """
 
 from __future__ import annotations
@@ -502,6 +503,7 @@ class GramAccumulator:
         if self.view.splits_by_parity:
             # Parity classes skip the inserted zeros (47x fewer multiply-adds for a 3D U-Net's
             # up-sampling); the dense columns are only unfolded for the low-rank form, while it lasts.
+            # A dilated transposed convolution reads other taps and keeps the dense path below.
             voxels = targets.numel() // targets.shape[1]
             if self._columns is not None and self._all.voxels + voxels <= self.view.in_per_group:
                 for chunk in chunks:

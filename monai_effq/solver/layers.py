@@ -13,7 +13,7 @@ channel-swapped kernel, so it shares the convolution path. With a stride above 1
 those columns are the inserted zeros: :meth:`LayerView.iter_parity_chunks` splits the output voxels
 by their position modulo the stride (:class:`ParityClass`), within which the same taps read real
 input samples, and yields only those taps' columns (for the stride-2, kernel-3 up-sampling of a 3D
-U-Net, 1/8 of each column and 1/47 of the Gram's multiply-adds).
+U-Net, 1/8 of each column on average and 1/47 of the Gram's multiply-adds).
 """
 
 from __future__ import annotations
@@ -375,7 +375,7 @@ class LayerView:
             output_spatial: the output's spatial size.
 
         Returns:
-            the non-empty :class:`ParityClass` es, which together cover every output voxel once.
+            the non-empty parity classes (:class:`ParityClass`), which together cover every output voxel once.
         """
         axes = []
         for size, k, u, (left, _) in zip(output_spatial, self.kernel_size, self.up_stride, self.pad):
@@ -398,7 +398,7 @@ class LayerView:
 
         Returns:
             ``(in_channels / groups * prod(taps),)`` int64 indices in the order of
-            :meth:`iter_parity_chunks` ' columns.
+            the columns of :meth:`iter_parity_chunks`.
         """
         flat = torch.zeros(1, dtype=torch.int64)
         for k, u, j0, t in zip(self.kernel_size, self.up_stride, parity.first_tap, parity.taps):
