@@ -400,11 +400,11 @@ class LayerView:
             ``(in_channels / groups * prod(taps),)`` int64 indices in the order of
             the columns of :meth:`iter_parity_chunks`.
         """
-        flat = torch.zeros(1, dtype=torch.int64)
+        flat = torch.zeros(1, dtype=torch.int64, device=device)
         for k, u, j0, t in zip(self.kernel_size, self.up_stride, parity.first_tap, parity.taps):
-            flat = (flat[:, None] * k + (j0 + u * torch.arange(t))[None, :]).reshape(-1)
-        channels = torch.arange(self.in_channels // self.groups)[:, None] * math.prod(self.kernel_size)
-        return (channels + flat[None, :]).reshape(-1).to(device)
+            flat = (flat[:, None] * k + (j0 + u * torch.arange(t, device=device))[None, :]).reshape(-1)
+        channels = torch.arange(self.in_channels // self.groups, device=device)[:, None] * math.prod(self.kernel_size)
+        return (channels + flat[None, :]).reshape(-1)
 
     def iter_parity_chunks(
         self,
