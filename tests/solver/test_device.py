@@ -62,6 +62,27 @@ def test_validated_and_unweighted_solves_make_no_tensor_on_the_default_device(ma
         assert a.codes.device.type == "cpu" and torch.equal(a.codes, b.codes)
 
 
+def test_parity_sums_of_a_strided_transposed_conv_make_no_tensor_on_the_default_device():
+    layer = torch.nn.ConvTranspose3d(3, 2, 3, stride=2, padding=1, output_padding=1)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, 3, 4, 3, generator=g)
+    with torch.no_grad():
+        y = layer(x)
+    h = torch.rand(2, *y.shape[2:], generator=g)
+    held = h > 0.7
+
+    def statistics():
+        acc = GramAccumulator(layer_view(layer), keep_factor=False)
+        acc.add_batch(x, y, h, held)
+        return acc.statistics("fit")
+
+    assert layer_view(layer).splits_by_parity
+    want = statistics()
+    with torch.device("meta"):
+        got = statistics()
+    assert got.A64.device.type == "cpu" and torch.equal(got.A64, want.A64) and torch.equal(got.B64, want.B64)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_a_cuda_layer_is_solved_on_the_gpu_as_well_as_on_the_cpu(make_layer):
     layer, x, y = make_layer(16, 16, 12, seed=9)

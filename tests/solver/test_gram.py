@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from monai_effq.solver.gram import GramAccumulator, SumBounds
-from monai_effq.solver.layers import layer_view
+from monai_effq.solver.layers import LayerView, layer_view
 
 WINDOWS = 6
 
@@ -46,6 +46,7 @@ LAYERS = {
     "conv3d": (lambda: nn.Conv3d(3, 4, 3, padding=1), (3, 6, 5, 4)),
     "conv3d_stride2": (lambda: nn.Conv3d(3, 4, 3, stride=2, padding=1), (3, 6, 5, 4)),
     "linear_tokens": (lambda: nn.Linear(7, 5), (9, 7)),
+    "conv_transpose3d_unet_up": (lambda: nn.ConvTranspose3d(3, 4, 3, stride=2, padding=1, output_padding=1), (3, 3, 4, 2)),
 }
 
 
@@ -87,3 +88,67 @@ def test_data_far_beyond_their_bounds_move_to_a_coarser_grid_that_ranks_refuse_t
     # but the coarser grid is this accumulator's own, so combining it with another rank's is refused
     with pytest.raises(ValueError, match="exceeded the full-precision bounds.*one process"):
         beyond.reduce(lambda tensors: 0)
+
+
+TRANSPOSED = {
+    "3d unet up-sampling": (lambda: nn.ConvTranspose3d(3, 4, 3, stride=2, padding=1, output_padding=1), (3, 4, 3, 5)),
+    "3d kernel 2 stride 2": (lambda: nn.ConvTranspose3d(3, 2, 2, stride=2), (3, 3, 4, 3)),
+    "2d output_padding 0": (lambda: nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1), (3, 5, 4)),
+    "2d strides 2 and 3, groups 2": (lambda: nn.ConvTranspose2d(4, 6, 3, stride=(2, 3), padding=(0, 2), groups=2), (4, 5, 4)),
+    "1d kernel 2 stride 3 (taps that read no input)": (lambda: nn.ConvTranspose1d(3, 4, 2, stride=3), (3, 7)),
+    "1d kernel 5 stride 3 output_padding 2": (lambda: nn.ConvTranspose1d(3, 4, 5, stride=3, padding=3, output_padding=2), (3, 7)),
+    "1d padding beyond the kernel (crops)": (lambda: nn.ConvTranspose1d(3, 4, 2, stride=3, padding=2), (3, 7)),
+    "1d dilated (keeps the dense columns)": (lambda: nn.ConvTranspose1d(3, 4, 3, stride=3, dilation=2, padding=2), (3, 7)),
+}
+
+
+def _accumulate_transposed(layer, x, y, h, held, bounds, keep_factor=False) -> GramAccumulator:
+    acc = GramAccumulator(layer_view(layer), max_chunk_elements=256, keep_factor=keep_factor, bounds=bounds)
+    for start, stop in ((0, 2), (2, WINDOWS)):
+        acc.add_batch(x[start:stop], y[start:stop], None if h is None else h[start:stop], None if held is None else held[start:stop])
+    return acc
+
+
+@pytest.mark.parametrize("weighting", ["voxel weights and holdout", "none"])
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("name", list(TRANSPOSED))
+def test_transposed_conv_sums_by_parity_class_equal_the_dense_im2col_sums(name, exact, weighting, monkeypatch):
+    make, shape = TRANSPOSED[name]
+    torch.manual_seed(0)
+    layer = make()
+    x, y, h, held = _data(layer, shape)
+    assert layer_view(layer).splits_by_parity == ("dilated" not in name)
+    bounds = _bounds(x, y, h) if exact else None
+    if weighting == "none":
+        h = held = None
+    by_parity = _accumulate_transposed(layer, x, y, h, held, bounds)
+    monkeypatch.setattr(LayerView, "splits_by_parity", property(lambda view: False))
+    dense = _accumulate_transposed(layer, x, y, h, held, bounds)
+    parts = ("all", "fit", "holdout") if held is not None else ("all",)
+    for part in parts:
+        for a, b in zip(_statistics(by_parity, part), _statistics(dense, part)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+def _statistics(acc: GramAccumulator, part: str) -> list:
+    st = acc.statistics(part)
+    return [st.A64, st.B64, st.x_mean, st.y_mean, st.y_energy, torch.tensor([st.weight_sum, st.effective_voxels, st.voxels])]
+
+
+def test_transposed_conv_keeps_the_dense_low_rank_factor_while_fewer_voxels_than_columns_were_seen(monkeypatch):
+    layer = nn.ConvTranspose3d(4, 3, 3, stride=2, padding=1, output_padding=1)  # 108 columns
+    x, y, h, held = _data(layer, (4, 2, 2, 2))  # 64 voxels per window
+
+    def first_window_statistics():
+        acc = GramAccumulator(layer_view(layer))
+        acc.add_batch(x[:1], y[:1], h[:1], held[:1])
+        return acc, acc.statistics("fit")
+
+    acc, by_parity = first_window_statistics()
+    monkeypatch.setattr(LayerView, "splits_by_parity", property(lambda view: False))
+    _, dense = first_window_statistics()
+    assert by_parity.factor is not None and torch.equal(by_parity.factor, dense.factor)
+    torch.testing.assert_close(by_parity.A64, dense.A64, rtol=1e-5, atol=1e-5 * float(dense.A64.abs().max()))
+    torch.testing.assert_close(2 * by_parity.factor @ by_parity.factor.transpose(1, 2), by_parity.A, rtol=1e-4, atol=1e-4)
+    acc.add_batch(x[1:], y[1:], h[1:], held[1:])  # past the columns: the factor is dropped
+    assert acc.statistics().factor is None

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -21,6 +23,11 @@ LAYERS = {
         (1, 3, 4, 3, 5),
     ),
     "conv_transpose1d_dilated": (lambda: nn.ConvTranspose1d(2, 3, 3, stride=3, dilation=2, padding=2), (2, 2, 6)),
+    "conv_transpose1d_k2_s3_cropped": (lambda: nn.ConvTranspose1d(3, 4, 2, stride=3, padding=2), (2, 3, 6)),
+    "conv_transpose2d_k5_s3_output_padding2": (
+        lambda: nn.ConvTranspose2d(2, 3, 5, stride=(3, 2), padding=(3, 1), output_padding=(2, 1)),
+        (1, 2, 4, 5),
+    ),
     "linear": (lambda: nn.Linear(7, 5), (2, 3, 7)),
 }
 
@@ -46,8 +53,8 @@ def _brute_force_columns(layer, x):
     return torch.stack(cols, dim=1)  # (G, n, V)
 
 
-@pytest.mark.parametrize("name", list(LAYERS))
-def test_unfolded_chunks_reproduce_the_layers_output(name):
+def _layer_output(name: str):
+    """An input of layer ``name``, its output, and the layer's view, weight matrix and bias per group."""
     make, shape = LAYERS[name]
     torch.manual_seed(0)
     layer = make()
@@ -55,15 +62,47 @@ def test_unfolded_chunks_reproduce_the_layers_output(name):
     with torch.no_grad():
         y = layer(x)
     view = layer_view(layer)
-    view.check_shapes(x, y)
     w = view.weight_matrix(layer.weight)
     b = torch.zeros(view.groups, view.out_per_group) if layer.bias is None else layer.bias.detach().reshape(view.groups, -1)
+    return x, y, view, w, b
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_unfolded_chunks_reproduce_the_layers_output(name):
+    x, y, view, w, b = _layer_output(name)
+    view.check_shapes(x, y)
     seen = 0
     for chunk in view.iter_chunks(x, y, max_elements=40):
         pred = torch.bmm(chunk.inputs, w.transpose(1, 2)) + b[:, None, :]
         assert torch.allclose(pred, chunk.targets, atol=1e-5)
         seen += chunk.weights.numel()
     assert seen * view.out_channels == y.numel()
+
+
+@pytest.mark.parametrize("name", [name for name in LAYERS if name.startswith("conv_transpose")])
+def test_parity_chunks_reproduce_the_layers_output_from_the_taps_they_keep(name):
+    x, y, view, w, b = _layer_output(name)
+    if not view.splits_by_parity:  # dilated: its taps read the input in another pattern
+        with pytest.raises(ValueError, match="use iter_chunks"):
+            next(view.iter_parity_chunks(x, y))
+        return
+    seen, kept = 0, 0
+    for chunk in view.iter_parity_chunks(x, y, max_elements=40):
+        pred = torch.bmm(chunk.inputs, w[:, :, chunk.columns].transpose(1, 2)) + b[:, None, :]
+        assert torch.allclose(pred, chunk.targets, atol=1e-5)
+        seen += chunk.weights.numel()
+        kept += chunk.weights.numel() * chunk.columns.numel()
+    assert seen * view.out_channels == y.numel()
+    assert kept < seen * view.in_per_group  # the inserted zeros' columns are left out
+
+
+def test_parity_classes_of_a_unet_up_sampling_read_one_or_two_taps_per_axis():
+    view = layer_view(nn.ConvTranspose3d(2, 2, 3, stride=2, padding=1, output_padding=1))
+    classes = view.parity_classes((8, 8, 8))
+    assert len(classes) == 8 and sum(math.prod(p.count) for p in classes) == 8**3
+    assert sorted(math.prod(p.taps) for p in classes) == [1, 2, 2, 2, 4, 4, 4, 8]
+    # even outputs read the centre tap, odd ones the two outer taps
+    assert {(p.first[0], p.first_tap[0], p.taps[0]) for p in classes} == {(0, 1, 1), (1, 0, 2)}
 
 
 @pytest.mark.parametrize("name", list(LAYERS))
