@@ -36,7 +36,7 @@ from monai_effq.solver.gram import GramAccumulator, SumBounds
 from monai_effq.solver.layers import LayerView, layer_view
 from monai_effq.solver.methods import get_method
 from monai_effq.solver.output_error import OutputError
-from monai_effq.solver.validation import solve_validated
+from monai_effq.solver.validation import UNDERDETERMINED_CHOICE, is_underdetermined, solve_validated
 from monai_effq.utils.distributed import all_gather_objects, all_gather_rows, all_reduce_sum, get_rank, get_world_size
 from monai_effq.utils.errors import UserInputError
 from monai_effq.utils.fingerprint import fingerprint_json, fingerprint_state, fingerprint_tensors
@@ -449,8 +449,7 @@ class _Run:
         view = layer_view(fp_layer)
         weight, bias = fp_layer.weight.detach(), None if fp_layer.bias is None else fp_layer.bias.detach()
         summed = get_method(plan.method).needs_statistics
-        # fewer voxels than unknowns means fewer effective voxels too: (Σ h)² / Σ h² <= voxels
-        underdetermined = summed and self.config.validation_fraction > 0 and self.bounds[plan.name][0] < view.in_per_group
+        underdetermined = summed and self.config.validation_fraction > 0 and is_underdetermined(self.bounds[plan.name][0], view)
         if summed and not underdetermined:
             voxels, inputs, targets = self.bounds[plan.name]
             largest = 1.0 if attention is None else max(1.0, float(attention.class_weights.max()))
@@ -465,7 +464,7 @@ class _Run:
             data_free = plan.method == "rtn" or underdetermined
             sol = rtn if data_free else solve_weights(view, weight, bias, plan.weight, method=plan.method)
             if underdetermined:
-                sol.info["choice"] = "rtn (underdetermined)"
+                sol.info["choice"] = UNDERDETERMINED_CHOICE
             # weights equal to round to nearest's are run once, for both figures
             acc = OutputError(
                 fp_layer, {"fp": (weight, bias), "quantized": (sol.weight, sol.bias), "rtn": (rtn.weight, rtn.bias)}

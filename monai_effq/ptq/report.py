@@ -100,7 +100,7 @@ class LayerReport:
         unknowns: weights per output channel (``c_in / groups · prod(kernel)``).
         mse_holdout: held-out output error of the chosen setting (``None`` without validation, or for a
             layer kept at round to nearest outright for want of voxels, whose statistics are not summed).
-        mse_holdout_rtn: round-to-nearest's held-out output error.
+        mse_holdout_rtn: round-to-nearest's held-out output error (``None`` where ``mse_holdout`` is).
         choice: the solver setting used (``"efficientq eta=1"``, ``"rtn"``, ...).
     """
 

@@ -121,7 +121,12 @@ def solve_statistics(
     g, m = view.groups, view.out_per_group
     w0 = view.weight_matrix(weight).float()
     b0 = torch.zeros(g, m, device=weight.device) if bias is None else bias.detach().float().reshape(g, m)
-    rtn_fit = fit_grid(w0, spec) if rtn_fit is None else rtn_fit
+    if rtn_fit is None:
+        rtn_fit = fit_grid(w0, spec)
+    elif rtn_fit.grid != spec.grid or rtn_fit.scale_rule != spec.scale_rule or rtn_fit.scale.numel() != (g * m if spec.per_channel else 1):
+        raise ValueError(
+            f"the rtn_fit given for {view.name} is not a fit of its spec {spec}: pass fit_grid(weight matrix, spec) or None."
+        )
     rtn_codes = round_to_nearest(w0, rtn_fit)
     error = stats.error_near(w0)
     mse_rtn = error(rtn_fit.values(rtn_codes), b0)

@@ -226,7 +226,7 @@ def refine_codes(
 
 def _descend_block(
     grad: torch.Tensor, codes: torch.Tensor, inv_curvature: torch.Tensor, scale: torch.Tensor, hessian: torch.Tensor,
-    qmin: float, qmax: float,
+    qmin: int | float, qmax: int | float,
 ) -> torch.Tensor:
     """One pass of :func:`refine_codes` over a block of columns, the gradient kept exact within it.
 
@@ -247,7 +247,8 @@ def _descend_block(
     Returns:
         the block's new codes, on ``codes``'s device.
     """
-    g, c, ic = (t.detach().cpu().numpy().copy() for t in (grad, codes, inv_curvature))
+    g, c = (t.detach().cpu().numpy().copy() for t in (grad, codes))
+    ic = inv_curvature.detach().cpu().numpy()
     s = scale.detach().cpu().expand(*codes.shape[:2], 1).numpy()
     h = hessian.detach().cpu().numpy()
     for j in range(c.shape[-1]):

@@ -34,12 +34,33 @@ from monai_effq.solver.gram import LayerStatistics
 from monai_effq.solver.layers import LayerView
 from monai_effq.solver.rounding import fit_grid
 
-__all__ = ["Candidate", "candidates_for", "solve_validated", "ETA_CHOICES", "GPTQ_DAMP_CHOICES"]
+__all__ = [
+    "Candidate", "candidates_for", "is_underdetermined", "solve_validated", "ETA_CHOICES", "GPTQ_DAMP_CHOICES",
+    "UNDERDETERMINED_CHOICE",
+]
 
 # η in units of the paper's scale s: 1 is the paper's; larger values keep W near W0 where data is scarce
 ETA_CHOICES = (1.0, 30.0)
 # GPTQ's ridge as a fraction of the mean Gram diagonal: 0.01 is GPTQ's default
 GPTQ_DAMP_CHOICES = (0.01, 1.0)
+
+
+# what a layer kept at round to nearest for want of voxels reports as its choice
+UNDERDETERMINED_CHOICE = "rtn (underdetermined)"
+
+
+def is_underdetermined(voxels: float, view: LayerView) -> bool:
+    """Whether a layer's least-squares problem has a null space its calibration data cannot pin down.
+
+    Args:
+        voxels: the layer's (effective) calibration voxels; a raw count bounds the effective one
+            from above (``(Σ h)² / Σ h² <= voxels``), so a raw count below the bar decides it too.
+        view: the layer's :class:`LayerView`.
+
+    Returns:
+        ``True`` with fewer voxels than unknowns per output channel.
+    """
+    return voxels < view.in_per_group
 
 
 @dataclass(frozen=True)
@@ -128,11 +149,13 @@ def solve_validated(
         and ``info["holdout_mse_rtn"]`` the winner's and round-to-nearest's.
     """
     candidates = candidates_for(method, admm, gptq_damp)
-    underdetermined = full.effective_voxels < view.in_per_group
+    underdetermined = is_underdetermined(full.effective_voxels, view)
     if underdetermined:
         candidates = [c for c in candidates if c.name == "rtn"]
     errors: dict[str, float] = {}
     best = candidates[0]
+    if not torch.isfinite(weight).all():  # before the grid fit, whose message would not name the layer
+        raise ValueError(f"the {view.name} weights contain NaN or Inf values.")
     # every candidate starts from the same grid fit of the FP weights: fitted once
     spec = as_weight_spec(spec)
     options = {**options, "rtn_fit": fit_grid(view.weight_matrix(weight).float(), spec)}
@@ -143,7 +166,7 @@ def solve_validated(
             if errors[cand.name] < errors[best.name]:
                 best = cand
     final = solve_statistics(view, full, weight, bias, spec, method=best.method, **{**options, **best.options})
-    final.info["choice"] = f"{best.name} (underdetermined)" if underdetermined else best.name
+    final.info["choice"] = UNDERDETERMINED_CHOICE if underdetermined else best.name
     if errors:
         final.info.update(validation=errors, holdout_mse=errors[best.name], holdout_mse_rtn=errors["rtn"])
     return final

@@ -121,5 +121,12 @@ def test_a_layer_with_fewer_voxels_than_unknowns_keeps_round_to_nearest_without_
     assert short and len(summed) == len(effq.report.layers) - len(short)  # only the other layers summed
     for layer in short:
         assert layer.choice == "rtn (underdetermined)" and layer.underdetermined and layer.mse == layer.mse_rtn
+        assert layer.mse_holdout is None and layer.mse_holdout_rtn is None  # no held-out sums were kept
         mine, theirs = effq.network.get_submodule(layer.name), rtn.network.get_submodule(layer.name)
         assert torch.equal(mine.codes, theirs.codes) and torch.equal(mine.scale, theirs.scale)
+        assert torch.equal(mine.bias, theirs.bias)
+    # without validation the configured method solves every layer, so every layer is summed
+    summed.clear()
+    plain = quantize(trained_unet, tiny, EfficientQConfig(weight_bits=2, act_bits=8, validation_fraction=0.0), progress=False)
+    assert len(summed) == len(plain.report.layers)
+    assert not any("underdetermined" in r.choice for r in plain.report.layers)

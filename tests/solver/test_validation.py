@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from monai_effq.quant.spec import WeightSpec
 from monai_effq.solver.admm import AdmmSettings
 from monai_effq.solver.api import as_weight_spec, solve_statistics
 from monai_effq.solver.gram import GramAccumulator
@@ -143,3 +144,22 @@ def test_a_grid_fit_handed_in_gives_the_solution_the_solver_fits_itself():
         own = solve_statistics(view, stats, layer.weight, layer.bias, spec, method=method)
         given = solve_statistics(view, stats, layer.weight, layer.bias, spec, method=method, rtn_fit=fitted)
         assert torch.equal(own.codes, given.codes) and torch.equal(own.scale, given.scale) and own.mse == given.mse
+
+
+def test_a_grid_fit_of_another_spec_is_refused_and_nan_weights_are_named_before_any_fit():
+    torch.manual_seed(0)
+    layer = torch.nn.Conv3d(3, 4, 3, padding=1)
+    x = torch.randn(2, 3, 6, 6, 6)
+    y = layer(x).detach()
+    view = layer_view(layer)
+    acc = GramAccumulator(view)
+    acc.add_batch(x, y)
+    stats = acc.statistics()
+    per_tensor = fit_grid(view.weight_matrix(layer.weight).float(), as_weight_spec(3))
+    per_channel = WeightSpec.of(3, per_channel=True)
+    with pytest.raises(ValueError, match="rtn_fit given for Conv3d is not a fit of its spec"):
+        solve_statistics(view, stats, layer.weight, layer.bias, per_channel, rtn_fit=per_tensor)
+    broken = layer.weight.detach().clone()
+    broken[0, 0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="the Conv3d weights contain NaN or Inf values"):
+        solve_validated(view, stats, broken, layer.bias, 3)
