@@ -129,15 +129,18 @@ def test_on_a_scarcely_determined_layer_the_chosen_setting_is_no_worse_than_roun
     assert sol.info["holdout_mse"] <= plain_held
 
 
-def test_a_grid_fit_handed_in_gives_the_solution_the_solver_fits_itself():
+def _small_conv_statistics():
     torch.manual_seed(0)
     layer = torch.nn.Conv3d(3, 4, 3, padding=1)
     x = torch.randn(2, 3, 6, 6, 6)
-    y = layer(x).detach()
     view = layer_view(layer)
     acc = GramAccumulator(view)
-    acc.add_batch(x, y)
-    stats = acc.statistics()
+    acc.add_batch(x, layer(x).detach())
+    return layer, view, acc.statistics()
+
+
+def test_a_grid_fit_handed_in_gives_the_solution_the_solver_fits_itself():
+    layer, view, stats = _small_conv_statistics()
     spec = as_weight_spec(3)
     fitted = fit_grid(view.weight_matrix(layer.weight).float(), spec)
     for method in ("efficientq", "gptq", "rtn"):
@@ -147,14 +150,7 @@ def test_a_grid_fit_handed_in_gives_the_solution_the_solver_fits_itself():
 
 
 def test_a_grid_fit_of_another_spec_is_refused_and_nan_weights_are_named_before_any_fit():
-    torch.manual_seed(0)
-    layer = torch.nn.Conv3d(3, 4, 3, padding=1)
-    x = torch.randn(2, 3, 6, 6, 6)
-    y = layer(x).detach()
-    view = layer_view(layer)
-    acc = GramAccumulator(view)
-    acc.add_batch(x, y)
-    stats = acc.statistics()
+    layer, view, stats = _small_conv_statistics()
     per_tensor = fit_grid(view.weight_matrix(layer.weight).float(), as_weight_spec(3))
     per_channel = WeightSpec.of(3, per_channel=True)
     with pytest.raises(ValueError, match="rtn_fit given for Conv3d is not a fit of its spec"):
