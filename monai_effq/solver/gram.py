@@ -188,15 +188,25 @@ class _ScatteredParts:
     """
 
     def __init__(self, g: int, n: int, m: int, device: torch.device | str) -> None:
-        def z(*shape: int) -> torch.Tensor:
-            return torch.zeros(*shape, dtype=torch.float64, device=device)
-
-        self.parts = {"xx": z(g, n, n), "yx": z(g, m, n), "x": z(g, n), "y": z(g, m), "yy": z(g, m)}
+        self._dims, self._device = (g, n, m), device
+        # made on the first chunk: most windows' held-out parts get none (whole windows are held out)
+        self.parts: dict[str, torch.Tensor] = {}
         self.h, self.h2, self.voxels = 0.0, 0.0, 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor, h: torch.Tensor, columns: torch.Tensor) -> None:
-        """Add ``(G, V, len(columns))`` columns (the layer's ``columns``, distinct), targets and weights."""
+        """Add one chunk of voxels that read only some of the layer's columns.
+
+        Args:
+            x: ``(G, V, len(columns))`` the voxels' values in those columns.
+            y: ``(G, V, m)`` their targets.
+            h: ``(V,)`` their weights.
+            columns: the distinct columns of the layer that ``x`` holds, in its order.
+        """
         part = _weighted_parts(x, y, h)
+        if not self.parts:
+            g, n, m = self._dims
+            shapes = {"xx": (g, n, n), "yx": (g, m, n), "x": (g, n), "y": (g, m), "yy": (g, m)}
+            self.parts = {k: torch.zeros(v, dtype=torch.float64, device=self._device) for k, v in shapes.items()}
         p = self.parts
         # the indices are distinct, so an indexed add is a plain scatter
         p["xx"][:, columns[:, None], columns[None, :]] += part["xx"]
@@ -356,6 +366,7 @@ class _Sums:
         self._put(_weighted_parts(x, y, h), float(h.double().sum()), float(h.double().pow(2).sum()), h.numel())
 
     def add_scattered(self, parts: _ScatteredParts) -> None:
+        """Add a window's parts gathered chunk by chunk (:class:`_ScatteredParts`), as one part."""
         if parts.voxels:
             self._put(parts.parts, parts.h, parts.h2, parts.voxels)
 

@@ -135,8 +135,9 @@ class LayerView:
 
     @property
     def splits_by_parity(self) -> bool:
-        """Whether :meth:`iter_parity_chunks` applies: a transposed convolution with a stride above 1
-        and dilation 1 (a dilated one reads its taps in another pattern; it keeps :meth:`iter_chunks`)."""
+        """Whether :meth:`iter_parity_chunks` applies: a transposed convolution with a stride above 1,
+        dilation 1 and zero padding (a dilated one reads its taps in another pattern, and another
+        padding mode would put values where the parity classes assume zeros; both keep :meth:`iter_chunks`)."""
         return (
             self.kind == "conv_transpose"
             and any(u > 1 for u in self.up_stride)
@@ -366,7 +367,6 @@ class LayerView:
                 else:
                     h = _weight_columns(hb[start:stop].reshape(-1, hb.shape[-1]), cols.dtype)
                 yield PatchChunk(cols, ys, h)
-
 
     def parity_classes(self, output_spatial: tuple[int, ...]) -> list[ParityClass]:
         """The output voxels of a strided transposed convolution grouped by position modulo the stride.
