@@ -358,15 +358,8 @@ class LayerView:
                     t = t.unfold(2 + i, d[i] * (k[i] - 1) + 1, s[i])
                     if d[i] > 1:
                         t = t[..., :: d[i]]
-                # (1, C, *O, *K) -> (V, C * prod(K)); C is outermost so each group is contiguous.
-                perm = (0, *range(2, 2 + self.spatial_dims), 1, *range(2 + self.spatial_dims, t.dim()))
-                cols = t.permute(perm).reshape(-1, g, n).transpose(0, 1)
-                ys = yb[:, start:stop].reshape(g, m, -1).transpose(1, 2)
-                if hb is None:
-                    h = torch.ones(cols.shape[1], dtype=cols.dtype, device=cols.device)
-                else:
-                    h = _weight_columns(hb[start:stop].reshape(-1, hb.shape[-1]), cols.dtype)
-                yield PatchChunk(cols, ys, h)
+                voxels = (stop - start) * plane
+                yield self._chunk(t, voxels, yb[:, start:stop], None if hb is None else hb[start:stop])
 
     def parity_classes(self, output_spatial: tuple[int, ...]) -> list[ParityClass]:
         """The output voxels of a strided transposed convolution grouped by position modulo the stride.
@@ -432,7 +425,7 @@ class LayerView:
         """
         if not self.splits_by_parity:
             raise ValueError(f"{self.name} is not a strided transposed convolution with dilation 1: use iter_chunks.")
-        g, m, nd = self.groups, self.out_per_group, self.spatial_dims
+        g, nd = self.groups, self.spatial_dims
         out_spatial = tuple(targets.shape[2:])
         classes = self.parity_classes(out_spatial)
         reading = [p for p in classes if all(p.taps)]
@@ -455,21 +448,48 @@ class LayerView:
                     out += [slice(p.first[i], None, self.up_stride[i]) for i in range(1, nd)]
                     span = [stop - start, *p.count[1:]]
                     voxels = math.prod(span)
+                    t = None
                     if width:
                         lo = [below[i] + p.input_offset[i] + (start if i == 0 else 0) for i in range(nd)]
                         t = xb[(slice(None), slice(None), *[slice(lo[i], lo[i] + span[i] + p.taps[i] - 1) for i in range(nd)])]
                         for i in range(nd):
                             t = t.unfold(2 + i, p.taps[i], 1)
-                        perm = (0, *range(2, 2 + nd), 1, *range(2 + nd, t.dim()))
-                        cols = t.permute(perm).reshape(voxels, g, -1).transpose(0, 1)
-                    else:
-                        cols = inputs.new_zeros(g, voxels, 0)
-                    ys = yb[(slice(None), *out)].reshape(g, m, -1).transpose(1, 2)
-                    if hb is None:
-                        h = torch.ones(voxels, dtype=cols.dtype, device=cols.device)
-                    else:
-                        h = _weight_columns(hb[tuple(out)].reshape(-1, hb.shape[-1]), cols.dtype)
-                    yield PatchChunk(cols, ys, h, columns[p])
+                    yield self._chunk(t, voxels, yb[(slice(None), *out)], None if hb is None else hb[tuple(out)], columns[p])
+
+    def _chunk(
+        self,
+        window: torch.Tensor | None,
+        voxels: int,
+        targets: torch.Tensor,
+        weights: torch.Tensor | None,
+        columns: torch.Tensor | None = None,
+    ) -> PatchChunk:
+        """The :class:`PatchChunk` of ``voxels`` output voxels of one sample.
+
+        Args:
+            window: their unfolded input, ``(1, C, *voxel axes, *tap axes)``; ``None`` when they read
+                no column.
+            voxels: how many voxels.
+            targets: their targets, ``(M, *voxel axes)``.
+            weights: their weights, ``(*voxel axes, K)``; ``None`` for 1.
+            columns: which of the layer's columns ``window`` holds (``None``: all).
+
+        Returns:
+            the chunk.
+        """
+        g, m = self.groups, self.out_per_group
+        if window is None:
+            cols = targets.new_zeros(g, voxels, 0)
+        else:
+            # (1, C, *O, *K) -> (V, C * prod(K)); C is outermost so each group is contiguous.
+            perm = (0, *range(2, 2 + self.spatial_dims), 1, *range(2 + self.spatial_dims, window.dim()))
+            cols = window.permute(perm).reshape(voxels, g, -1).transpose(0, 1)
+        ys = targets.reshape(g, m, -1).transpose(1, 2)
+        if weights is None:
+            h = torch.ones(voxels, dtype=cols.dtype, device=cols.device)
+        else:
+            h = _weight_columns(weights.reshape(voxels, -1), cols.dtype)
+        return PatchChunk(cols, ys, h, columns)
 
 
 def _weight_columns(h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
