@@ -4,6 +4,7 @@ import torch.nn as nn
 
 from monai_effq.solver import GramAccumulator, layer_view
 from monai_effq.solver.gram import _Sums
+from monai_effq.solver import shifted_sums as shifted_sums_module
 from monai_effq.solver.shifted_sums import shifted_sums, supports_shifted_sums
 
 from ..threads import torch_threads
@@ -102,3 +103,12 @@ def test_the_sums_follow_a_float64_default_dtype():
     finally:
         torch.set_default_dtype(before)
     assert xx.dtype == torch.float64 and xx.shape == (1, 2 * 27, 2 * 27)
+
+
+def test_planning_a_ct_sized_volume_makes_no_volume_sized_index(monkeypatch):
+    sizes = []
+    arange = torch.arange
+    monkeypatch.setattr(torch, "arange", lambda *a, **kw: sizes.append(arange(*a, **kw).numel()) or arange(*a, **kw))
+    shifted_sums_module._plan.cache_clear()
+    plan = shifted_sums_module._plan((512, 512, 100))
+    assert plan.gathered and max(sizes) < 1000  # lines of the volume, never its 27 million voxels
