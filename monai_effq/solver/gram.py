@@ -394,20 +394,26 @@ class _Sums:
         return _Sums(*scaled, self.h * 2.0 ** -e["h"], self.h2 * 2.0 ** -e["h2"], self.voxels)
 
 
-def _fit_weights(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A chunk's voxel weights and those of its fitted part: ``(V,)`` weights, or ``(V, 2)`` of
-    which the second column is the held-out part."""
+def _split_weights(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A chunk's voxel weights and those of its held-out part: ``(V,)`` weights hold nothing out,
+    ``(V, 2)`` ones carry the held-out part in their second column."""
     if weights.dim() == 1:
-        return weights, weights
-    return weights[:, 0], weights[:, 0] - weights[:, 1]
+        return weights, None
+    return weights[:, 0], weights[:, 1]
+
+
+def _fit_weights(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chunk's voxel weights and those of its fitted part (all of them less the held-out ones)."""
+    h, h_held = _split_weights(weights)
+    return h, h if h_held is None else h - h_held
 
 
 def _add_chunk(chunk: PatchChunk, whole: _Sums | _ScatteredParts, held: _Sums | _ScatteredParts | None) -> None:
     """Add a chunk's voxels to ``whole``, and those with a held-out weight (its second weight column) to ``held``."""
-    x, y, h = chunk.inputs, chunk.targets, chunk.weights
+    x, y = chunk.inputs, chunk.targets
+    h, h_held = _split_weights(chunk.weights)
     columns = () if chunk.columns is None else (chunk.columns,)
-    if h.dim() == 2:
-        h, h_held = h[:, 0], h[:, 1]
+    if h_held is not None:
         rows = torch.nonzero(h_held > 0).squeeze(1)
         if rows.numel():
             held.add(x[:, rows], y[:, rows], h_held[rows], *columns)
