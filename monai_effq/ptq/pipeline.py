@@ -449,7 +449,7 @@ class _Run:
         view = layer_view(fp_layer)
         weight, bias = fp_layer.weight.detach(), None if fp_layer.bias is None else fp_layer.bias.detach()
         summed = get_method(plan.method).needs_statistics
-        underdetermined = summed and self.config.validation_fraction > 0 and is_underdetermined(self.bounds[plan.name][0], view)
+        underdetermined = summed and self.config.validation_fraction > 0 and is_underdetermined(self.bounds[plan.name][0], view.in_per_group)
         if summed and not underdetermined:
             voxels, inputs, targets = self.bounds[plan.name]
             largest = 1.0 if attention is None else max(1.0, float(attention.class_weights.max()))

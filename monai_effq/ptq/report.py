@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from monai_effq.solver.validation import is_underdetermined
 from monai_effq.utils.fingerprint import fingerprint_json, fingerprint_state, fingerprint_tensors
 from monai_effq.utils.io import atomic_write_text
 
@@ -126,7 +127,7 @@ class LayerReport:
     @property
     def underdetermined(self) -> bool:
         """Fewer (effective) calibration voxels than unknowns per output channel."""
-        return 0 < self.unknowns and self.effective_voxels < self.unknowns
+        return 0 < self.unknowns and is_underdetermined(self.effective_voxels, self.unknowns)
 
 
 @dataclass

@@ -49,18 +49,18 @@ GPTQ_DAMP_CHOICES = (0.01, 1.0)
 UNDERDETERMINED_CHOICE = "rtn (underdetermined)"
 
 
-def is_underdetermined(voxels: float, view: LayerView) -> bool:
+def is_underdetermined(voxels: float, unknowns: int) -> bool:
     """Whether a layer's least-squares problem has a null space its calibration data cannot pin down.
 
     Args:
         voxels: the layer's (effective) calibration voxels; a raw count bounds the effective one
             from above (``(Σ h)² / Σ h² <= voxels``), so a raw count below the bar decides it too.
-        view: the layer's :class:`LayerView`.
+        unknowns: its weights per output channel (:attr:`LayerView.in_per_group`).
 
     Returns:
-        ``True`` with fewer voxels than unknowns per output channel.
+        ``True`` with fewer voxels than unknowns.
     """
-    return voxels < view.in_per_group
+    return voxels < unknowns
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ def solve_validated(
         and ``info["holdout_mse_rtn"]`` the winner's and round-to-nearest's.
     """
     candidates = candidates_for(method, admm, gptq_damp)
-    underdetermined = is_underdetermined(full.effective_voxels, view)
+    underdetermined = is_underdetermined(full.effective_voxels, view.in_per_group)
     if underdetermined:
         candidates = [c for c in candidates if c.name == "rtn"]
     errors: dict[str, float] = {}
