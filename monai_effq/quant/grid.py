@@ -277,6 +277,7 @@ def fit_scale_als(
     per_channel: bool = False,
     max_iter: int = 20,
     init: torch.Tensor | None = None,
+    zero_point: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Least-squares scale by alternating projection (the EfficientQ G-step rule).
 
@@ -289,13 +290,19 @@ def fit_scale_als(
         per_channel: one scale per slice of axis 0.
         max_iter: cap on the alternations.
         init: starting scale; min/max when ``None``.
+        zero_point: the zero point to keep, shaped like the scale; ``x``'s min/max one when ``None``
+            (given, the scale is fitted for the zero point it will be used with, and with ``init``
+            the min/max pass is skipped).
 
     Returns:
         ``(scale, zero_point)``.
     """
-    scale, zero = fit_minmax(x, grid, per_channel)
+    if init is None or zero_point is None:
+        scale, zero = fit_minmax(x, grid, per_channel)
     if init is not None:
-        scale = init.detach().float().reshape(scale.shape).clamp_min(1e-12)
+        scale = _keep(init.detach().float().clamp_min(1e-12), per_channel)
+    if zero_point is not None:
+        zero = _keep(zero_point.detach().float(), per_channel)
     dims = _reduce_dims(x, per_channel)
     xf = x.detach().float()
     z = channel_view(zero, xf)

@@ -56,7 +56,9 @@ class GridFit:
         if self.scale_rule == "fixed":
             return self
         flat = w.reshape(-1, w.shape[-1])
-        scale, _ = fit_scale_als(flat, self.grid, per_channel=self.per_channel, max_iter=max_iter, init=self.scale)
+        scale, _ = fit_scale_als(
+            flat, self.grid, per_channel=self.per_channel, max_iter=max_iter, init=self.scale, zero_point=self.zero_point
+        )
         if self.scale_rule == "power_of_two":
             scale, _ = snap_to_power_of_two(flat, scale, self.zero_point, self.grid, self.per_channel, keep_zero_point=True)
         return GridFit(self.grid, scale, self.zero_point, self.scale_rule)

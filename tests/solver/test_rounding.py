@@ -80,3 +80,18 @@ def test_gptq_rounds_as_the_textbook_error_feedback_does(problem, bits):
     want = _textbook_gptq(w0, stats.A, fit)
     assert torch.equal(codes, want)
     assert not torch.equal(codes, round_to_nearest(w0, fit))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_a_refit_fits_the_scale_for_the_zero_point_it_keeps(per_channel):
+    torch.manual_seed(0)
+    w = torch.randn(1, 6, 40) + 0.7  # skewed, so a min/max zero point of new values would differ
+    fit = fit_grid(w, WeightSpec.of(4, "asymmetric", per_channel))
+    moved = w * 1.3 - 0.4
+    new = fit.refit(moved, max_iter=50)
+    assert torch.equal(new.zero_point, fit.zero_point)
+    # a least-squares fixed point: the refitted scale is the best one for its own codes and that zero point
+    q = new.codes(moved) - new.per_row(new.zero_point, moved.shape)
+    dims = (1, 2) if not per_channel else 2
+    best = (q * moved).sum(dims, dtype=torch.float64) / (q * q).sum(dims, dtype=torch.float64)
+    assert torch.allclose(new.scale.double().reshape(best.shape), best, rtol=1e-5)
