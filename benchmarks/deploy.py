@@ -21,10 +21,16 @@ Part 2, Dice: each bundle's ``evaluate`` workflow with the ``evaluate_openvino.j
 sliding-window evaluation on the demo validation cases) for the fake-quant network, OpenVINO and ONNX
 Runtime, and NNCF's int8 of the bundle's FP network in OpenVINO: Dice per class and wall time.
 
+``--emulate-avx2`` runs the latency part with OpenVINO's oneDNN, torch and MKL capped at AVX2 (no
+AVX-512, no VNNI) and the float parts in f32, to see what an AVX2 CPU would run; its figures are
+this machine's with narrower kernels, not another CPU's (ONNX Runtime picks its kernels itself and
+is not capped).
+
 Usage::
 
     python benchmarks/deploy.py                 # the issue's sizes, 5 rounds
     python benchmarks/deploy.py --quick         # 64^3 volumes, 2 rounds, W4A8 only
+    python benchmarks/deploy.py --emulate-avx2 --skip-nncf --bits 8   # AVX2 kernels on this CPU
 """
 
 from __future__ import annotations
@@ -51,6 +57,10 @@ from machine import cpu_summary
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ("brats_effq", "lits_effq")
 OTHER_FORM = {"onnx": "channel_stats", "channel_stats": "onnx"}
+# --emulate-avx2: the kernels an AVX2 CPU without AVX-512 or VNNI would run (oneDNN in OpenVINO, torch's
+# own kernels, MKL), read when each library starts, so the script restarts itself with them set
+EMULATED_AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+DEFAULT_PRECISION = "auto"  # OpenVINONetwork's own pick; "f32" under --emulate-avx2 (OpenVINO's query still sees bf16)
 # name: (bundle whose workflows run it, volume size, network_def overrides; None = the bundle's trained network)
 NETWORKS = {
     "SegResNet init_filters=16 (untrained)": ("brats_effq", 128, {"init_filters": 16, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]}),
@@ -189,12 +199,12 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
             "torch fp32": fp,
             "torch fp32 FTZ": _FlushDenormals(fp),
             "ORT fp32": OnnxRuntimeNetwork(fp_onnx),
-            "OV FP default": OpenVINONetwork(fp_onnx_ov),
+            "OV FP default": OpenVINONetwork(fp_onnx_ov, precision=DEFAULT_PRECISION),
             "OV FP f32": OpenVINONetwork(fp_onnx_ov, precision="f32"),
         }
         if not args.skip_nncf:
             nncf_ir = nncf_int8(fp_onnx_ov, calibration_volume(bundle, size), work / f"net{index}_nncf.xml")
-            runners["NNCF int8 default W8A8"] = OpenVINONetwork(nncf_ir)
+            runners["NNCF int8 default W8A8"] = OpenVINONetwork(nncf_ir, precision=DEFAULT_PRECISION)
             runners["NNCF int8 f32 W8A8"] = OpenVINONetwork(nncf_ir, precision="f32")
         files = {"fp32": fp_onnx.stat().st_size}
         for bits in args.bits:
@@ -206,16 +216,16 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
             files[f"W{bits}A8"] = path.stat().st_size
             runners[f"torch fake-quant W{bits}A8"] = net.eval()
             runners[f"ORT int8 W{bits}A8"] = OnnxRuntimeNetwork(path)
-            runners[f"OV int8 default W{bits}A8"] = OpenVINONetwork(path_ov)
+            runners[f"OV int8 default W{bits}A8"] = OpenVINONetwork(path_ov, precision=DEFAULT_PRECISION)
             runners[f"OV int8 f32 W{bits}A8"] = OpenVINONetwork(path_ov, precision="f32")
             # the same network with the other group-norm form, to show what the choice is worth
-            runners[f"OV int8 {OTHER_FORM[ov_norms]} W{bits}A8"] = OpenVINONetwork(path_other)
+            runners[f"OV int8 {OTHER_FORM[ov_norms]} W{bits}A8"] = OpenVINONetwork(path_other, precision=DEFAULT_PRECISION)
             if args.norm_inputs:  # the same quantize run with the norms' inputs rounded to 8 bits as well
                 ckpt_n = quantize_bundle(bundle, bits, work, overrides, fp_ckpt, norm_inputs=True)
                 net_n = monai_effq.load_quantized(ckpt_n, network_def(bundle, overrides).get_parsed_content("network_def"))
                 path_n = export_onnx(net_n, work / f"net{index}_w{bits}a8_norm_inputs_ov.onnx", x, group_norm=ov_norms)
                 runners[f"torch fake-quant W{bits}A8+N"] = net_n.eval()
-                runners[f"OV int8 default W{bits}A8+N"] = OpenVINONetwork(path_n)
+                runners[f"OV int8 default W{bits}A8+N"] = OpenVINONetwork(path_n, precision=DEFAULT_PRECISION)
         times: dict[str, list[float]] = {k: [] for k in runners}
         outputs = {}
         with torch.no_grad():
@@ -298,6 +308,8 @@ def dice(args: argparse.Namespace, work: Path) -> list[dict]:
             overrides = {"quantized_path": str(ckpt), "fp_checkpoint": fp_ckpt, "output_dir": str(work / "eval"), "weight_bits": bits}
             if runtime != "torch":
                 overrides["runtime"] = runtime
+            if runtime == "openvino" and DEFAULT_PRECISION != "auto":
+                overrides["runtime_options"] = {"precision": DEFAULT_PRECISION}
             parser = parser_for(bundle, configs, **overrides)
             runs = {"torch fp32": "validate#evaluator"} if runtime == "torch" and not tag else {}
             runs[f"{runtime} W{bits}A8{tag}" if runtime != "torch" else f"torch fake-quant W{bits}A8{tag}"] = (
@@ -307,7 +319,8 @@ def dice(args: argparse.Namespace, work: Path) -> list[dict]:
                 runs["NNCF int8 W8A8 (OpenVINO)"] = "nncf"
             for label, key in runs.items():
                 if key == "nncf":  # the deployed evaluator with NNCF's int8 of the FP network in its place
-                    parser["deployed_network"] = f"$monai_effq.deploy.OpenVINONetwork({str(nncf_model(bundle, work))!r})"
+                    nncf_ir = str(nncf_model(bundle, work))
+                    parser["deployed_network"] = f"$monai_effq.deploy.OpenVINONetwork({nncf_ir!r}, precision={DEFAULT_PRECISION!r})"
                     key = "deployed#evaluator"
                 evaluator = parser.get_parsed_content(key)
                 t0 = time.perf_counter()
@@ -336,15 +349,32 @@ def main() -> None:
         "--norm-inputs", action="store_true", help="also quantize with quantize_norm_inputs and run that in OpenVINO (latency and Dice)"
     )
     parser.add_argument("--only", default="", help="run only the networks whose name contains this text")
+    parser.add_argument(
+        "--emulate-avx2",
+        action="store_true",
+        help="cap OpenVINO's oneDNN, torch and MKL at AVX2 and run the float parts in f32, as on an AVX2 CPU without "
+        "AVX-512/VNNI (the caches, clocks and core count stay this machine's)",
+    )
     args = parser.parse_args()
+    if args.emulate_avx2:
+        if any(os.environ.get(k) != v for k, v in EMULATED_AVX2.items()):
+            os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **EMULATED_AVX2})
+        global DEFAULT_PRECISION
+        DEFAULT_PRECISION = "f32"
     if args.quick:
         args.rounds, args.bits = 2, [4]
     torch.set_num_threads(min(torch.get_num_threads(), 2))
-    print(f"CPU: {cpu_summary()}; torch {torch.__version__}")
+    emulated = (
+        f"; EMULATED AVX2 ({' '.join(f'{k}={v}' for k, v in EMULATED_AVX2.items())}; ONNX Runtime's own kernels are not capped)"
+        if args.emulate_avx2
+        else ""
+    )
+    print(f"CPU: {cpu_summary()}; torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}){emulated}")
     if not args.skip_nncf:
         import openvino as ov
 
-        print(f"OpenVINO {ov.__version__}: float parts by default in {float_precision_for(ov.Core())} on this CPU")
+        default = float_precision_for(ov.Core()) if DEFAULT_PRECISION == "auto" else DEFAULT_PRECISION
+        print(f"OpenVINO {ov.__version__}: float parts by default in {default} on this CPU")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         rows = [] if args.skip_latency else latency(args, work)
