@@ -4,6 +4,7 @@ import functools
 import logging
 import os
 import time
+import warnings
 
 import pytest
 import torch
@@ -185,3 +186,36 @@ def test_nan_input_is_refused_instead_of_turned_into_finite_output(exported, cls
     x[0, 1, 4, 5, 6] = float("nan")
     with pytest.raises(ValueError, match=r"the input to model\.onnx holds 1 NaN or Inf voxel"):
         cls(path)(x)
+
+
+def test_a_missing_checkpoint_or_a_missing_network_to_export_from_is_an_error_saying_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"model_w4a8\.pt does not exist: run the bundle's quantize workflow"):
+        runtime_network("onnxruntime", tmp_path / "model_w4a8.onnx", tmp_path / "model_w4a8.pt", bn_unet(), (1, 2, 16, 16, 16))
+    ckpt = monai_effq.save_quantized(_rtn(4), tmp_path / "model_w4a8.pt")
+    with pytest.raises(ValueError, match="needs the FP `network` and an `example_shape`"):
+        runtime_network("onnxruntime", tmp_path / "model_w4a8.onnx", ckpt)
+    assert not (tmp_path / "model_w4a8.onnx").exists()
+
+
+def test_onnx_runtime_warns_of_saturating_8_bit_weights_only_on_a_cpu_without_vnni(tmp_path, monkeypatch):
+    from monai_effq.deploy import export_onnx
+
+    result = _rtn(8)
+    wide = export_onnx(result, tmp_path / "w8.onnx", (1, 2, 16, 16, 16))
+    with pytest.warns(UserWarning, match="reduce_range"):
+        narrow = export_onnx(result, tmp_path / "w8_7bit.onnx", (1, 2, 16, 16, 16), reduce_range=True)
+    monkeypatch.setattr(runtime, "cpu_has_vnni", lambda: False)
+    with pytest.warns(UserWarning, match="int8 weights beyond 7 bits and this CPU has no VNNI"):
+        OnnxRuntimeNetwork(wide)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        OnnxRuntimeNetwork(narrow)
+        monkeypatch.setattr(runtime, "cpu_has_vnni", lambda: True)
+        OnnxRuntimeNetwork(wide)
+
+
+@pytest.mark.parametrize("cls", [OpenVINONetwork, OnnxRuntimeNetwork])
+def test_an_input_that_is_not_a_tensor_is_a_type_error_naming_the_runner(exported, cls):
+    _, path = exported
+    with pytest.raises(TypeError, match=f"{cls.__name__} expects a torch tensor, got ndarray"):
+        cls(path)(torch.rand(1, 2, 8, 8, 8).numpy())

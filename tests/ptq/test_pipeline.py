@@ -207,6 +207,22 @@ class TestBadInput:
         with pytest.raises(TypeError, match="expected a tensor"):
             quantize(trained_unet, [[1, 2, 3]], progress=False)
 
+    def test_calibration_dicts_give_their_image(self, trained_unet):
+        x, _ = sphere_volumes(1, seed=7)
+        config = EfficientQConfig(weight_bits=4, method="rtn")
+        from_dicts = quantize(trained_unet, [{"image": x, "label": None}], config, progress=False).network
+        from_tensor = quantize(trained_unet, x, config, progress=False).network
+        for a, b in zip(from_dicts.state_dict().values(), from_tensor.state_dict().values()):
+            assert torch.equal(a, b)
+
+    def test_calibration_that_is_not_even_iterable(self, trained_unet):
+        with pytest.raises(TypeError, match="tensor batch or an iterable of tensor batches, got float"):
+            quantize(trained_unet, 3.0, progress=False)
+
+    def test_a_calibration_batch_without_voxels(self, trained_unet):
+        with pytest.raises(ValueError, match=r"calibration batch 1 is empty \(shape \(0, 1, 8, 8, 8\)\)"):
+            quantize(trained_unet, [torch.randn(1, 1, 8, 8, 8), torch.empty(0, 1, 8, 8, 8)], progress=False)
+
 
 def test_power_of_two_network_is_shift_only_in_weights_and_activations(trained_unet):
     from monai_effq.quant import is_power_of_two

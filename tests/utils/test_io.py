@@ -122,3 +122,22 @@ def test_a_staging_folder_of_a_dead_process_is_removed_by_the_next_directory_wri
     with atomic_directory(tmp_path / "bundle") as fresh:
         (fresh / "model.ts").write_text("whole")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_this_processs_own_temporaries_even_a_day_old_and_a_missing_folder_are_left_alone(tmp_path):
+    import socket
+    import time
+
+    from monai_effq.utils.io import STALE_AFTER_SECONDS, remove_stale_temporaries
+
+    host = "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname())
+    mine = tmp_path / f".model.pt.{host}.{os.getpid()}.abcd1234.partial"
+    not_a_temporary = tmp_path / ".model.pt.partial.bak"
+    for p in (mine, not_a_temporary):
+        p.write_text("half")
+        day_ago = time.time() - STALE_AFTER_SECONDS - 60
+        os.utime(p, (day_ago, day_ago))
+    assert remove_stale_temporaries(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, not_a_temporary.name])
+    assert remove_stale_temporaries(tmp_path / "missing") == []
+    assert remove_stale_temporaries(mine) == []  # a file, not a folder

@@ -1,0 +1,54 @@
+"""The bundle helpers the configs call: checkpoints, preprocessing options and the written-files log."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn as nn
+
+from monai_effq.bundle import image_preprocessing, load_fp_weights, log_written, preprocessing
+from monai_effq.utils.errors import MissingInputError, UserInputError
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv3d(1, 2, 3), nn.ReLU(), nn.Conv3d(2, 2, 1))
+
+
+@pytest.mark.parametrize("wrap", [False, True], ids=["state_dict", "checkpoint_saver"])
+def test_fp_weights_load_from_a_state_dict_or_a_checkpoint_savers_model_entry(tmp_path, wrap):
+    trained = _net()
+    state = trained.state_dict()
+    torch.save({"model": state, "optimizer": {}} if wrap else state, tmp_path / "model.pt")
+    fresh = nn.Sequential(nn.Conv3d(1, 2, 3), nn.ReLU(), nn.Conv3d(2, 2, 1)).train()
+    loaded = load_fp_weights(fresh, tmp_path / "model.pt")
+    assert loaded is fresh and not loaded.training
+    for a, b in zip(loaded.state_dict().values(), state.values()):
+        assert torch.equal(a, b)
+
+
+def test_a_missing_fp_checkpoint_names_the_train_workflow(tmp_path):
+    with pytest.raises(MissingInputError, match=r"model\.pt does not exist: run the train workflow first"):
+        load_fp_weights(_net(), tmp_path / "model.pt")
+
+
+@pytest.mark.parametrize("crop", ["96", [], 96])
+def test_a_calibration_crop_that_is_not_a_list_of_sizes_is_refused(tmp_path, crop):
+    with pytest.raises(UserInputError, match=r"calibration_crop must be a list of positive sizes such as \[96,96,96\]"):
+        preprocessing("lits", tmp_path, crop=crop, with_label=False)
+
+
+def test_an_unknown_dataset_is_refused_by_name():
+    with pytest.raises(ValueError, match="dataset must be 'brats' or 'lits', got 'kits'"):
+        image_preprocessing("kits")
+
+
+def test_the_written_files_log_lists_folders_and_warns_of_a_missing_output(tmp_path, caplog):
+    (tmp_path / "export" / "sub").mkdir(parents=True)
+    (tmp_path / "export" / "sub" / "a.onnx").write_bytes(b"x" * 10)
+    (tmp_path / "model.pt").write_bytes(b"y")
+    with caplog.at_level(logging.INFO):
+        found = log_written(tmp_path / "export", tmp_path / "model.pt", tmp_path / "missing.json", None, "")
+    assert found == [tmp_path / "export", tmp_path / "model.pt"]
+    assert "export/ (1 files" in caplog.text
+    assert "expected output" in caplog.text and "missing.json is missing" in caplog.text
