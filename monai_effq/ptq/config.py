@@ -78,19 +78,6 @@ def _check_device(value: Any) -> str:
         raise UserInputError(f"device must be a torch device name such as 'cpu', 'cuda' or 'cuda:0', got {value!r}.") from None
 
 
-def _check_format(role: str, fmt: FixedPointFormat | None, bits: int | None) -> None:
-    """A ``<role>_format`` must match ``<role>_bits`` (which it sets, unless changed later)."""
-    if fmt is None:
-        return
-    signed = fmt.signed
-    if fmt.bits != bits:
-        sign = "sign + " if signed else ""
-        raise UserInputError(
-            f"{role}_format {fmt} is a {fmt.bits}-bit word ({sign}{fmt.int_bits} + {fmt.frac_bits} bits) "
-            f"but {role}_bits is {bits}: drop {role}_bits or set it to {fmt.bits}."
-        )
-
-
 # activation grid choices: "auto" (unsigned or asymmetric, from calibration) or "symmetric"
 ACT_GRIDS = ("auto", "symmetric")
 # "auto": the paper's midrise grid wherever its integers fit a deployed file's container
@@ -335,8 +322,6 @@ class EfficientQConfig:
             raise UserInputError(f"weight_grid must be one of {WEIGHT_GRIDS}, got {self.weight_grid!r}.")
         if self.init not in ("gptq", "rtn"):
             raise UserInputError(f"init must be 'gptq' or 'rtn', got {self.init!r}.")
-        _check_format("weight", self._format(self.weight_format, signed=True), self.weight_bits)
-        _check_format("act", self._format(self.act_format, signed=False), self.act_bits)
         if self.act_grid not in ACT_GRIDS:
             raise UserInputError(f"act_grid must be one of {ACT_GRIDS}, got {self.act_grid!r}.")
         if self.act_grid == "symmetric" and self.act_format is not None:

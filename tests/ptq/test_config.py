@@ -209,6 +209,12 @@ def test_booleans_must_be_booleans(flag):
         ({"device": "gpu7"}, "device must be a torch device name"),
         ({"overrides": {"x": {"per_channel": "false"}}}, r"overrides\['x'\]\.per_channel must be True or False"),
         ({"admm": {"iters": 3}}, "admm:"),
+        ({"admm": 60}, "admm must be AdmmSettings or a dict of its fields, got 60"),
+        ({"skip": ["model.0.conv", 3]}, r"skip must be a list of layer-name patterns \(strings\)"),
+        ({"overrides": [("model.0.conv", {"weight_bits": 8})]}, "overrides must be a dict from layer-name pattern"),
+        ({"method": None}, "method must be a name"),
+        ({"init": "kmeans"}, "init must be 'gptq' or 'rtn', got 'kmeans'"),
+        ({"weight_format": 4}, "weight_format must be a fixed-point format such as 'Q0.4', got 4"),
     ],
 )
 def test_settings_of_the_wrong_type_are_user_errors_that_name_them(kwargs, message):
@@ -232,3 +238,13 @@ def test_the_plan_gives_each_per_channel_layer_the_channel_axis_of_its_weight():
     assert [plans[n].channel_axis for n in ("stem", "up", "head")] == [0, 1, None]
     per_tensor = EfficientQConfig().plan(["stem", "up"], channel_axes={"up": 1})
     assert [p.weight.channel_axis for p in per_tensor] == [None, None]
+
+
+def test_a_config_is_read_from_a_dict_and_anything_else_is_named():
+    assert EfficientQConfig.from_dict({"weight_bits": 3}).weight_bits == 3
+    with pytest.raises(UserInputError, match=r"read from a dict of its fields, got \['weight_bits', 3\]"):
+        EfficientQConfig.from_dict(["weight_bits", 3])
+
+
+def test_a_torch_device_is_stored_as_its_name():
+    assert EfficientQConfig(device=torch.device("cpu")).device == "cpu"

@@ -143,9 +143,23 @@ def test_the_final_refinement_lowers_the_error_of_admms_iterate(make_layer):
     assert refined.mse < plain.mse
 
 
-def test_negative_refine_sweeps_are_refused():
-    with pytest.raises(ValueError, match="refine_sweeps"):
-        AdmmSettings(refine_sweeps=-1)
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"refine_sweeps": -1}, "refine_sweeps"),
+        ({"iterations": 0}, "iterations and rho_every must be at least 1"),
+        ({"rho_every": 0}, "iterations and rho_every must be at least 1"),
+        ({"rho_start": 100.0}, "need 0 < rho_start <= rho_end, got 100.0 and 80.0"),
+        ({"rho_start": 0.0}, "need 0 < rho_start <= rho_end"),
+    ],
+)
+def test_admm_settings_out_of_range_are_refused_by_name(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        AdmmSettings(**kwargs)
+
+
+def test_a_single_phase_holds_rho_at_its_start():
+    assert AdmmSettings(iterations=10, rho_every=20).rho_schedule() == [20.0]
 
 
 class TestBadInput:
