@@ -247,3 +247,47 @@ def test_split_refuses_what_cannot_be_split():
         split_datalist([{"image": "a"}])
     with pytest.raises(ValueError, match="val_fraction"):
         split_datalist([{"image": "a"}, {"image": "b"}], val_fraction=1.0)
+
+
+def test_a_lits_case_present_twice_or_a_segmentation_without_volume_is_named(tmp_path, data):
+    root = _copy(data["lits"], tmp_path / "lits")
+    (root / "segmentation-7.nii").write_bytes((root / "segmentation-0.nii").read_bytes())
+    with pytest.raises(DatasetError, match=r"segmentation-7\.nii has no volume: expected volume-7\.nii"):
+        lits_datalist(root)
+    (root / "segmentation-7.nii").unlink()
+    with open(root / "volume-1.nii", "rb") as f, gzip.open(root / "volume-1.nii.gz", "wb") as g:
+        g.write(f.read())
+    with pytest.raises(DatasetError, match=r"LiTS case 1 appears twice, as .*volume-1\.nii.* and .*volume-1\.nii\.gz; keep one"):
+        lits_datalist(root)
+
+
+def test_a_decathlon_folder_without_dataset_json_or_with_an_entry_that_is_not_a_path_is_named(tmp_path, data):
+    root = _copy(data["msd_lits"], tmp_path / "Task03_Liver")
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["training"][0]["image"] = 7
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match=r"must be a relative file path string, got 7"):
+        msd_datalist(root)
+    (root / "dataset.json").unlink()
+    with pytest.raises(DatasetError, match=r"missing .*dataset\.json"):
+        msd_datalist(root)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"dataset": "kits"}, "dataset must be one of"),
+        ({"layout": "nnunet"}, "layout must be 'auto', 'native' or one of"),
+        ({"layout": "lits", "section": "test"}, "the 'lits' layout only has a 'training' section, got section='test'"),
+    ],
+)
+def test_load_datalist_names_an_unknown_dataset_layout_or_section(data, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        load_datalist(data["lits"], **kwargs)
+
+
+def test_validation_refuses_an_empty_list_and_an_entry_without_image(data):
+    with pytest.raises(DatasetError, match="the dataset list is empty"):
+        validate_datalist([])
+    with pytest.raises(DatasetError, match="dataset entry 1 has no 'image' key"):
+        validate_datalist([{"image": str(data["lits"] / "volume-0.nii")}, {"label": "x.nii"}])

@@ -115,3 +115,60 @@ def test_the_plan_reads_a_transposed_convolutions_output_channels_on_axis_1():
     net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.ConvTranspose3d(4, 4, 2, stride=2), nn.Conv3d(4, 2, 1))
     prepared = prepare_network(net.eval(), torch.randn(1, 1, 4, 4, 4), EfficientQConfig(per_channel=True))
     assert [(p.name, p.weight.channel_axis) for p in prepared.plans] == [("0", 0), ("2", 1), ("3", 0)]
+
+
+class _SkipAroundBatchNorm(nn.Module):
+    """A conv whose output feeds a BatchNorm and also a skip add: folding would change the skip path."""
+
+    def __init__(self, track: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm3d(4, track_running_stats=track)
+        self.head = nn.Conv3d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.head(self.bn(y) + y)
+
+
+def test_a_fold_that_would_change_the_output_is_undone_and_nothing_is_folded():
+    from monai_effq.ptq.graph import fold_batchnorm
+
+    torch.manual_seed(0)
+    net = _SkipAroundBatchNorm().eval()
+    with torch.no_grad():
+        net.bn.running_mean.uniform_(-0.5, 0.5)
+        net.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(1, 2, 6, 6, 6)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        reference = net(x)
+    assert find_foldable_batchnorms(net, x) == [("conv", "bn")]  # adjacent, but not foldable as the check finds
+    assert fold_batchnorm(net, x) == []
+    assert isinstance(net.bn, nn.BatchNorm3d) and net.conv.bias is not None
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with torch.no_grad():
+        assert torch.equal(net(x), reference)
+
+
+def test_a_batchnorm_without_running_statistics_is_not_folded():
+    from monai_effq.ptq.graph import fold_batchnorm
+
+    net = nn.Sequential(nn.Conv3d(2, 4, 3, padding=1), nn.BatchNorm3d(4, track_running_stats=False)).eval()
+    assert fold_batchnorm(net, torch.randn(1, 2, 6, 6, 6)) == []
+    assert isinstance(net[1], nn.BatchNorm3d)
+
+
+def test_a_network_that_does_not_return_one_tensor_is_refused():
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv3d(1, 2, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y, y.sigmoid()
+
+    with pytest.raises(TypeError, match="the network must return one tensor of logits"):
+        probe_network(TwoHeads().eval(), torch.randn(1, 1, 6, 6, 6))

@@ -152,3 +152,30 @@ def test_transposed_conv_keeps_the_dense_low_rank_factor_while_fewer_voxels_than
     torch.testing.assert_close(2 * by_parity.factor @ by_parity.factor.transpose(1, 2), by_parity.A, rtol=1e-4, atol=1e-4)
     acc.add_batch(x[1:], y[1:], h[1:], held[1:])  # past the columns: the factor is dropped
     assert acc.statistics().factor is None
+
+
+def test_an_accumulator_without_data_or_asked_for_a_part_it_lacks_says_what_is_missing():
+    view = layer_view(nn.Conv3d(2, 3, 3, padding=1))
+    acc = GramAccumulator(view, keep_factor=False)
+    with pytest.raises(ValueError, match="no calibration data reached"):
+        acc.statistics()
+    with pytest.raises(ValueError, match="no calibration data reached .* add at least one batch before reducing"):
+        acc.reduce(lambda t: t)
+    assert acc.voxels == 0 and acc.statistics_bytes() == 0
+    x = torch.randn(1, 2, 4, 4, 4)
+    acc.add_batch(x, torch.randn(1, 3, 4, 4, 4))
+    assert acc.voxels == 64 and acc.statistics_bytes() > 0
+    with pytest.raises(ValueError, match="part must be 'all', 'fit' or 'holdout', got 'train'"):
+        acc.statistics("train")
+    with pytest.raises(ValueError, match="no voxel of .* was held out: pass holdout= to add_batch"):
+        acc.statistics("holdout")
+    # without held-out voxels the fit part is all of them
+    assert torch.equal(acc.statistics("fit").A, acc.statistics().A)
+
+
+def test_an_accumulator_keeping_its_low_rank_factor_cannot_be_reduced_over_ranks():
+    view = layer_view(nn.Conv3d(2, 3, 3, padding=1))
+    acc = GramAccumulator(view)  # keeps the factor while fewer voxels than columns were seen
+    acc.add_batch(torch.randn(1, 2, 2, 2, 2), torch.randn(1, 3, 2, 2, 2), torch.ones(1, 2, 2, 2))
+    with pytest.raises(ValueError, match="keeps its low-rank factor, which cannot be reduced: make it with keep_factor=False"):
+        acc.reduce(lambda t: t)
