@@ -234,6 +234,17 @@ def test_a_truncated_image_is_refused_by_the_loader_naming_the_file(tmp_path, da
         Dataset([item], lits_transforms(train=False))[0]
 
 
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_a_corrupt_nrrd_or_metaimage_file_is_refused_naming_it(tmp_path, suffix):
+    pytest.importorskip("itk")
+    from monai_effq.bundle import image_preprocessing
+
+    bad = tmp_path / f"ct{suffix}"
+    bad.write_bytes(b"not an image header\n" * 20)
+    with pytest.raises(DatasetError, match=rf"cannot read image file\(s\) \['.*ct\{suffix}'\]: .*; re-export or remove them"):
+        image_preprocessing("lits")({"image": str(bad)})
+
+
 def test_an_image_with_nan_voxels_is_refused_naming_the_file(tmp_path, data):
     case = load_datalist(data["lits"])[0]
     image = np.asarray(nib.load(case["image"]).dataobj, dtype=np.float32)

@@ -110,3 +110,19 @@ def test_norm_input_rounding_across_ranks_is_refused_before_any_pass(monkeypatch
     config = EfficientQConfig(method="rtn", quantize_norm_inputs=True)
     with pytest.raises(UserInputError, match="quantize_norm_inputs is not supported across ranks"):
         quantize(net, torch.randn(1, 1, 8, 8, 8), config, progress=False)
+
+
+def test_a_shared_input_rounding_goes_on_a_block_once_and_never_on_a_sequential():
+    from monai_effq.ptq.modules import quantize_shared_input
+
+    x = torch.randn(1, 2, 4, 4, 4)
+    quantizer = ActivationQuantizer.from_spec(x, ActivationSpec(8, "signed"))
+    with pytest.raises(ValueError, match="a Sequential runs every child in turn: round the input of its first child"):
+        quantize_shared_input(nn.Sequential(nn.Conv3d(2, 2, 1)), quantizer)
+    block = nn.Conv3d(2, 2, 1)
+    quantize_shared_input(block, quantizer)
+    assert shared_input_quantizer(block) is quantizer
+    with pytest.raises(ValueError, match="the input of Conv3d is already quantized: attach one quantizer per block"):
+        quantize_shared_input(block, quantizer)
+    with torch.no_grad():
+        assert torch.equal(block(x), nn.functional.conv3d(quantizer(x), block.weight, block.bias))

@@ -43,3 +43,20 @@ def test_the_end_is_kept_on_a_higher_dice_and_on_an_equal_dice_with_a_lower_loss
     assert not end_is_better(start, HeldOutScore(loss=0.6, dice=(0.8, 0.4)))
     nothing = HeldOutScore(loss=0.5, dice=(float("nan"),))
     assert not end_is_better(nothing, HeldOutScore(loss=0.7, dice=(float("nan"),)))
+
+
+def test_an_unknown_task_a_multichannel_multiclass_label_and_an_empty_held_out_loader_are_named():
+    import pytest
+
+    from monai_effq.qat.check import draw_windows
+
+    logits = torch.randn(1, 3, 4, 4, 4)
+    with pytest.raises(ValueError, match="task must be one of .* got 'regression'"):
+        score_windows(nn.Identity(), [(logits, torch.zeros(1, 1, 4, 4, 4))], _zero_loss, "regression")
+    one_hot = torch.zeros(1, 3, 4, 4, 4)
+    with pytest.raises(ValueError, match="a multiclass label is one channel of class indices, got 3 channels"):
+        score_windows(nn.Identity(), [(logits, one_hot)], _zero_loss, "multiclass")
+    with pytest.raises(ValueError, match="the held-out data yielded no batch"):
+        draw_windows([], 2)
+    pairs = [{"image": logits, "label": one_hot}] * 3
+    assert len(draw_windows(pairs, 2)) == 2  # one pass, cut at the count
