@@ -89,6 +89,24 @@ def test_an_empty_calibration_loader_is_refused_when_the_handler_is_attached(net
         handler(evaluator)
 
 
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"body_mask": "brain"}, "body_mask must be 'nonzero' or None, got 'brain'"),
+        ({"roi_size": "96"}, r"roi_size must be a list of positive window sizes such as \[96,96,96\], got '96'"),
+        ({"roi_size": [96, 0, 96]}, "each roi_size must be an integer of at least 1, got 0"),
+        pytest.param(
+            {"config": {"device": "mps"}},
+            "device 'mps' was asked for but this machine has no Apple GPU",
+            marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an Apple GPU"),
+        ),
+    ],
+)
+def test_calibration_handler_settings_are_checked_when_it_is_made(kwargs, message):
+    with pytest.raises(UserInputError, match=message):
+        QuantizationHandler(progress=False, **kwargs)
+
+
 def test_report_handler_needs_a_quantization_result(tmp_path):
     engine = Engine(lambda e, b: None)
     handler = QuantizationReportHandler(tmp_path)
