@@ -55,6 +55,16 @@ def test_the_handler_needs_a_trainable_network():
         FinetuneHandler(_net())
 
 
+def test_a_trainer_that_trains_another_network_is_refused_when_it_starts():
+    batches = [{"image": torch.randn(2, 1, 16, 16, 16), "label": (torch.rand(2, 1, 16, 16, 16) > 0.7).long()}]
+    trainable = prepare_finetune(_net(), batches, EfficientQConfig(weight_bits=4, act_bits=6))
+    other = prepare_finetune(_net(), batches, EfficientQConfig(weight_bits=4, act_bits=6))
+    trainer = _trainer(other, batches, 1)
+    FinetuneHandler(trainable).attach(trainer)
+    with pytest.raises(RuntimeError, match="the trainer's network is not the TrainableNetwork's: pass trainable.network"):
+        trainer.run()
+
+
 def test_the_handler_keeps_the_start_when_training_made_it_worse(tmp_path, caplog):
     torch.manual_seed(1)
     x = torch.randn(4, 1, 16, 16, 16)

@@ -199,3 +199,28 @@ def test_every_layer_that_reads_the_image_keeps_the_first_layer_bits_under_expli
         assert layers[name].grid.bits == 8 and layers[name].input_quantizer.grid.bits == 8
     body = layers["model.1.submodule.0.conv.unit0.conv"]
     assert body.grid.bits == 5 and float(body.scale) == 1 / 16
+
+
+def test_batches_without_a_label_or_of_another_kind_are_clear_errors():
+    x = torch.randn(2, 1, 24, 24, 24)
+    with pytest.raises(ValueError, match=r"training batch 0 has no label: pass \(image, label\) pairs"):
+        finetune(_unet(), [(x, None)], FIXED, steps=1, check_batches=0)
+    with pytest.raises(TypeError, match="training batch 0 is a str; expected a dict with 'image' and 'label'"):
+        finetune(_unet(), ["case_000.nii.gz"], FIXED, steps=1, check_batches=0)
+
+
+def test_a_ptq_result_is_fine_tuned_with_its_own_config_and_task(rtn_result, spheres):
+    with pytest.raises(ValueError, match="from_scratch=True needs an FP network, not a PTQ result"):
+        finetune(rtn_result, spheres, steps=1, from_scratch=True)
+    with pytest.raises(ValueError, match="a PTQ result is fine-tuned with the config it was quantized with"):
+        finetune(rtn_result, spheres, FIXED, steps=1)
+    with pytest.raises(ValueError, match="task must be 'multiclass' or 'multilabel', got 'regression'"):
+        finetune(rtn_result, spheres, steps=1, task="regression")
+
+
+def test_a_loss_that_is_not_finite_stops_the_fine_tune_naming_the_step(spheres):
+    def exploding(logits, label):
+        return logits.sum() * float("inf")
+
+    with pytest.raises(ValueError, match="the fine-tuning loss is (inf|nan) at step 0: lower the learning rate"):
+        finetune(_unet(), spheres, FIXED, steps=2, loss_function=exploding, check_batches=0)
