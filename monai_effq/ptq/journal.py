@@ -88,14 +88,18 @@ class QuantizationJournal:
             try:
                 found = json.loads(manifest.read_text(encoding="utf-8"))
             except (OSError, ValueError):
-                found = {}
-            changed = [_WHAT.get(k, k) for k in self.fingerprints if found.get(k) != self.fingerprints[k]]
-            if not changed:
-                if self.finished:
-                    logger.info("resuming from journal %s: %d layers already finished", self.path, len(self.finished))
-                return
-            logger.warning("journal %s is from another run (%s changed): starting afresh", self.path, ", ".join(changed))
-            shutil.rmtree(self.path)
+                found = None
+            if not isinstance(found, dict):
+                logger.warning("journal %s has a damaged manifest: starting afresh", self.path)
+                shutil.rmtree(self.path)
+            else:
+                changed = [_WHAT.get(k, k) for k in self.fingerprints if found.get(k) != self.fingerprints[k]]
+                if not changed:
+                    if self.finished:
+                        logger.info("resuming from journal %s: %d layers already finished", self.path, len(self.finished))
+                    return
+                logger.warning("journal %s is from another run (%s changed): starting afresh", self.path, ", ".join(changed))
+                shutil.rmtree(self.path)
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(manifest, json.dumps(self.fingerprints, indent=1, sort_keys=True))
 

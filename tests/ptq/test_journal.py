@@ -1,3 +1,4 @@
+import json
 import logging
 import os
 import signal
@@ -154,3 +155,17 @@ def test_unreadable_entry_is_solved_again(small_run, tmp_path):
     again = quantize(net, calibration, config, progress=False, journal=tmp_path / "j")
     assert all(torch.equal(a, b) for a, b in zip(_codes(first), _codes(again)))
     assert torch.load(entry, weights_only=True)["codes"].dtype == torch.uint8  # journaled afresh
+
+
+@pytest.mark.parametrize("damaged", ['{"format": ', "[]"], ids=["cut_short", "not_a_dict"])
+def test_a_damaged_manifest_discards_the_journal_and_the_run_starts_afresh(small_run, tmp_path, caplog, damaged):
+    net, calibration = small_run
+    config = EfficientQConfig(weight_bits=4)
+    first = quantize(net, calibration, config, progress=False, journal=tmp_path / "j")
+    (tmp_path / "j" / "manifest.json").write_text(damaged)
+    with caplog.at_level(logging.INFO, logger="monai_effq"):
+        again = quantize(net, calibration, config, progress=False, journal=tmp_path / "j")
+    assert any("has a damaged manifest: starting afresh" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
+    assert not any("already finished" in r.getMessage() for r in caplog.records)
+    assert all(torch.equal(a, b) for a, b in zip(_codes(first), _codes(again)))
+    assert json.loads((tmp_path / "j" / "manifest.json").read_text())["format"]  # written whole again
