@@ -441,7 +441,13 @@ def verify_checkpoint(
         report_path = Path(report)
         if not report_path.is_file():
             raise FileNotFoundError(f"quantization report {report_path} does not exist: re-run the quantize step.")
-        described = json.loads(report_path.read_text()).get("provenance", {}).get("checkpoint")
+        try:
+            provenance = json.loads(report_path.read_text(encoding="utf-8")).get("provenance", {})
+            described = provenance.get("checkpoint")
+        except (UnicodeDecodeError, ValueError, AttributeError):
+            raise ValueError(
+                f"quantization report {report_path} is damaged (not a JSON report): re-run the quantize step."
+            ) from None
         if described != archive.fingerprint:
             raise ValueError(
                 f"quantization report {report_path} describes another checkpoint (fingerprint {described}) than "

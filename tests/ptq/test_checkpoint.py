@@ -132,12 +132,16 @@ def test_verify_checkpoint_tells_a_report_or_fp_weights_of_another_run(trained_u
         verify_checkpoint(path, report=tmp_path / "report.json")
 
 
-def test_verify_checkpoint_names_a_missing_report(w2_result, tmp_path):
+def test_verify_checkpoint_names_a_missing_or_damaged_report(w2_result, tmp_path):
     from monai_effq.ptq.checkpoint import verify_checkpoint
 
     path = save_quantized(w2_result, tmp_path / "q.pt")
     with pytest.raises(FileNotFoundError, match=r"quantization report .*report\.json does not exist: re-run the quantize step"):
         verify_checkpoint(path, report=tmp_path / "report.json")
+    for damaged in ('{"provenance": {"checkpoint"', "[1, 2]", '{"provenance": 3}'):
+        (tmp_path / "report.json").write_text(damaged)
+        with pytest.raises(ValueError, match=r"quantization report .*report\.json is damaged \(not a JSON report\): re-run"):
+            verify_checkpoint(path, report=tmp_path / "report.json")
 
 
 def test_two_bit_file_is_at_most_a_twelfth_of_the_fp_state_dict(tmp_path):
