@@ -612,23 +612,61 @@ def set_determinism(seed: int = 0) -> None:
 FINETUNE_STARTS = ("efficientq", "fp", "scratch")
 
 
-def existing_checkpoint(path: str | os.PathLike) -> str:
-    """The FP checkpoint's path, checked to exist before a workflow loads data or builds engines.
+def existing_checkpoint(path: str | os.PathLike, network: torch.nn.Module | None = None) -> str:
+    """The FP checkpoint's path, checked before a workflow loads data or builds engines.
+
+    The file must exist and load as a PyTorch checkpoint; given the network, its weights must be
+    the network's (same names and shapes). MONAI's ``CheckpointLoader`` then loads it; on a bad file
+    it would fail deep in the workflow with torch's own message (for a damaged file, advice to load
+    it with ``weights_only=False``, which would run whatever the file holds).
 
     Args:
         path: ``fp_checkpoint``.
+        network: the bundle's network, to check the checkpoint fits it (``None`` skips that).
 
     Returns:
         ``path`` as a string (for MONAI's ``CheckpointLoader``).
 
     Raises:
         MissingInputError: when there is no file there.
+        UserInputError: when the file is damaged or holds the weights of another network.
     """
-    if not Path(path).is_file():
-        raise MissingInputError(
-            f"FP checkpoint {Path(path).resolve()} does not exist: run the train workflow first or set --fp_checkpoint."
-        )
+    _fp_state(path, network)
     return str(path)
+
+
+def _fp_state(path: str | os.PathLike, network: torch.nn.Module | None = None, device: str = "cpu") -> dict[str, Any]:
+    """The FP checkpoint's state dict (the ``"model"`` entry of a ``CheckpointSaver`` file), checked, on ``device``."""
+    where = Path(path).resolve()
+    if not Path(path).is_file():
+        raise MissingInputError(f"FP checkpoint {where} does not exist: run the train workflow first or set --fp_checkpoint.")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch raises unpickling, zip and EOF errors of several types
+        raise UserInputError(
+            f"FP checkpoint {where} is damaged or not a PyTorch state dict ({type(e).__name__}): train again with "
+            "the train workflow or restore the file."
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserInputError(f"FP checkpoint {where} holds no state dict of tensors: pass the train workflow's model.pt.")
+    if network is not None:
+        expected = network.state_dict()
+        wrong = [
+            f"{k} {list(state[k].shape)} where the network has {list(v.shape)}"
+            for k, v in expected.items()
+            if k in state and state[k].shape != v.shape
+        ]
+        missing = [k for k in expected if k not in state]
+        unexpected = [k for k in state if k not in expected]
+        problems = wrong[:2] + [f"{k} missing" for k in missing[:2]] + [f"{k} unknown to the network" for k in unexpected[:2]]
+        if problems:
+            raise UserInputError(
+                f"FP checkpoint {where} holds the weights of another network ({'; '.join(problems)}): use it with "
+                "the network_def it was trained with, or train this network."
+            )
+    return state
 
 
 def load_fp_weights(network: torch.nn.Module, path: str | os.PathLike, device: str = "cpu") -> torch.nn.Module:
@@ -644,12 +682,9 @@ def load_fp_weights(network: torch.nn.Module, path: str | os.PathLike, device: s
 
     Raises:
         MissingInputError: when the checkpoint is missing.
+        UserInputError: when it is damaged or holds another network's weights.
     """
-    p = Path(existing_checkpoint(path))
-    state = torch.load(p, map_location=device, weights_only=True)
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    network.load_state_dict(state)
+    network.load_state_dict(_fp_state(path, network, device))
     return network.eval()
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from monai_effq.bundle import image_preprocessing, load_fp_weights, log_written, preprocessing
+from monai_effq.bundle import existing_checkpoint, image_preprocessing, load_fp_weights, log_written, preprocessing
 from monai_effq.utils.errors import MissingInputError, UserInputError
 
 
@@ -52,3 +52,21 @@ def test_the_written_files_log_lists_folders_and_warns_of_a_missing_output(tmp_p
     assert found == [tmp_path / "export", tmp_path / "model.pt"]
     assert "export/ (1 files" in caplog.text
     assert "expected output" in caplog.text and "missing.json is missing" in caplog.text
+
+
+def test_a_damaged_fp_checkpoint_is_named_without_torchs_advice_to_unpickle_it(tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"half a checkpoint" * 10)
+    with pytest.raises(UserInputError, match=r"model\.pt is damaged or not a PyTorch state dict .*: train again") as err:
+        load_fp_weights(_net(), tmp_path / "model.pt")
+    assert "weights_only" not in str(err.value)
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(UserInputError, match=r"list\.pt holds no state dict of tensors"):
+        existing_checkpoint(tmp_path / "list.pt")
+
+
+def test_an_fp_checkpoint_of_another_network_is_named_with_the_weights_that_differ(tmp_path):
+    other = nn.Sequential(nn.Conv3d(1, 3, 3), nn.ReLU(), nn.Conv3d(3, 2, 1))
+    torch.save({"model": other.state_dict()}, tmp_path / "model.pt")
+    with pytest.raises(UserInputError, match=r"holds the weights of another network \(0\.weight \[3, 1, 3, 3, 3\] where the network has \[2, 1, 3, 3, 3\]"):
+        existing_checkpoint(tmp_path / "model.pt", _net())
+    assert existing_checkpoint(tmp_path / "model.pt") == str(tmp_path / "model.pt")  # without the network: only loadable

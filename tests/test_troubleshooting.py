@@ -71,6 +71,16 @@ def _overflowing_layer(tmp_path, lits):
     quantize(net, torch.rand(1, 1, 8, 8, 8) + 1, EfficientQConfig(method="rtn", attention=False), progress=False)
 
 
+def _damaged_fp_checkpoint(tmp: Path, data: Path) -> None:
+    (tmp / "model.pt").write_bytes(b"half a checkpoint" * 10)
+    existing_checkpoint(tmp / "model.pt")
+
+
+def _other_networks_checkpoint(tmp: Path, data: Path) -> None:
+    torch.save(nn.Conv3d(1, 3, 3).state_dict(), tmp / "model.pt")
+    existing_checkpoint(tmp / "model.pt", _unet())
+
+
 def _truncated_nifti(tmp_path, lits):
     cases = calibration_datalist(lits, "lits")
     broken = tmp_path / "volume-9.nii"
@@ -130,6 +140,12 @@ TRIGGERS = {
     ),
     "FP checkpoint <file> does not exist: run the train workflow first or set --fp_checkpoint.": (
         lambda t, d: existing_checkpoint(t / "model.pt")
+    ),
+    "FP checkpoint <file> is damaged or not a PyTorch state dict (<error>): train again with the train workflow or restore the file.": (
+        _damaged_fp_checkpoint
+    ),
+    "FP checkpoint <file> holds the weights of another network (<weights>): use it with the network_def it was trained with, or train this network.": (
+        _other_networks_checkpoint
     ),
     "quantized checkpoint <file> does not exist: run the quantize workflow first": (
         lambda t, d: QuantizedCheckpointLoader(t / "model_w4a8.pt")

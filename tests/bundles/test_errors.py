@@ -71,6 +71,13 @@ CASES = {
 }
 
 
+# FP checkpoints that exist but cannot be loaded into the bundle's network: case -> how to write one
+BAD_FP_CHECKPOINTS = {
+    "damaged FP checkpoint": lambda path: path.write_bytes(b"half a checkpoint" * 10),
+    "FP checkpoint of another network": lambda path: torch.save({"model": torch.nn.Conv3d(1, 3, 3).state_dict()}, path),
+}
+
+
 def _quantize(folder: Path, root: Path, *overrides: str) -> tuple[str, ...]:
     return ("lits_effq", "quantize", "--dataset_dir", str(folder), *_outputs(root), *overrides)
 
@@ -92,6 +99,10 @@ def runs(dataset, truncated, tmp_path_factory) -> dict[str, tuple[subprocess.Com
         commands[case] = (root, _quantize(folder, root, *overrides), {}, None)
     root = tmp_path_factory.mktemp("truncated")
     commands["truncated"] = (root, _quantize(truncated[0], root), {}, None)
+    for case, write in BAD_FP_CHECKPOINTS.items():
+        root = tmp_path_factory.mktemp("fp_checkpoint")
+        write(root / "model.pt")
+        commands[case] = (root, _quantize(dataset, root, "--fp_checkpoint", str(root / "model.pt")), {}, None)
     root = tmp_path_factory.mktemp("debug")
     commands["debug"] = (root, _quantize(dataset, root, "--weight_bits", "9"), {DEBUG_ENV: "1"}, None)
     if torch.cuda.device_count() <= 7:
@@ -109,6 +120,18 @@ def runs(dataset, truncated, tmp_path_factory) -> dict[str, tuple[subprocess.Com
             name: pool.submit(bundle, *args, check=False, env=env, cwd=cwd) for name, (_, args, env, cwd) in commands.items()
         }
     return {name: (started[name].result(), commands[name][0]) for name in commands}
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("damaged FP checkpoint", "is damaged or not a PyTorch state dict ("),
+        ("FP checkpoint of another network", "holds the weights of another network (model.0.conv.unit0.conv.weight missing"),
+    ],
+)
+def test_an_fp_checkpoint_that_does_not_load_into_the_network_ends_with_one_line_naming_it(case, message, runs):
+    _assert_one_line(*runs[case], message)
+    assert "weights_only" not in runs[case][0].stderr
 
 
 @pytest.mark.parametrize("case", list(CASES))
