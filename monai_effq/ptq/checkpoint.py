@@ -50,6 +50,7 @@ from monai_effq.ptq.result import QuantizationResult
 from monai_effq.ptq.report import QuantizationReport
 from monai_effq.quant.grid import UniformGrid
 from monai_effq.quant.packing import pack_codes, unpack_codes
+from monai_effq.utils.errors import MissingInputError, UserInputError
 from monai_effq.utils.fingerprint import fingerprint_state, fingerprint_tensors
 from monai_effq.utils.io import atomic_write
 
@@ -250,28 +251,28 @@ class _Archive(NamedTuple):
 def _read(path: str | os.PathLike) -> _Archive:
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"quantized checkpoint {p} does not exist: run the quantize step first or fix the path.")
+        raise MissingInputError(f"quantized checkpoint {p} does not exist: run the quantize step first or fix the path.")
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(
+        raise UserInputError(
             f"corrupt or unreadable quantized checkpoint {p} ({type(e).__name__}); re-run the quantize step."
         ) from e
     if not isinstance(payload, dict) or payload.get("format") not in READABLE_FORMATS:
         found = payload.get("format") if isinstance(payload, dict) else None
         if isinstance(found, str) and found.startswith("monai-effq-quantized/"):
-            raise ValueError(
+            raise UserInputError(
                 f"{p} is a monai-effq quantized checkpoint of format {found!r}, newer than this version reads "
                 f"({', '.join(READABLE_FORMATS)}): upgrade monai-effq or re-run the quantize step."
             )
-        raise ValueError(
+        raise UserInputError(
             f"{p} is not a monai-effq quantized checkpoint (expected format {FORMAT!r}); "
             "an FP state_dict is loaded with CheckpointLoader instead."
         )
     fingerprint = _checksum(payload["meta"], payload["codes"], payload["data"])
     # files written before checksums were recorded have none to compare
     if payload.get("checksum", fingerprint) != fingerprint:
-        raise ValueError(
+        raise UserInputError(
             f"quantized checkpoint {p} is damaged: its content does not match the checksum recorded when it was "
             "written (a changed byte on disk or in a copy); re-run the quantize step."
         )
@@ -288,8 +289,8 @@ def checkpoint_fingerprint(path: str | os.PathLike) -> str:
         a hex string, equal to :func:`result_fingerprint` of the result that was saved.
 
     Raises:
-        FileNotFoundError: when the file is missing.
-        ValueError: when it is damaged or not a quantized checkpoint.
+        MissingInputError: (a ``FileNotFoundError``) when the file is missing.
+        UserInputError: (a ``ValueError``) when it is damaged or not a quantized checkpoint.
     """
     return _read(path).fingerprint
 
@@ -305,8 +306,9 @@ def load_quantized_result(path: str | os.PathLike, network: nn.Module) -> Quanti
         the :class:`QuantizationResult`, network in eval mode.
 
     Raises:
-        FileNotFoundError: when the file is missing.
-        ValueError: when it is corrupt, damaged (its checksum does not match) or does not match ``network``.
+        MissingInputError: (a ``FileNotFoundError``) when the file is missing.
+        UserInputError: (a ``ValueError``) when it is corrupt, damaged (its checksum does not match) or does not
+            match ``network``.
     """
     meta, codes, data, _ = _read(path)
     net = copy.deepcopy(network).eval()
@@ -354,7 +356,7 @@ def load_quantized_result(path: str | os.PathLike, network: nn.Module) -> Quanti
         if missing or unexpected:
             raise ValueError(f"missing entries {missing[:5]}, unexpected entries {unexpected[:5]}")
     except (AttributeError, KeyError, RuntimeError, ValueError) as e:
-        raise ValueError(
+        raise UserInputError(
             f"quantized checkpoint {path} does not match this network architecture: {e}. Build the network "
             "with the same arguments as when it was quantized."
         ) from e
@@ -422,9 +424,9 @@ def verify_checkpoint(
         the checkpoint's fingerprint (:func:`checkpoint_fingerprint`).
 
     Raises:
-        FileNotFoundError: when the checkpoint or the report is missing.
-        ValueError: when the checkpoint is damaged, was made from other FP weights, or the report
-            describes another checkpoint.
+        MissingInputError: (a ``FileNotFoundError``) when the checkpoint or the report is missing.
+        UserInputError: (a ``ValueError``) when the checkpoint is damaged, was made from other FP
+            weights, or the report is damaged or describes another checkpoint.
     """
     archive = _read(path)
     if fp_network is not None:
@@ -433,23 +435,23 @@ def verify_checkpoint(
         if made_from is None:  # written before checkpoints recorded their sources, or by fine-tuning
             logger.warning("quantized checkpoint %s does not record the FP weights it was made from: not checked", path)
         elif made_from != current:
-            raise ValueError(
+            raise UserInputError(
                 f"quantized checkpoint {path} was made from other FP weights (fingerprint {made_from}) than the "
                 f"network's ({current}): re-run the quantize step with the current FP checkpoint."
             )
     if report is not None:
         report_path = Path(report)
         if not report_path.is_file():
-            raise FileNotFoundError(f"quantization report {report_path} does not exist: re-run the quantize step.")
+            raise MissingInputError(f"quantization report {report_path} does not exist: re-run the quantize step.")
         try:
             provenance = json.loads(report_path.read_text(encoding="utf-8")).get("provenance", {})
             described = provenance.get("checkpoint")
         except (UnicodeDecodeError, ValueError, AttributeError):
-            raise ValueError(
+            raise UserInputError(
                 f"quantization report {report_path} is damaged (not a JSON report): re-run the quantize step."
             ) from None
         if described != archive.fingerprint:
-            raise ValueError(
+            raise UserInputError(
                 f"quantization report {report_path} describes another checkpoint (fingerprint {described}) than "
                 f"{path} ({archive.fingerprint}): they come from different quantize runs, one of which did not "
                 "finish; re-run the quantize step."

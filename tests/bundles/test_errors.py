@@ -112,6 +112,8 @@ def runs(dataset, truncated, tmp_path_factory) -> dict[str, tuple[subprocess.Com
     # from inside copies of the bundle, with its defaults: no images given; the shipped weights in place
     copy = copy_bundle("lits_effq", tmp_path_factory.mktemp("no_images") / "lits_effq")
     commands["inference without images"] = (copy, ("lits_effq", "inference"), {}, copy)
+    copy = copy_bundle("lits_effq", tmp_path_factory.mktemp("not_quantized") / "lits_effq")
+    commands["inference before quantize"] = (copy, ("lits_effq", "inference", "--dataset_dir", str(dataset)), {}, copy)
     copy = copy_bundle("lits_effq", tmp_path_factory.mktemp("shipped") / "lits_effq")
     shutil.copy(ROOT / "bundles" / "lits_effq" / "large_files.yml", copy / "large_files.yml")
     commands["training over the shipped weights"] = (copy, ("lits_effq", "train", "--max_epochs", "1"), {}, copy)
@@ -157,6 +159,11 @@ def test_inference_on_a_gpu_this_machine_lacks_ends_with_one_line_and_writes_not
     if "inference on a GPU this machine lacks" not in runs:
         pytest.skip("this machine has a cuda:7")
     _assert_one_line(*runs["inference on a GPU this machine lacks"], "device 'cuda:7' was asked for but this machine has")
+
+
+def test_inference_before_quantize_ends_with_one_line_saying_to_quantize_first(runs):
+    res, copy = runs["inference before quantize"]
+    _assert_one_line(res, copy, "model_efficientq_w4a8.pt does not exist: run the quantize step first")
 
 
 def test_inference_never_generates_the_demo_data_and_says_how_to_get_images(runs):
