@@ -33,7 +33,7 @@ from monai_effq.deploy.export import (
 )
 from monai_effq.ptq.checkpoint import checkpoint_fingerprint, load_quantized
 from monai_effq.utils.fingerprint import DIGEST_CHARS
-from monai_effq.utils.errors import UserInputError
+from monai_effq.utils.errors import MissingInputError, UserInputError
 
 ort, _has_ort = optional_import("onnxruntime")
 ov, _has_ov = optional_import("openvino")
@@ -129,13 +129,13 @@ class _RuntimeNetwork(nn.Module):
         super().__init__()
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"ONNX model {self.path} does not exist: write it with monai_effq.export_onnx (or the bundle's export run)."
             )
         self.in_channels: int | None = None
 
-    def _load_error(self, err: Exception) -> ValueError:
-        return ValueError(
+    def _load_error(self, err: Exception) -> UserInputError:
+        return UserInputError(
             f"{self.runtime} cannot read {self.path} ({type(err).__name__}: {str(err).strip().splitlines()[0][:200]}); "
             "the file is corrupt or not ONNX: export it again with monai_effq.export_onnx."
         )
@@ -144,7 +144,7 @@ class _RuntimeNetwork(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{type(self).__name__} expects a torch tensor, got {type(x).__name__}.")
         if self.in_channels is not None and (x.dim() < 2 or x.shape[1] != self.in_channels):
-            raise ValueError(
+            raise UserInputError(
                 f"{self.path.name} expects {self.in_channels} input channels (N, {self.in_channels}, *spatial), "
                 f"got shape {tuple(x.shape)}: check the transforms that build the image."
             )
@@ -179,8 +179,8 @@ class OnnxRuntimeNetwork(_RuntimeNetwork):
         threads: intra-op threads (``None``: ONNX Runtime's default).
 
     Raises:
-        FileNotFoundError: when the file is missing.
-        ValueError: when it cannot be read.
+        MissingInputError: (a ``FileNotFoundError``) when the file is missing.
+        UserInputError: (a ``ValueError``) when it cannot be read.
         ImportError: when onnxruntime is not installed.
     """
 
@@ -239,8 +239,8 @@ class OpenVINONetwork(_RuntimeNetwork):
         max_shapes: how many compiled input shapes to keep.
 
     Raises:
-        FileNotFoundError: when the file is missing.
-        ValueError: when it cannot be read, or (at the first call with a shape) compiled.
+        MissingInputError: (a ``FileNotFoundError``) when the file is missing.
+        UserInputError: (a ``ValueError``) when it cannot be read, or (at the first call with a shape) compiled.
         ImportError: when openvino is not installed.
     """
 
@@ -305,7 +305,7 @@ class OpenVINONetwork(_RuntimeNetwork):
             model.reshape({0: list(shape)})
             compiled = self.core.compile_model(model, self.device, self.config)
         except Exception as err:  # openvino raises RuntimeError subclasses of its own
-            raise ValueError(
+            raise UserInputError(
                 f"OpenVINO cannot compile {self.path.name} for input shape {shape} on {self.device} with {self.config} "
                 f"({type(err).__name__}: {str(err).strip().splitlines()[0][:200]}): check the device and options, "
                 f"and that the file accepts this shape (its input is {self.model.inputs[0].get_partial_shape()})."
@@ -423,14 +423,14 @@ def runtime_network(
 
     Raises:
         ValueError: for an unknown runtime, a missing argument or a damaged checkpoint.
-        FileNotFoundError: when the checkpoint is missing.
+        MissingInputError: (a ``FileNotFoundError``) when the checkpoint is missing.
     """
     if runtime not in RUNTIMES and runtime not in BUILT_RUNTIMES:
-        raise ValueError(f"runtime must be one of {sorted(RUNTIMES) + list(BUILT_RUNTIMES)}, got {runtime!r}.")
+        raise UserInputError(f"runtime must be one of {sorted(RUNTIMES) + list(BUILT_RUNTIMES)}, got {runtime!r}.")
     onnx_path = Path(onnx_path)
     source = None if quantized_path is None else Path(quantized_path)
     if source is not None and not source.is_file():
-        raise FileNotFoundError(f"quantized checkpoint {source} does not exist: run the bundle's quantize workflow first.")
+        raise MissingInputError(f"quantized checkpoint {source} does not exist: run the bundle's quantize workflow first.")
     fingerprint = None if source is None else checkpoint_fingerprint(source)
     if runtime == "tensorrt":
         if source is None or network is None:

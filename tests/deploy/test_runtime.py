@@ -14,6 +14,7 @@ import monai_effq
 import monai_effq.deploy.runtime as runtime
 from monai_effq.deploy import OnnxRuntimeNetwork, OpenVINONetwork, runtime_network
 from monai_effq.deploy.runtime import float_precision_for
+from monai_effq.utils.errors import MissingInputError, UserInputError
 
 from .conftest import bn_unet
 
@@ -94,11 +95,12 @@ def test_wrong_input_channels_name_the_expected_channels(exported, cls):
 
 @pytest.mark.parametrize("cls", [OpenVINONetwork, OnnxRuntimeNetwork])
 def test_a_missing_or_corrupt_onnx_file_is_an_error_naming_it(tmp_path, cls):
-    with pytest.raises(FileNotFoundError, match="missing.onnx"):
+    # user-input errors, which the bundle command reports in one line
+    with pytest.raises(MissingInputError, match="missing.onnx"):
         cls(tmp_path / "missing.onnx")
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"\x08\x07not an onnx graph" * 10)
-    with pytest.raises(ValueError, match="corrupt.onnx"):
+    with pytest.raises(UserInputError, match="corrupt.onnx"):
         cls(corrupt)
 
 
