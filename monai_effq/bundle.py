@@ -312,7 +312,7 @@ def image_preprocessing(dataset: str) -> Compose:
         return brats_transforms("native", train=False, with_label=False)
     if dataset == "lits":
         return lits_transforms(train=False, with_label=False)
-    raise ValueError(f"dataset must be 'brats' or 'lits', got {dataset!r}.")
+    raise UserInputError(f"dataset must be 'brats' or 'lits', got {dataset!r}.")
 
 
 def images(
@@ -716,7 +716,7 @@ def finetune_start(
     from monai_effq.qat import prepare_finetune
 
     if init not in FINETUNE_STARTS:
-        raise ValueError(f"init must be one of {FINETUNE_STARTS}, got {init!r}.")
+        raise UserInputError(f"init must be one of {FINETUNE_STARTS}, got {init!r}.")
     if init == "efficientq":
         calibrator.run()
         return prepare_finetune(calibrator.state.quantization)

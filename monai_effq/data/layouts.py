@@ -298,10 +298,10 @@ def load_datalist(
             unreadable files.
     """
     if dataset is not None and dataset not in _DATASETS:
-        raise ValueError(f"dataset must be one of {_DATASETS} or None, got {dataset!r}.")
+        raise UserInputError(f"dataset must be one of {_DATASETS} or None, got {dataset!r}.")
     if layout == "native":
         if dataset is None:
-            raise ValueError("layout='native' needs dataset='brats' or dataset='lits'.")
+            raise UserInputError("layout='native' needs dataset='brats' or dataset='lits'.")
         layout = dataset
     elif layout == "auto":
         layout = detect_layout(dataset_dir)
@@ -311,13 +311,13 @@ def load_datalist(
                 f"but dataset={dataset!r} was asked for."
             )
     elif layout not in LAYOUTS:
-        raise ValueError(f"layout must be 'auto', 'native' or one of {LAYOUTS}, got {layout!r}.")
+        raise UserInputError(f"layout must be 'auto', 'native' or one of {LAYOUTS}, got {layout!r}.")
 
     if layout == "msd":
         datalist = msd_datalist(dataset_dir, section=section)
     else:
         if section != "training":
-            raise ValueError(f"the {layout!r} layout only has a 'training' section, got section={section!r}.")
+            raise UserInputError(f"the {layout!r} layout only has a 'training' section, got section={section!r}.")
         datalist = brats_datalist(dataset_dir) if layout == "brats" else lits_datalist(dataset_dir)
     if check_headers:
         validate_datalist(datalist, read_data=False)
@@ -343,7 +343,7 @@ def split_datalist(
         DatasetError: when ``datalist`` has fewer than two cases.
     """
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}.")
+        raise UserInputError(f"val_fraction must be in (0, 1), got {val_fraction!r}.")
     n = len(datalist)
     if n < 2:
         raise DatasetError(f"cannot split {n} case(s) into training and validation; need at least 2.")

@@ -44,6 +44,7 @@ from monai.transforms import (
 from monai.utils import TransformBackends
 
 from monai_effq.data.layouts import NIFTI_SUFFIXES, DatasetError, check_nifti
+from monai_effq.utils.errors import UserInputError
 
 __all__ = [
     "BRATS_NATIVE_LABELS",
@@ -257,7 +258,7 @@ def _roi(roi_size: Sequence[int] | None, train: bool, with_label: bool = True) -
     if not with_label:
         raise ValueError("train=True crops around the label: it needs with_label=True.")
     if roi_size is None or len(roi_size) != 3 or any(int(r) < 1 for r in roi_size):
-        raise ValueError(f"train=True needs roi_size as three positive integers, got {roi_size!r}.")
+        raise UserInputError(f"train=True needs roi_size as three positive integers, got {roi_size!r}.")
     return tuple(int(r) for r in roi_size)  # type: ignore[return-value]
 
 

@@ -67,6 +67,7 @@ CASES = {
         "does not fit the network",
     ),
     "missing checkpoint": (("--fp_checkpoint", "missing/model.pt"), "FP checkpoint"),
+    "unknown dataset layout": (("--layout", "nnunet"), "layout must be 'auto', 'native' or one of"),
     "a GPU this machine lacks": (("--device", "cuda:7"), "device 'cuda:7' was asked for but this machine has"),
 }
 

@@ -282,7 +282,9 @@ def test_a_decathlon_folder_without_dataset_json_or_with_an_entry_that_is_not_a_
     ],
 )
 def test_load_datalist_names_an_unknown_dataset_layout_or_section(data, kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    from monai_effq.utils.errors import UserInputError
+
+    with pytest.raises(UserInputError, match=message):  # a bundle setting: one line from the bundle command
         load_datalist(data["lits"], **kwargs)
 
 
