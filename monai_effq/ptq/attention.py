@@ -14,6 +14,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from monai_effq.utils.errors import UserInputError
+
 __all__ = ["ClassAttention", "TASKS"]
 
 TASKS = ("multiclass", "multilabel")
@@ -46,7 +48,7 @@ class ClassAttention:
         reduce_counts: Callable[[list[torch.Tensor]], object] | None = None,
     ) -> None:
         if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}.")
+            raise UserInputError(f"task must be one of {TASKS}, got {task!r}.")
         self.task = task
         self.logits = [t.detach().float() for t in (logits if isinstance(logits, (list, tuple)) else [logits])]
         if body_mask is None:

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from monai_effq.ptq.attention import TASKS
+from monai_effq.utils.errors import UserInputError
 
 if TYPE_CHECKING:
     from monai_effq.qat.finetune import TrainableNetwork
@@ -197,7 +198,7 @@ def score_windows(
         ValueError: for an unknown task.
     """
     if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}.")
+        raise UserInputError(f"task must be one of {TASKS}, got {task!r}.")
     device = _device(network)
     was_training = network.training
     network.eval()

@@ -40,6 +40,7 @@ from monai_effq.qat.check import DEFAULT_CHECK_BATCHES, FinetuneCheck, check_bat
 from monai_effq.qat.modules import FrozenBatchNorm, TrainableQuantizedLayer
 from monai_effq.solver.layers import layer_view
 from monai_effq.solver.rounding import fit_grid
+from monai_effq.utils.errors import UserInputError
 
 tqdm, _has_tqdm = optional_import("tqdm", name="tqdm")
 
@@ -113,7 +114,7 @@ def default_loss(task: str) -> nn.Module:
         return DiceCELoss(to_onehot_y=True, softmax=True)
     if task == "multilabel":
         return DiceCELoss(sigmoid=True)
-    raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}.")
+    raise UserInputError(f"task must be 'multiclass' or 'multilabel', got {task!r}.")
 
 
 class TrainableNetwork:
@@ -435,7 +436,7 @@ def resolve_task(known: str | None, task: str | None) -> str:
     if task is None:
         return known or "multiclass"
     if task not in ("multiclass", "multilabel"):
-        raise ValueError(f"task must be 'multiclass' or 'multilabel', got {task!r}.")
+        raise UserInputError(f"task must be 'multiclass' or 'multilabel', got {task!r}.")
     if known is not None and task != known:
         raise ValueError(
             f"the PTQ result was quantized for task {known!r}, not {task!r}: drop task= (the fine-tune takes the "

@@ -68,6 +68,7 @@ CASES = {
     ),
     "missing checkpoint": (("--fp_checkpoint", "missing/model.pt"), "FP checkpoint"),
     "unknown dataset layout": (("--layout", "nnunet"), "layout must be 'auto', 'native' or one of"),
+    "unknown task": (("--task", "segmentation"), "task must be one of ('multiclass', 'multilabel'), got 'segmentation'"),
     "a GPU this machine lacks": (("--device", "cuda:7"), "device 'cuda:7' was asked for but this machine has"),
 }
 
