@@ -14,7 +14,7 @@ import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_effq.data.calibration import calibration_windows
-from monai_effq.ptq.attention import TASKS
+from monai_effq.ptq.attention import check_task
 from monai_effq.ptq.checkpoint import load_quantized, save_quantized
 from monai_effq.ptq.config import EfficientQConfig
 from monai_effq.ptq.graph import probe_network
@@ -132,9 +132,7 @@ class QuantizationHandler:
         available_device(self.config.device)  # before the evaluator loads any data
         if body_mask not in (None, "nonzero"):
             raise UserInputError(f"body_mask must be 'nonzero' or None, got {body_mask!r}.")
-        if task not in TASKS:  # before the evaluator loads any data
-            raise UserInputError(f"task must be one of {TASKS}, got {task!r}.")
-        self.task = task
+        self.task = check_task(task)  # before the evaluator loads any data
         self.save_path = save_path
         self.max_batches = check_integer(max_batches, "max_batches (calibration_cases)", low=1)
         self.image_key = image_key

@@ -16,9 +16,26 @@ import torch.nn.functional as F
 
 from monai_effq.utils.errors import UserInputError
 
-__all__ = ["ClassAttention", "TASKS"]
+__all__ = ["ClassAttention", "TASKS", "check_task"]
 
 TASKS = ("multiclass", "multilabel")
+
+
+def check_task(task: str) -> str:
+    """A segmentation task name, checked.
+
+    Args:
+        task: ``"multiclass"`` (softmax over the channels) or ``"multilabel"`` (a sigmoid per channel).
+
+    Returns:
+        ``task``.
+
+    Raises:
+        UserInputError: for any other name.
+    """
+    if task not in TASKS:
+        raise UserInputError(f"task must be one of {TASKS}, got {task!r}.")
+    return task
 
 
 class ClassAttention:
@@ -47,9 +64,7 @@ class ClassAttention:
         body_mask: torch.Tensor | list[torch.Tensor] | None = None,
         reduce_counts: Callable[[list[torch.Tensor]], object] | None = None,
     ) -> None:
-        if task not in TASKS:
-            raise UserInputError(f"task must be one of {TASKS}, got {task!r}.")
-        self.task = task
+        self.task = check_task(task)
         self.logits = [t.detach().float() for t in (logits if isinstance(logits, (list, tuple)) else [logits])]
         if body_mask is None:
             masks: list[torch.Tensor | None] = [None] * len(self.logits)

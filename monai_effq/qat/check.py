@@ -33,8 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from monai_effq.ptq.attention import TASKS
-from monai_effq.utils.errors import UserInputError
+from monai_effq.ptq.attention import check_task
 
 if TYPE_CHECKING:
     from monai_effq.qat.finetune import TrainableNetwork
@@ -197,8 +196,7 @@ def score_windows(
     Raises:
         ValueError: for an unknown task.
     """
-    if task not in TASKS:
-        raise UserInputError(f"task must be one of {TASKS}, got {task!r}.")
+    check_task(task)
     device = _device(network)
     was_training = network.training
     network.eval()
