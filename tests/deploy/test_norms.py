@@ -83,7 +83,11 @@ def test_a_channel_stats_export_reproduces_the_fake_quant_network_in_both_runtim
         expected = segresnet_w4a8.network(x)
     form, _ = export_form(segresnet_w4a8.network, group_norm="channel_stats")
     with torch.no_grad():  # the written form computes the fake-quant function itself, in torch
-        assert rel_l2(form(x), expected) < 1e-6
+        written = form(x)
+    # to float rounding: its norm statistics are summed in another order, so an activation now and
+    # then lands one step away (1.1% of the outputs moved on an Intel Xeon, none on an AMD EPYC)
+    assert rel_l2(written, expected) < 2e-3
+    assert torch.isclose(written, expected, atol=1e-5, rtol=1e-5).float().mean() > 0.97
     # an untrained network: where a runtime's convolution sums in another order, one-step rounding flips
     # of the activations grow through the residual path to about 1e-2 (the same for both exporters)
     assert rel_l2(OnnxRuntimeNetwork(path, optimize=False)(x), expected) < 2e-2
