@@ -125,3 +125,23 @@ def test_openvino_runs_four_bit_files_with_int8_kernels(calibration, tmp_path):
     assert precisions and all(p in ("u8", "i8") for p in precisions), precisions
     x = torch.rand(*shape, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(net(x), OpenVINONetwork(int8, precision="f32")(x), atol=1e-5, rtol=1e-4)
+
+
+def test_openvino_gets_four_bit_weights_with_a_zero_point_right_on_a_transposed_convolution_after_relu(tmp_path):
+    # OpenVINO 2026.4 computes such a layer wrongly from uint8 weights with a zero point (rel-L2 0.81)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.ConvTranspose3d(4, 4, 2, stride=2),
+        torch.nn.PReLU(), torch.nn.Conv3d(4, 2, 1),
+    ).eval()
+    config = monai_effq.EfficientQConfig(
+        weight_bits=4, weight_grid="asymmetric", method="rtn", attention=False, first_layer_bits=None, last_layer_bits=None
+    )
+    result = monai_effq.quantize(net, torch.randn(1, 1, 8, 8, 8), config, progress=False, task="multiclass")
+    path = export_onnx(result, tmp_path / "int4.onnx", (1, 1, 8, 8, 8), weight_container="int4")
+    assert onnx.TensorProto.UINT4 in weight_types(path)
+    x = torch.randn(1, 1, 8, 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = result.network(x)
+    got = OpenVINONetwork(path, precision="f32")(x)
+    assert float((got - expected).norm() / expected.norm()) < 1e-4
