@@ -223,8 +223,10 @@ class QdqLayer(nn.Module):
 class _ActivationSpec(nn.Module):
     """An activation quantizer as an 8-bit Q/DQ pair, clipped first when it uses part of the container.
 
-    Unsigned and asymmetric grids become uint8 with their zero point; signed and symmetric grids
-    become int8 with zero point 0 (the form TensorRT requires).
+    Signed and symmetric grids become int8 with zero point 0 (the form TensorRT requires), and so
+    does an asymmetric grid whose codes minus its zero point fit int8 (every grid of up to 7 bits):
+    OpenVINO computes a transposed convolution in int8 only when its input has no zero point.
+    Other unsigned and asymmetric grids become uint8 with their zero point.
     """
 
     def __init__(
@@ -240,8 +242,9 @@ class _ActivationSpec(nn.Module):
         zero = float(quantizer.zero_point)
         if zero != round(zero):
             raise ValueError(f"activation grid {quantizer.grid.kind} has no 8-bit form (zero point {zero}).")
-        signed = quantizer.grid.is_signed
-        lo, hi = (quantizer.qmin - zero, quantizer.qmax - zero) if signed else (quantizer.qmin, quantizer.qmax)
+        offsets = (quantizer.qmin - zero, quantizer.qmax - zero)
+        signed = quantizer.grid.is_signed or (quantizer.grid.kind == "asymmetric" and offsets[0] >= -128 and offsets[1] <= 127)
+        lo, hi = offsets if signed else (quantizer.qmin, quantizer.qmax)
         container = (-128, 127) if signed else (0, 255)
         if lo < container[0] or hi > container[1]:
             raise ValueError(f"activation grid {quantizer.grid.kind} does not fit an 8-bit container ({lo}..{hi}).")

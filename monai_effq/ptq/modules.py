@@ -79,7 +79,8 @@ class ActivationQuantizer(nn.Module):
             UserInputError: for non-finite activations or activations without range.
         """
         return cls.calibrate(
-            x, spec.bits, power_of_two=spec.power_of_two, fixed_point=spec.format, kind=spec.kind, name=name
+            x, spec.bits, power_of_two=spec.power_of_two, fixed_point=spec.format, kind=spec.kind, name=name,
+            signed_kind=spec.signed_kind,
         )
 
     @classmethod
@@ -92,6 +93,7 @@ class ActivationQuantizer(nn.Module):
         fixed_point: str | FixedPointFormat | None = None,
         kind: str | None = None,
         name: str = "",
+        signed_kind: str = "asymmetric",
     ) -> ActivationQuantizer:
         """Fit a quantizer to calibration activations.
 
@@ -104,8 +106,9 @@ class ActivationQuantizer(nn.Module):
                 fitted; ``bits`` is then ignored): unsigned when calibration saw no negative value,
                 otherwise sign-magnitude with one more bit.
             kind: the grid kind (e.g. ``"symmetric"``); ``None`` chooses unsigned when
-                calibration saw no negative value and asymmetric otherwise.
+                calibration saw no negative value and ``signed_kind`` otherwise.
             name: the layer whose input this is (named in errors).
+            signed_kind: the grid ``kind=None`` chooses for an input with negative values.
 
         Returns:
             the calibrated quantizer.
@@ -132,7 +135,7 @@ class ActivationQuantizer(nn.Module):
                 fmt = FixedPointFormat.parse(fixed_point, signed=not non_negative)
             return cls(fmt.bits, fmt.grid.kind, fmt.step, fmt.zero_point)
         if kind is None:
-            kind = "unsigned" if non_negative else "asymmetric"
+            kind = "unsigned" if non_negative else signed_kind
         grid = UniformGrid(bits, kind)
         scale, zero = fit_scale(flat, grid, method="als")  # ALS as the paper; MSE sweep if asymmetric
         if power_of_two:

@@ -138,6 +138,7 @@ def prepare_network(
         raise UserInputError(
             "the network has no quantizable layers (Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear) that run in its forward pass."
         )
-    axes = {name: layer_view(net.get_submodule(name)).output_axis for name in probe.order}
-    plans = config.plan(probe.order, probe.input_layers, axes)
+    views = {name: layer_view(net.get_submodule(name)) for name in probe.order}
+    transposed = [name for name, view in views.items() if view.kind == "conv_transpose"]
+    plans = config.plan(probe.order, probe.input_layers, {n: v.output_axis for n, v in views.items()}, transposed)
     return PreparedNetwork(net, folded, probe.order, plans, probe.output_numels)

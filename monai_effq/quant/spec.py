@@ -117,14 +117,18 @@ class ActivationSpec:
     Attributes:
         bits: 2 to 8 (an explicit format's word when ``format`` is given).
         kind: the grid kind; ``None`` lets calibration choose (unsigned when it saw no negative
-            value, asymmetric otherwise).
+            value, ``signed_kind`` otherwise).
         power_of_two: snap the calibrated scale to a power of two.
         format: an explicit fixed-point format such as ``Q6.0``, parsed (unsigned; step ``2^-f``, not
             calibrated; an input calibration finds negative takes the signed format of the same
             ``i`` and ``f``).
+        signed_kind: the grid calibration chooses for an input with negative values when ``kind`` is
+            ``None``: ``"asymmetric"`` (every level used) or ``"symmetric"`` (zero point 0, for
+            layers that a runtime computes in integers only without an input zero point).
     """
 
     bits: int
     kind: str | None = None
     power_of_two: bool = False
     format: FixedPointFormat | None = None
+    signed_kind: str = "asymmetric"

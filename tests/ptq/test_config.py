@@ -240,6 +240,18 @@ def test_the_plan_gives_each_per_channel_layer_the_channel_axis_of_its_weight():
     assert [p.weight.channel_axis for p in per_tensor] == [None, None]
 
 
+def test_the_plan_lets_a_transposed_convolutions_signed_input_take_the_symmetric_grid_unless_a_grid_is_set():
+    names, up = ["stem", "up", "head"], ["up"]
+    auto = {p.name: p.act for p in EfficientQConfig().plan(names, transposed_layers=up)}
+    assert (auto["up"].kind, auto["up"].signed_kind) == (None, "symmetric")
+    assert auto["stem"].signed_kind == auto["head"].signed_kind == "asymmetric"
+    # below 8 bits the asymmetric grid's export needs no zero point
+    assert EfficientQConfig(act_bits=6).plan(names, transposed_layers=up)[1].act.signed_kind == "asymmetric"
+    overridden = EfficientQConfig(overrides={"up": {"act_grid": "symmetric"}}, act_grid="auto").plan(names, transposed_layers=up)
+    assert overridden[1].act.kind == "symmetric"
+    assert EfficientQConfig(act_format="Q6.0").plan(names, transposed_layers=up)[1].act.format is not None
+
+
 def test_a_config_is_read_from_a_dict_and_anything_else_is_named():
     assert EfficientQConfig.from_dict({"weight_bits": 3}).weight_bits == 3
     with pytest.raises(UserInputError, match=r"read from a dict of its fields, got \['weight_bits', 3\]"):

@@ -97,6 +97,18 @@ def test_unsigned_activation_grid_after_relu():
     assert [r.act_grid for r in q.report.layers] == ["asymmetric", "unsigned"]
 
 
+def test_a_transposed_convolution_reads_a_signed_input_on_the_symmetric_grid_and_a_non_negative_one_unsigned():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv3d(1, 4, 3, padding=1), nn.PReLU(), nn.ConvTranspose3d(4, 4, 2, stride=2), nn.ReLU(),
+        nn.ConvTranspose3d(4, 4, 2, stride=2), nn.PReLU(), nn.Conv3d(4, 2, 1),
+    ).eval()
+    q = quantize(net, torch.randn(1, 1, 4, 4, 4), EfficientQConfig(method="rtn"), progress=False, task="multiclass")
+    # OpenVINO runs a transposed convolution in int8 only when its input has no zero point
+    assert [r.act_grid for r in q.report.layers] == ["asymmetric", "symmetric", "unsigned", "asymmetric"]
+    assert q.network[2].input_quantizer.grid.is_signed and q.network[4].input_quantizer.grid.kind == "unsigned"
+
+
 def test_an_override_sets_one_layers_weight_scale_fit_and_input_grid():
     torch.manual_seed(0)
     net = nn.Sequential(*[m for c in (1, 4, 4) for m in (nn.Conv3d(c, 4, 3, padding=1), nn.ReLU())][:-1]).eval()
