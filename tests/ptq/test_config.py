@@ -247,8 +247,11 @@ def test_the_plan_lets_a_transposed_convolutions_signed_input_take_the_symmetric
     assert auto["stem"].signed_kind == auto["head"].signed_kind == "asymmetric"
     # below 8 bits the asymmetric grid's export needs no zero point
     assert EfficientQConfig(act_bits=6).plan(names, transposed_layers=up)[1].act.signed_kind == "asymmetric"
-    overridden = EfficientQConfig(overrides={"up": {"act_grid": "symmetric"}}, act_grid="auto").plan(names, transposed_layers=up)
-    assert overridden[1].act.kind == "symmetric"
+    # an override keeps the calibrated zero point for a runtime that does not need it gone
+    overridden = EfficientQConfig(overrides={"up": {"act_grid": "asymmetric"}}).plan(names, transposed_layers=up)
+    assert [p.act.kind for p in overridden] == [None, "asymmetric", None]
+    with pytest.raises(ValueError, match="act_format sets its own grid: use it or act_grid='asymmetric'"):
+        EfficientQConfig(act_grid="asymmetric", act_format="Q6.0")
     assert EfficientQConfig(act_format="Q6.0").plan(names, transposed_layers=up)[1].act.format is not None
 
 
