@@ -28,6 +28,7 @@ from monai_effq.utils.io import atomic_write_text
 
 __all__ = [
     "DEFAULT_OUTPUT_DIR",
+    "cpu_kind",
     "main",
     "publish",
     "publish_per_bundle",
@@ -97,9 +98,31 @@ def run_demo(
     return rows
 
 
+def cpu_kind() -> str:
+    """The CPU's vendor and the vector kernels torch runs on it, e.g. ``"GenuineIntel, AVX512 kernels"``.
+
+    Dice of a quantized network moves in the third decimal between CPU kinds (MKL and oneDNN sum
+    in other orders, and a 2-bit layer's rounding follows), so the demo's table names the kind.
+
+    Returns:
+        the description.
+    """
+    import platform
+
+    import torch
+
+    vendor = platform.processor() or "unknown vendor"
+    try:
+        with open("/proc/cpuinfo") as f:
+            vendor = next((line.split(":", 1)[1].strip() for line in f if line.startswith("vendor_id")), vendor)
+    except OSError:
+        pass
+    return f"{vendor}, {torch.backends.cpu.get_cpu_capability()} kernels"
+
+
 def results_markdown(rows: list[dict]) -> str:
-    """A Markdown table per bundle (the classes differ between bundles)."""
-    out = []
+    """A Markdown table per bundle (the classes differ between bundles), after the CPU kind it was measured on."""
+    out = [f"Measured on: {cpu_kind()}.\n"]
     for bundle in dict.fromkeys(r["bundle"] for r in rows):
         part = [r for r in rows if r["bundle"] == bundle]
         cols = ["model", *[k for k in part[0] if k.startswith("dice_")], "size_MiB", "quantize_s"]
