@@ -3,12 +3,12 @@
 MKL's float32 Cholesky, Cholesky inverse and triangular solves split their work by thread count, so
 one matrix factorised with 1 and with 2 threads gives results that differ in the last bits, and ADMM
 and GPTQ then round some weights the other way (issue 18: on the BraTS demo, 1 vs 2 threads changed
-up to a quarter of some layers' codes). These helpers compute in float64 and round back: the
-differences between thread counts stay far below float32's resolution (the explicit inverse, whose
-float64 result still differed once rounded, runs on one thread). :class:`RowSolver` goes further,
+up to a quarter of some layers' codes). These helpers compute in float64 on one thread and round
+back (on an AMD EPYC the float64 results, rounded, agreed across thread counts; on an Intel Xeon
+they did not). :class:`RowSolver` goes further,
 in float32: its only multi-threaded kernels are matrix products whose row counts are multiples of
 16. MKL splits such products by output block, never along a sum, so they give the same bits on 1
-and 2 threads; products with 5 to 11 rows did not (seen with 9 right-hand sides at ``n = 432`` and
+and 2 threads (on Intel CPUs under the strict reproducibility that importing monai_effq sets); products with 5 to 11 rows did not (seen with 9 right-hand sides at ``n = 432`` and
 with a last block of 7 columns at ``n = 1285``), hence the padding.
 """
 
@@ -26,7 +26,11 @@ _ALIGN = 16  # rows and columns are padded to a multiple of this (see the module
 
 
 def cholesky(matrix: torch.Tensor, upper: bool = False) -> torch.Tensor:
-    """The Cholesky factor of symmetric positive definite matrices, in float64.
+    """The Cholesky factor of symmetric positive definite matrices, in float64, on one CPU thread.
+
+    On an Intel Xeon, LAPACK's float64 factor at ``n = 432`` still differed between 1 and 2 threads
+    once rounded to float32 (an AMD EPYC's did not), so it runs on one: 40 ms instead of 22 ms at
+    ``n = 1728`` (GPTQ's rounding is its user; EfficientQ's ADMM uses :class:`RowSolver`).
 
     Args:
         matrix: ``(..., n, n)`` symmetric positive definite matrices.
@@ -35,7 +39,8 @@ def cholesky(matrix: torch.Tensor, upper: bool = False) -> torch.Tensor:
     Returns:
         the float64 factor (round it with ``.to(dtype)`` where it is used as is).
     """
-    return torch.linalg.cholesky(matrix.double(), upper=upper)
+    with _one_thread(matrix.device):
+        return torch.linalg.cholesky(matrix.double(), upper=upper)
 
 
 class RowSolver:
