@@ -308,11 +308,11 @@ def fit_scale_als(
     z = channel_view(zero, xf)
     codes = None
     for _ in range(max_iter):
-        new_codes = quantize_codes(xf, scale, zero, grid)
+        new_codes = grid_codes(xf, scale, zero, grid)  # integers in float32: compared and used as they are
         if codes is not None and torch.equal(new_codes, codes):
             break
         codes = new_codes
-        q = codes.float() - z
+        q = codes - z
         # float64 sums: a float32 sum over many values depends on how the threads split it (issue 18)
         num = (q * xf).sum(dim=dims, dtype=torch.float64) if dims else q * xf
         den = (q * q).sum(dim=dims, dtype=torch.float64) if dims else q * q
