@@ -31,6 +31,18 @@ WEIGHT_CONTAINERS = ("int8", "int4")
 INT4_MIN_OPSET = 21
 
 
+def _channel_axis(node, ndim: int) -> int:  # noqa: ANN001 - onnx.NodeProto
+    """The axis of a ``DequantizeLinear``'s per-channel scale and zero point in an ``ndim``-d weight."""
+    return next((a.i for a in node.attribute if a.name == "axis"), 1) % ndim
+
+
+def _along(node, t: np.ndarray, ndim: int) -> np.ndarray:  # noqa: ANN001 - onnx.NodeProto
+    """A per-channel ``t`` shaped to broadcast against the node's ``ndim``-d weight."""
+    shape = [1] * ndim
+    shape[_channel_axis(node, ndim)] = -1
+    return t.reshape(shape)
+
+
 def _four_bit_form(node, values: np.ndarray, zero: np.ndarray, signed: bool):  # noqa: ANN001, ANN202
     """``(values, zero point, dtype)`` of a weight in a 4-bit container, or ``None`` when it needs more.
 
@@ -41,12 +53,9 @@ def _four_bit_form(node, values: np.ndarray, zero: np.ndarray, signed: bool):  #
     if signed and zero.min() >= -8 and zero.max() <= 7 and values.min() >= -8 and values.max() <= 7:
         return values, zero, ml_dtypes.int4
     if zero.ndim == 1 and zero.size > 1:  # per channel, along the node's axis
-        axis = next((a.i for a in node.attribute if a.name == "axis"), 1) % values.ndim
-        others = tuple(d for d in range(values.ndim) if d != axis)
+        others = tuple(d for d in range(values.ndim) if d != _channel_axis(node, values.ndim))
         low = np.minimum(values.min(axis=others), zero)
-        shape = [1] * values.ndim
-        shape[axis] = -1
-        shifted, low_b = values - low.reshape(shape), low
+        shifted, low_b = values - _along(node, low, values.ndim), low
     else:
         low_b = min(int(values.min()), int(zero.min()))
         shifted = values - low_b
@@ -141,11 +150,7 @@ def widen_4bit_weights(model) -> int:  # noqa: ANN001 - onnx.ModelProto
         if has_zero:
             zero_init = initializers[node.input[2]]
             zero = original[zero_init.name]
-            if zero.ndim == 1 and zero.size > 1:  # per channel, along the node's axis
-                shape = [1] * values.ndim
-                shape[next((a.i for a in node.attribute if a.name == "axis"), 1) % values.ndim] = -1
-                zero = zero.reshape(shape)
-            values = values - zero
+            values = values - (_along(node, zero, values.ndim) if zero.ndim == 1 and zero.size > 1 else zero)
             zero_init.CopyFrom(numpy_helper.from_array(np.zeros(zero_init.dims, np.int8), zero_init.name))
         weight.CopyFrom(numpy_helper.from_array(values.astype(np.int8), weight.name))
         widened += 1
