@@ -23,6 +23,7 @@ from monai.utils import optional_import
 
 from monai_effq.deploy.containers import widen_4bit_weights
 from monai_effq.deploy.norms import group_norm_form_for
+from monai_effq.deploy.transposed_inputs import shift_transposed_inputs
 from monai_effq.deploy.tensorrt import tensorrt_network
 from monai_effq.deploy.export import (
     EXPORT_OPTIONS_KEY,
@@ -277,14 +278,19 @@ class OpenVINONetwork(_RuntimeNetwork):
         self._requests: OrderedDict[tuple[int, ...], Any] = OrderedDict()
 
     def _model_source(self) -> str | bytes:
-        """The file's path, or its bytes with 4-bit weights widened to int8 (OpenVINO's int8 kernels)."""
+        """The file's path, or its bytes with 4-bit weights widened to int8 (OpenVINO's int8 kernels)
+        and, on CPUs without AVX-512, transposed convolutions' inputs given a zero point
+        (:func:`~monai_effq.deploy.transposed_inputs.shift_transposed_inputs`)."""
         if self.path.suffix != ".onnx" or not _has_onnx:
             return str(self.path)
         try:
             model = onnx.load(str(self.path))
         except Exception:  # a corrupt file: OpenVINO reads the path and says what is wrong with it
             return str(self.path)
-        if not widen_4bit_weights(model):
+        changed = widen_4bit_weights(model)
+        if torch.backends.cpu.get_cpu_capability() != "AVX512":
+            changed += shift_transposed_inputs(model)
+        if not changed:
             return str(self.path)
         return model.SerializeToString()
 
