@@ -199,7 +199,8 @@ def test_a_missing_checkpoint_or_a_missing_network_to_export_from_is_an_error_sa
     assert not (tmp_path / "model_w4a8.onnx").exists()
 
 
-def test_onnx_runtime_warns_of_saturating_8_bit_weights_only_on_a_cpu_without_vnni(tmp_path, monkeypatch):
+@pytest.mark.parametrize("cls", [OnnxRuntimeNetwork, OpenVINONetwork])
+def test_both_runtimes_warn_of_saturating_8_bit_weights_only_on_a_cpu_without_vnni(tmp_path, monkeypatch, cls):
     from monai_effq.deploy import export_onnx
 
     result = _rtn(8)
@@ -207,13 +208,13 @@ def test_onnx_runtime_warns_of_saturating_8_bit_weights_only_on_a_cpu_without_vn
     with pytest.warns(UserWarning, match="reduce_range"):
         narrow = export_onnx(result, tmp_path / "w8_7bit.onnx", (1, 2, 16, 16, 16), reduce_range=True)
     monkeypatch.setattr(runtime, "cpu_has_vnni", lambda: False)
-    with pytest.warns(UserWarning, match="int8 weights beyond 7 bits and this CPU has no VNNI"):
-        OnnxRuntimeNetwork(wide)
+    with pytest.warns(UserWarning, match=f"int8 weights beyond 7 bits and this CPU has no VNNI: {cls.runtime}'s"):
+        cls(wide)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
-        OnnxRuntimeNetwork(narrow)
+        cls(narrow)
         monkeypatch.setattr(runtime, "cpu_has_vnni", lambda: True)
-        OnnxRuntimeNetwork(wide)
+        cls(wide)
 
 
 @pytest.mark.parametrize("cls", [OpenVINONetwork, OnnxRuntimeNetwork])
