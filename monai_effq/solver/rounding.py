@@ -253,11 +253,20 @@ def _descend_block(
     ic = inv_curvature.detach().cpu().numpy()
     s = scale.detach().cpu().expand(*codes.shape[:2], 1).numpy()
     h = hessian.detach().cpu().numpy()
+    lo, hi = np.float32(qmin), np.float32(qmax)
+    # ufuncs with out= instead of np.clip and np.array_equal, whose Python wrappers cost more than
+    # their arithmetic on m values: the same float32 operations, so the same bits
+    new = np.empty_like(c[:, :, 0])
     for j in range(c.shape[-1]):
-        col = c[:, :, j : j + 1]
-        new = np.clip(col + np.round(-g[:, :, j : j + 1] * ic[:, :, j : j + 1]), qmin, qmax)
-        if np.array_equal(new, col):
+        col = c[:, :, j]
+        np.multiply(g[:, :, j], ic[:, :, j], out=new)
+        np.negative(new, out=new)
+        np.round(new, out=new)
+        np.add(new, col, out=new)
+        np.maximum(new, lo, out=new)
+        np.minimum(new, hi, out=new)
+        if (new == col).all():
             continue
-        g += (s * (new - col)) * h[:, j : j + 1, :]
+        g += (s * (new - col)[:, :, None]) * h[:, j : j + 1, :]
         col[...] = new
     return torch.from_numpy(c).to(codes.device)
