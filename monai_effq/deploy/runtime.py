@@ -168,7 +168,9 @@ class _RuntimeNetwork(nn.Module):
         the trained bundles moved 0.05 and 0.005 with over 99.9% of labels kept). 7-bit weights
         cannot saturate: their pairs stay below 2¹⁵.
         """
-        if cpu_has_vnni() is False and _has_onnx and widest_int8_weight(self.path) > REDUCED_WEIGHT_RANGE[1] + 1:
+        if self.path.suffix != ".onnx" or not _has_onnx or cpu_has_vnni() is not False:
+            return  # an OpenVINO IR file holds its weights in another format
+        if widest_int8_weight(self.path) > REDUCED_WEIGHT_RANGE[1] + 1:
             warnings.warn(
                 f"{self.path.name} has int8 weights beyond 7 bits and this CPU has no VNNI: {self.runtime}'s integer "
                 "kernels add pairs of products in 16 bits, which can saturate and move the output; compare it with "

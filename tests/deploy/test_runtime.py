@@ -217,6 +217,19 @@ def test_both_runtimes_warn_of_saturating_8_bit_weights_only_on_a_cpu_without_vn
         cls(wide)
 
 
+def test_openvino_reads_an_ir_file_on_a_cpu_without_vnni_without_looking_for_onnx_weights(tmp_path, monkeypatch):
+    import openvino as ov
+
+    from monai_effq.deploy import export_onnx
+
+    wide = export_onnx(_rtn(8), tmp_path / "w8.onnx", (1, 2, 16, 16, 16))
+    ov.save_model(ov.Core().read_model(str(wide)), str(tmp_path / "w8.xml"))
+    monkeypatch.setattr(runtime, "cpu_has_vnni", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        net = OpenVINONetwork(tmp_path / "w8.xml")
+    assert net(torch.rand(1, 2, 16, 16, 16)).shape[:2] == (1, 3)
+
 @pytest.mark.parametrize("cls", [OpenVINONetwork, OnnxRuntimeNetwork])
 def test_an_input_that_is_not_a_tensor_is_a_type_error_naming_the_runner(exported, cls):
     _, path = exported
