@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from monai.data.utils import dense_patch_slices, get_valid_patch_size
 
+from monai_effq.utils.errors import all_finite
+
 __all__ = ["calibration_windows"]
 
 
@@ -53,7 +55,7 @@ def calibration_windows(
                 f"calibration volume {i} has shape {tuple(vol.shape)}; expected (C={channels}, *spatial) with "
                 f"{len(roi)} spatial axes to match roi_size {roi}."
             )
-        if not torch.isfinite(vol).all():
+        if not all_finite(vol):
             raise ValueError(f"calibration volume {i} contains NaN or Inf values: clean or re-normalise it.")
         pad = [max(r - s, 0) for s, r in zip(vol.shape[1:], roi)]
         if any(pad):

@@ -38,7 +38,7 @@ from monai_effq.solver.methods import get_method
 from monai_effq.solver.output_error import OutputError
 from monai_effq.solver.validation import UNDERDETERMINED_CHOICE, is_underdetermined, solve_validated
 from monai_effq.utils.distributed import all_gather_objects, all_gather_rows, all_reduce_sum, get_rank, get_world_size
-from monai_effq.utils.errors import UserInputError
+from monai_effq.utils.errors import UserInputError, all_finite
 from monai_effq.utils.fingerprint import fingerprint_json, fingerprint_state, fingerprint_tensors
 
 tqdm, _has_tqdm = optional_import("tqdm", name="tqdm")
@@ -71,7 +71,7 @@ def _as_batches(calibration: torch.Tensor | Iterable[torch.Tensor]) -> list[torc
             raise TypeError(f"calibration batch {i} is a {type(b).__name__}, expected a tensor (N, C, *spatial).")
         if b.numel() == 0:
             raise ValueError(f"calibration batch {i} is empty (shape {tuple(b.shape)}).")
-        if not torch.isfinite(b).all():
+        if not all_finite(b):
             raise ValueError(f"calibration batch {i} contains NaN or Inf values: clean or re-normalise the input.")
         out.append(b.detach().as_subclass(torch.Tensor).float())  # MONAI's MetaTensor would leak into buffers
     return out

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from monai_effq.utils.errors import all_finite
+
 __all__ = ["LayerView", "ParityClass", "PatchChunk", "layer_view", "SUPPORTED_LAYERS"]
 
 SUPPORTED_LAYERS = (
@@ -255,7 +257,7 @@ class LayerView:
             ValueError: naming the tensor that is not finite.
         """
         for what, t in (("inputs", inputs), ("targets", targets)):
-            if not torch.isfinite(t).all():
+            if not all_finite(t):
                 raise ValueError(f"calibration {what} of {self.name} contain NaN or Inf values.")
 
     def check_voxel_weights(self, weights: torch.Tensor, targets: torch.Tensor, what: str = "voxel_weights") -> torch.Tensor:
@@ -285,7 +287,7 @@ class LayerView:
                 f"voxel), got {tuple(weights.shape)}."
             )
         weights = weights.detach().to(targets.device, torch.float32)
-        if not torch.isfinite(weights).all() or (weights < 0).any():
+        if not all_finite(weights) or bool((weights < 0).any()):
             raise ValueError(f"{what} for {self.name} must be finite and non-negative.")
         return weights
 

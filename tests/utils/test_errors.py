@@ -1,11 +1,13 @@
 import sys
 
 import pytest
+import torch
 
 from monai_effq.utils.errors import (
     DEBUG_ENV,
     MissingInputError,
     UserInputError,
+    all_finite,
     find_user_error,
     install_bundle_error_hook,
 )
@@ -64,3 +66,19 @@ def test_the_debug_variable_keeps_the_full_traceback(hook, monkeypatch, capsys):
     error = _wrapped(UserInputError("weight_bits must be an integer from 2 to 8, got 9."))
     sys.excepthook(type(error), error, error.__traceback__)
     assert hook == [error] and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_finds_one_nan_or_infinity_anywhere_like_isfinite(dtype, bad):
+    values = torch.linspace(-3, 3, 7 * 11 * 5, dtype=dtype).reshape(7, 11, 5)
+    assert all_finite(values)
+    for index in [(0, 0, 0), (3, 5, 2), (6, 10, 4)]:
+        spoiled = values.clone()
+        spoiled[index] = bad
+        assert not all_finite(spoiled) and not bool(torch.isfinite(spoiled).all())
+
+
+def test_all_finite_takes_empty_and_integer_tensors_as_finite():
+    assert all_finite(torch.empty(0, 3))
+    assert all_finite(torch.arange(10))
