@@ -119,8 +119,13 @@ def all_finite(values: torch.Tensor) -> bool:
         return True
     if not values.is_floating_point():
         return bool(torch.isfinite(values).all())
+    return _finite_range(values)[2]
+
+
+def _finite_range(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(smallest, largest, whether all are finite)`` of a non-empty tensor, from one reduction."""
     low, high = torch.aminmax(values.detach().reshape(-1))
-    return bool(torch.isfinite(low) & torch.isfinite(high))
+    return low, high, bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def check_spread(values: torch.Tensor, what: str, fix_nonfinite: str, fix_constant: str) -> None:
@@ -136,8 +141,8 @@ def check_spread(values: torch.Tensor, what: str, fix_nonfinite: str, fix_consta
         UserInputError: naming ``what`` and the fix.
     """
     values = values.detach()
-    low, high = torch.aminmax(values.reshape(-1))
-    if not bool(torch.isfinite(low) & torch.isfinite(high)):  # a NaN or an infinity reaches an end
+    low, high, finite = _finite_range(values)
+    if not finite:
         bad = int((~torch.isfinite(values)).sum())
         raise UserInputError(f"{what} holds {bad} NaN or Inf value(s): {fix_nonfinite}.")
     if bool(low == high):
