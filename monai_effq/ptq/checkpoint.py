@@ -170,7 +170,7 @@ def _payload(result: QuantizationResult) -> dict[str, Any]:
         if isinstance(module, QuantizedNorm):
             norm_inputs.append({"name": name, **_activation_entry(module.input_quantizer, store)})
             quantized_prefixes.append(name + ".input_quantizer.")
-        elif shared_input_quantizer(module) is not None:  # a block whose norm and skip path share the rounding
+        elif shared_input_quantizer(module) is not None:  # a block whose first norm or layer and skip path share the rounding
             norm_inputs.append({"name": name, "shared": True, **_activation_entry(shared_input_quantizer(module), store)})
             quantized_prefixes.append(f"{name}.{SHARED_INPUT_QUANTIZER}.")
     rest = {}
@@ -366,7 +366,13 @@ def load_quantized_result(path: str | os.PathLike, network: nn.Module) -> Quanti
         network=net.eval(),
         report=QuantizationReport.from_dict(meta["report"]),
         # fields newer than the file take the value that matches what the file holds
-        config=EfficientQConfig.from_dict({"quantize_norm_inputs": bool(meta.get("norm_inputs")), **meta["config"]}),
+        config=EfficientQConfig.from_dict(
+            {
+                "quantize_norm_inputs": bool(meta.get("norm_inputs")),
+                "share_skip_rounding": False,  # files from before the option: their entries say what is shared
+                **meta["config"],
+            }
+        ),
         folded=list(meta["folded"]),
     )
 

@@ -28,6 +28,7 @@ from monai_effq.ptq.graph import StopForward, hooks, set_submodule
 from monai_effq.ptq.journal import QuantizationJournal
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, quantized_layer_class
 from monai_effq.ptq.norm_inputs import quantize_norm_inputs
+from monai_effq.ptq.skip_rounding import share_skip_roundings
 from monai_effq.ptq.prepare import prepare_network
 from monai_effq.ptq.report import LayerReport, QuantizationReport, reset_peak_memory, source_fingerprints
 from monai_effq.ptq.result import QuantizationResult, finish_report, state_bytes
@@ -632,6 +633,11 @@ def quantize(
     report.skipped = [n for n in run.order if n not in planned]
     report.layers = run.run(attention, progress and run.rank == 0)
     qnet = run.qnet.eval()
+    if config.share_skip_rounding:
+        # after every solve: the layers after a unit were fitted to its output with the skip unrounded
+        shared = share_skip_roundings(qnet)
+        if shared:
+            logger.info("%d residual units round their input once for the first layer and the skip: %s", len(shared), ", ".join(shared))
     finish_report(report, qnet, state_bytes(network), time.perf_counter() - t0)
     logger.info(report.summary())
     warning = report.underdetermined_warning()

@@ -252,19 +252,24 @@ def _rewrite(path, edit_meta, format_name):
     torch.save(payload, path)
 
 
-def test_a_version_1_checkpoint_without_norm_inputs_still_loads(w2_result, tmp_path):
-    path = save_quantized(w2_result, tmp_path / "q.pt")
+def test_a_version_1_checkpoint_without_norm_inputs_still_loads(trained_unet, tmp_path):
+    calib, _ = sphere_volumes(1, seed=5)
+    # what monai-effq made before shared roundings existed: every layer rounds its own input
+    cfg = EfficientQConfig(weight_bits=2, first_layer_bits=None, last_layer_bits=None, per_channel=True, share_skip_rounding=False)
+    result = quantize(trained_unet, calib, cfg, progress=False)
+    path = save_quantized(result, tmp_path / "q.pt")
 
     def as_version_1(meta):  # what monai-effq wrote before norm inputs existed
         del meta["norm_inputs"]
         del meta["config"]["quantize_norm_inputs"]
+        del meta["config"]["share_skip_rounding"]
 
     _rewrite(path, as_version_1, "monai-effq-quantized/1")
     loaded = load_quantized_result(path, _fresh_unet())
-    assert loaded.config.quantize_norm_inputs is False
+    assert loaded.config.quantize_norm_inputs is False and loaded.config.share_skip_rounding is False
     x = torch.randn(1, 1, 24, 24, 24)
     with torch.no_grad():
-        assert torch.equal(loaded.network(x), w2_result.network(x))
+        assert torch.equal(loaded.network(x), result.network(x))
 
 
 def test_a_checkpoint_of_a_newer_format_asks_for_an_upgrade(w2_result, tmp_path):
