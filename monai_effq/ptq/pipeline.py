@@ -28,10 +28,10 @@ from monai_effq.ptq.graph import StopForward, hooks, set_submodule
 from monai_effq.ptq.journal import QuantizationJournal
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, quantized_layer_class
 from monai_effq.ptq.norm_inputs import quantize_norm_inputs
-from monai_effq.ptq.skip_rounding import share_skip_roundings
 from monai_effq.ptq.prepare import prepare_network
 from monai_effq.ptq.report import LayerReport, QuantizationReport, reset_peak_memory, source_fingerprints
 from monai_effq.ptq.result import QuantizationResult, finish_report, state_bytes
+from monai_effq.ptq.skip_rounding import share_skip_roundings
 from monai_effq.solver.api import LayerSolution, solve_statistics, solve_weights
 from monai_effq.solver.gram import GramAccumulator, SumBounds
 from monai_effq.solver.layers import LayerView, layer_view

@@ -28,7 +28,7 @@ __all__ = ["SHARED_SKIP_MIN_BITS", "share_skip_roundings"]
 SHARED_SKIP_MIN_BITS = 8
 
 
-def _first_layer(module: nn.Module) -> nn.Module | None:
+def _first_layer(module: nn.Module) -> nn.Module:
     """The module that receives ``module``'s input first: down the first children of ``nn.Sequential``s."""
     while isinstance(module, nn.Sequential) and len(module):
         module = module[0]
