@@ -55,7 +55,7 @@ def share_skip_roundings(network: nn.Module) -> list[str]:
         if not isinstance(unit, ResidualUnit) or not isinstance(unit.residual, nn.Identity):
             continue
         layer = _first_layer(unit.conv)
-        quantizer = getattr(layer, "input_quantizer", None) if isinstance(layer, QuantizedLayer) else None
+        quantizer = layer.input_quantizer if isinstance(layer, QuantizedLayer) else None
         if quantizer is None or quantizer.grid.bits < SHARED_SKIP_MIN_BITS or shared_input_quantizer(unit) is not None:
             continue
         layer.input_quantizer = None
