@@ -89,14 +89,16 @@ def _rows(
     """``(channels, L)`` rows of a padded sample at a place given by :func:`_rows_index`.
 
     ``planes``, when given, keeps the flattened plane (or line) of each index for the next place on
-    it: a plane across an inner axis is a copy, and a few dozen planes serve hundreds of products.
+    it, as a contiguous copy: a few dozen planes serve hundreds of products, and a plane across the
+    innermost axis is otherwise a view whose rows step by a whole line, with which each product
+    took 6x as long (about 9 of 76 ms at 32 channels and 32^3).
     """
     index, lo, hi = where
     if planes is None:
         return padded[index].reshape(padded.shape[0], -1)[:, lo:hi]
     key = tuple(i if isinstance(i, int) else None for i in index)
     if key not in planes:
-        planes[key] = padded[index].reshape(padded.shape[0], -1)
+        planes[key] = padded[index].reshape(padded.shape[0], -1).contiguous()
     return planes[key][:, lo:hi]
 
 
