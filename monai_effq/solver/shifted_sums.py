@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ from monai_effq.solver.layers import LayerView
 
 __all__ = ["supports_shifted_sums", "shifted_sums"]
 
-_MARGIN = 2  # the largest tap shift |k' - k|; padding by it keeps every flat-shifted view in bounds
+_MARGIN = 2  # the largest tap shift |k' - k|
 
 
 def supports_shifted_sums(view: LayerView) -> bool:
@@ -63,30 +64,59 @@ def _flat_strides(size: tuple[int, ...]) -> list[int]:
     return strides[::-1]
 
 
+def _extents(spatial: tuple[int, ...]) -> tuple[int, ...]:
+    """The padded extent of each axis: the margin's zeros after the voxels, none before them."""
+    return tuple(s + _MARGIN for s in spatial)
+
+
+def _lead(extents: tuple[int, ...] | list[int]) -> int:
+    """Zeros before a flattened padded block: a shift of ``-_MARGIN`` on every axis stays in it."""
+    return _MARGIN * sum(_flat_strides(tuple(extents)))
+
+
+def _pad(volume: torch.Tensor) -> torch.Tensor:
+    """A ``(C, *spatial)`` volume as the flat ``(C, lead + Π extents)`` rows that :func:`_rows` reads.
+
+    Each axis is followed by ``_MARGIN`` zero planes and the whole is preceded by :func:`_lead`
+    zeros, and nothing else: a coordinate ``-1`` or ``-2`` on an axis lands on the zeros after the
+    previous line (or plane, or before the first), the same as zero padding on both sides. Against
+    padding every axis on both sides this is 11% fewer positions at 32^3 and 14% at 24^3, and the
+    products over them are most of the time.
+    """
+    c, spatial = volume.shape[0], tuple(volume.shape[1:])
+    extents = _extents(spatial)
+    lead = _lead(extents)
+    flat = volume.new_zeros(c, lead + math.prod(extents))
+    flat[:, lead:].view(c, *extents)[(slice(None),) + tuple(slice(0, s) for s in spatial)] = volume
+    return flat
+
+
 def _rows_index(spatial: tuple[int, ...], fixed: dict[int, int], shift: tuple[int, ...]) -> tuple[tuple, int, int]:
     """Where the rows of :func:`_rows` lie: an index fixing the axes in ``fixed`` and a flat range.
 
-    The free axes are flattened over the padded extent and cut to the span between the first and
-    the last interior voxel; a shift of at most the margin on each free axis then stays inside the
-    padded array, so it is a plain offset into the flat rows (a view, no copy).
+    A fixed axis's coordinate may be ``-1`` or ``-2``: as an index it counts from the end, where the
+    padding is. The free axes are flattened over their padded extents after :func:`_lead` zeros and
+    cut to the span between the first and the last voxel; a shift of at most the margin on each
+    free axis then stays inside the flat rows, so it is a plain offset (a view, no copy).
     """
     index: list[slice | int] = [slice(None)]
     for i in range(len(spatial)):
-        index.append(fixed[i] + shift[i] + _MARGIN if i in fixed else slice(None))
+        index.append(fixed[i] + shift[i] if i in fixed else slice(None))
     free = [i for i in range(len(spatial)) if i not in fixed]
     if not free:
         return tuple(index), 0, 1
-    strides = _flat_strides(tuple(spatial[i] + 2 * _MARGIN for i in free))
-    first = sum(_MARGIN * s for s in strides)
-    last = sum((spatial[i] + _MARGIN - 1) * s for i, s in zip(free, strides))
+    extents = _extents(spatial)
+    strides = _flat_strides(tuple(extents[i] for i in free))
+    first = _lead([extents[i] for i in free])
+    last = first + sum((spatial[i] - 1) * s for i, s in zip(free, strides))
     offset = sum(shift[i] * s for i, s in zip(free, strides))
     return tuple(index), first + offset, last + offset + 1
 
 
 def _rows(
-    padded: torch.Tensor, where: tuple[tuple, int, int], planes: dict[tuple, torch.Tensor] | None = None
+    padded: torch.Tensor, spatial: tuple[int, ...], where: tuple[tuple, int, int], planes: dict[tuple, torch.Tensor] | None = None
 ) -> torch.Tensor:
-    """``(channels, L)`` rows of a padded sample at a place given by :func:`_rows_index`.
+    """``(channels, L)`` rows of a sample padded by :func:`_pad` at a place given by :func:`_rows_index`.
 
     ``planes``, when given, keeps the flattened plane (or line) of each index for the next place on
     it, as a contiguous copy: a few dozen planes serve hundreds of products, and a plane across the
@@ -94,11 +124,17 @@ def _rows(
     took 6x as long (about 9 of 76 ms at 32 channels and 32^3).
     """
     index, lo, hi = where
-    if planes is None:
-        return padded[index].reshape(padded.shape[0], -1)[:, lo:hi]
+    if all(isinstance(i, slice) for i in index):
+        return padded[:, lo:hi]
     key = tuple(i if isinstance(i, int) else None for i in index)
-    if key not in planes:
-        planes[key] = padded[index].reshape(padded.shape[0], -1).contiguous()
+    if planes is None or key not in planes:
+        extents = _extents(spatial)
+        volume = padded[:, _lead(extents) :].view(padded.shape[0], *extents)
+        free = [e for e, i in zip(extents, index[1:]) if isinstance(i, slice)]
+        plane = F.pad(volume[index].reshape(padded.shape[0], -1), (_lead(free), 0))
+        if planes is None:
+            return plane[:, lo:hi]
+        planes[key] = plane
     return planes[key][:, lo:hi]
 
 
@@ -143,20 +179,27 @@ class _Plan:
     taps: tuple
 
 
-def _flat_positions(padded: tuple[int, ...], where: tuple[tuple, int, int]) -> torch.Tensor:
-    """The flat positions in a padded sample of the rows :func:`_rows` reads at ``where``.
+def _flat_positions(spatial: tuple[int, ...], where: tuple[tuple, int, int]) -> torch.Tensor:
+    """The flat positions in a sample padded by :func:`_pad` of the rows :func:`_rows` reads at ``where``.
 
     The same as reading a volume of flat positions with :func:`_rows`, without making that volume
     (int64 of the padded size: 0.2 GB at 512x512x100): only the selected line or corner is formed.
+    A fixed coordinate of ``-1`` or ``-2`` and the free axes' leading zeros land on zeros of the
+    padded sample, as :func:`_rows` reads them.
     """
     index, lo, hi = where
-    positions = torch.zeros((), dtype=torch.int64)
-    for axis, (place, stride) in enumerate(zip(index[1:], _flat_strides(padded))):
-        along = torch.arange(padded[axis]) if isinstance(place, slice) else torch.tensor([place])
-        shape = [1] * len(padded)
+    extents = _extents(spatial)
+    positions = torch.tensor(_lead(extents), dtype=torch.int64)
+    free = []
+    for axis, (place, stride) in enumerate(zip(index[1:], _flat_strides(extents))):
+        along = torch.arange(extents[axis]) if isinstance(place, slice) else torch.tensor([place])
+        shape = [1] * len(extents)
         shape[axis] = -1
         positions = positions + (along * stride).reshape(shape)
-    return positions.reshape(-1)[lo:hi]
+        if isinstance(place, slice):
+            free.append(extents[axis])
+    lead = torch.zeros(_lead(free), dtype=torch.int64)  # position 0 is in the sample's leading zeros
+    return torch.cat([lead, positions.reshape(-1)])[lo:hi]
 
 
 @functools.lru_cache(maxsize=64)
@@ -182,7 +225,6 @@ def _plan(spatial: tuple[int, ...]) -> _Plan:
             sum_sign.append(sgn)
     # Made on the CPU whatever the default device (the plan is cached); moved where the data is.
     cpu, f64 = torch.device("cpu"), torch.float64
-    padded = tuple(s + 2 * _MARGIN for s in spatial)
     direct, groups = [], {}
     for slot, (shift, fixed) in enumerate(products):
         one, other = _rows_index(spatial, dict(fixed), zero), _rows_index(spatial, dict(fixed), shift)
@@ -191,7 +233,7 @@ def _plan(spatial: tuple[int, ...]) -> _Plan:
         else:
             _, slots, index = groups.setdefault(fixed, (one, [], []))
             slots.append(slot)
-            index.append(_flat_positions(padded, other))
+            index.append(_flat_positions(spatial, other))
     gathered = tuple((one, torch.tensor(slots, device=cpu), torch.stack(index)) for one, slots, index in groups.values())
     return _Plan(
         len(products),
@@ -234,29 +276,27 @@ def shifted_sums(
     upper = torch.zeros(kk * (kk + 1) // 2, c, c, dtype=f64, device=dev)
     yx = torch.zeros(m, c, kk, dtype=f64, device=dev)
     xs = torch.zeros(c, kk, dtype=f64, device=dev)
-    pad = [_MARGIN] * (2 * nd)
     whole = _rows_index(spatial, {}, (0,) * nd)
     assembly = plan.assembly.to(device=dev, dtype=torch.float32)
     gathered = [(one, slots.to(dev), index.to(dev)) for one, slots, index in plan.gathered]
     for b in range(n_batch):
-        x = F.pad(inputs[b].float(), pad)
+        x = _pad(inputs[b].float())
         products = torch.empty(plan.products, c, c, dtype=x.dtype, device=dev)
         planes: dict[tuple, torch.Tensor] = {}
         for slot, one, other in plan.direct:
-            torch.mm(_rows(x, one, planes), _rows(x, other, planes).T, out=products[slot])
-        flat = x.reshape(c, -1)
+            torch.mm(_rows(x, spatial, one, planes), _rows(x, spatial, other, planes).T, out=products[slot])
         for one, slots, index in gathered:
             k = index.shape[0]
-            others = flat[:, index].reshape(c * k, -1)  # (c, k, rows) as (c * k, rows)
+            others = x[:, index].reshape(c * k, -1)  # (c, k, rows) as (c * k, rows)
             # the wide operand first: with it second, 5 to 11 channels gave other bits on 1 and 2 threads
-            products[slots] = (others @ _rows(x, one, planes).T).reshape(c, k, c).permute(1, 2, 0)
+            products[slots] = (others @ _rows(x, spatial, one, planes).T).reshape(c, k, c).permute(1, 2, 0)
         upper += torch.sparse.mm(assembly, products.reshape(len(products), -1)).reshape(upper.shape)
-        region_sums = torch.stack([_rows(x, place).sum(1) for place in plan.sums]).to(f64)
+        region_sums = torch.stack([_rows(x, spatial, place).sum(1) for place in plan.sums]).to(f64)
         xs.index_add_(1, plan.tap.to(dev), (region_sums[plan.summand.to(dev)] * plan.sum_sign.to(dev)[:, None]).T)
         # Σ_v y[v] x[v + k - 1]ᵀ: the target padded like the input, so a tap is a flat offset.
-        rows_y = _rows(F.pad(targets[b].float(), pad), whole)
+        rows_y = _rows(_pad(targets[b].float()), spatial, whole)
         for a, ka in enumerate(plan.taps):
-            yx[:, :, a] += rows_y @ _rows(x, _rows_index(spatial, {}, tuple(k - 1 for k in ka))).T
+            yx[:, :, a] += rows_y @ _rows(x, spatial, _rows_index(spatial, {}, tuple(k - 1 for k in ka))).T
     rows, cols = torch.triu_indices(kk, kk, device=dev)
     n = c * kk
     # Blocks laid out tap by tap, where each is one contiguous copy, then one permuted copy into
