@@ -94,6 +94,17 @@ def test_the_sums_are_the_same_on_one_and_two_threads_for_channel_counts_off_six
     assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
+@pytest.mark.parametrize("shape", [(1, 5, 6, 7, 8), (2, 3, 9, 4), (1, 4, 11)])
+def test_a_sample_too_large_for_the_shifted_stack_gets_the_same_sums_product_by_product(monkeypatch, shape):
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(shape, generator=g), torch.randn(shape[0], 3, *shape[2:], generator=g)
+    stacked = shifted_sums(x, y)
+    monkeypatch.setattr(shifted_sums_module, "_STACK_ELEMENTS", 0)
+    assert shifted_sums_module._inner_shifts(shifted_sums_module._pad(x[0])) is None
+    for a, b in zip(stacked, shifted_sums(x, y)):  # the same bits on a Xeon; MKL may pick other kernels elsewhere
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
+
+
 def test_the_sums_follow_a_float64_default_dtype():
     x, y = torch.rand(1, 2, 4, 5, 3), torch.rand(1, 3, 4, 5, 3)
     before = torch.get_default_dtype()
