@@ -189,24 +189,24 @@ def _round_block(
         ``(codes, errors)``: the block's codes and each column's rounding error ``w0 - s (q - z)``,
         on ``w``'s device.
     """
-    x, x0, fb = (t.detach().cpu().numpy() for t in (w, w0, feedback))
-    x = x.copy()
-    s, z = (t.detach().cpu().expand(*w.shape[:2], 1).numpy()[:, :, 0] for t in (scale, zero_point))
+    # Columns as contiguous rows: (G, b, m), as in _descend_block.
+    x, x0 = (np.ascontiguousarray(t.detach().cpu().numpy().transpose(0, 2, 1)) for t in (w, w0))
+    fb = feedback.detach().cpu().numpy()
+    s, z = (np.ascontiguousarray(t.detach().cpu().expand(*w.shape[:2], 1).numpy()[:, :, 0]) for t in (scale, zero_point))
     lo, hi = np.float32(grid.qmin), np.float32(grid.qmax)
     codes, errors = np.empty_like(x), np.empty_like(x)
-    q, e = np.empty_like(x[:, :, 0]), np.empty_like(x[:, :, 0])
-    for i in range(x.shape[-1]):
-        np.divide(x[:, :, i], s, out=q)
+    for i in range(x.shape[1]):
+        q, e = codes[:, i, :], errors[:, i, :]
+        np.divide(x[:, i, :], s, out=q)
         np.add(q, z, out=q)
         np.round(q, out=q)
         np.maximum(q, lo, out=q)
         np.minimum(q, hi, out=q)
-        codes[:, :, i] = q
         np.subtract(q, z, out=e)
         np.multiply(s, e, out=e)
-        np.subtract(x0[:, :, i], e, out=e)
-        errors[:, :, i] = e
-        x[:, :, i + 1 :] += e[:, :, None] * fb[:, i : i + 1, i + 1 :]
+        np.subtract(x0[:, i, :], e, out=e)
+        x[:, i + 1 :, :] += fb[:, i, i + 1 :, None] * e[:, None, :]
+    codes, errors = (np.ascontiguousarray(t.transpose(0, 2, 1)) for t in (codes, errors))
     return torch.from_numpy(codes).to(w.device), torch.from_numpy(errors).to(w.device)
 
 
@@ -272,8 +272,9 @@ def _descend_block(
 
     The column-by-column loop runs in NumPy on the CPU: its steps are a few operations on ``m``
     values each, where a torch call's overhead costs more than the arithmetic (NumPy took 0.020 s
-    where torch took 0.030 s for two sweeps of a 32 x 864 layer), and the same float32 operations
-    in the same order give the same bits.
+    where torch took 0.030 s for two sweeps of a 32 x 864 layer; with the columns laid out as rows
+    and one operation fewer per column, 0.019 -> 0.016 s, and 0.051 -> 0.039 s at 64 x 1728), and
+    the same float32 operations in the same order give the same bits.
 
     Args:
         grad: ``(G, m, b)`` the gradient of the block's columns (not modified).
@@ -287,24 +288,27 @@ def _descend_block(
     Returns:
         the block's new codes, on ``codes``'s device.
     """
-    g, c = (t.detach().cpu().numpy().copy() for t in (grad, codes))
-    ic = inv_curvature.detach().cpu().numpy()
-    s = scale.detach().cpu().expand(*codes.shape[:2], 1).numpy()
+    # Columns as contiguous rows: (G, b, m), so that each step reads and writes m adjacent values.
+    g, c = (np.ascontiguousarray(t.detach().cpu().numpy().transpose(0, 2, 1)) for t in (grad, codes))
+    neg_ic = np.negative(inv_curvature.detach().cpu().numpy().transpose(0, 2, 1))  # -(g ic) == g (-ic), exactly
+    s = np.ascontiguousarray(scale.detach().cpu().expand(*codes.shape[:2], 1).numpy()[:, :, 0])
     h = hessian.detach().cpu().numpy()
     lo, hi = np.float32(qmin), np.float32(qmax)
     # ufuncs with out= instead of np.clip and np.array_equal, whose Python wrappers cost more than
     # their arithmetic on m values: the same float32 operations, so the same bits
-    new = np.empty_like(c[:, :, 0])
-    for j in range(c.shape[-1]):
-        col = c[:, :, j]
-        np.multiply(g[:, :, j], ic[:, :, j], out=new)
-        np.negative(new, out=new)
+    new, step = np.empty_like(c[:, 0, :]), np.empty_like(c[:, 0, :])
+    for j in range(c.shape[1]):
+        col = c[:, j, :]
+        np.multiply(g[:, j, :], neg_ic[:, j, :], out=new)
         np.round(new, out=new)
         np.add(new, col, out=new)
         np.maximum(new, lo, out=new)
         np.minimum(new, hi, out=new)
-        if (new == col).all():
+        np.subtract(new, col, out=step)
+        if not step.any():
             continue
-        g += (s * (new - col)[:, :, None]) * h[:, j : j + 1, :]
+        np.multiply(s, step, out=step)
+        # only the block's later columns are read again; the caller updates the whole gradient
+        g[:, j + 1 :, :] += h[:, j, j + 1 :, None] * step[:, None, :]
         col[...] = new
-    return torch.from_numpy(c).to(codes.device)
+    return torch.from_numpy(np.ascontiguousarray(c.transpose(0, 2, 1))).to(codes.device)
