@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -317,6 +318,13 @@ def fit_scale_als(
         num = (q * xf).sum(dim=dims, dtype=torch.float64) if dims else q * xf
         den = (q * q).sum(dim=dims, dtype=torch.float64) if dims else q * q
         # A channel whose codes are all at the zero point keeps its scale (the solution is 0 anyway).
+        if num.dim() == 0:
+            # one scale: the same float64 division and float32 roundings as below, as Python and
+            # NumPy scalars (six tensor operations on 0-d tensors cost more than the sums above)
+            n, d = float(num), float(den)
+            ratio = np.float32(n / max(d, 1e-30)) if d > 0 else np.float32(float(scale))
+            scale = torch.tensor(max(ratio, np.float32(1e-12)), dtype=torch.float32, device=x.device)
+            continue
         ratio = (num / den.clamp_min(1e-30)).float()
         scale = torch.where(den > 0, ratio, _keep(scale, per_channel).reshape(num.shape))
         scale = _keep(scale.clamp_min(1e-12), per_channel)

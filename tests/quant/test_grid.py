@@ -8,6 +8,7 @@ from monai_effq.quant import (
     dequantize,
     fake_quantize,
     fit_scale,
+    fit_scale_als,
     grid_codes,
     quantize_codes,
 )
@@ -54,6 +55,31 @@ def test_fitted_scale_beats_min_max_scale(kind):
     s_fit, z_fit = fit_scale(x, grid, method="als")
     err = lambda s, z: (fake_quantize(x, s, z, grid) - x).pow(2).sum()
     assert err(s_fit, z_fit) < err(s_mm, z_mm)
+
+
+@pytest.mark.parametrize("kind", ["signed", "midrise"])
+def test_the_least_squares_scale_is_the_least_squares_fit_of_its_own_codes(kind):
+    grid = UniformGrid(3, kind)
+    x = torch.randn(2048)
+    scale, zero = fit_scale_als(x, grid, max_iter=50)
+    q = grid_codes(x, scale, zero, grid) - zero
+    assert torch.allclose(scale, (q * x).sum() / (q * q).sum(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_values_all_at_the_zero_point_keep_the_starting_scale(per_channel):
+    grid = UniformGrid(4, "signed")
+    init = torch.full((3,), 0.25) if per_channel else torch.tensor(0.25)
+    scale, _ = fit_scale_als(torch.zeros(3, 10), grid, per_channel=per_channel, init=init, zero_point=torch.zeros_like(init))
+    assert torch.equal(scale, init)
+
+
+def test_one_scale_for_the_tensor_is_the_scale_of_a_single_channel():
+    grid = UniformGrid(2, "midrise")
+    x, init, zero = torch.randn(1, 500), torch.tensor(0.4), torch.tensor(grid.fixed_zero_point)
+    whole, _ = fit_scale_als(x, grid, init=init, zero_point=zero)
+    channel, _ = fit_scale_als(x, grid, per_channel=True, init=init.reshape(1), zero_point=zero.reshape(1))
+    assert whole.dim() == 0 and torch.equal(whole.reshape(1), channel)
 
 
 def test_per_channel_scales_follow_each_channels_range():
