@@ -158,7 +158,8 @@ class _Plan:
     Attributes:
         products: how many region products there are.
         whole: the products over the whole volume, grouped by their shift on the outer axes: per
-            group that shift's flat offset and the ``(inner shift + _MARGIN, slot)`` of each product.
+            group that shift's flat offset, the ``(inner shift + _MARGIN, slot)`` of each product,
+            and those two as index tensors.
         direct: the products over planes, each as its slot among the products and the places of its
             two row sets (:func:`_rows_index`).
         gathered: the products over lines and corners (hundreds, a few dozen rows each), grouped by
@@ -171,7 +172,8 @@ class _Plan:
         tap, summand, sum_sign: ``x_sum[tap[i]] += sum_sign[i] * sums[summand[i]]``.
         taps: the kernel taps, row-major.
         tap_groups: the kernel taps grouped as ``whole`` is, by their offset ``k - 1`` on the outer
-            axes: per group its flat offset and the ``(inner offset + _MARGIN, tap)`` of each tap.
+            axes: per group its flat offset, the ``(inner offset + _MARGIN, tap)`` of each tap, and
+            those two as index tensors.
     """
 
     products: int
@@ -240,7 +242,10 @@ def _plan(spatial: tuple[int, ...]) -> _Plan:
         for key, d in shifts.items():
             offset = sum(a * b for a, b in zip(d[:-1], outer_strides))
             grouped.setdefault(offset, []).append((d[-1] + _MARGIN, key))
-        return tuple((offset, tuple(members)) for offset, members in grouped.items())
+        return tuple(
+            (offset, tuple(members), *(torch.tensor(t, device=cpu) for t in zip(*members)))
+            for offset, members in grouped.items()
+        )
 
     whole = by_outer_shift({slot: shift for slot, (shift, fixed) in enumerate(products) if not fixed})
     direct, groups = [], {}
@@ -318,14 +323,14 @@ def shifted_sums(
     whole = _rows_index(spatial, {}, (0,) * nd)
     assembly = plan.assembly.to(device=dev, dtype=torch.float32)
     gathered = [(one, slots.to(dev), index.to(dev)) for one, slots, index in plan.gathered]
+    whole_groups, tap_groups = ([(o, m, j.to(dev), k.to(dev)) for o, m, j, k in g] for g in (plan.whole, plan.tap_groups))
     for b in range(n_batch):
         x = _pad(inputs[b].float())
         products = torch.empty(plan.products, c, c, dtype=x.dtype, device=dev)
         planes: dict[tuple, torch.Tensor] = {}
         stack = _inner_shifts(x)
         x0 = _rows(x, spatial, whole)
-        for offset, members in plan.whole:
-            js, slots = (torch.tensor(t, device=dev) for t in zip(*members))
+        for offset, members, js, slots in whole_groups:
             if stack is None:
                 for j, slot in members:
                     lo = whole[1] + offset + j - _MARGIN
@@ -347,8 +352,7 @@ def shifted_sums(
         xs.index_add_(1, plan.tap.to(dev), (region_sums[plan.summand.to(dev)] * plan.sum_sign.to(dev)[:, None]).T)
         # Σ_v y[v] x[v + k - 1]ᵀ: the target padded like the input, so a tap is a flat offset.
         rows_y = _rows(_pad(targets[b].float()), spatial, whole)
-        for offset, members in plan.tap_groups:
-            js, taps = (torch.tensor(t, device=dev) for t in zip(*members))
+        for offset, members, js, taps in tap_groups:
             if stack is None:
                 for j, a in members:
                     lo = whole[1] + offset + j - _MARGIN
