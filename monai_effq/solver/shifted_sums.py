@@ -238,6 +238,7 @@ def _plan(spatial: tuple[int, ...]) -> _Plan:
     outer_strides = _flat_strides(_extents(spatial))[:-1]
 
     def by_outer_shift(shifts: dict[int, tuple[int, ...]]) -> tuple:
+        """Group ``key: shift`` by the shift's flat offset on the outer axes (see ``_Plan.whole``)."""
         grouped: dict[int, list[tuple[int, int]]] = {}
         for key, d in shifts.items():
             offset = sum(a * b for a, b in zip(d[:-1], outer_strides))
@@ -250,9 +251,9 @@ def _plan(spatial: tuple[int, ...]) -> _Plan:
     whole = by_outer_shift({slot: shift for slot, (shift, fixed) in enumerate(products) if not fixed})
     direct, groups = [], {}
     for slot, (shift, fixed) in enumerate(products):
-        one, other = _rows_index(spatial, dict(fixed), zero), _rows_index(spatial, dict(fixed), shift)
         if not fixed:
             continue
+        one, other = _rows_index(spatial, dict(fixed), zero), _rows_index(spatial, dict(fixed), shift)
         if len(fixed) < 2:
             direct.append((slot, one, other))
         else:
@@ -281,10 +282,9 @@ def _inner_shifts(padded: torch.Tensor) -> torch.Tensor | None:
 
     Row ``j * C + c``, column ``p`` holds ``padded[c, p + j]``: rows that start at column ``p`` of
     the sample, shifted by ``d`` on the innermost axis, start at column ``p - _MARGIN`` of block
-    ``d + _MARGIN``. One product of a
-    ``(5C, L)`` stack with ``(C, L)`` rows replaces five ``(C, L)`` ones: at 32 channels MKL's
-    ``C x C`` products ran at 190 GFLOP/s and the stacked ones at 250 (both on 2 Xeon cores),
-    with the same bits there.
+    ``d + _MARGIN``. One product of a ``(5C, L)`` stack with ``(C, L)`` rows replaces five
+    ``(C, L)`` ones: at 32 channels MKL's ``C x C`` products ran at 190 GFLOP/s and the stacked ones
+    at 250 (both on 2 Xeon cores), with the same bits there.
     """
     t = padded.shape[1]
     if _INNER * padded.numel() > _STACK_ELEMENTS:
@@ -323,7 +323,10 @@ def shifted_sums(
     whole = _rows_index(spatial, {}, (0,) * nd)
     assembly = plan.assembly.to(device=dev, dtype=torch.float32)
     gathered = [(one, slots.to(dev), index.to(dev)) for one, slots, index in plan.gathered]
-    whole_groups, tap_groups = ([(o, m, j.to(dev), k.to(dev)) for o, m, j, k in g] for g in (plan.whole, plan.tap_groups))
+    whole_groups, tap_groups = (
+        [(offset, members, js.to(dev), keys.to(dev)) for offset, members, js, keys in groups]
+        for groups in (plan.whole, plan.tap_groups)
+    )
     for b in range(n_batch):
         x = _pad(inputs[b].float())
         products = torch.empty(plan.products, c, c, dtype=x.dtype, device=dev)
