@@ -324,10 +324,10 @@ def fit_scale_als(
             n, d = float(num), float(den)
             ratio = np.float32(n / max(d, 1e-30)) if d > 0 else np.float32(float(scale))
             scale = torch.tensor(max(ratio, np.float32(1e-12)), dtype=torch.float32, device=x.device)
-            continue
-        ratio = (num / den.clamp_min(1e-30)).float()
-        scale = torch.where(den > 0, ratio, _keep(scale, per_channel).reshape(num.shape))
-        scale = _keep(scale.clamp_min(1e-12), per_channel)
+        else:
+            ratio = (num / den.clamp_min(1e-30)).float()
+            scale = torch.where(den > 0, ratio, _keep(scale, per_channel).reshape(num.shape))
+            scale = _keep(scale.clamp_min(1e-12), per_channel)
     return scale, zero
 
 

@@ -189,8 +189,9 @@ def _round_block(
         ``(codes, errors)``: the block's codes and each column's rounding error ``w0 - s (q - z)``,
         on ``w``'s device.
     """
-    # Columns as contiguous rows: (G, b, m), as in _descend_block.
-    x, x0 = (np.ascontiguousarray(t.detach().cpu().numpy().transpose(0, 2, 1)) for t in (w, w0))
+    # Columns as contiguous rows: (G, b, m), as in _descend_block; copies, which the inputs' memory
+    # (shared with .numpy()) never is
+    x, x0 = (t.detach().cpu().numpy().transpose(0, 2, 1).copy() for t in (w, w0))
     fb = feedback.detach().cpu().numpy()
     s, z = (np.ascontiguousarray(t.detach().cpu().expand(*w.shape[:2], 1).numpy()[:, :, 0]) for t in (scale, zero_point))
     lo, hi = np.float32(grid.qmin), np.float32(grid.qmax)
@@ -289,8 +290,10 @@ def _descend_block(
         the block's new codes, on ``codes``'s device.
     """
     # Columns as contiguous rows: (G, b, m), so that each step reads and writes m adjacent values.
-    g, c = (np.ascontiguousarray(t.detach().cpu().numpy().transpose(0, 2, 1)) for t in (grad, codes))
-    neg_ic = np.negative(inv_curvature.detach().cpu().numpy().transpose(0, 2, 1))  # -(g ic) == g (-ic), exactly
+    # Always copies: with one row or one column the transpose is already contiguous, and
+    # np.ascontiguousarray would hand back the callers' memory (shared with .numpy()) to write into.
+    g, c, neg_ic = (t.detach().cpu().numpy().transpose(0, 2, 1).copy() for t in (grad, codes, inv_curvature))
+    np.negative(neg_ic, out=neg_ic)  # -(g ic) == g (-ic), exactly
     s = np.ascontiguousarray(scale.detach().cpu().expand(*codes.shape[:2], 1).numpy()[:, :, 0])
     h = hessian.detach().cpu().numpy()
     lo, hi = np.float32(qmin), np.float32(qmax)

@@ -6,9 +6,10 @@ pair of kernel taps ``(k, k')``: ``T(k, k') = Σ_u x[u] x[u + k' - k]ᵀ`` over 
 that tap ``k`` reads. Every tap reads the whole volume except the last plane of an axis (tap 0)
 or the first (tap 2), so by inclusion–exclusion each block is a sum over the whole volume at the
 shift ``d = k' - k`` minus sums over those planes, their lines and corners. The whole-volume sums are
-products of the zero-padded input with a flat-shifted view of itself (no copy), and only the
-63 shifts with ``d >= 0`` are needed (``T(k', k) = T(k, k')ᵀ``): 63 ``C × C`` products per voxel
-instead of the 378 of a symmetric im2col Gram, 6x fewer multiply-adds.
+products of the flattened zero-padded input with flat-shifted copies of itself (the five shifts
+along the innermost axis stacked, so that one product serves five), and only the 63 shifts with
+``d >= 0`` are needed (``T(k', k) = T(k, k')ᵀ``): 63 ``C × C`` products per voxel instead of the 378
+of a symmetric im2col Gram, 6x fewer multiply-adds.
 
 This holds for unweighted voxels only (a per-voxel weight ``h_v`` depends on the output voxel, so
 the blocks stop depending on the shift alone); :class:`~monai_effq.solver.gram.GramAccumulator`
@@ -277,8 +278,7 @@ def _plan(spatial: tuple[int, ...]) -> _Plan:
 
 
 def _inner_shifts(padded: torch.Tensor) -> torch.Tensor | None:
-    """The rows of a padded sample at every shift along the innermost axis, stacked, or ``None``
-    where that stack would pass :data:`_STACK_ELEMENTS`.
+    """A padded sample's rows at each shift along the innermost axis, stacked (``None`` past :data:`_STACK_ELEMENTS`).
 
     Row ``j * C + c``, column ``p`` holds ``padded[c, p + j]``: rows that start at column ``p`` of
     the sample, shifted by ``d`` on the innermost axis, start at column ``p - _MARGIN`` of block

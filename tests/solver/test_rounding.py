@@ -48,6 +48,23 @@ def test_refinement_stops_at_a_coordinate_wise_minimum(problem):
     assert changed == 0 and torch.equal(again, once)
 
 
+@pytest.mark.parametrize("rows,block", [(1, 64), (1, 43), (8, 43)])  # 216 columns: with 43 the last block is one column
+def test_the_refinement_counts_every_move_and_lowers_the_objective_of_one_row_and_one_column_blocks(problem, rows, block):
+    w0, stats = problem
+    row, hessian, target = w0[:, :rows], stats.A, stats.B[:, :rows]
+    fit = fit_grid(row, WeightSpec.of(2))
+    start = round_to_nearest(row, fit)
+    refined, changed = refine_codes(start, fit, hessian, target, block=block)
+
+    def objective(codes):
+        w = fit.values(codes).double()
+        return float((w * (0.5 * torch.bmm(w, hessian.double()) - target.double())).sum())
+
+    moved = int((refined != start).sum())
+    assert moved > 0 and changed >= moved
+    assert objective(refined) < objective(start)
+
+
 def test_the_nearby_error_equals_the_float64_error(problem):
     w0, stats = problem
     error = stats.error_near(w0)
@@ -72,9 +89,10 @@ def _textbook_gptq(w0, hessian, fit, damp=0.01):
     return codes
 
 
-@pytest.mark.parametrize("bits", [2, 4])
-def test_gptq_rounds_as_the_textbook_error_feedback_does(problem, bits):
+@pytest.mark.parametrize("bits,rows", [(2, 8), (4, 8), (2, 1)])
+def test_gptq_rounds_as_the_textbook_error_feedback_does(problem, bits, rows):
     w0, stats = problem
+    w0 = w0[:, :rows]
     fit = fit_grid(w0, WeightSpec.of(bits))
     codes = gptq_round(w0, stats.A, fit, block=32)  # several blocks: the lazy updates are exercised
     want = _textbook_gptq(w0, stats.A, fit)
