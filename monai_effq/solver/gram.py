@@ -179,15 +179,15 @@ class _Blocks:
 
     Attributes:
         square: the blocks lie on rows and columns (``xx``); otherwise on the last axis only.
-        blocks: ``(columns, values)`` per subset.
+        blocks: ``(key, columns, values)`` per subset, ``key`` the columns' bytes.
     """
 
     square: bool
-    blocks: list[tuple[torch.Tensor, torch.Tensor]]
+    blocks: list[tuple[bytes, torch.Tensor, torch.Tensor]]
 
     def add_into(self, target: torch.Tensor) -> None:
         """``target += self`` as a dense tensor would add (the entries outside the blocks add zero)."""
-        for columns, values in self.blocks:
+        for _, columns, values in self.blocks:
             if self.square:
                 target[:, columns[:, None], columns[None, :]] += values
             else:
@@ -254,8 +254,8 @@ class _ScatteredParts:
     @property
     def parts(self) -> dict[str, torch.Tensor | _Blocks]:
         """The window's parts: ``xx``, ``yx`` and ``x`` as :class:`_Blocks`, ``y`` and ``yy`` dense."""
-        subsets = list(self._subsets.values())
-        blocks = {name: _Blocks(name == "xx", [(columns, sums[name]) for columns, sums in subsets]) for name in ("xx", "yx", "x")}
+        subsets = list(self._subsets.items())
+        blocks = {name: _Blocks(name == "xx", [(key, columns, sums[name]) for key, (columns, sums) in subsets]) for name in ("xx", "yx", "x")}
         return {**blocks, **self._outputs}
 
 
@@ -322,6 +322,9 @@ class _Sums:
     # integer-valued float64 sums not yet moved into the int64 ones (and their magnitudes), which
     # spares most parts the conversion to int64
     pending: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the same for parts in blocks (_Blocks), kept compact per column subset until they settle:
+    # per sum, per subset key, its columns and integers
+    pending_blocks: dict[str, dict[bytes, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     pending_magnitude: dict[str, float] = field(default_factory=dict)
     # set once a sum outgrew its grid and moved to a coarser one (see _coarsen)
     coarsened: bool = False
@@ -351,9 +354,12 @@ class _Sums:
                 if self.pending_magnitude.get(name, 0.0) + size >= _EXACT:
                     self.settle()
                 if isinstance(ints, _Blocks):
-                    if name not in self.pending:
-                        self.pending[name] = torch.zeros_like(getattr(self, name), dtype=torch.float64)
-                    ints.add_into(self.pending[name])
+                    held = self.pending_blocks.setdefault(name, {})
+                    for key, columns, values in ints.blocks:
+                        if key in held:
+                            held[key][1].add_(values)
+                        else:
+                            held[key] = (columns, values)
                 elif name in self.pending:
                     self.pending[name].add_(ints)
                 else:
@@ -367,7 +373,10 @@ class _Sums:
         """Move the pending float64 integers into the int64 sums (before they are read or reduced)."""
         for name, ints in self.pending.items():
             getattr(self, name).add_(ints.to(torch.int64))
-        self.pending, self.pending_magnitude = {}, {}
+        for name, held in self.pending_blocks.items():
+            blocks = [(key, columns, ints.to(torch.int64)) for key, (columns, ints) in held.items()]
+            _Blocks(name == "xx", blocks).add_into(getattr(self, name))
+        self.pending, self.pending_blocks, self.pending_magnitude = {}, {}, {}
         return self
 
     def _fixed(self, name: str, part: torch.Tensor | _Blocks) -> tuple[torch.Tensor | _Blocks, float]:
@@ -390,7 +399,7 @@ class _Sums:
     def _scaled(part: torch.Tensor | _Blocks, exponent: int) -> tuple[torch.Tensor | _Blocks, float]:
         if isinstance(part, _Blocks):
             # the entries outside the blocks are zeros, which neither scaling nor the largest |value| sees
-            sizes = [_Sums._scaled(values, exponent)[1] for _, values in part.blocks]
+            sizes = [_Sums._scaled(values, exponent)[1] for _, _, values in part.blocks]
             return part, max(sizes, default=0.0)
         ints = part.mul_(2.0**exponent).round_()
         size = 0.0

@@ -182,29 +182,32 @@ def test_an_accumulator_keeping_its_low_rank_factor_cannot_be_reduced_over_ranks
 
 
 @pytest.mark.parametrize("exact", [False, True])
-def test_a_windows_parity_parts_add_up_bit_for_bit_as_their_dense_scatter_would(exact):
+def test_windows_of_parity_parts_add_up_bit_for_bit_as_their_dense_scatters_would(exact):
     from monai_effq.solver.gram import _ScatteredParts, _Sums, _weighted_parts
 
     g = torch.Generator().manual_seed(7)
     n, m = 12, 3
     subsets = [torch.tensor([0, 5, 7]), torch.tensor([1, 2, 11, 4]), torch.tensor([3, 6, 8, 9, 10])]
-    chunks = [(subsets[i % 3], torch.randn(1, 6 + i, len(subsets[i % 3]), generator=g) * 9, torch.randn(1, 6 + i, m, generator=g),
-               torch.rand(6 + i, generator=g)) for i in range(7)]
-    exponents = SumBounds(voxels=200, weight=1.0, inputs=40.0, targets=40.0).exponents() if exact else None
+    exponents = SumBounds(voxels=400, weight=1.0, inputs=40.0, targets=40.0).exponents() if exact else None
     compact, dense = _Sums.zeros(1, n, m, exponents=exponents), _Sums.zeros(1, n, m, exponents=exponents)
-    parts = _ScatteredParts(1, n, m, "cpu")
-    scattered = {"xx": torch.zeros(1, n, n, dtype=torch.float64), "yx": torch.zeros(1, m, n, dtype=torch.float64),
-                 "x": torch.zeros(1, n, dtype=torch.float64), "y": torch.zeros(1, m, dtype=torch.float64), "yy": torch.zeros(1, m, dtype=torch.float64)}
-    for columns, x, y, h in chunks:
-        parts.add(x, y, h, columns)
-        part = _weighted_parts(x, y, h)
-        scattered["xx"][:, columns[:, None], columns[None, :]] += part["xx"]
-        scattered["yx"][:, :, columns] += part["yx"]
-        scattered["x"][:, columns] += part["x"]
-        scattered["y"] += part["y"]
-        scattered["yy"] += part["yy"]
-    compact.add_scattered(parts)
-    dense._put(scattered, parts.h, parts.h2, parts.voxels)
+    for window in range(3):
+        parts = _ScatteredParts(1, n, m, "cpu")
+        scattered = {"xx": torch.zeros(1, n, n, dtype=torch.float64), "yx": torch.zeros(1, m, n, dtype=torch.float64),
+                     "x": torch.zeros(1, n, dtype=torch.float64), "y": torch.zeros(1, m, dtype=torch.float64),
+                     "yy": torch.zeros(1, m, dtype=torch.float64)}
+        for i in range(5 + window):  # chunks of every subset, some twice
+            columns = subsets[i % 3]
+            x, y = torch.randn(1, 6 + i, len(columns), generator=g) * 9, torch.randn(1, 6 + i, m, generator=g)
+            h = torch.rand(6 + i, generator=g)
+            parts.add(x, y, h, columns)
+            part = _weighted_parts(x, y, h)
+            scattered["xx"][:, columns[:, None], columns[None, :]] += part["xx"]
+            scattered["yx"][:, :, columns] += part["yx"]
+            scattered["x"][:, columns] += part["x"]
+            scattered["y"] += part["y"]
+            scattered["yy"] += part["yy"]
+        compact.add_scattered(parts)
+        dense._put(scattered, parts.h, parts.h2, parts.voxels)
     compact.settle(), dense.settle()
     for name in ("xx", "yx", "x", "y", "yy"):
         assert torch.equal(getattr(compact, name), getattr(dense, name))
