@@ -203,7 +203,7 @@ class _ScatteredParts:
     the order the chunks come, and handed to :class:`_Sums` once per window as :class:`_Blocks`:
     the same float64 additions a dense part would make, without a dense ``n x n`` part per window
     (on the real-data UNet of ``benchmarks/accuracy.py``, allocating, scattering and rounding those
-    took about 1.9 of 17.5 s).
+    took about 1.9 of 17.5 s; kept compact, the whole quantization ran 17.9 -> 16.7 s).
 
     Args:
         g: groups.
