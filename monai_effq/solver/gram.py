@@ -206,14 +206,11 @@ class _ScatteredParts:
     took about 1.9 of 17.5 s; kept compact, the whole quantization ran 17.9 -> 16.7 s).
 
     Args:
-        g: groups.
-        n: columns per group.
-        m: outputs per group.
-        device: device of the parts.
+        n: columns per group (the parts follow their chunks' shapes, dtype and device).
     """
 
-    def __init__(self, g: int, n: int, m: int, device: torch.device | str) -> None:
-        self._dims, self._device = (g, n, m), device
+    def __init__(self, n: int) -> None:
+        self._n = n
         # per column subset, its columns and running sums, made on its first chunk: most windows'
         # held-out parts get none (whole windows are held out)
         self._subsets: dict[bytes, tuple[torch.Tensor, dict[str, torch.Tensor]]] = {}
@@ -238,7 +235,7 @@ class _ScatteredParts:
         key = columns.cpu().numpy().tobytes()
         if key not in self._subsets:
             if self._taken is None:
-                self._taken = torch.zeros(self._dims[1], dtype=torch.bool, device=columns.device)
+                self._taken = torch.zeros(self._n, dtype=torch.bool, device=columns.device)
             if bool(self._taken[columns].any()):
                 raise RuntimeError("the column subsets of one window's chunks overlap; this is a bug in monai_effq.")
             self._taken[columns] = True
@@ -607,9 +604,9 @@ class GramAccumulator:
 
     def _add_by_parity(self, inputs: torch.Tensor, targets: torch.Tensor, voxel_weights: torch.Tensor | None) -> None:
         """Add one window (or batch, for float64 sums) through :meth:`LayerView.iter_parity_chunks`."""
-        device = self._all.xx.device
-        whole = _ScatteredParts(*self._dims, device)
-        held = None if self._held is None else _ScatteredParts(*self._dims, device)
+        n = self._dims[1]
+        whole = _ScatteredParts(n)
+        held = None if self._held is None else _ScatteredParts(n)
         for chunk in self.view.iter_parity_chunks(inputs, targets, voxel_weights, self.max_chunk_elements):
             _add_chunk(chunk, whole, held)
         self._all.add_scattered(whole)

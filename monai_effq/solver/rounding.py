@@ -166,6 +166,21 @@ def gptq_round(
     return codes
 
 
+def _columns_as_rows(*tensors: torch.Tensor) -> list[np.ndarray]:
+    """``(G, m, b)`` tensors as ``(G, b, m)`` NumPy copies, so that a column loop reads ``m`` adjacent values.
+
+    Always copies: with one row or one column the transpose is already contiguous, and
+    ``np.ascontiguousarray`` would hand back the tensor's own memory (``.numpy()`` shares it) for
+    the loop to write into.
+    """
+    return [t.detach().cpu().numpy().transpose(0, 2, 1).copy() for t in tensors]
+
+
+def _per_row(t: torch.Tensor, shape: torch.Size) -> np.ndarray:
+    """A per-row (or 0-d) scale or zero point as a contiguous ``(G, m)`` NumPy array."""
+    return np.ascontiguousarray(t.detach().cpu().expand(*shape[:2], 1).numpy()[:, :, 0])
+
+
 def _round_block(
     w: torch.Tensor, w0: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, feedback: torch.Tensor, grid: UniformGrid
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,11 +204,9 @@ def _round_block(
         ``(codes, errors)``: the block's codes and each column's rounding error ``w0 - s (q - z)``,
         on ``w``'s device.
     """
-    # Columns as contiguous rows: (G, b, m), as in _descend_block; copies, which the inputs' memory
-    # (shared with .numpy()) never is
-    x, x0 = (t.detach().cpu().numpy().transpose(0, 2, 1).copy() for t in (w, w0))
+    x, x0 = _columns_as_rows(w, w0)
     fb = feedback.detach().cpu().numpy()
-    s, z = (np.ascontiguousarray(t.detach().cpu().expand(*w.shape[:2], 1).numpy()[:, :, 0]) for t in (scale, zero_point))
+    s, z = _per_row(scale, w.shape), _per_row(zero_point, w.shape)
     lo, hi = np.float32(grid.qmin), np.float32(grid.qmax)
     codes, errors = np.empty_like(x), np.empty_like(x)
     for i in range(x.shape[1]):
@@ -289,12 +302,9 @@ def _descend_block(
     Returns:
         the block's new codes, on ``codes``'s device.
     """
-    # Columns as contiguous rows: (G, b, m), so that each step reads and writes m adjacent values.
-    # Always copies: with one row or one column the transpose is already contiguous, and
-    # np.ascontiguousarray would hand back the callers' memory (shared with .numpy()) to write into.
-    g, c, neg_ic = (t.detach().cpu().numpy().transpose(0, 2, 1).copy() for t in (grad, codes, inv_curvature))
+    g, c, neg_ic = _columns_as_rows(grad, codes, inv_curvature)
     np.negative(neg_ic, out=neg_ic)  # -(g ic) == g (-ic), exactly
-    s = np.ascontiguousarray(scale.detach().cpu().expand(*codes.shape[:2], 1).numpy()[:, :, 0])
+    s = _per_row(scale, codes.shape)
     h = hessian.detach().cpu().numpy()
     lo, hi = np.float32(qmin), np.float32(qmax)
     # ufuncs with out= instead of np.clip and np.array_equal, whose Python wrappers cost more than

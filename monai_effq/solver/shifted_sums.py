@@ -292,6 +292,31 @@ def _inner_shifts(padded: torch.Tensor) -> torch.Tensor | None:
     return torch.cat([padded[:, j : t - _INNER + 1 + j] for j in range(_INNER)])
 
 
+def _shifted_products(
+    rows: torch.Tensor, padded: torch.Tensor, stack: torch.Tensor | None, start: int, members: tuple, js: torch.Tensor
+) -> torch.Tensor:
+    """``(k, R, C)`` products ``rows X_dᵀ`` of ``(R, L)`` rows with the sample's rows at each inner shift.
+
+    Args:
+        rows: the first row set.
+        padded: the ``(C, ·)`` sample padded by :func:`_pad`.
+        stack: :func:`_inner_shifts` of ``padded``, or ``None`` (the products are then made one by one).
+        start: where the second row set starts in ``padded`` at no inner shift.
+        members: the group's ``(inner shift + _MARGIN, key)`` pairs.
+        js: their inner shifts plus ``_MARGIN`` as an index tensor on the data's device.
+
+    Returns:
+        the products in the order of ``members``.
+    """
+    c, length = padded.shape[0], rows.shape[1]
+    if stack is None:
+        return torch.stack([rows @ padded[:, start + j - _MARGIN : start + j - _MARGIN + length].T for j, _ in members])
+    first, last = min(j for j, _ in members), max(j for j, _ in members) + 1
+    # only the blocks of the shifts asked for, and the stack first (the wide operand, as for the lines)
+    blocks = stack[first * c : last * c, start - _MARGIN : start - _MARGIN + length]
+    return (blocks @ rows.T).reshape(last - first, c, rows.shape[0])[js - first].transpose(1, 2)
+
+
 @torch.no_grad()
 def shifted_sums(
     inputs: torch.Tensor, targets: torch.Tensor
@@ -334,15 +359,7 @@ def shifted_sums(
         stack = _inner_shifts(x)
         x0 = _rows(x, spatial, whole)
         for offset, members, js, slots in whole_groups:
-            if stack is None:
-                for j, slot in members:
-                    lo = whole[1] + offset + j - _MARGIN
-                    torch.mm(x0, x[:, lo : lo + x0.shape[1]].T, out=products[slot])
-                continue
-            lo = whole[1] + offset - _MARGIN
-            # the wide operand first, as for the lines below
-            stacked = (stack[:, lo : lo + x0.shape[1]] @ x0.T).reshape(_INNER, c, c)
-            products[slots] = stacked[js].transpose(1, 2)
+            products[slots] = _shifted_products(x0, x, stack, whole[1] + offset, members, js)
         for slot, one, other in plan.direct:
             torch.mm(_rows(x, spatial, one, planes), _rows(x, spatial, other, planes).T, out=products[slot])
         for one, slots, index in gathered:
@@ -356,16 +373,7 @@ def shifted_sums(
         # Σ_v y[v] x[v + k - 1]ᵀ: the target padded like the input, so a tap is a flat offset.
         rows_y = _rows(_pad(targets[b].float()), spatial, whole)
         for offset, members, js, taps in tap_groups:
-            if stack is None:
-                for j, a in members:
-                    lo = whole[1] + offset + j - _MARGIN
-                    yx[:, :, a] += rows_y @ x[:, lo : lo + x0.shape[1]].T
-                continue
-            lo = whole[1] + offset - _MARGIN
-            # the taps' inner offsets are -1, 0 and 1: the three middle blocks of the stack
-            middle = stack[(_MARGIN - 1) * c : (_MARGIN + 2) * c, lo : lo + x0.shape[1]]
-            stacked = (middle @ rows_y.T).reshape(3, c, m)
-            yx[:, :, taps] += stacked[js - (_MARGIN - 1)].permute(2, 1, 0)
+            yx[:, :, taps] += _shifted_products(rows_y, x, stack, whole[1] + offset, members, js).permute(1, 2, 0)
     rows, cols = torch.triu_indices(kk, kk, device=dev)
     n = c * kk
     # Blocks laid out tap by tap, where each is one contiguous copy, then one permuted copy into

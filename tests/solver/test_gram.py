@@ -191,7 +191,7 @@ def test_windows_of_parity_parts_add_up_bit_for_bit_as_their_dense_scatters_woul
     exponents = SumBounds(voxels=400, weight=1.0, inputs=40.0, targets=40.0).exponents() if exact else None
     compact, dense = _Sums.zeros(1, n, m, exponents=exponents), _Sums.zeros(1, n, m, exponents=exponents)
     for window in range(3):
-        parts = _ScatteredParts(1, n, m, "cpu")
+        parts = _ScatteredParts(n)
         scattered = {"xx": torch.zeros(1, n, n, dtype=torch.float64), "yx": torch.zeros(1, m, n, dtype=torch.float64),
                      "x": torch.zeros(1, n, dtype=torch.float64), "y": torch.zeros(1, m, dtype=torch.float64),
                      "yy": torch.zeros(1, m, dtype=torch.float64)}
@@ -217,7 +217,7 @@ def test_windows_of_parity_parts_add_up_bit_for_bit_as_their_dense_scatters_woul
 def test_chunks_of_one_window_whose_column_subsets_overlap_are_refused():
     from monai_effq.solver.gram import _ScatteredParts
 
-    parts = _ScatteredParts(1, 6, 2, "cpu")
+    parts = _ScatteredParts(6)
     parts.add(torch.ones(1, 3, 2), torch.ones(1, 3, 2), torch.ones(3), torch.tensor([0, 1]))
     with pytest.raises(RuntimeError, match="overlap"):
         parts.add(torch.ones(1, 3, 2), torch.ones(1, 3, 2), torch.ones(3), torch.tensor([1, 2]))
