@@ -125,9 +125,8 @@ class _ShiftedSystem:
         if self.factor is None:
             # Only a Cholesky factor: forming the inverse would cost twice the factorisation, and
             # the block substitution runs at the speed of a product with it.
-            shifted = self.A.clone()
-            shifted.diagonal(dim1=1, dim2=2).add_(c)
-            self._solver = RowSolver(shifted)
+            workspace = None if self._solver is None else self._solver.lower
+            self._solver = RowSolver(self.A, shift=c, workspace=workspace)
         else:
             # (c I + 2 F Fᵀ)⁻¹ = (I - 2 F (c I + 2 FᵀF)⁻¹ Fᵀ) / c
             f = self.factor

@@ -78,3 +78,30 @@ def test_a_matrix_that_is_not_positive_definite_is_refused_with_what_to_do():
     a = -torch.eye(20)[None]
     with pytest.raises(ValueError, match="not positive definite.*rho_start"):
         RowSolver(a)
+
+
+@pytest.mark.parametrize("n", [96, 100])  # aligned, and padded to 112 (the padding keeps a unit diagonal)
+def test_a_shifted_solver_gives_the_bits_of_one_built_from_a_shifted_copy_and_leaves_the_matrix_alone(n):
+    a = _gram(n, seed=9)
+    before = a.clone()
+    rhs = torch.randn(1, 16, n, generator=torch.Generator().manual_seed(10))
+    for shift in (0.5, 37.0):
+        copy = a.clone()
+        copy.diagonal(dim1=1, dim2=2).add_(shift)
+        expected = RowSolver(copy, block=32)
+        shifted = RowSolver(a, block=32, shift=shift)
+        assert torch.equal(shifted.lower, expected.lower)
+        assert torch.equal(shifted.solve_rows(rhs), expected.solve_rows(rhs))
+    assert torch.equal(a, before)
+
+
+def test_a_solver_built_in_an_earlier_solvers_workspace_is_the_one_built_afresh():
+    a = _gram(100, seed=11)
+    rhs = torch.randn(1, 16, 100, generator=torch.Generator().manual_seed(12))
+    first = RowSolver(a, block=32, shift=1.0)
+    fresh = RowSolver(a, block=32, shift=8.0)
+    reused = RowSolver(a, block=32, shift=8.0, workspace=first.lower)
+    assert reused.lower is first.lower
+    assert torch.equal(reused.solve_rows(rhs), fresh.solve_rows(rhs))
+    # a workspace of another shape is not used
+    assert RowSolver(_gram(40, seed=2), block=32, workspace=first.lower).lower is not first.lower
