@@ -9,7 +9,7 @@ layers, in one process per layer, ours first and theirs second: wall time, speed
 output MSE ``mean((conv(x, W_q) + b_q - y)^2)`` of both solutions computed the same way. No attention
 map (the authors' default when none is given), per-tensor weights, weights only (their ``q_act`` off).
 Both timings cover the same work, from the layer, its input and its FP output to quantized weights
-and bias: ours is ``solve_layer`` (Gram sums, the RTN and GPTQ starts, ADMM with its monitor,
+and bias: ours is ``solve_layer`` (Gram sums, the round-to-nearest start, ADMM with its monitor,
 refinement, bias refit and the error figures of the solution), theirs is ``EfficientQConv.ptq``
 (im2col and Gram products, 200 ADMM iterations, each scored by a full convolution). Both solvers
 first run once on a 4^3 crop, so neither pays first-call costs in the timed runs.
