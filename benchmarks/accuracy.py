@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import cpu_summary
+from machine import column_loops_summary, cpu_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"W8A8": (8, 8), "W4A8": (4, 8), "W3A8": (3, 8), "W2A8": (2, 8), "W4A4": (4, 4), "W2A4": (2, 4)}
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
 
-    print(f"CPU: {cpu_summary()}; torch {torch.__version__} fp32, {torch.get_num_threads()} threads")
+    print(f"CPU: {cpu_summary()}; torch {torch.__version__} fp32, {torch.get_num_threads()} threads; {column_loops_summary()}")
     image, label = load_volume()
     data = split(image, label)
     print(f"volume {tuple(image.shape[1:])} at {SPACING} mm; slabs of {[tuple(i.shape[1:]) for i, _ in data['train'] + data['test']]}")

@@ -33,7 +33,7 @@ import statistics
 import subprocess
 import sys
 
-from machine import cpu_summary
+from machine import column_loops_summary, cpu_summary
 
 LAYERS = {"32ch@64^3": (32, 64), "128ch@16^3": (128, 16), "256ch@8^3": (256, 8)}
 QUICK_LAYERS = {"16ch@16^3": (16, 16), "64ch@8^3": (64, 8)}
@@ -239,7 +239,7 @@ def main() -> None:
 
     import torch
 
-    print(f"CPU: {cpu_summary()}; torch {torch.__version__} fp32, {torch.get_num_threads()} threads")
+    print(f"CPU: {cpu_summary()}; torch {torch.__version__} fp32, {torch.get_num_threads()} threads; {column_loops_summary()}")
     if args.authors:
         versus_authors(args.authors, args.repeat, args.only)
         return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 
-__all__ = ["cpu_summary"]
+__all__ = ["column_loops_summary", "cpu_summary"]
 
 
 def cpu_summary() -> str:
@@ -22,3 +22,10 @@ def cpu_summary() -> str:
         pass
     shown = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8") if f in flags]
     return f"{model}, {os.cpu_count()} cores, flags: {' '.join(shown) or 'none of avx2/avx512/amx'}"
+
+
+def column_loops_summary() -> str:
+    """Which column loops GPTQ and the refinement run: Numba-compiled (the ``fast`` extra) or NumPy."""
+    from monai_effq.solver.column_loops import compiled
+
+    return "column loops compiled by Numba" if compiled() else "column loops in NumPy (no Numba: pip install 'monai-effq[fast]')"

@@ -4,6 +4,7 @@
 # README and docs are rewritten only by `python -m monai_effq.demo --publish`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# the package alone (matplotlib, for the plots, is a core dependency); MONAI_EFFQ_EXTRAS adds extras
-bash scripts/setup.sh "${MONAI_EFFQ_EXTRAS-}"
+# the package with its compiled column loops (matplotlib, for the plots, is a core dependency);
+# MONAI_EFFQ_EXTRAS sets other extras
+bash scripts/setup.sh "${MONAI_EFFQ_EXTRAS-fast}"
 .venv/bin/python -m monai_effq.demo "$@"

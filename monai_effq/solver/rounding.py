@@ -13,6 +13,7 @@ import torch
 from monai_effq.quant.fixed_point import snap_to_power_of_two
 from monai_effq.quant.grid import UniformGrid, dequantize, fit_scale, fit_scale_als, grid_codes
 from monai_effq.quant.spec import SCALE_RULES, WeightSpec
+from monai_effq.solver.column_loops import descend_columns, round_columns
 from monai_effq.solver.linalg import cholesky
 
 __all__ = ["SCALE_RULES", "GridFit", "fit_grid", "round_to_nearest", "gptq_round", "refine_codes"]
@@ -186,11 +187,10 @@ def _round_block(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ's column loop over one block: each column rounded, its error fed to the block's later columns.
 
-    The loop runs in NumPy on the CPU, as :func:`_descend_block` does: a column is a few operations
-    on ``m`` values, where a torch call's overhead cost more than the arithmetic (the whole rounding
-    of a 32 x 864 layer took 44 ms with torch's loop and 25 ms so, 8 x 216 8 and 4 ms; at 128 x 3456
-    the float64 factorisation dominates, 630 and 586 ms); the same float32 operations in the same
-    order give the same codes (``round(w / s + z)`` clipped, as :func:`grid_codes`).
+    The loop runs on the CPU, in :func:`~monai_effq.solver.column_loops.round_columns` (compiled
+    by Numba where it is installed, else NumPy; a torch loop's call overhead cost more than the
+    arithmetic: 44 ms for a 32 x 864 layer against NumPy's 25 ms); the same float32 operations in
+    the same order give the same codes (``round(w / s + z)`` clipped, as :func:`grid_codes`).
 
     Args:
         w: ``(G, m, b)`` the block's weights with the feedback of the columns before it (not modified).
@@ -205,21 +205,9 @@ def _round_block(
         on ``w``'s device.
     """
     x, x0 = _columns_as_rows(w, w0)
-    fb = feedback.detach().cpu().numpy()
     s, z = _per_row(scale, w.shape), _per_row(zero_point, w.shape)
-    lo, hi = np.float32(grid.qmin), np.float32(grid.qmax)
-    codes, errors = np.empty_like(x), np.empty_like(x)
-    for i in range(x.shape[1]):
-        q, e = codes[:, i, :], errors[:, i, :]
-        np.divide(x[:, i, :], s, out=q)
-        np.add(q, z, out=q)
-        np.round(q, out=q)
-        np.maximum(q, lo, out=q)
-        np.minimum(q, hi, out=q)
-        np.subtract(q, z, out=e)
-        np.multiply(s, e, out=e)
-        np.subtract(x0[:, i, :], e, out=e)
-        x[:, i + 1 :, :] += fb[:, i, i + 1 :, None] * e[:, None, :]
+    fb = np.ascontiguousarray(feedback.detach().cpu().numpy())
+    codes, errors = round_columns(x, x0, s, z, fb, grid.qmin, grid.qmax)
     codes, errors = (np.ascontiguousarray(t.transpose(0, 2, 1)) for t in (codes, errors))
     return torch.from_numpy(codes).to(w.device), torch.from_numpy(errors).to(w.device)
 
@@ -284,11 +272,10 @@ def _descend_block(
 ) -> torch.Tensor:
     """One pass of :func:`refine_codes` over a block of columns, the gradient kept exact within it.
 
-    The column-by-column loop runs in NumPy on the CPU: its steps are a few operations on ``m``
-    values each, where a torch call's overhead costs more than the arithmetic (NumPy took 0.020 s
-    where torch took 0.030 s for two sweeps of a 32 x 864 layer; with the columns laid out as rows
-    and one operation fewer per column, 0.019 -> 0.016 s, and 0.051 -> 0.039 s at 64 x 1728), and
-    the same float32 operations in the same order give the same bits.
+    The column-by-column loop runs on the CPU, in
+    :func:`~monai_effq.solver.column_loops.descend_columns` (compiled by Numba where it is
+    installed, else NumPy; torch took 0.030 s for two sweeps of a 32 x 864 layer where NumPy takes
+    0.015 s and Numba 0.003 s), and the same float32 operations in the same order give the same bits.
 
     Args:
         grad: ``(G, m, b)`` the gradient of the block's columns (not modified).
@@ -304,24 +291,6 @@ def _descend_block(
     """
     g, c, neg_ic = _columns_as_rows(grad, codes, inv_curvature)
     np.negative(neg_ic, out=neg_ic)  # -(g ic) == g (-ic), exactly
-    s = _per_row(scale, codes.shape)
-    h = hessian.detach().cpu().numpy()
-    lo, hi = np.float32(qmin), np.float32(qmax)
-    # ufuncs with out= instead of np.clip and np.array_equal, whose Python wrappers cost more than
-    # their arithmetic on m values: the same float32 operations, so the same bits
-    new, step = np.empty_like(c[:, 0, :]), np.empty_like(c[:, 0, :])
-    for j in range(c.shape[1]):
-        col = c[:, j, :]
-        np.multiply(g[:, j, :], neg_ic[:, j, :], out=new)
-        np.round(new, out=new)
-        np.add(new, col, out=new)
-        np.maximum(new, lo, out=new)
-        np.minimum(new, hi, out=new)
-        np.subtract(new, col, out=step)
-        if not step.any():
-            continue
-        np.multiply(s, step, out=step)
-        # only the block's later columns are read again; the caller updates the whole gradient
-        g[:, j + 1 :, :] += h[:, j, j + 1 :, None] * step[:, None, :]
-        col[...] = new
+    h = np.ascontiguousarray(hessian.detach().cpu().numpy())  # a block of H: a view, one layout for the compiled loop
+    descend_columns(g, c, neg_ic, _per_row(scale, codes.shape), h, qmin, qmax)
     return torch.from_numpy(np.ascontiguousarray(c.transpose(0, 2, 1))).to(codes.device)

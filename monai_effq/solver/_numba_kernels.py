@@ -1,0 +1,58 @@
+"""Numba twins of the NumPy column loops in :mod:`monai_effq.solver.column_loops`.
+
+Each is the same float32 operations in the same order as its NumPy loop, written element by element
+(every product and sum cast back to float32, no fused multiply-adds: Numba compiles without
+fast-math), so it gives the same bits. Compiled on first use and cached on disk.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+__all__ = ["descend_columns", "round_columns"]
+
+
+@numba.njit(cache=True, nogil=True)
+def descend_columns(grad, codes, neg_inv_curvature, scale, hessian, lo, hi):  # noqa: D103 (see column_loops)
+    groups, b, m = codes.shape
+    new = np.empty(m, np.float32)
+    step = np.empty(m, np.float32)
+    for k in range(groups):
+        for j in range(b):
+            moved = False
+            for r in range(m):
+                v = np.float32(np.round(np.float32(grad[k, j, r] * neg_inv_curvature[k, j, r])))
+                v = np.float32(v + codes[k, j, r])
+                v = min(max(v, lo), hi)
+                new[r] = v
+                step[r] = np.float32(v - codes[k, j, r])
+                moved = moved or step[r] != 0
+            if not moved:
+                continue
+            for r in range(m):
+                step[r] = np.float32(scale[k, r] * step[r])
+            for jj in range(j + 1, b):
+                h = hessian[k, j, jj]
+                for r in range(m):
+                    grad[k, jj, r] = np.float32(grad[k, jj, r] + np.float32(h * step[r]))
+            for r in range(m):
+                codes[k, j, r] = new[r]
+
+
+@numba.njit(cache=True, nogil=True)
+def round_columns(w, w0, scale, zero_point, feedback, lo, hi, codes, errors):  # noqa: D103 (see column_loops)
+    groups, b, m = w.shape
+    for k in range(groups):
+        for i in range(b):
+            for r in range(m):
+                q = np.float32(w[k, i, r] / scale[k, r])
+                q = np.float32(np.round(np.float32(q + zero_point[k, r])))
+                q = min(max(q, lo), hi)
+                codes[k, i, r] = q
+                e = np.float32(scale[k, r] * np.float32(q - zero_point[k, r]))
+                errors[k, i, r] = np.float32(w0[k, i, r] - e)
+            for ii in range(i + 1, b):
+                f = feedback[k, i, ii]
+                for r in range(m):
+                    w[k, ii, r] = np.float32(w[k, ii, r] + np.float32(f * errors[k, i, r]))
