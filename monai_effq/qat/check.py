@@ -164,7 +164,7 @@ def _masks(logits: torch.Tensor, label: torch.Tensor, task: str) -> tuple[torch.
             "task='multilabel' for sigmoid channels."
         )
     classes = torch.arange(1, logits.shape[1], device=logits.device).view(1, -1, *([1] * (logits.dim() - 2)))
-    pred = logits.argmax(1, keepdim=True)
+    pred = logits.max(dim=1, keepdim=True).indices  # argmax's labels, faster across the channel axis (ptq/attention.py)
     return pred == classes, label.long() == classes
 
 
