@@ -85,3 +85,20 @@ def test_other_dtypes_run_in_numpy_and_are_refused_by_the_compiled_loop():
     assert codes.dtype == np.float64
     with pytest.raises(ValueError, match="float32"):
         descend_columns(grad, codes, neg_ic, scale, hessian, 0, 3, use_compiled=True)
+
+
+def test_both_loops_round_exact_halves_to_even():
+    pytest.importorskip("numba")
+    halves = np.array([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5], np.float32)
+    for use_compiled in (False, True):
+        # a step of exactly k + 1/2 from codes of 1: round half to even, then clipped to [0, 3]
+        codes = np.ones((1, 1, 6), np.float32)
+        grad = -halves[None, None, :]
+        descend_columns(grad, codes, -np.ones_like(codes), np.ones((1, 6), np.float32), np.ones((1, 1, 1), np.float32), 0, 3,
+                        use_compiled=use_compiled)
+        assert codes[0, 0].tolist() == [0.0, 0.0, 1.0, 1.0, 3.0, 3.0]
+        # w / s + z at exact halves (power-of-two scale, no feedback)
+        w = (halves[None, None, :] - 1.5) * np.float32(0.25)
+        out, _ = round_columns(w.copy(), w, np.full((1, 6), 0.25, np.float32), np.full((1, 6), 1.5, np.float32),
+                               np.zeros((1, 1, 1), np.float32), 0, 3, use_compiled=use_compiled)
+        assert out[0, 0].tolist() == [0.0, 0.0, 0.0, 0.0, 2.0, 2.0]
