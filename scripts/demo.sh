@@ -5,6 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # the package with its compiled column loops (matplotlib, for the plots, is a core dependency);
-# MONAI_EFFQ_EXTRAS sets other extras
+# MONAI_EFFQ_EXTRAS replaces the extras (keep "fast" in it, e.g. "fast,deploy")
 bash scripts/setup.sh "${MONAI_EFFQ_EXTRAS-fast}"
 .venv/bin/python -m monai_effq.demo "$@"

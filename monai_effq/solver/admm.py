@@ -125,8 +125,10 @@ class _ShiftedSystem:
         if self.factor is None:
             # Only a Cholesky factor: forming the inverse would cost twice the factorisation, and
             # the block substitution runs at the speed of a product with it.
-            workspace = None if self._solver is None else self._solver.lower
-            self._solver = RowSolver(self.A, shift=c, workspace=workspace)
+            # the last phase's solver gives up its factor's memory and is dropped first, so that a
+            # factorisation that fails part-way leaves no half-overwritten solver behind
+            old, self._solver = self._solver, None
+            self._solver = RowSolver(self.A, shift=c, workspace=None if old is None else old.lower)
         else:
             # (c I + 2 F Fᵀ)⁻¹ = (I - 2 F (c I + 2 FᵀF)⁻¹ Fᵀ) / c
             f = self.factor

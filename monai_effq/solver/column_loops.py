@@ -69,7 +69,7 @@ def descend_columns(
         use_compiled: the compiled loop (``True``), the NumPy one (``False``) or whichever is available (``None``).
     """
     lo, hi = np.float32(qmin), np.float32(qmax)
-    kernels = _choose(use_compiled, grad, codes, neg_inv_curvature, scale, hessian)
+    kernels = _choose(use_compiled, [grad, codes, neg_inv_curvature], [scale], hessian)
     if kernels is not None:
         kernels.descend_columns(grad, codes, neg_inv_curvature, scale, hessian, lo, hi)
         return
@@ -121,7 +121,7 @@ def round_columns(
     """
     lo, hi = np.float32(qmin), np.float32(qmax)
     codes, errors = np.empty_like(w), np.empty_like(w)
-    kernels = _choose(use_compiled, w, w0, scale, zero_point, feedback)
+    kernels = _choose(use_compiled, [w, w0], [scale, zero_point], feedback)
     if kernels is not None:
         kernels.round_columns(w, w0, scale, zero_point, feedback, lo, hi, codes, errors)
         return codes, errors
@@ -139,14 +139,25 @@ def round_columns(
     return codes, errors
 
 
-def _choose(use_compiled: bool | None, *arrays: np.ndarray) -> ModuleType | None:
-    """The compiled loops where asked for (or available, for ``None``) and the arrays are float32,
-    the dtype they were written for (NumPy computes other dtypes in their own)."""
+def _choose(use_compiled: bool | None, columns: list[np.ndarray], rows: list[np.ndarray], square: np.ndarray) -> ModuleType | None:
+    """The compiled loops where asked for (or available, for ``None``) and the arrays are what they
+    were written for: float32 (NumPy computes other dtypes in their own), ``(G, b, m)`` columns,
+    ``(G, m)`` per-row values and a ``(G, b, b)`` block (NumPy would also broadcast other shapes; the
+    compiled loops index them as they are)."""
     kernels = _kernels() if use_compiled is not False else None
     if use_compiled and kernels is None:
         raise RuntimeError("the compiled column loops need Numba: pip install 'monai-effq[fast]' (and MONAI_EFFQ_NUMBA unset).")
-    if kernels is not None and not all(a.dtype == np.float32 for a in arrays):
+    if kernels is None:
+        return None
+    g, b, m = columns[0].shape
+    fits = (
+        all(a.dtype == np.float32 for a in (*columns, *rows, square))
+        and all(a.shape == (g, b, m) for a in columns)
+        and all(a.shape == (g, m) for a in rows)
+        and square.shape == (g, b, b)
+    )
+    if not fits:
         if use_compiled:
-            raise ValueError("the compiled column loops take float32 arrays.")
+            raise ValueError("the compiled column loops take float32 (G, b, m) columns, (G, m) rows and a (G, b, b) block.")
         return None
     return kernels

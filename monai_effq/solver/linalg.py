@@ -87,7 +87,7 @@ class RowSolver:
             a = F.pad(a, (0, pad, 0, pad))
             a[:, size:, size:] = torch.eye(pad, dtype=a.dtype, device=a.device)
         g, n, _ = a.shape
-        if workspace is not None and workspace.shape == a.shape and workspace.dtype == a.dtype:
+        if workspace is not None and (workspace.shape, workspace.dtype, workspace.device) == (a.shape, a.dtype, a.device):
             lower = workspace  # only entries on and below the block diagonal are written and read
         else:
             lower = torch.zeros_like(a)

@@ -5,6 +5,11 @@ from monai_effq.solver import column_loops
 from monai_effq.solver.column_loops import compiled, descend_columns, round_columns
 
 
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal bit for bit: -0.0 and 0.0 differ, as they do in a checkpoint's float tensors."""
+    return a.dtype == b.dtype and np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
 def _descend_inputs(groups: int, b: int, m: int, seed: int) -> tuple[np.ndarray, ...]:
     rng = np.random.default_rng(seed)
     f32 = np.float32
@@ -39,7 +44,7 @@ def test_compiled_and_numpy_descent_give_the_same_bits(groups, b, m):
         descend_columns(grad, codes, neg_ic, scale, hessian, 0, 3, use_compiled=use_compiled)
         runs.append((grad, codes))
     (g0, c0), (g1, c1) = runs
-    assert np.array_equal(c0, c1) and np.array_equal(g0, g1)
+    assert _same_bits(c0, c1) and _same_bits(g0, g1)
     start = _descend_inputs(groups, b, m, seed=b * m)[1]
     assert not np.array_equal(c0, start)  # the pass moved codes, so the comparison means something
     assert c0.min() >= 0 and c0.max() <= 3
@@ -54,7 +59,7 @@ def test_compiled_and_numpy_gptq_rounding_give_the_same_bits(groups, b, m):
         codes, errors = round_columns(w, w0, scale, zero, feedback, 0, 3, use_compiled=use_compiled)
         runs.append((codes, errors, w))
     for a, b_ in zip(*runs):
-        assert np.array_equal(a, b_)
+        assert _same_bits(a, b_)
     codes = runs[0][0]
     assert set(np.unique(codes)) <= {0.0, 1.0, 2.0, 3.0} and (len(np.unique(codes)) > 1 or codes.size == 1)
 
@@ -85,6 +90,17 @@ def test_other_dtypes_run_in_numpy_and_are_refused_by_the_compiled_loop():
     assert codes.dtype == np.float64
     with pytest.raises(ValueError, match="float32"):
         descend_columns(grad, codes, neg_ic, scale, hessian, 0, 3, use_compiled=True)
+
+
+def test_a_scale_that_only_broadcasts_runs_in_numpy_and_is_refused_by_the_compiled_loop():
+    pytest.importorskip("numba")
+    w, w0, scale, zero, feedback = _round_inputs(2, 6, 5, seed=3)
+    one_scale, one_zero = scale[:, :1].copy(), zero[:, :1].copy()  # (G, 1): NumPy broadcasts it over the rows
+    expected, _ = round_columns(w.copy(), w0, np.repeat(one_scale, 5, 1), np.repeat(one_zero, 5, 1), feedback, 0, 3, use_compiled=False)
+    codes, _ = round_columns(w.copy(), w0, one_scale, one_zero, feedback, 0, 3)
+    assert _same_bits(codes, expected)
+    with pytest.raises(ValueError, match=r"\(G, m\) rows"):
+        round_columns(w.copy(), w0, one_scale, one_zero, feedback, 0, 3, use_compiled=True)
 
 
 def test_both_loops_round_exact_halves_to_even():
