@@ -33,7 +33,7 @@ def _kernels() -> ModuleType | None:
     """The Numba-compiled loops, or ``None`` without Numba (or with ``MONAI_EFFQ_NUMBA=0``)."""
     if os.environ.get("MONAI_EFFQ_NUMBA", "1") == "0":
         return None
-    # imported on first use: importing Numba costs about 0.3 s that a command which never rounds need not pay
+    # imported on first use: Numba and its cached kernels cost 0.1-0.3 s to load, which a command that never rounds need not pay
     kernels, has_kernels = optional_import("monai_effq.solver._numba_kernels")
     return kernels if has_kernels else None
 
