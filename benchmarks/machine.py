@@ -25,7 +25,9 @@ def cpu_summary() -> str:
 
 
 def column_loops_summary() -> str:
-    """Which column loops GPTQ and the refinement run: Numba-compiled (the ``fast`` extra) or NumPy."""
-    from monai_effq.solver.column_loops import compiled
+    """Which loops GPTQ, the refinement and ADMM's projection run: Numba-compiled (the ``fast`` extra) or NumPy/torch."""
+    from monai_effq.solver.kernels import compiled
 
-    return "column loops compiled by Numba" if compiled() else "column loops in NumPy (no Numba: pip install 'monai-effq[fast]')"
+    if compiled():
+        return "solver loops (GPTQ, refinement, ADMM projection) compiled by Numba"
+    return "solver loops in NumPy/torch (no Numba: pip install 'monai-effq[fast]')"

@@ -26,6 +26,7 @@ import torch
 
 from monai_effq.solver.gram import LayerStatistics
 from monai_effq.solver.linalg import RowSolver, spd_inverse
+from monai_effq.solver.projection import project_onto_grid
 from monai_effq.solver.rounding import GridFit, refine_codes
 
 __all__ = ["AdmmSettings", "AdmmLayerSolver", "AdmmTrace"]
@@ -290,13 +291,9 @@ class AdmmLayerSolver:
         t0 = time.perf_counter()
         w = self.system.solve_rows(anchor + rho * (it.values - it.dual))
         t1 = time.perf_counter()
-        v = w + it.dual
-        projection = GridFit(fit.grid, it.scale, fit.zero_point, fit.scale_rule).refit(v, max_iter=4)
-        codes = projection.codes(v)
-        changed = not torch.equal(codes, it.codes)
-        it.codes, it.scale = codes, projection.scale
-        it.values = projection.values(codes)
-        it.dual += w - it.values
+        current = GridFit(fit.grid, it.scale, fit.zero_point, fit.scale_rule)
+        it.codes, projection, it.values, changed = project_onto_grid(w, it.dual, it.codes, current)
+        it.scale = projection.scale
         seconds["w_step"] += t1 - t0
         seconds["project"] += time.perf_counter() - t1
         return changed

@@ -18,29 +18,14 @@ same bits, ties to even included.
 
 from __future__ import annotations
 
-import functools
-import os
 from types import ModuleType
 
 import numpy as np
-from monai.utils import optional_import
+
+from monai_effq.solver import kernels
+from monai_effq.solver.kernels import compiled
 
 __all__ = ["compiled", "descend_columns", "round_columns"]
-
-
-@functools.cache
-def _kernels() -> ModuleType | None:
-    """The Numba-compiled loops, or ``None`` without Numba (or with ``MONAI_EFFQ_NUMBA=0``)."""
-    if os.environ.get("MONAI_EFFQ_NUMBA", "1") == "0":
-        return None
-    # imported on first use: Numba and its cached kernels cost 0.1-0.3 s to load, which a command that never rounds need not pay
-    kernels, has_kernels = optional_import("monai_effq.solver._numba_kernels")
-    return kernels if has_kernels else None
-
-
-def compiled() -> bool:
-    """Whether the loops run compiled by Numba (installed, and not turned off by ``MONAI_EFFQ_NUMBA=0``)."""
-    return _kernels() is not None
 
 
 def descend_columns(
@@ -69,9 +54,9 @@ def descend_columns(
         use_compiled: the compiled loop (``True``), the NumPy one (``False``) or whichever is available (``None``).
     """
     lo, hi = np.float32(qmin), np.float32(qmax)
-    kernels = _choose(use_compiled, [grad, codes, neg_inv_curvature], [scale], hessian)
-    if kernels is not None:
-        kernels.descend_columns(grad, codes, neg_inv_curvature, scale, hessian, lo, hi)
+    compiled_loops = _choose(use_compiled, [grad, codes, neg_inv_curvature], [scale], hessian)
+    if compiled_loops is not None:
+        compiled_loops.descend_columns(grad, codes, neg_inv_curvature, scale, hessian, lo, hi)
         return
     g, c, h = grad, codes, hessian
     # ufuncs with out= instead of np.clip and np.array_equal, whose Python wrappers cost more than
@@ -121,9 +106,9 @@ def round_columns(
     """
     lo, hi = np.float32(qmin), np.float32(qmax)
     codes, errors = np.empty_like(w), np.empty_like(w)
-    kernels = _choose(use_compiled, [w, w0], [scale, zero_point], feedback)
-    if kernels is not None:
-        kernels.round_columns(w, w0, scale, zero_point, feedback, lo, hi, codes, errors)
+    compiled_loops = _choose(use_compiled, [w, w0], [scale, zero_point], feedback)
+    if compiled_loops is not None:
+        compiled_loops.round_columns(w, w0, scale, zero_point, feedback, lo, hi, codes, errors)
         return codes, errors
     for i in range(w.shape[1]):
         q, e = codes[:, i, :], errors[:, i, :]
@@ -144,10 +129,10 @@ def _choose(use_compiled: bool | None, columns: list[np.ndarray], rows: list[np.
     were written for: float32 (NumPy computes other dtypes in their own), ``(G, b, m)`` columns,
     ``(G, m)`` per-row values and a ``(G, b, b)`` block (NumPy would also broadcast other shapes; the
     compiled loops index them as they are)."""
-    kernels = _kernels() if use_compiled is not False else None
-    if use_compiled and kernels is None:
+    loops = kernels.numba_kernels() if use_compiled is not False else None
+    if use_compiled and loops is None:
         raise RuntimeError("the compiled column loops need Numba: pip install 'monai-effq[fast]' (and MONAI_EFFQ_NUMBA unset).")
-    if kernels is None:
+    if loops is None:
         return None
     g, b, m = columns[0].shape
     fits = (
@@ -160,4 +145,4 @@ def _choose(use_compiled: bool | None, columns: list[np.ndarray], rows: list[np.
         if use_compiled:
             raise ValueError("the compiled column loops take float32 (G, b, m) columns, (G, m) rows and a (G, b, b) block.")
         return None
-    return kernels
+    return loops

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from monai_effq.solver import column_loops
+from monai_effq.solver import kernels
 from monai_effq.solver.column_loops import compiled, descend_columns, round_columns
 
 
@@ -65,7 +65,7 @@ def test_compiled_and_numpy_gptq_rounding_give_the_same_bits(groups, b, m):
 
 
 def test_the_loops_fall_back_to_numpy_without_numba_and_say_so(monkeypatch):
-    monkeypatch.setattr(column_loops, "_kernels", lambda: None)
+    monkeypatch.setattr(kernels, "numba_kernels", lambda: None)
     assert not compiled()
     grad, codes, neg_ic, scale, hessian = _descend_inputs(1, 8, 4, seed=0)
     descend_columns(grad, codes, neg_ic, scale, hessian, 0, 3)  # runs in NumPy
@@ -75,12 +75,12 @@ def test_the_loops_fall_back_to_numpy_without_numba_and_say_so(monkeypatch):
 
 def test_numba_can_be_turned_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("MONAI_EFFQ_NUMBA", "0")
-    column_loops._kernels.cache_clear()
+    kernels.numba_kernels.cache_clear()
     try:
         assert not compiled()
     finally:
         monkeypatch.delenv("MONAI_EFFQ_NUMBA")
-        column_loops._kernels.cache_clear()
+        kernels.numba_kernels.cache_clear()
 
 
 def test_other_dtypes_run_in_numpy_and_are_refused_by_the_compiled_loop():
