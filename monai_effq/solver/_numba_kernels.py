@@ -1,5 +1,5 @@
 """Numba twins of the NumPy column loops in :mod:`monai_effq.solver.column_loops` and of ADMM's
-projection in :mod:`monai_effq.solver.projection`.
+projection in :mod:`monai_effq.solver.projection` and objective update in :mod:`monai_effq.solver.admm`.
 
 Each is the same float32 operations in the same order as its NumPy loop, written element by element
 (every product and sum cast back to float32, no fused multiply-adds: Numba compiles without
@@ -18,7 +18,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["descend_columns", "project_rows", "round_columns"]
+__all__ = ["add_code_changes", "count_changes", "descend_columns", "project_rows", "round_columns"]
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -127,3 +127,33 @@ def project_rows(w, dual, before, scale, zero, lo, hi, max_iter, codes, values):
             values[r, j] = val
             dual[r, j] = np.float32(dual[r, j] + np.float32(w[r, j] - val))
     return changed
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def count_changes(codes, before):  # noqa: D103 (see admm._OnGridObjective)
+    groups, m, n = codes.shape
+    changed = 0
+    for k in range(groups):
+        for r in range(m):
+            for j in range(n):
+                changed += codes[k, r, j] != before[k, r, j]
+    return changed
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
+def add_code_changes(qa, codes, before, a):  # noqa: D103 (see admm._OnGridObjective)
+    # qa += (codes - before) @ a as torch.sparse.mm and += do it: per row, a zero row to which each
+    # changed code's row of a is added in column order by fused multiply-adds (MKL's axpy; "contract"
+    # lets LLVM fuse d * a + t), then added to qa's row, unchanged rows included (-0.0 + 0.0 is 0.0)
+    groups, m, n = codes.shape
+    row = np.empty(n, np.float32)
+    for k in range(groups):
+        for r in range(m):
+            row[:] = 0.0
+            for j in range(n):
+                d = np.float32(codes[k, r, j] - before[k, r, j])
+                if d != 0:
+                    for c in range(n):
+                        row[c] = row[c] + d * a[k, j, c]
+            for c in range(n):
+                qa[k, r, c] = qa[k, r, c] + row[c]

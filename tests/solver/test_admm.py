@@ -1,0 +1,59 @@
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from monai_effq.quant.grid import UniformGrid
+from monai_effq.solver import kernels
+from monai_effq.solver.admm import _OnGridObjective
+from monai_effq.solver.rounding import GridFit
+
+
+def _objective_inputs(groups: int, m: int, n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(groups, 3 * n, n, generator=g)
+    a = torch.bmm(x.transpose(1, 2), x) / n
+    stats = SimpleNamespace(A=a, B=torch.randn(groups, m, n, generator=g))
+    w0 = torch.randn(groups, m, n, generator=g) * 0.1
+    fit = GridFit(UniformGrid(2), torch.tensor(0.07), torch.tensor(1.5), "free")
+    codes = torch.randint(0, 4, (groups, m, n), generator=g).float()
+    steps = []
+    # under 1/32 of the codes each (the incremental update, not a fresh product), several per row, by
+    # odd steps: 3 a is inexact in float32, so a fused multiply-add and a product then a sum differ
+    for count in (1, 5, groups * m * n // 40, 0, 2):
+        new = (steps[-1] if steps else codes).clone()
+        where = torch.randperm(groups * m * n, generator=g)[:count]
+        new.view(-1)[where] = 3 - new.view(-1)[where]
+        steps.append(new)
+    return stats, w0, fit, codes, steps
+
+
+@pytest.mark.parametrize("groups, m, n", [(1, 32, 96), (2, 5, 27)])
+def test_the_compiled_objective_update_gives_the_same_bits_as_the_sparse_product(groups, m, n, monkeypatch):
+    pytest.importorskip("numba")
+    stats, w0, fit, codes, steps = _objective_inputs(groups, m, n, seed=m + n)
+    compiled = _OnGridObjective(stats, w0, fit, codes)
+    monkeypatch.setattr(kernels, "numba_kernels", lambda: None)
+    plain = _OnGridObjective(stats, w0, fit, codes)
+    assert compiled._loops is not None and plain._loops is None
+    for new in steps:
+        compiled.update(new)
+        plain.update(new)
+        assert compiled.fresh and plain.fresh
+        assert torch.equal(compiled.qa.view(torch.int32), plain.qa.view(torch.int32))
+        assert compiled.error(fit.scale) == plain.error(fit.scale)
+    # and the incremental product is the product of the codes it has reached
+    fresh = torch.bmm(steps[-1] - 1.5, stats.A)
+    assert torch.allclose(compiled.qa, fresh, rtol=1e-5, atol=1e-4)
+    assert not torch.equal(compiled.qa, torch.bmm(codes - 1.5, stats.A))
+
+
+def test_many_changed_codes_mark_the_objective_stale_until_an_error_is_asked_for():
+    stats, w0, fit, codes, _ = _objective_inputs(1, 8, 32, seed=0)
+    objective = _OnGridObjective(stats, w0, fit, codes)
+    moved = (codes + 1).clamp(0, 3)
+    objective.update(moved)
+    assert not objective.fresh
+    error = objective.error(fit.scale)
+    assert objective.fresh and torch.equal(objective.qa, torch.bmm(moved - 1.5, stats.A))
+    assert error == objective.error(fit.scale)
