@@ -126,8 +126,11 @@ class NearbyError:
         """Weighted output MSE of ``weight`` (and ``bias``; the least-squares bias when ``None``)."""
         st = self.stats
         d = weight.to(torch.float64) - self.anchor
-        da = torch.bmm(d.float(), st.A).double()
-        err = self.quad + float((d * (self.residual + 0.5 * da)).sum()) + float(st.y_energy.sum())
+        if d.any():
+            da = torch.bmm(d.float(), st.A).double()
+            err = self.quad + float((d * (self.residual + 0.5 * da)).sum()) + float(st.y_energy.sum())
+        else:  # the anchor itself (the FP weights' figure): D A and the sum it enters are zeros
+            err = self.quad + 0.0 + float(st.y_energy.sum())
         if bias is not None:
             diff = bias.to(torch.float64) - st.bias_for(weight).to(torch.float64)
             err = err + st.weight_sum * float(diff.pow(2).sum())

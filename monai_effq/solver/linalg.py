@@ -112,7 +112,7 @@ class RowSolver:
                 inverse = torch.linalg.solve_triangular(diag, identity, upper=False)
             lower[:, j0:j1, j0:j1] = diag
             if j1 < n:
-                lower[:, j1:, j0:j1] = torch.bmm(column[:, j1 - j0 :], inverse.transpose(1, 2))
+                torch.bmm(column[:, j1 - j0 :], inverse.transpose(1, 2), out=lower[:, j1:, j0:j1])
             self.diagonal_inverses.append(inverse)
         self.lower = lower
 
