@@ -7,18 +7,38 @@ fast-math), so it gives the same bits, signed zeros included: the clamps return 
 and keep NaN, as ``np.maximum(v, lo)`` and ``np.minimum(v, hi)`` do (Python's ``max`` would keep a
 ``-0.0`` that NumPy turns into the bound's ``0.0``), and the descent decides whether a column moved
 over all groups at once, as ``step.any()`` does. Division by zero gives inf, as in NumPy
-(``error_model="numpy"``). The projection's clamps keep the value on a tie, as torch's ``clamp``
-does, and its float64 sums of float32 products are added in the order vectorised code adds them,
-where torch adds them in its own: both are rounded to a float32 scale, which agreed bit for bit in
-every case tried (see the tests). Compiled on first use and cached on disk.
+(``error_model="numpy"``).
+
+The projection's clamps keep the value on a tie, as torch's ``clamp`` does. Its float64 sums of
+float32 products are added in the order vectorised code adds them, torch's in its own; both are
+exact, and so the same, while the products' magnitudes span less than about ``2**29 / n``. Beyond
+that the float32 scales can differ by a unit in the last place (a built case: one weight near
+``2**20`` among values near ``2**-35``), which no random state of thousands tried reached. The
+objective update adds by fused multiply-adds where torch's sparse product does (``fused``; a probe
+in :mod:`monai_effq.solver.admm` decides). Compiled on first use and cached on disk.
 """
 
 from __future__ import annotations
 
+import llvmlite.binding as llvm
 import numba
 import numpy as np
+from numba.core import types
+from numba.extending import intrinsic
 
-__all__ = ["add_code_changes", "count_changes", "descend_columns", "project_rows", "round_columns"]
+__all__ = ["add_code_changes", "count_changes", "descend_columns", "fma_in_hardware", "project_rows", "round_columns"]
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):  # noqa: ANN001, ANN202
+    """``a * b + c`` rounded once (LLVM's ``llvm.fma``: one instruction where the CPU has it)."""
+    if not all(isinstance(t, types.Float) for t in (a, b, c)):
+        return None
+
+    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+        return builder.fma(*args)
+
+    return c(c, c, c), codegen
 
 
 @numba.njit(cache=True, nogil=True, error_model="numpy")
@@ -140,11 +160,11 @@ def count_changes(codes, before):  # noqa: D103 (see admm._OnGridObjective)
     return changed
 
 
-@numba.njit(cache=True, nogil=True, error_model="numpy", fastmath={"contract"})
-def add_code_changes(qa, codes, before, a):  # noqa: D103 (see admm._OnGridObjective)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def add_code_changes(qa, codes, before, a, fused):  # noqa: D103 (see admm._OnGridObjective)
     # qa += (codes - before) @ a as torch.sparse.mm and += do it: per row, a zero row to which each
-    # changed code's row of a is added in column order by fused multiply-adds (MKL's axpy; "contract"
-    # lets LLVM fuse d * a + t), then added to qa's row, unchanged rows included (-0.0 + 0.0 is 0.0)
+    # changed code's row of a is added in column order (by fused multiply-adds where torch's kernel
+    # fuses them), then added to qa's row, unchanged rows included (-0.0 + 0.0 is 0.0)
     groups, m, n = codes.shape
     row = np.empty(n, np.float32)
     for k in range(groups):
@@ -152,8 +172,18 @@ def add_code_changes(qa, codes, before, a):  # noqa: D103 (see admm._OnGridObjec
             row[:] = 0.0
             for j in range(n):
                 d = np.float32(codes[k, r, j] - before[k, r, j])
-                if d != 0:
+                if d != 0 and fused:
                     for c in range(n):
-                        row[c] = row[c] + d * a[k, j, c]
+                        row[c] = _fma(d, a[k, j, c], row[c])
+                elif d != 0:
+                    for c in range(n):
+                        row[c] = np.float32(row[c] + np.float32(d * a[k, j, c]))
             for c in range(n):
                 qa[k, r, c] = qa[k, r, c] + row[c]
+
+
+def fma_in_hardware() -> bool:
+    """Whether the loops compile for a CPU with fused multiply-adds (else :func:`_fma` calls ``fmaf``)."""
+    if numba.config.CPU_NAME not in (None, "host"):
+        return "+fma" in (numba.config.CPU_FEATURES or "")
+    return bool(llvm.get_host_cpu_features().get("fma", False))

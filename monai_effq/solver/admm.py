@@ -18,9 +18,11 @@ coordinate descent on the same η-regularised objective the W-step solves.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 
@@ -147,6 +149,34 @@ class _ShiftedSystem:
         return (rhs - 2.0 * torch.bmm(t, f.transpose(1, 2))) / self.c
 
 
+@functools.cache
+def _compiled_update() -> tuple[ModuleType, bool] | None:
+    """Numba's loops for :meth:`_OnGridObjective.update` and whether they must fuse multiply-adds.
+
+    torch's sparse product adds each changed code's row by fused multiply-adds or by a product and
+    a sum, depending on the kernels it picked for the CPU (``ATEN_CPU_CAPABILITY``). A small probe
+    with odd steps, where the two differ, finds which the loops must do; ``None`` (the torch path)
+    where neither matches or where fusing would need Numba to call ``fmaf`` for want of the
+    instruction (slower than torch).
+    """
+    loops = kernels.numba_kernels()
+    if loops is None:
+        return None
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(1, 37, 37, generator=g) - 0.5
+    qa = torch.rand(1, 3, 37, generator=g)
+    before = torch.zeros(1, 3, 37)
+    codes = torch.where(torch.rand(1, 3, 37, generator=g) < 0.3, 3.0, 0.0)  # about 11 steps of 3 per row
+    want = qa.clone()
+    want[0] += torch.sparse.mm((codes - before)[0].to_sparse(), a[0])
+    for fused in (True, False) if loops.fma_in_hardware() else (False,):
+        got = qa.clone()
+        loops.add_code_changes(got.numpy(), codes.numpy(), before.numpy(), a.numpy(), fused)
+        if torch.equal(got.view(torch.int32), want.view(torch.int32)):
+            return loops, fused
+    return None
+
+
 class _OnGridObjective:
     """Weighted output error of on-grid weights ``G = s (Q - z)``, tracked incrementally.
 
@@ -164,7 +194,7 @@ class _OnGridObjective:
         self.zero = fit.per_row(fit.zero_point, codes.shape)
         self.reset(codes)
         cpu_float32 = all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in (self.A, codes, self.qa))
-        self._loops = kernels.numba_kernels() if cpu_float32 and self.A.shape[-1] == codes.shape[-1] else None
+        self._compiled = _compiled_update() if cpu_float32 and self.A.shape[-1] == codes.shape[-1] else None
 
     def reset(self, codes: torch.Tensor) -> None:
         """Recompute ``(Q - z) A`` from scratch."""
@@ -179,11 +209,12 @@ class _OnGridObjective:
     def update(self, codes: torch.Tensor) -> None:
         """Move to new codes: a few changed codes update ``(Q - z) A`` by a sparse product; many mark it stale.
 
-        Numba's loops (where :func:`~monai_effq.solver.kernels.numba_kernels` has them) count the
-        changes and add the product without forming the change or a sparse tensor, with the same bits
-        as the sparse product (at 64 x 1728 with a median of 724 changed codes: 0.4 ms in torch).
+        Numba's loops (where :func:`_compiled_update` finds them) count the changes and add the
+        product without forming the change or a sparse tensor, with the same bits as the sparse
+        product (at 64 x 1728 with a median of 724 changed codes: 0.35 against 0.5 ms).
         """
-        loops = self._loops if codes.dtype == torch.float32 and codes.device.type == "cpu" and codes.dim() == 3 else None
+        usable = codes.dtype == torch.float32 and codes.device.type == "cpu" and codes.dim() == 3 and codes.is_contiguous()
+        loops, fused = self._compiled if self._compiled is not None and usable else (None, False)
         if loops is not None:
             changed = int(loops.count_changes(codes.numpy(), self.codes.numpy()))
         else:
@@ -196,7 +227,7 @@ class _OnGridObjective:
             self.reset(codes)
             return
         if changed and loops is not None:
-            loops.add_code_changes(self.qa.numpy(), codes.numpy(), self.codes.numpy(), self.A.numpy())
+            loops.add_code_changes(self.qa.numpy(), codes.numpy(), self.codes.numpy(), self.A.numpy(), fused)
         elif changed:  # a sparse-dense product reads only the changed codes' rows of A
             for k in range(delta.shape[0]):
                 self.qa[k] += torch.sparse.mm(delta[k].to_sparse(), self.A[k])

@@ -56,7 +56,9 @@ class RowSolver:
     with a float64 factor, which took twice as long), and moved no comparison layer's output error
     in ``benchmarks/layer_solver.py`` by more than 0.03%. ``M`` is padded with an identity block
     and the right-hand sides with zero rows and columns to multiples of 16, which leaves the
-    solution as it is and keeps every product thread-invariant.
+    solution as it is and keeps every product thread-invariant. Products are written into slices of
+    the factor and the solution (``out=``), so nothing here is differentiable: both run without
+    autograd.
 
     Args:
         matrix: ``(G, n, n)`` symmetric matrices (``matrix + shift I`` positive definite); not modified.
@@ -75,6 +77,7 @@ class RowSolver:
         size: ``n``, the unpadded size.
     """
 
+    @torch.no_grad()
     def __init__(
         self, matrix: torch.Tensor, block: int = 256, shift: float = 0.0, workspace: torch.Tensor | None = None
     ) -> None:
@@ -116,6 +119,7 @@ class RowSolver:
             self.diagonal_inverses.append(inverse)
         self.lower = lower
 
+    @torch.no_grad()
     def solve_rows(self, rhs: torch.Tensor) -> torch.Tensor:
         """``rhs M⁻¹`` for ``(G, m, n)`` right-hand sides: ``X Lᵀ = rhs``, then ``Y L = X``.
 
@@ -123,13 +127,13 @@ class RowSolver:
             rhs: the right-hand sides (computed in float32).
 
         Returns:
-            the ``(G, m, n)`` solutions, in ``rhs``'s dtype.
+            the ``(G, m, n)`` solutions, in ``rhs``'s dtype, contiguous.
         """
         m, n = rhs.shape[1], self.lower.shape[-1]
         padding = (0, n - self.size, 0, -m % _ALIGN)
         padded = F.pad(rhs.float(), padding) if any(padding) else rhs.float()
         y = self._solve_padded(padded)
-        return y[:, :m, : self.size].to(rhs.dtype)
+        return y[:, :m, : self.size].to(rhs.dtype).contiguous()
 
     def _solve_padded(self, rhs: torch.Tensor) -> torch.Tensor:
         """The block substitution on right-hand sides already padded to ``lower``'s size.

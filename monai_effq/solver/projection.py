@@ -10,7 +10,8 @@ rounded with it, and the scaled dual moves by ``W - G``. Written twice, with the
   alternation: 0.14 ms there, 0.62 ms instead of 0.87 ms at 64 x 1728.
 
 Both give the same bits (``tests/solver/test_projection.py``), ties to even and signed zeros
-included; the compiled loop runs for the ``"free"`` scale rule on contiguous float32 CPU tensors.
+included, up to the order of two float64 sums (see :mod:`monai_effq.solver._numba_kernels`); the
+compiled loop runs for the ``"free"`` scale rule on contiguous float32 CPU tensors.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def project_onto_grid(
         ``(codes, fit, values, changed)``: the new codes, the fit with the refitted scale, the on-grid
         values ``G = s (codes - z)`` and whether any code changed.
     """
+    max_iter = max(int(max_iter), 0)  # as fit_scale_als's range() takes a negative count
     loops = _choose(use_compiled, w, dual, codes, fit)
     if loops is not None:
         return _project_compiled(loops, w, dual, codes, fit, max_iter)
@@ -83,23 +85,23 @@ def _choose(
         raise RuntimeError("the compiled ADMM projection needs Numba: pip install 'monai-effq[fast]' (and MONAI_EFFQ_NUMBA unset).")
     if loops is None:
         return None
-    rows = w.numel() // w.shape[-1] if w.dim() else 0
     tensors = (w, dual, codes, fit.scale, fit.zero_point)
+    rows = w.shape[0] * w.shape[1] if w.dim() == 3 else -1
     fits = (
         fit.scale_rule == "free"
-        and w.dim() >= 2
+        and w.dim() == 3
         and w.numel() > 0
         and dual.shape == w.shape == codes.shape
         and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-        and fit.scale.numel() in ((1, rows) if fit.per_channel else (1,))
-        and fit.zero_point.numel() in (1, fit.scale.numel())
+        # as GridFit.per_row reads them: one value (0-d), or one per row
+        and all(t.dim() == 0 or t.numel() == rows for t in (fit.scale, fit.zero_point))
         and not any(t.requires_grad for t in tensors)
     )
     if not fits:
         if use_compiled:
             raise ValueError(
-                "the compiled ADMM projection takes contiguous float32 CPU (G, m, n) tensors of one shape, one "
-                "scale per tensor or per row, and the 'free' scale rule."
+                "the compiled ADMM projection takes contiguous float32 CPU (G, m, n) tensors of one shape that need "
+                "no gradient, a 0-d or per-row scale and zero point, and the 'free' scale rule."
             )
         return None
     return loops

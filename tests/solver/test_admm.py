@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from monai_effq.quant.grid import UniformGrid
-from monai_effq.solver import kernels
-from monai_effq.solver.admm import _OnGridObjective
+from monai_effq.solver import admm, kernels
+from monai_effq.solver.admm import _compiled_update, _OnGridObjective
 from monai_effq.solver.rounding import GridFit
 
 
@@ -31,11 +31,13 @@ def _objective_inputs(groups: int, m: int, n: int, seed: int):
 @pytest.mark.parametrize("groups, m, n", [(1, 32, 96), (2, 5, 27)])
 def test_the_compiled_objective_update_gives_the_same_bits_as_the_sparse_product(groups, m, n, monkeypatch):
     pytest.importorskip("numba")
+    if _compiled_update() is None:
+        pytest.skip("no compiled loop adds as torch's sparse product does on this CPU (see _compiled_update)")
     stats, w0, fit, codes, steps = _objective_inputs(groups, m, n, seed=m + n)
     compiled = _OnGridObjective(stats, w0, fit, codes)
-    monkeypatch.setattr(kernels, "numba_kernels", lambda: None)
+    monkeypatch.setattr(admm, "_compiled_update", lambda: None)
     plain = _OnGridObjective(stats, w0, fit, codes)
-    assert compiled._loops is not None and plain._loops is None
+    assert compiled._compiled is not None and plain._compiled is None
     for new in steps:
         compiled.update(new)
         plain.update(new)
@@ -57,3 +59,36 @@ def test_many_changed_codes_mark_the_objective_stale_until_an_error_is_asked_for
     error = objective.error(fit.scale)
     assert objective.fresh and torch.equal(objective.qa, torch.bmm(moved - 1.5, stats.A))
     assert error == objective.error(fit.scale)
+
+
+def test_the_objective_update_stays_in_torch_where_no_compiled_loop_adds_as_it_does(monkeypatch):
+    loops = pytest.importorskip("monai_effq.solver._numba_kernels")
+    monkeypatch.setattr(kernels, "numba_kernels", lambda: loops)
+    monkeypatch.setattr(loops, "add_code_changes", lambda qa, *args: qa.__iadd__(1e-3))  # adds the wrong thing
+    _compiled_update.cache_clear()
+    try:
+        assert _compiled_update() is None
+        stats, w0, fit, codes, steps = _objective_inputs(1, 8, 40, seed=1)
+        objective = _OnGridObjective(stats, w0, fit, codes)
+        objective.update(steps[1])
+        assert torch.allclose(objective.qa, torch.bmm(steps[1] - 1.5, stats.A), rtol=1e-5, atol=1e-4)
+    finally:
+        _compiled_update.cache_clear()
+
+
+def test_fused_multiply_adds_are_used_where_torch_fuses_them():
+    loops = pytest.importorskip("monai_effq.solver._numba_kernels")
+    found = _compiled_update()
+    if found is None:
+        pytest.skip("no compiled loop matches torch's sparse product here")
+    g = torch.Generator().manual_seed(7)
+    a = torch.rand(1, 24, 24, generator=g) - 0.5
+    steps = torch.where(torch.rand(1, 4, 24, generator=g) < 0.5, 3.0, 0.0)  # a dozen steps of 3 per row
+    results = []
+    for fused in (True, False):
+        qa = torch.zeros(1, 4, 24)
+        loops.add_code_changes(qa.numpy(), steps.numpy(), torch.zeros_like(steps).numpy(), a.numpy(), fused)
+        results.append(qa)
+    assert not torch.equal(results[0], results[1])  # 3 a is inexact: fusing shows in the bits
+    want = torch.sparse.mm(steps[0].to_sparse(), a[0])
+    assert torch.equal(results[0 if found[1] else 1][0], want)

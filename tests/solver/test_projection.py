@@ -65,7 +65,7 @@ def test_the_projection_puts_the_values_on_the_refitted_grid_and_moves_the_dual_
     codes, new_fit, values, changed = project_onto_grid(w, dual, before, fit)
     assert torch.equal(values, new_fit.values(codes))
     assert torch.equal(codes, new_fit.codes(w + start))
-    assert torch.allclose(dual, start + w - values)
+    assert _same_bits(dual, start + (w - values))
     assert changed == (not torch.equal(codes, before))
     _, _, _, again = project_onto_grid(w, start.clone(), codes, fit)
     assert not again  # the same step from its own codes changes none
@@ -91,3 +91,41 @@ def test_the_projection_runs_in_torch_without_numba_and_says_what_to_install(mon
     assert codes.shape == w.shape
     with pytest.raises(RuntimeError, match="Numba.*fast"):
         project_onto_grid(w, dual, before, fit, use_compiled=True)
+
+
+@pytest.mark.parametrize("use_compiled", [False, True])
+def test_a_negative_alternation_count_refits_nothing_on_either_path(use_compiled):
+    if use_compiled:
+        pytest.importorskip("numba")
+    w, dual, before, fit = _step_inputs(1, 6, 40, "signed", 2, False, seed=4)
+    codes, new_fit, values, _ = project_onto_grid(w, dual, before, fit, max_iter=-1, use_compiled=use_compiled)
+    assert torch.equal(new_fit.scale, fit.scale)
+    assert torch.equal(codes, fit.codes(w + dual - (w - values)))  # dual was moved by w - values
+    assert codes.min() >= fit.grid.qmin and codes.max() <= fit.grid.qmax
+
+
+def test_the_compiled_loop_takes_only_what_the_torch_path_reads_the_same_way():
+    pytest.importorskip("numba")
+    w, dual, before, fit = _step_inputs(2, 3, 20, "signed", 4, True, seed=5)
+    wrong_zero = GridFit(fit.grid, fit.scale, fit.zero_point[:1], "free")  # (1,) for 6 rows: per_row cannot read it
+    with pytest.raises(ValueError, match="per-row scale and zero point"):
+        project_onto_grid(w, dual, before, wrong_zero, use_compiled=True)
+    with pytest.raises(RuntimeError, match="shape"):
+        project_onto_grid(w, dual, before, wrong_zero)  # the torch path refuses it as well
+    with pytest.raises(ValueError, match="gradient"):
+        project_onto_grid(w.clone().requires_grad_(), dual, before, fit, use_compiled=True)
+    with pytest.raises(ValueError, match="contiguous"):
+        project_onto_grid(w.transpose(1, 2).contiguous().transpose(1, 2), dual, before, fit, use_compiled=True)
+
+
+def test_the_paths_differ_by_at_most_a_unit_in_the_last_place_where_float64_sums_round():
+    """A built case whose products span more than float64 holds: the sums' order shows in the scale."""
+    pytest.importorskip("numba")
+    w = torch.tensor([2.0**20, 2.0**-4] + [2.0**-35] * 14).reshape(1, 1, 16)
+    fit = GridFit(UniformGrid(2), torch.tensor(2.0**-39), torch.tensor(2.0), "free")
+    scales = [
+        project_onto_grid(w, torch.zeros_like(w), torch.zeros_like(w), fit, 1, use_compiled=flag)[1].scale
+        for flag in (False, True)
+    ]
+    gap = (scales[0].view(torch.int32) - scales[1].view(torch.int32)).abs()
+    assert gap <= 1
