@@ -30,12 +30,12 @@ __all__ = ["add_code_changes", "count_changes", "descend_columns", "fma_in_hardw
 
 
 @intrinsic
-def _fma(typingctx, a, b, c):  # noqa: ANN001, ANN202
+def _fma(typingctx, a, b, c):
     """``a * b + c`` rounded once (LLVM's ``llvm.fma``: one instruction where the CPU has it)."""
     if not all(isinstance(t, types.Float) for t in (a, b, c)):
         return None
 
-    def codegen(context, builder, signature, args):  # noqa: ANN001, ANN202
+    def codegen(context, builder, signature, args):
         return builder.fma(*args)
 
     return c(c, c, c), codegen
