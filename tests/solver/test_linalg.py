@@ -105,3 +105,12 @@ def test_a_solver_built_in_an_earlier_solvers_workspace_is_the_one_built_afresh(
     assert torch.equal(reused.solve_rows(rhs), fresh.solve_rows(rhs))
     # a workspace of another shape is not used
     assert RowSolver(_gram(40, seed=2), block=32, workspace=first.lower).lower is not first.lower
+
+
+def test_row_solutions_are_contiguous_where_padding_is_cut_off_and_carry_no_gradient():
+    a = _gram(27, seed=3)
+    rhs = torch.randn(1, 5, 27, requires_grad=True)  # 27 columns and 5 rows: both padded to 32
+    x = RowSolver(a).solve_rows(rhs)
+    assert x.is_contiguous() and x.shape == (1, 5, 27)
+    assert not x.requires_grad  # products are written into slices: nothing here is differentiable
+    assert torch.allclose(torch.bmm(x, a), rhs.detach(), rtol=1e-4, atol=1e-4)
