@@ -129,20 +129,17 @@ def _choose(use_compiled: bool | None, columns: list[np.ndarray], rows: list[np.
     were written for: float32 (NumPy computes other dtypes in their own), ``(G, b, m)`` columns,
     ``(G, m)`` per-row values and a ``(G, b, b)`` block (NumPy would also broadcast other shapes; the
     compiled loops index them as they are)."""
-    loops = kernels.numba_kernels() if use_compiled is not False else None
-    if use_compiled and loops is None:
-        raise RuntimeError("the compiled column loops need Numba: pip install 'monai-effq[fast]' (and MONAI_EFFQ_NUMBA unset).")
-    if loops is None:
-        return None
-    g, b, m = columns[0].shape
-    fits = (
-        all(a.dtype == np.float32 for a in (*columns, *rows, square))
-        and all(a.shape == (g, b, m) for a in columns)
-        and all(a.shape == (g, m) for a in rows)
-        and square.shape == (g, b, b)
+
+    def fits() -> bool:
+        g, b, m = columns[0].shape
+        return (
+            all(a.dtype == np.float32 for a in (*columns, *rows, square))
+            and all(a.shape == (g, b, m) for a in columns)
+            and all(a.shape == (g, m) for a in rows)
+            and square.shape == (g, b, b)
+        )
+
+    return kernels.choose_kernels(
+        use_compiled, fits, "the compiled column loops",
+        "the compiled column loops take float32 (G, b, m) columns, (G, m) rows and a (G, b, b) block.",
     )
-    if not fits:
-        if use_compiled:
-            raise ValueError("the compiled column loops take float32 (G, b, m) columns, (G, m) rows and a (G, b, b) block.")
-        return None
-    return loops

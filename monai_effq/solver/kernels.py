@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from types import ModuleType
 
 from monai.utils import optional_import
 
-__all__ = ["compiled", "numba_kernels"]
+__all__ = ["choose_kernels", "compiled", "numba_kernels"]
 
 
 @functools.cache
@@ -37,3 +38,32 @@ def compiled() -> bool:
         ``True`` where :func:`numba_kernels` finds the compiled loops.
     """
     return numba_kernels() is not None
+
+
+def choose_kernels(use_compiled: bool | None, fits: Callable[[], bool], name: str, refusal: str) -> ModuleType | None:
+    """The compiled loops for one call: where asked for (``True``) or available (``None``), and the
+    inputs are what the loops were written for.
+
+    Args:
+        use_compiled: the compiled loops (``True``), their NumPy/torch twin (``False``) or whichever applies (``None``).
+        fits: whether the call's inputs are what the compiled loops take (asked only where they are available).
+        name: what the loops are, for the errors.
+        refusal: the error for inputs the compiled loops do not take, when they were asked for.
+
+    Returns:
+        :func:`numba_kernels`, or ``None`` for the twin.
+
+    Raises:
+        RuntimeError: compiled loops asked for where Numba is missing or turned off.
+        ValueError: compiled loops asked for with inputs they do not take.
+    """
+    loops = numba_kernels() if use_compiled is not False else None
+    if use_compiled and loops is None:
+        raise RuntimeError(f"{name} cannot run without Numba: pip install 'monai-effq[fast]' (and leave MONAI_EFFQ_NUMBA unset).")
+    if loops is None:
+        return None
+    if not fits():
+        if use_compiled:
+            raise ValueError(refusal)
+        return None
+    return loops

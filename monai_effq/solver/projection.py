@@ -80,28 +80,23 @@ def _choose(
     """The compiled loop where asked for (or available, for ``None``) and the step is what it was
     written for: the ``"free"`` rule (the others snap or keep the scale after the fit) on contiguous
     float32 CPU tensors of one shape, one scale per tensor or per row."""
-    loops = kernels.numba_kernels() if use_compiled is not False else None
-    if use_compiled and loops is None:
-        raise RuntimeError("the compiled ADMM projection needs Numba: pip install 'monai-effq[fast]' (and MONAI_EFFQ_NUMBA unset).")
-    if loops is None:
-        return None
-    tensors = (w, dual, codes, fit.scale, fit.zero_point)
-    rows = w.shape[0] * w.shape[1] if w.dim() == 3 else -1
-    fits = (
-        fit.scale_rule == "free"
-        and w.dim() == 3
-        and w.numel() > 0
-        and dual.shape == w.shape == codes.shape
-        and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-        # as GridFit.per_row reads them: one value (0-d), or one per row
-        and all(t.dim() == 0 or t.numel() == rows for t in (fit.scale, fit.zero_point))
-        and not any(t.requires_grad for t in tensors)
+
+    def fits() -> bool:
+        tensors = (w, dual, codes, fit.scale, fit.zero_point)
+        rows = w.shape[0] * w.shape[1] if w.dim() == 3 else -1
+        return (
+            fit.scale_rule == "free"
+            and w.dim() == 3
+            and w.numel() > 0
+            and dual.shape == w.shape == codes.shape
+            and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+            # as GridFit.per_row reads them: one value (0-d), or one per row
+            and all(t.dim() == 0 or t.numel() == rows for t in (fit.scale, fit.zero_point))
+            and not any(t.requires_grad for t in tensors)
+        )
+
+    return kernels.choose_kernels(
+        use_compiled, fits, "the compiled ADMM projection",
+        "the compiled ADMM projection takes contiguous float32 CPU (G, m, n) tensors of one shape that need "
+        "no gradient, a 0-d or per-row scale and zero point, and the 'free' scale rule.",
     )
-    if not fits:
-        if use_compiled:
-            raise ValueError(
-                "the compiled ADMM projection takes contiguous float32 CPU (G, m, n) tensors of one shape that need "
-                "no gradient, a 0-d or per-row scale and zero point, and the 'free' scale rule."
-            )
-        return None
-    return loops
