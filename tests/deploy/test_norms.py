@@ -1,6 +1,7 @@
 """Group and instance norms exported from per-channel statistics: the same function, run by every runtime."""
 
 import onnx
+import onnx.numpy_helper
 import pytest
 import torch
 import torch.nn as nn
@@ -50,6 +51,38 @@ def test_channel_statistics_compute_the_same_normalization(norm):
     norm.eps = 0.1
     quiet = torch.randn(2, 16, 9, 7, 5) * 0.05
     torch.testing.assert_close(ChannelStatsGroupNorm.from_module(norm)(quiet), norm(quiet), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spatial", [(11,), (9, 7), (9, 7, 5)], ids=["1d", "2d", "3d"])
+def test_channel_statistics_normalize_inputs_of_any_spatial_rank(spatial):
+    torch.manual_seed(0)
+    norm = nn.GroupNorm(4, 16)
+    x = torch.randn(2, 16, *spatial) * 3 + torch.linspace(-20, 20, 16).reshape(1, 16, *(1,) * len(spatial))
+    torch.testing.assert_close(ChannelStatsGroupNorm.from_module(norm)(x), norm(x), atol=2e-5, rtol=1e-5)
+
+
+def reduction_axes(model: onnx.ModelProto) -> list[tuple[str, tuple[int, ...]]]:
+    """Each reduction of an ONNX graph with the axes it reduces (read from its constant input)."""
+    consts = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    consts |= {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node if n.op_type == "Constant"}
+    return [
+        (n.op_type, tuple(int(a) for a in consts[n.input[1]].reshape(-1)))
+        for n in model.graph.node
+        if n.op_type.startswith("Reduce") and len(n.input) > 1
+    ]
+
+
+def test_the_channel_statistics_reduce_the_inner_spatial_axes_before_the_outer_one(tmp_path):
+    # OpenVINO runs a reduction that keeps only the channels on one thread, one that keeps the
+    # outer spatial axis on all of them; a ReduceSum follows so that it does not merge the two
+    norm = nn.Sequential(nn.Conv3d(2, 16, 3, padding=1), nn.GroupNorm(8, 16))
+    form = nn.Sequential(norm[0], ChannelStatsGroupNorm.from_module(norm[1])).eval()
+    path = tmp_path / "norm.onnx"
+    torch.onnx.export(form, (torch.rand(1, 2, 8, 8, 8),), str(path), dynamo=True, opset_version=18)
+    axes = reduction_axes(onnx.load(str(path)))
+    assert ("ReduceMean", (3, 4)) in axes and ("ReduceL2", (3, 4)) in axes
+    assert axes.count(("ReduceSum", (2,))) == 2
+    assert not [a for a in axes if set(a[1]) >= {2, 3, 4}]
 
 
 def test_an_instance_norm_with_running_statistics_is_left_as_it_is():
