@@ -44,7 +44,7 @@ from monai.transforms import (
 from monai.utils import TransformBackends
 
 from monai_effq.data.layouts import NIFTI_SUFFIXES, DatasetError, check_nifti
-from monai_effq.utils.errors import UserInputError
+from monai_effq.utils.errors import UserInputError, all_finite
 
 __all__ = [
     "BRATS_NATIVE_LABELS",
@@ -211,8 +211,8 @@ class CheckFinited(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             values = torch.as_tensor(d[key])
-            bad = int((~torch.isfinite(values)).sum()) if values.is_floating_point() else 0
-            if bad:
+            if values.is_floating_point() and not all_finite(values.as_subclass(torch.Tensor)):  # the count only if one fails
+                bad = int((~torch.isfinite(values)).sum())
                 raise DatasetError(
                     f"image {_source_name(d, key, d[key])} holds {bad} NaN or Inf voxel(s): fix or re-export the file, "
                     "or leave the case out."

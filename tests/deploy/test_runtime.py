@@ -182,12 +182,16 @@ def test_openvino_options_it_cannot_compile_with_are_an_error_naming_them(export
 
 
 @pytest.mark.parametrize("cls", [OpenVINONetwork, OnnxRuntimeNetwork])
-def test_nan_input_is_refused_instead_of_turned_into_finite_output(exported, cls):
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")], ids=["nan", "inf"])
+def test_nan_or_inf_input_is_refused_instead_of_turned_into_finite_output(exported, cls, bad):
     _, path = exported
     x = torch.rand(1, 2, 16, 16, 16)
-    x[0, 1, 4, 5, 6] = float("nan")
+    x[0, 1, 4, 5, 6] = bad
     with pytest.raises(ValueError, match=r"the input to model\.onnx holds 1 NaN or Inf voxel"):
         cls(path)(x)
+    x[0, 1, 4, 5, 6] = 0.0
+    x[0, :, :2] = 3e38  # finite, though their sum is not
+    assert cls(path)(x).shape == (1, 3, 16, 16, 16)
 
 
 def test_a_missing_checkpoint_or_a_missing_network_to_export_from_is_an_error_saying_what_to_do(tmp_path):
