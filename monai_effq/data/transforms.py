@@ -211,7 +211,8 @@ class CheckFinited(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             values = torch.as_tensor(d[key])
-            if values.is_floating_point() and not all_finite(values.as_subclass(torch.Tensor)):  # the count only if one fails
+            # one reduction per image; the voxel count (a mask as large as the image) only when it fails
+            if values.is_floating_point() and not all_finite(values.as_subclass(torch.Tensor)):
                 bad = int((~torch.isfinite(values)).sum())
                 raise DatasetError(
                     f"image {_source_name(d, key, d[key])} holds {bad} NaN or Inf voxel(s): fix or re-export the file, "

@@ -64,7 +64,9 @@ def test_channel_statistics_normalize_inputs_of_any_spatial_rank(spatial):
 def reduction_axes(model: onnx.ModelProto) -> list[tuple[str, tuple[int, ...]]]:
     """Each reduction of an ONNX graph with the axes it reduces (read from its constant input)."""
     consts = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
-    consts |= {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node if n.op_type == "Constant"}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            consts[n.output[0]] = onnx.numpy_helper.to_array(n.attribute[0].t)
     return [
         (n.op_type, tuple(int(a) for a in consts[n.input[1]].reshape(-1)))
         for n in model.graph.node
