@@ -150,7 +150,9 @@ def group_norm_form_for(runtime: str, network: nn.Module) -> str:
     Measured on SegResNet at 1x4x128³, W8A8, a 2-core AVX-512 AMD EPYC (OpenVINO 2026.4, f32):
     init_filters 16 and 32 ran 1.58x and 1.35x faster in that form; 8 and 24, whose tensors leave
     part of a block empty, ran 0.83x and 1.04x. On a 2-core Xeon with AMX (bf16), in its moments
-    form: init_filters 16 1.20x, 8 0.43x. ONNX Runtime runs both forms equally and gets ``"onnx"``.
+    form: init_filters 16 1.20x, 8 0.43x; with the reductions split over the outer axis (same Xeon, later)
+    init_filters 16 1.06-1.33x over three runs, 8 0.63-0.70x. ONNX Runtime runs both forms equally and
+    gets ``"onnx"``.
 
     Args:
         runtime: ``"openvino"`` or ``"onnxruntime"``.
