@@ -87,6 +87,20 @@ def test_runtime_output_follows_the_input_device_and_type(exported):
 
 
 @pytest.mark.parametrize("cls", [OpenVINONetwork, OnnxRuntimeNetwork])
+def test_each_call_returns_its_own_output_and_leaves_the_input_untouched(exported, cls):
+    _, path = exported
+    net = cls(path)
+    a, b = torch.rand(1, 2, 16, 16, 16), torch.rand(1, 2, 16, 16, 16)
+    a_before = a.clone()
+    out_a = net(a)
+    out_a_before = out_a.clone()
+    out_b = net(b)  # the runtime reuses its output memory for this call
+    assert torch.equal(a, a_before)
+    assert torch.equal(out_a, out_a_before) and not torch.equal(out_a, out_b)
+    assert torch.equal(net(a), out_a)
+
+
+@pytest.mark.parametrize("cls", [OpenVINONetwork, OnnxRuntimeNetwork])
 def test_wrong_input_channels_name_the_expected_channels(exported, cls):
     _, path = exported
     with pytest.raises(ValueError, match="expects 2 input channels"):
