@@ -531,7 +531,7 @@ def export_onnx(
         group_norm: how group and instance norms are written: ``"onnx"`` (PyTorch's
             ``Reshape → InstanceNormalization`` form) or ``"channel_stats"``
             (:mod:`monai_effq.deploy.norms`), which lets OpenVINO keep its channel-blocked int8
-            layout (1.35-1.6x faster on SegResNet whose norms have a multiple of 16 channels; see
+            layout (1.35-1.6x faster on SegResNet whose norms fill whole channel blocks; see
             :func:`~monai_effq.deploy.norms.group_norm_form_for`). ONNX Runtime runs both equally.
             Compile either with static input shapes in OpenVINO, as
             :class:`~monai_effq.deploy.OpenVINONetwork` does: OpenVINO 2026.4's CPU plugin computes

@@ -32,16 +32,22 @@ import torch.nn as nn
 
 from monai_effq.ptq.graph import set_submodule
 
-__all__ = ["GROUP_NORM_FORMS", "ChannelStatsGroupNorm", "channel_stats_norms", "group_norm_form_for"]
+__all__ = ["GROUP_NORM_FORMS", "ChannelStatsGroupNorm", "channel_stats_norms", "group_norm_form_for", "openvino_channel_block"]
 
 # "onnx": as PyTorch exports it; "channel_stats": ChannelStatsGroupNorm.
 GROUP_NORM_FORMS = ("onnx", "channel_stats")
 
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
-# OpenVINO's CPU plugin blocks channels by 16 on AVX-512 (8 on AVX2); where every normalised tensor
-# fills whole blocks the channel-statistics form is faster, elsewhere PyTorch's form is
-OPENVINO_CHANNEL_BLOCK = 16
+# OpenVINO's CPU plugin blocks channels by 16 on AVX-512 and by 8 on AVX2; where every normalised
+# tensor fills whole blocks the channel-statistics form is faster, elsewhere PyTorch's form is
+OPENVINO_CHANNEL_BLOCK = {"AVX512": 16, "AVX2": 8}
+
+
+def openvino_channel_block() -> int:
+    """The channel block of OpenVINO's CPU layouts on this CPU: 8 where torch finds AVX2 but not
+    AVX-512, 16 elsewhere (AVX-512, and CPUs whose layouts were not measured)."""
+    return OPENVINO_CHANNEL_BLOCK.get(torch.backends.cpu.get_cpu_capability(), OPENVINO_CHANNEL_BLOCK["AVX512"])
 
 
 class ChannelStatsGroupNorm(nn.Module):
@@ -146,13 +152,17 @@ def channel_stats_norms(network: nn.Module) -> list[str]:
 def group_norm_form_for(runtime: str, network: nn.Module) -> str:
     """The group-norm export form a runtime runs fastest for ``network``.
 
-    OpenVINO gets ``"channel_stats"`` when every group/instance norm has a multiple of 16 channels.
+    OpenVINO gets ``"channel_stats"`` when every group/instance norm has a multiple of this CPU's
+    channel block (:func:`openvino_channel_block`: 16 with AVX-512, 8 with AVX2) channels.
     Measured on SegResNet at 1x4x128³, W8A8, a 2-core AVX-512 AMD EPYC (OpenVINO 2026.4, f32):
     init_filters 16 and 32 ran 1.58x and 1.35x faster in that form; 8 and 24, whose tensors leave
     part of a block empty, ran 0.83x and 1.04x. On a 2-core Xeon with AMX (bf16), in its moments
     form: init_filters 16 1.20x, 8 0.43x; with the reductions split over the outer axis (same Xeon, later)
-    init_filters 16 1.06-1.33x over three runs, 8 0.63-0.70x. ONNX Runtime runs both forms equally and
-    gets ``"onnx"``.
+    init_filters 16 1.06-1.33x over three runs, 8 0.63-0.70x. With oneDNN capped at AVX2 on that
+    Xeon (f32), init_filters 8 ran 1.06x and 1.09x faster in that form (two interleaved A/Bs), and its
+    FP file 1.11x. The form is chosen for the CPU that exports, which is the one that runs the file
+    when the overlays or :func:`~monai_effq.deploy.runtime_network` export it; either form computes
+    the same function. ONNX Runtime runs both forms equally and gets ``"onnx"``.
 
     Args:
         runtime: ``"openvino"`` or ``"onnxruntime"``.
@@ -168,6 +178,7 @@ def group_norm_form_for(runtime: str, network: nn.Module) -> str:
         for m in network.modules()
         if ChannelStatsGroupNorm.from_module(m) is not None
     ]
-    if channels and all(c % OPENVINO_CHANNEL_BLOCK == 0 for c in channels):
+    block = openvino_channel_block()
+    if channels and all(c % block == 0 for c in channels):
         return "channel_stats"
     return "onnx"

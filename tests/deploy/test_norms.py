@@ -158,12 +158,17 @@ def test_an_unknown_group_norm_form_is_an_error(segresnet_w4a8, tmp_path):
         export_onnx(segresnet_w4a8, tmp_path / "x.onnx", (1, 2, 16, 16, 16), group_norm="fused")
 
 
-def test_openvino_gets_the_channel_stats_form_where_every_norm_fills_whole_channel_blocks():
+@pytest.mark.parametrize("capability, block", [("AVX512", 16), ("AVX2", 8), ("DEFAULT", 16)])
+def test_openvino_gets_the_channel_stats_form_where_every_norm_fills_whole_channel_blocks_of_this_cpu(
+    monkeypatch, capability, block
+):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+
     def segresnet(init_filters):
         return SegResNet(3, init_filters=init_filters, in_channels=2, out_channels=3, blocks_down=(1, 2), blocks_up=(1,))
 
     assert group_norm_form_for("openvino", segresnet(16)) == "channel_stats"
-    assert group_norm_form_for("openvino", segresnet(8)) == "onnx"
+    assert group_norm_form_for("openvino", segresnet(8)) == ("channel_stats" if block == 8 else "onnx")
     assert group_norm_form_for("onnxruntime", segresnet(16)) == "onnx"
     assert group_norm_form_for("openvino", nn.Conv3d(16, 16, 3)) == "onnx"
 
