@@ -9,8 +9,8 @@ running the FP model (two files: our export, in the group-norm form ``group_norm
 which makes OpenVINO's FP run faster too and so is the stricter baseline; and ``torch.onnx.export``'s
 own file, what a user without monai-effq would run) and our int8 model, each with
 ``OpenVINONetwork``'s default precision for the layers left in floating point (bf16 where the CPU
-computes it natively, as OpenVINO's own default) and with f32, our int8 with the other group-norm export form than the one ``group_norm_form_for``
-picks, and NNCF's int8 of the same FP model (``nncf.quantize`` with its defaults on the bundle's
+computes it natively, as OpenVINO's own default) and with f32, our int8 with the other group-norm
+export form than the one ``group_norm_form_for`` picks, and NNCF's int8 of the same FP model (``nncf.quantize`` with its defaults on the bundle's
 calibration case; ``--skip-nncf`` leaves it out), and with ``--norm-inputs`` our int8 quantized with
 ``quantize_norm_inputs`` as well (``+N``). Every runner is timed once per round, right after an
 untimed call of its own (a warm call, as in a sliding-window loop), rounds interleaved, and the
@@ -196,11 +196,11 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
         # OpenVINO runs the group-norm form group_norm_form_for picks, fp32 and int8 alike
         ov_norms = group_norm_form_for("openvino", fp)
         fp_onnx_ov = export_onnx(fp, work / f"net{index}_fp32_ov.onnx", x, require_quantized=False, group_norm=ov_norms)
-        # "default": OpenVINONetwork's default precision for the float parts (float_precision_for:
-        # bf16 where the CPU computes it natively), which is OpenVINO's own default on CPUs
         # what a user without monai-effq runs: torch.onnx.export's own file (PyTorch's group-norm form)
         fp_onnx_torch = work / f"net{index}_fp32_torch_export.onnx"
         torch.onnx.export(fp, (x,), str(fp_onnx_torch), dynamo=True, external_data=False)
+        # "default": OpenVINONetwork's default precision for the float parts (float_precision_for:
+        # bf16 where the CPU computes it natively), which is OpenVINO's own default on CPUs
         runners = {
             "torch fp32": fp,
             "torch fp32 FTZ": _FlushDenormals(fp),
