@@ -26,7 +26,15 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 # f32 float parts where outputs are compared tightly: bf16 (the default on CPUs that have it) moves them ~1%
 F32_OPENVINO = functools.partial(OpenVINONetwork, precision="f32")
 
+# Without VNNI the int8 kernels add pairs of u8 x s8 products in 16 bits and saturate on the fixture's
+# 8-bit first and last layers (rel-L2 0.03-0.045 with OpenVINO's oneDNN capped at AVX2, 1.8e-7 capped at
+# AVX2-VNNI); test_both_runtimes_warn_of_saturating_8_bit_weights_only_on_a_cpu_without_vnni covers that
+exact_int8_kernels = pytest.mark.skipif(
+    runtime.cpu_has_vnni() is False, reason="this CPU has no VNNI: its int8 kernels saturate on 8-bit weights (warned)"
+)
 
+
+@exact_int8_kernels
 @pytest.mark.parametrize("cls", [F32_OPENVINO, OnnxRuntimeNetwork], ids=["openvino", "onnxruntime"])
 def test_runtime_networks_run_in_a_sliding_window_inferer_on_an_odd_sized_volume(exported, cls):
     result, path = exported
@@ -39,6 +47,7 @@ def test_runtime_networks_run_in_a_sliding_window_inferer_on_an_odd_sized_volume
     assert rel_l2(got, expected) < 2e-3  # integer kernels: the same codes, a different summation order
 
 
+@exact_int8_kernels
 def test_openvino_matches_the_fake_quant_network_closely(exported):
     result, path = exported
     x = torch.rand(1, 2, 16, 16, 16)
