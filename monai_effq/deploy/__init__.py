@@ -15,6 +15,7 @@ from monai_effq.deploy.runtime import (
     export_options,
     exported_from,
     float_precision_for,
+    int8_kernels_have_vnni,
     runtime_network,
     widest_int8_weight,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "exported_from",
     "float_precision_for",
     "group_norm_form_for",
+    "int8_kernels_have_vnni",
     "runtime_network",
     "widest_int8_weight",
     "TensorRTNetwork",

@@ -48,6 +48,7 @@ __all__ = [
     "OpenVINONetwork",
     "cpu_has_vnni",
     "float_precision_for",
+    "int8_kernels_have_vnni",
     "export_options",
     "exported_from",
     "runtime_network",
@@ -80,6 +81,32 @@ def cpu_has_vnni() -> bool | None:
             flags.update(line.split(":", 1)[1].split())
             break
     return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+# oneDNN's ISA caps that leave out the VNNI instructions (its dispatcher-control names)
+_CAPS_WITHOUT_VNNI = frozenset({"SSE41", "AVX", "AVX2", "AVX512_CORE"})
+
+
+def int8_kernels_have_vnni(runtime: str) -> bool | None:
+    """Whether ``runtime``'s int8 CPU kernels will use VNNI here (``None`` when it cannot be told).
+
+    The CPU's flags (:func:`cpu_has_vnni`), and for OpenVINO also the ISA cap its oneDNN honours
+    (``ONEDNN_MAX_CPU_ISA``, formerly ``DNNL_MAX_CPU_ISA``): capped at ``AVX2`` or ``AVX512_CORE``,
+    its convolutions add products in 16 bits even on a VNNI CPU. ONNX Runtime picks its kernels
+    from the CPU alone.
+
+    Args:
+        runtime: ``"openvino"`` or ``"onnxruntime"``.
+
+    Returns:
+        ``True``/``False``, or ``None`` where the CPU's flags cannot be read.
+    """
+    has_vnni = cpu_has_vnni()
+    if runtime == "openvino" and has_vnni:
+        cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+        if cap.strip().upper() in _CAPS_WITHOUT_VNNI:
+            return False
+    return has_vnni
 
 
 def float_precision_for(core: Any, device: str = "CPU") -> str | None:
@@ -124,7 +151,8 @@ def widest_int8_weight(path: str | os.PathLike) -> int:
 class _RuntimeNetwork(nn.Module):
     """What both runtimes share: the file check, the input check and tensor conversion."""
 
-    runtime = ""
+    runtime = ""  # the runtime's name in messages
+    key = ""  # its key in RUNTIMES
 
     def __init__(self, path: str | os.PathLike) -> None:
         super().__init__()
@@ -170,13 +198,14 @@ class _RuntimeNetwork(nn.Module):
         the trained bundles moved 0.05 and 0.005 with over 99.9% of labels kept). 7-bit weights
         cannot saturate: their pairs stay below 2¹⁵.
         """
-        if self.path.suffix != ".onnx" or not _has_onnx or cpu_has_vnni() is not False:
+        if self.path.suffix != ".onnx" or not _has_onnx or int8_kernels_have_vnni(self.key) is not False:
             return  # an OpenVINO IR file holds its weights in another format
         if widest_int8_weight(self.path) > REDUCED_WEIGHT_RANGE[1] + 1:
             warnings.warn(
-                f"{self.path.name} has int8 weights beyond 7 bits and this CPU has no VNNI: {self.runtime}'s integer "
-                "kernels add pairs of products in 16 bits, which can saturate and move the output; compare it with "
-                "the fake-quant network on your data, or export with reduce_range=True (7-bit weights).",
+                f"{self.path.name} has int8 weights beyond 7 bits and {self.runtime}'s int8 kernels on this CPU have "
+                "no VNNI (the CPU lacks it, or ONEDNN_MAX_CPU_ISA leaves it out): they add pairs of products in 16 "
+                "bits, which can saturate and move the output; compare it with the fake-quant network on your data, "
+                "or export with reduce_range=True (7-bit weights).",
                 stacklevel=3,
             )
 
@@ -208,6 +237,7 @@ class OnnxRuntimeNetwork(_RuntimeNetwork):
     """
 
     runtime = "ONNX Runtime"
+    key = "onnxruntime"
 
     def __init__(
         self,
@@ -264,6 +294,7 @@ class OpenVINONetwork(_RuntimeNetwork):
     """
 
     runtime = "OpenVINO"
+    key = "openvino"
 
     def __init__(
         self,

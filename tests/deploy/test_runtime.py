@@ -29,13 +29,20 @@ F32_OPENVINO = functools.partial(OpenVINONetwork, precision="f32")
 # Without VNNI the int8 kernels add pairs of u8 x s8 products in 16 bits and saturate on the fixture's
 # 8-bit first and last layers (rel-L2 0.03-0.045 with OpenVINO's oneDNN capped at AVX2, 1.8e-7 capped at
 # AVX2-VNNI); test_both_runtimes_warn_of_saturating_8_bit_weights_only_on_a_cpu_without_vnni covers that
-exact_int8_kernels = pytest.mark.skipif(
-    runtime.cpu_has_vnni() is False, reason="this CPU has no VNNI: its int8 kernels saturate on 8-bit weights (warned)"
+def exact_int8_kernels(key: str) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(
+        runtime.int8_kernels_have_vnni(key) is False,
+        reason=f"{key}'s int8 kernels here have no VNNI: they saturate on 8-bit weights (warned)",
+    )
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [
+        pytest.param(F32_OPENVINO, marks=exact_int8_kernels("openvino"), id="openvino"),
+        pytest.param(OnnxRuntimeNetwork, marks=exact_int8_kernels("onnxruntime"), id="onnxruntime"),
+    ],
 )
-
-
-@exact_int8_kernels
-@pytest.mark.parametrize("cls", [F32_OPENVINO, OnnxRuntimeNetwork], ids=["openvino", "onnxruntime"])
 def test_runtime_networks_run_in_a_sliding_window_inferer_on_an_odd_sized_volume(exported, cls):
     result, path = exported
     volume = torch.rand(1, 2, 23, 29, 19, generator=torch.Generator().manual_seed(2))
@@ -47,7 +54,7 @@ def test_runtime_networks_run_in_a_sliding_window_inferer_on_an_odd_sized_volume
     assert rel_l2(got, expected) < 2e-3  # integer kernels: the same codes, a different summation order
 
 
-@exact_int8_kernels
+@exact_int8_kernels("openvino")
 def test_openvino_matches_the_fake_quant_network_closely(exported):
     result, path = exported
     x = torch.rand(1, 2, 16, 16, 16)
@@ -230,18 +237,45 @@ def test_a_missing_checkpoint_or_a_missing_network_to_export_from_is_an_error_sa
 def test_both_runtimes_warn_of_saturating_8_bit_weights_only_on_a_cpu_without_vnni(tmp_path, monkeypatch, cls):
     from monai_effq.deploy import export_onnx
 
+    for cap in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):  # the CPU's flags alone decide here
+        monkeypatch.delenv(cap, raising=False)
+
     result = _rtn(8)
     wide = export_onnx(result, tmp_path / "w8.onnx", (1, 2, 16, 16, 16))
     with pytest.warns(UserWarning, match="reduce_range"):
         narrow = export_onnx(result, tmp_path / "w8_7bit.onnx", (1, 2, 16, 16, 16), reduce_range=True)
     monkeypatch.setattr(runtime, "cpu_has_vnni", lambda: False)
-    with pytest.warns(UserWarning, match=f"int8 weights beyond 7 bits and this CPU has no VNNI: {cls.runtime}'s"):
+    with pytest.warns(UserWarning, match=f"int8 weights beyond 7 bits and {cls.runtime}'s int8 kernels on this CPU have no VNNI"):
         cls(wide)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         cls(narrow)
         monkeypatch.setattr(runtime, "cpu_has_vnni", lambda: True)
         cls(wide)
+
+
+@pytest.mark.parametrize("cap", ["AVX2", "avx512_core", "AVX2_VNNI", "AVX512_CORE_AMX", ""])
+def test_an_isa_cap_without_vnni_takes_it_from_openvino_only(monkeypatch, cap):
+    monkeypatch.setattr(runtime, "cpu_has_vnni", lambda: True)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    capped = cap.upper() in ("AVX2", "AVX512_CORE")
+    assert runtime.int8_kernels_have_vnni("openvino") is (not capped)
+    assert runtime.int8_kernels_have_vnni("onnxruntime") is True
+    monkeypatch.setattr(runtime, "cpu_has_vnni", lambda: False)
+    assert runtime.int8_kernels_have_vnni("openvino") is False
+
+
+def test_openvino_warns_of_saturation_under_an_isa_cap_without_vnni(tmp_path, monkeypatch):
+    from monai_effq.deploy import export_onnx
+
+    wide = export_onnx(_rtn(8), tmp_path / "w8.onnx", (1, 2, 16, 16, 16))
+    monkeypatch.setattr(runtime, "cpu_has_vnni", lambda: True)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    with pytest.warns(UserWarning, match="OpenVINO's int8 kernels on this CPU have no VNNI"):
+        OpenVINONetwork(wide)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        OnnxRuntimeNetwork(wide)
 
 
 def test_openvino_reads_an_ir_file_on_a_cpu_without_vnni_without_looking_for_onnx_weights(tmp_path, monkeypatch):
