@@ -24,10 +24,11 @@ Part 2, Dice: each bundle's ``evaluate`` workflow with the ``evaluate_openvino.j
 sliding-window evaluation on the demo validation cases) for the fake-quant network, OpenVINO and ONNX
 Runtime, and NNCF's int8 of the bundle's FP network in OpenVINO: Dice per class and wall time.
 
-``--emulate-avx2`` runs the latency part with OpenVINO's oneDNN, torch and MKL capped at AVX2 (no
-AVX-512, no VNNI) and the float parts in f32, to see what an AVX2 CPU would run; its figures are
-this machine's with narrower kernels, not another CPU's (ONNX Runtime picks its kernels itself and
-is not capped).
+``--emulate-avx2`` runs with OpenVINO (its own kernels and its oneDNN), torch and MKL capped at AVX2
+(no AVX-512, no VNNI), to see what an AVX2 CPU would run; OpenVINO then reports no bf16 and runs the
+float parts in f32. Its figures are this machine's with narrower kernels, not another CPU's (ONNX
+Runtime picks its kernels itself and is not capped). The kernels OpenVINO compiled are printed with
+each network, so a cap that did not take is seen.
 
 Usage::
 
@@ -55,15 +56,22 @@ import monai_effq
 from monai_effq.deploy import OnnxRuntimeNetwork, OpenVINONetwork, export_onnx, group_norm_form_for
 from monai_effq.deploy.runtime import float_precision_for
 
-from machine import cpu_summary
+from machine import cpu_summary, openvino_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ("brats_effq", "lits_effq")
 OTHER_FORM = {"onnx": "channel_stats", "channel_stats": "onnx"}
-# --emulate-avx2: the kernels an AVX2 CPU without AVX-512 or VNNI would run (oneDNN in OpenVINO, torch's
-# own kernels, MKL), read when each library starts, so the script restarts itself with them set
-EMULATED_AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
-DEFAULT_PRECISION = "auto"  # OpenVINONetwork's own pick; "f32" under --emulate-avx2 (OpenVINO's query still sees bf16)
+# --emulate-avx2: the kernels an AVX2 CPU without AVX-512 or VNNI would run, read when each library
+# starts, so the script restarts itself with them set. OpenVINO needs both caps: ONEDNN_MAX_CPU_ISA
+# alone capped its oneDNN convolutions but left its own Reduce, MVN and Interpolate kernels on
+# AVX-512 and its capability query reporting bf16 (2026.4.1)
+EMULATED_AVX2 = {
+    "OV_CPU_MAX_ISA": "AVX2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+}
+DEFAULT_PRECISION = "auto"  # OpenVINONetwork's own pick (f32 where OpenVINO reports no bf16)
 # name: (bundle whose workflows run it, volume size, network_def overrides; None = the bundle's trained network)
 NETWORKS = {
     "SegResNet init_filters=16 (untrained)": ("brats_effq", 128, {"init_filters": 16, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]}),
@@ -238,6 +246,10 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
         with torch.no_grad():
             for key, run in runners.items():  # warm-up, and the outputs compared below
                 outputs[key] = run(x)
+        for key in ("OV FP default", f"OV int8 default W{args.bits[0]}A8"):
+            request = runners[key].request_for(tuple(x.shape))
+            print(f"{key} kernels: {openvino_kernels(request.get_compiled_model())}")
+        with torch.no_grad():
             for _ in range(args.rounds):
                 for key, run in runners.items():
                     # timed right after an untimed call of its own, as in a sliding-window loop: the first
@@ -347,6 +359,7 @@ def dice(args: argparse.Namespace, work: Path) -> list[dict]:
 
 
 def main() -> None:
+    global DEFAULT_PRECISION
     os.environ.setdefault("TQDM_DISABLE", "1")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="64^3 volumes, 2 rounds, W4A8 only")
@@ -365,15 +378,13 @@ def main() -> None:
     parser.add_argument(
         "--emulate-avx2",
         action="store_true",
-        help="cap OpenVINO's oneDNN, torch and MKL at AVX2 and run the float parts in f32, as on an AVX2 CPU without "
-        "AVX-512/VNNI (the caches, clocks and core count stay this machine's)",
+        help="cap OpenVINO, its oneDNN, torch and MKL at AVX2, as on an AVX2 CPU without AVX-512/VNNI (the caches, "
+        "clocks and core count stay this machine's)",
     )
     args = parser.parse_args()
     if args.emulate_avx2:
         if any(os.environ.get(k) != v for k, v in EMULATED_AVX2.items()):
             os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **EMULATED_AVX2})
-        global DEFAULT_PRECISION
-        DEFAULT_PRECISION = "f32"
     if args.quick:
         args.rounds, args.bits = 2, [4]
     torch.set_num_threads(min(torch.get_num_threads(), 2))
@@ -383,11 +394,14 @@ def main() -> None:
         else ""
     )
     print(f"CPU: {cpu_summary()}; torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}){emulated}")
-    if not args.skip_nncf:
-        import openvino as ov
+    import openvino as ov
 
-        default = float_precision_for(ov.Core()) if DEFAULT_PRECISION == "auto" else DEFAULT_PRECISION
-        print(f"OpenVINO {ov.__version__}: float parts by default in {default} on this CPU")
+    default = float_precision_for(ov.Core())
+    print(f"OpenVINO {ov.__version__}: float parts by default in {default} on this CPU")
+    if args.emulate_avx2 and default == "bf16":
+        # an OpenVINO that ignores OV_CPU_MAX_ISA: bf16 without bf16 kernels gave NaN, so run f32
+        print("WARNING: OpenVINO ignored OV_CPU_MAX_ISA, so its own kernels are not capped; float parts forced to f32")
+        DEFAULT_PRECISION = "f32"
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         rows = [] if args.skip_latency else latency(args, work)

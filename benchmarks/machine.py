@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 
-__all__ = ["column_loops_summary", "cpu_summary"]
+__all__ = ["column_loops_summary", "cpu_summary", "openvino_kernels"]
 
 
 def cpu_summary() -> str:
@@ -31,3 +31,18 @@ def column_loops_summary() -> str:
     if compiled():
         return "solver loops (GPTQ, refinement, ADMM projection) compiled by Numba"
     return "solver loops in NumPy/torch (no Numba: pip install 'monai-effq[fast]')"
+
+
+def openvino_kernels(compiled_model) -> str:
+    """The kernels OpenVINO compiled for the heavy layer types (``layer: kernel xcount``), e.g.
+    ``Convolution: brgconv_avx512_amx_I8 x32``: what an ISA cap or a precision choice really changed."""
+    from collections import Counter
+
+    heavy = ("Convolution", "Reduce", "MVN", "Interpolate", "Subgraph", "Eltwise")
+    kernels: Counter = Counter()
+    for op in compiled_model.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        layer = info["layerType"].astype(str)
+        if layer in heavy and "primitiveType" in info:
+            kernels[(layer, info["primitiveType"].astype(str))] += 1
+    return ", ".join(f"{layer}: {kernel} x{n}" for (layer, kernel), n in sorted(kernels.items()))

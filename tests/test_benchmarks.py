@@ -49,3 +49,20 @@ def test_the_library_import_check_would_see_a_removed_name(tmp_path):
     script.write_text("def run():\n    from monai_effq.solver import layer_view, no_such_solver\n")
     assert _library_imports(script) == [("monai_effq.solver", "layer_view"), ("monai_effq.solver", "no_such_solver")]
     assert not hasattr(importlib.import_module("monai_effq.solver"), "no_such_solver")
+
+
+def test_the_kernel_summary_names_each_heavy_layer_type_with_its_compiled_kernel(monkeypatch):
+    ov = pytest.importorskip("openvino")
+    import numpy as np
+    from openvino import opset13 as ops
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS[0].parent))
+    from machine import openvino_kernels
+
+    x = ops.parameter([1, 16, 8, 8, 8], np.float32)
+    conv = ops.convolution(x, ops.constant(np.ones((16, 16, 3, 3, 3), np.float32)), [1] * 3, [1] * 3, [1] * 3, [1] * 3)
+    mean = ops.reduce_mean(conv, ops.constant(np.array([2, 3, 4])), True)
+    compiled = ov.Core().compile_model(ov.Model([ops.subtract(conv, mean)], [x]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    summary = openvino_kernels(compiled)
+    assert summary.startswith("Convolution: ") and "Reduce: " in summary
+    assert all(part.rsplit(" x", 1)[1].isdigit() for part in summary.split(", "))
