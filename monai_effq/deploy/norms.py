@@ -158,11 +158,12 @@ def group_norm_form_for(runtime: str, network: nn.Module) -> str:
     init_filters 16 and 32 ran 1.58x and 1.35x faster in that form; 8 and 24, whose tensors leave
     part of a block empty, ran 0.83x and 1.04x. On a 2-core Xeon with AMX (bf16), in its moments
     form: init_filters 16 1.20x, 8 0.43x; with the reductions split over the outer axis (same Xeon, later)
-    init_filters 16 1.06-1.33x over three runs, 8 0.63-0.70x. With oneDNN capped at AVX2 on that
-    Xeon (f32), init_filters 8 ran 1.06x and 1.09x faster in that form (two interleaved A/Bs), and its
-    FP file 1.11x. The form is chosen for the CPU that exports, which is the one that runs the file
-    when the overlays or :func:`~monai_effq.deploy.runtime_network` export it; either form computes
-    the same function. ONNX Runtime runs both forms equally and gets ``"onnx"``.
+    init_filters 16 1.06-1.33x over three runs, 8 0.63-0.70x. With OpenVINO's own kernels and its
+    oneDNN capped at AVX2 on that Xeon (f32), init_filters 8 ran 1.26x faster in that form (bare
+    requests, medians of 7 interleaved runs; 1.17x in the deploy benchmark), and its FP file 1.20x.
+    The form is chosen for the CPU that exports, which is the one that runs the file when the
+    overlays or :func:`~monai_effq.deploy.runtime_network` export it; either form computes the same
+    function. ONNX Runtime runs both forms equally and gets ``"onnx"``.
 
     Args:
         runtime: ``"openvino"`` or ``"onnxruntime"``.
