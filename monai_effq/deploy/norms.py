@@ -39,15 +39,37 @@ GROUP_NORM_FORMS = ("onnx", "channel_stats")
 
 _INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
 
-# OpenVINO's CPU plugin blocks channels by 16 on AVX-512 and by 8 on AVX2; where every normalised
-# tensor fills whole blocks the channel-statistics form is faster, elsewhere PyTorch's form is
-OPENVINO_CHANNEL_BLOCK = {"AVX512": 16, "AVX2": 8}
+# The channel multiple at which OpenVINO runs the channel-statistics form faster than PyTorch's, by
+# the precision of its float parts: 16 in bf16; 8 in f32 (8-channel norms, SegResNet init 8: 1.13x in
+# f32 and 0.69x in bf16 on an AMX Xeon, 1.09-1.15x capped at AVX-512 VNNI, 1.17-1.26x at AVX2)
+OPENVINO_CHANNEL_BLOCK = {"bf16": 16, "f32": 8}
 
 
-def openvino_channel_block() -> int:
-    """The channel block of OpenVINO's CPU layouts on this CPU: 8 where torch finds AVX2 but not
-    AVX-512, 16 elsewhere (AVX-512, and CPUs whose layouts were not measured)."""
-    return OPENVINO_CHANNEL_BLOCK.get(torch.backends.cpu.get_cpu_capability(), OPENVINO_CHANNEL_BLOCK["AVX512"])
+def openvino_channel_block(precision: str | None = "auto") -> int:
+    """The channel multiple at which OpenVINO gets the channel-statistics form.
+
+    Args:
+        precision: the precision OpenVINO runs the float parts in (``"bf16"`` or ``"f32"``);
+            ``"auto"``/``None``: the one :class:`~monai_effq.deploy.OpenVINONetwork` picks on this
+            CPU (without OpenVINO installed, f32 where torch finds AVX2 but not AVX-512).
+
+    Returns:
+        8 for f32, 16 for bf16 and precisions that were not measured.
+    """
+    if precision in (None, "auto"):
+        precision = _default_openvino_precision()
+    return OPENVINO_CHANNEL_BLOCK.get(str(precision).lower(), OPENVINO_CHANNEL_BLOCK["bf16"])
+
+
+def _default_openvino_precision() -> str | None:
+    """The float precision OpenVINO picks on this CPU (``None`` when it cannot be told)."""
+    from monai_effq.deploy.runtime import float_precision_for  # runtime imports this module
+
+    try:
+        import openvino as ov
+    except ImportError:
+        return "f32" if torch.backends.cpu.get_cpu_capability() == "AVX2" else None
+    return float_precision_for(ov.Core())
 
 
 class ChannelStatsGroupNorm(nn.Module):
@@ -149,18 +171,18 @@ def channel_stats_norms(network: nn.Module) -> list[str]:
     return replaced
 
 
-def group_norm_form_for(runtime: str, network: nn.Module) -> str:
+def group_norm_form_for(runtime: str, network: nn.Module, precision: str | None = "auto") -> str:
     """The group-norm export form a runtime runs fastest for ``network``.
 
-    OpenVINO gets ``"channel_stats"`` when every group/instance norm has a multiple of this CPU's
-    channel block (:func:`openvino_channel_block`: 16 with AVX-512, 8 with AVX2) channels.
-    Measured on SegResNet at 1x4x128³, W8A8, a 2-core AVX-512 AMD EPYC (OpenVINO 2026.4, f32):
-    init_filters 16 and 32 ran 1.58x and 1.35x faster in that form; 8 and 24, whose tensors leave
-    part of a block empty, ran 0.83x and 1.04x. On a 2-core Xeon with AMX (bf16), in its moments
-    form: init_filters 16 1.20x, 8 0.43x; with the reductions split over the outer axis (same Xeon, later)
-    init_filters 16 1.06-1.33x over three runs, 8 0.63-0.70x. With OpenVINO's own kernels and its
-    oneDNN capped at AVX2 on that Xeon (f32), init_filters 8 ran 1.26x faster in that form (bare
-    requests, medians of 7 interleaved runs; 1.17x in the deploy benchmark), and its FP file 1.20x.
+    OpenVINO gets ``"channel_stats"`` when every group/instance norm has a multiple of
+    :func:`openvino_channel_block` channels: 16 where its float parts run in bf16, 8 where they run
+    in f32 (CPUs without native bf16, or ``precision="f32"``).
+    Measured on SegResNet at 1x4x128³, W8A8: on a 2-core AVX-512 AMD EPYC (f32, reductions not yet
+    split, see :func:`_channel_moments`) init_filters 16 and 32 ran 1.58x and 1.35x faster in that
+    form, 8 and 24 0.83x and 1.04x. On a 2-core Xeon with AMX, reductions split: init_filters 16
+    1.06-1.33x in bf16; init_filters 8 0.63-0.70x in bf16 but 1.13x in f32 (bare requests, medians
+    of 7 interleaved runs), and in f32 with OpenVINO and its oneDNN capped at AVX-512 VNNI 1.09x and
+    1.15x (two deploy-benchmark runs), at AVX2 1.26x (bare requests; 1.17x in the deploy benchmark).
     The form is chosen for the CPU that exports, which is the one that runs the file when the
     overlays or :func:`~monai_effq.deploy.runtime_network` export it; either form computes the same
     function. ONNX Runtime runs both forms equally and gets ``"onnx"``.
@@ -168,6 +190,8 @@ def group_norm_form_for(runtime: str, network: nn.Module) -> str:
     Args:
         runtime: ``"openvino"`` or ``"onnxruntime"``.
         network: the network to export (FP or quantized).
+        precision: the precision OpenVINO will run the float parts in (``OpenVINONetwork``'s
+            ``precision``); ``"auto"``: its pick on this CPU.
 
     Returns:
         ``"onnx"`` or ``"channel_stats"``.
@@ -179,7 +203,7 @@ def group_norm_form_for(runtime: str, network: nn.Module) -> str:
         for m in network.modules()
         if ChannelStatsGroupNorm.from_module(m) is not None
     ]
-    block = openvino_channel_block()
+    block = openvino_channel_block(precision)
     if channels and all(c % block == 0 for c in channels):
         return "channel_stats"
     return "onnx"

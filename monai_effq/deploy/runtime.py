@@ -500,7 +500,11 @@ def runtime_network(
         metadata = _metadata(onnx_path)
         stale = metadata.get(SOURCE_FINGERPRINT_KEY) != fingerprint
         # only OpenVINO's speed depends on the group-norm form; other options a user exported with stay
-        group_norm = group_norm_form_for(runtime, network) if runtime == "openvino" and network is not None else None
+        group_norm = (
+            group_norm_form_for(runtime, network, options.get("precision", "auto"))
+            if runtime == "openvino" and network is not None
+            else None
+        )
         recorded = _parse_options(metadata.get(EXPORT_OPTIONS_KEY))
         if stale or (group_norm is not None and recorded.get("group_norm", group_norm) != group_norm):
             if network is None or example_shape is None:

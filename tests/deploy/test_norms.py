@@ -162,29 +162,67 @@ def test_an_unknown_group_norm_form_is_an_error(segresnet_w4a8, tmp_path):
         export_onnx(segresnet_w4a8, tmp_path / "x.onnx", (1, 2, 16, 16, 16), group_norm="fused")
 
 
-@pytest.mark.parametrize("capability, block", [("AVX512", 16), ("AVX2", 8), ("DEFAULT", 16)])
-def test_openvino_gets_the_channel_stats_form_where_every_norm_fills_whole_channel_blocks_of_this_cpu(
-    monkeypatch, capability, block
-):
+def _segresnet(init_filters):
+    return SegResNet(3, init_filters=init_filters, in_channels=2, out_channels=3, blocks_down=(1, 2), blocks_up=(1,))
+
+
+@pytest.mark.parametrize("precision, block", [("bf16", 16), ("f32", 8), ("BF16", 16), ("f16", 16)])
+def test_openvino_gets_the_channel_stats_form_where_every_norm_fills_whole_channel_blocks_of_its_precision(precision, block):
+    assert group_norm_form_for("openvino", _segresnet(16), precision) == "channel_stats"
+    assert group_norm_form_for("openvino", _segresnet(8), precision) == ("channel_stats" if block == 8 else "onnx")
+    assert group_norm_form_for("onnxruntime", _segresnet(8), precision) == "onnx"
+    assert group_norm_form_for("openvino", nn.Conv3d(16, 16, 3), precision) == "onnx"
+
+
+@pytest.mark.parametrize("picked, block", [("bf16", 16), ("f32", 8), (None, 16)])
+def test_the_default_precision_is_the_one_openvino_picks_on_this_cpu(monkeypatch, picked, block):
+    from monai_effq.deploy import norms
+
+    monkeypatch.setattr(norms, "_default_openvino_precision", lambda: picked)
+    assert norms.openvino_channel_block() == norms.openvino_channel_block("auto") == norms.openvino_channel_block(None) == block
+    assert group_norm_form_for("openvino", _segresnet(8)) == ("channel_stats" if block == 8 else "onnx")
+
+
+@pytest.mark.parametrize("capability, expected", [("AVX2", "f32"), ("AVX512", None), ("DEFAULT", None)])
+def test_without_openvino_only_an_avx2_cpu_is_known_to_run_f32(monkeypatch, capability, expected):
+    import builtins
+
+    from monai_effq.deploy import norms
+
+    real_import = builtins.__import__
+
+    def no_openvino(name, *args, **kwargs):
+        if name == "openvino":
+            raise ImportError("no openvino")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_openvino)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-
-    def segresnet(init_filters):
-        return SegResNet(3, init_filters=init_filters, in_channels=2, out_channels=3, blocks_down=(1, 2), blocks_up=(1,))
-
-    assert group_norm_form_for("openvino", segresnet(16)) == "channel_stats"
-    assert group_norm_form_for("openvino", segresnet(8)) == ("channel_stats" if block == 8 else "onnx")
-    assert group_norm_form_for("onnxruntime", segresnet(16)) == "onnx"
-    assert group_norm_form_for("openvino", nn.Conv3d(16, 16, 3)) == "onnx"
+    assert norms._default_openvino_precision() == expected
 
 
-def test_runtime_network_re_exports_a_file_written_in_another_runtimes_form(tmp_path):
+def test_the_default_precision_follows_openvinos_capability_query():
+    pytest.importorskip("openvino")
+    import openvino as ov
+
+    from monai_effq.deploy import float_precision_for, norms
+
+    assert norms._default_openvino_precision() == float_precision_for(ov.Core())
+
+
+def _w4a8_checkpoint(tmp_path, init_filters):
+    """A small SegResNet's W4A8 checkpoint, a maker of fresh FP networks, and the ONNX path beside it."""
+
     def fresh():
-        return SegResNet(3, init_filters=16, in_channels=2, out_channels=3, blocks_down=(1,), blocks_up=()).eval()
+        return SegResNet(3, init_filters=init_filters, in_channels=2, out_channels=3, blocks_down=(1,), blocks_up=()).eval()
 
     config = monai_effq.EfficientQConfig(weight_bits=4, act_bits=8, method="rtn", attention=False)
     result = monai_effq.quantize(fresh(), torch.rand(1, 2, 16, 16, 16), config, progress=False)
-    checkpoint = monai_effq.save_quantized(result, tmp_path / "model_w4a8.pt")
-    onnx_path = tmp_path / "model_w4a8.onnx"
+    return fresh, monai_effq.save_quantized(result, tmp_path / "model_w4a8.pt"), tmp_path / "model_w4a8.onnx"
+
+
+def test_runtime_network_re_exports_a_file_written_in_another_runtimes_form(tmp_path):
+    fresh, checkpoint, onnx_path = _w4a8_checkpoint(tmp_path, 16)
 
     runtime_network("onnxruntime", onnx_path, checkpoint, fresh(), (1, 2, 16, 16, 16))
     assert export_options(onnx_path) == "group_norm=onnx;reduce_range=False;weight_container=int4"
@@ -195,6 +233,18 @@ def test_runtime_network_re_exports_a_file_written_in_another_runtimes_form(tmp_
     runtime_network("openvino", onnx_path, checkpoint, fresh(), (1, 2, 16, 16, 16))
     runtime_network("onnxruntime", onnx_path, checkpoint, fresh(), (1, 2, 16, 16, 16))
     assert onnx_path.stat().st_mtime_ns == written
+
+
+def test_runtime_network_exports_8_channel_norms_in_the_channel_stats_form_for_f32_float_parts(tmp_path, monkeypatch):
+    from monai_effq.deploy import norms
+
+    fresh, checkpoint, onnx_path = _w4a8_checkpoint(tmp_path, 8)
+    monkeypatch.setattr(norms, "_default_openvino_precision", lambda: "bf16")  # a CPU with native bf16
+    runtime_network("openvino", onnx_path, checkpoint, fresh(), (1, 2, 16, 16, 16))
+    assert export_options(onnx_path).startswith("group_norm=onnx;")
+    net = runtime_network("openvino", onnx_path, checkpoint, fresh(), (1, 2, 16, 16, 16), precision="f32")
+    assert export_options(onnx_path).startswith("group_norm=channel_stats;")
+    assert net(torch.rand(1, 2, 16, 16, 16)).shape == (1, 3, 16, 16, 16)
 
 
 @pytest.fixture(scope="module")
