@@ -10,8 +10,8 @@ which makes OpenVINO's FP run faster too and so is the stricter baseline; and ``
 own file, what a user without monai-effq would run) and our int8 model, each with
 ``OpenVINONetwork``'s default precision for the layers left in floating point (bf16 where the CPU
 computes it natively, as OpenVINO's own default) and with f32, our int8 with the other group-norm
-export form than the one ``group_norm_form_for`` picks, and NNCF's int8 of the same FP model (``nncf.quantize`` with its defaults on the bundle's
-calibration case; ``--skip-nncf`` leaves it out), and with ``--norm-inputs`` our int8 quantized with
+export form than the one ``group_norm_form_for`` picks, and NNCF's int8 of each FP file (``nncf.quantize`` with its defaults on the
+bundle's calibration case; which runs faster depends on the CPU; ``--skip-nncf`` leaves it out), and with ``--norm-inputs`` our int8 quantized with
 ``quantize_norm_inputs`` as well (``+N``). Every runner is timed once per round, right after an
 untimed call of its own (a warm call, as in a sliding-window loop), rounds interleaved, and the
 median is reported with its speed ratio against torch fp32 and against OpenVINO running each FP file
@@ -25,16 +25,19 @@ sliding-window evaluation on the demo validation cases) for the fake-quant netwo
 Runtime, and NNCF's int8 of the bundle's FP network in OpenVINO: Dice per class and wall time.
 
 ``--emulate-avx2`` runs with OpenVINO (its own kernels and its oneDNN), torch and MKL capped at AVX2
-(no AVX-512, no VNNI), to see what an AVX2 CPU would run; OpenVINO then reports no bf16 and runs the
-float parts in f32. Its figures are this machine's with narrower kernels, not another CPU's (ONNX
-Runtime picks its kernels itself and is not capped). The kernels OpenVINO compiled are printed with
-each network, so a cap that did not take is seen.
+(no AVX-512, no VNNI), to see what an AVX2 CPU would run; ``--emulate-avx512-vnni`` caps OpenVINO at
+AVX-512 with VNNI but no bf16 or AMX (a Cascade Lake Xeon; torch's AVX-512 kernels are what such a
+CPU runs). OpenVINO then reports no bf16 and runs the float parts in f32. The figures are this
+machine's with narrower kernels, not another CPU's (ONNX Runtime picks its kernels itself and is not
+capped). The kernels OpenVINO compiled are printed with each network, so a cap that did not take is
+seen.
 
 Usage::
 
     python benchmarks/deploy.py                 # the issue's sizes, 5 rounds
     python benchmarks/deploy.py --quick         # 64^3 volumes, 2 rounds, W4A8 only
     python benchmarks/deploy.py --emulate-avx2 --skip-nncf --bits 8   # AVX2 kernels on this CPU
+    python benchmarks/deploy.py --emulate-avx512-vnni --skip-dice --bits 8   # AVX-512 without bf16/AMX
 """
 
 from __future__ import annotations
@@ -61,15 +64,18 @@ from machine import cpu_summary, openvino_kernels
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ("brats_effq", "lits_effq")
 OTHER_FORM = {"onnx": "channel_stats", "channel_stats": "onnx"}
-# --emulate-avx2: the kernels an AVX2 CPU without AVX-512 or VNNI would run, read when each library
-# starts, so the script restarts itself with them set. OpenVINO needs both caps: ONEDNN_MAX_CPU_ISA
-# alone capped its oneDNN convolutions but left its own Reduce, MVN and Interpolate kernels on
-# AVX-512 and its capability query reporting bf16 (2026.4.1)
-EMULATED_AVX2 = {
-    "OV_CPU_MAX_ISA": "AVX2",
-    "ONEDNN_MAX_CPU_ISA": "AVX2",
-    "ATEN_CPU_CAPABILITY": "avx2",
-    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+# --emulate-*: the kernels another CPU kind would run, read when each library starts, so the script
+# restarts itself with them set. OpenVINO needs both caps: ONEDNN_MAX_CPU_ISA alone capped its oneDNN
+# convolutions but left its own Reduce, MVN and Interpolate kernels on AVX-512 and its capability
+# query reporting bf16 (2026.4.1)
+EMULATED_CPUS = {
+    "avx2": {
+        "OV_CPU_MAX_ISA": "AVX2",
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "ATEN_CPU_CAPABILITY": "avx2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    },
+    "avx512_vnni": {"OV_CPU_MAX_ISA": "AVX512_CORE_VNNI", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"},
 }
 DEFAULT_PRECISION = "auto"  # OpenVINONetwork's own pick (f32 where OpenVINO reports no bf16)
 # name: (bundle whose workflows run it, volume size, network_def overrides; None = the bundle's trained network)
@@ -218,9 +224,14 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
             "OV FP f32": OpenVINONetwork(fp_onnx_ov, precision="f32"),
         }
         if not args.skip_nncf:
-            nncf_ir = nncf_int8(fp_onnx_ov, calibration_volume(bundle, size), work / f"net{index}_nncf.xml")
+            calibration = calibration_volume(bundle, size)
+            nncf_ir = nncf_int8(fp_onnx_ov, calibration, work / f"net{index}_nncf.xml")
             runners["NNCF int8 default W8A8"] = OpenVINONetwork(nncf_ir, precision=DEFAULT_PRECISION)
             runners["NNCF int8 f32 W8A8"] = OpenVINONetwork(nncf_ir, precision="f32")
+            # NNCF from torch's own FP file too: which of the two NNCF runs faster depends on the CPU
+            # (init 16: ours-form 1.06x faster in bf16 on AMX, torch's 1.10x faster in f32 at AVX-512 VNNI)
+            nncf_ir_torch = nncf_int8(fp_onnx_torch, calibration, work / f"net{index}_nncf_torch_export.xml")
+            runners["NNCF int8 torch-exp W8A8"] = OpenVINONetwork(nncf_ir_torch, precision=DEFAULT_PRECISION)
         files = {"fp32": fp_onnx.stat().st_size}
         for bits in args.bits:
             ckpt = quantize_bundle(bundle, bits, work, overrides, fp_ckpt)
@@ -375,22 +386,33 @@ def main() -> None:
         "--norm-inputs", action="store_true", help="also quantize with quantize_norm_inputs and run that in OpenVINO (latency and Dice)"
     )
     parser.add_argument("--only", default="", help="run only the networks whose name contains this text")
-    parser.add_argument(
+    emulation = parser.add_mutually_exclusive_group()
+    emulation.add_argument(
         "--emulate-avx2",
-        action="store_true",
+        action="store_const",
+        const="avx2",
+        dest="emulate",
         help="cap OpenVINO, its oneDNN, torch and MKL at AVX2, as on an AVX2 CPU without AVX-512/VNNI (the caches, "
         "clocks and core count stay this machine's)",
     )
+    emulation.add_argument(
+        "--emulate-avx512-vnni",
+        action="store_const",
+        const="avx512_vnni",
+        dest="emulate",
+        help="cap OpenVINO and its oneDNN at AVX-512 with VNNI, without bf16 or AMX (a Cascade Lake Xeon)",
+    )
     args = parser.parse_args()
-    if args.emulate_avx2:
-        if any(os.environ.get(k) != v for k, v in EMULATED_AVX2.items()):
-            os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **EMULATED_AVX2})
+    caps = EMULATED_CPUS.get(args.emulate, {})
+    if any(os.environ.get(k) != v for k, v in caps.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **caps})
     if args.quick:
         args.rounds, args.bits = 2, [4]
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     emulated = (
-        f"; EMULATED AVX2 ({' '.join(f'{k}={v}' for k, v in EMULATED_AVX2.items())}; ONNX Runtime's own kernels are not capped)"
-        if args.emulate_avx2
+        f"; EMULATED {args.emulate.upper()} ({' '.join(f'{k}={v}' for k, v in caps.items())}; ONNX Runtime's own "
+        "kernels are not capped)"
+        if caps
         else ""
     )
     print(f"CPU: {cpu_summary()}; torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}){emulated}")
@@ -398,7 +420,7 @@ def main() -> None:
 
     default = float_precision_for(ov.Core())
     print(f"OpenVINO {ov.__version__}: float parts by default in {default} on this CPU")
-    if args.emulate_avx2 and default == "bf16":
+    if caps and default == "bf16":
         # an OpenVINO that ignores OV_CPU_MAX_ISA: bf16 without bf16 kernels gave NaN, so run f32
         print("WARNING: OpenVINO ignored OV_CPU_MAX_ISA, so its own kernels are not capped; float parts forced to f32")
         DEFAULT_PRECISION = "f32"
