@@ -203,7 +203,7 @@ def group_norm_form_for(runtime: str, network: nn.Module, precision: str | None 
         for m in network.modules()
         if ChannelStatsGroupNorm.from_module(m) is not None
     ]
+    if not channels:  # nothing to choose, and no need to ask OpenVINO for its precision
+        return "onnx"
     block = openvino_channel_block(precision)
-    if channels and all(c % block == 0 for c in channels):
-        return "channel_stats"
-    return "onnx"
+    return "channel_stats" if all(c % block == 0 for c in channels) else "onnx"
