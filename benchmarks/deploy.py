@@ -10,8 +10,9 @@ which makes OpenVINO's FP run faster too and so is the stricter baseline; and ``
 own file, what a user without monai-effq would run) and our int8 model, each with
 ``OpenVINONetwork``'s default precision for the layers left in floating point (bf16 where the CPU
 computes it natively, as OpenVINO's own default) and with f32, our int8 with the other group-norm
-export form than the one ``group_norm_form_for`` picks, and NNCF's int8 of each FP file (``nncf.quantize`` with its defaults on the
-bundle's calibration case; which runs faster depends on the CPU; ``--skip-nncf`` leaves it out), and with ``--norm-inputs`` our int8 quantized with
+export form than the one ``group_norm_form_for`` picks, and NNCF's int8 of each FP file
+(``nncf.quantize`` with its defaults on the bundle's calibration case; which runs faster depends on
+the CPU; ``--skip-nncf`` leaves it out), and with ``--norm-inputs`` our int8 quantized with
 ``quantize_norm_inputs`` as well (``+N``). Every runner is timed once per round, right after an
 untimed call of its own (a warm call, as in a sliding-window loop), rounds interleaved, and the
 median is reported with its speed ratio against torch fp32 and against OpenVINO running each FP file
@@ -208,7 +209,7 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
         fp, fp_ckpt = fp_network(bundle, overrides, work)
         fp_onnx = export_onnx(fp, work / f"net{index}_fp32.onnx", x, require_quantized=False)
         # OpenVINO runs the group-norm form group_norm_form_for picks, fp32 and int8 alike
-        ov_norms = group_norm_form_for("openvino", fp)
+        ov_norms = group_norm_form_for("openvino", fp, DEFAULT_PRECISION)
         fp_onnx_ov = export_onnx(fp, work / f"net{index}_fp32_ov.onnx", x, require_quantized=False, group_norm=ov_norms)
         # what a user without monai-effq runs: torch.onnx.export's own file (PyTorch's group-norm form)
         fp_onnx_torch = work / f"net{index}_fp32_torch_export.onnx"
@@ -257,10 +258,9 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
         with torch.no_grad():
             for key, run in runners.items():  # warm-up, and the outputs compared below
                 outputs[key] = run(x)
-        for key in ("OV FP default", f"OV int8 default W{args.bits[0]}A8"):
-            request = runners[key].request_for(tuple(x.shape))
-            print(f"{key} kernels: {openvino_kernels(request.get_compiled_model())}")
-        with torch.no_grad():
+            for key in ("OV FP default", f"OV int8 default W{args.bits[0]}A8"):
+                request = runners[key].request_for(tuple(x.shape))
+                print(f"{key} kernels: {openvino_kernels(request.get_compiled_model())}")
             for _ in range(args.rounds):
                 for key, run in runners.items():
                     # timed right after an untimed call of its own, as in a sliding-window loop: the first
@@ -321,7 +321,7 @@ def nncf_model(bundle: str, work: Path) -> Path:
         fp, _ = fp_network(bundle, None, work)
         parser = parser_for(bundle, ["quantize"])
         image = parser.get_parsed_content("calibrate#dataset")[0]["image"].as_tensor()[None].float()
-        onnx_path = export_onnx(fp, work / f"{bundle}_fp32_ov.onnx", image, require_quantized=False, group_norm=group_norm_form_for("openvino", fp))
+        onnx_path = export_onnx(fp, work / f"{bundle}_fp32_ov.onnx", image, require_quantized=False, group_norm=group_norm_form_for("openvino", fp, DEFAULT_PRECISION))
         nncf_int8(onnx_path, image, path)
     return path
 

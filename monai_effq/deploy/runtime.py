@@ -385,7 +385,7 @@ class OpenVINONetwork(_RuntimeNetwork):
         return request.get_output_tensor(0).data.copy()
 
 
-RUNTIMES = {"openvino": OpenVINONetwork, "onnxruntime": OnnxRuntimeNetwork}
+RUNTIMES = {cls.key: cls for cls in (OpenVINONetwork, OnnxRuntimeNetwork)}
 # runtimes that build from the quantized checkpoint through MONAI's trt_compile, not from the ONNX file
 BUILT_RUNTIMES = ("tensorrt",)
 
