@@ -123,8 +123,9 @@ class ActivationSpec:
             calibrated; an input calibration finds negative takes the signed format of the same
             ``i`` and ``f``).
         signed_kind: the grid calibration chooses for an input with negative values when ``kind`` is
-            ``None``: ``"asymmetric"`` (every level used) or ``"symmetric"`` (zero point 0, for
-            layers that a runtime computes in integers only without an input zero point).
+            ``None``: ``"asymmetric"`` (every level used), ``"symmetric"`` (zero point 0, for
+            layers that a runtime computes in integers only without an input zero point) or
+            ``"signed"`` (zero point 0 and all levels, for tensors a runtime adds or normalises).
     """
 
     bits: int

@@ -34,10 +34,28 @@ def test_every_group_norm_the_forward_reaches_reads_its_input_on_the_calibrated_
     assert isinstance(net.norm, QuantizedNorm)
     # running statistics make a per-channel affine map, and a norm never run has no range to calibrate
     assert isinstance(net.tracked, nn.InstanceNorm3d) and isinstance(net.unused, nn.GroupNorm)
-    expected = ActivationQuantizer.calibrate(norm_input, 8)
+    expected = ActivationQuantizer.calibrate(norm_input, 8, signed_kind="signed")
     assert float(net.norm.input_quantizer.scale) == float(expected.scale)
     with torch.no_grad():
         torch.testing.assert_close(net.norm(norm_input), net.norm.norm(expected(norm_input)), rtol=0, atol=0)
+
+
+def test_a_norm_input_with_negative_values_is_rounded_without_a_zero_point_unless_the_spec_names_a_kind():
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 8, 8, 8)
+    net = _Block().eval()
+    quantize_norm_inputs(net, x, ActivationSpec(8))
+    quantizer = net.norm.input_quantizer
+    # int8 with zero point 0: a fitted zero point would keep OpenVINO's norm reading floats
+    assert quantizer.grid.kind == "signed" and float(quantizer.zero_point) == quantizer.grid.fixed_zero_point
+    named = _Block().eval()
+    quantize_norm_inputs(named, x, ActivationSpec(8, kind="asymmetric"))
+    assert named.norm.input_quantizer.grid.kind == "asymmetric"
+    shifted = _Block().eval()
+    with torch.no_grad():  # a non-negative norm input keeps the unsigned grid
+        shifted.conv.bias.fill_(100.0)
+    quantize_norm_inputs(shifted, x, ActivationSpec(8))
+    assert shifted.norm.input_quantizer.grid.kind == "unsigned"
 
 
 def test_quantize_puts_every_segresnet_norm_input_on_the_activation_grid():
