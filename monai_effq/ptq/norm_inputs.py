@@ -6,11 +6,11 @@ this point is on. With it, every group/instance norm reads its input on an 8-bit
 like the layers', on the first calibration batch. A norm that reads its block's own input (a
 residual block's first norm, whose input also feeds the skip connection) has the rounding put at
 the block's input (:func:`~monai_effq.ptq.modules.quantize_shared_input`), on the signed grid:
-both paths then read one int8 tensor, which OpenVINO keeps in int8 (a rounding that only the norm
-reads stays a separate floating-point step there). Every other norm becomes a
+both paths then read one int8 tensor. Every other norm becomes a
 :class:`~monai_effq.ptq.modules.QuantizedNorm`, whose input takes the signed grid too where it has
-negative values (unless the spec names a kind): without a zero point OpenVINO's low-precision
-passes move the dequantization past the norm, so it reads int8.
+negative values (unless the spec names a kind); OpenVINO writes that input in int8 from the
+convolution before it, and without a zero point its low-precision passes move the dequantization
+past a norm in PyTorch's export form (``MVN``), which then reads int8 as well.
 """
 
 from __future__ import annotations
