@@ -5,9 +5,10 @@ initialisation) and the BraTS bundle's trained SegResNet (``init_filters=8``), b
 demo volume, and the LiTS bundle's trained UNet on a 1x1x96^3 volume, at W8A8 and W4A8 (EfficientQ,
 quantized by the bundle's own ``quantize`` workflow on its demo calibration case): torch fp32 eager
 (also with denormals flushed, as OpenVINO does), torch fake-quant, ONNX Runtime fp32/int8, OpenVINO
-running the FP model (two files: our export, in the group-norm form ``group_norm_form_for`` picks,
-which makes OpenVINO's FP run faster too and so is the stricter baseline; and ``torch.onnx.export``'s
-own file, what a user without monai-effq would run) and our int8 model, each with
+running the FP model (three graphs: our export, in the group-norm form ``group_norm_form_for`` picks,
+which makes OpenVINO's FP run faster too and so is the stricter baseline; ``torch.onnx.export``'s
+own file; and OpenVINO's own conversion of the torch network, ``ov.convert_model``, what an OpenVINO
+user without an ONNX file runs) and our int8 model, each with
 ``OpenVINONetwork``'s default precision for the layers left in floating point (bf16 where the CPU
 computes it natively, as OpenVINO's own default) and with f32, our int8 with the other group-norm
 export form than the one ``group_norm_form_for`` picks, and NNCF's int8 of each FP file
@@ -15,7 +16,7 @@ export form than the one ``group_norm_form_for`` picks, and NNCF's int8 of each 
 the CPU; ``--skip-nncf`` leaves it out), and with ``--norm-inputs`` our int8 quantized with
 ``quantize_norm_inputs`` as well (``+N``). Every runner is timed once per round, right after an
 untimed call of its own (a warm call, as in a sliding-window loop), rounds interleaved, and the
-median is reported with its speed ratio against torch fp32 and against OpenVINO running each FP file
+median is reported with its speed ratio against torch fp32 and against OpenVINO running each FP graph
 with its defaults, all measured in the same run; also the ONNX file sizes and each output's relative
 L2 error and label agreement (sigmoid channels or argmax, as the bundle's task) against fp32 and
 against the fake-quant network. The CPU's flags and each OpenVINO runner's chosen float precision are
@@ -214,6 +215,7 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
         # what a user without monai-effq runs: torch.onnx.export's own file (PyTorch's group-norm form)
         fp_onnx_torch = work / f"net{index}_fp32_torch_export.onnx"
         torch.onnx.export(fp, (x,), str(fp_onnx_torch), dynamo=True, external_data=False)
+        fp_ir_convert = openvino_conversion(fp, x, work / f"net{index}_fp32_ov_convert.xml")
         # "default": OpenVINONetwork's default precision for the float parts (float_precision_for:
         # bf16 where the CPU computes it natively), which is OpenVINO's own default on CPUs
         runners = {
@@ -222,6 +224,7 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
             "ORT fp32": OnnxRuntimeNetwork(fp_onnx),
             "OV FP default": OpenVINONetwork(fp_onnx_ov, precision=DEFAULT_PRECISION),
             "OV FP default, torch export": OpenVINONetwork(fp_onnx_torch, precision=DEFAULT_PRECISION),
+            "OV FP default, convert_model": OpenVINONetwork(fp_ir_convert, precision=DEFAULT_PRECISION),
             "OV FP f32": OpenVINONetwork(fp_onnx_ov, precision="f32"),
         }
         if not args.skip_nncf:
@@ -276,10 +279,11 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
         base = statistics.median(times["torch fp32"])
         ov_fp = statistics.median(times["OV FP default"])
         ov_fp_torch = statistics.median(times["OV FP default, torch export"])
+        ov_fp_convert = statistics.median(times["OV FP default, convert_model"])
         print(f"\n{name}, input {tuple(x.shape)}, median of {args.rounds} interleaved rounds")
         task = parser_for(bundle, ["quantize"])["task"]
         print(
-            f"{'runner':30s} {'float':>5s} {'seconds':>8s} {'x torch fp32':>12s} {'x OV FP def':>11s} {'x OV FP, torch exp':>18s} {'relL2 vs fp32':>13s} "
+            f"{'runner':30s} {'float':>5s} {'seconds':>8s} {'x torch fp32':>12s} {'x OV FP def':>11s} {'x OV FP, torch exp':>18s} {'x OV FP, convert':>16s} {'relL2 vs fp32':>13s} "
             f"{'vs fake-quant':>13s} {'labels=fp32':>11s} {'=fake-quant':>11s}"
         )
         for key, run in runners.items():
@@ -295,6 +299,7 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
                 "speedup_vs_torch_fp32": base / med,
                 "speedup_vs_openvino_fp_default": ov_fp / med,
                 "speedup_vs_openvino_fp_default_torch_export": ov_fp_torch / med,
+                "speedup_vs_openvino_fp_default_convert_model": ov_fp_convert / med,
                 "rel_l2_vs_fp32": rel_l2(outputs[key], outputs["torch fp32"]),
                 "rel_l2_vs_fake_quant": rel_l2(outputs[key], fq) if fq is not None else None,
                 "labels_equal_fp32": label_agreement(outputs[key], outputs["torch fp32"], task),
@@ -304,7 +309,8 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
             labels_fq = "" if fq is None else f"{row['labels_equal_fake_quant']:11.4f}"
             print(
                 f"{key:30s} {row['float_precision'] or '':>5s} {med:8.3f} {row['speedup_vs_torch_fp32']:12.2f} "
-                f"{row['speedup_vs_openvino_fp_default']:11.2f} {row['speedup_vs_openvino_fp_default_torch_export']:18.2f} {row['rel_l2_vs_fp32']:13.2e} "
+                f"{row['speedup_vs_openvino_fp_default']:11.2f} {row['speedup_vs_openvino_fp_default_torch_export']:18.2f} "
+                f"{row['speedup_vs_openvino_fp_default_convert_model']:16.2f} {row['rel_l2_vs_fp32']:13.2e} "
                 f"{'' if fq is None else format(row['rel_l2_vs_fake_quant'], '13.2e'):>13s} "
                 f"{row['labels_equal_fp32']:11.4f} {labels_fq}"
             )
@@ -312,6 +318,16 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
             print(f"ONNX {tag}: {size_bytes / 2**20:.2f} MiB ({size_bytes / files['fp32']:.3f} of fp32)")
             rows.append({"network": name, "file": tag, "bytes": size_bytes, "ratio_vs_fp32": size_bytes / files["fp32"]})
     return rows
+
+
+def openvino_conversion(fp: torch.nn.Module, x: torch.Tensor, path: Path) -> Path:
+    """OpenVINO's own conversion of the FP torch network (``ov.convert_model``, no ONNX file), saved as
+    IR with its float32 weights as they are (``compress_to_fp16=False``: what ``compile_model`` of the
+    converted model in memory runs)."""
+    import openvino as ov
+
+    ov.save_model(ov.convert_model(fp, example_input=x), str(path), compress_to_fp16=False)
+    return path
 
 
 def nncf_model(bundle: str, work: Path) -> Path:
