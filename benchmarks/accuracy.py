@@ -62,6 +62,7 @@ METHODS = {
 # not in the default table: EfficientQ with every norm's input rounded to 8 bits as well (the
 # rounding that lets OpenVINO read norms in int8, as NNCF's graphs do)
 EXTRA_METHODS = {"efficientq+N": {"method": "efficientq", "quantize_norm_inputs": True}}
+ALL_METHODS = {**METHODS, **EXTRA_METHODS}
 BASELINES = ("gptq", "rtn")
 CALIBRATIONS = ("crop", "volume")
 # "slab": the windows of the first training slab only (half the volume calibration's data), to see
@@ -220,7 +221,7 @@ def run_ptq(net, calib, method: str, bits: tuple[int, int]):
     """Quantize with monai-effq; returns the quantized network, the seconds it took and the report."""
     from monai_effq import EfficientQConfig, quantize
 
-    config = EfficientQConfig(weight_bits=bits[0], act_bits=bits[1], **{**METHODS, **EXTRA_METHODS}[method])
+    config = EfficientQConfig(weight_bits=bits[0], act_bits=bits[1], **ALL_METHODS[method])
     t0 = time.perf_counter()
     result = quantize(net, calib, config, task="multiclass", body_mask=(calib != 0).any(1), progress=False)
     return result.network, time.perf_counter() - t0, result.report
@@ -330,7 +331,7 @@ def write_results(text: str, path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=[*METHODS, *EXTRA_METHODS])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(ALL_METHODS))
     parser.add_argument("--calibration", nargs="+", default=list(CALIBRATIONS), choices=[*CALIBRATIONS, *EXTRA_CALIBRATIONS])
     parser.add_argument("--no-peers", action="store_true", help="skip NNCF and ONNX Runtime")
     parser.add_argument("--train-steps", type=int, default=1200)

@@ -80,6 +80,12 @@ EMULATED_CPUS = {
     "avx512_vnni": {"OV_CPU_MAX_ISA": "AVX512_CORE_VNNI", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"},
 }
 DEFAULT_PRECISION = "auto"  # OpenVINONetwork's own pick (f32 where OpenVINO reports no bf16)
+# each OpenVINO FP baseline: its runner, the result field of the speed ratio against it, and its column
+FP_BASELINES = (
+    ("OV FP default", "speedup_vs_openvino_fp_default", "x OV FP def"),
+    ("OV FP default, torch export", "speedup_vs_openvino_fp_default_torch_export", "x OV FP, torch exp"),
+    ("OV FP default, convert_model", "speedup_vs_openvino_fp_default_convert_model", "x OV FP, convert"),
+)
 # name: (bundle whose workflows run it, volume size, network_def overrides; None = the bundle's trained network)
 NETWORKS = {
     "SegResNet init_filters=16 (untrained)": ("brats_effq", 128, {"init_filters": 16, "blocks_down": [1, 2, 2, 4], "blocks_up": [1, 1, 1]}),
@@ -277,13 +283,13 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
                     # next runner by up to 50%, so every runner starts on an idle machine
                     time.sleep(args.pause)
         base = statistics.median(times["torch fp32"])
-        ov_fp = statistics.median(times["OV FP default"])
-        ov_fp_torch = statistics.median(times["OV FP default, torch export"])
-        ov_fp_convert = statistics.median(times["OV FP default, convert_model"])
+        baselines = {field: statistics.median(times[runner]) for runner, field, _ in FP_BASELINES}
         print(f"\n{name}, input {tuple(x.shape)}, median of {args.rounds} interleaved rounds")
         task = parser_for(bundle, ["quantize"])["task"]
         print(
-            f"{'runner':30s} {'float':>5s} {'seconds':>8s} {'x torch fp32':>12s} {'x OV FP def':>11s} {'x OV FP, torch exp':>18s} {'x OV FP, convert':>16s} {'relL2 vs fp32':>13s} "
+            f"{'runner':30s} {'float':>5s} {'seconds':>8s} {'x torch fp32':>12s} "
+            + "".join(f"{title} " for _, _, title in FP_BASELINES)
+            + f"{'relL2 vs fp32':>13s} "
             f"{'vs fake-quant':>13s} {'labels=fp32':>11s} {'=fake-quant':>11s}"
         )
         for key, run in runners.items():
@@ -297,9 +303,7 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
                 "float_precision": getattr(run, "chosen_precision", None),
                 "seconds": med,
                 "speedup_vs_torch_fp32": base / med,
-                "speedup_vs_openvino_fp_default": ov_fp / med,
-                "speedup_vs_openvino_fp_default_torch_export": ov_fp_torch / med,
-                "speedup_vs_openvino_fp_default_convert_model": ov_fp_convert / med,
+                **{field: seconds / med for field, seconds in baselines.items()},
                 "rel_l2_vs_fp32": rel_l2(outputs[key], outputs["torch fp32"]),
                 "rel_l2_vs_fake_quant": rel_l2(outputs[key], fq) if fq is not None else None,
                 "labels_equal_fp32": label_agreement(outputs[key], outputs["torch fp32"], task),
@@ -309,8 +313,8 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
             labels_fq = "" if fq is None else f"{row['labels_equal_fake_quant']:11.4f}"
             print(
                 f"{key:30s} {row['float_precision'] or '':>5s} {med:8.3f} {row['speedup_vs_torch_fp32']:12.2f} "
-                f"{row['speedup_vs_openvino_fp_default']:11.2f} {row['speedup_vs_openvino_fp_default_torch_export']:18.2f} "
-                f"{row['speedup_vs_openvino_fp_default_convert_model']:16.2f} {row['rel_l2_vs_fp32']:13.2e} "
+                + "".join(f"{row[field]:{len(title)}.2f} " for _, field, title in FP_BASELINES)
+                + f"{row['rel_l2_vs_fp32']:13.2e} "
                 f"{'' if fq is None else format(row['rel_l2_vs_fake_quant'], '13.2e'):>13s} "
                 f"{row['labels_equal_fp32']:11.4f} {labels_fq}"
             )

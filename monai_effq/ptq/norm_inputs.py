@@ -69,6 +69,7 @@ def quantize_norm_inputs(network: nn.Module, batch: torch.Tensor, spec: Activati
         if parent and not isinstance(network.get_submodule(parent), nn.Sequential)
     }
     own = dataclasses.replace(spec, signed_kind=NORM_INPUT_GRID)  # a norm input nothing else reads
+    shared = dataclasses.replace(spec, kind=spec.kind or NORM_INPUT_GRID)  # a block input
     running: dict[str, torch.Tensor] = {}  # the input of each parent whose forward is under way
     points: dict[str, ActivationQuantizer] = {}  # rounding point (norm or parent) -> its quantizer
     covered: set[str] = set()  # norms whose input a parent's rounding already covers
@@ -86,7 +87,6 @@ def quantize_norm_inputs(network: nn.Module, batch: torch.Tensor, spec: Activati
         if parent in parents and running.get(parent) is x:
             covered.add(name)
             if parent not in points:
-                shared = dataclasses.replace(spec, kind=spec.kind or NORM_INPUT_GRID)
                 points[parent] = ActivationQuantizer.from_spec(x, shared, f"{parent} (block input)").to(x.device)
         else:
             points[name] = ActivationQuantizer.from_spec(x, own, f"{name} (norm input)").to(x.device)
