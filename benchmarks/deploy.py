@@ -26,6 +26,12 @@ Part 2, Dice: each bundle's ``evaluate`` workflow with the ``evaluate_openvino.j
 sliding-window evaluation on the demo validation cases) for the fake-quant network, OpenVINO and ONNX
 Runtime, and NNCF's int8 of the bundle's FP network in OpenVINO: Dice per class and wall time.
 
+``--counters`` adds OpenVINO's own per-node time for each OpenVINO runner, by kind (int8 and float
+convolutions, norm statistics, elementwise subgraphs, reorders, resampling), the int8 convolutions'
+throughput (the FP network's multiply-accumulates per second) and the most any int8 graph of the
+network could gain over torch fp32 on this CPU with these convolution kernels: torch's time over the
+int8 convolutions' alone, as if everything else were free.
+
 ``--emulate-avx2`` runs with OpenVINO (its own kernels and its oneDNN), torch and MKL capped at AVX2
 (no AVX-512, no VNNI), to see what an AVX2 CPU would run; ``--emulate-avx512-vnni`` caps OpenVINO at
 AVX-512 with VNNI but no bf16 or AMX (a Cascade Lake Xeon; torch's AVX-512 kernels are what such a
@@ -40,6 +46,7 @@ Usage::
     python benchmarks/deploy.py --quick         # 64^3 volumes, 2 rounds, W4A8 only
     python benchmarks/deploy.py --emulate-avx2 --skip-nncf --bits 8   # AVX2 kernels on this CPU
     python benchmarks/deploy.py --emulate-avx512-vnni --skip-dice --bits 8   # AVX-512 without bf16/AMX
+    python benchmarks/deploy.py --only init_filters=16 --skip-dice --bits 8 --counters   # where the time goes
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ import monai_effq
 from monai_effq.deploy import OnnxRuntimeNetwork, OpenVINONetwork, export_onnx, group_norm_form_for
 from monai_effq.deploy.runtime import float_precision_for
 
-from machine import cpu_summary, openvino_kernels
+from machine import COUNTER_KINDS, cpu_summary, openvino_counters, openvino_kernels
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ("brats_effq", "lits_effq")
@@ -199,6 +206,57 @@ def nncf_int8(fp_onnx: Path, calibration: torch.Tensor, path: Path) -> Path:
     return path
 
 
+def convolution_macs(net: torch.nn.Module, x: torch.Tensor) -> int:
+    """The multiply-accumulates of a network's convolutions (and transposed ones) on input ``x``."""
+    total = 0
+
+    def count(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        # a convolution spends in/groups x kernel MACs per output element; a transposed one as much per input element
+        transposed = isinstance(module, torch.nn.modules.conv._ConvTransposeNd)
+        elements = inputs[0].numel() if transposed else output.numel()
+        per_element = (module.out_channels if transposed else module.in_channels) // module.groups
+        total += elements * per_element * int(torch.tensor(module.kernel_size).prod())
+
+    hooks = [m.register_forward_hook(count) for m in net.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def print_counters(name: str, runners: dict, x: torch.Tensor, fp: torch.nn.Module, torch_seconds: float) -> list[dict]:
+    """Each OpenVINO runner's per-node time by kind (``machine.openvino_counters``), its int8 convolutions'
+    throughput and torch fp32's time over theirs (the most an int8 graph could gain with these kernels)."""
+    macs = convolution_macs(fp, x)
+    print(f"\nOpenVINO per-node counters, ms (the least disturbed of 3 requests); the FP network's convolutions: {macs / 1e9:.1f} GMAC")
+    print(f"{'runner':30s} {'wall':>6s} " + "".join(f"{kind:>{max(len(kind), 7)}s} " for kind in COUNTER_KINDS) + "int8 GMAC/s  torch/int8 conv")
+    rows = []
+    for key, run in runners.items():
+        if not isinstance(run, OpenVINONetwork):
+            continue
+        model = run.model.clone()
+        model.reshape({0: list(x.shape)})
+        compiled = run.core.compile_model(model, run.device, {**run.config, "PERF_COUNT": True})
+        kinds, wall = openvino_counters(compiled, {0: x.numpy()})
+        conv_s = kinds["int8 conv"] / 1e3
+        row = {
+            "network": name,
+            "runner": key,
+            "counters_ms": kinds,
+            "counters_wall_seconds": wall,
+            "int8_conv_gmac_per_s": macs / conv_s / 1e9 if conv_s else None,
+            "torch_fp32_over_int8_conv": torch_seconds / conv_s if conv_s else None,
+        }
+        rows.append(row)
+        tail = f"{row['int8_conv_gmac_per_s']:11.0f}  {row['torch_fp32_over_int8_conv']:13.2f}x" if conv_s else ""
+        print(f"{key:30s} {wall * 1e3:6.0f} " + "".join(f"{kinds[kind]:{max(len(kind), 7)}.1f} " for kind in COUNTER_KINDS) + tail)
+    return rows
+
+
 def calibration_volume(bundle: str, size: int) -> torch.Tensor:
     """The bundle's calibration case (the one its ``quantize`` workflow uses), padded/cropped to ``size``^3."""
     parser = parser_for(bundle, ["quantize"])
@@ -318,6 +376,8 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
                 f"{'' if fq is None else format(row['rel_l2_vs_fake_quant'], '13.2e'):>13s} "
                 f"{row['labels_equal_fp32']:11.4f} {labels_fq}"
             )
+        if args.counters:
+            rows += print_counters(name, runners, x, fp, base)
         for tag, size_bytes in files.items():
             print(f"ONNX {tag}: {size_bytes / 2**20:.2f} MiB ({size_bytes / files['fp32']:.3f} of fp32)")
             rows.append({"network": name, "file": tag, "bytes": size_bytes, "ratio_vs_fp32": size_bytes / files["fp32"]})
@@ -404,6 +464,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
         "--norm-inputs", action="store_true", help="also quantize with quantize_norm_inputs and run that in OpenVINO (latency and Dice)"
+    )
+    parser.add_argument(
+        "--counters", action="store_true", help="also print OpenVINO's per-node time by kind for each OpenVINO runner (latency part)"
     )
     parser.add_argument("--only", default="", help="run only the networks whose name contains this text")
     emulation = parser.add_mutually_exclusive_group()

@@ -66,3 +66,43 @@ def test_the_kernel_summary_names_each_heavy_layer_type_with_its_compiled_kernel
     summary = openvino_kernels(compiled)
     assert summary.startswith("Convolution: ") and "Reduce: " in summary
     assert all(part.rsplit(" x", 1)[1].isdigit() for part in summary.split(", "))
+
+
+def test_the_counters_sum_each_executed_node_into_its_kind(monkeypatch):
+    ov = pytest.importorskip("openvino")
+    import numpy as np
+    from openvino import opset13 as ops
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS[0].parent))
+    from machine import COUNTER_KINDS, openvino_counters
+
+    x = ops.parameter([1, 8, 16, 16, 16], np.float32)
+
+    def int8(node, levels=256):  # the FakeQuantize pairs OpenVINO turns into int8 kernels
+        low, high = ops.constant(np.float32(-1)), ops.constant(np.float32(1))
+        return ops.fake_quantize(node, low, high, low, high, levels)
+
+    weight = int8(ops.constant(np.random.default_rng(0).uniform(-1, 1, (8, 8, 3, 3, 3)).astype(np.float32)), 255)
+    int8_conv = ops.convolution(int8(x), weight, [1] * 3, [1] * 3, [1] * 3, [1] * 3)
+    float_conv = ops.convolution(int8_conv, ops.constant(np.ones((8, 8, 1, 1, 1), np.float32)), [1] * 3, [0] * 3, [0] * 3, [1] * 3)
+    mean = ops.reduce_mean(float_conv, ops.constant(np.array([2, 3, 4])), True)
+    model = ov.Model([ops.subtract(float_conv, mean)], [x])
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": True})
+    kinds, wall = openvino_counters(compiled, {0: np.random.default_rng(1).uniform(-1, 1, (1, 8, 16, 16, 16)).astype(np.float32)})
+    assert tuple(kinds) == COUNTER_KINDS and wall > 0
+    assert kinds["int8 conv"] > 0 and kinds["float conv"] > 0 and kinds["norm statistics"] > 0
+    assert sum(kinds.values()) > kinds["int8 conv"] + kinds["float conv"]
+
+
+def test_convolution_macs_count_each_output_of_a_convolution_and_each_input_of_a_transposed_one(monkeypatch):
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS[0].parent))
+    from deploy import convolution_macs
+
+    net = torch.nn.Sequential(
+        torch.nn.Conv3d(2, 4, 3, padding=1),  # 8^3 outputs x 4 channels x (2 x 27) MACs
+        torch.nn.Conv3d(4, 4, 3, stride=2, padding=1, groups=2),  # 4^3 x 4 x (2 x 27)
+        torch.nn.ConvTranspose3d(4, 2, 2, stride=2),  # 4^3 inputs x 4 channels x (2 x 8)
+    )
+    assert convolution_macs(net, torch.zeros(1, 2, 8, 8, 8)) == 512 * 4 * 54 + 64 * 4 * 54 + 64 * 4 * 16
