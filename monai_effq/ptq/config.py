@@ -19,7 +19,7 @@ from monai_effq.solver.admm import AdmmSettings
 from monai_effq.solver.api import METHODS
 from monai_effq.utils.errors import UserInputError, check_flag, check_integer
 
-__all__ = ["EfficientQConfig", "LayerPlan", "OVERRIDE_KEYS", "match_pattern"]
+__all__ = ["EfficientQConfig", "LayerPlan", "NETWORK_INPUT_GRID", "OVERRIDE_KEYS", "match_pattern"]
 
 
 def match_pattern(pattern: str, name: str) -> bool:
@@ -81,6 +81,12 @@ def _check_device(value: Any) -> str:
 # activation grid choices: "auto" (from calibration), or a grid for every input ("asymmetric": the
 # calibrated zero point also where "auto" takes the symmetric grid for OpenVINO's sake)
 ACT_GRIDS = ("auto", "symmetric", "asymmetric")
+# act_grid="auto": the grid of an 8-bit network input with negative values (a normalised image). With
+# its zero point gone the first convolution reads int8 without zero-point compensation: SegResNet
+# init 16 W8A8 at 1x4x128^3, OpenVINO 2026.4, 2-core Intel Xeon, 9 / 7 / 7 interleaved requests:
+# 251.0 -> 245.6 ms with AMX (bf16), 506.6 -> 499.9 ms capped at AVX-512 VNNI, 1010.9 -> 997.9 ms at
+# AVX2 (f32)
+NETWORK_INPUT_GRID = "signed"
 # "auto": the paper's midrise grid wherever its integers fit a deployed file's container
 WEIGHT_GRIDS = ("auto", *GRID_KINDS)
 
@@ -185,7 +191,10 @@ class EfficientQConfig:
             transposed convolution in int8 only when its input has no zero point, and ran the LiTS
             bundle UNet's three in f32 otherwise (40.4 ms against 24.8 ms for the whole network at
             96³, 2-core Intel Xeon with AMX, OpenVINO 2026.4; on the real-data benchmark it cost
-            0.0015-0.005 held-out Dice at W2A8 and nothing measurable at W8A8 and W4A8);
+            0.0015-0.005 held-out Dice at W2A8 and nothing measurable at W8A8 and W4A8), and an 8-bit
+            network input (the first layer's, or any layer's that reads the input), which takes the
+            signed grid (:data:`NETWORK_INPUT_GRID`): the first convolution then reads int8 with no
+            zero point to compensate, 1-2% of the network's time on every kernel set measured;
             ``"symmetric"`` puts every input on the symmetric signed grid with zero point 0, which
             TensorRT's int8 requires (:mod:`monai_effq.deploy.tensorrt`): one bit less for inputs
             after a ReLU; ``"asymmetric"`` puts every input on the asymmetric grid (an override
@@ -462,10 +471,10 @@ class EfficientQConfig:
                     if "act_bits" in spec and "act_format" not in spec:
                         layer["act_format"] = None
                     layer.update(spec)
-            plans.append(self._layer_plan(name, layer, (channel_axes or {}).get(name, 0), name in transposed_layers))
+            plans.append(self._layer_plan(name, layer, (channel_axes or {}).get(name, 0), name in transposed_layers, first))
         return plans
 
-    def _layer_plan(self, name: str, layer: dict[str, Any], channel_axis: int, transposed: bool) -> LayerPlan:
+    def _layer_plan(self, name: str, layer: dict[str, Any], channel_axis: int, transposed: bool, reads_input: bool) -> LayerPlan:
         grid = self.weight_grid_for(layer["weight_bits"], layer["weight_grid"])
         weight = WeightSpec.of(
             layer["weight_bits"], grid, layer["per_channel"], layer["power_of_two"],
@@ -481,6 +490,10 @@ class EfficientQConfig:
             act_bits = layer["act_bits"] if act_format is None else act_format.bits
             kind = None if layer["act_grid"] == "auto" else layer["act_grid"]
             # below 8 bits the asymmetric grid is exported without a zero point anyway (deploy.export)
-            signed_kind = "symmetric" if transposed and act_bits == 8 else "asymmetric"
+            signed_kind = "asymmetric"
+            if act_bits == 8 and transposed:
+                signed_kind = "symmetric"
+            elif act_bits == 8 and reads_input:
+                signed_kind = NETWORK_INPUT_GRID
             act = ActivationSpec(act_bits, kind, layer["power_of_two"], act_format, signed_kind)
         return LayerPlan(name, weight, act, layer["method"])

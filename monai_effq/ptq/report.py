@@ -87,7 +87,7 @@ class LayerReport:
         kind: ``QuantizedConv``, ``QuantizedConvTranspose`` or ``QuantizedLinear``.
         weight_bits: weight bits.
         act_bits: input bits (``None``: floating point).
-        act_grid: ``"unsigned"``/``"asymmetric"`` or ``None``.
+        act_grid: the input grid's kind (``"unsigned"``, ``"asymmetric"``, ``"signed"``, ``"symmetric"``) or ``None``.
         params: number of weights.
         mse_fp: weighted output MSE of the FP weights on the quantized inputs.
         mse_rtn: the same with round-to-nearest weights.

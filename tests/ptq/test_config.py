@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from monai_effq import AdmmSettings, EfficientQConfig
+from monai_effq.ptq.config import NETWORK_INPUT_GRID
 from monai_effq.ptq.modules import ActivationQuantizer
 from monai_effq.quant import ActivationSpec, FixedPointFormat, WeightSpec
 from monai_effq.utils.errors import UserInputError
@@ -122,7 +123,7 @@ def test_overrides_set_any_per_layer_setting_and_the_plan_holds_whole_specs():
     )
     plans = {p.name: p for p in cfg.plan(["a", "b", "c", "d"])}
     assert plans["a"].weight == WeightSpec.of(4, "signed") and plans["a"].method == "efficientq"
-    assert plans["a"].act == ActivationSpec(8)
+    assert plans["a"].act == ActivationSpec(8, signed_kind=NETWORK_INPUT_GRID)  # "a" reads the network input
     assert (plans["b"].weight.per_channel, plans["b"].weight.grid.kind, plans["b"].method) == (True, "signed", "gptq")
     assert (plans["c"].weight.scale_rule, plans["c"].weight.step, plans["c"].weight_bits) == ("fixed", 0.125, 4)
     assert plans["c"].act.power_of_two and not plans["a"].act.power_of_two
@@ -244,7 +245,7 @@ def test_the_plan_lets_a_transposed_convolutions_signed_input_take_the_symmetric
     names, up = ["stem", "up", "head"], ["up"]
     auto = {p.name: p.act for p in EfficientQConfig().plan(names, transposed_layers=up)}
     assert (auto["up"].kind, auto["up"].signed_kind) == (None, "symmetric")
-    assert auto["stem"].signed_kind == auto["head"].signed_kind == "asymmetric"
+    assert auto["head"].signed_kind == "asymmetric"
     # below 8 bits the asymmetric grid's export needs no zero point
     assert EfficientQConfig(act_bits=6).plan(names, transposed_layers=up)[1].act.signed_kind == "asymmetric"
     # an override keeps the calibrated zero point for a runtime that does not need it gone
@@ -253,6 +254,19 @@ def test_the_plan_lets_a_transposed_convolutions_signed_input_take_the_symmetric
     with pytest.raises(ValueError, match="act_format sets its own grid: use it or act_grid='asymmetric'"):
         EfficientQConfig(act_grid="asymmetric", act_format="Q6.0")
     assert EfficientQConfig(act_format="Q6.0").plan(names, transposed_layers=up)[1].act.format is not None
+
+
+def test_the_plan_puts_an_8_bit_network_input_on_the_signed_grid_and_leaves_the_body_asymmetric():
+    names = ["stem", "body", "head"]
+    auto = {p.name: p.act for p in EfficientQConfig().plan(names)}
+    assert auto["stem"].signed_kind == NETWORK_INPUT_GRID == "signed" and auto["stem"].kind is None
+    assert auto["body"].signed_kind == auto["head"].signed_kind == "asymmetric"
+    # every layer that reads the input, not only the first in execution order
+    assert EfficientQConfig().plan(names, input_layers=["stem", "body"])[1].act.signed_kind == "signed"
+    # an input kept below 8 bits stays asymmetric (its export needs no zero point), as does an override
+    assert EfficientQConfig(act_bits=4, first_layer_bits=None).plan(names)[0].act.signed_kind == "asymmetric"
+    overridden = EfficientQConfig(overrides={"stem": {"act_grid": "asymmetric"}}).plan(names)
+    assert overridden[0].act.kind == "asymmetric"
 
 
 def test_a_config_is_read_from_a_dict_and_anything_else_is_named():

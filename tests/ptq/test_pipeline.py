@@ -83,8 +83,8 @@ def test_quantized_network_is_in_eval_mode_with_fake_quant_modules_and_activatio
     kinds = {type(m) for m in q.network.modules() if isinstance(m, QuantizedLayer)}
     assert kinds == {QuantizedConv, QuantizedConvTranspose}
     layers = [m for m in q.network.modules() if isinstance(m, QuantizedLayer)]
-    # The raw image is signed (asymmetric grid); inputs after PReLU/InstanceNorm are signed too.
-    assert layers[0].input_quantizer.grid.kind == "asymmetric"
+    # The raw image is signed: an 8-bit network input takes the signed grid, with no zero point.
+    assert layers[0].input_quantizer.grid.kind == "signed"
     # The first residual unit's shortcut and first convolution both read the image: both are first layers.
     assert [r.weight_bits for r in q.report.layers[:2]] == [8, 8] and q.report.layers[-1].weight_bits == 8
     assert {r.weight_bits for r in q.report.layers[2:-1]} == {4}
@@ -94,7 +94,7 @@ def test_quantized_network_is_in_eval_mode_with_fake_quant_modules_and_activatio
 def test_unsigned_activation_grid_after_relu():
     net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 3, padding=1))
     q = quantize(net, torch.randn(1, 1, 8, 8, 8), EfficientQConfig(method="rtn"), progress=False, task="multiclass")
-    assert [r.act_grid for r in q.report.layers] == ["asymmetric", "unsigned"]
+    assert [r.act_grid for r in q.report.layers] == ["signed", "unsigned"]  # the 8-bit network input: zero point 0
 
 
 def test_a_transposed_convolution_reads_a_signed_input_on_the_symmetric_grid_and_a_non_negative_one_unsigned():
@@ -105,7 +105,7 @@ def test_a_transposed_convolution_reads_a_signed_input_on_the_symmetric_grid_and
     ).eval()
     q = quantize(net, torch.randn(1, 1, 4, 4, 4), EfficientQConfig(method="rtn"), progress=False, task="multiclass")
     # OpenVINO runs a transposed convolution in int8 only when its input has no zero point
-    assert [r.act_grid for r in q.report.layers] == ["asymmetric", "symmetric", "unsigned", "asymmetric"]
+    assert [r.act_grid for r in q.report.layers] == ["signed", "symmetric", "unsigned", "asymmetric"]
     assert q.network[2].input_quantizer.grid.is_signed and q.network[4].input_quantizer.grid.kind == "unsigned"
 
 
@@ -115,7 +115,7 @@ def test_an_override_sets_one_layers_weight_scale_fit_and_input_grid():
     overrides = {"2": {"scale_method": "minmax", "act_grid": "symmetric"}}
     cfg = EfficientQConfig(method="rtn", first_layer_bits=None, last_layer_bits=None, overrides=overrides)
     q = quantize(net, torch.randn(1, 1, 8, 8, 8), cfg, progress=False)
-    assert [r.act_grid for r in q.report.layers] == ["asymmetric", "symmetric", "unsigned"]
+    assert [r.act_grid for r in q.report.layers] == ["signed", "symmetric", "unsigned"]
     grid = UniformGrid(4, "signed")
     minmax = [fit_minmax(net[i].weight.detach(), grid)[0] for i in (2, 4)]
     assert torch.equal(q.network[2].scale, minmax[0])  # the override's first fit, kept by round-to-nearest
