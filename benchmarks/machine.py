@@ -95,6 +95,7 @@ def openvino_counters(compiled_model, inputs, rounds: int = 3) -> tuple[dict[str
         for node in request.profiling_info:
             if node.status == node.Status.EXECUTED:
                 kinds[_counter_kind(node.node_type, node.exec_type)] += node.real_time.total_seconds() * 1e3
-        if best is None or sum(kinds.values()) < best[0]:
-            best = (sum(kinds.values()), kinds, wall)
+        total = sum(kinds.values())
+        if best is None or total < best[0]:
+            best = (total, kinds, wall)
     return best[1], best[2]

@@ -125,7 +125,8 @@ class ActivationSpec:
         signed_kind: the grid calibration chooses for an input with negative values when ``kind`` is
             ``None``: ``"asymmetric"`` (every level used), ``"symmetric"`` (zero point 0, for
             layers that a runtime computes in integers only without an input zero point) or
-            ``"signed"`` (zero point 0 and all levels, for tensors a runtime adds or normalises).
+            ``"signed"`` (zero point 0 and all levels, for tensors a runtime adds or normalises, and
+            for an 8-bit network input).
     """
 
     bits: int
