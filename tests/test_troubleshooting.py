@@ -16,6 +16,7 @@ from monai_effq import EfficientQConfig, quantize
 from monai_effq.bundle import calibration_datalist, check_quantized, existing_checkpoint, images, preprocessing, rank_cases
 from monai_effq.data import detect_layout, make_lits_demo, validate_datalist
 from monai_effq.handlers.quantization import QuantizedCheckpointLoader, check_calibration_volume
+from monai_effq.overlays import calibration_items
 from monai_effq.ptq.modules import ActivationQuantizer
 from monai_effq.ptq.prepare import available_device, prepare_network
 from monai_effq.utils.errors import UserInputError
@@ -151,6 +152,10 @@ TRIGGERS = {
         lambda t, d: QuantizedCheckpointLoader(t / "model_w4a8.pt")
     ),
     "the calibration data loader is empty, so nothing would be quantized": None,  # tests/handlers/test_handlers.py
+    "there is no calibration image: the bundle's dataset (dataset#data) is empty or missing.": lambda t, d: calibration_items([], 1),
+    "calibration image <file> does not exist: correct --calibration_images (or the bundle's --dataset_dir).": (
+        lambda t, d: calibration_items([str(t / "case0.nii.gz")], 1)
+    ),
     "weight_bits must be an integer from 2 to 8, got <value>": lambda t, d: EfficientQConfig(weight_bits=4.0),
     "per_channel must be True or False, got <value>": lambda t, d: EfficientQConfig(per_channel="false"),
     "skip must be a list of layer-name patterns, got the string <pattern>": lambda t, d: EfficientQConfig(skip="model.0.conv"),

@@ -1,0 +1,100 @@
+"""Config overlays that quantize, and then run, any MONAI bundle laid out like the model zoo's.
+
+A model-zoo bundle (``configs/inference.json`` defining ``bundle_root``, ``device``,
+``network_def``, ``network``, ``preprocessing``, ``dataset`` and a sliding-window ``inferer``;
+FP weights in ``models/model.pt``) is quantized and served without editing it: each overlay here is
+one more file on the ``--config_file`` list of ``python -m monai.bundle run``. They reuse the
+bundle's own network definition, transforms and inferer, so calibration sees exactly what inference
+does. ``python -m monai_effq.overlays <name>`` prints an overlay's path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from monai_effq.utils.errors import MissingInputError, UserInputError, check_integer
+
+__all__ = ["OVERLAYS", "calibration_items", "overlay_path"]
+
+OVERLAYS = {
+    "quantize": "quantize a bundle's FP network on its calibration images (overlays inference.json)",
+    "inference": "run the bundle's inference with the quantized network (overlays inference.json)",
+    "evaluate": "run the bundle's evaluation with the quantized network (overlays train.json + evaluate.json)",
+}
+
+
+def overlay_path(name: str) -> Path:
+    """The path of one of the overlays monai-effq ships.
+
+    Args:
+        name: one of :data:`OVERLAYS` (``"quantize"``, ``"inference"``, ``"evaluate"``).
+
+    Returns:
+        the JSON file's absolute path.
+
+    Raises:
+        UserInputError: for an unknown name.
+    """
+    if name not in OVERLAYS:
+        raise UserInputError(f"there is no overlay {name!r}: choose one of {', '.join(OVERLAYS)}.")
+    return Path(__file__).resolve().parent / f"{name}.json"
+
+
+def _files(image: Any) -> list[str]:
+    return [image] if isinstance(image, str) else [f for f in image if isinstance(f, str)]
+
+
+def calibration_items(images: Any, cases: int, image_key: str = "image") -> list[dict[str, Any]]:
+    """The calibration cases, as the bundle's ``preprocessing`` reads them.
+
+    Args:
+        images: ``--calibration_images``: one image path, a list whose entries are an image path, a
+            list of paths (the channels of one multi-modal case, e.g. BraTS' four MRI sequences) or a
+            datalist dict; or, by default, the bundle's own ``dataset#data``.
+        cases: ``--calibration_cases``, how many of them calibrate (the paper: one).
+        image_key: the key the bundle's transforms read the image from.
+
+    Returns:
+        the first ``cases`` entries as datalist dicts (``{image_key: path_or_paths, ...}``).
+
+    Raises:
+        UserInputError: when there is no calibration image or fewer than ``cases``, or an entry is
+            malformed.
+        MissingInputError: naming an image file that does not exist.
+    """
+    cases = check_integer(cases, "calibration_cases", low=1)
+    if isinstance(images, (str, Path)):
+        images = [str(images)]
+    if not isinstance(images, Sequence) or not images:
+        raise UserInputError(
+            "there is no calibration image: the bundle's dataset (dataset#data) is empty or missing. Pass one with "
+            "--calibration_images \"['/path/to/image.nii.gz']\" or point --dataset_dir at the bundle's data."
+        )
+    if len(images) < cases:
+        raise UserInputError(
+            f"calibration_cases is {cases} but only {len(images)} calibration image(s) were given: pass more with "
+            "--calibration_images or lower --calibration_cases."
+        )
+    items = []
+    for entry in list(images)[:cases]:
+        if isinstance(entry, Mapping):
+            item = dict(entry)
+        elif isinstance(entry, (str, Path)) or (isinstance(entry, Sequence) and all(isinstance(f, (str, Path)) for f in entry)):
+            item = {image_key: str(entry) if isinstance(entry, (str, Path)) else [str(f) for f in entry]}
+        else:
+            raise UserInputError(
+                f"calibration image {entry!r} is neither a path, a list of paths nor a datalist dict: pass "
+                "--calibration_images \"['/path/to/image.nii.gz']\"."
+            )
+        if image_key not in item:
+            raise UserInputError(f"calibration case {item!r} has no {image_key!r} entry: give each case its image.")
+        for file in _files(item[image_key]):
+            if not Path(file).is_file():
+                raise MissingInputError(
+                    f"calibration image {Path(file).resolve()} does not exist: correct --calibration_images "
+                    "(or the bundle's --dataset_dir)."
+                )
+        items.append(item)
+    return items

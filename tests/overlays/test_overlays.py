@@ -1,0 +1,162 @@
+"""The overlays quantize, serve and evaluate bundles laid out like the model zoo's, which know nothing of monai-effq."""
+
+import csv
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from monai.bundle import ConfigWorkflow, run
+
+from monai_effq.overlays import OVERLAYS, calibration_items, overlay_path
+from monai_effq.overlays.__main__ import main
+from monai_effq.ptq.modules import QuantizedLayer
+from monai_effq.utils.errors import MissingInputError, UserInputError
+from tests.overlays.conftest import handlers_style, spleen_style
+
+TAG = "efficientq_w4a8"
+
+
+def workflow(root: Path, files: list[str], run_id: str = "run", **overrides) -> ConfigWorkflow:
+    """Build and run a workflow in this process as ``python -m monai.bundle run`` does; the workflow is returned."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wf = ConfigWorkflow(config_file=files, run_id=run_id, bundle_root=str(root), **overrides)
+        wf.initialize()
+        wf.run()
+        wf.finalize()
+    return wf
+
+
+def masks(folder: Path) -> dict[str, np.ndarray]:
+    return {p.parent.name: np.asarray(nib.load(p).dataobj) for p in sorted(folder.glob("*/*.nii.gz"))}
+
+
+def mean_dice(folder: Path) -> float:
+    with open(folder / "val_mean_dice_raw.csv") as f:
+        return float(np.mean([float(row["mean"]) for row in csv.DictReader(f)]))
+
+
+def quantized(network) -> bool:
+    return any(isinstance(m, QuantizedLayer) for m in network.modules())
+
+
+def test_each_overlay_has_a_file_and_the_command_prints_its_path(capsys):
+    for name in OVERLAYS:
+        assert overlay_path(name).is_file()
+    assert main(["quantize"]) == 0 and capsys.readouterr().out.strip() == str(overlay_path("quantize"))
+    assert main(["serve"]) == 1 and "choose one of quantize, inference, evaluate" in capsys.readouterr().err
+    assert main([]) == 0
+    listing = capsys.readouterr().out
+    assert all(f"{name}: {overlay_path(name)}" in listing for name in OVERLAYS)
+
+
+def test_calibration_images_become_datalist_cases_and_bad_ones_are_named(tmp_path):
+    files = []
+    for name in ("a.nii.gz", "b_flair.nii.gz", "b_t1.nii.gz"):
+        files.append(tmp_path / name)
+        files[-1].write_bytes(b"x")
+    a, flair, t1 = map(str, files)
+    assert calibration_items(a, 1) == [{"image": a}]
+    assert calibration_items([[flair, t1], a], 1) == [{"image": [flair, t1]}]
+    assert calibration_items([{"image": a, "label": "unused"}, a], 2) == [{"image": a, "label": "unused"}, {"image": a}]
+    with pytest.raises(MissingInputError, match="calibration image .*missing.nii.gz does not exist"):
+        calibration_items([[flair, str(tmp_path / "missing.nii.gz")]], 1)
+    with pytest.raises(UserInputError, match="--calibration_images"):
+        calibration_items([], 1)
+    with pytest.raises(UserInputError, match="calibration_cases is 2 but only 1"):
+        calibration_items([a], 2)
+    with pytest.raises(UserInputError, match="neither a path"):
+        calibration_items([3], 1)
+    with pytest.raises(UserInputError, match="has no 'image' entry"):
+        calibration_items([{"img": a}], 1)
+
+
+@pytest.mark.slow
+def test_a_spleen_style_bundle_is_quantized_by_the_shell_command_then_served_and_evaluated_with_the_quantized_network(
+    tmp_path, demo_data
+):
+    root = spleen_style(tmp_path / "bundle", demo_data["lits"])
+    calibration = demo_data["lits"] / "volume-0.nii"
+    command = (
+        "python -m monai.bundle run quantize --config_file "
+        "\"['configs/inference.json','$(python -m monai_effq.overlays quantize)']\" "
+        f"--calibration_images \"['{calibration}']\""
+    )
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    res = subprocess.run(["bash", "-c", command], cwd=root, capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (root / "models" / f"model_{TAG}.pt").is_file()
+    assert (root / "eval" / f"quantization_report_{TAG}.json").is_file()
+
+    configs = [str(root / "configs" / "inference.json")]
+    fp = workflow(root, configs)
+    served = workflow(root, configs + [str(overlay_path("inference"))])
+    assert not quantized(fp.parser.get_parsed_content("evaluator").network)
+    assert quantized(served.parser.get_parsed_content("evaluator").network)
+    fp_masks, q_masks = masks(root / "eval"), masks(root / "eval" / TAG)
+    assert sorted(q_masks) == sorted(fp_masks) == ["volume-8", "volume-9"]
+    for case, mask in q_masks.items():
+        assert mask.shape == fp_masks[case].shape and set(np.unique(mask)) <= {0, 1, 2}
+        assert (mask == fp_masks[case]).mean() > 0.98
+
+    evaluation = [str(root / "configs" / name) for name in ("train.json", "evaluate.json")]
+    workflow(root, evaluation)
+    evaluated = workflow(root, evaluation + [str(overlay_path("evaluate"))])
+    assert quantized(evaluated.parser.get_parsed_content("validate#evaluator").network)
+    fp_dice, q_dice = mean_dice(root / "eval"), mean_dice(root / "eval" / TAG)
+    assert fp_dice > 0.5 and q_dice > fp_dice - 0.03, (fp_dice, q_dice)
+
+
+@pytest.mark.slow
+def test_a_bundle_whose_handlers_load_the_checkpoint_is_quantized_from_its_own_datalist_and_served(tmp_path, demo_data):
+    root = handlers_style(tmp_path / "bundle", demo_data["brats"])
+    inference = str(root / "configs" / "inference.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run("quantize", config_file=[inference, str(overlay_path("quantize"))], bundle_root=str(root), task="multilabel", body_mask="nonzero")
+    assert (root / "models" / f"model_{TAG}.pt").is_file()
+    fp = workflow(root, [inference], run_id="evaluating")
+    served = workflow(root, [inference, str(overlay_path("inference"))], run_id="evaluating")
+    assert not quantized(fp.parser.get_parsed_content("evaluator").network)
+    assert quantized(served.parser.get_parsed_content("evaluator").network)
+    fp_masks, q_masks = masks(root / "eval"), masks(root / "eval" / TAG)
+    assert len(q_masks) == 2 and sorted(q_masks) == sorted(fp_masks)
+    for case, mask in q_masks.items():
+        assert set(np.unique(mask)) <= {0, 1, 2, 4} and (mask == fp_masks[case]).mean() > 0.98
+
+    with pytest.raises(Exception) as refused:  # a second run would replace the checkpoint
+        workflow(root, [inference, str(overlay_path("quantize"))], run_id="quantize")
+    assert "exists from an earlier run: pass --overwrite True" in "".join(map(str, _chain(refused.value)))
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    out = [error]
+    while out[-1].__cause__ is not None:
+        out.append(out[-1].__cause__)
+    return out
+
+
+def test_serving_before_quantizing_says_to_run_quantize_first(tmp_path, demo_data):
+    root = handlers_style(tmp_path / "bundle", demo_data["brats"])
+    with pytest.raises(Exception) as missing:
+        workflow(root, [str(root / "configs" / "inference.json"), str(overlay_path("inference"))], run_id="evaluating")
+    assert any(isinstance(e, MissingInputError) and "run the quantize workflow first" in str(e) for e in _chain(missing.value))
+
+
+def test_quantizing_a_bundle_with_no_images_ends_with_one_line_naming_the_setting(tmp_path, demo_data):
+    root = spleen_style(tmp_path / "bundle", demo_data["lits"])
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run", "quantize",
+        "--config_file", str([str(root / "configs" / "inference.json"), str(overlay_path("quantize"))]),
+        "--bundle_root", str(root), "--dataset_dir", str(tmp_path / "empty"),
+    ]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 1
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: there is no calibration image") and "--calibration_images" in last
+    assert not (root / "models" / f"model_{TAG}.pt").exists()
