@@ -1,5 +1,6 @@
-"""MONAI/ignite glue: handlers that run quantization, load quantized checkpoints and write reports."""
+"""MONAI/ignite glue: handlers that run quantization, load quantized checkpoints, run them in a runtime and write reports."""
 
+from monai_effq.handlers.deploy import RuntimeNetworkLoader, input_channels
 from monai_effq.handlers.finetune import FinetuneHandler, engine_loss
 from monai_effq.handlers.quantization import QuantizationHandler, QuantizedCheckpointLoader, batch_images
 from monai_effq.handlers.report import (
@@ -16,6 +17,8 @@ __all__ = [
     "engine_loss",
     "QuantizationHandler",
     "QuantizedCheckpointLoader",
+    "RuntimeNetworkLoader",
+    "input_channels",
     "batch_images",
     "QuantizationReportHandler",
     "format_table",

@@ -22,6 +22,7 @@ OVERLAYS = {
     "quantize": "quantize a bundle's FP network on its calibration images (overlays inference.json)",
     "inference": "run the bundle's inference with the quantized network (overlays inference.json)",
     "evaluate": "run the bundle's evaluation with the quantized network (overlays train.json + evaluate.json)",
+    "openvino": "run the bundle's inference with the quantized network in OpenVINO, or --runtime onnxruntime (overlays inference.json)",
 }
 
 
@@ -29,7 +30,7 @@ def overlay_path(name: str) -> Path:
     """The path of one of the overlays monai-effq ships.
 
     Args:
-        name: one of :data:`OVERLAYS` (``"quantize"``, ``"inference"``, ``"evaluate"``).
+        name: one of :data:`OVERLAYS` (``"quantize"``, ``"inference"``, ``"evaluate"``, ``"openvino"``).
 
     Returns:
         the JSON file's absolute path.

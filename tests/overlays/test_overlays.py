@@ -1,6 +1,7 @@
 """The overlays quantize, serve and evaluate bundles laid out like the model zoo's, which know nothing of monai-effq."""
 
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def test_each_overlay_has_a_file_and_the_command_prints_its_path(capsys):
     for name in OVERLAYS:
         assert overlay_path(name).is_file()
     assert main(["quantize"]) == 0 and capsys.readouterr().out.strip() == str(overlay_path("quantize"))
-    assert main(["serve"]) == 1 and "choose one of quantize, inference, evaluate" in capsys.readouterr().err
+    assert main(["serve"]) == 1 and "choose one of quantize, inference, evaluate, openvino" in capsys.readouterr().err
     assert main([]) == 0
     listing = capsys.readouterr().out
     assert all(f"{name}: {overlay_path(name)}" in listing for name in OVERLAYS)
@@ -77,7 +78,7 @@ def test_calibration_images_become_datalist_cases_and_bad_ones_are_named(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_spleen_style_bundle_is_quantized_by_the_shell_command_then_served_and_evaluated_with_the_quantized_network(
+def test_a_spleen_style_bundle_is_quantized_by_the_shell_command_then_served_in_torch_and_openvino_and_evaluated(
     tmp_path, demo_data
 ):
     root = spleen_style(tmp_path / "bundle", demo_data["lits"])
@@ -103,6 +104,13 @@ def test_a_spleen_style_bundle_is_quantized_by_the_shell_command_then_served_and
     for case, mask in q_masks.items():
         assert mask.shape == fp_masks[case].shape and set(np.unique(mask)) <= {0, 1, 2}
         assert (mask == fp_masks[case]).mean() > 0.98
+
+    if importlib.util.find_spec("openvino") is not None:  # the deploy extra, which the test set-up installs
+        deployed = workflow(root, configs + [str(overlay_path("openvino"))])
+        assert type(deployed.parser.get_parsed_content("evaluator").network).__name__ == "OpenVINONetwork"
+        assert (root / "models" / f"model_{TAG}.onnx").is_file()
+        for case, mask in masks(root / "eval" / f"{TAG}_openvino").items():
+            assert (mask == q_masks[case]).mean() > 0.99
 
     evaluation = [str(root / "configs" / name) for name in ("train.json", "evaluate.json")]
     workflow(root, evaluation)

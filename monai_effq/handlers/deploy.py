@@ -1,0 +1,100 @@
+"""An ignite handler that runs an engine's network in OpenVINO or ONNX Runtime (shaped like MONAI's ``TrtHandler``).
+
+It hands off to :func:`monai_effq.deploy.runtime_network`, which exports the quantized checkpoint's
+ONNX file when it is missing or stale; the handler only decides when that happens (as the run
+starts, after whatever loaded the FP weights) and which network it replaces.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from monai.utils import IgniteInfo, min_version, optional_import
+
+from monai_effq.deploy.runtime import runtime_network
+from monai_effq.utils.errors import MissingInputError, UserInputError, check_integer
+
+Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+else:
+    Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
+
+__all__ = ["RuntimeNetworkLoader", "input_channels"]
+
+
+def input_channels(network: torch.nn.Module) -> int:
+    """The number of channels ``network`` reads: those of its first convolution or linear layer.
+
+    Args:
+        network: an FP segmentation network.
+
+    Returns:
+        the input channels.
+
+    Raises:
+        UserInputError: when the network has no convolution or linear layer.
+    """
+    for module in network.modules():
+        if isinstance(module, torch.nn.modules.conv._ConvNd):
+            return module.in_channels
+        if isinstance(module, torch.nn.Linear):
+            return module.in_features
+    raise UserInputError(f"{type(network).__name__} has no convolution or linear layer to read its input channels from.")
+
+
+class RuntimeNetworkLoader:
+    """Replaces an engine's FP network, when it starts, by the quantized checkpoint run in OpenVINO or ONNX Runtime.
+
+    Attach it after the handler that loads the FP weights: the FP network gives the architecture
+    the checkpoint is rebuilt on for the export (it is not modified).
+
+    Args:
+        quantized_path: a file written by :func:`monai_effq.save_quantized`.
+        onnx_path: where the ONNX file is (exported there when missing or made from another checkpoint).
+        roi_size: the sliding-window ROI, the spatial shape the export is traced with (the spatial
+            axes stay dynamic).
+        runtime: ``"openvino"`` or ``"onnxruntime"``.
+        options: passed to the runtime network (e.g. ``{"precision": "f32"}`` for OpenVINO).
+
+    Example::
+
+        RuntimeNetworkLoader("models/model_efficientq_w8a8.pt", "models/model_efficientq_w8a8.onnx", [96, 96, 96]).attach(evaluator)
+    """
+
+    def __init__(
+        self,
+        quantized_path: str | Path,
+        onnx_path: str | Path,
+        roi_size: Sequence[int],
+        runtime: str = "openvino",
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        if not Path(quantized_path).is_file():  # checked when the workflow is built, not when it runs
+            raise MissingInputError(
+                f"quantized checkpoint {Path(quantized_path).resolve()} does not exist: run the quantize workflow first "
+                "(with the same --weight_bits and --act_bits) or set --quantized_path."
+            )
+        if isinstance(roi_size, str) or not isinstance(roi_size, Sequence):
+            raise UserInputError(f"roi_size must be a list of window sizes such as [96,96,96], got {roi_size!r}.")
+        self.roi_size = [check_integer(r, "each roi_size", low=1) for r in roi_size]
+        self.quantized_path = quantized_path
+        self.onnx_path = onnx_path
+        self.runtime = runtime
+        self.options = dict(options or {})
+
+    def attach(self, engine: Engine) -> None:
+        """Register on ``engine`` (attaching twice is harmless)."""
+        self.logger = engine.logger
+        if not engine.has_event_handler(self, Events.STARTED):
+            engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        """Swap the runtime network in."""
+        network = engine.network
+        shape = [1, input_channels(network), *self.roi_size]
+        engine.network = runtime_network(self.runtime, self.onnx_path, self.quantized_path, network.cpu(), shape, **self.options)
+        self.logger.info(f"{self.runtime} runs {self.onnx_path}, exported from {self.quantized_path}")
