@@ -556,11 +556,12 @@ def export_monailabel_bundle(
     with atomic_directory(export_dir) as staging:
         network = load_quantized(quantized_path, network_def.to("cpu"))
         export_torchscript(network, staging / "models" / "model.ts", input_shape)
-        config = json.loads((source / "configs" / "inference.json").read_text())
+        config = _without_fp_loading(json.loads((source / "configs" / "inference.json").read_text()))
         for key in _PACKED_KEYS:
             config.pop(key, None)
         config["network"] = "$torch.jit.load(@bundle_root + '/models/model.ts', map_location=torch.device(@device))"
-        config["sw_roi_size"] = list(input_shape[2:])  # the window the trace was checked on
+        if "sw_roi_size" in config:
+            config["sw_roi_size"] = list(input_shape[2:])  # the window the trace was checked on
         config["output_dir"] = "$@bundle_root + '/eval/seg'"  # the served bundle holds one model
         (staging / "configs").mkdir(parents=True, exist_ok=True)
         (staging / "configs" / "inference.json").write_text(json.dumps(config, indent=4) + "\n")
@@ -569,7 +570,7 @@ def export_monailabel_bundle(
                 (staging / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source / name, staging / name)
         meta_path = staging / "configs" / "metadata.json"
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         meta["name"] = f"{meta.get('name', source.resolve().name)} ({tag})"
         meta["description"] = (
             f"{meta.get('description', '')} This copy serves the {tag} network: models/model.ts is the TorchScript "
@@ -577,20 +578,43 @@ def export_monailabel_bundle(
         ).strip()
         meta_path.write_text(json.dumps(meta, indent=4) + "\n")
         (staging / "docs").mkdir(exist_ok=True)
-        (staging / "docs" / "README.md").write_text(_served_readme(meta["name"], source.resolve().name, tag))
+        needs = "monai_effq" in json.dumps(config)
+        (staging / "docs" / "README.md").write_text(_served_readme(meta["name"], source.resolve().name, tag, needs))
     return Path(export_dir)
 
 
-def _served_readme(name: str, source: str, tag: str) -> str:
+def _without_fp_loading(config: dict[str, Any]) -> dict[str, Any]:
+    """An inference config with the steps that load ``models/model.pt`` taken out, for a bundle that has none.
+
+    Model-zoo bundles load it either with a ``checkpointloader`` that ``initialize`` calls or with a
+    ``CheckpointLoader`` in ``handlers``; the exported bundle's network is the trace itself.
+    """
+    config.pop("checkpointloader", None)
+    if isinstance(config.get("initialize"), list):
+        config["initialize"] = [step for step in config["initialize"] if "@checkpointloader" not in str(step)]
+    if isinstance(config.get("handlers"), list):
+        config["handlers"] = [
+            h for h in config["handlers"] if not (isinstance(h, dict) and str(h.get("_target_", "")).split(".")[-1] == "CheckpointLoader")
+        ]
+    return config
+
+
+def _served_readme(name: str, source: str, tag: str, needs_monai_effq: bool = True) -> str:
+    if needs_monai_effq:
+        requirement = "the config's preprocessing needs `monai-effq` installed"
+        data = "--datalist \"[{'image': '/path/to/image.nii.gz'}]\""
+    else:
+        requirement = "it needs MONAI and PyTorch only (the trace holds the quantizers)"
+        data = "  # with the source bundle's own data options, e.g. --dataset_dir"
     return f"""# {name}
 
 The {tag} network of the `{source}` bundle, exported by its quantize workflow (monai-effq): `models/model.ts`
-is the TorchScript trace of the fake-quant network, checked equal to it on the `sw_roi_size` window of
-`configs/inference.json`. There is no `models/model.pt`, so MONAI Label runs the trace as it is; the
-config's preprocessing needs `monai-effq` installed.
+is the TorchScript trace of the fake-quant network, checked equal to it on one sliding window of
+`configs/inference.json`. There is no `models/model.pt`, so MONAI Label runs the trace as it is;
+{requirement}.
 
 ```bash
-python -m monai.bundle run --config_file configs/inference.json --datalist "[{{'image': '/path/to/image.nii.gz'}}]"
+python -m monai.bundle run --config_file configs/inference.json {data}
 ```
 
 To serve it with MONAI Label, copy this folder into a `monaibundle` app's `model/` folder and start the

@@ -78,7 +78,7 @@ def test_calibration_images_become_datalist_cases_and_bad_ones_are_named(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_spleen_style_bundle_is_quantized_by_the_shell_command_then_served_in_torch_and_openvino_and_evaluated(
+def test_a_spleen_style_bundle_is_quantized_by_the_shell_command_then_served_traced_in_torch_and_openvino_and_evaluated(
     tmp_path, demo_data
 ):
     root = spleen_style(tmp_path / "bundle", demo_data["lits"])
@@ -104,6 +104,15 @@ def test_a_spleen_style_bundle_is_quantized_by_the_shell_command_then_served_in_
     for case, mask in q_masks.items():
         assert mask.shape == fp_masks[case].shape and set(np.unique(mask)) <= {0, 1, 2}
         assert (mask == fp_masks[case]).mean() > 0.98
+
+    # the MONAI Label export: the trace alone, no model.pt, nothing of monai-effq in its config
+    served_root = root / "export" / f"bundle_{TAG}"
+    exported_config = (served_root / "configs" / "inference.json").read_text()
+    assert (served_root / "models" / "model.ts").is_file() and not (served_root / "models" / "model.pt").exists()
+    assert "checkpointloader" not in exported_config and "monai_effq" not in exported_config
+    workflow(served_root, [str(served_root / "configs" / "inference.json")], output_dir=str(tmp_path / "traced"))
+    for case, mask in masks(tmp_path / "traced").items():
+        assert (mask == q_masks[case]).mean() > 0.999
 
     if importlib.util.find_spec("openvino") is not None:  # the deploy extra, which the test set-up installs
         deployed = workflow(root, configs + [str(overlay_path("openvino"))])
@@ -136,6 +145,12 @@ def test_a_bundle_whose_handlers_load_the_checkpoint_is_quantized_from_its_own_d
     assert len(q_masks) == 2 and sorted(q_masks) == sorted(fp_masks)
     for case, mask in q_masks.items():
         assert set(np.unique(mask)) <= {0, 1, 2, 4} and (mask == fp_masks[case]).mean() > 0.98
+
+    served_root = root / "export" / f"bundle_{TAG}"
+    assert "CheckpointLoader" not in (served_root / "configs" / "inference.json").read_text()
+    workflow(served_root, [str(served_root / "configs" / "inference.json")], run_id="evaluating", output_dir=str(tmp_path / "traced"))
+    traced = masks(tmp_path / "traced")
+    assert sorted(traced) == sorted(q_masks) and all((traced[c] == q_masks[c]).mean() > 0.999 for c in traced)
 
     with pytest.raises(Exception) as refused:  # a second run would replace the checkpoint
         workflow(root, [inference, str(overlay_path("quantize"))], run_id="quantize")
