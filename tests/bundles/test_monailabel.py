@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -19,10 +20,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from monai_effq.overlays import overlay_path
+from tests.overlays.conftest import spleen_style
+
 from .conftest import ROOT, copy_bundle
 
 # the export of the quantized copy (conftest.quantized_copy: RTN, 4-bit weights, 8-bit activations)
 SERVED = "lits_effq_rtn_w4a8"
+# the export of a bundle laid out like the model zoo's, quantized with the quantize overlay (defaults)
+ZOO_SERVED = "zoo_unet_efficientq_w4a8"
 PYTHON = Path(os.environ.get("MONAILABEL_PYTHON", ROOT / ".venv-monailabel" / "bin" / "python"))
 pytestmark = [
     pytest.mark.slow,
@@ -51,8 +57,8 @@ def _wait_for(url: str, server: subprocess.Popen, log: Path, timeout: float = 30
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, quantized_copy):
-    """MONAI Label serving the export of a quantized copy of lits_effq (whose inference workflow already ran)
-    and the FP bundle, which it can also train."""
+    """MONAI Label serving the export of a quantized copy of lits_effq (whose inference workflow already ran),
+    the FP bundle, which it can also train, and the export of a model-zoo-style bundle quantized by the overlay."""
     work = tmp_path_factory.mktemp("monailabel")
     copy, images, _ = quantized_copy("lits_effq")
 
@@ -63,6 +69,10 @@ def served(tmp_path_factory, quantized_copy):
     app = apps / "monaibundle"
     shutil.copytree(copy / "export" / SERVED, app / "model" / SERVED)
     copy_bundle("lits_effq", app / "model" / "lits_effq")  # the FP bundle, for MONAI Label training
+    zoo = spleen_style(work / "zoo_unet", copy / "data" / "demo")
+    quantize = [sys.executable, "-m", "monai.bundle", "run", "quantize", "--config_file", str(["configs/inference.json", str(overlay_path("quantize"))])]
+    subprocess.run(quantize, check=True, capture_output=True, cwd=zoo, env=env, timeout=600)
+    shutil.copytree(zoo / "export" / ZOO_SERVED, app / "model" / ZOO_SERVED)
     studies = work / "studies"
     (studies / "labels" / "final").mkdir(parents=True)
     for mask in images:  # the cases the inference workflow segmented, with their labels for training
@@ -76,7 +86,7 @@ def served(tmp_path_factory, quantized_copy):
     log = work / "server.log"
     cmd = [
         str(PYTHON), "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
-        "--conf", "models", f"{SERVED},lits_effq", "--conf", "sam2", "false",
+        "--conf", "models", f"{SERVED},lits_effq,{ZOO_SERVED}", "--conf", "sam2", "false",
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     with open(log, "w") as out:
@@ -92,18 +102,40 @@ def served(tmp_path_factory, quantized_copy):
             server.kill()
 
 
+def _infer(url: str, model: str, image_id: str, dest: Path) -> np.ndarray:
+    request = urllib.request.Request(f"{url}/infer/{model}?image={image_id}&output=image", method="POST")
+    with urllib.request.urlopen(request, timeout=300) as response:
+        assert response.status == 200
+        dest.write_bytes(response.read())
+    return np.asarray(nib.load(str(dest)).dataobj)
+
+
 def test_monailabel_serves_the_quantized_network_with_the_masks_of_the_bundle_inference_workflow(served, tmp_path):
     url, copy, masks, _ = served
     assert masks
     for mask in masks:
         image_id = mask.name.replace("_seg.nii.gz", "")
-        request = urllib.request.Request(f"{url}/infer/{SERVED}?image={image_id}&output=image", method="POST")
-        with urllib.request.urlopen(request, timeout=300) as response:
-            assert response.status == 200
-            result = tmp_path / f"{image_id}_served.nii"
-            result.write_bytes(response.read())
-        served_mask = np.asarray(nib.load(str(result)).dataobj)
+        served_mask = _infer(url, SERVED, image_id, tmp_path / f"{image_id}_served.nii")
         bundle_mask = np.asarray(nib.load(str(mask)).dataobj)
+        assert served_mask.shape == bundle_mask.shape
+        assert np.array_equal(served_mask, bundle_mask), f"{image_id}: {(served_mask != bundle_mask).sum()} voxels differ"
+        assert set(np.unique(served_mask)) <= {0, 1, 2} and (served_mask > 0).any()
+
+
+def test_monailabel_serves_a_zoo_style_bundle_quantized_by_the_overlay_as_the_exported_bundle_runs_it(served, tmp_path):
+    url, _, _, app = served
+    studies = sorted(p for p in (app.parent.parent / "studies").glob("*.nii*"))
+    assert studies
+    exported = app / "model" / ZOO_SERVED
+    run = [
+        sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+        "--datalist", str([str(p) for p in studies]), "--output_dir", str(tmp_path / "bundle"),
+    ]  # fmt: skip
+    subprocess.run(run, check=True, capture_output=True, cwd=exported, timeout=600)
+    for study in studies:
+        image_id = study.name.split(".nii")[0]
+        served_mask = _infer(url, ZOO_SERVED, image_id, tmp_path / f"{image_id}_served.nii")
+        bundle_mask = np.asarray(nib.load(str(next((tmp_path / "bundle").rglob(f"{image_id}_*.nii.gz")))).dataobj)
         assert served_mask.shape == bundle_mask.shape
         assert np.array_equal(served_mask, bundle_mask), f"{image_id}: {(served_mask != bundle_mask).sum()} voxels differ"
         assert set(np.unique(served_mask)) <= {0, 1, 2} and (served_mask > 0).any()

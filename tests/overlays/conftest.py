@@ -60,6 +60,12 @@ def _write(path: Path, config: dict) -> None:
     path.write_text(json.dumps(config, indent=4))
 
 
+def _metadata(root: Path, source: str) -> None:
+    """A zoo bundle's metadata.json (MONAI Label reads the labels from it): the shipped bundle's, renamed."""
+    meta = json.loads((ROOT / "bundles" / source / "configs" / "metadata.json").read_text())
+    _write(root / "configs" / "metadata.json", {**meta, "name": f"{root.name} (a model-zoo-style test bundle)"})
+
+
 def spleen_style(root: Path, data: Path) -> Path:
     """A zoo bundle in spleen_ct_segmentation's form, on the LiTS demo cases in ``data``."""
     common = {
@@ -136,6 +142,7 @@ def spleen_style(root: Path, data: Path) -> Path:
     }
     for name, config in (("inference", inference), ("train", train), ("evaluate", evaluate)):
         _write(root / "configs" / f"{name}.json", config)
+    _metadata(root, "lits_effq")
     (root / "models").mkdir(parents=True)
     shutil.copy(ROOT / "bundles" / "lits_effq" / "models" / "model.pt", root / "models" / "model.pt")
     return root
@@ -183,6 +190,7 @@ def handlers_style(root: Path, data: Path) -> Path:
         "evaluating": ["$@evaluator.run()"],
     }
     _write(root / "configs" / "inference.json", inference)
+    _metadata(root, "brats_effq")
     (root / "models").mkdir(parents=True)
     shutil.copy(ROOT / "bundles" / "brats_effq" / "models" / "model.pt", root / "models" / "model.pt")
     return root
