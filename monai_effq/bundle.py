@@ -40,6 +40,7 @@ __all__ = [
     "FINETUNE_STARTS",
     "calibration_datalist",
     "calibration_share",
+    "check_exportable",
     "check_quantized",
     "demo_dataset",
     "datalist",
@@ -556,10 +557,7 @@ def export_monailabel_bundle(
     with atomic_directory(export_dir) as staging:
         network = load_quantized(quantized_path, network_def.to("cpu"))
         export_torchscript(network, staging / "models" / "model.ts", input_shape)
-        config = _without_fp_loading(json.loads((source / "configs" / "inference.json").read_text()))
-        for key in _PACKED_KEYS:
-            config.pop(key, None)
-        config["network"] = "$torch.jit.load(@bundle_root + '/models/model.ts', map_location=torch.device(@device))"
+        config = _served_config(source)
         if "sw_roi_size" in config:
             config["sw_roi_size"] = list(input_shape[2:])  # the window the trace was checked on
         config["output_dir"] = "$@bundle_root + '/eval/seg'"  # the served bundle holds one model
@@ -569,6 +567,8 @@ def export_monailabel_bundle(
             if (source / name).is_file():
                 (staging / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source / name, staging / name)
+        if (source / "scripts").is_dir():  # a zoo bundle's own transforms, which its preprocessing may name
+            shutil.copytree(source / "scripts", staging / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
         meta_path = staging / "configs" / "metadata.json"
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         meta["name"] = f"{meta.get('name', source.resolve().name)} ({tag})"
@@ -583,23 +583,68 @@ def export_monailabel_bundle(
     return Path(export_dir)
 
 
+def _served_config(source: Path) -> dict[str, Any]:
+    """The source bundle's inference config with ``network`` loading the trace and nothing loading ``model.pt``."""
+    config = json.loads((source / "configs" / "inference.json").read_text())
+    for key in _PACKED_KEYS:
+        config.pop(key, None)
+    config["network"] = "$torch.jit.load(@bundle_root + '/models/model.ts', map_location=torch.device(@device))"
+    return _without_fp_loading(config)
+
+
 def _without_fp_loading(config: dict[str, Any]) -> dict[str, Any]:
     """An inference config with the steps that load ``models/model.pt`` taken out, for a bundle that has none.
 
     Model-zoo bundles load it either with a ``checkpointloader`` that ``initialize`` calls or with a
     ``CheckpointLoader`` in ``handlers``; the exported bundle's network is the trace itself.
+
+    Args:
+        config: the source bundle's ``inference.json`` content (modified in place).
+
+    Returns:
+        ``config``.
+
+    Raises:
+        UserInputError: when the config still names ``model.pt`` in a form this does not recognise
+            (the exported bundle would fail to load it).
     """
     config.pop("checkpointloader", None)
-    if isinstance(config.get("initialize"), list):
-        config["initialize"] = [step for step in config["initialize"] if "@checkpointloader" not in str(step)]
-    if isinstance(config.get("handlers"), list):
-        config["handlers"] = [
-            h for h in config["handlers"] if not (isinstance(h, dict) and str(h.get("_target_", "")).split(".")[-1] == "CheckpointLoader")
-        ]
+    for key in ("initialize", "handlers"):
+        steps = config.get(key)
+        if isinstance(steps, str) and "@checkpointloader" in steps:
+            config[key] = []
+        elif isinstance(steps, list):
+            config[key] = [step for step in steps if "@checkpointloader" not in str(step) and not _loads_checkpoint(step)]
+    left = [key for key, value in config.items() if "model.pt" in json.dumps(value)]
+    if left:
+        raise UserInputError(
+            f"the bundle's configs/inference.json loads models/model.pt in {', '.join(left)}, in a form the export for "
+            "MONAI Label cannot take out: pass --export_dir \"\" to skip that export."
+        )
     return config
 
 
+def _loads_checkpoint(step: Any) -> bool:
+    """Whether a config entry is a MONAI ``CheckpointLoader`` (not monai-effq's ``QuantizedCheckpointLoader``)."""
+    return isinstance(step, dict) and str(step.get("_target_", "")).split(".")[-1] == "CheckpointLoader"
+
+
+def check_exportable(bundle_root: str | os.PathLike, export_dir: str | os.PathLike | None) -> None:
+    """Before a quantize run: refuse a bundle whose inference config the MONAI Label export could not serve.
+
+    Args:
+        bundle_root: the source bundle folder.
+        export_dir: the export's destination; empty or None skips the check (no export).
+
+    Raises:
+        UserInputError: as :func:`export_monailabel_bundle` would, after the quantization.
+    """
+    if export_dir:
+        _served_config(Path(bundle_root))
+
+
 def _served_readme(name: str, source: str, tag: str, needs_monai_effq: bool = True) -> str:
+    """The exported bundle's docs/README.md; ``needs_monai_effq``: its config calls monai-effq (our bundles)."""
     if needs_monai_effq:
         requirement = "the config's preprocessing needs `monai-effq` installed"
         data = "--datalist \"[{'image': '/path/to/image.nii.gz'}]\""

@@ -4,6 +4,7 @@ Each trigger is the smallest thing a user could do that earns the message, run i
 the bundle command's one-line report of the same errors is tested in tests/bundles/test_errors.py.
 """
 
+import json
 import re
 from pathlib import Path
 
@@ -13,10 +14,10 @@ import torch
 import torch.nn as nn
 
 from monai_effq import EfficientQConfig, quantize
-from monai_effq.bundle import calibration_datalist, check_quantized, existing_checkpoint, images, preprocessing, rank_cases
+from monai_effq.bundle import calibration_datalist, check_exportable, check_quantized, existing_checkpoint, images, preprocessing, rank_cases
 from monai_effq.data import detect_layout, make_lits_demo, validate_datalist
 from monai_effq.handlers.quantization import QuantizedCheckpointLoader, check_calibration_volume
-from monai_effq.overlays import calibration_items
+from monai_effq.overlays import calibration_items, check_attached
 from monai_effq.ptq.modules import ActivationQuantizer
 from monai_effq.ptq.prepare import available_device, prepare_network
 from monai_effq.utils.errors import UserInputError
@@ -122,6 +123,19 @@ def _unfinished_run(tmp_path, _):
     check_quantized(tmp_path / "model_efficientq_w4a8.pt", _net())
 
 
+def _unattached_loader(tmp_path, lits):
+    from ignite.engine import Engine
+
+    check_attached(Engine(lambda engine, batch: None), object(), "handlers")
+
+
+def _unexportable_bundle(tmp_path, lits):
+    (tmp_path / "configs").mkdir()
+    initialize = ["$@network.load_state_dict(torch.load(@bundle_root + '/models/model.pt'))"]
+    (tmp_path / "configs" / "inference.json").write_text(json.dumps({"initialize": initialize}))
+    check_exportable(tmp_path, tmp_path / "export")
+
+
 TRIGGERS = {
     "dataset folder <folder> does not exist or is not a folder.": lambda t, d: calibration_datalist(t / "absent", "lits"),
     "dataset folder <folder> does not exist: inference reads images, it never generates the demo data.": (
@@ -153,6 +167,8 @@ TRIGGERS = {
     ),
     "the calibration data loader is empty, so nothing would be quantized": None,  # tests/handlers/test_handlers.py
     "there is no calibration image: the bundle's dataset (dataset#data) is empty or missing.": lambda t, d: calibration_items([], 1),
+    "the bundle's evaluator does not run the handlers listed in <key>, so the quantized network would never replace the FP one": _unattached_loader,
+    "the bundle's configs/inference.json loads models/model.pt in <keys>, in a form the export for MONAI Label cannot take out": _unexportable_bundle,
     "calibration image <file> does not exist: correct --calibration_images (or the bundle's --dataset_dir).": (
         lambda t, d: calibration_items([str(t / "case0.nii.gz")], 1)
     ),

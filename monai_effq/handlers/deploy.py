@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_effq.deploy.runtime import runtime_network
+from monai_effq.deploy.runtime import RUNTIMES, runtime_network
 from monai_effq.utils.errors import MissingInputError, UserInputError, check_integer
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -27,7 +27,11 @@ __all__ = ["RuntimeNetworkLoader", "input_channels"]
 
 
 def input_channels(network: torch.nn.Module) -> int:
-    """The number of channels ``network`` reads: those of its first convolution or linear layer.
+    """The number of channels ``network`` reads.
+
+    That is the first ``in_channels`` among the network and its modules (MONAI's networks and every
+    convolution keep one), else the first linear layer's inputs. A linear patch embedding (UNETR's
+    ``proj_type="perceptron"``) reads channels times patch voxels, so it comes last.
 
     Args:
         network: an FP segmentation network.
@@ -36,11 +40,12 @@ def input_channels(network: torch.nn.Module) -> int:
         the input channels.
 
     Raises:
-        UserInputError: when the network has no convolution or linear layer.
+        UserInputError: when the network has neither.
     """
     for module in network.modules():
-        if isinstance(module, torch.nn.modules.conv._ConvNd):
+        if isinstance(getattr(module, "in_channels", None), int):
             return module.in_channels
+    for module in network.modules():
         if isinstance(module, torch.nn.Linear):
             return module.in_features
     raise UserInputError(f"{type(network).__name__} has no convolution or linear layer to read its input channels from.")
@@ -78,6 +83,8 @@ class RuntimeNetworkLoader:
                 f"quantized checkpoint {Path(quantized_path).resolve()} does not exist: run the quantize workflow first "
                 "(with the same --weight_bits and --act_bits) or set --quantized_path."
             )
+        if runtime not in RUNTIMES:
+            raise UserInputError(f"runtime must be one of {', '.join(sorted(RUNTIMES))}, got {runtime!r}.")
         if isinstance(roi_size, str) or not isinstance(roi_size, Sequence):
             raise UserInputError(f"roi_size must be a list of window sizes such as [96,96,96], got {roi_size!r}.")
         self.roi_size = [check_integer(r, "each roi_size", low=1) for r in roi_size]

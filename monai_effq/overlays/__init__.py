@@ -14,9 +14,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from monai.utils import IgniteInfo, min_version, optional_import
+
 from monai_effq.utils.errors import MissingInputError, UserInputError, check_integer
 
-__all__ = ["OVERLAYS", "calibration_items", "overlay_path"]
+Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
+
+__all__ = ["OVERLAYS", "calibration_items", "check_attached", "overlay_path"]
 
 OVERLAYS = {
     "quantize": "quantize a bundle's FP network on its calibration images (overlays inference.json)",
@@ -44,6 +48,7 @@ def overlay_path(name: str) -> Path:
 
 
 def _files(image: Any) -> list[str]:
+    """The file names of one case's image entry (a path, or the paths of its channels)."""
     return [image] if isinstance(image, str) else [f for f in image if isinstance(f, str)]
 
 
@@ -51,9 +56,9 @@ def calibration_items(images: Any, cases: int, image_key: str = "image") -> list
     """The calibration cases, as the bundle's ``preprocessing`` reads them.
 
     Args:
-        images: ``--calibration_images``: one image path, a list whose entries are an image path, a
+        images: ``--calibration_images``: one case, or a list of cases; a case is an image path, a
             list of paths (the channels of one multi-modal case, e.g. BraTS' four MRI sequences) or a
-            datalist dict; or, by default, the bundle's own ``dataset#data``.
+            datalist dict. By default the bundle's own ``dataset#data``.
         cases: ``--calibration_cases``, how many of them calibrate (the paper: one).
         image_key: the key the bundle's transforms read the image from.
 
@@ -66,8 +71,8 @@ def calibration_items(images: Any, cases: int, image_key: str = "image") -> list
         MissingInputError: naming an image file that does not exist.
     """
     cases = check_integer(cases, "calibration_cases", low=1)
-    if isinstance(images, (str, Path)):
-        images = [str(images)]
+    if isinstance(images, (str, Path, Mapping)):  # one case given on its own
+        images = [images]
     if not isinstance(images, Sequence) or not images:
         raise UserInputError(
             "there is no calibration image: the bundle's dataset (dataset#data) is empty or missing. Pass one with "
@@ -99,3 +104,25 @@ def calibration_items(images: Any, cases: int, image_key: str = "image") -> list
                 )
         items.append(item)
     return items
+
+
+def check_attached(engine: Any, handler: Any, where: str) -> None:
+    """Stop before the run when the overlay's handler is not on the bundle's evaluator.
+
+    MONAI's ``+`` merge creates ``where`` when the bundle has no such key, and an evaluator whose
+    ``val_handlers`` do not read ``@<where>`` never sees it: the run would then write the FP
+    network's results under the quantized model's name.
+
+    Args:
+        engine: the bundle's evaluator (``evaluator`` or ``validate#evaluator``).
+        handler: the overlay's ``QuantizedCheckpointLoader`` or ``RuntimeNetworkLoader``.
+        where: the config key the overlay appended ``handler`` to.
+
+    Raises:
+        UserInputError: naming the key the evaluator's handlers should read.
+    """
+    if not engine.has_event_handler(handler, Events.STARTED):
+        raise UserInputError(
+            f"the bundle's evaluator does not run the handlers listed in {where}, so the quantized network would never "
+            f"replace the FP one: make the evaluator's val_handlers \"@{where}\", as the model zoo's bundles do."
+        )

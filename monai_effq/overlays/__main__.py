@@ -7,6 +7,8 @@ import sys
 from monai_effq.overlays import OVERLAYS, overlay_path
 from monai_effq.utils.errors import UserInputError
 
+__all__ = ["main"]
+
 
 def main(argv: list[str]) -> int:
     """Print the path of the overlay named in ``argv`` (one line, for ``$(...)``), or list them all.

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from monai.networks.nets import SegResNet, UNet
+from monai.networks.nets import UNETR, SegResNet, UNet
 
 from monai_effq.handlers import RuntimeNetworkLoader, input_channels
 from monai_effq.utils.errors import MissingInputError, UserInputError
@@ -12,15 +12,19 @@ def test_input_channels_are_those_of_the_first_weight_layer():
     assert input_channels(UNet(3, 1, 3, channels=(4, 8), strides=(2,))) == 1
     assert input_channels(SegResNet(spatial_dims=3, init_filters=8, in_channels=4, out_channels=3)) == 4
     assert input_channels(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(7, 2))) == 7
+    unetr = UNETR(2, 3, (32, 32, 32), feature_size=16, hidden_size=96, mlp_dim=192, num_heads=4, proj_type="perceptron")
+    assert input_channels(unetr) == 2  # its first layer is a linear patch embedding reading 2 x 16^3 values
     with pytest.raises(UserInputError, match="ReLU has no convolution or linear layer"):
         input_channels(torch.nn.ReLU())
 
 
-def test_a_missing_checkpoint_or_a_malformed_roi_is_refused_before_the_run(tmp_path):
+def test_a_missing_checkpoint_an_unknown_runtime_or_a_malformed_roi_is_refused_before_the_run(tmp_path):
     with pytest.raises(MissingInputError, match="model_w8a8.pt does not exist: run the quantize workflow first"):
         RuntimeNetworkLoader(tmp_path / "model_w8a8.pt", tmp_path / "model_w8a8.onnx", [32, 32, 32])
     (tmp_path / "model_w8a8.pt").write_bytes(b"")
     with pytest.raises(UserInputError, match="roi_size must be a list"):
         RuntimeNetworkLoader(tmp_path / "model_w8a8.pt", tmp_path / "model_w8a8.onnx", "96")
+    with pytest.raises(UserInputError, match="runtime must be one of onnxruntime, openvino, got 'tensorrt'"):
+        RuntimeNetworkLoader(tmp_path / "model_w8a8.pt", tmp_path / "model_w8a8.onnx", [32, 32, 32], runtime="tensorrt")
     with pytest.raises(UserInputError, match="each roi_size"):
         RuntimeNetworkLoader(tmp_path / "model_w8a8.pt", tmp_path / "model_w8a8.onnx", [32, 0, 32])

@@ -1,7 +1,7 @@
 """The overlays quantize, serve and evaluate bundles laid out like the model zoo's, which know nothing of monai-effq."""
 
 import csv
-import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from monai.bundle import ConfigWorkflow, run
 
 from monai_effq.overlays import OVERLAYS, calibration_items, overlay_path
@@ -22,7 +23,7 @@ from tests.overlays.conftest import handlers_style, spleen_style
 TAG = "efficientq_w4a8"
 
 
-def workflow(root: Path, files: list[str], run_id: str = "run", **overrides) -> ConfigWorkflow:
+def workflow(root: Path, files: list[str], run_id: str = "run", **overrides: object) -> ConfigWorkflow:
     """Build and run a workflow in this process as ``python -m monai.bundle run`` does; the workflow is returned."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -34,15 +35,18 @@ def workflow(root: Path, files: list[str], run_id: str = "run", **overrides) -> 
 
 
 def masks(folder: Path) -> dict[str, np.ndarray]:
+    """The masks a bundle wrote under ``folder`` (one subfolder per case), by case."""
     return {p.parent.name: np.asarray(nib.load(p).dataobj) for p in sorted(folder.glob("*/*.nii.gz"))}
 
 
 def mean_dice(folder: Path) -> float:
+    """The mean over cases of the zoo evaluation's per-case mean Dice (MetricsSaver's raw file)."""
     with open(folder / "val_mean_dice_raw.csv") as f:
         return float(np.mean([float(row["mean"]) for row in csv.DictReader(f)]))
 
 
-def quantized(network) -> bool:
+def quantized(network: torch.nn.Module) -> bool:
+    """Whether ``network`` holds monai-effq's quantized layers."""
     return any(isinstance(m, QuantizedLayer) for m in network.modules())
 
 
@@ -62,7 +66,7 @@ def test_calibration_images_become_datalist_cases_and_bad_ones_are_named(tmp_pat
         files.append(tmp_path / name)
         files[-1].write_bytes(b"x")
     a, flair, t1 = map(str, files)
-    assert calibration_items(a, 1) == [{"image": a}]
+    assert calibration_items(a, 1) == [{"image": a}] == calibration_items({"image": a}, 1)
     assert calibration_items([[flair, t1], a], 1) == [{"image": [flair, t1]}]
     assert calibration_items([{"image": a, "label": "unused"}, a], 2) == [{"image": a, "label": "unused"}, {"image": a}]
     with pytest.raises(MissingInputError, match="calibration image .*missing.nii.gz does not exist"):
@@ -78,7 +82,7 @@ def test_calibration_images_become_datalist_cases_and_bad_ones_are_named(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_spleen_style_bundle_is_quantized_by_the_shell_command_then_served_traced_in_torch_and_openvino_and_evaluated(
+def test_a_spleen_style_bundle_is_quantized_by_the_shell_command_then_served_traced_evaluated_and_run_in_openvino_and_onnxruntime(
     tmp_path, demo_data
 ):
     root = spleen_style(tmp_path / "bundle", demo_data["lits"])
@@ -114,19 +118,23 @@ def test_a_spleen_style_bundle_is_quantized_by_the_shell_command_then_served_tra
     for case, mask in masks(tmp_path / "traced").items():
         assert (mask == q_masks[case]).mean() > 0.999
 
-    if importlib.util.find_spec("openvino") is not None:  # the deploy extra, which the test set-up installs
-        deployed = workflow(root, configs + [str(overlay_path("openvino"))])
-        assert type(deployed.parser.get_parsed_content("evaluator").network).__name__ == "OpenVINONetwork"
-        assert (root / "models" / f"model_{TAG}.onnx").is_file()
-        for case, mask in masks(root / "eval" / f"{TAG}_openvino").items():
-            assert (mask == q_masks[case]).mean() > 0.99
-
     evaluation = [str(root / "configs" / name) for name in ("train.json", "evaluate.json")]
     workflow(root, evaluation)
     evaluated = workflow(root, evaluation + [str(overlay_path("evaluate"))])
     assert quantized(evaluated.parser.get_parsed_content("validate#evaluator").network)
     fp_dice, q_dice = mean_dice(root / "eval"), mean_dice(root / "eval" / TAG)
     assert fp_dice > 0.5 and q_dice > fp_dice - 0.03, (fp_dice, q_dice)
+
+    # the same inference in the integer runtimes (the deploy extra, which the test set-up installs)
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnxruntime")
+    for runtime, network_class in (("openvino", "OpenVINONetwork"), ("onnxruntime", "OnnxRuntimeNetwork")):
+        deployed = workflow(root, configs + [str(overlay_path("openvino"))], runtime=runtime)
+        assert type(deployed.parser.get_parsed_content("evaluator").network).__name__ == network_class
+        runtime_masks = masks(root / "eval" / f"{TAG}_{runtime}")
+        assert sorted(runtime_masks) == sorted(q_masks)
+        assert all((runtime_masks[case] == q_masks[case]).mean() > 0.99 for case in q_masks), runtime
+    assert (root / "models" / f"model_{TAG}.onnx").is_file()
 
 
 @pytest.mark.slow
@@ -152,12 +160,13 @@ def test_a_bundle_whose_handlers_load_the_checkpoint_is_quantized_from_its_own_d
     traced = masks(tmp_path / "traced")
     assert sorted(traced) == sorted(q_masks) and all((traced[c] == q_masks[c]).mean() > 0.999 for c in traced)
 
-    with pytest.raises(Exception) as refused:  # a second run would replace the checkpoint
+    with pytest.raises(RuntimeError) as refused:  # a second run would replace the checkpoint
         workflow(root, [inference, str(overlay_path("quantize"))], run_id="quantize")
     assert "exists from an earlier run: pass --overwrite True" in "".join(map(str, _chain(refused.value)))
 
 
 def _chain(error: BaseException) -> list[BaseException]:
+    """``error`` and the errors it was raised from (MONAI wraps a config entry's error in its own)."""
     out = [error]
     while out[-1].__cause__ is not None:
         out.append(out[-1].__cause__)
@@ -166,7 +175,7 @@ def _chain(error: BaseException) -> list[BaseException]:
 
 def test_serving_before_quantizing_says_to_run_quantize_first(tmp_path, demo_data):
     root = handlers_style(tmp_path / "bundle", demo_data["brats"])
-    with pytest.raises(Exception) as missing:
+    with pytest.raises(RuntimeError) as missing:
         workflow(root, [str(root / "configs" / "inference.json"), str(overlay_path("inference"))], run_id="evaluating")
     assert any(isinstance(e, MissingInputError) and "run the quantize workflow first" in str(e) for e in _chain(missing.value))
 
@@ -182,4 +191,28 @@ def test_quantizing_a_bundle_with_no_images_ends_with_one_line_naming_the_settin
     assert res.returncode == 1
     last = res.stderr.strip().splitlines()[-1]
     assert last.startswith("error: there is no calibration image") and "--calibration_images" in last
+    assert not (root / "models" / f"model_{TAG}.pt").exists()
+
+
+def test_serving_refuses_a_bundle_whose_evaluator_would_never_run_the_quantized_network(tmp_path, demo_data):
+    root = spleen_style(tmp_path / "bundle", demo_data["lits"])
+    config = json.loads((root / "configs" / "inference.json").read_text())
+    config["evaluator"]["val_handlers"] = [{"_target_": "StatsHandler", "iteration_log": False}]  # not "@handlers"
+    (root / "configs" / "inference.json").write_text(json.dumps(config))
+    (root / "models" / f"model_{TAG}.pt").write_bytes(b"")  # the loaders check only that it exists, when built
+    for overlay in ("inference", "openvino"):
+        with pytest.raises(RuntimeError) as refused:
+            workflow(root, [str(root / "configs" / "inference.json"), str(overlay_path(overlay))])
+        assert any(isinstance(e, UserInputError) and 'val_handlers "@handlers"' in str(e) for e in _chain(refused.value))
+    assert not (root / "eval").exists()
+
+
+def test_quantize_refuses_before_it_starts_a_bundle_whose_export_would_still_load_model_pt(tmp_path, demo_data):
+    root = spleen_style(tmp_path / "bundle", demo_data["lits"])
+    config = json.loads((root / "configs" / "inference.json").read_text())
+    config["initialize"] = ["$@network.load_state_dict(torch.load(@bundle_root + '/models/model.pt'))"]
+    (root / "configs" / "inference.json").write_text(json.dumps(config))
+    with pytest.raises(RuntimeError) as refused:
+        workflow(root, [str(root / "configs" / "inference.json"), str(overlay_path("quantize"))], run_id="quantize")
+    assert any("loads models/model.pt in initialize" in str(e) and '--export_dir ""' in str(e) for e in _chain(refused.value))
     assert not (root / "models" / f"model_{TAG}.pt").exists()
