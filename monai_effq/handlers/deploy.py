@@ -15,7 +15,8 @@ import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_effq.deploy.runtime import RUNTIMES, runtime_network
-from monai_effq.utils.errors import MissingInputError, UserInputError, check_integer
+from monai_effq.handlers.quantization import require_quantized_checkpoint
+from monai_effq.utils.errors import UserInputError, check_integer
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -78,11 +79,7 @@ class RuntimeNetworkLoader:
         runtime: str = "openvino",
         options: dict[str, Any] | None = None,
     ) -> None:
-        if not Path(quantized_path).is_file():  # checked when the workflow is built, not when it runs
-            raise MissingInputError(
-                f"quantized checkpoint {Path(quantized_path).resolve()} does not exist: run the quantize workflow first "
-                "(with the same --weight_bits and --act_bits) or set --quantized_path."
-            )
+        require_quantized_checkpoint(quantized_path)
         if runtime not in RUNTIMES:
             raise UserInputError(f"runtime must be one of {', '.join(sorted(RUNTIMES))}, got {runtime!r}.")
         if isinstance(roi_size, str) or not isinstance(roi_size, Sequence):

@@ -30,7 +30,13 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["QuantizationHandler", "QuantizedCheckpointLoader", "batch_images", "check_calibration_volume"]
+__all__ = [
+    "QuantizationHandler",
+    "QuantizedCheckpointLoader",
+    "batch_images",
+    "check_calibration_volume",
+    "require_quantized_checkpoint",
+]
 
 
 def batch_images(batch: Any, key: str = "image") -> torch.Tensor:
@@ -212,6 +218,22 @@ class QuantizationHandler:
         self.batches = []
 
 
+def require_quantized_checkpoint(path: str | Path) -> None:
+    """Refuse a quantized checkpoint that is not there, when a workflow is built rather than when it runs.
+
+    Args:
+        path: where the quantize workflow writes the checkpoint.
+
+    Raises:
+        MissingInputError: naming the file and the workflow that writes it.
+    """
+    if not Path(path).is_file():
+        raise MissingInputError(
+            f"quantized checkpoint {Path(path).resolve()} does not exist: run the quantize workflow first "
+            "(with the same --weight_bits and --act_bits) or set --quantized_path."
+        )
+
+
 class QuantizedCheckpointLoader:
     """Replaces an engine's FP network by the quantized one stored in a checkpoint, when it starts.
 
@@ -221,11 +243,7 @@ class QuantizedCheckpointLoader:
     """
 
     def __init__(self, load_path: str | Path, map_location: str | torch.device | None = None) -> None:
-        if not Path(load_path).is_file():  # checked when the workflow is built, not when it runs
-            raise MissingInputError(
-                f"quantized checkpoint {Path(load_path).resolve()} does not exist: run the quantize workflow first "
-                "(with the same --weight_bits and --act_bits) or set --quantized_path."
-            )
+        require_quantized_checkpoint(load_path)
         self.load_path = load_path
         self.map_location = map_location
 
