@@ -98,7 +98,7 @@ class RuntimeNetworkLoader:
 
     def __call__(self, engine: Engine) -> None:
         """Swap the runtime network in."""
-        network = engine.network
+        network = engine.network  # replaced below, so moving it to the CPU, where the export traces, costs nothing
         shape = [1, input_channels(network), *self.roi_size]
         engine.network = runtime_network(self.runtime, self.onnx_path, self.quantized_path, network.cpu(), shape, **self.options)
         self.logger.info(f"{self.runtime} runs {self.onnx_path}, exported from {self.quantized_path}")
