@@ -385,7 +385,7 @@ class _Run:
         if self.world == 1:
             return ActivationQuantizer.from_spec(x, plan.act, plan.name).to(x.device)
         place, size = self.places[index]
-        per_window = x[0].numel()
+        per_window = x.numel() // place.numel()  # a transformer's linear layers batch more rows than windows
         total = size * per_window
         stride = total // _ACT_SAMPLES + 1 if total > _ACT_SAMPLES else 1
         local = x.new_zeros(0)
@@ -476,6 +476,8 @@ class _Run:
                 if act_q is None:  # ranges from the first batch, used for all
                     act_q = self._fit_activation(x, plan, index)
                 x = act_q(x)
+            if view.kind == "linear":
+                x, y = _by_calibration_window(x, y, len(self.places[index][0]), plan.name)
             h = None
             if attention is not None and view.kind != "linear":
                 h = attention(tuple(y.shape[2:]), index)
@@ -539,6 +541,43 @@ class _Run:
         else:
             sol = solve_statistics(view, stats, **solve_args)
         return sol, stats.voxels, stats.effective_voxels
+
+
+def _by_calibration_window(
+    inputs: torch.Tensor, targets: torch.Tensor, windows: int, name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``Linear`` layer's inputs and targets with the calibration windows as their first axis.
+
+    A window-attention transformer (SwinUNETR) runs its linear layers on ``(N * windows, tokens,
+    features)``: its attention windows, not the calibration windows, lead. A linear layer maps each
+    token on its own, so grouping the tokens by calibration window changes no output; it gives
+    hold-out and window numbering the calibration windows they count.
+
+    Args:
+        inputs: the layer's input batch, features last.
+        targets: its full-precision output batch, features last.
+        windows: calibration windows in the batch.
+        name: the layer, for the error.
+
+    Returns:
+        ``inputs`` and ``targets``, unchanged when their first axis is ``windows``, else viewed
+        as ``(windows, -1, features)``.
+
+    Raises:
+        ValueError: when the first axis is not a whole multiple of ``windows``.
+    """
+    if inputs.shape[0] == windows:
+        return inputs, targets
+    if inputs.dim() < 2 or inputs.shape[0] % windows:
+        raise ValueError(
+            f"{name} runs on a batch of {inputs.shape[0]} rows for {windows} calibration window(s); a linear "
+            "layer's first axis must be the calibration batch or a whole multiple of it (windows first). "
+            f"Leave it out with EfficientQConfig(skip=[{name!r}])."
+        )
+    return (
+        inputs.reshape(windows, -1, inputs.shape[-1]),
+        targets.reshape(windows, -1, targets.shape[-1]),
+    )
 
 
 def _voxel_shape(view: LayerView, targets: torch.Tensor) -> tuple[int, ...]:

@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn as nn
-from monai.networks.nets import BasicUNet, DynUNet, SegResNet, UNet, UNETR
+from monai.networks.nets import BasicUNet, DynUNet, SegResNet, SwinUNETR, UNet, UNETR
 
 from monai_effq import EfficientQConfig, quantize
 from monai_effq.ptq import QuantizedConv, QuantizedConvTranspose, QuantizedLayer, QuantizedLinear
@@ -166,6 +166,55 @@ def test_linear_layers_of_a_transformer_are_quantized():
     q = quantize(net, x, EfficientQConfig(weight_bits=8, act_bits=8), progress=False)
     assert any(isinstance(m, QuantizedLinear) for m in q.network.modules())
     assert _rel_err(net, q.network, x) < 0.1
+
+
+class _WindowTokens(nn.Module):
+    """Linear layers on 4x4x4 windows of tokens, batched attention windows first ``(N * 8, 64, 16)`` as
+    SwinUNETR runs them, or with each volume's tokens together ``(N, 512, 16)``."""
+
+    def __init__(self, windows_lead: bool = True) -> None:
+        super().__init__()
+        self.windows_lead = windows_lead
+        self.conv = nn.Conv3d(1, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 32)
+        self.proj = nn.Linear(32, 16)
+        self.head = nn.Conv3d(16, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, d, h, w = x.shape
+        f = self.conv(x).reshape(n, 16, d // 4, 4, h // 4, 4, w // 4, 4)
+        tokens = f.permute(0, 2, 4, 6, 3, 5, 7, 1).reshape(-1, 64, 16)
+        if not self.windows_lead:
+            tokens = tokens.reshape(n, -1, 16)
+        tokens = self.proj(torch.relu(self.fc(tokens)))
+        f = tokens.reshape(n, d // 4, h // 4, w // 4, 4, 4, 4, 16).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return self.head(f.reshape(n, 16, d, h, w))
+
+
+@pytest.mark.parametrize("windows", [1, 4])
+def test_linear_layers_on_attention_windows_are_solved_as_on_each_calibration_windows_tokens(windows):
+    # held out and numbered by calibration window: the attention windows' batch is a regrouping only
+    torch.manual_seed(0)
+    attention_windows, per_volume = _WindowTokens().eval(), _WindowTokens(windows_lead=False).eval()
+    per_volume.load_state_dict(attention_windows.state_dict())
+    x = torch.randn(windows, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    a = quantize(attention_windows, x, EfficientQConfig(weight_bits=4), progress=False)
+    b = quantize(per_volume, x, EfficientQConfig(weight_bits=4), progress=False)
+    assert all(r.mse_holdout is not None for r in a.report.layers)
+    assert [(r.name, r.choice, r.mse_holdout) for r in a.report.layers] == [(r.name, r.choice, r.mse_holdout) for r in b.report.layers]
+    sa, sb = a.network.state_dict(), b.network.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_swin_unetr_is_quantized_close_to_full_precision_at_w8a8():
+    # window attention (its linear layers on attention windows) and shifted windows; 64^3 is its smallest input
+    torch.manual_seed(0)
+    net = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, spatial_dims=3).eval()
+    x = torch.randn(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(1))
+    q = quantize(net, x, EfficientQConfig(weight_bits=8, act_bits=8), progress=False)
+    linear = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
+    assert linear and all(isinstance(q.network.get_submodule(n), QuantizedLinear) for n in linear)
+    assert _rel_err(net, q.network, x) < 0.06
 
 
 def test_calibration_may_be_several_batches_of_different_sizes(trained_unet):
