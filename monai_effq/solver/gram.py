@@ -13,6 +13,8 @@ that read input samples, and their products go into those taps' rows and columns
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -468,6 +470,18 @@ def _fit_weights(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return h, h if h_held is None else h - h_held
 
 
+def _in_float64(chunk: PatchChunk) -> PatchChunk:
+    """A chunk whose products are summed in float64.
+
+    A transformer's attention outputs share a mean up to ~200 times their spread; centring float32
+    products afterwards leaves errors of ~1e-7 x 200² of the Gram matrix, enough to make a
+    rank-deficient one indefinite. A linear layer's products are few beside the convolutions', so
+    float64 costs little there (shifting the inputs, possible without padding, would need a shift
+    that every rank agrees on).
+    """
+    return dataclasses.replace(chunk, inputs=chunk.inputs.double(), targets=chunk.targets.double(), weights=chunk.weights.double())
+
+
 def _add_chunk(chunk: PatchChunk, whole: _Sums | _ScatteredParts, held: _Sums | _ScatteredParts | None) -> None:
     """Add a chunk's voxels to ``whole``, and those with a held-out weight (its second weight column) to ``held``."""
     x, y = chunk.inputs, chunk.targets
@@ -577,6 +591,8 @@ class GramAccumulator:
                     self._all.add_unweighted(*window)
                 return
         chunks = (c for w in self._windows(inputs, targets, voxel_weights) for c in self.view.iter_chunks(*w, self.max_chunk_elements))
+        if self.view.kind == "linear":
+            chunks = (_in_float64(c) for c in chunks)
         if self.view.splits_by_parity:
             # Parity classes skip the inserted zeros (47x fewer multiply-adds for a 3D U-Net's
             # up-sampling); the dense columns are only unfolded for the low-rank form, while it lasts.
@@ -601,9 +617,10 @@ class GramAccumulator:
 
     def _keep_columns(self, x: torch.Tensor, h: torch.Tensor, h_fit: torch.Tensor) -> None:
         """Keep a chunk's dense columns and the square roots of its weights for the low-rank factor."""
-        self._columns.append(x.clone())
-        self._sqrt_h.append(h.clamp_min(0).sqrt())
-        self._sqrt_h_fit.append(h_fit.clamp_min(0).sqrt())
+        # float32 copies: a linear layer's chunks come in float64 for its sums, the factor stays float32
+        self._columns.append(x.to(torch.float32, copy=True))
+        self._sqrt_h.append(h.clamp_min(0).sqrt().float())
+        self._sqrt_h_fit.append(h_fit.clamp_min(0).sqrt().float())
 
     def _add_by_parity(self, inputs: torch.Tensor, targets: torch.Tensor, voxel_weights: torch.Tensor | None) -> None:
         """Add one window (or batch, for float64 sums) through :meth:`LayerView.iter_parity_chunks`."""

@@ -221,3 +221,23 @@ def test_chunks_of_one_window_whose_column_subsets_overlap_are_refused():
     parts.add(torch.ones(1, 3, 2), torch.ones(1, 3, 2), torch.ones(3), torch.tensor([0, 1]))
     with pytest.raises(RuntimeError, match="overlap"):
         parts.add(torch.ones(1, 3, 2), torch.ones(1, 3, 2), torch.ones(3), torch.tensor([1, 2]))
+
+
+@pytest.mark.parametrize("exact", [False, True], ids=["float64_sums", "exact_sums"])
+def test_a_linear_layers_statistics_stay_accurate_when_its_inputs_share_a_mean_far_above_their_spread(exact):
+    # an attention output: each of 96 features is ~200 times its spread from zero, 64 tokens (rank ≤ 63);
+    # float32 products, centred afterwards, were off by ~1e-3 of the largest eigenvalue and indefinite
+    g = torch.Generator().manual_seed(0)
+    layer = nn.Linear(96, 8)
+    x = 200.0 + torch.randn(1, 64, 96, generator=g)
+    with torch.no_grad():
+        y = layer(x)
+    bounds = SumBounds(voxels=64, weight=1.0, inputs=float(x.abs().max()), targets=float(y.abs().max())) if exact else None
+    acc = GramAccumulator(layer_view(layer), bounds=bounds)
+    acc.add_batch(x, y)
+    a = acc.statistics().A64[0]
+    centred = (x[0] - x[0].mean(0)).double()
+    want = 2 * centred.T @ centred
+    top = float(torch.linalg.eigvalsh(want).max())
+    assert float((a - want).abs().max()) < 1e-9 * top
+    assert float(torch.linalg.eigvalsh(a).min()) > -1e-9 * top
