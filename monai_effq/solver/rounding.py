@@ -122,6 +122,10 @@ def round_to_nearest(weight: torch.Tensor, fit: GridFit) -> torch.Tensor:
     return fit.codes(weight)
 
 
+# GPTQ's ridge is retried this many times larger when the damped Gram matrix still is not positive definite
+_RIDGE_BOOSTS = (1.0, 10.0, 100.0)
+
+
 def gptq_round(
     weight: torch.Tensor, hessian: torch.Tensor, fit: GridFit, damp: float = 0.01, block: int = 128
 ) -> torch.Tensor:
@@ -137,11 +141,15 @@ def gptq_round(
         weight: ``(G, m, n)`` weights to round.
         hessian: ``(G, n, n)`` positive semi-definite ``H`` (the layer's Gram matrix).
         fit: the grid and its scale.
-        damp: ridge added to ``H`` as a fraction of its mean diagonal.
+        damp: ridge added to ``H`` as a fraction of its mean diagonal (10 and then 100 times
+            larger when ``H`` plus that ridge is still not numerically positive definite).
         block: columns updated together before the lazy batch update.
 
     Returns:
         float tensor of integer codes, shaped like ``weight``.
+
+    Raises:
+        ValueError: when ``H`` plus the largest ridge is still not positive definite.
     """
     w0 = weight.clone().float()
     h = hessian.clone().float()
@@ -151,9 +159,23 @@ def gptq_round(
     diag[dead] = 1.0
     w0.masked_fill_(dead[:, None, :], 0.0)
     ridge = damp * diag.mean(dim=1).clamp_min(1e-12)
-    diag += ridge[:, None]
-    # H = V Vᵀ with V upper: the lower factor of the reversed H, reversed.
-    v = cholesky(h.flip(-1, -2)).flip(-1, -2)
+    undamped = diag.clone()
+    for boost in _RIDGE_BOOSTS:
+        diag.copy_(undamped + boost * ridge[:, None])
+        try:
+            # H = V Vᵀ with V upper: the lower factor of the reversed H, reversed.
+            v = cholesky(h.flip(-1, -2)).flip(-1, -2)
+            break
+        except torch.linalg.LinAlgError:
+            # float32 sums of a rank-deficient H (fewer voxels than columns) can leave it slightly
+            # indefinite; a larger ridge is what GPTQ's authors advise for that
+            continue
+    else:
+        raise ValueError(
+            f"GPTQ could not factorise the Gram matrix even with a ridge of {damp * _RIDGE_BOOSTS[-1]:g} "
+            "of its mean diagonal: its sums are not those of real inputs (check the calibration data for "
+            "extreme values), or choose another method."
+        )
     feedback = (v / torch.diagonal(v, dim1=1, dim2=2)[:, None, :]).float()  # V_ij / V_jj
     w = w0.clone()  # w_j plus the feedback of the columns before it, brought up to date lazily
     codes = torch.zeros_like(w0)

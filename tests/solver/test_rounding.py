@@ -113,3 +113,29 @@ def test_a_refit_fits_the_scale_for_the_zero_point_it_keeps(per_channel):
     dims = (1, 2) if not per_channel else 2
     best = (q * moved).sum(dims, dtype=torch.float64) / (q * q).sum(dims, dtype=torch.float64)
     assert torch.allclose(new.scale.double().reshape(best.shape), best, rtol=1e-5)
+
+
+def _rank_deficient_gram(n: int = 24, voxels: int = 8, negative: float = 0.0) -> torch.Tensor:
+    """``(1, n, n)``: the Gram matrix of fewer voxels than columns, less ``negative`` along one null direction."""
+    x = torch.randn(voxels, n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    h = x.T @ x
+    null = torch.linalg.eigh(h).eigenvectors[:, 0]  # an eigenvalue ~0: rank ≤ voxels
+    return (h - negative * torch.diagonal(h).mean() * torch.outer(null, null)).float()[None]
+
+
+def test_gptq_rounds_a_gram_matrix_that_its_ridge_leaves_indefinite_with_a_larger_ridge():
+    # float32 sums of few voxels can leave -1e-4..-1e-3 of the mean diagonal along a null direction
+    w0 = torch.randn(1, 4, 24, generator=torch.Generator().manual_seed(1))
+    fit = fit_grid(w0, WeightSpec.of(4))
+    h = _rank_deficient_gram(negative=0.05)  # more than the default ridge (1%), less than 10x
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.cholesky((h + 0.01 * torch.diagonal(h, dim1=1, dim2=2).mean() * torch.eye(24)).double())
+    codes = gptq_round(w0, h, fit)
+    assert torch.equal(codes, gptq_round(w0, h, fit, damp=0.1))  # rounded with the 10x ridge
+    assert codes.min() >= fit.grid.qmin and codes.max() <= fit.grid.qmax
+
+
+def test_gptq_refuses_a_gram_matrix_no_ridge_makes_definite():
+    w0 = torch.randn(1, 4, 24, generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="GPTQ could not factorise the Gram matrix"):
+        gptq_round(w0, _rank_deficient_gram(negative=10.0), fit_grid(w0, WeightSpec.of(4)))
