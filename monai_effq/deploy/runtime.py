@@ -254,8 +254,15 @@ class OnnxRuntimeNetwork(_RuntimeNetwork):
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if threads:
             options.intra_op_num_threads = int(threads)
+        # MatMulAddFusion turns a linear layer on tokens (N, T, C) into a Gemm on (N*T, C) and
+        # re-quantizes the reshaped input as int8 whatever the activation grid: on our uint8 grid
+        # the session then refuses to load (onnxruntime 1.32, microsoft/onnxruntime#25526). The
+        # Q/DQ MatMul still runs as an integer kernel without it, and convolutions never use it.
+        disabled = ["MatMulAddFusion"] if optimize else None
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=providers or ["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                str(self.path), options, providers=providers or ["CPUExecutionProvider"], disabled_optimizers=disabled
+            )
         except Exception as err:  # onnxruntime raises its own exception types
             raise self._load_error(err) from err
         shape = self.session.get_inputs()[0].shape

@@ -296,3 +296,32 @@ def test_an_input_that_is_not_a_tensor_is_a_type_error_naming_the_runner(exporte
     _, path = exported
     with pytest.raises(TypeError, match=f"{cls.__name__} expects a torch tensor, got ndarray"):
         cls(path)(torch.rand(1, 2, 8, 8, 8).numpy())
+
+
+class _TokenHead(torch.nn.Module):
+    """A convolution, then linear layers on its voxels as tokens ``(N, tokens, features)``, as a transformer runs them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 16)
+        self.out = torch.nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, *size = x.shape
+        tokens = self.conv(x).flatten(2).transpose(1, 2)
+        return self.out(torch.relu(self.fc(tokens))).transpose(1, 2).reshape(n, 2, *size)
+
+
+@pytest.mark.parametrize("cls", [F32_OPENVINO, OnnxRuntimeNetwork], ids=["openvino", "onnxruntime"])
+def test_linear_layers_on_tokens_with_a_symmetric_input_grid_load_and_match_the_fake_quant_network(tmp_path, cls):
+    # int8 (symmetric) inputs to a linear layer on tokens: ONNX Runtime's MatMulAddFusion, with its
+    # Q/DQ passes, used to write an int8 Q with a uint8 zero point and refuse to load the file
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 8, 8, 8)
+    config = monai_effq.EfficientQConfig(weight_bits=8, act_bits=8, overrides={"fc": {"act_grid": "symmetric"}})
+    result = monai_effq.quantize(_TokenHead().eval(), x, config, progress=False)
+    path = monai_effq.export_onnx(result, tmp_path / "tokens.onnx", x, dynamic_spatial=False)
+    with torch.no_grad():
+        expected = result.network(x)
+    assert rel_l2(cls(path)(x), expected) < 1e-3
