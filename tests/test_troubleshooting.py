@@ -112,6 +112,28 @@ def _nan_onnx_input(tmp_path, lits):
     network(x)
 
 
+class _SizedMask(nn.Module):
+    """A convolution plus a buffer sized for 8x8x8 inputs (as SwinUNETR's attention mask is)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(1, 2, 3, padding=1)
+        self.register_buffer("mask", torch.rand(1, 1, 512))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.conv(x)
+        return (f.flatten(2) + self.mask).reshape(f.shape)
+
+
+def _onnx_run_at_another_size(tmp_path, lits):
+    pytest.importorskip("onnxruntime")
+    from monai_effq.deploy.export import export_onnx
+    from monai_effq.deploy.runtime import OnnxRuntimeNetwork
+
+    result = quantize(_SizedMask().eval(), torch.rand(1, 1, 8, 8, 8), EfficientQConfig(method="rtn", attention=False), progress=False)
+    OnnxRuntimeNetwork(export_onnx(result, tmp_path / "model.onnx", (1, 1, 8, 8, 8)))(torch.rand(1, 1, 16, 16, 16))
+
+
 def _no_cuda(tmp_path, lits):
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
@@ -199,6 +221,7 @@ TRIGGERS = {
     "the quantize run that writes <file> did not finish (its journal <journal> is there)": _unfinished_run,
     "<n> validation cases cannot be shared by <m> processes": lambda t, d: rank_cases([{"image": "a.nii.gz"}], 0, 2),
     "the input to <model.onnx> holds <n> NaN or Inf voxel(s)": _nan_onnx_input,
+    "<runtime> could not run <model.onnx> on a <size> input (<reason>); it was exported on <size>": _onnx_run_at_another_size,
 }
 
 

@@ -93,6 +93,10 @@ EXPORT_OPTIONS_KEY = "monai_effq.export_options"
 # metadata_props key recording the fingerprint of the quantized checkpoint a file was exported from,
 # so a file exported from another checkpoint is re-exported whatever the files' modification times
 SOURCE_FINGERPRINT_KEY = "monai_effq.checkpoint_fingerprint"
+# metadata_props key recording the spatial size of the example input ("96x96x96"): a network whose
+# graph depends on its input size (SwinUNETR's window partition) runs at that size only, and the
+# runtimes name it when another size fails
+EXAMPLE_SPATIAL_KEY = "monai_effq.example_spatial_size"
 
 # ONNX Runtime's u8s8 kernels on CPUs without VNNI add pairs of products in 16 bits: 255*63*2 fits,
 # so reduce_range re-rounds wider int8 weights onto the 7-bit signed grid, -64..63.
@@ -612,7 +616,10 @@ def export_onnx(
     compact_names(proto)
     if source_fingerprint is None and isinstance(model, QuantizationResult):
         source_fingerprint = result_fingerprint(model)
-    props = {EXPORT_OPTIONS_KEY: f"group_norm={group_norm};reduce_range={reduce_range};weight_container={weight_container}"}
+    props = {
+        EXPORT_OPTIONS_KEY: f"group_norm={group_norm};reduce_range={reduce_range};weight_container={weight_container}",
+        EXAMPLE_SPATIAL_KEY: "x".join(str(int(v)) for v in example_input.shape[2:]),
+    }
     if source_fingerprint is not None:
         props[SOURCE_FINGERPRINT_KEY] = source_fingerprint
     onnx.helper.set_model_props(proto, props)

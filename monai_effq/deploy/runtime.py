@@ -26,6 +26,7 @@ from monai_effq.deploy.norms import group_norm_form_for
 from monai_effq.deploy.transposed_inputs import shift_transposed_inputs
 from monai_effq.deploy.tensorrt import tensorrt_network
 from monai_effq.deploy.export import (
+    EXAMPLE_SPATIAL_KEY,
     EXPORT_OPTIONS_KEY,
     REDUCED_WEIGHT_RANGE,
     SOURCE_FINGERPRINT_KEY,
@@ -213,8 +214,33 @@ class _RuntimeNetwork(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._run(self._check(x))
+        array = self._check(x)
+        try:
+            out = self._run(array)
+        except Exception as err:
+            mismatch = self._size_mismatch(tuple(array.shape[2:]), err)
+            if mismatch is None:
+                raise
+            raise UserInputError(mismatch) from err
         return torch.from_numpy(out).to(x.device)
+
+    def _size_mismatch(self, spatial: tuple[int, ...], err: Exception) -> str | None:
+        """The failure ``err`` of a run at ``spatial``, with the size the file was exported at when that differs, else ``None``.
+
+        A network whose graph depends on its input size (SwinUNETR's window partition) keeps the
+        example's window counts in its reshapes, though its axes are named dynamic; the runtimes then
+        fail deep in the graph, naming a node. The file records the example's size (read only here).
+        """
+        exported = _metadata(self.path).get(EXAMPLE_SPATIAL_KEY) if self.path.suffix == ".onnx" and _has_onnx else None
+        if not exported or exported == "x".join(map(str, spatial)):
+            return None
+        reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        return (
+            f"{self.runtime} could not run {self.path.name} on a {'x'.join(map(str, spatial))} input ({reason}); it was "
+            f"exported on {exported}, and a network whose graph depends on its input size (window attention such as "
+            f"SwinUNETR's) runs at that size only: give the sliding-window inferer roi_size {exported.replace('x', ', ')}, "
+            "or export again with an example input of the size you run."
+        )
 
     def extra_repr(self) -> str:
         return f"path={str(self.path)!r}"
@@ -468,7 +494,9 @@ def runtime_network(
     checkpoint than this one (compared by the fingerprint of the checkpoint's content, which the export
     records: a checkpoint copied in with an older modification time is still told apart) or, for
     OpenVINO, the file records another group-norm form than the one OpenVINO runs fastest for
-    this network (:func:`~monai_effq.deploy.norms.group_norm_form_for`). ONNX Runtime runs any form,
+    this network (:func:`~monai_effq.deploy.norms.group_norm_form_for`), or the file was exported on
+    another spatial size than ``example_shape``'s (a window-attention network such as SwinUNETR runs at
+    its example's size only). ONNX Runtime runs any form,
     and other export options (``reduce_range``, ``weight_container``) are left as exported.
 
     ``"tensorrt"`` builds the checkpoint into a TensorRT engine instead
@@ -481,7 +509,8 @@ def runtime_network(
         onnx_path: the ONNX file to run (and to write).
         quantized_path: the quantized checkpoint it is exported from (``None``: run ``onnx_path`` as is).
         network: a fresh FP network of the checkpoint's architecture (needed with ``quantized_path``).
-        example_shape: an input shape ``(N, C, *spatial)`` for the export (spatial axes stay dynamic).
+        example_shape: an input shape ``(N, C, *spatial)`` for the export, the inferer's window (spatial
+            axes stay dynamic where the network's graph allows).
         options: passed to the runtime network.
 
     Returns:
@@ -513,7 +542,10 @@ def runtime_network(
             else None
         )
         recorded = _parse_options(metadata.get(EXPORT_OPTIONS_KEY))
-        if stale or (group_norm is not None and recorded.get("group_norm", group_norm) != group_norm):
+        # a window-attention graph runs at its example's size only (_RuntimeNetwork._size_mismatch)
+        size = None if example_shape is None else "x".join(str(int(v)) for v in list(example_shape)[2:])
+        resized = size is not None and metadata.get(EXAMPLE_SPATIAL_KEY, size) != size
+        if stale or resized or (group_norm is not None and recorded.get("group_norm", group_norm) != group_norm):
             if network is None or example_shape is None:
                 raise ValueError("exporting a quantized checkpoint needs the FP `network` and an `example_shape`.")
             export_onnx(

@@ -325,3 +325,42 @@ def test_linear_layers_on_tokens_with_a_symmetric_input_grid_load_and_match_the_
     with torch.no_grad():
         expected = result.network(x)
     assert rel_l2(cls(path)(x), expected) < 1e-3
+
+
+class _SizedAttention(torch.nn.Module):
+    """A buffer sized for 8x8x8 inputs, as SwinUNETR's attention mask holds its example's window count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 4, 3, padding=1)
+        self.register_buffer("mask", torch.rand(8, 64, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.conv(x)
+        return (f.flatten(2) + self.mask.reshape(1, 1, 512)).reshape(f.shape)
+
+
+@pytest.mark.parametrize("cls", [OpenVINONetwork, OnnxRuntimeNetwork])
+def test_a_graph_that_holds_its_examples_size_fails_at_another_size_naming_the_size_to_run(tmp_path, cls):
+    x = torch.randn(1, 1, 8, 8, 8)
+    result = monai_effq.quantize(_SizedAttention().eval(), x, monai_effq.EfficientQConfig(weight_bits=8, method="rtn"), progress=False)
+    net = cls(monai_effq.export_onnx(result, tmp_path / "sized.onnx", x))
+    assert net(x).shape == (1, 4, 8, 8, 8)
+    with pytest.raises(UserInputError, match=r"16x16x16 input \(.+\); it was exported on 8x8x8,.* roi_size 8, 8, 8"):
+        net(torch.randn(1, 1, 16, 16, 16))
+
+
+def test_runtime_network_re_exports_for_another_window_size(tmp_path):
+    import onnx
+
+    ckpt = monai_effq.save_quantized(_rtn(4), tmp_path / "model_w4a8.pt")
+    onnx_path = tmp_path / "model_w4a8.onnx"
+
+    def exported_size() -> str:
+        props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+        return props["monai_effq.example_spatial_size"]
+
+    runtime_network("onnxruntime", onnx_path, ckpt, bn_unet(), (1, 2, 16, 16, 16))
+    assert exported_size() == "16x16x16"
+    runtime_network("onnxruntime", onnx_path, ckpt, bn_unet(), (1, 2, 16, 24, 16))
+    assert exported_size() == "16x24x16"
