@@ -280,10 +280,11 @@ class OnnxRuntimeNetwork(_RuntimeNetwork):
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         if threads:
             options.intra_op_num_threads = int(threads)
-        # MatMulAddFusion turns a linear layer on tokens (N, T, C) into a Gemm on (N*T, C) and
-        # re-quantizes the reshaped input as int8 whatever the activation grid: on our uint8 grid
-        # the session then refuses to load (onnxruntime 1.32, microsoft/onnxruntime#25526). The
-        # Q/DQ MatMul still runs as an integer kernel without it, and convolutions never use it.
+        # MatMulAddFusion turns a linear layer on tokens (N, T, C) into a Gemm on (N*T, C); on an
+        # int8 (symmetric-grid) input, the Q/DQ pair it moves past its reshape keeps output_dtype int8
+        # after the S8-to-U8 pass gave it a uint8 zero point, and the session refuses to load
+        # (onnxruntime 1.32; microsoft/onnxruntime#25526). The Q/DQ MatMul still runs as an integer
+        # kernel without it, and convolutions never use it.
         disabled = ["MatMulAddFusion"] if optimize else None
         try:
             self.session = ort.InferenceSession(

@@ -14,7 +14,6 @@ that read input samples, and their products go into those taps' rows and columns
 from __future__ import annotations
 
 import dataclasses
-
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field

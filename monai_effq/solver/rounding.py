@@ -168,7 +168,7 @@ def gptq_round(
             break
         except torch.linalg.LinAlgError:
             # float32 sums of a rank-deficient H (fewer voxels than columns) can leave it slightly
-            # indefinite; a larger ridge is what GPTQ's authors advise for that
+            # indefinite; a larger ridge makes it definite at the least cost to the rounding
             continue
     else:
         raise ValueError(
