@@ -63,6 +63,7 @@ _, _has_onnxscript = optional_import("onnxscript")  # torch's current ONNX expor
 __all__ = [
     "DEPLOY_EXTRA",
     "DYNAMO_MIN_OPSET",
+    "EXAMPLE_SPATIAL_KEY",
     "EXPORTERS",
     "EXPORT_OPTIONS_KEY",
     "QdqLayer",
@@ -75,6 +76,7 @@ __all__ = [
     "export_onnx",
     "fold_weight_quantization",
     "require",
+    "spatial_size_label",
 ]
 
 logger = logging.getLogger("monai_effq")
@@ -97,6 +99,12 @@ SOURCE_FINGERPRINT_KEY = "monai_effq.checkpoint_fingerprint"
 # graph depends on its input size (SwinUNETR's window partition) runs at that size only, and the
 # runtimes name it when another size fails
 EXAMPLE_SPATIAL_KEY = "monai_effq.example_spatial_size"
+
+
+def spatial_size_label(spatial: Sequence[int]) -> str:
+    """A spatial size as the export records it under :data:`EXAMPLE_SPATIAL_KEY` (``"96x96x96"``)."""
+    return "x".join(str(int(v)) for v in spatial)
+
 
 # ONNX Runtime's u8s8 kernels on CPUs without VNNI add pairs of products in 16 bits: 255*63*2 fits,
 # so reduce_range re-rounds wider int8 weights onto the 7-bit signed grid, -64..63.
@@ -618,7 +626,7 @@ def export_onnx(
         source_fingerprint = result_fingerprint(model)
     props = {
         EXPORT_OPTIONS_KEY: f"group_norm={group_norm};reduce_range={reduce_range};weight_container={weight_container}",
-        EXAMPLE_SPATIAL_KEY: "x".join(str(int(v)) for v in example_input.shape[2:]),
+        EXAMPLE_SPATIAL_KEY: spatial_size_label(example_input.shape[2:]),
     }
     if source_fingerprint is not None:
         props[SOURCE_FINGERPRINT_KEY] = source_fingerprint

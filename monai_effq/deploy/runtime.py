@@ -32,6 +32,7 @@ from monai_effq.deploy.export import (
     SOURCE_FINGERPRINT_KEY,
     export_onnx,
     require,
+    spatial_size_label,
 )
 from monai_effq.ptq.checkpoint import checkpoint_fingerprint, load_quantized
 from monai_effq.utils.fingerprint import DIGEST_CHARS
@@ -232,11 +233,11 @@ class _RuntimeNetwork(nn.Module):
         fail deep in the graph, naming a node. The file records the example's size (read only here).
         """
         exported = _metadata(self.path).get(EXAMPLE_SPATIAL_KEY) if self.path.suffix == ".onnx" and _has_onnx else None
-        if not exported or exported == "x".join(map(str, spatial)):
+        if not exported or exported == spatial_size_label(spatial):
             return None
         reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         return (
-            f"{self.runtime} could not run {self.path.name} on a {'x'.join(map(str, spatial))} input ({reason}); it was "
+            f"{self.runtime} could not run {self.path.name} on a {spatial_size_label(spatial)} input ({reason}); it was "
             f"exported on {exported}, and a network whose graph depends on its input size (window attention such as "
             f"SwinUNETR's) runs at that size only: give the sliding-window inferer roi_size {exported.replace('x', ', ')}, "
             "or export again with an example input of the size you run."
@@ -544,7 +545,7 @@ def runtime_network(
         )
         recorded = _parse_options(metadata.get(EXPORT_OPTIONS_KEY))
         # a window-attention graph runs at its example's size only (_RuntimeNetwork._size_mismatch)
-        size = None if example_shape is None else "x".join(str(int(v)) for v in list(example_shape)[2:])
+        size = None if example_shape is None else spatial_size_label(list(example_shape)[2:])
         resized = size is not None and metadata.get(EXAMPLE_SPATIAL_KEY, size) != size
         if stale or resized or (group_norm is not None and recorded.get("group_norm", group_norm) != group_norm):
             if network is None or example_shape is None:

@@ -62,7 +62,7 @@ class RuntimeNetworkLoader:
         quantized_path: a file written by :func:`monai_effq.save_quantized`.
         onnx_path: where the ONNX file is (exported there when missing or made from another checkpoint).
         roi_size: the sliding-window ROI, the spatial shape the export is traced with (the spatial
-            axes stay dynamic).
+            axes stay dynamic where the network's graph allows: a SwinUNETR export runs at this size only).
         runtime: ``"openvino"`` or ``"onnxruntime"``.
         options: passed to the runtime network (e.g. ``{"precision": "f32"}`` for OpenVINO).
 
