@@ -134,6 +134,21 @@ def _onnx_run_at_another_size(tmp_path, lits):
     OnnxRuntimeNetwork(export_onnx(result, tmp_path / "model.onnx", (1, 1, 8, 8, 8)))(torch.rand(1, 1, 16, 16, 16))
 
 
+def _operator_openvino_cannot_convert(tmp_path, lits):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("openvino")
+    from onnx import TensorProto, helper
+
+    from monai_effq.deploy.runtime import OpenVINONetwork
+
+    value = helper.make_tensor_value_info
+    node = helper.make_node("Foo", ["x"], ["y"], domain="com.example")
+    graph = helper.make_graph([node], "g", [value("x", TensorProto.FLOAT, [1, 1])], [value("y", TensorProto.FLOAT, [1, 1])])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.example", 1)]), path)
+    OpenVINONetwork(path)
+
+
 def _no_cuda(tmp_path, lits):
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
@@ -222,6 +237,7 @@ TRIGGERS = {
     "<n> validation cases cannot be shared by <m> processes": lambda t, d: rank_cases([{"image": "a.nii.gz"}], 0, 2),
     "the input to <model.onnx> holds <n> NaN or Inf voxel(s)": _nan_onnx_input,
     "<runtime> could not run <model.onnx> on a <size> input (<reason>); it was exported on <size>": _onnx_run_at_another_size,
+    "<runtime> cannot convert <operator> in <model.onnx>: the file is ONNX, but this <runtime> version cannot read that operator as written": _operator_openvino_cannot_convert,
 }
 
 

@@ -36,6 +36,7 @@ from monai.utils import optional_import
 from monai_effq.deploy.onnx_graph import constant_values
 from monai_effq.deploy.concat_rounding import round_concat_inputs
 from monai_effq.deploy.containers import INT4_MIN_OPSET, WEIGHT_CONTAINERS, pack_4bit_weights
+from monai_effq.deploy.empty_scatters import drop_empty_scatters
 from monai_effq.deploy.norms import GROUP_NORM_FORMS, channel_stats_norms
 from monai_effq.ptq.checkpoint import result_fingerprint
 from monai_effq.ptq.graph import set_submodule
@@ -618,6 +619,7 @@ def export_onnx(
         if opset > TORCHSCRIPT_MAX_OPSET:
             proto = version_converter.convert_version(proto, opset)
     round_concat_inputs(proto)
+    drop_empty_scatters(proto)
     if weight_container == "int4":
         packed, kept = pack_4bit_weights(proto)
         logger.info("4-bit containers for %d weights; %d stay int8 (%s)", len(packed), len(kept), ", ".join(kept[:5]))

@@ -166,6 +166,14 @@ class _RuntimeNetwork(nn.Module):
         self.in_channels: int | None = None
 
     def _load_error(self, err: Exception) -> UserInputError:
+        # OpenVINO's ONNX reader lists the operators it could not convert at the end of a long report
+        unconverted = re.search(r"(?:Conversion is failed for|No conversion rule found for operations):\s*(.+)", str(err))
+        if unconverted:
+            return UserInputError(
+                f"{self.runtime} cannot convert {unconverted.group(1).strip()} in {self.path}: the file is ONNX, but this "
+                f"{self.runtime} version cannot read that operator as written; run the file with ONNX Runtime "
+                "(OnnxRuntimeNetwork, --runtime onnxruntime), or export it again with this version of monai_effq.export_onnx."
+            )
         return UserInputError(
             f"{self.runtime} cannot read {self.path} ({type(err).__name__}: {str(err).strip().splitlines()[0][:200]}); "
             "the file is corrupt or not ONNX: export it again with monai_effq.export_onnx."

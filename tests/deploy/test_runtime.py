@@ -134,6 +134,22 @@ def test_a_missing_or_corrupt_onnx_file_is_an_error_naming_it(tmp_path, cls):
         cls(corrupt)
 
 
+def test_an_operator_openvino_cannot_convert_is_named_and_the_file_not_called_corrupt(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        [helper.make_node("Foo", ["x"], ["y"], domain="com.example")], "g",
+        [value("x", TensorProto.FLOAT, [1, 1, 4, 4, 4])], [value("y", TensorProto.FLOAT, [1, 1, 4, 4, 4])],
+    )
+    path = tmp_path / "custom.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.example", 1)]), path)
+    with pytest.raises(UserInputError, match=r"OpenVINO cannot convert com\.example\.Foo in .*custom\.onnx: the file is ONNX") as err:
+        OpenVINONetwork(path)
+    assert "corrupt" not in str(err.value) and "onnxruntime" in str(err.value)
+
+
 @pytest.mark.parametrize("flag, cls", [("_has_ov", OpenVINONetwork), ("_has_ort", OnnxRuntimeNetwork)])
 def test_a_missing_runtime_names_the_extra_to_install(exported, monkeypatch, flag, cls):
     _, path = exported
