@@ -6,15 +6,19 @@ nilearn``, part of the ``[bench]`` extra). The files are read with MONAI's ``Loa
 resampled to 2 mm (``Spacingd``); the label of a voxel is the arg-max of (1 - GM - WM, GM, WM), so the
 task is three-class tissue segmentation (background+CSF / grey matter / white matter).
 
-Split: the volume is cut into four slabs across the anterior-posterior axis. A MONAI ``UNet``
-(channels 16..128) is trained on the first and third and every figure is measured on the second
-and fourth, which neither training nor calibration ever sees (held-out anatomy; alternating slabs
+Split: the volume is cut into four slabs across the anterior-posterior axis. A network is trained
+on the first and third and every figure is measured on the second and fourth, which neither training nor calibration ever sees (held-out anatomy; alternating slabs
 keep both parts' mix of cortex, white matter and cerebellum alike), with MONAI's ``SlidingWindowInferer`` and
 ``DiceMetric`` (grey and white matter, background excluded). The trained weights are cached in
 ``--cache`` (``benchmarks/.cache`` by default) so reruns skip training.
 
+Networks (``--network``): ``unet``, a MONAI ``UNet`` (channels 16..128; 48³ windows), and
+``swinunetr``, MONAI's ``SwinUNETR`` (the model zoo's window-attention transformer, ``feature_size``
+12; 64x32x64 windows, since each side must divide by 32), each with its own table.
+
 Calibration, both from the training half:
-- ``crop``: one small 8x64x64-voxel crop, the regime of a bundle's ``calibration_crop``;
+- ``crop``: one small crop (8x64x64 voxels for the UNet, 32x64x64 for SwinUNETR, one window), the
+  regime of a bundle's ``calibration_crop``;
 - ``volume``: the whole training part, as every sliding window of its two slabs
   (:func:`monai_effq.data.calibration_windows`).
 
@@ -30,6 +34,7 @@ process so far, so it only grows).
 Usage::
 
     python benchmarks/accuracy.py --write                   # the full table
+    python benchmarks/accuracy.py --network swinunetr --settings W8A8 W4A8 W2A8 --methods efficientq gptq rtn --write
     python benchmarks/accuracy.py --settings W2A8 W4A4 --calibration crop --methods efficientq rtn
 """
 
@@ -39,8 +44,11 @@ import argparse
 import importlib.util
 import os
 import resource
+import shlex
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -68,11 +76,7 @@ CALIBRATIONS = ("crop", "volume")
 # "slab": the windows of the first training slab only (half the volume calibration's data), to see
 # what more cases buy; not in the default table
 EXTRA_CALIBRATIONS = ("slab",)
-CROP = (64, 8, 64)  # 8 voxels across the anterior-posterior axis, as the issue's 8x64x64 crop
-ROI = (48, 48, 48)
 SPACING = (2.0, 2.0, 2.0)
-MARK_BEGIN = "<!-- accuracy-benchmark:begin -->"
-MARK_END = "<!-- accuracy-benchmark:end -->"
 TEMPLATE = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
 
 
@@ -118,25 +122,65 @@ def split(image: torch.Tensor, label: torch.Tensor) -> dict[str, list[tuple[torc
     return {"train": slabs[0::2], "test": slabs[1::2]}
 
 
-def build_network() -> torch.nn.Module:
+def build_unet() -> torch.nn.Module:
     """The benchmark's MONAI UNet (channels 16..128, one residual unit per level)."""
     from monai.networks.nets import UNet
 
     return UNet(spatial_dims=3, in_channels=1, out_channels=3, channels=(16, 32, 64, 128), strides=(2, 2, 2), num_res_units=1)
 
 
-def train(slabs: list[tuple[torch.Tensor, torch.Tensor]], steps: int, seed: int = 0) -> torch.nn.Module:
-    """Train the UNet on random ROI crops (with flips and intensity jitter) of the training slabs."""
+def build_swinunetr() -> torch.nn.Module:
+    """MONAI's SwinUNETR as the model zoo builds it, at ``feature_size`` 12 (a quarter of the zoo's width)."""
+    from monai.networks.nets import SwinUNETR
+
+    return SwinUNETR(in_channels=1, out_channels=3, feature_size=12, spatial_dims=3, use_checkpoint=False)
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A benchmark network: how to build and train it, its windows, and where its table goes."""
+
+    build: Callable[[], torch.nn.Module]
+    description: str
+    roi: tuple[int, int, int]  # training and sliding-window size
+    crop: tuple[int, int, int]  # the one-crop calibration; 8 or 32 voxels across the anterior-posterior axis
+    steps: int
+    optimizer: Callable[..., torch.optim.Optimizer]
+    lr: float
+    cache_name: str
+    marker: str
+
+    @property
+    def marks(self) -> tuple[str, str]:
+        """The comments that bound this network's section of ``docs/results.md``."""
+        return f"<!-- {self.marker}:begin -->", f"<!-- {self.marker}:end -->"
+
+
+NETWORKS = {
+    "unet": NetworkSpec(
+        build_unet, "UNet 16..128", (48, 48, 48), (64, 8, 64), 1200, torch.optim.Adam, 2e-3,
+        "unet_mni_slabs", "accuracy-benchmark",
+    ),
+    # SwinUNETR's sides must divide by 32: its windows span a whole 29-30-voxel slab (padded to 32)
+    "swinunetr": NetworkSpec(
+        build_swinunetr, "SwinUNETR feature_size 12", (64, 32, 64), (64, 32, 64), 600, torch.optim.AdamW, 1e-3,
+        "swinunetr_fs12_mni_slabs", "accuracy-benchmark-swinunetr",
+    ),
+}
+
+
+def train(spec: NetworkSpec, slabs: list[tuple[torch.Tensor, torch.Tensor]], steps: int, seed: int = 0) -> torch.nn.Module:
+    """Train the network on random ROI crops (with flips and intensity jitter) of the training slabs."""
     from monai.losses import DiceCELoss
     from monai.transforms import Compose, RandFlipd, RandScaleIntensityd, RandShiftIntensityd, RandSpatialCropSamplesd, SpatialPadd
 
     torch.manual_seed(seed)
     np.random.seed(seed)
-    net = build_network()
+    net = spec.build()
     sample = Compose(
         [
-            SpatialPadd(["image", "label"], ROI),
-            RandSpatialCropSamplesd(["image", "label"], ROI, num_samples=2, random_size=False),
+            SpatialPadd(["image", "label"], spec.roi),
+            RandSpatialCropSamplesd(["image", "label"], spec.roi, num_samples=2, random_size=False),
             RandFlipd(["image", "label"], prob=0.5, spatial_axis=0),
             RandScaleIntensityd("image", factors=0.1, prob=0.5),
             RandShiftIntensityd("image", offsets=0.1, prob=0.5),
@@ -144,7 +188,7 @@ def train(slabs: list[tuple[torch.Tensor, torch.Tensor]], steps: int, seed: int 
     )
     sample.set_random_state(seed)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    opt = torch.optim.Adam(net.parameters(), 2e-3)
+    opt = spec.optimizer(net.parameters(), spec.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     net.train()
     t0 = time.perf_counter()
@@ -159,56 +203,90 @@ def train(slabs: list[tuple[torch.Tensor, torch.Tensor]], steps: int, seed: int 
         opt.step()
         sched.step()
         if step % 50 == 0 or step == steps - 1:
-            print(f"  train step {step + 1}/{steps}: loss {float(loss):.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(f"  train step {step + 1}/{steps}: loss {float(loss.detach()):.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     return net.eval()
 
 
-def trained_network(data: dict, cache: Path, steps: int) -> torch.nn.Module:
-    """The trained UNet, from the cache when it holds weights for the same number of steps."""
+def trained_network(spec: NetworkSpec, data: dict, cache: Path, steps: int) -> torch.nn.Module:
+    """The trained network, from the cache when it holds weights for the same number of steps."""
     from monai_effq.utils.io import atomic_write
 
-    path = cache / f"unet_mni_slabs_{steps}steps.pt"
-    net = build_network()
+    path = cache / f"{spec.cache_name}_{steps}steps.pt"
+    net = spec.build()
     if path.is_file():
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         print(f"trained weights from {path}")
         return net.eval()
-    print(f"training the UNet for {steps} steps (cached in {path})")
-    net = train(data["train"], steps=steps)
+    print(f"training the {spec.description} for {steps} steps (cached in {path})")
+    t0 = time.perf_counter()
+    net = train(spec, data["train"], steps=steps)
+    print(f"trained in {time.perf_counter() - t0:.0f} s")
     cache.mkdir(parents=True, exist_ok=True)
     with atomic_write(path) as tmp:
         torch.save(net.state_dict(), tmp)
     return net
 
 
-def dice(network: torch.nn.Module, slabs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
-    """Sliding-window Dice of grey and white matter over the slabs (each inferred on its own)."""
+def predict(network: torch.nn.Module, slabs: list[tuple[torch.Tensor, torch.Tensor]], roi: tuple[int, ...]) -> torch.Tensor:
+    """The ``(1, 1, X, Y, Z)`` sliding-window labels of the slabs (each inferred on its own), joined."""
     from monai.inferers import SlidingWindowInferer
+
+    inferer = SlidingWindowInferer(roi, sw_batch_size=4, overlap=0.25, mode="gaussian")
+    with torch.no_grad():
+        return torch.cat([inferer(image[None], network).argmax(1, keepdim=True) for image, _ in slabs], dim=3)
+
+
+def dice_of(pred: torch.Tensor, slabs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+    """Dice of grey and white matter of joined labels ``pred`` against the slabs' labels."""
     from monai.metrics import DiceMetric
     from monai.networks.utils import one_hot
 
-    inferer = SlidingWindowInferer(ROI, sw_batch_size=4, overlap=0.25, mode="gaussian")
-    preds, labels = [], []
-    with torch.no_grad():
-        for image, label in slabs:
-            preds.append(inferer(image[None], network).argmax(1, keepdim=True))
-            labels.append(label[None])
-    pred, label = torch.cat(preds, dim=3), torch.cat(labels, dim=3)
+    label = torch.cat([label[None] for _, label in slabs], dim=3)
     scores = DiceMetric(include_background=False)(one_hot(pred, 3), one_hot(label, 3))
     return [float(v) for v in scores[0]]
 
 
-def calibration_data(data: dict, kind: str) -> torch.Tensor:
-    """``(N, 1, *ROI)`` windows of both training slabs (``volume``) or of the first (``slab``), or one ``(1, 1, *CROP)`` crop."""
+def dice(network: torch.nn.Module, slabs: list[tuple[torch.Tensor, torch.Tensor]], roi: tuple[int, ...]) -> list[float]:
+    """Sliding-window Dice of grey and white matter over the slabs."""
+    return dice_of(predict(network, slabs, roi), slabs)
+
+
+def runtime_rows(qnet, label: str, calib_kind: str, spec: NetworkSpec, test: list, fp_mean: float, runtimes: list[str], folder: Path) -> list[dict]:
+    """Rows for the quantized network exported to ONNX and run by each runtime, and the share of its labels equal to torch's."""
+    from monai_effq.deploy import RUNTIMES, export_onnx
+
+    fake_quant = predict(qnet, test, spec.roi)
+    path = export_onnx(qnet, folder / f"{label.replace(' ', '_')}_{calib_kind}.onnx", (1, 1, *spec.roi))
+    rows = []
+    for runtime in runtimes:
+        t0 = time.perf_counter()
+        network = RUNTIMES[runtime](path)
+        pred = predict(network, test, spec.roi)
+        same = float((pred == fake_quant).float().mean())
+        # OpenVINO picks the float parts' precision per CPU (bf16 with AMX or AVX-512 BF16)
+        precision = getattr(network, "chosen_precision", None) or "f32"
+        rows.append(row(f"{label} {runtime}", calib_kind, dice_of(pred, test), fp_mean, None))
+        print(
+            f"  {rows[-1]['config']:<16} {calib_kind:<6} mean {rows[-1]['mean']:.4f}; labels equal to the fake-quant "
+            f"network's on {same:.2%} of voxels (float parts {precision}; inference {time.perf_counter() - t0:.1f} s)",
+            flush=True,
+        )
+    return rows
+
+
+def calibration_data(spec: NetworkSpec, data: dict, kind: str) -> torch.Tensor:
+    """``(N, 1, *roi)`` windows of both training slabs (``volume``) or of the first (``slab``), or one ``(1, 1, *crop)`` crop."""
+    from monai.transforms import SpatialPad
+
     from monai_effq.data import calibration_windows
 
     if kind == "volume":
-        return calibration_windows([image for image, _ in data["train"]], ROI)
+        return calibration_windows([image for image, _ in data["train"]], spec.roi)
     if kind == "slab":
-        return calibration_windows(data["train"][0][0], ROI)
-    image = data["train"][0][0]
-    starts = [(s - c) // 2 for s, c in zip(image.shape[1:], CROP)]
-    sl = tuple(slice(a, a + c) for a, c in zip(starts, CROP))
+        return calibration_windows(data["train"][0][0], spec.roi)
+    image = SpatialPad(spec.crop)(data["train"][0][0]).as_tensor()  # a slab is thinner than SwinUNETR's crop
+    starts = [(s - c) // 2 for s, c in zip(image.shape[1:], spec.crop)]
+    sl = tuple(slice(a, a + c) for a, c in zip(starts, spec.crop))
     return image[(slice(None), *sl)][None].contiguous()
 
 
@@ -315,14 +393,15 @@ def verdicts(rows: list[dict], fp_mean: float) -> list[str]:
     return out
 
 
-def write_results(text: str, path: Path) -> None:
-    """Replace the benchmark's section of ``docs/results.md`` (appended the first time), atomically."""
+def write_results(text: str, path: Path, marks: tuple[str, str]) -> None:
+    """Replace the network's section of ``docs/results.md`` (appended the first time), atomically."""
     from monai_effq.utils.io import atomic_write_text
 
+    begin, end = marks
     old = path.read_text() if path.is_file() else ""
-    block = f"{MARK_BEGIN}\n{text}\n{MARK_END}"
-    if MARK_BEGIN in old and MARK_END in old:
-        new = old[: old.index(MARK_BEGIN)] + block + old[old.index(MARK_END) + len(MARK_END) :]
+    block = f"{begin}\n{text}\n{end}"
+    if begin in old and end in old:
+        new = old[: old.index(begin)] + block + old[old.index(end) + len(end) :]
     else:
         new = old.rstrip("\n") + "\n\n" + block + "\n"
     atomic_write_text(path, new)
@@ -334,32 +413,41 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(ALL_METHODS))
     parser.add_argument("--calibration", nargs="+", default=list(CALIBRATIONS), choices=[*CALIBRATIONS, *EXTRA_CALIBRATIONS])
     parser.add_argument("--no-peers", action="store_true", help="skip NNCF and ONNX Runtime")
-    parser.add_argument("--train-steps", type=int, default=1200)
+    parser.add_argument(
+        "--deploy", nargs="+", default=[], choices=["openvino", "onnxruntime"],
+        help="also export each efficientq network to ONNX and measure its Dice in these runtimes",
+    )
+    parser.add_argument("--network", default="unet", choices=list(NETWORKS))
+    parser.add_argument("--train-steps", type=int, default=None, help="training steps (default: 1200 UNet, 600 SwinUNETR)")
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache")
     parser.add_argument("--write", action="store_true", help="write the table into docs/results.md")
     args = parser.parse_args(argv)
+    spec = NETWORKS[args.network]
+    steps = spec.steps if args.train_steps is None else args.train_steps
     torch.set_num_threads(os.cpu_count() or 1)
 
     print(f"CPU: {cpu_summary()}; torch {torch.__version__} fp32, {torch.get_num_threads()} threads; {column_loops_summary()}")
     image, label = load_volume()
     data = split(image, label)
     print(f"volume {tuple(image.shape[1:])} at {SPACING} mm; slabs of {[tuple(i.shape[1:]) for i, _ in data['train'] + data['test']]}")
-    net = trained_network(data, args.cache, args.train_steps)
+    net = trained_network(spec, data, args.cache, steps)
     test = data["test"]
-    print(f"FP Dice on the training slabs {dice(net, data['train'])}")
-    fp = dice(net, test)
+    print(f"FP Dice on the training slabs {dice(net, data['train'], spec.roi)}")
+    fp = dice(net, test, spec.roi)
     fp_mean = float(np.mean(fp))
     rows = [row("FP", "-", fp, fp_mean, None)]
     print(f"FP held-out Dice GM {fp[0]:.4f} WM {fp[1]:.4f}", flush=True)
     for calib_kind in args.calibration:
-        calib = calibration_data(data, calib_kind)
+        calib = calibration_data(spec, data, calib_kind)
         print(f"calibration {calib_kind}: {tuple(calib.shape)}", flush=True)
         for setting in args.settings:
             for method in args.methods:
                 qnet, secs, _ = run_ptq(net, calib, method, SETTINGS[setting])
-                rows.append(row(f"{method} {setting}", calib_kind, dice(qnet, test), fp_mean, secs))
+                rows.append(row(f"{method} {setting}", calib_kind, dice(qnet, test, spec.roi), fp_mean, secs))
                 r = rows[-1]
                 print(f"  {r['config']:<16} {calib_kind:<6} mean {r['mean']:.4f} (drop {r['drop']:+.4f}) in {secs:.1f} s", flush=True)
+                if args.deploy and method == "efficientq":
+                    rows += runtime_rows(qnet, f"{method} {setting}", calib_kind, spec, test, fp_mean, args.deploy, args.cache)
         if not args.no_peers:
             for name, fn in (("NNCF W8A8", lambda: run_nncf(net, calib)), ("ORT static W8A8", lambda: run_onnxruntime(net, calib, args.cache))):
                 try:
@@ -370,13 +458,14 @@ def main(argv: list[str] | None = None) -> None:
                 if out is None:
                     print(f"  {name}: skipped (package missing: pip install -e '.[bench]')")
                     continue
-                rows.append(row(name, calib_kind, dice(out[0], test), fp_mean, out[1]))
+                rows.append(row(name, calib_kind, dice(out[0], test, spec.roi), fp_mean, out[1]))
                 print(f"  {name:<16} {calib_kind:<6} mean {rows[-1]['mean']:.4f} in {out[1]:.1f} s", flush=True)
     header = (
-        "### Real-data accuracy (`python benchmarks/accuracy.py --write`)\n\n"
-        f"MNI ICBM152 2009 T1 with GM/WM maps (nilearn's packaged files), 2 mm, UNet 16..128 trained "
-        f"{args.train_steps} steps on anterior-posterior slabs 1 and 3 of 4; held-out Dice on slabs 2 and 4. "
-        f"Crop = one {'x'.join(map(str, CROP))} crop; volume = every {'x'.join(map(str, ROI))} window of the "
+        f"### Real-data accuracy{'' if args.network == 'unet' else ', ' + spec.description} "
+        f"(`python benchmarks/accuracy.py {shlex.join(sys.argv[1:] if argv is None else argv)}`)\n\n"
+        f"MNI ICBM152 2009 T1 with GM/WM maps (nilearn's packaged files), 2 mm, {spec.description} trained "
+        f"{steps} steps on anterior-posterior slabs 1 and 3 of 4; held-out Dice on slabs 2 and 4. "
+        f"Crop = one {'x'.join(map(str, spec.crop))} crop; volume = every {'x'.join(map(str, spec.roi))} window of the "
         f"training slabs. gptq and rtn are the plain algorithms; efficientq and gptq+val choose each "
         f"layer's setting on held-out calibration voxels (the defaults). CPU: {cpu_summary()}; "
         f"torch {torch.__version__} fp32."
@@ -384,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
     text = table(rows, header) + "\n\nBars (from this run):\n" + "\n".join(f"- {v}" for v in verdicts(rows, fp_mean))
     print("\n" + text)
     if args.write:
-        write_results(text, ROOT / "docs" / "results.md")
+        write_results(text, ROOT / "docs" / "results.md", spec.marks)
 
 
 if __name__ == "__main__":
