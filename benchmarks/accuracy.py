@@ -7,8 +7,9 @@ resampled to 2 mm (``Spacingd``); the label of a voxel is the arg-max of (1 - GM
 task is three-class tissue segmentation (background+CSF / grey matter / white matter).
 
 Split: the volume is cut into four slabs across the anterior-posterior axis. A network is trained
-on the first and third and every figure is measured on the second and fourth, which neither training nor calibration ever sees (held-out anatomy; alternating slabs
-keep both parts' mix of cortex, white matter and cerebellum alike), with MONAI's ``SlidingWindowInferer`` and
+on the first and third and every figure is measured on the second and fourth, which neither
+training nor calibration ever sees (held-out anatomy; alternating slabs keep both parts' mix of
+cortex, white matter and cerebellum alike), with MONAI's ``SlidingWindowInferer`` and
 ``DiceMetric`` (grey and white matter, background excluded). The trained weights are cached in
 ``--cache`` (``benchmarks/.cache`` by default) so reruns skip training.
 
@@ -34,7 +35,9 @@ process so far, so it only grows).
 Usage::
 
     python benchmarks/accuracy.py --write                   # the full table
-    python benchmarks/accuracy.py --network swinunetr --settings W8A8 W4A8 W2A8 --methods efficientq gptq rtn --write
+    python benchmarks/accuracy.py --network swinunetr --write  # the SwinUNETR's table (trains it first)
+    python benchmarks/accuracy.py --network swinunetr --settings W4A8 --methods efficientq --calibration volume \
+        --no-peers --deploy openvino onnxruntime            # Dice of the exported file in each runtime
     python benchmarks/accuracy.py --settings W2A8 W4A4 --calibration crop --methods efficientq rtn
 """
 

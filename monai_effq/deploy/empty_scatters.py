@@ -11,11 +11,7 @@ it. Such a node's output is its ``data`` input, so an ``Identity`` replaces it.
 
 from __future__ import annotations
 
-from monai.utils import optional_import
-
 from monai_effq.deploy.onnx_graph import constant_values
-
-onnx, _ = optional_import("onnx")
 
 __all__ = ["drop_empty_scatters"]
 
