@@ -254,7 +254,9 @@ def dice(network: torch.nn.Module, slabs: list[tuple[torch.Tensor, torch.Tensor]
     return dice_of(predict(network, slabs, roi), slabs)
 
 
-def runtime_rows(qnet, label: str, calib_kind: str, spec: NetworkSpec, test: list, fp_mean: float, runtimes: list[str], folder: Path) -> list[dict]:
+def runtime_rows(
+    qnet, label: str, calib_kind: str, spec: NetworkSpec, test: list, fp_mean: float, runtimes: list[str], folder: Path
+) -> list[dict]:
     """Rows for the quantized network exported to ONNX and run by each runtime, and the share of its labels equal to torch's."""
     from monai_effq.deploy import RUNTIMES, export_onnx
 
@@ -323,7 +325,11 @@ def run_nncf(net, calib):
 
 
 def run_onnxruntime(net, calib, folder: Path):
-    """ONNX Runtime static QDQ quantization (W8A8) of the network's ONNX export; ``None`` when missing."""
+    """ONNX Runtime static QDQ quantization (W8A8) of the network's ONNX export; ``None`` when missing.
+
+    The TorchScript exporter it needs refuses SwinUNETR with a dynamic batch axis ("instance_norm for
+    unknown channel size"), so that row reports the failure.
+    """
     if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
         return None
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -452,7 +458,11 @@ def main(argv: list[str] | None = None) -> None:
                 if args.deploy and method == "efficientq":
                     rows += runtime_rows(qnet, f"{method} {setting}", calib_kind, spec, test, fp_mean, args.deploy, args.cache)
         if not args.no_peers:
-            for name, fn in (("NNCF W8A8", lambda: run_nncf(net, calib)), ("ORT static W8A8", lambda: run_onnxruntime(net, calib, args.cache))):
+            peers = (
+                ("NNCF W8A8", lambda: run_nncf(net, calib)),
+                ("ORT static W8A8", lambda: run_onnxruntime(net, calib, args.cache)),
+            )
+            for name, fn in peers:
                 try:
                     out = fn()
                 except Exception as e:  # a peer's failure is a result to report, not a reason to lose the run
