@@ -25,6 +25,8 @@ def drop_empty_scatters(model) -> int:  # noqa: ANN001 - onnx.ModelProto
     Returns:
         how many ``ScatterND`` nodes were replaced.
     """
+    if not any(node.op_type == "ScatterND" for node in model.graph.node):
+        return 0  # most networks: no need to read every weight into NumPy
     known = constant_values(model.graph)
     dropped = 0
     for node in model.graph.node:

@@ -166,14 +166,6 @@ class _RuntimeNetwork(nn.Module):
         self.in_channels: int | None = None
 
     def _load_error(self, err: Exception) -> UserInputError:
-        # OpenVINO's ONNX reader lists the operators it could not convert at the end of a long report
-        unconverted = re.search(r"(?:Conversion is failed for|No conversion rule found for operations):\s*(.+)", str(err))
-        if unconverted:
-            return UserInputError(
-                f"{self.runtime} cannot convert {unconverted.group(1).strip()} in {self.path}: the file is ONNX, but this "
-                f"{self.runtime} version cannot read that operator as written; run the file with ONNX Runtime "
-                "(OnnxRuntimeNetwork, --runtime onnxruntime), or export it again with this version of monai_effq.export_onnx."
-            )
         return UserInputError(
             f"{self.runtime} cannot read {self.path} ({type(err).__name__}: {str(err).strip().splitlines()[0][:200]}); "
             "the file is corrupt or not ONNX: export it again with monai_effq.export_onnx."
@@ -370,6 +362,17 @@ class OpenVINONetwork(_RuntimeNetwork):
         if device.split(".")[0].upper() == "CPU":
             self._warn_if_saturating()
         self._requests: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+
+    def _load_error(self, err: Exception) -> UserInputError:
+        # OpenVINO's ONNX reader lists the operators it could not convert at the end of a long report
+        unconverted = re.search(r"(?:Conversion is failed for|No conversion rule found for operations):\s*(.+)", str(err))
+        if unconverted is None:
+            return super()._load_error(err)
+        return UserInputError(
+            f"{self.runtime} cannot convert {unconverted.group(1).strip()} in {self.path}: the file is ONNX, but this "
+            f"{self.runtime} version cannot read that operator as written; run the file with ONNX Runtime "
+            "(OnnxRuntimeNetwork, --runtime onnxruntime), or export it again with this version of monai_effq.export_onnx."
+        )
 
     def _model_source(self) -> str | bytes:
         """The file's path, or its bytes with 4-bit weights widened to int8 (OpenVINO's int8 kernels)
