@@ -8,10 +8,11 @@ scored on the held-out voxels by the exact output error their statistics give; t
 settings are refitted on all voxels. Round-to-nearest with the FP bias is always a candidate, so
 the chosen setting is never worse than it on the held-out voxels.
 
-Held-out voxels must be whole windows: voxels held out from the same crop sit beside the fit
-voxels and share their inputs, and their error was measured to mislead (on a small test network
-the choices it made tripled the output error on other volumes). With fewer windows than
-``1/fraction`` the configured setting is used without a search.
+Held-out voxels are whole windows where there are enough (the PTQ pipeline makes the mask):
+voxels scattered through the same crop sit beside the fit voxels and share their inputs, and their
+error was measured to mislead (on a small test network the choices it made tripled the output error on
+other volumes). With fewer windows than ``1/fraction``, one contiguous slab at the end of each window's
+longest axis is held out, whose face alone shares inputs with the fit voxels.
 
 A layer with fewer (effective) calibration voxels than unknowns per output channel keeps
 round-to-nearest outright: its least-squares problem has a null space the data cannot pin down
