@@ -1,8 +1,10 @@
-"""MONAI/ignite glue: handlers that run quantization, load quantized checkpoints, run them in a runtime and write reports."""
+"""MONAI/ignite glue: handlers that run quantization, load quantized checkpoints, run them in a runtime, compare them
+with the FP network and write reports."""
 
 from monai_effq.handlers.deploy import RuntimeNetworkLoader, input_channels
 from monai_effq.handlers.finetune import FinetuneHandler, engine_loss
 from monai_effq.handlers.quantization import QuantizationHandler, QuantizedCheckpointLoader, batch_images
+from monai_effq.handlers.reference import REFERENCE_KEY, ReferencePrediction
 from monai_effq.handlers.report import (
     QuantizationReportHandler,
     format_table,
@@ -20,6 +22,8 @@ __all__ = [
     "RuntimeNetworkLoader",
     "input_channels",
     "batch_images",
+    "ReferencePrediction",
+    "REFERENCE_KEY",
     "QuantizationReportHandler",
     "format_table",
     "plot_finetune_loss",

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_effq.ptq.checkpoint import report_provenance
@@ -188,19 +189,18 @@ class QuantizationReportHandler:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A fixed-width text table of a list of flat dicts (same keys)."""
+    """A fixed-width text table of a list of flat dicts (every key of any row; blank where a row has none)."""
     if not rows:
         return ""
-    keys = list(rows[0])
-    cells = [[k for k in keys]] + [[f"{r[k]:.4f}" if isinstance(r[k], float) else str(r[k]) for k in keys] for r in rows]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else "" if v is None else str(v)  # noqa: E731
+    cells = [[k for k in keys]] + [[cell(r.get(k)) for k in keys] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(keys))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
 def _metric_per_class(value: Any, classes: list[str]) -> list[float]:
-    import torch
-
     t = torch.as_tensor(value, dtype=torch.float64).reshape(-1)
     if t.numel() == 1 and len(classes) > 1:
         return [float(t)] * len(classes)
@@ -217,7 +217,9 @@ def write_comparison(
     """Collect Dice and HD95 per class from evaluators that ran, write CSV/JSON/PNG, print a table.
 
     Each evaluator must have ``"dice"`` and (optionally) ``"hd95"`` in ``engine.state.metrics``
-    (MONAI ``MeanDice``/``HausdorffDistance`` with ``reduction="mean_batch"``).
+    (MONAI ``MeanDice``/``HausdorffDistance`` with ``reduction="mean_batch"``). One with
+    ``"fp_agreement"`` (a ``MeanDice`` of its predictions against the FP network's, see
+    :class:`~monai_effq.handlers.ReferencePrediction`) gets that column too.
 
     Under ``torchrun`` every rank calls this with the same figures (MONAI's metrics gather every
     rank's cases before they reduce them); only rank 0 writes and prints.
@@ -244,6 +246,8 @@ def write_comparison(
         if "hd95" in metrics:
             for name, h in zip(class_names, _metric_per_class(metrics["hd95"], class_names)):
                 row[f"hd95_{name}"] = h
+        if "fp_agreement" in metrics:
+            row["fp_agreement"] = float(torch.as_tensor(metrics["fp_agreement"], dtype=torch.float64).mean())
         row.update((extra or {}).get(model, {}))
         rows.append(row)
         dice_table[model] = dict(zip(class_names, dice))

@@ -69,6 +69,9 @@ def test_quantize_and_evaluate_run_from_the_bundle_configs(trained):
     assert [r["model"] for r in rows] == ["FP32", "efficientq_w3a8"]
     assert all(0.0 <= r[f"dice_{c}"] <= 1.0 for r in rows for c in classes)
     assert "dice_mean" in res.stdout and (work / "eval" / "evaluation_efficientq_w3a8.csv").is_file()
+    # the quantized network's labels against the FP network's, which the loader left FP for the comparison
+    assert "fp_agreement" not in rows[0] and 0.5 < rows[1]["fp_agreement"] <= 1.0
+    assert "fp_agreement" in res.stdout
 
 
 @pytest.mark.slow

@@ -42,4 +42,6 @@ def test_the_openvino_evaluate_overlay_matches_the_fake_quant_dice_on_the_demo_d
     assert [r["model"] for r in rows] == ["FP32", "rtn_w4a8", "rtn_w4a8 OpenVINO"]
     assert abs(rows[2]["dice_mean"] - rows[1]["dice_mean"]) <= 0.002, rows
     assert rows[2]["dice_mean"] > 0.5  # the demo networks are trained: a broken export would not get here
+    # the deployed network reproduces the FP network's labels as closely as the fake-quant network does
+    assert abs(rows[2]["fp_agreement"] - rows[1]["fp_agreement"]) <= 0.005 and rows[2]["fp_agreement"] > 0.9, rows
     assert (models / "model_rtn_w4a8.onnx").is_file()

@@ -1,0 +1,88 @@
+import copy
+
+import pytest
+import torch
+from monai.engines import SupervisedEvaluator
+from monai.handlers import MeanDice, from_engine
+from monai.inferers import SlidingWindowInferer
+from monai.metrics import compute_dice
+from monai.networks.nets import UNet
+from monai.transforms import AsDiscreted, Compose
+
+from monai_effq.handlers import REFERENCE_KEY, ReferencePrediction, write_comparison
+
+
+@pytest.fixture
+def net():
+    torch.manual_seed(0)
+    return UNet(3, 1, 3, channels=(4, 8), strides=(2,), num_res_units=0).eval()
+
+
+@pytest.fixture
+def batches():
+    torch.manual_seed(1)
+    return [{"image": torch.randn(2, 1, 16, 16, 16), "label": torch.zeros(2, 1, 16, 16, 16)} for _ in range(2)]
+
+
+def _discrete() -> Compose:
+    return Compose([AsDiscreted(keys="pred", argmax=True, to_onehot=3)])
+
+
+def _evaluator(network, reference, batches, **kwargs) -> SupervisedEvaluator:
+    inferer = SlidingWindowInferer((8, 8, 8), sw_batch_size=2, overlap=0.25)
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"), val_data_loader=batches, network=network, inferer=inferer, postprocessing=_discrete(),
+        key_val_metric={"fp_agreement": MeanDice(include_background=False, output_transform=from_engine(["pred", REFERENCE_KEY]))},
+        **kwargs,
+    )
+    handler = ReferencePrediction(reference, inferer, _discrete())
+    handler.attach(evaluator)
+    handler.attach(evaluator)  # attaching twice is harmless
+    return evaluator
+
+
+def test_a_network_agrees_with_itself_exactly(net, batches):
+    evaluator = _evaluator(net, copy.deepcopy(net), batches)
+    evaluator.run()
+    assert evaluator.state.metrics["fp_agreement"] == pytest.approx(1.0)
+
+
+def test_the_agreement_is_the_dice_of_the_two_networks_labels(net, batches):
+    other = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    evaluator = _evaluator(net, other, batches)
+    evaluator.run()
+
+    inferer = SlidingWindowInferer((8, 8, 8), sw_batch_size=2, overlap=0.25)
+    onehot = lambda n, x: torch.nn.functional.one_hot(inferer(x, n).argmax(1), 3).permute(0, 4, 1, 2, 3)  # noqa: E731
+    with torch.no_grad():
+        scores = torch.cat([compute_dice(onehot(net, b["image"]), onehot(other, b["image"]), include_background=False) for b in batches])
+    expected = float(scores.nanmean())
+    assert 0.0 < expected < 0.99  # the perturbed network's labels do differ
+    assert evaluator.state.metrics["fp_agreement"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_comparison_table_gets_the_agreement_column_of_the_evaluators_that_measured_it(net, batches, tmp_path):
+    from monai.handlers import MeanDice as Dice
+
+    plain = SupervisedEvaluator(
+        device=torch.device("cpu"), val_data_loader=batches, network=net, postprocessing=_discrete(),
+        key_val_metric={"mean_dice": Dice(include_background=False, output_transform=from_engine(["pred", "label"]))},
+        additional_metrics={"dice": Dice(include_background=False, reduction="mean_batch", output_transform=from_engine(["pred", "label"]))},
+    )
+    compared = _evaluator(net, net, batches, additional_metrics={
+        "dice": Dice(include_background=False, reduction="mean_batch", output_transform=from_engine(["pred", "label"])),
+    })
+    plain.run()
+    compared.run()
+    rows = write_comparison({"FP32": plain, "W4A8": compared}, ["a", "b"], tmp_path)
+    assert "fp_agreement" not in rows[0] and rows[1]["fp_agreement"] == pytest.approx(1.0)
+    assert (tmp_path / "evaluation.csv").read_text().splitlines()[0].endswith("fp_agreement")
+
+
+def test_an_engine_without_decollated_images_is_told_what_the_handler_needs(net, batches):
+    evaluator = _evaluator(net, net, batches, decollate=False)
+    with pytest.raises(ValueError, match="decollate=True"):
+        evaluator.run()
