@@ -125,12 +125,14 @@ def results_markdown(rows: list[dict]) -> str:
     out = [f"Measured on: {cpu_kind()}.\n"]
     for bundle in dict.fromkeys(r["bundle"] for r in rows):
         part = [r for r in rows if r["bundle"] == bundle]
-        cols = ["model", *[k for k in part[0] if k.startswith("dice_")], "size_MiB", "quantize_s"]
+        agreement = ["fp_agreement"] if any("fp_agreement" in r for r in part) else []
+        cols = ["model", *[k for k in part[0] if k.startswith("dice_")], *agreement, "size_MiB", "quantize_s"]
         out.append(f"**{bundle}** (demo validation cases, sliding-window evaluate)\n")
         out.append("| " + " | ".join(cols) + " |")
         out.append("|" + "---|" * len(cols))
         for r in part:
-            cells = [f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols]
+            # the FP row has no agreement figure: it is the reference the others are scored against
+            cells = [f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "-")) for c in cols]
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
