@@ -102,4 +102,4 @@ def test_the_readme_table_is_what_a_fresh_demo_run_measures_and_the_run_writes_o
                     assert shown[column] == measured[column], (bundle, shown["model"])
             # quantize_s is this machine's wall time: not comparable, but measured for every quantized model
             assert (float(measured["quantize_s"]) > 0) == (measured["model"] != "FP32")
-        assert [r["fp_agreement"] for r in rows_in_readme][0] == "-"  # FP is the reference, not scored
+        assert rows_in_readme[0]["fp_agreement"] == "-"  # FP is the reference, not scored

@@ -65,15 +65,13 @@ def test_the_agreement_is_the_dice_of_the_two_networks_labels(net, batches):
 
 
 def test_the_comparison_table_gets_the_agreement_column_of_the_evaluators_that_measured_it(net, batches, tmp_path):
-    from monai.handlers import MeanDice as Dice
-
     plain = SupervisedEvaluator(
         device=torch.device("cpu"), val_data_loader=batches, network=net, postprocessing=_discrete(),
-        key_val_metric={"mean_dice": Dice(include_background=False, output_transform=from_engine(["pred", "label"]))},
-        additional_metrics={"dice": Dice(include_background=False, reduction="mean_batch", output_transform=from_engine(["pred", "label"]))},
+        key_val_metric={"mean_dice": MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))},
+        additional_metrics={"dice": MeanDice(include_background=False, reduction="mean_batch", output_transform=from_engine(["pred", "label"]))},
     )
     compared = _evaluator(net, net, batches, additional_metrics={
-        "dice": Dice(include_background=False, reduction="mean_batch", output_transform=from_engine(["pred", "label"])),
+        "dice": MeanDice(include_background=False, reduction="mean_batch", output_transform=from_engine(["pred", "label"])),
     })
     plain.run()
     compared.run()
