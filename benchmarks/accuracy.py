@@ -269,13 +269,13 @@ def fp_agreement(pred: torch.Tensor, fp_pred: torch.Tensor) -> float:
 
 
 def runtime_rows(
-    qnet, label: str, calib_kind: str, spec: NetworkSpec, test: list, fp: tuple[float, torch.Tensor], runtimes: list[str],
-    folder: Path,
+    qnet, fake_quant: torch.Tensor, label: str, calib_kind: str, spec: NetworkSpec, test: list, fp: tuple[float, torch.Tensor],
+    runtimes: list[str], folder: Path,
 ) -> list[dict]:
-    """Rows for the quantized network exported to ONNX and run by each runtime, and the share of its labels equal to torch's."""
+    """Rows for the quantized network exported to ONNX and run by each runtime, and the share of its labels equal to
+    torch's (``fake_quant``: the quantized torch network's held-out labels, already predicted for its own row)."""
     from monai_effq.deploy import RUNTIMES, export_onnx
 
-    fake_quant = predict(qnet, test, spec.roi)
     path = export_onnx(qnet, folder / f"{label.replace(' ', '_')}_{calib_kind}.onnx", (1, 1, *spec.roi))
     rows = []
     for runtime in runtimes:
@@ -483,7 +483,8 @@ def main(argv: list[str] | None = None) -> None:
         for setting in args.settings:
             for method in args.methods:
                 qnet, secs, _ = run_ptq(net, calib, method, SETTINGS[setting])
-                rows.append(row(f"{method} {setting}", calib_kind, predict(qnet, test, spec.roi), test, fp, secs))
+                fake_quant = predict(qnet, test, spec.roi)
+                rows.append(row(f"{method} {setting}", calib_kind, fake_quant, test, fp, secs))
                 r = rows[-1]
                 print(
                     f"  {r['config']:<16} {calib_kind:<6} mean {r['mean']:.4f} (drop {r['drop']:+.4f}; "
@@ -491,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
                     flush=True,
                 )
                 if args.deploy and method == "efficientq":
-                    rows += runtime_rows(qnet, f"{method} {setting}", calib_kind, spec, test, fp, args.deploy, args.cache)
+                    rows += runtime_rows(qnet, fake_quant, f"{method} {setting}", calib_kind, spec, test, fp, args.deploy, args.cache)
         if not args.no_peers:
             peers = (
                 ("NNCF W8A8", lambda: run_nncf(net, calib)),
