@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-from monai.data import decollate_batch
-from monai.engines.utils import IterationEvents
+from monai.engines.utils import IterationEvents, engine_apply_transform
 from monai.inferers import Inferer, SimpleInferer
+from monai.transforms import Compose, Decollated, SaveImage, SaveImaged
 from monai.utils import CommonKeys, IgniteInfo, min_version, optional_import
 
 if TYPE_CHECKING:
@@ -22,6 +23,17 @@ __all__ = ["ReferencePrediction", "REFERENCE_KEY"]
 REFERENCE_KEY = "reference_pred"
 
 
+def _without_writers(transform: Callable) -> Callable:
+    """``transform`` without the steps that write images: the reference's labels are compared, not saved
+    (a bundle's post-processing may save its predictions, and the reference's would be written under the
+    same names)."""
+    if type(transform) is not Compose:  # OneOf, SomeOf ... choose among their steps: leave them whole
+        return transform
+    trimmed = copy.copy(transform)
+    trimmed.transforms = [_without_writers(t) for t in transform.transforms if not isinstance(t, (SaveImage, SaveImaged))]
+    return trimmed
+
+
 class ReferencePrediction:
     """Runs a reference network (the FP one) on every batch an evaluator infers and keeps its
     post-processed prediction beside the evaluated network's ``"pred"``.
@@ -32,17 +44,22 @@ class ReferencePrediction:
     says what quantization changed; Dice against the truth mixes that with the FP network's own errors,
     which a quantized network can land on either side of. It also works on cases without labels.
 
-    The handler runs after the engine's decollation and post-processing (it attaches later, to the
-    same event), so the metrics, which run when the iteration completes, see both predictions.
+    The reference runs when the evaluator's forward pass completes, and its output is post-processed
+    the way the engine post-processes its own: each case's batch and output items together, with the
+    reference output as ``"pred"``, so a bundle's own post-processing works unchanged, also where it
+    inverts or one-hots the label beside the prediction (steps that save images are left out). Its
+    prediction joins the engine's items after the engine's own decollation and post-processing (this
+    handler attaches later, to the same event), before the metrics, which update when the iteration
+    completes.
 
     Args:
         network: the reference network, e.g. a bundle's FP ``@network`` (the quantized checkpoint loader
             swaps a copy into its engine and leaves this one FP).
         inferer: how to run it; the evaluator's inferer (e.g. ``SlidingWindowInferer``).
-        postprocessing: applied to each item ``{"pred": reference output}``: the transforms the
-            evaluator applies to its own ``"pred"`` (activation, threshold or arg-max, one-hot).
+        postprocessing: the evaluator's own post-processing (activation, inversion, threshold or arg-max,
+            one-hot), applied as the engine applies it; ``None`` keeps the raw output.
         output_key: the key of the reference prediction in each output item.
-        image_key: the key of the input image in each output item.
+        image_key: the key of the input image in the engine's output.
     """
 
     def __init__(
@@ -55,30 +72,53 @@ class ReferencePrediction:
     ) -> None:
         self.network = network
         self.inferer = inferer or SimpleInferer()
-        self.postprocessing = postprocessing
+        self.postprocessing = None if postprocessing is None else _without_writers(postprocessing)
         self.output_key = output_key
         self.image_key = image_key
+        self._pending: list[Any] | None = None
 
     def attach(self, engine: Engine) -> None:
         """Register on ``engine`` (attaching twice is harmless)."""
+        if not engine.has_event_handler(self.predict, IterationEvents.FORWARD_COMPLETED):
+            engine.add_event_handler(IterationEvents.FORWARD_COMPLETED, self.predict)
         if not engine.has_event_handler(self, IterationEvents.MODEL_COMPLETED):
             engine.add_event_handler(IterationEvents.MODEL_COMPLETED, self)
 
-    def __call__(self, engine: Engine) -> None:
-        """Add the reference prediction to each of the iteration's output items."""
-        items = engine.state.output
-        if not isinstance(items, list) or not all(isinstance(i, dict) and self.image_key in i for i in items):
+    def predict(self, engine: Engine) -> None:
+        """Run the reference on the iteration's batch and post-process its output, case by case."""
+        output, batch = engine.state.output, engine.state.batch
+        if not isinstance(output, dict) or self.image_key not in output:
             raise ValueError(
-                f"ReferencePrediction needs the engine's output as decollated items with {self.image_key!r}; "
-                "use an evaluator with decollate=True (the default) and its image in the output."
+                f"ReferencePrediction needs the evaluator's output as a dict with the input under {self.image_key!r} "
+                f"(a MONAI SupervisedEvaluator's), got {type(output).__name__}."
             )
-        images = torch.stack([torch.as_tensor(i[self.image_key]) for i in items])
-        device = next(iter(self.network.parameters()), images).device
+        images = output[self.image_key]
+        device = next(iter(self.network.parameters()), torch.as_tensor(images)).device
         self.network.eval()
         with torch.no_grad():
             preds = self.inferer(images.to(device), self.network)
-        for item, pred in zip(items, decollate_batch(preds)):
-            out = {CommonKeys.PRED: pred.to(images.device)}
+        split = Decollated(keys=None, detach=True)  # as the engine decollates its own
+        outputs = split({**output, CommonKeys.PRED: preds.to(images.device)})
+        batches = split(batch) if isinstance(batch, dict) else [{} for _ in outputs]
+        pending = []
+        for b, o in zip(batches, outputs):
             if self.postprocessing is not None:
-                out = self.postprocessing(out)
-            item[self.output_key] = out[CommonKeys.PRED]
+                _, o = engine_apply_transform(b, o, self.postprocessing)
+            pending.append(o[CommonKeys.PRED])
+        self._pending = pending
+
+    def __call__(self, engine: Engine) -> None:
+        """Add the reference prediction to each of the iteration's output items."""
+        items, pending, self._pending = engine.state.output, self._pending, None
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise ValueError(
+                "ReferencePrediction needs the engine's output as decollated items; use an evaluator with "
+                "decollate=True (the default)."
+            )
+        if pending is None or len(pending) != len(items):
+            raise RuntimeError(
+                "ReferencePrediction has no reference prediction for this iteration: attach it with "
+                "ReferencePrediction.attach (or list it in the evaluator's handlers) so it runs after the forward pass."
+            )
+        for item, pred in zip(items, pending):
+            item[self.output_key] = pred

@@ -20,7 +20,7 @@ from monai_effq.utils.errors import MissingInputError, UserInputError, check_int
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
-__all__ = ["OVERLAYS", "calibration_items", "check_attached", "overlay_path"]
+__all__ = ["OVERLAYS", "agreement_metric", "calibration_items", "check_attached", "overlay_path"]
 
 OVERLAYS = {
     "quantize": "quantize a bundle's FP network on its calibration images (overlays inference.json)",
@@ -126,3 +126,31 @@ def check_attached(engine: Any, handler: Any, where: str) -> None:
             f"the bundle's evaluator does not run the handlers listed in {where}, so the quantized network would never "
             f"replace the FP one: make the evaluator's val_handlers \"@{where}\", as the model zoo's bundles do."
         )
+
+
+def agreement_metric(key_metric: Mapping[str, Any] | None = None) -> Any:
+    """The Dice of the evaluated network's labels against the FP network's (``reference_pred``), counting the
+    background channel as the bundle's own Dice does.
+
+    A zoo bundle's one-hot softmax output has a background channel that its ``MeanDice`` leaves out
+    (``include_background: false``); a sigmoid multi-label one (BraTS' TC/WT/ET) has none and keeps every
+    channel. Agreement measured with the other choice would be dominated by background voxels, or
+    would drop a class.
+
+    Args:
+        key_metric: the bundle's ``validate#key_metric`` (its name and metric); the background setting
+            of its ``MeanDice``, if it is one, is kept; otherwise every channel counts.
+
+    Returns:
+        a MONAI ``MeanDice`` handler over ``pred`` and ``reference_pred``, to attach to the evaluator as
+        ``fp_agreement``.
+    """
+    from monai.handlers import MeanDice, from_engine
+
+    from monai_effq.handlers.reference import REFERENCE_KEY
+
+    include_background = True
+    for metric in (key_metric or {}).values():
+        if isinstance(metric, MeanDice):
+            include_background = bool(metric.metric_fn.include_background)
+    return MeanDice(include_background=include_background, output_transform=from_engine(["pred", REFERENCE_KEY]))

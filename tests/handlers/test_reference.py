@@ -84,3 +84,37 @@ def test_an_engine_without_decollated_images_is_told_what_the_handler_needs(net,
     evaluator = _evaluator(net, net, batches, decollate=False)
     with pytest.raises(ValueError, match="decollate=True"):
         evaluator.run()
+
+
+def test_a_zoo_style_postprocessing_that_also_one_hots_the_label_serves_the_reference_unchanged(net, batches):
+    # the model zoo's evaluate.json post-processes "pred" and "label" together; the reference needs no copy of it
+    both = Compose([AsDiscreted(keys=["pred", "label"], argmax=[True, False], to_onehot=3)])
+    inferer = SlidingWindowInferer((8, 8, 8), sw_batch_size=2, overlap=0.25)
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"), val_data_loader=batches, network=net, inferer=inferer, postprocessing=both,
+        key_val_metric={"fp_agreement": MeanDice(include_background=False, output_transform=from_engine(["pred", REFERENCE_KEY]))},
+        additional_metrics={"dice": MeanDice(include_background=True, output_transform=from_engine(["pred", "label"]))},
+        val_handlers=[ReferencePrediction(copy.deepcopy(net), inferer, both)],
+    )
+    evaluator.run()
+    assert evaluator.state.metrics["fp_agreement"] == pytest.approx(1.0)
+    assert 0.0 < evaluator.state.metrics["dice"] <= 1.0  # the engine's own label was one-hot once, as without the handler
+
+
+def test_the_reference_post_processing_writes_no_images(net, batches, tmp_path):
+    from monai.data import MetaTensor, list_data_collate
+    from monai.transforms import SaveImaged
+
+    named = [
+        list_data_collate([
+            {"image": MetaTensor(image, affine=torch.eye(4), meta={"filename_or_obj": f"case{i}{j}.nii.gz"}), "label": label}
+            for j, (image, label) in enumerate(zip(b["image"], b["label"]))
+        ])
+        for i, b in enumerate(batches)
+    ]
+    saving = Compose([*_discrete().transforms, SaveImaged(keys="pred", meta_keys="image_meta_dict", output_dir=str(tmp_path), separate_folder=False)])
+    evaluator = _evaluator(net, copy.deepcopy(net), named)
+    ReferencePrediction(copy.deepcopy(net), SlidingWindowInferer((8, 8, 8)), saving).attach(evaluator)
+    evaluator.run()
+    assert evaluator.state.metrics["fp_agreement"] == pytest.approx(1.0)
+    assert list(tmp_path.iterdir()) == []

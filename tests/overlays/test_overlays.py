@@ -14,7 +14,7 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow, run
 
-from monai_effq.overlays import OVERLAYS, calibration_items, overlay_path
+from monai_effq.overlays import OVERLAYS, agreement_metric, calibration_items, overlay_path
 from monai_effq.overlays.__main__ import main
 from monai_effq.ptq.modules import QuantizedLayer
 from monai_effq.utils.errors import MissingInputError, UserInputError
@@ -81,6 +81,16 @@ def test_calibration_images_become_datalist_cases_and_bad_ones_are_named(tmp_pat
         calibration_items([{"img": a}], 1)
 
 
+def test_agreement_with_fp_counts_the_background_channel_as_the_bundles_own_dice_does():
+    from monai.handlers import MeanDice
+
+    softmax = {"val_mean_dice": MeanDice(include_background=False)}  # a one-hot output with a background channel
+    sigmoid = {"val_mean_dice": MeanDice(include_background=True)}  # TC/WT/ET: no background channel
+    assert not agreement_metric(softmax).metric_fn.include_background
+    assert agreement_metric(sigmoid).metric_fn.include_background
+    assert agreement_metric(None).metric_fn.include_background  # no Dice to follow: every channel counts
+
+
 @pytest.mark.slow
 def test_a_spleen_style_bundle_is_quantized_by_the_shell_command_then_served_traced_evaluated_and_run_in_openvino_and_onnxruntime(
     tmp_path, demo_data
@@ -121,9 +131,15 @@ def test_a_spleen_style_bundle_is_quantized_by_the_shell_command_then_served_tra
     evaluation = [str(root / "configs" / name) for name in ("train.json", "evaluate.json")]
     workflow(root, evaluation)
     evaluated = workflow(root, evaluation + [str(overlay_path("evaluate"))])
-    assert quantized(evaluated.parser.get_parsed_content("validate#evaluator").network)
+    evaluator = evaluated.parser.get_parsed_content("validate#evaluator")
+    assert quantized(evaluator.network)
     fp_dice, q_dice = mean_dice(root / "eval"), mean_dice(root / "eval" / TAG)
     assert fp_dice > 0.5 and q_dice > fp_dice - 0.03, (fp_dice, q_dice)
+    # agreement with the FP network's labels, through the bundle's own post-processing (it inverts and
+    # one-hots the label too), without its background channel, as the bundle's Dice
+    agreement = evaluator.state.metrics["fp_agreement"]
+    assert 0.9 < agreement <= 1.0, agreement
+    assert not evaluated.parser.get_parsed_content("fp_agreement").metric_fn.include_background
 
     # the same inference in the integer runtimes (the deploy extra, which the test set-up installs)
     pytest.importorskip("openvino")
