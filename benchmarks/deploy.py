@@ -24,7 +24,8 @@ printed beside the figures.
 
 Part 2, Dice: each bundle's ``evaluate`` workflow with the ``evaluate_openvino.json`` overlay (the
 sliding-window evaluation on the demo validation cases) for the fake-quant network, OpenVINO and ONNX
-Runtime, and NNCF's int8 of the bundle's FP network in OpenVINO: Dice per class and wall time.
+Runtime, and NNCF's int8 of the bundle's FP network in OpenVINO: Dice per class, the Dice of its labels
+against the FP network's own ("vs FP labels", the bundle's ``fp_agreement``) and wall time.
 
 ``--counters`` adds OpenVINO's own per-node time for each OpenVINO runner, by kind (int8 and float
 convolutions, norm statistics, elementwise subgraphs, reorders, resampling), the int8 convolutions'
@@ -444,8 +445,17 @@ def dice(args: argparse.Namespace, work: Path) -> list[dict]:
                 seconds = time.perf_counter() - t0
                 per_class = torch.as_tensor(evaluator.state.metrics["dice"]).float().reshape(-1).tolist()
                 mean = sum(per_class) / len(per_class)
-                rows.append({"bundle": bundle, "runner": label, "dice_mean": mean, "dice_per_class": per_class, "seconds": seconds})
-                print(f"{bundle:11s} {label:24s} Dice {mean:.4f}  {' '.join(f'{d:.4f}' for d in per_class)}  {seconds:6.1f} s")
+                agreement = evaluator.state.metrics.get("fp_agreement")  # the FP row is the reference itself
+                agreement = None if agreement is None else torch.as_tensor(agreement, dtype=torch.float64).mean().item()
+                rows.append({
+                    "bundle": bundle, "runner": label, "dice_mean": mean, "dice_per_class": per_class, "fp_agreement": agreement,
+                    "seconds": seconds,
+                })
+                shown = "-" if agreement is None else f"{agreement:.4f}"
+                print(
+                    f"{bundle:11s} {label:24s} Dice {mean:.4f}  {' '.join(f'{d:.4f}' for d in per_class)}  "
+                    f"vs FP labels {shown:6s} {seconds:6.1f} s"
+                )
     return rows
 
 

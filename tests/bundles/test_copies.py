@@ -6,8 +6,10 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
+from monai.bundle import ConfigParser
 
-from .conftest import BUNDLES, bundle
+from .conftest import BUNDLES, bundle, config_files
 
 
 @pytest.mark.slow
@@ -45,3 +47,15 @@ def test_the_openvino_evaluate_overlay_matches_the_fake_quant_dice_on_the_demo_d
     # the deployed network reproduces the FP network's labels as closely as the fake-quant network does
     assert abs(rows[2]["fp_agreement"] - rows[1]["fp_agreement"]) <= 0.005 and rows[2]["fp_agreement"] > 0.9, rows
     assert (models / "model_rtn_w4a8.onnx").is_file()
+
+    # run on its own (as a benchmark or a user's script runs one evaluator), the deployed evaluator
+    # still compares with the FP weights: its handlers load them for the reference
+    parser = ConfigParser()
+    parser.read_config(config_files(name, "evaluate", "evaluate_openvino", root=copy))
+    settings = {"bundle_root": str(copy), "ckpt_dir": str(models), "dataset_dir": str(copy / "data" / "demo"), "method": "rtn"}
+    for key, value in settings.items():
+        parser[key] = value
+    alone = parser.get_parsed_content("deployed#evaluator")
+    alone.run()
+    agreement = torch.as_tensor(alone.state.metrics["fp_agreement"]).float().mean().item()
+    assert agreement == pytest.approx(rows[2]["fp_agreement"], abs=1e-4), (agreement, rows[2])
