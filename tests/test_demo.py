@@ -84,10 +84,10 @@ def test_the_readme_table_is_what_a_fresh_demo_run_measures_and_the_run_writes_o
     assert json.loads((tmp_path / "demo" / "results.json").read_text()) == json.loads(json.dumps(rows))
 
     readme = _tables((demo.ROOT / "README.md").read_text())
-    # on another CPU kind, other kernels sum in other orders and 2-bit codes follow: the W2A8 class
-    # Dice of an AMD EPYC and an Intel Xeon (both AVX-512) differed by up to 0.012
+    # on another CPU kind, other kernels sum in other orders and 2-bit codes follow: the class Dice of an
+    # AMD EPYC and an Intel Xeon (both AVX-512) differed by up to 0.022 at W2A8 (brats ET) and 0.003 at W4A8
     measured_on = re.search(r"Measured on: (.*)\.", (demo.ROOT / "README.md").read_text()).group(1)
-    tolerance = 0.001 if measured_on == demo.cpu_kind() else 0.02
+    same_kind = measured_on == demo.cpu_kind()
     assert readme == _tables((demo.ROOT / "docs" / "results.md").read_text())
     assert list(readme) == list(fresh) == ["brats_effq", "lits_effq"]
     for bundle, rows_in_readme in readme.items():
@@ -96,7 +96,8 @@ def test_the_readme_table_is_what_a_fresh_demo_run_measures_and_the_run_writes_o
             assert shown.keys() == measured.keys()
             for column in shown:
                 if column.startswith("dice_") or (column == "fp_agreement" and shown["model"] != "FP32"):
-                    # same seed, same data: equal to the printed precision
+                    # same seed, same data, same CPU kind: equal to the printed precision
+                    tolerance = 0.001 if same_kind else 0.03 if "w2a" in shown["model"] else 0.01
                     assert abs(float(shown[column]) - float(measured[column])) <= tolerance, (bundle, shown["model"], column)
                 elif column == "size_MiB":
                     assert shown[column] == measured[column], (bundle, shown["model"])
