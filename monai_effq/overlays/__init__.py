@@ -14,8 +14,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from monai.handlers import MeanDice, from_engine
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from monai_effq.handlers.reference import REFERENCE_KEY
 from monai_effq.utils.errors import MissingInputError, UserInputError, check_integer
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -128,7 +130,7 @@ def check_attached(engine: Any, handler: Any, where: str) -> None:
         )
 
 
-def agreement_metric(key_metric: Mapping[str, Any] | None = None) -> Any:
+def agreement_metric(key_metric: Mapping[str, Any] | None = None) -> MeanDice:
     """The Dice of the evaluated network's labels against the FP network's (``reference_pred``), counting the
     background channel as the bundle's own Dice does.
 
@@ -145,10 +147,6 @@ def agreement_metric(key_metric: Mapping[str, Any] | None = None) -> Any:
         a MONAI ``MeanDice`` handler over ``pred`` and ``reference_pred``, to attach to the evaluator as
         ``fp_agreement``.
     """
-    from monai.handlers import MeanDice, from_engine
-
-    from monai_effq.handlers.reference import REFERENCE_KEY
-
     include_background = True
     for metric in (key_metric or {}).values():
         if isinstance(metric, MeanDice):
