@@ -155,6 +155,17 @@ def _no_cuda(tmp_path, lits):
     available_device("cuda:7")
 
 
+def _rank_past_the_gpus(tmp_path, lits):
+    from unittest import mock
+
+    from monai_effq.utils.distributed import rank_device
+
+    # a one-GPU workstation running torchrun --nproc_per_node=2: the second process
+    with mock.patch.dict("os.environ", {"LOCAL_RANK": "1"}), mock.patch("torch.cuda.is_available", return_value=True):
+        with mock.patch("torch.cuda.device_count", return_value=1):
+            rank_device()
+
+
 def _unfinished_run(tmp_path, _):
     (tmp_path / "model_efficientq_w4a8.pt.journal").mkdir()
     check_quantized(tmp_path / "model_efficientq_w4a8.pt", _net())
@@ -235,6 +246,7 @@ TRIGGERS = {
     ),
     "the quantize run that writes <file> did not finish (its journal <journal> is there)": _unfinished_run,
     "<n> validation cases cannot be shared by <m> processes": lambda t, d: rank_cases([{"image": "a.nii.gz"}], 0, 2),
+    "local rank <n> has no GPU of its own: this machine has <m> CUDA GPU(s) and NCCL takes one per process.": _rank_past_the_gpus,
     "the input to <model.onnx> holds <n> NaN or Inf voxel(s)": _nan_onnx_input,
     "<runtime> could not run <model.onnx> on a <size> input (<reason>); it was exported on <size>": _onnx_run_at_another_size,
     "<runtime> cannot convert <operator> in <model.onnx>: the file is ONNX, but this <runtime> version cannot read that operator as written": _operator_openvino_cannot_convert,

@@ -12,6 +12,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from monai_effq.utils.errors import UserInputError
+
 __all__ = [
     "all_gather_objects",
     "all_gather_rows",
@@ -51,10 +53,22 @@ def default_backend() -> str:
 
 
 def rank_device() -> str:
-    """The device of this rank: ``cuda:<LOCAL_RANK>`` on a GPU machine (``torchrun`` sets it), else ``cpu``."""
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
+    """The device of this rank: ``cuda:<LOCAL_RANK>`` on a GPU machine (``torchrun`` sets it), else ``cpu``.
+
+    Raises:
+        UserInputError: when this process's local rank has no GPU of its own (more processes per node
+            than GPUs): NCCL takes one GPU per process.
+    """
+    if not torch.cuda.is_available():
+        return "cpu"
+    local_rank, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+    if local_rank >= count:
+        raise UserInputError(
+            f"local rank {local_rank} has no GPU of its own: this machine has {count} CUDA GPU(s) and NCCL takes one per process. "
+            f"Start at most {count} process(es) per node (torchrun --nproc_per_node={count}), or hide the GPUs "
+            "(CUDA_VISIBLE_DEVICES='') to run every rank on the CPU with gloo."
+        )
+    return f"cuda:{local_rank}"
 
 
 def _collective_device() -> torch.device:

@@ -34,7 +34,8 @@ def torchrun(work: Path, workflow: str, overlay: str, *overrides: str) -> dict[i
         str(TORCHRUN), "--standalone", f"--nproc_per_node={RANKS}", "--tee", "3",
         "-m", "monai.bundle", "run", workflow, "--config_file", str(files), *overrides,
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    # hidden GPUs: the overlays would otherwise give the ranks NCCL and one GPU each, which a one-GPU machine lacks
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path), "CUDA_VISIBLE_DEVICES": ""}
     res = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
     per_rank: dict[int, list[str]] = {rank: [] for rank in range(RANKS)}
