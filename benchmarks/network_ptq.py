@@ -18,6 +18,7 @@ Usage::
     python benchmarks/network_ptq.py                      # the bar: 128^3, init_filters 16, W4A8
     python benchmarks/network_ptq.py --quick              # 64^3, for a smoke run
     python benchmarks/network_ptq.py --methods efficientq rtn --bits 2
+    python benchmarks/network_ptq.py --devices cpu cuda   # each method on the CPU and on the GPU: "x first" is the GPU's time over the CPU's
 """
 
 from __future__ import annotations
@@ -82,11 +83,12 @@ def run_one(spec: dict) -> dict:
 
     from monai_effq import EfficientQConfig, quantize
 
-    calibration = torch.load(spec["volumes"]["calibration"], weights_only=True)
-    test = torch.load(spec["volumes"]["test"], weights_only=True)
+    device = torch.device(spec.get("device", "cpu"))
+    calibration = torch.load(spec["volumes"]["calibration"], weights_only=True).to(device)
+    test = torch.load(spec["volumes"]["test"], weights_only=True).to(device)
     torch.manual_seed(0)
-    network = SegResNet(spatial_dims=3, init_filters=spec["init_filters"], in_channels=4, out_channels=3).eval()
-    config = EfficientQConfig(weight_bits=spec["bits"], act_bits=ACT_BITS, method=spec["method"])
+    network = SegResNet(spatial_dims=3, init_filters=spec["init_filters"], in_channels=4, out_channels=3).eval().to(device)
+    config = EfficientQConfig(weight_bits=spec["bits"], act_bits=ACT_BITS, method=spec["method"], device=str(device))
     rss_before = _rss_mib()
     cpu0 = time.process_time()
     res = quantize(network, calibration, config, task="multilabel", progress=False)
@@ -110,6 +112,8 @@ def run_one(spec: dict) -> dict:
         "cpu_seconds": cpu_seconds,
         "load": load,
         "peak_mib": report.peak_memory_mib,
+        "peak_gpu_mib": report.peak_gpu_memory_mib,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "rss_before_mib": rss_before,
         "err_calibration": errors["calibration"],
         "err_test": errors["test"],
@@ -140,6 +144,10 @@ def _verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
+def _row_name(method: str, device: str, devices: list[str]) -> str:
+    return method if len(devices) == 1 else f"{method}@{device}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=BAR_SIZE, help="side of the cubic volume (default 128)")
@@ -147,6 +155,9 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=BAR_BITS, help="weight bits (activations stay at 8)")
     parser.add_argument("--methods", nargs="+", default=["efficientq", "gptq", "rtn"], choices=["efficientq", "gptq", "rtn"])
     parser.add_argument("--quick", action="store_true", help="64^3 volume, for a smoke run")
+    parser.add_argument(
+        "--devices", nargs="+", default=["cpu"], help="run each method on each of these (e.g. cpu cuda); times are also given against the first"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -160,38 +171,47 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="network_ptq_") as folder:
         volumes = make_volumes(folder, args.size)
         rows = {}
-        for method in args.methods:
-            spec = {
-                "method": method,
-                "size": args.size,
-                "init_filters": args.init_filters,
-                "bits": args.bits,
-                "volumes": volumes,
-            }
-            rows[method] = _subprocess(["--worker", json.dumps(spec)])
+        for device in args.devices:
+            for method in args.methods:
+                spec = {
+                    "method": method,
+                    "size": args.size,
+                    "init_filters": args.init_filters,
+                    "bits": args.bits,
+                    "volumes": volumes,
+                    "device": device,
+                }
+                rows[_row_name(method, device, args.devices)] = _subprocess(["--worker", json.dumps(spec)])
+
+    from machine import cpu_summary
 
     threads = next(iter(rows.values()))["threads"]
+    print(cpu_summary())
     print(f"torch {torch.__version__}, {threads} threads, {os.cpu_count()} CPUs")
+    for device in dict.fromkeys(r["device"] for r in rows.values() if r["device"] != "cpu"):
+        print(f"GPU: {device} (CUDA {torch.version.cuda})")
     print(
         f"\n== SegResNet(spatial_dims=3, init_filters={args.init_filters}, in_channels=4, out_channels=3), "
         f"untrained (torch.manual_seed(0)); W{args.bits}A{ACT_BITS} (first/last layer 8 bits), "
         f"calibration 1x4x{args.size}^3 synthetic BraTS case (seed 0), test case seed 1"
     )
-    base = rows.get("rtn")
     header = (
-        f"{'method':11s} {'time s':>8s} {'x rtn':>6s} {'cpu s':>8s} {'peak MiB':>9s} {'rel err calib':>13s} {'x rtn':>6s} "
+        f"{'method':16s} {'time s':>8s} {'x rtn':>6s} {'x first':>7s} {'GPU MiB':>8s} {'cpu s':>8s} {'peak MiB':>9s} {'rel err calib':>13s} {'x rtn':>6s} "
         f"{'rel err test':>12s} {'x rtn':>6s} {'layer MSE/rtn':>13s} {'layers':>6s} {'compr':>6s} "
         f"{'solve s':>8s} {'other s':>8s} {'iters':>6s} {'load':>5s}"
     )
     print(header)
-    for method, r in rows.items():
+    for name, r in rows.items():
+        method, _, device = name.partition("@")
+        base = rows.get(_row_name("rtn", device, args.devices))
+        first = rows[_row_name(method, args.devices[0], args.devices)]
         ratio = (
             (lambda key: f"{r[key] / base[key]:6.2f}" if base[key] > 0 else f"{'-':>6s}")
             if base is not None
             else (lambda key: f"{'-':>6s}")
         )
         print(
-            f"{method:11s} {r['seconds']:8.1f} {ratio('seconds')} {r['cpu_seconds']:8.1f} {r['peak_mib']:9.0f} "
+            f"{name:16s} {r['seconds']:8.1f} {ratio('seconds')} {r['seconds'] / first['seconds']:7.2f} {r['peak_gpu_mib']:8.0f} {r['cpu_seconds']:8.1f} {r['peak_mib']:9.0f} "
             f"{r['err_calibration']:13.4e} {ratio('err_calibration')} {r['err_test']:12.4e} {ratio('err_test')} "
             f"{r['layer_ratio']:13.3f} {r['layers']:6d} {r['compression']:5.1f}x "
             f"{r['solve_seconds']:8.1f} {r['seconds'] - r['solve_seconds']:8.1f} {r['iterations']:6d} {r['load']:5.1f}"
@@ -199,6 +219,8 @@ def main() -> None:
     print(
         "\ntime s: wall time of quantize(); cpu s: its CPU time, all threads; load: the 1-minute load average when "
         "quantize() returned (times are only comparable with the bar when load <= the CPU count);\n"
+        "x first: the time against the same method on the first of --devices; GPU MiB: peak memory allocated on the GPU "
+        "(nan on the CPU);\n"
         "rel err: ||q(x) - fp(x)|| / ||fp(x)|| of the logits; layer MSE/rtn: mean over layers of the layer "
         "output MSE against round-to-nearest's;\nsolve s: sum of the layer solves; other s: the rest of the "
         "wall time (forward passes, Gram accumulation, attention, copies)."
@@ -210,14 +232,15 @@ def main() -> None:
     )
 
     print("\nwhere the time goes, slowest layers (total s / solve s / ADMM iterations):")
-    for method, r in rows.items():
+    for name, r in rows.items():
         parts = ", ".join(
             f"{s['name']} {s['seconds']:.1f}/{s['solve_seconds']:.1f}/{s['iterations']}" for s in r["slowest"]
         )
-        print(f"  {method:11s} {parts}")
+        print(f"  {name:16s} {parts}")
 
-    if "efficientq" in rows:
-        r = rows["efficientq"]
+    bar_row = _row_name("efficientq", "cpu", args.devices)
+    if bar_row in rows:  # the bar is set for the CPU
+        r = rows[bar_row]
         at_bar = args.size == BAR_SIZE and args.init_filters == BAR_FILTERS and args.bits == BAR_BITS
         note = "" if at_bar else "  (the bar is set for 128^3, init_filters 16, W4A8; this run is not that setting)"
         print(f"\n== bar, efficientq W{args.bits}A{ACT_BITS} on {os.cpu_count()} CPUs{note}")

@@ -29,6 +29,7 @@ __all__ = [
     "LayerReport",
     "QuantizationReport",
     "RUN_MEASUREMENTS",
+    "peak_gpu_memory_mib",
     "peak_memory_mib",
     "reset_peak_memory",
     "source_fingerprints",
@@ -36,16 +37,19 @@ __all__ = [
 
 # fields that measure a run (time, memory) rather than describe its result
 LAYER_MEASUREMENTS = ("seconds", "solve_seconds")
-RUN_MEASUREMENTS = ("wall_seconds", "peak_memory_mib")
+RUN_MEASUREMENTS = ("wall_seconds", "peak_memory_mib", "peak_gpu_memory_mib")
 
 
 def reset_peak_memory() -> None:
-    """Reset the process's peak resident memory counter (Linux), so a later reading is this run's."""
+    """Reset the process's peak resident memory counter (Linux) and the current GPU's, so later readings are this run's."""
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         pass
+    # a process that has not touched CUDA yet starts its GPU counters at zero when it does
+    if torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
 
 
 def peak_memory_mib() -> float:
@@ -58,6 +62,16 @@ def peak_memory_mib() -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def peak_gpu_memory_mib() -> float:
+    """Peak memory PyTorch allocated on the current CUDA GPU since the last reset (``nan`` where CUDA was not used).
+
+    The host's resident memory (:func:`peak_memory_mib`) does not include it: a run on a GPU needs both.
+    """
+    if not torch.cuda.is_initialized():
+        return float("nan")
+    return torch.cuda.max_memory_allocated() / 2**20
 
 
 def source_fingerprints(network: nn.Module, config: dict[str, Any], calibration: Sequence[torch.Tensor]) -> dict[str, str]:
@@ -143,6 +157,8 @@ class QuantizationReport:
         weight_packed_bytes: the same weights as stored: codes packed at their bits.
         wall_seconds: total wall time (``nan`` when not recorded).
         peak_memory_mib: peak resident memory of the run (``nan`` when not recorded).
+        peak_gpu_memory_mib: peak memory the run allocated on its CUDA GPU (``nan`` for a run that used
+            none, or when not recorded).
         folded_batchnorms: BatchNorms folded into their convolutions.
         skipped: quantizable layers kept in floating point.
         sources: fingerprints of what the run was given (:func:`source_fingerprints`: ``fp_weights``,
@@ -158,6 +174,7 @@ class QuantizationReport:
     weight_packed_bytes: int = 0
     wall_seconds: float = math.nan
     peak_memory_mib: float = math.nan
+    peak_gpu_memory_mib: float = math.nan
     folded_batchnorms: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)
@@ -262,6 +279,8 @@ class QuantizationReport:
         # a report read back from a checkpoint has no measurements
         seconds = f" in {self.wall_seconds:.1f} s" if math.isfinite(self.wall_seconds) else ""
         memory = f", peak memory {self.peak_memory_mib:.0f} MiB" if math.isfinite(self.peak_memory_mib) else ""
+        if math.isfinite(self.peak_gpu_memory_mib):
+            memory += f" (GPU {self.peak_gpu_memory_mib:.0f} MiB)"
         return (
             f"{self.method}: {n} layers quantized{seconds}{memory}; size {self.fp_bytes / 2**20:.2f} MiB -> "
             f"{self.quantized_bytes / 2**20:.3f} MiB ({self.compression:.1f}x; weights {self.weight_compression:.2f}x); "

@@ -13,7 +13,7 @@ import torch.nn as nn
 from monai_effq.ptq.config import EfficientQConfig
 from monai_effq.ptq.footprint import weight_footprint
 from monai_effq.ptq.modules import QuantizedLayer
-from monai_effq.ptq.report import QuantizationReport, peak_memory_mib
+from monai_effq.ptq.report import QuantizationReport, peak_gpu_memory_mib, peak_memory_mib
 from monai_effq.quant.packing import packed_nbytes
 
 __all__ = ["QuantizationResult", "finish_report", "quantized_size_bytes", "state_bytes"]
@@ -72,7 +72,7 @@ def finish_report(report: QuantizationReport, network: nn.Module, fp_bytes: int,
 
     Returns:
         ``report``, with ``fp_bytes``, ``quantized_bytes``, ``weight_fp_bytes``,
-        ``weight_packed_bytes``, ``wall_seconds`` and ``peak_memory_mib`` set.
+        ``weight_packed_bytes``, ``wall_seconds``, ``peak_memory_mib`` and ``peak_gpu_memory_mib`` set.
     """
     weights = weight_footprint(network)
     report.fp_bytes = fp_bytes
@@ -80,4 +80,5 @@ def finish_report(report: QuantizationReport, network: nn.Module, fp_bytes: int,
     report.weight_fp_bytes, report.weight_packed_bytes = weights.fp32_bytes, weights.packed_bytes
     report.wall_seconds = wall_seconds
     report.peak_memory_mib = peak_memory_mib()
+    report.peak_gpu_memory_mib = peak_gpu_memory_mib()
     return report

@@ -33,4 +33,23 @@ def test_a_finished_report_holds_the_packed_sizes_time_and_memory_of_the_network
     assert (report.weight_fp_bytes, report.weight_packed_bytes) == (weights * 4, weights // 2)
     assert (report.fp_bytes, report.wall_seconds) == (1234, 2.5)
     assert report.peak_memory_mib > 0 or math.isnan(report.peak_memory_mib)
+    assert math.isnan(report.peak_gpu_memory_mib) == (not torch.cuda.is_initialized())
     assert report.compression == pytest.approx(1234 / report.quantized_bytes)
+
+
+def test_the_summary_names_gpu_memory_only_for_a_run_that_used_a_gpu():
+    report = QuantizationReport(layers=[_layer("0", 1.0, 2.0)], wall_seconds=3.0, peak_memory_mib=900.0)
+    assert "peak memory 900 MiB;" in report.summary()
+    report.peak_gpu_memory_mib = 2048.0
+    assert "peak memory 900 MiB (GPU 2048 MiB);" in report.summary()
+    assert "peak_gpu_memory_mib" not in report.to_dict(measurements=False)
+    assert QuantizationReport.from_dict(report.to_dict()).peak_gpu_memory_mib == 2048.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_quantization_on_the_gpu_reports_the_gpu_memory_it_took():
+    from monai_effq import EfficientQConfig, quantize
+
+    network = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 1)).cuda()
+    result = quantize(network, torch.rand(1, 1, 16, 16, 16, device="cuda"), EfficientQConfig(device="cuda"), progress=False)
+    assert result.report.peak_gpu_memory_mib > 0
