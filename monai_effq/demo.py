@@ -29,6 +29,7 @@ from monai_effq.utils.io import atomic_write_text
 __all__ = [
     "DEFAULT_OUTPUT_DIR",
     "cpu_kind",
+    "machine_kind",
     "main",
     "publish",
     "publish_per_bundle",
@@ -54,7 +55,12 @@ def _run(bundle: str, workflow: str, **overrides) -> float:
 
 
 def run_demo(
-    bundles: list[str], weight_bits: list[int], act_bits: int = 8, output_dir: str | Path = DEFAULT_OUTPUT_DIR, method: str = "efficientq"
+    bundles: list[str],
+    weight_bits: list[int],
+    act_bits: int = 8,
+    output_dir: str | Path = DEFAULT_OUTPUT_DIR,
+    method: str = "efficientq",
+    device: str = "cpu",
 ) -> list[dict]:
     """Quantize and evaluate each bundle's shipped network at each bit width; return one row per bundle and model.
 
@@ -65,9 +71,11 @@ def run_demo(
         output_dir: where the checkpoints, reports and evaluations go (``<output_dir>/<bundle>/``);
             what an earlier demo run wrote there is replaced.
         method: the solver method.
+        device: where calibration, the solver and evaluation run (the bundles' ``device``: ``"cpu"``,
+            ``"cuda"``, ``"cuda:1"`` ...).
 
     Returns:
-        rows with the bundle, model (``"FP32"`` or the model tag, e.g. ``"efficientq_w4a8"``), Dice per
+        rows with the bundle, the device, model (``"FP32"`` or the model tag, e.g. ``"efficientq_w4a8"``), Dice per
         class, mean Dice, size and quantization time.
     """
     rows = []
@@ -82,6 +90,7 @@ def run_demo(
             "export_dir": "",
             "overwrite": True,
             "method": method,
+            "device": device,
         }
         fp_row = None
         for bits in weight_bits:
@@ -92,9 +101,9 @@ def run_demo(
             report = json.loads((out / "eval" / f"quantization_report_{tag}.json").read_text())
             fp, q = evaluation
             if fp_row is None:
-                fp_row = {"bundle": bundle, **fp, "size_MiB": report["fp_bytes"] / 2**20, "quantize_s": 0.0}
+                fp_row = {"bundle": bundle, "device": device, **fp, "size_MiB": report["fp_bytes"] / 2**20, "quantize_s": 0.0}
                 rows.append(fp_row)
-            rows.append({"bundle": bundle, **q, "size_MiB": report["quantized_bytes"] / 2**20, "quantize_s": q_seconds})
+            rows.append({"bundle": bundle, "device": device, **q, "size_MiB": report["quantized_bytes"] / 2**20, "quantize_s": q_seconds})
     return rows
 
 
@@ -120,9 +129,26 @@ def cpu_kind() -> str:
     return f"{vendor}, {torch.backends.cpu.get_cpu_capability()} kernels"
 
 
+def machine_kind(device: str = "cpu") -> str:
+    """:func:`cpu_kind`, after the GPU's name and CUDA version where the run used a CUDA device.
+
+    Args:
+        device: the device the run used.
+
+    Returns:
+        the description.
+    """
+    import torch
+
+    kind = cpu_kind()
+    if torch.device(device).type == "cuda":
+        kind = f"{torch.cuda.get_device_name(torch.device(device))} (CUDA {torch.version.cuda}, torch {torch.__version__}) and {kind}"
+    return kind
+
+
 def results_markdown(rows: list[dict]) -> str:
-    """A Markdown table per bundle (the classes differ between bundles), after the CPU kind it was measured on."""
-    out = [f"Measured on: {cpu_kind()}.\n"]
+    """A Markdown table per bundle (the classes differ between bundles), after the machine it was measured on."""
+    out = [f"Measured on: {machine_kind(rows[0].get('device', 'cpu') if rows else 'cpu')}.\n"]
     for bundle in dict.fromkeys(r["bundle"] for r in rows):
         part = [r for r in rows if r["bundle"] == bundle]
         agreement = ["fp_agreement"] if any("fp_agreement" in r for r in part) else []
@@ -213,13 +239,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--weight-bits", nargs="+", type=int, default=[4, 2])
     parser.add_argument("--act-bits", type=int, default=8)
     parser.add_argument("--method", default="efficientq")
+    parser.add_argument("--device", default="cpu", help="where calibration, the solver and evaluation run: cpu (default), cuda, cuda:1 ...")
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR, help="where the table and the models go (default: outputs/demo)")
     parser.add_argument(
         "--publish", action="store_true", help="also rewrite the README's and docs/results.md's table, the bundle docs and metadata (maintainers)"
     )
     args = parser.parse_args(argv)
+    if args.publish and args.device != "cpu":
+        parser.error("--publish writes the README's CPU table: run it with --device cpu")
     t0 = time.perf_counter()
-    rows = run_demo(args.bundles, args.weight_bits, args.act_bits, args.output_dir, args.method)
+    rows = run_demo(args.bundles, args.weight_bits, args.act_bits, args.output_dir, args.method, args.device)
     markdown = results_markdown(rows)
     written = write_results(rows, args.output_dir)
     print("\n" + markdown)

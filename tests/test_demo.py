@@ -104,3 +104,15 @@ def test_the_readme_table_is_what_a_fresh_demo_run_measures_and_the_run_writes_o
             # quantize_s is this machine's wall time: not comparable, but measured for every quantized model
             assert (float(measured["quantize_s"]) > 0) == (measured["model"] != "FP32")
         assert rows_in_readme[0]["fp_agreement"] == "-"  # FP is the reference, not scored
+
+
+def test_a_gpu_run_is_not_published_because_the_readme_table_is_measured_on_a_cpu(capsys):
+    with pytest.raises(SystemExit):
+        demo.main(["--publish", "--device", "cuda"])
+    assert "--device cpu" in capsys.readouterr().err
+
+
+def test_a_cpu_run_names_the_cpu_kind_alone_and_a_table_names_its_rows_device():
+    assert demo.machine_kind("cpu") == demo.cpu_kind()
+    rows = [{"bundle": "b", "device": "cpu", "model": "FP32", "dice_mean": 0.9, "size_MiB": 1.0, "quantize_s": 0.0}]
+    assert f"Measured on: {demo.cpu_kind()}." in demo.results_markdown(rows)
