@@ -7,6 +7,7 @@ it, is merged into that convolution) and module swapping by dotted name.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -28,6 +29,8 @@ __all__ = [
     "set_submodule",
     "hooks",
 ]
+
+logger = logging.getLogger("monai_effq")
 
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 """The normalisations that fold into the convolution before them (PTQ) or freeze (QAT)."""
@@ -236,7 +239,14 @@ def fold_batchnorm(
         conv.weight.copy_(fused_w)
         conv.bias = nn.Parameter(fused_b.detach())
         set_submodule(network, bn_name, nn.Identity())
-    if undo and not torch.allclose(network(batch), reference, atol=rtol * float(reference.abs().max().clamp_min(1e-12))):
+    scale = float(reference.abs().max().clamp_min(1e-12))
+    if undo and not torch.allclose(folded := network(batch), reference, atol=rtol * scale):
+        logger.warning(
+            "folding %d BatchNorm(s) into their convolutions changed the network's output by %.2g of its largest magnitude "
+            "(more than %.0e), so they stay unfolded and run in floating point after their quantized convolutions: "
+            "a BatchNorm on a path that skips its convolution, or float32 arithmetic at reduced precision (TF32).",
+            len(undo), float((folded - reference).abs().max()) / scale, rtol,
+        )
         for conv_name, bn_name, weight, bias, bn in reversed(undo):
             conv = network.get_submodule(conv_name)
             conv.weight.copy_(weight)

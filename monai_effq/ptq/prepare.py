@@ -12,6 +12,7 @@ from monai_effq.ptq.config import EfficientQConfig, LayerPlan
 from monai_effq.ptq.graph import fold_batchnorm, probe_network
 from monai_effq.solver.layers import layer_view
 from monai_effq.utils.errors import UserInputError
+from monai_effq.utils.precision import ieee_float32
 
 __all__ = ["PreparedNetwork", "available_device", "check_finite_state", "prepare_network"]
 
@@ -90,6 +91,7 @@ class PreparedNetwork:
     output_numels: dict[str, int]
 
 
+@ieee_float32()  # the fold check compares outputs to 1e-4: TF32 convolutions differ by more
 def prepare_network(
     network: nn.Module,
     sample: torch.Tensor,

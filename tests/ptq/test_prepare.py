@@ -131,7 +131,7 @@ class _SkipAroundBatchNorm(nn.Module):
         return self.head(self.bn(y) + y)
 
 
-def test_a_fold_that_would_change_the_output_is_undone_and_nothing_is_folded():
+def test_a_fold_that_would_change_the_output_is_undone_and_nothing_is_folded(caplog):
     from monai_effq.ptq.graph import fold_batchnorm
 
     torch.manual_seed(0)
@@ -144,7 +144,9 @@ def test_a_fold_that_would_change_the_output_is_undone_and_nothing_is_folded():
     with torch.no_grad():
         reference = net(x)
     assert find_foldable_batchnorms(net, x) == [("conv", "bn")]  # adjacent, but not foldable as the check finds
-    assert fold_batchnorm(net, x) == []
+    with caplog.at_level("WARNING", logger="monai_effq"):
+        assert fold_batchnorm(net, x) == []
+    assert "folding 1 BatchNorm(s) into their convolutions changed the network's output" in caplog.text  # the user is told
     assert isinstance(net.bn, nn.BatchNorm3d) and net.conv.bias is not None
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
