@@ -40,8 +40,8 @@ from monai_effq.solver.output_error import OutputError
 from monai_effq.solver.validation import UNDERDETERMINED_CHOICE, is_underdetermined, solve_validated
 from monai_effq.utils.distributed import all_gather_objects, all_gather_rows, all_reduce_sum, get_rank, get_world_size
 from monai_effq.utils.errors import UserInputError, all_finite
-from monai_effq.utils.precision import ieee_float32
 from monai_effq.utils.fingerprint import fingerprint_json, fingerprint_state, fingerprint_tensors
+from monai_effq.utils.precision import ieee_float32
 
 tqdm, _has_tqdm = optional_import("tqdm", name="tqdm")
 

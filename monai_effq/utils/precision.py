@@ -2,10 +2,11 @@
 
 PyTorch runs float32 convolutions on CUDA GPUs in TF32 by default (a 10-bit mantissa, about 5e-4
 relative error per product): fine for training and inference, but PTQ compares outputs. On an H200
-the BatchNorm folding check (output unchanged to 1e-4 of its largest magnitude) failed under TF32
-and left every BatchNorm of the LiTS UNet unfolded, while the same run on a CPU folded all 13; the
-layers' FP targets, which the solver fits, carried TF32's error as well. CPUs compute float32 in
-float32 unless a user opts into lower precision, which this also turns off inside the block.
+the LiTS UNet's quantized network came out larger than on a CPU by exactly its 13 BatchNorms' state:
+most likely the BatchNorm folding check (output unchanged to 1e-4 of its largest magnitude) failed
+under TF32 and the folds were undone. The layers' FP targets, which the solver fits, carry TF32's
+error as well. CPUs compute float32 in float32 unless a user opts into lower precision, which this
+also turns off inside the block.
 """
 
 from __future__ import annotations
