@@ -168,6 +168,15 @@ def main() -> None:
 
     import torch
 
+    from monai_effq.ptq.prepare import available_device
+    from monai_effq.utils.errors import UserInputError
+
+    try:
+        for device in args.devices:
+            available_device(device)
+    except UserInputError as error:
+        parser.error(str(error))
+
     with tempfile.TemporaryDirectory(prefix="network_ptq_") as folder:
         volumes = make_volumes(folder, args.size)
         rows = {}
