@@ -30,6 +30,8 @@ import subprocess
 import sys
 import tempfile
 
+from machine import cpu_summary
+
 BAR_SECONDS = 300.0
 BAR_MIB = 8 * 1024.0
 BAR_SIZE = 128
@@ -191,8 +193,6 @@ def main() -> None:
                     "device": device,
                 }
                 rows[_row_name(method, device, args.devices)] = _subprocess(["--worker", json.dumps(spec)])
-
-    from machine import cpu_summary
 
     threads = next(iter(rows.values()))["threads"]
     print(cpu_summary())

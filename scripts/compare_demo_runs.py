@@ -36,12 +36,13 @@ def main() -> None:
     first, second = args.runs
     for bundle_dir in sorted(p for p in first.iterdir() if (p / "models").is_dir()):
         bundle = bundle_dir.name
+        network_def = _network_def(bundle)  # load_quantized_result leaves it unchanged: one serves every load
         for checkpoint in sorted((bundle_dir / "models").glob("model_*.pt")):
             tag = checkpoint.stem.removeprefix("model_")
             runs = {}
             for run in (first, second):
                 report = json.loads((run / bundle / "eval" / f"quantization_report_{tag}.json").read_text())
-                result = load_quantized_result(run / bundle / "models" / checkpoint.name, _network_def(bundle))
+                result = load_quantized_result(run / bundle / "models" / checkpoint.name, network_def)
                 sizes = {k: t.numel() * t.element_size() for k, t in result.network.state_dict().items()}
                 runs[run] = (report, quantized_size_bytes(result.network), sizes)
             (r1, q1, s1), (r2, q2, s2) = runs[first], runs[second]
