@@ -228,9 +228,11 @@ class _RuntimeNetwork(nn.Module):
     def _size_mismatch(self, spatial: tuple[int, ...], err: Exception) -> str | None:
         """The failure ``err`` of a run at ``spatial``, with the size the file was exported at when that differs, else ``None``.
 
-        A network whose graph depends on its input size (SwinUNETR's window partition) keeps the
-        example's window counts in its reshapes, though its axes are named dynamic; the runtimes then
-        fail deep in the graph, naming a node. The file records the example's size (read only here).
+        A file with fixed spatial axes (:func:`runtime_network` writes it so) runs at its example's size
+        only, and so does a network whose graph depends on its input size (SwinUNETR's window
+        partition keeps the example's window counts in its reshapes, though its axes are named
+        dynamic); the runtimes then fail naming a node or an input. The file records the example's size
+        (read only here).
         """
         exported = _metadata(self.path).get(EXAMPLE_SPATIAL_KEY) if self.path.suffix == ".onnx" and _has_onnx else None
         if not exported or exported == spatial_size_label(spatial):
@@ -238,8 +240,9 @@ class _RuntimeNetwork(nn.Module):
         reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         return (
             f"{self.runtime} could not run {self.path.name} on a {spatial_size_label(spatial)} input ({reason}); it was "
-            f"exported on {exported}, and a network whose graph depends on its input size (window attention such as "
-            f"SwinUNETR's) runs at that size only: give the sliding-window inferer roi_size {exported.replace('x', ', ')}, "
+            f"exported on {exported}, and a file exported with fixed spatial axes (as runtime_network writes it) or a "
+            f"network whose graph depends on its input size (window attention such as SwinUNETR's) runs at that size "
+            f"only: give the sliding-window inferer roi_size {exported.replace('x', ', ')}, "
             "or export again with an example input of the size you run."
         )
 
@@ -522,8 +525,10 @@ def runtime_network(
         onnx_path: the ONNX file to run (and to write).
         quantized_path: the quantized checkpoint it is exported from (``None``: run ``onnx_path`` as is).
         network: a fresh FP network of the checkpoint's architecture (needed with ``quantized_path``).
-        example_shape: an input shape ``(N, C, *spatial)`` for the export, the inferer's window (spatial
-            axes stay dynamic where the network's graph allows).
+        example_shape: an input shape ``(N, C, *spatial)`` for the export, the inferer's window: the
+            file is exported with these spatial sizes fixed and a dynamic batch axis (export it with
+            :func:`~monai_effq.export_onnx`'s defaults, as the bundles' ``export`` workflow does, for a
+            file that runs at any size).
         options: passed to the runtime network.
 
     Returns:
@@ -561,10 +566,14 @@ def runtime_network(
         if stale or resized or (group_norm is not None and recorded.get("group_norm", group_norm) != group_norm):
             if network is None or example_shape is None:
                 raise ValueError("exporting a quantized checkpoint needs the FP `network` and an `example_shape`.")
+            # spatial axes fixed at the window: this file is re-exported for another window anyway, and
+            # torch's exporter writes it several times faster than with symbolic sizes
             export_onnx(
                 load_quantized(source, network),
                 onnx_path,
                 list(example_shape),
+                dynamic_spatial=False,
+                dynamic_batch=True,
                 group_norm=group_norm or "onnx",
                 source_fingerprint=fingerprint,
             )

@@ -366,17 +366,27 @@ def test_a_graph_that_holds_its_examples_size_fails_at_another_size_naming_the_s
         net(torch.randn(1, 1, 16, 16, 16))
 
 
-def test_runtime_network_re_exports_for_another_window_size(tmp_path):
+def test_runtime_network_exports_at_the_window_with_any_batch_and_re_exports_for_another_window(tmp_path):
     import onnx
 
-    ckpt = monai_effq.save_quantized(_rtn(4), tmp_path / "model_w4a8.pt")
+    result = _rtn(4)
+    ckpt = monai_effq.save_quantized(result, tmp_path / "model_w4a8.pt")
     onnx_path = tmp_path / "model_w4a8.onnx"
 
     def exported_size() -> str:
         props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
         return props["monai_effq.example_spatial_size"]
 
-    runtime_network("onnxruntime", onnx_path, ckpt, bn_unet(), (1, 2, 16, 16, 16))
-    assert exported_size() == "16x16x16"
+    def input_dims() -> list[str | int]:
+        dims = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+        return [d.dim_param or d.dim_value for d in dims]
+
+    net = runtime_network("onnxruntime", onnx_path, ckpt, bn_unet(), (1, 2, 16, 16, 16))
+    assert exported_size() == "16x16x16" and input_dims() == ["batch", 2, 16, 16, 16]
+    windows = torch.rand(3, 2, 16, 16, 16, generator=torch.Generator().manual_seed(4))  # the inferer's sw_batch_size
+    with torch.no_grad():
+        assert rel_l2(net(windows), result.network(windows)) < 1e-3
+    with pytest.raises(UserInputError, match=r"16x24x16 input \(.+\); it was exported on 16x16x16, and a file exported with fixed"):
+        net(torch.rand(1, 2, 16, 24, 16))
     runtime_network("onnxruntime", onnx_path, ckpt, bn_unet(), (1, 2, 16, 24, 16))
-    assert exported_size() == "16x24x16"
+    assert exported_size() == "16x24x16" and input_dims() == ["batch", 2, 16, 24, 16]
