@@ -123,9 +123,9 @@ def test_finetune_on_two_ranks_trains_with_one_held_out_decision_and_saves_once(
 @pytest.mark.slow
 def test_quantization_shared_by_two_ranks_writes_the_checkpoint_of_one_process(demo_copy, tmp_path):
     work = demo_copy
-    # EfficientQ on 2 cases cut into windows: each rank holds one case's windows
+    # EfficientQ on 2 cases of one window each (tests/ptq/test_distributed.py splits several windows per rank)
     settings = [
-        "--calibration_cases", "2", "--calibration_crop", "[48,48,48]", "--sw_roi_size", "[32,32,32]", "--export_dir", "",
+        "--calibration_cases", "2", "--calibration_crop", "[32,32,32]", "--sw_roi_size", "[32,32,32]", "--export_dir", "",
         "--dataset_dir", str(work / "data" / "demo"), "--fp_checkpoint", str(work / "models" / "model.pt"),
     ]  # fmt: skip
     one, two = tmp_path / "one", tmp_path / "two"
