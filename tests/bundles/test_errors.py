@@ -1,8 +1,10 @@
 """What a user sees when a bundle workflow gets bad input: one line on stderr, no traceback, nothing written.
 
-Each case runs the real command, ``python -m monai.bundle run``, in a subprocess (about 5 s of
-imports each), on a small LiTS-layout dataset of this test's own or from inside a copy of the
-bundle; the commands run together, in the :func:`runs` fixture, and each test reads its result.
+The cases that show what the user sees run the real command, ``python -m monai.bundle run``, in a
+subprocess (about 5 s of imports each), on a small LiTS-layout dataset of this test's own or from
+inside a copy of the bundle; the commands run together, in the :func:`runs` fixture, and each test
+reads its result. The other bad settings and files raise a ``UserInputError`` (which the command
+reports in that one line) and run in this process.
 """
 
 import hashlib
@@ -56,10 +58,11 @@ def _assert_one_line(res, root: Path, message: str) -> None:
     assert not (root / "out").exists() or not any((root / "out").rglob("*")), "the failed run wrote output"
 
 
+# bad quantize settings: the first runs as a command, the others in this process
 CASES = {
+    "weight bits out of range": (("--weight_bits", "9"), "weight_bits must be an integer from 2 to 8, got 9."),
     "missing dataset folder": ((), "does not exist or is not a folder"),
     "weight bits as a word": (("--weight_bits", "four"), "weight_bits must be an integer from 2 to 8, got 'four'"),
-    "weight bits out of range": (("--weight_bits", "9"), "weight_bits must be an integer from 2 to 8, got 9."),
     "calibration case past the end": (("--calibration_case", "99"), "calibration_case 99 is past the end of the 2 training cases"),
     "zero calibration crop": (("--calibration_crop", "[0,0,0]"), "each calibration_crop size must be an integer of at least 1, got 0"),
     "crop smaller than the downsampling": (
@@ -76,7 +79,7 @@ def _quantize(folder: Path, root: Path, *overrides: str) -> tuple[str, ...]:
 
 
 @pytest.fixture(scope="module")
-def runs(dataset, truncated, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+def runs(dataset, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
     """Every command of this module, four at a time: ``{name: (result, its scratch folder)}``.
 
     Each is a fresh process whose ~5 s of imports use one core, so running them together keeps both
@@ -84,14 +87,8 @@ def runs(dataset, truncated, tmp_path_factory) -> dict[str, tuple[subprocess.Com
     """
     # name: (scratch folder, bundle and workflow and overrides, environment, folder it runs in)
     commands: dict[str, tuple[Path, tuple[str, ...], dict[str, str], Path | None]] = {}
-    for case, (overrides, _) in CASES.items():
-        if case == "a GPU this machine lacks" and torch.cuda.device_count() > 7:
-            continue
-        root = tmp_path_factory.mktemp("case")
-        folder = root / "absent" if case == "missing dataset folder" else dataset
-        commands[case] = (root, _quantize(folder, root, *overrides), {}, None)
-    root = tmp_path_factory.mktemp("truncated")
-    commands["truncated"] = (root, _quantize(truncated[0], root), {}, None)
+    root = tmp_path_factory.mktemp("case")
+    commands["weight bits out of range"] = (root, _quantize(dataset, root, *CASES["weight bits out of range"][0]), {}, None)
     root = tmp_path_factory.mktemp("debug")
     commands["debug"] = (root, _quantize(dataset, root, "--weight_bits", "9"), {DEBUG_ENV: "1"}, None)
     if torch.cuda.device_count() <= 7:
@@ -111,17 +108,34 @@ def runs(dataset, truncated, tmp_path_factory) -> dict[str, tuple[subprocess.Com
     return {name: (started[name].result(), commands[name][0]) for name in commands}
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_bad_quantize_input_ends_with_one_line_and_writes_nothing(case, runs):
-    if case not in runs:
+def test_bad_quantize_input_ends_with_one_line_and_writes_nothing(runs):
+    _assert_one_line(*runs["weight bits out of range"], CASES["weight bits out of range"][1])
+
+
+def _user_error(folder: Path, root: Path, *overrides: str) -> str:
+    """The message of the ``UserInputError`` that quantize on ``folder`` with ``overrides`` ends with, in this process."""
+    from monai_effq.utils.errors import find_user_error
+
+    with pytest.raises(Exception) as raised:
+        bundle(*_quantize(folder, root, *overrides))
+    found = find_user_error(raised.value)
+    assert found is not None, repr(raised.value)
+    assert not (root / "out").exists() or not any((root / "out").rglob("*")), "the failed run wrote output"
+    return str(found)
+
+
+@pytest.mark.parametrize("case", list(CASES)[1:])
+def test_bad_quantize_settings_are_user_input_errors_naming_them_before_anything_is_written(case, dataset, tmp_path):
+    if case == "a GPU this machine lacks" and torch.cuda.device_count() > 7:
         pytest.skip("this machine has a cuda:7")
-    _, message = CASES[case]
-    _assert_one_line(*runs[case], message)
+    overrides, message = CASES[case]
+    folder = tmp_path / "absent" if case == "missing dataset folder" else dataset
+    assert message in _user_error(folder, tmp_path, *overrides)
 
 
-def test_truncated_calibration_image_is_named_before_the_network_runs(truncated, runs):
-    _, image = truncated
-    _assert_one_line(*runs["truncated"], f"corrupt or unreadable NIfTI file {image}")
+def test_truncated_calibration_image_is_named_before_the_network_runs(truncated, tmp_path):
+    folder, image = truncated
+    assert f"corrupt or unreadable NIfTI file {image}" in _user_error(folder, tmp_path)
 
 
 def test_debug_switch_keeps_the_traceback(runs):
