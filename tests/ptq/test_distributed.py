@@ -17,7 +17,7 @@ from monai_effq.utils import distributed
 
 from ..threads import torch_threads
 
-TIMEOUT_S = 120
+TIMEOUT_S = 300
 
 
 def _network() -> torch.nn.Module:
@@ -48,7 +48,8 @@ class _Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def _rank_main(rank: int, world: int, port: int, out_dir: str, config: dict, windows: tuple[int, int]) -> None:
+def _rank_main(rank: int, world: int, port: int, out_dir: str, cases: dict[str, tuple[dict, tuple[int, int]]]) -> None:
+    """Quantize this rank's share of each case's windows in one process group; ``rank<r>_<case>.pkl`` for each."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
@@ -60,24 +61,29 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, config: dict, win
             return all_reduce(tensor, *args, **kwargs)
 
         distributed.dist.all_reduce = counted
-        lines = _Lines()
-        logging.getLogger("monai_effq").addHandler(lines)
         logging.getLogger("monai_effq").setLevel(logging.DEBUG)
-        share = _windows(*windows).chunk(world)[rank]
-        result = quantize(_network(), share, EfficientQConfig.from_dict(config), progress=False)
-        state = {k: v.clone() for k, v in result.network.state_dict().items()}
-        layers = [(r.name, r.voxels, r.mse) for r in result.report.layers]
-        with open(f"{out_dir}/rank{rank}.pkl", "wb") as f:
-            pickle.dump({"state": state, "layers": layers, "calls": calls, "lines": lines.lines,
-                         "calibration": result.report.sources["calibration"]}, f)
+        for name, (config, windows) in cases.items():
+            calls.clear()
+            lines = _Lines()
+            logging.getLogger("monai_effq").addHandler(lines)
+            share = _windows(*windows).chunk(world)[rank]
+            result = quantize(_network(), share, EfficientQConfig.from_dict(config), progress=False)
+            logging.getLogger("monai_effq").removeHandler(lines)
+            state = {k: v.clone() for k, v in result.network.state_dict().items()}
+            layers = [(r.name, r.voxels, r.mse) for r in result.report.layers]
+            with open(f"{out_dir}/rank{rank}_{name}.pkl", "wb") as f:
+                pickle.dump({"state": state, "layers": layers, "calls": list(calls), "lines": lines.lines,
+                             "calibration": result.report.sources["calibration"]}, f)
     finally:
         dist.destroy_process_group()
 
 
-def _run_ranks(tmp_path, config: EfficientQConfig, windows: tuple[int, int], world: int = 2) -> list[dict]:
-    """Quantize on ``world`` spawned gloo ranks; each rank's outcome (killed after TIMEOUT_S)."""
+def _run_ranks(tmp_path, cases: dict[str, tuple[EfficientQConfig, tuple[int, int]]], world: int = 2) -> dict[str, list[dict]]:
+    """Quantize each case on the same ``world`` spawned gloo ranks (spawned once: each pays the imports); each case's
+    outcome per rank (killed after TIMEOUT_S)."""
+    jobs = {name: (config.to_dict(), windows) for name, (config, windows) in cases.items()}
     context = mp.start_processes(
-        _rank_main, args=(world, _free_port(), str(tmp_path), config.to_dict(), windows), nprocs=world, join=False, start_method="spawn"
+        _rank_main, args=(world, _free_port(), str(tmp_path), jobs), nprocs=world, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + TIMEOUT_S
     try:
@@ -88,7 +94,7 @@ def _run_ranks(tmp_path, config: EfficientQConfig, windows: tuple[int, int], wor
         for p in context.processes:
             if p.is_alive():
                 p.kill()
-    return [pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in range(world)]
+    return {name: [pickle.loads((tmp_path / f"rank{r}_{name}.pkl").read_bytes()) for r in range(world)] for name in cases}
 
 
 # (windows, their size, config): all windows in one pass; or windows of 20^3 whose largest layer output
@@ -103,14 +109,19 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict[str, list[dict]]:
+    """Every case quantized on two gloo ranks: ``{case: [rank 0's outcome, rank 1's]}``."""
+    cases = {name: (_config(**changes), windows) for name, (windows, changes) in CASES.items()}
+    return _run_ranks(tmp_path_factory.mktemp("ranks"), cases)
+
+
 @pytest.fixture(scope="module", params=list(CASES))
-def one_and_two(request, tmp_path_factory):
+def one_and_two(request, two_ranks):
     windows, changes = CASES[request.param]
-    config = _config(**changes)
     with torch_threads(1):  # as each rank: the float32 products of the reported errors depend on it
-        single = quantize(_network(), _windows(*windows), config, progress=False)
-    ranks = _run_ranks(tmp_path_factory.mktemp("ranks"), config, windows)
-    return single, ranks, request.param
+        single = quantize(_network(), _windows(*windows), _config(**changes), progress=False)
+    return single, two_ranks[request.param], request.param
 
 
 def test_two_gloo_ranks_give_the_checkpoint_of_one_process_on_the_same_windows(one_and_two):
