@@ -537,10 +537,11 @@ def export_onnx(
             by the TorchScript exporter, which torch has deprecated.
         reduce_range: re-round 8-bit weights into 7 bits for ONNX Runtime on CPUs without VNNI
             (changes those layers' outputs; warned about per layer).
-        dynamic_spatial: export the spatial axes as dynamic. Fixed spatial axes export several times
-            faster (torch's exporter reasons about every size symbolically: 5 s instead of 12-15 s
-            for the brats_effq SegResNet on a 2-core AMD EPYC) and suit a file that always runs at
-            one window size, as :func:`~monai_effq.deploy.runtime_network` writes it.
+        dynamic_spatial: export the spatial axes as dynamic. Fixed spatial axes export about twice as
+            fast (torch's exporter reasons about every dynamic size symbolically: with the batch axis
+            alone dynamic, the brats_effq SegResNet exports 1.9x faster on a 2-core AMD EPYC,
+            ``benchmarks/export.py``) and suit a file that always runs at one window size, as
+            :func:`~monai_effq.deploy.runtime_network` writes it.
         dynamic_batch: export the batch axis as dynamic (``None``: as ``dynamic_spatial``).
         require_quantized: refuse a network without quantized layers (set ``False`` to export an
             FP baseline through the same path).

@@ -567,7 +567,7 @@ def runtime_network(
             if network is None or example_shape is None:
                 raise ValueError("exporting a quantized checkpoint needs the FP `network` and an `example_shape`.")
             # spatial axes fixed at the window: this file is re-exported for another window anyway, and
-            # torch's exporter writes it several times faster than with symbolic sizes
+            # torch's exporter writes it about twice as fast as with symbolic sizes (benchmarks/export.py)
             export_onnx(
                 load_quantized(source, network),
                 onnx_path,
