@@ -134,6 +134,16 @@ def _onnx_run_at_another_size(tmp_path, lits):
     OnnxRuntimeNetwork(export_onnx(result, tmp_path / "model.onnx", (1, 1, 8, 8, 8)))(torch.rand(1, 1, 16, 16, 16))
 
 
+def _onnx_with_fixed_axes_run_at_another_size(tmp_path, lits):
+    pytest.importorskip("onnxruntime")
+    from monai_effq.deploy.export import export_onnx
+    from monai_effq.deploy.runtime import OnnxRuntimeNetwork
+
+    result = quantize(_net(), torch.rand(1, 1, 8, 8, 8), EfficientQConfig(method="rtn", attention=False), progress=False)
+    path = export_onnx(result, tmp_path / "model.onnx", (1, 1, 8, 8, 8), dynamic_spatial=False, dynamic_batch=True)
+    OnnxRuntimeNetwork(path)(torch.rand(1, 1, 16, 8, 8))
+
+
 def _operator_openvino_cannot_convert(tmp_path, lits):
     onnx = pytest.importorskip("onnx")
     pytest.importorskip("openvino")
@@ -249,6 +259,9 @@ TRIGGERS = {
     "local rank <n> has no GPU of its own: this machine has <m> CUDA GPU(s) and NCCL takes one per process.": _rank_past_the_gpus,
     "the input to <model.onnx> holds <n> NaN or Inf voxel(s)": _nan_onnx_input,
     "<runtime> could not run <model.onnx> on a <size> input (<reason>); it was exported on <size>": _onnx_run_at_another_size,
+    "<model.onnx> was exported for inputs of shape <shape> (? marks a dynamic axis) and cannot run a <shape> input": (
+        _onnx_with_fixed_axes_run_at_another_size
+    ),
     "<runtime> cannot convert <operator> in <model.onnx>: the file is ONNX, but this <runtime> version cannot read that operator as written": _operator_openvino_cannot_convert,
 }
 

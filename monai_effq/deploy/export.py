@@ -96,9 +96,9 @@ EXPORT_OPTIONS_KEY = "monai_effq.export_options"
 # metadata_props key recording the fingerprint of the quantized checkpoint a file was exported from,
 # so a file exported from another checkpoint is re-exported whatever the files' modification times
 SOURCE_FINGERPRINT_KEY = "monai_effq.checkpoint_fingerprint"
-# metadata_props key recording the spatial size of the example input ("96x96x96"): a file with fixed
-# spatial axes, or of a network whose graph depends on its input size (SwinUNETR's window partition),
-# runs at that size only, and the runtimes name it when another size fails
+# metadata_props key recording the spatial size of the example input ("96x96x96"): a network whose
+# graph depends on its input size (SwinUNETR's window partition) runs at that size only, and the
+# runtimes name it when another size fails
 EXAMPLE_SPATIAL_KEY = "monai_effq.example_spatial_size"
 
 
@@ -541,7 +541,8 @@ def export_onnx(
             fast (torch's exporter reasons about every dynamic size symbolically: with the batch axis
             alone dynamic, the brats_effq SegResNet exports 1.9x faster on a 2-core AMD EPYC,
             ``benchmarks/export.py``) and suit a file that always runs at one window size, as
-            :func:`~monai_effq.deploy.runtime_network` writes it.
+            :func:`~monai_effq.deploy.runtime_network` writes it; the runtime networks refuse
+            other sizes for such a file (OpenVINO would reshape it and compute wrong output).
         dynamic_batch: export the batch axis as dynamic (``None``: as ``dynamic_spatial``).
         require_quantized: refuse a network without quantized layers (set ``False`` to export an
             FP baseline through the same path).

@@ -164,6 +164,13 @@ class _RuntimeNetwork(nn.Module):
                 f"ONNX model {self.path} does not exist: write it with monai_effq.export_onnx (or the bundle's export run)."
             )
         self.in_channels: int | None = None
+        # the file's input shape, None on dynamic axes (set by each runtime once it has read the file)
+        self.input_shape: tuple[int | None, ...] | None = None
+
+    def _declare_input_shape(self, dims: Sequence[int | None]) -> None:
+        """Record the file's input shape (``None`` on a dynamic axis) and the channel count it fixes."""
+        self.input_shape = tuple(dims)
+        self.in_channels = self.input_shape[1] if len(self.input_shape) > 1 else None
 
     def _load_error(self, err: Exception) -> UserInputError:
         return UserInputError(
@@ -178,6 +185,17 @@ class _RuntimeNetwork(nn.Module):
             raise UserInputError(
                 f"{self.path.name} expects {self.in_channels} input channels (N, {self.in_channels}, *spatial), "
                 f"got shape {tuple(x.shape)}: check the transforms that build the image."
+            )
+        fixed = self.input_shape
+        if fixed is not None and x.dim() == len(fixed) and any(f is not None and f != s for f, s in zip(fixed, x.shape)):
+            # OpenVINO would reshape such a file to the input without a word, and the sizes its graph holds
+            # would then compute wrong output (rel-L2 0.48 against 0.008 on a SegResNet's channel_stats norms)
+            declared = "x".join("?" if f is None else str(f) for f in fixed)
+            raise UserInputError(
+                f"{self.path.name} was exported for inputs of shape {declared} (? marks a dynamic axis) and cannot run a "
+                f"{'x'.join(str(s) for s in x.shape)} input: run it on inputs of that shape (a sliding-window inferer's "
+                "roi_size as its spatial sizes), or export again with an example input of the size you run "
+                "(monai_effq.export_onnx's defaults keep the batch and spatial axes dynamic)."
             )
         # the count writes a mask as large as x (45 ms at 1x4x128^3, a sixth of an int8 SegResNet's run),
         # so it runs only once one reduction has found a NaN or Inf
@@ -228,11 +246,10 @@ class _RuntimeNetwork(nn.Module):
     def _size_mismatch(self, spatial: tuple[int, ...], err: Exception) -> str | None:
         """The failure ``err`` of a run at ``spatial``, with the size the file was exported at when that differs, else ``None``.
 
-        A file with fixed spatial axes (:func:`runtime_network` writes it so) runs at its example's size
-        only, and so does a network whose graph depends on its input size (SwinUNETR's window
-        partition keeps the example's window counts in its reshapes, though its axes are named
-        dynamic); the runtimes then fail naming a node or an input. The file records the example's size
-        (read only here).
+        A network whose graph depends on its input size (SwinUNETR's window partition) keeps the
+        example's window counts in its reshapes, though its axes are named dynamic; the runtimes then
+        fail deep in the graph, naming a node. The file records the example's size (read only here).
+        Files whose axes are fixed are refused before they run (:meth:`_check`).
         """
         exported = _metadata(self.path).get(EXAMPLE_SPATIAL_KEY) if self.path.suffix == ".onnx" and _has_onnx else None
         if not exported or exported == spatial_size_label(spatial):
@@ -240,9 +257,8 @@ class _RuntimeNetwork(nn.Module):
         reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         return (
             f"{self.runtime} could not run {self.path.name} on a {spatial_size_label(spatial)} input ({reason}); it was "
-            f"exported on {exported}, and a file exported with fixed spatial axes (as runtime_network writes it) or a "
-            f"network whose graph depends on its input size (window attention such as SwinUNETR's) runs at that size "
-            f"only: give the sliding-window inferer roi_size {exported.replace('x', ', ')}, "
+            f"exported on {exported}, and a network whose graph depends on its input size (window attention such as "
+            f"SwinUNETR's) runs at that size only: give the sliding-window inferer roi_size {exported.replace('x', ', ')}, "
             "or export again with an example input of the size you run."
         )
 
@@ -296,8 +312,7 @@ class OnnxRuntimeNetwork(_RuntimeNetwork):
             )
         except Exception as err:  # onnxruntime raises its own exception types
             raise self._load_error(err) from err
-        shape = self.session.get_inputs()[0].shape
-        self.in_channels = shape[1] if len(shape) > 1 and isinstance(shape[1], int) else None
+        self._declare_input_shape([d if isinstance(d, int) else None for d in self.session.get_inputs()[0].shape])
         self.input_name = self.session.get_inputs()[0].name
         if optimize:
             self._warn_if_saturating()
@@ -360,8 +375,9 @@ class OpenVINONetwork(_RuntimeNetwork):
             self.model = self.core.read_model(self._model_source())
         except Exception as err:  # openvino raises RuntimeError subclasses of its own
             raise self._load_error(err) from err
-        channels = self.model.inputs[0].get_partial_shape()[1]
-        self.in_channels = channels.get_length() if channels.is_static else None
+        shape = self.model.inputs[0].get_partial_shape()
+        if shape.rank.is_static:
+            self._declare_input_shape([d.get_length() if d.is_static else None for d in shape])
         if device.split(".")[0].upper() == "CPU":
             self._warn_if_saturating()
         self._requests: OrderedDict[tuple[int, ...], Any] = OrderedDict()
@@ -450,6 +466,15 @@ def _metadata(path: str | os.PathLike) -> dict[str, str]:
     return {p.key: p.value for p in model.metadata_props}
 
 
+def _spatial_axes_fixed(path: str | os.PathLike) -> bool:
+    """Whether an ONNX file's input fixes every spatial axis (``False`` when it is missing or unreadable)."""
+    try:
+        dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    except Exception:  # a missing or corrupt file is exported again or reported by the runtime
+        return False
+    return len(dims) > 2 and all(d.HasField("dim_value") for d in dims[2:])
+
+
 def export_options(path: str | os.PathLike) -> str | None:
     """The export options recorded in an ONNX file by :func:`~monai_effq.export_onnx` (``None`` if none).
 
@@ -501,6 +526,7 @@ def runtime_network(
     quantized_path: str | os.PathLike | None = None,
     network: nn.Module | None = None,
     example_shape: Sequence[int] | None = None,
+    fixed_window: bool = True,
     **options: Any,
 ) -> nn.Module:
     """The runtime network of a quantized checkpoint, exporting its ONNX first when missing or stale.
@@ -525,10 +551,12 @@ def runtime_network(
         onnx_path: the ONNX file to run (and to write).
         quantized_path: the quantized checkpoint it is exported from (``None``: run ``onnx_path`` as is).
         network: a fresh FP network of the checkpoint's architecture (needed with ``quantized_path``).
-        example_shape: an input shape ``(N, C, *spatial)`` for the export, the inferer's window: the
-            file is exported with these spatial sizes fixed and a dynamic batch axis (export it with
-            :func:`~monai_effq.export_onnx`'s defaults, as the bundles' ``export`` workflow does, for a
-            file that runs at any size).
+        example_shape: an input shape ``(N, C, *spatial)`` for the export, the inferer's window.
+        fixed_window: every input has ``example_shape``'s spatial size (a sliding-window inferer's
+            ``roi_size``): export the spatial axes fixed and the batch axis dynamic, about twice as
+            fast as with symbolic sizes (``benchmarks/export.py``); a file whose spatial axes are
+            fixed then runs at that size only. ``False``: keep them dynamic (whole volumes of any
+            size), exporting again a file whose spatial axes are fixed.
         options: passed to the runtime network.
 
     Returns:
@@ -563,16 +591,17 @@ def runtime_network(
         # a window-attention graph runs at its example's size only (_RuntimeNetwork._size_mismatch)
         size = None if example_shape is None else spatial_size_label(list(example_shape)[2:])
         resized = size is not None and metadata.get(EXAMPLE_SPATIAL_KEY, size) != size
+        resized = resized or (not fixed_window and _spatial_axes_fixed(onnx_path))
         if stale or resized or (group_norm is not None and recorded.get("group_norm", group_norm) != group_norm):
             if network is None or example_shape is None:
                 raise ValueError("exporting a quantized checkpoint needs the FP `network` and an `example_shape`.")
-            # spatial axes fixed at the window: this file is re-exported for another window anyway, and
-            # torch's exporter writes it about twice as fast as with symbolic sizes (benchmarks/export.py)
+            # a window's file is exported again for another window anyway, and torch's exporter writes it
+            # about twice as fast with its spatial axes fixed (benchmarks/export.py)
             export_onnx(
                 load_quantized(source, network),
                 onnx_path,
                 list(example_shape),
-                dynamic_spatial=False,
+                dynamic_spatial=not fixed_window,
                 dynamic_batch=True,
                 group_norm=group_norm or "onnx",
                 source_fingerprint=fingerprint,

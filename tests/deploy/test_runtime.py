@@ -366,7 +366,7 @@ def test_a_graph_that_holds_its_examples_size_fails_at_another_size_naming_the_s
         net(torch.randn(1, 1, 16, 16, 16))
 
 
-def test_runtime_network_exports_at_the_window_with_any_batch_and_re_exports_for_another_window(tmp_path):
+def test_runtime_network_exports_at_the_window_with_any_batch_and_again_for_another_window_or_any_size(tmp_path):
     import onnx
 
     result = _rtn(4)
@@ -386,7 +386,16 @@ def test_runtime_network_exports_at_the_window_with_any_batch_and_re_exports_for
     windows = torch.rand(3, 2, 16, 16, 16, generator=torch.Generator().manual_seed(4))  # the inferer's sw_batch_size
     with torch.no_grad():
         assert rel_l2(net(windows), result.network(windows)) < 1e-3
-    with pytest.raises(UserInputError, match=r"16x24x16 input \(.+\); it was exported on 16x16x16, and a file exported with fixed"):
-        net(torch.rand(1, 2, 16, 24, 16))
+        assert rel_l2(OpenVINONetwork(onnx_path, precision="f32")(windows), result.network(windows)) < 1e-3
+    # OpenVINO would reshape the file to another window and compute wrong output: both runtimes refuse it
+    for runner in (net, OpenVINONetwork(onnx_path, precision="f32")):
+        with pytest.raises(UserInputError, match=r"shape \?x2x16x16x16 \(\? marks a dynamic axis\) and cannot run a 1x2x16x24x16"):
+            runner(torch.rand(1, 2, 16, 24, 16))
     runtime_network("onnxruntime", onnx_path, ckpt, bn_unet(), (1, 2, 16, 24, 16))
     assert exported_size() == "16x24x16" and input_dims() == ["batch", 2, 16, 24, 16]
+    # whole volumes of any size (no sliding window): the window's file is exported again with dynamic axes
+    net = runtime_network("onnxruntime", onnx_path, ckpt, bn_unet(), (1, 2, 16, 24, 16), fixed_window=False)
+    assert input_dims() == ["batch", 2, "spatial0", "spatial1", "spatial2"]
+    volume = torch.rand(1, 2, 20, 16, 12, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert rel_l2(net(volume), result.network(volume)) < 1e-3

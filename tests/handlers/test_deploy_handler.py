@@ -1,4 +1,5 @@
-"""RuntimeNetworkLoader checks what it is given when a workflow is built, and reads a network's input channels."""
+"""RuntimeNetworkLoader checks what it is given when a workflow is built, reads a network's input channels, and
+fixes the exported file at the window only under a sliding window of its roi."""
 
 import pytest
 import torch
@@ -28,3 +29,21 @@ def test_a_missing_checkpoint_an_unknown_runtime_or_a_malformed_roi_is_refused_b
         RuntimeNetworkLoader(tmp_path / "model_w8a8.pt", tmp_path / "model_w8a8.onnx", [32, 32, 32], runtime="tensorrt")
     with pytest.raises(UserInputError, match="each roi_size"):
         RuntimeNetworkLoader(tmp_path / "model_w8a8.pt", tmp_path / "model_w8a8.onnx", [32, 0, 32])
+
+
+def test_the_file_is_fixed_at_the_window_only_for_a_sliding_window_inferer_of_that_roi(tmp_path):
+    from monai.inferers import SimpleInferer, SlidingWindowInferer
+
+    from monai_effq import EfficientQConfig, quantize, save_quantized
+
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3, padding=1))
+    ckpt = save_quantized(
+        quantize(net, torch.rand(1, 1, 8, 8, 8), EfficientQConfig(method="rtn", attention=False), progress=False),
+        tmp_path / "model_w4a8.pt",
+    )
+    loader = RuntimeNetworkLoader(ckpt, tmp_path / "model_w4a8.onnx", [32, 32, 32])
+    assert loader.runs_windows_of_roi_size(SlidingWindowInferer([32, 32, 32]))
+    assert loader.runs_windows_of_roi_size(SlidingWindowInferer(32))
+    assert not loader.runs_windows_of_roi_size(SlidingWindowInferer([32, 32, 16]))
+    assert not loader.runs_windows_of_roi_size(SlidingWindowInferer([32, 32, -1]))  # whole last axis: any size
+    assert not loader.runs_windows_of_roi_size(SimpleInferer())
