@@ -123,9 +123,9 @@ def test_finetune_on_two_ranks_trains_with_one_held_out_decision_and_saves_once(
 @pytest.mark.slow
 def test_quantization_shared_by_two_ranks_writes_the_checkpoint_of_one_process(demo_copy, tmp_path):
     work = demo_copy
-    # EfficientQ on 2 cases of one window each (tests/ptq/test_distributed.py splits several windows per rank)
+    # EfficientQ on 2 cases of two windows each: each rank holds one case's windows
     settings = [
-        "--calibration_cases", "2", "--calibration_crop", "[32,32,32]", "--sw_roi_size", "[32,32,32]", "--export_dir", "",
+        "--calibration_cases", "2", "--calibration_crop", "[48,32,32]", "--sw_roi_size", "[32,32,32]", "--export_dir", "",
         "--dataset_dir", str(work / "data" / "demo"), "--fp_checkpoint", str(work / "models" / "model.pt"),
     ]  # fmt: skip
     one, two = tmp_path / "one", tmp_path / "two"
@@ -141,6 +141,6 @@ def test_quantization_shared_by_two_ranks_writes_the_checkpoint_of_one_process(d
     assert report["method"] == "efficientq"
     shares = {rank: re.findall(rf"rank {rank} of {RANKS}: calibration windows (\d+) to (\d+) of (\d+)", text) for rank, text in logs.items()}
     (first, last, total), (second, end, total_too) = shares[0][0], shares[1][0]
-    assert (int(first), int(last) + 1, int(end) + 1) == (0, int(second), int(total)) and total == total_too  # each its own case's windows
+    assert (int(first), int(last) + 1, int(end) + 1) == (0, int(second), int(total)) and total == total_too == "4"  # each its own case's two windows
     assert all("all-reduce:" in text for text in logs.values())
     assert (two / written.name).read_bytes() == written.read_bytes()  # codes, scales, biases, report: bit for bit
