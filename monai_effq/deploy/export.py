@@ -448,7 +448,10 @@ def count_integer_weights(model) -> int:  # noqa: ANN001 - onnx.ModelProto
 
 def _axes_names(rank: int, batch: bool, spatial: bool) -> dict[int, str]:
     """The names of the dynamic axes of an ``(N, C, *spatial)`` input: the batch axis, the spatial axes, or both."""
-    return {**({0: "batch"} if batch else {}), **({d: f"spatial{d - 2}" for d in range(2, rank)} if spatial else {})}
+    names = {0: "batch"} if batch else {}
+    if spatial:
+        names.update({d: f"spatial{d - 2}" for d in range(2, rank)})
+    return names
 
 
 def _export_with_torch_export(form: nn.Module, x: torch.Tensor, opset: int, axes: dict[int, str]):  # noqa: ANN202
