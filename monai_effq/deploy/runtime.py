@@ -186,17 +186,7 @@ class _RuntimeNetwork(nn.Module):
                 f"{self.path.name} expects {self.in_channels} input channels (N, {self.in_channels}, *spatial), "
                 f"got shape {tuple(x.shape)}: check the transforms that build the image."
             )
-        fixed = self.input_shape
-        if fixed is not None and x.dim() == len(fixed) and any(f is not None and f != s for f, s in zip(fixed, x.shape)):
-            # OpenVINO would reshape such a file to the input without a word, and the sizes its graph holds
-            # would then compute wrong output (rel-L2 0.48 against 0.008 on a SegResNet's channel_stats norms)
-            declared = "x".join("?" if f is None else str(f) for f in fixed)
-            raise UserInputError(
-                f"{self.path.name} was exported for inputs of shape {declared} (? marks a dynamic axis) and cannot run a "
-                f"{'x'.join(str(s) for s in x.shape)} input: run it on inputs of that shape (a sliding-window inferer's "
-                "roi_size as its spatial sizes), or export again with an example input of the size you run "
-                "(monai_effq.export_onnx's defaults keep the batch and spatial axes dynamic)."
-            )
+        self._check_fixed_axes(tuple(x.shape))
         # the count writes a mask as large as x (45 ms at 1x4x128^3, a sixth of an int8 SegResNet's run),
         # so it runs only once one reduction has found a NaN or Inf
         if x.is_floating_point() and not all_finite(x.detach().as_subclass(torch.Tensor)):
@@ -207,6 +197,21 @@ class _RuntimeNetwork(nn.Module):
                 "preprocessing (e.g. a division by a zero intensity range) before inference."
             )
         return np.ascontiguousarray(x.detach().as_subclass(torch.Tensor).float().cpu().numpy())
+
+    def _check_fixed_axes(self, shape: tuple[int, ...]) -> None:
+        """Refuse an input shape that differs from the file on an axis the file fixes."""
+        fixed = self.input_shape
+        if fixed is None or len(shape) != len(fixed) or all(f is None or f == s for f, s in zip(fixed, shape)):
+            return
+        # OpenVINO would reshape such a file to the input without a word, and the sizes its graph holds
+        # would then compute wrong output (rel-L2 0.48 against 0.008 on a SegResNet's channel_stats norms)
+        declared = "x".join("?" if f is None else str(f) for f in fixed)
+        raise UserInputError(
+            f"{self.path.name} was exported for inputs of shape {declared} (? marks a dynamic axis) and cannot run a "
+            f"{'x'.join(str(s) for s in shape)} input: run it on inputs of that shape (a sliding-window inferer's "
+            "roi_size as its spatial sizes), or export again with an example input of the size you run "
+            "(monai_effq.export_onnx's defaults keep the batch and spatial axes dynamic)."
+        )
 
     def _warn_if_saturating(self) -> None:
         """Warn where this CPU's int8 kernels may saturate on the file's 8-bit weights.
@@ -422,6 +427,7 @@ class OpenVINONetwork(_RuntimeNetwork):
         if shape in self._requests:
             self._requests.move_to_end(shape)
             return self._requests[shape]
+        self._check_fixed_axes(tuple(shape))
         model = self.model.clone()
         try:
             model.reshape({0: list(shape)})

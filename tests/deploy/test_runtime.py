@@ -388,9 +388,10 @@ def test_runtime_network_exports_at_the_window_with_any_batch_and_again_for_anot
         assert rel_l2(net(windows), result.network(windows)) < 1e-3
         assert rel_l2(OpenVINONetwork(onnx_path, precision="f32")(windows), result.network(windows)) < 1e-3
     # OpenVINO would reshape the file to another window and compute wrong output: both runtimes refuse it
-    for runner in (net, OpenVINONetwork(onnx_path, precision="f32")):
+    ov_net = OpenVINONetwork(onnx_path, precision="f32")
+    for run in (net, ov_net, lambda x: ov_net.request_for(tuple(x.shape))):
         with pytest.raises(UserInputError, match=r"shape \?x2x16x16x16 \(\? marks a dynamic axis\) and cannot run a 1x2x16x24x16"):
-            runner(torch.rand(1, 2, 16, 24, 16))
+            run(torch.rand(1, 2, 16, 24, 16))
     runtime_network("onnxruntime", onnx_path, ckpt, bn_unet(), (1, 2, 16, 24, 16))
     assert exported_size() == "16x24x16" and input_dims() == ["batch", 2, 16, 24, 16]
     # whole volumes of any size (no sliding window): the window's file is exported again with dynamic axes
