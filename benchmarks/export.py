@@ -27,23 +27,19 @@ import torch
 
 from machine import cpu_summary
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _quantized_bundle_network(name: str):  # noqa: ANN202
-    """The bundle's network with its shipped weights, quantized RTN W4A8, and its window ``(1, C, *roi)``."""
-    from monai.bundle import ConfigParser
-
+    """The bundle's trained network, quantized RTN W4A8, and its sliding window ``(1, C, *roi)``."""
     from monai_effq import EfficientQConfig, quantize
 
-    parser = ConfigParser()
-    parser.read_config(str(ROOT / "bundles" / name / "configs" / "train.json"))
-    net = parser.get_parsed_content("network_def")
-    net.load_state_dict(torch.load(ROOT / "bundles" / name / "models" / "model.pt", map_location="cpu"))
+    from deploy import fp_network, parser_for
+
+    net, _ = fp_network(name, None, Path("."))  # the shipped weights: nothing is written
+    parser = parser_for(name, [])
     window = (1, parser["network_def"]["in_channels"], *parser["sw_roi_size"])
     calibration = torch.rand(*window, generator=torch.Generator().manual_seed(0))
     config = EfficientQConfig(weight_bits=4, act_bits=8, method="rtn", attention=False)
-    return quantize(net.eval(), calibration, config, progress=False), window
+    return quantize(net, calibration, config, progress=False), window
 
 
 def main() -> None:
