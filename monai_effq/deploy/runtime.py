@@ -163,14 +163,13 @@ class _RuntimeNetwork(nn.Module):
             raise MissingInputError(
                 f"ONNX model {self.path} does not exist: write it with monai_effq.export_onnx (or the bundle's export run)."
             )
-        self.in_channels: int | None = None
         # the file's input shape, None on dynamic axes (set by each runtime once it has read the file)
         self.input_shape: tuple[int | None, ...] | None = None
 
-    def _declare_input_shape(self, dims: Sequence[int | None]) -> None:
-        """Record the file's input shape (``None`` on a dynamic axis) and the channel count it fixes."""
-        self.input_shape = tuple(dims)
-        self.in_channels = self.input_shape[1] if len(self.input_shape) > 1 else None
+    @property
+    def in_channels(self) -> int | None:
+        """The input channels the file fixes (``None`` when the axis is dynamic or the shape unknown)."""
+        return self.input_shape[1] if self.input_shape is not None and len(self.input_shape) > 1 else None
 
     def _load_error(self, err: Exception) -> UserInputError:
         return UserInputError(
@@ -317,7 +316,7 @@ class OnnxRuntimeNetwork(_RuntimeNetwork):
             )
         except Exception as err:  # onnxruntime raises its own exception types
             raise self._load_error(err) from err
-        self._declare_input_shape([d if isinstance(d, int) else None for d in self.session.get_inputs()[0].shape])
+        self.input_shape = tuple(d if isinstance(d, int) else None for d in self.session.get_inputs()[0].shape)
         self.input_name = self.session.get_inputs()[0].name
         if optimize:
             self._warn_if_saturating()
@@ -382,7 +381,7 @@ class OpenVINONetwork(_RuntimeNetwork):
             raise self._load_error(err) from err
         shape = self.model.inputs[0].get_partial_shape()
         if shape.rank.is_static:
-            self._declare_input_shape([d.get_length() if d.is_static else None for d in shape])
+            self.input_shape = tuple(d.get_length() if d.is_static else None for d in shape)
         if device.split(".")[0].upper() == "CPU":
             self._warn_if_saturating()
         self._requests: OrderedDict[tuple[int, ...], Any] = OrderedDict()
