@@ -198,6 +198,72 @@ def find_foldable_batchnorms(network: nn.Module, batch: torch.Tensor) -> list[tu
     return probe_network(network, batch).foldable
 
 
+@dataclass
+class _Fold:
+    """One BatchNorm folded into its convolution, with what undoing it needs."""
+
+    conv_name: str
+    bn_name: str
+    weight: torch.Tensor
+    bias: nn.Parameter | None
+    bn: nn.Module
+
+
+def _fold_pair(network: nn.Module, conv_name: str, bn_name: str) -> _Fold:
+    conv, bn = network.get_submodule(conv_name), network.get_submodule(bn_name)
+    fold = _Fold(conv_name, bn_name, conv.weight.detach().clone(), conv.bias, bn)
+    transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
+    weight = conv.weight
+    if transposed:  # (c_in, c_out/g, *k) as (c_in/g, c_out, *k): torch's fusion scales axis 1
+        g = conv.groups
+        weight = weight.reshape(g, -1, *weight.shape[1:]).transpose(0, 1).reshape(weight.shape[0] // g, -1, *weight.shape[2:])
+    fused_w, fused_b = fuse_conv_bn_weights(
+        weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+        bn.weight if bn.affine else None, bn.bias if bn.affine else None, transpose=transposed,
+    )
+    if transposed:
+        fused_w = fused_w.reshape(-1, conv.groups, *conv.weight.shape[1:]).transpose(0, 1).reshape(conv.weight.shape)
+    conv.weight.copy_(fused_w)
+    conv.bias = nn.Parameter(fused_b.detach())
+    set_submodule(network, bn_name, nn.Identity())
+    return fold
+
+
+def _unfold(network: nn.Module, folds: list[_Fold]) -> None:
+    for fold in reversed(folds):
+        conv = network.get_submodule(fold.conv_name)
+        conv.weight.copy_(fold.weight)
+        conv.bias = fold.bias
+        set_submodule(network, fold.bn_name, fold.bn)
+
+
+def _fold_checked(
+    network: nn.Module, batch: torch.Tensor, reference: torch.Tensor, atol: float,
+    pairs: list[tuple[str, str]], known_to_fail: bool = False,
+) -> tuple[list[str], list[str]]:
+    """Fold ``pairs``, keeping a fold only where the output on ``batch`` stays ``reference``.
+
+    A fold changes the output when the convolution's output is also read past its BatchNorm (a
+    residual block's skip), which hooks cannot see; halving the failing set finds those folds in
+    about ``log2(len(pairs))`` passes each, instead of one pass per fold.
+
+    Returns:
+        the folded and the refused BatchNorms' names.
+    """
+    if not known_to_fail:
+        folds = [_fold_pair(network, conv, bn) for conv, bn in pairs]
+        if torch.allclose(network(batch), reference, atol=atol):
+            return [f.bn_name for f in folds], []
+        _unfold(network, folds)
+    if len(pairs) == 1:
+        return [], [pairs[0][1]]
+    half = len(pairs) // 2
+    folded, refused = _fold_checked(network, batch, reference, atol, pairs[:half])
+    # when the first half folds whole, the failure lies in the second: its own first pass would only repeat that
+    more = _fold_checked(network, batch, reference, atol, pairs[half:], known_to_fail=not refused)
+    return folded + more[0], refused + more[1]
+
+
 @torch.no_grad()
 def fold_batchnorm(
     network: nn.Module, batch: torch.Tensor, rtol: float = 1e-4, probe: NetworkProbe | None = None
@@ -205,7 +271,8 @@ def fold_batchnorm(
     """Fold every BatchNorm that directly follows a convolution into it (in place).
 
     Each folded BatchNorm becomes ``nn.Identity``. The output on ``batch`` is checked to be
-    unchanged; if it is not, every fold is undone.
+    unchanged; a fold that changes it (the convolution's output also feeds a skip path past the
+    BatchNorm) is undone and named in a warning, and the other folds stay.
 
     Args:
         network: the network, in eval mode.
@@ -218,39 +285,19 @@ def fold_batchnorm(
         names of the folded BatchNorm modules.
     """
     probe = probe or probe_network(network, batch)
-    reference, pairs = probe.output, probe.foldable
-    undo = []
-    for conv_name, bn_name in pairs:
-        conv, bn = network.get_submodule(conv_name), network.get_submodule(bn_name)
-        if bn.running_var is None:
-            continue  # batch statistics at inference time: nothing fixed to fold
-        undo.append((conv_name, bn_name, conv.weight.detach().clone(), conv.bias, bn))
-        transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
-        weight = conv.weight
-        if transposed:  # (c_in, c_out/g, *k) as (c_in/g, c_out, *k): torch's fusion scales axis 1
-            g = conv.groups
-            weight = weight.reshape(g, -1, *weight.shape[1:]).transpose(0, 1).reshape(weight.shape[0] // g, -1, *weight.shape[2:])
-        fused_w, fused_b = fuse_conv_bn_weights(
-            weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
-            bn.weight if bn.affine else None, bn.bias if bn.affine else None, transpose=transposed,
-        )
-        if transposed:
-            fused_w = fused_w.reshape(-1, conv.groups, *conv.weight.shape[1:]).transpose(0, 1).reshape(conv.weight.shape)
-        conv.weight.copy_(fused_w)
-        conv.bias = nn.Parameter(fused_b.detach())
-        set_submodule(network, bn_name, nn.Identity())
-    scale = float(reference.abs().max().clamp_min(1e-12))
-    if undo and not torch.allclose(folded := network(batch), reference, atol=rtol * scale):
-        logger.warning(
-            "folding %d BatchNorm(s) into their convolutions changed the network's output by %.2g of its largest magnitude "
-            "(more than %.0e), so they stay unfolded and run in floating point after their quantized convolutions: "
-            "a BatchNorm on a path that skips its convolution, or float32 arithmetic at reduced precision (TF32).",
-            len(undo), float((folded - reference).abs().max()) / scale, rtol,
-        )
-        for conv_name, bn_name, weight, bias, bn in reversed(undo):
-            conv = network.get_submodule(conv_name)
-            conv.weight.copy_(weight)
-            conv.bias = bias
-            set_submodule(network, bn_name, bn)
+    # batch statistics at inference time (no running_var): nothing fixed to fold
+    pairs = [(c, b) for c, b in probe.foldable if network.get_submodule(b).running_var is not None]
+    if not pairs:
         return []
-    return [u[1] for u in undo]
+    atol = rtol * float(probe.output.abs().max().clamp_min(1e-12))
+    folded, refused = _fold_checked(network, batch, probe.output, atol, pairs)
+    if refused:
+        shown = ", ".join(refused[:6]) + (f" and {len(refused) - 6} more" if len(refused) > 6 else "")
+        logger.warning(
+            "folding %d of %d BatchNorm(s) into the convolution before them changed the network's output by more than %.0e "
+            "of its largest magnitude, so %s stay unfolded and run in floating point after their quantized convolutions: "
+            "the convolution's output also feeds a path that skips the BatchNorm (a residual block's skip), or float32 "
+            "arithmetic at reduced precision (TF32). The other %d were folded.",
+            len(refused), len(pairs), rtol, shown, len(folded),
+        )
+    return folded

@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn as nn
-from monai.networks.nets import BasicUNet, DynUNet, SegResNet, SwinUNETR, UNet, UNETR
+from monai.networks.nets import BasicUNet, DynUNet, SegResNet, SegResNetDS, SwinUNETR, UNet, UNETR
 
 from monai_effq import EfficientQConfig, quantize
 from monai_effq.ptq import QuantizedConv, QuantizedConvTranspose, QuantizedLayer, QuantizedLinear
@@ -133,6 +133,7 @@ def test_an_override_sets_one_layers_weight_scale_fit_and_input_grid():
             "multiclass",
         ),
         (lambda: UNet(2, 1, 2, channels=(4, 8), strides=(2,)), (2, 1, 16, 16), "multiclass"),
+        (lambda: SegResNetDS(3, init_filters=4, in_channels=1, out_channels=2, blocks_down=(1, 2)), (1, 1, 16, 16, 16), "multiclass"),
     ],
 )
 def test_monai_networks_are_quantized_close_to_full_precision_at_w8a8(make, shape, task):
@@ -157,6 +158,21 @@ def test_batchnorm_after_a_convolution_is_folded_first():
     q = quantize(net, torch.randn(1, 1, 16, 16, 16), EfficientQConfig(weight_bits=8, method="rtn"), progress=False)
     assert q.folded and all(isinstance(q.network.get_submodule(n), nn.Identity) for n in q.folded)
     assert not any(isinstance(m, nn.BatchNorm3d) for m in q.network.modules())
+
+
+def test_segresnetds_folds_the_batchnorms_inside_its_blocks_and_keeps_the_ones_its_skips_read():
+    # Auto3DSeg's network: pre-activation blocks, so each block's norm1 reads the tensor its skip adds back
+    torch.manual_seed(0)
+    net = SegResNetDS(3, init_filters=4, in_channels=1, out_channels=2, blocks_down=(1, 2)).eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(1, 1, 16, 16, 16)
+    q = quantize(net, x, EfficientQConfig(weight_bits=8, act_bits=8), progress=False)
+    norms = {n for n, m in net.named_modules() if isinstance(m, nn.BatchNorm3d)}
+    assert set(q.folded) == {n for n in norms if n.endswith("norm2")}
+    assert _rel_err(net, q.network, x) < 0.05
 
 
 def test_linear_layers_of_a_transformer_are_quantized():

@@ -146,12 +146,57 @@ def test_a_fold_that_would_change_the_output_is_undone_and_nothing_is_folded(cap
     assert find_foldable_batchnorms(net, x) == [("conv", "bn")]  # adjacent, but not foldable as the check finds
     with caplog.at_level("WARNING", logger="monai_effq"):
         assert fold_batchnorm(net, x) == []
-    assert "folding 1 BatchNorm(s) into their convolutions changed the network's output" in caplog.text  # the user is told
+    assert "folding 1 of 1 BatchNorm(s) into the convolution before them changed the network's output" in caplog.text
+    assert "so bn stay unfolded" in caplog.text  # the user is told which
     assert isinstance(net.bn, nn.BatchNorm3d) and net.conv.bias is not None
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
     with torch.no_grad():
         assert torch.equal(net(x), reference)
+
+
+class _ResidualBlocks(nn.Module):
+    """Pre-activation residual blocks as in MONAI's SegResNetDS: each block's first BatchNorm reads the
+    output of the convolution before the block, which the skip add reads too; its second one reads
+    only the block's first convolution."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv3d(1, 4, 3, padding=1)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"norm1": nn.BatchNorm3d(4), "conv1": nn.Conv3d(4, 4, 3, padding=1), "norm2": nn.BatchNorm3d(4), "conv2": nn.Conv3d(4, 4, 3, padding=1)})
+            for _ in range(3)
+        )
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b in self.blocks:
+            x = x + b["conv2"](torch.relu(b["norm2"](b["conv1"](torch.relu(b["norm1"](x))))))
+        return x
+
+
+def test_only_the_folds_that_would_change_the_output_are_undone_and_they_are_named(caplog):
+    from monai_effq.ptq.graph import fold_batchnorm
+
+    torch.manual_seed(0)
+    net = _ResidualBlocks().eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    x, stem_weight = torch.randn(1, 1, 6, 6, 6), net.stem.weight.detach().clone()
+    with torch.no_grad():
+        reference = net(x)
+    assert find_foldable_batchnorms(net, x) == [("stem", "blocks.0.norm1"), ("blocks.0.conv1", "blocks.0.norm2"),
+                                                ("blocks.1.conv1", "blocks.1.norm2"), ("blocks.2.conv1", "blocks.2.norm2")]
+    with caplog.at_level("WARNING", logger="monai_effq"):
+        assert fold_batchnorm(net, x) == ["blocks.0.norm2", "blocks.1.norm2", "blocks.2.norm2"]
+    assert "folding 1 of 4 BatchNorm(s)" in caplog.text and "so blocks.0.norm1 stay unfolded" in caplog.text
+    assert "The other 3 were folded" in caplog.text
+    assert isinstance(net.blocks[0]["norm1"], nn.BatchNorm3d) and torch.equal(net.stem.weight, stem_weight)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), reference, atol=1e-5, rtol=1e-5)
 
 
 def test_a_batchnorm_without_running_statistics_is_not_folded():
