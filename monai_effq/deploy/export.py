@@ -76,6 +76,7 @@ __all__ = [
     "export_form",
     "export_onnx",
     "fold_weight_quantization",
+    "layers_off_the_output",
     "require",
     "spatial_size_label",
 ]
@@ -505,6 +506,45 @@ def _export_with_torchscript(form: nn.Module, x: torch.Tensor, opset: int, axes:
     return onnx.load_from_string(buffer.getvalue())
 
 
+def layers_off_the_output(network: nn.Module, example_input: torch.Tensor) -> list[str]:
+    """The quantized layers that run but whose outputs the network's output does not depend on.
+
+    MONAI's ``DynUNet(deep_supervision=True)`` runs its supervision heads in eval mode too and drops
+    their outputs; the exporters prune such layers. Found from autograd's graph (one forward and
+    backward pass), so it is only run when the exported graph holds fewer weights than expected.
+
+    Args:
+        network: the fake-quant network.
+        example_input: an input it accepts.
+
+    Returns:
+        their dotted names, in the order they ran.
+    """
+    names: list[str] = []
+    outputs: list[torch.Tensor] = []
+
+    def record(name: str, output: torch.Tensor) -> None:  # returns None: a forward hook's result replaces the output
+        names.append(name)
+        outputs.append(output)
+
+    handles = [
+        module.register_forward_hook(lambda m, a, o, n=name: record(n, o))
+        for name, module in network.named_modules()
+        if isinstance(module, QuantizedLayer)
+    ]
+    try:
+        with torch.enable_grad():
+            result = network(example_input.detach().clone().requires_grad_(True))
+            grads = torch.autograd.grad(result.float().sum(), outputs, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    used: dict[str, bool] = {}
+    for name, grad in zip(names, grads):  # a layer that runs twice is used when either call is
+        used[name] = used.get(name, False) or grad is not None
+    return [n for n, u in used.items() if not u]
+
+
 def _network_of(model: QuantizationResult | nn.Module) -> nn.Module:
     if isinstance(model, QuantizationResult):
         return model.network
@@ -643,7 +683,13 @@ def export_onnx(
         props[SOURCE_FINGERPRINT_KEY] = source_fingerprint
     onnx.helper.set_model_props(proto, props)
     if folded != n_quantized:
-        raise RuntimeError(f"expected {n_quantized} integer weight tensors in the exported graph, found {folded}.")
+        unused = layers_off_the_output(network, example_input)
+        if folded != n_quantized - len(unused):
+            raise RuntimeError(f"expected {n_quantized - len(unused)} integer weight tensors in the exported graph, found {folded}.")
+        logger.info(
+            "the network's output does not depend on %d quantized layer(s) (%s), so the file leaves them out",
+            len(unused), ", ".join(unused[:5]) + (" ..." if len(unused) > 5 else ""),
+        )
     onnx.checker.check_model(proto)
     path = Path(path)
     with atomic_write(path) as tmp:

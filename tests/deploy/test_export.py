@@ -129,6 +129,27 @@ def test_a_linear_head_exports_with_integer_weights(tmp_path):
     assert torch.allclose(OnnxRuntimeNetwork(path, optimize=False)(x), expected, atol=1e-4, rtol=1e-4)
 
 
+def test_a_layer_the_output_does_not_depend_on_is_left_out_of_the_file_and_named(tmp_path, caplog):
+    # DynUNet runs its deep-supervision heads in eval mode too and drops their outputs
+    from monai.networks.nets import DynUNet
+
+    torch.manual_seed(0)
+    net = DynUNet(3, 1, 2, [3, 3, 3], [1, 2, 2], [2, 2], filters=[4, 8, 8], deep_supervision=True, deep_supr_num=1).eval()
+    x = torch.rand(1, 1, 8, 8, 8)
+    result = monai_effq.quantize(net, x, monai_effq.EfficientQConfig(method="rtn", attention=False), progress=False)
+    assert "deep_supervision_heads.0.conv.conv" in [r.name for r in result.report.layers]
+    with caplog.at_level("INFO", logger="monai_effq"):
+        path = export_onnx(result, tmp_path / "ds.onnx", x, dynamic_spatial=False)
+    assert "does not depend on 1 quantized layer(s) (deep_supervision_heads.0.conv.conv)" in caplog.text
+    layers = sum(isinstance(m, QuantizedLayer) for m in result.network.modules())
+    kinds = (onnx.TensorProto.INT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+    integer = [i for i in onnx.load(str(path)).graph.initializer if i.data_type in kinds and len(i.dims) > 1]
+    assert len(integer) == layers - 1
+    with torch.no_grad():
+        expected = result.network(x)
+    assert torch.allclose(OnnxRuntimeNetwork(path, optimize=False)(x), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_torchs_current_exporter_writes_the_graph_the_torchscript_exporter_wrote(quantized, tmp_path):
     current = export_onnx(quantized, tmp_path / "dynamo.onnx", (1, 2, 16, 16, 16), weight_container="int8")
     legacy = export_onnx(quantized, tmp_path / "torchscript.onnx", (1, 2, 16, 16, 16), weight_container="int8", opset=17)
