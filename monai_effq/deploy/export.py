@@ -20,6 +20,7 @@ applies the weights' ``QuantizeLinear`` nodes offline, followed by :func:`drop_i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import logging
@@ -59,6 +60,11 @@ _DECOMPOSED = torch.ops.quantized_decomposed
 onnx, _has_onnx = optional_import("onnx")
 numpy_helper, _ = optional_import("onnx", name="numpy_helper")
 version_converter, _ = optional_import("onnx.version_converter")
+# what torch.onnx.export(dynamo=True) raises when torch.export cannot capture the network (data-dependent
+# control flow), as against a failure to translate a captured graph; its public base class where it moved
+TorchExportError, _has_export_error = optional_import("torch.onnx._internal.exporter._errors", name="TorchExportError")
+if not _has_export_error:
+    TorchExportError = torch.onnx.OnnxExporterError
 _, _has_onnxscript = optional_import("onnxscript")  # torch's current ONNX exporter translates with it
 
 __all__ = [
@@ -458,11 +464,15 @@ def _axes_names(rank: int, batch: bool, spatial: bool) -> dict[int, str]:
 def _export_with_torch_export(form: nn.Module, x: torch.Tensor, opset: int, axes: dict[int, str]):  # noqa: ANN202
     """The export form through ``torch.onnx.export(..., dynamo=True)``, as a ``ModelProto`` with ``axes`` dynamic."""
     dims = {d: torch.export.Dim.DYNAMIC for d in axes}
-    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # notes about torchvision operators a segmentation network never uses
+    # notes about torchvision operators a segmentation network never uses; and a note on symbols torch.export
+    # cannot trace back to code when it cannot capture the network (export_onnx says why in one line)
+    quiet = [logging.getLogger(n) for n in ("torch.onnx._internal.exporter._registration", "torch.fx.experimental.symbolic_shapes")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        # torch.export prints a partly traced graph to stderr when it cannot capture a network
+        with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 form,
@@ -475,7 +485,8 @@ def _export_with_torch_export(form: nn.Module, x: torch.Tensor, opset: int, axes
                 verbose=False,
             )
     finally:
-        quiet.setLevel(level)
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
     proto = program.model_proto
     # the exporter annotates every node with its Python stack and module path (a fifth of the file)
     for node in proto.graph.node:
@@ -659,9 +670,20 @@ def export_onnx(
     form = form.to(example_input.device)
     axes = _axes_names(example_input.dim(), dynamic_spatial if dynamic_batch is None else dynamic_batch, dynamic_spatial)
     if exporter == "dynamo":
-        proto = _export_with_torch_export(form, example_input, opset, axes)
-        folded = count_integer_weights(proto)
-    else:
+        try:
+            proto = _export_with_torch_export(form, example_input, opset, axes)
+            folded = count_integer_weights(proto)
+        except TorchExportError as e:
+            reason = str(e.__cause__ or e).strip().splitlines()[0]
+            warnings.warn(
+                f"torch.export cannot capture this network ({reason}), so it is exported with PyTorch's TorchScript "
+                "exporter instead, which records the branches the example input takes (MONAI's DiNTS branches on "
+                "its architecture code).",
+                stacklevel=2,
+            )
+            exporter = "torchscript"
+            form = export_form(network, reduce_range, group_norm, exporter)[0].to(example_input.device)
+    if exporter == "torchscript":
         proto = _export_with_torchscript(form, example_input, opset, axes)
         folded = fold_weight_quantization(proto)
         drop_initializer_identities(proto)

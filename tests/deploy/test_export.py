@@ -150,6 +150,35 @@ def test_a_layer_the_output_does_not_depend_on_is_left_out_of_the_file_and_named
     assert torch.allclose(OnnxRuntimeNetwork(path, optimize=False)(x), expected, atol=1e-4, rtol=1e-4)
 
 
+class _BranchOnBuffer(torch.nn.Module):
+    """Python control flow on a buffer's value, as MONAI's DiNTS does on its architecture code."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 4, 3, padding=1)
+        self.head = torch.nn.Conv3d(4, 2, 1)
+        self.register_buffer("rectify", torch.tensor(True))
+
+    def forward(self, x):
+        x = self.conv(x)
+        if self.rectify:
+            x = torch.relu(x)
+        return self.head(x)
+
+
+def test_a_network_torch_export_cannot_capture_is_exported_by_tracing_with_a_one_line_reason(tmp_path, capfd):
+    torch.manual_seed(0)
+    net, x = _BranchOnBuffer().eval(), torch.rand(1, 1, 8, 8, 8)
+    result = monai_effq.quantize(net, x, monai_effq.EfficientQConfig(method="rtn", attention=False), progress=False)
+    with pytest.warns(UserWarning, match=r"torch.export cannot capture this network \(Could not guard on data-dependent"):
+        path = export_onnx(result, tmp_path / "branch.onnx", x)
+    assert "def forward" not in capfd.readouterr().err  # not torch's dump of the partly traced graph
+    y = torch.rand(2, 1, 12, 8, 4)  # the traced file keeps the dynamic axes
+    with torch.no_grad():
+        expected = result.network(y)
+    assert torch.allclose(OnnxRuntimeNetwork(path, optimize=False)(y), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_torchs_current_exporter_writes_the_graph_the_torchscript_exporter_wrote(quantized, tmp_path):
     current = export_onnx(quantized, tmp_path / "dynamo.onnx", (1, 2, 16, 16, 16), weight_container="int8")
     legacy = export_onnx(quantized, tmp_path / "torchscript.onnx", (1, 2, 16, 16, 16), weight_container="int8", opset=17)
