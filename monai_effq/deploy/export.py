@@ -499,6 +499,27 @@ def _export_with_torch_export(form: nn.Module, x: torch.Tensor, opset: int, axes
     return proto
 
 
+def _export_with_fewest_fixed_axes(form: nn.Module, x: torch.Tensor, opset: int, axes: dict[int, str]):  # noqa: ANN202
+    """:func:`_export_with_torch_export` with ``axes`` dynamic; else with the spatial axes fixed; else all fixed.
+
+    Returns:
+        the ``ModelProto`` (``None`` when torch.export captured none of them), the axes it keeps
+        dynamic, and the first failure's reason in one line (``""`` when the first try worked).
+    """
+    tries = [axes]
+    if any(axis >= 2 for axis in axes):
+        tries.append({axis: name for axis, name in axes.items() if axis < 2})
+    if tries[-1]:
+        tries.append({})
+    reason = ""
+    for dynamic in tries:
+        try:
+            return _export_with_torch_export(form, x, opset, dynamic), dynamic, reason
+        except TorchExportError as e:
+            reason = reason or str(e.__cause__ or e).strip().splitlines()[0].rstrip(":")
+    return None, axes, reason
+
+
 def _export_with_torchscript(form: nn.Module, x: torch.Tensor, opset: int, axes: dict[int, str]):  # noqa: ANN202
     """The export form through the TorchScript exporter, as a ``ModelProto`` with ``axes`` dynamic (at most opset 20)."""
     buffer = io.BytesIO()
@@ -670,11 +691,8 @@ def export_onnx(
     form = form.to(example_input.device)
     axes = _axes_names(example_input.dim(), dynamic_spatial if dynamic_batch is None else dynamic_batch, dynamic_spatial)
     if exporter == "dynamo":
-        try:
-            proto = _export_with_torch_export(form, example_input, opset, axes)
-            folded = count_integer_weights(proto)
-        except TorchExportError as e:
-            reason = str(e.__cause__ or e).strip().splitlines()[0]
+        proto, captured, reason = _export_with_fewest_fixed_axes(form, example_input, opset, axes)
+        if proto is None:
             warnings.warn(
                 f"torch.export cannot capture this network ({reason}), so it is exported with PyTorch's TorchScript "
                 "exporter instead, which records the branches the example input takes (MONAI's DiNTS branches on "
@@ -683,6 +701,15 @@ def export_onnx(
             )
             exporter = "torchscript"
             form = export_form(network, reduce_range, group_norm, exporter)[0].to(example_input.device)
+        else:
+            folded = count_integer_weights(proto)
+            if captured != axes:
+                shape = "x".join("?" if a in captured else str(s) for a, s in enumerate(example_input.shape))
+                warnings.warn(
+                    f"the network's graph fixes the size of its input ({reason}; e.g. UNETR's position embeddings), so "
+                    f"the file runs inputs of shape {shape} only (? marks a dynamic axis).",
+                    stacklevel=2,
+                )
     if exporter == "torchscript":
         proto = _export_with_torchscript(form, example_input, opset, axes)
         folded = fold_weight_quantization(proto)

@@ -10,6 +10,7 @@ from onnx import numpy_helper
 import monai_effq
 from monai_effq.deploy import OnnxRuntimeNetwork, export_onnx, widest_int8_weight
 from monai_effq.ptq import QuantizedLayer
+from monai_effq.utils.errors import UserInputError
 
 from .conftest import bn_unet
 
@@ -177,6 +178,33 @@ def test_a_network_torch_export_cannot_capture_is_exported_by_tracing_with_a_one
     with torch.no_grad():
         expected = result.network(y)
     assert torch.allclose(OnnxRuntimeNetwork(path, optimize=False)(y), expected, atol=1e-4, rtol=1e-4)
+
+
+class _PositionEmbedding(torch.nn.Module):
+    """A learned embedding of one input size, added after the first convolution, as UNETR's patch embedding does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 4, 3, padding=1)
+        self.position = torch.nn.Parameter(torch.randn(1, 4, 8, 8, 8))
+        self.head = torch.nn.Conv3d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.conv(x) + self.position))
+
+
+def test_a_network_whose_graph_fixes_its_input_size_is_exported_with_fixed_spatial_axes_and_refuses_other_sizes(tmp_path):
+    torch.manual_seed(0)
+    net, x = _PositionEmbedding().eval(), torch.rand(1, 1, 8, 8, 8)
+    result = monai_effq.quantize(net, x, monai_effq.EfficientQConfig(method="rtn", attention=False), progress=False)
+    with pytest.warns(UserWarning, match=r"fixes the size of its input .* runs inputs of shape \?x1x8x8x8 only"):
+        path = export_onnx(result, tmp_path / "pos.onnx", x)
+    runtime, y = OnnxRuntimeNetwork(path, optimize=False), torch.rand(3, 1, 8, 8, 8)  # the batch axis stays dynamic
+    with torch.no_grad():
+        expected = result.network(y)
+    assert torch.allclose(runtime(y), expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(UserInputError, match=r"exported for inputs of shape \?x1x8x8x8"):
+        runtime(torch.rand(1, 1, 16, 8, 8))
 
 
 def test_torchs_current_exporter_writes_the_graph_the_torchscript_exporter_wrote(quantized, tmp_path):
