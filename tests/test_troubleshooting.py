@@ -83,6 +83,11 @@ def _other_networks_checkpoint(tmp: Path, data: Path) -> None:
     existing_checkpoint(tmp / "model.pt", _unet())
 
 
+def _wrapped_networks_checkpoint(tmp: Path, data: Path) -> None:
+    torch.save(nn.DataParallel(_unet()).state_dict(), tmp / "model.pt")
+    existing_checkpoint(tmp / "model.pt", _unet())
+
+
 def _truncated_nifti(tmp_path, lits):
     cases = calibration_datalist(lits, "lits")
     broken = tmp_path / "volume-9.nii"
@@ -219,6 +224,9 @@ TRIGGERS = {
     ),
     "FP checkpoint <file> holds the weights of another network (<weights>): use it with the network_def it was trained with, or train this network.": (
         _other_networks_checkpoint
+    ),
+    "FP checkpoint <file> was saved from a DataParallel or DistributedDataParallel wrapper (every weight's name starts with 'module.')": (
+        _wrapped_networks_checkpoint
     ),
     "quantized checkpoint <file> does not exist: run the quantize workflow first": (
         lambda t, d: QuantizedCheckpointLoader(t / "model_w4a8.pt")
