@@ -729,14 +729,15 @@ def _fp_state(path: str | os.PathLike, network: torch.nn.Module | None = None, d
         ]
         missing = [k for k in expected if k not in state]
         unexpected = [k for k in state if k not in expected]
-        if missing and {k.removeprefix("module.") for k in state} == set(expected) and all(k.startswith("module.") for k in state):
-            # torch.save(model.state_dict()) of a DataParallel/DDP wrapper; MONAI's CheckpointLoader and
-            # CheckpointSaver unwrap the module themselves, so only hand-written training loops write this
-            raise UserInputError(
-                f"FP checkpoint {where} was saved from a DataParallel or DistributedDataParallel wrapper (every weight's "
-                "name starts with 'module.'): save the wrapped network's own weights (torch.save(model.module.state_dict(), "
-                "path)), or write the weights without the prefix to models/model.pt."
-            )
+        # torch.save(model.state_dict()) of a DataParallel/DDP wrapper or of torch.compile's module; MONAI's
+        # CheckpointSaver unwraps the first itself, so only hand-written training loops write these
+        for prefix, wrapper in (("module.", "DataParallel or DistributedDataParallel"), ("_orig_mod.", "torch.compile")):
+            if missing and all(k.startswith(prefix) for k in state) and {k.removeprefix(prefix) for k in state} == set(expected):
+                raise UserInputError(
+                    f"FP checkpoint {where} was saved from a {wrapper} wrapper (every weight's name starts with "
+                    f"'{prefix}'): save the wrapped network's own weights, or write the weights without the prefix "
+                    "to models/model.pt."
+                )
         problems = wrong[:2] + [f"{k} missing" for k in missing[:2]] + [f"{k} unknown to the network" for k in unexpected[:2]]
         if problems:
             raise UserInputError(

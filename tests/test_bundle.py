@@ -64,6 +64,13 @@ def test_a_damaged_fp_checkpoint_is_named_without_torchs_advice_to_unpickle_it(t
         existing_checkpoint(tmp_path / "list.pt")
 
 
+@pytest.mark.parametrize("prefix,wrapper", [("module.", "DataParallel or DistributedDataParallel"), ("_orig_mod.", "torch.compile")])
+def test_an_fp_checkpoint_saved_from_a_wrapper_is_named_with_its_prefix(tmp_path, prefix, wrapper):
+    torch.save({prefix + k: v for k, v in _net().state_dict().items()}, tmp_path / "model.pt")
+    with pytest.raises(UserInputError, match=rf"was saved from a {wrapper} wrapper \(every weight's name starts with '{prefix}'\)"):
+        load_fp_weights(_net(), tmp_path / "model.pt")
+
+
 def test_an_fp_checkpoint_of_another_network_is_named_with_the_weights_that_differ(tmp_path):
     other = nn.Sequential(nn.Conv3d(1, 3, 3), nn.ReLU(), nn.Conv3d(3, 2, 1))
     torch.save({"model": other.state_dict()}, tmp_path / "model.pt")

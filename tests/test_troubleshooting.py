@@ -225,7 +225,7 @@ TRIGGERS = {
     "FP checkpoint <file> holds the weights of another network (<weights>): use it with the network_def it was trained with, or train this network.": (
         _other_networks_checkpoint
     ),
-    "FP checkpoint <file> was saved from a DataParallel or DistributedDataParallel wrapper (every weight's name starts with 'module.')": (
+    "FP checkpoint <file> was saved from a <wrapper> wrapper (every weight's name starts with <prefix>)": (
         _wrapped_networks_checkpoint
     ),
     "quantized checkpoint <file> does not exist: run the quantize workflow first": (
