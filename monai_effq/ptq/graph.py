@@ -170,7 +170,11 @@ def probe_network(network: nn.Module, batch: torch.Tensor) -> NetworkProbe:
                 "as the network expects, with spatial sizes that are multiples of its downsampling factor."
             ) from e
     if not isinstance(output, torch.Tensor):
-        raise TypeError("the network must return one tensor of logits to be quantized.")
+        kind = f"a {type(output).__name__} of {len(output)}" if isinstance(output, (list, tuple, dict)) else type(output).__name__
+        raise TypeError(
+            f"the network must return one tensor of logits to be quantized, but it returns {kind}: wrap it in a module "
+            "whose forward returns the segmentation logits (e.g. the last tensor of BasicUNetPlusPlus's list)."
+        )
     seen: set[str] = set()
     unique = [n for n in order if not (n in seen or seen.add(n))]
     return NetworkProbe(output, unique, numels, _adjacent_pairs(events), [n for n in unique if n in reads_input])

@@ -217,5 +217,5 @@ def test_a_network_that_does_not_return_one_tensor_is_refused():
             y = self.conv(x)
             return y, y.sigmoid()
 
-    with pytest.raises(TypeError, match="the network must return one tensor of logits"):
+    with pytest.raises(TypeError, match="the network must return one tensor of logits to be quantized, but it returns a tuple of 2"):
         probe_network(TwoHeads().eval(), torch.randn(1, 1, 6, 6, 6))
