@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -214,6 +216,7 @@ class _Fold:
 
 
 def _fold_pair(network: nn.Module, conv_name: str, bn_name: str) -> _Fold:
+    """Fold one BatchNorm into the convolution before it (in place) and return how to undo it."""
     conv, bn = network.get_submodule(conv_name), network.get_submodule(bn_name)
     fold = _Fold(conv_name, bn_name, conv.weight.detach().clone(), conv.bias, bn)
     transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
@@ -234,11 +237,27 @@ def _fold_pair(network: nn.Module, conv_name: str, bn_name: str) -> _Fold:
 
 
 def _unfold(network: nn.Module, folds: list[_Fold]) -> None:
+    """Undo ``folds`` (in place), last first."""
     for fold in reversed(folds):
         conv = network.get_submodule(fold.conv_name)
         conv.weight.copy_(fold.weight)
         conv.bias = fold.bias
         set_submodule(network, fold.bn_name, fold.bn)
+
+
+def _folds_keep_output(
+    network: nn.Module, batch: torch.Tensor, reference: torch.Tensor, atol: float, pairs: list[tuple[str, str]]
+) -> bool:
+    """Fold ``pairs`` and keep them if the output on ``batch`` stays ``reference``; else undo them."""
+    folds = [_fold_pair(network, conv, bn) for conv, bn in pairs]
+    try:
+        if torch.allclose(network(batch), reference, atol=atol):
+            return True
+    except BaseException:
+        _unfold(network, folds)
+        raise
+    _unfold(network, folds)
+    return False
 
 
 def _fold_checked(
@@ -247,18 +266,22 @@ def _fold_checked(
 ) -> tuple[list[str], list[str]]:
     """Fold ``pairs``, keeping a fold only where the output on ``batch`` stays ``reference``.
 
-    A fold changes the output when the convolution's output is also read past its BatchNorm (a
-    residual block's skip), which hooks cannot see; halving the failing set finds those folds in
-    about ``log2(len(pairs))`` passes each, instead of one pass per fold.
+    Halving a failing set finds the folds that change the output in about ``log2(len(pairs))``
+    passes each.
+
+    Args:
+        network: the network (modified in place).
+        batch: the input of the check.
+        reference: the unfolded network's output on ``batch``.
+        atol: the check's absolute tolerance.
+        pairs: ``(conv, batchnorm)`` names to fold.
+        known_to_fail: the whole set is known to change the output, so its own pass is skipped.
 
     Returns:
-        the folded and the refused BatchNorms' names.
+        the folded and the refused BatchNorms' names, each in the order of ``pairs``.
     """
-    if not known_to_fail:
-        folds = [_fold_pair(network, conv, bn) for conv, bn in pairs]
-        if torch.allclose(network(batch), reference, atol=atol):
-            return [f.bn_name for f in folds], []
-        _unfold(network, folds)
+    if not known_to_fail and _folds_keep_output(network, batch, reference, atol, pairs):
+        return [bn for _, bn in pairs], []
     if len(pairs) == 1:
         return [], [pairs[0][1]]
     half = len(pairs) // 2
@@ -266,6 +289,53 @@ def _fold_checked(
     # when the first half folds whole, the failure lies in the second: its own first pass would only repeat that
     more = _fold_checked(network, batch, reference, atol, pairs[half:], known_to_fail=not refused)
     return folded + more[0], refused + more[1]
+
+
+def _read_past_the_batchnorm(network: nn.Module, batch: torch.Tensor, pairs: list[tuple[str, str]]) -> set[str]:
+    """The BatchNorms of ``pairs`` whose convolution's output a residual skip also reads or adds to.
+
+    Forward hooks see modules only, not the additions a skip makes, so this reads autograd's graph
+    of one forward pass that keeps no activations: a convolution whose graph node two operations
+    read, or whose output tensor was added to in place before the BatchNorm read it, cannot take
+    its BatchNorm.
+
+    Args:
+        network: the network, in eval mode.
+        batch: an input it accepts.
+        pairs: ``(conv, batchnorm)`` names.
+
+    Returns:
+        the names of those BatchNorms (empty when the output has no autograd graph).
+    """
+    nodes: dict[str, Any] = {}
+
+    def record(name: str, tensor: torch.Tensor) -> None:  # returns None: a hook's result replaces the tensor
+        nodes.setdefault(name, tensor.grad_fn)
+
+    handles: list = []
+    with hooks(handles):
+        for conv, bn in pairs:
+            handles.append(network.get_submodule(conv).register_forward_hook(lambda m, a, o, n=conv: record(n, o)))
+            handles.append(network.get_submodule(bn).register_forward_pre_hook(lambda m, a, n=bn: record(n, a[0])))
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda t: t):
+            output = network(batch.detach().requires_grad_(True))
+    if not isinstance(output, torch.Tensor) or output.grad_fn is None:
+        return set()
+    readers: Counter = Counter()
+    seen, stack = {output.grad_fn}, [output.grad_fn]
+    while stack:
+        for node, _ in stack.pop().next_functions:
+            if node is not None:
+                readers[node] += 1
+                if node not in seen:
+                    seen.add(node)
+                    stack.append(node)
+    # the BatchNorm must read the convolution's own result (an in-place add in between, as in SegResNetDS's
+    # `x += identity`, gives the same tensor another node), and nothing else may read that result
+    return {
+        bn for conv, bn in pairs
+        if nodes.get(conv) is not None and (nodes.get(bn) is not nodes[conv] or readers[nodes[conv]] > 1)
+    }
 
 
 @torch.no_grad()
@@ -294,14 +364,19 @@ def fold_batchnorm(
     if not pairs:
         return []
     atol = rtol * float(probe.output.abs().max().clamp_min(1e-12))
-    folded, refused = _fold_checked(network, batch, probe.output, atol, pairs)
-    if refused:
-        shown = ", ".join(refused[:6]) + (f" and {len(refused) - 6} more" if len(refused) > 6 else "")
-        logger.warning(
-            "folding %d of %d BatchNorm(s) into the convolution before them changed the network's output by more than %.0e "
-            "of its largest magnitude, so %s stay unfolded and run in floating point after their quantized convolutions: "
-            "the convolution's output also feeds a path that skips the BatchNorm (a residual block's skip), or float32 "
-            "arithmetic at reduced precision (TF32). The other %d were folded.",
-            len(refused), len(pairs), rtol, shown, len(folded),
-        )
+    if _folds_keep_output(network, batch, probe.output, atol, pairs):
+        return [bn for _, bn in pairs]
+    # one graph pass finds the skips, so the usual case costs three passes instead of a search over every fold
+    skipped = _read_past_the_batchnorm(network, batch, pairs)
+    folded, refused = _fold_checked(network, batch, probe.output, atol, [p for p in pairs if p[1] not in skipped])
+    refused = list(dict.fromkeys(bn for _, bn in pairs if bn in skipped or bn in refused))  # a BatchNorm run twice has two pairs
+    by_skip = sum(bn in skipped for bn in refused)
+    shown = ", ".join(refused[:6]) + (f" and {len(refused) - 6} more" if len(refused) > 6 else "")
+    logger.warning(
+        "%d of %d BatchNorm(s) stay unfolded and run in floating point after their quantized convolutions (%s): folding "
+        "them would change the network's output by more than %.0e of its largest magnitude, %d because something else "
+        "reads or adds to the convolution's output first (a residual skip), %d because the folded output differed (float32 at reduced precision, "
+        "TF32, or an in-place operation between them). The other %d were folded.",
+        len(refused), len(refused) + len(folded), shown, rtol, by_skip, len(refused) - by_skip, len(folded),
+    )
     return folded

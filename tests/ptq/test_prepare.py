@@ -146,8 +146,8 @@ def test_a_fold_that_would_change_the_output_is_undone_and_nothing_is_folded(cap
     assert find_foldable_batchnorms(net, x) == [("conv", "bn")]  # adjacent, but not foldable as the check finds
     with caplog.at_level("WARNING", logger="monai_effq"):
         assert fold_batchnorm(net, x) == []
-    assert "folding 1 of 1 BatchNorm(s) into the convolution before them changed the network's output" in caplog.text
-    assert "so bn stay unfolded" in caplog.text  # the user is told which
+    assert "1 of 1 BatchNorm(s) stay unfolded and run in floating point after their quantized convolutions (bn)" in caplog.text
+    assert "1 because something else reads or adds to the convolution's output first" in caplog.text  # the user is told which and why
     assert isinstance(net.bn, nn.BatchNorm3d) and net.conv.bias is not None
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -192,9 +192,48 @@ def test_only_the_folds_that_would_change_the_output_are_undone_and_they_are_nam
                                                 ("blocks.1.conv1", "blocks.1.norm2"), ("blocks.2.conv1", "blocks.2.norm2")]
     with caplog.at_level("WARNING", logger="monai_effq"):
         assert fold_batchnorm(net, x) == ["blocks.0.norm2", "blocks.1.norm2", "blocks.2.norm2"]
-    assert "folding 1 of 4 BatchNorm(s)" in caplog.text and "so blocks.0.norm1 stay unfolded" in caplog.text
-    assert "The other 3 were folded" in caplog.text
+    assert "1 of 4 BatchNorm(s) stay unfolded and run in floating point after their quantized convolutions (blocks.0.norm1)" in caplog.text
+    assert "1 because something else reads or adds" in caplog.text and "The other 3 were folded" in caplog.text
     assert isinstance(net.blocks[0]["norm1"], nn.BatchNorm3d) and torch.equal(net.stem.weight, stem_weight)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), reference, atol=1e-5, rtol=1e-5)
+
+
+class _InPlaceBetween(nn.Module):
+    """A BatchNorm that reads its convolution's output tensor after an in-place addition autograd does
+    not record: adjacent by tensor identity, the conv's own graph node, yet folding it changes the
+    output (as reduced-precision arithmetic would), so only the output check can catch it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_a, self.bn_a = nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4)
+        self.conv_b, self.bn_b = nn.Conv3d(4, 4, 3, padding=1), nn.BatchNorm3d(4)
+        self.head = nn.Conv3d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.conv_b(torch.relu(self.bn_a(self.conv_a(x))))
+        with torch.no_grad():
+            y.add_(1.0)
+        return self.head(torch.relu(self.bn_b(y)))
+
+
+def test_a_fold_that_only_the_output_check_catches_is_found_by_halving_and_undone(caplog):
+    from monai_effq.ptq.graph import fold_batchnorm
+
+    torch.manual_seed(0)
+    net = _InPlaceBetween().eval()
+    with torch.no_grad():
+        for bn in (net.bn_a, net.bn_b):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(1, 1, 6, 6, 6)
+    with torch.no_grad():
+        reference = net(x)
+    assert find_foldable_batchnorms(net, x) == [("conv_a", "bn_a"), ("conv_b", "bn_b")]  # the bad one last
+    with caplog.at_level("WARNING", logger="monai_effq"):
+        assert fold_batchnorm(net, x) == ["bn_a"]
+    assert "(bn_b)" in caplog.text and "0 because something else reads" in caplog.text and "1 because the folded output differed" in caplog.text
+    assert isinstance(net.bn_b, nn.BatchNorm3d) and isinstance(net.bn_a, nn.Identity)
     with torch.no_grad():
         torch.testing.assert_close(net(x), reference, atol=1e-5, rtol=1e-5)
 
