@@ -25,8 +25,10 @@ import copy
 import io
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +65,16 @@ version_converter, _ = optional_import("onnx.version_converter")
 # what torch.onnx.export(dynamo=True) raises when torch.export cannot capture the network (data-dependent
 # control flow), as against a failure to translate a captured graph; its public base class where it moved
 TorchExportError, _has_export_error = optional_import("torch.onnx._internal.exporter._errors", name="TorchExportError")
-if not _has_export_error:
-    TorchExportError = torch.onnx.OnnxExporterError
+if not _has_export_error:  # a torch without it: no fallback, torch's own error reaches the user
+
+    class TorchExportError(Exception):  # type: ignore[no-redef]
+        """Never raised."""
+
+
+# torch.export's failure on Python control flow over a tensor's value, which fixing axes cannot help
+DataDependentError, _has_data_dependent = optional_import(
+    "torch.fx.experimental.symbolic_shapes", name="GuardOnDataDependentSymNode"
+)
 _, _has_onnxscript = optional_import("onnxscript")  # torch's current ONNX exporter translates with it
 
 __all__ = [
@@ -470,9 +480,10 @@ def _export_with_torch_export(form: nn.Module, x: torch.Tensor, opset: int, axes
     levels = [q.level for q in quiet]
     for q in quiet:
         q.setLevel(logging.ERROR)
+    printed = io.StringIO()
     try:
         # torch.export prints a partly traced graph to stderr when it cannot capture a network
-        with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+        with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stderr(printed):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 form,
@@ -484,9 +495,17 @@ def _export_with_torch_export(form: nn.Module, x: torch.Tensor, opset: int, axes
                 dynamic_shapes=(dims,) if dims else None,
                 verbose=False,
             )
+    except TorchExportError:
+        logger.debug("torch.export printed: %s", printed.getvalue())
+        raise
+    except Exception:
+        sys.stderr.write(printed.getvalue())  # any other failure: what torch printed may say why
+        raise
     finally:
         for q, level in zip(quiet, levels):
             q.setLevel(level)
+    if printed.getvalue():
+        logger.debug("torch.onnx.export printed: %s", printed.getvalue())
     proto = program.model_proto
     # the exporter annotates every node with its Python stack and module path (a fifth of the file)
     for node in proto.graph.node:
@@ -516,8 +535,20 @@ def _export_with_fewest_fixed_axes(form: nn.Module, x: torch.Tensor, opset: int,
         try:
             return _export_with_torch_export(form, x, opset, dynamic), dynamic, reason
         except TorchExportError as e:
-            reason = reason or str(e.__cause__ or e).strip().splitlines()[0].rstrip(":")
+            reason = reason or _one_line(e.__cause__ or e)
+            if _has_data_dependent and isinstance(e.__cause__, DataDependentError):
+                break  # a branch on a tensor's value fails whatever the axes
     return None, axes, reason
+
+
+def _one_line(error: BaseException) -> str:
+    """An exception's message in one line: its first line, with the first item when that line introduces a list."""
+    lines = [line.strip(" -") for line in str(error).splitlines() if line.strip(" -")]
+    if not lines:
+        return type(error).__name__
+    if lines[0].endswith(":") and len(lines) > 1:
+        return f"{lines[0]} {lines[1]}"
+    return lines[0]
 
 
 def _export_with_torchscript(form: nn.Module, x: torch.Tensor, opset: int, axes: dict[int, str]):  # noqa: ANN202
@@ -542,39 +573,50 @@ def layers_off_the_output(network: nn.Module, example_input: torch.Tensor) -> li
     """The quantized layers that run but whose outputs the network's output does not depend on.
 
     MONAI's ``DynUNet(deep_supervision=True)`` runs its supervision heads in eval mode too and drops
-    their outputs; the exporters prune such layers. Found from autograd's graph (one forward and
-    backward pass), so it is only run when the exported graph holds fewer weights than expected.
+    their outputs; the exporters prune such layers. Found from autograd's graph of one forward pass
+    in eval mode that keeps no activations (so it needs inference memory, not training memory); only
+    run when an exported graph holds fewer integer weights than expected.
 
     Args:
-        network: the fake-quant network.
+        network: the fake-quant network (its train/eval mode is restored afterwards).
         example_input: an input it accepts.
 
     Returns:
-        their dotted names, in the order they ran.
+        their dotted names, in the order they first ran; empty when the output has no autograd graph
+        (an integer output such as an argmax), as nothing can then be told.
     """
-    names: list[str] = []
-    outputs: list[torch.Tensor] = []
+    produced: dict[str, list] = {}
 
-    def record(name: str, output: torch.Tensor) -> None:  # returns None: a forward hook's result replaces the output
-        names.append(name)
-        outputs.append(output)
+    def record(name: str, output: Any) -> None:  # returns None: a forward hook's result replaces the output
+        produced.setdefault(name, []).append(output.grad_fn if isinstance(output, torch.Tensor) else None)
 
     handles = [
         module.register_forward_hook(lambda m, a, o, n=name: record(n, o))
         for name, module in network.named_modules()
         if isinstance(module, QuantizedLayer)
     ]
+    device = next((p.device for p in network.parameters()), example_input.device)
+    training = network.training
     try:
-        with torch.enable_grad():
-            result = network(example_input.detach().clone().requires_grad_(True))
-            grads = torch.autograd.grad(result.float().sum(), outputs, allow_unused=True)
+        network.eval()
+        # the graph's nodes are all this needs: saving no tensors for a backward pass keeps memory at inference level
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda t: t):
+            result = network(example_input.detach().to(device).requires_grad_(True))
     finally:
+        network.train(training)
         for handle in handles:
             handle.remove()
-    used: dict[str, bool] = {}
-    for name, grad in zip(names, grads):  # a layer that runs twice is used when either call is
-        used[name] = used.get(name, False) or grad is not None
-    return [n for n, u in used.items() if not u]
+    root = result.grad_fn if isinstance(result, torch.Tensor) else None
+    if root is None:
+        return []
+    reached, stack = {root}, [root]
+    while stack:
+        for node, _ in stack.pop().next_functions:
+            if node is not None and node not in reached:
+                reached.add(node)
+                stack.append(node)
+    # an output without a graph node (not derived from the input) cannot be told apart: it counts as used
+    return [n for n, nodes in produced.items() if all(g is not None and g not in reached for g in nodes)]
 
 
 def _network_of(model: QuantizationResult | nn.Module) -> nn.Module:
@@ -693,10 +735,13 @@ def export_onnx(
     if exporter == "dynamo":
         proto, captured, reason = _export_with_fewest_fixed_axes(form, example_input, opset, axes)
         if proto is None:
+            # a trace records the sizes it computes with as constants, so its spatial axes are fixed
+            axes = {axis: name for axis, name in axes.items() if axis < 2}
+            shape = "x".join("?" if a in axes else str(s) for a, s in enumerate(example_input.shape))
             warnings.warn(
-                f"torch.export cannot capture this network ({reason}), so it is exported with PyTorch's TorchScript "
-                "exporter instead, which records the branches the example input takes (MONAI's DiNTS branches on "
-                "its architecture code).",
+                f"torch.export cannot capture this network ({reason}), so it is traced with PyTorch's TorchScript "
+                f"exporter instead, which records the branches the example input takes; the file runs inputs of "
+                f"shape {shape} only (? marks a dynamic axis).",
                 stacklevel=2,
             )
             exporter = "torchscript"
@@ -706,7 +751,7 @@ def export_onnx(
             if captured != axes:
                 shape = "x".join("?" if a in captured else str(s) for a, s in enumerate(example_input.shape))
                 warnings.warn(
-                    f"the network's graph fixes the size of its input ({reason}; e.g. UNETR's position embeddings), so "
+                    f"the network's graph fixes the size of its input, as UNETR's position embeddings do ({reason}), so "
                     f"the file runs inputs of shape {shape} only (? marks a dynamic axis).",
                     stacklevel=2,
                 )

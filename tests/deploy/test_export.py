@@ -9,6 +9,7 @@ from onnx import numpy_helper
 
 import monai_effq
 from monai_effq.deploy import OnnxRuntimeNetwork, export_onnx, widest_int8_weight
+from monai_effq.deploy.export import layers_off_the_output
 from monai_effq.ptq import QuantizedLayer
 from monai_effq.utils.errors import UserInputError
 
@@ -142,6 +143,10 @@ def test_a_layer_the_output_does_not_depend_on_is_left_out_of_the_file_and_named
     with caplog.at_level("INFO", logger="monai_effq"):
         path = export_onnx(result, tmp_path / "ds.onnx", x, dynamic_spatial=False)
     assert "does not depend on 1 quantized layer(s) (deep_supervision_heads.0.conv.conv)" in caplog.text
+    # told in eval mode, where the heads' outputs are dropped, and the network's own mode is kept
+    assert layers_off_the_output(result.network.train(), x) == ["deep_supervision_heads.0.conv.conv"]
+    assert result.network.training
+    result.network.eval()
     layers = sum(isinstance(m, QuantizedLayer) for m in result.network.modules())
     kinds = (onnx.TensorProto.INT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
     integer = [i for i in onnx.load(str(path)).graph.initializer if i.data_type in kinds and len(i.dims) > 1]
@@ -171,13 +176,16 @@ def test_a_network_torch_export_cannot_capture_is_exported_by_tracing_with_a_one
     torch.manual_seed(0)
     net, x = _BranchOnBuffer().eval(), torch.rand(1, 1, 8, 8, 8)
     result = monai_effq.quantize(net, x, monai_effq.EfficientQConfig(method="rtn", attention=False), progress=False)
-    with pytest.warns(UserWarning, match=r"torch.export cannot capture this network \(Could not guard on data-dependent"):
+    with pytest.warns(UserWarning, match=r"torch.export cannot capture this network \(.+\), so it is traced .* shape \?x1x8x8x8 only"):
         path = export_onnx(result, tmp_path / "branch.onnx", x)
     assert "def forward" not in capfd.readouterr().err  # not torch's dump of the partly traced graph
-    y = torch.rand(2, 1, 12, 8, 4)  # the traced file keeps the dynamic axes
+    # a trace may hold sizes as constants, so only the batch axis stays dynamic
+    runtime, y = OnnxRuntimeNetwork(path, optimize=False), torch.rand(2, 1, 8, 8, 8)
     with torch.no_grad():
         expected = result.network(y)
-    assert torch.allclose(OnnxRuntimeNetwork(path, optimize=False)(y), expected, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(runtime(y), expected, atol=1e-4, rtol=1e-4)
+    with pytest.raises(UserInputError, match=r"exported for inputs of shape \?x1x8x8x8"):
+        runtime(torch.rand(1, 1, 12, 8, 4))
 
 
 class _PositionEmbedding(torch.nn.Module):
@@ -197,7 +205,7 @@ def test_a_network_whose_graph_fixes_its_input_size_is_exported_with_fixed_spati
     torch.manual_seed(0)
     net, x = _PositionEmbedding().eval(), torch.rand(1, 1, 8, 8, 8)
     result = monai_effq.quantize(net, x, monai_effq.EfficientQConfig(method="rtn", attention=False), progress=False)
-    with pytest.warns(UserWarning, match=r"fixes the size of its input .* runs inputs of shape \?x1x8x8x8 only"):
+    with pytest.warns(UserWarning, match=r"fixes the size of its input, .* runs inputs of shape \?x1x8x8x8 only"):
         path = export_onnx(result, tmp_path / "pos.onnx", x)
     runtime, y = OnnxRuntimeNetwork(path, optimize=False), torch.rand(3, 1, 8, 8, 8)  # the batch axis stays dynamic
     with torch.no_grad():
