@@ -372,11 +372,14 @@ def fold_batchnorm(
     refused = list(dict.fromkeys(bn for _, bn in pairs if bn in skipped or bn in refused))  # a BatchNorm run twice has two pairs
     by_skip = sum(bn in skipped for bn in refused)
     shown = ", ".join(refused[:6]) + (f" and {len(refused) - 6} more" if len(refused) > 6 else "")
-    logger.warning(
+    # a skip's BatchNorm is the architecture (pre-activation blocks), nothing to act on; an output that
+    # differs for another reason is
+    logger.log(
+        logging.WARNING if len(refused) > by_skip else logging.INFO,
         "%d of %d BatchNorm(s) stay unfolded and run in floating point after their quantized convolutions (%s): folding "
         "them would change the network's output by more than %.0e of its largest magnitude, %d because something else "
-        "reads or adds to the convolution's output first (a residual skip), %d because the folded output differed (float32 at reduced precision, "
-        "TF32, or an in-place operation between them). The other %d were folded.",
+        "reads or adds to the convolution's output first (a residual skip), %d because the folded output differed "
+        "(float32 at reduced precision, TF32, or an in-place operation between them). The other %d were folded.",
         len(refused), len(refused) + len(folded), shown, rtol, by_skip, len(refused) - by_skip, len(folded),
     )
     return folded
