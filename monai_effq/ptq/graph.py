@@ -249,8 +249,10 @@ def _folds_keep_output(
     network: nn.Module, batch: torch.Tensor, reference: torch.Tensor, atol: float, pairs: list[tuple[str, str]]
 ) -> bool:
     """Fold ``pairs`` and keep them if the output on ``batch`` stays ``reference``; else undo them."""
-    folds = [_fold_pair(network, conv, bn) for conv, bn in pairs]
+    folds: list[_Fold] = []
     try:
+        for conv, bn in pairs:
+            folds.append(_fold_pair(network, conv, bn))
         if torch.allclose(network(batch), reference, atol=atol):
             return True
     except BaseException:
@@ -280,6 +282,8 @@ def _fold_checked(
     Returns:
         the folded and the refused BatchNorms' names, each in the order of ``pairs``.
     """
+    if not pairs:
+        return [], []
     if not known_to_fail and _folds_keep_output(network, batch, reference, atol, pairs):
         return [bn for _, bn in pairs], []
     if len(pairs) == 1:
@@ -291,7 +295,7 @@ def _fold_checked(
     return folded + more[0], refused + more[1]
 
 
-def _read_past_the_batchnorm(network: nn.Module, batch: torch.Tensor, pairs: list[tuple[str, str]]) -> set[str]:
+def _read_past_the_batchnorm(network: nn.Module, batch: torch.Tensor, pairs: list[tuple[str, str]]) -> set[str] | None:
     """The BatchNorms of ``pairs`` whose convolution's output a residual skip also reads or adds to.
 
     Forward hooks see modules only, not the additions a skip makes, so this reads autograd's graph
@@ -305,7 +309,8 @@ def _read_past_the_batchnorm(network: nn.Module, batch: torch.Tensor, pairs: lis
         pairs: ``(conv, batchnorm)`` names.
 
     Returns:
-        the names of those BatchNorms (empty when the output has no autograd graph).
+        the names of those BatchNorms; ``None`` when there is no graph to read (an operation autograd
+        refuses, a forward pass under ``torch.no_grad``, an integer output).
     """
     nodes: dict[str, Any] = {}
 
@@ -317,10 +322,15 @@ def _read_past_the_batchnorm(network: nn.Module, batch: torch.Tensor, pairs: lis
         for conv, bn in pairs:
             handles.append(network.get_submodule(conv).register_forward_hook(lambda m, a, o, n=conv: record(n, o)))
             handles.append(network.get_submodule(bn).register_forward_pre_hook(lambda m, a, n=bn: record(n, a[0])))
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda t: t):
-            output = network(batch.detach().requires_grad_(True))
+        try:
+            # a non-leaf input, as an in-place operation on the input would refuse a leaf that needs grad
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda t: t):
+                output = network(batch.detach().requires_grad_(True).clone())
+        except Exception as e:  # an operation autograd refuses (in place on a view): the output check decides alone
+            logger.debug("no autograd graph to read the skips from (%s: %s)", type(e).__name__, e)
+            return None
     if not isinstance(output, torch.Tensor) or output.grad_fn is None:
-        return set()
+        return None
     readers: Counter = Counter()
     seen, stack = {output.grad_fn}, [output.grad_fn]
     while stack:
@@ -360,26 +370,40 @@ def fold_batchnorm(
     """
     probe = probe or probe_network(network, batch)
     # batch statistics at inference time (no running_var): nothing fixed to fold
-    pairs = [(c, b) for c, b in probe.foldable if network.get_submodule(b).running_var is not None]
-    if not pairs:
+    pairs = [(c, b) for c, b in dict.fromkeys(probe.foldable) if network.get_submodule(b).running_var is not None]
+    # a pair seen twice (a block called twice) folds as one; a conv or BatchNorm in two different pairs (one
+    # BatchNorm after two convs) cannot fold for one call without changing the other
+    uses = Counter(name for pair in pairs for name in pair)
+    shared = [b for c, b in pairs if uses[c] > 1 or uses[b] > 1]
+    pairs = [(c, b) for c, b in pairs if uses[c] == 1 and uses[b] == 1]
+    if not pairs and not shared:
         return []
     atol = rtol * float(probe.output.abs().max().clamp_min(1e-12))
-    if _folds_keep_output(network, batch, probe.output, atol, pairs):
-        return [bn for _, bn in pairs]
-    # one graph pass finds the skips, so the usual case costs three passes instead of a search over every fold
-    skipped = _read_past_the_batchnorm(network, batch, pairs)
-    folded, refused = _fold_checked(network, batch, probe.output, atol, [p for p in pairs if p[1] not in skipped])
-    refused = list(dict.fromkeys(bn for _, bn in pairs if bn in skipped or bn in refused))  # a BatchNorm run twice has two pairs
-    by_skip = sum(bn in skipped for bn in refused)
+    if pairs and _folds_keep_output(network, batch, probe.output, atol, pairs):
+        if not shared:
+            return [bn for _, bn in pairs]
+        folded, differed, skipped, readable = [bn for _, bn in pairs], [], set(), True
+    else:
+        # one graph pass finds the skips, so the usual case costs three passes instead of a search over every fold
+        found = _read_past_the_batchnorm(network, batch, pairs) if pairs else set()
+        readable, skipped = found is not None, found or set()
+        rest = [p for p in pairs if p[1] not in skipped]
+        # with no skip found, the rest is the set that just failed: its own pass would only repeat that
+        folded, differed = _fold_checked(network, batch, probe.output, atol, rest, known_to_fail=bool(pairs) and not skipped)
+    twice = list(dict.fromkeys(shared))
+    refused = [bn for _, bn in pairs if bn in skipped or bn in differed] + twice
     shown = ", ".join(refused[:6]) + (f" and {len(refused) - 6} more" if len(refused) > 6 else "")
     # a skip's BatchNorm is the architecture (pre-activation blocks), nothing to act on; an output that
     # differs for another reason is
     logger.log(
-        logging.WARNING if len(refused) > by_skip else logging.INFO,
-        "%d of %d BatchNorm(s) stay unfolded and run in floating point after their quantized convolutions (%s): folding "
-        "them would change the network's output by more than %.0e of its largest magnitude, %d because something else "
-        "reads or adds to the convolution's output first (a residual skip), %d because the folded output differed "
-        "(float32 at reduced precision, TF32, or an in-place operation between them). The other %d were folded.",
-        len(refused), len(refused) + len(folded), shown, rtol, by_skip, len(refused) - by_skip, len(folded),
+        logging.WARNING if differed else logging.INFO,
+        "%d of %d BatchNorm(s) stay unfolded and run in floating point after their quantized convolutions (%s): %d because "
+        "something else reads or adds to the convolution's output first (a residual skip), %d because the convolution or "
+        "the BatchNorm also runs with another partner (one BatchNorm after two convolutions), %d because the folded output differed by more than "
+        "%.0e of its largest magnitude (float32 at reduced precision, TF32, or an in-place change autograd does not see)%s. "
+        "The other %d were folded.",
+        len(refused), len(refused) + len(folded), shown, len(skipped), len(twice), len(differed), rtol,
+        "" if readable else "; autograd's graph of the network could not be read, so skips were not told apart",
+        len(folded),
     )
     return folded

@@ -241,6 +241,52 @@ def test_a_fold_that_only_the_output_check_catches_is_found_by_halving_and_undon
         torch.testing.assert_close(net(x), reference, atol=1e-5, rtol=1e-5)
 
 
+class _SharedModules(nn.Module):
+    """One conv+BatchNorm block called twice, and one BatchNorm after two convolutions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv3d(4, 4, 3, padding=1), nn.BatchNorm3d(4)
+        self.left, self.right, self.shared_bn = nn.Conv3d(1, 4, 3, padding=1), nn.Conv3d(1, 4, 1), nn.BatchNorm3d(4)
+
+    def forward(self, x):
+        y = self.shared_bn(self.left(x)) + self.shared_bn(self.right(x))
+        return self.bn(self.conv(torch.relu(self.bn(self.conv(y)))))
+
+
+def test_a_block_called_twice_folds_and_a_batchnorm_after_two_convolutions_does_not(caplog):
+    from monai_effq.ptq.graph import fold_batchnorm
+
+    torch.manual_seed(0)
+    net = _SharedModules().eval()
+    with torch.no_grad():
+        for bn in (net.bn, net.shared_bn):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(1, 1, 6, 6, 6)
+    with torch.no_grad():
+        reference = net(x)
+    with caplog.at_level("INFO", logger="monai_effq"):
+        assert fold_batchnorm(net, x) == ["bn"]
+    assert "(shared_bn)" in caplog.text and "1 because the convolution or the BatchNorm also runs with another partner" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_a_network_whose_output_varies_from_pass_to_pass_keeps_every_batchnorm_and_says_so(caplog):
+    from monai_effq.ptq.graph import fold_batchnorm
+
+    class Stochastic(_SkipAroundBatchNorm):
+        def forward(self, x):
+            return torch.nn.functional.dropout(super().forward(x), 0.5, training=True)
+
+    torch.manual_seed(0)
+    net = Stochastic().eval()
+    with caplog.at_level("INFO", logger="monai_effq"):
+        assert fold_batchnorm(net, torch.randn(1, 2, 6, 6, 6)) == []  # ends, though no check can pass
+    assert isinstance(net.bn, nn.BatchNorm3d) and "1 of 1 BatchNorm(s) stay unfolded" in caplog.text
+
+
 def test_a_batchnorm_without_running_statistics_is_not_folded():
     from monai_effq.ptq.graph import fold_batchnorm
 
