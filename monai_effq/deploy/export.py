@@ -13,8 +13,9 @@ through torch's current exporter (``torch.onnx.export(..., dynamo=True)``, ``tor
 onnxscript): the form dequantizes integer weight buffers with the ``quantized_decomposed``
 operators, so the graph stores the integers as they are. The TorchScript exporter (deprecated since
 torch 2.9) remains where a measured reason does: opsets below 18, which the new exporter does not
-write, and TensorRT's build (:mod:`monai_effq.deploy.tensorrt`, MONAI's ``trt_compile`` exports with
-it); there the form uses PyTorch's fake-quantize operators and :func:`fold_weight_quantization`
+write, TensorRT's build (:mod:`monai_effq.deploy.tensorrt`, MONAI's ``trt_compile`` exports with
+it), and networks ``torch.export`` cannot capture (Python branches on a tensor's value, as DiNTS
+has), which are traced with their spatial axes fixed; there the form uses PyTorch's fake-quantize operators and :func:`fold_weight_quantization`
 applies the weights' ``QuantizeLinear`` nodes offline, followed by :func:`drop_initializer_identities`.
 """
 
@@ -81,6 +82,7 @@ __all__ = [
     "DEPLOY_EXTRA",
     "DYNAMO_MIN_OPSET",
     "EXAMPLE_SPATIAL_KEY",
+    "FIXED_BY_NETWORK_KEY",
     "EXPORTERS",
     "EXPORT_OPTIONS_KEY",
     "QdqLayer",
@@ -117,6 +119,9 @@ SOURCE_FINGERPRINT_KEY = "monai_effq.checkpoint_fingerprint"
 # graph depends on its input size (SwinUNETR's window partition) runs at that size only, and the
 # runtimes name it when another size fails
 EXAMPLE_SPATIAL_KEY = "monai_effq.example_spatial_size"
+# metadata_props key present when the network's graph forced fixed spatial axes on a file asked to keep them
+# dynamic (UNETR, a traced DiNTS), so that runtime_network does not export it again in the hope of dynamic ones
+FIXED_BY_NETWORK_KEY = "monai_effq.spatial_axes_fixed_by_network"
 
 
 def spatial_size_label(spatial: Sequence[int]) -> str:
@@ -546,9 +551,8 @@ def _one_line(error: BaseException) -> str:
     lines = [line.strip(" -") for line in str(error).splitlines() if line.strip(" -")]
     if not lines:
         return type(error).__name__
-    if lines[0].endswith(":") and len(lines) > 1:
-        return f"{lines[0]} {lines[1]}"
-    return lines[0]
+    line = f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return line.rstrip(". ")  # it sits inside the caller's sentence
 
 
 def _export_with_torchscript(form: nn.Module, x: torch.Tensor, opset: int, axes: dict[int, str]):  # noqa: ANN202
@@ -578,12 +582,13 @@ def layers_off_the_output(network: nn.Module, example_input: torch.Tensor) -> li
     run when an exported graph holds fewer integer weights than expected.
 
     Args:
-        network: the fake-quant network (its train/eval mode is restored afterwards).
+        network: the fake-quant network (each module's train/eval mode is restored afterwards).
         example_input: an input it accepts.
 
     Returns:
-        their dotted names, in the order they first ran; empty when the output has no autograd graph
-        (an integer output such as an argmax), as nothing can then be told.
+        their dotted names, in the order they first ran; empty when there is no autograd graph to
+        read (an integer output such as an argmax, an operation autograd refuses), as nothing can
+        then be told.
     """
     produced: dict[str, list] = {}
 
@@ -596,14 +601,19 @@ def layers_off_the_output(network: nn.Module, example_input: torch.Tensor) -> li
         if isinstance(module, QuantizedLayer)
     ]
     device = next((p.device for p in network.parameters()), example_input.device)
-    training = network.training
+    modes = {m: m.training for m in network.modules()}
     try:
         network.eval()
-        # the graph's nodes are all this needs: saving no tensors for a backward pass keeps memory at inference level
+        # the graph's nodes are all this needs: saving no tensors for a backward pass keeps memory at inference
+        # level; a non-leaf input, as an in-place operation on the input would refuse a leaf that needs grad
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda t: t):
-            result = network(example_input.detach().to(device).requires_grad_(True))
+            result = network(example_input.detach().to(device).requires_grad_(True).clone())
+    except Exception as e:  # an operation autograd refuses (in place on a view): nothing can be told
+        logger.debug("layers_off_the_output: no autograd graph (%s: %s)", type(e).__name__, e)
+        return []
     finally:
-        network.train(training)
+        for module, training in modes.items():
+            module.train(training)
         for handle in handles:
             handle.remove()
     root = result.grad_fn if isinstance(result, torch.Tensor) else None
@@ -659,7 +669,10 @@ def export_onnx(
             alone dynamic, the brats_effq SegResNet exports 1.9x faster on a 2-core AMD EPYC,
             ``benchmarks/export.py``) and suit a file that always runs at one window size, as
             :func:`~monai_effq.deploy.runtime_network` writes it; the runtime networks refuse
-            other sizes for such a file (OpenVINO would reshape it and compute wrong output).
+            other sizes for such a file (OpenVINO would reshape it and compute wrong output). A
+            network whose graph fixes its input size (UNETR) or that torch.export cannot capture
+            (DiNTS, then traced) gets fixed spatial axes all the same, with a warning, and
+            :data:`FIXED_BY_NETWORK_KEY` in the file's metadata.
         dynamic_batch: export the batch axis as dynamic (``None``: as ``dynamic_spatial``).
         require_quantized: refuse a network without quantized layers (set ``False`` to export an
             FP baseline through the same path).
@@ -749,9 +762,10 @@ def export_onnx(
         else:
             folded = count_integer_weights(proto)
             if captured != axes:
+                axes = captured
                 shape = "x".join("?" if a in captured else str(s) for a, s in enumerate(example_input.shape))
                 warnings.warn(
-                    f"the network's graph fixes the size of its input, as UNETR's position embeddings do ({reason}), so "
+                    f"the network's graph fixes the size of its input ({reason}; UNETR's position embeddings do), so "
                     f"the file runs inputs of shape {shape} only (? marks a dynamic axis).",
                     stacklevel=2,
                 )
@@ -775,6 +789,8 @@ def export_onnx(
     }
     if source_fingerprint is not None:
         props[SOURCE_FINGERPRINT_KEY] = source_fingerprint
+    if dynamic_spatial and not any(axis >= 2 for axis in axes):
+        props[FIXED_BY_NETWORK_KEY] = "1"
     onnx.helper.set_model_props(proto, props)
     if folded != n_quantized:
         unused = layers_off_the_output(network, example_input)

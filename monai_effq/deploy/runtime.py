@@ -28,6 +28,7 @@ from monai_effq.deploy.tensorrt import tensorrt_network
 from monai_effq.deploy.export import (
     EXAMPLE_SPATIAL_KEY,
     EXPORT_OPTIONS_KEY,
+    FIXED_BY_NETWORK_KEY,
     REDUCED_WEIGHT_RANGE,
     SOURCE_FINGERPRINT_KEY,
     export_onnx,
@@ -596,7 +597,8 @@ def runtime_network(
         # a window-attention graph runs at its example's size only (_RuntimeNetwork._size_mismatch)
         size = None if example_shape is None else spatial_size_label(list(example_shape)[2:])
         resized = size is not None and metadata.get(EXAMPLE_SPATIAL_KEY, size) != size
-        resized = resized or (not fixed_window and _spatial_axes_fixed(onnx_path))
+        # a network that fixes its own size (UNETR, a traced DiNTS) gets a fixed file however often it is exported
+        resized = resized or (not fixed_window and _spatial_axes_fixed(onnx_path) and FIXED_BY_NETWORK_KEY not in metadata)
         if stale or resized or (group_norm is not None and recorded.get("group_norm", group_norm) != group_norm):
             if network is None or example_shape is None:
                 raise ValueError("exporting a quantized checkpoint needs the FP `network` and an `example_shape`.")

@@ -156,6 +156,22 @@ def test_a_layer_the_output_does_not_depend_on_is_left_out_of_the_file_and_named
     assert torch.allclose(OnnxRuntimeNetwork(path, optimize=False)(x), expected, atol=1e-4, rtol=1e-4)
 
 
+def test_runtime_network_does_not_export_again_a_file_whose_network_fixes_its_size(tmp_path, monkeypatch):
+    import monai_effq.deploy.runtime as runtime
+
+    torch.manual_seed(0)
+    net, x = _PositionEmbedding().eval(), torch.rand(1, 1, 8, 8, 8)
+    result = monai_effq.quantize(net, x, monai_effq.EfficientQConfig(method="rtn", attention=False), progress=False)
+    ckpt = monai_effq.save_quantized(result, tmp_path / "pos.pt")
+    exports = []
+    monkeypatch.setattr(runtime, "export_onnx", lambda *a, **k: exports.append(a) or export_onnx(*a, **k))
+    # whole volumes asked for: dynamic axes wanted, which this network cannot have
+    with pytest.warns(UserWarning, match="fixes the size of its input"):
+        runtime.runtime_network("onnxruntime", tmp_path / "pos.onnx", ckpt, _PositionEmbedding(), (1, 1, 8, 8, 8), fixed_window=False)
+    runtime.runtime_network("onnxruntime", tmp_path / "pos.onnx", ckpt, _PositionEmbedding(), (1, 1, 8, 8, 8), fixed_window=False)
+    assert len(exports) == 1
+
+
 class _BranchOnBuffer(torch.nn.Module):
     """Python control flow on a buffer's value, as MONAI's DiNTS does on its architecture code."""
 
@@ -205,7 +221,7 @@ def test_a_network_whose_graph_fixes_its_input_size_is_exported_with_fixed_spati
     torch.manual_seed(0)
     net, x = _PositionEmbedding().eval(), torch.rand(1, 1, 8, 8, 8)
     result = monai_effq.quantize(net, x, monai_effq.EfficientQConfig(method="rtn", attention=False), progress=False)
-    with pytest.warns(UserWarning, match=r"fixes the size of its input, .* runs inputs of shape \?x1x8x8x8 only"):
+    with pytest.warns(UserWarning, match=r"fixes the size of its input \(.+\), so the file runs inputs of shape \?x1x8x8x8 only"):
         path = export_onnx(result, tmp_path / "pos.onnx", x)
     runtime, y = OnnxRuntimeNetwork(path, optimize=False), torch.rand(3, 1, 8, 8, 8)  # the batch axis stays dynamic
     with torch.no_grad():
