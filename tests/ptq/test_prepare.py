@@ -157,6 +157,23 @@ def test_a_fold_that_would_change_the_output_is_undone_and_nothing_is_folded(cap
         assert torch.equal(net(x), reference)
 
 
+def _fold_keeping_output(net: nn.Module, x: torch.Tensor, caplog) -> list[str]:
+    """``fold_batchnorm`` on ``net`` with every BatchNorm's statistics drawn; the output must not change."""
+    from monai_effq.ptq.graph import fold_batchnorm
+
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+        reference = net(x)
+    with caplog.at_level("INFO", logger="monai_effq"):
+        folded = fold_batchnorm(net, x)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), reference, atol=1e-5, rtol=1e-5)
+    return folded
+
+
 class _ResidualBlocks(nn.Module):
     """Pre-activation residual blocks as in MONAI's SegResNetDS: each block's first BatchNorm reads the
     output of the convolution before the block, which the skip add reads too; its second one reads
@@ -178,27 +195,15 @@ class _ResidualBlocks(nn.Module):
 
 
 def test_only_the_folds_that_would_change_the_output_are_undone_and_they_are_named(caplog):
-    from monai_effq.ptq.graph import fold_batchnorm
-
     torch.manual_seed(0)
     net = _ResidualBlocks().eval()
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm3d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
     x, stem_weight = torch.randn(1, 1, 6, 6, 6), net.stem.weight.detach().clone()
-    with torch.no_grad():
-        reference = net(x)
     assert find_foldable_batchnorms(net, x) == [("stem", "blocks.0.norm1"), ("blocks.0.conv1", "blocks.0.norm2"),
                                                 ("blocks.1.conv1", "blocks.1.norm2"), ("blocks.2.conv1", "blocks.2.norm2")]
-    with caplog.at_level("INFO", logger="monai_effq"):
-        assert fold_batchnorm(net, x) == ["blocks.0.norm2", "blocks.1.norm2", "blocks.2.norm2"]
+    assert _fold_keeping_output(net, x, caplog) == ["blocks.0.norm2", "blocks.1.norm2", "blocks.2.norm2"]
     assert "1 of 4 BatchNorm(s) stay unfolded and run in floating point after their quantized convolutions (blocks.0.norm1)" in caplog.text
     assert "1 because something else reads or adds" in caplog.text and "The other 3 were folded" in caplog.text
     assert isinstance(net.blocks[0]["norm1"], nn.BatchNorm3d) and torch.equal(net.stem.weight, stem_weight)
-    with torch.no_grad():
-        torch.testing.assert_close(net(x), reference, atol=1e-5, rtol=1e-5)
 
 
 class _InPlaceBetween(nn.Module):
@@ -220,25 +225,13 @@ class _InPlaceBetween(nn.Module):
 
 
 def test_a_fold_that_only_the_output_check_catches_is_found_by_halving_and_undone(caplog):
-    from monai_effq.ptq.graph import fold_batchnorm
-
     torch.manual_seed(0)
-    net = _InPlaceBetween().eval()
-    with torch.no_grad():
-        for bn in (net.bn_a, net.bn_b):
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-    x = torch.randn(1, 1, 6, 6, 6)
-    with torch.no_grad():
-        reference = net(x)
+    net, x = _InPlaceBetween().eval(), torch.randn(1, 1, 6, 6, 6)
     assert find_foldable_batchnorms(net, x) == [("conv_a", "bn_a"), ("conv_b", "bn_b")]  # the bad one last
-    with caplog.at_level("WARNING", logger="monai_effq"):
-        assert fold_batchnorm(net, x) == ["bn_a"]
+    assert _fold_keeping_output(net, x, caplog) == ["bn_a"]
     assert "(bn_b)" in caplog.text and "0 because something else reads" in caplog.text and "1 because the folded output differed" in caplog.text
     assert [r.levelname for r in caplog.records if "stay unfolded" in r.getMessage()] == ["WARNING"]  # unexpected: said loudly
     assert isinstance(net.bn_b, nn.BatchNorm3d) and isinstance(net.bn_a, nn.Identity)
-    with torch.no_grad():
-        torch.testing.assert_close(net(x), reference, atol=1e-5, rtol=1e-5)
 
 
 class _SharedModules(nn.Module):
@@ -255,22 +248,9 @@ class _SharedModules(nn.Module):
 
 
 def test_a_block_called_twice_folds_and_a_batchnorm_after_two_convolutions_does_not(caplog):
-    from monai_effq.ptq.graph import fold_batchnorm
-
     torch.manual_seed(0)
-    net = _SharedModules().eval()
-    with torch.no_grad():
-        for bn in (net.bn, net.shared_bn):
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-    x = torch.randn(1, 1, 6, 6, 6)
-    with torch.no_grad():
-        reference = net(x)
-    with caplog.at_level("INFO", logger="monai_effq"):
-        assert fold_batchnorm(net, x) == ["bn"]
+    assert _fold_keeping_output(_SharedModules().eval(), torch.randn(1, 1, 6, 6, 6), caplog) == ["bn"]
     assert "(shared_bn)" in caplog.text and "1 because the convolution or the BatchNorm also runs with another partner" in caplog.text
-    with torch.no_grad():
-        torch.testing.assert_close(net(x), reference, atol=1e-5, rtol=1e-5)
 
 
 def test_a_network_whose_output_varies_from_pass_to_pass_keeps_every_batchnorm_and_says_so(caplog):
