@@ -43,7 +43,7 @@ from monai_effq.deploy.containers import INT4_MIN_OPSET, WEIGHT_CONTAINERS, pack
 from monai_effq.deploy.empty_scatters import drop_empty_scatters
 from monai_effq.deploy.norms import GROUP_NORM_FORMS, channel_stats_norms
 from monai_effq.ptq.checkpoint import result_fingerprint
-from monai_effq.ptq.graph import set_submodule
+from monai_effq.ptq.graph import forward_graph, graph_readers, set_submodule
 from monai_effq.ptq.modules import (
     SHARED_INPUT_QUANTIZER,
     ActivationQuantizer,
@@ -578,8 +578,8 @@ def layers_off_the_output(network: nn.Module, example_input: torch.Tensor) -> li
 
     MONAI's ``DynUNet(deep_supervision=True)`` runs its supervision heads in eval mode too and drops
     their outputs; the exporters prune such layers. Found from autograd's graph of one forward pass
-    in eval mode that keeps no activations (so it needs inference memory, not training memory); only
-    run when an exported graph holds fewer integer weights than expected.
+    in eval mode (:func:`~monai_effq.ptq.graph.forward_graph`, inference memory); only run when an
+    exported graph holds fewer integer weights than expected.
 
     Args:
         network: the fake-quant network (each module's train/eval mode is restored afterwards).
@@ -603,28 +603,15 @@ def layers_off_the_output(network: nn.Module, example_input: torch.Tensor) -> li
     device = next((p.device for p in network.parameters()), example_input.device)
     modes = {m: m.training for m in network.modules()}
     try:
-        network.eval()
-        # the graph's nodes are all this needs: saving no tensors for a backward pass keeps memory at inference
-        # level; a non-leaf input, as an in-place operation on the input would refuse a leaf that needs grad
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda t: t):
-            result = network(example_input.detach().to(device).requires_grad_(True).clone())
-    except Exception as e:  # an operation autograd refuses (in place on a view): nothing can be told
-        logger.debug("layers_off_the_output: no autograd graph (%s: %s)", type(e).__name__, e)
-        return []
+        output = forward_graph(network.eval(), example_input.to(device))
     finally:
         for module, training in modes.items():
             module.train(training)
         for handle in handles:
             handle.remove()
-    root = result.grad_fn if isinstance(result, torch.Tensor) else None
-    if root is None:
+    if output is None:
         return []
-    reached, stack = {root}, [root]
-    while stack:
-        for node, _ in stack.pop().next_functions:
-            if node is not None and node not in reached:
-                reached.add(node)
-                stack.append(node)
+    reached = graph_readers(output)
     # an output without a graph node (not derived from the input) cannot be told apart: it counts as used
     return [n for n, nodes in produced.items() if all(g is not None and g not in reached for g in nodes)]
 

@@ -27,6 +27,8 @@ __all__ = [
     "execution_order",
     "find_foldable_batchnorms",
     "fold_batchnorm",
+    "forward_graph",
+    "graph_readers",
     "probe_network",
     "set_submodule",
     "hooks",
@@ -295,13 +297,58 @@ def _fold_checked(
     return folded + more[0], refused + more[1]
 
 
+def forward_graph(network: nn.Module, batch: torch.Tensor) -> torch.Tensor | None:
+    """``network``'s output on ``batch`` with autograd's graph recorded but no tensors saved for a backward pass.
+
+    The graph's nodes tell which operations read which results (forward hooks see modules only, not
+    the additions a residual skip makes), at the memory of an inference pass. Run hooks around it
+    to catch the nodes of the tensors of interest (``tensor.grad_fn``).
+
+    Args:
+        network: the network (in the mode it is to be read in).
+        batch: an input it accepts; a non-leaf copy that requires grad is what runs, as an in-place
+            operation on the input would refuse a leaf.
+
+    Returns:
+        the output, or ``None`` when there is no graph to read: an operation autograd refuses (in
+        place on a view), a forward pass under ``torch.no_grad``, an output that is not a tensor or
+        has no graph (an argmax).
+    """
+    try:
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda t: t):
+            output = network(batch.detach().requires_grad_(True).clone())
+    except Exception as e:  # the callers' numerical checks then decide alone
+        logger.debug("no autograd graph to read (%s: %s)", type(e).__name__, e)
+        return None
+    return output if isinstance(output, torch.Tensor) and output.grad_fn is not None else None
+
+
+def graph_readers(output: torch.Tensor) -> Counter:
+    """How many operations read each autograd node that ``output`` depends on (its own node read once).
+
+    Args:
+        output: a tensor from :func:`forward_graph`.
+
+    Returns:
+        node -> readers, for every node reachable from ``output.grad_fn``.
+    """
+    readers: Counter = Counter({output.grad_fn: 1})
+    stack = [output.grad_fn]
+    while stack:
+        for node, _ in stack.pop().next_functions:
+            if node is not None:
+                readers[node] += 1
+                if readers[node] == 1:
+                    stack.append(node)
+    return readers
+
+
 def _read_past_the_batchnorm(network: nn.Module, batch: torch.Tensor, pairs: list[tuple[str, str]]) -> set[str] | None:
     """The BatchNorms of ``pairs`` whose convolution's output a residual skip also reads or adds to.
 
-    Forward hooks see modules only, not the additions a skip makes, so this reads autograd's graph
-    of one forward pass that keeps no activations: a convolution whose graph node two operations
-    read, or whose output tensor was added to in place before the BatchNorm read it, cannot take
-    its BatchNorm.
+    Read from autograd's graph of one forward pass (:func:`forward_graph`): a convolution whose graph
+    node two operations read, or whose output tensor was added to in place before the BatchNorm read
+    it, cannot take its BatchNorm.
 
     Args:
         network: the network, in eval mode.
@@ -309,8 +356,7 @@ def _read_past_the_batchnorm(network: nn.Module, batch: torch.Tensor, pairs: lis
         pairs: ``(conv, batchnorm)`` names.
 
     Returns:
-        the names of those BatchNorms; ``None`` when there is no graph to read (an operation autograd
-        refuses, a forward pass under ``torch.no_grad``, an integer output).
+        the names of those BatchNorms; ``None`` when there is no graph to read.
     """
     nodes: dict[str, Any] = {}
 
@@ -322,24 +368,10 @@ def _read_past_the_batchnorm(network: nn.Module, batch: torch.Tensor, pairs: lis
         for conv, bn in pairs:
             handles.append(network.get_submodule(conv).register_forward_hook(lambda m, a, o, n=conv: record(n, o)))
             handles.append(network.get_submodule(bn).register_forward_pre_hook(lambda m, a, n=bn: record(n, a[0])))
-        try:
-            # a non-leaf input, as an in-place operation on the input would refuse a leaf that needs grad
-            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda t: t):
-                output = network(batch.detach().requires_grad_(True).clone())
-        except Exception as e:  # an operation autograd refuses (in place on a view): the output check decides alone
-            logger.debug("no autograd graph to read the skips from (%s: %s)", type(e).__name__, e)
-            return None
-    if not isinstance(output, torch.Tensor) or output.grad_fn is None:
+        output = forward_graph(network, batch)
+    if output is None:
         return None
-    readers: Counter = Counter()
-    seen, stack = {output.grad_fn}, [output.grad_fn]
-    while stack:
-        for node, _ in stack.pop().next_functions:
-            if node is not None:
-                readers[node] += 1
-                if node not in seen:
-                    seen.add(node)
-                    stack.append(node)
+    readers = graph_readers(output)
     # the BatchNorm must read the convolution's own result (an in-place add in between, as in SegResNetDS's
     # `x += identity`, gives the same tensor another node), and nothing else may read that result
     return {
@@ -356,7 +388,8 @@ def fold_batchnorm(
 
     Each folded BatchNorm becomes ``nn.Identity``. The output on ``batch`` is checked to be
     unchanged; a fold that changes it (the convolution's output also feeds a skip path past the
-    BatchNorm) is undone and named in a warning, and the other folds stay.
+    BatchNorm) is undone and named in the log (a warning unless a skip explains it), and the other
+    folds stay.
 
     Args:
         network: the network, in eval mode.
@@ -398,10 +431,10 @@ def fold_batchnorm(
     logger.log(
         logging.WARNING if differed else logging.INFO,
         "%d of %d BatchNorm(s) stay unfolded and run in floating point after their quantized convolutions (%s): %d because "
-        "something else reads or adds to the convolution's output first (a residual skip), %d because the convolution or "
-        "the BatchNorm also runs with another partner (one BatchNorm after two convolutions), %d because the folded output differed by more than "
-        "%.0e of its largest magnitude (float32 at reduced precision, TF32, or an in-place change autograd does not see)%s. "
-        "The other %d were folded.",
+        "something else reads or adds to the convolution's output first (a residual skip), %d because the convolution "
+        "or the BatchNorm also runs with another partner (one BatchNorm after two convolutions), %d because the folded "
+        "output differed by more than %.0e of its largest magnitude (float32 at reduced precision, TF32, or an in-place "
+        "change autograd does not see)%s. The other %d were folded.",
         len(refused), len(refused) + len(folded), shown, len(skipped), len(twice), len(differed), rtol,
         "" if readable else "; autograd's graph of the network could not be read, so skips were not told apart",
         len(folded),
