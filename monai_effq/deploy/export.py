@@ -15,7 +15,8 @@ operators, so the graph stores the integers as they are. The TorchScript exporte
 torch 2.9) remains where a measured reason does: opsets below 18, which the new exporter does not
 write, TensorRT's build (:mod:`monai_effq.deploy.tensorrt`, MONAI's ``trt_compile`` exports with
 it), and networks ``torch.export`` cannot capture (Python branches on a tensor's value, as DiNTS
-has), which are traced with their spatial axes fixed; there the form uses PyTorch's fake-quantize operators and :func:`fold_weight_quantization`
+has), which are traced with their spatial axes fixed; there the form uses PyTorch's fake-quantize
+operators and :func:`fold_weight_quantization`
 applies the weights' ``QuantizeLinear`` nodes offline, followed by :func:`drop_initializer_identities`.
 """
 
@@ -546,6 +547,11 @@ def _export_with_fewest_fixed_axes(form: nn.Module, x: torch.Tensor, opset: int,
     return None, axes, reason
 
 
+def _shape_label(example_input: torch.Tensor, axes: dict[int, str]) -> str:
+    """The input shape a file runs, ``?`` on its dynamic ``axes`` (``"?x1x32x32x32"``)."""
+    return "x".join("?" if axis in axes else str(size) for axis, size in enumerate(example_input.shape))
+
+
 def _one_line(error: BaseException) -> str:
     """An exception's message in one line: its first line, with the first item when that line introduces a list."""
     lines = [line.strip(" -") for line in str(error).splitlines() if line.strip(" -")]
@@ -737,11 +743,10 @@ def export_onnx(
         if proto is None:
             # a trace records the sizes it computes with as constants, so its spatial axes are fixed
             axes = {axis: name for axis, name in axes.items() if axis < 2}
-            shape = "x".join("?" if a in axes else str(s) for a, s in enumerate(example_input.shape))
             warnings.warn(
                 f"torch.export cannot capture this network ({reason}), so it is traced with PyTorch's TorchScript "
                 f"exporter instead, which records the branches the example input takes; the file runs inputs of "
-                f"shape {shape} only (? marks a dynamic axis).",
+                f"shape {_shape_label(example_input, axes)} only (? marks a dynamic axis).",
                 stacklevel=2,
             )
             exporter = "torchscript"
@@ -750,10 +755,9 @@ def export_onnx(
             folded = count_integer_weights(proto)
             if captured != axes:
                 axes = captured
-                shape = "x".join("?" if a in captured else str(s) for a, s in enumerate(example_input.shape))
                 warnings.warn(
                     f"the network's graph fixes the size of its input ({reason}; UNETR's position embeddings do), so "
-                    f"the file runs inputs of shape {shape} only (? marks a dynamic axis).",
+                    f"the file runs inputs of shape {_shape_label(example_input, axes)} only (? marks a dynamic axis).",
                     stacklevel=2,
                 )
     if exporter == "torchscript":
