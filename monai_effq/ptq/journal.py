@@ -162,10 +162,12 @@ class QuantizationJournal:
         )
 
 
-def remove_journal(path: str | os.PathLike) -> None:
+def remove_journal(path: str | os.PathLike | None) -> None:
     """Delete a journal folder once its run's output is safely written (nothing happens if it is absent).
 
     Args:
-        path: the journal folder.
+        path: the journal folder; ``None`` (a run that kept no journal) does nothing.
     """
-    shutil.rmtree(path, ignore_errors=True)
+    # rmtree(None, ignore_errors=True) is a no-op up to Python 3.12 and a TypeError from 3.13
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)

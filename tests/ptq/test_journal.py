@@ -14,6 +14,7 @@ from monai.networks.nets import UNet
 
 from monai_effq import EfficientQConfig, quantize
 from monai_effq.ptq import QuantizedLayer
+from monai_effq.ptq.journal import remove_journal
 
 from .conftest import sphere_volumes
 
@@ -169,3 +170,11 @@ def test_a_damaged_manifest_discards_the_journal_and_the_run_starts_afresh(small
     assert not any("already finished" in r.getMessage() for r in caplog.records)
     assert all(torch.equal(a, b) for a, b in zip(_codes(first), _codes(again)))
     assert json.loads((tmp_path / "j" / "manifest.json").read_text())["format"]  # written whole again
+
+
+def test_removing_the_journal_of_a_run_that_kept_none_does_nothing(tmp_path):
+    (tmp_path / "j").mkdir()
+    remove_journal(None)  # a TypeError from shutil on Python 3.13, which crashed rank 0 of a torchrun quantize
+    remove_journal(tmp_path / "absent")
+    remove_journal(tmp_path / "j")
+    assert not (tmp_path / "j").exists()
