@@ -401,13 +401,22 @@ def compact_names(model) -> None:  # noqa: ANN001 - onnx.ModelProto
             if name and name not in keep:
                 rename.setdefault(name, f"t{len(rename)}")
                 node.output[i] = rename[name]
+    _rename_inputs(graph, rename)
+    for info in list(graph.value_info):
+        if info.name in rename:
+            info.name = rename[info.name]
+
+
+def _rename_inputs(graph, rename: dict[str, str]) -> None:  # noqa: ANN001 - onnx.GraphProto
+    """Rename what ``graph``'s nodes read, also inside their subgraphs (an ``If`` branch of a traced
+    network reads tensors of the graph around it by name)."""
     for node in graph.node:
         for i, name in enumerate(node.input):
             if name in rename:
                 node.input[i] = rename[name]
-    for info in list(graph.value_info):
-        if info.name in rename:
-            info.name = rename[info.name]
+        for attr in node.attribute:
+            for sub in (attr.g,) if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                _rename_inputs(sub, rename)
 
 
 def fold_weight_quantization(model) -> int:  # noqa: ANN001 - onnx.ModelProto

@@ -30,7 +30,8 @@ def _scatter_into_empty_slice(updates_shape: list[int], start: int = 3) -> "onnx
         nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", 3])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", None])], inits,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    # IR version 10, what opset 21 needs: newer onnx writes a newer one by default, which older ONNX Runtimes refuse
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
 
 
 def _run_onnxruntime(model, x: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ from onnx import numpy_helper
 
 import monai_effq
 from monai_effq.deploy import OnnxRuntimeNetwork, export_onnx, widest_int8_weight
-from monai_effq.deploy.export import layers_off_the_output
+from monai_effq.deploy.export import compact_names, layers_off_the_output
 from monai_effq.ptq import QuantizedLayer
 from monai_effq.utils.errors import UserInputError
 
@@ -246,3 +246,33 @@ def test_torchs_current_exporter_writes_the_graph_the_torchscript_exporter_wrote
     torch.testing.assert_close(
         OnnxRuntimeNetwork(current, optimize=False)(x), OnnxRuntimeNetwork(legacy, optimize=False)(x), atol=1e-6, rtol=1e-5
     )
+
+
+def test_short_names_reach_the_tensors_an_if_branch_reads_from_the_graph_around_it():
+    """A traced network's ``If`` branches read outer tensors by name (SwinUNETR on torch 2.11, traced)."""
+    from onnx import TensorProto, helper
+
+    ort = pytest.importorskip("onnxruntime")
+    branch = helper.make_graph(
+        [helper.make_node("Neg", ["/scoped/doubled"], ["negated"])], "then", [], [helper.make_tensor_value_info("negated", TensorProto.FLOAT, [2])]
+    )
+    passthrough = helper.make_graph(
+        [helper.make_node("Identity", ["/scoped/doubled"], ["kept"])], "else", [], [helper.make_tensor_value_info("kept", TensorProto.FLOAT, [2])]
+    )
+    nodes = [
+        helper.make_node("Add", ["x", "x"], ["/scoped/doubled"]),
+        helper.make_node("ReduceSum", ["x"], ["/scoped/sum"], keepdims=0),
+        helper.make_node("Greater", ["/scoped/sum", "zero"], ["/scoped/positive"]),
+        helper.make_node("If", ["/scoped/positive"], ["y"], then_branch=branch, else_branch=passthrough),
+    ]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    compact_names(model)
+    onnx.checker.check_model(model, full_check=True)
+    assert not any(name.startswith("/scoped") for node in model.graph.node for name in [*node.input, *node.output])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for x, y in (([1.0, 2.0], [-2.0, -4.0]), ([-1.0, -2.0], [-2.0, -4.0])):
+        assert session.run(None, {"x": np.array(x, np.float32)})[0].tolist() == y
