@@ -18,7 +18,7 @@ from monai_effq.utils.errors import UserInputError
 
 
 def _evaluator(net, batches):
-    return SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=batches, network=net)
+    return SupervisedEvaluator(device=torch.device("cpu"), val_data_loader=batches, epoch_length=len(batches), network=net)
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ def _discrete() -> Compose:
 def _evaluator(network, reference, batches, **kwargs) -> SupervisedEvaluator:
     inferer = SlidingWindowInferer((8, 8, 8), sw_batch_size=2, overlap=0.25)
     evaluator = SupervisedEvaluator(
-        device=torch.device("cpu"), val_data_loader=batches, network=network, inferer=inferer, postprocessing=_discrete(),
+        device=torch.device("cpu"), val_data_loader=batches, epoch_length=len(batches), network=network, inferer=inferer, postprocessing=_discrete(),
         key_val_metric={"fp_agreement": MeanDice(include_background=False, output_transform=from_engine(["pred", REFERENCE_KEY]))},
         **kwargs,
     )
@@ -66,7 +66,7 @@ def test_the_agreement_is_the_dice_of_the_two_networks_labels(net, batches):
 
 def test_the_comparison_table_gets_the_agreement_column_of_the_evaluators_that_measured_it(net, batches, tmp_path):
     plain = SupervisedEvaluator(
-        device=torch.device("cpu"), val_data_loader=batches, network=net, postprocessing=_discrete(),
+        device=torch.device("cpu"), val_data_loader=batches, epoch_length=len(batches), network=net, postprocessing=_discrete(),
         key_val_metric={"mean_dice": MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))},
         additional_metrics={"dice": MeanDice(include_background=False, reduction="mean_batch", output_transform=from_engine(["pred", "label"]))},
     )
@@ -91,7 +91,7 @@ def test_a_zoo_style_postprocessing_that_also_one_hots_the_label_serves_the_refe
     both = Compose([AsDiscreted(keys=["pred", "label"], argmax=[True, False], to_onehot=3)])
     inferer = SlidingWindowInferer((8, 8, 8), sw_batch_size=2, overlap=0.25)
     evaluator = SupervisedEvaluator(
-        device=torch.device("cpu"), val_data_loader=batches, network=net, inferer=inferer, postprocessing=both,
+        device=torch.device("cpu"), val_data_loader=batches, epoch_length=len(batches), network=net, inferer=inferer, postprocessing=both,
         key_val_metric={"fp_agreement": MeanDice(include_background=False, output_transform=from_engine(["pred", REFERENCE_KEY]))},
         additional_metrics={"dice": MeanDice(include_background=True, output_transform=from_engine(["pred", "label"]))},
         val_handlers=[ReferencePrediction(copy.deepcopy(net), inferer, both)],

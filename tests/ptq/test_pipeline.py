@@ -1,3 +1,5 @@
+import inspect
+
 import pytest
 import torch
 import torch.nn as nn
@@ -225,7 +227,9 @@ def test_linear_layers_on_attention_windows_are_solved_as_on_each_calibration_wi
 def test_swin_unetr_is_quantized_close_to_full_precision_at_w8a8():
     # window attention (its linear layers on attention windows) and shifted windows; 64^3 is its smallest input
     torch.manual_seed(0)
-    net = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, spatial_dims=3).eval()
+    # MONAI 1.4 needs the input size, which later releases dropped
+    sized = {"img_size": (64, 64, 64)} if "img_size" in inspect.signature(SwinUNETR).parameters else {}
+    net = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, spatial_dims=3, **sized).eval()
     x = torch.randn(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(1))
     q = quantize(net, x, EfficientQConfig(weight_bits=8, act_bits=8), progress=False)
     linear = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
