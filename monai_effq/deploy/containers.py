@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from monai.utils import optional_import
 
-from monai_effq.deploy.onnx_graph import constant_values
+from monai_effq.deploy.onnx_graph import constant_values, graph_reads
 
 onnx, _has_onnx = optional_import("onnx")
 numpy_helper, _ = optional_import("onnx", name="numpy_helper")
@@ -110,7 +110,7 @@ def pack_4bit_weights(model) -> tuple[list[str], list[str]]:  # noqa: ANN001 - o
         else:
             node.input.append(zero_name)
         packed.append(weight.name)
-    used = {i for n in graph.node for i in n.input}
+    used = graph_reads(graph)
     for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
         graph.node.remove(node)
     for init in list(graph.initializer):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import itertools
 import logging
 import os
 import sys
@@ -38,7 +39,7 @@ import torch
 import torch.nn as nn
 from monai.utils import optional_import
 
-from monai_effq.deploy.onnx_graph import constant_values
+from monai_effq.deploy.onnx_graph import all_names, constant_values, graph_reads, rename_reads
 from monai_effq.deploy.concat_rounding import round_concat_inputs
 from monai_effq.deploy.containers import INT4_MIN_OPSET, WEIGHT_CONTAINERS, pack_4bit_weights
 from monai_effq.deploy.empty_scatters import drop_empty_scatters
@@ -380,10 +381,7 @@ def drop_initializer_identities(model) -> int:  # noqa: ANN001 - onnx.ModelProto
     }
     if not alias:
         return 0
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in alias:
-                node.input[i] = alias[name]
+    rename_reads(graph, alias)
     for node in [n for n in graph.node if n.op_type == "Identity" and n.output[0] in alias]:
         graph.node.remove(node)
     return len(alias)
@@ -391,32 +389,24 @@ def drop_initializer_identities(model) -> int:  # noqa: ANN001 - onnx.ModelProto
 
 def compact_names(model) -> None:  # noqa: ANN001 - onnx.ModelProto
     """Give intermediate tensors and nodes short names (the exporter's scoped names can take a
-    tenth of a small int8 model's file); graph inputs, outputs and initializers keep theirs."""
+    tenth of a small int8 model's file); graph inputs, outputs and initializers keep theirs, and so
+    do the tensors inside nested graphs (``If`` branches), whose reads of outer tensors follow."""
     graph = model.graph
     keep = {v.name for v in graph.input} | {v.name for v in graph.output} | {i.name for i in graph.initializer}
+    taken = all_names(graph)
+    short = (name for name in (f"t{k}" for k in itertools.count()) if name not in taken)
     rename: dict[str, str] = {}
     for k, node in enumerate(graph.node):
         node.name = f"n{k}"
         for i, name in enumerate(node.output):
             if name and name not in keep:
-                rename.setdefault(name, f"t{len(rename)}")
+                if name not in rename:
+                    rename[name] = next(short)
                 node.output[i] = rename[name]
-    _rename_inputs(graph, rename)
+    rename_reads(graph, rename)
     for info in list(graph.value_info):
         if info.name in rename:
             info.name = rename[info.name]
-
-
-def _rename_inputs(graph, rename: dict[str, str]) -> None:  # noqa: ANN001 - onnx.GraphProto
-    """Rename what ``graph``'s nodes read, also inside their subgraphs (an ``If`` branch of a traced
-    network reads tensors of the graph around it by name)."""
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in rename:
-                node.input[i] = rename[name]
-        for attr in node.attribute:
-            for sub in (attr.g,) if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-                _rename_inputs(sub, rename)
 
 
 def fold_weight_quantization(model) -> int:  # noqa: ANN001 - onnx.ModelProto
@@ -449,15 +439,12 @@ def fold_weight_quantization(model) -> int:  # noqa: ANN001 - onnx.ModelProto
         q = np.clip(np.rint(x / scale) + zero_b.astype(np.int32), info.min, info.max).astype(zero.dtype)
         name = node.input[0] + "_quantized"
         graph.initializer.append(numpy_helper.from_array(q, name))
-        for consumer in graph.node:
-            for i, inp in enumerate(consumer.input):
-                if inp == node.output[0]:
-                    consumer.input[i] = name
+        rename_reads(graph, {node.output[0]: name})
         drop.append(node)
         folded += 1
     for node in drop:
         graph.node.remove(node)
-    used = {i for n in graph.node for i in n.input}
+    used = graph_reads(graph)
     for init in list(graph.initializer):
         if init.name not in used and init.name in initializers:
             graph.initializer.remove(init)

@@ -9,7 +9,7 @@ from onnx import numpy_helper
 
 import monai_effq
 from monai_effq.deploy import OnnxRuntimeNetwork, export_onnx, widest_int8_weight
-from monai_effq.deploy.export import compact_names, layers_off_the_output
+from monai_effq.deploy.export import compact_names, drop_initializer_identities, fold_weight_quantization, layers_off_the_output
 from monai_effq.ptq import QuantizedLayer
 from monai_effq.utils.errors import UserInputError
 
@@ -248,31 +248,37 @@ def test_torchs_current_exporter_writes_the_graph_the_torchscript_exporter_wrote
     )
 
 
-def test_short_names_reach_the_tensors_an_if_branch_reads_from_the_graph_around_it():
-    """A traced network's ``If`` branches read outer tensors by name (SwinUNETR on torch 2.11, traced)."""
+def _branching_model() -> "onnx.ModelProto":
+    """A traced network's ``If``: the branches read outer tensors by name (SwinUNETR on torch 2.11, traced),
+    one an ``Identity`` of a weight, one a weight nothing else reads; names ``t0``/``t1`` are taken."""
     from onnx import TensorProto, helper
 
-    ort = pytest.importorskip("onnxruntime")
-    branch = helper.make_graph(
-        [helper.make_node("Neg", ["/scoped/doubled"], ["negated"])], "then", [], [helper.make_tensor_value_info("negated", TensorProto.FLOAT, [2])]
-    )
-    passthrough = helper.make_graph(
-        [helper.make_node("Identity", ["/scoped/doubled"], ["kept"])], "else", [], [helper.make_tensor_value_info("kept", TensorProto.FLOAT, [2])]
-    )
+    def branch(name: str, reads: str) -> "onnx.GraphProto":
+        out = helper.make_tensor_value_info("t0", TensorProto.FLOAT, [2])  # a branch-local name a short name could take
+        return helper.make_graph([helper.make_node("Add", ["/scoped/doubled", reads], ["t0"])], name, [], [out])
+
     nodes = [
+        helper.make_node("Identity", ["w"], ["/scoped/alias"]),
         helper.make_node("Add", ["x", "x"], ["/scoped/doubled"]),
         helper.make_node("ReduceSum", ["x"], ["/scoped/sum"], keepdims=0),
-        helper.make_node("Greater", ["/scoped/sum", "zero"], ["/scoped/positive"]),
-        helper.make_node("If", ["/scoped/positive"], ["y"], then_branch=branch, else_branch=passthrough),
+        helper.make_node("Greater", ["/scoped/sum", "t1"], ["/scoped/positive"]),
+        helper.make_node("If", ["/scoped/positive"], ["y"], then_branch=branch("then", "/scoped/alias"), else_branch=branch("else", "v")),
     ]
+    weights = [helper.make_tensor(n, TensorProto.FLOAT, dims, vals) for n, dims, vals in (("t1", [], [0.0]), ("w", [2], [3.0, 4.0]), ("v", [2], [5.0, 6.0]))]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
-        [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])],
-    )  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
-    compact_names(model)
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], weights
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+
+
+@pytest.mark.parametrize("graph_pass", [compact_names, drop_initializer_identities, fold_weight_quantization])
+def test_graph_passes_keep_what_an_if_branch_reads_from_the_graph_around_it(graph_pass):
+    ort = pytest.importorskip("onnxruntime")
+    model = _branching_model()
+    graph_pass(model)
     onnx.checker.check_model(model, full_check=True)
-    assert not any(name.startswith("/scoped") for node in model.graph.node for name in [*node.input, *node.output])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    for x, y in (([1.0, 2.0], [-2.0, -4.0]), ([-1.0, -2.0], [-2.0, -4.0])):
+    for x, y in (([1.0, 2.0], [5.0, 8.0]), ([-1.0, -2.0], [3.0, 2.0])):  # x + x, plus w or v
         assert session.run(None, {"x": np.array(x, np.float32)})[0].tolist() == y
+    if graph_pass is compact_names:
+        assert not any(name.startswith("/scoped") for node in model.graph.node for name in [*node.input, *node.output])
