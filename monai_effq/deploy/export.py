@@ -421,7 +421,7 @@ def fold_weight_quantization(model) -> int:  # noqa: ANN001 - onnx.ModelProto
     graph = model.graph
     consts = constant_values(graph)
     initializers = {i.name: i for i in graph.initializer}
-    folded, drop = 0, []
+    drop, stored = [], {}
     for node in graph.node:
         if node.op_type != "QuantizeLinear" or node.input[0] not in initializers:
             continue
@@ -439,16 +439,16 @@ def fold_weight_quantization(model) -> int:  # noqa: ANN001 - onnx.ModelProto
         q = np.clip(np.rint(x / scale) + zero_b.astype(np.int32), info.min, info.max).astype(zero.dtype)
         name = node.input[0] + "_quantized"
         graph.initializer.append(numpy_helper.from_array(q, name))
-        rename_reads(graph, {node.output[0]: name})
+        stored[node.output[0]] = name
         drop.append(node)
-        folded += 1
+    rename_reads(graph, stored)
     for node in drop:
         graph.node.remove(node)
     used = graph_reads(graph)
     for init in list(graph.initializer):
         if init.name not in used and init.name in initializers:
             graph.initializer.remove(init)
-    return folded
+    return len(drop)
 
 
 def count_integer_weights(model) -> int:  # noqa: ANN001 - onnx.ModelProto
