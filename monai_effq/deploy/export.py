@@ -45,7 +45,7 @@ from monai_effq.deploy.containers import INT4_MIN_OPSET, WEIGHT_CONTAINERS, pack
 from monai_effq.deploy.empty_scatters import drop_empty_scatters
 from monai_effq.deploy.norms import GROUP_NORM_FORMS, channel_stats_norms
 from monai_effq.ptq.checkpoint import result_fingerprint
-from monai_effq.ptq.graph import forward_graph, graph_readers, set_submodule
+from monai_effq.ptq.graph import forward_graph, graph_readers, hooks, set_submodule
 from monai_effq.ptq.modules import (
     SHARED_INPUT_QUANTIZER,
     ActivationQuantizer,
@@ -605,12 +605,11 @@ def layers_off_the_output(network: nn.Module, example_input: torch.Tensor) -> li
     device = next((p.device for p in network.parameters()), example_input.device)
     modes = {m: m.training for m in network.modules()}
     try:
-        output = forward_graph(network.eval(), example_input.to(device))
+        with hooks(handles):
+            output = forward_graph(network.eval(), example_input.to(device))
     finally:
         for module, training in modes.items():
             module.train(training)
-        for handle in handles:
-            handle.remove()
     if output is None:
         return []
     reached = graph_readers(output)
