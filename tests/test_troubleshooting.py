@@ -258,6 +258,9 @@ TRIGGERS = {
     "the calibration input of layer <layer> is one value (<v>) everywhere": (
         lambda t, d: quantize(_net(), torch.zeros(1, 1, 8, 8, 8), EfficientQConfig(attention=False), progress=False)
     ),
+    "body_mask selects no voxel of the calibration data": (
+        lambda t, d: quantize(_net(), torch.rand(1, 1, 8, 8, 8), body_mask=torch.zeros(1, 8, 8, 8, dtype=torch.bool), progress=False)
+    ),
     "the network's output on the calibration sample of shape <shape> holds NaN or Inf": _overflowing_layer,
     "the calibration input of layer <layer> holds <n> NaN or Inf value(s)": (
         lambda t, d: ActivationQuantizer.calibrate(torch.tensor([1.0, float("inf")]), 8, name="model.3.conv")

@@ -53,7 +53,8 @@ class ClassAttention:
             class weights are those of all of it; ``None`` when ``logits`` are all of it.
 
     Raises:
-        ValueError: for an unknown task or a mask of the wrong shape.
+        ValueError: for an unknown task, a mask of the wrong shape, or masks that select no voxel (of all
+            the calibration data, ``reduce_counts`` included).
     """
 
     def __init__(
@@ -78,6 +79,12 @@ class ClassAttention:
             counts += torch.bincount(self._labels(t)[m].reshape(-1), minlength=self._n_labels()).double()
         if reduce_counts is not None:
             reduce_counts([counts])  # whole numbers far below 2^53: the float64 sum is exact in any order
+        if not counts.any():
+            # the class weights would divide by zero counts; an all-background crop (air outside the body) does this
+            raise UserInputError(
+                "body_mask selects no voxel of the calibration data: calibrate on a crop or volume that holds the "
+                "body (body_mask='nonzero' keeps voxels where the image is not zero), or pass body_mask=None."
+            )
         present = counts > 0
         weights = torch.ones_like(counts)
         weights[present] = (counts[present].max() / counts[present]).pow(power)

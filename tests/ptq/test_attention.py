@@ -71,6 +71,20 @@ def test_a_mask_of_the_wrong_shape_is_rejected():
         ClassAttention(torch.zeros(1, 2, 4, 4, 4), body_mask=torch.ones(1, 5, 5, 5))
 
 
+def test_a_mask_that_selects_no_voxel_is_rejected_with_what_to_do():
+    # e.g. a calibration crop that lies in the air outside the body, with body_mask='nonzero'
+    with pytest.raises(ValueError, match="body_mask selects no voxel.*holds the body"):
+        ClassAttention(torch.zeros(1, 2, 4, 4, 4), body_mask=torch.zeros(1, 4, 4, 4, dtype=torch.bool))
+
+
+def test_a_mask_empty_here_is_accepted_when_the_counts_reduced_from_elsewhere_are_not():
+    def elsewhere(counts: list[torch.Tensor]) -> None:
+        counts[0] += torch.tensor([5.0, 1.0], dtype=torch.float64)
+
+    att = ClassAttention(torch.zeros(1, 2, 4, 4, 4), body_mask=torch.zeros(1, 4, 4, 4, dtype=torch.bool), reduce_counts=elsewhere)
+    assert att.class_counts.tolist() == [5, 1]
+
+
 def test_an_unknown_task_is_rejected():
     with pytest.raises(ValueError, match="task"):
         ClassAttention(torch.zeros(1, 2, 4, 4, 4), task="regression")
