@@ -77,7 +77,11 @@ METHODS = {
 }
 # not in the default table: EfficientQ with every norm's input rounded to 8 bits as well (the
 # rounding that lets OpenVINO read norms in int8, as NNCF's graphs do)
-EXTRA_METHODS = {"efficientq+N": {"method": "efficientq", "quantize_norm_inputs": True}}
+# "efficientq mirrored": calibrated on every window and its mirror images (calibration_flips)
+EXTRA_METHODS = {
+    "efficientq+N": {"method": "efficientq", "quantize_norm_inputs": True},
+    "efficientq mirrored": {"method": "efficientq", "calibration_flips": True},
+}
 ALL_METHODS = {**METHODS, **EXTRA_METHODS}
 BASELINES = ("gptq", "rtn")
 CALIBRATIONS = ("crop", "volume")

@@ -205,6 +205,11 @@ class EfficientQConfig:
             output error (:mod:`monai_effq.solver.validation`); round-to-nearest is always a
             candidate, and layers with fewer calibration voxels than unknowns per output channel
             keep round-to-nearest. ``0`` turns both off (one solve per layer, as the paper).
+        calibration_flips: calibrate on every window and its mirror images (flipped along every
+            subset of its spatial axes: 8 windows per window in 3D; :mod:`monai_effq.ptq.mirroring`),
+            for 8 times the passes. For one small crop: on the benchmark UNet and real MRI
+            (``benchmarks/accuracy.py``) its labels agreed better with the FP network's at every
+            setting; on whole volumes it bought nothing for 3 times the time, so it is off by default.
         quantize_norm_inputs: also round the input of every group/instance norm to ``act_bits``
             (:mod:`monai_effq.ptq.norm_inputs`; calibrated on the FP network's first calibration
             batch, on the ``act_grid`` grid, with ``power_of_two``), where NNCF's int8 graphs round
@@ -243,6 +248,7 @@ class EfficientQConfig:
     act_format: str | None = None
     act_grid: str = "auto"
     validation_fraction: float = 0.25
+    calibration_flips: bool = False
     quantize_norm_inputs: bool = False
     share_skip_rounding: bool = True
 
@@ -286,7 +292,9 @@ class EfficientQConfig:
         for name in ("act_bits", "first_layer_bits", "last_layer_bits"):
             if getattr(self, name) is not None:
                 self._set(name, check_integer(getattr(self, name), name, 2, 8))
-        for name in ("per_channel", "attention", "fold_batchnorm", "power_of_two", "quantize_norm_inputs", "share_skip_rounding"):
+        for name in (
+            "per_channel", "attention", "fold_batchnorm", "power_of_two", "calibration_flips", "quantize_norm_inputs", "share_skip_rounding",
+        ):
             self._set(name, check_flag(getattr(self, name), name))
         if not isinstance(self.overrides, Mapping):
             raise UserInputError(f"overrides must be a dict from layer-name pattern to settings, got {self.overrides!r}.")

@@ -26,6 +26,7 @@ from monai_effq.ptq.batch_invariance import WindowByWindow
 from monai_effq.ptq.config import EfficientQConfig, LayerPlan
 from monai_effq.ptq.graph import StopForward, hooks, set_submodule
 from monai_effq.ptq.journal import QuantizationJournal
+from monai_effq.ptq.mirroring import mirror_count, mirror_images, mirror_masks
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, quantized_layer_class
 from monai_effq.ptq.norm_inputs import quantize_norm_inputs
 from monai_effq.ptq.prepare import prepare_network
@@ -100,7 +101,7 @@ def _capture(network: nn.Module, module: nn.Module, batch: torch.Tensor, want: s
     return box[0]
 
 
-def holdout_mask(shape: tuple[int, ...], fraction: float) -> torch.Tensor | None:
+def holdout_mask(shape: tuple[int, ...], fraction: float, mirrored_dims: int = 0) -> torch.Tensor | None:
     """Which output voxels of a layer are held out for validation.
 
     With at least ``k = round(1/fraction)`` windows, every ``k``-th whole window (windows from
@@ -109,14 +110,23 @@ def holdout_mask(shape: tuple[int, ...], fraction: float) -> torch.Tensor | None
     from within a window would share their inputs with fit neighbours and make an over-fitted
     setting look good; one window with nothing held out would let it through unchecked.
 
+    With ``mirrored_dims``, the windows are sources each followed by their mirror images
+    (:mod:`monai_effq.ptq.mirroring`): the mask is made for the sources and laid over the copies,
+    so a copy of a fitted window is never held out, nor the other way round.
+
     Args:
         shape: ``(N, *spatial)`` of the layer's output voxels (``(N, ...)`` for ``Linear``).
         fraction: share of windows (or of each window's slab axis) held out, in ``(0, 0.5]``.
+        mirrored_dims: the calibration windows' number of spatial axes when they carry their mirror
+            images (``EfficientQConfig.calibration_flips``); ``0`` when they do not.
 
     Returns:
         a boolean mask of ``shape``, or ``None`` when there are fewer than ``k`` windows and no
         spatial axis of at least ``k`` voxels.
     """
+    if mirrored_dims:
+        sources = holdout_mask((shape[0] // mirror_count(mirrored_dims), *shape[1:]), fraction)
+        return None if sources is None else mirror_masks(sources, mirrored_dims)
     k = max(2, round(1.0 / fraction))
     mask = torch.zeros(shape, dtype=torch.bool)
     if shape[0] >= k:
@@ -164,6 +174,8 @@ class _Run:
         self.config = config
         self.journal = journal
         self.device = torch.device(config.device)
+        # mirror_images put each window's copies right after it, so the hold-out can follow them
+        self.mirrored_dims = batches[0].dim() - 2 if config.calibration_flips else 0
         self.concatenated = len(batches) > 1 and len({tuple(b.shape[1:]) for b in batches}) == 1
         if self.concatenated:
             batches = [torch.cat(batches)]
@@ -488,7 +500,7 @@ class _Run:
             held = None
             if self.config.validation_fraction > 0:
                 place, size = self.places[index]
-                held = holdout_mask((size, *_voxel_shape(view, y)[1:]), self.config.validation_fraction)
+                held = holdout_mask((size, *_voxel_shape(view, y)[1:]), self.config.validation_fraction, self.mirrored_dims)
                 held = None if held is None else held[place]
             acc.add_batch(x, y, h, held)  # the statistics and the solve stay on the run's device
         if isinstance(acc, OutputError):
@@ -593,6 +605,27 @@ def _calibration_fingerprint(batches: list[torch.Tensor]) -> str:
     return fingerprint_json([w for share in all_gather_objects(windows) for w in share])
 
 
+def _with_mirror_images(
+    batches: list[torch.Tensor], body_mask: torch.Tensor | list[torch.Tensor] | None
+) -> tuple[list[torch.Tensor], torch.Tensor | list[torch.Tensor] | None]:
+    """The batches with every window's mirror images after it, and the body mask laid over them likewise."""
+
+    def masks_like(mask: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+        mask = torch.as_tensor(mask)
+        # an (N, 1, *spatial) mask flips as the images do, an (N, *spatial) one as a mask
+        return mirror_images(mask) if mask.dim() == batch.dim() else mirror_masks(mask, batch.dim() - 2)
+
+    mirrored = [mirror_images(b) for b in batches]
+    if body_mask is None:
+        return mirrored, None
+    if isinstance(body_mask, (list, tuple)):
+        return mirrored, [masks_like(m, b) for m, b in zip(body_mask, batches)]
+    if len(batches) == 1:
+        return mirrored, masks_like(body_mask, batches[0])
+    parts = torch.split(torch.as_tensor(body_mask), [b.shape[0] for b in batches])
+    return mirrored, torch.cat([masks_like(m, b) for m, b in zip(parts, batches)])
+
+
 @ieee_float32()  # the layers' FP targets and the fold check, not TF32's approximations of them
 def quantize(
     network: nn.Module,
@@ -654,6 +687,10 @@ def quantize(
             "task": task,
         }
         journal = QuantizationJournal(journal, fingerprints)
+    sources = source_fingerprints(network, config.to_dict(), batches)
+    sources["calibration"] = _calibration_fingerprint(batches)
+    if config.calibration_flips:
+        batches, body_mask = _with_mirror_images(batches, body_mask)
     run = _Run(network, batches, config, journal)
     # the scan's logits set the attention and its bounds the exact sums: a run with neither skips it
     # (the first window's targets it would keep are then captured before the first solve)
@@ -666,8 +703,6 @@ def quantize(
         )
         logger.info("class attention weights %s (voxel counts %s)", attention.class_weights.tolist(), attention.class_counts.tolist())
     del logits
-    sources = source_fingerprints(network, config.to_dict(), batches)
-    sources["calibration"] = _calibration_fingerprint(batches)
     # The task travels with the result (and its checkpoint), so a fine-tune need not be told it again.
     report = QuantizationReport(method=config.method, folded_batchnorms=run.folded, sources=sources, extra={"task": task})
     planned = {p.name for p in run.plans}

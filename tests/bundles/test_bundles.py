@@ -6,6 +6,7 @@ beside this one.
 """
 
 import json
+import math
 import logging
 
 import pytest
@@ -56,12 +57,15 @@ def test_quantize_calibrates_on_every_window_of_whole_volumes_by_default(trained
 @pytest.mark.slow
 def test_quantize_and_evaluate_run_from_the_bundle_configs(trained):
     name, work, common, classes = trained
-    bundle(name, "quantize", *common, "--weight_bits", "3", "--calibration_crop", ROI)
+    bundle(name, "quantize", *common, "--weight_bits", "3", "--calibration_crop", ROI, "--calibration_roi", ROI, "--calibration_flips", "True")
     assert (work / "models" / "model_efficientq_w3a8.pt").is_file()
     assert not (ROOT / "bundles" / name / "export" / f"{name}_efficientq_w3a8").exists()  # --export_dir "" exports nothing
     report = json.loads((work / "eval" / "quantization_report_efficientq_w3a8.json").read_text())
     # the body: the LiTS UNet's first residual unit has two layers that read the image (first-layer bits)
     assert {layer["weight_bits"] for layer in report["layers"][2 if name == "lits_effq" else 1 : -1]} == {3}
+    # the crop (one window) and its 7 mirror images reached the first layer (the LiTS UNet's has stride 2)
+    crop = math.prod(json.loads(ROI)) // (8 if name == "lits_effq" else 1)
+    assert report["layers"][0]["voxels"] == 8 * crop
     assert (work / "eval" / "quantization_report_efficientq_w3a8_layers.png").stat().st_size > 1000
 
     res = bundle(name, "evaluate", *common, "--weight_bits", "3", "--sw_roi_size", ROI)

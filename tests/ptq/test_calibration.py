@@ -8,6 +8,7 @@ import torch
 from monai_effq import EfficientQConfig, quantize
 from monai_effq.data import calibration_windows
 from monai_effq.ptq import pipeline
+from monai_effq.ptq.mirroring import mirror_count, mirror_masks
 from monai_effq.ptq.pipeline import holdout_mask
 
 from .conftest import sphere_volumes
@@ -103,6 +104,46 @@ def test_holdout_masks_hold_out_whole_windows_or_a_slab_of_each_window_when_ther
     assert holdout_mask((1, 3, 2, 2), 0.25) is None  # no axis long enough to split
     assert holdout_mask((1,), 0.25) is None  # one Linear sample
     assert holdout_mask((2, 16), 0.5)[1].all()
+
+
+def test_mirrored_windows_are_held_out_with_their_source_so_a_copy_never_validates_its_own_fit():
+    copies = mirror_count(3)
+    # one crop: its slab, and in each copy the same anatomy, at the start where the copy is flipped along the slab's axis
+    one = holdout_mask((copies, 4, 6, 16), 0.25, mirrored_dims=3)
+    assert torch.equal(one, mirror_masks(holdout_mask((1, 4, 6, 16), 0.25), 3))
+    assert one[0, :, :, 12:].all() and one[3, :, :, :4].all() and not one[3, :, :, 4:].any()
+    # eight crops: every copy of the held-out sources 3 and 7, and no copy of the others
+    many = holdout_mask((8 * copies, 2, 2, 2), 0.25, mirrored_dims=3)
+    held = many.flatten(1).all(1).reshape(8, copies)
+    assert held[[3, 7]].all() and not held[[0, 1, 2, 4, 5, 6]].any()
+
+
+def test_calibration_flips_fit_each_layer_to_eight_times_the_voxels_of_the_crop(trained_unet):
+    calib, _ = sphere_volumes(1, seed=5)
+    crop = calib[:, :, 4:20, 4:20, 4:20]
+    plain = quantize(trained_unet, crop, EfficientQConfig(weight_bits=2, act_bits=8), progress=False)
+    mirrored = quantize(trained_unet, crop, EfficientQConfig(weight_bits=2, act_bits=8, calibration_flips=True), progress=False)
+    assert [8 * r.voxels for r in plain.report.layers] == [r.voxels for r in mirrored.report.layers]
+    # the calibration data on record is what the caller gave; the config says it was mirrored
+    assert mirrored.report.sources["calibration"] == plain.report.sources["calibration"]
+    assert mirrored.config.calibration_flips and not plain.config.calibration_flips
+
+
+def test_a_body_mask_is_mirrored_with_its_windows_whatever_its_form(trained_unet):
+    calib = sphere_volumes(2, seed=5)[0][:, :, 6:18, 6:18, 6:18]
+    config = EfficientQConfig(weight_bits=4, calibration_flips=True)  # the attention steers the fit
+    body = calib[:, 0] > 0.5
+    batches = [calib[:1], calib[1:]]
+    results = [
+        quantize(trained_unet, data, config, body_mask=mask, progress=False).network
+        for data, mask in ((calib, body), (calib, body[:, None]), (batches, body), (batches, [body[:1], body[1:]]))
+    ]
+    x = calib[:1]
+    with torch.no_grad():
+        outputs = [net(x) for net in results]
+    assert all(torch.equal(outputs[0], y) for y in outputs[1:])
+    with pytest.raises(ValueError, match="calibration_flips"):
+        EfficientQConfig(calibration_flips="yes")
 
 
 def test_validation_fraction_zero_gives_the_plain_solve(trained_unet):
