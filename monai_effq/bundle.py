@@ -17,11 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.data.utils import create_file_basename
 from monai.transforms import CenterSpatialCropd, Compose, SpatialPadd
 
 from monai_effq.data import (
     DatasetError,
     brats_transforms,
+    check_nifti,
     detect_layout,
     load_datalist,
     lits_transforms,
@@ -32,7 +34,14 @@ from monai_effq.data import (
 )
 from monai_effq.ptq.checkpoint import verify_checkpoint
 from monai_effq.utils.distributed import get_rank, get_world_size, is_rank_zero
-from monai_effq.utils.errors import MissingInputError, UserInputError, check_integer, install_bundle_error_hook
+from monai_effq.utils.errors import (
+    MissingInputError,
+    OutputExistsError,
+    UserInputError,
+    check_flag,
+    check_integer,
+    install_bundle_error_hook,
+)
 from monai_effq.utils.io import atomic_directory, current_umask
 
 __all__ = [
@@ -41,6 +50,7 @@ __all__ = [
     "calibration_datalist",
     "calibration_share",
     "check_exportable",
+    "check_inference_inputs",
     "check_quantized",
     "demo_dataset",
     "datalist",
@@ -340,6 +350,46 @@ def images(
     return [{"image": case["image"]} for case in datalist(dataset_dir, dataset, part, layout, val_fraction)]
 
 
+def check_inference_inputs(
+    cases: Sequence[dict[str, Any]], output_dir: str | os.PathLike, postfix: str = "seg", ext: str = ".nii.gz"
+) -> None:
+    """Stop inference before it runs on an image that is missing or corrupt, or on two images whose
+    masks would take one name.
+
+    The masks go into one folder, named after each image's file (``SaveImaged`` with
+    ``separate_folder=False``), so ``a/ct.nii`` and ``b/ct.nii`` (or ``ct.nrrd`` and ``ct.mha``) would
+    leave only the last patient's mask. NIfTI files are decoded in full (a truncated ``.nii.gz``
+    only fails there); other formats are left to MONAI's ITK reader.
+
+    Args:
+        cases: ``[{"image": path or paths}, ...]``, the inference datalist.
+        output_dir: where the masks go.
+        postfix: the masks' name postfix.
+        ext: the masks' file extension.
+
+    Raises:
+        MissingInputError: naming a missing image.
+        DatasetError: naming a corrupt NIfTI image.
+        UserInputError: naming two images whose masks would collide.
+    """
+    taken: dict[str, str] = {}
+    for case in cases:
+        paths = case["image"] if isinstance(case["image"], (list, tuple)) else [case["image"]]
+        for path in paths:
+            if not Path(path).is_file():
+                raise MissingInputError(f"image {path} does not exist: correct the datalist or --dataset_dir.")
+            if str(path).endswith((".nii", ".nii.gz")):
+                check_nifti(path, read_data=True)
+        # the name SaveImaged gives the mask: from the first file of a multi-modal case
+        mask = create_file_basename(postfix, str(paths[0]), str(output_dir), "", False)
+        if mask in taken:
+            raise UserInputError(
+                f"images {taken[mask]} and {paths[0]} would both write the mask {Path(mask).name}{ext} in {output_dir}: "
+                "rename one, or run them with separate --output_dir."
+            )
+        taken[mask] = str(paths[0])
+
+
 def log_written(*paths: str | os.PathLike | None) -> list[Path]:
     """Log each file or folder a workflow wrote, with its size (the last step of a bundle workflow).
 
@@ -407,13 +457,15 @@ def refuse_to_overwrite(overwrite: bool, *paths: str | os.PathLike | None) -> No
             "" is skipped.
 
     Raises:
-        FileExistsError: naming the first output that exists.
+        OutputExistsError: naming the first output that exists (a ``FileExistsError``).
+        UserInputError: when ``overwrite`` is not a boolean (``--overwrite false`` arrives as the text
+            ``'false'``, which Python would take for true and replace the outputs).
     """
-    if overwrite:
+    if check_flag(overwrite, "overwrite"):
         return
     for path in (Path(p) for p in paths if p):
         if path.is_file() or (path.is_dir() and any(path.iterdir())):
-            raise FileExistsError(
+            raise OutputExistsError(
                 f"{path} exists from an earlier run: pass --overwrite True to replace it, or write elsewhere "
                 "(other settings, --ckpt_dir, --output_dir)."
             )
@@ -481,14 +533,16 @@ def refuse_to_replace_shipped(overwrite: bool, path: str | os.PathLike, bundle_r
         bundle_root: the bundle folder (its ``large_files.yml`` names the shipped files).
 
     Raises:
-        FileExistsError: when ``path`` is a shipped file, unchanged.
+        OutputExistsError: when ``path`` is a shipped file, unchanged (a ``FileExistsError``).
+        UserInputError: when ``overwrite`` is not a boolean (``--overwrite false`` is text, which
+            Python takes for true).
     """
     target = Path(path)
     md5 = shipped_files(bundle_root).get(target.resolve())
-    if overwrite or md5 is None or not target.is_file():
+    if check_flag(overwrite, "overwrite") or md5 is None or not target.is_file():
         return
     if hashlib.md5(target.read_bytes()).hexdigest() == md5:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{target} is the checkpoint this bundle ships (large_files.yml) and training would replace it: "
             "pass --ckpt_dir <folder> to train into another folder (quantize then reads <folder>/model.pt with "
             "the same --ckpt_dir), or --overwrite True to replace it."

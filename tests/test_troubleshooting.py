@@ -4,8 +4,10 @@ Each trigger is the smallest thing a user could do that earns the message, run i
 the bundle command's one-line report of the same errors is tested in tests/bundles/test_errors.py.
 """
 
+import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,18 @@ import torch
 import torch.nn as nn
 
 from monai_effq import EfficientQConfig, quantize
-from monai_effq.bundle import calibration_datalist, check_exportable, check_quantized, existing_checkpoint, images, preprocessing, rank_cases
+from monai_effq.bundle import (
+    calibration_datalist,
+    check_exportable,
+    check_inference_inputs,
+    check_quantized,
+    existing_checkpoint,
+    images,
+    preprocessing,
+    rank_cases,
+    refuse_to_overwrite,
+    refuse_to_replace_shipped,
+)
 from monai_effq.data import detect_layout, make_lits_demo, validate_datalist
 from monai_effq.handlers.quantization import QuantizedCheckpointLoader, check_calibration_volume
 from monai_effq.overlays import calibration_items, check_attached
@@ -199,6 +212,24 @@ def _unexportable_bundle(tmp_path, lits):
     check_exportable(tmp_path, tmp_path / "export")
 
 
+def _two_named_alike(tmp_path, lits):
+    image = next(lits.glob("volume-*.nii"))
+    return [shutil.copy(image, tmp_path / "ct.nii"), shutil.copy(image, tmp_path / "ct.nrrd")]
+
+
+def _earlier_output(tmp_path, lits):
+    (tmp_path / "model_efficientq_w4a8.pt").write_bytes(b"an earlier run's checkpoint")
+    refuse_to_overwrite(False, tmp_path / "model_efficientq_w4a8.pt")
+
+
+def _shipped_checkpoint(tmp_path, lits):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model.pt").write_bytes(b"shipped weights")
+    digest = hashlib.md5(b"shipped weights").hexdigest()
+    (tmp_path / "large_files.yml").write_text(f'large_files:\n  - path: "models/model.pt"\n    hash_val: "{digest}"\n    hash_type: "md5"\n')
+    refuse_to_replace_shipped(False, tmp_path / "models" / "model.pt", tmp_path)
+
+
 TRIGGERS = {
     "dataset folder <folder> does not exist or is not a folder.": lambda t, d: calibration_datalist(t / "absent", "lits"),
     "dataset folder <folder> does not exist: inference reads images, it never generates the demo data.": (
@@ -257,6 +288,15 @@ TRIGGERS = {
     ),
     "the calibration input of layer <layer> is one value (<v>) everywhere": (
         lambda t, d: quantize(_net(), torch.zeros(1, 1, 8, 8, 8), EfficientQConfig(attention=False), progress=False)
+    ),
+    "<output> exists from an earlier run: pass --overwrite True to replace it, or write elsewhere": _earlier_output,
+    "<file> is the checkpoint this bundle ships (large_files.yml) and training would replace it": _shipped_checkpoint,
+    "overwrite must be True or False, got <value>": lambda t, d: refuse_to_overwrite("false", t / "model.pt"),
+    "image <file> does not exist: correct the datalist or --dataset_dir.": (
+        lambda t, d: check_inference_inputs([{"image": str(t / "ct.nii.gz")}], t / "masks")
+    ),
+    "images <file> and <file> would both write the mask <name> in <folder>": (
+        lambda t, d: check_inference_inputs([{"image": str(p)} for p in _two_named_alike(t, d)], t / "masks")
     ),
     "body_mask selects no voxel of the calibration data": (
         lambda t, d: quantize(_net(), torch.rand(1, 1, 8, 8, 8), body_mask=torch.zeros(1, 8, 8, 8, dtype=torch.bool), progress=False)

@@ -251,7 +251,7 @@ class _Archive(NamedTuple):
 def _read(path: str | os.PathLike) -> _Archive:
     p = Path(path)
     if not p.is_file():
-        raise MissingInputError(f"quantized checkpoint {p} does not exist: run the quantize step first or fix the path.")
+        raise MissingInputError(f"quantized checkpoint {p} does not exist: run the quantize workflow first or fix the path.")
     try:
         payload = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -27,6 +27,7 @@ import torch
 __all__ = [
     "DEBUG_ENV",
     "MissingInputError",
+    "OutputExistsError",
     "UserInputError",
     "all_finite",
     "check_flag",
@@ -49,6 +50,10 @@ class UserInputError(ValueError):
 
 class MissingInputError(UserInputError, FileNotFoundError):
     """A file or folder a user named does not exist."""
+
+
+class OutputExistsError(UserInputError, FileExistsError):
+    """An output a workflow would write is there already, and the user did not ask to replace it."""
 
 
 def check_integer(value: Any, name: str, low: int | None = None, high: int | None = None) -> int:

@@ -180,7 +180,9 @@ IN_PROCESS_CASES = {
     ),
     "unknown dataset layout": ("quantize", None, "layout must be 'auto', 'native' or one of"),
     "unknown task": ("quantize", None, "task must be one of ('multiclass', 'multilabel'), got 'segmentation'"),
-    "inference before quantize": ("inference", None, "model_efficientq_w4a8.pt does not exist: run the quantize step first"),
+    "inference before quantize": ("inference", None, "model_efficientq_w4a8.pt does not exist: run the quantize workflow first"),
+    # 'false' is text, which Python takes for true: this replaced the outputs it was meant to keep
+    "overwrite written in lower case": ("quantize", None, "overwrite must be True or False, got 'false'"),
 }
 
 
@@ -194,7 +196,11 @@ def test_bad_files_and_settings_are_user_input_errors_naming_them_before_anythin
     if write_fp is not None:
         write_fp(tmp_path / "model.pt")
         args += ["--fp_checkpoint", str(tmp_path / "model.pt")]
-    args += {"unknown dataset layout": ["--layout", "nnunet"], "unknown task": ["--task", "segmentation"]}.get(case, [])
+    args += {
+        "unknown dataset layout": ["--layout", "nnunet"],
+        "unknown task": ["--task", "segmentation"],
+        "overwrite written in lower case": ["--overwrite", "false"],
+    }.get(case, [])
     if workflow == "quantize":
         args += ["--quantized_path", str(tmp_path / "out" / "q.pt"), "--export_dir", ""]
     with pytest.raises(Exception) as raised:
@@ -203,3 +209,24 @@ def test_bad_files_and_settings_are_user_input_errors_naming_them_before_anythin
     assert found is not None and message in str(found), repr(raised.value)
     assert "weights_only" not in str(found)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))
+
+
+def test_inference_stops_before_it_runs_on_images_whose_masks_would_take_one_name_or_on_a_missing_image(dataset, tmp_path):
+    from monai_effq.utils.errors import find_user_error
+
+    image = sorted(dataset.rglob("volume-*.nii"))[0]
+    twins = []
+    for patient in ("a", "b"):  # two patients' CT, each exported as ct.nii: one mask name in one folder
+        (tmp_path / patient).mkdir()
+        twins.append({"image": str(shutil.copy(image, tmp_path / patient / "ct.nii"))})
+    cases = {
+        "would both write the mask ct_seg.nii.gz": twins,
+        f"image {tmp_path / 'c' / 'ct.nii'} does not exist": [{"image": str(tmp_path / "c" / "ct.nii")}],
+    }
+    for message, datalist in cases.items():
+        out = tmp_path / "masks"
+        with pytest.raises(Exception) as raised:
+            bundle("lits_effq", "inference", "--datalist", repr(datalist), "--output_dir", str(out))
+        found = find_user_error(raised.value)
+        assert found is not None and message in str(found), repr(raised.value)
+        assert not out.exists() or not any(out.iterdir())  # stopped before any mask was written
