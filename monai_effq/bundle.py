@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import numbers
 import os
 import re
 import shutil
@@ -50,6 +52,7 @@ __all__ = [
     "calibration_datalist",
     "calibration_share",
     "check_exportable",
+    "check_finetune_settings",
     "check_inference_inputs",
     "check_quantized",
     "demo_dataset",
@@ -501,6 +504,29 @@ def check_quantized(
         )
     report = report_path if report_path and Path(report_path).is_file() else None
     return verify_checkpoint(quantized_path, fp_network=fp_network, report=report)
+
+
+def check_finetune_settings(steps: Any, log_every: Any, learning_rate: Any, batch_size: Any) -> None:
+    """Stop a fine-tune before its PTQ start is computed when a training setting cannot work.
+
+    The PTQ start takes minutes; without this, ``--learning_rate -1`` failed after it in the optimiser,
+    ``--log_every 0`` in a modulo by zero, and ``--steps 0`` ended with status 0 and no checkpoint.
+
+    Args:
+        steps: fine-tuning steps (at least 1).
+        log_every: steps between loss lines (at least 1).
+        learning_rate: the optimiser's step size (a positive number).
+        batch_size: training batch size (at least 1).
+
+    Raises:
+        UserInputError: naming the first bad setting.
+    """
+    check_integer(steps, "steps", low=1)
+    check_integer(log_every, "log_every", low=1)
+    check_integer(batch_size, "batch_size", low=1)
+    positive = isinstance(learning_rate, numbers.Real) and not isinstance(learning_rate, bool) and 0 < learning_rate < math.inf
+    if not positive:
+        raise UserInputError(f"learning_rate must be a positive number such as 1e-4, got {learning_rate!r}.")
 
 
 def shipped_files(bundle_root: str | os.PathLike) -> dict[Path, str]:

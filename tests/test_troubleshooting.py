@@ -19,6 +19,7 @@ from monai_effq import EfficientQConfig, quantize
 from monai_effq.bundle import (
     calibration_datalist,
     check_exportable,
+    check_finetune_settings,
     check_inference_inputs,
     check_quantized,
     existing_checkpoint,
@@ -298,6 +299,7 @@ TRIGGERS = {
     "images <file> and <file> would both write the mask <name> in <folder>": (
         lambda t, d: check_inference_inputs([{"image": str(p)} for p in _two_named_alike(t, d)], t / "masks")
     ),
+    "learning_rate must be a positive number such as 1e-4, got <value>": lambda t, d: check_finetune_settings(300, 25, 0.0, 2),
     "body_mask selects no voxel of the calibration data": (
         lambda t, d: quantize(_net(), torch.rand(1, 1, 8, 8, 8), body_mask=torch.zeros(1, 8, 8, 8, dtype=torch.bool), progress=False)
     ),

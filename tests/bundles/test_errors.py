@@ -183,6 +183,10 @@ IN_PROCESS_CASES = {
     "inference before quantize": ("inference", None, "model_efficientq_w4a8.pt does not exist: run the quantize workflow first"),
     # 'false' is text, which Python takes for true: this replaced the outputs it was meant to keep
     "overwrite written in lower case": ("quantize", None, "overwrite must be True or False, got 'false'"),
+    # checked before the PTQ start, which takes minutes; they used to fail after it (or end with status 0)
+    "fine-tune at a negative learning rate": ("finetune", None, "learning_rate must be a positive number such as 1e-4, got -1"),
+    "fine-tune logging every 0 steps": ("finetune", None, "log_every must be an integer of at least 1, got 0"),
+    "fine-tune of no steps": ("finetune", None, "steps must be an integer of at least 1, got 0"),
 }
 
 
@@ -200,6 +204,9 @@ def test_bad_files_and_settings_are_user_input_errors_naming_them_before_anythin
         "unknown dataset layout": ["--layout", "nnunet"],
         "unknown task": ["--task", "segmentation"],
         "overwrite written in lower case": ["--overwrite", "false"],
+        "fine-tune at a negative learning rate": ["--learning_rate", "-1"],
+        "fine-tune logging every 0 steps": ["--log_every", "0"],
+        "fine-tune of no steps": ["--steps", "0"],
     }.get(case, [])
     if workflow == "quantize":
         args += ["--quantized_path", str(tmp_path / "out" / "q.pt"), "--export_dir", ""]
