@@ -54,6 +54,7 @@ __all__ = [
     "check_exportable",
     "check_finetune_settings",
     "check_inference_inputs",
+    "check_quantize_finished",
     "check_quantized",
     "demo_dataset",
     "datalist",
@@ -474,6 +475,30 @@ def refuse_to_overwrite(overwrite: bool, *paths: str | os.PathLike | None) -> No
             )
 
 
+def check_quantize_finished(quantized_path: str | os.PathLike) -> None:
+    """Stop an evaluation before its FP pass when there is no finished quantize run to compare with.
+
+    The evaluate workflows call this first, so a missing checkpoint or an unfinished run is reported
+    before minutes of FP evaluation and before any of its files are written; :func:`check_quantized`
+    checks the checkpoint's content once the FP weights are loaded.
+
+    Args:
+        quantized_path: the quantized checkpoint.
+
+    Raises:
+        MissingInputError: when the checkpoint is not there.
+        UserInputError: when a resume journal of an unfinished quantize run lies beside it.
+    """
+    journal = Path(f"{quantized_path}.journal")
+    if journal.exists():
+        raise UserInputError(
+            f"the quantize run that writes {quantized_path} did not finish (its journal {journal} is there): rerun the "
+            "same quantize command to resume it (or delete the journal), then evaluate."
+        )
+    if not Path(quantized_path).is_file():
+        raise MissingInputError(f"quantized checkpoint {quantized_path} does not exist: run the quantize workflow first or fix the path.")
+
+
 def check_quantized(
     quantized_path: str | os.PathLike, fp_network: torch.nn.Module, report_path: str | os.PathLike | None = None
 ) -> str:
@@ -496,12 +521,7 @@ def check_quantized(
     Raises:
         UserInputError: when a resume journal of an unfinished quantize run lies beside the checkpoint.
     """
-    journal = Path(f"{quantized_path}.journal")
-    if journal.exists():
-        raise UserInputError(
-            f"the quantize run that writes {quantized_path} did not finish (its journal {journal} is there): rerun the "
-            "same quantize command to resume it (or delete the journal), then evaluate."
-        )
+    check_quantize_finished(quantized_path)
     report = report_path if report_path and Path(report_path).is_file() else None
     return verify_checkpoint(quantized_path, fp_network=fp_network, report=report)
 

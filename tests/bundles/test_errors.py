@@ -181,9 +181,14 @@ IN_PROCESS_CASES = {
     "unknown dataset layout": ("quantize", None, "layout must be 'auto', 'native' or one of"),
     "unknown task": ("quantize", None, "task must be one of ('multiclass', 'multilabel'), got 'segmentation'"),
     "inference before quantize": ("inference", None, "model_efficientq_w4a8.pt does not exist: run the quantize workflow first"),
+    # before the FP evaluation, which took minutes and wrote its per-case files first
+    "evaluate before quantize": ("evaluate", None, "model_efficientq_w4a8.pt does not exist: run the quantize workflow first"),
     # 'false' is text, which Python takes for true: this replaced the outputs it was meant to keep
     "overwrite written in lower case": ("quantize", None, "overwrite must be True or False, got 'false'"),
     # checked before the PTQ start, which takes minutes; they used to fail after it (or end with status 0)
+    # settings the docs give as bundle settings, which the bundles used to ignore
+    "no memory for calibration": ("quantize", None, "target_memory_mib must be an integer of at least 1, got 0"),
+    "first layer at 9 bits": ("quantize", None, "first_layer_bits must be an integer from 2 to 8, got 9"),
     "fine-tune at a negative learning rate": ("finetune", None, "learning_rate must be a positive number such as 1e-4, got -1"),
     "fine-tune logging every 0 steps": ("finetune", None, "log_every must be an integer of at least 1, got 0"),
     "fine-tune of no steps": ("finetune", None, "steps must be an integer of at least 1, got 0"),
@@ -204,6 +209,8 @@ def test_bad_files_and_settings_are_user_input_errors_naming_them_before_anythin
         "unknown dataset layout": ["--layout", "nnunet"],
         "unknown task": ["--task", "segmentation"],
         "overwrite written in lower case": ["--overwrite", "false"],
+        "no memory for calibration": ["--target_memory_mib", "0"],
+        "first layer at 9 bits": ["--first_layer_bits", "9"],
         "fine-tune at a negative learning rate": ["--learning_rate", "-1"],
         "fine-tune logging every 0 steps": ["--log_every", "0"],
         "fine-tune of no steps": ["--steps", "0"],
