@@ -449,7 +449,7 @@ def model_tag(
     return f"{made_by}_{weights}{acts}"
 
 
-def refuse_to_overwrite(overwrite: bool, *paths: str | os.PathLike | None) -> None:
+def refuse_to_overwrite(overwrite: bool, *paths: str | os.PathLike | None, unfinished: str | os.PathLike | None = None) -> None:
     """Stop a workflow before it runs when an output it would write is there from an earlier run.
 
     A bundle workflow calls this first, so nothing is computed, and nothing replaced, unless the
@@ -459,13 +459,16 @@ def refuse_to_overwrite(overwrite: bool, *paths: str | os.PathLike | None) -> No
         overwrite: replace earlier outputs.
         paths: the workflow's outputs (files, or folders that count when they hold anything); None or
             "" is skipped.
+        unfinished: the resume journal of the run that writes them: while it is there, the outputs
+            are a killed run's (its checkpoint written, its export not), and the rerun that resumes
+            it replaces them.
 
     Raises:
         OutputExistsError: naming the first output that exists (a ``FileExistsError``).
         UserInputError: when ``overwrite`` is not a boolean (``--overwrite false`` arrives as the text
             ``'false'``, which Python would take for true and replace the outputs).
     """
-    if check_flag(overwrite, "overwrite"):
+    if check_flag(overwrite, "overwrite") or (unfinished and Path(unfinished).exists()):
         return
     for path in (Path(p) for p in paths if p):
         if path.is_file() or (path.is_dir() and any(path.iterdir())):

@@ -22,7 +22,7 @@ from monai_effq.ptq.journal import remove_journal
 from monai_effq.ptq.pipeline import quantize
 from monai_effq.ptq.prepare import available_device
 from monai_effq.utils.distributed import get_rank, get_world_size, is_rank_zero
-from monai_effq.utils.errors import MissingInputError, UserInputError, check_integer, check_spread
+from monai_effq.utils.errors import MissingInputError, UserInputError, check_flag, check_integer, check_spread
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -97,8 +97,9 @@ class QuantizationHandler:
     cropping). When the run completes the handler calls :func:`monai_effq.quantize`, puts the
     quantized network into ``engine.network``, keeps the result in ``engine.state.quantization``
     and, if ``save_path`` is set, writes the quantized checkpoint. With ``save_path``, finished layers
-    are journaled in ``<save_path>.journal/`` until the checkpoint is written, so the same command
-    rerun after a kill continues after the last finished layer.
+    are journaled in ``<save_path>.journal/`` until the checkpoint is written (or, with
+    ``keep_journal``, until the workflow removes it once its other outputs are written too), so the
+    same command rerun after a kill continues after the last finished layer.
 
     Under ``torchrun`` (``torch.distributed`` initialised) each rank's evaluator iterates over its own
     share of the calibration cases; every rank quantizes (the statistics are summed across ranks)
@@ -116,6 +117,9 @@ class QuantizationHandler:
         body_mask: ``"nonzero"`` (voxels where any channel is non-zero: brain MRI) or ``None``
             (everything: CT).
         progress: show the per-layer progress bar.
+        keep_journal: leave the journal after writing the checkpoint, for a workflow that writes more
+            outputs (a report, an export) and removes it (:func:`~monai_effq.ptq.journal.remove_journal`)
+            after the last: a kill before then leaves the run unfinished, and the rerun resumes it.
 
     Example::
 
@@ -133,6 +137,7 @@ class QuantizationHandler:
         body_mask: str | None = None,
         progress: bool = True,
         roi_size: Sequence[int] | None = None,
+        keep_journal: bool = False,
     ) -> None:
         self.config = EfficientQConfig.from_dict(config) if isinstance(config, dict) else config or EfficientQConfig()
         available_device(self.config.device)  # before the evaluator loads any data
@@ -144,6 +149,7 @@ class QuantizationHandler:
         self.image_key = image_key
         self.body_mask = body_mask
         self.progress = progress
+        self.keep_journal = check_flag(keep_journal, "keep_journal")
         if roi_size is not None and (isinstance(roi_size, str) or not isinstance(roi_size, Sequence)):
             raise UserInputError(f"roi_size must be a list of positive window sizes such as [96,96,96], got {roi_size!r}.")
         self.roi_size = None if roi_size is None else tuple(check_integer(r, "each roi_size", low=1) for r in roi_size)
@@ -212,7 +218,8 @@ class QuantizationHandler:
         engine.state.quantization = result
         if self.save_path is not None and is_rank_zero():
             path = save_quantized(result, self.save_path)
-            remove_journal(journal)
+            if not self.keep_journal:
+                remove_journal(journal)
             self.logger.info(f"quantized checkpoint written to {path}")
         self.logger.info(result.report.summary())
         self.batches = []

@@ -18,7 +18,7 @@ import torch
 
 from monai_effq.bundle import datalist
 from monai_effq.data import make_lits_demo
-from monai_effq.utils.errors import DEBUG_ENV
+from monai_effq.utils.errors import DEBUG_ENV, find_user_error
 
 from .conftest import ROOT, bundle, copy_bundle
 
@@ -244,3 +244,34 @@ def test_inference_stops_before_it_runs_on_images_whose_masks_would_take_one_nam
         found = find_user_error(raised.value)
         assert found is not None and message in str(found), repr(raised.value)
         assert not out.exists() or not any(out.iterdir())  # stopped before any mask was written
+
+
+def test_a_quantize_run_killed_while_it_exports_is_finished_by_the_same_command(dataset, tmp_path, monkeypatch):
+    import monai_effq.bundle as bundle_module
+
+    copy = copy_bundle("lits_effq", tmp_path / "lits_effq")
+    out, export = tmp_path / "out", tmp_path / "export"
+    args = [
+        "--bundle_root", str(copy), "--dataset_dir", str(dataset), "--output_dir", str(out), "--export_dir", str(export),
+        "--method", "rtn", "--calibration_crop", "[32,32,32]", "--calibration_roi", "[32,32,32]",
+    ]  # fmt: skip
+    checkpoint = copy / "models" / "model_rtn_w4a8.pt"
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed while exporting")
+
+    monkeypatch.setattr(bundle_module, "export_monailabel_bundle", killed)
+    with pytest.raises(Exception) as stopped:
+        bundle("lits_effq", "quantize", *args)
+    assert "killed while exporting" in str(stopped.value.__cause__)
+    # the checkpoint and report are written, the export is not: the run is unfinished, and says so
+    assert checkpoint.is_file() and (out / "quantization_report_rtn_w4a8.json").is_file() and not export.exists()
+    assert Path(f"{checkpoint}.journal").is_dir()
+    written = checkpoint.read_bytes()
+    monkeypatch.undo()
+    bundle("lits_effq", "quantize", *args)  # the same command, without --overwrite
+    assert (export / "models" / "model.ts").is_file() and not Path(f"{checkpoint}.journal").exists()
+    assert checkpoint.read_bytes() == written  # resumed from the journal: the same network
+    with pytest.raises(Exception) as again:  # finished now, so a third run refuses to replace it
+        bundle("lits_effq", "quantize", *args)
+    assert "exists from an earlier run" in str(find_user_error(again.value))
