@@ -450,10 +450,12 @@ def model_tag(
 
 
 def refuse_to_overwrite(overwrite: bool, *paths: str | os.PathLike | None, unfinished: str | os.PathLike | None = None) -> None:
-    """Stop a workflow before it runs when an output it would write is there from an earlier run.
+    """Stop a workflow before it runs when an output it would write is there from an earlier run, or
+    could not be written.
 
     A bundle workflow calls this first, so nothing is computed, and nothing replaced, unless the
-    user asks for it with ``--overwrite True``.
+    user asks for it with ``--overwrite True``; and a folder it cannot write (read-only, another
+    user's) is named before minutes of work, not after them.
 
     Args:
         overwrite: replace earlier outputs.
@@ -466,9 +468,19 @@ def refuse_to_overwrite(overwrite: bool, *paths: str | os.PathLike | None, unfin
     Raises:
         OutputExistsError: naming the first output that exists (a ``FileExistsError``).
         UserInputError: when ``overwrite`` is not a boolean (``--overwrite false`` arrives as the text
-            ``'false'``, which Python would take for true and replace the outputs).
+            ``'false'``, which Python would take for true and replace the outputs), or when an output's
+            folder cannot be written.
     """
-    if check_flag(overwrite, "overwrite") or (unfinished and Path(unfinished).exists()):
+    replace = check_flag(overwrite, "overwrite")
+    for path in (Path(p) for p in paths if p):
+        # the nearest folder that exists is where the output, or the folders above it, will be made
+        folder = next(f for f in (path.absolute(), *path.absolute().parents) if f.is_dir())
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise UserInputError(
+                f"cannot write {path}: the folder {folder} is not writable (read-only or another user's); pass "
+                "--output_dir or --ckpt_dir naming a folder you can write."
+            )
+    if replace or (unfinished and Path(unfinished).exists()):
         return
     for path in (Path(p) for p in paths if p):
         if path.is_file() or (path.is_dir() and any(path.iterdir())):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from monai_effq.bundle import existing_checkpoint, image_preprocessing, load_fp_weights, log_written, preprocessing
+from monai_effq.bundle import existing_checkpoint, image_preprocessing, load_fp_weights, log_written, preprocessing, refuse_to_overwrite
 from monai_effq.utils.errors import MissingInputError, UserInputError
 
 
@@ -77,3 +77,18 @@ def test_an_fp_checkpoint_of_another_network_is_named_with_the_weights_that_diff
     with pytest.raises(UserInputError, match=r"holds the weights of another network \(0\.weight \[3, 1, 3, 3, 3\] where the network has \[2, 1, 3, 3, 3\]"):
         existing_checkpoint(tmp_path / "model.pt", _net())
     assert existing_checkpoint(tmp_path / "model.pt") == str(tmp_path / "model.pt")  # without the network: only loadable
+
+
+def test_an_output_folder_that_cannot_be_written_is_named_before_the_workflow_runs(tmp_path, monkeypatch):
+    import os
+
+    import monai_effq.bundle as bundle_module
+
+    locked = tmp_path / "eval"
+    locked.mkdir()
+    monkeypatch.setattr(bundle_module.os, "access", lambda path, mode: os.fspath(path) != os.fspath(locked))
+    # a report inside it, and a folder still to be made under it, are both refused, naming the folder
+    for output in (locked / "quantization_report.json", locked / "seg" / "rtn_w4a8"):
+        with pytest.raises(UserInputError, match=f"cannot write {output}: the folder {locked} is not writable"):
+            refuse_to_overwrite(False, tmp_path / "model.pt", output)
+    refuse_to_overwrite(False, tmp_path / "model.pt", tmp_path / "other" / "report.json")  # writable: no error

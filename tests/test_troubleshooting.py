@@ -292,6 +292,8 @@ TRIGGERS = {
     ),
     "<output> exists from an earlier run: pass --overwrite True to replace it, or write elsewhere": _earlier_output,
     "<file> is the checkpoint this bundle ships (large_files.yml) and training would replace it": _shipped_checkpoint,
+    # /proc/1 is a folder no one may create files in, root included
+    "cannot write <output>: the folder <folder> is not writable": lambda t, d: refuse_to_overwrite(False, Path("/proc/1/eval/report.json")),
     "overwrite must be True or False, got <value>": lambda t, d: refuse_to_overwrite("false", t / "model.pt"),
     "image <file> does not exist: correct the datalist or --dataset_dir.": (
         lambda t, d: check_inference_inputs([{"image": str(t / "ct.nii.gz")}], t / "masks")
