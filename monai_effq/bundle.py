@@ -226,6 +226,11 @@ def calibration_datalist(
             f"choose --calibration_case from 0 to {len(train) - 1}."
         )
     chosen = train[case : case + cases]
+    if len(chosen) < cases:
+        logger.warning(
+            "calibration_cases %d from calibration_case %d asks for more than the %d training cases left: calibrating on those %d",
+            cases, case, len(train) - case, len(chosen),
+        )
     validate_datalist(chosen, read_data=True)
     return chosen
 

@@ -92,3 +92,14 @@ def test_an_output_folder_that_cannot_be_written_is_named_before_the_workflow_ru
         with pytest.raises(UserInputError, match=f"cannot write {output}: the folder {locked} is not writable"):
             refuse_to_overwrite(False, tmp_path / "model.pt", output)
     refuse_to_overwrite(False, tmp_path / "model.pt", tmp_path / "other" / "report.json")  # writable: no error
+
+
+def test_more_calibration_cases_than_the_training_split_holds_are_calibrated_on_with_a_warning(tmp_path, caplog):
+    from monai_effq.bundle import calibration_datalist
+    from monai_effq.data import make_lits_demo
+
+    make_lits_demo(tmp_path, n_cases=3, shape=(32, 32, 32), seed=0)
+    with caplog.at_level(logging.WARNING, logger="monai_effq.bundle"):
+        chosen = calibration_datalist(tmp_path, "lits", case=0, cases=99)
+    assert 0 < len(chosen) < 99
+    assert f"asks for more than the {len(chosen)} training cases left: calibrating on those {len(chosen)}" in caplog.text
