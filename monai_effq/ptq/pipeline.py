@@ -203,9 +203,11 @@ class _Run:
         offset = sum(self.shares[: self.rank])
         total = sum(self.shares)
         self.chunks = 1
+        # a window's mirror images stay together in one chunk, so each chunk's hold-out can follow them
+        self.group = mirror_count(self.mirrored_dims) if self.mirrored_dims else 1
         if len(batches) == 1 and per_sample:
-            cap = max(1, config.target_memory_mib * 2**20 // 4 // max(per_sample.values()))
-            self.chunks = -(-total // cap)
+            cap = max(1, config.target_memory_mib * 2**20 // 4 // max(per_sample.values()) // self.group)
+            self.chunks = -(-total // self.group // cap)
         # (where in its global batch each local window sits, that batch's size over all ranks)
         self.places: list[tuple[torch.Tensor, int]] = [(torch.arange(b.shape[0]), b.shape[0]) for b in batches]
         self.first_chunk = [True] + [False] * (len(batches) - 1)
@@ -215,11 +217,13 @@ class _Run:
         if len(batches) == 1:
             index = torch.arange(offset, offset + batches[0].shape[0])
             kept, places, first, numbers = [], [], [], []
+            source, copy_ = index // self.group, index % self.group
             for c in range(self.chunks):
-                local = (index % self.chunks == c).nonzero().squeeze(1)
+                local = (self._chunk_of(index) == c).nonzero().squeeze(1)
                 if local.numel():
                     kept.append(batches[0][local] if self.chunks > 1 else batches[0])
-                    places.append((index[local] // self.chunks, len(range(c, total, self.chunks))))
+                    place = source[local] // self.chunks * self.group + copy_[local]
+                    places.append((place, len(range(c, total // self.group, self.chunks)) * self.group))
                     numbers.append(index[local])
                     first.append(c == 0)
             batches, self.places, self.first_chunk, self.window_numbers = kept, places, first, numbers
@@ -239,6 +243,10 @@ class _Run:
             with WindowByWindow():
                 quantize_norm_inputs(self.qnet, self.batches[0].to(self.device), config.norm_input_spec)
 
+    def _chunk_of(self, index: torch.Tensor) -> torch.Tensor:
+        """The chunk of each numbered window: sources dealt round-robin, each with its mirror images."""
+        return index // self.group % self.chunks
+
     def masks(self, body_mask: torch.Tensor | list[torch.Tensor] | None) -> torch.Tensor | list[torch.Tensor] | None:
         """The body mask arranged like the batches this run iterates over."""
         if body_mask is None:
@@ -251,7 +259,7 @@ class _Run:
             body_mask = torch.as_tensor(body_mask)
             offset = sum(self.shares[: self.rank])
             index = torch.arange(offset, offset + body_mask.shape[0])
-            chunks = [(index % self.chunks == c).nonzero().squeeze(1) for c in range(self.chunks)]
+            chunks = [(self._chunk_of(index) == c).nonzero().squeeze(1) for c in range(self.chunks)]
             return [body_mask[local] for local in chunks if local.numel()]
         return body_mask
 

@@ -118,6 +118,21 @@ def test_mirrored_windows_are_held_out_with_their_source_so_a_copy_never_validat
     assert held[[3, 7]].all() and not held[[0, 1, 2, 4, 5, 6]].any()
 
 
+def test_in_chunks_each_copy_is_held_out_where_its_source_is(trained_unet, monkeypatch):
+    # 4 crops and their copies (32 windows of 24^3) in a 1 MiB budget: several chunks, each of whole sources
+    calib = sphere_volumes(4, seed=5)[0]
+    seen: list = []
+    # where each chunk's windows sit in it is what the hold-out masks are indexed by; no layer need be solved
+    monkeypatch.setattr(pipeline._Run, "run", lambda self, attention, progress: seen.append(self.places) or [])
+    quantize(trained_unet, calib, EfficientQConfig(weight_bits=4, calibration_flips=True, target_memory_mib=1), progress=False)
+    places = seen[0]
+    assert len(places) > 1, "the budget splits the windows into chunks"
+    for place, size in places:  # a chunk's windows: whole sources, each followed by its 8 copies in order
+        assert size % 8 == 0 and place.numel() % 8 == 0
+        groups = place.view(-1, 8)
+        assert (groups % 8 == torch.arange(8)).all() and (groups // 8 == groups[:, :1] // 8).all()
+
+
 def test_calibration_flips_fit_each_layer_to_eight_times_the_voxels_of_the_crop(trained_unet):
     calib, _ = sphere_volumes(1, seed=5)
     crop = calib[:, :, 4:20, 4:20, 4:20]

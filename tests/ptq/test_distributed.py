@@ -106,6 +106,8 @@ CASES = {
     "one_pass": ((4, 24), {}),
     "chunked": ((8, 20), {"target_memory_mib": 1}),
     "lone_window_in_a_chunk": ((6, 20), {"target_memory_mib": 1}),
+    # each rank mirrors its own 2 windows: 16 windows a rank, chunked by source with their copies
+    "mirrored_in_chunks": ((4, 20), {"target_memory_mib": 1, "calibration_flips": True}),
 }
 
 
