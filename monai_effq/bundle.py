@@ -832,12 +832,21 @@ def _fp_state(path: str | os.PathLike, network: torch.nn.Module | None = None, d
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch raises unpickling, zip and EOF errors of several types
+        pickled = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if pickled:  # torch.save(model): loading it would run code from the file, so it is not loaded
+            raise UserInputError(
+                f"FP checkpoint {where} holds a pickled {pickled.group(1)} object, not a state dict: save the "
+                "network's weights with torch.save(model.state_dict(), path) and pass that file."
+            ) from None
         raise UserInputError(
             f"FP checkpoint {where} is damaged or not a PyTorch state dict ({type(e).__name__}): train again with "
             "the train workflow or restore the file."
         ) from None
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
+    # MONAI's CheckpointSaver keeps the weights under "model", PyTorch Lightning and many scripts under "state_dict"
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserInputError(f"FP checkpoint {where} holds no state dict of tensors: pass the train workflow's model.pt.")
     if network is not None:

@@ -15,11 +15,11 @@ def _net() -> nn.Module:
     return nn.Sequential(nn.Conv3d(1, 2, 3), nn.ReLU(), nn.Conv3d(2, 2, 1))
 
 
-@pytest.mark.parametrize("wrap", [False, True], ids=["state_dict", "checkpoint_saver"])
+@pytest.mark.parametrize("wrap", [None, "model", "state_dict"], ids=["state_dict", "checkpoint_saver", "lightning_style"])
 def test_fp_weights_load_from_a_state_dict_or_a_checkpoint_savers_model_entry(tmp_path, wrap):
     trained = _net()
     state = trained.state_dict()
-    torch.save({"model": state, "optimizer": {}} if wrap else state, tmp_path / "model.pt")
+    torch.save({wrap: state, "optimizer": {}} if wrap else state, tmp_path / "model.pt")
     fresh = nn.Sequential(nn.Conv3d(1, 2, 3), nn.ReLU(), nn.Conv3d(2, 2, 1)).train()
     loaded = load_fp_weights(fresh, tmp_path / "model.pt")
     assert loaded is fresh and not loaded.training
@@ -103,3 +103,9 @@ def test_more_calibration_cases_than_the_training_split_holds_are_calibrated_on_
         chosen = calibration_datalist(tmp_path, "lits", case=0, cases=99)
     assert 0 < len(chosen) < 99
     assert f"asks for more than the {len(chosen)} training cases left: calibrating on those {len(chosen)}" in caplog.text
+
+
+def test_a_whole_pickled_network_is_named_and_not_unpickled(tmp_path):
+    torch.save(_net(), tmp_path / "model.pt")  # torch.save(model): loading it would run code from the file
+    with pytest.raises(UserInputError, match=r"holds a pickled torch.nn.modules.container.Sequential object, not a state dict: save"):
+        load_fp_weights(_net(), tmp_path / "model.pt")

@@ -213,6 +213,11 @@ def _unexportable_bundle(tmp_path, lits):
     check_exportable(tmp_path, tmp_path / "export")
 
 
+def _pickled_network(tmp_path, lits):
+    torch.save(_unet(), tmp_path / "model.pt")
+    existing_checkpoint(tmp_path / "model.pt", _unet())
+
+
 def _two_named_alike(tmp_path, lits):
     image = next(lits.glob("volume-*.nii"))
     return [shutil.copy(image, tmp_path / "ct.nii"), shutil.copy(image, tmp_path / "ct.nrrd")]
@@ -294,6 +299,7 @@ TRIGGERS = {
     "<file> is the checkpoint this bundle ships (large_files.yml) and training would replace it": _shipped_checkpoint,
     # /proc/1 is a folder no one may create files in, root included
     "cannot write <output>: the folder <folder> is not writable": lambda t, d: refuse_to_overwrite(False, Path("/proc/1/eval/report.json")),
+    "FP checkpoint <file> holds a pickled <class> object, not a state dict": _pickled_network,
     "overwrite must be True or False, got <value>": lambda t, d: refuse_to_overwrite("false", t / "model.pt"),
     "image <file> does not exist: correct the datalist or --dataset_dir.": (
         lambda t, d: check_inference_inputs([{"image": str(t / "ct.nii.gz")}], t / "masks")
