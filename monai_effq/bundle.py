@@ -390,7 +390,7 @@ def check_inference_inputs(
             if str(path).endswith((".nii", ".nii.gz")):
                 check_nifti(path, read_data=True)
         # the name SaveImaged gives the mask: from the first file of a multi-modal case
-        mask = create_file_basename(postfix, str(paths[0]), str(output_dir), "", False)
+        mask = create_file_basename(postfix, str(paths[0]), str(output_dir), "", False, makedirs=False)
         if mask in taken:
             raise UserInputError(
                 f"images {taken[mask]} and {paths[0]} would both write the mask {Path(mask).name}{ext} in {output_dir}: "
@@ -482,8 +482,8 @@ def refuse_to_overwrite(overwrite: bool, *paths: str | os.PathLike | None, unfin
         folder = next(f for f in (path.absolute(), *path.absolute().parents) if f.is_dir())
         if not os.access(folder, os.W_OK | os.X_OK):
             raise UserInputError(
-                f"cannot write {path}: the folder {folder} is not writable (read-only or another user's); pass "
-                "--output_dir or --ckpt_dir naming a folder you can write."
+                f"cannot write {path}: the folder {folder} is not writable (read-only or another user's); point the "
+                "setting that names it (--output_dir, --ckpt_dir, --export_dir, ...) at a folder you can write."
             )
     if replace or (unfinished and Path(unfinished).exists()):
         return
@@ -513,7 +513,8 @@ def check_quantize_finished(quantized_path: str | os.PathLike) -> None:
     if journal.exists():
         raise UserInputError(
             f"the quantize run that writes {quantized_path} did not finish (its journal {journal} is there): rerun the "
-            "same quantize command to resume it (or delete the journal), then evaluate."
+            "same quantize command to resume it (with --export_dir \"\" if its export is what fails, or delete the "
+            "journal), then evaluate."
         )
     if not Path(quantized_path).is_file():
         raise MissingInputError(f"quantized checkpoint {quantized_path} does not exist: run the quantize workflow first or fix the path.")
@@ -842,7 +843,7 @@ def _fp_state(path: str | os.PathLike, network: torch.nn.Module | None = None, d
             f"FP checkpoint {where} is damaged or not a PyTorch state dict ({type(e).__name__}): train again with "
             "the train workflow or restore the file."
         ) from None
-    # MONAI's CheckpointSaver keeps the weights under "model", PyTorch Lightning and many scripts under "state_dict"
+    # MONAI's CheckpointSaver keeps the weights under "model", many training scripts under "state_dict"
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

@@ -15,7 +15,7 @@ def _net() -> nn.Module:
     return nn.Sequential(nn.Conv3d(1, 2, 3), nn.ReLU(), nn.Conv3d(2, 2, 1))
 
 
-@pytest.mark.parametrize("wrap", [None, "model", "state_dict"], ids=["state_dict", "checkpoint_saver", "lightning_style"])
+@pytest.mark.parametrize("wrap", [None, "model", "state_dict"], ids=["state_dict", "checkpoint_saver", "state_dict_entry"])
 def test_fp_weights_load_from_a_state_dict_or_a_checkpoint_savers_model_entry(tmp_path, wrap):
     trained = _net()
     state = trained.state_dict()

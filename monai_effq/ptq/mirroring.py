@@ -9,7 +9,9 @@ the layer-wise fits get eight times the data at the cost of eight times the pass
 A window's copies follow it (window ``w`` becomes windows ``w * F`` to ``w * F + F - 1``), so ranks and
 chunks share them as one process does, and :func:`mirror_masks` lays a hold-out mask made for the
 source windows over the copies: a held-out slab stays on the same anatomy in every copy, which the
-layer-wise validation needs (a copy of a fitted window would otherwise validate the fit).
+layer-wise validation needs (a copy of a fitted window would otherwise validate the fit). A mask over
+other axes than the windows' (an attention layer's tokens, in window-partition order) cannot be
+mapped; :func:`~monai_effq.ptq.pipeline.holdout_mask` then holds out whole sources or nothing.
 """
 
 from __future__ import annotations
@@ -35,7 +37,14 @@ def mirror_axes(spatial_dims: int) -> list[tuple[int, ...]]:
 
 
 def mirror_count(spatial_dims: int) -> int:
-    """How many windows each source window becomes: ``2 ** spatial_dims``."""
+    """How many windows each source window becomes.
+
+    Args:
+        spatial_dims: the number of spatial axes.
+
+    Returns:
+        ``2 ** spatial_dims``, the window itself included.
+    """
     return 2**spatial_dims
 
 
@@ -59,7 +68,8 @@ def mirror_masks(masks: torch.Tensor, spatial_dims: int) -> torch.Tensor:
     Args:
         masks: ``(N, *axes)`` per-window masks (a body mask, or the hold-out of a layer's output
             voxels). With ``spatial_dims`` axes they are flipped as the windows are; a mask of other
-            axes (a linear layer's tokens) cannot be mapped and each copy gets the source's as it is.
+            axes (a linear layer's tokens) cannot be mapped and each copy gets the source's as it is,
+            which is right only for masks that hold out whole windows.
         spatial_dims: the windows' number of spatial axes.
 
     Returns:

@@ -112,7 +112,9 @@ def holdout_mask(shape: tuple[int, ...], fraction: float, mirrored_dims: int = 0
 
     With ``mirrored_dims``, the windows are sources each followed by their mirror images
     (:mod:`monai_effq.ptq.mirroring`): the mask is made for the sources and laid over the copies,
-    so a copy of a fitted window is never held out, nor the other way round.
+    so a copy of a fitted window is never held out, nor the other way round. A slab of a layer whose
+    voxels are not the windows' spatial axes (an attention layer's tokens) cannot be followed through
+    a flip: such a layer gets whole sources held out when there are ``k`` of them, else no hold-out.
 
     Args:
         shape: ``(N, *spatial)`` of the layer's output voxels (``(N, ...)`` for ``Linear``).
@@ -124,10 +126,13 @@ def holdout_mask(shape: tuple[int, ...], fraction: float, mirrored_dims: int = 0
         a boolean mask of ``shape``, or ``None`` when there are fewer than ``k`` windows and no
         spatial axis of at least ``k`` voxels.
     """
-    if mirrored_dims:
-        sources = holdout_mask((shape[0] // mirror_count(mirrored_dims), *shape[1:]), fraction)
-        return None if sources is None else mirror_masks(sources, mirrored_dims)
     k = max(2, round(1.0 / fraction))
+    if mirrored_dims:
+        n_sources = shape[0] // mirror_count(mirrored_dims)
+        if len(shape) - 1 != mirrored_dims and n_sources < k:
+            return None
+        sources = holdout_mask((n_sources, *shape[1:]), fraction)
+        return None if sources is None else mirror_masks(sources, mirrored_dims)
     mask = torch.zeros(shape, dtype=torch.bool)
     if shape[0] >= k:
         mask[k - 1 :: k] = True
@@ -616,7 +621,16 @@ def _calibration_fingerprint(batches: list[torch.Tensor]) -> str:
 def _with_mirror_images(
     batches: list[torch.Tensor], body_mask: torch.Tensor | list[torch.Tensor] | None
 ) -> tuple[list[torch.Tensor], torch.Tensor | list[torch.Tensor] | None]:
-    """The batches with every window's mirror images after it, and the body mask laid over them likewise."""
+    """The batches with every window's mirror images after it, and the body mask laid over them likewise.
+
+    Args:
+        batches: the calibration batches ``(N, C, *spatial)``.
+        body_mask: ``quantize``'s body mask in any of its forms: one ``(N, *spatial)`` or
+            ``(N, 1, *spatial)`` tensor over all batches, or a list with one per batch.
+
+    Returns:
+        the mirrored batches and the body mask in the same form, mirrored as the windows are.
+    """
 
     def masks_like(mask: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
         mask = torch.as_tensor(mask)
@@ -627,7 +641,7 @@ def _with_mirror_images(
     if body_mask is None:
         return mirrored, None
     if isinstance(body_mask, (list, tuple)):
-        return mirrored, [masks_like(m, b) for m, b in zip(body_mask, batches)]
+        return mirrored, [masks_like(m, b) for m, b in zip(body_mask, batches, strict=True)]
     if len(batches) == 1:
         return mirrored, masks_like(body_mask, batches[0])
     parts = torch.split(torch.as_tensor(body_mask), [b.shape[0] for b in batches])

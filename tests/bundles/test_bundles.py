@@ -6,8 +6,8 @@ beside this one.
 """
 
 import json
-import math
 import logging
+import math
 
 import pytest
 
@@ -55,17 +55,24 @@ def test_quantize_calibrates_on_every_window_of_whole_volumes_by_default(trained
 
 
 @pytest.mark.slow
+def test_calibration_flips_calibrate_on_the_crop_and_its_mirror_images(trained):
+    name, work, common, _ = trained
+    bundle(name, "quantize", *common, "--method", "rtn", "--weight_bits", "5", "--calibration_crop", ROI, "--calibration_roi", ROI, "--calibration_flips", "True")
+    report = json.loads((work / "eval" / "quantization_report_rtn_w5a8.json").read_text())
+    # the crop (one window) and its 7 mirror images reached the first layer (the LiTS UNet's has stride 2)
+    crop = math.prod(json.loads(ROI)) // (8 if name == "lits_effq" else 1)
+    assert report["layers"][0]["voxels"] == 8 * crop
+
+
+@pytest.mark.slow
 def test_quantize_and_evaluate_run_from_the_bundle_configs(trained):
     name, work, common, classes = trained
-    bundle(name, "quantize", *common, "--weight_bits", "3", "--calibration_crop", ROI, "--calibration_roi", ROI, "--calibration_flips", "True")
+    bundle(name, "quantize", *common, "--weight_bits", "3", "--calibration_crop", ROI)
     assert (work / "models" / "model_efficientq_w3a8.pt").is_file()
     assert not (ROOT / "bundles" / name / "export" / f"{name}_efficientq_w3a8").exists()  # --export_dir "" exports nothing
     report = json.loads((work / "eval" / "quantization_report_efficientq_w3a8.json").read_text())
     # the body: the LiTS UNet's first residual unit has two layers that read the image (first-layer bits)
     assert {layer["weight_bits"] for layer in report["layers"][2 if name == "lits_effq" else 1 : -1]} == {3}
-    # the crop (one window) and its 7 mirror images reached the first layer (the LiTS UNet's has stride 2)
-    crop = math.prod(json.loads(ROI)) // (8 if name == "lits_effq" else 1)
-    assert report["layers"][0]["voxels"] == 8 * crop
     assert (work / "eval" / "quantization_report_efficientq_w3a8_layers.png").stat().st_size > 1000
 
     res = bundle(name, "evaluate", *common, "--weight_bits", "3", "--sw_roi_size", ROI)

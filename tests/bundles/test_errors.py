@@ -185,10 +185,10 @@ IN_PROCESS_CASES = {
     "evaluate before quantize": ("evaluate", None, "model_efficientq_w4a8.pt does not exist: run the quantize workflow first"),
     # 'false' is text, which Python takes for true: this replaced the outputs it was meant to keep
     "overwrite written in lower case": ("quantize", None, "overwrite must be True or False, got 'false'"),
-    # checked before the PTQ start, which takes minutes; they used to fail after it (or end with status 0)
     # settings the docs give as bundle settings, which the bundles used to ignore
     "no memory for calibration": ("quantize", None, "target_memory_mib must be an integer of at least 1, got 0"),
     "first layer at 9 bits": ("quantize", None, "first_layer_bits must be an integer from 2 to 8, got 9"),
+    # fine-tune settings, checked before the PTQ start, which takes minutes; they used to fail after it (or end with status 0)
     "fine-tune at a negative learning rate": ("finetune", None, "learning_rate must be a positive number such as 1e-4, got -1"),
     "fine-tune logging every 0 steps": ("finetune", None, "log_every must be an integer of at least 1, got 0"),
     "fine-tune of no steps": ("finetune", None, "steps must be an integer of at least 1, got 0"),
@@ -197,8 +197,6 @@ IN_PROCESS_CASES = {
 
 @pytest.mark.parametrize("case", list(IN_PROCESS_CASES))
 def test_bad_files_and_settings_are_user_input_errors_naming_them_before_anything_is_written(case, dataset, tmp_path):
-    from monai_effq.utils.errors import find_user_error
-
     workflow, write_fp, message = IN_PROCESS_CASES[case]
     copy = copy_bundle("lits_effq", tmp_path / "lits_effq")  # no quantized checkpoint in it
     args = ["--bundle_root", str(copy), "--dataset_dir", str(dataset), "--output_dir", str(tmp_path / "out")]
@@ -226,8 +224,6 @@ def test_bad_files_and_settings_are_user_input_errors_naming_them_before_anythin
 
 
 def test_inference_stops_before_it_runs_on_images_whose_masks_would_take_one_name_or_on_a_missing_image(dataset, tmp_path):
-    from monai_effq.utils.errors import find_user_error
-
     image = sorted(dataset.rglob("volume-*.nii"))[0]
     twins = []
     for patient in ("a", "b"):  # two patients' CT, each exported as ct.nii: one mask name in one folder

@@ -8,7 +8,8 @@ import torch
 from monai_effq import EfficientQConfig, quantize
 from monai_effq.data import calibration_windows
 from monai_effq.ptq import pipeline
-from monai_effq.ptq.mirroring import mirror_count, mirror_masks
+from monai_effq.ptq.attention import ClassAttention
+from monai_effq.ptq.mirroring import mirror_count, mirror_images, mirror_masks
 from monai_effq.ptq.pipeline import holdout_mask
 
 from .conftest import sphere_volumes
@@ -116,6 +117,10 @@ def test_mirrored_windows_are_held_out_with_their_source_so_a_copy_never_validat
     many = holdout_mask((8 * copies, 2, 2, 2), 0.25, mirrored_dims=3)
     held = many.flatten(1).all(1).reshape(8, copies)
     assert held[[3, 7]].all() and not held[[0, 1, 2, 4, 5, 6]].any()
+    # an attention layer's tokens cannot follow a flip: whole sources when there are enough, else nothing
+    assert holdout_mask((copies, 64), 0.25, mirrored_dims=3) is None
+    tokens = holdout_mask((8 * copies, 64), 0.25, mirrored_dims=3).all(1).reshape(8, copies)
+    assert tokens[[3, 7]].all() and not tokens[[0, 1, 2, 4, 5, 6]].any()
 
 
 def test_in_chunks_each_copy_is_held_out_where_its_source_is(trained_unet, monkeypatch):
@@ -144,19 +149,19 @@ def test_calibration_flips_fit_each_layer_to_eight_times_the_voxels_of_the_crop(
     assert mirrored.config.calibration_flips and not plain.config.calibration_flips
 
 
-def test_a_body_mask_is_mirrored_with_its_windows_whatever_its_form(trained_unet):
+def test_a_body_mask_is_mirrored_with_its_windows_whatever_its_form(trained_unet, caplog):
     calib = sphere_volumes(2, seed=5)[0][:, :, 6:18, 6:18, 6:18]
-    config = EfficientQConfig(weight_bits=4, calibration_flips=True)  # the attention steers the fit
     body = calib[:, 0] > 0.5
+    with torch.no_grad():  # the class counts of the mirrored windows inside their mirrored body masks
+        logits = trained_unet(mirror_images(calib))
+    expected = ClassAttention(logits, body_mask=mirror_images(body[:, None])[:, 0]).class_counts.tolist()
+    config = EfficientQConfig(weight_bits=4, calibration_flips=True, method="rtn")
     batches = [calib[:1], calib[1:]]
-    results = [
-        quantize(trained_unet, data, config, body_mask=mask, progress=False).network
-        for data, mask in ((calib, body), (calib, body[:, None]), (batches, body), (batches, [body[:1], body[1:]]))
-    ]
-    x = calib[:1]
-    with torch.no_grad():
-        outputs = [net(x) for net in results]
-    assert all(torch.equal(outputs[0], y) for y in outputs[1:])
+    for data, mask in ((calib, body), (calib, body[:, None]), (batches, body), (batches, [body[:1], body[1:]])):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="monai_effq"):
+            quantize(trained_unet, data, config, body_mask=mask, progress=False)
+        assert f"(voxel counts {expected})" in caplog.text
     with pytest.raises(ValueError, match="calibration_flips"):
         EfficientQConfig(calibration_flips="yes")
 
