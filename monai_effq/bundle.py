@@ -35,6 +35,7 @@ from monai_effq.data import (
     validate_datalist,
 )
 from monai_effq.ptq.checkpoint import verify_checkpoint
+from monai_effq.ptq.journal import journal_path
 from monai_effq.utils.distributed import get_rank, get_world_size, is_rank_zero
 from monai_effq.utils.errors import (
     MissingInputError,
@@ -509,7 +510,7 @@ def check_quantize_finished(quantized_path: str | os.PathLike) -> None:
         MissingInputError: when the checkpoint is not there.
         UserInputError: when a resume journal of an unfinished quantize run lies beside it.
     """
-    journal = Path(f"{quantized_path}.journal")
+    journal = journal_path(quantized_path)
     if journal.exists():
         raise UserInputError(
             f"the quantize run that writes {quantized_path} did not finish (its journal {journal} is there): rerun the "

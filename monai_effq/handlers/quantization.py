@@ -18,7 +18,7 @@ from monai_effq.ptq.attention import check_task
 from monai_effq.ptq.checkpoint import load_quantized, save_quantized
 from monai_effq.ptq.config import EfficientQConfig
 from monai_effq.ptq.graph import probe_network
-from monai_effq.ptq.journal import remove_journal
+from monai_effq.ptq.journal import journal_path, remove_journal
 from monai_effq.ptq.pipeline import quantize
 from monai_effq.ptq.prepare import available_device
 from monai_effq.utils.distributed import get_rank, get_world_size, is_rank_zero
@@ -210,7 +210,7 @@ class QuantizationHandler:
         if not self.batches:
             raise UserInputError("no calibration batch was collected: the calibration data loader is empty.")
         mask = [(b != 0).any(dim=1) for b in self.batches] if self.body_mask == "nonzero" else None
-        journal = None if self.save_path is None or get_world_size() > 1 else f"{self.save_path}.journal"
+        journal = None if self.save_path is None or get_world_size() > 1 else journal_path(self.save_path)
         result = quantize(
             engine.network, self.batches, self.config, task=self.task, body_mask=mask, progress=self.progress, journal=journal
         )

@@ -26,7 +26,7 @@ from monai_effq.ptq.report import LayerReport
 from monai_effq.quant.grid import UniformGrid
 from monai_effq.utils.io import atomic_write, atomic_write_text
 
-__all__ = ["JOURNAL_FORMAT", "JournalEntry", "QuantizationJournal", "remove_journal"]
+__all__ = ["JOURNAL_FORMAT", "JournalEntry", "QuantizationJournal", "journal_path", "remove_journal"]
 
 logger = logging.getLogger("monai_effq")
 
@@ -160,6 +160,18 @@ class QuantizationJournal:
             act=act_q,
             report=LayerReport(**json.loads(p["report"])),
         )
+
+
+def journal_path(checkpoint: str | os.PathLike) -> Path:
+    """Where the run that writes ``checkpoint`` keeps its journal: ``<checkpoint>.journal`` beside it.
+
+    Args:
+        checkpoint: the quantized checkpoint the run writes.
+
+    Returns:
+        the journal folder's path.
+    """
+    return Path(f"{checkpoint}.journal")
 
 
 def remove_journal(path: str | os.PathLike | None) -> None:

@@ -642,8 +642,6 @@ def _with_mirror_images(
         return mirrored, None
     if isinstance(body_mask, (list, tuple)):
         return mirrored, [masks_like(m, b) for m, b in zip(body_mask, batches, strict=True)]
-    if len(batches) == 1:
-        return mirrored, masks_like(body_mask, batches[0])
     parts = torch.split(torch.as_tensor(body_mask), [b.shape[0] for b in batches])
     return mirrored, torch.cat([masks_like(m, b) for m, b in zip(parts, batches)])
 
