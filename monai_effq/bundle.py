@@ -478,7 +478,8 @@ def refuse_to_overwrite(overwrite: bool, *paths: str | os.PathLike | None, unfin
             folder cannot be written.
     """
     replace = check_flag(overwrite, "overwrite")
-    for path in (Path(p) for p in paths if p):
+    outputs = [Path(p) for p in paths if p]
+    for path in outputs:
         # the nearest folder that exists is where the output, or the folders above it, will be made
         folder = next(f for f in (path.absolute(), *path.absolute().parents) if f.is_dir())
         if not os.access(folder, os.W_OK | os.X_OK):
@@ -488,7 +489,7 @@ def refuse_to_overwrite(overwrite: bool, *paths: str | os.PathLike | None, unfin
             )
     if replace or (unfinished and Path(unfinished).exists()):
         return
-    for path in (Path(p) for p in paths if p):
+    for path in outputs:
         if path.is_file() or (path.is_dir() and any(path.iterdir())):
             raise OutputExistsError(
                 f"{path} exists from an earlier run: pass --overwrite True to replace it, or write elsewhere "

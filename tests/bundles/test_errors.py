@@ -18,6 +18,7 @@ import torch
 
 from monai_effq.bundle import datalist
 from monai_effq.data import make_lits_demo
+from monai_effq.ptq.journal import journal_path
 from monai_effq.utils.errors import DEBUG_ENV, find_user_error
 
 from .conftest import ROOT, bundle, copy_bundle
@@ -262,11 +263,11 @@ def test_a_quantize_run_killed_while_it_exports_is_finished_by_the_same_command(
     assert "killed while exporting" in str(stopped.value.__cause__)
     # the checkpoint and report are written, the export is not: the run is unfinished, and says so
     assert checkpoint.is_file() and (out / "quantization_report_rtn_w4a8.json").is_file() and not export.exists()
-    assert Path(f"{checkpoint}.journal").is_dir()
+    assert journal_path(checkpoint).is_dir()
     written = checkpoint.read_bytes()
     monkeypatch.undo()
     bundle("lits_effq", "quantize", *args)  # the same command, without --overwrite
-    assert (export / "models" / "model.ts").is_file() and not Path(f"{checkpoint}.journal").exists()
+    assert (export / "models" / "model.ts").is_file() and not journal_path(checkpoint).exists()
     assert checkpoint.read_bytes() == written  # resumed from the journal: the same network
     with pytest.raises(Exception) as again:  # finished now, so a third run refuses to replace it
         bundle("lits_effq", "quantize", *args)
