@@ -103,7 +103,8 @@ class QuantizationHandler:
 
     Under ``torchrun`` (``torch.distributed`` initialised) each rank's evaluator iterates over its own
     share of the calibration cases; every rank quantizes (the statistics are summed across ranks)
-    and gets the same network, and only rank 0 writes the checkpoint. No journal is kept then.
+    and gets the same network, and only rank 0 writes the checkpoint and keeps the journal (the other
+    ranks resume from what rank 0 sends them).
 
     Args:
         config: an :class:`EfficientQConfig` or its dict form; defaults when ``None``.
@@ -210,7 +211,7 @@ class QuantizationHandler:
         if not self.batches:
             raise UserInputError("no calibration batch was collected: the calibration data loader is empty.")
         mask = [(b != 0).any(dim=1) for b in self.batches] if self.body_mask == "nonzero" else None
-        journal = None if self.save_path is None or get_world_size() > 1 else journal_path(self.save_path)
+        journal = None if self.save_path is None else journal_path(self.save_path)
         result = quantize(
             engine.network, self.batches, self.config, task=self.task, body_mask=mask, progress=self.progress, journal=journal
         )

@@ -7,6 +7,10 @@ input's activation range and the layer's report. Each file is written atomically
 any moment leaves only whole layers. A run that finds a journal of the same fingerprints takes its
 layers instead of solving them; a journal of other fingerprints is discarded with a warning that names
 what changed.
+
+A run spread over ranks (``torchrun``) keeps one journal, on rank 0: every rank solves every layer to
+the same bits (the ranks' statistics are summed), rank 0 is the rank that writes the checkpoint, and
+the other ranks receive each journaled layer from it, so they need not see its disk (another node).
 """
 
 from __future__ import annotations
@@ -24,16 +28,25 @@ import torch
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer
 from monai_effq.ptq.report import LayerReport
 from monai_effq.quant.grid import UniformGrid
+from monai_effq.utils.distributed import broadcast_object, get_rank
 from monai_effq.utils.io import atomic_write, atomic_write_text
 
 __all__ = ["JOURNAL_FORMAT", "JournalEntry", "QuantizationJournal", "journal_path", "remove_journal"]
 
 logger = logging.getLogger("monai_effq")
 
-JOURNAL_FORMAT = "monai-effq-journal/1"
+# 2: the calibration fingerprint is taken window by window, the same however ranks share the windows
+JOURNAL_FORMAT = "monai-effq-journal/2"
 _MANIFEST = "manifest.json"
 # what each fingerprint is called when it changes, for the log line
-_WHAT = {"format": "journal format", "config": "config", "fp_weights": "FP weights", "calibration": "calibration data", "task": "task"}
+_WHAT = {
+    "format": "journal format",
+    "config": "config",
+    "fp_weights": "FP weights",
+    "calibration": "calibration data",
+    "body_mask": "body mask",
+    "task": "task",
+}
 
 
 @dataclasses.dataclass
@@ -66,10 +79,14 @@ class JournalEntry:
 class QuantizationJournal:
     """The journal folder of one quantization run.
 
+    Under ``torch.distributed`` every rank makes the same calls in the same order (as with the run's
+    other collectives): rank 0 alone reads and writes the folder, and :meth:`load` gives every rank
+    rank 0's entry.
+
     Args:
-        path: the folder (created if missing).
+        path: the folder (created if missing; on rank 0 only).
         fingerprints: what decides the result, by name (``config``, ``fp_weights``, ``calibration``,
-            ``task``); a journal whose manifest differs is discarded.
+            ``body_mask``, ``task``); a journal whose manifest differs is discarded.
 
     Example::
 
@@ -80,7 +97,9 @@ class QuantizationJournal:
     def __init__(self, path: str | os.PathLike, fingerprints: dict[str, str]) -> None:
         self.path = Path(path)
         self.fingerprints = {"format": JOURNAL_FORMAT, **fingerprints}
-        self._start()
+        self.keeper = get_rank() == 0
+        if self.keeper:
+            self._start()
 
     def _start(self) -> None:
         manifest = self.path / _MANIFEST
@@ -108,17 +127,19 @@ class QuantizationJournal:
 
     @property
     def finished(self) -> list[str]:
-        """Names of the journaled layers."""
+        """Names of the journaled layers (on rank 0; other ranks keep no folder and see none)."""
         return sorted(p.name[: -len(".pt")] for p in self.path.glob("*.pt"))
 
     def record(self, name: str, module: QuantizedLayer, report: LayerReport) -> None:
-        """Journal a finished layer (atomically: a kill leaves it whole or absent).
+        """Journal a finished layer (atomically: a kill leaves it whole or absent); rank 0 writes it.
 
         Args:
             name: the layer's dotted name.
             module: the quantized module it became.
             report: its report.
         """
+        if not self.keeper:
+            return
         aq = module.input_quantizer
         payload: dict[str, Any] = {
             "codes": module.codes.cpu(),
@@ -134,11 +155,15 @@ class QuantizationJournal:
             torch.save(payload, tmp)
 
     def load(self, name: str) -> JournalEntry | None:
-        """The journaled layer ``name``, or ``None`` when it has not finished (or its file is unreadable).
+        """The journaled layer ``name``, or ``None`` when it has not finished (or its file is unreadable):
+        on every rank, rank 0's answer.
 
         Args:
             name: the layer's dotted name.
         """
+        return broadcast_object(self._read(name) if self.keeper else None)
+
+    def _read(self, name: str) -> JournalEntry | None:
         path = self._file(name)
         if not path.is_file():
             return None

@@ -41,7 +41,7 @@ from monai_effq.solver.output_error import OutputError
 from monai_effq.solver.validation import UNDERDETERMINED_CHOICE, is_underdetermined, solve_validated
 from monai_effq.utils.distributed import all_gather_objects, all_gather_rows, all_reduce_sum, get_rank, get_world_size
 from monai_effq.utils.errors import UserInputError, all_finite
-from monai_effq.utils.fingerprint import fingerprint_json, fingerprint_state, fingerprint_tensors
+from monai_effq.utils.fingerprint import fingerprint_json, fingerprint_tensors
 from monai_effq.utils.precision import ieee_float32
 
 tqdm, _has_tqdm = optional_import("tqdm", name="tqdm")
@@ -612,8 +612,8 @@ def _voxel_shape(view: LayerView, targets: torch.Tensor) -> tuple[int, ...]:
 
 
 def _calibration_fingerprint(batches: list[torch.Tensor]) -> str:
-    """The fingerprint of every rank's calibration windows, one by one in rank order: the same
-    however the windows are batched or shared among ranks."""
+    """The fingerprint of every rank's calibration windows (or their body masks), one by one in rank
+    order: the same however the windows are batched or shared among ranks."""
     windows = [fingerprint_tensors([w]) for b in batches for w in b]
     return fingerprint_json([w for share in all_gather_objects(windows) for w in share])
 
@@ -677,10 +677,11 @@ def quantize(
         progress: show a progress bar over layers.
         journal: a folder where each finished layer is kept (:class:`QuantizationJournal`): rerun
             after a kill, the same call continues after the last finished layer and returns what an
-            uninterrupted run returns; a journal of another config, FP network, calibration data or
-            task is discarded (with a warning naming what changed). The caller removes it
+            uninterrupted run returns; a journal of another config, FP network, calibration data,
+            body mask or task is discarded (with a warning naming what changed). The caller removes it
             (:func:`~monai_effq.ptq.journal.remove_journal`) once the result is saved. ``None``
-            keeps no journal.
+            keeps no journal. Across ranks every rank passes the same path; rank 0 keeps the
+            journal, and one made by any number of ranks (or one process) resumes under any other.
 
     Returns:
         a :class:`QuantizationResult` whose ``.network`` is in eval mode.
@@ -690,25 +691,15 @@ def quantize(
         TypeError: for calibration that is not tensors.
     """
     config = config or EfficientQConfig()
-    if journal is not None and get_world_size() > 1:
-        raise ValueError(
-            "journal= keeps one process's layers and cannot be shared by ranks: pass journal=None when "
-            "torch.distributed is initialised (rerun the whole quantization after a kill)."
-        )
     t0 = time.perf_counter()
     reset_peak_memory()
     batches = _as_batches(calibration)
-    if journal is not None:
-        masks = [] if body_mask is None else [torch.as_tensor(m) for m in (body_mask if isinstance(body_mask, (list, tuple)) else [body_mask])]
-        fingerprints = {
-            "config": fingerprint_json(config.to_dict()),
-            "fp_weights": fingerprint_state(network),
-            "calibration": fingerprint_tensors(batches + masks),
-            "task": task,
-        }
-        journal = QuantizationJournal(journal, fingerprints)
     sources = source_fingerprints(network, config.to_dict(), batches)
     sources["calibration"] = _calibration_fingerprint(batches)
+    if journal is not None:
+        # the fingerprints of all ranks' windows: a journal resumes under any number of ranks
+        masks = [] if body_mask is None else [torch.as_tensor(m) for m in (body_mask if isinstance(body_mask, (list, tuple)) else [body_mask])]
+        journal = QuantizationJournal(journal, {**sources, "body_mask": _calibration_fingerprint(masks), "task": task})
     if config.calibration_flips:
         batches, body_mask = _with_mirror_images(batches, body_mask)
     run = _Run(network, batches, config, journal)

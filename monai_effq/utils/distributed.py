@@ -18,6 +18,7 @@ __all__ = [
     "all_gather_objects",
     "all_gather_rows",
     "all_reduce_sum",
+    "broadcast_object",
     "default_backend",
     "get_rank",
     "get_world_size",
@@ -146,3 +147,20 @@ def all_gather_objects(obj: object) -> list[object]:
     out: list[object] = [None] * get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    """Rank ``src``'s picklable ``obj`` on every rank (``obj`` itself without a process group).
+
+    Args:
+        obj: the value on rank ``src``; what the other ranks pass is ignored.
+        src: the rank whose value every rank gets.
+
+    Returns:
+        rank ``src``'s value.
+    """
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=_collective_device())
+    return box[0]

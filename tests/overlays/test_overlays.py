@@ -196,6 +196,17 @@ def test_serving_before_quantizing_says_to_run_quantize_first(tmp_path, demo_dat
     assert any(isinstance(e, MissingInputError) and "run the quantize workflow first" in str(e) for e in _chain(missing.value))
 
 
+def test_evaluating_while_a_killed_quantize_run_waits_to_resume_says_to_rerun_it(tmp_path, demo_data):
+    root = spleen_style(tmp_path / "bundle", demo_data["lits"])
+    (root / "models" / f"model_{TAG}.pt").write_bytes(b"")  # an earlier run's checkpoint: the loader checks only that it exists
+    (root / "models" / f"model_{TAG}.pt.journal").mkdir()
+    evaluation = [str(root / "configs" / name) for name in ("train.json", "evaluate.json")] + [str(overlay_path("evaluate"))]
+    with pytest.raises(RuntimeError) as refused:
+        workflow(root, evaluation)
+    assert any(isinstance(e, UserInputError) and "rerun the same quantize command" in str(e) for e in _chain(refused.value))
+    assert not (root / "eval").exists()  # refused before the FP pass wrote anything
+
+
 def test_quantizing_a_bundle_with_no_images_ends_with_one_line_naming_the_setting(tmp_path, demo_data):
     root = spleen_style(tmp_path / "bundle", demo_data["lits"])
     cmd = [

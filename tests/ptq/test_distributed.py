@@ -48,8 +48,9 @@ class _Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def _rank_main(rank: int, world: int, port: int, out_dir: str, cases: dict[str, tuple[dict, tuple[int, int]]]) -> None:
-    """Quantize this rank's share of each case's windows in one process group; ``rank<r>_<case>.pkl`` for each."""
+def _rank_main(rank: int, world: int, port: int, out_dir: str, cases: dict[str, tuple[dict, tuple[int, int], str | None]]) -> None:
+    """Quantize this rank's share of each case's windows in one process group (with the case's journal,
+    if any); ``rank<r>_<case>.pkl`` for each."""
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
@@ -62,12 +63,12 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, cases: dict[str, 
 
         distributed.dist.all_reduce = counted
         logging.getLogger("monai_effq").setLevel(logging.DEBUG)
-        for name, (config, windows) in cases.items():
+        for name, (config, windows, journal) in cases.items():
             calls.clear()
             lines = _Lines()
             logging.getLogger("monai_effq").addHandler(lines)
             share = _windows(*windows).chunk(world)[rank]
-            result = quantize(_network(), share, EfficientQConfig.from_dict(config), progress=False)
+            result = quantize(_network(), share, EfficientQConfig.from_dict(config), progress=False, journal=journal)
             logging.getLogger("monai_effq").removeHandler(lines)
             state = {k: v.clone() for k, v in result.network.state_dict().items()}
             layers = [(r.name, r.voxels, r.mse) for r in result.report.layers]
@@ -78,10 +79,12 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, cases: dict[str, 
         dist.destroy_process_group()
 
 
-def _run_ranks(tmp_path, cases: dict[str, tuple[EfficientQConfig, tuple[int, int]]], world: int = 2) -> dict[str, list[dict]]:
-    """Quantize each case on the same ``world`` spawned gloo ranks (spawned once: each pays the imports); each case's
-    outcome per rank (killed after TIMEOUT_S)."""
-    jobs = {name: (config.to_dict(), windows) for name, (config, windows) in cases.items()}
+def _run_ranks(
+    tmp_path, cases: dict[str, tuple[EfficientQConfig, tuple[int, int], str | None]], world: int = 2
+) -> dict[str, list[dict]]:
+    """Quantize each case (config, windows, journal) on the same ``world`` spawned gloo ranks (spawned once: each
+    pays the imports); each case's outcome per rank (killed after TIMEOUT_S)."""
+    jobs = {name: (config.to_dict(), windows, journal) for name, (config, windows, journal) in cases.items()}
     context = mp.start_processes(
         _rank_main, args=(world, _free_port(), str(tmp_path), jobs), nprocs=world, join=False, start_method="spawn"
     )
@@ -111,10 +114,31 @@ CASES = {
 }
 
 
+# chunked windows, quantized by one process with a journal that then loses its later layers, as if killed
+RESUMED = ((8, 20), {"target_memory_mib": 1})
+
+
 @pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory) -> dict[str, list[dict]]:
-    """Every case quantized on two gloo ranks: ``{case: [rank 0's outcome, rank 1's]}``."""
-    cases = {name: (_config(**changes), windows) for name, (windows, changes) in CASES.items()}
+def cut_short_journal(tmp_path_factory):
+    """A journal one process left holding its first layers only; that process's uninterrupted result; the names
+    of the layers the journal keeps."""
+    journal = tmp_path_factory.mktemp("journal") / "model.pt.journal"
+    (windows, changes) = RESUMED
+    with torch_threads(1):
+        single = quantize(_network(), _windows(*windows), _config(**changes), progress=False, journal=journal)
+    order = [r.name for r in single.report.layers]
+    kept = order[: len(order) // 2]
+    for name in order[len(order) // 2 :]:
+        (journal / f"{name}.pt").unlink()
+    return journal, single, kept
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory, cut_short_journal) -> dict[str, list[dict]]:
+    """Every case quantized on two gloo ranks, and the cut-short journal resumed by them: ``{case: [rank 0's
+    outcome, rank 1's]}``."""
+    cases = {name: (_config(**changes), windows, None) for name, (windows, changes) in CASES.items()}
+    cases["resumed"] = (_config(**RESUMED[1]), RESUMED[0], str(cut_short_journal[0]))
     return _run_ranks(tmp_path_factory.mktemp("ranks"), cases)
 
 
@@ -153,3 +177,18 @@ def test_each_layer_all_reduces_its_statistics_once_and_logs_their_size(one_and_
         counts_bytes = outcome["calls"][0]
         assert outcome["calls"] == [counts_bytes] + per_layer
         assert counts_bytes == 3 * 8  # the float64 voxel counts of the three classes
+
+
+def test_two_ranks_resume_a_journal_one_process_left_and_rank_zero_completes_it(two_ranks, cut_short_journal):
+    journal, single, kept = cut_short_journal
+    names = [r.name for r in single.report.layers]
+    expected = single.network.state_dict()
+    for rank, outcome in enumerate(two_ranks["resumed"]):
+        assert all(torch.equal(v, outcome["state"][k]) for k, v in expected.items())
+        assert outcome["layers"] == [(r.name, r.voxels, r.mse) for r in single.report.layers]
+        # the journaled layers came from rank 0's journal, not from a solve: only the others reduced statistics
+        solved = [line.split()[0] for line in outcome["lines"] if "all-reduce:" in line]
+        assert solved == [n for n in names if n not in kept]
+        resumed = [line for line in outcome["lines"] if "already finished" in line]
+        assert resumed == ([f"resuming from journal {journal}: {len(kept)} layers already finished"] if rank == 0 else [])
+    assert sorted(p.stem for p in journal.glob("*.pt")) == sorted(names)  # rank 0 journaled the layers solved after

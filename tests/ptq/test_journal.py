@@ -129,6 +129,7 @@ def test_journaled_layers_are_restored_not_solved(small_run, tmp_path, monkeypat
         ({"config": EfficientQConfig(weight_bits=3)}, "config"),
         ({"calibration": 1}, "calibration data"),
         ({"weights": 1}, "FP weights"),
+        ({"body_mask": 1}, "body mask"),
     ],
 )
 def test_changed_input_starts_afresh_saying_what_changed(small_run, tmp_path, caplog, change, what):
@@ -140,10 +141,11 @@ def test_changed_input_starts_afresh_saying_what_changed(small_run, tmp_path, ca
     if "weights" in change:
         with torch.no_grad():
             next(net.parameters()).mul_(1.01)
+    mask = (calibration[:, 0] > 0) if "body_mask" in change else None
     with caplog.at_level(logging.INFO, logger="monai_effq"):
-        resumed = quantize(net, calibration, config, progress=False, journal=tmp_path / "j")
+        resumed = quantize(net, calibration, config, progress=False, journal=tmp_path / "j", body_mask=mask)
     assert any(f"({what} changed)" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
-    fresh = quantize(net, calibration, config, progress=False)
+    fresh = quantize(net, calibration, config, progress=False, body_mask=mask)
     assert all(torch.equal(a, b) for a, b in zip(_codes(resumed), _codes(fresh)))
 
 
