@@ -292,7 +292,7 @@ class LoadImageFilesd(LoadImaged):
             for path in paths:
                 if isinstance(path, (str, os.PathLike)) and str(path).endswith(NIFTI_SUFFIXES):
                     check_nifti(path, read_data=True)  # raises naming the file when it is the bad one
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
             raise DatasetError(f"cannot read image file(s) {[str(p) for p in paths]}: {reason}; re-export or remove them.") from e
 
 

@@ -9,12 +9,15 @@ Its message is one sentence that names the thing and says what to do.
 ``RuntimeError: Failed to evaluate ConfigExpression``, so the last line of its traceback names an
 expression, not the problem. :func:`install_bundle_error_hook` (called by :mod:`monai_effq.bundle`,
 which every bundle config imports) replaces that for user-input errors: the process prints
-``error: <message>`` to stderr and exits with status 1. Every other exception keeps its traceback,
-and ``MONAI_EFFQ_DEBUG=1`` keeps it for user-input errors too.
+``error: <message>`` to stderr and exits with status 1. A user-input error raised while an engine
+runs is also logged by MONAI's ``StatsHandler`` (``logger.exception``) before it reaches the hook; in
+that process such log lines keep their message and lose the traceback. Every other exception keeps
+its traceback, and ``MONAI_EFFQ_DEBUG=1`` keeps it for user-input errors too.
 """
 
 from __future__ import annotations
 
+import logging
 import numbers
 import os
 import sys
@@ -174,11 +177,15 @@ def find_user_error(error: BaseException | None) -> UserInputError | None:
     return None
 
 
+def _debugging() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
 def _bundle_excepthook(
     previous, exc_type: type[BaseException], error: BaseException, traceback: TracebackType | None  # noqa: ANN001
 ) -> None:
     found = find_user_error(error)
-    if found is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+    if found is None or _debugging():
         previous(exc_type, error, traceback)
         return
     sys.stderr.write(f"error: {found} (set {DEBUG_ENV}=1 for the traceback)\n")
@@ -191,7 +198,8 @@ def install_bundle_error_hook(force: bool = False) -> bool:
     Only that command's process is changed (``__main__`` is ``monai.bundle.__main__``), so a
     program or notebook that imports :mod:`monai_effq` keeps Python's normal behaviour. Installing
     twice is harmless. Python exits with status 1 after an uncaught exception whatever the hook
-    prints.
+    prints. Log records made there drop the traceback of a user-input error (a log record factory,
+    which outlives the logging set-up a bundle's ``logging.conf`` applies later).
 
     Args:
         force: install in any process (for tests).
@@ -212,4 +220,13 @@ def install_bundle_error_hook(force: bool = False) -> bool:
 
     hook._monai_effq = True  # type: ignore[attr-defined]
     sys.excepthook = hook
+    make_record = logging.getLogRecordFactory()
+
+    def record_without_user_traceback(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        if record.exc_info and find_user_error(record.exc_info[1]) is not None and not _debugging():
+            record.exc_info = None
+        return record
+
+    logging.setLogRecordFactory(record_without_user_traceback)
     return True

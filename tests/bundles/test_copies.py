@@ -3,6 +3,7 @@ and read by each test: served from inside its folder, from its TorchScript expor
 
 import json
 
+import itk
 import nibabel as nib
 import numpy as np
 import pytest
@@ -29,6 +30,21 @@ def test_a_copy_of_the_bundle_quantizes_and_infers_from_inside_its_folder_with_d
     for mask in masks:
         ours, traced = (nib.load(str(p)).get_fdata() for p in (mask, tmp_path / "ts" / mask.name))
         assert np.array_equal(ours, traced), mask.name
+
+
+@pytest.mark.slow
+def test_inference_stopped_mid_run_by_an_unreadable_image_ends_with_one_line_naming_it(quantized_copy, tmp_path):
+    copy, _, _ = quantized_copy("lits_effq")
+    # MetaImage files, which the up-front check leaves to MONAI's ITK reader: the second is cut short
+    good, bad = tmp_path / "good.mha", tmp_path / "bad.mha"
+    itk.imwrite(itk.image_from_array(np.random.default_rng(0).random((32, 40, 40), dtype=np.float32)), str(good))
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    datalist = str([{"image": str(good)}, {"image": str(bad)}])
+    res = bundle("lits_effq", "inference", "--method", "rtn", "--datalist", datalist, "--output_dir", str(tmp_path / "seg"), check=False, cwd=copy)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 1 and "Traceback" not in res.stderr + res.stdout, res.stderr[-3000:]
+    assert lines[-1].startswith("error: cannot read image file(s)") and str(bad) in lines[-1], lines[-1]
+    assert [p.name for p in (tmp_path / "seg").iterdir()] == ["good_seg.nii.gz"]  # the image before it was segmented
 
 
 @pytest.mark.slow

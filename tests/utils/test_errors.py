@@ -1,3 +1,4 @@
+import logging
 import sys
 
 import pytest
@@ -46,8 +47,10 @@ def hook(monkeypatch):
     seen = []
     monkeypatch.setattr(sys, "excepthook", lambda *args: seen.append(args[1]))
     monkeypatch.delenv(DEBUG_ENV, raising=False)
+    make_record = logging.getLogRecordFactory()
     assert install_bundle_error_hook(force=True) and install_bundle_error_hook(force=True)
-    return seen
+    yield seen
+    logging.setLogRecordFactory(make_record)
 
 
 def test_the_hook_prints_one_line_for_a_user_error_and_passes_anything_else_on(hook, capsys):
@@ -82,3 +85,24 @@ def test_all_finite_finds_one_nan_or_infinity_anywhere_like_isfinite(dtype, bad)
 def test_all_finite_takes_empty_and_integer_tensors_as_finite():
     assert all_finite(torch.empty(0, 3))
     assert all_finite(torch.arange(10))
+
+
+def _logged(error: BaseException, caplog) -> logging.LogRecord:
+    """The record of ``error`` logged as MONAI's ``StatsHandler`` logs an engine's exception."""
+    try:
+        raise error
+    except BaseException as e:
+        logging.getLogger("evaluate").exception(f"Exception: {e}")
+    return caplog.records[-1]
+
+
+def test_log_lines_of_a_user_error_keep_the_message_and_lose_the_traceback(hook, caplog):
+    user = _logged(UserInputError("cannot read image file(s) ['bad.mha']; re-export or remove them."), caplog)
+    assert user.exc_info is None and user.getMessage() == "Exception: cannot read image file(s) ['bad.mha']; re-export or remove them."
+    assert _logged(_wrapped(UserInputError("x.")), caplog).exc_info is None  # found in the chain, as the hook finds it
+    assert _logged(KeyError("x"), caplog).exc_info is not None  # a bug keeps its traceback
+
+
+def test_the_debug_variable_keeps_the_traceback_in_log_lines_too(hook, monkeypatch, caplog):
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    assert _logged(_wrapped(UserInputError("weight_bits must be an integer.")), caplog).exc_info is not None
