@@ -50,6 +50,7 @@ if TYPE_CHECKING:
         brats_transforms,
         lits_transforms,
     )
+    from monai_effq.data.writers import AtomicNibabelWriter
 
 # public names served by __getattr__ below, and the module each comes from
 _LAZY: dict[str, str] = {
@@ -83,6 +84,7 @@ _LAZY: dict[str, str] = {
         ),
         "monai_effq.data.transforms",
     ),
+    "AtomicNibabelWriter": "monai_effq.data.writers",
 }
 
 __all__ = [
@@ -118,6 +120,7 @@ __all__ = [
     "synth_brats_case",
     "synth_lits_case",
     "calibration_windows",
+    "AtomicNibabelWriter",
 ]
 
 

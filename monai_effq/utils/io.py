@@ -103,7 +103,7 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_write(path: str | os.PathLike, keep_name: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it onto ``path`` only if the block succeeds.
 
     The temporary file lives in the same folder (so the final ``os.replace`` is atomic on POSIX)
@@ -113,6 +113,9 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
 
     Args:
         path: the destination file.
+        keep_name: yield a path with ``path``'s own name, inside a temporary folder beside it, for
+            writers that choose the format from the file's extension (nibabel's ``.nii.gz``). The
+            yielded file need not exist yet.
 
     Yields:
         the temporary path to write to.
@@ -120,9 +123,13 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(dest.parent)
-    fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(dest), suffix=_SUFFIX, dir=dest.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    if keep_name:
+        staging = Path(tempfile.mkdtemp(prefix=_temporary_prefix(dest), suffix=_SUFFIX, dir=dest.parent))
+        tmp = staging / dest.name
+    else:
+        fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(dest), suffix=_SUFFIX, dir=dest.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -131,7 +138,9 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, dest)
     finally:
-        if tmp.exists():
+        if keep_name:
+            shutil.rmtree(tmp.parent, ignore_errors=True)
+        elif tmp.exists():
             tmp.unlink()
 
 
