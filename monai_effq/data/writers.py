@@ -9,6 +9,7 @@ once complete.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from monai.config import PathLike
@@ -17,6 +18,8 @@ from monai.data import NibabelWriter
 from monai_effq.utils.io import atomic_write
 
 __all__ = ["AtomicNibabelWriter"]
+
+logger = logging.getLogger(__name__)
 
 
 class AtomicNibabelWriter(NibabelWriter):
@@ -35,6 +38,8 @@ class AtomicNibabelWriter(NibabelWriter):
             verbose: log the progress.
             obj_kwargs: passed to :meth:`monai.data.NibabelWriter.create_backend_obj`.
         """
-        # nibabel picks the format from the name: the temporary keeps it, in a hidden folder beside
-        with atomic_write(filename, keep_name=True) as tmp:
-            super().write(tmp, verbose=verbose, **obj_kwargs)
+        if verbose:  # the destination's name, not the temporary's that the parent class would log
+            logger.info(f"writing: {filename}")
+        # nibabel picks the format from the extension: the temporary keeps it, in a hidden folder beside
+        with atomic_write(filename, keep_extension=True) as tmp:
+            super().write(tmp, verbose=False, **obj_kwargs)

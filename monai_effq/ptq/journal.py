@@ -1,8 +1,8 @@
 """A quantization's journal: every finished layer kept on disk, so a killed run resumes where it stopped.
 
 The journal is a folder beside the run's output (``<checkpoint>.journal/``) holding a manifest with the
-fingerprints of what decides the result (the config, the FP weights, the calibration data and the
-task) and one file per finished layer with what the layer became: codes, scale, zero point, bias, the
+fingerprints of what decides the result (the config, the FP weights, the calibration data, the body
+mask and the task) and one file per finished layer with what the layer became: codes, scale, zero point, bias, the
 input's activation range and the layer's report. Each file is written atomically, so a run killed at
 any moment leaves only whole layers. A run that finds a journal of the same fingerprints takes its
 layers instead of solving them; a journal of other fingerprints is discarded with a warning that names
@@ -29,6 +29,7 @@ from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer
 from monai_effq.ptq.report import LayerReport
 from monai_effq.quant.grid import UniformGrid
 from monai_effq.utils.distributed import broadcast_object, get_rank
+from monai_effq.utils.errors import UserInputError
 from monai_effq.utils.io import atomic_write, atomic_write_text
 
 __all__ = ["JOURNAL_FORMAT", "JournalEntry", "QuantizationJournal", "journal_path", "remove_journal"]
@@ -98,8 +99,17 @@ class QuantizationJournal:
         self.path = Path(path)
         self.fingerprints = {"format": JOURNAL_FORMAT, **fingerprints}
         self.keeper = get_rank() == 0
+        failure: Exception | None = None
         if self.keeper:
-            self._start()
+            try:
+                self._start()
+            except Exception as e:  # every rank stops, not rank 0 alone while the others wait for it
+                failure = e
+        reason = broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+        if failure is not None:
+            raise failure
+        if reason is not None:
+            raise UserInputError(f"rank 0 could not open the journal {self.path} ({reason}): see rank 0's error.")
 
     def _start(self) -> None:
         manifest = self.path / _MANIFEST
@@ -127,7 +137,7 @@ class QuantizationJournal:
 
     @property
     def finished(self) -> list[str]:
-        """Names of the journaled layers (on rank 0; other ranks keep no folder and see none)."""
+        """Names of the journaled layers (as rank 0 finds them: the other ranks do not keep the journal)."""
         return sorted(p.name[: -len(".pt")] for p in self.path.glob("*.pt"))
 
     def record(self, name: str, module: QuantizedLayer, report: LayerReport) -> None:
@@ -155,11 +165,14 @@ class QuantizationJournal:
             torch.save(payload, tmp)
 
     def load(self, name: str) -> JournalEntry | None:
-        """The journaled layer ``name``, or ``None`` when it has not finished (or its file is unreadable):
-        on every rank, rank 0's answer.
+        """The journaled layer ``name``: on every rank, what rank 0's journal holds.
 
         Args:
             name: the layer's dotted name.
+
+        Returns:
+            the entry, or ``None`` when the layer has not finished or its file cannot be read whole
+            (then the layer is solved again).
         """
         return broadcast_object(self._read(name) if self.keeper else None)
 
@@ -169,22 +182,22 @@ class QuantizationJournal:
             return None
         try:
             p = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a damaged file only costs this layer's solve
+            act = p["act"]
+            act_q = None
+            if act is not None:
+                act_q = ActivationQuantizer(act["bits"], act["kind"], float(act["scale"]), float(act["zero_point"]))
+            return JournalEntry(
+                codes=p["codes"],
+                scale=p["scale"],
+                zero_point=p["zero_point"],
+                grid=UniformGrid(p["bits"], p["grid"]),
+                bias=p["bias"],
+                act=act_q,
+                report=LayerReport(**json.loads(p["report"])),
+            )
+        except Exception as e:  # a damaged or foreign file only costs this layer's solve
             logger.warning("journal entry %s is unreadable (%s): solving the layer again", path, type(e).__name__)
             return None
-        act = p["act"]
-        act_q = None
-        if act is not None:
-            act_q = ActivationQuantizer(act["bits"], act["kind"], float(act["scale"]), float(act["zero_point"]))
-        return JournalEntry(
-            codes=p["codes"],
-            scale=p["scale"],
-            zero_point=p["zero_point"],
-            grid=UniformGrid(p["bits"], p["grid"]),
-            bias=p["bias"],
-            act=act_q,
-            report=LayerReport(**json.loads(p["report"])),
-        )
 
 
 def journal_path(checkpoint: str | os.PathLike) -> Path:

@@ -353,7 +353,8 @@ class _Run:
                     done(report)
                 continue
             targets = scanned if index == 0 and scanned else self._capture_outputs([p.name for p in window], batch)
-            self._solve_in_one_pass(window, targets, batch, attention, done)
+            journaled = {plan.name: r for plan, r in zip(window, restored) if r is not None}
+            self._solve_in_one_pass(window, targets, batch, attention, done, journaled)
 
     def _capture_outputs(self, names: list[str], batch: torch.Tensor) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -373,15 +374,20 @@ class _Run:
                 pass
         return out
 
-    def _solve_in_one_pass(self, window, targets, batch, attention, done) -> None:
+    def _solve_in_one_pass(self, window, targets, batch, attention, done, journaled) -> None:
+        """Solve the window's layers in one pass of the partly quantized network, each as the pass
+        reaches it; ``journaled`` (name: module and report) are taken as they are."""
         solved: dict[str, nn.Module] = {}
         last = window[-1].name
 
         def on_layer(plan: LayerPlan, args: tuple) -> torch.Tensor:
             if plan.name not in solved:
                 pair = (args[0], targets.pop(plan.name))
-                with invariant.paused():
-                    module, report = self._layer(plan, lambda: [pair], attention)
+                if plan.name in journaled:
+                    module, report = journaled[plan.name]
+                else:
+                    with invariant.paused():
+                        module, report = self._solved(plan, lambda: [pair], attention)
                 solved[plan.name] = module
                 done(report)
             out = solved[plan.name](args[0])
@@ -451,8 +457,15 @@ class _Run:
     ) -> tuple[QuantizedLayer, LayerReport]:
         """The layer restored from the journal, or solved from ``pairs()`` and journaled."""
         restored = self._restore(plan)
-        if restored is not None:
-            return restored
+        return restored if restored is not None else self._solved(plan, pairs, attention)
+
+    def _solved(
+        self,
+        plan: LayerPlan,
+        pairs: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]],
+        attention: ClassAttention | None,
+    ) -> tuple[QuantizedLayer, LayerReport]:
+        """The layer solved from ``pairs()``, and journaled."""
         module, report = self._solve(plan, pairs(), attention)
         if self.journal is not None:
             self.journal.record(plan.name, module, report)
@@ -680,8 +693,11 @@ def quantize(
             uninterrupted run returns; a journal of another config, FP network, calibration data,
             body mask or task is discarded (with a warning naming what changed). The caller removes it
             (:func:`~monai_effq.ptq.journal.remove_journal`) once the result is saved. ``None``
-            keeps no journal. Across ranks every rank passes the same path; rank 0 keeps the
-            journal, and one made by any number of ranks (or one process) resumes under any other.
+            keeps no journal. Across ranks every rank passes the same path and rank 0 keeps the
+            journal. A journal resumes under another number of ranks, or in one process, with the
+            same config (its device included); the result is then the one an uninterrupted run
+            gives wherever the two counts give the same bits (gloo ranks and one process on one
+            thread each do, as a test checks).
 
     Returns:
         a :class:`QuantizationResult` whose ``.network`` is in eval mode.

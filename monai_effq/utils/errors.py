@@ -224,7 +224,9 @@ def install_bundle_error_hook(force: bool = False) -> bool:
 
     def record_without_user_traceback(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = make_record(*args, **kwargs)
-        if record.exc_info and find_user_error(record.exc_info[1]) is not None and not _debugging():
+        # exc_info is the (type, value, traceback) that Logger._log makes; a direct makeRecord may pass True
+        exc = record.exc_info
+        if isinstance(exc, tuple) and find_user_error(exc[1]) is not None and not _debugging():
             record.exc_info = None
         return record
 

@@ -102,8 +102,16 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def _extension(path: Path) -> str:
+    """``path``'s format extension: ``.nii.gz``, ``.nrrd``, ``.pt``; ``""`` for a name without one."""
+    suffixes = path.suffixes
+    if len(suffixes) >= 2 and suffixes[-1].lower() in (".gz", ".bz2", ".zst", ".xz"):
+        return "".join(suffixes[-2:])
+    return suffixes[-1] if suffixes else ""
+
+
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, keep_name: bool = False) -> Iterator[Path]:
+def atomic_write(path: str | os.PathLike, keep_extension: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it onto ``path`` only if the block succeeds.
 
     The temporary file lives in the same folder (so the final ``os.replace`` is atomic on POSIX)
@@ -113,9 +121,10 @@ def atomic_write(path: str | os.PathLike, keep_name: bool = False) -> Iterator[P
 
     Args:
         path: the destination file.
-        keep_name: yield a path with ``path``'s own name, inside a temporary folder beside it, for
-            writers that choose the format from the file's extension (nibabel's ``.nii.gz``). The
-            yielded file need not exist yet.
+        keep_extension: yield a path ending in ``path``'s extension (``.nii.gz``: the last suffix, and
+            the one before a compression suffix), named ``partial`` inside a temporary folder beside
+            ``path``, for writers that choose the format from the extension (nibabel, ITK). The block
+            must create it.
 
     Yields:
         the temporary path to write to.
@@ -123,9 +132,10 @@ def atomic_write(path: str | os.PathLike, keep_name: bool = False) -> Iterator[P
     dest = Path(path)
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(dest.parent)
-    if keep_name:
+    if keep_extension:
         staging = Path(tempfile.mkdtemp(prefix=_temporary_prefix(dest), suffix=_SUFFIX, dir=dest.parent))
-        tmp = staging / dest.name
+        # not the destination's own name, which a search for finished outputs (*_seg.nii.gz) would find
+        tmp = staging / f"partial{_extension(dest)}"
     else:
         fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(dest), suffix=_SUFFIX, dir=dest.parent)
         os.close(fd)
@@ -138,7 +148,7 @@ def atomic_write(path: str | os.PathLike, keep_name: bool = False) -> Iterator[P
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, dest)
     finally:
-        if keep_name:
+        if keep_extension:
             shutil.rmtree(tmp.parent, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()

@@ -1,3 +1,5 @@
+import logging
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -43,3 +45,11 @@ def test_a_mask_whose_write_fails_part_way_leaves_no_file_under_its_name(tmp_pat
     with pytest.raises(OSError, match="No space left"):
         writer.write(tmp_path / "case_7_seg.nii.gz")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_writer_logs_the_mask_s_own_name_not_the_temporary_s(tmp_path, caplog):
+    writer = AtomicNibabelWriter()
+    writer.set_data_array(_mask(), channel_dim=0)
+    with caplog.at_level(logging.INFO):
+        writer.write(tmp_path / "case_7_seg.nii.gz", verbose=True)
+    assert [r.getMessage() for r in caplog.records if "writing" in r.getMessage()] == [f"writing: {tmp_path / 'case_7_seg.nii.gz'}"]

@@ -44,6 +44,29 @@ def test_calibration_handler_swaps_the_quantized_network_into_the_engine(net, tm
     assert (tmp_path / "eval" / "quantization_report_layers.png").stat().st_size > 1000
 
 
+class _Called(Exception):
+    """Raised by a stand-in for quantize once it has seen its arguments."""
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_the_calibration_handler_journals_beside_its_checkpoint_in_one_process_and_under_torchrun(net, tmp_path, monkeypatch, world):
+    from monai_effq.handlers import quantization
+
+    journals = []
+
+    def stand_in(*_args, journal=None, **_kwargs):
+        journals.append(journal)
+        raise _Called
+
+    monkeypatch.setattr(quantization, "get_world_size", lambda: world)
+    monkeypatch.setattr(quantization, "quantize", stand_in)
+    evaluator = _evaluator(net, [{"image": torch.randn(1, 1, 16, 16, 16), "label": torch.zeros(1, 1, 16, 16, 16)}])
+    QuantizationHandler({"weight_bits": 4}, save_path=tmp_path / "q.pt", progress=False).attach(evaluator)
+    with pytest.raises(_Called):
+        evaluator.run()
+    assert journals == [tmp_path / "q.pt.journal"]
+
+
 def test_the_report_file_names_its_checkpoint_and_keeps_the_times_the_checkpoint_leaves_out(net, tmp_path):
     from monai_effq.ptq.checkpoint import verify_checkpoint
 

@@ -68,6 +68,8 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, cases: dict[str, 
             lines = _Lines()
             logging.getLogger("monai_effq").addHandler(lines)
             share = _windows(*windows).chunk(world)[rank]
+            if journal is not None and rank > 0:  # the same path on a disk of its own, as on another node: empty
+                journal = f"{journal}.rank{rank}"
             result = quantize(_network(), share, EfficientQConfig.from_dict(config), progress=False, journal=journal)
             logging.getLogger("monai_effq").removeHandler(lines)
             state = {k: v.clone() for k, v in result.network.state_dict().items()}
@@ -192,3 +194,11 @@ def test_two_ranks_resume_a_journal_one_process_left_and_rank_zero_completes_it(
         resumed = [line for line in outcome["lines"] if "already finished" in line]
         assert resumed == ([f"resuming from journal {journal}: {len(kept)} layers already finished"] if rank == 0 else [])
     assert sorted(p.stem for p in journal.glob("*.pt")) == sorted(names)  # rank 0 journaled the layers solved after
+    assert not journal.with_name(f"{journal.name}.rank1").exists()  # rank 1 read and wrote no journal of its own
+
+    # and the journal the ranks completed resumes in one process
+    for name in names[len(kept) :]:
+        (journal / f"{name}.pt").unlink()
+    with torch_threads(1):
+        again = quantize(_network(), _windows(*RESUMED[0]), _config(**RESUMED[1]), progress=False, journal=journal)
+    assert all(torch.equal(v, again.network.state_dict()[k]) for k, v in expected.items())

@@ -149,12 +149,16 @@ def test_changed_input_starts_afresh_saying_what_changed(small_run, tmp_path, ca
     assert all(torch.equal(a, b) for a, b in zip(_codes(resumed), _codes(fresh)))
 
 
-def test_unreadable_entry_is_solved_again(small_run, tmp_path):
+@pytest.mark.parametrize("damage", ["cut_short", "keys_missing"])
+def test_unreadable_entry_is_solved_again(small_run, tmp_path, damage):
     net, calibration = small_run
     config = EfficientQConfig(weight_bits=4)
     first = quantize(net, calibration, config, progress=False, journal=tmp_path / "j")
     entry = sorted((tmp_path / "j").glob("*.pt"))[0]
-    entry.write_bytes(b"half a file")
+    if damage == "cut_short":
+        entry.write_bytes(b"half a file")
+    else:  # a whole file that is not a journal entry of this version
+        torch.save({"codes": torch.zeros(3, dtype=torch.uint8)}, entry)
     again = quantize(net, calibration, config, progress=False, journal=tmp_path / "j")
     assert all(torch.equal(a, b) for a, b in zip(_codes(first), _codes(again)))
     assert torch.load(entry, weights_only=True)["codes"].dtype == torch.uint8  # journaled afresh

@@ -101,6 +101,8 @@ def test_log_lines_of_a_user_error_keep_the_message_and_lose_the_traceback(hook,
     assert user.exc_info is None and user.getMessage() == "Exception: cannot read image file(s) ['bad.mha']; re-export or remove them."
     assert _logged(_wrapped(UserInputError("x.")), caplog).exc_info is None  # found in the chain, as the hook finds it
     assert _logged(KeyError("x"), caplog).exc_info is not None  # a bug keeps its traceback
+    made = logging.getLogger("evaluate").makeRecord("evaluate", logging.ERROR, __file__, 1, "no error", (), True)
+    assert made.exc_info is True  # a record made by hand, exc_info not yet looked up, is left as it is
 
 
 def test_the_debug_variable_keeps_the_traceback_in_log_lines_too(hook, monkeypatch, caplog):

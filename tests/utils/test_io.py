@@ -26,16 +26,17 @@ def test_an_interrupted_write_leaves_the_old_file_and_no_partial_one(tmp_path):
 
 
 @pytest.mark.parametrize("fails", [False, True], ids=["written", "interrupted"])
-def test_a_write_that_keeps_the_name_gives_the_writer_the_file_name_and_leaves_no_staging_folder(tmp_path, fails):
-    path = atomic_write_text(tmp_path / "case_seg.nii.gz", "old")
+def test_a_write_that_keeps_the_extension_gives_the_writer_it_and_leaves_no_staging_folder(tmp_path, fails):
+    path = atomic_write_text(tmp_path / "sub-01.T1w_seg.nii.gz", "old")
     with pytest.raises(RuntimeError) if fails else nullcontext():
-        with atomic_write(path, keep_name=True) as tmp:
-            assert tmp.name == "case_seg.nii.gz" and tmp.parent.parent == tmp_path and tmp.parent.name.startswith(".")
+        with atomic_write(path, keep_extension=True) as tmp:
+            # the format's extension, not the output's name that a search for finished outputs would find
+            assert tmp.name == "partial.nii.gz" and tmp.parent.parent == tmp_path and tmp.parent.name.startswith(".")
             tmp.write_text("new")
             if fails:
                 raise RuntimeError("interrupted")
     assert path.read_text() == ("old" if fails else "new")
-    assert [p.name for p in tmp_path.iterdir()] == ["case_seg.nii.gz"]
+    assert [p.name for p in tmp_path.iterdir()] == ["sub-01.T1w_seg.nii.gz"]
 
 
 def test_an_interrupted_directory_write_leaves_the_old_folder_whole_and_no_partial_one(tmp_path):
