@@ -89,10 +89,14 @@ def test_all_finite_takes_empty_and_integer_tensors_as_finite():
 
 def _logged(error: BaseException, caplog) -> logging.LogRecord:
     """The record of ``error`` logged as MONAI's ``StatsHandler`` logs an engine's exception."""
+    # a logger of this test's own: a StatsHandler that another test made stops its named logger propagating
+    # to the root, where caplog listens, and a bundle's logging.conf disables the loggers that exist
+    logger = logging.getLogger(f"{__name__}.stats_handler")
+    logger.disabled = False
     try:
         raise error
     except BaseException as e:
-        logging.getLogger("evaluate").exception(f"Exception: {e}")
+        logger.exception(f"Exception: {e}")
     return caplog.records[-1]
 
 
@@ -101,7 +105,7 @@ def test_log_lines_of_a_user_error_keep_the_message_and_lose_the_traceback(hook,
     assert user.exc_info is None and user.getMessage() == "Exception: cannot read image file(s) ['bad.mha']; re-export or remove them."
     assert _logged(_wrapped(UserInputError("x.")), caplog).exc_info is None  # found in the chain, as the hook finds it
     assert _logged(KeyError("x"), caplog).exc_info is not None  # a bug keeps its traceback
-    made = logging.getLogger("evaluate").makeRecord("evaluate", logging.ERROR, __file__, 1, "no error", (), True)
+    made = logging.getLogger(__name__).makeRecord(__name__, logging.ERROR, __file__, 1, "no error", (), True)
     assert made.exc_info is True  # a record made by hand, exc_info not yet looked up, is left as it is
 
 
