@@ -710,8 +710,7 @@ def quantize(
     t0 = time.perf_counter()
     reset_peak_memory()
     batches = _as_batches(calibration)
-    sources = source_fingerprints(network, config.to_dict(), batches)
-    sources["calibration"] = _calibration_fingerprint(batches)
+    sources = source_fingerprints(network, config.to_dict(), _calibration_fingerprint(batches))
     if journal is not None:
         # the fingerprints of all ranks' windows: a journal resumes under any number of ranks
         masks = [] if body_mask is None else [torch.as_tensor(m) for m in (body_mask if isinstance(body_mask, (list, tuple)) else [body_mask])]

@@ -14,14 +14,13 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from monai_effq.solver.validation import is_underdetermined
-from monai_effq.utils.fingerprint import fingerprint_json, fingerprint_state, fingerprint_tensors
+from monai_effq.utils.fingerprint import fingerprint_json, fingerprint_state
 from monai_effq.utils.io import atomic_write_text
 
 __all__ = [
@@ -74,22 +73,19 @@ def peak_gpu_memory_mib() -> float:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
-def source_fingerprints(network: nn.Module, config: dict[str, Any], calibration: Sequence[torch.Tensor]) -> dict[str, str]:
+def source_fingerprints(network: nn.Module, config: dict[str, Any], calibration: str) -> dict[str, str]:
     """Fingerprints of a quantization run's inputs, for :attr:`QuantizationReport.sources`.
 
     Args:
         network: the FP network as given (before BatchNorms are folded).
         config: the config's ``to_dict()``.
-        calibration: the calibration batches, in order.
+        calibration: the calibration data's fingerprint, which the caller takes window by window
+            over all ranks (one process and any number of ranks give the same).
 
     Returns:
         ``{"fp_weights": ..., "config": ..., "calibration": ...}`` (:mod:`monai_effq.utils.fingerprint`).
     """
-    return {
-        "fp_weights": fingerprint_state(network),
-        "config": fingerprint_json(config),
-        "calibration": fingerprint_tensors(calibration),
-    }
+    return {"fp_weights": fingerprint_state(network), "config": fingerprint_json(config), "calibration": calibration}
 
 
 @dataclass
