@@ -116,8 +116,14 @@ CASES = {
 }
 
 
-# chunked windows, quantized by one process with a journal that then loses its later layers, as if killed
-RESUMED = ((8, 20), {"target_memory_mib": 1})
+# the chunked case, quantized by one process with a journal that then loses its later layers, as if killed
+RESUMED = CASES["chunked"]
+
+
+def _forget_layers(journal, names: list[str]) -> None:
+    """Take ``names`` out of ``journal``, as a run killed before it solved them would have left it."""
+    for name in names:
+        (journal / f"{name}.pt").unlink()
 
 
 @pytest.fixture(scope="module")
@@ -130,8 +136,7 @@ def cut_short_journal(tmp_path_factory):
         single = quantize(_network(), _windows(*windows), _config(**changes), progress=False, journal=journal)
     order = [r.name for r in single.report.layers]
     kept = order[: len(order) // 2]
-    for name in order[len(order) // 2 :]:
-        (journal / f"{name}.pt").unlink()
+    _forget_layers(journal, order[len(kept) :])
     return journal, single, kept
 
 
@@ -197,8 +202,7 @@ def test_two_ranks_resume_a_journal_one_process_left_and_rank_zero_completes_it(
     assert not journal.with_name(f"{journal.name}.rank1").exists()  # rank 1 read and wrote no journal of its own
 
     # and the journal the ranks completed resumes in one process
-    for name in names[len(kept) :]:
-        (journal / f"{name}.pt").unlink()
+    _forget_layers(journal, names[len(kept) :])
     with torch_threads(1):
         again = quantize(_network(), _windows(*RESUMED[0]), _config(**RESUMED[1]), progress=False, journal=journal)
     assert all(torch.equal(v, again.network.state_dict()[k]) for k, v in expected.items())
