@@ -25,7 +25,7 @@ from monai.transforms import CenterSpatialCropd, Compose, SpatialPadd
 from monai_effq.data import (
     DatasetError,
     brats_transforms,
-    check_nifti,
+    check_image,
     detect_layout,
     load_datalist,
     lits_transforms,
@@ -368,28 +368,27 @@ def check_inference_inputs(
 
     The masks go into one folder, named after each image's file (``SaveImaged`` with
     ``separate_folder=False``), so ``a/ct.nii`` and ``b/ct.nii`` (or ``ct.nrrd`` and ``ct.mha``) would
-    leave only the last patient's mask. NIfTI files are decoded in full (a truncated ``.nii.gz``
-    only fails there); other formats are left to MONAI's ITK reader.
+    leave only the last patient's mask. Every image is decoded in full, since a truncated file may
+    only fail there, and a DICOM folder must hold one series.
 
     Args:
-        cases: ``[{"image": path or paths}, ...]``, the inference datalist.
+        cases: ``[{"image": path or paths}, ...]``, the inference datalist; a path may be a file MONAI
+            reads (NIfTI, NRRD, MetaImage, ...) or a folder holding one DICOM series.
         output_dir: where the masks go.
         postfix: the masks' name postfix.
         ext: the masks' file extension.
 
     Raises:
         MissingInputError: naming a missing image.
-        DatasetError: naming a corrupt NIfTI image.
+        DatasetError: naming a corrupt image, or a folder that is not one DICOM series.
         UserInputError: naming two images whose masks would collide.
     """
     taken: dict[str, str] = {}
     for case in cases:
         paths = case["image"] if isinstance(case["image"], (list, tuple)) else [case["image"]]
         for path in paths:
-            if not Path(path).is_file():
+            if not Path(path).exists():
                 raise MissingInputError(f"image {path} does not exist: correct the datalist or --dataset_dir.")
-            if str(path).endswith((".nii", ".nii.gz")):
-                check_nifti(path, read_data=True)
         # the name SaveImaged gives the mask: from the first file of a multi-modal case
         mask = create_file_basename(postfix, str(paths[0]), str(output_dir), "", False, makedirs=False)
         if mask in taken:
@@ -398,6 +397,8 @@ def check_inference_inputs(
                 "rename one, or run them with separate --output_dir."
             )
         taken[mask] = str(paths[0])
+    for case in cases:  # decoding takes the longest: after the checks that need no image read
+        check_image(case["image"], read_data=True)
 
 
 def log_written(*paths: str | os.PathLike | None) -> list[Path]:

@@ -29,7 +29,7 @@ from monai_effq.bundle import (
     refuse_to_overwrite,
     refuse_to_replace_shipped,
 )
-from monai_effq.data import detect_layout, make_lits_demo, validate_datalist
+from monai_effq.data import detect_layout, dicom_series_files, make_lits_demo, validate_datalist
 from monai_effq.handlers.quantization import QuantizedCheckpointLoader, check_calibration_volume
 from monai_effq.overlays import calibration_items, check_attached
 from monai_effq.ptq.modules import ActivationQuantizer
@@ -42,7 +42,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md"
 def documented() -> dict[str, re.Pattern]:
     """Heading template → a pattern for the message (``<...>`` stands for any text)."""
     found = {}
-    for template in re.findall(r"^### `(.+)`$", DOC.read_text(), flags=re.MULTILINE):
+    for template in re.findall(r"^### `(.+)`$", DOC.read_text(encoding="utf-8"), flags=re.MULTILINE):
         parts = re.split(r"<[^<>]+>", template)
         found[template] = re.compile(".+?".join(re.escape(p) for p in parts))
     return found
@@ -223,6 +223,40 @@ def _two_named_alike(tmp_path, lits):
     return [shutil.copy(image, tmp_path / "ct.nii"), shutil.copy(image, tmp_path / "ct.nrrd")]
 
 
+def _cut_short_metaimage(tmp_path, lits):
+    import itk
+
+    path = tmp_path / "ct.mha"
+    itk.imwrite(itk.imread(str(next(lits.glob("volume-*.nii")))), str(path))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    check_inference_inputs([{"image": str(path)}], tmp_path / "masks")
+
+
+def _series(tmp_path: Path, lits: Path, *uids: str) -> Path:
+    from tests.dicom import write_dicom_series
+
+    for n, uid in enumerate(uids):
+        write_dicom_series(next(lits.glob("volume-*.nii")), tmp_path / "series", series_uid=uid, prefix=f"S{n}_")
+    return tmp_path / "series"
+
+
+def _two_series(tmp_path, lits):
+    check_inference_inputs([{"image": str(_series(tmp_path, lits, "1.2.3.1", "1.2.3.2"))}], tmp_path / "masks")
+
+
+def _damaged_slice(tmp_path, lits):
+    folder = _series(tmp_path, lits, "1.2.3.1")
+    slice_file = sorted(folder.iterdir())[5]
+    slice_file.write_bytes(slice_file.read_bytes()[:-1000])
+    dicom_series_files(folder)
+
+
+def _missing_slice(tmp_path, lits):
+    folder = _series(tmp_path, lits, "1.2.3.1")
+    sorted(folder.iterdir())[5].unlink()
+    dicom_series_files(folder)
+
+
 def _earlier_output(tmp_path, lits):
     (tmp_path / "model_efficientq_w4a8.pt").write_bytes(b"an earlier run's checkpoint")
     refuse_to_overwrite(False, tmp_path / "model_efficientq_w4a8.pt")
@@ -244,6 +278,13 @@ TRIGGERS = {
     "could not recognise the dataset layout of <folder>": lambda t, d: detect_layout(t),
     "corrupt or unreadable NIfTI file <file>: <reason>; re-export or remove it.": _truncated_nifti,
     "image <file> holds <n> NaN or Inf voxel(s)": _nan_image,
+    "cannot read image file(s) [<file>]: <reason>; re-export or remove them.": _cut_short_metaimage,
+    "folder <folder> holds no DICOM series": lambda t, d: dicom_series_files(t),
+    "folder <folder> holds <n> DICOM series (<series>), and MONAI would read only the first": _two_series,
+    "DICOM file <file> in folder <folder> cannot be read (damaged or cut short)": _damaged_slice,
+    "the DICOM series in <folder> is not evenly sliced: <file> and <file> are <gap> mm apart where its other slices are <step> mm apart": (
+        _missing_slice
+    ),
     "calibration_case <n> is past the end of the <count> training cases of <folder>": (
         lambda t, d: calibration_datalist(d, "lits", case=99)
     ),

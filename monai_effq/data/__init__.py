@@ -50,6 +50,7 @@ if TYPE_CHECKING:
         brats_transforms,
         lits_transforms,
     )
+    from monai_effq.data.images import check_image, dicom_series_files
     from monai_effq.data.writers import AtomicNibabelWriter
 
 # public names served by __getattr__ below, and the module each comes from
@@ -85,6 +86,7 @@ _LAZY: dict[str, str] = {
         "monai_effq.data.transforms",
     ),
     "AtomicNibabelWriter": "monai_effq.data.writers",
+    **dict.fromkeys(("check_image", "dicom_series_files"), "monai_effq.data.images"),
 }
 
 __all__ = [
@@ -100,6 +102,8 @@ __all__ = [
     "split_datalist",
     "check_nifti",
     "validate_datalist",
+    "check_image",
+    "dicom_series_files",
     "BRATS_NATIVE_LABELS",
     "BRATS_MSD_LABELS",
     "LITS_LABELS",

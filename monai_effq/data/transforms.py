@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,7 @@ from monai.transforms import (
 )
 from monai.utils import TransformBackends
 
+from monai_effq.data.images import dicom_series_files
 from monai_effq.data.layouts import NIFTI_SUFFIXES, DatasetError, check_nifti
 from monai_effq.utils.errors import UserInputError, all_finite
 
@@ -278,17 +280,21 @@ class LoadImageFilesd(LoadImaged):
 
     A truncated ``.nii.gz`` passes a header check and fails only when its data is decoded, deep in a
     transform wrapper; this raises :class:`DatasetError` naming the file instead (the wrapper keeps
-    it as the cause).
+    it as the cause). A folder, which MONAI reads as a DICOM series, must hold one series: with
+    several, MONAI's reader would warn and segment the first it lists.
     """
 
     def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
+        paths = []
+        for key in self.key_iterator(dict(data)):
+            value = data[key]
+            paths.extend(value if isinstance(value, (list, tuple)) else [value])
+        for path in paths:
+            if isinstance(path, (str, os.PathLike)) and Path(path).is_dir():
+                dicom_series_files(path)
         try:
             return super().__call__(data, reader)
         except Exception as e:  # the readers raise many unrelated types
-            paths = []
-            for key in self.key_iterator(dict(data)):
-                value = data[key]
-                paths.extend(value if isinstance(value, (list, tuple)) else [value])
             for path in paths:
                 if isinstance(path, (str, os.PathLike)) and str(path).endswith(NIFTI_SUFFIXES):
                     check_nifti(path, read_data=True)  # raises naming the file when it is the bad one

@@ -17,6 +17,7 @@ from typing import Any
 from monai.handlers import MeanDice, from_engine
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from monai_effq.data.images import dicom_series_files
 from monai_effq.handlers.reference import REFERENCE_KEY
 from monai_effq.utils.errors import MissingInputError, UserInputError, check_integer
 
@@ -60,7 +61,7 @@ def calibration_items(images: Any, cases: int, image_key: str = "image") -> list
     Args:
         images: ``--calibration_images``: one case, or a list of cases; a case is an image path, a
             list of paths (the channels of one multi-modal case, e.g. BraTS' four MRI sequences) or a
-            datalist dict. By default the bundle's own ``dataset#data``.
+            datalist dict; a path may be a folder holding one DICOM series. By default the bundle's own ``dataset#data``.
         cases: ``--calibration_cases``, how many of them calibrate (the paper: one).
         image_key: the key the bundle's transforms read the image from.
 
@@ -71,6 +72,7 @@ def calibration_items(images: Any, cases: int, image_key: str = "image") -> list
         UserInputError: when there is no calibration image or fewer than ``cases``, or an entry is
             malformed.
         MissingInputError: naming an image file that does not exist.
+        DatasetError: naming a folder that does not hold exactly one DICOM series.
     """
     cases = check_integer(cases, "calibration_cases", low=1)
     if isinstance(images, (str, Path, Mapping)):  # one case given on its own
@@ -99,11 +101,13 @@ def calibration_items(images: Any, cases: int, image_key: str = "image") -> list
         if image_key not in item:
             raise UserInputError(f"calibration case {item!r} has no {image_key!r} entry: give each case its image.")
         for file in _files(item[image_key]):
-            if not Path(file).is_file():
+            if not Path(file).exists():
                 raise MissingInputError(
                     f"calibration image {Path(file).resolve()} does not exist: correct --calibration_images "
                     "(or the bundle's --dataset_dir)."
                 )
+            if Path(file).is_dir():  # read as a DICOM series by the bundle's loader, which would take only its first
+                dicom_series_files(file)
         items.append(item)
     return items
 

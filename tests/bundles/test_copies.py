@@ -10,6 +10,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from ..dicom import write_dicom_series
 from .conftest import BUNDLES, bundle, config_files
 
 
@@ -33,18 +34,24 @@ def test_a_copy_of_the_bundle_quantizes_and_infers_from_inside_its_folder_with_d
 
 
 @pytest.mark.slow
-def test_inference_stopped_mid_run_by_an_unreadable_image_ends_with_one_line_naming_it(quantized_copy, tmp_path):
+def test_inference_segments_a_dicom_series_as_its_nifti_and_an_image_failing_mid_run_ends_it_with_one_line(quantized_copy, tmp_path):
     copy, _, _ = quantized_copy("lits_effq")
-    # MetaImage files, which the up-front check leaves to MONAI's ITK reader: the second is cut short
-    good, bad = tmp_path / "good.mha", tmp_path / "bad.mha"
-    itk.imwrite(itk.image_from_array(np.random.default_rng(0).random((32, 40, 40), dtype=np.float32)), str(good))
-    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    datalist = str([{"image": str(good)}, {"image": str(bad)}])
+    volume = sorted((copy / "data" / "demo").glob("volume-*.nii"))[0]
+    write_dicom_series(volume, tmp_path / "series")  # one file per slice, as the scanner's archive hands it out
+    # a MetaImage that reads (so the up-front check passes) but holds a NaN, which preprocessing refuses
+    voxels = np.random.default_rng(0).random((32, 40, 40), dtype=np.float32)
+    voxels[3, 4, 5] = np.nan
+    nan = tmp_path / "nan.mha"
+    itk.imwrite(itk.image_from_array(voxels), str(nan))
+    datalist = str([{"image": str(volume)}, {"image": str(tmp_path / "series")}, {"image": str(nan)}])
     res = bundle("lits_effq", "inference", "--method", "rtn", "--datalist", datalist, "--output_dir", str(tmp_path / "seg"), check=False, cwd=copy)
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert res.returncode == 1 and "Traceback" not in res.stderr + res.stdout, res.stderr[-3000:]
-    assert lines[-1].startswith("error: cannot read image file(s)") and str(bad) in lines[-1], lines[-1]
-    assert [p.name for p in (tmp_path / "seg").iterdir()] == ["good_seg.nii.gz"]  # the image before it was segmented
+    assert lines[-1].startswith("error: image") and str(nan) in lines[-1] and "NaN" in lines[-1], lines[-1]
+    assert sorted(p.name for p in (tmp_path / "seg").iterdir()) == ["series_seg.nii.gz", f"{volume.name[:-4]}_seg.nii.gz"]
+    from_nifti, from_dicom = (nib.load(str(tmp_path / "seg" / name)) for name in (f"{volume.name[:-4]}_seg.nii.gz", "series_seg.nii.gz"))
+    assert np.array_equal(from_nifti.get_fdata(), from_dicom.get_fdata()) and from_nifti.get_fdata().any()
+    assert np.allclose(from_nifti.affine, from_dicom.affine)  # the mask lies on the scanner's grid either way
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import itk
 import pytest
 import torch
 
@@ -21,6 +22,7 @@ from monai_effq.data import make_lits_demo
 from monai_effq.ptq.journal import journal_path
 from monai_effq.utils.errors import DEBUG_ENV, find_user_error
 
+from ..dicom import write_dicom_series
 from .conftest import ROOT, bundle, copy_bundle
 
 
@@ -224,15 +226,22 @@ def test_bad_files_and_settings_are_user_input_errors_naming_them_before_anythin
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))
 
 
-def test_inference_stops_before_it_runs_on_images_whose_masks_would_take_one_name_or_on_a_missing_image(dataset, tmp_path):
+def test_inference_stops_before_it_runs_on_images_whose_masks_would_take_one_name_or_that_are_missing_or_unreadable(dataset, tmp_path):
     image = sorted(dataset.rglob("volume-*.nii"))[0]
     twins = []
     for patient in ("a", "b"):  # two patients' CT, each exported as ct.nii: one mask name in one folder
         (tmp_path / patient).mkdir()
         twins.append({"image": str(shutil.copy(image, tmp_path / patient / "ct.nii"))})
+    cut = tmp_path / "cut.mha"  # a MetaImage cut short: its header reads, its voxels do not
+    itk.imwrite(itk.imread(str(image)), str(cut))
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    for series, uid in (("A", "1.2.826.0.1.3680043.2.1125.1"), ("B", "1.2.826.0.1.3680043.2.1125.2")):
+        write_dicom_series(image, tmp_path / "two_series", series_uid=uid, prefix=series)  # e.g. two contrast phases
     cases = {
         "would both write the mask ct_seg.nii.gz": twins,
         f"image {tmp_path / 'c' / 'ct.nii'} does not exist": [{"image": str(tmp_path / "c" / "ct.nii")}],
+        f"cannot read image file(s) ['{cut}']": [twins[0], {"image": str(cut)}],
+        "holds 2 DICOM series": [twins[0], {"image": str(tmp_path / "two_series")}],
     }
     for message, datalist in cases.items():
         out = tmp_path / "masks"

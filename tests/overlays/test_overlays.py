@@ -14,10 +14,12 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow, run
 
+from monai_effq.data import DatasetError
 from monai_effq.overlays import OVERLAYS, agreement_metric, calibration_items, overlay_path
 from monai_effq.overlays.__main__ import main
 from monai_effq.ptq.modules import QuantizedLayer
 from monai_effq.utils.errors import MissingInputError, UserInputError
+from tests.dicom import write_dicom_series
 from tests.overlays.conftest import handlers_style, spleen_style
 
 TAG = "efficientq_w4a8"
@@ -79,6 +81,15 @@ def test_calibration_images_become_datalist_cases_and_bad_ones_are_named(tmp_pat
         calibration_items([3], 1)
     with pytest.raises(UserInputError, match="has no 'image' entry"):
         calibration_items([{"img": a}], 1)
+
+
+def test_a_dicom_series_folder_calibrates_and_a_folder_of_two_series_is_refused(tmp_path, demo_data):
+    volume = sorted(demo_data["lits"].rglob("volume-*.nii*"))[0]
+    write_dicom_series(volume, tmp_path / "series")
+    assert calibration_items(str(tmp_path / "series"), 1) == [{"image": str(tmp_path / "series")}]
+    write_dicom_series(volume, tmp_path / "series", series_uid="1.2.826.0.1.3680043.2.1125.2", prefix="B")
+    with pytest.raises(DatasetError, match="series holds 2 DICOM series"):
+        calibration_items(str(tmp_path / "series"), 1)
 
 
 def test_agreement_with_fp_counts_the_background_channel_as_the_bundles_own_dice_does():

@@ -1,0 +1,110 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from monai_effq.data import DatasetError, check_image, dicom_series_files, load_datalist, make_brats_demo, make_lits_demo
+
+from ..dicom import write_dicom_series
+
+itk = pytest.importorskip("itk")
+
+
+@pytest.fixture(scope="module")
+def lits(tmp_path_factory) -> list[dict]:
+    return load_datalist(make_lits_demo(tmp_path_factory.mktemp("images") / "lits", n_cases=2, shape=(40, 36, 32)))
+
+
+@pytest.fixture
+def series(lits, tmp_path) -> tuple[Path, list[str]]:
+    """The first CT as a scanner's archive hands it out: one DICOM file per slice in a folder."""
+    folder = tmp_path / "ct"
+    return folder, write_dicom_series(lits[0]["image"], folder)
+
+
+def test_a_dicom_series_folder_is_preprocessed_as_the_nifti_it_was_made_from(lits, series):
+    from monai_effq.bundle import image_preprocessing
+
+    folder, _ = series
+    transform = image_preprocessing("lits")
+    dicom, nifti = (transform({"image": path})["image"] for path in (str(folder), lits[0]["image"]))
+    assert dicom.shape == nifti.shape
+    assert torch.equal(dicom.as_tensor(), nifti.as_tensor())
+    assert np.allclose(dicom.affine, nifti.affine)  # the slices' positions give the NIfTI's geometry
+    check_image(str(folder))
+
+
+def test_the_four_brats_contrasts_as_four_dicom_series_are_preprocessed_as_their_nifti_files(tmp_path):
+    from monai_effq.bundle import image_preprocessing
+
+    case = load_datalist(make_brats_demo(tmp_path / "brats", n_cases=1, shape=(40, 36, 32)))[0]
+    folders = [str(tmp_path / f"series{i}") for i in range(4)]
+    for i, (contrast, folder) in enumerate(zip(case["image"], folders)):
+        write_dicom_series(contrast, folder, series_uid=f"1.2.826.0.1.3680043.2.1125.{i + 1}")
+    transform = image_preprocessing("brats")
+    dicom, nifti = (transform({"image": paths})["image"] for paths in (folders, case["image"]))
+    assert dicom.shape == nifti.shape == (4, 40, 36, 32)
+    assert torch.equal(dicom.as_tensor(), nifti.as_tensor()) and np.allclose(dicom.affine, nifti.affine)
+    check_image(folders)
+
+
+def test_a_folder_of_two_series_is_refused_before_monai_reads_only_the_first(lits, series):
+    from monai_effq.bundle import image_preprocessing
+
+    folder, _ = series
+    write_dicom_series(lits[1]["image"], folder, series_uid="1.2.826.0.1.3680043.2.1125.2", prefix="B")
+    with pytest.raises(DatasetError, match=rf"folder .*ct holds 2 DICOM series .*(32 files).*put each series in a folder of its own"):
+        check_image(str(folder), read_data=False)
+    with pytest.raises(DatasetError, match="holds 2 DICOM series"):  # also where the pipeline loads it
+        image_preprocessing("lits")({"image": str(folder)})
+
+
+def test_a_folder_without_dicom_files_is_refused_saying_what_to_pass(tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(DatasetError, match=r"holds no DICOM series: pass an image file .* or a folder holding the DICOM files of one series"):
+        dicom_series_files(tmp_path)
+
+
+def test_a_damaged_slice_is_named_though_the_series_would_read_without_it(series):
+    folder, files = series
+    damaged = Path(files[10])
+    damaged.write_bytes(damaged.read_bytes()[:-2000])  # the preamble stays: still recognisably DICOM
+    assert len(itk.GDCMSeriesFileNames.New(Directory=str(folder)).GetInputFileNames()) == len(files) - 1  # silently dropped
+    with pytest.raises(DatasetError, match=rf"DICOM file .*{damaged.name} in folder .* cannot be read"):
+        check_image(str(folder))
+
+
+@pytest.mark.parametrize("damage", ["missing", "doubled"])
+def test_a_series_with_a_missing_or_doubled_slice_is_refused_naming_the_gap(series, damage):
+    folder, files = series
+    if damage == "missing":
+        Path(files[10]).unlink()
+        expected = r"IM0009\.dcm and IM0011\.dcm are 2 mm apart where its other slices are 1 mm apart"
+    else:
+        (folder / "copy.dcm").write_bytes(Path(files[10]).read_bytes())
+        expected = r"IM0010\.dcm and copy\.dcm are 0 mm apart"
+    with pytest.raises(DatasetError, match=expected):
+        dicom_series_files(folder)
+
+
+@pytest.mark.parametrize("suffix", [".mha", ".nrrd"])
+def test_an_itk_format_file_cut_short_is_refused_when_its_voxels_are_read(tmp_path, suffix):
+    bad = tmp_path / f"ct{suffix}"
+    itk.imwrite(itk.image_from_array(np.random.default_rng(0).random((24, 32, 32), dtype=np.float32)), str(bad))
+    check_image(str(bad))
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size * 3 // 4])
+    check_image(str(bad), read_data=False)  # the header alone still reads
+    with pytest.raises(DatasetError, match=rf"cannot read image file\(s\) \['.*ct\{suffix}'\]: .*; re-export or remove them"):
+        check_image(str(bad))
+
+
+def test_a_missing_image_and_a_corrupt_nifti_are_named(lits, tmp_path):
+    with pytest.raises(DatasetError, match=r"image .*absent\.nii\.gz does not exist"):
+        check_image(str(tmp_path / "absent.nii.gz"))
+    bad = tmp_path / "volume-9.nii"
+    bad.write_bytes(Path(lits[0]["image"]).read_bytes()[:-4096])
+    with pytest.raises(DatasetError, match=r"corrupt or unreadable NIfTI file .*volume-9\.nii"):
+        check_image([lits[0]["image"], str(bad)])  # a multi-modal case: each file is checked
