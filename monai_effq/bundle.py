@@ -34,6 +34,7 @@ from monai_effq.data import (
     split_datalist,
     validate_datalist,
 )
+from monai_effq.overlays import calibration_items
 from monai_effq.ptq.checkpoint import verify_checkpoint
 from monai_effq.ptq.journal import journal_path
 from monai_effq.utils.distributed import get_rank, get_world_size, is_rank_zero
@@ -200,26 +201,39 @@ def calibration_datalist(
     layout: str = "auto",
     val_fraction: float = 0.2,
     demo_dir: str | os.PathLike | None = None,
+    images: Any = None,
 ) -> list[dict[str, Any]]:
-    """The calibration cases of the quantize workflow: ``cases`` training cases from number ``case`` on.
+    """The calibration cases of the quantize workflow: ``cases`` training cases from number ``case`` on,
+    or the first ``cases`` of ``images``.
 
-    Every file of the chosen cases is decoded here (a truncated ``.nii.gz`` only fails when its data
-    is read), so bad data stops the workflow before the network is loaded.
+    Calibration needs no label, so ``images`` may be any scans of the kind the network segments
+    (``--calibration_images``), in any format inference reads. Every file of the chosen cases is
+    decoded here (a truncated ``.nii.gz`` only fails when its data is read), so bad data stops the
+    workflow before the network is loaded.
 
     Args:
-        dataset_dir, dataset, layout, val_fraction, demo_dir: as for :func:`datalist`.
+        dataset_dir, dataset, layout, val_fraction, demo_dir: as for :func:`datalist`; not read when
+            ``images`` is given.
         case: the first training case (``--calibration_case``).
         cases: how many (``--calibration_cases``).
+        images: ``--calibration_images``, as for :func:`monai_effq.overlays.calibration_items`: a path
+            (file or DICOM series folder), a multi-modal case's list of paths, or a list of either.
 
     Returns:
         the case dicts (never empty).
 
     Raises:
-        UserInputError: for a case number past the end of the training split or a count below 1.
+        UserInputError: for a case number past the end of the training split, a count below 1, or
+            fewer ``images`` than ``cases``.
         DatasetError: for a missing, unreadable or truncated file.
     """
     case = check_integer(case, "calibration_case", low=0)
     cases = check_integer(cases, "calibration_cases", low=1)
+    if images is not None:
+        chosen = calibration_items(images, cases)
+        for item in chosen:
+            check_image(item["image"], read_data=True)
+        return chosen
     train = datalist(dataset_dir, dataset, "train", layout, val_fraction, demo_dir=demo_dir)
     if case >= len(train):
         raise UserInputError(

@@ -10,9 +10,13 @@ import logging
 import math
 
 import pytest
+import torch
+from monai.utils import ensure_tuple
 
+from monai_effq.bundle import datalist
 from monai_effq.data import make_brats_demo, make_lits_demo
 
+from ..dicom import write_dicom_series
 from .conftest import BUNDLES, ROI, ROOT, WORKFLOWS, bundle, config_files
 
 
@@ -52,6 +56,31 @@ def test_quantize_calibrates_on_every_window_of_whole_volumes_by_default(trained
     assert first["voxels"] in (2 * 32**3, 2 * 16**3)
     assert any(layer["mse_holdout"] is not None for layer in report["layers"])  # every 4th window held out
     assert all(layer["mse_holdout"] <= layer["mse_holdout_rtn"] for layer in report["layers"] if layer["mse_holdout"] is not None)
+
+
+@pytest.mark.slow
+def test_quantize_calibrates_on_unlabelled_images_as_on_the_labelled_training_case_they_are(trained, tmp_path):
+    name, work, common, _ = trained
+    dataset = BUNDLES[name][0]
+    train = datalist(work / "data", dataset, "train")
+    fast = ["--method", "rtn", "--calibration_crop", ROI, "--calibration_roi", ROI, "--ckpt_dir", str(work / "models"), "--export_dir", ""]
+
+    def quantized(tag: str, *calibration: str) -> dict:
+        out = tmp_path / tag
+        bundle(name, "quantize", "--dataset_dir", str(work / "data"), "--output_dir", str(out), "--quantized_path", str(out / "q.pt"), *fast, *calibration)
+        archive = torch.load(out / "q.pt", weights_only=True)
+        return {"codes": archive["codes"], **{f"data.{k}": v for k, v in archive["data"].items()}}
+
+    # the first training case, as a scanner's archive hands it out: DICOM series, no label
+    images = list(ensure_tuple(train[0]["image"]))  # BraTS: its four contrasts
+    series = [str(tmp_path / "series" / str(i)) for i in range(len(images))]
+    for i, (image, folder) in enumerate(zip(images, series)):
+        write_dicom_series(image, folder, series_uid=f"1.2.826.0.1.3680043.2.1125.{i + 1}")
+    labelled = quantized("labelled")  # the default: training case 0 with its label
+    from_series = quantized("series", "--calibration_images", repr([series if dataset == "brats" else series[0]]))
+    other = quantized("other", "--calibration_images", repr([train[1]["image"]]))
+    assert all(torch.equal(labelled[k], from_series[k]) for k in labelled)
+    assert not all(torch.equal(labelled[k], other[k]) for k in labelled)  # the calibration data decides the activation grids
 
 
 @pytest.mark.slow
