@@ -10,6 +10,7 @@ does. ``python -m monai_effq.overlays <name>`` prints an overlay's path.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,9 @@ from monai_effq.utils.errors import MissingInputError, UserInputError, check_int
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
-__all__ = ["OVERLAYS", "agreement_metric", "calibration_items", "check_attached", "overlay_path"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["OVERLAYS", "agreement_metric", "attach_metric_first", "calibration_items", "check_attached", "overlay_path"]
 
 OVERLAYS = {
     "quantize": "quantize a bundle's FP network on its calibration images (overlays inference.json)",
@@ -110,6 +113,28 @@ def calibration_items(images: Any, cases: int, image_key: str = "image") -> list
                 dicom_series_files(file)
         items.append(item)
     return items
+
+
+def attach_metric_first(metric: Any, engine: Any, name: str) -> None:
+    """Attach an ignite metric to a built engine so that its value is ready for the engine's own epoch handlers.
+
+    An overlay attaches its metric once the bundle's evaluator exists, after the bundle's
+    ``StatsHandler`` and ``MetricsSaver``; attached in the usual way, it would be computed after they
+    had logged and saved the epoch's metrics, and so would appear in neither. Its epoch-completed step
+    is moved ahead of them instead (ignite has no public way to insert a handler before others).
+
+    Args:
+        metric: an ignite ``Metric`` (e.g. :func:`agreement_metric`'s ``MeanDice``).
+        engine: the bundle's evaluator.
+        name: the key of the metric in ``engine.state.metrics``.
+    """
+    metric.attach(engine, name)
+    handlers = getattr(engine, "_event_handlers", {}).get(Events.EPOCH_COMPLETED)
+    if not handlers:
+        logger.warning("%s is computed after the bundle's own epoch handlers: it will not be in their log or files", name)
+        return
+    ours = [h for h in handlers if getattr(h[0], "__self__", None) is metric]
+    handlers[:] = ours + [h for h in handlers if not any(h is o for o in ours)]
 
 
 def check_attached(engine: Any, handler: Any, where: str) -> None:

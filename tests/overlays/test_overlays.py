@@ -15,7 +15,8 @@ import torch
 from monai.bundle import ConfigWorkflow, run
 
 from monai_effq.data import DatasetError
-from monai_effq.overlays import OVERLAYS, agreement_metric, calibration_items, overlay_path
+from monai_effq.handlers.reference import REFERENCE_KEY
+from monai_effq.overlays import OVERLAYS, agreement_metric, attach_metric_first, calibration_items, overlay_path
 from monai_effq.overlays.__main__ import main
 from monai_effq.ptq.modules import QuantizedLayer
 from monai_effq.utils.errors import MissingInputError, UserInputError
@@ -81,6 +82,29 @@ def test_calibration_images_become_datalist_cases_and_bad_ones_are_named(tmp_pat
         calibration_items([3], 1)
     with pytest.raises(UserInputError, match="has no 'image' entry"):
         calibration_items([{"img": a}], 1)
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_a_metric_attached_first_to_a_built_evaluator_is_in_the_bundles_epoch_log(first):
+    import logging
+
+    from ignite.engine import Engine
+    from monai.handlers import StatsHandler
+
+    engine = Engine(lambda e, batch: {"pred": [torch.ones(1, 2, 2)], REFERENCE_KEY: [torch.ones(1, 2, 2)]})
+    StatsHandler(name="bundle_stats", iteration_log=False).attach(engine)  # the bundle's, attached when it was built
+    lines: list[str] = []
+    recorder = logging.Handler()
+    recorder.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("bundle_stats").addHandler(recorder)
+    metric = agreement_metric()
+    if first:
+        attach_metric_first(metric, engine, "fp_agreement")
+    else:  # what the overlay did before: computed after the log line was written
+        metric.attach(engine, "fp_agreement")
+    engine.run([0], max_epochs=1)
+    assert engine.state.metrics["fp_agreement"] == 1.0
+    assert any("fp_agreement: 1" in line for line in lines) == first, lines
 
 
 def test_a_dicom_series_folder_calibrates_and_a_folder_of_two_series_is_refused(tmp_path, demo_data):
