@@ -14,7 +14,7 @@ import numbers
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -395,8 +395,22 @@ def check_inference_inputs(
     Raises:
         MissingInputError: naming a missing image.
         DatasetError: naming a corrupt image, or a folder that is not one DICOM series.
-        UserInputError: naming two images whose masks would collide.
+        UserInputError: naming an entry that is not ``{"image": path or paths}``, or two images whose
+            masks would collide.
     """
+    if isinstance(cases, (str, bytes, Mapping)) or not isinstance(cases, Sequence) or not cases:
+        raise UserInputError(
+            f"the inference datalist must be a non-empty list of cases such as [{{'image': '/path/to/ct.nii.gz'}}], got {cases!r}."
+        )
+    for case in cases:
+        image = case.get("image") if isinstance(case, Mapping) else None
+        files = [image] if isinstance(image, (str, os.PathLike)) else image
+        if not (isinstance(files, (list, tuple)) and files and all(isinstance(f, (str, os.PathLike)) for f in files)):
+            raise UserInputError(
+                f"inference datalist entry {case!r} is not a case: give each as {{'image': path}}, the path an image "
+                "file or DICOM series folder (a list of paths for a multi-modal case), e.g. "
+                "--datalist \"[{'image': '/path/to/ct.nii.gz'}]\"."
+            )
     taken: dict[str, str] = {}
     for case in cases:
         paths = case["image"] if isinstance(case["image"], (list, tuple)) else [case["image"]]

@@ -342,6 +342,10 @@ TRIGGERS = {
     "cannot write <output>: the folder <folder> is not writable": lambda t, d: refuse_to_overwrite(False, Path("/proc/1/eval/report.json")),
     "FP checkpoint <file> holds a pickled <class> object, not a state dict": _pickled_network,
     "overwrite must be True or False, got <value>": lambda t, d: refuse_to_overwrite("false", t / "model.pt"),
+    "inference datalist entry <entry> is not a case: give each as {'image': path}": (
+        lambda t, d: check_inference_inputs(["ct.nii.gz"], t / "masks")
+    ),
+    "the inference datalist must be a non-empty list of cases": lambda t, d: check_inference_inputs({"image": "ct.nii.gz"}, t / "masks"),
     "image <file> does not exist: correct the datalist or --dataset_dir.": (
         lambda t, d: check_inference_inputs([{"image": str(t / "ct.nii.gz")}], t / "masks")
     ),

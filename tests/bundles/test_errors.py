@@ -226,7 +226,7 @@ def test_bad_files_and_settings_are_user_input_errors_naming_them_before_anythin
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))
 
 
-def test_inference_stops_before_it_runs_on_images_whose_masks_would_take_one_name_or_that_are_missing_or_unreadable(dataset, tmp_path):
+def test_inference_stops_before_it_runs_on_a_malformed_datalist_or_images_whose_masks_would_take_one_name_or_that_are_missing_or_unreadable(dataset, tmp_path):
     image = sorted(dataset.rglob("volume-*.nii"))[0]
     twins = []
     for patient in ("a", "b"):  # two patients' CT, each exported as ct.nii: one mask name in one folder
@@ -242,6 +242,8 @@ def test_inference_stops_before_it_runs_on_images_whose_masks_would_take_one_nam
         f"image {tmp_path / 'c' / 'ct.nii'} does not exist": [{"image": str(tmp_path / "c" / "ct.nii")}],
         f"cannot read image file(s) ['{cut}']": [twins[0], {"image": str(cut)}],
         "holds 2 DICOM series": [twins[0], {"image": str(tmp_path / "two_series")}],
+        f"inference datalist entry '{image}' is not a case: give each as {{'image': path}}": [str(image)],  # as --calibration_images takes them
+        "inference datalist entry {'img'": [{"img": str(image)}],
     }
     for message, datalist in cases.items():
         out = tmp_path / "masks"
