@@ -521,8 +521,9 @@ def refuse_to_overwrite(overwrite: bool, *paths: str | os.PathLike | None, unfin
     for path in outputs:
         if path.is_file() or (path.is_dir() and any(path.iterdir())):
             raise OutputExistsError(
-                f"{path} exists from an earlier run: pass --overwrite True to replace it, or write elsewhere "
-                "(other settings, --ckpt_dir, --output_dir)."
+                f"{path} exists from an earlier run: pass --overwrite True to replace it, or point the setting that "
+                "names it elsewhere (--ckpt_dir moves checkpoints, --output_dir reports, evaluations and masks, "
+                "--export_dir exports), or change a setting of the model tag."
             )
 
 

@@ -336,7 +336,7 @@ TRIGGERS = {
     "the calibration input of layer <layer> is one value (<v>) everywhere": (
         lambda t, d: quantize(_net(), torch.zeros(1, 1, 8, 8, 8), EfficientQConfig(attention=False), progress=False)
     ),
-    "<output> exists from an earlier run: pass --overwrite True to replace it, or write elsewhere": _earlier_output,
+    "<output> exists from an earlier run: pass --overwrite True to replace it, or point the setting that names it elsewhere": _earlier_output,
     "<file> is the checkpoint this bundle ships (large_files.yml) and training would replace it": _shipped_checkpoint,
     # /proc/1 is a folder no one may create files in, root included
     "cannot write <output>: the folder <folder> is not writable": lambda t, d: refuse_to_overwrite(False, Path("/proc/1/eval/report.json")),

@@ -459,7 +459,8 @@ def verify_checkpoint(
         if described != archive.fingerprint:
             raise UserInputError(
                 f"quantization report {report_path} describes another checkpoint (fingerprint {described}) than "
-                f"{path} ({archive.fingerprint}): they come from different quantize runs, one of which did not "
-                "finish; re-run the quantize step."
+                f"{path} ({archive.fingerprint}): another quantize run wrote it into the same folder (another FP "
+                "checkpoint quantized to the same model tag, or a run that did not finish). Read the report that "
+                "this checkpoint's run wrote (the bundles' --output_dir of that run), or re-run the quantize step."
             )
     return archive.fingerprint
