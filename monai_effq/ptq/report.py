@@ -262,9 +262,9 @@ class QuantizationReport:
         return (
             f"{len(layers)} of {len(self.layers)} layers saw fewer calibration voxels than they have weights per "
             f"output channel: {shown}{more}. A layer-wise fit there learns the calibration sample instead of "
-            "the layer, so with held-out validation on (the default) they keep round-to-nearest weights. "
-            "Calibrate on whole volumes (monai_effq.data.calibration_windows, the bundles' --calibration_cases N) "
-            "or more or larger crops."
+            "the layer, so with held-out validation on (the default) they keep round-to-nearest weights. More "
+            "calibration data lifts the limit: more whole volumes (the bundles' --calibration_cases N, "
+            "monai_effq.data.calibration_windows) rather than crops."
         )
 
     def summary(self) -> str:

@@ -431,7 +431,8 @@ class FinetuneCheck:
                 f"learning rate: {max(learning_rates):.3g} is larger than the median weight step {step:.3g}, so one "
                 "Adam step (about the learning rate per weight) can move a weight across several grid levels: lower it"
             )
-        if learning_rates and reach < step / 2:
+        few_steps = bool(learning_rates) and reach < step / 2
+        if few_steps:
             causes.append(
                 f"steps: in {steps} steps (learning rates summing to {reach:.3g}) Adam moves a weight by about "
                 f"{reach:.3g}, less than half the median weight step {step:.3g}, so few codes can change: more "
@@ -440,7 +441,8 @@ class FinetuneCheck:
         if len(losses) >= 2:
             k = max(1, min(10, len(losses) // 4))
             first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-            if last >= first:
+            # with too few steps to change codes, a flat loss says nothing about the learning rate
+            if last >= first and not few_steps:
                 causes.append(f"training loss: it did not fall ({first:.4f} -> {last:.4f}): lower the learning rate")
             elif worse:
                 causes.append(

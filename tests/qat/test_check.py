@@ -4,8 +4,11 @@ import math
 
 import torch
 import torch.nn as nn
+from monai.networks.nets import UNet
 
-from monai_effq.qat import HeldOutScore, end_is_better, score_windows
+from monai_effq import EfficientQConfig
+from monai_effq.qat import HeldOutScore, end_is_better, prepare_finetune, score_windows
+from monai_effq.qat.check import FinetuneCheck
 
 
 def _zero_loss(logits, label):
@@ -60,3 +63,16 @@ def test_an_unknown_task_a_multichannel_multiclass_label_and_an_empty_held_out_l
         draw_windows([], 2)
     pairs = [{"image": logits, "label": one_hot}] * 3
     assert len(draw_windows(pairs, 2)) == 2  # one pass, cut at the count
+
+
+def test_a_flat_training_loss_blames_the_learning_rate_only_when_the_steps_could_change_codes():
+    torch.manual_seed(0)
+    batches = [{"image": torch.randn(1, 1, 16, 16, 16), "label": (torch.rand(1, 1, 16, 16, 16) > 0.7).long()}]
+    trainable = prepare_finetune(UNet(3, 1, 2, channels=(4, 8), strides=(2,), num_res_units=0), batches, EfficientQConfig(weight_bits=4, act_bits=6))
+    check = FinetuneCheck(trainable, [], lambda logits, label: logits.sum(), "multiclass")
+    step = sorted(float(m.scale.float().median()) for m in trainable.layers().values())[len(trainable.layers()) // 2]
+    flat = [0.5] * 10
+    few = check.causes([step / 100] * 10, flat)  # together they move a weight by a tenth of a step
+    assert any(c.startswith("steps:") for c in few) and not any("lower the learning rate" in c for c in few), few
+    many = check.causes([step / 2] * 10, flat)  # five steps' worth: the codes could change, and the loss did not fall
+    assert not any(c.startswith("steps:") for c in many) and any("did not fall" in c and "lower the learning rate" in c for c in many), many
