@@ -70,6 +70,9 @@ def test_the_openvino_evaluate_overlay_matches_the_fake_quant_dice_on_the_demo_d
     # the deployed network reproduces the FP network's labels as closely as the fake-quant network does
     assert abs(rows[2]["fp_agreement"] - rows[1]["fp_agreement"]) <= 0.005 and rows[2]["fp_agreement"] > 0.9, rows
     assert (models / "model_rtn_w4a8.onnx").is_file()
+    cases = tmp_path / "eval" / "evaluation_rtn_w4a8_openvino_cases"  # each case's Dice, for the runtime too
+    per_model = {m: (cases / m / "dice_raw.csv").read_text().splitlines() for m in ("FP32", "rtn_w4a8", "rtn_w4a8_openvino")}
+    assert len({len(lines) for lines in per_model.values()}) == 1 and len(per_model["FP32"]) > 1, per_model
 
     # run on its own (as a benchmark or a user's script runs one evaluator), the deployed evaluator
     # still compares with the FP weights: its handlers load them for the reference
