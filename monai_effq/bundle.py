@@ -26,11 +26,13 @@ from monai_effq.data import (
     DatasetError,
     brats_transforms,
     check_image,
+    check_nifti,
     detect_layout,
     load_datalist,
     lits_transforms,
     make_brats_demo,
     make_lits_demo,
+    mask_subject,
     split_datalist,
     validate_datalist,
 )
@@ -217,7 +219,8 @@ def calibration_datalist(
         case: the first training case (``--calibration_case``).
         cases: how many (``--calibration_cases``).
         images: ``--calibration_images``, as for :func:`monai_effq.overlays.calibration_items`: a path
-            (file or DICOM series folder), a multi-modal case's list of paths, or a list of either.
+            (file or DICOM series folder), a multi-modal case's list of paths, or a list of either;
+            ``case`` is then not used. ``None`` or ``""``: the training cases.
 
     Returns:
         the case dicts (never empty).
@@ -229,10 +232,16 @@ def calibration_datalist(
     """
     case = check_integer(case, "calibration_case", low=0)
     cases = check_integer(cases, "calibration_cases", low=1)
-    if images is not None:
+    if images is not None and images != "":  # "" as for --export_dir: not given
         chosen = calibration_items(images, cases)
         for item in chosen:
             check_image(item["image"], read_data=True)
+            if dataset == "brats" and isinstance(item["image"], str) and _spatial_only(item["image"]):
+                raise UserInputError(
+                    f"calibration image {item['image']} is one 3D image, but a BraTS case is its four contrasts: pass "
+                    "each case as the list of its files, --calibration_images \"[['flair.nii.gz', 't1.nii.gz', "
+                    "'t1ce.nii.gz', 't2.nii.gz']]\" (a list of cases), or a Decathlon 4D file."
+                )
         return chosen
     train = datalist(dataset_dir, dataset, "train", layout, val_fraction, demo_dir=demo_dir)
     if case >= len(train):
@@ -248,6 +257,14 @@ def calibration_datalist(
         )
     validate_datalist(chosen, read_data=True)
     return chosen
+
+
+def _spatial_only(image: str) -> bool:
+    """Whether an image is one 3D volume: a DICOM series, a 3D NIfTI file, or another format's file (4D
+    images, such as the Decathlon's BraTS, come as NIfTI)."""
+    if image.endswith((".nii", ".nii.gz")):
+        return len(check_nifti(image, read_data=False)) == 3
+    return True
 
 
 def calibration_share(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -418,7 +435,7 @@ def check_inference_inputs(
             if not Path(path).exists():
                 raise MissingInputError(f"image {path} does not exist: correct the datalist or --dataset_dir.")
         # the name SaveImaged gives the mask: from the first file of a multi-modal case
-        mask = create_file_basename(postfix, str(paths[0]), str(output_dir), "", False, makedirs=False)
+        mask = create_file_basename(postfix, mask_subject(paths[0]), str(output_dir), "", False, makedirs=False)
         if mask in taken:
             raise UserInputError(
                 f"images {taken[mask]} and {paths[0]} would both write the mask {Path(mask).name}{ext} in {output_dir}: "

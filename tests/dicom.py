@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import locale
 import os
+import struct
 
 import itk
 import numpy as np
 
-__all__ = ["write_dicom_series"]
+__all__ = ["write_dicom_series", "write_non_image_dicom"]
 
 
-def write_dicom_series(image_path: str | os.PathLike, folder: str | os.PathLike, series_uid: str = "1.2.826.0.1.3680043.2.1125.1", prefix: str = "IM") -> list[str]:
+def write_dicom_series(
+    image_path: str | os.PathLike,
+    folder: str | os.PathLike,
+    series_uid: str = "1.2.826.0.1.3680043.2.1125.1",
+    prefix: str = "IM",
+    shift_per_slice: tuple[float, float] = (0.0, 0.0),
+) -> list[str]:
     """Write ``image_path`` (any 3D integer image ITK reads) as CT slices carrying their position and orientation.
 
     Args:
@@ -19,37 +26,73 @@ def write_dicom_series(image_path: str | os.PathLike, folder: str | os.PathLike,
         folder: where the slices go (created if needed).
         series_uid: the Series Instance UID of every slice; two calls with different UIDs make two series.
         prefix: the slice files' name prefix, so that two series can share a folder.
+        shift_per_slice: mm each slice lies further along the image's first and second axes than the
+            one before, as a gantry tilt shears a CT series.
 
     Returns:
         the slice files written.
     """
     image = itk.imread(str(image_path))
     voxels = itk.array_view_from_image(image)  # (z, y, x)
+    if voxels.min() < -32768 or voxels.max() > 32767:
+        raise ValueError(f"{image_path} holds values outside int16, which these CT slices store")
     direction = np.asarray(image.GetDirection())
     origin, spacing = np.asarray(image.GetOrigin()), np.asarray(image.GetSpacing())
     os.makedirs(folder, exist_ok=True)
-    saved = locale.setlocale(locale.LC_ALL)
     files = []
-    for k in range(voxels.shape[0]):
-        piece = itk.image_from_array(np.ascontiguousarray(voxels[k].astype(np.int16)))
-        tags = piece.GetMetaDataDictionary()
-        position = origin + direction[:, 2] * spacing[2] * k
-        for tag, value in {
-            "0008|0060": "CT",
-            "0020|000d": "1.2.826.0.1.3680043.2.1125.9",
-            "0020|000e": series_uid,
-            "0020|0013": str(k + 1),
-            "0020|0032": "\\".join(f"{v:.6f}" for v in position),
-            "0020|0037": "\\".join(f"{v:.6f}" for v in (*direction[:, 0], *direction[:, 1])),
-            "0028|0030": f"{spacing[1]:.6f}\\{spacing[0]:.6f}",
-            "0018|0050": f"{spacing[2]:.6f}",
-        }.items():
-            tags[tag] = value
-        io = itk.GDCMImageIO.New()
-        io.KeepOriginalUIDOn()  # the series UID above, not a new one per file
-        files.append(os.path.join(folder, f"{prefix}{k:04d}.dcm"))
-        itk.ImageFileWriter[type(piece)].New(Input=piece, ImageIO=io, FileName=files[-1]).Update()
-    # GDCM leaves the process in the C locale after writing text tags, and Python's default text
-    # encoding would turn ASCII for the rest of the test session (reading still leaves it alone)
-    locale.setlocale(locale.LC_ALL, saved)
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        for k in range(voxels.shape[0]):
+            piece = itk.image_from_array(np.ascontiguousarray(voxels[k].astype(np.int16)))
+            tags = piece.GetMetaDataDictionary()
+            shear = direction[:, 0] * shift_per_slice[0] + direction[:, 1] * shift_per_slice[1]
+            position = origin + (direction[:, 2] * spacing[2] + shear) * k
+            for tag, value in {
+                "0008|0060": "CT",
+                "0020|000d": "1.2.826.0.1.3680043.2.1125.9",
+                "0020|000e": series_uid,
+                "0020|0013": str(k + 1),
+                "0020|0032": "\\".join(f"{v:.6f}" for v in position),
+                "0020|0037": "\\".join(f"{v:.6f}" for v in (*direction[:, 0], *direction[:, 1])),
+                "0028|0030": f"{spacing[1]:.6f}\\{spacing[0]:.6f}",
+                "0018|0050": f"{spacing[2]:.6f}",
+            }.items():
+                tags[tag] = value
+            io = itk.GDCMImageIO.New()
+            io.KeepOriginalUIDOn()  # the series UID above, not a new one per file
+            files.append(os.path.join(folder, f"{prefix}{k:04d}.dcm"))
+            itk.ImageFileWriter[type(piece)].New(Input=piece, ImageIO=io, FileName=files[-1]).Update()
+    finally:
+        # GDCM leaves the process in the C locale after writing text tags, and Python's default text
+        # encoding would turn ASCII for the rest of the test session (reading leaves it alone)
+        locale.setlocale(locale.LC_ALL, saved)
     return files
+
+
+def _element(group: int, element: int, vr: bytes, value: bytes) -> bytes:
+    value += b"\0" * (len(value) % 2)
+    return struct.pack("<HH", group, element) + vr + struct.pack("<H", len(value)) + value
+
+
+def write_non_image_dicom(path: str | os.PathLike, sop_class_uid: str, modality: str, series_uid: str = "1.2.826.0.1.3680043.2.1125.99") -> None:
+    """Write a DICOM object without voxels (a structure set, a report), as exports put beside a series.
+
+    Args:
+        path: the file.
+        sop_class_uid: e.g. ``1.2.840.10008.5.1.4.1.1.481.3``, RT Structure Set.
+        modality: e.g. ``RTSTRUCT``, ``SR``.
+        series_uid: its own series.
+    """
+    meta = _element(0x0002, 0x0002, b"UI", sop_class_uid.encode()) + _element(0x0002, 0x0003, b"UI", b"1.2.3.4.5.6") + _element(
+        0x0002, 0x0010, b"UI", b"1.2.840.10008.1.2.1"
+    )
+    body = (
+        _element(0x0008, 0x0016, b"UI", sop_class_uid.encode())
+        + _element(0x0008, 0x0018, b"UI", b"1.2.3.4.5.6")
+        + _element(0x0008, 0x0060, b"CS", modality.encode())
+        + _element(0x0020, 0x000D, b"UI", b"1.2.826.0.1.3680043.2.1125.9")
+        + _element(0x0020, 0x000E, b"UI", series_uid.encode())
+    )
+    group_length = _element(0x0002, 0x0000, b"UL", b"")[:6] + struct.pack("<HI", 4, len(meta))
+    with open(path, "wb") as f:
+        f.write(b"\0" * 128 + b"DICM" + group_length + meta + body)

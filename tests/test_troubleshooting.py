@@ -29,7 +29,7 @@ from monai_effq.bundle import (
     refuse_to_overwrite,
     refuse_to_replace_shipped,
 )
-from monai_effq.data import detect_layout, dicom_series_files, make_lits_demo, validate_datalist
+from monai_effq.data import detect_layout, dicom_series_files, load_datalist, make_lits_demo, validate_datalist
 from monai_effq.handlers.quantization import QuantizedCheckpointLoader, check_calibration_volume
 from monai_effq.overlays import calibration_items, check_attached
 from monai_effq.ptq.modules import ActivationQuantizer
@@ -257,6 +257,32 @@ def _missing_slice(tmp_path, lits):
     dicom_series_files(folder)
 
 
+def _two_echoes(tmp_path, lits):
+    from tests.dicom import write_dicom_series
+
+    for echo in ("E1_", "E2_"):
+        write_dicom_series(next(lits.glob("volume-*.nii")), tmp_path / "series", prefix=echo)
+    dicom_series_files(tmp_path / "series")
+
+
+def _tilted(tmp_path, lits):
+    from tests.dicom import write_dicom_series
+
+    write_dicom_series(next(lits.glob("volume-*.nii")), tmp_path / "series", shift_per_slice=(0.0, 0.3))
+    dicom_series_files(tmp_path / "series")
+
+
+def _one_slice(tmp_path, lits):
+    check_inference_inputs([{"image": str(sorted(_series(tmp_path, lits, "1.2.3.1").iterdir())[3])}], tmp_path / "masks")
+
+
+def _flat_brats_case(tmp_path, lits):
+    from monai_effq.data import make_brats_demo
+
+    case = load_datalist(make_brats_demo(tmp_path / "brats", n_cases=1, shape=(32, 32, 32)))[0]
+    calibration_datalist(tmp_path, "brats", images=case["image"])
+
+
 def _earlier_output(tmp_path, lits):
     (tmp_path / "model_efficientq_w4a8.pt").write_bytes(b"an earlier run's checkpoint")
     refuse_to_overwrite(False, tmp_path / "model_efficientq_w4a8.pt")
@@ -280,6 +306,10 @@ TRIGGERS = {
     "image <file> holds <n> NaN or Inf voxel(s)": _nan_image,
     "cannot read image file(s) [<file>]: <reason>; re-export or remove them.": _cut_short_metaimage,
     "folder <folder> holds no DICOM series": lambda t, d: dicom_series_files(t),
+    "the DICOM series in <folder> has about <n> slices at each position: several echoes, phases or time points in one series": _two_echoes,
+    "the slices of the DICOM series in <folder> are sheared by <angle> degrees against their normal (a gantry tilt)": _tilted,
+    "image <file> is one slice of a DICOM series of <n> files: pass its folder": _one_slice,
+    "calibration image <file> is one 3D image, but a BraTS case is its four contrasts": _flat_brats_case,
     "folder <folder> holds <n> DICOM series (<series>), and MONAI would read only the first": _two_series,
     "DICOM file <file> in folder <folder> cannot be read (damaged or cut short)": _damaged_slice,
     "the DICOM series in <folder> is not evenly sliced: <file> and <file> are <gap> mm apart where its other slices are <step> mm apart": (

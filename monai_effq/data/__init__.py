@@ -50,8 +50,8 @@ if TYPE_CHECKING:
         brats_transforms,
         lits_transforms,
     )
-    from monai_effq.data.images import check_image, dicom_series_files
-    from monai_effq.data.writers import AtomicNibabelWriter
+    from monai_effq.data.images import check_image, dicom_series_files, image_error_reason
+    from monai_effq.data.writers import AtomicNibabelWriter, mask_name_formatter, mask_subject
 
 # public names served by __getattr__ below, and the module each comes from
 _LAZY: dict[str, str] = {
@@ -85,8 +85,8 @@ _LAZY: dict[str, str] = {
         ),
         "monai_effq.data.transforms",
     ),
-    "AtomicNibabelWriter": "monai_effq.data.writers",
-    **dict.fromkeys(("check_image", "dicom_series_files"), "monai_effq.data.images"),
+    **dict.fromkeys(("AtomicNibabelWriter", "mask_name_formatter", "mask_subject"), "monai_effq.data.writers"),
+    **dict.fromkeys(("check_image", "dicom_series_files", "image_error_reason"), "monai_effq.data.images"),
 }
 
 __all__ = [
@@ -104,6 +104,7 @@ __all__ = [
     "validate_datalist",
     "check_image",
     "dicom_series_files",
+    "image_error_reason",
     "BRATS_NATIVE_LABELS",
     "BRATS_MSD_LABELS",
     "LITS_LABELS",
@@ -125,6 +126,8 @@ __all__ = [
     "synth_lits_case",
     "calibration_windows",
     "AtomicNibabelWriter",
+    "mask_name_formatter",
+    "mask_subject",
 ]
 
 

@@ -2,17 +2,21 @@
 
 Inference takes what a hospital has: NIfTI from research pipelines, NRRD and MetaImage from 3D Slicer
 or MONAI Label clients, and DICOM series straight from the scanner's archive, one folder per series.
-MONAI's ``ITKReader`` reads such a folder, but a folder holding several series (a CT's arterial and
-venous phases, a localizer) makes it warn and read the first it lists, so a mask could belong to
-another series than the user meant. These checks refuse that before a run, and decode every image in
-full so that a truncated file is named before any mask is written.
+MONAI's ``ITKReader`` reads such a folder, but it stacks whatever it finds there: a folder holding
+several series (a CT's arterial and venous phases, a localizer) makes it warn and read the first it
+lists, a slice file it cannot parse is left out, and slices that are not evenly spaced along their
+normal (a missing slice, a gantry tilt) are stacked at one step, so every slice after the gap lies
+at the wrong depth. These checks refuse such folders before a run, and decode every image in full
+so that a truncated file is named before any mask is written.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from monai.utils import optional_import
@@ -21,14 +25,59 @@ from monai_effq.data.layouts import NIFTI_SUFFIXES, DatasetError, check_nifti
 
 itk, _ = optional_import("itk")
 
-__all__ = ["dicom_series_files", "check_image"]
+__all__ = ["dicom_series_files", "check_image", "image_error_reason"]
+
+# the tags that hold an image's voxels: Pixel Data, Float Pixel Data, Double Float Pixel Data
+# (little endian, as every transfer syntax in use writes them)
+_PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00")
+# a missing or doubled slice changes one step by a whole step; positions rounded in the file text
+# move a step by far less than half of one
+_STEP_TOLERANCE = 0.5
+# a gantry tilt above this (degrees) shears the volume by more than rounding does
+_TILT_TOLERANCE_DEGREES = 0.5
+
+
+def image_error_reason(error: BaseException) -> str:
+    """The part of an image reader's error that says what is wrong, for a one-line message.
+
+    ITK's errors start with the source file and line that raised them; the reason follows
+    ``ITK ERROR: <class>(<address>):``.
+
+    Args:
+        error: what the reader raised.
+
+    Returns:
+        one line, without a trailing full stop.
+    """
+    text = str(error).strip()
+    found = re.search(r"ITK ERROR: \w+\(0x[0-9a-fA-F]+\):\s*(.+)", text)
+    if found:
+        return found.group(1).strip().rstrip(".")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0].rstrip(".") if lines else type(error).__name__
+
+
+def _series_names(folder: str | os.PathLike) -> Any:
+    """GDCM's series lister on ``folder``, set up as MONAI's ``ITKReader`` sets it up."""
+    names = itk.GDCMSeriesFileNames.New()
+    names.SetUseSeriesDetails(True)
+    names.AddSeriesRestriction("0008|0021")  # Series Date, as MONAI's ITKReader
+    shown = itk.Object.GetGlobalWarningDisplay()
+    itk.Object.SetGlobalWarningDisplay(False)  # an empty folder's warning would precede the error saying the same
+    try:
+        names.SetDirectory(str(folder))
+        names.GetSeriesUIDs()
+    finally:
+        itk.Object.SetGlobalWarningDisplay(shown)
+    return names
 
 
 def dicom_series_files(folder: str | os.PathLike) -> list[str]:
     """The files of the one DICOM series in ``folder``, in the order MONAI's ``ITKReader`` reads them.
 
-    The series are told apart as ``ITKReader`` tells them apart (series UID and details, series date),
-    so a folder passes here exactly when MONAI reads all of it.
+    The series are told apart as ``ITKReader`` tells them apart (series UID and details, series
+    date). Files that are DICOM but hold no image (a structure set, a report, ``DICOMDIR``) may lie
+    beside the series; sub-folders are not read.
 
     Args:
         folder: a folder of DICOM files (``.dcm`` or without an extension).
@@ -37,18 +86,12 @@ def dicom_series_files(folder: str | os.PathLike) -> list[str]:
         the series' file paths, sorted by slice position.
 
     Raises:
-        DatasetError: when the folder holds no DICOM series, or more than one.
+        DatasetError: when the folder holds no DICOM series or more than one, an image file beside the
+            series cannot be parsed (its slice would be left out), or the slices are not evenly spaced
+            along their normal (a missing or doubled slice, several echoes or phases, a gantry tilt).
     """
-    names = itk.GDCMSeriesFileNames.New()
-    names.SetUseSeriesDetails(True)
-    names.AddSeriesRestriction("0008|0021")  # Series Date, as MONAI's ITKReader
-    warnings = itk.Object.GetGlobalWarningDisplay()
-    itk.Object.SetGlobalWarningDisplay(False)  # an empty folder's warning would precede the error saying the same
-    try:
-        names.SetDirectory(str(folder))
-        series = list(names.GetSeriesUIDs())
-    finally:
-        itk.Object.SetGlobalWarningDisplay(warnings)
+    names = _series_names(folder)
+    series = list(names.GetSeriesUIDs())
     if not series:
         raise DatasetError(
             f"folder {folder} holds no DICOM series: pass an image file (.nii.gz, .nrrd, .mha) or a folder "
@@ -63,50 +106,90 @@ def dicom_series_files(folder: str | os.PathLike) -> list[str]:
         )
     files = [str(f) for f in names.GetFileNames(series[0])]
     _check_unlisted(folder, files)
-    _check_slice_steps(folder, files)
+    _check_slice_geometry(folder, files)
     return files
 
 
+def _read_head(path: Path, size: int = -1) -> bytes:
+    """The first ``size`` bytes of a file (all with -1), or a :class:`DatasetError` naming it."""
+    try:
+        with open(path, "rb") as stream:
+            return stream.read(size)
+    except OSError as e:
+        raise DatasetError(f"cannot read {path} in a DICOM series folder ({e.strerror}): check its permissions.") from e
+
+
 def _check_unlisted(folder: str | os.PathLike, files: Sequence[str]) -> None:
-    """A DICOM file the series lister skipped is one GDCM could not parse: the volume would lack its slice."""
+    """A DICOM image the series lister skipped is one GDCM could not parse: the volume would lack its slice.
+
+    DICOM files without voxels (structure sets, reports, presentation states, ``DICOMDIR``) are
+    skipped by the lister too, and rightly: they are told apart by having no pixel data element.
+    """
     listed = {os.path.realpath(f) for f in files}
     for path in sorted(Path(folder).iterdir()):
         if not path.is_file() or os.path.realpath(path) in listed:
             continue
-        with open(path, "rb") as stream:
-            preamble = stream.read(132)
-        if preamble[128:132] == b"DICM":
+        content = _read_head(path)
+        if content[128:132] == b"DICM" and any(tag in content for tag in _PIXEL_DATA_TAGS):
             raise DatasetError(
                 f"DICOM file {path} in folder {folder} cannot be read (damaged or cut short), so its slice would "
                 "be missing from the volume: restore the file from the archive, or remove it if it is not a slice."
             )
 
 
-def _check_slice_steps(folder: str | os.PathLike, files: Sequence[str]) -> None:
-    """Refuse a series whose slices are not evenly spaced: ITK stacks them at one step, so a missing
-    or doubled slice would shift every slice after it."""
+def _check_slice_geometry(folder: str | os.PathLike, files: Sequence[str]) -> None:
+    """Refuse a series whose slices do not lie evenly along their normal: ITK stacks them at one step
+    along it, so a missing, doubled or sheared slice would put every slice after it at the wrong depth."""
     if len(files) < 3:
         return
-    positions = []
+    origins, normal = [], np.zeros(3)
     for file in files:
         io = itk.GDCMImageIO.New()
         io.SetFileName(file)
         io.ReadImageInformation()
-        origin = np.array([io.GetOrigin(i) for i in range(3)])
-        positions.append(float(origin @ np.array(io.GetDirection(2))))  # along the slice normal
+        origins.append([io.GetOrigin(i) for i in range(3)])
+        normal = np.array(io.GetDirection(2))
+    origins = np.asarray(origins)
+    positions = origins @ normal
     order = np.argsort(positions, kind="stable")
-    steps = np.diff(np.asarray(positions)[order])
+    steps = np.diff(positions[order])
     usual = float(np.median(steps))
-    worst = int(np.argmax(np.abs(steps - usual)))
-    # a missing slice doubles a step; the rounding of positions written as text stays far below 10%
-    if usual <= 0 or abs(steps[worst] - usual) > 0.1 * usual:
+    names = [Path(files[i]).name for i in order]
+    if usual <= 0:
+        repeats = len(positions) // max(1, len(np.unique(np.round(positions, 3))))
         raise DatasetError(
-            f"the DICOM series in {folder} is not evenly sliced: {Path(files[order[worst]]).name} and "
-            f"{Path(files[order[worst + 1]]).name} are {steps[worst]:.4g} mm apart where its other slices are "
-            f"{usual:.4g} mm apart, so a slice is missing or doubled and MONAI would place the slices at the "
-            "wrong depth. Restore the missing slice, or convert the series to NIfTI with a tool that "
-            "resamples it (e.g. 3D Slicer) and pass that file."
+            f"the DICOM series in {folder} has about {repeats} slices at each position: several echoes, phases or "
+            "time points in one series, which MONAI would stack as one volume. Split it into one series per echo "
+            "or phase (dcm2niix does) and pass one."
         )
+    worst = int(np.argmax(np.abs(steps - usual)))
+    if abs(steps[worst] - usual) > _STEP_TOLERANCE * usual:
+        raise DatasetError(
+            f"the DICOM series in {folder} is not evenly sliced: {names[worst]} and {names[worst + 1]} are "
+            f"{steps[worst]:.4g} mm apart where its other slices are {usual:.4g} mm apart, so a slice is missing "
+            "or doubled and MONAI would place the slices after it at the wrong depth. Restore the missing slice, "
+            "or convert the series to NIfTI with a tool that resamples it (dcm2niix, 3D Slicer) and pass that file."
+        )
+    span = origins[order[-1]] - origins[order[0]]
+    tilt = float(np.degrees(np.arccos(min(1.0, abs(span @ normal) / np.linalg.norm(span)))))
+    if tilt > _TILT_TOLERANCE_DEGREES:
+        raise DatasetError(
+            f"the slices of the DICOM series in {folder} are sheared by {tilt:.1f} degrees against their normal (a "
+            "gantry tilt): MONAI would stack them straight, out of place. Convert the series with a tool that "
+            "corrects the tilt (dcm2niix, 3D Slicer) and pass the NIfTI file."
+        )
+
+
+def _one_slice_of(path: Path) -> int:
+    """How many files the series of the DICOM file ``path`` has in its folder (0: not a DICOM image)."""
+    if _read_head(path, 132)[128:132] != b"DICM":
+        return 0
+    names = _series_names(path.parent)
+    for uid in names.GetSeriesUIDs():
+        series = {os.path.realpath(f) for f in names.GetFileNames(uid)}
+        if os.path.realpath(path) in series:
+            return len(series)
+    return 0
 
 
 def check_image(paths: str | os.PathLike | Sequence[str | os.PathLike], read_data: bool = True) -> None:
@@ -115,11 +198,11 @@ def check_image(paths: str | os.PathLike | Sequence[str | os.PathLike], read_dat
     Args:
         paths: one image, or the files of one multi-modal case.
         read_data: decode the voxels too (what finds a truncated file); otherwise NIfTI headers are
-            read and DICOM folders are checked to hold one series.
+            read and DICOM folders are checked to hold one even series.
 
     Raises:
-        DatasetError: naming the first image that is missing, corrupt or unreadable, or a folder that
-            does not hold exactly one DICOM series.
+        DatasetError: naming the first image that is missing, corrupt or unreadable, a folder that
+            does not hold one evenly sliced DICOM series, or one slice of a series given on its own.
     """
     for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
         if not Path(path).exists():
@@ -130,11 +213,18 @@ def check_image(paths: str | os.PathLike | Sequence[str | os.PathLike], read_dat
             check_nifti(path, read_data=read_data)
             continue
         else:
+            slices = _one_slice_of(Path(path))
+            if slices > 1:
+                raise DatasetError(
+                    f"image {path} is one slice of a DICOM series of {slices} files: pass its folder, "
+                    f"{Path(path).parent}, to segment the series."
+                )
             files = str(path)
         if not read_data:
             continue
         try:
             itk.imread(files)
         except Exception as e:  # ITK raises RuntimeError for most failures, but not for all
-            reason = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
-            raise DatasetError(f"cannot read image file(s) [{str(path)!r}]: {reason}; re-export or remove them.") from e
+            raise DatasetError(
+                f"cannot read image file(s) [{str(path)!r}]: {image_error_reason(e)}; re-export or remove them."
+            ) from e

@@ -44,7 +44,7 @@ from monai.transforms import (
 )
 from monai.utils import TransformBackends
 
-from monai_effq.data.images import dicom_series_files
+from monai_effq.data.images import dicom_series_files, image_error_reason
 from monai_effq.data.layouts import NIFTI_SUFFIXES, DatasetError, check_nifti
 from monai_effq.utils.errors import UserInputError, all_finite
 
@@ -298,8 +298,9 @@ class LoadImageFilesd(LoadImaged):
             for path in paths:
                 if isinstance(path, (str, os.PathLike)) and str(path).endswith(NIFTI_SUFFIXES):
                     check_nifti(path, read_data=True)  # raises naming the file when it is the bad one
-            reason = str(e).strip().splitlines()[0].rstrip(".") if str(e).strip() else type(e).__name__
-            raise DatasetError(f"cannot read image file(s) {[str(p) for p in paths]}: {reason}; re-export or remove them.") from e
+            raise DatasetError(
+                f"cannot read image file(s) {[str(p) for p in paths]}: {image_error_reason(e)}; re-export or remove them."
+            ) from e
 
 
 def _loading(check: Transform | None, with_label: bool) -> list[Transform]:

@@ -15,6 +15,7 @@ from monai.utils import ensure_tuple
 
 from monai_effq.bundle import datalist
 from monai_effq.data import make_brats_demo, make_lits_demo
+from monai_effq.utils.errors import find_user_error
 
 from ..dicom import write_dicom_series
 from .conftest import BUNDLES, ROI, ROOT, WORKFLOWS, bundle, config_files
@@ -80,6 +81,10 @@ def test_quantize_calibrates_on_unlabelled_images_as_on_the_labelled_training_ca
     from_series = quantized("series", "--calibration_images", repr([series if dataset == "brats" else series[0]]))
     other = quantized("other", "--calibration_images", repr([train[1]["image"]]))
     assert all(torch.equal(labelled[k], from_series[k]) for k in labelled)
+    if dataset == "brats":  # the four contrasts without the list around them: four one-channel cases
+        with pytest.raises(Exception) as flat:
+            quantized("flat", "--calibration_images", repr(images))
+        assert "is one 3D image, but a BraTS case is its four contrasts" in str(find_user_error(flat.value))
     assert not all(torch.equal(labelled[k], other[k]) for k in labelled)  # the calibration data decides the activation grids
 
 

@@ -37,19 +37,21 @@ def test_a_copy_of_the_bundle_quantizes_and_infers_from_inside_its_folder_with_d
 def test_inference_segments_a_dicom_series_as_its_nifti_and_an_image_failing_mid_run_ends_it_with_one_line(quantized_copy, tmp_path):
     copy, _, _ = quantized_copy("lits_effq")
     volume = sorted((copy / "data" / "demo").glob("volume-*.nii"))[0]
-    write_dicom_series(volume, tmp_path / "series")  # one file per slice, as the scanner's archive hands it out
+    series = tmp_path / "2.000000-PORTAL-41234"  # one file per slice, in a folder named as TCIA names them
+    write_dicom_series(volume, series)
     # a MetaImage that reads (so the up-front check passes) but holds a NaN, which preprocessing refuses
     voxels = np.random.default_rng(0).random((32, 40, 40), dtype=np.float32)
     voxels[3, 4, 5] = np.nan
     nan = tmp_path / "nan.mha"
     itk.imwrite(itk.image_from_array(voxels), str(nan))
-    datalist = str([{"image": str(volume)}, {"image": str(tmp_path / "series")}, {"image": str(nan)}])
+    datalist = str([{"image": str(volume)}, {"image": f"{series}/"}, {"image": str(nan)}])  # the slash tab completion adds
     res = bundle("lits_effq", "inference", "--method", "rtn", "--datalist", datalist, "--output_dir", str(tmp_path / "seg"), check=False, cwd=copy)
     lines = [line for line in res.stderr.splitlines() if line.strip()]
     assert res.returncode == 1 and "Traceback" not in res.stderr + res.stdout, res.stderr[-3000:]
     assert lines[-1].startswith("error: image") and str(nan) in lines[-1] and "NaN" in lines[-1], lines[-1]
-    assert sorted(p.name for p in (tmp_path / "seg").iterdir()) == ["series_seg.nii.gz", f"{volume.name[:-4]}_seg.nii.gz"]
-    from_nifti, from_dicom = (nib.load(str(tmp_path / "seg" / name)) for name in (f"{volume.name[:-4]}_seg.nii.gz", "series_seg.nii.gz"))
+    masks = [f"{volume.name[:-4]}_seg.nii.gz", "2.000000-PORTAL-41234_seg.nii.gz"]  # the folder's whole name
+    assert sorted(p.name for p in (tmp_path / "seg").iterdir()) == sorted(masks)
+    from_nifti, from_dicom = (nib.load(str(tmp_path / "seg" / name)) for name in masks)
     assert np.array_equal(from_nifti.get_fdata(), from_dicom.get_fdata()) and from_nifti.get_fdata().any()
     assert np.allclose(from_nifti.affine, from_dicom.affine)  # the mask lies on the scanner's grid either way
 

@@ -1,14 +1,16 @@
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from monai_effq.data import DatasetError, check_image, dicom_series_files, load_datalist, make_brats_demo, make_lits_demo
+from monai_effq.data import DatasetError, check_image, dicom_series_files, load_datalist, make_brats_demo, make_lits_demo, mask_subject
 
-from ..dicom import write_dicom_series
+from ..dicom import write_dicom_series, write_non_image_dicom
 
 itk = pytest.importorskip("itk")
 
@@ -90,6 +92,44 @@ def test_a_series_with_a_missing_or_doubled_slice_is_refused_naming_the_gap(seri
         dicom_series_files(folder)
 
 
+def test_dicom_objects_without_voxels_beside_the_series_are_not_taken_for_damaged_slices(lits, series):
+    from monai.transforms import LoadImage
+
+    folder, files = series
+    write_non_image_dicom(folder / "RS.dcm", "1.2.840.10008.5.1.4.1.1.481.3", "RTSTRUCT")  # radiotherapy exports
+    write_non_image_dicom(folder / "SR000001", "1.2.840.10008.5.1.4.1.1.88.33", "SR")
+    assert dicom_series_files(folder) == [str(f) for f in files]
+    assert LoadImage(image_only=True)(str(folder)).shape[-1] == len(files)  # as MONAI reads the folder
+
+
+def test_a_gantry_tilted_series_is_refused_since_monai_would_stack_it_straight(lits, tmp_path):
+    write_dicom_series(lits[0]["image"], tmp_path / "tilted", shift_per_slice=(0.0, 0.35))  # about 19 degrees on 1 mm slices
+    with pytest.raises(DatasetError, match=r"sheared by 19\.\d degrees .* \(a gantry tilt\)"):
+        dicom_series_files(tmp_path / "tilted")
+    write_dicom_series(lits[0]["image"], tmp_path / "straight", shift_per_slice=(0.0, 0.001))
+    dicom_series_files(tmp_path / "straight")  # rounding-sized shifts pass
+
+
+def test_two_echoes_in_one_series_are_named_as_such(lits, tmp_path):
+    for echo in ("E1_", "E2_"):  # the same series UID and positions, twice
+        write_dicom_series(lits[0]["image"], tmp_path / "echoes", prefix=echo)
+    with pytest.raises(DatasetError, match=r"about 2 slices at each position: several echoes, phases or time points"):
+        dicom_series_files(tmp_path / "echoes")
+
+
+def test_one_slice_of_a_series_given_on_its_own_is_refused_naming_the_folder(series):
+    folder, files = series
+    with pytest.raises(DatasetError, match=rf"image .*IM0003\.dcm is one slice of a DICOM series of 32 files: pass its folder, {folder}"):
+        check_image(files[3])
+
+
+def test_a_series_folder_is_masked_under_its_whole_name_with_or_without_a_trailing_separator(tmp_path):
+    for name in ("2.000000-ARTERIAL-41234", "CT_venous"):
+        (tmp_path / name).mkdir()
+        assert Path(mask_subject(f"{tmp_path / name}{os.sep}")).stem == name  # the stand-in suffix is what MONAI strips
+    assert mask_subject(tmp_path / "ct.nii.gz") == str(tmp_path / "ct.nii.gz")
+
+
 @pytest.mark.parametrize("suffix", [".mha", ".nrrd"])
 def test_an_itk_format_file_cut_short_is_refused_when_its_voxels_are_read(tmp_path, suffix):
     bad = tmp_path / f"ct{suffix}"
@@ -97,8 +137,9 @@ def test_an_itk_format_file_cut_short_is_refused_when_its_voxels_are_read(tmp_pa
     check_image(str(bad))
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size * 3 // 4])
     check_image(str(bad), read_data=False)  # the header alone still reads
-    with pytest.raises(DatasetError, match=rf"cannot read image file\(s\) \['.*ct\{suffix}'\]: .*; re-export or remove them"):
+    with pytest.raises(DatasetError, match=rf"cannot read image file\(s\) \['.*ct\{suffix}'\]: .*; re-export or remove them") as raised:
         check_image(str(bad))
+    assert not re.search(r"\.cxx:\d+", str(raised.value)), raised.value  # ITK's reason, not its source line
 
 
 def test_a_missing_image_and_a_corrupt_nifti_are_named(lits, tmp_path):
