@@ -476,12 +476,18 @@ def _axes_names(rank: int, batch: bool, spatial: bool) -> dict[int, str]:
 def _export_with_torch_export(form: nn.Module, x: torch.Tensor, opset: int, axes: dict[int, str]):  # noqa: ANN202
     """The export form through ``torch.onnx.export(..., dynamo=True)``, as a ``ModelProto`` with ``axes`` dynamic."""
     dims = {d: torch.export.Dim.DYNAMIC for d in axes}
-    # notes about torchvision operators a segmentation network never uses; and a note on symbols torch.export
-    # cannot trace back to code when it cannot capture the network (export_onnx says why in one line)
-    quiet = [logging.getLogger(n) for n in ("torch.onnx._internal.exporter._registration", "torch.fx.experimental.symbolic_shapes")]
+    # notes about torchvision operators a segmentation network never uses; a note on symbols torch.export
+    # cannot trace back to code when it cannot capture the network (export_onnx says why in one line); and
+    # onnx_ir's line per deduplicated initializer (dozens per network under a bundle's INFO logging)
+    silenced = {
+        "torch.onnx._internal.exporter._registration": logging.ERROR,
+        "torch.fx.experimental.symbolic_shapes": logging.ERROR,
+        "onnx_ir": logging.WARNING,
+    }
+    quiet = [logging.getLogger(n) for n in silenced]
     levels = [q.level for q in quiet]
-    for q in quiet:
-        q.setLevel(logging.ERROR)
+    for q, level in zip(quiet, silenced.values()):
+        q.setLevel(level)
     printed = io.StringIO()
     try:
         # torch.export prints a partly traced graph to stderr when it cannot capture a network

@@ -1,5 +1,7 @@
 """The ONNX QDQ export: integer weights, calibrated activation ranges, the same function as fake-quant."""
 
+import logging
+
 import numpy as np
 import onnx
 import pytest
@@ -103,6 +105,13 @@ def test_reduce_range_keeps_weights_in_seven_bits_and_warns(quantized, tmp_path)
         ref = quantized.network(x)
     out = OnnxRuntimeNetwork(path, optimize=False)(x)
     assert float((out - ref).norm() / ref.norm()) < 0.05  # only the 8-bit edge layers were re-rounded
+
+
+def test_an_export_under_info_logging_logs_no_line_per_initializer(quantized, tmp_path, caplog):
+    with caplog.at_level(logging.INFO):  # a bundle's logging.conf logs at INFO
+        export_onnx(quantized, tmp_path / "m.onnx", (1, 2, 16, 16, 16))
+    assert not [r.getMessage() for r in caplog.records if r.name.startswith("onnx_ir")]
+    assert logging.getLogger("onnx_ir").level == logging.NOTSET  # put back afterwards
 
 
 def test_exporting_a_network_that_was_never_quantized_is_an_error(tmp_path):
