@@ -19,7 +19,8 @@ def main(argv: list[str]) -> int:
     Returns:
         the exit status.
     """
-    if not argv:
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m monai_effq.overlays [name]: the path of one overlay, for $(...); without a name, all of them")
         for name, what in OVERLAYS.items():
             print(f"{name}: {overlay_path(name)}\n    {what}")
         return 0
