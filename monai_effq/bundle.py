@@ -58,6 +58,7 @@ __all__ = [
     "check_exportable",
     "check_finetune_settings",
     "check_inference_inputs",
+    "inference_masks",
     "check_quantize_finished",
     "check_quantized",
     "demo_dataset",
@@ -391,16 +392,15 @@ def images(
     return [{"image": case["image"]} for case in datalist(dataset_dir, dataset, part, layout, val_fraction)]
 
 
-def check_inference_inputs(
+def inference_masks(
     cases: Sequence[dict[str, Any]], output_dir: str | os.PathLike, postfix: str = "seg", ext: str = ".nii.gz"
-) -> None:
-    """Stop inference before it runs on an image that is missing or corrupt, or on two images whose
-    masks would take one name.
+) -> list[Path]:
+    """The mask inference writes for each case, refusing a malformed datalist or two cases that would
+    share a mask.
 
     The masks go into one folder, named after each image's file (``SaveImaged`` with
-    ``separate_folder=False``), so ``a/ct.nii`` and ``b/ct.nii`` (or ``ct.nrrd`` and ``ct.mha``) would
-    leave only the last patient's mask. Every image is decoded in full, since a truncated file may
-    only fail there, and a DICOM folder must hold one series.
+    ``separate_folder=False`` and :func:`monai_effq.data.mask_name_formatter`), so ``a/ct.nii`` and
+    ``b/ct.nii`` (or ``ct.nrrd`` and ``ct.mha``) would leave only the last patient's mask. No image is read.
 
     Args:
         cases: ``[{"image": path or paths}, ...]``, the inference datalist; a path may be a file MONAI
@@ -409,9 +409,10 @@ def check_inference_inputs(
         postfix: the masks' name postfix.
         ext: the masks' file extension.
 
+    Returns:
+        one path per case, in order.
+
     Raises:
-        MissingInputError: naming a missing image.
-        DatasetError: naming a corrupt image, or a folder that is not one DICOM series.
         UserInputError: naming an entry that is not ``{"image": path or paths}``, or two images whose
             masks would collide.
     """
@@ -419,6 +420,7 @@ def check_inference_inputs(
         raise UserInputError(
             f"the inference datalist must be a non-empty list of cases such as [{{'image': '/path/to/ct.nii.gz'}}], got {cases!r}."
         )
+    masks: dict[Path, str] = {}
     for case in cases:
         image = case.get("image") if isinstance(case, Mapping) else None
         files = [image] if isinstance(image, (str, os.PathLike)) else image
@@ -428,20 +430,39 @@ def check_inference_inputs(
                 "file or DICOM series folder (a list of paths for a multi-modal case), e.g. "
                 "--datalist \"[{'image': '/path/to/ct.nii.gz'}]\"."
             )
-    taken: dict[str, str] = {}
-    for case in cases:
-        paths = case["image"] if isinstance(case["image"], (list, tuple)) else [case["image"]]
-        for path in paths:
-            if not Path(path).exists():
-                raise MissingInputError(f"image {path} does not exist: correct the datalist or --dataset_dir.")
         # the name SaveImaged gives the mask: from the first file of a multi-modal case
-        mask = create_file_basename(postfix, mask_subject(paths[0]), str(output_dir), "", False, makedirs=False)
-        if mask in taken:
+        mask = Path(create_file_basename(postfix, mask_subject(files[0]), str(output_dir), "", False, makedirs=False) + ext)
+        if mask in masks:
             raise UserInputError(
-                f"images {taken[mask]} and {paths[0]} would both write the mask {Path(mask).name}{ext} in {output_dir}: "
+                f"images {masks[mask]} and {files[0]} would both write the mask {mask.name} in {output_dir}: "
                 "rename one, or run them with separate --output_dir."
             )
-        taken[mask] = str(paths[0])
+        masks[mask] = str(files[0])
+    return list(masks)
+
+
+def check_inference_inputs(
+    cases: Sequence[dict[str, Any]], output_dir: str | os.PathLike, postfix: str = "seg", ext: str = ".nii.gz"
+) -> None:
+    """Stop inference before it runs on an image that is missing or corrupt, or on two images whose
+    masks would take one name (:func:`inference_masks`).
+
+    Every image is decoded in full, since a truncated file may only fail there, and a DICOM folder
+    must hold one evenly sliced series.
+
+    Args:
+        cases, output_dir, postfix, ext: as for :func:`inference_masks`.
+
+    Raises:
+        MissingInputError: naming a missing image.
+        DatasetError: naming a corrupt image, or a folder that is not one DICOM series.
+        UserInputError: as :func:`inference_masks`.
+    """
+    inference_masks(cases, output_dir, postfix, ext)
+    for case in cases:
+        for path in case["image"] if isinstance(case["image"], (list, tuple)) else [case["image"]]:
+            if not Path(path).exists():
+                raise MissingInputError(f"image {path} does not exist: correct the datalist or --dataset_dir.")
     for case in cases:  # decoding takes the longest: after the checks that need no image read
         check_image(case["image"], read_data=True)
 

@@ -251,6 +251,23 @@ def test_an_existing_output_stops_a_run_unless_overwrite_is_asked(tmp_path):
     refuse_to_overwrite(True, tmp_path / "model.pt", tmp_path / "seg")
 
 
+@pytest.mark.parametrize("name", list(BUNDLES))
+def test_inference_adds_masks_to_a_folder_of_earlier_ones_and_refuses_only_one_it_would_replace(name, tmp_path):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(config_files(name, "inference"))
+    parser["bundle_root"], parser["output_dir"] = str(ROOT / "bundles" / name), str(tmp_path / "seg")
+    (tmp_path / "seg").mkdir()
+    (tmp_path / "seg" / "old_seg.nii.gz").write_bytes(b"an earlier run's mask")
+    parser["datalist"] = [{"image": str(tmp_path / "new.nii.gz")}]
+    parser.get_parsed_content("check_outputs", lazy=False)  # a new image's mask takes a free name
+    parser["datalist"] = [{"image": str(tmp_path / "new.nii.gz")}, {"image": str(tmp_path / "old.nii.gz")}]
+    with pytest.raises(Exception) as raised:
+        parser.get_parsed_content("check_outputs", lazy=False)
+    assert "old_seg.nii.gz exists from an earlier run" in str(find_user_error(raised.value))
+
+
 def test_only_the_shipped_unchanged_checkpoint_is_protected_from_training(tmp_path):
     import hashlib
 
