@@ -50,7 +50,7 @@ def test_the_written_files_log_lists_folders_and_warns_of_a_missing_output(tmp_p
     with caplog.at_level(logging.INFO):
         found = log_written(tmp_path / "export", tmp_path / "model.pt", tmp_path / "missing.json", None, "")
     assert found == [tmp_path / "export", tmp_path / "model.pt"]
-    assert "export/ (1 files" in caplog.text
+    assert "export/ (1 file," in caplog.text
     assert "expected output" in caplog.text and "missing.json is missing" in caplog.text
 
 

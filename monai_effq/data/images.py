@@ -106,8 +106,38 @@ def dicom_series_files(folder: str | os.PathLike) -> list[str]:
         )
     files = [str(f) for f in names.GetFileNames(series[0])]
     _check_unlisted(folder, files)
+    for file in files:
+        if _cut_short(_read_head(Path(file))):
+            raise _damaged(Path(file), folder)
     _check_slice_geometry(folder, files)
     return files
+
+
+def _damaged(path: Path, folder: str | os.PathLike) -> DatasetError:
+    return DatasetError(
+        f"DICOM file {path} in folder {folder} cannot be read (damaged or cut short), so its slice would be missing "
+        "or wrong in the volume: restore the file from the archive, or remove it if it is not a slice."
+    )
+
+
+def _cut_short(content: bytes) -> bool:
+    """Whether a DICOM file ends before the pixel data its header declares.
+
+    GDCM, depending on its version, leaves such a file out of the series or reads it with the missing
+    voxels made up; either way the volume is wrong. Encapsulated (compressed) pixel data declares no
+    length and is left to the decoder.
+    """
+    at = content.find(_PIXEL_DATA_TAGS[0])
+    if at < 0:
+        return False
+    if content[at + 4 : at + 6] in (b"OB", b"OW"):  # explicit VR: 2 reserved bytes, then a 4-byte length
+        start, length = at + 12, content[at + 8 : at + 12]
+    else:  # implicit VR: the 4-byte length follows the tag
+        start, length = at + 8, content[at + 4 : at + 8]
+    if len(length) < 4:
+        return True
+    declared = int.from_bytes(length, "little")
+    return declared != 0xFFFFFFFF and start + declared > len(content)
 
 
 def _read_head(path: Path, size: int = -1) -> bytes:
@@ -131,10 +161,7 @@ def _check_unlisted(folder: str | os.PathLike, files: Sequence[str]) -> None:
             continue
         content = _read_head(path)
         if content[128:132] == b"DICM" and any(tag in content for tag in _PIXEL_DATA_TAGS):
-            raise DatasetError(
-                f"DICOM file {path} in folder {folder} cannot be read (damaged or cut short), so its slice would "
-                "be missing from the volume: restore the file from the archive, or remove it if it is not a slice."
-            )
+            raise _damaged(path, folder)
 
 
 def _check_slice_geometry(folder: str | os.PathLike, files: Sequence[str]) -> None:

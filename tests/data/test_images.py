@@ -70,11 +70,11 @@ def test_a_folder_without_dicom_files_is_refused_saying_what_to_pass(tmp_path):
         dicom_series_files(tmp_path)
 
 
-def test_a_damaged_slice_is_named_though_the_series_would_read_without_it(series):
+def test_a_damaged_slice_is_named_though_the_series_would_read_without_an_error(series):
     folder, files = series
     damaged = Path(files[10])
     damaged.write_bytes(damaged.read_bytes()[:-2000])  # the preamble stays: still recognisably DICOM
-    assert len(itk.GDCMSeriesFileNames.New(Directory=str(folder)).GetInputFileNames()) == len(files) - 1  # silently dropped
+    # ITK 5.4.7's GDCM leaves it out of the series, 5.4.0's reads it with made-up voxels: both without an error
     with pytest.raises(DatasetError, match=rf"DICOM file .*{damaged.name} in folder .* cannot be read"):
         check_image(str(folder))
 
