@@ -558,13 +558,14 @@ def refuse_to_overwrite(overwrite: bool, *paths: str | os.PathLike | None, unfin
             )
     if replace or (unfinished and Path(unfinished).exists()):
         return
-    for path in outputs:
-        if path.is_file() or (path.is_dir() and any(path.iterdir())):
-            raise OutputExistsError(
-                f"{path} exists from an earlier run: pass --overwrite True to replace it, or point the setting that "
-                "names it elsewhere (--ckpt_dir moves checkpoints, --output_dir reports, evaluations and masks, "
-                "--export_dir exports), or change a setting of the model tag."
-            )
+    taken = [path for path in outputs if path.is_file() or (path.is_dir() and any(path.iterdir()))]
+    if taken:
+        more = f" (and {len(taken) - 1} more of this run's outputs)" if len(taken) > 1 else ""
+        raise OutputExistsError(
+            f"{taken[0]} exists from an earlier run{more}: pass --overwrite True to replace it, or point the setting "
+            "that names it elsewhere (--ckpt_dir moves checkpoints, --output_dir reports, evaluations and masks, "
+            "--export_dir exports), or change a setting of the model tag."
+        )
 
 
 def check_quantize_finished(quantized_path: str | os.PathLike) -> None:

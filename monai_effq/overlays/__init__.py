@@ -120,7 +120,8 @@ def attach_metric_first(metric: Any, engine: Any, name: str) -> None:
 
     An overlay attaches its metric once the bundle's evaluator exists, after the bundle's
     ``StatsHandler`` and ``MetricsSaver``; attached in the usual way, it would be computed after they
-    had logged and saved the epoch's metrics, and so would appear in neither. Its epoch-completed step
+    had logged and saved the epoch's metrics (a ``MetricsSaver`` that lists its metrics by name
+    leaves it out anyway). Attaching twice attaches once. Its epoch-completed step
     is moved ahead of them instead (ignite has no public way to insert a handler before others).
 
     Args:
@@ -128,12 +129,13 @@ def attach_metric_first(metric: Any, engine: Any, name: str) -> None:
         engine: the bundle's evaluator.
         name: the key of the metric in ``engine.state.metrics``.
     """
-    metric.attach(engine, name)
-    handlers = getattr(engine, "_event_handlers", {}).get(Events.EPOCH_COMPLETED)
-    if not handlers:
-        logger.warning("%s is computed after the bundle's own epoch handlers: it will not be in their log or files", name)
-        return
+    if not engine.has_event_handler(metric.completed, Events.EPOCH_COMPLETED):
+        metric.attach(engine, name)
+    handlers = getattr(engine, "_event_handlers", {}).get(Events.EPOCH_COMPLETED, [])
     ours = [h for h in handlers if getattr(h[0], "__self__", None) is metric]
+    if not ours:  # another ignite, which keeps its handlers otherwise
+        logger.warning("%s is computed after the bundle's own epoch handlers: it will not be in their epoch log", name)
+        return
     handlers[:] = ours + [h for h in handlers if not any(h is o for o in ours)]
 
 

@@ -460,7 +460,8 @@ def verify_checkpoint(
             raise UserInputError(
                 f"quantization report {report_path} describes another checkpoint (fingerprint {described}) than "
                 f"{path} ({archive.fingerprint}): another quantize run wrote it into the same folder (another FP "
-                "checkpoint quantized to the same model tag, or a run that did not finish). Read the report that "
-                "this checkpoint's run wrote (the bundles' --output_dir of that run), or re-run the quantize step."
+                "checkpoint quantized to the same model tag, or a run that did not finish). Point at the folder this "
+                "checkpoint's run wrote its report to (a bundle's --output_dir), or re-run the quantize step for this "
+                "checkpoint (--overwrite True) to write its report again."
             )
     return archive.fingerprint

@@ -441,9 +441,10 @@ class FinetuneCheck:
         if len(losses) >= 2:
             k = max(1, min(10, len(losses) // 4))
             first, last = sum(losses[:k]) / k, sum(losses[-k:]) / k
-            # with too few steps to change codes, a flat loss says nothing about the learning rate
-            if last >= first and not few_steps:
-                causes.append(f"training loss: it did not fall ({first:.4f} -> {last:.4f}): lower the learning rate")
+            if last >= first:
+                # with too few steps to change codes, a flat loss says nothing about the learning rate
+                if not few_steps:
+                    causes.append(f"training loss: it did not fall ({first:.4f} -> {last:.4f}): lower the learning rate")
             elif worse:
                 causes.append(
                     f"training loss: it fell ({first:.4f} -> {last:.4f}) but the held-out score did not follow: the "

@@ -265,7 +265,11 @@ def test_inference_adds_masks_to_a_folder_of_earlier_ones_and_refuses_only_one_i
     parser["datalist"] = [{"image": str(tmp_path / "new.nii.gz")}, {"image": str(tmp_path / "old.nii.gz")}]
     with pytest.raises(Exception) as raised:
         parser.get_parsed_content("check_outputs", lazy=False)
-    assert "old_seg.nii.gz exists from an earlier run" in str(find_user_error(raised.value))
+    assert "old_seg.nii.gz exists from an earlier run:" in str(find_user_error(raised.value))
+    (tmp_path / "seg" / "new_seg.nii.gz").write_bytes(b"another earlier mask")
+    with pytest.raises(Exception) as raised:
+        parser.get_parsed_content("check_outputs", lazy=False)
+    assert "new_seg.nii.gz exists from an earlier run (and 1 more of this run's outputs)" in str(find_user_error(raised.value))
 
 
 def test_only_the_shipped_unchanged_checkpoint_is_protected_from_training(tmp_path):

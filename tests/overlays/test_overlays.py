@@ -175,6 +175,10 @@ def test_a_spleen_style_bundle_is_quantized_by_the_shell_command_then_served_tra
     # one-hots the label too), without its background channel, as the bundle's Dice
     agreement = evaluator.state.metrics["fp_agreement"]
     assert 0.9 < agreement <= 1.0, agreement
+    from ignite.engine import Events  # computed before the bundle's StatsHandler logs the epoch
+
+    first = evaluator._event_handlers[Events.EPOCH_COMPLETED][0][0]
+    assert first.__self__ is evaluated.parser.get_parsed_content("fp_agreement")
     assert not evaluated.parser.get_parsed_content("fp_agreement").metric_fn.include_background
 
     # the same inference in the integer runtimes (the deploy extra, which the test set-up installs)
@@ -214,7 +218,8 @@ def test_a_bundle_whose_handlers_load_the_checkpoint_is_quantized_from_its_own_d
 
     with pytest.raises(RuntimeError) as refused:  # a second run would replace the checkpoint
         workflow(root, [inference, str(overlay_path("quantize"))], run_id="quantize")
-    assert "exists from an earlier run: pass --overwrite True" in "".join(map(str, _chain(refused.value)))
+    said = "".join(map(str, _chain(refused.value)))
+    assert "exists from an earlier run (and 2 more of this run's outputs): pass --overwrite True" in said, said  # model, report, export
 
 
 def _chain(error: BaseException) -> list[BaseException]:

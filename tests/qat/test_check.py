@@ -73,6 +73,6 @@ def test_a_flat_training_loss_blames_the_learning_rate_only_when_the_steps_could
     step = sorted(float(m.scale.float().median()) for m in trainable.layers().values())[len(trainable.layers()) // 2]
     flat = [0.5] * 10
     few = check.causes([step / 100] * 10, flat)  # together they move a weight by a tenth of a step
-    assert any(c.startswith("steps:") for c in few) and not any("lower the learning rate" in c for c in few), few
+    assert any(c.startswith("steps:") for c in few) and not any(c.startswith("training loss") for c in few), few
     many = check.causes([step / 2] * 10, flat)  # five steps' worth: the codes could change, and the loss did not fall
     assert not any(c.startswith("steps:") for c in many) and any("did not fall" in c and "lower the learning rate" in c for c in many), many
