@@ -93,6 +93,6 @@ def write_non_image_dicom(path: str | os.PathLike, sop_class_uid: str, modality:
         + _element(0x0020, 0x000D, b"UI", b"1.2.826.0.1.3680043.2.1125.9")
         + _element(0x0020, 0x000E, b"UI", series_uid.encode())
     )
-    group_length = _element(0x0002, 0x0000, b"UL", b"")[:6] + struct.pack("<HI", 4, len(meta))
+    group_length = struct.pack("<HH", 0x0002, 0x0000) + b"UL" + struct.pack("<HI", 4, len(meta))  # its value is 4 bytes
     with open(path, "wb") as f:
         f.write(b"\0" * 128 + b"DICM" + group_length + meta + body)

@@ -35,6 +35,8 @@ _PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00
 _STEP_TOLERANCE = 0.5
 # a gantry tilt above this (degrees) shears the volume by more than rounding does
 _TILT_TOLERANCE_DEGREES = 0.5
+# a slice's header (where the pixel data element starts) fits in this many bytes in all but odd files
+_HEADER_BYTES = 1 << 16
 
 
 def image_error_reason(error: BaseException) -> str:
@@ -107,7 +109,7 @@ def dicom_series_files(folder: str | os.PathLike) -> list[str]:
     files = [str(f) for f in names.GetFileNames(series[0])]
     _check_unlisted(folder, files)
     for file in files:
-        if _cut_short(_read_head(Path(file))):
+        if _cut_short(Path(file)):
             raise _damaged(Path(file), folder)
     _check_slice_geometry(folder, files)
     return files
@@ -120,16 +122,22 @@ def _damaged(path: Path, folder: str | os.PathLike) -> DatasetError:
     )
 
 
-def _cut_short(content: bytes) -> bool:
+def _cut_short(path: Path) -> bool:
     """Whether a DICOM file ends before the pixel data its header declares.
 
     GDCM, depending on its version, leaves such a file out of the series or reads it with the missing
     voxels made up; either way the volume is wrong. Encapsulated (compressed) pixel data declares no
-    length and is left to the decoder.
+    length and is left to the decoder. The header comes first, so its start is read, not the voxels.
     """
+    content = _read_head(path, _HEADER_BYTES)
     at = content.find(_PIXEL_DATA_TAGS[0])
     if at < 0:
-        return False
+        if len(content) < _HEADER_BYTES:
+            return False
+        content = _read_head(path)  # a header longer than the usual (private tags, an icon): read it all
+        at = content.find(_PIXEL_DATA_TAGS[0])
+        if at < 0:
+            return False
     if content[at + 4 : at + 6] in (b"OB", b"OW"):  # explicit VR: 2 reserved bytes, then a 4-byte length
         start, length = at + 12, content[at + 8 : at + 12]
     else:  # implicit VR: the 4-byte length follows the tag
@@ -137,7 +145,7 @@ def _cut_short(content: bytes) -> bool:
     if len(length) < 4:
         return True
     declared = int.from_bytes(length, "little")
-    return declared != 0xFFFFFFFF and start + declared > len(content)
+    return declared != 0xFFFFFFFF and start + declared > path.stat().st_size
 
 
 def _read_head(path: Path, size: int = -1) -> bytes:
