@@ -270,6 +270,9 @@ def test_inference_adds_masks_to_a_folder_of_earlier_ones_and_refuses_only_one_i
     with pytest.raises(Exception) as raised:
         parser.get_parsed_content("check_outputs", lazy=False)
     assert "new_seg.nii.gz exists from an earlier run (and 1 more of this run's outputs)" in str(find_user_error(raised.value))
+    parser["mask_ext"] = ".nii"  # SaveImaged's extension, which the check follows: no name is taken then
+    parser.get_parsed_content("check_outputs", lazy=False)
+    assert parser.get_parsed_content("postprocessing", lazy=False).transforms[-1].saver.output_ext == ".nii"
 
 
 def test_only_the_shipped_unchanged_checkpoint_is_protected_from_training(tmp_path):
