@@ -148,6 +148,11 @@ def _cut_short(path: Path) -> bool:
     return declared != 0xFFFFFFFF and start + declared > path.stat().st_size
 
 
+def _is_dicom(head: bytes) -> bool:
+    """Whether a file's first bytes are a DICOM file's: a 128-byte preamble, then ``DICM``."""
+    return head[128:132] == b"DICM"
+
+
 def _read_head(path: Path, size: int = -1) -> bytes:
     """The first ``size`` bytes of a file (all with -1), or a :class:`DatasetError` naming it."""
     try:
@@ -168,7 +173,7 @@ def _check_unlisted(folder: str | os.PathLike, files: Sequence[str]) -> None:
         if not path.is_file() or os.path.realpath(path) in listed:
             continue
         content = _read_head(path)
-        if content[128:132] == b"DICM" and any(tag in content for tag in _PIXEL_DATA_TAGS):
+        if _is_dicom(content) and any(tag in content for tag in _PIXEL_DATA_TAGS):
             raise _damaged(path, folder)
 
 
@@ -217,7 +222,7 @@ def _check_slice_geometry(folder: str | os.PathLike, files: Sequence[str]) -> No
 
 def _one_slice_of(path: Path) -> int:
     """How many files the series of the DICOM file ``path`` has in its folder (0: not a DICOM image)."""
-    if _read_head(path, 132)[128:132] != b"DICM":
+    if not _is_dicom(_read_head(path, 132)):
         return 0
     names = _series_names(path.parent)
     for uid in names.GetSeriesUIDs():
