@@ -44,6 +44,7 @@ def write_dicom_series(
     try:
         for k in range(voxels.shape[0]):
             piece = itk.image_from_array(np.ascontiguousarray(voxels[k].astype(np.int16)))
+            piece.SetSpacing([float(spacing[0]), float(spacing[1])])  # GDCM writes Pixel Spacing from the image's
             tags = piece.GetMetaDataDictionary()
             shear = direction[:, 0] * shift_per_slice[0] + direction[:, 1] * shift_per_slice[1]
             position = origin + (direction[:, 2] * spacing[2] + shear) * k
@@ -51,6 +52,8 @@ def write_dicom_series(
                 "0008|0060": "CT",
                 "0020|000d": "1.2.826.0.1.3680043.2.1125.9",
                 "0020|000e": series_uid,
+                "0020|0052": "1.2.826.0.1.3680043.2.1125.8",  # Frame of Reference UID
+                "0010|0020": "EFFQ-TEST-1",  # Patient ID
                 "0020|0013": str(k + 1),
                 "0020|0032": "\\".join(f"{v:.6f}" for v in position),
                 "0020|0037": "\\".join(f"{v:.6f}" for v in (*direction[:, 0], *direction[:, 1])),
