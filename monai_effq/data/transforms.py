@@ -14,8 +14,11 @@ convention (or a corrupt label) before it silently trains or calibrates on nonse
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+import warnings
+from collections.abc import Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.config import KeysCollection, NdarrayOrTensor
-from monai.data import MetaTensor
+from monai.data import ITKReader, MetaTensor
 from monai.transforms import (
     Compose,
     ConvertToMultiChannelBasedOnBratsClassesd,
@@ -281,17 +284,25 @@ class LoadImageFilesd(LoadImaged):
     A truncated ``.nii.gz`` passes a header check and fails only when its data is decoded, deep in a
     transform wrapper; this raises :class:`DatasetError` naming the file instead (the wrapper keeps
     it as the cause). A folder, which MONAI reads as a DICOM series, must hold one series: with
-    several, MONAI's reader would warn and segment the first it lists.
+    several, MONAI's reader would warn and segment the first it lists. Series are read by ITK
+    whatever other DICOM readers are installed (the checks, and the mask's DICOM SEG, follow its
+    slice order and geometry).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        with _quiet_gpu_dicom_reader():
+            super().__init__(*args, **kwargs)
 
     def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
         paths = []
         for key in self.key_iterator(dict(data)):
             value = data[key]
             paths.extend(value if isinstance(value, (list, tuple)) else [value])
-        for path in paths:
-            if isinstance(path, (str, os.PathLike)) and Path(path).is_dir():
-                dicom_series_files(path)
+        folders = [p for p in paths if isinstance(p, (str, os.PathLike)) and Path(p).is_dir()]
+        for path in folders:
+            dicom_series_files(path)
+        if reader is None and folders and len(folders) == len(paths):
+            reader = ITKReader()
         try:
             return super().__call__(data, reader)
         except Exception as e:  # the readers raise many unrelated types
@@ -301,6 +312,25 @@ class LoadImageFilesd(LoadImaged):
             raise DatasetError(
                 f"cannot read image file(s) {[str(p) for p in paths]}: {image_error_reason(e)}; re-export or remove them."
             ) from e
+
+
+@contextlib.contextmanager
+def _quiet_gpu_dicom_reader() -> Iterator[None]:
+    """Silence MONAI's GPU DICOM reader while ``LoadImage`` builds its readers.
+
+    MONAI 1.6 builds every reader it knows, and where pydicom is installed (the ``dicom`` extra)
+    its nvImageCodec reader warns twice that it cannot use the GPU decoder: noise in every run,
+    since DICOM series are read here by ITK.
+    """
+    plugin = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = plugin.level
+    plugin.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+            yield
+    finally:
+        plugin.setLevel(level)
 
 
 def _loading(check: Transform | None, with_label: bool) -> list[Transform]:
