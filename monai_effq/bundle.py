@@ -6,6 +6,7 @@ that it can be overridden on the command line.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ from monai.data.utils import create_file_basename
 from monai.transforms import CenterSpatialCropd, Compose, SpatialPadd
 
 from monai_effq.data import (
+    NIFTI_SUFFIXES,
     DatasetError,
     brats_transforms,
     check_image,
@@ -59,6 +61,9 @@ __all__ = [
     "check_finetune_settings",
     "check_inference_inputs",
     "inference_masks",
+    "MASK_FORMATS",
+    "mask_extension",
+    "mask_writer",
     "check_quantize_finished",
     "check_quantized",
     "demo_dataset",
@@ -442,30 +447,119 @@ def inference_masks(
     return list(masks)
 
 
+MASK_FORMATS = {"nifti": ".nii.gz", "dicom_seg": ".dcm"}
+"""The formats inference writes masks in, and each one's file extension."""
+
+
+def _check_mask_format(mask_format: str) -> str:
+    if mask_format not in MASK_FORMATS:
+        raise UserInputError(
+            f"mask_format must be one of {', '.join(repr(f) for f in MASK_FORMATS)}, got {mask_format!r}: 'nifti' for "
+            "research pipelines and 3D Slicer, 'dicom_seg' for a DICOM SEG beside a DICOM series (PACS, OHIF)."
+        )
+    return mask_format
+
+
+def mask_extension(mask_format: str) -> str:
+    """The file extension of inference masks in ``mask_format``.
+
+    Args:
+        mask_format: ``"nifti"`` or ``"dicom_seg"``.
+
+    Returns:
+        ``".nii.gz"`` or ``".dcm"``.
+
+    Raises:
+        UserInputError: for another format.
+    """
+    return MASK_FORMATS[_check_mask_format(mask_format)]
+
+
+def mask_writer(mask_format: str, dataset: str, tag: str = "") -> Any:
+    """The ``SaveImaged`` writer of a bundle's inference masks.
+
+    Args:
+        mask_format: ``"nifti"`` (:class:`monai_effq.data.AtomicNibabelWriter`) or ``"dicom_seg"``
+            (:class:`monai_effq.data.DicomSegWriter`, needing the ``dicom`` extra).
+        dataset: ``"brats"`` (segments TC, WT, ET) or ``"lits"`` (liver, tumour).
+        tag: the model's name (:func:`model_tag`), recorded in a SEG as the algorithm.
+
+    Returns:
+        a writer class, or a callable making one, for ``SaveImaged(writer=...)``.
+
+    Raises:
+        UserInputError: for an unknown format or dataset.
+    """
+    if _check_mask_format(mask_format) == "nifti":
+        from monai_effq.data import AtomicNibabelWriter
+
+        return AtomicNibabelWriter
+    from monai_effq.data import BRATS_SEGMENTS, LITS_SEGMENTS, DicomSegWriter
+
+    segments = {"brats": BRATS_SEGMENTS, "lits": LITS_SEGMENTS}.get(dataset)
+    if segments is None:
+        raise UserInputError(f"dataset must be 'brats' or 'lits', got {dataset!r}.")
+    algorithm = f"{dataset}_effq {tag}".strip()
+    return functools.partial(DicomSegWriter, segments=segments, algorithm=algorithm)
+
+
 def check_inference_inputs(
-    cases: Sequence[dict[str, Any]], output_dir: str | os.PathLike, postfix: str = "seg", ext: str = ".nii.gz"
+    cases: Sequence[dict[str, Any]],
+    output_dir: str | os.PathLike,
+    postfix: str = "seg",
+    ext: str = ".nii.gz",
+    mask_format: str = "nifti",
 ) -> None:
     """Stop inference before it runs on an image that is missing or corrupt, or on two images whose
     masks would take one name (:func:`inference_masks`).
 
     Every image is decoded in full, since a truncated file may only fail there, and a DICOM folder
-    must hold one evenly sliced series.
+    must hold one evenly sliced series. DICOM SEG masks need each case's (first) image to be a
+    DICOM series whose slices carry what the SEG copies.
 
     Args:
         cases, output_dir, postfix, ext: as for :func:`inference_masks`.
+        mask_format: ``"nifti"`` or ``"dicom_seg"`` (see :data:`MASK_FORMATS`).
 
     Raises:
         MissingInputError: naming a missing image.
         DatasetError: naming a corrupt image, or a folder that is not one DICOM series.
-        UserInputError: as :func:`inference_masks`.
+        UserInputError: as :func:`inference_masks`; for a mask extension that is not the format's, or
+            a DICOM SEG asked for an image that is not a DICOM series.
+        ImportError: for DICOM SEG without highdicom installed.
     """
+    seg = _check_mask_format(mask_format) == "dicom_seg"
+    extensions = (".dcm",) if seg else NIFTI_SUFFIXES
+    if str(ext).lower() not in extensions:
+        raise UserInputError(
+            f"mask_ext {ext!r} does not match mask_format {mask_format!r}: leave mask_ext out, or give one of "
+            f"{', '.join(repr(e) for e in extensions)}."
+        )
     inference_masks(cases, output_dir, postfix, ext)
     for case in cases:
         for path in case["image"] if isinstance(case["image"], (list, tuple)) else [case["image"]]:
             if not Path(path).exists():
                 raise MissingInputError(f"image {path} does not exist: correct the datalist or --dataset_dir.")
+    if seg:
+        from monai_effq.data.dicom_seg import check_seg_source, require_highdicom
+
+        require_highdicom()
+        for first in (_first_image(case) for case in cases):
+            if not Path(first).is_dir():
+                raise UserInputError(
+                    f"image {first} is a file, and a DICOM SEG mask must point at the DICOM series it segments: pass "
+                    "the series' folder, or write NIfTI masks (--mask_format nifti)."
+                )
     for case in cases:  # decoding takes the longest: after the checks that need no image read
         check_image(case["image"], read_data=True)
+        if seg:
+            check_seg_source(_first_image(case))
+
+
+def _first_image(case: Mapping[str, Any]) -> Any:
+    """A case's image, or the first of a multi-modal case's: the one its mask is named after and lies on."""
+    image = case["image"]
+    return image[0] if isinstance(image, (list, tuple)) else image
 
 
 def log_written(*paths: str | os.PathLike | None) -> list[Path]:
@@ -755,6 +849,8 @@ def export_monailabel_bundle(
         if "sw_roi_size" in config:
             config["sw_roi_size"] = list(input_shape[2:])  # the window the trace was checked on
         config["output_dir"] = "$@bundle_root + '/eval/seg'"  # the served bundle holds one model
+        if "model_tag" in json.dumps(config):
+            config["model_tag"] = tag  # which the masks' writer records in a DICOM SEG
         (staging / "configs").mkdir(parents=True, exist_ok=True)
         (staging / "configs" / "inference.json").write_text(json.dumps(config, indent=4) + "\n")
         for name in _SERVED_FILES:

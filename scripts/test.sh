@@ -10,7 +10,7 @@
 # first (tests/conftest.py orders them) so that both workers finish together.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh "test,deploy,fast"
+bash scripts/setup.sh "test,deploy,fast,dicom"
 # Waiting OpenMP threads sleep instead of spinning: a test on two threads (the demo table's) shares the
 # two cores with the other worker, and spinning barriers made it take 332 s instead of 35 s (47 s with
 # this; the suite 8:52-10:59 -> 8:07 on a 2-core Xeon). Waiting changes no result.

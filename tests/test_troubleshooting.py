@@ -276,6 +276,35 @@ def _one_slice(tmp_path, lits):
     check_inference_inputs([{"image": str(sorted(_series(tmp_path, lits, "1.2.3.1").iterdir())[3])}], tmp_path / "masks")
 
 
+def _seg_of_a_file(tmp_path, lits):
+    pytest.importorskip("highdicom")
+    image = str(next(lits.glob("volume-*.nii")))
+    check_inference_inputs([{"image": image}], tmp_path / "masks", ext=".dcm", mask_format="dicom_seg")
+
+
+def _seg_source_without_frame_of_reference(tmp_path, lits):
+    pydicom = pytest.importorskip("pydicom")
+    from monai_effq.data import check_seg_source
+
+    folder = _series(tmp_path, lits, "1.2.3.1")
+    slice_file = sorted(folder.iterdir())[2]
+    header = pydicom.dcmread(slice_file)
+    del header.FrameOfReferenceUID
+    header.save_as(slice_file)
+    check_seg_source(folder)
+
+
+def _seg_off_the_grid(tmp_path, lits):
+    pydicom = pytest.importorskip("pydicom")
+    from monai_effq.data.dicom_seg import series_frames
+
+    folder = _series(tmp_path, lits, "1.2.3.1")
+    slices = [pydicom.dcmread(f, stop_before_pixels=True) for f in dicom_series_files(folder)]
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    affine[0, 3] = 0.5  # half a voxel off: a mask resampled elsewhere
+    series_frames(np.ones((1, 32, 32, 32), dtype=bool), affine, slices)
+
+
 def _flat_brats_case(tmp_path, lits):
     from monai_effq.data import make_brats_demo
 
@@ -382,6 +411,17 @@ TRIGGERS = {
     "images <file> and <file> would both write the mask <name> in <folder>": (
         lambda t, d: check_inference_inputs([{"image": str(p)} for p in _two_named_alike(t, d)], t / "masks")
     ),
+    "mask_format must be one of 'nifti', 'dicom_seg', got <value>": (
+        lambda t, d: check_inference_inputs([{"image": "ct.nii.gz"}], t / "masks", mask_format="dicom")
+    ),
+    "mask_ext <ext> does not match mask_format <format>": (
+        lambda t, d: check_inference_inputs([{"image": "ct.nii.gz"}], t / "masks", ext=".dcm")
+    ),
+    "image <file> is a file, and a DICOM SEG mask must point at the DICOM series it segments": _seg_of_a_file,
+    "DICOM file <file> of the series in <folder> lacks <attributes>, which a DICOM SEG referencing the series needs": (
+        _seg_source_without_frame_of_reference
+    ),
+    "the mask does not lie on the grid of DICOM slice <file>": _seg_off_the_grid,
     "learning_rate must be a positive number such as 1e-4, got <value>": lambda t, d: check_finetune_settings(300, 25, 0.0, 2),
     "body_mask selects no voxel of the calibration data": (
         lambda t, d: quantize(_net(), torch.rand(1, 1, 8, 8, 8), body_mask=torch.zeros(1, 8, 8, 8, dtype=torch.bool), progress=False)

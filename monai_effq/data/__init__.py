@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     )
     from monai_effq.data.images import check_image, dicom_series_files, image_error_reason
     from monai_effq.data.writers import AtomicNibabelWriter, mask_name_formatter, mask_subject
+    from monai_effq.data.dicom_seg import BRATS_SEGMENTS, LITS_SEGMENTS, DicomSegWriter, Segment, check_seg_source
 
 # public names served by __getattr__ below, and the module each comes from
 _LAZY: dict[str, str] = {
@@ -87,6 +88,9 @@ _LAZY: dict[str, str] = {
     ),
     **dict.fromkeys(("AtomicNibabelWriter", "mask_name_formatter", "mask_subject"), "monai_effq.data.writers"),
     **dict.fromkeys(("check_image", "dicom_series_files", "image_error_reason"), "monai_effq.data.images"),
+    **dict.fromkeys(
+        ("BRATS_SEGMENTS", "LITS_SEGMENTS", "DicomSegWriter", "Segment", "check_seg_source"), "monai_effq.data.dicom_seg"
+    ),
 }
 
 __all__ = [
@@ -128,6 +132,11 @@ __all__ = [
     "AtomicNibabelWriter",
     "mask_name_formatter",
     "mask_subject",
+    "DicomSegWriter",
+    "Segment",
+    "BRATS_SEGMENTS",
+    "LITS_SEGMENTS",
+    "check_seg_source",
 ]
 
 

@@ -2,6 +2,7 @@
 and read by each test: served from inside its folder, from its TorchScript export, and through OpenVINO."""
 
 import json
+from pathlib import Path
 
 import itk
 import nibabel as nib
@@ -9,6 +10,9 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
+from monai.utils import ensure_tuple
+
+from monai_effq.bundle import images
 
 from ..dicom import write_dicom_series
 from .conftest import BUNDLES, bundle, config_files
@@ -88,3 +92,44 @@ def test_the_openvino_evaluate_overlay_matches_the_fake_quant_dice_on_the_demo_d
     alone.run()
     agreement = torch.as_tensor(alone.state.metrics["fp_agreement"]).float().mean().item()
     assert agreement == pytest.approx(rows[2]["fp_agreement"], abs=1e-4), (agreement, rows[2])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BUNDLES))
+def test_inference_writes_a_dicom_seg_whose_frames_are_the_nifti_mask_on_each_source_slice(name, quantized_copy, tmp_path):
+    hd = pytest.importorskip("highdicom")
+    pydicom = pytest.importorskip("pydicom")
+    quantized_copy.prepare(*BUNDLES)
+    copy, masks, _ = quantized_copy(name)
+    dataset = BUNDLES[name][0]
+    case = images(copy / "data" / "demo", dataset, "val")[0]
+    files = list(ensure_tuple(case["image"]))  # BraTS: its four contrasts, each a series of its own
+    series = [tmp_path / f"{i}.000000-SERIES-{i}" for i in range(len(files))]
+    slices = [write_dicom_series(f, s, series_uid=f"1.2.826.0.1.3680043.2.1125.{i + 1}") for i, (f, s) in enumerate(zip(files, series))]
+    datalist = str([{"image": [str(s) for s in series] if dataset == "brats" else str(series[0])}])
+    bundle(name, "inference", "--method", "rtn", "--datalist", datalist, "--output_dir", str(tmp_path / "seg"), "--mask_format", "dicom_seg", cwd=copy)
+    assert [p.name for p in (tmp_path / "seg").iterdir()] == ["0.000000-SERIES-0_seg.dcm"]
+
+    seg = hd.seg.segread(tmp_path / "seg" / "0.000000-SERIES-0_seg.dcm")
+    sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in slices[0]]
+    assert seg.PatientID == sources[0].PatientID and seg.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert seg.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+    labels = [seg.get_segment_description(n).segment_label for n in seg.get_segment_numbers()]
+    assert labels == ["tumour core", "whole tumour", "enhancing tumour"] if dataset == "brats" else ["liver", "liver tumour"]
+    frames = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[s.SOPInstanceUID for s in sources], combine_segments=False
+    )  # (slices, rows, columns, segments), the slices in the series' order
+
+    # the NIfTI mask of the same image (written by the copy's own inference), voxel (x, y, z) on slice z, row y, column x
+    nifti = next(m for m in masks if m.name.startswith(Path(files[0]).name.split(".")[0]))
+    voxels = np.asarray(nib.load(str(nifti)).dataobj).reshape(*nib.load(str(nifti)).shape[:3], -1)
+    expected = voxels == np.arange(1, 3) if dataset == "lits" else voxels.astype(bool)  # LiTS: labels; BraTS: channels
+    expected = np.transpose(expected, (2, 1, 0, 3))  # (z, y, x, segments)
+    assert expected.any() and np.array_equal(frames.astype(bool), expected)
+
+    # the exported bundle (TorchScript) writes the same SEG, naming the model it serves
+    served = copy / "export" / f"{name}_rtn_w4a8"
+    bundle(name, "inference", "--datalist", datalist, "--output_dir", str(tmp_path / "ts"), "--mask_format", "dicom_seg", cwd=served)
+    traced = hd.seg.segread(tmp_path / "ts" / "0.000000-SERIES-0_seg.dcm")
+    assert traced.get_segment_description(1).algorithm_identification[0].AlgorithmName == f"{dataset}_effq rtn_w4a8"
+    assert np.array_equal(traced.get_pixels_by_source_instance(source_sop_instance_uids=[s.SOPInstanceUID for s in sources], combine_segments=False), frames)

@@ -1,0 +1,455 @@
+"""Masks as DICOM Segmentation objects (SEG) that point at the series they were computed on.
+
+A mask written as NIfTI opens in 3D Slicer and research pipelines, but not in the archive (PACS)
+and viewers (OHIF, the scanner's console) that a hospital reads a DICOM series in: those take a
+DICOM SEG, one object holding each segment's frames, each frame naming the source slice it lies on,
+with the patient and study copied from the series. :class:`DicomSegWriter` writes one for
+``SaveImaged``, through ``highdicom`` (the ``dicom`` extra), and moves it into place only once whole.
+
+The frames are placed by geometry, not by order: each source slice's pixel grid (its position,
+orientation and pixel spacing) is mapped through the mask's affine onto the mask's voxels, so a
+mask that is not on the series' grid is refused instead of being written onto the wrong slices.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import PathLike
+from monai.data import ImageWriter
+from monai.utils import optional_import
+
+from monai_effq.data.images import dicom_series_files
+from monai_effq.data.layouts import DatasetError
+from monai_effq.utils.io import atomic_write
+
+hd, has_highdicom = optional_import("highdicom")
+pydicom, _ = optional_import("pydicom")
+codes, _ = optional_import("pydicom.sr.codedict", name="codes")
+
+__all__ = [
+    "Segment",
+    "BRATS_SEGMENTS",
+    "LITS_SEGMENTS",
+    "DicomSegWriter",
+    "check_seg_source",
+    "require_highdicom",
+    "series_frames",
+    "segment_array",
+]
+
+logger = logging.getLogger(__name__)
+
+# the attributes a SEG copies or points at, per source slice (all Type 1 in a CT or MR image)
+_SOURCE_ATTRIBUTES = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "FrameOfReferenceUID",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "Rows",
+    "Columns",
+)
+# a source pixel maps onto a mask voxel centre up to rounding of the positions in the files; further
+# off in the slice plane, the mask was resampled onto another grid
+_IN_PLANE_TOLERANCE = 0.25
+# across slices, within half a step: the series check lets steps vary by up to half of one
+_THROUGH_PLANE_TOLERANCE = 0.5
+
+
+@dataclass(frozen=True)
+class Segment:
+    """What one segment of a mask is, as a DICOM SEG codes it.
+
+    The codes are keywords of the DICOM context groups the standard lists for each (pydicom's
+    ``codes.cid7150`` and so on; SNOMED CT codes mostly), so that a viewer knows what the segment
+    is beyond its label.
+
+    Attributes:
+        label: the name shown for the segment (``"liver"``).
+        category: its segmented property category (CID 7150), e.g. ``"AnatomicalStructure"``.
+        property_type: its segmented property type (CID 7151), e.g. ``"Liver"``.
+        region: the anatomic region it lies in (CID 4), or None when the type names it.
+    """
+
+    def codes(self) -> dict[str, Any]:
+        """The segment's coded concepts, as ``highdicom.seg.SegmentDescription`` takes them.
+
+        Returns:
+            ``segmented_property_category``, ``segmented_property_type`` and ``anatomic_regions``.
+
+        Raises:
+            AttributeError: naming a keyword that is not in its context group.
+        """
+        return {
+            "segmented_property_category": getattr(codes.cid7150, self.category),
+            "segmented_property_type": getattr(codes.cid7151, self.property_type),
+            "anatomic_regions": [getattr(codes.cid4, self.region)] if self.region else None,
+        }
+
+    label: str
+    category: str
+    property_type: str
+    region: str | None = None
+
+
+LITS_SEGMENTS = (
+    Segment("liver", "AnatomicalStructure", "Liver"),
+    Segment("liver tumour", "MorphologicallyAbnormalStructure", "Neoplasm", "Liver"),
+)
+"""LiTS labels 1 and 2 (liver, tumour)."""
+
+BRATS_SEGMENTS = (
+    Segment("tumour core", "MorphologicallyAbnormalStructure", "Neoplasm", "Brain"),
+    Segment("whole tumour", "MorphologicallyAbnormalStructure", "Neoplasm", "Brain"),
+    Segment("enhancing tumour", "MorphologicallyAbnormalStructure", "EnhancingLesion", "Brain"),
+)
+"""BraTS channels TC, WT and ET (overlapping: a SEG's binary segments may overlap)."""
+
+
+def require_highdicom() -> None:
+    """Raise a clear error when ``highdicom``, which writes DICOM SEG, is not installed.
+
+    Raises:
+        ImportError: naming the extra to install.
+    """
+    if not has_highdicom:
+        raise ImportError(
+            "writing masks as DICOM SEG needs highdicom: pip install 'monai-effq[dicom]' (or pip install highdicom), "
+            "or write NIfTI masks (mask_format 'nifti')."
+        )
+
+
+def check_seg_source(folder: str | PathLike) -> list[Any]:
+    """The slice headers of the DICOM series in ``folder``, checked to carry what a SEG referencing it needs.
+
+    Args:
+        folder: a folder holding one DICOM series (as :func:`monai_effq.data.dicom_series_files` requires).
+
+    Returns:
+        the slices' headers (``pydicom`` datasets without their voxels), in slice order.
+
+    Raises:
+        DatasetError: when the folder is not one evenly sliced series, or a slice lacks an attribute
+            the SEG copies (its UIDs, frame of reference, position, orientation, pixel spacing).
+    """
+    require_highdicom()
+    headers = [pydicom.dcmread(file, stop_before_pixels=True) for file in dicom_series_files(folder)]
+    for header in headers:
+        missing = [name for name in _SOURCE_ATTRIBUTES if header.get(name) in (None, "")]
+        if missing:
+            raise DatasetError(
+                f"DICOM file {header.filename} of the series in {folder} lacks {', '.join(missing)}, which a DICOM SEG "
+                "referencing the series needs: write the masks as NIfTI (mask_format 'nifti'), or re-export the "
+                "series from the archive with its full headers."
+            )
+    return headers
+
+
+def segment_array(data: np.ndarray, n_segments: int) -> np.ndarray:
+    """The mask as a SEG stores its segments: a label map where they exclude each other, else one channel each.
+
+    Args:
+        data: ``(1, X, Y, Z)`` labels 0 (background) to ``n_segments``, or ``(n_segments, X, Y, Z)``
+            binary channels (which may overlap, as BraTS' TC, WT and ET do).
+        n_segments: how many segments the SEG holds.
+
+    Returns:
+        ``(1, X, Y, Z)`` uint8 labels, or ``(n_segments, X, Y, Z)`` bool.
+
+    Raises:
+        ValueError: for another number of channels, or labels outside ``0..n_segments``.
+    """
+    if data.ndim != 4:
+        raise ValueError(f"a mask for DICOM SEG must be (channels, X, Y, Z), got shape {tuple(data.shape)}.")
+    if data.shape[0] == n_segments > 1:
+        return data != 0
+    if data.shape[0] != 1:
+        raise ValueError(
+            f"a mask with {data.shape[0]} channels cannot give {n_segments} segments: give one channel of labels "
+            f"or {n_segments} binary channels."
+        )
+    labels = data if np.issubdtype(data.dtype, np.integer) else np.rint(data)
+    low, high = labels.min(), labels.max()
+    if low < 0 or high > n_segments:
+        raise ValueError(f"mask labels must lie in 0..{n_segments} (one per segment), found {low:g}..{high:g}.")
+    return labels.astype(np.uint8, copy=False)
+
+
+def _slice_name(header: Any, n: int) -> str:
+    return str(getattr(header, "filename", None) or f"number {n}")
+
+
+def _grid_step(step: np.ndarray, count: int, header: Any, n: int) -> tuple[int, int]:
+    """The mask axis and direction (+1 or -1) a slice's row or column steps along, one voxel a step."""
+    axis = int(np.argmax(np.abs(step)))
+    unit = np.zeros(3)
+    unit[axis] = np.sign(step[axis])
+    if np.abs(step - unit).max() * max(count - 1, 1) > _IN_PLANE_TOLERANCE:
+        raise DatasetError(
+            f"the mask does not lie on the grid of DICOM slice {_slice_name(header, n)}: its pixels do not step "
+            "voxel by voxel along the mask's axes. Write the mask on the series' own grid (SaveImaged with "
+            "resample=False after Invertd), or write NIfTI masks."
+        )
+    return axis, int(unit[axis])
+
+
+def series_frames(masks: np.ndarray, affine: np.ndarray, slices: Sequence[Any], space: str = "RAS") -> np.ndarray:
+    """The masks' voxels on each pixel of each source slice, the slices placed by their geometry.
+
+    The mask is the series as ITK stacked it: the first slice's pixel grid, repeated at one step along
+    the slices' normal. Each slice is matched to a plane of the mask by its position along that normal,
+    and its pixels to the plane's voxels by the first slice's grid, so a slightly sheared series (a
+    gantry tilt within what :func:`~monai_effq.data.dicom_series_files` lets through) gets the voxels the
+    network saw on it.
+
+    Args:
+        masks: ``(S, X, Y, Z)`` segments or ``(1, X, Y, Z)`` labels (:func:`segment_array`), on the
+            voxel grid ``affine`` describes.
+        affine: the masks' voxel-to-world affine, 4x4.
+        slices: the source slices' headers (``ImagePositionPatient``, ``ImageOrientationPatient``,
+            ``PixelSpacing``, ``Rows``, ``Columns``), in the order the SEG lists them.
+        space: the world frame of ``affine``: ``"RAS"`` (MONAI's readers' default) or ``"LPS"`` (DICOM's).
+
+    Returns:
+        ``(len(slices), rows, columns, S)`` of ``masks``' type, the frames for ``highdicom.seg.Segmentation``.
+
+    Raises:
+        DatasetError: when the slices' pixels do not lie on the masks' voxel centres, or fall outside
+            them, or two slices fall on one mask plane.
+    """
+    to_voxel = np.linalg.inv(np.asarray(affine, dtype=np.float64))
+    if str(space).upper() != "LPS":
+        to_voxel = to_voxel @ np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM positions are LPS
+
+    def voxel(point: Any) -> np.ndarray:
+        return to_voxel[:3, :3] @ np.asarray(point, dtype=np.float64) + to_voxel[:3, 3]
+
+    first = slices[0]
+    rows, columns = int(first.Rows), int(first.Columns)
+    orientation = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
+    row_spacing, column_spacing = (float(v) for v in first.PixelSpacing)
+    # DICOM: the column index moves along the row direction by the column spacing, the row index along
+    # the column direction by the row spacing
+    row_axis, row_sign = _grid_step(to_voxel[:3, :3] @ (orientation[3:] * row_spacing), rows, first, 0)
+    column_axis, column_sign = _grid_step(to_voxel[:3, :3] @ (orientation[:3] * column_spacing), columns, first, 0)
+    plane_axis = ({0, 1, 2} - {row_axis, column_axis}).pop() if row_axis != column_axis else -1
+    origins = np.array([voxel(header.ImagePositionPatient) for header in slices])
+    in_plane = np.abs(origins[0] - np.rint(origins[0]))[[row_axis, column_axis]].max()
+    if plane_axis < 0 or in_plane > _IN_PLANE_TOLERANCE:
+        raise DatasetError(
+            f"the mask does not lie on the grid of DICOM slice {_slice_name(first, 0)}: its first pixel falls "
+            f"{in_plane:.2f} voxels from the mask's voxel centres. Write the mask on the series' own grid (SaveImaged "
+            "with resample=False after Invertd), or write NIfTI masks."
+        )
+    grid = (rows, columns, row_spacing, column_spacing)
+    for n, header in enumerate(slices[1:], start=1):
+        other = (int(header.Rows), int(header.Columns), *(float(v) for v in header.PixelSpacing))
+        if not (np.allclose(np.asarray(header.ImageOrientationPatient, dtype=np.float64), orientation, atol=1e-4) and np.allclose(other, grid)):
+            raise DatasetError(
+                f"DICOM slice {_slice_name(header, n)} differs from the series' first slice in orientation, size or "
+                "pixel spacing: the series is not one volume. Write NIfTI masks for it."
+            )
+    planes = np.rint(origins[:, plane_axis]).astype(np.int64)
+    off = np.abs(origins[:, plane_axis] - planes)
+    if off.max() > _THROUGH_PLANE_TOLERANCE:
+        n = int(np.argmax(off))
+        raise DatasetError(
+            f"the mask does not lie on the grid of DICOM slice {_slice_name(slices[n], n)}: it falls {off[n]:.2f} "
+            "voxels between two planes of the mask. Write the mask on the series' own grid, or write NIfTI masks."
+        )
+    start = np.rint(origins[0]).astype(np.int64)
+    shape = masks.shape[1:]
+    ends = {row_axis: start[row_axis] + row_sign * (rows - 1), column_axis: start[column_axis] + column_sign * (columns - 1)}
+    outside = [a for a in (row_axis, column_axis) if not (0 <= start[a] < shape[a] and 0 <= ends[a] < shape[a])]
+    if outside or planes.min() < 0 or planes.max() >= shape[plane_axis]:
+        raise DatasetError(
+            f"the DICOM series lies outside the mask (planes {planes.min()}..{planes.max()} of {shape[plane_axis]} along "
+            f"its axis {plane_axis}, and {rows}x{columns} pixels from voxel {start.tolist()} in a {list(shape)} mask): the "
+            "mask was not computed on this series."
+        )
+    taken, counts = np.unique(planes, return_counts=True)
+    if (counts > 1).any():
+        both = np.flatnonzero(planes == taken[counts > 1][0])[:2]
+        raise DatasetError(
+            f"DICOM slices {_slice_name(slices[both[0]], both[0])} and {_slice_name(slices[both[1]], both[1])} of the "
+            f"series both fall on mask plane {taken[counts > 1][0]}: the mask was not computed on this series."
+        )
+
+    def run(axis: int, sign: int, count: int) -> slice:
+        first_index = int(start[axis])
+        stop = first_index + sign * count
+        return slice(first_index, stop if stop >= 0 else None, sign)
+
+    # (planes, rows, columns, segments): axes moved, then sliced, so no voxel is gathered one by one
+    ordered = np.moveaxis(masks, (1 + plane_axis, 1 + row_axis, 1 + column_axis, 0), (0, 1, 2, 3))
+    return ordered[:, run(row_axis, row_sign, rows), run(column_axis, column_sign, columns)][planes]
+
+
+class DicomSegWriter(ImageWriter):
+    """A ``SaveImaged`` writer that stores a mask as a DICOM SEG referencing the DICOM series it was computed on.
+
+    The image must have been read from a folder holding one DICOM series (its ``filename_or_obj``;
+    for a multi-modal case, the first folder), and the mask be on that series' grid (``Invertd``,
+    then ``SaveImaged(resample=False)``). Segments with no voxel keep their description; frames
+    with no voxel of any segment are left out, as the standard allows.
+
+    Example::
+
+        SaveImaged(keys="pred", output_ext=".dcm", resample=False,
+                   writer=functools.partial(DicomSegWriter, segments=LITS_SEGMENTS, algorithm="lits_effq"))
+
+    Args:
+        output_dtype: ignored (a SEG stores bits), for ``SaveImage``'s interface.
+        scale: ignored, likewise.
+        segments: what each label or channel of the mask is, in order.
+        algorithm: the algorithm's name in each segment's description (the bundle and model).
+        algorithm_version: its version.
+        series_description: the SEG's series description, shown by viewers in the series list.
+    """
+
+    def __init__(
+        self,
+        output_dtype: Any = None,
+        scale: Any = None,
+        *,
+        segments: Sequence[Segment],
+        algorithm: str = "monai-effq",
+        algorithm_version: str = "",
+        series_description: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        require_highdicom()
+        if not segments:
+            raise ValueError("DicomSegWriter needs the segments the mask holds, e.g. segments=LITS_SEGMENTS.")
+        self.segments = tuple(segments)
+        self.algorithm = algorithm
+        self.algorithm_version = algorithm_version or _version()
+        self.series_description = series_description or f"{algorithm} segmentation"
+        self.affine: np.ndarray | None = None
+        self.space = "RAS"
+        self.source: str | None = None
+
+    def set_data_array(self, data_array: Any, channel_dim: int | None = 0, squeeze_end_dims: bool = True, **kwargs: Any) -> None:
+        """Keep the mask, channel first.
+
+        Args:
+            data_array: ``(C, X, Y, Z)`` (or ``(X, Y, Z)`` with ``channel_dim=None``).
+            channel_dim: its channel axis.
+            squeeze_end_dims: unused (the mask keeps its channels).
+            kwargs: unused.
+        """
+        data = data_array.detach().cpu().numpy() if isinstance(data_array, torch.Tensor) else np.asarray(data_array)
+        self.data_obj = data[None] if channel_dim is None else np.moveaxis(data, channel_dim, 0)
+
+    def set_metadata(self, meta_dict: Mapping | None, resample: bool = False, **options: Any) -> None:
+        """Keep the mask's affine and the source it was computed on.
+
+        Args:
+            meta_dict: the image's metadata (``affine``, ``space``, ``filename_or_obj``).
+            resample: must be False: the SEG's frames are the source slices' own grid.
+            options: unused.
+
+        Raises:
+            ValueError: when resampling is asked for, or the metadata lack the affine or the source.
+        """
+        if resample:
+            raise ValueError("DicomSegWriter writes onto the source series' grid: use SaveImaged(resample=False) after Invertd.")
+        meta = dict(meta_dict or {})
+        if meta.get("affine") is None or not meta.get("filename_or_obj"):
+            raise ValueError("DicomSegWriter needs the image's affine and filename_or_obj in its metadata.")
+        affine = meta["affine"]
+        self.affine = affine.detach().cpu().numpy() if isinstance(affine, torch.Tensor) else np.asarray(affine)
+        self.space = str(meta.get("space", "RAS"))
+        source = meta["filename_or_obj"]
+        self.source = str(source[0] if isinstance(source, (list, tuple)) else source)
+
+    def write(self, filename: PathLike, verbose: bool = False, **kwargs: Any) -> None:
+        """Write the SEG to ``filename``, whole or not at all.
+
+        Args:
+            filename: the destination (``.dcm``).
+            verbose: log the destination.
+            kwargs: unused.
+
+        Raises:
+            DatasetError: when the source is not a DICOM series folder, or the mask is not on its grid.
+        """
+        if self.source is None or self.affine is None or self.data_obj is None:
+            raise ValueError("DicomSegWriter.write needs set_data_array and set_metadata first.")
+        if not Path(self.source).is_dir():
+            raise DatasetError(
+                f"image {self.source} is not a DICOM series folder, and a DICOM SEG must point at the series it "
+                "segments: write NIfTI masks (mask_format 'nifti') for other images."
+            )
+        slices = check_seg_source(self.source)
+        array = segment_array(self.data_obj, len(self.segments))
+        frames = series_frames(array, self.affine, slices, self.space)
+        if array.shape[0] == 1:  # a label map: highdicom splits it into segments (faster than checking a stack for overlap)
+            frames = frames[..., 0]
+        # highdicom logs each module it copies from the source at INFO, which bundles' logging shows
+        quiet, level = logging.getLogger("highdicom"), logging.getLogger("highdicom").level
+        quiet.setLevel(logging.WARNING)
+        try:
+            seg = self._segmentation(slices, frames)
+        finally:
+            quiet.setLevel(level)
+        if verbose:
+            logger.info(f"writing: {filename}")
+        with atomic_write(filename) as tmp:
+            seg.save_as(tmp)
+
+    def _segmentation(self, slices: Sequence[Any], frames: np.ndarray) -> Any:
+        algorithm = hd.AlgorithmIdentificationSequence(
+            name=self.algorithm, family=codes.cid7162.ArtificialIntelligence, version=self.algorithm_version
+        )
+        descriptions = [
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=segment.label,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+                **segment.codes(),
+            )
+            for number, segment in enumerate(self.segments, start=1)
+        ]
+        return hd.seg.Segmentation(
+            source_images=slices,
+            pixel_array=frames,
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=hd.UID(),
+            series_number=_series_number(slices[0]),
+            sop_instance_uid=hd.UID(),
+            instance_number=1,
+            manufacturer="monai-effq",
+            manufacturer_model_name=self.algorithm,
+            software_versions=self.algorithm_version,
+            device_serial_number="none",
+            series_description=self.series_description,
+            content_qualification="RESEARCH",
+            # a mask with no voxel still records that the series was segmented
+            omit_empty_frames=bool(frames.any()),
+        )
+
+
+def _series_number(source: Any) -> int:
+    """A series number beside the source's, as scanners number derived series (its number plus 1000)."""
+    number = source.get("SeriesNumber")
+    return int(number) + 1000 if number not in (None, "") else 1000
+
+
+def _version() -> str:
+    from monai_effq import __version__
+
+    return f"monai-effq {__version__}"

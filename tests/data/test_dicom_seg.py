@@ -1,0 +1,168 @@
+import functools
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from monai.transforms import LoadImage, SaveImage
+
+from monai_effq.data import BRATS_SEGMENTS, LITS_SEGMENTS, DatasetError, DicomSegWriter, check_seg_source, mask_name_formatter
+from monai_effq.data import dicom_seg
+from monai_effq.data.dicom_seg import segment_array, series_frames
+
+from ..dicom import write_dicom_series
+
+hd = pytest.importorskip("highdicom")
+pydicom = pytest.importorskip("pydicom")
+
+# a CT as scanners store it (left-right and front-back flipped against RAS), one turned to lie sagittal, one oblique
+_AFFINES = {
+    "axial": np.array([[-0.8, 0, 0, 40.0], [0, -0.9, 0, 30.0], [0, 0, 2.5, -12.0], [0, 0, 0, 1]]),
+    "sagittal": np.array([[0, 0, 2.0, -10.0], [0.7, 0, 0, 5.0], [0, -0.75, 0, 60.0], [0, 0, 0, 1]]),
+    "oblique": np.array([[0.8 * np.cos(0.3), -0.9 * np.sin(0.3), 0, 1.0], [0.8 * np.sin(0.3), 0.9 * np.cos(0.3), 0, 2.0], [0, 0, 1.5, 3.0], [0, 0, 0, 1]]),
+}
+
+
+def _series(tmp_path, affine, shape=(20, 24, 10), **series):
+    """A NIfTI volume, its labels (0, 1, 2 by intensity) and the DICOM series made from it."""
+    voxels = np.random.default_rng(0).integers(-100, 100, shape).astype(np.int16)
+    nib.save(nib.Nifti1Image(voxels, affine), str(tmp_path / "ct.nii.gz"))
+    files = write_dicom_series(tmp_path / "ct.nii.gz", tmp_path / "series", **series)
+    labels = np.digitize(voxels, [0, 60]).astype(np.uint8)  # 0, 1, 2
+    return voxels, labels, files
+
+
+def _read(folder):
+    return LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)(str(folder))
+
+
+@pytest.mark.parametrize("orientation", list(_AFFINES))
+def test_each_source_slice_gets_the_mask_voxels_it_covers_whatever_the_orientation(tmp_path, orientation):
+    voxels, labels, files = _series(tmp_path, _AFFINES[orientation])
+    image = _read(tmp_path / "series")
+    # ITK stacks the slices along their normal: the sagittal affine is left-handed, so it reverses them
+    assert np.array_equal(image[0].numpy(), voxels[:, :, ::-1] if orientation == "sagittal" else voxels)
+    slices = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    frames = series_frames(segment_array(np.digitize(image.numpy(), [0, 60]), 2), image.affine.numpy(), slices)
+    # the frames follow the files given (as written: file k from NIfTI plane k, row y, column x), not ITK's order
+    assert frames.shape == (10, 24, 20, 1) and np.array_equal(frames[..., 0], labels.transpose(2, 1, 0))
+    # overlapping channels (BraTS) keep a frame per channel
+    channels = np.concatenate([image.numpy() >= 0, image.numpy() >= 60])
+    frames = series_frames(segment_array(channels, 2), image.affine.numpy(), slices)
+    assert np.array_equal(frames, np.stack([labels >= 1, labels == 2], axis=-1).transpose(2, 1, 0, 3))
+
+
+def test_a_slightly_tilted_series_gets_the_voxels_itk_stacked_straight_on_each_slice(tmp_path):
+    # 0.4 degrees, under the tilt the series check refuses: over 60 slices the last lies 0.5 pixel aside
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    _, labels, files = _series(tmp_path, affine, shape=(12, 14, 60), shift_per_slice=(np.tan(np.radians(0.4)), 0.0))
+    image = _read(tmp_path / "series")
+    slices = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    frames = series_frames(segment_array(np.digitize(image.numpy(), [0, 60]), 2), image.affine.numpy(), slices)
+    assert np.array_equal(frames[..., 0], labels.transpose(2, 1, 0))
+
+
+def test_the_affine_may_be_given_in_dicoms_own_lps_frame(tmp_path):
+    _, labels, files = _series(tmp_path, _AFFINES["oblique"])
+    image = _read(tmp_path / "series")
+    slices = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    labels = segment_array(np.digitize(image.numpy(), [0, 60]), 2)
+    ras = series_frames(labels, image.affine.numpy(), slices)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ image.affine.numpy()
+    assert np.array_equal(series_frames(labels, lps, slices, "LPS"), ras)
+
+
+def test_a_mask_off_the_series_grid_or_of_another_series_is_refused(tmp_path):
+    _, _, files = _series(tmp_path, _AFFINES["axial"])
+    image = _read(tmp_path / "series")
+    slices = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    masks = np.ones((1, *image.shape[1:]), dtype=bool)
+    shifted = image.affine.numpy().copy()
+    shifted[:3, 3] += shifted[:3, 0] / 2  # half a voxel along the first axis: a mask resampled elsewhere
+    with pytest.raises(DatasetError, match="does not lie on the grid of DICOM slice"):
+        series_frames(masks, shifted, slices)
+    with pytest.raises(DatasetError, match="lies outside the mask"):
+        series_frames(masks[:, :, :12], image.affine.numpy(), slices)  # a smaller volume's mask
+    with pytest.raises(DatasetError, match="both fall on mask plane"):
+        series_frames(masks, image.affine.numpy(), [slices[0], slices[0]])
+
+
+def test_labels_stay_a_label_map_and_channels_become_one_binary_mask_each():
+    labels = np.array([[[[0.0, 1.0, 2.0]]]])  # AsDiscrete's argmax, in floating point
+    assert segment_array(labels, 2).dtype == np.uint8 and segment_array(labels, 2).tolist() == [[[[0, 1, 2]]]]
+    channels = np.array([[[[1, 1, 0]]], [[[1, 0, 0]]], [[[0, 0, 0]]]])  # BraTS TC, WT, ET may overlap
+    assert segment_array(channels, 3).tolist() == channels.astype(bool).tolist()
+    with pytest.raises(ValueError, match=r"mask labels must lie in 0..2"):
+        segment_array(labels + 1, 2)
+    with pytest.raises(ValueError, match="a mask with 2 channels cannot give 3 segments"):
+        segment_array(channels[:2], 3)
+
+
+def test_every_segment_of_both_datasets_is_coded_from_the_standards_context_groups():
+    for segment in (*LITS_SEGMENTS, *BRATS_SEGMENTS):
+        codes = segment.codes()
+        assert codes["segmented_property_type"].value and codes["segmented_property_category"].value
+    assert LITS_SEGMENTS[0].codes()["segmented_property_type"].value == "10200004"  # SNOMED CT liver
+
+
+def _save(tmp_path, mask, image, **writer):
+    saver = SaveImage(
+        output_dir=str(tmp_path / "seg"), output_postfix="seg", output_ext=".dcm", resample=False, separate_folder=False,
+        writer=functools.partial(DicomSegWriter, segments=LITS_SEGMENTS, algorithm="lits_effq rtn_w4a8", **writer),
+        output_name_formatter=mask_name_formatter,
+    )  # fmt: skip
+    saver(MetaTensor(mask, affine=image.affine, meta=image.meta))
+    return tmp_path / "seg" / "series_seg.dcm"
+
+
+def test_the_seg_written_through_save_image_reads_back_as_the_mask_and_names_its_source(tmp_path):
+    _, labels, files = _series(tmp_path, _AFFINES["axial"])
+    image = _read(tmp_path / "series")
+    mask = torch.as_tensor(np.digitize(image.numpy(), [0, 60]), dtype=torch.uint8)
+    seg = hd.seg.segread(_save(tmp_path, mask, image))
+    source = pydicom.dcmread(files[0], stop_before_pixels=True)
+    assert seg.SeriesInstanceUID != source.SeriesInstanceUID and seg.StudyInstanceUID == source.StudyInstanceUID
+    assert seg.PatientID == "EFFQ-TEST-1" and seg.ContentQualification == "RESEARCH"
+    assert [seg.get_segment_description(n).segment_label for n in (1, 2)] == ["liver", "liver tumour"]
+    assert seg.get_segment_description(1).algorithm_identification[0].AlgorithmName == "lits_effq rtn_w4a8"
+    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files]
+    frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=True)
+    assert np.array_equal(frames, labels.transpose(2, 1, 0))
+
+
+def test_an_empty_mask_still_writes_a_seg_recording_that_the_series_was_segmented(tmp_path):
+    _series(tmp_path, _AFFINES["axial"])
+    image = _read(tmp_path / "series")
+    seg = hd.seg.segread(_save(tmp_path, torch.zeros_like(image, dtype=torch.uint8), image))
+    assert seg.NumberOfFrames > 0 and not seg.pixel_array.any()
+
+
+def test_a_write_that_fails_half_way_leaves_no_file_under_the_segs_name(tmp_path, monkeypatch):
+    _series(tmp_path, _AFFINES["axial"])
+    image = _read(tmp_path / "series")
+
+    def half_then_fail(self, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"DICM" * 10)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(hd.seg.Segmentation, "save_as", half_then_fail)
+    with pytest.raises(RuntimeError):  # SaveImage reports the writer's error as its own
+        _save(tmp_path, torch.ones_like(image, dtype=torch.uint8), image)
+    assert not list((tmp_path / "seg").iterdir())
+
+
+def test_a_series_missing_what_a_seg_copies_is_refused_naming_the_attribute(tmp_path):
+    _, _, files = _series(tmp_path, _AFFINES["axial"])
+    slice_ = pydicom.dcmread(files[3])
+    del slice_.FrameOfReferenceUID
+    slice_.save_as(files[3])
+    with pytest.raises(DatasetError, match=r"lacks FrameOfReferenceUID, which a DICOM SEG referencing the series needs"):
+        check_seg_source(tmp_path / "series")
+
+
+def test_without_highdicom_the_error_names_the_extra(monkeypatch):
+    monkeypatch.setattr(dicom_seg, "has_highdicom", False)
+    with pytest.raises(ImportError, match=r"pip install 'monai-effq\[dicom\]'"):
+        dicom_seg.require_highdicom()
