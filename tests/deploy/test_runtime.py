@@ -36,6 +36,12 @@ def exact_int8_kernels(key: str) -> pytest.MarkDecorator:
     )
 
 
+def int8_tolerance(key: str) -> float:
+    """The rel-L2 a runtime's int8 output may differ from the fake-quant network's by: rounding with VNNI,
+    the saturation above without it (a broken graph differs by far more)."""
+    return 1e-3 if runtime.int8_kernels_have_vnni(key) is not False else 0.1
+
+
 @pytest.mark.parametrize(
     "cls",
     [
@@ -329,8 +335,8 @@ class _TokenHead(torch.nn.Module):
         return self.out(torch.relu(self.fc(tokens))).transpose(1, 2).reshape(n, 2, *size)
 
 
-@pytest.mark.parametrize("cls", [F32_OPENVINO, OnnxRuntimeNetwork], ids=["openvino", "onnxruntime"])
-def test_linear_layers_on_tokens_with_a_symmetric_input_grid_load_and_match_the_fake_quant_network(tmp_path, cls):
+@pytest.mark.parametrize("cls, key", [(F32_OPENVINO, "openvino"), (OnnxRuntimeNetwork, "onnxruntime")], ids=["openvino", "onnxruntime"])
+def test_linear_layers_on_tokens_with_a_symmetric_input_grid_load_and_match_the_fake_quant_network(tmp_path, cls, key):
     # int8 (symmetric) inputs to a linear layer on tokens: ONNX Runtime's MatMulAddFusion, with its
     # Q/DQ passes, used to write an int8 Q with a uint8 zero point and refuse to load the file
     torch.manual_seed(0)
@@ -340,7 +346,7 @@ def test_linear_layers_on_tokens_with_a_symmetric_input_grid_load_and_match_the_
     path = monai_effq.export_onnx(result, tmp_path / "tokens.onnx", x, dynamic_spatial=False)
     with torch.no_grad():
         expected = result.network(x)
-    assert rel_l2(cls(path)(x), expected) < 1e-3
+    assert rel_l2(cls(path)(x), expected) < int8_tolerance(key)
 
 
 class _SizedAttention(torch.nn.Module):
@@ -385,8 +391,8 @@ def test_runtime_network_exports_at_the_window_with_any_batch_and_again_for_anot
     assert exported_size() == "16x16x16" and input_dims() == ["batch", 2, 16, 16, 16]
     windows = torch.rand(3, 2, 16, 16, 16, generator=torch.Generator().manual_seed(4))  # the inferer's sw_batch_size
     with torch.no_grad():
-        assert rel_l2(net(windows), result.network(windows)) < 1e-3
-        assert rel_l2(OpenVINONetwork(onnx_path, precision="f32")(windows), result.network(windows)) < 1e-3
+        assert rel_l2(net(windows), result.network(windows)) < int8_tolerance("onnxruntime")
+        assert rel_l2(OpenVINONetwork(onnx_path, precision="f32")(windows), result.network(windows)) < int8_tolerance("openvino")
     # OpenVINO would reshape the file to another window and compute wrong output: both runtimes refuse it
     ov_net = OpenVINONetwork(onnx_path, precision="f32")
     for run in (net, ov_net, lambda x: ov_net.request_for(tuple(x.shape))):
