@@ -849,7 +849,7 @@ def export_monailabel_bundle(
         if "sw_roi_size" in config:
             config["sw_roi_size"] = list(input_shape[2:])  # the window the trace was checked on
         config["output_dir"] = "$@bundle_root + '/eval/seg'"  # the served bundle holds one model
-        if "model_tag" in json.dumps(config):
+        if "@model_tag" in json.dumps(config):
             config["model_tag"] = tag  # which the masks' writer records in a DICOM SEG
         (staging / "configs").mkdir(parents=True, exist_ok=True)
         (staging / "configs" / "inference.json").write_text(json.dumps(config, indent=4) + "\n")

@@ -294,6 +294,40 @@ def _seg_source_without_frame_of_reference(tmp_path, lits):
     check_seg_source(folder)
 
 
+def _seg_source_with_a_malformed_value(tmp_path, lits):
+    pydicom = pytest.importorskip("pydicom")
+    from monai_effq.data import check_seg_source
+
+    folder = _series(tmp_path, lits, "1.2.3.1")
+    for slice_file in folder.iterdir():
+        header = pydicom.dcmread(slice_file)
+        header.PatientSex = "Male"
+        header.save_as(slice_file)
+    check_seg_source(folder)
+
+
+def _seg_source_multi_frame(tmp_path, lits):
+    pydicom = pytest.importorskip("pydicom")
+    from monai_effq.data import check_seg_source
+
+    folder = _series(tmp_path, lits, "1.2.3.1")
+    slice_file = sorted(folder.iterdir())[0]
+    header = pydicom.dcmread(slice_file)
+    header.NumberOfFrames = 2
+    header.save_as(slice_file)
+    check_seg_source(folder)
+
+
+def _case_off_one_grid(tmp_path, lits):
+    import nibabel as nib
+
+    image = next(lits.glob("volume-*.nii"))
+    moved = tmp_path / "moved.nii.gz"
+    header = nib.load(str(image))
+    nib.save(nib.Nifti1Image(np.asanyarray(header.dataobj), header.affine @ np.diag([1.0, 1.0, 2.0, 1.0])), str(moved))
+    check_inference_inputs([{"image": [str(image), str(moved)]}], tmp_path / "masks")
+
+
 def _seg_off_the_grid(tmp_path, lits):
     pydicom = pytest.importorskip("pydicom")
     from monai_effq.data.dicom_seg import series_frames
@@ -422,6 +456,9 @@ TRIGGERS = {
         _seg_source_without_frame_of_reference
     ),
     "the mask does not lie on the grid of DICOM slice <file>": _seg_off_the_grid,
+    "DICOM file <file> of the series in <folder> holds a value a DICOM SEG cannot copy: <reason>": _seg_source_with_a_malformed_value,
+    "DICOM file <file> in <folder> is a multi-frame (enhanced) image, which DICOM SEG masks do not support yet": _seg_source_multi_frame,
+    "the images of one case are not on one grid: <file> is <grid> where <file> is <grid>": _case_off_one_grid,
     "learning_rate must be a positive number such as 1e-4, got <value>": lambda t, d: check_finetune_settings(300, 25, 0.0, 2),
     "body_mask selects no voxel of the calibration data": (
         lambda t, d: quantize(_net(), torch.rand(1, 1, 8, 8, 8), body_mask=torch.zeros(1, 8, 8, 8, dtype=torch.bool), progress=False)

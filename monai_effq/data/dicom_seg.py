@@ -13,8 +13,9 @@ mask that is not on the series' grid is refused instead of being written onto th
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from monai.utils import optional_import
 
 from monai_effq.data.images import dicom_series_files
 from monai_effq.data.layouts import DatasetError
+from monai_effq.utils.errors import MissingExtraError
 from monai_effq.utils.io import atomic_write
 
 hd, has_highdicom = optional_import("highdicom")
@@ -62,8 +64,6 @@ _SOURCE_ATTRIBUTES = (
 # a source pixel maps onto a mask voxel centre up to rounding of the positions in the files; further
 # off in the slice plane, the mask was resampled onto another grid
 _IN_PLANE_TOLERANCE = 0.25
-# across slices, within half a step: the series check lets steps vary by up to half of one
-_THROUGH_PLANE_TOLERANCE = 0.5
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class Segment:
         region: the anatomic region it lies in (CID 4), or None when the type names it.
     """
 
-    def codes(self) -> dict[str, Any]:
+    def concepts(self) -> dict[str, Any]:
         """The segment's coded concepts, as ``highdicom.seg.SegmentDescription`` takes them.
 
         Returns:
@@ -120,10 +120,10 @@ def require_highdicom() -> None:
     """Raise a clear error when ``highdicom``, which writes DICOM SEG, is not installed.
 
     Raises:
-        ImportError: naming the extra to install.
+        MissingExtraError: (an ``ImportError``) naming the extra to install.
     """
     if not has_highdicom:
-        raise ImportError(
+        raise MissingExtraError(
             "writing masks as DICOM SEG needs highdicom: pip install 'monai-effq[dicom]' (or pip install highdicom), "
             "or write NIfTI masks (mask_format 'nifti')."
         )
@@ -145,6 +145,11 @@ def check_seg_source(folder: str | PathLike) -> list[Any]:
     require_highdicom()
     headers = [pydicom.dcmread(file, stop_before_pixels=True) for file in dicom_series_files(folder)]
     for header in headers:
+        if int(header.get("NumberOfFrames") or 1) > 1:
+            raise DatasetError(
+                f"DICOM file {header.filename} in {folder} is a multi-frame (enhanced) image, which DICOM SEG masks do "
+                "not support yet: write NIfTI masks (mask_format 'nifti')."
+            )
         missing = [name for name in _SOURCE_ATTRIBUTES if header.get(name) in (None, "")]
         if missing:
             raise DatasetError(
@@ -152,7 +157,23 @@ def check_seg_source(folder: str | PathLike) -> list[Any]:
                 "referencing the series needs: write the masks as NIfTI (mask_format 'nifti'), or re-export the "
                 "series from the archive with its full headers."
             )
+    _check_copied_values(headers[0], folder)
     return headers
+
+
+def _check_copied_values(header: Any, folder: str | PathLike) -> None:
+    """Build a one-frame SEG on ``header``, so that a value highdicom refuses to copy (a patient's sex
+    written ``Male``, a date written ``1970-01-01``) is named before the run instead of failing its write."""
+    try:
+        _segmentation(
+            [header], np.zeros((1, int(header.Rows), int(header.Columns)), dtype=np.uint8), LITS_SEGMENTS[:1], "check", "check", "check"
+        )
+    except (ValueError, TypeError, AttributeError) as e:
+        raise DatasetError(
+            f"DICOM file {header.filename} of the series in {folder} holds a value a DICOM SEG cannot copy: "
+            f"{str(e).strip().splitlines()[0].rstrip('.')}. Correct the header (dcmodify does) or write NIfTI masks "
+            "(mask_format 'nifti')."
+        ) from e
 
 
 def segment_array(data: np.ndarray, n_segments: int) -> np.ndarray:
@@ -242,10 +263,15 @@ def series_frames(masks: np.ndarray, affine: np.ndarray, slices: Sequence[Any], 
     # the column direction by the row spacing
     row_axis, row_sign = _grid_step(to_voxel[:3, :3] @ (orientation[3:] * row_spacing), rows, first, 0)
     column_axis, column_sign = _grid_step(to_voxel[:3, :3] @ (orientation[:3] * column_spacing), columns, first, 0)
-    plane_axis = ({0, 1, 2} - {row_axis, column_axis}).pop() if row_axis != column_axis else -1
+    if row_axis == column_axis:
+        raise DatasetError(
+            f"the mask does not lie on the grid of DICOM slice {_slice_name(first, 0)}: its rows and columns both run "
+            "along one axis of the mask. Write the mask on the series' own grid, or write NIfTI masks."
+        )
+    plane_axis = ({0, 1, 2} - {row_axis, column_axis}).pop()
     origins = np.array([voxel(header.ImagePositionPatient) for header in slices])
     in_plane = np.abs(origins[0] - np.rint(origins[0]))[[row_axis, column_axis]].max()
-    if plane_axis < 0 or in_plane > _IN_PLANE_TOLERANCE:
+    if in_plane > _IN_PLANE_TOLERANCE:
         raise DatasetError(
             f"the mask does not lie on the grid of DICOM slice {_slice_name(first, 0)}: its first pixel falls "
             f"{in_plane:.2f} voxels from the mask's voxel centres. Write the mask on the series' own grid (SaveImaged "
@@ -259,14 +285,8 @@ def series_frames(masks: np.ndarray, affine: np.ndarray, slices: Sequence[Any], 
                 f"DICOM slice {_slice_name(header, n)} differs from the series' first slice in orientation, size or "
                 "pixel spacing: the series is not one volume. Write NIfTI masks for it."
             )
+    # the nearest plane: the series check lets a step differ from the others by up to half of one
     planes = np.rint(origins[:, plane_axis]).astype(np.int64)
-    off = np.abs(origins[:, plane_axis] - planes)
-    if off.max() > _THROUGH_PLANE_TOLERANCE:
-        n = int(np.argmax(off))
-        raise DatasetError(
-            f"the mask does not lie on the grid of DICOM slice {_slice_name(slices[n], n)}: it falls {off[n]:.2f} "
-            "voxels between two planes of the mask. Write the mask on the series' own grid, or write NIfTI masks."
-        )
     start = np.rint(origins[0]).astype(np.int64)
     shape = masks.shape[1:]
     ends = {row_axis: start[row_axis] + row_sign * (rows - 1), column_axis: start[column_axis] + column_sign * (columns - 1)}
@@ -276,6 +296,11 @@ def series_frames(masks: np.ndarray, affine: np.ndarray, slices: Sequence[Any], 
             f"the DICOM series lies outside the mask (planes {planes.min()}..{planes.max()} of {shape[plane_axis]} along "
             f"its axis {plane_axis}, and {rows}x{columns} pixels from voxel {start.tolist()} in a {list(shape)} mask): the "
             "mask was not computed on this series."
+        )
+    if len(slices) != shape[plane_axis]:
+        raise DatasetError(
+            f"the DICOM series has {len(slices)} slices but the mask {shape[plane_axis]} planes across them: the mask "
+            "was not computed on this series."
         )
     taken, counts = np.unique(planes, return_counts=True)
     if (counts > 1).any():
@@ -397,32 +422,29 @@ class DicomSegWriter(ImageWriter):
         frames = series_frames(array, self.affine, slices, self.space)
         if array.shape[0] == 1:  # a label map: highdicom splits it into segments (faster than checking a stack for overlap)
             frames = frames[..., 0]
-        # highdicom logs each module it copies from the source at INFO, which bundles' logging shows
-        quiet, level = logging.getLogger("highdicom"), logging.getLogger("highdicom").level
-        quiet.setLevel(logging.WARNING)
-        try:
-            seg = self._segmentation(slices, frames)
-        finally:
-            quiet.setLevel(level)
+        seg = _segmentation(slices, frames, self.segments, self.algorithm, self.algorithm_version, self.series_description)
         if verbose:
             logger.info(f"writing: {filename}")
         with atomic_write(filename) as tmp:
             seg.save_as(tmp)
 
-    def _segmentation(self, slices: Sequence[Any], frames: np.ndarray) -> Any:
-        algorithm = hd.AlgorithmIdentificationSequence(
-            name=self.algorithm, family=codes.cid7162.ArtificialIntelligence, version=self.algorithm_version
+def _segmentation(
+    slices: Sequence[Any], frames: np.ndarray, segments: Sequence[Segment], algorithm: str, version: str, description: str
+) -> Any:
+    """The ``highdicom.seg.Segmentation`` of ``frames`` (a label map or one channel per segment) on ``slices``."""
+    identification = hd.AlgorithmIdentificationSequence(name=algorithm, family=codes.cid7162.ArtificialIntelligence, version=version)
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=segment.label,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=identification,
+            **segment.concepts(),
         )
-        descriptions = [
-            hd.seg.SegmentDescription(
-                segment_number=number,
-                segment_label=segment.label,
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=algorithm,
-                **segment.codes(),
-            )
-            for number, segment in enumerate(self.segments, start=1)
-        ]
+        for number, segment in enumerate(segments, start=1)
+    ]
+    # highdicom logs each module it copies from the source at INFO, which bundles' logging shows
+    with _quiet_highdicom():
         return hd.seg.Segmentation(
             source_images=slices,
             pixel_array=frames,
@@ -433,14 +455,25 @@ class DicomSegWriter(ImageWriter):
             sop_instance_uid=hd.UID(),
             instance_number=1,
             manufacturer="monai-effq",
-            manufacturer_model_name=self.algorithm,
-            software_versions=self.algorithm_version,
+            manufacturer_model_name=algorithm,
+            software_versions=version,
             device_serial_number="none",
-            series_description=self.series_description,
+            series_description=description,
             content_qualification="RESEARCH",
             # a mask with no voxel still records that the series was segmented
             omit_empty_frames=bool(frames.any()),
         )
+
+
+@contextlib.contextmanager
+def _quiet_highdicom() -> Iterator[None]:
+    logger_ = logging.getLogger("highdicom")
+    level = logger_.level
+    logger_.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger_.setLevel(level)
 
 
 def _series_number(source: Any) -> int:

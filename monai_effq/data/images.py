@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 from monai.utils import optional_import
 
@@ -35,6 +36,9 @@ _PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00
 _STEP_TOLERANCE = 0.5
 # a gantry tilt above this (degrees) shears the volume by more than rounding does
 _TILT_TOLERANCE_DEGREES = 0.5
+# images of one case whose affines differ by less than this (mm) in every entry are on one grid:
+# the rounding of one grid written by two programs, far below a voxel
+_GRID_TOLERANCE_MM = 1e-3
 # a slice's header (where the pixel data element starts) fits in this many bytes in all but odd files
 _HEADER_BYTES = 1 << 16
 
@@ -242,15 +246,20 @@ def check_image(paths: str | os.PathLike | Sequence[str | os.PathLike], read_dat
 
     Raises:
         DatasetError: naming the first image that is missing, corrupt or unreadable, a folder that
-            does not hold one evenly sliced DICOM series, or one slice of a series given on its own.
+            does not hold one evenly sliced DICOM series, one slice of a series given on its own, or (with
+            ``read_data``) an image of a multi-modal case on another grid than the first.
     """
-    for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    grids: list[tuple[Any, tuple[int, ...], np.ndarray]] = []
+    for path in paths:
         if not Path(path).exists():
             raise DatasetError(f"image {path} does not exist: correct the datalist or the dataset folder.")
         if Path(path).is_dir():
             files: str | list[str] = dicom_series_files(path)
         elif str(path).endswith(NIFTI_SUFFIXES):
             check_nifti(path, read_data=read_data)
+            if read_data and len(paths) > 1:
+                grids.append((path, *_nifti_grid(path)))
             continue
         else:
             slices = _one_slice_of(Path(path))
@@ -263,8 +272,46 @@ def check_image(paths: str | os.PathLike | Sequence[str | os.PathLike], read_dat
         if not read_data:
             continue
         try:
-            itk.imread(files)
+            image = itk.imread(files)
         except Exception as e:  # ITK raises RuntimeError for most failures, but not for all
             raise DatasetError(
                 f"cannot read image file(s) [{str(path)!r}]: {image_error_reason(e)}; re-export or remove them."
             ) from e
+        if len(paths) > 1:
+            grids.append((path, *_itk_grid(image)))
+    _check_one_grid(grids)
+
+
+def _nifti_grid(path: str | os.PathLike) -> tuple[tuple[int, ...], np.ndarray]:
+    """A NIfTI image's spatial shape and voxel-to-RAS affine (its header's, as MONAI's NibabelReader reads it)."""
+    header = nib.load(str(path))
+    return tuple(int(n) for n in header.shape[:3]), np.asarray(header.affine, dtype=np.float64)
+
+
+def _itk_grid(image: Any) -> tuple[tuple[int, ...], np.ndarray]:
+    """An ITK image's spatial shape and voxel-to-RAS affine (ITK's frame is LPS)."""
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    affine = np.eye(4)
+    affine[:3, :3] = itk.array_from_matrix(image.GetDirection())[:3, :3] * spacing[:3]
+    affine[:3, 3] = np.asarray(image.GetOrigin(), dtype=np.float64)[:3]
+    size = tuple(int(n) for n in image.GetLargestPossibleRegion().GetSize())[:3]
+    return size, np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+
+
+def _describe_grid(shape: tuple[int, ...], affine: np.ndarray) -> str:
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    return f"{'x'.join(map(str, shape))} voxels of {'x'.join(f'{v:.3g}' for v in spacing)} mm from {np.round(affine[:3, 3], 2).tolist()}"
+
+
+def _check_one_grid(grids: Sequence[tuple[Any, tuple[int, ...], np.ndarray]]) -> None:
+    """Refuse the images of one case that do not share a grid, which MONAI would stack only at read time, mid-run."""
+    if len(grids) < 2:
+        return
+    first, shape, affine = grids[0]
+    for path, other_shape, other_affine in grids[1:]:
+        if other_shape != shape or not np.allclose(other_affine, affine, atol=_GRID_TOLERANCE_MM):
+            raise DatasetError(
+                f"the images of one case are not on one grid: {path} is {_describe_grid(other_shape, other_affine)} where "
+                f"{first} is {_describe_grid(shape, affine)}. MONAI stacks a case's images voxel by voxel: register and "
+                "resample them onto one grid first (BraTS' own preprocessing, 3D Slicer or ANTs do)."
+            )

@@ -56,6 +56,7 @@ from monai_effq.ptq.modules import (
 )
 from monai_effq.ptq.result import QuantizationResult
 from monai_effq.quant.grid import UniformGrid, channel_view, dequantize, grid_codes
+from monai_effq.utils.errors import MissingExtraError
 from monai_effq.utils.io import atomic_write
 
 # registers torch.ops.quantized_decomposed, the Q/DQ operators torch.export and its ONNX exporter know
@@ -149,10 +150,10 @@ def require(available: bool, package: str, what: str) -> None:
         what: what needs it.
 
     Raises:
-        ImportError: when ``available`` is false.
+        MissingExtraError: (an ``ImportError``) when ``available`` is false.
     """
     if not available:
-        raise ImportError(f"{what} needs the '{package}' package, which is not installed: {DEPLOY_EXTRA}")
+        raise MissingExtraError(f"{what} needs the '{package}' package, which is not installed: {DEPLOY_EXTRA}")
 
 
 def _integer_weights(module: QuantizedLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

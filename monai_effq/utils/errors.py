@@ -29,6 +29,7 @@ import torch
 
 __all__ = [
     "DEBUG_ENV",
+    "MissingExtraError",
     "MissingInputError",
     "OutputExistsError",
     "UserInputError",
@@ -53,6 +54,10 @@ class UserInputError(ValueError):
 
 class MissingInputError(UserInputError, FileNotFoundError):
     """A file or folder a user named does not exist."""
+
+
+class MissingExtraError(UserInputError, ImportError):
+    """An optional package a setting needs is not installed; the message names the extra to install."""
 
 
 class OutputExistsError(UserInputError, FileExistsError):

@@ -85,7 +85,9 @@ def test_a_mask_off_the_series_grid_or_of_another_series_is_refused(tmp_path):
     with pytest.raises(DatasetError, match="lies outside the mask"):
         series_frames(masks[:, :, :12], image.affine.numpy(), slices)  # a smaller volume's mask
     with pytest.raises(DatasetError, match="both fall on mask plane"):
-        series_frames(masks, image.affine.numpy(), [slices[0], slices[0]])
+        series_frames(masks, image.affine.numpy(), [slices[0], slices[0], *slices[2:]])
+    with pytest.raises(DatasetError, match="has 9 slices but the mask 10 planes"):
+        series_frames(masks, image.affine.numpy(), slices[1:])
 
 
 def test_labels_stay_a_label_map_and_channels_become_one_binary_mask_each():
@@ -101,9 +103,9 @@ def test_labels_stay_a_label_map_and_channels_become_one_binary_mask_each():
 
 def test_every_segment_of_both_datasets_is_coded_from_the_standards_context_groups():
     for segment in (*LITS_SEGMENTS, *BRATS_SEGMENTS):
-        codes = segment.codes()
+        codes = segment.concepts()
         assert codes["segmented_property_type"].value and codes["segmented_property_category"].value
-    assert LITS_SEGMENTS[0].codes()["segmented_property_type"].value == "10200004"  # SNOMED CT liver
+    assert LITS_SEGMENTS[0].concepts()["segmented_property_type"].value == "10200004"  # SNOMED CT liver
 
 
 def _save(tmp_path, mask, image, **writer):
@@ -159,6 +161,29 @@ def test_a_series_missing_what_a_seg_copies_is_refused_naming_the_attribute(tmp_
     del slice_.FrameOfReferenceUID
     slice_.save_as(files[3])
     with pytest.raises(DatasetError, match=r"lacks FrameOfReferenceUID, which a DICOM SEG referencing the series needs"):
+        check_seg_source(tmp_path / "series")
+
+
+@pytest.mark.parametrize(
+    "attribute, value, reason",
+    [("PatientSex", "Male", "is not a valid PatientSexValues"), ("PatientBirthDate", "1970-01-01", "1970-01-01")],
+)
+def test_a_header_value_a_seg_cannot_copy_is_named_before_any_mask(tmp_path, attribute, value, reason):
+    _, _, files = _series(tmp_path, _AFFINES["axial"])
+    for file in files:  # as an anonymiser writes them, into every slice
+        header = pydicom.dcmread(file)
+        setattr(header, attribute, value)
+        header.save_as(file)
+    with pytest.raises(DatasetError, match=rf"holds a value a DICOM SEG cannot copy: .*{reason}.*Correct the header"):
+        check_seg_source(tmp_path / "series")
+
+
+def test_a_multi_frame_image_is_refused_as_such_not_as_missing_its_geometry(tmp_path):
+    _, _, files = _series(tmp_path, _AFFINES["axial"])
+    header = pydicom.dcmread(files[4])
+    header.NumberOfFrames = 3
+    header.save_as(files[4])
+    with pytest.raises(DatasetError, match=r"is a multi-frame \(enhanced\) image, which DICOM SEG masks do not support"):
         check_seg_source(tmp_path / "series")
 
 

@@ -53,6 +53,32 @@ def test_the_four_brats_contrasts_as_four_dicom_series_are_preprocessed_as_their
     check_image(folders)
 
 
+def test_the_images_of_one_case_must_share_a_grid_whatever_their_formats(tmp_path):
+    import nibabel as nib
+
+    case = load_datalist(make_brats_demo(tmp_path / "brats", n_cases=1, shape=(40, 36, 32)))[0]
+    flair, t1, t1gd, t2 = case["image"]
+    series = tmp_path / "t1_series"
+    write_dicom_series(t1, series)
+    check_image([flair, str(series), t1gd, t2])  # a NIfTI and a series of the same grid are one grid
+    # a T2 acquired with thicker slices, as an archive holds it before registration
+    image = nib.load(t2)
+    thick = tmp_path / "t2_thick.nii.gz"
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj)[:, :, ::2], image.affine @ np.diag([1.0, 1.0, 2.0, 1.0])), str(thick))
+    with pytest.raises(DatasetError, match=r"the images of one case are not on one grid: .*t2_thick.nii.gz is 40x36x16 voxels of 1x1x2 mm"):
+        check_image([flair, str(series), t1gd, str(thick)])
+    moved = tmp_path / "t2_moved.nii.gz"
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), image.affine @ _translation(0.0, 0.0, 1.0)), str(moved))
+    with pytest.raises(DatasetError, match="not on one grid"):  # the same size, one slice further up
+        check_image([flair, str(moved)])
+
+
+def _translation(*offset: float) -> np.ndarray:
+    matrix = np.eye(4)
+    matrix[:3, 3] = offset
+    return matrix
+
+
 def test_a_folder_of_two_series_is_refused_before_monai_reads_only_the_first(lits, series):
     from monai_effq.bundle import image_preprocessing
 
