@@ -139,8 +139,10 @@ def check_seg_source(folder: str | PathLike) -> list[Any]:
         the slices' headers (``pydicom`` datasets without their voxels), in slice order.
 
     Raises:
-        DatasetError: when the folder is not one evenly sliced series, or a slice lacks an attribute
-            the SEG copies (its UIDs, frame of reference, position, orientation, pixel spacing).
+        DatasetError: when the folder is not one evenly sliced series, a slice is a multi-frame image
+            or lacks an attribute the SEG copies (its UIDs, frame of reference, position, orientation,
+            pixel spacing), or holds a value the SEG cannot copy (a malformed date or patient's sex).
+        MissingExtraError: without highdicom.
     """
     require_highdicom()
     headers = [pydicom.dcmread(file, stop_before_pixels=True) for file in dicom_series_files(folder)]
