@@ -523,10 +523,11 @@ def check_inference_inputs(
 
     Raises:
         MissingInputError: naming a missing image.
-        DatasetError: naming a corrupt image, or a folder that is not one DICOM series.
+        DatasetError: naming a corrupt image, a folder that is not one DICOM series, a case whose images
+            are not on one grid, or (DICOM SEG) a series whose slices lack what the SEG copies.
         UserInputError: as :func:`inference_masks`; for a mask extension that is not the format's, or
             a DICOM SEG asked for an image that is not a DICOM series.
-        ImportError: for DICOM SEG without highdicom installed.
+        MissingExtraError: for DICOM SEG without highdicom installed.
     """
     seg = _check_mask_format(mask_format) == "dicom_seg"
     extensions = (".dcm",) if seg else NIFTI_SUFFIXES
