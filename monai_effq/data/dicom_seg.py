@@ -430,6 +430,7 @@ class DicomSegWriter(ImageWriter):
         with atomic_write(filename) as tmp:
             seg.save_as(tmp)
 
+
 def _segmentation(
     slices: Sequence[Any], frames: np.ndarray, segments: Sequence[Segment], algorithm: str, version: str, description: str
 ) -> Any:
