@@ -5,11 +5,14 @@ from __future__ import annotations
 import locale
 import os
 import struct
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
 
 import itk
 import numpy as np
 
-__all__ = ["write_dicom_series", "write_non_image_dicom"]
+__all__ = ["write_dicom_case", "write_dicom_series", "write_non_image_dicom"]
 
 
 def write_dicom_series(
@@ -99,3 +102,40 @@ def write_non_image_dicom(path: str | os.PathLike, sop_class_uid: str, modality:
     group_length = struct.pack("<HH", 0x0002, 0x0000) + b"UL" + struct.pack("<HI", 4, len(meta))  # its value is 4 bytes
     with open(path, "wb") as f:
         f.write(b"\0" * 128 + b"DICM" + group_length + meta + body)
+
+
+def write_dicom_case(case: dict, folder: str | os.PathLike, segments: Sequence) -> dict:
+    """``case`` as an archive holds it: each image a DICOM series, the label a DICOM SEG on the first series.
+
+    Args:
+        case: a dataset case of NIfTI files (``"image"`` one path or a list, ``"label"`` a path).
+        folder: where the series (``series<i>/``) and the SEG (``series0_seg.dcm``) go.
+        segments: ``LITS_SEGMENTS`` (the label map as is) or ``BRATS_SEGMENTS`` (native labels as TC, WT, ET).
+
+    Returns:
+        the case with the series folders as its image and the SEG as its label.
+    """
+    import functools
+
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import ConvertToMultiChannelBasedOnBratsClassesd, LoadImaged, ResampleToMatchd, SaveImage
+
+    from monai_effq.data import BRATS_SEGMENTS, DicomSegWriter, mask_name_formatter
+
+    folder = Path(folder)
+    case_uid = zlib.crc32(str(folder.resolve()).encode())  # each case's series UIDs its own, as an archive's are
+    files = list(case["image"]) if isinstance(case["image"], (list, tuple)) else [case["image"]]
+    series = [folder / f"series{i}" for i in range(len(files))]
+    for i, (file, target) in enumerate(zip(files, series)):
+        write_dicom_series(file, target, series_uid=f"1.2.826.0.1.3680043.2.1125.{case_uid}.{i + 1}")
+    loaded = LoadImaged(["image", "label"], image_only=True, ensure_channel_first=True)({"image": str(series[0]), "label": case["label"]})
+    loaded = ResampleToMatchd("label", key_dst="image", mode="nearest")(loaded)  # the label on the series as ITK reads it
+    if segments is BRATS_SEGMENTS:
+        loaded = ConvertToMultiChannelBasedOnBratsClassesd("label")(loaded)  # TC, WT, ET
+    saver = SaveImage(
+        output_dir=str(folder), output_postfix="seg", output_ext=".dcm", resample=False, separate_folder=False,
+        writer=functools.partial(DicomSegWriter, segments=segments), output_name_formatter=mask_name_formatter,
+    )  # fmt: skip
+    saver(MetaTensor(torch.as_tensor(np.asarray(loaded["label"]), dtype=torch.uint8), affine=loaded["image"].affine, meta=loaded["image"].meta))
+    return {"image": [str(s) for s in series] if len(series) > 1 else str(series[0]), "label": str(folder / "series0_seg.dcm")}

@@ -318,6 +318,45 @@ def _seg_source_multi_frame(tmp_path, lits):
     check_seg_source(folder)
 
 
+def _seg_case(tmp_path: Path, lits: Path) -> dict:
+    """The first LiTS demo case as an archive holds it: a DICOM series and a DICOM SEG label on it."""
+    pytest.importorskip("highdicom")
+    from monai_effq.data import LITS_SEGMENTS
+    from tests.dicom import write_dicom_case
+
+    image = next(lits.glob("volume-*.nii"))
+    return write_dicom_case({"image": str(image), "label": str(image.with_name(image.name.replace("volume", "segmentation")))}, tmp_path / "case", LITS_SEGMENTS)
+
+
+def _seg_of_another_series(tmp_path, lits):
+    from monai_effq.data import lits_transforms
+
+    lits_transforms(train=False)({"image": str(_series(tmp_path, lits, "1.2.3.9")), "label": _seg_case(tmp_path, lits)["label"]})
+
+
+def _seg_without_a_segment(tmp_path, lits):
+    import pydicom
+
+    from monai_effq.data import lits_transforms
+
+    case = _seg_case(tmp_path, lits)
+    seg = pydicom.dcmread(case["label"])
+    seg.SegmentSequence[0].SegmentLabel = "kidney"  # as another tool names and codes its segments
+    seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue = "64033007"
+    seg.save_as(case["label"])
+    lits_transforms(train=False)(case)
+
+
+def _seg_label_of_a_file(tmp_path, lits):
+    validate_datalist([{"image": str(next(lits.glob("volume-*.nii"))), "label": _seg_case(tmp_path, lits)["label"]}])
+
+
+def _seg_label_loaded_beside_a_file(tmp_path, lits):
+    from monai_effq.data import lits_transforms
+
+    lits_transforms(train=False)({"image": str(next(lits.glob("volume-*.nii"))), "label": _seg_case(tmp_path, lits)["label"]})
+
+
 def _case_off_one_grid(tmp_path, lits):
     import nibabel as nib
 
@@ -458,6 +497,12 @@ TRIGGERS = {
     "the mask does not lie on the grid of DICOM slice <file>": _seg_off_the_grid,
     "DICOM file <file> of the series in <folder> holds a value a DICOM SEG cannot copy: <reason>": _seg_source_with_a_malformed_value,
     "DICOM file <file> in <folder> is a multi-frame (enhanced) image, which DICOM SEG masks do not support yet": _seg_source_multi_frame,
+    "DICOM SEG label <file> segments another series than its image <folder>": _seg_of_another_series,
+    "DICOM SEG label <file> has no segment labelled <name> or coded <code>; it holds: <segments>": _seg_without_a_segment,
+    "dataset entry <n>: label <file> is a DICOM SEG, which lies on the DICOM series it segments, but the image is <file>": (
+        _seg_label_of_a_file
+    ),
+    "DICOM SEG label <file> needs its image read from the DICOM series it segments": _seg_label_loaded_beside_a_file,
     "the images of one case are not on one grid: <file> is <grid> where <file> is <grid>": _case_off_one_grid,
     "learning_rate must be a positive number such as 1e-4, got <value>": lambda t, d: check_finetune_settings(300, 25, 0.0, 2),
     "body_mask selects no voxel of the calibration data": (

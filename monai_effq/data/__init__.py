@@ -52,7 +52,19 @@ if TYPE_CHECKING:
     )
     from monai_effq.data.images import check_image, dicom_series_files, image_error_reason
     from monai_effq.data.writers import AtomicNibabelWriter, mask_name_formatter, mask_subject
-    from monai_effq.data.dicom_seg import BRATS_SEGMENTS, LITS_SEGMENTS, DicomSegWriter, Segment, check_seg_source
+    from monai_effq.data.dicom_seg import (
+        BRATS_MSD_SEG_LABELS,
+        BRATS_NATIVE_SEG_LABELS,
+        BRATS_SEGMENTS,
+        LITS_SEG_LABELS,
+        LITS_SEGMENTS,
+        DicomSegWriter,
+        Segment,
+        SegLabels,
+        check_seg_source,
+        is_dicom_seg,
+        read_seg_labels,
+    )
 
 # public names served by __getattr__ below, and the module each comes from
 _LAZY: dict[str, str] = {
@@ -89,7 +101,20 @@ _LAZY: dict[str, str] = {
     **dict.fromkeys(("AtomicNibabelWriter", "mask_name_formatter", "mask_subject"), "monai_effq.data.writers"),
     **dict.fromkeys(("check_image", "dicom_series_files", "image_error_reason"), "monai_effq.data.images"),
     **dict.fromkeys(
-        ("BRATS_SEGMENTS", "LITS_SEGMENTS", "DicomSegWriter", "Segment", "check_seg_source"), "monai_effq.data.dicom_seg"
+        (
+            "BRATS_SEGMENTS",
+            "LITS_SEGMENTS",
+            "DicomSegWriter",
+            "Segment",
+            "check_seg_source",
+            "SegLabels",
+            "LITS_SEG_LABELS",
+            "BRATS_NATIVE_SEG_LABELS",
+            "BRATS_MSD_SEG_LABELS",
+            "is_dicom_seg",
+            "read_seg_labels",
+        ),
+        "monai_effq.data.dicom_seg",
     ),
 }
 
@@ -137,6 +162,12 @@ __all__ = [
     "BRATS_SEGMENTS",
     "LITS_SEGMENTS",
     "check_seg_source",
+    "SegLabels",
+    "LITS_SEG_LABELS",
+    "BRATS_NATIVE_SEG_LABELS",
+    "BRATS_MSD_SEG_LABELS",
+    "is_dicom_seg",
+    "read_seg_labels",
 ]
 
 

@@ -44,6 +44,13 @@ __all__ = [
     "require_highdicom",
     "series_frames",
     "segment_array",
+    "SegLabels",
+    "LITS_SEG_LABELS",
+    "BRATS_NATIVE_SEG_LABELS",
+    "BRATS_MSD_SEG_LABELS",
+    "frames_on_grid",
+    "is_dicom_seg",
+    "read_seg_labels",
 ]
 
 logger = logging.getLogger(__name__)
@@ -61,6 +68,7 @@ _SOURCE_ATTRIBUTES = (
     "Rows",
     "Columns",
 )
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 # a source pixel maps onto a mask voxel centre up to rounding of the positions in the files; further
 # off in the slice plane, the mask was resampled onto another grid
 _IN_PLANE_TOLERANCE = 0.25
@@ -114,6 +122,31 @@ BRATS_SEGMENTS = (
     Segment("enhancing tumour", "MorphologicallyAbnormalStructure", "EnhancingLesion", "Brain"),
 )
 """BraTS channels TC, WT and ET (overlapping: a SEG's binary segments may overlap)."""
+
+
+@dataclass(frozen=True)
+class SegLabels:
+    """How a DICOM SEG's segments become a dataset's label map: each painted with its value, later over earlier.
+
+    Attributes:
+        segments: the segments to find in the SEG (by label, else by coded property type), in painting order.
+        values: the label value of each.
+    """
+
+    segments: tuple[Segment, ...]
+    values: tuple[int, ...]
+
+
+LITS_SEG_LABELS = SegLabels(LITS_SEGMENTS, (1, 2))
+"""LiTS labels from liver and liver tumour segments: 1 liver, 2 tumour (over the liver)."""
+
+# whole tumour, then tumour core over it, then enhancing tumour over that
+_NESTED = (BRATS_SEGMENTS[1], BRATS_SEGMENTS[0], BRATS_SEGMENTS[2])
+BRATS_NATIVE_SEG_LABELS = SegLabels(_NESTED, (2, 1, 4))
+"""Native BraTS labels from TC, WT and ET segments: 2 oedema, 1 necrotic core, 4 enhancing tumour."""
+
+BRATS_MSD_SEG_LABELS = SegLabels(_NESTED, (1, 2, 3))
+"""Decathlon Task01 labels from TC, WT and ET segments: 1 oedema, 2 non-enhancing tumour, 3 enhancing tumour."""
 
 
 def require_highdicom() -> None:
@@ -250,76 +283,121 @@ def series_frames(masks: np.ndarray, affine: np.ndarray, slices: Sequence[Any], 
         DatasetError: when the slices' pixels do not lie on the masks' voxel centres, or fall outside
             them, or two slices fall on one mask plane.
     """
-    to_voxel = np.linalg.inv(np.asarray(affine, dtype=np.float64))
-    if str(space).upper() != "LPS":
-        to_voxel = to_voxel @ np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM positions are LPS
+    index = _SliceIndex.of(affine, slices, masks.shape[1:], space)
+    return index.view(masks)[index.planes]
 
-    def voxel(point: Any) -> np.ndarray:
-        return to_voxel[:3, :3] @ np.asarray(point, dtype=np.float64) + to_voxel[:3, 3]
 
-    first = slices[0]
-    rows, columns = int(first.Rows), int(first.Columns)
-    orientation = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
-    row_spacing, column_spacing = (float(v) for v in first.PixelSpacing)
-    # DICOM: the column index moves along the row direction by the column spacing, the row index along
-    # the column direction by the row spacing
-    row_axis, row_sign = _grid_step(to_voxel[:3, :3] @ (orientation[3:] * row_spacing), rows, first, 0)
-    column_axis, column_sign = _grid_step(to_voxel[:3, :3] @ (orientation[:3] * column_spacing), columns, first, 0)
-    if row_axis == column_axis:
-        raise DatasetError(
-            f"the mask does not lie on the grid of DICOM slice {_slice_name(first, 0)}: its rows and columns both run "
-            "along one axis of the mask. Write the mask on the series' own grid, or write NIfTI masks."
-        )
-    plane_axis = ({0, 1, 2} - {row_axis, column_axis}).pop()
-    origins = np.array([voxel(header.ImagePositionPatient) for header in slices])
-    in_plane = np.abs(origins[0] - np.rint(origins[0]))[[row_axis, column_axis]].max()
-    if in_plane > _IN_PLANE_TOLERANCE:
-        raise DatasetError(
-            f"the mask does not lie on the grid of DICOM slice {_slice_name(first, 0)}: its first pixel falls "
-            f"{in_plane:.2f} voxels from the mask's voxel centres. Write the mask on the series' own grid (SaveImaged "
-            "with resample=False after Invertd), or write NIfTI masks."
-        )
-    grid = (rows, columns, row_spacing, column_spacing)
-    for n, header in enumerate(slices[1:], start=1):
-        other = (int(header.Rows), int(header.Columns), *(float(v) for v in header.PixelSpacing))
-        if not (np.allclose(np.asarray(header.ImageOrientationPatient, dtype=np.float64), orientation, atol=1e-4) and np.allclose(other, grid)):
+def frames_on_grid(frames: np.ndarray, affine: np.ndarray, slices: Sequence[Any], shape: Sequence[int], space: str = "RAS") -> np.ndarray:
+    """The inverse of :func:`series_frames`: each source slice's frame put back onto the voxel grid ``affine`` describes.
+
+    Args:
+        frames: ``(len(slices), rows, columns, S)``, one frame per source slice.
+        affine: the grid's voxel-to-world affine, 4x4 (the series as ITK stacked it).
+        slices: the source slices' headers, in the order of ``frames``.
+        shape: the grid's spatial shape ``(X, Y, Z)``.
+        space: the world frame of ``affine``, ``"RAS"`` or ``"LPS"``.
+
+    Returns:
+        ``(S, X, Y, Z)`` of ``frames``' type; voxels on no slice are zero.
+
+    Raises:
+        DatasetError: as :func:`series_frames`, when the slices do not lie on the grid.
+    """
+    index = _SliceIndex.of(affine, slices, tuple(int(s) for s in shape), space)
+    grid = np.zeros((frames.shape[-1], *index.shape), dtype=frames.dtype)
+    index.view(grid)[index.planes] = frames  # a view of ``grid``: the frames land in it
+    return grid
+
+
+@dataclass(frozen=True)
+class _SliceIndex:
+    """Where a series' slices lie on a voxel grid: the grid axes of their normal, rows and columns, each
+    axis' run of voxels, and the grid plane of each slice (:func:`series_frames` places them)."""
+
+    shape: tuple[int, ...]
+    axes: tuple[int, int, int]
+    rows: slice
+    columns: slice
+    planes: np.ndarray
+
+    @classmethod
+    def of(cls, affine: np.ndarray, slices: Sequence[Any], shape: Sequence[int], space: str) -> _SliceIndex:
+        """The index of ``slices`` on the ``shape`` grid ``affine`` describes (raises as :func:`series_frames`)."""
+        shape = tuple(shape)
+        to_voxel = np.linalg.inv(np.asarray(affine, dtype=np.float64))
+        if str(space).upper() != "LPS":
+            to_voxel = to_voxel @ np.diag([-1.0, -1.0, 1.0, 1.0])  # DICOM positions are LPS
+
+        def voxel(point: Any) -> np.ndarray:
+            return to_voxel[:3, :3] @ np.asarray(point, dtype=np.float64) + to_voxel[:3, 3]
+
+        first = slices[0]
+        rows, columns = int(first.Rows), int(first.Columns)
+        orientation = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
+        row_spacing, column_spacing = (float(v) for v in first.PixelSpacing)
+        # DICOM: the column index moves along the row direction by the column spacing, the row index along
+        # the column direction by the row spacing
+        row_axis, row_sign = _grid_step(to_voxel[:3, :3] @ (orientation[3:] * row_spacing), rows, first, 0)
+        column_axis, column_sign = _grid_step(to_voxel[:3, :3] @ (orientation[:3] * column_spacing), columns, first, 0)
+        if row_axis == column_axis:
             raise DatasetError(
-                f"DICOM slice {_slice_name(header, n)} differs from the series' first slice in orientation, size or "
-                "pixel spacing: the series is not one volume. Write NIfTI masks for it."
+                f"the mask does not lie on the grid of DICOM slice {_slice_name(first, 0)}: its rows and columns both run "
+                "along one axis of the mask. Write the mask on the series' own grid, or write NIfTI masks."
             )
-    # the nearest plane: the series check lets a step differ from the others by up to half of one
-    planes = np.rint(origins[:, plane_axis]).astype(np.int64)
-    start = np.rint(origins[0]).astype(np.int64)
-    shape = masks.shape[1:]
-    ends = {row_axis: start[row_axis] + row_sign * (rows - 1), column_axis: start[column_axis] + column_sign * (columns - 1)}
-    outside = [a for a in (row_axis, column_axis) if not (0 <= start[a] < shape[a] and 0 <= ends[a] < shape[a])]
-    if outside or planes.min() < 0 or planes.max() >= shape[plane_axis]:
-        raise DatasetError(
-            f"the DICOM series lies outside the mask (planes {planes.min()}..{planes.max()} of {shape[plane_axis]} along "
-            f"its axis {plane_axis}, and {rows}x{columns} pixels from voxel {start.tolist()} in a {list(shape)} mask): the "
-            "mask was not computed on this series."
-        )
-    if len(slices) != shape[plane_axis]:
-        raise DatasetError(
-            f"the DICOM series has {len(slices)} slices but the mask {shape[plane_axis]} planes across them: the mask "
-            "was not computed on this series."
-        )
-    taken, counts = np.unique(planes, return_counts=True)
-    if (counts > 1).any():
-        both = np.flatnonzero(planes == taken[counts > 1][0])[:2]
-        raise DatasetError(
-            f"DICOM slices {_slice_name(slices[both[0]], both[0])} and {_slice_name(slices[both[1]], both[1])} of the "
-            f"series both fall on mask plane {taken[counts > 1][0]}: the mask was not computed on this series."
-        )
+        plane_axis = ({0, 1, 2} - {row_axis, column_axis}).pop()
+        origins = np.array([voxel(header.ImagePositionPatient) for header in slices])
+        in_plane = np.abs(origins[0] - np.rint(origins[0]))[[row_axis, column_axis]].max()
+        if in_plane > _IN_PLANE_TOLERANCE:
+            raise DatasetError(
+                f"the mask does not lie on the grid of DICOM slice {_slice_name(first, 0)}: its first pixel falls "
+                f"{in_plane:.2f} voxels from the mask's voxel centres. Write the mask on the series' own grid (SaveImaged "
+                "with resample=False after Invertd), or write NIfTI masks."
+            )
+        grid = (rows, columns, row_spacing, column_spacing)
+        for n, header in enumerate(slices[1:], start=1):
+            other = (int(header.Rows), int(header.Columns), *(float(v) for v in header.PixelSpacing))
+            if not (np.allclose(np.asarray(header.ImageOrientationPatient, dtype=np.float64), orientation, atol=1e-4) and np.allclose(other, grid)):
+                raise DatasetError(
+                    f"DICOM slice {_slice_name(header, n)} differs from the series' first slice in orientation, size or "
+                    "pixel spacing: the series is not one volume. Write NIfTI masks for it."
+                )
+        # the nearest plane: the series check lets a step differ from the others by up to half of one
+        planes = np.rint(origins[:, plane_axis]).astype(np.int64)
+        start = np.rint(origins[0]).astype(np.int64)
+        ends = {row_axis: start[row_axis] + row_sign * (rows - 1), column_axis: start[column_axis] + column_sign * (columns - 1)}
+        outside = [a for a in (row_axis, column_axis) if not (0 <= start[a] < shape[a] and 0 <= ends[a] < shape[a])]
+        if outside or planes.min() < 0 or planes.max() >= shape[plane_axis]:
+            raise DatasetError(
+                f"the DICOM series lies outside the mask (planes {planes.min()}..{planes.max()} of {shape[plane_axis]} along "
+                f"its axis {plane_axis}, and {rows}x{columns} pixels from voxel {start.tolist()} in a {list(shape)} mask): the "
+                "mask was not computed on this series."
+            )
+        if len(slices) != shape[plane_axis]:
+            raise DatasetError(
+                f"the DICOM series has {len(slices)} slices but the mask {shape[plane_axis]} planes across them: the mask "
+                "was not computed on this series."
+            )
+        taken, counts = np.unique(planes, return_counts=True)
+        if (counts > 1).any():
+            both = np.flatnonzero(planes == taken[counts > 1][0])[:2]
+            raise DatasetError(
+                f"DICOM slices {_slice_name(slices[both[0]], both[0])} and {_slice_name(slices[both[1]], both[1])} of the "
+                f"series both fall on mask plane {taken[counts > 1][0]}: the mask was not computed on this series."
+            )
 
-    def run(axis: int, sign: int, count: int) -> slice:
-        first_index = int(start[axis])
-        stop = first_index + sign * count
-        return slice(first_index, stop if stop >= 0 else None, sign)
+        def run(axis: int, sign: int, count: int) -> slice:
+            first_index = int(start[axis])
+            stop = first_index + sign * count
+            return slice(first_index, stop if stop >= 0 else None, sign)
 
-    # (planes, rows, columns, segments): axes moved, then sliced, so no voxel is gathered one by one
-    ordered = np.moveaxis(masks, (1 + plane_axis, 1 + row_axis, 1 + column_axis, 0), (0, 1, 2, 3))
-    return ordered[:, run(row_axis, row_sign, rows), run(column_axis, column_sign, columns)][planes]
+        return cls(shape, (plane_axis, row_axis, column_axis), run(row_axis, row_sign, rows), run(column_axis, column_sign, columns), planes)
+
+    def view(self, grid: np.ndarray) -> np.ndarray:
+        """``(planes, rows, columns, S)`` of an ``(S, X, Y, Z)`` grid: axes moved, then sliced (a view: no voxel gathered one by one)."""
+        plane_axis, row_axis, column_axis = self.axes
+        ordered = np.moveaxis(grid, (1 + plane_axis, 1 + row_axis, 1 + column_axis, 0), (0, 1, 2, 3))
+        return ordered[:, self.rows, self.columns]
+
 
 
 class DicomSegWriter(ImageWriter):
@@ -489,3 +567,137 @@ def _version() -> str:
     from monai_effq import __version__
 
     return f"monai-effq {__version__}"
+
+
+def is_dicom_seg(path: str | PathLike) -> bool:
+    """Whether ``path`` is a DICOM Segmentation (SEG) file, by the SOP class its file meta header states.
+
+    The header is read without pydicom, so that a DICOM image file is told apart where the ``dicom``
+    extra is not installed.
+
+    Args:
+        path: any path.
+
+    Returns:
+        True for a file whose media storage SOP class is Segmentation Storage.
+
+    Raises:
+        MissingExtraError: for a SEG when highdicom (the ``dicom`` extra), which reads it, is not installed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with open(path, "rb") as stream:
+        head = stream.read(1024)
+    if head[128:132] != b"DICM" or _media_storage_class(head[132:]) != SEGMENTATION_STORAGE:
+        return False
+    if not has_highdicom:
+        raise MissingExtraError(
+            f"{path} is a DICOM SEG, and reading it as labels needs highdicom: pip install 'monai-effq[dicom]' "
+            "(or pip install highdicom), or give the labels as NIfTI files."
+        )
+    return True
+
+
+def _media_storage_class(meta: bytes) -> str:
+    """The Media Storage SOP Class UID (0002,0002) of a file meta group (explicit VR little endian), or ``""``."""
+    offset = 0
+    while offset + 8 <= len(meta):
+        group, element = int.from_bytes(meta[offset : offset + 2], "little"), int.from_bytes(meta[offset + 2 : offset + 4], "little")
+        if group != 0x0002:
+            break
+        vr = meta[offset + 4 : offset + 6]
+        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):  # a 4-byte length after two reserved bytes
+            length, offset = int.from_bytes(meta[offset + 8 : offset + 12], "little"), offset + 12
+        else:
+            length, offset = int.from_bytes(meta[offset + 6 : offset + 8], "little"), offset + 8
+        if element == 0x0002:
+            return meta[offset : offset + length].rstrip(b"\0 ").decode("ascii", "replace")
+        offset += length
+    return ""
+
+
+def read_seg_labels(
+    path: str | PathLike, series: str | PathLike, affine: np.ndarray, shape: Sequence[int], labels: SegLabels, space: str = "RAS"
+) -> np.ndarray:
+    """A DICOM SEG as a label map on the grid of the series it segments, in a dataset's label convention.
+
+    Each frame is placed by the source slice it names (its referenced SOP instance), that slice by its
+    geometry, as :func:`series_frames` places a mask's frames: the labels land on the voxels the image
+    read from ``series`` has.
+
+    Args:
+        path: the SEG file.
+        series: the folder of the DICOM series it segments (the image's).
+        affine: the image's voxel-to-world affine, 4x4.
+        shape: the image's spatial shape ``(X, Y, Z)``.
+        labels: which segments to read and the label value of each.
+        space: the world frame of ``affine``, ``"RAS"`` or ``"LPS"``.
+
+    Returns:
+        ``(X, Y, Z)`` uint8 labels, 0 where no segment is.
+
+    Raises:
+        DatasetError: when the file is not a readable SEG, segments another series, lacks a segment of
+            ``labels`` or holds it twice, or its frames do not lie on the series' slices.
+        MissingExtraError: without highdicom.
+    """
+    require_highdicom()
+    slices = [pydicom.dcmread(file, stop_before_pixels=True) for file in dicom_series_files(series)]
+    try:
+        with _quiet_highdicom():
+            seg = hd.seg.segread(path)
+    except Exception as e:  # pydicom and highdicom raise many unrelated types for a damaged file
+        raise DatasetError(f"cannot read DICOM SEG label {path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}; re-export it.") from e
+    referenced = {uid for _, _, uid in seg.get_source_image_uids()}
+    ours = [str(header.SOPInstanceUID) for header in slices]
+    if not referenced & set(ours):
+        raise DatasetError(
+            f"DICOM SEG label {path} segments another series than its image {series} (it references none of the "
+            f"series' {len(ours)} slices): pair each image with the SEG made on it."
+        )
+    numbers = _segment_numbers(seg, labels.segments, path)
+    try:
+        with _quiet_highdicom():
+            frames = seg.get_pixels_by_source_instance(ours, segment_numbers=numbers, assert_missing_frames_are_empty=True)
+    except Exception as e:  # highdicom's ValueError/RuntimeError on frames it cannot place
+        raise DatasetError(f"cannot place the frames of DICOM SEG label {path} on the slices of {series}: {str(e).strip().splitlines()[0]}") from e
+    frames = np.asarray(frames)
+    # a fractional segment counts where its value is at least half
+    masks = frames_on_grid(frames >= (0.5 if frames.dtype.kind == "f" else 1), affine, slices, shape, space)
+    out = np.zeros(masks.shape[1:], dtype=np.uint8)
+    for value, mask in zip(labels.values, masks):
+        out[mask] = value
+    return out
+
+
+def _normalised(label: str) -> str:
+    return " ".join(str(label).casefold().replace("tumor", "tumour").replace("_", " ").split())
+
+
+def _segment_numbers(seg: Any, segments: Sequence[Segment], path: str | PathLike) -> list[int]:
+    """The SEG's segment number for each of ``segments``: the one of its label, else the only one of its coded type."""
+    found = []
+    for item in seg.SegmentSequence:
+        code = item.SegmentedPropertyTypeCodeSequence[0] if item.get("SegmentedPropertyTypeCodeSequence") else None
+        key = (str(code.CodeValue), str(code.CodingSchemeDesignator)) if code is not None else None
+        found.append((int(item.SegmentNumber), _normalised(item.get("SegmentLabel", "")), key))
+    numbers = []
+    for segment in segments:
+        by_label = [n for n, label, _ in found if label == _normalised(segment.label)]
+        wanted = segment.concepts()["segmented_property_type"]
+        key = (str(wanted.value), str(wanted.scheme_designator))
+        # a type two of ``segments`` share (BraTS' core and whole tumour are both neoplasms) tells them not apart
+        same_type = [s for s in segments if s.property_type == segment.property_type]
+        by_code = [n for n, _, code in found if code == key] if len(same_type) == 1 else []
+        match = by_label if by_label else by_code
+        if len(match) != 1:
+            listed = ", ".join(f"{n} {label!r}" + (f" ({code[1]} {code[0]})" if code else "") for n, label, code in found)
+            why = "several segments" if len(match) > 1 else "no segment"
+            raise DatasetError(
+                f"DICOM SEG label {path} has {why} labelled {segment.label!r}"
+                + (f" or coded {wanted.meaning} ({key[1]} {key[0]})" if len(same_type) == 1 else "")
+                + f"; it holds: {listed}. Name its segments {[s.label for s in segments]}, or give the labels as NIfTI files."
+            )
+        numbers.append(match[0])
+    return numbers

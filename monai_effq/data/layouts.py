@@ -157,7 +157,7 @@ def detect_layout(dataset_dir: str | os.PathLike) -> str:
 def _msd_file(json_path: Path, value: Any, where: str) -> str:
     if not isinstance(value, str) or not value:
         raise DatasetError(f"{json_path}: {where} must be a relative file path string, got {value!r}.")
-    if not Path(value).is_file():
+    if not Path(value).exists():  # a folder is a DICOM series
         raise DatasetError(f"missing file {value} listed in {json_path} ({where}); expected {_MSD_EXPECTED}.")
     return value
 
@@ -198,7 +198,11 @@ def msd_datalist(dataset_dir: str | os.PathLike, section: str = "training") -> l
         where = f"{section}[{i}]"
         if "image" not in item:
             raise DatasetError(f"{json_path}: {where} must be a dict with an 'image' key, got {item!r}.")
-        _msd_file(json_path, item["image"], f"{where}.image")
+        if isinstance(item["image"], list) and item["image"]:  # a case's contrasts, each a file or a DICOM series
+            for k, image in enumerate(item["image"]):
+                _msd_file(json_path, image, f"{where}.image[{k}]")
+        else:
+            _msd_file(json_path, item["image"], f"{where}.image")
         if "label" in item:
             _msd_file(json_path, item["label"], f"{where}.label")
         elif section == "training":
@@ -389,6 +393,9 @@ def check_nifti(path: str | os.PathLike, read_data: bool = True) -> tuple[int, .
 def validate_datalist(datalist: Sequence[Mapping[str, Any]], read_data: bool = False) -> None:
     """Check every file of a dataset list, and that images and labels share a spatial shape.
 
+    Images are NIfTI files or DICOM series folders; a series' label may be a DICOM SEG file (placed on
+    the series when it is loaded, so its shape is not compared here).
+
     Args:
         datalist: cases as returned by :func:`load_datalist`; ``"image"`` may be one path or a list.
         read_data: decode every file's voxel data (slow on a full dataset, but finds truncated files).
@@ -396,12 +403,30 @@ def validate_datalist(datalist: Sequence[Mapping[str, Any]], read_data: bool = F
     Raises:
         DatasetError: naming the first missing, unreadable or mismatched file.
     """
+    # these modules import this one
+    from monai_effq.data.dicom_seg import is_dicom_seg
+    from monai_effq.data.images import dicom_series_files
+
     if not datalist:
         raise DatasetError("the dataset list is empty; nothing to validate.")
     for i, item in enumerate(datalist):
         if "image" not in item:
             raise DatasetError(f"dataset entry {i} has no 'image' key: {dict(item)!r}.")
         images = item["image"] if isinstance(item["image"], (list, tuple)) else [item["image"]]
+        series = [p for p in images if Path(p).is_dir()]
+        for folder in series:
+            dicom_series_files(folder)
+        if series:
+            if len(series) < len(images):
+                raise DatasetError(f"dataset entry {i} mixes DICOM series folders and image files: {images}; give one kind.")
+            if "label" in item and not is_dicom_seg(item["label"]):
+                check_nifti(item["label"], read_data=read_data)
+            continue
+        if "label" in item and is_dicom_seg(item["label"]):
+            raise DatasetError(
+                f"dataset entry {i}: label {item['label']} is a DICOM SEG, which lies on the DICOM series it segments, but "
+                f"the image is {images[0]}: give that series' folder as the image, or the label as NIfTI."
+            )
         shapes = {str(p): check_nifti(p, read_data=read_data) for p in images}
         reference_path, reference = next(iter(shapes.items()))
         if "label" in item:

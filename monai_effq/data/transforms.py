@@ -47,6 +47,7 @@ from monai.transforms import (
 )
 from monai.utils import TransformBackends
 
+from monai_effq.data.dicom_seg import BRATS_MSD_SEG_LABELS, BRATS_NATIVE_SEG_LABELS, LITS_SEG_LABELS, SegLabels, is_dicom_seg, read_seg_labels
 from monai_effq.data.images import dicom_series_files, image_error_reason
 from monai_effq.data.layouts import NIFTI_SUFFIXES, DatasetError, check_nifti
 from monai_effq.utils.errors import UserInputError, all_finite
@@ -287,13 +288,58 @@ class LoadImageFilesd(LoadImaged):
     several, MONAI's reader would warn and segment the first it lists. Series are read by ITK
     whatever other DICOM readers are installed (the checks, and the mask's DICOM SEG, follow its
     slice order and geometry).
+
+    A label given as a DICOM SEG file (as an archive, OHIF or MONAI Label store annotations) is read
+    onto the grid of the image loaded beside it, which must come from the series the SEG segments,
+    and painted in the dataset's label convention (``seg_labels``).
+
+    Args:
+        args: as ``LoadImaged``.
+        seg_labels: how a DICOM SEG's segments become this dataset's labels (e.g.
+            :data:`~monai_effq.data.dicom_seg.LITS_SEG_LABELS`); None refuses SEG labels.
+        kwargs: as ``LoadImaged``.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, seg_labels: SegLabels | None = None, **kwargs: Any) -> None:
         with _quiet_gpu_dicom_reader():
             super().__init__(*args, **kwargs)
+        self.seg_labels = seg_labels
 
     def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
+        segs = {key: data[key] for key in self.key_iterator(dict(data)) if isinstance(data[key], (str, os.PathLike)) and is_dicom_seg(data[key])}
+        if not segs:
+            return self._load(data, reader)
+        if self.seg_labels is None:
+            raise DatasetError(
+                f"{next(iter(segs.values()))} is a DICOM SEG, which this loader cannot turn into labels: use the dataset's "
+                "preprocessing (brats_transforms, lits_transforms), which knows its label convention, or NIfTI labels."
+            )
+        missing_ok, self.allow_missing_keys = self.allow_missing_keys, True
+        try:
+            out = self._load({k: v for k, v in data.items() if k not in segs}, reader)
+        finally:
+            self.allow_missing_keys = missing_ok
+        image = next((out[k] for k in self.keys if k not in segs and isinstance(out.get(k), MetaTensor)), None)
+        for key, path in segs.items():
+            out[key] = self._seg_label(path, image)
+        return out
+
+    def _seg_label(self, path: str | os.PathLike, image: MetaTensor | None) -> MetaTensor:
+        """The SEG at ``path`` as labels on ``image``'s grid, with its metadata (a label without channel axis)."""
+        source = image.meta.get("filename_or_obj") if image is not None else None
+        folder = source[0] if isinstance(source, (list, tuple)) else source
+        if folder is None or not Path(folder).is_dir():
+            raise DatasetError(
+                f"DICOM SEG label {path} needs its image read from the DICOM series it segments, but the image is "
+                f"{folder or 'not loaded'}: give the series folder as the image, or the label as NIfTI."
+            )
+        affine = image.affine.detach().cpu().numpy()
+        labels = read_seg_labels(path, folder, affine, image.shape[-3:], self.seg_labels, str(image.meta.get("space", "RAS")))
+        meta = {**image.meta, "filename_or_obj": str(path), "original_channel_dim": "no_channel"}
+        return MetaTensor(torch.from_numpy(labels), affine=image.affine.clone(), meta=meta)
+
+    def _load(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
+        """``LoadImaged`` on ``data``, series read by ITK, a failure named by its file."""
         paths = []
         for key in self.key_iterator(dict(data)):
             value = data[key]
@@ -333,13 +379,13 @@ def _quiet_gpu_dicom_reader() -> Iterator[None]:
         plugin.setLevel(level)
 
 
-def _loading(check: Transform | None, with_label: bool) -> list[Transform]:
+def _loading(check: Transform | None, with_label: bool, seg_labels: SegLabels | None = None) -> list[Transform]:
     both = _keys(with_label)
     # Nibabel explicitly for NIfTI: with ITK also installed, MONAI's reader choice would depend on
     # registration order, and ITK treats the Decathlon's 4D image differently. Other formats (NRRD,
     # MetaImage from 3D Slicer or MONAI Label clients) fall through to MONAI's ITKReader.
     steps: list[Transform] = [
-        LoadImageFilesd(**both, reader="NibabelReader", image_only=True),
+        LoadImageFilesd(**both, reader="NibabelReader", image_only=True, seg_labels=seg_labels),
         EnsureChannelFirstd(**both),
         CheckFinited(keys=("image",)),
     ]
@@ -388,7 +434,7 @@ def brats_transforms(
     roi = _roi(roi_size, train, with_label)
     check = CheckLabelRanged("label", BRATS_NATIVE_LABELS if native else BRATS_MSD_LABELS, allow_missing_keys=True) if check_labels else None
     both = _keys(with_label)
-    steps = _loading(check, with_label)
+    steps = _loading(check, with_label, BRATS_NATIVE_SEG_LABELS if native else BRATS_MSD_SEG_LABELS)
     if with_label:
         steps += [
             ConvertToMultiChannelBasedOnBratsClassesd(keys="label", allow_missing_keys=True) if native else ConvertMsdBratsLabelsd(keys="label", allow_missing_keys=True),
@@ -450,7 +496,7 @@ def lits_transforms(
         raise ValueError(f"a_min must be below a_max, got a_min={a_min}, a_max={a_max}.")
     roi = _roi(roi_size, train, with_label)
     both = _keys(with_label)
-    steps = _loading(CheckLabelRanged("label", LITS_LABELS, allow_missing_keys=True) if check_labels else None, with_label)
+    steps = _loading(CheckLabelRanged("label", LITS_LABELS, allow_missing_keys=True) if check_labels else None, with_label, LITS_SEG_LABELS)
     steps.append(
         CropForegroundd(
             **both,

@@ -5,19 +5,21 @@ folder, a umask) in test_user_setups.py: files of their own, so that pytest-xdis
 beside this one.
 """
 
+import csv
 import json
 import logging
 import math
+import os
 
 import pytest
 import torch
 from monai.utils import ensure_tuple
 
 from monai_effq.bundle import datalist
-from monai_effq.data import make_brats_demo, make_lits_demo
+from monai_effq.data import BRATS_SEGMENTS, LITS_SEGMENTS, make_brats_demo, make_lits_demo
 from monai_effq.utils.errors import find_user_error
 
-from ..dicom import write_dicom_series
+from ..dicom import write_dicom_case, write_dicom_series
 from .conftest import BUNDLES, ROI, ROOT, WORKFLOWS, bundle, config_files
 
 
@@ -117,6 +119,36 @@ def test_quantize_and_evaluate_run_from_the_bundle_configs(trained):
     # the quantized network's labels against the FP network's, which the loader left FP for the comparison
     assert "fp_agreement" not in rows[0] and 0.5 < rows[1]["fp_agreement"] <= 1.0
     assert "fp_agreement" in res.stdout
+
+
+@pytest.mark.slow
+def test_evaluation_on_dicom_series_with_seg_labels_scores_each_case_as_on_its_nifti_files(rtn_w4a8, tmp_path):
+    pytest.importorskip("highdicom")
+    name, work, common, classes = rtn_w4a8
+    dataset = BUNDLES[name][0]
+    task = tmp_path / "dicom"  # a Decathlon-style dataset.json naming series folders and SEG files
+    entries = []
+    for i, case in enumerate(datalist(work / "data", dataset, "all")):
+        entry = write_dicom_case(case, task / f"case{i}", BRATS_SEGMENTS if dataset == "brats" else LITS_SEGMENTS)
+        entries.append({k: [f"./{os.path.relpath(p, task)}" for p in v] if isinstance(v, list) else f"./{os.path.relpath(v, task)}" for k, v in entry.items()})
+    (task / "dataset.json").write_text(json.dumps({"name": dataset, "training": entries}))
+    scores, archives = {}, {}
+    for source, data in (("nifti", work / "data"), ("dicom", task)):
+        out, given = tmp_path / source, ["--dataset_dir", str(data), "--output_dir", str(tmp_path / source)]
+        bundle(name, "evaluate", *common, "--method", "rtn", "--sw_roi_size", ROI, *given)
+        cases = out / "evaluation_rtn_w4a8_cases"
+        scores[source] = {
+            model: [row[1:] for row in csv.reader((cases / model / "dice_raw.csv").open())][1:] for model in ("FP32", "rtn_w4a8")
+        }
+        if dataset == "lits":  # EfficientQ's class attention weighs each calibration voxel by its label (one bundle is enough)
+            bundle(name, "quantize", *common, "--calibration_crop", ROI, "--quantized_path", str(out / "q.pt"), *given)
+            archives[source] = torch.load(out / "q.pt", weights_only=True)
+    # BraTS: the layout of a dataset.json is the Decathlon's, whose label convention the SEG's TC, WT and ET are painted in
+    assert scores["dicom"] == scores["nifti"] and all(len(rows) >= 1 for rows in scores["nifti"].values())
+    assert any(float(v) > 0 for row in scores["nifti"]["FP32"] for v in row)
+    if archives:
+        nifti, dicom = ({"codes": a["codes"], **{f"data.{k}": v for k, v in a["data"].items()}} for a in archives.values())
+        assert [k for k in nifti if not torch.equal(nifti[k], dicom[k])] == []
 
 
 @pytest.mark.slow

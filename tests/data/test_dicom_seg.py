@@ -11,7 +11,7 @@ from monai_effq.data import BRATS_SEGMENTS, LITS_SEGMENTS, DatasetError, DicomSe
 from monai_effq.data import dicom_seg
 from monai_effq.data.dicom_seg import segment_array, series_frames
 
-from ..dicom import write_dicom_series
+from ..dicom import write_dicom_case, write_dicom_series
 
 hd = pytest.importorskip("highdicom")
 pydicom = pytest.importorskip("pydicom")
@@ -111,7 +111,7 @@ def test_every_segment_of_both_datasets_is_coded_from_the_standards_context_grou
 def _save(tmp_path, mask, image, **writer):
     saver = SaveImage(
         output_dir=str(tmp_path / "seg"), output_postfix="seg", output_ext=".dcm", resample=False, separate_folder=False,
-        writer=functools.partial(DicomSegWriter, segments=LITS_SEGMENTS, algorithm="lits_effq rtn_w4a8", **writer),
+        writer=functools.partial(DicomSegWriter, **{"segments": LITS_SEGMENTS, "algorithm": "lits_effq rtn_w4a8", **writer}),
         output_name_formatter=mask_name_formatter,
     )  # fmt: skip
     saver(MetaTensor(mask, affine=image.affine, meta=image.meta))
@@ -191,3 +191,68 @@ def test_without_highdicom_the_error_names_the_extra(monkeypatch):
     monkeypatch.setattr(dicom_seg, "has_highdicom", False)
     with pytest.raises(ImportError, match=r"pip install 'monai-effq\[dicom\]'"):
         dicom_seg.require_highdicom()
+
+
+@pytest.mark.parametrize("orientation", list(_AFFINES))
+def test_a_seg_label_reads_back_onto_its_series_as_the_mask_it_was_written_from(tmp_path, orientation):
+    _series(tmp_path, _AFFINES[orientation])
+    image = _read(tmp_path / "series")
+    mask = torch.as_tensor(np.digitize(image.numpy(), [0, 60]), dtype=torch.uint8)
+    path = _save(tmp_path, mask, image)
+    assert dicom_seg.is_dicom_seg(path) and not dicom_seg.is_dicom_seg(next((tmp_path / "series").iterdir()))
+    labels = dicom_seg.read_seg_labels(path, tmp_path / "series", image.affine.numpy(), image.shape[1:], dicom_seg.LITS_SEG_LABELS)
+    assert labels.dtype == np.uint8 and np.array_equal(labels, mask[0].numpy())
+
+
+@pytest.mark.parametrize("dataset", ["lits", "brats"])
+def test_a_case_of_dicom_series_and_a_seg_label_preprocesses_as_its_nifti_case_in_each_label_convention(tmp_path, dataset):
+    from monai_effq.bundle import datalist, demo_dataset
+    from monai_effq.data import brats_transforms, lits_transforms, validate_datalist
+
+    case = datalist(demo_dataset(tmp_path / "demo", dataset), dataset, "train")[0]
+    dicom = write_dicom_case(case, tmp_path, BRATS_SEGMENTS if dataset == "brats" else LITS_SEGMENTS)
+    validate_datalist([dicom], read_data=True)
+    expected = (brats_transforms("native", train=False) if dataset == "brats" else lits_transforms(train=False))(case)
+    # a BraTS SEG's TC, WT and ET give the native labels or the Decathlon's, as the dataset's layout has them
+    conventions = [brats_transforms("native", train=False), brats_transforms("msd", train=False)] if dataset == "brats" else [lits_transforms(train=False)]
+    for preprocessing in conventions:
+        got = preprocessing(dicom)
+        assert got["label"].shape == expected["label"].shape and torch.equal(got["label"], expected["label"])
+        assert got["label"].meta["filename_or_obj"] == dicom["label"]
+        assert torch.allclose(got["image"], expected["image"], atol=1e-4)
+    assert expected["label"].sum() > 0
+
+
+def test_a_seg_of_another_series_or_without_the_datasets_segments_is_refused_naming_what_it_holds(tmp_path):
+    from monai_effq.data import LoadImageFilesd, lits_transforms, validate_datalist
+
+    _series(tmp_path, _AFFINES["axial"])
+    image = _read(tmp_path / "series")
+    mask = torch.as_tensor(np.digitize(image.numpy(), [0, 60]), dtype=torch.uint8)
+    kidney = (dicom_seg.Segment("kidney", "AnatomicalStructure", "Kidney"), LITS_SEGMENTS[1])
+    path = _save(tmp_path, mask, image, segments=kidney)
+    with pytest.raises(DatasetError, match=r"has no segment labelled 'liver' or coded Liver \(SCT 10200004\); it holds: 1 'kidney' \(SCT .*\), 2 'liver tumour'"):
+        lits_transforms(train=False)({"image": str(tmp_path / "series"), "label": str(path)})
+    other = tmp_path / "other"
+    other.mkdir()
+    _series(other, _AFFINES["axial"], series_uid="1.2.826.0.1.3680043.2.1125.7")
+    with pytest.raises(DatasetError, match=r"segments another series than its image .*other/series"):
+        lits_transforms(train=False)({"image": str(other / "series"), "label": str(path)})
+    nifti = str(tmp_path / "ct.nii.gz")
+    with pytest.raises(DatasetError, match=r"is a DICOM SEG, which lies on the DICOM series it segments, but the image is .*ct.nii.gz"):
+        validate_datalist([{"image": nifti, "label": str(path)}])
+    with pytest.raises(DatasetError, match=r"needs its image read from the DICOM series it segments"):
+        lits_transforms(train=False)({"image": nifti, "label": str(path)})
+    with pytest.raises(DatasetError, match=r"is a DICOM SEG, which this loader cannot turn into labels"):
+        LoadImageFilesd(["image", "label"])({"image": str(tmp_path / "series"), "label": str(path)})
+
+
+def test_a_seg_is_told_from_a_dicom_image_by_its_header_and_only_a_seg_needs_highdicom(tmp_path, monkeypatch):
+    _, _, files = _series(tmp_path, _AFFINES["axial"])
+    image = _read(tmp_path / "series")
+    path = _save(tmp_path, torch.zeros((1, *image.shape[1:]), dtype=torch.uint8), image)
+    monkeypatch.setattr(dicom_seg, "has_highdicom", False)
+    assert not dicom_seg.is_dicom_seg(files[0]) and not dicom_seg.is_dicom_seg(tmp_path / "ct.nii.gz")
+    with pytest.raises(ImportError, match=r"is a DICOM SEG, and reading it as labels needs highdicom: pip install 'monai-effq\[dicom\]'"):
+        dicom_seg.is_dicom_seg(path)
+
