@@ -498,7 +498,7 @@ TRIGGERS = {
     "DICOM file <file> of the series in <folder> holds a value a DICOM SEG cannot copy: <reason>": _seg_source_with_a_malformed_value,
     "DICOM file <file> in <folder> is a multi-frame (enhanced) image, which DICOM SEG masks do not support yet": _seg_source_multi_frame,
     "DICOM SEG label <file> segments another series than its image <folder>": _seg_of_another_series,
-    "DICOM SEG label <file> has no segment labelled <name> or coded <code>; it holds: <segments>": _seg_without_a_segment,
+    "DICOM SEG label <file> has no segment labelled <name>; it holds: <segments>": _seg_without_a_segment,
     "dataset entry <n>: label <file> is a DICOM SEG, which lies on the DICOM series it segments, but the image is <file>": (
         _seg_label_of_a_file
     ),

@@ -26,7 +26,7 @@ from monai.config import PathLike
 from monai.data import ImageWriter
 from monai.utils import optional_import
 
-from monai_effq.data.images import dicom_series_files
+from monai_effq.data.images import dicom_series_files, image_error_reason
 from monai_effq.data.layouts import DatasetError
 from monai_effq.utils.errors import MissingExtraError
 from monai_effq.utils.io import atomic_write
@@ -34,6 +34,7 @@ from monai_effq.utils.io import atomic_write
 hd, has_highdicom = optional_import("highdicom")
 pydicom, _ = optional_import("pydicom")
 codes, _ = optional_import("pydicom.sr.codedict", name="codes")
+read_file_meta_info, _ = optional_import("pydicom.filereader", name="read_file_meta_info")
 
 __all__ = [
     "Segment",
@@ -68,7 +69,10 @@ _SOURCE_ATTRIBUTES = (
     "Rows",
     "Columns",
 )
-SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+# Segmentation Storage (binary and fractional) and Label Map Segmentation Storage
+SEGMENTATION_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")
+# explicit VRs whose length takes four bytes (PS3.5 7.1.2)
+_LONG_VRS = (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
 # a source pixel maps onto a mask voxel centre up to rounding of the positions in the files; further
 # off in the slice plane, the mask was resampled onto another grid
 _IN_PLANE_TOLERANCE = 0.25
@@ -570,26 +574,36 @@ def _version() -> str:
 
 
 def is_dicom_seg(path: str | PathLike) -> bool:
-    """Whether ``path`` is a DICOM Segmentation (SEG) file, by the SOP class its file meta header states.
+    """Whether ``path`` is a DICOM Segmentation (SEG) file, binary, fractional or label map, by its file meta header.
 
-    The header is read without pydicom, so that a DICOM image file is told apart where the ``dicom``
-    extra is not installed.
+    The header is read by pydicom where it is installed, else by a reader of the standard layout, so
+    that a DICOM image file is told apart where the ``dicom`` extra is not installed.
 
     Args:
         path: any path.
 
     Returns:
-        True for a file whose media storage SOP class is Segmentation Storage.
+        True for a file whose media storage SOP class is a Segmentation's; False for anything else,
+        also a file that cannot be read (the image reader names it).
 
     Raises:
         MissingExtraError: for a SEG when highdicom (the ``dicom`` extra), which reads it, is not installed.
     """
     path = Path(path)
-    if not path.is_file():
+    try:
+        if not path.is_file():
+            return False
+        with open(path, "rb") as stream:
+            head = stream.read(132)
+            if head[128:132] != b"DICM":
+                return False
+            if has_highdicom:  # and so pydicom
+                sop_class = str(read_file_meta_info(path).get("MediaStorageSOPClassUID", ""))
+            else:
+                sop_class = _media_storage_class(stream.read(4096))
+    except Exception:  # unreadable, or a damaged meta header: not a SEG this can read; the image reader names the file
         return False
-    with open(path, "rb") as stream:
-        head = stream.read(1024)
-    if head[128:132] != b"DICM" or _media_storage_class(head[132:]) != SEGMENTATION_STORAGE:
+    if sop_class not in SEGMENTATION_CLASSES:
         return False
     if not has_highdicom:
         raise MissingExtraError(
@@ -607,7 +621,7 @@ def _media_storage_class(meta: bytes) -> str:
         if group != 0x0002:
             break
         vr = meta[offset + 4 : offset + 6]
-        if vr in (b"OB", b"OW", b"OF", b"SQ", b"UT", b"UN"):  # a 4-byte length after two reserved bytes
+        if vr in _LONG_VRS:  # a 4-byte length after two reserved bytes
             length, offset = int.from_bytes(meta[offset + 8 : offset + 12], "little"), offset + 12
         else:
             length, offset = int.from_bytes(meta[offset + 6 : offset + 8], "little"), offset + 8
@@ -618,7 +632,12 @@ def _media_storage_class(meta: bytes) -> str:
 
 
 def read_seg_labels(
-    path: str | PathLike, series: str | PathLike, affine: np.ndarray, shape: Sequence[int], labels: SegLabels, space: str = "RAS"
+    path: str | PathLike,
+    series: str | PathLike | Sequence[str | PathLike],
+    affine: np.ndarray,
+    shape: Sequence[int],
+    labels: SegLabels,
+    space: str = "RAS",
 ) -> np.ndarray:
     """A DICOM SEG as a label map on the grid of the series it segments, in a dataset's label convention.
 
@@ -628,7 +647,8 @@ def read_seg_labels(
 
     Args:
         path: the SEG file.
-        series: the folder of the DICOM series it segments (the image's).
+        series: the folder of the DICOM series it segments (the image's), or a multi-contrast case's
+            folders, all on one grid: the SEG is placed on the one it references.
         affine: the image's voxel-to-world affine, 4x4.
         shape: the image's spatial shape ``(X, Y, Z)``.
         labels: which segments to read and the label value of each.
@@ -643,25 +663,34 @@ def read_seg_labels(
         MissingExtraError: without highdicom.
     """
     require_highdicom()
-    slices = [pydicom.dcmread(file, stop_before_pixels=True) for file in dicom_series_files(series)]
     try:
         with _quiet_highdicom():
             seg = hd.seg.segread(path)
     except Exception as e:  # pydicom and highdicom raise many unrelated types for a damaged file
-        raise DatasetError(f"cannot read DICOM SEG label {path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}; re-export it.") from e
-    referenced = {uid for _, _, uid in seg.get_source_image_uids()}
-    ours = [str(header.SOPInstanceUID) for header in slices]
-    if not referenced & set(ours):
         raise DatasetError(
-            f"DICOM SEG label {path} segments another series than its image {series} (it references none of the "
-            f"series' {len(ours)} slices): pair each image with the SEG made on it."
+            f"cannot read DICOM SEG label {path}: {image_error_reason(e)}; re-export it (a label-map SEG needs highdicom 0.24 or later)."
+        ) from e
+    referenced = {uid for _, _, uid in seg.get_source_image_uids()}
+    folders = [series] if isinstance(series, (str, PathLike)) else list(series)
+    for folder in folders:
+        slices = [pydicom.dcmread(file, stop_before_pixels=True) for file in dicom_series_files(folder)]
+        ours = [str(header.SOPInstanceUID) for header in slices]
+        if referenced & set(ours):
+            break
+    else:
+        raise DatasetError(
+            f"DICOM SEG label {path} segments another series than its image {', '.join(str(f) for f in folders)} (it references "
+            f"none of the slices): pair each image with the SEG made on it."
         )
     numbers = _segment_numbers(seg, labels.segments, path)
     try:
         with _quiet_highdicom():
             frames = seg.get_pixels_by_source_instance(ours, segment_numbers=numbers, assert_missing_frames_are_empty=True)
     except Exception as e:  # highdicom's ValueError/RuntimeError on frames it cannot place
-        raise DatasetError(f"cannot place the frames of DICOM SEG label {path} on the slices of {series}: {str(e).strip().splitlines()[0]}") from e
+        raise DatasetError(
+            f"cannot place the frames of DICOM SEG label {path} on the slices of {folder}: {image_error_reason(e)}; re-export "
+            "the SEG on this series, or give the label as NIfTI."
+        ) from e
     frames = np.asarray(frames)
     # a fractional segment counts where its value is at least half
     masks = frames_on_grid(frames >= (0.5 if frames.dtype.kind == "f" else 1), affine, slices, shape, space)
@@ -679,12 +708,14 @@ def _segment_numbers(seg: Any, segments: Sequence[Segment], path: str | PathLike
     """The SEG's segment number for each of ``segments``: the one of its label, else the only one of its coded type."""
     found = []
     for item in seg.SegmentSequence:
-        code = item.SegmentedPropertyTypeCodeSequence[0] if item.get("SegmentedPropertyTypeCodeSequence") else None
-        key = (str(code.CodeValue), str(code.CodingSchemeDesignator)) if code is not None else None
-        found.append((int(item.SegmentNumber), _normalised(item.get("SegmentLabel", "")), key))
+        code = item.get("SegmentedPropertyTypeCodeSequence")
+        # CodedConcept reads a code value from any of its three forms (short, long, URN)
+        concept = hd.sr.CodedConcept.from_dataset(code[0]) if code else None
+        key = (str(concept.value), str(concept.scheme_designator)) if concept is not None else None
+        found.append((int(item.SegmentNumber), str(item.get("SegmentLabel", "")), key))
     numbers = []
     for segment in segments:
-        by_label = [n for n, label, _ in found if label == _normalised(segment.label)]
+        by_label = [n for n, label, _ in found if _normalised(label) == _normalised(segment.label)]
         wanted = segment.concepts()["segmented_property_type"]
         key = (str(wanted.value), str(wanted.scheme_designator))
         # a type two of ``segments`` share (BraTS' core and whole tumour are both neoplasms) tells them not apart

@@ -15,6 +15,7 @@ convention (or a corrupt label) before it silently trains or calibrates on nonse
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 import warnings
@@ -314,27 +315,27 @@ class LoadImageFilesd(LoadImaged):
                 f"{next(iter(segs.values()))} is a DICOM SEG, which this loader cannot turn into labels: use the dataset's "
                 "preprocessing (brats_transforms, lits_transforms), which knows its label convention, or NIfTI labels."
             )
-        missing_ok, self.allow_missing_keys = self.allow_missing_keys, True
-        try:
-            out = self._load({k: v for k, v in data.items() if k not in segs}, reader)
-        finally:
-            self.allow_missing_keys = missing_ok
-        image = next((out[k] for k in self.keys if k not in segs and isinstance(out.get(k), MetaTensor)), None)
+        # the other keys loaded by a shallow copy that may miss the SEG's keys (this loader may be shared by threads)
+        others = copy.copy(self)
+        others.allow_missing_keys = True
+        out = others._load({k: v for k, v in data.items() if k not in segs}, reader)
+        reference = next((k for k in self.keys if k not in segs and isinstance(out.get(k), MetaTensor)), None)
         for key, path in segs.items():
-            out[key] = self._seg_label(path, image)
+            out[key] = self._seg_label(path, out.get(reference), data.get(reference))
         return out
 
-    def _seg_label(self, path: str | os.PathLike, image: MetaTensor | None) -> MetaTensor:
-        """The SEG at ``path`` as labels on ``image``'s grid, with its metadata (a label without channel axis)."""
-        source = image.meta.get("filename_or_obj") if image is not None else None
-        folder = source[0] if isinstance(source, (list, tuple)) else source
-        if folder is None or not Path(folder).is_dir():
+    def _seg_label(self, path: str | os.PathLike, image: MetaTensor | None, source: Any) -> MetaTensor:
+        """The SEG at ``path`` as labels on the grid of ``image``, loaded from ``source``, with its metadata (a label
+        without channel axis)."""
+        folders = list(source) if isinstance(source, (list, tuple)) else [source]
+        if image is None or not all(isinstance(f, (str, os.PathLike)) and Path(f).is_dir() for f in folders):
             raise DatasetError(
                 f"DICOM SEG label {path} needs its image read from the DICOM series it segments, but the image is "
-                f"{folder or 'not loaded'}: give the series folder as the image, or the label as NIfTI."
+                f"{source or 'not loaded'}: give the series folder as the image, or the label as NIfTI."
             )
         affine = image.affine.detach().cpu().numpy()
-        labels = read_seg_labels(path, folder, affine, image.shape[-3:], self.seg_labels, str(image.meta.get("space", "RAS")))
+        # a multi-contrast case's series are stacked as one image on one grid: the SEG may lie on any of them
+        labels = read_seg_labels(path, folders, affine, image.shape[-3:], self.seg_labels, str(image.meta.get("space", "RAS")))
         meta = {**image.meta, "filename_or_obj": str(path), "original_channel_dim": "no_channel"}
         return MetaTensor(torch.from_numpy(labels), affine=image.affine.clone(), meta=meta)
 

@@ -143,6 +143,9 @@ def test_evaluation_on_dicom_series_with_seg_labels_scores_each_case_as_on_its_n
         if dataset == "lits":  # EfficientQ's class attention weighs each calibration voxel by its label (one bundle is enough)
             bundle(name, "quantize", *common, "--calibration_crop", ROI, "--quantized_path", str(out / "q.pt"), *given)
             archives[source] = torch.load(out / "q.pt", weights_only=True)
+    if dataset == "lits":  # training crops around the labels the SEGs give
+        bundle(name, "train", *common, "--max_epochs", "1", "--roi_size", ROI, "--dataset_dir", str(task), "--ckpt_dir", str(tmp_path / "trained"))
+        assert (tmp_path / "trained" / "model.pt").is_file()
     # BraTS: the layout of a dataset.json is the Decathlon's, whose label convention the SEG's TC, WT and ET are painted in
     assert scores["dicom"] == scores["nifti"] and all(len(rows) >= 1 for rows in scores["nifti"].values())
     assert any(float(v) > 0 for row in scores["nifti"]["FP32"] for v in row)

@@ -221,6 +221,9 @@ def test_a_case_of_dicom_series_and_a_seg_label_preprocesses_as_its_nifti_case_i
         assert got["label"].meta["filename_or_obj"] == dicom["label"]
         assert torch.allclose(got["image"], expected["image"], atol=1e-4)
     assert expected["label"].sum() > 0
+    if dataset == "brats":  # a SEG drawn on another contrast than the first is placed on the series it references
+        later = {**dicom, "image": [*dicom["image"][1:], dicom["image"][0]]}
+        assert torch.equal(brats_transforms("native", train=False)(later)["label"], expected["label"])
 
 
 def test_a_seg_of_another_series_or_without_the_datasets_segments_is_refused_naming_what_it_holds(tmp_path):
