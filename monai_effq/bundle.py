@@ -309,6 +309,7 @@ def preprocessing(
     crop: Sequence[int] | None = None,
     with_label: bool = True,
     demo_dir: str | os.PathLike | None = None,
+    seg_segments: Mapping[str | int, int] | None = None,
 ) -> Compose:
     """The dataset's standard MONAI preprocessing, optionally followed by a centre crop.
 
@@ -323,6 +324,8 @@ def preprocessing(
             needs no dataset folder.
         demo_dir: as for :func:`datalist`; only BraTS with ``layout="auto"`` reads the folder (for the
             label convention), so LiTS preprocessing never generates the demo.
+        seg_segments: which segments of DICOM SEG labels give which label value, where they are not
+            named as the dataset's (the bundles' ``seg_segments`` setting; see :func:`lits_transforms`).
 
     Returns:
         the transform.
@@ -334,9 +337,9 @@ def preprocessing(
             _demo_if_asked(dataset_dir, dataset, demo_dir)
             layout = detect_layout(dataset_dir)
         if dataset == "brats":
-            steps = brats_transforms("msd" if layout == "msd" else "native", train=train, roi_size=roi_size)
+            steps = brats_transforms("msd" if layout == "msd" else "native", train=train, roi_size=roi_size, seg_segments=seg_segments)
         else:
-            steps = lits_transforms(train=train, roi_size=roi_size)
+            steps = lits_transforms(train=train, roi_size=roi_size, seg_segments=seg_segments)
     if crop is not None:
         crop = _check_crop(crop)
         keys = ["image", "label"] if with_label else ["image"]

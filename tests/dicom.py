@@ -12,7 +12,21 @@ from pathlib import Path
 import itk
 import numpy as np
 
-__all__ = ["write_dicom_case", "write_dicom_series", "write_non_image_dicom"]
+__all__ = ["BRATS_COMPARTMENTS", "write_dicom_case", "write_dicom_series", "write_non_image_dicom"]
+
+
+def _compartments() -> tuple:
+    from monai_effq.data.dicom_seg import Segment
+
+    return (
+        Segment("NCR", "MorphologicallyAbnormalStructure", "Necrosis", "Brain"),
+        Segment("ED", "MorphologicallyAbnormalStructure", "Edema", "Brain"),
+        Segment("ET", "MorphologicallyAbnormalStructure", "EnhancingLesion", "Brain"),
+    )
+
+
+# native BraTS labels 1, 2, 4 as three disjoint segments, as a tool that keeps BraTS' compartments writes them
+BRATS_COMPARTMENTS = _compartments()
 
 
 def write_dicom_series(
@@ -110,7 +124,8 @@ def write_dicom_case(case: dict, folder: str | os.PathLike, segments: Sequence) 
     Args:
         case: a dataset case of NIfTI files (``"image"`` one path or a list, ``"label"`` a path).
         folder: where the series (``series<i>/``) and the SEG (``series0_seg.dcm``) go.
-        segments: ``LITS_SEGMENTS`` (the label map as is) or ``BRATS_SEGMENTS`` (native labels as TC, WT, ET).
+        segments: ``LITS_SEGMENTS`` (the label map as is), ``BRATS_SEGMENTS`` (native labels as TC, WT, ET) or
+            :data:`BRATS_COMPARTMENTS` (native labels 1, 2, 4 as segments 1, 2, 3).
 
     Returns:
         the case with the series folders as its image and the SEG as its label.
@@ -133,6 +148,8 @@ def write_dicom_case(case: dict, folder: str | os.PathLike, segments: Sequence) 
     loaded = ResampleToMatchd("label", key_dst="image", mode="nearest")(loaded)  # the label on the series as ITK reads it
     if segments is BRATS_SEGMENTS:
         loaded = ConvertToMultiChannelBasedOnBratsClassesd("label")(loaded)  # TC, WT, ET
+    elif segments is BRATS_COMPARTMENTS:
+        loaded["label"] = torch.where(loaded["label"] == 4, 3, loaded["label"])
     saver = SaveImage(
         output_dir=str(folder), output_postfix="seg", output_ext=".dcm", resample=False, separate_folder=False,
         writer=functools.partial(DicomSegWriter, segments=segments), output_name_formatter=mask_name_formatter,

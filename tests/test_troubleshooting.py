@@ -29,7 +29,7 @@ from monai_effq.bundle import (
     refuse_to_overwrite,
     refuse_to_replace_shipped,
 )
-from monai_effq.data import detect_layout, dicom_series_files, load_datalist, make_lits_demo, validate_datalist
+from monai_effq.data import detect_layout, dicom_series_files, lits_transforms, load_datalist, make_lits_demo, validate_datalist
 from monai_effq.handlers.quantization import QuantizedCheckpointLoader, check_calibration_volume
 from monai_effq.overlays import calibration_items, check_attached
 from monai_effq.ptq.modules import ActivationQuantizer
@@ -347,6 +347,12 @@ def _seg_without_a_segment(tmp_path, lits):
     lits_transforms(train=False)(case)
 
 
+def _seg_mapping_a_missing_segment(tmp_path, lits):
+    from monai_effq.data import lits_transforms
+
+    lits_transforms(train=False, seg_segments={"liver": 1, "Segment_2": 2})(_seg_case(tmp_path, lits))
+
+
 def _seg_label_of_a_file(tmp_path, lits):
     validate_datalist([{"image": str(next(lits.glob("volume-*.nii"))), "label": _seg_case(tmp_path, lits)["label"]}])
 
@@ -499,6 +505,10 @@ TRIGGERS = {
     "DICOM file <file> in <folder> is a multi-frame (enhanced) image, which DICOM SEG masks do not support yet": _seg_source_multi_frame,
     "DICOM SEG label <file> segments another series than its image <folder>": _seg_of_another_series,
     "DICOM SEG label <file> has no segment labelled <name>; it holds: <segments>": _seg_without_a_segment,
+    "DICOM SEG label <file> has no segment labelled or numbered <segment>; it holds: <segments>": _seg_mapping_a_missing_segment,
+    "seg_segments maps segment <segment> to <value>, which is not one of this dataset's labels <labels>": (
+        lambda t, d: lits_transforms(train=False, seg_segments={"Segment_1": 4})
+    ),
     "dataset entry <n>: label <file> is a DICOM SEG, which lies on the DICOM series it segments, but the image is <file>": (
         _seg_label_of_a_file
     ),

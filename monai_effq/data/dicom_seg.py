@@ -28,7 +28,7 @@ from monai.utils import optional_import
 
 from monai_effq.data.images import dicom_series_files, image_error_reason
 from monai_effq.data.layouts import DatasetError
-from monai_effq.utils.errors import MissingExtraError
+from monai_effq.utils.errors import MissingExtraError, UserInputError
 from monai_effq.utils.io import atomic_write
 
 hd, has_highdicom = optional_import("highdicom")
@@ -133,12 +133,44 @@ class SegLabels:
     """How a DICOM SEG's segments become a dataset's label map: each painted with its value, later over earlier.
 
     Attributes:
-        segments: the segments to find in the SEG (by label, else by coded property type), in painting order.
+        segments: the segments to find in the SEG, in painting order: a :class:`Segment` by its label, else by
+            its coded property type; a string by that segment label alone (or, where none has it and the
+            string is a whole number, by that segment number); an int by segment number.
         values: the label value of each.
     """
 
-    segments: tuple[Segment, ...]
+    segments: tuple[Segment | str | int, ...]
     values: tuple[int, ...]
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str | int, int], values: Sequence[int], setting: str = "seg_segments") -> SegLabels:
+        """The user's own naming: which SEG segment (its label or number) gives which label value.
+
+        Args:
+            mapping: segment label or number -> label value, painted in this order (later over earlier),
+                e.g. ``{"Segment_1": 1, "Segment_2": 2}`` as 3D Slicer names segments.
+            values: the dataset's label values (0, background, is not a segment's).
+            setting: the setting's name, for the error.
+
+        Returns:
+            the labels.
+
+        Raises:
+            UserInputError: (a ``ValueError``) on an empty mapping, a key that is neither a label nor a
+                positive segment number, or a value outside ``values``.
+        """
+        foreground = sorted(int(v) for v in values if int(v) != 0)
+        example = ", ".join(f"'Segment_{i}': {v}" for i, v in enumerate(foreground, 1))
+        how = f"give {setting} as {{segment label or number: label value}}, e.g. {{{example}}}."
+        if not isinstance(mapping, Mapping) or not mapping:
+            raise UserInputError(f"{setting} must map DICOM SEG segments to this dataset's labels {foreground}, got {mapping!r}: {how}")
+        for key, value in mapping.items():
+            number = isinstance(key, int) and not isinstance(key, bool)
+            if not ((number and key >= 1) or (isinstance(key, str) and key.strip())):
+                raise UserInputError(f"{setting} key {key!r} is not a segment label or a segment number (1 or more): {how}")
+            if isinstance(value, bool) or not isinstance(value, int) or value not in foreground:
+                raise UserInputError(f"{setting} maps segment {key!r} to {value!r}, which is not one of this dataset's labels {foreground}: {how}")
+        return cls(tuple(mapping), tuple(mapping.values()))
 
 
 LITS_SEG_LABELS = SegLabels(LITS_SEGMENTS, (1, 2))
@@ -682,7 +714,7 @@ def read_seg_labels(
             f"DICOM SEG label {path} segments another series than its image {', '.join(str(f) for f in folders)} (it references "
             f"none of the slices): pair each image with the SEG made on it."
         )
-    numbers = _segment_numbers(seg, labels.segments, path)
+    numbers = _segment_numbers(seg, labels, path)
     try:
         with _quiet_highdicom():
             frames = seg.get_pixels_by_source_instance(ours, segment_numbers=numbers, assert_missing_frames_are_empty=True)
@@ -704,8 +736,9 @@ def _normalised(label: str) -> str:
     return " ".join(str(label).casefold().replace("tumor", "tumour").replace("_", " ").split())
 
 
-def _segment_numbers(seg: Any, segments: Sequence[Segment], path: str | PathLike) -> list[int]:
-    """The SEG's segment number for each of ``segments``: the one of its label, else the only one of its coded type."""
+def _segment_numbers(seg: Any, labels: SegLabels, path: str | PathLike) -> list[int]:
+    """The SEG's segment number for each of the segments ``labels`` names."""
+    segments = labels.segments
     found = []
     for item in seg.SegmentSequence:
         code = item.get("SegmentedPropertyTypeCodeSequence")
@@ -713,22 +746,39 @@ def _segment_numbers(seg: Any, segments: Sequence[Segment], path: str | PathLike
         concept = hd.sr.CodedConcept.from_dataset(code[0]) if code else None
         key = (str(concept.value), str(concept.scheme_designator)) if concept is not None else None
         found.append((int(item.SegmentNumber), str(item.get("SegmentLabel", "")), key))
+    listed = ", ".join(f"{n} {label!r}" + (f" ({code[1]} {code[0]})" if code else "") for n, label, code in found)
     numbers = []
     for segment in segments:
-        by_label = [n for n, label, _ in found if _normalised(label) == _normalised(segment.label)]
-        wanted = segment.concepts()["segmented_property_type"]
-        key = (str(wanted.value), str(wanted.scheme_designator))
-        # a type two of ``segments`` share (BraTS' core and whole tumour are both neoplasms) tells them not apart
-        same_type = [s for s in segments if s.property_type == segment.property_type]
-        by_code = [n for n, _, code in found if code == key] if len(same_type) == 1 else []
-        match = by_label if by_label else by_code
+        if isinstance(segment, Segment):
+            match, wanted = _by_label_or_code(found, segment, segments)
+        else:
+            match = [n for n, label, _ in found if isinstance(segment, str) and _normalised(label) == _normalised(segment)]
+            if not match and str(segment).strip().isdigit():
+                match = [n for n, _, _ in found if n == int(str(segment).strip())]
         if len(match) != 1:
-            listed = ", ".join(f"{n} {label!r}" + (f" ({code[1]} {code[0]})" if code else "") for n, label, code in found)
             why = "several segments" if len(match) > 1 else "no segment"
-            raise DatasetError(
-                f"DICOM SEG label {path} has {why} labelled {segment.label!r}"
-                + (f" or coded {wanted.meaning} ({key[1]} {key[0]})" if len(same_type) == 1 else "")
-                + f"; it holds: {listed}. Name its segments {[s.label for s in segments]}, or give the labels as NIfTI files."
+            mapping = (
+                f"with --seg_segments \"{{'<segment label or number>': <label value>, ...}}\" (label values {sorted(set(labels.values))}, "
+                "painted in that order)"
             )
+            if isinstance(segment, Segment):
+                named = f"labelled {segment.label!r}" + (f" or coded {wanted.meaning} ({wanted.scheme_designator} {wanted.value})" if wanted else "")
+                fix = f"Name its segments {[s.label for s in segments if isinstance(s, Segment)]}, or map them {mapping}"
+            else:
+                named = f"labelled or numbered {segment!r}"
+                fix = f"Map the segments it holds {mapping}"
+            raise DatasetError(f"DICOM SEG label {path} has {why} {named}; it holds: {listed}. {fix}, or give the labels as NIfTI files.")
         numbers.append(match[0])
     return numbers
+
+
+def _by_label_or_code(found: list[tuple[int, str, Any]], segment: Segment, segments: Sequence[Segment | str | int]) -> tuple[list[int], Any]:
+    """The segment numbers that match ``segment`` by label, else by coded type, and the code looked for (or None)."""
+    by_label = [n for n, label, _ in found if _normalised(label) == _normalised(segment.label)]
+    # a type two of ``segments`` share (BraTS' core and whole tumour are both neoplasms) tells them not apart
+    same_type = [s for s in segments if isinstance(s, Segment) and s.property_type == segment.property_type]
+    wanted = segment.concepts()["segmented_property_type"] if len(same_type) == 1 else None
+    if by_label or wanted is None:
+        return by_label, wanted
+    key = (str(wanted.value), str(wanted.scheme_designator))
+    return [n for n, _, code in found if code == key], wanted

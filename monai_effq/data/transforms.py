@@ -404,6 +404,7 @@ def brats_transforms(
     pixdim: Sequence[float] | None = None,
     check_labels: bool = True,
     with_label: bool = True,
+    seg_segments: Mapping[str | int, int] | None = None,
 ) -> Compose:
     """Preprocessing for BraTS cases from :func:`monai_effq.data.load_datalist`.
 
@@ -421,21 +422,30 @@ def brats_transforms(
         check_labels: raise :class:`DatasetError` on label values outside the layout's convention.
         with_label: ``False`` for inference: every step handles ``"image"`` alone (MONAI Label loads
             every key that ``LoadImaged`` names).
+        seg_segments: for labels given as DICOM SEG whose segments are not named as the bundles write them
+            (``tumour core``, ``whole tumour``, ``enhancing tumour``): segment label or number -> label value
+            in the layout's convention, painted in this order, e.g. ``{"NCR": 1, "ED": 2, "ET": 4}`` (native).
 
     Returns:
         a Compose mapping a case dict to ``{"image": (4, H, W, D) float32, "label": (3, H, W, D)
         float32}`` MetaTensors; applying it raises :class:`DatasetError` on an out-of-range label.
 
     Raises:
-        ValueError: on an unknown ``layout``, or ``train=True`` without a valid ``roi_size``.
+        ValueError: on an unknown ``layout``, ``train=True`` without a valid ``roi_size``, or a
+            ``seg_segments`` value outside the layout's labels.
     """
     if layout not in _BRATS_LAYOUTS:
         raise ValueError(f"layout must be 'native' or 'msd' for BraTS, got {layout!r}.")
     native = _BRATS_LAYOUTS[layout] == "native"
     roi = _roi(roi_size, train, with_label)
-    check = CheckLabelRanged("label", BRATS_NATIVE_LABELS if native else BRATS_MSD_LABELS, allow_missing_keys=True) if check_labels else None
+    labels = BRATS_NATIVE_LABELS if native else BRATS_MSD_LABELS
+    check = CheckLabelRanged("label", labels, allow_missing_keys=True) if check_labels else None
     both = _keys(with_label)
-    steps = _loading(check, with_label, BRATS_NATIVE_SEG_LABELS if native else BRATS_MSD_SEG_LABELS)
+    if seg_segments is not None:
+        seg_labels = SegLabels.from_mapping(seg_segments, labels)
+    else:
+        seg_labels = BRATS_NATIVE_SEG_LABELS if native else BRATS_MSD_SEG_LABELS
+    steps = _loading(check, with_label, seg_labels)
     if with_label:
         steps += [
             ConvertToMultiChannelBasedOnBratsClassesd(keys="label", allow_missing_keys=True) if native else ConvertMsdBratsLabelsd(keys="label", allow_missing_keys=True),
@@ -464,6 +474,7 @@ def lits_transforms(
     label_dtype: torch.dtype = torch.int64,
     check_labels: bool = True,
     with_label: bool = True,
+    seg_segments: Mapping[str | int, int] | None = None,
 ) -> Compose:
     """Preprocessing for LiTS / Decathlon Task03 cases (both layouts hold the same kind of files).
 
@@ -483,6 +494,9 @@ def lits_transforms(
         check_labels: raise :class:`DatasetError` on label values other than 0, 1, 2.
         with_label: ``False`` for inference: every step handles ``"image"`` alone (MONAI Label loads
             every key that ``LoadImaged`` names).
+        seg_segments: for labels given as DICOM SEG whose segments are not named ``liver`` and ``liver
+            tumour``: segment label or number -> label value, painted in this order, e.g.
+            ``{"Segment_1": 1, "Segment_2": 2}`` as 3D Slicer names them.
 
     Returns:
         a Compose mapping a case dict to ``{"image": (1, H, W, D) float32 in [0, 1], "label":
@@ -491,13 +505,15 @@ def lits_transforms(
         Applying it raises :class:`DatasetError` on an out-of-range label.
 
     Raises:
-        ValueError: when ``train=True`` without a valid ``roi_size``, or ``a_min >= a_max``.
+        ValueError: when ``train=True`` without a valid ``roi_size``, ``a_min >= a_max``, or a
+            ``seg_segments`` value is not 1 or 2.
     """
     if not a_min < a_max:
         raise ValueError(f"a_min must be below a_max, got a_min={a_min}, a_max={a_max}.")
     roi = _roi(roi_size, train, with_label)
     both = _keys(with_label)
-    steps = _loading(CheckLabelRanged("label", LITS_LABELS, allow_missing_keys=True) if check_labels else None, with_label, LITS_SEG_LABELS)
+    seg_labels = LITS_SEG_LABELS if seg_segments is None else SegLabels.from_mapping(seg_segments, LITS_LABELS)
+    steps = _loading(CheckLabelRanged("label", LITS_LABELS, allow_missing_keys=True) if check_labels else None, with_label, seg_labels)
     steps.append(
         CropForegroundd(
             **both,

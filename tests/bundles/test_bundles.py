@@ -16,10 +16,10 @@ import torch
 from monai.utils import ensure_tuple
 
 from monai_effq.bundle import datalist
-from monai_effq.data import BRATS_SEGMENTS, LITS_SEGMENTS, make_brats_demo, make_lits_demo
+from monai_effq.data import LITS_SEGMENTS, make_brats_demo, make_lits_demo
 from monai_effq.utils.errors import find_user_error
 
-from ..dicom import write_dicom_case, write_dicom_series
+from ..dicom import BRATS_COMPARTMENTS, write_dicom_case, write_dicom_series
 from .conftest import BUNDLES, ROI, ROOT, WORKFLOWS, bundle, config_files
 
 
@@ -128,13 +128,15 @@ def test_evaluation_on_dicom_series_with_seg_labels_scores_each_case_as_on_its_n
     dataset = BUNDLES[name][0]
     task = tmp_path / "dicom"  # a Decathlon-style dataset.json naming series folders and SEG files
     entries = []
+    # BraTS: SEGs of necrosis, oedema and enhancing tumour, which --seg_segments maps to the Decathlon's labels
+    segments, mapping = (BRATS_COMPARTMENTS, ["--seg_segments", "{'NCR': 2, 'ED': 1, 'ET': 3}"]) if dataset == "brats" else (LITS_SEGMENTS, [])
     for i, case in enumerate(datalist(work / "data", dataset, "all")):
-        entry = write_dicom_case(case, task / f"case{i}", BRATS_SEGMENTS if dataset == "brats" else LITS_SEGMENTS)
+        entry = write_dicom_case(case, task / f"case{i}", segments)
         entries.append({k: [f"./{os.path.relpath(p, task)}" for p in v] if isinstance(v, list) else f"./{os.path.relpath(v, task)}" for k, v in entry.items()})
     (task / "dataset.json").write_text(json.dumps({"name": dataset, "training": entries}))
     scores, archives = {}, {}
     for source, data in (("nifti", work / "data"), ("dicom", task)):
-        out, given = tmp_path / source, ["--dataset_dir", str(data), "--output_dir", str(tmp_path / source)]
+        out, given = tmp_path / source, ["--dataset_dir", str(data), "--output_dir", str(tmp_path / source), *(mapping if source == "dicom" else [])]
         bundle(name, "evaluate", *common, "--method", "rtn", "--sw_roi_size", ROI, *given)
         cases = out / "evaluation_rtn_w4a8_cases"
         scores[source] = {
@@ -146,7 +148,7 @@ def test_evaluation_on_dicom_series_with_seg_labels_scores_each_case_as_on_its_n
     if dataset == "lits":  # training crops around the labels the SEGs give
         bundle(name, "train", *common, "--max_epochs", "1", "--roi_size", ROI, "--dataset_dir", str(task), "--ckpt_dir", str(tmp_path / "trained"))
         assert (tmp_path / "trained" / "model.pt").is_file()
-    # BraTS: the layout of a dataset.json is the Decathlon's, whose label convention the SEG's TC, WT and ET are painted in
+    # BraTS: the layout of a dataset.json is the Decathlon's, whose label convention --seg_segments paints the SEG in
     assert scores["dicom"] == scores["nifti"] and all(len(rows) >= 1 for rows in scores["nifti"].values())
     assert any(float(v) > 0 for row in scores["nifti"]["FP32"] for v in row)
     if archives:

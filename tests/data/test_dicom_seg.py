@@ -11,7 +11,7 @@ from monai_effq.data import BRATS_SEGMENTS, LITS_SEGMENTS, DatasetError, DicomSe
 from monai_effq.data import dicom_seg
 from monai_effq.data.dicom_seg import segment_array, series_frames
 
-from ..dicom import write_dicom_case, write_dicom_series
+from ..dicom import BRATS_COMPARTMENTS, write_dicom_case, write_dicom_series
 
 hd = pytest.importorskip("highdicom")
 pydicom = pytest.importorskip("pydicom")
@@ -259,3 +259,64 @@ def test_a_seg_is_told_from_a_dicom_image_by_its_header_and_only_a_seg_needs_hig
     with pytest.raises(ImportError, match=r"is a DICOM SEG, and reading it as labels needs highdicom: pip install 'monai-effq\[dicom\]'"):
         dicom_seg.is_dicom_seg(path)
 
+
+
+# as 3D Slicer names and codes segments by default
+_SLICER = (dicom_seg.Segment("Segment_1", "Tissue", "Tissue"), dicom_seg.Segment("Segment_2", "Tissue", "Tissue"))
+
+
+def test_a_seg_with_its_own_segment_names_reads_as_the_datasets_labels_once_seg_segments_maps_them(tmp_path):
+    from monai_effq.data import lits_transforms
+
+    _series(tmp_path, _AFFINES["axial"])
+    image = _read(tmp_path / "series")
+    mask = torch.as_tensor(np.digitize(image.numpy(), [0, 60]), dtype=torch.uint8)
+    case = {"image": str(tmp_path / "series"), "label": str(_save(tmp_path, mask, image, segments=_SLICER))}
+    with pytest.raises(DatasetError, match=r"has no segment labelled 'liver' or coded Liver \(SCT 10200004\); it holds: 1 'Segment_1' \(SCT 85756007\), 2 'Segment_2' .* map them with --seg_segments .* \(label values \[1, 2\]"):
+        lits_transforms(train=False)(case)
+    expected = lits_transforms(train=False)({"image": case["image"], "label": str(_save(tmp_path / "ours", mask, image))})["label"]
+    # by label, by number (as fire reads it, or as a JSON key), and by label in another case and spacing
+    for mapping in ({"Segment_1": 1, "Segment_2": 2}, {1: 1, "2": 2}, {"segment 1": 1, "SEGMENT_2": 2}):
+        got = lits_transforms(train=False, seg_segments=mapping)(case)["label"]
+        assert torch.equal(got, expected), mapping
+    assert expected.unique().tolist() == [0, 1, 2]
+    with pytest.raises(DatasetError, match=r"has no segment labelled or numbered 'Segment_3'; it holds: 1 'Segment_1'"):
+        lits_transforms(train=False, seg_segments={"Segment_1": 1, "Segment_3": 2})(case)
+
+
+@pytest.mark.parametrize(
+    "mapping, why",
+    [
+        ({}, r"seg_segments must map DICOM SEG segments to this dataset's labels \[1, 2\], got \{\}"),
+        ([1, 2], r"seg_segments must map .* got \[1, 2\]"),
+        ({"Segment_1": 3}, r"seg_segments maps segment 'Segment_1' to 3, which is not one of this dataset's labels \[1, 2\]"),
+        ({"Segment_1": 0}, r"to 0, which is not one of"),
+        ({"Segment_1": True}, r"to True, which is not one of"),
+        ({0: 1}, r"seg_segments key 0 is not a segment label or a segment number \(1 or more\)"),
+        ({" ": 1}, r"seg_segments key ' ' is not"),
+    ],
+)
+def test_a_seg_segments_mapping_that_names_no_segment_or_label_is_refused_before_any_file_is_read(mapping, why):
+    from monai_effq.data import lits_transforms
+    from monai_effq.utils.errors import UserInputError
+
+    with pytest.raises(UserInputError, match=why + r".*e\.g\. \{'Segment_1': 1, 'Segment_2': 2\}"):
+        lits_transforms(train=False, seg_segments=mapping)
+
+
+def test_a_brats_seg_of_necrosis_oedema_and_enhancing_tumour_maps_onto_the_labels_of_either_convention(tmp_path):
+    from monai_effq.bundle import datalist, demo_dataset
+    from monai_effq.data import brats_transforms
+
+    case = datalist(demo_dataset(tmp_path / "demo", "brats"), "brats", "train")[0]
+    dicom = write_dicom_case(case, tmp_path / "dicom", BRATS_COMPARTMENTS)
+    with pytest.raises(DatasetError, match=r"has no segment labelled 'whole tumour'; it holds: 1 'NCR' \(SCT .*\), 2 'ED' .*label values \[1, 2, 4\]"):
+        brats_transforms("native", train=False)(dicom)
+    expected = brats_transforms("native", train=False)(case)["label"]
+    got = brats_transforms("native", train=False, seg_segments={"NCR": 1, "ED": 2, "ET": 4})(dicom)["label"]
+    assert torch.equal(got, expected) and expected.sum() > 0
+    # the Decathlon's convention names the same compartments 2 (non-enhancing), 1 (oedema), 3 (enhancing)
+    msd = brats_transforms("msd", train=False, seg_segments={"NCR": 2, "ED": 1, "ET": 3})(dicom)["label"]
+    assert torch.equal(msd, expected)
+    swapped = brats_transforms("native", train=False, seg_segments={"NCR": 2, "ED": 1, "ET": 4})(dicom)["label"]
+    assert not torch.equal(swapped, expected)  # each segment is read as itself: mapping them otherwise changes the labels
