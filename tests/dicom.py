@@ -12,7 +12,7 @@ from pathlib import Path
 import itk
 import numpy as np
 
-__all__ = ["BRATS_COMPARTMENTS", "write_dicom_case", "write_dicom_series", "write_non_image_dicom"]
+__all__ = ["BRATS_COMPARTMENTS", "write_dicom_case", "write_dicom_series", "write_non_image_dicom", "write_rtstruct"]
 
 
 def _compartments() -> tuple:
@@ -156,3 +156,84 @@ def write_dicom_case(case: dict, folder: str | os.PathLike, segments: Sequence) 
     )  # fmt: skip
     saver(MetaTensor(torch.as_tensor(np.asarray(loaded["label"]), dtype=torch.uint8), affine=loaded["image"].affine, meta=loaded["image"].meta))
     return {"image": [str(s) for s in series] if len(series) > 1 else str(series[0]), "label": str(folder / "series0_seg.dcm")}
+
+
+def write_rtstruct(
+    series: Sequence[str | os.PathLike],
+    path: str | os.PathLike,
+    rois: dict[str, list[tuple[int, np.ndarray]]],
+    series_uid: str | None = None,
+    contour_type: str = "CLOSED_PLANAR",
+    reference_images: bool = True,
+) -> str:
+    """Write an RTSTRUCT whose ROIs outline polygons drawn in pixel coordinates on slices of ``series``.
+
+    Args:
+        series: the series' slice files, in their order (as :func:`write_dicom_series` returns them).
+        path: the RTSTRUCT file to write.
+        rois: ROI name -> contours, each ``(slice index, (K, 2) vertices as (row, column) pixel coordinates)``;
+            the ROIs are numbered from 1 in this order.
+        series_uid: the Referenced Series UID (default: the slices' own).
+        contour_type: the Contour Geometric Type of every contour.
+        reference_images: name each contour's slice in its Contour Image Sequence (some exports do not).
+
+    Returns:
+        ``path``.
+    """
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from monai_effq.data.rtstruct import RTSTRUCT_CLASS
+
+    headers = [pydicom.dcmread(str(f), stop_before_pixels=True) for f in series]
+    first = headers[0]
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = RTSTRUCT_CLASS
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = RTSTRUCT_CLASS, meta.MediaStorageSOPInstanceUID, "RTSTRUCT"
+    ds.PatientID, ds.StudyInstanceUID, ds.SeriesInstanceUID = first.PatientID, first.StudyInstanceUID, generate_uid()
+    ds.FrameOfReferenceUID = first.FrameOfReferenceUID
+    ds.StructureSetLabel = "test"
+
+    def item(**values) -> Dataset:
+        out = Dataset()
+        for key, value in values.items():
+            setattr(out, key, value)
+        return out
+
+    series_item = item(SeriesInstanceUID=series_uid or first.SeriesInstanceUID)
+    study = item(ReferencedSOPClassUID="1.2.840.10008.3.1.2.3.1", ReferencedSOPInstanceUID=first.StudyInstanceUID)
+    study.RTReferencedSeriesSequence = DicomSequence([series_item])
+    frame = item(FrameOfReferenceUID=first.FrameOfReferenceUID)
+    frame.RTReferencedStudySequence = DicomSequence([study])
+    ds.ReferencedFrameOfReferenceSequence = DicomSequence([frame])
+    ds.StructureSetROISequence = DicomSequence(
+        [item(ROINumber=n, ROIName=name, ReferencedFrameOfReferenceUID=first.FrameOfReferenceUID) for n, name in enumerate(rois, 1)]
+    )
+    roi_contours = []
+    for n, contours in enumerate(rois.values(), 1):
+        sequence = []
+        for index, pixels in contours:
+            header = headers[index]
+            orientation = np.asarray(header.ImageOrientationPatient, dtype=np.float64)
+            row_spacing, column_spacing = (float(v) for v in header.PixelSpacing)
+            origin = np.asarray(header.ImagePositionPatient, dtype=np.float64)
+            pixels = np.asarray(pixels, dtype=np.float64)
+            points = origin + pixels[:, :1] * row_spacing * orientation[3:] + pixels[:, 1:] * column_spacing * orientation[:3]
+            contour = item(ContourGeometricType=contour_type, NumberOfContourPoints=len(points))
+            contour.ContourData = [f"{v:.4f}" for v in points.ravel()]
+            if reference_images:
+                image = item(ReferencedSOPClassUID=header.SOPClassUID, ReferencedSOPInstanceUID=header.SOPInstanceUID)
+                contour.ContourImageSequence = DicomSequence([image])
+            sequence.append(contour)
+        roi = item(ReferencedROINumber=n, ROIDisplayColor=[255, 0, 0])
+        roi.ContourSequence = DicomSequence(sequence)
+        roi_contours.append(roi)
+    ds.ROIContourSequence = DicomSequence(roi_contours)
+    pydicom.dcmwrite(str(path), ds, enforce_file_format=True)
+    return str(path)

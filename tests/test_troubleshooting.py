@@ -353,6 +353,35 @@ def _seg_mapping_a_missing_segment(tmp_path, lits):
     lits_transforms(train=False, seg_segments={"liver": 1, "Segment_2": 2})(_seg_case(tmp_path, lits))
 
 
+def _rtstruct_case(tmp_path, lits, **written):
+    from tests.dicom import write_rtstruct
+
+    folder = _series(tmp_path, lits, "1.2.3.9")
+    square = [[2.0, 2.0], [2.0, 6.0], [6.0, 6.0], [6.0, 2.0]]
+    files = dicom_series_files(folder)
+    path = write_rtstruct(files, tmp_path / "rs.dcm", {"liver": [(1, square)], "liver tumour": [(1, square)]}, **written)
+    return {"image": str(folder), "label": path}
+
+
+def _rtstruct_off_the_slices(tmp_path, lits):
+    import pydicom
+
+    from monai_effq.data import lits_transforms
+
+    case = _rtstruct_case(tmp_path, lits)
+    ds = pydicom.dcmread(case["label"])
+    contour = ds.ROIContourSequence[0].ContourSequence[0]
+    contour.ContourData = [float(v) + (0.0 if i % 3 < 2 else 0.4) for i, v in enumerate(contour.ContourData)]  # off along z
+    ds.save_as(case["label"])
+    lits_transforms(train=False)(case)
+
+
+def _rtstruct_of_open_contours(tmp_path, lits):
+    from monai_effq.data import lits_transforms
+
+    lits_transforms(train=False)(_rtstruct_case(tmp_path, lits, contour_type="OPEN_PLANAR"))
+
+
 def _seg_label_of_a_file(tmp_path, lits):
     validate_datalist([{"image": str(next(lits.glob("volume-*.nii"))), "label": _seg_case(tmp_path, lits)["label"]}])
 
@@ -503,16 +532,18 @@ TRIGGERS = {
     "the mask does not lie on the grid of DICOM slice <file>": _seg_off_the_grid,
     "DICOM file <file> of the series in <folder> holds a value a DICOM SEG cannot copy: <reason>": _seg_source_with_a_malformed_value,
     "DICOM file <file> in <folder> is a multi-frame (enhanced) image, which DICOM SEG masks do not support yet": _seg_source_multi_frame,
-    "DICOM SEG label <file> segments another series than its image <folder>": _seg_of_another_series,
-    "DICOM SEG label <file> has no segment labelled <name>; it holds: <segments>": _seg_without_a_segment,
-    "DICOM SEG label <file> has no segment labelled or numbered <segment>; it holds: <segments>": _seg_mapping_a_missing_segment,
+    "<DICOM SEG or RTSTRUCT> label <file> segments another series than its image <folder>": _seg_of_another_series,
+    "<DICOM SEG or RTSTRUCT> label <file> has no segment labelled <name>; it holds: <segments>": _seg_without_a_segment,
+    "<DICOM SEG or RTSTRUCT> label <file> has no segment labelled or numbered <segment>; it holds: <segments>": _seg_mapping_a_missing_segment,
     "seg_segments maps segment <segment> to <value>, which is not one of this dataset's labels <labels>": (
         lambda t, d: lits_transforms(train=False, seg_segments={"Segment_1": 4})
     ),
-    "dataset entry <n>: label <file> is a DICOM SEG, which lies on the DICOM series it segments, but the image is <file>": (
+    "dataset entry <n>: label <file> is <a DICOM SEG or an RTSTRUCT>, which lies on the DICOM series it segments, but the image is <file>": (
         _seg_label_of_a_file
     ),
-    "DICOM SEG label <file> needs its image read from the DICOM series it segments": _seg_label_loaded_beside_a_file,
+    "<DICOM SEG or RTSTRUCT> label <file> needs its image read from the DICOM series it segments": _seg_label_loaded_beside_a_file,
+    "RTSTRUCT label <file>: a contour of ROI <n> does not lie in the plane of a slice of the series": _rtstruct_off_the_slices,
+    "RTSTRUCT label <file>: ROI <n> holds an <type> contour, which outlines no area": _rtstruct_of_open_contours,
     "the images of one case are not on one grid: <file> is <grid> where <file> is <grid>": _case_off_one_grid,
     "learning_rate must be a positive number such as 1e-4, got <value>": lambda t, d: check_finetune_settings(300, 25, 0.0, 2),
     "body_mask selects no voxel of the calibration data": (

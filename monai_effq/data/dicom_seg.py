@@ -605,37 +605,48 @@ def _version() -> str:
     return f"monai-effq {__version__}"
 
 
-def is_dicom_seg(path: str | PathLike) -> bool:
-    """Whether ``path`` is a DICOM Segmentation (SEG) file, binary, fractional or label map, by its file meta header.
+def media_storage_class(path: str | PathLike) -> str:
+    """The Media Storage SOP Class UID in a DICOM file's meta header: what kind of object the file holds.
 
-    The header is read by pydicom where it is installed, else by a reader of the standard layout, so
-    that a DICOM image file is told apart where the ``dicom`` extra is not installed.
+    The header is read by pydicom where the ``dicom`` extra is installed, else by a reader of the
+    standard layout, so that a DICOM image file is told apart without it.
 
     Args:
         path: any path.
 
     Returns:
-        True for a file whose media storage SOP class is a Segmentation's; False for anything else,
-        also a file that cannot be read (the image reader names it).
-
-    Raises:
-        MissingExtraError: for a SEG when highdicom (the ``dicom`` extra), which reads it, is not installed.
+        the UID, or ``""`` for anything but a DICOM file with a meta header, also a file that cannot be
+        read (the image reader names it).
     """
     path = Path(path)
     try:
         if not path.is_file():
-            return False
+            return ""
         with open(path, "rb") as stream:
             head = stream.read(132)
             if head[128:132] != b"DICM":
-                return False
+                return ""
             if has_highdicom:  # and so pydicom
-                sop_class = str(read_file_meta_info(path).get("MediaStorageSOPClassUID", ""))
-            else:
-                sop_class = _media_storage_class(stream.read(4096))
-    except Exception:  # unreadable, or a damaged meta header: not a SEG this can read; the image reader names the file
-        return False
-    if sop_class not in SEGMENTATION_CLASSES:
+                return str(read_file_meta_info(path).get("MediaStorageSOPClassUID", ""))
+            return _media_storage_class(stream.read(4096))
+    except Exception:  # unreadable, or a damaged meta header
+        return ""
+
+
+def is_dicom_seg(path: str | PathLike) -> bool:
+    """Whether ``path`` is a DICOM Segmentation (SEG) file, binary, fractional or label map, by its file meta header.
+
+    Args:
+        path: any path.
+
+    Returns:
+        True for a file whose media storage SOP class is a Segmentation's (:func:`media_storage_class`);
+        False for anything else, also a file that cannot be read (the image reader names it).
+
+    Raises:
+        MissingExtraError: for a SEG when highdicom (the ``dicom`` extra), which reads it, is not installed.
+    """
+    if media_storage_class(path) not in SEGMENTATION_CLASSES:
         return False
     if not has_highdicom:
         raise MissingExtraError(
@@ -702,19 +713,9 @@ def read_seg_labels(
         raise DatasetError(
             f"cannot read DICOM SEG label {path}: {image_error_reason(e)}; re-export it (a label-map SEG needs highdicom 0.24 or later)."
         ) from e
-    referenced = {uid for _, _, uid in seg.get_source_image_uids()}
-    folders = [series] if isinstance(series, (str, PathLike)) else list(series)
-    for folder in folders:
-        slices = [pydicom.dcmread(file, stop_before_pixels=True) for file in dicom_series_files(folder)]
-        ours = [str(header.SOPInstanceUID) for header in slices]
-        if referenced & set(ours):
-            break
-    else:
-        raise DatasetError(
-            f"DICOM SEG label {path} segments another series than its image {', '.join(str(f) for f in folders)} (it references "
-            f"none of the slices): pair each image with the SEG made on it."
-        )
-    numbers = _segment_numbers(seg, labels, path)
+    folder, slices = referenced_series(series, {uid for _, _, uid in seg.get_source_image_uids()}, f"DICOM SEG label {path}")
+    ours = [str(header.SOPInstanceUID) for header in slices]
+    numbers = match_segments(_seg_segments(seg), labels, f"DICOM SEG label {path}")
     try:
         with _quiet_highdicom():
             frames = seg.get_pixels_by_source_instance(ours, segment_numbers=numbers, assert_missing_frames_are_empty=True)
@@ -725,7 +726,40 @@ def read_seg_labels(
         ) from e
     frames = np.asarray(frames)
     # a fractional segment counts where its value is at least half
-    masks = frames_on_grid(frames >= (0.5 if frames.dtype.kind == "f" else 1), affine, slices, shape, space)
+    return paint_labels(frames_on_grid(frames >= (0.5 if frames.dtype.kind == "f" else 1), affine, slices, shape, space), labels)
+
+
+def referenced_series(
+    series: str | PathLike | Sequence[str | PathLike], sop_uids: set[str], source: str, series_uids: set[str] | None = None
+) -> tuple[str | PathLike, list[Any]]:
+    """The folder, of a case's series, that a label object was drawn on, and its slices' headers.
+
+    Args:
+        series: the case's series folder, or its folders (a multi-contrast case).
+        sop_uids: the slices (SOP Instance UIDs) the object references.
+        source: the object as the error names it (``"DICOM SEG label <file>"``).
+        series_uids: the series (Series Instance UIDs) it references, where it names them.
+
+    Returns:
+        the folder and its slices' headers, in the order of :func:`~monai_effq.data.dicom_series_files`.
+
+    Raises:
+        DatasetError: when it references none of the folders' slices or series.
+    """
+    folders = [series] if isinstance(series, (str, PathLike)) else list(series)
+    for folder in folders:
+        slices = [pydicom.dcmread(file, stop_before_pixels=True) for file in dicom_series_files(folder)]
+        ours = {str(header.SOPInstanceUID) for header in slices}
+        if sop_uids & ours or str(slices[0].get("SeriesInstanceUID", "")) in (series_uids or set()):
+            return folder, slices
+    raise DatasetError(
+        f"{source} segments another series than its image {', '.join(str(f) for f in folders)} (it references none of "
+        "the slices): pair each image with the labels drawn on it."
+    )
+
+
+def paint_labels(masks: np.ndarray, labels: SegLabels) -> np.ndarray:
+    """``(S, X, Y, Z)`` segment masks as one ``(X, Y, Z)`` uint8 label map, each painted with its value, later over earlier."""
     out = np.zeros(masks.shape[1:], dtype=np.uint8)
     for value, mask in zip(labels.values, masks):
         out[mask] = value
@@ -736,9 +770,8 @@ def _normalised(label: str) -> str:
     return " ".join(str(label).casefold().replace("tumor", "tumour").replace("_", " ").split())
 
 
-def _segment_numbers(seg: Any, labels: SegLabels, path: str | PathLike) -> list[int]:
-    """The SEG's segment number for each of the segments ``labels`` names."""
-    segments = labels.segments
+def _seg_segments(seg: Any) -> list[tuple[int, str, tuple[str, str] | None]]:
+    """Each segment of a SEG: its number, label and coded property type ``(value, scheme)``."""
     found = []
     for item in seg.SegmentSequence:
         code = item.get("SegmentedPropertyTypeCodeSequence")
@@ -746,6 +779,25 @@ def _segment_numbers(seg: Any, labels: SegLabels, path: str | PathLike) -> list[
         concept = hd.sr.CodedConcept.from_dataset(code[0]) if code else None
         key = (str(concept.value), str(concept.scheme_designator)) if concept is not None else None
         found.append((int(item.SegmentNumber), str(item.get("SegmentLabel", "")), key))
+    return found
+
+
+def match_segments(found: Sequence[tuple[int, str, tuple[str, str] | None]], labels: SegLabels, source: str) -> list[int]:
+    """The number of each segment ``labels`` names, among those of a label object.
+
+    Args:
+        found: the object's segments (a SEG's segments, an RTSTRUCT's ROIs): number, label, and coded
+            property type ``(value, scheme)`` or None.
+        labels: the segments to find (by label, code or number, see :class:`SegLabels`).
+        source: the object as the error names it (``"DICOM SEG label <file>"``).
+
+    Returns:
+        a segment number per segment of ``labels``, in its order.
+
+    Raises:
+        DatasetError: listing what the object holds, when a segment is missing or matches several.
+    """
+    segments = labels.segments
     listed = ", ".join(f"{n} {label!r}" + (f" ({code[1]} {code[0]})" if code else "") for n, label, code in found)
     numbers = []
     for segment in segments:
@@ -762,17 +814,18 @@ def _segment_numbers(seg: Any, labels: SegLabels, path: str | PathLike) -> list[
                 "painted in that order)"
             )
             if isinstance(segment, Segment):
-                named = f"labelled {segment.label!r}" + (f" or coded {wanted.meaning} ({wanted.scheme_designator} {wanted.value})" if wanted else "")
+                coded = wanted is not None and any(code for _, _, code in found)  # an RTSTRUCT's ROIs carry no codes
+                named = f"labelled {segment.label!r}" + (f" or coded {wanted.meaning} ({wanted.scheme_designator} {wanted.value})" if coded else "")
                 fix = f"Name its segments {[s.label for s in segments if isinstance(s, Segment)]}, or map them {mapping}"
             else:
                 named = f"labelled or numbered {segment!r}"
                 fix = f"Map the segments it holds {mapping}"
-            raise DatasetError(f"DICOM SEG label {path} has {why} {named}; it holds: {listed}. {fix}, or give the labels as NIfTI files.")
+            raise DatasetError(f"{source} has {why} {named}; it holds: {listed}. {fix}, or give the labels as NIfTI files.")
         numbers.append(match[0])
     return numbers
 
 
-def _by_label_or_code(found: list[tuple[int, str, Any]], segment: Segment, segments: Sequence[Segment | str | int]) -> tuple[list[int], Any]:
+def _by_label_or_code(found: Sequence[tuple[int, str, Any]], segment: Segment, segments: Sequence[Segment | str | int]) -> tuple[list[int], Any]:
     """The segment numbers that match ``segment`` by label, else by coded type, and the code looked for (or None)."""
     by_label = [n for n, label, _ in found if _normalised(label) == _normalised(segment.label)]
     # a type two of ``segments`` share (BraTS' core and whole tumour are both neoplasms) tells them not apart

@@ -393,8 +393,8 @@ def check_nifti(path: str | os.PathLike, read_data: bool = True) -> tuple[int, .
 def validate_datalist(datalist: Sequence[Mapping[str, Any]], read_data: bool = False) -> None:
     """Check every file of a dataset list, and that images and labels share a spatial shape.
 
-    Images are NIfTI files or DICOM series folders; a series' label may be a DICOM SEG file (placed on
-    the series when it is loaded, so its shape is not compared here).
+    Images are NIfTI files or DICOM series folders; a series' label may be a DICOM SEG or RTSTRUCT file
+    (placed on the series when it is loaded, so its shape is not compared here).
 
     Args:
         datalist: cases as returned by :func:`load_datalist`; ``"image"`` may be one path or a list.
@@ -406,6 +406,10 @@ def validate_datalist(datalist: Sequence[Mapping[str, Any]], read_data: bool = F
     # these modules import this one
     from monai_effq.data.dicom_seg import is_dicom_seg
     from monai_effq.data.images import dicom_series_files
+    from monai_effq.data.rtstruct import is_rtstruct
+
+    def dicom_labels(path: Any) -> str | None:
+        return "a DICOM SEG" if is_dicom_seg(path) else "an RTSTRUCT" if is_rtstruct(path) else None
 
     if not datalist:
         raise DatasetError("the dataset list is empty; nothing to validate.")
@@ -419,12 +423,12 @@ def validate_datalist(datalist: Sequence[Mapping[str, Any]], read_data: bool = F
         if series:
             if len(series) < len(images):
                 raise DatasetError(f"dataset entry {i} mixes DICOM series folders and image files: {images}; give one kind.")
-            if "label" in item and not is_dicom_seg(item["label"]):
+            if "label" in item and not dicom_labels(item["label"]):
                 check_nifti(item["label"], read_data=read_data)
             continue
-        if "label" in item and is_dicom_seg(item["label"]):
+        if "label" in item and dicom_labels(item["label"]):
             raise DatasetError(
-                f"dataset entry {i}: label {item['label']} is a DICOM SEG, which lies on the DICOM series it segments, but "
+                f"dataset entry {i}: label {item['label']} is {dicom_labels(item['label'])}, which lies on the DICOM series it segments, but "
                 f"the image is {images[0]}: give that series' folder as the image, or the label as NIfTI."
             )
         shapes = {str(p): check_nifti(p, read_data=read_data) for p in images}

@@ -49,6 +49,7 @@ from monai.transforms import (
 from monai.utils import TransformBackends
 
 from monai_effq.data.dicom_seg import BRATS_MSD_SEG_LABELS, BRATS_NATIVE_SEG_LABELS, LITS_SEG_LABELS, SegLabels, is_dicom_seg, read_seg_labels
+from monai_effq.data.rtstruct import is_rtstruct, read_rtstruct_labels
 from monai_effq.data.images import dicom_series_files, image_error_reason
 from monai_effq.data.layouts import NIFTI_SUFFIXES, DatasetError, check_nifti
 from monai_effq.utils.errors import UserInputError, all_finite
@@ -290,13 +291,14 @@ class LoadImageFilesd(LoadImaged):
     whatever other DICOM readers are installed (the checks, and the mask's DICOM SEG, follow its
     slice order and geometry).
 
-    A label given as a DICOM SEG file (as an archive, OHIF or MONAI Label store annotations) is read
-    onto the grid of the image loaded beside it, which must come from the series the SEG segments,
-    and painted in the dataset's label convention (``seg_labels``).
+    A label given as a DICOM SEG file (as an archive, OHIF or MONAI Label store annotations) or as an
+    RTSTRUCT (a radiotherapy plan's contours) is read onto the grid of the image loaded beside it,
+    which must come from the series the labels were drawn on, and painted in the dataset's label
+    convention (``seg_labels``).
 
     Args:
         args: as ``LoadImaged``.
-        seg_labels: how a DICOM SEG's segments become this dataset's labels (e.g.
+        seg_labels: how a DICOM SEG's segments (an RTSTRUCT's ROIs) become this dataset's labels (e.g.
             :data:`~monai_effq.data.dicom_seg.LITS_SEG_LABELS`); None refuses SEG labels.
         kwargs: as ``LoadImaged``.
     """
@@ -307,12 +309,13 @@ class LoadImageFilesd(LoadImaged):
         self.seg_labels = seg_labels
 
     def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
-        segs = {key: data[key] for key in self.key_iterator(dict(data)) if isinstance(data[key], (str, os.PathLike)) and is_dicom_seg(data[key])}
+        segs = {key: data[key] for key in self.key_iterator(dict(data)) if _dicom_labels(data[key])}
         if not segs:
             return self._load(data, reader)
         if self.seg_labels is None:
+            path = next(iter(segs.values()))
             raise DatasetError(
-                f"{next(iter(segs.values()))} is a DICOM SEG, which this loader cannot turn into labels: use the dataset's "
+                f"{path} is {_dicom_labels(path)}, which this loader cannot turn into labels: use the dataset's "
                 "preprocessing (brats_transforms, lits_transforms), which knows its label convention, or NIfTI labels."
             )
         # the other keys loaded by a shallow copy that may miss the SEG's keys (this loader may be shared by threads)
@@ -328,14 +331,16 @@ class LoadImageFilesd(LoadImaged):
         """The SEG at ``path`` as labels on the grid of ``image``, loaded from ``source``, with its metadata (a label
         without channel axis)."""
         folders = list(source) if isinstance(source, (list, tuple)) else [source]
+        kind = _dicom_labels(path).split(" ", 1)[1]
         if image is None or not all(isinstance(f, (str, os.PathLike)) and Path(f).is_dir() for f in folders):
             raise DatasetError(
-                f"DICOM SEG label {path} needs its image read from the DICOM series it segments, but the image is "
+                f"{kind} label {path} needs its image read from the DICOM series it segments, but the image is "
                 f"{source or 'not loaded'}: give the series folder as the image, or the label as NIfTI."
             )
         affine = image.affine.detach().cpu().numpy()
-        # a multi-contrast case's series are stacked as one image on one grid: the SEG may lie on any of them
-        labels = read_seg_labels(path, folders, affine, image.shape[-3:], self.seg_labels, str(image.meta.get("space", "RAS")))
+        read = read_seg_labels if kind == "DICOM SEG" else read_rtstruct_labels
+        # a multi-contrast case's series are stacked as one image on one grid: the labels may lie on any of them
+        labels = read(path, folders, affine, image.shape[-3:], self.seg_labels, str(image.meta.get("space", "RAS")))
         meta = {**image.meta, "filename_or_obj": str(path), "original_channel_dim": "no_channel"}
         return MetaTensor(torch.from_numpy(labels), affine=image.affine.clone(), meta=meta)
 
@@ -359,6 +364,13 @@ class LoadImageFilesd(LoadImaged):
             raise DatasetError(
                 f"cannot read image file(s) {[str(p) for p in paths]}: {image_error_reason(e)}; re-export or remove them."
             ) from e
+
+
+def _dicom_labels(value: Any) -> str | None:
+    """What kind of DICOM label object ``value`` names: ``"a DICOM SEG"``, ``"an RTSTRUCT"``, or None for anything else."""
+    if not isinstance(value, (str, os.PathLike)):
+        return None
+    return "a DICOM SEG" if is_dicom_seg(value) else "an RTSTRUCT" if is_rtstruct(value) else None
 
 
 @contextlib.contextmanager

@@ -1,0 +1,213 @@
+"""Radiotherapy structure sets (RTSTRUCT) as labels: each ROI's contours filled on the slices they outline.
+
+Where a hospital plans radiotherapy, its organ and tumour annotations are kept as an RTSTRUCT beside
+the planning CT: per ROI, closed polygons in patient coordinates (mm), one or more per slice. To
+score a network against them, each polygon is put on the slice whose plane it lies in (by geometry,
+as a DICOM SEG's frames are) and filled there: a pixel belongs to the ROI when its centre lies inside
+the polygon or on its edge, and polygons of one ROI on one slice combine by parity, so a contour
+inside another cuts a hole, as planning systems draw a ring. The filled slices are then placed on
+the image's voxel grid exactly as a SEG's frames are (:func:`~monai_effq.data.dicom_seg.frames_on_grid`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from monai.config import PathLike
+from monai.utils import optional_import
+
+from monai_effq.data.dicom_seg import (
+    SegLabels,
+    frames_on_grid,
+    match_segments,
+    media_storage_class,
+    paint_labels,
+    referenced_series,
+    require_highdicom,
+)
+from monai_effq.data.images import image_error_reason
+from monai_effq.data.layouts import DatasetError
+
+pydicom, _ = optional_import("pydicom")
+
+__all__ = ["RTSTRUCT_CLASS", "is_rtstruct", "fill_polygon", "read_rtstruct_labels"]
+
+RTSTRUCT_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
+"""RT Structure Set Storage."""
+
+# a pixel centre this close to an edge (in pixels) lies on it: contours traced through the centres of a
+# mask's border pixels (as mask-to-RTSTRUCT converters write them) give back the mask
+_EDGE_TOLERANCE = 1e-3
+# a contour further than this from a slice's plane (in slice steps) lies between slices
+_PLANE_TOLERANCE = 0.25
+
+
+def is_rtstruct(path: str | PathLike) -> bool:
+    """Whether ``path`` is an RTSTRUCT file, by its file meta header.
+
+    Args:
+        path: any path.
+
+    Returns:
+        True for an RT Structure Set; False for anything else, also a file that cannot be read.
+
+    Raises:
+        MissingExtraError: for an RTSTRUCT when the ``dicom`` extra, which reads it, is not installed.
+    """
+    if media_storage_class(path) != RTSTRUCT_CLASS:
+        return False
+    require_highdicom()
+    return True
+
+
+def fill_polygon(points: np.ndarray, rows: int, columns: int) -> np.ndarray:
+    """The pixels of a ``rows`` x ``columns`` slice whose centres lie inside a closed polygon or on its edge.
+
+    Args:
+        points: ``(K, 2)`` vertices as (row, column) pixel coordinates, pixel centres at whole numbers;
+            the last vertex joins the first.
+        rows: the slice's rows.
+        columns: the slice's columns.
+
+    Returns:
+        ``(rows, columns)`` bool.
+    """
+    out = np.zeros((rows, columns), dtype=bool)
+    if len(points) < 3:
+        return out
+    y0, x0 = points[:, 0], points[:, 1]
+    y1, x1 = np.roll(y0, -1), np.roll(x0, -1)
+    # inside: each row's centres between pairs of the edges it crosses (half-open, so a vertex is crossed once)
+    first, last = max(int(np.ceil(y0.min())), 0), min(int(np.floor(y0.max())), rows - 1)
+    if first <= last:
+        y = np.arange(first, last + 1, dtype=np.float64)[:, None]
+        crosses = ((y0 <= y) & (y < y1)) | ((y1 <= y) & (y < y0))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x = np.sort(np.where(crosses, x0 + (y - y0) * (x1 - x0) / (y1 - y0), np.nan), axis=1)  # NaN last
+        pairs = 2 * (x.shape[1] // 2)  # each row crosses an even number of edges
+        starts, stops = x[:, 0:pairs:2], x[:, 1:pairs:2]
+        keep = ~np.isnan(starts) & ~np.isnan(stops)
+        row = np.broadcast_to(np.arange(len(y))[:, None], starts.shape)[keep]
+        lo = np.clip(np.ceil(starts[keep]), 0, columns).astype(np.int64)
+        hi = np.clip(np.floor(stops[keep]) + 1, 0, columns).astype(np.int64)
+        spans = np.zeros((len(y), columns + 1), dtype=np.int64)
+        np.add.at(spans, (row[lo < hi], lo[lo < hi]), 1)
+        np.add.at(spans, (row[lo < hi], hi[lo < hi]), -1)
+        out[first : last + 1] |= np.cumsum(spans, axis=1)[:, :columns] > 0
+    # on an edge: the centres each edge passes through, stepping along its longer extent
+    for a, b in zip(points, np.roll(points, -1, axis=0)):
+        along = 0 if abs(b[0] - a[0]) >= abs(b[1] - a[1]) else 1
+        if a[along] == b[along]:  # a repeated vertex
+            continue
+        steps = np.arange(np.ceil(min(a[along], b[along]) - _EDGE_TOLERANCE), np.floor(max(a[along], b[along]) + _EDGE_TOLERANCE) + 1)
+        across = a[1 - along] + (steps - a[along]) * (b[1 - along] - a[1 - along]) / (b[along] - a[along])
+        hit = np.abs(across - np.rint(across)) <= _EDGE_TOLERANCE
+        r, c = (steps[hit], np.rint(across[hit])) if along == 0 else (np.rint(across[hit]), steps[hit])
+        inside = (r >= 0) & (r < rows) & (c >= 0) & (c < columns)
+        out[r[inside].astype(np.int64), c[inside].astype(np.int64)] = True
+    return out
+
+
+def _rois(ds: Any) -> list[tuple[int, str, None]]:
+    return [(int(item.ROINumber), str(item.get("ROIName", "")), None) for item in ds.get("StructureSetROISequence", [])]
+
+
+def _references(ds: Any) -> tuple[set[str], set[str]]:
+    """The slices (from the contours) and series (from the frame of reference) an RTSTRUCT references."""
+    sops = {
+        str(image.ReferencedSOPInstanceUID)
+        for roi in ds.get("ROIContourSequence", [])
+        for contour in roi.get("ContourSequence", [])
+        for image in contour.get("ContourImageSequence", [])
+    }
+    series = {
+        str(item.SeriesInstanceUID)
+        for frame in ds.get("ReferencedFrameOfReferenceSequence", [])
+        for study in frame.get("RTReferencedStudySequence", [])
+        for item in study.get("RTReferencedSeriesSequence", [])
+    }
+    return sops, series
+
+
+def _slice_frames(ds: Any, numbers: Sequence[int], slices: Sequence[Any], source: str) -> np.ndarray:
+    """``(len(slices), rows, columns, len(numbers))`` bool: each ROI's closed contours filled on the slices they lie in."""
+    first = slices[0]
+    rows, columns = int(first.Rows), int(first.Columns)
+    orientation = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
+    along_row, along_column = orientation[:3], orientation[3:]  # the directions of increasing column, row index
+    normal = np.cross(along_row, along_column)
+    row_spacing, column_spacing = (float(v) for v in first.PixelSpacing)
+    origins = np.array([np.asarray(h.ImagePositionPatient, dtype=np.float64) for h in slices])
+    depths = origins @ normal
+    step = float(np.median(np.abs(np.diff(np.sort(depths))))) if len(slices) > 1 else 1.0
+    frames = np.zeros((len(slices), rows, columns, len(numbers)), dtype=bool)
+    by_number = {int(item.ReferencedROINumber): item for item in ds.get("ROIContourSequence", [])}
+    for k, number in enumerate(numbers):
+        for contour in by_number[number].get("ContourSequence", []) if number in by_number else []:
+            kind = str(contour.get("ContourGeometricType", "CLOSED_PLANAR"))
+            if kind == "POINT":  # a marker, with no area
+                continue
+            if kind != "CLOSED_PLANAR":
+                raise DatasetError(
+                    f"{source}: ROI {number} holds an {kind} contour, which outlines no area: give labels as closed contours, "
+                    "as a DICOM SEG, or as NIfTI."
+                )
+            points = np.asarray(contour.ContourData, dtype=np.float64).reshape(-1, 3)
+            depth = points @ normal
+            n = int(np.argmin(np.abs(depths - depth.mean())))
+            if np.abs(depth - depths[n]).max() > _PLANE_TOLERANCE * step:
+                raise DatasetError(
+                    f"{source}: a contour of ROI {number} does not lie in the plane of a slice of the series (it is "
+                    f"{np.abs(depth - depths[n]).max():.2f} mm from the nearest, slices {step:.2f} mm apart): the structure set "
+                    "was not drawn on this series' slices; give labels drawn on them, or as NIfTI."
+                )
+            offset = points - origins[n]
+            pixels = np.stack([offset @ along_column / row_spacing, offset @ along_row / column_spacing], axis=1)
+            frames[n, :, :, k] ^= fill_polygon(pixels, rows, columns)
+    return frames
+
+
+def read_rtstruct_labels(
+    path: str | PathLike,
+    series: str | PathLike | Sequence[str | PathLike],
+    affine: np.ndarray,
+    shape: Sequence[int],
+    labels: SegLabels,
+    space: str = "RAS",
+) -> np.ndarray:
+    """An RTSTRUCT as a label map on the grid of the series its contours were drawn on, in a dataset's label convention.
+
+    ROIs are found by name (the ``label`` of each :class:`~monai_effq.data.dicom_seg.Segment` of
+    ``labels``), or by the name or ROI number a user's mapping gives.
+
+    Args:
+        path: the RTSTRUCT file.
+        series: the folder of the DICOM series it outlines (the image's), or a multi-contrast case's
+            folders, all on one grid.
+        affine: the image's voxel-to-world affine, 4x4.
+        shape: the image's spatial shape ``(X, Y, Z)``.
+        labels: which ROIs to read and the label value of each.
+        space: the world frame of ``affine``, ``"RAS"`` or ``"LPS"``.
+
+    Returns:
+        ``(X, Y, Z)`` uint8 labels, 0 outside every ROI read.
+
+    Raises:
+        DatasetError: when the file is not a readable RTSTRUCT, outlines another series, lacks an ROI of
+            ``labels`` or holds it twice, or a contour lies off the series' slices or is not closed.
+        MissingExtraError: without the ``dicom`` extra.
+    """
+    require_highdicom()
+    source = f"RTSTRUCT label {path}"
+    try:
+        ds = pydicom.dcmread(path)
+        rois = _rois(ds)
+    except Exception as e:  # pydicom raises many unrelated types for a damaged file
+        raise DatasetError(f"cannot read {source}: {image_error_reason(e)}; re-export it.") from e
+    sops, series_uids = _references(ds)
+    _, slices = referenced_series(series, sops, source, series_uids)
+    numbers = match_segments(rois, labels, source)
+    frames = _slice_frames(ds, numbers, slices, source)
+    return paint_labels(frames_on_grid(frames, affine, slices, shape, space), labels)

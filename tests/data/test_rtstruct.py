@@ -1,0 +1,162 @@
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.transforms import LoadImage
+
+from monai_effq.data import DatasetError, LoadImageFilesd, lits_transforms, validate_datalist
+from monai_effq.data.dicom_seg import LITS_SEG_LABELS, SegLabels
+from monai_effq.data.rtstruct import fill_polygon, is_rtstruct, read_rtstruct_labels
+
+from ..dicom import write_dicom_series, write_rtstruct
+
+pytest.importorskip("highdicom")
+pydicom = pytest.importorskip("pydicom")
+
+# a CT as scanners store it (left-right and front-back flipped against RAS), and one tilted in-plane and through-plane
+_AFFINES = {
+    "axial": np.array([[-0.8, 0, 0, 40.0], [0, -0.9, 0, 30.0], [0, 0, 2.5, -12.0], [0, 0, 0, 1]]),
+    "sagittal": np.array([[0, 0, 2.0, -10.0], [0.7, 0, 0, 5.0], [0, -0.75, 0, 60.0], [0, 0, 0, 1]]),
+    "oblique": np.array([[0.8 * np.cos(0.3), -0.9 * np.sin(0.3), 0, 1.0], [0.8 * np.sin(0.3), 0.9 * np.cos(0.3), 0, 2.0], [0, 0, 1.5, 3.0], [0, 0, 0, 1]]),
+}
+
+
+def _rectangle(top, left, bottom, right):
+    return np.array([[top, left], [top, right], [bottom, right], [bottom, left]], dtype=np.float64)
+
+
+def _diamond(row, column, radius):
+    return np.array([[row - radius, column], [row, column + radius], [row + radius, column], [row, column - radius]], dtype=np.float64)
+
+
+# what each ROI outlines, per slice: membership of pixel (row, column), as the shapes are defined
+def _in_rectangle(r, c, top, left, bottom, right):
+    return (top <= r) & (r <= bottom) & (left <= c) & (c <= right)
+
+
+def _in_diamond(r, c, row, column, radius):
+    return np.abs(r - row) + np.abs(c - column) <= radius
+
+
+def _drawing():
+    """ROI name -> contours (slice, polygon), and the expected membership of pixel (slice, row, column) per ROI."""
+    rois = {
+        # a liver over slices 2-6, with a hole (a second contour inside the first) on slice 5
+        "Liver": [(k, _rectangle(3, 4, 12, 15)) for k in range(2, 7)] + [(5, _rectangle(6, 8, 8, 10))],
+        "GTV": [(3, _diamond(8, 9, 3)), (4, _diamond(8, 9, 2))],
+    }
+
+    def liver(k, r, c):
+        inside = np.isin(k, range(2, 7)) & _in_rectangle(r, c, 3, 4, 12, 15)
+        return inside & ~((k == 5) & _in_rectangle(r, c, 6, 8, 8, 10))
+
+    def tumour(k, r, c):
+        return ((k == 3) & _in_diamond(r, c, 8, 9, 3)) | ((k == 4) & _in_diamond(r, c, 8, 9, 2))
+
+    return rois, liver, tumour
+
+
+def _series(tmp_path, affine, shape=(20, 24, 10), **series):
+    voxels = np.random.default_rng(0).integers(-100, 100, shape).astype(np.int16)
+    nib.save(nib.Nifti1Image(voxels, affine), str(tmp_path / "ct.nii.gz"))
+    return write_dicom_series(tmp_path / "ct.nii.gz", tmp_path / "series", **series)
+
+
+def _expected(image, files, liver, tumour):
+    """The labels each voxel of ``image`` should get: its centre taken to the slice and pixel it lies on, by the slices' own geometry."""
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    shape = image.shape[1:]
+    index = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).reshape(-1, 3)
+    world = (image.affine.numpy() @ np.c_[index, np.ones(len(index))].T).T[:, :3] * [-1, -1, 1]  # RAS -> LPS
+    orientation = np.asarray(headers[0].ImageOrientationPatient, dtype=np.float64)
+    normal = np.cross(orientation[:3], orientation[3:])
+    depths = np.array([np.asarray(h.ImagePositionPatient, dtype=np.float64) @ normal for h in headers])
+    k = np.abs(world @ normal - depths[:, None]).argmin(0)
+    offset = world - np.array([h.ImagePositionPatient for h in headers], dtype=np.float64)[k]
+    row_spacing, column_spacing = (float(v) for v in headers[0].PixelSpacing)
+    r, c = np.rint(offset @ orientation[3:] / row_spacing), np.rint(offset @ orientation[:3] / column_spacing)
+    labels = np.where(tumour(k, r, c), 2, np.where(liver(k, r, c), 1, 0))
+    return labels.reshape(shape).astype(np.uint8)
+
+
+def test_a_polygon_fills_the_pixels_whose_centres_lie_inside_or_on_its_edges():
+    square = fill_polygon(_rectangle(1, 2, 4, 6), 8, 9)  # corners on pixel centres: the border is the ROI's
+    r, c = np.mgrid[:8, :9]
+    assert np.array_equal(square, _in_rectangle(r, c, 1, 2, 4, 6))
+    assert np.array_equal(fill_polygon(_diamond(4, 4, 3), 9, 9), _in_diamond(*np.mgrid[:9, :9], 4, 4, 3))
+    # between centres, a pixel belongs where its centre is inside
+    assert np.array_equal(fill_polygon(_rectangle(0.5, 0.5, 2.5, 3.5), 5, 5), _in_rectangle(r[:5, :5], c[:5, :5], 1, 1, 2, 3))
+    # a concave L, clipped by the slice's edge
+    ell = np.array([[-3, -3], [-3, 2], [1, 2], [1, 5], [3, 5], [3, -3]], dtype=np.float64)
+    r, c = np.mgrid[:6, :7]
+    assert np.array_equal(fill_polygon(ell, 6, 7), (r <= 3) & (c <= 5) & ((c <= 2) | (r >= 1)))
+    # a random convex polygon against the half-planes of its edges, counter-clockwise or not
+    rng = np.random.default_rng(1)
+    angles = np.sort(rng.uniform(0, 2 * np.pi, 9))
+    polygon = np.c_[10 + 7.3 * np.sin(angles), 11 + 8.1 * np.cos(angles)]
+    r, c = np.mgrid[:22, :24]
+    edges = np.roll(polygon, -1, 0) - polygon
+    side = edges[:, 0, None, None] * (c[None] - polygon[:, 1, None, None]) - edges[:, 1, None, None] * (r[None] - polygon[:, 0, None, None])
+    inside = (side >= -1e-9).all(0) | (side <= 1e-9).all(0)
+    assert inside.sum() > 100 and np.array_equal(fill_polygon(polygon, 22, 24), inside)
+    assert np.array_equal(fill_polygon(polygon[::-1], 22, 24), inside)
+    assert not fill_polygon(polygon[:2], 22, 24).any()
+
+
+@pytest.mark.parametrize("orientation", list(_AFFINES))
+def test_an_rtstruct_reads_onto_its_series_as_the_shapes_its_contours_outline(tmp_path, orientation):
+    files = _series(tmp_path, _AFFINES[orientation])
+    image = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)(str(tmp_path / "series"))
+    rois, liver, tumour = _drawing()
+    path = write_rtstruct(files, tmp_path / "rs.dcm", rois)
+    assert is_rtstruct(path) and not is_rtstruct(files[0]) and not is_rtstruct(tmp_path / "ct.nii.gz")
+    expected = _expected(image, files, liver, tumour)
+    assert (expected == 1).sum() > 100 and (expected == 2).sum() > 10
+    labels = SegLabels.from_mapping({"Liver": 1, "GTV": 2}, (0, 1, 2))
+    got = read_rtstruct_labels(path, tmp_path / "series", image.affine.numpy(), image.shape[1:], labels)
+    assert got.dtype == np.uint8 and np.array_equal(got, expected)
+    # loaded beside its series, as a dataset's case
+    case = LoadImageFilesd(["image", "label"], seg_labels=labels)({"image": str(tmp_path / "series"), "label": path})
+    assert np.array_equal(case["label"].numpy(), expected) and case["label"].meta["filename_or_obj"] == path
+
+
+def test_rois_named_as_the_dataset_need_no_mapping_and_contours_need_not_name_their_slices(tmp_path):
+    files = _series(tmp_path, _AFFINES["axial"])
+    image = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)(str(tmp_path / "series"))
+    rois, liver, tumour = _drawing()
+    path = write_rtstruct(files, tmp_path / "rs.dcm", {"Liver": rois["Liver"], "Liver tumor": rois["GTV"]}, reference_images=False)
+    got = lits_transforms(train=False)({"image": str(tmp_path / "series"), "label": path})["label"]
+    nifti = tmp_path / "labels.nii.gz"
+    nib.save(nib.Nifti1Image(_expected(image, files, liver, tumour), image.affine.numpy()), str(nifti))
+    expected = lits_transforms(train=False)({"image": str(tmp_path / "ct.nii.gz"), "label": str(nifti)})["label"]
+    assert torch.equal(got, expected) and expected.unique().tolist() == [0, 1, 2]
+    validate_datalist([{"image": str(tmp_path / "series"), "label": path}], read_data=True)
+
+
+def test_an_rtstruct_of_another_series_off_its_slices_or_of_open_contours_is_refused_naming_why(tmp_path):
+    files = _series(tmp_path, _AFFINES["axial"])
+    folder = tmp_path / "series"
+    image = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)(str(folder))
+    args = (folder, image.affine.numpy(), image.shape[1:], LITS_SEG_LABELS)
+    rois = {"liver": [(2, _rectangle(3, 4, 12, 15))], "liver tumour": [(3, _diamond(8, 9, 2))]}
+    other = write_rtstruct(files, tmp_path / "other.dcm", rois, series_uid="1.2.3.4", reference_images=False)
+    with pytest.raises(DatasetError, match=r"RTSTRUCT label .*other.dcm segments another series than its image .*series"):
+        read_rtstruct_labels(other, *args)
+    named = write_rtstruct(files, tmp_path / "named.dcm", {"Leber": rois["liver"], "liver tumour": rois["liver tumour"]})
+    with pytest.raises(DatasetError, match=r"RTSTRUCT label .*named.dcm has no segment labelled 'liver'; it holds: 1 'Leber', 2 'liver tumour'"):
+        read_rtstruct_labels(named, *args)
+    open_ = write_rtstruct(files, tmp_path / "open.dcm", rois, contour_type="OPEN_PLANAR")
+    with pytest.raises(DatasetError, match=r"ROI 1 holds an OPEN_PLANAR contour, which outlines no area"):
+        read_rtstruct_labels(open_, *args)
+    between = write_rtstruct(files, tmp_path / "between.dcm", rois)
+    ds = pydicom.dcmread(between)
+    points = np.asarray(ds.ROIContourSequence[0].ContourSequence[0].ContourData, dtype=float).reshape(-1, 3)
+    points[:, 2] += 1.25  # half-way to the next slice (2.5 mm apart)
+    ds.ROIContourSequence[0].ContourSequence[0].ContourData = [f"{v:.4f}" for v in points.ravel()]
+    ds.save_as(between)
+    with pytest.raises(DatasetError, match=r"a contour of ROI 1 does not lie in the plane of a slice of the series \(it is 1.25 mm"):
+        read_rtstruct_labels(between, *args)
+    with pytest.raises(DatasetError, match=r"is an RTSTRUCT, which lies on the DICOM series it segments, but the image is .*ct.nii.gz"):
+        validate_datalist([{"image": str(tmp_path / "ct.nii.gz"), "label": str(between)}])
+    with pytest.raises(DatasetError, match=r"is an RTSTRUCT, which this loader cannot turn into labels"):
+        LoadImageFilesd(["image", "label"])({"image": str(folder), "label": str(between)})
