@@ -12,7 +12,7 @@ from pathlib import Path
 import itk
 import numpy as np
 
-__all__ = ["BRATS_COMPARTMENTS", "write_dicom_case", "write_dicom_series", "write_non_image_dicom", "write_rtstruct"]
+__all__ = ["BRATS_COMPARTMENTS", "write_dicom_case", "write_dicom_series", "write_non_image_dicom", "write_rtstruct", "write_rtstruct_case"]
 
 
 def _compartments() -> tuple:
@@ -237,3 +237,41 @@ def write_rtstruct(
     ds.ROIContourSequence = DicomSequence(roi_contours)
     pydicom.dcmwrite(str(path), ds, enforce_file_format=True)
     return str(path)
+
+
+def write_rtstruct_case(case: dict, folder: str | os.PathLike, rois: dict[str, Sequence[int]]) -> dict:
+    """A LiTS-like ``case`` as a planning system keeps it: the image a DICOM series, the label an RTSTRUCT of contours.
+
+    Each ROI's voxels are outlined slice by slice as one rectangle per run of voxels along a row, its
+    edges half a pixel out from the centres (so that filling it gives exactly those voxels back).
+
+    Args:
+        case: a case of NIfTI files (``"image"`` one path, ``"label"`` a label map).
+        folder: where the series (``series0/``) and the RTSTRUCT (``rtstruct.dcm``) go.
+        rois: ROI name -> the label values it covers (LiTS: ``{"liver": (1, 2), "liver tumour": (2,)}``).
+
+    Returns:
+        the case with the series folder as its image and the RTSTRUCT as its label.
+    """
+    import pydicom
+    from monai.transforms import LoadImaged, ResampleToMatchd
+
+    from monai_effq.data.dicom_seg import series_frames
+
+    folder = Path(folder)
+    files = write_dicom_series(case["image"], folder / "series0", series_uid=f"1.2.826.0.1.3680043.2.1125.{zlib.crc32(str(folder.resolve()).encode())}.1")
+    loaded = LoadImaged(["image", "label"], image_only=True, ensure_channel_first=True)({"image": str(folder / "series0"), "label": case["label"]})
+    loaded = ResampleToMatchd("label", key_dst="image", mode="nearest")(loaded)  # the label on the series as ITK reads it
+    label = np.asarray(loaded["label"])[0]
+    masks = np.stack([np.isin(label, values) for values in rois.values()])
+    slices = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    frames = series_frames(masks, loaded["image"].affine.numpy(), slices)  # (slices, rows, columns, ROIs)
+    drawn: dict[str, list] = {name: [] for name in rois}
+    for k, name in enumerate(rois):
+        for n, frame in enumerate(frames[..., k]):
+            for row, line in enumerate(frame):
+                edges = np.flatnonzero(np.diff(np.r_[0, line.astype(np.int8), 0]))  # run starts and ends
+                for start, stop in zip(edges[::2], edges[1::2]):
+                    rectangle = [[row - 0.5, start - 0.5], [row - 0.5, stop - 0.5], [row + 0.5, stop - 0.5], [row + 0.5, start - 0.5]]
+                    drawn[name].append((n, np.asarray(rectangle)))
+    return {"image": str(folder / "series0"), "label": write_rtstruct(files, folder / "rtstruct.dcm", drawn)}

@@ -16,10 +16,10 @@ import torch
 from monai.utils import ensure_tuple
 
 from monai_effq.bundle import datalist
-from monai_effq.data import LITS_SEGMENTS, make_brats_demo, make_lits_demo
+from monai_effq.data import LITS_SEGMENTS, make_brats_demo, make_lits_demo, split_datalist
 from monai_effq.utils.errors import find_user_error
 
-from ..dicom import BRATS_COMPARTMENTS, write_dicom_case, write_dicom_series
+from ..dicom import BRATS_COMPARTMENTS, write_dicom_case, write_dicom_series, write_rtstruct_case
 from .conftest import BUNDLES, ROI, ROOT, WORKFLOWS, bundle, config_files
 
 
@@ -122,7 +122,7 @@ def test_quantize_and_evaluate_run_from_the_bundle_configs(trained):
 
 
 @pytest.mark.slow
-def test_evaluation_on_dicom_series_with_seg_labels_scores_each_case_as_on_its_nifti_files(rtn_w4a8, tmp_path):
+def test_evaluation_on_dicom_series_with_seg_or_rtstruct_labels_scores_each_case_as_on_its_nifti_files(rtn_w4a8, tmp_path):
     pytest.importorskip("highdicom")
     name, work, common, classes = rtn_w4a8
     dataset = BUNDLES[name][0]
@@ -130,8 +130,15 @@ def test_evaluation_on_dicom_series_with_seg_labels_scores_each_case_as_on_its_n
     entries = []
     # BraTS: SEGs of necrosis, oedema and enhancing tumour, which --seg_segments maps to the Decathlon's labels
     segments, mapping = (BRATS_COMPARTMENTS, ["--seg_segments", "{'NCR': 2, 'ED': 1, 'ET': 3}"]) if dataset == "brats" else (LITS_SEGMENTS, [])
-    for i, case in enumerate(datalist(work / "data", dataset, "all")):
-        entry = write_dicom_case(case, task / f"case{i}", segments)
+    cases = datalist(work / "data", dataset, "all")
+    # LiTS: the labels of the first evaluated case, and of every other training case, are a radiotherapy plan's contours
+    evaluated = [i for i, case in enumerate(cases) if case in split_datalist(cases)[1]]
+    contoured = {evaluated[0]} | set(range(1, len(cases), 2)) - set(evaluated[1:]) if dataset == "lits" else set()
+    for i, case in enumerate(cases):
+        if i in contoured:
+            entry = write_rtstruct_case(case, task / f"case{i}", {"liver": (1, 2), "liver tumour": (2,)})
+        else:
+            entry = write_dicom_case(case, task / f"case{i}", segments)
         entries.append({k: [f"./{os.path.relpath(p, task)}" for p in v] if isinstance(v, list) else f"./{os.path.relpath(v, task)}" for k, v in entry.items()})
     (task / "dataset.json").write_text(json.dumps({"name": dataset, "training": entries}))
     scores, archives = {}, {}
