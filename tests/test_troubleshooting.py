@@ -376,6 +376,13 @@ def _rtstruct_off_the_slices(tmp_path, lits):
     lits_transforms(train=False)(case)
 
 
+def _rtstruct_cut_short(tmp_path, lits):
+    case = _rtstruct_case(tmp_path, lits)
+    data = Path(case["label"]).read_bytes()
+    Path(case["label"]).write_bytes(data[: len(data) // 2])
+    validate_datalist([case], read_data=True)
+
+
 def _rtstruct_of_open_contours(tmp_path, lits):
     from monai_effq.data import lits_transforms
 
@@ -542,6 +549,7 @@ TRIGGERS = {
         _seg_label_of_a_file
     ),
     "<DICOM SEG or RTSTRUCT> label <file> needs its image read from the DICOM series it segments": _seg_label_loaded_beside_a_file,
+    "cannot read <DICOM SEG or RTSTRUCT> label <file>: <reason>": _rtstruct_cut_short,
     "RTSTRUCT label <file>: a contour of ROI <n> does not lie in the plane of a slice of the series": _rtstruct_off_the_slices,
     "RTSTRUCT label <file>: ROI <n> holds an <type> contour, which outlines no area": _rtstruct_of_open_contours,
     "the images of one case are not on one grid: <file> is <grid> where <file> is <grid>": _case_off_one_grid,

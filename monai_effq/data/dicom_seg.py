@@ -52,6 +52,11 @@ __all__ = [
     "frames_on_grid",
     "is_dicom_seg",
     "read_seg_labels",
+    "load_seg",
+    "match_segments",
+    "media_storage_class",
+    "paint_labels",
+    "referenced_series",
 ]
 
 logger = logging.getLogger(__name__)
@@ -705,14 +710,7 @@ def read_seg_labels(
             ``labels`` or holds it twice, or its frames do not lie on the series' slices.
         MissingExtraError: without highdicom.
     """
-    require_highdicom()
-    try:
-        with _quiet_highdicom():
-            seg = hd.seg.segread(path)
-    except Exception as e:  # pydicom and highdicom raise many unrelated types for a damaged file
-        raise DatasetError(
-            f"cannot read DICOM SEG label {path}: {image_error_reason(e)}; re-export it (a label-map SEG needs highdicom 0.24 or later)."
-        ) from e
+    seg = load_seg(path)
     folder, slices = referenced_series(series, {uid for _, _, uid in seg.get_source_image_uids()}, f"DICOM SEG label {path}")
     ours = [str(header.SOPInstanceUID) for header in slices]
     numbers = match_segments(_seg_segments(seg), labels, f"DICOM SEG label {path}")
@@ -727,6 +725,33 @@ def read_seg_labels(
     frames = np.asarray(frames)
     # a fractional segment counts where its value is at least half
     return paint_labels(frames_on_grid(frames >= (0.5 if frames.dtype.kind == "f" else 1), affine, slices, shape, space), labels)
+
+
+def load_seg(path: str | PathLike, decode: bool = False) -> Any:
+    """A DICOM SEG read by highdicom, or an error naming the file.
+
+    Args:
+        path: the SEG file.
+        decode: decode its frames too, so that a file cut short fails here rather than mid-run.
+
+    Returns:
+        the ``highdicom.seg.Segmentation``.
+
+    Raises:
+        DatasetError: when highdicom cannot read it (damaged, cut short, or not a SEG).
+        MissingExtraError: without highdicom.
+    """
+    require_highdicom()
+    try:
+        with _quiet_highdicom():
+            seg = hd.seg.segread(path)
+            if decode:
+                seg.pixel_array  # noqa: B018
+    except Exception as e:  # pydicom and highdicom raise many unrelated types for a damaged file
+        raise DatasetError(
+            f"cannot read DICOM SEG label {path}: {image_error_reason(e)}; re-export it (a label-map SEG needs highdicom 0.24 or later)."
+        ) from e
+    return seg
 
 
 def referenced_series(

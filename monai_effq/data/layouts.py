@@ -404,9 +404,9 @@ def validate_datalist(datalist: Sequence[Mapping[str, Any]], read_data: bool = F
         DatasetError: naming the first missing, unreadable or mismatched file.
     """
     # these modules import this one
-    from monai_effq.data.dicom_seg import is_dicom_seg
+    from monai_effq.data.dicom_seg import is_dicom_seg, load_seg
     from monai_effq.data.images import dicom_series_files
-    from monai_effq.data.rtstruct import is_rtstruct
+    from monai_effq.data.rtstruct import is_rtstruct, load_rtstruct
 
     def dicom_labels(path: Any) -> str | None:
         return "a DICOM SEG" if is_dicom_seg(path) else "an RTSTRUCT" if is_rtstruct(path) else None
@@ -423,8 +423,13 @@ def validate_datalist(datalist: Sequence[Mapping[str, Any]], read_data: bool = F
         if series:
             if len(series) < len(images):
                 raise DatasetError(f"dataset entry {i} mixes DICOM series folders and image files: {images}; give one kind.")
-            if "label" in item and not dicom_labels(item["label"]):
+            kind = dicom_labels(item["label"]) if "label" in item else None
+            if "label" in item and not kind:
                 check_nifti(item["label"], read_data=read_data)
+            elif kind == "a DICOM SEG" and read_data:
+                load_seg(item["label"], decode=True)
+            elif kind and read_data:
+                load_rtstruct(item["label"])
             continue
         if "label" in item and dicom_labels(item["label"]):
             raise DatasetError(

@@ -32,7 +32,7 @@ from monai_effq.data.layouts import DatasetError
 
 pydicom, _ = optional_import("pydicom")
 
-__all__ = ["RTSTRUCT_CLASS", "is_rtstruct", "fill_polygon", "read_rtstruct_labels"]
+__all__ = ["RTSTRUCT_CLASS", "is_rtstruct", "fill_polygon", "load_rtstruct", "read_rtstruct_labels"]
 
 RTSTRUCT_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 """RT Structure Set Storage."""
@@ -169,6 +169,32 @@ def _slice_frames(ds: Any, numbers: Sequence[int], slices: Sequence[Any], source
     return frames
 
 
+def load_rtstruct(path: str | PathLike) -> Any:
+    """An RTSTRUCT read in full, its ROIs and contours checked to be there, or an error naming the file.
+
+    Args:
+        path: the RTSTRUCT file.
+
+    Returns:
+        the pydicom dataset.
+
+    Raises:
+        DatasetError: when pydicom cannot read it (damaged, cut short) or it lists no ROI or no contour.
+        MissingExtraError: without the ``dicom`` extra.
+    """
+    require_highdicom()
+    try:
+        ds = pydicom.dcmread(path)
+        for roi in ds.ROIContourSequence:  # every contour parsed: a file cut short fails here
+            for contour in roi.get("ContourSequence", []):
+                np.asarray(contour.ContourData, dtype=np.float64).reshape(-1, 3)
+        if not ds.StructureSetROISequence:
+            raise ValueError("it lists no ROI")
+    except Exception as e:  # pydicom raises many unrelated types for a damaged file
+        raise DatasetError(f"cannot read RTSTRUCT label {path}: {image_error_reason(e)}; re-export it, or give the labels as NIfTI.") from e
+    return ds
+
+
 def read_rtstruct_labels(
     path: str | PathLike,
     series: str | PathLike | Sequence[str | PathLike],
@@ -199,13 +225,9 @@ def read_rtstruct_labels(
             ``labels`` or holds it twice, or a contour lies off the series' slices or is not closed.
         MissingExtraError: without the ``dicom`` extra.
     """
-    require_highdicom()
     source = f"RTSTRUCT label {path}"
-    try:
-        ds = pydicom.dcmread(path)
-        rois = _rois(ds)
-    except Exception as e:  # pydicom raises many unrelated types for a damaged file
-        raise DatasetError(f"cannot read {source}: {image_error_reason(e)}; re-export it.") from e
+    ds = load_rtstruct(path)
+    rois = _rois(ds)
     sops, series_uids = _references(ds)
     _, slices = referenced_series(series, sops, source, series_uids)
     numbers = match_segments(rois, labels, source)

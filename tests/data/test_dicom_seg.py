@@ -320,3 +320,18 @@ def test_a_brats_seg_of_necrosis_oedema_and_enhancing_tumour_maps_onto_the_label
     assert torch.equal(msd, expected)
     swapped = brats_transforms("native", train=False, seg_segments={"NCR": 2, "ED": 1, "ET": 4})(dicom)["label"]
     assert not torch.equal(swapped, expected)  # each segment is read as itself: mapping them otherwise changes the labels
+
+
+def test_a_seg_label_cut_short_is_named_by_a_full_dataset_check_before_any_run(tmp_path):
+    from monai_effq.data import validate_datalist
+
+    _series(tmp_path, _AFFINES["axial"])
+    image = _read(tmp_path / "series")
+    mask = torch.as_tensor(np.digitize(image.numpy(), [0, 60]), dtype=torch.uint8)
+    case = {"image": str(tmp_path / "series"), "label": str(_save(tmp_path, mask, image))}
+    validate_datalist([case], read_data=True)
+    data = open(case["label"], "rb").read()
+    open(case["label"], "wb").write(data[: len(data) - 200])  # frames cut short, the header whole
+    validate_datalist([case])
+    with pytest.raises(DatasetError, match=r"cannot read DICOM SEG label .*series_seg.dcm: .*; re-export it"):
+        validate_datalist([case], read_data=True)

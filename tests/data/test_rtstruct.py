@@ -160,3 +160,18 @@ def test_an_rtstruct_of_another_series_off_its_slices_or_of_open_contours_is_ref
         validate_datalist([{"image": str(tmp_path / "ct.nii.gz"), "label": str(between)}])
     with pytest.raises(DatasetError, match=r"is an RTSTRUCT, which this loader cannot turn into labels"):
         LoadImageFilesd(["image", "label"])({"image": str(folder), "label": str(between)})
+
+
+def test_a_label_file_cut_short_is_named_by_a_full_dataset_check_before_any_run(tmp_path):
+    files = _series(tmp_path, _AFFINES["axial"])
+    rois, _, _ = _drawing()
+    path = write_rtstruct(files, tmp_path / "rs.dcm", {"liver": rois["Liver"], "liver tumour": rois["GTV"]})
+    case = {"image": str(tmp_path / "series"), "label": path}
+    validate_datalist([case], read_data=True)
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) * 2 // 3])  # as a copy interrupted mid-file leaves it
+    validate_datalist([case])  # the header alone still reads
+    with pytest.raises(DatasetError, match=r"cannot read RTSTRUCT label .*rs.dcm: .*; re-export it, or give the labels as NIfTI"):
+        validate_datalist([case], read_data=True)
+    with pytest.raises(DatasetError, match=r"cannot read RTSTRUCT label .*rs.dcm"):
+        lits_transforms(train=False)(case)
