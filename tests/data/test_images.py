@@ -84,7 +84,7 @@ def test_a_folder_of_two_series_is_refused_before_monai_reads_only_the_first(lit
 
     folder, _ = series
     write_dicom_series(lits[1]["image"], folder, series_uid="1.2.826.0.1.3680043.2.1125.2", prefix="B")
-    with pytest.raises(DatasetError, match=rf"folder .*ct holds 2 DICOM series .*(32 files).*put each series in a folder of its own"):
+    with pytest.raises(DatasetError, match=r"folder .*ct holds 2 DICOM series .*(32 files).*put each series in a folder of its own"):
         check_image(str(folder), read_data=False)
     with pytest.raises(DatasetError, match="holds 2 DICOM series"):  # also where the pipeline loads it
         image_preprocessing("lits")({"image": str(folder)})
