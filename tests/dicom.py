@@ -165,6 +165,7 @@ def write_rtstruct(
     series_uid: str | None = None,
     contour_type: str = "CLOSED_PLANAR",
     reference_images: bool = True,
+    decimals: int = 4,
 ) -> str:
     """Write an RTSTRUCT whose ROIs outline polygons drawn in pixel coordinates on slices of ``series``.
 
@@ -176,6 +177,7 @@ def write_rtstruct(
         series_uid: the Referenced Series UID (default: the slices' own).
         contour_type: the Contour Geometric Type of every contour.
         reference_images: name each contour's slice in its Contour Image Sequence (some exports do not).
+        decimals: the decimals of each coordinate (mm) as written.
 
     Returns:
         ``path``.
@@ -226,7 +228,7 @@ def write_rtstruct(
             pixels = np.asarray(pixels, dtype=np.float64)
             points = origin + pixels[:, :1] * row_spacing * orientation[3:] + pixels[:, 1:] * column_spacing * orientation[:3]
             contour = item(ContourGeometricType=contour_type, NumberOfContourPoints=len(points))
-            contour.ContourData = [f"{v:.4f}" for v in points.ravel()]
+            contour.ContourData = [f"{v:.{decimals}f}" for v in points.ravel()]
             if reference_images:
                 image = item(ReferencedSOPClassUID=header.SOPClassUID, ReferencedSOPInstanceUID=header.SOPInstanceUID)
                 contour.ContourImageSequence = DicomSequence([image])

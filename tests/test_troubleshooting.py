@@ -389,6 +389,10 @@ def _rtstruct_of_open_contours(tmp_path, lits):
     lits_transforms(train=False)(_rtstruct_case(tmp_path, lits, contour_type="OPEN_PLANAR"))
 
 
+def _seg_mapping_a_segment_twice(tmp_path, lits):
+    lits_transforms(train=False, seg_segments={"liver": 1, "Liver": 2})(_seg_case(tmp_path, lits))
+
+
 def _seg_label_of_a_file(tmp_path, lits):
     validate_datalist([{"image": str(next(lits.glob("volume-*.nii"))), "label": _seg_case(tmp_path, lits)["label"]}])
 
@@ -540,7 +544,8 @@ TRIGGERS = {
     "DICOM file <file> of the series in <folder> holds a value a DICOM SEG cannot copy: <reason>": _seg_source_with_a_malformed_value,
     "DICOM file <file> in <folder> is a multi-frame (enhanced) image, which DICOM SEG masks do not support yet": _seg_source_multi_frame,
     "<DICOM SEG or RTSTRUCT> label <file> segments another series than its image <folder>": _seg_of_another_series,
-    "<DICOM SEG or RTSTRUCT> label <file> has no segment labelled <name>; it holds: <segments>": _seg_without_a_segment,
+    "<DICOM SEG or RTSTRUCT> label <file> has <no segment or several segments> labelled <name>; it holds: <segments>": _seg_without_a_segment,
+    "<DICOM SEG or RTSTRUCT> label <file>: seg_segments names its segment <n> twice, as <key> and as <key>": _seg_mapping_a_segment_twice,
     "<DICOM SEG or RTSTRUCT> label <file> has no segment labelled or numbered <segment>; it holds: <segments>": _seg_mapping_a_missing_segment,
     "seg_segments maps segment <segment> to <value>, which is not one of this dataset's labels <labels>": (
         lambda t, d: lits_transforms(train=False, seg_segments={"Segment_1": 4})

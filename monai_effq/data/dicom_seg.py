@@ -142,10 +142,12 @@ class SegLabels:
             its coded property type; a string by that segment label alone (or, where none has it and the
             string is a whole number, by that segment number); an int by segment number.
         values: the label value of each.
+        label_values: the dataset's label values, which the errors list (default: ``values``).
     """
 
     segments: tuple[Segment | str | int, ...]
     values: tuple[int, ...]
+    label_values: tuple[int, ...] = ()
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str | int, int], values: Sequence[int], setting: str = "seg_segments") -> SegLabels:
@@ -175,7 +177,7 @@ class SegLabels:
                 raise UserInputError(f"{setting} key {key!r} is not a segment label or a segment number (1 or more): {how}")
             if isinstance(value, bool) or not isinstance(value, int) or value not in foreground:
                 raise UserInputError(f"{setting} maps segment {key!r} to {value!r}, which is not one of this dataset's labels {foreground}: {how}")
-        return cls(tuple(mapping), tuple(mapping.values()))
+        return cls(tuple(mapping), tuple(mapping.values()), tuple(foreground))
 
 
 LITS_SEG_LABELS = SegLabels(LITS_SEGMENTS, (1, 2))
@@ -614,7 +616,8 @@ def media_storage_class(path: str | PathLike) -> str:
     """The Media Storage SOP Class UID in a DICOM file's meta header: what kind of object the file holds.
 
     The header is read by pydicom where the ``dicom`` extra is installed, else by a reader of the
-    standard layout, so that a DICOM image file is told apart without it.
+    standard layout, so that a DICOM image file is told apart without it. A ``.dcm`` file without the
+    header (a bare dataset) gives its SOP Class UID, where pydicom reads it.
 
     Args:
         path: any path.
@@ -630,6 +633,9 @@ def media_storage_class(path: str | PathLike) -> str:
         with open(path, "rb") as stream:
             head = stream.read(132)
             if head[128:132] != b"DICM":
+                # a bare dataset without the Part 10 header, as older planning systems export, is read by its own SOP class
+                if path.suffix.lower() == ".dcm" and has_highdicom:
+                    return str(pydicom.dcmread(path, force=True, stop_before_pixels=True, specific_tags=["SOPClassUID"]).get("SOPClassUID", ""))
                 return ""
             if has_highdicom:  # and so pydicom
                 return str(read_file_meta_info(path).get("MediaStorageSOPClassUID", ""))
@@ -724,7 +730,7 @@ def read_seg_labels(
         ) from e
     frames = np.asarray(frames)
     # a fractional segment counts where its value is at least half
-    return paint_labels(frames_on_grid(frames >= (0.5 if frames.dtype.kind == "f" else 1), affine, slices, shape, space), labels)
+    return paint_labels(frames_on_grid(frames >= (0.5 if frames.dtype.kind == "f" else 1), affine, slices, shape, space), labels, f"DICOM SEG label {path}")
 
 
 def load_seg(path: str | PathLike, decode: bool = False) -> Any:
@@ -779,15 +785,25 @@ def referenced_series(
             return folder, slices
     raise DatasetError(
         f"{source} segments another series than its image {', '.join(str(f) for f in folders)} (it references none of "
-        "the slices): pair each image with the labels drawn on it."
+        "their slices nor series): pair each image with the labels drawn on it."
     )
 
 
-def paint_labels(masks: np.ndarray, labels: SegLabels) -> np.ndarray:
-    """``(S, X, Y, Z)`` segment masks as one ``(X, Y, Z)`` uint8 label map, each painted with its value, later over earlier."""
+def paint_labels(masks: np.ndarray, labels: SegLabels, source: str = "") -> np.ndarray:
+    """``(S, X, Y, Z)`` segment masks as one ``(X, Y, Z)`` uint8 label map, each painted with its value, later over earlier.
+
+    A user's mapping (segments named by label or number) that paints a segment over entirely is logged
+    as a warning: listing a segment before the one that contains it (a tumour before its liver) loses it.
+    """
     out = np.zeros(masks.shape[1:], dtype=np.uint8)
     for value, mask in zip(labels.values, masks):
         out[mask] = value
+    for segment, value, mask in zip(labels.segments, labels.values, masks):
+        if not isinstance(segment, Segment) and mask.any() and not (out[mask] == value).any():
+            logger.warning(
+                f"{source}: segment {segment!r} (label {value}) is painted over entirely by segments seg_segments lists "
+                "after it; list the segment that contains another first (e.g. the liver before its tumour)."
+            )
     return out
 
 
@@ -835,7 +851,7 @@ def match_segments(found: Sequence[tuple[int, str, tuple[str, str] | None]], lab
         if len(match) != 1:
             why = "several segments" if len(match) > 1 else "no segment"
             mapping = (
-                f"with --seg_segments \"{{'<segment label or number>': <label value>, ...}}\" (label values {sorted(set(labels.values))}, "
+                f"with --seg_segments \"{{'<segment label or number>': <label value>, ...}}\" (label values {sorted(set(labels.label_values or labels.values))}, "
                 "painted in that order)"
             )
             if isinstance(segment, Segment):
@@ -846,6 +862,11 @@ def match_segments(found: Sequence[tuple[int, str, tuple[str, str] | None]], lab
                 named = f"labelled or numbered {segment!r}"
                 fix = f"Map the segments it holds {mapping}"
             raise DatasetError(f"{source} has {why} {named}; it holds: {listed}. {fix}, or give the labels as NIfTI files.")
+        if match[0] in numbers:
+            twice = segments[numbers.index(match[0])]
+            raise DatasetError(
+                f"{source}: seg_segments names its segment {match[0]} twice, as {twice!r} and as {segment!r}; name each segment once."
+            )
         numbers.append(match[0])
     return numbers
 

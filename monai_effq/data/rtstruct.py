@@ -3,10 +3,12 @@
 Where a hospital plans radiotherapy, its organ and tumour annotations are kept as an RTSTRUCT beside
 the planning CT: per ROI, closed polygons in patient coordinates (mm), one or more per slice. To
 score a network against them, each polygon is put on the slice whose plane it lies in (by geometry,
-as a DICOM SEG's frames are) and filled there: a pixel belongs to the ROI when its centre lies inside
-the polygon or on its edge, and polygons of one ROI on one slice combine by parity, so a contour
-inside another cuts a hole, as planning systems draw a ring. The filled slices are then placed on
-the image's voxel grid exactly as a SEG's frames are (:func:`~monai_effq.data.dicom_seg.frames_on_grid`).
+as a DICOM SEG's frames are) and filled there. The polygons of one ROI on one slice combine by parity,
+so a contour inside another cuts a hole, as planning systems draw a ring; a pixel whose centre lies on
+any of the contours belongs to the ROI, so contours traced through the centres of a mask's border
+pixels, outer and hole borders alike (as mask-to-RTSTRUCT converters such as rt-utils write them),
+give the mask back. The filled slices are then placed on the image's voxel grid exactly as a SEG's
+frames are (:func:`~monai_effq.data.dicom_seg.frames_on_grid`).
 """
 
 from __future__ import annotations
@@ -25,21 +27,21 @@ from monai_effq.data.dicom_seg import (
     media_storage_class,
     paint_labels,
     referenced_series,
-    require_highdicom,
 )
 from monai_effq.data.images import image_error_reason
 from monai_effq.data.layouts import DatasetError
+from monai_effq.utils.errors import MissingExtraError
 
-pydicom, _ = optional_import("pydicom")
+pydicom, has_pydicom = optional_import("pydicom")
 
 __all__ = ["RTSTRUCT_CLASS", "is_rtstruct", "fill_polygon", "load_rtstruct", "read_rtstruct_labels"]
 
 RTSTRUCT_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 """RT Structure Set Storage."""
 
-# a pixel centre this close to an edge (in pixels) lies on it: contours traced through the centres of a
-# mask's border pixels (as mask-to-RTSTRUCT converters write them) give back the mask
-_EDGE_TOLERANCE = 1e-3
+# a pixel centre this close to an edge (in pixels) lies on it: coordinates written with two decimals
+# (in mm, as many exports round them) move a traced border by up to 0.01 px on a 0.5 mm grid
+_EDGE_TOLERANCE = 0.02
 # a contour further than this from a slice's plane (in slice steps) lies between slices
 _PLANE_TOLERANCE = 0.25
 
@@ -58,7 +60,11 @@ def is_rtstruct(path: str | PathLike) -> bool:
     """
     if media_storage_class(path) != RTSTRUCT_CLASS:
         return False
-    require_highdicom()
+    if not has_pydicom:
+        raise MissingExtraError(
+            f"{path} is an RTSTRUCT, and reading it as labels needs pydicom: pip install 'monai-effq[dicom]' "
+            "(or pip install pydicom), or give the labels as NIfTI files."
+        )
     return True
 
 
@@ -67,47 +73,54 @@ def fill_polygon(points: np.ndarray, rows: int, columns: int) -> np.ndarray:
 
     Args:
         points: ``(K, 2)`` vertices as (row, column) pixel coordinates, pixel centres at whole numbers;
-            the last vertex joins the first.
+            the last vertex joins the first (one vertex is a point, two a line).
         rows: the slice's rows.
         columns: the slice's columns.
 
     Returns:
         ``(rows, columns)`` bool.
     """
-    out = np.zeros((rows, columns), dtype=bool)
-    if len(points) < 3:
-        return out
-    y0, x0 = points[:, 0], points[:, 1]
-    y1, x1 = np.roll(y0, -1), np.roll(x0, -1)
-    # inside: each row's centres between pairs of the edges it crosses (half-open, so a vertex is crossed once)
-    first, last = max(int(np.ceil(y0.min())), 0), min(int(np.floor(y0.max())), rows - 1)
-    if first <= last:
-        y = np.arange(first, last + 1, dtype=np.float64)[:, None]
-        crosses = ((y0 <= y) & (y < y1)) | ((y1 <= y) & (y < y0))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            x = np.sort(np.where(crosses, x0 + (y - y0) * (x1 - x0) / (y1 - y0), np.nan), axis=1)  # NaN last
-        pairs = 2 * (x.shape[1] // 2)  # each row crosses an even number of edges
-        starts, stops = x[:, 0:pairs:2], x[:, 1:pairs:2]
-        keep = ~np.isnan(starts) & ~np.isnan(stops)
-        row = np.broadcast_to(np.arange(len(y))[:, None], starts.shape)[keep]
-        lo = np.clip(np.ceil(starts[keep]), 0, columns).astype(np.int64)
-        hi = np.clip(np.floor(stops[keep]) + 1, 0, columns).astype(np.int64)
-        spans = np.zeros((len(y), columns + 1), dtype=np.int64)
-        np.add.at(spans, (row[lo < hi], lo[lo < hi]), 1)
-        np.add.at(spans, (row[lo < hi], hi[lo < hi]), -1)
-        out[first : last + 1] |= np.cumsum(spans, axis=1)[:, :columns] > 0
-    # on an edge: the centres each edge passes through, stepping along its longer extent
+    inside, edge = _polygon_pixels(np.asarray(points, dtype=np.float64).reshape(-1, 2), rows, columns)
+    return inside | edge
+
+
+def _polygon_pixels(points: np.ndarray, rows: int, columns: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pixels whose centres lie strictly inside a polygon, and those on its edges."""
+    edge = np.zeros((rows, columns), dtype=bool)
     for a, b in zip(points, np.roll(points, -1, axis=0)):
         along = 0 if abs(b[0] - a[0]) >= abs(b[1] - a[1]) else 1
-        if a[along] == b[along]:  # a repeated vertex
-            continue
-        steps = np.arange(np.ceil(min(a[along], b[along]) - _EDGE_TOLERANCE), np.floor(max(a[along], b[along]) + _EDGE_TOLERANCE) + 1)
-        across = a[1 - along] + (steps - a[along]) * (b[1 - along] - a[1 - along]) / (b[along] - a[along])
-        hit = np.abs(across - np.rint(across)) <= _EDGE_TOLERANCE
-        r, c = (steps[hit], np.rint(across[hit])) if along == 0 else (np.rint(across[hit]), steps[hit])
-        inside = (r >= 0) & (r < rows) & (c >= 0) & (c < columns)
-        out[r[inside].astype(np.int64), c[inside].astype(np.int64)] = True
-    return out
+        if a[along] == b[along]:  # one point (a repeated vertex, or a one-point contour)
+            hit = np.abs(a - np.rint(a)) <= _EDGE_TOLERANCE
+            r, c = (np.rint(a[:1]), np.rint(a[1:])) if hit.all() else (np.empty(0), np.empty(0))
+        else:
+            steps = np.arange(np.ceil(min(a[along], b[along]) - _EDGE_TOLERANCE), np.floor(max(a[along], b[along]) + _EDGE_TOLERANCE) + 1)
+            across = a[1 - along] + (steps - a[along]) * (b[1 - along] - a[1 - along]) / (b[along] - a[along])
+            hit = np.abs(across - np.rint(across)) <= _EDGE_TOLERANCE
+            r, c = (steps[hit], np.rint(across[hit])) if along == 0 else (np.rint(across[hit]), steps[hit])
+        keep = (r >= 0) & (r < rows) & (c >= 0) & (c < columns)
+        edge[r[keep].astype(np.int64), c[keep].astype(np.int64)] = True
+    inside = np.zeros((rows, columns), dtype=bool)
+    y0, x0 = points[:, 0], points[:, 1]
+    y1, x1 = np.roll(y0, -1), np.roll(x0, -1)
+    first, last = max(int(np.ceil(y0.min())), 0), min(int(np.floor(y0.max())), rows - 1)
+    if len(points) < 3 or first > last:
+        return inside, edge
+    # each row's centres between pairs of the edges it crosses (half-open, so a vertex is crossed once)
+    y = np.arange(first, last + 1, dtype=np.float64)[:, None]
+    crosses = ((y0 <= y) & (y < y1)) | ((y1 <= y) & (y < y0))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        x = np.sort(np.where(crosses, x0 + (y - y0) * (x1 - x0) / (y1 - y0), np.nan), axis=1)  # NaN last
+    pairs = 2 * (x.shape[1] // 2)  # each row crosses an even number of edges
+    starts, stops = x[:, 0:pairs:2], x[:, 1:pairs:2]
+    keep = ~np.isnan(starts) & ~np.isnan(stops)
+    row = np.broadcast_to(np.arange(len(y))[:, None], starts.shape)[keep]
+    lo = np.clip(np.ceil(starts[keep]), 0, columns).astype(np.int64)
+    hi = np.clip(np.floor(stops[keep]) + 1, 0, columns).astype(np.int64)
+    spans = np.zeros((len(y), columns + 1), dtype=np.int64)
+    np.add.at(spans, (row[lo < hi], lo[lo < hi]), 1)
+    np.add.at(spans, (row[lo < hi], hi[lo < hi]), -1)
+    inside[first : last + 1] = np.cumsum(spans, axis=1)[:, :columns] > 0
+    return inside & ~edge, edge
 
 
 def _rois(ds: Any) -> list[tuple[int, str, None]]:
@@ -143,6 +156,7 @@ def _slice_frames(ds: Any, numbers: Sequence[int], slices: Sequence[Any], source
     depths = origins @ normal
     step = float(np.median(np.abs(np.diff(np.sort(depths))))) if len(slices) > 1 else 1.0
     frames = np.zeros((len(slices), rows, columns, len(numbers)), dtype=bool)
+    edges = np.zeros_like(frames)
     by_number = {int(item.ReferencedROINumber): item for item in ds.get("ROIContourSequence", [])}
     for k, number in enumerate(numbers):
         for contour in by_number[number].get("ContourSequence", []) if number in by_number else []:
@@ -165,31 +179,43 @@ def _slice_frames(ds: Any, numbers: Sequence[int], slices: Sequence[Any], source
                 )
             offset = points - origins[n]
             pixels = np.stack([offset @ along_column / row_spacing, offset @ along_row / column_spacing], axis=1)
-            frames[n, :, :, k] ^= fill_polygon(pixels, rows, columns)
-    return frames
+            inside, edge = _polygon_pixels(pixels, rows, columns)
+            frames[n, :, :, k] ^= inside
+            edges[n, :, :, k] |= edge
+    return frames | edges  # a pixel on a hole's border is the ROI's too (a mask's traced hole runs through them)
 
 
 def load_rtstruct(path: str | PathLike) -> Any:
-    """An RTSTRUCT read in full, its ROIs and contours checked to be there, or an error naming the file.
+    """An RTSTRUCT read in full, its ROIs and contours checked to be whole, or an error naming the file.
 
     Args:
-        path: the RTSTRUCT file.
+        path: the RTSTRUCT file (a Part 10 file, or a bare dataset as older planning systems export).
 
     Returns:
         the pydicom dataset.
 
     Raises:
-        DatasetError: when pydicom cannot read it (damaged, cut short) or it lists no ROI or no contour.
+        DatasetError: when it cannot be read, is not a structure set, lists no ROI, or an ROI or contour
+            is incomplete (a file cut short: pydicom reads what is there without complaint).
         MissingExtraError: without the ``dicom`` extra.
     """
-    require_highdicom()
+    if not has_pydicom:
+        raise MissingExtraError(f"reading RTSTRUCT label {path} needs pydicom: pip install 'monai-effq[dicom]', or give the labels as NIfTI files.")
     try:
-        ds = pydicom.dcmread(path)
-        for roi in ds.ROIContourSequence:  # every contour parsed: a file cut short fails here
-            for contour in roi.get("ContourSequence", []):
-                np.asarray(contour.ContourData, dtype=np.float64).reshape(-1, 3)
-        if not ds.StructureSetROISequence:
+        ds = pydicom.dcmread(path, force=True)
+        if str(ds.get("SOPClassUID", "")) != RTSTRUCT_CLASS:
+            raise ValueError(f"its SOP class is {ds.get('SOPClassUID', 'missing')!r}, not an RT Structure Set's")
+        if not [int(item.ROINumber) for item in ds.StructureSetROISequence]:
             raise ValueError("it lists no ROI")
+        for roi in ds.ROIContourSequence:
+            int(roi.ReferencedROINumber)
+            for contour in roi.get("ContourSequence", []):
+                points = np.asarray(contour.ContourData, dtype=np.float64)
+                count = contour.get("NumberOfContourPoints")
+                if points.size % 3 or not np.isfinite(points).all():
+                    raise ValueError(f"a contour of ROI {roi.ReferencedROINumber} holds {points.size} coordinates, not finite x, y, z triplets")
+                if count not in (None, "") and int(count) * 3 != points.size:
+                    raise ValueError(f"a contour of ROI {roi.ReferencedROINumber} holds {points.size // 3} of its {int(count)} points")
     except Exception as e:  # pydicom raises many unrelated types for a damaged file
         raise DatasetError(f"cannot read RTSTRUCT label {path}: {image_error_reason(e)}; re-export it, or give the labels as NIfTI.") from e
     return ds
@@ -232,4 +258,4 @@ def read_rtstruct_labels(
     _, slices = referenced_series(series, sops, source, series_uids)
     numbers = match_segments(rois, labels, source)
     frames = _slice_frames(ds, numbers, slices, source)
-    return paint_labels(frames_on_grid(frames, affine, slices, shape, space), labels)
+    return paint_labels(frames_on_grid(frames, affine, slices, shape, space), labels, source)

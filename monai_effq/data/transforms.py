@@ -52,7 +52,7 @@ from monai_effq.data.dicom_seg import BRATS_MSD_SEG_LABELS, BRATS_NATIVE_SEG_LAB
 from monai_effq.data.rtstruct import is_rtstruct, read_rtstruct_labels
 from monai_effq.data.images import dicom_series_files, image_error_reason
 from monai_effq.data.layouts import NIFTI_SUFFIXES, DatasetError, check_nifti
-from monai_effq.utils.errors import UserInputError, all_finite
+from monai_effq.utils.errors import MissingExtraError, UserInputError, all_finite
 
 __all__ = [
     "BRATS_NATIVE_LABELS",
@@ -230,11 +230,12 @@ class CheckFinited(MapTransform):
 
 
 class _Pipeline(Compose):
-    """A Compose that lets :class:`DatasetError` through unwrapped.
+    """A Compose that lets :class:`DatasetError` (and a missing extra's error) through unwrapped.
 
     MONAI re-raises every error inside a Compose as ``RuntimeError("applying transform ...")``;
     a bad dataset should surface as the DatasetError that names the file, from ``pipeline(case)``
-    and from ``Dataset(...)[i]`` or ``CacheDataset(...)`` alike (they call the Compose itself).
+    and from ``Dataset(...)[i]`` or ``CacheDataset(...)`` alike (they call the Compose itself), and
+    a label that needs the ``dicom`` extra as the error saying what to install.
     """
 
     def __call__(
@@ -244,7 +245,7 @@ class _Pipeline(Compose):
             return super().__call__(input_, start=start, end=end, threading=threading, lazy=lazy)
         except RuntimeError as e:
             cause: BaseException | None = e
-            while cause is not None and not isinstance(cause, DatasetError):
+            while cause is not None and not isinstance(cause, (DatasetError, MissingExtraError)):
                 cause = cause.__cause__
             if cause is None:
                 raise

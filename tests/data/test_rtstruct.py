@@ -41,14 +41,15 @@ def _in_diamond(r, c, row, column, radius):
 def _drawing():
     """ROI name -> contours (slice, polygon), and the expected membership of pixel (slice, row, column) per ROI."""
     rois = {
-        # a liver over slices 2-6, with a hole (a second contour inside the first) on slice 5
-        "Liver": [(k, _rectangle(3, 4, 12, 15)) for k in range(2, 7)] + [(5, _rectangle(6, 8, 8, 10))],
+        # a liver over slices 2-6, with a hole (a second contour inside the first) on slice 5, its border
+        # traced through the centres of the liver pixels around it, as a mask's converter traces holes
+        "Liver": [(k, _rectangle(3, 4, 12, 15)) for k in range(2, 7)] + [(5, _rectangle(5, 7, 10, 12))],
         "GTV": [(3, _diamond(8, 9, 3)), (4, _diamond(8, 9, 2))],
     }
 
     def liver(k, r, c):
         inside = np.isin(k, range(2, 7)) & _in_rectangle(r, c, 3, 4, 12, 15)
-        return inside & ~((k == 5) & _in_rectangle(r, c, 6, 8, 8, 10))
+        return inside & ~((k == 5) & _in_rectangle(r, c, 6, 8, 9, 11))  # the hole: the pixels strictly inside its border
 
     def tumour(k, r, c):
         return ((k == 3) & _in_diamond(r, c, 8, 9, 3)) | ((k == 4) & _in_diamond(r, c, 8, 9, 2))
@@ -97,18 +98,22 @@ def test_a_polygon_fills_the_pixels_whose_centres_lie_inside_or_on_its_edges():
     r, c = np.mgrid[:22, :24]
     edges = np.roll(polygon, -1, 0) - polygon
     side = edges[:, 0, None, None] * (c[None] - polygon[:, 1, None, None]) - edges[:, 1, None, None] * (r[None] - polygon[:, 0, None, None])
-    inside = (side >= -1e-9).all(0) | (side <= 1e-9).all(0)
-    assert inside.sum() > 100 and np.array_equal(fill_polygon(polygon, 22, 24), inside)
-    assert np.array_equal(fill_polygon(polygon[::-1], 22, 24), inside)
-    assert not fill_polygon(polygon[:2], 22, 24).any()
+    inside = (side >= 0).all(0) | (side <= 0).all(0)
+    clear = (np.abs(side) / np.linalg.norm(edges, axis=1)[:, None, None]).min(0) > 0.05  # centres off the edges' tolerance
+    assert inside.sum() > 100 and np.array_equal(fill_polygon(polygon, 22, 24)[clear], inside[clear])
+    assert np.array_equal(fill_polygon(polygon[::-1], 22, 24)[clear], inside[clear])
+    # a contour of one or two points (a single pixel, a one-pixel-wide run) is the pixels it passes through
+    assert np.array_equal(np.argwhere(fill_polygon(np.array([[3.0, 4.0]]), 8, 9)), [[3, 4]])
+    assert np.array_equal(np.argwhere(fill_polygon(np.array([[2.0, 1.0], [2.0, 6.0]]), 8, 9)), [[2, c] for c in range(1, 7)])
+    assert np.array_equal(np.argwhere(fill_polygon(np.array([[1.0, 1.0], [4.0, 4.0]]), 8, 9)), [[i, i] for i in range(1, 5)])
 
 
-@pytest.mark.parametrize("orientation", list(_AFFINES))
-def test_an_rtstruct_reads_onto_its_series_as_the_shapes_its_contours_outline(tmp_path, orientation):
+@pytest.mark.parametrize("orientation, decimals", [("axial", 4), ("sagittal", 4), ("oblique", 4), ("oblique", 2)])
+def test_an_rtstruct_reads_onto_its_series_as_the_shapes_its_contours_outline(tmp_path, orientation, decimals):
     files = _series(tmp_path, _AFFINES[orientation])
     image = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)(str(tmp_path / "series"))
     rois, liver, tumour = _drawing()
-    path = write_rtstruct(files, tmp_path / "rs.dcm", rois)
+    path = write_rtstruct(files, tmp_path / "rs.dcm", rois, decimals=decimals)  # 2: mm rounded as many exports write them
     assert is_rtstruct(path) and not is_rtstruct(files[0]) and not is_rtstruct(tmp_path / "ct.nii.gz")
     expected = _expected(image, files, liver, tumour)
     assert (expected == 1).sum() > 100 and (expected == 2).sum() > 10
@@ -169,9 +174,53 @@ def test_a_label_file_cut_short_is_named_by_a_full_dataset_check_before_any_run(
     case = {"image": str(tmp_path / "series"), "label": path}
     validate_datalist([case], read_data=True)
     data = open(path, "rb").read()
-    open(path, "wb").write(data[: len(data) * 2 // 3])  # as a copy interrupted mid-file leaves it
-    validate_datalist([case])  # the header alone still reads
-    with pytest.raises(DatasetError, match=r"cannot read RTSTRUCT label .*rs.dcm: .*; re-export it, or give the labels as NIfTI"):
-        validate_datalist([case], read_data=True)
-    with pytest.raises(DatasetError, match=r"cannot read RTSTRUCT label .*rs.dcm"):
-        lits_transforms(train=False)(case)
+    for share in (0.5, 0.9, 0.995):  # as a copy interrupted mid-file leaves it: pydicom reads what is there
+        open(path, "wb").write(data[: int(len(data) * share)])
+        validate_datalist([case])  # the header alone still reads
+        with pytest.raises(DatasetError, match=r"cannot read RTSTRUCT label .*rs.dcm: .*; re-export it, or give the labels as NIfTI"):
+            validate_datalist([case], read_data=True)
+        with pytest.raises(DatasetError, match=r"cannot read RTSTRUCT label .*rs.dcm"):
+            lits_transforms(train=False)(case)
+
+
+def test_a_bare_rtstruct_without_the_file_header_reads_as_one_with_it(tmp_path):
+    files = _series(tmp_path, _AFFINES["axial"])
+    rois, _, _ = _drawing()
+    path = write_rtstruct(files, tmp_path / "rs.dcm", {"liver": rois["Liver"], "liver tumour": rois["GTV"]})
+    ds = pydicom.dcmread(path)
+    del ds.file_meta
+    ds.preamble = None
+    bare = tmp_path / "bare.dcm"
+    pydicom.dcmwrite(bare, ds, implicit_vr=True, little_endian=True)  # as older planning systems export
+    assert open(bare, "rb").read()[128:132] != b"DICM" and is_rtstruct(bare)
+    case = {"image": str(tmp_path / "series")}
+    expected = lits_transforms(train=False)({**case, "label": path})["label"]
+    assert torch.equal(lits_transforms(train=False)({**case, "label": str(bare)})["label"], expected) and expected.any()
+
+
+def test_reading_an_rtstruct_without_pydicom_names_the_extra(tmp_path, monkeypatch):
+    from monai_effq.data import rtstruct
+    from monai_effq.utils.errors import MissingExtraError
+
+    files = _series(tmp_path, _AFFINES["axial"])
+    path = write_rtstruct(files, tmp_path / "rs.dcm", {"liver": _drawing()[0]["Liver"]})
+    monkeypatch.setattr(rtstruct, "has_pydicom", False)
+    with pytest.raises(MissingExtraError, match=r"is an RTSTRUCT, and reading it as labels needs pydicom: pip install 'monai-effq\[dicom\]'"):
+        lits_transforms(train=False)({"image": str(tmp_path / "series"), "label": path})
+
+
+def test_a_mapping_that_paints_a_segment_over_entirely_warns_and_one_naming_a_segment_twice_is_refused(tmp_path, caplog):
+    files = _series(tmp_path, _AFFINES["axial"])
+    image = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)(str(tmp_path / "series"))
+    rois, _, _ = _drawing()
+    path = write_rtstruct(files, tmp_path / "rs.dcm", rois)
+    args = (path, tmp_path / "series", image.affine.numpy(), image.shape[1:])
+    with caplog.at_level("WARNING", logger="monai_effq.data.dicom_seg"):
+        got = read_rtstruct_labels(*args, SegLabels.from_mapping({"GTV": 2, "Liver": 1}, (0, 1, 2)))
+    assert 2 not in got and "segment 'GTV' (label 2) is painted over entirely" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="monai_effq.data.dicom_seg"):
+        read_rtstruct_labels(*args, SegLabels.from_mapping({"Liver": 1, "GTV": 2}, (0, 1, 2)))
+    assert caplog.text == ""
+    with pytest.raises(DatasetError, match=r"seg_segments names its segment 1 twice, as 'Liver' and as 'liver'"):
+        read_rtstruct_labels(*args, SegLabels.from_mapping({"Liver": 1, "liver": 2}, (0, 1, 2)))
