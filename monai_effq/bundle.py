@@ -450,7 +450,7 @@ def inference_masks(
     return list(masks)
 
 
-MASK_FORMATS = {"nifti": ".nii.gz", "dicom_seg": ".dcm"}
+MASK_FORMATS = {"nifti": ".nii.gz", "dicom_seg": ".dcm", "rtstruct": ".dcm"}
 """The formats inference writes masks in, and each one's file extension."""
 
 
@@ -458,7 +458,8 @@ def _check_mask_format(mask_format: str) -> str:
     if mask_format not in MASK_FORMATS:
         raise UserInputError(
             f"mask_format must be one of {', '.join(repr(f) for f in MASK_FORMATS)}, got {mask_format!r}: 'nifti' for "
-            "research pipelines and 3D Slicer, 'dicom_seg' for a DICOM SEG beside a DICOM series (PACS, OHIF)."
+            "research pipelines and 3D Slicer, 'dicom_seg' for a DICOM SEG beside a DICOM series (PACS, OHIF), "
+            "'rtstruct' for an RT structure set of contours on it (radiotherapy planning systems)."
         )
     return mask_format
 
@@ -467,7 +468,7 @@ def mask_extension(mask_format: str) -> str:
     """The file extension of inference masks in ``mask_format``.
 
     Args:
-        mask_format: ``"nifti"`` or ``"dicom_seg"``.
+        mask_format: ``"nifti"``, ``"dicom_seg"`` or ``"rtstruct"``.
 
     Returns:
         ``".nii.gz"`` or ``".dcm"``.
@@ -482,10 +483,11 @@ def mask_writer(mask_format: str, dataset: str, tag: str = "") -> Any:
     """The ``SaveImaged`` writer of a bundle's inference masks.
 
     Args:
-        mask_format: ``"nifti"`` (:class:`monai_effq.data.AtomicNibabelWriter`) or ``"dicom_seg"``
-            (:class:`monai_effq.data.DicomSegWriter`, needing the ``dicom`` extra).
+        mask_format: ``"nifti"`` (:class:`monai_effq.data.AtomicNibabelWriter`), ``"dicom_seg"``
+            (:class:`monai_effq.data.DicomSegWriter`) or ``"rtstruct"`` (:class:`monai_effq.data.RtStructWriter`),
+            the last two needing the ``dicom`` extra.
         dataset: ``"brats"`` (segments TC, WT, ET) or ``"lits"`` (liver, tumour).
-        tag: the model's name (:func:`model_tag`), recorded in a SEG as the algorithm.
+        tag: the model's name (:func:`model_tag`), recorded in a SEG or RTSTRUCT as the algorithm.
 
     Returns:
         a writer class, or a callable making one, for ``SaveImaged(writer=...)``.
@@ -497,13 +499,14 @@ def mask_writer(mask_format: str, dataset: str, tag: str = "") -> Any:
         from monai_effq.data import AtomicNibabelWriter
 
         return AtomicNibabelWriter
-    from monai_effq.data import BRATS_SEGMENTS, LITS_SEGMENTS, DicomSegWriter
+    from monai_effq.data import BRATS_SEGMENTS, LITS_SEGMENTS, DicomSegWriter, RtStructWriter
 
     segments = {"brats": BRATS_SEGMENTS, "lits": LITS_SEGMENTS}.get(dataset)
     if segments is None:
         raise UserInputError(f"dataset must be 'brats' or 'lits', got {dataset!r}.")
     algorithm = f"{dataset}_effq {tag}".strip()
-    return functools.partial(DicomSegWriter, segments=segments, algorithm=algorithm)
+    writer = DicomSegWriter if mask_format == "dicom_seg" else RtStructWriter
+    return functools.partial(writer, segments=segments, algorithm=algorithm)
 
 
 def check_inference_inputs(
@@ -517,12 +520,12 @@ def check_inference_inputs(
     masks would take one name (:func:`inference_masks`).
 
     Every image is decoded in full, since a truncated file may only fail there, and a DICOM folder
-    must hold one evenly sliced series. DICOM SEG masks need each case's (first) image to be a
-    DICOM series whose slices carry what the SEG copies.
+    must hold one evenly sliced series. DICOM SEG and RTSTRUCT masks need each case's (first) image
+    to be a DICOM series whose slices carry what they copy.
 
     Args:
         cases, output_dir, postfix, ext: as for :func:`inference_masks`.
-        mask_format: ``"nifti"`` or ``"dicom_seg"`` (see :data:`MASK_FORMATS`).
+        mask_format: ``"nifti"``, ``"dicom_seg"`` or ``"rtstruct"`` (see :data:`MASK_FORMATS`).
 
     Raises:
         MissingInputError: naming a missing image.
@@ -532,7 +535,7 @@ def check_inference_inputs(
             a DICOM SEG asked for an image that is not a DICOM series.
         MissingExtraError: for DICOM SEG without highdicom installed.
     """
-    seg = _check_mask_format(mask_format) == "dicom_seg"
+    seg = _check_mask_format(mask_format) in ("dicom_seg", "rtstruct")
     extensions = (".dcm",) if seg else NIFTI_SUFFIXES
     if str(ext).lower() not in extensions:
         raise UserInputError(
@@ -551,8 +554,8 @@ def check_inference_inputs(
         for first in (_first_image(case) for case in cases):
             if not Path(first).is_dir():
                 raise UserInputError(
-                    f"image {first} is a file, and a DICOM SEG mask must point at the DICOM series it segments: pass "
-                    "the series' folder, or write NIfTI masks (--mask_format nifti)."
+                    f"image {first} is a file, and a {'DICOM SEG' if mask_format == 'dicom_seg' else 'RTSTRUCT'} mask must point "
+                    "at the DICOM series it segments: pass the series' folder, or write NIfTI masks (--mask_format nifti)."
                 )
     for case in cases:  # decoding takes the longest: after the checks that need no image read
         check_image(case["image"], read_data=True)

@@ -530,13 +530,13 @@ TRIGGERS = {
     "images <file> and <file> would both write the mask <name> in <folder>": (
         lambda t, d: check_inference_inputs([{"image": str(p)} for p in _two_named_alike(t, d)], t / "masks")
     ),
-    "mask_format must be one of 'nifti', 'dicom_seg', got <value>": (
+    "mask_format must be one of 'nifti', 'dicom_seg', 'rtstruct', got <value>": (
         lambda t, d: check_inference_inputs([{"image": "ct.nii.gz"}], t / "masks", mask_format="dicom")
     ),
     "mask_ext <ext> does not match mask_format <format>": (
         lambda t, d: check_inference_inputs([{"image": "ct.nii.gz"}], t / "masks", ext=".dcm")
     ),
-    "image <file> is a file, and a DICOM SEG mask must point at the DICOM series it segments": _seg_of_a_file,
+    "image <file> is a file, and a <DICOM SEG or RTSTRUCT> mask must point at the DICOM series it segments": _seg_of_a_file,
     "DICOM file <file> of the series in <folder> lacks <attributes>, which a DICOM SEG referencing the series needs": (
         _seg_source_without_frame_of_reference
     ),

@@ -65,7 +65,7 @@ if TYPE_CHECKING:
         is_dicom_seg,
         read_seg_labels,
     )
-    from monai_effq.data.rtstruct import is_rtstruct, read_rtstruct_labels
+    from monai_effq.data.rtstruct import RtStructWriter, is_rtstruct, read_rtstruct_labels
 
 # public names served by __getattr__ below, and the module each comes from
 _LAZY: dict[str, str] = {
@@ -117,7 +117,7 @@ _LAZY: dict[str, str] = {
         ),
         "monai_effq.data.dicom_seg",
     ),
-    **dict.fromkeys(("is_rtstruct", "read_rtstruct_labels"), "monai_effq.data.rtstruct"),
+    **dict.fromkeys(("RtStructWriter", "is_rtstruct", "read_rtstruct_labels"), "monai_effq.data.rtstruct"),
 }
 
 __all__ = [
@@ -170,6 +170,7 @@ __all__ = [
     "BRATS_MSD_SEG_LABELS",
     "is_dicom_seg",
     "read_seg_labels",
+    "RtStructWriter",
     "is_rtstruct",
     "read_rtstruct_labels",
 ]

@@ -533,15 +533,7 @@ class DicomSegWriter(ImageWriter):
         Raises:
             DatasetError: when the source is not a DICOM series folder, or the mask is not on its grid.
         """
-        if self.source is None or self.affine is None or self.data_obj is None:
-            raise ValueError("DicomSegWriter.write needs set_data_array and set_metadata first.")
-        if not Path(self.source).is_dir():
-            raise DatasetError(
-                f"image {self.source} is not a DICOM series folder, and a DICOM SEG must point at the series it "
-                "segments: write NIfTI masks (mask_format 'nifti') for other images."
-            )
-        slices = check_seg_source(self.source)
-        array = segment_array(self.data_obj, len(self.segments))
+        slices, array = self._on_source("a DICOM SEG")
         frames = series_frames(array, self.affine, slices, self.space)
         if array.shape[0] == 1:  # a label map: highdicom splits it into segments (faster than checking a stack for overlap)
             frames = frames[..., 0]
@@ -550,6 +542,25 @@ class DicomSegWriter(ImageWriter):
             logger.info(f"writing: {filename}")
         with atomic_write(filename) as tmp:
             seg.save_as(tmp)
+
+    def _on_source(self, kind: str) -> tuple[list[Any], np.ndarray]:
+        """The source series' slice headers and the mask as segments (:func:`segment_array`), both checked.
+
+        Args:
+            kind: what is written, for the error (``"a DICOM SEG"``).
+
+        Raises:
+            ValueError: before :meth:`set_data_array` and :meth:`set_metadata`.
+            DatasetError: when the source is not a DICOM series folder.
+        """
+        if self.source is None or self.affine is None or self.data_obj is None:
+            raise ValueError(f"{type(self).__name__}.write needs set_data_array and set_metadata first.")
+        if not Path(self.source).is_dir():
+            raise DatasetError(
+                f"image {self.source} is not a DICOM series folder, and {kind} must point at the series it "
+                "segments: write NIfTI masks (mask_format 'nifti') for other images."
+            )
+        return check_seg_source(self.source), segment_array(self.data_obj, len(self.segments))
 
 
 def _segmentation(

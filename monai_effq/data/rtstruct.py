@@ -13,6 +13,8 @@ frames are (:func:`~monai_effq.data.dicom_seg.frames_on_grid`).
 
 from __future__ import annotations
 
+import datetime
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,20 +23,27 @@ from monai.config import PathLike
 from monai.utils import optional_import
 
 from monai_effq.data.dicom_seg import (
+    DicomSegWriter,
+    Segment,
     SegLabels,
     frames_on_grid,
     match_segments,
     media_storage_class,
     paint_labels,
     referenced_series,
+    series_frames,
 )
 from monai_effq.data.images import image_error_reason
 from monai_effq.data.layouts import DatasetError
 from monai_effq.utils.errors import MissingExtraError
+from monai_effq.utils.io import atomic_write
 
 pydicom, has_pydicom = optional_import("pydicom")
+find_contours, has_skimage = optional_import("skimage.measure", name="find_contours")
 
-__all__ = ["RTSTRUCT_CLASS", "is_rtstruct", "fill_polygon", "load_rtstruct", "read_rtstruct_labels"]
+__all__ = ["RTSTRUCT_CLASS", "is_rtstruct", "fill_polygon", "load_rtstruct", "read_rtstruct_labels", "RtStructWriter"]
+
+logger = logging.getLogger(__name__)
 
 RTSTRUCT_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 """RT Structure Set Storage."""
@@ -44,6 +53,13 @@ RTSTRUCT_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
 _EDGE_TOLERANCE = 0.02
 # a contour further than this from a slice's plane (in slice steps) lies between slices
 _PLANE_TOLERANCE = 0.25
+# the patient and study, copied from the series into the structure set
+_COPIED = (
+    "SpecificCharacterSet", "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
+    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
+)  # fmt: skip
+# ROI display colours, one per segment in turn
+_COLOURS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255))
 
 
 def is_rtstruct(path: str | PathLike) -> bool:
@@ -259,3 +275,116 @@ def read_rtstruct_labels(
     numbers = match_segments(rois, labels, source)
     frames = _slice_frames(ds, numbers, slices, source)
     return paint_labels(frames_on_grid(frames, affine, slices, shape, space), labels, source)
+
+
+class RtStructWriter(DicomSegWriter):
+    """A ``SaveImaged`` writer that stores a mask as an RTSTRUCT of contours on the DICOM series it was computed on.
+
+    A radiotherapy planning system imports structure sets, not DICOM SEG. Each segment becomes an ROI;
+    on each slice its border is traced between the mask's pixel centres (marching squares at half-way,
+    by scikit-image), so that every contour is closed, a hole is a contour inside another, and filling the
+    contours (:func:`read_rtstruct_labels`) gives the mask back. Input, metadata and checks are those of
+    :class:`~monai_effq.data.dicom_seg.DicomSegWriter` (a mask on the series' grid, ``resample=False``).
+
+    Args:
+        output_dtype: ignored, for ``SaveImage``'s interface.
+        scale: ignored, likewise.
+        segments: what each label or channel of the mask is, in order (their labels name the ROIs).
+        algorithm: the algorithm's name, in each ROI's generation description (the bundle and model).
+        algorithm_version: its version.
+        series_description: the structure set's series description.
+    """
+
+    def __init__(self, output_dtype: Any = None, scale: Any = None, *, segments: Sequence[Segment], **kwargs: Any) -> None:
+        super().__init__(output_dtype, scale, segments=segments, **kwargs)
+        if not has_skimage:
+            raise MissingExtraError("writing masks as RTSTRUCT needs scikit-image: pip install 'monai-effq[dicom]', or write NIfTI masks.")
+
+    def write(self, filename: PathLike, verbose: bool = False, **kwargs: Any) -> None:
+        """Write the RTSTRUCT to ``filename``, whole or not at all (arguments and errors as :meth:`DicomSegWriter.write`)."""
+        slices, array = self._on_source("an RTSTRUCT")
+        masks = array if array.shape[0] > 1 else np.stack([array[0] == n for n in range(1, len(self.segments) + 1)])
+        frames = series_frames(masks, self.affine, slices, self.space)  # (slices, rows, columns, segments)
+        ds = _structure_set(slices, [_contours(frames[..., k], slices) for k in range(len(self.segments))], self)
+        if verbose:
+            logger.info(f"writing: {filename}")
+        with atomic_write(filename) as tmp:
+            pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
+
+
+def _contours(frames: np.ndarray, slices: Sequence[Any]) -> list[tuple[int, np.ndarray]]:
+    """Each slice's closed contours of one segment: ``(slice index, (K, 3) points in patient mm)``."""
+    out = []
+    for n in np.flatnonzero(frames.reshape(len(frames), -1).any(1)):
+        header = slices[n]
+        orientation = np.asarray(header.ImageOrientationPatient, dtype=np.float64)
+        row_spacing, column_spacing = (float(v) for v in header.PixelSpacing)
+        origin = np.asarray(header.ImagePositionPatient, dtype=np.float64)
+        # padded so that a border touching the slice's edge is closed too
+        for line in find_contours(np.pad(frames[n].astype(np.float32), 1), 0.5):
+            pixels = line[:-1] - 1.0  # closed: its last point repeats its first
+            points = origin + pixels[:, :1] * row_spacing * orientation[3:] + pixels[:, 1:] * column_spacing * orientation[:3]
+            out.append((int(n), points))
+    return out
+
+
+def _structure_set(slices: Sequence[Any], contours: Sequence[list[tuple[int, np.ndarray]]], writer: RtStructWriter) -> Any:
+    """The RTSTRUCT dataset: the source's patient and study, one ROI per segment, its contours on the slices they lie on."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence as DicomSequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    def item(**values: Any) -> Any:
+        out = Dataset()
+        for key, value in values.items():
+            setattr(out, key, value)
+        return out
+
+    first = slices[0]
+    now = datetime.datetime.now()
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = RTSTRUCT_CLASS
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = RTSTRUCT_CLASS, ds.file_meta.MediaStorageSOPInstanceUID
+    for name in _COPIED:
+        if name in first:
+            setattr(ds, name, first.data_element(name).value)
+    ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = "RTSTRUCT", generate_uid(), 1
+    number = first.get("SeriesNumber")
+    ds.SeriesNumber = int(number) + 2000 if number not in (None, "") else 2000
+    ds.SeriesDescription = writer.series_description
+    ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions = "monai-effq", writer.algorithm, writer.algorithm_version
+    ds.StructureSetLabel = writer.algorithm[:16]
+    ds.StructureSetDate, ds.StructureSetTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
+    images = [item(ReferencedSOPClassUID=s.SOPClassUID, ReferencedSOPInstanceUID=s.SOPInstanceUID) for s in slices]
+    series = item(SeriesInstanceUID=first.SeriesInstanceUID, ContourImageSequence=DicomSequence(images))
+    study = item(ReferencedSOPClassUID="1.2.840.10008.3.1.2.3.1", ReferencedSOPInstanceUID=first.StudyInstanceUID)
+    study.RTReferencedSeriesSequence = DicomSequence([series])
+    frame = item(FrameOfReferenceUID=first.FrameOfReferenceUID, RTReferencedStudySequence=DicomSequence([study]))
+    ds.ReferencedFrameOfReferenceSequence = DicomSequence([frame])
+    ds.StructureSetROISequence = DicomSequence(
+        [
+            item(ROINumber=k, ReferencedFrameOfReferenceUID=first.FrameOfReferenceUID, ROIName=segment.label,
+                 ROIGenerationAlgorithm="AUTOMATIC", ROIGenerationDescription=f"{writer.algorithm} {writer.algorithm_version}")
+            for k, segment in enumerate(writer.segments, start=1)
+        ]
+    )  # fmt: skip
+    roi_contours = []
+    for k, lines in enumerate(contours, start=1):
+        sequence = []
+        for n, points in lines:
+            image = item(ReferencedSOPClassUID=slices[n].SOPClassUID, ReferencedSOPInstanceUID=slices[n].SOPInstanceUID)
+            contour = item(ContourGeometricType="CLOSED_PLANAR", NumberOfContourPoints=len(points))
+            contour.ContourImageSequence = DicomSequence([image])
+            contour.ContourData = [f"{v:.3f}" for v in points.ravel()]  # 0.001 mm: far below a pixel
+            sequence.append(contour)
+        roi = item(ROIDisplayColor=list(_COLOURS[(k - 1) % len(_COLOURS)]), ReferencedROINumber=k)
+        roi.ContourSequence = DicomSequence(sequence)
+        roi_contours.append(roi)
+    ds.ROIContourSequence = DicomSequence(roi_contours)
+    ds.RTROIObservationsSequence = DicomSequence(
+        [item(ObservationNumber=k, ReferencedROINumber=k, RTROIInterpretedType="", ROIInterpreter="") for k in range(1, len(contours) + 1)]
+    )
+    return ds

@@ -133,3 +133,25 @@ def test_inference_writes_a_dicom_seg_whose_frames_are_the_nifti_mask_on_each_so
     traced = hd.seg.segread(tmp_path / "ts" / "0.000000-SERIES-0_seg.dcm")
     assert traced.get_segment_description(1).algorithm_identification[0].AlgorithmName == f"{dataset}_effq rtn_w4a8"
     assert np.array_equal(traced.get_pixels_by_source_instance(source_sop_instance_uids=[s.SOPInstanceUID for s in sources], combine_segments=False), frames)
+
+
+@pytest.mark.slow
+def test_inference_writes_an_rtstruct_whose_contours_fill_back_to_the_nifti_mask(quantized_copy, tmp_path):
+    pytest.importorskip("skimage")
+    from monai.transforms import LoadImage
+
+    from monai_effq.data import LITS_SEG_LABELS, read_rtstruct_labels
+
+    copy, masks, _ = quantized_copy("lits_effq")
+    case = images(copy / "data" / "demo", "lits", "val")[0]
+    series = tmp_path / "1.000000-CT-1"
+    write_dicom_series(case["image"], series)
+    datalist = str([{"image": str(series)}])
+    bundle("lits_effq", "inference", "--method", "rtn", "--datalist", datalist, "--output_dir", str(tmp_path / "rt"), "--mask_format", "rtstruct", cwd=copy)
+    assert [p.name for p in (tmp_path / "rt").iterdir()] == ["1.000000-CT-1_seg.dcm"]
+    image = LoadImage(reader="ITKReader", image_only=True)(str(series))
+    labels = read_rtstruct_labels(tmp_path / "rt" / "1.000000-CT-1_seg.dcm", series, image.affine.numpy(), image.shape, LITS_SEG_LABELS)
+    # the NIfTI mask of the same image, written by the copy's own inference on its NIfTI file: the same grid, voxel for voxel
+    nifti = next(m for m in masks if m.name.startswith(Path(case["image"]).name.split(".")[0]))
+    expected = np.asarray(nib.load(str(nifti)).dataobj)
+    assert expected.any() and labels.shape == expected.shape and np.array_equal(labels, expected)

@@ -1,6 +1,7 @@
 import nibabel as nib
 import numpy as np
 import pytest
+import scipy.ndimage
 import torch
 from monai.transforms import LoadImage
 
@@ -224,3 +225,71 @@ def test_a_mapping_that_paints_a_segment_over_entirely_warns_and_one_naming_a_se
     assert caplog.text == ""
     with pytest.raises(DatasetError, match=r"seg_segments names its segment 1 twice, as 'Liver' and as 'liver'"):
         read_rtstruct_labels(*args, SegLabels.from_mapping({"Liver": 1, "liver": 2}, (0, 1, 2)))
+
+
+def _write_masks(tmp_path, mask, image, segments, name="rs"):
+    import functools
+
+    from monai.data import MetaTensor
+    from monai.transforms import SaveImage
+
+    from monai_effq.data import mask_name_formatter
+    from monai_effq.data.rtstruct import RtStructWriter
+
+    saver = SaveImage(
+        output_dir=str(tmp_path / name), output_postfix="rtstruct", output_ext=".dcm", resample=False, separate_folder=False,
+        writer=functools.partial(RtStructWriter, segments=segments, algorithm="lits_effq rtn_w4a8"), output_name_formatter=mask_name_formatter,
+    )  # fmt: skip
+    saver(MetaTensor(mask, affine=image.affine, meta=image.meta))
+    return tmp_path / name / "series_rtstruct.dcm"
+
+
+@pytest.mark.parametrize("orientation", list(_AFFINES))
+def test_masks_written_as_an_rtstruct_read_back_voxel_for_voxel_and_lie_on_the_slices_they_name(tmp_path, orientation):
+    from monai_effq.data import BRATS_SEGMENTS, LITS_SEGMENTS
+
+    files = _series(tmp_path, _AFFINES[orientation])
+    image = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)(str(tmp_path / "series"))
+    # labels of smoothed noise: islands, holes and islands in holes, touching the slices' edges and each other at corners
+    smooth = scipy.ndimage.uniform_filter(image.numpy().astype(float), size=(1, 3, 3, 1))
+    labels = torch.as_tensor(np.digitize(smooth, [0, 15]), dtype=torch.uint8)
+    assert 0.1 < (labels == 2).float().mean() < (labels == 1).float().mean() < 0.6
+    path = _write_masks(tmp_path, labels, image, LITS_SEGMENTS)
+    args = (tmp_path / "series", image.affine.numpy(), image.shape[1:])
+    assert np.array_equal(read_rtstruct_labels(path, *args, LITS_SEG_LABELS), labels[0].numpy())
+
+    ds = pydicom.dcmread(path)
+    source = {h.SOPInstanceUID: h for h in (pydicom.dcmread(f, stop_before_pixels=True) for f in files)}
+    assert [r.ROIName for r in ds.StructureSetROISequence] == ["liver", "liver tumour"] and ds.Modality == "RTSTRUCT"
+    first = next(iter(source.values()))
+    assert ds.PatientID == first.PatientID and ds.StudyInstanceUID == first.StudyInstanceUID
+    for roi in ds.ROIContourSequence:
+        for contour in roi.ContourSequence:
+            header = source[contour.ContourImageSequence[0].ReferencedSOPInstanceUID]
+            orientation_ = np.asarray(header.ImageOrientationPatient, dtype=float)
+            points = np.asarray(contour.ContourData, dtype=float).reshape(-1, 3)
+            depth = (points - np.asarray(header.ImagePositionPatient, dtype=float)) @ np.cross(orientation_[:3], orientation_[3:])
+            assert np.abs(depth).max() < 1e-2 and len(points) == contour.NumberOfContourPoints >= 3
+
+    # overlapping channels (BraTS' TC, WT, ET): each an ROI of its own
+    channels = torch.as_tensor(scipy.ndimage.uniform_filter(np.random.default_rng(1).random((3, *image.shape[1:])), (1, 3, 3, 1)) > 0.55)
+    path = _write_masks(tmp_path, channels.to(torch.uint8), image, BRATS_SEGMENTS, name="brats")
+    for k in range(3):
+        got = read_rtstruct_labels(path, *args, SegLabels.from_mapping({k + 1: 1}, (0, 1)))
+        assert np.array_equal(got, channels[k].numpy()), k
+
+
+def test_an_rtstruct_write_that_fails_half_way_leaves_no_file(tmp_path, monkeypatch):
+    from monai_effq.data import LITS_SEGMENTS
+
+    _series(tmp_path, _AFFINES["axial"])
+    image = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)(str(tmp_path / "series"))
+
+    def broken(path, *args, **kwargs):
+        open(path, "wb").write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pydicom, "dcmwrite", broken)
+    with pytest.raises(Exception, match="disk full"):
+        _write_masks(tmp_path, torch.ones((1, *image.shape[1:]), dtype=torch.uint8), image, LITS_SEGMENTS)
+    assert not (tmp_path / "rs" / "series_rtstruct.dcm").exists() and list((tmp_path / "rs").glob("*")) == []
