@@ -505,8 +505,10 @@ def mask_writer(mask_format: str, dataset: str, tag: str = "") -> Any:
     if segments is None:
         raise UserInputError(f"dataset must be 'brats' or 'lits', got {dataset!r}.")
     algorithm = f"{dataset}_effq {tag}".strip()
-    writer = DicomSegWriter if mask_format == "dicom_seg" else RtStructWriter
-    return functools.partial(writer, segments=segments, algorithm=algorithm)
+    if mask_format == "dicom_seg":
+        return functools.partial(DicomSegWriter, segments=segments, algorithm=algorithm)
+    # a LiTS liver contour includes its tumour, as planning systems draw organs
+    return functools.partial(RtStructWriter, segments=segments, algorithm=algorithm, nested=dataset == "lits")
 
 
 def check_inference_inputs(
@@ -533,7 +535,7 @@ def check_inference_inputs(
             are not on one grid, or (DICOM SEG) a series whose slices lack what the SEG copies.
         UserInputError: as :func:`inference_masks`; for a mask extension that is not the format's, or
             a DICOM SEG asked for an image that is not a DICOM series.
-        MissingExtraError: for DICOM SEG without highdicom installed.
+        MissingExtraError: for DICOM SEG or RTSTRUCT without the ``dicom`` extra (highdicom, scikit-image) installed.
     """
     seg = _check_mask_format(mask_format) in ("dicom_seg", "rtstruct")
     extensions = (".dcm",) if seg else NIFTI_SUFFIXES
@@ -547,20 +549,25 @@ def check_inference_inputs(
         for path in case["image"] if isinstance(case["image"], (list, tuple)) else [case["image"]]:
             if not Path(path).exists():
                 raise MissingInputError(f"image {path} does not exist: correct the datalist or --dataset_dir.")
+    kind = "a DICOM SEG" if mask_format == "dicom_seg" else "an RTSTRUCT"
     if seg:
         from monai_effq.data.dicom_seg import check_seg_source, require_highdicom
 
         require_highdicom()
+        if mask_format == "rtstruct":
+            from monai_effq.data.rtstruct import require_skimage
+
+            require_skimage()
         for first in (_first_image(case) for case in cases):
             if not Path(first).is_dir():
                 raise UserInputError(
-                    f"image {first} is a file, and a {'DICOM SEG' if mask_format == 'dicom_seg' else 'RTSTRUCT'} mask must point "
+                    f"image {first} is a file, and {kind} mask must point "
                     "at the DICOM series it segments: pass the series' folder, or write NIfTI masks (--mask_format nifti)."
                 )
     for case in cases:  # decoding takes the longest: after the checks that need no image read
         check_image(case["image"], read_data=True)
         if seg:
-            check_seg_source(_first_image(case))
+            check_seg_source(_first_image(case), kind)
 
 
 def _first_image(case: Mapping[str, Any]) -> Any:

@@ -383,6 +383,17 @@ def _rtstruct_cut_short(tmp_path, lits):
     validate_datalist([case], read_data=True)
 
 
+def _rtstruct_without_scikit_image(tmp_path, lits):
+    from monai_effq.data import rtstruct
+
+    folder = _series(tmp_path, lits, "1.2.3.9")
+    saved, rtstruct.has_skimage = rtstruct.has_skimage, False
+    try:
+        check_inference_inputs([{"image": str(folder)}], tmp_path / "masks", ext=".dcm", mask_format="rtstruct")
+    finally:
+        rtstruct.has_skimage = saved
+
+
 def _rtstruct_of_open_contours(tmp_path, lits):
     from monai_effq.data import lits_transforms
 
@@ -536,13 +547,13 @@ TRIGGERS = {
     "mask_ext <ext> does not match mask_format <format>": (
         lambda t, d: check_inference_inputs([{"image": "ct.nii.gz"}], t / "masks", ext=".dcm")
     ),
-    "image <file> is a file, and a <DICOM SEG or RTSTRUCT> mask must point at the DICOM series it segments": _seg_of_a_file,
-    "DICOM file <file> of the series in <folder> lacks <attributes>, which a DICOM SEG referencing the series needs": (
+    "image <file> is a file, and <a DICOM SEG or an RTSTRUCT> mask must point at the DICOM series it segments": _seg_of_a_file,
+    "DICOM file <file> of the series in <folder> lacks <attributes>, which <a DICOM SEG or an RTSTRUCT> referencing the series needs": (
         _seg_source_without_frame_of_reference
     ),
     "the mask does not lie on the grid of DICOM slice <file>": _seg_off_the_grid,
     "DICOM file <file> of the series in <folder> holds a value a DICOM SEG cannot copy: <reason>": _seg_source_with_a_malformed_value,
-    "DICOM file <file> in <folder> is a multi-frame (enhanced) image, which DICOM SEG masks do not support yet": _seg_source_multi_frame,
+    "DICOM file <file> in <folder> is a multi-frame (enhanced) image, which <DICOM SEG or RTSTRUCT> masks do not support yet": _seg_source_multi_frame,
     "<DICOM SEG or RTSTRUCT> label <file> segments another series than its image <folder>": _seg_of_another_series,
     "<DICOM SEG or RTSTRUCT> label <file> has <no segment or several segments> labelled <name>; it holds: <segments>": _seg_without_a_segment,
     "<DICOM SEG or RTSTRUCT> label <file>: seg_segments names its segment <n> twice, as <key> and as <key>": _seg_mapping_a_segment_twice,
@@ -555,6 +566,7 @@ TRIGGERS = {
     ),
     "<DICOM SEG or RTSTRUCT> label <file> needs its image read from the DICOM series it segments": _seg_label_loaded_beside_a_file,
     "cannot read <DICOM SEG or RTSTRUCT> label <file>: <reason>": _rtstruct_cut_short,
+    "writing masks as RTSTRUCT needs scikit-image": _rtstruct_without_scikit_image,
     "RTSTRUCT label <file>: a contour of ROI <n> does not lie in the plane of a slice of the series": _rtstruct_off_the_slices,
     "RTSTRUCT label <file>: ROI <n> holds an <type> contour, which outlines no area": _rtstruct_of_open_contours,
     "the images of one case are not on one grid: <file> is <grid> where <file> is <grid>": _case_off_one_grid,

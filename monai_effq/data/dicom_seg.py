@@ -205,11 +205,13 @@ def require_highdicom() -> None:
         )
 
 
-def check_seg_source(folder: str | PathLike) -> list[Any]:
-    """The slice headers of the DICOM series in ``folder``, checked to carry what a SEG referencing it needs.
+def check_seg_source(folder: str | PathLike, kind: str = "a DICOM SEG") -> list[Any]:
+    """The slice headers of the DICOM series in ``folder``, checked to carry what a SEG (or RTSTRUCT) referencing it needs.
 
     Args:
         folder: a folder holding one DICOM series (as :func:`monai_effq.data.dicom_series_files` requires).
+        kind: what will reference it, ``"a DICOM SEG"`` or ``"an RTSTRUCT"`` (which copies empty values as they are,
+            so only a SEG's copied values are checked).
 
     Returns:
         the slices' headers (``pydicom`` datasets without their voxels), in slice order.
@@ -225,17 +227,18 @@ def check_seg_source(folder: str | PathLike) -> list[Any]:
     for header in headers:
         if int(header.get("NumberOfFrames") or 1) > 1:
             raise DatasetError(
-                f"DICOM file {header.filename} in {folder} is a multi-frame (enhanced) image, which DICOM SEG masks do "
+                f"DICOM file {header.filename} in {folder} is a multi-frame (enhanced) image, which {kind.split(' ', 1)[1]} masks do "
                 "not support yet: write NIfTI masks (mask_format 'nifti')."
             )
         missing = [name for name in _SOURCE_ATTRIBUTES if header.get(name) in (None, "")]
         if missing:
             raise DatasetError(
-                f"DICOM file {header.filename} of the series in {folder} lacks {', '.join(missing)}, which a DICOM SEG "
+                f"DICOM file {header.filename} of the series in {folder} lacks {', '.join(missing)}, which {kind} "
                 "referencing the series needs: write the masks as NIfTI (mask_format 'nifti'), or re-export the "
                 "series from the archive with its full headers."
             )
-    _check_copied_values(headers[0], folder)
+    if kind == "a DICOM SEG":
+        _check_copied_values(headers[0], folder)
     return headers
 
 
@@ -560,7 +563,7 @@ class DicomSegWriter(ImageWriter):
                 f"image {self.source} is not a DICOM series folder, and {kind} must point at the series it "
                 "segments: write NIfTI masks (mask_format 'nifti') for other images."
             )
-        return check_seg_source(self.source), segment_array(self.data_obj, len(self.segments))
+        return check_seg_source(self.source, kind), segment_array(self.data_obj, len(self.segments))
 
 
 def _segmentation(

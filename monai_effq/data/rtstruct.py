@@ -41,7 +41,7 @@ from monai_effq.utils.io import atomic_write
 pydicom, has_pydicom = optional_import("pydicom")
 find_contours, has_skimage = optional_import("skimage.measure", name="find_contours")
 
-__all__ = ["RTSTRUCT_CLASS", "is_rtstruct", "fill_polygon", "load_rtstruct", "read_rtstruct_labels", "RtStructWriter"]
+__all__ = ["RTSTRUCT_CLASS", "is_rtstruct", "fill_polygon", "load_rtstruct", "read_rtstruct_labels", "RtStructWriter", "require_skimage"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,19 @@ def is_rtstruct(path: str | PathLike) -> bool:
             "(or pip install pydicom), or give the labels as NIfTI files."
         )
     return True
+
+
+def require_skimage() -> None:
+    """Raise a clear error when scikit-image, which traces an RTSTRUCT's contours, is not installed.
+
+    Raises:
+        MissingExtraError: (an ``ImportError``) naming the extra to install.
+    """
+    if not has_skimage:
+        raise MissingExtraError(
+            "writing masks as RTSTRUCT needs scikit-image: pip install 'monai-effq[dicom]' (or pip install scikit-image), "
+            "or write NIfTI or DICOM SEG masks (mask_format 'nifti' or 'dicom_seg')."
+        )
 
 
 def fill_polygon(points: np.ndarray, rows: int, columns: int) -> np.ndarray:
@@ -233,7 +246,9 @@ def load_rtstruct(path: str | PathLike) -> Any:
                 if count not in (None, "") and int(count) * 3 != points.size:
                     raise ValueError(f"a contour of ROI {roi.ReferencedROINumber} holds {points.size // 3} of its {int(count)} points")
     except Exception as e:  # pydicom raises many unrelated types for a damaged file
-        raise DatasetError(f"cannot read RTSTRUCT label {path}: {image_error_reason(e)}; re-export it, or give the labels as NIfTI.") from e
+        reason = image_error_reason(e)
+        reason = reason if len(reason) <= 200 else reason[:200] + "..."  # a damaged value may be kilobytes of coordinates
+        raise DatasetError(f"cannot read RTSTRUCT label {path}: {reason}; re-export it, or give the labels as NIfTI.") from e
     return ds
 
 
@@ -293,23 +308,31 @@ class RtStructWriter(DicomSegWriter):
         algorithm: the algorithm's name, in each ROI's generation description (the bundle and model).
         algorithm_version: its version.
         series_description: the structure set's series description.
+        nested: a label map whose later labels lie inside earlier ones (LiTS' tumour inside its liver): ROI ``k``
+            outlines labels ``k`` and above, as a planning system's organ includes its tumour (read back in
+            order, the labels are the same).
     """
 
-    def __init__(self, output_dtype: Any = None, scale: Any = None, *, segments: Sequence[Segment], **kwargs: Any) -> None:
+    def __init__(
+        self, output_dtype: Any = None, scale: Any = None, *, segments: Sequence[Segment], nested: bool = False, **kwargs: Any
+    ) -> None:
         super().__init__(output_dtype, scale, segments=segments, **kwargs)
-        if not has_skimage:
-            raise MissingExtraError("writing masks as RTSTRUCT needs scikit-image: pip install 'monai-effq[dicom]', or write NIfTI masks.")
+        require_skimage()
+        self.nested = nested
 
     def write(self, filename: PathLike, verbose: bool = False, **kwargs: Any) -> None:
         """Write the RTSTRUCT to ``filename``, whole or not at all (arguments and errors as :meth:`DicomSegWriter.write`)."""
         slices, array = self._on_source("an RTSTRUCT")
-        masks = array if array.shape[0] > 1 else np.stack([array[0] == n for n in range(1, len(self.segments) + 1)])
+        if array.shape[0] > 1:
+            masks = array
+        else:
+            masks = np.stack([(array[0] >= n) if self.nested else (array[0] == n) for n in range(1, len(self.segments) + 1)])
         frames = series_frames(masks, self.affine, slices, self.space)  # (slices, rows, columns, segments)
         ds = _structure_set(slices, [_contours(frames[..., k], slices) for k in range(len(self.segments))], self)
         if verbose:
             logger.info(f"writing: {filename}")
         with atomic_write(filename) as tmp:
-            pydicom.dcmwrite(tmp, ds, enforce_file_format=True)
+            pydicom.dcmwrite(tmp, ds, enforce_file_format=True)  # implicit VR: a long contour's coordinates need no 64 KiB cap
 
 
 def _contours(frames: np.ndarray, slices: Sequence[Any]) -> list[tuple[int, np.ndarray]]:
@@ -322,17 +345,28 @@ def _contours(frames: np.ndarray, slices: Sequence[Any]) -> list[tuple[int, np.n
         origin = np.asarray(header.ImagePositionPatient, dtype=np.float64)
         # padded so that a border touching the slice's edge is closed too
         for line in find_contours(np.pad(frames[n].astype(np.float32), 1), 0.5):
-            pixels = line[:-1] - 1.0  # closed: its last point repeats its first
+            pixels = _without_collinear(line[:-1] - 1.0)  # closed: its last point repeats its first
             points = origin + pixels[:, :1] * row_spacing * orientation[3:] + pixels[:, 1:] * column_spacing * orientation[:3]
             out.append((int(n), points))
     return out
+
+
+def _without_collinear(points: np.ndarray) -> np.ndarray:
+    """A closed polygon's vertices without those on a straight line between their neighbours (the same polygon).
+
+    Marching squares puts a vertex on every pixel edge; a straight border needs only its ends.
+    """
+    before, after = np.roll(points, 1, axis=0), np.roll(points, -1, axis=0)
+    cross = (points[:, 0] - before[:, 0]) * (after[:, 1] - points[:, 1]) - (points[:, 1] - before[:, 1]) * (after[:, 0] - points[:, 0])
+    keep = np.abs(cross) > 1e-9
+    return points[keep] if keep.sum() >= 3 else points
 
 
 def _structure_set(slices: Sequence[Any], contours: Sequence[list[tuple[int, np.ndarray]]], writer: RtStructWriter) -> Any:
     """The RTSTRUCT dataset: the source's patient and study, one ROI per segment, its contours on the slices they lie on."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence as DicomSequence
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import ImplicitVRLittleEndian, generate_uid
 
     def item(**values: Any) -> Any:
         out = Dataset()
@@ -346,17 +380,23 @@ def _structure_set(slices: Sequence[Any], contours: Sequence[list[tuple[int, np.
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = RTSTRUCT_CLASS
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     ds.SOPClassUID, ds.SOPInstanceUID = RTSTRUCT_CLASS, ds.file_meta.MediaStorageSOPInstanceUID
     for name in _COPIED:
         if name in first:
             setattr(ds, name, first.data_element(name).value)
+        elif name != "SpecificCharacterSet":  # the others are type 2: present, empty where the series has none
+            setattr(ds, name, "")
+    ds.FrameOfReferenceUID = first.FrameOfReferenceUID
+    ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
+    ds.OperatorsName = ""
     ds.Modality, ds.SeriesInstanceUID, ds.InstanceNumber = "RTSTRUCT", generate_uid(), 1
     number = first.get("SeriesNumber")
     ds.SeriesNumber = int(number) + 2000 if number not in (None, "") else 2000
     ds.SeriesDescription = writer.series_description
     ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions = "monai-effq", writer.algorithm, writer.algorithm_version
-    ds.StructureSetLabel = writer.algorithm[:16]
+    ds.StructureSetLabel = writer.algorithm.split(" ")[0][:16]  # a short string; the name holds the whole
+    ds.StructureSetName = writer.algorithm[:64]
     ds.StructureSetDate, ds.StructureSetTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     images = [item(ReferencedSOPClassUID=s.SOPClassUID, ReferencedSOPInstanceUID=s.SOPInstanceUID) for s in slices]
     series = item(SeriesInstanceUID=first.SeriesInstanceUID, ContourImageSequence=DicomSequence(images))
@@ -381,7 +421,8 @@ def _structure_set(slices: Sequence[Any], contours: Sequence[list[tuple[int, np.
             contour.ContourData = [f"{v:.3f}" for v in points.ravel()]  # 0.001 mm: far below a pixel
             sequence.append(contour)
         roi = item(ROIDisplayColor=list(_COLOURS[(k - 1) % len(_COLOURS)]), ReferencedROINumber=k)
-        roi.ContourSequence = DicomSequence(sequence)
+        if sequence:  # a segment with no voxel is an ROI without contours (an empty sequence is not allowed)
+            roi.ContourSequence = DicomSequence(sequence)
         roi_contours.append(roi)
     ds.ROIContourSequence = DicomSequence(roi_contours)
     ds.RTROIObservationsSequence = DicomSequence(

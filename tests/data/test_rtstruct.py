@@ -227,7 +227,7 @@ def test_a_mapping_that_paints_a_segment_over_entirely_warns_and_one_naming_a_se
         read_rtstruct_labels(*args, SegLabels.from_mapping({"Liver": 1, "liver": 2}, (0, 1, 2)))
 
 
-def _write_masks(tmp_path, mask, image, segments, name="rs"):
+def _write_masks(tmp_path, mask, image, segments, name="rs", **writer):
     import functools
 
     from monai.data import MetaTensor
@@ -238,7 +238,7 @@ def _write_masks(tmp_path, mask, image, segments, name="rs"):
 
     saver = SaveImage(
         output_dir=str(tmp_path / name), output_postfix="rtstruct", output_ext=".dcm", resample=False, separate_folder=False,
-        writer=functools.partial(RtStructWriter, segments=segments, algorithm="lits_effq rtn_w4a8"), output_name_formatter=mask_name_formatter,
+        writer=functools.partial(RtStructWriter, segments=segments, algorithm="lits_effq rtn_w4a8", **writer), output_name_formatter=mask_name_formatter,
     )  # fmt: skip
     saver(MetaTensor(mask, affine=image.affine, meta=image.meta))
     return tmp_path / name / "series_rtstruct.dcm"
@@ -254,13 +254,18 @@ def test_masks_written_as_an_rtstruct_read_back_voxel_for_voxel_and_lie_on_the_s
     smooth = scipy.ndimage.uniform_filter(image.numpy().astype(float), size=(1, 3, 3, 1))
     labels = torch.as_tensor(np.digitize(smooth, [0, 15]), dtype=torch.uint8)
     assert 0.1 < (labels == 2).float().mean() < (labels == 1).float().mean() < 0.6
-    path = _write_masks(tmp_path, labels, image, LITS_SEGMENTS)
     args = (tmp_path / "series", image.affine.numpy(), image.shape[1:])
-    assert np.array_equal(read_rtstruct_labels(path, *args, LITS_SEG_LABELS), labels[0].numpy())
+    # the liver drawn as a planning system draws organs, around its tumour (nested), or as the label map has it
+    for nested in (True, False):
+        path = _write_masks(tmp_path, labels, image, LITS_SEGMENTS, name=f"rs{nested}", nested=nested)
+        assert np.array_equal(read_rtstruct_labels(path, *args, LITS_SEG_LABELS), labels[0].numpy())
+        liver = read_rtstruct_labels(path, *args, SegLabels.from_mapping({"liver": 1}, (0, 1)))
+        assert np.array_equal(liver, (labels[0] >= 1 if nested else labels[0] == 1).numpy())
 
     ds = pydicom.dcmread(path)
     source = {h.SOPInstanceUID: h for h in (pydicom.dcmread(f, stop_before_pixels=True) for f in files)}
     assert [r.ROIName for r in ds.StructureSetROISequence] == ["liver", "liver tumour"] and ds.Modality == "RTSTRUCT"
+    assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian and ds.StructureSetName == "lits_effq rtn_w4a8"
     first = next(iter(source.values()))
     assert ds.PatientID == first.PatientID and ds.StudyInstanceUID == first.StudyInstanceUID
     for roi in ds.ROIContourSequence:
@@ -293,3 +298,22 @@ def test_an_rtstruct_write_that_fails_half_way_leaves_no_file(tmp_path, monkeypa
     with pytest.raises(Exception, match="disk full"):
         _write_masks(tmp_path, torch.ones((1, *image.shape[1:]), dtype=torch.uint8), image, LITS_SEGMENTS)
     assert not (tmp_path / "rs" / "series_rtstruct.dcm").exists() and list((tmp_path / "rs").glob("*")) == []
+
+
+def test_a_long_jagged_border_and_an_empty_segment_write_a_structure_set_that_reads_back(tmp_path):
+    from monai_effq.data import LITS_SEGMENTS
+
+    # a 600 x 600 slice with a disc of ragged border: one contour of thousands of vertices, more than 64 KiB of coordinates
+    rows, columns = np.mgrid[:600, :600]
+    teeth = np.floor(np.arctan2(rows - 300, columns - 300) * 500 / np.pi) % 2  # 1000 teeth around the disc
+    ragged = np.hypot(rows - 300, columns - 300) < 250 + 4 * teeth
+    nib.save(nib.Nifti1Image(np.zeros((600, 600, 2), dtype=np.int16), np.diag([0.7, 0.7, 2.0, 1.0])), str(tmp_path / "ct.nii.gz"))
+    write_dicom_series(tmp_path / "ct.nii.gz", tmp_path / "series")
+    image = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)(str(tmp_path / "series"))
+    mask = torch.as_tensor(np.stack([ragged.T, np.zeros_like(ragged)], -1)[None], dtype=torch.uint8)  # no tumour anywhere
+    path = _write_masks(tmp_path, mask, image, LITS_SEGMENTS)
+    ds = pydicom.dcmread(path)
+    longest = max(ds.ROIContourSequence[0].ContourSequence, key=lambda c: int(c.NumberOfContourPoints))
+    assert len("\\".join(str(v) for v in longest.ContourData)) > 65535 and "ContourSequence" not in ds.ROIContourSequence[1]
+    got = read_rtstruct_labels(path, tmp_path / "series", image.affine.numpy(), image.shape[1:], LITS_SEG_LABELS)
+    assert np.array_equal(got, mask[0].numpy())
