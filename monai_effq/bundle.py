@@ -324,8 +324,9 @@ def preprocessing(
             needs no dataset folder.
         demo_dir: as for :func:`datalist`; only BraTS with ``layout="auto"`` reads the folder (for the
             label convention), so LiTS preprocessing never generates the demo.
-        seg_segments: which segments of DICOM SEG labels give which label value, where they are not
-            named as the dataset's (the bundles' ``seg_segments`` setting; see :func:`lits_transforms`).
+        seg_segments: which segments of DICOM SEG labels (ROIs of RTSTRUCT labels) give which label value,
+            where they are not named as the dataset's (the bundles' ``seg_segments`` setting; see
+            :func:`lits_transforms`).
 
     Returns:
         the transform.

@@ -9,6 +9,9 @@ any of the contours belongs to the ROI, so contours traced through the centres o
 pixels, outer and hole borders alike (as mask-to-RTSTRUCT converters such as rt-utils write them),
 give the mask back. The filled slices are then placed on the image's voxel grid exactly as a SEG's
 frames are (:func:`~monai_effq.data.dicom_seg.frames_on_grid`).
+
+The other way, :class:`RtStructWriter` writes an inference mask as a structure set on its series, for a
+radiotherapy planning system, whose contours this reader fills back to the mask.
 """
 
 from __future__ import annotations
