@@ -404,12 +404,9 @@ def validate_datalist(datalist: Sequence[Mapping[str, Any]], read_data: bool = F
         DatasetError: naming the first missing, unreadable or mismatched file.
     """
     # these modules import this one
-    from monai_effq.data.dicom_seg import is_dicom_seg, load_seg
+    from monai_effq.data.dicom_seg import load_seg
     from monai_effq.data.images import dicom_series_files
-    from monai_effq.data.rtstruct import is_rtstruct, load_rtstruct
-
-    def dicom_labels(path: Any) -> str | None:
-        return "a DICOM SEG" if is_dicom_seg(path) else "an RTSTRUCT" if is_rtstruct(path) else None
+    from monai_effq.data.rtstruct import dicom_label_kind, load_rtstruct
 
     if not datalist:
         raise DatasetError("the dataset list is empty; nothing to validate.")
@@ -420,10 +417,10 @@ def validate_datalist(datalist: Sequence[Mapping[str, Any]], read_data: bool = F
         series = [p for p in images if Path(p).is_dir()]
         for folder in series:
             dicom_series_files(folder)
+        kind = dicom_label_kind(item["label"]) if "label" in item else None
         if series:
             if len(series) < len(images):
                 raise DatasetError(f"dataset entry {i} mixes DICOM series folders and image files: {images}; give one kind.")
-            kind = dicom_labels(item["label"]) if "label" in item else None
             if "label" in item and not kind:
                 check_nifti(item["label"], read_data=read_data)
             elif kind == "a DICOM SEG" and read_data:
@@ -431,9 +428,9 @@ def validate_datalist(datalist: Sequence[Mapping[str, Any]], read_data: bool = F
             elif kind and read_data:
                 load_rtstruct(item["label"])
             continue
-        if "label" in item and dicom_labels(item["label"]):
+        if kind:
             raise DatasetError(
-                f"dataset entry {i}: label {item['label']} is {dicom_labels(item['label'])}, which lies on the DICOM series it segments, but "
+                f"dataset entry {i}: label {item['label']} is {kind}, which lies on the DICOM series it segments, but "
                 f"the image is {images[0]}: give that series' folder as the image, or the label as NIfTI."
             )
         shapes = {str(p): check_nifti(p, read_data=read_data) for p in images}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,10 +27,12 @@ from monai.config import PathLike
 from monai.utils import optional_import
 
 from monai_effq.data.dicom_seg import (
+    SEGMENTATION_CLASSES,
     DicomSegWriter,
     Segment,
     SegLabels,
     frames_on_grid,
+    is_dicom_seg,
     match_segments,
     media_storage_class,
     paint_labels,
@@ -44,7 +47,7 @@ from monai_effq.utils.io import atomic_write
 pydicom, has_pydicom = optional_import("pydicom")
 find_contours, has_skimage = optional_import("skimage.measure", name="find_contours")
 
-__all__ = ["RTSTRUCT_CLASS", "is_rtstruct", "fill_polygon", "load_rtstruct", "read_rtstruct_labels", "RtStructWriter", "require_skimage"]
+__all__ = ["RTSTRUCT_CLASS", "dicom_label_kind", "is_rtstruct", "fill_polygon", "load_rtstruct", "read_rtstruct_labels", "RtStructWriter", "require_skimage"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +88,28 @@ def is_rtstruct(path: str | PathLike) -> bool:
             "(or pip install pydicom), or give the labels as NIfTI files."
         )
     return True
+
+
+def dicom_label_kind(value: Any) -> str | None:
+    """What kind of DICOM label object ``value`` names, from one read of its file header.
+
+    Args:
+        value: a case's label (a path, or anything else).
+
+    Returns:
+        ``"a DICOM SEG"``, ``"an RTSTRUCT"``, or None for anything else (a NIfTI file, a folder, an array).
+
+    Raises:
+        MissingExtraError: for a SEG or RTSTRUCT when the ``dicom`` extra, which reads it, is not installed.
+    """
+    if not isinstance(value, (str, os.PathLike)):
+        return None
+    sop_class = media_storage_class(value)
+    if sop_class in SEGMENTATION_CLASSES:
+        return "a DICOM SEG" if is_dicom_seg(value) else None
+    if sop_class == RTSTRUCT_CLASS:
+        return "an RTSTRUCT" if is_rtstruct(value) else None
+    return None
 
 
 def require_skimage() -> None:

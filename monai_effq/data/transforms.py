@@ -48,8 +48,8 @@ from monai.transforms import (
 )
 from monai.utils import TransformBackends
 
-from monai_effq.data.dicom_seg import BRATS_MSD_SEG_LABELS, BRATS_NATIVE_SEG_LABELS, LITS_SEG_LABELS, SegLabels, is_dicom_seg, read_seg_labels
-from monai_effq.data.rtstruct import is_rtstruct, read_rtstruct_labels
+from monai_effq.data.dicom_seg import BRATS_MSD_SEG_LABELS, BRATS_NATIVE_SEG_LABELS, LITS_SEG_LABELS, SegLabels, read_seg_labels
+from monai_effq.data.rtstruct import dicom_label_kind, read_rtstruct_labels
 from monai_effq.data.images import dicom_series_files, image_error_reason
 from monai_effq.data.layouts import NIFTI_SUFFIXES, DatasetError, check_nifti
 from monai_effq.utils.errors import MissingExtraError, UserInputError, all_finite
@@ -310,13 +310,14 @@ class LoadImageFilesd(LoadImaged):
         self.seg_labels = seg_labels
 
     def __call__(self, data: Mapping[Hashable, Any], reader: Any = None) -> dict[Hashable, Any]:
-        segs = {key: data[key] for key in self.key_iterator(dict(data)) if _dicom_labels(data[key])}
+        kinds = {key: dicom_label_kind(data[key]) for key in self.key_iterator(dict(data))}
+        segs = {key: data[key] for key, kind in kinds.items() if kind}
         if not segs:
             return self._load(data, reader)
         if self.seg_labels is None:
-            path = next(iter(segs.values()))
+            key, path = next(iter(segs.items()))
             raise DatasetError(
-                f"{path} is {_dicom_labels(path)}, which this loader cannot turn into labels: use the dataset's "
+                f"{path} is {kinds[key]}, which this loader cannot turn into labels: use the dataset's "
                 "preprocessing (brats_transforms, lits_transforms), which knows its label convention, or NIfTI labels."
             )
         # the other keys loaded by a shallow copy that may miss the SEG's keys (this loader may be shared by threads)
@@ -325,14 +326,13 @@ class LoadImageFilesd(LoadImaged):
         out = others._load({k: v for k, v in data.items() if k not in segs}, reader)
         reference = next((k for k in self.keys if k not in segs and isinstance(out.get(k), MetaTensor)), None)
         for key, path in segs.items():
-            out[key] = self._seg_label(path, out.get(reference), data.get(reference))
+            out[key] = self._seg_label(path, kinds[key].split(" ", 1)[1], out.get(reference), data.get(reference))
         return out
 
-    def _seg_label(self, path: str | os.PathLike, image: MetaTensor | None, source: Any) -> MetaTensor:
-        """The SEG at ``path`` as labels on the grid of ``image``, loaded from ``source``, with its metadata (a label
-        without channel axis)."""
+    def _seg_label(self, path: str | os.PathLike, kind: str, image: MetaTensor | None, source: Any) -> MetaTensor:
+        """The SEG (``kind`` ``"DICOM SEG"``) or RTSTRUCT at ``path`` as labels on the grid of ``image``, loaded from
+        ``source``, with its metadata (a label without channel axis)."""
         folders = list(source) if isinstance(source, (list, tuple)) else [source]
-        kind = _dicom_labels(path).split(" ", 1)[1]
         if image is None or not all(isinstance(f, (str, os.PathLike)) and Path(f).is_dir() for f in folders):
             raise DatasetError(
                 f"{kind} label {path} needs its image read from the DICOM series it segments, but the image is "
@@ -365,13 +365,6 @@ class LoadImageFilesd(LoadImaged):
             raise DatasetError(
                 f"cannot read image file(s) {[str(p) for p in paths]}: {image_error_reason(e)}; re-export or remove them."
             ) from e
-
-
-def _dicom_labels(value: Any) -> str | None:
-    """What kind of DICOM label object ``value`` names: ``"a DICOM SEG"``, ``"an RTSTRUCT"``, or None for anything else."""
-    if not isinstance(value, (str, os.PathLike)):
-        return None
-    return "a DICOM SEG" if is_dicom_seg(value) else "an RTSTRUCT" if is_rtstruct(value) else None
 
 
 @contextlib.contextmanager
