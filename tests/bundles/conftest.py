@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -50,18 +49,20 @@ def bundle(
 ) -> subprocess.CompletedProcess:
     """Run one workflow of a bundle, from the repository root unless ``cwd`` is a bundle folder.
 
-    Tests of what a user sees (an error, a folder of their own, their environment) run the real
-    command, ``python -m monai.bundle run``, in a subprocess. The others call ``monai.bundle.run``,
-    the function behind that command, in this process with the same overrides: each subprocess
-    pays about 5 s of imports, which would be most of the bundle tests' time.
+    Tests of what a user sees on a failure (its exit code and last line) or in their environment
+    run the real command, ``python -m monai.bundle run``, in a subprocess. The others call
+    ``monai.bundle.run``, the function behind that command, in this process with the same overrides,
+    from ``cwd`` where one is given (relative paths, such as ``bundle_root`` ".", resolve from it
+    as from a shell's folder): each subprocess pays about 7 s of imports on a 2-core CPU, which
+    would be most of the bundle tests' time.
     """
     if cwd is None:
         files = config_files(name, workflow, overlay)
         overrides = ("--bundle_root", str(ROOT / "bundles" / name), *overrides)
     else:
         files = [f"configs/{part}.json" for part in WORKFLOWS[workflow] + ([overlay] if overlay else [])]
-    if check and env is None and cwd is None:
-        return _run_here(files, overrides)
+    if check and env is None:
+        return _run_here(files, overrides, cwd)
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(files), *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     res = subprocess.run(cmd, cwd=cwd or ROOT, capture_output=True, text=True, env=env, timeout=600)
@@ -70,14 +71,19 @@ def bundle(
     return res
 
 
-def _run_here(files: list[str], overrides: tuple[str, ...]) -> subprocess.CompletedProcess:
+def _run_here(files: list[str], overrides: tuple[str, ...], cwd: Path | None = None) -> subprocess.CompletedProcess:
     from monai.bundle import run
 
     settings = {key.lstrip("-"): _value(value) for key, value in zip(overrides[::2], overrides[1::2])}
     out = io.StringIO()
+    before = os.getcwd()
     with contextlib.redirect_stdout(out), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run(config_file=files, logging_file=str(Path(files[0]).parent / "logging.conf"), **settings)
+        os.chdir(cwd or before)
+        try:
+            run(config_file=files, logging_file=str(Path(files[0]).parent / "logging.conf"), **settings)
+        finally:
+            os.chdir(before)
     return subprocess.CompletedProcess(["monai.bundle.run", *files, *overrides], 0, out.getvalue(), "")
 
 
@@ -95,30 +101,18 @@ def copy_bundle(name: str, dest: Path) -> Path:
 class QuantizedCopies:
     """Called with a bundle's name: a copy of the bundle outside the repository, quantized (RTN, otherwise
     defaults) and run through ``configs/inference.json`` from inside its folder; returns the folder, the masks
-    and the inference log. The model's outputs are named ``rtn_w4a8`` (export: ``export/<name>_rtn_w4a8``).
-
-    ``prepare(*names)`` makes several at once: each is two fresh processes whose imports and
-    single-threaded runs use one core, so two copies made together take little more than one.
-    """
+    and the inference log. The model's outputs are named ``rtn_w4a8`` (export: ``export/<name>_rtn_w4a8``)."""
 
     def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
         self.tmp_path_factory = tmp_path_factory
         self.done: dict[str, tuple[Path, list[Path], str]] = {}
 
-    def _make(self, name: str, copy: Path) -> tuple[Path, list[Path], str]:
-        bundle(name, "quantize", "--method", "rtn", cwd=copy)
-        res = bundle(name, "inference", "--method", "rtn", cwd=copy)
-        return copy, sorted((copy / "eval" / "seg").rglob("*_seg.nii.gz")), res.stdout + res.stderr
-
-    def prepare(self, *names: str) -> None:
-        missing = [name for name in names if name not in self.done]
-        copies = {name: copy_bundle(name, self.tmp_path_factory.mktemp("copy") / name) for name in missing}
-        with ThreadPoolExecutor(max_workers=max(len(missing), 1)) as pool:
-            made = {name: pool.submit(self._make, name, copy) for name, copy in copies.items()}
-        self.done.update({name: future.result() for name, future in made.items()})
-
     def __call__(self, name: str) -> tuple[Path, list[Path], str]:
-        self.prepare(name)
+        if name not in self.done:
+            copy = copy_bundle(name, self.tmp_path_factory.mktemp("copy") / name)
+            bundle(name, "quantize", "--method", "rtn", cwd=copy)
+            res = bundle(name, "inference", "--method", "rtn", cwd=copy)
+            self.done[name] = copy, sorted((copy / "eval" / "seg").rglob("*_seg.nii.gz")), res.stdout + res.stderr
         return self.done[name]
 
 

@@ -21,7 +21,6 @@ from .conftest import BUNDLES, bundle, config_files
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(BUNDLES))
 def test_a_copy_of_the_bundle_quantizes_and_infers_from_inside_its_folder_with_default_settings(name, quantized_copy, tmp_path):
-    quantized_copy.prepare(*BUNDLES)  # both bundles' copies at once, for the two cases of this test
     copy, masks, log = quantized_copy(name)  # quantize, then exactly: python -m monai.bundle run --config_file configs/inference.json
     assert (copy / "models" / "model_rtn_w4a8.pt").is_file()
     assert all(mask.parent == copy / "eval" / "seg" / "rtn_w4a8" for mask in masks)  # a folder per model
@@ -64,7 +63,6 @@ def test_inference_segments_a_dicom_series_as_its_nifti_and_an_image_failing_mid
 @pytest.mark.parametrize("name", list(BUNDLES))
 def test_the_openvino_evaluate_overlay_matches_the_fake_quant_dice_on_the_demo_data(name, quantized_copy, tmp_path):
     pytest.importorskip("openvino")
-    quantized_copy.prepare(*BUNDLES)  # as the copy test: both at once
     copy, _, _ = quantized_copy(name)  # the shipped weights and their RTN W4A8 checkpoint, quantized on the demo data
     models = copy / "models"
     args = ["--ckpt_dir", str(models), "--dataset_dir", str(copy / "data" / "demo"), "--output_dir", str(tmp_path / "eval"), "--method", "rtn"]
@@ -99,7 +97,6 @@ def test_the_openvino_evaluate_overlay_matches_the_fake_quant_dice_on_the_demo_d
 def test_inference_writes_a_dicom_seg_whose_frames_are_the_nifti_mask_on_each_source_slice(name, quantized_copy, tmp_path):
     hd = pytest.importorskip("highdicom")
     pydicom = pytest.importorskip("pydicom")
-    quantized_copy.prepare(*BUNDLES)
     copy, masks, _ = quantized_copy(name)
     dataset = BUNDLES[name][0]
     case = images(copy / "data" / "demo", dataset, "val")[0]
