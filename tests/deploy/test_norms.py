@@ -1,5 +1,7 @@
 """Group and instance norms exported from per-channel statistics: the same function, run by every runtime."""
 
+import functools
+
 import onnx
 import onnx.numpy_helper
 import pytest
@@ -115,8 +117,19 @@ def segresnet_w4a8():
     return monai_effq.quantize(net, calibration, config, progress=False)
 
 
-def test_a_channel_stats_export_reproduces_the_fake_quant_network_in_both_runtimes(segresnet_w4a8, tmp_path):
-    path = export_onnx(segresnet_w4a8, tmp_path / "segresnet.onnx", (1, 2, 16, 16, 16), group_norm="channel_stats")
+def _exported_once_per_form(result, folder):
+    """``result`` exported at 1x2x16x16x16 once per group-norm form, for tests that only read the file (torch's
+    exporter takes seconds): a function of the form that returns the file's path."""
+    return functools.cache(lambda group_norm: export_onnx(result, folder / f"{group_norm}.onnx", (1, 2, 16, 16, 16), group_norm=group_norm))
+
+
+@pytest.fixture(scope="module")
+def segresnet_w4a8_file(segresnet_w4a8, tmp_path_factory):
+    return _exported_once_per_form(segresnet_w4a8, tmp_path_factory.mktemp("segresnet_w4a8"))
+
+
+def test_a_channel_stats_export_reproduces_the_fake_quant_network_in_both_runtimes(segresnet_w4a8, segresnet_w4a8_file):
+    path = segresnet_w4a8_file("channel_stats")
     ops = {n.op_type for n in onnx.load(str(path)).graph.node}
     assert "InstanceNormalization" not in ops and "ReduceMean" in ops
     assert export_options(path) == "group_norm=channel_stats;reduce_range=False;weight_container=int4"
@@ -139,17 +152,16 @@ def test_a_channel_stats_export_reproduces_the_fake_quant_network_in_both_runtim
 
 
 @pytest.mark.parametrize("group_norm", ["onnx", "channel_stats"])
-def test_openvino_is_right_on_group_norm_networks_in_both_forms(segresnet_w4a8, tmp_path, group_norm):
-    path = export_onnx(segresnet_w4a8, tmp_path / "segresnet.onnx", (1, 2, 16, 16, 16), group_norm=group_norm)
+def test_openvino_is_right_on_group_norm_networks_in_both_forms(segresnet_w4a8, segresnet_w4a8_file, group_norm):
+    path = segresnet_w4a8_file(group_norm)
     x = torch.rand(2, 2, 16, 20, 24, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = segresnet_w4a8.network(x)
     assert rel_l2(OpenVINONetwork(path, precision="f32")(x), expected) < 3e-2
 
 
-def test_openvino_compiles_once_per_input_shape_and_keeps_the_latest(segresnet_w4a8, tmp_path):
-    path = export_onnx(segresnet_w4a8, tmp_path / "segresnet.onnx", (1, 2, 16, 16, 16), group_norm="channel_stats")
-    net = OpenVINONetwork(path, max_shapes=2)
+def test_openvino_compiles_once_per_input_shape_and_keeps_the_latest(segresnet_w4a8_file):
+    net = OpenVINONetwork(segresnet_w4a8_file("channel_stats"), max_shapes=2)
     first = net.request_for((1, 2, 16, 16, 16))
     assert net.request_for((1, 2, 16, 16, 16)) is first
     for size in (8, 24):
@@ -266,14 +278,19 @@ def segresnet_norm_inputs():
     return monai_effq.quantize(net, calibration, config, progress=False)
 
 
+@pytest.fixture(scope="module")
+def segresnet_norm_inputs_file(segresnet_norm_inputs, tmp_path_factory):
+    return _exported_once_per_form(segresnet_norm_inputs, tmp_path_factory.mktemp("segresnet_norm_inputs"))
+
+
 @pytest.mark.parametrize("group_norm", ["onnx", "channel_stats"])
 def test_quantized_norm_inputs_export_as_a_qdq_pair_that_reproduces_the_fake_quant_network(
-    segresnet_norm_inputs, tmp_path, group_norm
+    segresnet_norm_inputs, segresnet_norm_inputs_file, group_norm
 ):
     from monai_effq.ptq.modules import QuantizedNorm, shared_input_quantizer
 
     network = segresnet_norm_inputs.network
-    path = export_onnx(segresnet_norm_inputs, tmp_path / "segresnet.onnx", (1, 2, 16, 16, 16), group_norm=group_norm)
+    path = segresnet_norm_inputs_file(group_norm)
     graph = onnx.load(str(path)).graph
     n_layers = sum(isinstance(m, monai_effq.ptq.modules.QuantizedLayer) for m in network.modules())
     n_norms = sum(isinstance(m, QuantizedNorm) for m in network.modules())
@@ -293,10 +310,10 @@ def test_quantized_norm_inputs_export_as_a_qdq_pair_that_reproduces_the_fake_qua
         assert (out.argmax(1) == expected.argmax(1)).float().mean() >= 0.97  # untrained: near-tied logits
 
 
-def test_a_residual_blocks_shared_input_is_one_qdq_pair_read_by_its_norm_and_its_skip_add(segresnet_norm_inputs, tmp_path):
+def test_a_residual_blocks_shared_input_is_one_qdq_pair_read_by_its_norm_and_its_skip_add(segresnet_norm_inputs, segresnet_norm_inputs_file):
     from monai_effq.ptq.modules import shared_input_quantizer
 
-    path = export_onnx(segresnet_norm_inputs, tmp_path / "segresnet.onnx", (1, 2, 16, 16, 16))
+    path = segresnet_norm_inputs_file("onnx")  # export_onnx's default form
     graph = onnx.load(str(path)).graph
     readers: dict[str, set[str]] = {}
     for node in graph.node:

@@ -255,17 +255,28 @@ def test_a_missing_checkpoint_or_a_missing_network_to_export_from_is_an_error_sa
     assert not (tmp_path / "model_w4a8.onnx").exists()
 
 
-@pytest.mark.parametrize("cls", [OnnxRuntimeNetwork, OpenVINONetwork])
-def test_both_runtimes_warn_of_saturating_8_bit_weights_only_on_a_cpu_without_vnni(tmp_path, monkeypatch, cls):
+@pytest.fixture(scope="module")
+def w8_files(tmp_path_factory):
+    """An 8-bit RTN network exported as it is and with ``reduce_range`` (7-bit weights), once for the tests that
+    only read them (torch's exporter takes seconds), with the messages of the warnings the second export gave."""
     from monai_effq.deploy import export_onnx
 
+    folder = tmp_path_factory.mktemp("w8")
+    result = _rtn(8)
+    wide = export_onnx(result, folder / "w8.onnx", (1, 2, 16, 16, 16))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        narrow = export_onnx(result, folder / "w8_7bit.onnx", (1, 2, 16, 16, 16), reduce_range=True)
+    return wide, narrow, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+@pytest.mark.parametrize("cls", [OnnxRuntimeNetwork, OpenVINONetwork])
+def test_both_runtimes_warn_of_saturating_8_bit_weights_only_on_a_cpu_without_vnni(w8_files, monkeypatch, cls):
     for cap in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):  # the CPU's flags alone decide here
         monkeypatch.delenv(cap, raising=False)
 
-    result = _rtn(8)
-    wide = export_onnx(result, tmp_path / "w8.onnx", (1, 2, 16, 16, 16))
-    with pytest.warns(UserWarning, match="reduce_range"):
-        narrow = export_onnx(result, tmp_path / "w8_7bit.onnx", (1, 2, 16, 16, 16), reduce_range=True)
+    wide, narrow, export_warnings = w8_files
+    assert any("reduce_range" in message for message in export_warnings), export_warnings
     monkeypatch.setattr(runtime, "cpu_has_vnni", lambda: False)
     with pytest.warns(UserWarning, match=f"int8 weights beyond 7 bits and {cls.runtime}'s int8 kernels on this CPU have no VNNI"):
         cls(wide)
@@ -287,10 +298,8 @@ def test_an_isa_cap_without_vnni_takes_it_from_openvino_only(monkeypatch, cap):
     assert runtime.int8_kernels_have_vnni("openvino") is False
 
 
-def test_openvino_warns_of_saturation_under_an_isa_cap_without_vnni(tmp_path, monkeypatch):
-    from monai_effq.deploy import export_onnx
-
-    wide = export_onnx(_rtn(8), tmp_path / "w8.onnx", (1, 2, 16, 16, 16))
+def test_openvino_warns_of_saturation_under_an_isa_cap_without_vnni(w8_files, monkeypatch):
+    wide, _, _ = w8_files
     monkeypatch.setattr(runtime, "cpu_has_vnni", lambda: True)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     with pytest.warns(UserWarning, match="OpenVINO's int8 kernels on this CPU have no VNNI"):
@@ -300,12 +309,10 @@ def test_openvino_warns_of_saturation_under_an_isa_cap_without_vnni(tmp_path, mo
         OnnxRuntimeNetwork(wide)
 
 
-def test_openvino_reads_an_ir_file_on_a_cpu_without_vnni_without_looking_for_onnx_weights(tmp_path, monkeypatch):
+def test_openvino_reads_an_ir_file_on_a_cpu_without_vnni_without_looking_for_onnx_weights(w8_files, tmp_path, monkeypatch):
     import openvino as ov
 
-    from monai_effq.deploy import export_onnx
-
-    wide = export_onnx(_rtn(8), tmp_path / "w8.onnx", (1, 2, 16, 16, 16))
+    wide, _, _ = w8_files
     ov.save_model(ov.Core().read_model(str(wide)), str(tmp_path / "w8.xml"))
     monkeypatch.setattr(runtime, "cpu_has_vnni", lambda: False)
     with warnings.catch_warnings():
