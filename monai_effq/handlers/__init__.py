@@ -1,8 +1,9 @@
 """MONAI/ignite glue: handlers that run quantization, load quantized checkpoints, run them in a runtime, compare them
-with the FP network and write reports."""
+with the FP network, measure in millimetres and write reports."""
 
 from monai_effq.handlers.deploy import RuntimeNetworkLoader, input_channels
 from monai_effq.handlers.finetune import FinetuneHandler, engine_loss
+from monai_effq.handlers.metrics import HausdorffDistanceMm, voxel_spacing
 from monai_effq.handlers.quantization import QuantizationHandler, QuantizedCheckpointLoader, batch_images
 from monai_effq.handlers.reference import REFERENCE_KEY, ReferencePrediction
 from monai_effq.handlers.report import (
@@ -21,6 +22,8 @@ __all__ = [
     "QuantizedCheckpointLoader",
     "RuntimeNetworkLoader",
     "input_channels",
+    "HausdorffDistanceMm",
+    "voxel_spacing",
     "batch_images",
     "ReferencePrediction",
     "REFERENCE_KEY",

@@ -144,7 +144,7 @@ class EfficientQConfig:
 
     Attributes:
         weight_bits: weight bits of every quantized layer (2 to 8).
-        act_bits: bits of every quantized layer's input (4 to 8); ``None`` keeps activations in FP.
+        act_bits: bits of every quantized layer's input (2 to 8); ``None`` keeps activations in FP.
         first_layer_bits: weight and activation bits of the first layer in execution order and of
             every other layer that reads the network input (the paper keeps it at 8); ``None``
             uses ``weight_bits``/``act_bits``.

@@ -1,0 +1,84 @@
+"""Metric handlers in the images' physical units: distances in millimetres, read from each case's geometry."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from monai.data import MetaTensor
+from monai.data.utils import affine_to_spacing
+from monai.handlers import HausdorffDistance
+
+__all__ = ["HausdorffDistanceMm", "voxel_spacing"]
+
+
+def voxel_spacing(image: torch.Tensor, spatial_dims: int | None = None) -> list[float] | None:
+    """The voxel size along each spatial axis of one case, from its affine.
+
+    Args:
+        image: the case, ``(C, *spatial)``, or ``(1, C, *spatial)`` as ignite hands metrics one case at a time;
+            a :class:`~monai.data.MetaTensor` carries its affine (a batched one, one affine per case).
+        spatial_dims: the number of spatial axes (``None``: the image's axes less its channel axis).
+
+    Returns:
+        the spacing in the affine's units (millimetres for NIfTI, DICOM and ITK images), or ``None``
+        for a plain tensor, which has no geometry.
+    """
+    if not isinstance(image, MetaTensor):
+        return None
+    affine = image.affine
+    if affine.dim() == 3:  # a batch's affines, one per case: this case's
+        affine = affine[0]
+    spatial = image.dim() - 1 if spatial_dims is None else spatial_dims
+    return [float(s) for s in affine_to_spacing(affine, r=spatial)]
+
+
+def _cases(batch: torch.Tensor | Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, list[float] | None]]:
+    """Each case of a batched ``(N, C, *spatial)`` tensor or of a list of ``(C, *spatial)`` cases, batched
+    alone, with its voxel spacing."""
+    if not isinstance(batch, torch.Tensor):
+        return [(case[None], voxel_spacing(case)) for case in batch]
+    spatial = batch.dim() - 2
+    affines = batch.affine if isinstance(batch, MetaTensor) else None
+    cases = []
+    for i in range(batch.shape[0]):
+        case = batch.as_tensor()[i : i + 1] if isinstance(batch, MetaTensor) else batch[i : i + 1]
+        if affines is None:
+            cases.append((case, None))
+        else:
+            affine = affines[i] if affines.dim() == 3 else affines
+            cases.append((case, [float(s) for s in affine_to_spacing(affine, r=spatial)]))
+    return cases
+
+
+class HausdorffDistanceMm(HausdorffDistance):
+    """MONAI's ``HausdorffDistance`` handler with distances in millimetres rather than voxels.
+
+    MONAI's handler passes no voxel spacing to its metric, which then measures in voxels: on a CT of
+    0.7 x 0.7 x 5 mm voxels one voxel along z is 5 mm, in x 0.7 mm. This one computes each case
+    with the spacing of its prediction's affine (the grid the prediction and label share after
+    preprocessing), so a value is a distance on the patient. Cases without an affine (plain tensors)
+    are measured in voxels, as MONAI's handler measures them. The arguments are those of
+    ``monai.handlers.HausdorffDistance``.
+    """
+
+    def update(self, output: Sequence[Any]) -> None:
+        """Add the distances of each case of ``output``.
+
+        Args:
+            output: ``[y_pred, y]``: batched tensors or lists of channel-first cases, one-hot and binarized,
+                as ``monai.handlers.from_engine(["pred", "label"])`` gives them.
+
+        Raises:
+            ValueError: when ``output`` does not hold exactly a prediction and a label.
+        """
+        if len(output) != 2:
+            raise ValueError(f"output must have length 2 (y_pred, y), got {len(output)}.")
+        y_pred, y = output
+        preds, labels = _cases(y_pred), _cases(y)
+        if len(preds) != len(labels):
+            raise ValueError(f"got {len(preds)} predictions and {len(labels)} labels in one batch.")
+        for (pred, spacing), (label, _) in zip(preds, labels):
+            # one case at a time: the metric takes one spacing for all the cases of a call
+            self.metric_fn(pred, label, spacing=spacing)
