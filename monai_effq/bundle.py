@@ -315,7 +315,8 @@ def preprocessing(
 
     Args:
         dataset: ``"brats"`` or ``"lits"``.
-        dataset_dir: the dataset folder (its layout decides the BraTS label convention).
+        dataset_dir: the dataset folder (its layout decides the BraTS label convention: 2020's, the
+            Decathlon's or 2023's).
         layout: the layout, or ``"auto"`` to detect it.
         train: training augmentation (random ``roi_size`` crops and flips).
         roi_size: training crop size.
@@ -334,11 +335,15 @@ def preprocessing(
     if not with_label:
         steps = image_preprocessing(dataset)
     else:
-        if dataset == "brats" and layout == "auto":
-            _demo_if_asked(dataset_dir, dataset, demo_dir)
-            layout = detect_layout(dataset_dir)
+        if dataset == "brats" and layout in ("auto", "native"):
+            if layout == "auto":
+                _demo_if_asked(dataset_dir, dataset, demo_dir)
+            found = detect_layout(dataset_dir)
+            # "native": the release whose file names the folder holds, as load_datalist reads it
+            layout = found if layout == "auto" or found == "brats2023" else layout
         if dataset == "brats":
-            steps = brats_transforms("msd" if layout == "msd" else "native", train=train, roi_size=roi_size, seg_segments=seg_segments)
+            convention = layout if layout in ("msd", "brats2023") else "native"
+            steps = brats_transforms(convention, train=train, roi_size=roi_size, seg_segments=seg_segments)
         else:
             steps = lits_transforms(train=train, roi_size=roi_size, seg_segments=seg_segments)
     if crop is not None:

@@ -49,6 +49,7 @@ __all__ = [
     "LITS_SEG_LABELS",
     "BRATS_NATIVE_SEG_LABELS",
     "BRATS_MSD_SEG_LABELS",
+    "BRATS2023_SEG_LABELS",
     "frames_on_grid",
     "is_dicom_seg",
     "read_seg_labels",
@@ -190,6 +191,9 @@ BRATS_NATIVE_SEG_LABELS = SegLabels(_NESTED, (2, 1, 4))
 
 BRATS_MSD_SEG_LABELS = SegLabels(_NESTED, (1, 2, 3))
 """Decathlon Task01 labels from TC, WT and ET segments: 1 oedema, 2 non-enhancing tumour, 3 enhancing tumour."""
+
+BRATS2023_SEG_LABELS = SegLabels(_NESTED, (2, 1, 3))
+"""BraTS 2023 labels from TC, WT and ET segments: 2 oedema (SNFH), 1 necrotic core, 3 enhancing tumour."""
 
 
 def require_highdicom() -> None:

@@ -6,9 +6,12 @@ with absolute paths as strings). Three layouts are understood:
 - ``"msd"``: a Medical Segmentation Decathlon task folder, ``<dataset_dir>/dataset.json`` whose
   ``"training"`` entries name ``./imagesTr/x.nii.gz`` and ``./labelsTr/x.nii.gz``
   (e.g. ``Task01_BrainTumour``, ``Task03_Liver``).
-- ``"brats"``: the BraTS 2020 release, one folder per case,
+- ``"brats"``: the BraTS 2020 (and 2021) release, one folder per case,
   ``BraTS20_Training_XXX/BraTS20_Training_XXX_{flair,t1,t1ce,t2,seg}.nii.gz``; the image entry is the
   list of the four contrasts in the Decathlon channel order (FLAIR, T1, T1gd, T2).
+- ``"brats2023"``: the BraTS 2023 releases (``BraTS-GLI``, and ``MEN``, ``MET``, ``PED``, ``SSA`` alike), one
+  folder per case, ``BraTS-GLI-XXXXX-XXX/BraTS-GLI-XXXXX-XXX-{t2f,t1n,t1c,t2w,seg}.nii.gz``; the same
+  channel order (T2-FLAIR, native T1, contrast T1, T2) and their own label convention.
 - ``"lits"``: the LiTS release, ``volume-N.nii`` and ``segmentation-N.nii`` paired by ``N``, in one
   folder or spread over sub-folders (``Training Batch 1/``, ``Training Batch 2/``).
 
@@ -35,10 +38,12 @@ __all__ = [
     "DatasetError",
     "LAYOUTS",
     "BRATS_MODALITIES",
+    "BRATS2023_MODALITIES",
     "NIFTI_SUFFIXES",
     "detect_layout",
     "msd_datalist",
     "brats_datalist",
+    "brats2023_datalist",
     "lits_datalist",
     "load_datalist",
     "split_datalist",
@@ -46,15 +51,18 @@ __all__ = [
     "validate_datalist",
 ]
 
-LAYOUTS = ("msd", "brats", "lits")
+LAYOUTS = ("msd", "brats", "brats2023", "lits")
 """Layout names accepted by :func:`load_datalist` (besides ``"auto"`` and ``"native"``)."""
 
 BRATS_MODALITIES = ("flair", "t1", "t1ce", "t2")
 """BraTS file suffixes in channel order; the same order as Decathlon Task01 (FLAIR, T1w, T1gd, T2w)."""
+BRATS2023_MODALITIES = ("t2f", "t1n", "t1c", "t2w")
+"""BraTS 2023 file suffixes in the same channel order: T2-FLAIR, native T1, contrast-enhanced T1, T2."""
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 _DATASETS = ("brats", "lits")
+_DATASET_OF_LAYOUT = {"brats": "brats", "brats2023": "brats", "lits": "lits"}
 _LITS_VOLUME = re.compile(r"^volume-(\d+)\.nii(\.gz)?$")
 _LITS_SEGMENTATION = re.compile(r"^segmentation-(\d+)\.nii(\.gz)?$")
 
@@ -62,6 +70,7 @@ _MSD_EXPECTED = "a Decathlon folder: dataset.json beside imagesTr/ and labelsTr/
 _BRATS_EXPECTED = (
     "BraTS folders BraTS20_Training_XXX/ holding BraTS20_Training_XXX_{flair,t1,t1ce,t2,seg}.nii.gz (or .nii)"
 )
+_BRATS2023_EXPECTED = "BraTS 2023 folders BraTS-GLI-XXXXX-XXX/ holding BraTS-GLI-XXXXX-XXX-{t2f,t1n,t1c,t2w,seg}.nii.gz"
 _LITS_EXPECTED = "LiTS files volume-N.nii and segmentation-N.nii (or .nii.gz), in the folder or its sub-folders"
 
 
@@ -88,8 +97,9 @@ def _find_nifti(folder: Path, stem: str) -> Path | None:
     return None
 
 
-def _brats_case_dirs(root: Path) -> list[Path]:
-    """Case folders (``BraTS*`` holding NIfTI files) directly in ``root`` or one level below it.
+def _brats_case_dirs(root: Path, separator: str = "_") -> list[Path]:
+    """Case folders (``BraTS*`` holding NIfTI files named ``<folder><separator><part>``) directly in ``root``
+    or one level below it: ``"_"`` for the 2020 release, ``"-"`` for 2023's.
 
     The official archives unpack into ``MICCAI_BraTS2020_TrainingData/``, so users often point at the
     parent folder: looking one level down saves them a confusing "no cases" error.
@@ -99,7 +109,7 @@ def _brats_case_dirs(root: Path) -> list[Path]:
         return sorted(
             d
             for d in folder.iterdir()
-            if d.is_dir() and d.name.lower().startswith("brats") and any(d.glob(f"{d.name}_*.nii*"))
+            if d.is_dir() and d.name.lower().startswith("brats") and any(d.glob(f"{d.name}{separator}*.nii*"))
         )
 
     found = cases_in(root)
@@ -129,14 +139,15 @@ def _lits_files(root: Path) -> tuple[dict[int, Path], dict[int, Path]]:
 def detect_layout(dataset_dir: str | os.PathLike) -> str:
     """Guess the layout of a dataset folder.
 
-    ``dataset.json`` means a Decathlon task, ``BraTS*`` case folders mean the BraTS release, and
-    ``volume-N.nii`` files (anywhere below) mean the LiTS release, checked in that order.
+    ``dataset.json`` means a Decathlon task, ``BraTS*`` case folders mean a BraTS release (2020's files
+    ``<case>_flair.nii.gz``, 2023's ``<case>-t2f.nii.gz``), and ``volume-N.nii`` files (anywhere below)
+    mean the LiTS release, checked in that order.
 
     Args:
         dataset_dir: the dataset folder.
 
     Returns:
-        one of ``"msd"``, ``"brats"``, ``"lits"``.
+        one of ``"msd"``, ``"brats"``, ``"brats2023"``, ``"lits"``.
 
     Raises:
         DatasetError: when the folder does not exist or matches none of the layouts.
@@ -146,11 +157,13 @@ def detect_layout(dataset_dir: str | os.PathLike) -> str:
         return "msd"
     if _brats_case_dirs(root):
         return "brats"
+    if _brats_case_dirs(root, "-"):
+        return "brats2023"
     if any(_LITS_VOLUME.match(p.name) for p in root.rglob("volume-*.nii*")):
         return "lits"
     raise DatasetError(
         f"could not recognise the dataset layout of {root}: expected dataset.json (Decathlon), "
-        f"{_BRATS_EXPECTED}, or {_LITS_EXPECTED}."
+        f"{_BRATS_EXPECTED}, {_BRATS2023_EXPECTED}, or {_LITS_EXPECTED}."
     )
 
 
@@ -210,8 +223,28 @@ def msd_datalist(dataset_dir: str | os.PathLike, section: str = "training") -> l
     return datalist
 
 
+def _brats_cases(root: Path, modalities: Sequence[str], separator: str, expected: str) -> list[dict[str, Any]]:
+    """The cases of a BraTS release folder whose files are ``<case><separator><part>.nii.gz``."""
+    cases = _brats_case_dirs(root, separator)
+    if not cases:
+        raise DatasetError(f"no BraTS cases found in {root}; looked for {expected}.")
+    datalist: list[dict[str, Any]] = []
+    for case in cases:
+        paths: dict[str, str] = {}
+        for part in (*modalities, "seg"):
+            found = _find_nifti(case, f"{case.name}{separator}{part}")
+            if found is None:
+                raise DatasetError(
+                    f"BraTS case {case.name} has no {part!r} file: expected {case / f'{case.name}{separator}{part}.nii.gz'} "
+                    "(or .nii)."
+                )
+            paths[part] = str(found)
+        datalist.append({"image": [paths[m] for m in modalities], "label": paths["seg"]})
+    return datalist
+
+
 def brats_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """List a BraTS 2020 release folder (one sub-folder per case).
+    """List a BraTS 2020 (or 2021) release folder (one sub-folder per case).
 
     Args:
         dataset_dir: the folder holding the ``BraTS20_Training_XXX`` case folders (or the folder
@@ -223,23 +256,23 @@ def brats_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
     Raises:
         DatasetError: when no case folder is found, or a case lacks a contrast or its segmentation.
     """
-    root = _as_dir(dataset_dir)
-    cases = _brats_case_dirs(root)
-    if not cases:
-        raise DatasetError(f"no BraTS cases found in {root}; looked for {_BRATS_EXPECTED}.")
-    datalist: list[dict[str, Any]] = []
-    for case in cases:
-        paths: dict[str, str] = {}
-        for part in (*BRATS_MODALITIES, "seg"):
-            found = _find_nifti(case, f"{case.name}_{part}")
-            if found is None:
-                raise DatasetError(
-                    f"BraTS case {case.name} has no {part!r} file: expected {case / f'{case.name}_{part}.nii.gz'} "
-                    "(or .nii)."
-                )
-            paths[part] = str(found)
-        datalist.append({"image": [paths[m] for m in BRATS_MODALITIES], "label": paths["seg"]})
-    return datalist
+    return _brats_cases(_as_dir(dataset_dir), BRATS_MODALITIES, "_", _BRATS_EXPECTED)
+
+
+def brats2023_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """List a BraTS 2023 release folder (one sub-folder per case, files named ``<case>-<part>.nii.gz``).
+
+    Args:
+        dataset_dir: the folder holding the ``BraTS-GLI-XXXXX-XXX`` case folders (or the folder just above it).
+
+    Returns:
+        ``[{"image": [t2f, t1n, t1c, t2w], "label": seg}, ...]`` with absolute paths, sorted by case: the
+        channel order of the 2020 release and the Decathlon (FLAIR, T1, T1gd, T2).
+
+    Raises:
+        DatasetError: when no case folder is found, or a case lacks a contrast or its segmentation.
+    """
+    return _brats_cases(_as_dir(dataset_dir), BRATS2023_MODALITIES, "-", _BRATS2023_EXPECTED)
 
 
 def lits_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -285,8 +318,9 @@ def load_datalist(
 
     Args:
         dataset_dir: the dataset folder.
-        layout: ``"auto"`` (detect), ``"msd"``, ``"brats"``, ``"lits"``, or ``"native"`` (the
-            dataset's own release layout, which needs ``dataset``).
+        layout: ``"auto"`` (detect), ``"msd"``, ``"brats"``, ``"brats2023"``, ``"lits"``, or ``"native"``
+            (the dataset's own release layout, which needs ``dataset``; for BraTS the release whose
+            file names the folder holds).
         dataset: ``"brats"`` or ``"lits"``, or None. With ``"native"`` it picks the layout; with a
             detected native layout it must agree with what was found.
         section: the ``dataset.json`` section for the Decathlon layout; the native releases only
@@ -307,9 +341,11 @@ def load_datalist(
         if dataset is None:
             raise UserInputError("layout='native' needs dataset='brats' or dataset='lits'.")
         layout = dataset
+        if dataset == "brats" and not _brats_case_dirs(_as_dir(dataset_dir)) and _brats_case_dirs(_as_dir(dataset_dir), "-"):
+            layout = "brats2023"
     elif layout == "auto":
         layout = detect_layout(dataset_dir)
-        if dataset is not None and layout != "msd" and layout != dataset:
+        if dataset is not None and layout != "msd" and _DATASET_OF_LAYOUT[layout] != dataset:
             raise DatasetError(
                 f"{Path(dataset_dir).resolve()} looks like the {layout!r} layout, "
                 f"but dataset={dataset!r} was asked for."
@@ -322,7 +358,8 @@ def load_datalist(
     else:
         if section != "training":
             raise UserInputError(f"the {layout!r} layout only has a 'training' section, got section={section!r}.")
-        datalist = brats_datalist(dataset_dir) if layout == "brats" else lits_datalist(dataset_dir)
+        listers = {"brats": brats_datalist, "brats2023": brats2023_datalist, "lits": lits_datalist}
+        datalist = listers[layout](dataset_dir)
     if check_headers:
         validate_datalist(datalist, read_data=False)
     return datalist

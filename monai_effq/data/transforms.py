@@ -48,7 +48,7 @@ from monai.transforms import (
 )
 from monai.utils import TransformBackends
 
-from monai_effq.data.dicom_seg import BRATS_MSD_SEG_LABELS, BRATS_NATIVE_SEG_LABELS, LITS_SEG_LABELS, SegLabels, read_seg_labels
+from monai_effq.data.dicom_seg import BRATS2023_SEG_LABELS, BRATS_MSD_SEG_LABELS, BRATS_NATIVE_SEG_LABELS, LITS_SEG_LABELS, SegLabels, read_seg_labels
 from monai_effq.data.rtstruct import dicom_label_kind, read_rtstruct_labels
 from monai_effq.data.images import dicom_series_files, image_error_reason
 from monai_effq.data.layouts import NIFTI_SUFFIXES, DatasetError, check_nifti
@@ -57,11 +57,14 @@ from monai_effq.utils.errors import MissingExtraError, UserInputError, all_finit
 __all__ = [
     "BRATS_NATIVE_LABELS",
     "BRATS_MSD_LABELS",
+    "BRATS2023_LABELS",
     "LITS_LABELS",
     "BRATS_CHANNELS",
     "LITS_CLASSES",
     "ConvertMsdBratsLabels",
     "ConvertMsdBratsLabelsd",
+    "ConvertBrats2023Labels",
+    "ConvertBrats2023Labelsd",
     "CheckLabelRange",
     "CheckLabelRanged",
     "brats_transforms",
@@ -74,6 +77,9 @@ BRATS_NATIVE_LABELS = (0, 1, 2, 4)
 """Native BraTS 2018-2021: background, necrotic/non-enhancing core, oedema, enhancing tumour."""
 BRATS_MSD_LABELS = (0, 1, 2, 3)
 """Decathlon Task01: background, oedema, non-enhancing tumour, enhancing tumour."""
+BRATS2023_LABELS = (0, 1, 2, 3)
+"""BraTS 2023: background, necrotic core (NCR), oedema (SNFH), enhancing tumour (ET). The values of the
+Decathlon's, with another meaning: the layout, not the values, tells them apart."""
 LITS_LABELS = (0, 1, 2)
 """LiTS and Decathlon Task03: background, liver, tumour."""
 BRATS_CHANNELS = ("TC", "WT", "ET")
@@ -82,7 +88,7 @@ LITS_CLASSES = ("background", "liver", "tumour")
 """Classes of the label produced by :func:`lits_transforms`."""
 
 _KEYS = ("image", "label")
-_BRATS_LAYOUTS = {"native": "native", "brats": "native", "msd": "msd"}
+_BRATS_LAYOUTS = {"native": "native", "brats": "native", "msd": "msd", "brats2023": "brats2023"}
 
 
 def _source_name(data: Mapping[Hashable, Any], key: Hashable, value: Any) -> str:
@@ -102,6 +108,9 @@ class ConvertMsdBratsLabels(Transform):
     """
 
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+    # the label values of each region; WT is every tumour label
+    core: tuple[int, ...] = (2, 3)
+    enhancing: int = 3
 
     def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
         """Split a label map into the three nested tumour regions.
@@ -114,8 +123,19 @@ class ConvertMsdBratsLabels(Transform):
         """
         if img.ndim == 4 and img.shape[0] == 1:
             img = img[0]
-        result = [(img == 2) | (img == 3), (img == 1) | (img == 2) | (img == 3), img == 3]
+        core = (img == self.core[0]) | (img == self.core[1])
+        result = [core, (img == 1) | (img == 2) | (img == 3), img == self.enhancing]
         return torch.stack(result, dim=0) if isinstance(img, torch.Tensor) else np.stack(result, axis=0)
+
+
+class ConvertBrats2023Labels(ConvertMsdBratsLabels):
+    """Convert a BraTS 2023 label map to 3 channels TC, WT, ET.
+
+    BraTS 2023 labels are 1 necrotic core, 2 oedema, 3 enhancing tumour (the Decathlon's values, with
+    1 and 2 the other way round), so TC = 1 | 3, WT = 1 | 2 | 3, ET = 3.
+    """
+
+    core = (1, 3)
 
 
 class ConvertMsdBratsLabelsd(MapTransform):
@@ -127,16 +147,28 @@ class ConvertMsdBratsLabelsd(MapTransform):
     """
 
     backend = ConvertMsdBratsLabels.backend
+    converter_class: type[ConvertMsdBratsLabels] = ConvertMsdBratsLabels
 
     def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.converter = ConvertMsdBratsLabels()
+        self.converter = self.converter_class()
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self.converter(d[key])
         return d
+
+
+class ConvertBrats2023Labelsd(ConvertMsdBratsLabelsd):
+    """Dictionary version of :class:`ConvertBrats2023Labels`.
+
+    Args:
+        keys: keys of the label maps to convert.
+        allow_missing_keys: do not raise when a key is absent.
+    """
+
+    converter_class = ConvertBrats2023Labels
 
 
 @dataclass(frozen=True)
@@ -420,7 +452,9 @@ def brats_transforms(
     over the brain (non-zero voxels). Training adds a random ``roi_size`` crop and flips.
 
     Args:
-        layout: ``"native"`` (or ``"brats"``) for the BraTS release, ``"msd"`` for Decathlon Task01.
+        layout: ``"native"`` (or ``"brats"``) for the BraTS 2018-2021 releases (labels 1, 2, 4), ``"msd"`` for
+            Decathlon Task01 (1 oedema, 2 non-enhancing, 3 enhancing), ``"brats2023"`` for the BraTS 2023
+            releases (1 necrotic core, 2 oedema, 3 enhancing).
         train: add the random crop and flips.
         roi_size: crop size for training (padded first if the volume is smaller); unused when
             ``train`` is False, where whole volumes suit sliding-window inference.
@@ -441,20 +475,24 @@ def brats_transforms(
             ``seg_segments`` value outside the layout's labels.
     """
     if layout not in _BRATS_LAYOUTS:
-        raise ValueError(f"layout must be 'native' or 'msd' for BraTS, got {layout!r}.")
-    native = _BRATS_LAYOUTS[layout] == "native"
+        raise ValueError(f"layout must be 'native', 'msd' or 'brats2023' for BraTS, got {layout!r}.")
+    convention = _BRATS_LAYOUTS[layout]
     roi = _roi(roi_size, train, with_label)
-    labels = BRATS_NATIVE_LABELS if native else BRATS_MSD_LABELS
+    labels = {"native": BRATS_NATIVE_LABELS, "msd": BRATS_MSD_LABELS, "brats2023": BRATS2023_LABELS}[convention]
     check = CheckLabelRanged("label", labels, allow_missing_keys=True) if check_labels else None
     both = _keys(with_label)
     if seg_segments is not None:
         seg_labels = SegLabels.from_mapping(seg_segments, labels)
     else:
-        seg_labels = BRATS_NATIVE_SEG_LABELS if native else BRATS_MSD_SEG_LABELS
+        seg_labels = {"native": BRATS_NATIVE_SEG_LABELS, "msd": BRATS_MSD_SEG_LABELS, "brats2023": BRATS2023_SEG_LABELS}[convention]
     steps = _loading(check, with_label, seg_labels)
     if with_label:
         steps += [
-            ConvertToMultiChannelBasedOnBratsClassesd(keys="label", allow_missing_keys=True) if native else ConvertMsdBratsLabelsd(keys="label", allow_missing_keys=True),
+            {
+                "native": ConvertToMultiChannelBasedOnBratsClassesd,
+                "msd": ConvertMsdBratsLabelsd,
+                "brats2023": ConvertBrats2023Labelsd,
+            }[convention](keys="label", allow_missing_keys=True),
             EnsureTyped(keys="label", allow_missing_keys=True, dtype=torch.float32),  # the converters give booleans
         ]
     if pixdim is not None:

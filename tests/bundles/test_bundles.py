@@ -19,6 +19,7 @@ from monai_effq.bundle import datalist
 from monai_effq.data import LITS_SEGMENTS, make_brats_demo, make_lits_demo, split_datalist
 from monai_effq.utils.errors import find_user_error
 
+from ..brats2023 import as_brats2023
 from ..dicom import BRATS_COMPARTMENTS, write_dicom_case, write_dicom_series, write_rtstruct_case
 from .conftest import BUNDLES, ROI, ROOT, WORKFLOWS, bundle, config_files
 
@@ -161,6 +162,21 @@ def test_evaluation_on_dicom_series_with_seg_or_rtstruct_labels_scores_each_case
     if archives:
         nifti, dicom = ({"codes": a["codes"], **{f"data.{k}": v for k, v in a["data"].items()}} for a in archives.values())
         assert [k for k in nifti if not torch.equal(nifti[k], dicom[k])] == []
+
+
+@pytest.mark.slow
+def test_a_brats_2023_release_folder_evaluates_each_case_as_the_2020_release_of_it(rtn_w4a8, tmp_path):
+    name, work, common, _ = rtn_w4a8
+    if BUNDLES[name][0] != "brats":
+        pytest.skip("the BraTS 2023 layout is a BraTS release")
+    release_2023 = as_brats2023(work / "data", tmp_path / "BraTS2023")
+    scores = {}
+    for source, data in (("2020", work / "data"), ("2023", release_2023)):
+        bundle(name, "evaluate", *common, "--method", "rtn", "--sw_roi_size", ROI, "--dataset_dir", str(data), "--output_dir", str(tmp_path / source))
+        cases = tmp_path / source / "evaluation_rtn_w4a8_cases"
+        scores[source] = {model: [row[1:] for row in csv.reader((cases / model / "dice_raw.csv").open())][1:] for model in ("FP32", "rtn_w4a8")}
+    # the same cases, TC/WT/ET from 2023's labels (ET 3, not 4; TC necrosis and enhancing tumour)
+    assert scores["2023"] == scores["2020"] and any(float(v) > 0 for row in scores["2020"]["FP32"] for v in row)
 
 
 @pytest.mark.slow

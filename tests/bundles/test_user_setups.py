@@ -1,4 +1,4 @@
-"""The bundle workflows with a user's own set-up: a Decathlon dataset folder, a restrictive umask."""
+"""The bundle workflows with a user's own set-up: a Decathlon dataset folder, a restrictive umask, less memory."""
 
 import os
 
@@ -6,7 +6,7 @@ import pytest
 
 from monai_effq.data import make_lits_demo, make_msd_demo
 
-from .conftest import ROI, bundle
+from .conftest import ROI, ROOT, bundle, config_files
 
 
 @pytest.mark.slow
@@ -37,3 +37,16 @@ def test_every_workflow_output_gets_the_mode_the_umask_gives(tmp_path):
     assert {p.relative_to(out).as_posix(): oct(p.stat().st_mode & 0o777) for p in files if p.stat().st_mode & 0o777 != 0o640} == {}
     folders = [p for p in out.rglob("*") if p.is_dir()]
     assert {p.relative_to(out).as_posix(): oct(p.stat().st_mode & 0o777) for p in folders if p.stat().st_mode & 0o777 != 0o750} == {}
+
+
+@pytest.mark.parametrize("rate, cached", [(0.0, 0), (0.5, 1), (1.0, 3)])  # MONAI rounds down
+def test_cache_rate_sets_how_many_training_cases_are_kept_in_memory(tmp_path, rate, cached):
+    from monai.bundle import ConfigParser
+
+    data = make_lits_demo(tmp_path / "data", n_cases=4, shape=(32, 32, 32), seed=2)  # 3 training cases, 1 validation
+    parser = ConfigParser()
+    parser.read_config(config_files("lits_effq", "train"))
+    for key, value in {"bundle_root": str(ROOT / "bundles" / "lits_effq"), "dataset_dir": str(data), "cache_rate": rate}.items():
+        parser[key] = value
+    dataset = parser.get_parsed_content("train#dataset")
+    assert len(dataset) == 3 and dataset.cache_num == cached

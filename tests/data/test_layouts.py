@@ -11,6 +11,7 @@ import pytest
 
 from monai_effq.data import (
     DatasetError,
+    brats2023_datalist,
     brats_datalist,
     check_nifti,
     detect_layout,
@@ -23,6 +24,8 @@ from monai_effq.data import (
     split_datalist,
     validate_datalist,
 )
+
+from ..brats2023 import as_brats2023
 
 SHAPE = (32, 32, 32)
 
@@ -37,6 +40,30 @@ def data(tmp_path_factory) -> dict[str, Path]:
         "msd_brats": make_msd_demo(root / "Task01_BrainTumour", "Task01_BrainTumour", n_cases=2, shape=SHAPE),
         "msd_lits": make_msd_demo(root / "Task03_Liver", "Task03_Liver", n_cases=2, shape=SHAPE),
     }
+
+
+@pytest.fixture(scope="module")
+def brats2023(tmp_path_factory, data) -> Path:
+    """The BraTS demo cases laid out as the BraTS 2023 releases are."""
+    return as_brats2023(data["brats"], tmp_path_factory.mktemp("layouts2023") / "BraTS2023-GLI-Challenge-TrainingData")
+
+
+def test_brats_2023_folders_are_detected_and_list_their_contrasts_in_the_2020_channel_order(brats2023, data):
+    assert detect_layout(brats2023) == "brats2023" and detect_layout(brats2023.parent) == "brats2023"  # one folder down too
+    datalist = load_datalist(brats2023, dataset="brats")
+    assert datalist == load_datalist(brats2023, layout="native", dataset="brats") == brats2023_datalist(brats2023)
+    assert [Path(p).name for p in datalist[0]["image"]] == [f"BraTS-GLI-00001-000-{m}.nii.gz" for m in ("t2f", "t1n", "t1c", "t2w")]
+    assert Path(datalist[1]["label"]).name == "BraTS-GLI-00002-000-seg.nii.gz"
+    validate_datalist(datalist, read_data=True)
+    with pytest.raises(DatasetError, match="looks like the 'brats2023' layout"):
+        load_datalist(brats2023, dataset="lits")
+
+
+def test_a_brats_2023_case_without_a_contrast_names_the_file_expected(tmp_path, brats2023):
+    root = _copy(brats2023, tmp_path / "brats2023")
+    (root / "BraTS-GLI-00002-000" / "BraTS-GLI-00002-000-t1c.nii.gz").unlink()
+    with pytest.raises(DatasetError, match=r"BraTS-GLI-00002-000 has no 't1c' file.*BraTS-GLI-00002-000-t1c\.nii\.gz"):
+        load_datalist(root)
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -16,6 +16,7 @@ from monai.transforms import ConvertToMultiChannelBasedOnBratsClasses
 from monai_effq.data import (
     CheckLabelRange,
     CheckLabelRanged,
+    ConvertBrats2023Labels,
     ConvertMsdBratsLabels,
     ConvertMsdBratsLabelsd,
     DatasetError,
@@ -28,6 +29,8 @@ from monai_effq.data import (
     synth_brats_case,
     synth_lits_case,
 )
+
+from ..brats2023 import as_brats2023
 
 SHAPE = (40, 36, 32)
 
@@ -77,6 +80,23 @@ def test_decathlon_and_native_layouts_of_the_same_case_give_the_same_tensors(dat
     msd = brats_transforms("msd", train=False)(load_datalist(data["msd_brats"])[0])
     assert torch.equal(msd["label"].as_tensor(), brats_native["label"].as_tensor())
     assert torch.allclose(msd["image"].as_tensor(), brats_native["image"].as_tensor())
+
+
+def test_the_brats_2023_release_of_the_same_case_gives_the_same_tensors(data, brats_native, tmp_path):
+    case = load_datalist(as_brats2023(data["brats"], tmp_path / "brats2023"))[0]
+    out = brats_transforms("brats2023", train=False)(case)
+    assert torch.equal(out["label"].as_tensor(), brats_native["label"].as_tensor())
+    assert torch.equal(out["image"].as_tensor(), brats_native["image"].as_tensor())
+    # its labels read with the Decathlon's convention pass the range check (the same values) but give
+    # another tumour core: the layout, detected from the file names, is what tells them apart
+    as_msd = brats_transforms("msd", train=False)(case)
+    assert not torch.equal(as_msd["label"][0].as_tensor(), brats_native["label"][0].as_tensor())
+
+
+def test_brats_2023_labels_give_necrosis_and_enhancing_tumour_as_core_and_oedema_as_whole_tumour_only():
+    labels = np.array([0, 1, 2, 3]).reshape(1, 4, 1, 1)  # background, NCR, SNFH (oedema), ET
+    assert ConvertBrats2023Labels()(labels)[:, :, 0, 0].astype(int).tolist() == [[0, 1, 0, 1], [0, 1, 1, 1], [0, 0, 0, 1]]
+    assert ConvertMsdBratsLabels()(labels)[:, :, 0, 0].astype(int).tolist() == [[0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 0, 1]]
 
 
 def test_brats_is_reoriented_to_ras_and_z_scored_inside_the_brain(brats_native):
