@@ -1,8 +1,8 @@
 """Config overlays that quantize, and then run, any MONAI bundle laid out like the model zoo's.
 
 A model-zoo bundle (``configs/inference.json`` defining ``bundle_root``, ``device``,
-``network_def``, ``network``, ``preprocessing``, ``dataset`` and a sliding-window ``inferer``;
-FP weights in ``models/model.pt``) is quantized and served without editing it: each overlay here is
+``network_def``, ``network``, ``preprocessing``, ``postprocessing``, ``dataset`` and a sliding-window
+``inferer``; FP weights in ``models/model.pt``) is quantized and served without editing it: each overlay here is
 one more file on the ``--config_file`` list of ``python -m monai.bundle run``. They reuse the
 bundle's own network definition, transforms and inferer, so calibration sees exactly what inference
 does. ``python -m monai_effq.overlays <name>`` prints an overlay's path.
@@ -20,13 +20,22 @@ from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_effq.data.images import dicom_series_files
 from monai_effq.handlers.reference import REFERENCE_KEY
+from monai_effq.ptq.attention import check_task
 from monai_effq.utils.errors import MissingInputError, UserInputError, check_integer
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OVERLAYS", "agreement_metric", "attach_metric_first", "calibration_items", "check_attached", "overlay_path"]
+__all__ = [
+    "OVERLAYS",
+    "agreement_metric",
+    "attach_metric_first",
+    "calibration_items",
+    "check_attached",
+    "output_task",
+    "overlay_path",
+]
 
 OVERLAYS = {
     "quantize": "quantize a bundle's FP network on its calibration images (overlays inference.json)",
@@ -51,6 +60,41 @@ def overlay_path(name: str) -> Path:
     if name not in OVERLAYS:
         raise UserInputError(f"there is no overlay {name!r}: choose one of {', '.join(OVERLAYS)}.")
     return Path(__file__).resolve().parent / f"{name}.json"
+
+
+def _activations(transform: Any) -> list[Any]:
+    """The ``Activations``/``Activationsd`` steps of a transform, looking into ``Compose`` and its kin."""
+    if hasattr(transform, "sigmoid") and hasattr(transform, "softmax"):
+        return [transform]
+    return [a for step in getattr(transform, "transforms", ()) or () for a in _activations(step)]
+
+
+def output_task(task: str, postprocessing: Any) -> str:
+    """The class-attention task for a bundle: ``task``, or with ``"auto"`` the one its post-processing implies.
+
+    A bundle whose post-processing applies a sigmoid (``Activationsd(sigmoid=True)``, as
+    ``brats_mri_segmentation``'s does) predicts overlapping labels, one channel each: ``"multilabel"``.
+    Otherwise (a softmax or an arg-max) it is ``"multiclass"``.
+
+    Args:
+        task: ``"auto"``, ``"multiclass"`` or ``"multilabel"`` (the overlay's ``--task``; an explicit one is kept).
+        postprocessing: the bundle's ``postprocessing`` transform, or ``None``.
+
+    Returns:
+        ``"multiclass"`` or ``"multilabel"``.
+
+    Raises:
+        UserInputError: for another ``task``.
+    """
+    if task != "auto":
+        return check_task(task)
+    sigmoid = any(any(a.sigmoid) if isinstance(a.sigmoid, Sequence) else bool(a.sigmoid) for a in _activations(postprocessing))
+    chosen = "multilabel" if sigmoid else "multiclass"
+    logger.info(
+        "task %s: the bundle's postprocessing %s (--task multiclass or multilabel sets it)",
+        chosen, "applies a sigmoid" if sigmoid else "applies no sigmoid",
+    )
+    return chosen
 
 
 def _files(image: Any) -> list[str]:

@@ -16,7 +16,7 @@ from monai.bundle import ConfigWorkflow, run
 
 from monai_effq.data import DatasetError
 from monai_effq.handlers.reference import REFERENCE_KEY
-from monai_effq.overlays import OVERLAYS, agreement_metric, attach_metric_first, calibration_items, overlay_path
+from monai_effq.overlays import OVERLAYS, agreement_metric, attach_metric_first, calibration_items, output_task, overlay_path
 from monai_effq.overlays.__main__ import main
 from monai_effq.ptq.modules import QuantizedLayer
 from monai_effq.utils.errors import MissingInputError, UserInputError
@@ -115,6 +115,39 @@ def test_a_dicom_series_folder_calibrates_and_a_folder_of_two_series_is_refused(
     write_dicom_series(volume, tmp_path / "series", series_uid="1.2.826.0.1.3680043.2.1125.2", prefix="B")
     with pytest.raises(DatasetError, match="series holds 2 DICOM series"):
         calibration_items(str(tmp_path / "series"), 1)
+
+
+@pytest.mark.parametrize(
+    "activation, given, expected",
+    [
+        ({"softmax": True}, "auto", "multiclass"),
+        ({"sigmoid": True}, "auto", "multilabel"),
+        ({"sigmoid": True}, "multiclass", "multiclass"),
+        (None, "auto", "multiclass"),  # a bundle without postprocessing, given --postprocessing None
+    ],
+)
+def test_the_quantize_overlay_takes_the_task_from_the_bundles_postprocessing_unless_given(tmp_path, demo_data, activation, given, expected):
+    from monai.bundle import ConfigParser
+
+    from monai_effq.handlers import QuantizationHandler
+
+    root = spleen_style(tmp_path / "bundle", demo_data["lits"])
+    parser = ConfigParser()
+    parser.read_config([str(root / "configs" / "inference.json"), str(overlay_path("quantize"))])
+    parser["bundle_root"], parser["task"] = str(root), given
+    if activation is None:
+        parser["postprocessing"] = None
+    else:  # brats_mri_segmentation's: a sigmoid
+        parser["postprocessing#transforms#0"] = {"_target_": "Activationsd", "keys": "pred", **activation}
+    parser["calibration_flips"] = given == "auto"  # the other settings of our bundles pass through as well
+    (handler,) = [h for h in parser.get_parsed_content("calibrate#handlers") if isinstance(h, QuantizationHandler)]
+    assert handler.task == expected and handler.config.calibration_flips is (given == "auto")
+
+
+def test_an_unknown_task_is_refused_naming_the_choices():
+    with pytest.raises(UserInputError, match="task must be one of"):
+        output_task("binary", None)
+    assert output_task("auto", None) == "multiclass"  # nothing to read: the arg-max attention, as before
 
 
 def test_agreement_with_fp_counts_the_background_channel_as_the_bundles_own_dice_does():
