@@ -1,6 +1,7 @@
 """A copy of each bundle as a user gets it (shipped weights, demo data), quantized once per session (``quantized_copy``)
 and read by each test: served from inside its folder, from its TorchScript export, and through OpenVINO."""
 
+import csv
 import json
 from pathlib import Path
 
@@ -152,3 +153,20 @@ def test_inference_writes_an_rtstruct_whose_contours_fill_back_to_the_nifti_mask
     nifti = next(m for m in masks if m.name.startswith(Path(case["image"]).name.split(".")[0]))
     expected = np.asarray(nib.load(str(nifti)).dataobj)
     assert expected.any() and labels.shape == expected.shape and np.array_equal(labels, expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BUNDLES))
+def test_inference_on_images_alone_measures_the_agreement_with_fp_that_evaluate_measures_with_labels(name, quantized_copy, tmp_path):
+    copy, _, _ = quantized_copy(name)
+    bundle(name, "evaluate", "--method", "rtn", "--output_dir", str(tmp_path / "eval"), cwd=copy)
+    (row,) = [r for r in json.loads((tmp_path / "eval" / "evaluation_rtn_w4a8.json").read_text()) if r["model"] == "rtn_w4a8"]
+    # the validation images without their labels, as a hospital's own scans come
+    bundle(name, "inference", "--method", "rtn", "--output_dir", str(tmp_path / "seg"), overlay="inference_agreement", cwd=copy)
+    header, *cases = list(csv.reader((tmp_path / "seg" / "fp_agreement_raw.csv").open()))
+    masks = sorted(p.name for p in (tmp_path / "seg").glob("*_seg.nii.gz"))
+    assert header[0] == "filename" and len(cases) == len(masks) >= 1  # one row per segmented image
+    per_case = [float(c[-1]) for c in cases]
+    assert all(0.5 < a <= 1.0 for a in per_case), per_case
+    # on the grid the masks are written on (inverted to each image's), the same labels as evaluate's
+    assert sum(per_case) / len(per_case) == pytest.approx(row["fp_agreement"], abs=1e-5), (per_case, row)
