@@ -29,12 +29,12 @@ from monai_effq.data import (
     brats_transforms,
     check_image,
     check_nifti,
-    detect_layout,
     load_datalist,
     lits_transforms,
     make_brats_demo,
     make_lits_demo,
     mask_subject,
+    resolve_layout,
     split_datalist,
     validate_datalist,
 )
@@ -63,6 +63,8 @@ __all__ = [
     "inference_masks",
     "MASK_FORMATS",
     "mask_extension",
+    "mask_postfix",
+    "cache_rate",
     "mask_writer",
     "check_quantize_finished",
     "check_quantized",
@@ -137,10 +139,10 @@ def datalist(
     """One part of a dataset's deterministic train/validation split, with every file checked.
 
     Args:
-        dataset_dir: the dataset folder (Decathlon, BraTS or LiTS layout).
+        dataset_dir: the dataset folder (Decathlon, BraTS 2020 or 2023, or LiTS layout).
         dataset: ``"brats"`` or ``"lits"``.
         part: ``"train"``, ``"val"`` or ``"all"``.
-        layout: ``"auto"``, ``"msd"``, ``"brats"``, ``"lits"`` or ``"native"``.
+        layout: ``"auto"``, ``"msd"``, ``"brats"``, ``"brats2023"``, ``"lits"`` or ``"native"``.
         val_fraction: fraction of cases held out for validation.
         limit: keep at most this many cases.
         demo_dir: the bundle's demo folder: when ``dataset_dir`` is this folder, the demo is generated
@@ -335,13 +337,10 @@ def preprocessing(
     if not with_label:
         steps = image_preprocessing(dataset)
     else:
-        if dataset == "brats" and layout in ("auto", "native"):
+        if dataset == "brats":
             if layout == "auto":
                 _demo_if_asked(dataset_dir, dataset, demo_dir)
-            found = detect_layout(dataset_dir)
-            # "native": the release whose file names the folder holds, as load_datalist reads it
-            layout = found if layout == "auto" or found == "brats2023" else layout
-        if dataset == "brats":
+            layout = resolve_layout(dataset_dir, layout, dataset)  # as load_datalist reads the folder
             convention = layout if layout in ("msd", "brats2023") else "native"
             steps = brats_transforms(convention, train=train, roi_size=roi_size, seg_segments=seg_segments)
         else:
@@ -483,6 +482,43 @@ def mask_extension(mask_format: str) -> str:
         UserInputError: for another format.
     """
     return MASK_FORMATS[_check_mask_format(mask_format)]
+
+
+def cache_rate(value: Any) -> float:
+    """The bundles' ``cache_rate`` setting, checked: the fraction of cases ``CacheDataset`` keeps in memory.
+
+    Args:
+        value: a number from 0 (read each case again when it is used) to 1 (keep every case).
+
+    Returns:
+        ``value`` as a float.
+
+    Raises:
+        UserInputError: for anything else, naming the setting (``CacheDataset`` would cache every case for
+            1.5 or 20, none for a negative value, and fail obscurely on text).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise UserInputError(
+            f"cache_rate must be a number from 0 to 1 (the fraction of cases kept in memory: 0 keeps none, 0.2 a fifth), "
+            f"got {value!r}."
+        )
+    return float(value)
+
+
+def mask_postfix(mask_format: str) -> str:
+    """The default name ending of inference masks in ``mask_format``: what the file holds.
+
+    Args:
+        mask_format: ``"nifti"``, ``"dicom_seg"`` or ``"rtstruct"``.
+
+    Returns:
+        ``"seg"`` for label maps and DICOM SEG (``<image>_seg.nii.gz``, ``<series>_seg.dcm``), ``"rtstruct"``
+        for RT structure sets (``<series>_rtstruct.dcm``), so both DICOM forms of one series can lie in one folder.
+
+    Raises:
+        UserInputError: for another format.
+    """
+    return "rtstruct" if _check_mask_format(mask_format) == "rtstruct" else "seg"
 
 
 def mask_writer(mask_format: str, dataset: str, tag: str = "") -> Any:

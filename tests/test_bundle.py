@@ -109,3 +109,18 @@ def test_a_whole_pickled_network_is_named_and_not_unpickled(tmp_path):
     torch.save(_net(), tmp_path / "model.pt")  # torch.save(model): loading it would run code from the file
     with pytest.raises(UserInputError, match=r"holds a pickled torch.nn.modules.container.Sequential object, not a state dict: save"):
         load_fp_weights(_net(), tmp_path / "model.pt")
+
+
+def test_preprocessing_reads_a_brats_2023_folder_with_its_convention_under_native_as_the_datalist_does(tmp_path):
+    from monai_effq.data import load_datalist, make_brats_demo
+
+    from .brats2023 import as_brats2023
+
+    release_2020 = make_brats_demo(tmp_path / "2020", n_cases=1, shape=(32, 32, 32))
+    release_2023 = as_brats2023(release_2020, tmp_path / "2023")
+    (release_2023 / "dataset.json").write_text('{"training": []}')  # auto would read this list, native the release
+    labels = {}
+    for name, root in (("2020", release_2020), ("2023", release_2023)):
+        case = load_datalist(root, layout="native", dataset="brats")[0]
+        labels[name] = preprocessing("brats", root, layout="native")(case)["label"].as_tensor()
+    assert labels["2020"].any() and torch.equal(labels["2023"], labels["2020"])

@@ -23,6 +23,7 @@ from monai_effq.data.layouts import (
     lits_datalist,
     load_datalist,
     msd_datalist,
+    resolve_layout,
     split_datalist,
     validate_datalist,
 )
@@ -137,6 +138,7 @@ __all__ = [
     "BRATS2023_MODALITIES",
     "NIFTI_SUFFIXES",
     "detect_layout",
+    "resolve_layout",
     "msd_datalist",
     "brats_datalist",
     "brats2023_datalist",

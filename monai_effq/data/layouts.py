@@ -1,7 +1,7 @@
 """Dataset lists for the on-disk layouts of the public 3D segmentation datasets.
 
 Each function returns a list of dicts ready for a MONAI ``Dataset`` (``{"image": ..., "label": ...}``
-with absolute paths as strings). Three layouts are understood:
+with absolute paths as strings). Four layouts are understood:
 
 - ``"msd"``: a Medical Segmentation Decathlon task folder, ``<dataset_dir>/dataset.json`` whose
   ``"training"`` entries name ``./imagesTr/x.nii.gz`` and ``./labelsTr/x.nii.gz``
@@ -41,6 +41,7 @@ __all__ = [
     "BRATS2023_MODALITIES",
     "NIFTI_SUFFIXES",
     "detect_layout",
+    "resolve_layout",
     "msd_datalist",
     "brats_datalist",
     "brats2023_datalist",
@@ -155,16 +156,74 @@ def detect_layout(dataset_dir: str | os.PathLike) -> str:
     root = _as_dir(dataset_dir)
     if (root / "dataset.json").is_file():
         return "msd"
-    if _brats_case_dirs(root):
-        return "brats"
-    if _brats_case_dirs(root, "-"):
-        return "brats2023"
+    brats = _brats_release(root)
+    if brats is not None:
+        return brats
     if any(_LITS_VOLUME.match(p.name) for p in root.rglob("volume-*.nii*")):
         return "lits"
     raise DatasetError(
         f"could not recognise the dataset layout of {root}: expected dataset.json (Decathlon), "
         f"{_BRATS_EXPECTED}, {_BRATS2023_EXPECTED}, or {_LITS_EXPECTED}."
     )
+
+
+def _brats_release(root: Path) -> str | None:
+    """``"brats"`` or ``"brats2023"``: the BraTS release whose case folders ``root`` holds, else ``None``.
+
+    Raises:
+        DatasetError: when it holds case folders of both releases, whose labels mean different things.
+    """
+    found = {layout: _brats_case_dirs(root, separator) for layout, separator in (("brats", "_"), ("brats2023", "-"))}
+    if found["brats"] and found["brats2023"]:
+        raise DatasetError(
+            f"{root} holds BraTS cases of two releases, {found['brats'][0]} (2020's file names, labels 1, 2, 4) and "
+            f"{found['brats2023'][0]} (2023's, labels 1, 2, 3 with another meaning): put each release in a folder of its own."
+        )
+    return next((layout for layout, cases in found.items() if cases), None)
+
+
+def resolve_layout(dataset_dir: str | os.PathLike, layout: str = "auto", dataset: str | None = None) -> str:
+    """The layout :func:`load_datalist` reads ``dataset_dir`` in: ``layout`` itself, or what ``"auto"`` and ``"native"`` mean there.
+
+    ``"auto"`` detects the layout (:func:`detect_layout`); ``"native"`` is the dataset's own release,
+    for BraTS the one whose file names the folder holds. Preprocessing reads the BraTS label convention
+    from the same answer.
+
+    Args:
+        dataset_dir: the dataset folder.
+        layout: ``"auto"``, ``"native"`` or one of :data:`LAYOUTS`.
+        dataset: ``"brats"`` or ``"lits"``, or None. ``"native"`` needs it; with ``"auto"`` it must agree with a
+            detected native layout.
+
+    Returns:
+        one of :data:`LAYOUTS`.
+
+    Raises:
+        UserInputError: for an unknown ``layout`` or ``dataset``, or ``"native"`` without ``dataset``.
+        DatasetError: when the folder does not exist, matches no layout, or contradicts ``dataset``.
+    """
+    if dataset is not None and dataset not in _DATASETS:
+        raise UserInputError(f"dataset must be one of {_DATASETS} or None, got {dataset!r}.")
+    if layout == "native":
+        if dataset is None:
+            raise UserInputError("layout='native' needs dataset='brats' or dataset='lits'.")
+        if dataset == "lits":
+            return "lits"
+        root = _as_dir(dataset_dir)
+        release = _brats_release(root)
+        if release is None:
+            raise DatasetError(f"no BraTS cases found in {root}; looked for {_BRATS_EXPECTED}, or {_BRATS2023_EXPECTED}.")
+        return release
+    if layout == "auto":
+        found = detect_layout(dataset_dir)
+        if dataset is not None and found != "msd" and _DATASET_OF_LAYOUT[found] != dataset:
+            raise DatasetError(
+                f"{Path(dataset_dir).resolve()} looks like the {found!r} layout, but dataset={dataset!r} was asked for."
+            )
+        return found
+    if layout not in LAYOUTS:
+        raise UserInputError(f"layout must be 'auto', 'native' or one of {LAYOUTS}, got {layout!r}.")
+    return layout
 
 
 def _msd_file(json_path: Path, value: Any, where: str) -> str:
@@ -335,24 +394,7 @@ def load_datalist(
         DatasetError: when the folder does not match the layout, is empty, or names missing or
             unreadable files.
     """
-    if dataset is not None and dataset not in _DATASETS:
-        raise UserInputError(f"dataset must be one of {_DATASETS} or None, got {dataset!r}.")
-    if layout == "native":
-        if dataset is None:
-            raise UserInputError("layout='native' needs dataset='brats' or dataset='lits'.")
-        layout = dataset
-        if dataset == "brats" and not _brats_case_dirs(_as_dir(dataset_dir)) and _brats_case_dirs(_as_dir(dataset_dir), "-"):
-            layout = "brats2023"
-    elif layout == "auto":
-        layout = detect_layout(dataset_dir)
-        if dataset is not None and layout != "msd" and _DATASET_OF_LAYOUT[layout] != dataset:
-            raise DatasetError(
-                f"{Path(dataset_dir).resolve()} looks like the {layout!r} layout, "
-                f"but dataset={dataset!r} was asked for."
-            )
-    elif layout not in LAYOUTS:
-        raise UserInputError(f"layout must be 'auto', 'native' or one of {LAYOUTS}, got {layout!r}.")
-
+    layout = resolve_layout(dataset_dir, layout, dataset)
     if layout == "msd":
         datalist = msd_datalist(dataset_dir, section=section)
     else:

@@ -13,25 +13,24 @@ from monai.handlers import HausdorffDistance
 __all__ = ["HausdorffDistanceMm", "voxel_spacing"]
 
 
-def voxel_spacing(image: torch.Tensor, spatial_dims: int | None = None) -> list[float] | None:
-    """The voxel size along each spatial axis of one case, from its affine.
+def voxel_spacing(image: torch.Tensor) -> list[float] | None:
+    """The voxel size along each spatial axis of one channel-first case, from its affine.
 
     Args:
-        image: the case, ``(C, *spatial)``, or ``(1, C, *spatial)`` as ignite hands metrics one case at a time;
-            a :class:`~monai.data.MetaTensor` carries its affine (a batched one, one affine per case).
-        spatial_dims: the number of spatial axes (``None``: the image's axes less its channel axis).
+        image: one case, ``(C, *spatial)``; a :class:`~monai.data.MetaTensor` carries its affine.
 
     Returns:
         the spacing in the affine's units (millimetres for NIfTI, DICOM and ITK images), or ``None``
         for a plain tensor, which has no geometry.
+
+    Raises:
+        ValueError: for a batch (one affine per case): pass its cases one by one.
     """
     if not isinstance(image, MetaTensor):
         return None
-    affine = image.affine
-    if affine.dim() == 3:  # a batch's affines, one per case: this case's
-        affine = affine[0]
-    spatial = image.dim() - 1 if spatial_dims is None else spatial_dims
-    return [float(s) for s in affine_to_spacing(affine, r=spatial)]
+    if image.affine.dim() != 2:
+        raise ValueError(f"voxel_spacing takes one (C, *spatial) case, got a batch of {image.affine.shape[0]} affines.")
+    return [float(s) for s in affine_to_spacing(image.affine, r=image.dim() - 1)]
 
 
 def _cases(batch: torch.Tensor | Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, list[float] | None]]:
@@ -58,8 +57,9 @@ class HausdorffDistanceMm(HausdorffDistance):
     MONAI's handler passes no voxel spacing to its metric, which then measures in voxels: on a CT of
     0.7 x 0.7 x 5 mm voxels one voxel along z is 5 mm, in x 0.7 mm. This one computes each case
     with the spacing of its prediction's affine (the grid the prediction and label share after
-    preprocessing), so a value is a distance on the patient. Cases without an affine (plain tensors)
-    are measured in voxels, as MONAI's handler measures them. The arguments are those of
+    preprocessing), or of its label's where the prediction is a plain tensor, so a value is a distance
+    on the patient. Cases where neither has an affine are measured in voxels, as MONAI's handler
+    measures them. The arguments are those of
     ``monai.handlers.HausdorffDistance``.
     """
 
@@ -79,6 +79,7 @@ class HausdorffDistanceMm(HausdorffDistance):
         preds, labels = _cases(y_pred), _cases(y)
         if len(preds) != len(labels):
             raise ValueError(f"got {len(preds)} predictions and {len(labels)} labels in one batch.")
-        for (pred, spacing), (label, _) in zip(preds, labels):
-            # one case at a time: the metric takes one spacing for all the cases of a call
-            self.metric_fn(pred, label, spacing=spacing)
+        for (pred, spacing), (label, label_spacing) in zip(preds, labels):
+            # one case at a time: the metric takes one spacing for all the cases of a call; a prediction
+            # without an affine (a plain tensor) is on its label's grid
+            self.metric_fn(pred, label, spacing=spacing if spacing is not None else label_spacing)

@@ -20,7 +20,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_effq.data.images import dicom_series_files
 from monai_effq.handlers.reference import REFERENCE_KEY
-from monai_effq.ptq.attention import check_task
+from monai_effq.ptq.attention import TASKS
 from monai_effq.utils.errors import MissingInputError, UserInputError, check_integer
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -62,23 +62,39 @@ def overlay_path(name: str) -> Path:
     return Path(__file__).resolve().parent / f"{name}.json"
 
 
-def _activations(transform: Any) -> list[Any]:
-    """The ``Activations``/``Activationsd`` steps of a transform, looking into ``Compose`` and its kin."""
-    if hasattr(transform, "sigmoid") and hasattr(transform, "softmax"):
-        return [transform]
-    return [a for step in getattr(transform, "transforms", ()) or () for a in _activations(step)]
+def _sigmoid_on(transform: Any, key: str) -> bool | None:
+    """Whether a post-processing step applies a sigmoid to ``key``: ``None`` when it is no ``Activations``
+    step. A dictionary step (``Activationsd``) counts only for ``key``; an array step for its input."""
+    if not (hasattr(transform, "sigmoid") and hasattr(transform, "softmax")):
+        return None
+    sigmoid = transform.sigmoid
+    keys = getattr(transform, "keys", None)
+    if keys is None:  # Activations: on whatever it is given
+        return bool(sigmoid)
+    per_key = dict(zip(keys, sigmoid if isinstance(sigmoid, Sequence) else [sigmoid] * len(keys)))
+    return bool(per_key.get(key, False))
 
 
-def output_task(task: str, postprocessing: Any) -> str:
+def _steps(transform: Any) -> list[Any]:
+    """A transform's steps, looking into ``Compose`` and its kin and into plain lists."""
+    if isinstance(transform, (list, tuple)):
+        return [s for t in transform for s in _steps(t)]
+    inner = getattr(transform, "transforms", None)
+    return [s for t in inner for s in _steps(t)] if isinstance(inner, (list, tuple)) else [transform]
+
+
+def output_task(task: str, postprocessing: Any, key: str = "pred") -> str:
     """The class-attention task for a bundle: ``task``, or with ``"auto"`` the one its post-processing implies.
 
-    A bundle whose post-processing applies a sigmoid (``Activationsd(sigmoid=True)``, as
-    ``brats_mri_segmentation``'s does) predicts overlapping labels, one channel each: ``"multilabel"``.
-    Otherwise (a softmax or an arg-max) it is ``"multiclass"``.
+    A bundle whose post-processing applies a sigmoid to its prediction (``Activationsd(keys="pred",
+    sigmoid=True)``, as ``brats_mri_segmentation``'s does) predicts overlapping labels, one channel
+    each: ``"multilabel"``. Otherwise (a softmax or an arg-max) it is ``"multiclass"``. A sigmoid
+    written another way (a ``Lambdad``) is not seen: pass ``--task multilabel`` then.
 
     Args:
         task: ``"auto"``, ``"multiclass"`` or ``"multilabel"`` (the overlay's ``--task``; an explicit one is kept).
-        postprocessing: the bundle's ``postprocessing`` transform, or ``None``.
+        postprocessing: the bundle's ``postprocessing`` transform (or a list of steps), or ``None``.
+        key: the prediction's key in the engine's output.
 
     Returns:
         ``"multiclass"`` or ``"multilabel"``.
@@ -87,12 +103,14 @@ def output_task(task: str, postprocessing: Any) -> str:
         UserInputError: for another ``task``.
     """
     if task != "auto":
-        return check_task(task)
-    sigmoid = any(any(a.sigmoid) if isinstance(a.sigmoid, Sequence) else bool(a.sigmoid) for a in _activations(postprocessing))
+        if task not in TASKS:
+            raise UserInputError(f"task must be 'auto', 'multiclass' or 'multilabel', got {task!r}.")
+        return task
+    sigmoid = any(_sigmoid_on(step, key) for step in _steps(postprocessing))
     chosen = "multilabel" if sigmoid else "multiclass"
     logger.info(
         "task %s: the bundle's postprocessing %s (--task multiclass or multilabel sets it)",
-        chosen, "applies a sigmoid" if sigmoid else "applies no sigmoid",
+        chosen, f"applies a sigmoid to {key!r}" if sigmoid else f"applies no sigmoid to {key!r}",
     )
     return chosen
 

@@ -3,6 +3,7 @@
 import ast
 import contextlib
 import io
+import logging
 import os
 import shutil
 import subprocess
@@ -77,6 +78,11 @@ def _run_here(files: list[str], overrides: tuple[str, ...], cwd: Path | None = N
     settings = {key.lstrip("-"): _value(value) for key, value in zip(overrides[::2], overrides[1::2])}
     out = io.StringIO()
     before = os.getcwd()
+    # the bundle's logging.conf gives the root logger a handler on this run's stdout (the StringIO) and disables
+    # the other loggers: put both back, so later runs and tests do not log into a finished run's buffer
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    loggers = {name: log.disabled for name, log in logging.root.manager.loggerDict.items() if isinstance(log, logging.Logger)}
     with contextlib.redirect_stdout(out), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         os.chdir(cwd or before)
@@ -84,6 +90,10 @@ def _run_here(files: list[str], overrides: tuple[str, ...], cwd: Path | None = N
             run(config_file=files, logging_file=str(Path(files[0]).parent / "logging.conf"), **settings)
         finally:
             os.chdir(before)
+            root.handlers[:] = handlers
+            root.setLevel(level)
+            for name, disabled in loggers.items():  # fileConfig disables the loggers it does not name
+                logging.getLogger(name).disabled = disabled
     return subprocess.CompletedProcess(["monai.bundle.run", *files, *overrides], 0, out.getvalue(), "")
 
 

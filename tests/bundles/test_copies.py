@@ -22,7 +22,9 @@ from .conftest import BUNDLES, bundle, config_files
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(BUNDLES))
 def test_a_copy_of_the_bundle_quantizes_and_infers_from_inside_its_folder_with_default_settings(name, quantized_copy, tmp_path):
-    copy, masks, log = quantized_copy(name)  # quantize, then exactly: python -m monai.bundle run --config_file configs/inference.json
+    # quantize, then inference.json's workflow, from inside the copy (in this process: the real command line,
+    # python -m monai.bundle run in a subprocess, is the overlay and MONAI Label tests' and test_errors.py's)
+    copy, masks, log = quantized_copy(name)
     assert (copy / "models" / "model_rtn_w4a8.pt").is_file()
     assert all(mask.parent == copy / "eval" / "seg" / "rtn_w4a8" for mask in masks)  # a folder per model
     assert masks
@@ -146,9 +148,9 @@ def test_inference_writes_an_rtstruct_whose_contours_fill_back_to_the_nifti_mask
     write_dicom_series(case["image"], series)
     datalist = str([{"image": str(series)}])
     bundle("lits_effq", "inference", "--method", "rtn", "--datalist", datalist, "--output_dir", str(tmp_path / "rt"), "--mask_format", "rtstruct", cwd=copy)
-    assert [p.name for p in (tmp_path / "rt").iterdir()] == ["1.000000-CT-1_seg.dcm"]
+    assert [p.name for p in (tmp_path / "rt").iterdir()] == ["1.000000-CT-1_rtstruct.dcm"]  # not the SEG's name
     image = LoadImage(reader="ITKReader", image_only=True)(str(series))
-    labels = read_rtstruct_labels(tmp_path / "rt" / "1.000000-CT-1_seg.dcm", series, image.affine.numpy(), image.shape, LITS_SEG_LABELS)
+    labels = read_rtstruct_labels(tmp_path / "rt" / "1.000000-CT-1_rtstruct.dcm", series, image.affine.numpy(), image.shape, LITS_SEG_LABELS)
     # the NIfTI mask of the same image, written by the copy's own inference on its NIfTI file: the same grid, voxel for voxel
     nifti = next(m for m in masks if m.name.startswith(Path(case["image"]).name.split(".")[0]))
     expected = np.asarray(nib.load(str(nifti)).dataobj)
@@ -170,3 +172,9 @@ def test_inference_on_images_alone_measures_the_agreement_with_fp_that_evaluate_
     assert all(0.5 < a <= 1.0 for a in per_case), per_case
     # on the grid the masks are written on (inverted to each image's), the same labels as evaluate's
     assert sum(per_case) / len(per_case) == pytest.approx(row["fp_agreement"], abs=1e-5), (per_case, row)
+    # a run on other images into the folder would replace the per-case rows: refused, naming the file
+    other = str(images(copy / "data" / "demo", BUNDLES[name][0], "train")[:1])
+    res = bundle(
+        name, "inference", "--method", "rtn", "--datalist", other, "--output_dir", str(tmp_path / "seg"), overlay="inference_agreement", check=False, cwd=copy
+    )
+    assert res.returncode == 1 and "fp_agreement_raw.csv exists from an earlier run" in res.stderr, res.stderr[-2000:]

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from monai_effq.data import make_lits_demo, make_msd_demo
+from monai_effq.utils.errors import UserInputError
 
 from .conftest import ROI, ROOT, bundle, config_files
 
@@ -50,3 +51,11 @@ def test_cache_rate_sets_how_many_training_cases_are_kept_in_memory(tmp_path, ra
         parser[key] = value
     dataset = parser.get_parsed_content("train#dataset")
     assert len(dataset) == 3 and dataset.cache_num == cached
+
+
+@pytest.mark.parametrize("rate", [1.5, -0.2, "half", True])
+def test_a_cache_rate_outside_0_to_1_is_refused_naming_the_setting(rate):
+    from monai_effq.bundle import cache_rate
+
+    with pytest.raises(UserInputError, match=r"cache_rate must be a number from 0 to 1 .*got"):
+        cache_rate(rate)

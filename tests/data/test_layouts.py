@@ -21,6 +21,7 @@ from monai_effq.data import (
     make_lits_demo,
     make_msd_demo,
     msd_datalist,
+    resolve_layout,
     split_datalist,
     validate_datalist,
 )
@@ -64,6 +65,26 @@ def test_a_brats_2023_case_without_a_contrast_names_the_file_expected(tmp_path, 
     (root / "BraTS-GLI-00002-000" / "BraTS-GLI-00002-000-t1c.nii.gz").unlink()
     with pytest.raises(DatasetError, match=r"BraTS-GLI-00002-000 has no 't1c' file.*BraTS-GLI-00002-000-t1c\.nii\.gz"):
         load_datalist(root)
+
+
+def test_native_means_the_brats_release_the_folder_holds_also_beside_a_dataset_json(tmp_path, brats2023):
+    root = _copy(brats2023, tmp_path / "brats2023")
+    (root / "dataset.json").write_text(json.dumps({"training": []}))  # a user's own list beside the release
+    assert resolve_layout(root) == "msd" and resolve_layout(root, "native", "brats") == "brats2023"
+    assert Path(load_datalist(root, layout="native", dataset="brats")[0]["label"]).name == "BraTS-GLI-00001-000-seg.nii.gz"
+
+
+def test_a_folder_holding_cases_of_both_brats_releases_is_refused_naming_one_of_each(tmp_path, data, brats2023):
+    root = _copy(brats2023, tmp_path / "mixed")
+    shutil.copytree(data["brats"] / "BraTS20_Training_001", root / "BraTS20_Training_001")
+    for layout in ("auto", "native"):
+        with pytest.raises(DatasetError, match=r"two releases, .*BraTS20_Training_001 .*BraTS-GLI-00001-000 "):
+            load_datalist(root, layout=layout, dataset="brats")
+
+
+def test_native_brats_without_cases_names_the_files_of_both_releases(tmp_path):
+    with pytest.raises(DatasetError, match=r"BraTS20_Training_XXX_\{flair.*or BraTS 2023 folders BraTS-GLI"):
+        load_datalist(tmp_path, layout="native", dataset="brats")
 
 
 def _copy(src: Path, dst: Path) -> Path:

@@ -45,6 +45,10 @@ def test_a_collated_batch_is_measured_case_by_case_and_plain_tensors_in_voxels()
     assert _hd95(HausdorffDistanceMm, [batch["pred"], batch["label"]]) == pytest.approx(6.0)
     assert _hd95(HausdorffDistanceMm, [batch["pred"].as_tensor(), batch["label"].as_tensor()]) == pytest.approx(3.0)
     assert voxel_spacing(pred) == [2.0, 1.0, 1.0] and voxel_spacing(pred.as_tensor()) is None
+    with pytest.raises(ValueError, match="one .C, .spatial. case"):
+        voxel_spacing(batch["pred"])
+    # a plain prediction is on its label's grid: the label's spacing
+    assert _hd95(HausdorffDistanceMm, [[pred.as_tensor()], [label]]) == pytest.approx(6.0)
 
 
 def test_an_output_without_a_label_or_with_uneven_cases_is_an_error():

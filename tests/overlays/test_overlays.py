@@ -144,10 +144,16 @@ def test_the_quantize_overlay_takes_the_task_from_the_bundles_postprocessing_unl
     assert handler.task == expected and handler.config.calibration_flips is (given == "auto")
 
 
-def test_an_unknown_task_is_refused_naming_the_choices():
-    with pytest.raises(UserInputError, match="task must be one of"):
+def test_an_unknown_task_is_refused_naming_the_choices_and_only_the_predictions_sigmoid_counts():
+    from monai.transforms import Activations, Activationsd, AsDiscreted, Compose
+
+    with pytest.raises(UserInputError, match="task must be 'auto', 'multiclass' or 'multilabel', got 'binary'"):
         output_task("binary", None)
     assert output_task("auto", None) == "multiclass"  # nothing to read: the arg-max attention, as before
+    on_label = Compose([Activationsd(keys=["pred", "label"], sigmoid=[False, True]), AsDiscreted("pred", argmax=True)])
+    assert output_task("auto", on_label) == "multiclass"
+    assert output_task("auto", [Activationsd(keys=["label", "pred"], sigmoid=[False, True])]) == "multilabel"  # a list of steps
+    assert output_task("auto", Compose([Compose([Activations(sigmoid=True)])])) == "multilabel"  # nested, array form
 
 
 def test_agreement_with_fp_counts_the_background_channel_as_the_bundles_own_dice_does():
