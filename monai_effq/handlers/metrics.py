@@ -13,6 +13,10 @@ from monai.handlers import HausdorffDistance
 __all__ = ["HausdorffDistanceMm", "voxel_spacing"]
 
 
+def _spacing(affine: torch.Tensor, spatial_dims: int) -> list[float]:
+    return [float(s) for s in affine_to_spacing(affine, r=spatial_dims)]
+
+
 def voxel_spacing(image: torch.Tensor) -> list[float] | None:
     """The voxel size along each spatial axis of one channel-first case, from its affine.
 
@@ -30,25 +34,20 @@ def voxel_spacing(image: torch.Tensor) -> list[float] | None:
         return None
     if image.affine.dim() != 2:
         raise ValueError(f"voxel_spacing takes one (C, *spatial) case, got a batch of {image.affine.shape[0]} affines.")
-    return [float(s) for s in affine_to_spacing(image.affine, r=image.dim() - 1)]
+    return _spacing(image.affine, image.dim() - 1)
 
 
 def _cases(batch: torch.Tensor | Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, list[float] | None]]:
     """Each case of a batched ``(N, C, *spatial)`` tensor or of a list of ``(C, *spatial)`` cases, batched
-    alone, with its voxel spacing."""
+    alone, with its voxel spacing (ignite hands a metric ``(1, C, *spatial)`` items with one 4x4 affine)."""
     if not isinstance(batch, torch.Tensor):
         return [(case[None], voxel_spacing(case)) for case in batch]
-    spatial = batch.dim() - 2
-    affines = batch.affine if isinstance(batch, MetaTensor) else None
-    cases = []
-    for i in range(batch.shape[0]):
-        case = batch.as_tensor()[i : i + 1] if isinstance(batch, MetaTensor) else batch[i : i + 1]
-        if affines is None:
-            cases.append((case, None))
-        else:
-            affine = affines[i] if affines.dim() == 3 else affines
-            cases.append((case, [float(s) for s in affine_to_spacing(affine, r=spatial)]))
-    return cases
+    if not isinstance(batch, MetaTensor):
+        return [(case, None) for case in batch.split(1)]
+    affines, spatial = batch.affine, batch.dim() - 2
+    return [
+        (batch.as_tensor()[i : i + 1], _spacing(affines[i] if affines.dim() == 3 else affines, spatial)) for i in range(len(batch))
+    ]
 
 
 class HausdorffDistanceMm(HausdorffDistance):
@@ -59,8 +58,7 @@ class HausdorffDistanceMm(HausdorffDistance):
     with the spacing of its prediction's affine (the grid the prediction and label share after
     preprocessing), or of its label's where the prediction is a plain tensor, so a value is a distance
     on the patient. Cases where neither has an affine are measured in voxels, as MONAI's handler
-    measures them. The arguments are those of
-    ``monai.handlers.HausdorffDistance``.
+    measures them. The arguments are those of ``monai.handlers.HausdorffDistance``.
     """
 
     def update(self, output: Sequence[Any]) -> None:
