@@ -108,9 +108,8 @@ class ConvertMsdBratsLabels(Transform):
     """
 
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
-    # the label values of each region; WT is every tumour label
+    # the label values of the tumour core; WT is every tumour label, ET label 3 in both conventions
     core: tuple[int, ...] = (2, 3)
-    enhancing: int = 3
 
     def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
         """Split a label map into the three nested tumour regions.
@@ -124,7 +123,7 @@ class ConvertMsdBratsLabels(Transform):
         if img.ndim == 4 and img.shape[0] == 1:
             img = img[0]
         core = (img == self.core[0]) | (img == self.core[1])
-        result = [core, (img == 1) | (img == 2) | (img == 3), img == self.enhancing]
+        result = [core, (img == 1) | (img == 2) | (img == 3), img == 3]
         return torch.stack(result, dim=0) if isinstance(img, torch.Tensor) else np.stack(result, axis=0)
 
 
