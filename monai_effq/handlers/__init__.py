@@ -3,7 +3,7 @@ with the FP network, measure in millimetres and write reports."""
 
 from monai_effq.handlers.deploy import RuntimeNetworkLoader, input_channels
 from monai_effq.handlers.finetune import FinetuneHandler, engine_loss
-from monai_effq.handlers.metrics import HausdorffDistanceMm, voxel_spacing
+from monai_effq.handlers.metrics import AtomicMetricsSaver, HausdorffDistanceMm, voxel_spacing
 from monai_effq.handlers.quantization import QuantizationHandler, QuantizedCheckpointLoader, batch_images
 from monai_effq.handlers.reference import REFERENCE_KEY, ReferencePrediction
 from monai_effq.handlers.report import (
@@ -22,6 +22,7 @@ __all__ = [
     "QuantizedCheckpointLoader",
     "RuntimeNetworkLoader",
     "input_channels",
+    "AtomicMetricsSaver",
     "HausdorffDistanceMm",
     "voxel_spacing",
     "batch_images",

@@ -1,16 +1,25 @@
-"""Metric handlers in the images' physical units: distances in millimetres, read from each case's geometry."""
+"""Metric handlers: distances in the images' physical units (millimetres, read from each case's geometry), and
+metric reports written whole."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from monai.data import MetaTensor
 from monai.data.utils import affine_to_spacing
-from monai.handlers import HausdorffDistance
+from monai.handlers import HausdorffDistance, MetricsSaver
+from monai.utils import IgniteInfo, min_version, optional_import
 
-__all__ = ["HausdorffDistanceMm", "voxel_spacing"]
+from monai_effq.utils.io import atomic_files
+
+if TYPE_CHECKING:
+    from ignite.engine import Engine
+else:
+    Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
+
+__all__ = ["AtomicMetricsSaver", "HausdorffDistanceMm", "voxel_spacing"]
 
 
 def _spacing(affine: torch.Tensor, spatial_dims: int) -> list[float]:
@@ -81,3 +90,28 @@ class HausdorffDistanceMm(HausdorffDistance):
             # one case at a time: the metric takes one spacing for all the cases of a call; a prediction
             # without an affine (a plain tensor) is on its label's grid
             self.metric_fn(pred, label, spacing=spacing if spacing is not None else label_spacing)
+
+
+class AtomicMetricsSaver(MetricsSaver):
+    """MONAI's ``MetricsSaver`` whose report files each appear whole or not at all.
+
+    MONAI's handler opens ``<metric>_raw.csv``, ``<metric>_summary.csv`` and ``metrics.csv`` in
+    ``save_dir`` and writes them line by line: a run stopped mid-way leaves a table that reads as
+    complete but lacks cases. This one has MONAI write them into a staging folder inside ``save_dir``
+    and moves each finished file into place, leaving the folder's other files (masks saved beside the
+    table) alone. The arguments and files are those of ``monai.handlers.MetricsSaver``.
+    """
+
+    def __call__(self, engine: Engine) -> None:
+        """Write the reports of the epoch that ``engine`` completed.
+
+        Args:
+            engine: Ignite Engine, it can be a trainer, validator or evaluator.
+        """
+        folder = self.save_dir
+        with atomic_files(folder) as staging:
+            self.save_dir = str(staging)
+            try:
+                super().__call__(engine)
+            finally:
+                self.save_dir = folder

@@ -24,6 +24,7 @@ from pathlib import Path
 __all__ = [
     "STALE_AFTER_SECONDS",
     "atomic_directory",
+    "atomic_files",
     "atomic_write",
     "atomic_write_text",
     "current_umask",
@@ -182,6 +183,40 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
             dest.rename(old)
         staging.rename(dest)
         shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_files(folder: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder; move each file written there into ``folder`` if the block succeeds.
+
+    For writers that name their own files inside a folder that holds other outputs too (MONAI's
+    ``write_metrics_reports`` writes ``<metric>_raw.csv``, ``metrics.csv`` ... beside the masks): each
+    file appears whole or not at all, and the rest of ``folder`` is untouched. On any exception
+    nothing is moved and the staging folder is removed. Temporaries that killed writers left in
+    ``folder`` are removed first (:func:`remove_stale_temporaries`).
+
+    Args:
+        folder: the destination folder (created if missing).
+
+    Yields:
+        the staging folder to write to; only its top-level files are moved.
+    """
+    dest = Path(folder)
+    dest.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(dest)
+    staging = Path(tempfile.mkdtemp(prefix=_temporary_prefix(dest), suffix=_SUFFIX, dir=dest))
+    try:
+        yield staging
+        mode = 0o666 & ~current_umask()
+        for written in sorted(staging.iterdir()):
+            if not written.is_file():
+                continue
+            with open(written, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(written, mode)
+            os.replace(written, dest / written.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

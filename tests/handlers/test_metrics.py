@@ -1,9 +1,11 @@
 """HD95 in millimetres: each case's distances with the voxel spacing of its own affine."""
 
 import json
+import re
 
 import pytest
 import torch
+from ignite.engine import Engine
 from monai.data import MetaTensor, list_data_collate
 from monai.handlers import HausdorffDistance
 from monai.utils import optional_import
@@ -67,9 +69,14 @@ def test_both_bundles_report_hd95_in_millimetres(name):
     assert locate(metrics["hd95"]["_target_"]) is HausdorffDistanceMm
 
 
-def test_ignite_hands_the_handler_one_case_at_a_time_and_its_affine_still_gives_the_spacing():
-    from ignite.engine import Engine
+@pytest.mark.parametrize("name", list(BUNDLES))
+def test_every_per_case_table_a_bundle_writes_is_written_whole(name):
+    configs = sorted((ROOT / "bundles" / name / "configs").glob("*.json"))
+    savers = [t for c in configs for t in re.findall(r'"_target_": "([^"]*MetricsSaver)"', c.read_text())]
+    assert savers and set(savers) == {"monai_effq.handlers.AtomicMetricsSaver"}
 
+
+def test_ignite_hands_the_handler_one_case_at_a_time_and_its_affine_still_gives_the_spacing():
     pred, label = _shifted_cube((2.0, 1.0, 1.0), axis=0, shift=3)
     engine = Engine(lambda e, b: {"pred": [pred, pred], "label": [label, label]})  # decollated items, as an evaluator's
     handler = HausdorffDistanceMm(
@@ -79,3 +86,50 @@ def test_ignite_hands_the_handler_one_case_at_a_time_and_its_affine_still_gives_
     engine.run([0], max_epochs=1)
     assert engine.state.metrics["hd95"] == pytest.approx(6.0)
     assert engine.state.metric_details["hd95"].flatten().tolist() == pytest.approx([6.0, 6.0])
+
+
+def _evaluated_cases(saver_cls, save_dir) -> Engine:
+    """An engine that measures Dice on two cases, with ``saver_cls`` saving each case's figure to ``save_dir``."""
+    from monai.handlers import MeanDice
+
+    pred, label = _shifted_cube((1.0, 1.0, 1.0), axis=0, shift=1)
+    batches = [{"image_meta_dict": {"filename_or_obj": [f"case{i}.nii.gz"]}} for i in range(2)]
+    engine = Engine(lambda e, b: {"pred": [pred], "label": [label]})
+    MeanDice(output_transform=lambda o: (o["pred"], o["label"])).attach(engine, "dice")
+    saver_cls(save_dir=str(save_dir), metrics=None, metric_details=["dice"], batch_transform=lambda b: b["image_meta_dict"]).attach(engine)
+    engine.run(batches, max_epochs=1)
+    return engine
+
+
+def test_the_atomic_saver_writes_the_files_monai_writes_and_leaves_the_folders_other_files_alone(tmp_path):
+    from monai.handlers import MetricsSaver
+
+    from monai_effq.handlers import AtomicMetricsSaver
+
+    _evaluated_cases(MetricsSaver, tmp_path / "monai")
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / "case0_seg.nii.gz").write_text("mask")
+    _evaluated_cases(AtomicMetricsSaver, tmp_path / "ours")
+    theirs = {p.name: p.read_text() for p in (tmp_path / "monai").iterdir()}
+    ours = {p.name: p.read_text() for p in (tmp_path / "ours").iterdir()}
+    assert ours.pop("case0_seg.nii.gz") == "mask"
+    assert ours == theirs and "case1.nii.gz" in ours["dice_raw.csv"]
+
+
+@pytest.mark.parametrize("saver", ["MetricsSaver", "AtomicMetricsSaver"])
+def test_a_report_interrupted_mid_table_is_not_left_looking_whole_by_the_atomic_saver(tmp_path, monkeypatch, saver):
+    import monai.handlers.metrics_saver as metrics_saver
+    from monai.handlers import MetricsSaver
+
+    from monai_effq.handlers import AtomicMetricsSaver
+
+    def killed_after_the_first_row(save_dir, images, metrics, metric_details, **kwargs):
+        with open(f"{save_dir}/dice_raw.csv", "w") as f:
+            f.write(f"filename,class0\n{images[0]},0.8\n")
+        raise KeyboardInterrupt  # Ctrl-C before the second case's row
+
+    monkeypatch.setattr(metrics_saver, "write_metrics_reports", killed_after_the_first_row)
+    with pytest.raises(KeyboardInterrupt):
+        _evaluated_cases(AtomicMetricsSaver if saver == "AtomicMetricsSaver" else MetricsSaver, tmp_path)
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == (["dice_raw.csv"] if saver == "MetricsSaver" else [])

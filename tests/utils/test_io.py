@@ -156,3 +156,21 @@ def test_this_processs_own_temporaries_even_a_day_old_and_a_missing_folder_are_l
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, not_a_temporary.name])
     assert remove_stale_temporaries(tmp_path / "missing") == []
     assert remove_stale_temporaries(mine) == []  # a file, not a folder
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["written", "interrupted"])
+def test_files_staged_for_a_shared_folder_appear_together_on_success_and_not_at_all_otherwise(tmp_path, fails):
+    from monai_effq.utils.io import atomic_files
+
+    (tmp_path / "mask_seg.nii.gz").write_text("mask")
+    atomic_write_text(tmp_path / "dice_raw.csv", "old")
+    with pytest.raises(RuntimeError) if fails else nullcontext():
+        with atomic_files(tmp_path) as staging:
+            assert staging.parent == tmp_path and staging.name.startswith(".")
+            (staging / "dice_raw.csv").write_text("new")
+            (staging / "metrics.csv").write_text("mean")
+            if fails:
+                raise RuntimeError("interrupted")
+    files = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    expected = {"mask_seg.nii.gz": "mask", "dice_raw.csv": "new" if not fails else "old"}
+    assert files == (expected if fails else {**expected, "metrics.csv": "mean"})
