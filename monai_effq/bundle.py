@@ -50,7 +50,7 @@ from monai_effq.utils.errors import (
     check_integer,
     install_bundle_error_hook,
 )
-from monai_effq.utils.io import atomic_directory, current_umask
+from monai_effq.utils.io import atomic_directory, atomic_write, current_umask
 
 __all__ = [
     "DEMO",
@@ -61,6 +61,7 @@ __all__ = [
     "check_finetune_settings",
     "check_inference_inputs",
     "inference_masks",
+    "keep_best_checkpoint",
     "MASK_FORMATS",
     "mask_extension",
     "mask_postfix",
@@ -852,6 +853,51 @@ def with_umask(*paths: str | os.PathLike) -> list[Path]:
     for path in found:
         path.chmod(0o666 & ~current_umask())
     return found
+
+
+def keep_best_checkpoint(
+    ckpt_dir: str | os.PathLike,
+    evaluator: Any,
+    name: str = "model.pt",
+    best: str = "model_best.pt",
+    final: str = "model_final.pt",
+) -> Path:
+    """Make ``name`` the weights of the best validation of this training run, or its final ones.
+
+    ``train.json`` saves the weights at each new best key metric of its validation (``best``) and at
+    the end (``final``), as MONAI's ``CheckpointSaver`` does in the model zoo's bundles. What reads the
+    trained network (``quantize``, MONAI Label) reads ``name``: the best, where validation ran, or the
+    final weights where it did not (fewer epochs than ``val_interval``, MONAI Label's
+    ``val_split: 0``). A ``best`` left by an earlier run is never taken: only the evaluator's own
+    record says validation ran. Both files stay.
+
+    Args:
+        ckpt_dir: the folder the checkpoints were saved to.
+        evaluator: the validation engine (a MONAI ``SupervisedEvaluator``, whose state records its
+            best key metric and its epoch).
+        name: the checkpoint to write.
+        best: the best-key-metric checkpoint of this run's validation.
+        final: the final checkpoint.
+
+    Returns:
+        the written checkpoint.
+
+    Raises:
+        MissingInputError: when the checkpoint to copy is missing (training did not finish).
+    """
+    folder = Path(ckpt_dir)
+    epoch = int(getattr(evaluator.state, "best_metric_epoch", -1))
+    source = folder / (best if epoch > 0 else final)
+    if not source.is_file():
+        raise MissingInputError(f"{source} is missing: training did not finish; run train again.")
+    with atomic_write(folder / name) as tmp:
+        shutil.copyfile(source, tmp)
+    if epoch > 0:
+        logger.info(f"{folder / name}: the weights of the best validation ({evaluator.state.best_metric:.4f} at epoch {epoch})")
+    else:
+        logger.info(f"{folder / name}: the final weights (no validation ran: fewer epochs than val_interval)")
+    with_umask(folder / best, folder / final)
+    return folder / name
 
 
 # What a served bundle needs beside its inference config, model and README (model-zoo layout).

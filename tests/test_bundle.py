@@ -124,3 +124,31 @@ def test_preprocessing_reads_a_brats_2023_folder_with_its_convention_under_nativ
         case = load_datalist(root, layout="native", dataset="brats")[0]
         labels[name] = preprocessing("brats", root, layout="native")(case)["label"].as_tensor()
     assert labels["2020"].any() and torch.equal(labels["2023"], labels["2020"])
+
+
+@pytest.mark.parametrize("validated", [True, False], ids=["validation_ran", "no_validation"])
+def test_training_leaves_the_best_validated_weights_as_model_pt_and_the_final_ones_where_none_were_validated(tmp_path, caplog, validated):
+    from types import SimpleNamespace
+
+    from monai_effq.bundle import keep_best_checkpoint
+
+    # a best checkpoint from an earlier run lies there too: only this run's validation record counts
+    torch.save({"model": {"w": torch.ones(1)}}, tmp_path / "model_best.pt")
+    torch.save({"model": {"w": torch.zeros(1)}}, tmp_path / "model_final.pt")
+    state = SimpleNamespace(best_metric=0.81, best_metric_epoch=40 if validated else -1)
+    with caplog.at_level(logging.INFO, logger="monai_effq.bundle"):
+        written = keep_best_checkpoint(tmp_path, SimpleNamespace(state=state))
+    assert written == tmp_path / "model.pt"
+    assert torch.load(written)["model"]["w"].item() == (1.0 if validated else 0.0)
+    assert ("0.8100 at epoch 40" if validated else "no validation ran") in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model_best.pt", "model_final.pt"]
+
+
+def test_a_training_run_that_saved_no_final_checkpoint_says_to_train_again(tmp_path):
+    from types import SimpleNamespace
+
+    from monai_effq.bundle import keep_best_checkpoint
+
+    with pytest.raises(MissingInputError, match=r"model_final\.pt is missing: training did not finish"):
+        keep_best_checkpoint(tmp_path, SimpleNamespace(state=SimpleNamespace(best_metric=-1, best_metric_epoch=-1)))
+    assert not (tmp_path / "model.pt").exists()

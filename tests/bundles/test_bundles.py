@@ -36,8 +36,11 @@ def trained(request, tmp_path_factory):
         "--dataset_dir", str(data), "--ckpt_dir", str(work / "models"), "--output_dir", str(work / "eval"),
         "--export_dir", "",  # the export has tests of its own
     ]  # fmt: skip
-    bundle(name, "train", *common, "--max_epochs", "1", "--roi_size", ROI)
-    assert (work / "models" / "model.pt").is_file()
+    # validated after each epoch: model.pt is then the checkpoint of the best validation
+    bundle(name, "train", *common, "--max_epochs", "2", "--val_interval", "1", "--roi_size", ROI)
+    models = work / "models"
+    assert (models / "model_best.pt").read_bytes() == (models / "model.pt").read_bytes()
+    assert (models / "model_final.pt").is_file()
     return name, work, common, classes
 
 
