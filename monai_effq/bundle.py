@@ -69,6 +69,7 @@ __all__ = [
     "mask_writer",
     "check_quantize_finished",
     "check_quantized",
+    "check_train_settings",
     "demo_dataset",
     "datalist",
     "existing_checkpoint",
@@ -789,6 +790,33 @@ def check_finetune_settings(steps: Any, log_every: Any, learning_rate: Any, batc
     check_integer(steps, "steps", low=1)
     check_integer(log_every, "log_every", low=1)
     check_integer(batch_size, "batch_size", low=1)
+    _check_learning_rate(learning_rate)
+
+
+def check_train_settings(max_epochs: Any, val_interval: Any, learning_rate: Any, batch_size: Any) -> None:
+    """Stop training before its data are cached when a training setting cannot work.
+
+    Without this, ``--max_epochs 0`` ended with status 0 and no checkpoint, ``--val_interval 0`` in
+    ignite's event filter and ``--learning_rate -1`` in the optimiser, each after the datasets were
+    cached and with a traceback.
+
+    Args:
+        max_epochs: training epochs (at least 1).
+        val_interval: epochs between validations (at least 1; more than ``max_epochs`` validates never,
+            and ``model.pt`` is then the final weights).
+        learning_rate: the optimiser's step size (a positive number).
+        batch_size: training batch size (at least 1).
+
+    Raises:
+        UserInputError: naming the first bad setting.
+    """
+    check_integer(max_epochs, "max_epochs", low=1)
+    check_integer(val_interval, "val_interval", low=1)
+    check_integer(batch_size, "batch_size", low=1)
+    _check_learning_rate(learning_rate)
+
+
+def _check_learning_rate(learning_rate: Any) -> None:
     positive = isinstance(learning_rate, numbers.Real) and not isinstance(learning_rate, bool) and 0 < learning_rate < math.inf
     if not positive:
         raise UserInputError(f"learning_rate must be a positive number such as 1e-4, got {learning_rate!r}.")

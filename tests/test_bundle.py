@@ -1,6 +1,7 @@
 """The bundle helpers the configs call: checkpoints, preprocessing options and the written-files log."""
 
 import logging
+import re
 
 import pytest
 import torch
@@ -152,3 +153,22 @@ def test_a_training_run_that_saved_no_final_checkpoint_says_to_train_again(tmp_p
     with pytest.raises(MissingInputError, match=r"model_final\.pt is missing: training did not finish"):
         keep_best_checkpoint(tmp_path, SimpleNamespace(state=SimpleNamespace(best_metric=-1, best_metric_epoch=-1)))
     assert not (tmp_path / "model.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ((0, 50, 3e-3, 2), "max_epochs must be an integer of at least 1, got 0"),
+        ((150, 0, 3e-3, 2), "val_interval must be an integer of at least 1, got 0"),
+        ((150, "50", 3e-3, 2), "val_interval must be an integer of at least 1, got '50'"),
+        ((150, 50, -1.0, 2), "learning_rate must be a positive number such as 1e-4, got -1.0"),
+        ((150, 50, 3e-3, 0), "batch_size must be an integer of at least 1, got 0"),
+    ],
+    ids=["no_epochs", "no_interval", "interval_as_text", "negative_step", "empty_batch"],
+)
+def test_a_training_setting_that_cannot_work_is_named_before_training(settings, message):
+    from monai_effq.bundle import check_train_settings
+
+    with pytest.raises(UserInputError, match=re.escape(message)):
+        check_train_settings(*settings)
+    check_train_settings(150, 50, 3e-3, 2)

@@ -283,3 +283,12 @@ def test_a_quantize_run_killed_while_it_exports_is_finished_by_the_same_command(
     with pytest.raises(Exception) as again:  # finished now, so a third run refuses to replace it
         bundle("lits_effq", "quantize", *args)
     assert "exists from an earlier run" in str(find_user_error(again.value))
+
+
+@pytest.mark.parametrize("overrides", [("--max_epochs", "0"), ("--val_interval", "0")], ids=["no_epochs", "no_interval"])
+def test_a_training_setting_that_cannot_work_stops_train_before_it_caches_data_or_writes(overrides, dataset, tmp_path):
+    with pytest.raises(Exception) as raised:
+        bundle("lits_effq", "train", "--dataset_dir", str(dataset), "--ckpt_dir", str(tmp_path / "models"), *overrides)
+    found = find_user_error(raised.value)
+    assert found is not None and f"{overrides[0][2:]} must be an integer of at least 1, got 0" in str(found), repr(raised.value)
+    assert not (tmp_path / "models").exists()
