@@ -787,10 +787,7 @@ def check_finetune_settings(steps: Any, log_every: Any, learning_rate: Any, batc
     Raises:
         UserInputError: naming the first bad setting.
     """
-    check_integer(steps, "steps", low=1)
-    check_integer(log_every, "log_every", low=1)
-    check_integer(batch_size, "batch_size", low=1)
-    _check_learning_rate(learning_rate)
+    _check_training(learning_rate, steps=steps, log_every=log_every, batch_size=batch_size)
 
 
 def check_train_settings(max_epochs: Any, val_interval: Any, learning_rate: Any, batch_size: Any) -> None:
@@ -810,13 +807,13 @@ def check_train_settings(max_epochs: Any, val_interval: Any, learning_rate: Any,
     Raises:
         UserInputError: naming the first bad setting.
     """
-    check_integer(max_epochs, "max_epochs", low=1)
-    check_integer(val_interval, "val_interval", low=1)
-    check_integer(batch_size, "batch_size", low=1)
-    _check_learning_rate(learning_rate)
+    _check_training(learning_rate, max_epochs=max_epochs, val_interval=val_interval, batch_size=batch_size)
 
 
-def _check_learning_rate(learning_rate: Any) -> None:
+def _check_training(learning_rate: Any, **counts: Any) -> None:
+    """Each of ``counts`` a whole number of at least 1, in the order given, then ``learning_rate`` positive."""
+    for name, value in counts.items():
+        check_integer(value, name, low=1)
     positive = isinstance(learning_rate, numbers.Real) and not isinstance(learning_rate, bool) and 0 < learning_rate < math.inf
     if not positive:
         raise UserInputError(f"learning_rate must be a positive number such as 1e-4, got {learning_rate!r}.")
