@@ -263,10 +263,10 @@ def w8_files(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("w8")
     result = _rtn(8)
-    wide = export_onnx(result, folder / "w8.onnx", (1, 2, 16, 16, 16))
+    wide = export_onnx(result, folder / "w8.onnx", (1, 2, 16, 16, 16), dynamic_spatial=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        narrow = export_onnx(result, folder / "w8_7bit.onnx", (1, 2, 16, 16, 16), reduce_range=True)
+        narrow = export_onnx(result, folder / "w8_7bit.onnx", (1, 2, 16, 16, 16), reduce_range=True, dynamic_spatial=False)
     return wide, narrow, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
 
 

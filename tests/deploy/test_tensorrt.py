@@ -29,12 +29,12 @@ def test_symmetric_activations_calibrate_to_zero_point_zero_and_export_as_int8(s
     quantizers = [m.input_quantizer for m in symmetric.network.modules() if getattr(m, "input_quantizer", None)]
     assert quantizers and all(q.grid.kind == "symmetric" for q in quantizers)
     # TensorRT reads int8 weights only: a file for it is exported with int8 containers
-    path = export_onnx(symmetric, tmp_path / "sym.onnx", (1, 2, 16, 16, 16), weight_container="int8")
+    path = export_onnx(symmetric, tmp_path / "sym.onnx", (1, 2, 16, 16, 16), weight_container="int8", dynamic_spatial=False)
     assert tensorrt_violations(path) == []
 
 
 def test_the_default_calibration_is_named_as_what_tensorrt_cannot_build(calibration, tmp_path):
-    path = export_onnx(quantized(calibration, "auto"), tmp_path / "auto.onnx", (1, 2, 16, 16, 16), weight_container="int8")
+    path = export_onnx(quantized(calibration, "auto"), tmp_path / "auto.onnx", (1, 2, 16, 16, 16), weight_container="int8", dynamic_spatial=False)
     problems = tensorrt_violations(path)
     assert problems and all("UINT8" in p or "zero point" in p for p in problems)
 
