@@ -920,7 +920,7 @@ def keep_best_checkpoint(
     if epoch > 0:
         logger.info(f"{folder / name}: the weights of the best validation ({evaluator.state.best_metric:.4f} at epoch {epoch})")
     else:
-        logger.info(f"{folder / name}: the final weights (no validation ran: fewer epochs than val_interval)")
+        logger.info(f"{folder / name}: the final weights (no validation ran: no validation cases, or fewer epochs than val_interval)")
     with_umask(folder / best, folder / final)
     return folder / name
 
