@@ -893,8 +893,11 @@ def keep_best_checkpoint(
     the end (``final``), as MONAI's ``CheckpointSaver`` does in the model zoo's bundles. What reads the
     trained network (``quantize``, MONAI Label) reads ``name``: the best, where validation ran, or the
     final weights where it did not (fewer epochs than ``val_interval``, MONAI Label's
-    ``val_split: 0``). A ``best`` left by an earlier run is never taken: only the evaluator's own
-    record says validation ran. Both files stay.
+    ``val_split: 0``) or where its first score was NaN (mean Dice over validation labels that are all
+    empty), which no later score beats in MONAI's or ignite's comparison. Only the evaluator's own
+    record says validation ran; a ``best`` that is not this run's usable best (an earlier run's, a
+    NaN-scored one) is removed, so that nothing offers it as the trained weights. Run it in one
+    process (rank 0, after the others finished training, under ``torchrun``).
 
     Args:
         ckpt_dir: the folder the checkpoints were saved to.
@@ -912,16 +915,26 @@ def keep_best_checkpoint(
     """
     folder = Path(ckpt_dir)
     epoch = int(getattr(evaluator.state, "best_metric_epoch", -1))
-    source = folder / (best if epoch > 0 else final)
+    score = float(getattr(evaluator.state, "best_metric", math.nan))
+    validated = epoch > 0 and math.isfinite(score)
+    source = folder / (best if validated else final)
     if not source.is_file():
         raise MissingInputError(f"{source} is missing: training did not finish; run train again.")
     with atomic_write(folder / name) as tmp:
         shutil.copyfile(source, tmp)
+    if validated:
+        logger.info(f"{folder / name}: the weights of the best validation ({score:.4f} at epoch {epoch})")
+        with_umask(folder / best, folder / final)
+        return folder / name
     if epoch > 0:
-        logger.info(f"{folder / name}: the weights of the best validation ({evaluator.state.best_metric:.4f} at epoch {epoch})")
+        logger.warning(
+            f"{folder / name}: the final weights; the validation scored NaN at epoch {epoch} (are all its labels "
+            "empty?), so no best could be chosen: check the validation cases."
+        )
     else:
         logger.info(f"{folder / name}: the final weights (no validation ran: no validation cases, or fewer epochs than val_interval)")
-    with_umask(folder / best, folder / final)
+    (folder / best).unlink(missing_ok=True)
+    with_umask(folder / final)
     return folder / name
 
 

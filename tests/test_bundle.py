@@ -127,22 +127,30 @@ def test_preprocessing_reads_a_brats_2023_folder_with_its_convention_under_nativ
     assert labels["2020"].any() and torch.equal(labels["2023"], labels["2020"])
 
 
-@pytest.mark.parametrize("validated", [True, False], ids=["validation_ran", "no_validation"])
-def test_training_leaves_the_best_validated_weights_as_model_pt_and_the_final_ones_where_none_were_validated(tmp_path, caplog, validated):
+@pytest.mark.parametrize(
+    "best_metric, best_epoch, chosen, said",
+    [(0.81, 40, 1.0, "0.8100 at epoch 40"), (-1, -1, 0.0, "no validation ran"), (float("nan"), 1, 0.0, "scored NaN at epoch 1")],
+    ids=["validation_ran", "no_validation", "nan_first_score"],
+)
+def test_training_leaves_the_best_validated_weights_as_model_pt_and_the_final_ones_where_none_were_validated(
+    tmp_path, caplog, best_metric, best_epoch, chosen, said
+):
     from types import SimpleNamespace
 
     from monai_effq.bundle import keep_best_checkpoint
 
-    # a best checkpoint from an earlier run lies there too: only this run's validation record counts
+    # a best checkpoint lies there (an earlier run's, or a NaN-scored one): only this run's usable record counts
     torch.save({"model": {"w": torch.ones(1)}}, tmp_path / "model_best.pt")
     torch.save({"model": {"w": torch.zeros(1)}}, tmp_path / "model_final.pt")
-    state = SimpleNamespace(best_metric=0.81, best_metric_epoch=40 if validated else -1)
+    state = SimpleNamespace(best_metric=best_metric, best_metric_epoch=best_epoch)
     with caplog.at_level(logging.INFO, logger="monai_effq.bundle"):
         written = keep_best_checkpoint(tmp_path, SimpleNamespace(state=state))
     assert written == tmp_path / "model.pt"
-    assert torch.load(written)["model"]["w"].item() == (1.0 if validated else 0.0)
-    assert ("0.8100 at epoch 40" if validated else "no validation ran") in caplog.text
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "model_best.pt", "model_final.pt"]
+    assert torch.load(written)["model"]["w"].item() == chosen
+    assert said in caplog.text
+    # a best that is not this run's usable best is not left to be offered as the trained weights
+    kept = ["model_best.pt"] if chosen == 1.0 else []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["model.pt", "model_final.pt", *kept])
 
 
 def test_a_training_run_that_saved_no_final_checkpoint_says_to_train_again(tmp_path):

@@ -22,6 +22,7 @@ from monai_effq.bundle import (
     check_finetune_settings,
     check_inference_inputs,
     check_quantized,
+    check_train_settings,
     existing_checkpoint,
     images,
     preprocessing,
@@ -571,6 +572,7 @@ TRIGGERS = {
     "RTSTRUCT label <file>: ROI <n> holds an <type> contour, which outlines no area": _rtstruct_of_open_contours,
     "the images of one case are not on one grid: <file> is <grid> where <file> is <grid>": _case_off_one_grid,
     "learning_rate must be a positive number such as 1e-4, got <value>": lambda t, d: check_finetune_settings(300, 25, 0.0, 2),
+    "max_epochs must be an integer of at least 1, got <value>": lambda t, d: check_train_settings(0, 50, 3e-3, 2),
     "body_mask selects no voxel of the calibration data": (
         lambda t, d: quantize(_net(), torch.rand(1, 1, 8, 8, 8), body_mask=torch.zeros(1, 8, 8, 8, dtype=torch.bool), progress=False)
     ),

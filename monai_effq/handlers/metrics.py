@@ -14,6 +14,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_effq.utils.io import atomic_files
 
+idist, _ = optional_import("ignite", IgniteInfo.OPT_IMPORT_VERSION, min_version, "distributed")
 if TYPE_CHECKING:
     from ignite.engine import Engine
 else:
@@ -108,6 +109,9 @@ class AtomicMetricsSaver(MetricsSaver):
         Args:
             engine: Ignite Engine, it can be a trainer, validator or evaluator.
         """
+        if idist.get_rank() != self.save_rank:  # only the saving rank writes; the others join MONAI's gather
+            super().__call__(engine)
+            return
         folder = self.save_dir
         with atomic_files(folder) as staging:
             self.save_dir = str(staging)

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -37,8 +38,10 @@ def trained(request, tmp_path_factory):
         "--export_dir", "",  # the export has tests of its own
     ]  # fmt: skip
     # validated after each epoch: model.pt is then the checkpoint of the best validation
-    bundle(name, "train", *common, "--max_epochs", "2", "--val_interval", "1", "--roi_size", ROI)
+    res = bundle(name, "train", *common, "--max_epochs", "2", "--val_interval", "1", "--roi_size", ROI)
     models = work / "models"
+    # the run list reads the validator's own record (equal files alone would not show it: the best is often the last)
+    assert re.search(r"model\.pt: the weights of the best validation \(\d\.\d{4} at epoch [12]\)", res.stdout), res.stdout[-2000:]
     assert (models / "model_best.pt").read_bytes() == (models / "model.pt").read_bytes()
     assert (models / "model_final.pt").is_file()
     return name, work, common, classes

@@ -116,13 +116,12 @@ def test_the_atomic_saver_writes_the_files_monai_writes_and_leaves_the_folders_o
     assert ours == theirs and "case1.nii.gz" in ours["dice_raw.csv"]
 
 
-@pytest.mark.parametrize("saver", ["MetricsSaver", "AtomicMetricsSaver"])
-def test_a_report_interrupted_mid_table_is_not_left_looking_whole_by_the_atomic_saver(tmp_path, monkeypatch, saver):
+def test_a_report_interrupted_mid_table_is_not_left_looking_whole(tmp_path, monkeypatch):
     import monai.handlers.metrics_saver as metrics_saver
-    from monai.handlers import MetricsSaver
 
     from monai_effq.handlers import AtomicMetricsSaver
 
+    # MONAI's MetricsSaver leaves this one-row dice_raw.csv behind (checked when this test was written)
     def killed_after_the_first_row(save_dir, images, metrics, metric_details, **kwargs):
         with open(f"{save_dir}/dice_raw.csv", "w") as f:
             f.write(f"filename,class0\n{images[0]},0.8\n")
@@ -130,6 +129,15 @@ def test_a_report_interrupted_mid_table_is_not_left_looking_whole_by_the_atomic_
 
     monkeypatch.setattr(metrics_saver, "write_metrics_reports", killed_after_the_first_row)
     with pytest.raises(KeyboardInterrupt):
-        _evaluated_cases(AtomicMetricsSaver if saver == "AtomicMetricsSaver" else MetricsSaver, tmp_path)
-    left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == (["dice_raw.csv"] if saver == "MetricsSaver" else [])
+        _evaluated_cases(AtomicMetricsSaver, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rank_that_does_not_save_writes_nothing_not_even_the_folder(tmp_path, monkeypatch):
+    import ignite.distributed as idist
+
+    from monai_effq.handlers import AtomicMetricsSaver
+
+    monkeypatch.setattr(idist, "get_rank", lambda: 1)  # rank 1; the saver saves on rank 0
+    _evaluated_cases(AtomicMetricsSaver, tmp_path / "reports")
+    assert not (tmp_path / "reports").exists()
