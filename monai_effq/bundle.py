@@ -924,17 +924,16 @@ def keep_best_checkpoint(
         shutil.copyfile(source, tmp)
     if validated:
         logger.info(f"{folder / name}: the weights of the best validation ({score:.4f} at epoch {epoch})")
-        with_umask(folder / best, folder / final)
-        return folder / name
-    if epoch > 0:
+    elif epoch > 0:
         logger.warning(
             f"{folder / name}: the final weights; the validation scored NaN at epoch {epoch} (are all its labels "
             "empty?), so no best could be chosen: check the validation cases."
         )
     else:
         logger.info(f"{folder / name}: the final weights (no validation ran: no validation cases, or fewer epochs than val_interval)")
-    (folder / best).unlink(missing_ok=True)
-    with_umask(folder / final)
+    if not validated:
+        (folder / best).unlink(missing_ok=True)
+    with_umask(folder / best, folder / final)
     return folder / name
 
 

@@ -111,6 +111,15 @@ def _extension(path: Path) -> str:
     return suffixes[-1] if suffixes else ""
 
 
+def _move_into_place(tmp: Path, dest: Path) -> None:
+    """Flush a finished temporary to disk, give it the mode an ordinary ``open()`` would (``mkstemp``
+    creates 0600) and move it onto ``dest``."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~current_umask())
+    os.replace(tmp, dest)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, keep_extension: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it onto ``path`` only if the block succeeds.
@@ -143,11 +152,7 @@ def atomic_write(path: str | os.PathLike, keep_extension: bool = False) -> Itera
         tmp = Path(tmp_name)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; the finished file gets the mode an ordinary open() would give it
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, dest)
+        _move_into_place(tmp, dest)
     finally:
         if keep_extension:
             shutil.rmtree(tmp.parent, ignore_errors=True)
@@ -209,14 +214,9 @@ def atomic_files(folder: str | os.PathLike) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=_temporary_prefix(dest), suffix=_SUFFIX, dir=dest))
     try:
         yield staging
-        mode = 0o666 & ~current_umask()
         for written in sorted(staging.iterdir()):
-            if not written.is_file():
-                continue
-            with open(written, "rb+") as f:
-                os.fsync(f.fileno())
-            os.chmod(written, mode)
-            os.replace(written, dest / written.name)
+            if written.is_file():
+                _move_into_place(written, dest / written.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
