@@ -41,7 +41,7 @@ from monai_effq.data import (
 from monai_effq.overlays import calibration_items
 from monai_effq.ptq.checkpoint import verify_checkpoint
 from monai_effq.ptq.journal import journal_path
-from monai_effq.utils.distributed import get_rank, get_world_size, is_rank_zero
+from monai_effq.utils.distributed import get_rank, get_world_size, is_distributed, is_rank_zero
 from monai_effq.utils.errors import (
     MissingInputError,
     OutputExistsError,
@@ -896,8 +896,9 @@ def keep_best_checkpoint(
     ``val_split: 0``) or where its first score was NaN (mean Dice over validation labels that are all
     empty), which no later score beats in MONAI's or ignite's comparison. Only the evaluator's own
     record says validation ran; a ``best`` that is not this run's usable best (an earlier run's, a
-    NaN-scored one) is removed, so that nothing offers it as the trained weights. Run it in one
-    process (rank 0, after the others finished training, under ``torchrun``).
+    NaN-scored one) is removed, so that nothing offers it as the trained weights. Under
+    ``torch.distributed`` (``multi_gpu_train.json``) every rank calls it: rank 0 writes once all ranks
+    have finished training (rank 0's handlers saved the checkpoints), and the others wait for it.
 
     Args:
         ckpt_dir: the folder the checkpoints were saved to.
@@ -914,6 +915,18 @@ def keep_best_checkpoint(
         MissingInputError: when the checkpoint to copy is missing (training did not finish).
     """
     folder = Path(ckpt_dir)
+    if is_distributed():
+        torch.distributed.barrier()
+        try:
+            if is_rank_zero():
+                return _keep_best_checkpoint(folder, evaluator, name, best, final)
+        finally:
+            torch.distributed.barrier()
+        return folder / name
+    return _keep_best_checkpoint(folder, evaluator, name, best, final)
+
+
+def _keep_best_checkpoint(folder: Path, evaluator: Any, name: str, best: str, final: str) -> Path:
     epoch = int(getattr(evaluator.state, "best_metric_epoch", -1))
     score = float(getattr(evaluator.state, "best_metric", math.nan))
     validated = epoch > 0 and math.isfinite(score)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from monai_effq.bundle import demo_dataset, rank_cases
 from monai_effq.utils.errors import UserInputError
@@ -32,7 +33,8 @@ def torchrun(work: Path, workflow: str, overlay: str, *overrides: str) -> dict[i
     files = [f"configs/{part}.json" for part in [*WORKFLOWS[workflow], overlay]]
     cmd = [
         str(TORCHRUN), "--standalone", f"--nproc_per_node={RANKS}", "--tee", "3",
-        "-m", "monai.bundle", "run", workflow, "--config_file", str(files), *overrides,
+        # train.json's workflow is its "run" list (its "train" entry holds the trainer's parts)
+        "-m", "monai.bundle", "run", "run" if workflow == "train" else workflow, "--config_file", str(files), *overrides,
     ]  # fmt: skip
     # hidden GPUs: the overlays would otherwise give the ranks NCCL and one GPU each, which a one-GPU machine lacks
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path), "CUDA_VISIBLE_DEVICES": ""}
@@ -144,3 +146,22 @@ def test_quantization_shared_by_two_ranks_writes_the_checkpoint_of_one_process(d
     assert (int(first), int(last) + 1, int(end) + 1) == (0, int(second), int(total)) and total == total_too == "4"  # each its own case's two windows
     assert all("all-reduce:" in text for text in logs.values())
     assert (two / written.name).read_bytes() == written.read_bytes()  # codes, scales, biases, report: bit for bit
+
+
+@pytest.mark.slow
+def test_training_on_two_ranks_validates_on_both_and_rank_zero_keeps_the_best_weights(demo_copy, tmp_path):
+    work = demo_copy
+    logs = torchrun(
+        work, "train", "multi_gpu_train",
+        "--max_epochs", "2", "--val_interval", "1", "--roi_size", "[32,32,32]", "--dataset_dir", str(work / "data" / "demo"),
+        "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval"),
+    )  # fmt: skip
+    models = tmp_path / "models"
+    assert sorted(p.name for p in models.iterdir()) == ["model.pt", "model_best.pt", "model_final.pt"]
+    assert (models / "model.pt").read_bytes() == (models / "model_best.pt").read_bytes()
+    chosen = re.findall(r"the weights of the best validation \((\d\.\d{4}) at epoch ([12])\)", logs[0])
+    assert len(chosen) == 1 and "the weights of the best validation" not in logs[1]
+    # the key metric gathered both ranks' validation cases: rank 0 logged it for the epoch it chose
+    scores = dict(re.findall(r"Epoch\[(\d)\] Metrics -- .*?mean_dice: (\d\.\d{4})", logs[0]))
+    assert scores.get(chosen[0][1]) == chosen[0][0], logs[0][-3000:]
+    torch.load(models / "model.pt", weights_only=True)  # a plain state dict, as train.json writes it
