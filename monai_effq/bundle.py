@@ -696,13 +696,19 @@ def refuse_to_overwrite(overwrite: bool, *paths: str | os.PathLike | None, unfin
         OutputExistsError: naming the first output that exists (a ``FileExistsError``).
         UserInputError: when ``overwrite`` is not a boolean (``--overwrite false`` arrives as the text
             ``'false'``, which Python would take for true and replace the outputs), or when an output's
-            folder cannot be written.
+            folder cannot be written or made (a file stands where a folder would be).
     """
     replace = check_flag(overwrite, "overwrite")
     outputs = [Path(p) for p in paths if p]
     for path in outputs:
-        # the nearest folder that exists is where the output, or the folders above it, will be made
-        folder = next(f for f in (path.absolute(), *path.absolute().parents) if f.is_dir())
+        # the nearest path that exists is where the output, or the folders above it, will be made
+        folder = next(f for f in (path.absolute(), *path.absolute().parents) if f.exists())
+        if folder != path.absolute() and not folder.is_dir():
+            raise UserInputError(
+                f"cannot write {path}: {folder} is a file, so no folder can be made inside it; point the setting that "
+                "names it (--output_dir, --ckpt_dir, --export_dir, ...) at a folder, or move that file."
+            )
+        folder = folder if folder.is_dir() else folder.parent
         if not os.access(folder, os.W_OK | os.X_OK):
             raise UserInputError(
                 f"cannot write {path}: the folder {folder} is not writable (read-only or another user's); point the "

@@ -4,8 +4,10 @@ Each trigger is the smallest thing a user could do that earns the message, run i
 the bundle command's one-line report of the same errors is tested in tests/bundles/test_errors.py.
 """
 
+import errno
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -36,6 +38,7 @@ from monai_effq.overlays import calibration_items, check_attached
 from monai_effq.ptq.modules import ActivationQuantizer
 from monai_effq.ptq.prepare import available_device, prepare_network
 from monai_effq.utils.errors import UserInputError
+from monai_effq.utils.io import atomic_write
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md"
 
@@ -54,6 +57,16 @@ def lits(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("lits")
     make_lits_demo(folder, n_cases=3, shape=(32, 32, 32), seed=0)
     return folder
+
+
+def _file_in_the_way(tmp: Path, data: Path) -> None:
+    (tmp / "eval").write_text("not a folder")
+    refuse_to_overwrite(False, tmp / "eval" / "seg" / "case_seg.nii.gz")
+
+
+def _full_disk(tmp: Path, data: Path) -> None:
+    with atomic_write(tmp / "model.pt"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def _net(norm: bool = False) -> nn.Module:
@@ -530,6 +543,8 @@ TRIGGERS = {
     "<file> is the checkpoint this bundle ships (large_files.yml) and training would replace it": _shipped_checkpoint,
     # /proc/1 is a folder no one may create files in, root included
     "cannot write <output>: the folder <folder> is not writable": lambda t, d: refuse_to_overwrite(False, Path("/proc/1/eval/report.json")),
+    "cannot write <output>: <path> is a file, so no folder can be made inside it": _file_in_the_way,
+    "could not write <output>: <cause>; free space, or point the setting that names it": _full_disk,
     "FP checkpoint <file> holds a pickled <class> object, not a state dict": _pickled_network,
     "overwrite must be True or False, got <value>": lambda t, d: refuse_to_overwrite("false", t / "model.pt"),
     "inference datalist entry <entry> is not a case: give each as {'image': path}": (

@@ -161,8 +161,10 @@ class QuantizationJournal:
             "act": None if aq is None else {"bits": aq.grid.bits, "kind": aq.grid.kind, "scale": aq.scale.cpu(), "zero_point": aq.zero_point.cpu()},
             "report": json.dumps(dataclasses.asdict(report)),
         }
-        with atomic_write(self._file(name)) as tmp:
-            torch.save(payload, tmp)
+        # through a Python file, whose failed write (a full disk) raises an OSError naming the cause, where
+        # torch's own file writer raises "basic_ios::clear: iostream error"
+        with atomic_write(self._file(name)) as tmp, open(tmp, "wb") as f:
+            torch.save(payload, f)
 
     def load(self, name: str) -> JournalEntry | None:
         """The journaled layer ``name``: on every rank, what rank 0's journal holds.

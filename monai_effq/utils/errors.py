@@ -17,6 +17,7 @@ its traceback, and ``MONAI_EFFQ_DEBUG=1`` keeps it for user-input errors too.
 
 from __future__ import annotations
 
+import collections
 import logging
 import numbers
 import os
@@ -32,6 +33,7 @@ __all__ = [
     "MissingExtraError",
     "MissingInputError",
     "OutputExistsError",
+    "OutputWriteError",
     "UserInputError",
     "all_finite",
     "check_flag",
@@ -51,6 +53,18 @@ class UserInputError(ValueError):
     The message is one sentence naming the offending file, setting, layer or volume and the fix.
     """
 
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        entry = (type(self), str(self))
+        if not _RECENT or _RECENT[-1] != entry:
+            _RECENT.append(entry)
+
+
+# The last user-input errors raised in this process, by class and message. A library may keep an error's
+# text and drop the exception: MONAI's SaveImage tries each writer and then raises "cannot find a suitable
+# writer", with their tracebacks as text, so a full disk under a mask would otherwise end in a page of them.
+_RECENT: collections.deque[tuple[type[UserInputError], str]] = collections.deque(maxlen=8)
+
 
 class MissingInputError(UserInputError, FileNotFoundError):
     """A file or folder a user named does not exist."""
@@ -62,6 +76,11 @@ class MissingExtraError(UserInputError, ImportError):
 
 class OutputExistsError(UserInputError, FileExistsError):
     """An output a workflow would write is there already, and the user did not ask to replace it."""
+
+
+class OutputWriteError(UserInputError, OSError):
+    """An output could not be written where the user pointed it: the disk or quota is full, the folder
+    is read-only or another user's, or a file stands where a folder would be."""
 
 
 def check_integer(value: Any, name: str, low: int | None = None, high: int | None = None) -> int:
@@ -165,20 +184,27 @@ def check_spread(values: torch.Tensor, what: str, fix_nonfinite: str, fix_consta
 
 
 def find_user_error(error: BaseException | None) -> UserInputError | None:
-    """The first :class:`UserInputError` in an exception's chain (``__cause__``, then ``__context__``).
+    """The first :class:`UserInputError` in an exception's chain (``__cause__``, then ``__context__``), or one
+    whose message an exception of the chain quotes.
 
     Args:
         error: the exception raised.
 
     Returns:
-        the user-input error, or ``None`` when the chain holds none.
+        the user-input error (for a quoted one, a new error of its class with its message), or ``None``
+        when the chain holds none.
     """
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
+    chain: list[BaseException] = []
+    while error is not None and all(error is not e for e in chain):
         if isinstance(error, UserInputError):
             return error
-        seen.add(id(error))
+        chain.append(error)
         error = error.__cause__ or error.__context__
+    for link in chain:
+        text = str(link)
+        for kind, message in reversed(_RECENT):
+            if message and message in text:
+                return kind(message)
     return None
 
 

@@ -12,6 +12,7 @@ to one folder do not disturb each other.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -19,7 +20,10 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
+
+from monai_effq.utils.errors import OutputWriteError
 
 __all__ = [
     "STALE_AFTER_SECONDS",
@@ -120,6 +124,57 @@ def _move_into_place(tmp: Path, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
+# what a full disk, a read-only or foreign folder, or a file in a folder's place gives a writer
+_WRITE_ERRNOS = frozenset(
+    getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES", "EPERM", "ENOTDIR", "EEXIST") if hasattr(errno, name)
+)
+
+
+@contextlib.contextmanager
+def _reporting_write_errors(what: Path | str, folder: Path) -> Iterator[None]:
+    """Turn an ``OSError`` of writing into ``folder`` into an :class:`OutputWriteError` naming ``what``,
+    the cause and what to do.
+
+    Such a write fails after the checks before a run (a disk fills up, a network share turns
+    read-only), and MONAI's transforms and the bundle command would bury the cause under a page of
+    ``RuntimeError: applying transform``. An error about another path (reading an input) passes
+    through unchanged.
+    """
+    try:
+        yield
+    except OutputWriteError:
+        raise
+    except Exception as error:
+        cause = _write_error(error, folder)
+        if cause is None:
+            raise
+        raise OutputWriteError(
+            f"could not write {what}: {cause.strerror or cause}; free space, or point the setting that names it "
+            "(--output_dir, --ckpt_dir, --export_dir, ...) at a folder you can write, then run again "
+            "(nothing half-written was left)."
+        ) from error
+
+
+def _write_error(error: BaseException | None, folder: Path) -> OSError | None:
+    """The ``OSError`` of writing into ``folder`` in an exception's chain: torch's archive writer, for one,
+    raises a ``RuntimeError`` of its own while it handles the ``OSError`` of a full disk."""
+    seen: list[BaseException] = []
+    while error is not None and all(error is not e for e in seen):
+        if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS and _concerns(error.filename, folder):
+            return error
+        seen.append(error)
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _concerns(filename: Any, folder: Path) -> bool:
+    """Whether an ``OSError``'s file is ``folder``, lies in it or above it (or the error names none)."""
+    if filename is None:
+        return True
+    path, folder = Path(os.path.abspath(os.fsdecode(filename))), Path(os.path.abspath(folder))
+    return path.is_relative_to(folder) or folder.is_relative_to(path)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, keep_extension: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it onto ``path`` only if the block succeeds.
@@ -140,24 +195,25 @@ def atomic_write(path: str | os.PathLike, keep_extension: bool = False) -> Itera
         the temporary path to write to.
     """
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(dest.parent)
-    if keep_extension:
-        staging = Path(tempfile.mkdtemp(prefix=_temporary_prefix(dest), suffix=_SUFFIX, dir=dest.parent))
-        # not the destination's own name, which a search for finished outputs (*_seg.nii.gz) would find
-        tmp = staging / f"partial{_extension(dest)}"
-    else:
-        fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(dest), suffix=_SUFFIX, dir=dest.parent)
-        os.close(fd)
-        tmp = Path(tmp_name)
-    try:
-        yield tmp
-        _move_into_place(tmp, dest)
-    finally:
+    with _reporting_write_errors(dest, dest.parent):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(dest.parent)
         if keep_extension:
-            shutil.rmtree(tmp.parent, ignore_errors=True)
-        elif tmp.exists():
-            tmp.unlink()
+            staging = Path(tempfile.mkdtemp(prefix=_temporary_prefix(dest), suffix=_SUFFIX, dir=dest.parent))
+            # not the destination's own name, which a search for finished outputs (*_seg.nii.gz) would find
+            tmp = staging / f"partial{_extension(dest)}"
+        else:
+            fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(dest), suffix=_SUFFIX, dir=dest.parent)
+            os.close(fd)
+            tmp = Path(tmp_name)
+        try:
+            yield tmp
+            _move_into_place(tmp, dest)
+        finally:
+            if keep_extension:
+                shutil.rmtree(tmp.parent, ignore_errors=True)
+            elif tmp.exists():
+                tmp.unlink()
 
 
 @contextlib.contextmanager
@@ -176,20 +232,21 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         the folder to fill.
     """
     dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(dest.parent)
-    staging = Path(tempfile.mkdtemp(prefix=_temporary_prefix(dest), suffix=_SUFFIX, dir=dest.parent))
-    try:
-        yield staging
-        staging.chmod(0o777 & ~current_umask())
-        old = dest.with_name(f".{dest.name}.old")
-        if dest.exists():
+    with _reporting_write_errors(dest, dest.parent):
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(dest.parent)
+        staging = Path(tempfile.mkdtemp(prefix=_temporary_prefix(dest), suffix=_SUFFIX, dir=dest.parent))
+        try:
+            yield staging
+            staging.chmod(0o777 & ~current_umask())
+            old = dest.with_name(f".{dest.name}.old")
+            if dest.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                dest.rename(old)
+            staging.rename(dest)
             shutil.rmtree(old, ignore_errors=True)
-            dest.rename(old)
-        staging.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -209,16 +266,17 @@ def atomic_files(folder: str | os.PathLike) -> Iterator[Path]:
         the staging folder to write to; only its top-level files are moved.
     """
     dest = Path(folder)
-    dest.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(dest)
-    staging = Path(tempfile.mkdtemp(prefix=_temporary_prefix(dest), suffix=_SUFFIX, dir=dest))
-    try:
-        yield staging
-        for written in sorted(staging.iterdir()):
-            if written.is_file():
-                _move_into_place(written, dest / written.name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with _reporting_write_errors(f"into {dest}", dest):
+        dest.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(dest)
+        staging = Path(tempfile.mkdtemp(prefix=_temporary_prefix(dest), suffix=_SUFFIX, dir=dest))
+        try:
+            yield staging
+            for written in sorted(staging.iterdir()):
+                if written.is_file():
+                    _move_into_place(written, dest / written.name)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

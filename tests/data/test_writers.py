@@ -1,4 +1,6 @@
+import errno
 import logging
+import os
 
 import nibabel as nib
 import numpy as np
@@ -8,6 +10,7 @@ from monai.data import MetaTensor
 from monai.transforms import SaveImaged
 
 from monai_effq.data import AtomicNibabelWriter
+from monai_effq.utils.errors import OutputWriteError, find_user_error
 
 
 def _mask() -> MetaTensor:
@@ -44,6 +47,22 @@ def test_a_mask_whose_write_fails_part_way_leaves_no_file_under_its_name(tmp_pat
     writer.set_data_array(_mask(), channel_dim=0)
     with pytest.raises(OSError, match="No space left"):
         writer.write(tmp_path / "case_7_seg.nii.gz")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_under_save_imaged_is_reported_as_the_mask_that_could_not_be_written(tmp_path, monkeypatch):
+    def full_disk(image, filename):
+        with open(filename, "wb") as f:
+            f.write(b"\x1f\x8b half a gzip stream")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(nib, "save", full_disk)
+    # MONAI's SaveImage tries each writer, keeps their tracebacks as text and raises an error of its own
+    with pytest.raises(RuntimeError, match="cannot find a suitable writer") as raised:
+        _save(tmp_path, "monai_effq.data.AtomicNibabelWriter")({"pred": _mask()})
+    found = find_user_error(raised.value)
+    assert isinstance(found, OutputWriteError), raised.value
+    assert str(found).startswith(f"could not write {tmp_path / 'case_7_seg.nii.gz'}: No space left on device; free space")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,5 +1,6 @@
 import logging
 import sys
+import traceback
 
 import pytest
 import torch
@@ -34,6 +35,17 @@ def test_the_user_error_is_found_under_monai_s_wrapper():
     inner = UserInputError("weight_bits must be an integer from 2 to 8, got 9.")
     assert find_user_error(_wrapped(inner)) is inner
     assert find_user_error(_wrapped(KeyError("x"))) is None
+
+
+def test_a_user_error_that_a_library_kept_only_as_text_is_found_by_its_message():
+    # MONAI's SaveImage keeps each writer's traceback as text and raises "cannot find a suitable writer"
+    try:
+        raise MissingInputError("image /data/ct.nii.gz does not exist: correct the datalist or --dataset_dir.")
+    except MissingInputError:
+        text = traceback.format_exc()
+    found = find_user_error(_wrapped(RuntimeError(f"SaveImage cannot find a suitable writer for x.\n{text}")))
+    assert type(found) is MissingInputError and str(found).startswith("image /data/ct.nii.gz does not exist")
+    assert find_user_error(_wrapped(RuntimeError("SaveImage cannot find a suitable writer for x.\nKeyError"))) is None
 
 
 def test_the_hook_is_not_installed_in_a_process_that_merely_imports_the_package(monkeypatch):

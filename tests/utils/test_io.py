@@ -1,9 +1,13 @@
+import errno
+import io
 import os
 from contextlib import nullcontext
 
 import pytest
+import torch
 
-from monai_effq.utils.io import atomic_write, atomic_write_text
+from monai_effq.utils.errors import OutputWriteError
+from monai_effq.utils.io import atomic_directory, atomic_files, atomic_write, atomic_write_text
 
 
 def test_a_written_file_gets_the_mode_the_umask_gives_ordinary_files(tmp_path):
@@ -174,3 +178,52 @@ def test_files_staged_for_a_shared_folder_appear_together_on_success_and_not_at_
     files = {p.name: p.read_text() for p in tmp_path.iterdir()}
     expected = {"mask_seg.nii.gz": "mask", "dice_raw.csv": "new" if not fails else "old"}
     assert files == (expected if fails else {**expected, "metrics.csv": "mean"})
+
+
+class _FullDisk(io.FileIO):
+    """A file on a disk that fills up at the first write."""
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_names_the_output_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = atomic_write_text(tmp_path / "model.pt", "old")
+    with pytest.raises(OutputWriteError, match=f"could not write {path}: No space left on device; free space") as raised:
+        with atomic_write(path) as tmp, _FullDisk(tmp, "wb") as f:
+            torch.save({"w": torch.zeros(3)}, f)
+    assert isinstance(raised.value, OSError)  # code that catches OSError keeps working
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_a_full_disk_that_torch_reports_as_its_own_runtime_error_is_still_named(tmp_path):
+    with pytest.raises(OutputWriteError, match="No space left on device"):
+        with atomic_write(tmp_path / "model.pt"):
+            try:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            except OSError:  # what torch's archive writer raises while it handles a full disk
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1600 vs 1494")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("writer", [atomic_directory, atomic_files])
+def test_a_folder_written_whole_reports_a_full_disk_by_its_name(tmp_path, writer):
+    with pytest.raises(OutputWriteError, match=f"could not write (into )?{tmp_path / 'out'}: No space left"):
+        with writer(tmp_path / "out") as staging:
+            (staging / "a.csv").write_text("x")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_an_error_of_reading_another_file_inside_a_write_is_not_taken_for_a_write_error(tmp_path):
+    elsewhere = tmp_path / "inputs" / "case.nii.gz"
+    with pytest.raises(PermissionError) as raised:
+        with atomic_write(tmp_path / "out" / "mask.nii.gz"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(elsewhere))
+    assert not isinstance(raised.value, OutputWriteError)
+
+
+def test_a_file_where_the_output_folder_should_be_is_a_write_error_naming_the_output(tmp_path):
+    (tmp_path / "eval").write_text("a file")
+    with pytest.raises(OutputWriteError, match=f"could not write {tmp_path / 'eval' / 'seg' / 'm.nii.gz'}"):
+        atomic_write_text(tmp_path / "eval" / "seg" / "m.nii.gz", "x")
