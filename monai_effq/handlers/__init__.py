@@ -1,6 +1,7 @@
 """MONAI/ignite glue: handlers that run quantization, load quantized checkpoints, run them in a runtime, compare them
-with the FP network, measure in millimetres and write reports."""
+with the FP network, measure in millimetres and write reports and checkpoints whole."""
 
+from monai_effq.handlers.checkpoint import AtomicCheckpointSaver, AtomicDiskSaver
 from monai_effq.handlers.deploy import RuntimeNetworkLoader, input_channels
 from monai_effq.handlers.finetune import FinetuneHandler, engine_loss
 from monai_effq.handlers.metrics import AtomicMetricsSaver, HausdorffDistanceMm, voxel_spacing
@@ -16,6 +17,8 @@ from monai_effq.handlers.report import (
 )
 
 __all__ = [
+    "AtomicCheckpointSaver",
+    "AtomicDiskSaver",
     "FinetuneHandler",
     "engine_loss",
     "QuantizationHandler",
