@@ -166,6 +166,7 @@ def write_rtstruct(
     contour_type: str = "CLOSED_PLANAR",
     reference_images: bool = True,
     decimals: int = 4,
+    codes: dict[str, tuple[str, str, str]] | None = None,
 ) -> str:
     """Write an RTSTRUCT whose ROIs outline polygons drawn in pixel coordinates on slices of ``series``.
 
@@ -178,6 +179,8 @@ def write_rtstruct(
         contour_type: the Contour Geometric Type of every contour.
         reference_images: name each contour's slice in its Contour Image Sequence (some exports do not).
         decimals: the decimals of each coordinate (mm) as written.
+        codes: ROI name -> the identification code ``(value, scheme, meaning)`` of its observation; the
+            ROIs named here get an observation.
 
     Returns:
         ``path``.
@@ -237,6 +240,15 @@ def write_rtstruct(
         roi.ContourSequence = DicomSequence(sequence)
         roi_contours.append(roi)
     ds.ROIContourSequence = DicomSequence(roi_contours)
+    observations = []
+    for n, name in enumerate(rois, 1):
+        if name in (codes or {}):
+            value, scheme, meaning = codes[name]
+            observation = item(ObservationNumber=n, ReferencedROINumber=n, RTROIInterpretedType="", ROIInterpreter="")
+            observation.RTROIIdentificationCodeSequence = DicomSequence([item(CodeValue=value, CodingSchemeDesignator=scheme, CodeMeaning=meaning)])
+            observations.append(observation)
+    if observations:
+        ds.RTROIObservationsSequence = DicomSequence(observations)
     pydicom.dcmwrite(str(path), ds, enforce_file_format=True)
     return str(path)
 

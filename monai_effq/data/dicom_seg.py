@@ -873,7 +873,7 @@ def match_segments(found: Sequence[tuple[int, str, tuple[str, str] | None]], lab
                 "painted in that order)"
             )
             if isinstance(segment, Segment):
-                coded = wanted is not None and any(code for _, _, code in found)  # an RTSTRUCT's ROIs carry no codes
+                coded = wanted is not None and any(code for _, _, code in found)  # an RTSTRUCT's ROIs often carry none
                 named = f"labelled {segment.label!r}" + (f" or coded {wanted.meaning} ({wanted.scheme_designator} {wanted.value})" if coded else "")
                 fix = f"Name its segments {[s.label for s in segments if isinstance(s, Segment)]}, or map them {mapping}"
             else:

@@ -180,8 +180,26 @@ def _polygon_pixels(points: np.ndarray, rows: int, columns: int) -> tuple[np.nda
     return inside & ~edge, edge
 
 
-def _rois(ds: Any) -> list[tuple[int, str, None]]:
-    return [(int(item.ROINumber), str(item.get("ROIName", "")), None) for item in ds.get("StructureSetROISequence", [])]
+def _rois(ds: Any) -> list[tuple[int, str, tuple[str, str] | None]]:
+    """Each ROI of a structure set: its number, name and identification code ``(value, scheme)`` or None.
+
+    Planning systems name ROIs in the clinic's language and conventions (``Leber``, ``LIVER_AI``); an
+    ROI's observation may also code what it is (RT ROI Identification Code Sequence, e.g. SNOMED CT
+    10200004, as the TG-263 nomenclature does), which :func:`~monai_effq.data.dicom_seg.match_segments`
+    tries where no name matches.
+    """
+    codes = {}
+    for observation in ds.get("RTROIObservationsSequence", []):
+        identification = observation.get("RTROIIdentificationCodeSequence")
+        if not identification or observation.get("ReferencedROINumber") is None:
+            continue
+        code = identification[0]
+        value = next((code.get(k) for k in ("CodeValue", "LongCodeValue", "URNCodeValue") if code.get(k)), None)
+        if value and code.get("CodingSchemeDesignator"):
+            codes[int(observation.ReferencedROINumber)] = (str(value), str(code.CodingSchemeDesignator))
+    return [
+        (int(item.ROINumber), str(item.get("ROIName", "")), codes.get(int(item.ROINumber))) for item in ds.get("StructureSetROISequence", [])
+    ]
 
 
 def _references(ds: Any) -> tuple[set[str], set[str]]:
@@ -291,7 +309,8 @@ def read_rtstruct_labels(
     """An RTSTRUCT as a label map on the grid of the series its contours were drawn on, in a dataset's label convention.
 
     ROIs are found by name (the ``label`` of each :class:`~monai_effq.data.dicom_seg.Segment` of
-    ``labels``), or by the name or ROI number a user's mapping gives.
+    ``labels``), else by the identification code of their observation (as a SEG's segments by their
+    coded type), or by the name or ROI number a user's mapping gives.
 
     Args:
         path: the RTSTRUCT file.
@@ -453,7 +472,15 @@ def _structure_set(slices: Sequence[Any], contours: Sequence[list[tuple[int, np.
             roi.ContourSequence = DicomSequence(sequence)
         roi_contours.append(roi)
     ds.ROIContourSequence = DicomSequence(roi_contours)
-    ds.RTROIObservationsSequence = DicomSequence(
-        [item(ObservationNumber=k, ReferencedROINumber=k, RTROIInterpretedType="", ROIInterpreter="") for k in range(1, len(contours) + 1)]
-    )
+    observations = []
+    for k, segment in enumerate(writer.segments, start=1):
+        # an organ is an organ; whether a predicted tumour is a GTV is the planner's call, so it stays uninterpreted
+        interpreted = "ORGAN" if segment.category == "AnatomicalStructure" else ""
+        observation = item(ObservationNumber=k, ReferencedROINumber=k, RTROIInterpretedType=interpreted, ROIInterpreter="")
+        concept = segment.concepts()["segmented_property_type"]
+        value = "LongCodeValue" if len(str(concept.value)) > 16 else "CodeValue"  # a short string holds 16 characters
+        code = item(**{value: str(concept.value)}, CodingSchemeDesignator=concept.scheme_designator, CodeMeaning=concept.meaning)
+        observation.RTROIIdentificationCodeSequence = DicomSequence([code])
+        observations.append(observation)
+    ds.RTROIObservationsSequence = DicomSequence(observations)
     return ds

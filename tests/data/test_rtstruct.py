@@ -139,6 +139,20 @@ def test_rois_named_as_the_dataset_need_no_mapping_and_contours_need_not_name_th
     validate_datalist([{"image": str(tmp_path / "series"), "label": path}], read_data=True)
 
 
+def test_rois_named_in_the_clinic_s_language_are_found_by_their_identification_codes(tmp_path):
+    files = _series(tmp_path, _AFFINES["axial"])
+    image = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)(str(tmp_path / "series"))
+    rois, liver, tumour = _drawing()
+    named = {"Leber": rois["Liver"], "Lebertumor": rois["GTV"]}
+    # SNOMED CT liver and neoplasm, as a planning system following TG-263 codes them
+    coded = write_rtstruct(files, tmp_path / "coded.dcm", named, codes={"Leber": ("10200004", "SCT", "Liver"), "Lebertumor": ("108369006", "SCT", "Neoplasm")})
+    args = (tmp_path / "series", image.affine.numpy(), image.shape[1:], LITS_SEG_LABELS)
+    assert np.array_equal(read_rtstruct_labels(coded, *args), _expected(image, files, liver, tumour))
+    uncoded = write_rtstruct(files, tmp_path / "uncoded.dcm", named)
+    with pytest.raises(DatasetError, match="no segment labelled 'liver'; it holds: 1 'Leber', 2 'Lebertumor'"):
+        read_rtstruct_labels(uncoded, *args)
+
+
 def test_an_rtstruct_of_another_series_off_its_slices_or_of_open_contours_is_refused_naming_why(tmp_path):
     files = _series(tmp_path, _AFFINES["axial"])
     folder = tmp_path / "series"
@@ -265,6 +279,17 @@ def test_masks_written_as_an_rtstruct_read_back_voxel_for_voxel_and_lie_on_the_s
     ds = pydicom.dcmread(path)
     source = {h.SOPInstanceUID: h for h in (pydicom.dcmread(f, stop_before_pixels=True) for f in files)}
     assert [r.ROIName for r in ds.StructureSetROISequence] == ["liver", "liver tumour"] and ds.Modality == "RTSTRUCT"
+    observations = ds.RTROIObservationsSequence
+    assert [(o.RTROIIdentificationCodeSequence[0].CodeValue, o.RTROIIdentificationCodeSequence[0].CodingSchemeDesignator) for o in observations] == [
+        ("10200004", "SCT"), ("108369006", "SCT")
+    ]  # fmt: skip
+    assert [o.RTROIInterpretedType for o in observations] == ["ORGAN", ""]
+    # renamed in a planning system, the ROIs are still found, by the codes written with them
+    for roi, name in zip(ds.StructureSetROISequence, ("Leber", "Lebertumor")):
+        roi.ROIName = name
+    renamed = tmp_path / "renamed.dcm"
+    ds.save_as(renamed)
+    assert np.array_equal(read_rtstruct_labels(renamed, *args, LITS_SEG_LABELS), read_rtstruct_labels(path, *args, LITS_SEG_LABELS))
     assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ImplicitVRLittleEndian and ds.StructureSetName == "lits_effq rtn_w4a8"
     first = next(iter(source.values()))
     assert ds.PatientID == first.PatientID and ds.StudyInstanceUID == first.StudyInstanceUID
