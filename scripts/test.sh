@@ -15,10 +15,13 @@ cd "$(dirname "$0")/.."
 monailabel=0
 if [ "$#" -eq 0 ] && [ "${MONAI_EFFQ_SKIP_MONAILABEL:-0}" != "1" ]; then
   monailabel=1
+  # a process group of its own (job control on for this one job), so that the trap below ends its pip too:
+  # a failing set-up or suite, or Ctrl-C, must not leave MONAI Label's set-up installing behind it
+  set -m
   nice -n 19 bash scripts/setup_monailabel.sh third-party > .venv-monailabel.log 2>&1 &
   monailabel_setup=$!
-  # a failing set-up or suite must not leave MONAI Label's set-up running behind it
-  trap 'kill "$monailabel_setup" 2>/dev/null || true' EXIT
+  set +m
+  trap 'kill -- -"$monailabel_setup" 2>/dev/null || true' EXIT
 fi
 bash scripts/setup.sh "test,deploy,fast,dicom"
 # Waiting OpenMP threads sleep instead of spinning: a test on two threads (the demo table's) shares the
@@ -31,11 +34,16 @@ fi
 if [ "$monailabel" = "0" ]; then
   exec .venv/bin/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder tests
 fi
-.venv/bin/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder tests --ignore=tests/bundles/test_monailabel.py
+suite=0
+.venv/bin/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder tests --ignore=tests/bundles/test_monailabel.py || suite=$?
+# finished even when the suite failed: a MONAI Label venv without monai-effq would fail a later run's MONAI Label test
 if ! wait "$monailabel_setup" || ! bash scripts/setup_monailabel.sh project >> .venv-monailabel.log 2>&1; then
   tail -n 40 .venv-monailabel.log
   echo "scripts/setup_monailabel.sh failed (log above, full log in .venv-monailabel.log)" >&2
   exit 1
 fi
 trap - EXIT
+if [ "$suite" -ne 0 ]; then
+  exit "$suite"
+fi
 .venv/bin/python -m pytest -q tests/bundles/test_monailabel.py

@@ -95,6 +95,14 @@ def test_an_output_folder_that_cannot_be_written_is_named_before_the_workflow_ru
     refuse_to_overwrite(False, tmp_path / "model.pt", tmp_path / "other" / "report.json")  # writable: no error
 
 
+def test_training_into_a_folder_below_a_file_is_refused_before_it_runs(tmp_path):
+    from monai_effq.bundle import refuse_to_replace_shipped
+
+    (tmp_path / "runs").write_text("a file")
+    with pytest.raises(UserInputError, match=f"cannot write {tmp_path / 'runs' / 'ckpt' / 'model.pt'}: {tmp_path / 'runs'} is a file"):
+        refuse_to_replace_shipped(False, tmp_path / "runs" / "ckpt" / "model.pt", tmp_path)
+
+
 def test_more_calibration_cases_than_the_training_split_holds_are_calibrated_on_with_a_warning(tmp_path, caplog):
     from monai_effq.bundle import calibration_datalist
     from monai_effq.data import make_lits_demo

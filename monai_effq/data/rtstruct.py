@@ -185,8 +185,9 @@ def _rois(ds: Any) -> list[tuple[int, str, tuple[str, str] | None]]:
 
     Planning systems name ROIs in the clinic's language and conventions (``Leber``, ``LIVER_AI``); an
     ROI's observation may also code what it is (RT ROI Identification Code Sequence, e.g. SNOMED CT
-    10200004, as the TG-263 nomenclature does), which :func:`~monai_effq.data.dicom_seg.match_segments`
-    tries where no name matches.
+    10200004 for the liver, the code a SEG gives its segment), which
+    :func:`~monai_effq.data.dicom_seg.match_segments` tries where no name matches. Codes of other
+    schemes (FMA, legacy SRT) do not match those; the first coded observation of an ROI counts.
     """
     codes = {}
     for observation in ds.get("RTROIObservationsSequence", []):
@@ -196,7 +197,7 @@ def _rois(ds: Any) -> list[tuple[int, str, tuple[str, str] | None]]:
         code = identification[0]
         value = next((code.get(k) for k in ("CodeValue", "LongCodeValue", "URNCodeValue") if code.get(k)), None)
         if value and code.get("CodingSchemeDesignator"):
-            codes[int(observation.ReferencedROINumber)] = (str(value), str(code.CodingSchemeDesignator))
+            codes.setdefault(int(observation.ReferencedROINumber), (str(value), str(code.CodingSchemeDesignator)))
     return [
         (int(item.ROINumber), str(item.get("ROIName", "")), codes.get(int(item.ROINumber))) for item in ds.get("StructureSetROISequence", [])
     ]

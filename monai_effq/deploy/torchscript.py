@@ -52,7 +52,9 @@ def export_torchscript(
     with torch.no_grad():
         traced = torch.jit.trace(network, example, check_trace=False)
         with atomic_write(path) as tmp:
-            torch.jit.save(traced, str(tmp))
+            # through a Python file: torch's own file writer aborts the process on a full disk ("basic_ios::clear")
+            with open(tmp, "wb") as f:
+                torch.jit.save(traced, f)
             loaded = torch.jit.load(str(tmp), map_location=device)
             for x in checks:
                 diff = (loaded(x) - network(x)).abs().max().item()

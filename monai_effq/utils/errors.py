@@ -203,7 +203,8 @@ def find_user_error(error: BaseException | None) -> UserInputError | None:
     for link in chain:
         text = str(link)
         for kind, message in reversed(_RECENT):
-            if message and message in text:
+            # as a traceback's last line shows the error, so that a message quoted in another sense is not taken
+            if message and f"{kind.__name__}: {message}" in text:
                 return kind(message)
     return None
 

@@ -20,10 +20,9 @@ import socket
 import tempfile
 import time
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
 
-from monai_effq.utils.errors import OutputWriteError
+from monai_effq.utils.errors import OutputWriteError, UserInputError
 
 __all__ = [
     "STALE_AFTER_SECONDS",
@@ -128,24 +127,32 @@ def _move_into_place(tmp: Path, dest: Path) -> None:
 _WRITE_ERRNOS = frozenset(
     getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES", "EPERM", "ENOTDIR", "EEXIST") if hasattr(errno, name)
 )
+# those that can only be a write's, also where the error names no file (a write() to a full disk names none)
+_FULL_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG") if hasattr(errno, name))
 
 
 @contextlib.contextmanager
-def _reporting_write_errors(what: Path | str, folder: Path) -> Iterator[None]:
-    """Turn an ``OSError`` of writing into ``folder`` into an :class:`OutputWriteError` naming ``what``,
-    the cause and what to do.
+def _reporting_write_errors(what: Path | str, dest: Path, temporaries: list[Path], into: bool = False) -> Iterator[None]:
+    """Turn an ``OSError`` of writing ``dest`` into an :class:`OutputWriteError` naming ``what``, the cause
+    and what to do.
 
     Such a write fails after the checks before a run (a disk fills up, a network share turns
     read-only), and MONAI's transforms and the bundle command would bury the cause under a page of
-    ``RuntimeError: applying transform``. An error about another path (reading an input) passes
-    through unchanged.
+    ``RuntimeError: applying transform``. An error about another path (reading an input), and a
+    user-input error the block raised, pass through unchanged.
+
+    Args:
+        what: the output as the message names it.
+        dest: the destination file or folder.
+        temporaries: the temporary files or folders written for it, appended to as they are made.
+        into: files are moved into ``dest``, a folder (:func:`atomic_files`).
     """
     try:
         yield
-    except OutputWriteError:
+    except UserInputError:
         raise
     except Exception as error:
-        cause = _write_error(error, folder)
+        cause = _write_error(error, dest, temporaries, into)
         if cause is None:
             raise
         raise OutputWriteError(
@@ -155,24 +162,29 @@ def _reporting_write_errors(what: Path | str, folder: Path) -> Iterator[None]:
         ) from error
 
 
-def _write_error(error: BaseException | None, folder: Path) -> OSError | None:
-    """The ``OSError`` of writing into ``folder`` in an exception's chain: torch's archive writer, for one,
-    raises a ``RuntimeError`` of its own while it handles the ``OSError`` of a full disk."""
+def _write_error(error: BaseException | None, dest: Path, temporaries: list[Path], into: bool) -> OSError | None:
+    """The ``OSError`` of writing ``dest`` in an exception's chain: torch's archive writer, for one, raises a
+    ``RuntimeError`` of its own while it handles the ``OSError`` of a full disk."""
     seen: list[BaseException] = []
     while error is not None and all(error is not e for e in seen):
-        if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS and _concerns(error.filename, folder):
+        if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS and _concerns(error, dest, temporaries, into):
             return error
         seen.append(error)
         error = error.__cause__ or error.__context__
     return None
 
 
-def _concerns(filename: Any, folder: Path) -> bool:
-    """Whether an ``OSError``'s file is ``folder``, lies in it or above it (or the error names none)."""
-    if filename is None:
+def _concerns(error: OSError, dest: Path, temporaries: list[Path], into: bool) -> bool:
+    """Whether an ``OSError`` is about writing ``dest``: its file is ``dest``, a folder above it (made for it),
+    one of its temporaries or in one, a temporary being made for it, or a file moved ``into`` it."""
+    if error.filename is None:
+        return error.errno in _FULL_ERRNOS
+    path, dest = Path(os.path.abspath(os.fsdecode(error.filename))), Path(os.path.abspath(dest))
+    if dest.is_relative_to(path) or any(path.is_relative_to(os.path.abspath(t)) for t in temporaries):
         return True
-    path, folder = Path(os.path.abspath(os.fsdecode(filename))), Path(os.path.abspath(folder))
-    return path.is_relative_to(folder) or folder.is_relative_to(path)
+    if into:
+        return path.parent == dest
+    return path.parent == dest.parent and path.name.startswith(_temporary_prefix(dest))
 
 
 @contextlib.contextmanager
@@ -195,17 +207,20 @@ def atomic_write(path: str | os.PathLike, keep_extension: bool = False) -> Itera
         the temporary path to write to.
     """
     dest = Path(path)
-    with _reporting_write_errors(dest, dest.parent):
+    temporaries: list[Path] = []
+    with _reporting_write_errors(dest, dest, temporaries):
         dest.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(dest.parent)
         if keep_extension:
             staging = Path(tempfile.mkdtemp(prefix=_temporary_prefix(dest), suffix=_SUFFIX, dir=dest.parent))
+            temporaries.append(staging)
             # not the destination's own name, which a search for finished outputs (*_seg.nii.gz) would find
             tmp = staging / f"partial{_extension(dest)}"
         else:
             fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(dest), suffix=_SUFFIX, dir=dest.parent)
             os.close(fd)
             tmp = Path(tmp_name)
+            temporaries.append(tmp)
         try:
             yield tmp
             _move_into_place(tmp, dest)
@@ -232,14 +247,16 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
         the folder to fill.
     """
     dest = Path(path)
-    with _reporting_write_errors(dest, dest.parent):
+    old = dest.with_name(f".{dest.name}.old")
+    temporaries: list[Path] = [old]
+    with _reporting_write_errors(dest, dest, temporaries):
         dest.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(dest.parent)
         staging = Path(tempfile.mkdtemp(prefix=_temporary_prefix(dest), suffix=_SUFFIX, dir=dest.parent))
+        temporaries.append(staging)
         try:
             yield staging
             staging.chmod(0o777 & ~current_umask())
-            old = dest.with_name(f".{dest.name}.old")
             if dest.exists():
                 shutil.rmtree(old, ignore_errors=True)
                 dest.rename(old)
@@ -266,10 +283,12 @@ def atomic_files(folder: str | os.PathLike) -> Iterator[Path]:
         the staging folder to write to; only its top-level files are moved.
     """
     dest = Path(folder)
-    with _reporting_write_errors(f"into {dest}", dest):
+    temporaries: list[Path] = []
+    with _reporting_write_errors(f"into {dest}", dest, temporaries, into=True):
         dest.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(dest)
         staging = Path(tempfile.mkdtemp(prefix=_temporary_prefix(dest), suffix=_SUFFIX, dir=dest))
+        temporaries.append(staging)
         try:
             yield staging
             for written in sorted(staging.iterdir()):

@@ -144,7 +144,7 @@ def test_rois_named_in_the_clinic_s_language_are_found_by_their_identification_c
     image = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)(str(tmp_path / "series"))
     rois, liver, tumour = _drawing()
     named = {"Leber": rois["Liver"], "Lebertumor": rois["GTV"]}
-    # SNOMED CT liver and neoplasm, as a planning system following TG-263 codes them
+    # SNOMED CT liver and neoplasm, the codes a SEG gives these segments
     coded = write_rtstruct(files, tmp_path / "coded.dcm", named, codes={"Leber": ("10200004", "SCT", "Liver"), "Lebertumor": ("108369006", "SCT", "Neoplasm")})
     args = (tmp_path / "series", image.affine.numpy(), image.shape[1:], LITS_SEG_LABELS)
     assert np.array_equal(read_rtstruct_labels(coded, *args), _expected(image, files, liver, tumour))

@@ -1,7 +1,13 @@
+import errno
+import io
+import os
+
 import pytest
 import torch
 
+import monai_effq.deploy.torchscript as torchscript_module
 from monai_effq.deploy import export_torchscript
+from monai_effq.utils.errors import OutputWriteError
 
 
 def test_the_saved_trace_gives_the_quantized_networks_outputs(quantized, tmp_path):
@@ -34,3 +40,16 @@ def test_a_trace_that_differs_from_the_network_is_refused_and_nothing_is_written
 def test_an_input_shape_without_batch_and_channels_is_refused(tmp_path):
     with pytest.raises(ValueError, match="input_shape"):
         export_torchscript(_CountsCalls(), tmp_path / "model.ts", (8, 8, 8))
+
+
+class _FullDisk(io.FileIO):
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_trace_written_onto_a_full_disk_is_named_and_leaves_nothing(tmp_path, monkeypatch):
+    # torch's own file writer aborts the process there (basic_ios::clear); a Python file raises what happened
+    monkeypatch.setattr(torchscript_module, "open", _FullDisk, raising=False)
+    with pytest.raises(OutputWriteError, match=f"could not write {tmp_path / 'model.ts'}: No space left on device"):
+        export_torchscript(torch.nn.Conv3d(1, 1, 1), tmp_path / "model.ts", (1, 1, 8, 8, 8))
+    assert not list(tmp_path.iterdir())

@@ -46,6 +46,9 @@ def test_a_user_error_that_a_library_kept_only_as_text_is_found_by_its_message()
     found = find_user_error(_wrapped(RuntimeError(f"SaveImage cannot find a suitable writer for x.\n{text}")))
     assert type(found) is MissingInputError and str(found).startswith("image /data/ct.nii.gz does not exist")
     assert find_user_error(_wrapped(RuntimeError("SaveImage cannot find a suitable writer for x.\nKeyError"))) is None
+    # the message quoted in another sense, not as the error: not taken for it
+    UserInputError("x")
+    assert find_user_error(_wrapped(KeyError("index x out of range"))) is None
 
 
 def test_the_hook_is_not_installed_in_a_process_that_merely_imports_the_package(monkeypatch):

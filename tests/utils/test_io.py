@@ -6,7 +6,7 @@ from contextlib import nullcontext
 import pytest
 import torch
 
-from monai_effq.utils.errors import OutputWriteError
+from monai_effq.utils.errors import OutputWriteError, UserInputError
 from monai_effq.utils.io import atomic_directory, atomic_files, atomic_write, atomic_write_text
 
 
@@ -215,11 +215,23 @@ def test_a_folder_written_whole_reports_a_full_disk_by_its_name(tmp_path, writer
     assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
-def test_an_error_of_reading_another_file_inside_a_write_is_not_taken_for_a_write_error(tmp_path):
-    elsewhere = tmp_path / "inputs" / "case.nii.gz"
+def test_an_error_about_another_file_or_a_user_error_inside_a_write_passes_through_unchanged(tmp_path):
+    # a checkpoint read beside the folder being written, as the MONAI Label export reads the quantized one
+    beside = tmp_path / "models" / "model_rtn_w4a8.pt"
     with pytest.raises(PermissionError) as raised:
-        with atomic_write(tmp_path / "out" / "mask.nii.gz"):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(elsewhere))
+        with atomic_directory(tmp_path / "served"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(beside))
+    assert not isinstance(raised.value, OutputWriteError)
+    with pytest.raises(PermissionError) as raised:  # one naming no file is a write's only when the disk is full
+        with atomic_files(tmp_path / "eval"):
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+    assert not isinstance(raised.value, OutputWriteError)
+    with pytest.raises(UserInputError, match="corrupt or unreadable quantized checkpoint") as raised:
+        with atomic_write(tmp_path / "out" / "model.ts"):
+            try:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / "out" / "q.pt"))
+            except PermissionError as error:
+                raise UserInputError("corrupt or unreadable quantized checkpoint q.pt: re-run quantize.") from error
     assert not isinstance(raised.value, OutputWriteError)
 
 
