@@ -6,7 +6,8 @@ mid-write (``kill -9``, a power cut) cannot remove its temporary, so every write
 of writers that are gone from the folder it writes to: those of dead processes on this host, and
 those of other hosts (a shared network folder) or of unknown owners once they are older than
 :data:`STALE_AFTER_SECONDS`. A live writer's temporary is never touched, so concurrent runs writing
-to one folder do not disturb each other.
+to one folder do not disturb each other. A write that fails for want of space or quota, or on a
+read-only or foreign folder, is an :class:`~monai_effq.utils.errors.OutputWriteError` naming the output.
 """
 
 from __future__ import annotations
@@ -205,6 +206,10 @@ def atomic_write(path: str | os.PathLike, keep_extension: bool = False) -> Itera
 
     Yields:
         the temporary path to write to.
+
+    Raises:
+        OutputWriteError: naming the output, when writing it fails for want of space or quota, or because
+            its folder is read-only, another user's or below a file (also when that is raised in the block).
     """
     dest = Path(path)
     temporaries: list[Path] = []
@@ -245,6 +250,10 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
 
     Yields:
         the folder to fill.
+
+    Raises:
+        OutputWriteError: naming the output, when writing it fails for want of space or quota, or because
+            its folder is read-only, another user's or below a file (also when that is raised in the block).
     """
     dest = Path(path)
     old = dest.with_name(f".{dest.name}.old")
@@ -281,6 +290,10 @@ def atomic_files(folder: str | os.PathLike) -> Iterator[Path]:
 
     Yields:
         the staging folder to write to; only its top-level files are moved.
+
+    Raises:
+        OutputWriteError: naming the output, when writing it fails for want of space or quota, or because
+            its folder is read-only, another user's or below a file (also when that is raised in the block).
     """
     dest = Path(folder)
     temporaries: list[Path] = []
