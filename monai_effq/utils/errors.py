@@ -39,6 +39,7 @@ __all__ = [
     "check_flag",
     "check_integer",
     "check_spread",
+    "exception_chain",
     "find_user_error",
     "install_bundle_error_hook",
 ]
@@ -183,6 +184,22 @@ def check_spread(values: torch.Tensor, what: str, fix_nonfinite: str, fix_consta
         )
 
 
+def exception_chain(error: BaseException | None) -> list[BaseException]:
+    """An exception and those it was raised from or while handling (``__cause__``, else ``__context__``), in turn.
+
+    Args:
+        error: the exception raised, or None.
+
+    Returns:
+        the exceptions of the chain, ``error`` first (a cycle is followed once).
+    """
+    chain: list[BaseException] = []
+    while error is not None and all(error is not e for e in chain):
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
 def find_user_error(error: BaseException | None) -> UserInputError | None:
     """The first :class:`UserInputError` in an exception's chain (``__cause__``, then ``__context__``), or one
     whose message an exception of the chain quotes.
@@ -194,12 +211,10 @@ def find_user_error(error: BaseException | None) -> UserInputError | None:
         the user-input error (for a quoted one, a new error of its class with its message), or ``None``
         when the chain holds none.
     """
-    chain: list[BaseException] = []
-    while error is not None and all(error is not e for e in chain):
-        if isinstance(error, UserInputError):
-            return error
-        chain.append(error)
-        error = error.__cause__ or error.__context__
+    chain = exception_chain(error)
+    found = next((link for link in chain if isinstance(link, UserInputError)), None)
+    if found is not None:
+        return found
     for link in chain:
         text = str(link)
         for kind, message in reversed(_RECENT):

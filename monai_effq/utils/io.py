@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from monai_effq.utils.errors import OutputWriteError, UserInputError
+from monai_effq.utils.errors import OutputWriteError, UserInputError, exception_chain
 
 __all__ = [
     "STALE_AFTER_SECONDS",
@@ -166,13 +166,10 @@ def _reporting_write_errors(what: Path | str, dest: Path, temporaries: list[Path
 def _write_error(error: BaseException | None, dest: Path, temporaries: list[Path], into: bool) -> OSError | None:
     """The ``OSError`` of writing ``dest`` in an exception's chain: torch's archive writer, for one, raises a
     ``RuntimeError`` of its own while it handles the ``OSError`` of a full disk."""
-    seen: list[BaseException] = []
-    while error is not None and all(error is not e for e in seen):
-        if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS and _concerns(error, dest, temporaries, into):
-            return error
-        seen.append(error)
-        error = error.__cause__ or error.__context__
-    return None
+    return next(
+        (e for e in exception_chain(error) if isinstance(e, OSError) and e.errno in _WRITE_ERRNOS and _concerns(e, dest, temporaries, into)),
+        None,
+    )
 
 
 def _concerns(error: OSError, dest: Path, temporaries: list[Path], into: bool) -> bool:
