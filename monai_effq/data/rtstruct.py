@@ -44,6 +44,7 @@ from monai_effq.data.layouts import DatasetError
 from monai_effq.utils.errors import MissingExtraError
 from monai_effq.utils.io import atomic_write
 
+hd, _ = optional_import("highdicom")
 pydicom, has_pydicom = optional_import("pydicom")
 find_contours, has_skimage = optional_import("skimage.measure", name="find_contours")
 
@@ -479,8 +480,8 @@ def _structure_set(slices: Sequence[Any], contours: Sequence[list[tuple[int, np.
         interpreted = "ORGAN" if segment.category == "AnatomicalStructure" else ""
         observation = item(ObservationNumber=k, ReferencedROINumber=k, RTROIInterpretedType=interpreted, ROIInterpreter="")
         concept = segment.concepts()["segmented_property_type"]
-        value = "LongCodeValue" if len(str(concept.value)) > 16 else "CodeValue"  # a short string holds 16 characters
-        code = item(**{value: str(concept.value)}, CodingSchemeDesignator=concept.scheme_designator, CodeMeaning=concept.meaning)
+        # highdicom's coded item: the code value in the attribute its length needs, as the SEG has it
+        code = hd.sr.CodedConcept(concept.value, concept.scheme_designator, concept.meaning)
         observation.RTROIIdentificationCodeSequence = DicomSequence([code])
         observations.append(observation)
     ds.RTROIObservationsSequence = DicomSequence(observations)
