@@ -73,6 +73,7 @@ if TYPE_CHECKING:
         read_seg_labels,
     )
     from monai_effq.data.rtstruct import RtStructWriter, is_rtstruct, read_rtstruct_labels
+    from monai_effq.data.segment_codes import channel_segments, coded_segment, segment_for_name
 
 # public names served by __getattr__ below, and the module each comes from
 _LAZY: dict[str, str] = {
@@ -129,6 +130,7 @@ _LAZY: dict[str, str] = {
         "monai_effq.data.dicom_seg",
     ),
     **dict.fromkeys(("RtStructWriter", "is_rtstruct", "read_rtstruct_labels"), "monai_effq.data.rtstruct"),
+    **dict.fromkeys(("channel_segments", "coded_segment", "segment_for_name"), "monai_effq.data.segment_codes"),
 }
 
 __all__ = [
@@ -191,6 +193,9 @@ __all__ = [
     "RtStructWriter",
     "is_rtstruct",
     "read_rtstruct_labels",
+    "channel_segments",
+    "coded_segment",
+    "segment_for_name",
 ]
 
 

@@ -97,6 +97,7 @@ class Segment:
         category: its segmented property category (CID 7150), e.g. ``"AnatomicalStructure"``.
         property_type: its segmented property type (CID 7151), e.g. ``"Liver"``.
         region: the anatomic region it lies in (CID 4), or None when the type names it.
+        modifier: the type's laterality (CID 244), e.g. ``"Left"`` for a left kidney, or None.
     """
 
     def concepts(self) -> dict[str, Any]:
@@ -114,10 +115,19 @@ class Segment:
             "anatomic_regions": [getattr(codes.cid4, self.region)] if self.region else None,
         }
 
+    def modifiers(self) -> list[Any]:
+        """The segmented property type's modifiers (its laterality), as a SEG's segment description holds them.
+
+        Returns:
+            the coded laterality (CID 244), or an empty list.
+        """
+        return [hd.sr.CodedConcept.from_code(getattr(codes.cid244, self.modifier))] if self.modifier else []
+
     label: str
     category: str
     property_type: str
     region: str | None = None
+    modifier: str | None = None
 
 
 LITS_SEGMENTS = (
@@ -575,16 +585,18 @@ def _segmentation(
 ) -> Any:
     """The ``highdicom.seg.Segmentation`` of ``frames`` (a label map or one channel per segment) on ``slices``."""
     identification = hd.AlgorithmIdentificationSequence(name=algorithm, family=codes.cid7162.ArtificialIntelligence, version=version)
-    descriptions = [
-        hd.seg.SegmentDescription(
+    descriptions = []
+    for number, segment in enumerate(segments, start=1):
+        item = hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=segment.label,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=identification,
             **segment.concepts(),
         )
-        for number, segment in enumerate(segments, start=1)
-    ]
+        if segment.modifier:  # highdicom takes no modifier; the standard nests it in the type's code item (PS3.3 C.8.20.2)
+            item.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = segment.modifiers()
+        descriptions.append(item)
     # highdicom logs each module it copies from the source at INFO, which bundles' logging shows
     with _quiet_highdicom():
         return hd.seg.Segmentation(

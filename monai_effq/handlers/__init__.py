@@ -1,8 +1,9 @@
 """MONAI/ignite glue: handlers that run quantization, load quantized checkpoints, run them in a runtime, compare them
-with the FP network, measure in millimetres and write reports and checkpoints whole."""
+with the FP network, measure in millimetres, write masks as DICOM and write reports and checkpoints whole."""
 
 from monai_effq.handlers.checkpoint import AtomicCheckpointSaver, AtomicDiskSaver
 from monai_effq.handlers.deploy import RuntimeNetworkLoader, input_channels
+from monai_effq.handlers.masks import DICOM_MASK_FORMATS, DicomMaskSaver, output_channels
 from monai_effq.handlers.finetune import FinetuneHandler, engine_loss
 from monai_effq.handlers.metrics import AtomicMetricsSaver, HausdorffDistanceMm, voxel_spacing
 from monai_effq.handlers.quantization import QuantizationHandler, QuantizedCheckpointLoader, batch_images
@@ -19,6 +20,9 @@ from monai_effq.handlers.report import (
 __all__ = [
     "AtomicCheckpointSaver",
     "AtomicDiskSaver",
+    "DICOM_MASK_FORMATS",
+    "DicomMaskSaver",
+    "output_channels",
     "FinetuneHandler",
     "engine_loss",
     "QuantizationHandler",

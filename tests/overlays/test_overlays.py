@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow, run
+from monai.transforms import LoadImage
 
 from monai_effq.data import DatasetError
+from monai_effq.data.dicom_seg import SegLabels, load_seg, read_seg_labels
 from monai_effq.handlers.reference import REFERENCE_KEY
 from monai_effq.overlays import OVERLAYS, agreement_metric, attach_metric_first, calibration_items, output_task, overlay_path
 from monai_effq.overlays.__main__ import main
@@ -193,6 +195,19 @@ def test_a_spleen_style_bundle_is_quantized_by_the_shell_command_then_served_tra
     for case, mask in q_masks.items():
         assert mask.shape == fp_masks[case].shape and set(np.unique(mask)) <= {0, 1, 2}
         assert (mask == fp_masks[case]).mean() > 0.98
+
+    # a case as the archive holds it, a DICOM series, its mask also written back as a DICOM SEG whose
+    # segments the bundle's metadata names (liver, tumor): the SEG reads back as the bundle's own NIfTI mask
+    series = tmp_path / "2.000000-VENOUS-81"
+    write_dicom_series(demo_data["lits"] / "volume-8.nii", series)
+    dicom = {"datalist": [str(series)], "preprocessing#transforms#0#reader": "ITKReader", "output_dir": str(tmp_path / "dicom")}
+    workflow(root, configs + [str(overlay_path("inference"))], mask_format="dicom_seg", **dicom)
+    seg = load_seg(tmp_path / "dicom" / f"{series.name}_seg.dcm")
+    assert [seg.get_segment_description(n).segmented_property_type.meaning for n in (1, 2)] == ["Liver", "Neoplasm"]
+    image = LoadImage(reader="ITKReader", image_only=True)(str(series))
+    labels = read_seg_labels(seg.filename, series, image.affine.numpy(), image.shape, SegLabels(("liver", "tumor"), (1, 2)))
+    (nifti,) = masks(tmp_path / "dicom").values()
+    assert np.array_equal(labels, nifti) and labels.any()
 
     # the MONAI Label export: the trace alone, no model.pt, nothing of monai-effq in its config
     served_root = root / "export" / f"bundle_{TAG}"

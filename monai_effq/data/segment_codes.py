@@ -1,0 +1,220 @@
+"""What a bundle's output channels are, coded as a DICOM SEG or RTSTRUCT codes its segments.
+
+A model-zoo bundle names its output channels in ``metadata.json``
+(``network_data_format.outputs.pred.channel_def``: ``{"0": "background", "1": "spleen"}``), but a
+DICOM SEG must also code each segment: a segmented property category and type, SNOMED CT concepts
+mostly, so that a viewer or a registry knows a segment is the spleen whatever its label says. The
+codes are looked up in the DICOM context groups that pydicom ships (PS3.16: CID 7150 for the
+categories, and for each category its own group of types, CID 7191 to 7198), by the words of the
+name: ``"spleen"`` is the anatomical structure Spleen, ``"kidney_left"`` the Kidney with laterality
+Left, ``"vertebrae_L5"`` the L5Vertebra, ``"liver tumour"`` a Neoplasm in the Liver, ``"enhancing
+tumor"`` an EnhancingLesion. A name found in none is coded as 3D Slicer codes a segment it does not
+know (Tissue), with a warning; the user's own codes take precedence over either.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from monai.utils import optional_import
+
+from monai_effq.data.dicom_seg import Segment, require_highdicom
+from monai_effq.utils.errors import UserInputError
+
+codes, _ = optional_import("pydicom.sr.codedict", name="codes")
+cid_names, _ = optional_import("pydicom.sr._cid_dict", name="name_for_cid")
+
+__all__ = ["GENERIC_CODES", "channel_segments", "coded_segment", "segment_for_name"]
+
+logger = logging.getLogger(__name__)
+
+GENERIC_CODES = ("Tissue", "Tissue")
+"""Category and type of a segment whose name is in no context group, as 3D Slicer codes a segment it does not know."""
+
+# channel names that mark the background of a label map, which is no segment
+_BACKGROUND = frozenset({"background", "bg", "_background_"})
+# British spellings, as BraTS and LiTS write them, of words the context groups spell the American way
+_SPELLING = {"tumour": "tumor", "oedema": "edema", "haemorrhage": "hemorrhage", "oesophagus": "esophagus", "haematoma": "hematoma"}
+# words naming an abnormal structure that its context group (CID 7194) names otherwise
+_ABNORMAL = {"tumor": "Neoplasm", "cancer": "Neoplasm", "carcinoma": "Neoplasm", "metastasis": "NeoplasmSecondary", "metastases": "NeoplasmSecondary"}
+_LATERALITY = {"left": "Left", "right": "Right"}
+
+
+@functools.lru_cache(maxsize=1)
+def _type_groups() -> tuple[tuple[str, dict[str, str]], ...]:
+    """Each segmented property category (CID 7150) with its own types by lower-case keyword.
+
+    Returns:
+        ``(category keyword, {lower-case type keyword: type keyword})``, anatomical structures first,
+        so that a name in two groups takes the anatomical meaning.
+    """
+    by_name = {name.lower(): cid for cid, name in cid_names.items()}
+    groups = []
+    for category in codes.cid7150.dir():
+        cid = by_name.get(f"{category.lower()}segmentationpropertytype")
+        if cid is not None:
+            keywords = getattr(codes, f"cid{cid}").dir()
+            groups.append((category, {k.lower(): k for k in keywords}))
+    groups.sort(key=lambda group: group[0] != "AnatomicalStructure")
+    return tuple(groups)
+
+
+@functools.lru_cache(maxsize=1)
+def _regions() -> dict[str, str]:
+    """Anatomic regions (CID 4) by lower-case keyword."""
+    return {k.lower(): k for k in codes.cid4.dir()}
+
+
+def _words(name: str) -> list[str]:
+    """The lower-case words of a name, split at separators and case changes, in American spelling."""
+    spaced = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name)
+    return [_SPELLING.get(w, w) for w in re.split(r"[^0-9a-zA-Z]+", spaced.lower()) if w]
+
+
+def _singular(word: str) -> str:
+    if word.endswith("ae"):  # vertebrae
+        return word[:-1]
+    if word.endswith("ies"):
+        return word[:-3] + "y"
+    if word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        return word[:-1]
+    return word
+
+
+def _keywords(words: Sequence[str]) -> list[str]:
+    """Lower-case keyword forms of ``words`` to look up: as written, in the singular, with numbered words first
+    (``vertebrae L5`` is the ``L5Vertebra``)."""
+    forms: list[str] = []
+    for variant in (list(words), [_singular(w) for w in words]):
+        numbered = sorted(variant, key=lambda w: not any(c.isdigit() for c in w))
+        for order in (variant, numbered):
+            form = "".join(order)
+            if form and form not in forms:
+                forms.append(form)
+    return forms
+
+
+def _find_type(words: Sequence[str], categories: Sequence[str] | None = None) -> tuple[str, str] | None:
+    """The first ``(category, type)`` whose type keyword is a form of ``words``."""
+    for form in _keywords(words):
+        for category, types in _type_groups():
+            if (categories is None or category in categories) and form in types:
+                return category, types[form]
+    return None
+
+
+def segment_for_name(name: str) -> Segment | None:
+    """The coded segment a channel name means, looked up in the context groups pydicom ships.
+
+    Args:
+        name: the channel's name, e.g. ``"spleen"``, ``"kidney_left"``, ``"liver tumour"``.
+
+    Returns:
+        the segment labelled ``name``, or None when no context group has it.
+    """
+    require_highdicom()
+    words = _words(name)
+    modifier = next((_LATERALITY[w] for w in words if w in _LATERALITY), None)
+    words = [w for w in words if w not in _LATERALITY]
+    found = _find_type(words)
+    if found is None and "tumor" in words and len(words) > 1:  # "enhancing tumor" is the EnhancingLesion
+        found = _find_type(["lesion" if w == "tumor" else w for w in words], ["MorphologicallyAbnormalStructure"])
+    if found is not None:
+        return Segment(name, *found, modifier=modifier)
+    abnormal = dict(_type_groups()).get("MorphologicallyAbnormalStructure", {})
+    for i, word in enumerate(words):
+        kind = _ABNORMAL.get(word) or abnormal.get(_singular(word))
+        if kind is not None:  # "liver tumor": a Neoplasm in the region the other words name, if they name one
+            rest = words[:i] + words[i + 1 :]
+            region = next((_regions()[f] for f in _keywords(rest) if f in _regions()), None)
+            return Segment(name, "MorphologicallyAbnormalStructure", kind, region, modifier)
+    return None
+
+
+def coded_segment(name: str, given: Sequence[str], setting: str = "seg_codes") -> Segment:
+    """The segment a user codes by keywords of the context groups.
+
+    Args:
+        name: the channel's name, the segment's label.
+        given: ``[category, type]`` or ``[category, type, region]`` keywords, e.g.
+            ``["AnatomicalStructure", "PortalVein"]``.
+        setting: the setting's name, for the error.
+
+    Returns:
+        the segment.
+
+    Raises:
+        UserInputError: for another length, or a keyword that is not in its context group (naming close ones).
+    """
+    require_highdicom()
+    how = f"give {setting} as {{channel name: [category, type] or [category, type, region]}}, e.g. {{'portal vein': ['AnatomicalStructure', 'PortalVein']}}"
+    if isinstance(given, str) or not isinstance(given, Sequence) or len(given) not in (2, 3):
+        raise UserInputError(f"{setting} for {name!r} is {given!r}: {how}.")
+    groups = dict(_type_groups())
+    category, kind, *region = (str(k) for k in given)
+    if category not in groups:
+        raise UserInputError(f"{setting} for {name!r}: {category!r} is not a segmentation category (CID 7150){_close(category, groups)}: {how}.")
+    types = groups[category]
+    if kind.lower() not in types:
+        raise UserInputError(f"{setting} for {name!r}: {kind!r} is not a type of {category}{_close(kind, types.values())}: {how}.")
+    if region and region[0].lower() not in _regions():
+        raise UserInputError(f"{setting} for {name!r}: {region[0]!r} is not an anatomic region (CID 4){_close(region[0], _regions().values())}: {how}.")
+    return Segment(name, category, types[kind.lower()], _regions()[region[0].lower()] if region else None)
+
+
+def channel_segments(
+    channel_def: Mapping[str | int, str], given: Mapping[str, Sequence[str]] | None = None, setting: str = "seg_codes"
+) -> tuple[Segment, ...]:
+    """The coded segments of a bundle's output channels, as a DICOM SEG or RTSTRUCT writer takes them.
+
+    Args:
+        channel_def: channel or label value -> name, as ``metadata.json`` gives it; a background at 0
+            (``"background"``) is no segment, and then the mask is a label map whose value ``k`` is
+            the ``k``-th segment.
+        given: the user's codes by channel name (:func:`coded_segment`), taking precedence over the lookup.
+        setting: the setting ``given`` comes from, for errors and the warning.
+
+    Returns:
+        one segment for each channel but the background, in channel order.
+
+    Raises:
+        UserInputError: for a channel_def that is empty or not numbered 0, 1, ..., codes given for a
+            channel it lacks, or codes that are not keywords of their context groups.
+    """
+    how = "give the bundle's output channels as {'0': 'background', '1': 'spleen'} (metadata.json's channel_def)"
+    try:
+        numbered = sorted((int(k), v) for k, v in dict(channel_def).items())
+    except (TypeError, ValueError):
+        raise UserInputError(f"channel_def {channel_def!r} is not numbered by channel: {how}.") from None
+    if not numbered or [k for k, _ in numbered] != list(range(len(numbered))) or not all(isinstance(v, str) and v.strip() for _, v in numbered):
+        raise UserInputError(f"channel_def {channel_def!r} must name channels 0, 1, 2, ...: {how}.")
+    names = [v.strip() for _, v in numbered]
+    if names[0].lower() in _BACKGROUND:
+        names = names[1:]
+    given = dict(given or {})
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise UserInputError(f"{setting} codes {unknown}, which are not among the output channels {names}: use their names as channel_def gives them.")
+    segments, generic = [], []
+    for name in names:
+        segment = coded_segment(name, given[name], setting) if name in given else segment_for_name(name)
+        if segment is None:
+            generic.append(name)
+            segment = Segment(name, *GENERIC_CODES)
+        segments.append(segment)
+    if generic:
+        logger.warning(
+            f"output channels {generic} are in no DICOM context group by name, so their segments are coded as generic "
+            f"{GENERIC_CODES[0]}; {setting} gives their codes, e.g. {{{generic[0]!r}: ['AnatomicalStructure', '<type>']}}."
+        )
+    return tuple(segments)
+
+
+def _close(word: str, choices: Any) -> str:
+    near = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.6)
+    return f" (close: {', '.join(near)})" if near else ""

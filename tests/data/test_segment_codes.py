@@ -1,0 +1,73 @@
+"""A bundle's channel names become the coded segments of a DICOM SEG, from the standard's context groups."""
+
+import logging
+
+import pytest
+
+from monai_effq.data.dicom_seg import Segment
+from monai_effq.data.segment_codes import GENERIC_CODES, channel_segments, coded_segment, segment_for_name
+from monai_effq.utils.errors import UserInputError
+
+pytest.importorskip("highdicom")
+
+
+@pytest.mark.parametrize(
+    "name, category, kind, region, modifier",
+    [
+        ("spleen", "AnatomicalStructure", "Spleen", None, None),  # spleen_ct_segmentation
+        ("kidney_left", "AnatomicalStructure", "Kidney", None, "Left"),  # TotalSegmentator's names
+        ("Right Kidney", "AnatomicalStructure", "Kidney", None, "Right"),
+        ("vertebrae_L5", "AnatomicalStructure", "L5Vertebra", None, None),
+        ("inferior_vena_cava", "AnatomicalStructure", "InferiorVenaCava", None, None),
+        ("tumor", "MorphologicallyAbnormalStructure", "Neoplasm", None, None),  # lits_effq
+        ("liver tumour", "MorphologicallyAbnormalStructure", "Neoplasm", "Liver", None),
+        ("lung nodules", "MorphologicallyAbnormalStructure", "Nodule", "Lung", None),
+        ("enhancing tumor", "MorphologicallyAbnormalStructure", "EnhancingLesion", None, None),  # brats_mri_segmentation
+        ("peritumoral oedema", "MorphologicallyAbnormalStructure", "Edema", None, None),
+    ],
+)
+def test_a_channel_name_is_coded_by_the_context_group_that_lists_it(name, category, kind, region, modifier):
+    segment = segment_for_name(name)
+    assert segment == Segment(name, category, kind, region, modifier)
+    assert segment.concepts()["segmented_property_type"].meaning  # a code the SEG writer can look up
+
+
+def test_a_name_no_group_lists_is_coded_generically_with_a_warning_and_the_users_codes_come_first(caplog):
+    channels = {"0": "background", "1": "portal_vein_and_splenic_vein", "2": "spleen"}
+    assert segment_for_name(channels["1"]) is None
+    with caplog.at_level(logging.WARNING):
+        generic, spleen = channel_segments(channels)
+    assert (generic.category, generic.property_type) == GENERIC_CODES and spleen.property_type == "Spleen"
+    assert "['portal_vein_and_splenic_vein'] are in no DICOM context group" in caplog.text and "seg_codes" in caplog.text
+    given = {"portal_vein_and_splenic_vein": ["AnatomicalStructure", "portalvein"], "spleen": ["AnatomicalStructure", "Spleen", "Abdomen"]}
+    vein, spleen = channel_segments(channels, given)
+    assert vein == Segment("portal_vein_and_splenic_vein", "AnatomicalStructure", "PortalVein")
+    assert spleen.region == "Abdomen"
+
+
+def test_a_background_at_channel_0_is_no_segment_and_overlapping_channels_each_are_one():
+    assert [s.label for s in channel_segments({0: "background", 1: "liver", 2: "tumor"})] == ["liver", "tumor"]
+    brats = channel_segments({"0": "tumor core", "1": "whole tumor", "2": "enhancing tumor"})
+    assert [s.property_type for s in brats] == ["Neoplasm", "Neoplasm", "EnhancingLesion"]
+
+
+@pytest.mark.parametrize(
+    "channels, given, message",
+    [
+        ({"1": "liver"}, None, r"must name channels 0, 1, 2"),
+        ({"a": "liver"}, None, r"is not numbered by channel"),
+        ({"0": "background", "1": ""}, None, r"must name channels 0, 1, 2"),
+        ({"0": "liver"}, {"tumor": ["MorphologicallyAbnormalStructure", "Neoplasm"]}, r"codes \['tumor'\], which are not among the output channels \['liver'\]"),
+        ({"0": "liver"}, {"liver": ["AnatomicalStructur", "Liver"]}, r"'AnatomicalStructur' is not a segmentation category \(CID 7150\) \(close: AnatomicalStructure\)"),
+        ({"0": "liver"}, {"liver": ["AnatomicalStructure", "Livr"]}, r"'Livr' is not a type of AnatomicalStructure \(close: Liver\)"),
+        ({"0": "liver"}, {"liver": ["AnatomicalStructure", "Liver", "Abdomn"]}, r"'Abdomn' is not an anatomic region \(CID 4\) \(close: Abdomen,"),
+        ({"0": "liver"}, {"liver": "Liver"}, r"seg_codes for 'liver' is 'Liver': give seg_codes as \{channel name: \[category, type\]"),
+    ],
+)
+def test_channels_or_codes_that_cannot_be_coded_are_named_with_what_to_give(channels, given, message):
+    with pytest.raises(UserInputError, match=message):
+        channel_segments(channels, given)
+
+
+def test_the_users_codes_are_checked_as_given_alone():
+    assert coded_segment("gtv", ["MorphologicallyAbnormalStructure", "Neoplasm", "Brain"]).region == "Brain"

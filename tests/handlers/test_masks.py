@@ -1,0 +1,100 @@
+"""DicomMaskSaver writes any bundle's masks as DICOM SEG or RTSTRUCT, its segments coded from the bundle's channels."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine, Events
+from monai.data import MetaTensor
+from monai.transforms import LoadImage
+
+from monai_effq.data import DatasetError
+from monai_effq.data.dicom_seg import SegLabels, read_seg_labels
+from monai_effq.handlers import DicomMaskSaver, output_channels
+from monai_effq.utils.errors import MissingInputError, UserInputError, find_user_error
+
+from ..dicom import write_dicom_series
+
+hd = pytest.importorskip("highdicom")
+pytest.importorskip("skimage")
+
+CHANNELS = {"0": "background", "1": "kidney_left", "2": "liver tumour"}
+
+
+@pytest.fixture
+def case(tmp_path):
+    """A DICOM series and a prediction on its grid: a ball labelled 1 around a smaller ball labelled 2."""
+    grid = np.stack(np.meshgrid(*(np.arange(n) - n / 2 for n in (24, 24, 12)), indexing="ij"))
+    radius = np.sqrt((grid**2).sum(0))
+    voxels = (radius * 10).astype(np.int16)
+    affine = np.array([[-0.8, 0, 0, 40.0], [0, -0.8, 0, 30.0], [0, 0, 2.5, -12.0], [0, 0, 0, 1]])
+    nib.save(nib.Nifti1Image(voxels, affine), str(tmp_path / "ct.nii.gz"))
+    write_dicom_series(tmp_path / "ct.nii.gz", tmp_path / "2.000000-VENOUS-1234")
+    image = LoadImage(reader="ITKReader", image_only=True, ensure_channel_first=True)(str(tmp_path / "2.000000-VENOUS-1234"))
+    labels = np.digitize(image.numpy(), [1, 35, 80])  # 0 at the centre: outside both
+    labels = np.where(labels == 3, 0, np.where(labels == 0, 2, labels)).astype(np.uint8)
+    return MetaTensor(torch.as_tensor(labels), affine=image.affine, meta=image.meta), image
+
+
+def _evaluate(pred, saver):
+    """Run one iteration whose post-processed output is ``pred``, with ``saver`` attached."""
+    engine = Engine(lambda e, batch: [{"pred": pred}])
+    saver.attach(engine)
+    engine.run([0], max_epochs=1)
+    return engine
+
+
+def test_a_label_map_becomes_a_seg_whose_segments_are_named_and_coded_from_the_bundles_channels(tmp_path, case):
+    pred, image = case
+    _evaluate(pred, DicomMaskSaver("dicom_seg", output_dir=tmp_path / "eval", channel_def=CHANNELS, algorithm="monai-effq efficientq_w4a8"))
+    path = tmp_path / "eval" / "2.000000-VENOUS-1234_seg.dcm"  # the series folder's whole name
+    seg = hd.seg.segread(path)
+    kidney, tumour = seg.get_segment_description(1), seg.get_segment_description(2)
+    assert (kidney.segment_label, kidney.segmented_property_type.value) == ("kidney_left", "64033007")  # SNOMED CT kidney
+    assert kidney.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence[0].CodeMeaning == "Left"
+    assert (tumour.segmented_property_type.meaning, tumour.anatomic_regions[0].meaning) == ("Neoplasm", "Liver")
+    assert kidney.algorithm_identification[0].AlgorithmName == "monai-effq efficientq_w4a8"
+    segments = SegLabels(("kidney_left", "liver tumour"), (1, 2))
+    read = read_seg_labels(path, tmp_path / "2.000000-VENOUS-1234", image.affine.numpy(), image.shape[1:], segments)
+    assert np.array_equal(read, pred[0].numpy()) and set(np.unique(read)) == {0, 1, 2}
+
+
+def test_an_rtstruct_is_written_from_the_channels_of_the_bundles_metadata(tmp_path, case):
+    from monai_effq.data.rtstruct import load_rtstruct, read_rtstruct_labels
+
+    pred, image = case
+    meta = tmp_path / "metadata.json"
+    meta.write_text(json.dumps({"network_data_format": {"outputs": {"pred": {"channel_def": CHANNELS}}}}))
+    _evaluate(pred, DicomMaskSaver("rtstruct", output_dir=tmp_path / "eval", metadata_file=meta))
+    path = tmp_path / "eval" / "2.000000-VENOUS-1234_rtstruct.dcm"
+    assert [roi.ROIName for roi in load_rtstruct(path).StructureSetROISequence] == ["kidney_left", "liver tumour"]
+    segments = SegLabels(("kidney_left", "liver tumour"), (1, 2))
+    read = read_rtstruct_labels(path, tmp_path / "2.000000-VENOUS-1234", image.affine.numpy(), image.shape[1:], segments)
+    assert (read == pred[0].numpy()).mean() > 0.97  # contours, filled again: the balls' edges may move a voxel
+
+
+def test_the_bundles_own_nifti_masks_need_nothing_more_and_no_handler_is_attached(tmp_path):
+    engine = Engine(lambda e, batch: None)
+    DicomMaskSaver("nifti", output_dir=tmp_path, metadata_file=tmp_path / "missing.json").attach(engine)
+    assert not engine._event_handlers[Events.ITERATION_COMPLETED]  # and the missing metadata was never read
+
+
+def test_a_mask_format_channels_or_image_it_cannot_write_is_named(tmp_path, case):
+    pred, _ = case
+    with pytest.raises(UserInputError, match="mask_format must be 'nifti', 'dicom_seg' or 'rtstruct', got 'seg'"):
+        DicomMaskSaver("seg")
+    with pytest.raises(MissingInputError, match=r"metadata .*missing.json does not exist.*--channel_def"):
+        _evaluate(pred, DicomMaskSaver("dicom_seg", metadata_file=tmp_path / "missing.json"))
+    (tmp_path / "metadata.json").write_text(json.dumps({"network_data_format": {"outputs": {"pred": {"type": "image"}}}}))
+    with pytest.raises(UserInputError, match=r"no network_data_format.outputs.pred.channel_def"):
+        output_channels(tmp_path / "metadata.json")
+    (tmp_path / "metadata.json").write_text("{")
+    with pytest.raises(UserInputError, match=r"cannot read the bundle's metadata"):
+        output_channels(tmp_path / "metadata.json")
+    nifti = MetaTensor(pred.as_tensor(), affine=pred.affine, meta={**pred.meta, "filename_or_obj": str(tmp_path / "ct.nii.gz")})
+    with pytest.raises(RuntimeError) as refused:  # SaveImage reports its writer's error as its own
+        _evaluate(nifti, DicomMaskSaver("dicom_seg", output_dir=tmp_path / "eval", channel_def=CHANNELS))
+    assert "ct.nii.gz is not a DICOM series folder" in str(refused.value)
+    assert isinstance(find_user_error(refused.value), DatasetError)  # what the bundle CLI prints as one line
