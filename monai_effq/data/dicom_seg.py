@@ -35,6 +35,7 @@ hd, has_highdicom = optional_import("highdicom")
 pydicom, _ = optional_import("pydicom")
 codes, _ = optional_import("pydicom.sr.codedict", name="codes")
 read_file_meta_info, _ = optional_import("pydicom.filereader", name="read_file_meta_info")
+snomed_mapping, _ = optional_import("pydicom.sr._snomed_dict", name="mapping")
 
 __all__ = [
     "Segment",
@@ -58,6 +59,7 @@ __all__ = [
     "media_storage_class",
     "paint_labels",
     "referenced_series",
+    "snomed_ct",
 ]
 
 logger = logging.getLogger(__name__)
@@ -910,4 +912,21 @@ def _by_label_or_code(found: Sequence[tuple[int, str, Any]], segment: Segment, s
     if by_label or wanted is None:
         return by_label, wanted
     key = (str(wanted.value), str(wanted.scheme_designator))
-    return [n for n, _, code in found if code == key], wanted
+    return [n for n, _, code in found if snomed_ct(code) == key], wanted
+
+
+def snomed_ct(code: tuple[str, str] | None) -> tuple[str, str] | None:
+    """A code as SNOMED CT gives it: a legacy SNOMED RT code (schemes ``SRT``, ``SNM3``), as older
+    3D Slicer SEGs and planning systems write them, becomes the SNOMED CT code it was retired for.
+
+    Args:
+        code: ``(value, scheme)``, or None.
+
+    Returns:
+        ``(SNOMED CT value, "SCT")`` for a SNOMED RT code pydicom's mapping knows (``T-62000``, the liver,
+        is ``10200004``), else ``code`` as given.
+    """
+    if code is None or code[1] not in ("SRT", "SNM3"):
+        return code
+    value = snomed_mapping.get("SRT", {}).get(code[0])
+    return (str(value), "SCT") if value else code

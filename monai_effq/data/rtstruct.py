@@ -187,8 +187,9 @@ def _rois(ds: Any) -> list[tuple[int, str, tuple[str, str] | None]]:
     Planning systems name ROIs in the clinic's language and conventions (``Leber``, ``LIVER_AI``); an
     ROI's observation may also code what it is (RT ROI Identification Code Sequence, e.g. SNOMED CT
     10200004 for the liver, the code a SEG gives its segment), which
-    :func:`~monai_effq.data.dicom_seg.match_segments` tries where no name matches. Codes of other
-    schemes (FMA, legacy SRT) do not match those; the first coded observation of an ROI counts.
+    :func:`~monai_effq.data.dicom_seg.match_segments` tries where no name matches. Legacy SNOMED RT
+    codes match as the SNOMED CT codes they became (:func:`~monai_effq.data.dicom_seg.snomed_ct`); codes
+    of other schemes (FMA) do not; the first coded observation of an ROI counts.
     """
     codes = {}
     for observation in ds.get("RTROIObservationsSequence", []):

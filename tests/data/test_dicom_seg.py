@@ -226,6 +226,24 @@ def test_a_case_of_dicom_series_and_a_seg_label_preprocesses_as_its_nifti_case_i
         assert torch.equal(brats_transforms("native", train=False)(later)["label"], expected["label"])
 
 
+def test_segments_coded_in_legacy_snomed_rt_as_older_slicer_segs_are_read_by_their_snomed_ct_codes(tmp_path):
+    from monai_effq.data import lits_transforms
+
+    _series(tmp_path, _AFFINES["axial"])
+    image = _read(tmp_path / "series")
+    mask = torch.as_tensor(np.digitize(image.numpy(), [0, 60]), dtype=torch.uint8)
+    ours = _save(tmp_path / "ours", mask, image)
+    legacy = pydicom.dcmread(_save(tmp_path, mask, image, segments=_SLICER))
+    for item, value in zip(legacy.SegmentSequence, ("T-62000", "M-8FFFF")):  # liver, neoplasm
+        code = item.SegmentedPropertyTypeCodeSequence[0]
+        code.CodeValue, code.CodingSchemeDesignator = value, "SRT"
+    legacy.save_as(tmp_path / "legacy.dcm")
+    got = lits_transforms(train=False)({"image": str(tmp_path / "series"), "label": str(tmp_path / "legacy.dcm")})["label"]
+    expected = lits_transforms(train=False)({"image": str(tmp_path / "series"), "label": str(ours)})["label"]
+    assert torch.equal(got, expected) and expected.unique().tolist() == [0, 1, 2]
+    assert dicom_seg.snomed_ct(("7197", "FMA")) == ("7197", "FMA")  # other schemes stay as they are
+
+
 def test_a_seg_of_another_series_or_without_the_datasets_segments_is_refused_naming_what_it_holds(tmp_path):
     from monai_effq.data import LoadImageFilesd, lits_transforms, validate_datalist
 

@@ -148,6 +148,9 @@ def test_rois_named_in_the_clinic_s_language_are_found_by_their_identification_c
     coded = write_rtstruct(files, tmp_path / "coded.dcm", named, codes={"Leber": ("10200004", "SCT", "Liver"), "Lebertumor": ("108369006", "SCT", "Neoplasm")})
     args = (tmp_path / "series", image.affine.numpy(), image.shape[1:], LITS_SEG_LABELS)
     assert np.array_equal(read_rtstruct_labels(coded, *args), _expected(image, files, liver, tumour))
+    # the same concepts in legacy SNOMED RT, as older planning systems code them
+    legacy = write_rtstruct(files, tmp_path / "legacy.dcm", named, codes={"Leber": ("T-62000", "SRT", "Liver"), "Lebertumor": ("M-8FFFF", "SRT", "Neoplasm")})
+    assert np.array_equal(read_rtstruct_labels(legacy, *args), _expected(image, files, liver, tumour))
     uncoded = write_rtstruct(files, tmp_path / "uncoded.dcm", named)
     with pytest.raises(DatasetError, match="no segment labelled 'liver'; it holds: 1 'Leber', 2 'Lebertumor'"):
         read_rtstruct_labels(uncoded, *args)
