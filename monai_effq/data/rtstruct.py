@@ -483,6 +483,8 @@ def _structure_set(slices: Sequence[Any], contours: Sequence[list[tuple[int, np.
         concept = segment.concepts()["segmented_property_type"]
         # highdicom's coded item: the code value in the attribute its length needs, as the SEG has it
         code = hd.sr.CodedConcept(concept.value, concept.scheme_designator, concept.meaning)
+        if segment.modifier:  # a side, nested in the code item as in a SEG (PS3.3 C.8.8.8)
+            code.SegmentedPropertyTypeModifierCodeSequence = segment.modifiers()
         observation.RTROIIdentificationCodeSequence = DicomSequence([code])
         observations.append(observation)
     ds.RTROIObservationsSequence = DicomSequence(observations)

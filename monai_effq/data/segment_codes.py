@@ -43,6 +43,13 @@ _SPELLING = {"tumour": "tumor", "oedema": "edema", "haemorrhage": "hemorrhage", 
 # words naming an abnormal structure that its context group (CID 7194) names otherwise
 _ABNORMAL = {"tumor": "Neoplasm", "cancer": "Neoplasm", "carcinoma": "Neoplasm", "metastasis": "NeoplasmSecondary", "metastases": "NeoplasmSecondary"}
 _LATERALITY = {"left": "Left", "right": "Right"}
+# abnormal-structure types that name no abnormality, and words that deny or join one ("non tumor", "liver and tumor")
+_NOT_ABNORMAL = frozenset({"Normal", "Background"})
+_NEGATING = frozenset({"non", "no", "not", "free", "without", "and", "or"})
+# words after an abnormality that name a part of it, not something else ("tumor core", BraTS' TC)
+_PART = frozenset({"core", "region", "area", "mask", "label", "segment", "segmentation"})
+# where a type is in two groups, the anatomical meaning first, then tissue ("fat" the tissue, not a concept)
+_PRECEDENCE = ("AnatomicalStructure", "Tissue", "MorphologicallyAbnormalStructure")
 
 
 @functools.lru_cache(maxsize=1)
@@ -54,13 +61,14 @@ def _type_groups() -> tuple[tuple[str, dict[str, str]], ...]:
         so that a name in two groups takes the anatomical meaning.
     """
     by_name = {name.lower(): cid for cid, name in cid_names.items()}
+    writable = set(codes.cid7151.dir())  # the group the SEG writer codes types from (Segment.concepts)
     groups = []
     for category in codes.cid7150.dir():
         cid = by_name.get(f"{category.lower()}segmentationpropertytype")
         if cid is not None:
-            keywords = getattr(codes, f"cid{cid}").dir()
+            keywords = [k for k in getattr(codes, f"cid{cid}").dir() if k in writable]
             groups.append((category, {k.lower(): k for k in keywords}))
-    groups.sort(key=lambda group: group[0] != "AnatomicalStructure")
+    groups.sort(key=lambda group: _PRECEDENCE.index(group[0]) if group[0] in _PRECEDENCE else len(_PRECEDENCE))
     return tuple(groups)
 
 
@@ -119,21 +127,39 @@ def segment_for_name(name: str) -> Segment | None:
     """
     require_highdicom()
     words = _words(name)
-    modifier = next((_LATERALITY[w] for w in words if w in _LATERALITY), None)
+    sides = [w for w in words if w in _LATERALITY]
+    # a sided structure of its own first ("left ventricle", "ventricle_left": the LeftVentricle), then a
+    # structure with its side as a modifier ("kidney_left": the Kidney, Left)
+    found = _find_type(words) or (_find_type(sides + [w for w in words if w not in _LATERALITY]) if sides else None)
+    if found is not None:
+        return Segment(name, *found)
     words = [w for w in words if w not in _LATERALITY]
     found = _find_type(words)
     if found is None and "tumor" in words and len(words) > 1:  # "enhancing tumor" is the EnhancingLesion
         found = _find_type(["lesion" if w == "tumor" else w for w in words], ["MorphologicallyAbnormalStructure"])
     if found is not None:
-        return Segment(name, *found, modifier=modifier)
+        sided = found[0] == "AnatomicalStructure" and len(sides) == 1
+        return Segment(name, *found, modifier=_LATERALITY[sides[0]] if sided else None)
+    return _abnormal_in_region(name, words)
+
+
+def _abnormal_in_region(name: str, words: Sequence[str]) -> Segment | None:
+    """``"liver tumor"``: the abnormality its last word names (``"tumor core"``: but for the part), in the region
+    the words before it name, if they do.
+
+    A side is left out: it would be the region's, which highdicom cannot code, not the abnormality's.
+    """
+    words = list(words)
+    while len(words) > 1 and words[-1] in _PART:
+        words.pop()
+    if not words or _NEGATING.intersection(words):
+        return None
     abnormal = dict(_type_groups()).get("MorphologicallyAbnormalStructure", {})
-    for i, word in enumerate(words):
-        kind = _ABNORMAL.get(word) or abnormal.get(_singular(word))
-        if kind is not None:  # "liver tumor": a Neoplasm in the region the other words name, if they name one
-            rest = words[:i] + words[i + 1 :]
-            region = next((_regions()[f] for f in _keywords(rest) if f in _regions()), None)
-            return Segment(name, "MorphologicallyAbnormalStructure", kind, region, modifier)
-    return None
+    kind = _ABNORMAL.get(words[-1]) or abnormal.get(_singular(words[-1]))
+    if kind is None or kind in _NOT_ABNORMAL:
+        return None
+    region = next((_regions()[f] for f in _keywords(words[:-1]) if f in _regions()), None)
+    return Segment(name, "MorphologicallyAbnormalStructure", kind, region)
 
 
 def coded_segment(name: str, given: Sequence[str], setting: str = "seg_codes") -> Segment:

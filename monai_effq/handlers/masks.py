@@ -22,6 +22,7 @@ from monai.transforms import SaveImaged
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_effq.data.dicom_seg import DicomSegWriter, require_highdicom
+from monai_effq.data.layouts import DatasetError
 from monai_effq.data.rtstruct import RtStructWriter, require_skimage
 from monai_effq.data.segment_codes import channel_segments
 from monai_effq.data.writers import mask_name_formatter
@@ -74,8 +75,10 @@ class DicomMaskSaver:
     post-processing has run, to ``<output_dir>/<series folder name>_seg.dcm`` (``_rtstruct.dcm``).
     Each image must be a DICOM series folder and the mask be on its grid (``Invertd``), as
     :class:`monai_effq.data.DicomSegWriter` requires; a label map's value ``k`` is the ``k``-th channel
-    after the background, else each channel is a segment. With ``mask_format="nifti"`` it attaches
-    nothing: the bundle's own ``SaveImaged`` writes those.
+    after the background, else each channel is a segment (a one-hot mask's background channel is left
+    out). The evaluator's cases are checked when it is attached: each image a folder, no two folders of
+    one name (their masks would take one file). With ``mask_format="nifti"`` it attaches nothing: the
+    bundle's own ``SaveImaged`` writes those.
 
     Example::
 
@@ -90,6 +93,7 @@ class DicomMaskSaver:
             otherwise (:func:`monai_effq.data.segment_codes.coded_segment`).
         algorithm: the algorithm's name recorded in the SEG or RTSTRUCT.
         key: the prediction's key in the engine's output.
+        image_key: the image's key in the evaluator's dataset, whose cases are checked when it is attached.
 
     Raises:
         UserInputError: for another mask format.
@@ -104,6 +108,7 @@ class DicomMaskSaver:
         seg_codes: Mapping[str, Sequence[str]] | None = None,
         algorithm: str = "monai-effq",
         key: str = "pred",
+        image_key: str = "image",
     ) -> None:
         if mask_format != "nifti" and mask_format not in DICOM_MASK_FORMATS:
             raise UserInputError(f"mask_format must be 'nifti', 'dicom_seg' or 'rtstruct', got {mask_format!r}.")
@@ -114,7 +119,10 @@ class DicomMaskSaver:
         self.seg_codes = seg_codes
         self.algorithm = algorithm
         self.key = key
+        self.image_key = image_key
         self.saver: SaveImaged | None = None
+        self.one_hot_channels = 0  # a mask of this many channels carries the background first
+        self.sources: dict[str, str] = {}  # the series folder each mask name is written from
 
     def attach(self, engine: Engine) -> None:
         """Code the segments and save each case's mask once the engine has post-processed it.
@@ -126,6 +134,8 @@ class DicomMaskSaver:
             MissingExtraError: without the ``dicom`` extra.
             MissingInputError, UserInputError: when the channels cannot be read or coded (:func:`output_channels`,
                 :func:`monai_effq.data.segment_codes.channel_segments`).
+            MissingInputError, DatasetError, UserInputError: for a case whose image is missing or not a
+                folder, or two cases whose masks would take one name (:meth:`claim`).
         """
         if self.mask_format == "nifti":
             return
@@ -134,7 +144,16 @@ class DicomMaskSaver:
             require_skimage()
         channels = self.channel_def if self.channel_def is not None else output_channels(self.metadata_file or "configs/metadata.json", self.key)
         segments = channel_segments(channels, self.seg_codes)
+        if len(channels) == len(segments) + 1 > 2:
+            self.one_hot_channels = len(channels)
         postfix, writer = DICOM_MASK_FORMATS[self.mask_format]
+        dataset = getattr(getattr(engine, "data_loader", None), "dataset", None)
+        for case in getattr(dataset, "data", None) or []:  # before the first case runs, where the bundle's dataset lists them
+            image = case.get(self.image_key) if isinstance(case, Mapping) else case
+            if isinstance(image, (list, tuple)):
+                image = image[0] if image else None
+            if isinstance(image, (str, os.PathLike)):
+                self.claim(image, postfix)
         self.saver = SaveImaged(
             keys=self.key,
             output_dir=self.output_dir,
@@ -155,5 +174,42 @@ class DicomMaskSaver:
             engine: the evaluator, after an iteration.
         """
         output = engine.state.output
+        postfix = DICOM_MASK_FORMATS[self.mask_format][0]
         for case in output if isinstance(output, (list, tuple)) else decollate_batch(output):
+            pred = case[self.key]
+            source = getattr(pred, "meta", {}).get("filename_or_obj")
+            if isinstance(source, (list, tuple)):
+                source = source[0] if source else None
+            if source:
+                self.claim(source, postfix)
+            if self.one_hot_channels and pred.shape[0] == self.one_hot_channels:
+                case = {**case, self.key: pred[1:]}  # AsDiscreted(to_onehot=...) keeps the background channel
             self.saver(case)
+
+    def claim(self, image: str | os.PathLike, postfix: str) -> None:
+        """Check that ``image`` is a series folder and the only one whose mask takes its name.
+
+        Args:
+            image: a case's (first) image.
+            postfix: the mask name's ending.
+
+        Raises:
+            MissingInputError: when it does not exist.
+            DatasetError: when it is not a folder (a DICOM mask must point at the series it segments).
+            UserInputError: when another folder of the same name was claimed: both masks would take one file.
+        """
+        path = os.path.abspath(os.fspath(image))
+        if not os.path.exists(path):
+            raise MissingInputError(f"image {path} does not exist: give the DICOM series folder of each case.")
+        if not os.path.isdir(path):
+            raise DatasetError(
+                f"image {path} is not a DICOM series folder, and a {self.mask_format} mask must point at the series it "
+                "segments: give series folders, or leave mask_format at 'nifti' for the bundle's own masks."
+            )
+        name = os.path.basename(path)
+        earlier = self.sources.setdefault(name, path)
+        if earlier != path:
+            raise UserInputError(
+                f"images {earlier} and {path} would both write {name}_{postfix}.dcm in {self.output_dir}: give each "
+                "series folder a name of its own (a link named after the patient will do), or run them into separate output_dir."
+            )

@@ -24,6 +24,12 @@ pytest.importorskip("highdicom")
         ("lung nodules", "MorphologicallyAbnormalStructure", "Nodule", "Lung", None),
         ("enhancing tumor", "MorphologicallyAbnormalStructure", "EnhancingLesion", None, None),  # brats_mri_segmentation
         ("peritumoral oedema", "MorphologicallyAbnormalStructure", "Edema", None, None),
+        ("tumor core", "MorphologicallyAbnormalStructure", "Neoplasm", None, None),
+        # a sided structure of its own keeps its own code, not a side of another
+        ("left ventricle", "AnatomicalStructure", "LeftVentricle", None, None),
+        ("ventricle_left", "AnatomicalStructure", "LeftVentricle", None, None),
+        ("right coronary artery", "AnatomicalStructure", "RightCoronaryArtery", None, None),
+        ("tissue", "Tissue", "Tissue", None, None),
     ],
 )
 def test_a_channel_name_is_coded_by_the_context_group_that_lists_it(name, category, kind, region, modifier):
@@ -71,3 +77,16 @@ def test_channels_or_codes_that_cannot_be_coded_are_named_with_what_to_give(chan
 
 def test_the_users_codes_are_checked_as_given_alone():
     assert coded_segment("gtv", ["MorphologicallyAbnormalStructure", "Neoplasm", "Brain"]).region == "Brain"
+
+
+@pytest.mark.parametrize("name", ["liver and tumor", "tumor-free liver", "non tumor", "normal appearing white matter", "background liver", "tumor bed"])
+def test_a_name_that_only_mentions_an_abnormality_is_not_coded_as_one(name):
+    assert segment_for_name(name) is None
+
+
+def test_every_type_the_lookup_can_give_is_one_the_seg_writer_codes():
+    from monai_effq.data.segment_codes import _type_groups
+
+    for category, types in _type_groups():
+        for kind in types.values():
+            assert Segment(kind, category, kind).concepts()["segmented_property_type"].value
