@@ -220,6 +220,20 @@ def _unattached_loader(tmp_path, lits):
     check_attached(Engine(lambda engine, batch: None), object(), "handlers")
 
 
+def _metadata_without_channels(tmp_path, lits):
+    from monai_effq.handlers import output_channels
+
+    (tmp_path / "metadata.json").write_text(json.dumps({"network_data_format": {"inputs": {}, "outputs": {"pred": {"type": "image"}}}}))
+    output_channels(tmp_path / "metadata.json")
+
+
+def _misspelt_seg_code(tmp_path, lits):
+    pytest.importorskip("highdicom")
+    from monai_effq.data import channel_segments
+
+    channel_segments({"0": "background", "1": "liver"}, {"liver": ["AnatomicalStructure", "Livr"]})
+
+
 def _unexportable_bundle(tmp_path, lits):
     (tmp_path / "configs").mkdir()
     initialize = ["$@network.load_state_dict(torch.load(@bundle_root + '/models/model.pt'))"]
@@ -598,6 +612,8 @@ TRIGGERS = {
     "the quantize run that writes <file> did not finish (its journal <journal> is there)": _unfinished_run,
     "<n> validation cases cannot be shared by <m> processes": lambda t, d: rank_cases([{"image": "a.nii.gz"}], 0, 2),
     "local rank <n> has no GPU of its own: this machine has <m> CUDA GPU(s) and NCCL takes one per process.": _rank_past_the_gpus,
+    "the bundle's metadata <file> has no network_data_format.outputs.pred.channel_def naming the output channels": _metadata_without_channels,
+    "seg_codes for <name>: <keyword> is not a type of <category>": _misspelt_seg_code,
     "the input to <model.onnx> holds <n> NaN or Inf voxel(s)": _nan_onnx_input,
     "<runtime> could not run <model.onnx> on a <size> input (<reason>); it was exported on <size>": _onnx_run_at_another_size,
     "<model.onnx> was exported for inputs of shape <shape> (? marks a dynamic axis) and cannot run a <shape> input": (

@@ -210,6 +210,6 @@ class DicomMaskSaver:
         earlier = self.sources.setdefault(name, path)
         if earlier != path:
             raise UserInputError(
-                f"images {earlier} and {path} would both write {name}_{postfix}.dcm in {self.output_dir}: give each "
-                "series folder a name of its own (a link named after the patient will do), or run them into separate output_dir."
+                f"images {earlier} and {path} would both write the mask {name}_{postfix}.dcm in {self.output_dir}: give each "
+                "series folder a name of its own (a link named after the patient will do), or run them with separate --output_dir."
             )

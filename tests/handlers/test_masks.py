@@ -122,7 +122,7 @@ def test_the_evaluators_cases_are_checked_before_the_first_and_a_one_hot_backgro
         return SupervisedEvaluator(torch.device("cpu"), loader, torch.nn.Identity(), decollate=True)
 
     saver = DicomMaskSaver("dicom_seg", output_dir=tmp_path / "eval", channel_def=CHANNELS)
-    with pytest.raises(UserInputError, match=r"images .*2.000000-VENOUS-1234 and .*patient2/2.000000-VENOUS-1234 would both write 2.000000-VENOUS-1234_seg.dcm"):
+    with pytest.raises(UserInputError, match=r"images .*2.000000-VENOUS-1234 and .*patient2/2.000000-VENOUS-1234 would both write the mask 2.000000-VENOUS-1234_seg.dcm"):
         saver.attach(evaluator([tmp_path / "2.000000-VENOUS-1234", tmp_path / "patient2" / "2.000000-VENOUS-1234"]))
     with pytest.raises(DatasetError, match=r"ct.nii.gz is not a DICOM series folder"):
         DicomMaskSaver("dicom_seg", channel_def=CHANNELS).attach(evaluator([tmp_path / "ct.nii.gz"]))
