@@ -128,19 +128,41 @@ def segment_for_name(name: str) -> Segment | None:
     require_highdicom()
     words = _words(name)
     sides = [w for w in words if w in _LATERALITY]
-    # a sided structure of its own first ("left ventricle", "ventricle_left": the LeftVentricle), then a
-    # structure with its side as a modifier ("kidney_left": the Kidney, Left)
-    found = _find_type(words) or (_find_type(sides + [w for w in words if w not in _LATERALITY]) if sides else None)
+    unsided = [w for w in words if w not in _LATERALITY]
+    # a sided structure of its own first ("left ventricle", "ventricle_left": the LeftVentricle), also
+    # named organ first ("heart_ventricle_left", "lung_middle_lobe_right": the MiddleLobeOfRightLung)
+    anatomy = ["AnatomicalStructure"]
+    found = _find_type(words) or (_find_type(sides + unsided) if sides else None)
+    for form in _organ_first(unsided, sides) if sides else []:
+        found = found or _find_type(form, anatomy)
     if found is not None:
         return Segment(name, *found)
-    words = [w for w in words if w not in _LATERALITY]
-    found = _find_type(words)
-    if found is None and "tumor" in words and len(words) > 1:  # "enhancing tumor" is the EnhancingLesion
-        found = _find_type(["lesion" if w == "tumor" else w for w in words], ["MorphologicallyAbnormalStructure"])
-    if found is not None:
-        sided = found[0] == "AnatomicalStructure" and len(sides) == 1
-        return Segment(name, *found, modifier=_LATERALITY[sides[0]] if sided else None)
-    return _abnormal_in_region(name, words)
+    # then a structure with its side as a modifier ("kidney_left": the Kidney, Left)
+    found = _find_type(unsided)
+    for form in _organ_first(unsided, []):
+        found = found or _find_type(form, anatomy)
+    if found is None and "tumor" in unsided and len(unsided) > 1:  # "enhancing tumor" is the EnhancingLesion
+        found = _find_type(["lesion" if w == "tumor" else w for w in unsided], ["MorphologicallyAbnormalStructure"])
+    if found is None:
+        abnormal = _abnormal_in_region(name, unsided)
+        if abnormal is not None:
+            return abnormal
+        # last, the structure the last words name ("urinary_bladder": the Bladder), unless others deny or join
+        if not _NEGATING.intersection(unsided):
+            found = next((f for k in range(1, len(unsided)) if (f := _find_type(unsided[k:], ["AnatomicalStructure"]))), None)
+    if found is None:
+        return None
+    sided = found[0] == "AnatomicalStructure" and len(sides) == 1
+    return Segment(name, *found, modifier=_LATERALITY[sides[0]] if sided else None)
+
+
+def _organ_first(words: Sequence[str], sides: Sequence[str]) -> list[list[str]]:
+    """Forms of a name that puts its organ first, as TotalSegmentator's do: the rest alone
+    (``heart ventricle`` is a ventricle) and the rest of the organ (``lung upper lobe`` is the upper lobe of lung)."""
+    if len(words) < 2:
+        return []
+    organ, rest = words[0], list(words[1:])
+    return [list(sides) + rest, rest + ["of", *sides, organ]]
 
 
 def _abnormal_in_region(name: str, words: Sequence[str]) -> Segment | None:
