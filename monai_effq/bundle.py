@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.data.utils import create_file_basename
 from monai.transforms import CenterSpatialCropd, Compose, SpatialPadd
 
 from monai_effq.data import (
@@ -33,11 +32,11 @@ from monai_effq.data import (
     lits_transforms,
     make_brats_demo,
     make_lits_demo,
-    mask_subject,
     resolve_layout,
     split_datalist,
     validate_datalist,
 )
+from monai_effq.data.writers import inference_masks
 from monai_effq.overlays import calibration_items
 from monai_effq.ptq.checkpoint import verify_checkpoint
 from monai_effq.ptq.journal import journal_path
@@ -408,55 +407,6 @@ def images(
     return [{"image": case["image"]} for case in datalist(dataset_dir, dataset, part, layout, val_fraction)]
 
 
-def inference_masks(
-    cases: Sequence[dict[str, Any]], output_dir: str | os.PathLike, postfix: str = "seg", ext: str = ".nii.gz"
-) -> list[Path]:
-    """The mask inference writes for each case, refusing a malformed datalist or two cases that would
-    share a mask.
-
-    The masks go into one folder, named after each image's file (``SaveImaged`` with
-    ``separate_folder=False`` and :func:`monai_effq.data.mask_name_formatter`), so ``a/ct.nii`` and
-    ``b/ct.nii`` (or ``ct.nrrd`` and ``ct.mha``) would leave only the last patient's mask. No image is read.
-
-    Args:
-        cases: ``[{"image": path or paths}, ...]``, the inference datalist; a path may be a file MONAI
-            reads (NIfTI, NRRD, MetaImage, ...) or a folder holding one DICOM series.
-        output_dir: where the masks go.
-        postfix: the masks' name postfix.
-        ext: the masks' file extension.
-
-    Returns:
-        one path per case, in order.
-
-    Raises:
-        UserInputError: naming an entry that is not ``{"image": path or paths}``, or two images whose
-            masks would collide.
-    """
-    if isinstance(cases, (str, bytes, Mapping)) or not isinstance(cases, Sequence) or not cases:
-        raise UserInputError(
-            f"the inference datalist must be a non-empty list of cases such as [{{'image': '/path/to/ct.nii.gz'}}], got {cases!r}."
-        )
-    masks: dict[Path, str] = {}
-    for case in cases:
-        image = case.get("image") if isinstance(case, Mapping) else None
-        files = [image] if isinstance(image, (str, os.PathLike)) else image
-        if not (isinstance(files, (list, tuple)) and files and all(isinstance(f, (str, os.PathLike)) for f in files)):
-            raise UserInputError(
-                f"inference datalist entry {case!r} is not a case: give each as {{'image': path}}, the path an image "
-                "file or DICOM series folder (a list of paths for a multi-modal case), e.g. "
-                "--datalist \"[{'image': '/path/to/ct.nii.gz'}]\"."
-            )
-        # the name SaveImaged gives the mask: from the first file of a multi-modal case
-        mask = Path(create_file_basename(postfix, mask_subject(files[0]), str(output_dir), "", False, makedirs=False) + ext)
-        if mask in masks:
-            raise UserInputError(
-                f"images {masks[mask]} and {files[0]} would both write the mask {mask.name} in {output_dir}: "
-                "rename one, or run them with separate --output_dir."
-            )
-        masks[mask] = str(files[0])
-    return list(masks)
-
-
 MASK_FORMATS = {"nifti": ".nii.gz", "dicom_seg": ".dcm", "rtstruct": ".dcm"}
 """The formats inference writes masks in, and each one's file extension."""
 
@@ -595,19 +545,15 @@ def check_inference_inputs(
                 raise MissingInputError(f"image {path} does not exist: correct the datalist or --dataset_dir.")
     kind = "a DICOM SEG" if mask_format == "dicom_seg" else "an RTSTRUCT"
     if seg:
-        from monai_effq.data.dicom_seg import check_seg_source, require_highdicom
+        from monai_effq.data.dicom_seg import check_seg_source, require_highdicom, require_series_folder
 
         require_highdicom()
         if mask_format == "rtstruct":
             from monai_effq.data.rtstruct import require_skimage
 
             require_skimage()
-        for first in (_first_image(case) for case in cases):
-            if not Path(first).is_dir():
-                raise UserInputError(
-                    f"image {first} is a file, and {kind} mask must point "
-                    "at the DICOM series it segments: pass the series' folder, or write NIfTI masks (--mask_format nifti)."
-                )
+        for case in cases:
+            require_series_folder(_first_image(case), kind)
     for case in cases:  # decoding takes the longest: after the checks that need no image read
         check_image(case["image"], read_data=True)
         if seg:

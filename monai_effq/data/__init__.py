@@ -57,7 +57,7 @@ if TYPE_CHECKING:
         lits_transforms,
     )
     from monai_effq.data.images import check_image, dicom_series_files, image_error_reason
-    from monai_effq.data.writers import AtomicNibabelWriter, mask_name_formatter, mask_subject
+    from monai_effq.data.writers import AtomicNibabelWriter, inference_masks, mask_name_formatter, mask_subject
     from monai_effq.data.dicom_seg import (
         BRATS2023_SEG_LABELS,
         BRATS_MSD_SEG_LABELS,
@@ -110,7 +110,7 @@ _LAZY: dict[str, str] = {
         ),
         "monai_effq.data.transforms",
     ),
-    **dict.fromkeys(("AtomicNibabelWriter", "mask_name_formatter", "mask_subject"), "monai_effq.data.writers"),
+    **dict.fromkeys(("AtomicNibabelWriter", "inference_masks", "mask_name_formatter", "mask_subject"), "monai_effq.data.writers"),
     **dict.fromkeys(("check_image", "dicom_series_files", "image_error_reason"), "monai_effq.data.images"),
     **dict.fromkeys(
         (
@@ -176,6 +176,7 @@ __all__ = [
     "synth_lits_case",
     "calibration_windows",
     "AtomicNibabelWriter",
+    "inference_masks",
     "mask_name_formatter",
     "mask_subject",
     "DicomSegWriter",

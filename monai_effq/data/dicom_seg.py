@@ -28,7 +28,7 @@ from monai.utils import optional_import
 
 from monai_effq.data.images import dicom_series_files, image_error_reason
 from monai_effq.data.layouts import DatasetError
-from monai_effq.utils.errors import MissingExtraError, UserInputError
+from monai_effq.utils.errors import MissingExtraError, MissingInputError, UserInputError
 from monai_effq.utils.io import atomic_write
 
 hd, has_highdicom = optional_import("highdicom")
@@ -59,6 +59,7 @@ __all__ = [
     "media_storage_class",
     "paint_labels",
     "referenced_series",
+    "require_series_folder",
     "snomed_ct",
 ]
 
@@ -218,6 +219,26 @@ def require_highdicom() -> None:
         raise MissingExtraError(
             "writing masks as DICOM SEG needs highdicom: pip install 'monai-effq[dicom]' (or pip install highdicom), "
             "or write NIfTI masks (mask_format 'nifti')."
+        )
+
+
+def require_series_folder(image: str | PathLike, kind: str = "a DICOM SEG") -> None:
+    """Refuse an image that is not a folder: a DICOM mask points at the series it segments.
+
+    Args:
+        image: a case's image (a multi-modal case's first, the one its mask lies on).
+        kind: the mask, for the error (``"a DICOM SEG"``, ``"an RTSTRUCT"``).
+
+    Raises:
+        MissingInputError: when it does not exist.
+        DatasetError: when it is a file.
+    """
+    if not Path(image).exists():
+        raise MissingInputError(f"image {image} does not exist: correct the datalist or --dataset_dir.")
+    if not Path(image).is_dir():
+        raise DatasetError(
+            f"image {image} is a file, and {kind} mask must point at the DICOM series it segments: pass the "
+            "series' folder, or write NIfTI masks (--mask_format nifti)."
         )
 
 
@@ -574,11 +595,7 @@ class DicomSegWriter(ImageWriter):
         """
         if self.source is None or self.affine is None or self.data_obj is None:
             raise ValueError(f"{type(self).__name__}.write needs set_data_array and set_metadata first.")
-        if not Path(self.source).is_dir():
-            raise DatasetError(
-                f"image {self.source} is not a DICOM series folder, and {kind} must point at the series it "
-                "segments: write NIfTI masks (mask_format 'nifti') for other images."
-            )
+        require_series_folder(self.source, kind)
         return check_seg_source(self.source, kind), segment_array(self.data_obj, len(self.segments))
 
 

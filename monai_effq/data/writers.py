@@ -15,15 +15,19 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from monai.config import PathLike
 from monai.data import NibabelWriter
 from monai.data.folder_layout import default_name_formatter
+from monai.data.utils import create_file_basename
 
+from monai_effq.utils.errors import UserInputError
 from monai_effq.utils.io import atomic_write
 
-__all__ = ["AtomicNibabelWriter", "mask_name_formatter", "mask_subject"]
+__all__ = ["AtomicNibabelWriter", "inference_masks", "mask_name_formatter", "mask_subject"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,3 +83,52 @@ def mask_name_formatter(metadict: dict | None, saver: Any) -> dict:
     if metadict and metadict.get("filename_or_obj"):
         names["subject"] = mask_subject(str(metadict["filename_or_obj"]))
     return names
+
+
+def inference_masks(
+    cases: Sequence[dict[str, Any]], output_dir: str | os.PathLike, postfix: str = "seg", ext: str = ".nii.gz"
+) -> list[Path]:
+    """The mask inference writes for each case, refusing a malformed datalist or two cases that would
+    share a mask.
+
+    The masks go into one folder, named after each image's file (``SaveImaged`` with
+    ``separate_folder=False`` and :func:`monai_effq.data.mask_name_formatter`), so ``a/ct.nii`` and
+    ``b/ct.nii`` (or ``ct.nrrd`` and ``ct.mha``) would leave only the last patient's mask. No image is read.
+
+    Args:
+        cases: ``[{"image": path or paths}, ...]``, the inference datalist; a path may be a file MONAI
+            reads (NIfTI, NRRD, MetaImage, ...) or a folder holding one DICOM series.
+        output_dir: where the masks go.
+        postfix: the masks' name postfix.
+        ext: the masks' file extension.
+
+    Returns:
+        one path per case, in order.
+
+    Raises:
+        UserInputError: naming an entry that is not ``{"image": path or paths}``, or two images whose
+            masks would collide.
+    """
+    if isinstance(cases, (str, bytes, Mapping)) or not isinstance(cases, Sequence) or not cases:
+        raise UserInputError(
+            f"the inference datalist must be a non-empty list of cases such as [{{'image': '/path/to/ct.nii.gz'}}], got {cases!r}."
+        )
+    masks: dict[Path, str] = {}
+    for case in cases:
+        image = case.get("image") if isinstance(case, Mapping) else None
+        files = [image] if isinstance(image, (str, os.PathLike)) else image
+        if not (isinstance(files, (list, tuple)) and files and all(isinstance(f, (str, os.PathLike)) for f in files)):
+            raise UserInputError(
+                f"inference datalist entry {case!r} is not a case: give each as {{'image': path}}, the path an image "
+                "file or DICOM series folder (a list of paths for a multi-modal case), e.g. "
+                "--datalist \"[{'image': '/path/to/ct.nii.gz'}]\"."
+            )
+        # the name SaveImaged gives the mask: from the first file of a multi-modal case
+        mask = Path(create_file_basename(postfix, mask_subject(files[0]), str(output_dir), "", False, makedirs=False) + ext)
+        if mask in masks:
+            raise UserInputError(
+                f"images {masks[mask]} and {files[0]} would both write the mask {mask.name} in {output_dir}: "
+                "rename one, or run them with separate --output_dir."
+            )
+        masks[mask] = str(files[0])
+    return list(masks)

@@ -21,11 +21,10 @@ from monai.data import decollate_batch
 from monai.transforms import SaveImaged
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_effq.data.dicom_seg import DicomSegWriter, require_highdicom
-from monai_effq.data.layouts import DatasetError
+from monai_effq.data.dicom_seg import DicomSegWriter, require_highdicom, require_series_folder
 from monai_effq.data.rtstruct import RtStructWriter, require_skimage
 from monai_effq.data.segment_codes import channel_segments
-from monai_effq.data.writers import mask_name_formatter
+from monai_effq.data.writers import inference_masks, mask_name_formatter
 from monai_effq.utils.errors import MissingInputError, UserInputError
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -36,8 +35,8 @@ else:
 
 __all__ = ["DICOM_MASK_FORMATS", "DicomMaskSaver", "output_channels"]
 
-DICOM_MASK_FORMATS = {"dicom_seg": ("seg", DicomSegWriter), "rtstruct": ("rtstruct", RtStructWriter)}
-"""Each DICOM mask format: the file name's ending (``<series>_seg.dcm``) and its writer."""
+DICOM_MASK_FORMATS = {"dicom_seg": ("seg", DicomSegWriter, "a DICOM SEG"), "rtstruct": ("rtstruct", RtStructWriter, "an RTSTRUCT")}
+"""Each DICOM mask format: the file name's ending (``<series>_seg.dcm``), its writer and what it is called."""
 
 
 def output_channels(metadata_file: str | os.PathLike, key: str = "pred") -> dict[str, str]:
@@ -76,8 +75,9 @@ class DicomMaskSaver:
     Each image must be a DICOM series folder and the mask be on its grid (``Invertd``), as
     :class:`monai_effq.data.DicomSegWriter` requires; a label map's value ``k`` is the ``k``-th channel
     after the background, else each channel is a segment (a one-hot mask's background channel is left
-    out). The evaluator's cases are checked when it is attached: each image a folder, no two folders of
-    one name (their masks would take one file). With ``mask_format="nifti"`` it attaches nothing: the
+    out). Where the evaluator's dataset lists its cases (``[{"image": ...}]``, as the zoo's do), they are
+    checked when it is attached: each image a folder, no two folders of one name (their masks would
+    take one file). With ``mask_format="nifti"`` it attaches nothing: the
     bundle's own ``SaveImaged`` writes those.
 
     Example::
@@ -93,7 +93,6 @@ class DicomMaskSaver:
             otherwise (:func:`monai_effq.data.segment_codes.coded_segment`).
         algorithm: the algorithm's name recorded in the SEG or RTSTRUCT.
         key: the prediction's key in the engine's output.
-        image_key: the image's key in the evaluator's dataset, whose cases are checked when it is attached.
 
     Raises:
         UserInputError: for another mask format.
@@ -108,7 +107,6 @@ class DicomMaskSaver:
         seg_codes: Mapping[str, Sequence[str]] | None = None,
         algorithm: str = "monai-effq",
         key: str = "pred",
-        image_key: str = "image",
     ) -> None:
         if mask_format != "nifti" and mask_format not in DICOM_MASK_FORMATS:
             raise UserInputError(f"mask_format must be 'nifti', 'dicom_seg' or 'rtstruct', got {mask_format!r}.")
@@ -119,10 +117,8 @@ class DicomMaskSaver:
         self.seg_codes = seg_codes
         self.algorithm = algorithm
         self.key = key
-        self.image_key = image_key
         self.saver: SaveImaged | None = None
         self.one_hot_channels = 0  # a mask of this many channels carries the background first
-        self.sources: dict[str, str] = {}  # the series folder each mask name is written from
 
     def attach(self, engine: Engine) -> None:
         """Code the segments and save each case's mask once the engine has post-processed it.
@@ -135,7 +131,7 @@ class DicomMaskSaver:
             MissingInputError, UserInputError: when the channels cannot be read or coded (:func:`output_channels`,
                 :func:`monai_effq.data.segment_codes.channel_segments`).
             MissingInputError, DatasetError, UserInputError: for a case whose image is missing or not a
-                folder, or two cases whose masks would take one name (:meth:`claim`).
+                folder, or two cases whose masks would take one name (:func:`monai_effq.data.inference_masks`).
         """
         if self.mask_format == "nifti":
             return
@@ -146,14 +142,14 @@ class DicomMaskSaver:
         segments = channel_segments(channels, self.seg_codes)
         if len(channels) == len(segments) + 1 > 2:
             self.one_hot_channels = len(channels)
-        postfix, writer = DICOM_MASK_FORMATS[self.mask_format]
-        dataset = getattr(getattr(engine, "data_loader", None), "dataset", None)
-        for case in getattr(dataset, "data", None) or []:  # before the first case runs, where the bundle's dataset lists them
-            image = case.get(self.image_key) if isinstance(case, Mapping) else case
-            if isinstance(image, (list, tuple)):
-                image = image[0] if image else None
-            if isinstance(image, (str, os.PathLike)):
-                self.claim(image, postfix)
+        postfix, writer, kind = DICOM_MASK_FORMATS[self.mask_format]
+        cases = getattr(getattr(getattr(engine, "data_loader", None), "dataset", None), "data", None)
+        if isinstance(cases, Sequence) and cases and all(isinstance(c, Mapping) and "image" in c for c in cases):
+            # before the first case runs, where the bundle's dataset lists them as the zoo's do
+            inference_masks(cases, self.output_dir, postfix, ".dcm")
+            for case in cases:
+                image = case["image"]
+                require_series_folder(image[0] if isinstance(image, (list, tuple)) else image, kind)
         self.saver = SaveImaged(
             keys=self.key,
             output_dir=self.output_dir,
@@ -174,42 +170,8 @@ class DicomMaskSaver:
             engine: the evaluator, after an iteration.
         """
         output = engine.state.output
-        postfix = DICOM_MASK_FORMATS[self.mask_format][0]
         for case in output if isinstance(output, (list, tuple)) else decollate_batch(output):
             pred = case[self.key]
-            source = getattr(pred, "meta", {}).get("filename_or_obj")
-            if isinstance(source, (list, tuple)):
-                source = source[0] if source else None
-            if source:
-                self.claim(source, postfix)
             if self.one_hot_channels and pred.shape[0] == self.one_hot_channels:
                 case = {**case, self.key: pred[1:]}  # AsDiscreted(to_onehot=...) keeps the background channel
             self.saver(case)
-
-    def claim(self, image: str | os.PathLike, postfix: str) -> None:
-        """Check that ``image`` is a series folder and the only one whose mask takes its name.
-
-        Args:
-            image: a case's (first) image.
-            postfix: the mask name's ending.
-
-        Raises:
-            MissingInputError: when it does not exist.
-            DatasetError: when it is not a folder (a DICOM mask must point at the series it segments).
-            UserInputError: when another folder of the same name was claimed: both masks would take one file.
-        """
-        path = os.path.abspath(os.fspath(image))
-        if not os.path.exists(path):
-            raise MissingInputError(f"image {path} does not exist: give the DICOM series folder of each case.")
-        if not os.path.isdir(path):
-            raise DatasetError(
-                f"image {path} is not a DICOM series folder, and a {self.mask_format} mask must point at the series it "
-                "segments: give series folders, or leave mask_format at 'nifti' for the bundle's own masks."
-            )
-        name = os.path.basename(path)
-        earlier = self.sources.setdefault(name, path)
-        if earlier != path:
-            raise UserInputError(
-                f"images {earlier} and {path} would both write the mask {name}_{postfix}.dcm in {self.output_dir}: give each "
-                "series folder a name of its own (a link named after the patient will do), or run them with separate --output_dir."
-            )

@@ -13,7 +13,7 @@ from monai.transforms import LoadImage
 from monai_effq.data import DatasetError
 from monai_effq.data.dicom_seg import SegLabels, read_seg_labels
 from monai_effq.handlers import DicomMaskSaver, output_channels
-from monai_effq.utils.errors import MissingInputError, UserInputError
+from monai_effq.utils.errors import MissingInputError, UserInputError, find_user_error
 
 from ..dicom import write_dicom_series
 
@@ -106,8 +106,10 @@ def test_a_mask_format_channels_or_image_it_cannot_write_is_named(tmp_path, case
     with pytest.raises(UserInputError, match=r"cannot read the bundle's metadata"):
         output_channels(tmp_path / "metadata.json")
     nifti = MetaTensor(pred.as_tensor(), affine=pred.affine, meta={**pred.meta, "filename_or_obj": str(tmp_path / "ct.nii.gz")})
-    with pytest.raises(DatasetError, match=r"ct.nii.gz is not a DICOM series folder, and a dicom_seg mask must point at the series"):
+    with pytest.raises(RuntimeError) as refused:  # SaveImage reports its writer's error as its own
         _evaluate(nifti, DicomMaskSaver("dicom_seg", output_dir=tmp_path / "eval", channel_def=CHANNELS))
+    error = find_user_error(refused.value)  # what the bundle CLI prints as one line
+    assert isinstance(error, DatasetError) and "ct.nii.gz is a file, and a DICOM SEG mask must point at the DICOM series" in str(error)
 
 
 def test_the_evaluators_cases_are_checked_before_the_first_and_a_one_hot_background_is_left_out(tmp_path, case):
@@ -124,7 +126,7 @@ def test_the_evaluators_cases_are_checked_before_the_first_and_a_one_hot_backgro
     saver = DicomMaskSaver("dicom_seg", output_dir=tmp_path / "eval", channel_def=CHANNELS)
     with pytest.raises(UserInputError, match=r"images .*2.000000-VENOUS-1234 and .*patient2/2.000000-VENOUS-1234 would both write the mask 2.000000-VENOUS-1234_seg.dcm"):
         saver.attach(evaluator([tmp_path / "2.000000-VENOUS-1234", tmp_path / "patient2" / "2.000000-VENOUS-1234"]))
-    with pytest.raises(DatasetError, match=r"ct.nii.gz is not a DICOM series folder"):
+    with pytest.raises(DatasetError, match=r"ct.nii.gz is a file, and a DICOM SEG mask"):
         DicomMaskSaver("dicom_seg", channel_def=CHANNELS).attach(evaluator([tmp_path / "ct.nii.gz"]))
     with pytest.raises(MissingInputError, match=r"image .*absent does not exist"):
         DicomMaskSaver("dicom_seg", channel_def=CHANNELS).attach(evaluator([tmp_path / "absent"]))
