@@ -40,6 +40,8 @@ GENERIC_CODES = ("Tissue", "Tissue")
 _BACKGROUND = frozenset({"background", "bg", "_background_"})
 # British spellings, as BraTS and LiTS write them, of words the context groups spell the American way
 _SPELLING = {"tumour": "tumor", "oedema": "edema", "haemorrhage": "hemorrhage", "oesophagus": "esophagus", "haematoma": "hematoma"}
+# ordinals as the context groups spell them ("3rd Ventricle" is the ThirdVentricle)
+_SPELLING.update({"1st": "first", "2nd": "second", "3rd": "third", "4th": "fourth", "5th": "fifth"})
 # words naming an abnormal structure that its context group (CID 7194) names otherwise
 _ABNORMAL = {"tumor": "Neoplasm", "cancer": "Neoplasm", "carcinoma": "Neoplasm", "metastasis": "NeoplasmSecondary", "metastases": "NeoplasmSecondary"}
 _LATERALITY = {"left": "Left", "right": "Right"}
@@ -48,6 +50,9 @@ _NOT_ABNORMAL = frozenset({"Normal", "Background"})
 _NEGATING = frozenset({"non", "no", "not", "free", "without", "and", "or"})
 # words after an abnormality that name a part of it, not something else ("tumor core", BraTS' TC)
 _PART = frozenset({"core", "region", "area", "mask", "label", "segment", "segmentation"})
+# words naming a part of a structure, which the last words of a name may not be taken for alone
+# ("pancreas head" is no Head, the body part)
+_STRUCTURE_PART = frozenset({"head", "neck", "body", "tail", "wall", "lobe", "base", "apex", "root", "segment", "cortex"})
 # where a type is in two groups, the anatomical meaning first, then tissue ("fat" the tissue, not a concept)
 _PRECEDENCE = ("AnatomicalStructure", "Tissue", "MorphologicallyAbnormalStructure")
 
@@ -129,40 +134,51 @@ def segment_for_name(name: str) -> Segment | None:
     words = _words(name)
     sides = [w for w in words if w in _LATERALITY]
     unsided = [w for w in words if w not in _LATERALITY]
-    # a sided structure of its own first ("left ventricle", "ventricle_left": the LeftVentricle), also
-    # named organ first ("heart_ventricle_left", "lung_middle_lobe_right": the MiddleLobeOfRightLung)
     anatomy = ["AnatomicalStructure"]
+    # a sided structure of its own first ("left ventricle", "ventricle_left": the LeftVentricle)
     found = _find_type(words) or (_find_type(sides + unsided) if sides else None)
-    for form in _organ_first(unsided, sides) if sides else []:
-        found = found or _find_type(form, anatomy)
     if found is not None:
         return Segment(name, *found)
     # then a structure with its side as a modifier ("kidney_left": the Kidney, Left)
     found = _find_type(unsided)
-    for form in _organ_first(unsided, []):
-        found = found or _find_type(form, anatomy)
+    if found is None and len(unsided) > 1 and _find_type(unsided[:1], anatomy):
+        # the organ first, as TotalSegmentator names: "heart_ventricle_left" is the LeftVentricle,
+        # "lung_middle_lobe_right" the MiddleLobeOfRightLung, "lung_upper_lobe_left" the UpperLobeOfLung, Left
+        organ, rest = unsided[0], unsided[1:]
+        for form in ([*sides, *rest], [*rest, "of", *sides, organ]) if sides else ():
+            found = found or _find_type(form, anatomy)
+        if found is not None:
+            return Segment(name, *found)
+        found = _find_type([*rest, "of", organ], anatomy)
     if found is None and "tumor" in unsided and len(unsided) > 1:  # "enhancing tumor" is the EnhancingLesion
         found = _find_type(["lesion" if w == "tumor" else w for w in unsided], ["MorphologicallyAbnormalStructure"])
     if found is None:
         abnormal = _abnormal_in_region(name, unsided)
         if abnormal is not None:
             return abnormal
-        # last, the structure the last words name ("urinary_bladder": the Bladder), unless others deny or join
-        if not _NEGATING.intersection(unsided):
-            found = next((f for k in range(1, len(unsided)) if (f := _find_type(unsided[k:], ["AnatomicalStructure"]))), None)
+        found = _named_by_last_words(unsided)
     if found is None:
         return None
     sided = found[0] == "AnatomicalStructure" and len(sides) == 1
     return Segment(name, *found, modifier=_LATERALITY[sides[0]] if sided else None)
 
 
-def _organ_first(words: Sequence[str], sides: Sequence[str]) -> list[list[str]]:
-    """Forms of a name that puts its organ first, as TotalSegmentator's do: the rest alone
-    (``heart ventricle`` is a ventricle) and the rest of the organ (``lung upper lobe`` is the upper lobe of lung)."""
-    if len(words) < 2:
-        return []
-    organ, rest = words[0], list(words[1:])
-    return [list(sides) + rest, rest + ["of", *sides, organ]]
+def _named_by_last_words(words: Sequence[str]) -> tuple[str, str] | None:
+    """The structure the last words of a name name, where the words before only qualify it (``urinary bladder``
+    is the Bladder), not where they name a structure themselves (``prostate/uterus``), relate (``of``, ``and``,
+    ``non``) or number it, nor where the last word is a part (``pancreas head``)."""
+    if not words or words[-1] in _STRUCTURE_PART:
+        return None
+    for k in range(1, len(words)):
+        dropped = words[:k]
+        if _NEGATING.intersection(dropped) or {"of", "the"}.intersection(dropped) or any(c.isdigit() for w in dropped for c in w):
+            return None
+        if any(_find_type([w], ["AnatomicalStructure"]) for w in dropped):
+            return None
+        found = _find_type(words[k:], ["AnatomicalStructure"])
+        if found is not None:
+            return found
+    return None
 
 
 def _abnormal_in_region(name: str, words: Sequence[str]) -> Segment | None:

@@ -140,7 +140,7 @@ class DicomMaskSaver:
             require_skimage()
         channels = self.channel_def if self.channel_def is not None else output_channels(self.metadata_file or "configs/metadata.json", self.key)
         segments = channel_segments(channels, self.seg_codes)
-        if len(channels) == len(segments) + 1 > 2:
+        if len(channels) == len(segments) + 1:  # a label map has one channel, so a mask of these many is one-hot
             self.one_hot_channels = len(channels)
         postfix, writer, kind = DICOM_MASK_FORMATS[self.mask_format]
         cases = getattr(getattr(getattr(engine, "data_loader", None), "dataset", None), "data", None)

@@ -35,6 +35,8 @@ pytest.importorskip("highdicom")
         ("lung_upper_lobe_left", "AnatomicalStructure", "UpperLobeOfLung", None, "Left"),
         ("lung_middle_lobe_right", "AnatomicalStructure", "MiddleLobeOfRightLung", None, None),
         ("urinary_bladder", "AnatomicalStructure", "Bladder", None, None),  # the structure its last word names
+        ("Left-Lateral-Ventricle", "AnatomicalStructure", "LateralVentricle", None, "Left"),  # FreeSurfer's: no heart chamber
+        ("3rd Ventricle", "AnatomicalStructure", "ThirdVentricle", None, None),
     ],
 )
 def test_a_channel_name_is_coded_by_the_context_group_that_lists_it(name, category, kind, region, modifier):
@@ -88,6 +90,11 @@ def test_the_users_codes_are_checked_as_given_alone():
 def test_a_name_that_only_mentions_an_abnormality_is_not_coded_as_one(name):
     segment = segment_for_name(name)
     assert segment is None or segment.category == "AnatomicalStructure", segment  # the white matter, the liver
+
+
+@pytest.mark.parametrize("name", ["pancreas_head", "femoral_head", "prostate/uterus", "myocardium_of_the_left_ventricle", "left_lobe_of_liver"])
+def test_a_part_or_a_pair_of_structures_is_not_coded_as_the_structure_its_last_words_name(name):
+    assert segment_for_name(name) is None  # not the Head (of the body), the Uterus, the Ventricle or the Liver
 
 
 def test_every_type_the_lookup_can_give_is_one_the_seg_writer_codes():

@@ -131,6 +131,12 @@ def test_the_evaluators_cases_are_checked_before_the_first_and_a_one_hot_backgro
     with pytest.raises(MissingInputError, match=r"image .*absent does not exist"):
         DicomMaskSaver("dicom_seg", channel_def=CHANNELS).attach(evaluator([tmp_path / "absent"]))
 
+    # a spleen bundle's AsDiscreted(argmax=True, to_onehot=2): two channels, the first the background
+    spleen = MetaTensor(torch.stack([pred[0] == 0, pred[0] != 0]).to(torch.uint8), affine=pred.affine, meta=pred.meta)
+    _evaluate(spleen, DicomMaskSaver("dicom_seg", output_dir=tmp_path / "spleen", channel_def={"0": "background", "1": "spleen"}))
+    seg = hd.seg.segread(tmp_path / "spleen" / "2.000000-VENOUS-1234_seg.dcm")
+    assert seg.get_segment_description(1).segmented_property_type.meaning == "Spleen" and seg.NumberOfFrames > 0
+
     # AsDiscreted(argmax=True, to_onehot=3): three channels, the first the background
     one_hot = MetaTensor(torch.stack([pred[0] == k for k in range(3)]).to(torch.uint8), affine=pred.affine, meta=pred.meta)
     _evaluate(one_hot, DicomMaskSaver("dicom_seg", output_dir=tmp_path / "eval", channel_def=CHANNELS))
