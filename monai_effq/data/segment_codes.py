@@ -53,7 +53,7 @@ _PART = frozenset({"core", "region", "area", "mask", "label", "segment", "segmen
 # words naming a part of a structure, which the last words of a name may not be taken for alone
 # ("pancreas head" is no Head, the body part)
 _STRUCTURE_PART = frozenset({"head", "neck", "body", "tail", "wall", "lobe", "base", "apex", "root", "segment", "cortex"})
-# where a type is in two groups, the anatomical meaning first, then tissue ("fat" the tissue, not a concept)
+# where a type is in two groups, the anatomical meaning first, then tissue ("tissue" the Tissue, not a spatial concept)
 _PRECEDENCE = ("AnatomicalStructure", "Tissue", "MorphologicallyAbnormalStructure")
 
 
