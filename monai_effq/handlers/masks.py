@@ -61,7 +61,9 @@ def output_channels(metadata_file: str | os.PathLike, key: str = "pred") -> dict
             meta = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserInputError(f"cannot read the bundle's metadata {metadata_file} ({e}): mend the file, {how}.") from e
-    channels = (((meta or {}).get("network_data_format") or {}).get("outputs") or {}).get(key, {}).get("channel_def")
+    channels = meta
+    for part in ("network_data_format", "outputs", key, "channel_def"):
+        channels = channels.get(part) if isinstance(channels, Mapping) else None
     if not isinstance(channels, Mapping) or not channels:
         raise UserInputError(f"the bundle's metadata {metadata_file} has no network_data_format.outputs.{key}.channel_def naming the output channels: add it, {how}.")
     return {str(k): v for k, v in channels.items()}
