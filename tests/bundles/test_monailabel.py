@@ -20,6 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from monai_effq.bundle import demo_dataset
 from monai_effq.overlays import overlay_path
 from tests.overlays.conftest import spleen_style
 
@@ -60,18 +61,28 @@ def served(tmp_path_factory, quantized_copy):
     """MONAI Label serving the export of a quantized copy of lits_effq (whose inference workflow already ran),
     the FP bundle, which it can also train, and the export of a model-zoo-style bundle quantized by the overlay."""
     work = tmp_path_factory.mktemp("monailabel")
-    copy, images, _ = quantized_copy("lits_effq")
-
     env = {**os.environ, "OMP_NUM_THREADS": "1", "BUNDLE_DOWNLOAD_SRC": "github"}
     apps = work / "apps"
-    subprocess.run([str(PYTHON), "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle", "--output", str(apps)],
-                   check=True, capture_output=True, env=env, timeout=120)  # fmt: skip
+    # the app's copy and the zoo-style quantize run beside the quantized copy: one set-up, not three in a row
+    zoo = spleen_style(work / "zoo_unet", demo_dataset(work / "demo", "lits"))
+    quantize = [sys.executable, "-m", "monai.bundle", "run", "quantize", "--config_file", str(["configs/inference.json", str(overlay_path("quantize"))])]
+    steps = [
+        subprocess.Popen([str(PYTHON), "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle", "--output", str(apps)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env),
+        subprocess.Popen(quantize, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=zoo, env=env),
+    ]  # fmt: skip
+    try:
+        copy, images, _ = quantized_copy("lits_effq")
+        for step in steps:
+            out, _ = step.communicate(timeout=600)
+            assert step.returncode == 0, f"{step.args} exited with {step.returncode}:\n{out.decode(errors='replace')[-4000:]}"
+    finally:
+        for step in steps:
+            if step.poll() is None:
+                step.kill()
     app = apps / "monaibundle"
     shutil.copytree(copy / "export" / SERVED, app / "model" / SERVED)
     copy_bundle("lits_effq", app / "model" / "lits_effq")  # the FP bundle, for MONAI Label training
-    zoo = spleen_style(work / "zoo_unet", copy / "data" / "demo")
-    quantize = [sys.executable, "-m", "monai.bundle", "run", "quantize", "--config_file", str(["configs/inference.json", str(overlay_path("quantize"))])]
-    subprocess.run(quantize, check=True, capture_output=True, cwd=zoo, env=env, timeout=600)
     shutil.copytree(zoo / "export" / ZOO_SERVED, app / "model" / ZOO_SERVED)
     studies = work / "studies"
     (studies / "labels" / "final").mkdir(parents=True)
