@@ -34,7 +34,8 @@ rm -rf "$venv"
 "$python" -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 # ${a[@]+...}: an empty array under set -u is an error in bash before 4.4
-"$venv/bin/python" -m pip install --quiet ${constraints[@]+"${constraints[@]}"} -e ".[test,deploy,fast,dicom]"
+"$venv/bin/python" -m pip install --quiet --no-compile ${constraints[@]+"${constraints[@]}"} -e ".[test,deploy,fast,dicom]"
+bash scripts/compile_venv.sh "$venv"
 "$venv/bin/python" --version
 "$venv/bin/python" -m pip list 2>/dev/null | grep -iE '^(torch|monai|numpy|onnx|onnxscript|onnxruntime|openvino|pytorch-ignite|numba|itk|nibabel|highdicom|pydicom) '
 # as scripts/test.sh: waiting OpenMP threads sleep, so the two xdist workers do not spin against each other

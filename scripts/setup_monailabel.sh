@@ -22,8 +22,10 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 if [ "$step" != project ]; then
   "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet -c constraints-monailabel.txt torch torchvision
-  "$venv/bin/python" -m pip install --quiet -c constraints-monailabel.txt monailabel
+  # byte-compiled on every core afterwards, as scripts/setup.sh does (pip's own is file by file)
+  "$venv/bin/python" -m pip install --quiet --no-compile -c constraints-monailabel.txt torch torchvision
+  "$venv/bin/python" -m pip install --quiet --no-compile -c constraints-monailabel.txt monailabel
+  bash scripts/compile_venv.sh "$venv"
 fi
 if [ "$step" != third-party ]; then
   "$venv/bin/python" -m pip install --quiet -c constraints-monailabel.txt -e .
