@@ -22,13 +22,10 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 if [ "$step" != project ]; then
   "$venv/bin/python" -m pip install --quiet --upgrade pip
+  # byte-compiled on every core afterwards, as scripts/setup.sh does (pip's own is file by file)
   "$venv/bin/python" -m pip install --quiet --no-compile -c constraints-monailabel.txt torch torchvision
   "$venv/bin/python" -m pip install --quiet --no-compile -c constraints-monailabel.txt monailabel
-  # Byte-compiles what a MONAI Label server imports, by importing it (the rest compiles on first use):
-  # pip's compile of all 18,000 files was half of this step's time (138 s -> 70 s + 24 s for this, one
-  # core of a 2-core EPYC), and MONAI Label's test took 74 s on no bytecode at all, 52 s after this.
-  env -u PYTHONDONTWRITEBYTECODE "$venv/bin/python" -c "import torch, torchvision, monai.bundle, monailabel.main, monailabel.app, \
-monailabel.tasks.infer.bundle, monailabel.tasks.train.bundle" > /dev/null
+  bash scripts/compile_venv.sh "$venv"
 fi
 if [ "$step" != third-party ]; then
   "$venv/bin/python" -m pip install --quiet -c constraints-monailabel.txt -e .
