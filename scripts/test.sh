@@ -4,11 +4,10 @@
 # MONAI Label gets a venv of its own (scripts/setup_monailabel.sh; its pins clash with ours). Its
 # third-party stack (a CUDA torch: the registry has no CPU torchvision) is mostly unpacking wheels, so
 # it starts first, at the lowest CPU priority: beside our own set-up, which leaves a core idle, and
-# then in the cores the suite leaves idle, instead of slowing either down. Once that and our set-up are
-# done (both set-ups build the editable wheel in this folder), monai-effq goes into it and its HTTP
-# round-trip test runs beside the rest of the suite, at normal priority, instead of after it: its
-# server mostly waits on requests. MONAI_EFFQ_SKIP_MONAILABEL=1, or any pytest arguments (a subset of
-# the suite), leave it out. The suite runs on one pytest-xdist worker per core, a test file per worker at a time
+# then in the cores the suite leaves idle, instead of slowing either down. monai-effq goes into it
+# after the suite (a few seconds; both set-ups build the editable wheel in this folder), and its HTTP
+# round-trip test runs last. MONAI_EFFQ_SKIP_MONAILABEL=1, or any pytest arguments (a subset of the
+# suite), leave it out. The suite runs on one pytest-xdist worker per core, a test file per worker at a time
 # (its module fixtures, such as bundle copies, are built once), the files with the most slow tests
 # first (tests/conftest.py orders them) so that both workers finish together.
 set -euo pipefail
@@ -16,24 +15,13 @@ cd "$(dirname "$0")/.."
 monailabel=0
 if [ "$#" -eq 0 ] && [ "${MONAI_EFFQ_SKIP_MONAILABEL:-0}" != "1" ]; then
   monailabel=1
-  scratch=$(mktemp -d)
-  # a process group of its own (job control on for this one job), so that the trap below ends its pip and
-  # its test too: a failing set-up or suite, or Ctrl-C, must not leave MONAI Label's side running behind it
+  # a process group of its own (job control on for this one job), so that the trap below ends its pip too:
+  # a failing set-up or suite, or Ctrl-C, must not leave MONAI Label's set-up installing behind it
   set -m
-  (
-    set -e
-    nice -n 19 bash scripts/setup_monailabel.sh third-party
-    while [ ! -e "$scratch/set-up-done" ]; do sleep 1; done
-    bash scripts/setup_monailabel.sh project
-    echo "--- MONAI Label test"
-    # one thread beside the suite's two workers; a pytest temporary folder of its own, so that the two
-    # sessions never clean up each other's
-    OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE .venv/bin/python -m pytest -q -p no:cacheprovider \
-      --basetemp "$scratch/tmp" tests/bundles/test_monailabel.py
-  ) > .venv-monailabel.log 2>&1 &
-  monailabel_job=$!
+  nice -n 19 bash scripts/setup_monailabel.sh third-party > .venv-monailabel.log 2>&1 &
+  monailabel_setup=$!
   set +m
-  trap 'kill -- -"$monailabel_job" 2>/dev/null || true; rm -rf "$scratch"' EXIT
+  trap 'kill -- -"$monailabel_setup" 2>/dev/null || true' EXIT
 fi
 bash scripts/setup.sh "test,deploy,fast,dicom"
 # Waiting OpenMP threads sleep instead of spinning: a test on two threads (the demo table's) shares the
@@ -46,19 +34,16 @@ fi
 if [ "$monailabel" = "0" ]; then
   exec .venv/bin/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder tests
 fi
-touch "$scratch/set-up-done"
 suite=0
 .venv/bin/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder tests --ignore=tests/bundles/test_monailabel.py || suite=$?
-monailabel_rc=0
-wait "$monailabel_job" || monailabel_rc=$?
-trap 'rm -rf "$scratch"' EXIT
-if grep -q '^--- MONAI Label test$' .venv-monailabel.log; then
-  sed -n '/^--- MONAI Label test$/,$p' .venv-monailabel.log | tail -n 60
-elif [ "$monailabel_rc" -ne 0 ]; then
+# finished even when the suite failed: a MONAI Label venv without monai-effq would fail a later run's MONAI Label test
+if ! wait "$monailabel_setup" || ! bash scripts/setup_monailabel.sh project >> .venv-monailabel.log 2>&1; then
   tail -n 40 .venv-monailabel.log
   echo "scripts/setup_monailabel.sh failed (log above, full log in .venv-monailabel.log)" >&2
+  exit 1
 fi
+trap - EXIT
 if [ "$suite" -ne 0 ]; then
   exit "$suite"
 fi
-exit "$monailabel_rc"
+.venv/bin/python -m pytest -q tests/bundles/test_monailabel.py
