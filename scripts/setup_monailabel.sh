@@ -22,10 +22,8 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 if [ "$step" != project ]; then
   "$venv/bin/python" -m pip install --quiet --upgrade pip
-  # byte-compiled on every core afterwards, as scripts/setup.sh does (pip's own is file by file)
-  "$venv/bin/python" -m pip install --quiet --no-compile -c constraints-monailabel.txt torch torchvision
-  "$venv/bin/python" -m pip install --quiet --no-compile -c constraints-monailabel.txt monailabel
-  bash scripts/compile_venv.sh "$venv"
+  "$venv/bin/python" -m pip install --quiet -c constraints-monailabel.txt torch torchvision
+  "$venv/bin/python" -m pip install --quiet -c constraints-monailabel.txt monailabel
 fi
 if [ "$step" != third-party ]; then
   "$venv/bin/python" -m pip install --quiet -c constraints-monailabel.txt -e .
