@@ -3,7 +3,7 @@
 MONAI Label's bundle loader, Triton and MONAI Deploy run a TorchScript file without the Python code
 that built the network, which is what a fake-quant network needs: its layers are monai-effq modules.
 ``torch.jit.trace`` records the network's operations on one example window; the export then checks
-that the traced module, saved and loaded back, gives the network's own output on fresh inputs.
+that the traced module, saved and loaded back, gives the network's own output on a fresh input.
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ def export_torchscript(
     network = network.eval()
     device = next(iter(network.parameters()), torch.empty(0)).device
     generator = torch.Generator().manual_seed(seed)
-    example, *checks = (torch.rand(shape, generator=generator).to(device) for _ in range(3))
+    # one check input: random inputs of one distribution take the same branches, so a second one
+    # found nothing more and cost a quarter of the bundles' MONAI Label export
+    example, *checks = (torch.rand(shape, generator=generator).to(device) for _ in range(2))
     with torch.no_grad():
         traced = torch.jit.trace(network, example, check_trace=False)
         with atomic_write(path) as tmp:
