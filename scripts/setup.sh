@@ -13,7 +13,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # pip byte-compiles what it installs one file at a time; compiling on every core once the files are in
-# place made this set-up 72 s instead of 88-90 s (2-core AMD EPYC, two runs each, interleaved)
+# place made this set-up 72 s instead of 88-90 s (2-core AMD EPYC, two runs each, interleaved).
+# MONAI_EFFQ_COMPILE_PROCESSES=1 keeps it to one core (scripts/test.sh: MONAI Label's set-up has the other).
 .venv/bin/python -m pip install --quiet --no-compile -c constraints.txt torch==2.13.0
 .venv/bin/python -m pip install --quiet --no-compile -c constraints.txt -e "$target"
-bash scripts/compile_venv.sh .venv
+bash scripts/compile_venv.sh .venv "${MONAI_EFFQ_COMPILE_PROCESSES:-0}"
