@@ -14,7 +14,16 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 # pip byte-compiles what it installs one file at a time; compiling on every core once the files are in
 # place made this set-up 72 s instead of 88-90 s (2-core AMD EPYC, two runs each, interleaved).
-# MONAI_EFFQ_COMPILE_PROCESSES=1 keeps it to one core (scripts/test.sh: MONAI Label's set-up has the other).
-.venv/bin/python -m pip install --quiet --no-compile -c constraints.txt torch==2.13.0
-.venv/bin/python -m pip install --quiet --no-compile -c constraints.txt -e "$target"
-bash scripts/compile_venv.sh .venv "${MONAI_EFFQ_COMPILE_PROCESSES:-0}"
+# MONAI_EFFQ_PARALLEL_COMPILE=0 leaves the compiling to pip, on one core (scripts/test.sh, where
+# MONAI Label's set-up runs on the other).
+parallel="${MONAI_EFFQ_PARALLEL_COMPILE:-1}"
+no_compile=()
+if [ "$parallel" = "1" ]; then
+  no_compile=(--no-compile)
+fi
+# ${a[@]+...}: an empty array under set -u is an error in bash before 4.4
+.venv/bin/python -m pip install --quiet ${no_compile[@]+"${no_compile[@]}"} -c constraints.txt torch==2.13.0
+.venv/bin/python -m pip install --quiet ${no_compile[@]+"${no_compile[@]}"} -c constraints.txt -e "$target"
+if [ "$parallel" = "1" ]; then
+  bash scripts/compile_venv.sh .venv
+fi

@@ -23,13 +23,10 @@ if [ "$#" -eq 0 ] && [ "${MONAI_EFFQ_SKIP_MONAILABEL:-0}" != "1" ]; then
   set +m
   trap 'kill -- -"$monailabel_setup" 2>/dev/null || true' EXIT
 fi
-# Our set-up compiles on one core, not every core, while MONAI Label's runs: compiling on both starved its
-# set-up, which then ended 40 s after the suite instead of before it (.ci/run 877 s instead of 827 s).
-compile_processes=0
-if [ "$monailabel" = "1" ]; then
-  compile_processes=1
-fi
-MONAI_EFFQ_COMPILE_PROCESSES="$compile_processes" bash scripts/setup.sh "test,deploy,fast,dicom"
+# While MONAI Label's set-up runs, pip compiles ours as it installs, on one core: compiling on both
+# (scripts/compile_venv.sh) starved that set-up, which then ended 40 s after the suite instead of before
+# it (.ci/run 877 s instead of 827 s).
+MONAI_EFFQ_PARALLEL_COMPILE="$((1 - monailabel))" bash scripts/setup.sh "test,deploy,fast,dicom"
 # Waiting OpenMP threads sleep instead of spinning: a test on two threads (the demo table's) shares the
 # two cores with the other worker, and spinning barriers made it take 332 s instead of 35 s (47 s with
 # this; the suite 8:52-10:59 -> 8:07 on a 2-core Xeon). Waiting changes no result.
