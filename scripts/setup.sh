@@ -17,13 +17,12 @@ fi
 # MONAI_EFFQ_PARALLEL_COMPILE=0 leaves the compiling to pip, on one core (scripts/test.sh, where
 # MONAI Label's set-up runs on the other).
 parallel="${MONAI_EFFQ_PARALLEL_COMPILE:-1}"
-no_compile=()
+compile=""
 if [ "$parallel" = "1" ]; then
-  no_compile=(--no-compile)
+  compile="--no-compile"
 fi
-# ${a[@]+...}: an empty array under set -u is an error in bash before 4.4
-.venv/bin/python -m pip install --quiet ${no_compile[@]+"${no_compile[@]}"} -c constraints.txt torch==2.13.0
-.venv/bin/python -m pip install --quiet ${no_compile[@]+"${no_compile[@]}"} -c constraints.txt -e "$target"
+.venv/bin/python -m pip install --quiet $compile -c constraints.txt torch==2.13.0
+.venv/bin/python -m pip install --quiet $compile -c constraints.txt -e "$target"
 if [ "$parallel" = "1" ]; then
   bash scripts/compile_venv.sh .venv
 fi
