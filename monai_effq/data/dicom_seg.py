@@ -29,13 +29,14 @@ from monai.utils import optional_import
 from monai_effq.data.images import dicom_series_files, image_error_reason
 from monai_effq.data.layouts import DatasetError
 from monai_effq.utils.errors import MissingExtraError, MissingInputError, UserInputError
+from monai_effq.utils.imports import deferred_import
 from monai_effq.utils.io import atomic_write
 
-hd, has_highdicom = optional_import("highdicom")
+hd, has_highdicom = deferred_import("highdicom")
 pydicom, _ = optional_import("pydicom")
-codes, _ = optional_import("pydicom.sr.codedict", name="codes")
+codes, _ = deferred_import("pydicom.sr.codedict", name="codes")
 read_file_meta_info, _ = optional_import("pydicom.filereader", name="read_file_meta_info")
-snomed_mapping, _ = optional_import("pydicom.sr._snomed_dict", name="mapping")
+snomed_mapping, _ = deferred_import("pydicom.sr._snomed_dict", name="mapping")
 
 __all__ = [
     "Segment",

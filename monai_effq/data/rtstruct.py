@@ -42,9 +42,10 @@ from monai_effq.data.dicom_seg import (
 from monai_effq.data.images import image_error_reason
 from monai_effq.data.layouts import DatasetError
 from monai_effq.utils.errors import MissingExtraError
+from monai_effq.utils.imports import deferred_import
 from monai_effq.utils.io import atomic_write
 
-hd, _ = optional_import("highdicom")
+hd, _ = deferred_import("highdicom")
 pydicom, has_pydicom = optional_import("pydicom")
 find_contours, has_skimage = optional_import("skimage.measure", name="find_contours")
 

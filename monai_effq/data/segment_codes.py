@@ -21,13 +21,13 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from monai.utils import optional_import
 
 from monai_effq.data.dicom_seg import Segment, require_highdicom
 from monai_effq.utils.errors import UserInputError
+from monai_effq.utils.imports import deferred_import
 
-codes, _ = optional_import("pydicom.sr.codedict", name="codes")
-cid_names, _ = optional_import("pydicom.sr._cid_dict", name="name_for_cid")
+codes, _ = deferred_import("pydicom.sr.codedict", name="codes")
+cid_names, _ = deferred_import("pydicom.sr._cid_dict", name="name_for_cid")
 
 __all__ = ["GENERIC_CODES", "channel_segments", "coded_segment", "segment_for_name"]
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from monai.utils import optional_import
+from monai_effq.utils.imports import deferred_import
 
-onnx, _ = optional_import("onnx")
+onnx, _ = deferred_import("onnx")
 
 __all__ = ["round_concat_inputs"]
 

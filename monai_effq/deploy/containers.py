@@ -17,13 +17,13 @@ before compiling: the same values as int8 offsets without a zero point, the int8
 from __future__ import annotations
 
 import numpy as np
-from monai.utils import optional_import
 
 from monai_effq.deploy.onnx_graph import constant_values, graph_reads
+from monai_effq.utils.imports import deferred_import
 
-onnx, _has_onnx = optional_import("onnx")
-numpy_helper, _ = optional_import("onnx", name="numpy_helper")
-ml_dtypes, _ = optional_import("ml_dtypes")  # onnx's own dependency: numpy's 4-bit types
+onnx, _has_onnx = deferred_import("onnx")
+numpy_helper, _ = deferred_import("onnx", name="numpy_helper")
+ml_dtypes, _ = deferred_import("ml_dtypes")  # onnx's own dependency: numpy's 4-bit types
 
 __all__ = ["INT4_MIN_OPSET", "WEIGHT_CONTAINERS", "pack_4bit_weights", "widen_4bit_weights"]
 

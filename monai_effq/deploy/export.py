@@ -57,15 +57,16 @@ from monai_effq.ptq.modules import (
 from monai_effq.ptq.result import QuantizationResult
 from monai_effq.quant.grid import UniformGrid, channel_view, dequantize, grid_codes
 from monai_effq.utils.errors import MissingExtraError
+from monai_effq.utils.imports import deferred_import
 from monai_effq.utils.io import atomic_write
 
 # registers torch.ops.quantized_decomposed, the Q/DQ operators torch.export and its ONNX exporter know
 optional_import("torch.ao.quantization.fx._decomposed")
 _DECOMPOSED = torch.ops.quantized_decomposed
 
-onnx, _has_onnx = optional_import("onnx")
-numpy_helper, _ = optional_import("onnx", name="numpy_helper")
-version_converter, _ = optional_import("onnx.version_converter")
+onnx, _has_onnx = deferred_import("onnx")
+numpy_helper, _ = deferred_import("onnx", name="numpy_helper")
+version_converter, _ = deferred_import("onnx.version_converter")
 # what torch.onnx.export(dynamo=True) raises when torch.export cannot capture the network (data-dependent
 # control flow), as against a failure to translate a captured graph; its public base class where it moved
 TorchExportError, _has_export_error = optional_import("torch.onnx._internal.exporter._errors", name="TorchExportError")
@@ -79,7 +80,7 @@ if not _has_export_error:  # a torch without it: no fallback, torch's own error 
 DataDependentError, _has_data_dependent = optional_import(
     "torch.fx.experimental.symbolic_shapes", name="GuardOnDataDependentSymNode"
 )
-_, _has_onnxscript = optional_import("onnxscript")  # torch's current ONNX exporter translates with it
+_, _has_onnxscript = deferred_import("onnxscript")  # torch's current ONNX exporter translates with it
 
 __all__ = [
     "DEPLOY_EXTRA",

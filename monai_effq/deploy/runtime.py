@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from monai.utils import optional_import
 
 from monai_effq.deploy.containers import widen_4bit_weights
 from monai_effq.deploy.norms import group_norm_form_for
@@ -38,11 +37,12 @@ from monai_effq.deploy.export import (
 from monai_effq.ptq.checkpoint import checkpoint_fingerprint, load_quantized
 from monai_effq.utils.fingerprint import DIGEST_CHARS
 from monai_effq.utils.errors import MissingInputError, UserInputError, all_finite
+from monai_effq.utils.imports import deferred_import
 
-ort, _has_ort = optional_import("onnxruntime")
-ov, _has_ov = optional_import("openvino")
-onnx, _has_onnx = optional_import("onnx")
-numpy_helper, _ = optional_import("onnx", name="numpy_helper")
+ort, _has_ort = deferred_import("onnxruntime")
+ov, _has_ov = deferred_import("openvino")
+onnx, _has_onnx = deferred_import("onnx")
+numpy_helper, _ = deferred_import("onnx", name="numpy_helper")
 
 __all__ = [
     "BUILT_RUNTIMES",

@@ -29,8 +29,9 @@ from monai_effq.deploy.export import QdqLayer, QdqNorm, _network_of, export_form
 from monai_effq.deploy.onnx_graph import constant_values
 from monai_effq.ptq.modules import QuantizedLayer
 from monai_effq.ptq.result import QuantizationResult
+from monai_effq.utils.imports import deferred_import
 
-onnx, _has_onnx = optional_import("onnx")
+onnx, _has_onnx = deferred_import("onnx")
 trt_compile, _has_trt_compile = optional_import("monai.networks", name="trt_compile")
 _, _has_tensorrt = optional_import("tensorrt")
 _, _has_polygraphy = optional_import("polygraphy")

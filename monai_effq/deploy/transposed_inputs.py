@@ -12,10 +12,11 @@ graph.
 from __future__ import annotations
 
 import numpy as np
-from monai.utils import optional_import
 
-onnx, _ = optional_import("onnx")
-numpy_helper, _ = optional_import("onnx", name="numpy_helper")
+from monai_effq.utils.imports import deferred_import
+
+onnx, _ = deferred_import("onnx")
+numpy_helper, _ = deferred_import("onnx", name="numpy_helper")
 
 __all__ = ["shift_transposed_inputs"]
 
