@@ -21,7 +21,6 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-
 from monai_effq.data.dicom_seg import Segment, require_highdicom
 from monai_effq.utils.errors import UserInputError
 from monai_effq.utils.imports import deferred_import

@@ -142,11 +142,12 @@ REDUCED_WEIGHT_RANGE = (
 )
 
 
-def require(available: bool, package: str, what: str) -> None:
+def require(available: object, package: str, what: str) -> None:
     """Raise a one-line error naming the extra to install when an optional package is missing.
 
     Args:
-        available: whether the package imported.
+        available: whether the package imported (a bool, or the flag of ``deferred_import``, which
+            imports it when tested).
         package: its import name.
         what: what needs it.
 

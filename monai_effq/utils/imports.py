@@ -15,7 +15,11 @@ __all__ = ["deferred_import"]
 
 
 class _Deferred:
-    """Stands for ``optional_import(module, name=name)[0]``, which it runs on its first attribute access."""
+    """Stands for ``optional_import(module, name=name)[0]``, which it runs on first use.
+
+    Attribute access, item access, ``in``, iteration, ``len`` and calls are passed on to the imported
+    object (a module, a dict of codes, a function); ``isinstance`` against the stand-in itself is not.
+    """
 
     __slots__ = ("_module", "_name", "_imported")
 
@@ -25,6 +29,7 @@ class _Deferred:
         object.__setattr__(self, "_imported", None)
 
     def _load(self) -> tuple[Any, bool]:
+        """The imported object and whether the import succeeded (``optional_import``'s pair), imported once."""
         imported = object.__getattribute__(self, "_imported")
         if imported is None:
             # a failed import gives MONAI's stand-in, whose attributes raise OptionalImportError naming it
@@ -38,13 +43,34 @@ class _Deferred:
     def __setattr__(self, attr: str, value: Any) -> None:
         setattr(self._load()[0], attr, value)
 
+    def __delattr__(self, attr: str) -> None:
+        delattr(self._load()[0], attr)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self._load()[0][key]
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._load()[0]
+
+    def __iter__(self) -> Any:
+        return iter(self._load()[0])
+
+    def __len__(self) -> int:
+        return len(self._load()[0])
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._load()[0](*args, **kwargs)
+
     def __repr__(self) -> str:
         module, name = object.__getattribute__(self, "_module"), object.__getattribute__(self, "_name")
         return f"<deferred import of {module + '.' + name if name else module}>"
 
 
 class _Importable:
-    """Whether a deferred import succeeds: true or false as ``optional_import``'s flag, importing when first asked."""
+    """Whether a deferred import succeeds: true or false as ``optional_import``'s flag, importing when first asked.
+
+    A truthy object, not a ``bool``: test it (``if``, ``not``, ``bool()``), do not compare it with ``True``.
+    """
 
     __slots__ = ("_deferred",)
 
@@ -58,7 +84,7 @@ class _Importable:
         return repr(bool(self))
 
 
-def deferred_import(module: str, name: str = "") -> tuple[Any, Any]:
+def deferred_import(module: str, name: str = "") -> tuple[Any, _Importable]:
     """:func:`monai.utils.optional_import`, run when the returned objects are first used.
 
     Args:
@@ -67,7 +93,8 @@ def deferred_import(module: str, name: str = "") -> tuple[Any, Any]:
 
     Returns:
         ``(stand-in, importable)``: an object whose attribute accesses import ``module`` (once) and read
-        the real object's, and a flag that is true where that import succeeds (asking it imports too).
+        the real object's, and a truthy flag that is true where that import succeeds (testing it
+        imports too).
         A package that is installed but fails to import (a broken or shadowed extra) gives a false
         flag, as ``optional_import`` does: the flag, not the presence of files, says the extra works.
     """

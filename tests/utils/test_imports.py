@@ -10,7 +10,10 @@ from monai_effq.utils.imports import deferred_import
 @pytest.fixture
 def probe_module(tmp_path, monkeypatch):
     """The name of a module on the path that nothing has imported yet."""
-    (tmp_path / "effq_probe_module.py").write_text("VALUE = 3\n\n\nclass Holder:\n    size = 5\n")
+    (tmp_path / "effq_probe_module.py").write_text(
+        "VALUE = 3\nNAMES = {'7150': 'Segmentation Property Categories'}\n\n\nclass Holder:\n    size = 5\n\n\n"
+        "def upper(text):\n    return text.upper()\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "effq_probe_module", raising=False)
     yield "effq_probe_module"
@@ -34,6 +37,14 @@ def test_a_deferred_name_reads_the_attributes_of_that_object_of_the_module(probe
     assert holder.size == 5 and "Holder" in repr(holder)
 
 
+def test_a_deferred_dict_is_indexed_searched_iterated_and_a_deferred_function_called(probe_module):
+    names, _ = deferred_import(probe_module, name="NAMES")
+    upper, _ = deferred_import(probe_module, name="upper")
+    assert names["7150"] == "Segmentation Property Categories" and "7150" in names and "4" not in names
+    assert list(names) == ["7150"] and len(names) == 1
+    assert upper("liver") == "LIVER"
+
+
 def test_a_missing_extra_is_false_and_its_first_use_names_it():
     module, importable = deferred_import("effq_no_such_extra")
     assert not importable
@@ -54,7 +65,8 @@ def test_a_bundle_command_starts_without_importing_the_export_or_dicom_writing_e
     # in a fresh process (this one has imported them): onnx alone was 1.1 s of a 2-core CPU's 8 s start
     code = (
         "import sys, monai.bundle, monai_effq.bundle;"
-        "print(sorted(m for m in ('onnx', 'onnxruntime', 'openvino', 'highdicom', 'pydicom.sr.codedict') if m in sys.modules))"
+        "print(sorted(m for m in ('onnx', 'ml_dtypes', 'onnxscript', 'onnxruntime', 'openvino', 'highdicom', 'pydicom.sr.codedict')"
+        " if m in sys.modules))"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
