@@ -44,6 +44,25 @@ _SPELLING.update({"1st": "first", "2nd": "second", "3rd": "third", "4th": "fourt
 # words naming an abnormal structure that its context group (CID 7194) names otherwise
 _ABNORMAL = {"tumor": "Neoplasm", "cancer": "Neoplasm", "carcinoma": "Neoplasm", "metastasis": "NeoplasmSecondary", "metastases": "NeoplasmSecondary"}
 _LATERALITY = {"left": "Left", "right": "Right"}
+# Latin and colloquial words (TotalSegmentator's) in the groups' English, tried only for a name the groups
+# lack as written: "inferior_vena_cava" is the InferiorVenaCava, "iliac_vena_left" the IliacVein, Left
+_LOWER_LIMB_MUSCLE = ("muscle", "of", "lower", "limb")
+_IN_ENGLISH: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("clavicula",): ("clavicle",),
+    ("vena",): ("vein",),
+    ("bowel",): ("intestine",),
+    ("thyroid", "gland"): ("thyroid",),
+    ("atrial", "appendage"): ("auricular", "appendage"),
+    ("brachiocephalic", "trunk"): ("innominate", "artery"),
+    ("brachiocephalic", "vein"): ("innominate", "vein"),
+    # the deep (autochthonous) back muscles: the groups code the erector spinae, their bulk, and its parts only
+    ("autochthon",): ("erector", "spinae", "muscle"),
+    # muscles of the hip, which the groups code only as what Terminologia Anatomica files them under
+    ("gluteus", "maximus"): _LOWER_LIMB_MUSCLE,
+    ("gluteus", "medius"): _LOWER_LIMB_MUSCLE,
+    ("gluteus", "minimus"): _LOWER_LIMB_MUSCLE,
+    ("iliopsoas",): _LOWER_LIMB_MUSCLE,
+}
 # abnormal-structure types that name no abnormality, and words that deny or join one ("non tumor", "liver and tumor")
 _NOT_ABNORMAL = frozenset({"Normal", "Background"})
 _NEGATING = frozenset({"non", "no", "not", "free", "without", "and", "or"})
@@ -123,6 +142,13 @@ def _find_type(words: Sequence[str], categories: Sequence[str] | None = None) ->
 def segment_for_name(name: str) -> Segment | None:
     """The coded segment a channel name means, looked up in the context groups pydicom ships.
 
+    The name is looked up as written first; then, if no group has it, with the Latin and colloquial words
+    of :data:`_IN_ENGLISH` in the groups' English (TotalSegmentator's ``clavicula_left`` is the Clavicle,
+    Left; ``small_bowel`` the SmallIntestine); then without the numbers that count a structure
+    (``rib_left_1`` is a Rib, Left: the label keeps the number, which no group codes). Only when all
+    three fail is a name coded as the structure its last words name (``urinary_bladder``, the Bladder), so
+    that ``brachiocephalic_vein_left`` is the InnominateVein, not any Vein.
+
     Args:
         name: the channel's name, e.g. ``"spleen"``, ``"kidney_left"``, ``"liver tumour"``.
 
@@ -131,6 +157,30 @@ def segment_for_name(name: str) -> Segment | None:
     """
     require_highdicom()
     words = _words(name)
+    english = _in_english(words)
+    variants = [list(v) for v in dict.fromkeys(map(tuple, (words, english, [w for w in english if not w.isdigit()]))) if v]
+    for by_last_words in (False, True):
+        for variant in variants:
+            segment = _segment_for_words(name, variant, by_last_words)
+            if segment is not None:
+                return segment
+    return None
+
+
+def _in_english(words: Sequence[str]) -> list[str]:
+    """``words`` with the Latin and colloquial phrases of :data:`_IN_ENGLISH` replaced, longest first."""
+    out, i = [], 0
+    phrases = sorted(_IN_ENGLISH, key=len, reverse=True)
+    while i < len(words):
+        phrase = next((p for p in phrases if tuple(words[i : i + len(p)]) == p), None)
+        out += _IN_ENGLISH[phrase] if phrase else [words[i]]
+        i += len(phrase) if phrase else 1
+    return out
+
+
+def _segment_for_words(name: str, words: list[str], by_last_words: bool) -> Segment | None:
+    """The segment labelled ``name`` whose words are ``words``, or None (:func:`segment_for_name`); with
+    ``by_last_words``, also the structure its last words name."""
     sides = [w for w in words if w in _LATERALITY]
     unsided = [w for w in words if w not in _LATERALITY]
     anatomy = ["AnatomicalStructure"]
@@ -155,7 +205,7 @@ def segment_for_name(name: str) -> Segment | None:
         abnormal = _abnormal_in_region(name, unsided)
         if abnormal is not None:
             return abnormal
-        found = _named_by_last_words(unsided)
+        found = _named_by_last_words(unsided) if by_last_words else None
     if found is None:
         return None
     sided = found[0] == "AnatomicalStructure" and len(sides) == 1

@@ -37,12 +37,45 @@ pytest.importorskip("highdicom")
         ("urinary_bladder", "AnatomicalStructure", "Bladder", None, None),  # the structure its last word names
         ("Left-Lateral-Ventricle", "AnatomicalStructure", "LateralVentricle", None, "Left"),  # FreeSurfer's: no heart chamber
         ("3rd Ventricle", "AnatomicalStructure", "ThirdVentricle", None, None),
+        # Latin and colloquial words, tried when the name as written is in no group
+        ("clavicula_left", "AnatomicalStructure", "Clavicle", None, "Left"),
+        ("iliac_vena_right", "AnatomicalStructure", "IliacVein", None, "Right"),
+        ("small_bowel", "AnatomicalStructure", "SmallIntestine", None, None),
+        ("thyroid_gland", "AnatomicalStructure", "Thyroid", None, None),
+        ("brachiocephalic_vein_left", "AnatomicalStructure", "InnominateVein", None, "Left"),  # not any Vein
+        ("atrial_appendage_left", "AnatomicalStructure", "LeftAuricularAppendage", None, None),
+        ("autochthon_right", "AnatomicalStructure", "ErectorSpinaeMuscle", None, "Right"),
+        ("gluteus_medius_left", "AnatomicalStructure", "MuscleOfLowerLimb", None, "Left"),
+        ("iliopsoas_right", "AnatomicalStructure", "MuscleOfLowerLimb", None, "Right"),
+        # a number counts structures of one kind: the label keeps it, the code is the kind's
+        ("rib_right_12", "AnatomicalStructure", "Rib", None, "Right"),
+        ("lung nodules 2", "MorphologicallyAbnormalStructure", "Nodule", "Lung", None),
     ],
 )
 def test_a_channel_name_is_coded_by_the_context_group_that_lists_it(name, category, kind, region, modifier):
     segment = segment_for_name(name)
     assert segment == Segment(name, category, kind, region, modifier)
     assert segment.concepts()["segmented_property_type"].meaning  # a code the SEG writer can look up
+
+
+# TotalSegmentator's 104 structures (its "total" task, as the model zoo's wholeBody_ct_segmentation names its channels)
+TOTALSEGMENTATOR = [
+    *"spleen kidney_right kidney_left gallbladder liver stomach aorta inferior_vena_cava portal_vein_and_splenic_vein".split(),
+    *"pancreas adrenal_gland_right adrenal_gland_left lung_upper_lobe_left lung_lower_lobe_left lung_upper_lobe_right".split(),
+    *"lung_middle_lobe_right lung_lower_lobe_right".split(),
+    *(f"vertebrae_{v}" for v in [*(f"L{i}" for i in range(5, 0, -1)), *(f"T{i}" for i in range(12, 0, -1)), *(f"C{i}" for i in range(7, 0, -1))]),
+    *"esophagus trachea heart_myocardium heart_atrium_left heart_ventricle_left heart_atrium_right heart_ventricle_right".split(),
+    *"pulmonary_artery brain iliac_artery_left iliac_artery_right iliac_vena_left iliac_vena_right small_bowel duodenum colon".split(),
+    *(f"rib_{side}_{i}" for side in ("left", "right") for i in range(1, 13)),
+    *"humerus_left humerus_right scapula_left scapula_right clavicula_left clavicula_right femur_left femur_right".split(),
+    *"hip_left hip_right sacrum face gluteus_maximus_left gluteus_maximus_right gluteus_medius_left gluteus_medius_right".split(),
+    *"gluteus_minimus_left gluteus_minimus_right autochthon_left autochthon_right iliopsoas_left iliopsoas_right urinary_bladder".split(),
+]
+
+
+def test_of_totalsegmentators_104_structures_only_a_pair_of_veins_and_the_myocardium_are_coded_generically():
+    assert len(set(TOTALSEGMENTATOR)) == 104
+    assert [name for name in TOTALSEGMENTATOR if segment_for_name(name) is None] == ["portal_vein_and_splenic_vein", "heart_myocardium"]
 
 
 def test_a_name_no_group_lists_is_coded_generically_with_a_warning_and_the_users_codes_come_first(caplog):
