@@ -21,7 +21,7 @@ import numpy as np
 from monai_effq.deploy.onnx_graph import constant_values, graph_reads
 from monai_effq.utils.imports import deferred_import
 
-onnx, _has_onnx = deferred_import("onnx")
+onnx, _ = deferred_import("onnx")
 numpy_helper, _ = deferred_import("onnx", name="numpy_helper")
 ml_dtypes, _ = deferred_import("ml_dtypes")  # onnx's own dependency: numpy's 4-bit types
 

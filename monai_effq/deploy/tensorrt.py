@@ -31,7 +31,7 @@ from monai_effq.ptq.modules import QuantizedLayer
 from monai_effq.ptq.result import QuantizationResult
 from monai_effq.utils.imports import deferred_import
 
-onnx, _has_onnx = deferred_import("onnx")
+onnx, _ = deferred_import("onnx")
 trt_compile, _has_trt_compile = optional_import("monai.networks", name="trt_compile")
 _, _has_tensorrt = optional_import("tensorrt")
 _, _has_polygraphy = optional_import("polygraphy")
