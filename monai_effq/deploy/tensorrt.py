@@ -25,13 +25,13 @@ import torch
 import torch.nn as nn
 from monai.utils import optional_import
 
-from monai_effq.deploy.export import QdqLayer, QdqNorm, _network_of, export_form
+from monai_effq.deploy.export import QdqLayer, QdqNorm, _network_of, export_form, require
 from monai_effq.deploy.onnx_graph import constant_values
 from monai_effq.ptq.modules import QuantizedLayer
 from monai_effq.ptq.result import QuantizationResult
 from monai_effq.utils.imports import deferred_import
 
-onnx, _ = deferred_import("onnx")
+onnx, _has_onnx = deferred_import("onnx")
 trt_compile, _has_trt_compile = optional_import("monai.networks", name="trt_compile")
 _, _has_tensorrt = optional_import("tensorrt")
 _, _has_polygraphy = optional_import("polygraphy")
@@ -50,6 +50,7 @@ def tensorrt_violations(model: Any) -> list[str]:
     Returns:
         one line per offending Q/DQ node (empty when TensorRT can build it).
     """
+    require(_has_onnx, "onnx", "tensorrt_violations")
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model))
     values = constant_values(model.graph)

@@ -119,3 +119,11 @@ def test_a_norm_input_on_an_asymmetric_grid_is_refused_naming_the_norm(tmp_path)
             module.input_quantizer = ActivationQuantizer.calibrate(calibration, 8, kind="asymmetric")
     with pytest.raises(ValueError, match="norm input on an unsigned/asymmetric grid"):
         tensorrt_network(result, tmp_path / "engine")
+
+
+def test_checking_a_file_for_tensorrt_without_onnx_names_the_extra_to_install(monkeypatch, tmp_path):
+    from monai_effq.deploy import tensorrt
+
+    monkeypatch.setattr(tensorrt, "_has_onnx", False)
+    with pytest.raises(ImportError, match=r"tensorrt_violations needs the 'onnx' package.*monai-effq\[deploy\]"):
+        tensorrt_violations(tmp_path / "model.onnx")
