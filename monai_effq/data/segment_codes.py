@@ -63,6 +63,10 @@ _IN_ENGLISH: dict[tuple[str, ...], tuple[str, ...]] = {
     ("gluteus", "minimus"): _LOWER_LIMB_MUSCLE,
     ("iliopsoas",): _LOWER_LIMB_MUSCLE,
 }
+_IN_ENGLISH_LONGEST_FIRST = sorted(_IN_ENGLISH, key=len, reverse=True)
+# words whose structures a name counts ("rib_left_1", "lung nodules 2"): the number is the label's, the code the kind's.
+# Elsewhere a number means something no code here has ("ventricle_3" is no heart chamber, "liver 4" a liver segment)
+_COUNTED = frozenset({"rib", "lesion", "nodule", "tumor", "metastasis", "metastases", "mass", "cyst"})
 # abnormal-structure types that name no abnormality, and words that deny or join one ("non tumor", "liver and tumor")
 _NOT_ABNORMAL = frozenset({"Normal", "Background"})
 _NEGATING = frozenset({"non", "no", "not", "free", "without", "and", "or"})
@@ -144,8 +148,8 @@ def segment_for_name(name: str) -> Segment | None:
 
     The name is looked up as written first; then, if no group has it, with the Latin and colloquial words
     of :data:`_IN_ENGLISH` in the groups' English (TotalSegmentator's ``clavicula_left`` is the Clavicle,
-    Left; ``small_bowel`` the SmallIntestine); then without the numbers that count a structure
-    (``rib_left_1`` is a Rib, Left: the label keeps the number, which no group codes). Only when all
+    Left; ``small_bowel`` the SmallIntestine); then without a final number that counts structures of a
+    kind (``rib_left_1`` is a Rib, Left: the label keeps the number, which no group codes). Only when all
     three fail is a name coded as the structure its last words name (``urinary_bladder``, the Bladder), so
     that ``brachiocephalic_vein_left`` is the InnominateVein, not any Vein.
 
@@ -158,7 +162,10 @@ def segment_for_name(name: str) -> Segment | None:
     require_highdicom()
     words = _words(name)
     english = _in_english(words)
-    variants = [list(v) for v in dict.fromkeys(map(tuple, (words, english, [w for w in english if not w.isdigit()]))) if v]
+    variants = [words]
+    for variant in (english, _uncounted(english)):
+        if variant not in variants:
+            variants.append(variant)
     for by_last_words in (False, True):
         for variant in variants:
             segment = _segment_for_words(name, variant, by_last_words)
@@ -170,12 +177,20 @@ def segment_for_name(name: str) -> Segment | None:
 def _in_english(words: Sequence[str]) -> list[str]:
     """``words`` with the Latin and colloquial phrases of :data:`_IN_ENGLISH` replaced, longest first."""
     out, i = [], 0
-    phrases = sorted(_IN_ENGLISH, key=len, reverse=True)
     while i < len(words):
-        phrase = next((p for p in phrases if tuple(words[i : i + len(p)]) == p), None)
+        phrase = next((p for p in _IN_ENGLISH_LONGEST_FIRST if tuple(words[i : i + len(p)]) == p), None)
         out += _IN_ENGLISH[phrase] if phrase else [words[i]]
         i += len(phrase) if phrase else 1
     return out
+
+
+def _uncounted(words: list[str]) -> list[str]:
+    """``words`` without a final number (a side may follow it) after a word of :data:`_COUNTED`."""
+    unsided = [i for i, w in enumerate(words) if w not in _LATERALITY]
+    counted = len(unsided) > 1 and {words[unsided[-2]], _singular(words[unsided[-2]])} & _COUNTED
+    if counted and words[unsided[-1]].isdigit():
+        return words[: unsided[-1]] + words[unsided[-1] + 1 :]
+    return words
 
 
 def _segment_for_words(name: str, words: list[str], by_last_words: bool) -> Segment | None:

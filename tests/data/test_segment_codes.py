@@ -75,7 +75,17 @@ TOTALSEGMENTATOR = [
 
 def test_of_totalsegmentators_104_structures_only_a_pair_of_veins_and_the_myocardium_are_coded_generically():
     assert len(set(TOTALSEGMENTATOR)) == 104
-    assert [name for name in TOTALSEGMENTATOR if segment_for_name(name) is None] == ["portal_vein_and_splenic_vein", "heart_myocardium"]
+    segments = {name: segment_for_name(name) for name in TOTALSEGMENTATOR}
+    assert [name for name, segment in segments.items() if segment is None] == ["portal_vein_and_splenic_vein", "heart_myocardium"]
+    ribs = {name: (s.property_type, s.modifier) for name, s in segments.items() if name.startswith("rib_")}
+    assert ribs == {name: ("Rib", name.split("_")[1].capitalize()) for name in ribs} and len(ribs) == 24
+    hip_muscles = {name: (s.property_type, s.modifier) for name, s in segments.items() if name.startswith(("gluteus", "iliopsoas"))}
+    assert hip_muscles == {name: ("MuscleOfLowerLimb", name.rsplit("_", 1)[1].capitalize()) for name in hip_muscles} and len(hip_muscles) == 8
+
+
+@pytest.mark.parametrize("name", ["ventricle_3", "liver 4", "background 1", "normal 1", "tumor 3 liver", "cervical vertebra 1", "tooth 11"])
+def test_a_number_that_does_not_count_structures_of_one_kind_is_not_dropped(name):
+    assert segment_for_name(name) is None  # no heart chamber, whole liver, background, normal tissue, organ, any vertebra or tooth
 
 
 def test_a_name_no_group_lists_is_coded_generically_with_a_warning_and_the_users_codes_come_first(caplog):
