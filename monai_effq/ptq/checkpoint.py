@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from monai_effq.ptq.config import EfficientQConfig
-from monai_effq.ptq.graph import set_submodule
+from monai_effq.ptq.graph import set_submodule, unique_state_dict
 from monai_effq.ptq.modules import (
     SHARED_INPUT_QUANTIZER,
     ActivationQuantizer,
@@ -174,7 +174,7 @@ def _payload(result: QuantizationResult) -> dict[str, Any]:
             norm_inputs.append({"name": name, "shared": True, **_activation_entry(shared_input_quantizer(module), store)})
             quantized_prefixes.append(f"{name}.{SHARED_INPUT_QUANTIZER}.")
     rest = {}
-    for key, t in net.state_dict().items():
+    for key, t in unique_state_dict(net).items():  # a layer the network holds under two names is stored once
         if not any(key.startswith(p) for p in quantized_prefixes):
             rest[key] = store.add(t)
     meta = {
@@ -352,7 +352,9 @@ def load_quantized_result(path: str | os.PathLike, network: nn.Module) -> Quanti
         quantized = tuple(e["name"] + "." for e in meta["layers"]) + tuple(
             f"{e['name']}.{SHARED_INPUT_QUANTIZER if e.get('shared') else 'input_quantizer'}." for e in meta.get("norm_inputs", [])
         )
-        missing = [k for k in missing if not k.startswith(quantized)]
+        # a later name of a tensor (a layer held under two names) is loaded through its first
+        aliases = set(net.state_dict(keep_vars=True)) - set(unique_state_dict(net))
+        missing = [k for k in missing if not k.startswith(quantized) and k not in aliases]
         if missing or unexpected:
             raise ValueError(f"missing entries {missing[:5]}, unexpected entries {unexpected[:5]}")
     except (AttributeError, KeyError, RuntimeError, ValueError) as e:

@@ -32,6 +32,7 @@ __all__ = [
     "probe_network",
     "set_submodule",
     "hooks",
+    "unique_state_dict",
 ]
 
 logger = logging.getLogger("monai_effq")
@@ -56,16 +57,45 @@ def hooks(handles: list) -> Iterator[None]:
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at a dotted name.
+    """Replace the submodule at a dotted name, and under every other name the network holds it by.
+
+    A network may register one module under several names and run it through either: nnU-Net's
+    blocks (``dynamic_network_architectures``' ``ConvDropoutNormReLU``) hold their convolution as
+    ``conv`` and as ``all_modules[0]`` and run the second. Replaced at one name only, the forward would
+    still run the original, and a "quantized" network would compute in floating point.
 
     Args:
         root: the network.
         name: dotted name of the module to replace.
         module: the replacement.
     """
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
+    old = root.get_submodule(name)
+    # found before the first replacement: the replacement may hold the old module (a quantized layer wraps it)
+    aliases = [(owner, key) for owner in root.modules() for key, child in owner._modules.items() if child is old]
+    for owner, key in aliases:
+        setattr(owner, key, module)
+
+
+def unique_state_dict(network: nn.Module) -> dict[str, torch.Tensor]:
+    """A network's state dict with each tensor once, under the first name it has.
+
+    A module registered under several names (see :func:`set_submodule`) puts its tensors in
+    ``state_dict()`` under each of them; counted or stored once per name they would be counted or
+    stored twice.
+
+    Args:
+        network: the network.
+
+    Returns:
+        ``{name: tensor}`` in ``state_dict()`` order (detached), without the later names of a tensor.
+    """
+    seen: set[int] = set()
+    unique = {}
+    for key, t in network.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            unique[key] = t.detach()
+    return unique
 
 
 def _run(network: nn.Module, batch: torch.Tensor | tuple) -> None:

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from monai_effq.ptq.config import EfficientQConfig
 from monai_effq.ptq.footprint import weight_footprint
+from monai_effq.ptq.graph import unique_state_dict
 from monai_effq.ptq.modules import QuantizedLayer
 from monai_effq.ptq.report import QuantizationReport, peak_gpu_memory_mib, peak_memory_mib
 from monai_effq.quant.packing import packed_nbytes
@@ -38,7 +39,7 @@ class QuantizationResult:
 
 def state_bytes(network: nn.Module) -> int:
     """Bytes of a network's parameters and persistent buffers as stored."""
-    return sum(t.numel() * t.element_size() for t in network.state_dict().values())
+    return sum(t.numel() * t.element_size() for t in unique_state_dict(network).values())
 
 
 def quantized_size_bytes(network: nn.Module) -> int:
@@ -51,7 +52,7 @@ def quantized_size_bytes(network: nn.Module) -> int:
         packed codes plus scales, zero points, biases and every other parameter and buffer.
     """
     total = 0
-    for key, t in network.state_dict().items():
+    for key, t in unique_state_dict(network).items():
         module_name, _, attr = key.rpartition(".")
         module = network.get_submodule(module_name) if module_name else network
         if isinstance(module, QuantizedLayer) and attr == "codes":
