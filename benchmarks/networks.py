@@ -15,6 +15,10 @@ Usage::
 
     python benchmarks/networks.py                      # every network (~4 min on 2 cores)
     python benchmarks/networks.py --only DynUNet DiNTS
+
+With ``dynamic_network_architectures`` installed (``pip install --no-deps dynamic_network_architectures``)
+nnU-Net v2's PlainConvUNet and ResidualEncoderUNet are measured too: their blocks hold each layer under
+two names, which the quantizer must replace under both.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ def _networks() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
 
     cube = (1, 1, 32, 32, 32)
     return {
+        **_nnunet_networks(cube),
         "UNet": (lambda: nets.UNet(3, 1, 2, channels=(8, 16, 32), strides=(2, 2), num_res_units=2, norm="batch"), cube),
         "SegResNet": (lambda: nets.SegResNet(3, init_filters=8, in_channels=1, out_channels=2), cube),
         "SegResNetDS": (lambda: nets.SegResNetDS(3, init_filters=8, in_channels=1, out_channels=2, blocks_down=(1, 2, 2)), cube),
@@ -62,6 +67,27 @@ def _networks() -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
             lambda: nets.UNETR(1, 2, img_size=(32, 32, 32), feature_size=8, hidden_size=48, mlp_dim=96, num_heads=4), cube
         ),
         "DiNTS": (dints, cube),
+    }
+
+
+def _nnunet_networks(cube: tuple[int, ...]) -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
+    """nnU-Net v2's two U-Nets as its 3d_fullres plans build them (instance norm, leaky ReLU), where
+    ``dynamic_network_architectures`` is installed (``pip install --no-deps dynamic_network_architectures``:
+    its U-Nets need only torch; its declared timm would pull a torchvision)."""
+    try:
+        from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+    except ImportError:
+        return {}
+    common = {
+        "input_channels": 1, "n_stages": 4, "features_per_stage": [8, 16, 32, 64], "conv_op": nn.Conv3d, "kernel_sizes": 3,
+        "strides": [1, 2, 2, 2], "num_classes": 3, "conv_bias": True, "norm_op": nn.InstanceNorm3d,
+        "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "nonlin": nn.LeakyReLU, "nonlin_kwargs": {"inplace": True},
+    }  # fmt: skip
+    return {
+        "nnU-Net PlainConvUNet": (lambda: PlainConvUNet(n_conv_per_stage=2, n_conv_per_stage_decoder=2, **common), cube),
+        "nnU-Net ResidualEncoderUNet": (
+            lambda: ResidualEncoderUNet(n_blocks_per_stage=[1, 2, 2, 2], n_conv_per_stage_decoder=1, **common), cube
+        ),
     }
 
 
