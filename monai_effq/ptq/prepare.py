@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,8 @@ from monai_effq.ptq.graph import fold_batchnorm, probe_network
 from monai_effq.solver.layers import layer_view
 from monai_effq.utils.errors import UserInputError
 from monai_effq.utils.precision import ieee_float32
+
+logger = logging.getLogger("monai_effq")
 
 __all__ = ["PreparedNetwork", "available_device", "check_finite_state", "prepare_network"]
 
@@ -124,6 +127,12 @@ def prepare_network(
     if not from_scratch:  # a start from scratch re-initialises every parameter
         check_finite_state(network)
     net = copy.deepcopy(network).eval().to(device)
+    precisions = sorted({str(t.dtype).removeprefix("torch.") for t in (*net.parameters(), *net.buffers()) if t.is_floating_point()} - {"float32"})
+    if precisions:
+        # the solver's targets and the quantized layers are float32: a network kept in half precision for
+        # inference (or in double) would refuse the float32 calibration batches with a shape-like error
+        logger.warning(f"the network holds {' and '.join(precisions)} weights: it is quantized from a float32 copy, and the quantized network computes in float32.")
+        net = net.float()
     if from_scratch:
         for module in net.modules():
             if module is not net and hasattr(module, "reset_parameters"):

@@ -1,3 +1,5 @@
+import logging
+
 import pytest
 import torch
 import torch.nn as nn
@@ -287,3 +289,17 @@ def test_a_network_that_does_not_return_one_tensor_is_refused():
 
     with pytest.raises(TypeError, match="the network must return one tensor of logits to be quantized, but it returns a tuple of 2"):
         probe_network(TwoHeads().eval(), torch.randn(1, 1, 6, 6, 6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_network_is_quantized_from_an_exact_float32_copy_and_says_so(dtype, caplog):
+    half = _net().to(dtype)  # kept in half precision for inference: float16 and bfloat16 widen to float32 exactly
+    x = torch.randn(1, 1, 8, 8, 8, generator=torch.Generator().manual_seed(2)).to(dtype)
+    config = EfficientQConfig(weight_bits=4, method="rtn")
+    with caplog.at_level(logging.WARNING, logger="monai_effq"):
+        q = quantize(half, x, config, progress=False)
+    assert f"holds {str(dtype).removeprefix('torch.')} weights: it is quantized from a float32 copy" in caplog.text
+    assert all(p.dtype == dtype for p in half.parameters())  # the caller's network is left as it was
+    reference = quantize(_net().to(dtype).float(), x.float(), config, progress=False)
+    with torch.no_grad():
+        assert torch.equal(q.network(x.float()), reference.network(x.float()))
