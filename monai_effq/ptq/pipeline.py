@@ -29,7 +29,7 @@ from monai_effq.ptq.journal import QuantizationJournal
 from monai_effq.ptq.mirroring import mirror_count, mirror_images, mirror_masks
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, quantized_layer_class
 from monai_effq.ptq.norm_inputs import quantize_norm_inputs
-from monai_effq.ptq.prepare import prepare_network
+from monai_effq.ptq.prepare import eager_network, prepare_network
 from monai_effq.ptq.report import LayerReport, QuantizationReport, reset_peak_memory, source_fingerprints
 from monai_effq.ptq.result import QuantizationResult, finish_report, state_bytes
 from monai_effq.ptq.skip_rounding import share_skip_roundings
@@ -709,6 +709,7 @@ def quantize(
     config = config or EfficientQConfig()
     t0 = time.perf_counter()
     reset_peak_memory()
+    network = eager_network(network)
     batches = _as_batches(calibration)
     sources = source_fingerprints(network, config.to_dict(), _calibration_fingerprint(batches))
     if journal is not None:

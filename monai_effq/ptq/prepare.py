@@ -17,7 +17,27 @@ from monai_effq.utils.precision import ieee_float32
 
 logger = logging.getLogger("monai_effq")
 
-__all__ = ["PreparedNetwork", "available_device", "check_finite_state", "prepare_network"]
+__all__ = ["PreparedNetwork", "available_device", "check_finite_state", "eager_network", "prepare_network"]
+
+
+def eager_network(network: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped, or ``network`` itself when it is not compiled.
+
+    Quantization runs the network with hooks on its layers and swaps them, which a compiled forward
+    (traced by Dynamo once) neither calls nor sees; a training script's ``torch.compile(model)`` would
+    end in a Dynamo error about fake tensors. The compiled module's own module is what it runs.
+
+    Args:
+        network: the network as given.
+
+    Returns:
+        the network to quantize.
+    """
+    original = getattr(network, "_orig_mod", None)
+    if type(network).__name__ == "OptimizedModule" and isinstance(original, nn.Module):
+        logger.warning("the network is compiled (torch.compile): its original module is quantized, and the result runs eagerly (compile it again to run it compiled).")
+        return original
+    return network
 
 
 def available_device(device: torch.device | str) -> torch.device:

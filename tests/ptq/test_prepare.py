@@ -303,3 +303,13 @@ def test_a_half_precision_network_is_quantized_from_an_exact_float32_copy_and_sa
     reference = quantize(_net().to(dtype).float(), x.float(), config, progress=False)
     with torch.no_grad():
         assert torch.equal(q.network(x.float()), reference.network(x.float()))
+
+
+def test_a_compiled_network_is_quantized_as_the_module_it_compiles_and_says_so(caplog):
+    x = torch.randn(1, 1, 8, 8, 8, generator=torch.Generator().manual_seed(2))
+    config = EfficientQConfig(weight_bits=4, method="rtn")
+    with caplog.at_level(logging.WARNING, logger="monai_effq"):
+        q = quantize(torch.compile(_net()), x, config, progress=False)  # a training script's compiled model
+    assert "the network is compiled (torch.compile): its original module is quantized" in caplog.text
+    with torch.no_grad():
+        assert torch.equal(q.network(x), quantize(_net(), x, config, progress=False).network(x))

@@ -224,3 +224,12 @@ def test_a_loss_that_is_not_finite_stops_the_fine_tune_naming_the_step(spheres):
 
     with pytest.raises(ValueError, match="the fine-tuning loss is (inf|nan) at step 0: lower the learning rate"):
         finetune(_unet(), spheres, FIXED, steps=2, loss_function=exploding, check_batches=0)
+
+
+def test_a_compiled_fp_network_is_prepared_for_fine_tuning_as_the_module_it_compiles(spheres):
+    compiled, plain = (prepare_finetune(net, spheres[0][0], FIXED) for net in (torch.compile(_unet()), _unet()))
+    # trained eagerly: a compiled copy would compile its forward again at each change the fine-tune makes
+    assert type(compiled.network) is type(plain.network) is UNet
+    x = spheres[1][0][:2]
+    with torch.no_grad():
+        assert torch.equal(compiled.network.eval()(x), plain.network.eval()(x))
