@@ -37,6 +37,7 @@ import torch.nn as nn
 
 from monai_effq.ptq.config import EfficientQConfig
 from monai_effq.ptq.graph import set_submodule, unique_state_dict
+from monai_effq.ptq.prepare import eager_network
 from monai_effq.ptq.modules import (
     SHARED_INPUT_QUANTIZER,
     ActivationQuantizer,
@@ -311,7 +312,7 @@ def load_quantized_result(path: str | os.PathLike, network: nn.Module) -> Quanti
             match ``network``.
     """
     meta, codes, data, _ = _read(path)
-    net = copy.deepcopy(network).eval()
+    net = copy.deepcopy(eager_network(network)).eval()
     try:
         for bn_name in meta["folded"]:
             set_submodule(net, bn_name, nn.Identity())

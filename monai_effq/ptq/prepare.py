@@ -35,7 +35,7 @@ def eager_network(network: nn.Module) -> nn.Module:
     """
     original = getattr(network, "_orig_mod", None)
     if type(network).__name__ == "OptimizedModule" and isinstance(original, nn.Module):
-        logger.warning("the network is compiled (torch.compile): its original module is quantized, and the result runs eagerly (compile it again to run it compiled).")
+        logger.warning("the network is compiled (torch.compile): its original module is used, and the result runs eagerly (compile it again to run it compiled).")
         return original
     return network
 

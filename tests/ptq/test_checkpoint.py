@@ -277,3 +277,10 @@ def test_a_checkpoint_of_a_newer_format_asks_for_an_upgrade(w2_result, tmp_path)
     _rewrite(path, lambda meta: None, "monai-effq-quantized/99")
     with pytest.raises(ValueError, match="newer than this version reads.*upgrade monai-effq"):
         load_quantized(path, _fresh_unet())
+
+
+def test_a_checkpoint_loads_onto_a_compiled_network_as_onto_the_module_it_compiles(w2_result, tmp_path):
+    path = save_quantized(w2_result, tmp_path / "q.pt")
+    x = torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(load_quantized(path, torch.compile(_fresh_unet()))(x), load_quantized(path, _fresh_unet())(x))
