@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.nn as nn
 from monai.utils import optional_import
@@ -55,7 +56,7 @@ _ACT_SAMPLES: int = inspect.signature(ActivationQuantizer.calibrate).parameters[
 
 
 def _as_batches(calibration: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    if isinstance(calibration, torch.Tensor):
+    if isinstance(calibration, (torch.Tensor, np.ndarray)):
         batches = [calibration]
     else:
         try:
@@ -68,8 +69,15 @@ def _as_batches(calibration: torch.Tensor | Iterable[torch.Tensor]) -> list[torc
         raise ValueError("calibration is empty: pass at least one batch (one volume is enough).")
     out = []
     for i, b in enumerate(batches):
-        if isinstance(b, dict) and "image" in b:
+        if isinstance(b, dict):
+            if "image" not in b:
+                raise TypeError(
+                    f"calibration batch {i} is a dict with keys {sorted(map(str, b))} and no 'image': pass the image "
+                    "tensors, or dicts with the image under 'image' (as MONAI's transforms name it)."
+                )
             b = b["image"]
+        if isinstance(b, np.ndarray):  # a volume read with nibabel or SimpleITK
+            b = torch.from_numpy(b)
         if not isinstance(b, torch.Tensor):
             raise TypeError(f"calibration batch {i} is a {type(b).__name__}, expected a tensor (N, C, *spatial).")
         if b.numel() == 0:
@@ -682,7 +690,7 @@ def quantize(
     Args:
         network: the FP network (not modified).
         calibration: a tensor batch ``(N, C, *spatial)`` or an iterable of batches (dicts with an
-            ``"image"`` key are accepted); one volume is enough.
+            ``"image"`` key and NumPy arrays are accepted); one volume is enough.
         config: the settings; :class:`EfficientQConfig` defaults (W4A8, first/last layer 8 bits).
         task: ``"multiclass"`` (softmax) or ``"multilabel"`` (sigmoid channels), for the attention.
         body_mask: ``(N, *spatial)`` mask of the body over all calibration volumes, for the

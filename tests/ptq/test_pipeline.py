@@ -348,6 +348,18 @@ class TestBadInput:
         for a, b in zip(from_dicts.state_dict().values(), from_tensor.state_dict().values()):
             assert torch.equal(a, b)
 
+    def test_calibration_dicts_without_an_image_name_their_keys(self, trained_unet):
+        with pytest.raises(TypeError, match=r"calibration batch 0 is a dict with keys \['img', 'seg'\] and no 'image'"):
+            quantize(trained_unet, [{"img": torch.randn(1, 1, 8, 8, 8), "seg": None}], progress=False)
+
+    def test_numpy_calibration_is_taken_as_the_same_tensor(self, trained_unet):
+        x, _ = sphere_volumes(1, seed=7)
+        config = EfficientQConfig(weight_bits=4, method="rtn")
+        from_tensor = quantize(trained_unet, x, config, progress=False).network
+        for calibration in (x.numpy(), [x.numpy()]):  # a batch, or a list of batches
+            from_numpy = quantize(trained_unet, calibration, config, progress=False).network
+            assert all(torch.equal(a, b) for a, b in zip(from_numpy.state_dict().values(), from_tensor.state_dict().values()))
+
     def test_calibration_that_is_not_even_iterable(self, trained_unet):
         with pytest.raises(TypeError, match="tensor batch or an iterable of tensor batches, got float"):
             quantize(trained_unet, 3.0, progress=False)
