@@ -37,7 +37,6 @@ import torch.nn as nn
 
 from monai_effq.ptq.config import EfficientQConfig
 from monai_effq.ptq.graph import set_submodule, unique_state_dict
-from monai_effq.ptq.prepare import eager_network
 from monai_effq.ptq.modules import (
     SHARED_INPUT_QUANTIZER,
     ActivationQuantizer,
@@ -47,6 +46,7 @@ from monai_effq.ptq.modules import (
     quantized_layer_class,
     shared_input_quantizer,
 )
+from monai_effq.ptq.prepare import eager_network
 from monai_effq.ptq.result import QuantizationResult
 from monai_effq.ptq.report import QuantizationReport
 from monai_effq.quant.grid import UniformGrid

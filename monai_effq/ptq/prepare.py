@@ -35,7 +35,10 @@ def eager_network(network: nn.Module) -> nn.Module:
     """
     original = getattr(network, "_orig_mod", None)
     if type(network).__name__ == "OptimizedModule" and isinstance(original, nn.Module):
-        logger.warning("the network is compiled (torch.compile): its original module is used, and the result runs eagerly (compile it again to run it compiled).")
+        logger.warning(
+            "the network is compiled (torch.compile): its original module is used, and the result runs eagerly "
+            "(compile it again to run it compiled)."
+        )
         return original
     return network
 
@@ -147,11 +150,15 @@ def prepare_network(
     if not from_scratch:  # a start from scratch re-initialises every parameter
         check_finite_state(network)
     net = copy.deepcopy(network).eval().to(device)
-    precisions = sorted({str(t.dtype).removeprefix("torch.") for t in (*net.parameters(), *net.buffers()) if t.is_floating_point()} - {"float32"})
+    tensors = (*net.parameters(), *net.buffers())
+    precisions = sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point()} - {"float32"})
     if precisions:
         # the solver's targets and the quantized layers are float32: a network kept in half precision for
         # inference (or in double) would refuse the float32 calibration batches with a shape-like error
-        logger.warning(f"the network holds {' and '.join(precisions)} weights: it is quantized from a float32 copy, and the quantized network computes in float32.")
+        logger.warning(
+            f"the network holds {' and '.join(precisions)} weights: it is quantized from a float32 copy, and the "
+            "quantized network computes in float32."
+        )
         net = net.float()
     if from_scratch:
         for module in net.modules():
