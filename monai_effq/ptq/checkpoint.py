@@ -46,7 +46,7 @@ from monai_effq.ptq.modules import (
     quantized_layer_class,
     shared_input_quantizer,
 )
-from monai_effq.ptq.prepare import eager_network
+from monai_effq.ptq.prepare import quantizable_network
 from monai_effq.ptq.result import QuantizationResult
 from monai_effq.ptq.report import QuantizationReport
 from monai_effq.quant.grid import UniformGrid
@@ -312,7 +312,7 @@ def load_quantized_result(path: str | os.PathLike, network: nn.Module) -> Quanti
             match ``network``.
     """
     meta, codes, data, _ = _read(path)
-    net = copy.deepcopy(eager_network(network)).eval()
+    net = copy.deepcopy(quantizable_network(network)).eval()
     try:
         for bn_name in meta["folded"]:
             set_submodule(net, bn_name, nn.Identity())
@@ -440,7 +440,7 @@ def verify_checkpoint(
     archive = _read(path)
     if fp_network is not None:
         made_from = archive.meta["report"].get("sources", {}).get("fp_weights")
-        current = fingerprint_state(fp_network)
+        current = fingerprint_state(quantizable_network(fp_network))  # as quantize fingerprinted it
         if made_from is None:  # written before checkpoints recorded their sources, or by fine-tuning
             logger.warning("quantized checkpoint %s does not record the FP weights it was made from: not checked", path)
         elif made_from != current:

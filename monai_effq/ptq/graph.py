@@ -69,6 +69,8 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
         name: dotted name of the module to replace.
         module: the replacement.
     """
+    if not name:
+        raise ValueError("set_submodule replaces a submodule: name one (a dotted name), not the network itself.")
     old = root.get_submodule(name)
     # found before the first replacement: the replacement may hold the old module (a quantized layer wraps it)
     aliases = [(owner, key) for owner in root.modules() for key, child in owner._modules.items() if child is old]

@@ -30,7 +30,7 @@ from monai_effq.ptq.journal import QuantizationJournal
 from monai_effq.ptq.mirroring import mirror_count, mirror_images, mirror_masks
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, quantized_layer_class
 from monai_effq.ptq.norm_inputs import quantize_norm_inputs
-from monai_effq.ptq.prepare import eager_network, prepare_network
+from monai_effq.ptq.prepare import prepare_network, quantizable_network
 from monai_effq.ptq.report import LayerReport, QuantizationReport, reset_peak_memory, source_fingerprints
 from monai_effq.ptq.result import QuantizationResult, finish_report, state_bytes
 from monai_effq.ptq.skip_rounding import share_skip_roundings
@@ -76,8 +76,8 @@ def _as_batches(calibration: torch.Tensor | Iterable[torch.Tensor]) -> list[torc
                     "tensors, or dicts with the image under 'image' (as MONAI's transforms name it)."
                 )
             b = b["image"]
-        if isinstance(b, np.ndarray):  # a volume read with nibabel or SimpleITK
-            b = torch.from_numpy(b)
+        if isinstance(b, np.ndarray):  # a volume read with nibabel or SimpleITK: any byte order, strides, or a read-only map
+            b = torch.from_numpy(np.array(b, dtype=np.float32))
         if not isinstance(b, torch.Tensor):
             raise TypeError(f"calibration batch {i} is a {type(b).__name__}, expected a tensor (N, C, *spatial).")
         if b.numel() == 0:
@@ -717,7 +717,7 @@ def quantize(
     config = config or EfficientQConfig()
     t0 = time.perf_counter()
     reset_peak_memory()
-    network = eager_network(network)
+    network = quantizable_network(network)
     batches = _as_batches(calibration)
     sources = source_fingerprints(network, config.to_dict(), _calibration_fingerprint(batches))
     if journal is not None:

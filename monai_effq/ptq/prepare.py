@@ -17,7 +17,7 @@ from monai_effq.utils.precision import ieee_float32
 
 logger = logging.getLogger("monai_effq")
 
-__all__ = ["PreparedNetwork", "available_device", "check_finite_state", "eager_network", "prepare_network"]
+__all__ = ["PreparedNetwork", "available_device", "check_finite_state", "eager_network", "prepare_network", "quantizable_network"]
 
 
 def eager_network(network: nn.Module) -> nn.Module:
@@ -41,6 +41,32 @@ def eager_network(network: nn.Module) -> nn.Module:
         )
         return original
     return network
+
+
+def quantizable_network(network: nn.Module) -> nn.Module:
+    """The network as quantization takes it: ``torch.compile``'s original module (:func:`eager_network`), in float32.
+
+    The solver's targets and the quantized layers are float32: a network kept in float16 or bfloat16 for
+    inference (or in float64) would refuse float32 calibration windows with a shape-like error, and its
+    norms would not run beside float32 layers. Such a network becomes a float32 copy, with a warning;
+    float16 and bfloat16 widen exactly.
+
+    Args:
+        network: the network as given (not modified).
+
+    Returns:
+        ``network`` itself (or the module it compiles) when it is float32, else a float32 copy.
+    """
+    network = eager_network(network)
+    tensors = (*network.parameters(), *network.buffers())
+    precisions = sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point()} - {"float32"})
+    if not precisions:
+        return network
+    logger.warning(
+        f"the network holds {' and '.join(precisions)} weights: it is quantized from a float32 copy, and the "
+        "quantized network computes in float32."
+    )
+    return copy.deepcopy(network).float()
 
 
 def available_device(device: torch.device | str) -> torch.device:
@@ -149,17 +175,7 @@ def prepare_network(
     device = available_device(config.device if device is None else device)
     if not from_scratch:  # a start from scratch re-initialises every parameter
         check_finite_state(network)
-    net = copy.deepcopy(network).eval().to(device)
-    tensors = (*net.parameters(), *net.buffers())
-    precisions = sorted({str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point()} - {"float32"})
-    if precisions:
-        # the solver's targets and the quantized layers are float32: a network kept in half precision for
-        # inference (or in double) would refuse the float32 calibration batches with a shape-like error
-        logger.warning(
-            f"the network holds {' and '.join(precisions)} weights: it is quantized from a float32 copy, and the "
-            "quantized network computes in float32."
-        )
-        net = net.float()
+    net = copy.deepcopy(quantizable_network(network)).eval().to(device)
     if from_scratch:
         for module in net.modules():
             if module is not net and hasattr(module, "reset_parameters"):

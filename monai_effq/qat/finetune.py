@@ -33,7 +33,7 @@ from monai.utils import optional_import
 from monai_effq.ptq.config import EfficientQConfig, LayerPlan
 from monai_effq.ptq.graph import BATCHNORMS, hooks, set_submodule
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer
-from monai_effq.ptq.prepare import eager_network, prepare_network
+from monai_effq.ptq.prepare import prepare_network, quantizable_network
 from monai_effq.ptq.result import QuantizationResult, finish_report, state_bytes
 from monai_effq.ptq.report import LayerReport, QuantizationReport
 from monai_effq.qat.check import DEFAULT_CHECK_BATCHES, FinetuneCheck, check_batch_count, draw_windows
@@ -268,7 +268,7 @@ def _from_result(result: QuantizationResult) -> TrainableNetwork:
 
 
 def _from_network(network: nn.Module, sample: torch.Tensor, config: EfficientQConfig, from_scratch: bool) -> TrainableNetwork:
-    network = eager_network(network)
+    network = quantizable_network(network)
     fp_bytes = state_bytes(network)
     # From scratch the BatchNorms have nothing to fold yet: they keep training as BatchNorms.
     device = next((p.device for p in network.parameters()), torch.device("cpu"))

@@ -284,3 +284,17 @@ def test_a_checkpoint_loads_onto_a_compiled_network_as_onto_the_module_it_compil
     x = torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(load_quantized(path, torch.compile(_fresh_unet()))(x), load_quantized(path, _fresh_unet())(x))
+
+
+def test_a_checkpoint_loads_onto_a_half_precision_network_as_onto_a_float32_one(w2_result, tmp_path):
+    path = save_quantized(w2_result, tmp_path / "q.pt")
+    x = torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(load_quantized(path, _fresh_unet().half())(x), load_quantized(path, _fresh_unet())(x))
+
+
+def test_verify_checkpoint_knows_the_fp_weights_in_a_compiled_network(trained_unet, w2_result, tmp_path):
+    from monai_effq.ptq.checkpoint import checkpoint_fingerprint, verify_checkpoint
+
+    path = save_quantized(w2_result, tmp_path / "q.pt")
+    assert verify_checkpoint(path, fp_network=torch.compile(trained_unet)) == checkpoint_fingerprint(path)

@@ -356,7 +356,8 @@ class TestBadInput:
         x, _ = sphere_volumes(1, seed=7)
         config = EfficientQConfig(weight_bits=4, method="rtn")
         from_tensor = quantize(trained_unet, x, config, progress=False).network
-        for calibration in (x.numpy(), [x.numpy()]):  # a batch, or a list of batches
+        big_endian, flipped = x.numpy().astype(">f4"), x.flip(-1).numpy()[..., ::-1]  # as nibabel's dataobj or np.flip give them
+        for calibration in (x.numpy(), [x.numpy()], big_endian, flipped):  # a batch, a list of batches
             from_numpy = quantize(trained_unet, calibration, config, progress=False).network
             assert all(torch.equal(a, b) for a, b in zip(from_numpy.state_dict().values(), from_tensor.state_dict().values()))
 

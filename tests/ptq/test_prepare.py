@@ -313,3 +313,10 @@ def test_a_compiled_network_is_quantized_as_the_module_it_compiles_and_says_so(c
     assert "the network is compiled (torch.compile): its original module is used" in caplog.text
     with torch.no_grad():
         assert torch.equal(q.network(x), quantize(_net(), x, config, progress=False).network(x))
+
+
+def test_the_network_itself_is_not_a_submodule_to_replace():
+    from monai_effq.ptq.graph import set_submodule
+
+    with pytest.raises(ValueError, match="name one"):
+        set_submodule(_net(), "", nn.Identity())

@@ -233,3 +233,11 @@ def test_a_compiled_fp_network_is_prepared_for_fine_tuning_as_the_module_it_comp
     x = spheres[1][0][:2]
     with torch.no_grad():
         assert torch.equal(compiled.network.eval()(x), plain.network.eval()(x))
+
+
+def test_a_half_precision_fp_network_fine_tunes_with_its_held_out_check_as_in_float32(spheres):
+    # the check compares with the FP network, which must run the float32 windows too
+    half, full = (finetune(net, spheres, FIXED, steps=1, lr=1e-3) for net in (_unet().to(torch.bfloat16), _unet().to(torch.bfloat16).float()))
+    x = spheres[1][0][:2]
+    with torch.no_grad():
+        assert torch.equal(half.network(x), full.network(x))
