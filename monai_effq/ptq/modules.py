@@ -215,6 +215,12 @@ class QuantizedLayer(nn.Module):
         self.refresh_weight()  # the cache follows .to()/.cuda() with the codes
         return self
 
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - nn.Module signature
+        super()._load_from_state_dict(*args, **kwargs)
+        # load_state_dict replaces the codes in place: the cache would keep the weights it had (a fold ensemble
+        # that loads each fold's state dict into one network ran one fold's weights for all)
+        self.refresh_weight()
+
     def refresh_weight(self) -> None:
         """Rebuild the cached dequantized weight from the codes, scale and zero point."""
         self._weight = dequantize(self.codes, self.scale, self.zero_point, self.channel_axis, self.groups)
