@@ -9,6 +9,7 @@ from monai_effq import EfficientQConfig, quantize
 from monai_effq.ptq import QuantizedConv, QuantizedConvTranspose, QuantizedLayer, QuantizedLinear
 from monai_effq.quant import UniformGrid, fit_minmax
 
+from ..nnunet_like import nnunet_like
 from ..threads import torch_threads
 from .conftest import dice, sphere_volumes
 
@@ -224,30 +225,10 @@ def test_linear_layers_on_attention_windows_are_solved_as_on_each_calibration_wi
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-class _ConvNormNonlin(nn.Module):
-    """A block as nnU-Net builds them (``dynamic_network_architectures``' ``ConvDropoutNormReLU``): each
-    layer registered by its name and again in the sequence the forward runs."""
-
-    def __init__(self, cin: int, cout: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv3d(cin, cout, 3, padding=1)
-        self.norm = nn.InstanceNorm3d(cout, affine=True)
-        self.nonlin = nn.LeakyReLU()
-        self.all_modules = nn.Sequential(self.conv, self.norm, self.nonlin)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.all_modules(x)
-
-
-def _nnunet_like() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(_ConvNormNonlin(1, 8), _ConvNormNonlin(8, 8), nn.Conv3d(8, 2, 1)).eval()
-
-
 def test_a_layer_registered_under_two_names_is_quantized_where_the_forward_runs_it(tmp_path):
     from monai_effq import load_quantized, save_quantized
 
-    net, x = _nnunet_like(), torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    net, x = nnunet_like(), torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
     q = quantize(net, x, EfficientQConfig(weight_bits=2, method="rtn"), progress=False)
 
     def by_names(network: nn.Module) -> torch.Tensor:  # the blocks run through their named layers instead
@@ -256,7 +237,7 @@ def test_a_layer_registered_under_two_names_is_quantized_where_the_forward_runs_
             y = block.nonlin(block.norm(block.conv(y)))
         return network[2](y)
 
-    for network in (q.network, load_quantized(save_quantized(q, tmp_path / "q.pt"), _nnunet_like())):
+    for network in (q.network, load_quantized(save_quantized(q, tmp_path / "q.pt"), nnunet_like())):
         assert all(isinstance(b.conv, QuantizedLayer) and b.all_modules[0] is b.conv for b in network[:2])
         with torch.no_grad():
             assert torch.equal(network(x), by_names(network))
@@ -266,7 +247,7 @@ def test_a_layer_registered_under_two_names_is_quantized_where_the_forward_runs_
 def test_a_layer_registered_under_two_names_is_counted_and_stored_once(tmp_path):
     from monai_effq import save_quantized
 
-    net, x = _nnunet_like(), torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    net, x = nnunet_like(), torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
     plain = nn.Sequential(*(nn.Sequential(b.conv, b.norm, b.nonlin) for b in net[:2]), net[2]).eval()  # the same layers, once each
     config = EfficientQConfig(weight_bits=2, method="rtn")
     aliased, once = (quantize(network, x, config, progress=False) for network in (net, plain))

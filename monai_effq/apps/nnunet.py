@@ -1,0 +1,234 @@
+"""nnU-Net v2: quantize the fold ensemble an ``nnUNetPredictor`` runs, so its own inference runs it quantized.
+
+nnU-Net's predictor holds one network and the weights of each fold (``list_of_parameters``); for each
+fold it loads that fold's state dict into the network and predicts, then averages the folds' logits.
+:func:`quantize_nnunet_predictor` quantizes every fold's weights on the same calibration windows and
+puts the quantized network and the folds' quantized state dicts in their place, so that
+``predict_from_files``, ``predict_single_npy_array`` and the ``nnUNetv2_predict`` code paths
+(preprocessing, sliding windows, mirroring, resampling, export) run unchanged.
+:func:`nnunet_calibration_windows` preprocesses raw images as the predictor preprocesses them, and
+:func:`deploy_nnunet_predictor` exports the quantized folds as int8 ONNX files and makes the predictor
+run them in OpenVINO or ONNX Runtime.
+
+Nothing here imports nnU-Net: the predictor is read through the attributes
+``initialize_from_trained_model_folder`` sets.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from monai_effq.data.calibration import calibration_windows
+from monai_effq.deploy.export import export_onnx
+from monai_effq.deploy.runtime import RUNTIMES
+from monai_effq.ptq.config import EfficientQConfig
+from monai_effq.ptq.modules import QuantizedLayer
+from monai_effq.ptq.pipeline import quantize
+from monai_effq.ptq.prepare import eager_network
+from monai_effq.ptq.result import QuantizationResult
+from monai_effq.utils.errors import UserInputError
+
+logger = logging.getLogger("monai_effq")
+
+__all__ = ["FoldEnsemble", "deploy_nnunet_predictor", "nnunet_calibration_windows", "quantize_nnunet_predictor"]
+
+
+def _initialised(predictor: Any) -> None:
+    """Refuse a predictor without a network and fold weights, naming the call that gives them."""
+    network = getattr(predictor, "network", None)
+    folds = getattr(predictor, "list_of_parameters", None)
+    if not isinstance(network, nn.Module) or not folds:
+        raise UserInputError(
+            f"{type(predictor).__name__} has no network or fold weights yet: call "
+            "predictor.initialize_from_trained_model_folder(model_folder, use_folds=...) first."
+        )
+
+
+def nnunet_calibration_windows(
+    predictor: Any, image_files: Sequence[Sequence[str | os.PathLike]], overlap: float = 0.0
+) -> torch.Tensor:
+    """Calibration windows from raw images, preprocessed as the predictor preprocesses the images it segments.
+
+    Each case is resampled to the configuration's spacing and normalised by the configuration's own
+    preprocessor (its ``run_case``, with the plans' reader), then cut into windows of the
+    configuration's patch size, the windows the predictor's sliding window runs.
+
+    Args:
+        predictor: an initialised ``nnunetv2.inference.predict_from_raw_data.nnUNetPredictor``.
+        image_files: one list of files per case, one file per input channel, in nnU-Net's order
+            (``[["case_000_0000.nii.gz", "case_000_0001.nii.gz"], ...]``); one case is enough.
+        overlap: overlap of neighbouring windows, as :func:`~monai_effq.data.calibration_windows`.
+
+    Returns:
+        the ``(windows, channels, *patch_size)`` batch.
+
+    Raises:
+        UserInputError: when the predictor is not initialised, no case is given, a case names no
+            file or a file is missing.
+    """
+    _initialised(predictor)
+    if isinstance(image_files, (str, os.PathLike)) or not image_files:
+        raise UserInputError("image_files must be a list of cases, each a list of its channel files: [['case_0000.nii.gz'], ...].")
+    cases = []
+    for case in image_files:
+        files = [case] if isinstance(case, (str, os.PathLike)) else list(case)
+        if not files:
+            raise UserInputError("a case of image_files names no file: give each case its channel files.")
+        missing = [str(f) for f in files if not os.path.isfile(f)]
+        if missing:
+            raise UserInputError(f"calibration image {missing[0]} does not exist: give the raw images of training cases.")
+        cases.append([str(f) for f in files])
+    configuration = predictor.configuration_manager
+    preprocessor = configuration.preprocessor_class(verbose=False)
+    volumes = []
+    for files in cases:
+        data, _, _ = preprocessor.run_case(files, None, predictor.plans_manager, configuration, predictor.dataset_json)
+        volumes.append(torch.from_numpy(data).float())
+    return calibration_windows(volumes, configuration.patch_size, overlap)
+
+
+def _structure(network: nn.Module) -> list[tuple]:
+    """What one network must share with another to run its state dict: each module's kind and grid (which a
+    state dict does not carry), each tensor's name, shape and type."""
+    modules = [(f"module {name or '(the network)'}", type(m).__name__, getattr(m, "grid", None)) for name, m in network.named_modules()]
+    return modules + [(f"tensor {k}", tuple(v.shape), v.dtype) for k, v in network.state_dict().items()]
+
+
+def quantize_nnunet_predictor(
+    predictor: Any,
+    calibration: torch.Tensor | Sequence[torch.Tensor],
+    config: EfficientQConfig | None = None,
+    *,
+    progress: bool = True,
+) -> list[QuantizationResult]:
+    """Quantize every fold of an ``nnUNetPredictor`` on the same calibration windows, in place.
+
+    Each fold's weights are loaded into a copy of the predictor's network and quantized with
+    :func:`~monai_effq.quantize`; the predictor then holds the quantized network and each fold's
+    quantized state dict (copies, so that loading one fold does not change another), and its
+    predictions average the quantized folds as they averaged the FP ones. A network compiled by
+    ``nnUNet_compile`` is quantized (and then runs) as its original module.
+
+    Args:
+        predictor: an initialised ``nnUNetPredictor`` (``initialize_from_trained_model_folder``).
+        calibration: preprocessed ``(N, C, *spatial)`` windows (:func:`nnunet_calibration_windows`) or
+            anything :func:`~monai_effq.quantize` takes.
+        config: the quantization settings (:class:`~monai_effq.EfficientQConfig` defaults when ``None``).
+        progress: show a progress bar per fold.
+
+    Returns:
+        one :class:`~monai_effq.QuantizationResult` per fold, in the predictor's fold order (save them
+        with :func:`~monai_effq.save_quantized` to reload without calibrating again).
+
+    Raises:
+        UserInputError: when the predictor is not initialised, a fold's weights do not fit its
+            network, or the folds' quantized networks differ in a grid (such as ``act_grid="auto"``
+            choosing another grid for one fold), which one network cannot hold.
+    """
+    _initialised(predictor)
+    base = eager_network(predictor.network)
+    results = []
+    for i, weights in enumerate(predictor.list_of_parameters):
+        network = copy.deepcopy(base)
+        try:
+            network.load_state_dict(weights)
+        except RuntimeError as e:
+            raise UserInputError(
+                f"fold {i}'s weights do not fit the predictor's network ({str(e).splitlines()[0]}): initialise the "
+                "predictor from the model folder these folds were trained in."
+            ) from None
+        logger.info("quantizing fold %d of %d", i + 1, len(predictor.list_of_parameters))
+        results.append(quantize(network.eval(), calibration, config, progress=progress))
+    first = _structure(results[0].network)
+    for i, result in enumerate(results[1:], start=1):
+        other = _structure(result.network)
+        if other != first:
+            ours, theirs = next(((a, b) for a, b in zip(first, other) if a != b), (first[-1], other[-1]))
+            raise UserInputError(
+                f"fold {i}'s quantized network differs from fold 0's at {theirs[0]} ({theirs[1:]} against "
+                f"{ours[1:]}), so one network cannot run both. Set what differs in the config, such as "
+                "act_grid='asymmetric' or weight_grid, so that every fold gets the same."
+            )
+    predictor.network = results[0].network
+    predictor.list_of_parameters = [{k: v.detach().clone() for k, v in r.network.state_dict().items()} for r in results]
+    return results
+
+
+class FoldEnsemble(nn.Module):
+    """The mean logits of several fold networks: one network with an empty state dict for nnU-Net's predictor.
+
+    The predictor averages its folds' logits, one fold at a time; the windows' Gaussian weighting is
+    linear, so averaging each window's logits gives the same prediction (to float rounding) while the
+    predictor loads one (empty) fold.
+
+    Args:
+        folds: the fold networks (runtime networks, which hold no torch state).
+    """
+
+    def __init__(self, folds: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.folds = nn.ModuleList(folds)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = self.folds[0](x)
+        for fold in self.folds[1:]:
+            total = total + fold(x)
+        return total / len(self.folds)
+
+
+def deploy_nnunet_predictor(
+    predictor: Any,
+    results: Sequence[QuantizationResult],
+    folder: str | os.PathLike,
+    runtime: str = "openvino",
+    **options: Any,
+) -> list[Path]:
+    """Export each quantized fold as an int8 ONNX file and make the predictor run the folds in ``runtime``.
+
+    The files are exported at the configuration's patch size (the only window size the predictor's
+    sliding window runs, as nnU-Net pads smaller images to it), with the batch axis dynamic. The
+    predictor then holds a :class:`FoldEnsemble` of the runtime networks and one empty fold.
+
+    Args:
+        predictor: the predictor :func:`quantize_nnunet_predictor` quantized.
+        results: what it returned, one per fold.
+        folder: where the files go (``fold_<i>.onnx``; created when missing).
+        runtime: ``"openvino"`` or ``"onnxruntime"``.
+        options: passed to the runtime network (e.g. ``threads``, ``precision`` for OpenVINO).
+
+    Returns:
+        the ONNX files, one per fold.
+
+    Raises:
+        UserInputError: for an unknown runtime, or results that are not the predictor's folds.
+    """
+    _initialised(predictor)
+    if runtime not in RUNTIMES:
+        raise UserInputError(f"runtime must be one of {sorted(RUNTIMES)}, got {runtime!r}.")
+    if not results or len(results) != len(predictor.list_of_parameters):
+        raise UserInputError(
+            f"results holds {len(results)} quantized fold(s) and the predictor {len(predictor.list_of_parameters)}: pass "
+            "what quantize_nnunet_predictor returned for this predictor."
+        )
+    first = next((m for m in results[0].network.modules() if isinstance(m, QuantizedLayer)), None)
+    channels = getattr(getattr(first, "layer", None), "in_channels", None)
+    if channels is None:
+        raise UserInputError("results hold no quantized layer: pass what quantize_nnunet_predictor returned.")
+    example = torch.zeros(1, channels, *[int(s) for s in predictor.configuration_manager.patch_size])
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [
+        export_onnx(result, folder / f"fold_{i}.onnx", example, dynamic_spatial=False, dynamic_batch=True)
+        for i, result in enumerate(results)
+    ]
+    predictor.network = FoldEnsemble([RUNTIMES[runtime](path, **options) for path in paths])
+    predictor.list_of_parameters = [{}]
+    return paths

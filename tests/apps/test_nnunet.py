@@ -1,0 +1,139 @@
+"""nnU-Net's predictor runs its fold ensemble quantized: each fold's weights quantized, loaded as it loads folds.
+
+The predictor is read through the attributes ``initialize_from_trained_model_folder`` sets, so these
+tests stand it in with those attributes and nnU-Net-style networks (nnU-Net itself is not installed).
+"""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from monai_effq import EfficientQConfig, quantize
+from monai_effq.apps import deploy_nnunet_predictor, nnunet_calibration_windows, quantize_nnunet_predictor
+from monai_effq.ptq import QuantizedLayer
+from monai_effq.utils.errors import UserInputError
+
+from ..nnunet_like import nnunet_like
+
+CONFIG = EfficientQConfig(weight_bits=4, act_bits=8)
+
+
+def _predictor(network: nn.Module, folds: list[nn.Module]) -> SimpleNamespace:
+    """What ``initialize_from_trained_model_folder`` leaves: one network, each fold's state dict."""
+    return SimpleNamespace(network=network, list_of_parameters=[{k: v.clone() for k, v in f.state_dict().items()} for f in folds])
+
+
+def _windows(seed: int = 1) -> torch.Tensor:
+    return torch.randn(2, 1, 16, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def _as_the_predictor_runs(predictor: SimpleNamespace, fold: int, x: torch.Tensor) -> torch.Tensor:
+    predictor.network.load_state_dict(predictor.list_of_parameters[fold])
+    with torch.no_grad():
+        return predictor.network(x)
+
+
+def test_each_fold_loaded_as_the_predictor_loads_it_computes_its_own_quantized_network():
+    folds = [nnunet_like(seed) for seed in (0, 1)]
+    predictor = _predictor(nnunet_like(0), folds)
+    x = _windows()
+    results = quantize_nnunet_predictor(predictor, x, CONFIG, progress=False)
+
+    assert len(results) == 2 and all(isinstance(b.conv, QuantizedLayer) for b in predictor.network[:2])
+    y = _windows(2)
+    with torch.no_grad():
+        alone = [quantize(fold, x, CONFIG, progress=False).network(y) for fold in folds]
+    # in the predictor's order, then back to the first: loading one fold leaves the others' weights as they were
+    for fold in (0, 1, 0):
+        assert torch.equal(_as_the_predictor_runs(predictor, fold, y), alone[fold])
+    assert not torch.equal(alone[0], alone[1])
+
+
+def test_a_network_compiled_by_nnunet_is_quantized_as_its_original_module(caplog):
+    predictor = _predictor(torch.compile(nnunet_like(0)), [nnunet_like(0)])
+    quantize_nnunet_predictor(predictor, _windows(), CONFIG, progress=False)
+    assert isinstance(predictor.network, nn.Sequential)  # runs eagerly, as load_state_dict expects
+    assert "compiled" in caplog.text
+
+
+def test_an_uninitialised_predictor_is_refused_with_the_call_that_initialises_it():
+    with pytest.raises(UserInputError, match="initialize_from_trained_model_folder"):
+        quantize_nnunet_predictor(SimpleNamespace(network=None, list_of_parameters=None), _windows(), progress=False)
+
+
+def test_fold_weights_of_another_network_are_refused_naming_the_fold():
+    other = nn.Sequential(nn.Conv3d(1, 4, 3)).eval()
+    predictor = _predictor(nnunet_like(0), [nnunet_like(0), other])
+    with pytest.raises(UserInputError, match="fold 1's weights do not fit"):
+        quantize_nnunet_predictor(predictor, _windows(), CONFIG, progress=False)
+
+
+def test_folds_whose_quantized_grids_differ_are_refused_naming_the_layer_and_the_setting():
+    # the second convolution's input: non-negative in one fold (the unsigned grid), signed in the other
+    def fold(sign: float) -> nn.Module:
+        net = nn.Sequential(nn.Conv3d(1, 2, 1), nn.Conv3d(2, 2, 1), nn.Conv3d(2, 2, 1)).eval()
+        with torch.no_grad():
+            net[0].weight.fill_(sign)
+            net[0].bias.fill_(0.0)
+        return net
+
+    predictor = _predictor(fold(1.0), [fold(1.0), fold(-1.0)])
+    x = _windows().abs()
+    with pytest.raises(UserInputError, match=r"fold 1's quantized network differs from fold 0's at module 1\..*act_grid"):
+        quantize_nnunet_predictor(predictor, x, CONFIG, progress=False)
+    # with the grid set, both folds fit one network
+    quantize_nnunet_predictor(predictor, x, EfficientQConfig(weight_bits=4, act_bits=8, act_grid="asymmetric"), progress=False)
+
+
+class _Preprocessor:
+    """nnU-Net's ``DefaultPreprocessor`` as the predictor calls it: ``run_case`` gives ``(data, seg, properties)``."""
+
+    calls: list = []
+
+    def __init__(self, verbose: bool = True) -> None:
+        pass
+
+    def run_case(self, files, seg_file, plans_manager, configuration_manager, dataset_json):  # noqa: ANN001, ANN201
+        self.calls.append((files, seg_file, plans_manager, configuration_manager, dataset_json))
+        return np.ones((len(files), 20, 16, 12), dtype=np.float32), None, {}
+
+
+def test_calibration_windows_are_preprocessed_by_the_predictor_and_cut_at_its_patch_size(tmp_path):
+    files = [tmp_path / f"case_000_000{c}.nii.gz" for c in range(2)]
+    for f in files:
+        f.write_bytes(b"")
+    configuration = SimpleNamespace(preprocessor_class=_Preprocessor, patch_size=[16, 16, 16])
+    predictor = SimpleNamespace(
+        network=nnunet_like(0), list_of_parameters=[{}], plans_manager="plans", configuration_manager=configuration, dataset_json={"d": 1}
+    )
+    windows = nnunet_calibration_windows(predictor, [files])
+    assert tuple(windows.shape) == (2, 2, 16, 16, 16)  # the 20-voxel axis in two windows
+    assert _Preprocessor.calls[-1] == ([str(f) for f in files], None, "plans", configuration, {"d": 1})
+    with pytest.raises(UserInputError, match="case_000_0009.nii.gz does not exist"):
+        nnunet_calibration_windows(predictor, [[tmp_path / "case_000_0009.nii.gz"]])
+    with pytest.raises(UserInputError, match="a list of cases"):
+        nnunet_calibration_windows(predictor, str(files[0]))
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_deployed_folds_run_in_the_runtime_as_the_mean_of_the_quantized_folds(tmp_path, runtime):
+    pytest.importorskip("onnxruntime" if runtime == "onnxruntime" else "openvino")
+    folds = [nnunet_like(seed) for seed in (0, 1)]
+    predictor = _predictor(nnunet_like(0), folds)
+    predictor.configuration_manager = SimpleNamespace(patch_size=[16, 16, 16])
+    results = quantize_nnunet_predictor(predictor, _windows(), CONFIG, progress=False)
+    options = {"precision": "f32"} if runtime == "openvino" else {}
+    with pytest.raises(UserInputError, match="results holds 1 quantized fold"):
+        deploy_nnunet_predictor(predictor, results[:1], tmp_path / "onnx", runtime)
+    paths = deploy_nnunet_predictor(predictor, results, tmp_path / "onnx", runtime, **options)
+
+    assert [p.name for p in paths] == ["fold_0.onnx", "fold_1.onnx"] and predictor.list_of_parameters == [{}]
+    y = _windows(2)
+    with torch.no_grad():
+        expected = sum(r.network(y) for r in results) / 2
+        got = _as_the_predictor_runs(predictor, 0, y)  # the predictor loads its one (empty) fold first
+    assert float((got - expected).norm() / expected.norm()) < 0.02
+    assert float((got.argmax(1) == expected.argmax(1)).float().mean()) > 0.99
