@@ -296,6 +296,15 @@ def checkpoint_fingerprint(path: str | os.PathLike) -> str:
     return _read(path).fingerprint
 
 
+def _held_by_quantized_layer(network: nn.Module, key: str) -> bool:
+    """Whether a state-dict key names a parameter of a module that is now a quantized layer (which has none of that name)."""
+    owner, _, _ = key.rpartition(".")
+    try:
+        return isinstance(network.get_submodule(owner), QuantizedLayer)
+    except AttributeError:
+        return False
+
+
 def load_quantized_result(path: str | os.PathLike, network: nn.Module) -> QuantizationResult:
     """Rebuild the quantized network, its config and report, on a fresh FP architecture.
 
@@ -356,6 +365,14 @@ def load_quantized_result(path: str | os.PathLike, network: nn.Module) -> Quanti
         # a later name of a tensor (a layer held under two names) is loaded through its first
         aliases = set(net.state_dict(keep_vars=True)) - set(unique_state_dict(net))
         missing = [k for k in missing if not k.startswith(quantized) and k not in aliases]
+        if unexpected and missing == [] and all(_held_by_quantized_layer(net, k) for k in unexpected):
+            # monai-effq before December 2026 replaced such a layer under one of its names only, so the forward ran
+            # the FP layer under the other, which the file stored
+            raise UserInputError(
+                f"quantized checkpoint {path} holds floating-point weights under a second name of quantized layers "
+                f"({', '.join(unexpected[:3])}): it was written by an earlier monai-effq that left layers registered under two "
+                "names (nnU-Net's blocks) unquantized where the network runs them. Quantize the FP network again."
+            )
         if missing or unexpected:
             raise ValueError(f"missing entries {missing[:5]}, unexpected entries {unexpected[:5]}")
     except (AttributeError, KeyError, RuntimeError, ValueError) as e:

@@ -8,6 +8,7 @@ from monai.networks.nets import UNet
 
 import monai_effq
 from monai_effq import EfficientQConfig, load_quantized, load_quantized_result, quantize, save_quantized
+from monai_effq.utils.errors import UserInputError
 
 from .conftest import sphere_volumes
 
@@ -298,3 +299,21 @@ def test_verify_checkpoint_knows_the_fp_weights_in_a_compiled_network(trained_un
 
     path = save_quantized(w2_result, tmp_path / "q.pt")
     assert verify_checkpoint(path, fp_network=torch.compile(trained_unet)) == checkpoint_fingerprint(path)
+
+
+def test_a_checkpoint_whose_layers_ran_in_fp_under_a_second_name_is_refused_with_quantize_again(tmp_path, monkeypatch):
+    import monai_effq.ptq.pipeline as pipeline
+
+    from ..nnunet_like import nnunet_like
+
+    def one_name_only(root, name, module):  # how set_submodule replaced a layer before it replaced every name
+        owner, _, attr = name.rpartition(".")
+        setattr(root.get_submodule(owner) if owner else root, attr, module)
+
+    x = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "set_submodule", one_name_only)
+        old = quantize(nnunet_like(), x, EfficientQConfig(weight_bits=4, method="rtn"), progress=False)
+    path = save_quantized(old, tmp_path / "old.pt")
+    with pytest.raises(UserInputError, match=r"floating-point weights under a second name of quantized layers \(0\.all_modules\.0\.weight.*Quantize the FP network again"):
+        load_quantized(path, nnunet_like())
