@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from monai_effq.ptq.config import EfficientQConfig, LayerPlan
-from monai_effq.ptq.graph import fold_batchnorm, probe_network
+from monai_effq.ptq.graph import fold_batchnorm, probe_network, set_submodule
 from monai_effq.solver.layers import layer_view
 from monai_effq.utils.errors import UserInputError
 from monai_effq.utils.precision import ieee_float32
@@ -20,27 +20,46 @@ logger = logging.getLogger("monai_effq")
 __all__ = ["PreparedNetwork", "available_device", "check_finite_state", "eager_network", "prepare_network", "quantizable_network"]
 
 
+def _compiled(module: nn.Module) -> bool:
+    return type(module).__name__ == "OptimizedModule" and isinstance(getattr(module, "_orig_mod", None), nn.Module)
+
+
 def eager_network(network: nn.Module) -> nn.Module:
-    """The module ``torch.compile`` wrapped, or ``network`` itself when it is not compiled.
+    """The network without ``torch.compile``'s wrappers: the module each one wraps in its place.
 
     Quantization runs the network with hooks on its layers and swaps them, which a compiled forward
-    (traced by Dynamo once) neither calls nor sees; a training script's ``torch.compile(model)`` would
-    end in a Dynamo error about fake tensors. The compiled module's own module is what it runs.
+    (traced by Dynamo once) neither calls nor sees; a training script's ``torch.compile(model)``, or a
+    compiled encoder inside it, would end in a Dynamo error about fake tensors.
 
     Args:
-        network: the network as given.
+        network: the network as given (not modified).
 
     Returns:
-        the network to quantize.
+        the compiled network's own module; a copy with each compiled submodule replaced by its own
+        module; or ``network`` itself when nothing in it is compiled.
     """
-    original = getattr(network, "_orig_mod", None)
-    if type(network).__name__ == "OptimizedModule" and isinstance(original, nn.Module):
+    wrapped = network._orig_mod if _compiled(network) else network
+    inner = [name for name, module in wrapped.named_modules() if name and _compiled(module)]
+    if wrapped is network and not inner:
+        return network
+    if wrapped is not network:
         logger.warning(
             "the network is compiled (torch.compile): its original module is used, and the result runs eagerly "
             "(compile it again to run it compiled)."
         )
-        return original
-    return network
+    if inner:
+        named = ", ".join(name.replace("._orig_mod", "") for name in inner[:3]) + (" ..." if len(inner) > 3 else "")
+        logger.warning(
+            f"the network holds compiled modules ({named}; torch.compile): their original modules are used, and the "
+            "result runs them eagerly (compile them again to run them compiled)."
+        )
+        wrapped = copy.deepcopy(wrapped)
+        # the outermost first; a compiled module inside another is then reached without the other's _orig_mod
+        for name in inner:
+            name = name.replace("._orig_mod", "")
+            if _compiled(wrapped.get_submodule(name)):
+                set_submodule(wrapped, name, wrapped.get_submodule(name)._orig_mod)
+    return wrapped
 
 
 def quantizable_network(network: nn.Module) -> nn.Module:

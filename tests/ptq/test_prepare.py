@@ -315,6 +315,33 @@ def test_a_compiled_network_is_quantized_as_the_module_it_compiles_and_says_so(c
         assert torch.equal(q.network(x), quantize(_net(), x, config, progress=False).network(x))
 
 
+class _Encoded(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        block = nn.Sequential(nn.Conv3d(4, 4, 3, padding=1), nn.ReLU())
+        self.encoder = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), block)
+        self.head = nn.Conv3d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+def test_compiled_submodules_even_one_inside_another_are_quantized_as_the_modules_they_compile(caplog):
+    x = torch.randn(1, 1, 8, 8, 8, generator=torch.Generator().manual_seed(2))
+    config = EfficientQConfig(weight_bits=4, method="rtn")
+    net = _Encoded().eval()
+    net.encoder[2] = torch.compile(net.encoder[2])
+    net.encoder = torch.compile(net.encoder)  # a compiled block inside a compiled encoder
+    with caplog.at_level(logging.WARNING, logger="monai_effq"):
+        q = quantize(net, x, config, progress=False)
+    assert "the network holds compiled modules (encoder, encoder.2; torch.compile)" in caplog.text
+    assert not any(type(m).__name__ == "OptimizedModule" for m in q.network.modules())
+    assert type(net.encoder).__name__ == "OptimizedModule"  # the caller's network is left as it was
+    with torch.no_grad():
+        assert torch.equal(q.network(x), quantize(_Encoded().eval(), x, config, progress=False).network(x))
+
+
 def test_the_network_itself_is_not_a_submodule_to_replace():
     from monai_effq.ptq.graph import set_submodule
 
