@@ -6,7 +6,9 @@ fingerprint, planning and 3d_fullres preprocessing, trains each fold's network b
 on the preprocessed cases, written as nnU-Net writes ``checkpoint_final.pth``), and then:
 
 1. ``nnUNetPredictor.initialize_from_trained_model_folder`` and ``predict_from_files_sequential`` on
-   the held-out cases: the FP baseline (preprocessing, sliding windows, mirroring, resampling, export);
+   the held-out cases: the FP baseline (preprocessing, sliding windows, mirroring, resampling, export),
+   in torch and with each FP fold exported to ONNX and run by OpenVINO with its default settings
+   (what a user gets without quantizing);
 2. :func:`monai_effq.apps.nnunet_calibration_windows` on one training case and
    :func:`monai_effq.apps.quantize_nnunet_predictor` (every fold, one calibration volume);
 3. the same predictor call again, now running the quantized folds (fake-quant, in torch);
@@ -14,7 +16,7 @@ on the preprocessed cases, written as nnU-Net writes ``checkpoint_final.pth``), 
    patch size, and the same predictor call running them in OpenVINO (default settings).
 
 Printed: the CPU and OpenVINO's float precision, each fold's quantization and export time, each
-prediction's time as a ratio of the FP one (the fake-quant network computes in float and is not
+prediction's time as a ratio of the FP one in torch, int8 OpenVINO's also against FP OpenVINO (the fake-quant network computes in float and is not
 faster; the speed comes from the int8 runtime), and per case the Dice against the label of each
 prediction and the share of voxels where the quantized ones agree with FP.
 
@@ -126,8 +128,8 @@ def main() -> None:
     import torch
     from importlib.metadata import version
 
-    from monai_effq import EfficientQConfig
-    from monai_effq.apps import deploy_nnunet_predictor, nnunet_calibration_windows, quantize_nnunet_predictor
+    from monai_effq import EfficientQConfig, export_onnx
+    from monai_effq.apps import FoldEnsemble, deploy_nnunet_predictor, nnunet_calibration_windows, quantize_nnunet_predictor
 
     print(f"CPU: {cpu_summary()}; torch {torch.__version__}, {torch.get_num_threads()} threads; nnunetv2 {version('nnunetv2')}")
     del nnunetv2
@@ -147,9 +149,22 @@ def main() -> None:
     predictor.initialize_from_trained_model_folder(str(model), use_folds=tuple(range(args.folds)))
     cases = [[str(raw / "imagesTr" / f"case_{i:03d}_0000.nii.gz")] for i in held_out]
     seconds = {}
-    runs = ("fp", "quantized", "openvino")
+    runs = ("fp", "openvino_fp", "quantized", "openvino")
     for name in runs:
+        if name == "openvino_fp":
+            from monai_effq.deploy.runtime import OpenVINONetwork
+
+            fp_network, fp_folds = predictor.network, predictor.list_of_parameters
+            example = torch.zeros(1, 1, *predictor.configuration_manager.patch_size)
+            files = []
+            for fold, weights in enumerate(fp_folds):
+                fp_network.load_state_dict(weights)
+                path = work / "onnx_fp" / f"fold_{fold}.onnx"
+                path.parent.mkdir(exist_ok=True)
+                files.append(export_onnx(fp_network, path, example, dynamic_spatial=False, require_quantized=False))
+            predictor.network, predictor.list_of_parameters = FoldEnsemble([OpenVINONetwork(f) for f in files]), [{}]
         if name == "quantized":
+            predictor.network, predictor.list_of_parameters = fp_network, fp_folds
             windows = nnunet_calibration_windows(predictor, [[str(raw / "imagesTr" / "case_000_0000.nii.gz")]])
             config = EfficientQConfig(weight_bits=args.weight_bits, act_bits=args.act_bits)
             results = quantize_nnunet_predictor(predictor, windows, config, progress=False)
@@ -165,20 +180,22 @@ def main() -> None:
         start = time.perf_counter()
         predictor.predict_from_files_sequential(cases, str(work / name), save_probabilities=False, overwrite=True)
         seconds[name] = time.perf_counter() - start
-    precision = {fold.chosen_precision for fold in predictor.network.folds}
+    precision = {fold.chosen_precision for fold in predictor.network.folds}  # the int8 folds'; the FP ones' were the same
 
     import nibabel as nib
 
     print(f"W{args.weight_bits}A{args.act_bits}, {args.folds} folds, mirroring {'off' if args.no_mirroring else 'on'}; "
-          f"prediction of {len(cases)} cases: FP (torch) {seconds['fp']:.1f} s, fake-quant (torch) {seconds['quantized']:.1f} s "
-          f"= {seconds['fp'] / seconds['quantized']:.2f}x FP's speed, int8 OpenVINO (float parts {'/'.join(map(str, precision))}) "
-          f"{seconds['openvino']:.1f} s = {seconds['fp'] / seconds['openvino']:.2f}x FP's speed")  # fmt: skip
-    print(f"{'case':10} {'Dice FP':>8} {'fake-quant':>11} {'OpenVINO':>9} {'labels = FP: fake-quant':>24} {'OpenVINO':>9}")
+          f"OpenVINO float parts {'/'.join(map(str, precision))}; prediction of {len(cases)} cases:")
+    labels = {"fp": "FP, torch", "openvino_fp": "FP, OpenVINO", "quantized": "fake-quant, torch", "openvino": "int8, OpenVINO"}
+    for name in runs:
+        against_ov = f"  {seconds['openvino_fp'] / seconds[name]:5.2f}x FP OpenVINO's" if name == "openvino" else ""
+        print(f"  {labels[name]:18} {seconds[name]:6.1f} s  {seconds['fp'] / seconds[name]:5.2f}x FP torch's speed{against_ov}")
+    print(f"{'case':10}" + "".join(f"{'Dice ' + labels[n]:>26}" for n in runs) + "".join(f"{'= FP: ' + labels[n]:>26}" for n in runs[1:]))
     for i in held_out:
         label = nib.load(raw / "labelsTr" / f"case_{i:03d}.nii.gz").get_fdata() > 0
-        fp, q, ov = (nib.load(work / name / f"case_{i:03d}.nii.gz").get_fdata() > 0 for name in runs)
-        print(f"case_{i:03d}   {_dice(fp, label):8.4f} {_dice(q, label):11.4f} {_dice(ov, label):9.4f} "
-              f"{float((fp == q).mean()):24.4%} {float((fp == ov).mean()):9.4%}")  # fmt: skip
+        masks = {name: nib.load(work / name / f"case_{i:03d}.nii.gz").get_fdata() > 0 for name in runs}
+        print(f"case_{i:03d}  " + "".join(f"{_dice(masks[n], label):26.4f}" for n in runs)
+              + "".join(f"{float((masks[n] == masks['fp']).mean()):26.4%}" for n in runs[1:]))  # fmt: skip
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 
