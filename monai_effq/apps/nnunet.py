@@ -3,9 +3,10 @@
 nnU-Net's predictor holds one network and the weights of each fold (``list_of_parameters``); for each
 fold it loads that fold's state dict into the network and predicts, then averages the folds' logits.
 :func:`quantize_nnunet_predictor` quantizes every fold's weights on the same calibration windows and
-puts the quantized network and the folds' quantized state dicts in their place, so that
-``predict_from_files``, ``predict_single_npy_array`` and the ``nnUNetv2_predict`` code paths
-(preprocessing, sliding windows, mirroring, resampling, export) run unchanged.
+puts the quantized network and the folds' quantized state dicts in their place, so that the
+predictor's Python API (``predict_from_files``, ``predict_single_npy_array``: preprocessing, sliding
+windows, mirroring, resampling, export) runs unchanged; the ``nnUNetv2_predict`` command builds a
+predictor of its own from the model folder and runs FP.
 :func:`nnunet_calibration_windows` preprocesses raw images as the predictor preprocesses them, and
 :func:`deploy_nnunet_predictor` exports the quantized folds as int8 ONNX files and makes the predictor
 run them in OpenVINO or ONNX Runtime.
@@ -17,6 +18,7 @@ Nothing here imports nnU-Net: the predictor is read through the attributes
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import os
 from collections.abc import Sequence
@@ -38,6 +40,10 @@ from monai_effq.utils.errors import UserInputError
 
 logger = logging.getLogger("monai_effq")
 
+# slices of each case a 2d configuration calibrates on (evenly spaced): a CT's hundreds of slices, each
+# cut into windows, would hold more activations than a layer-wise fit needs
+MAX_SLICES = 16
+
 __all__ = ["FoldEnsemble", "deploy_nnunet_predictor", "nnunet_calibration_windows", "quantize_nnunet_predictor"]
 
 
@@ -52,6 +58,13 @@ def _initialised(predictor: Any) -> None:
         )
 
 
+def _stage(predictor: Any) -> str:
+    """``"deployed"``, ``"quantized"`` or ``"fp"``: what the predictor's network runs now."""
+    if isinstance(predictor.network, FoldEnsemble):
+        return "deployed"
+    return "quantized" if any(isinstance(m, QuantizedLayer) for m in predictor.network.modules()) else "fp"
+
+
 def nnunet_calibration_windows(
     predictor: Any, image_files: Sequence[Sequence[str | os.PathLike]], overlap: float = 0.0
 ) -> torch.Tensor:
@@ -59,7 +72,9 @@ def nnunet_calibration_windows(
 
     Each case is resampled to the configuration's spacing and normalised by the configuration's own
     preprocessor (its ``run_case``, with the plans' reader), then cut into windows of the
-    configuration's patch size, the windows the predictor's sliding window runs.
+    configuration's patch size, the windows the predictor's sliding window runs. For a 2d
+    configuration, whose predictor runs each slice, up to :data:`MAX_SLICES` evenly spaced slices of
+    each case are cut.
 
     Args:
         predictor: an initialised ``nnunetv2.inference.predict_from_raw_data.nnUNetPredictor``.
@@ -72,7 +87,8 @@ def nnunet_calibration_windows(
 
     Raises:
         UserInputError: when the predictor is not initialised, no case is given, a case names no
-            file or a file is missing.
+            file or a file is missing, or the configuration is a cascade stage (whose network also reads
+            the previous stage's segmentation).
     """
     _initialised(predictor)
     if isinstance(image_files, (str, os.PathLike)) or not image_files:
@@ -87,12 +103,25 @@ def nnunet_calibration_windows(
             raise UserInputError(f"calibration image {missing[0]} does not exist: give the raw images of training cases.")
         cases.append([str(f) for f in files])
     configuration = predictor.configuration_manager
+    previous = getattr(configuration, "previous_stage_name", None)
+    if previous:
+        raise UserInputError(
+            f"this configuration is a cascade stage after {previous!r}: its network also reads that stage's segmentation "
+            "(one-hot channels the predictor stacks on the image), which nnunet_calibration_windows does not make. Build "
+            "the windows with those channels and pass them to quantize_nnunet_predictor."
+        )
+    patch = [int(s) for s in configuration.patch_size]
     preprocessor = configuration.preprocessor_class(verbose=False)
     volumes = []
     for files in cases:
         data, _, _ = preprocessor.run_case(files, None, predictor.plans_manager, configuration, predictor.dataset_json)
-        volumes.append(torch.from_numpy(data).float())
-    return calibration_windows(volumes, configuration.patch_size, overlap)
+        volume = torch.from_numpy(data).float()
+        if volume.dim() == len(patch) + 2:  # a 2d configuration: the predictor runs the volume slice by slice
+            taken = torch.linspace(0, volume.shape[1] - 1, min(MAX_SLICES, volume.shape[1])).round().long().unique()
+            volumes += list(volume[:, taken].unbind(1))
+        else:
+            volumes.append(volume)
+    return calibration_windows(volumes, patch, overlap)
 
 
 def _structure(network: nn.Module) -> list[tuple]:
@@ -129,11 +158,17 @@ def quantize_nnunet_predictor(
         with :func:`~monai_effq.save_quantized` to reload without calibrating again).
 
     Raises:
-        UserInputError: when the predictor is not initialised, a fold's weights do not fit its
-            network, or the folds' quantized networks differ in a grid (such as ``act_grid="auto"``
-            choosing another grid for one fold), which one network cannot hold.
+        UserInputError: when the predictor is not initialised or already quantized, a fold's weights
+            do not fit its network, or the folds' quantized networks differ in a grid (such as
+            ``act_grid="auto"`` choosing another grid for one fold), which one network cannot hold.
     """
     _initialised(predictor)
+    stage = _stage(predictor)
+    if stage != "fp":
+        raise UserInputError(
+            f"this predictor is already {stage}: initialise it again from the model folder "
+            "(initialize_from_trained_model_folder) to quantize its FP folds."
+        )
     base = eager_network(predictor.network)
     results = []
     for i, weights in enumerate(predictor.list_of_parameters):
@@ -151,15 +186,22 @@ def quantize_nnunet_predictor(
     for i, result in enumerate(results[1:], start=1):
         other = _structure(result.network)
         if other != first:
-            ours, theirs = next(((a, b) for a, b in zip(first, other) if a != b), (first[-1], other[-1]))
+            ours, theirs = next((a, b) for a, b in itertools.zip_longest(first, other, fillvalue=("(nothing)",)) if a != b)
             raise UserInputError(
                 f"fold {i}'s quantized network differs from fold 0's at {theirs[0]} ({theirs[1:]} against "
                 f"{ours[1:]}), so one network cannot run both. Set what differs in the config, such as "
                 "act_grid='asymmetric' or weight_grid, so that every fold gets the same."
             )
-    predictor.network = results[0].network
+    # a network of its own: the predictor loads each fold into it, which must not change the results
+    predictor.network = copy.deepcopy(results[0].network)
     predictor.list_of_parameters = [{k: v.detach().clone() for k, v in r.network.state_dict().items()} for r in results]
     return results
+
+
+def _holds(fold: dict[str, torch.Tensor], network: nn.Module) -> bool:
+    """Whether a fold's state dict is ``network``'s state, tensor for tensor."""
+    state = network.state_dict()
+    return fold.keys() == state.keys() and all(torch.equal(fold[k], v) for k, v in state.items())
 
 
 class FoldEnsemble(nn.Module):
@@ -208,20 +250,32 @@ def deploy_nnunet_predictor(
         the ONNX files, one per fold.
 
     Raises:
-        UserInputError: for an unknown runtime, or results that are not the predictor's folds.
+        UserInputError: for an unknown runtime, a predictor not quantized or already deployed, or
+            results that are not the folds the predictor holds.
     """
     _initialised(predictor)
     if runtime not in RUNTIMES:
         raise UserInputError(f"runtime must be one of {sorted(RUNTIMES)}, got {runtime!r}.")
-    if not results or len(results) != len(predictor.list_of_parameters):
+    stage = _stage(predictor)
+    if stage != "quantized":
         raise UserInputError(
-            f"results holds {len(results)} quantized fold(s) and the predictor {len(predictor.list_of_parameters)}: pass "
-            "what quantize_nnunet_predictor returned for this predictor."
+            "this predictor is already deployed: initialise it again and quantize it (or load its saved quantized folds) "
+            "to deploy again." if stage == "deployed" else "this predictor runs FP folds: quantize it with "
+            "quantize_nnunet_predictor first and pass what that returned."
         )
-    first = next((m for m in results[0].network.modules() if isinstance(m, QuantizedLayer)), None)
-    channels = getattr(getattr(first, "layer", None), "in_channels", None)
+    held = predictor.list_of_parameters
+    mismatch = len(results) != len(held) or next(
+        (i for i, (r, fold) in enumerate(zip(results, held)) if not _holds(fold, r.network)), None
+    ) is not None
+    if mismatch:
+        raise UserInputError(
+            f"results ({len(results)} quantized folds) are not the {len(held)} folds this predictor holds: pass what "
+            "quantize_nnunet_predictor returned for this predictor."
+        )
+    # the first layer's input channels, quantized or not (a skipped first layer stays a plain Conv)
+    channels = next((m.in_channels for m in results[0].network.modules() if isinstance(getattr(m, "in_channels", None), int)), None)
     if channels is None:
-        raise UserInputError("results hold no quantized layer: pass what quantize_nnunet_predictor returned.")
+        raise UserInputError("results hold no convolution: pass what quantize_nnunet_predictor returned.")
     example = torch.zeros(1, channels, *[int(s) for s in predictor.configuration_manager.patch_size])
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

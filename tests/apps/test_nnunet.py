@@ -47,9 +47,13 @@ def test_each_fold_loaded_as_the_predictor_loads_it_computes_its_own_quantized_n
     with torch.no_grad():
         alone = [quantize(fold, x, CONFIG, progress=False).network(y) for fold in folds]
     # in the predictor's order, then back to the first: loading one fold leaves the others' weights as they were
-    for fold in (0, 1, 0):
+    for fold in (0, 1, 0, 1):
         assert torch.equal(_as_the_predictor_runs(predictor, fold, y), alone[fold])
     assert not torch.equal(alone[0], alone[1])
+    with torch.no_grad():  # and the results, which the user saves and deploys, as quantized
+        assert all(torch.equal(r.network(y), alone[i]) for i, r in enumerate(results))
+    with pytest.raises(UserInputError, match="already quantized: initialise it again"):
+        quantize_nnunet_predictor(predictor, x, CONFIG, progress=False)
 
 
 def test_a_network_compiled_by_nnunet_is_quantized_as_its_original_module(caplog):
@@ -101,21 +105,29 @@ class _Preprocessor:
         return np.ones((len(files), 20, 16, 12), dtype=np.float32), None, {}
 
 
+def _calibration_predictor(patch_size: list[int], previous_stage: str | None = None) -> SimpleNamespace:
+    configuration = SimpleNamespace(preprocessor_class=_Preprocessor, patch_size=patch_size, previous_stage_name=previous_stage)
+    return SimpleNamespace(
+        network=nnunet_like(0), list_of_parameters=[{}], plans_manager="plans", configuration_manager=configuration, dataset_json={"d": 1}
+    )
+
+
 def test_calibration_windows_are_preprocessed_by_the_predictor_and_cut_at_its_patch_size(tmp_path):
     files = [tmp_path / f"case_000_000{c}.nii.gz" for c in range(2)]
     for f in files:
         f.write_bytes(b"")
-    configuration = SimpleNamespace(preprocessor_class=_Preprocessor, patch_size=[16, 16, 16])
-    predictor = SimpleNamespace(
-        network=nnunet_like(0), list_of_parameters=[{}], plans_manager="plans", configuration_manager=configuration, dataset_json={"d": 1}
-    )
+    predictor = _calibration_predictor([16, 16, 16])
     windows = nnunet_calibration_windows(predictor, [files])
     assert tuple(windows.shape) == (2, 2, 16, 16, 16)  # the 20-voxel axis in two windows
-    assert _Preprocessor.calls[-1] == ([str(f) for f in files], None, "plans", configuration, {"d": 1})
+    assert _Preprocessor.calls[-1] == ([str(f) for f in files], None, "plans", predictor.configuration_manager, {"d": 1})
+    # a 2d configuration runs slices: up to 16 of the 20, each in one 16x12 window
+    assert tuple(nnunet_calibration_windows(_calibration_predictor([16, 12]), [files]).shape) == (16, 2, 16, 12)
     with pytest.raises(UserInputError, match="case_000_0009.nii.gz does not exist"):
         nnunet_calibration_windows(predictor, [[tmp_path / "case_000_0009.nii.gz"]])
     with pytest.raises(UserInputError, match="a list of cases"):
         nnunet_calibration_windows(predictor, str(files[0]))
+    with pytest.raises(UserInputError, match="cascade stage after '3d_lowres'.*pass them to quantize_nnunet_predictor"):
+        nnunet_calibration_windows(_calibration_predictor([16, 16, 16], "3d_lowres"), [files])
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
@@ -124,16 +136,45 @@ def test_deployed_folds_run_in_the_runtime_as_the_mean_of_the_quantized_folds(tm
     folds = [nnunet_like(seed) for seed in (0, 1)]
     predictor = _predictor(nnunet_like(0), folds)
     predictor.configuration_manager = SimpleNamespace(patch_size=[16, 16, 16])
-    results = quantize_nnunet_predictor(predictor, _windows(), CONFIG, progress=False)
     options = {"precision": "f32"} if runtime == "openvino" else {}
-    with pytest.raises(UserInputError, match="results holds 1 quantized fold"):
+    with pytest.raises(UserInputError, match="runs FP folds: quantize it with quantize_nnunet_predictor first"):
+        deploy_nnunet_predictor(predictor, [], tmp_path / "onnx", runtime)
+    results = quantize_nnunet_predictor(predictor, _windows(), CONFIG, progress=False)
+    y = _windows(2)
+    _as_the_predictor_runs(predictor, 1, y)  # a prediction first, as the README's order has it
+    with pytest.raises(UserInputError, match=r"results \(1 quantized folds\) are not the 2 folds this predictor holds"):
         deploy_nnunet_predictor(predictor, results[:1], tmp_path / "onnx", runtime)
     paths = deploy_nnunet_predictor(predictor, results, tmp_path / "onnx", runtime, **options)
 
     assert [p.name for p in paths] == ["fold_0.onnx", "fold_1.onnx"] and predictor.list_of_parameters == [{}]
-    y = _windows(2)
     with torch.no_grad():
-        expected = sum(r.network(y) for r in results) / 2
+        each = [r.network(y) for r in results]
+        for fold, expected in zip(predictor.network.folds, each):  # each file is its own fold
+            assert float((fold(y) - expected).norm() / expected.norm()) < 0.02
+        expected = sum(each) / 2
         got = _as_the_predictor_runs(predictor, 0, y)  # the predictor loads its one (empty) fold first
     assert float((got - expected).norm() / expected.norm()) < 0.02
     assert float((got.argmax(1) == expected.argmax(1)).float().mean()) > 0.99
+    with pytest.raises(UserInputError, match="already deployed"):
+        deploy_nnunet_predictor(predictor, results, tmp_path / "again", runtime)
+    with pytest.raises(UserInputError, match="already deployed"):
+        quantize_nnunet_predictor(predictor, _windows(), CONFIG, progress=False)
+
+
+def test_a_deployment_takes_its_input_channels_from_the_first_layer_also_when_that_layer_stays_fp(tmp_path):
+    pytest.importorskip("onnxruntime")
+    predictor = _predictor(nnunet_like(0), [nnunet_like(0)])
+    predictor.configuration_manager = SimpleNamespace(patch_size=[16, 16, 16])
+    config = EfficientQConfig(weight_bits=4, act_bits=8, skip=["0.conv"])
+    results = quantize_nnunet_predictor(predictor, _windows(), config, progress=False)
+    deploy_nnunet_predictor(predictor, results, tmp_path, "onnxruntime")
+    assert tuple(predictor.network(_windows(2)).shape) == (2, 2, 16, 16, 16)
+
+
+def test_results_of_another_predictor_are_not_deployed(tmp_path):
+    mine, other = (_predictor(nnunet_like(0), [nnunet_like(seed)]) for seed in (0, 1))
+    quantize_nnunet_predictor(mine, _windows(), CONFIG, progress=False)
+    theirs = quantize_nnunet_predictor(other, _windows(), CONFIG, progress=False)
+    mine.configuration_manager = SimpleNamespace(patch_size=[16, 16, 16])
+    with pytest.raises(UserInputError, match="are not the 1 folds this predictor holds"):
+        deploy_nnunet_predictor(mine, theirs, tmp_path, "onnxruntime")
