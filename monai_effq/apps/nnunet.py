@@ -9,7 +9,7 @@ windows, mirroring, resampling, export) runs unchanged; the ``nnUNetv2_predict``
 predictor of its own from the model folder and runs FP.
 :func:`nnunet_calibration_windows` preprocesses raw images as the predictor preprocesses them, and
 :func:`deploy_nnunet_predictor` exports the quantized folds as int8 ONNX files and makes the predictor
-run them in OpenVINO or ONNX Runtime.
+run them in OpenVINO or ONNX Runtime; :func:`load_nnunet_predictor` gives a predictor folds saved earlier.
 
 Nothing here imports nnU-Net: the predictor is read through the attributes
 ``initialize_from_trained_model_folder`` sets.
@@ -18,7 +18,6 @@ Nothing here imports nnU-Net: the predictor is read through the attributes
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 import os
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ from monai_effq.data.calibration import calibration_windows
 from monai_effq.deploy.export import export_onnx
 from monai_effq.deploy.runtime import RUNTIMES
 from monai_effq.ptq.config import EfficientQConfig
-from monai_effq.ptq.modules import QuantizedLayer
+from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, QuantizedNorm
 from monai_effq.ptq.pipeline import quantize
 from monai_effq.ptq.prepare import eager_network
 from monai_effq.ptq.result import QuantizationResult
@@ -44,7 +43,13 @@ logger = logging.getLogger("monai_effq")
 # cut into windows, would hold more activations than a layer-wise fit needs
 MAX_SLICES = 16
 
-__all__ = ["FoldEnsemble", "deploy_nnunet_predictor", "nnunet_calibration_windows", "quantize_nnunet_predictor"]
+__all__ = [
+    "FoldEnsemble",
+    "deploy_nnunet_predictor",
+    "load_nnunet_predictor",
+    "nnunet_calibration_windows",
+    "quantize_nnunet_predictor",
+]
 
 
 def _initialised(predictor: Any) -> None:
@@ -62,7 +67,8 @@ def _stage(predictor: Any) -> str:
     """``"deployed"``, ``"quantized"`` or ``"fp"``: what the predictor's network runs now."""
     if isinstance(predictor.network, FoldEnsemble):
         return "deployed"
-    return "quantized" if any(isinstance(m, QuantizedLayer) for m in predictor.network.modules()) else "fp"
+    quantized = (QuantizedLayer, QuantizedNorm, ActivationQuantizer)  # a network may quantize norm inputs alone
+    return "quantized" if any(isinstance(m, quantized) for m in predictor.network.modules()) else "fp"
 
 
 def nnunet_calibration_windows(
@@ -124,11 +130,11 @@ def nnunet_calibration_windows(
     return calibration_windows(volumes, patch, overlap)
 
 
-def _structure(network: nn.Module) -> list[tuple]:
-    """What one network must share with another to run its state dict: each module's kind and grid (which a
-    state dict does not carry), each tensor's name, shape and type."""
-    modules = [(f"module {name or '(the network)'}", type(m).__name__, getattr(m, "grid", None)) for name, m in network.named_modules()]
-    return modules + [(f"tensor {k}", tuple(v.shape), v.dtype) for k, v in network.state_dict().items()]
+def _structure(network: nn.Module) -> dict[str, tuple]:
+    """What one network must share with another to run its state dict, by name: each module's kind and grid
+    (which a state dict does not carry), each tensor's shape and type."""
+    modules = {f"module {name or '(the network)'}": (type(m).__name__, getattr(m, "grid", None)) for name, m in network.named_modules()}
+    return modules | {f"tensor {k}": (tuple(v.shape), v.dtype) for k, v in network.state_dict().items()}
 
 
 def quantize_nnunet_predictor(
@@ -155,7 +161,8 @@ def quantize_nnunet_predictor(
 
     Returns:
         one :class:`~monai_effq.QuantizationResult` per fold, in the predictor's fold order (save them
-        with :func:`~monai_effq.save_quantized` to reload without calibrating again).
+        with :func:`~monai_effq.save_quantized`; :func:`load_nnunet_predictor` gives them to a predictor
+        again without calibrating).
 
     Raises:
         UserInputError: when the predictor is not initialised or already quantized, a fold's weights
@@ -182,26 +189,69 @@ def quantize_nnunet_predictor(
             ) from None
         logger.info("quantizing fold %d of %d", i + 1, len(predictor.list_of_parameters))
         results.append(quantize(network.eval(), calibration, config, progress=progress))
+    _install(predictor, results)
+    return results
+
+
+def _results(results: Any) -> list[QuantizationResult]:
+    """``results`` as a list of :class:`QuantizationResult`, or a :class:`UserInputError` naming what it is."""
+    if not isinstance(results, Sequence) or not results or not all(isinstance(r, QuantizationResult) for r in results):
+        raise UserInputError(
+            f"results must be a list of QuantizationResult, one per fold (what quantize_nnunet_predictor returns, or "
+            f"load_quantized_result of each saved fold), got {type(results).__name__}."
+        )
+    return list(results)
+
+
+def _install(predictor: Any, results: list[QuantizationResult]) -> None:
+    """Give the predictor a copy of the folds' quantized network and each fold's state dict, after checking that
+    one network can hold them all."""
     first = _structure(results[0].network)
     for i, result in enumerate(results[1:], start=1):
         other = _structure(result.network)
         if other != first:
-            ours, theirs = next((a, b) for a, b in itertools.zip_longest(first, other, fillvalue=("(nothing)",)) if a != b)
+            where = next(k for k in [*first, *other] if first.get(k) != other.get(k))
             raise UserInputError(
-                f"fold {i}'s quantized network differs from fold 0's at {theirs[0]} ({theirs[1:]} against "
-                f"{ours[1:]}), so one network cannot run both. Set what differs in the config, such as "
-                "act_grid='asymmetric' or weight_grid, so that every fold gets the same."
+                f"fold {i}'s quantized network differs from fold 0's at {where} (fold {i}: {other.get(where, 'nothing')}, "
+                f"fold 0: {first.get(where, 'nothing')}), so one network cannot run both. Set what differs in the config, "
+                "such as act_grid='asymmetric' or weight_grid, so that every fold gets the same."
             )
     # a network of its own: the predictor loads each fold into it, which must not change the results
     predictor.network = copy.deepcopy(results[0].network)
     predictor.list_of_parameters = [{k: v.detach().clone() for k, v in r.network.state_dict().items()} for r in results]
-    return results
+
+
+def load_nnunet_predictor(predictor: Any, results: Sequence[QuantizationResult]) -> None:
+    """Give an initialised predictor its folds quantized earlier, without calibrating again.
+
+    Args:
+        predictor: an ``nnUNetPredictor`` initialised from the model folder the folds were quantized from.
+        results: one :class:`~monai_effq.QuantizationResult` per fold, in the predictor's fold order
+            (:func:`~monai_effq.load_quantized_result` of each file :func:`~monai_effq.save_quantized` wrote).
+
+    Raises:
+        UserInputError: when the predictor is not initialised or not FP, the count differs from its
+            folds, or one network cannot hold all the results.
+    """
+    _initialised(predictor)
+    results = _results(results)
+    stage = _stage(predictor)
+    if stage != "fp":
+        raise UserInputError(f"this predictor is already {stage}: initialise it again from the model folder to load quantized folds.")
+    if len(results) != len(predictor.list_of_parameters):
+        raise UserInputError(
+            f"results holds {len(results)} quantized fold(s) and the predictor {len(predictor.list_of_parameters)}: load one "
+            "file per fold, in the order of use_folds."
+        )
+    _install(predictor, results)
 
 
 def _holds(fold: dict[str, torch.Tensor], network: nn.Module) -> bool:
     """Whether a fold's state dict is ``network``'s state, tensor for tensor."""
     state = network.state_dict()
-    return fold.keys() == state.keys() and all(torch.equal(fold[k], v) for k, v in state.items())
+    return fold.keys() == state.keys() and all(
+        fold[k].dtype == v.dtype and torch.equal(fold[k], v.to(fold[k].device)) for k, v in state.items()
+    )
 
 
 class FoldEnsemble(nn.Module):
@@ -259,10 +309,11 @@ def deploy_nnunet_predictor(
     stage = _stage(predictor)
     if stage != "quantized":
         raise UserInputError(
-            "this predictor is already deployed: initialise it again and quantize it (or load its saved quantized folds) "
-            "to deploy again." if stage == "deployed" else "this predictor runs FP folds: quantize it with "
-            "quantize_nnunet_predictor first and pass what that returned."
+            "this predictor is already deployed: initialise it again, then quantize it or load its saved quantized folds "
+            "(load_nnunet_predictor), to deploy again." if stage == "deployed" else "this predictor runs FP folds: quantize "
+            "it with quantize_nnunet_predictor, or load saved quantized folds with load_nnunet_predictor, first."
         )
+    results = _results(results)
     held = predictor.list_of_parameters
     mismatch = len(results) != len(held) or next(
         (i for i, (r, fold) in enumerate(zip(results, held)) if not _holds(fold, r.network)), None

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from monai_effq import EfficientQConfig, quantize
-from monai_effq.apps import deploy_nnunet_predictor, nnunet_calibration_windows, quantize_nnunet_predictor
+from monai_effq.apps import deploy_nnunet_predictor, load_nnunet_predictor, nnunet_calibration_windows, quantize_nnunet_predictor
 from monai_effq.ptq import QuantizedLayer
 from monai_effq.utils.errors import UserInputError
 
@@ -86,7 +86,7 @@ def test_folds_whose_quantized_grids_differ_are_refused_naming_the_layer_and_the
 
     predictor = _predictor(fold(1.0), [fold(1.0), fold(-1.0)])
     x = _windows().abs()
-    with pytest.raises(UserInputError, match=r"fold 1's quantized network differs from fold 0's at module 1\..*act_grid"):
+    with pytest.raises(UserInputError, match=r"fold 1's quantized network differs from fold 0's at module 1\.input_quantizer .*act_grid"):
         quantize_nnunet_predictor(predictor, x, CONFIG, progress=False)
     # with the grid set, both folds fit one network
     quantize_nnunet_predictor(predictor, x, EfficientQConfig(weight_bits=4, act_bits=8, act_grid="asymmetric"), progress=False)
@@ -137,7 +137,7 @@ def test_deployed_folds_run_in_the_runtime_as_the_mean_of_the_quantized_folds(tm
     predictor = _predictor(nnunet_like(0), folds)
     predictor.configuration_manager = SimpleNamespace(patch_size=[16, 16, 16])
     options = {"precision": "f32"} if runtime == "openvino" else {}
-    with pytest.raises(UserInputError, match="runs FP folds: quantize it with quantize_nnunet_predictor first"):
+    with pytest.raises(UserInputError, match="runs FP folds: quantize it with quantize_nnunet_predictor, or load saved quantized folds with load_nnunet_predictor, first"):
         deploy_nnunet_predictor(predictor, [], tmp_path / "onnx", runtime)
     results = quantize_nnunet_predictor(predictor, _windows(), CONFIG, progress=False)
     y = _windows(2)
@@ -178,3 +178,45 @@ def test_results_of_another_predictor_are_not_deployed(tmp_path):
     mine.configuration_manager = SimpleNamespace(patch_size=[16, 16, 16])
     with pytest.raises(UserInputError, match="are not the 1 folds this predictor holds"):
         deploy_nnunet_predictor(mine, theirs, tmp_path, "onnxruntime")
+
+
+def test_saved_folds_are_loaded_into_a_fresh_predictor_and_deployed_without_calibrating(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from monai_effq import load_quantized_result, save_quantized
+
+    folds = [nnunet_like(seed) for seed in (0, 1)]
+    results = quantize_nnunet_predictor(_predictor(nnunet_like(0), folds), _windows(), CONFIG, progress=False)
+    paths = [save_quantized(r, tmp_path / f"fold_{i}.pt") for i, r in enumerate(results)]
+
+    fresh = _predictor(nnunet_like(0), folds)
+    fresh.configuration_manager = SimpleNamespace(patch_size=[16, 16, 16])
+    with pytest.raises(UserInputError, match="results holds 1 quantized fold.* and the predictor 2"):
+        load_nnunet_predictor(fresh, [load_quantized_result(paths[0], nnunet_like(0))])
+    with pytest.raises(UserInputError, match="results must be a list of QuantizationResult.*got NoneType"):
+        load_nnunet_predictor(fresh, None)
+    loaded = [load_quantized_result(p, nnunet_like(0)) for p in paths]
+    load_nnunet_predictor(fresh, loaded)
+    y = _windows(2)
+    with torch.no_grad():
+        for fold, result in enumerate(results):
+            assert torch.equal(_as_the_predictor_runs(fresh, fold, y), result.network(y))
+    deploy_nnunet_predictor(fresh, loaded, tmp_path / "onnx", "onnxruntime")
+    assert len(fresh.network.folds) == 2
+
+
+def test_a_predictor_whose_only_quantizers_are_at_norm_inputs_counts_as_quantized():
+    config = EfficientQConfig(weight_bits=4, act_bits=8, method="rtn", skip=["*"], quantize_norm_inputs=True, attention=False)
+    predictor = _predictor(nnunet_like(0), [nnunet_like(0)])
+    quantize_nnunet_predictor(predictor, _windows(), config, progress=False)
+    with pytest.raises(UserInputError, match="already quantized"):
+        quantize_nnunet_predictor(predictor, _windows(), config, progress=False)
+
+
+def test_a_structure_mismatch_names_the_entry_whichever_fold_has_it():
+    from monai_effq.apps.nnunet import _install
+
+    extra = nnunet_like(0)
+    extra.register_buffer("calibrated", torch.ones(1))
+    for networks, fold_1 in (([extra, nnunet_like(1)], "nothing"), ([nnunet_like(1), extra], r"\(\(1,\), torch\.float32\)")):
+        with pytest.raises(UserInputError, match=rf"differs from fold 0's at tensor calibrated \(fold 1: {fold_1}"):
+            _install(SimpleNamespace(), [SimpleNamespace(network=n) for n in networks])
