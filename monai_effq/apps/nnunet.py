@@ -290,8 +290,9 @@ def deploy_nnunet_predictor(
     predictor then holds a :class:`FoldEnsemble` of the runtime networks and one empty fold.
 
     Args:
-        predictor: the predictor :func:`quantize_nnunet_predictor` quantized.
-        results: what it returned, one per fold.
+        predictor: the predictor :func:`quantize_nnunet_predictor` quantized (or
+            :func:`load_nnunet_predictor` loaded).
+        results: its quantized folds, one per fold (what either of them was given or returned).
         folder: where the files go (``fold_<i>.onnx``; created when missing).
         runtime: ``"openvino"`` or ``"onnxruntime"``.
         options: passed to the runtime network (e.g. ``threads``, ``precision`` for OpenVINO).
@@ -315,10 +316,7 @@ def deploy_nnunet_predictor(
         )
     results = _results(results)
     held = predictor.list_of_parameters
-    mismatch = len(results) != len(held) or next(
-        (i for i, (r, fold) in enumerate(zip(results, held)) if not _holds(fold, r.network)), None
-    ) is not None
-    if mismatch:
+    if len(results) != len(held) or not all(_holds(fold, r.network) for r, fold in zip(results, held)):
         raise UserInputError(
             f"results ({len(results)} quantized folds) are not the {len(held)} folds this predictor holds: pass what "
             "quantize_nnunet_predictor returned for this predictor."

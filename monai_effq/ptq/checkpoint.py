@@ -366,7 +366,7 @@ def load_quantized_result(path: str | os.PathLike, network: nn.Module) -> Quanti
         aliases = set(net.state_dict(keep_vars=True)) - set(unique_state_dict(net))
         missing = [k for k in missing if not k.startswith(quantized) and k not in aliases]
         if unexpected and missing == [] and all(_held_by_quantized_layer(net, k) for k in unexpected):
-            # monai-effq before December 2026 replaced such a layer under one of its names only, so the forward ran
+            # before 1523990, set_submodule replaced such a layer under one of its names only, so the forward ran
             # the FP layer under the other, which the file stored
             raise UserInputError(
                 f"quantized checkpoint {path} holds floating-point weights under a second name of quantized layers "
