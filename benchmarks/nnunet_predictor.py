@@ -132,6 +132,7 @@ def main() -> None:
 
     from monai_effq import EfficientQConfig, export_onnx
     from monai_effq.apps import FoldEnsemble, deploy_nnunet_predictor, nnunet_calibration_windows, quantize_nnunet_predictor
+    from monai_effq.deploy.runtime import OpenVINONetwork
 
     print(f"CPU: {cpu_summary()}; torch {torch.__version__}, {torch.get_num_threads()} threads; nnunetv2 {version('nnunetv2')}")
     del nnunetv2
@@ -151,46 +152,54 @@ def main() -> None:
     predictor.initialize_from_trained_model_folder(str(model), use_folds=tuple(range(args.folds)))
     cases = [[str(raw / "imagesTr" / f"case_{i:03d}_0000.nii.gz")] for i in held_out]
     seconds = {}
-    runs = ("fp", "openvino_fp", "quantized", "openvino")
-    for name in runs:
-        if name == "openvino_fp":
-            from monai_effq.deploy.runtime import OpenVINONetwork
 
-            fp_network, fp_folds = predictor.network, predictor.list_of_parameters
-            example = torch.zeros(1, 1, *predictor.configuration_manager.patch_size)
-            files = []
-            for fold, weights in enumerate(fp_folds):
-                fp_network.load_state_dict(weights)
-                path = work / "onnx_fp" / f"fold_{fold}.onnx"
-                path.parent.mkdir(exist_ok=True)
-                files.append(export_onnx(fp_network, path, example, dynamic_spatial=False, require_quantized=False))
-            predictor.network, predictor.list_of_parameters = FoldEnsemble([OpenVINONetwork(f) for f in files]), [{}]
-        if name == "quantized":
-            predictor.network, predictor.list_of_parameters = fp_network, fp_folds
-            windows = nnunet_calibration_windows(predictor, [[str(raw / "imagesTr" / "case_000_0000.nii.gz")]])
-            config = EfficientQConfig(weight_bits=args.weight_bits, act_bits=args.act_bits)
-            results = quantize_nnunet_predictor(predictor, windows, config, progress=False)
-            print(f"calibration: {windows.shape[0]} window(s) of {tuple(windows.shape[2:])} from one case")
-            for fold, result in enumerate(results):
-                print(f"fold {fold}: {result.report.summary()}")
-        elif name == "openvino":
-            start = time.perf_counter()
-            paths = deploy_nnunet_predictor(predictor, results, work / "onnx", "openvino")
-            sizes = ", ".join(f"{p.stat().st_size / 2**20:.2f}" for p in paths)
-            print(f"export: {len(paths)} int8 ONNX files ({sizes} MiB) in {time.perf_counter() - start:.1f} s")
+    def timed(name: str) -> None:
+        """The predictor on the held-out cases, written to ``work/name``; the fastest of ``--passes`` passes."""
         (work / name).mkdir()
         passes = []
-        for _ in range(args.passes):  # the first also compiles OpenVINO's model at the patch size
+        for _ in range(args.passes):  # the first also compiles OpenVINO's models at the patch size
             start = time.perf_counter()
             predictor.predict_from_files_sequential(cases, str(work / name), save_probabilities=False, overwrite=True)
             passes.append(time.perf_counter() - start)
         seconds[name] = min(passes)
-    precision = {fold.chosen_precision for fold in predictor.network.folds}  # the int8 folds'; the FP ones' were the same
+
+    def precisions() -> str:
+        return "/".join(sorted({str(fold.chosen_precision) for fold in predictor.network.folds}))
+
+    timed("fp")
+
+    # the FP folds exported to ONNX and run by OpenVINO with its defaults: what a user gets without quantizing
+    fp_network, fp_folds = predictor.network, predictor.list_of_parameters
+    example = torch.zeros(1, 1, *predictor.configuration_manager.patch_size)
+    (work / "onnx_fp").mkdir()
+    files = []
+    for fold, weights in enumerate(fp_folds):
+        fp_network.load_state_dict(weights)
+        files.append(export_onnx(fp_network, work / "onnx_fp" / f"fold_{fold}.onnx", example, dynamic_spatial=False, require_quantized=False))
+    predictor.network, predictor.list_of_parameters = FoldEnsemble([OpenVINONetwork(f) for f in files]), [{}]
+    timed("openvino_fp")
+    fp_precision = precisions()
+
+    predictor.network, predictor.list_of_parameters = fp_network, fp_folds
+    windows = nnunet_calibration_windows(predictor, [[str(raw / "imagesTr" / "case_000_0000.nii.gz")]])
+    config = EfficientQConfig(weight_bits=args.weight_bits, act_bits=args.act_bits)
+    results = quantize_nnunet_predictor(predictor, windows, config, progress=False)
+    print(f"calibration: {windows.shape[0]} window(s) of {tuple(windows.shape[2:])} from one case")
+    for fold, result in enumerate(results):
+        print(f"fold {fold}: {result.report.summary()}")
+    timed("quantized")
+
+    start = time.perf_counter()
+    paths = deploy_nnunet_predictor(predictor, results, work / "onnx", "openvino")
+    sizes = ", ".join(f"{p.stat().st_size / 2**20:.2f}" for p in paths)
+    print(f"export: {len(paths)} int8 ONNX files ({sizes} MiB) in {time.perf_counter() - start:.1f} s")
+    timed("openvino")
+    runs = tuple(seconds)
 
     import nibabel as nib
 
     print(f"W{args.weight_bits}A{args.act_bits}, {args.folds} folds, mirroring {'off' if args.no_mirroring else 'on'}; "
-          f"OpenVINO float parts {'/'.join(map(str, precision))}; prediction of {len(cases)} cases, fastest of {args.passes} passes:")
+          f"OpenVINO float parts: FP {fp_precision}, int8 {precisions()}; prediction of {len(cases)} cases, fastest of {args.passes} passes:")
     labels = {"fp": "FP, torch", "openvino_fp": "FP, OpenVINO", "quantized": "fake-quant, torch", "openvino": "int8, OpenVINO"}
     for name in runs:
         against_ov = f"  {seconds['openvino_fp'] / seconds[name]:5.2f}x FP OpenVINO's" if name == "openvino" else ""
