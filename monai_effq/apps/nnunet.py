@@ -6,7 +6,8 @@ fold it loads that fold's state dict into the network and predicts, then average
 puts the quantized network and the folds' quantized state dicts in their place, so that the
 predictor's Python API (``predict_from_files``, ``predict_single_npy_array``: preprocessing, sliding
 windows, mirroring, resampling, export) runs unchanged; the ``nnUNetv2_predict`` command builds a
-predictor of its own from the model folder and runs FP.
+predictor of its own from the model folder and runs FP (:mod:`monai_effq.apps.nnunet_cli` gives the
+quantized folds two commands of their own).
 :func:`nnunet_calibration_windows` preprocesses raw images as the predictor preprocesses them, and
 :func:`deploy_nnunet_predictor` exports the quantized folds as int8 ONNX files and makes the predictor
 run them in OpenVINO or ONNX Runtime; :func:`load_nnunet_predictor` gives a predictor folds saved earlier.

@@ -1,0 +1,259 @@
+"""Command line for nnU-Net v2 model folders: quantize the folds once, then predict with them.
+
+nnU-Net's own ``nnUNetv2_predict`` builds an FP predictor from the model folder. These two commands
+give its users the quantized folds without writing Python::
+
+    python -m monai_effq.apps.nnunet_cli quantize -m MODEL_FOLDER -i imagesTr -o quantized_w4a8 -f 0 1 2 3 4
+    python -m monai_effq.apps.nnunet_cli predict -q quantized_w4a8 -i imagesTs -o predictions --runtime openvino
+
+``quantize`` builds nnU-Net's predictor from the model folder, preprocesses the first ``--cases``
+cases of the image folder (nnU-Net's raw naming, ``<case>_<channel:04d><file_ending>``) as the
+predictor does, quantizes every fold on them (:func:`~monai_effq.apps.quantize_nnunet_predictor`) and
+writes one checkpoint per fold, then, last, ``nnunet_quantized.json``, which names the model folder,
+the folds, the checkpoint and the settings: a run that stopped early leaves no such file, and
+``predict`` refuses the folder. ``predict`` builds the predictor from the same model folder, loads the
+quantized folds into it (:func:`~monai_effq.apps.load_nnunet_predictor`), for ``--runtime openvino`` or
+``onnxruntime`` exports them as int8 ONNX files into the quantized folder
+(:func:`~monai_effq.apps.deploy_nnunet_predictor`), and runs nnU-Net's ``predict_from_files``.
+
+nnunetv2 is not a monai-effq dependency: install it beside monai-effq. A user-input error ends the
+command with one line on stderr, ``error: ...``, and status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monai_effq.apps.nnunet import (
+    deploy_nnunet_predictor,
+    load_nnunet_predictor,
+    nnunet_calibration_windows,
+    quantize_nnunet_predictor,
+)
+from monai_effq.ptq.checkpoint import load_quantized_result, save_quantized
+from monai_effq.ptq.config import EfficientQConfig
+from monai_effq.utils.errors import DEBUG_ENV, MissingExtraError, MissingInputError, OutputExistsError, UserInputError
+from monai_effq.utils.io import atomic_write_text
+
+__all__ = ["MANIFEST", "calibration_cases", "main", "new_predictor"]
+
+MANIFEST = "nnunet_quantized.json"
+"""The file ``quantize`` writes last into its output folder, and ``predict`` reads."""
+
+_FORMAT = 1
+
+
+def new_predictor(model_folder: str | Path, folds: Sequence[int | str], checkpoint_name: str, device: str, mirroring: bool) -> Any:
+    """nnU-Net's ``nnUNetPredictor``, initialised from a trained model folder.
+
+    Args:
+        model_folder: the training output folder (``.../nnUNetTrainer__nnUNetPlans__3d_fullres``).
+        folds: the folds to use (``fold_<f>`` sub-folders).
+        checkpoint_name: the checkpoint file in each fold folder.
+        device: ``"cpu"`` or a CUDA device.
+        mirroring: test-time mirroring, as ``nnUNetv2_predict`` does unless ``--disable_tta``.
+
+    Returns:
+        the initialised predictor.
+
+    Raises:
+        MissingExtraError: when nnunetv2 is not installed.
+        MissingInputError: when the folder lacks nnU-Net's plans, dataset description or a fold's checkpoint.
+    """
+    folder = Path(model_folder)
+    for name in ("plans.json", "dataset.json", *(f"fold_{f}/{checkpoint_name}" for f in folds)):
+        if not (folder / name).is_file():
+            raise MissingInputError(
+                f"{folder / name} does not exist: give -m the nnU-Net training output folder (it holds plans.json, "
+                "dataset.json and fold_<f>/ with the checkpoint), and -f only folds that were trained."
+            )
+    try:
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    except ImportError as error:
+        raise MissingExtraError(
+            f"the nnU-Net commands need nnunetv2, which is not installed ({error}): `pip install nnunetv2` beside monai-effq."
+        ) from error
+    device = torch.device(device)
+    predictor = nnUNetPredictor(
+        device=device, use_mirroring=mirroring, perform_everything_on_device=device.type == "cuda", allow_tqdm=False
+    )
+    predictor.initialize_from_trained_model_folder(str(folder), use_folds=tuple(folds), checkpoint_name=checkpoint_name)
+    return predictor
+
+
+def calibration_cases(folder: str | Path, file_ending: str, channels: int, count: int) -> list[list[Path]]:
+    """The first ``count`` cases of a folder in nnU-Net's raw naming, each as its channel files.
+
+    Args:
+        folder: an image folder such as ``imagesTr`` (``<case>_<channel:04d><file_ending>``).
+        file_ending: the dataset's ``file_ending`` (``".nii.gz"``).
+        channels: the dataset's number of input channels.
+        count: how many cases, in sorted case order.
+
+    Returns:
+        one list of channel files per case.
+
+    Raises:
+        MissingInputError: when the folder does not exist or holds no file of that naming.
+        UserInputError: when a case lacks one of its channel files.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MissingInputError(f"calibration image folder {folder} does not exist or is not a folder: give -i a folder such as imagesTr.")
+    pattern = re.compile(rf"^(?P<case>.+)_(?P<channel>\d{{4}}){re.escape(file_ending)}$")
+    found: dict[str, set[int]] = {}
+    for path in folder.iterdir():
+        match = pattern.match(path.name)
+        if match:
+            found.setdefault(match["case"], set()).add(int(match["channel"]))
+    if not found:
+        raise MissingInputError(
+            f"{folder} holds no image named <case>_<channel:04d>{file_ending} (nnU-Net's raw naming, e.g. case_000_0000{file_ending})."
+        )
+    cases = []
+    for case in sorted(found)[:count]:
+        missing = sorted(set(range(channels)) - found[case])
+        if missing:
+            raise UserInputError(
+                f"calibration case {case} in {folder} lacks channel {missing[0]} ({case}_{missing[0]:04d}{file_ending}): "
+                f"the model reads {channels} channel(s), one file each."
+            )
+        cases.append([folder / f"{case}_{c:04d}{file_ending}" for c in range(channels)])
+    return cases
+
+
+def _config(args: argparse.Namespace) -> EfficientQConfig:
+    settings = {"weight_bits": args.weight_bits, "act_bits": args.act_bits, "method": args.method}
+    return EfficientQConfig.from_dict({k: v for k, v in settings.items() if v is not None})
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    out = Path(args.output)
+    if (out / MANIFEST).exists() and not args.overwrite:
+        raise OutputExistsError(f"{out / MANIFEST} exists: give another -o, or --overwrite to quantize into it again.")
+    config = _config(args)
+    predictor = new_predictor(args.model, args.folds, args.checkpoint, args.device, mirroring=True)
+    dataset = predictor.dataset_json
+    cases = calibration_cases(args.input, dataset["file_ending"], len(dataset["channel_names"]), args.cases)
+    windows = nnunet_calibration_windows(predictor, cases)
+    results = quantize_nnunet_predictor(predictor, windows, config)
+    (out / MANIFEST).unlink(missing_ok=True)  # a folder being rewritten is not a finished one
+    checkpoints = []
+    for fold, result in zip(args.folds, results):
+        checkpoints.append(f"fold_{fold}.pt")
+        save_quantized(result, out / checkpoints[-1])
+        print(f"fold {fold}: {result.report.summary()}")
+    manifest = {
+        "format": _FORMAT,
+        "model_folder": str(Path(args.model).resolve()),
+        "folds": list(args.folds),
+        "checkpoint_name": args.checkpoint,
+        "checkpoints": checkpoints,
+        "config": config.to_dict(),
+        "calibration": [[str(p.resolve()) for p in case] for case in cases],
+    }
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    print(f"wrote {len(checkpoints)} quantized folds and {MANIFEST} to {out}")
+
+
+def _manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise MissingInputError(
+            f"{path} does not exist: give -q the folder `python -m monai_effq.apps.nnunet_cli quantize` wrote "
+            "(a run that stopped before it finished writes no such file: run it again)."
+        )
+    try:
+        manifest = json.loads(path.read_text())
+        keys = ("model_folder", "folds", "checkpoint_name", "checkpoints")
+        if manifest.get("format") != _FORMAT or any(key not in manifest for key in keys):
+            raise ValueError(f"format {manifest.get('format')!r} or keys missing")
+    except (ValueError, AttributeError) as error:
+        raise UserInputError(f"{path} is not a quantized nnU-Net folder's description ({error}): quantize into a new folder.") from error
+    return manifest
+
+
+def _predict(args: argparse.Namespace) -> None:
+    folder = Path(args.quantized)
+    manifest = _manifest(folder)
+    if not Path(args.input).is_dir():
+        raise MissingInputError(f"image folder {args.input} does not exist or is not a folder: give -i the raw images to segment.")
+    predictor = new_predictor(manifest["model_folder"], manifest["folds"], manifest["checkpoint_name"], args.device, not args.disable_tta)
+    # each checkpoint loads onto a fresh FP copy of the predictor's network (load_quantized_result checks the architecture)
+    results = [load_quantized_result(folder / name, copy.deepcopy(predictor.network)) for name in manifest["checkpoints"]]
+    load_nnunet_predictor(predictor, results)
+    if args.runtime != "torch":
+        deploy_nnunet_predictor(predictor, results, folder / f"onnx_{args.runtime}", runtime=args.runtime)
+    predictor.predict_from_files(
+        str(args.input), str(args.output), save_probabilities=args.save_probabilities, overwrite=not args.continue_prediction,
+        num_processes_preprocessing=args.npp, num_processes_segmentation_export=args.nps,
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m monai_effq.apps.nnunet_cli", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    q = commands.add_parser("quantize", help="quantize the folds of an nnU-Net model folder on a few raw cases")
+    q.add_argument("-m", "--model", required=True, help="nnU-Net training output folder (holds plans.json, dataset.json, fold_<f>/)")
+    q.add_argument("-i", "--input", required=True, help="raw image folder in nnU-Net naming (e.g. imagesTr) to calibrate on")
+    q.add_argument("-o", "--output", required=True, help="folder for the quantized folds")
+    q.add_argument("-f", "--folds", nargs="+", default=[0, 1, 2, 3, 4], type=_fold, help="folds (default 0 1 2 3 4; 'all' for fold_all)")
+    q.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth", help="checkpoint file in each fold folder")
+    q.add_argument("--cases", type=int, default=1, help="calibration cases, the first in sorted order (default 1)")
+    q.add_argument("--weight_bits", type=int, help="weight bits, 2-8 (default 4)")
+    q.add_argument("--act_bits", type=int, help="activation bits, 4-8 (default 8)")
+    q.add_argument("--method", help="solver method (default efficientq)")
+    q.add_argument("--device", default="cpu", help="device to quantize on (default cpu)")
+    q.add_argument("--overwrite", action="store_true", help="quantize into a folder that already holds quantized folds")
+    p = commands.add_parser("predict", help="segment raw images with the quantized folds, through nnU-Net's predictor")
+    p.add_argument("-q", "--quantized", required=True, help="the folder `quantize` wrote")
+    p.add_argument("-i", "--input", required=True, help="raw image folder in nnU-Net naming")
+    p.add_argument("-o", "--output", required=True, help="folder for the segmentations")
+    p.add_argument("--runtime", choices=("torch", "openvino", "onnxruntime"), default="torch",
+                   help="torch: the fake-quant network; openvino/onnxruntime: int8 ONNX files (default torch)")
+    p.add_argument("--device", default="cpu", help="device for the torch runtime (default cpu)")
+    p.add_argument("--disable_tta", action="store_true", help="no test-time mirroring (faster, as nnUNetv2_predict's flag)")
+    p.add_argument("--save_probabilities", action="store_true", help="also write the softmax outputs")
+    p.add_argument("--continue_prediction", action="store_true", help="skip cases whose segmentation exists")
+    p.add_argument("-npp", type=int, default=1, help="preprocessing processes (default 1)")
+    p.add_argument("-nps", type=int, default=1, help="segmentation export processes (default 1)")
+    return parser
+
+
+def _fold(text: str) -> int | str:
+    return "all" if text == "all" else int(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command.
+
+    Args:
+        argv: the command-line arguments (``sys.argv[1:]`` when ``None``).
+
+    Returns:
+        the exit status: 0, or 1 after a user-input error reported as one line on stderr
+        (``MONAI_EFFQ_DEBUG=1`` raises it with its traceback instead).
+    """
+    args = _parser().parse_args(argv)
+    try:
+        (_quantize if args.command == "quantize" else _predict)(args)
+    except UserInputError as error:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"error: {error} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
