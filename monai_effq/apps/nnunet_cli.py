@@ -13,11 +13,19 @@ writes one checkpoint per fold, then, last, ``nnunet_quantized.json``, which nam
 the folds, the checkpoint and the settings: a run that stopped early leaves no such file, and
 ``predict`` refuses the folder. ``predict`` builds the predictor from the same model folder, loads the
 quantized folds into it (:func:`~monai_effq.apps.load_nnunet_predictor`), for ``--runtime openvino`` or
-``onnxruntime`` exports them as int8 ONNX files into the quantized folder
+``onnxruntime`` exports them as int8 ONNX files into the quantized folder (or ``--onnx_dir``)
 (:func:`~monai_effq.apps.deploy_nnunet_predictor`), and runs nnU-Net's ``predict_from_files``.
 
-nnunetv2 is not a monai-effq dependency: install it beside monai-effq. A user-input error ends the
-command with one line on stderr, ``error: ...``, and status 1.
+The flags are ``nnUNetv2_predict``'s where they mean the same (``-i``, ``-o``, ``-f``, ``-chk``,
+``-device``, ``-step_size``, ``--disable_tta``, ``--save_probabilities``, ``--continue_prediction``,
+``-npp``, ``-nps``, ``--disable_progress_bar``), except that ``-device`` defaults to ``cpu``; its
+``-num_parts``/``-part_id``, ``-prev_stage_predictions`` (cascades) and ``--not_on_device`` have no
+counterpart here. ``predict -m`` points at the model folder where it has moved since ``quantize``
+(another machine, a container's mount).
+
+nnunetv2 is not a monai-effq dependency: install it beside monai-effq. A user-input error, or a
+command line the parser cannot read, ends the command with one line on stderr, ``error: ...``, and
+status 1.
 """
 
 from __future__ import annotations
@@ -25,12 +33,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -42,6 +51,7 @@ from monai_effq.apps.nnunet import (
 )
 from monai_effq.ptq.checkpoint import load_quantized_result, save_quantized
 from monai_effq.ptq.config import EfficientQConfig
+from monai_effq.ptq.prepare import available_device
 from monai_effq.utils.errors import DEBUG_ENV, MissingExtraError, MissingInputError, OutputExistsError, UserInputError
 from monai_effq.utils.io import atomic_write_text
 
@@ -52,16 +62,28 @@ MANIFEST = "nnunet_quantized.json"
 
 _FORMAT = 1
 
+logger = logging.getLogger("monai_effq")
 
-def new_predictor(model_folder: str | Path, folds: Sequence[int | str], checkpoint_name: str, device: str, mirroring: bool) -> Any:
+
+def new_predictor(
+    model_folder: str | Path,
+    folds: Sequence[int | str],
+    checkpoint_name: str,
+    device: torch.device,
+    mirroring: bool,
+    step_size: float = 0.5,
+    progress: bool = False,
+) -> Any:
     """nnU-Net's ``nnUNetPredictor``, initialised from a trained model folder.
 
     Args:
         model_folder: the training output folder (``.../nnUNetTrainer__nnUNetPlans__3d_fullres``).
         folds: the folds to use (``fold_<f>`` sub-folders).
         checkpoint_name: the checkpoint file in each fold folder.
-        device: ``"cpu"`` or a CUDA device.
+        device: the device the predictor runs on (checked to exist).
         mirroring: test-time mirroring, as ``nnUNetv2_predict`` does unless ``--disable_tta``.
+        step_size: the sliding window's step as a fraction of the patch size.
+        progress: nnU-Net's progress bars.
 
     Returns:
         the initialised predictor.
@@ -69,6 +91,7 @@ def new_predictor(model_folder: str | Path, folds: Sequence[int | str], checkpoi
     Raises:
         MissingExtraError: when nnunetv2 is not installed.
         MissingInputError: when the folder lacks nnU-Net's plans, dataset description or a fold's checkpoint.
+        UserInputError: when nnU-Net cannot read the folder's plans or dataset description.
     """
     folder = Path(model_folder)
     for name in ("plans.json", "dataset.json", *(f"fold_{f}/{checkpoint_name}" for f in folds)):
@@ -83,12 +106,34 @@ def new_predictor(model_folder: str | Path, folds: Sequence[int | str], checkpoi
         raise MissingExtraError(
             f"the nnU-Net commands need nnunetv2, which is not installed ({error}): `pip install nnunetv2` beside monai-effq."
         ) from error
-    device = torch.device(device)
     predictor = nnUNetPredictor(
-        device=device, use_mirroring=mirroring, perform_everything_on_device=device.type == "cuda", allow_tqdm=False
+        tile_step_size=step_size, device=device, use_mirroring=mirroring, perform_everything_on_device=device.type == "cuda",
+        allow_tqdm=progress,
     )
-    predictor.initialize_from_trained_model_folder(str(folder), use_folds=tuple(folds), checkpoint_name=checkpoint_name)
+    try:
+        predictor.initialize_from_trained_model_folder(str(folder), use_folds=tuple(folds), checkpoint_name=checkpoint_name)
+    except (ValueError, KeyError) as error:  # json's decode error is a ValueError
+        raise UserInputError(
+            f"nnU-Net could not read the model folder {folder} ({type(error).__name__}: {error}): its plans.json and "
+            "dataset.json must be the ones nnU-Net wrote when it trained the model."
+        ) from error
     return predictor
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserInputError(f"--device must be a torch device name such as 'cpu', 'cuda' or 'cuda:0', got {name!r}.") from None
+    return available_device(device)
+
+
+def _output_folder(path: str | Path, flag: str) -> Path:
+    """``path``, checked before any work starts to be a folder or nothing yet (it is made when written to)."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UserInputError(f"{flag} {folder} is a file, not a folder: give {flag} a folder (it is made if missing).")
+    return folder
 
 
 def calibration_cases(folder: str | Path, file_ending: str, channels: int, count: int) -> list[list[Path]]:
@@ -116,6 +161,8 @@ def calibration_cases(folder: str | Path, file_ending: str, channels: int, count
         match = pattern.match(path.name)
         if match:
             found.setdefault(match["case"], set()).add(int(match["channel"]))
+    if count < 1:
+        raise UserInputError(f"--cases must be at least 1, got {count}.")
     if not found:
         raise MissingInputError(
             f"{folder} holds no image named <case>_<channel:04d>{file_ending} (nnU-Net's raw naming, e.g. case_000_0000{file_ending})."
@@ -129,11 +176,13 @@ def calibration_cases(folder: str | Path, file_ending: str, channels: int, count
                 f"the model reads {channels} channel(s), one file each."
             )
         cases.append([folder / f"{case}_{c:04d}{file_ending}" for c in range(channels)])
+    if len(cases) < count:
+        logger.warning("%s holds %d case(s), fewer than the %d asked for: calibrating on those", folder, len(cases), count)
     return cases
 
 
 def _config(args: argparse.Namespace) -> EfficientQConfig:
-    settings = {"weight_bits": args.weight_bits, "act_bits": args.act_bits, "method": args.method}
+    settings = {"weight_bits": args.weight_bits, "act_bits": args.act_bits, "method": args.method, "device": args.device}
     return EfficientQConfig.from_dict({k: v for k, v in settings.items() if v is not None})
 
 
@@ -142,11 +191,13 @@ def _quantize(args: argparse.Namespace) -> None:
     if (out / MANIFEST).exists() and not args.overwrite:
         raise OutputExistsError(f"{out / MANIFEST} exists: give another -o, or --overwrite to quantize into it again.")
     config = _config(args)
-    predictor = new_predictor(args.model, args.folds, args.checkpoint, args.device, mirroring=True)
+    device = _device(args.device)
+    _output_folder(out, "-o")
+    predictor = new_predictor(args.model, args.folds, args.checkpoint, device, mirroring=True, progress=not args.disable_progress_bar)
     dataset = predictor.dataset_json
     cases = calibration_cases(args.input, dataset["file_ending"], len(dataset["channel_names"]), args.cases)
     windows = nnunet_calibration_windows(predictor, cases)
-    results = quantize_nnunet_predictor(predictor, windows, config)
+    results = quantize_nnunet_predictor(predictor, windows, config, progress=not args.disable_progress_bar)
     (out / MANIFEST).unlink(missing_ok=True)  # a folder being rewritten is not a finished one
     checkpoints = []
     for fold, result in zip(args.folds, results):
@@ -188,50 +239,80 @@ def _predict(args: argparse.Namespace) -> None:
     manifest = _manifest(folder)
     if not Path(args.input).is_dir():
         raise MissingInputError(f"image folder {args.input} does not exist or is not a folder: give -i the raw images to segment.")
-    predictor = new_predictor(manifest["model_folder"], manifest["folds"], manifest["checkpoint_name"], args.device, not args.disable_tta)
+    device = _device(args.device)
+    output = _output_folder(args.output, "-o")
+    model = args.model or manifest["model_folder"]
+    if not Path(model).is_dir():
+        raise MissingInputError(
+            f"the model folder {model} that {folder / MANIFEST} names does not exist here: give predict -m the folder it "
+            "was moved to (the nnU-Net training output folder the folds were quantized from)."
+        )
+    predictor = new_predictor(
+        model, manifest["folds"], manifest["checkpoint_name"], device, mirroring=not args.disable_tta,
+        step_size=args.step_size, progress=not args.disable_progress_bar,
+    )
     # each checkpoint loads onto a fresh FP copy of the predictor's network (load_quantized_result checks the architecture)
     results = [load_quantized_result(folder / name, copy.deepcopy(predictor.network)) for name in manifest["checkpoints"]]
     load_nnunet_predictor(predictor, results)
     if args.runtime != "torch":
-        deploy_nnunet_predictor(predictor, results, folder / f"onnx_{args.runtime}", runtime=args.runtime)
+        deploy_nnunet_predictor(predictor, results, args.onnx_dir or folder / f"onnx_{args.runtime}", runtime=args.runtime)
     predictor.predict_from_files(
-        str(args.input), str(args.output), save_probabilities=args.save_probabilities, overwrite=not args.continue_prediction,
+        str(args.input), str(output), save_probabilities=args.save_probabilities, overwrite=not args.continue_prediction,
         num_processes_preprocessing=args.npp, num_processes_segmentation_export=args.nps,
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors end the command as every other user-input error does: one line, status 1."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(1, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _fold(text: str) -> int | str:
+    return "all" if text == "all" else int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m monai_effq.apps.nnunet_cli", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="python -m monai_effq.apps.nnunet_cli", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     q = commands.add_parser("quantize", help="quantize the folds of an nnU-Net model folder on a few raw cases")
     q.add_argument("-m", "--model", required=True, help="nnU-Net training output folder (holds plans.json, dataset.json, fold_<f>/)")
     q.add_argument("-i", "--input", required=True, help="raw image folder in nnU-Net naming (e.g. imagesTr) to calibrate on")
     q.add_argument("-o", "--output", required=True, help="folder for the quantized folds")
     q.add_argument("-f", "--folds", nargs="+", default=[0, 1, 2, 3, 4], type=_fold, help="folds (default 0 1 2 3 4; 'all' for fold_all)")
     q.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth", help="checkpoint file in each fold folder")
-    q.add_argument("--cases", type=int, default=1, help="calibration cases, the first in sorted order (default 1)")
+    q.add_argument("--cases", type=_positive, default=1, help="calibration cases, the first in sorted order (default 1)")
     q.add_argument("--weight_bits", type=int, help="weight bits, 2-8 (default 4)")
     q.add_argument("--act_bits", type=int, help="activation bits, 4-8 (default 8)")
     q.add_argument("--method", help="solver method (default efficientq)")
-    q.add_argument("--device", default="cpu", help="device to quantize on (default cpu)")
+    q.add_argument("-device", "--device", default="cpu", help="device the folds are quantized on (default cpu)")
     q.add_argument("--overwrite", action="store_true", help="quantize into a folder that already holds quantized folds")
+    q.add_argument("--disable_progress_bar", action="store_true", help="no progress bars")
     p = commands.add_parser("predict", help="segment raw images with the quantized folds, through nnU-Net's predictor")
     p.add_argument("-q", "--quantized", required=True, help="the folder `quantize` wrote")
     p.add_argument("-i", "--input", required=True, help="raw image folder in nnU-Net naming")
     p.add_argument("-o", "--output", required=True, help="folder for the segmentations")
+    p.add_argument("-m", "--model", help="the nnU-Net model folder, where it is no longer where quantize read it")
     p.add_argument("--runtime", choices=("torch", "openvino", "onnxruntime"), default="torch",
                    help="torch: the fake-quant network; openvino/onnxruntime: int8 ONNX files (default torch)")
-    p.add_argument("--device", default="cpu", help="device for the torch runtime (default cpu)")
-    p.add_argument("--disable_tta", action="store_true", help="no test-time mirroring (faster, as nnUNetv2_predict's flag)")
+    p.add_argument("--onnx_dir", help="folder for the int8 ONNX files (default: onnx_<runtime> in the quantized folder)")
+    p.add_argument("-device", "--device", default="cpu", help="device for the torch runtime (default cpu)")
+    p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step as a fraction of the patch size (default 0.5)")
+    p.add_argument("--disable_tta", action="store_true", help="no test-time mirroring (faster)")
     p.add_argument("--save_probabilities", action="store_true", help="also write the softmax outputs")
     p.add_argument("--continue_prediction", action="store_true", help="skip cases whose segmentation exists")
-    p.add_argument("-npp", type=int, default=1, help="preprocessing processes (default 1)")
-    p.add_argument("-nps", type=int, default=1, help="segmentation export processes (default 1)")
+    p.add_argument("-npp", type=_positive, default=3, help="preprocessing processes (default 3)")
+    p.add_argument("-nps", type=_positive, default=3, help="segmentation export processes (default 3)")
+    p.add_argument("--disable_progress_bar", action="store_true", help="no progress bars")
     return parser
-
-
-def _fold(text: str) -> int | str:
-    return "all" if text == "all" else int(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -242,7 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         the exit status: 0, or 1 after a user-input error reported as one line on stderr
-        (``MONAI_EFFQ_DEBUG=1`` raises it with its traceback instead).
+        (``MONAI_EFFQ_DEBUG=1`` raises it with its traceback instead). A command line the parser
+        cannot read also ends with one line and status 1 (``SystemExit``).
     """
     args = _parser().parse_args(argv)
     try:

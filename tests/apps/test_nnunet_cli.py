@@ -19,12 +19,12 @@ import torch
 from monai_effq.apps import nnunet_cli
 from monai_effq.apps.nnunet_cli import MANIFEST, calibration_cases, main
 from monai_effq.ptq import QuantizedLayer
-from monai_effq.ptq.checkpoint import load_quantized_result
+from monai_effq.ptq.checkpoint import load_quantized_result, save_quantized
 from monai_effq.utils.errors import MissingExtraError, MissingInputError, UserInputError
 
 from ..nnunet_like import nnunet_like
 
-FOLDS = {0: 0, 1: 1}  # fold: the seed of its FP weights
+FOLDS = {0: 0, 1: 1, "all": 2}  # fold: the seed of its FP weights
 
 
 class _Preprocessor:
@@ -40,8 +40,8 @@ class _Preprocessor:
 class _Predictor:
     """What ``initialize_from_trained_model_folder`` leaves, and ``predict_from_files`` run as nnU-Net runs folds."""
 
-    def __init__(self, model_folder, folds, checkpoint_name, device, mirroring) -> None:  # noqa: ANN001
-        self.made_with = (str(model_folder), list(folds), checkpoint_name, device, mirroring)
+    def __init__(self, model_folder, folds, checkpoint_name, device, mirroring, step_size=0.5, progress=False) -> None:  # noqa: ANN001
+        self.made_with = (str(model_folder), list(folds), checkpoint_name, str(device), mirroring, step_size)
         self.network = nnunet_like(0)
         self.list_of_parameters = [nnunet_like(FOLDS[f]).state_dict() for f in folds]
         self.plans_manager = "plans"
@@ -82,71 +82,155 @@ def _images(folder: Path, cases: int, seed: int = 0) -> Path:
     return folder
 
 
-def _quantize(tmp_path: Path, *extra: str) -> int:
-    return main(["quantize", "-m", str(tmp_path / "model"), "-i", str(tmp_path / "imagesTr"), "-o", str(tmp_path / "q"), "-f", "0", "1",
-                 "--method", "rtn", *extra])
-
-
-def test_quantize_writes_each_folds_checkpoint_and_predict_runs_them_in_nnunets_predictor(tmp_path, predictors):
+@pytest.fixture
+def data(tmp_path) -> Path:
+    """A model folder (the stand-in predictor reads nothing in it), two training images and two to segment."""
+    (tmp_path / "model").mkdir()
     _images(tmp_path / "imagesTr", 2)
     _images(tmp_path / "imagesTs", 2, seed=1)
-    assert _quantize(tmp_path, "--weight_bits", "3") == 0
-    manifest = json.loads((tmp_path / "q" / MANIFEST).read_text())
+    return tmp_path
+
+
+def _quantize(root: Path, *extra: str, folds: tuple[str, ...] = ("0", "1")) -> int:
+    paths = ["-m", str(root / "model"), "-i", str(root / "imagesTr"), "-o", str(root / "q")]
+    return main(["quantize", *paths, "-f", *folds, "--method", "rtn", *extra])
+
+
+def _predict(root: Path, *extra: str, out: str = "pred") -> int:
+    return main(["predict", "-q", str(root / "q"), "-i", str(root / "imagesTs"), "-o", str(root / out), *extra])
+
+
+def _saved_folds(folder: Path, folds: tuple) -> list[torch.nn.Module]:
+    return [load_quantized_result(folder / f"fold_{f}.pt", nnunet_like(0)).network for f in folds]
+
+
+def test_quantize_writes_each_folds_checkpoint_and_predict_runs_them_in_nnunets_predictor(data, predictors):
+    assert _quantize(data, "--weight_bits", "3") == 0
+    manifest = json.loads((data / "q" / MANIFEST).read_text())
     assert manifest["folds"] == [0, 1] and manifest["checkpoints"] == ["fold_0.pt", "fold_1.pt"]
     assert manifest["config"]["weight_bits"] == 3 and manifest["config"]["method"] == "rtn"
-    assert manifest["calibration"] == [[str((tmp_path / "imagesTr" / "case_000_0000.nii.gz").resolve())]]  # --cases 1: the first case
+    assert manifest["calibration"] == [[str((data / "imagesTr" / "case_000_0000.nii.gz").resolve())]]  # --cases 1: the first case
 
-    assert main(["predict", "-q", str(tmp_path / "q"), "-i", str(tmp_path / "imagesTs"), "-o", str(tmp_path / "pred")]) == 0
+    assert _predict(data) == 0
     predictor = predictors[-1]
-    assert predictor.made_with == (str((tmp_path / "model").resolve()), [0, 1], "checkpoint_final.pth", "cpu", True)
-    assert predictor.predicted[:2] == (str(tmp_path / "imagesTs"), str(tmp_path / "pred"))
+    assert predictor.made_with == (str(data / "model"), [0, 1], "checkpoint_final.pth", "cpu", True, 0.5)
+    assert predictor.predicted == (str(data / "imagesTs"), str(data / "pred"), {
+        "save_probabilities": False, "overwrite": True, "num_processes_preprocessing": 3, "num_processes_segmentation_export": 3,
+    })
     assert isinstance(predictor.network[0].conv, QuantizedLayer)
     # each case's logits are the mean of the two saved quantized folds
-    folds = [load_quantized_result(tmp_path / "q" / f"fold_{f}.pt", nnunet_like(0)).network for f in (0, 1)]
+    folds = _saved_folds(data / "q", (0, 1))
     for name, logits in predictor.logits.items():
-        x = torch.from_numpy(nib.load(tmp_path / "imagesTs" / name).get_fdata(dtype=np.float32))[None, None]
+        x = torch.from_numpy(nib.load(data / "imagesTs" / name).get_fdata(dtype=np.float32))[None, None]
         with torch.no_grad():
             assert torch.allclose(logits, (folds[0](x) + folds[1](x)) / 2, atol=1e-6)
             fp = (nnunet_like(0)(x) + nnunet_like(1)(x)) / 2
         assert not torch.allclose(logits, fp, atol=1e-3)  # 3-bit weights: not the FP ensemble
     assert len(predictor.logits) == 2
 
+    # nnUNetv2_predict's flags, passed on as it passes them
+    flags = ("--continue_prediction", "--save_probabilities", "-npp", "2", "-nps", "1", "--disable_tta", "-step_size", "0.25")
+    assert _predict(data, *flags) == 0
+    assert predictors[-1].predicted[2] == {
+        "save_probabilities": True, "overwrite": False, "num_processes_preprocessing": 2, "num_processes_segmentation_export": 1,
+    }
+    assert predictors[-1].made_with[4:] == (False, 0.25)
 
-def test_predict_in_onnx_runtime_gives_the_fake_quant_folds_logits(tmp_path, predictors):
+
+def test_relative_paths_and_fold_all_are_read_back_from_another_folder(data, predictors, monkeypatch):
+    monkeypatch.chdir(data)
+    assert main(["quantize", "-m", "model", "-i", "imagesTr", "-o", "q", "-f", "all", "--method", "rtn"]) == 0
+    manifest = json.loads((data / "q" / MANIFEST).read_text())
+    assert manifest["folds"] == ["all"] and manifest["model_folder"] == str(data / "model")
+    (data / "elsewhere").mkdir()
+    monkeypatch.chdir(data / "elsewhere")
+    assert main(["predict", "-q", "../q", "-i", "../imagesTs", "-o", "pred"]) == 0
+    assert predictors[-1].made_with[:2] == (str(data / "model"), ["all"])
+    (only,) = _saved_folds(data / "q", ("all",))
+    with torch.no_grad():
+        x = torch.from_numpy(nib.load(data / "imagesTs" / "case_000_0000.nii.gz").get_fdata(dtype=np.float32))[None, None]
+        assert torch.allclose(predictors[-1].logits["case_000_0000.nii.gz"], only(x), atol=1e-6)
+
+
+def test_a_moved_model_folder_is_named_and_predict_m_gives_its_new_place(data, predictors, capsys):
+    assert _quantize(data) == 0
+    (data / "model").rename(data / "moved")
+    assert _predict(data) == 1
+    assert "give predict -m the folder it was moved to" in capsys.readouterr().err
+    assert _predict(data, "-m", str(data / "moved")) == 0
+    assert predictors[-1].made_with[0] == str(data / "moved")
+
+
+def test_predict_in_onnx_runtime_gives_the_fake_quant_folds_logits(data, predictors):
     pytest.importorskip("onnxruntime")
-    _images(tmp_path / "imagesTr", 1)
-    _images(tmp_path / "imagesTs", 1, seed=1)
-    assert _quantize(tmp_path) == 0
+    assert _quantize(data) == 0
     runs = {}
     for runtime in ("torch", "onnxruntime"):
-        command = ["predict", "-q", str(tmp_path / "q"), "-i", str(tmp_path / "imagesTs"), "-o", str(tmp_path / runtime)]
-        assert main([*command, "--runtime", runtime]) == 0
+        assert _predict(data, "--runtime", runtime, "--onnx_dir", str(data / "onnx"), out=runtime) == 0
         runs[runtime] = predictors[-1].logits["case_000_0000.nii.gz"]
-    assert sorted(p.name for p in (tmp_path / "q" / "onnx_onnxruntime").iterdir()) == ["fold_0.onnx", "fold_1.onnx"]
+    assert sorted(p.name for p in (data / "onnx").iterdir()) == ["fold_0.onnx", "fold_1.onnx"]
     assert (runs["torch"].argmax(1) == runs["onnxruntime"].argmax(1)).float().mean() > 0.99
 
 
-def test_bad_input_ends_each_command_with_one_line_and_status_1(tmp_path, predictors, capsys):
-    _images(tmp_path / "imagesTs", 1)
-    assert main(["predict", "-q", str(tmp_path / "q"), "-i", str(tmp_path / "imagesTs"), "-o", str(tmp_path / "pred")]) == 1
+def test_a_quantize_that_fails_while_it_saves_leaves_a_folder_predict_refuses(data, predictors, monkeypatch, capsys):
+    assert _quantize(data) == 0
+    saved = []
+
+    def full_disk(result, path):  # noqa: ANN001, ANN202
+        if saved:
+            raise OSError(28, "No space left on device")
+        saved.append(path)
+        return save_quantized(result, path)
+
+    monkeypatch.setattr(nnunet_cli, "save_quantized", full_disk)
+    with pytest.raises(OSError):
+        _quantize(data, "--overwrite", "--weight_bits", "3")
+    assert _predict(data) == 1  # fold 0 is the new run's, fold 1 the old run's: not one finished folder
     assert f"{MANIFEST} does not exist" in capsys.readouterr().err
 
+
+def test_bad_input_ends_each_command_with_one_line_and_status_1(tmp_path, predictors, capsys):
+    def one_line() -> str:
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        return err
+
+    (tmp_path / "model").mkdir()
+    _images(tmp_path / "imagesTs", 1)
+    assert _predict(tmp_path) == 1
+    assert f"{MANIFEST} does not exist" in one_line()
+
     assert _quantize(tmp_path) == 1  # no calibration folder
-    assert "calibration image folder" in capsys.readouterr().err and not (tmp_path / "q").exists()
+    assert "calibration image folder" in one_line() and not (tmp_path / "q").exists()
 
     _images(tmp_path / "imagesTr", 1)
     assert _quantize(tmp_path, "--weight_bits", "9") == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "weight_bits" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "weight_bits" in one_line()
+    assert _quantize(tmp_path, "--device", "gpu") == 1
+    assert "device must be a torch device name" in one_line()
+    if not torch.cuda.is_available():
+        assert _quantize(tmp_path, "--device", "cuda") == 1
+        assert "no CUDA GPU" in one_line()
+    (tmp_path / "afile").write_text("")
+    started = len(predictors)
+    assert main(["quantize", "-m", str(tmp_path / "model"), "-i", str(tmp_path / "imagesTr"), "-o", str(tmp_path / "afile")]) == 1
+    assert "is a file, not a folder" in one_line() and len(predictors) == started  # refused before nnU-Net was started
+    for bad in (["-f", "abc"], ["--cases", "0"], ["--no_such_flag"]):
+        with pytest.raises(SystemExit) as stop:
+            _quantize(tmp_path, *bad)
+        assert stop.value.code == 1 and "--help" in one_line()
 
-    assert _quantize(tmp_path) == 0
+    assert _quantize(tmp_path, "--disable_progress_bar") == 0
+    assert capsys.readouterr().err == ""  # no progress bar
     assert _quantize(tmp_path) == 1  # a finished folder is not replaced without --overwrite
-    assert "--overwrite" in capsys.readouterr().err
-    assert _quantize(tmp_path, "--overwrite") == 0
+    assert "--overwrite" in one_line()
+    assert _quantize(tmp_path, "--overwrite", "--disable_progress_bar") == 0
+    assert _predict(tmp_path, "--device", "gpu") == 1
+    assert "--device must be a torch device name" in one_line()
 
     (tmp_path / "q" / MANIFEST).write_text("{not json")
-    assert main(["predict", "-q", str(tmp_path / "q"), "-i", str(tmp_path / "imagesTs"), "-o", str(tmp_path / "pred")]) == 1
-    assert "quantize into a new folder" in capsys.readouterr().err
+    assert _predict(tmp_path) == 1
+    assert "quantize into a new folder" in one_line()
 
 
 def test_calibration_cases_are_the_first_cases_with_every_channel_and_a_missing_channel_is_named(tmp_path):
