@@ -152,6 +152,8 @@ def calibration_cases(folder: str | Path, file_ending: str, channels: int, count
         MissingInputError: when the folder does not exist or holds no file of that naming.
         UserInputError: when a case lacks one of its channel files.
     """
+    if count < 1:
+        raise UserInputError(f"--cases must be at least 1, got {count}.")
     folder = Path(folder)
     if not folder.is_dir():
         raise MissingInputError(f"calibration image folder {folder} does not exist or is not a folder: give -i a folder such as imagesTr.")
@@ -161,8 +163,6 @@ def calibration_cases(folder: str | Path, file_ending: str, channels: int, count
         match = pattern.match(path.name)
         if match:
             found.setdefault(match["case"], set()).add(int(match["channel"]))
-    if count < 1:
-        raise UserInputError(f"--cases must be at least 1, got {count}.")
     if not found:
         raise MissingInputError(
             f"{folder} holds no image named <case>_<channel:04d>{file_ending} (nnU-Net's raw naming, e.g. case_000_0000{file_ending})."
@@ -242,7 +242,7 @@ def _predict(args: argparse.Namespace) -> None:
     device = _device(args.device)
     output = _output_folder(args.output, "-o")
     model = args.model or manifest["model_folder"]
-    if not Path(model).is_dir():
+    if args.model is None and not Path(model).is_dir():  # a folder given with -m is checked as quantize checks it
         raise MissingInputError(
             f"the model folder {model} that {folder / MANIFEST} names does not exist here: give predict -m the folder it "
             "was moved to (the nnU-Net training output folder the folds were quantized from)."
