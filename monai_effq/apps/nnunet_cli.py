@@ -1,10 +1,11 @@
 """Command line for nnU-Net v2 model folders: quantize the folds once, then predict with them.
 
 nnU-Net's own ``nnUNetv2_predict`` builds an FP predictor from the model folder. These two commands
-give its users the quantized folds without writing Python::
+give its users the quantized folds without writing Python (``effq-nnunet``, installed with
+monai-effq, is ``python -m monai_effq.apps.nnunet_cli``)::
 
-    python -m monai_effq.apps.nnunet_cli quantize -m MODEL_FOLDER -i imagesTr -o quantized_w4a8 -f 0 1 2 3 4
-    python -m monai_effq.apps.nnunet_cli predict -q quantized_w4a8 -i imagesTs -o predictions --runtime openvino
+    effq-nnunet quantize -m MODEL_FOLDER -i imagesTr -o quantized_w4a8 -f 0 1 2 3 4
+    effq-nnunet predict -q quantized_w4a8 -i imagesTs -o predictions --runtime openvino
 
 ``quantize`` builds nnU-Net's predictor from the model folder, preprocesses the first ``--cases``
 cases of the image folder (nnU-Net's raw naming, ``<case>_<channel:04d><file_ending>``) as the

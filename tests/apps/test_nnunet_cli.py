@@ -8,6 +8,7 @@ fold's weights loaded into the one network, logits averaged) on each case of the
 
 import json
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -253,3 +254,8 @@ def test_a_model_folder_without_a_folds_checkpoint_is_named_and_without_nnunetv2
     monkeypatch.setitem(sys.modules, "nnunetv2", None)  # as if not installed
     with pytest.raises(MissingExtraError, match="pip install nnunetv2"):
         nnunet_cli.new_predictor(tmp_path, [0], "checkpoint_final.pth", "cpu", True)
+
+
+def test_the_installed_effq_nnunet_command_is_this_main():
+    (script,) = entry_points(group="console_scripts", name="effq-nnunet")
+    assert script.load() is main
