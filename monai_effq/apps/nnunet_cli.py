@@ -35,7 +35,6 @@ import argparse
 import copy
 import json
 import logging
-import os
 import re
 import sys
 from collections.abc import Sequence
@@ -53,7 +52,7 @@ from monai_effq.apps.nnunet import (
 from monai_effq.ptq.checkpoint import load_quantized_result, save_quantized
 from monai_effq.ptq.config import EfficientQConfig
 from monai_effq.ptq.prepare import available_device
-from monai_effq.utils.errors import DEBUG_ENV, MissingExtraError, MissingInputError, OutputExistsError, UserInputError
+from monai_effq.utils.errors import DEBUG_ENV, MissingExtraError, MissingInputError, OutputExistsError, UserInputError, debugging
 from monai_effq.utils.io import atomic_write_text
 
 __all__ = ["MANIFEST", "calibration_cases", "main", "new_predictor"]
@@ -331,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         (_quantize if args.command == "quantize" else _predict)(args)
     except UserInputError as error:
-        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+        if debugging():
             raise
         print(f"error: {error} (set {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         return 1

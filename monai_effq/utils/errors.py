@@ -39,6 +39,7 @@ __all__ = [
     "check_flag",
     "check_integer",
     "check_spread",
+    "debugging",
     "exception_chain",
     "find_user_error",
     "install_bundle_error_hook",
@@ -224,7 +225,8 @@ def find_user_error(error: BaseException | None) -> UserInputError | None:
     return None
 
 
-def _debugging() -> bool:
+def debugging() -> bool:
+    """Whether ``MONAI_EFFQ_DEBUG`` asks for the traceback of user-input errors (set and not ``0``)."""
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
@@ -232,7 +234,7 @@ def _bundle_excepthook(
     previous, exc_type: type[BaseException], error: BaseException, traceback: TracebackType | None  # noqa: ANN001
 ) -> None:
     found = find_user_error(error)
-    if found is None or _debugging():
+    if found is None or debugging():
         previous(exc_type, error, traceback)
         return
     sys.stderr.write(f"error: {found} (set {DEBUG_ENV}=1 for the traceback)\n")
@@ -273,7 +275,7 @@ def install_bundle_error_hook(force: bool = False) -> bool:
         record = make_record(*args, **kwargs)
         # exc_info is the (type, value, traceback) that Logger._log makes; a direct makeRecord may pass True
         exc = record.exc_info
-        if isinstance(exc, tuple) and find_user_error(exc[1]) is not None and not _debugging():
+        if isinstance(exc, tuple) and find_user_error(exc[1]) is not None and not debugging():
             record.exc_info = None
         return record
 
