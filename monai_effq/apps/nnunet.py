@@ -30,7 +30,8 @@ import torch.nn as nn
 
 from monai_effq.data.calibration import calibration_windows
 from monai_effq.deploy.export import export_onnx
-from monai_effq.deploy.runtime import RUNTIMES
+from monai_effq.deploy.runtime import RUNTIMES, export_is_current
+from monai_effq.ptq.checkpoint import result_fingerprint
 from monai_effq.ptq.config import EfficientQConfig
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, QuantizedNorm
 from monai_effq.ptq.pipeline import quantize
@@ -282,28 +283,34 @@ def deploy_nnunet_predictor(
     results: Sequence[QuantizationResult],
     folder: str | os.PathLike,
     runtime: str = "openvino",
+    fold_names: Sequence[int | str] | None = None,
     **options: Any,
 ) -> list[Path]:
     """Export each quantized fold as an int8 ONNX file and make the predictor run the folds in ``runtime``.
 
     The files are exported at the configuration's patch size (the only window size the predictor's
-    sliding window runs, as nnU-Net pads smaller images to it), with the batch axis dynamic. The
-    predictor then holds a :class:`FoldEnsemble` of the runtime networks and one empty fold.
+    sliding window runs, as nnU-Net pads smaller images to it), with the batch axis dynamic. A file
+    already exported from the same quantized fold at that size is run as it is
+    (:func:`~monai_effq.deploy.export_is_current`): deploying saved folds again, as every
+    ``effq-nnunet predict`` does, costs no export. The predictor then holds a :class:`FoldEnsemble`
+    of the runtime networks and one empty fold.
 
     Args:
         predictor: the predictor :func:`quantize_nnunet_predictor` quantized (or
             :func:`load_nnunet_predictor` loaded).
         results: its quantized folds, one per fold (what either of them was given or returned).
-        folder: where the files go (``fold_<i>.onnx``; created when missing).
+        folder: where the files go (created when missing).
         runtime: ``"openvino"`` or ``"onnxruntime"``.
+        fold_names: the folds' names as nnU-Net gives them (``[0, 1]``, ``["all"]``), one per result,
+            for the file names; ``None``: their positions.
         options: passed to the runtime network (e.g. ``threads``, ``precision`` for OpenVINO).
 
     Returns:
-        the ONNX files, one per fold.
+        the ONNX files, one per fold (``fold_<name>.onnx``).
 
     Raises:
-        UserInputError: for an unknown runtime, a predictor not quantized or already deployed, or
-            results that are not the folds the predictor holds.
+        UserInputError: for an unknown runtime, a predictor not quantized or already deployed,
+            results that are not the folds the predictor holds, or not one fold name per result.
     """
     _initialised(predictor)
     if runtime not in RUNTIMES:
@@ -316,6 +323,9 @@ def deploy_nnunet_predictor(
             "it with quantize_nnunet_predictor, or load saved quantized folds with load_nnunet_predictor, first."
         )
     results = _results(results)
+    names = [str(n) for n in (range(len(results)) if fold_names is None else fold_names)]
+    if len(names) != len(results) or len(set(names)) != len(names):
+        raise UserInputError(f"fold_names {list(fold_names)} must name each of the {len(results)} quantized folds once.")
     held = predictor.list_of_parameters
     if len(results) != len(held) or not all(_holds(fold, r.network) for r, fold in zip(results, held)):
         raise UserInputError(
@@ -329,10 +339,14 @@ def deploy_nnunet_predictor(
     example = torch.zeros(1, channels, *[int(s) for s in predictor.configuration_manager.patch_size])
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [
-        export_onnx(result, folder / f"fold_{i}.onnx", example, dynamic_spatial=False, dynamic_batch=True)
-        for i, result in enumerate(results)
-    ]
+    paths = []
+    for name, result in zip(names, results):
+        path, fingerprint = folder / f"fold_{name}.onnx", result_fingerprint(result)
+        if export_is_current(path, fingerprint, example.shape, fixed_window=True):
+            logger.info("%s is the export of this fold: run as it is", path)
+        else:
+            export_onnx(result, path, example, dynamic_spatial=False, dynamic_batch=True, source_fingerprint=fingerprint)
+        paths.append(path)
     predictor.network = FoldEnsemble([RUNTIMES[runtime](path, **options) for path in paths])
     predictor.list_of_parameters = [{}]
     return paths

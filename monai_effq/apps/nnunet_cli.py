@@ -14,7 +14,8 @@ writes one checkpoint per fold, then, last, ``nnunet_quantized.json``, which nam
 the folds, the checkpoint and the settings: a run that stopped early leaves no such file, and
 ``predict`` refuses the folder. ``predict`` builds the predictor from the same model folder, loads the
 quantized folds into it (:func:`~monai_effq.apps.load_nnunet_predictor`), for ``--runtime openvino`` or
-``onnxruntime`` exports them as int8 ONNX files into the quantized folder (or ``--onnx_dir``)
+``onnxruntime`` exports them as int8 ONNX files (``fold_<fold>.onnx``) into the quantized folder (or
+``--onnx_dir``), where a later ``predict`` runs them again without exporting
 (:func:`~monai_effq.apps.deploy_nnunet_predictor`), and runs nnU-Net's ``predict_from_files``.
 
 The flags are ``nnUNetv2_predict``'s where they mean the same (``-i``, ``-o``, ``-f``, ``-chk``,
@@ -255,7 +256,8 @@ def _predict(args: argparse.Namespace) -> None:
     results = [load_quantized_result(folder / name, copy.deepcopy(predictor.network)) for name in manifest["checkpoints"]]
     load_nnunet_predictor(predictor, results)
     if args.runtime != "torch":
-        deploy_nnunet_predictor(predictor, results, args.onnx_dir or folder / f"onnx_{args.runtime}", runtime=args.runtime)
+        onnx_dir = args.onnx_dir or folder / f"onnx_{args.runtime}"
+        deploy_nnunet_predictor(predictor, results, onnx_dir, runtime=args.runtime, fold_names=manifest["folds"])
     predictor.predict_from_files(
         str(args.input), str(output), save_probabilities=args.save_probabilities, overwrite=not args.continue_prediction,
         num_processes_preprocessing=args.npp, num_processes_segmentation_export=args.nps,

@@ -52,6 +52,7 @@ __all__ = [
     "cpu_has_vnni",
     "float_precision_for",
     "int8_kernels_have_vnni",
+    "export_is_current",
     "export_options",
     "exported_from",
     "runtime_network",
@@ -526,6 +527,44 @@ def _engine_base(onnx_path: Path, fingerprint: str) -> Path:
     return base
 
 
+def export_is_current(
+    onnx_path: str | os.PathLike,
+    fingerprint: str,
+    example_shape: Sequence[int] | None = None,
+    fixed_window: bool = True,
+    group_norm: str | None = None,
+) -> bool:
+    """Whether an ONNX file already is the export of a quantized network that a run would write again.
+
+    It is when it was exported from the quantized network of ``fingerprint`` (the checkpoint fingerprint
+    :func:`~monai_effq.export_onnx` records), on ``example_shape``'s spatial size (a window-attention
+    graph runs at that size only), with spatial axes that run every input size unless ``fixed_window``
+    (a network that fixes its own size, such as UNETR, is fixed however it is exported), and, when
+    ``group_norm`` is given, in that group-norm form. Other export options are left as exported.
+
+    Args:
+        onnx_path: the ONNX file (missing or unreadable: not current).
+        fingerprint: the fingerprint of the quantized checkpoint or result it should come from
+            (:func:`~monai_effq.ptq.checkpoint.checkpoint_fingerprint`, :func:`~monai_effq.ptq.checkpoint.result_fingerprint`).
+        example_shape: the input shape ``(N, C, *spatial)`` it would be exported with (``None``: any).
+        fixed_window: every input has ``example_shape``'s spatial size.
+        group_norm: the group-norm form it must have (``None``: any).
+
+    Returns:
+        ``True`` when exporting again would write the same network.
+    """
+    metadata = _metadata(onnx_path)
+    if metadata.get(SOURCE_FINGERPRINT_KEY) != fingerprint:
+        return False
+    size = None if example_shape is None else spatial_size_label(list(example_shape)[2:])
+    if size is not None and metadata.get(EXAMPLE_SPATIAL_KEY, size) != size:
+        return False
+    if not fixed_window and _spatial_axes_fixed(onnx_path) and FIXED_BY_NETWORK_KEY not in metadata:
+        return False
+    recorded = _parse_options(metadata.get(EXPORT_OPTIONS_KEY))
+    return group_norm is None or recorded.get("group_norm", group_norm) == group_norm
+
+
 def runtime_network(
     runtime: str,
     onnx_path: str | os.PathLike,
@@ -585,21 +624,13 @@ def runtime_network(
             raise ValueError("runtime 'tensorrt' builds from the quantized checkpoint: pass quantized_path and network.")
         return tensorrt_network(load_quantized(source, network), _engine_base(onnx_path, fingerprint), **options)
     if source is not None:
-        metadata = _metadata(onnx_path)
-        stale = metadata.get(SOURCE_FINGERPRINT_KEY) != fingerprint
         # only OpenVINO's speed depends on the group-norm form; other options a user exported with stay
         group_norm = (
             group_norm_form_for(runtime, network, options.get("precision", "auto"))
             if runtime == "openvino" and network is not None
             else None
         )
-        recorded = _parse_options(metadata.get(EXPORT_OPTIONS_KEY))
-        # a window-attention graph runs at its example's size only (_RuntimeNetwork._size_mismatch)
-        size = None if example_shape is None else spatial_size_label(list(example_shape)[2:])
-        resized = size is not None and metadata.get(EXAMPLE_SPATIAL_KEY, size) != size
-        # a network that fixes its own size (UNETR, a traced DiNTS) gets a fixed file however often it is exported
-        resized = resized or (not fixed_window and _spatial_axes_fixed(onnx_path) and FIXED_BY_NETWORK_KEY not in metadata)
-        if stale or resized or (group_norm is not None and recorded.get("group_norm", group_norm) != group_norm):
+        if not export_is_current(onnx_path, fingerprint, example_shape, fixed_window, group_norm):
             if network is None or example_shape is None:
                 raise ValueError("exporting a quantized checkpoint needs the FP `network` and an `example_shape`.")
             # a window's file is exported again for another window anyway, and torch's exporter writes it

@@ -6,6 +6,7 @@ it is given, and a ``predict_from_files`` that runs the predictor's folds as nnU
 fold's weights loaded into the one network, logits averaged) on each case of the input folder.
 """
 
+import importlib.util
 import json
 import sys
 from importlib.metadata import entry_points
@@ -147,6 +148,9 @@ def test_relative_paths_and_fold_all_are_read_back_from_another_folder(data, pre
     monkeypatch.chdir(data / "elsewhere")
     assert main(["predict", "-q", "../q", "-i", "../imagesTs", "-o", "pred"]) == 0
     assert predictors[-1].made_with[:2] == (str(data / "model"), ["all"])
+    if importlib.util.find_spec("onnxruntime") is not None:  # the file is named after its fold
+        assert main(["predict", "-q", "../q", "-i", "../imagesTs", "-o", "ort", "--runtime", "onnxruntime"]) == 0
+        assert [p.name for p in (data / "q" / "onnx_onnxruntime").iterdir()] == ["fold_all.onnx"]
     (only,) = _saved_folds(data / "q", ("all",))
     with torch.no_grad():
         x = torch.from_numpy(nib.load(data / "imagesTs" / "case_000_0000.nii.gz").get_fdata(dtype=np.float32))[None, None]
@@ -169,8 +173,14 @@ def test_predict_in_onnx_runtime_gives_the_fake_quant_folds_logits(data, predict
     for runtime in ("torch", "onnxruntime"):
         assert _predict(data, "--runtime", runtime, "--onnx_dir", str(data / "onnx"), out=runtime) == 0
         runs[runtime] = predictors[-1].logits["case_000_0000.nii.gz"]
-    assert sorted(p.name for p in (data / "onnx").iterdir()) == ["fold_0.onnx", "fold_1.onnx"]
+    files = sorted((data / "onnx").iterdir())
+    assert [p.name for p in files] == ["fold_0.onnx", "fold_1.onnx"]
     assert (runs["torch"].argmax(1) == runs["onnxruntime"].argmax(1)).float().mean() > 0.99
+    # a second run runs the files it exported (each export replaces its file: a new inode)
+    written = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in files]
+    assert _predict(data, "--runtime", "onnxruntime", "--onnx_dir", str(data / "onnx"), out="again") == 0
+    assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in files] == written
+    assert torch.equal(predictors[-1].logits["case_000_0000.nii.gz"], runs["onnxruntime"])
 
 
 def test_a_quantize_that_fails_while_it_saves_leaves_a_folder_predict_refuses(data, predictors, monkeypatch, capsys):
