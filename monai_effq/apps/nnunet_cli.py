@@ -20,8 +20,8 @@ quantized folds into it (:func:`~monai_effq.apps.load_nnunet_predictor`), for ``
 
 The flags are ``nnUNetv2_predict``'s where they mean the same (``-i``, ``-o``, ``-f``, ``-chk``,
 ``-device``, ``-step_size``, ``--disable_tta``, ``--save_probabilities``, ``--continue_prediction``,
-``-npp``, ``-nps``, ``--disable_progress_bar``), except that ``-device`` defaults to ``cpu``; its
-``-num_parts``/``-part_id``, ``-prev_stage_predictions`` (cascades) and ``--not_on_device`` have no
+``-npp``, ``-nps``, ``-num_parts``, ``-part_id``, ``--disable_progress_bar``), except that ``-device``
+defaults to ``cpu``; its ``-prev_stage_predictions`` (cascades) and ``--not_on_device`` have no
 counterpart here. ``predict -m`` points at the model folder where it has moved since ``quantize``
 (another machine, a container's mount).
 
@@ -236,6 +236,11 @@ def _manifest(folder: Path) -> dict[str, Any]:
 
 
 def _predict(args: argparse.Namespace) -> None:
+    if not 0 <= args.part_id < args.num_parts:
+        raise UserInputError(
+            f"-part_id {args.part_id} is not one of the {args.num_parts} parts (0 to {args.num_parts - 1}): give each of the "
+            "-num_parts commands its own -part_id, counted from 0."
+        )
     folder = Path(args.quantized)
     manifest = _manifest(folder)
     if not Path(args.input).is_dir():
@@ -261,6 +266,7 @@ def _predict(args: argparse.Namespace) -> None:
     predictor.predict_from_files(
         str(args.input), str(output), save_probabilities=args.save_probabilities, overwrite=not args.continue_prediction,
         num_processes_preprocessing=args.npp, num_processes_segmentation_export=args.nps,
+        num_parts=args.num_parts, part_id=args.part_id,
     )
 
 
@@ -313,6 +319,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--continue_prediction", action="store_true", help="skip cases whose segmentation exists")
     p.add_argument("-npp", type=_positive, default=3, help="preprocessing processes (default 3)")
     p.add_argument("-nps", type=_positive, default=3, help="segmentation export processes (default 3)")
+    p.add_argument("-num_parts", type=_positive, default=1,
+                   help="split the cases into this many parts, one per command (e.g. one per GPU or machine; default 1)")
+    p.add_argument("-part_id", type=int, default=0, help="the part this command segments, 0 to num_parts - 1 (default 0)")
     p.add_argument("--disable_progress_bar", action="store_true", help="no progress bars")
     return parser
 

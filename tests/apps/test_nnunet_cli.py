@@ -53,7 +53,8 @@ class _Predictor:
 
     def predict_from_files(self, source, output, **kwargs) -> None:  # noqa: ANN001
         self.predicted = (source, output, kwargs)
-        for case in calibration_cases(source, ".nii.gz", 1, 100):
+        cases = calibration_cases(source, ".nii.gz", 1, 100)  # sorted, as nnU-Net lists them, then its part
+        for case in cases[kwargs.get("part_id", 0) :: kwargs.get("num_parts", 1)]:
             x = torch.from_numpy(_Preprocessor().run_case(case, None, None, None, None)[0])[None]
             runs = []
             for params in self.list_of_parameters:
@@ -118,6 +119,7 @@ def test_quantize_writes_each_folds_checkpoint_and_predict_runs_them_in_nnunets_
     assert predictor.made_with == (str(data / "model"), [0, 1], "checkpoint_final.pth", "cpu", True, 0.5)
     assert predictor.predicted == (str(data / "imagesTs"), str(data / "pred"), {
         "save_probabilities": False, "overwrite": True, "num_processes_preprocessing": 3, "num_processes_segmentation_export": 3,
+        "num_parts": 1, "part_id": 0,
     })
     assert isinstance(predictor.network[0].conv, QuantizedLayer)
     # each case's logits are the mean of the two saved quantized folds
@@ -135,8 +137,16 @@ def test_quantize_writes_each_folds_checkpoint_and_predict_runs_them_in_nnunets_
     assert _predict(data, *flags) == 0
     assert predictors[-1].predicted[2] == {
         "save_probabilities": True, "overwrite": False, "num_processes_preprocessing": 2, "num_processes_segmentation_export": 1,
+        "num_parts": 1, "part_id": 0,
     }
     assert predictors[-1].made_with[4:] == (False, 0.25)
+    # one command per part, as nnUNetv2_predict splits the cases over GPUs or machines: together they segment each case once
+    parts = []
+    for part in ("0", "1"):
+        assert _predict(data, "-num_parts", "2", "-part_id", part) == 0
+        parts.append(predictors[-1].logits)
+    assert [sorted(p) for p in parts] == [["case_000_0000.nii.gz"], ["case_001_0000.nii.gz"]]
+    assert all(torch.equal(logits, predictor.logits[name]) for p in parts for name, logits in p.items())
 
 
 def test_relative_paths_and_fold_all_are_read_back_from_another_folder(data, predictors, monkeypatch):
@@ -238,6 +248,12 @@ def test_bad_input_ends_each_command_with_one_line_and_status_1(tmp_path, predic
     assert _quantize(tmp_path, "--overwrite", "--disable_progress_bar") == 0
     assert _predict(tmp_path, "--device", "gpu") == 1
     assert "--device must be a torch device name" in one_line()
+    started = len(predictors)
+    assert _predict(tmp_path, "-num_parts", "2", "-part_id", "2") == 1
+    assert "-part_id 2 is not one of the 2 parts (0 to 1)" in one_line() and len(predictors) == started
+    with pytest.raises(SystemExit) as stop:
+        _predict(tmp_path, "-num_parts", "0")
+    assert stop.value.code == 1 and "--help" in one_line()
 
     (tmp_path / "q" / MANIFEST).write_text("{not json")
     assert _predict(tmp_path) == 1
