@@ -19,7 +19,8 @@ class ConvNormNonlin(nn.Module):
         return self.all_modules(x)
 
 
-def nnunet_like(seed: int = 0) -> nn.Module:
-    """Two such blocks and a 1x1x1 head, with the weights of ``seed``, in eval mode."""
+def nnunet_like(seed: int = 0, in_channels: int = 1) -> nn.Module:
+    """Two such blocks and a 1x1x1 head, with the weights of ``seed``, in eval mode (a cascade stage reads
+    one more input channel per foreground label of the previous stage)."""
     torch.manual_seed(seed)
-    return nn.Sequential(ConvNormNonlin(1, 8), ConvNormNonlin(8, 8), nn.Conv3d(8, 2, 1)).eval()
+    return nn.Sequential(ConvNormNonlin(in_channels, 8), ConvNormNonlin(8, 8), nn.Conv3d(8, 2, 1)).eval()

@@ -74,7 +74,10 @@ def _stage(predictor: Any) -> str:
 
 
 def nnunet_calibration_windows(
-    predictor: Any, image_files: Sequence[Sequence[str | os.PathLike]], overlap: float = 0.0
+    predictor: Any,
+    image_files: Sequence[Sequence[str | os.PathLike]],
+    overlap: float = 0.0,
+    previous_stage_segmentations: Sequence[str | os.PathLike] | None = None,
 ) -> torch.Tensor:
     """Calibration windows from raw images, preprocessed as the predictor preprocesses the images it segments.
 
@@ -82,21 +85,26 @@ def nnunet_calibration_windows(
     preprocessor (its ``run_case``, with the plans' reader), then cut into windows of the
     configuration's patch size, the windows the predictor's sliding window runs. For a 2d
     configuration, whose predictor runs each slice, up to :data:`MAX_SLICES` evenly spaced slices of
-    each case are cut.
+    each case are cut. A cascade stage's network also reads the previous stage's segmentation of the
+    case: the preprocessor resamples it with the images, and one channel per foreground label (in the
+    label manager's order) follows the image channels, as the predictor stacks them.
 
     Args:
         predictor: an initialised ``nnunetv2.inference.predict_from_raw_data.nnUNetPredictor``.
         image_files: one list of files per case, one file per input channel, in nnU-Net's order
             (``[["case_000_0000.nii.gz", "case_000_0001.nii.gz"], ...]``); one case is enough.
         overlap: overlap of neighbouring windows, as :func:`~monai_effq.data.calibration_windows`.
+        previous_stage_segmentations: for a cascade stage (``3d_cascade_fullres``), the previous
+            stage's segmentation file of each case (what ``nnUNetv2_predict`` of that stage wrote:
+            ``case_000.nii.gz``), one per case; ``None`` for any other configuration.
 
     Returns:
         the ``(windows, channels, *patch_size)`` batch.
 
     Raises:
         UserInputError: when the predictor is not initialised, no case is given, a case names no
-            file or a file is missing, or the configuration is a cascade stage (whose network also reads
-            the previous stage's segmentation).
+            file or a file is missing, or a cascade stage is not given one previous-stage segmentation
+            per case (or another configuration is given some).
     """
     _initialised(predictor)
     if isinstance(image_files, (str, os.PathLike)) or not image_files:
@@ -111,25 +119,45 @@ def nnunet_calibration_windows(
             raise UserInputError(f"calibration image {missing[0]} does not exist: give the raw images of training cases.")
         cases.append([str(f) for f in files])
     configuration = predictor.configuration_manager
-    previous = getattr(configuration, "previous_stage_name", None)
-    if previous:
-        raise UserInputError(
-            f"this configuration is a cascade stage after {previous!r}: its network also reads that stage's segmentation "
-            "(one-hot channels the predictor stacks on the image), which nnunet_calibration_windows does not make. Build "
-            "the windows with those channels and pass them to quantize_nnunet_predictor."
-        )
+    segmentations = _previous_stage_segmentations(getattr(configuration, "previous_stage_name", None), previous_stage_segmentations, len(cases))
     patch = [int(s) for s in configuration.patch_size]
     preprocessor = configuration.preprocessor_class(verbose=False)
     volumes = []
-    for files in cases:
-        data, _, _ = preprocessor.run_case(files, None, predictor.plans_manager, configuration, predictor.dataset_json)
+    for files, previous in zip(cases, segmentations):
+        data, seg, _ = preprocessor.run_case(files, previous, predictor.plans_manager, configuration, predictor.dataset_json)
         volume = torch.from_numpy(data).float()
+        if previous is not None:
+            labels = torch.from_numpy(seg[0])
+            volume = torch.cat([volume, torch.stack([labels == label for label in predictor.label_manager.foreground_labels]).float()])
         if volume.dim() == len(patch) + 2:  # a 2d configuration: the predictor runs the volume slice by slice
             taken = torch.linspace(0, volume.shape[1] - 1, min(MAX_SLICES, volume.shape[1])).round().long().unique()
             volumes += list(volume[:, taken].unbind(1))
         else:
             volumes.append(volume)
     return calibration_windows(volumes, patch, overlap)
+
+
+def _previous_stage_segmentations(
+    previous_stage: str | None, files: Sequence[str | os.PathLike] | None, cases: int
+) -> list[str | None]:
+    """Per case, its previous-stage segmentation file for ``run_case`` (``None`` outside a cascade), checked."""
+    if not previous_stage:
+        if files:
+            raise UserInputError(
+                "previous_stage_segmentations are read by a cascade stage only, and this configuration is not one: leave them out."
+            )
+        return [None] * cases
+    if files is None or isinstance(files, (str, os.PathLike)) or len(files) != cases:
+        given = "none" if files is None else f"{1 if isinstance(files, (str, os.PathLike)) else len(files)}"
+        raise UserInputError(
+            f"this configuration is a cascade stage after {previous_stage!r}: its network also reads that stage's "
+            f"segmentation of each case, so give previous_stage_segmentations, one file per case ({cases} cases, {given} "
+            f"given): the {previous_stage!r} predictions of the calibration cases."
+        )
+    missing = [str(f) for f in files if not os.path.isfile(f)]
+    if missing:
+        raise UserInputError(f"previous-stage segmentation {missing[0]} does not exist: predict the calibration cases with the {previous_stage!r} stage first.")
+    return [str(f) for f in files]
 
 
 def _structure(network: nn.Module) -> dict[str, tuple]:

@@ -20,9 +20,11 @@ quantized folds into it (:func:`~monai_effq.apps.load_nnunet_predictor`), for ``
 
 The flags are ``nnUNetv2_predict``'s where they mean the same (``-i``, ``-o``, ``-f``, ``-chk``,
 ``-device``, ``-step_size``, ``--disable_tta``, ``--save_probabilities``, ``--continue_prediction``,
-``-npp``, ``-nps``, ``-num_parts``, ``-part_id``, ``--disable_progress_bar``), except that ``-device``
-defaults to ``cpu``; its ``-prev_stage_predictions`` (cascades) and ``--not_on_device`` have no
-counterpart here. ``predict -m`` points at the model folder where it has moved since ``quantize``
+``-npp``, ``-nps``, ``-num_parts``, ``-part_id``, ``-prev_stage_predictions``, ``--disable_progress_bar``),
+except that ``-device`` defaults to ``cpu``; its ``--not_on_device`` has no counterpart here. A cascade
+stage (``3d_cascade_fullres``) reads the previous stage's segmentation: ``quantize
+-prev_stage_predictions`` names the folder of that stage's predictions of the calibration cases, and
+``predict -prev_stage_predictions`` that of the images to segment, as ``nnUNetv2_predict`` takes it. ``predict -m`` points at the model folder where it has moved since ``quantize``
 (another machine, a container's mount).
 
 nnunetv2 is not a monai-effq dependency: install it beside monai-effq. A user-input error, or a
@@ -197,7 +199,11 @@ def _quantize(args: argparse.Namespace) -> None:
     predictor = new_predictor(args.model, args.folds, args.checkpoint, device, mirroring=True, progress=not args.disable_progress_bar)
     dataset = predictor.dataset_json
     cases = calibration_cases(args.input, dataset["file_ending"], len(dataset["channel_names"]), args.cases)
-    windows = nnunet_calibration_windows(predictor, cases)
+    previous = _previous_stage_folder(predictor, args.prev_stage_predictions, "quantize")
+    if previous is not None:  # nnU-Net names a case's segmentation <case><file_ending>
+        channel = f"_0000{dataset['file_ending']}"
+        previous = [previous / f"{case[0].name[: -len(channel)]}{dataset['file_ending']}" for case in cases]
+    windows = nnunet_calibration_windows(predictor, cases, previous_stage_segmentations=previous)
     results = quantize_nnunet_predictor(predictor, windows, config, progress=not args.disable_progress_bar)
     (out / MANIFEST).unlink(missing_ok=True)  # a folder being rewritten is not a finished one
     checkpoints = []
@@ -214,8 +220,27 @@ def _quantize(args: argparse.Namespace) -> None:
         "config": config.to_dict(),
         "calibration": [[str(p.resolve()) for p in case] for case in cases],
     }
+    if previous is not None:
+        manifest["calibration_previous_stage"] = [str(p.resolve()) for p in previous]
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     print(f"wrote {len(checkpoints)} quantized folds and {MANIFEST} to {out}")
+
+
+def _previous_stage_folder(predictor: Any, folder: str | None, command: str) -> Path | None:
+    """The ``-prev_stage_predictions`` folder, which a cascade stage needs and no other configuration reads."""
+    stage = getattr(predictor.configuration_manager, "previous_stage_name", None)
+    if not stage:
+        if folder is not None:
+            raise UserInputError("-prev_stage_predictions is read by a cascade stage only, and this model is not one: leave it out.")
+        return None
+    if folder is None:
+        raise UserInputError(
+            f"this model is a cascade stage after {stage!r}: give {command} -prev_stage_predictions, the folder of that stage's "
+            "predictions of these images (nnUNetv2_predict ... -c " + stage + ")."
+        )
+    if not Path(folder).is_dir():
+        raise MissingInputError(f"-prev_stage_predictions folder {folder} does not exist or is not a folder: predict the images with the {stage!r} stage first.")
+    return Path(folder)
 
 
 def _manifest(folder: Path) -> dict[str, Any]:
@@ -257,6 +282,7 @@ def _predict(args: argparse.Namespace) -> None:
         model, manifest["folds"], manifest["checkpoint_name"], device, mirroring=not args.disable_tta,
         step_size=args.step_size, progress=not args.disable_progress_bar,
     )
+    previous = _previous_stage_folder(predictor, args.prev_stage_predictions, "predict")
     # each checkpoint loads onto a fresh FP copy of the predictor's network (load_quantized_result checks the architecture)
     results = [load_quantized_result(folder / name, copy.deepcopy(predictor.network)) for name in manifest["checkpoints"]]
     load_nnunet_predictor(predictor, results)
@@ -266,7 +292,7 @@ def _predict(args: argparse.Namespace) -> None:
     predictor.predict_from_files(
         str(args.input), str(output), save_probabilities=args.save_probabilities, overwrite=not args.continue_prediction,
         num_processes_preprocessing=args.npp, num_processes_segmentation_export=args.nps,
-        num_parts=args.num_parts, part_id=args.part_id,
+        num_parts=args.num_parts, part_id=args.part_id, folder_with_segs_from_prev_stage=None if previous is None else str(previous),
     )
 
 
@@ -303,6 +329,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--method", help="solver method (default efficientq)")
     q.add_argument("-device", "--device", default="cpu", help="device the folds are quantized on (default cpu)")
     q.add_argument("--overwrite", action="store_true", help="quantize into a folder that already holds quantized folds")
+    q.add_argument("-prev_stage_predictions", help="a cascade stage's calibration: the previous stage's predictions of -i's cases")
     q.add_argument("--disable_progress_bar", action="store_true", help="no progress bars")
     p = commands.add_parser("predict", help="segment raw images with the quantized folds, through nnU-Net's predictor")
     p.add_argument("-q", "--quantized", required=True, help="the folder `quantize` wrote")
@@ -319,6 +346,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--continue_prediction", action="store_true", help="skip cases whose segmentation exists")
     p.add_argument("-npp", type=_positive, default=3, help="preprocessing processes (default 3)")
     p.add_argument("-nps", type=_positive, default=3, help="segmentation export processes (default 3)")
+    p.add_argument("-prev_stage_predictions", help="a cascade stage: the folder of the previous stage's predictions of -i's images")
     p.add_argument("-num_parts", type=_positive, default=1,
                    help="split the cases into this many parts, one per command (e.g. one per GPU or machine; default 1)")
     p.add_argument("-part_id", type=int, default=0, help="the part this command segments, 0 to num_parts - 1 (default 0)")

@@ -102,13 +102,16 @@ class _Preprocessor:
 
     def run_case(self, files, seg_file, plans_manager, configuration_manager, dataset_json):  # noqa: ANN001, ANN201
         self.calls.append((files, seg_file, plans_manager, configuration_manager, dataset_json))
-        return np.ones((len(files), 20, 16, 12), dtype=np.float32), None, {}
+        # a previous stage's segmentation comes back resampled with the images, (1, *spatial): labels 0-2 along the first axis
+        seg = None if seg_file is None else (np.arange(20)[None, :, None, None] % 3 * np.ones((1, 20, 16, 12))).astype(np.int8)
+        return np.ones((len(files), 20, 16, 12), dtype=np.float32), seg, {}
 
 
 def _calibration_predictor(patch_size: list[int], previous_stage: str | None = None) -> SimpleNamespace:
     configuration = SimpleNamespace(preprocessor_class=_Preprocessor, patch_size=patch_size, previous_stage_name=previous_stage)
     return SimpleNamespace(
-        network=nnunet_like(0), list_of_parameters=[{}], plans_manager="plans", configuration_manager=configuration, dataset_json={"d": 1}
+        network=nnunet_like(0), list_of_parameters=[{}], plans_manager="plans", configuration_manager=configuration, dataset_json={"d": 1},
+        label_manager=SimpleNamespace(foreground_labels=[2, 1]),
     )
 
 
@@ -126,8 +129,32 @@ def test_calibration_windows_are_preprocessed_by_the_predictor_and_cut_at_its_pa
         nnunet_calibration_windows(predictor, [[tmp_path / "case_000_0009.nii.gz"]])
     with pytest.raises(UserInputError, match="a list of cases"):
         nnunet_calibration_windows(predictor, str(files[0]))
-    with pytest.raises(UserInputError, match="cascade stage after '3d_lowres'.*pass them to quantize_nnunet_predictor"):
+    with pytest.raises(UserInputError, match="cascade stage after '3d_lowres'.*give previous_stage_segmentations, one file per case "
+                       r"\(1 cases, none given\): the '3d_lowres' predictions"):
         nnunet_calibration_windows(_calibration_predictor([16, 16, 16], "3d_lowres"), [files])
+
+
+def test_a_cascade_stage_calibrates_on_the_images_and_one_channel_per_label_of_the_previous_stage(tmp_path):
+    files = [tmp_path / "case_000_0000.nii.gz"]
+    previous = tmp_path / "lowres" / "case_000.nii.gz"
+    for f in (*files, previous):
+        f.parent.mkdir(exist_ok=True)
+        f.write_bytes(b"")
+    cascade = _calibration_predictor([16, 16, 16], "3d_lowres")
+    windows = nnunet_calibration_windows(cascade, [files], previous_stage_segmentations=[previous])
+    assert _Preprocessor.calls[-1][:2] == ([str(files[0])], str(previous))  # resampled with the images by the preprocessor
+    assert tuple(windows.shape) == (2, 3, 16, 16, 16)  # the image, then labels 2 and 1 in the label manager's order
+    labels = torch.arange(20) % 3
+    for w, start in zip(windows, (0, 4)):  # the 20-voxel axis in two windows, the second from voxel 4
+        assert torch.equal(w[0, ..., :12], torch.ones(16, 16, 12))  # the 12-voxel axis padded to the patch
+        for channel, label in ((1, 2), (2, 1)):
+            assert torch.equal(w[channel][:, 0, 0], (labels[start : start + 16] == label).float())
+    with pytest.raises(UserInputError, match=r"one file per case \(1 cases, 2 given\)"):
+        nnunet_calibration_windows(cascade, [files], previous_stage_segmentations=[previous, previous])
+    with pytest.raises(UserInputError, match="lowres/case_001.nii.gz does not exist: predict the calibration cases with the '3d_lowres' stage first"):
+        nnunet_calibration_windows(cascade, [files], previous_stage_segmentations=[tmp_path / "lowres" / "case_001.nii.gz"])
+    with pytest.raises(UserInputError, match="read by a cascade stage only, and this configuration is not one"):
+        nnunet_calibration_windows(_calibration_predictor([16, 16, 16]), [files], previous_stage_segmentations=[previous])
 
 
 @pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])

@@ -36,26 +36,40 @@ class _Preprocessor:
         pass
 
     def run_case(self, files, seg_file, plans_manager, configuration_manager, dataset_json):  # noqa: ANN001, ANN201
-        return np.stack([nib.load(f).get_fdata(dtype=np.float32) for f in files]), None, {}
+        seg = None if seg_file is None else np.asarray(nib.load(seg_file).dataobj, dtype=np.int8)[None]
+        return np.stack([nib.load(f).get_fdata(dtype=np.float32) for f in files]), seg, {}
+
+
+def _with_previous_stage(data: np.ndarray, seg: np.ndarray | None) -> torch.Tensor:
+    """A case as a cascade stage's network reads it: the images, then one channel per foreground label (here 1)."""
+    return torch.from_numpy(data if seg is None else np.concatenate([data, (seg == 1).astype(np.float32)]))[None]
 
 
 class _Predictor:
     """What ``initialize_from_trained_model_folder`` leaves, and ``predict_from_files`` run as nnU-Net runs folds."""
 
+    previous_stage: str | None = None  # a cascade stage's previous stage
+
     def __init__(self, model_folder, folds, checkpoint_name, device, mirroring, step_size=0.5, progress=False) -> None:  # noqa: ANN001
         self.made_with = (str(model_folder), list(folds), checkpoint_name, str(device), mirroring, step_size)
-        self.network = nnunet_like(0)
-        self.list_of_parameters = [nnunet_like(FOLDS[f]).state_dict() for f in folds]
+        channels = 1 if self.previous_stage is None else 2
+        self.network = nnunet_like(0, channels)
+        self.list_of_parameters = [nnunet_like(FOLDS[f], channels).state_dict() for f in folds]
         self.plans_manager = "plans"
-        self.configuration_manager = SimpleNamespace(preprocessor_class=_Preprocessor, patch_size=[16, 16, 16], previous_stage_name=None)
+        self.configuration_manager = SimpleNamespace(
+            preprocessor_class=_Preprocessor, patch_size=[16, 16, 16], previous_stage_name=self.previous_stage
+        )
+        self.label_manager = SimpleNamespace(foreground_labels=[1])
         self.dataset_json = {"file_ending": ".nii.gz", "channel_names": {"0": "CT"}}
         self.logits: dict[str, torch.Tensor] = {}
 
     def predict_from_files(self, source, output, **kwargs) -> None:  # noqa: ANN001
         self.predicted = (source, output, kwargs)
         cases = calibration_cases(source, ".nii.gz", 1, 100)  # sorted, as nnU-Net lists them, then its part
+        previous = kwargs.get("folder_with_segs_from_prev_stage")
         for case in cases[kwargs.get("part_id", 0) :: kwargs.get("num_parts", 1)]:
-            x = torch.from_numpy(_Preprocessor().run_case(case, None, None, None, None)[0])[None]
+            seg_file = None if previous is None else Path(previous) / case[0].name.replace("_0000", "")
+            x = _with_previous_stage(*_Preprocessor().run_case(case, seg_file, None, None, None)[:2])
             runs = []
             for params in self.list_of_parameters:
                 self.network.load_state_dict(params)
@@ -119,7 +133,7 @@ def test_quantize_writes_each_folds_checkpoint_and_predict_runs_them_in_nnunets_
     assert predictor.made_with == (str(data / "model"), [0, 1], "checkpoint_final.pth", "cpu", True, 0.5)
     assert predictor.predicted == (str(data / "imagesTs"), str(data / "pred"), {
         "save_probabilities": False, "overwrite": True, "num_processes_preprocessing": 3, "num_processes_segmentation_export": 3,
-        "num_parts": 1, "part_id": 0,
+        "num_parts": 1, "part_id": 0, "folder_with_segs_from_prev_stage": None,
     })
     assert isinstance(predictor.network[0].conv, QuantizedLayer)
     # each case's logits are the mean of the two saved quantized folds
@@ -137,7 +151,7 @@ def test_quantize_writes_each_folds_checkpoint_and_predict_runs_them_in_nnunets_
     assert _predict(data, *flags) == 0
     assert predictors[-1].predicted[2] == {
         "save_probabilities": True, "overwrite": False, "num_processes_preprocessing": 2, "num_processes_segmentation_export": 1,
-        "num_parts": 1, "part_id": 0,
+        "num_parts": 1, "part_id": 0, "folder_with_segs_from_prev_stage": None,
     }
     assert predictors[-1].made_with[4:] == (False, 0.25)
     # one command per part, as nnUNetv2_predict splits the cases over GPUs or machines: together they segment each case once
@@ -147,6 +161,34 @@ def test_quantize_writes_each_folds_checkpoint_and_predict_runs_them_in_nnunets_
         parts.append(predictors[-1].logits)
     assert [sorted(p) for p in parts] == [["case_000_0000.nii.gz"], ["case_001_0000.nii.gz"]]
     assert all(torch.equal(logits, predictor.logits[name]) for p in parts for name, logits in p.items())
+
+
+def test_a_cascade_stage_calibrates_and_predicts_on_the_previous_stages_predictions(data, predictors, monkeypatch, capsys):
+    rng = np.random.default_rng(5)
+    for folder in ("lowresTr", "lowresTs"):  # the previous stage's predictions of imagesTr and imagesTs
+        (data / folder).mkdir()
+        for case in ("case_000", "case_001"):
+            nib.save(nib.Nifti1Image((rng.random((16, 16, 16)) > 0.5).astype(np.uint8), np.eye(4)), data / folder / f"{case}.nii.gz")
+    assert _quantize(data, "-prev_stage_predictions", str(data / "lowresTr")) == 1  # not a cascade: nothing reads them
+    assert "read by a cascade stage only" in capsys.readouterr().err
+
+    monkeypatch.setattr(_Predictor, "previous_stage", "3d_lowres")
+    assert _quantize(data) == 1
+    assert "cascade stage after '3d_lowres': give quantize -prev_stage_predictions" in capsys.readouterr().err
+    assert _quantize(data, "-prev_stage_predictions", str(data / "lowresTr")) == 0  # a 2-channel network: 1-channel windows would fail
+    manifest = json.loads((data / "q" / MANIFEST).read_text())
+    assert manifest["calibration_previous_stage"] == [str(data / "lowresTr" / "case_000.nii.gz")]
+    assert _predict(data) == 1
+    assert "give predict -prev_stage_predictions" in capsys.readouterr().err
+    assert _predict(data, "-prev_stage_predictions", str(data / "nowhere")) == 1
+    assert "predict the images with the '3d_lowres' stage first" in capsys.readouterr().err
+    assert _predict(data, "-prev_stage_predictions", str(data / "lowresTs")) == 0
+    assert predictors[-1].predicted[2]["folder_with_segs_from_prev_stage"] == str(data / "lowresTs")
+    folds = [load_quantized_result(data / "q" / f"fold_{f}.pt", nnunet_like(0, 2)).network for f in (0, 1)]
+    for name, logits in predictors[-1].logits.items():
+        x = _with_previous_stage(*_Preprocessor().run_case([data / "imagesTs" / name], data / "lowresTs" / name.replace("_0000", ""), *[None] * 3)[:2])
+        with torch.no_grad():
+            assert torch.allclose(logits, (folds[0](x) + folds[1](x)) / 2, atol=1e-6)
 
 
 def test_relative_paths_and_fold_all_are_read_back_from_another_folder(data, predictors, monkeypatch):
