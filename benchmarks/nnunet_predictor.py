@@ -13,7 +13,12 @@ on the preprocessed cases, written as nnU-Net writes ``checkpoint_final.pth``), 
    :func:`monai_effq.apps.quantize_nnunet_predictor` (every fold, one calibration volume);
 3. the same predictor call again, now running the quantized folds (fake-quant, in torch);
 4. :func:`monai_effq.apps.deploy_nnunet_predictor`: each fold exported as an int8 ONNX file at the
-   patch size, and the same predictor call running them in OpenVINO (default settings).
+   patch size, and the same predictor call running them in OpenVINO (default settings);
+5. a cascade stage's calibration input, checked against nnU-Net's own: the plans given a
+   ``3d_cascade_fullres`` configuration after ``3d_lowres`` (no such stage is trained; a training
+   case's label stands in for its prediction), :func:`monai_effq.apps.nnunet_calibration_windows`
+   with ``previous_stage_segmentations`` must build the volume nnU-Net's ``PreprocessAdapter`` feeds
+   that stage's network (images, then one channel per foreground label).
 
 Printed: the CPU and OpenVINO's float precision, each fold's quantization and export time, each
 prediction's time (the fastest of ``--passes`` passes over the held-out cases: the first pass also
@@ -105,6 +110,40 @@ def _train_folds(preprocessed: Path, model: Path, folds: int, held_out: list[int
             "init_args": {"configuration": "3d_fullres"}, "inference_allowed_mirroring_axes": (0, 1, 2),
         }  # fmt: skip
         torch.save(checkpoint, model / f"fold_{fold}" / "checkpoint_final.pth")
+
+
+def _cascade_input(model: Path, raw: Path, case: str) -> str:
+    """Step 5 of the module docstring: one line saying whether the two volumes are equal."""
+    import torch
+    from nnunetv2.inference.data_iterators import PreprocessAdapter
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    import monai_effq.apps.nnunet as app
+
+    plans = json.loads((model / "plans.json").read_text())
+    plans["configurations"]["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    plans_manager = PlansManager(plans)
+    configuration = plans_manager.get_configuration("3d_cascade_fullres")
+    dataset = json.loads((model / "dataset.json").read_text())
+    labels = plans_manager.get_label_manager(dataset)
+    channels = len(dataset["channel_names"]) + len(labels.foreground_labels)
+    predictor = argparse.Namespace(  # what nnUNetPredictor holds once initialised from a cascade stage's folder
+        network=torch.nn.Conv3d(channels, 2, 1), list_of_parameters=[{}], plans_manager=plans_manager,
+        configuration_manager=configuration, dataset_json=dataset, label_manager=labels,
+    )
+    files, previous = [[str(raw / "imagesTr" / f"{case}_0000.nii.gz")]], [str(raw / "labelsTr" / f"{case}.nii.gz")]
+    volumes = []
+    cut = app.calibration_windows
+    app.calibration_windows = lambda found, patch, overlap: volumes.extend(found) or cut(found, patch, overlap)
+    try:
+        app.nnunet_calibration_windows(predictor, files, previous_stage_segmentations=previous)
+    finally:
+        app.calibration_windows = cut
+    adapter = PreprocessAdapter(files, previous, configuration.preprocessor_class(verbose=False), None, plans_manager, dataset, configuration)
+    theirs = adapter.generate_train_batch()["data"].float()
+    same = len(volumes) == 1 and volumes[0].shape == theirs.shape and torch.equal(volumes[0], theirs)
+    return (f"cascade stage input ({case}, its label as the previous stage's prediction): ours {tuple(volumes[0].shape)}, "
+            f"nnU-Net's PreprocessAdapter {tuple(theirs.shape)}, equal: {same}")
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -210,6 +249,7 @@ def main() -> None:
         masks = {name: nib.load(work / name / f"case_{i:03d}.nii.gz").get_fdata() > 0 for name in runs}
         print(f"case_{i:03d}  " + "".join(f"{_dice(masks[n], label):26.4f}" for n in runs)
               + "".join(f"{float((masks[n] == masks['fp']).mean()):26.4%}" for n in runs[1:]))  # fmt: skip
+    print(_cascade_input(model, raw, "case_000"))
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -147,6 +147,7 @@ def _previous_stage_segmentations(
                 "previous_stage_segmentations are read by a cascade stage only, and this configuration is not one: leave them out."
             )
         return [None] * cases
+    files = files if files is None or isinstance(files, (str, os.PathLike)) else list(files)
     if files is None or isinstance(files, (str, os.PathLike)) or len(files) != cases:
         given = "none" if files is None else f"{1 if isinstance(files, (str, os.PathLike)) else len(files)}"
         raise UserInputError(
@@ -306,6 +307,11 @@ class FoldEnsemble(nn.Module):
         return total / len(self.folds)
 
 
+# the export options deploy_nnunet_predictor writes its files with (export_onnx's defaults), which a file it reuses must
+# have: both change what the file computes (the weight container only how its integers are stored)
+_DEPLOY_EXPORT = {"group_norm": "onnx", "reduce_range": False}
+
+
 def deploy_nnunet_predictor(
     predictor: Any,
     results: Sequence[QuantizationResult],
@@ -318,9 +324,9 @@ def deploy_nnunet_predictor(
 
     The files are exported at the configuration's patch size (the only window size the predictor's
     sliding window runs, as nnU-Net pads smaller images to it), with the batch axis dynamic. A file
-    already exported from the same quantized fold at that size is run as it is
-    (:func:`~monai_effq.deploy.export_is_current`): deploying saved folds again, as every
-    ``effq-nnunet predict`` does, costs no export. The predictor then holds a :class:`FoldEnsemble`
+    that this monai-effq version already exported from the same quantized fold at that size, with these
+    export settings, is run as it is (:func:`~monai_effq.deploy.export_is_current`): deploying saved
+    folds again, as every ``effq-nnunet predict`` does, costs no export. The predictor then holds a :class:`FoldEnsemble`
     of the runtime networks and one empty fold.
 
     Args:
@@ -351,9 +357,11 @@ def deploy_nnunet_predictor(
             "it with quantize_nnunet_predictor, or load saved quantized folds with load_nnunet_predictor, first."
         )
     results = _results(results)
-    names = [str(n) for n in (range(len(results)) if fold_names is None else fold_names)]
+    if isinstance(fold_names, (str, bytes)):
+        raise UserInputError(f"fold_names must be a list of fold names ([{fold_names!r}] for one fold), got the string {fold_names!r}.")
+    names = [str(n) for n in (range(len(results)) if fold_names is None else list(fold_names))]
     if len(names) != len(results) or len(set(names)) != len(names):
-        raise UserInputError(f"fold_names {list(fold_names)} must name each of the {len(results)} quantized folds once.")
+        raise UserInputError(f"fold_names {names} must name each of the {len(results)} quantized folds once.")
     held = predictor.list_of_parameters
     if len(results) != len(held) or not all(_holds(fold, r.network) for r, fold in zip(results, held)):
         raise UserInputError(
@@ -370,10 +378,10 @@ def deploy_nnunet_predictor(
     paths = []
     for name, result in zip(names, results):
         path, fingerprint = folder / f"fold_{name}.onnx", result_fingerprint(result)
-        if export_is_current(path, fingerprint, example.shape, fixed_window=True):
+        if export_is_current(path, fingerprint, example.shape, fixed_window=True, options=_DEPLOY_EXPORT):
             logger.info("%s is the export of this fold: run as it is", path)
         else:
-            export_onnx(result, path, example, dynamic_spatial=False, dynamic_batch=True, source_fingerprint=fingerprint)
+            export_onnx(result, path, example, dynamic_spatial=False, dynamic_batch=True, source_fingerprint=fingerprint, **_DEPLOY_EXPORT)
         paths.append(path)
     predictor.network = FoldEnsemble([RUNTIMES[runtime](path, **options) for path in paths])
     predictor.list_of_parameters = [{}]

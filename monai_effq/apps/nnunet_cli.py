@@ -283,6 +283,15 @@ def _predict(args: argparse.Namespace) -> None:
         step_size=args.step_size, progress=not args.disable_progress_bar,
     )
     previous = _previous_stage_folder(predictor, args.prev_stage_predictions, "predict")
+    if previous is not None:  # nnU-Net's workers would stop mid-run on a missing one, with a traceback
+        ending = predictor.dataset_json["file_ending"]
+        cases = sorted({p.name[: -len(f"_0000{ending}")] for p in Path(args.input).glob(f"*_0000{ending}")})
+        missing = [c for c in cases[args.part_id :: args.num_parts] if not (previous / f"{c}{ending}").is_file()]
+        if missing:
+            raise MissingInputError(
+                f"{previous / (missing[0] + ending)} does not exist ({len(missing)} case(s) of {args.input} lack a previous-stage "
+                "segmentation): predict every image with the previous stage into -prev_stage_predictions first."
+            )
     # each checkpoint loads onto a fresh FP copy of the predictor's network (load_quantized_result checks the architecture)
     results = [load_quantized_result(folder / name, copy.deepcopy(predictor.network)) for name in manifest["checkpoints"]]
     load_nnunet_predictor(predictor, results)

@@ -89,6 +89,7 @@ __all__ = [
     "FIXED_BY_NETWORK_KEY",
     "EXPORTERS",
     "EXPORT_OPTIONS_KEY",
+    "EXPORTER_VERSION_KEY",
     "QdqLayer",
     "QdqNorm",
     "SOURCE_FINGERPRINT_KEY",
@@ -97,6 +98,7 @@ __all__ = [
     "drop_initializer_identities",
     "export_form",
     "export_onnx",
+    "exporter_version",
     "fold_weight_quantization",
     "layers_off_the_output",
     "require",
@@ -123,9 +125,20 @@ SOURCE_FINGERPRINT_KEY = "monai_effq.checkpoint_fingerprint"
 # graph depends on its input size (SwinUNETR's window partition) runs at that size only, and the
 # runtimes name it when another size fails
 EXAMPLE_SPATIAL_KEY = "monai_effq.example_spatial_size"
+# metadata_props key recording the monai-effq version that wrote a file: a file of another version is exported
+# again rather than reused, so that what a later version's export changes takes effect
+EXPORTER_VERSION_KEY = "monai_effq.version"
 # metadata_props key present when the network's graph forced fixed spatial axes on a file asked to keep them
 # dynamic (UNETR, a traced DiNTS), so that runtime_network does not export it again in the hope of dynamic ones
 FIXED_BY_NETWORK_KEY = "monai_effq.spatial_axes_fixed_by_network"
+
+
+def exporter_version() -> str:
+    """The version recorded under :data:`EXPORTER_VERSION_KEY`: monai-effq's (read at call time, as the package
+    imports this module while it initialises)."""
+    from monai_effq import __version__
+
+    return __version__
 
 
 def spatial_size_label(spatial: Sequence[int]) -> str:
@@ -781,6 +794,7 @@ def export_onnx(
     props = {
         EXPORT_OPTIONS_KEY: f"group_norm={group_norm};reduce_range={reduce_range};weight_container={weight_container}",
         EXAMPLE_SPATIAL_KEY: spatial_size_label(example_input.shape[2:]),
+        EXPORTER_VERSION_KEY: exporter_version(),
     }
     if source_fingerprint is not None:
         props[SOURCE_FINGERPRINT_KEY] = source_fingerprint

@@ -12,7 +12,7 @@ import os
 import re
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +27,12 @@ from monai_effq.deploy.tensorrt import tensorrt_network
 from monai_effq.deploy.export import (
     EXAMPLE_SPATIAL_KEY,
     EXPORT_OPTIONS_KEY,
+    EXPORTER_VERSION_KEY,
     FIXED_BY_NETWORK_KEY,
     REDUCED_WEIGHT_RANGE,
     SOURCE_FINGERPRINT_KEY,
     export_onnx,
+    exporter_version,
     require,
     spatial_size_label,
 )
@@ -482,6 +484,15 @@ def _spatial_axes_fixed(path: str | os.PathLike) -> bool:
     return len(dims) > 2 and all(d.HasField("dim_value") for d in dims[2:])
 
 
+def _batch_axis_dynamic(path: str | os.PathLike) -> bool:
+    """Whether an ONNX file's input takes any batch size (``False`` when it is missing or unreadable)."""
+    try:
+        dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    except Exception:
+        return False
+    return len(dims) > 0 and not dims[0].HasField("dim_value")
+
+
 def export_options(path: str | os.PathLike) -> str | None:
     """The export options recorded in an ONNX file by :func:`~monai_effq.export_onnx` (``None`` if none).
 
@@ -532,15 +543,16 @@ def export_is_current(
     fingerprint: str,
     example_shape: Sequence[int] | None = None,
     fixed_window: bool = True,
-    group_norm: str | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> bool:
-    """Whether an ONNX file already is the export of a quantized network that a run would write again.
+    """Whether an ONNX file can be run as the export of a quantized network instead of exporting it again.
 
-    It is when it was exported from the quantized network of ``fingerprint`` (the checkpoint fingerprint
-    :func:`~monai_effq.export_onnx` records), on ``example_shape``'s spatial size (a window-attention
-    graph runs at that size only), with spatial axes that run every input size unless ``fixed_window``
-    (a network that fixes its own size, such as UNETR, is fixed however it is exported), and, when
-    ``group_norm`` is given, in that group-norm form. Other export options are left as exported.
+    It can when this monai-effq version wrote it, from the quantized network of ``fingerprint`` (the
+    checkpoint fingerprint :func:`~monai_effq.export_onnx` records), on ``example_shape``'s spatial size
+    (a window-attention graph runs at that size only), with a dynamic batch axis, with spatial axes that
+    run every input size unless ``fixed_window`` (a network that fixes its own size, such as UNETR, is
+    fixed however it is exported), and with the export ``options`` given (e.g. ``{"group_norm": "onnx"}``);
+    the options not given are taken as the file records them.
 
     Args:
         onnx_path: the ONNX file (missing or unreadable: not current).
@@ -548,21 +560,24 @@ def export_is_current(
             (:func:`~monai_effq.ptq.checkpoint.checkpoint_fingerprint`, :func:`~monai_effq.ptq.checkpoint.result_fingerprint`).
         example_shape: the input shape ``(N, C, *spatial)`` it would be exported with (``None``: any).
         fixed_window: every input has ``example_shape``'s spatial size.
-        group_norm: the group-norm form it must have (``None``: any).
+        options: :func:`~monai_effq.export_onnx` options the file must have been exported with
+            (``group_norm``, ``reduce_range``, ``weight_container``), by name; ``None``: any.
 
     Returns:
-        ``True`` when exporting again would write the same network.
+        ``True`` when the file runs what exporting again would write.
     """
     metadata = _metadata(onnx_path)
-    if metadata.get(SOURCE_FINGERPRINT_KEY) != fingerprint:
+    if metadata.get(SOURCE_FINGERPRINT_KEY) != fingerprint or metadata.get(EXPORTER_VERSION_KEY) != exporter_version():
         return False
     size = None if example_shape is None else spatial_size_label(list(example_shape)[2:])
     if size is not None and metadata.get(EXAMPLE_SPATIAL_KEY, size) != size:
         return False
     if not fixed_window and _spatial_axes_fixed(onnx_path) and FIXED_BY_NETWORK_KEY not in metadata:
         return False
+    if not _batch_axis_dynamic(onnx_path):
+        return False
     recorded = _parse_options(metadata.get(EXPORT_OPTIONS_KEY))
-    return group_norm is None or recorded.get("group_norm", group_norm) == group_norm
+    return all(recorded.get(name) == str(value) for name, value in (options or {}).items())
 
 
 def runtime_network(
@@ -630,7 +645,7 @@ def runtime_network(
             if runtime == "openvino" and network is not None
             else None
         )
-        if not export_is_current(onnx_path, fingerprint, example_shape, fixed_window, group_norm):
+        if not export_is_current(onnx_path, fingerprint, example_shape, fixed_window, None if group_norm is None else {"group_norm": group_norm}):
             if network is None or example_shape is None:
                 raise ValueError("exporting a quantized checkpoint needs the FP `network` and an `example_shape`.")
             # a window's file is exported again for another window anyway, and torch's exporter writes it

@@ -231,7 +231,7 @@ def test_saved_folds_are_loaded_into_a_fresh_predictor_and_deployed_without_cali
     assert len(fresh.network.folds) == 2
 
 
-def test_deploying_the_same_folds_again_runs_their_files_and_other_folds_or_patches_are_exported_again(tmp_path, monkeypatch):
+def test_deploying_the_same_folds_again_runs_their_files_and_a_file_made_otherwise_is_exported_again(tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     import monai_effq.apps.nnunet as app
 
@@ -240,27 +240,37 @@ def test_deploying_the_same_folds_again_runs_their_files_and_other_folds_or_patc
     export = app.export_onnx
     monkeypatch.setattr(app, "export_onnx", lambda result, path, *a, **k: exported.append(path.name) or export(result, path, *a, **k))
 
-    def deployed(results, patch=(16, 16, 16), **names):
+    def deployed(results, **names):
         predictor = _predictor(nnunet_like(0), folds)
-        predictor.configuration_manager = SimpleNamespace(patch_size=list(patch))
+        predictor.configuration_manager = SimpleNamespace(patch_size=[16, 16, 16])
         load_nnunet_predictor(predictor, results)
         return deploy_nnunet_predictor(predictor, results, tmp_path, "onnxruntime", **names), predictor
 
     w4 = quantize_nnunet_predictor(_predictor(nnunet_like(0), folds), _windows(), CONFIG, progress=False)
     w2 = quantize_nnunet_predictor(_predictor(nnunet_like(0), folds), _windows(), EfficientQConfig(weight_bits=2), progress=False)
     y = _windows(2)
-    for results, patch, exports in ((w4, 16, 2), (w4, 16, 0), (w2, 16, 2), (w2, 8, 2)):
+    for exports in (2, 0):
         before = len(exported)
-        paths, predictor = deployed(results, (patch,) * 3)
+        paths, predictor = deployed(w4)
         assert len(exported) - before == exports and [p.name for p in paths] == ["fold_0.onnx", "fold_1.onnx"]
-        with torch.no_grad():  # each file runs its own fold, as last deployed
-            for fold, result in zip(predictor.network.folds, results):
-                expected = result.network(y[..., :patch, :patch, :patch])
-                assert float((fold(y[..., :patch, :patch, :patch]) - expected).norm() / expected.norm()) < 0.02
-    (paths, _), (reused, _) = (deployed(w2, (8, 8, 8), fold_names=["a", "b"]) for _ in range(2))
-    assert [p.name for p in reused] == ["fold_a.onnx", "fold_b.onnx"] and exported[-2:] == ["fold_a.onnx", "fold_b.onnx"]
+    # fold 0's file made from another fold, at another patch size, with other settings: exported again, alone
+    for result, shape, settings in ((w2[0], 16, {}), (w4[0], 8, {}), (w4[0], 16, {"reduce_range": True}), (w4[0], 16, {"dynamic_batch": False})):
+        export(result, tmp_path / "fold_0.onnx", (1, 1, shape, shape, shape), dynamic_spatial=False, **{"dynamic_batch": True, **settings})
+        before = len(exported)
+        _, predictor = deployed(w4)
+        assert exported[before:] == ["fold_0.onnx"], (shape, settings)
+        with torch.no_grad():  # each file runs its own fold
+            for fold, result in zip(predictor.network.folds, w4):
+                expected = result.network(y)
+                assert float((fold(y) - expected).norm() / expected.norm()) < 0.02
+    monkeypatch.setattr("monai_effq.deploy.runtime.exporter_version", lambda: "99.0")  # an upgraded monai-effq reads them
+    before = len(exported)
+    deployed(w4)
+    assert exported[before:] == ["fold_0.onnx", "fold_1.onnx"]
     with pytest.raises(UserInputError, match=r"fold_names \['a', 'a'\] must name each of the 2 quantized folds once"):
         deployed(w2, fold_names=["a", "a"])
+    with pytest.raises(UserInputError, match=r"fold_names must be a list of fold names \(\['all'\] for one fold\)"):
+        deployed(w2, fold_names="all")
 
 
 def test_a_predictor_whose_only_quantizers_are_at_norm_inputs_counts_as_quantized():

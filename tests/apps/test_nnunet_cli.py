@@ -68,7 +68,8 @@ class _Predictor:
         cases = calibration_cases(source, ".nii.gz", 1, 100)  # sorted, as nnU-Net lists them, then its part
         previous = kwargs.get("folder_with_segs_from_prev_stage")
         for case in cases[kwargs.get("part_id", 0) :: kwargs.get("num_parts", 1)]:
-            seg_file = None if previous is None else Path(previous) / case[0].name.replace("_0000", "")
+            # nnU-Net's name for a case's previous-stage segmentation: the case identifier and the file ending
+            seg_file = None if previous is None else Path(previous) / (case[0].name[: -len("_0000.nii.gz")] + ".nii.gz")
             x = _with_previous_stage(*_Preprocessor().run_case(case, seg_file, None, None, None)[:2])
             runs = []
             for params in self.list_of_parameters:
@@ -182,6 +183,14 @@ def test_a_cascade_stage_calibrates_and_predicts_on_the_previous_stages_predicti
     assert "give predict -prev_stage_predictions" in capsys.readouterr().err
     assert _predict(data, "-prev_stage_predictions", str(data / "nowhere")) == 1
     assert "predict the images with the '3d_lowres' stage first" in capsys.readouterr().err
+    (data / "lowresTs" / "case_001.nii.gz").rename(data / "case_001.nii.gz")
+    started = len(predictors)
+    assert _predict(data, "-prev_stage_predictions", str(data / "lowresTs")) == 1  # found before nnU-Net's workers start
+    err = capsys.readouterr().err
+    assert "lowresTs/case_001.nii.gz does not exist (1 case(s) of" in err and len(err.strip().splitlines()) == 1
+    assert not hasattr(predictors[-1], "predicted") and len(predictors) == started + 1
+    assert _predict(data, "-prev_stage_predictions", str(data / "lowresTs"), "-num_parts", "2", "-part_id", "0") == 0  # not its part
+    (data / "case_001.nii.gz").rename(data / "lowresTs" / "case_001.nii.gz")
     assert _predict(data, "-prev_stage_predictions", str(data / "lowresTs")) == 0
     assert predictors[-1].predicted[2]["folder_with_segs_from_prev_stage"] == str(data / "lowresTs")
     folds = [load_quantized_result(data / "q" / f"fold_{f}.pt", nnunet_like(0, 2)).network for f in (0, 1)]
