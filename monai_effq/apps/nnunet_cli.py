@@ -285,8 +285,12 @@ def _predict(args: argparse.Namespace) -> None:
     previous = _previous_stage_folder(predictor, args.prev_stage_predictions, "predict")
     if previous is not None:  # nnU-Net's workers would stop mid-run on a missing one, with a traceback
         ending = predictor.dataset_json["file_ending"]
-        cases = sorted({p.name[: -len(f"_0000{ending}")] for p in Path(args.input).glob(f"*_0000{ending}")})
-        missing = [c for c in cases[args.part_id :: args.num_parts] if not (previous / f"{c}{ending}").is_file()]
+        # the cases of this part as nnU-Net lists them (<case>_<4-digit channel><ending>), less those that
+        # --continue_prediction skips (their segmentation, and probabilities if asked, exist)
+        found = sorted({p.name[: -(len(ending) + 5)] for p in Path(args.input).iterdir() if p.name.endswith(ending)})
+        done = (lambda c: (output / f"{c}{ending}").is_file() and (not args.save_probabilities or (output / f"{c}.npz").is_file()))
+        cases = [c for c in found[args.part_id :: args.num_parts] if not (args.continue_prediction and done(c))]
+        missing = [c for c in cases if not (previous / f"{c}{ending}").is_file()]
         if missing:
             raise MissingInputError(
                 f"{previous / (missing[0] + ending)} does not exist ({len(missing)} case(s) of {args.input} lack a previous-stage "

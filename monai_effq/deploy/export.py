@@ -83,6 +83,7 @@ DataDependentError, _has_data_dependent = optional_import(
 _, _has_onnxscript = deferred_import("onnxscript")  # torch's current ONNX exporter translates with it
 
 __all__ = [
+    "BATCH_FIXED_BY_NETWORK_KEY",
     "DEPLOY_EXTRA",
     "DYNAMO_MIN_OPSET",
     "EXAMPLE_SPATIAL_KEY",
@@ -131,6 +132,9 @@ EXPORTER_VERSION_KEY = "monai_effq.version"
 # metadata_props key present when the network's graph forced fixed spatial axes on a file asked to keep them
 # dynamic (UNETR, a traced DiNTS), so that runtime_network does not export it again in the hope of dynamic ones
 FIXED_BY_NETWORK_KEY = "monai_effq.spatial_axes_fixed_by_network"
+# the same for a batch axis asked to be dynamic that the network's graph fixed, so that a file is not exported
+# again and again in the hope of a dynamic one
+BATCH_FIXED_BY_NETWORK_KEY = "monai_effq.batch_axis_fixed_by_network"
 
 
 def exporter_version() -> str:
@@ -755,6 +759,7 @@ def export_onnx(
         )
     form = form.to(example_input.device)
     axes = _axes_names(example_input.dim(), dynamic_spatial if dynamic_batch is None else dynamic_batch, dynamic_spatial)
+    batch_asked = 0 in axes
     if exporter == "dynamo":
         proto, captured, reason = _export_with_fewest_fixed_axes(form, example_input, opset, axes)
         if proto is None:
@@ -800,6 +805,8 @@ def export_onnx(
         props[SOURCE_FINGERPRINT_KEY] = source_fingerprint
     if dynamic_spatial and not any(axis >= 2 for axis in axes):
         props[FIXED_BY_NETWORK_KEY] = "1"
+    if batch_asked and 0 not in axes:
+        props[BATCH_FIXED_BY_NETWORK_KEY] = "1"
     onnx.helper.set_model_props(proto, props)
     if folded != n_quantized:
         unused = layers_off_the_output(network, example_input)

@@ -25,6 +25,7 @@ from monai_effq.deploy.norms import group_norm_form_for
 from monai_effq.deploy.transposed_inputs import shift_transposed_inputs
 from monai_effq.deploy.tensorrt import tensorrt_network
 from monai_effq.deploy.export import (
+    BATCH_FIXED_BY_NETWORK_KEY,
     EXAMPLE_SPATIAL_KEY,
     EXPORT_OPTIONS_KEY,
     EXPORTER_VERSION_KEY,
@@ -547,11 +548,12 @@ def export_is_current(
 ) -> bool:
     """Whether an ONNX file can be run as the export of a quantized network instead of exporting it again.
 
-    It can when this monai-effq version wrote it, from the quantized network of ``fingerprint`` (the
+    It can when this monai-effq release wrote it (:func:`~monai_effq.deploy.export.exporter_version`), from the quantized network of ``fingerprint`` (the
     checkpoint fingerprint :func:`~monai_effq.export_onnx` records), on ``example_shape``'s spatial size
-    (a window-attention graph runs at that size only), with a dynamic batch axis, with spatial axes that
-    run every input size unless ``fixed_window`` (a network that fixes its own size, such as UNETR, is
-    fixed however it is exported), and with the export ``options`` given (e.g. ``{"group_norm": "onnx"}``);
+    (a window-attention graph runs at that size only), with a dynamic batch axis (unless the network's
+    graph fixed it), with spatial axes that
+    run every input size unless ``fixed_window`` (axes that the network's own graph fixes, such as
+    UNETR's spatial ones, are fixed however it is exported), and with the export ``options`` given (e.g. ``{"group_norm": "onnx"}``);
     the options not given are taken as the file records them.
 
     Args:
@@ -574,7 +576,7 @@ def export_is_current(
         return False
     if not fixed_window and _spatial_axes_fixed(onnx_path) and FIXED_BY_NETWORK_KEY not in metadata:
         return False
-    if not _batch_axis_dynamic(onnx_path):
+    if not _batch_axis_dynamic(onnx_path) and BATCH_FIXED_BY_NETWORK_KEY not in metadata:
         return False
     recorded = _parse_options(metadata.get(EXPORT_OPTIONS_KEY))
     return all(recorded.get(name) == str(value) for name, value in (options or {}).items())
@@ -598,8 +600,10 @@ def runtime_network(
     OpenVINO, the file records another group-norm form than the one OpenVINO runs fastest for
     this network (:func:`~monai_effq.deploy.norms.group_norm_form_for`), or the file was exported on
     another spatial size than ``example_shape``'s (a window-attention network such as SwinUNETR runs at
-    its example's size only). ONNX Runtime runs any form,
-    and other export options (``reduce_range``, ``weight_container``) are left as exported.
+    its example's size only), or by another monai-effq release, or with a fixed batch axis that the
+    network did not force (:func:`export_is_current`). ONNX Runtime runs any form. A file that stands
+    keeps the other export options it was written with (``reduce_range``, ``weight_container``); one
+    exported again gets the defaults.
 
     ``"tensorrt"`` builds the checkpoint into a TensorRT engine instead
     (:func:`~monai_effq.deploy.tensorrt.tensorrt_network`, cached beside ``onnx_path`` as

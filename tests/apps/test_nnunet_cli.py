@@ -68,8 +68,11 @@ class _Predictor:
         cases = calibration_cases(source, ".nii.gz", 1, 100)  # sorted, as nnU-Net lists them, then its part
         previous = kwargs.get("folder_with_segs_from_prev_stage")
         for case in cases[kwargs.get("part_id", 0) :: kwargs.get("num_parts", 1)]:
-            # nnU-Net's name for a case's previous-stage segmentation: the case identifier and the file ending
-            seg_file = None if previous is None else Path(previous) / (case[0].name[: -len("_0000.nii.gz")] + ".nii.gz")
+            # nnU-Net's name for a case's segmentation (and previous-stage one): the case identifier and the file ending
+            name = case[0].name[: -len("_0000.nii.gz")] + ".nii.gz"
+            if not kwargs.get("overwrite", True) and (Path(output) / name).is_file():
+                continue  # --continue_prediction: segmented already
+            seg_file = None if previous is None else Path(previous) / name
             x = _with_previous_stage(*_Preprocessor().run_case(case, seg_file, None, None, None)[:2])
             runs = []
             for params in self.list_of_parameters:
@@ -190,6 +193,9 @@ def test_a_cascade_stage_calibrates_and_predicts_on_the_previous_stages_predicti
     assert "lowresTs/case_001.nii.gz does not exist (1 case(s) of" in err and len(err.strip().splitlines()) == 1
     assert not hasattr(predictors[-1], "predicted") and len(predictors) == started + 1
     assert _predict(data, "-prev_stage_predictions", str(data / "lowresTs"), "-num_parts", "2", "-part_id", "0") == 0  # not its part
+    (data / "pred").mkdir(exist_ok=True)
+    (data / "pred" / "case_001.nii.gz").write_bytes(b"")  # segmented already: --continue_prediction skips it, as nnU-Net does
+    assert _predict(data, "-prev_stage_predictions", str(data / "lowresTs"), "--continue_prediction") == 0
     (data / "case_001.nii.gz").rename(data / "lowresTs" / "case_001.nii.gz")
     assert _predict(data, "-prev_stage_predictions", str(data / "lowresTs")) == 0
     assert predictors[-1].predicted[2]["folder_with_segs_from_prev_stage"] == str(data / "lowresTs")

@@ -193,6 +193,34 @@ def test_runtime_network_re_exports_by_checkpoint_content_not_modification_time(
         runtime_network("tflite", onnx_path)
 
 
+def test_a_file_whose_batch_axis_the_network_fixed_is_run_again_and_an_upgrade_exports_it_again(tmp_path, monkeypatch):
+    import monai_effq.deploy.export as export_module
+
+    ckpt = monai_effq.save_quantized(_rtn(4), tmp_path / "model_w4a8.pt")
+    capture = export_module._export_with_torch_export
+
+    def batch_fixed(form, x, opset, axes):  # a network whose graph torch.export captures for one batch size only
+        if 0 in axes:
+            raise export_module.TorchExportError("the batch size is specialized to 1")
+        return capture(form, x, opset, axes)
+
+    monkeypatch.setattr(export_module, "_export_with_torch_export", batch_fixed)
+    exports = []
+    export = runtime.export_onnx
+    monkeypatch.setattr(runtime, "export_onnx", lambda *a, **k: exports.append(1) or export(*a, **k))
+    onnx_path = tmp_path / "model_w4a8.onnx"
+    for _ in range(2):  # the file the network allows is run again, not exported again in the hope of a dynamic batch axis
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            runtime_network("onnxruntime", onnx_path, ckpt, bn_unet(), (1, 2, 16, 16, 16))
+    assert len(exports) == 1 and not runtime._batch_axis_dynamic(onnx_path)
+    monkeypatch.setattr(runtime, "exporter_version", lambda: "99.0")  # an upgraded monai-effq finds the file
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        runtime_network("onnxruntime", onnx_path, ckpt, bn_unet(), (1, 2, 16, 16, 16))
+    assert len(exports) == 2
+
+
 def test_an_export_of_a_result_records_the_fingerprint_of_its_checkpoint(exported, tmp_path):
     from monai_effq.deploy.runtime import exported_from
     from monai_effq.ptq.checkpoint import checkpoint_fingerprint
