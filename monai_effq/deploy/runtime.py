@@ -464,33 +464,31 @@ RUNTIMES = {cls.key: cls for cls in (OpenVINONetwork, OnnxRuntimeNetwork)}
 # runtimes that build from the quantized checkpoint through MONAI's trt_compile, not from the ONNX file
 BUILT_RUNTIMES = ("tensorrt",)
 
-def _metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata_props of an ONNX file (empty when it is missing or unreadable)."""
+def _header(path: str | os.PathLike) -> tuple[dict[str, str], list]:
+    """An ONNX file's metadata_props and its input's dims, from one read (both empty when it is missing or unreadable)."""
     require(_has_onnx, "onnx", "reading ONNX metadata")
     if not Path(path).is_file():
-        return {}
+        return {}, []
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # a corrupt file has no metadata; the runtime reports it when reading it
-        return {}
-    return {p.key: p.value for p in model.metadata_props}
+    except Exception:  # a corrupt file has no metadata; it is exported again or reported by the runtime
+        return {}, []
+    dims = list(model.graph.input[0].type.tensor_type.shape.dim) if model.graph.input else []
+    return {p.key: p.value for p in model.metadata_props}, dims
 
 
-def _spatial_axes_fixed(path: str | os.PathLike) -> bool:
-    """Whether an ONNX file's input fixes every spatial axis (``False`` when it is missing or unreadable)."""
-    try:
-        dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-    except Exception:  # a missing or corrupt file is exported again or reported by the runtime
-        return False
+def _metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata_props of an ONNX file (empty when it is missing or unreadable)."""
+    return _header(path)[0]
+
+
+def _spatial_axes_fixed(dims: list) -> bool:
+    """Whether an input's dims (:func:`_header`) fix every spatial axis."""
     return len(dims) > 2 and all(d.HasField("dim_value") for d in dims[2:])
 
 
-def _batch_axis_dynamic(path: str | os.PathLike) -> bool:
-    """Whether an ONNX file's input takes any batch size (``False`` when it is missing or unreadable)."""
-    try:
-        dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-    except Exception:
-        return False
+def _batch_axis_dynamic(dims: list) -> bool:
+    """Whether an input's dims (:func:`_header`) take any batch size."""
     return len(dims) > 0 and not dims[0].HasField("dim_value")
 
 
@@ -568,15 +566,15 @@ def export_is_current(
     Returns:
         ``True`` when the file runs what exporting again would write.
     """
-    metadata = _metadata(onnx_path)
+    metadata, dims = _header(onnx_path)  # one read: a fold file of a real nnU-Net is tens of MB
     if metadata.get(SOURCE_FINGERPRINT_KEY) != fingerprint or metadata.get(EXPORTER_VERSION_KEY) != exporter_version():
         return False
     size = None if example_shape is None else spatial_size_label(list(example_shape)[2:])
     if size is not None and metadata.get(EXAMPLE_SPATIAL_KEY, size) != size:
         return False
-    if not fixed_window and _spatial_axes_fixed(onnx_path) and FIXED_BY_NETWORK_KEY not in metadata:
+    if not fixed_window and _spatial_axes_fixed(dims) and FIXED_BY_NETWORK_KEY not in metadata:
         return False
-    if not _batch_axis_dynamic(onnx_path) and BATCH_FIXED_BY_NETWORK_KEY not in metadata:
+    if not _batch_axis_dynamic(dims) and BATCH_FIXED_BY_NETWORK_KEY not in metadata:
         return False
     recorded = _parse_options(metadata.get(EXPORT_OPTIONS_KEY))
     return all(recorded.get(name) == str(value) for name, value in (options or {}).items())
