@@ -201,8 +201,8 @@ def _quantize(args: argparse.Namespace) -> None:
     cases = calibration_cases(args.input, dataset["file_ending"], len(dataset["channel_names"]), args.cases)
     previous = _previous_stage_folder(predictor, args.prev_stage_predictions, "quantize")
     if previous is not None:  # nnU-Net names a case's segmentation <case><file_ending>
-        channel = f"_0000{dataset['file_ending']}"
-        previous = [previous / f"{case[0].name[: -len(channel)]}{dataset['file_ending']}" for case in cases]
+        ending = dataset["file_ending"]
+        previous = [previous / f"{_case_id(case[0].name, ending)}{ending}" for case in cases]
     windows = nnunet_calibration_windows(predictor, cases, previous_stage_segmentations=previous)
     results = quantize_nnunet_predictor(predictor, windows, config, progress=not args.disable_progress_bar)
     (out / MANIFEST).unlink(missing_ok=True)  # a folder being rewritten is not a finished one
@@ -224,6 +224,11 @@ def _quantize(args: argparse.Namespace) -> None:
         manifest["calibration_previous_stage"] = [str(p.resolve()) for p in previous]
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     print(f"wrote {len(checkpoints)} quantized folds and {MANIFEST} to {out}")
+
+
+def _case_id(name: str, file_ending: str) -> str:
+    """The case of a raw image file name, ``<case>_<channel:04d><file_ending>``, as nnU-Net cuts it."""
+    return name[: -(len(file_ending) + 5)]
 
 
 def _previous_stage_folder(predictor: Any, folder: str | None, command: str) -> Path | None:
@@ -287,7 +292,7 @@ def _predict(args: argparse.Namespace) -> None:
         ending = predictor.dataset_json["file_ending"]
         # the cases of this part as nnU-Net lists them (<case>_<4-digit channel><ending>), less those that
         # --continue_prediction skips (their segmentation, and probabilities if asked, exist)
-        found = sorted({p.name[: -(len(ending) + 5)] for p in Path(args.input).iterdir() if p.name.endswith(ending)})
+        found = sorted({_case_id(p.name, ending) for p in Path(args.input).iterdir() if p.name.endswith(ending)})
         done = (lambda c: (output / f"{c}{ending}").is_file() and (not args.save_probabilities or (output / f"{c}.npz").is_file()))
         cases = [c for c in found[args.part_id :: args.num_parts] if not (args.continue_prediction and done(c))]
         missing = [c for c in cases if not (previous / f"{c}{ending}").is_file()]
