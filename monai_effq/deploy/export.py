@@ -24,6 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import hashlib
+import importlib.metadata
 import io
 import itertools
 import logging
@@ -103,6 +106,7 @@ __all__ = [
     "fold_weight_quantization",
     "layers_off_the_output",
     "require",
+    "source_digest",
     "spatial_size_label",
 ]
 
@@ -126,9 +130,11 @@ SOURCE_FINGERPRINT_KEY = "monai_effq.checkpoint_fingerprint"
 # graph depends on its input size (SwinUNETR's window partition) runs at that size only, and the
 # runtimes name it when another size fails
 EXAMPLE_SPATIAL_KEY = "monai_effq.example_spatial_size"
-# metadata_props key recording the monai-effq version that wrote a file: a file of another version is exported
-# again rather than reused, so that what a later version's export changes takes effect
+# metadata_props key recording what wrote a file (exporter_version): a file of another monai-effq, source or torch
+# is exported again rather than reused, so that what a later export changes takes effect
 EXPORTER_VERSION_KEY = "monai_effq.version"
+# the subpackages whose source decides the graph a quantized network exports to
+_GRAPH_SOURCES = ("deploy", "ptq", "quant")
 # metadata_props key present when the network's graph forced fixed spatial axes on a file asked to keep them
 # dynamic (UNETR, a traced DiNTS), so that runtime_network does not export it again in the hope of dynamic ones
 FIXED_BY_NETWORK_KEY = "monai_effq.spatial_axes_fixed_by_network"
@@ -137,12 +143,44 @@ FIXED_BY_NETWORK_KEY = "monai_effq.spatial_axes_fixed_by_network"
 BATCH_FIXED_BY_NETWORK_KEY = "monai_effq.batch_axis_fixed_by_network"
 
 
-def exporter_version() -> str:
-    """The version recorded under :data:`EXPORTER_VERSION_KEY`: monai-effq's (read at call time, as the package
-    imports this module while it initialises)."""
-    from monai_effq import __version__
+def source_digest(package: str | os.PathLike, subpackages: Sequence[str]) -> str:
+    """A digest of the Python source of some subpackages of a package: their files' paths and bytes.
 
-    return __version__
+    Args:
+        package: the package's folder.
+        subpackages: the subfolders whose ``*.py`` files count.
+
+    Returns:
+        12 hex digits.
+    """
+    package = Path(package)
+    digest = hashlib.sha256()
+    for path in sorted(p for sub in subpackages for p in (package / sub).rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+@functools.lru_cache(maxsize=1)
+def exporter_version() -> str:
+    """What :data:`EXPORTER_VERSION_KEY` records: monai-effq's version, a digest of the source that builds the graph,
+    and the torch and onnxscript versions that translate it.
+
+    The version alone would not do: an install from the repository keeps one version number across many
+    changes, and a fix to the export (or a torch upgrade) must reach the files exported before it, which
+    :func:`~monai_effq.deploy.runtime.export_is_current` would otherwise take as current. Read once per
+    process (the source files and package metadata do not change under a running export).
+
+    Returns:
+        e.g. ``"0.1.0+src.3f2a9c1b7d40 torch 2.13.0+cpu onnxscript 0.5.4"``.
+    """
+    from monai_effq import __version__  # at call time: the package imports this module while it initialises
+
+    try:
+        onnxscript = importlib.metadata.version("onnxscript")
+    except importlib.metadata.PackageNotFoundError:
+        onnxscript = "none"
+    source = source_digest(Path(__file__).resolve().parents[1], _GRAPH_SOURCES)
+    return f"{__version__}+src.{source} torch {torch.__version__} onnxscript {onnxscript}"
 
 
 def spatial_size_label(spatial: Sequence[int]) -> str:

@@ -546,7 +546,8 @@ def export_is_current(
 ) -> bool:
     """Whether an ONNX file can be run as the export of a quantized network instead of exporting it again.
 
-    It can when this monai-effq release wrote it (:func:`~monai_effq.deploy.export.exporter_version`), from the quantized network of ``fingerprint`` (the
+    It can when this exporter wrote it (:func:`~monai_effq.deploy.export.exporter_version`: this release, source
+    and torch), from the quantized network of ``fingerprint`` (the
     checkpoint fingerprint :func:`~monai_effq.export_onnx` records), on ``example_shape``'s spatial size
     (a window-attention graph runs at that size only), with a dynamic batch axis (unless the network's
     graph fixed it), with spatial axes that

@@ -1,6 +1,7 @@
 """The ONNX QDQ export: integer weights, calibrated activation ranges, the same function as fake-quant."""
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -11,7 +12,15 @@ from onnx import numpy_helper
 
 import monai_effq
 from monai_effq.deploy import OnnxRuntimeNetwork, export_onnx, widest_int8_weight
-from monai_effq.deploy.export import compact_names, drop_initializer_identities, fold_weight_quantization, layers_off_the_output
+from monai_effq.deploy.export import (
+    EXPORTER_VERSION_KEY,
+    compact_names,
+    drop_initializer_identities,
+    exporter_version,
+    fold_weight_quantization,
+    layers_off_the_output,
+    source_digest,
+)
 from monai_effq.ptq import QuantizedLayer
 from monai_effq.utils.errors import UserInputError
 
@@ -113,6 +122,33 @@ def test_an_export_under_info_logging_logs_no_line_per_initializer(quantized, tm
         export_onnx(quantized, tmp_path / "m.onnx", (1, 2, 16, 16, 16), dynamic_spatial=False)
     assert not [r.getMessage() for r in caplog.records if r.name.startswith("onnx_ir")]
     assert logging.getLogger("onnx_ir").level == logging.NOTSET  # put back afterwards
+
+
+def test_the_source_digest_changes_with_the_source_of_the_graph_and_not_with_the_rest(tmp_path):
+    files = {"deploy/export.py": "x = 1\n", "ptq/modules.py": "y = 2\n", "solver/admm.py": "z = 3\n"}
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    digest = lambda: source_digest(tmp_path, ("deploy", "ptq", "quant"))  # noqa: E731
+    first = digest()
+    (tmp_path / "solver/admm.py").write_text("z = 4\n")
+    assert digest() == first  # the solver changes the codes, which the checkpoint fingerprint tells apart
+    (tmp_path / "deploy/export.py").write_text("x = 1  # a fix\n")
+    second = digest()
+    assert second != first
+    (tmp_path / "quant").mkdir()
+    (tmp_path / "quant/grid.py").write_text("")
+    assert digest() not in (first, second)
+
+
+def test_a_file_records_the_release_the_graph_source_and_the_torch_that_exported_it(exported, monkeypatch):
+    _, path = exported
+    recorded = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}[EXPORTER_VERSION_KEY]
+    package = Path(monai_effq.__file__).parent
+    assert recorded == exporter_version()
+    assert recorded.startswith(f"{monai_effq.__version__}+src.{source_digest(package, ('deploy', 'ptq', 'quant'))} torch {torch.__version__}")
+    monkeypatch.setattr(torch, "__version__", "9.9.9")
+    assert exporter_version.__wrapped__() != recorded  # after a torch upgrade the files are exported again
 
 
 def test_exporting_a_network_that_was_never_quantized_is_an_error(tmp_path):
