@@ -8,6 +8,11 @@ any moment leaves only whole layers. A run that finds a journal of the same fing
 layers instead of solving them; a journal of other fingerprints is discarded with a warning that names
 what changed.
 
+The folder is the journal's own: a folder that holds anything a journal does not write (the user's
+files, another tool's) is refused before anything is written or removed there, and discarding or removing
+a journal deletes only its manifest, its layer files (``layer.<name>.pt``) and the hidden temporaries of
+its writes.
+
 A run spread over ranks (``torchrun``) keeps one journal, on rank 0: every rank solves every layer to
 the same bits (the ranks' statistics are summed), rank 0 is the rank that writes the checkpoint, and
 the other ranks receive each journaled layer from it, so they need not see its disk (another node).
@@ -15,11 +20,11 @@ the other ranks receive each journaled layer from it, so they need not see its d
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +34,19 @@ from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer
 from monai_effq.ptq.report import LayerReport
 from monai_effq.quant.grid import UniformGrid
 from monai_effq.utils.distributed import broadcast_object, get_rank
-from monai_effq.utils.errors import UserInputError
-from monai_effq.utils.io import atomic_write, atomic_write_text
+from monai_effq.utils.errors import OutputWriteError, UserInputError
+from monai_effq.utils.io import atomic_write, atomic_write_text, is_temporary
 
 __all__ = ["JOURNAL_FORMAT", "JournalEntry", "QuantizationJournal", "journal_path", "remove_journal"]
 
 logger = logging.getLogger("monai_effq")
 
 # 2: the calibration fingerprint is taken window by window, the same however ranks share the windows
-JOURNAL_FORMAT = "monai-effq-journal/2"
+# 3: layer files are named layer.<name>.pt, so that they are told apart from any other file in the folder
+JOURNAL_FORMAT = "monai-effq-journal/3"
+_FORMAT_PREFIX = "monai-effq-journal/"
 _MANIFEST = "manifest.json"
+_LAYER_PREFIX, _LAYER_SUFFIX = "layer.", ".pt"
 # what each fingerprint is called when it changes, for the log line
 _WHAT = {
     "format": "journal format",
@@ -112,33 +120,46 @@ class QuantizationJournal:
             raise UserInputError(f"rank 0 could not open the journal {self.path} ({reason}): see rank 0's error.")
 
     def _start(self) -> None:
-        manifest = self.path / _MANIFEST
-        if manifest.is_file():
-            try:
-                found = json.loads(manifest.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                found = None
-            if not isinstance(found, dict):
-                logger.warning("journal %s has a damaged manifest: starting afresh", self.path)
-                shutil.rmtree(self.path)
-            else:
-                changed = [_WHAT.get(k, k) for k in self.fingerprints if found.get(k) != self.fingerprints[k]]
-                if not changed:
-                    if self.finished:
-                        logger.info("resuming from journal %s: %d layers already finished", self.path, len(self.finished))
-                    return
-                logger.warning("journal %s is from another run (%s changed): starting afresh", self.path, ", ".join(changed))
-                shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(manifest, json.dumps(self.fingerprints, indent=1, sort_keys=True))
+        if self.path.exists() and not self.path.is_dir():
+            raise OutputWriteError(
+                f"the journal {self.path} is a file, not a folder: give journal a folder of its own (quantize makes it), "
+                "such as '<checkpoint>.journal' beside the checkpoint."
+            )
+        found = _manifest(self.path)
+        own, other = _entries(self.path, found)
+        if other:
+            shown = ", ".join(sorted(e.name for e in other)[:3]) + (", ..." if len(other) > 3 else "")
+            raise UserInputError(
+                f"the journal folder {self.path} holds {len(other)} entries a journal does not write ({shown}); nothing "
+                "was changed there. Give journal a folder of its own, new or empty, such as '<checkpoint>.journal' "
+                "beside the checkpoint (the bundles' choice)."
+            )
+        if isinstance(found, dict) and found.get("format") == JOURNAL_FORMAT:
+            changed = [_WHAT.get(k, k) for k in self.fingerprints if found.get(k) != self.fingerprints[k]]
+            if not changed:
+                if self.finished:
+                    logger.info("resuming from journal %s: %d layers already finished", self.path, len(self.finished))
+                return
+            logger.warning("journal %s is from another run (%s changed): starting afresh", self.path, ", ".join(changed))
+        elif isinstance(found, dict):
+            logger.warning("journal %s is from another run (journal format changed): starting afresh", self.path)
+        elif found is not None:
+            logger.warning("journal %s has a damaged manifest: starting afresh", self.path)
+        try:
+            for entry in own:
+                entry.unlink(missing_ok=True)
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputWriteError(f"could not write the journal {self.path} ({e.strerror or e}): give journal a folder you can write to.") from e
+        atomic_write_text(self.path / _MANIFEST, json.dumps(self.fingerprints, indent=1, sort_keys=True))
 
     def _file(self, name: str) -> Path:
-        return self.path / f"{name}.pt"
+        return self.path / f"{_LAYER_PREFIX}{name}{_LAYER_SUFFIX}"
 
     @property
     def finished(self) -> list[str]:
         """Names of the journaled layers (as rank 0 finds them: the other ranks do not keep the journal)."""
-        return sorted(p.name[: -len(".pt")] for p in self.path.glob("*.pt"))
+        return sorted(p.name[len(_LAYER_PREFIX) : -len(_LAYER_SUFFIX)] for p in self.path.glob(f"{_LAYER_PREFIX}*{_LAYER_SUFFIX}"))
 
     def record(self, name: str, module: QuantizedLayer, report: LayerReport) -> None:
         """Journal a finished layer (atomically: a kill leaves it whole or absent); rank 0 writes it.
@@ -202,6 +223,44 @@ class QuantizationJournal:
             return None
 
 
+def _manifest(folder: Path) -> dict | str | None:
+    """A folder's journal manifest: the dict, ``"damaged"`` for a ``manifest.json`` that is not a dict, ``None`` for none."""
+    path = folder / _MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "damaged"
+    return found if isinstance(found, dict) else "damaged"
+
+
+def _entries(folder: Path, found: dict | str | None) -> tuple[list[Path], list[Path]]:
+    """A journal folder's entries: those a journal writes, and the others (a missing folder has neither).
+
+    A journal writes its manifest, layer files and the hidden temporaries of its writes (:mod:`monai_effq.utils.io`).
+    A manifest that is a dict of another tool (no journal format) is another's; one that does not parse counts
+    as the journal's only where every other entry does. An earlier format's journal named its layer files
+    ``<name>.pt``: those are its own too.
+    """
+    try:
+        entries = list(folder.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return [], []
+    ours = isinstance(found, dict) and str(found.get("format", "")).startswith(_FORMAT_PREFIX)
+    earlier = ours and found.get("format") != JOURNAL_FORMAT
+    own, other = [], []
+    for entry in entries:
+        name, is_file = entry.name, entry.is_file() and not entry.is_symlink()
+        layer = is_file and name.endswith(_LAYER_SUFFIX) and (earlier or name.startswith(_LAYER_PREFIX))
+        (own if layer or is_temporary(name) or (is_file and name == _MANIFEST) else other).append(entry)
+    manifest = [e for e in own if e.name == _MANIFEST]
+    if manifest and not ours and (found != "damaged" or other):
+        own.remove(manifest[0])
+        other.append(manifest[0])
+    return own, other
+
+
 def journal_path(checkpoint: str | os.PathLike) -> Path:
     """Where the run that writes ``checkpoint`` keeps its journal: ``<checkpoint>.journal`` beside it.
 
@@ -215,11 +274,23 @@ def journal_path(checkpoint: str | os.PathLike) -> Path:
 
 
 def remove_journal(path: str | os.PathLike | None) -> None:
-    """Delete a journal folder once its run's output is safely written (nothing happens if it is absent).
+    """Delete a journal once its run's output is safely written: its own files, then the folder if that leaves it empty.
+
+    Nothing happens if it is absent; a folder without a journal's manifest keeps every file, and any file a
+    journal does not write stays where it is.
 
     Args:
         path: the journal folder; ``None`` (a run that kept no journal) does nothing.
     """
-    # rmtree(None, ignore_errors=True) is a no-op up to Python 3.12 and a TypeError from 3.13
-    if path is not None:
-        shutil.rmtree(path, ignore_errors=True)
+    if path is None:
+        return
+    folder = Path(path)
+    found = _manifest(folder)
+    own, other = _entries(folder, found)
+    if isinstance(found, dict) and str(found.get("format", "")).startswith(_FORMAT_PREFIX):
+        for entry in own:
+            with contextlib.suppress(OSError):
+                entry.unlink()
+    if not other:
+        with contextlib.suppress(OSError):  # not empty (a file of the user's), or already gone
+            folder.rmdir()

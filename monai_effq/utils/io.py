@@ -32,6 +32,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_text",
     "current_umask",
+    "is_temporary",
     "remove_stale_temporaries",
 ]
 
@@ -73,6 +74,18 @@ def _is_stale(entry: Path, now: float) -> bool:
         return False
 
 
+def is_temporary(name: str) -> bool:
+    """Whether a file or folder name is that of an atomic write's temporary (``.<name>....partial``).
+
+    Args:
+        name: the entry's name.
+
+    Returns:
+        ``True`` for a temporary's name.
+    """
+    return name.startswith(".") and name.endswith(_SUFFIX)
+
+
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Remove the temporaries that interrupted atomic writes left in ``folder``.
 
@@ -88,7 +101,7 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """
     folder = Path(folder)
     try:
-        entries = [e for e in folder.iterdir() if e.name.startswith(".") and e.name.endswith(_SUFFIX)]
+        entries = [e for e in folder.iterdir() if is_temporary(e.name)]
     except (FileNotFoundError, NotADirectoryError):
         return []
     now = time.time()

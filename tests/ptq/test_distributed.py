@@ -123,7 +123,7 @@ RESUMED = CASES["chunked"]
 def _forget_layers(journal, names: list[str]) -> None:
     """Take ``names`` out of ``journal``, as a run killed before it solved them would have left it."""
     for name in names:
-        (journal / f"{name}.pt").unlink()
+        (journal / f"layer.{name}.pt").unlink()
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +198,7 @@ def test_two_ranks_resume_a_journal_one_process_left_and_rank_zero_completes_it(
         assert solved == [n for n in names if n not in kept]
         resumed = [line for line in outcome["lines"] if "already finished" in line]
         assert resumed == ([f"resuming from journal {journal}: {len(kept)} layers already finished"] if rank == 0 else [])
-    assert sorted(p.stem for p in journal.glob("*.pt")) == sorted(names)  # rank 0 journaled the layers solved after
+    assert sorted(p.stem.removeprefix("layer.") for p in journal.glob("*.pt")) == sorted(names)  # rank 0 journaled the layers solved after
     assert not journal.with_name(f"{journal.name}.rank1").exists()  # rank 1 read and wrote no journal of its own
 
     # and the journal the ranks completed resumes in one process

@@ -12,9 +12,10 @@ import pytest
 import torch
 from monai.networks.nets import UNet
 
-from monai_effq import EfficientQConfig, quantize
+from monai_effq import EfficientQConfig, quantize, save_quantized
 from monai_effq.ptq import QuantizedLayer
 from monai_effq.ptq.journal import remove_journal
+from monai_effq.utils.errors import OutputWriteError, UserInputError
 
 from .conftest import sphere_volumes
 
@@ -184,3 +185,55 @@ def test_removing_the_journal_of_a_run_that_kept_none_does_nothing(tmp_path):
     remove_journal(tmp_path / "absent")
     remove_journal(tmp_path / "j")
     assert not (tmp_path / "j").exists()
+
+
+def test_a_folder_holding_files_a_journal_does_not_write_is_refused_and_keeps_them(small_run, tmp_path):
+    net, calibration = small_run
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserInputError, match=r"holds 1 entries a journal does not write \(notes.txt\).*folder of its own"):
+        quantize(net, calibration, EfficientQConfig(weight_bits=4), progress=False, journal=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_checkpoint_saved_into_a_journal_survives_a_run_of_other_settings(small_run, tmp_path):
+    net, calibration = small_run
+    journal = tmp_path / "j"
+    first = quantize(net, calibration, EfficientQConfig(weight_bits=4), progress=False, journal=journal)
+    save_quantized(first, journal / "model_w4.pt")
+    before = {p.name: p.read_bytes() for p in journal.iterdir()}
+    with pytest.raises(UserInputError, match=r"\(model_w4.pt\)"):
+        quantize(net, calibration, EfficientQConfig(weight_bits=2), progress=False, journal=journal)
+    assert {p.name: p.read_bytes() for p in journal.iterdir()} == before  # nothing removed, nothing written
+
+
+def test_removing_a_journal_removes_only_what_it_wrote(small_run, tmp_path):
+    net, calibration = small_run
+    journal = tmp_path / "j"
+    quantize(net, calibration, EfficientQConfig(weight_bits=4), progress=False, journal=journal)
+    (journal / "notes.txt").write_text("mine")
+    remove_journal(journal)
+    assert sorted(p.name for p in journal.iterdir()) == ["notes.txt"]
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "encoder.pt").write_bytes(b"a file of the user's")
+    remove_journal(tmp_path / "work")  # no journal's manifest: a folder of someone else's
+    assert (tmp_path / "work" / "encoder.pt").read_bytes() == b"a file of the user's"
+
+
+def test_a_journal_of_an_earlier_format_is_discarded_and_the_run_starts_afresh(small_run, tmp_path, caplog):
+    net, calibration = small_run
+    journal = tmp_path / "j"
+    journal.mkdir()
+    (journal / "manifest.json").write_text(json.dumps({"format": "monai-effq-journal/2"}))
+    (journal / "model.0.conv.pt").write_bytes(b"a layer file of format 2")
+    with caplog.at_level(logging.WARNING, logger="monai_effq"):
+        quantize(net, calibration, EfficientQConfig(weight_bits=4), progress=False, journal=journal)
+    assert any("(journal format changed): starting afresh" in r.getMessage() for r in caplog.records)
+    assert not (journal / "model.0.conv.pt").exists() and json.loads((journal / "manifest.json").read_text())["format"].endswith("/3")
+
+
+def test_a_journal_path_that_is_a_file_is_refused_naming_it(small_run, tmp_path):
+    net, calibration = small_run
+    (tmp_path / "j").write_text("mine")
+    with pytest.raises(OutputWriteError, match=r"the journal .*j is a file, not a folder"):
+        quantize(net, calibration, EfficientQConfig(weight_bits=4), progress=False, journal=tmp_path / "j")
+    assert (tmp_path / "j").read_text() == "mine"
