@@ -15,7 +15,8 @@ import inspect
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -671,7 +672,7 @@ def _with_mirror_images(
 def quantize(
     network: nn.Module,
     calibration: torch.Tensor | Iterable[torch.Tensor],
-    config: EfficientQConfig | None = None,
+    config: EfficientQConfig | Mapping[str, Any] | None = None,
     *,
     task: str = "multiclass",
     body_mask: torch.Tensor | list[torch.Tensor] | None = None,
@@ -691,7 +692,8 @@ def quantize(
         network: the FP network (not modified).
         calibration: a tensor batch ``(N, C, *spatial)`` or an iterable of batches (dicts with an
             ``"image"`` key and NumPy arrays are accepted); one volume is enough.
-        config: the settings; :class:`EfficientQConfig` defaults (W4A8, first/last layer 8 bits).
+        config: the settings, as an :class:`EfficientQConfig` or a dict of its fields (``{"weight_bits": 4}``,
+            as :meth:`EfficientQConfig.from_dict` reads it); ``None``: the defaults (W4A8, first/last layer 8 bits).
         task: ``"multiclass"`` (softmax) or ``"multilabel"`` (sigmoid channels), for the attention.
         body_mask: ``(N, *spatial)`` mask of the body over all calibration volumes, for the
             attention (voxels outside get weight 1); everything when ``None``.
@@ -714,7 +716,12 @@ def quantize(
         ValueError: for bad calibration data, a bad config, a network with nothing to quantize.
         TypeError: for calibration that is not tensors.
     """
-    config = config or EfficientQConfig()
+    if config is None:
+        config = EfficientQConfig()
+    elif isinstance(config, Mapping):
+        config = EfficientQConfig.from_dict(dict(config))
+    elif not isinstance(config, EfficientQConfig):
+        raise UserInputError(f"config must be an EfficientQConfig or a dict of its fields, got a {type(config).__name__}.")
     t0 = time.perf_counter()
     reset_peak_memory()
     network = quantizable_network(network)

@@ -8,6 +8,7 @@ from monai.networks.nets import BasicUNet, DynUNet, SegResNet, SegResNetDS, Swin
 from monai_effq import EfficientQConfig, quantize
 from monai_effq.ptq import QuantizedConv, QuantizedConvTranspose, QuantizedLayer, QuantizedLinear
 from monai_effq.quant import UniformGrid, fit_minmax
+from monai_effq.utils.errors import UserInputError
 
 from ..nnunet_like import nnunet_like
 from ..threads import torch_threads
@@ -98,6 +99,21 @@ def test_unsigned_activation_grid_after_relu():
     net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 3, padding=1))
     q = quantize(net, torch.randn(1, 1, 8, 8, 8), EfficientQConfig(method="rtn"), progress=False, task="multiclass")
     assert [r.act_grid for r in q.report.layers] == ["signed", "unsigned"]  # the 8-bit network input: zero point 0
+
+
+def test_a_config_given_as_a_dict_quantizes_as_its_efficientq_config_and_another_type_is_refused():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 3, padding=1))
+    x = torch.randn(1, 1, 8, 8, 8)
+    settings = {"method": "rtn", "weight_bits": 3, "first_layer_bits": None, "last_layer_bits": None}
+    from_dict = quantize(net, x, settings, progress=False)
+    from_config = quantize(net, x, EfficientQConfig(**settings), progress=False)
+    assert [r.weight_bits for r in from_dict.report.layers] == [3, 3]
+    assert torch.equal(from_dict.network(x), from_config.network(x))
+    with pytest.raises(UserInputError, match="unknown EfficientQConfig keys \\['bits'\\]"):
+        quantize(net, x, {"bits": 4}, progress=False)
+    with pytest.raises(UserInputError, match="config must be an EfficientQConfig or a dict of its fields, got a str"):
+        quantize(net, x, "w4a8", progress=False)
 
 
 def test_a_transposed_convolution_reads_a_signed_input_on_the_symmetric_grid_and_a_non_negative_one_unsigned():
