@@ -119,6 +119,52 @@ def _take(data: dict[str, torch.Tensor], entry: dict[str, Any]) -> torch.Tensor:
     return flat[entry["offset"] : entry["offset"] + n].reshape(entry["shape"]).clone()
 
 
+# settings of torch's layers that change what a network computes without changing a state dict's keys or shapes: a
+# checkpoint rebuilt on a network built with other ones (another stride, no norm) ran silently and computed otherwise
+_ARCHITECTURE_SETTINGS = (
+    "stride", "padding", "dilation", "groups", "padding_mode", "output_padding", "num_groups", "eps", "affine",
+    "negative_slope", "scale_factor", "mode", "align_corners",
+)
+
+
+def _architecture(network: nn.Module) -> dict[str, list]:
+    """The network's ``torch.nn`` leaf modules by name, each as its class name and its :data:`_ARCHITECTURE_SETTINGS`.
+
+    Only torch's own leaves count: their classes and settings are torch's (a MONAI block renamed between
+    releases does not make a file unreadable), and they are what computes.
+    """
+    layers = {}
+    quantized = {name for name, module in network.named_modules() if isinstance(module, QuantizedLayer)}
+    for name, module in network.named_modules():
+        if next(module.children(), None) is not None or not type(module).__module__.startswith("torch.nn"):
+            continue
+        owner = name.rpartition(".")[0] if name.endswith("layer") else None
+        name = owner if owner in quantized else name  # a quantized layer's FP layer: by the name the user knows
+        settings = {a: getattr(module, a) for a in _ARCHITECTURE_SETTINGS if hasattr(module, a) and not callable(getattr(module, a))}
+        layers[name] = [type(module).__name__, json.loads(json.dumps(settings, default=str))]
+    return layers
+
+
+def _architecture_differences(saved: dict[str, list], here: dict[str, list]) -> list[str]:
+    """How the network a checkpoint was saved from (``saved``) differs from this one (``here``), one phrase each."""
+    differences = []
+    for name in [*saved, *(n for n in here if n not in saved)]:
+        there, this = saved.get(name), here.get(name)
+        if there == this:
+            continue
+        if there is None:
+            differences.append(f"{name} ({this[0]}) is not in it")
+        elif this is None:
+            differences.append(f"its {name} ({there[0]}) is not in this network")
+        elif there[0] != this[0]:
+            differences.append(f"{name} is a {there[0]} there and a {this[0]} here")
+        else:
+            for key in [*there[1], *(k for k in this[1] if k not in there[1])]:
+                if there[1].get(key) != this[1].get(key):
+                    differences.append(f"{name}.{key} is {there[1].get(key)} there and {this[1].get(key)} here")
+    return differences
+
+
 def _activation_entry(quantizer: ActivationQuantizer, store: _FlatStore) -> dict[str, Any]:
     return {
         "bits": quantizer.grid.bits,
@@ -186,6 +232,7 @@ def _payload(result: QuantizationResult) -> dict[str, Any]:
         "layers": layers,
         "norm_inputs": norm_inputs,
         "state": rest,
+        "architecture": _architecture(net),
         "provenance": versions(),
     }
     return {
@@ -380,6 +427,13 @@ def load_quantized_result(path: str | os.PathLike, network: nn.Module) -> Quanti
             f"quantized checkpoint {path} does not match this network architecture: {e}. Build the network "
             "with the same arguments as when it was quantized."
         ) from e
+    differences = _architecture_differences(meta["architecture"], _architecture(net)) if "architecture" in meta else []
+    if differences:  # files written before the table have none: their keys and shapes were all that was checked
+        raise UserInputError(
+            f"quantized checkpoint {path} was quantized from a network built otherwise than this one: "
+            f"{'; '.join(differences[:3])}{'; ...' if len(differences) > 3 else ''}. Build the network with the same "
+            "arguments as when it was quantized."
+        )
     for p in net.parameters():
         p.requires_grad_(False)
     return QuantizationResult(

@@ -173,6 +173,36 @@ def test_loading_onto_a_different_architecture_is_a_clear_error(w2_result, tmp_p
         load_quantized(path, other)
 
 
+PLAIN_UNET = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels": (4, 8), "strides": (2,), "num_res_units": 0, "act": "relu"}
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"strides": (1,)}, r"model\.0\.conv\.stride is \[2, 2, 2\] there and \[1, 1, 1\] here"),
+        ({"norm": None}, r"its model\.0\.adn\.N \(InstanceNorm3d\) is not in this network"),
+        ({"act": ("leakyrelu", {"negative_slope": 0.2})}, r"model\.0\.adn\.A is a ReLU there and a LeakyReLU here"),
+    ],
+    ids=["stride", "no_norm", "activation"],
+)
+def test_a_network_built_otherwise_with_the_same_weights_is_refused_naming_the_layer(tmp_path, changes, message):
+    torch.manual_seed(0)
+    result = quantize(UNet(**PLAIN_UNET).eval(), torch.randn(1, 1, 16, 16, 16), EfficientQConfig(method="rtn"), progress=False)
+    path = save_quantized(result, tmp_path / "q.pt")
+    with pytest.raises(UserInputError, match=f"was quantized from a network built otherwise than this one: .*{message}.*same arguments"):
+        load_quantized(path, UNet(**{**PLAIN_UNET, **changes}))
+
+
+def test_a_checkpoint_written_before_the_architecture_table_still_loads(w2_result, tmp_path):
+    from monai_effq.ptq.checkpoint import FORMAT
+
+    path = save_quantized(w2_result, tmp_path / "q.pt")
+    _rewrite(path, lambda meta: meta.pop("architecture"), FORMAT)
+    x = torch.randn(1, 1, 24, 24, 24)
+    with torch.no_grad():
+        assert torch.equal(load_quantized(path, _fresh_unet())(x), w2_result.network(x))
+
+
 def test_a_corrupt_checkpoint_is_a_clear_error(w2_result, tmp_path):
     path = save_quantized(w2_result, tmp_path / "q.pt")
     data = path.read_bytes()
@@ -261,7 +291,7 @@ def test_a_version_1_checkpoint_without_norm_inputs_still_loads(trained_unet, tm
     path = save_quantized(result, tmp_path / "q.pt")
 
     def as_version_1(meta):  # what monai-effq wrote before norm inputs existed
-        del meta["norm_inputs"]
+        del meta["norm_inputs"], meta["architecture"]
         del meta["config"]["quantize_norm_inputs"]
         del meta["config"]["share_skip_rounding"]
 
