@@ -59,7 +59,7 @@ from monai_effq.ptq.modules import (
 )
 from monai_effq.ptq.result import QuantizationResult
 from monai_effq.quant.grid import UniformGrid, channel_view, dequantize, grid_codes
-from monai_effq.utils.errors import MissingExtraError
+from monai_effq.utils.errors import MissingExtraError, UserInputError, check_integer
 from monai_effq.utils.imports import deferred_import
 from monai_effq.utils.io import atomic_write
 
@@ -536,11 +536,15 @@ def _export_with_torch_export(form: nn.Module, x: torch.Tensor, opset: int, axes
     dims = {d: torch.export.Dim.DYNAMIC for d in axes}
     # notes about torchvision operators a segmentation network never uses; a note on symbols torch.export
     # cannot trace back to code when it cannot capture the network (export_onnx says why in one line); and
-    # onnx_ir's line per deduplicated initializer (dozens per network under a bundle's INFO logging)
+    # onnx_ir's line per deduplicated initializer (dozens per network under a bundle's INFO logging); and the
+    # tracebacks torch.export logs of an operator that fails on its fake tensors (200 lines for an input of the
+    # wrong channels, which export_onnx then names in one line; the exception keeps the traceback)
     silenced = {
         "torch.onnx._internal.exporter._registration": logging.ERROR,
         "torch.fx.experimental.symbolic_shapes": logging.ERROR,
         "onnx_ir": logging.WARNING,
+        "torch._subclasses.fake_tensor": logging.CRITICAL,
+        "torch.export._trace": logging.CRITICAL,
     }
     quiet = [logging.getLogger(n) for n in silenced]
     levels = [q.level for q in quiet]
@@ -564,7 +568,8 @@ def _export_with_torch_export(form: nn.Module, x: torch.Tensor, opset: int, axes
     except TorchExportError:
         logger.debug("torch.export printed: %s", printed.getvalue())
         raise
-    except Exception:
+    except Exception as error:
+        _refuse_a_misfit(form, x, error)
         sys.stderr.write(printed.getvalue())  # any other failure: what torch printed may say why
         raise
     finally:
@@ -626,17 +631,48 @@ def _export_with_torchscript(form: nn.Module, x: torch.Tensor, opset: int, axes:
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
-        torch.onnx.export(
-            form,
-            (x,),
-            buffer,
-            dynamo=False,
-            opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
-            input_names=["image"],
-            output_names=["pred"],
-            dynamic_axes={"image": axes, "pred": axes} if axes else None,
-        )
+        try:
+            torch.onnx.export(
+                form,
+                (x,),
+                buffer,
+                dynamo=False,
+                opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
+                input_names=["image"],
+                output_names=["pred"],
+                dynamic_axes={"image": axes, "pred": axes} if axes else None,
+            )
+        except Exception as error:
+            _refuse_a_misfit(form, x, error)
+            raise
     return onnx.load_from_string(buffer.getvalue())
+
+
+def _refuse_a_misfit(form: nn.Module, x: torch.Tensor, error: BaseException | None = None) -> None:
+    """After a failed export: a :class:`UserInputError` when the network's own forward fails on ``x`` too.
+
+    Run only once an export has failed (a forward pass at a real window's size costs seconds): an input of
+    the wrong rank, channels or size fails at its first misfit layer, and a network that does run on it
+    leaves the export's failure to be reported (or the next exporter tried) as it is.
+
+    Args:
+        form: the export form of the network.
+        x: the example input.
+        error: the export's failure, chained to the error raised.
+
+    Raises:
+        UserInputError: naming the input's shape and the layer's complaint, when the forward fails.
+    """
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            form(x)
+    except RuntimeError as misfit:
+        raise UserInputError(
+            f"example_input of shape {tuple(x.shape)} does not fit the network ({_one_line(misfit)}): give it as "
+            "(N, C, *spatial), with the channels the network takes and a spatial size it runs (each side a multiple of "
+            "its downsampling factor)."
+        ) from error
 
 
 def layers_off_the_output(network: nn.Module, example_input: torch.Tensor) -> list[str]:
@@ -776,10 +812,10 @@ def export_onnx(
     if group_norm not in GROUP_NORM_FORMS:
         raise ValueError(f"group_norm must be one of {GROUP_NORM_FORMS}, got {group_norm!r}.")
     if not isinstance(example_input, torch.Tensor):
-        example_input = torch.zeros(tuple(int(s) for s in example_input))
+        example_input = torch.zeros(tuple(check_integer(s, "each example_input size", low=1) for s in example_input))
     example_input = example_input.detach().as_subclass(torch.Tensor).float()
-    if example_input.dim() < 3:
-        raise ValueError(f"example_input must be (N, C, *spatial), got shape {tuple(example_input.shape)}.")
+    if example_input.dim() < 3 or example_input.numel() == 0:
+        raise UserInputError(f"example_input must be (N, C, *spatial) with no empty axis, got shape {tuple(example_input.shape)}.")
     n_quantized = sum(isinstance(m, QuantizedLayer) for m in network.modules())
     if require_quantized and n_quantized == 0:
         raise ValueError(
@@ -801,6 +837,7 @@ def export_onnx(
     if exporter == "dynamo":
         proto, captured, reason = _export_with_fewest_fixed_axes(form, example_input, opset, axes)
         if proto is None:
+            _refuse_a_misfit(form, example_input)  # an input that does not fit fails any capture: no trace either
             # a trace records the sizes it computes with as constants, so its spatial axes are fixed
             axes = {axis: name for axis, name in axes.items() if axis < 2}
             warnings.warn(

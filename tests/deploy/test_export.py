@@ -166,6 +166,28 @@ def test_a_bad_example_input_or_opset_is_an_error(quantized, tmp_path):
         export_onnx("model.pt", tmp_path / "x.onnx", (1, 2, 16, 16, 16))
 
 
+@pytest.fixture(scope="module")
+def rtn_unet():
+    return monai_effq.quantize(bn_unet(), torch.randn(1, 2, 16, 16, 16), monai_effq.EfficientQConfig(method="rtn"), progress=False)
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ((1, 16, 16, 16), r"example_input of shape \(1, 16, 16, 16\) does not fit the network \(.+\): give it as \(N, C, \*spatial\)"),
+        ((1, 3, 16, 16, 16), r"of shape \(1, 3, 16, 16, 16\) does not fit the network \(.*to have 2 channels, but got 3.*\)"),
+        ((1, 2, 16, 16.5, 16), r"each example_input size must be an integer of at least 1, got 16\.5"),
+        (torch.zeros(1, 2, 0, 16, 16), r"example_input must be \(N, C, \*spatial\) with no empty axis, got shape \(1, 2, 0, 16, 16\)"),
+    ],
+    ids=["no_batch_axis", "other_channels", "fractional_size", "empty_axis"],
+)
+def test_an_example_input_the_network_does_not_take_is_named_in_one_error_and_nothing_is_written(rtn_unet, tmp_path, capfd, shape, message):
+    with pytest.raises(UserInputError, match=message):
+        export_onnx(rtn_unet, tmp_path / "x.onnx", shape)
+    assert "Traceback" not in capfd.readouterr().err  # torch.export's logged tracebacks of its fake tensors
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_linear_head_exports_with_integer_weights(tmp_path):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 5)).eval()
