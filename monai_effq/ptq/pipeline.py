@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import inspect
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -33,7 +34,7 @@ from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, quantize
 from monai_effq.ptq.norm_inputs import quantize_norm_inputs
 from monai_effq.ptq.prepare import prepare_network, quantizable_network
 from monai_effq.ptq.report import LayerReport, QuantizationReport, reset_peak_memory, source_fingerprints
-from monai_effq.ptq.result import QuantizationResult, finish_report, state_bytes
+from monai_effq.ptq.result import QuantizationResult, finish_report, float_weights, state_bytes
 from monai_effq.ptq.skip_rounding import share_skip_roundings
 from monai_effq.solver.api import LayerSolution, solve_statistics, solve_weights
 from monai_effq.solver.gram import GramAccumulator, SumBounds
@@ -668,6 +669,28 @@ def _with_mirror_images(
     return mirrored, torch.cat([masks_like(m, b) for m, b in zip(parts, batches)])
 
 
+# below this share of the network's parameters, weights left in floating point are a transformer's position
+# tables and the like, which monai-effq leaves so on purpose: no warning
+FLOAT_WEIGHT_WARNING_SHARE = 0.05
+
+
+def _warn_of_float_weights(left: dict[str, tuple[int, ...]], network: nn.Module) -> None:
+    """Warn when weights no quantized layer holds are a noticeable part of the network, naming the largest."""
+    total = sum(p.numel() for p in network.parameters()) + sum(
+        m.codes.numel() for m in network.modules() if isinstance(m, QuantizedLayer)
+    )
+    share = sum(math.prod(shape) for shape in left.values()) / max(total, 1)
+    if share < FLOAT_WEIGHT_WARNING_SHARE:
+        return
+    shown = ", ".join(f"{name} ({'x'.join(map(str, shape))})" for name, shape in list(left.items())[:3])
+    logger.warning(
+        "%d weight tensors, %.0f%% of the network's parameters, stay in floating point because no layer monai-effq "
+        "quantizes holds them: %s%s. It quantizes Conv, ConvTranspose and Linear modules; a weight applied with "
+        "torch.nn.functional, or an LSTM's, is none of them: hold it in such a module to quantize it.",
+        len(left), 100 * share, shown, ", ..." if len(left) > 3 else "",
+    )
+
+
 @ieee_float32()  # the layers' FP targets and the fold check, not TF32's approximations of them
 def quantize(
     network: nn.Module,
@@ -757,8 +780,11 @@ def quantize(
         if shared:
             logger.info("%d residual units round their input once for the first layer and the skip: %s", len(shared), ", ".join(shared))
     finish_report(report, qnet, state_bytes(network), time.perf_counter() - t0)
+    left = float_weights(qnet, report.skipped)
+    report.float_weights = list(left)
     logger.info(report.summary())
     warning = report.underdetermined_warning()
     if warning:
         logger.warning(warning)
+    _warn_of_float_weights(left, qnet)
     return QuantizationResult(network=qnet, report=report, config=config, folded=run.folded)

@@ -157,6 +157,8 @@ class QuantizationReport:
             none, or when not recorded).
         folded_batchnorms: BatchNorms folded into their convolutions.
         skipped: quantizable layers kept in floating point.
+        float_weights: weights no quantized layer holds, left in floating point
+            (:func:`~monai_effq.ptq.result.float_weights`: a weight used through ``torch.nn.functional``, an LSTM's).
         sources: fingerprints of what the run was given (:func:`source_fingerprints`: ``fp_weights``,
             ``config``, ``calibration``), so a checkpoint can be checked against its inputs.
         extra: anything a caller adds (e.g. Dice).
@@ -173,6 +175,7 @@ class QuantizationReport:
     peak_gpu_memory_mib: float = math.nan
     folded_batchnorms: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    float_weights: list[str] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -6,6 +6,7 @@ Both PTQ and QAT end their report with :func:`finish_report`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -17,7 +18,7 @@ from monai_effq.ptq.modules import QuantizedLayer
 from monai_effq.ptq.report import QuantizationReport, peak_gpu_memory_mib, peak_memory_mib
 from monai_effq.quant.packing import packed_nbytes
 
-__all__ = ["QuantizationResult", "finish_report", "quantized_size_bytes", "state_bytes"]
+__all__ = ["QuantizationResult", "finish_report", "float_weights", "quantized_size_bytes", "state_bytes"]
 
 
 @dataclass
@@ -60,6 +61,34 @@ def quantized_size_bytes(network: nn.Module) -> int:
         else:
             total += t.numel() * t.element_size()
     return total
+
+
+def float_weights(network: nn.Module, skipped: list[str] | tuple[str, ...] = ()) -> dict[str, tuple[int, ...]]:
+    """The weight tensors a quantized network still holds in floating point, though no layer was told to keep them.
+
+    A weight is a parameter of two or more axes (biases, norms and PReLU slopes have one); those of quantized
+    layers are codes, and those of ``skipped`` layers are kept in floating point on purpose. What remains is
+    held by a module monai-effq does not quantize: a weight applied with ``torch.nn.functional``, an LSTM,
+    a transformer's position table.
+
+    Args:
+        network: the quantized network.
+        skipped: the layers the config kept in floating point.
+
+    Returns:
+        the weights' shapes by parameter name, largest first.
+    """
+    kept = tuple(f"{name}." for name in skipped)
+    found = {}
+    for name, module in network.named_modules():
+        if isinstance(module, QuantizedLayer) or name.startswith(kept) or f"{name}." in kept:
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            if param.dim() >= 2:
+                found[f"{name}.{pname}" if name else pname] = tuple(param.shape)
+    inside = tuple(f"{name}." for name, m in network.named_modules() if isinstance(m, QuantizedLayer))
+    found = {k: v for k, v in found.items() if not k.startswith(inside)}
+    return dict(sorted(found.items(), key=lambda item: -math.prod(item[1])))
 
 
 def finish_report(report: QuantizationReport, network: nn.Module, fp_bytes: int, wall_seconds: float) -> QuantizationReport:

@@ -1,4 +1,5 @@
 import inspect
+import logging
 
 import pytest
 import torch
@@ -273,17 +274,41 @@ def test_a_layer_registered_under_two_names_is_counted_and_stored_once(tmp_path)
     assert {k: v.numel() for k, v in data[0].items()} == {k: v.numel() for k, v in data[1].items()}
 
 
-def test_swin_unetr_is_quantized_close_to_full_precision_at_w8a8():
+def test_swin_unetr_is_quantized_close_to_full_precision_at_w8a8(caplog):
     # window attention (its linear layers on attention windows) and shifted windows; 64^3 is its smallest input
     torch.manual_seed(0)
     # MONAI 1.4 needs the input size, which later releases dropped
     sized = {"img_size": (64, 64, 64)} if "img_size" in inspect.signature(SwinUNETR).parameters else {}
     net = SwinUNETR(in_channels=1, out_channels=2, feature_size=12, spatial_dims=3, **sized).eval()
     x = torch.randn(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(1))
-    q = quantize(net, x, EfficientQConfig(weight_bits=8, act_bits=8), progress=False)
+    with caplog.at_level(logging.WARNING, logger="monai_effq"):
+        q = quantize(net, x, EfficientQConfig(weight_bits=8, act_bits=8), progress=False)
     linear = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)]
     assert linear and all(isinstance(q.network.get_submodule(n), QuantizedLinear) for n in linear)
     assert _rel_err(net, q.network, x) < 0.06
+    # its relative position tables stay in floating point, named in the report, too small a part for a warning
+    assert q.report.float_weights and all(n.endswith("relative_position_bias_table") for n in q.report.float_weights)
+    assert not any("stay in floating point" in r.getMessage() for r in caplog.records)
+
+
+def test_a_weight_no_quantized_layer_holds_is_reported_and_warned_about_naming_it(caplog):
+    class FunctionalConv(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(16, 4, 3, 3, 3) * 0.1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.conv3d(x, self.w, padding=1)
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), FunctionalConv(), nn.ReLU(), nn.Conv3d(16, 2, 1)).eval()
+    with caplog.at_level(logging.WARNING, logger="monai_effq"):
+        q = quantize(net, torch.randn(1, 1, 8, 8, 8), EfficientQConfig(method="rtn"), progress=False)
+    assert q.report.float_weights == ["2.w"]
+    (warning,) = [r.getMessage() for r in caplog.records if "stay in floating point" in r.getMessage()]
+    assert warning.startswith("1 weight tensors, 92% of the network's parameters") and "2.w (16x4x3x3x3)" in warning
+    skipped = quantize(net, torch.randn(1, 1, 8, 8, 8), EfficientQConfig(method="rtn", skip=("0",)), progress=False)
+    assert skipped.report.float_weights == ["2.w"]  # the skipped layer's weight is floating point on purpose
 
 
 def test_calibration_may_be_several_batches_of_different_sizes(trained_unet):
