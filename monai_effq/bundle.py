@@ -128,6 +128,10 @@ def _demo_if_asked(dataset_dir: str | os.PathLike, dataset: str, demo_dir: str |
         demo_dataset(demo_dir, dataset)
 
 
+DATASET_CHANNELS = {"brats": 4, "lits": 1}
+"""The input channels of each bundle's network: BraTS' four contrasts (FLAIR, T1, T1gd, T2), LiTS' one CT."""
+
+
 def datalist(
     dataset_dir: str | os.PathLike,
     dataset: str,
@@ -151,10 +155,15 @@ def datalist(
 
     Returns:
         the list of case dicts.
+
+    Raises:
+        DatasetError: for a missing or unreadable file, a label off its image's grid, a case whose images are
+            not on one grid, or a case that does not hold the channels of the dataset's network
+            (:data:`DATASET_CHANNELS`), all found from the headers before the network is loaded.
     """
     _demo_if_asked(dataset_dir, dataset, demo_dir)
     cases = load_datalist(dataset_dir, layout=layout, dataset=dataset)
-    validate_datalist(cases)
+    validate_datalist(cases, channels=DATASET_CHANNELS.get(dataset))
     if part != "all":
         train, val = split_datalist(cases, val_fraction=val_fraction, seed=0)
         cases = {"train": train, "val": val}[part]
@@ -265,7 +274,7 @@ def calibration_datalist(
             "calibration_cases %d from calibration_case %d asks for more than the %d training cases left: calibrating on those %d",
             cases, case, len(train) - case, len(chosen),
         )
-    validate_datalist(chosen, read_data=True)
+    validate_datalist(chosen, read_data=True, channels=DATASET_CHANNELS.get(dataset))
     return chosen
 
 

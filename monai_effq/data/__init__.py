@@ -56,7 +56,7 @@ if TYPE_CHECKING:
         brats_transforms,
         lits_transforms,
     )
-    from monai_effq.data.images import check_image, dicom_series_files, image_error_reason
+    from monai_effq.data.images import check_case_grids, check_image, dicom_series_files, image_error_reason
     from monai_effq.data.writers import AtomicNibabelWriter, inference_masks, mask_name_formatter, mask_subject
     from monai_effq.data.dicom_seg import (
         BRATS2023_SEG_LABELS,
@@ -111,7 +111,7 @@ _LAZY: dict[str, str] = {
         "monai_effq.data.transforms",
     ),
     **dict.fromkeys(("AtomicNibabelWriter", "inference_masks", "mask_name_formatter", "mask_subject"), "monai_effq.data.writers"),
-    **dict.fromkeys(("check_image", "dicom_series_files", "image_error_reason"), "monai_effq.data.images"),
+    **dict.fromkeys(("check_image", "check_case_grids", "dicom_series_files", "image_error_reason"), "monai_effq.data.images"),
     **dict.fromkeys(
         (
             "BRATS_SEGMENTS",
@@ -150,6 +150,7 @@ __all__ = [
     "check_nifti",
     "validate_datalist",
     "check_image",
+    "check_case_grids",
     "dicom_series_files",
     "image_error_reason",
     "BRATS_NATIVE_LABELS",

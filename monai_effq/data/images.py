@@ -26,7 +26,7 @@ from monai_effq.data.layouts import NIFTI_SUFFIXES, DatasetError, check_nifti
 
 itk, _ = optional_import("itk")
 
-__all__ = ["dicom_series_files", "check_image", "image_error_reason"]
+__all__ = ["dicom_series_files", "series_shape", "check_image", "check_case_grids", "image_error_reason"]
 
 # the tags that hold an image's voxels: Pixel Data, Float Pixel Data, Double Float Pixel Data
 # (little endian, as every transfer syntax in use writes them)
@@ -117,6 +117,21 @@ def dicom_series_files(folder: str | os.PathLike) -> list[str]:
             raise _damaged(Path(file), folder)
     _check_slice_geometry(folder, files)
     return files
+
+
+def series_shape(files: Sequence[str]) -> tuple[int, int, int]:
+    """The spatial shape MONAI's ``ITKReader`` gives a DICOM series, from its first slice's header.
+
+    Args:
+        files: the series' files, as :func:`dicom_series_files` returns them.
+
+    Returns:
+        ``(columns, rows, slices)``, the axis order of the volume MONAI reads.
+    """
+    io = itk.GDCMImageIO.New()
+    io.SetFileName(str(files[0]))
+    io.ReadImageInformation()
+    return int(io.GetDimensions(0)), int(io.GetDimensions(1)), len(files)
 
 
 def _damaged(path: Path, folder: str | os.PathLike) -> DatasetError:
@@ -246,8 +261,9 @@ def check_image(paths: str | os.PathLike | Sequence[str | os.PathLike], read_dat
 
     Raises:
         DatasetError: naming the first image that is missing, corrupt or unreadable, a folder that
-            does not hold one evenly sliced DICOM series, one slice of a series given on its own, or (with
-            ``read_data``) an image of a multi-modal case on another grid than the first.
+            does not hold one evenly sliced DICOM series, one slice of a series given on its own, or an image
+            of a multi-modal case on another grid than the first (for DICOM series and formats other than NIfTI,
+            only with ``read_data``).
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     grids: list[tuple[Any, tuple[int, ...], np.ndarray]] = []
@@ -258,7 +274,7 @@ def check_image(paths: str | os.PathLike | Sequence[str | os.PathLike], read_dat
             files: str | list[str] = dicom_series_files(path)
         elif str(path).endswith(NIFTI_SUFFIXES):
             check_nifti(path, read_data=read_data)
-            if read_data and len(paths) > 1:
+            if len(paths) > 1:  # the header holds the grid: compared without decoding the voxels
                 grids.append((path, *_nifti_grid(path)))
             continue
         else:
@@ -298,9 +314,29 @@ def _itk_grid(image: Any) -> tuple[tuple[int, ...], np.ndarray]:
     return size, np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
 
 
-def _describe_grid(shape: tuple[int, ...], affine: np.ndarray) -> str:
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    return f"{'x'.join(map(str, shape))} voxels of {'x'.join(f'{v:.3g}' for v in spacing)} mm from {np.round(affine[:3, 3], 2).tolist()}"
+def _same_grid(shape: tuple[int, ...], affine: np.ndarray, other_shape: tuple[int, ...], other_affine: np.ndarray) -> bool:
+    return other_shape == shape and np.allclose(other_affine, affine, atol=_GRID_TOLERANCE_MM)
+
+
+def _describe_grids(
+    shape: tuple[int, ...], affine: np.ndarray, other_shape: tuple[int, ...], other_affine: np.ndarray
+) -> tuple[str, str]:
+    """Two grids in words, told apart: size, spacing, axis directions and origin, or the whole affine
+    where those read the same (an oblique rotation smaller than the rounding)."""
+
+    def words(shape: tuple[int, ...], affine: np.ndarray) -> str:
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        axes = "".join(nib.aff2axcodes(affine))  # where each voxel axis points: RAS, LPS, ...
+        return (
+            f"{'x'.join(map(str, shape))} voxels of {'x'.join(f'{v:.3g}' for v in spacing)} mm towards {axes} "
+            f"from {(np.round(affine[:3, 3], 2) + 0.0).tolist()}"
+        )
+
+    first, second = words(shape, affine), words(other_shape, other_affine)
+    if first == second:
+        first = f"{'x'.join(map(str, shape))} voxels of affine {np.round(affine[:3], 4).tolist()}"
+        second = f"{'x'.join(map(str, other_shape))} voxels of affine {np.round(other_affine[:3], 4).tolist()}"
+    return first, second
 
 
 def _check_one_grid(grids: Sequence[tuple[Any, tuple[int, ...], np.ndarray]]) -> None:
@@ -309,9 +345,43 @@ def _check_one_grid(grids: Sequence[tuple[Any, tuple[int, ...], np.ndarray]]) ->
         return
     first, shape, affine = grids[0]
     for path, other_shape, other_affine in grids[1:]:
-        if other_shape != shape or not np.allclose(other_affine, affine, atol=_GRID_TOLERANCE_MM):
+        if not _same_grid(shape, affine, other_shape, other_affine):
+            reference, other = _describe_grids(shape, affine, other_shape, other_affine)
             raise DatasetError(
-                f"the images of one case are not on one grid: {path} is {_describe_grid(other_shape, other_affine)} where "
-                f"{first} is {_describe_grid(shape, affine)}. MONAI stacks a case's images voxel by voxel: register and "
-                "resample them onto one grid first (BraTS' own preprocessing, 3D Slicer or ANTs do)."
+                f"the images of one case are not on one grid: {path} is {other} where {first} is {reference}. MONAI "
+                "stacks a case's images voxel by voxel: register and resample them onto one grid first (BraTS' own "
+                "preprocessing, 3D Slicer or ANTs do)."
             )
+
+
+def check_case_grids(images: Sequence[str | os.PathLike], label: str | os.PathLike | None = None) -> None:
+    """Check from the NIfTI headers alone that a case's images, and its label, lie on one grid.
+
+    MONAI pairs a case's images and its label voxel by voxel after turning each to RAS by its own
+    header: contrasts on different grids stop the run at that case, and a label whose header differs
+    from its image's (a segmentation saved with an identity affine) is silently flipped or shifted
+    against the image, so every score on it is wrong. Grids agree within the tolerance of
+    :func:`check_image`.
+
+    Args:
+        images: the NIfTI files of one case (one, or a multi-modal case's contrasts).
+        label: the case's NIfTI label, or None.
+
+    Raises:
+        DatasetError: naming the image off the first image's grid (:func:`check_image`'s message), or the
+            label and its image with both grids and how to put the label on the image's grid.
+    """
+    grids = [(path, *_nifti_grid(path)) for path in images]
+    _check_one_grid(grids)
+    if label is None:
+        return
+    image, shape, affine = grids[0]
+    label_shape, label_affine = _nifti_grid(label)
+    if not _same_grid(shape, affine, label_shape, label_affine):
+        on_image, on_label = _describe_grids(shape, affine, label_shape, label_affine)
+        raise DatasetError(
+            f"label {label} is not on the grid of its image {image}: the label is {on_label}, the image {on_image}. "
+            "MONAI pairs them voxel by voxel, each turned by its own header, so the label would mark other voxels "
+            "than it was drawn on: if its voxels match the image, save it again with the image's header (affine); "
+            "otherwise resample it onto the image (3D Slicer, ANTs or SimpleITK, nearest-neighbour)."
+        )

@@ -469,22 +469,58 @@ def check_nifti(path: str | os.PathLike, read_data: bool = True) -> tuple[int, .
     return shape
 
 
-def validate_datalist(datalist: Sequence[Mapping[str, Any]], read_data: bool = False) -> None:
-    """Check every file of a dataset list, and that images and labels share a spatial shape.
+def _channels(path: str | os.PathLike, shape: tuple[int, ...]) -> int:
+    """How many channels MONAI's loader makes of an image: the volumes of a 4D NIfTI file (the
+    Decathlon's BraTS), one for a 3D file or a DICOM series."""
+    return int(np.prod(shape[3:])) if str(path).endswith(NIFTI_SUFFIXES) else 1
+
+
+def _check_channels(index: int, images: Sequence[Any], shapes: Sequence[tuple[int, ...]], channels: int) -> None:
+    """Refuse a case whose images hold another number of channels than the network takes: MONAI would
+    stop at its first convolution with a multi-screen error that names no file."""
+    found = [_channels(p, shape) for p, shape in zip(images, shapes)]
+    if sum(found) == channels:
+        return
+    if len(images) > 1:  # name the file that holds more than one volume, where one does
+        detail = ", ".join(f"{p}: {n}" for p, n in zip(images, found))
+    else:
+        detail = str(images[0])
+    if channels == 1:
+        expected = "one 3D volume per case (a 4D file holds several: keep the one the network was trained on)"
+    else:
+        expected = (
+            f"{channels} 3D images of one grid per case, or one 4D file of {channels} volumes, in the order the "
+            "network was trained on"
+        )
+    raise DatasetError(
+        f"dataset entry {index} ({detail}) holds {sum(found)} image channel(s), but the network takes {channels}: give "
+        f"{expected}, and check that this is the dataset the network was made for."
+    )
+
+
+def validate_datalist(
+    datalist: Sequence[Mapping[str, Any]], read_data: bool = False, channels: int | None = None
+) -> None:
+    """Check every file of a dataset list, and that images and labels share a grid, from the headers.
 
     Images are NIfTI files or DICOM series folders; a series' label may be a DICOM SEG or RTSTRUCT file
-    (placed on the series when it is loaded, so its shape is not compared here).
+    (placed on the series when it is loaded, so its shape is not compared here), or a NIfTI file of the
+    series' shape. A NIfTI case's images and label must lie on one grid (shape, spacing, orientation and
+    origin in their headers), as :func:`~monai_effq.data.images.check_case_grids` checks.
 
     Args:
         datalist: cases as returned by :func:`load_datalist`; ``"image"`` may be one path or a list.
         read_data: decode every file's voxel data (slow on a full dataset, but finds truncated files).
+        channels: the number of input channels of the network the cases are for (a 4D NIfTI file gives
+            one per volume, a 3D file or a DICOM series one), or None not to check it.
 
     Raises:
-        DatasetError: naming the first missing, unreadable or mismatched file.
+        DatasetError: naming the first missing, unreadable or mismatched file, or the images of a case
+            that hold another number of channels than ``channels``.
     """
     # these modules import this one
     from monai_effq.data.dicom_seg import load_seg
-    from monai_effq.data.images import dicom_series_files
+    from monai_effq.data.images import check_case_grids, dicom_series_files, series_shape
     from monai_effq.data.rtstruct import dicom_label_kind, load_rtstruct
 
     if not datalist:
@@ -494,14 +530,21 @@ def validate_datalist(datalist: Sequence[Mapping[str, Any]], read_data: bool = F
             raise DatasetError(f"dataset entry {i} has no 'image' key: {dict(item)!r}.")
         images = item["image"] if isinstance(item["image"], (list, tuple)) else [item["image"]]
         series = [p for p in images if Path(p).is_dir()]
-        for folder in series:
-            dicom_series_files(folder)
+        series_shapes = [series_shape(dicom_series_files(folder)) for folder in series]
         kind = dicom_label_kind(item["label"]) if "label" in item else None
         if series:
             if len(series) < len(images):
                 raise DatasetError(f"dataset entry {i} mixes DICOM series folders and image files: {images}; give one kind.")
+            if channels is not None:
+                _check_channels(i, images, series_shapes, channels)
             if "label" in item and not kind:
-                check_nifti(item["label"], read_data=read_data)
+                shape = check_nifti(item["label"], read_data=read_data)
+                if shape[:3] != series_shapes[0]:
+                    raise DatasetError(
+                        f"spatial shape {shape[:3]} of {item['label']} differs from {series_shapes[0]} of the DICOM series "
+                        f"in {series[0]}; image and label must be on the same grid: export the label from the series "
+                        "(or resample it onto the series)."
+                    )
             elif kind == "a DICOM SEG" and read_data:
                 load_seg(item["label"], decode=True)
             elif kind and read_data:
@@ -515,11 +558,14 @@ def validate_datalist(datalist: Sequence[Mapping[str, Any]], read_data: bool = F
         shapes = {str(p): check_nifti(p, read_data=read_data) for p in images}
         reference_path, reference = next(iter(shapes.items()))
         if "label" in item:
-            shapes[str(item["label"])] = check_nifti(item["label"], read_data=read_data)
-        for p, shape in shapes.items():
+            label_shape = check_nifti(item["label"], read_data=read_data)
             # a Decathlon image is 4D (x, y, z, contrast); only the spatial part must agree
-            if shape[:3] != reference[:3]:
+            if label_shape[:3] != reference[:3]:
                 raise DatasetError(
-                    f"spatial shape {shape[:3]} of {p} differs from {reference[:3]} of {reference_path}; "
+                    f"spatial shape {label_shape[:3]} of {item['label']} differs from {reference[:3]} of {reference_path}; "
                     "image and label must be on the same grid."
                 )
+        if channels is not None:
+            _check_channels(i, images, list(shapes.values()), channels)
+        # the headers alone: a label saved with another affine is otherwise paired with its image silently
+        check_case_grids(images, item.get("label"))

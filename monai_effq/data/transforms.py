@@ -88,6 +88,8 @@ LITS_CLASSES = ("background", "liver", "tumour")
 """Classes of the label produced by :func:`lits_transforms`."""
 
 _KEYS = ("image", "label")
+# the metadata key under which LoadImageFilesd lists the files of an image stacked from several, one per channel
+_CHANNEL_FILES = "effq_channel_files"
 _BRATS_LAYOUTS = {"native": "native", "brats": "native", "msd": "msd", "brats2023": "brats2023"}
 
 
@@ -240,6 +242,10 @@ class CheckLabelRanged(MapTransform):
 class CheckFinited(MapTransform):
     """Refuse images that hold NaN or Inf voxels, naming the file (no network or runtime flags them).
 
+    For an image stacked from several files (BraTS' contrasts), the file of the first channel that holds
+    them is named, from the list :class:`LoadImageFilesd` keeps in the metadata; the list is removed
+    here, so it never reaches a batch.
+
     Args:
         keys: keys of the images to check.
         allow_missing_keys: do not raise when a key is absent.
@@ -249,13 +255,20 @@ class CheckFinited(MapTransform):
         """A shallow copy of the case dict, after checking its images (:class:`DatasetError` names a bad file)."""
         d = dict(data)
         for key in self.key_iterator(d):
+            files = d[key].meta.pop(_CHANNEL_FILES, None) if isinstance(d[key], MetaTensor) else None
             values = torch.as_tensor(d[key])
             # one reduction per image; the voxel count (a mask as large as the image) only when it fails
             if values.is_floating_point() and not all_finite(values.as_subclass(torch.Tensor)):
-                bad = int((~torch.isfinite(values)).sum())
+                bad = ~torch.isfinite(values.as_subclass(torch.Tensor))
+                source = _source_name(d, key, d[key])
+                if files is not None and len(files) == bad.shape[0]:  # one channel per file, channel first
+                    per_file = bad.flatten(1).sum(1)
+                    channel = int(torch.nonzero(per_file)[0])
+                    source, count = files[channel], int(per_file[channel])
+                else:
+                    count = int(bad.sum())
                 raise DatasetError(
-                    f"image {_source_name(d, key, d[key])} holds {bad} NaN or Inf voxel(s): fix or re-export the file, "
-                    "or leave the case out."
+                    f"image {source} holds {count} NaN or Inf voxel(s): fix or re-export the file, or leave the case out."
                 )
         return d
 
@@ -388,7 +401,7 @@ class LoadImageFilesd(LoadImaged):
         if reader is None and folders and len(folders) == len(paths):
             reader = ITKReader()
         try:
-            return super().__call__(data, reader)
+            out = super().__call__(data, reader)
         except Exception as e:  # the readers raise many unrelated types
             for path in paths:
                 if isinstance(path, (str, os.PathLike)) and str(path).endswith(NIFTI_SUFFIXES):
@@ -396,6 +409,12 @@ class LoadImageFilesd(LoadImaged):
             raise DatasetError(
                 f"cannot read image file(s) {[str(p) for p in paths]}: {image_error_reason(e)}; re-export or remove them."
             ) from e
+        for key in self.key_iterator(dict(data)):
+            # MONAI's metadata names only the first of the files stacked as channels: CheckFinited names the bad one
+            files = data[key]
+            if isinstance(files, (list, tuple)) and len(files) > 1 and isinstance(out.get(key), MetaTensor):
+                out[key].meta[_CHANNEL_FILES] = [str(f) for f in files]
+        return out
 
 
 @contextlib.contextmanager

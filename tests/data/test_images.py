@@ -184,3 +184,17 @@ def test_a_missing_image_and_a_corrupt_nifti_are_named(lits, tmp_path):
     bad.write_bytes(Path(lits[0]["image"]).read_bytes()[:-4096])
     with pytest.raises(DatasetError, match=r"corrupt or unreadable NIfTI file .*volume-9\.nii"):
         check_image([lits[0]["image"], str(bad)])  # a multi-modal case: each file is checked
+
+
+def test_a_nifti_label_of_another_shape_than_its_dicom_series_is_refused(lits, series, tmp_path):
+    import nibabel as nib
+
+    from monai_effq.data import validate_datalist
+
+    folder, _ = series
+    validate_datalist([{"image": str(folder), "label": lits[0]["label"]}])  # the segmentation of the CT the series holds
+    label = nib.load(lits[0]["label"])
+    cut = tmp_path / "segmentation-0.nii.gz"
+    nib.save(nib.Nifti1Image(np.asanyarray(label.dataobj)[:, :, :30], label.affine), str(cut))
+    with pytest.raises(DatasetError, match=r"spatial shape \(40, 36, 30\) of .*segmentation-0\.nii\.gz differs from \(40, 36, 32\) of the DICOM series in .*ct"):
+        validate_datalist([{"image": str(folder), "label": str(cut)}])

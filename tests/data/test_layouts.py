@@ -341,3 +341,66 @@ def test_validation_refuses_an_empty_list_and_an_entry_without_image(data):
         validate_datalist([])
     with pytest.raises(DatasetError, match="dataset entry 1 has no 'image' key"):
         validate_datalist([{"image": str(data["lits"] / "volume-0.nii")}, {"label": "x.nii"}])
+
+
+def _resaved(source: Path, target: Path, affine) -> str:
+    import nibabel as nib
+    import numpy as np
+
+    image = nib.load(str(source))
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), np.asarray(affine, dtype=float)), str(target))
+    return str(target)
+
+
+def test_a_label_saved_with_another_header_than_its_image_is_refused_naming_both_files_and_grids(tmp_path, data):
+    import numpy as np
+
+    case = load_datalist(data["lits"])[0]  # the volumes are stored LPS-like, diag(-1, -1, 1)
+    case["label"] = _resaved(Path(case["label"]), tmp_path / "segmentation-0.nii", np.eye(4))  # as some exporters save it
+    expected = (
+        r"label .*segmentation-0\.nii is not on the grid of its image .*volume-0\.nii: the label is 32x32x32 voxels of "
+        r"1x1x1 mm towards RAS .*, the image 32x32x32 voxels of 1x1x1 mm towards LPS .* save it again with the image's header"
+    )
+    with pytest.raises(DatasetError, match=expected):
+        validate_datalist([case])  # from the headers alone, before any voxel is read
+
+
+def test_a_label_a_thousandth_of_a_millimetre_off_its_image_is_on_its_grid(tmp_path, data):
+    case = load_datalist(data["lits"])[0]
+    import nibabel as nib
+
+    affine = nib.load(case["image"]).affine.copy()
+    affine[:3, 3] += 5e-4  # the same grid written by two programs
+    case["label"] = _resaved(Path(case["label"]), tmp_path / "segmentation-0.nii", affine)
+    validate_datalist([case])
+
+
+def test_contrasts_of_one_brats_case_on_different_grids_are_refused_from_the_headers_with_check_images_message(tmp_path, data):
+    import nibabel as nib
+
+    case = load_datalist(data["brats"])[0]
+    affine = nib.load(case["image"][3]).affine.copy()
+    affine[0, 3] += 5.0  # a T2 acquired apart and not registered
+    case["image"][3] = _resaved(Path(case["image"][3]), tmp_path / "BraTS20_Training_001_t2.nii.gz", affine)
+    with pytest.raises(DatasetError, match=r"the images of one case are not on one grid: .*_t2\.nii\.gz is 32x32x32 voxels .* from \[5\.0"):
+        validate_datalist([case])
+
+
+@pytest.mark.parametrize(
+    "key, channels, found",
+    [("lits", 1, r"volume-0\.nii\) holds 2 image channel"), ("msd_lits", 4, r"liver_\w+\.nii\.gz\) holds 1 image channel")],
+)
+def test_a_case_with_another_number_of_channels_than_the_network_takes_is_refused_naming_its_file(tmp_path, data, key, channels, found):
+    import nibabel as nib
+    import numpy as np
+
+    case = load_datalist(data[key])[0]
+    if key == "lits":  # a CT saved with two volumes (two phases)
+        image = nib.load(case["image"])
+        volume = np.asanyarray(image.dataobj)
+        case["image"] = str(tmp_path / "volume-0.nii")
+        nib.save(nib.Nifti1Image(np.stack([volume, volume], -1), image.affine), case["image"])
+    with pytest.raises(DatasetError, match=rf"dataset entry 0 \(.*{found}\(s\), but the network takes {channels}"):
+        validate_datalist([case], channels=channels)
+    validate_datalist(load_datalist(data["msd_brats"]), channels=4)  # a Decathlon 4D file of four contrasts
+    validate_datalist(load_datalist(data["brats"]), channels=4)  # four 3D files

@@ -281,3 +281,17 @@ def test_an_image_with_nan_voxels_is_refused_naming_the_file(tmp_path, data):
     nib.save(nib.Nifti1Image(image, np.eye(4)), bad)
     with pytest.raises(DatasetError, match=r"image .*volume-0\.nii holds 1 NaN or Inf voxel"):
         lits_transforms(train=False)({"image": str(bad), "label": case["label"]})
+
+
+def test_nan_voxels_in_one_brats_contrast_are_blamed_on_that_contrasts_file_not_the_first(tmp_path, data):
+    case = load_datalist(data["brats"])[0]
+    t1 = nib.load(case["image"][1])
+    blank = tmp_path / "BraTS20_Training_001_t1.nii.gz"
+    nib.save(nib.Nifti1Image(np.full(t1.shape, np.nan, np.float32), t1.affine), blank)
+    images = [case["image"][0], str(blank), *case["image"][2:]]
+    with pytest.raises(DatasetError, match=rf"image .*_t1\.nii\.gz holds {int(np.prod(SHAPE))} NaN or Inf voxel"):
+        brats_transforms("native", train=False)({"image": images, "label": case["label"]})
+
+
+def test_a_brats_case_loads_without_the_list_of_its_files_left_in_the_metadata(brats_native):
+    assert not any("channel_files" in str(key) for key in brats_native["image"].meta)  # nothing extra reaches a batch
