@@ -61,7 +61,7 @@ from monai_effq.ptq.result import QuantizationResult
 from monai_effq.quant.grid import UniformGrid, channel_view, dequantize, grid_codes
 from monai_effq.utils.errors import MissingExtraError, UserInputError, check_integer
 from monai_effq.utils.imports import deferred_import
-from monai_effq.utils.io import atomic_write
+from monai_effq.utils.io import atomic_write, check_output_file
 
 # registers torch.ops.quantized_decomposed, the Q/DQ operators torch.export and its ONNX exporter know
 optional_import("torch.ao.quantization.fx._decomposed")
@@ -795,6 +795,7 @@ def export_onnx(
         ImportError: when the ``onnx`` package (the ``deploy`` extra) is missing.
     """
     require(_has_onnx, "onnx", "export_onnx")
+    check_output_file(path)  # before the export's minutes, not at its final move
     network = _network_of(model)
     if opset is None or opset >= DYNAMO_MIN_OPSET:
         require(_has_onnxscript, "onnxscript", "export_onnx (torch's ONNX exporter)")

@@ -31,6 +31,7 @@ __all__ = [
     "atomic_files",
     "atomic_write",
     "atomic_write_text",
+    "check_output_file",
     "current_umask",
     "is_temporary",
     "remove_stale_temporaries",
@@ -198,6 +199,30 @@ def _concerns(error: OSError, dest: Path, temporaries: list[Path], into: bool) -
     return path.parent == dest.parent and path.name.startswith(_temporary_prefix(dest))
 
 
+def check_output_file(path: str | os.PathLike) -> Path:
+    """Refuse a destination that names a folder, before anything is computed for it.
+
+    ``Path("out/")`` drops the slash, so a write to it would make a file named ``out``; an existing folder
+    fails only at the final move, with an error naming a temporary file.
+
+    Args:
+        path: where a file is to be written.
+
+    Returns:
+        the path.
+
+    Raises:
+        OutputWriteError: for an empty path, one ending in a separator, or an existing folder.
+    """
+    text = os.fspath(path)
+    if not text or text.endswith(("/", os.sep)) or Path(text).is_dir():
+        raise OutputWriteError(
+            f"cannot write {text!r}: it names a folder, where a file is to be written; give the file's own path, "
+            "such as '<folder>/model.pt'."
+        )
+    return Path(text)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, keep_extension: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it onto ``path`` only if the block succeeds.
@@ -219,9 +244,10 @@ def atomic_write(path: str | os.PathLike, keep_extension: bool = False) -> Itera
 
     Raises:
         OutputWriteError: naming the output, when writing it fails for want of space or quota, or because
-            its folder is read-only, another user's or below a file (also when that is raised in the block).
+            its folder is read-only, another user's or below a file (also when that is raised in the block);
+            and before the block, when ``path`` names a folder (:func:`check_output_file`).
     """
-    dest = Path(path)
+    dest = check_output_file(path)
     temporaries: list[Path] = []
     with _reporting_write_errors(dest, dest, temporaries):
         dest.parent.mkdir(parents=True, exist_ok=True)

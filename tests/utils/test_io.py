@@ -239,3 +239,14 @@ def test_a_file_where_the_output_folder_should_be_is_a_write_error_naming_the_ou
     (tmp_path / "eval").write_text("a file")
     with pytest.raises(OutputWriteError, match=f"could not write {tmp_path / 'eval' / 'seg' / 'm.nii.gz'}"):
         atomic_write_text(tmp_path / "eval" / "seg" / "m.nii.gz", "x")
+
+
+@pytest.mark.parametrize("name", ["", "out/", "folder"], ids=["empty", "trailing_separator", "existing_folder"])
+def test_a_destination_that_names_a_folder_is_refused_before_the_block_runs(tmp_path, monkeypatch, name):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "folder").mkdir()
+    ran = []
+    with pytest.raises(OutputWriteError, match=f"cannot write '{name}': it names a folder.*give the file's own path"):
+        with atomic_write(name) as tmp:
+            ran.append(tmp)
+    assert ran == [] and sorted(p.name for p in tmp_path.iterdir()) == ["folder"] and not any((tmp_path / "folder").iterdir())
