@@ -8,6 +8,7 @@ workflows unchanged. It has no parameters; ``.eval()``/``.to()`` are harmless.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import warnings
@@ -264,10 +265,23 @@ class _RuntimeNetwork(nn.Module):
         if not exported or exported == spatial_size_label(spatial):
             return None
         reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        # the largest power of two dividing every side the file was exported on: a stride-2 U-Net's input sides
+        # must be multiples of its downsampling factor, which is no larger
+        sides = [int(v) for v in exported.split("x")]
+        factor = math.gcd(*sides) & -math.gcd(*sides)
+        odd = min((v for v in spatial if v % factor), key=lambda v: v & -v, default=None)
+        divisible = (
+            f" Its side {odd} divides by {odd & -odd} at most, where every side of the export divides by {factor}: a "
+            "U-Net runs only sides that are multiples of its downsampling factor (2 to the power of its stride-2 "
+            "stages), so give the sliding-window inferer a roi_size whose sides are, or pad the input to them "
+            "(monai.transforms.DivisiblePadd)."
+            if odd is not None
+            else ""
+        )
         return (
             f"{self.runtime} could not run {self.path.name} on a {spatial_size_label(spatial)} input ({reason}); it was "
-            f"exported on {exported}, and a network whose graph depends on its input size (window attention such as "
-            f"SwinUNETR's) runs at that size only: give the sliding-window inferer roi_size {exported.replace('x', ', ')}, "
+            f"exported on {exported}.{divisible} A network whose graph depends on its input size (window attention such "
+            f"as SwinUNETR's) runs at that size only: give the sliding-window inferer roi_size {exported.replace('x', ', ')}, "
             "or export again with an example input of the size you run."
         )
 

@@ -403,8 +403,29 @@ def test_a_graph_that_holds_its_examples_size_fails_at_another_size_naming_the_s
     result = monai_effq.quantize(_SizedAttention().eval(), x, monai_effq.EfficientQConfig(weight_bits=8, method="rtn"), progress=False)
     net = cls(monai_effq.export_onnx(result, tmp_path / "sized.onnx", x))
     assert net(x).shape == (1, 4, 8, 8, 8)
-    with pytest.raises(UserInputError, match=r"16x16x16 input \(.+\); it was exported on 8x8x8,.* roi_size 8, 8, 8"):
+    with pytest.raises(UserInputError, match=r"16x16x16 input \(.+\); it was exported on 8x8x8\. A network whose.* roi_size 8, 8, 8"):
         net(torch.randn(1, 1, 16, 16, 16))
+
+
+class _DownUp(torch.nn.Module):
+    """Halves its input and doubles it back onto a skip: an odd side cannot add up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = torch.nn.Conv3d(1, 4, 3, stride=2, padding=1)
+        self.up = torch.nn.ConvTranspose3d(4, 1, 2, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(self.down(x))
+
+
+def test_a_side_the_downsampling_does_not_divide_is_named_as_the_likely_cause(tmp_path):
+    x = torch.randn(1, 1, 8, 8, 8)
+    result = monai_effq.quantize(_DownUp().eval(), x, monai_effq.EfficientQConfig(method="rtn"), progress=False)
+    net = OnnxRuntimeNetwork(monai_effq.export_onnx(result, tmp_path / "down_up.onnx", x))
+    assert net(torch.randn(1, 1, 12, 8, 6)).shape == (1, 1, 12, 8, 6)  # even sides run, though not multiples of 8
+    with pytest.raises(UserInputError, match=r"exported on 8x8x8\. Its side 7 divides by 1 at most, where every side of the export divides by 8: .*DivisiblePadd"):
+        net(torch.randn(1, 1, 8, 8, 7))
 
 
 def test_runtime_network_exports_at_the_window_with_any_batch_and_again_for_another_window_or_any_size(tmp_path):
