@@ -2,10 +2,14 @@
 
 import os
 
+import nibabel as nib
+import numpy as np
 import pytest
+import torch
 
-from monai_effq.data import make_lits_demo, make_msd_demo
-from monai_effq.utils.errors import UserInputError
+from monai_effq.bundle import datalist
+from monai_effq.data import DatasetError, make_lits_demo, make_msd_demo
+from monai_effq.utils.errors import UserInputError, find_user_error
 
 from .conftest import ROI, ROOT, bundle, config_files
 
@@ -38,6 +42,25 @@ def test_every_workflow_output_gets_the_mode_the_umask_gives(tmp_path):
     assert {p.relative_to(out).as_posix(): oct(p.stat().st_mode & 0o777) for p in files if p.stat().st_mode & 0o777 != 0o640} == {}
     folders = [p for p in out.rglob("*") if p.is_dir()]
     assert {p.relative_to(out).as_posix(): oct(p.stat().st_mode & 0o777) for p in folders if p.stat().st_mode & 0o777 != 0o750} == {}
+
+
+def test_training_stopped_by_a_bad_validation_label_keeps_its_last_weights(tmp_path):
+    data = make_lits_demo(tmp_path / "data", n_cases=3, shape=(32, 32, 32), seed=6)
+    (case,) = datalist(data, "lits", "val")
+    label = nib.load(case["label"])
+    values = np.asarray(label.dataobj).copy()
+    values[0, 0, 0] = 5  # found only when validation reads it (--cache_rate 0 reads no case before training)
+    nib.save(nib.Nifti1Image(values, label.affine, label.header), case["label"])
+    models = tmp_path / "models"
+    with pytest.raises(RuntimeError) as stopped:  # the bundle command reports the DatasetError in its chain
+        bundle(
+            "lits_effq", "train", "--dataset_dir", str(data), "--ckpt_dir", str(models), "--max_epochs", "1",
+            "--val_interval", "1", "--cache_rate", "0", "--roi_size", ROI,
+        )
+    error = find_user_error(stopped.value)
+    assert isinstance(error, DatasetError) and "has values {5} outside the allowed set" in str(error)
+    assert sorted(p.name for p in models.iterdir()) == ["model_final.pt"]  # the epoch's weights; no model.pt of an unfinished run
+    assert torch.load(models / "model_final.pt", weights_only=True)
 
 
 @pytest.mark.parametrize("rate, cached", [(0.0, 0), (0.5, 1), (1.0, 3)])  # MONAI rounds down
