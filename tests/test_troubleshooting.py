@@ -467,6 +467,16 @@ def _liver_given_to_brats(tmp_path, lits):
     calibration_datalist(make_msd_demo(tmp_path / "Task03_Liver", "Task03_Liver", n_cases=2, shape=(32, 32, 32)), "brats")
 
 
+def _ct_of_two_phases(tmp_path, lits):
+    import nibabel as nib
+
+    folder = shutil.copytree(lits, tmp_path / "lits")
+    volume = nib.load(str(folder / "volume-0.nii"))
+    phases = np.stack([np.asarray(volume.dataobj)] * 2, axis=-1)  # arterial and venous in one 4D file
+    nib.save(nib.Nifti1Image(phases, volume.affine), str(folder / "volume-0.nii"))
+    calibration_datalist(folder, "lits")
+
+
 def _seg_off_the_grid(tmp_path, lits):
     pydicom = pytest.importorskip("pydicom")
     from monai_effq.data.dicom_seg import series_frames
@@ -616,7 +626,8 @@ TRIGGERS = {
     "RTSTRUCT label <file>: ROI <n> holds an <type> contour, which outlines no area": _rtstruct_of_open_contours,
     "the images of one case are not on one grid: <file> is <grid> where <file> is <grid>": _case_off_one_grid,
     "label <file> is not on the grid of its image <file>": _label_off_its_image,
-    "dataset entry <n> (<files>) holds <n> image channel(s), but the network takes <m>": _liver_given_to_brats,
+    "dataset entry <n> (<files>) holds <n> image channel(s), but the network takes <m>": _ct_of_two_phases,
+    "<dataset.json> declares <n> labels (<labels>) where a <dataset> network segments <n> (<labels>)": _liver_given_to_brats,
     "learning_rate must be a positive number such as 1e-4, got <value>": lambda t, d: check_finetune_settings(300, 25, 0.0, 2),
     "max_epochs must be an integer of at least 1, got <value>": lambda t, d: check_train_settings(0, 50, 3e-3, 2),
     "body_mask selects no voxel of the calibration data": (

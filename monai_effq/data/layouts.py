@@ -366,6 +366,35 @@ def lits_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
     return [{"image": str(volumes[i]), "label": str(segmentations[i])} for i in sorted(volumes)]
 
 
+# the labels a Decathlon task of each dataset declares in its dataset.json (Task01_BrainTumour, Task03_Liver)
+_MSD_LABELS = {
+    "brats": ("background", "edema", "non-enhancing tumor", "enhancing tumour"),
+    "lits": ("background", "liver", "cancer"),
+}
+_MSD_TASKS = {"brats": "Task01_BrainTumour", "lits": "Task03_Liver"}
+
+
+def _check_msd_labels(dataset_dir: str | os.PathLike, dataset: str) -> None:
+    """Refuse a Decathlon folder whose ``dataset.json`` declares another number of labels than the dataset's task.
+
+    Another task's labels can all lie in the range the dataset's label check allows (Task09_Spleen's 0 and 1
+    in LiTS' 0 to 2), so its cases would train or calibrate the network as if they were the dataset's.
+    A ``dataset.json`` without ``labels`` is taken as it is.
+    """
+    json_path = Path(dataset_dir) / "dataset.json"
+    try:
+        labels = json.loads(json_path.read_text(encoding="utf-8")).get("labels")
+    except (OSError, ValueError, AttributeError):
+        return  # msd_datalist has named what is wrong with the file
+    expected = _MSD_LABELS[dataset]
+    if isinstance(labels, dict) and len(labels) != len(expected):
+        raise DatasetError(
+            f"{json_path} declares {len(labels)} labels ({', '.join(map(str, labels.values()))}) where a {dataset} network "
+            f"segments {len(expected)} ({', '.join(expected)}): it is another task's dataset. Point --dataset_dir at a "
+            f"{_MSD_TASKS[dataset]} folder, or use a network made for this task."
+        )
+
+
 def load_datalist(
     dataset_dir: str | os.PathLike,
     layout: str = "auto",
@@ -392,11 +421,14 @@ def load_datalist(
     Raises:
         ValueError: when ``layout`` or ``dataset`` is not a known name.
         DatasetError: when the folder does not match the layout, is empty, or names missing or
-            unreadable files.
+            unreadable files, or a Decathlon ``dataset.json`` declares another number of labels than
+            ``dataset``'s task.
     """
     layout = resolve_layout(dataset_dir, layout, dataset)
     if layout == "msd":
         datalist = msd_datalist(dataset_dir, section=section)
+        if dataset in _MSD_LABELS:
+            _check_msd_labels(dataset_dir, dataset)
     else:
         if section != "training":
             raise UserInputError(f"the {layout!r} layout only has a 'training' section, got section={section!r}.")

@@ -114,6 +114,17 @@ def test_msd_lists_absolute_image_and_label_paths(data):
             assert Path(item["label"]).parent.name == "labelsTr" and Path(item["label"]).name.startswith(prefix)
 
 
+def test_a_decathlon_task_with_another_number_of_labels_is_refused_for_a_dataset_and_listed_without_one(tmp_path, data):
+    spleen = tmp_path / "Task09_Spleen"
+    shutil.copytree(data["msd_lits"], spleen)
+    meta = json.loads((spleen / "dataset.json").read_text())
+    (spleen / "dataset.json").write_text(json.dumps({**meta, "labels": {"0": "background", "1": "spleen"}}))
+    with pytest.raises(DatasetError, match=r"declares 2 labels \(background, spleen\) where a lits network segments 3 .*Task03_Liver"):
+        load_datalist(spleen, dataset="lits")
+    assert len(load_datalist(spleen)) == 2  # no dataset named: nothing to compare with
+    assert len(load_datalist(data["msd_lits"], dataset="lits")) == len(load_datalist(data["msd_brats"], dataset="brats")) == 2
+
+
 def test_lits_native_pairs_volume_and_segmentation_by_number(data):
     datalist = load_datalist(data["lits"], layout="lits")
     assert [(Path(d["image"]).name, Path(d["label"]).name) for d in datalist] == [
