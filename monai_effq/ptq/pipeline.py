@@ -87,6 +87,14 @@ def _as_batches(calibration: torch.Tensor | Iterable[torch.Tensor]) -> list[torc
         if not all_finite(b):
             raise ValueError(f"calibration batch {i} contains NaN or Inf values: clean or re-normalise the input.")
         out.append(b.detach().as_subclass(torch.Tensor).float())  # MONAI's MetaTensor would leak into buffers
+    # the network is probed on the first batch only: a later one of other channels would fail deep in a layer
+    for i, b in enumerate(out[1:], 1):
+        if b.dim() != out[0].dim() or b.shape[1] != out[0].shape[1]:
+            raise UserInputError(
+                f"calibration batch {i} has shape {tuple(b.shape)} where batch 0 has {tuple(out[0].shape)}: give every batch "
+                f"as (N, C, *spatial) with the same {out[0].dim() - 2} spatial axes and {out[0].shape[1]} channels (its N and "
+                "spatial sizes may differ)."
+            )
     return out
 
 

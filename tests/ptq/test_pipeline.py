@@ -1,5 +1,6 @@
 import inspect
 import logging
+import re
 
 import pytest
 import torch
@@ -309,6 +310,13 @@ def test_a_weight_no_quantized_layer_holds_is_reported_and_warned_about_naming_i
     assert warning.startswith("1 weight tensors, 92% of the network's parameters") and "2.w (16x4x3x3x3)" in warning
     skipped = quantize(net, torch.randn(1, 1, 8, 8, 8), EfficientQConfig(method="rtn", skip=("0",)), progress=False)
     assert skipped.report.float_weights == ["2.w"]  # the skipped layer's weight is floating point on purpose
+
+
+def test_a_later_calibration_batch_of_other_channels_or_axes_is_named_before_any_layer_runs():
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 1)).eval()
+    for later in (torch.randn(1, 2, 8, 8, 8), torch.randn(1, 1, 8, 8)):
+        with pytest.raises(UserInputError, match=rf"calibration batch 1 has shape {re.escape(str(tuple(later.shape)))} where batch 0 has \(1, 1, 8, 8, 8\)"):
+            quantize(net, [torch.randn(1, 1, 8, 8, 8), later], EfficientQConfig(method="rtn"), progress=False)
 
 
 def test_calibration_may_be_several_batches_of_different_sizes(trained_unet):
