@@ -12,6 +12,7 @@ so that a truncated file is named before any mask is written.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -25,6 +26,8 @@ from monai.utils import optional_import
 from monai_effq.data.layouts import NIFTI_SUFFIXES, DatasetError, check_nifti
 
 itk, _ = optional_import("itk")
+
+logger = logging.getLogger("monai_effq")
 
 __all__ = ["dicom_series_files", "series_shape", "check_image", "check_case_grids", "image_error_reason"]
 
@@ -131,7 +134,9 @@ def series_shape(files: Sequence[str]) -> tuple[int, int, int]:
     io = itk.GDCMImageIO.New()
     io.SetFileName(str(files[0]))
     io.ReadImageInformation()
-    return int(io.GetDimensions(0)), int(io.GetDimensions(1)), len(files)
+    # an enhanced (multi-frame) series is one file of many frames; a classic one, a frame per file
+    frames = int(io.GetDimensions(2)) if io.GetNumberOfDimensions() > 2 else 1
+    return int(io.GetDimensions(0)), int(io.GetDimensions(1)), frames * len(files)
 
 
 def _damaged(path: Path, folder: str | os.PathLike) -> DatasetError:
@@ -358,10 +363,11 @@ def check_case_grids(images: Sequence[str | os.PathLike], label: str | os.PathLi
     """Check from the NIfTI headers alone that a case's images, and its label, lie on one grid.
 
     MONAI pairs a case's images and its label voxel by voxel after turning each to RAS by its own
-    header: contrasts on different grids stop the run at that case, and a label whose header differs
-    from its image's (a segmentation saved with an identity affine) is silently flipped or shifted
-    against the image, so every score on it is wrong. Grids agree within the tolerance of
-    :func:`check_image`.
+    header: contrasts on different grids stop the run at that case, and a label whose axis directions or
+    spacing differ from its image's (a segmentation saved with an identity affine) is silently flipped or
+    resampled against the image, so every score on it is wrong. A label that differs in origin or by a
+    small rotation only still pairs voxel by voxel as stored: a warning says so. Grids agree within the
+    tolerance of :func:`check_image`.
 
     Args:
         images: the NIfTI files of one case (one, or a multi-modal case's contrasts).
@@ -377,11 +383,28 @@ def check_case_grids(images: Sequence[str | os.PathLike], label: str | os.PathLi
         return
     image, shape, affine = grids[0]
     label_shape, label_affine = _nifti_grid(label)
-    if not _same_grid(shape, affine, label_shape, label_affine):
-        on_image, on_label = _describe_grids(shape, affine, label_shape, label_affine)
-        raise DatasetError(
-            f"label {label} is not on the grid of its image {image}: the label is {on_label}, the image {on_image}. "
-            "MONAI pairs them voxel by voxel, each turned by its own header, so the label would mark other voxels "
-            "than it was drawn on: if its voxels match the image, save it again with the image's header (affine); "
-            "otherwise resample it onto the image (3D Slicer, ANTs or SimpleITK, nearest-neighbour)."
+    if _same_grid(shape, affine, label_shape, label_affine):
+        return
+    on_image, on_label = _describe_grids(shape, affine, label_shape, label_affine)
+    spacing, label_spacing = np.linalg.norm(affine[:3, :3], axis=0), np.linalg.norm(label_affine[:3, :3], axis=0)
+    if (
+        label_shape == shape
+        and nib.aff2axcodes(affine) == nib.aff2axcodes(label_affine)
+        and np.allclose(spacing, label_spacing, rtol=1e-3, atol=_GRID_TOLERANCE_MM)
+    ):
+        # another origin or a small rotation: each file is turned to RAS and resampled by its own header onto arrays
+        # of one shape, so the voxels still pair as drawn (nnU-Net's LiTS conversion and TotalSegmentator's data
+        # hold such pairs); only a reading in world coordinates would place the label elsewhere
+        logger.warning(
+            "label %s and its image %s differ in origin or rotation only (the label is %s, the image %s): their voxels "
+            "are paired as stored; save the label with the image's header if other tools read it in world coordinates.",
+            label, image, on_label, on_image,
         )
+        return
+    raise DatasetError(
+        f"label {label} is not on the grid of its image {image}: the label is {on_label}, the image {on_image}. "
+        "MONAI turns each to RAS by its own header before pairing them voxel by voxel, so with another axis direction "
+        "or spacing the label would mark other voxels than it was drawn on: if its voxels match the image, save it "
+        "again with the image's header (affine); otherwise resample it onto the image (3D Slicer, ANTs or "
+        "SimpleITK, nearest-neighbour)."
+    )

@@ -386,6 +386,18 @@ def test_a_label_a_thousandth_of_a_millimetre_off_its_image_is_on_its_grid(tmp_p
     validate_datalist([case])
 
 
+def test_a_label_of_another_origin_only_is_accepted_with_a_warning_as_its_voxels_pair_as_stored(tmp_path, data, caplog):
+    import nibabel as nib
+
+    case = load_datalist(data["lits"])[0]
+    affine = nib.load(case["image"]).affine.copy()
+    affine[:3, 3] += (10.0, 20.0, -30.0)  # nnU-Net's LiTS conversion and TotalSegmentator's data hold such pairs
+    case["label"] = _resaved(Path(case["label"]), tmp_path / "segmentation-0.nii", affine)
+    with caplog.at_level("WARNING", logger="monai_effq"):
+        validate_datalist([case])
+    assert any("differ in origin or rotation only" in r.getMessage() for r in caplog.records)
+
+
 def test_contrasts_of_one_brats_case_on_different_grids_are_refused_from_the_headers_with_check_images_message(tmp_path, data):
     import nibabel as nib
 
