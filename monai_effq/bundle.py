@@ -39,7 +39,7 @@ from monai_effq.data import (
 from monai_effq.data.writers import inference_masks
 from monai_effq.overlays import calibration_items
 from monai_effq.ptq.checkpoint import verify_checkpoint
-from monai_effq.ptq.journal import journal_path
+from monai_effq.ptq.journal import journal_path, journal_unfinished
 from monai_effq.utils.distributed import get_rank, get_world_size, is_distributed, is_rank_zero
 from monai_effq.utils.errors import (
     MissingInputError,
@@ -702,7 +702,7 @@ def check_quantize_finished(quantized_path: str | os.PathLike) -> None:
         UserInputError: when a resume journal of an unfinished quantize run lies beside it.
     """
     journal = journal_path(quantized_path)
-    if journal.exists():
+    if journal_unfinished(journal):
         raise UserInputError(
             f"the quantize run that writes {quantized_path} did not finish (its journal {journal} is there): rerun the "
             "same quantize command to resume it (with --export_dir \"\" if its export is what fails, or delete the "

@@ -37,7 +37,7 @@ from monai_effq.utils.distributed import broadcast_object, get_rank
 from monai_effq.utils.errors import OutputWriteError, UserInputError
 from monai_effq.utils.io import atomic_write, atomic_write_text, is_temporary
 
-__all__ = ["JOURNAL_FORMAT", "JournalEntry", "QuantizationJournal", "journal_path", "remove_journal"]
+__all__ = ["JOURNAL_FORMAT", "JournalEntry", "QuantizationJournal", "journal_path", "journal_unfinished", "remove_journal"]
 
 logger = logging.getLogger("monai_effq")
 
@@ -235,13 +235,51 @@ def _manifest(folder: Path) -> dict | str | None:
     return found if isinstance(found, dict) else "damaged"
 
 
+# files an operating system or file server leaves in any folder a person or a share touches: neither the
+# journal's nor another's, so they neither block a journal nor keep a finished one's folder
+_CLUTTER_NAMES = frozenset((".DS_Store", "Thumbs.db", "desktop.ini"))
+_CLUTTER_PREFIXES = ("._", ".nfs")
+# an earlier format's layer file is at most this large: a larger *.pt file is someone's checkpoint
+_EARLIER_LAYER_MAX_BYTES = 64 * 2**20
+
+
+def _is_clutter(name: str) -> bool:
+    return name in _CLUTTER_NAMES or name.startswith(_CLUTTER_PREFIXES)
+
+
+def _is_earlier_layer_file(path: Path) -> bool:
+    """Whether a ``*.pt`` file of an earlier format's journal is one of its layer files (which had no prefix)."""
+    try:
+        if path.stat().st_size > _EARLIER_LAYER_MAX_BYTES:
+            return False
+        entry = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # not a file torch reads safely: not a layer file
+        return False
+    return isinstance(entry, dict) and {"codes", "scale", "report"} <= set(entry)
+
+
+def journal_unfinished(path: str | os.PathLike) -> bool:
+    """Whether the run that keeps its journal in ``path`` has not finished (a finished run removes its journal).
+
+    Args:
+        path: the journal folder (:func:`journal_path`).
+
+    Returns:
+        ``True`` when the journal's manifest is there, or the folder is empty (a run killed as it made it);
+        a folder that keeps only files a journal does not write (an NFS placeholder) is no journal.
+    """
+    folder = Path(path)
+    return (folder / _MANIFEST).is_file() or (folder.is_dir() and not any(folder.iterdir()))
+
+
 def _entries(folder: Path, found: dict | str | None) -> tuple[list[Path], list[Path]]:
     """A journal folder's entries: those a journal writes, and the others (a missing folder has neither).
 
     A journal writes its manifest, layer files and the hidden temporaries of its writes (:mod:`monai_effq.utils.io`).
     A manifest that is a dict of another tool (no journal format) is another's; one that does not parse counts
     as the journal's only where every other entry does. An earlier format's journal named its layer files
-    ``<name>.pt``: those are its own too.
+    ``<name>.pt``: those that read as layer files are its own too (a checkpoint saved beside them is not).
+    An operating system's clutter (``.DS_Store``, ``._*``, ``.nfs*``) is in neither list.
     """
     try:
         entries = list(folder.iterdir())
@@ -252,7 +290,11 @@ def _entries(folder: Path, found: dict | str | None) -> tuple[list[Path], list[P
     own, other = [], []
     for entry in entries:
         name, is_file = entry.name, entry.is_file() and not entry.is_symlink()
-        layer = is_file and name.endswith(_LAYER_SUFFIX) and (earlier or name.startswith(_LAYER_PREFIX))
+        if _is_clutter(name):
+            continue
+        layer = is_file and name.endswith(_LAYER_SUFFIX) and (
+            name.startswith(_LAYER_PREFIX) or (earlier and _is_earlier_layer_file(entry))
+        )
         (own if layer or is_temporary(name) or (is_file and name == _MANIFEST) else other).append(entry)
     manifest = [e for e in own if e.name == _MANIFEST]
     if manifest and not ours and (found != "damaged" or other):
@@ -288,8 +330,9 @@ def remove_journal(path: str | os.PathLike | None) -> None:
     found = _manifest(folder)
     own, other = _entries(folder, found)
     if isinstance(found, dict) and str(found.get("format", "")).startswith(_FORMAT_PREFIX):
-        for entry in own:
-            with contextlib.suppress(OSError):
+        clutter = [e for e in folder.iterdir() if _is_clutter(e.name) and e.is_file()] if not other else []
+        for entry in [*own, *clutter]:
+            with contextlib.suppress(OSError):  # an NFS placeholder of an open file stays until it is closed
                 entry.unlink()
     if not other:
         with contextlib.suppress(OSError):  # not empty (a file of the user's), or already gone

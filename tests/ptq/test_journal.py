@@ -224,7 +224,7 @@ def test_a_journal_of_an_earlier_format_is_discarded_and_the_run_starts_afresh(s
     journal = tmp_path / "j"
     journal.mkdir()
     (journal / "manifest.json").write_text(json.dumps({"format": "monai-effq-journal/2"}))
-    (journal / "model.0.conv.pt").write_bytes(b"a layer file of format 2")
+    torch.save({"codes": torch.zeros(2, dtype=torch.uint8), "scale": torch.ones(1), "report": "{}"}, journal / "model.0.conv.pt")
     with caplog.at_level(logging.WARNING, logger="monai_effq"):
         quantize(net, calibration, EfficientQConfig(weight_bits=4), progress=False, journal=journal)
     assert any("(journal format changed): starting afresh" in r.getMessage() for r in caplog.records)
@@ -237,3 +237,31 @@ def test_a_journal_path_that_is_a_file_is_refused_naming_it(small_run, tmp_path)
     with pytest.raises(OutputWriteError, match=r"the journal .*j is a file, not a folder"):
         quantize(net, calibration, EfficientQConfig(weight_bits=4), progress=False, journal=tmp_path / "j")
     assert (tmp_path / "j").read_text() == "mine"
+
+
+def test_an_operating_systems_clutter_neither_blocks_a_journal_nor_keeps_a_finished_ones_folder(small_run, tmp_path):
+    from monai_effq.ptq.journal import journal_unfinished
+
+    net, calibration = small_run
+    journal = tmp_path / "j"
+    quantize(net, calibration, EfficientQConfig(weight_bits=4), progress=False, journal=journal)
+    (journal / ".DS_Store").write_bytes(b"Finder")  # a person looked into the folder during the run
+    quantize(net, calibration, EfficientQConfig(weight_bits=4), progress=False, journal=journal)  # resumes
+    assert journal_unfinished(journal)
+    remove_journal(journal)
+    assert not journal.exists() and not journal_unfinished(journal)
+
+
+def test_an_earlier_formats_journal_discards_its_layer_files_and_keeps_a_checkpoint_saved_beside_them(small_run, tmp_path):
+    net, calibration = small_run
+    journal = tmp_path / "j"
+    result = quantize(net, calibration, EfficientQConfig(weight_bits=4), progress=False, journal=journal)
+    for layer in journal.glob("layer.*.pt"):  # as format 2 named them
+        layer.rename(journal / layer.name.removeprefix("layer."))
+    (journal / "manifest.json").write_text(json.dumps({"format": "monai-effq-journal/2"}))
+    save_quantized(result, journal / "model.pt")  # a user's checkpoint, e.g. with journal="."
+    with pytest.raises(UserInputError, match=r"holds 1 entries a journal does not write \(model.pt\)"):
+        quantize(net, calibration, EfficientQConfig(weight_bits=4), progress=False, journal=journal)
+    (journal / "model.pt").rename(tmp_path / "model.pt")
+    quantize(net, calibration, EfficientQConfig(weight_bits=4), progress=False, journal=journal)
+    assert all(p.name.startswith(("layer.", "manifest")) for p in journal.iterdir())  # format 2's files discarded
