@@ -171,7 +171,7 @@ def exporter_version() -> str:
     process (the source files and package metadata do not change under a running export).
 
     Returns:
-        e.g. ``"0.1.0+src.3f2a9c1b7d40 torch 2.13.0+cpu onnxscript 0.5.4"``.
+        e.g. ``"0.1.0+src.3f2a9c1b7d40 torch 2.13.0 onnxscript 0.5.4"``.
     """
     from monai_effq import __version__  # at call time: the package imports this module while it initialises
 
@@ -180,7 +180,10 @@ def exporter_version() -> str:
     except importlib.metadata.PackageNotFoundError:
         onnxscript = "none"
     source = source_digest(Path(__file__).resolve().parents[1], _GRAPH_SOURCES)
-    return f"{__version__}+src.{source} torch {torch.__version__} onnxscript {onnxscript}"
+    # torch's release without its build's label (+cpu, +cu121): a file exported on a GPU machine is the one a CPU
+    # machine of the same release would write
+    torch_release = str(torch.__version__).split("+")[0]
+    return f"{__version__}+src.{source} torch {torch_release} onnxscript {onnxscript}"
 
 
 def spatial_size_label(spatial: Sequence[int]) -> str:
@@ -668,6 +671,8 @@ def _refuse_a_misfit(form: nn.Module, x: torch.Tensor, error: BaseException | No
             warnings.simplefilter("ignore")
             form(x)
     except RuntimeError as misfit:
+        if "memory" in str(misfit).lower():  # too large for this machine is not a misfit
+            return
         raise UserInputError(
             f"example_input of shape {tuple(x.shape)} does not fit the network ({_one_line(misfit)}): give it as "
             "(N, C, *spatial), with the channels the network takes and a spatial size it runs (each side a multiple of "

@@ -268,7 +268,7 @@ class _RuntimeNetwork(nn.Module):
         # the largest power of two dividing every side the file was exported on: a stride-2 U-Net's input sides
         # must be multiples of its downsampling factor, which is no larger
         sides = [int(v) for v in exported.split("x")]
-        factor = math.gcd(*sides) & -math.gcd(*sides)
+        factor = min(math.gcd(*sides) & -math.gcd(*sides), 32)  # no segmentation U-Net downsamples more
         odd = min((v for v in spatial if v % factor), key=lambda v: v & -v, default=None)
         divisible = (
             f" Its side {odd} divides by {odd & -odd} at most, where every side of the export divides by {factor}: a "

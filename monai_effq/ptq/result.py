@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from monai_effq.ptq.config import EfficientQConfig
 from monai_effq.ptq.footprint import weight_footprint
-from monai_effq.ptq.graph import unique_state_dict
+from monai_effq.ptq.graph import SUPPORTED_LAYERS, unique_state_dict
 from monai_effq.ptq.modules import QuantizedLayer
 from monai_effq.ptq.report import QuantizationReport, peak_gpu_memory_mib, peak_memory_mib
 from monai_effq.quant.packing import packed_nbytes
@@ -67,9 +67,9 @@ def float_weights(network: nn.Module, skipped: list[str] | tuple[str, ...] = ())
     """The weight tensors a quantized network still holds in floating point, though no layer was told to keep them.
 
     A weight is a parameter of two or more axes (biases, norms and PReLU slopes have one); those of quantized
-    layers are codes, and those of ``skipped`` layers are kept in floating point on purpose. What remains is
-    held by a module monai-effq does not quantize: a weight applied with ``torch.nn.functional``, an LSTM,
-    a transformer's position table.
+    layers are codes, those of ``skipped`` layers are kept in floating point on purpose, and a layer of a kind
+    monai-effq quantizes that is not quantized never ran. What remains is held by a module monai-effq does not
+    quantize: a weight applied with ``torch.nn.functional``, an LSTM, a transformer's position table.
 
     Args:
         network: the quantized network.
@@ -81,7 +81,9 @@ def float_weights(network: nn.Module, skipped: list[str] | tuple[str, ...] = ())
     kept = tuple(f"{name}." for name in skipped)
     found = {}
     for name, module in network.named_modules():
-        if isinstance(module, QuantizedLayer) or name.startswith(kept) or f"{name}." in kept:
+        # a layer monai-effq quantizes that is left so never ran on the calibration input (a VAE branch, an unused
+        # deep-supervision head): its weights change no output
+        if isinstance(module, (QuantizedLayer, *SUPPORTED_LAYERS)) or name.startswith(kept) or f"{name}." in kept:
             continue
         for pname, param in module.named_parameters(recurse=False):
             if param.dim() >= 2:

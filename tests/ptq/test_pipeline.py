@@ -301,15 +301,24 @@ def test_a_weight_no_quantized_layer_holds_is_reported_and_warned_about_naming_i
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return nn.functional.conv3d(x, self.w, padding=1)
 
+    class WithUnusedHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), FunctionalConv(), nn.ReLU(), nn.Conv3d(16, 2, 1))
+            self.head = nn.Conv3d(16, 2, 3)  # never run, as a VAE branch in eval mode: it changes no output
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), FunctionalConv(), nn.ReLU(), nn.Conv3d(16, 2, 1)).eval()
+    net = WithUnusedHead().eval()
     with caplog.at_level(logging.WARNING, logger="monai_effq"):
         q = quantize(net, torch.randn(1, 1, 8, 8, 8), EfficientQConfig(method="rtn"), progress=False)
-    assert q.report.float_weights == ["2.w"]
+    assert q.report.float_weights == ["body.2.w"]
     (warning,) = [r.getMessage() for r in caplog.records if "stay in floating point" in r.getMessage()]
-    assert warning.startswith("1 weight tensors, 92% of the network's parameters") and "2.w (16x4x3x3x3)" in warning
-    skipped = quantize(net, torch.randn(1, 1, 8, 8, 8), EfficientQConfig(method="rtn", skip=("0",)), progress=False)
-    assert skipped.report.float_weights == ["2.w"]  # the skipped layer's weight is floating point on purpose
+    assert warning.startswith("1 weight tensors, 63% of the network's parameters") and "body.2.w (16x4x3x3x3)" in warning
+    skipped = quantize(net, torch.randn(1, 1, 8, 8, 8), EfficientQConfig(method="rtn", skip=("body.0",)), progress=False)
+    assert skipped.report.float_weights == ["body.2.w"]  # the skipped layer's weight is floating point on purpose
 
 
 def test_a_later_calibration_batch_of_other_channels_or_axes_is_named_before_any_layer_runs():
