@@ -359,19 +359,23 @@ def _check_one_grid(grids: Sequence[tuple[Any, tuple[int, ...], np.ndarray]]) ->
             )
 
 
-def check_case_grids(images: Sequence[str | os.PathLike], label: str | os.PathLike | None = None) -> None:
+def check_case_grids(images: Sequence[str | os.PathLike], label: str | os.PathLike | None = None) -> str | None:
     """Check from the NIfTI headers alone that a case's images, and its label, lie on one grid.
 
     MONAI pairs a case's images and its label voxel by voxel after turning each to RAS by its own
     header: contrasts on different grids stop the run at that case, and a label whose axis directions or
     spacing differ from its image's (a segmentation saved with an identity affine) is silently flipped or
     resampled against the image, so every score on it is wrong. A label that differs in origin or by a
-    small rotation only still pairs voxel by voxel as stored: a warning says so. Grids agree within the
-    tolerance of :func:`check_image`.
+    small rotation only still pairs voxel by voxel as stored: the caller is told, to warn once for a
+    dataset rather than once a case. Grids agree within the tolerance of :func:`check_image`.
 
     Args:
         images: the NIfTI files of one case (one, or a multi-modal case's contrasts).
         label: the case's NIfTI label, or None.
+
+    Returns:
+        ``None``, or for a label that differs from its image in origin or rotation only, the two files and
+        grids in words.
 
     Raises:
         DatasetError: naming the image off the first image's grid (:func:`check_image`'s message), or the
@@ -380,11 +384,11 @@ def check_case_grids(images: Sequence[str | os.PathLike], label: str | os.PathLi
     grids = [(path, *_nifti_grid(path)) for path in images]
     _check_one_grid(grids)
     if label is None:
-        return
+        return None
     image, shape, affine = grids[0]
     label_shape, label_affine = _nifti_grid(label)
     if _same_grid(shape, affine, label_shape, label_affine):
-        return
+        return None
     on_image, on_label = _describe_grids(shape, affine, label_shape, label_affine)
     spacing, label_spacing = np.linalg.norm(affine[:3, :3], axis=0), np.linalg.norm(label_affine[:3, :3], axis=0)
     if (
@@ -395,12 +399,7 @@ def check_case_grids(images: Sequence[str | os.PathLike], label: str | os.PathLi
         # another origin or a small rotation: each file is turned to RAS and resampled by its own header onto arrays
         # of one shape, so the voxels still pair as drawn (nnU-Net's LiTS conversion and TotalSegmentator's data
         # hold such pairs); only a reading in world coordinates would place the label elsewhere
-        logger.warning(
-            "label %s and its image %s differ in origin or rotation only (the label is %s, the image %s): their voxels "
-            "are paired as stored; save the label with the image's header if other tools read it in world coordinates.",
-            label, image, on_label, on_image,
-        )
-        return
+        return f"label {label} is {on_label} where its image {image} is {on_image}"
     raise DatasetError(
         f"label {label} is not on the grid of its image {image}: the label is {on_label}, the image {on_image}. "
         "MONAI turns each to RAS by its own header before pairing them voxel by voxel, so with another axis direction "

@@ -22,6 +22,7 @@ file and says what was expected.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -33,6 +34,8 @@ import numpy as np
 from monai.data import load_decathlon_datalist
 
 from monai_effq.utils.errors import UserInputError
+
+logger = logging.getLogger("monai_effq")
 
 __all__ = [
     "DatasetError",
@@ -537,8 +540,10 @@ def validate_datalist(
 
     Images are NIfTI files or DICOM series folders; a series' label may be a DICOM SEG or RTSTRUCT file
     (placed on the series when it is loaded, so its shape is not compared here), or a NIfTI file of the
-    series' shape. A NIfTI case's images and label must lie on one grid (shape, spacing, orientation and
-    origin in their headers), as :func:`~monai_effq.data.images.check_case_grids` checks.
+    series' shape. A NIfTI case's images must lie on one grid (shape, spacing, orientation and origin in
+    their headers) and its label on their shape, spacing and orientation, as
+    :func:`~monai_effq.data.images.check_case_grids` checks; labels of another origin are named in one
+    warning.
 
     Args:
         datalist: cases as returned by :func:`load_datalist`; ``"image"`` may be one path or a list.
@@ -555,6 +560,7 @@ def validate_datalist(
     from monai_effq.data.images import check_case_grids, dicom_series_files, series_shape
     from monai_effq.data.rtstruct import dicom_label_kind, load_rtstruct
 
+    moved: list[str] = []  # labels of another origin, for one warning
     if not datalist:
         raise DatasetError("the dataset list is empty; nothing to validate.")
     for i, item in enumerate(datalist):
@@ -600,4 +606,11 @@ def validate_datalist(
         if channels is not None:
             _check_channels(i, images, list(shapes.values()), channels)
         # the headers alone: a label saved with another affine is otherwise paired with its image silently
-        check_case_grids(images, item.get("label"))
+        note = check_case_grids(images, item.get("label"))
+        moved += [note] if note else []
+    if moved:
+        logger.warning(
+            "%d label(s) differ from their image in origin or rotation only (%s%s): their voxels are paired as stored; save "
+            "each with its image's header if other tools read them in world coordinates.",
+            len(moved), moved[0], "; ..." if len(moved) > 1 else "",
+        )

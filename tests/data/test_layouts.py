@@ -395,7 +395,7 @@ def test_a_label_of_another_origin_only_is_accepted_with_a_warning_as_its_voxels
     case["label"] = _resaved(Path(case["label"]), tmp_path / "segmentation-0.nii", affine)
     with caplog.at_level("WARNING", logger="monai_effq"):
         validate_datalist([case])
-    assert any("differ in origin or rotation only" in r.getMessage() for r in caplog.records)
+    assert any("1 label(s) differ from their image in origin or rotation only" in r.getMessage() for r in caplog.records)
 
 
 def test_contrasts_of_one_brats_case_on_different_grids_are_refused_from_the_headers_with_check_images_message(tmp_path, data):
