@@ -88,8 +88,6 @@ def float_weights(network: nn.Module, skipped: list[str] | tuple[str, ...] = ())
         for pname, param in module.named_parameters(recurse=False):
             if param.dim() >= 2:
                 found[f"{name}.{pname}" if name else pname] = tuple(param.shape)
-    inside = tuple(f"{name}." for name, m in network.named_modules() if isinstance(m, QuantizedLayer))
-    found = {k: v for k, v in found.items() if not k.startswith(inside)}
     return dict(sorted(found.items(), key=lambda item: -math.prod(item[1])))
 
 
