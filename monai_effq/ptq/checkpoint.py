@@ -138,7 +138,7 @@ def _architecture(network: nn.Module) -> dict[str, list]:
     for name, module in network.named_modules():
         if next(module.children(), None) is not None or not type(module).__module__.startswith("torch.nn"):
             continue
-        owner = name.rpartition(".")[0] if name.endswith("layer") else None
+        owner = name.rpartition(".")[0] if name.endswith(".layer") else None
         name = owner if owner in quantized else name  # a quantized layer's FP layer: by the name the user knows
         settings = {a: getattr(module, a) for a in _ARCHITECTURE_SETTINGS if hasattr(module, a) and not callable(getattr(module, a))}
         layers[name] = [type(module).__name__, json.loads(json.dumps(settings, default=str))]

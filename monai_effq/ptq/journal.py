@@ -243,6 +243,11 @@ _CLUTTER_PREFIXES = ("._", ".nfs")
 _EARLIER_LAYER_MAX_BYTES = 64 * 2**20
 
 
+def _is_journal_manifest(found: dict | str | None) -> bool:
+    """Whether a manifest (:func:`_manifest`) is a journal's, of this format or an earlier one."""
+    return isinstance(found, dict) and str(found.get("format", "")).startswith(_FORMAT_PREFIX)
+
+
 def _is_clutter(name: str) -> bool:
     return name in _CLUTTER_NAMES or name.startswith(_CLUTTER_PREFIXES)
 
@@ -285,7 +290,7 @@ def _entries(folder: Path, found: dict | str | None) -> tuple[list[Path], list[P
         entries = list(folder.iterdir())
     except (FileNotFoundError, NotADirectoryError):
         return [], []
-    ours = isinstance(found, dict) and str(found.get("format", "")).startswith(_FORMAT_PREFIX)
+    ours = _is_journal_manifest(found)
     earlier = ours and found.get("format") != JOURNAL_FORMAT
     own, other = [], []
     for entry in entries:
@@ -329,7 +334,7 @@ def remove_journal(path: str | os.PathLike | None) -> None:
     folder = Path(path)
     found = _manifest(folder)
     own, other = _entries(folder, found)
-    if isinstance(found, dict) and str(found.get("format", "")).startswith(_FORMAT_PREFIX):
+    if _is_journal_manifest(found):
         clutter = [e for e in folder.iterdir() if _is_clutter(e.name) and e.is_file()] if not other else []
         for entry in [*own, *clutter]:
             with contextlib.suppress(OSError):  # an NFS placeholder of an open file stays until it is closed
