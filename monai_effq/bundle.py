@@ -27,6 +27,7 @@ from monai_effq.data import (
     DatasetError,
     brats_transforms,
     check_image,
+    check_image_channels,
     check_nifti,
     load_datalist,
     lits_transforms,
@@ -132,6 +133,13 @@ DATASET_CHANNELS = {"brats": 4, "lits": 1}
 """The input channels of each bundle's network: BraTS' four contrasts (FLAIR, T1, T1gd, T2), LiTS' one CT."""
 
 
+def _network_channels(channels: Any, dataset: str) -> int | None:
+    """The channels a case must hold: the bundle network's, where the config names them, else the dataset's."""
+    if channels is None:
+        return DATASET_CHANNELS.get(dataset)
+    return check_integer(channels, "network_def#in_channels", low=1)
+
+
 def datalist(
     dataset_dir: str | os.PathLike,
     dataset: str,
@@ -140,6 +148,7 @@ def datalist(
     val_fraction: float = 0.2,
     limit: int | None = None,
     demo_dir: str | os.PathLike | None = None,
+    channels: int | None = None,
 ) -> list[dict[str, Any]]:
     """One part of a dataset's deterministic train/validation split, with every file checked.
 
@@ -152,18 +161,20 @@ def datalist(
         limit: keep at most this many cases.
         demo_dir: the bundle's demo folder: when ``dataset_dir`` is this folder, the demo is generated
             there on first use (any other missing folder is an error).
+        channels: the input channels of the bundle's network (``@network_def#in_channels``); None: the
+            dataset's (:data:`DATASET_CHANNELS`).
 
     Returns:
         the list of case dicts.
 
     Raises:
         DatasetError: for a missing or unreadable file, a label off its image's grid, a case whose images are
-            not on one grid, or a case that does not hold the channels of the dataset's network
-            (:data:`DATASET_CHANNELS`), all found from the headers before the network is loaded.
+            not on one grid, or a case that does not hold ``channels``, all found from the headers before the
+            network is loaded.
     """
     _demo_if_asked(dataset_dir, dataset, demo_dir)
     cases = load_datalist(dataset_dir, layout=layout, dataset=dataset)
-    validate_datalist(cases, channels=DATASET_CHANNELS.get(dataset))
+    validate_datalist(cases, channels=_network_channels(channels, dataset))
     if part != "all":
         train, val = split_datalist(cases, val_fraction=val_fraction, seed=0)
         cases = {"train": train, "val": val}[part]
@@ -223,6 +234,7 @@ def calibration_datalist(
     val_fraction: float = 0.2,
     demo_dir: str | os.PathLike | None = None,
     images: Any = None,
+    channels: int | None = None,
 ) -> list[dict[str, Any]]:
     """The calibration cases of the quantize workflow: ``cases`` training cases from number ``case`` on,
     or the first ``cases`` of ``images``.
@@ -240,6 +252,7 @@ def calibration_datalist(
         images: ``--calibration_images``, as for :func:`monai_effq.overlays.calibration_items`: a path
             (file or DICOM series folder), a multi-modal case's list of paths, or a list of either;
             ``case`` is then not used. ``None`` or ``""``: the training cases.
+        channels: as for :func:`datalist`; ``images`` are checked to hold them too.
 
     Returns:
         the case dicts (never empty).
@@ -247,22 +260,27 @@ def calibration_datalist(
     Raises:
         UserInputError: for a case number past the end of the training split, a count below 1, or
             fewer ``images`` than ``cases``.
-        DatasetError: for a missing, unreadable or truncated file.
+        DatasetError: for a missing, unreadable or truncated file, or a case of other channels than the
+            network's.
     """
+    channels = _network_channels(channels, dataset)
     case = check_integer(case, "calibration_case", low=0)
     cases = check_integer(cases, "calibration_cases", low=1)
     if images is not None and images != "":  # "" as for --export_dir: not given
         chosen = calibration_items(images, cases)
-        for item in chosen:
+        for number, item in enumerate(chosen):
             check_image(item["image"], read_data=True)
-            if dataset == "brats" and isinstance(item["image"], str) and _spatial_only(item["image"]):
+            # BraTS' one-file slip gets its own advice (a network of one contrast takes such a file)
+            if dataset == "brats" and channels == DATASET_CHANNELS["brats"] and isinstance(item["image"], str) and _spatial_only(item["image"]):
                 raise UserInputError(
                     f"calibration image {item['image']} is one 3D image, but a BraTS case is its four contrasts: pass "
                     "each case as the list of its files, --calibration_images \"[['flair.nii.gz', 't1.nii.gz', "
                     "'t1ce.nii.gz', 't2.nii.gz']]\" (a list of cases), or a Decathlon 4D file."
                 )
+            if channels is not None:
+                check_image_channels(item["image"], channels, f"calibration case {number}")
         return chosen
-    train = datalist(dataset_dir, dataset, "train", layout, val_fraction, demo_dir=demo_dir)
+    train = datalist(dataset_dir, dataset, "train", layout, val_fraction, demo_dir=demo_dir, channels=channels)
     if case >= len(train):
         raise UserInputError(
             f"calibration_case {case} is past the end of the {len(train)} training cases of {Path(dataset_dir).resolve()}: "
@@ -274,7 +292,7 @@ def calibration_datalist(
             "calibration_cases %d from calibration_case %d asks for more than the %d training cases left: calibrating on those %d",
             cases, case, len(train) - case, len(chosen),
         )
-    validate_datalist(chosen, read_data=True, channels=DATASET_CHANNELS.get(dataset))
+    validate_datalist(chosen, read_data=True, channels=channels)
     return chosen
 
 
@@ -393,12 +411,17 @@ def image_preprocessing(dataset: str) -> Compose:
 
 
 def images(
-    dataset_dir: str | os.PathLike, dataset: str, part: str = "val", layout: str = "auto", val_fraction: float = 0.2
+    dataset_dir: str | os.PathLike,
+    dataset: str,
+    part: str = "val",
+    layout: str = "auto",
+    val_fraction: float = 0.2,
+    channels: int | None = None,
 ) -> list[dict[str, Any]]:
     """The images of one part of a dataset, for inference; never generates the demo data.
 
     Args:
-        dataset_dir, dataset, part, layout, val_fraction: as for :func:`datalist` (the same split).
+        dataset_dir, dataset, part, layout, val_fraction, channels: as for :func:`datalist` (the same split).
 
     Returns:
         ``[{"image": path or paths}, ...]``.
@@ -413,7 +436,7 @@ def images(
             "\"[{'image': '/path/to/image.nii.gz'}]\", or run the bundle's train or quantize workflow once to "
             "generate the demo."
         )
-    return [{"image": case["image"]} for case in datalist(dataset_dir, dataset, part, layout, val_fraction)]
+    return [{"image": case["image"]} for case in datalist(dataset_dir, dataset, part, layout, val_fraction, channels=channels)]
 
 
 MASK_FORMATS = {"nifti": ".nii.gz", "dicom_seg": ".dcm", "rtstruct": ".dcm"}
@@ -520,9 +543,10 @@ def check_inference_inputs(
     postfix: str = "seg",
     ext: str = ".nii.gz",
     mask_format: str = "nifti",
+    channels: int | None = None,
 ) -> None:
-    """Stop inference before it runs on an image that is missing or corrupt, or on two images whose
-    masks would take one name (:func:`inference_masks`).
+    """Stop inference before it runs on an image that is missing or corrupt, of other channels than the
+    network's, or on two images whose masks would take one name (:func:`inference_masks`).
 
     Every image is decoded in full, since a truncated file may only fail there, and a DICOM folder
     must hold one evenly sliced series. DICOM SEG and RTSTRUCT masks need each case's (first) image
@@ -531,11 +555,13 @@ def check_inference_inputs(
     Args:
         cases, output_dir, postfix, ext: as for :func:`inference_masks`.
         mask_format: ``"nifti"``, ``"dicom_seg"`` or ``"rtstruct"`` (see :data:`MASK_FORMATS`).
+        channels: the input channels of the network (``@network_def#in_channels``), or None not to check them.
 
     Raises:
         MissingInputError: naming a missing image.
         DatasetError: naming a corrupt image, a folder that is not one DICOM series, a case whose images
-            are not on one grid, or (DICOM SEG) a series whose slices lack what the SEG copies.
+            are not on one grid or hold other channels than ``channels``, or (DICOM SEG) a series whose
+            slices lack what the SEG copies.
         UserInputError: as :func:`inference_masks`; for a mask extension that is not the format's, or
             a DICOM SEG asked for an image that is not a DICOM series.
         MissingExtraError: for DICOM SEG or RTSTRUCT without the ``dicom`` extra (highdicom, scikit-image) installed.
@@ -563,6 +589,10 @@ def check_inference_inputs(
             require_skimage()
         for case in cases:
             require_series_folder(_first_image(case), kind)
+    if channels is not None:
+        channels = check_integer(channels, "network_def#in_channels", low=1)
+        for number, case in enumerate(cases):
+            check_image_channels(case["image"], channels, f"inference case {number}")
     for case in cases:  # decoding takes the longest: after the checks that need no image read
         check_image(case["image"], read_data=True)
         if seg:

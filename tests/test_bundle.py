@@ -188,3 +188,36 @@ def test_a_training_setting_that_cannot_work_is_named_before_training(settings, 
     with pytest.raises(UserInputError, match=re.escape(message)):
         check_train_settings(*settings)
     check_train_settings(150, 50, 3e-3, 2)
+
+
+def _volume(path, shape):
+    import nibabel as nib
+    import numpy as np
+
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), np.eye(4)), str(path))
+    return str(path)
+
+
+def test_calibration_images_of_other_channels_than_the_network_takes_are_refused_naming_the_case(tmp_path):
+    from monai_effq.bundle import calibration_datalist
+    from monai_effq.data import DatasetError
+
+    two_phases = _volume(tmp_path / "ct_two_phases.nii.gz", (16, 16, 16, 2))
+    with pytest.raises(DatasetError, match=r"calibration case 0 \(.*ct_two_phases\.nii\.gz\) holds 2 image channel\(s\), but the network takes 1"):
+        calibration_datalist(tmp_path, "lits", images=[two_phases])
+    assert calibration_datalist(tmp_path, "lits", images=[two_phases], channels=2)[0]["image"] == two_phases  # a network of two phases
+    contrasts = [_volume(tmp_path / f"{c}.nii.gz", (16, 16, 16)) for c in ("flair", "t1", "t2")]
+    with pytest.raises(DatasetError, match=r"calibration case 1 \(.*flair\.nii\.gz: 1, .*t2\.nii\.gz: 1\) holds 3 .* network takes 4"):
+        calibration_datalist(tmp_path, "brats", cases=2, images=[contrasts + contrasts[:1], contrasts])
+    assert calibration_datalist(tmp_path, "brats", images=[contrasts], channels=3)  # a network of those three contrasts
+
+
+def test_inference_images_of_other_channels_than_the_network_takes_are_refused_before_any_is_decoded(tmp_path):
+    from monai_effq.bundle import check_inference_inputs
+    from monai_effq.data import DatasetError
+
+    ct = _volume(tmp_path / "ct.nii.gz", (16, 16, 16))
+    check_inference_inputs([{"image": ct}], tmp_path / "seg", channels=1)
+    with pytest.raises(DatasetError, match=r"inference case 0 \(.*ct\.nii\.gz\) holds 1 image channel\(s\), but the network takes 4"):
+        check_inference_inputs([{"image": ct}], tmp_path / "seg", channels=4)
+    check_inference_inputs([{"image": ct}], tmp_path / "seg")  # channels unknown: not checked

@@ -626,7 +626,7 @@ TRIGGERS = {
     "RTSTRUCT label <file>: ROI <n> holds an <type> contour, which outlines no area": _rtstruct_of_open_contours,
     "the images of one case are not on one grid: <file> is <grid> where <file> is <grid>": _case_off_one_grid,
     "label <file> is not on the grid of its image <file>": _label_off_its_image,
-    "dataset entry <n> (<files>) holds <n> image channel(s), but the network takes <m>": _ct_of_two_phases,
+    "<case> (<files>) holds <n> image channel(s), but the network takes <m>": _ct_of_two_phases,
     "<dataset.json> declares <n> labels (<labels>) where a <dataset> network segments <n> (<labels>)": _liver_given_to_brats,
     "learning_rate must be a positive number such as 1e-4, got <value>": lambda t, d: check_finetune_settings(300, 25, 0.0, 2),
     "max_epochs must be an integer of at least 1, got <value>": lambda t, d: check_train_settings(0, 50, 3e-3, 2),

@@ -53,6 +53,7 @@ __all__ = [
     "split_datalist",
     "check_nifti",
     "validate_datalist",
+    "check_image_channels",
 ]
 
 LAYOUTS = ("msd", "brats", "brats2023", "lits")
@@ -510,7 +511,7 @@ def _channels(path: str | os.PathLike, shape: tuple[int, ...]) -> int:
     return int(np.prod(shape[3:])) if str(path).endswith(NIFTI_SUFFIXES) else 1
 
 
-def _check_channels(index: int, images: Sequence[Any], shapes: Sequence[tuple[int, ...]], channels: int) -> None:
+def _check_channels(what: str, images: Sequence[Any], shapes: Sequence[tuple[int, ...]], channels: int) -> None:
     """Refuse a case whose images hold another number of channels than the network takes: MONAI would
     stop at its first convolution with a multi-screen error that names no file."""
     found = [_channels(p, shape) for p, shape in zip(images, shapes)]
@@ -528,9 +529,28 @@ def _check_channels(index: int, images: Sequence[Any], shapes: Sequence[tuple[in
             "network was trained on"
         )
     raise DatasetError(
-        f"dataset entry {index} ({detail}) holds {sum(found)} image channel(s), but the network takes {channels}: give "
+        f"{what} ({detail}) holds {sum(found)} image channel(s), but the network takes {channels}: give "
         f"{expected}, and check that this is the dataset the network was made for."
     )
+
+
+def check_image_channels(images: Any, channels: int, what: str = "image") -> None:
+    """Check from the headers that one case's images hold the channels a network takes.
+
+    MONAI's loader makes one channel of a 3D file or a DICOM series folder, one per volume of a 4D
+    NIfTI file (the Decathlon's BraTS), and stacks a multi-modal case's files.
+
+    Args:
+        images: one image path, or the paths of one multi-modal case.
+        channels: the network's input channels.
+        what: what the case is, for the message (e.g. ``"calibration case 0"``).
+
+    Raises:
+        DatasetError: naming the case's files and their channels, and what to give instead.
+    """
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
+    shapes = [check_nifti(p, read_data=False) if str(p).endswith(NIFTI_SUFFIXES) else () for p in images]
+    _check_channels(what, images, shapes, channels)
 
 
 def validate_datalist(
@@ -574,7 +594,7 @@ def validate_datalist(
             if len(series) < len(images):
                 raise DatasetError(f"dataset entry {i} mixes DICOM series folders and image files: {images}; give one kind.")
             if channels is not None:
-                _check_channels(i, images, series_shapes, channels)
+                _check_channels(f"dataset entry {i}", images, series_shapes, channels)
             if "label" in item and not kind:
                 shape = check_nifti(item["label"], read_data=read_data)
                 if shape[:3] != series_shapes[0]:
@@ -604,7 +624,7 @@ def validate_datalist(
                     "image and label must be on the same grid."
                 )
         if channels is not None:
-            _check_channels(i, images, list(shapes.values()), channels)
+            _check_channels(f"dataset entry {i}", images, list(shapes.values()), channels)
         # the headers alone: a label saved with another affine is otherwise paired with its image silently
         note = check_case_grids(images, item.get("label"))
         moved += [note] if note else []

@@ -341,6 +341,29 @@ def test_inference_adds_masks_to_a_folder_of_earlier_ones_and_refuses_only_one_i
     assert parser.get_parsed_content("postprocessing", lazy=False).transforms[-1].saver.output_ext == ".nii"
 
 
+@pytest.mark.parametrize("name", list(BUNDLES))
+def test_the_workflows_check_cases_against_the_channels_the_network_def_takes(name, tmp_path):
+    from monai.bundle import ConfigParser
+
+    from monai_effq.data import DatasetError
+
+    dataset, _ = BUNDLES[name]
+    data = (make_brats_demo if dataset == "brats" else make_lits_demo)(tmp_path / "data", n_cases=2, shape=(32, 32, 32), seed=1)
+    cases = datalist(data, dataset, "all")
+    for workflow, key in (("train", "validate#dataset#data"), ("inference", "check_inputs")):
+        parser = ConfigParser()
+        parser.read_config(config_files(name, workflow))
+        parser["bundle_root"], parser["dataset_dir"], parser["output_dir"] = str(ROOT / "bundles" / name), str(data), str(tmp_path / "seg")
+        parser["datalist"] = [{"image": case["image"]} for case in cases]
+        parser.get_parsed_content(key, lazy=False)  # the shipped network takes the dataset's channels
+        shipped = parser["network_def#in_channels"]
+        parser["network_def#in_channels"] = shipped + 1  # a user's network of one more channel
+        with pytest.raises(Exception) as raised:
+            parser.get_parsed_content(key, lazy=False)
+        error = find_user_error(raised.value)
+        assert isinstance(error, DatasetError) and f"holds {shipped} image channel(s), but the network takes {shipped + 1}" in str(error)
+
+
 def test_only_the_shipped_unchanged_checkpoint_is_protected_from_training(tmp_path):
     import hashlib
 
