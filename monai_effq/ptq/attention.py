@@ -104,6 +104,14 @@ class ClassAttention:
             raise ValueError(
                 f"body_mask must have shape {expected} to match the network output, got {tuple(mask.shape)}."
             )
+        if m.dtype != torch.bool:
+            # .bool() would take a NaN, or a probability map's every non-zero voxel, as body
+            other = m[(m != 0) & (m != 1)]
+            if other.numel():
+                raise UserInputError(
+                    f"body_mask holds {other.numel()} value(s) other than 0 and 1 (such as {other.flatten()[0].item():g}): "
+                    "give a boolean mask; threshold a probability map first (e.g. mask > 0.5)."
+                )
         return m.bool()
 
     def _n_labels(self) -> int:

@@ -77,6 +77,16 @@ def test_a_mask_that_selects_no_voxel_is_rejected_with_what_to_do():
         ClassAttention(torch.zeros(1, 2, 4, 4, 4), body_mask=torch.zeros(1, 4, 4, 4, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("value", [float("nan"), 0.3])
+def test_a_float_mask_of_values_other_than_0_and_1_is_refused_rather_than_read_as_body(value):
+    mask = torch.zeros(1, 4, 4, 4)
+    mask[0, :2] = 1.0
+    ClassAttention(torch.zeros(1, 2, 4, 4, 4), body_mask=mask)  # a float mask of 0 and 1 is a mask
+    mask[0, 3, 3, 3] = value  # a NaN, or a probability map's soft edge
+    with pytest.raises(ValueError, match=r"body_mask holds 1 value\(s\) other than 0 and 1 .*threshold a probability map"):
+        ClassAttention(torch.zeros(1, 2, 4, 4, 4), body_mask=mask)
+
+
 def test_a_mask_empty_here_is_accepted_when_the_counts_reduced_from_elsewhere_are_not():
     def elsewhere(counts: list[torch.Tensor]) -> None:
         counts[0] += torch.tensor([5.0, 1.0], dtype=torch.float64)
