@@ -101,6 +101,13 @@ def _overflowing_layer(tmp_path, lits):
     quantize(net, torch.rand(1, 1, 8, 8, 8) + 1, EfficientQConfig(method="rtn", attention=False), progress=False)
 
 
+def _weight_of_a_damaged_checkpoint(tmp_path, lits):
+    net = _net()
+    with torch.no_grad():
+        net[0].weight.view(-1)[0] = 1e19  # finite outputs, but the next layer's sums overflow float32
+    quantize(net, torch.rand(1, 1, 16, 16, 16), EfficientQConfig(attention=False), progress=False)
+
+
 def _damaged_fp_checkpoint(tmp: Path, data: Path) -> None:
     (tmp / "model.pt").write_bytes(b"half a checkpoint" * 10)
     existing_checkpoint(tmp / "model.pt")
@@ -634,6 +641,7 @@ TRIGGERS = {
         lambda t, d: quantize(_net(), torch.rand(1, 1, 8, 8, 8), body_mask=torch.zeros(1, 8, 8, 8, dtype=torch.bool), progress=False)
     ),
     "the network's output on the calibration sample of shape <shape> holds NaN or Inf": _overflowing_layer,
+    "the <layer> layer's <inputs or outputs> are too large for its float32 least-squares system (sums up to <n>, beyond float32's 3.4e38)": _weight_of_a_damaged_checkpoint,
     "the calibration input of layer <layer> holds <n> NaN or Inf value(s)": (
         lambda t, d: ActivationQuantizer.calibrate(torch.tensor([1.0, float("inf")]), 8, name="model.3.conv")
     ),

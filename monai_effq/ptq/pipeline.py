@@ -504,7 +504,8 @@ class _Run:
         """
         t0 = time.perf_counter()
         fp_layer = self.fp.get_submodule(plan.name)
-        view = layer_view(fp_layer)
+        # the solver's messages then name the layer as the network does, not only its class
+        view = dataclasses.replace(layer_view(fp_layer), name=f"{plan.name} ({type(fp_layer).__name__})")
         weight, bias = fp_layer.weight.detach(), None if fp_layer.bias is None else fp_layer.bias.detach()
         summed = get_method(plan.method).needs_statistics
         underdetermined = summed and self.config.validation_fraction > 0 and is_underdetermined(self.bounds[plan.name][0], view.in_per_group)

@@ -18,6 +18,7 @@ from monai_effq.solver.layers import LayerView, layer_view
 from monai_effq.solver.methods import METHODS, LayerProblem, MethodResult, get_method
 from monai_effq.solver.methods.efficientq import paper_problem_scale
 from monai_effq.solver.rounding import GridFit, fit_grid, round_to_nearest
+from monai_effq.utils.errors import UserInputError
 
 __all__ = ["LayerSolution", "METHODS", "as_weight_spec", "solve_layer", "solve_statistics", "solve_weights", "paper_problem_scale"]
 
@@ -75,6 +76,24 @@ def as_weight_spec(spec: WeightSpec | int) -> WeightSpec:
     return spec if isinstance(spec, WeightSpec) else WeightSpec.of(spec, DEFAULT_WEIGHT_GRID)
 
 
+def _check_float32_range(view: LayerView, stats: LayerStatistics, weight: torch.Tensor) -> None:
+    """Refuse sums that overflow the float32 ADMM system, naming the layer rather than the Cholesky failure they cause.
+
+    The sums are float64; a weight or activation upstream many orders beyond a trained network's (a
+    damaged checkpoint) makes them exceed float32's 3.4e38 when the solver's system is built.
+    """
+    if bool(torch.isfinite(stats.A).all() and torch.isfinite(stats.B).all()):
+        return
+    what = "inputs" if not bool(torch.isfinite(stats.A).all()) else "outputs"
+    sums = stats.A64 if what == "inputs" else stats.B64
+    raise UserInputError(
+        f"the {view.name} layer's {what} are too large for its float32 least-squares system (sums up to "
+        f"{sums.abs().max().item():.3g}, beyond float32's 3.4e38): a weight or activation up to this layer is many orders "
+        f"beyond a trained network's (its own largest weight is {weight.detach().abs().max().item():.3g}); check the "
+        "network's weights (a damaged checkpoint) and the calibration data's intensity scaling."
+    )
+
+
 def solve_statistics(
     view: LayerView,
     stats: LayerStatistics,
@@ -110,6 +129,10 @@ def solve_statistics(
 
     Returns:
         the :class:`LayerSolution`.
+
+    Raises:
+        ValueError: for an unknown ``init`` or ``method``, non-finite weights, or an ``rtn_fit`` of another spec.
+        UserInputError: for sums beyond float32's range (weights or activations far out of a trained network's).
     """
     solver = get_method(method)
     spec = as_weight_spec(spec)
@@ -117,6 +140,7 @@ def solve_statistics(
         raise ValueError(f"init must be 'gptq' or 'rtn', got {init!r}.")
     if not torch.isfinite(weight).all():
         raise ValueError(f"the {view.name} weights contain NaN or Inf values.")
+    _check_float32_range(view, stats, weight)
     t0 = time.perf_counter()
     g, m = view.groups, view.out_per_group
     w0 = view.weight_matrix(weight).float()

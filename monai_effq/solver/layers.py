@@ -105,7 +105,7 @@ class LayerView:
         pad: ``(left, right)`` padding per spatial dimension of the equivalent convolution's input.
         pad_mode: ``F.pad`` mode for that padding.
         up_stride: zero-insertion factor of a transposed convolution's input (1 otherwise).
-        name: the layer's class name, for messages.
+        name: the layer, for messages: its class name (the PTQ pipeline adds its module path).
     """
 
     kind: str

@@ -480,3 +480,16 @@ def test_the_scan_bounds_only_the_data_of_layers_solved_from_statistics():
     run = _Run(net, [x], EfficientQConfig(weight_bits=4, method="rtn", overrides={last: {"method": "gptq"}}))
     run.scan()
     assert list(run.bounds) == [last] and run.bounds[last][0] == 3 * 8 * 8 * 8
+
+
+def test_a_layer_whose_sums_overflow_float32_is_named_by_its_module_path_not_the_solvers_cholesky():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 1)).eval()
+    with torch.no_grad():
+        net[0].weight.view(-1)[0] = 1e19  # the network stays finite; the second layer's Gram sums do not
+    with pytest.raises(UserInputError, match=r"the 2 \(Conv3d\) layer's inputs are too large for its float32 least-squares"):
+        quantize(net, torch.rand(1, 1, 8, 8, 8), EfficientQConfig(attention=False), progress=False)
+    with torch.no_grad():
+        net[0].weight.view(-1)[0] = 1e38  # the first layer's own outputs
+    with pytest.raises(UserInputError, match=r"the 0 \(Conv3d\) layer's outputs .*\(its own largest weight is 1e\+38"):
+        quantize(net, torch.rand(1, 1, 8, 8, 8), EfficientQConfig(attention=False), progress=False)
