@@ -29,7 +29,16 @@ itk, _ = optional_import("itk")
 
 logger = logging.getLogger("monai_effq")
 
-__all__ = ["dicom_series_files", "series_shape", "check_image", "check_case_grids", "image_error_reason"]
+__all__ = [
+    "dicom_series_files",
+    "series_shape",
+    "series_grid",
+    "check_image",
+    "check_case_grids",
+    "check_label_grid",
+    "check_series_grids",
+    "image_error_reason",
+]
 
 # the tags that hold an image's voxels: Pixel Data, Float Pixel Data, Double Float Pixel Data
 # (little endian, as every transfer syntax in use writes them)
@@ -137,6 +146,37 @@ def series_shape(files: Sequence[str]) -> tuple[int, int, int]:
     # an enhanced (multi-frame) series is one file of many frames; a classic one, a frame per file
     frames = int(io.GetDimensions(2)) if io.GetNumberOfDimensions() > 2 else 1
     return int(io.GetDimensions(0)), int(io.GetDimensions(1)), frames * len(files)
+
+
+def series_grid(files: Sequence[str]) -> tuple[tuple[int, int, int], np.ndarray]:
+    """The spatial shape and voxel-to-RAS affine MONAI's ``ITKReader`` gives a DICOM series, from the headers
+    of its first and last slices (no voxel is decoded).
+
+    Args:
+        files: the series' files, as :func:`dicom_series_files` returns them (sorted along the slice normal).
+
+    Returns:
+        ``(columns, rows, slices)`` and the 4x4 affine, as :func:`check_case_grids` compares NIfTI headers.
+    """
+    first = _slice_header(files[0])
+    origin = np.array([first.GetOrigin(i) for i in range(3)], dtype=np.float64)
+    direction = np.array([first.GetDirection(i) for i in range(3)], dtype=np.float64).T  # a column per voxel axis
+    spacing = np.array([first.GetSpacing(i) for i in range(3)], dtype=np.float64)
+    if len(files) > 1:  # a slice per file: ITK steps from slice to slice along the normal
+        last = _slice_header(files[-1])
+        span = np.array([last.GetOrigin(i) for i in range(3)], dtype=np.float64) - origin
+        spacing[2] = abs(float(span @ direction[:, 2])) / (len(files) - 1)
+    affine = np.eye(4)
+    affine[:3, :3] = direction * spacing
+    affine[:3, 3] = origin
+    return series_shape(files), np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # DICOM's frame is LPS
+
+
+def _slice_header(file: str) -> Any:
+    io = itk.GDCMImageIO.New()
+    io.SetFileName(str(file))
+    io.ReadImageInformation()
+    return io
 
 
 def _damaged(path: Path, folder: str | os.PathLike) -> DatasetError:
@@ -383,9 +423,42 @@ def check_case_grids(images: Sequence[str | os.PathLike], label: str | os.PathLi
     """
     grids = [(path, *_nifti_grid(path)) for path in images]
     _check_one_grid(grids)
-    if label is None:
-        return None
-    image, shape, affine = grids[0]
+    return None if label is None else check_label_grid(*grids[0], label)
+
+
+def check_series_grids(folders: Sequence[str | os.PathLike]) -> list[tuple[str, tuple[int, ...], np.ndarray]]:
+    """Check from the slices' headers that a case's DICOM series lie on one grid, and give their grids.
+
+    Args:
+        folders: the case's series folders (one, or a multi-contrast case's).
+
+    Returns:
+        ``(folder, shape, affine)`` per series, as :func:`series_grid` gives them.
+
+    Raises:
+        DatasetError: for a folder that is not one evenly sliced series (:func:`dicom_series_files`), or a
+            series off the first one's grid (:func:`check_case_grids`' message).
+    """
+    grids = [(str(folder), *series_grid(dicom_series_files(folder))) for folder in folders]
+    _check_one_grid(grids)
+    return grids
+
+
+def check_label_grid(image: Any, shape: tuple[int, ...], affine: np.ndarray, label: str | os.PathLike) -> str | None:
+    """Check from its header that a NIfTI label lies on its image's grid, as :func:`check_case_grids` does.
+
+    Args:
+        image: the image, for the message (a NIfTI file or a DICOM series folder).
+        shape: the image's spatial shape.
+        affine: the image's voxel-to-RAS affine (:func:`series_grid` gives a DICOM series').
+        label: the NIfTI label.
+
+    Returns:
+        ``None``, or for a label that differs in origin or rotation only, the two files and grids in words.
+
+    Raises:
+        DatasetError: as :func:`check_case_grids`.
+    """
     label_shape, label_affine = _nifti_grid(label)
     if _same_grid(shape, affine, label_shape, label_affine):
         return None

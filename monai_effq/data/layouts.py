@@ -577,7 +577,7 @@ def validate_datalist(
     """
     # these modules import this one
     from monai_effq.data.dicom_seg import load_seg
-    from monai_effq.data.images import check_case_grids, dicom_series_files, series_shape
+    from monai_effq.data.images import check_case_grids, check_label_grid, check_series_grids
     from monai_effq.data.rtstruct import dicom_label_kind, load_rtstruct
 
     moved: list[str] = []  # labels of another origin, for one warning
@@ -588,21 +588,24 @@ def validate_datalist(
             raise DatasetError(f"dataset entry {i} has no 'image' key: {dict(item)!r}.")
         images = item["image"] if isinstance(item["image"], (list, tuple)) else [item["image"]]
         series = [p for p in images if Path(p).is_dir()]
-        series_shapes = [series_shape(dicom_series_files(folder)) for folder in series]
         kind = dicom_label_kind(item["label"]) if "label" in item else None
         if series:
             if len(series) < len(images):
                 raise DatasetError(f"dataset entry {i} mixes DICOM series folders and image files: {images}; give one kind.")
+            grids = check_series_grids(series)
             if channels is not None:
-                _check_channels(f"dataset entry {i}", images, series_shapes, channels)
+                _check_channels(f"dataset entry {i}", images, [shape for _, shape, _ in grids], channels)
             if "label" in item and not kind:
                 shape = check_nifti(item["label"], read_data=read_data)
-                if shape[:3] != series_shapes[0]:
+                if shape[:3] != grids[0][1]:
                     raise DatasetError(
-                        f"spatial shape {shape[:3]} of {item['label']} differs from {series_shapes[0]} of the DICOM series "
+                        f"spatial shape {shape[:3]} of {item['label']} differs from {grids[0][1]} of the DICOM series "
                         f"in {series[0]}; image and label must be on the same grid: export the label from the series "
                         "(or resample it onto the series)."
                     )
+                # the slices' positions against the label's header, as for a NIfTI image
+                note = check_label_grid(f"the DICOM series in {series[0]}", *grids[0][1:], item["label"])
+                moved += [note] if note else []
             elif kind == "a DICOM SEG" and read_data:
                 load_seg(item["label"], decode=True)
             elif kind and read_data:

@@ -198,3 +198,49 @@ def test_a_nifti_label_of_another_shape_than_its_dicom_series_is_refused(lits, s
     nib.save(nib.Nifti1Image(np.asanyarray(label.dataobj)[:, :, :30], label.affine), str(cut))
     with pytest.raises(DatasetError, match=r"spatial shape \(40, 36, 30\) of .*segmentation-0\.nii\.gz differs from \(40, 36, 32\) of the DICOM series in .*ct"):
         validate_datalist([{"image": str(folder), "label": str(cut)}])
+
+
+def test_a_dicom_series_grid_read_from_two_slice_headers_is_the_one_itk_and_monai_read(tmp_path):
+    import nibabel as nib
+    from monai.transforms import LoadImage
+
+    from monai_effq.data.images import series_grid
+
+    # an oblique, anisotropic CT away from the origin: every part of the affine is tested
+    c, s = np.cos(0.3), np.sin(0.3)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[c, -s, 0.0], [s * 0.9, c * 0.9, 0.436], [-s * 0.436, -c * 0.436, 0.9]]) @ np.diag([0.8, 0.9, 2.5])
+    affine[:3, 3] = [10.0, -20.0, 30.0]
+    voxels = (np.random.default_rng(0).random((30, 28, 12)) * 100).astype(np.int16)
+    nib.save(nib.Nifti1Image(voxels, affine), str(tmp_path / "oblique.nii.gz"))
+    files = write_dicom_series(tmp_path / "oblique.nii.gz", tmp_path / "oblique")
+    shape, grid = series_grid(dicom_series_files(tmp_path / "oblique"))
+    read = LoadImage(reader="ITKReader", image_only=True)(str(tmp_path / "oblique"))
+    assert shape == tuple(read.shape) == (30, 28, 12) and len(files) == 12
+    assert np.allclose(grid, read.affine.numpy(), atol=1e-4) and np.allclose(grid, affine, atol=1e-4)
+
+
+def test_a_nifti_label_of_its_dicom_series_shape_but_another_header_is_refused_from_the_headers(lits, series, tmp_path):
+    import nibabel as nib
+
+    from monai_effq.data import validate_datalist
+
+    folder, _ = series
+    label = nib.load(lits[0]["label"])
+    identity = tmp_path / "segmentation-0.nii.gz"  # an exporter's identity affine: x and y run the other way
+    nib.save(nib.Nifti1Image(np.asanyarray(label.dataobj), np.eye(4)), str(identity))
+    with pytest.raises(DatasetError, match=r"label .*segmentation-0\.nii\.gz is not on the grid of its image the DICOM series in .*ct: .*towards RAS.*towards LPS"):
+        validate_datalist([{"image": str(folder), "label": str(identity)}])
+
+
+def test_the_dicom_series_of_one_case_on_two_grids_are_refused_before_any_voxel_is_read(lits, series, tmp_path):
+    import nibabel as nib
+
+    from monai_effq.data import validate_datalist
+
+    folder, _ = series
+    image = nib.load(lits[0]["image"])
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj).astype(np.int16), image.affine @ np.diag([1.0, 1.0, 2.0, 1.0])), str(tmp_path / "t2.nii.gz"))
+    write_dicom_series(tmp_path / "t2.nii.gz", tmp_path / "t2")
+    with pytest.raises(DatasetError, match=r"the images of one case are not on one grid: .*t2 is .* where .*ct is"):
+        validate_datalist([{"image": [str(folder), str(tmp_path / "t2")]}])
