@@ -104,8 +104,9 @@ class ClassAttention:
             raise ValueError(
                 f"body_mask must have shape {expected} to match the network output, got {tuple(mask.shape)}."
             )
-        if m.dtype != torch.bool:
-            # .bool() would take a NaN, or a probability map's every non-zero voxel, as body
+        if m.is_floating_point():
+            # .bool() would take a NaN, or a probability map's every non-zero voxel, as body (an integer
+            # mask of 0 and 255, as image tools save them, is a mask)
             other = m[(m != 0) & (m != 1)]
             if other.numel():
                 raise UserInputError(
