@@ -363,6 +363,15 @@ def _same_grid(shape: tuple[int, ...], affine: np.ndarray, other_shape: tuple[in
     return other_shape == shape and np.allclose(other_affine, affine, atol=_GRID_TOLERANCE_MM)
 
 
+def _in_ras(shape: tuple[int, ...], affine: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
+    """A grid's shape and affine once its voxel axes are flipped and permuted to RAS, as MONAI's ``Orientationd`` does."""
+    ornt = nib.io_orientation(affine)
+    ras_shape = [0, 0, 0]
+    for axis, (to, _) in enumerate(ornt):
+        ras_shape[int(to)] = shape[axis]
+    return tuple(ras_shape), affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+
+
 def _describe_grids(
     shape: tuple[int, ...], affine: np.ndarray, other_shape: tuple[int, ...], other_affine: np.ndarray
 ) -> tuple[str, str]:
@@ -407,7 +416,8 @@ def check_case_grids(images: Sequence[str | os.PathLike], label: str | os.PathLi
     spacing differ from its image's (a segmentation saved with an identity affine) is silently flipped or
     resampled against the image, so every score on it is wrong. A label that differs in origin or by a
     small rotation only still pairs voxel by voxel as stored: the caller is told, to warn once for a
-    dataset rather than once a case. Grids agree within the tolerance of :func:`check_image`.
+    dataset rather than once a case. A label stored in another axis order whose header puts it on the
+    image's voxels in the world is paired right by the reorientation, and passes. Grids agree within the tolerance of :func:`check_image`.
 
     Args:
         images: the NIfTI files of one case (one, or a multi-modal case's contrasts).
@@ -460,7 +470,9 @@ def check_label_grid(image: Any, shape: tuple[int, ...], affine: np.ndarray, lab
         DatasetError: as :func:`check_case_grids`.
     """
     label_shape, label_affine = _nifti_grid(label)
-    if _same_grid(shape, affine, label_shape, label_affine):
+    if _same_grid(shape, affine, label_shape, label_affine) or _same_grid(*_in_ras(shape, affine), *_in_ras(label_shape, label_affine)):
+        # the second: stored in another axis order (as dcm2niix stores rows) but on the same voxels in the world, which
+        # MONAI's reorientation of each to RAS pairs as drawn
         return None
     on_image, on_label = _describe_grids(shape, affine, label_shape, label_affine)
     spacing, label_spacing = np.linalg.norm(affine[:3, :3], axis=0), np.linalg.norm(label_affine[:3, :3], axis=0)

@@ -376,6 +376,24 @@ def test_a_label_saved_with_another_header_than_its_image_is_refused_naming_both
         validate_datalist([case])  # from the headers alone, before any voxel is read
 
 
+def test_a_label_stored_in_another_axis_order_on_the_same_voxels_in_the_world_is_accepted_as_reorientation_pairs_it(tmp_path, data):
+    import nibabel as nib
+    import numpy as np
+
+    from monai_effq.data import lits_transforms
+
+    case = load_datalist(data["lits"])[0]
+    label = nib.load(case["label"])
+    affine = label.affine.copy()  # rows stored the other way, as dcm2niix stores them, with the header that says so
+    affine[:3, 3] += affine[:3, 1] * (label.shape[1] - 1)
+    affine[:3, 1] *= -1
+    flipped = tmp_path / "segmentation-0.nii"
+    nib.save(nib.Nifti1Image(np.asanyarray(label.dataobj)[:, ::-1].copy(), affine), str(flipped))
+    validate_datalist([{**case, "label": str(flipped)}])
+    load = lits_transforms(train=False)
+    assert np.array_equal(load(case)["label"].numpy(), load({**case, "label": str(flipped)})["label"].numpy())
+
+
 def test_a_label_a_thousandth_of_a_millimetre_off_its_image_is_on_its_grid(tmp_path, data):
     case = load_datalist(data["lits"])[0]
     import nibabel as nib
