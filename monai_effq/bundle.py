@@ -28,7 +28,7 @@ from monai_effq.data import (
     brats_transforms,
     check_image,
     check_image_channels,
-    check_nifti,
+    image_channels,
     load_datalist,
     lits_transforms,
     make_brats_demo,
@@ -269,9 +269,9 @@ def calibration_datalist(
     if images is not None and images != "":  # "" as for --export_dir: not given
         chosen = calibration_items(images, cases)
         for number, item in enumerate(chosen):
-            check_image(item["image"], read_data=True)
+            # from the headers first: decoding a whole volume takes the longest
             # BraTS' one-file slip gets its own advice (a network of one contrast takes such a file)
-            if dataset == "brats" and channels == DATASET_CHANNELS["brats"] and isinstance(item["image"], str) and _spatial_only(item["image"]):
+            if dataset == "brats" and channels == DATASET_CHANNELS["brats"] and isinstance(item["image"], str) and image_channels(item["image"]) == 1:
                 raise UserInputError(
                     f"calibration image {item['image']} is one 3D image, but a BraTS case is its four contrasts: pass "
                     "each case as the list of its files, --calibration_images \"[['flair.nii.gz', 't1.nii.gz', "
@@ -279,6 +279,7 @@ def calibration_datalist(
                 )
             if channels is not None:
                 check_image_channels(item["image"], channels, f"calibration case {number}")
+            check_image(item["image"], read_data=True)
         return chosen
     train = datalist(dataset_dir, dataset, "train", layout, val_fraction, demo_dir=demo_dir, channels=channels)
     if case >= len(train):
@@ -294,14 +295,6 @@ def calibration_datalist(
         )
     validate_datalist(chosen, read_data=True, channels=channels)
     return chosen
-
-
-def _spatial_only(image: str) -> bool:
-    """Whether an image is one 3D volume: a DICOM series, a 3D NIfTI file, or another format's file (4D
-    images, such as the Decathlon's BraTS, come as NIfTI)."""
-    if image.endswith((".nii", ".nii.gz")):
-        return len(check_nifti(image, read_data=False)) == 3
-    return True
 
 
 def calibration_share(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -221,3 +221,19 @@ def test_inference_images_of_other_channels_than_the_network_takes_are_refused_b
     with pytest.raises(DatasetError, match=r"inference case 0 \(.*ct\.nii\.gz\) holds 1 image channel\(s\), but the network takes 4"):
         check_inference_inputs([{"image": ct}], tmp_path / "seg", channels=4)
     check_inference_inputs([{"image": ct}], tmp_path / "seg")  # channels unknown: not checked
+
+
+def test_a_vector_nrrd_counts_its_pixel_components_as_channels_as_monai_loads_it(tmp_path):
+    import numpy as np
+
+    from monai_effq.bundle import calibration_datalist, check_inference_inputs, image_preprocessing
+    from monai_effq.data import DatasetError
+
+    itk = pytest.importorskip("itk")
+    four = str(tmp_path / "contrasts.nrrd")  # BraTS' four contrasts as one vector image, as 3D Slicer saves them
+    itk.imwrite(itk.image_from_array(np.random.default_rng(0).random((16, 16, 16, 4), dtype=np.float32), is_vector=True), four)
+    assert image_preprocessing("brats")({"image": four})["image"].shape[0] == 4
+    assert calibration_datalist(tmp_path, "brats", images=[four], channels=4)[0]["image"] == four
+    check_inference_inputs([{"image": four}], tmp_path / "seg", channels=4)
+    with pytest.raises(DatasetError, match=r"inference case 0 \(.*contrasts\.nrrd\) holds 4 image channel\(s\), but the network takes 1"):
+        check_inference_inputs([{"image": four}], tmp_path / "seg", channels=1)

@@ -637,6 +637,9 @@ TRIGGERS = {
     "<dataset.json> declares <n> labels (<labels>) where a <dataset> network segments <n> (<labels>)": _liver_given_to_brats,
     "learning_rate must be a positive number such as 1e-4, got <value>": lambda t, d: check_finetune_settings(300, 25, 0.0, 2),
     "max_epochs must be an integer of at least 1, got <value>": lambda t, d: check_train_settings(0, 50, 3e-3, 2),
+    "body_mask holds <n> value(s) that are not whole numbers (such as <value>)": (
+        lambda t, d: quantize(_net(), torch.rand(1, 1, 8, 8, 8), body_mask=torch.full((1, 8, 8, 8), 0.5), progress=False)
+    ),
     "body_mask selects no voxel of the calibration data": (
         lambda t, d: quantize(_net(), torch.rand(1, 1, 8, 8, 8), body_mask=torch.zeros(1, 8, 8, 8, dtype=torch.bool), progress=False)
     ),

@@ -33,6 +33,7 @@ __all__ = [
     "dicom_series_files",
     "series_shape",
     "series_grid",
+    "file_channels",
     "check_image",
     "check_case_grids",
     "check_label_grid",
@@ -170,6 +171,28 @@ def series_grid(files: Sequence[str]) -> tuple[tuple[int, int, int], np.ndarray]
     affine[:3, :3] = direction * spacing
     affine[:3, 3] = origin
     return series_shape(files), np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # DICOM's frame is LPS
+
+
+def file_channels(path: str | os.PathLike) -> int:
+    """How many channels MONAI's ``ITKReader`` makes of an image file in another format than NIfTI, from its header:
+    its pixel components (a vector NRRD or MetaImage holds several) times the size of any axis past the third.
+
+    Args:
+        path: an image file ITK reads (NRRD, MetaImage, ...).
+
+    Returns:
+        the channels; 1 for a file ITK cannot open (:func:`check_image` names it).
+    """
+    io = itk.ImageIOFactory.CreateImageIO(str(path), itk.CommonEnums.IOFileMode_ReadMode)
+    if io is None:
+        return 1
+    io.SetFileName(str(path))
+    try:
+        io.ReadImageInformation()
+    except RuntimeError:  # a damaged header: check_image names the file when it reads it
+        return 1
+    extra = int(np.prod([io.GetDimensions(axis) for axis in range(3, io.GetNumberOfDimensions())]))
+    return int(io.GetNumberOfComponents()) * extra
 
 
 def _slice_header(file: str) -> Any:

@@ -54,6 +54,7 @@ __all__ = [
     "check_nifti",
     "validate_datalist",
     "check_image_channels",
+    "image_channels",
 ]
 
 LAYOUTS = ("msd", "brats", "brats2023", "lits")
@@ -505,16 +506,32 @@ def check_nifti(path: str | os.PathLike, read_data: bool = True) -> tuple[int, .
     return shape
 
 
-def _channels(path: str | os.PathLike, shape: tuple[int, ...]) -> int:
-    """How many channels MONAI's loader makes of an image: the volumes of a 4D NIfTI file (the
-    Decathlon's BraTS), one for a 3D file or a DICOM series."""
-    return int(np.prod(shape[3:])) if str(path).endswith(NIFTI_SUFFIXES) else 1
+def image_channels(path: str | os.PathLike) -> int:
+    """How many channels MONAI's loader makes of one image, from its header: the volumes of a 4D NIfTI
+    file (the Decathlon's BraTS), one for a 3D NIfTI file or a DICOM series folder, the pixel components
+    of another format's file (a vector NRRD).
+
+    Args:
+        path: a NIfTI file, a DICOM series folder or another file ITK reads.
+
+    Returns:
+        the number of channels.
+
+    Raises:
+        DatasetError: for a NIfTI file whose header does not read.
+    """
+    if str(path).endswith(NIFTI_SUFFIXES):
+        return int(np.prod(check_nifti(path, read_data=False)[3:]))
+    if Path(path).is_dir():
+        return 1
+    from monai_effq.data.images import file_channels  # that module imports this one
+
+    return file_channels(path)
 
 
-def _check_channels(what: str, images: Sequence[Any], shapes: Sequence[tuple[int, ...]], channels: int) -> None:
+def _check_channels(what: str, images: Sequence[Any], found: Sequence[int], channels: int) -> None:
     """Refuse a case whose images hold another number of channels than the network takes: MONAI would
     stop at its first convolution with a multi-screen error that names no file."""
-    found = [_channels(p, shape) for p, shape in zip(images, shapes)]
     if sum(found) == channels:
         return
     if len(images) > 1:  # name the file that holds more than one volume, where one does
@@ -549,8 +566,7 @@ def check_image_channels(images: Any, channels: int, what: str = "image") -> Non
         DatasetError: naming the case's files and their channels, and what to give instead.
     """
     images = list(images) if isinstance(images, (list, tuple)) else [images]
-    shapes = [check_nifti(p, read_data=False) if str(p).endswith(NIFTI_SUFFIXES) else () for p in images]
-    _check_channels(what, images, shapes, channels)
+    _check_channels(what, images, [image_channels(p) for p in images], channels)
 
 
 def validate_datalist(
@@ -594,7 +610,7 @@ def validate_datalist(
                 raise DatasetError(f"dataset entry {i} mixes DICOM series folders and image files: {images}; give one kind.")
             grids = check_series_grids(series)
             if channels is not None:
-                _check_channels(f"dataset entry {i}", images, [shape for _, shape, _ in grids], channels)
+                _check_channels(f"dataset entry {i}", images, [1] * len(images), channels)  # a series is one volume
             if "label" in item and not kind:
                 shape = check_nifti(item["label"], read_data=read_data)
                 if shape[:3] != grids[0][1]:
@@ -627,7 +643,7 @@ def validate_datalist(
                     "image and label must be on the same grid."
                 )
         if channels is not None:
-            _check_channels(f"dataset entry {i}", images, list(shapes.values()), channels)
+            _check_channels(f"dataset entry {i}", images, [int(np.prod(shape[3:])) for shape in shapes.values()], channels)
         # the headers alone: a label saved with another affine is otherwise paired with its image silently
         note = check_case_grids(images, item.get("label"))
         moved += [note] if note else []

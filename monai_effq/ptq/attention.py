@@ -105,13 +105,14 @@ class ClassAttention:
                 f"body_mask must have shape {expected} to match the network output, got {tuple(mask.shape)}."
             )
         if m.is_floating_point():
-            # .bool() would take a NaN, or a probability map's every non-zero voxel, as body (an integer
-            # mask of 0 and 255, as image tools save them, is a mask)
-            other = m[(m != 0) & (m != 1)]
+            # .bool() would take a NaN, or a probability map's every non-zero voxel, as body; a mask of 0 and 255 or an
+            # organ map of whole numbers, as MONAI's loader gives them in float32, is a mask
+            other = m[~torch.isfinite(m) | (m != m.round())]
             if other.numel():
                 raise UserInputError(
-                    f"body_mask holds {other.numel()} value(s) other than 0 and 1 (such as {other.flatten()[0].item():g}): "
-                    "give a boolean mask; threshold a probability map first (e.g. mask > 0.5)."
+                    f"body_mask holds {other.numel()} value(s) that are not whole numbers (such as "
+                    f"{other.flatten()[0].item():g}): give a mask (non-zero: body); threshold a probability map first "
+                    "(e.g. mask > 0.5)."
                 )
         return m.bool()
 

@@ -78,13 +78,14 @@ def test_a_mask_that_selects_no_voxel_is_rejected_with_what_to_do():
 
 
 @pytest.mark.parametrize("value", [float("nan"), 0.3])
-def test_a_float_mask_of_values_other_than_0_and_1_is_refused_rather_than_read_as_body(value):
+def test_a_float_mask_of_values_that_are_not_whole_numbers_is_refused_rather_than_read_as_body(value):
     mask = torch.zeros(1, 4, 4, 4)
     mask[0, :2] = 1.0
     ClassAttention(torch.zeros(1, 2, 4, 4, 4), body_mask=mask)  # a float mask of 0 and 1 is a mask
-    ClassAttention(torch.zeros(1, 2, 4, 4, 4), body_mask=(mask * 255).to(torch.uint8))  # so is an image tool's 0 and 255
+    ClassAttention(torch.zeros(1, 2, 4, 4, 4), body_mask=mask * 255)  # so is an image tool's 0 and 255, loaded as float
+    ClassAttention(torch.zeros(1, 2, 4, 4, 4), body_mask=(mask * 255).to(torch.uint8))
     mask[0, 3, 3, 3] = value  # a NaN, or a probability map's soft edge
-    with pytest.raises(ValueError, match=r"body_mask holds 1 value\(s\) other than 0 and 1 .*threshold a probability map"):
+    with pytest.raises(ValueError, match=r"body_mask holds 1 value\(s\) that are not whole numbers .*threshold a probability map"):
         ClassAttention(torch.zeros(1, 2, 4, 4, 4), body_mask=mask)
 
 
