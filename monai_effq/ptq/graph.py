@@ -155,6 +155,8 @@ class NetworkProbe:
             its output.
         input_layers: the supported weight layers that read the network's input tensor itself (a
             residual unit's first convolution and its shortcut both do), in first-call order.
+        calls: the layers that run more than once in one forward pass (one module applied to several
+            inputs), with how many times.
     """
 
     output: torch.Tensor
@@ -162,6 +164,7 @@ class NetworkProbe:
     output_numels: dict[str, int]
     foldable: list[tuple[str, str]]
     input_layers: list[str] = field(default_factory=list)
+    calls: dict[str, int] = field(default_factory=dict)
 
 
 def probe_network(network: nn.Module, batch: torch.Tensor) -> NetworkProbe:
@@ -213,7 +216,8 @@ def probe_network(network: nn.Module, batch: torch.Tensor) -> NetworkProbe:
         )
     seen: set[str] = set()
     unique = [n for n in order if not (n in seen or seen.add(n))]
-    return NetworkProbe(output, unique, numels, _adjacent_pairs(events), [n for n in unique if n in reads_input])
+    repeated = {n: order.count(n) for n in unique if order.count(n) > 1}
+    return NetworkProbe(output, unique, numels, _adjacent_pairs(events), [n for n in unique if n in reads_input], repeated)
 
 
 def _reads(names: set[str], name: str, args: tuple, batch: torch.Tensor) -> None:

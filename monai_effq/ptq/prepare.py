@@ -98,9 +98,12 @@ def available_device(device: torch.device | str) -> torch.device:
         the torch device.
 
     Raises:
-        UserInputError: when this machine has no such device.
+        UserInputError: when this machine has no such device, or it names none.
     """
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:  # torch lists every device type it knows of
+        raise UserInputError(f"device {device!r} is not a device name: use 'cpu', 'cuda' or 'cuda:<n>' (or 'mps').") from e
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
@@ -214,4 +217,15 @@ def prepare_network(
     views = {name: layer_view(net.get_submodule(name)) for name in probe.order}
     transposed = [name for name, view in views.items() if view.kind == "conv_transpose"]
     plans = config.plan(probe.order, probe.input_layers, {n: v.output_axis for n, v in views.items()}, transposed)
+    if probe.calls:
+        # a layer is calibrated and solved on the inputs of one call: its other calls' inputs (another scale, another
+        # branch) would be clipped by that call's range, so it stays in floating point (the report lists it as skipped)
+        plans = [plan for plan in plans if plan.name not in probe.calls]
+        logger.warning(
+            "%s run%s more than once in one forward pass (%s): a layer is calibrated on one call's inputs, so %s kept "
+            "in floating point; give each use its own module to quantize it.",
+            ", ".join(probe.calls), "s" if len(probe.calls) == 1 else "",
+            ", ".join(f"{name}: {count} calls" for name, count in probe.calls.items()),
+            "it is" if len(probe.calls) == 1 else "they are",
+        )
     return PreparedNetwork(net, folded, probe.order, plans, probe.output_numels)
