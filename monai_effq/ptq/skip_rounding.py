@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch.nn as nn
 from monai.networks.blocks import ResidualUnit
 
-from monai_effq.ptq.modules import QuantizedLayer, quantize_shared_input, shared_input_quantizer
+from monai_effq.ptq.modules import ActivationQuantizer, quantize_shared_input, shared_input_quantizer
 
 __all__ = ["SHARED_SKIP_MIN_BITS", "share_skip_roundings"]
 
@@ -39,7 +39,7 @@ def share_skip_roundings(network: nn.Module) -> list[str]:
     """Move, in place, the input rounding of each identity-skip residual unit's first layer to the unit.
 
     A unit qualifies when its residual path is ``nn.Identity``, its main path (an ``nn.Sequential``)
-    hands its input straight to a :class:`QuantizedLayer` whose input quantizer has at least
+    hands its input straight to a :class:`QuantizedLayer` (or its trainable form) whose input quantizer has at least
     :data:`SHARED_SKIP_MIN_BITS` bits, and its input is not rounded already. The quantizer becomes
     the unit's shared input quantizer and the layer reads the rounded tensor as it did before: the
     main path computes what it computed, the skip adds the rounded input.
@@ -55,7 +55,9 @@ def share_skip_roundings(network: nn.Module) -> list[str]:
         if not isinstance(unit, ResidualUnit) or not isinstance(unit.residual, nn.Identity):
             continue
         layer = _first_layer(unit.conv)
-        quantizer = layer.input_quantizer if isinstance(layer, QuantizedLayer) else None
+        # a quantized layer, or its trainable form (fine-tuning from FP shares the rounding before it trains)
+        quantizer = getattr(layer, "input_quantizer", None)
+        quantizer = quantizer if isinstance(quantizer, ActivationQuantizer) else None
         if quantizer is None or quantizer.grid.bits < SHARED_SKIP_MIN_BITS or shared_input_quantizer(unit) is not None:
             continue
         layer.input_quantizer = None

@@ -33,9 +33,11 @@ from monai.utils import optional_import
 from monai_effq.ptq.config import EfficientQConfig, LayerPlan
 from monai_effq.ptq.graph import BATCHNORMS, hooks, set_submodule
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer
-from monai_effq.ptq.prepare import prepare_network, quantizable_network
+from monai_effq.ptq.norm_inputs import quantize_norm_inputs
+from monai_effq.ptq.prepare import available_device, prepare_network, quantizable_network
 from monai_effq.ptq.result import QuantizationResult, finish_report, state_bytes
 from monai_effq.ptq.report import LayerReport, QuantizationReport
+from monai_effq.ptq.skip_rounding import share_skip_roundings
 from monai_effq.qat.check import DEFAULT_CHECK_BATCHES, FinetuneCheck, check_batch_count, draw_windows
 from monai_effq.qat.modules import FrozenBatchNorm, TrainableQuantizedLayer
 from monai_effq.solver.layers import layer_view
@@ -133,6 +135,7 @@ class TrainableNetwork:
         task: the task a PTQ start was quantized for, or ``None`` when unknown.
         reference: the FP network of an FP start (not modified; the held-out check compares with
             it), or ``None``.
+        skipped: the layers an FP start leaves in floating point (a PTQ start's report lists its own).
     """
 
     def __init__(
@@ -146,9 +149,11 @@ class TrainableNetwork:
         order: list[str],
         task: str | None = None,
         reference: nn.Module | None = None,
+        skipped: list[str] | None = None,
     ) -> None:
         self.network = network
         self.order = list(order)
+        self.skipped = list(skipped or [])
         self.config = config
         self.start = start
         self.base_report = base_report
@@ -221,8 +226,9 @@ class TrainableNetwork:
             layers=layers,
             method=method,
             folded_batchnorms=list(self.folded),
-            skipped=list(base.skipped) if base is not None else [],
-            extra={**(base.extra if base is not None else {}), "finetune": info},
+            skipped=list(base.skipped) if base is not None else list(self.skipped),
+            # the task travels with the result, so a later fine-tune of it need not be told again
+            extra={**(base.extra if base is not None else {}), **({"task": self.task} if self.task else {}), "finetune": info},
             # the FP weights, config and calibration the PTQ start was made from (what training adds is in extra)
             sources=dict(base.sources) if base is not None else {},
         )
@@ -274,11 +280,13 @@ def _from_network(network: nn.Module, sample: torch.Tensor, config: EfficientQCo
     device = next((p.device for p in network.parameters()), torch.device("cpu"))
     prepared = prepare_network(network, sample, config, device=device, from_scratch=from_scratch)
     net, folded, plans = prepared.network, prepared.folded, prepared.plans
+    if config.norm_input_spec is not None:  # first, as quantize does: the layers calibrate on the inputs they will get
+        quantize_norm_inputs(net, sample.to(device), config.norm_input_spec)
     quantizers: dict[str, ActivationQuantizer] = {}
 
     def calibrate(plan: LayerPlan, x: torch.Tensor) -> None:
         if plan.act is not None and plan.name not in quantizers:
-            quantizers[plan.name] = ActivationQuantizer.from_spec(x, plan.act)
+            quantizers[plan.name] = ActivationQuantizer.from_spec(x, plan.act, plan.name)
 
     handles = [
         net.get_submodule(p.name).register_forward_pre_hook(lambda m, a, p=p: calibrate(p, a[0])) for p in plans
@@ -293,13 +301,19 @@ def _from_network(network: nn.Module, sample: torch.Tensor, config: EfficientQCo
             channel_axis=plan.weight.channel_axis,
         )
         set_submodule(net, plan.name, module)
+    if config.share_skip_rounding:  # before training, so that it trains with the rounding quantize would share
+        share_skip_roundings(net)
     for p in net.parameters():
         p.requires_grad_(True)
     if not from_scratch:
         _freeze_batchnorms(net)
     start = "scratch" if from_scratch else "fp"
     reference = None if from_scratch else network
-    return TrainableNetwork(net, config, start, None, folded, fp_bytes, [p.name for p in plans], reference=reference)
+    planned = {p.name for p in plans}
+    return TrainableNetwork(
+        net, config, start, None, folded, fp_bytes, [p.name for p in plans], reference=reference,
+        skipped=[n for n in prepared.order if n not in planned],
+    )
 
 
 def prepare_finetune(
@@ -506,6 +520,7 @@ def finetune(
         TypeError: for a ``source`` that is neither a result nor a network.
     """
     _check_steps(steps)
+    device = available_device(device)
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}.")
     check_batch_count(check_batches)

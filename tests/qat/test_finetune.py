@@ -241,3 +241,39 @@ def test_a_half_precision_fp_network_fine_tunes_with_its_held_out_check_as_in_fl
     x = spheres[1][0][:2]
     with torch.no_grad():
         assert torch.equal(half.network(x), full.network(x))
+
+
+def test_a_start_from_fp_rounds_what_quantize_rounds_and_keeps_its_task_for_the_next_fine_tune(spheres, tmp_path):
+    from monai.networks.nets import SegResNet
+
+    from monai_effq.ptq.modules import QuantizedNorm, shared_input_quantizer
+
+    def rounded(network):
+        return sorted(n for n, m in network.named_modules() if isinstance(m, QuantizedNorm) or shared_input_quantizer(m) is not None)
+
+    config = EfficientQConfig(weight_bits=8, act_bits=8)  # share_skip_rounding is on by default
+    unet = _unet().eval()
+    tuned = finetune(unet, spheres, config, steps=1, task="multiclass", check_batches=0)
+    assert rounded(tuned.network) == rounded(quantize(unet, spheres[0][0], config, progress=False).network) != []
+    assert tuned.report.extra["task"] == "multiclass"
+    again = finetune(tuned, spheres, steps=1, check_batches=0)  # told no task: the result's
+    assert again.report.extra["finetune"]["task"] == "multiclass"
+    torch.manual_seed(0)
+    segres = SegResNet(3, init_filters=8, in_channels=1, out_channels=2, blocks_down=(1, 1), blocks_up=(1,)).eval()
+    norms = EfficientQConfig(weight_bits=8, act_bits=8, quantize_norm_inputs=True)
+    tuned = finetune(segres, spheres, norms, steps=1, task="multiclass", check_batches=0)
+    assert rounded(tuned.network) == rounded(quantize(segres, spheres[0][0], norms, progress=False).network) != []
+    save_quantized(tuned, tmp_path / "tuned.pt")
+    loaded = load_quantized(tmp_path / "tuned.pt", segres)
+    with torch.no_grad():
+        assert torch.equal(loaded(spheres[1][0]), tuned.network(spheres[1][0]))
+
+
+def test_a_device_that_is_not_here_is_named_before_fine_tuning(spheres):
+    from monai_effq.utils.errors import UserInputError
+
+    with pytest.raises(UserInputError, match=r"device 'gpu' is not a device name: use 'cpu', 'cuda'"):
+        finetune(_unet(), spheres, FIXED, steps=1, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(UserInputError, match=r"device 'cuda' was asked for but this machine has no CUDA GPU"):
+            finetune(_unet(), spheres, FIXED, steps=1, device="cuda")
