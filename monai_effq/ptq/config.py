@@ -264,7 +264,7 @@ class EfficientQConfig:
     def _parse(self, text: Any, name: str, signed: bool) -> FixedPointFormat:
         """Parse a format setting and keep it for :meth:`_format` (the config's one parse of that text)."""
         fmt = _parse_format(text, name, signed)
-        self._formats[(text, signed)] = fmt
+        self._formats[(text, signed)] = self._formats[(str(fmt), signed)] = fmt
         return fmt
 
     def _format(self, text: str | None, signed: bool) -> FixedPointFormat | None:
@@ -289,6 +289,8 @@ class EfficientQConfig:
         for name in ("weight_format", "act_format"):
             if getattr(self, name) is not None:
                 fmt = self._parse(getattr(self, name), name, signed=name == "weight_format")
+                # kept as written canonically: " q0.4" and "Q0.4" are one config, model tag and file name
+                self._set(name, str(fmt))
                 self._set(name.replace("format", "bits"), fmt.bits)
         self._set("weight_bits", check_integer(self.weight_bits, "weight_bits", 2, 8))
         for name in ("act_bits", "first_layer_bits", "last_layer_bits"):
@@ -324,7 +326,7 @@ class EfficientQConfig:
                 spec[name] = check_integer(spec[name], f"{where}.{name}", 2, 8)
         for name in ("weight_format", "act_format"):
             if spec.get(name) is not None:
-                self._parse(spec[name], f"{where}.{name}", signed=name == "weight_format")
+                spec[name] = str(self._parse(spec[name], f"{where}.{name}", signed=name == "weight_format"))
         for flag in ("per_channel", "power_of_two"):
             if flag in spec:
                 spec[flag] = check_flag(spec[flag], f"{where}.{flag}")

@@ -22,7 +22,7 @@ from monai_effq.quant.fixed_point import FixedPointFormat, snap_to_power_of_two
 from monai_effq.quant.grid import UniformGrid, dequantize, fit_scale
 from monai_effq.quant.spec import ActivationSpec
 from monai_effq.solver.layers import layer_view
-from monai_effq.utils.errors import check_spread
+from monai_effq.utils.errors import UserInputError, check_spread
 
 __all__ = [
     "ActivationQuantizer",
@@ -114,9 +114,9 @@ class ActivationQuantizer(nn.Module):
             the calibrated quantizer.
 
         Raises:
-            UserInputError: for non-finite activations, or activations that all hold one value (no
-                range to fit a grid to: a constant calibration volume or a dead layer).
-            ValueError: for a signed explicit format that overflows 8 bits.
+            UserInputError: for non-finite activations, activations that all hold one value (no range to
+                fit a grid to: a constant calibration volume or a dead layer), or an explicit format that
+                overflows 8 bits once the sign bit of an input with negative values is added.
         """
         flat = x.detach().reshape(-1).float()
         check_spread(
@@ -129,10 +129,17 @@ class ActivationQuantizer(nn.Module):
             flat = flat[:: flat.numel() // max_samples + 1]
         non_negative = float(flat.min()) >= 0
         if fixed_point is not None:
-            if isinstance(fixed_point, FixedPointFormat):
-                fmt = dataclasses.replace(fixed_point, signed=not non_negative)
-            else:
-                fmt = FixedPointFormat.parse(fixed_point, signed=not non_negative)
+            try:
+                if isinstance(fixed_point, FixedPointFormat):
+                    fmt = dataclasses.replace(fixed_point, signed=not non_negative)
+                else:
+                    fmt = FixedPointFormat.parse(fixed_point, signed=not non_negative)
+            except ValueError as e:  # an unsigned 8-bit format given to an input with negative values
+                where = f"layer {name}" if name else "a layer"
+                raise UserInputError(
+                    f"the input of {where} holds negative values, so its act_format takes a sign bit: {str(e).rstrip('.')}, "
+                    "or give this layer an act_format of its own with an override."
+                ) from e
             return cls(fmt.bits, fmt.grid.kind, fmt.step, fmt.zero_point)
         if kind is None:
             kind = "unsigned" if non_negative else signed_kind

@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 MAX_WORD_BITS = 8  # codes are stored in uint8
-_PATTERN = re.compile(r"^\s*[Qq]\s*(-?\d+)\s*\.\s*(-?\d+)\s*$")
+_PATTERN = re.compile(r"^\s*[Qq]\s*(-?[0-9]+)\s*\.\s*(-?[0-9]+)\s*$")  # ASCII digits: int() reads others too
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,15 @@ class FixedPointFormat:
         word = self.bits
         sign = "sign + " if self.signed else ""
         if word > MAX_WORD_BITS:
+            room = MAX_WORD_BITS - int(self.signed)
+            fix = (
+                f"use at most {room - self.int_bits} fractional bits with {self.int_bits} integer bits"
+                if room - self.int_bits >= 0
+                else f"use at most {room - max(self.frac_bits, 0)} integer bits with {self.frac_bits} fractional bits"
+            )
             raise ValueError(
                 f"fixed-point format {self} needs a {word}-bit word ({sign}{self.int_bits} integer + "
-                f"{self.frac_bits} fractional bits), but codes hold at most {MAX_WORD_BITS} bits: use at most "
-                f"{MAX_WORD_BITS - int(self.signed) - self.int_bits} fractional bits with {self.int_bits} integer bits."
+                f"{self.frac_bits} fractional bits), but codes hold at most {MAX_WORD_BITS} bits: {fix}."
             )
         if word < 2:
             raise ValueError(

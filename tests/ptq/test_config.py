@@ -187,6 +187,19 @@ def test_each_format_text_is_parsed_once_when_the_config_is_made_and_never_downs
     assert (after_relu.grid.bits, after_relu.grid.kind, signed.grid.bits, signed.grid.kind) == (6, "unsigned", 7, "symmetric")
 
 
+def test_a_format_is_kept_as_written_canonically_so_spellings_of_one_format_make_one_config():
+    loose = EfficientQConfig(weight_format=" q0.4 ", act_format="Q 6 . 0", overrides={"c": {"weight_format": "q0.3"}})
+    assert (loose.weight_format, loose.act_format, loose.overrides["c"]["weight_format"]) == ("Q0.4", "Q6.0", "Q0.3")
+    assert loose == EfficientQConfig(weight_format="Q0.4", act_format="Q6.0", overrides={"c": {"weight_format": "Q0.3"}})
+
+
+def test_an_unsigned_8_bit_activation_format_on_an_input_with_negative_values_names_the_layer_and_the_sign_bit():
+    plan = {p.name: p for p in EfficientQConfig(act_format="Q7.1").plan(["a", "b", "c"])}["b"]  # a body layer
+    ActivationQuantizer.from_spec(torch.rand(64), plan.act, "model.1.conv")  # after a ReLU: 8 unsigned bits
+    with pytest.raises(UserInputError, match=r"the input of layer model\.1\.conv holds negative values, so its act_format takes a sign bit: .*9-bit word"):
+        ActivationQuantizer.from_spec(torch.rand(64) - 0.5, plan.act, "model.1.conv")
+
+
 def test_an_unregistered_method_says_how_to_register_it():
     with pytest.raises(ValueError, match="import the module that registers it"):
         EfficientQConfig(method="mine")

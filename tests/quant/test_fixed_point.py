@@ -29,7 +29,17 @@ def test_a_format_quantizes_to_multiples_of_its_step_and_saturates():
     assert q.tolist() == [0.0, 0.25, -0.5, 1.75, -1.75]
 
 
-@pytest.mark.parametrize("text,message", [("Q0.8", "9-bit word"), ("Q4.5", "10-bit word"), ("Q0.0", "at least 2 bits"), ("0.4", "Q<integer bits>")])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("Q0.8", "9-bit word"),
+        ("Q4.5", "10-bit word"),
+        ("Q8.0", r"9-bit word .*: use at most 7 integer bits with 0 fractional bits"),  # not "at most -1 fractional bits"
+        ("Q0.0", "at least 2 bits"),
+        ("0.4", "Q<integer bits>"),
+        ("Q\u0660.\u0664", "Q<integer bits>"),  # Arabic-Indic digits, which int() would read
+    ],
+)
 def test_formats_that_overflow_the_word_or_are_malformed_are_named(text, message):
     with pytest.raises(ValueError, match=message):
         FixedPointFormat.parse(text)
