@@ -406,6 +406,12 @@ def export_form(
     reduced = []
     for name, module in list(form.named_modules()):
         if isinstance(module, QuantizedLayer):
+            if module.channel_axis != 0 and module.groups > 1 and module.scale.numel() > 1:
+                # ONNX's DequantizeLinear has one axis of scales, and a grouped transposed weight's output channels span two
+                raise UserInputError(
+                    f"layer {name} is a grouped transposed convolution with per-channel scales, which ONNX cannot dequantize "
+                    "on one axis: quantize it per tensor (overrides={'" + name + "': {'per_channel': False}}) to export it."
+                )
             qdq = QdqLayer(module, reduce_range, exporter)
             set_submodule(form, name, qdq)
             if qdq.reduced:

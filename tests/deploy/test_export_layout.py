@@ -63,6 +63,19 @@ def test_a_grouped_transposed_convolution_with_per_channel_scales_is_refused_by_
         QdqLayer(_transposed(groups=2))
 
 
+def test_exporting_a_network_with_such_a_layer_names_it_and_the_override_that_exports_it(tmp_path):
+    from monai_effq import EfficientQConfig, export_onnx, quantize
+    from monai_effq.utils.errors import UserInputError
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(1, 8, 3, stride=2, padding=1), nn.ReLU(), nn.ConvTranspose3d(8, 6, 2, stride=2, groups=2), nn.Conv3d(6, 3, 1))
+    x = torch.randn(1, 1, 16, 16, 16)
+    result = quantize(net.eval(), x, EfficientQConfig(weight_bits=4, per_channel=True), progress=False)
+    with pytest.raises(UserInputError, match=r"layer 2 is a grouped transposed convolution .*\(overrides=\{'2': \{'per_channel': False\}\}"):
+        export_onnx(result, tmp_path / "net.onnx", (1, 1, 16, 16, 16))
+    assert not (tmp_path / "net.onnx").exists()
+
+
 def test_quantize_and_finetune_build_transposed_layers_with_the_plans_channel_axis():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.ConvTranspose3d(4, 4, 2, stride=2), nn.Conv3d(4, 2, 1)).eval()
