@@ -12,6 +12,8 @@ from monai.inferers import Inferer, SimpleInferer
 from monai.transforms import Compose, Decollated, SaveImage, SaveImaged
 from monai.utils import CommonKeys, IgniteInfo, min_version, optional_import
 
+from monai_effq.utils.errors import UserInputError
+
 if TYPE_CHECKING:
     from ignite.engine import Engine
 else:
@@ -121,4 +123,27 @@ class ReferencePrediction:
                 "ReferencePrediction.attach (or list it in the evaluator's handlers) so it runs after the forward pass."
             )
         for item, pred in zip(items, pending):
+            _check_post_processed_alike(item.get(CommonKeys.PRED), pred)
             item[self.output_key] = pred
+
+
+def _is_discrete(tensor: torch.Tensor) -> bool:
+    """Labels, one-hot or not (whole numbers), rather than logits or probabilities."""
+    return bool((tensor == tensor.round()).all())
+
+
+def _check_post_processed_alike(pred: Any, reference: Any) -> None:
+    """Refuse a reference post-processed otherwise than the engine's prediction: a metric of the two (the FP
+    agreement) would compare labels with raw logits and read near zero, however close the networks are."""
+    if not isinstance(pred, torch.Tensor) or not isinstance(reference, torch.Tensor):
+        return
+    if pred.shape == reference.shape and _is_discrete(pred) == _is_discrete(reference):
+        return
+    kind = {True: "labels", False: "logits or probabilities"}
+    raise UserInputError(
+        f"the FP reference prediction is {tuple(reference.shape)} {kind[_is_discrete(reference)]} where the evaluator's pred is "
+        f"{tuple(pred.shape)} {kind[_is_discrete(pred)]}: they are post-processed differently, so their agreement would be "
+        "meaningless. Give the reference the evaluator's post-processing (the overlay: --fp_reference#postprocessing "
+        "\"@validate#evaluator#postprocessing\" where the bundle sets it inline)."
+    )
+

@@ -118,3 +118,16 @@ def test_the_reference_post_processing_writes_no_images(net, batches, tmp_path):
     evaluator.run()
     assert evaluator.state.metrics["fp_agreement"] == pytest.approx(1.0)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_reference_post_processed_otherwise_than_the_evaluators_pred_is_refused_rather_than_scored_near_zero(net, batches):
+    from monai_effq.utils.errors import UserInputError
+
+    inferer = SlidingWindowInferer((8, 8, 8), sw_batch_size=2, overlap=0.25)
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"), val_data_loader=batches, epoch_length=len(batches), network=net, inferer=inferer, postprocessing=_discrete(),
+        key_val_metric={"fp_agreement": MeanDice(include_background=False, output_transform=from_engine(["pred", REFERENCE_KEY]))},
+    )
+    ReferencePrediction(copy.deepcopy(net), inferer, None).attach(evaluator)  # the bundle's post-processing was not handed on
+    with pytest.raises(UserInputError, match=r"FP reference prediction is \(3, 16, 16, 16\) logits or probabilities where the evaluator's pred is \(3, 16, 16, 16\) labels"):
+        evaluator.run()
