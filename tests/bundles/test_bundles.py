@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -362,6 +363,25 @@ def test_the_workflows_check_cases_against_the_channels_the_network_def_takes(na
             parser.get_parsed_content(key, lazy=False)
         error = find_user_error(raised.value)
         assert isinstance(error, DatasetError) and f"holds {shipped} image channel(s), but the network takes {shipped + 1}" in str(error)
+
+
+@pytest.mark.parametrize("name", list(BUNDLES))
+def test_inference_refuses_to_serve_a_checkpoint_whose_quantize_run_is_unfinished(name, tmp_path):
+    from monai.bundle import ConfigParser
+
+    from monai_effq.ptq.journal import journal_path
+    from monai_effq.utils.errors import UserInputError
+
+    parser = ConfigParser()
+    parser.read_config(config_files(name, "inference"))
+    parser["bundle_root"], parser["ckpt_dir"] = str(ROOT / "bundles" / name), str(tmp_path)
+    checkpoint = parser.get_parsed_content("quantized_path")
+    Path(checkpoint).write_bytes(b"an earlier run's checkpoint")
+    journal_path(checkpoint).mkdir()  # a run with --overwrite True, killed while it rewrites the checkpoint
+    with pytest.raises(Exception) as raised:
+        parser.get_parsed_content("inference", lazy=False)
+    error = find_user_error(raised.value)
+    assert isinstance(error, UserInputError) and "did not finish" in str(error)
 
 
 def test_only_the_shipped_unchanged_checkpoint_is_protected_from_training(tmp_path):
