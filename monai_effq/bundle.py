@@ -1030,7 +1030,8 @@ def _without_fp_loading(config: dict[str, Any]) -> dict[str, Any]:
     """An inference config with the steps that load ``models/model.pt`` taken out, for a bundle that has none.
 
     Model-zoo bundles load it either with a ``checkpointloader`` that ``initialize`` calls or with a
-    ``CheckpointLoader`` in ``handlers``; the exported bundle's network is the trace itself.
+    ``CheckpointLoader`` in ``handlers``; the exported bundle's network is the trace itself. Weights loaded
+    any other way (``load_state_dict(torch.load(...))``, from a file of any name) are refused.
 
     Args:
         config: the source bundle's ``inference.json`` content (modified in place).
@@ -1039,8 +1040,8 @@ def _without_fp_loading(config: dict[str, Any]) -> dict[str, Any]:
         ``config``.
 
     Raises:
-        UserInputError: when the config still names ``model.pt`` in a form this does not recognise
-            (the exported bundle would fail to load it).
+        UserInputError: when the config still names ``model.pt`` or loads weights in a form this does not
+            recognise (the exported bundle would fail to load them).
     """
     config.pop("checkpointloader", None)
     for key in ("initialize", "handlers"):
@@ -1049,13 +1050,18 @@ def _without_fp_loading(config: dict[str, Any]) -> dict[str, Any]:
             config[key] = []
         elif isinstance(steps, list):
             config[key] = [step for step in steps if "@checkpointloader" not in str(step) and not _loads_checkpoint(step)]
-    left = [key for key, value in config.items() if "model.pt" in json.dumps(value)]
+    # "model.pt" as a file name (not best_model.pth), or weights loaded by hand from a file of another name
+    left = [key for key, value in config.items() if _FP_LOADING.search(json.dumps(value))]
     if left:
         raise UserInputError(
-            f"the bundle's configs/inference.json loads models/model.pt in {', '.join(left)}, in a form the export for "
+            f"the bundle's configs/inference.json loads FP weights in {', '.join(left)} (models/model.pt, or torch.load / "
+            "load_state_dict), in a form the export for "
             "MONAI Label cannot take out: pass --export_dir \"\" to skip that export."
         )
     return config
+
+
+_FP_LOADING = re.compile(r"(?<![\w.-])model\.pt\b|torch\.load\(|load_state_dict\(")
 
 
 def _loads_checkpoint(step: Any) -> bool:

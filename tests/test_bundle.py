@@ -237,3 +237,13 @@ def test_a_vector_nrrd_counts_its_pixel_components_as_channels_as_monai_loads_it
     check_inference_inputs([{"image": four}], tmp_path / "seg", channels=4)
     with pytest.raises(DatasetError, match=r"inference case 0 \(.*contrasts\.nrrd\) holds 4 image channel\(s\), but the network takes 1"):
         check_inference_inputs([{"image": four}], tmp_path / "seg", channels=1)
+
+
+def test_the_monailabel_export_tells_weights_loaded_by_hand_from_a_file_that_merely_ends_like_model_pt():
+    from monai_effq.bundle import _without_fp_loading
+
+    zoo = {"handlers": [{"_target_": "CheckpointLoader", "load_path": "$@bundle_root + '/models/best_model.pth'"}], "best": "best_model.pth"}
+    assert _without_fp_loading(zoo) == {"handlers": [], "best": "best_model.pth"}  # the zoo's loader, taken out
+    by_hand = {"initialize": ["$@network.load_state_dict(torch.load(@bundle_root + '/models/fp_weights.ckpt'))"]}
+    with pytest.raises(UserInputError, match=r"loads FP weights in initialize \(models/model.pt, or torch.load"):
+        _without_fp_loading(by_hand)  # the exported bundle has no fp_weights.ckpt to load

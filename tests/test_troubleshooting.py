@@ -561,7 +561,7 @@ TRIGGERS = {
     "the calibration data loader is empty, so nothing would be quantized": None,  # tests/handlers/test_handlers.py
     "there is no calibration image: the bundle's dataset (dataset#data) is empty or missing.": lambda t, d: calibration_items([], 1),
     "the bundle's evaluator does not run the handlers listed in <key>, so the quantized network would never replace the FP one": _unattached_loader,
-    "the bundle's configs/inference.json loads models/model.pt in <keys>, in a form the export for MONAI Label cannot take out": _unexportable_bundle,
+    "the bundle's configs/inference.json loads FP weights in <keys> (<how>), in a form the export for MONAI Label cannot take out": _unexportable_bundle,
     "calibration image <file> does not exist: correct --calibration_images (or the bundle's --dataset_dir).": (
         lambda t, d: calibration_items([str(t / "case0.nii.gz")], 1)
     ),

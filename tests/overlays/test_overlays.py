@@ -336,5 +336,5 @@ def test_quantize_refuses_before_it_starts_a_bundle_whose_export_would_still_loa
     (root / "configs" / "inference.json").write_text(json.dumps(config))
     with pytest.raises(RuntimeError) as refused:
         workflow(root, [str(root / "configs" / "inference.json"), str(overlay_path("quantize"))], run_id="quantize")
-    assert any("loads models/model.pt in initialize" in str(e) and '--export_dir ""' in str(e) for e in _chain(refused.value))
+    assert any("loads FP weights in initialize" in str(e) and '--export_dir ""' in str(e) for e in _chain(refused.value))
     assert not (root / "models" / f"model_{TAG}.pt").exists()
