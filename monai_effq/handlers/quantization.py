@@ -85,8 +85,9 @@ def check_calibration_volume(images: torch.Tensor, name: str) -> None:
     check_spread(
         images,
         f"{name} (after preprocessing)",
-        "fix or replace the file, or choose another case with --calibration_case",
-        "an empty or blank image calibrates nothing; check the file, or choose another case with --calibration_case",
+        "fix or replace the file, or calibrate on another case (--calibration_case, or --calibration_images)",
+        "an empty or blank image calibrates nothing; check the file, or calibrate on another case (--calibration_case, "
+        "or --calibration_images)",
     )
 
 
