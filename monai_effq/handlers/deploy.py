@@ -28,15 +28,19 @@ else:
 __all__ = ["RuntimeNetworkLoader", "input_channels"]
 
 
-def input_channels(network: torch.nn.Module) -> int:
+def input_channels(network: torch.nn.Module, spatial_size: Sequence[int] | None = None) -> int:
     """The number of channels ``network`` reads.
 
     That is the first ``in_channels`` among the network and its modules (MONAI's networks and every
     convolution keep one), else the first linear layer's inputs. A linear patch embedding (UNETR's
-    ``proj_type="perceptron"``) reads channels times patch voxels, so it comes last.
+    ``proj_type="perceptron"``) reads channels times patch voxels, so it comes last. A network need not
+    register its layers in the order it runs them (an output head first): with ``spatial_size`` each
+    candidate is tried in one forward pass until the network takes it.
 
     Args:
         network: an FP segmentation network.
+        spatial_size: a spatial size the network runs (e.g. the sliding-window ROI), or None to take the first
+            candidate untried.
 
     Returns:
         the input channels.
@@ -44,13 +48,26 @@ def input_channels(network: torch.nn.Module) -> int:
     Raises:
         UserInputError: when the network has neither.
     """
-    for module in network.modules():
-        if isinstance(getattr(module, "in_channels", None), int):
-            return module.in_channels
-    for module in network.modules():
-        if isinstance(module, torch.nn.Linear):
-            return module.in_features
-    raise UserInputError(f"{type(network).__name__} has no convolution or linear layer to read its input channels from.")
+    candidates = list(dict.fromkeys(m.in_channels for m in network.modules() if isinstance(getattr(m, "in_channels", None), int)))
+    candidates += [m.in_features for m in network.modules() if isinstance(m, torch.nn.Linear)][:1]
+    if not candidates:
+        raise UserInputError(f"{type(network).__name__} has no convolution or linear layer to read its input channels from.")
+    if spatial_size is None or len(candidates) == 1 or isinstance(getattr(network, "in_channels", None), int):
+        return candidates[0]
+    device = next(iter(network.parameters()), torch.empty(0)).device
+    training = network.training
+    network.eval()
+    try:
+        for channels in candidates:
+            try:
+                with torch.no_grad():
+                    network(torch.zeros(1, channels, *spatial_size, device=device))
+            except Exception:  # the network's own complaint: another candidate, or the export names it
+                continue
+            return channels
+    finally:
+        network.train(training)
+    return candidates[0]
 
 
 class RuntimeNetworkLoader:
@@ -118,7 +135,7 @@ class RuntimeNetworkLoader:
     def __call__(self, engine: Engine) -> None:
         """Swap the runtime network in."""
         network = engine.network  # replaced below, so moving it to the CPU, where the export traces, costs nothing
-        shape = [1, input_channels(network), *self.roi_size]
+        shape = [1, input_channels(network, self.roi_size), *self.roi_size]
         engine.network = runtime_network(
             self.runtime, self.onnx_path, self.quantized_path, network.cpu(), shape,
             fixed_window=self.runs_windows_of_roi_size(getattr(engine, "inferer", None)), **self.options,

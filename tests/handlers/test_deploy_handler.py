@@ -47,3 +47,22 @@ def test_the_file_is_fixed_at_the_window_only_for_a_sliding_window_inferer_of_th
     assert not loader.runs_windows_of_roi_size(SlidingWindowInferer([32, 32, 16]))
     assert not loader.runs_windows_of_roi_size(SlidingWindowInferer([32, 32, -1]))  # whole last axis: any size
     assert not loader.runs_windows_of_roi_size(SimpleInferer())
+
+
+class _HeadFirst(torch.nn.Module):
+    """A network that registers its output head before the convolution that reads its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head, self.enc = torch.nn.Conv3d(16, 3, 1), torch.nn.Conv3d(2, 16, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.enc(x)))
+
+
+def test_the_input_channels_of_a_network_registered_out_of_order_are_the_ones_it_runs_on_at_a_given_size():
+    from monai_effq.handlers import input_channels
+
+    network = _HeadFirst().train()
+    assert input_channels(network) == 16  # untried: the first registered layer's, as before
+    assert input_channels(network, (8, 8, 8)) == 2 and network.training  # tried, and left in its mode
