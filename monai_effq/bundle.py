@@ -271,7 +271,8 @@ def calibration_datalist(
         for number, item in enumerate(chosen):
             # from the headers first: decoding a whole volume takes the longest
             # BraTS' one-file slip gets its own advice (a network of one contrast takes such a file)
-            if dataset == "brats" and channels == DATASET_CHANNELS["brats"] and isinstance(item["image"], str) and image_channels(item["image"]) == 1:
+            one_file = isinstance(item["image"], str)
+            if dataset == "brats" and channels == DATASET_CHANNELS["brats"] and one_file and image_channels(item["image"]) == 1:
                 raise UserInputError(
                     f"calibration image {item['image']} is one 3D image, but a BraTS case is its four contrasts: pass "
                     "each case as the list of its files, --calibration_images \"[['flair.nii.gz', 't1.nii.gz', "

@@ -141,12 +141,13 @@ def series_shape(files: Sequence[str]) -> tuple[int, int, int]:
     Returns:
         ``(columns, rows, slices)``, the axis order of the volume MONAI reads.
     """
-    io = itk.GDCMImageIO.New()
-    io.SetFileName(str(files[0]))
-    io.ReadImageInformation()
+    return _shape_of(_slice_header(files[0]), len(files))
+
+
+def _shape_of(io: Any, files: int) -> tuple[int, int, int]:
     # an enhanced (multi-frame) series is one file of many frames; a classic one, a frame per file
     frames = int(io.GetDimensions(2)) if io.GetNumberOfDimensions() > 2 else 1
-    return int(io.GetDimensions(0)), int(io.GetDimensions(1)), frames * len(files)
+    return int(io.GetDimensions(0)), int(io.GetDimensions(1)), frames * files
 
 
 def series_grid(files: Sequence[str]) -> tuple[tuple[int, int, int], np.ndarray]:
@@ -170,7 +171,7 @@ def series_grid(files: Sequence[str]) -> tuple[tuple[int, int, int], np.ndarray]
     affine = np.eye(4)
     affine[:3, :3] = direction * spacing
     affine[:3, 3] = origin
-    return series_shape(files), np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # DICOM's frame is LPS
+    return _shape_of(first, len(files)), np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # DICOM's frame is LPS
 
 
 def file_channels(path: str | os.PathLike) -> int:
@@ -440,7 +441,8 @@ def check_case_grids(images: Sequence[str | os.PathLike], label: str | os.PathLi
     resampled against the image, so every score on it is wrong. A label that differs in origin or by a
     small rotation only still pairs voxel by voxel as stored: the caller is told, to warn once for a
     dataset rather than once a case. A label stored in another axis order whose header puts it on the
-    image's voxels in the world is paired right by the reorientation, and passes. Grids agree within the tolerance of :func:`check_image`.
+    image's voxels in the world is paired right by the reorientation, and passes. Grids agree within the
+    tolerance of :func:`check_image`.
 
     Args:
         images: the NIfTI files of one case (one, or a multi-modal case's contrasts).
@@ -493,9 +495,9 @@ def check_label_grid(image: Any, shape: tuple[int, ...], affine: np.ndarray, lab
         DatasetError: as :func:`check_case_grids`.
     """
     label_shape, label_affine = _nifti_grid(label)
+    # the second: stored in another axis order (as dcm2niix stores rows) but on the same voxels in the world, which
+    # MONAI's reorientation of each to RAS pairs as drawn
     if _same_grid(shape, affine, label_shape, label_affine) or _same_grid(*_in_ras(shape, affine), *_in_ras(label_shape, label_affine)):
-        # the second: stored in another axis order (as dcm2niix stores rows) but on the same voxels in the world, which
-        # MONAI's reorientation of each to RAS pairs as drawn
         return None
     on_image, on_label = _describe_grids(shape, affine, label_shape, label_affine)
     spacing, label_spacing = np.linalg.norm(affine[:3, :3], axis=0), np.linalg.norm(label_affine[:3, :3], axis=0)

@@ -521,12 +521,17 @@ def image_channels(path: str | os.PathLike) -> int:
         DatasetError: for a NIfTI file whose header does not read.
     """
     if str(path).endswith(NIFTI_SUFFIXES):
-        return int(np.prod(check_nifti(path, read_data=False)[3:]))
+        return _nifti_channels(check_nifti(path, read_data=False))
     if Path(path).is_dir():
         return 1
     from monai_effq.data.images import file_channels  # that module imports this one
 
     return file_channels(path)
+
+
+def _nifti_channels(shape: tuple[int, ...]) -> int:
+    """A NIfTI file's channels from its shape: one per volume past the three spatial axes."""
+    return int(np.prod(shape[3:]))
 
 
 def _check_channels(what: str, images: Sequence[Any], found: Sequence[int], channels: int) -> None:
@@ -643,7 +648,7 @@ def validate_datalist(
                     "image and label must be on the same grid."
                 )
         if channels is not None:
-            _check_channels(f"dataset entry {i}", images, [int(np.prod(shape[3:])) for shape in shapes.values()], channels)
+            _check_channels(f"dataset entry {i}", images, [_nifti_channels(shape) for shape in shapes.values()], channels)
         # the headers alone: a label saved with another affine is otherwise paired with its image silently
         note = check_case_grids(images, item.get("label"))
         moved += [note] if note else []

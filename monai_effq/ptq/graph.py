@@ -216,7 +216,7 @@ def probe_network(network: nn.Module, batch: torch.Tensor) -> NetworkProbe:
         )
     seen: set[str] = set()
     unique = [n for n in order if not (n in seen or seen.add(n))]
-    repeated = {n: order.count(n) for n in unique if order.count(n) > 1}
+    repeated = {n: count for n, count in Counter(order).items() if count > 1}
     return NetworkProbe(output, unique, numels, _adjacent_pairs(events), [n for n in unique if n in reads_input], repeated)
 
 

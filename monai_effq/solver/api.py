@@ -82,10 +82,10 @@ def _check_float32_range(view: LayerView, stats: LayerStatistics, weight: torch.
     The sums are float64; a weight or activation upstream many orders beyond a trained network's (a
     damaged checkpoint) makes them exceed float32's 3.4e38 when the solver's system is built.
     """
-    if bool(torch.isfinite(stats.A).all() and torch.isfinite(stats.B).all()):
+    inputs_fit = bool(torch.isfinite(stats.A).all())
+    if inputs_fit and bool(torch.isfinite(stats.B).all()):
         return
-    what = "inputs" if not bool(torch.isfinite(stats.A).all()) else "outputs"
-    sums = stats.A64 if what == "inputs" else stats.B64
+    what, sums = ("outputs", stats.B64) if inputs_fit else ("inputs", stats.A64)
     raise UserInputError(
         f"the {view.name} layer's {what} are too large for its float32 least-squares system (sums up to "
         f"{sums.abs().max().item():.3g}, beyond float32's 3.4e38): a weight or activation up to this layer is many orders "
