@@ -108,6 +108,18 @@ def _weight_of_a_damaged_checkpoint(tmp_path, lits):
     quantize(net, torch.rand(1, 1, 16, 16, 16), EfficientQConfig(attention=False), progress=False)
 
 
+def _zoo_bundle_without_roi_size(tmp_path, lits):
+    from monai.bundle import ConfigParser
+
+    from monai_effq.utils.errors import find_user_error
+
+    parser = ConfigParser({"inferer": {"_target_": "SimpleInferer"}, "calibration_roi": "@inferer#roi_size"})
+    try:
+        parser.get_parsed_content("calibration_roi")
+    except ValueError as e:  # what the bundle command's hook reports
+        raise find_user_error(e) from e
+
+
 def _damaged_fp_checkpoint(tmp: Path, data: Path) -> None:
     (tmp / "model.pt").write_bytes(b"half a checkpoint" * 10)
     existing_checkpoint(tmp / "model.pt")
@@ -561,6 +573,7 @@ TRIGGERS = {
     "the calibration data loader is empty, so nothing would be quantized": None,  # tests/handlers/test_handlers.py
     "there is no calibration image: the bundle's dataset (dataset#data) is empty or missing.": lambda t, d: calibration_items([], 1),
     "the bundle's evaluator does not run the handlers listed in <key>, so the quantized network would never replace the FP one": _unattached_loader,
+    "the config refers to @<ref>, which none of its files defines": _zoo_bundle_without_roi_size,
     "the bundle's configs/inference.json loads FP weights in <keys> (<how>), in a form the export for MONAI Label cannot take out": _unexportable_bundle,
     "calibration image <file> does not exist: correct --calibration_images (or the bundle's --dataset_dir).": (
         lambda t, d: calibration_items([str(t / "case0.nii.gz")], 1)

@@ -21,6 +21,7 @@ import collections
 import logging
 import numbers
 import os
+import re
 import sys
 from types import TracebackType
 from typing import Any
@@ -201,6 +202,9 @@ def exception_chain(error: BaseException | None) -> list[BaseException]:
     return chain
 
 
+_MISSING_REFERENCE = re.compile(r"the referring item `@(?P<ref>[^`]+)` is not defined in the config content")
+
+
 def find_user_error(error: BaseException | None) -> UserInputError | None:
     """The first :class:`UserInputError` in an exception's chain (``__cause__``, then ``__context__``), or one
     whose message an exception of the chain quotes.
@@ -222,6 +226,16 @@ def find_user_error(error: BaseException | None) -> UserInputError | None:
             # as a traceback's last line shows the error, so that a message quoted in another sense is not taken
             if message and f"{kind.__name__}: {message}" in text:
                 return kind(message)
+    for link in chain:
+        # MONAI's own message for a config that refers to an item no file defines (an overlay on a zoo bundle that
+        # names it otherwise): a user's error, reported as one line
+        missing = _MISSING_REFERENCE.search(str(link))
+        if missing:
+            ref = missing["ref"].replace("::", "#")
+            return UserInputError(
+                f"the config refers to @{ref}, which none of its files defines: define it in one of the --config_file "
+                f"files or pass --{ref} on the command line (docs/troubleshooting.md lists what the overlays read)."
+            )
     return None
 
 

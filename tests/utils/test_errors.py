@@ -127,3 +127,16 @@ def test_log_lines_of_a_user_error_keep_the_message_and_lose_the_traceback(hook,
 def test_the_debug_variable_keeps_the_traceback_in_log_lines_too(hook, monkeypatch, caplog):
     monkeypatch.setenv(DEBUG_ENV, "1")
     assert _logged(_wrapped(UserInputError("weight_bits must be an integer.")), caplog).exc_info is not None
+
+
+def test_a_reference_no_config_file_defines_is_a_users_error_naming_it_in_the_hash_form_they_type():
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser({"inferer": {"_target_": "SimpleInferer"}, "roi": "$@inferer#roi_size"})
+    with pytest.raises(ValueError) as raised:
+        parser.get_parsed_content("roi")
+    found = find_user_error(raised.value)
+    assert isinstance(found, UserInputError) and str(found).startswith(
+        "the config refers to @inferer#roi_size, which none of its files defines: define it in one of the --config_file files "
+        "or pass --inferer#roi_size on the command line"
+    )
