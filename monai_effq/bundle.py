@@ -1024,6 +1024,8 @@ def _served_config(source: Path) -> dict[str, Any]:
     for key in _PACKED_KEYS:
         config.pop(key, None)
     config["network"] = "$torch.jit.load(@bundle_root + '/models/model.ts', map_location=torch.device(@device))"
+    if isinstance(config.get("inference"), list):  # the trace is finished: no quantize run to wait for
+        config["inference"] = [step for step in config["inference"] if "@quantized_path" not in str(step)]
     return _without_fp_loading(config)
 
 
