@@ -372,9 +372,12 @@ def test_inference_refuses_to_serve_a_checkpoint_whose_quantize_run_is_unfinishe
     from monai_effq.ptq.journal import journal_path
     from monai_effq.utils.errors import UserInputError
 
+    dataset, _ = BUNDLES[name]
+    data = (make_brats_demo if dataset == "brats" else make_lits_demo)(tmp_path / "data", n_cases=1, shape=(32, 32, 32), seed=1)
     parser = ConfigParser()
     parser.read_config(config_files(name, "inference"))
-    parser["bundle_root"], parser["ckpt_dir"] = str(ROOT / "bundles" / name), str(tmp_path)
+    parser["bundle_root"], parser["ckpt_dir"], parser["output_dir"] = str(ROOT / "bundles" / name), str(tmp_path), str(tmp_path / "seg")
+    parser["datalist"] = [{"image": case["image"]} for case in datalist(data, dataset, "all")]  # images that pass their checks
     checkpoint = parser.get_parsed_content("quantized_path")
     Path(checkpoint).write_bytes(b"an earlier run's checkpoint")
     journal_path(checkpoint).mkdir()  # a run with --overwrite True, killed while it rewrites the checkpoint
