@@ -133,8 +133,9 @@ DATASET_CHANNELS = {"brats": 4, "lits": 1}
 """The input channels of each bundle's network: BraTS' four contrasts (FLAIR, T1, T1gd, T2), LiTS' one CT."""
 
 
-def _network_channels(channels: Any, dataset: str) -> int | None:
-    """The channels a case must hold: the bundle network's, where the config names them, else the dataset's."""
+def _network_channels(channels: Any, dataset: str | None = None) -> int | None:
+    """The channels a case must hold: the bundle network's, where the config names them, else the dataset's
+    (None: unknown, not checked)."""
     if channels is None:
         return DATASET_CHANNELS.get(dataset)
     return check_integer(channels, "network_def#in_channels", low=1)
@@ -583,8 +584,8 @@ def check_inference_inputs(
             require_skimage()
         for case in cases:
             require_series_folder(_first_image(case), kind)
+    channels = _network_channels(channels)
     if channels is not None:
-        channels = check_integer(channels, "network_def#in_channels", low=1)
         for number, case in enumerate(cases):
             check_image_channels(case["image"], channels, f"inference case {number}")
     for case in cases:  # decoding takes the longest: after the checks that need no image read
