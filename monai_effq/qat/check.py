@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -104,9 +105,9 @@ def check_batch_count(count: int) -> int:
     Raises:
         ValueError: for anything but a non-negative integer.
     """
-    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
         raise ValueError(f"check_batches must be a non-negative integer (0 turns the held-out check off), got {count!r}.")
-    return count
+    return int(count)
 
 
 def end_is_better(start: HeldOutScore, end: HeldOutScore) -> bool:
@@ -383,7 +384,7 @@ class FinetuneCheck:
         if not keep_end:
             self.trainable.network.load_state_dict(self._start_state)
         kept = end if keep_end else self.start_score
-        causes = self.causes(learning_rates, losses, worse=not keep_end)
+        causes = self.causes(learning_rates, losses, worse=not keep_end, end=end)
         if not keep_end:
             logger.warning(
                 "the fine-tune made the network worse on the %d held-out windows (start %s, end %s): the start is "
@@ -409,14 +410,18 @@ class FinetuneCheck:
             "findings": list(self.findings),
         }
 
-    def causes(self, learning_rates: list[float], losses: list[float], worse: bool = True) -> list[str]:
+    def causes(
+        self, learning_rates: list[float], losses: list[float], worse: bool = True, end: HeldOutScore | None = None
+    ) -> list[str]:
         """The cause candidates of a poor fine-tune: learning rate, steps, format, the loss's course.
 
         Args:
             learning_rates: the learning rate of every step.
             losses: the training loss of every step.
             worse: whether the end scored worse than the start (a training loss that fell is then a
-                candidate too: the training windows did not represent the held-out ones).
+                candidate too: the training windows did not represent the held-out ones, or, when
+                the held-out loss fell as well, the loss does not follow Dice).
+            end: the end's held-out score, or ``None``.
 
         Returns:
             one sentence per candidate.
@@ -445,6 +450,15 @@ class FinetuneCheck:
                 # with too few steps to change codes, a flat loss says nothing about the learning rate
                 if not few_steps:
                     causes.append(f"training loss: it did not fall ({first:.4f} -> {last:.4f}): lower the learning rate")
+            elif worse and end is not None and self.start_score is not None and end.loss < self.start_score.loss:
+                # the held-out loss followed the training loss: the windows agree, the loss and Dice do not
+                causes.append(
+                    f"loss and Dice: the training loss fell ({first:.4f} -> {last:.4f}) and so did the held-out loss "
+                    f"({self.start_score.loss:.4f} -> {end.loss:.4f}), but not the held-out Dice "
+                    f"({self.start_score.mean_dice:.4f} -> {end.mean_dice:.4f}): the loss gains where Dice does not "
+                    "(background, or a class with few voxels in these windows): score more windows (check_batches, "
+                    "validation_data) or train with a loss that weighs Dice more"
+                )
             elif worse:
                 causes.append(
                     f"training loss: it fell ({first:.4f} -> {last:.4f}) but the held-out score did not follow: the "

@@ -76,3 +76,17 @@ def test_a_flat_training_loss_blames_the_learning_rate_only_when_the_steps_could
     assert any(c.startswith("steps:") for c in few) and not any(c.startswith("training loss") for c in few), few
     many = check.causes([step / 2] * 10, flat)  # five steps' worth: the codes could change, and the loss did not fall
     assert not any(c.startswith("steps:") for c in many) and any("did not fall" in c and "lower the learning rate" in c for c in many), many
+
+
+def test_a_held_out_loss_that_falls_with_the_training_loss_blames_the_loss_not_the_windows():
+    torch.manual_seed(0)
+    batches = [{"image": torch.randn(1, 1, 16, 16, 16), "label": (torch.rand(1, 1, 16, 16, 16) > 0.7).long()}]
+    trainable = prepare_finetune(UNet(3, 1, 2, channels=(4, 8), strides=(2,), num_res_units=0), batches, EfficientQConfig(weight_bits=4, act_bits=6))
+    check = FinetuneCheck(trainable, [], lambda logits, label: logits.sum(), "multiclass")
+    check.start_score = HeldOutScore(loss=2.0, dice=(0.3, 0.0))
+    falling = [2.0] * 5 + [1.5] * 5
+    same_windows = check.causes([1e-6] * 10, falling, end=HeldOutScore(loss=1.5, dice=(0.0, 0.0)))
+    assert any(c.startswith("loss and Dice:") and "(2.0000 -> 1.5000)" in c for c in same_windows), same_windows
+    assert not any("do not represent" in c for c in same_windows)
+    other_windows = check.causes([1e-6] * 10, falling, end=HeldOutScore(loss=2.5, dice=(0.0, 0.0)))
+    assert any("do not represent the held-out ones" in c for c in other_windows), other_windows
