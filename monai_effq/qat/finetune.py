@@ -5,7 +5,8 @@ Phases, each a call:
 1. :func:`prepare_finetune` turns a start into a :class:`TrainableNetwork`: from a PTQ result
    (EfficientQ/GPTQ/RTN codes become the shadow weights' starting point), from an FP network (the
    method's ``retrain`` mode: BatchNorm folded, weight scales fitted, activation ranges calibrated
-   on one batch) or from scratch (the paper's setting: parameters re-initialised, BatchNorm kept).
+   on the first training batches) or from scratch (the paper's setting: parameters re-initialised,
+   BatchNorm kept).
 2. Training, either :func:`train_steps` (a plain loop) or a MONAI ``SupervisedTrainer`` on
    ``TrainableNetwork.network`` (the bundles' ``finetune`` workflow), between the two halves of the
    held-out check (:class:`~monai_effq.qat.check.FinetuneCheck`): the start and the end are scored
@@ -20,8 +21,10 @@ Phases, each a call:
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
+import numbers
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -49,6 +52,8 @@ tqdm, _has_tqdm = optional_import("tqdm", name="tqdm")
 __all__ = [
     "DEFAULT_STEPS",
     "DEFAULT_LR",
+    "DEFAULT_CALIBRATION_BATCHES",
+    "calibration_batch",
     "TrainableNetwork",
     "prepare_finetune",
     "train_steps",
@@ -63,6 +68,8 @@ logger = logging.getLogger("monai_effq")
 # Tuned on the demo BraTS bundle (benchmarks/qat.py): EfficientQ -> QAT at W4A6 within 5 minutes on 2 cores.
 DEFAULT_STEPS = 300
 DEFAULT_LR = 1e-4
+# training batches an FP start calibrates its activation ranges on (calibration_batch)
+DEFAULT_CALIBRATION_BATCHES = 4
 
 
 def split_batch(batch: Any, index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,8 +222,13 @@ class TrainableNetwork:
                     iterations=ptq.iterations if ptq else 0,
                 )
             )
-        method = f"{base.method if base is not None else self.start}+qat"
+        # a fine-tune of a fine-tuned result is the same method, and keeps the earlier rounds' figures
+        method = self.start if base is None else base.method
+        method = method if method.endswith("+qat") else f"{method}+qat"
         info = {"start": self.start, "steps": len(self.losses), **(extra or {})}
+        earlier = dict(base.extra.get("finetune") or {}) if base is not None else {}
+        if earlier:
+            info["earlier"] = [*earlier.pop("earlier", []), earlier]
         if self.losses:
             k = max(1, min(10, len(self.losses) // 4))
             info["loss_first"] = sum(self.losses[:k]) / k
@@ -237,21 +249,66 @@ class TrainableNetwork:
         return QuantizationResult(network=net, report=report, config=self.config, folded=list(self.folded))
 
 
-def _first_image(sample: Any) -> torch.Tensor:
-    if isinstance(sample, torch.Tensor):
-        return sample.detach().as_subclass(torch.Tensor).float()
-    if isinstance(sample, dict):
-        return torch.as_tensor(sample["image"]).as_subclass(torch.Tensor).float()
-    if isinstance(sample, (list, tuple)) and sample and isinstance(sample[0], torch.Tensor):
-        return sample[0].detach().as_subclass(torch.Tensor).float()
+def _is_batch(sample: Any) -> bool:
+    """Whether ``sample`` is one batch (a tensor, a batch dict or an ``(image, label)`` pair), not a loader."""
+    if isinstance(sample, (torch.Tensor, dict)):
+        return True
+    return isinstance(sample, (list, tuple)) and bool(sample) and isinstance(sample[0], torch.Tensor)
+
+
+def _image_of(batch: Any) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        image = batch
+    elif isinstance(batch, dict):
+        if "image" not in batch:
+            raise ValueError(f"the sample batch has no 'image' (keys {sorted(map(str, batch))}): pass the image batch.")
+        image = torch.as_tensor(batch["image"])
+    else:
+        image = batch[0]
+    return image.detach().as_subclass(torch.Tensor).float()
+
+
+def calibration_batch(sample: Any, batches: int = DEFAULT_CALIBRATION_BATCHES) -> torch.Tensor:
+    """The images an FP start calibrates its activation ranges on, as one batch.
+
+    A loader gives its first ``batches`` batches of the first one's shape, joined along the batch
+    axis: the ranges of one random crop (an almost empty one, say) would clip every other window for
+    the whole fine-tune. No more memory than training takes: a forward pass without gradients over
+    a few batches holds fewer activations than a training step's backward over one.
+
+    Args:
+        sample: a batch (a tensor, a batch dict or an ``(image, label)`` pair) or a loader of them.
+        batches: how many batches of a loader to take (at least 1).
+
+    Returns:
+        the image batch (float32, detached).
+
+    Raises:
+        ValueError: for a loader that yields no batch.
+    """
+    if _is_batch(sample):
+        return _image_of(sample)
+    images: list[torch.Tensor] = []
     try:
-        first = next(iter(sample))
-    except (TypeError, StopIteration):
+        loader = iter(sample)
+    except TypeError:
+        loader = iter(())
+    for i, batch in enumerate(loader):
+        if not _is_batch(batch):
+            raise ValueError(
+                f"sample batch {i} is a {type(batch).__name__}: expected a tensor, a batch dict or an (image, label) pair."
+            )
+        image = _image_of(batch)
+        if not images or image.shape[1:] == images[0].shape[1:]:
+            images.append(image)
+        if len(images) >= batches:
+            break
+    if not images:
         raise ValueError(
             "prepare_finetune needs a sample batch (a tensor, a batch dict or a non-empty loader) to fold "
             "BatchNorm and calibrate the activation ranges."
-        ) from None
-    return _first_image(first)
+        )
+    return torch.cat(images)
 
 
 def _freeze_batchnorms(network: nn.Module) -> None:
@@ -280,8 +337,9 @@ def _from_network(network: nn.Module, sample: torch.Tensor, config: EfficientQCo
     device = next((p.device for p in network.parameters()), torch.device("cpu"))
     prepared = prepare_network(network, sample, config, device=device, from_scratch=from_scratch)
     net, folded, plans = prepared.network, prepared.folded, prepared.plans
+    sample = sample.to(device)
     if config.norm_input_spec is not None:  # first, as quantize does: the layers calibrate on the inputs they will get
-        quantize_norm_inputs(net, sample.to(device), config.norm_input_spec)
+        quantize_norm_inputs(net, sample, config.norm_input_spec)
     quantizers: dict[str, ActivationQuantizer] = {}
 
     def calibrate(plan: LayerPlan, x: torch.Tensor) -> None:
@@ -322,17 +380,21 @@ def prepare_finetune(
     config: EfficientQConfig | dict | None = None,
     *,
     from_scratch: bool = False,
+    calibration_batches: int = DEFAULT_CALIBRATION_BATCHES,
 ) -> TrainableNetwork:
     """Phase 1: the trainable form of a PTQ result or of an FP network.
 
     Args:
         source: a :class:`QuantizationResult` (start from its codes; its config is used and
             ``config`` must be ``None`` or equal) or an FP network (not modified).
-        sample: for an FP network, a batch (tensor, batch dict or loader) to fold BatchNorm,
-            find the layers and calibrate the activation ranges; ignored for a PTQ result.
+        sample: for an FP network, a batch (tensor, batch dict or ``(image, label)`` pair) or a
+            loader of them, to fold BatchNorm, find the layers and calibrate the activation ranges
+            (on a loader's first ``calibration_batches`` batches, :func:`calibration_batch`);
+            ignored for a PTQ result.
         config: bits, grids and fixed-point settings for an FP start; :class:`EfficientQConfig`
             defaults when ``None``.
         from_scratch: re-initialise the FP network's parameters first (the paper's setting).
+        calibration_batches: batches of a loader ``sample`` to calibrate on (at least 1).
 
     Returns:
         the :class:`TrainableNetwork`.
@@ -357,13 +419,16 @@ def prepare_finetune(
             f"finetune starts from a QuantizationResult or an FP nn.Module, got {type(source).__name__}."
         )
     config = config or EfficientQConfig()
-    return _from_network(source, _first_image(sample), config, from_scratch)
+    if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, numbers.Integral) or calibration_batches < 1:
+        raise ValueError(f"calibration_batches must be a positive integer, got {calibration_batches!r}.")
+    return _from_network(source, calibration_batch(sample, calibration_batches), config, from_scratch)
 
 
 def _check_steps(steps: int) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+    # numbers.Integral: a count read with NumPy (np.int64) is as good as a Python int
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps <= 0:
         raise ValueError(f"steps must be a positive integer (optimizer steps of the fine-tune), got {steps!r}.")
-    return steps
+    return int(steps)
 
 
 def train_steps(
@@ -394,7 +459,7 @@ def train_steps(
     Raises:
         ValueError: for ``steps <= 0``, empty data, batches without labels or a non-finite loss.
     """
-    _check_steps(steps)
+    steps = _check_steps(steps)
     net = trainable.network.train()
     losses: list[float] = []
     bar = tqdm(total=steps, desc="fine-tuning", unit="step", disable=not progress) if _has_tqdm else None
@@ -474,6 +539,7 @@ def finetune(
     cosine: bool = True,
     validation_data: Iterable[Any] | None = None,
     check_batches: int = DEFAULT_CHECK_BATCHES,
+    calibration_data: Any = None,
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> QuantizationResult:
@@ -506,6 +572,10 @@ def finetune(
             a fixed list of batches they are training batches).
         check_batches: batches of ``validation_data`` (or of ``train_data``) the check scores;
             ``0`` turns the check off.
+        calibration_data: for an FP start, what folds BatchNorm and calibrates the activation
+            ranges: a volume batch (a tensor, a batch dict or an ``(image, label)`` pair) or a
+            loader, of which the first :data:`DEFAULT_CALIBRATION_BATCHES` batches are taken;
+            ``None`` takes those of ``train_data``. Ignored for a PTQ result (calibrated already).
         device: where training runs.
         progress: show a progress bar.
 
@@ -519,14 +589,22 @@ def finetune(
             unlabelled data, or a task that contradicts the PTQ result's.
         TypeError: for a ``source`` that is neither a result nor a network.
     """
-    _check_steps(steps)
+    steps = _check_steps(steps)
     device = available_device(device)
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+    if isinstance(lr, bool) or not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}.")
-    check_batch_count(check_batches)
-    sample = None
-    if not isinstance(source, QuantizationResult):
-        sample = split_batch(next(_cycle(train_data)), 0)[0]
+    if isinstance(weight_decay, bool) or not (isinstance(weight_decay, numbers.Real) and 0 <= weight_decay < math.inf):
+        raise ValueError(f"weight_decay must be a non-negative number (0 turns it off), got {weight_decay!r}.")
+    lr, weight_decay = float(lr), float(weight_decay)
+    check_batches = check_batch_count(check_batches)
+    sample = calibration_data
+    if not isinstance(source, QuantizationResult) and sample is None:
+        # the first training batches, not the first one alone (see calibration_batch); checked as training batches
+        sample = list(itertools.islice(train_data, DEFAULT_CALIBRATION_BATCHES))
+        if not sample:
+            raise ValueError("the training data yielded no batch: pass a non-empty training loader.")
+        for i, batch in enumerate(sample):
+            split_batch(batch, i)
     trainable = prepare_finetune(source, sample, config, from_scratch=from_scratch)
     task = trainable.task = resolve_task(trainable.task, task)
     trainable.network.to(device)

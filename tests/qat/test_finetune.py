@@ -188,6 +188,37 @@ def test_a_multilabel_ptq_result_fine_tunes_without_repeating_its_task(trained_u
 def test_check_batches_must_be_a_non_negative_integer(spheres):
     with pytest.raises(ValueError, match="check_batches must be a non-negative integer"):
         finetune(_unet(), spheres, FIXED, steps=1, check_batches=-1)
+    with pytest.raises(ValueError, match="weight_decay must be a non-negative number"):
+        finetune(_unet(), spheres, FIXED, steps=1, weight_decay=-1e-5)
+
+
+def test_numpy_numbers_set_a_fine_tune_as_python_ones_do(spheres, tmp_path):
+    import json
+
+    import numpy as np
+
+    res = finetune(_unet(), spheres, FIXED, steps=np.int64(2), lr=np.float32(1e-3), weight_decay=np.float64(0), check_batches=np.int64(1))
+    info = res.report.extra["finetune"]
+    assert info["steps"] == 2 and info["check"]["windows"] == 1 and math.isclose(info["lr"], 1e-3, rel_tol=1e-6)
+    json.loads(json.dumps(info))  # the report is written as JSON
+
+
+def test_a_fine_tuned_result_fine_tuned_again_keeps_its_method_and_the_earlier_round(rtn_result, spheres):
+    once = finetune(rtn_result, spheres, steps=2, lr=1e-4, check_batches=0)
+    twice = finetune(once, spheres, steps=1, lr=1e-4, check_batches=0)
+    thrice = finetune(twice, spheres, steps=3, lr=1e-4, check_batches=0)
+    assert once.report.method == twice.report.method == thrice.report.method == "rtn+qat"
+    assert [r["steps"] for r in thrice.report.extra["finetune"]["earlier"]] == [2, 1]
+    assert thrice.report.extra["finetune"]["steps"] == 3
+
+
+def test_an_fp_start_calibrates_its_input_ranges_on_its_first_training_batches_not_the_first_alone(spheres):
+    empty = (spheres[0][0][:1] * 0.01, torch.zeros_like(spheres[0][1][:1]))  # an almost empty crop
+    first, last = (prepare_finetune(_unet(), batches, FIXED).layers() for batches in ([empty, *spheres], [*spheres, empty]))
+    scales = {name: float(layer.input_quantizer.scale) for name, layer in last.items() if layer.input_quantizer is not None}
+    assert scales and all(math.isclose(float(first[n].input_quantizer.scale), s, rel_tol=1e-3) for n, s in scales.items())
+    alone = prepare_finetune(_unet(), empty, FIXED).layers()
+    assert any(float(alone[n].input_quantizer.scale) < s / 4 for n, s in scales.items())  # what one crop alone gives
 
 
 def test_every_layer_that_reads_the_image_keeps_the_first_layer_bits_under_explicit_formats(spheres):
