@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from monai_effq.ptq.config import EfficientQConfig, LayerPlan
-from monai_effq.ptq.graph import fold_batchnorm, probe_network, set_submodule
+from monai_effq.ptq.graph import SUPPORTED_LAYERS, fold_batchnorm, probe_network, set_submodule
 from monai_effq.solver.layers import layer_view
 from monai_effq.utils.errors import UserInputError
 from monai_effq.utils.precision import ieee_float32
@@ -227,5 +227,16 @@ def prepare_network(
             ", ".join(probe.calls), "s" if len(probe.calls) == 1 else "",
             ", ".join(f"{name}: {count} calls" for name, count in probe.calls.items()),
             "it is" if len(probe.calls) == 1 else "they are",
+        )
+    ran = set(probe.order)
+    idle = [name for name, module in net.named_modules() if name and isinstance(module, SUPPORTED_LAYERS) and name not in ran]
+    if idle:
+        # not a warning: on inputs like the calibration one they change no output, and they are kept exact
+        logger.info(
+            "%d quantizable layer%s did not run on the calibration input, so %s kept in floating point (its weights count "
+            "in the sizes): %s%s. Such a layer belongs to a branch this input does not take (a VAE branch, a "
+            "deep-supervision head that runs in training only).",
+            len(idle), "" if len(idle) == 1 else "s", "it is" if len(idle) == 1 else "they are",
+            ", ".join(idle[:5]), f" and {len(idle) - 5} more" if len(idle) > 5 else "",
         )
     return PreparedNetwork(net, folded, probe.order, plans, probe.output_numels)

@@ -347,3 +347,20 @@ def test_the_network_itself_is_not_a_submodule_to_replace():
 
     with pytest.raises(ValueError, match="name one"):
         set_submodule(_net(), "", nn.Identity())
+
+
+def test_a_layer_that_never_runs_on_the_calibration_input_is_named_as_kept_in_floating_point(caplog):
+    class WithHead(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head = _net(), nn.Conv3d(2, 2, 1)  # the head runs in training only
+
+        def forward(self, x):
+            y = self.body(x)
+            return self.head(y) if self.training else y
+
+    with caplog.at_level(logging.INFO, logger="monai_effq"):
+        prepared = prepare_network(WithHead().eval(), torch.randn(1, 1, 6, 6, 6), EfficientQConfig())
+    assert "head" not in prepared.order
+    said = [r.getMessage() for r in caplog.records if "did not run on the calibration input" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("1 quantizable layer did not run") and ": head." in said[0], said
