@@ -54,6 +54,7 @@ from monai_effq.utils.io import atomic_directory, atomic_write, current_umask
 
 __all__ = [
     "DEMO",
+    "EXPORTED_FROM",
     "FINETUNE_STARTS",
     "calibration_datalist",
     "calibration_share",
@@ -84,8 +85,10 @@ __all__ = [
     "rank_cases",
     "refuse_to_overwrite",
     "refuse_to_replace_shipped",
+    "remove_stale_export",
     "set_determinism",
     "shipped_files",
+    "stale_export",
     "with_umask",
 ]
 
@@ -628,6 +631,69 @@ def log_written(*paths: str | os.PathLike | None) -> list[Path]:
     return found
 
 
+def stale_export(
+    export_dir: str | os.PathLike | None, default_export_dir: str | os.PathLike | None, quantized_path: str | os.PathLike
+) -> str | None:
+    """The export that a quantize run would leave behind, serving the network it replaces.
+
+    ``--export_dir ""`` (no export) or ``--export_dir`` elsewhere leaves the export at the default
+    place. When that export was traced from the checkpoint this run rewrites (its ``metadata.json``
+    names it, :data:`EXPORTED_FROM`), a MONAI Label server pointed at it would go on serving the
+    earlier network under the same tag. The quantize workflows name it among their outputs
+    (:func:`refuse_to_overwrite`) and remove it once the new checkpoint is written
+    (:func:`remove_stale_export`). An export of another checkpoint (another ``--ckpt_dir``) is left alone.
+
+    Args:
+        export_dir: where this run exports (``--export_dir``), or ``""``/None for no export.
+        default_export_dir: where the workflow exports this model tag by default.
+        quantized_path: the checkpoint this run writes.
+
+    Returns:
+        ``default_export_dir`` when this run does not rewrite it and it was exported from
+        ``quantized_path``, else None.
+    """
+    if not default_export_dir:
+        return None
+    default = Path(default_export_dir)
+    if export_dir and Path(export_dir).resolve() == default.resolve():
+        return None
+    try:
+        source = json.loads((default / "configs" / "metadata.json").read_text()).get(EXPORTED_FROM)
+    except (OSError, ValueError, AttributeError):  # no export there, or not one of ours
+        return None
+    return str(default) if source and Path(source).resolve() == Path(quantized_path).resolve() else None
+
+
+def remove_stale_export(
+    export_dir: str | os.PathLike | None, default_export_dir: str | os.PathLike | None, quantized_path: str | os.PathLike
+) -> Path | None:
+    """Remove the export of the checkpoint a quantize run rewrote without exporting it (:func:`stale_export`).
+
+    Called after the new checkpoint is written, so a run that fails earlier removes nothing; the folder
+    is renamed aside first, so a kill during removal never leaves a partial bundle under its name.
+    Under ``torchrun`` only rank 0 removes it.
+
+    Args:
+        export_dir: where this run exported, or ``""``/None.
+        default_export_dir: where the workflow exports this model tag by default.
+        quantized_path: the checkpoint this run wrote.
+
+    Returns:
+        the folder removed, or None.
+    """
+    if not is_rank_zero():
+        return None
+    stale = stale_export(export_dir, default_export_dir, quantized_path)
+    if stale is None:
+        return None
+    path = Path(stale)
+    aside = path.with_name(f".{path.name}.stale-{os.getpid()}")
+    path.rename(aside)
+    shutil.rmtree(aside, ignore_errors=True)
+    logger.info(f"removed {path}/: it served the network of the checkpoint this run replaced, {quantized_path}")
+    return path
+
+
 def model_tag(
     made_by: str,
     weight_bits: int | None,
@@ -945,6 +1011,8 @@ def _keep_best_checkpoint(folder: Path, evaluator: Any, name: str, best: str, fi
 
 
 # What a served bundle needs beside its inference config, model and README (model-zoo layout).
+# the key of an export's metadata.json that names the checkpoint it was traced from
+EXPORTED_FROM = "monai_effq_quantized_from"
 _SERVED_FILES = ("configs/metadata.json", "configs/logging.conf", "LICENSE", "docs/data_license.txt")
 # Inference-config keys that only serve to find the packed checkpoint and build the network from it.
 _PACKED_KEYS = ("weight_bits", "act_bits", "method", "weight_format", "act_format", "model_tag", "quantized_path")
@@ -1008,6 +1076,7 @@ def export_monailabel_bundle(
         meta_path = staging / "configs" / "metadata.json"
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         meta["name"] = f"{meta.get('name', source.resolve().name)} ({tag})"
+        meta[EXPORTED_FROM] = str(Path(quantized_path).resolve())  # what a later run's stale_export compares
         meta["description"] = (
             f"{meta.get('description', '')} This copy serves the {tag} network: models/model.ts is the TorchScript "
             "trace of the fake-quant network, checked equal to it when exported."
@@ -1191,6 +1260,17 @@ def _fp_state(path: str | os.PathLike, network: torch.nn.Module | None = None, d
                     f"'{prefix}'): save the wrapped network's own weights, or write the weights without the prefix "
                     "to models/model.pt."
                 )
+        if missing and unexpected:
+            # the bundle's network wraps the one the checkpoint is of: torch.nn.Sequential(@network_def, Softmax)
+            part = next((n for n, m in network.named_modules() if n and _same_weights(m.state_dict(), state)), None)
+            if part is not None:
+                raise UserInputError(
+                    f"FP checkpoint {where} holds the weights of {part!r}, a part of the network (a "
+                    f"{type(network.get_submodule(part)).__name__} inside a {type(network).__name__}): the bundle's "
+                    "network wraps the one the checkpoint was saved from. Quantize that network with --network "
+                    "\"$@network_def.to(@device)\"; serve it with that override too, the bundle's own loading of "
+                    "model.pt pointed at it (e.g. --checkpointloader#load_dict \"{'model': '@network'}\")."
+                )
         problems = wrong[:2] + [f"{k} missing" for k in missing[:2]] + [f"{k} unknown to the network" for k in unexpected[:2]]
         if problems:
             raise UserInputError(
@@ -1198,6 +1278,11 @@ def _fp_state(path: str | os.PathLike, network: torch.nn.Module | None = None, d
                 "the network_def it was trained with, or train this network."
             )
     return state
+
+
+def _same_weights(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``state`` holds exactly the weights ``expected`` names, each of its shape."""
+    return set(expected) == set(state) and all(state[k].shape == v.shape for k, v in expected.items())
 
 
 def load_fp_weights(network: torch.nn.Module, path: str | os.PathLike, device: str = "cpu") -> torch.nn.Module:

@@ -72,6 +72,13 @@ def test_an_fp_checkpoint_saved_from_a_wrapper_is_named_with_its_prefix(tmp_path
         load_fp_weights(_net(), tmp_path / "model.pt")
 
 
+def test_an_fp_checkpoint_of_the_network_a_bundle_wraps_names_the_part_and_the_override(tmp_path):
+    torch.save(_net().state_dict(), tmp_path / "model.pt")
+    wrapped = nn.Sequential(_net(), nn.Softmax(1))  # a bundle's network: torch.nn.Sequential(@network_def, Softmax)
+    with pytest.raises(UserInputError, match=r"holds the weights of '0', a part of the network .* --network \"\$@network_def\.to\(@device\)\""):
+        existing_checkpoint(tmp_path / "model.pt", wrapped)
+
+
 def test_an_fp_checkpoint_of_another_network_is_named_with_the_weights_that_differ(tmp_path):
     other = nn.Sequential(nn.Conv3d(1, 3, 3), nn.ReLU(), nn.Conv3d(3, 2, 1))
     torch.save({"model": other.state_dict()}, tmp_path / "model.pt")
@@ -247,3 +254,23 @@ def test_the_monailabel_export_tells_weights_loaded_by_hand_from_a_file_that_mer
     by_hand = {"initialize": ["$@network.load_state_dict(torch.load(@bundle_root + '/models/fp_weights.ckpt'))"]}
     with pytest.raises(UserInputError, match=r"loads FP weights in initialize \(models/model.pt, or torch.load"):
         _without_fp_loading(by_hand)  # the exported bundle has no fp_weights.ckpt to load
+
+
+def test_only_the_default_export_of_the_checkpoint_a_run_replaces_without_exporting_is_stale(tmp_path):
+    import json
+
+    from monai_effq.bundle import EXPORTED_FROM, refuse_to_overwrite, remove_stale_export, stale_export
+    from monai_effq.utils.errors import OutputExistsError
+
+    checkpoint, default = tmp_path / "models" / "model_rtn_w4a8.pt", tmp_path / "export" / "b_rtn_w4a8"
+    (default / "configs").mkdir(parents=True)
+    (default / "configs" / "metadata.json").write_text(json.dumps({EXPORTED_FROM: str(checkpoint)}))
+    assert stale_export(str(default), default, checkpoint) is None  # this run exports there again
+    assert stale_export("", default, checkpoint) == stale_export(tmp_path / "elsewhere", default, checkpoint) == str(default)
+    assert stale_export("", default, tmp_path / "other_ckpt_dir" / "model_rtn_w4a8.pt") is None  # another checkpoint's export
+    with pytest.raises(OutputExistsError, match=str(default)):
+        refuse_to_overwrite(False, stale_export("", default, checkpoint))
+    assert remove_stale_export(str(default), default, checkpoint) is None and default.is_dir()
+    assert remove_stale_export("", default, checkpoint) == default and not default.exists()
+    assert list((tmp_path / "export").iterdir()) == []  # nothing left aside
+    assert remove_stale_export("", default, checkpoint) is None  # gone: nothing to do

@@ -135,6 +135,11 @@ def _wrapped_networks_checkpoint(tmp: Path, data: Path) -> None:
     existing_checkpoint(tmp / "model.pt", _unet())
 
 
+def _checkpoint_of_a_wrapped_network(tmp: Path, data: Path) -> None:
+    torch.save(_unet().state_dict(), tmp / "model.pt")
+    existing_checkpoint(tmp / "model.pt", nn.Sequential(_unet(), nn.Softmax(1)))
+
+
 def _truncated_nifti(tmp_path, lits):
     cases = calibration_datalist(lits, "lits")
     broken = tmp_path / "volume-9.nii"
@@ -567,6 +572,9 @@ TRIGGERS = {
     "FP checkpoint <file> was saved from a <wrapper> wrapper (every weight's name starts with <prefix>)": (
         _wrapped_networks_checkpoint
     ),
+    "FP checkpoint <file> holds the weights of <part>, a part of the network (<kinds>): the bundle's network wraps the one the checkpoint was saved from": (
+        _checkpoint_of_a_wrapped_network
+    ),
     "quantized checkpoint <file> does not exist: run the quantize workflow first": (
         lambda t, d: QuantizedCheckpointLoader(t / "model_w4a8.pt")
     ),
@@ -575,6 +583,9 @@ TRIGGERS = {
     "the bundle's evaluator does not run the handlers listed in <key>, so the quantized network would never replace the FP one": _unattached_loader,
     "the config refers to @<ref>, which none of its files defines": _zoo_bundle_without_roi_size,
     "the bundle's configs/inference.json loads FP weights in <keys> (<how>), in a form the export for MONAI Label cannot take out": _unexportable_bundle,
+    "calibration case <case> has no 'image' entry: give each case its image, or, for a bundle whose transforms read the image under another key, name that key with --image_key": (
+        lambda t, d: calibration_items([{"img": str(t / "case0.nii.gz")}], 1)
+    ),
     "calibration image <file> does not exist: correct --calibration_images (or the bundle's --dataset_dir).": (
         lambda t, d: calibration_items([str(t / "case0.nii.gz")], 1)
     ),

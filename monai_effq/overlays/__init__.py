@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from monai.engines.utils import PrepareBatch
 from monai.handlers import MeanDice, from_engine
 from monai.utils import IgniteInfo, min_version, optional_import
 
@@ -29,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "OVERLAYS",
+    "PrepareImageBatch",
     "agreement_metric",
     "attach_metric_first",
     "calibration_items",
@@ -164,7 +167,10 @@ def calibration_items(images: Any, cases: int, image_key: str = "image") -> list
                 "--calibration_images \"['/path/to/image.nii.gz']\"."
             )
         if image_key not in item:
-            raise UserInputError(f"calibration case {item!r} has no {image_key!r} entry: give each case its image.")
+            raise UserInputError(
+                f"calibration case {item!r} has no {image_key!r} entry: give each case its image, or, for a bundle whose "
+                "transforms read the image under another key, name that key with --image_key (e.g. --image_key img)."
+            )
         for file in _files(item[image_key]):
             if not Path(file).exists():
                 raise MissingInputError(
@@ -175,6 +181,36 @@ def calibration_items(images: Any, cases: int, image_key: str = "image") -> list
                 dicom_series_files(file)
         items.append(item)
     return items
+
+
+class PrepareImageBatch(PrepareBatch):
+    """The calibration evaluator's ``prepare_batch``: the image under the bundle's own key, and no label.
+
+    MONAI's default reads ``"image"``; a bundle whose transforms key the image otherwise (``"img"``,
+    as many MONAI tutorials do) is calibrated with ``--image_key img``.
+
+    Args:
+        image_key: the key the bundle's transforms read the image from.
+    """
+
+    def __init__(self, image_key: str = "image") -> None:
+        self.image_key = image_key
+
+    def __call__(
+        self, batchdata: dict[str, torch.Tensor], device: str | torch.device | None = None, non_blocking: bool = False, **kwargs: Any
+    ) -> tuple[torch.Tensor, None]:
+        """The batch's image on ``device`` (``kwargs`` go to ``Tensor.to``), and ``None`` for the label.
+
+        Raises:
+            UserInputError: when the batch holds no image under the key, naming the keys it holds.
+        """
+        if not isinstance(batchdata, Mapping) or self.image_key not in batchdata:
+            keys = sorted(map(str, batchdata)) if isinstance(batchdata, Mapping) else type(batchdata).__name__
+            raise UserInputError(
+                f"the calibration batch has no {self.image_key!r} (it holds {keys}): name the key the bundle's "
+                "transforms read the image from with --image_key."
+            )
+        return batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs), None
 
 
 def attach_metric_first(metric: Any, engine: Any, name: str) -> None:

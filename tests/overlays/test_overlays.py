@@ -15,6 +15,7 @@ import torch
 from monai.bundle import ConfigWorkflow, run
 from monai.transforms import LoadImage
 
+from monai_effq.bundle import EXPORTED_FROM
 from monai_effq.data import DatasetError
 from monai_effq.data.dicom_seg import SegLabels, load_seg, read_seg_labels
 from monai_effq.handlers.reference import REFERENCE_KEY
@@ -275,6 +276,15 @@ def test_a_bundle_whose_handlers_load_the_checkpoint_is_quantized_from_its_own_d
     said = "".join(map(str, _chain(refused.value)))
     assert "exists from an earlier run (and 2 more of this run's outputs): pass --overwrite True" in said, said  # model, report, export
 
+    # a rerun that replaces the checkpoint without exporting it removes the export that would serve the earlier network
+    checkpoint = root / "models" / f"model_{TAG}.pt"
+    assert json.loads((served_root / "configs" / "metadata.json").read_text())[EXPORTED_FROM] == str(checkpoint.resolve())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run("quantize", config_file=[inference, str(overlay_path("quantize"))], bundle_root=str(root), task="multilabel", body_mask="nonzero",
+            overwrite=True, export_dir="")
+    assert checkpoint.is_file() and not served_root.exists()
+
 
 def _chain(error: BaseException) -> list[BaseException]:
     """``error`` and the errors it was raised from (MONAI wraps a config entry's error in its own)."""
@@ -338,3 +348,15 @@ def test_quantize_refuses_before_it_starts_a_bundle_whose_export_would_still_loa
         workflow(root, [str(root / "configs" / "inference.json"), str(overlay_path("quantize"))], run_id="quantize")
     assert any("loads FP weights in initialize" in str(e) and '--export_dir ""' in str(e) for e in _chain(refused.value))
     assert not (root / "models" / f"model_{TAG}.pt").exists()
+
+
+def test_a_bundle_that_keys_its_image_img_is_quantized_with_image_key_and_named_without_it(tmp_path, demo_data):
+    root = spleen_style(tmp_path / "bundle", demo_data["lits"])
+    config = root / "configs" / "inference.json"
+    config.write_text(config.read_text().replace('"image"', '"img"').replace("'image'", "'img'"))  # as many MONAI tutorials key it
+    files = [str(config), str(overlay_path("quantize"))]
+    with pytest.raises(RuntimeError) as refused:
+        workflow(root, files, run_id="quantize", method="rtn", export_dir="")
+    assert any(isinstance(e, UserInputError) and "--image_key img" in str(e) for e in _chain(refused.value))
+    workflow(root, files, run_id="quantize", method="rtn", export_dir="", image_key="img")
+    assert (root / "models" / "model_rtn_w4a8.pt").is_file()
