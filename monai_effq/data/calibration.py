@@ -13,10 +13,58 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from monai.data.utils import dense_patch_slices, get_valid_patch_size
+from monai.utils import ensure_tuple_rep, fall_back_tuple
 
-from monai_effq.utils.errors import all_finite
+from monai_effq.utils.errors import UserInputError, all_finite, check_integer
 
-__all__ = ["calibration_windows"]
+__all__ = ["WHOLE_AXIS", "calibration_windows", "check_roi_size", "window_size"]
+
+# a window size that spans its axis, as MONAI's SlidingWindowInferer reads a non-positive one
+WHOLE_AXIS = -1
+
+
+def check_roi_size(roi_size: Sequence[int] | int, name: str = "roi_size") -> int | tuple[int, ...]:
+    """A sliding-window ROI as MONAI's ``SlidingWindowInferer`` takes it, checked.
+
+    Args:
+        roi_size: one size for every axis, or one per axis; :data:`WHOLE_AXIS` (``-1``) spans the
+            axis (the zoo's ``[96, 96, -1]``). Zero and other negative sizes, which MONAI also reads as
+            the whole axis, are refused as the typos they usually are.
+        name: the setting's name in messages.
+
+    Returns:
+        the size, or the sizes as a tuple.
+
+    Raises:
+        UserInputError: for anything else, naming the setting.
+    """
+    if isinstance(roi_size, str) or not isinstance(roi_size, (Sequence, int)) or isinstance(roi_size, bool):
+        raise UserInputError(
+            f"{name} must be a window size or a list of them such as [96,96,96] (-1 spans the axis), got {roi_size!r}."
+        )
+    sizes = [roi_size] if isinstance(roi_size, int) else list(roi_size)
+    checked = []
+    for size in sizes:
+        size = check_integer(size, f"each {name}")
+        if size < 1 and size != WHOLE_AXIS:
+            raise UserInputError(f"each {name} must be a positive window size or -1 (the whole axis), got {size}.")
+        checked.append(size)
+    if not checked:
+        raise UserInputError(f"{name} must name at least one window size, got {roi_size!r}.")
+    return checked[0] if isinstance(roi_size, int) else tuple(checked)
+
+
+def window_size(roi_size: Sequence[int] | int, spatial_shape: Sequence[int]) -> tuple[int, ...]:
+    """The window ``roi_size`` gives on a volume of ``spatial_shape``, as ``SlidingWindowInferer`` reads it.
+
+    Args:
+        roi_size: one size for every axis, or one per axis; a non-positive size spans its axis.
+        spatial_shape: the volume's spatial sizes.
+
+    Returns:
+        one window size per axis.
+    """
+    return tuple(int(s) for s in fall_back_tuple(ensure_tuple_rep(roi_size, len(spatial_shape)), tuple(spatial_shape)))
 
 
 def calibration_windows(
@@ -27,7 +75,8 @@ def calibration_windows(
     Args:
         volumes: one ``(C, *spatial)`` volume, a ``(N, C, *spatial)`` batch, or a list of ``(C, *spatial)``
             volumes (sizes may differ).
-        roi_size: the window size (the bundle's inference ROI).
+        roi_size: the window size (the bundle's inference ROI), one per spatial axis; a
+            non-positive size spans the axis of each volume, as ``SlidingWindowInferer`` reads it.
         overlap: fraction of overlap between neighbouring windows, as ``SlidingWindowInferer``'s.
 
     Returns:
@@ -45,16 +94,17 @@ def calibration_windows(
         raise ValueError("calibration_windows needs at least one volume.")
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}.")
-    roi = tuple(int(r) for r in roi_size)
+    given = tuple(int(r) for r in roi_size)
     channels = volumes[0].shape[0]
     windows = []
     for i, vol in enumerate(volumes):
         vol = torch.as_tensor(vol).as_subclass(torch.Tensor).float()
-        if vol.dim() != len(roi) + 1 or vol.shape[0] != channels:
+        if vol.dim() != len(given) + 1 or vol.shape[0] != channels:
             raise ValueError(
                 f"calibration volume {i} has shape {tuple(vol.shape)}; expected (C={channels}, *spatial) with "
-                f"{len(roi)} spatial axes to match roi_size {roi}."
+                f"{len(given)} spatial axes to match roi_size {given}."
             )
+        roi = window_size(given, vol.shape[1:])
         if not all_finite(vol):
             raise ValueError(f"calibration volume {i} contains NaN or Inf values: clean or re-normalise it.")
         pad = [max(r - s, 0) for s, r in zip(vol.shape[1:], roi)]
@@ -66,4 +116,9 @@ def calibration_windows(
         interval = [w if w == n else max(int(w * (1 - overlap)), 1) for n, w in zip(size, window)]
         for sl in dense_patch_slices(size, window, interval):
             windows.append(vol[(slice(None), *sl)])
+    if len({w.shape for w in windows}) > 1:  # a whole-axis size on volumes of other sizes along it
+        raise ValueError(
+            f"roi_size {given} spans an axis along which the calibration volumes differ in size, so their windows "
+            "cannot be stacked: pass them one at a time, or give that axis a window size."
+        )
     return torch.stack(windows).contiguous()

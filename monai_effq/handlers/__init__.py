@@ -2,7 +2,7 @@
 with the FP network, measure in millimetres, write masks as DICOM and write reports and checkpoints whole."""
 
 from monai_effq.handlers.checkpoint import AtomicCheckpointSaver, AtomicDiskSaver
-from monai_effq.handlers.deploy import RuntimeNetworkLoader, input_channels
+from monai_effq.handlers.deploy import RuntimeNetworkLoader, input_channels, trace_shape
 from monai_effq.handlers.masks import DICOM_MASK_FORMATS, DicomMaskSaver, output_channels
 from monai_effq.handlers.finetune import FinetuneHandler, engine_loss
 from monai_effq.handlers.metrics import AtomicMetricsSaver, HausdorffDistanceMm, voxel_spacing
@@ -29,6 +29,7 @@ __all__ = [
     "QuantizedCheckpointLoader",
     "RuntimeNetworkLoader",
     "input_channels",
+    "trace_shape",
     "AtomicMetricsSaver",
     "HausdorffDistanceMm",
     "voxel_spacing",

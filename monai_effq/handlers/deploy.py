@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from monai.inferers import SlidingWindowInferer
-from monai.utils import IgniteInfo, min_version, optional_import
+from monai.utils import IgniteInfo, ensure_tuple_rep, min_version, optional_import
 
+from monai_effq.data.calibration import WHOLE_AXIS, check_roi_size
 from monai_effq.deploy.runtime import RUNTIMES, runtime_network
 from monai_effq.handlers.quantization import require_quantized_checkpoint
-from monai_effq.utils.errors import UserInputError, check_integer
+from monai_effq.utils.errors import UserInputError
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["RuntimeNetworkLoader", "input_channels"]
+__all__ = ["RuntimeNetworkLoader", "input_channels", "trace_shape"]
 
 
 def input_channels(network: torch.nn.Module, spatial_size: Sequence[int] | None = None) -> int:
@@ -70,6 +71,43 @@ def input_channels(network: torch.nn.Module, spatial_size: Sequence[int] | None 
     return candidates[0]
 
 
+def trace_shape(network: torch.nn.Module, roi_size: Sequence[int] | int) -> list[int]:
+    """The input shape an export traces ``network`` at, ``(1, in_channels, *window)``, from a sliding-window ROI.
+
+    One size stands for every spatial axis of the network's convolutions. A window that spans an
+    axis (``-1``) has no size of its own: it is traced at the ROI's largest size, a size the network
+    runs (an export of such a window keeps that axis dynamic).
+
+    Args:
+        network: an FP segmentation network.
+        roi_size: the ROI as ``SlidingWindowInferer`` takes it (:func:`~monai_effq.data.calibration.check_roi_size`).
+
+    Returns:
+        the shape.
+
+    Raises:
+        UserInputError: for a malformed ROI, a network without convolutions given one size, or a
+            ROI that spans every axis.
+    """
+    roi = check_roi_size(roi_size)
+    if isinstance(roi, int):
+        conv = next((m for m in network.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)
+        if conv is None:
+            raise UserInputError(
+                f"roi_size {roi} is one size, but {type(network).__name__} has no convolution to count its spatial axes "
+                "from: give one size per axis."
+            )
+        roi = (roi,) * (conv.weight.dim() - 2)
+    sizes = [r for r in roi if r != WHOLE_AXIS]
+    if not sizes:
+        raise UserInputError(
+            f"roi_size {list(roi)} spans every axis, so it gives no window to export the network at: set the export's "
+            "window (the overlays' --export_roi, e.g. \"[96,96,96]\")."
+        )
+    window = [max(sizes) if r == WHOLE_AXIS else r for r in roi]
+    return [1, input_channels(network, window), *window]
+
+
 class RuntimeNetworkLoader:
     """Replaces an engine's FP network, when it starts, by the quantized checkpoint run in OpenVINO or ONNX Runtime.
 
@@ -95,16 +133,14 @@ class RuntimeNetworkLoader:
         self,
         quantized_path: str | Path,
         onnx_path: str | Path,
-        roi_size: Sequence[int],
+        roi_size: Sequence[int] | int,
         runtime: str = "openvino",
         options: dict[str, Any] | None = None,
     ) -> None:
         require_quantized_checkpoint(quantized_path)
         if runtime not in RUNTIMES:
             raise UserInputError(f"runtime must be one of {', '.join(sorted(RUNTIMES))}, got {runtime!r}.")
-        if isinstance(roi_size, str) or not isinstance(roi_size, Sequence):
-            raise UserInputError(f"roi_size must be a list of window sizes such as [96,96,96], got {roi_size!r}.")
-        self.roi_size = [check_integer(r, "each roi_size", low=1) for r in roi_size]
+        self.roi_size = check_roi_size(roi_size)
         self.quantized_path = quantized_path
         self.onnx_path = onnx_path
         self.runtime = runtime
@@ -122,9 +158,10 @@ class RuntimeNetworkLoader:
         """
         if not isinstance(inferer, SlidingWindowInferer):
             return False
-        roi = inferer.roi_size
-        roi = [roi] * len(self.roi_size) if isinstance(roi, int) else list(roi)
-        return roi == self.roi_size
+        # one size stands for every axis, in either ROI
+        dims = next((len(r) for r in (self.roi_size, inferer.roi_size) if not isinstance(r, int)), 1)
+        mine, theirs = (ensure_tuple_rep(r, dims) for r in (self.roi_size, inferer.roi_size))
+        return mine == tuple(theirs) and WHOLE_AXIS not in mine
 
     def attach(self, engine: Engine) -> None:
         """Register on ``engine`` (attaching twice is harmless)."""
@@ -135,7 +172,7 @@ class RuntimeNetworkLoader:
     def __call__(self, engine: Engine) -> None:
         """Swap the runtime network in."""
         network = engine.network  # replaced below, so moving it to the CPU, where the export traces, costs nothing
-        shape = [1, input_channels(network, self.roi_size), *self.roi_size]
+        shape = trace_shape(network, self.roi_size)
         engine.network = runtime_network(
             self.runtime, self.onnx_path, self.quantized_path, network.cpu(), shape,
             fixed_window=self.runs_windows_of_roi_size(getattr(engine, "inferer", None)), **self.options,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_effq.data.calibration import calibration_windows
+from monai_effq.data.calibration import calibration_windows, check_roi_size, window_size
 from monai_effq.ptq.attention import check_task
 from monai_effq.ptq.checkpoint import load_quantized, save_quantized
 from monai_effq.ptq.config import EfficientQConfig
@@ -115,7 +115,8 @@ class QuantizationHandler:
         image_key: the image key of the batches.
         roi_size: cut each collected volume into the windows a sliding-window inferer of this ROI
             visits (:func:`monai_effq.data.calibration_windows`), so whole volumes calibrate at
-            bounded memory; ``None`` keeps the batches as they are (crops).
+            bounded memory; one size for every axis or one per axis, ``-1`` spanning the axis, as
+            ``SlidingWindowInferer`` takes it; ``None`` keeps the batches as they are (crops).
         body_mask: ``"nonzero"`` (voxels where any channel is non-zero: brain MRI) or ``None``
             (everything: CT).
         progress: show the per-layer progress bar.
@@ -138,7 +139,7 @@ class QuantizationHandler:
         image_key: str = "image",
         body_mask: str | None = None,
         progress: bool = True,
-        roi_size: Sequence[int] | None = None,
+        roi_size: Sequence[int] | int | None = None,
         keep_journal: bool = False,
     ) -> None:
         self.config = EfficientQConfig.from_dict(config) if isinstance(config, dict) else config or EfficientQConfig()
@@ -152,9 +153,7 @@ class QuantizationHandler:
         self.body_mask = body_mask
         self.progress = progress
         self.keep_journal = check_flag(keep_journal, "keep_journal")
-        if roi_size is not None and (isinstance(roi_size, str) or not isinstance(roi_size, Sequence)):
-            raise UserInputError(f"roi_size must be a list of positive window sizes such as [96,96,96], got {roi_size!r}.")
-        self.roi_size = None if roi_size is None else tuple(check_integer(r, "each roi_size", low=1) for r in roi_size)
+        self.roi_size = None if roi_size is None else check_roi_size(roi_size)
         self.batches: list[torch.Tensor] = []
 
     def attach(self, engine: Engine) -> None:
@@ -186,7 +185,7 @@ class QuantizationHandler:
         images = batch_images(engine.state.batch, self.image_key)
         check_calibration_volume(images, _source_name(engine.state.batch, self.image_key, len(self.batches)))
         if not self.batches:
-            window = images[:1] if self.roi_size is None else calibration_windows(images[:1], self.roi_size)[:1]
+            window = images[:1] if self.roi_size is None else self._windows(images[:1])[:1]
             network = engine.network
             device = next(iter(network.parameters()), torch.empty(0)).device
             training = network.training
@@ -196,11 +195,15 @@ class QuantizationHandler:
             finally:
                 network.train(training)
 
+    def _windows(self, images: torch.Tensor) -> torch.Tensor:
+        """The windows of ``roi_size`` that a sliding-window inferer visits in a batch of volumes."""
+        return calibration_windows(images, window_size(self.roi_size, images.shape[2:]))
+
     def collect(self, engine: Engine) -> None:
         """Keep this iteration's images (as windows with ``roi_size``) until ``max_batches`` are held."""
         if len(self.batches) < self.max_batches:
             images = batch_images(engine.state.batch, self.image_key)
-            self.batches.append(images if self.roi_size is None else calibration_windows(images, self.roi_size))
+            self.batches.append(images if self.roi_size is None else self._windows(images))
             if get_world_size() > 1:
                 self.logger.info(
                     f"rank {get_rank()}: {_source_name(engine.state.batch, self.image_key, len(self.batches) - 1)}, "

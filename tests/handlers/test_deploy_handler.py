@@ -23,7 +23,7 @@ def test_a_missing_checkpoint_an_unknown_runtime_or_a_malformed_roi_is_refused_b
     with pytest.raises(MissingInputError, match="model_w8a8.pt does not exist: run the quantize workflow first"):
         RuntimeNetworkLoader(tmp_path / "model_w8a8.pt", tmp_path / "model_w8a8.onnx", [32, 32, 32])
     (tmp_path / "model_w8a8.pt").write_bytes(b"")
-    with pytest.raises(UserInputError, match="roi_size must be a list"):
+    with pytest.raises(UserInputError, match="roi_size must be a window size or a list of them"):
         RuntimeNetworkLoader(tmp_path / "model_w8a8.pt", tmp_path / "model_w8a8.onnx", "96")
     with pytest.raises(UserInputError, match="runtime must be one of onnxruntime, openvino, got 'tensorrt'"):
         RuntimeNetworkLoader(tmp_path / "model_w8a8.pt", tmp_path / "model_w8a8.onnx", [32, 32, 32], runtime="tensorrt")
@@ -47,6 +47,21 @@ def test_the_file_is_fixed_at_the_window_only_for_a_sliding_window_inferer_of_th
     assert not loader.runs_windows_of_roi_size(SlidingWindowInferer([32, 32, 16]))
     assert not loader.runs_windows_of_roi_size(SlidingWindowInferer([32, 32, -1]))  # whole last axis: any size
     assert not loader.runs_windows_of_roi_size(SimpleInferer())
+    assert RuntimeNetworkLoader(ckpt, tmp_path / "model_w4a8.onnx", 32).runs_windows_of_roi_size(SlidingWindowInferer([32, 32, 32]))
+    spanning = RuntimeNetworkLoader(ckpt, tmp_path / "model_w4a8.onnx", [32, 32, -1])
+    assert not spanning.runs_windows_of_roi_size(SlidingWindowInferer([32, 32, -1]))  # its windows differ with the volume
+
+
+def test_an_export_is_traced_at_the_rois_window_one_size_standing_for_every_axis_and_a_spanning_axis_at_the_largest():
+    from monai_effq.handlers import trace_shape
+
+    net = torch.nn.Sequential(torch.nn.Conv3d(2, 4, 3, padding=1))
+    assert trace_shape(net, [32, 24, 16]) == [1, 2, 32, 24, 16]
+    assert trace_shape(net, 32) == [1, 2, 32, 32, 32]
+    assert trace_shape(torch.nn.Conv2d(3, 1, 1), 16) == [1, 3, 16, 16]
+    assert trace_shape(net, [32, 24, -1]) == [1, 2, 32, 24, 32]
+    with pytest.raises(UserInputError, match=r"roi_size \[-1, -1, -1\] spans every axis, so it gives no window .* --export_roi"):
+        trace_shape(net, [-1, -1, -1])
 
 
 class _HeadFirst(torch.nn.Module):

@@ -117,8 +117,8 @@ def test_an_empty_calibration_loader_is_refused_when_the_handler_is_attached(net
     [
         ({"body_mask": "brain"}, "body_mask must be 'nonzero' or None, got 'brain'"),
         ({"task": "segmentation"}, r"task must be one of \('multiclass', 'multilabel'\), got 'segmentation'"),
-        ({"roi_size": "96"}, r"roi_size must be a list of positive window sizes such as \[96,96,96\], got '96'"),
-        ({"roi_size": [96, 0, 96]}, "each roi_size must be an integer of at least 1, got 0"),
+        ({"roi_size": "96"}, r"roi_size must be a window size or a list of them such as \[96,96,96\]"),
+        ({"roi_size": [96, 0, 96]}, r"each roi_size must be a positive window size or -1 \(the whole axis\), got 0"),
         pytest.param(
             {"config": {"device": "mps"}},
             "device 'mps' was asked for but this machine has no Apple GPU",

@@ -360,3 +360,24 @@ def test_a_bundle_that_keys_its_image_img_is_quantized_with_image_key_and_named_
     assert any(isinstance(e, UserInputError) and "--image_key img" in str(e) for e in _chain(refused.value))
     workflow(root, files, run_id="quantize", method="rtn", export_dir="", image_key="img")
     assert (root / "models" / "model_rtn_w4a8.pt").is_file()
+
+
+def test_a_bundle_whose_inferer_spans_an_axis_is_quantized_exported_and_run_in_a_runtime(tmp_path, demo_data):
+    roi_size = [64, 64, -1]  # one size for every axis (64) is traced as trace_shape's test shows
+    root = spleen_style(tmp_path / "bundle", demo_data["lits"])
+    inference = str(root / "configs" / "inference.json")
+    calibration = [str(demo_data["lits"] / "volume-0.nii")]
+    quantized = workflow(
+        root, [inference, str(overlay_path("quantize"))], run_id="quantize", method="rtn", calibration_images=calibration,
+        **{"inferer#roi_size": roi_size},
+    )
+    (windows,) = [h for h in quantized.parser.get_parsed_content("calibrate#handlers") if hasattr(h, "roi_size")]
+    assert windows.roi_size == (64, 64, -1)
+    served_root = root / "export" / "bundle_rtn_w4a8"
+    assert (served_root / "models" / "model.ts").is_file()
+    workflow(served_root, [str(served_root / "configs" / "inference.json")], output_dir=str(tmp_path / "traced"), **{"inferer#roi_size": roi_size})
+    pytest.importorskip("onnxruntime")
+    workflow(root, [inference, str(overlay_path("openvino"))], runtime="onnxruntime", method="rtn", **{"inferer#roi_size": roi_size})
+    traced, deployed = masks(tmp_path / "traced"), masks(root / "eval" / "rtn_w4a8_onnxruntime")
+    assert sorted(traced) == sorted(deployed) == ["volume-8", "volume-9"]
+    assert all((traced[c] == deployed[c]).mean() > 0.99 for c in traced)
