@@ -56,6 +56,8 @@ DEFAULT_CHECK_BATCHES = 4
 # A layer's weights (or inputs) count as lost to their grid when the rounding and clipping error
 # reaches this share of their RMS (all rounded to zero: 1.0; a calibrated 4-bit grid: about 0.2).
 _LOST_ERROR = 0.5
+# A finding's inputs overrun their calibrated range when this share of them is clipped.
+_CLIPPED_INPUTS = 0.01
 # Findings named in a warning (the largest errors); the rest are counted.
 _NAMED_FINDINGS = 5
 # The kept network is reported when its held-out Dice is this far below the reference's.
@@ -257,7 +259,24 @@ def format_losses(
     Returns:
         one sentence per finding, the largest rounding errors first, empty when the grids fit.
     """
-    found: list[tuple[float, str]] = []
+    return [finding.text for finding in _lost_tensors(trainable, windows, inferer)]
+
+
+@dataclass(frozen=True)
+class _Finding:
+    """A layer's weights or inputs that their grid loses (:func:`format_losses`)."""
+
+    error: float  # the rounding and clipping error, relative to their RMS
+    what: str  # "weights" or "inputs"
+    clipped: float  # the fraction clipped
+    text: str
+
+
+def _lost_tensors(
+    trainable: TrainableNetwork, windows: list[tuple[torch.Tensor, torch.Tensor]], inferer: Inferer | None = None
+) -> list[_Finding]:
+    """:func:`format_losses`' findings, the largest errors first."""
+    found: list[_Finding] = []
     inputs: dict[str, list[float]] = {}
     handles = []
     for name, layer in trainable.layers().items():
@@ -284,14 +303,14 @@ def format_losses(
         aq = trainable.network.get_submodule(name).input_quantizer
         grid = f"{aq.grid.kind} {aq.grid.bits}-bit inputs, step {float(aq.scale):.3g}"
         found.extend(_finding(name, "inputs", math.sqrt(error / max(energy, 1e-30)), clipped / max(total, 1.0), grid))
-    return [text for _, text in sorted(found, key=lambda f: -f[0])]
+    return sorted(found, key=lambda f: -f.error)
 
 
-def _finding(name: str, what: str, error: float, clip: float, grid: str) -> list[tuple[float, str]]:
-    """A layer's finding for :func:`format_losses`, as ``(relative error, sentence)``, or none."""
+def _finding(name: str, what: str, error: float, clip: float, grid: str) -> list[_Finding]:
+    """A layer's finding for :func:`format_losses`, or none."""
     if error < _LOST_ERROR:
         return []
-    return [(error, f"{name} ({what}: rounding error {error:.0%} of their RMS, {clip:.0%} clipped; {grid})")]
+    return [_Finding(error, what, clip, f"{name} ({what}: rounding error {error:.0%} of their RMS, {clip:.0%} clipped; {grid})")]
 
 
 def _count_input(quantizer: nn.Module, x: torch.Tensor, counts: list[float]) -> None:
@@ -342,6 +361,7 @@ class FinetuneCheck:
         self.start_score: HeldOutScore | None = None
         self.reference_score: HeldOutScore | None = None
         self.findings: list[str] = []
+        self._clipped_inputs = False  # a finding's inputs overrun their calibrated range
         self._start_state: dict[str, torch.Tensor] | None = None
 
     def _score(self, network: nn.Module) -> HeldOutScore:
@@ -357,7 +377,9 @@ class FinetuneCheck:
         self.start_score = self._score(self.trainable.network)
         if self.reference is not None:
             self.reference_score = self._score(self.reference)
-        self.findings = format_losses(self.trainable, self.windows, self.inferer)
+        lost = _lost_tensors(self.trainable, self.windows, self.inferer)
+        self.findings = [finding.text for finding in lost]
+        self._clipped_inputs = any(f.what == "inputs" and f.clipped >= _CLIPPED_INPUTS for f in lost)
         reference = "" if self.reference_score is None else f" (reference {self.reference_score})"
         logger.info("fine-tune starts at held-out %s on %d windows%s", self.start_score, self.start_score.windows, reference)
         return self.start_score
@@ -466,14 +488,32 @@ class FinetuneCheck:
                 )
         if self.findings:
             named, more = self.findings[:_NAMED_FINDINGS], len(self.findings) - _NAMED_FINDINGS
+            config = self.trainable.config
+            explicit = config.weight_format is not None or config.act_format is not None or any(
+                "weight_format" in o or "act_format" in o for o in config.overrides.values()
+            )
+            if explicit:
+                advice = (
+                    "choose formats that fit these layers (power_of_two=True picks f per tensor from its range) or give "
+                    "the fine-tune enough steps to rebuild them"
+                )
+            elif self._clipped_inputs:
+                # fitted ranges that clip the held-out windows were fitted to other data
+                source = (
+                    "the PTQ calibration volume: quantize again on a volume like these windows"
+                    if self.trainable.start == "ptq"
+                    else "the start's calibration batches (calibration_data=, else the first training batches): pass "
+                    "calibration_data= a volume like these windows"
+                )
+                advice = f"their input ranges were calibrated on {source}, or give these layers more bits with an override"
+            else:
+                advice = "give these layers more bits with an override, or the fine-tune enough steps to rebuild them"
             causes.append(
                 f"format: the start's grids lose {len(self.findings)} of its quantized layers' weights or inputs, "
                 + ", ".join(named)
                 + (f" and {more} more (report extra.finetune.check.findings)" if more > 0 else "")
-                + ": choose formats that fit these layers (power_of_two=True picks f per tensor from its range) "
-                "or give the fine-tune enough steps to rebuild them"
+                + f": {advice}"
             )
-            config = self.trainable.config
             formats = config.weight_format is not None or any("weight_format" in o for o in config.overrides.values())
             if formats and self.trainable.folded:
                 causes.append(

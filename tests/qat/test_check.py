@@ -90,3 +90,18 @@ def test_a_held_out_loss_that_falls_with_the_training_loss_blames_the_loss_not_t
     assert not any("do not represent" in c for c in same_windows)
     other_windows = check.causes([1e-6] * 10, falling, end=HeldOutScore(loss=2.5, dice=(0.0, 0.0)))
     assert any("do not represent the held-out ones" in c for c in other_windows), other_windows
+
+
+def test_inputs_clipped_by_ranges_fitted_to_other_data_blame_the_calibration_not_a_format():
+    torch.manual_seed(0)
+    net = UNet(3, 1, 2, channels=(4, 8), strides=(2,), num_res_units=0).eval()
+    windows = [(torch.randn(1, 1, 16, 16, 16), (torch.rand(1, 1, 16, 16, 16) > 0.7).long())]
+    nearly_empty = torch.rand(1, 1, 16, 16, 16) * 1e-3
+    causes = {}
+    for name, config in (("fitted", EfficientQConfig(weight_bits=8, act_bits=8)), ("formats", EfficientQConfig(act_format="Q6.0"))):
+        check = FinetuneCheck(prepare_finetune(net, nearly_empty, config), windows, lambda logits, label: logits.sum(), "multiclass")
+        check.start()
+        (causes[name],) = [c for c in check.causes([], []) if c.startswith("format:")]
+    assert "their input ranges were calibrated on the start's calibration batches" in causes["fitted"], causes
+    assert "choose formats that fit" not in causes["fitted"]
+    assert "choose formats that fit these layers" in causes["formats"], causes
