@@ -1321,7 +1321,7 @@ def finetune_start(
         fp_checkpoint: the FP checkpoint (for ``"fp"``; the calibrator loads it for ``"efficientq"``).
         calibrator: the evaluator with the quantization handlers (run only for ``"efficientq"``).
         config: the quantization config dict (bits, grids, fixed-point settings).
-        sample: the calibration loader (one batch folds BatchNorm and calibrates activations).
+        sample: the calibration loader (its first case folds BatchNorm and calibrates activations).
 
     Returns:
         the trainable network.
@@ -1338,4 +1338,5 @@ def finetune_start(
         return prepare_finetune(calibrator.state.quantization)
     if init == "fp":
         load_fp_weights(network, fp_checkpoint, str(next(network.parameters()).device))
-    return prepare_finetune(network, sample, config, from_scratch=init == "scratch")
+    # the first calibration case alone: whole volumes, which a pass over several at once would hold together
+    return prepare_finetune(network, sample, config, from_scratch=init == "scratch", calibration_batches=1)

@@ -274,3 +274,14 @@ def test_only_the_default_export_of_the_checkpoint_a_run_replaces_without_export
     assert remove_stale_export("", default, checkpoint) == default and not default.exists()
     assert list((tmp_path / "export").iterdir()) == []  # nothing left aside
     assert remove_stale_export("", default, checkpoint) is None  # gone: nothing to do
+
+
+def test_the_finetune_workflows_fp_start_calibrates_on_its_first_calibration_case_alone(tmp_path):
+    from monai_effq.bundle import finetune_start
+
+    torch.save(_net().state_dict(), tmp_path / "model.pt")
+    first, louder = torch.rand(1, 1, 8, 8, 8), 100 * torch.rand(1, 1, 8, 8, 8)  # whole volumes, one per batch
+    trainable = finetune_start("fp", _net(), tmp_path / "model.pt", None, {"weight_bits": 8, "act_bits": 8}, [{"image": first}, {"image": louder}])
+    alone = finetune_start("fp", _net(), tmp_path / "model.pt", None, {"weight_bits": 8, "act_bits": 8}, [{"image": first}])
+    scales = [float(layer.input_quantizer.scale) for t in (trainable, alone) for layer in t.layers().values() if layer.input_quantizer is not None]
+    assert scales and scales[: len(scales) // 2] == scales[len(scales) // 2 :]

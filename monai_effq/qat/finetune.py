@@ -273,8 +273,9 @@ def calibration_batch(sample: Any, batches: int = DEFAULT_CALIBRATION_BATCHES) -
 
     A loader gives its first ``batches`` batches of the first one's shape, joined along the batch
     axis: the ranges of one random crop (an almost empty one, say) would clip every other window for
-    the whole fine-tune. No more memory than training takes: a forward pass without gradients over
-    a few batches holds fewer activations than a training step's backward over one.
+    the whole fine-tune. For training crops that is no more memory than training takes: a forward
+    pass without gradients over a few batches holds fewer activations than a training step's
+    backward over one. Whole volumes are better given one batch at a time (``batches=1``).
 
     Args:
         sample: a batch (a tensor, a batch dict or an ``(image, label)`` pair) or a loader of them.
@@ -573,9 +574,10 @@ def finetune(
         check_batches: batches of ``validation_data`` (or of ``train_data``) the check scores;
             ``0`` turns the check off.
         calibration_data: for an FP start, what folds BatchNorm and calibrates the activation
-            ranges: a volume batch (a tensor, a batch dict or an ``(image, label)`` pair) or a
-            loader, of which the first :data:`DEFAULT_CALIBRATION_BATCHES` batches are taken;
-            ``None`` takes those of ``train_data``. Ignored for a PTQ result (calibrated already).
+            ranges: a batch (a tensor, a batch dict or an ``(image, label)`` pair) or a loader, of
+            which the first :data:`DEFAULT_CALIBRATION_BATCHES` batches are taken and run as one
+            (give whole volumes one at a time); ``None`` takes those of ``train_data``. Ignored for
+            a PTQ result (calibrated already).
         device: where training runs.
         progress: show a progress bar.
 
