@@ -740,7 +740,12 @@ def _check_writable(path: Path) -> None:
         )
 
 
-def refuse_to_overwrite(overwrite: bool, *paths: str | os.PathLike | None, unfinished: str | os.PathLike | None = None) -> None:
+def refuse_to_overwrite(
+    overwrite: bool,
+    *paths: str | os.PathLike | None,
+    unfinished: str | os.PathLike | None = None,
+    stale: str | os.PathLike | None = None,
+) -> None:
     """Stop a workflow before it runs when an output it would write is there from an earlier run, or
     could not be written.
 
@@ -755,6 +760,8 @@ def refuse_to_overwrite(overwrite: bool, *paths: str | os.PathLike | None, unfin
         unfinished: the resume journal of the run that writes them: while it is there, the outputs
             are a killed run's (its checkpoint written, its export not), and the rerun that resumes
             it replaces them.
+        stale: an earlier output this run does not write again but would leave serving what it
+            replaces (:func:`stale_export`), removed only with ``overwrite``; None or "" is skipped.
 
     Raises:
         OutputExistsError: naming the first output that exists (a ``FileExistsError``).
@@ -775,6 +782,12 @@ def refuse_to_overwrite(overwrite: bool, *paths: str | os.PathLike | None, unfin
             f"{taken[0]} exists from an earlier run{more}: pass --overwrite True to replace it, or point the setting "
             "that names it elsewhere (--ckpt_dir moves checkpoints, --output_dir reports, evaluations and masks, "
             "--export_dir exports), or change a setting of the model tag."
+        )
+    if stale and Path(stale).is_dir():
+        raise OutputExistsError(
+            f"{stale} was exported from the checkpoint this run replaces and is not exported again, so it would go on "
+            "serving the earlier network under the same tag: pass --overwrite True to remove it with the rerun, "
+            "delete it, or export again (leave --export_dir at its default)."
         )
 
 
@@ -1025,6 +1038,7 @@ def export_monailabel_bundle(
     export_dir: str | os.PathLike,
     input_shape: Sequence[int],
     tag: str,
+    roi_size: Sequence[int] | int | None = None,
 ) -> Path | None:
     """Write a bundle that serves the quantized network from ``models/model.ts``, e.g. to MONAI Label.
 
@@ -1045,6 +1059,8 @@ def export_monailabel_bundle(
             to export nothing.
         input_shape: the window the network sees, ``(1, in_channels, *roi_size)``.
         tag: the model's :func:`model_tag`, e.g. ``"efficientq_w4a8"``, written into the metadata.
+        roi_size: the sliding-window ROI the served config's ``sw_roi_size`` takes (as given: one size,
+            or ``-1`` for a whole axis, stays so); None takes ``input_shape``'s window.
 
     Returns:
         ``export_dir``, or None when nothing was exported (also on ranks other than 0 under
@@ -1060,8 +1076,9 @@ def export_monailabel_bundle(
         network = load_quantized(quantized_path, network_def.to("cpu"))
         export_torchscript(network, staging / "models" / "model.ts", input_shape)
         config = _served_config(source)
-        if "sw_roi_size" in config:
-            config["sw_roi_size"] = list(input_shape[2:])  # the window the trace was checked on
+        if "sw_roi_size" in config:  # the run's own (a command-line override is not in the file)
+            window = input_shape[2:] if roi_size is None else roi_size
+            config["sw_roi_size"] = window if isinstance(window, int) else list(window)
         config["output_dir"] = "$@bundle_root + '/eval/seg'"  # the served bundle holds one model
         if "@model_tag" in json.dumps(config):
             config["model_tag"] = tag  # which the masks' writer records in a DICOM SEG
@@ -1261,15 +1278,19 @@ def _fp_state(path: str | os.PathLike, network: torch.nn.Module | None = None, d
                     "to models/model.pt."
                 )
         if missing and unexpected:
-            # the bundle's network wraps the one the checkpoint is of: torch.nn.Sequential(@network_def, Softmax)
+            # the bundle's network wraps the one the checkpoint is of, adding no weights of its own:
+            # torch.nn.Sequential(@network_def, Softmax). (A part with weights beside it, a pretrained
+            # encoder's checkpoint, is another network's.)
             part = next((n for n, m in network.named_modules() if n and _same_weights(m.state_dict(), state)), None)
-            if part is not None:
+            if part is not None and set(expected) == {f"{part}.{k}" for k in state}:
                 raise UserInputError(
                     f"FP checkpoint {where} holds the weights of {part!r}, a part of the network (a "
                     f"{type(network.get_submodule(part)).__name__} inside a {type(network).__name__}): the bundle's "
                     "network wraps the one the checkpoint was saved from. Quantize that network with --network "
                     "\"$@network_def.to(@device)\"; serve it with that override too, the bundle's own loading of "
-                    "model.pt pointed at it (e.g. --checkpointloader#load_dict \"{'model': '@network'}\")."
+                    "model.pt pointed at it (e.g. --checkpointloader#load_dict \"{'model': '@network'}\"). The labels "
+                    "stay the same where the wrapper's steps do not change the arg-max (a softmax); a wrapper's sigmoid "
+                    "then belongs in the bundle's postprocessing, before its threshold."
                 )
         problems = wrong[:2] + [f"{k} missing" for k in missing[:2]] + [f"{k} unknown to the network" for k in unexpected[:2]]
         if problems:

@@ -268,8 +268,9 @@ def test_only_the_default_export_of_the_checkpoint_a_run_replaces_without_export
     assert stale_export(str(default), default, checkpoint) is None  # this run exports there again
     assert stale_export("", default, checkpoint) == stale_export(tmp_path / "elsewhere", default, checkpoint) == str(default)
     assert stale_export("", default, tmp_path / "other_ckpt_dir" / "model_rtn_w4a8.pt") is None  # another checkpoint's export
-    with pytest.raises(OutputExistsError, match=str(default)):
-        refuse_to_overwrite(False, stale_export("", default, checkpoint))
+    with pytest.raises(OutputExistsError, match=f"{default} was exported from the checkpoint this run replaces"):
+        refuse_to_overwrite(False, checkpoint, stale=stale_export("", default, checkpoint))
+    refuse_to_overwrite(True, checkpoint, stale=stale_export("", default, checkpoint))  # --overwrite True removes it later
     assert remove_stale_export(str(default), default, checkpoint) is None and default.is_dir()
     assert remove_stale_export("", default, checkpoint) == default and not default.exists()
     assert list((tmp_path / "export").iterdir()) == []  # nothing left aside
@@ -285,3 +286,10 @@ def test_the_finetune_workflows_fp_start_calibrates_on_its_first_calibration_cas
     alone = finetune_start("fp", _net(), tmp_path / "model.pt", None, {"weight_bits": 8, "act_bits": 8}, [{"image": first}])
     scales = [float(layer.input_quantizer.scale) for t in (trainable, alone) for layer in t.layers().values() if layer.input_quantizer is not None]
     assert scales and scales[: len(scales) // 2] == scales[len(scales) // 2 :]
+
+
+def test_a_checkpoint_of_a_part_with_weighted_modules_beside_it_is_another_networks_not_a_wrappers(tmp_path):
+    encoder_and_head = nn.Sequential(_net(), nn.Conv3d(2, 2, 1))  # a pretrained encoder's checkpoint is not the network's
+    torch.save(encoder_and_head[0].state_dict(), tmp_path / "model.pt")
+    with pytest.raises(UserInputError, match="holds the weights of another network"):
+        existing_checkpoint(tmp_path / "model.pt", encoder_and_head)

@@ -524,6 +524,15 @@ def _earlier_output(tmp_path, lits):
     refuse_to_overwrite(False, tmp_path / "model_efficientq_w4a8.pt")
 
 
+def _stale_export(tmp_path, lits):
+    from monai_effq.bundle import EXPORTED_FROM, stale_export
+
+    export = tmp_path / "export" / "lits_effq_efficientq_w4a8"
+    (export / "configs").mkdir(parents=True)
+    (export / "configs" / "metadata.json").write_text(json.dumps({EXPORTED_FROM: str(tmp_path / "model_efficientq_w4a8.pt")}))
+    refuse_to_overwrite(False, tmp_path / "model_efficientq_w4a8.pt", "", stale=stale_export("", export, tmp_path / "model_efficientq_w4a8.pt"))
+
+
 def _shipped_checkpoint(tmp_path, lits):
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "model.pt").write_bytes(b"shipped weights")
@@ -610,6 +619,7 @@ TRIGGERS = {
         lambda t, d: quantize(_net(), torch.zeros(1, 1, 8, 8, 8), EfficientQConfig(attention=False), progress=False)
     ),
     "<output> exists from an earlier run: pass --overwrite True to replace it, or point the setting that names it elsewhere": _earlier_output,
+    "<folder> was exported from the checkpoint this run replaces and is not exported again": _stale_export,
     "<file> is the checkpoint this bundle ships (large_files.yml) and training would replace it": _shipped_checkpoint,
     # /proc/1 is a folder no one may create files in, root included
     "cannot write <output>: the folder <folder> is not writable": lambda t, d: refuse_to_overwrite(False, Path("/proc/1/eval/report.json")),

@@ -63,7 +63,15 @@ def window_size(roi_size: Sequence[int] | int, spatial_shape: Sequence[int]) -> 
 
     Returns:
         one window size per axis.
+
+    Raises:
+        UserInputError: for a ROI of another number of axes than the volume's.
     """
+    if not isinstance(roi_size, int) and len(roi_size) != len(spatial_shape):
+        raise UserInputError(
+            f"roi_size {list(roi_size)} has {len(roi_size)} sizes, but the volumes have {len(spatial_shape)} spatial axes "
+            f"({list(spatial_shape)}): give one size per axis, or one for all (the bundles' --calibration_roi)."
+        )
     return tuple(int(s) for s in fall_back_tuple(ensure_tuple_rep(roi_size, len(spatial_shape)), tuple(spatial_shape)))
 
 

@@ -160,8 +160,11 @@ class RuntimeNetworkLoader:
             return False
         # one size stands for every axis, in either ROI
         dims = next((len(r) for r in (self.roi_size, inferer.roi_size) if not isinstance(r, int)), 1)
-        mine, theirs = (ensure_tuple_rep(r, dims) for r in (self.roi_size, inferer.roi_size))
-        return mine == tuple(theirs) and WHOLE_AXIS not in mine
+        try:
+            mine, theirs = (tuple(ensure_tuple_rep(r, dims)) for r in (self.roi_size, inferer.roi_size))
+        except ValueError:  # another number of axes: not this window
+            return False
+        return mine == theirs and WHOLE_AXIS not in mine
 
     def attach(self, engine: Engine) -> None:
         """Register on ``engine`` (attaching twice is harmless)."""

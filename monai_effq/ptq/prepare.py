@@ -233,10 +233,10 @@ def prepare_network(
     if idle:
         # not a warning: on inputs like the calibration one they change no output, and they are kept exact
         logger.info(
-            "%d quantizable layer%s did not run on the calibration input, so %s kept in floating point (its weights count "
+            "%d quantizable layer%s did not run on the calibration input, so %s kept in floating point (%s weights count "
             "in the sizes): %s%s. Such a layer belongs to a branch this input does not take (a VAE branch, a "
             "deep-supervision head that runs in training only).",
-            len(idle), "" if len(idle) == 1 else "s", "it is" if len(idle) == 1 else "they are",
+            len(idle), "" if len(idle) == 1 else "s", "it is" if len(idle) == 1 else "they are", "its" if len(idle) == 1 else "their",
             ", ".join(idle[:5]), f" and {len(idle) - 5} more" if len(idle) > 5 else "",
         )
     return PreparedNetwork(net, folded, probe.order, plans, probe.output_numels)

@@ -5,9 +5,11 @@ Knows PyTorch modules and the PTQ result; MONAI engines use it through :mod:`mon
 
 from monai_effq.qat.check import DEFAULT_CHECK_BATCHES, FinetuneCheck, HeldOutScore, end_is_better, score_windows
 from monai_effq.qat.finetune import (
+    DEFAULT_CALIBRATION_BATCHES,
     DEFAULT_LR,
     DEFAULT_STEPS,
     TrainableNetwork,
+    calibration_batch,
     default_loss,
     finetune,
     prepare_finetune,
@@ -24,9 +26,11 @@ __all__ = [
     "end_is_better",
     "score_windows",
     "resolve_task",
+    "DEFAULT_CALIBRATION_BATCHES",
     "DEFAULT_LR",
     "DEFAULT_STEPS",
     "TrainableNetwork",
+    "calibration_batch",
     "default_loss",
     "finetune",
     "prepare_finetune",

@@ -250,10 +250,14 @@ class TrainableNetwork:
 
 
 def _is_batch(sample: Any) -> bool:
-    """Whether ``sample`` is one batch (a tensor, a batch dict or an ``(image, label)`` pair), not a loader."""
+    """Whether ``sample`` is one batch (a tensor, a batch dict or an ``(image, label)`` pair), not a loader.
+
+    A pair is two items, the first a tensor, as training batches are read (:func:`split_batch`); a
+    list of more tensors is a list of image batches.
+    """
     if isinstance(sample, (torch.Tensor, dict)):
         return True
-    return isinstance(sample, (list, tuple)) and bool(sample) and isinstance(sample[0], torch.Tensor)
+    return isinstance(sample, (list, tuple)) and len(sample) == 2 and isinstance(sample[0], torch.Tensor)
 
 
 def _image_of(batch: Any) -> torch.Tensor:
@@ -271,11 +275,12 @@ def _image_of(batch: Any) -> torch.Tensor:
 def calibration_batch(sample: Any, batches: int = DEFAULT_CALIBRATION_BATCHES) -> torch.Tensor:
     """The images an FP start calibrates its activation ranges on, as one batch.
 
-    A loader gives its first ``batches`` batches of the first one's shape, joined along the batch
-    axis: the ranges of one random crop (an almost empty one, say) would clip every other window for
-    the whole fine-tune. For training crops that is no more memory than training takes: a forward
-    pass without gradients over a few batches holds fewer activations than a training step's
-    backward over one. Whole volumes are better given one batch at a time (``batches=1``).
+    A loader (or a list of image batches) gives those of its first ``batches`` batches that have
+    the first one's shape, joined along the batch axis: the ranges of one random crop (an almost
+    empty one, say) would clip every other window for the whole fine-tune. They run in one pass, so
+    they must fit in memory together: training crops do (a pass without gradients over a few holds
+    fewer activations than a training step's backward over one); give whole volumes one at a time
+    (``batches=1``) or as their sliding windows (:func:`monai_effq.data.calibration_windows`).
 
     Args:
         sample: a batch (a tensor, a batch dict or an ``(image, label)`` pair) or a loader of them.
@@ -294,7 +299,8 @@ def calibration_batch(sample: Any, batches: int = DEFAULT_CALIBRATION_BATCHES) -
         loader = iter(sample)
     except TypeError:
         loader = iter(())
-    for i, batch in enumerate(loader):
+    # no more batches than asked for are read: a loader of whole volumes loads each
+    for i, batch in enumerate(itertools.islice(loader, batches)):
         if not _is_batch(batch):
             raise ValueError(
                 f"sample batch {i} is a {type(batch).__name__}: expected a tensor, a batch dict or an (image, label) pair."
@@ -302,8 +308,6 @@ def calibration_batch(sample: Any, batches: int = DEFAULT_CALIBRATION_BATCHES) -
         image = _image_of(batch)
         if not images or image.shape[1:] == images[0].shape[1:]:
             images.append(image)
-        if len(images) >= batches:
-            break
     if not images:
         raise ValueError(
             "prepare_finetune needs a sample batch (a tensor, a batch dict or a non-empty loader) to fold "
@@ -574,10 +578,11 @@ def finetune(
         check_batches: batches of ``validation_data`` (or of ``train_data``) the check scores;
             ``0`` turns the check off.
         calibration_data: for an FP start, what folds BatchNorm and calibrates the activation
-            ranges: a batch (a tensor, a batch dict or an ``(image, label)`` pair) or a loader, of
-            which the first :data:`DEFAULT_CALIBRATION_BATCHES` batches are taken and run as one
-            (give whole volumes one at a time); ``None`` takes those of ``train_data``. Ignored for
-            a PTQ result (calibrated already).
+            ranges: a batch (a tensor, a batch dict or an ``(image, label)`` pair, e.g. a volume's
+            sliding windows, :func:`monai_effq.data.calibration_windows`) or a loader, of which the
+            first :data:`DEFAULT_CALIBRATION_BATCHES` batches are taken and run as one
+            (:func:`calibration_batch`); ``None`` takes those of ``train_data``. Ignored for a PTQ
+            result (calibrated already).
         device: where training runs.
         progress: show a progress bar.
 

@@ -208,9 +208,31 @@ def test_finetune_from_fp_with_power_of_two_scales(trained):
     name, work, common, _ = trained
     if name != "lits_effq":
         pytest.skip("one bundle is enough for the FP start")
-    bundle(name, "finetune", *common, "--steps", "2", "--init", "fp", "--power_of_two", "True", "--weight_bits", "3", "--roi_size", ROI, "--calibration_crop", ROI)
+    # an earlier run's export of the checkpoint this run rewrites without exporting (--export_dir ""): named, then removed
+    from monai_effq.bundle import EXPORTED_FROM
+
+    stale = work / "export" / "lits_effq_finetuned_fp_w3a6"
+    (stale / "configs").mkdir(parents=True)
+    (stale / "configs" / "metadata.json").write_text(json.dumps({EXPORTED_FROM: str(work / "models" / "model_finetuned_fp_w3a6.pt")}))
+    args = [*common, "--default_export_dir", str(stale), "--steps", "2", "--init", "fp", "--power_of_two", "True", "--weight_bits", "3"]
+    with pytest.raises(Exception) as refused:
+        bundle(name, "finetune", *args)
+    assert f"{stale} was exported from the checkpoint this run replaces" in str(find_user_error(refused.value))
+    bundle(name, "finetune", *args, "--roi_size", ROI, "--calibration_crop", ROI, "--overwrite", "True")
     report = json.loads((work / "eval" / "quantization_report_finetuned_fp_w3a6.json").read_text())
     assert report["method"] == "fp+qat" and report["folded_batchnorms"]
+    assert not stale.exists()
+
+
+def test_a_window_that_spans_an_axis_calibrates_and_is_served_as_given(rtn_w4a8, tmp_path):
+    name, work, common, _ = rtn_w4a8
+    if name != "lits_effq":
+        pytest.skip("one bundle is enough: the ROI is read by the same code")
+    export = tmp_path / "export"
+    quantize = [*common, "--method", "rtn", "--weight_bits", "3", "--calibration_crop", ROI, "--sw_roi_size", "[32,32,-1]"]
+    bundle(name, "quantize", *quantize, "--export_dir", str(export))
+    assert json.loads((export / "configs" / "inference.json").read_text())["sw_roi_size"] == [32, 32, -1]
+    assert (export / "models" / "model.ts").is_file()
 
 
 @pytest.mark.parametrize("name", list(BUNDLES))

@@ -54,6 +54,8 @@ def test_a_window_that_spans_an_axis_is_cut_as_a_sliding_window_inferer_cuts_it(
     windows = calibration_windows(volume, (16, 16, -1))
     assert windows.shape[1:] == (1, 16, 16, 20) and windows.shape[0] == _windows_visited(volume, (16, 16, -1), 0.0)
     assert window_size(16, (40, 33, 20)) == (16, 16, 16) and window_size((16, -1), (40, 33)) == (16, 33)
+    with pytest.raises(ValueError, match=r"roi_size \[16, 16\] has 2 sizes, but the volumes have 3 spatial axes"):
+        window_size((16, 16), (40, 33, 20))
     with pytest.raises(ValueError, match=r"roi_size \(16, 16, -1\) spans an axis along which the calibration volumes differ"):
         calibration_windows([volume, volume[:, :, :, :10]], (16, 16, -1))
 

@@ -50,6 +50,7 @@ def test_the_file_is_fixed_at_the_window_only_for_a_sliding_window_inferer_of_th
     assert RuntimeNetworkLoader(ckpt, tmp_path / "model_w4a8.onnx", 32).runs_windows_of_roi_size(SlidingWindowInferer([32, 32, 32]))
     spanning = RuntimeNetworkLoader(ckpt, tmp_path / "model_w4a8.onnx", [32, 32, -1])
     assert not spanning.runs_windows_of_roi_size(SlidingWindowInferer([32, 32, -1]))  # its windows differ with the volume
+    assert not loader.runs_windows_of_roi_size(SlidingWindowInferer([32, 32]))  # another number of axes
 
 
 def test_an_export_is_traced_at_the_rois_window_one_size_standing_for_every_axis_and_a_spanning_axis_at_the_largest():

@@ -308,3 +308,20 @@ def test_a_device_that_is_not_here_is_named_before_fine_tuning(spheres):
     if not torch.cuda.is_available():
         with pytest.raises(UserInputError, match=r"device 'cuda' was asked for but this machine has no CUDA GPU"):
             finetune(_unet(), spheres, FIXED, steps=1, device="cuda")
+
+
+def test_a_calibration_loader_is_read_no_further_than_the_batches_it_gives_and_a_list_of_images_is_a_loader():
+    from monai_effq.qat import calibration_batch
+
+    read = []
+
+    class Volumes:  # a loader of volumes that differ in depth: only those of the first one's shape are joined
+        def __iter__(self):
+            for depth in range(16, 66):
+                read.append(depth)
+                yield torch.zeros(1, 1, 16, 16, depth if depth != 17 else 16)
+
+    assert calibration_batch(Volumes(), 4).shape == (2, 1, 16, 16, 16) and len(read) == 4
+    images = [torch.full((1, 1, 8, 8, 8), float(i)) for i in range(4)]
+    assert calibration_batch(images).shape == (4, 1, 8, 8, 8)  # four image batches, not an (image, label) pair
+    assert calibration_batch(images[:2]).shape == (1, 1, 8, 8, 8)  # two items are a pair, as training batches are read
