@@ -1140,6 +1140,13 @@ def _without_fp_loading(config: dict[str, Any]) -> dict[str, Any]:
             config[key] = []
         elif isinstance(steps, list):
             config[key] = [step for step in steps if "@checkpointloader" not in str(step) and not _loads_checkpoint(step)]
+    # A key that only names the file the removed loader read goes with it, once nothing refers to it:
+    # "checkpoint": "$@bundle_root + '/models/model.pt'" (swin_unetr_btcv_segmentation's), "modelname" (wholeBody_ct_
+    # segmentation's). One that calls anything (a run id, torch.load) stays, and is refused below.
+    names = [key for key, value in config.items() if isinstance(value, str) and _FP_LOADING.search(value) and "(" not in value]
+    while unread := [key for key in names if key in config and not _referred_to(config, key)]:
+        for key in unread:
+            del config[key]
     # "model.pt" as a file name (not best_model.pth), or weights loaded by hand from a file of another name
     left = [key for key, value in config.items() if _FP_LOADING.search(json.dumps(value))]
     if left:
@@ -1152,6 +1159,12 @@ def _without_fp_loading(config: dict[str, Any]) -> dict[str, Any]:
 
 
 _FP_LOADING = re.compile(r"(?<![\w.-])model\.pt\b|torch\.load\(|load_state_dict\(")
+
+
+def _referred_to(config: dict[str, Any], key: str) -> bool:
+    """Whether another item of ``config`` refers to ``key`` (``@key``, ``%key``, or an item inside it, ``@key#...``)."""
+    reference = re.compile(rf"[@%]{re.escape(key)}(?![\w])")
+    return any(reference.search(json.dumps(value)) for other, value in config.items() if other != key)
 
 
 def _loads_checkpoint(step: Any) -> bool:

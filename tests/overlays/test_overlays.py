@@ -362,10 +362,15 @@ def test_a_bundle_that_keys_its_image_img_is_quantized_with_image_key_and_named_
     assert (root / "models" / "model_rtn_w4a8.pt").is_file()
 
 
-def test_a_bundle_whose_inferer_spans_an_axis_is_quantized_exported_and_run_in_a_runtime(tmp_path, demo_data):
+def test_a_bundle_whose_inferer_spans_an_axis_and_whose_checkpoint_path_has_a_key_is_quantized_exported_and_run(tmp_path, demo_data):
     roi_size = [64, 64, -1]  # one size for every axis (64) is traced as trace_shape's test shows
     root = spleen_style(tmp_path / "bundle", demo_data["lits"])
     inference = str(root / "configs" / "inference.json")
+    config = json.loads(Path(inference).read_text())  # as swin_unetr_btcv_segmentation loads its weights
+    config["checkpoint"], config["load_pretrain"] = "$@bundle_root + '/models/model.pt'", True
+    config["checkpointloader"]["load_path"] = "$@checkpoint"
+    config["initialize"] = ["$monai.utils.set_determinism(seed=123)", "$@checkpointloader(@evaluator) if @load_pretrain else None"]
+    Path(inference).write_text(json.dumps(config))
     calibration = [str(demo_data["lits"] / "volume-0.nii")]
     quantized = workflow(
         root, [inference, str(overlay_path("quantize"))], run_id="quantize", method="rtn", calibration_images=calibration,
@@ -375,6 +380,7 @@ def test_a_bundle_whose_inferer_spans_an_axis_is_quantized_exported_and_run_in_a
     assert windows.roi_size == (64, 64, -1)
     served_root = root / "export" / "bundle_rtn_w4a8"
     assert (served_root / "models" / "model.ts").is_file()
+    assert "checkpoint" not in json.loads((served_root / "configs" / "inference.json").read_text())  # read by the loader alone
     workflow(served_root, [str(served_root / "configs" / "inference.json")], output_dir=str(tmp_path / "traced"), **{"inferer#roi_size": roi_size})
     pytest.importorskip("onnxruntime")
     workflow(root, [inference, str(overlay_path("openvino"))], runtime="onnxruntime", method="rtn", **{"inferer#roi_size": roi_size})
