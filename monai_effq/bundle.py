@@ -1105,9 +1105,27 @@ def export_monailabel_bundle(
     return Path(export_dir)
 
 
+def _inference_config(source: Path) -> dict[str, Any]:
+    """A bundle's ``configs/inference.json``, or its ``inference.yaml`` (as pancreas_ct_dints_segmentation's).
+
+    Raises:
+        UserInputError: when it has neither.
+    """
+    from monai.bundle import ConfigParser
+
+    for name in ("inference.json", "inference.yaml", "inference.yml"):
+        if (source / "configs" / name).is_file():
+            return dict(ConfigParser.load_config_file(source / "configs" / name))
+    raise UserInputError(
+        f"the bundle {source} has no configs/inference.json (or inference.yaml), which the export for MONAI Label "
+        "serves: pass --export_dir \"\" to skip that export."
+    )
+
+
 def _served_config(source: Path) -> dict[str, Any]:
-    """The source bundle's inference config with ``network`` loading the trace and nothing loading ``model.pt``."""
-    config = json.loads((source / "configs" / "inference.json").read_text())
+    """The source bundle's inference config (written as JSON) with ``network`` loading the trace and nothing
+    loading ``model.pt``."""
+    config = _inference_config(source)
     for key in _PACKED_KEYS:
         config.pop(key, None)
     config["network"] = "$torch.jit.load(@bundle_root + '/models/model.ts', map_location=torch.device(@device))"

@@ -387,3 +387,17 @@ def test_a_bundle_whose_inferer_spans_an_axis_and_whose_checkpoint_path_has_a_ke
     traced, deployed = masks(tmp_path / "traced"), masks(root / "eval" / "rtn_w4a8_onnxruntime")
     assert sorted(traced) == sorted(deployed) == ["volume-8", "volume-9"]
     assert all((traced[c] == deployed[c]).mean() > 0.99 for c in traced)
+
+
+def test_a_bundle_written_in_yaml_is_quantized_and_exported_with_its_config_served_as_json(tmp_path, demo_data):
+    import yaml
+
+    root = spleen_style(tmp_path / "bundle", demo_data["lits"])
+    source = root / "configs" / "inference.json"
+    (root / "configs" / "inference.yaml").write_text(yaml.safe_dump(json.loads(source.read_text())))  # as pancreas_ct_dints_segmentation's
+    source.unlink()
+    calibration = [str(demo_data["lits"] / "volume-0.nii")]
+    workflow(root, [str(root / "configs" / "inference.yaml"), str(overlay_path("quantize"))], run_id="quantize", method="rtn", calibration_images=calibration)
+    served_root = root / "export" / "bundle_rtn_w4a8"
+    served = json.loads((served_root / "configs" / "inference.json").read_text())
+    assert served["network"].startswith("$torch.jit.load(") and "checkpointloader" not in served
