@@ -34,7 +34,7 @@ from monai_effq.bundle import (
 )
 from monai_effq.data import detect_layout, dicom_series_files, lits_transforms, load_datalist, make_lits_demo, validate_datalist
 from monai_effq.handlers.quantization import QuantizedCheckpointLoader, check_calibration_volume
-from monai_effq.overlays import calibration_items, check_attached
+from monai_effq.overlays import PrepareImageBatch, calibration_items, check_attached
 from monai_effq.ptq.modules import ActivationQuantizer
 from monai_effq.ptq.prepare import available_device, prepare_network
 from monai_effq.utils.errors import UserInputError
@@ -592,8 +592,8 @@ TRIGGERS = {
     "the bundle's evaluator does not run the handlers listed in <key>, so the quantized network would never replace the FP one": _unattached_loader,
     "the config refers to @<ref>, which none of its files defines": _zoo_bundle_without_roi_size,
     "the bundle's configs/inference.json loads FP weights in <keys> (<how>), in a form the export for MONAI Label cannot take out": _unexportable_bundle,
-    "calibration case <case> has no 'image' entry: give each case its image, or, for a bundle whose transforms read the image under another key, name that key with --image_key": (
-        lambda t, d: calibration_items([{"img": str(t / "case0.nii.gz")}], 1)
+    "the calibration batch has no <key> (it holds <keys>): name the key the bundle's transforms put the image under with --image_key": (
+        lambda t, d: PrepareImageBatch()({"img": torch.zeros(1, 1, 4, 4, 4), "img_meta_dict": {}})
     ),
     "calibration image <file> does not exist: correct --calibration_images (or the bundle's --dataset_dir).": (
         lambda t, d: calibration_items([str(t / "case0.nii.gz")], 1)

@@ -6,7 +6,7 @@ The handlers hand off to library calls (:func:`monai_effq.quantize`, :func:`mona
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +34,7 @@ __all__ = [
     "QuantizationHandler",
     "QuantizedCheckpointLoader",
     "batch_images",
+    "missing_image_key",
     "check_calibration_volume",
     "require_quantized_checkpoint",
 ]
@@ -50,16 +51,39 @@ def batch_images(batch: Any, key: str = "image") -> torch.Tensor:
         a plain ``(N, C, *spatial)`` tensor.
 
     Raises:
-        KeyError: when the batch has no ``key``.
+        KeyError: for an empty list.
+        UserInputError: when the batch has no ``key`` (:func:`missing_image_key`).
     """
     if isinstance(batch, (list, tuple)):
         if not batch:
             raise KeyError(f"empty batch: no {key!r} to collect.")
+        if isinstance(batch[0], Mapping) and key not in batch[0]:
+            raise missing_image_key(batch[0], key)
         items = [b[key] for b in batch]
         images = torch.stack([torch.as_tensor(i).as_subclass(torch.Tensor) for i in items])
     else:
+        if isinstance(batch, Mapping) and key not in batch:
+            raise missing_image_key(batch, key)
         images = batch[key]
     return torch.as_tensor(images).detach().as_subclass(torch.Tensor).float().cpu()
+
+
+def missing_image_key(batch: Mapping[str, Any], key: str) -> UserInputError:
+    """The error for a calibration batch without ``key``, naming its keys and the first that holds an image.
+
+    Args:
+        batch: the batch (a dict of the bundle's transformed keys).
+        key: the image key looked for.
+
+    Returns:
+        the error, to raise.
+    """
+    images = [str(k) for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() >= 4]
+    example = f", e.g. --image_key {images[0]}" if images else ""
+    return UserInputError(
+        f"the calibration batch has no {key!r} (it holds {sorted(map(str, batch))}): name the key the bundle's "
+        f"transforms put the image under with --image_key{example}."
+    )
 
 
 def _source_name(batch: Any, key: str, index: int) -> str:

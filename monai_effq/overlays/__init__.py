@@ -21,6 +21,7 @@ from monai.handlers import MeanDice, from_engine
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_effq.data.images import dicom_series_files
+from monai_effq.handlers.quantization import missing_image_key
 from monai_effq.handlers.reference import REFERENCE_KEY
 from monai_effq.ptq.attention import TASKS
 from monai_effq.utils.errors import MissingInputError, UserInputError, check_integer
@@ -166,12 +167,9 @@ def calibration_items(images: Any, cases: int, image_key: str = "image") -> list
                 f"calibration image {entry!r} is neither a path, a list of paths nor a datalist dict: pass "
                 "--calibration_images \"['/path/to/image.nii.gz']\"."
             )
-        if image_key not in item:
-            raise UserInputError(
-                f"calibration case {item!r} has no {image_key!r} entry: give each case its image, or, for a bundle whose "
-                "transforms read the image under another key, name that key with --image_key (e.g. --image_key img)."
-            )
-        for file in _files(item[image_key]):
+        # a case without the key may be one the bundle's transforms build the image of (renalStructures_CECT_
+        # segmentation concatenates its artery, vein and excretory phases into "image"): the batch is checked then
+        for file in _files(item.get(image_key, [])):
             if not Path(file).exists():
                 raise MissingInputError(
                     f"calibration image {Path(file).resolve()} does not exist: correct --calibration_images "
@@ -205,11 +203,12 @@ class PrepareImageBatch(PrepareBatch):
             UserInputError: when the batch holds no image under the key, naming the keys it holds.
         """
         if not isinstance(batchdata, Mapping) or self.image_key not in batchdata:
-            keys = sorted(map(str, batchdata)) if isinstance(batchdata, Mapping) else type(batchdata).__name__
-            raise UserInputError(
-                f"the calibration batch has no {self.image_key!r} (it holds {keys}): name the key the bundle's "
-                "transforms read the image from with --image_key."
-            )
+            if not isinstance(batchdata, Mapping):
+                raise UserInputError(
+                    f"the calibration batch is a {type(batchdata).__name__}, not a dict of the bundle's transformed keys: "
+                    "calibrate through the bundle's preprocessing, which gives dicts as the model zoo's do."
+                )
+            raise missing_image_key(batchdata, self.image_key)
         return batchdata[self.image_key].to(device=device, non_blocking=non_blocking, **kwargs), None
 
 
