@@ -1023,10 +1023,12 @@ def _keep_best_checkpoint(folder: Path, evaluator: Any, name: str, best: str, fi
     return folder / name
 
 
-# What a served bundle needs beside its inference config, model and README (model-zoo layout).
-# the key of an export's metadata.json that names the checkpoint it was traced from
+# The key of an export's metadata.json that names the checkpoint it was traced from.
 EXPORTED_FROM = "monai_effq_quantized_from"
+# What a served bundle needs beside its inference config, model and README (model-zoo layout).
 _SERVED_FILES = ("configs/metadata.json", "configs/logging.conf", "LICENSE", "docs/data_license.txt")
+# The served config's first step: the MKL mode importing monai_effq sets (see _served_config).
+_MKL_MODE = "$os.environ.setdefault('MKL_CBWR', 'AUTO,STRICT')"
 # Inference-config keys that only serve to find the packed checkpoint and build the network from it.
 _PACKED_KEYS = ("weight_bits", "act_bits", "method", "weight_format", "act_format", "model_tag", "quantized_path")
 
@@ -1139,9 +1141,6 @@ def _served_config(source: Path) -> dict[str, Any]:
     steps = config.get("initialize") or []
     config["initialize"] = [_MKL_MODE, *(steps if isinstance(steps, list) else [steps])]
     return config
-
-
-_MKL_MODE = "$os.environ.setdefault('MKL_CBWR', 'AUTO,STRICT')"
 
 
 def _without_fp_loading(config: dict[str, Any]) -> dict[str, Any]:
