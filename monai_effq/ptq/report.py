@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from monai_effq.solver.methods import METHODS
 from monai_effq.solver.validation import is_underdetermined
 from monai_effq.utils.fingerprint import fingerprint_json, fingerprint_state
 from monai_effq.utils.io import atomic_write_text
@@ -139,6 +140,12 @@ class LayerReport:
         """Fewer (effective) calibration voxels than unknowns per output channel."""
         return 0 < self.unknowns and is_underdetermined(self.effective_voxels, self.unknowns)
 
+    @property
+    def fitted(self) -> bool:
+        """Whether its weights were chosen by calibration data: not by a method that ignores it (round to nearest)."""
+        method = METHODS.get(self.choice)
+        return method is None or method.needs_statistics
+
 
 @dataclass
 class QuantizationReport:
@@ -252,12 +259,16 @@ class QuantizationReport:
 
     @property
     def underdetermined(self) -> list[str]:
-        """Names of the layers whose calibration data had fewer voxels than unknowns per output channel."""
-        return [r.name for r in self.layers if r.underdetermined]
+        """Names of the layers fitted to calibration data with fewer voxels than unknowns per output channel.
+
+        A layer quantized by a method that ignores the data (``method="rtn"``) is left out: no fit of it
+        could learn the sample.
+        """
+        return [r.name for r in self.layers if r.fitted and r.underdetermined]
 
     def underdetermined_warning(self) -> str | None:
         """A message naming the underdetermined layers and what to do, or ``None`` when there are none."""
-        layers = [r for r in self.layers if r.underdetermined]
+        layers = [r for r in self.layers if r.fitted and r.underdetermined]
         if not layers:
             return None
         shown = ", ".join(f"{r.name} ({r.effective_voxels:.0f} voxels for {r.unknowns} unknowns)" for r in layers[:6])

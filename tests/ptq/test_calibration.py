@@ -69,6 +69,15 @@ def test_the_underdetermined_warning_names_layers_on_a_tiny_crop_and_stays_quiet
         assert layer.voxels >= layer.effective_voxels > 0 and layer.unknowns > 0
 
 
+def test_round_to_nearest_on_a_tiny_crop_warns_of_no_layer_since_it_fits_none(trained_unet, caplog):
+    calib, _ = sphere_volumes(1, seed=5)
+    with caplog.at_level(logging.WARNING, logger="monai_effq"):
+        rtn = quantize(trained_unet, calib[:1, :, :8, :8, :8], EfficientQConfig(weight_bits=4, method="rtn"), progress=False)
+    assert any(layer.underdetermined for layer in rtn.report.layers)  # the crop is as tiny as the warning's
+    assert rtn.report.underdetermined == [] and rtn.report.underdetermined_warning() is None
+    assert not any("fewer calibration voxels" in r.message for r in caplog.records)
+
+
 def test_whole_volume_calibration_streams_its_windows_within_the_target_memory(trained_unet, monkeypatch):
     calib, _ = sphere_volumes(16, seed=5)
     windows = calibration_windows(calib, (24, 24, 24))
