@@ -90,3 +90,17 @@ def test_paused_runs_plain_pytorch_inside_the_block_and_the_mode_again_after_it(
             inside = net(x)
         after = net(x)
     assert torch.equal(inside, plain) and torch.equal(after, invariant)
+
+
+def test_a_fake_quant_network_infers_the_same_bits_with_any_sw_batch_size_inside_it(one_thread):
+    from monai.inferers import SlidingWindowInferer
+
+    from monai_effq import EfficientQConfig, quantize
+
+    volume = torch.randn(1, 2, 40, 40, 40, generator=torch.Generator().manual_seed(2))
+    qnet = quantize(_segresnet(), _windows(), EfficientQConfig(weight_bits=4, act_bits=8, method="rtn"), progress=False).network
+    outputs = {}
+    for size in (1, 4):
+        inferer = SlidingWindowInferer(roi_size=(16, 16, 16), sw_batch_size=size, overlap=0.25)
+        outputs[size] = _forward(lambda x: inferer(x, qnet), volume)
+    assert torch.equal(outputs[1], outputs[4])
