@@ -285,8 +285,9 @@ def test_a_missing_checkpoint_or_a_missing_network_to_export_from_is_an_error_sa
 
 @pytest.fixture(scope="module")
 def w8_files(tmp_path_factory):
-    """An 8-bit RTN network exported as it is and with ``reduce_range`` (7-bit weights), once for the tests that
-    only read them (torch's exporter takes seconds), with the messages of the warnings the second export gave."""
+    """An 8-bit RTN network exported as it is and with ``reduce_range`` (7-bit weights), and the network quantized
+    at 7 bits, once for the tests that only read them (torch's exporter takes seconds), with the messages of the
+    warnings the second export gave."""
     from monai_effq.deploy import export_onnx
 
     folder = tmp_path_factory.mktemp("w8")
@@ -295,7 +296,14 @@ def w8_files(tmp_path_factory):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         narrow = export_onnx(result, folder / "w8_7bit.onnx", (1, 2, 16, 16, 16), reduce_range=True, dynamic_spatial=False)
-    return wide, narrow, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    advised = monai_effq.EfficientQConfig(  # the warning's advice: every layer on a 7-bit grid that cannot saturate
+        weight_bits=7, weight_grid="signed", first_layer_bits=7, last_layer_bits=7, method="rtn", attention=False
+    )
+    calibration = torch.rand(1, 2, 16, 16, 16, generator=torch.Generator().manual_seed(3))
+    seven = export_onnx(
+        monai_effq.quantize(bn_unet(), calibration, advised, progress=False), folder / "w7.onnx", (1, 2, 16, 16, 16), dynamic_spatial=False
+    )
+    return wide, narrow, seven, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
 
 
 @pytest.mark.parametrize("cls", [OnnxRuntimeNetwork, OpenVINONetwork])
@@ -303,14 +311,16 @@ def test_both_runtimes_warn_of_saturating_8_bit_weights_only_on_a_cpu_without_vn
     for cap in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):  # the CPU's flags alone decide here
         monkeypatch.delenv(cap, raising=False)
 
-    wide, narrow, export_warnings = w8_files
+    wide, narrow, seven, export_warnings = w8_files
     assert any("reduce_range" in message for message in export_warnings), export_warnings
     monkeypatch.setattr(runtime, "cpu_has_vnni", lambda: False)
-    with pytest.warns(UserWarning, match=f"int8 weights beyond 7 bits and {cls.runtime}'s int8 kernels on this CPU have no VNNI"):
+    with pytest.warns(UserWarning, match=f"int8 weights beyond 7 bits and {cls.runtime}'s int8 kernels on this CPU have no VNNI") as caught:
         cls(wide)
+    assert any("weight_bits=7, weight_grid='signed', first_layer_bits=7, last_layer_bits=7" in str(w.message) for w in caught)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         cls(narrow)
+        cls(seven)  # the advice given: quantized at 7 bits, nothing can saturate
         monkeypatch.setattr(runtime, "cpu_has_vnni", lambda: True)
         cls(wide)
 
@@ -327,7 +337,7 @@ def test_an_isa_cap_without_vnni_takes_it_from_openvino_only(monkeypatch, cap):
 
 
 def test_openvino_warns_of_saturation_under_an_isa_cap_without_vnni(w8_files, monkeypatch):
-    wide, _, _ = w8_files
+    wide, *_ = w8_files
     monkeypatch.setattr(runtime, "cpu_has_vnni", lambda: True)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     with pytest.warns(UserWarning, match="OpenVINO's int8 kernels on this CPU have no VNNI"):
@@ -340,7 +350,7 @@ def test_openvino_warns_of_saturation_under_an_isa_cap_without_vnni(w8_files, mo
 def test_openvino_reads_an_ir_file_on_a_cpu_without_vnni_without_looking_for_onnx_weights(w8_files, tmp_path, monkeypatch):
     import openvino as ov
 
-    wide, _, _ = w8_files
+    wide, *_ = w8_files
     ov.save_model(ov.Core().read_model(str(wide)), str(tmp_path / "w8.xml"))
     monkeypatch.setattr(runtime, "cpu_has_vnni", lambda: False)
     with warnings.catch_warnings():
