@@ -164,8 +164,8 @@ def test_a_missing_runtime_names_the_extra_to_install(exported, monkeypatch, fla
         cls(path)
 
 
-def _rtn(weight_bits: int):
-    config = monai_effq.EfficientQConfig(weight_bits=weight_bits, method="rtn", attention=False)
+def _rtn(weight_bits: int, **settings):
+    config = monai_effq.EfficientQConfig(weight_bits=weight_bits, method="rtn", attention=False, **settings)
     return monai_effq.quantize(bn_unet(), torch.rand(1, 2, 16, 16, 16, generator=torch.Generator().manual_seed(3)), config, progress=False)
 
 
@@ -296,13 +296,8 @@ def w8_files(tmp_path_factory):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         narrow = export_onnx(result, folder / "w8_7bit.onnx", (1, 2, 16, 16, 16), reduce_range=True, dynamic_spatial=False)
-    advised = monai_effq.EfficientQConfig(  # the warning's advice: every layer on a 7-bit grid that cannot saturate
-        weight_bits=7, weight_grid="signed", first_layer_bits=7, last_layer_bits=7, method="rtn", attention=False
-    )
-    calibration = torch.rand(1, 2, 16, 16, 16, generator=torch.Generator().manual_seed(3))
-    seven = export_onnx(
-        monai_effq.quantize(bn_unet(), calibration, advised, progress=False), folder / "w7.onnx", (1, 2, 16, 16, 16), dynamic_spatial=False
-    )
+    advised = _rtn(7, weight_grid="signed", first_layer_bits=7, last_layer_bits=7)  # every layer on a grid that cannot saturate
+    seven = export_onnx(advised, folder / "w7.onnx", (1, 2, 16, 16, 16), dynamic_spatial=False)
     return wide, narrow, seven, [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
 
 

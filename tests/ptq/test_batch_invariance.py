@@ -3,8 +3,10 @@
 import pytest
 import torch
 import torch.nn as nn
+from monai.inferers import SlidingWindowInferer
 from monai.networks.nets import SegResNet, UNet
 
+from monai_effq import EfficientQConfig, quantize
 from monai_effq.ptq.batch_invariance import WindowByWindow
 
 
@@ -93,10 +95,6 @@ def test_paused_runs_plain_pytorch_inside_the_block_and_the_mode_again_after_it(
 
 
 def test_a_fake_quant_network_infers_the_same_bits_with_any_sw_batch_size_inside_it(one_thread):
-    from monai.inferers import SlidingWindowInferer
-
-    from monai_effq import EfficientQConfig, quantize
-
     volume = torch.randn(1, 2, 40, 40, 40, generator=torch.Generator().manual_seed(2))
     qnet = quantize(_segresnet(), _windows(), EfficientQConfig(weight_bits=4, act_bits=8, method="rtn"), progress=False).network
     outputs = {}
