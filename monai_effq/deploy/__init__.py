@@ -6,7 +6,7 @@ TensorRT (:mod:`monai_effq.deploy.tensorrt`) needs a CUDA GPU with tensorrt and 
 """
 
 from monai_effq.deploy.export import QdqLayer, export_form, export_onnx, fold_weight_quantization
-from monai_effq.deploy.norms import ChannelStatsGroupNorm, group_norm_form_for
+from monai_effq.deploy.norms import ChannelStatsGroupNorm, ChannelStatsGroupNormOp, group_norm_form_for
 from monai_effq.deploy.runtime import (
     RUNTIMES,
     OnnxRuntimeNetwork,
@@ -25,6 +25,7 @@ from monai_effq.deploy.torchscript import export_torchscript
 
 __all__ = [
     "ChannelStatsGroupNorm",
+    "ChannelStatsGroupNormOp",
     "QdqLayer",
     "export_form",
     "export_onnx",

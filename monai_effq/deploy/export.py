@@ -46,7 +46,13 @@ from monai_effq.deploy.onnx_graph import all_names, constant_values, graph_reads
 from monai_effq.deploy.concat_rounding import round_concat_inputs
 from monai_effq.deploy.containers import INT4_MIN_OPSET, WEIGHT_CONTAINERS, pack_4bit_weights
 from monai_effq.deploy.empty_scatters import drop_empty_scatters
-from monai_effq.deploy.norms import GROUP_NORM_FORMS, channel_stats_norms
+from monai_effq.deploy.norms import (
+    GROUP_NORM_FORMS,
+    ONNX_TRANSLATIONS,
+    ChannelStatsGroupNorm,
+    ChannelStatsGroupNormOp,
+    channel_stats_norms,
+)
 from monai_effq.ptq.checkpoint import result_fingerprint
 from monai_effq.ptq.graph import forward_graph, graph_readers, hooks, set_submodule
 from monai_effq.ptq.modules import (
@@ -396,7 +402,8 @@ def export_form(
         network: a network holding :class:`~monai_effq.ptq.modules.QuantizedLayer` modules.
         reduce_range: see :class:`QdqLayer`.
         group_norm: ``"onnx"`` keeps group/instance norms as PyTorch exports them;
-            ``"channel_stats"`` writes them as :class:`~monai_effq.deploy.norms.ChannelStatsGroupNorm`.
+            ``"channel_stats"`` writes them as :class:`~monai_effq.deploy.norms.ChannelStatsGroupNorm`
+            (as :class:`~monai_effq.deploy.norms.ChannelStatsGroupNormOp` for the ``"dynamo"`` exporter).
         exporter: the exporter the form is for (see :class:`QdqLayer`).
 
     Returns:
@@ -422,7 +429,8 @@ def export_form(
         if shared is not None:  # the block's pre-hook calls whatever the child now is
             module.add_module(SHARED_INPUT_QUANTIZER, _ActivationSpec.from_quantizer(shared, exporter))
     if group_norm == "channel_stats":
-        channel_stats_norms(form)
+        # one operator per norm for torch's current exporter, which writes it through ONNX_TRANSLATIONS
+        channel_stats_norms(form, ChannelStatsGroupNormOp if exporter == "dynamo" else ChannelStatsGroupNorm)
     return form, reduced
 
 
@@ -572,6 +580,7 @@ def _export_with_torch_export(form: nn.Module, x: torch.Tensor, opset: int, axes
                 input_names=["image"],
                 output_names=["pred"],
                 dynamic_shapes=(dims,) if dims else None,
+                custom_translation_table=ONNX_TRANSLATIONS,
                 verbose=False,
             )
     except TorchExportError:

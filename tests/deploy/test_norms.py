@@ -2,8 +2,10 @@
 
 import functools
 
+import numpy as np
 import onnx
 import onnx.numpy_helper
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn as nn
@@ -13,6 +15,7 @@ from monai.networks.nets import SegResNet
 import monai_effq
 from monai_effq.deploy import (
     ChannelStatsGroupNorm,
+    ChannelStatsGroupNormOp,
     OnnxRuntimeNetwork,
     OpenVINONetwork,
     export_form,
@@ -21,6 +24,7 @@ from monai_effq.deploy import (
     group_norm_form_for,
     runtime_network,
 )
+from monai_effq.deploy.norms import ONNX_TRANSLATIONS
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -87,6 +91,65 @@ def test_the_channel_statistics_reduce_the_inner_spatial_axes_before_the_outer_o
     assert ("ReduceMean", (3, 4)) in axes and ("ReduceL2", (3, 4)) in axes
     assert axes.count(("ReduceSum", (2,))) == 2
     assert not [a for a in axes if set(a[1]) >= {2, 3, 4}]
+
+
+def _onnx_of(form: nn.Module, x: torch.Tensor, dynamic: dict[int, object], **options) -> onnx.ModelProto:
+    with torch.no_grad():
+        program = torch.onnx.export(form, (x,), dynamo=True, opset_version=21, dynamic_shapes=(dynamic,), verbose=False, **options)
+    return program.model_proto
+
+
+def _run(model: onnx.ModelProto, x: torch.Tensor) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+
+
+def test_torch_export_records_the_export_forms_norm_as_one_operator():
+    norm = ChannelStatsGroupNormOp.from_module(nn.GroupNorm(4, 16))
+    program = torch.export.export(norm, (torch.rand(1, 16, 6, 6, 6),))
+    calls = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert calls == ["monai_effq.channel_stats_group_norm.default"]
+    # eager, it is the channel-statistics norm
+    x = torch.randn(2, 16, 5, 6, 7)
+    torch.testing.assert_close(norm(x), ChannelStatsGroupNorm.from_module(nn.GroupNorm(4, 16))(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("spatial", [(12,), (8, 10), (6, 8, 10)], ids=["1d", "2d", "3d"])
+@pytest.mark.parametrize("axes", ["batch", "all"])
+def test_the_one_operator_norm_is_written_as_the_onnx_nodes_of_its_torch_operators_with_the_same_outputs(spatial, axes):
+    torch.manual_seed(0)
+    conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(spatial) - 1](2, 16, 3, padding=1)
+    norm = nn.GroupNorm(4, 16)
+    nn.init.uniform_(norm.weight, 0.5, 1.5), nn.init.uniform_(norm.bias, -0.5, 0.5)
+    forms = [nn.Sequential(conv, cls.from_module(norm), nn.ReLU()).eval() for cls in (ChannelStatsGroupNorm, ChannelStatsGroupNormOp)]
+    dynamic = {0: torch.export.Dim.DYNAMIC} | ({d: torch.export.Dim.DYNAMIC for d in range(2, 2 + len(spatial))} if axes == "all" else {})
+    example = torch.rand(1, 2, *spatial)
+    operators, one_operator = _onnx_of(forms[0], example, dynamic), _onnx_of(forms[1], example, dynamic, custom_translation_table=ONNX_TRANSLATIONS)
+    compute = lambda model: [n.op_type for n in model.graph.node if n.op_type not in ("Shape", "Squeeze", "Cast", "Mul", "ReduceProd")]  # noqa: E731
+    if axes == "batch":  # the spatial counts are constants: node for node the same graph
+        assert [n.op_type for n in one_operator.graph.node] == [n.op_type for n in operators.graph.node]
+    else:  # each norm reads the counts from its own input's shape, torch's graph from the network's
+        assert compute(one_operator) == compute(operators)
+    x = torch.randn(3, 2, *(s + 2 for s in spatial)) if axes == "all" else torch.randn(3, 2, *spatial)
+    x = x * 3 + 1
+    np.testing.assert_array_equal(_run(one_operator, x), _run(operators, x))
+    with torch.no_grad():
+        np.testing.assert_allclose(_run(one_operator, x), forms[0](x).numpy(), atol=2e-5, rtol=1e-5)
+
+
+def test_torchs_exporter_refuses_the_one_operator_norm_without_its_translation():
+    form = nn.Sequential(nn.Conv3d(2, 16, 3, padding=1), ChannelStatsGroupNormOp.from_module(nn.GroupNorm(4, 16))).eval()
+    with pytest.raises(Exception, match="channel_stats_group_norm"):
+        _onnx_of(form, torch.rand(1, 2, 6, 6, 6), {})
+
+
+def test_the_export_form_holds_the_one_operator_norm_for_torchs_current_exporter_only(segresnet_w4a8):
+    def norms(form):
+        return {type(m) for m in form.modules() if isinstance(m, ChannelStatsGroupNorm)}
+
+    assert norms(export_form(segresnet_w4a8.network, group_norm="channel_stats")[0]) == {ChannelStatsGroupNormOp}
+    assert norms(export_form(segresnet_w4a8.network, group_norm="channel_stats", exporter="torchscript")[0]) == {ChannelStatsGroupNorm}
+    assert norms(export_form(segresnet_w4a8.network, group_norm="onnx")[0]) == set()
 
 
 def test_an_instance_norm_with_running_statistics_is_left_as_it_is():
