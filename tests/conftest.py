@@ -38,7 +38,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
     ``scripts/test.sh`` hands out whole files (``--dist loadfile``) in this order
     (``--no-loadscope-reorder``): the long files start first and the short ones fill the gaps, so
-    both workers finish together instead of one running a long file alone at the end.
+    both workers finish together instead of one running a long file alone at the end. A file marked
+    ``waits_for_setup`` (MONAI Label's, whose venv ``scripts/test.sh`` makes beside the suite) comes
+    after the files with slow tests and before the rest.
     """
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
@@ -46,4 +48,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         files[item.path].append(item)
     slow = {path: sum(test.get_closest_marker("slow") is not None for test in tests) for path, tests in files.items()}
+    for path, tests in files.items():
+        if any(test.get_closest_marker("waits_for_setup") for test in tests):
+            slow[path] = 0.5  # after every file with slow tests: its set-up, beside the suite, has time to end
     items[:] = [item for path in sorted(files, key=lambda path: -slow[path]) for item in files[path]]

@@ -2,6 +2,8 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
+
 # packaging comes with pytest (a dependency of every pytest this suite runs on)
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
@@ -52,3 +54,42 @@ def test_each_floor_pyproject_states_is_the_version_the_oldest_check_installs():
     (oldest_python,) = re.findall(r'oldest\) python="\$\{python:-python(3\.\d+)\}"', script)
     (requires,) = [spec.version for spec in SpecifierSet(project["requires-python"]) if spec.operator == ">="]
     assert Version(oldest_python) == Version(requires)
+
+
+def test_the_monailabel_test_waits_for_the_set_up_beside_the_suite_and_fails_with_its_log(tmp_path):
+    from tests.bundles.test_monailabel import wait_for_setup
+
+    status, log = tmp_path / "monailabel", tmp_path / "setup.log"
+    wait_for_setup(None, log)  # no set-up beside the suite: nothing to wait for
+    with pytest.raises(pytest.fail.Exception, match="did not end in 0 s"):
+        wait_for_setup(str(status), log, timeout=0.2)
+    log.write_text("ERROR: No matching distribution found for monailabel\n")
+    status.write_text("1\n")
+    with pytest.raises(pytest.fail.Exception, match="(?s)exit status 1.*No matching distribution found for monailabel"):
+        wait_for_setup(str(status), log)
+    status.write_text("0\n")
+    wait_for_setup(str(status), log)
+
+
+class _Test:
+    def __init__(self, path: str, *markers: str) -> None:
+        self.path, self.markers = Path(path), markers
+
+    def get_closest_marker(self, name: str) -> object:
+        return name if name in self.markers else None
+
+
+def test_a_file_waiting_for_a_set_up_comes_after_the_files_with_slow_tests_and_before_the_rest(monkeypatch):
+    from tests.conftest import pytest_collection_modifyitems
+
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw0")
+    items = [
+        _Test("fast.py"),
+        _Test("waits.py", "slow", "waits_for_setup"),
+        _Test("waits.py", "slow", "waits_for_setup"),
+        _Test("one_slow.py", "slow"),
+        _Test("two_slow.py", "slow"),
+        _Test("two_slow.py", "slow"),
+    ]
+    pytest_collection_modifyitems(items)
+    assert [item.path.name for item in items] == ["two_slow.py", "two_slow.py", "one_slow.py", "waits.py", "waits.py", "fast.py"]

@@ -3,7 +3,9 @@
 MONAI Label needs packages that clash with this project's pins (numpy<2, pydicom<3, a torchvision
 built for its torch), so it lives in a venv of its own: ``scripts/setup_monailabel.sh`` makes
 ``.venv-monailabel`` and ``.ci/run`` runs it; ``MONAILABEL_PYTHON`` may name another interpreter.
-The test is skipped when neither exists.
+The test is skipped when neither exists. ``scripts/test.sh`` makes that venv beside the suite and names
+in ``MONAI_EFFQ_MONAILABEL_SETUP`` the file the set-up's exit status lands in: the test waits for it,
+and fails with the set-up's log where the set-up failed.
 """
 
 import os
@@ -31,10 +33,37 @@ SERVED = "lits_effq_rtn_w4a8"
 # the export of a bundle laid out like the model zoo's, quantized with the quantize overlay (defaults)
 ZOO_SERVED = "zoo_unet_efficientq_w4a8"
 PYTHON = Path(os.environ.get("MONAILABEL_PYTHON", ROOT / ".venv-monailabel" / "bin" / "python"))
+# where scripts/test.sh's MONAI Label set-up, running beside the suite, writes its exit status
+SETUP_STATUS = os.environ.get("MONAI_EFFQ_MONAILABEL_SETUP")
+SETUP_LOG = ROOT / ".venv-monailabel.log"
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not PYTHON.is_file(), reason="no MONAI Label venv: bash scripts/setup_monailabel.sh makes one"),
+    pytest.mark.waits_for_setup,
+    pytest.mark.skipif(
+        not PYTHON.is_file() and not SETUP_STATUS, reason="no MONAI Label venv: bash scripts/setup_monailabel.sh makes one"
+    ),
 ]
+
+
+def wait_for_setup(status: str | None, log: Path, timeout: float = 1800) -> None:
+    """Wait until the set-up running beside the suite has written its exit status to ``status``; fail unless it is 0.
+
+    Args:
+        status: the status file (``None``: no set-up runs beside the suite, nothing to wait for).
+        log: the set-up's log, whose end a failure shows.
+        timeout: seconds to wait at most.
+    """
+    if status is None:
+        return
+    path, deadline = Path(status), time.monotonic() + timeout
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            pytest.fail(f"MONAI Label's set-up (scripts/setup_monailabel.sh) did not end in {timeout:.0f} s; its log: {log}")
+        time.sleep(1)
+    code = path.read_text().strip()
+    if code != "0":
+        tail = log.read_text(errors="replace")[-4000:] if log.is_file() else "(no log)"
+        pytest.fail(f"MONAI Label's set-up (scripts/setup_monailabel.sh) failed with exit status {code}; the end of {log}:\n{tail}")
 
 
 def _free_port() -> int:
@@ -66,6 +95,7 @@ def served(tmp_path_factory, quantized_copy):
     # the app's copy and the zoo-style quantize run beside the quantized copy: one set-up, not three in a row
     zoo = spleen_style(work / "zoo_unet", demo_dataset(work / "demo", "lits"))
     quantize = [sys.executable, "-m", "monai.bundle", "run", "quantize", "--config_file", str(["configs/inference.json", str(overlay_path("quantize"))])]
+    wait_for_setup(SETUP_STATUS, SETUP_LOG)  # the MONAI Label venv, when scripts/test.sh makes it beside the suite
     steps = [
         subprocess.Popen([str(PYTHON), "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle", "--output", str(apps)],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env),
