@@ -36,10 +36,10 @@ if [ "$#" -eq 0 ] && [ "${MONAI_EFFQ_SKIP_MONAILABEL:-0}" != "1" ]; then
   trap 'kill -- -"$monailabel_setup" 2>/dev/null || true; rm -rf "$status"' EXIT
   export MONAI_EFFQ_MONAILABEL_SETUP="$status/monailabel"
 fi
-# While MONAI Label's set-up runs, pip compiles ours as it installs, on one core: compiling on both
-# (scripts/compile_venv.sh) starved that set-up, which then ended 40 s after the suite instead of before
-# it (.ci/run 877 s instead of 827 s).
-MONAI_EFFQ_PARALLEL_COMPILE="$((1 - monailabel))" bash scripts/setup.sh "test,deploy,fast,dicom"
+# No byte-compiling of the whole venv: the suite's processes compile what they import, once (cached in
+# the venv; PYTHONDONTWRITEBYTECODE, where the environment sets it, is unset for that below). Compiling
+# all of it took 47 s of the set-up on one core (on both, it starved MONAI Label's set-up beside it).
+MONAI_EFFQ_BYTECODE=lazy bash scripts/setup.sh "test,deploy,fast,dicom"
 if [ "$monailabel" = "1" ]; then
   touch "$status/ours"
 fi
@@ -47,6 +47,7 @@ fi
 # two cores with the other worker, and spinning barriers made it take 332 s instead of 35 s (47 s with
 # this; the suite 8:52-10:59 -> 8:07 on a 2-core Xeon). Waiting changes no result.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+unset PYTHONDONTWRITEBYTECODE
 if [ "$#" -gt 0 ]; then
   exec .venv/bin/python -m pytest -q "$@"
 fi
