@@ -95,14 +95,16 @@ def served(tmp_path_factory, quantized_copy):
     # the app's copy and the zoo-style quantize run beside the quantized copy: one set-up, not three in a row
     zoo = spleen_style(work / "zoo_unet", demo_dataset(work / "demo", "lits"))
     quantize = [sys.executable, "-m", "monai.bundle", "run", "quantize", "--config_file", str(["configs/inference.json", str(overlay_path("quantize"))])]
-    wait_for_setup(SETUP_STATUS, SETUP_LOG)  # the MONAI Label venv, when scripts/test.sh makes it beside the suite
-    steps = [
-        subprocess.Popen([str(PYTHON), "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle", "--output", str(apps)],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env),
-        subprocess.Popen(quantize, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=zoo, env=env),
-    ]  # fmt: skip
+    steps = [subprocess.Popen(quantize, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=zoo, env=env)]
     try:
         copy, images, _ = quantized_copy("lits_effq")
+        # MONAI Label's own steps need its venv, which scripts/test.sh may still be making beside the suite:
+        # the steps above, which do not, ran first
+        wait_for_setup(SETUP_STATUS, SETUP_LOG)
+        steps.append(
+            subprocess.Popen([str(PYTHON), "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle", "--output", str(apps)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        )  # fmt: skip
         for step in steps:
             out, _ = step.communicate(timeout=600)
             assert step.returncode == 0, f"{step.args} exited with {step.returncode}:\n{out.decode(errors='replace')[-4000:]}"
