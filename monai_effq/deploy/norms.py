@@ -23,7 +23,7 @@ activation rounding is 4e-3); in bfloat16 the rounding of the input itself domin
 result equals ``GroupNorm`` up to float rounding.
 
 torch's exporter traces, decomposes and rewrites every operator of a graph with symbolic sizes, and the
-twenty-odd small operators of each norm made a SegResNet's export three times slower than PyTorch's
+twenty-odd small operators of each norm made a SegResNet's export 2-3 times slower than with PyTorch's
 one ``group_norm``. Export forms therefore hold :class:`ChannelStatsGroupNormOp`, the same computation
 as one operator (``torch.ops.monai_effq.channel_stats_group_norm``) that :data:`ONNX_TRANSLATIONS`
 writes as the same ONNX nodes.
@@ -154,8 +154,9 @@ class ChannelStatsGroupNormOp(ChannelStatsGroupNorm):
     torch's exporter then traces one operator per norm instead of its twenty-odd small ones, and
     :data:`ONNX_TRANSLATIONS` (pass it as ``torch.onnx.export``'s ``custom_translation_table``; the
     exporter refuses the operator without it) writes the ONNX nodes it would have written for
-    :class:`ChannelStatsGroupNorm`: the brats_effq SegResNet exported 2.5-3.6x faster, with the same
-    outputs to the bit in ONNX Runtime. Eager, it computes what :class:`ChannelStatsGroupNorm` computes.
+    :class:`ChannelStatsGroupNorm`: the brats_effq SegResNet exported 1.8-2.1x faster
+    (``benchmarks/export.py --norm-forms``), with the same outputs to the bit in ONNX Runtime and
+    OpenVINO. Eager, it computes what :class:`ChannelStatsGroupNorm` computes.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
