@@ -2,9 +2,11 @@
 # The README's test command: set up, then run the whole suite.
 #
 # MONAI Label gets a venv of its own (scripts/setup_monailabel.sh; its pins clash with ours). Its
-# third-party stack (a CUDA torch: the registry has no CPU torchvision) is mostly unpacking wheels, so
-# it starts first, at the lowest CPU priority: beside our own set-up, which leaves a core idle, and
-# then in the cores the suite leaves idle, instead of slowing either down. monai-effq goes into it
+# third-party stack (a CUDA torch: the registry has no CPU torchvision) is mostly unpacking wheels,
+# 129 s and 121 CPU-seconds alone on a 2-core AVX2 EPYC, so it starts first, beside our own set-up
+# (55 s, pip on one core). At the lowest CPU priority the suite then starved it: MONAI Label's test
+# waited about 100 s for it on one worker while the other ran. At the normal priority it takes its
+# share of the cores once and is done early in the suite. monai-effq goes into it
 # once our own set-up is done (a few seconds; both set-ups build the editable wheel in this folder).
 # Its HTTP round-trip test runs inside the suite, after the files with slow tests, and waits for that
 # set-up (MONAI_EFFQ_MONAILABEL_SETUP names the file its exit status lands in): run after the suite, it
@@ -26,7 +28,7 @@ if [ "$#" -eq 0 ] && [ "${MONAI_EFFQ_SKIP_MONAILABEL:-0}" != "1" ]; then
     # monai-effq goes in only once our own set-up has built its editable wheel here (the file "ours");
     # the exit status is written whole (renamed into place), and only once the set-up has ended
     rc=0
-    { nice -n 19 bash scripts/setup_monailabel.sh third-party &&
+    { bash scripts/setup_monailabel.sh third-party &&
       until [ -e "$status/ours" ]; do sleep 1; done &&
       bash scripts/setup_monailabel.sh project; } > .venv-monailabel.log 2>&1 || rc=$?
     echo "$rc" > "$status/monailabel.tmp" && mv "$status/monailabel.tmp" "$status/monailabel"
