@@ -120,7 +120,8 @@ def test_the_one_operator_norm_is_written_as_the_onnx_nodes_of_its_torch_operato
     torch.manual_seed(0)
     conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(spatial) - 1](2, 16, 3, padding=1)
     norm = nn.GroupNorm(4, 16)
-    nn.init.uniform_(norm.weight, 0.5, 1.5), nn.init.uniform_(norm.bias, -0.5, 0.5)
+    nn.init.uniform_(norm.weight, 0.5, 1.5)
+    nn.init.uniform_(norm.bias, -0.5, 0.5)
     forms = [nn.Sequential(conv, cls.from_module(norm), nn.ReLU()).eval() for cls in (ChannelStatsGroupNorm, ChannelStatsGroupNormOp)]
     dynamic = {0: torch.export.Dim.DYNAMIC} | ({d: torch.export.Dim.DYNAMIC for d in range(2, 2 + len(spatial))} if axes == "all" else {})
     example = torch.rand(1, 2, *spatial)
