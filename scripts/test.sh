@@ -53,10 +53,8 @@ unset PYTHONDONTWRITEBYTECODE
 if [ "$#" -gt 0 ]; then
   exec .venv/bin/python -m pytest -q "$@"
 fi
-if [ "$monailabel" = "0" ]; then
-  exec .venv/bin/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder tests
-fi
-# not exec: the trap must end MONAI Label's set-up if the suite ends first, and remove the status folder
+# not exec: where MONAI Label's set-up runs beside the suite, the trap must end it if the suite ends first,
+# and remove its status folder
 suite=0
 .venv/bin/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder tests || suite=$?
 exit "$suite"
