@@ -34,6 +34,7 @@ __all__ = ["supports_shifted_sums", "shifted_sums"]
 _MARGIN = 2  # the largest tap shift |k' - k|
 _INNER = 2 * _MARGIN + 1  # shifts along the innermost axis, -_MARGIN to _MARGIN
 _STACK_ELEMENTS = 1 << 24  # largest stack of shifted copies (floats) made of one sample (64 MB)
+_SPAN = 8192  # voxels per float32 product over a volume; the spans add up in float64
 
 
 def supports_shifted_sums(view: LayerView) -> bool:
@@ -309,6 +310,16 @@ def _shifted_products(
         the products in the order of ``members``.
     """
     c, length = padded.shape[0], rows.shape[1]
+    if length > _SPAN:
+        # A product this narrow (a few dozen outputs) over a whole volume adds its terms one after
+        # another in float32; over the constant background of a scan that drifted by 2e-4 of the sum
+        # (an im2col Gram, blocked by its BLAS, by 1e-6). Spans of _SPAN voxels, added in float64, do not.
+        total = None
+        for lo in range(0, length, _SPAN):
+            span = min(_SPAN, length - lo)
+            part = _shifted_products(rows[:, lo : lo + span], padded, stack, start + lo, members, js).double()
+            total = part if total is None else total.add_(part)
+        return total.to(rows.dtype)
     if stack is None:
         return torch.stack([rows @ padded[:, start + j - _MARGIN : start + j - _MARGIN + length].T for j, _ in members])
     first, last = min(j for j, _ in members), max(j for j, _ in members) + 1

@@ -1,6 +1,7 @@
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from monai_effq.solver import GramAccumulator, layer_view
 from monai_effq.solver.gram import _Sums
@@ -39,6 +40,19 @@ def test_shifted_sums_equal_the_im2col_sums(name):
     for got, want in zip(shifted_sums(x, y), (ref.xx, ref.yx, ref.x, ref.y, ref.yy)):
         assert got.dtype == torch.float64 and got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_sums_over_a_constant_background_stay_within_float32_rounding_of_float64_sums():
+    # a scan's background is one value over most of the volume: one float32 product over all of it drifted by
+    # 5e-4 of the sum here (the spans of _SPAN voxels, added in float64: 2e-5)
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((1, 1, 64, 64, 64), 0.3)
+    x[:, :, 20:40, 20:40, 20:40] += torch.rand(1, 1, 20, 20, 20, generator=g)
+    y = torch.rand(1, 3, 64, 64, 64, generator=g)
+    columns = F.pad(x.double(), (1,) * 6)[0].unfold(1, 3, 1).unfold(2, 3, 1).unfold(3, 3, 1).reshape(-1, 27)
+    xx, yx = shifted_sums(x, y)[:2]
+    for got, want in ((xx[0], columns.T @ columns), (yx[0], y.double().reshape(3, -1) @ columns)):
+        assert float((got - want).abs().max() / want.abs().max()) < 1e-4
 
 
 @pytest.mark.parametrize(
