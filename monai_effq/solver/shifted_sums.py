@@ -12,8 +12,10 @@ along the innermost axis stacked, so that one product serves five), and only the
 of a symmetric im2col Gram, 6x fewer multiply-adds.
 
 This holds for unweighted voxels only (a per-voxel weight ``h_v`` depends on the output voxel, so
-the blocks stop depending on the shift alone); :class:`~monai_effq.solver.gram.GramAccumulator`
-uses it when no voxel weights or held-out voxels are given.
+the blocks stop depending on the shift alone). Weighted sums whose weights are 1 on most voxels
+(EfficientQ's class attention: 1 on the most common class and outside the body) are the unweighted
+sums plus ``Σ (h_v - 1) x_v x_vᵀ`` over the other voxels, whose columns :func:`voxel_columns` gathers;
+:class:`~monai_effq.solver.gram.GramAccumulator` sums them so.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 
 from monai_effq.solver.layers import LayerView
 
-__all__ = ["supports_shifted_sums", "shifted_sums"]
+__all__ = ["supports_shifted_sums", "shifted_sums", "voxel_columns"]
 
 _MARGIN = 2  # the largest tap shift |k' - k|
 _INNER = 2 * _MARGIN + 1  # shifts along the innermost axis, -_MARGIN to _MARGIN
@@ -400,3 +402,29 @@ def shifted_sums(
     y_sum = torch.stack([t[b].sum(dim=per_sample) for b in range(n_batch)]).to(f64).sum(0)
     yy = torch.stack([t[b].pow(2).sum(dim=per_sample) for b in range(n_batch)]).to(f64).sum(0)
     return xx[None], yx.reshape(1, m, n), xs.reshape(1, n), y_sum[None], yy[None]
+
+
+def voxel_columns(inputs: torch.Tensor, voxels: torch.Tensor) -> torch.Tensor:
+    """The im2col columns of some output voxels of one sample, in the column order of :func:`shifted_sums`.
+
+    Gathered straight from the zero-padded input (tap ``k`` of voxel ``v`` reads ``x[v + k - 1]``), so
+    only the columns asked for are formed, not those of every voxel.
+
+    Args:
+        inputs: ``(C, *spatial)`` one sample's layer input (unpadded).
+        voxels: ``(S,)`` flat (row-major) indices of output voxels.
+
+    Returns:
+        ``(S, C 3^nd)`` float32 columns, column ``c * 3^nd + k`` for channel ``c`` at tap ``k``.
+    """
+    c, spatial = inputs.shape[0], tuple(inputs.shape[1:])
+    nd = len(spatial)
+    padded = F.pad(inputs.float(), (1, 1) * nd).reshape(c, -1)
+    strides = _flat_strides(tuple(s + 2 for s in spatial))
+    coords = torch.unravel_index(voxels, spatial)
+    base = sum(coord * stride for coord, stride in zip(coords, strides))
+    taps = torch.tensor(
+        [sum(k * stride for k, stride in zip(tap, strides)) for tap in itertools.product(range(3), repeat=nd)],
+        device=voxels.device,
+    )
+    return padded[:, base[:, None] + taps[None, :]].permute(1, 0, 2).reshape(voxels.numel(), -1)

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from monai_effq.solver import gram
 from monai_effq.solver.gram import GramAccumulator, SumBounds
 from monai_effq.solver.layers import LayerView, layer_view
 
@@ -44,6 +45,8 @@ def _figures(acc: GramAccumulator) -> list:
 
 LAYERS = {
     "conv3d": (lambda: nn.Conv3d(3, 4, 3, padding=1), (3, 6, 5, 4)),
+    # weighted sums from shifted products plus the gathered columns of the voxels weighted otherwise than 1
+    "conv3d_shifted": (lambda: nn.Conv3d(3, 4, 3, padding=1), (3, 6, 5, 4)),
     "conv3d_stride2": (lambda: nn.Conv3d(3, 4, 3, stride=2, padding=1), (3, 6, 5, 4)),
     "linear_tokens": (lambda: nn.Linear(7, 5), (9, 7)),
     "conv_transpose3d_unet_up": (lambda: nn.ConvTranspose3d(3, 4, 3, stride=2, padding=1, output_padding=1), (3, 3, 4, 2)),
@@ -53,7 +56,8 @@ LAYERS = {
 # 1/64: data 64 times their bounds (their squares 4096), past 2**53 on the grid: the float64 sums move into int64 midway
 @pytest.mark.parametrize("under", [1.0, 1 / 64])
 @pytest.mark.parametrize("name", list(LAYERS))
-def test_exact_sums_are_the_same_in_any_batches_or_reduced_shares(name, under):
+def test_exact_sums_are_the_same_in_any_batches_or_reduced_shares(name, under, monkeypatch):
+    monkeypatch.setattr(gram, "shifted_products_pay", lambda voxels, channels: name.endswith("shifted"))
     make, shape = LAYERS[name]
     torch.manual_seed(0)
     layer = make()

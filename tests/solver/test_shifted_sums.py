@@ -4,9 +4,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from monai_effq.solver import GramAccumulator, layer_view
-from monai_effq.solver.gram import _Sums
+from monai_effq.solver import gram
+from monai_effq.solver.gram import SumBounds, _Sums
 from monai_effq.solver import shifted_sums as shifted_sums_module
-from monai_effq.solver.shifted_sums import shifted_sums, supports_shifted_sums
+from monai_effq.solver.shifted_sums import shifted_sums, supports_shifted_sums, voxel_columns
 
 from ..threads import torch_threads
 
@@ -53,6 +54,93 @@ def test_sums_over_a_constant_background_stay_within_float32_rounding_of_float64
     xx, yx = shifted_sums(x, y)[:2]
     for got, want in ((xx[0], columns.T @ columns), (yx[0], y.double().reshape(3, -1) @ columns)):
         assert float((got - want).abs().max() / want.abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_the_columns_gathered_for_some_voxels_are_their_im2col_columns(name):
+    layer, shape = CASES[name]
+    x = torch.randn(shape)
+    with torch.no_grad():
+        y = layer(x)
+    view = layer_view(layer)
+    first = torch.cat([c.inputs[0] for c in view.iter_chunks(x[:1], y[:1])])  # the first sample's voxels in order
+    voxels = torch.randperm(first.shape[0])[: max(1, first.shape[0] // 3)]
+    assert torch.equal(voxel_columns(x[0], voxels), first[voxels])
+
+
+def _class_weights(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    """Voxel weights as class attention gives them: 1 on most voxels, a few larger, and zeros."""
+    h = torch.ones(shape)
+    h[torch.rand(shape, generator=g) < 0.2] = 3.5
+    h[torch.rand(shape, generator=g) < 0.05] = 0.0
+    return h
+
+
+@pytest.mark.parametrize("held_out", ["whole samples and part of one", "nothing"])
+@pytest.mark.parametrize("exact", [False, True], ids=["float64_sums", "exact_sums"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_weighted_sums_from_shifted_products_equal_the_im2col_sums(name, exact, held_out, monkeypatch):
+    layer, shape = CASES[name]
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(shape, generator=g)
+    with torch.no_grad():
+        y = layer(x)
+    voxels = (y.shape[0], *y.shape[2:])
+    h = _class_weights(voxels, g)
+    holdout = None
+    if held_out != "nothing":
+        holdout = torch.zeros(voxels, dtype=torch.bool)
+        if len(holdout) > 1:
+            holdout[0] = True  # a whole sample
+        last = holdout[-1].view(-1)
+        last[-max(1, last.numel() // 4) :] = True  # and the end of the last
+    bounds = SumBounds(voxels=h.numel(), weight=float(h.max()), inputs=float(x.abs().max()), targets=float(y.abs().max()))
+    figures = {}
+    for path in ("shifted", "im2col"):
+        monkeypatch.setattr(gram, "shifted_products_pay", lambda voxels, channels: path == "shifted")
+        acc = GramAccumulator(layer_view(layer), keep_factor=False, bounds=bounds if exact else None)
+        acc.add_batch(x, y, voxel_weights=h, holdout=holdout)
+        figures[path] = [acc.statistics(part) for part in (("all", "fit", "holdout") if holdout is not None else ("all",))]
+    for got, want in zip(figures["shifted"], figures["im2col"]):
+        assert (got.voxels, got.weight_sum, got.effective_voxels) == (want.voxels, want.weight_sum, want.effective_voxels)
+        for a, b in ((got.A64, want.A64), (got.B64, want.B64), (got.x_mean, want.x_mean), (got.y_mean, want.y_mean), (got.y_energy, want.y_energy)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+def test_only_the_voxels_weighted_otherwise_than_one_or_held_out_in_part_of_a_sample_are_gathered(monkeypatch):
+    layer = nn.Conv3d(4, 5, 3, padding=1)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 4, 12, 11, 10, generator=g)
+    with torch.no_grad():
+        y = layer(x)
+    h = _class_weights((3, 12, 11, 10), g)
+    holdout = torch.zeros(3, 12, 11, 10, dtype=torch.bool)
+    holdout[1] = True  # a whole sample: its held-out sums are its sums, nothing more to gather
+    holdout[2, -3:] = True  # a slab: its voxels with a positive weight are gathered for the held-out sums
+    gathered = []
+
+    def spy(inputs: torch.Tensor, voxels: torch.Tensor) -> torch.Tensor:
+        gathered.append(voxels.numel())
+        return voxel_columns(inputs, voxels)
+
+    monkeypatch.setattr(gram, "voxel_columns", spy)
+    asked = []
+    monkeypatch.setattr(gram, "shifted_products_pay", lambda voxels, channels: asked.append((voxels, channels)) or True)
+    acc = GramAccumulator(layer_view(layer), keep_factor=False)
+    acc.add_batch(x, y, voxel_weights=h, holdout=holdout)
+    assert asked == [(12 * 11 * 10, 4)]  # per sample
+    assert sum(gathered) == int((h != 1).sum()) + int(((h > 0) & holdout)[2].sum())
+    monkeypatch.setattr(gram, "shifted_products_pay", lambda voxels, channels: False)
+    gathered.clear()
+    GramAccumulator(layer_view(layer), keep_factor=False).add_batch(x, y, voxel_weights=h, holdout=holdout)
+    assert gathered == []
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("voxels, channels, pays", [(24**3, 16, True), (24**3 - 1, 16, False), (24**3, 2, False)])
+def test_shifted_products_take_weighted_sums_from_sizes_measured_faster_on_any_number_of_threads(threads, voxels, channels, pays):
+    with torch_threads(threads):
+        assert gram.shifted_products_pay(voxels, channels) is pays
 
 
 @pytest.mark.parametrize(
