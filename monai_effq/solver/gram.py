@@ -304,7 +304,9 @@ class SumBounds:
 
 
 _FIELDS = ("xx", "yx", "x", "y", "yy")
-# Weighted sums from shifted products pay from these sizes of a sample on (see shifted_products_pay).
+_LIMIT = 2.0**62  # an int64 sum of parts whose magnitudes add up to less than this cannot overflow
+_EXACT = 2.0**53  # float64 adds integers exactly while their magnitudes add up to less than this
+# sizes of a sample from which its weighted sums are taken from shifted products (shifted_products_pay)
 SHIFTED_MIN_VOXELS = 24**3
 SHIFTED_MIN_VALUES = 2**15
 
@@ -329,8 +331,6 @@ def shifted_products_pay(voxels: int, channels: int) -> bool:
         ``True`` from 24^3 voxels and 2^15 input values on.
     """
     return voxels >= SHIFTED_MIN_VOXELS and voxels * channels >= SHIFTED_MIN_VALUES
-_LIMIT = 2.0**62  # an int64 sum of parts whose magnitudes add up to less than this cannot overflow
-_EXACT = 2.0**53  # float64 adds integers exactly while their magnitudes add up to less than this
 
 
 @dataclass
