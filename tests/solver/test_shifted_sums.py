@@ -128,7 +128,7 @@ def test_only_the_voxels_weighted_otherwise_than_one_or_held_out_in_part_of_a_sa
     monkeypatch.setattr(gram, "shifted_products_pay", lambda voxels, channels: asked.append((voxels, channels)) or True)
     acc = GramAccumulator(layer_view(layer), keep_factor=False)
     acc.add_batch(x, y, voxel_weights=h, holdout=holdout)
-    assert asked == [(12 * 11 * 10, 4)]  # per sample
+    assert asked == [(12 * 11 * 10, 4)]  # once per batch, with the voxels of one sample
     assert sum(gathered) == int((h != 1).sum()) + int(((h > 0) & holdout)[2].sum())
     monkeypatch.setattr(gram, "shifted_products_pay", lambda voxels, channels: False)
     gathered.clear()
