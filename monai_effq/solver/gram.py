@@ -612,17 +612,16 @@ class GramAccumulator:
             # Shifted products are 6x fewer multiply-adds than im2col, but keep no columns for the
             # low-rank form, which needs them while fewer voxels than columns have been seen.
             voxels = targets.numel() // targets.shape[1]
-            if self._columns is None or self._all.voxels + voxels > self.view.in_per_group:
+            past_factor = self._columns is None or self._all.voxels + voxels > self.view.in_per_group
+            if past_factor and (voxel_weights is None or shifted_products_pay(voxels // targets.shape[0], inputs.shape[1])):
+                self._columns, self._sqrt_h, self._sqrt_h_fit = None, [], []
                 if voxel_weights is None:
-                    self._columns, self._sqrt_h, self._sqrt_h_fit = None, [], []
                     for window in self._windows(inputs, targets):
                         self._all.add_unweighted(*window)
-                    return
-                if shifted_products_pay(voxels // targets.shape[0], inputs.shape[1]):
-                    self._columns, self._sqrt_h, self._sqrt_h_fit = None, [], []
+                else:
                     for b in range(inputs.shape[0]):
                         self._add_shifted_weighted(inputs[b], targets[b], voxel_weights[b])
-                    return
+                return
         chunks = (c for w in self._windows(inputs, targets, voxel_weights) for c in self.view.iter_chunks(*w, self.max_chunk_elements))
         if self.view.kind == "linear":
             chunks = (_in_float64(c) for c in chunks)
