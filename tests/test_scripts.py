@@ -1,4 +1,6 @@
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -95,7 +97,6 @@ def test_a_file_waiting_for_a_set_up_comes_after_the_files_with_slow_tests_and_b
     assert [item.path.name for item in items] == ["two_slow.py", "two_slow.py", "one_slow.py", "waits.py", "waits.py", "fast.py"]
 
 
-
 # what a layer's calibration does to memory: tensors of 16 and 32 MiB made, used and freed, again and again
 _PAGE_FAULTS = """
 import resource, torch
@@ -111,9 +112,6 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
 def test_the_suite_and_the_demo_run_with_malloc_settings_that_halve_the_page_faults_of_freed_tensors():
-    import os
-    import subprocess
-
     for script in ("test.sh", "demo.sh", "check_versions.sh"):  # before their Python starts: malloc reads them once
         text = (ROOT / "scripts" / script).read_text()
         assert text.index("source scripts/malloc.sh") < text.rindex("-m monai_effq.demo" if script == "demo.sh" else "-m pytest"), script
