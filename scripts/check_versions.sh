@@ -40,7 +40,6 @@ bash scripts/compile_venv.sh "$venv"
 "$venv/bin/python" -m pip list 2>/dev/null | grep -iE '^(torch|monai|numpy|onnx|onnxscript|onnxruntime|openvino|pytorch-ignite|numba|itk|nibabel|highdicom|pydicom) '
 # as scripts/test.sh: waiting OpenMP threads sleep, so the two xdist workers do not spin against each other
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
-source scripts/malloc.sh
 if [ "$#" -eq 0 ]; then
   set -- -n auto --dist loadfile tests --ignore=tests/bundles/test_monailabel.py
 fi

@@ -7,5 +7,4 @@ cd "$(dirname "$0")/.."
 # the package with its compiled column loops (matplotlib, for the plots, is a core dependency);
 # MONAI_EFFQ_EXTRAS replaces the extras (keep "fast" in it, e.g. "fast,deploy")
 bash scripts/setup.sh "${MONAI_EFFQ_EXTRAS-fast}"
-source scripts/malloc.sh
 .venv/bin/python -m monai_effq.demo "$@"

@@ -49,7 +49,6 @@ fi
 # two cores with the other worker, and spinning barriers made it take 332 s instead of 35 s (47 s with
 # this; the suite 8:52-10:59 -> 8:07 on a 2-core Xeon). Waiting changes no result.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
-source scripts/malloc.sh
 unset PYTHONDONTWRITEBYTECODE
 if [ "$#" -gt 0 ]; then
   exec .venv/bin/python -m pytest -q "$@"

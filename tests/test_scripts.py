@@ -1,6 +1,4 @@
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -95,35 +93,3 @@ def test_a_file_waiting_for_a_set_up_comes_after_the_files_with_slow_tests_and_b
     ]
     pytest_collection_modifyitems(items)
     assert [item.path.name for item in items] == ["two_slow.py", "two_slow.py", "one_slow.py", "waits.py", "waits.py", "fast.py"]
-
-
-# what a layer's calibration does to memory: tensors of 16 and 32 MiB made, used and freed, again and again
-_PAGE_FAULTS = """
-import resource, torch
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(8):
-    x = torch.ones(16, 64, 64, 64)
-    y = torch.cat([x, x])
-    z = (y * 2).relu()
-    del x, y, z
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc settings")
-def test_the_suite_and_the_demo_run_with_malloc_settings_that_halve_the_page_faults_of_freed_tensors():
-    for script in ("test.sh", "demo.sh", "check_versions.sh"):  # before their Python starts: malloc reads them once
-        text = (ROOT / "scripts" / script).read_text()
-        assert text.index("source scripts/malloc.sh") < text.rindex("-m monai_effq.demo" if script == "demo.sh" else "-m pytest"), script
-    unset = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-    settings = subprocess.run(["bash", "-c", "source scripts/malloc.sh && env"], cwd=ROOT, capture_output=True, text=True, check=True, env=unset)
-    values = dict(line.split("=", 1) for line in settings.stdout.splitlines() if line.startswith("MALLOC_"))
-    assert set(values) == {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"}
-
-    def faults(env: dict[str, str]) -> int:
-        res = subprocess.run([sys.executable, "-c", _PAGE_FAULTS], env={**unset, **env}, capture_output=True, text=True, check=True)
-        return int(res.stdout.split()[-1])
-
-    # glibc's default maps each such tensor afresh: 217k faults; with the settings 70-94k (a value glibc refused,
-    # or the trim threshold alone, would leave as many or more)
-    assert faults(values) < 0.6 * faults({})
