@@ -7,6 +7,8 @@ import this module; the PTQ pipeline reduces their statistics through it.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import os
 
 import torch
@@ -25,7 +27,11 @@ __all__ = [
     "is_distributed",
     "is_rank_zero",
     "rank_device",
+    "shutdown_process_group",
 ]
+
+# Python references to destroyed groups, dropped at exit once nothing else holds them (shutdown_process_group)
+_DESTROYED: list[dist.ProcessGroup] = []
 
 
 def is_distributed() -> bool:
@@ -164,3 +170,35 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src, device=_collective_device())
     return box[0]
+
+
+def _join_destroyed_groups() -> None:
+    # The workflow that held the group (a DistributedDataParallel's reducer, the config around it) is garbage
+    # by now; collecting it leaves ``_DESTROYED`` the last holder. Dropping that reference frees the group
+    # through torch's Python holder, which releases the GIL while gloo joins its threads, so a thread that
+    # still has to return a tensor to Python can take it.
+    gc.collect()
+    _DESTROYED.clear()
+
+
+def shutdown_process_group() -> bool:
+    """Destroy the default process group once every rank reached this point, and join its threads before exit.
+
+    ``torch.distributed.destroy_process_group`` unregisters the group but does not stop gloo's worker
+    threads while anything (a ``DistributedDataParallel``'s reducer) still holds it: the threads then
+    outlive the script, and one that returns the last collective's tensor to Python while the interpreter
+    is finalizing aborts the process ("terminate called without an active exception", exit code -6) after
+    the work itself succeeded; torch has no guard for it yet (pytorch/pytorch#190489). So this function
+    also registers an exit hook that frees the group while Python is still whole.
+
+    Returns:
+        whether a process group was destroyed (``False`` without one).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.barrier()  # no rank tears down while another still communicates
+    atexit.unregister(_join_destroyed_groups)  # once, however many groups a process destroys
+    atexit.register(_join_destroyed_groups)
+    _DESTROYED.append(dist.group.WORLD)
+    dist.destroy_process_group()
+    return True

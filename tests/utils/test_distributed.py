@@ -1,7 +1,12 @@
 """The torch.distributed helpers: one process is a world of one; two gloo ranks reduce and gather."""
 
+import os
 import pickle
+import re
 import socket
+import subprocess
+import sys
+import textwrap
 
 import torch
 import torch.distributed as dist
@@ -17,6 +22,7 @@ def test_without_a_process_group_nothing_is_communicated():
     assert received == 0 and rows.shape == (2, 3)
     assert (distributed.get_rank(), distributed.get_world_size(), distributed.is_rank_zero()) == (0, 1, True)
     assert distributed.default_backend() == ("nccl" if torch.cuda.is_available() else "gloo")
+    assert distributed.shutdown_process_group() is False
 
 
 def _rank_main(rank: int, port: int, out_dir: str) -> None:
@@ -53,3 +59,56 @@ def test_two_ranks_sum_in_one_buffer_and_gather_rows_of_different_lengths(tmp_pa
         assert sent == 7 * 8  # six and one float64 values, one buffer
         assert rows.tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
         assert names == ["r0", "r1"]
+
+
+# A workflow's end as `python -m monai.bundle run` has it: the DistributedDataParallel is garbage in a
+# reference cycle (the workflow and its config) that no collection has freed yet when Python exits.
+_WORKFLOW_END = textwrap.dedent(
+    """
+    import atexit, gc, os, sys
+    import torch, torch.distributed as dist
+    from monai_effq.utils import distributed
+
+    gc.disable()  # whether a collection happens to run before exit depends on allocation counts
+    threads = lambda: len(os.listdir(f"/proc/{os.getpid()}/task"))
+    before = threads()
+    # registered first, so it runs last of the exit hooks, just before Python finalizes
+    atexit.register(lambda: print(f"threads: {before} before the group, {threads()} at exit", flush=True))
+
+    def workflow():
+        dist.init_process_group("gloo", init_method=f"file://{sys.argv[1]}", rank=0, world_size=1)
+        network = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
+        network(torch.randn(4, 3)).sum().backward()
+        dist.all_reduce(torch.ones(5))
+        config = {"network": network}
+        config["self"] = config
+        print(f"threads: {threads()} with the group", flush=True)
+        if sys.argv[2] == "shutdown_process_group":
+            assert distributed.shutdown_process_group() is True
+        else:
+            dist.destroy_process_group()
+
+    workflow()
+    """
+)
+
+
+def _threads_at_exit(tmp_path, teardown: str) -> tuple[int, int, int]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", _WORKFLOW_END, str(tmp_path / teardown), teardown]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (during,) = re.findall(r"threads: (\d+) with the group", res.stdout)
+    before, at_exit = re.findall(r"threads: (\d+) before the group, (\d+) at exit", res.stdout)[0]
+    return int(before), int(during), int(at_exit)
+
+
+def test_shutdown_process_group_joins_the_group_threads_before_python_finalizes(tmp_path):
+    # A gloo thread still alive when Python finalizes aborts the process if it hands a tensor back to
+    # Python then ("terminate called without an active exception", exit code -6): it happened to a rank
+    # of tests/bundles/test_distributed.py once its training had finished.
+    before, during, at_exit = _threads_at_exit(tmp_path, "shutdown_process_group")
+    assert during > before and at_exit == before
+    # torch's destroy_process_group alone leaves them to the finalizer while the network holds the group
+    before, during, at_exit = _threads_at_exit(tmp_path, "destroy_process_group")
+    assert at_exit == during > before
