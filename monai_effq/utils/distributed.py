@@ -184,12 +184,12 @@ def _join_destroyed_groups() -> None:
 def shutdown_process_group() -> bool:
     """Destroy the default process group once every rank reached this point, and join its threads before exit.
 
-    ``torch.distributed.destroy_process_group`` unregisters the group but does not stop gloo's worker
-    threads while anything (a ``DistributedDataParallel``'s reducer) still holds it: the threads then
-    outlive the script, and one that returns the last collective's tensor to Python while the interpreter
-    is finalizing aborts the process ("terminate called without an active exception", exit code -6) after
-    the work itself succeeded; torch has no guard for it yet (pytorch/pytorch#190489). So this function
-    also registers an exit hook that frees the group while Python is still whole.
+    ``torch.distributed.destroy_process_group`` unregisters the group but does not stop gloo's worker threads
+    while anything still holds it (a ``DistributedDataParallel``'s reducer, objects Python has not collected yet):
+    the threads then outlive the script, and one that returns the last collective's tensor to Python while the
+    interpreter is finalizing aborts the process ("terminate called without an active exception", exit code -6)
+    after the work itself succeeded; torch has no guard for it yet (pytorch/pytorch#190489). So this function also
+    registers an exit hook that frees the group while Python is still whole.
 
     Returns:
         whether a process group was destroyed (``False`` without one).

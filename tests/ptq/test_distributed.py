@@ -77,8 +77,10 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, cases: dict[str, 
             with open(f"{out_dir}/rank{rank}_{name}.pkl", "wb") as f:
                 pickle.dump({"state": state, "layers": layers, "calls": list(calls), "lines": lines.lines,
                              "calibration": result.report.sources["calibration"]}, f)
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: the other rank may be waiting in a collective
+        raise
+    distributed.shutdown_process_group()
 
 
 def _run_ranks(

@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from monai_effq.qat import score_windows
+from monai_effq.utils import distributed
 
 RANKS = 2
 
@@ -28,8 +29,10 @@ def _score_on_rank(rank: int, port: int, scores) -> None:
     try:
         score = score_windows(nn.Identity(), _windows(rank), _loss, "multiclass", across_ranks=True)
         scores[rank] = (score.loss, score.dice, score.windows)
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: the other rank may be waiting in a collective
+        raise
+    distributed.shutdown_process_group()
 
 
 @pytest.mark.slow

@@ -34,8 +34,10 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
         rows, _ = distributed.all_gather_rows(torch.full((rank + 1, 2), float(rank)))
         with open(f"{out_dir}/rank{rank}.pkl", "wb") as f:
             pickle.dump((a, b, sent, rows, distributed.all_gather_objects(f"r{rank}")), f)
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        dist.destroy_process_group()  # no barrier: the other rank may be waiting in a collective
+        raise
+    distributed.shutdown_process_group()
 
 
 def test_two_ranks_sum_in_one_buffer_and_gather_rows_of_different_lengths(tmp_path):
