@@ -2,7 +2,6 @@
 
 import logging
 import pickle
-import socket
 import time
 
 import pytest
@@ -15,6 +14,7 @@ from monai_effq import EfficientQConfig, quantize
 from monai_effq.ptq import QuantizedLayer
 from monai_effq.utils import distributed
 
+from ..ranks import free_port, gloo_rank
 from ..threads import torch_threads
 
 TIMEOUT_S = 300
@@ -33,12 +33,6 @@ def _config(**changes) -> EfficientQConfig:
     return EfficientQConfig(weight_bits=4, **changes)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class _Lines(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -51,8 +45,7 @@ class _Lines(logging.Handler):
 def _rank_main(rank: int, world: int, port: int, out_dir: str, cases: dict[str, tuple[dict, tuple[int, int], str | None]]) -> None:
     """Quantize this rank's share of each case's windows in one process group (with the case's journal,
     if any); ``rank<r>_<case>.pkl`` for each."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
+    with gloo_rank(rank, world, port):
         torch.set_num_threads(1)
         calls = []
         all_reduce = dist.all_reduce
@@ -77,10 +70,6 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, cases: dict[str, 
             with open(f"{out_dir}/rank{rank}_{name}.pkl", "wb") as f:
                 pickle.dump({"state": state, "layers": layers, "calls": list(calls), "lines": lines.lines,
                              "calibration": result.report.sources["calibration"]}, f)
-    except BaseException:
-        dist.destroy_process_group()  # no barrier: the other rank may be waiting in a collective
-        raise
-    distributed.shutdown_process_group()
 
 
 def _run_ranks(
@@ -90,7 +79,7 @@ def _run_ranks(
     pays the imports); each case's outcome per rank (killed after TIMEOUT_S)."""
     jobs = {name: (config.to_dict(), windows, journal) for name, (config, windows, journal) in cases.items()}
     context = mp.start_processes(
-        _rank_main, args=(world, _free_port(), str(tmp_path), jobs), nprocs=world, join=False, start_method="spawn"
+        _rank_main, args=(world, free_port(), str(tmp_path), jobs), nprocs=world, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + TIMEOUT_S
     try:

@@ -1,16 +1,15 @@
 """The held-out check across ``torch.distributed`` ranks: every rank gets the score of all ranks' windows."""
 
 import math
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 
 from monai_effq.qat import score_windows
-from monai_effq.utils import distributed
+
+from ..ranks import free_port, gloo_rank
 
 RANKS = 2
 
@@ -25,21 +24,14 @@ def _loss(logits, label):
 
 
 def _score_on_rank(rank: int, port: int, scores) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=RANKS)
-    try:
+    with gloo_rank(rank, RANKS, port):
         score = score_windows(nn.Identity(), _windows(rank), _loss, "multiclass", across_ranks=True)
         scores[rank] = (score.loss, score.dice, score.windows)
-    except BaseException:
-        dist.destroy_process_group()  # no barrier: the other rank may be waiting in a collective
-        raise
-    distributed.shutdown_process_group()
 
 
 @pytest.mark.slow
 def test_every_rank_scores_the_windows_of_all_ranks_as_one_process_would():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     scores = mp.Manager().dict()
     mp.spawn(_score_on_rank, args=(port, scores), nprocs=RANKS, join=True)
     one = score_windows(nn.Identity(), _windows(0) + _windows(1), _loss, "multiclass")

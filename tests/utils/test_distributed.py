@@ -3,16 +3,16 @@
 import os
 import pickle
 import re
-import socket
 import subprocess
 import sys
 import textwrap
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from monai_effq.utils import distributed
+
+from ..ranks import free_port, gloo_rank
 
 
 def test_without_a_process_group_nothing_is_communicated():
@@ -26,24 +26,17 @@ def test_without_a_process_group_nothing_is_communicated():
 
 
 def _rank_main(rank: int, port: int, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
+    with gloo_rank(rank, 2, port):
         a = torch.full((2, 3), float(rank + 1), dtype=torch.float64)
         b = torch.tensor([10.0 * (rank + 1)], dtype=torch.float64)
         sent = distributed.all_reduce_sum([a, b])
         rows, _ = distributed.all_gather_rows(torch.full((rank + 1, 2), float(rank)))
         with open(f"{out_dir}/rank{rank}.pkl", "wb") as f:
             pickle.dump((a, b, sent, rows, distributed.all_gather_objects(f"r{rank}")), f)
-    except BaseException:
-        dist.destroy_process_group()  # no barrier: the other rank may be waiting in a collective
-        raise
-    distributed.shutdown_process_group()
 
 
 def test_two_ranks_sum_in_one_buffer_and_gather_rows_of_different_lengths(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     context = mp.start_processes(_rank_main, args=(port, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
     try:
         for _ in range(12):
