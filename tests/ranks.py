@@ -14,7 +14,7 @@ __all__ = ["free_port", "gloo_rank"]
 
 
 def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nothing listens on now, for the ranks to meet at."""
+    """A TCP port of 127.0.0.1 that nothing listens on now, for the ranks to meet at (or a test server)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

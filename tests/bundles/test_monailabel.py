@@ -10,7 +10,6 @@ and fails with the set-up's log where the set-up failed.
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from monai_effq.bundle import demo_dataset
 from monai_effq.overlays import overlay_path
 from tests.overlays.conftest import spleen_style
 
+from ..ranks import free_port
 from .conftest import ROOT, copy_bundle
 
 # the export of the quantized copy (conftest.quantized_copy: RTN, 4-bit weights, 8-bit activations)
@@ -64,12 +64,6 @@ def wait_for_setup(status: str | None, log: Path, timeout: float = 1800) -> None
     if code != "0":
         tail = log.read_text(errors="replace")[-4000:] if log.is_file() else "(no log)"
         pytest.fail(f"MONAI Label's set-up (scripts/setup_monailabel.sh) failed with exit status {code}; the end of {log}:\n{tail}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_for(url: str, server: subprocess.Popen, log: Path, timeout: float = 300) -> None:
@@ -125,7 +119,7 @@ def served(tmp_path_factory, quantized_copy):
         label = next((copy / "data" / "demo").glob(f"{name.replace('volume', 'segmentation')}.nii*"))
         shutil.copy(label, studies / "labels" / "final" / source.name)
 
-    port = _free_port()
+    port = free_port()
     log = work / "server.log"
     cmd = [
         str(PYTHON), "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
