@@ -3,13 +3,14 @@
 MKL's float32 Cholesky, Cholesky inverse and triangular solves split their work by thread count, so
 one matrix factorised with 1 and with 2 threads gives results that differ in the last bits, and ADMM
 and GPTQ then round some weights the other way (issue 18: on the BraTS demo, 1 vs 2 threads changed
-up to a quarter of some layers' codes). These helpers compute in float64 on one thread and round
-back (on an AMD EPYC the float64 results, rounded, agreed across thread counts; on an Intel Xeon
-they did not). :class:`RowSolver` goes further,
-in float32: its only multi-threaded kernels are matrix products whose row counts are multiples of
-16. MKL splits such products by output block, never along a sum, so they give the same bits on 1
-and 2 threads (on Intel CPUs under the strict reproducibility that importing monai_effq sets); products with 5 to 11 rows did not (seen with 9 right-hand sides at ``n = 432`` and
-with a last block of 7 columns at ``n = 1285``), hence the padding.
+up to a quarter of some layers' codes). :func:`spd_inverse` computes in float64 on one thread and
+rounds back. :func:`cholesky` and :class:`RowSolver` factorise in float32 by blocks of columns: their
+only multi-threaded kernels are matrix products whose row counts are multiples of 16. MKL splits
+such products by output block, never along a sum, so they give the same bits on 1 and 2 threads (on
+Intel CPUs under the strict reproducibility that importing monai_effq sets); products with 5 to 11
+rows did not (seen with 9 right-hand sides at ``n = 432`` and with a last block of 7 columns at
+``n = 1285``), hence the padding. LAPACK's float64 factor, rounded, still differed between 1 and 2
+threads on an Intel Xeon at ``n = 432``.
 """
 
 from __future__ import annotations
@@ -25,22 +26,28 @@ __all__ = ["RowSolver", "cholesky", "spd_inverse"]
 _ALIGN = 16  # rows and columns are padded to a multiple of this (see the module docstring)
 
 
-def cholesky(matrix: torch.Tensor, upper: bool = False) -> torch.Tensor:
-    """The Cholesky factor of symmetric positive definite matrices, in float64, on one CPU thread.
+def cholesky(matrix: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """The lower Cholesky factor ``L`` (``matrix = L Lᵀ``) of symmetric positive definite matrices, in
+    float32, the same bits on any thread count.
 
-    On an Intel Xeon, LAPACK's float64 factor at ``n = 432`` still differed between 1 and 2 threads
-    once rounded to float32 (an AMD EPYC's did not), so it runs on one: 40 ms instead of 22 ms at
-    ``n = 1728`` (GPTQ's rounding is its user; EfficientQ's ADMM uses :class:`RowSolver`).
+    The left-looking block factorisation of :class:`RowSolver`: LAPACK's float32 factor differs in
+    its last bits between 1 and 2 threads, and its float64 factor on one thread (what GPTQ's
+    rounding used before) took 476 ms at ``n = 3456`` on a 2-core AMD EPYC with AVX-512, this 138 ms.
 
     Args:
-        matrix: ``(..., n, n)`` symmetric positive definite matrices.
-        upper: the upper factor ``U`` (``matrix = Uᵀ U``) instead of the lower ``L`` (``matrix = L Lᵀ``).
+        matrix: ``(G, n, n)`` symmetric positive definite matrices.
+        block: columns per block (a multiple of 16).
 
     Returns:
-        the float64 factor (round it with ``.to(dtype)`` where it is used as is).
+        the ``(G, n, n)`` float32 factor.
+
+    Raises:
+        torch.linalg.LinAlgError: where a matrix is not numerically positive definite in float32.
     """
-    with _one_thread(matrix.device):
-        return torch.linalg.cholesky(matrix.double(), upper=upper)
+    n = matrix.shape[-1]
+    with torch.no_grad():
+        lower, _ = _factorise(matrix.float(), block)
+    return lower[:, :n, :n]
 
 
 class RowSolver:
@@ -81,43 +88,16 @@ class RowSolver:
     def __init__(
         self, matrix: torch.Tensor, block: int = 256, shift: float = 0.0, workspace: torch.Tensor | None = None
     ) -> None:
-        if block % _ALIGN:
-            raise ValueError(f"RowSolver's block must be a multiple of {_ALIGN}, got {block}.")
-        a = matrix.float()
-        self.size = size = a.shape[-1]
-        pad = -size % _ALIGN
-        if pad:
-            a = F.pad(a, (0, pad, 0, pad))
-            a[:, size:, size:] = torch.eye(pad, dtype=a.dtype, device=a.device)
-        g, n, _ = a.shape
-        if workspace is not None and (workspace.shape, workspace.dtype, workspace.device) == (a.shape, a.dtype, a.device):
-            lower = workspace  # only entries on and below the block diagonal are written and read
-        else:
-            lower = torch.zeros_like(a)
+        self.size = matrix.shape[-1]
         self.block = block
-        self.diagonal_inverses: list[torch.Tensor] = []
-        for j0 in range(0, n, block):
-            j1 = min(j0 + block, n)
-            column = a[:, j0:, j0:j1].clone()
-            if shift and j0 < size:
-                column[:, : min(j1, size) - j0].diagonal(dim1=1, dim2=2).add_(shift)
-            if j0:
-                column -= torch.bmm(lower[:, j0:, :j0], lower[:, j0:j1, :j0].transpose(1, 2))
-            with _one_thread(a.device):
-                diag, info = torch.linalg.cholesky_ex(column[:, : j1 - j0])
-                if bool((info > 0).any()):
-                    raise ValueError(
-                        f"the {self.size}x{self.size} system of the ADMM W-step is not positive definite in "
-                        "float32 (its columns are nearly dependent): raise AdmmSettings.rho_start or eta, or "
-                        "quantize this layer with method='gptq'."
-                    )
-                identity = torch.eye(j1 - j0, dtype=a.dtype, device=a.device).expand_as(diag)
-                inverse = torch.linalg.solve_triangular(diag, identity, upper=False)
-            lower[:, j0:j1, j0:j1] = diag
-            if j1 < n:
-                torch.bmm(column[:, j1 - j0 :], inverse.transpose(1, 2), out=lower[:, j1:, j0:j1])
-            self.diagonal_inverses.append(inverse)
-        self.lower = lower
+        try:
+            self.lower, self.diagonal_inverses = _factorise(matrix.float(), block, shift, workspace)
+        except torch.linalg.LinAlgError:
+            raise ValueError(
+                f"the {self.size}x{self.size} system of the ADMM W-step is not positive definite in "
+                "float32 (its columns are nearly dependent): raise AdmmSettings.rho_start or eta, or "
+                "quantize this layer with method='gptq'."
+            ) from None
 
     @torch.no_grad()
     def solve_rows(self, rhs: torch.Tensor) -> torch.Tensor:
@@ -163,6 +143,57 @@ class RowSolver:
         return y
 
 
+def _factorise(
+    a: torch.Tensor, block: int, shift: float = 0.0, workspace: torch.Tensor | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The padded factor of :class:`RowSolver` and the inverses of its diagonal blocks.
+
+    Args:
+        a: ``(G, n, n)`` float32 symmetric matrices (not modified).
+        block: columns per block (a multiple of 16).
+        shift: added to the first ``n`` diagonal entries, block column by block column.
+        workspace: a padded factor of the same shape to overwrite, or ``None``.
+
+    Returns:
+        the ``(G, n', n')`` lower factor of ``a`` padded with an identity block to a multiple of 16
+        (and ``shift`` on its diagonal), and per block the inverse of its diagonal block.
+
+    Raises:
+        torch.linalg.LinAlgError: where a diagonal block is not positive definite.
+    """
+    if block % _ALIGN:
+        raise ValueError(f"the factorisation's block must be a multiple of {_ALIGN}, got {block}.")
+    size = a.shape[-1]
+    pad = -size % _ALIGN
+    if pad:
+        a = F.pad(a, (0, pad, 0, pad))
+        a[:, size:, size:] = torch.eye(pad, dtype=a.dtype, device=a.device)
+    g, n, _ = a.shape
+    if workspace is not None and (workspace.shape, workspace.dtype, workspace.device) == (a.shape, a.dtype, a.device):
+        lower = workspace  # only entries on and below the block diagonal are written and read
+    else:
+        lower = torch.zeros_like(a)
+    inverses: list[torch.Tensor] = []
+    for j0 in range(0, n, block):
+        j1 = min(j0 + block, n)
+        column = a[:, j0:, j0:j1].clone()
+        if shift and j0 < size:
+            column[:, : min(j1, size) - j0].diagonal(dim1=1, dim2=2).add_(shift)
+        if j0:
+            column -= torch.bmm(lower[:, j0:, :j0], lower[:, j0:j1, :j0].transpose(1, 2))
+        with _one_thread(a.device):
+            diag, info = torch.linalg.cholesky_ex(column[:, : j1 - j0])
+            if bool((info > 0).any()):
+                raise torch.linalg.LinAlgError(f"the {size}x{size} matrix is not positive definite in float32.")
+            identity = torch.eye(j1 - j0, dtype=a.dtype, device=a.device).expand_as(diag)
+            inverse = torch.linalg.solve_triangular(diag, identity, upper=False)
+        lower[:, j0:j1, j0:j1] = diag
+        if j1 < n:
+            torch.bmm(column[:, j1 - j0 :], inverse.transpose(1, 2), out=lower[:, j1:, j0:j1])
+        inverses.append(inverse)
+    return lower, inverses
+
+
 def spd_inverse(matrix: torch.Tensor) -> torch.Tensor:
     """The inverse of symmetric positive definite matrices through their Cholesky factor, in float64.
 
@@ -177,7 +208,7 @@ def spd_inverse(matrix: torch.Tensor) -> torch.Tensor:
         the inverse, in ``matrix``'s dtype.
     """
     with _one_thread(matrix.device):
-        return torch.cholesky_inverse(cholesky(matrix)).to(matrix.dtype)
+        return torch.cholesky_inverse(torch.linalg.cholesky(matrix.double())).to(matrix.dtype)
 
 
 @contextlib.contextmanager

@@ -135,7 +135,8 @@ def gptq_round(
     back through the upper Cholesky factor ``U`` of ``H⁻¹``; with ``H = V Vᵀ`` (``V = U⁻¹``, upper)
     the same rounding reads ``q_j = round(w_j + Σ_{i<j} (w_i - q_i) V_ij / V_jj)`` (as Babai's
     nearest plane), so one Cholesky factorisation of the reversed ``H`` replaces the inverse and the
-    second factorisation: a third of the float64 work.
+    second factorisation. It is computed in float32, as GPTQ's own code does, by the thread-invariant
+    :func:`~monai_effq.solver.linalg.cholesky`.
 
     Args:
         weight: ``(G, m, n)`` weights to round.
@@ -176,7 +177,7 @@ def gptq_round(
             "of its mean diagonal: its sums are not those of real inputs (check the calibration data for "
             "extreme values), or choose another method."
         )
-    feedback = (v / torch.diagonal(v, dim1=1, dim2=2)[:, None, :]).float()  # V_ij / V_jj
+    feedback = v / torch.diagonal(v, dim1=1, dim2=2)[:, None, :]  # V_ij / V_jj
     w = w0.clone()  # w_j plus the feedback of the columns before it, brought up to date lazily
     codes = torch.zeros_like(w0)
     # scale and zero point laid out once per row, as the column loop reads them

@@ -24,9 +24,25 @@ def test_factorisations_are_the_same_on_one_and_two_threads():
     a = _gram(432, seed=0)  # the size at which MKL's float32 Cholesky was seen to depend on threads
     rhs = torch.randn(1, 16, 432, generator=torch.Generator().manual_seed(1))
     solve = lambda m, r: RowSolver(m, block=64).solve_rows(r)  # noqa: E731 (7 blocks, the last one short)
-    for fn, args in ((lambda m: cholesky(m).float(), (a,)), (spd_inverse, (a,)), (solve, (a, rhs))):
+    for fn, args in ((lambda m: cholesky(m, block=64), (a,)), (spd_inverse, (a,)), (solve, (a, rhs))):
         one, two = _on_threads(fn, *args)
         assert one.dtype == torch.float32 and torch.equal(one, two)
+
+
+@pytest.mark.parametrize("n", [96, 100])  # aligned, and padded to 112
+def test_the_factor_is_a_float32_lower_triangle_whose_product_is_the_matrix(n):
+    a = _gram(n, seed=13)
+    lower = cholesky(a, block=32)
+    assert lower.dtype == torch.float32 and lower.shape == (1, n, n) and torch.equal(lower, lower.tril())
+    exact = torch.linalg.cholesky(a.double())
+    torch.testing.assert_close(lower.double(), exact, rtol=1e-4, atol=1e-4 * float(exact.abs().max()))
+
+
+def test_a_factor_of_a_matrix_that_is_not_positive_definite_is_refused_as_lapack_refuses_it():
+    with pytest.raises(torch.linalg.LinAlgError, match="20x20 matrix is not positive definite"):
+        cholesky(-torch.eye(20)[None])
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cholesky(torch.eye(20)[None], block=24)
 
 
 def test_the_inverse_is_the_same_on_one_and_two_threads_where_lapacks_is_not():
