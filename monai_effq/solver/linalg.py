@@ -168,7 +168,7 @@ def _factorise(
     if pad:
         a = F.pad(a, (0, pad, 0, pad))
         a[:, size:, size:] = torch.eye(pad, dtype=a.dtype, device=a.device)
-    g, n, _ = a.shape
+    n = a.shape[-1]
     if workspace is not None and (workspace.shape, workspace.dtype, workspace.device) == (a.shape, a.dtype, a.device):
         lower = workspace  # only entries on and below the block diagonal are written and read
     else:
