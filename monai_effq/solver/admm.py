@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Any
 
+import numpy as np
 import torch
 
 from monai_effq.solver import kernels
@@ -31,8 +34,17 @@ from monai_effq.solver.gram import LayerStatistics
 from monai_effq.solver.linalg import RowSolver, spd_inverse
 from monai_effq.solver.projection import project_onto_grid
 from monai_effq.solver.rounding import GridFit, refine_codes
+from monai_effq.utils.errors import UserInputError, check_integer
 
 __all__ = ["AdmmSettings", "AdmmLayerSolver", "AdmmTrace"]
+
+
+def _check_real(value: Any, name: str) -> float:
+    """A setting that must be a finite real number (``bool`` and text are refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        hint = " (a word on the command line arrives as text: write a number)" if isinstance(value, str) else ""
+        raise UserInputError(f"{name} must be a finite number, got {value!r}{hint}.")
+    return float(value)
 
 
 @dataclass
@@ -54,7 +66,7 @@ class AdmmSettings:
         patience: a phase ends once the codes have not changed for this many iterations
             (``0`` runs every iteration).
         stall_patience: a phase also ends once its best on-grid error has not improved for this
-            many iterations (the low-ρ phase can cycle without converging).
+            many scored iterations (the low-ρ phase can cycle without converging); at least 1.
         lowrank: ``"auto"`` uses the Woodbury form when fewer than half as many voxels as columns
             were seen; ``True``/``False`` force it.
         refine_sweeps: sweeps of greedy coordinate descent on the kept iterate's codes
@@ -77,12 +89,26 @@ class AdmmSettings:
         return cls(iterations=200, rho_start=10.0, rho_end=1000.0, rho_every=50, refine_sweeps=0)
 
     def __post_init__(self) -> None:
-        if self.iterations < 1 or self.rho_every < 1:
-            raise ValueError("ADMM iterations and rho_every must be at least 1.")
+        # settings arrive from JSON and the bundle command line: a word such as "false" or "20" is text there,
+        # and would otherwise fail (or, for lowrank, be taken as true) deep inside the solve
+        for name in ("iterations", "rho_every", "stall_patience"):
+            setattr(self, name, check_integer(getattr(self, name), name, low=1))
+        for name in ("patience", "refine_sweeps"):
+            setattr(self, name, check_integer(getattr(self, name), name, low=0))
+        for name in ("rho_start", "rho_end", "eta"):
+            setattr(self, name, _check_real(getattr(self, name), name))
         if not 0 < self.rho_start <= self.rho_end:
-            raise ValueError(f"need 0 < rho_start <= rho_end, got {self.rho_start} and {self.rho_end}.")
-        if self.eta < 0 or self.patience < 0 or self.refine_sweeps < 0:
-            raise ValueError("ADMM eta, patience and refine_sweeps must be non-negative.")
+            raise UserInputError(f"need 0 < rho_start <= rho_end, got {self.rho_start} and {self.rho_end}.")
+        if self.eta < 0:
+            raise UserInputError(f"eta must be non-negative, got {self.eta}.")
+        if isinstance(self.lowrank, str) and self.lowrank == "auto":
+            return
+        if not isinstance(self.lowrank, (bool, np.bool_)):
+            raise UserInputError(
+                f"lowrank must be True, False or 'auto', got {self.lowrank!r} (on the bundle command line write True or "
+                "False, capitalised: 'false' arrives as text)."
+            )
+        self.lowrank = bool(self.lowrank)
 
     def rho_schedule(self) -> list[float]:
         """The ρ of each phase, in units of ``s``: geometric from ``rho_start`` to ``rho_end``."""
@@ -256,8 +282,13 @@ class _Iterate:
 class _Monitor:
     """Scores the iterates, keeps the best one and decides when a phase and the solve end.
 
-    An iterate is scored when few codes moved (scoring then costs no matrix product) or when the
-    phase ends: while more than 1/32 of the codes flip every step, ADMM is exploring.
+    An iterate is scored when few codes moved (scoring then costs no matrix product), when its codes
+    did not move (one product brings the tracked one up to date, and it stays so while few codes
+    move) or when the phase ends: while more than 1/32 of the codes flip every step, ADMM is
+    exploring. Scoring the settled iterates is what finds an assignment reached straight from
+    exploration: a phase that settles ends by ``patience`` before its last step, and the next one
+    can end the solve, so an unscored settled assignment would never be compared with the best.
+    Only scored iterates count towards ``stall_patience``.
     """
 
     def __init__(self, objective: _OnGridObjective, settings: AdmmSettings, trace: AdmmTrace, it: _Iterate) -> None:
@@ -280,10 +311,11 @@ class _Monitor:
             self.stable, self.moved = 0, True
         else:
             self.stable += 1
-        err = self.objective.error(it.scale) if self.objective.fresh or last else float("nan")
+        scored = self.objective.fresh or last or not changed
+        err = self.objective.error(it.scale) if scored else float("nan")
         if err < self.phase_best:
             self.phase_best, self.stalled = err, 0
-        else:
+        elif scored:
             self.stalled += 1
         if err < self.best[0]:
             self.best = (err, it.codes.clone(), it.scale.clone())
@@ -316,7 +348,10 @@ class AdmmLayerSolver:
         if lowrank == "auto":
             lowrank = stats.factor is not None and 2 * stats.factor.shape[-1] < stats.A.shape[-1]
         if lowrank and stats.factor is None:
-            raise ValueError("the low-rank ADMM form needs fewer voxels than weights per output row.")
+            raise ValueError(
+                "the low-rank ADMM form (lowrank=True) needs fewer calibration voxels than weights per output row, "
+                "and this layer saw more: set lowrank to 'auto' (the default) or False."
+            )
         self.system = _ShiftedSystem(stats, bool(lowrank))
         self.lowrank = bool(lowrank)
 

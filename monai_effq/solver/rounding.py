@@ -66,8 +66,8 @@ class GridFit:
 
     @property
     def per_channel(self) -> bool:
-        """Whether there is one scale per output channel."""
-        return self.scale.dim() > 0 and self.scale.numel() > 1
+        """Whether there is one scale per output channel (a ``(1,)`` scale: per channel, of one channel)."""
+        return self.scale.dim() > 0
 
     def per_row(self, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
         """Broadcast a per-row parameter (``scale``/``zero_point``) against a ``(G, m, cols)`` block."""

@@ -97,7 +97,9 @@ def candidates_for(method: str, admm: AdmmSettings | None = None, gptq_damp: flo
     gptq = [Candidate(f"gptq damp={d:g}", "gptq", {"gptq_damp": d}) for d in dict.fromkeys((gptq_damp, *GPTQ_DAMP_CHOICES))]
     out: list[Candidate] = []
     if method not in ("efficientq", "gptq"):
-        return [Candidate(method, method), Candidate("rtn+bias", "rtn", {"refit_bias": True}), rtn]
+        # a registered method reads the configured settings as the built-in ones do
+        own = {"gptq_damp": gptq_damp, **({"admm": admm} if admm is not None else {})}
+        return [Candidate(method, method, own), Candidate("rtn+bias", "rtn", {"refit_bias": True}), rtn]
     if method == "efficientq":
         base = admm or AdmmSettings()
         for eta in dict.fromkeys((base.eta, *ETA_CHOICES)):

@@ -1,12 +1,16 @@
+import math
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 from monai_effq.quant.grid import UniformGrid
 from monai_effq.solver import admm, kernels
-from monai_effq.solver.admm import _compiled_update, _OnGridObjective
+from monai_effq.solver.admm import AdmmSettings, _compiled_update, _OnGridObjective
+from monai_effq.solver.api import solve_layer
 from monai_effq.solver.rounding import GridFit
+from monai_effq.utils.errors import UserInputError
 
 
 def _objective_inputs(groups: int, m: int, n: int, seed: int):
@@ -92,3 +96,54 @@ def test_fused_multiply_adds_are_used_where_torch_fuses_them():
     assert not torch.equal(results[0], results[1])  # 3 a is inexact: fusing shows in the bits
     want = torch.sparse.mm(steps[0].to_sparse(), a[0])
     assert torch.equal(results[0 if found[1] else 1][0], want)
+
+
+def test_an_assignment_reached_straight_from_exploration_is_scored_and_kept():
+    # Under the paper's schedule the first phase flips many codes each step (the tracked product goes
+    # stale) until the stall rule cuts it; the second settles at once and ends the solve. Before the
+    # settled iterates were scored, the solve returned its start, round to nearest, at 4x this error.
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(6, 15, 3, padding=1)
+    x = torch.randn(1, 6, 8, 8)
+    with torch.no_grad():
+        y = layer(x)
+    x_quantized = x + 0.3 * torch.randn_like(x)
+    sol = solve_layer(layer, x_quantized, y, 4, admm=AdmmSettings.paper())
+    assert sol.trace.best_iteration > 0
+    assert sol.mse < 0.5 * sol.mse_rtn
+
+
+def test_only_scored_iterates_count_towards_the_stall_rule(make_layer):
+    # this layer's first steps flip many codes: iterations 2 and 3 go unscored (nan), which the stall
+    # rule used to count as two steps without improvement, ending the phase there
+    layer, x, y = make_layer(16, 16, 8, seed=5)
+    settings = AdmmSettings(iterations=60, rho_every=60, stall_patience=2, patience=59, refine_sweeps=0)
+    objective = solve_layer(layer, x, y, 2, admm=settings).trace.objective[1:]
+    assert math.isnan(objective[1]) and math.isnan(objective[2])
+    scored = [e for e in objective if not math.isnan(e)]
+    # the phase ran on past them and ended when two scored iterates in a row did not improve on its best
+    assert len(objective) > 3
+    assert len(objective) == 60 or min(scored[-2:]) >= min(scored[:-2])
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"lowrank": "false"}, "lowrank must be True, False or 'auto', got 'false'"),
+        ({"stall_patience": "20"}, "stall_patience must be an integer of at least 1, got '20' .*arrives as text"),
+        ({"stall_patience": 0}, "stall_patience must be an integer of at least 1, got 0"),
+        ({"iterations": float("nan")}, "iterations must be an integer of at least 1, got nan"),
+        ({"refine_sweeps": 1.5}, "refine_sweeps must be an integer of at least 0, got 1.5"),
+        ({"eta": float("inf")}, "eta must be a finite number, got inf"),
+        ({"rho_end": "80"}, "rho_end must be a finite number, got '80'"),
+    ],
+)
+def test_admm_settings_of_the_wrong_type_are_refused_by_name(kwargs, message):
+    with pytest.raises(UserInputError, match=message):
+        AdmmSettings(**kwargs)
+
+
+def test_admm_settings_of_the_right_types_are_kept_as_given():
+    settings = AdmmSettings(iterations=30, rho_start=5, lowrank=np.True_)
+    assert settings.rho_start == 5.0 and isinstance(settings.rho_start, float)
+    assert settings.lowrank is True and AdmmSettings(lowrank="auto").lowrank == "auto"

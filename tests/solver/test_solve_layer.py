@@ -146,9 +146,10 @@ def test_the_final_refinement_lowers_the_error_of_admms_iterate(make_layer):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"refine_sweeps": -1}, "refine_sweeps"),
-        ({"iterations": 0}, "iterations and rho_every must be at least 1"),
-        ({"rho_every": 0}, "iterations and rho_every must be at least 1"),
+        ({"refine_sweeps": -1}, "refine_sweeps must be an integer of at least 0, got -1"),
+        ({"iterations": 0}, "iterations must be an integer of at least 1, got 0"),
+        ({"rho_every": 0}, "rho_every must be an integer of at least 1, got 0"),
+        ({"eta": -1.0}, "eta must be non-negative, got -1.0"),
         ({"rho_start": 100.0}, "need 0 < rho_start <= rho_end, got 100.0 and 80.0"),
         ({"rho_start": 0.0}, "need 0 < rho_start <= rho_end"),
     ],
@@ -156,6 +157,18 @@ def test_the_final_refinement_lowers_the_error_of_admms_iterate(make_layer):
 def test_admm_settings_out_of_range_are_refused_by_name(kwargs, message):
     with pytest.raises(ValueError, match=message):
         AdmmSettings(**kwargs)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "efficientq"])
+def test_a_per_channel_layer_of_one_output_channel_gets_one_scale_per_channel(method):
+    # a binary segmentation head: its scale is (1,), as its zero point and the scale of any wider layer
+    layer = nn.Conv3d(8, 1, 1)
+    x = torch.randn(1, 8, 6, 6, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = layer(x)
+    sol = solve_layer(layer, x, y, 2, per_channel=True, method=method)
+    assert sol.scale.shape == sol.zero_point.shape == (1,)
+    assert solve_layer(layer, x, y, 2, method=method).scale.shape == ()
 
 
 def test_a_single_phase_holds_rho_at_its_start():

@@ -85,6 +85,12 @@ def test_candidates_put_the_configured_setting_first_and_always_include_round_to
     assert [c.name for c in candidates_for("rtn")] == ["rtn"]
 
 
+def test_a_registered_method_competes_with_the_configured_admm_settings_and_damping():
+    settings = AdmmSettings(eta=7.0)
+    own = candidates_for("my_method", settings, gptq_damp=0.5)[0]
+    assert own.method == "my_method" and own.options == {"gptq_damp": 0.5, "admm": settings}
+
+
 def test_an_underdetermined_layer_keeps_round_to_nearest():
     # 4x4x4 = 64 output voxels for 8*27 = 216 unknowns per output channel: the data cannot pin the weights.
     conv, x, y = _layer_and_data(4, seed=3)
