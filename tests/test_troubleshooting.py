@@ -147,6 +147,31 @@ def _truncated_nifti(tmp_path, lits):
     validate_datalist([{"image": str(broken)}], read_data=True)
 
 
+def _slice_image(tmp_path, lits):
+    import nibabel as nib
+
+    path = tmp_path / "slice.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((16, 16), np.float32), np.eye(4)), str(path))
+    validate_datalist([{"image": str(path)}])
+
+
+def _one_hot_label(tmp_path, lits):
+    import nibabel as nib
+
+    image, label = tmp_path / "ct.nii.gz", tmp_path / "onehot.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((16, 16, 8), np.float32), np.eye(4)), str(image))
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 8, 3), np.uint8), np.eye(4)), str(label))
+    validate_datalist([{"image": str(image), "label": str(label)}])
+
+
+def _ct_not_in_hounsfield_units(tmp_path, lits):
+    import nibabel as nib
+
+    path = tmp_path / "volume-0.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((16, 16, 16), -2000.0, np.float32), np.eye(4)), str(path))
+    preprocessing("lits", lits, with_label=False)({"image": str(path)})
+
+
 def _nan_image(tmp_path, lits):
     import nibabel as nib
 
@@ -548,6 +573,9 @@ TRIGGERS = {
     ),
     "could not recognise the dataset layout of <folder>": lambda t, d: detect_layout(t),
     "corrupt or unreadable NIfTI file <file>: <reason>; re-export or remove it.": _truncated_nifti,
+    "image <file> has <n> spatial axes (<shape>); monai-effq segments 3D volumes": _slice_image,
+    "label <file> is <shape> voxels, not one 3D volume": _one_hot_label,
+    "image <file> has no voxel above -500 HU, so the body crop left nothing": _ct_not_in_hounsfield_units,
     "image <file> holds <n> NaN or Inf voxel(s)": _nan_image,
     "cannot read image file(s) [<file>]: <reason>; re-export or remove them.": _cut_short_metaimage,
     "folder <folder> holds no DICOM series": lambda t, d: dicom_series_files(t),

@@ -23,7 +23,7 @@ import nibabel as nib
 import numpy as np
 from monai.utils import optional_import
 
-from monai_effq.data.layouts import NIFTI_SUFFIXES, DatasetError, check_nifti
+from monai_effq.data.layouts import NIFTI_SUFFIXES, DatasetError, check_nifti_volume
 
 itk, _ = optional_import("itk")
 
@@ -329,10 +329,10 @@ def check_image(paths: str | os.PathLike | Sequence[str | os.PathLike], read_dat
             read and DICOM folders are checked to hold one even series.
 
     Raises:
-        DatasetError: naming the first image that is missing, corrupt or unreadable, a folder that
-            does not hold one evenly sliced DICOM series, one slice of a series given on its own, or an image
-            of a multi-modal case on another grid than the first (for DICOM series and formats other than NIfTI,
-            only with ``read_data``).
+        DatasetError: naming the first image that is missing, corrupt or unreadable, a NIfTI image of fewer than
+            three spatial axes, a folder that does not hold one evenly sliced DICOM series, one slice of a series
+            given on its own, or an image of a multi-modal case on another grid than the first (for DICOM series
+            and formats other than NIfTI, only with ``read_data``).
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     grids: list[tuple[Any, tuple[int, ...], np.ndarray]] = []
@@ -342,7 +342,7 @@ def check_image(paths: str | os.PathLike | Sequence[str | os.PathLike], read_dat
         if Path(path).is_dir():
             files: str | list[str] = dicom_series_files(path)
         elif str(path).endswith(NIFTI_SUFFIXES):
-            check_nifti(path, read_data=read_data)
+            check_nifti_volume(path, "image", read_data=read_data)
             if len(paths) > 1:  # the header holds the grid: compared without decoding the voxels
                 grids.append((path, *_nifti_grid(path)))
             continue

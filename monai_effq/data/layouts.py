@@ -52,6 +52,7 @@ __all__ = [
     "load_datalist",
     "split_datalist",
     "check_nifti",
+    "check_nifti_volume",
     "validate_datalist",
     "check_image_channels",
     "image_channels",
@@ -78,6 +79,9 @@ _BRATS_EXPECTED = (
 )
 _BRATS2023_EXPECTED = "BraTS 2023 folders BraTS-GLI-XXXXX-XXX/ holding BraTS-GLI-XXXXX-XXX-{t2f,t1n,t1c,t2w,seg}.nii.gz"
 _LITS_EXPECTED = "LiTS files volume-N.nii and segmentation-N.nii (or .nii.gz), in the folder or its sub-folders"
+# --dataset_dir takes labelled releases only (train, quantize and evaluate need the labels; inference segments the
+# validation split of the same list), so a test or validation release without them is segmented from a datalist
+_UNLABELLED = "to segment unlabelled images, pass them to inference with --datalist"
 
 
 class DatasetError(UserInputError):
@@ -298,9 +302,15 @@ def _brats_cases(root: Path, modalities: Sequence[str], separator: str, expected
         for part in (*modalities, "seg"):
             found = _find_nifti(case, f"{case.name}{separator}{part}")
             if found is None:
+                unlabelled = (
+                    f"; {_UNLABELLED} \"[{{'image': {[f'{case.name}{separator}{m}.nii.gz' for m in modalities]}}}]\" (each "
+                    "file's full path, one entry per case)"
+                    if part == "seg"
+                    else ""
+                )
                 raise DatasetError(
                     f"BraTS case {case.name} has no {part!r} file: expected {case / f'{case.name}{separator}{part}.nii.gz'} "
-                    "(or .nii)."
+                    f"(or .nii){unlabelled}."
                 )
             paths[part] = str(found)
         datalist.append({"image": [paths[m] for m in modalities], "label": paths["seg"]})
@@ -360,7 +370,7 @@ def lits_datalist(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
         if index not in segmentations:
             raise DatasetError(
                 f"LiTS volume {volume} has no segmentation: expected segmentation-{index}.nii (or .nii.gz) "
-                f"under {root}."
+                f"under {root}; {_UNLABELLED} \"[{{'image': '{volume}'}}]\"."
             )
     for index, segmentation in segmentations.items():
         if index not in volumes:
@@ -506,6 +516,41 @@ def check_nifti(path: str | os.PathLike, read_data: bool = True) -> tuple[int, .
     return shape
 
 
+def check_nifti_volume(path: str | os.PathLike, role: str = "image", read_data: bool = False) -> tuple[int, ...]:
+    """Check that a NIfTI image or label opens (:func:`check_nifti`) and holds a 3D volume.
+
+    MONAI loads a 2D file as a 2D image, which then fails in a 3D crop or network far from the file, or
+    with advice about the window size; a label of several volumes (a one-hot or probability map) or
+    with a fifth axis fails inside MONAI's reorientation or one-hot conversion. An image may hold
+    several volumes along its fourth axis: they are its channels (the Decathlon's BraTS).
+
+    Args:
+        path: the NIfTI file.
+        role: ``"image"`` or ``"label"`` (one volume: ``(x, y, z)`` or ``(x, y, z, 1)``).
+        read_data: decode the voxel data as well as the header.
+
+    Returns:
+        the shape from the header.
+
+    Raises:
+        DatasetError: naming the file and its shape when it has fewer than three spatial axes, or is a
+            label of more than one volume, or when :func:`check_nifti` refuses it.
+    """
+    shape = check_nifti(path, read_data=read_data)
+    size = "x".join(map(str, shape))
+    if len(shape) < 3:
+        raise DatasetError(
+            f"{role} {path} has {len(shape)} spatial axes ({size}); monai-effq segments 3D volumes: give the whole "
+            f"volume, not a slice (one slice saved as a 3D file is {size}x1)."
+        )
+    if role == "label" and len(shape) > 3 and shape[3:] != (1,):
+        raise DatasetError(
+            f"{role} {path} is {size} voxels, not one 3D volume: save one 3D map of class values "
+            f"({'x'.join(map(str, shape[:3]))}; e.g. the argmax of a one-hot or probability map)."
+        )
+    return shape
+
+
 def image_channels(path: str | os.PathLike) -> int:
     """How many channels MONAI's loader makes of one image, from its header: the volumes of a 4D NIfTI
     file (the Decathlon's BraTS), one for a 3D NIfTI file or a DICOM series folder, the pixel components
@@ -593,8 +638,9 @@ def validate_datalist(
             one per volume, a 3D file or a DICOM series one), or None not to check it.
 
     Raises:
-        DatasetError: naming the first missing, unreadable or mismatched file, or the images of a case
-            that hold another number of channels than ``channels``.
+        DatasetError: naming the first missing, unreadable or mismatched file, a NIfTI image or label that is
+            not a 3D volume (:func:`check_nifti_volume`), or the images of a case that hold another number of
+            channels than ``channels``.
     """
     # these modules import this one
     from monai_effq.data.dicom_seg import load_seg
@@ -617,7 +663,7 @@ def validate_datalist(
             if channels is not None:
                 _check_channels(f"dataset entry {i}", images, [1] * len(images), channels)  # a series is one volume
             if "label" in item and not kind:
-                shape = check_nifti(item["label"], read_data=read_data)
+                shape = check_nifti_volume(item["label"], "label", read_data=read_data)
                 if shape[:3] != grids[0][1]:
                     raise DatasetError(
                         f"spatial shape {shape[:3]} of {item['label']} differs from {grids[0][1]} of the DICOM series "
@@ -637,10 +683,10 @@ def validate_datalist(
                 f"dataset entry {i}: label {item['label']} is {kind}, which lies on the DICOM series it segments, but "
                 f"the image is {images[0]}: give that series' folder as the image, or the label as NIfTI."
             )
-        shapes = {str(p): check_nifti(p, read_data=read_data) for p in images}
+        shapes = {str(p): check_nifti_volume(p, "image", read_data=read_data) for p in images}
         reference_path, reference = next(iter(shapes.items()))
         if "label" in item:
-            label_shape = check_nifti(item["label"], read_data=read_data)
+            label_shape = check_nifti_volume(item["label"], "label", read_data=read_data)
             # a Decathlon image is 4D (x, y, z, contrast); only the spatial part must agree
             if label_shape[:3] != reference[:3]:
                 raise DatasetError(

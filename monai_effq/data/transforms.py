@@ -91,6 +91,8 @@ _KEYS = ("image", "label")
 # the metadata key under which LoadImageFilesd lists the files of an image stacked from several, one per channel
 _CHANNEL_FILES = "effq_channel_files"
 _BRATS_LAYOUTS = {"native": "native", "brats": "native", "msd": "msd", "brats2023": "brats2023"}
+# LiTS' body crop keeps the voxels above this many HU: air (about -1000) goes, fat (about -100) and soft tissue stay
+_BODY_HU = -500.0
 
 
 def _source_name(data: Mapping[Hashable, Any], key: Hashable, value: Any) -> str:
@@ -304,6 +306,36 @@ class _Above:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return x > self.threshold
+
+
+class _CheckBodyFound(MapTransform):
+    """Refuse an image that the body crop (voxels above ``threshold`` HU) left empty, naming its file.
+
+    MONAI's ``CropForegroundd`` crops an image without such a voxel to nothing, and does not say so:
+    inference would then write an all-background mask, and calibration fail inside torch. Such a CT is
+    usually not in Hounsfield units (a rescale intercept applied twice, or not at all).
+
+    Args:
+        threshold: the body crop's threshold in HU, for the message.
+    """
+
+    def __init__(self, threshold: float) -> None:
+        super().__init__(keys="image")
+        self.threshold = threshold
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> Mapping[Hashable, NdarrayOrTensor]:
+        """``data`` unchanged, when its image kept a voxel.
+
+        Raises:
+            DatasetError: naming the image's file and the units to check.
+        """
+        for key in self.key_iterator(data):
+            if 0 in tuple(data[key].shape):
+                raise DatasetError(
+                    f"image {_source_name(data, key, data[key])} has no voxel above {self.threshold:g} HU, so the body crop "
+                    "left nothing: is it a CT in Hounsfield units (check its rescale slope and intercept)?"
+                )
+        return data
 
 
 def _roi(roi_size: Sequence[int] | None, train: bool, with_label: bool = True) -> tuple[int, int, int] | None:
@@ -564,7 +596,8 @@ def lits_transforms(
         a Compose mapping a case dict to ``{"image": (1, H, W, D) float32 in [0, 1], "label":
         (1, H, W, D) label_dtype}``; with ``train`` it returns a list of ``num_samples`` such dicts
         (MONAI's convention for multi-sample crops; ``monai.data.DataLoader`` flattens it).
-        Applying it raises :class:`DatasetError` on an out-of-range label.
+        Applying it raises :class:`DatasetError` on an out-of-range label, or on an image without a voxel
+        above -500 HU (not a CT in Hounsfield units), which the body crop would leave empty.
 
     Raises:
         ValueError: when ``train=True`` without a valid ``roi_size``, ``a_min >= a_max``, or a
@@ -576,16 +609,17 @@ def lits_transforms(
     both = _keys(with_label)
     seg_labels = LITS_SEG_LABELS if seg_segments is None else SegLabels.from_mapping(seg_segments, LITS_LABELS)
     steps = _loading(CheckLabelRanged("label", LITS_LABELS, allow_missing_keys=True) if check_labels else None, with_label, seg_labels)
-    steps.append(
+    steps += [
         CropForegroundd(
             **both,
             source_key="image",
-            select_fn=_Above(-500.0),
+            select_fn=_Above(_BODY_HU),
             allow_smaller=True,
             start_coord_key=None,
             end_coord_key=None,
-        )
-    )
+        ),
+        _CheckBodyFound(_BODY_HU),
+    ]
     if pixdim is not None:
         steps.append(Spacingd(**both, pixdim=tuple(pixdim), mode=("bilinear", "nearest")[: len(both["keys"])]))
     steps.append(ScaleIntensityRanged(keys="image", a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True))

@@ -16,6 +16,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 from monai_effq.ptq.checkpoint import report_provenance
 from monai_effq.ptq.report import QuantizationReport
 from monai_effq.utils.distributed import is_rank_zero
+from monai_effq.utils.errors import UserInputError
 from monai_effq.utils.io import atomic_write, atomic_write_text
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -200,10 +201,21 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
-def _metric_per_class(value: Any, classes: list[str]) -> list[float]:
+def _metric_per_class(value: Any, classes: list[str], model: str, metric: str) -> list[float]:
+    """One value per class of an evaluator's metric (one value of ``reduction="mean"`` stands for every class).
+
+    Raises:
+        UserInputError: when the metric has another number of values than there are classes: zipped with
+            the names, the values would be silently cut and the columns mislabelled.
+    """
     t = torch.as_tensor(value, dtype=torch.float64).reshape(-1)
     if t.numel() == 1 and len(classes) > 1:
         return [float(t)] * len(classes)
+    if t.numel() != len(classes):
+        raise UserInputError(
+            f"evaluator {model!r} reports {t.numel()} {metric} values but {len(classes)} class names were given "
+            f"({list(classes)}): name every channel, or compute {metric} with include_background=False."
+        )
     return [float(v) for v in t]
 
 
@@ -233,18 +245,26 @@ def write_comparison(
 
     Returns:
         one row per model.
+
+    Raises:
+        UserInputError: when an evaluator has no ``"dice"`` metric, or its Dice or HD95 has another number
+            of values than ``class_names`` (a ``MeanDice`` that includes the background), naming it.
     """
     rows = []
     dice_table: dict[str, dict[str, float]] = {}
     for model, engine in evaluators.items():
         metrics = engine.state.metrics
-        dice = _metric_per_class(metrics["dice"], class_names)
+        if "dice" not in metrics:
+            raise UserInputError(
+                f"evaluator {model!r} has no 'dice' metric (it has {sorted(metrics)}): name its MeanDice 'dice'."
+            )
+        dice = _metric_per_class(metrics["dice"], class_names, model, "Dice")
         row: dict[str, Any] = {"model": model}
         for name, d in zip(class_names, dice):
             row[f"dice_{name}"] = d
         row["dice_mean"] = sum(dice) / len(dice)
         if "hd95" in metrics:
-            for name, h in zip(class_names, _metric_per_class(metrics["hd95"], class_names)):
+            for name, h in zip(class_names, _metric_per_class(metrics["hd95"], class_names, model, "HD95")):
                 row[f"hd95_{name}"] = h
         if "fp_agreement" in metrics:
             row["fp_agreement"] = float(torch.as_tensor(metrics["fp_agreement"], dtype=torch.float64).mean())

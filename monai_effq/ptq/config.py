@@ -50,13 +50,19 @@ def _parse_format(text: Any, name: str, signed: bool) -> FixedPointFormat:
         raise UserInputError(f"{name}: {e}") from None
 
 
-def _check_number(value: Any, name: str, low: float, high: float | None = None) -> float:
-    """A real-valued setting (not a bool) within ``[low, high]``."""
+def _check_number(value: Any, name: str, low: float, high: float | None = None, hint: str = "") -> float:
+    """A real-valued setting (not a bool) within ``[low, high]``; ``hint`` follows the value in the message."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if not ok or not low <= float(value) <= (float("inf") if high is None else high):
         wanted = f"a number from {low} to {high}" if high is not None else f"a number of at least {low}"
-        raise UserInputError(f"{name} must be {wanted}, got {value!r}.")
+        raise UserInputError(f"{name} must be {wanted}, got {value!r}{hint}.")
     return float(value)
+
+
+# a sanity bound on the class weights' power p, (max n / n_c)^p: at 8 a class of a thousandth of the voxels already
+# weighs 1e24 times the largest one, so no larger power serves a purpose (the paper's is 0.5), and inf or 1e6 overflow
+# float32 and stop the solver later with a message about voxel weights that names no setting
+_MAX_ATTENTION_POWER = 8.0
 
 
 def _check_patterns(value: Any) -> list[str]:
@@ -170,7 +176,7 @@ class EfficientQConfig:
             volumes and a quarter slower, see docs/design.md).
         admm: ADMM settings (a dict in JSON).
         attention: weight each output voxel by the self-adaptive class attention.
-        attention_power: the power ``p`` of the class weights ``(max n / n_c)^p``.
+        attention_power: the power ``p`` of the class weights ``(max n / n_c)^p``, from 0 to 8 (the paper: 0.5).
         fold_batchnorm: fold BatchNorm that directly follows a convolution into it first.
         device: where the solve runs (``"cpu"``, ``"cuda"``, ...).
         max_chunk_elements: memory cap on one unfolded im2col chunk.
@@ -304,7 +310,10 @@ class EfficientQConfig:
             raise UserInputError(f"overrides must be a dict from layer-name pattern to settings, got {self.overrides!r}.")
         self._set("overrides", {p: self._normalised_override(p, spec) for p, spec in self.overrides.items()})
         self._set("skip", _check_patterns(self.skip))
-        self._set("attention_power", _check_number(self.attention_power, "attention_power", 0.0))
+        self._set(
+            "attention_power",
+            _check_number(self.attention_power, "attention_power", 0.0, _MAX_ATTENTION_POWER, " (the paper uses 0.5)"),
+        )
         self._set("validation_fraction", _check_number(self.validation_fraction, "validation_fraction", 0.0, 0.5))
         self._set("max_chunk_elements", check_integer(self.max_chunk_elements, "max_chunk_elements", low=1))
         self._set("target_memory_mib", check_integer(self.target_memory_mib, "target_memory_mib", low=1))

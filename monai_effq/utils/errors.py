@@ -173,9 +173,14 @@ def check_spread(values: torch.Tensor, what: str, fix_nonfinite: str, fix_consta
         fix_constant: what to do about a constant.
 
     Raises:
-        UserInputError: naming ``what`` and the fix.
+        UserInputError: naming ``what`` and the fix; ``fix_constant`` also for an empty tensor (a crop that
+            left nothing), which torch's reduction would refuse with an error naming no volume.
     """
     values = values.detach()
+    if values.numel() == 0:
+        raise UserInputError(
+            f"{what} holds no value (shape {tuple(values.shape)}), so there is no range to calibrate on: {fix_constant}."
+        )
     low, high, finite = _finite_range(values)
     if not finite:
         bad = int((~torch.isfinite(values)).sum())

@@ -200,6 +200,34 @@ def test_a_nifti_label_of_another_shape_than_its_dicom_series_is_refused(lits, s
         validate_datalist([{"image": str(folder), "label": str(cut)}])
 
 
+def test_a_2d_nifti_image_is_refused_before_inference_naming_the_file_and_its_shape(tmp_path):
+    import nibabel as nib
+
+    flat = tmp_path / "ct2d.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((64, 64), np.int16), np.eye(4)), str(flat))
+    expected = r"image .*ct2d\.nii\.gz has 2 spatial axes \(64x64\); monai-effq segments 3D volumes: give the whole volume"
+    for read_data in (True, False):
+        with pytest.raises(DatasetError, match=expected):
+            check_image(str(flat), read_data=read_data)
+    thin = tmp_path / "thin.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((64, 64, 1), np.int16), np.eye(4)), str(thin))
+    check_image(str(thin))  # one slice saved as a 3D file is a volume
+
+
+def test_a_nifti_label_of_several_volumes_for_a_dicom_series_is_refused_naming_it(lits, series, tmp_path):
+    import nibabel as nib
+
+    from monai_effq.data import validate_datalist
+
+    folder, _ = series
+    label = nib.load(lits[0]["label"])
+    one_hot = np.stack([np.asanyarray(label.dataobj) == k for k in (1, 2)], -1).astype(np.uint8)
+    stacked = tmp_path / "segmentation-0.nii.gz"
+    nib.save(nib.Nifti1Image(one_hot, label.affine), str(stacked))
+    with pytest.raises(DatasetError, match=r"label .*segmentation-0\.nii\.gz is 40x36x32x2 voxels, not one 3D volume: save one 3D map"):
+        validate_datalist([{"image": str(folder), "label": str(stacked)}])
+
+
 def test_a_dicom_series_grid_read_from_two_slice_headers_is_the_one_itk_and_monai_read(tmp_path):
     import nibabel as nib
     from monai.transforms import LoadImage

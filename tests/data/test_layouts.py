@@ -240,6 +240,20 @@ def test_a_lits_volume_without_segmentation_names_the_file_expected(tmp_path, da
         lits_datalist(root)
 
 
+def test_an_unlabelled_lits_or_brats_release_says_to_segment_its_images_with_datalist(tmp_path, data):
+    root = tmp_path / "lits_test"  # the LiTS test set: volumes only
+    root.mkdir()
+    shutil.copy(data["lits"] / "volume-0.nii", root / "volume-0.nii")
+    expected = r"volume-0\.nii has no segmentation: .*; to segment unlabelled images, pass them to inference with --datalist"
+    with pytest.raises(DatasetError, match=expected):
+        load_datalist(root)
+    brats = _copy(data["brats"], tmp_path / "brats_validation")  # a BraTS validation folder: no seg files
+    for seg in brats.glob("*/*_seg.nii*"):
+        seg.unlink()
+    with pytest.raises(DatasetError, match=r"BraTS20_Training_001 has no 'seg' file: .*; to segment unlabelled images, pass them"):
+        load_datalist(brats)
+
+
 def test_an_empty_folder_says_which_files_were_looked_for(tmp_path):
     with pytest.raises(DatasetError, match=r"dataset\.json.*BraTS20_Training_XXX.*volume-N\.nii"):
         load_datalist(tmp_path)
@@ -282,8 +296,6 @@ def test_validation_catches_an_image_and_label_on_different_grids(tmp_path, data
     brats_seg = data["brats"] / "BraTS20_Training_001" / "BraTS20_Training_001_seg.nii.gz"
     mixed = [{"image": str(data["lits"] / "volume-0.nii"), "label": str(brats_seg)}]
     validate_datalist(mixed)  # same shape: fine
-    mixed[0]["label"] = str(data["msd_brats"] / "imagesTr" / "BRATS_001.nii.gz")
-    validate_datalist(mixed)  # a 4D file on the same spatial grid: fine
     other = make_lits_demo(tmp_path, n_cases=1, shape=(40, 32, 32))
     mixed[0]["label"] = str(other / "segmentation-0.nii")
     with pytest.raises(DatasetError, match=r"spatial shape \(40, 32, 32\) of .*segmentation-0\.nii differs"):
@@ -445,3 +457,42 @@ def test_a_case_with_another_number_of_channels_than_the_network_takes_is_refuse
         validate_datalist([case], channels=channels)
     validate_datalist(load_datalist(data["msd_brats"]), channels=4)  # a Decathlon 4D file of four contrasts
     validate_datalist(load_datalist(data["brats"]), channels=4)  # four 3D files
+
+
+def _nifti(path: Path, shape: tuple[int, ...]) -> str:
+    """A small NIfTI file of ``shape``: a volume of body-like values with a labelled block in it."""
+    import nibabel as nib
+    import numpy as np
+
+    values = np.zeros(shape, np.int16)
+    values[(slice(2, 6),) * min(len(shape), 3)] = 1
+    nib.save(nib.Nifti1Image(values, np.eye(4)), str(path))
+    return str(path)
+
+
+def test_a_2d_image_or_label_is_refused_naming_the_file_its_shape_and_that_a_slice_is_not_a_volume(tmp_path):
+    flat = {"image": _nifti(tmp_path / "volume-0.nii", (64, 64)), "label": _nifti(tmp_path / "segmentation-0.nii", (64, 64))}
+    expected = (
+        r"image .*volume-0\.nii has 2 spatial axes \(64x64\); monai-effq segments 3D volumes: give the whole volume, "
+        r"not a slice \(one slice saved as a 3D file is 64x64x1\)\."
+    )
+    with pytest.raises(DatasetError, match=expected):
+        validate_datalist([flat], channels=1)  # its header alone, before the network or MONAI sees it
+    flat["image"] = _nifti(tmp_path / "volume-1.nii", (64, 64, 1))  # one slice saved as a 3D file is a volume
+    with pytest.raises(DatasetError, match=r"label .*segmentation-0\.nii has 2 spatial axes \(64x64\)"):
+        validate_datalist([flat])
+    validate_datalist([{"image": flat["image"], "label": _nifti(tmp_path / "segmentation-1.nii", (64, 64, 1))}])
+
+
+@pytest.mark.parametrize("shape", [(24, 24, 16, 2), (24, 24, 16, 1, 1)])
+def test_a_label_that_is_not_one_3d_volume_is_refused_naming_the_file_and_its_shape(tmp_path, shape):
+    case = {"image": _nifti(tmp_path / "volume-0.nii", (24, 24, 16)), "label": _nifti(tmp_path / "segmentation-0.nii", shape)}
+    size = "x".join(map(str, shape))
+    expected = (
+        rf"label .*segmentation-0\.nii is {size} voxels, not one 3D volume: save one 3D map of class values "
+        r"\(24x24x16; e\.g\. the argmax of a one-hot or probability map\)"
+    )
+    with pytest.raises(DatasetError, match=expected):
+        validate_datalist([case])
+    case["label"] = _nifti(tmp_path / "segmentation-1.nii", (24, 24, 16, 1))  # a 3D map with a unit fourth axis is one
+    validate_datalist([case], read_data=True)

@@ -283,6 +283,20 @@ def test_an_image_with_nan_voxels_is_refused_naming_the_file(tmp_path, data):
         lits_transforms(train=False)({"image": str(bad), "label": case["label"]})
 
 
+def test_a_ct_with_no_voxel_above_minus_500_hu_is_refused_after_the_body_crop_naming_the_file(tmp_path, data):
+    case = load_datalist(data["lits"])[0]
+    shifted = tmp_path / "volume-0.nii"  # the rescale intercept applied twice: every voxel 1024 HU too low
+    nib.save(nib.Nifti1Image(np.full(SHAPE, -1500, np.int16), nib.load(case["image"]).affine), shifted)
+    expected = (
+        r"image .*volume-0\.nii has no voxel above -500 HU, so the body crop left nothing: is it a CT in Hounsfield "
+        r"units \(check its rescale slope and intercept\)\?"
+    )
+    with pytest.raises(DatasetError, match=expected):
+        lits_transforms(train=False)({"image": str(shifted), "label": case["label"]})
+    with pytest.raises(DatasetError, match=expected):  # inference, and through a MONAI Dataset, alike
+        Dataset([{"image": str(shifted)}], lits_transforms(train=False, with_label=False))[0]
+
+
 def test_nan_voxels_in_one_brats_contrast_are_blamed_on_that_contrasts_file_not_the_first(tmp_path, data):
     case = load_datalist(data["brats"])[0]
     t1 = nib.load(case["image"][1])

@@ -153,6 +153,28 @@ def test_comparison_writes_per_class_dice_for_each_model(tmp_path, capsys):
     assert "W4A8" in capsys.readouterr().out
 
 
+def test_comparison_refuses_more_dice_values_than_class_names_instead_of_mislabelling_columns(tmp_path):
+    e = Engine(lambda e, b: None)
+    e.state.metrics = {"dice": torch.tensor([0.99, 0.9, 0.8])}  # MeanDice(include_background=True): background first
+    expected = (
+        r"evaluator 'FP' reports 3 Dice values but 2 class names were given \(\['liver', 'tumour'\]\): name every "
+        r"channel, or compute Dice with include_background=False\."
+    )
+    with pytest.raises(UserInputError, match=expected):
+        write_comparison({"FP": e}, ["liver", "tumour"], tmp_path, "cmp")
+    e.state.metrics = {"dice": torch.tensor([0.9, 0.8]), "hd95": torch.tensor([1.0, 3.0, 4.0])}
+    with pytest.raises(UserInputError, match=r"evaluator 'FP' reports 3 HD95 values but 2 class names"):
+        write_comparison({"FP": e}, ["liver", "tumour"], tmp_path, "cmp")
+    assert not (tmp_path / "cmp.csv").exists()
+
+
+def test_comparison_names_the_metrics_of_an_evaluator_without_dice(tmp_path):
+    e = Engine(lambda e, b: None)
+    e.state.metrics = {"Mean_Dice": torch.tensor([0.9, 0.8])}
+    with pytest.raises(UserInputError, match=r"evaluator 'FP' has no 'dice' metric \(it has \['Mean_Dice'\]\): name its MeanDice 'dice'\."):
+        write_comparison({"FP": e}, ["liver", "tumour"], tmp_path, "cmp")
+
+
 def test_the_dice_plot_axis_spans_the_values_so_small_differences_show():
     from monai_effq.handlers.report import dice_axis_limits
 

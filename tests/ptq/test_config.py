@@ -61,6 +61,13 @@ def test_bad_settings_are_named(kwargs, message):
         EfficientQConfig(**kwargs)
 
 
+@pytest.mark.parametrize("power", [float("inf"), 1e6, 8.5])
+def test_an_infinite_or_huge_attention_power_is_refused_naming_the_setting(power):
+    with pytest.raises(UserInputError, match=rf"attention_power must be a number from 0\.0 to 8\.0, got {power!r} \(the paper uses 0\.5"):
+        EfficientQConfig(attention_power=power)
+    assert EfficientQConfig(attention_power=8).attention_power == 8.0
+
+
 def test_fixed_point_settings_round_trip_and_formats_set_the_word_size():
     cfg = EfficientQConfig(weight_format="Q0.4", act_format="Q6.0", power_of_two=True)
     assert (cfg.weight_bits, cfg.act_bits) == (5, 6)

@@ -10,6 +10,7 @@ from monai_effq.utils.errors import (
     MissingInputError,
     UserInputError,
     all_finite,
+    check_spread,
     find_user_error,
     install_bundle_error_hook,
 )
@@ -100,6 +101,11 @@ def test_all_finite_finds_one_nan_or_infinity_anywhere_like_isfinite(dtype, bad)
 def test_all_finite_takes_empty_and_integer_tensors_as_finite():
     assert all_finite(torch.empty(0, 3))
     assert all_finite(torch.arange(10))
+
+
+def test_an_empty_calibration_volume_is_named_not_left_to_torch_s_reduction_error():
+    with pytest.raises(UserInputError, match=r"calibration volume ct\.nii holds no value \(shape \(1, 0, 0, 0\)\), so there is no range to calibrate on: check the file\."):
+        check_spread(torch.empty(1, 0, 0, 0), "calibration volume ct.nii", "fix it", "check the file")
 
 
 def _logged(error: BaseException, caplog) -> logging.LogRecord:
