@@ -39,7 +39,7 @@ from monai_effq.data import (
 )
 from monai_effq.data.writers import inference_masks
 from monai_effq.overlays import calibration_items
-from monai_effq.ptq.checkpoint import verify_checkpoint
+from monai_effq.ptq.checkpoint import checkpoint_fingerprint, verify_checkpoint
 from monai_effq.ptq.journal import journal_path, journal_unfinished
 from monai_effq.utils.distributed import get_rank, get_world_size, is_distributed, is_rank_zero
 from monai_effq.utils.errors import (
@@ -794,16 +794,18 @@ def refuse_to_overwrite(
 def check_quantize_finished(quantized_path: str | os.PathLike) -> None:
     """Stop an evaluation before its FP pass when there is no finished quantize run to compare with.
 
-    The evaluate workflows call this first, so a missing checkpoint or an unfinished run is reported
-    before minutes of FP evaluation and before any of its files are written; :func:`check_quantized`
-    checks the checkpoint's content once the FP weights are loaded.
+    The evaluate workflows call this first, so a missing, damaged or foreign checkpoint (an FP
+    ``model.pt`` given as ``--quantized_path``) or an unfinished run is reported before minutes of FP
+    evaluation and before any of its files are written; :func:`check_quantized` checks that the
+    checkpoint belongs with the FP weights once they are loaded.
 
     Args:
         quantized_path: the quantized checkpoint.
 
     Raises:
         MissingInputError: when the checkpoint is not there.
-        UserInputError: when a resume journal of an unfinished quantize run lies beside it.
+        UserInputError: when a resume journal of an unfinished quantize run lies beside it, or the file is
+            damaged or not a quantized checkpoint.
     """
     journal = journal_path(quantized_path)
     if journal_unfinished(journal):
@@ -814,6 +816,7 @@ def check_quantize_finished(quantized_path: str | os.PathLike) -> None:
         )
     if not Path(quantized_path).is_file():
         raise MissingInputError(f"quantized checkpoint {quantized_path} does not exist: run the quantize workflow first or fix the path.")
+    checkpoint_fingerprint(quantized_path)
 
 
 def check_quantized(

@@ -5,7 +5,7 @@ import torch
 from monai.networks.nets import UNet
 
 import monai_effq
-from monai_effq.bundle import check_quantized
+from monai_effq.bundle import check_quantize_finished, check_quantized
 from monai_effq.utils.errors import UserInputError
 
 
@@ -40,3 +40,10 @@ def test_an_unfinished_runs_journal_beside_the_checkpoint_is_refused_saying_how_
     journal.mkdir()
     with pytest.raises(UserInputError, match="did not finish.*rerun the same quantize command to resume"):
         check_quantized(checkpoint, small_unet())
+
+
+def test_an_fp_state_dict_given_as_the_quantized_checkpoint_is_refused_before_the_fp_pass(tmp_path):
+    # the evaluate workflows call check_quantize_finished before their FP evaluator runs
+    torch.save(small_unet().state_dict(), tmp_path / "model.pt")
+    with pytest.raises(UserInputError, match="model.pt is not a monai-effq quantized checkpoint"):
+        check_quantize_finished(tmp_path / "model.pt")
