@@ -308,6 +308,35 @@ class _Above:
         return x > self.threshold
 
 
+class _CheckLabelGrid(MapTransform):
+    """Refuse a case whose label has another spatial shape than its image, naming both files.
+
+    The bundles check this from the headers before they run (``validate_datalist``); a datalist of the
+    user's own given to these transforms is not, and MONAI's padding and cropping would then align
+    label and image by their corners, training or scoring on a label that lies beside its anatomy.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(keys="label", allow_missing_keys=True)
+
+    def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> Mapping[Hashable, NdarrayOrTensor]:
+        """``data`` unchanged, when its label (if any) has its image's spatial shape.
+
+        Raises:
+            DatasetError: naming the label and image files and their shapes.
+        """
+        for key in self.key_iterator(data):
+            label, image = tuple(data[key].shape[1:]), tuple(data["image"].shape[1:])
+            if label != image:
+                raise DatasetError(
+                    f"label {_source_name(data, key, data[key])} is {'x'.join(map(str, label))} voxels but its image "
+                    f"{_source_name(data, 'image', data['image'])} is {'x'.join(map(str, image))}: image and label must be "
+                    "on the same grid (export the label from the image, or resample it onto the image with "
+                    "nearest-neighbour interpolation)."
+                )
+        return data
+
+
 class _CheckBodyFound(MapTransform):
     """Refuse an image that the body crop (voxels above ``threshold`` HU) left empty, naming its file.
 
@@ -478,6 +507,8 @@ def _loading(check: Transform | None, with_label: bool, seg_labels: SegLabels | 
         EnsureChannelFirstd(**both),
         CheckFinited(keys=("image",)),
     ]
+    if with_label:
+        steps.append(_CheckLabelGrid())
     if check is not None and with_label:
         steps.append(check)
     # labels=None: axis names from the MetaTensor's space (RAS for nibabel); also silences a MONAI 1.5+ warning

@@ -15,7 +15,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_effq.data.calibration import calibration_windows, check_roi_size, window_size
 from monai_effq.ptq.attention import check_task
-from monai_effq.ptq.checkpoint import checkpoint_fingerprint, load_quantized, save_quantized
+from monai_effq.ptq.checkpoint import load_quantized, save_quantized
 from monai_effq.ptq.config import EfficientQConfig
 from monai_effq.ptq.graph import probe_network
 from monai_effq.ptq.journal import journal_path, remove_journal
@@ -278,22 +278,13 @@ def require_quantized_checkpoint(path: str | Path) -> None:
 class QuantizedCheckpointLoader:
     """Replaces an engine's FP network by the quantized one stored in a checkpoint, when it starts.
 
-    The file is read once when the handler is built, so that a damaged file or one that is not a
-    quantized checkpoint (an FP ``model.pt`` given as ``--quantized_path``) is named before any
-    evaluation runs: the evaluate workflow runs its FP evaluator first.
-
     Args:
         load_path: a file written by :func:`monai_effq.save_quantized`.
         map_location: device for the quantized network, e.g. ``"cpu"``.
-
-    Raises:
-        MissingInputError: when the file is missing.
-        UserInputError: when it is damaged or not a quantized checkpoint.
     """
 
     def __init__(self, load_path: str | Path, map_location: str | torch.device | None = None) -> None:
         require_quantized_checkpoint(load_path)
-        checkpoint_fingerprint(load_path)
         self.load_path = load_path
         self.map_location = map_location
 

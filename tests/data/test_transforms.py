@@ -297,6 +297,18 @@ def test_a_ct_with_no_voxel_above_minus_500_hu_is_refused_after_the_body_crop_na
         Dataset([{"image": str(shifted)}], lits_transforms(train=False, with_label=False))[0]
 
 
+@pytest.mark.parametrize("dataset", ["lits", "brats"])
+def test_a_label_on_another_grid_than_its_image_is_refused_naming_both_instead_of_padded_into_place(tmp_path, data, dataset):
+    case = load_datalist(data[dataset])[0]
+    source = nib.load(case["label"])
+    short = tmp_path / "label.nii.gz"  # two slices fewer than the image: padding would shift it against the anatomy
+    nib.save(nib.Nifti1Image(np.asanyarray(source.dataobj)[..., :-2], source.affine), short)
+    pipeline = lits_transforms(train=True, roi_size=(16, 16, 8)) if dataset == "lits" else brats_transforms("native", train=True, roi_size=(16, 16, 8))
+    shape = "x".join(map(str, (*SHAPE[:2], SHAPE[2] - 2)))
+    with pytest.raises(DatasetError, match=rf"label .*label\.nii\.gz is {shape} voxels but its image .* is {'x'.join(map(str, SHAPE))}"):
+        pipeline({"image": case["image"], "label": str(short)})
+
+
 def test_nan_voxels_in_one_brats_contrast_are_blamed_on_that_contrasts_file_not_the_first(tmp_path, data):
     case = load_datalist(data["brats"])[0]
     t1 = nib.load(case["image"][1])

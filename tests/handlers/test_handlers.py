@@ -95,12 +95,6 @@ def test_checkpoint_loader_replaces_the_fp_network_when_the_engine_starts(net, t
         assert torch.equal(evaluator.network(x), calibrator.network(x))
 
 
-def test_checkpoint_loader_refuses_an_fp_state_dict_when_it_is_built_before_any_evaluation(net, tmp_path):
-    torch.save(net.state_dict(), tmp_path / "model.pt")
-    with pytest.raises(UserInputError, match="model.pt is not a monai-effq quantized checkpoint"):
-        QuantizedCheckpointLoader(tmp_path / "model.pt")
-
-
 def test_batch_images_reads_collated_and_decollated_batches():
     collated = {"image": torch.ones(2, 1, 4, 4, 4)}
     decollated = [{"image": torch.ones(1, 4, 4, 4)}, {"image": torch.zeros(1, 4, 4, 4)}]

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow, run
+from monai.networks.nets import UNet
 from monai.transforms import LoadImage
 
+from monai_effq import EfficientQConfig, quantize, save_quantized
 from monai_effq.bundle import EXPORTED_FROM
 from monai_effq.data import DatasetError
 from monai_effq.data.dicom_seg import SegLabels, load_seg, read_seg_labels
@@ -329,7 +331,10 @@ def test_serving_refuses_a_bundle_whose_evaluator_would_never_run_the_quantized_
     config = json.loads((root / "configs" / "inference.json").read_text())
     config["evaluator"]["val_handlers"] = [{"_target_": "StatsHandler", "iteration_log": False}]  # not "@handlers"
     (root / "configs" / "inference.json").write_text(json.dumps(config))
-    (root / "models" / f"model_{TAG}.pt").write_bytes(b"")  # the loaders check only that it exists, when built
+    # a whole quantized checkpoint (of any network: which one is checked once the FP weights are loaded)
+    config = EfficientQConfig(method="rtn", attention=False)
+    small = UNet(3, 1, 2, channels=(4, 8), strides=(2,), num_res_units=0).eval()
+    save_quantized(quantize(small, torch.rand(1, 1, 8, 8, 8), config, progress=False), root / "models" / f"model_{TAG}.pt")
     for overlay in ("inference", "openvino"):
         with pytest.raises(RuntimeError) as refused:
             workflow(root, [str(root / "configs" / "inference.json"), str(overlay_path(overlay))])
