@@ -170,6 +170,13 @@ def detect_layout(dataset_dir: str | os.PathLike) -> str:
         return brats
     if any(_LITS_VOLUME.match(p.name) for p in root.rglob("volume-*.nii*")):
         return "lits"
+    test_volume = next((p for p in sorted(root.rglob("test-volume-*.nii*")) if _LITS_VOLUME.match(p.name[5:])), None)
+    if test_volume is not None:
+        # LiTS' test release names its volumes test-volume-N and ships no segmentations
+        raise DatasetError(
+            f"{root} holds LiTS' unlabelled test release ({test_volume.name}, ...), which --dataset_dir does not take: "
+            f"{_UNLABELLED} \"[{{'image': '{test_volume}'}}]\"."
+        )
     raise DatasetError(
         f"could not recognise the dataset layout of {root}: expected dataset.json (Decathlon), "
         f"{_BRATS_EXPECTED}, {_BRATS2023_EXPECTED}, or {_LITS_EXPECTED}."

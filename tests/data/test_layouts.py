@@ -252,6 +252,12 @@ def test_an_unlabelled_lits_or_brats_release_says_to_segment_its_images_with_dat
         seg.unlink()
     with pytest.raises(DatasetError, match=r"BraTS20_Training_001 has no 'seg' file: .*; to segment unlabelled images, pass them"):
         load_datalist(brats)
+    release = tmp_path / "lits_test_release"  # as LiTS ships it: test-volume-N.nii
+    release.mkdir()
+    shutil.copy(data["lits"] / "volume-0.nii", release / "test-volume-0.nii")
+    expected = r"holds LiTS' unlabelled test release \(test-volume-0\.nii, \.\.\.\).*pass them to inference with --datalist"
+    with pytest.raises(DatasetError, match=expected):
+        load_datalist(release)
 
 
 def test_an_empty_folder_says_which_files_were_looked_for(tmp_path):
