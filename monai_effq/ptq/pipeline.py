@@ -275,8 +275,9 @@ class _Run:
         if body_mask is None:
             return None
         if isinstance(body_mask, (list, tuple)):
-            if not self.concatenated:
+            if len(body_mask) > 1 and not self.concatenated:  # batches of different shapes: one mask each
                 return list(body_mask)
+            # one batch (QuantizationHandler's list of one) may still be cut into chunks below
             body_mask = torch.cat([torch.as_tensor(m) for m in body_mask])
         if self.chunks > 1:
             body_mask = torch.as_tensor(body_mask)

@@ -228,6 +228,13 @@ def prepare_network(
             ", ".join(f"{name}: {count} calls" for name, count in probe.calls.items()),
             "it is" if len(probe.calls) == 1 else "they are",
         )
+    if not plans:
+        # the scan and the solver have nothing to calibrate: refused here, where the reason is known
+        raise UserInputError(
+            f"the configuration leaves none of the network's {len(probe.order)} quantizable layers to quantize: skip "
+            f"{config.skip} covers them{', and ' + ', '.join(probe.calls) + ' run more than once per pass' if probe.calls else ''}; "
+            "narrow skip to the layers that must stay in floating point."
+        )
     ran = set(probe.order)
     idle = [name for name, module in net.named_modules() if name and isinstance(module, SUPPORTED_LAYERS) and name not in ran]
     if idle:

@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+from monai.networks.nets import UNet
 
 from monai_effq import EfficientQConfig, quantize
 from monai_effq.data import calibration_windows
@@ -104,6 +105,21 @@ def test_chunked_and_single_pass_calibration_see_the_same_voxels(trained_unet):
     one = quantize(trained_unet, calib, EfficientQConfig(**cfg), progress=False)
     chunked = quantize(trained_unet, calib, EfficientQConfig(**cfg, target_memory_mib=1), progress=False)
     assert [r.voxels for r in one.report.layers] == [r.voxels for r in chunked.report.layers]
+
+
+def test_a_body_mask_given_as_a_list_of_one_follows_its_batch_into_chunks():
+    # QuantizationHandler passes one mask per batch; a batch whose largest layer output (4 x 32^3 floats
+    # per window here) is over target_memory_mib is cut into chunks, each with its part of the mask
+    torch.manual_seed(0)
+    net = UNet(3, 1, 3, channels=(4, 8, 16), strides=(2, 2), num_res_units=1).eval()
+    calib = torch.randn(4, 1, 32, 32, 32, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(4, 32, 32, 32, dtype=torch.bool)
+    mask[:, 4:28, 4:28, 4:28] = True
+    config = EfficientQConfig(weight_bits=4, method="gptq", target_memory_mib=1)
+    as_tensor = quantize(net, calib, config, body_mask=mask, progress=False)
+    as_list = quantize(net, [calib], config, body_mask=[mask], progress=False)
+    with torch.no_grad():
+        assert torch.equal(as_list.network(calib[:1]), as_tensor.network(calib[:1]))
 
 
 def test_holdout_masks_hold_out_whole_windows_or_a_slab_of_each_window_when_there_are_few():
