@@ -59,6 +59,7 @@ __all__ = [
     "FORMAT",
     "NOT_A_STATE_DICT",
     "READABLE_FORMATS",
+    "architecture_table",
     "checkpoint_fingerprint",
     "load_quantized",
     "load_quantized_result",
@@ -127,7 +128,7 @@ _ARCHITECTURE_SETTINGS = (
 )
 
 
-def _architecture(network: nn.Module) -> dict[str, list]:
+def architecture_table(network: nn.Module) -> dict[str, list]:
     """The network's ``torch.nn`` leaf modules by name, each as its class name and its :data:`_ARCHITECTURE_SETTINGS`.
 
     Only torch's own leaves count: their classes and settings are torch's (a MONAI block renamed between
@@ -232,7 +233,7 @@ def _payload(result: QuantizationResult) -> dict[str, Any]:
         "layers": layers,
         "norm_inputs": norm_inputs,
         "state": rest,
-        "architecture": _architecture(net),
+        "architecture": architecture_table(net),
         "provenance": versions(),
     }
     return {
@@ -427,7 +428,7 @@ def load_quantized_result(path: str | os.PathLike, network: nn.Module) -> Quanti
             f"quantized checkpoint {path} does not match this network architecture: {e}. Build the network "
             "with the same arguments as when it was quantized."
         ) from e
-    differences = _architecture_differences(meta["architecture"], _architecture(net)) if "architecture" in meta else []
+    differences = _architecture_differences(meta["architecture"], architecture_table(net)) if "architecture" in meta else []
     if differences:  # files written before the table have none: their keys and shapes were all that was checked
         raise UserInputError(
             f"quantized checkpoint {path} was quantized from a network built otherwise than this one: "

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from monai_effq.ptq.graph import hooks
-from monai_effq.ptq.modules import QuantizedLayer
+from monai_effq.ptq.modules import QuantizedLayer, shared_input_quantizer
 from monai_effq.quant.packing import packed_nbytes
 from monai_effq.solver.layers import SUPPORTED_LAYERS
 
@@ -93,12 +93,18 @@ def activation_footprint(network: nn.Module, batch: torch.Tensor) -> ActivationF
         the :class:`ActivationFootprint`.
     """
     fp32, quantized = 0, 0
+    # a residual unit that rounds its input once for its first layer and its skip (share_skip_rounding):
+    # that layer has no quantizer of its own and reads the unit's rounded tensor, known by its id
+    rounded: dict[int, int] = {}
+
+    def record_rounded(quantizer: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        rounded[id(out)] = quantizer.grid.bits
 
     def record(module: nn.Module, args: tuple) -> None:
         nonlocal fp32, quantized
         numel = args[0].numel()
         quantizer = getattr(module, "input_quantizer", None)
-        bits = 32 if quantizer is None else quantizer.grid.bits
+        bits = rounded.get(id(args[0]), 32) if quantizer is None else quantizer.grid.bits
         fp32 = max(fp32, 4 * numel)
         quantized = max(quantized, packed_nbytes(numel, bits) if bits <= 8 else 4 * numel)
 
@@ -107,6 +113,9 @@ def activation_footprint(network: nn.Module, batch: torch.Tensor) -> ActivationF
     for module in network.modules():
         if isinstance(module, QuantizedLayer) or (isinstance(module, SUPPORTED_LAYERS) and id(module) not in inner):
             handles.append(module.register_forward_pre_hook(record))
+        shared = shared_input_quantizer(module)
+        if shared is not None and hasattr(shared, "grid"):
+            handles.append(shared.register_forward_hook(record_rounded))
     with hooks(handles):
         network(batch)
     return ActivationFootprint(fp32, quantized)

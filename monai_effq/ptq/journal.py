@@ -52,6 +52,7 @@ _WHAT = {
     "format": "journal format",
     "config": "config",
     "fp_weights": "FP weights",
+    "architecture": "network architecture",
     "calibration": "calibration data",
     "body_mask": "body mask",
     "task": "task",
@@ -94,8 +95,8 @@ class QuantizationJournal:
 
     Args:
         path: the folder (created if missing; on rank 0 only).
-        fingerprints: what decides the result, by name (``config``, ``fp_weights``, ``calibration``,
-            ``body_mask``, ``task``); a journal whose manifest differs is discarded.
+        fingerprints: what decides the result, by name (``config``, ``fp_weights``, ``architecture``,
+            ``calibration``, ``body_mask``, ``task``); a journal whose manifest differs is discarded.
 
     Example::
 

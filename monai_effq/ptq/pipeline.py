@@ -26,13 +26,14 @@ from monai.utils import optional_import
 
 from monai_effq.ptq.attention import ClassAttention
 from monai_effq.ptq.batch_invariance import WindowByWindow
+from monai_effq.ptq.checkpoint import architecture_table
 from monai_effq.ptq.config import EfficientQConfig, LayerPlan
 from monai_effq.ptq.graph import StopForward, hooks, set_submodule
 from monai_effq.ptq.journal import QuantizationJournal
 from monai_effq.ptq.mirroring import mirror_count, mirror_images, mirror_masks
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, quantized_layer_class
 from monai_effq.ptq.norm_inputs import quantize_norm_inputs
-from monai_effq.ptq.prepare import prepare_network, quantizable_network
+from monai_effq.ptq.prepare import eager_network, prepare_network, quantizable_network
 from monai_effq.ptq.report import LayerReport, QuantizationReport, reset_peak_memory, source_fingerprints
 from monai_effq.ptq.result import QuantizationResult, finish_report, float_weights, state_bytes
 from monai_effq.ptq.skip_rounding import share_skip_roundings
@@ -757,13 +758,16 @@ def quantize(
         raise UserInputError(f"config must be an EfficientQConfig or a dict of its fields, got a {type(config).__name__}.")
     t0 = time.perf_counter()
     reset_peak_memory()
+    fp_bytes = state_bytes(eager_network(network))  # as given: a float16 network is quantized from a float32 copy
     network = quantizable_network(network)
     batches = _as_batches(calibration)
     sources = source_fingerprints(network, config.to_dict(), _calibration_fingerprint(batches))
     if journal is not None:
         # the fingerprints of all ranks' windows: a journal resumes under any number of ranks
         masks = [] if body_mask is None else [torch.as_tensor(m) for m in (body_mask if isinstance(body_mask, (list, tuple)) else [body_mask])]
-        journal = QuantizationJournal(journal, {**sources, "body_mask": _calibration_fingerprint(masks), "task": task})
+        # the architecture too: a network rebuilt with other settings (GroupNorm groups) keeps its weights' fingerprint
+        fingerprints = {**sources, "architecture": fingerprint_json(architecture_table(network))}
+        journal = QuantizationJournal(journal, {**fingerprints, "body_mask": _calibration_fingerprint(masks), "task": task})
     if config.calibration_flips:
         batches, body_mask = _with_mirror_images(batches, body_mask)
     run = _Run(network, batches, config, journal)
@@ -789,7 +793,7 @@ def quantize(
         shared = share_skip_roundings(qnet)
         if shared:
             logger.info("%d residual units round their input once for the first layer and the skip: %s", len(shared), ", ".join(shared))
-    finish_report(report, qnet, state_bytes(network), time.perf_counter() - t0)
+    finish_report(report, qnet, fp_bytes, time.perf_counter() - t0)
     left = float_weights(qnet, report.skipped)
     report.float_weights = list(left)
     logger.info(report.summary())

@@ -154,7 +154,7 @@ class QuantizationReport:
     Attributes:
         layers: one :class:`LayerReport` per quantized layer, in execution order.
         method: the solver method.
-        fp_bytes: bytes of the FP network's parameters and buffers.
+        fp_bytes: bytes of the FP network's parameters and buffers, in the precision it was given in.
         quantized_bytes: bytes once quantized (packed codes, scales, FP remainder).
         weight_fp_bytes: bytes of every weight layer's weights at 32 bits.
         weight_packed_bytes: the same weights as stored: codes packed at their bits.

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from monai.networks.blocks import ResidualUnit
 
 from monai_effq import EfficientQConfig, quantize
 from monai_effq.ptq import activation_footprint, weight_footprint
@@ -48,3 +49,23 @@ def test_the_activation_footprint_is_the_largest_layer_input_at_32_bits_and_at_i
     assert q.fp32_bytes == 4 * middle
     assert q.quantized_bytes == math.ceil(middle * 6 / 8)
     assert q.ratio == pytest.approx(32 / 6, rel=1e-3)
+
+
+def test_an_input_rounded_once_by_its_residual_unit_is_counted_at_its_bits():
+    # share_skip_rounding moves the unit's first layer's input rounding to the unit: the layer reads 8 bits still
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv3d(1, 16, 3, stride=2, padding=1)
+            self.unit = ResidualUnit(3, 16, 16, subunits=1)  # identity skip; its input, 16 x 8^3, is the largest
+            self.head = nn.Conv3d(16, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.unit(torch.relu(self.stem(x))))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 16, 16, 16)
+    result = quantize(Net().eval(), x, EfficientQConfig(method="rtn", share_skip_rounding=True), progress=False)
+    assert result.network.unit.conv.unit0.conv.input_quantizer is None  # the rounding moved to the unit
+    footprint = activation_footprint(result.network, x[:1])
+    assert footprint.quantized_bytes == 16 * 8**3 and footprint.ratio == 4.0

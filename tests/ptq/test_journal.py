@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from monai.networks.nets import UNet
+from monai.networks.nets import SegResNet, UNet
 
 from monai_effq import EfficientQConfig, quantize, save_quantized
 from monai_effq.ptq import QuantizedLayer
@@ -147,6 +147,22 @@ def test_changed_input_starts_afresh_saying_what_changed(small_run, tmp_path, ca
         resumed = quantize(net, calibration, config, progress=False, journal=tmp_path / "j", body_mask=mask)
     assert any(f"({what} changed)" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
     fresh = quantize(net, calibration, config, progress=False, body_mask=mask)
+    assert all(torch.equal(a, b) for a, b in zip(_codes(resumed), _codes(fresh)))
+
+
+def test_a_network_rebuilt_with_other_settings_and_the_same_weights_starts_afresh(tmp_path, caplog):
+    def segresnet(groups: int) -> torch.nn.Module:
+        torch.manual_seed(0)  # the same weights: GroupNorm's groups change no parameter
+        net = SegResNet(3, init_filters=8, in_channels=1, out_channels=2, blocks_down=(1, 1), blocks_up=(1,), norm=("group", {"num_groups": groups}))
+        return net.eval()
+
+    calibration = torch.randn(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    config = EfficientQConfig(method="gptq")
+    quantize(segresnet(8), calibration, config, progress=False, journal=tmp_path / "j")
+    with caplog.at_level(logging.INFO, logger="monai_effq"):
+        resumed = quantize(segresnet(4), calibration, config, progress=False, journal=tmp_path / "j")
+    assert any("(network architecture changed)" in r.getMessage() for r in caplog.records)
+    fresh = quantize(segresnet(4), calibration, config, progress=False)
     assert all(torch.equal(a, b) for a, b in zip(_codes(resumed), _codes(fresh)))
 
 

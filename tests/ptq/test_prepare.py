@@ -7,6 +7,7 @@ import torch.nn as nn
 from monai_effq import EfficientQConfig, quantize
 from monai_effq.ptq.graph import execution_order, find_foldable_batchnorms, probe_network
 from monai_effq.ptq.prepare import prepare_network
+from monai_effq.ptq.result import state_bytes
 from monai_effq.utils.errors import UserInputError
 
 
@@ -303,6 +304,8 @@ def test_a_half_precision_network_is_quantized_from_an_exact_float32_copy_and_sa
     reference = quantize(_net().to(dtype).float(), x.float(), config, progress=False)
     with torch.no_grad():
         assert torch.equal(q.network(x.float()), reference.network(x.float()))
+    # the report sizes the network as the user has it, two bytes a weight, not as the float32 copy
+    assert q.report.fp_bytes == state_bytes(half) < reference.report.fp_bytes
 
 
 def test_a_compiled_network_is_quantized_as_the_module_it_compiles_and_says_so(caplog):
