@@ -765,9 +765,13 @@ def quantize(
     if journal is not None:
         # the fingerprints of all ranks' windows: a journal resumes under any number of ranks
         masks = [] if body_mask is None else [torch.as_tensor(m) for m in (body_mask if isinstance(body_mask, (list, tuple)) else [body_mask])]
-        # the architecture too: a network rebuilt with other settings (GroupNorm groups) keeps its weights' fingerprint
-        fingerprints = {**sources, "architecture": fingerprint_json(architecture_table(network))}
-        journal = QuantizationJournal(journal, {**fingerprints, "body_mask": _calibration_fingerprint(masks), "task": task})
+        journal = QuantizationJournal(journal, {
+            **sources,
+            # a network rebuilt with other settings (GroupNorm groups) keeps its weights' fingerprint
+            "architecture": fingerprint_json(architecture_table(network)),
+            "body_mask": _calibration_fingerprint(masks),
+            "task": task,
+        })
     if config.calibration_flips:
         batches, body_mask = _with_mirror_images(batches, body_mask)
     run = _Run(network, batches, config, journal)

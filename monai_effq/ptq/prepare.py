@@ -230,10 +230,12 @@ def prepare_network(
         )
     if not plans:
         # the scan and the solver have nothing to calibrate: refused here, where the reason is known
+        reasons = [f"skip {config.skip} covers them"] if config.skip else []
+        if probe.calls:
+            reasons.append(f"{', '.join(probe.calls)} run more than once per forward pass (give each use its own module)")
         raise UserInputError(
-            f"the configuration leaves none of the network's {len(probe.order)} quantizable layers to quantize: skip "
-            f"{config.skip} covers them{', and ' + ', '.join(probe.calls) + ' run more than once per pass' if probe.calls else ''}; "
-            "narrow skip to the layers that must stay in floating point."
+            f"none of the network's {len(probe.order)} quantizable layers is left to quantize: {'; '.join(reasons)}; "
+            "keep in floating point only the layers that must stay so."
         )
     ran = set(probe.order)
     idle = [name for name, module in net.named_modules() if name and isinstance(module, SUPPORTED_LAYERS) and name not in ran]

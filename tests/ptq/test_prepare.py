@@ -372,5 +372,5 @@ def test_a_layer_that_never_runs_on_the_calibration_input_is_named_as_kept_in_fl
 @pytest.mark.parametrize("method", ["efficientq", "rtn"])
 def test_a_skip_that_covers_every_layer_is_refused_naming_it_instead_of_failing_in_the_scan(method):
     net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 1)).eval()
-    with pytest.raises(UserInputError, match=r"leaves none of the network's 2 quantizable layers to quantize: skip \['\*'\]"):
+    with pytest.raises(UserInputError, match=r"none of the network's 2 quantizable layers is left to quantize: skip \['\*'\] covers them"):
         quantize(net, torch.rand(1, 1, 8, 8, 8), EfficientQConfig(skip=["*"], method=method, attention=False), progress=False)
