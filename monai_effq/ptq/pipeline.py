@@ -300,7 +300,8 @@ class _Run:
         (:meth:`_run_windows` would otherwise run an FP pass of its own for them before the first solve).
         """
         seen: dict[str, list[float]] = {p.name: [0, 0.0, 0.0] for p in self.plans if p.name in self.summed}  # voxels, max |x|, max |y|
-        keep = {p.name for p in self._layer_windows()[0]} if len(self.batches) == 1 else set()
+        windows = self._layer_windows()  # none where every layer is skipped and only norm inputs are rounded
+        keep = {p.name for p in windows[0]} if len(self.batches) == 1 and windows else set()
 
         def record(name: str, args: tuple, out: torch.Tensor) -> None:
             if name in seen:

@@ -228,8 +228,8 @@ def prepare_network(
             ", ".join(f"{name}: {count} calls" for name, count in probe.calls.items()),
             "it is" if len(probe.calls) == 1 else "they are",
         )
-    if not plans:
-        # the scan and the solver have nothing to calibrate: refused here, where the reason is known
+    if not plans and config.norm_input_spec is None:
+        # nothing would be quantized (rounding only the norms' inputs, with every layer skipped, is a choice)
         reasons = [f"skip {config.skip} covers them"] if config.skip else []
         if probe.calls:
             reasons.append(f"{', '.join(probe.calls)} run more than once per forward pass (give each use its own module)")

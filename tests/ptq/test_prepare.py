@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from monai_effq import EfficientQConfig, quantize
 from monai_effq.ptq.graph import execution_order, find_foldable_batchnorms, probe_network
+from monai_effq.ptq.modules import ActivationQuantizer
 from monai_effq.ptq.prepare import prepare_network
 from monai_effq.ptq.result import state_bytes
 from monai_effq.utils.errors import UserInputError
@@ -374,3 +375,10 @@ def test_a_skip_that_covers_every_layer_is_refused_naming_it_instead_of_failing_
     net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 2, 1)).eval()
     with pytest.raises(UserInputError, match=r"none of the network's 2 quantizable layers is left to quantize: skip \['\*'\] covers them"):
         quantize(net, torch.rand(1, 1, 8, 8, 8), EfficientQConfig(skip=["*"], method=method, attention=False), progress=False)
+
+
+def test_every_layer_skipped_with_the_norm_inputs_rounded_quantizes_the_norm_inputs_alone():
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.Conv3d(4, 2, 1)).eval()
+    config = EfficientQConfig(skip=["*"], quantize_norm_inputs=True)  # the scan runs: attention is on
+    result = quantize(net, torch.rand(1, 1, 8, 8, 8), config, progress=False)
+    assert result.report.layers == [] and isinstance(result.network[1].input_quantizer, ActivationQuantizer)
