@@ -94,17 +94,18 @@ def activation_footprint(network: nn.Module, batch: torch.Tensor) -> ActivationF
     """
     fp32, quantized = 0, 0
     # a residual unit that rounds its input once for its first layer and its skip (share_skip_rounding):
-    # that layer has no quantizer of its own and reads the unit's rounded tensor, known by its id
-    rounded: dict[int, int] = {}
+    # that layer has no quantizer of its own and reads the unit's rounded tensor, known by its id; the
+    # tensor is held until the pass ends, so that its id is not reused by a later tensor
+    rounded: dict[int, tuple[int, torch.Tensor]] = {}
 
     def record_rounded(quantizer: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        rounded[id(out)] = quantizer.grid.bits
+        rounded[id(out)] = (quantizer.grid.bits, out)
 
     def record(module: nn.Module, args: tuple) -> None:
         nonlocal fp32, quantized
         numel = args[0].numel()
         quantizer = getattr(module, "input_quantizer", None)
-        bits = rounded.get(id(args[0]), 32) if quantizer is None else quantizer.grid.bits
+        bits = rounded.get(id(args[0]), (32, None))[0] if quantizer is None else quantizer.grid.bits
         fp32 = max(fp32, 4 * numel)
         quantized = max(quantized, packed_nbytes(numel, bits) if bits <= 8 else 4 * numel)
 
