@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import math
-import numbers
 import os
 import re
 import shutil
@@ -48,6 +47,7 @@ from monai_effq.utils.errors import (
     UserInputError,
     check_flag,
     check_integer,
+    check_number,
     install_bundle_error_hook,
 )
 from monai_effq.utils.io import atomic_directory, atomic_write, current_umask
@@ -479,12 +479,7 @@ def cache_rate(value: Any) -> float:
         UserInputError: for anything else, naming the setting (``CacheDataset`` would cache every case for
             1.5 or 20, none for a negative value, and fail obscurely on text).
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise UserInputError(
-            f"cache_rate must be a number from 0 to 1 (the fraction of cases kept in memory: 0 keeps none, 0.2 a fifth), "
-            f"got {value!r}."
-        )
-    return float(value)
+    return check_number(value, "cache_rate", 0, 1, hint=" (the fraction of cases kept in memory: 0 keeps none, 0.2 a fifth)")
 
 
 def mask_postfix(mask_format: str) -> str:
@@ -888,9 +883,7 @@ def _check_training(learning_rate: Any, **counts: Any) -> None:
     """Each of ``counts`` a whole number of at least 1, in the order given, then ``learning_rate`` positive."""
     for name, value in counts.items():
         check_integer(value, name, low=1)
-    positive = isinstance(learning_rate, numbers.Real) and not isinstance(learning_rate, bool) and 0 < learning_rate < math.inf
-    if not positive:
-        raise UserInputError(f"learning_rate must be a positive number such as 1e-4, got {learning_rate!r}.")
+    check_number(learning_rate, "learning_rate", 0, above=True, hint=" such as 1e-4")
 
 
 def shipped_files(bundle_root: str | os.PathLike) -> dict[Path, str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import numbers
 import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
@@ -17,7 +16,7 @@ from monai_effq.quant.grid import GRID_KINDS
 from monai_effq.quant.spec import SCALE_METHODS, ActivationSpec, WeightSpec
 from monai_effq.solver.admm import AdmmSettings
 from monai_effq.solver.api import METHODS
-from monai_effq.utils.errors import UserInputError, check_flag, check_integer
+from monai_effq.utils.errors import UserInputError, check_flag, check_integer, check_number
 
 __all__ = ["EfficientQConfig", "LayerPlan", "NETWORK_INPUT_GRID", "OVERRIDE_KEYS", "match_pattern"]
 
@@ -48,15 +47,6 @@ def _parse_format(text: Any, name: str, signed: bool) -> FixedPointFormat:
         return FixedPointFormat.parse(text, signed=signed)
     except ValueError as e:
         raise UserInputError(f"{name}: {e}") from None
-
-
-def _check_number(value: Any, name: str, low: float, high: float | None = None, hint: str = "") -> float:
-    """A real-valued setting (not a bool) within ``[low, high]``; ``hint`` follows the value in the message."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not ok or not low <= float(value) <= (float("inf") if high is None else high):
-        wanted = f"a number from {low} to {high}" if high is not None else f"a number of at least {low}"
-        raise UserInputError(f"{name} must be {wanted}, got {value!r}{hint}.")
-    return float(value)
 
 
 # a sanity bound on the class weights' power p, (max n / n_c)^p: at 8 a class of a thousandth of the voxels already
@@ -312,9 +302,9 @@ class EfficientQConfig:
         self._set("skip", _check_patterns(self.skip))
         self._set(
             "attention_power",
-            _check_number(self.attention_power, "attention_power", 0.0, _MAX_ATTENTION_POWER, " (the paper uses 0.5)"),
+            check_number(self.attention_power, "attention_power", 0.0, _MAX_ATTENTION_POWER, hint=" (the paper uses 0.5)"),
         )
-        self._set("validation_fraction", _check_number(self.validation_fraction, "validation_fraction", 0.0, 0.5))
+        self._set("validation_fraction", check_number(self.validation_fraction, "validation_fraction", 0.0, 0.5))
         self._set("max_chunk_elements", check_integer(self.max_chunk_elements, "max_chunk_elements", low=1))
         self._set("target_memory_mib", check_integer(self.target_memory_mib, "target_memory_mib", low=1))
         self._set("device", _check_device(self.device))

@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -35,6 +34,7 @@ import torch
 import torch.nn as nn
 
 from monai_effq.ptq.attention import check_task
+from monai_effq.utils.errors import check_integer
 
 if TYPE_CHECKING:
     from monai_effq.qat.finetune import TrainableNetwork
@@ -107,9 +107,7 @@ def check_batch_count(count: int) -> int:
     Raises:
         ValueError: for anything but a non-negative integer.
     """
-    if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:
-        raise ValueError(f"check_batches must be a non-negative integer (0 turns the held-out check off), got {count!r}.")
-    return int(count)
+    return check_integer(count, "check_batches", low=0, hint=" (0 turns the held-out check off)")
 
 
 def end_is_better(start: HeldOutScore, end: HeldOutScore) -> bool:

@@ -24,7 +24,6 @@ import copy
 import itertools
 import logging
 import math
-import numbers
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -45,7 +44,7 @@ from monai_effq.qat.check import DEFAULT_CHECK_BATCHES, FinetuneCheck, check_bat
 from monai_effq.qat.modules import FrozenBatchNorm, TrainableQuantizedLayer
 from monai_effq.solver.layers import layer_view
 from monai_effq.solver.rounding import fit_grid
-from monai_effq.utils.errors import UserInputError
+from monai_effq.utils.errors import UserInputError, check_integer, check_number
 
 tqdm, _has_tqdm = optional_import("tqdm", name="tqdm")
 
@@ -424,16 +423,12 @@ def prepare_finetune(
             f"finetune starts from a QuantizationResult or an FP nn.Module, got {type(source).__name__}."
         )
     config = config or EfficientQConfig()
-    if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, numbers.Integral) or calibration_batches < 1:
-        raise ValueError(f"calibration_batches must be a positive integer, got {calibration_batches!r}.")
+    calibration_batches = check_integer(calibration_batches, "calibration_batches", low=1)
     return _from_network(source, calibration_batch(sample, calibration_batches), config, from_scratch)
 
 
 def _check_steps(steps: int) -> int:
-    # numbers.Integral: a count read with NumPy (np.int64) is as good as a Python int
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps <= 0:
-        raise ValueError(f"steps must be a positive integer (optimizer steps of the fine-tune), got {steps!r}.")
-    return int(steps)
+    return check_integer(steps, "steps", low=1, hint=" (optimizer steps of the fine-tune)")
 
 
 def train_steps(
@@ -598,11 +593,8 @@ def finetune(
     """
     steps = _check_steps(steps)
     device = available_device(device)
-    if isinstance(lr, bool) or not (isinstance(lr, numbers.Real) and math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}.")
-    if isinstance(weight_decay, bool) or not (isinstance(weight_decay, numbers.Real) and 0 <= weight_decay < math.inf):
-        raise ValueError(f"weight_decay must be a non-negative number (0 turns it off), got {weight_decay!r}.")
-    lr, weight_decay = float(lr), float(weight_decay)
+    lr = check_number(lr, "lr", 0, above=True)
+    weight_decay = check_number(weight_decay, "weight_decay", 0, hint=" (0 turns it off)")
     check_batches = check_batch_count(check_batches)
     sample = calibration_data
     if not isinstance(source, QuantizationResult) and sample is None:

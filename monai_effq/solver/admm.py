@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 import time
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -34,17 +33,9 @@ from monai_effq.solver.gram import LayerStatistics
 from monai_effq.solver.linalg import RowSolver, spd_inverse
 from monai_effq.solver.projection import project_onto_grid
 from monai_effq.solver.rounding import GridFit, refine_codes
-from monai_effq.utils.errors import UserInputError, check_integer
+from monai_effq.utils.errors import UserInputError, check_integer, check_number
 
 __all__ = ["AdmmSettings", "AdmmLayerSolver", "AdmmTrace"]
-
-
-def _check_real(value: Any, name: str) -> float:
-    """A setting that must be a finite real number (``bool`` and text are refused)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        hint = " (a word on the command line arrives as text: write a number)" if isinstance(value, str) else ""
-        raise UserInputError(f"{name} must be a finite number, got {value!r}{hint}.")
-    return float(value)
 
 
 @dataclass
@@ -95,12 +86,11 @@ class AdmmSettings:
             setattr(self, name, check_integer(getattr(self, name), name, low=1))
         for name in ("patience", "refine_sweeps"):
             setattr(self, name, check_integer(getattr(self, name), name, low=0))
-        for name in ("rho_start", "rho_end", "eta"):
-            setattr(self, name, _check_real(getattr(self, name), name))
-        if not 0 < self.rho_start <= self.rho_end:
-            raise UserInputError(f"need 0 < rho_start <= rho_end, got {self.rho_start} and {self.rho_end}.")
-        if self.eta < 0:
-            raise UserInputError(f"eta must be non-negative, got {self.eta}.")
+        for name in ("rho_start", "rho_end"):
+            setattr(self, name, check_number(getattr(self, name), name, 0, above=True))
+        self.eta = check_number(self.eta, "eta", 0)
+        if self.rho_start > self.rho_end:
+            raise UserInputError(f"need rho_start <= rho_end, got {self.rho_start} and {self.rho_end}.")
         if isinstance(self.lowrank, str) and self.lowrank == "auto":
             return
         if not isinstance(self.lowrank, (bool, np.bool_)):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import numbers
 import os
 import re
@@ -39,6 +40,7 @@ __all__ = [
     "all_finite",
     "check_flag",
     "check_integer",
+    "check_number",
     "check_spread",
     "debugging",
     "exception_chain",
@@ -86,7 +88,7 @@ class OutputWriteError(UserInputError, OSError):
     is read-only or another user's, or a file stands where a folder would be."""
 
 
-def check_integer(value: Any, name: str, low: int | None = None, high: int | None = None) -> int:
+def check_integer(value: Any, name: str, low: int | None = None, high: int | None = None, *, hint: str = "") -> int:
     """A setting that must be a whole number: Python and numpy integers pass, ``bool``, ``float`` and text do not.
 
     Args:
@@ -94,6 +96,7 @@ def check_integer(value: Any, name: str, low: int | None = None, high: int | Non
         name: what it is called (in the message).
         low: smallest allowed value, or ``None``.
         high: largest allowed value, or ``None``.
+        hint: text after what is wanted, e.g. ``" (0 turns the check off)"``.
 
     Returns:
         ``value`` as a Python ``int``.
@@ -108,12 +111,54 @@ def check_integer(value: Any, name: str, low: int | None = None, high: int | Non
     else:
         wanted = "an integer"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        hint = " (a word on the command line arrives as text: write a number)" if isinstance(value, str) else ""
-        raise UserInputError(f"{name} must be {wanted}, got {value!r}{hint}.")
+        text = " (a word on the command line arrives as text: write a number)" if isinstance(value, str) else ""
+        raise UserInputError(f"{name} must be {wanted}{hint}, got {value!r}{text}.")
     value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
-        raise UserInputError(f"{name} must be {wanted}, got {value}.")
+        raise UserInputError(f"{name} must be {wanted}{hint}, got {value}.")
     return value
+
+
+def check_number(
+    value: Any, name: str, low: float | None = None, high: float | None = None, *, above: bool = False, hint: str = ""
+) -> float:
+    """A setting that must be a finite real number: Python and numpy numbers pass; ``bool``, text, NaN and inf do not.
+
+    Args:
+        value: the setting.
+        name: what it is called (in the message).
+        low: smallest allowed value (``above`` excludes it), or ``None``.
+        high: largest allowed value, or ``None``.
+        above: the value must exceed ``low`` rather than reach it (a learning rate, a penalty).
+        hint: text after what is wanted, e.g. ``" such as 1e-4"`` or ``" (the paper uses 0.5)"``.
+
+    Returns:
+        ``value`` as a Python ``float``.
+
+    Raises:
+        UserInputError: naming the setting, the range and the value given.
+    """
+    if low is not None and high is not None:
+        wanted = f"a number from {low} to {high}" if not above else f"a number above {low} and at most {high}"
+    elif low == 0:
+        wanted = "a positive number" if above else "a non-negative number"
+    elif low is not None:
+        wanted = f"a number above {low}" if above else f"a number of at least {low}"
+    else:
+        wanted = "a finite number" if high is None else f"a number of at most {high}"
+    text = " (a word on the command line arrives as text: write a number)" if isinstance(value, str) else ""
+    number = math.nan
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float's range
+            pass
+    if not math.isfinite(number):
+        raise UserInputError(f"{name} must be {wanted}{hint}, got {value!r}{text}.")
+    below = low is not None and (number <= low if above else number < low)
+    if below or (high is not None and number > high):
+        raise UserInputError(f"{name} must be {wanted}{hint}, got {value!r}.")
+    return number
 
 
 def check_flag(value: Any, name: str) -> bool:

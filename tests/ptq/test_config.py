@@ -63,7 +63,7 @@ def test_bad_settings_are_named(kwargs, message):
 
 @pytest.mark.parametrize("power", [float("inf"), 1e6, 8.5])
 def test_an_infinite_or_huge_attention_power_is_refused_naming_the_setting(power):
-    with pytest.raises(UserInputError, match=rf"attention_power must be a number from 0\.0 to 8\.0, got {power!r} \(the paper uses 0\.5"):
+    with pytest.raises(UserInputError, match=rf"attention_power must be a number from 0\.0 to 8\.0 \(the paper uses 0\.5\), got {power!r}"):
         EfficientQConfig(attention_power=power)
     assert EfficientQConfig(attention_power=8).attention_power == 8.0
 

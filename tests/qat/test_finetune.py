@@ -121,7 +121,7 @@ def test_the_methods_own_formats_train_from_scratch(spheres):
 
 @pytest.mark.parametrize("steps", [0, -3, 2.5, True])
 def test_steps_must_be_a_positive_integer(spheres, steps):
-    with pytest.raises(ValueError, match="steps must be a positive integer"):
+    with pytest.raises(ValueError, match=r"steps must be an integer of at least 1 \(optimizer steps"):
         finetune(_unet(), spheres, FIXED, steps=steps)
 
 
@@ -186,7 +186,7 @@ def test_a_multilabel_ptq_result_fine_tunes_without_repeating_its_task(trained_u
 
 
 def test_check_batches_must_be_a_non_negative_integer(spheres):
-    with pytest.raises(ValueError, match="check_batches must be a non-negative integer"):
+    with pytest.raises(ValueError, match=r"check_batches must be an integer of at least 0 \(0 turns"):
         finetune(_unet(), spheres, FIXED, steps=1, check_batches=-1)
     with pytest.raises(ValueError, match="weight_decay must be a non-negative number"):
         finetune(_unet(), spheres, FIXED, steps=1, weight_decay=-1e-5)

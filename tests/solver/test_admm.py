@@ -134,8 +134,8 @@ def test_only_scored_iterates_count_towards_the_stall_rule(make_layer):
         ({"stall_patience": 0}, "stall_patience must be an integer of at least 1, got 0"),
         ({"iterations": float("nan")}, "iterations must be an integer of at least 1, got nan"),
         ({"refine_sweeps": 1.5}, "refine_sweeps must be an integer of at least 0, got 1.5"),
-        ({"eta": float("inf")}, "eta must be a finite number, got inf"),
-        ({"rho_end": "80"}, "rho_end must be a finite number, got '80'"),
+        ({"eta": float("inf")}, "eta must be a non-negative number, got inf"),
+        ({"rho_end": "80"}, "rho_end must be a positive number, got '80' .*arrives as text"),
     ],
 )
 def test_admm_settings_of_the_wrong_type_are_refused_by_name(kwargs, message):

@@ -149,9 +149,9 @@ def test_the_final_refinement_lowers_the_error_of_admms_iterate(make_layer):
         ({"refine_sweeps": -1}, "refine_sweeps must be an integer of at least 0, got -1"),
         ({"iterations": 0}, "iterations must be an integer of at least 1, got 0"),
         ({"rho_every": 0}, "rho_every must be an integer of at least 1, got 0"),
-        ({"eta": -1.0}, "eta must be non-negative, got -1.0"),
-        ({"rho_start": 100.0}, "need 0 < rho_start <= rho_end, got 100.0 and 80.0"),
-        ({"rho_start": 0.0}, "need 0 < rho_start <= rho_end"),
+        ({"eta": -1.0}, "eta must be a non-negative number, got -1.0"),
+        ({"rho_start": 100.0}, "need rho_start <= rho_end, got 100.0 and 80.0"),
+        ({"rho_start": 0.0}, "rho_start must be a positive number, got 0.0"),
     ],
 )
 def test_admm_settings_out_of_range_are_refused_by_name(kwargs, message):

@@ -2,6 +2,7 @@ import logging
 import sys
 import traceback
 
+import numpy as np
 import pytest
 import torch
 
@@ -10,6 +11,8 @@ from monai_effq.utils.errors import (
     MissingInputError,
     UserInputError,
     all_finite,
+    check_integer,
+    check_number,
     check_spread,
     find_user_error,
     install_bundle_error_hook,
@@ -146,3 +149,34 @@ def test_a_reference_no_config_file_defines_is_a_users_error_naming_it_in_the_ha
         "the config refers to @inferer#roi_size, which none of its files defines: define it in one of the --config_file files "
         "or pass --inferer#roi_size on the command line"
     )
+
+
+@pytest.mark.parametrize(
+    "value,kwargs,message",
+    [
+        (True, {}, "x must be a finite number, got True"),
+        ("0.5", {}, r"x must be a finite number, got '0.5' \(a word on the command line arrives as text"),
+        (float("nan"), {"low": 0, "high": 1}, "x must be a number from 0 to 1, got nan"),
+        (float("inf"), {"low": 0}, "x must be a non-negative number, got inf"),
+        (10**400, {}, "x must be a finite number, got 1000"),
+        (0.0, {"low": 0, "above": True, "hint": " such as 1e-4"}, "x must be a positive number such as 1e-4, got 0.0"),
+        (-0.5, {"low": 0}, "x must be a non-negative number, got -0.5"),
+        (1.5, {"low": 0, "high": 1}, "x must be a number from 0 to 1, got 1.5"),
+        (2, {"low": 2, "above": True}, "x must be a number above 2, got 2"),
+        (9, {"high": 8}, "x must be a number of at most 8, got 9"),
+    ],
+)
+def test_check_number_refuses_what_is_not_a_finite_number_in_range_naming_setting_range_and_value(value, kwargs, message):
+    with pytest.raises(UserInputError, match=message):
+        check_number(value, "x", **kwargs)
+
+
+def test_check_number_returns_python_floats_for_numpy_numbers_and_ints_at_the_bounds():
+    assert check_number(np.float32(0.25), "x", 0, 1) == 0.25 and type(check_number(np.float32(0.25), "x")) is float
+    assert check_number(0, "x", 0) == 0.0 and check_number(1, "x", 0, 1) == 1.0
+    assert check_number(np.int64(3), "x", 0, above=True) == 3.0
+
+
+def test_check_integer_puts_the_hint_after_what_it_wants():
+    with pytest.raises(UserInputError, match=r"n must be an integer of at least 1 \(a count\), got 0\."):
+        check_integer(0, "n", low=1, hint=" (a count)")
