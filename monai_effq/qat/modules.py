@@ -24,7 +24,9 @@ __all__ = ["TrainableQuantizedLayer", "FrozenBatchNorm", "straight_through"]
 
 def straight_through(x: torch.Tensor, projected: torch.Tensor) -> torch.Tensor:
     """``projected`` in the forward pass, the identity's gradient to ``x`` in the backward pass."""
-    return x + (projected - x).detach()
+    # not x + (projected - x).detach(): in floating point that misses projected by a few ulps once |x| > 2|projected|
+    # (a shadow weight past the clip), so the network trained and scored would not be the frozen one
+    return projected + (x - x.detach())
 
 
 class TrainableQuantizedLayer(nn.Module):
