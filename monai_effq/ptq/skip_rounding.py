@@ -22,7 +22,7 @@ from monai.networks.blocks import ResidualUnit
 
 from monai_effq.ptq.modules import ActivationQuantizer, quantize_shared_input, shared_input_quantizer
 
-__all__ = ["SHARED_SKIP_MIN_BITS", "share_skip_roundings"]
+__all__ = ["SHARED_SKIP_MIN_BITS", "share_skip_roundings", "shared_layer_inputs"]
 
 # the narrowest input grid whose rounding the identity skip takes on (see the module docstring)
 SHARED_SKIP_MIN_BITS = 8
@@ -64,3 +64,23 @@ def share_skip_roundings(network: nn.Module) -> list[str]:
         quantize_shared_input(unit, quantizer)
         shared.append(name)
     return shared
+
+
+def shared_layer_inputs(network: nn.Module) -> dict[str, nn.Module]:
+    """The layers whose input rounding :func:`share_skip_roundings` moved to their unit, with that rounding.
+
+    Args:
+        network: a quantized network.
+
+    Returns:
+        ``{layer name: the unit's shared input quantizer}`` (the layer's own ``input_quantizer`` is ``None``).
+    """
+    names = {id(module): name for name, module in network.named_modules()}
+    out = {}
+    for unit in network.modules():
+        quantizer = shared_input_quantizer(unit)
+        if quantizer is not None and isinstance(unit, ResidualUnit):
+            layer = _first_layer(unit.conv)
+            if id(layer) in names and getattr(layer, "input_quantizer", None) is None:
+                out[names[id(layer)]] = quantizer
+    return out

@@ -21,6 +21,7 @@ Phases, each a call:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import logging
 import math
@@ -39,7 +40,7 @@ from monai_effq.ptq.norm_inputs import quantize_norm_inputs
 from monai_effq.ptq.prepare import available_device, prepare_network, quantizable_network
 from monai_effq.ptq.result import QuantizationResult, finish_report, state_bytes
 from monai_effq.ptq.report import LayerReport, QuantizationReport
-from monai_effq.ptq.skip_rounding import share_skip_roundings
+from monai_effq.ptq.skip_rounding import share_skip_roundings, shared_layer_inputs
 from monai_effq.qat.check import DEFAULT_CHECK_BATCHES, FinetuneCheck, check_batch_count, draw_windows
 from monai_effq.qat.modules import FrozenBatchNorm, TrainableQuantizedLayer
 from monai_effq.solver.layers import layer_view
@@ -198,27 +199,24 @@ class TrainableNetwork:
             p.requires_grad_(False)
         base = self.base_report
         by_name = {r.name: r for r in base.layers} if base is not None else {}
+        # a unit's first layer whose input rounding the unit took over (share_skip_rounding) still reads that grid
+        shared = shared_layer_inputs(net)
         layers = []
         for name in self.order:
             module = net.get_submodule(name)
-            aq = module.input_quantizer
-            ptq = by_name.get(name)
-            nan = float("nan")
+            aq = module.input_quantizer if module.input_quantizer is not None else shared.get(name)
+            # The layer errors, calibration counts and solver choice are the PTQ solve's (before training); training
+            # optimises the loss.
+            nan = math.nan
+            ptq = by_name.get(name) or LayerReport(name, "", 0, None, None, 0, nan, nan, nan, seconds=0.0, solve_seconds=0.0)
             layers.append(
-                LayerReport(
-                    name=name,
+                dataclasses.replace(
+                    ptq,
                     kind=type(module).__name__,
                     weight_bits=module.grid.bits,
                     act_bits=None if aq is None else aq.grid.bits,
                     act_grid=None if aq is None else aq.grid.kind,
                     params=module.codes.numel(),
-                    # The layer errors are the PTQ solve's (before training); training optimises the loss.
-                    mse_fp=ptq.mse_fp if ptq else nan,
-                    mse_rtn=ptq.mse_rtn if ptq else nan,
-                    mse=ptq.mse if ptq else nan,
-                    seconds=ptq.seconds if ptq else 0.0,
-                    solve_seconds=ptq.solve_seconds if ptq else 0.0,
-                    iterations=ptq.iterations if ptq else 0,
                 )
             )
         # a fine-tune of a fine-tuned result is the same method, and keeps the earlier rounds' figures

@@ -325,3 +325,16 @@ def test_a_calibration_loader_is_read_no_further_than_the_batches_it_gives_and_a
     images = [torch.full((1, 1, 8, 8, 8), float(i)) for i in range(4)]
     assert calibration_batch(images).shape == (4, 1, 8, 8, 8)  # four image batches, not an (image, label) pair
     assert calibration_batch(images[:2]).shape == (1, 1, 8, 8, 8)  # two items are a pair, as training batches are read
+
+
+def test_the_fine_tuned_report_keeps_each_layer_s_input_grid_and_ptq_figures(trained_unet, spheres):
+    calib, _ = sphere_volumes(2, seed=5)
+    ptq = quantize(trained_unet, calib, EfficientQConfig(weight_bits=8, act_bits=8), progress=False)
+    assert all(r.act_bits is not None for r in ptq.report.layers)  # every input rounded, some by their unit
+    tuned = finetune(ptq, spheres, steps=1, lr=1e-6, check_batches=0).report.layers
+    kept = ("act_bits", "act_grid", "voxels", "effective_voxels", "unknowns", "mse_holdout", "choice", "mse")
+    assert [r.name for r in tuned] == [r.name for r in ptq.report.layers]
+    for before, after in zip(ptq.report.layers, tuned):
+        assert {k: getattr(after, k) for k in kept} == {k: getattr(before, k) for k in kept}, before.name
+    from_fp = finetune(_unet(), spheres, EfficientQConfig(weight_bits=8, act_bits=8), steps=1, lr=1e-6, check_batches=0)
+    assert [r.act_bits for r in from_fp.report.layers] == [8] * len(from_fp.report.layers)
