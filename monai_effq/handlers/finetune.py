@@ -151,8 +151,10 @@ class FinetuneHandler:
         self._check_network(engine)
         if not self.check_batches or self.check is not None:
             return
-        data = engine.data_loader if self.validation_data is None else self.validation_data
-        windows = draw_windows(data, self.check_batches)
+        if self.validation_data is None:
+            windows = draw_windows(engine.data_loader, self.check_batches, role="training")
+        else:
+            windows = draw_windows(self.validation_data, self.check_batches)
         across_ranks = _ranks(engine)[1] > 1
         self.check = FinetuneCheck(
             self.trainable, windows, engine.loss_function, self.trainable.task, self.inferer, self.trainable.reference, across_ranks

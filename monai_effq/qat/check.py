@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 from monai_effq.ptq.attention import check_task
-from monai_effq.utils.errors import check_integer
+from monai_effq.utils.errors import UserInputError, check_integer
 
 if TYPE_CHECKING:
     from monai_effq.qat.finetune import TrainableNetwork
@@ -129,18 +129,20 @@ def end_is_better(start: HeldOutScore, end: HeldOutScore) -> bool:
     return end.loss <= start.loss
 
 
-def draw_windows(data: Iterable[Any], count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def draw_windows(data: Iterable[Any], count: int, role: str = "held-out") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``count`` batches of one pass over ``data``, as ``(image, label)`` pairs.
 
     Args:
         data: labelled batches (dicts with ``"image"``/``"label"`` or ``(image, label)`` pairs).
         count: batches to take; fewer when one pass holds fewer.
+        role: ``"held-out"`` for held-out data given as such, ``"training"`` where the windows come from the
+            training data (named in the error messages).
 
     Returns:
         the windows, detached plain tensors.
 
     Raises:
-        ValueError: when ``data`` yields no batch or a batch without a label.
+        UserInputError: when ``data`` yields no batch, or a batch without a label or with non-finite images.
     """
     from monai_effq.qat.finetune import split_batch
 
@@ -148,10 +150,12 @@ def draw_windows(data: Iterable[Any], count: int) -> list[tuple[torch.Tensor, to
     for i, batch in enumerate(data):
         if i >= count:
             break
-        x, y = split_batch(batch, i)
+        x, y = split_batch(batch, i, role)
         windows.append((x.detach(), y.detach()))
     if not windows:
-        raise ValueError("the held-out data yielded no batch: pass a non-empty loader (or check_batches=0 to skip the check).")
+        if role == "training":
+            raise UserInputError("the training data yielded no batch: pass a non-empty training loader.")
+        raise UserInputError("the held-out data yielded no batch: pass a non-empty loader (or check_batches=0 to skip the check).")
     return windows
 
 

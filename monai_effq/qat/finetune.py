@@ -26,7 +26,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -45,7 +45,7 @@ from monai_effq.qat.check import DEFAULT_CHECK_BATCHES, FinetuneCheck, check_bat
 from monai_effq.qat.modules import FrozenBatchNorm, TrainableQuantizedLayer
 from monai_effq.solver.layers import layer_view
 from monai_effq.solver.rounding import fit_grid
-from monai_effq.utils.errors import UserInputError, check_integer, check_number
+from monai_effq.utils.errors import UserInputError, all_finite, check_integer, check_number
 
 tqdm, _has_tqdm = optional_import("tqdm", name="tqdm")
 
@@ -72,37 +72,49 @@ DEFAULT_LR = 1e-4
 DEFAULT_CALIBRATION_BATCHES = 4
 
 
-def split_batch(batch: Any, index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def split_batch(batch: Any, index: int = 0, role: str = "training") -> tuple[torch.Tensor, torch.Tensor]:
     """Image and label of a training batch: a dict with ``"image"``/``"label"`` or an ``(x, y)`` pair.
 
     Args:
         batch: one item of the training data.
         index: its position, for the error message.
+        role: what the batch is for (``"training"`` or ``"held-out"``), for the error message.
 
     Returns:
         ``(image, label)`` as plain tensors.
 
     Raises:
-        ValueError: when the batch carries no label.
+        UserInputError: when the batch carries no label, or NaN or Inf image values.
         TypeError: when it is neither a dict nor a pair of tensors.
     """
     if isinstance(batch, dict):
         if batch.get("label") is None:
             keys = sorted(batch)
-            raise ValueError(
-                f"training batch {index} has no 'label' (keys {keys}): quantization-aware fine-tuning needs "
-                "labelled data; pass the training loader, not the calibration or inference loader."
+            fix = (
+                "pass the training loader, not the calibration or inference loader."
+                if role == "training"
+                else "pass labelled held-out batches as validation_data."
+            )
+            raise UserInputError(
+                f"{role} batch {index} has no 'label' (keys {keys}): quantization-aware fine-tuning needs labelled data; {fix}"
             )
         x, y = batch["image"], batch["label"]
     elif isinstance(batch, (list, tuple)) and len(batch) == 2:
         x, y = batch
         if y is None:
-            raise ValueError(f"training batch {index} has no label: pass (image, label) pairs.")
+            raise UserInputError(f"{role} batch {index} has no label: pass (image, label) pairs.")
     else:
         raise TypeError(
-            f"training batch {index} is a {type(batch).__name__}; expected a dict with 'image' and 'label' or an (image, label) pair."
+            f"{role} batch {index} is a {type(batch).__name__}; expected a dict with 'image' and 'label' or an (image, label) pair."
         )
-    return torch.as_tensor(x).as_subclass(torch.Tensor).float(), torch.as_tensor(y).as_subclass(torch.Tensor)
+    image = torch.as_tensor(x).as_subclass(torch.Tensor).float()
+    # the first layer's rounding would turn a NaN into its lowest code: the loss stays finite and trains on it
+    if not all_finite(image):
+        raise UserInputError(
+            f"{role} batch {index} holds NaN or Inf image values: fix the case or leave it out of the data "
+            "(the input rounding would train on the lowest code in their place)."
+        )
+    return image, torch.as_tensor(y).as_subclass(torch.Tensor)
 
 
 def default_loss(task: str) -> nn.Module:
@@ -493,7 +505,7 @@ def _cycle(data: Iterable[Any]):
             empty = False
             yield batch
         if empty:
-            raise ValueError("the training data yielded no batch: pass a non-empty training loader.")
+            raise UserInputError("the training data yielded no batch: pass a non-empty training loader.")
 
 
 def resolve_task(known: str | None, task: str | None) -> str:
@@ -594,12 +606,17 @@ def finetune(
     lr = check_number(lr, "lr", 0, above=True)
     weight_decay = check_number(weight_decay, "weight_decay", 0, hint=" (0 turns it off)")
     check_batches = check_batch_count(check_batches)
+    if isinstance(train_data, Iterator):  # the held-out check and every epoch past the first would find it spent
+        raise UserInputError(
+            f"train_data is a one-pass iterator ({type(train_data).__name__}): pass a list of batches or a DataLoader, "
+            "which the fine-tune reads more than once."
+        )
     sample = calibration_data
     if not isinstance(source, QuantizationResult) and sample is None:
         # the first training batches, not the first one alone (see calibration_batch); checked as training batches
         sample = list(itertools.islice(train_data, DEFAULT_CALIBRATION_BATCHES))
         if not sample:
-            raise ValueError("the training data yielded no batch: pass a non-empty training loader.")
+            raise UserInputError("the training data yielded no batch: pass a non-empty training loader.")
         for i, batch in enumerate(sample):
             split_batch(batch, i)
     trainable = prepare_finetune(source, sample, config, from_scratch=from_scratch)
@@ -608,7 +625,10 @@ def finetune(
     loss_function = loss_function or default_loss(task)
     check = None
     if check_batches:
-        windows = draw_windows(train_data if validation_data is None else validation_data, check_batches)
+        if validation_data is None:
+            windows = draw_windows(train_data, check_batches, role="training")
+        else:
+            windows = draw_windows(validation_data, check_batches)
         check = FinetuneCheck(trainable, windows, loss_function, task, reference=trainable.reference)
         check.start()
     optimizer = torch.optim.Adam(trainable.parameters(), lr=lr, weight_decay=weight_decay)

@@ -13,6 +13,7 @@ from monai_effq import EfficientQConfig, finetune, load_quantized, load_quantize
 from monai_effq.ptq import QuantizedLayer
 from monai_effq.qat import FrozenBatchNorm, TrainableQuantizedLayer, prepare_finetune
 from monai_effq.quant import UniformGrid, fractional_bits
+from monai_effq.utils.errors import UserInputError
 
 from ..ptq.conftest import dice, sphere_volumes, trained_unet, validation_spheres  # noqa: F401 - the fixtures are shared with the PTQ tests
 
@@ -338,3 +339,22 @@ def test_the_fine_tuned_report_keeps_each_layer_s_input_grid_and_ptq_figures(tra
         assert {k: getattr(after, k) for k in kept} == {k: getattr(before, k) for k in kept}, before.name
     from_fp = finetune(_unet(), spheres, EfficientQConfig(weight_bits=8, act_bits=8), steps=1, lr=1e-6, check_batches=0)
     assert [r.act_bits for r in from_fp.report.layers] == [8] * len(from_fp.report.layers)
+
+
+def test_an_image_holding_nan_is_refused_naming_its_batch_instead_of_training_on_the_lowest_code(rtn_result, spheres):
+    (x, y), second = spheres
+    bad = x.clone()
+    bad[1, 0, 3, 3, 3] = float("nan")
+    for check_batches in (0, 2):
+        with pytest.raises(UserInputError, match="training batch 0 holds NaN or Inf image values"):
+            finetune(rtn_result, [(bad, y), second], steps=2, lr=1e-4, check_batches=check_batches)
+
+
+def test_held_out_and_training_data_are_named_for_what_they_are(rtn_result, spheres):
+    (x, _), _ = spheres
+    with pytest.raises(UserInputError, match="held-out batch 0 has no 'label'.*as validation_data"):
+        finetune(rtn_result, spheres, steps=1, validation_data=[{"image": x}])
+    with pytest.raises(UserInputError, match="the training data yielded no batch"):
+        finetune(rtn_result, [], steps=1)
+    with pytest.raises(UserInputError, match="train_data is a one-pass iterator \\(generator\\)"):
+        finetune(rtn_result, (batch for batch in spheres), steps=3)
