@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from monai_effq.quant.grid import UniformGrid, fake_quantize, fit_minmax
+from monai_effq.utils.errors import UserInputError, all_finite
 
 __all__ = [
     "FixedPointFormat",
@@ -158,11 +159,21 @@ def fixed_point_scale(x: torch.Tensor, grid: UniformGrid, per_channel: bool = Fa
         the scales, 0-d or of length ``x.shape[0]``.
 
     Raises:
-        ValueError: for a grid whose zero point is fitted (``asymmetric``).
+        ValueError: for a grid whose zero point is fitted (``asymmetric``), or values holding NaN or Inf.
     """
     if grid.fixed_zero_point is None:
         raise ValueError("fixed_point_scale needs a grid with a fixed zero point; use snap_to_power_of_two for asymmetric grids.")
+    if not all_finite(x):
+        raise UserInputError("fixed_point_scale: the values hold NaN or Inf, which no fixed-point format covers; fix them first.")
     exact, _ = fit_minmax(x, grid, per_channel)
+    if grid.kind == "signed":
+        # two's complement has one level more below zero than above: a negative extreme may use it
+        dims = tuple(range(1, x.dim())) if per_channel else tuple(range(x.dim()))
+        xf = x.detach().float()
+        hi, lo = (xf.amax(dim=dims), xf.amin(dim=dims)) if dims else (xf, xf)
+        zp = grid.fixed_zero_point
+        exact = torch.maximum(hi.clamp_min(0) / (grid.qmax - zp), (-lo).clamp_min(0) / (zp - grid.qmin))
+        exact = exact.clamp_min(1e-12).reshape(-1 if per_channel else ())
     # Rounding the exponent up never clips: 2^ceil(log2 s) >= s covers the range.
     return torch.exp2(torch.ceil(torch.log2(exact.double()))).float()
 

@@ -56,12 +56,28 @@ def test_fraction_bits_from_the_range_are_the_most_that_do_not_clip(kind, per_ch
     assert is_power_of_two(scale)
     zero = torch.full_like(scale, grid.fixed_zero_point)
     dims = 1 if per_channel else None
-    err = lambda s: (fake_quantize(x, s, zero, grid) - x).abs()  # noqa: E731
-    top = (grid.qmax - grid.fixed_zero_point) * scale
-    assert torch.all((x.abs().amax(dim=dims) if dims else x.abs().max()) <= top + 1e-6)
-    finer = scale / 2  # one more fractional bit clips the largest value
-    assert torch.all((x.abs().amax(dim=dims) if dims else x.abs().max()) > (grid.qmax - grid.fixed_zero_point) * finer)
-    assert torch.all(err(scale) <= scale.reshape(-1, 1) / 2 + 1e-6) if per_channel else torch.all(err(scale) <= scale / 2 + 1e-6)
+    hi = x.amax(dim=dims) if dims else x.max()
+    lo = x.amin(dim=dims) if dims else x.min()
+    zp = grid.fixed_zero_point
+    # a two's-complement grid has one more level below zero than above
+    below = grid.fixed_zero_point - grid.qmin if kind == "signed" else grid.qmax - zp
+    covers = lambda s: (hi <= (grid.qmax - zp) * s + 1e-6) & (-lo <= below * s + 1e-6)  # noqa: E731
+    assert torch.all(covers(scale))
+    assert not torch.any(covers(scale / 2))  # one more fractional bit clips the largest value
+    err = (fake_quantize(x, scale, zero, grid) - x).abs()
+    assert torch.all(err <= scale.reshape(-1, 1) / 2 + 1e-6) if per_channel else torch.all(err <= scale / 2 + 1e-6)
+
+
+def test_a_signed_grid_s_extra_negative_level_takes_the_most_negative_value():
+    x = torch.tensor([-1.0, 0.3, -0.55])  # 4-bit two's complement: -1.0 is code -8 at a step of 1/8
+    assert float(fixed_point_scale(x, UniformGrid(4, "signed"))) == 0.125
+    assert float(fixed_point_scale(-x, UniformGrid(4, "signed"))) == 0.25  # +1.0 needs code 4 at 1/4: 8 is beyond 7
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_values_holding_nan_or_inf_have_no_fixed_point_scale(bad):
+    with pytest.raises(ValueError, match="hold NaN or Inf"):
+        fixed_point_scale(torch.tensor([0.5, bad]), UniformGrid(4, "symmetric"))
 
 
 @pytest.mark.parametrize("kind", ["midrise", "signed", "asymmetric"])
