@@ -166,10 +166,14 @@ def grid_codes(
     Returns:
         float codes in ``[grid.qmin, grid.qmax]``, shaped like ``x``.
     """
-    s = channel_view(torch.as_tensor(scale, dtype=x.dtype, device=x.device), x, axis, groups)
-    z = channel_view(torch.as_tensor(zero_point, dtype=x.dtype, device=x.device), x, axis, groups)
+    # float16 and bfloat16 round in float32: a fitted step of 1e-12 (an all-zero channel) is 0 in float16, and their
+    # quotients land on the wrong side of a half-integer; the codes (at most 255) are exact in either format
+    dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    s = channel_view(torch.as_tensor(scale, dtype=dtype, device=x.device), x, axis, groups)
+    z = channel_view(torch.as_tensor(zero_point, dtype=dtype, device=x.device), x, axis, groups)
     # in place after the division: the same operations as round(x / s + z), one tensor instead of three
-    return torch.div(x, s).add_(z).round_().clamp_(grid.qmin, grid.qmax)
+    codes = torch.div(x.to(dtype), s).add_(z).round_().clamp_(grid.qmin, grid.qmax)
+    return codes.to(x.dtype) if x.is_floating_point() else codes
 
 
 def quantize_codes(

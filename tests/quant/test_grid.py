@@ -151,3 +151,18 @@ def test_channel_view_puts_each_grouped_transposed_channel_where_the_layer_reads
     view = channel_view(torch.arange(4.0), weight, axis=1, groups=2).expand_as(weight)
     expected = torch.tensor([[(i // 3) * 2 + j for j in range(2)] for i in range(6)], dtype=torch.float32)
     assert torch.equal(view, expected[:, :, None].expand_as(weight))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_values_get_the_codes_of_their_float32_copies_also_in_an_all_zero_channel(dtype):
+    torch.manual_seed(0)
+    w = torch.randn(4, 64) * 0.05
+    w[0] = 0.0  # a pruned output channel: its fitted step is 1e-12, which is 0 in float16
+    grid = UniformGrid(8, "signed")
+    scale, zero = fit_scale(w, grid, per_channel=True)
+    x = w.to(dtype)
+    codes = grid_codes(x, scale, zero, grid)
+    assert codes.dtype == dtype
+    assert torch.equal(codes.float(), grid_codes(x.float(), scale, zero, grid))
+    assert torch.equal(quantize_codes(x, scale, zero, grid)[0], torch.full((64,), int(zero[0])))  # the zero code
+    assert torch.isfinite(fake_quantize(x, scale, zero, grid)).all()
