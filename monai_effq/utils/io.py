@@ -19,6 +19,7 @@ import re
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,8 +48,16 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 
 
+# bytes of the destination's name a temporary's name keeps: host, pid, token and suffix add up to 90 more, and a
+# file system's names end at 255 bytes (a legal long name would otherwise fail for its temporary's alone)
+_NAME_BYTES = 150
+
+
 def _temporary_prefix(dest: Path) -> str:
-    return f".{dest.name}.{_host()}.{os.getpid()}."
+    name = dest.name
+    while len(os.fsencode(name)) > _NAME_BYTES:
+        name = name[:-1]
+    return f".{name}.{_host()}.{os.getpid()}."
 
 
 def _process_is_alive(pid: int) -> bool:
@@ -103,7 +112,7 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     try:
         entries = [e for e in folder.iterdir() if is_temporary(e.name)]
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # missing, not a folder, or not ours to list: the write itself says what is wrong
         return []
     now = time.time()
     removed = []
@@ -115,7 +124,7 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
-        except FileNotFoundError:  # a concurrent run removed it first
+        except OSError:  # a concurrent run removed it first, or it is another user's (a shared folder): not ours to clean
             continue
         removed.append(entry)
     return removed
@@ -140,7 +149,8 @@ def _move_into_place(tmp: Path, dest: Path) -> None:
 
 # what a full disk, a read-only or foreign folder, or a file in a folder's place gives a writer
 _WRITE_ERRNOS = frozenset(
-    getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES", "EPERM", "ENOTDIR", "EEXIST") if hasattr(errno, name)
+    getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG", "EROFS", "EACCES", "EPERM", "ENOTDIR", "EEXIST", "ENAMETOOLONG")
+    if hasattr(errno, name)
 )
 # those that can only be a write's, also where the error names no file (a write() to a full disk names none)
 _FULL_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EFBIG") if hasattr(errno, name))
@@ -363,11 +373,25 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def current_umask() -> int:
-    """The process's file-creation mask (read by setting it and putting it back).
+    """The process's file-creation mask, read from ``/proc/self/status`` where Linux shows it.
+
+    Elsewhere it is read by setting it and putting it back, under a lock: two threads doing that at once could
+    read each other's 0 and leave it as the process's umask.
 
     Returns:
         the umask, e.g. ``0o022``.
     """
-    mask = os.umask(0)
-    os.umask(mask)
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0)
+        os.umask(mask)
     return mask
+
+
+_UMASK_LOCK = threading.Lock()

@@ -1,7 +1,9 @@
 import errno
 import io
 import os
+import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 import torch
@@ -78,7 +80,6 @@ def _start_writer(path):
     """A process stopped in the middle of an atomic write of ``path``; returns it and its temporary."""
     import subprocess
     import sys
-    from pathlib import Path
 
     from monai_effq.utils import io
 
@@ -111,7 +112,6 @@ def test_a_concurrent_writers_temporary_survives_another_write_to_the_folder(tmp
 
 
 def test_a_temporary_of_another_host_or_owner_is_removed_only_once_a_day_old(tmp_path):
-    import time
 
     from monai_effq.utils.io import STALE_AFTER_SECONDS, remove_stale_temporaries
 
@@ -145,7 +145,6 @@ def test_a_staging_folder_of_a_dead_process_is_removed_by_the_next_directory_wri
 
 def test_this_processs_own_temporaries_even_a_day_old_and_a_missing_folder_are_left_alone(tmp_path):
     import socket
-    import time
 
     from monai_effq.utils.io import STALE_AFTER_SECONDS, remove_stale_temporaries
 
@@ -250,3 +249,51 @@ def test_a_destination_that_names_a_folder_is_refused_before_the_block_runs(tmp_
         with atomic_write(name) as tmp:
             ran.append(tmp)
     assert ran == [] and sorted(p.name for p in tmp_path.iterdir()) == ["folder"] and not any((tmp_path / "folder").iterdir())
+
+
+def test_a_stale_temporary_that_is_not_ours_to_remove_does_not_stop_the_write(tmp_path, monkeypatch):
+    from monai_effq.utils.io import remove_stale_temporaries
+
+    foreign = tmp_path / ".report.json.otherhost.4242.abcd1234.partial"
+    foreign.write_text("another user's, in a shared folder")
+    day_ago = time.time() - 2 * 24 * 3600
+    os.utime(foreign, (day_ago, day_ago))
+    unlink = Path.unlink
+
+    def refused(path, *args, **kwargs):
+        if path == foreign:  # what a sticky folder answers for another user's file
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(path))
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    assert remove_stale_temporaries(tmp_path) == []
+    atomic_write_text(tmp_path / "report.json", "{}")
+    assert (tmp_path / "report.json").read_text() == "{}" and foreign.exists()
+
+
+def test_a_long_but_legal_file_name_is_written_although_its_temporary_would_be_longer(tmp_path):
+    name = "x" * 230 + ".json"
+    atomic_write_text(tmp_path / name, "whole")
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_threads_reading_the_umask_leave_it_as_it_was(tmp_path):
+    import sys
+    import threading
+
+    from monai_effq.utils.io import current_umask
+
+    old, interval = os.umask(0o027), sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        seen = []
+        threads = [threading.Thread(target=lambda: seen.extend(current_umask() for _ in range(3000))) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert set(seen) == {0o027}
+        assert os.umask(0o027) == 0o027
+    finally:
+        sys.setswitchinterval(interval)
+        os.umask(old)
