@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn as nn
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_effq.data.calibration import calibration_windows, check_roi_size, window_size
@@ -287,6 +288,7 @@ class QuantizedCheckpointLoader:
         require_quantized_checkpoint(load_path)
         self.load_path = load_path
         self.map_location = map_location
+        self.loaded: nn.Module | None = None
 
     def attach(self, engine: Engine) -> None:
         """Register on ``engine`` (attaching twice is harmless)."""
@@ -295,9 +297,11 @@ class QuantizedCheckpointLoader:
             engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
-        """Swap the network in."""
+        """Swap the network in (once: a later run of the engine keeps the network it loaded)."""
+        if self.loaded is not None and engine.network is self.loaded:
+            return  # STARTED fires on every run, and a ValidationHandler runs its evaluator every validation epoch
         net = load_quantized(self.load_path, engine.network)
         if self.map_location is not None:
             net = net.to(self.map_location)
-        engine.network = net
+        engine.network = self.loaded = net
         self.logger.info(f"quantized network loaded from {self.load_path}")
