@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 from pathlib import Path
@@ -17,7 +16,7 @@ from monai_effq.ptq.checkpoint import report_provenance
 from monai_effq.ptq.report import QuantizationReport
 from monai_effq.utils.distributed import is_rank_zero
 from monai_effq.utils.errors import UserInputError
-from monai_effq.utils.io import atomic_write, atomic_write_text
+from monai_effq.utils.io import atomic_write, atomic_write_text, json_text
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 plt, _has_plt = optional_import("matplotlib.pyplot")
@@ -282,7 +281,7 @@ def write_comparison(
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out / f"{stem}.csv", buf.getvalue())
-    atomic_write_text(out / f"{stem}.json", json.dumps(rows, indent=2))
+    atomic_write_text(out / f"{stem}.json", json_text(rows))
     plot = plot_dice(dice_table, out / f"{stem}_dice.png")
     print(format_table(rows), flush=True)
     written = [out / f"{stem}.csv", out / f"{stem}.json", *([plot] if plot is not None else [])]

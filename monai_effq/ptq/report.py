@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch.nn as nn
 from monai_effq.solver.methods import METHODS
 from monai_effq.solver.validation import is_underdetermined
 from monai_effq.utils.fingerprint import fingerprint_json, fingerprint_state
-from monai_effq.utils.io import atomic_write_text
+from monai_effq.utils.io import atomic_write_text, json_text
 
 __all__ = [
     "LAYER_MEASUREMENTS",
@@ -253,7 +252,7 @@ class QuantizationReport:
         data = self.to_dict()
         if provenance is not None:
             data["provenance"] = provenance
-        j = atomic_write_text(folder / f"{stem}.json", json.dumps(data, indent=2, default=float))
+        j = atomic_write_text(folder / f"{stem}.json", json_text(data))
         c = atomic_write_text(folder / f"{stem}.csv", self.to_csv())
         return j, c
 

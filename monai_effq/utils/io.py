@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
+import math
 import os
 import re
 import shutil
@@ -23,6 +25,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from monai_effq.utils.errors import OutputWriteError, UserInputError, exception_chain
 
@@ -34,6 +37,7 @@ __all__ = [
     "atomic_write_text",
     "check_output_file",
     "current_umask",
+    "json_text",
     "is_temporary",
     "remove_stale_temporaries",
 ]
@@ -370,6 +374,30 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_write(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def json_text(value: Any, indent: int | None = 2) -> str:
+    """``value`` as standard JSON: NaN and infinities (an HD95 where a class was never predicted, a time not
+    recorded) become ``null``, which every parser reads; Python's ``NaN``/``Infinity`` are not JSON.
+
+    Args:
+        value: dicts, lists, strings, numbers (numpy and 0-d torch numbers are written as floats), bools, ``None``.
+        indent: as ``json.dumps``.
+
+    Returns:
+        the JSON text.
+    """
+
+    def finite(item: Any) -> Any:
+        if isinstance(item, dict):
+            return {k: finite(v) for k, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [finite(v) for v in item]
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        return item
+
+    return json.dumps(finite(json.loads(json.dumps(value, default=float))), indent=indent, allow_nan=False)
 
 
 def current_umask() -> int:

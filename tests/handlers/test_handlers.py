@@ -159,6 +159,20 @@ def test_comparison_writes_per_class_dice_for_each_model(tmp_path, capsys):
     assert "W4A8" in capsys.readouterr().out
 
 
+def test_an_hd95_of_a_class_never_predicted_is_written_as_json_null_not_infinity(tmp_path):
+    import json
+
+    e = Engine(lambda e, b: None)
+    e.state.metrics = {"dice": torch.tensor([0.9, 0.0]), "hd95": torch.tensor([3.0, float("inf")])}
+    write_comparison({"W2A4": e}, ["liver", "tumour"], tmp_path, "cmp")
+
+    def not_json(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    row = json.loads((tmp_path / "cmp.json").read_text(), parse_constant=not_json)[0]
+    assert row["hd95_tumour"] is None and row["hd95_liver"] == 3.0
+
+
 def test_comparison_refuses_more_dice_values_than_class_names_instead_of_mislabelling_columns(tmp_path):
     e = Engine(lambda e, b: None)
     e.state.metrics = {"dice": torch.tensor([0.99, 0.9, 0.8])}  # MeanDice(include_background=True): background first

@@ -297,3 +297,15 @@ def test_threads_reading_the_umask_leave_it_as_it_was(tmp_path):
     finally:
         sys.setswitchinterval(interval)
         os.umask(old)
+
+
+def test_json_text_writes_nan_and_infinities_as_null_and_numpy_and_torch_numbers_as_floats():
+    import json
+
+    import numpy as np
+
+    from monai_effq.utils.io import json_text
+
+    text = json_text({"a": [float("nan"), 1.5], "b": {"c": float("-inf"), "d": np.float32(0.25), "e": torch.tensor(2.0)}, "f": None})
+    assert json.loads(text) == {"a": [None, 1.5], "b": {"c": None, "d": 0.25, "e": 2.0}, "f": None}
+    assert "NaN" not in text and "Infinity" not in text
