@@ -19,7 +19,8 @@ from monai_effq.utils.errors import UserInputError
 from monai_effq.utils.io import atomic_write, atomic_write_text, json_text
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
-plt, _has_plt = optional_import("matplotlib.pyplot")
+# a Figure of its own, not pyplot: pyplot would switch the caller's backend (a notebook's inline plots) to Agg
+Figure, _has_plt = optional_import("matplotlib.figure", name="Figure")
 if TYPE_CHECKING:
     from ignite.engine import Engine
 else:
@@ -41,7 +42,6 @@ logger = logging.getLogger(__name__)
 def _save_figure(fig: Any, path: Path) -> Path:
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
@@ -57,9 +57,9 @@ def plot_layer_errors(report: QuantizationReport, path: str | Path) -> Path | No
     """
     if not _has_plt:
         return None
-    plt.switch_backend("Agg")
     names = [r.name for r in report.layers]
-    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(names)), 4))
+    fig = Figure(figsize=(max(6, 0.28 * len(names)), 4))
+    ax = fig.subplots()
     xs = range(len(names))
     finite = [v for r in report.layers for v in (r.mse, r.mse_rtn) if math.isfinite(v) and v > 0]
     floor = min(finite) / 10 if finite else 1e-12
@@ -90,8 +90,8 @@ def plot_finetune_loss(report: QuantizationReport, path: str | Path) -> Path | N
     losses = report.extra.get("finetune", {}).get("losses")
     if not _has_plt or not losses:
         return None
-    plt.switch_backend("Agg")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
     ax.plot(range(1, len(losses) + 1), losses, lw=0.8)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
@@ -114,10 +114,10 @@ def plot_dice(table: dict[str, dict[str, float]], path: str | Path) -> Path | No
     """
     if not _has_plt:
         return None
-    plt.switch_backend("Agg")
     models = list(table)
     classes = list(next(iter(table.values())))
-    fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(classes) * len(models) / 2, 3.5))
+    fig = Figure(figsize=(1.5 + 1.2 * len(classes) * len(models) / 2, 3.5))
+    ax = fig.subplots()
     width = 0.8 / len(models)
     for i, model in enumerate(models):
         bars = ax.bar([c + i * width for c in range(len(classes))], [table[model][k] for k in classes], width=width, label=model)

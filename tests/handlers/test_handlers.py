@@ -11,6 +11,7 @@ from monai_effq.handlers import (
     QuantizationReportHandler,
     QuantizedCheckpointLoader,
     batch_images,
+    plot_dice,
     write_comparison,
 )
 from monai_effq.ptq import QuantizedLayer
@@ -160,8 +161,6 @@ def test_comparison_writes_per_class_dice_for_each_model(tmp_path, capsys):
 
 
 def test_an_hd95_of_a_class_never_predicted_is_written_as_json_null_not_infinity(tmp_path):
-    import json
-
     e = Engine(lambda e, b: None)
     e.state.metrics = {"dice": torch.tensor([0.9, 0.0]), "hd95": torch.tensor([3.0, float("inf")])}
     write_comparison({"W2A4": e}, ["liver", "tumour"], tmp_path, "cmp")
@@ -211,3 +210,17 @@ def test_the_comparison_logs_the_files_it_wrote(tmp_path, caplog):
     with caplog.at_level("INFO", logger="monai_effq.handlers.report"):
         write_comparison({"FP32": e}, ["liver", "tumour"], tmp_path, "cmp")
     assert str(tmp_path / "cmp.csv") in caplog.text
+
+
+def test_the_plots_leave_the_callers_matplotlib_backend_as_it_was(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    before = matplotlib.get_backend()
+    plt.switch_backend("svg")  # a notebook's inline backend, say
+    try:
+        path = plot_dice({"FP32": {"liver": 0.9, "tumour": 0.7}, "W4A8": {"liver": 0.89, "tumour": 0.68}}, tmp_path / "d.png")
+        assert matplotlib.get_backend() == "svg"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        plt.switch_backend(before)
