@@ -50,7 +50,7 @@ from monai_effq.utils.errors import (
     check_number,
     install_bundle_error_hook,
 )
-from monai_effq.utils.io import atomic_directory, atomic_write, current_umask
+from monai_effq.utils.io import atomic_directory, atomic_write, check_writable, current_umask
 
 __all__ = [
     "DEMO",
@@ -717,24 +717,6 @@ def model_tag(
     return f"{made_by}_{weights}{acts}"
 
 
-def _check_writable(path: Path) -> None:
-    """Raise a :class:`UserInputError` when ``path`` could not be written: a file stands where a folder above
-    it would be made, or the folder it would be made in is read-only or another user's."""
-    # the nearest path that exists is where the output, or the folders above it, will be made
-    folder = next(f for f in (path.absolute(), *path.absolute().parents) if f.exists())
-    if folder != path.absolute() and not folder.is_dir():
-        raise UserInputError(
-            f"cannot write {path}: {folder} is a file, so no folder can be made inside it; point the setting that "
-            "names it (--output_dir, --ckpt_dir, --export_dir, ...) at a folder, or move that file."
-        )
-    folder = folder if folder.is_dir() else folder.parent
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserInputError(
-            f"cannot write {path}: the folder {folder} is not writable (read-only or another user's); point the "
-            "setting that names it (--output_dir, --ckpt_dir, --export_dir, ...) at a folder you can write."
-        )
-
-
 def refuse_to_overwrite(
     overwrite: bool,
     *paths: str | os.PathLike | None,
@@ -767,7 +749,7 @@ def refuse_to_overwrite(
     replace = check_flag(overwrite, "overwrite")
     outputs = [Path(p) for p in paths if p]
     for path in outputs:
-        _check_writable(path)
+        check_writable(path)
     if replace or (unfinished and Path(unfinished).exists()):
         return
     taken = [path for path in outputs if path.is_file() or (path.is_dir() and any(path.iterdir()))]
@@ -922,7 +904,7 @@ def refuse_to_replace_shipped(overwrite: bool, path: str | os.PathLike, bundle_r
             :func:`refuse_to_overwrite`).
     """
     target = Path(path)
-    _check_writable(target)
+    check_writable(target)
     md5 = shipped_files(bundle_root).get(target.resolve())
     if check_flag(overwrite, "overwrite") or md5 is None or not target.is_file():
         return

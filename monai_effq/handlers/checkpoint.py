@@ -16,7 +16,7 @@ from typing import Any
 from monai.handlers import CheckpointSaver
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_effq.utils.io import atomic_write
+from monai_effq.utils.io import atomic_write, check_writable
 
 DiskSaver, _ = optional_import("ignite.handlers", IgniteInfo.OPT_IMPORT_VERSION, min_version, "DiskSaver")
 
@@ -35,6 +35,7 @@ class AtomicDiskSaver(DiskSaver):
     """
 
     def __init__(self, dirname: str | Path, filename: str | None = None) -> None:
+        check_writable(dirname)  # ignite would make the folder with a bare OSError
         super().__init__(dirname=dirname, require_empty=False)
         self.filename = filename
 
@@ -75,6 +76,9 @@ class AtomicCheckpointSaver(CheckpointSaver):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        save_dir = kwargs.get("save_dir", args[0] if args else None)
+        if save_dir is not None:  # MONAI's saver makes the folder first, with a bare OSError where it cannot
+            check_writable(save_dir)
         super().__init__(*args, **kwargs)
         for checkpoint in (self._final_checkpoint, self._key_metric_checkpoint, self._interval_checkpoint):
             if checkpoint is not None:

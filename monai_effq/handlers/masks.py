@@ -26,6 +26,7 @@ from monai_effq.data.rtstruct import RtStructWriter, require_skimage
 from monai_effq.data.segment_codes import channel_segments
 from monai_effq.data.writers import inference_masks, mask_name_formatter
 from monai_effq.utils.errors import MissingInputError, UserInputError
+from monai_effq.utils.io import check_writable
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 if TYPE_CHECKING:
@@ -134,6 +135,7 @@ class DicomMaskSaver:
                 :func:`monai_effq.data.segment_codes.channel_segments`).
             MissingInputError, DatasetError, UserInputError: for a case whose image is missing or not a
                 folder, or two cases whose masks would take one name (:func:`monai_effq.data.inference_masks`).
+            OutputWriteError: when ``output_dir`` could not be written (:func:`monai_effq.utils.io.check_writable`).
         """
         if self.mask_format == "nifti":
             return
@@ -144,6 +146,7 @@ class DicomMaskSaver:
         segments = channel_segments(channels, self.seg_codes)
         if len(channels) == len(segments) + 1:  # a label map has one channel, so a mask of these many is one-hot
             self.one_hot_channels = len(channels)
+        check_writable(self.output_dir)  # before any case runs; MONAI's SaveImaged would fail on the first mask
         postfix, writer, kind = DICOM_MASK_FORMATS[self.mask_format]
         cases = getattr(getattr(getattr(engine, "data_loader", None), "dataset", None), "data", None)
         if isinstance(cases, Sequence) and cases and all(isinstance(c, Mapping) and "image" in c for c in cases):

@@ -36,6 +36,7 @@ __all__ = [
     "atomic_write",
     "atomic_write_text",
     "check_output_file",
+    "check_writable",
     "current_umask",
     "json_text",
     "is_temporary",
@@ -235,6 +236,36 @@ def check_output_file(path: str | os.PathLike) -> Path:
             "such as '<folder>/model.pt'."
         )
     return Path(text)
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Refuse an output that could not be written, before anything is computed for it.
+
+    Args:
+        path: a file or folder to be written (it and the folders above it need not exist).
+
+    Returns:
+        the path.
+
+    Raises:
+        OutputWriteError: when a file stands where a folder above it would be made, or the folder it would be
+            made in is read-only or another user's.
+    """
+    path = Path(path)
+    # the nearest path that exists is where the output, or the folders above it, will be made
+    folder = next(f for f in (path.absolute(), *path.absolute().parents) if f.exists())
+    if folder != path.absolute() and not folder.is_dir():
+        raise OutputWriteError(
+            f"cannot write {path}: {folder} is a file, so no folder can be made inside it; point the setting that "
+            "names it (--output_dir, --ckpt_dir, --export_dir, ...) at a folder, or move that file."
+        )
+    folder = folder if folder.is_dir() else folder.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputWriteError(
+            f"cannot write {path}: the folder {folder} is not writable (read-only or another user's); point the "
+            "setting that names it (--output_dir, --ckpt_dir, --export_dir, ...) at a folder you can write."
+        )
+    return path
 
 
 @contextlib.contextmanager

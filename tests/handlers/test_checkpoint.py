@@ -75,3 +75,12 @@ def test_every_checkpoint_a_bundle_trains_is_written_whole(name):
     configs = sorted((ROOT / "bundles" / name / "configs").glob("*.json"))
     savers = [t for c in configs for t in re.findall(r'"_target_": "([^"]*CheckpointSaver)"', c.read_text())]
     assert len(savers) == 2 and set(savers) == {"monai_effq.handlers.AtomicCheckpointSaver"}
+
+
+def test_a_checkpoint_folder_that_cannot_be_made_is_named_when_the_saver_is_built(tmp_path):
+    (tmp_path / "runs").write_text("a file where the folder would be")
+    net = torch.nn.Linear(3, 2)
+    with pytest.raises(OutputWriteError, match=r"cannot write .*runs/models: .*runs is a file, so no folder can be made"):
+        AtomicCheckpointSaver(save_dir=str(tmp_path / "runs" / "models"), save_dict={"model": net}, save_final=True)
+    with pytest.raises(OutputWriteError, match="is a file, so no folder can be made"):
+        AtomicCheckpointSaver(str(tmp_path / "runs" / "models"), {"model": net}, save_final=True)

@@ -13,7 +13,7 @@ from monai.transforms import LoadImage
 from monai_effq.data import DatasetError
 from monai_effq.data.dicom_seg import SegLabels, read_seg_labels
 from monai_effq.handlers import DicomMaskSaver, output_channels
-from monai_effq.utils.errors import MissingInputError, UserInputError, find_user_error
+from monai_effq.utils.errors import MissingInputError, OutputWriteError, UserInputError, find_user_error
 
 from ..dicom import write_dicom_series
 
@@ -91,6 +91,13 @@ def test_the_bundles_own_nifti_masks_need_nothing_more_and_no_handler_is_attache
     engine = Engine(lambda e, batch: None)
     DicomMaskSaver("nifti", output_dir=tmp_path, metadata_file=tmp_path / "missing.json").attach(engine)
     assert not engine._event_handlers[Events.ITERATION_COMPLETED]  # and the missing metadata was never read
+
+
+def test_a_dicom_mask_folder_that_cannot_be_made_is_named_before_the_first_case(tmp_path):
+    (tmp_path / "eval").write_text("a file where the folder would be")
+    saver = DicomMaskSaver("dicom_seg", output_dir=tmp_path / "eval" / "masks", channel_def=CHANNELS)
+    with pytest.raises(OutputWriteError, match="eval is a file, so no folder can be made inside it"):
+        saver.attach(Engine(lambda e, batch: None))
 
 
 def test_a_mask_format_channels_or_image_it_cannot_write_is_named(tmp_path, case):
