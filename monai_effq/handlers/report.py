@@ -177,6 +177,8 @@ class QuantizationReportHandler:
         result = getattr(engine.state, "quantization", None)
         if result is None:
             raise RuntimeError("no quantization result on the engine: attach QuantizationHandler before this handler.")
+        if not is_rank_zero():  # every rank holds the same result (as the checkpoint, written once)
+            return
         # the checkpoint's fingerprint lets evaluation tell this report from one an unfinished run left
         paths = list(result.report.save(self.output_dir, self.stem, provenance=report_provenance(result)))
         png = plot_layer_errors(result.report, self.output_dir / f"{self.stem}_layers.png")

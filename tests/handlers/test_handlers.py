@@ -97,6 +97,18 @@ def test_checkpoint_loader_replaces_the_fp_network_when_the_engine_starts(net, t
             assert torch.equal(evaluator.network(x), calibrator.network(x))
 
 
+def test_only_rank_zero_writes_the_quantization_report(net, tmp_path, monkeypatch):
+    import monai_effq.handlers.report as report_module
+
+    batches = [{"image": torch.randn(1, 1, 16, 16, 16), "label": torch.zeros(1, 1, 16, 16, 16)}]
+    evaluator = _evaluator(net, batches)
+    QuantizationHandler({"weight_bits": 4, "method": "rtn"}, progress=False).attach(evaluator)
+    QuantizationReportHandler(tmp_path / "eval").attach(evaluator)
+    monkeypatch.setattr(report_module, "is_rank_zero", lambda: False)
+    evaluator.run()
+    assert evaluator.state.quantization is not None and not (tmp_path / "eval").exists()
+
+
 def test_batch_images_reads_collated_and_decollated_batches():
     collated = {"image": torch.ones(2, 1, 4, 4, 4)}
     decollated = [{"image": torch.ones(1, 4, 4, 4)}, {"image": torch.zeros(1, 4, 4, 4)}]
