@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from monai_effq.deploy.onnx_graph import constant_values, graph_reads
+from monai_effq.deploy.onnx_graph import all_names, constant_values, free_name, graph_reads
 from monai_effq.utils.imports import deferred_import
 
 onnx, _ = deferred_import("onnx")
@@ -85,31 +85,40 @@ def pack_4bit_weights(model) -> tuple[list[str], list[str]]:  # noqa: ANN001 - o
     initializers = {i.name: i for i in graph.initializer}
     consts = constant_values(graph)
     packed, kept = [], []
+    # an exporter stores equal tensors once, so one integer weight may serve several DequantizeLinear nodes (two
+    # layers with equal codes and other scales): each reading converts once, under names of its own
+    converted: dict[tuple[str, str, int], tuple[str, str]] = {}
+    taken = set(all_names(graph))
     for node in graph.node:
         if node.op_type != "DequantizeLinear" or node.input[0] not in initializers:
             continue
         weight = initializers[node.input[0]]
         if len(weight.dims) < 2 or weight.data_type not in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8):
             continue
-        values = numpy_helper.to_array(weight).astype(np.int32)
         has_zero = len(node.input) > 2 and bool(node.input[2])
-        zero = consts[node.input[2]].astype(np.int32) if has_zero else np.zeros((), np.int32)
-        packed_values = _four_bit_form(node, values, zero, weight.data_type == onnx.TensorProto.INT8)
-        if packed_values is None:
-            kept.append(weight.name)
-            continue
-        values, zero, dtype = packed_values
-        name4 = weight.name.removesuffix("_quantized") + "_4bit"
-        zero_name = name4 + "_zero_point"
-        # from_array packs two values per byte into raw_data, so the file holds half the bytes
-        graph.initializer.append(numpy_helper.from_array(values.astype(dtype), name4))
-        graph.initializer.append(numpy_helper.from_array(zero.astype(dtype), zero_name))
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        key = (weight.name, node.input[2] if has_zero else "", axis)
+        if key not in converted:
+            values = numpy_helper.to_array(weight).astype(np.int32)
+            zero = consts[node.input[2]].astype(np.int32) if has_zero else np.zeros((), np.int32)
+            packed_values = _four_bit_form(node, values, zero, weight.data_type == onnx.TensorProto.INT8)
+            if packed_values is None:
+                kept += [weight.name] if weight.name not in kept else []
+                continue
+            values, zero, dtype = packed_values
+            name4 = free_name(weight.name.removesuffix("_quantized") + "_4bit", taken)
+            taken.add(name4 + "_zero_point")
+            # from_array packs two values per byte into raw_data, so the file holds half the bytes
+            graph.initializer.append(numpy_helper.from_array(values.astype(dtype), name4))
+            graph.initializer.append(numpy_helper.from_array(zero.astype(dtype), name4 + "_zero_point"))
+            converted[key] = (name4, name4 + "_zero_point")
+            packed.append(weight.name)
+        name4, zero_name = converted[key]
         node.input[0] = name4
         if len(node.input) > 2:
             node.input[2] = zero_name
         else:
             node.input.append(zero_name)
-        packed.append(weight.name)
     used = graph_reads(graph)
     for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
         graph.node.remove(node)

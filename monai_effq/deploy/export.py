@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 from monai.utils import optional_import
 
-from monai_effq.deploy.onnx_graph import all_names, constant_values, graph_reads, rename_reads
+from monai_effq.deploy.onnx_graph import all_names, constant_values, free_name, graph_reads, rename_reads
 from monai_effq.deploy.concat_rounding import round_concat_inputs
 from monai_effq.deploy.containers import INT4_MIN_OPSET, WEIGHT_CONTAINERS, pack_4bit_weights
 from monai_effq.deploy.empty_scatters import drop_empty_scatters
@@ -493,9 +493,12 @@ def fold_weight_quantization(model) -> int:  # noqa: ANN001 - onnx.ModelProto
     Returns:
         the number of weights folded.
     """
+    # the TorchScript exporter stores equal weights once and reads the copies through Identity nodes
+    drop_initializer_identities(model)
     graph = model.graph
     consts = constant_values(graph)
     initializers = {i.name: i for i in graph.initializer}
+    taken = set(all_names(graph))
     drop, stored = [], {}
     for node in graph.node:
         if node.op_type != "QuantizeLinear" or node.input[0] not in initializers:
@@ -512,7 +515,7 @@ def fold_weight_quantization(model) -> int:  # noqa: ANN001 - onnx.ModelProto
             zero_b = zero
         info = np.iinfo(zero.dtype)
         q = np.clip(np.rint(x / scale) + zero_b.astype(np.int32), info.min, info.max).astype(zero.dtype)
-        name = node.input[0] + "_quantized"
+        name = free_name(node.input[0] + "_quantized", taken)
         graph.initializer.append(numpy_helper.from_array(q, name))
         stored[node.output[0]] = name
         drop.append(node)
@@ -526,18 +529,35 @@ def fold_weight_quantization(model) -> int:  # noqa: ANN001 - onnx.ModelProto
     return len(drop)
 
 
+# operators that pass a weight on unchanged in value, between its dequantization and the layer that reads it
+_LAYOUT_OPS = frozenset({"Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
+
+
 def count_integer_weights(model) -> int:  # noqa: ANN001 - onnx.ModelProto
-    """The number of integer weight tensors (int8/uint8 initializers of two or more axes) dequantized in a graph.
+    """The number of layers that read a dequantized integer weight (int8/uint8 initializers of two or more axes).
+
+    An exporter stores equal tensors once and merges equal ``DequantizeLinear`` nodes (two layers whose codes,
+    scales and zero points agree, such as two all-zero layers), so one dequantized weight may serve several
+    layers: each of its readers counts.
 
     Args:
         model: an ONNX model.
 
     Returns:
-        how many ``DequantizeLinear`` nodes read such an initializer.
+        how many node inputs read such a weight (through layout operators, which are not counted).
     """
     integer = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8}
-    weights = {i.name for i in model.graph.initializer if i.data_type in integer and len(i.dims) > 1}
-    return sum(n.op_type == "DequantizeLinear" and n.input[0] in weights for n in model.graph.node)
+    graph = model.graph
+    weights = {i.name for i in graph.initializer if i.data_type in integer and len(i.dims) > 1}
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights}
+    count = 0
+    for node in graph.node:  # topological order: a layout operator's output is known before its readers
+        reads = sum(name in dequantized for name in node.input)
+        if node.op_type in _LAYOUT_OPS and reads:
+            dequantized.add(node.output[0])
+        elif node.op_type != "DequantizeLinear":
+            count += reads
+    return count
 
 
 def _axes_names(rank: int, batch: bool, spatial: bool) -> dict[int, str]:

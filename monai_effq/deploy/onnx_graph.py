@@ -9,7 +9,7 @@ from monai_effq.utils.imports import deferred_import
 onnx, _ = deferred_import("onnx")
 numpy_helper, _ = deferred_import("onnx", name="numpy_helper")
 
-__all__ = ["all_names", "constant_values", "graph_reads", "rename_reads", "subgraphs"]
+__all__ = ["all_names", "constant_values", "free_name", "graph_reads", "rename_reads", "subgraphs"]
 
 
 def constant_values(graph) -> dict[str, np.ndarray]:  # noqa: ANN001 - onnx.GraphProto
@@ -95,3 +95,21 @@ def all_names(graph) -> set[str]:  # noqa: ANN001 - onnx.GraphProto
         names.update(i.name for i in g.initializer)
         names.update(name for node in g.node for name in (*node.input, *node.output))
     return names
+
+
+def free_name(stem: str, taken: set[str]) -> str:
+    """``stem``, or ``stem_1``, ``stem_2``, ... : the first not in ``taken``, which it is then added to.
+
+    Args:
+        stem: the name wanted.
+        taken: names in use (:func:`all_names`); changed.
+
+    Returns:
+        the name.
+    """
+    name, k = stem, 0
+    while name in taken:
+        k += 1
+        name = f"{stem}_{k}"
+    taken.add(name)
+    return name

@@ -148,3 +148,39 @@ def test_openvino_gets_four_bit_weights_with_a_zero_point_right_on_a_transposed_
         expected = result.network(x)
     got = OpenVINONetwork(path, precision="f32")(x)
     assert float((got - expected).norm() / expected.norm()) < 1e-4
+
+
+class _EqualCodes(torch.nn.Module):
+    """Two layers with the same integer codes (a copied branch, or all-zero layers), at the same or other scales."""
+
+    def __init__(self, scale_factor: float):
+        super().__init__()
+        from monai_effq.ptq.modules import ActivationQuantizer, QuantizedConv
+        from monai_effq.quant.grid import UniformGrid, fit_scale, grid_codes
+
+        torch.manual_seed(0)
+        conv = torch.nn.Conv3d(4, 4, 3, padding=1)
+        grid = UniformGrid(4, "signed")
+        scale, zero = fit_scale(conv.weight.detach().reshape(4, -1), grid, per_channel=True)
+        codes = grid_codes(conv.weight.detach(), scale, zero, grid)
+        self.a, self.b = (
+            QuantizedConv(conv, codes, scale * f, zero, grid, conv.bias, ActivationQuantizer(8, "unsigned", 0.02, 0.0))
+            for f in (1.0, scale_factor)
+        )
+
+    def forward(self, x):
+        return self.a(torch.relu(x)) + 0.5 * self.b(torch.relu(-x))
+
+
+@pytest.mark.parametrize("scale_factor", [1.0, 2.0])
+@pytest.mark.parametrize("opset,container", [(None, "int4"), (None, "int8"), (17, "int8")])
+def test_layers_whose_codes_the_exporter_stores_once_are_exported_and_compute_as_in_torch(tmp_path, scale_factor, opset, container):
+    net = _EqualCodes(scale_factor).eval()
+    x = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(1))
+    path = export_onnx(net, tmp_path / "eq.onnx", x, opset=opset, weight_container=container, dynamic_spatial=False)
+    if container == "int4":
+        assert set(weight_types(path)) <= set(FOUR_BIT)
+    with torch.no_grad():
+        expected = net(x)
+    torch.testing.assert_close(OnnxRuntimeNetwork(path)(x), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(OpenVINONetwork(path, precision="f32")(x), expected, atol=1e-4, rtol=1e-4)
