@@ -21,6 +21,7 @@ file and says what was expected.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import os
@@ -107,12 +108,26 @@ def _find_nifti(folder: Path, stem: str) -> Path | None:
     return None
 
 
+def _brats_label(case: Path, separator: str) -> Path | None:
+    """A BraTS case folder's segmentation: ``<case><separator>seg.nii[.gz]``, else the one NIfTI file whose name
+    holds ``seg`` (BraTS 2020's case 355 ships ``W39_1998.09.19_Segm.nii``), else ``None``."""
+    found = _find_nifti(case, f"{case.name}{separator}seg")
+    if found is not None:
+        return found
+    named = [f for f in case.iterdir() if "seg" in f.name.lower() and f.name.endswith(NIFTI_SUFFIXES) and f.is_file()]
+    if len(named) == 1:
+        logger.info("BraTS case %s: its segmentation is %s", case.name, named[0].name)
+        return named[0]
+    return None
+
+
 def _brats_case_dirs(root: Path, separator: str = "_") -> list[Path]:
     """Case folders (``BraTS*`` holding NIfTI files named ``<folder><separator><part>``) directly in ``root``
     or one level below it: ``"_"`` for the 2020 release, ``"-"`` for 2023's.
 
     The official archives unpack into ``MICCAI_BraTS2020_TrainingData/``, so users often point at the
-    parent folder: looking one level down saves them a confusing "no cases" error.
+    parent folder: looking one level down saves them a confusing "no cases" error. Where the validation
+    archive was unpacked beside it, the sub-folders whose cases have no segmentation are left out.
     """
 
     def cases_in(folder: Path) -> list[Path]:
@@ -123,16 +138,37 @@ def _brats_case_dirs(root: Path, separator: str = "_") -> list[Path]:
         )
 
     found = cases_in(root)
-    if not found:
-        for sub in sorted(d for d in root.iterdir() if d.is_dir()):
-            found.extend(cases_in(sub))
-    return found
+    if found:
+        return found
+    below = {sub: cases_in(sub) for sub in sorted(d for d in root.iterdir() if d.is_dir())}
+    below = {sub: cases for sub, cases in below.items() if cases}
+    labelled = {sub: cases for sub, cases in below.items() if any(_brats_label(c, separator) is not None for c in cases)}
+    if labelled and len(labelled) < len(below):
+        left_out = ", ".join(sub.name for sub in below if sub not in labelled)
+        logger.info("%s: leaving out %s, whose cases have no segmentation (a validation release)", root, left_out)
+        below = labelled
+    return [case for cases in below.values() for case in cases]
+
+
+def _files_below(root: Path, pattern: str) -> list[Path]:
+    """The files matching ``pattern`` anywhere below ``root``, sorted: also in linked folders (a batch on another
+    disk), each folder once (``Path.rglob`` does not follow links)."""
+    seen: set[str] = set()
+    found = []
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up, or two links to one folder
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        found += [Path(folder) / name for name in files if fnmatch.fnmatchcase(name, pattern)]
+    return sorted(found)
 
 
 def _lits_files(root: Path) -> tuple[dict[int, Path], dict[int, Path]]:
     volumes: dict[int, Path] = {}
     segmentations: dict[int, Path] = {}
-    for path in sorted(root.rglob("*.nii*")):
+    for path in _files_below(root, "*.nii*"):
         for pattern, found in ((_LITS_VOLUME, volumes), (_LITS_SEGMENTATION, segmentations)):
             match = pattern.match(path.name)
             if match is None:
@@ -168,9 +204,9 @@ def detect_layout(dataset_dir: str | os.PathLike) -> str:
     brats = _brats_release(root)
     if brats is not None:
         return brats
-    if any(_LITS_VOLUME.match(p.name) for p in root.rglob("volume-*.nii*")):
+    if any(_LITS_VOLUME.match(p.name) for p in _files_below(root, "volume-*.nii*")):
         return "lits"
-    test_volume = next((p for p in sorted(root.rglob("test-volume-*.nii*")) if _LITS_VOLUME.match(p.name[5:])), None)
+    test_volume = next((p for p in _files_below(root, "test-volume-*.nii*") if _LITS_VOLUME.match(p.name[5:])), None)
     if test_volume is not None:
         # LiTS' test release names its volumes test-volume-N and ships no segmentations
         raise DatasetError(
@@ -307,7 +343,7 @@ def _brats_cases(root: Path, modalities: Sequence[str], separator: str, expected
     for case in cases:
         paths: dict[str, str] = {}
         for part in (*modalities, "seg"):
-            found = _find_nifti(case, f"{case.name}{separator}{part}")
+            found = _brats_label(case, separator) if part == "seg" else _find_nifti(case, f"{case.name}{separator}{part}")
             if found is None:
                 unlabelled = (
                     f"; {_UNLABELLED} \"[{{'image': {[f'{case.name}{separator}{m}.nii.gz' for m in modalities]}}}]\" (each "
@@ -403,7 +439,7 @@ def _check_msd_labels(dataset_dir: str | os.PathLike, dataset: str) -> None:
     in LiTS' 0 to 2), so its cases would train or calibrate the network as if they were the dataset's.
     A ``dataset.json`` without ``labels`` is taken as it is.
     """
-    json_path = Path(dataset_dir) / "dataset.json"
+    json_path = _as_dir(dataset_dir) / "dataset.json"
     try:
         labels = json.loads(json_path.read_text(encoding="utf-8")).get("labels")
     except (OSError, ValueError, AttributeError):

@@ -162,6 +162,52 @@ def test_auto_finds_brats_cases_one_folder_down_as_the_official_archive_unpacks(
     assert len(load_datalist(tmp_path)) == 2
 
 
+def test_beside_the_validation_archive_only_the_training_cases_are_listed(tmp_path, data):
+    _copy(data["brats"], tmp_path / "MICCAI_BraTS2020_TrainingData")
+    validation = tmp_path / "MICCAI_BraTS2020_ValidationData" / "BraTS20_Validation_001"
+    validation.mkdir(parents=True)
+    for contrast in ("flair", "t1", "t1ce", "t2"):
+        shutil.copy(next(data["brats"].glob(f"*/*_{contrast}.nii.gz")), validation / f"BraTS20_Validation_001_{contrast}.nii.gz")
+    datalist = load_datalist(tmp_path)
+    assert [Path(d["label"]).parent.name for d in datalist] == ["BraTS20_Training_001", "BraTS20_Training_002"]
+
+
+def test_a_brats_case_whose_segmentation_has_another_name_uses_its_one_seg_file(tmp_path, data):
+    root = _copy(data["brats"], tmp_path / "MICCAI_BraTS2020_TrainingData")
+    case = root / "BraTS20_Training_002"
+    # BraTS 2020's case 355 ships its segmentation as W39_1998.09.19_Segm.nii
+    (case / "BraTS20_Training_002_seg.nii.gz").rename(case / "W39_1998.09.19_Segm.nii.gz")
+    assert load_datalist(root)[1]["label"] == str(case / "W39_1998.09.19_Segm.nii.gz")
+
+
+def test_lits_batches_linked_from_another_disk_are_listed_as_folders_are(tmp_path, data):
+    elsewhere = tmp_path / "other_disk" / "Training Batch 2"
+    elsewhere.mkdir(parents=True)
+    shutil.copy(data["lits"] / "volume-1.nii", elsewhere / "volume-28.nii")
+    shutil.copy(data["lits"] / "segmentation-1.nii", elsewhere / "segmentation-28.nii")
+    root = tmp_path / "LiTS"
+    (root / "Training Batch 1").mkdir(parents=True)
+    shutil.copy(data["lits"] / "volume-0.nii", root / "Training Batch 1" / "volume-0.nii")
+    shutil.copy(data["lits"] / "segmentation-0.nii", root / "Training Batch 1" / "segmentation-0.nii")
+    (root / "Training Batch 2").symlink_to(elsewhere, target_is_directory=True)
+    (root / "Training Batch 1" / "loop").symlink_to(root, target_is_directory=True)  # walked once, not forever
+    assert [Path(d["image"]).name for d in load_datalist(root)] == ["volume-0.nii", "volume-28.nii"]
+    only_linked = tmp_path / "linked_only"
+    only_linked.mkdir()
+    (only_linked / "batch").symlink_to(elsewhere, target_is_directory=True)
+    assert detect_layout(only_linked) == "lits"
+
+
+def test_a_decathlon_folder_given_from_the_home_folder_is_checked_as_the_same_folder(tmp_path, data, monkeypatch):
+    spleen = tmp_path / "Task09_Spleen"
+    shutil.copytree(data["msd_lits"], spleen)
+    meta = json.loads((spleen / "dataset.json").read_text())
+    (spleen / "dataset.json").write_text(json.dumps({**meta, "labels": {"0": "background", "1": "spleen"}}))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(DatasetError, match="declares 2 labels"):
+        load_datalist("~/Task09_Spleen", dataset="lits")
+
+
 def test_brats_accepts_uncompressed_nifti(tmp_path, data):
     root = _copy(data["brats"], tmp_path / "brats")
     gz = root / "BraTS20_Training_001" / "BraTS20_Training_001_t2.nii.gz"
