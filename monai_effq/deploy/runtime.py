@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+from monai.utils import convert_to_dst_type
 
 from monai_effq.deploy.containers import widen_4bit_weights
 from monai_effq.deploy.norms import group_norm_form_for
@@ -258,7 +259,9 @@ class _RuntimeNetwork(nn.Module):
             if mismatch is None:
                 raise
             raise UserInputError(mismatch) from err
-        return torch.from_numpy(out).to(x.device)
+        # a MetaTensor's image metadata carried over, as a torch network carries it: without it MONAI's Invertd and
+        # SaveImaged (under any inferer but the sliding window's, which restores it) can neither invert nor name the mask
+        return convert_to_dst_type(torch.from_numpy(out).to(x.device), x, dtype=torch.float32)[0]
 
     def _size_mismatch(self, spatial: tuple[int, ...], err: Exception) -> str | None:
         """The failure ``err`` of a run at ``spatial``, with the size the file was exported at when that differs, else ``None``.

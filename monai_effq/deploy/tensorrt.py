@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-from monai.utils import optional_import
+from monai.utils import convert_to_dst_type, optional_import
 
 from monai_effq.deploy.export import QdqLayer, QdqNorm, _network_of, export_form, require
 from monai_effq.deploy.onnx_graph import constant_values
@@ -114,7 +114,8 @@ class TensorRTNetwork(nn.Module):
         device = x.device
         with torch.no_grad():
             out = self.compiled(x.detach().as_subclass(torch.Tensor).float().cuda())
-        return out.float().to(device)
+        # a MetaTensor's metadata carried over, as by the ONNX runtimes (see _RuntimeNetwork.forward)
+        return convert_to_dst_type(out.float().to(device), x, dtype=torch.float32)[0]
 
 
 def tensorrt_network(

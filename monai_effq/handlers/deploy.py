@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn as nn
 from monai.inferers import SlidingWindowInferer
 from monai.utils import IgniteInfo, ensure_tuple_rep, min_version, optional_import
 
@@ -145,6 +146,8 @@ class RuntimeNetworkLoader:
         self.onnx_path = onnx_path
         self.runtime = runtime
         self.options = dict(options or {})
+        self.fp_network: nn.Module | None = None
+        self.loaded: nn.Module | None = None
 
     def runs_windows_of_roi_size(self, inferer: Any) -> bool:
         """Whether every input ``inferer`` gives the network has ``roi_size``'s spatial size.
@@ -173,11 +176,14 @@ class RuntimeNetworkLoader:
             engine.add_event_handler(Events.STARTED, self)
 
     def __call__(self, engine: Engine) -> None:
-        """Swap the runtime network in."""
-        network = engine.network  # replaced below, so moving it to the CPU, where the export traces, costs nothing
-        shape = trace_shape(network, self.roi_size)
-        engine.network = runtime_network(
-            self.runtime, self.onnx_path, self.quantized_path, network.cpu(), shape,
+        """Swap the runtime network in (on a later run of the engine, from the FP network of the first: the
+        checkpoint may have changed since, e.g. a ValidationHandler's evaluator after another epoch of fine-tuning)."""
+        if self.loaded is None or engine.network is not self.loaded:
+            # replaced below, so moving it to the CPU, where the export traces, costs nothing
+            self.fp_network = engine.network.cpu()
+        shape = trace_shape(self.fp_network, self.roi_size)
+        engine.network = self.loaded = runtime_network(
+            self.runtime, self.onnx_path, self.quantized_path, self.fp_network, shape,
             fixed_window=self.runs_windows_of_roi_size(getattr(engine, "inferer", None)), **self.options,
         )  # fmt: skip
         self.logger.info(f"{self.runtime} runs {self.onnx_path}, exported from {self.quantized_path}")

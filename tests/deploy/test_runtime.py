@@ -109,6 +109,21 @@ def test_runtime_output_follows_the_input_device_and_type(exported):
 
 
 @pytest.mark.parametrize("cls", [OpenVINONetwork, OnnxRuntimeNetwork])
+def test_an_image_s_metadata_comes_back_with_the_output_as_from_a_torch_network(exported, cls):
+    from monai.data import MetaTensor
+
+    quantized, path = exported
+    x = MetaTensor(torch.rand(1, 2, 16, 16, 16), affine=torch.diag(torch.tensor([1.5, 1.5, 3.0, 1.0])), meta={"filename_or_obj": "case1.nii.gz"})
+    x.applied_operations.append({"class": "ResizeWithPadOrCrop"})  # what Invertd undoes after a SimpleInferer
+    out = cls(path)(x)
+    with torch.no_grad():
+        expected = quantized.network(x)
+    assert isinstance(out, MetaTensor) and isinstance(expected, MetaTensor)
+    assert out.meta["filename_or_obj"] == expected.meta["filename_or_obj"] == "case1.nii.gz"
+    assert torch.equal(out.affine, expected.affine) and out.applied_operations == expected.applied_operations
+
+
+@pytest.mark.parametrize("cls", [OpenVINONetwork, OnnxRuntimeNetwork])
 def test_each_call_returns_its_own_output_and_leaves_the_input_untouched(exported, cls):
     _, path = exported
     net = cls(path)

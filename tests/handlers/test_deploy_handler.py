@@ -82,3 +82,29 @@ def test_the_input_channels_of_a_network_registered_out_of_order_are_the_ones_it
     network = _HeadFirst().train()
     assert input_channels(network) == 16  # untried: the first registered layer's, as before
     assert input_channels(network, (8, 8, 8)) == 2 and network.training  # tried, and left in its mode
+
+
+def test_an_evaluator_run_again_after_a_new_checkpoint_runs_the_new_one(tmp_path):
+    from monai.engines import SupervisedEvaluator
+    from monai.inferers import SlidingWindowInferer
+
+    from monai_effq import EfficientQConfig, load_quantized, quantize, save_quantized
+
+    def fp(seed):
+        torch.manual_seed(seed)
+        return UNet(3, 2, 3, channels=(4, 8), strides=(2,), num_res_units=1, norm="batch").eval()
+
+    def checkpoint(seed):
+        config = EfficientQConfig(weight_bits=8, method="rtn", attention=False)
+        return save_quantized(quantize(fp(seed), torch.rand(1, 2, 16, 16, 16), config, progress=False), tmp_path / "q.pt")
+
+    data = [{"image": torch.rand(1, 2, 20, 20, 20), "label": torch.zeros(1, 1, 20, 20, 20)}]
+    evaluator = SupervisedEvaluator(torch.device("cpu"), data, fp(0), inferer=SlidingWindowInferer((16, 16, 16)))
+    RuntimeNetworkLoader(checkpoint(0), tmp_path / "q.onnx", [16, 16, 16], runtime="onnxruntime").attach(evaluator)
+    x = torch.rand(1, 2, 16, 16, 16)
+    for seed in (0, 1):  # a ValidationHandler's evaluator, after another epoch of fine-tuning wrote a new checkpoint
+        checkpoint(seed)
+        evaluator.run()
+        with torch.no_grad():
+            expected = load_quantized(tmp_path / "q.pt", fp(0))(x)
+        torch.testing.assert_close(evaluator.network(x), expected, atol=1e-4, rtol=1e-3)
