@@ -99,6 +99,11 @@ class ClassAttention:
             return torch.ones(expected, dtype=torch.bool)
         m = mask.detach()
         if m.dim() == logits.dim():
+            if m.shape[1] != 1:  # a mask per image channel (image != 0 of four contrasts) is not one body
+                raise UserInputError(
+                    f"body_mask has {m.shape[1]} channels; give one mask per window, shaped {expected} or with one channel "
+                    "(for several image channels, e.g. (image != 0).any(dim=1))."
+                )
             m = m[:, 0]
         if tuple(m.shape) != expected:
             raise ValueError(
@@ -151,9 +156,11 @@ class ClassAttention:
                 if all(k <= f for k, f in zip(size, full)):
                     pool = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d)[len(size) - 1]
                     logits = pool(logits, size)
+                    # the body over the same blocks as the pooled prediction (mostly body: body), not their first voxels
+                    mask = pool(mask[:, None].float(), size)[:, 0] >= 0.5
                 else:
                     logits = F.interpolate(logits, size=size, mode="nearest")
-                mask = F.interpolate(mask[:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
+                    mask = F.interpolate(mask[:, None].float(), size=size, mode="nearest")[:, 0] > 0.5
             painted = self.class_weights[self._labels(logits)]
             self._cache[key] = torch.where(mask, painted, torch.ones_like(painted))
         return self._cache[key]
