@@ -548,6 +548,9 @@ class _Run:
             held = None
             if self.config.validation_fraction > 0:
                 place, size = self.places[index]
+                if self.chunks > 1:
+                    # a chunk's windows by their numbers among all of them: the run's hold-out, whatever the memory budget
+                    place, size = self.window_numbers[index], sum(self.shares)
                 held = holdout_mask((size, *_voxel_shape(view, y)[1:]), self.config.validation_fraction, self.mirrored_dims)
                 held = None if held is None else held[place]
             acc.add_batch(x, y, h, held)  # the statistics and the solve stay on the run's device

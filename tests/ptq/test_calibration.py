@@ -132,6 +132,27 @@ def test_holdout_masks_hold_out_whole_windows_or_a_slab_of_each_window_when_ther
     assert holdout_mask((2, 16), 0.5)[1].all()
 
 
+def test_the_held_out_windows_are_the_same_whatever_the_memory_budget_cuts_the_windows_into(monkeypatch):
+    from monai_effq.solver.gram import GramAccumulator
+
+    held: dict[int, list[torch.Tensor]] = {}
+    add_batch = GramAccumulator.add_batch
+
+    def spy(self, x, y, h=None, holdout=None):
+        if self.view.name.startswith("0"):
+            held[budget].append(holdout.flatten(1).all(1))
+        return add_batch(self, x, y, h, holdout)
+
+    monkeypatch.setattr(GramAccumulator, "add_batch", spy)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 2, 3, padding=1)).eval()
+    windows = torch.randn(8, 1, 256, 128)  # 1 MiB of the first layer's output per window
+    for budget in (2048, 1):  # all windows in one chunk, or one window per chunk (dealt round-robin: in order here)
+        held[budget] = []
+        quantize(net, windows, EfficientQConfig(weight_bits=4, target_memory_mib=budget, attention=False), progress=False)
+    assert torch.cat(held[1]).nonzero().flatten().tolist() == torch.cat(held[2048]).nonzero().flatten().tolist() == [3, 7]
+
+
 def test_mirrored_windows_are_held_out_with_their_source_so_a_copy_never_validates_its_own_fit():
     copies = mirror_count(3)
     # one crop: its slab, and in each copy the same anatomy, at the start where the copy is flipped along the slab's axis
