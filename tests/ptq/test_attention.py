@@ -80,18 +80,6 @@ def test_a_mask_per_image_channel_is_refused_not_cut_to_its_first_channel():
     assert int(one.class_counts.sum()) == 64
 
 
-def test_a_coarse_level_takes_the_body_of_the_blocks_it_pools_so_a_mirrored_scene_gets_mirrored_weights():
-    labels = torch.zeros(1, 16, 16, 16, dtype=torch.long)
-    labels[0, :5] = 1  # a rare class next to the air
-    mask = torch.ones(1, 16, 16, 16, dtype=torch.bool)
-    mask[0, 0] = False  # one plane of air
-    logits = _logits_for(labels, 2)
-    for size in [(8, 8, 8), (4, 4, 4)]:
-        h = ClassAttention(logits, body_mask=mask)(size)
-        flipped = ClassAttention(logits.flip(2), body_mask=mask.flip(1))(size)
-        assert torch.equal(flipped.flip(1), h), size
-
-
 def test_a_mask_that_selects_no_voxel_is_rejected_with_what_to_do():
     # e.g. a calibration crop that lies in the air outside the body, with body_mask='nonzero'
     with pytest.raises(ValueError, match="body_mask selects no voxel.*holds the body"):
