@@ -87,7 +87,7 @@ def pack_4bit_weights(model) -> tuple[list[str], list[str]]:  # noqa: ANN001 - o
     packed, kept = [], []
     # an exporter stores equal tensors once, so one integer weight may serve several DequantizeLinear nodes (two
     # layers with equal codes and other scales): each reading converts once, under names of its own
-    converted: dict[tuple[str, str, int], tuple[str, str]] = {}
+    converted: dict[tuple[str, str, int], tuple[str, str] | None] = {}  # None: stays 8-bit
     taken = set(all_names(graph))
     for node in graph.node:
         if node.op_type != "DequantizeLinear" or node.input[0] not in initializers:
@@ -103,16 +103,19 @@ def pack_4bit_weights(model) -> tuple[list[str], list[str]]:  # noqa: ANN001 - o
             zero = consts[node.input[2]].astype(np.int32) if has_zero else np.zeros((), np.int32)
             packed_values = _four_bit_form(node, values, zero, weight.data_type == onnx.TensorProto.INT8)
             if packed_values is None:
-                kept += [weight.name] if weight.name not in kept else []
-                continue
-            values, zero, dtype = packed_values
-            name4 = free_name(weight.name.removesuffix("_quantized") + "_4bit", taken)
-            taken.add(name4 + "_zero_point")
-            # from_array packs two values per byte into raw_data, so the file holds half the bytes
-            graph.initializer.append(numpy_helper.from_array(values.astype(dtype), name4))
-            graph.initializer.append(numpy_helper.from_array(zero.astype(dtype), name4 + "_zero_point"))
-            converted[key] = (name4, name4 + "_zero_point")
-            packed.append(weight.name)
+                converted[key] = None
+                kept.append(weight.name)
+            else:
+                values, zero, dtype = packed_values
+                name4 = free_name(weight.name.removesuffix("_quantized") + "_4bit", taken)
+                zero_name = free_name(name4 + "_zero_point", taken)
+                # from_array packs two values per byte into raw_data, so the file holds half the bytes
+                graph.initializer.append(numpy_helper.from_array(values.astype(dtype), name4))
+                graph.initializer.append(numpy_helper.from_array(zero.astype(dtype), zero_name))
+                converted[key] = (name4, zero_name)
+                packed.append(weight.name)
+        if converted[key] is None:
+            continue
         name4, zero_name = converted[key]
         node.input[0] = name4
         if len(node.input) > 2:

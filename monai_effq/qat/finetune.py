@@ -219,8 +219,10 @@ class TrainableNetwork:
             aq = module.input_quantizer if module.input_quantizer is not None else shared.get(name)
             # The layer errors, calibration counts and solver choice are the PTQ solve's (before training); training
             # optimises the loss.
-            nan = math.nan
-            ptq = by_name.get(name) or LayerReport(name, "", 0, None, None, 0, nan, nan, nan, seconds=0.0, solve_seconds=0.0)
+            ptq = by_name.get(name) or LayerReport(
+                name=name, kind="", weight_bits=0, act_bits=None, act_grid=None, params=0,
+                mse_fp=math.nan, mse_rtn=math.nan, mse=math.nan, seconds=0.0, solve_seconds=0.0,
+            )  # fmt: skip
             layers.append(
                 dataclasses.replace(
                     ptq,
