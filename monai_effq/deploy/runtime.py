@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import re
+import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -360,7 +361,8 @@ class OpenVINONetwork(_RuntimeNetwork):
     OpenVINO compiles a model for static shapes faster than for dynamic ones, and its CPU plugin
     (2026.4) computes some valid graphs wrongly with dynamic shapes (see ``group_norm`` in
     :func:`~monai_effq.export_onnx`), so the file is compiled once per input shape and the last
-    ``max_shapes`` compilations are kept; a sliding-window inferer needs one or two.
+    ``max_shapes`` compilations are kept; a sliding-window inferer needs one or two. Calls from several
+    threads (a server answering requests in parallel) take turns on each compiled shape.
 
     Args:
         path: the ONNX file.
@@ -414,6 +416,9 @@ class OpenVINONetwork(_RuntimeNetwork):
         if device.split(".")[0].upper() == "CPU":
             self._warn_if_saturating()
         self._requests: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+        # one infer request per shape, which OpenVINO runs one call at a time ("Infer Request is busy"), and whose
+        # output memory the next call overwrites: calls from several threads (a server's) take turns
+        self._lock = threading.Lock()
 
     def _load_error(self, err: Exception) -> UserInputError:
         # OpenVINO's ONNX reader lists the operators it could not convert at the end of a long report
@@ -476,12 +481,13 @@ class OpenVINONetwork(_RuntimeNetwork):
         return self._requests[shape]
 
     def _run(self, array: np.ndarray) -> np.ndarray:
-        request = self.request_for(tuple(array.shape))
-        # the request reads the array in place and returns views of its own output memory: by default
-        # it copied the input and all outputs on every call (6 ms of 250 at 1x4x128^3). The one copy
-        # left is needed, since the next call overwrites that memory.
-        request.infer({0: array}, share_inputs=True, share_outputs=True)
-        return request.get_output_tensor(0).data.copy()
+        with self._lock:
+            request = self.request_for(tuple(array.shape))
+            # the request reads the array in place and returns views of its own output memory: by default
+            # it copied the input and all outputs on every call (6 ms of 250 at 1x4x128^3). The one copy
+            # left is needed, since the next call overwrites that memory.
+            request.infer({0: array}, share_inputs=True, share_outputs=True)
+            return request.get_output_tensor(0).data.copy()
 
 
 RUNTIMES = {cls.key: cls for cls in (OpenVINONetwork, OnnxRuntimeNetwork)}

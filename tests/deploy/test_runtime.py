@@ -109,6 +109,33 @@ def test_runtime_output_follows_the_input_device_and_type(exported):
 
 
 @pytest.mark.parametrize("cls", [OpenVINONetwork, OnnxRuntimeNetwork])
+def test_calls_from_several_threads_each_get_their_own_output(exported, cls):
+    import threading
+
+    _, path = exported
+    net = cls(path)
+    xs = [torch.rand(1, 2, 16, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    expected = [net(x) for x in xs]
+    wrong, errors = [], []
+
+    def serve(k):  # a server answering requests from several threads with one network
+        for call in range(20):
+            i = (k + call) % len(xs)
+            try:
+                if not torch.equal(net(xs[i]), expected[i]):
+                    wrong.append(i)
+            except RuntimeError as e:  # OpenVINO's "Infer Request is busy"
+                errors.append(str(e))
+
+    threads = [threading.Thread(target=serve, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and not wrong, (errors[:1], len(wrong))
+
+
+@pytest.mark.parametrize("cls", [OpenVINONetwork, OnnxRuntimeNetwork])
 def test_an_image_s_metadata_comes_back_with_the_output_as_from_a_torch_network(exported, cls):
     from monai.data import MetaTensor
 
