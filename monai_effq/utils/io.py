@@ -49,13 +49,27 @@ _SUFFIX = ".partial"
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.(?P<token>[A-Za-z0-9_]+)\.partial$")
 
 
+def _pid_namespace() -> int | None:
+    """The PID namespace this process's pid is counted in (Linux), or ``None`` where the system does not say."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
 def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+    # Containers that share the host name (docker --network host, --uts host) number their processes apart:
+    # a pid names a writer only within its PID namespace, so another container's live writer must not be
+    # taken for a dead process of this one.
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+    namespace = _pid_namespace()
+    return host if namespace is None else f"{host}-pidns{namespace}"
 
 
-# bytes of the destination's name a temporary's name keeps: host, pid, token and suffix add up to 90 more, and a
-# file system's names end at 255 bytes (a legal long name would otherwise fail for its temporary's alone)
-_NAME_BYTES = 150
+# bytes of the destination's name a temporary's name keeps: host (64 bytes and its PID namespace's 16 at most),
+# pid, token and suffix add up to 110 more, and a file system's names end at 255 bytes (a legal long name would
+# otherwise fail for its temporary's alone)
+_NAME_BYTES = 140
 
 
 def _temporary_prefix(dest: Path) -> str:
@@ -104,8 +118,9 @@ def is_temporary(name: str) -> bool:
 def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
     """Remove the temporaries that interrupted atomic writes left in ``folder``.
 
-    A temporary (``.<name>.<host>.<pid>.<random>.partial``, file or folder) is removed when its
-    writer is a dead process on this host; one from another host, or without a writer in its name
+    A temporary (``.<name>.<host>.<pid>.<random>.partial``, file or folder; ``<host>`` is the host name with
+    its PID namespace, where Linux gives one) is removed when its writer is a dead process on this host and in
+    this process's PID namespace; one from another host or container, or without a writer in its name
     (written by older versions), when it is older than :data:`STALE_AFTER_SECONDS`.
 
     Args:

@@ -127,16 +127,35 @@ def test_a_temporary_of_another_host_or_owner_is_removed_only_once_a_day_old(tmp
     assert [p.name for p in tmp_path.iterdir()] == [recent.name]
 
 
-def test_a_staging_folder_of_a_dead_process_is_removed_by_the_next_directory_write(tmp_path):
-    import socket
+def test_a_live_writer_in_another_pid_namespace_of_this_host_keeps_its_temporary(tmp_path, monkeypatch):
+    # two containers sharing the host name (docker --network host) count their pids apart: the other one's
+    # writer can hold a pid that is no process here
     import subprocess
     import sys
 
+    from monai_effq.utils import io as effq_io
+    from monai_effq.utils.io import remove_stale_temporaries
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    with monkeypatch.context() as other_container:
+        other_container.setattr(effq_io, "_pid_namespace", lambda: 4026531999)
+        theirs = tmp_path / f"{effq_io._temporary_prefix(tmp_path / 'model.pt').rsplit('.', 2)[0]}.{dead}.abcd1234.partial"
+    ours = tmp_path / f".report.json.{effq_io._host()}.{dead}.efgh5678.partial"
+    for p in (theirs, ours):
+        p.write_text("half")
+    assert remove_stale_temporaries(tmp_path) == [ours]
+    assert [p.name for p in tmp_path.iterdir()] == [theirs.name]
+
+
+def test_a_staging_folder_of_a_dead_process_is_removed_by_the_next_directory_write(tmp_path):
+    import subprocess
+    import sys
+
+    from monai_effq.utils import io as effq_io
     from monai_effq.utils.io import atomic_directory
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    host = "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname())
-    staging = tmp_path / f".bundle.{host}.{int(dead.stdout)}.x1y2z3w4.partial"
+    staging = tmp_path / f".bundle.{effq_io._host()}.{int(dead.stdout)}.x1y2z3w4.partial"
     (staging / "models").mkdir(parents=True)
     with atomic_directory(tmp_path / "bundle") as fresh:
         (fresh / "model.ts").write_text("whole")
@@ -144,12 +163,10 @@ def test_a_staging_folder_of_a_dead_process_is_removed_by_the_next_directory_wri
 
 
 def test_this_processs_own_temporaries_even_a_day_old_and_a_missing_folder_are_left_alone(tmp_path):
-    import socket
-
+    from monai_effq.utils import io as effq_io
     from monai_effq.utils.io import STALE_AFTER_SECONDS, remove_stale_temporaries
 
-    host = "".join(c if c.isalnum() or c == "-" else "-" for c in socket.gethostname())
-    mine = tmp_path / f".model.pt.{host}.{os.getpid()}.abcd1234.partial"
+    mine = tmp_path / f".model.pt.{effq_io._host()}.{os.getpid()}.abcd1234.partial"
     not_a_temporary = tmp_path / ".model.pt.partial.bak"
     for p in (mine, not_a_temporary):
         p.write_text("half")
