@@ -21,7 +21,9 @@ quantized folds into it (:func:`~monai_effq.apps.load_nnunet_predictor`), for ``
 The flags are ``nnUNetv2_predict``'s where they mean the same (``-i``, ``-o``, ``-f``, ``-chk``,
 ``-device``, ``-step_size``, ``--disable_tta``, ``--save_probabilities``, ``--continue_prediction``,
 ``-npp``, ``-nps``, ``-num_parts``, ``-part_id``, ``-prev_stage_predictions``, ``--disable_progress_bar``),
-except that ``-device`` defaults to ``cpu``; its ``--not_on_device`` has no counterpart here. A cascade
+except that ``-device`` defaults to ``cpu``; its ``--not_on_device`` has no counterpart here. ``-chk`` is
+``quantize``'s (``predict`` runs the folds quantized from that checkpoint); ``predict -f`` picks some of the
+quantized folds, as ``nnUNetv2_predict -f`` picks trained ones. A cascade
 stage (``3d_cascade_fullres``) reads the previous stage's segmentation: ``quantize
 -prev_stage_predictions`` names the folder of that stage's predictions of the calibration cases, and
 ``predict -prev_stage_predictions`` that of the images to segment, as ``nnUNetv2_predict`` takes it. ``predict -m`` points at the model folder where it has moved since ``quantize``
@@ -38,6 +40,7 @@ import argparse
 import copy
 import json
 import logging
+import pickle
 import re
 import sys
 from collections.abc import Sequence
@@ -58,7 +61,7 @@ from monai_effq.ptq.prepare import available_device
 from monai_effq.utils.errors import DEBUG_ENV, MissingExtraError, MissingInputError, OutputExistsError, UserInputError, debugging
 from monai_effq.utils.io import atomic_write_text
 
-__all__ = ["MANIFEST", "calibration_cases", "main", "new_predictor"]
+__all__ = ["MANIFEST", "calibration_cases", "input_channels", "main", "new_predictor"]
 
 MANIFEST = "nnunet_quantized.json"
 """The file ``quantize`` writes last into its output folder, and ``predict`` reads."""
@@ -94,7 +97,8 @@ def new_predictor(
     Raises:
         MissingExtraError: when nnunetv2 is not installed.
         MissingInputError: when the folder lacks nnU-Net's plans, dataset description or a fold's checkpoint.
-        UserInputError: when nnU-Net cannot read the folder's plans or dataset description.
+        UserInputError: when nnU-Net cannot read the folder's plans or dataset description, or cannot load a
+            fold's checkpoint (a damaged file).
     """
     folder = Path(model_folder)
     for name in ("plans.json", "dataset.json", *(f"fold_{f}/{checkpoint_name}" for f in folds)):
@@ -120,7 +124,38 @@ def new_predictor(
             f"nnU-Net could not read the model folder {folder} ({type(error).__name__}: {error}): its plans.json and "
             "dataset.json must be the ones nnU-Net wrote when it trained the model."
         ) from error
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as error:
+        if isinstance(error, torch.OutOfMemoryError):
+            raise
+        # torch.load of a checkpoint cut short (a copy interrupted, a training killed while it saved), or one whose
+        # trainer class nnU-Net cannot find here
+        raise UserInputError(
+            f"nnU-Net could not load fold(s) {list(folds)} of {folder} ({type(error).__name__}: {error}): a fold's "
+            f"{checkpoint_name} may be damaged (copied in part, or saved by a run that was killed): copy it again or train "
+            "that fold again; a trainer class of your own must be importable here, as nnUNetv2_predict needs it."
+        ) from error
     return predictor
+
+
+def input_channels(dataset: dict[str, Any]) -> int:
+    """The input channels of an nnU-Net dataset description, as nnU-Net counts them.
+
+    Args:
+        dataset: the model folder's ``dataset.json``, as the predictor read it.
+
+    Returns:
+        the number of ``channel_names`` (``modality`` in descriptions of nnU-Net v1's time).
+
+    Raises:
+        UserInputError: when it names neither.
+    """
+    channels = dataset.get("channel_names", dataset.get("modality"))
+    if not isinstance(channels, dict) or not channels:
+        raise UserInputError(
+            "the model folder's dataset.json names no input channels (neither 'channel_names' nor 'modality'): give -m "
+            "the folder nnU-Net trained, whose dataset.json it copied there."
+        )
+    return len(channels)
 
 
 def _device(name: str) -> torch.device:
@@ -193,12 +228,15 @@ def _quantize(args: argparse.Namespace) -> None:
     out = Path(args.output)
     if (out / MANIFEST).exists() and not args.overwrite:
         raise OutputExistsError(f"{out / MANIFEST} exists: give another -o, or --overwrite to quantize into it again.")
+    repeated = sorted({str(f) for f in args.folds if [str(g) for g in args.folds].count(str(f)) > 1})
+    if repeated:
+        raise UserInputError(f"-f names fold {repeated[0]} more than once: give each fold once (-f 0 1 2 3 4).")
     config = _config(args)
     device = _device(args.device)
     _output_folder(out, "-o")
     predictor = new_predictor(args.model, args.folds, args.checkpoint, device, mirroring=True, progress=not args.disable_progress_bar)
     dataset = predictor.dataset_json
-    cases = calibration_cases(args.input, dataset["file_ending"], len(dataset["channel_names"]), args.cases)
+    cases = calibration_cases(args.input, dataset["file_ending"], input_channels(dataset), args.cases)
     previous = _previous_stage_folder(predictor, args.prev_stage_predictions, "quantize")
     if previous is not None:  # nnU-Net names a case's segmentation <case><file_ending>
         ending = dataset["file_ending"]
@@ -265,6 +303,21 @@ def _manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
+def _chosen_folds(manifest: dict[str, Any], chosen: Sequence[int | str] | None, folder: Path) -> tuple[list, list[str]]:
+    """The folds ``predict -f`` picks from those ``quantize`` wrote (all of them without ``-f``), with their checkpoints."""
+    folds, checkpoints = list(manifest["folds"]), list(manifest["checkpoints"])
+    if chosen is None:
+        return folds, checkpoints
+    names = [str(f) for f in folds]
+    for fold in chosen:
+        if str(fold) not in names:
+            raise UserInputError(f"-f {fold} is not a fold of {folder}, which holds folds {' '.join(names)}: give -f folds that quantize wrote.")
+        if [str(f) for f in chosen].count(str(fold)) > 1:
+            raise UserInputError(f"-f names fold {fold} more than once: give each fold once.")
+    picked = [names.index(str(f)) for f in chosen]
+    return [folds[i] for i in picked], [checkpoints[i] for i in picked]
+
+
 def _predict(args: argparse.Namespace) -> None:
     if not 0 <= args.part_id < args.num_parts:
         raise UserInputError(
@@ -273,6 +326,9 @@ def _predict(args: argparse.Namespace) -> None:
         )
     folder = Path(args.quantized)
     manifest = _manifest(folder)
+    folds, checkpoints = _chosen_folds(manifest, args.folds, folder)
+    if args.onnx_dir is not None:
+        _output_folder(args.onnx_dir, "--onnx_dir")
     if not Path(args.input).is_dir():
         raise MissingInputError(f"image folder {args.input} does not exist or is not a folder: give -i the raw images to segment.")
     device = _device(args.device)
@@ -284,7 +340,7 @@ def _predict(args: argparse.Namespace) -> None:
             "was moved to (the nnU-Net training output folder the folds were quantized from)."
         )
     predictor = new_predictor(
-        model, manifest["folds"], manifest["checkpoint_name"], device, mirroring=not args.disable_tta,
+        model, folds, manifest["checkpoint_name"], device, mirroring=not args.disable_tta,
         step_size=args.step_size, progress=not args.disable_progress_bar,
     )
     previous = _previous_stage_folder(predictor, args.prev_stage_predictions, "predict")
@@ -302,11 +358,11 @@ def _predict(args: argparse.Namespace) -> None:
                 "segmentation): predict every image with the previous stage into -prev_stage_predictions first."
             )
     # each checkpoint loads onto a fresh FP copy of the predictor's network (load_quantized_result checks the architecture)
-    results = [load_quantized_result(folder / name, copy.deepcopy(predictor.network)) for name in manifest["checkpoints"]]
+    results = [load_quantized_result(folder / name, copy.deepcopy(predictor.network)) for name in checkpoints]
     load_nnunet_predictor(predictor, results)
     if args.runtime != "torch":
         onnx_dir = args.onnx_dir or folder / f"onnx_{args.runtime}"
-        deploy_nnunet_predictor(predictor, results, onnx_dir, runtime=args.runtime, fold_names=manifest["folds"])
+        deploy_nnunet_predictor(predictor, results, onnx_dir, runtime=args.runtime, fold_names=folds)
     predictor.predict_from_files(
         str(args.input), str(output), save_probabilities=args.save_probabilities, overwrite=not args.continue_prediction,
         num_processes_preprocessing=args.npp, num_processes_segmentation_export=args.nps,
@@ -328,6 +384,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _step_size(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:  # nnU-Net's sliding window asserts it, once the first case is segmented
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], a fraction of the patch size, got {value}")
+    return value
+
+
 def _fold(text: str) -> int | str:
     return "all" if text == "all" else int(text)
 
@@ -343,7 +406,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("-chk", "--checkpoint", default="checkpoint_final.pth", help="checkpoint file in each fold folder")
     q.add_argument("--cases", type=_positive, default=1, help="calibration cases, the first in sorted order (default 1)")
     q.add_argument("--weight_bits", type=int, help="weight bits, 2-8 (default 4)")
-    q.add_argument("--act_bits", type=int, help="activation bits, 4-8 (default 8)")
+    q.add_argument("--act_bits", type=int, help="activation bits, 2-8 (default 8)")
     q.add_argument("--method", help="solver method (default efficientq)")
     q.add_argument("-device", "--device", default="cpu", help="device the folds are quantized on (default cpu)")
     q.add_argument("--overwrite", action="store_true", help="quantize into a folder that already holds quantized folds")
@@ -354,11 +417,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-i", "--input", required=True, help="raw image folder in nnU-Net naming")
     p.add_argument("-o", "--output", required=True, help="folder for the segmentations")
     p.add_argument("-m", "--model", help="the nnU-Net model folder, where it is no longer where quantize read it")
+    p.add_argument("-f", "--folds", nargs="+", type=_fold, help="predict with these of the quantized folds (default: all of them)")
     p.add_argument("--runtime", choices=("torch", "openvino", "onnxruntime"), default="torch",
                    help="torch: the fake-quant network; openvino/onnxruntime: int8 ONNX files (default torch)")
     p.add_argument("--onnx_dir", help="folder for the int8 ONNX files (default: onnx_<runtime> in the quantized folder)")
     p.add_argument("-device", "--device", default="cpu", help="device for the torch runtime (default cpu)")
-    p.add_argument("-step_size", type=float, default=0.5, help="sliding-window step as a fraction of the patch size (default 0.5)")
+    p.add_argument("-step_size", type=_step_size, default=0.5, help="sliding-window step as a fraction of the patch size (default 0.5)")
     p.add_argument("--disable_tta", action="store_true", help="no test-time mirroring (faster)")
     p.add_argument("--save_probabilities", action="store_true", help="also write the softmax outputs")
     p.add_argument("--continue_prediction", action="store_true", help="skip cases whose segmentation exists")

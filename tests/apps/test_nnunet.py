@@ -14,7 +14,7 @@ import torch.nn as nn
 from monai_effq import EfficientQConfig, quantize
 from monai_effq.apps import deploy_nnunet_predictor, load_nnunet_predictor, nnunet_calibration_windows, quantize_nnunet_predictor
 from monai_effq.ptq import QuantizedLayer
-from monai_effq.utils.errors import UserInputError
+from monai_effq.utils.errors import OutputWriteError, UserInputError
 
 from ..nnunet_like import nnunet_like
 
@@ -171,6 +171,9 @@ def test_deployed_folds_run_in_the_runtime_as_the_mean_of_the_quantized_folds(tm
     _as_the_predictor_runs(predictor, 1, y)  # a prediction first, as the README's order has it
     with pytest.raises(UserInputError, match=r"results \(1 quantized folds\) are not the 2 folds this predictor holds"):
         deploy_nnunet_predictor(predictor, results[:1], tmp_path / "onnx", runtime)
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(OutputWriteError, match="a_file: it is a file; give a folder"):
+        deploy_nnunet_predictor(predictor, results, tmp_path / "a_file", runtime)
     paths = deploy_nnunet_predictor(predictor, results, tmp_path / "onnx", runtime, **options)
 
     assert [p.name for p in paths] == ["fold_0.onnx", "fold_1.onnx"] and predictor.list_of_parameters == [{}]

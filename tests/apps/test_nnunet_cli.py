@@ -297,6 +297,9 @@ def test_bad_input_ends_each_command_with_one_line_and_status_1(tmp_path, predic
         with pytest.raises(SystemExit) as stop:
             _quantize(tmp_path, *bad)
         assert stop.value.code == 1 and "--help" in one_line()
+    # a fold given twice would be quantized twice and then refused by the deployment, after quantize said it was done
+    assert _quantize(tmp_path, folds=("0", "1", "0")) == 1
+    assert "-f names fold 0 more than once" in one_line() and len(predictors) == started and not (tmp_path / "q").exists()
 
     assert _quantize(tmp_path, "--disable_progress_bar") == 0
     assert capsys.readouterr().err == ""  # no progress bar
@@ -308,13 +311,73 @@ def test_bad_input_ends_each_command_with_one_line_and_status_1(tmp_path, predic
     started = len(predictors)
     assert _predict(tmp_path, "-num_parts", "2", "-part_id", "2") == 1
     assert "-part_id 2 is not one of the 2 parts (0 to 1)" in one_line() and len(predictors) == started
-    with pytest.raises(SystemExit) as stop:
-        _predict(tmp_path, "-num_parts", "0")
-    assert stop.value.code == 1 and "--help" in one_line()
+    for bad in (["-num_parts", "0"], ["-step_size", "0"], ["-step_size", "1.5"], ["-step_size", "-0.5"]):
+        with pytest.raises(SystemExit) as stop:
+            _predict(tmp_path, *bad)
+        assert stop.value.code == 1 and "--help" in one_line()
+    assert _predict(tmp_path, "--runtime", "onnxruntime", "--onnx_dir", str(tmp_path / "afile")) == 1
+    assert "--onnx_dir" in one_line() and len(predictors) == started  # before nnU-Net loads the folds
+    assert _predict(tmp_path, "-f", "0", "3") == 1
+    assert "-f 3 is not a fold of" in one_line() and len(predictors) == started
 
     (tmp_path / "q" / MANIFEST).write_text("{not json")
     assert _predict(tmp_path) == 1
     assert "quantize into a new folder" in one_line()
+
+
+def test_predict_f_runs_the_chosen_quantized_folds_alone(data, predictors):
+    assert _quantize(data) == 0
+    assert _predict(data, "-f", "1") == 0
+    assert predictors[-1].made_with[1] == [1]
+    (fold_1,) = _saved_folds(data / "q", (1,))
+    for name, logits in predictors[-1].logits.items():
+        x = torch.from_numpy(nib.load(data / "imagesTs" / name).get_fdata(dtype=np.float32))[None, None]
+        with torch.no_grad():
+            assert torch.allclose(logits, fold_1(x), atol=1e-6)
+
+
+def test_a_dataset_json_naming_modality_instead_of_channel_names_is_read_as_nnunet_reads_it(data, monkeypatch):
+    class OlderDatasetJson(_Predictor):
+        def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            super().__init__(*args, **kwargs)
+            self.dataset_json = {"file_ending": ".nii.gz", "modality": {"0": "CT"}}
+
+    monkeypatch.setattr(nnunet_cli, "new_predictor", OlderDatasetJson)
+    assert _quantize(data) == 0
+    assert nnunet_cli.input_channels({"channel_names": {"0": "T1", "1": "T2"}}) == 2
+    with pytest.raises(UserInputError, match="neither 'channel_names' nor 'modality'"):
+        nnunet_cli.input_channels({"file_ending": ".nii.gz"})
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_a_damaged_fold_checkpoint_ends_quantize_with_one_line_naming_it(tmp_path, monkeypatch, capsys, damage):
+    # nnU-Net's predictor as far as it reads the fold checkpoints: torch.load of each (an nnunetv2 stand-in)
+    class Predictor:
+        def __init__(self, **kwargs) -> None:  # noqa: ANN003
+            pass
+
+        def initialize_from_trained_model_folder(self, folder, use_folds, checkpoint_name) -> None:  # noqa: ANN001
+            for fold in use_folds:
+                torch.load(Path(folder) / f"fold_{fold}" / checkpoint_name, map_location="cpu", weights_only=False)
+
+    module = SimpleNamespace(nnUNetPredictor=Predictor)
+    for name, value in (("nnunetv2", SimpleNamespace()), ("nnunetv2.inference", SimpleNamespace()),
+                        ("nnunetv2.inference.predict_from_raw_data", module)):  # fmt: skip
+        monkeypatch.setitem(sys.modules, name, value)
+    model = tmp_path / "model"
+    for name in ("plans.json", "dataset.json"):
+        (model / name).parent.mkdir(exist_ok=True)
+        (model / name).write_text("{}")
+    for fold in (0, 1):
+        (model / f"fold_{fold}").mkdir()
+        torch.save({"network_weights": nnunet_like(fold).state_dict()}, model / f"fold_{fold}" / "checkpoint_final.pth")
+    whole = (model / "fold_1" / "checkpoint_final.pth").read_bytes()
+    (model / "fold_1" / "checkpoint_final.pth").write_bytes(b"" if damage == "empty" else whole[: len(whole) // 2])
+    _images(tmp_path / "imagesTr", 1)
+    assert _quantize(tmp_path) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: nnU-Net could not load fold(s) [0, 1]") and len(err.strip().splitlines()) == 1, err
+    assert "checkpoint_final.pth may be damaged" in err and not (tmp_path / "q").exists()
 
 
 def test_calibration_cases_are_the_first_cases_with_every_channel_and_a_missing_channel_is_named(tmp_path):
