@@ -677,7 +677,9 @@ TRIGGERS = {
     ),
     "the mask does not lie on the grid of DICOM slice <file>": _seg_off_the_grid,
     "DICOM file <file> of the series in <folder> holds a value a DICOM SEG cannot copy: <reason>": _seg_source_with_a_malformed_value,
-    "DICOM file <file> in <folder> is a multi-frame (enhanced) image, which <DICOM SEG or RTSTRUCT> masks do not support yet": _seg_source_multi_frame,
+    "DICOM file <file> in <folder> is a multi-frame (enhanced) image, on which DICOM SEG and RTSTRUCT masks and labels are not supported yet": (
+        _seg_source_multi_frame
+    ),
     "<DICOM SEG or RTSTRUCT> label <file> segments another series than its image <folder>": _seg_of_another_series,
     "<DICOM SEG or RTSTRUCT> label <file> has <no segment or several segments> labelled <name>; it holds: <segments>": _seg_without_a_segment,
     "<DICOM SEG or RTSTRUCT> label <file>: seg_segments names its segment <n> twice, as <key> and as <key>": _seg_mapping_a_segment_twice,

@@ -14,6 +14,7 @@ mask that is not on the series' grid is refused instead of being written onto th
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -61,11 +62,18 @@ __all__ = [
     "paint_labels",
     "referenced_series",
     "require_series_folder",
+    "series_headers",
     "snomed_ct",
 ]
 
 logger = logging.getLogger(__name__)
 
+# the patient and study attributes a SEG copies from its source that are Type 2 there (present, possibly empty):
+# anonymisers often delete them outright, and highdicom then refuses the source
+_TYPE_2_COPIED = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "ReferringPhysicianName",
+    "StudyID", "AccessionNumber",
+)  # fmt: skip
 # the attributes a SEG copies or points at, per source slice (all Type 1 in a CT or MR image)
 _SOURCE_ATTRIBUTES = (
     "SOPClassUID",
@@ -261,13 +269,8 @@ def check_seg_source(folder: str | PathLike, kind: str = "a DICOM SEG") -> list[
         MissingExtraError: without highdicom.
     """
     require_highdicom()
-    headers = [pydicom.dcmread(file, stop_before_pixels=True) for file in dicom_series_files(folder)]
+    headers = series_headers(folder)
     for header in headers:
-        if int(header.get("NumberOfFrames") or 1) > 1:
-            raise DatasetError(
-                f"DICOM file {header.filename} in {folder} is a multi-frame (enhanced) image, which {kind.split(' ', 1)[1]} masks do "
-                "not support yet: write NIfTI masks (mask_format 'nifti')."
-            )
         missing = [name for name in _SOURCE_ATTRIBUTES if header.get(name) in (None, "")]
         if missing:
             raise DatasetError(
@@ -276,16 +279,85 @@ def check_seg_source(folder: str | PathLike, kind: str = "a DICOM SEG") -> list[
                 "series from the archive with its full headers."
             )
     if kind == "a DICOM SEG":
-        _check_copied_values(headers[0], folder)
+        _check_copied_values(headers, folder)
     return headers
 
 
-def _check_copied_values(header: Any, folder: str | PathLike) -> None:
-    """Build a one-frame SEG on ``header``, so that a value highdicom refuses to copy (a patient's sex
+def series_headers(folder: str | PathLike) -> list[Any]:
+    """The slices' headers of the DICOM series in ``folder``, without their voxels.
+
+    Files without the DICOM file header (no preamble, no ``DICM``; older archives export them so) are read as
+    ITK reads them, their transfer syntax taken from how their data set was read.
+
+    Args:
+        folder: a folder holding one DICOM series (as :func:`monai_effq.data.dicom_series_files` requires).
+
+    Returns:
+        ``pydicom`` datasets without their voxels, in the order of :func:`~monai_effq.data.dicom_series_files`.
+
+    Raises:
+        DatasetError: for a file pydicom cannot read, or a multi-frame (enhanced) image, whose slices' geometry
+            lies in per-frame groups that the SEG and RTSTRUCT code does not read.
+        MissingExtraError: without highdicom (and pydicom).
+    """
+    require_highdicom()
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    headers = []
+    for file in dicom_series_files(folder):
+        try:
+            header = pydicom.dcmread(file, stop_before_pixels=True, force=True)
+        except Exception as e:  # noqa: BLE001 - pydicom's errors on a damaged file are of many kinds
+            raise DatasetError(f"DICOM file {file} of the series in {folder} cannot be read ({type(e).__name__}: {e}): copy it from the archive again.") from e
+        if "TransferSyntaxUID" not in header.file_meta:
+            implicit, little = header.original_encoding
+            header.file_meta.TransferSyntaxUID = (
+                ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+            )
+        if int(header.get("NumberOfFrames") or 1) > 1:
+            raise DatasetError(
+                f"DICOM file {file} in {folder} is a multi-frame (enhanced) image, on which DICOM SEG and RTSTRUCT masks and "
+                "labels are not supported yet: write NIfTI masks (mask_format 'nifti'), or give the image and its labels as NIfTI."
+            )
+        headers.append(header)
+    return headers
+
+
+def _as_highdicom_copies(slices: Sequence[Any]) -> list[Any]:
+    """Copies of the slices' headers with what highdicom refuses and the standard allows made explicit.
+
+    A Type 2 patient or study attribute that an anonymiser deleted is present and empty in the copy; a
+    character set whose first value is empty (``\\ISO 2022 IR 87``, Japanese names) names the default
+    repertoire it stands for; a missing ``SliceThickness`` is the distance between slices.
+    """
+    thickness = None
+    if len(slices) > 1 and "SliceThickness" not in slices[0]:
+        step = np.subtract(slices[1].ImagePositionPatient, slices[0].ImagePositionPatient, dtype=float)
+        normal = np.cross(*np.reshape(np.asarray(slices[0].ImageOrientationPatient, dtype=float), (2, 3)))
+        thickness = round(abs(float(step @ normal)), 6) or None
+    copies = []
+    for header in slices:
+        changes: dict[str, Any] = {name: "" for name in _TYPE_2_COPIED if name not in header}
+        charset = header.get("SpecificCharacterSet")
+        if charset is not None and not isinstance(charset, str) and len(charset) > 1 and not charset[0]:
+            changes["SpecificCharacterSet"] = ["ISO 2022 IR 6", *charset[1:]]
+        if thickness is not None and "SliceThickness" not in header:
+            changes["SliceThickness"] = thickness
+        if changes:  # a copy: the caller's headers stay as read
+            header = copy.deepcopy(header)
+            for name, value in changes.items():
+                setattr(header, name, value)
+        copies.append(header)
+    return copies
+
+
+def _check_copied_values(headers: Sequence[Any], folder: str | PathLike) -> None:
+    """Build a one-frame SEG on the first slice, so that a value highdicom refuses to copy (a patient's sex
     written ``Male``, a date written ``1970-01-01``) is named before the run instead of failing its write."""
+    header = headers[0]
     try:
         _segmentation(
-            [header], np.zeros((1, int(header.Rows), int(header.Columns)), dtype=np.uint8), LITS_SEGMENTS[:1], "check", "check", "check"
+            _as_highdicom_copies(headers[:2])[:1], np.zeros((1, int(header.Rows), int(header.Columns)), dtype=np.uint8), LITS_SEGMENTS[:1], "check", "check", "check"
         )
     except (ValueError, TypeError, AttributeError) as e:
         raise DatasetError(
@@ -620,7 +692,7 @@ def _segmentation(
     # highdicom logs each module it copies from the source at INFO, which bundles' logging shows
     with _quiet_highdicom():
         return hd.seg.Segmentation(
-            source_images=slices,
+            source_images=_as_highdicom_copies(slices),
             pixel_array=frames,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=descriptions,
@@ -829,7 +901,7 @@ def referenced_series(
     """
     folders = [series] if isinstance(series, (str, PathLike)) else list(series)
     for folder in folders:
-        slices = [pydicom.dcmread(file, stop_before_pixels=True) for file in dicom_series_files(folder)]
+        slices = series_headers(folder)
         ours = {str(header.SOPInstanceUID) for header in slices}
         if sop_uids & ours or str(slices[0].get("SeriesInstanceUID", "")) in (series_uids or set()):
             return folder, slices

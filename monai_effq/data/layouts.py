@@ -686,7 +686,7 @@ def validate_datalist(
             channels than ``channels``.
     """
     # these modules import this one
-    from monai_effq.data.dicom_seg import load_seg
+    from monai_effq.data.dicom_seg import load_seg, series_headers
     from monai_effq.data.images import check_case_grids, check_label_grid, check_series_grids
     from monai_effq.data.rtstruct import dicom_label_kind, load_rtstruct
 
@@ -703,6 +703,8 @@ def validate_datalist(
             if len(series) < len(images):
                 raise DatasetError(f"dataset entry {i} mixes DICOM series folders and image files: {images}; give one kind.")
             grids = check_series_grids(series)
+            for folder in series if kind else ():  # a label on a multi-frame image would stop its run at reading
+                series_headers(folder)
             if channels is not None:
                 _check_channels(f"dataset entry {i}", images, [1] * len(images), channels)  # a series is one volume
             if "label" in item and not kind:

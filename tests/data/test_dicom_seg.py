@@ -183,7 +183,7 @@ def test_a_multi_frame_image_is_refused_as_such_not_as_missing_its_geometry(tmp_
     header = pydicom.dcmread(files[4])
     header.NumberOfFrames = 3
     header.save_as(files[4])
-    with pytest.raises(DatasetError, match=r"is a multi-frame \(enhanced\) image, which DICOM SEG masks do not support"):
+    with pytest.raises(DatasetError, match=r"is a multi-frame \(enhanced\) image, on which DICOM SEG and RTSTRUCT masks and labels are not supported"):
         check_seg_source(tmp_path / "series")
 
 
@@ -353,3 +353,76 @@ def test_a_seg_label_cut_short_is_named_by_a_full_dataset_check_before_any_run(t
     validate_datalist([case])
     with pytest.raises(DatasetError, match=r"cannot read DICOM SEG label .*series_seg.dcm: .*; re-export it"):
         validate_datalist([case], read_data=True)
+
+
+def _rewrite(files, change):
+    for file in files:
+        header = pydicom.dcmread(file)
+        change(header)
+        header.save_as(file)
+
+
+def _seg_round_trip(tmp_path):
+    """The SEG written on the series in ``tmp_path`` (as a bundle writes it), its source's first header, and the
+    labels read back from the SEG against the mask it was written from."""
+    image = _read(tmp_path / "series")
+    mask = torch.as_tensor(np.digitize(image.numpy(), [0, 60]), dtype=torch.uint8)
+    path = _save(tmp_path, mask, image)
+    labels = dicom_seg.read_seg_labels(path, tmp_path / "series", image.affine.numpy(), image.shape[1:], dicom_seg.LITS_SEG_LABELS)
+    assert np.array_equal(labels, mask[0].numpy())
+    return hd.seg.segread(path)
+
+
+def test_a_series_without_the_dicom_file_header_gets_its_seg_as_itk_reads_it(tmp_path):
+    from pydicom.filebase import DicomFileLike
+    from pydicom.filewriter import write_dataset
+
+    _, _, files = _series(tmp_path, _AFFINES["axial"])
+    for file in files:  # as older archives export: no preamble, no DICM, no file meta group
+        header = pydicom.dcmread(file)
+        with open(file, "wb") as f:
+            write_dataset(DicomFileLike(f), header)
+    assert open(files[0], "rb").read(132)[128:] != b"DICM"
+    seg = _seg_round_trip(tmp_path)
+    assert seg.PatientID == "EFFQ-TEST-1"
+
+
+def test_a_series_an_anonymiser_stripped_of_optional_patient_and_study_attributes_gets_its_seg(tmp_path):
+    stripped = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "AccessionNumber",
+                "ReferringPhysicianName", "StudyID", "SliceThickness")  # fmt: skip
+    _, _, files = _series(tmp_path, _AFFINES["axial"])
+    _rewrite(files, lambda header: [delattr(header, name) for name in stripped if name in header])
+    check_seg_source(tmp_path / "series")
+    seg = _seg_round_trip(tmp_path)
+    assert seg.PatientID == "" and seg.AccessionNumber == ""
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    assert float(measures.SliceThickness) == pytest.approx(2.5)  # the distance between the slices
+    assert "PatientID" not in pydicom.dcmread(files[0], stop_before_pixels=True)  # the series' headers stay as read
+
+
+def test_a_series_whose_character_set_starts_empty_as_japanese_names_do_gets_its_seg(tmp_path):
+    _, _, files = _series(tmp_path, _AFFINES["axial"])
+    name = "Yamada^Tarou=山田^太郎=やまだ^たろう"
+
+    def japanese(header):
+        header.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+        header.PatientName = name
+
+    _rewrite(files, japanese)
+    seg = _seg_round_trip(tmp_path)
+    assert str(seg.PatientName) == name
+
+
+def test_seg_labels_on_a_multi_frame_image_are_refused_by_the_dataset_check_and_by_the_reader(tmp_path):
+    from monai_effq.data import validate_datalist
+
+    _, _, files = _series(tmp_path, _AFFINES["axial"])
+    image = _read(tmp_path / "series")
+    mask = torch.as_tensor(np.digitize(image.numpy(), [0, 60]), dtype=torch.uint8)
+    case = {"image": str(tmp_path / "series"), "label": str(_save(tmp_path, mask, image))}
+    _rewrite(files[:1], lambda header: setattr(header, "NumberOfFrames", 2))
+    multi_frame = r"is a multi-frame \(enhanced\) image, on which DICOM SEG and RTSTRUCT masks and labels are not supported"
+    with pytest.raises(DatasetError, match=multi_frame):
+        validate_datalist([case])
+    with pytest.raises(DatasetError, match=multi_frame):
+        dicom_seg.read_seg_labels(case["label"], case["image"], image.affine.numpy(), image.shape[1:], dicom_seg.LITS_SEG_LABELS)
