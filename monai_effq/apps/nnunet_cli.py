@@ -228,9 +228,7 @@ def _quantize(args: argparse.Namespace) -> None:
     out = Path(args.output)
     if (out / MANIFEST).exists() and not args.overwrite:
         raise OutputExistsError(f"{out / MANIFEST} exists: give another -o, or --overwrite to quantize into it again.")
-    repeated = sorted({str(f) for f in args.folds if [str(g) for g in args.folds].count(str(f)) > 1})
-    if repeated:
-        raise UserInputError(f"-f names fold {repeated[0]} more than once: give each fold once (-f 0 1 2 3 4).")
+    _each_once(args.folds)
     config = _config(args)
     device = _device(args.device)
     _output_folder(out, "-o")
@@ -303,6 +301,14 @@ def _manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
+def _each_once(folds: Sequence[int | str]) -> None:
+    """Refuse a fold given twice to ``-f``: quantized twice, its files would clash where they are deployed."""
+    names = [str(f) for f in folds]
+    repeated = next((name for name in names if names.count(name) > 1), None)
+    if repeated is not None:
+        raise UserInputError(f"-f names fold {repeated} more than once: give each fold once (-f 0 1 2 3 4).")
+
+
 def _chosen_folds(manifest: dict[str, Any], chosen: Sequence[int | str] | None, folder: Path) -> tuple[list, list[str]]:
     """The folds ``predict -f`` picks from those ``quantize`` wrote (all of them without ``-f``), with their checkpoints."""
     folds, checkpoints = list(manifest["folds"]), list(manifest["checkpoints"])
@@ -312,8 +318,7 @@ def _chosen_folds(manifest: dict[str, Any], chosen: Sequence[int | str] | None, 
     for fold in chosen:
         if str(fold) not in names:
             raise UserInputError(f"-f {fold} is not a fold of {folder}, which holds folds {' '.join(names)}: give -f folds that quantize wrote.")
-        if [str(f) for f in chosen].count(str(fold)) > 1:
-            raise UserInputError(f"-f names fold {fold} more than once: give each fold once.")
+    _each_once(chosen)
     picked = [names.index(str(f)) for f in chosen]
     return [folds[i] for i in picked], [checkpoints[i] for i in picked]
 
