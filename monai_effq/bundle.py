@@ -83,6 +83,7 @@ __all__ = [
     "model_tag",
     "preprocessing",
     "rank_cases",
+    "refuse_outputs_over_inputs",
     "refuse_to_overwrite",
     "refuse_to_replace_shipped",
     "remove_stale_export",
@@ -555,8 +556,8 @@ def check_inference_inputs(
         DatasetError: naming a corrupt image, a folder that is not one DICOM series, a case whose images
             are not on one grid or hold other channels than ``channels``, or (DICOM SEG) a series whose
             slices lack what the SEG copies.
-        UserInputError: as :func:`inference_masks`; for a mask extension that is not the format's, or
-            a DICOM SEG asked for an image that is not a DICOM series.
+        UserInputError: as :func:`inference_masks`; for a mask extension that is not the format's, a
+            DICOM SEG asked for an image that is not a DICOM series, or a mask that would replace an image.
         MissingExtraError: for DICOM SEG or RTSTRUCT without the ``dicom`` extra (highdicom, scikit-image) installed.
     """
     seg = _check_mask_format(mask_format) in ("dicom_seg", "rtstruct")
@@ -566,7 +567,9 @@ def check_inference_inputs(
             f"mask_ext {ext!r} does not match mask_format {mask_format!r}: leave mask_ext out, or give one of "
             f"{', '.join(repr(e) for e in extensions)}."
         )
-    inference_masks(cases, output_dir, postfix, ext)
+    masks = inference_masks(cases, output_dir, postfix, ext)
+    images = [path for case in cases for path in (case["image"] if isinstance(case["image"], (list, tuple)) else [case["image"]])]
+    refuse_outputs_over_inputs(masks, images)
     for case in cases:
         for path in case["image"] if isinstance(case["image"], (list, tuple)) else [case["image"]]:
             if not Path(path).exists():
@@ -652,10 +655,7 @@ def stale_export(
     default = Path(default_export_dir)
     if export_dir and Path(export_dir).resolve() == default.resolve():
         return None
-    try:
-        source = json.loads((default / "configs" / "metadata.json").read_text()).get(EXPORTED_FROM)
-    except (OSError, ValueError, AttributeError):  # no export there, or not one of ours
-        return None
+    source = _exported_from(default)
     return str(default) if source and Path(source).resolve() == Path(quantized_path).resolve() else None
 
 
@@ -717,11 +717,53 @@ def model_tag(
     return f"{made_by}_{weights}{acts}"
 
 
+def refuse_outputs_over_inputs(outputs: Sequence[str | os.PathLike], inputs: Sequence[str | os.PathLike | None]) -> None:
+    """Refuse, whatever ``--overwrite`` says, an output that is one of the run's inputs or a folder that holds one.
+
+    Args:
+        outputs: the files and folders the run would write (a folder is replaced whole).
+        inputs: the files and folders it reads (checkpoints, dataset folders, images); None or "" is skipped.
+
+    Raises:
+        UserInputError: naming the output and the input it would replace.
+    """
+    read = [(Path(p), Path(p).resolve()) for p in inputs if p]
+    for output in outputs:
+        place = Path(output).resolve()
+        for given, where in read:
+            if place == where or place in where.parents:
+                raise UserInputError(
+                    f"{output} would replace {given}, which this run reads: point the setting that names the output "
+                    "(--quantized_path, --output_dir, --export_dir, --mask_postfix, ...) at a place of its own."
+                )
+
+
+def _exported_from(folder: str | os.PathLike) -> str | None:
+    """The checkpoint a bundle export in ``folder`` was traced from (:data:`EXPORTED_FROM`), or None for a folder
+    that :func:`export_monailabel_bundle` did not write."""
+    try:
+        source = json.loads((Path(folder) / "configs" / "metadata.json").read_text()).get(EXPORTED_FROM)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(source) if source else None
+
+
+def _refuse_a_foreign_folder(folder: Path) -> None:
+    """Refuse to replace a folder that holds anything but an earlier export (a user's own files)."""
+    if folder.is_dir() and any(folder.iterdir()) and _exported_from(folder) is None:
+        raise OutputExistsError(
+            f"{folder} holds files that no monai-effq export wrote (it has no configs/metadata.json naming the checkpoint "
+            "it was exported from), and an export replaces its folder whole: point --export_dir at a new or empty "
+            "folder, or at an earlier export."
+        )
+
+
 def refuse_to_overwrite(
     overwrite: bool,
     *paths: str | os.PathLike | None,
     unfinished: str | os.PathLike | None = None,
     stale: str | os.PathLike | None = None,
+    inputs: Sequence[str | os.PathLike | None] = (),
 ) -> None:
     """Stop a workflow before it runs when an output it would write is there from an earlier run, or
     could not be written.
@@ -739,17 +781,30 @@ def refuse_to_overwrite(
             it replaces them.
         stale: an earlier output this run does not write again but would leave serving what it
             replaces (:func:`stale_export`), removed only with ``overwrite``; None or "" is skipped.
+        inputs: what the run reads (the FP checkpoint, the dataset folder): an output that is one of them, or a
+            folder that holds one, is refused even with ``overwrite`` (:func:`refuse_outputs_over_inputs`).
 
     Raises:
-        OutputExistsError: naming the first output that exists (a ``FileExistsError``).
+        OutputExistsError: naming the first output that exists (a ``FileExistsError``), or, even with
+            ``overwrite``, a folder output that holds files but no earlier export.
         UserInputError: when ``overwrite`` is not a boolean (``--overwrite false`` arrives as the text
-            ``'false'``, which Python would take for true and replace the outputs), or when an output's
-            folder cannot be written or made (a file stands where a folder would be).
+            ``'false'``, which Python would take for true and replace the outputs), when an output's
+            folder cannot be written or made (a file stands where a folder would be), or an output would
+            replace an input or a folder output would replace another output.
     """
     replace = check_flag(overwrite, "overwrite")
     outputs = [Path(p) for p in paths if p]
+    refuse_outputs_over_inputs(outputs, inputs)
+    for folder in outputs:  # a folder output (the export) is replaced whole: it must not hold another output
+        inside = next((other for other in outputs if folder.resolve() in other.resolve().parents), None)
+        if inside is not None:
+            raise UserInputError(
+                f"{folder} would be replaced whole by this run's export and holds {inside}, another of its outputs: "
+                "give --export_dir a folder of its own."
+            )
     for path in outputs:
         check_writable(path)
+        _refuse_a_foreign_folder(path)
     if replace or (unfinished and Path(unfinished).exists()):
         return
     taken = [path for path in outputs if path.is_file() or (path.is_dir() and any(path.iterdir()))]
@@ -1052,6 +1107,8 @@ def export_monailabel_bundle(
     from monai_effq.ptq.checkpoint import load_quantized
 
     source = Path(bundle_root)
+    _refuse_a_foreign_folder(Path(export_dir))
+    refuse_outputs_over_inputs([export_dir], [quantized_path, bundle_root])
     with atomic_directory(export_dir) as staging:
         network = load_quantized(quantized_path, network_def.to("cpu"))
         export_torchscript(network, staging / "models" / "model.ts", input_shape)

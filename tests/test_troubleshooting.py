@@ -383,6 +383,12 @@ def _seg_source_with_a_malformed_value(tmp_path, lits):
     check_seg_source(folder)
 
 
+def _foreign_export_dir(tmp_path, lits):
+    (tmp_path / "export" / "notes.txt").parent.mkdir()
+    (tmp_path / "export" / "notes.txt").write_text("mine")
+    refuse_to_overwrite(True, tmp_path / "export")
+
+
 def _seg_source_multi_frame(tmp_path, lits):
     pydicom = pytest.importorskip("pydicom")
     from monai_effq.data import check_seg_source
@@ -647,6 +653,13 @@ TRIGGERS = {
         lambda t, d: quantize(_net(), torch.zeros(1, 1, 8, 8, 8), EfficientQConfig(attention=False), progress=False)
     ),
     "<output> exists from an earlier run: pass --overwrite True to replace it, or point the setting that names it elsewhere": _earlier_output,
+    "<output> would replace <input>, which this run reads": (
+        lambda t, d: refuse_to_overwrite(True, t / "models", inputs=[t / "models" / "model.pt"])
+    ),
+    "<folder> would be replaced whole by this run's export and holds <output>, another of its outputs": (
+        lambda t, d: refuse_to_overwrite(True, t / "out" / "model_q.pt", t / "out")
+    ),
+    "<folder> holds files that no monai-effq export wrote": _foreign_export_dir,
     "<folder> was exported from the checkpoint this run replaces and is not exported again": _stale_export,
     "<file> is the checkpoint this bundle ships (large_files.yml) and training would replace it": _shipped_checkpoint,
     # /proc/1 is a folder no one may create files in, root included

@@ -292,3 +292,58 @@ def test_a_training_setting_that_cannot_work_stops_train_before_it_caches_data_o
     found = find_user_error(raised.value)
     assert found is not None and f"{overrides[0][2:]} must be an integer of at least 1, got 0" in str(found), repr(raised.value)
     assert not (tmp_path / "models").exists()
+
+
+def _quantize_error(dataset: Path, *args: str) -> str:
+    with pytest.raises(Exception) as raised:
+        bundle("lits_effq", "quantize", "--dataset_dir", str(dataset), *args)
+    found = find_user_error(raised.value)
+    assert found is not None, repr(raised.value)
+    return str(found)
+
+
+def test_an_export_dir_holding_the_users_own_files_is_refused_even_with_overwrite_and_left_as_it_was(dataset, tmp_path):
+    mine = tmp_path / "thesis"
+    (mine / "figures").mkdir(parents=True)
+    (mine / "thesis.txt").write_text("chapter 1")
+    out = tmp_path / "out"
+    message = _quantize_error(
+        dataset, "--output_dir", str(out), "--quantized_path", str(out / "q.pt"), "--export_dir", str(mine), "--overwrite", "True"
+    )
+    assert f"{mine} holds files that no monai-effq export wrote" in message
+    assert sorted(p.name for p in mine.iterdir()) == ["figures", "thesis.txt"] and (mine / "thesis.txt").read_text() == "chapter 1"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("clash", ["export over the report", "checkpoint over the fp weights", "export over the dataset"])
+def test_an_output_that_would_replace_an_input_or_another_output_is_refused_even_with_overwrite(clash, dataset, tmp_path):
+    fp = tmp_path / "weights" / "model.pt"
+    fp.parent.mkdir()
+    shutil.copy(ROOT / "bundles" / "lits_effq" / "models" / "model.pt", fp)
+    out = tmp_path / "out"
+    given = {"--fp_checkpoint": fp, "--output_dir": out, "--quantized_path": out / "q.pt", "--export_dir": tmp_path / "export"}
+    given.update({
+        "export over the report": {"--export_dir": out},
+        "checkpoint over the fp weights": {"--quantized_path": fp},
+        "export over the dataset": {"--export_dir": dataset},
+    }[clash])  # fmt: skip
+    digest = hashlib.sha256(fp.read_bytes()).hexdigest()
+    listing = sorted(p.name for p in dataset.rglob("*"))
+    message = _quantize_error(dataset, *[str(v) for pair in given.items() for v in pair], "--overwrite", "True")
+    expected = {
+        "export over the report": f"{out} would be replaced whole by this run's export and holds {out / 'q.pt'}",
+        "checkpoint over the fp weights": f"{fp} would replace {fp}, which this run reads",
+        "export over the dataset": f"{dataset} would replace {dataset}, which this run reads",
+    }[clash]
+    assert expected in message
+    assert hashlib.sha256(fp.read_bytes()).hexdigest() == digest and sorted(p.name for p in dataset.rglob("*")) == listing
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_inference_refuses_masks_that_would_replace_their_images(tmp_path):
+    from monai_effq.bundle import check_inference_inputs
+
+    image = tmp_path / "ct.nii"
+    image.write_bytes(b"")
+    with pytest.raises(Exception, match=r"ct.nii would replace .*ct.nii, which this run reads"):
+        check_inference_inputs([{"image": str(image)}], tmp_path, postfix="", ext=".nii")
