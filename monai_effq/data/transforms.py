@@ -201,10 +201,17 @@ class CheckLabelRange(Transform):
         values = torch.unique(img).tolist() if isinstance(img, torch.Tensor) else np.unique(img).tolist()
         bad = [v for v in values if v not in self.allowed]  # 0.5 is "not in" (0, 1): non-integers fail too
         if bad:
-            shown = ", ".join(f"{v:g}" for v in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+            # every digit a float32 label holds: 1.9999999 printed as "2" would look allowed
+            shown = ", ".join(f"{v:.9g}" for v in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+            fractional = [v for v in bad if float(v) != round(float(v))]
+            hint = (
+                "; it holds non-integer values: round the label, or resample it with nearest-neighbour interpolation"
+                if fractional
+                else "; check the dataset and layout (label convention)"
+            )
             raise DatasetError(
                 f"label file {self.source} has values {{{shown}}} outside the allowed set "
-                f"{{{', '.join(str(a) for a in self.allowed)}}}; check the dataset and layout (label convention)."
+                f"{{{', '.join(str(a) for a in self.allowed)}}}{hint}."
             )
         return img
 

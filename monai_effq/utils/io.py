@@ -200,6 +200,8 @@ def _reporting_write_errors(what: Path | str, dest: Path, temporaries: list[Path
         cause = _write_error(error, dest, temporaries, into)
         if cause is None:
             raise
+        if isinstance(cause, (FileExistsError, NotADirectoryError)):
+            check_writable(dest)  # a file where a folder above it would be made: named as such, not "File exists"
         raise OutputWriteError(
             f"could not write {what}: {cause.strerror or cause}; free space, or point the setting that names it "
             "(--output_dir, --ckpt_dir, --export_dir, ...) at a folder you can write, then run again "

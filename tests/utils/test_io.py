@@ -326,3 +326,11 @@ def test_json_text_writes_nan_and_infinities_as_null_and_numpy_and_torch_numbers
     text = json_text({"a": [float("nan"), 1.5], "b": {"c": float("-inf"), "d": np.float32(0.25), "e": torch.tensor(2.0)}, "f": None})
     assert json.loads(text) == {"a": [None, 1.5], "b": {"c": None, "d": 0.25, "e": 2.0}, "f": None}
     assert "NaN" not in text and "Infinity" not in text
+
+
+@pytest.mark.parametrize("below", ["a/q.pt", "a/b/q.pt"])
+def test_a_write_below_a_file_names_the_file_in_the_way(tmp_path, below):
+    (tmp_path / "a").write_text("mine")
+    with pytest.raises(OutputWriteError, match=rf"cannot write .*q.pt: {tmp_path / 'a'} is a file, so no folder can be made inside it"):
+        atomic_write_text(tmp_path / below, "x")
+    assert (tmp_path / "a").read_text() == "mine"
