@@ -286,21 +286,21 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
         runners = {
             "torch fp32": fp,
             "torch fp32 FTZ": _FlushDenormals(fp),
-            "ORT fp32": OnnxRuntimeNetwork(fp_onnx),
-            "OV FP default": OpenVINONetwork(fp_onnx_ov, precision=DEFAULT_PRECISION),
-            "OV FP default, torch export": OpenVINONetwork(fp_onnx_torch, precision=DEFAULT_PRECISION),
-            "OV FP default, convert_model": OpenVINONetwork(fp_ir_convert, precision=DEFAULT_PRECISION),
-            "OV FP f32": OpenVINONetwork(fp_onnx_ov, precision="f32"),
+            "ORT fp32": OnnxRuntimeNetwork(fp_onnx, threads=args.threads),
+            "OV FP default": OpenVINONetwork(fp_onnx_ov, precision=DEFAULT_PRECISION, threads=args.threads),
+            "OV FP default, torch export": OpenVINONetwork(fp_onnx_torch, precision=DEFAULT_PRECISION, threads=args.threads),
+            "OV FP default, convert_model": OpenVINONetwork(fp_ir_convert, precision=DEFAULT_PRECISION, threads=args.threads),
+            "OV FP f32": OpenVINONetwork(fp_onnx_ov, precision="f32", threads=args.threads),
         }
         if not args.skip_nncf:
             calibration = calibration_volume(bundle, size)
             nncf_ir = nncf_int8(fp_onnx_ov, calibration, work / f"net{index}_nncf.xml")
-            runners["NNCF int8 default W8A8"] = OpenVINONetwork(nncf_ir, precision=DEFAULT_PRECISION)
-            runners["NNCF int8 f32 W8A8"] = OpenVINONetwork(nncf_ir, precision="f32")
+            runners["NNCF int8 default W8A8"] = OpenVINONetwork(nncf_ir, precision=DEFAULT_PRECISION, threads=args.threads)
+            runners["NNCF int8 f32 W8A8"] = OpenVINONetwork(nncf_ir, precision="f32", threads=args.threads)
             # NNCF from torch's own FP file too: which of the two NNCF runs faster depends on the CPU
             # (init 16: ours-form 1.06x faster in bf16 on AMX, torch's 1.10x faster in f32 at AVX-512 VNNI)
             nncf_ir_torch = nncf_int8(fp_onnx_torch, calibration, work / f"net{index}_nncf_torch_export.xml")
-            runners["NNCF int8 torch-exp W8A8"] = OpenVINONetwork(nncf_ir_torch, precision=DEFAULT_PRECISION)
+            runners["NNCF int8 torch-exp W8A8"] = OpenVINONetwork(nncf_ir_torch, precision=DEFAULT_PRECISION, threads=args.threads)
         files = {"fp32": fp_onnx.stat().st_size}
         for bits in args.bits:
             ckpt = quantize_bundle(bundle, bits, work, overrides, fp_ckpt)
@@ -310,17 +310,17 @@ def latency(args: argparse.Namespace, work: Path) -> list[dict]:
             path_other = export_onnx(net, work / f"net{index}_w{bits}a8_other.onnx", x, group_norm=OTHER_FORM[ov_norms])
             files[f"W{bits}A8"] = path.stat().st_size
             runners[f"torch fake-quant W{bits}A8"] = net.eval()
-            runners[f"ORT int8 W{bits}A8"] = OnnxRuntimeNetwork(path)
-            runners[f"OV int8 default W{bits}A8"] = OpenVINONetwork(path_ov, precision=DEFAULT_PRECISION)
-            runners[f"OV int8 f32 W{bits}A8"] = OpenVINONetwork(path_ov, precision="f32")
+            runners[f"ORT int8 W{bits}A8"] = OnnxRuntimeNetwork(path, threads=args.threads)
+            runners[f"OV int8 default W{bits}A8"] = OpenVINONetwork(path_ov, precision=DEFAULT_PRECISION, threads=args.threads)
+            runners[f"OV int8 f32 W{bits}A8"] = OpenVINONetwork(path_ov, precision="f32", threads=args.threads)
             # the same network with the other group-norm form, to show what the choice is worth
-            runners[f"OV int8 {OTHER_FORM[ov_norms]} W{bits}A8"] = OpenVINONetwork(path_other, precision=DEFAULT_PRECISION)
+            runners[f"OV int8 {OTHER_FORM[ov_norms]} W{bits}A8"] = OpenVINONetwork(path_other, precision=DEFAULT_PRECISION, threads=args.threads)
             if args.norm_inputs:  # the same quantize run with the norms' inputs rounded to 8 bits as well
                 ckpt_n = quantize_bundle(bundle, bits, work, overrides, fp_ckpt, norm_inputs=True)
                 net_n = monai_effq.load_quantized(ckpt_n, network_def(bundle, overrides).get_parsed_content("network_def"))
                 path_n = export_onnx(net_n, work / f"net{index}_w{bits}a8_norm_inputs_ov.onnx", x, group_norm=ov_norms)
                 runners[f"torch fake-quant W{bits}A8+N"] = net_n.eval()
-                runners[f"OV int8 default W{bits}A8+N"] = OpenVINONetwork(path_n, precision=DEFAULT_PRECISION)
+                runners[f"OV int8 default W{bits}A8+N"] = OpenVINONetwork(path_n, precision=DEFAULT_PRECISION, threads=args.threads)
         times: dict[str, list[float]] = {k: [] for k in runners}
         outputs = {}
         with torch.no_grad():
@@ -464,9 +464,12 @@ def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="64^3 volumes, 2 rounds, W4A8 only")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5; 2 with --quick)")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="threads of torch, OpenVINO and ONNX Runtime alike (default 2, the bars' cores)"
+    )
     parser.add_argument("--pause", type=float, default=0.5, help="idle seconds after each timed run")
-    parser.add_argument("--bits", type=int, nargs="+", default=[8, 4])
+    parser.add_argument("--bits", type=int, nargs="+", default=None, help="weight bits of our int8 files (default 8 4; 4 with --quick)")
     parser.add_argument("--skip-dice", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--dice-bits", type=int, default=4, help="weight bits of our network in the Dice part")
@@ -499,16 +502,21 @@ def main() -> None:
     caps = EMULATED_CPUS.get(args.emulate, {})
     if any(os.environ.get(k) != v for k, v in caps.items()):
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **caps})
-    if args.quick:
-        args.rounds, args.bits = 2, [4]
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    if args.rounds is None:  # --quick's defaults only where the option was not given
+        args.rounds = 2 if args.quick else 5
+    if args.bits is None:
+        args.bits = [4] if args.quick else [8, 4]
+    torch.set_num_threads(args.threads)
     emulated = (
         f"; EMULATED {args.emulate.upper()} ({' '.join(f'{k}={v}' for k, v in caps.items())}; ONNX Runtime's own "
         "kernels are not capped)"
         if caps
         else ""
     )
-    print(f"CPU: {cpu_summary()}; torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}){emulated}")
+    print(
+        f"CPU: {cpu_summary()}; torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}){emulated}; "
+        f"{args.threads} threads for torch, OpenVINO and ONNX Runtime alike"
+    )
     import openvino as ov
 
     default = float_precision_for(ov.Core())

@@ -160,7 +160,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown network(s) {unknown}; choose from {list(networks)}")
     print(cpu_summary())
-    print("W8A8 EfficientQ, random weights, one random calibration volume; runtimes: rel-L2 from fake-quant / labels equal")
+    print("W8A8 EfficientQ, random weights, one random calibration volume; runtimes: rel-L2 from fake-quant / labels equal; "
+          "OpenVINO with f32 float parts (fixed, so the comparison with torch is of the integer path alone), ONNX Runtime in f32")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in chosen:

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLE = ROOT / "bundles" / "brats_effq"
@@ -175,7 +176,9 @@ def markdown(tables: dict[str, list[dict]]) -> str:
     return "\n".join(out)
 
 
-def bars(tables: dict[str, list[dict]]) -> list[str]:
+def bars(tables: dict[str, list[dict]], steps: int, default_steps: int) -> list[str]:
+    if steps != default_steps:  # a smoke run: its figures say nothing about the bars, set at the workflow's steps
+        return [f"bars not judged: this run fine-tuned {steps} steps, the bars are set at the finetune workflow's {default_steps}"]
     lines = []
     if "W4A6" in tables:
         fp, ptq, _, qat = tables["W4A6"]
@@ -205,10 +208,12 @@ def main(argv: list[str] | None = None) -> None:
     from monai_effq.qat import DEFAULT_LR, DEFAULT_STEPS
 
     torch.set_num_threads(args.threads)
+    steps = args.steps or DEFAULT_STEPS
+    print(f"CPU: {cpu_summary()}; torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}, float32), {args.threads} threads")
     t0 = time.perf_counter()
-    tables = run(args.settings, args.steps or DEFAULT_STEPS, args.lr or DEFAULT_LR, args.batch_size, not args.quick, not args.quick)
+    tables = run(args.settings, steps, args.lr or DEFAULT_LR, args.batch_size, not args.quick, not args.quick)
     print("\n" + markdown(tables))
-    for line in bars(tables):
+    for line in bars(tables, steps, DEFAULT_STEPS):
         print(line)
     print(f"total wall time {time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} threads")
     if args.json:
