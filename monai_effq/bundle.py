@@ -38,7 +38,7 @@ from monai_effq.data import (
 )
 from monai_effq.data.writers import inference_masks
 from monai_effq.overlays import calibration_items
-from monai_effq.ptq.checkpoint import checkpoint_fingerprint, verify_checkpoint
+from monai_effq.ptq.checkpoint import checkpoint_fingerprint, load_quantized_result, verify_checkpoint
 from monai_effq.ptq.journal import journal_path, journal_unfinished
 from monai_effq.utils.distributed import get_rank, get_world_size, is_distributed, is_rank_zero
 from monai_effq.utils.errors import (
@@ -823,7 +823,7 @@ def refuse_to_overwrite(
         )
 
 
-def check_quantize_finished(quantized_path: str | os.PathLike) -> None:
+def check_quantize_finished(quantized_path: str | os.PathLike, network: torch.nn.Module | None = None) -> None:
     """Stop an evaluation before its FP pass when there is no finished quantize run to compare with.
 
     The evaluate workflows call this first, so a missing, damaged or foreign checkpoint (an FP
@@ -833,11 +833,13 @@ def check_quantize_finished(quantized_path: str | os.PathLike) -> None:
 
     Args:
         quantized_path: the quantized checkpoint.
+        network: the workflow's FP network (``@network_def``, not modified): the checkpoint is loaded onto it
+            once, so one quantized from another architecture is named before the FP pass too.
 
     Raises:
         MissingInputError: when the checkpoint is not there.
-        UserInputError: when a resume journal of an unfinished quantize run lies beside it, or the file is
-            damaged or not a quantized checkpoint.
+        UserInputError: when a resume journal of an unfinished quantize run lies beside it, the file is
+            damaged or not a quantized checkpoint, or it was quantized from a network built otherwise.
     """
     journal = journal_path(quantized_path)
     if journal_unfinished(journal):
@@ -849,6 +851,8 @@ def check_quantize_finished(quantized_path: str | os.PathLike) -> None:
     if not Path(quantized_path).is_file():
         raise MissingInputError(f"quantized checkpoint {quantized_path} does not exist: run the quantize workflow first or fix the path.")
     checkpoint_fingerprint(quantized_path)
+    if network is not None:
+        load_quantized_result(quantized_path, network)
 
 
 def check_quantized(

@@ -347,3 +347,17 @@ def test_inference_refuses_masks_that_would_replace_their_images(tmp_path):
     image.write_bytes(b"")
     with pytest.raises(Exception, match=r"ct.nii would replace .*ct.nii, which this run reads"):
         check_inference_inputs([{"image": str(image)}], tmp_path, postfix="", ext=".nii")
+
+
+def test_evaluate_names_a_checkpoint_of_another_network_before_its_fp_pass_writes_anything(dataset, tmp_path):
+    from monai_effq import EfficientQConfig, quantize, save_quantized
+
+    other = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(4, 3, 1)).eval()
+    result = quantize(other, torch.rand(1, 1, 8, 8, 8), EfficientQConfig(method="rtn"), progress=False)
+    checkpoint = save_quantized(result, tmp_path / "other.pt")
+    out = tmp_path / "out"
+    with pytest.raises(Exception) as raised:
+        bundle("lits_effq", "evaluate", "--dataset_dir", str(dataset), "--output_dir", str(out), "--quantized_path", str(checkpoint))
+    found = find_user_error(raised.value)
+    assert found is not None and f"quantized checkpoint {checkpoint} does not match this network architecture" in str(found)
+    assert not out.exists() or not any(out.rglob("*"))  # no FP evaluation ran
