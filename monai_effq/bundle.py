@@ -804,8 +804,9 @@ def refuse_to_overwrite(
             )
     for path in outputs:
         check_writable(path)
-        _refuse_a_foreign_folder(path)
     if replace or (unfinished and Path(unfinished).exists()):
+        for path in outputs:  # a folder output is replaced whole: only an earlier export, never a folder of other files
+            _refuse_a_foreign_folder(path)
         return
     taken = [path for path in outputs if path.is_file() or (path.is_dir() and any(path.iterdir()))]
     if taken:

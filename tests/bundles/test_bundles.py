@@ -328,7 +328,7 @@ def test_output_names_say_what_made_the_model():
 
 
 def test_an_existing_output_stops_a_run_unless_overwrite_is_asked(tmp_path):
-    from monai_effq.bundle import refuse_to_overwrite
+    from monai_effq.bundle import EXPORTED_FROM, refuse_to_overwrite
 
     (tmp_path / "model.pt").write_bytes(b"earlier")
     (tmp_path / "seg").mkdir()
@@ -337,7 +337,13 @@ def test_an_existing_output_stops_a_run_unless_overwrite_is_asked(tmp_path):
     for taken in ("model.pt", "seg"):
         with pytest.raises(FileExistsError, match=rf"{taken} exists from an earlier run: pass --overwrite True"):
             refuse_to_overwrite(False, tmp_path / taken)
-    refuse_to_overwrite(True, tmp_path / "model.pt", tmp_path / "seg")
+    refuse_to_overwrite(True, tmp_path / "model.pt")
+    # a folder output is replaced whole (an export): only an earlier export is, never a folder of other files
+    with pytest.raises(FileExistsError, match="seg holds files that no monai-effq export wrote"):
+        refuse_to_overwrite(True, tmp_path / "seg")
+    (tmp_path / "export" / "configs").mkdir(parents=True)
+    (tmp_path / "export" / "configs" / "metadata.json").write_text(json.dumps({EXPORTED_FROM: str(tmp_path / "model.pt")}))
+    refuse_to_overwrite(True, tmp_path / "model.pt", tmp_path / "export")
 
 
 @pytest.mark.parametrize("name", list(BUNDLES))

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigWorkflow, run
+from monai.bundle import ConfigParser, ConfigWorkflow, run
 from monai.networks.nets import UNet
 from monai.transforms import LoadImage
 
@@ -26,7 +26,7 @@ from monai_effq.overlays.__main__ import main
 from monai_effq.ptq.modules import QuantizedLayer
 from monai_effq.utils.errors import MissingInputError, UserInputError
 from tests.dicom import write_dicom_series
-from tests.overlays.conftest import handlers_style, spleen_style
+from tests.overlays.conftest import LITS_NETWORK, handlers_style, spleen_style
 
 TAG = "efficientq_w4a8"
 
@@ -331,10 +331,10 @@ def test_serving_refuses_a_bundle_whose_evaluator_would_never_run_the_quantized_
     config = json.loads((root / "configs" / "inference.json").read_text())
     config["evaluator"]["val_handlers"] = [{"_target_": "StatsHandler", "iteration_log": False}]  # not "@handlers"
     (root / "configs" / "inference.json").write_text(json.dumps(config))
-    # a whole quantized checkpoint (of any network: which one is checked once the FP weights are loaded)
+    # a whole quantized checkpoint of the bundle's network (its FP weights are checked once they are loaded)
     config = EfficientQConfig(method="rtn", attention=False)
-    small = UNet(3, 1, 2, channels=(4, 8), strides=(2,), num_res_units=0).eval()
-    save_quantized(quantize(small, torch.rand(1, 1, 8, 8, 8), config, progress=False), root / "models" / f"model_{TAG}.pt")
+    network = ConfigParser({"network_def": LITS_NETWORK}).get_parsed_content("network_def").eval()
+    save_quantized(quantize(network, torch.rand(1, 1, 32, 32, 32), config, progress=False), root / "models" / f"model_{TAG}.pt")
     for overlay in ("inference", "openvino"):
         with pytest.raises(RuntimeError) as refused:
             workflow(root, [str(root / "configs" / "inference.json"), str(overlay_path(overlay))])
