@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser, ConfigWorkflow, run
-from monai.networks.nets import UNet
 from monai.transforms import LoadImage
 
 from monai_effq import EfficientQConfig, quantize, save_quantized
