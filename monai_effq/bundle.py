@@ -6,6 +6,7 @@ that it can be overridden on the command line.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -83,6 +84,7 @@ __all__ = [
     "model_tag",
     "preprocessing",
     "rank_cases",
+    "check_window",
     "refuse_outputs_over_inputs",
     "refuse_to_overwrite",
     "refuse_to_replace_shipped",
@@ -822,6 +824,43 @@ def refuse_to_overwrite(
             "serving the earlier network under the same tag: pass --overwrite True to remove it with the rerun, "
             "delete it, or export again (leave --export_dir at its default)."
         )
+
+
+def check_window(network: torch.nn.Module, roi_size: Sequence[int] | int, setting: str = "sw_roi_size") -> None:
+    """Stop a workflow before it runs when its sliding window does not fit the network.
+
+    The window's shapes are run through a copy of the network on PyTorch's meta device (shapes only, no
+    arithmetic): a size the network's downsampling cannot take fails there as it would on the first window
+    of the run, after the data were loaded (quantize's calibration checks its windows the same way).
+
+    Args:
+        network: the workflow's FP network (``@network_def``, not modified).
+        roi_size: the window, one size per spatial axis or one for all; a non-positive size spans an axis
+            of each image, which only the images tell, and is not checked.
+        setting: the setting that names the window, for the message.
+
+    Raises:
+        UserInputError: naming the window and the network's own reason.
+    """
+    channels = next((m.in_channels for m in network.modules() if isinstance(getattr(m, "in_channels", None), int)), None)
+    rank = next((m.weight.dim() - 2 for m in network.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)), None)
+    if channels is None or rank is None:
+        return
+    window = [int(roi_size)] * rank if isinstance(roi_size, (int, float)) else [int(r) for r in roi_size]
+    if len(window) != rank or any(r <= 0 for r in window):
+        return
+    probe = copy.deepcopy(network).to("meta").eval()
+    try:
+        with torch.no_grad():
+            probe(torch.zeros(1, channels, *window, device="meta"))
+    except NotImplementedError:  # an operator without a meta kernel: the run itself will tell
+        return
+    except Exception as error:  # the network's own message says which layer refused the shape
+        raise UserInputError(
+            f"{setting} {window} does not fit the network ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): "
+            f"give --{setting} sizes that are multiples of its downsampling factor (the bundle's default, or the window "
+            "it was trained on)."
+        ) from error
 
 
 def check_quantize_finished(quantized_path: str | os.PathLike, network: torch.nn.Module | None = None) -> None:

@@ -25,6 +25,7 @@ from monai_effq.bundle import (
     check_inference_inputs,
     check_quantized,
     check_train_settings,
+    check_window,
     existing_checkpoint,
     images,
     preprocessing,
@@ -599,6 +600,9 @@ TRIGGERS = {
     ),
     "each calibration_crop size must be an integer of at least 1, got <value>.": (
         lambda t, d: preprocessing("lits", d, crop=[-1, -1, -1])
+    ),
+    "sw_roi_size <window> does not fit the network": (
+        lambda t, d: check_window(torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3, stride=2), torch.nn.Flatten(), torch.nn.Linear(16, 2)), [20, 20, 20])
     ),
     "calibration batch of shape <shape> does not fit the network": (
         lambda t, d: prepare_network(_unet(), torch.rand(1, 1, 12, 12, 12), EfficientQConfig())

@@ -361,3 +361,26 @@ def test_evaluate_names_a_checkpoint_of_another_network_before_its_fp_pass_write
     found = find_user_error(raised.value)
     assert found is not None and f"quantized checkpoint {checkpoint} does not match this network architecture" in str(found)
     assert not out.exists() or not any(out.rglob("*"))  # no FP evaluation ran
+
+
+@pytest.mark.parametrize("workflow", ["evaluate", "inference"])
+def test_a_sliding_window_the_network_cannot_take_is_named_before_any_image_is_read(workflow, dataset, tmp_path):
+    from monai.bundle import ConfigParser
+
+    from monai_effq import EfficientQConfig, quantize, save_quantized
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundles" / "lits_effq" / "configs" / "train.json"))
+    network = parser.get_parsed_content("network_def").eval()
+    checkpoint = save_quantized(quantize(network, torch.rand(1, 1, 32, 32, 32), EfficientQConfig(method="rtn"), progress=False), tmp_path / "q.pt")
+    out = tmp_path / "out"
+    with pytest.raises(Exception) as raised:
+        bundle("lits_effq", workflow, "--dataset_dir", str(dataset), "--output_dir", str(out), "--quantized_path", str(checkpoint),
+               "--sw_roi_size", "[20,20,20]")  # fmt: skip
+    found = find_user_error(raised.value)
+    assert found is not None and "sw_roi_size [20, 20, 20] does not fit the network (RuntimeError: Sizes of tensors must match" in str(found)
+    assert not out.exists() or not any(out.rglob("*"))
+    from monai_effq.bundle import check_window
+
+    check_window(network, [64, 64, 48])  # the bundle's own window fits, as does one that spans an axis
+    check_window(network, [-1, 96, 96])
