@@ -40,6 +40,7 @@ from monai_effq.data import (
 from monai_effq.data.writers import inference_masks
 from monai_effq.overlays import calibration_items
 from monai_effq.ptq.checkpoint import checkpoint_fingerprint, load_quantized_result, verify_checkpoint
+from monai_effq.ptq.graph import shape_refusal
 from monai_effq.ptq.journal import journal_path, journal_unfinished
 from monai_effq.utils.distributed import get_rank, get_world_size, is_distributed, is_rank_zero
 from monai_effq.utils.errors import (
@@ -855,9 +856,9 @@ def check_window(network: torch.nn.Module, roi_size: Sequence[int] | int, settin
             probe(torch.zeros(1, channels, *window, device="meta"))
     except NotImplementedError:  # an operator without a meta kernel: the run itself will tell
         return
-    except Exception as error:  # the network's own message says which layer refused the shape
+    except Exception as error:
         raise UserInputError(
-            f"{setting} {window} does not fit the network ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}): "
+            f"{setting} {window} does not fit the network ({shape_refusal(error)}): "
             f"give --{setting} sizes that are multiples of its downsampling factor (the bundle's default, or the window "
             "it was trained on)."
         ) from error

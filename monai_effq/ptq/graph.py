@@ -31,6 +31,7 @@ __all__ = [
     "graph_readers",
     "probe_network",
     "set_submodule",
+    "shape_refusal",
     "hooks",
     "unique_state_dict",
 ]
@@ -167,6 +168,11 @@ class NetworkProbe:
     calls: dict[str, int] = field(default_factory=dict)
 
 
+def shape_refusal(error: BaseException) -> str:
+    """Why a network refused an input's shape, in the network's own words: the layer's first line names the sizes."""
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
 def probe_network(network: nn.Module, batch: torch.Tensor) -> NetworkProbe:
     """Run ``network`` once with hooks that record what preparing it for quantization needs.
 
@@ -202,11 +208,11 @@ def probe_network(network: nn.Module, batch: torch.Tensor) -> NetworkProbe:
         try:
             with torch.no_grad():
                 output = network(batch)
-        except Exception as e:  # the network's own message says which layer refused the shape
+        except Exception as e:
             raise UserInputError(
-                f"calibration batch of shape {tuple(batch.shape)} does not fit the network "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); pass batches shaped (N, C, *spatial) "
-                "as the network expects, with spatial sizes that are multiples of its downsampling factor."
+                f"calibration batch of shape {tuple(batch.shape)} does not fit the network ({shape_refusal(e)}); pass "
+                "batches shaped (N, C, *spatial) as the network expects, with spatial sizes that are multiples of its "
+                "downsampling factor."
             ) from e
     if not isinstance(output, torch.Tensor):
         kind = f"a {type(output).__name__} of {len(output)}" if isinstance(output, (list, tuple, dict)) else type(output).__name__
