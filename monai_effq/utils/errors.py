@@ -297,6 +297,14 @@ def debugging() -> bool:
 def _bundle_excepthook(
     previous, exc_type: type[BaseException], error: BaseException, traceback: TracebackType | None  # noqa: ANN001
 ) -> None:
+    if isinstance(error, KeyboardInterrupt) and not debugging():
+        # Ctrl-C: the place in the solver it stopped at helps no one; what is kept, and how to go on, does
+        sys.stderr.write(
+            "interrupted: no output was left half-written; run the same command again to finish (a quantize run "
+            f"resumes from the layers its journal kept) (set {DEBUG_ENV}=1 for the traceback)\n"
+        )
+        sys.stderr.flush()
+        return
     found = find_user_error(error)
     if found is None or debugging():
         previous(exc_type, error, traceback)
@@ -306,7 +314,7 @@ def _bundle_excepthook(
 
 
 def install_bundle_error_hook(force: bool = False) -> bool:
-    """Report user-input errors of the ``python -m monai.bundle`` command as one line.
+    """Report user-input errors of the ``python -m monai.bundle`` command, and Ctrl-C, as one line.
 
     Only that command's process is changed (``__main__`` is ``monai.bundle.__main__``), so a
     program or notebook that imports :mod:`monai_effq` keeps Python's normal behaviour. Installing

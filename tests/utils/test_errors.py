@@ -83,6 +83,15 @@ def test_the_hook_prints_one_line_for_a_user_error_and_passes_anything_else_on(h
     assert hook == [bug] and capsys.readouterr().err == ""
 
 
+def test_ctrl_c_is_one_line_saying_how_to_resume(hook, capsys):
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt as stop:
+        sys.excepthook(type(stop), stop, stop.__traceback__)
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("interrupted: no output was left half-written; run the same command again") and hook == []
+
+
 def test_the_debug_variable_keeps_the_full_traceback(hook, monkeypatch, capsys):
     monkeypatch.setenv(DEBUG_ENV, "1")
     error = _wrapped(UserInputError("weight_bits must be an integer from 2 to 8, got 9."))
