@@ -73,6 +73,7 @@ __all__ = [
     "check_quantize_finished",
     "check_quantized",
     "check_train_settings",
+    "check_window",
     "demo_dataset",
     "datalist",
     "existing_checkpoint",
@@ -85,7 +86,6 @@ __all__ = [
     "model_tag",
     "preprocessing",
     "rank_cases",
-    "check_window",
     "refuse_outputs_over_inputs",
     "refuse_to_overwrite",
     "refuse_to_replace_shipped",
@@ -573,10 +573,9 @@ def check_inference_inputs(
     masks = inference_masks(cases, output_dir, postfix, ext)
     images = [path for case in cases for path in (case["image"] if isinstance(case["image"], (list, tuple)) else [case["image"]])]
     refuse_outputs_over_inputs(masks, images)
-    for case in cases:
-        for path in case["image"] if isinstance(case["image"], (list, tuple)) else [case["image"]]:
-            if not Path(path).exists():
-                raise MissingInputError(f"image {path} does not exist: correct the datalist or --dataset_dir.")
+    for path in images:
+        if not Path(path).exists():
+            raise MissingInputError(f"image {path} does not exist: correct the datalist or --dataset_dir.")
     kind = "a DICOM SEG" if mask_format == "dicom_seg" else "an RTSTRUCT"
     if seg:
         from monai_effq.data.dicom_seg import check_seg_source, require_highdicom, require_series_folder
@@ -730,15 +729,19 @@ def refuse_outputs_over_inputs(outputs: Sequence[str | os.PathLike], inputs: Seq
     Raises:
         UserInputError: naming the output and the input it would replace.
     """
-    read = [(Path(p), Path(p).resolve()) for p in inputs if p]
+    read = {Path(p).resolve(): Path(p) for p in inputs if p}
+    # an input, or a folder above one, by place: one look-up per output (inference has a mask per image)
+    places: dict[Path, Path] = {}
+    for where, given in read.items():  # each place by the first input it is or holds
+        for place in (where, *where.parents):
+            places.setdefault(place, given)
     for output in outputs:
-        place = Path(output).resolve()
-        for given, where in read:
-            if place == where or place in where.parents:
-                raise UserInputError(
-                    f"{output} would replace {given}, which this run reads: point the setting that names the output "
-                    "(--quantized_path, --output_dir, --export_dir, --mask_postfix, ...) at a place of its own."
-                )
+        given = places.get(Path(output).resolve())
+        if given is not None:
+            raise UserInputError(
+                f"{output} would replace {given}, which this run reads: point the setting that names the output "
+                "(--quantized_path, --output_dir, --export_dir, --mask_postfix, ...) at a place of its own."
+            )
 
 
 def _exported_from(folder: str | os.PathLike) -> str | None:
@@ -798,8 +801,13 @@ def refuse_to_overwrite(
     replace = check_flag(overwrite, "overwrite")
     outputs = [Path(p) for p in paths if p]
     refuse_outputs_over_inputs(outputs, inputs)
-    for folder in outputs:  # a folder output (the export) is replaced whole: it must not hold another output
-        inside = next((other for other in outputs if folder.resolve() in other.resolve().parents), None)
+    # a folder output (the export) is replaced whole: it must not hold another output
+    holders: dict[Path, Path] = {}
+    for other in outputs:  # each folder by the first output it holds
+        for parent in other.resolve().parents:
+            holders.setdefault(parent, other)
+    for folder in outputs:
+        inside = holders.get(folder.resolve())
         if inside is not None:
             raise UserInputError(
                 f"{folder} would be replaced whole by this run's export and holds {inside}, another of its outputs: "
@@ -891,8 +899,9 @@ def check_quantize_finished(quantized_path: str | os.PathLike, network: torch.nn
         )
     if not Path(quantized_path).is_file():
         raise MissingInputError(f"quantized checkpoint {quantized_path} does not exist: run the quantize workflow first or fix the path.")
-    checkpoint_fingerprint(quantized_path)
-    if network is not None:
+    if network is None:
+        checkpoint_fingerprint(quantized_path)
+    else:  # reads and verifies the file as checkpoint_fingerprint does, then fits it onto the network
         load_quantized_result(quantized_path, network)
 
 
