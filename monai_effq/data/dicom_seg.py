@@ -68,9 +68,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# the patient and study attributes a SEG copies from its source that are Type 2 there (present, possibly empty):
-# anonymisers often delete them outright, and highdicom then refuses the source
-_TYPE_2_COPIED = (
+# the patient and study attributes a SEG (or RTSTRUCT) copies from its source that are Type 2 there (present,
+# possibly empty): anonymisers often delete them outright, and highdicom then refuses the source
+TYPE_2_COPIED = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime", "ReferringPhysicianName",
     "StudyID", "AccessionNumber",
 )  # fmt: skip
@@ -337,7 +337,7 @@ def _as_highdicom_copies(slices: Sequence[Any]) -> list[Any]:
         thickness = round(abs(float(step @ normal)), 6) or None
     copies = []
     for header in slices:
-        changes: dict[str, Any] = {name: "" for name in _TYPE_2_COPIED if name not in header}
+        changes: dict[str, Any] = {name: "" for name in TYPE_2_COPIED if name not in header}
         charset = header.get("SpecificCharacterSet")
         if charset is not None and not isinstance(charset, str) and len(charset) > 1 and not charset[0]:
             changes["SpecificCharacterSet"] = ["ISO 2022 IR 6", *charset[1:]]

@@ -28,6 +28,7 @@ from monai.utils import optional_import
 
 from monai_effq.data.dicom_seg import (
     SEGMENTATION_CLASSES,
+    TYPE_2_COPIED,
     DicomSegWriter,
     Segment,
     SegLabels,
@@ -62,10 +63,7 @@ _EDGE_TOLERANCE = 0.02
 # a contour further than this from a slice's plane (in slice steps) lies between slices
 _PLANE_TOLERANCE = 0.25
 # the patient and study, copied from the series into the structure set
-_COPIED = (
-    "SpecificCharacterSet", "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
-    "StudyDate", "StudyTime", "ReferringPhysicianName", "StudyID", "AccessionNumber",
-)  # fmt: skip
+_COPIED = ("SpecificCharacterSet", "StudyInstanceUID", *TYPE_2_COPIED)
 # ROI display colours, one per segment in turn
 _COLOURS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255))
 
