@@ -37,7 +37,7 @@ from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer, Quantize
 from monai_effq.ptq.pipeline import quantize
 from monai_effq.ptq.prepare import eager_network
 from monai_effq.ptq.result import QuantizationResult
-from monai_effq.utils.errors import OutputWriteError, UserInputError
+from monai_effq.utils.errors import UserInputError
 from monai_effq.utils.io import check_writable
 
 logger = logging.getLogger("monai_effq")
@@ -375,9 +375,7 @@ def deploy_nnunet_predictor(
     if channels is None:
         raise UserInputError("results hold no convolution: pass what quantize_nnunet_predictor returned.")
     example = torch.zeros(1, channels, *[int(s) for s in predictor.configuration_manager.patch_size])
-    folder = check_writable(folder)
-    if folder.exists() and not folder.is_dir():
-        raise OutputWriteError(f"cannot write the ONNX files into {folder}: it is a file; give a folder (it is made if missing).")
+    folder = check_writable(folder, folder=True)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, result in zip(names, results):

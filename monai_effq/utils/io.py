@@ -255,20 +255,23 @@ def check_output_file(path: str | os.PathLike) -> Path:
     return Path(text)
 
 
-def check_writable(path: str | os.PathLike) -> Path:
+def check_writable(path: str | os.PathLike, folder: bool = False) -> Path:
     """Refuse an output that could not be written, before anything is computed for it.
 
     Args:
         path: a file or folder to be written (it and the folders above it need not exist).
+        folder: ``path`` is a folder that files are written into, so a file there is refused too.
 
     Returns:
         the path.
 
     Raises:
-        OutputWriteError: when a file stands where a folder above it would be made, or the folder it would be
-            made in is read-only or another user's.
+        OutputWriteError: when a file stands where a folder above it (or, with ``folder``, the folder itself)
+            would be made, or the folder it would be made in is read-only or another user's.
     """
     path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise OutputWriteError(f"cannot write into {path}: it is a file; give a folder (it is made if missing).")
     # the nearest path that exists is where the output, or the folders above it, will be made
     folder = next(f for f in (path.absolute(), *path.absolute().parents) if f.exists())
     if folder != path.absolute() and not folder.is_dir():
