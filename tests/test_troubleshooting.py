@@ -183,6 +183,13 @@ def _nan_image(tmp_path, lits):
     preprocessing("lits", lits, with_label=False)({"image": str(path)})
 
 
+def _nan_quantized_input(tmp_path, lits):
+    result = quantize(_net(), torch.rand(1, 1, 8, 8, 8), EfficientQConfig(method="rtn", attention=False), progress=False)
+    x = torch.rand(1, 1, 8, 8, 8)
+    x[0, 0, 1, 2, 3] = float("inf")
+    result.network(x)
+
+
 def _nan_onnx_input(tmp_path, lits):
     pytest.importorskip("onnxruntime")
     from monai_effq.deploy.runtime import OnnxRuntimeNetwork
@@ -734,6 +741,7 @@ TRIGGERS = {
     "local rank <n> has no GPU of its own: this machine has <m> CUDA GPU(s) and NCCL takes one per process.": _rank_past_the_gpus,
     "the bundle's metadata <file> has no network_data_format.outputs.pred.channel_def naming the output channels": _metadata_without_channels,
     "seg_codes for <name>: <keyword> is not a type of <category>": _misspelt_seg_code,
+    "the input of the quantized <network> holds <n> NaN or Inf voxel(s)": _nan_quantized_input,
     "the input to <model.onnx> holds <n> NaN or Inf voxel(s)": _nan_onnx_input,
     "<runtime> could not run <model.onnx> on a <size> input (<reason>); it was exported on <size>": _onnx_run_at_another_size,
     "<model.onnx> was exported for inputs of shape <shape> (? marks a dynamic axis) and cannot run a <shape> input": (

@@ -22,16 +22,18 @@ from monai_effq.quant.fixed_point import FixedPointFormat, snap_to_power_of_two
 from monai_effq.quant.grid import UniformGrid, dequantize, fit_scale
 from monai_effq.quant.spec import ActivationSpec
 from monai_effq.solver.layers import layer_view
-from monai_effq.utils.errors import UserInputError, check_spread
+from monai_effq.utils.errors import UserInputError, check_inference_input, check_spread
 
 __all__ = [
     "ActivationQuantizer",
+    "FiniteInputCheck",
     "QuantizedLayer",
     "QuantizedConv",
     "QuantizedConvTranspose",
     "QuantizedLinear",
     "QuantizedNorm",
     "SHARED_INPUT_QUANTIZER",
+    "check_finite_input",
     "functional_forward",
     "is_group_norm",
     "quantize_shared_input",
@@ -170,6 +172,50 @@ class ActivationQuantizer(nn.Module):
         return f"bits={self.grid.bits}, kind={self.grid.kind}, scale={float(self.scale):.4g}, zero_point={float(self.zero_point):g}"
 
 
+# the hooks nn.Module.__call__ runs around a module's forward
+_LAYER_CALL_HOOKS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+
+
+class FiniteInputCheck:
+    """A forward pre-hook that refuses NaN or Inf in a quantized network's input.
+
+    The first input quantizer would round them to grid codes (:func:`check_inference_input`), so the
+    network would return a plausible segmentation where its full-precision original returns NaN.
+    One reduction per call; skipped while torch traces or exports the network, whose runtimes check
+    their own inputs (:class:`~monai_effq.deploy.runtime.OpenVINONetwork`). A class rather than a
+    closure so that a pickled or deep-copied network keeps it.
+    """
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return
+        for value in args:
+            if isinstance(value, torch.Tensor):
+                check_inference_input(value, f"the input of the quantized {type(module).__name__}")
+
+
+def check_finite_input(network: nn.Module) -> nn.Module:
+    """Make ``network`` refuse NaN or Inf input (:class:`FiniteInputCheck`), once however often it is called.
+
+    Args:
+        network: a quantized network.
+
+    Returns:
+        ``network``, with the check as a forward pre-hook.
+    """
+    if not any(isinstance(hook, FiniteInputCheck) for hook in network._forward_pre_hooks.values()):
+        network.register_forward_pre_hook(FiniteInputCheck())
+    return network
+
+
 class QuantizedLayer(nn.Module):
     """A weight layer whose weights are integer codes on a uniform grid, with a quantized input.
 
@@ -200,6 +246,11 @@ class QuantizedLayer(nn.Module):
     ) -> None:
         super().__init__()
         inner = copy.deepcopy(layer)
+        for hooks in _LAYER_CALL_HOOKS:
+            # functional_forward runs the copy's operation, never the copy as a module, so hooks it was copied
+            # with never fire: they would only keep alive what they refer to (the solver pass's hook, its whole
+            # run) and stop the network from being pickled
+            getattr(inner, hooks).clear()
         del inner.weight
         if inner.bias is not None:
             del inner.bias

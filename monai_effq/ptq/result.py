@@ -14,7 +14,7 @@ import torch.nn as nn
 from monai_effq.ptq.config import EfficientQConfig
 from monai_effq.ptq.footprint import weight_footprint
 from monai_effq.ptq.graph import SUPPORTED_LAYERS, unique_state_dict
-from monai_effq.ptq.modules import QuantizedLayer
+from monai_effq.ptq.modules import QuantizedLayer, check_finite_input
 from monai_effq.ptq.report import QuantizationReport, peak_gpu_memory_mib, peak_memory_mib
 from monai_effq.quant.packing import packed_nbytes
 
@@ -26,7 +26,8 @@ class QuantizationResult:
     """A quantized network and what was done to it.
 
     Attributes:
-        network: the quantized network (fake-quant modules, eval mode).
+        network: the quantized network (fake-quant modules, eval mode); it refuses NaN or Inf input
+            (:class:`~monai_effq.ptq.modules.FiniteInputCheck`), which its quantizers would round away.
         report: the :class:`QuantizationReport`.
         config: the config used.
         folded: names of the BatchNorms folded (replaced by ``nn.Identity``) before quantization.
@@ -36,6 +37,9 @@ class QuantizationResult:
     report: QuantizationReport
     config: EfficientQConfig
     folded: list[str]
+
+    def __post_init__(self) -> None:
+        check_finite_input(self.network)
 
 
 def state_bytes(network: nn.Module) -> int:
