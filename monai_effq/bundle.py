@@ -42,6 +42,7 @@ from monai_effq.overlays import calibration_items
 from monai_effq.ptq.checkpoint import checkpoint_fingerprint, load_quantized_result, verify_checkpoint
 from monai_effq.ptq.graph import shape_refusal
 from monai_effq.ptq.journal import journal_path, journal_unfinished
+from monai_effq.quant.fixed_point import FixedPointFormat
 from monai_effq.utils.distributed import get_rank, get_world_size, is_distributed, is_rank_zero
 from monai_effq.utils.errors import (
     MissingInputError,
@@ -714,9 +715,18 @@ def model_tag(
     Returns:
         e.g. ``"efficientq_w4a8"``, ``"gptq_w2a8"``, ``"finetuned_fp_q0.4aq6.0"``, ``"rtn_w4afp"``.
     """
-    weights = weight_format.lower() if weight_format else f"w{weight_bits}"
-    acts = "afp" if act_bits is None and not act_format else f"a{(act_format or act_bits)}".lower()
+    weights = _format_name(weight_format, signed=True) if weight_format else f"w{weight_bits}"
+    acts = "afp" if act_bits is None and not act_format else f"a{_format_name(act_format, signed=False) if act_format else act_bits}"
     return f"{made_by}_{weights}{acts}"
+
+
+def _format_name(text: str, signed: bool) -> str:
+    """A fixed-point format as the config keeps it (``" Q00.04"`` is ``"q0.4"``), lower case; text that is no
+    format is left as written, for :class:`EfficientQConfig` to refuse by the setting's name."""
+    try:
+        return str(FixedPointFormat.parse(text, signed=signed)).lower()
+    except ValueError:
+        return str(text).strip().lower()
 
 
 def refuse_outputs_over_inputs(outputs: Sequence[str | os.PathLike], inputs: Sequence[str | os.PathLike | None]) -> None:

@@ -327,6 +327,14 @@ def test_output_names_say_what_made_the_model():
     assert model_tag("rtn", 4, None) == "rtn_w4afp"
 
 
+@pytest.mark.parametrize("weights, acts", [(" Q0.4", "Q6.0 "), ("Q 0.4", "q6 .0"), ("Q00.04", "Q06.0")])
+def test_one_fixed_point_config_written_otherwise_names_its_outputs_alike(weights, acts):
+    from monai_effq.bundle import model_tag
+
+    # the config reads these as Q0.4 and Q6.0; evaluate --weight_format Q0.4 must find what quantize wrote
+    assert model_tag("finetuned_fp", 5, 6, weights, acts) == "finetuned_fp_q0.4aq6.0"
+
+
 def test_an_existing_output_stops_a_run_unless_overwrite_is_asked(tmp_path):
     from monai_effq.bundle import EXPORTED_FROM, refuse_to_overwrite
 
