@@ -27,7 +27,7 @@ from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_effq.ptq.checkpoint import save_quantized
 from monai_effq.qat.check import DEFAULT_CHECK_BATCHES, FinetuneCheck, Inferer, check_batch_count, draw_windows
-from monai_effq.qat.finetune import TrainableNetwork, resolve_task
+from monai_effq.qat.finetune import TrainableNetwork, check_loss, resolve_task
 from monai_effq.utils.distributed import get_rank, get_world_size
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -180,6 +180,8 @@ class FinetuneHandler:
             total = torch.tensor([loss], dtype=torch.float64, device=next(self.trainable.network.parameters()).device)
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
             loss = float(total) / world
+        # every rank has the mean, so a NaN stops them all: frozen, a NaN network would be written as the result
+        check_loss(loss, engine.state.iteration - 1)
         self.trainable.losses.append(loss)
 
     def __call__(self, engine: Engine) -> None:

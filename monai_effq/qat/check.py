@@ -44,6 +44,7 @@ __all__ = [
     "HeldOutScore",
     "FinetuneCheck",
     "check_batch_count",
+    "check_label",
     "draw_windows",
     "end_is_better",
     "format_losses",
@@ -159,15 +160,51 @@ def draw_windows(data: Iterable[Any], count: int, role: str = "held-out") -> lis
     return windows
 
 
+def check_label(logits: torch.Tensor, label: torch.Tensor, task: str, what: str) -> None:
+    """Refuse a label the network's output cannot be scored against, before a loss does with an index error.
+
+    Args:
+        logits: the network's output ``(B, C, *spatial)``.
+        label: the batch's label: one channel of class indices ``0..C-1`` (multiclass) or ``C`` channels
+            (multilabel).
+        task: ``"multiclass"`` or ``"multilabel"``.
+        what: the batch, for the message (``"training batch 3"``).
+
+    Raises:
+        UserInputError: naming the batch, what is wrong and the fix.
+    """
+    channels = logits.shape[1]
+    if label.dim() == logits.dim() and label.shape[2:] != logits.shape[2:]:
+        raise UserInputError(
+            f"{what}: its label is {tuple(label.shape)} where the network's output is {tuple(logits.shape)}: give "
+            "image and label the same spatial size (crop or resample them together in the transforms)."
+        )
+    if task == "multilabel":
+        if label.dim() != logits.dim() or label.shape[1] != channels:
+            raise UserInputError(
+                f"{what}: a multilabel label has one channel per output channel ({channels}), got shape "
+                f"{tuple(label.shape)}: pass task='multiclass' for a label of class indices."
+            )
+        return
+    if label.dim() != logits.dim() or label.shape[1] != 1:
+        raise UserInputError(
+            f"{what}: a multiclass label is one channel of class indices, got shape {tuple(label.shape)}: pass "
+            "task='multilabel' for sigmoid channels, or give the label as (B, 1, *spatial) class indices."
+        )
+    low, high = torch.aminmax(label.detach().reshape(-1).double())
+    whole = not label.is_floating_point() or torch.equal(label, label.round())
+    if float(low) < 0 or float(high) > channels - 1 or not whole:
+        raise UserInputError(
+            f"{what}: its label holds values from {float(low):.9g} to {float(high):.9g}, where the network's "
+            f"{channels} output channels take whole class indices 0 to {channels - 1}: check the label files "
+            "(or their preprocessing) and the network's out_channels."
+        )
+
+
 def _masks(logits: torch.Tensor, label: torch.Tensor, task: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted and true foreground masks ``(B, classes, *spatial)``."""
     if task == "multilabel":
         return logits > 0, label > 0.5
-    if label.shape[1] != 1:
-        raise ValueError(
-            f"a multiclass label is one channel of class indices, got {label.shape[1]} channels: pass "
-            "task='multilabel' for sigmoid channels."
-        )
     classes = torch.arange(1, logits.shape[1], device=logits.device).view(1, -1, *([1] * (logits.dim() - 2)))
     pred = logits.max(dim=1, keepdim=True).indices  # argmax's labels, faster across the channel axis (ptq/attention.py)
     return pred == classes, label.long() == classes
@@ -207,10 +244,11 @@ def score_windows(
     network.eval()
     losses, inter, sizes, truth = [], 0.0, 0.0, 0.0
     with torch.no_grad():
-        for x, y in windows:
+        for i, (x, y) in enumerate(windows):
             x, y = x.to(device), y.to(device)
             logits = inferer(x, network) if inferer is not None else network(x)
             logits = torch.as_tensor(logits).as_subclass(torch.Tensor)
+            check_label(logits, y, task, f"held-out window {i}")
             losses.append(float(loss_function(logits, y)))
             pred, true = _masks(logits, y, task)
             dims = [0, *range(2, pred.dim())]

@@ -41,7 +41,7 @@ from monai_effq.ptq.prepare import available_device, prepare_network, quantizabl
 from monai_effq.ptq.result import QuantizationResult, finish_report, state_bytes
 from monai_effq.ptq.report import LayerReport, QuantizationReport
 from monai_effq.ptq.skip_rounding import share_skip_roundings, shared_layer_inputs
-from monai_effq.qat.check import DEFAULT_CHECK_BATCHES, FinetuneCheck, check_batch_count, draw_windows
+from monai_effq.qat.check import DEFAULT_CHECK_BATCHES, FinetuneCheck, check_batch_count, check_label, draw_windows
 from monai_effq.qat.modules import FrozenBatchNorm, TrainableQuantizedLayer
 from monai_effq.solver.layers import layer_view
 from monai_effq.solver.rounding import fit_grid
@@ -58,6 +58,7 @@ __all__ = [
     "prepare_finetune",
     "train_steps",
     "finetune",
+    "check_loss",
     "default_loss",
     "resolve_task",
     "split_batch",
@@ -84,7 +85,7 @@ def split_batch(batch: Any, index: int = 0, role: str = "training") -> tuple[tor
         ``(image, label)`` as plain tensors.
 
     Raises:
-        UserInputError: when the batch carries no label, or NaN or Inf image values.
+        UserInputError: when the batch carries no label, or NaN or Inf image or label values.
         TypeError: when it is neither a dict nor a pair of tensors.
     """
     if isinstance(batch, dict):
@@ -114,7 +115,35 @@ def split_batch(batch: Any, index: int = 0, role: str = "training") -> tuple[tor
             f"{role} batch {index} holds NaN or Inf image values: fix the case or leave it out of the data "
             "(the input rounding would train on the lowest code in their place)."
         )
-    return image, torch.as_tensor(y).as_subclass(torch.Tensor)
+    label = torch.as_tensor(y).as_subclass(torch.Tensor)
+    if label.is_floating_point() and not all_finite(label):
+        raise UserInputError(
+            f"{role} batch {index} holds NaN or Inf label values: fix the label file (or its preprocessing) or leave "
+            "the case out of the data."
+        )
+    return image, label
+
+
+def check_loss(value: float, step: int) -> None:
+    """Refuse a fine-tuning loss that is NaN or Inf, with what its step says of the cause.
+
+    Args:
+        value: the step's loss.
+        step: the step (0 for the first).
+
+    Raises:
+        UserInputError: at the first step, before any weight changed, naming the data or the loss; later,
+            the learning rate (the images and labels are checked finite when read).
+    """
+    if math.isfinite(value):
+        return
+    if step == 0:
+        raise UserInputError(
+            f"the fine-tuning loss is {value} at the first step, before any weight changed, so the learning rate is not "
+            "the cause: check the loss function and what it is given (the label's values for the task, the network's "
+            "output on the first batch)."
+        )
+    raise UserInputError(f"the fine-tuning loss is {value} at step {step}: lower the learning rate.")
 
 
 def default_loss(task: str) -> nn.Module:
@@ -271,6 +300,15 @@ def _is_batch(sample: Any) -> bool:
     return isinstance(sample, (list, tuple)) and len(sample) == 2 and isinstance(sample[0], torch.Tensor)
 
 
+def _two_image_batches(sample: Any) -> bool:
+    """Whether two tensors are two image batches rather than an ``(image, label)`` pair: the second holds
+    values that are not whole numbers, which no label map holds (a list of more tensors is image batches)."""
+    if not (isinstance(sample, (list, tuple)) and len(sample) == 2 and all(isinstance(t, torch.Tensor) for t in sample)):
+        return False
+    second = sample[1].detach()
+    return second.is_floating_point() and not torch.equal(second, second.round())
+
+
 def _image_of(batch: Any) -> torch.Tensor:
     if isinstance(batch, torch.Tensor):
         image = batch
@@ -294,7 +332,9 @@ def calibration_batch(sample: Any, batches: int = DEFAULT_CALIBRATION_BATCHES) -
     (``batches=1``) or as their sliding windows (:func:`monai_effq.data.calibration_windows`).
 
     Args:
-        sample: a batch (a tensor, a batch dict or an ``(image, label)`` pair) or a loader of them.
+        sample: a batch (a tensor, a batch dict or an ``(image, label)`` pair), a list of image batches,
+            or a loader of batches. Two tensors are a pair unless the second holds values that are not
+            whole numbers (then they are two image batches).
         batches: how many batches of a loader to take (at least 1).
 
     Returns:
@@ -303,7 +343,7 @@ def calibration_batch(sample: Any, batches: int = DEFAULT_CALIBRATION_BATCHES) -
     Raises:
         ValueError: for a loader that yields no batch.
     """
-    if _is_batch(sample):
+    if _is_batch(sample) and not _two_image_batches(sample):
         return _image_of(sample)
     images: list[torch.Tensor] = []
     try:
@@ -478,10 +518,13 @@ def train_steps(
     batches = _cycle(train_data)
     for step in range(steps):
         x, y = split_batch(next(batches), step)
-        loss = loss_function(net(x.to(device)), y.to(device))
+        logits = net(x.to(device))
+        y = y.to(device)
+        if trainable.task is not None:  # a caller's own loop with its own loss may take any label
+            check_label(logits, y, trainable.task, f"training batch {step}")
+        loss = loss_function(logits, y)
         value = float(loss.detach())
-        if not math.isfinite(value):
-            raise ValueError(f"the fine-tuning loss is {value} at step {step}: lower the learning rate.")
+        check_loss(value, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         trainable.learning_rates.append(float(optimizer.param_groups[0]["lr"]))

@@ -50,6 +50,23 @@ def test_a_supervised_trainer_fine_tunes_and_the_handler_freezes_and_reports(tmp
         assert torch.equal(load_quantized(tmp_path / "qat.pt", _net())(x), result.network(x))
 
 
+@pytest.mark.parametrize("check_batches", [0, 1])
+def test_a_training_loss_that_turns_nan_stops_the_trainer_before_a_nan_network_is_written(tmp_path, check_batches):
+    batches = [{"image": torch.randn(2, 1, 16, 16, 16), "label": (torch.rand(2, 1, 16, 16, 16) > 0.7).long()} for _ in range(2)]
+    trainable = prepare_finetune(_net(), batches, EfficientQConfig(weight_bits=4, act_bits=6, power_of_two=True))
+    trainer = _trainer(trainable, batches, 4)
+
+    def diverging(logits, label):  # NaN on the trainer's second iteration (the held-out check scores with it too)
+        training = trainer.state.iteration == 2 and torch.is_grad_enabled()
+        return torch.nn.functional.cross_entropy(logits, label[:, 0]) * (float("nan") if training else 1.0)
+
+    trainer.loss_function = diverging
+    FinetuneHandler(trainable, save_path=tmp_path / "qat.pt", check_batches=check_batches).attach(trainer)
+    with pytest.raises(ValueError, match="the fine-tuning loss is nan at step 1: lower the learning rate"):
+        trainer.run()
+    assert not (tmp_path / "qat.pt").exists()
+
+
 def test_the_handler_needs_a_trainable_network():
     with pytest.raises(TypeError, match="prepare_finetune"):
         FinetuneHandler(_net())

@@ -254,8 +254,55 @@ def test_a_loss_that_is_not_finite_stops_the_fine_tune_naming_the_step(spheres):
     def exploding(logits, label):
         return logits.sum() * float("inf")
 
-    with pytest.raises(ValueError, match="the fine-tuning loss is (inf|nan) at step 0: lower the learning rate"):
+    # before any weight changed, the learning rate cannot be the cause
+    with pytest.raises(UserInputError, match="loss is (inf|nan) at the first step, before any weight changed, so the learning rate is not"):
         finetune(_unet(), spheres, FIXED, steps=2, loss_function=exploding, check_batches=0)
+    calls = []
+
+    def diverging(logits, label):
+        calls.append(1)
+        return F.cross_entropy(logits, label[:, 0]) * (float("nan") if len(calls) == 2 else 1.0)
+
+    with pytest.raises(UserInputError, match="the fine-tuning loss is nan at step 1: lower the learning rate"):
+        finetune(_unet(), spheres, FIXED, steps=3, loss_function=diverging, check_batches=0)
+
+
+def test_a_label_holding_nan_is_refused_naming_its_batch_not_the_learning_rate(rtn_result, spheres):
+    (x, y), second = spheres
+    bad = y.float()
+    bad[0, 0, 2, 2, 2] = float("nan")
+    with pytest.raises(UserInputError, match="training batch 0 holds NaN or Inf label values"):
+        finetune(rtn_result, [(x, bad), second], steps=2, lr=1e-8, check_batches=0)
+
+
+@pytest.mark.parametrize(
+    "label, message",
+    [
+        (lambda y: torch.cat([1 - y, y], 1), r"a multiclass label is one channel of class indices, got shape \(4, 2, 24, 24, 24\)"),
+        (lambda y: y * 5, r"label holds values from 0 to 5, where the network's 2 output channels take whole class indices 0 to 1"),
+        (lambda y: y * 0.5, r"label holds values from 0 to 0.5, where"),
+        (lambda y: y[..., :12], r"its label is \(4, 1, 24, 24, 12\) where the network's output is \(4, 2, 24, 24, 24\)"),
+    ],
+)
+@pytest.mark.parametrize("check_batches, where", [(0, "training batch 0"), (1, "held-out window 0")])
+def test_a_label_the_networks_output_cannot_be_scored_against_is_named_before_the_loss_runs(
+    rtn_result, spheres, label, message, check_batches, where
+):
+    (x, y), _ = spheres
+    # MONAI's loss would stop with an AssertionError or an index out of bounds naming no batch
+    with pytest.raises(UserInputError, match=f"{where}: .*{message}"):
+        finetune(rtn_result, [(x, label(y))], steps=1, lr=1e-8, check_batches=check_batches)
+
+
+def test_two_image_batches_calibrate_an_fp_start_together_and_an_image_label_pair_by_its_image():
+    from monai_effq.qat import calibration_batch
+
+    quiet, bright = torch.randn(1, 1, 8, 8, 8) * 0.1, torch.randn(1, 1, 8, 8, 8) * 40
+    # read as an (image, label) pair, the bright batch's range was left out and clipped 100-fold for the whole fine-tune
+    assert torch.equal(calibration_batch([quiet, bright]), torch.cat([quiet, bright]))
+    label = (bright > 0).long()
+    assert torch.equal(calibration_batch([quiet, label]), quiet)
+    assert torch.equal(calibration_batch((quiet, label.float())), quiet)
 
 
 def test_a_compiled_fp_network_is_prepared_for_fine_tuning_as_the_module_it_compiles(spheres):
