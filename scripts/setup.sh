@@ -8,9 +8,7 @@ target="."
 if [ -n "$extras" ]; then
   target=".[${extras}]"
 fi
-if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
-fi
+bash scripts/make_venv.sh .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 # pip byte-compiles what it installs one file at a time; compiling on every core once the files are in
 # place made this set-up 72 s instead of 88-90 s (2-core AMD EPYC, two runs each, interleaved).
@@ -23,7 +21,18 @@ case "$bytecode" in
   parallel|lazy) ;;
   *) echo "MONAI_EFFQ_BYTECODE must be 'parallel' or 'lazy', got '$bytecode'" >&2; exit 2 ;;
 esac
-.venv/bin/python -m pip install --quiet --no-compile -c constraints.txt torch==2.13.0
+# The CPU build. PyPI's torch 2.13.0 for Linux is the CUDA one (29 packages with its nvidia and triton
+# wheels), so the pin names the CPU build's local version: from pip's configured sources first (CI's
+# machines hold its wheel on disk: seconds), else from PyTorch's CPU index; where neither has it (macOS,
+# whose PyPI wheel is the CPU build), the pinned version as the sources give it.
+if ! .venv/bin/python -m pip install --quiet --no-compile -c constraints.txt "torch==2.13.0+cpu" > /dev/null 2>&1; then
+  echo "torch 2.13.0+cpu is not in pip's configured sources: trying PyTorch's CPU index" >&2
+  if ! .venv/bin/python -m pip install --quiet --no-compile --retries 1 --timeout 60 -c constraints.txt \
+    --extra-index-url https://download.pytorch.org/whl/cpu "torch==2.13.0+cpu"; then
+    echo "PyTorch's CPU index has no torch 2.13.0+cpu for this machine: installing torch 2.13.0 as pip's sources give it" >&2
+    .venv/bin/python -m pip install --quiet --no-compile -c constraints.txt torch==2.13.0
+  fi
+fi
 .venv/bin/python -m pip install --quiet --no-compile -c constraints.txt -e "$target"
 if [ "$bytecode" = "parallel" ]; then
   bash scripts/compile_venv.sh .venv

@@ -17,9 +17,7 @@ case "$step" in
   *) echo "unknown step '$step': give all, third-party or project" >&2; exit 2 ;;
 esac
 venv=.venv-monailabel
-if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
-fi
+bash scripts/make_venv.sh "$venv"
 if [ "$step" != project ]; then
   "$venv/bin/python" -m pip install --quiet --upgrade pip
   "$venv/bin/python" -m pip install --quiet -c constraints-monailabel.txt torch torchvision

@@ -93,3 +93,47 @@ def test_a_file_waiting_for_a_set_up_comes_after_the_files_with_slow_tests_and_b
     ]
     pytest_collection_modifyitems(items)
     assert [item.path.name for item in items] == ["two_slow.py", "two_slow.py", "one_slow.py", "waits.py", "waits.py", "fast.py"]
+
+
+def _make_venv(folder: Path, **env: str):
+    import os
+    import subprocess
+
+    return subprocess.run(
+        ["bash", str(ROOT / "scripts" / "make_venv.sh"), str(folder)],
+        capture_output=True, text=True, env={**os.environ, **env}, timeout=300,
+    )
+
+
+def test_a_venv_an_interrupted_set_up_left_without_pip_is_made_again(tmp_path):
+    import subprocess
+
+    # what Ctrl-C during venv's ensurepip leaves: a bin/python that runs, and no pip (set-up, demo and tests then
+    # stopped with "No module named pip" until the user found and removed the folder)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(tmp_path / "venv")], check=True, timeout=120)
+    made = _make_venv(tmp_path / "venv", PYTHON=sys.executable)
+    assert made.returncode == 0, made.stderr
+    assert "is not a working venv" in made.stderr
+    subprocess.run([str(tmp_path / "venv" / "bin" / "python"), "-c", "import pip"], check=True, timeout=60)
+    again = _make_venv(tmp_path / "venv", PYTHON=sys.executable)  # a working one is kept as it is
+    assert again.returncode == 0 and again.stderr == ""
+
+
+def test_a_python_older_than_the_project_takes_is_named_with_what_to_do_and_nothing_is_made(tmp_path):
+    old = tmp_path / "python3"
+    old.write_text('#!/bin/sh\ncase "$1" in -V) echo "Python 3.9.18";; *) exit 1;; esac\n')
+    old.chmod(0o755)
+    made = _make_venv(tmp_path / "venv", PYTHON=str(old))
+    assert made.returncode == 1
+    assert f"needs Python 3.10 or newer (CI and the README's figures use 3.11), and {old} is Python 3.9.18" in made.stderr
+    assert "PYTHON=/path/to/python3.11" in made.stderr and not (tmp_path / "venv").exists()
+    missing = _make_venv(tmp_path / "venv", PYTHON=str(tmp_path / "nowhere"))
+    assert missing.returncode == 1 and "nowhere does not exist" in missing.stderr
+
+
+def test_the_oldest_python_the_set_up_takes_is_the_one_pyproject_states():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (requires,) = [spec.version for spec in SpecifierSet(project["requires-python"]) if spec.operator == ">="]
+    script = (ROOT / "scripts" / "make_venv.sh").read_text()
+    (floor,) = set(re.findall(r"sys\.version_info < \((\d+), (\d+)\)", script))
+    assert Version(".".join(floor)) == Version(requires) and f"Python {requires} or newer" in script
