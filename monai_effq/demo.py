@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from monai_effq.bundle import model_tag
+from monai_effq.utils.errors import install_bundle_error_hook
 from monai_effq.utils.io import atomic_write_text
 
 __all__ = [
@@ -261,4 +262,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
+    # the demo runs the bundles' workflows in this process: their user errors and Ctrl-C end it with one line,
+    # as the bundle command's do (a quantize run it interrupted resumes from its journal)
+    install_bundle_error_hook(force=True)
     main()

@@ -116,3 +116,18 @@ def test_a_cpu_run_names_the_cpu_kind_alone_and_a_table_names_its_rows_device():
     assert demo.machine_kind("cpu") == demo.cpu_kind()
     rows = [{"bundle": "b", "device": "cpu", "model": "FP32", "dice_mean": 0.9, "size_MiB": 1.0, "quantize_s": 0.0}]
     assert f"Measured on: {demo.cpu_kind()}." in demo.results_markdown(rows)
+
+
+def test_the_demo_command_ends_a_user_error_with_one_line_as_the_bundle_command_does(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "monai_effq.demo", "--bundles", "lits_effq", "--weight-bits", "4", "--device", "cuda:7",
+         "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert done.returncode == 1
+    assert "error: device 'cuda:7' was asked for but this machine has no CUDA GPU" in done.stderr
+    assert "Traceback" not in done.stderr
