@@ -22,7 +22,7 @@ from monai_effq.ptq.graph import probe_network
 from monai_effq.ptq.journal import journal_path, remove_journal
 from monai_effq.ptq.pipeline import quantize
 from monai_effq.ptq.prepare import available_device
-from monai_effq.utils.distributed import get_rank, get_world_size, is_rank_zero
+from monai_effq.utils.distributed import all_gather_objects, get_rank, get_world_size, is_rank_zero
 from monai_effq.utils.errors import MissingInputError, UserInputError, check_flag, check_integer, check_spread
 
 Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
@@ -185,6 +185,8 @@ class QuantizationHandler:
         self.keep_journal = check_flag(keep_journal, "keep_journal")
         self.roi_size = None if roi_size is None else check_roi_size(roi_size)
         self.batches: list[torch.Tensor] = []
+        # the network this handler swapped in: a later run of the engine evaluates it, not quantize it again
+        self.quantized: nn.Module | None = None
 
     def attach(self, engine: Engine) -> None:
         """Register on ``engine`` (attaching twice is harmless).
@@ -210,7 +212,7 @@ class QuantizationHandler:
     def check(self, engine: Engine) -> None:
         """Before the evaluator runs the network on a calibration batch: refuse a NaN or constant volume
         and, on the first batch, a window the network cannot run (e.g. smaller than its downsampling)."""
-        if len(self.batches) >= self.max_batches:
+        if len(self.batches) >= self.max_batches or self._quantized(engine):
             return
         images = batch_images(engine.state.batch, self.image_key)
         check_calibration_volume(images, _source_name(engine.state.batch, self.image_key, len(self.batches)))
@@ -231,7 +233,7 @@ class QuantizationHandler:
 
     def collect(self, engine: Engine) -> None:
         """Keep this iteration's images (as windows with ``roi_size``) until ``max_batches`` are held."""
-        if len(self.batches) < self.max_batches:
+        if len(self.batches) < self.max_batches and not self._quantized(engine):
             images = batch_images(engine.state.batch, self.image_key)
             self.batches.append(images if self.roi_size is None else self._windows(images))
             if get_world_size() > 1:
@@ -240,16 +242,28 @@ class QuantizationHandler:
                     f"{self.batches[-1].shape[0]} window(s)"
                 )
 
+    def _quantized(self, engine: Engine) -> bool:
+        """Whether ``engine`` runs the network this handler quantized (a later run of it, e.g. by a ValidationHandler)."""
+        return self.quantized is not None and engine.network is self.quantized
+
     def __call__(self, engine: Engine) -> None:
         """Quantize ``engine.network`` on the collected batches and swap the result in."""
+        if self._quantized(engine):
+            return
         if not self.batches:
             raise UserInputError("no calibration batch was collected: the calibration data loader is empty.")
+        held = sum(all_gather_objects(len(self.batches)))  # under torchrun each rank holds its share
+        if held < self.max_batches:
+            self.logger.warning(
+                f"max_batches (calibration_cases) is {self.max_batches}, but the evaluator's data gave {held} "
+                f"calibration batch(es): quantizing on those {held}; give it more cases for what was asked."
+            )
         mask = [(b != 0).any(dim=1) for b in self.batches] if self.body_mask == "nonzero" else None
         journal = None if self.save_path is None else journal_path(self.save_path)
         result = quantize(
             engine.network, self.batches, self.config, task=self.task, body_mask=mask, progress=self.progress, journal=journal
         )
-        engine.network = result.network
+        engine.network = self.quantized = result.network
         engine.state.quantization = result
         if self.save_path is not None and is_rank_zero():
             path = save_quantized(result, self.save_path)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from monai.engines.utils import IterationEvents, engine_apply_transform
+from monai.engines.workflow import Workflow
 from monai.inferers import Inferer, SimpleInferer
 from monai.transforms import Compose, Decollated, SaveImage, SaveImaged
 from monai.utils import CommonKeys, IgniteInfo, min_version, optional_import
@@ -80,7 +81,15 @@ class ReferencePrediction:
         self._pending: list[Any] | None = None
 
     def attach(self, engine: Engine) -> None:
-        """Register on ``engine`` (attaching twice is harmless)."""
+        """Register on ``engine`` (attaching twice is harmless).
+
+        Raises:
+            ValueError: for a MONAI evaluator made with ``decollate=False``: the reference is post-processed
+                case by case, as such an evaluator does not (its batch-wise post-processing, applied to one
+                case, failed inside a transform).
+        """
+        if isinstance(engine, Workflow) and not _decollates(engine):
+            raise ValueError(_NEEDS_DECOLLATED)
         if not engine.has_event_handler(self.predict, IterationEvents.FORWARD_COMPLETED):
             engine.add_event_handler(IterationEvents.FORWARD_COMPLETED, self.predict)
         if not engine.has_event_handler(self, IterationEvents.MODEL_COMPLETED):
@@ -113,10 +122,7 @@ class ReferencePrediction:
         """Add the reference prediction to each of the iteration's output items."""
         items, pending, self._pending = engine.state.output, self._pending, None
         if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-            raise ValueError(
-                "ReferencePrediction needs the engine's output as decollated items; use an evaluator with "
-                "decollate=True (the default)."
-            )
+            raise ValueError(_NEEDS_DECOLLATED)
         if pending is None or len(pending) != len(items):
             raise RuntimeError(
                 "ReferencePrediction has no reference prediction for this iteration: attach it with "
@@ -125,6 +131,17 @@ class ReferencePrediction:
         for item, pred in zip(items, pending):
             _check_post_processed_alike(item.get(CommonKeys.PRED), pred)
             item[self.output_key] = pred
+
+
+_NEEDS_DECOLLATED = (
+    "ReferencePrediction needs the engine's output as decollated items; use an evaluator with decollate=True (the default)."
+)
+
+
+def _decollates(engine: Workflow) -> bool:
+    """Whether a MONAI workflow decollates its output after the forward pass (``decollate=True``)."""
+    registered = engine._event_handlers.get(IterationEvents.MODEL_COMPLETED, [])
+    return any(getattr(entry[0], "__name__", "") == "_decollate_data" for entry in registered)
 
 
 def _is_discrete(tensor: torch.Tensor) -> bool:

@@ -203,15 +203,20 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _metric_per_class(value: Any, classes: list[str], model: str, metric: str) -> list[float]:
-    """One value per class of an evaluator's metric (one value of ``reduction="mean"`` stands for every class).
+    """One value per class of an evaluator's metric.
 
     Raises:
         UserInputError: when the metric has another number of values than there are classes: zipped with
-            the names, the values would be silently cut and the columns mislabelled.
+            the names, the values would be silently cut and the columns mislabelled; one value for several
+            classes (``reduction="mean"``) would fill every class's column with the mean.
     """
     t = torch.as_tensor(value, dtype=torch.float64).reshape(-1)
     if t.numel() == 1 and len(classes) > 1:
-        return [float(t)] * len(classes)
+        raise UserInputError(
+            f"evaluator {model!r} reports one {metric} value ({float(t):.4f}) for the {len(classes)} classes "
+            f"{list(classes)}: its metric averages them (MONAI's default reduction='mean'), so every class's column "
+            f"would show the mean; compute {metric} with reduction='mean_batch' (this run's figure is in its log)."
+        )
     if t.numel() != len(classes):
         raise UserInputError(
             f"evaluator {model!r} reports {t.numel()} {metric} values but {len(classes)} class names were given "

@@ -45,6 +45,37 @@ def test_calibration_handler_swaps_the_quantized_network_into_the_engine(net, tm
     assert (tmp_path / "eval" / "quantization_report_layers.png").stat().st_size > 1000
 
 
+def test_a_second_run_of_the_engine_evaluates_the_quantized_network_instead_of_quantizing_it_again(net, tmp_path, caplog):
+    batches = [{"image": torch.randn(1, 1, 16, 16, 16), "label": torch.zeros(1, 1, 16, 16, 16)} for _ in range(2)]
+    evaluator = _evaluator(net, batches)
+    QuantizationHandler({"weight_bits": 4, "method": "rtn"}, save_path=tmp_path / "q.pt", progress=False).attach(evaluator)
+    evaluator.run()
+    quantized, written = evaluator.network, (tmp_path / "q.pt").read_bytes()
+    evaluator.run()  # as a ValidationHandler runs it every epoch: it stopped with "the network has no quantizable layers"
+    assert evaluator.network is quantized and (tmp_path / "q.pt").read_bytes() == written
+    assert not any(p.name.endswith(".journal") for p in tmp_path.iterdir())
+
+
+def test_fewer_calibration_batches_than_max_batches_are_quantized_on_with_a_warning_naming_both(net, caplog):
+    batches = [{"image": torch.randn(1, 1, 16, 16, 16), "label": torch.zeros(1, 1, 16, 16, 16)} for _ in range(2)]
+    evaluator = _evaluator(net, batches)
+    QuantizationHandler({"weight_bits": 4, "method": "rtn"}, max_batches=4, progress=False).attach(evaluator)
+    with caplog.at_level("WARNING"):
+        evaluator.run()
+    assert "max_batches (calibration_cases) is 4, but the evaluator's data gave 2 calibration batch(es)" in caplog.text
+    assert evaluator.state.quantization.report.layers
+
+
+def test_comparison_refuses_one_dice_value_for_several_classes_instead_of_writing_the_mean_as_each(tmp_path):
+    e = Engine(lambda e, b: None)
+    e.state.metrics = {"dice": torch.tensor(0.85)}  # MeanDice's default reduction="mean"
+    with pytest.raises(UserInputError, match=r"evaluator 'FP' reports one Dice value \(0.8500\) for the 2 classes .*reduction='mean_batch'"):
+        write_comparison({"FP": e}, ["liver", "tumour"], tmp_path, "cmp")
+    assert not (tmp_path / "cmp.csv").exists()
+    e.state.metrics = {"dice": torch.tensor([0.85])}
+    assert write_comparison({"FP": e}, ["liver"], tmp_path, "cmp")[0]["dice_liver"] == pytest.approx(0.85)  # one class: its value
+
+
 class _Called(Exception):
     """Raised by a stand-in for quantize once it has seen its arguments."""
 

@@ -80,10 +80,16 @@ def test_the_comparison_table_gets_the_agreement_column_of_the_evaluators_that_m
     assert (tmp_path / "evaluation.csv").read_text().splitlines()[0].endswith("fp_agreement")
 
 
-def test_an_engine_without_decollated_images_is_told_what_the_handler_needs(net, batches):
-    evaluator = _evaluator(net, net, batches, decollate=False)
+def test_an_engine_without_decollated_images_is_told_what_the_handler_needs_when_it_is_attached(net, batches):
+    # told at run time, the evaluator's batch-wise post-processing had already failed on one case inside a transform
     with pytest.raises(ValueError, match="decollate=True"):
-        evaluator.run()
+        _evaluator(net, net, batches, decollate=False)
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"), val_data_loader=batches, epoch_length=len(batches), network=net, decollate=False,
+        postprocessing=lambda batch: {**batch, "pred": batch["pred"].argmax(1, keepdim=True)},
+    )
+    with pytest.raises(ValueError, match="ReferencePrediction needs the engine's output as decollated items"):
+        ReferencePrediction(net).attach(evaluator)
 
 
 def test_a_zoo_style_postprocessing_that_also_one_hots_the_label_serves_the_reference_unchanged(net, batches):
