@@ -183,6 +183,21 @@ def _nan_image(tmp_path, lits):
     preprocessing("lits", lits, with_label=False)({"image": str(path)})
 
 
+def _link_to_an_unmounted_disk(tmp_path, lits):
+    (tmp_path / "Training Batch 2").symlink_to(tmp_path / "unmounted", target_is_directory=True)
+    detect_layout(tmp_path)
+
+
+def _two_segmentation_candidates(tmp_path, lits):
+    case = tmp_path / "BraTS20_Training_001"
+    case.mkdir()
+    for name in ("flair", "t1", "t1ce", "t2"):
+        (case / f"BraTS20_Training_001_{name}.nii.gz").write_bytes(b"")
+    (case / "W39_Segm.nii.gz").write_bytes(b"")
+    (case / "W39_seg_v2.nii.gz").write_bytes(b"")
+    load_datalist(tmp_path)
+
+
 def _nan_quantized_input(tmp_path, lits):
     result = quantize(_net(), torch.rand(1, 1, 8, 8, 8), EfficientQConfig(method="rtn", attention=False), progress=False)
     x = torch.rand(1, 1, 8, 8, 8)
@@ -586,6 +601,8 @@ TRIGGERS = {
         lambda t, d: images(t / "absent", "lits")
     ),
     "could not recognise the dataset layout of <folder>": lambda t, d: detect_layout(t),
+    "<path> is a link to <target>, which does not exist": _link_to_an_unmounted_disk,
+    "BraTS case <case> has no <case>_seg.nii.gz and several files that could be its segmentation": _two_segmentation_candidates,
     "corrupt or unreadable NIfTI file <file>: <reason>; re-export or remove it.": _truncated_nifti,
     "image <file> has <n> spatial axes (<shape>); monai-effq segments 3D volumes": _slice_image,
     "label <file> is <shape> voxels, not one 3D volume": _one_hot_label,

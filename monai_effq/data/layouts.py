@@ -71,8 +71,9 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 _DATASETS = ("brats", "lits")
 _DATASET_OF_LAYOUT = {"brats": "brats", "brats2023": "brats", "lits": "lits"}
-_LITS_VOLUME = re.compile(r"^volume-(\d+)\.nii(\.gz)?$")
-_LITS_SEGMENTATION = re.compile(r"^segmentation-(\d+)\.nii(\.gz)?$")
+# archives copied through other systems may upper-case a name's extension (VOLUME-0.NII): matched case-blind
+_LITS_VOLUME = re.compile(r"^volume-(\d+)\.nii(\.gz)?$", re.IGNORECASE)
+_LITS_SEGMENTATION = re.compile(r"^segmentation-(\d+)\.nii(\.gz)?$", re.IGNORECASE)
 
 _MSD_EXPECTED = "a Decathlon folder: dataset.json beside imagesTr/ and labelsTr/"
 _BRATS_EXPECTED = (
@@ -99,24 +100,63 @@ def _as_dir(dataset_dir: str | os.PathLike) -> Path:
     return path
 
 
+def _is_nifti(name: str) -> bool:
+    """Whether a file name ends as a NIfTI file's, in any case (``.nii``, ``.nii.gz``, ``.NII.GZ``)."""
+    return name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _refuse_broken_link(path: Path) -> None:
+    """Refuse a link whose target is gone (a batch or case on a disk that is not mounted): skipped, its cases
+    would be left out of the list and the split without a word."""
+    if path.is_symlink() and not path.exists():
+        raise DatasetError(
+            f"{path} is a link to {os.readlink(path)}, which does not exist: mount the disk it points to, or remove the link."
+        )
+
+
 def _find_nifti(folder: Path, stem: str) -> Path | None:
-    """Return ``folder/stem.nii.gz`` or ``folder/stem.nii``, whichever exists (``.nii.gz`` first)."""
+    """Return ``folder/stem.nii.gz`` or ``folder/stem.nii``, whichever exists (``.nii.gz`` first; names
+    whose case differs, such as ``STEM.NII.GZ``, are found too)."""
     for suffix in NIFTI_SUFFIXES:
         candidate = folder / f"{stem}{suffix}"
         if candidate.is_file():
             return candidate
-    return None
+    wanted = {f"{stem}{suffix}".lower(): i for i, suffix in enumerate(NIFTI_SUFFIXES)}
+    found = sorted((wanted[f.name.lower()], f) for f in folder.iterdir() if f.name.lower() in wanted and f.is_file())
+    return found[0][1] if found else None
 
 
 def _brats_label(case: Path, separator: str) -> Path | None:
     """A BraTS case folder's segmentation: ``<case><separator>seg.nii[.gz]``, else the one NIfTI file whose name
-    holds ``seg`` (BraTS 2020's case 355 ships ``W39_1998.09.19_Segm.nii``), else ``None``."""
+    holds ``seg`` (BraTS 2020's case 355 ships ``W39_1998.09.19_Segm.nii``), else ``None``.
+
+    The second is none of the case's contrasts or a file made from one (a mask an inference run wrote beside
+    its image, ``<case>_flair_seg.nii.gz``, is no ground truth) nor a macOS ``._`` copy.
+
+    Raises:
+        DatasetError: when several files could be the segmentation, naming them.
+    """
     found = _find_nifti(case, f"{case.name}{separator}seg")
     if found is not None:
         return found
-    named = [f for f in case.iterdir() if "seg" in f.name.lower() and f.name.endswith(NIFTI_SUFFIXES) and f.is_file()]
-    if len(named) == 1:
-        logger.info("BraTS case %s: its segmentation is %s", case.name, named[0].name)
+    contrasts = tuple(f"{case.name}{separator}{m}".lower() for m in (*BRATS_MODALITIES, *BRATS2023_MODALITIES))
+    named = [
+        f
+        for f in case.iterdir()
+        if "seg" in f.name.lower()
+        and _is_nifti(f.name)
+        and not f.name.startswith(".")
+        and not f.name.lower().startswith(contrasts)
+        and f.is_file()
+    ]
+    if len(named) > 1:
+        raise DatasetError(
+            f"BraTS case {case.name} has no {case.name}{separator}seg.nii.gz and several files that could be its "
+            f"segmentation ({', '.join(sorted(f.name for f in named))}): rename the one that is to "
+            f"{case.name}{separator}seg.nii.gz, or move the others out."
+        )
+    if named:
+        logger.warning("BraTS case %s: its segmentation is taken to be %s", case.name, named[0].name)
         return named[0]
     return None
 
@@ -131,11 +171,15 @@ def _brats_case_dirs(root: Path, separator: str = "_") -> list[Path]:
     """
 
     def cases_in(folder: Path) -> list[Path]:
-        return sorted(
-            d
-            for d in folder.iterdir()
-            if d.is_dir() and d.name.lower().startswith("brats") and any(d.glob(f"{d.name}{separator}*.nii*"))
-        )
+        cases = []
+        for d in folder.iterdir():
+            if not d.name.lower().startswith("brats"):
+                continue
+            _refuse_broken_link(d)
+            prefix = f"{d.name}{separator}".lower()
+            if d.is_dir() and any(f.name.lower().startswith(prefix) and _is_nifti(f.name) for f in d.iterdir()):
+                cases.append(d)
+        return sorted(cases)
 
     found = cases_in(root)
     if found:
@@ -155,13 +199,19 @@ def _files_below(root: Path, pattern: str) -> list[Path]:
     disk), each folder once (``Path.rglob`` does not follow links)."""
     seen: set[str] = set()
     found = []
-    for folder, subfolders, files in os.walk(root, followlinks=True):
+
+    def unreadable(error: OSError) -> None:
+        raise DatasetError(f"cannot read folder {error.filename} ({error.strerror}) below {root}: give this user access to it, or move it out.")
+
+    for folder, subfolders, files in os.walk(root, followlinks=True, onerror=unreadable):
         real = os.path.realpath(folder)
         if real in seen:  # a link back up, or two links to one folder
             subfolders[:] = []
             continue
         seen.add(real)
-        found += [Path(folder) / name for name in files if fnmatch.fnmatchcase(name, pattern)]
+        for name in (*subfolders, *files):  # os.walk lists a link to nothing as a file and never enters it
+            _refuse_broken_link(Path(folder) / name)
+        found += [Path(folder) / name for name in files if fnmatch.fnmatchcase(name.lower(), pattern.lower())]
     return sorted(found)
 
 

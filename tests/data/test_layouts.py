@@ -162,12 +162,18 @@ def test_auto_finds_brats_cases_one_folder_down_as_the_official_archive_unpacks(
     assert len(load_datalist(tmp_path)) == 2
 
 
-def test_beside_the_validation_archive_only_the_training_cases_are_listed(tmp_path, data):
-    _copy(data["brats"], tmp_path / "MICCAI_BraTS2020_TrainingData")
-    validation = tmp_path / "MICCAI_BraTS2020_ValidationData" / "BraTS20_Validation_001"
+def _beside_a_validation_archive(root: Path, data) -> Path:
+    """The BraTS demo as the training archive, and one unlabelled case of the validation archive beside it."""
+    _copy(data["brats"], root / "MICCAI_BraTS2020_TrainingData")
+    validation = root / "MICCAI_BraTS2020_ValidationData" / "BraTS20_Validation_001"
     validation.mkdir(parents=True)
     for contrast in ("flair", "t1", "t1ce", "t2"):
         shutil.copy(next(data["brats"].glob(f"*/*_{contrast}.nii.gz")), validation / f"BraTS20_Validation_001_{contrast}.nii.gz")
+    return validation
+
+
+def test_beside_the_validation_archive_only_the_training_cases_are_listed(tmp_path, data):
+    _beside_a_validation_archive(tmp_path, data)
     datalist = load_datalist(tmp_path)
     assert [Path(d["label"]).parent.name for d in datalist] == ["BraTS20_Training_001", "BraTS20_Training_002"]
 
@@ -196,6 +202,53 @@ def test_lits_batches_linked_from_another_disk_are_listed_as_folders_are(tmp_pat
     only_linked.mkdir()
     (only_linked / "batch").symlink_to(elsewhere, target_is_directory=True)
     assert detect_layout(only_linked) == "lits"
+
+
+def test_a_link_to_a_batch_or_case_on_a_disk_that_is_not_mounted_is_named_instead_of_leaving_its_cases_out(tmp_path, data):
+    root = _copy(data["lits"], tmp_path / "LiTS")
+    (root / "Training Batch 2").symlink_to(tmp_path / "unmounted" / "Training Batch 2", target_is_directory=True)
+    with pytest.raises(DatasetError, match=r"Training Batch 2 is a link to .*unmounted/Training Batch 2, which does not exist: mount"):
+        load_datalist(root)
+    brats = _copy(data["brats"], tmp_path / "BraTS")
+    (brats / "BraTS20_Training_003").symlink_to(tmp_path / "unmounted" / "BraTS20_Training_003", target_is_directory=True)
+    with pytest.raises(DatasetError, match=r"BraTS20_Training_003 is a link to .*, which does not exist"):
+        load_datalist(brats)
+
+
+def test_files_whose_extension_is_upper_case_are_listed_as_the_others(tmp_path, data):
+    lits = _copy(data["lits"], tmp_path / "LiTS")
+    (lits / "volume-1.nii").rename(lits / "volume-1.NII")
+    (lits / "segmentation-1.nii").rename(lits / "segmentation-1.NII")
+    assert [Path(d["image"]).name for d in load_datalist(lits)] == ["volume-0.nii", "volume-1.NII"]  # was one case
+    brats = _copy(data["brats"], tmp_path / "BraTS")
+    case = brats / "BraTS20_Training_002"
+    for file in case.iterdir():
+        file.rename(case / file.name.replace(".nii.gz", ".NII.GZ"))
+    second = load_datalist(brats)[1]
+    assert [Path(p).name for p in second["image"]] == [f"BraTS20_Training_002_{m}.NII.GZ" for m in ("flair", "t1", "t1ce", "t2")]
+    assert Path(second["label"]).name == "BraTS20_Training_002_seg.NII.GZ"
+    validate_datalist([second], read_data=True)
+
+
+def test_a_mask_written_beside_an_unlabelled_case_is_not_taken_for_its_segmentation(tmp_path, data):
+    validation = _beside_a_validation_archive(tmp_path, data)
+    # the name inference gives the mask of a case's first contrast, written into the case's folder
+    shutil.copy(next(data["brats"].glob("*/*_seg.nii.gz")), validation / "BraTS20_Validation_001_flair_seg.nii.gz")
+    datalist = load_datalist(tmp_path)
+    assert [Path(d["label"]).parent.name for d in datalist] == ["BraTS20_Training_001", "BraTS20_Training_002"]
+
+
+def test_a_macos_copy_of_a_segmentation_with_another_name_is_not_a_second_candidate(tmp_path, data, caplog):
+    root = _copy(data["brats"], tmp_path / "MICCAI_BraTS2020_TrainingData")
+    case = root / "BraTS20_Training_002"
+    (case / "BraTS20_Training_002_seg.nii.gz").rename(case / "W39_1998.09.19_Segm.nii.gz")
+    (case / "._W39_1998.09.19_Segm.nii.gz").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    with caplog.at_level("WARNING"):
+        assert load_datalist(root)[1]["label"] == str(case / "W39_1998.09.19_Segm.nii.gz")
+    assert "its segmentation is taken to be W39_1998.09.19_Segm.nii.gz" in caplog.text
+    shutil.copy(case / "W39_1998.09.19_Segm.nii.gz", case / "W39_segmentation_v2.nii.gz")
+    with pytest.raises(DatasetError, match=r"several files that could be its segmentation \(W39_1998.09.19_Segm.nii.gz, W39_segmentation_v2.nii.gz\)"):
+        load_datalist(root)
 
 
 def test_a_decathlon_folder_given_from_the_home_folder_is_checked_as_the_same_folder(tmp_path, data, monkeypatch):
