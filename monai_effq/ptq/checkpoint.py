@@ -149,6 +149,11 @@ def architecture_table(network: nn.Module) -> dict[str, list]:
 def _architecture_differences(saved: dict[str, list], here: dict[str, list]) -> list[str]:
     """How the network a checkpoint was saved from (``saved``) differs from this one (``here``), one phrase each."""
     differences = []
+    in_both_there, in_both_here = [n for n in saved if n in here], [n for n in here if n in saved]
+    if in_both_there != in_both_here:
+        # the same layers built in another order (MONAI's adn_ordering "ADN" against "NDA") compute otherwise
+        moved = next(a for a, b in zip(in_both_there, in_both_here) if a != b)
+        differences.append(f"its layers are built in another order ({moved} comes elsewhere there)")
     for name in [*saved, *(n for n in here if n not in saved)]:
         there, this = saved.get(name), here.get(name)
         if there == this:
@@ -318,8 +323,17 @@ def _read(path: str | os.PathLike) -> _Archive:
             f"{p} is not a monai-effq quantized checkpoint (expected format {FORMAT!r}); "
             "an FP state_dict is loaded with CheckpointLoader instead."
         )
+    parts = {"meta": str, "codes": torch.Tensor, "data": dict}
+    missing = [key for key, kind in parts.items() if not isinstance(payload.get(key), kind)]
+    # every file of format 2 was written with its checksum; only format-1 files may lack one
+    if "checksum" not in payload and payload["format"] != READABLE_FORMATS[0]:
+        missing.append("checksum")
+    if missing:
+        raise UserInputError(
+            f"quantized checkpoint {p} is damaged: it has no valid {', '.join(missing)} entry (a changed byte on disk or "
+            "in a copy); re-run the quantize step."
+        )
     fingerprint = _checksum(payload["meta"], payload["codes"], payload["data"])
-    # files written before checksums were recorded have none to compare
     if payload.get("checksum", fingerprint) != fingerprint:
         raise UserInputError(
             f"quantized checkpoint {p} is damaged: its content does not match the checksum recorded when it was "

@@ -35,6 +35,7 @@ from monai_effq.ptq.report import LayerReport
 from monai_effq.quant.grid import UniformGrid
 from monai_effq.utils.distributed import broadcast_object, get_rank
 from monai_effq.utils.errors import OutputWriteError, UserInputError
+from monai_effq.utils.fingerprint import fingerprint_json, fingerprint_tensors
 from monai_effq.utils.io import atomic_write, atomic_write_text, is_temporary
 
 __all__ = ["JOURNAL_FORMAT", "JournalEntry", "QuantizationJournal", "journal_path", "journal_unfinished", "remove_journal"]
@@ -154,6 +155,11 @@ class QuantizationJournal:
             raise OutputWriteError(f"could not write the journal {self.path} ({e.strerror or e}): give journal a folder you can write to.") from e
         atomic_write_text(self.path / _MANIFEST, json.dumps(self.fingerprints, indent=1, sort_keys=True))
 
+    @property
+    def run(self) -> str:
+        """The fingerprint of what decides this run's result (its manifest), which each entry records."""
+        return fingerprint_json(self.fingerprints)
+
     def _file(self, name: str) -> Path:
         return self.path / f"{_LAYER_PREFIX}{name}{_LAYER_SUFFIX}"
 
@@ -183,6 +189,7 @@ class QuantizationJournal:
             "act": None if aq is None else {"bits": aq.grid.bits, "kind": aq.grid.kind, "scale": aq.scale.cpu(), "zero_point": aq.zero_point.cpu()},
             "report": json.dumps(dataclasses.asdict(report)),
         }
+        payload["checksum"] = _entry_checksum(payload, name, self.run)
         # through a Python file, whose failed write (a full disk) raises an OSError naming the cause, where
         # torch's own file writer raises "basic_ios::clear: iostream error"
         with atomic_write(self._file(name)) as tmp, open(tmp, "wb") as f:
@@ -206,6 +213,14 @@ class QuantizationJournal:
             return None
         try:
             p = torch.load(path, map_location="cpu", weights_only=True)
+            # torch reads a changed byte without complaint, and another run's entry (an earlier version's, a run
+            # that shared the folder, a file copied under another layer's name) is whole: the checksum names all three
+            if p.get("checksum") != _entry_checksum(p, name, self.run):
+                logger.warning(
+                    "journal entry %s is damaged or from another run (its checksum does not match this run's layer): "
+                    "solving the layer again", path,
+                )
+                return None
             act = p["act"]
             act_q = None
             if act is not None:
@@ -222,6 +237,14 @@ class QuantizationJournal:
         except Exception as e:  # a damaged or foreign file only costs this layer's solve
             logger.warning("journal entry %s is unreadable (%s): solving the layer again", path, type(e).__name__)
             return None
+
+
+def _entry_checksum(payload: dict[str, Any], name: str, run: str) -> str:
+    """The fingerprint of a journal entry's content, of the layer it is for and of the run that wrote it."""
+    act = payload.get("act") or {}
+    tensors = [payload.get(k) for k in ("codes", "scale", "zero_point", "bias")] + [act.get("scale"), act.get("zero_point")]
+    settings = [name, run, payload.get("bits"), payload.get("grid"), act.get("bits"), act.get("kind"), payload.get("report")]
+    return fingerprint_json([settings, fingerprint_tensors([t for t in tensors if isinstance(t, torch.Tensor)])])
 
 
 def _manifest(folder: Path) -> dict | str | None:

@@ -771,8 +771,9 @@ def quantize(
         masks = [] if body_mask is None else [torch.as_tensor(m) for m in (body_mask if isinstance(body_mask, (list, tuple)) else [body_mask])]
         journal = QuantizationJournal(journal, {
             **sources,
-            # a network rebuilt with other settings (GroupNorm groups) keeps its weights' fingerprint
-            "architecture": fingerprint_json(architecture_table(network)),
+            # a network rebuilt with other settings (GroupNorm groups) keeps its weights' fingerprint; as a list,
+            # since fingerprint_json sorts a dict's keys, and layers built in another order compute otherwise
+            "architecture": fingerprint_json(list(architecture_table(network).items())),
             "body_mask": _calibration_fingerprint(masks),
             "task": task,
         })

@@ -182,8 +182,10 @@ PLAIN_UNET = {"spatial_dims": 3, "in_channels": 1, "out_channels": 2, "channels"
         ({"strides": (1,)}, r"model\.0\.conv\.stride is \[2, 2, 2\] there and \[1, 1, 1\] here"),
         ({"norm": None}, r"its model\.0\.adn\.N \(InstanceNorm3d\) is not in this network"),
         ({"act": ("leakyrelu", {"negative_slope": 0.2})}, r"model\.0\.adn\.A is a ReLU there and a LeakyReLU here"),
+        # the same layers, run activation first: it loaded without a word and computed otherwise
+        ({"adn_ordering": "AND"}, r"its layers are built in another order \(model\.0\.adn\.N comes elsewhere there\)"),
     ],
-    ids=["stride", "no_norm", "activation"],
+    ids=["stride", "no_norm", "activation", "order"],
 )
 def test_a_network_built_otherwise_with_the_same_weights_is_refused_naming_the_layer(tmp_path, changes, message):
     torch.manual_seed(0)
@@ -201,6 +203,16 @@ def test_a_checkpoint_written_before_the_architecture_table_still_loads(w2_resul
     x = torch.randn(1, 1, 24, 24, 24)
     with torch.no_grad():
         assert torch.equal(load_quantized(path, _fresh_unet())(x), w2_result.network(x))
+
+
+@pytest.mark.parametrize("entry", ["checksum", "meta", "codes", "data"])
+def test_a_checkpoint_missing_an_entry_its_format_always_has_is_named_damaged(w2_result, tmp_path, entry):
+    path = save_quantized(w2_result, tmp_path / "q.pt")
+    payload = torch.load(path, weights_only=True)
+    del payload[entry]  # one changed byte in an entry's name reads so; without its checksum, changed codes loaded
+    torch.save(payload, path)
+    with pytest.raises(UserInputError, match=f"quantized checkpoint .*q.pt is damaged: it has no valid {entry} entry"):
+        load_quantized(path, _fresh_unet())
 
 
 def test_a_corrupt_checkpoint_is_a_clear_error(w2_result, tmp_path):

@@ -181,6 +181,28 @@ def test_unreadable_entry_is_solved_again(small_run, tmp_path, damage):
     assert torch.load(entry, weights_only=True)["codes"].dtype == torch.uint8  # journaled afresh
 
 
+@pytest.mark.parametrize("damage", ["changed_byte", "other_layers_entry", "other_runs_entry"])
+def test_a_whole_entry_that_is_not_this_runs_layer_is_solved_again(small_run, tmp_path, caplog, damage):
+    net, calibration = small_run
+    config = EfficientQConfig(weight_bits=4)
+    first = quantize(net, calibration, config, progress=False, journal=tmp_path / "j")
+    entries = sorted((tmp_path / "j").glob("*.pt"))
+    if damage == "changed_byte":  # torch reads it without complaint
+        payload = torch.load(entries[0], weights_only=True)
+        payload["codes"].view(-1)[0] ^= 1
+        torch.save(payload, entries[0])
+    elif damage == "other_layers_entry":  # a file copied under another layer's name
+        entries[0].write_bytes(entries[1].read_bytes())
+    else:  # a run of other settings that shares the folder wrote it after this run's manifest
+        other = quantize(net, calibration, EfficientQConfig(weight_bits=3), progress=False, journal=tmp_path / "k")
+        entries[0].write_bytes((tmp_path / "k" / entries[0].name).read_bytes())
+        assert not all(torch.equal(a, b) for a, b in zip(_codes(first), _codes(other)))
+    with caplog.at_level(logging.WARNING):
+        again = quantize(net, calibration, config, progress=False, journal=tmp_path / "j")
+    assert f"journal entry {entries[0]} is damaged or from another run" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(_codes(first), _codes(again)))
+
+
 @pytest.mark.parametrize("damaged", ['{"format": ', "[]"], ids=["cut_short", "not_a_dict"])
 def test_a_damaged_manifest_discards_the_journal_and_the_run_starts_afresh(small_run, tmp_path, caplog, damaged):
     net, calibration = small_run
