@@ -108,6 +108,8 @@ class QuantizationJournal:
     def __init__(self, path: str | os.PathLike, fingerprints: dict[str, str]) -> None:
         self.path = Path(path)
         self.fingerprints = {"format": JOURNAL_FORMAT, **fingerprints}
+        # what decides this run's result (its manifest) as one fingerprint, which each entry records
+        self.run = fingerprint_json(self.fingerprints)
         self.keeper = get_rank() == 0
         failure: Exception | None = None
         if self.keeper:
@@ -154,11 +156,6 @@ class QuantizationJournal:
         except OSError as e:
             raise OutputWriteError(f"could not write the journal {self.path} ({e.strerror or e}): give journal a folder you can write to.") from e
         atomic_write_text(self.path / _MANIFEST, json.dumps(self.fingerprints, indent=1, sort_keys=True))
-
-    @property
-    def run(self) -> str:
-        """The fingerprint of what decides this run's result (its manifest), which each entry records."""
-        return fingerprint_json(self.fingerprints)
 
     def _file(self, name: str) -> Path:
         return self.path / f"{_LAYER_PREFIX}{name}{_LAYER_SUFFIX}"
