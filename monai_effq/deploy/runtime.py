@@ -158,6 +158,51 @@ def widest_int8_weight(path: str | os.PathLike) -> int:
     return widest
 
 
+# OpenVINO's virtual devices, which name others after a colon ("AUTO:GPU,CPU")
+_DEVICE_GROUPS = ("AUTO", "MULTI", "HETERO", "BATCH")
+
+
+def error_text(err: BaseException, limit: int = 200) -> str:
+    """The line of a runtime's error that says what is wrong.
+
+    OpenVINO's errors open with the source line that threw them (``Exception from
+    src/inference/src/cpp/core.cpp:117:``), which says nothing; the cause follows.
+
+    Args:
+        err: the runtime's exception.
+        limit: the most characters kept.
+
+    Returns:
+        the first line that is not such a location, else the first line.
+    """
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    said = [line for line in lines if not re.fullmatch(r"(Exception from|Check ')?.*[\\/][\w.]+\.(cpp|hpp|h):\d+:?", line)]
+    return ((said or lines or [type(err).__name__])[0])[:limit]
+
+
+def _check_choice(value: Any, name: str, choices: list[str], prefix: bool = False) -> str:
+    """``value`` as one of ``choices`` (matched without regard to case and outer spaces), else one clear error.
+
+    Args:
+        value: what the caller gave.
+        name: the option, for the message.
+        choices: the values OpenVINO takes.
+        prefix: match only what comes before a ``.`` or ``:`` and keep the rest (``"GPU.1"``, ``"AUTO:GPU,CPU"``).
+
+    Returns:
+        the choice as OpenVINO spells it, with the rest as given.
+
+    Raises:
+        UserInputError: naming the option and the values it takes.
+    """
+    text = str(value).strip()
+    head, rest = re.match(r"([^.:]*)(.*)", text).groups() if prefix else (text, "")
+    for choice in choices:
+        if head.upper() == choice.upper():
+            return choice + rest
+    raise UserInputError(f"OpenVINONetwork {name}={value!r} is not one OpenVINO takes here: choose from {choices}.")
+
+
 class _RuntimeNetwork(nn.Module):
     """What both runtimes share: the file check, the input check and tensor conversion."""
 
@@ -181,13 +226,23 @@ class _RuntimeNetwork(nn.Module):
 
     def _load_error(self, err: Exception) -> UserInputError:
         return UserInputError(
-            f"{self.runtime} cannot read {self.path} ({type(err).__name__}: {str(err).strip().splitlines()[0][:200]}); "
+            f"{self.runtime} cannot read {self.path} ({type(err).__name__}: {error_text(err)}); "
             "the file is corrupt or not ONNX: export it again with monai_effq.export_onnx."
         )
 
     def _check(self, x: torch.Tensor) -> np.ndarray:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{type(self).__name__} expects a torch tensor, got {type(x).__name__}.")
+        if x.is_meta:
+            raise UserInputError(
+                f"{type(self).__name__} was given a tensor on the 'meta' device, which holds no values to run "
+                f"{self.path.name} on: give it the image as a CPU tensor."
+            )
+        if self.input_shape is not None and x.dim() != len(self.input_shape):
+            raise UserInputError(
+                f"{self.path.name} takes inputs of {len(self.input_shape)} axes (N, C, *spatial), got shape "
+                f"{tuple(x.shape)}: give the batch and channel axes (x[None] adds a batch axis to one image)."
+            )
         if self.in_channels is not None and (x.dim() < 2 or x.shape[1] != self.in_channels):
             raise UserInputError(
                 f"{self.path.name} expects {self.in_channels} input channels (N, {self.in_channels}, *spatial), "
@@ -227,7 +282,7 @@ class _RuntimeNetwork(nn.Module):
         ran in OpenVINO 2.85e-2 rel-L2 from its fake-quant network, as in ONNX Runtime (2.80e-2),
         where at W8A8 OpenVINO was 3.29e-2 and ONNX Runtime 1.62e-2.
         """
-        if self.path.suffix != ".onnx" or not _has_onnx or int8_kernels_have_vnni(self.key) is not False:
+        if self.path.suffix.lower() != ".onnx" or not _has_onnx or int8_kernels_have_vnni(self.key) is not False:
             return  # an OpenVINO IR file holds its weights in another format
         if widest_int8_weight(self.path) > REDUCED_WEIGHT_RANGE[1] + 1:
             warnings.warn(
@@ -267,7 +322,7 @@ class _RuntimeNetwork(nn.Module):
         exported = _metadata(self.path).get(EXAMPLE_SPATIAL_KEY) if self.path.suffix == ".onnx" and _has_onnx else None
         if not exported or exported == spatial_size_label(spatial):
             return None
-        reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        reason = error_text(err, 300) if str(err).strip() else type(err).__name__
         # the largest power of two dividing every side the file was exported on: a stride-2 U-Net's input sides
         # must be multiples of its downsampling factor, which is no larger
         sides = [int(v) for v in exported.split("x")]
@@ -332,9 +387,16 @@ class OnnxRuntimeNetwork(_RuntimeNetwork):
         # (onnxruntime 1.32; microsoft/onnxruntime#25526). The Q/DQ MatMul still runs as an integer
         # kernel without it, and convolutions never use it.
         disabled = ["MatMulAddFusion"] if optimize else None
+        providers = [providers] if isinstance(providers, str) else list(providers or ["CPUExecutionProvider"])
+        unknown = [p for p in providers if p not in ort.get_available_providers()]
+        if unknown:  # ONNX Runtime would print a banner and fall back to the CPU
+            raise UserInputError(
+                f"ONNX Runtime here has no execution provider {', '.join(map(repr, unknown))}: choose from "
+                f"{ort.get_available_providers()} (a GPU provider needs the onnxruntime-gpu package and a GPU)."
+            )
         try:
             self.session = ort.InferenceSession(
-                str(self.path), options, providers=providers or ["CPUExecutionProvider"], disabled_optimizers=disabled
+                str(self.path), options, providers=providers, disabled_optimizers=disabled
             )
         except Exception as err:  # onnxruntime raises its own exception types
             raise self._load_error(err) from err
@@ -388,7 +450,12 @@ class OpenVINONetwork(_RuntimeNetwork):
         require(_has_ov, "openvino", "OpenVINONetwork")
         super().__init__(path)
         self.core = ov.Core()
-        self.device = device
+        devices = dict.fromkeys(d.split(".")[0] for d in self.core.available_devices)  # "GPU.0", "GPU.1": "GPU"
+        self.device = _check_choice(device, "device", [*devices, *_DEVICE_GROUPS], prefix=True)
+        hint = _check_choice(hint, "hint", ["LATENCY", "THROUGHPUT", "CUMULATIVE_THROUGHPUT"])
+        if precision is not None:
+            precision = _check_choice(precision, "precision", ["auto", "bf16", "f16", "f32"])
+        device = self.device
         self.config: dict[str, Any] = {"PERFORMANCE_HINT": hint}
         if precision == "auto":
             precision = float_precision_for(self.core, device)
@@ -427,7 +494,7 @@ class OpenVINONetwork(_RuntimeNetwork):
         """The file's path, or its bytes with 4-bit weights widened to int8 (OpenVINO's int8 kernels)
         and, on CPUs without AVX-512, transposed convolutions' inputs given a zero point
         (:func:`~monai_effq.deploy.transposed_inputs.shift_transposed_inputs`)."""
-        if self.path.suffix != ".onnx" or not _has_onnx:
+        if self.path.suffix.lower() != ".onnx" or not _has_onnx:
             return str(self.path)
         try:
             model = onnx.load(str(self.path))
@@ -460,7 +527,7 @@ class OpenVINONetwork(_RuntimeNetwork):
         except Exception as err:  # openvino raises RuntimeError subclasses of its own
             raise UserInputError(
                 f"OpenVINO cannot compile {self.path.name} for input shape {shape} on {self.device} with {self.config} "
-                f"({type(err).__name__}: {str(err).strip().splitlines()[0][:200]}): check the device and options, "
+                f"({type(err).__name__}: {error_text(err)}): check the device and options, "
                 f"and that the file accepts this shape (its input is {self.model.inputs[0].get_partial_shape()})."
             ) from err
         chosen = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from monai_effq.ptq.graph import shape_refusal
+from monai_effq.utils.errors import UserInputError, check_integer, check_number
 from monai_effq.utils.io import atomic_write
 
 __all__ = ["export_torchscript"]
@@ -42,9 +44,12 @@ def export_torchscript(
         RuntimeError: when the saved module's output differs from the network's by more than ``atol``
             (the file is not written).
     """
-    shape = tuple(int(s) for s in input_shape)
-    if len(shape) not in (4, 5) or any(s < 1 for s in shape):
+    sizes = list(input_shape)
+    if len(sizes) not in (4, 5):
         raise ValueError(f"input_shape must be (batch, channels, *spatial) with 2 or 3 positive spatial sizes, got {input_shape!r}.")
+    # a size of 32.7 was taken as 32 without a word
+    shape = tuple(check_integer(s, f"input_shape[{i}] (of {tuple(input_shape)})", low=1) for i, s in enumerate(sizes))
+    atol = check_number(atol, "atol", low=0.0)
     network = network.eval()
     device = next(iter(network.parameters()), torch.empty(0)).device
     generator = torch.Generator().manual_seed(seed)
@@ -52,7 +57,11 @@ def export_torchscript(
     # found nothing more and cost a third of the bundles' MONAI Label export (3.65 s -> 2.4 s)
     example, *checks = (torch.rand(shape, generator=generator).to(device) for _ in range(2))
     with torch.no_grad():
-        traced = torch.jit.trace(network, example, check_trace=False)
+        try:
+            traced = torch.jit.trace(network, example, check_trace=False)
+        except RuntimeError:
+            _refuse_a_misfit(network, example)
+            raise
         with atomic_write(path) as tmp:
             # through a Python file: torch's own file writer aborts the process on a full disk ("basic_ios::clear")
             with open(tmp, "wb") as f:
@@ -67,3 +76,15 @@ def export_torchscript(
                         "depends on its input's values through Python code that tracing cannot record."
                     )
     return Path(path)
+
+
+def _refuse_a_misfit(network: nn.Module, example: torch.Tensor) -> None:
+    """After a failed trace: a :class:`UserInputError` when the network's own forward refuses the window too."""
+    try:
+        network(example)
+    except RuntimeError as misfit:
+        raise UserInputError(
+            f"input_shape {list(example.shape)} does not fit {type(network).__name__} ({shape_refusal(misfit)}): give "
+            "(batch, channels, *spatial) with the channels the network takes and sides it runs (each a multiple of "
+            "its downsampling factor)."
+        ) from misfit

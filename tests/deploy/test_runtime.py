@@ -296,11 +296,60 @@ def test_a_damaged_checkpoint_is_refused_before_anything_is_exported(tmp_path):
     assert not (tmp_path / "model_w4a8.onnx").exists()
 
 
-def test_openvino_options_it_cannot_compile_with_are_an_error_naming_them(exported):
+@pytest.mark.parametrize(
+    "option, choices",
+    [({"precision": "fp32"}, "'auto', 'bf16', 'f16', 'f32'"), ({"hint": "latncy"}, "'LATENCY', 'THROUGHPUT'"), ({"device": "cuda"}, "'CPU'")],
+)
+def test_openvino_options_it_does_not_take_are_named_with_its_choices_when_the_network_is_made(exported, option, choices):
     _, path = exported
-    net = OpenVINONetwork(path, precision="f7")
-    with pytest.raises(ValueError, match=r"cannot compile model\.onnx for input shape \(1, 2, 8, 8, 8\).*f7"):
+    # they failed only at the first call, where OpenVINO's message kept just "Exception from src/...core.cpp:117:"
+    (name, value), = option.items()
+    with pytest.raises(UserInputError, match=rf"OpenVINONetwork {name}='{value}' is not one OpenVINO takes here: choose from \[.*{choices}"):
+        OpenVINONetwork(path, **option)
+    net = OpenVINONetwork(path, device=" cpu", hint="latency", precision="F32")  # OpenVINO's spelling, whatever the case
+    assert net.device == "CPU" and net.config == {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+
+
+def test_an_option_value_openvino_refuses_when_it_compiles_is_named_with_openvinos_reason(exported):
+    _, path = exported
+    net = OpenVINONetwork(path, threads=-1)
+    with pytest.raises(ValueError, match=r"cannot compile model\.onnx for input shape \(1, 2, 8, 8, 8\).*\(RuntimeError: .*INFERENCE_NUM_THREADS"):
         net(torch.rand(1, 2, 8, 8, 8))
+
+
+def test_a_runtime_error_is_told_by_its_cause_not_the_source_line_that_threw_it():
+    from monai_effq.deploy.runtime import error_text
+
+    raised = RuntimeError("Exception from src/inference/src/cpp/core.cpp:117:\nException from src/x.cpp:9:\nWrong value fp32 for key")
+    assert error_text(raised) == "Wrong value fp32 for key"
+    assert error_text(RuntimeError("object is not initialized")) == "object is not initialized"
+
+
+@pytest.mark.parametrize("cls", [OpenVINONetwork, OnnxRuntimeNetwork])
+def test_an_input_without_its_batch_axis_or_without_values_is_named(exported, cls):
+    _, path = exported
+    # it was blamed on a graph that holds its example's size (window attention), with a roi_size to give
+    with pytest.raises(UserInputError, match=r"model\.onnx takes inputs of 5 axes \(N, C, \*spatial\), got shape \(2, 16, 16, 16\)"):
+        cls(path)(torch.rand(2, 16, 16, 16))
+    with pytest.raises(UserInputError, match="a tensor on the 'meta' device, which holds no values"):
+        cls(path)(torch.empty(1, 2, 16, 16, 16, device="meta"))
+
+
+def test_onnx_runtime_providers_it_lacks_are_named_and_one_given_as_text_is_taken(exported):
+    _, path = exported
+    # it printed a banner, warned, and ran on the CPU
+    with pytest.raises(UserInputError, match=r"ONNX Runtime here has no execution provider 'CPUExecutionProvidr': choose from \["):
+        OnnxRuntimeNetwork(path, providers=["CPUExecutionProvidr"])
+    assert OnnxRuntimeNetwork(path, providers="CPUExecutionProvider")(torch.rand(1, 2, 8, 8, 8)).shape == (1, 3, 8, 8, 8)
+
+
+def test_openvino_widens_the_4_bit_weights_of_a_file_whatever_the_case_of_its_extension(tmp_path):
+    result = _rtn(4)
+    path = monai_effq.export_onnx(result, tmp_path / "model.onnx", (1, 2, 8, 8, 8))
+    upper = tmp_path / "MODEL.ONNX"
+    upper.write_bytes(path.read_bytes())
+    assert isinstance(OpenVINONetwork(path)._model_source(), bytes)
+    assert isinstance(OpenVINONetwork(upper)._model_source(), bytes)  # it was read as it was, twice as slow
 
 
 @pytest.mark.parametrize("cls", [OpenVINONetwork, OnnxRuntimeNetwork])

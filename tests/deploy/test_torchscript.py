@@ -7,7 +7,7 @@ import torch
 
 import monai_effq.deploy.torchscript as torchscript_module
 from monai_effq.deploy import export_torchscript
-from monai_effq.utils.errors import OutputWriteError
+from monai_effq.utils.errors import OutputWriteError, UserInputError
 
 
 def test_the_saved_trace_gives_the_quantized_networks_outputs(quantized, tmp_path):
@@ -40,6 +40,16 @@ def test_a_trace_that_differs_from_the_network_is_refused_and_nothing_is_written
 def test_an_input_shape_without_batch_and_channels_is_refused(tmp_path):
     with pytest.raises(ValueError, match="input_shape"):
         export_torchscript(_CountsCalls(), tmp_path / "model.ts", (8, 8, 8))
+
+
+def test_a_fractional_size_a_negative_tolerance_or_a_window_the_network_refuses_is_named(quantized, tmp_path):
+    with pytest.raises(UserInputError, match=r"input_shape\[2\] \(of \(1, 2, 16.5, 16, 16\)\) must be an integer"):
+        export_torchscript(quantized.network, tmp_path / "model.ts", (1, 2, 16.5, 16, 16))  # was traced at 16
+    with pytest.raises(UserInputError, match="atol must be a non-negative number"):
+        export_torchscript(quantized.network, tmp_path / "model.ts", (1, 2, 16, 16, 16), atol=-1)
+    with pytest.raises(UserInputError, match=r"input_shape \[1, 3, 16, 16, 16\] does not fit UNet \(RuntimeError: .*channels"):
+        export_torchscript(quantized.network, tmp_path / "model.ts", (1, 3, 16, 16, 16))
+    assert not list(tmp_path.iterdir())
 
 
 class _FullDisk(io.FileIO):
