@@ -780,6 +780,7 @@ def refuse_to_overwrite(
     unfinished: str | os.PathLike | None = None,
     stale: str | os.PathLike | None = None,
     inputs: Sequence[str | os.PathLike | None] = (),
+    settings: str = "--ckpt_dir moves checkpoints, --output_dir reports, evaluations and masks, --export_dir exports",
 ) -> None:
     """Stop a workflow before it runs when an output it would write is there from an earlier run, or
     could not be written.
@@ -799,6 +800,7 @@ def refuse_to_overwrite(
             replaces (:func:`stale_export`), removed only with ``overwrite``; None or "" is skipped.
         inputs: what the run reads (the FP checkpoint, the dataset folder): an output that is one of them, or a
             folder that holds one, is refused even with ``overwrite`` (:func:`refuse_outputs_over_inputs`).
+        settings: which settings move which outputs, for the message (the overlays name theirs otherwise).
 
     Raises:
         OutputExistsError: naming the first output that exists (a ``FileExistsError``), or, even with
@@ -834,8 +836,7 @@ def refuse_to_overwrite(
         more = f" (and {len(taken) - 1} more of this run's outputs)" if len(taken) > 1 else ""
         raise OutputExistsError(
             f"{taken[0]} exists from an earlier run{more}: pass --overwrite True to replace it, or point the setting "
-            "that names it elsewhere (--ckpt_dir moves checkpoints, --output_dir reports, evaluations and masks, "
-            "--export_dir exports), or change a setting of the model tag."
+            f"that names it elsewhere ({settings}), or change a setting of the model tag."
         )
     if stale and Path(stale).is_dir():
         raise OutputExistsError(

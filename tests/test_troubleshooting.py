@@ -121,6 +121,18 @@ def _zoo_bundle_without_roi_size(tmp_path, lits):
         raise find_user_error(e) from e
 
 
+def _zoo_bundle_without_dataset(tmp_path, lits):
+    from monai.bundle import ConfigParser
+
+    from monai_effq.utils.errors import find_user_error
+
+    parser = ConfigParser({"dataset": {"_target_": "Dataset"}, "calibration_images": "@dataset#data"})
+    try:
+        parser.get_parsed_content("calibration_images")
+    except ValueError as e:
+        raise find_user_error(e) from e
+
+
 def _damaged_fp_checkpoint(tmp: Path, data: Path) -> None:
     (tmp / "model.pt").write_bytes(b"half a checkpoint" * 10)
     existing_checkpoint(tmp / "model.pt")
@@ -652,7 +664,8 @@ TRIGGERS = {
     "the calibration data loader is empty, so nothing would be quantized": None,  # tests/handlers/test_handlers.py
     "there is no calibration image: the bundle's dataset (dataset#data) is empty or missing.": lambda t, d: calibration_items([], 1),
     "the bundle's evaluator does not run the handlers listed in <key>, so the quantized network would never replace the FP one": _unattached_loader,
-    "the config refers to @<ref>, which none of its files defines": _zoo_bundle_without_roi_size,
+    "the config refers to @<ref>, which none of its files defines": _zoo_bundle_without_dataset,
+    "the bundle's inferer has no roi_size, which the overlay takes as its window": _zoo_bundle_without_roi_size,
     "the bundle's configs/inference.json loads FP weights in <keys> (<how>), in a form the export for MONAI Label cannot take out": _unexportable_bundle,
     "the calibration batch has no <key> (it holds <keys>): name the key the bundle's transforms put the image under with --image_key": (
         lambda t, d: PrepareImageBatch()({"img": torch.zeros(1, 1, 4, 4, 4), "img_meta_dict": {}})

@@ -311,6 +311,12 @@ def find_user_error(error: BaseException | None) -> UserInputError | None:
         missing = _MISSING_REFERENCE.search(str(link))
         if missing:
             ref = missing["ref"].replace("::", "#")
+            if ref == "inferer#roi_size":  # the overlays' window defaults to the bundle inferer's; a SimpleInferer has none
+                return UserInputError(
+                    "the bundle's inferer has no roi_size, which the overlay takes as its window: pass one, "
+                    "--calibration_roi \"[96,96,96]\" to quantize, --export_roi \"[96,96,96]\" to the openvino overlay "
+                    "(--inferer#roi_size would give the inferer an argument it does not take)."
+                )
             return UserInputError(
                 f"the config refers to @{ref}, which none of its files defines: define it in one of the --config_file "
                 f"files or pass --{ref} on the command line (docs/troubleshooting.md lists what the overlays read)."

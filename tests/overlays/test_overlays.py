@@ -274,6 +274,8 @@ def test_a_bundle_whose_handlers_load_the_checkpoint_is_quantized_from_its_own_d
         workflow(root, [inference, str(overlay_path("quantize"))], run_id="quantize")
     said = "".join(map(str, _chain(refused.value)))
     assert "exists from an earlier run (and 2 more of this run's outputs): pass --overwrite True" in said, said  # model, report, export
+    # the overlay's own settings, not our bundles' --ckpt_dir / --output_dir, which it does not read
+    assert "--quantized_path moves the checkpoint, --report_dir the report, --export_dir the export" in said, said
 
     # a rerun that replaces the checkpoint without exporting it removes the export that would serve the earlier network
     checkpoint = root / "models" / f"model_{TAG}.pt"

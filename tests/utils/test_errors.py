@@ -150,13 +150,26 @@ def test_the_debug_variable_keeps_the_traceback_in_log_lines_too(hook, monkeypat
 def test_a_reference_no_config_file_defines_is_a_users_error_naming_it_in_the_hash_form_they_type():
     from monai.bundle import ConfigParser
 
+    parser = ConfigParser({"dataset": {"_target_": "Dataset"}, "images": "$@dataset#data"})
+    with pytest.raises(ValueError) as raised:
+        parser.get_parsed_content("images")
+    found = find_user_error(raised.value)
+    assert isinstance(found, UserInputError) and str(found).startswith(
+        "the config refers to @dataset#data, which none of its files defines: define it in one of the --config_file files "
+        "or pass --dataset#data on the command line"
+    )
+
+
+def test_an_inferer_without_a_window_names_the_overlays_window_settings_not_one_the_inferer_would_refuse():
+    from monai.bundle import ConfigParser
+
     parser = ConfigParser({"inferer": {"_target_": "SimpleInferer"}, "roi": "$@inferer#roi_size"})
     with pytest.raises(ValueError) as raised:
         parser.get_parsed_content("roi")
-    found = find_user_error(raised.value)
-    assert isinstance(found, UserInputError) and str(found).startswith(
-        "the config refers to @inferer#roi_size, which none of its files defines: define it in one of the --config_file files "
-        "or pass --inferer#roi_size on the command line"
+    # "pass --inferer#roi_size" gave SimpleInferer an argument it does not take: a traceback
+    assert str(find_user_error(raised.value)).startswith(
+        "the bundle's inferer has no roi_size, which the overlay takes as its window: pass one, --calibration_roi "
+        '"[96,96,96]" to quantize, --export_roi "[96,96,96]" to the openvino overlay'
     )
 
 
