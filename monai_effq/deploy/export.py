@@ -686,7 +686,7 @@ def _export_with_torchscript(form: nn.Module, x: torch.Tensor, opset: int, axes:
     return onnx.load_from_string(buffer.getvalue())
 
 
-def _refuse_a_misfit(form: nn.Module, x: torch.Tensor, error: BaseException | None = None) -> None:
+def _refuse_a_misfit(form: nn.Module, x: torch.Tensor, error: BaseException | None = None, setting: str = "example_input") -> None:
     """After a failed export: a :class:`UserInputError` when the network's own forward fails on ``x`` too.
 
     Run only once an export has failed (a forward pass at a real window's size costs seconds): an input of
@@ -697,6 +697,7 @@ def _refuse_a_misfit(form: nn.Module, x: torch.Tensor, error: BaseException | No
         form: the export form of the network.
         x: the example input.
         error: the export's failure, chained to the error raised.
+        setting: what the caller named the input by (``export_torchscript``'s ``input_shape``).
 
     Raises:
         UserInputError: naming the input's shape and the layer's complaint, when the forward fails.
@@ -709,7 +710,7 @@ def _refuse_a_misfit(form: nn.Module, x: torch.Tensor, error: BaseException | No
         if "memory" in str(misfit).lower():  # too large for this machine is not a misfit
             return
         raise UserInputError(
-            f"example_input of shape {tuple(x.shape)} does not fit the network ({_one_line(misfit)}): give it as "
+            f"{setting} of shape {tuple(x.shape)} does not fit the network ({_one_line(misfit)}): give it as "
             "(N, C, *spatial), with the channels the network takes and a spatial size it runs (each side a multiple of "
             "its downsampling factor)."
         ) from error

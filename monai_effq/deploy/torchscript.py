@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from monai_effq.ptq.graph import shape_refusal
-from monai_effq.utils.errors import UserInputError, check_integer, check_number
+from monai_effq.deploy.export import _refuse_a_misfit
+from monai_effq.utils.errors import check_integer, check_number
 from monai_effq.utils.io import atomic_write
 
 __all__ = ["export_torchscript"]
@@ -60,7 +60,7 @@ def export_torchscript(
         try:
             traced = torch.jit.trace(network, example, check_trace=False)
         except RuntimeError:
-            _refuse_a_misfit(network, example)
+            _refuse_a_misfit(network, example, setting="input_shape")
             raise
         with atomic_write(path) as tmp:
             # through a Python file: torch's own file writer aborts the process on a full disk ("basic_ios::clear")
@@ -76,15 +76,3 @@ def export_torchscript(
                         "depends on its input's values through Python code that tracing cannot record."
                     )
     return Path(path)
-
-
-def _refuse_a_misfit(network: nn.Module, example: torch.Tensor) -> None:
-    """After a failed trace: a :class:`UserInputError` when the network's own forward refuses the window too."""
-    try:
-        network(example)
-    except RuntimeError as misfit:
-        raise UserInputError(
-            f"input_shape {list(example.shape)} does not fit {type(network).__name__} ({shape_refusal(misfit)}): give "
-            "(batch, channels, *spatial) with the channels the network takes and sides it runs (each a multiple of "
-            "its downsampling factor)."
-        ) from misfit

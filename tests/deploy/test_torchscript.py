@@ -47,7 +47,7 @@ def test_a_fractional_size_a_negative_tolerance_or_a_window_the_network_refuses_
         export_torchscript(quantized.network, tmp_path / "model.ts", (1, 2, 16.5, 16, 16))  # was traced at 16
     with pytest.raises(UserInputError, match="atol must be a non-negative number"):
         export_torchscript(quantized.network, tmp_path / "model.ts", (1, 2, 16, 16, 16), atol=-1)
-    with pytest.raises(UserInputError, match=r"input_shape \[1, 3, 16, 16, 16\] does not fit UNet \(RuntimeError: .*channels"):
+    with pytest.raises(UserInputError, match=r"input_shape of shape \(1, 3, 16, 16, 16\) does not fit the network \(.*channels"):
         export_torchscript(quantized.network, tmp_path / "model.ts", (1, 3, 16, 16, 16))
     assert not list(tmp_path.iterdir())
 
