@@ -739,12 +739,8 @@ def refuse_outputs_over_inputs(outputs: Sequence[str | os.PathLike], inputs: Seq
     Raises:
         UserInputError: naming the output and the input it would replace.
     """
-    read = {Path(p).resolve(): Path(p) for p in inputs if p}
     # an input, or a folder above one, by place: one look-up per output (inference has a mask per image)
-    places: dict[Path, Path] = {}
-    for where, given in read.items():  # each place by the first input it is or holds
-        for place in (where, *where.parents):
-            places.setdefault(place, given)
+    places = _places([Path(p) for p in inputs if p], itself=True)
     for output in outputs:
         given = places.get(Path(output).resolve())
         if given is not None:
@@ -752,6 +748,16 @@ def refuse_outputs_over_inputs(outputs: Sequence[str | os.PathLike], inputs: Seq
                 f"{output} would replace {given}, which this run reads: point the setting that names the output "
                 "(--quantized_path, --output_dir, --export_dir, --mask_postfix, ...) at a place of its own."
             )
+
+
+def _places(paths: Sequence[Path], itself: bool) -> dict[Path, Path]:
+    """Each folder above ``paths`` (and each path itself, with ``itself``), resolved, by the first path it is or holds."""
+    places: dict[Path, Path] = {}
+    for path in paths:
+        where = path.resolve()
+        for place in (where, *where.parents) if itself else where.parents:
+            places.setdefault(place, path)
+    return places
 
 
 def _exported_from(folder: str | os.PathLike) -> str | None:
@@ -814,10 +820,7 @@ def refuse_to_overwrite(
     outputs = [Path(p) for p in paths if p]
     refuse_outputs_over_inputs(outputs, inputs)
     # a folder output (the export) is replaced whole: it must not hold another output
-    holders: dict[Path, Path] = {}
-    for other in outputs:  # each folder by the first output it holds
-        for parent in other.resolve().parents:
-            holders.setdefault(parent, other)
+    holders = _places(outputs, itself=False)
     for folder in outputs:
         inside = holders.get(folder.resolve())
         if inside is not None:
