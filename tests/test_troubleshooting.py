@@ -293,6 +293,13 @@ def _rank_past_the_gpus(tmp_path, lits):
             rank_device()
 
 
+def _journal_in_use(tmp_path, _):
+    from monai_effq.ptq.journal import QuantizationJournal
+
+    with QuantizationJournal(tmp_path / "model.pt.journal", {"config": "a"}):  # the first run, still going
+        QuantizationJournal(tmp_path / "model.pt.journal", {"config": "b"})
+
+
 def _unfinished_run(tmp_path, _):
     (tmp_path / "model_efficientq_w4a8.pt.journal").mkdir()
     check_quantized(tmp_path / "model_efficientq_w4a8.pt", _net())
@@ -766,6 +773,7 @@ TRIGGERS = {
     "the calibration input of layer <layer> holds <n> NaN or Inf value(s)": (
         lambda t, d: ActivationQuantizer.calibrate(torch.tensor([1.0, float("inf")]), 8, name="model.3.conv")
     ),
+    "the journal <journal> is in use by another quantization run writing the same checkpoint": _journal_in_use,
     "the quantize run that writes <file> did not finish (its journal <journal> is there)": _unfinished_run,
     "<n> validation cases cannot be shared by <m> processes": lambda t, d: rank_cases([{"image": "a.nii.gz"}], 0, 2),
     "local rank <n> has no GPU of its own: this machine has <m> CUDA GPU(s) and NCCL takes one per process.": _rank_past_the_gpus,

@@ -16,6 +16,10 @@ its writes.
 A run spread over ranks (``torchrun``) keeps one journal, on rank 0: every rank solves every layer to
 the same bits (the ranks' statistics are summed), rank 0 is the rank that writes the checkpoint, and
 the other ranks receive each journaled layer from it, so they need not see its disk (another node).
+
+A run holds its folder locked (``flock``) until :meth:`QuantizationJournal.close`: a second run given the
+same folder (the same checkpoint) is refused while the first goes on, instead of discarding the first
+run's layers. The operating system drops the lock of a killed run, so its rerun resumes.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from monai.utils import optional_import
 
 from monai_effq.ptq.modules import ActivationQuantizer, QuantizedLayer
 from monai_effq.ptq.report import LayerReport
@@ -41,6 +46,9 @@ from monai_effq.utils.io import atomic_write, atomic_write_text, is_temporary
 __all__ = ["JOURNAL_FORMAT", "JournalEntry", "QuantizationJournal", "journal_path", "journal_unfinished", "remove_journal"]
 
 logger = logging.getLogger("monai_effq")
+
+# absent on Windows, where a journal folder is not locked
+fcntl, _has_fcntl = optional_import("fcntl")
 
 # 2: the calibration fingerprint is taken window by window, the same however ranks share the windows
 # 3: layer files are named layer.<name>.pt, so that they are told apart from any other file in the folder
@@ -111,6 +119,7 @@ class QuantizationJournal:
         # what decides this run's result (its manifest) as one fingerprint, which each entry records
         self.run = fingerprint_json(self.fingerprints)
         self.keeper = get_rank() == 0
+        self._lock_fd: int | None = None
         failure: Exception | None = None
         if self.keeper:
             try:
@@ -123,12 +132,56 @@ class QuantizationJournal:
         if reason is not None:
             raise UserInputError(f"rank 0 could not open the journal {self.path} ({reason}): see rank 0's error.")
 
+    def __enter__(self) -> QuantizationJournal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the folder for the next run (the journal's files stay until :func:`remove_journal`)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # which drops the flock
+            self._lock_fd = None
+
+    def _lock(self) -> None:
+        """Hold the folder for this run, or refuse it when another run holds it (before anything is removed)."""
+        if not _has_fcntl:
+            return
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserInputError(
+                f"the journal {self.path} is in use by another quantization run writing the same checkpoint (in this "
+                "or another process); nothing was changed there. Wait for that run to finish (a rerun then finds its "
+                "checkpoint, or resumes its journal if it was stopped), or give this run another checkpoint path."
+            ) from None
+        except OSError as e:  # a file system without flock (some network shares): the run goes on unlocked
+            os.close(fd)
+            logger.debug("journal %s is not locked (%s)", self.path, e)
+            return
+        self._lock_fd = fd
+
     def _start(self) -> None:
         if self.path.exists() and not self.path.is_dir():
             raise OutputWriteError(
                 f"the journal {self.path} is a file, not a folder: give journal a folder of its own (quantize makes it), "
                 "such as '<checkpoint>.journal' beside the checkpoint."
             )
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OutputWriteError(f"could not write the journal {self.path} ({e.strerror or e}): give journal a folder you can write to.") from e
+        self._lock()
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self) -> None:
         found = _manifest(self.path)
         own, other = _entries(self.path, found)
         if other:
@@ -152,7 +205,6 @@ class QuantizationJournal:
         try:
             for entry in own:
                 entry.unlink(missing_ok=True)
-            self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OutputWriteError(f"could not write the journal {self.path} ({e.strerror or e}): give journal a folder you can write to.") from e
         atomic_write_text(self.path / _MANIFEST, json.dumps(self.fingerprints, indent=1, sort_keys=True))

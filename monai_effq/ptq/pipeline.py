@@ -777,37 +777,41 @@ def quantize(
             "body_mask": _calibration_fingerprint(masks),
             "task": task,
         })
-    if config.calibration_flips:
-        batches, body_mask = _with_mirror_images(batches, body_mask)
-    run = _Run(network, batches, config, journal)
-    # the scan's logits set the attention and its bounds the exact sums: a run with neither skips it
-    # (the first window's targets it would keep are then captured before the first solve)
-    logits = run.scan() if config.attention or run.summed else None
-    attention = None
-    if config.attention:
-        attention = ClassAttention(
-            logits, task=task, power=config.attention_power, body_mask=run.masks(body_mask),
-            reduce_counts=all_reduce_sum if run.world > 1 else None,
-        )
-        logger.info("class attention weights %s (voxel counts %s)", attention.class_weights.tolist(), attention.class_counts.tolist())
-    del logits
-    # The task travels with the result (and its checkpoint), so a fine-tune need not be told it again.
-    report = QuantizationReport(method=config.method, folded_batchnorms=run.folded, sources=sources, extra={"task": task})
-    planned = {p.name for p in run.plans}
-    report.skipped = [n for n in run.order if n not in planned]
-    report.layers = run.run(attention, progress and run.rank == 0)
-    qnet = run.qnet.eval()
-    if config.share_skip_rounding:
-        # after every solve: the layers after a unit were fitted to its output with the skip unrounded
-        shared = share_skip_roundings(qnet)
-        if shared:
-            logger.info("%d residual units round their input once for the first layer and the skip: %s", len(shared), ", ".join(shared))
-    finish_report(report, qnet, fp_bytes, time.perf_counter() - t0)
-    left = float_weights(qnet, report.skipped)
-    report.float_weights = list(left)
-    logger.info(report.summary())
-    warning = report.underdetermined_warning()
-    if warning:
-        logger.warning(warning)
-    _warn_of_float_weights(left, qnet)
-    return QuantizationResult(network=qnet, report=report, config=config, folded=run.folded)
+    try:
+        if config.calibration_flips:
+            batches, body_mask = _with_mirror_images(batches, body_mask)
+        run = _Run(network, batches, config, journal)
+        # the scan's logits set the attention and its bounds the exact sums: a run with neither skips it
+        # (the first window's targets it would keep are then captured before the first solve)
+        logits = run.scan() if config.attention or run.summed else None
+        attention = None
+        if config.attention:
+            attention = ClassAttention(
+                logits, task=task, power=config.attention_power, body_mask=run.masks(body_mask),
+                reduce_counts=all_reduce_sum if run.world > 1 else None,
+            )
+            logger.info("class attention weights %s (voxel counts %s)", attention.class_weights.tolist(), attention.class_counts.tolist())
+        del logits
+        # The task travels with the result (and its checkpoint), so a fine-tune need not be told it again.
+        report = QuantizationReport(method=config.method, folded_batchnorms=run.folded, sources=sources, extra={"task": task})
+        planned = {p.name for p in run.plans}
+        report.skipped = [n for n in run.order if n not in planned]
+        report.layers = run.run(attention, progress and run.rank == 0)
+        qnet = run.qnet.eval()
+        if config.share_skip_rounding:
+            # after every solve: the layers after a unit were fitted to its output with the skip unrounded
+            shared = share_skip_roundings(qnet)
+            if shared:
+                logger.info("%d residual units round their input once for the first layer and the skip: %s", len(shared), ", ".join(shared))
+        finish_report(report, qnet, fp_bytes, time.perf_counter() - t0)
+        left = float_weights(qnet, report.skipped)
+        report.float_weights = list(left)
+        logger.info(report.summary())
+        warning = report.underdetermined_warning()
+        if warning:
+            logger.warning(warning)
+        _warn_of_float_weights(left, qnet)
+        return QuantizationResult(network=qnet, report=report, config=config, folded=run.folded)
+    finally:
+        if journal is not None:  # the next run on its folder may start
+            journal.close()

@@ -91,6 +91,28 @@ def test_killed_run_rerun_gives_the_checkpoint_of_an_uninterrupted_run(tmp_path)
     assert same_checkpoint(tmp_path / "resumed.pt", tmp_path / "whole.pt")
 
 
+def test_a_second_run_on_a_journal_in_use_is_refused_and_the_first_keeps_its_layers(small_run, tmp_path):
+    net, calibration = small_run
+    journal = tmp_path / "model.pt.journal"
+    first = _child(tmp_path, "model.pt", journal.name, pause=1.0)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(journal.glob("layer.*.pt")):
+            assert first.poll() is None, first.stderr.read().decode()
+            assert time.monotonic() < deadline, "no layer was journaled within two minutes"
+            time.sleep(0.05)
+        kept = {p.name: p.read_bytes() for p in journal.glob("layer.*.pt")}
+        # other settings: without the lock this run discarded the first one's layers as "another run's"
+        with pytest.raises(UserInputError, match=r"journal .*model.pt.journal is in use by another quantization run.*nothing was changed"):
+            quantize(net, calibration, EfficientQConfig(weight_bits=2), progress=False, journal=journal)
+        assert all(journal.joinpath(name).read_bytes() == data for name, data in kept.items())
+    finally:
+        first.kill()
+        first.wait()
+    # a killed run holds no lock: the folder is this run's now
+    quantize(net, calibration, EfficientQConfig(weight_bits=2), progress=False, journal=journal)
+
+
 def _codes(result) -> list[torch.Tensor]:
     return [m.codes for m in result.network.modules() if isinstance(m, QuantizedLayer)]
 
