@@ -340,13 +340,16 @@ def test_an_output_that_would_replace_an_input_or_another_output_is_refused_even
     assert not out.exists() or not any(out.iterdir())
 
 
-def test_inference_refuses_masks_that_would_replace_their_images(tmp_path):
-    from monai_effq.bundle import check_inference_inputs
-
-    image = tmp_path / "ct.nii"
-    image.write_bytes(b"")
-    with pytest.raises(Exception, match=r"ct.nii would replace .*ct.nii, which this run reads"):
-        check_inference_inputs([{"image": str(image)}], tmp_path, postfix="", ext=".nii")
+def test_inference_refuses_masks_that_would_replace_their_images_naming_the_image_not_an_earlier_run(dataset, tmp_path):
+    image = Path(shutil.copy(sorted(dataset.rglob("volume-*.nii"))[0], tmp_path / "ct.nii"))
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    # without --overwrite the mask's name was first refused as "exists from an earlier run: pass --overwrite True"
+    overrides = ("--datalist", repr([{"image": str(image)}]), "--output_dir", str(tmp_path), "--mask_postfix", "", "--mask_ext", ".nii")
+    with pytest.raises(Exception) as raised:
+        bundle("lits_effq", "inference", *overrides)
+    found = find_user_error(raised.value)
+    assert found is not None and f"{image} would replace {image}, which this run reads" in str(found), repr(raised.value)
+    assert hashlib.sha256(image.read_bytes()).hexdigest() == digest and sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii"]
 
 
 def test_evaluate_names_a_checkpoint_of_another_network_before_its_fp_pass_writes_anything(dataset, tmp_path):
