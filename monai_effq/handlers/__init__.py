@@ -7,7 +7,7 @@ from monai_effq.handlers.masks import DICOM_MASK_FORMATS, DicomMaskSaver, output
 from monai_effq.handlers.finetune import FinetuneHandler, engine_loss
 from monai_effq.handlers.metrics import AtomicMetricsSaver, HausdorffDistanceMm, voxel_spacing
 from monai_effq.handlers.quantization import QuantizationHandler, QuantizedCheckpointLoader, batch_images
-from monai_effq.handlers.reference import REFERENCE_KEY, ReferencePrediction
+from monai_effq.handlers.reference import REFERENCE_KEY, AgreementDice, ReferencePrediction
 from monai_effq.handlers.report import (
     QuantizationReportHandler,
     format_table,
@@ -34,6 +34,7 @@ __all__ = [
     "HausdorffDistanceMm",
     "voxel_spacing",
     "batch_images",
+    "AgreementDice",
     "ReferencePrediction",
     "REFERENCE_KEY",
     "QuantizationReportHandler",

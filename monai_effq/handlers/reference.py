@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from monai.engines.utils import IterationEvents, engine_apply_transform
 from monai.engines.workflow import Workflow
+from monai.handlers import IgniteMetricHandler, from_engine
 from monai.inferers import Inferer, SimpleInferer
+from monai.metrics import DiceMetric
 from monai.transforms import Compose, Decollated, SaveImage, SaveImaged
 from monai.utils import CommonKeys, IgniteInfo, min_version, optional_import
 
@@ -20,7 +22,7 @@ if TYPE_CHECKING:
 else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
 
-__all__ = ["ReferencePrediction", "REFERENCE_KEY"]
+__all__ = ["AgreementDice", "ReferencePrediction", "REFERENCE_KEY"]
 
 # where each output item keeps the reference network's prediction
 REFERENCE_KEY = "reference_pred"
@@ -164,3 +166,34 @@ def _check_post_processed_alike(pred: Any, reference: Any) -> None:
         "\"@validate#evaluator#postprocessing\" where the bundle sets it inline)."
     )
 
+
+class AgreementDice(IgniteMetricHandler):
+    """Dice of the evaluated network's labels against the reference network's (:class:`ReferencePrediction`).
+
+    MONAI's ``MeanDice`` against a ground truth skips a case whose truth lacks a class
+    (``ignore_empty``); against the FP network that would skip exactly the cases where quantization
+    adds a class the FP network does not predict, and read a class neither network predicts anywhere
+    as 0. Here such a case counts: 1 where the evaluated network leaves the class out too, 0 where it
+    predicts it (``DiceMetric(ignore_empty=False)``).
+
+    Args:
+        include_background: whether the first channel counts (as the bundle's own Dice counts it).
+        reduction: as ``MeanDice``'s (``"mean"`` one figure, ``"mean_batch"`` one per class).
+        num_classes: as ``MeanDice``'s, for label-map (not one-hot) predictions.
+        output_transform: the ``(pred, reference)`` pair of an engine's output; by default its
+            ``"pred"`` and ``"reference_pred"``.
+        save_details: keep every case's figures in ``engine.state.metric_details``.
+    """
+
+    def __init__(
+        self,
+        include_background: bool = True,
+        reduction: str = "mean",
+        num_classes: int | None = None,
+        output_transform: Callable | None = None,
+        save_details: bool = True,
+    ) -> None:
+        metric = DiceMetric(include_background=include_background, reduction=reduction, ignore_empty=False, num_classes=num_classes)
+        super().__init__(
+            metric_fn=metric, output_transform=output_transform or from_engine(["pred", REFERENCE_KEY]), save_details=save_details
+        )

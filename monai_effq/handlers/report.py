@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -179,12 +180,15 @@ class QuantizationReportHandler:
             raise RuntimeError("no quantization result on the engine: attach QuantizationHandler before this handler.")
         if not is_rank_zero():  # every rank holds the same result (as the checkpoint, written once)
             return
+        layers_png = self.output_dir / f"{self.stem}_layers.png"
+        curve_png = self.output_dir / f"{self.stem}_finetune_loss.png"
+        _remove_earlier_plots(layers_png, curve_png)
         # the checkpoint's fingerprint lets evaluation tell this report from one an unfinished run left
         paths = list(result.report.save(self.output_dir, self.stem, provenance=report_provenance(result)))
-        png = plot_layer_errors(result.report, self.output_dir / f"{self.stem}_layers.png")
+        png = plot_layer_errors(result.report, layers_png)
         if png is not None:
             paths.append(png)
-        curve = plot_finetune_loss(result.report, self.output_dir / f"{self.stem}_finetune_loss.png")
+        curve = plot_finetune_loss(result.report, curve_png)
         if curve is not None:
             paths.append(curve)
         self.logger.info(f"quantization report written: {', '.join(str(p) for p in paths)}")
@@ -200,6 +204,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     widths = [max(len(row[i]) for row in cells) for i in range(len(keys))]
     lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+
+
+def _remove_earlier_plots(*paths: Path) -> None:
+    """Remove an earlier run's plots before new figures are written: each file is written whole, but a run
+    stopped between its tables and its plots would leave the earlier figures' plot beside the new tables."""
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def _metric_per_class(value: Any, classes: list[str], model: str, metric: str) -> list[float]:
@@ -225,6 +237,27 @@ def _metric_per_class(value: Any, classes: list[str], model: str, metric: str) -
     return [float(v) for v in t]
 
 
+def _unscored_as_nan(values: list[float], engine: Engine, metric: str) -> list[float]:
+    """The values with NaN for each class that no case scored, as the metric's per-case details show.
+
+    MONAI's metrics give a case without a class in its ground truth NaN for that class (``ignore_empty``), and
+    their ``mean_batch`` reduction turns a class whose every case is NaN into 0: a Dice of 0 and an HD95 of
+    0 mm would read as a failed and a perfect class where nothing was measured. The details (``save_details``,
+    MONAI's default) are every rank's cases; without them the values stay as reduced.
+    """
+    details = (getattr(engine.state, "metric_details", None) or {}).get(metric)
+    if not isinstance(details, torch.Tensor) or details.ndim != 2 or details.shape[1] != len(values):
+        return values
+    scored = (~torch.isnan(details.detach().cpu().to(torch.float64))).sum(0)
+    return [v if int(n) else math.nan for v, n in zip(values, scored)]
+
+
+def _mean_of_scored(values: list[float]) -> float:
+    """The mean of the values that are numbers (the classes some case scored); NaN when none is."""
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
 def write_comparison(
     evaluators: dict[str, Engine],
     class_names: list[str],
@@ -237,7 +270,9 @@ def write_comparison(
     Each evaluator must have ``"dice"`` and (optionally) ``"hd95"`` in ``engine.state.metrics``
     (MONAI ``MeanDice``/``HausdorffDistance`` with ``reduction="mean_batch"``). One with
     ``"fp_agreement"`` (a ``MeanDice`` of its predictions against the FP network's, see
-    :class:`~monai_effq.handlers.ReferencePrediction`) gets that column too.
+    :class:`~monai_effq.handlers.ReferencePrediction`) gets that column too. A class no case scored (no
+    case's ground truth holds it, as the metric's per-case details show) is NaN, written ``null`` in the
+    JSON, and ``dice_mean`` averages the classes that were scored.
 
     Under ``torchrun`` every rank calls this with the same figures (MONAI's metrics gather every
     rank's cases before they reduce them); only rank 0 writes and prints.
@@ -264,16 +299,20 @@ def write_comparison(
             raise UserInputError(
                 f"evaluator {model!r} has no 'dice' metric (it has {sorted(metrics)}): name its MeanDice 'dice'."
             )
-        dice = _metric_per_class(metrics["dice"], class_names, model, "Dice")
+        dice = _unscored_as_nan(_metric_per_class(metrics["dice"], class_names, model, "Dice"), engine, "dice")
         row: dict[str, Any] = {"model": model}
         for name, d in zip(class_names, dice):
             row[f"dice_{name}"] = d
-        row["dice_mean"] = sum(dice) / len(dice)
+        row["dice_mean"] = _mean_of_scored(dice)
         if "hd95" in metrics:
-            for name, h in zip(class_names, _metric_per_class(metrics["hd95"], class_names, model, "HD95")):
+            hd95 = _unscored_as_nan(_metric_per_class(metrics["hd95"], class_names, model, "HD95"), engine, "hd95")
+            for name, h in zip(class_names, hd95):
                 row[f"hd95_{name}"] = h
         if "fp_agreement" in metrics:
-            row["fp_agreement"] = float(torch.as_tensor(metrics["fp_agreement"], dtype=torch.float64).mean())
+            agreement = [float(v) for v in torch.as_tensor(metrics["fp_agreement"], dtype=torch.float64).reshape(-1)]
+            if len(agreement) == len(class_names):
+                agreement = _unscored_as_nan(agreement, engine, "fp_agreement")
+            row["fp_agreement"] = _mean_of_scored(agreement)
         row.update((extra or {}).get(model, {}))
         rows.append(row)
         dice_table[model] = dict(zip(class_names, dice))
@@ -287,6 +326,7 @@ def write_comparison(
     writer = csv.DictWriter(buf, fieldnames=keys)
     writer.writeheader()
     writer.writerows(rows)
+    _remove_earlier_plots(out / f"{stem}_dice.png")
     atomic_write_text(out / f"{stem}.csv", buf.getvalue())
     atomic_write_text(out / f"{stem}.json", json_text(rows))
     plot = plot_dice(dice_table, out / f"{stem}_dice.png")

@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 from monai.engines.utils import PrepareBatch
-from monai.handlers import MeanDice, from_engine
+from monai.handlers import MeanDice
 from monai.utils import IgniteInfo, min_version, optional_import
 
 from monai_effq.data.images import dicom_series_files
 from monai_effq.handlers.quantization import missing_image_key
-from monai_effq.handlers.reference import REFERENCE_KEY
+from monai_effq.handlers.reference import AgreementDice
 from monai_effq.ptq.attention import TASKS
 from monai_effq.utils.errors import MissingInputError, UserInputError, check_integer
 
@@ -258,7 +258,7 @@ def check_attached(engine: Any, handler: Any, where: str) -> None:
         )
 
 
-def agreement_metric(key_metric: Mapping[str, Any] | None = None) -> MeanDice:
+def agreement_metric(key_metric: Mapping[str, Any] | None = None) -> AgreementDice:
     """The Dice of the evaluated network's labels against the FP network's (``reference_pred``), counting the
     background channel as the bundle's own Dice does.
 
@@ -272,11 +272,11 @@ def agreement_metric(key_metric: Mapping[str, Any] | None = None) -> MeanDice:
             of its ``MeanDice``, if it is one, is kept; otherwise every channel counts.
 
     Returns:
-        a MONAI ``MeanDice`` handler over ``pred`` and ``reference_pred``, to attach to the evaluator as
-        ``fp_agreement``.
+        an :class:`~monai_effq.handlers.AgreementDice` over ``pred`` and ``reference_pred``, to attach to the
+        evaluator as ``fp_agreement``.
     """
     include_background = True
     for metric in (key_metric or {}).values():
         if isinstance(metric, MeanDice):
             include_background = bool(metric.metric_fn.include_background)
-    return MeanDice(include_background=include_background, output_transform=from_engine(["pred", REFERENCE_KEY]))
+    return AgreementDice(include_background=include_background)

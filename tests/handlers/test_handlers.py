@@ -267,3 +267,65 @@ def test_the_plots_leave_the_callers_matplotlib_backend_as_it_was(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         plt.switch_backend(before)
+
+
+def _one_hot(labels: list[list[int]]) -> torch.Tensor:
+    """One-hot (background, liver, tumour) cases of 2x2x2 voxels from each case's voxel labels."""
+    t = torch.tensor(labels).reshape(len(labels), 2, 2, 2)
+    return torch.nn.functional.one_hot(t, 3).permute(0, 4, 1, 2, 3).float()
+
+
+def _evaluated(pred: torch.Tensor, label: torch.Tensor, **metrics) -> Engine:
+    """An engine that ran MONAI's metric handlers (their per-case details as MONAI keeps them) over the cases."""
+    engine = Engine(lambda e, b: b)
+    for name, metric in metrics.items():
+        metric.attach(engine, name)
+    engine.run([{"pred": pred, "label": label}], max_epochs=1)
+    return engine
+
+
+def test_a_class_no_case_holds_is_reported_as_not_measured_and_left_out_of_the_mean(tmp_path):
+    from monai.handlers import MeanDice, from_engine
+
+    label = _one_hot([[0, 1, 1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1, 1, 0]])  # two livers without tumour
+    pred = _one_hot([[0, 1, 1, 1, 1, 1, 0, 2], [0, 0, 1, 1, 1, 1, 1, 0]])  # a false tumour voxel in the first
+    dice = MeanDice(include_background=False, reduction="mean_batch", output_transform=from_engine(["pred", "label"]))
+    row = write_comparison({"W4A8": _evaluated(pred, label, dice=dice)}, ["liver", "tumour"], tmp_path, "cmp")[0]
+    # MONAI's mean_batch turns a class every case skipped into 0: a tumour Dice of 0 and a mean halved
+    assert row["dice_liver"] == pytest.approx(1.0)
+    assert row["dice_tumour"] != row["dice_tumour"] and row["dice_mean"] == pytest.approx(row["dice_liver"])
+    assert json.loads((tmp_path / "cmp.json").read_text())[0]["dice_tumour"] is None
+
+
+def test_the_agreement_counts_a_class_both_networks_leave_out_as_agreeing_and_a_false_one_as_not():
+    from monai.handlers import MeanDice
+
+    from monai_effq.handlers import REFERENCE_KEY
+    from monai_effq.overlays import agreement_metric
+
+    fp = _one_hot([[0, 1, 1, 1, 1, 1, 0, 0]])
+    for quantized, expected in ((fp, 1.0), (_one_hot([[0, 1, 1, 1, 1, 1, 0, 2]]), 0.5)):
+        engine = Engine(lambda e, b: b)
+        agreement_metric({"mean_dice": MeanDice(include_background=False)}).attach(engine, "fp_agreement")
+        engine.run([{"pred": quantized, REFERENCE_KEY: fp}], max_epochs=1)
+        assert float(engine.state.metrics["fp_agreement"]) == pytest.approx(expected)
+
+
+def test_a_comparison_stopped_before_its_plot_leaves_no_plot_of_earlier_figures(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from monai_effq.handlers import report
+
+    e = Engine(lambda e, b: None)
+    e.state.metrics = {"dice": torch.tensor([0.5, 0.4])}
+    write_comparison({"FP": e}, ["liver", "tumour"], tmp_path, "cmp")
+    assert (tmp_path / "cmp_dice.png").is_file()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "plot_dice", killed)
+    e.state.metrics = {"dice": torch.tensor([0.9, 0.8])}
+    with pytest.raises(KeyboardInterrupt):
+        write_comparison({"FP": e}, ["liver", "tumour"], tmp_path, "cmp")
+    assert json.loads((tmp_path / "cmp.json").read_text())[0]["dice_liver"] == pytest.approx(0.9)
+    assert not (tmp_path / "cmp_dice.png").exists()
