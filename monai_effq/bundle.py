@@ -327,8 +327,9 @@ def calibration_share(cases: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return cases
     if len(cases) < world:
         raise UserInputError(
-            f"{len(cases)} calibration case(s) cannot be shared by {world} ranks: pass --calibration_cases {world} "
-            f"or more, or start fewer ranks (--nproc_per_node)."
+            f"{len(cases)} calibration case(s) cannot be shared by {world} ranks: ask for {world} or more "
+            f"(--calibration_cases {world}, with that many training cases left from --calibration_case: a lower one; "
+            f"or {world} --calibration_images), or start fewer ranks (--nproc_per_node)."
         )
     return rank_cases(cases, get_rank(), world, "calibration cases")
 

@@ -293,3 +293,13 @@ def test_a_checkpoint_of_a_part_with_weighted_modules_beside_it_is_another_netwo
     torch.save(encoder_and_head[0].state_dict(), tmp_path / "model.pt")
     with pytest.raises(UserInputError, match="holds the weights of another network"):
         existing_checkpoint(tmp_path / "model.pt", encoder_and_head)
+
+
+def test_too_few_calibration_cases_for_the_ranks_names_every_way_to_more_cases(monkeypatch):
+    from monai_effq import bundle
+    from monai_effq.bundle import calibration_share
+
+    monkeypatch.setattr(bundle, "get_world_size", lambda: 2)
+    # --calibration_cases 3 from --calibration_case 7 of 8 training cases leaves one: more cases alone would not help
+    with pytest.raises(UserInputError, match=r"1 calibration case\(s\) cannot be shared by 2 ranks: .*--calibration_cases 2.*a lower one"):
+        calibration_share([{"image": "case7.nii.gz"}])

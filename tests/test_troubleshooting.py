@@ -293,6 +293,18 @@ def _rank_past_the_gpus(tmp_path, lits):
             rank_device()
 
 
+def _ranks_given_other_weights(tmp_path, _):
+    from unittest import mock
+
+    from monai_effq.ptq import pipeline
+
+    def other_rank_differs(mine):  # the fingerprints differ; any other value gathered is the same on both ranks
+        return [mine, {**mine, "FP weights": "another copy"} if isinstance(mine, dict) else mine]
+
+    with mock.patch.object(pipeline, "get_world_size", return_value=2), mock.patch.object(pipeline, "all_gather_objects", other_rank_differs):
+        quantize(_net(), torch.rand(1, 1, 8, 8, 8), progress=False)
+
+
 def _journal_in_use(tmp_path, _):
     from monai_effq.ptq.journal import QuantizationJournal
 
@@ -776,6 +788,7 @@ TRIGGERS = {
     "the journal <journal> is in use by another quantization run writing the same checkpoint": _journal_in_use,
     "the quantize run that writes <file> did not finish (its journal <journal> is there)": _unfinished_run,
     "<n> validation cases cannot be shared by <m> processes": lambda t, d: rank_cases([{"image": "a.nii.gz"}], 0, 2),
+    "the ranks were given different <what>: rank(s) <ranks> differ from rank 0": _ranks_given_other_weights,
     "local rank <n> has no GPU of its own: this machine has <m> CUDA GPU(s) and NCCL takes one per process.": _rank_past_the_gpus,
     "the bundle's metadata <file> has no network_data_format.outputs.pred.channel_def naming the output channels": _metadata_without_channels,
     "seg_codes for <name>: <keyword> is not a type of <category>": _misspelt_seg_code,

@@ -120,6 +120,26 @@ def _capture(network: nn.Module, module: nn.Module, batch: torch.Tensor, want: s
     return box[0]
 
 
+def _check_ranks_agree(fp_weights: str, architecture: str, config: EfficientQConfig, task: str | None) -> None:
+    """Refuse, on every rank, ranks given different FP networks, settings or tasks.
+
+    Every rank solves every layer from the ranks' summed statistics and rank 0 writes the result: a rank
+    with another checkpoint (a node whose copy differs) or other settings would corrupt the sums
+    without a word. The device is left out: under NCCL each rank has its own GPU.
+    """
+    settings = {k: v for k, v in config.to_dict().items() if k != "device"}
+    mine = {"FP weights": fp_weights, "network architecture": architecture, "config": fingerprint_json(settings), "task": str(task)}
+    ranks = all_gather_objects(mine)
+    for what in mine:
+        other = [r for r, found in enumerate(ranks) if found[what] != ranks[0][what]]
+        if other:
+            raise UserInputError(
+                f"the ranks were given different {what}: rank(s) {other} differ from rank 0. Every rank must quantize the "
+                "same FP network with the same settings: check that every node reads the same checkpoint and config "
+                "(a shared folder, or copies with the same checksum)."
+            )
+
+
 def holdout_mask(shape: tuple[int, ...], fraction: float, mirrored_dims: int = 0) -> torch.Tensor | None:
     """Which output voxels of a layer are held out for validation.
 
@@ -217,13 +237,14 @@ class _Run:
         # With ranks, one batch per rank is its share of the windows, in rank order: windows are
         # numbered, chunked and held out by their place among all ranks' windows, as one process
         # holding them all would.
-        shares = all_gather_objects((len(batches), batches[0].shape[0]))
-        if any(n_batches > 1 for n_batches, _ in shares) and self.world > 1:
+        shares = all_gather_objects((len(batches), batches[0].shape[0], tuple(batches[0].shape[1:])))
+        if self.world > 1 and (any(n_batches > 1 for n_batches, _, _ in shares) or len({shape for _, _, shape in shares}) > 1):
             raise ValueError(
-                "a rank holds calibration batches of different shapes: across ranks each rank's windows must have one "
-                "shape (crop or window the volumes, e.g. QuantizationHandler(roi_size=...))."
+                "a rank holds calibration batches of different shapes, or the ranks' windows differ in shape "
+                f"({', '.join(f'rank {r}: {tuple(shape)}' for r, (_, _, shape) in enumerate(shares))}): across ranks "
+                "every window must have one shape (crop or window the volumes, e.g. QuantizationHandler(roi_size=...))."
             )
-        self.shares = [int(n) for _, n in shares]
+        self.shares = [int(n) for _, n, _ in shares]
         offset = sum(self.shares[: self.rank])
         total = sum(self.shares)
         self.chunks = 1
@@ -766,14 +787,17 @@ def quantize(
     network = quantizable_network(network)
     batches = _as_batches(calibration)
     sources = source_fingerprints(network, config.to_dict(), _calibration_fingerprint(batches))
+    # a network rebuilt with other settings (GroupNorm groups) keeps its weights' fingerprint; as a list,
+    # since fingerprint_json sorts a dict's keys, and layers built in another order compute otherwise
+    architecture = fingerprint_json(list(architecture_table(network).items()))
+    if get_world_size() > 1:
+        _check_ranks_agree(sources["fp_weights"], architecture, config, task)
     if journal is not None:
         # the fingerprints of all ranks' windows: a journal resumes under any number of ranks
         masks = [] if body_mask is None else [torch.as_tensor(m) for m in (body_mask if isinstance(body_mask, (list, tuple)) else [body_mask])]
         journal = QuantizationJournal(journal, {
             **sources,
-            # a network rebuilt with other settings (GroupNorm groups) keeps its weights' fingerprint; as a list,
-            # since fingerprint_json sorts a dict's keys, and layers built in another order compute otherwise
-            "architecture": fingerprint_json(list(architecture_table(network).items())),
+            "architecture": architecture,
             "body_mask": _calibration_fingerprint(masks),
             "task": task,
         })

@@ -197,3 +197,53 @@ def test_two_ranks_resume_a_journal_one_process_left_and_rank_zero_completes_it(
     with torch_threads(1):
         again = quantize(_network(), _windows(*RESUMED[0]), _config(**RESUMED[1]), progress=False, journal=journal)
     assert all(torch.equal(v, again.network.state_dict()[k]) for k, v in expected.items())
+
+
+# what rank 1 is given otherwise than rank 0, in ways the ranks' summed statistics would hide
+DISAGREEMENTS = ("weights", "bits", "task", "window_shape")
+
+
+def _disagreeing_rank_main(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Quantize with rank 1 given another FP network, bits, task or window shape; ``rank<r>_refusals.pkl``: each
+    case's error, or ``None`` where the run went through."""
+    with gloo_rank(rank, world, port):
+        torch.set_num_threads(1)
+        refusals = {}
+        for case in DISAGREEMENTS:
+            net, config, task, size = _network(), _config(), "multilabel", 16
+            if rank == 1:
+                if case == "weights":  # a node whose copy of the checkpoint differs
+                    with torch.no_grad():
+                        next(net.parameters()).mul_(1.1)
+                config = EfficientQConfig(weight_bits=2) if case == "bits" else config
+                task = "multiclass" if case == "task" else task
+                size = 20 if case == "window_shape" else size
+            try:
+                quantize(net, _windows(2, size), config, task=task, progress=False)
+                refusals[case] = None
+            except ValueError as e:
+                refusals[case] = str(e)
+        with open(f"{out_dir}/rank{rank}_refusals.pkl", "wb") as f:
+            pickle.dump(refusals, f)
+
+
+def test_ranks_given_other_weights_settings_task_or_window_shapes_are_refused_on_every_rank(tmp_path):
+    context = mp.start_processes(_disagreeing_rank_main, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while not context.join(timeout=5):
+            assert time.monotonic() < deadline, f"the ranks did not finish within {TIMEOUT_S} s"
+    finally:
+        for p in context.processes:
+            if p.is_alive():
+                p.kill()
+    ranks = [pickle.loads((tmp_path / f"rank{r}_refusals.pkl").read_bytes()) for r in range(2)]
+    assert ranks[0] == ranks[1]  # every rank stops with the same message: none waits for the others
+    expected = {
+        "weights": "the ranks were given different FP weights: rank(s) [1] differ from rank 0",
+        "bits": "the ranks were given different config: rank(s) [1] differ from rank 0",
+        "task": "the ranks were given different task: rank(s) [1] differ from rank 0",
+        "window_shape": "the ranks' windows differ in shape (rank 0: (2, 16, 16, 16), rank 1: (2, 20, 20, 20))",
+    }
+    for case, message in expected.items():
+        assert ranks[0][case] is not None and message in ranks[0][case], (case, ranks[0][case])
