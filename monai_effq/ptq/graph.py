@@ -158,6 +158,9 @@ class NetworkProbe:
             residual unit's first convolution and its shortcut both do), in first-call order.
         calls: the layers that run more than once in one forward pass (one module applied to several
             inputs), with how many times.
+        unreplaceable: the layers a quantized layer cannot stand in for, with why: a class of the
+            user's with a ``forward`` of its own (weight standardisation), or a call with arguments
+            beyond the input (``ConvTranspose3d``'s ``output_size``).
     """
 
     output: torch.Tensor
@@ -166,6 +169,7 @@ class NetworkProbe:
     foldable: list[tuple[str, str]]
     input_layers: list[str] = field(default_factory=list)
     calls: dict[str, int] = field(default_factory=dict)
+    unreplaceable: dict[str, str] = field(default_factory=dict)
 
 
 def shape_refusal(error: BaseException) -> str:
@@ -173,7 +177,15 @@ def shape_refusal(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
-def probe_network(network: nn.Module, batch: torch.Tensor) -> NetworkProbe:
+def _missing_batch_axis(network: nn.Module, batch: torch.Tensor) -> str:
+    """A hint when ``batch`` has one axis fewer than the network's first convolution takes (a volume without its batch axis)."""
+    conv = next((m for m in network.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    if conv is None or batch.dim() != len(conv.kernel_size) + 1:
+        return ""
+    return f"it has {batch.dim()} axes where the network's {type(conv).__name__} takes {batch.dim() + 1}: add the batch axis (volume[None]); "
+
+
+def probe_network(network: nn.Module, batch: torch.Tensor, shape: tuple[int, ...] | None = None) -> NetworkProbe:
     """Run ``network`` once with hooks that record what preparing it for quantization needs.
 
     One pass instead of one each for checking that it runs, finding the execution order and the
@@ -182,6 +194,8 @@ def probe_network(network: nn.Module, batch: torch.Tensor) -> NetworkProbe:
     Args:
         network: the network (in eval mode).
         batch: an input it accepts.
+        shape: the shape to name when the network refuses it (the caller's whole batch, when ``batch`` is its
+            first sample); ``batch``'s by default.
 
     Returns:
         the :class:`NetworkProbe`.
@@ -194,6 +208,7 @@ def probe_network(network: nn.Module, batch: torch.Tensor) -> NetworkProbe:
     numels: dict[str, int] = {}
     events: list[tuple[str, str, int]] = []  # (name, "in"/"out", id of the tensor)
     reads_input: set[str] = set()
+    unreplaceable: dict[str, str] = {}
     handles: list = []
     with hooks(handles):
         for name, module in network.named_modules():
@@ -201,6 +216,9 @@ def probe_network(network: nn.Module, batch: torch.Tensor) -> NetworkProbe:
                 handles.append(module.register_forward_pre_hook(lambda m, a, n=name: order.append(n)))
                 handles.append(module.register_forward_hook(lambda m, a, o, n=name: _record(numels, n, o)))
                 handles.append(module.register_forward_pre_hook(lambda m, a, n=name: _reads(reads_input, n, a, batch)))
+                handles.append(module.register_forward_pre_hook(lambda m, a, kw, n=name: _extra_arguments(unreplaceable, n, a, kw), with_kwargs=True))
+                if _own_forward(module):
+                    unreplaceable[name] = _own_forward(module)
             if isinstance(module, nn.modules.conv._ConvNd):
                 handles.append(module.register_forward_hook(lambda m, a, o, n=name: events.append((n, "out", id(o)))))
             elif isinstance(module, BATCHNORMS):
@@ -210,9 +228,9 @@ def probe_network(network: nn.Module, batch: torch.Tensor) -> NetworkProbe:
                 output = network(batch)
         except Exception as e:
             raise UserInputError(
-                f"calibration batch of shape {tuple(batch.shape)} does not fit the network ({shape_refusal(e)}); pass "
-                "batches shaped (N, C, *spatial) as the network expects, with spatial sizes that are multiples of its "
-                "downsampling factor."
+                f"calibration batch of shape {tuple(batch.shape) if shape is None else tuple(shape)} does not fit the network "
+                f"({shape_refusal(e)}); {_missing_batch_axis(network, batch)}pass batches shaped (N, C, *spatial) as the "
+                "network expects, with spatial sizes that are multiples of its downsampling factor."
             ) from e
     if not isinstance(output, torch.Tensor):
         kind = f"a {type(output).__name__} of {len(output)}" if isinstance(output, (list, tuple, dict)) else type(output).__name__
@@ -223,7 +241,25 @@ def probe_network(network: nn.Module, batch: torch.Tensor) -> NetworkProbe:
     seen: set[str] = set()
     unique = [n for n in order if not (n in seen or seen.add(n))]
     repeated = {n: count for n, count in Counter(order).items() if count > 1}
-    return NetworkProbe(output, unique, numels, _adjacent_pairs(events), [n for n in unique if n in reads_input], repeated)
+    ran = set(unique)
+    unreplaceable = {n: why for n, why in unreplaceable.items() if n in ran}
+    # a BatchNorm folded into the weight a layer's own forward transforms (standardises) would be undone
+    foldable = [(conv, norm) for conv, norm in _adjacent_pairs(events) if conv not in unreplaceable]
+    return NetworkProbe(output, unique, numels, foldable, [n for n in unique if n in reads_input], repeated, unreplaceable)
+
+
+def _own_forward(module: nn.Module) -> str | None:
+    """Why a supported layer's class computes otherwise than the torch layer it derives from, or ``None``."""
+    base = next(cls for cls in SUPPORTED_LAYERS if isinstance(module, cls))
+    if type(module).forward is base.forward:
+        return None
+    return f"its class {type(module).__name__} has a forward of its own, where a quantized layer runs {base.__name__}'s"
+
+
+def _extra_arguments(names: dict[str, str], name: str, args: tuple, kwargs: dict) -> None:
+    if len(args) > 1 or kwargs:  # returns None: a pre-hook must not replace the input
+        given = [f"{len(args) - 1} more positional argument(s)"] if len(args) > 1 else []
+        names.setdefault(name, f"it is called with {', '.join(given + [f'{k}=' for k in kwargs])}, which a quantized layer does not take")
 
 
 def _reads(names: set[str], name: str, args: tuple, batch: torch.Tensor) -> None:

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from monai_effq.ptq.config import EfficientQConfig, LayerPlan
 from monai_effq.ptq.graph import SUPPORTED_LAYERS, fold_batchnorm, probe_network, set_submodule
+from monai_effq.ptq.modules import QuantizedLayer
 from monai_effq.solver.layers import layer_view
 from monai_effq.utils.errors import UserInputError
 from monai_effq.utils.precision import ieee_float32
@@ -203,7 +204,7 @@ def prepare_network(
             if module is not net and hasattr(module, "reset_parameters"):
                 module.reset_parameters()
     first = sample[:1].to(device)
-    probe = probe_network(net, first)
+    probe = probe_network(net, first, shape=tuple(sample.shape))
     if not bool(torch.isfinite(probe.output).all()):
         raise UserInputError(
             f"the network's output on the calibration sample of shape {tuple(first.shape)} holds NaN or Inf: its weights "
@@ -211,6 +212,12 @@ def prepare_network(
         )
     folded = fold_batchnorm(net, first, probe=probe) if config.fold_batchnorm and not from_scratch else []
     if not probe.order:
+        quantized = [name for name, module in net.named_modules() if isinstance(module, QuantizedLayer)]
+        if quantized:
+            raise UserInputError(
+                f"the network is quantized already: its {len(quantized)} layers such as {quantized[0]} are quantized layers; "
+                "pass the FP network (quantize and load_quantized return a new network and leave the FP one as it was)."
+            )
         raise UserInputError(
             "the network has no quantizable layers (Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear) that run in its forward pass."
         )
@@ -228,11 +235,25 @@ def prepare_network(
             ", ".join(f"{name}: {count} calls" for name, count in probe.calls.items()),
             "it is" if len(probe.calls) == 1 else "they are",
         )
+    if probe.unreplaceable:
+        # replaced, such a layer would compute otherwise, or fail when the quantized network runs
+        plans = [plan for plan in plans if plan.name not in probe.unreplaceable]
+        logger.warning(
+            "%d layer%s kept in floating point, since a quantized layer cannot stand in for %s: %s. To quantize %s, "
+            "compute the weight once into a plain layer (e.g. a Conv3d holding the standardised weights) or set "
+            "ConvTranspose's output_padding instead of passing output_size.",
+            len(probe.unreplaceable), " is" if len(probe.unreplaceable) == 1 else "s are",
+            "it" if len(probe.unreplaceable) == 1 else "them",
+            "; ".join(f"{name} ({why})" for name, why in probe.unreplaceable.items()),
+            "it" if len(probe.unreplaceable) == 1 else "them",
+        )
     if not plans and config.norm_input_spec is None:
         # nothing would be quantized (rounding only the norms' inputs, with every layer skipped, is a choice)
         reasons = [f"skip {config.skip} covers them"] if config.skip else []
         if probe.calls:
             reasons.append(f"{', '.join(probe.calls)} run more than once per forward pass (give each use its own module)")
+        if probe.unreplaceable:
+            reasons.append(f"a quantized layer cannot stand in for {', '.join(probe.unreplaceable)} (see the warning above)")
         raise UserInputError(
             f"none of the network's {len(probe.order)} quantizable layers is left to quantize: {'; '.join(reasons)}; "
             "keep in floating point only the layers that must stay so."

@@ -382,3 +382,53 @@ def test_every_layer_skipped_with_the_norm_inputs_rounded_quantizes_the_norm_inp
     config = EfficientQConfig(skip=["*"], quantize_norm_inputs=True)  # the scan runs: attention is on
     result = quantize(net, torch.rand(1, 1, 8, 8, 8), config, progress=False)
     assert result.report.layers == [] and isinstance(result.network[1].input_quantizer, ActivationQuantizer)
+
+
+class _StandardisedConv(nn.Conv3d):
+    """Weight standardisation, as GroupNorm networks use it: the layer computes with a transformed weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        return self._conv_forward(x, (w - w.mean((1, 2, 3, 4), keepdim=True)) / (w.std((1, 2, 3, 4), keepdim=True) + 1e-5), self.bias)
+
+
+class _UpWithOutputSize(nn.Module):
+    """A hand-written decoder step: the transposed convolution is told the skip's size (odd sizes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = _StandardisedConv(1, 4, 3, padding=1)
+        self.down = nn.Conv3d(4, 4, 2, stride=2)
+        self.up = nn.ConvTranspose3d(4, 4, 2, stride=2)
+        self.b = nn.Conv3d(8, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        u = self.up(torch.relu(self.down(h)), output_size=h.shape[2:])
+        return self.b(torch.cat([h, u], 1))
+
+
+def test_layers_a_quantized_layer_cannot_stand_in_for_are_kept_in_floating_point_and_named(caplog):
+    torch.manual_seed(0)
+    net, x = _UpWithOutputSize().eval(), torch.randn(2, 1, 15, 15, 15)
+    with caplog.at_level(logging.WARNING, logger="monai_effq"):
+        result = quantize(net, x, EfficientQConfig(weight_bits=8), progress=False)
+    # replaced, the first computed with the raw weight (17x the error of 8 bits) and the second failed when run
+    assert result.report.skipped == ["a", "up"]
+    assert "a (its class _StandardisedConv has a forward of its own" in caplog.text and "up (it is called with output_size=" in caplog.text
+    with torch.no_grad():
+        error = (result.network(x) - net(x)).abs().max() / net(x).abs().max()
+    assert float(error) < 0.05
+
+
+def test_a_network_quantized_already_is_named_as_such():
+    net, x = _net(), torch.randn(1, 1, 6, 6, 6)
+    quantized = quantize(net, x, EfficientQConfig(method="rtn"), progress=False).network
+    with pytest.raises(UserInputError, match=r"the network is quantized already: its 3 layers such as 0 are quantized layers; pass the FP network"):
+        quantize(quantized, x, progress=False)
+
+
+def test_a_volume_without_its_batch_axis_is_named_with_its_own_shape_and_the_axis_to_add():
+    # the first sample (1, 6, 6, 6) of the volume was named, as if the user had given that shape
+    with pytest.raises(UserInputError, match=r"batch of shape \(2, 6, 6, 6\) does not fit .*it has 4 axes where the network's Conv3d takes 5: add the batch axis"):
+        quantize(_net(), [torch.randn(2, 6, 6, 6)], progress=False)
