@@ -200,6 +200,22 @@ class FiniteInputCheck:
         for value in args:
             if isinstance(value, torch.Tensor):
                 check_inference_input(value, f"the input of the quantized {type(module).__name__}")
+                _check_input_precision(module, value)
+
+
+def _check_input_precision(network: nn.Module, x: torch.Tensor) -> None:
+    """Refuse floating-point input of another precision than the network's (outside autocast) with the fix, where torch
+    names a bias ("Input type (c10::Half) and bias type (float) should be the same"): a float16 FP network's
+    quantized copy computes in float32, and its user's pipeline still feeds float16."""
+    own = next((t.dtype for t in (*network.parameters(), *network.buffers()) if t.is_floating_point()), None)
+    if own is None or not x.is_floating_point() or x.dtype == own or x.is_meta or torch.is_autocast_enabled(x.device.type):
+        return
+    name = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731
+    raise UserInputError(
+        f"the input of the quantized {type(network).__name__} is {name(x.dtype)}, but the network computes in {name(own)} "
+        f"(a quantized network computes in float32 whatever the FP network's precision): give it {name(own)} input "
+        f"(x.to(torch.{name(own)})), or run it under torch.autocast."
+    )
 
 
 def check_finite_input(network: nn.Module) -> nn.Module:

@@ -305,6 +305,11 @@ def test_a_half_precision_network_is_quantized_from_an_exact_float32_copy_and_sa
     reference = quantize(_net().to(dtype).float(), x.float(), config, progress=False)
     with torch.no_grad():
         assert torch.equal(q.network(x.float()), reference.network(x.float()))
+        # the input the user's pipeline still feeds: named with the fix, where torch named a bias
+        with pytest.raises(UserInputError, match=rf"input of the quantized Sequential is {str(dtype).removeprefix('torch.')}, but the network computes in float32.*x.to\(torch.float32\)"):
+            q.network(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert q.network(x.bfloat16()).dtype == torch.bfloat16
     # the report sizes the network as the user has it, two bytes a weight, not as the float32 copy
     assert q.report.fp_bytes == state_bytes(half) < reference.report.fp_bytes
 
