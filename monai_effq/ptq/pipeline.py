@@ -755,7 +755,8 @@ def quantize(
             as :meth:`EfficientQConfig.from_dict` reads it); ``None``: the defaults (W4A8, first/last layer 8 bits).
         task: ``"multiclass"`` (softmax) or ``"multilabel"`` (sigmoid channels), for the attention.
         body_mask: ``(N, *spatial)`` mask of the body over all calibration volumes, for the
-            attention (voxels outside get weight 1); everything when ``None``.
+            attention (voxels outside get weight 1); ``"nonzero"``: the voxels where any channel is not
+            zero (skull-stripped brain MRI); everything when ``None``.
         progress: show a progress bar over layers.
         journal: a folder where each finished layer is kept (:class:`QuantizationJournal`): rerun
             after a kill, the same call continues after the last finished layer and returns what an
@@ -786,6 +787,10 @@ def quantize(
     fp_bytes = state_bytes(eager_network(network))  # as given: a float16 network is quantized from a float32 copy
     network = quantizable_network(network)
     batches = _as_batches(calibration)
+    if isinstance(body_mask, str):
+        if body_mask != "nonzero":
+            raise UserInputError(f"body_mask must be a mask, 'nonzero' or None, got {body_mask!r}.")
+        body_mask = [(b != 0).any(dim=1) for b in batches]
     sources = source_fingerprints(network, config.to_dict(), _calibration_fingerprint(batches))
     # a network rebuilt with other settings (GroupNorm groups) keeps its weights' fingerprint; as a list,
     # since fingerprint_json sorts a dict's keys, and layers built in another order compute otherwise

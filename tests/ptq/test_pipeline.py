@@ -518,3 +518,17 @@ def test_a_layer_run_twice_in_one_pass_stays_in_floating_point_with_a_warning_ra
     with torch.no_grad():
         agreement = (result.network(x).argmax(1) == net(x).argmax(1)).float().mean()
     assert agreement > 0.95  # 0.71 when its input range was the first call's
+
+
+def test_body_mask_nonzero_masks_the_voxels_where_the_image_is_not_zero_as_the_handler_does():
+    torch.manual_seed(0)
+    net = UNet(3, 2, 2, channels=(4, 8), strides=(2,), num_res_units=0).eval()
+    x = torch.randn(1, 2, 16, 16, 16)
+    x[:, :, :, :, :6] = 0  # the air around a skull-stripped brain
+    config = EfficientQConfig(weight_bits=4)
+    # the error for a crop of air advised body_mask='nonzero', which quantize() took as a tensor (AttributeError)
+    by_name = quantize(net, x, config, body_mask="nonzero", progress=False)
+    by_hand = quantize(net, x, config, body_mask=(x != 0).any(dim=1), progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(by_name.network.state_dict().values(), by_hand.network.state_dict().values()))
+    with pytest.raises(UserInputError, match=r"body_mask must be a mask, 'nonzero' or None, got 'brain'"):
+        quantize(net, x, config, body_mask="brain", progress=False)
