@@ -579,20 +579,24 @@ def split_datalist(
     return train, val
 
 
-def check_nifti(path: str | os.PathLike, read_data: bool = True) -> tuple[int, ...]:
-    """Check that a NIfTI file opens, and optionally that its whole data block decodes.
+def check_nifti(path: str | os.PathLike, read_data: bool = True, role: str = "image") -> tuple[int, ...]:
+    """Check that a NIfTI file opens, and optionally that its whole data block decodes to finite values.
 
-    Reading the data is what catches a truncated ``.nii.gz`` (the header alone still parses).
+    Reading the data is what catches a truncated ``.nii.gz`` (the header alone still parses); a NaN
+    voxel found then is named before a workflow writes anything (an inference run met it at its
+    case, with the earlier cases' masks written).
 
     Args:
         path: the NIfTI file.
         read_data: decode the voxel data as well as the header.
+        role: what to call the file in a message (``"image"``, ``"label"``).
 
     Returns:
         the shape from the header.
 
     Raises:
-        DatasetError: when the file is missing, is not NIfTI, or is truncated or corrupt.
+        DatasetError: when the file is missing, is not NIfTI, or is truncated or corrupt, or (with
+            ``read_data``) holds NaN or Inf.
     """
     path = Path(path)
     if not path.is_file():
@@ -600,12 +604,14 @@ def check_nifti(path: str | os.PathLike, read_data: bool = True) -> tuple[int, .
     try:
         img = nib.load(str(path))
         shape = tuple(int(s) for s in img.shape)
-        if read_data:
-            # a truncated gzip stream or a short .nii (memory-mapped: size checked) only fails here
-            np.asanyarray(img.dataobj)
+        # a truncated gzip stream or a short .nii (memory-mapped: size checked) only fails here
+        data = np.asanyarray(img.dataobj) if read_data else None
     except Exception as e:  # nibabel, gzip, zlib and numpy raise many unrelated types here
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DatasetError(f"corrupt or unreadable NIfTI file {path}: {reason}; re-export or remove it.") from e
+    if data is not None and np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        raise DatasetError(f"{role} {path} holds {bad} NaN or Inf voxel(s): fix or re-export the file, or leave the case out.")
     return shape
 
 
@@ -629,7 +635,7 @@ def check_nifti_volume(path: str | os.PathLike, role: str = "image", read_data: 
         DatasetError: naming the file and its shape when it has fewer than three spatial axes, or is a
             label of more than one volume, or when :func:`check_nifti` refuses it.
     """
-    shape = check_nifti(path, read_data=read_data)
+    shape = check_nifti(path, read_data=read_data, role=role)
     size = "x".join(map(str, shape))
     if len(shape) < 3:
         raise DatasetError(

@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import itk
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
@@ -235,12 +237,18 @@ def test_inference_stops_before_it_runs_on_a_malformed_datalist_or_images_whose_
     cut = tmp_path / "cut.mha"  # a MetaImage cut short: its header reads, its voxels do not
     itk.imwrite(itk.imread(str(image)), str(cut))
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    nan = tmp_path / "nan.nii"  # met at its case, after the masks of the cases before it were written
+    source = nib.load(str(image))
+    voxels = source.get_fdata(dtype=np.float32)
+    voxels[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(voxels, source.affine), str(nan))
     for series, uid in (("A", "1.2.826.0.1.3680043.2.1125.1"), ("B", "1.2.826.0.1.3680043.2.1125.2")):
         write_dicom_series(image, tmp_path / "two_series", series_uid=uid, prefix=series)  # e.g. two contrast phases
     cases = {
         "would both write the mask ct_seg.nii.gz": twins,
         f"image {tmp_path / 'c' / 'ct.nii'} does not exist": [{"image": str(tmp_path / "c" / "ct.nii")}],
         f"cannot read image file(s) ['{cut}']": [twins[0], {"image": str(cut)}],
+        f"image {nan} holds 1 NaN or Inf voxel(s)": [twins[0], {"image": str(nan)}],
         "holds 2 DICOM series": [twins[0], {"image": str(tmp_path / "two_series")}],
         f"inference datalist entry '{image}' is not a case: give each as {{'image': path}}": [str(image)],  # as --calibration_images takes them
         "inference datalist entry {'img'": [{"img": str(image)}],
