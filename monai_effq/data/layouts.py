@@ -579,6 +579,12 @@ def split_datalist(
     return train, val
 
 
+def _other_voxel_counts(label: tuple[int, ...], image: tuple[int, ...]) -> bool:
+    """Whether a label's spatial shape cannot be its image's: one stored in another axis order (sizes permuted)
+    may be on the image's voxels in the world, which the grid check (:func:`check_label_grid`) decides."""
+    return sorted(label) != sorted(image)
+
+
 def check_nifti(path: str | os.PathLike, read_data: bool = True, role: str = "image") -> tuple[int, ...]:
     """Check that a NIfTI file opens, and optionally that its whole data block decodes to finite values.
 
@@ -765,7 +771,7 @@ def validate_datalist(
                 _check_channels(f"dataset entry {i}", images, [1] * len(images), channels)  # a series is one volume
             if "label" in item and not kind:
                 shape = check_nifti_volume(item["label"], "label", read_data=read_data)
-                if shape[:3] != grids[0][1]:
+                if _other_voxel_counts(shape[:3], grids[0][1]):
                     raise DatasetError(
                         f"spatial shape {shape[:3]} of {item['label']} differs from {grids[0][1]} of the DICOM series "
                         f"in {series[0]}; image and label must be on the same grid: export the label from the series "
@@ -789,7 +795,7 @@ def validate_datalist(
         if "label" in item:
             label_shape = check_nifti_volume(item["label"], "label", read_data=read_data)
             # a Decathlon image is 4D (x, y, z, contrast); only the spatial part must agree
-            if label_shape[:3] != reference[:3]:
+            if _other_voxel_counts(label_shape[:3], reference[:3]):
                 raise DatasetError(
                     f"spatial shape {label_shape[:3]} of {item['label']} differs from {reference[:3]} of {reference_path}; "
                     "image and label must be on the same grid."

@@ -514,12 +514,12 @@ def _loading(check: Transform | None, with_label: bool, seg_labels: SegLabels | 
         EnsureChannelFirstd(**both),
         CheckFinited(keys=("image",)),
     ]
-    if with_label:
-        steps.append(_CheckLabelGrid())
     if check is not None and with_label:
         steps.append(check)
     # labels=None: axis names from the MetaTensor's space (RAS for nibabel); also silences a MONAI 1.5+ warning
     steps.append(Orientationd(**both, axcodes="RAS", labels=None))
+    if with_label:  # in RAS: a label stored in another axis order than its image has the image's shape there
+        steps.append(_CheckLabelGrid())
     return steps
 
 

@@ -324,3 +324,23 @@ def test_nan_voxels_in_one_brats_contrast_are_blamed_on_that_contrasts_file_not_
 
 def test_a_brats_case_loads_without_the_list_of_its_files_left_in_the_metadata(brats_native):
     assert not any("channel_files" in str(key) for key in brats_native["image"].meta)  # nothing extra reaches a batch
+
+
+def test_an_image_stored_in_another_axis_order_than_its_label_on_the_same_voxels_pairs_as_the_untouched_one(tmp_path, data):
+    from monai_effq.data import validate_datalist
+
+    image = nib.load(str(data["lits"] / "volume-0.nii"))
+    # the same world grid stored z, y, x (as some converters store rows): the axes swapped and the affine's columns with them
+    swapped = nib.Nifti1Image(np.ascontiguousarray(np.asarray(image.dataobj).transpose(2, 1, 0)), image.affine[:, [2, 1, 0, 3]])
+    nib.save(swapped, tmp_path / "volume-0.nii")
+    label = str(data["lits"] / "segmentation-0.nii")
+    item = {"image": str(tmp_path / "volume-0.nii"), "label": label}
+    # its stored shape (32, 36, 40) was compared with the label's (40, 36, 32) and refused as another grid
+    validate_datalist([item], read_data=True)
+    loaded = lits_transforms(train=False)(item)
+    untouched = lits_transforms(train=False)({"image": str(data["lits"] / "volume-0.nii"), "label": label})
+    assert torch.equal(loaded["label"], untouched["label"]) and torch.allclose(loaded["image"], untouched["image"])
+    off = nib.Nifti1Image(np.zeros((32, 36, 41), np.float32), image.affine)  # another voxel count is still refused
+    nib.save(off, tmp_path / "volume-1.nii")
+    with pytest.raises(DatasetError, match=r"spatial shape \(40, 36, 32\) of .*segmentation-0\.nii differs from \(32, 36, 41\)"):
+        validate_datalist([{"image": str(tmp_path / "volume-1.nii"), "label": label}], read_data=True)
