@@ -217,8 +217,9 @@ def probe_network(network: nn.Module, batch: torch.Tensor, shape: tuple[int, ...
                 handles.append(module.register_forward_hook(lambda m, a, o, n=name: _record(numels, n, o)))
                 handles.append(module.register_forward_pre_hook(lambda m, a, n=name: _reads(reads_input, n, a, batch)))
                 handles.append(module.register_forward_pre_hook(lambda m, a, kw, n=name: _extra_arguments(unreplaceable, n, a, kw), with_kwargs=True))
-                if _own_forward(module):
-                    unreplaceable[name] = _own_forward(module)
+                own = _own_forward(module)
+                if own:
+                    unreplaceable[name] = own
             if isinstance(module, nn.modules.conv._ConvNd):
                 handles.append(module.register_forward_hook(lambda m, a, o, n=name: events.append((n, "out", id(o)))))
             elif isinstance(module, BATCHNORMS):
