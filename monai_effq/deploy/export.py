@@ -622,8 +622,10 @@ def _export_with_torch_export(form: nn.Module, x: torch.Tensor, opset: int, axes
         node.doc_string = ""
     del proto.graph.value_info[:]
     for value in (*proto.graph.input, *proto.graph.output):
+        dims = value.type.tensor_type.shape.dim
         for axis, name in axes.items():
-            value.type.tensor_type.shape.dim[axis].dim_param = name
+            if axis < len(dims):  # a classifier's (N, classes) output has no spatial axes to name
+                dims[axis].dim_param = name
     return proto
 
 
@@ -820,7 +822,8 @@ def export_onnx(
             :mod:`monai_effq.deploy.containers`: 2- and 3-bit layers, 4-bit layers off the midrise
             grid) and the rest in int8. Runtimes widen them to int8 when they compile. ``"auto"``
             (the default): ``"int4"`` when a layer has 4-bit or narrower weights and ``opset``
-            allows it, else ``"int8"``; the file records the container used.
+            allows it, else ``"int8"``; the file records the option as resolved (what
+            :func:`export_is_current` compares), not which weights it could pack.
         source_fingerprint: the fingerprint of the quantized checkpoint the network was loaded from
             (:func:`~monai_effq.ptq.checkpoint.checkpoint_fingerprint`), recorded in the file's metadata
             under :data:`SOURCE_FINGERPRINT_KEY` so that :func:`~monai_effq.deploy.runtime_network`

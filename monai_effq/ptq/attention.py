@@ -67,6 +67,12 @@ class ClassAttention:
     ) -> None:
         self.task = check_task(task)
         self.logits = [t.detach().float() for t in (logits if isinstance(logits, (list, tuple)) else [logits])]
+        flat = next((t for t in self.logits if t.dim() < 3), None)
+        if flat is not None:  # a classifier's (N, classes): no voxels to weight (pooling them failed in torch)
+            raise UserInputError(
+                f"class attention weights the voxels of a segmentation output (N, C, *spatial) by their class, but the "
+                f"network returns shape {tuple(flat.shape)}: quantize it with attention=False."
+            )
         if body_mask is None:
             masks: list[torch.Tensor | None] = [None] * len(self.logits)
         elif isinstance(body_mask, (list, tuple)):

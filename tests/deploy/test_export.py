@@ -352,3 +352,18 @@ def test_graph_passes_keep_what_an_if_branch_reads_from_the_graph_around_it(grap
         assert session.run(None, {"x": np.array(x, np.float32)})[0].tolist() == y
     if graph_pass is compact_names:
         assert not any(name.startswith("/scoped") for node in model.graph.node for name in [*node.input, *node.output])
+
+
+def test_a_classifier_whose_output_has_no_spatial_axes_exports_with_the_default_dynamic_axes(tmp_path):
+    from monai.networks.nets import Classifier
+
+    from monai_effq import EfficientQConfig, quantize
+
+    torch.manual_seed(0)
+    net = Classifier(in_shape=(1, 16, 16, 16), classes=3, channels=(4, 8), strides=(2, 2)).eval()
+    x = torch.randn(4, 1, 16, 16, 16, generator=torch.Generator().manual_seed(1))
+    result = quantize(net, x, EfficientQConfig(weight_bits=8, attention=False), progress=False)
+    # the output's axes 2.. were named as the input's were: IndexError
+    path = export_onnx(result, tmp_path / "classifier.onnx", (1, 1, 16, 16, 16))
+    with torch.no_grad():
+        assert torch.allclose(OnnxRuntimeNetwork(path, optimize=False)(x), result.network(x), atol=0.02)

@@ -109,3 +109,9 @@ def test_a_mask_empty_here_is_accepted_when_the_counts_reduced_from_elsewhere_ar
 def test_an_unknown_task_is_rejected():
     with pytest.raises(ValueError, match="task"):
         ClassAttention(torch.zeros(1, 2, 4, 4, 4), task="regression")
+
+
+def test_a_classifiers_output_without_voxels_is_refused_naming_attention_false():
+    # pooling (N, classes) logits to a layer's size failed in torch: "Input dimension should be at least 4"
+    with pytest.raises(ValueError, match=r"network returns shape \(4, 3\): quantize it with attention=False"):
+        ClassAttention(torch.zeros(4, 3))
