@@ -125,6 +125,11 @@ def _take(data: dict[str, torch.Tensor], entry: dict[str, Any]) -> torch.Tensor:
 _ARCHITECTURE_SETTINGS = (
     "stride", "padding", "dilation", "groups", "padding_mode", "output_padding", "num_groups", "eps", "affine",
     "negative_slope", "scale_factor", "mode", "align_corners",
+    # activations, pooling, softmax, resampling and norms' running statistics (ELU's alpha 1.0 against 0.2 loaded
+    # silently and computed otherwise)
+    "alpha", "approximate", "beta", "threshold", "value", "min_val", "max_val", "lambd", "kernel_size", "ceil_mode",
+    "count_include_pad", "divisor_override", "output_size", "norm_type", "dim", "size", "track_running_stats",
+    "upscale_factor", "downscale_factor", "start_dim", "end_dim",
 )
 
 
@@ -165,8 +170,9 @@ def _architecture_differences(saved: dict[str, list], here: dict[str, list]) -> 
         elif there[0] != this[0]:
             differences.append(f"{name} is a {there[0]} there and a {this[0]} here")
         else:
-            for key in [*there[1], *(k for k in this[1] if k not in there[1])]:
-                if there[1].get(key) != this[1].get(key):
+            # a setting only one table records was not recorded by the version that wrote the other
+            for key in [k for k in there[1] if k in this[1]]:
+                if there[1][key] != this[1][key]:
                     differences.append(f"{name}.{key} is {there[1].get(key)} there and {this[1].get(key)} here")
     return differences
 

@@ -195,6 +195,27 @@ def test_a_network_built_otherwise_with_the_same_weights_is_refused_naming_the_l
         load_quantized(path, UNet(**{**PLAIN_UNET, **changes}))
 
 
+def test_an_activation_built_with_another_setting_is_refused_and_a_table_without_that_setting_still_loads(tmp_path):
+    from monai_effq.ptq.checkpoint import FORMAT
+
+    torch.manual_seed(0)
+    elu = {**PLAIN_UNET, "act": ("elu", {"alpha": 1.0})}
+    result = quantize(UNet(**elu).eval(), torch.randn(1, 1, 16, 16, 16), EfficientQConfig(method="rtn"), progress=False)
+    path = save_quantized(result, tmp_path / "q.pt")
+    # no weight tells alpha 1.0 from 0.2: it loaded and the outputs differed by up to 4.2 in the review
+    with pytest.raises(UserInputError, match=r"built otherwise than this one: .*model\.0\.adn\.A\.alpha is 1\.0 there and 0\.2 here"):
+        load_quantized(path, UNet(**{**elu, "act": ("elu", {"alpha": 0.2})}))
+
+    def as_an_earlier_version_recorded_it(meta):
+        for _, settings in meta["architecture"].values():
+            settings.pop("alpha", None)
+
+    _rewrite(path, as_an_earlier_version_recorded_it, FORMAT)
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(load_quantized(path, UNet(**elu))(x), result.network(x))
+
+
 def test_a_checkpoint_written_before_the_architecture_table_still_loads(w2_result, tmp_path):
     from monai_effq.ptq.checkpoint import FORMAT
 
