@@ -301,7 +301,8 @@ class QuantizedCheckpointLoader:
     def __init__(self, load_path: str | Path, map_location: str | torch.device | None = None) -> None:
         require_quantized_checkpoint(load_path)
         self.load_path = load_path
-        self.map_location = map_location
+        # a device this machine lacks is named now, not by torch's assertion when the engine starts
+        self.map_location = None if map_location is None else available_device(map_location)
         self.loaded: nn.Module | None = None
 
     def attach(self, engine: Engine) -> None:

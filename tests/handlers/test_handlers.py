@@ -329,3 +329,14 @@ def test_a_comparison_stopped_before_its_plot_leaves_no_plot_of_earlier_figures(
         write_comparison({"FP": e}, ["liver", "tumour"], tmp_path, "cmp")
     assert json.loads((tmp_path / "cmp.json").read_text())[0]["dice_liver"] == pytest.approx(0.9)
     assert not (tmp_path / "cmp_dice.png").exists()
+
+
+def test_a_checkpoint_loader_for_a_device_this_machine_lacks_is_refused_when_made(net, tmp_path, monkeypatch):
+    from monai_effq import save_quantized
+    from monai_effq.ptq.pipeline import quantize
+
+    path = save_quantized(quantize(net, torch.randn(1, 1, 16, 16, 16), {"method": "rtn"}, progress=False), tmp_path / "q.pt")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # torch's "Torch not compiled with CUDA enabled" assertion came when the engine started
+    with pytest.raises(UserInputError, match=r"device 'cuda' was asked for but this machine has no CUDA GPU"):
+        QuantizedCheckpointLoader(path, map_location="cuda")
