@@ -380,3 +380,22 @@ def test_a_checkpoint_whose_layers_ran_in_fp_under_a_second_name_is_refused_with
     path = save_quantized(old, tmp_path / "old.pt")
     with pytest.raises(UserInputError, match=r"floating-point weights under a second name of quantized layers \(0\.all_modules\.0\.weight.*Quantize the FP network again"):
         load_quantized(path, nnunet_like())
+
+
+def _unaligned_net() -> torch.nn.Module:
+    """Layers of 135, 405 and 6 weights: at 3 bits the first layer's codes end mid-byte (405 bits)."""
+    torch.manual_seed(1)
+    return torch.nn.Sequential(
+        torch.nn.Conv3d(1, 5, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(5, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv3d(3, 2, 1),
+    ).eval()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5, 6, 7])
+def test_layers_whose_packed_codes_end_mid_byte_reload_bit_for_bit(tmp_path, bits):
+    x = torch.rand(2, 1, 12, 12, 12, generator=torch.Generator().manual_seed(0))
+    config = EfficientQConfig(weight_bits=bits, first_layer_bits=None, last_layer_bits=None, method="rtn", attention=False)
+    result = quantize(_unaligned_net(), x, config, progress=False)
+    # every layer after the first reads its codes at an offset the bytes before it set
+    loaded = load_quantized(save_quantized(result, tmp_path / "q.pt"), _unaligned_net())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), result.network(x))

@@ -147,3 +147,61 @@ def test_admm_settings_of_the_right_types_are_kept_as_given():
     settings = AdmmSettings(iterations=30, rho_start=5, lowrank=np.True_)
     assert settings.rho_start == 5.0 and isinstance(settings.rho_start, float)
     assert settings.lowrank is True and AdmmSettings(lowrank="auto").lowrank == "auto"
+
+
+def test_the_iterates_are_the_method_docs_admm_and_the_best_scored_one_is_returned():
+    """An independent float64 transcription of the method's ADMM (W-step, G-step with its ALS scale, U-step, the
+    scaled dual rescaled at each change of rho) gives the solver's objective at every iteration it scores."""
+    import torch.nn as nn
+
+    from monai_effq.quant.grid import fit_scale_als
+    from monai_effq.quant.spec import WeightSpec
+    from monai_effq.solver.admm import AdmmLayerSolver
+    from monai_effq.solver.gram import GramAccumulator
+    from monai_effq.solver.layers import layer_view
+    from monai_effq.solver.methods.efficientq import paper_problem_scale
+    from monai_effq.solver.rounding import fit_grid, round_to_nearest
+
+    torch.manual_seed(3)
+    layer = nn.Conv3d(3, 4, 3, padding=1)
+    x = torch.randn(1, 3, 6, 6, 6)
+    with torch.no_grad():
+        y = layer(x + 0.2 * torch.randn_like(x))
+    view = layer_view(layer)
+    acc = GramAccumulator(view)
+    acc.add_batch(x, y)
+    stats = acc.statistics()
+    w0 = view.weight_matrix(layer.weight).float()
+    fit = fit_grid(w0, WeightSpec.of(2, "midrise"))
+    start = round_to_nearest(w0, fit)
+    settings = AdmmSettings(iterations=40, rho_start=10, rho_end=1000, rho_every=10, eta=1.0, patience=0, refine_sweeps=0)
+    s = paper_problem_scale(stats, w0)
+    codes, best_fit, trace = AdmmLayerSolver(stats, w0, settings, s).solve(start, fit)
+
+    a, b, w_fp = stats.A64[0], stats.B64[0], w0[0].double()
+
+    def error(w):  # the output error up to a constant, as the solver scores it
+        return float((w * (0.5 * w @ a - b)).sum())
+
+    g, u, scale, eta, previous, reference = fit.values(start)[0].double(), None, fit.scale.clone(), settings.eta * s, None, []
+    u = torch.zeros_like(g)
+    for r in settings.rho_schedule():
+        rho = r * s
+        if previous is not None:
+            u *= previous / rho  # the scaled dual is the multiplier over rho
+        previous = rho
+        system = a + (rho + eta) * torch.eye(a.shape[0], dtype=torch.float64)
+        for _ in range(settings.rho_every):
+            w = torch.linalg.solve(system, (b + rho * (g - u) + eta * w_fp).T).T
+            v = (w + u).float()
+            scale, _ = fit_scale_als(v, fit.grid, per_channel=False, max_iter=4, init=scale, zero_point=fit.zero_point)
+            g = GridFit(fit.grid, scale, fit.zero_point).values(GridFit(fit.grid, scale, fit.zero_point).codes(v[None]))[0].double()
+            u += w - g
+            reference.append(error(g) - error(w_fp))
+    scored = np.array(trace.objective[1:], dtype=np.float64)
+    expected = np.array(reference[: len(scored)])
+    kept = ~np.isnan(scored)
+    assert kept.sum() >= 10 and trace.phases == 4
+    assert np.abs(scored[kept] - expected[kept]).max() < 1e-4 * np.abs(expected).max()
+    returned = error(best_fit.values(codes)[0].double()) - error(w_fp)
+    assert returned == pytest.approx(np.nanmin(trace.objective), rel=1e-5, abs=1e-6)
