@@ -660,7 +660,8 @@ def stale_export(
     if export_dir and Path(export_dir).resolve() == default.resolve():
         return None
     source = _exported_from(default)
-    return str(default) if source and Path(source).resolve() == Path(quantized_path).resolve() else None
+    # a record relative to the export (an absolute one of an earlier version stays absolute when joined)
+    return str(default) if source and (default / source).resolve() == Path(quantized_path).resolve() else None
 
 
 def remove_stale_export(
@@ -759,6 +760,17 @@ def _places(paths: Sequence[Path], itself: bool) -> dict[Path, Path]:
         for place in (where, *where.parents) if itself else where.parents:
             places.setdefault(place, path)
     return places
+
+
+def _source_record(quantized_path: str | os.PathLike, export_dir: str | os.PathLike) -> str:
+    """How an export records the checkpoint it was traced from: its path relative to the export, so that a bundle
+    folder moved or copied whole (another disk, another machine) still knows its export, and ships no path of the
+    machine that made it; absolute where no relative path leads there (another drive)."""
+    source = Path(quantized_path).resolve()
+    try:
+        return Path(os.path.relpath(source, Path(export_dir).resolve())).as_posix()
+    except ValueError:
+        return str(source)
 
 
 def _exported_from(folder: str | os.PathLike) -> str | None:
@@ -1199,7 +1211,7 @@ def export_monailabel_bundle(
         meta_path = staging / "configs" / "metadata.json"
         meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         meta["name"] = f"{meta.get('name', source.resolve().name)} ({tag})"
-        meta[EXPORTED_FROM] = str(Path(quantized_path).resolve())  # what a later run's stale_export compares
+        meta[EXPORTED_FROM] = _source_record(quantized_path, export_dir)  # what a later run's stale_export compares
         meta["description"] = (
             f"{meta.get('description', '')} This copy serves the {tag} network: models/model.ts is the TorchScript "
             "trace of the fake-quant network, checked equal to it when exported."

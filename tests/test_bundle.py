@@ -277,6 +277,24 @@ def test_only_the_default_export_of_the_checkpoint_a_run_replaces_without_export
     assert remove_stale_export("", default, checkpoint) is None  # gone: nothing to do
 
 
+def test_an_export_knows_its_checkpoint_after_the_bundle_folder_is_moved_whole(tmp_path):
+    import json
+    import shutil
+    from pathlib import Path
+
+    from monai_effq.bundle import EXPORTED_FROM, _source_record, stale_export
+
+    here = tmp_path / "bundle"
+    checkpoint, default = here / "models" / "model_rtn_w4a8.pt", here / "export" / "b_rtn_w4a8"
+    (default / "configs").mkdir(parents=True)
+    (default / "configs" / "metadata.json").write_text(json.dumps({EXPORTED_FROM: _source_record(checkpoint, default)}))
+    assert json.loads((default / "configs" / "metadata.json").read_text())[EXPORTED_FROM] == "../../models/model_rtn_w4a8.pt"
+    (tmp_path / "other_disk").mkdir()
+    moved = Path(shutil.move(here, tmp_path / "other_disk" / "bundle"))
+    # the absolute path of the first place was compared: the export stayed, serving the replaced network
+    assert stale_export("", moved / "export" / "b_rtn_w4a8", moved / "models" / "model_rtn_w4a8.pt") == str(moved / "export" / "b_rtn_w4a8")
+
+
 def test_the_finetune_workflows_fp_start_calibrates_on_its_first_calibration_case_alone(tmp_path):
     from monai_effq.bundle import finetune_start
 
