@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 
 import torch
 import torch.nn as nn
@@ -207,7 +208,7 @@ def _check_input_precision(network: nn.Module, x: torch.Tensor) -> None:
     """Refuse floating-point input of another precision than the network's (outside autocast) with the fix, where torch
     names a bias ("Input type (c10::Half) and bias type (float) should be the same"): a float16 FP network's
     quantized copy computes in float32, and its user's pipeline still feeds float16."""
-    own = next((t.dtype for t in (*network.parameters(), *network.buffers()) if t.is_floating_point()), None)
+    own = next((t.dtype for t in itertools.chain(network.parameters(), network.buffers()) if t.is_floating_point()), None)
     if own is None or not x.is_floating_point() or x.dtype == own or x.is_meta or torch.is_autocast_enabled(x.device.type):
         return
     name = lambda dtype: str(dtype).removeprefix("torch.")  # noqa: E731
