@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import logging
@@ -210,8 +209,7 @@ def _remove_earlier_plots(*paths: Path) -> None:
     """Remove an earlier run's plots before new figures are written: each file is written whole, but a run
     stopped between its tables and its plots would leave the earlier figures' plot beside the new tables."""
     for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        path.unlink(missing_ok=True)
 
 
 def _metric_per_class(value: Any, classes: list[str], model: str, metric: str) -> list[float]:

@@ -72,15 +72,9 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, cases: dict[str, 
                              "calibration": result.report.sources["calibration"]}, f)
 
 
-def _run_ranks(
-    tmp_path, cases: dict[str, tuple[EfficientQConfig, tuple[int, int], str | None]], world: int = 2
-) -> dict[str, list[dict]]:
-    """Quantize each case (config, windows, journal) on the same ``world`` spawned gloo ranks (spawned once: each
-    pays the imports); each case's outcome per rank (killed after TIMEOUT_S)."""
-    jobs = {name: (config.to_dict(), windows, journal) for name, (config, windows, journal) in cases.items()}
-    context = mp.start_processes(
-        _rank_main, args=(world, free_port(), str(tmp_path), jobs), nprocs=world, join=False, start_method="spawn"
-    )
+def _spawn_ranks(main, world: int, *args) -> None:
+    """Run ``main(rank, world, port, *args)`` on ``world`` spawned gloo ranks until all finish (killed after TIMEOUT_S)."""
+    context = mp.start_processes(main, args=(world, free_port(), *args), nprocs=world, join=False, start_method="spawn")
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while not context.join(timeout=5):
@@ -90,6 +84,15 @@ def _run_ranks(
         for p in context.processes:
             if p.is_alive():
                 p.kill()
+
+
+def _run_ranks(
+    tmp_path, cases: dict[str, tuple[EfficientQConfig, tuple[int, int], str | None]], world: int = 2
+) -> dict[str, list[dict]]:
+    """Quantize each case (config, windows, journal) on the same ``world`` spawned gloo ranks (spawned once: each
+    pays the imports); each case's outcome per rank (killed after TIMEOUT_S)."""
+    jobs = {name: (config.to_dict(), windows, journal) for name, (config, windows, journal) in cases.items()}
+    _spawn_ranks(_rank_main, world, str(tmp_path), jobs)
     return {name: [pickle.loads((tmp_path / f"rank{r}_{name}.pkl").read_bytes()) for r in range(world)] for name in cases}
 
 
@@ -228,15 +231,7 @@ def _disagreeing_rank_main(rank: int, world: int, port: int, out_dir: str) -> No
 
 
 def test_ranks_given_other_weights_settings_task_or_window_shapes_are_refused_on_every_rank(tmp_path):
-    context = mp.start_processes(_disagreeing_rank_main, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=5):
-            assert time.monotonic() < deadline, f"the ranks did not finish within {TIMEOUT_S} s"
-    finally:
-        for p in context.processes:
-            if p.is_alive():
-                p.kill()
+    _spawn_ranks(_disagreeing_rank_main, 2, str(tmp_path))
     ranks = [pickle.loads((tmp_path / f"rank{r}_refusals.pkl").read_bytes()) for r in range(2)]
     assert ranks[0] == ranks[1]  # every rank stops with the same message: none waits for the others
     expected = {
